@@ -1,0 +1,81 @@
+"""Local training of one lane: the local SGD steps of its clients, one after another (step 2).
+
+For each real step k of a client that starts from the server model x = p_0:
+  g_k = grad loss(p_{k-1}; batch_k),  p_k = p_{k-1} - eta g_k,  d_k = p_0 - p_k,
+  c_k = cos(g_k, d_k),  h_i = min over the client's steps of c_k.
+At the client's last step its update Delta_i = d_K is added, weighted by n_i, to the lane's sum
+(unless it is non-finite) and the lane restarts from x for its next client. Steps past the
+lane's last client are padding: they change nothing.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from fathom_sim import tree
+from fathom_sim.types import Batch, CohortTable, Params
+
+# loss_fn(params, batch, example_mask, rng) -> mean loss over the masked-in examples.
+LossFn = Callable[[Params, Batch, jax.Array, jax.Array], jax.Array]
+
+
+class LaneResult(NamedTuple):
+  """One lane's contribution. Per-client arrays are [C], neutral on other lanes' slots."""
+  weighted_sum: Params   # sum over the lane's clients of n_i Delta_i (finite ones only)
+  h: jax.Array           # min_k c_k per client (+inf elsewhere)
+  loss: jax.Array        # sum of the client's step losses (0 elsewhere)
+  finite: jax.Array      # int32: 1 if the client's update was finite (0 elsewhere)
+
+
+def step_key(round_key: jax.Array, client: jax.Array, step: jax.Array) -> jax.Array:
+  """The dropout key of one local step: a function of round, client and step alone."""
+  return jax.random.fold_in(jax.random.fold_in(round_key, client), step)
+
+
+def lane_train(loss_fn: LossFn, server_params: Params, eta: jax.Array, batch_size: jax.Array,
+               round_key: jax.Array, table: CohortTable, num_iterations: jax.Array,
+               slots: jax.Array, stream: jax.Array, source: Batch,
+               *, batch_pad: int) -> LaneResult:
+  """Runs `num_iterations` steps of one lane (at least its real ones) in a while loop."""
+  grad_fn = jax.value_and_grad(loss_fn)
+  cohort_size = slots.shape[0]
+  # Every real step uses exactly batch_size examples; rows past it are padding.
+  example_mask = jnp.arange(batch_pad) < batch_size
+
+  def body(carry):
+    it, j, k, params, weighted_sum, h, loss_sum, finite_any = carry
+    slot = slots[jnp.minimum(j, cohort_size - 1)]
+    slot = jnp.where(j < cohort_size, slot, cohort_size)  # past the lane's last client
+    real = slot < cohort_size
+    rows = jax.lax.dynamic_slice(stream, (it * batch_size,), (batch_pad,))
+    batch = jax.tree.map(lambda a: a[rows], source)
+    loss, grad = grad_fn(params, batch, example_mask,
+                         step_key(round_key, table.client[slot], k))
+    stepped = jax.tree.map(lambda p, g: p - eta * g, params, grad)
+    update = tree.sub(server_params, stepped)  # d_k, including step k
+    cos = tree.cosine(grad, update)
+    params = tree.select(real, stepped, params)
+    end = real & (k == table.num_steps[slot] - 1)
+    finite = tree.all_finite(update)
+    emit = end & finite
+    weighted_sum = jax.tree.map(
+        lambda acc, u: acc + jnp.where(emit, table.num_examples[slot] * u, 0.0),
+        weighted_sum, update)
+    h = h.at[slot].min(jnp.where(real, cos, jnp.inf), mode='drop')
+    loss_sum = loss_sum.at[slot].add(jnp.where(real, loss, 0.0), mode='drop')
+    finite_any = finite_any.at[slot].max(emit.astype(jnp.int32), mode='drop')
+    # After a client's last step the lane starts its next client from the server model.
+    params = tree.select(end, server_params, params)
+    j = j + end.astype(j.dtype)
+    k = jnp.where(end, 0, k + 1)
+    return it + 1, j, k, params, weighted_sum, h, loss_sum, finite_any
+
+  zero = jnp.int32(0)
+  init = (zero, zero, zero, server_params, tree.zeros_like(server_params),
+          jnp.full(cohort_size, jnp.inf, jnp.float32), jnp.zeros(cohort_size, jnp.float32),
+          jnp.zeros(cohort_size, jnp.int32))
+  out = jax.lax.while_loop(lambda c: c[0] < num_iterations, body, init)
+  return LaneResult(*out[4:])

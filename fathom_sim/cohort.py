@@ -1,0 +1,54 @@
+"""The whole cohort's local training, sharded: lanes over the `clients` mesh axis.
+
+Each device vmaps `lane_train` over its own lanes for as many steps as its longest lane needs
+(a device with no work runs none), then the weighted updates and per-client statistics are
+reduced across lanes and devices with psum / pmin / pmax. Every client lives in exactly one
+lane, so the result is the same on any number of devices up to float rounding.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Callable
+
+import jax
+from jax.sharding import Mesh, PartitionSpec as P
+
+from fathom_sim.client import LaneResult, LossFn, lane_train
+from fathom_sim.mesh import CLIENTS
+
+CohortTrain = Callable[..., LaneResult]
+
+
+def make_cohort_train(loss_fn: LossFn, mesh: Mesh, *, batch_pad: int,
+                      source_per_lane: bool) -> CohortTrain:
+  """Returns f(server_params, eta, batch_size, round_key, table, slots, stream, source).
+
+  `source` holds the examples that `stream` indexes: [L, R_buf, ...] per-lane buffers
+  (source_per_lane) or the whole dataset, replicated on every device.
+  """
+  source_axis = 0 if source_per_lane else None
+  lanes_train = jax.vmap(
+      functools.partial(lane_train, loss_fn, batch_pad=batch_pad),
+      in_axes=(None, None, None, None, None, None, 0, 0, source_axis))
+
+  def per_device(server_params, eta, batch_size, round_key, table, slots, stream, source):
+    lane_steps = table.num_steps[slots].sum(axis=1)  # the sentinel slot has 0 steps
+    r = lanes_train(server_params, eta, batch_size, round_key, table, lane_steps.max(),
+                    slots, stream, source)
+    return LaneResult(
+        weighted_sum=jax.tree.map(lambda s: jax.lax.psum(s.sum(axis=0), CLIENTS),
+                                  r.weighted_sum),
+        h=jax.lax.pmin(r.h.min(axis=0), CLIENTS),
+        loss=jax.lax.psum(r.loss.sum(axis=0), CLIENTS),
+        finite=jax.lax.pmax(r.finite.max(axis=0), CLIENTS))
+
+  source_spec = P(CLIENTS) if source_per_lane else P()
+  # check_vma=False: lane_train is written per lane, unaware of mesh axes, and its loop state
+  # starts replicated and becomes per-device; the outputs are made replicated by the
+  # collectives above.
+  return jax.shard_map(
+      per_device, mesh=mesh,
+      in_specs=(P(), P(), P(), P(), P(), P(CLIENTS), P(CLIENTS), source_spec),
+      out_specs=P(), check_vma=False)
+

@@ -1,0 +1,170 @@
+"""Every config field, its default and its check: the one place a field is defined.
+
+Files in configs/ start from `base_config()` and override. `check_config` runs before any data
+is read or anything is compiled, and raises `ConfigError` naming the field and what is accepted.
+"""
+
+from __future__ import annotations
+
+import math
+
+import ml_collections
+
+from fathom_sim import fathom, models, server
+from fathom_sim.data import DATASETS
+
+ALGORITHMS = ('fathom', 'fedavg')
+
+
+class ConfigError(ValueError):
+  """A config field out of range or of the wrong type."""
+
+
+def base_config() -> ml_collections.ConfigDict:
+  """All fields, with the FATHOM reference defaults of the FEMNIST task (spec/fathom.md)."""
+  c = ml_collections.ConfigDict()
+  c.algorithm = 'fathom'          # 'fathom' (tunes eta, E, B online) or 'fedavg' (static)
+  c.num_rounds = 1500
+  c.cohort_size = 10              # clients per round
+  c.seed = 0                      # cohorts, shuffles, dropout and model init
+  c.eval_every = 5                # rounds between evaluations on (sampled) test clients
+  c.eval_clients = 0              # test clients per periodic eval; 0 = all of them
+  c.eval_batch_size = 1024
+  c.checkpoint_every = 100
+  c.target_accuracy = 0.0         # > 0: report rounds/examples to first reach it
+  c.log_every = 10                # rounds between progress lines
+
+  # Client hyperparameters: the static values of FedAvg, the initial values of FATHOM.
+  c.eta = 0.1                     # client learning rate
+  c.epochs = 1.0                  # local epochs E: K_i = max(1, ceil(E n_i / B_int))
+  c.batch_size = 20.0             # B; a real number since FATHOM moves it; B_int = round(B)
+
+  # FATHOM.
+  c.alpha = 0.5                   # decay of the moving average of aggregated updates
+  c.eta_h = 0.01                  # hyper learning rate
+  c.eta_h0 = 1.0                  # scale of the hypergradient of log E
+  c.eta_h1 = 1.0                  # ... of log eta
+  c.eta_h2 = 10.0                 # ... of log B
+  c.upper_epochs = 10.0
+  c.upper_eta = 0.5
+  c.upper_batch_size = 5096.0
+  c.hyper_optimizer = 'sgd'       # 'sgd' (the paper's) or 'adam'
+  c.clip_log_params = False       # also clip phi = log(E, eta, B) to log(upper bounds)
+
+  # Server optimizer: Delta is its gradient; sgd with lr 1.0 is plain FedAvg.
+  c.server_optimizer = 'sgd'      # sgd | momentum | adam | yogi | adagrad
+  c.server_lr = 1.0
+  c.server_momentum = 0.9
+  c.server_b1 = 0.9
+  c.server_b2 = 0.99
+  c.server_eps = 1e-3
+
+  c.model = ml_collections.ConfigDict()
+  c.model.name = 'mlp'            # logistic | mlp | emnist_cnn
+  c.model.hidden = (64,)          # mlp hidden widths
+
+  c.data = ml_collections.ConfigDict()
+  c.data.name = 'synthetic'       # synthetic | femnist_synthetic | npz
+  c.data.seed = 0                 # generated data only
+  c.data.num_clients = 1000       # generated data only
+  c.data.alpha = 1.0              # Synthetic(alpha, beta)
+  c.data.beta = 1.0
+  c.data.size_log_mean = 4.0      # client sizes: min_examples + lognormal(mean, sigma)
+  c.data.size_log_sigma = 1.0
+  c.data.min_examples = 10
+  c.data.max_examples = 2000
+  c.data.test_fraction = 0.2      # held out of each client when no test split is given
+  c.data.path = ''                # npz: a .npz file or a directory with train.npz, test.npz
+  c.data.num_classes = 0          # npz: 0 = infer from the labels
+
+  # Execution.
+  c.num_devices = 0               # devices of the clients mesh; 0 = all
+  c.lanes_per_device = 0          # clients trained side by side per device; 0 = auto
+  c.data_on_device = 'auto'       # keep the training set on the devices: auto | yes | no
+  c.batch_pad_per_octave = 2      # padded batch sizes per doubling (fewer: fewer compiles)
+  return c
+
+
+def _fail(field: str, accepted: str, value) -> None:
+  raise ConfigError(f'config.{field} must be {accepted}, got {value!r}')
+
+
+def _number(c, field: str, *, low: float | None = None, low_open: bool = False,
+            high: float | None = None, high_open: bool = False, integer: bool = False) -> None:
+  value = c
+  for part in field.split('.'):
+    value = value[part]
+  kinds = (int,) if integer else (int, float)
+  if isinstance(value, bool) or not isinstance(value, kinds) or not math.isfinite(value):
+    _fail(field, 'an integer' if integer else 'a finite number', value)
+  below = low is not None and (value <= low if low_open else value < low)
+  above = high is not None and (value >= high if high_open else value > high)
+  if below or above:
+    lo = '' if low is None else ('(' if low_open else '[') + f'{low:g}'
+    hi = '' if high is None else f'{high:g}' + (')' if high_open else ']')
+    rng = (f'in {lo}, {hi}' if low is not None and high is not None
+           else f'> {low:g}' if low_open else f'>= {low:g}' if low is not None
+           else f'< {high:g}' if high_open else f'<= {high:g}')
+    _fail(field, rng, value)
+
+
+def _choice(c, field: str, choices) -> None:
+  value = c
+  for part in field.split('.'):
+    value = value[part]
+  if value not in choices:
+    _fail(field, 'one of ' + ', '.join(map(repr, choices)), value)
+
+
+def check_config(c: ml_collections.ConfigDict) -> None:
+  """Raises ConfigError for the first field that is out of range or of the wrong type."""
+  _choice(c, 'algorithm', ALGORITHMS)
+  _number(c, 'num_rounds', low=1, integer=True)
+  _number(c, 'cohort_size', low=1, integer=True)
+  _number(c, 'seed', low=0, high=2**31 - 1, integer=True)
+  _number(c, 'eval_every', low=1, integer=True)
+  _number(c, 'eval_clients', low=0, integer=True)
+  _number(c, 'eval_batch_size', low=1, integer=True)
+  _number(c, 'checkpoint_every', low=1, integer=True)
+  _number(c, 'target_accuracy', low=0, high=1)
+  _number(c, 'log_every', low=1, integer=True)
+  _number(c, 'eta', low=0, low_open=True)
+  _number(c, 'epochs', low=0, low_open=True)
+  _number(c, 'batch_size', low=0, low_open=True)
+  _number(c, 'alpha', low=0, high=1, high_open=True)
+  _number(c, 'eta_h', low=0)
+  for field in ('eta_h0', 'eta_h1', 'eta_h2'):
+    _number(c, field, low=0)
+  for field in ('upper_epochs', 'upper_eta', 'upper_batch_size'):
+    _number(c, field, low=0, low_open=True)
+  _choice(c, 'hyper_optimizer', fathom.HYPER_OPTIMIZERS)
+  if not isinstance(c.clip_log_params, bool):
+    _fail('clip_log_params', 'True or False', c.clip_log_params)
+  _choice(c, 'server_optimizer', server.SERVER_OPTIMIZERS)
+  _number(c, 'server_lr', low=0, low_open=True)
+  _number(c, 'server_momentum', low=0, high=1, high_open=True)
+  _number(c, 'server_b1', low=0, high=1, high_open=True)
+  _number(c, 'server_b2', low=0, high=1, high_open=True)
+  _number(c, 'server_eps', low=0, low_open=True)
+  _choice(c, 'model.name', models.MODELS)
+  hidden = c.model.hidden
+  if not (isinstance(hidden, (tuple, list)) and all(
+      isinstance(h, int) and not isinstance(h, bool) and h > 0 for h in hidden)):
+    _fail('model.hidden', 'a tuple of positive integers, e.g. (64,)', hidden)
+  _choice(c, 'data.name', DATASETS)
+  _number(c, 'data.seed', low=0, integer=True)
+  _number(c, 'data.num_clients', low=1, integer=True)
+  _number(c, 'data.alpha', low=0)
+  _number(c, 'data.beta', low=0)
+  _number(c, 'data.size_log_sigma', low=0)
+  _number(c, 'data.size_log_mean', low=-20, high=20)
+  _number(c, 'data.min_examples', low=1, integer=True)
+  _number(c, 'data.max_examples', low=c.data.min_examples, integer=True)
+  _number(c, 'data.test_fraction', low=0, high=1, high_open=True)
+  _number(c, 'data.num_classes', low=0, integer=True)
+  if c.data.name == 'npz' and not c.data.path:
+    _fail('data.path', 'a .npz file or a directory (data.name is npz)', c.data.path)
+  _number(c, 'num_devices', low=0, integer=True)
+  _number(c, 'lanes_per_device', low=0, integer=True)
+  _choice(c, 'data_on_device', ('auto', 'yes', 'no'))
+  _number(c, 'batch_pad_per_octave', low=1, high=64, integer=True)

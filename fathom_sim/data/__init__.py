@@ -1,0 +1,28 @@
+"""Federated datasets: sources, cohort sampling and cohort planning."""
+
+from __future__ import annotations
+
+from fathom_sim.data.byo import DataError, load_npz
+from fathom_sim.data.federated import ClientDataset, Task
+from fathom_sim.data.synthetic import femnist_like, synthetic_alpha_beta
+
+DATASETS = ('synthetic', 'femnist_synthetic', 'npz')
+
+
+def load_task(data_config) -> Task:
+  """The task named by `config.data.name`, built from the rest of `config.data`."""
+  c = data_config
+  if c.name == 'synthetic':
+    return synthetic_alpha_beta(num_clients=c.num_clients, alpha=c.alpha, beta=c.beta,
+                                size_log_mean=c.size_log_mean, size_log_sigma=c.size_log_sigma,
+                                min_examples=c.min_examples, max_examples=c.max_examples,
+                                test_fraction=c.test_fraction, seed=c.seed)
+  if c.name == 'femnist_synthetic':
+    return femnist_like(num_clients=c.num_clients, test_fraction=c.test_fraction, seed=c.seed)
+  if c.name == 'npz':
+    return load_npz(c.path, num_classes=c.num_classes, test_fraction=c.test_fraction,
+                    seed=c.seed)
+  raise DataError(f'data.name must be one of {DATASETS}, got {c.name!r}')
+
+
+__all__ = ['ClientDataset', 'DataError', 'Task', 'load_task', 'DATASETS']

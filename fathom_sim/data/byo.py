@@ -1,0 +1,95 @@
+"""Bring your own data: per-client arrays in `.npz` files (the format is in the README).
+
+A file holds `x` [N, ...] (inputs), `y` [N] (integer labels 0..num_classes-1) and
+`num_examples` [C] (how many consecutive rows each client owns, in order; they add up to N),
+optionally `client_ids` [C] (strings). Either one `.npz` with train clients only (each client's
+test examples are then held out from its own, `test_fraction` of them), or a directory with
+`train.npz` and `test.npz` in that layout.
+"""
+
+from __future__ import annotations
+
+import os
+import zipfile
+
+import numpy as np
+
+from fathom_sim.data.federated import ArrayClientDataset, Task
+
+
+class DataError(ValueError):
+  """Unusable data; the message names the file and what is accepted."""
+
+
+def _read(path: str) -> dict:
+  try:
+    with np.load(path, allow_pickle=False) as f:
+      return {k: f[k] for k in f.files}
+  except (OSError, ValueError, zipfile.BadZipFile, EOFError) as e:
+    raise DataError(f'{path}: not a readable .npz file ({e})') from None
+
+
+def _dataset(path: str, arrays: dict) -> ArrayClientDataset:
+  missing = [k for k in ('x', 'y', 'num_examples') if k not in arrays]
+  if missing:
+    raise DataError(f'{path}: missing array(s) {missing}; a client file needs x [N, ...], '
+                    f'y [N] and num_examples [C] (client_ids [C] optional)')
+  x, y, counts = arrays['x'], arrays['y'], arrays['num_examples']
+  if counts.ndim != 1 or not np.issubdtype(counts.dtype, np.integer) or (counts < 0).any():
+    raise DataError(f'{path}: num_examples must be a 1-D array of non-negative integers')
+  if not np.issubdtype(y.dtype, np.integer) or y.ndim != 1:
+    raise DataError(f'{path}: y must be a 1-D integer label array, got {y.dtype} {y.shape}')
+  if len(x) != len(y) or counts.sum() != len(y):
+    raise DataError(f'{path}: x has {len(x)} rows, y {len(y)}, num_examples adds up to '
+                    f'{counts.sum()}; all three must agree')
+  if len(y) and y.min() < 0:
+    raise DataError(f'{path}: labels must be >= 0, found {y.min()}')
+  ids = arrays.get('client_ids')
+  if ids is None:
+    ids = np.array([f'client_{i:06d}' for i in range(len(counts))])
+  elif len(ids) != len(counts):
+    raise DataError(f'{path}: {len(ids)} client_ids for {len(counts)} clients')
+  x = x.astype(np.float32) if np.issubdtype(x.dtype, np.floating) else x
+  offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+  return ArrayClientDataset({'x': x, 'y': y.astype(np.int32)}, offsets, ids.astype(str))
+
+
+def _hold_out(data: ArrayClientDataset, test_fraction: float,
+              seed: int) -> tuple[ArrayClientDataset, ArrayClientDataset]:
+  train, test = [], []
+  for i in range(len(data.client_ids)):
+    examples = data.client(i)
+    n = len(examples['y'])
+    order = np.random.default_rng([seed, i]).permutation(n)
+    n_test = int(np.floor(n * test_fraction))
+    test.append({k: v[order[:n_test]] for k, v in examples.items()})
+    train.append({k: v[order[n_test:]] for k, v in examples.items()})
+  return (ArrayClientDataset.from_clients(data.client_ids, train),
+          ArrayClientDataset.from_clients(data.client_ids, test))
+
+
+def load_npz(path: str, *, num_classes: int = 0, test_fraction: float = 0.2,
+             seed: int = 0) -> Task:
+  """Reads a bring-your-own task; num_classes 0 infers it from the labels."""
+  if os.path.isdir(path):
+    files = [os.path.join(path, f) for f in ('train.npz', 'test.npz')]
+    absent = [f for f in files if not os.path.isfile(f)]
+    if absent:
+      raise DataError(f'{path}: a data directory must hold train.npz and test.npz; '
+                      f'missing {absent}')
+    train, test = (_dataset(f, _read(f)) for f in files)
+  elif os.path.isfile(path):
+    train, test = _hold_out(_dataset(path, _read(path)), test_fraction, seed)
+  else:
+    raise DataError(f'data.path {path!r}: no such file or directory (expected a .npz file, '
+                    f'or a directory with train.npz and test.npz)')
+  labels_max = max([int(d.features['y'].max()) for d in (train, test) if len(d.features['y'])]
+                   or [0])
+  if num_classes and labels_max >= num_classes:
+    raise DataError(f'{path}: label {labels_max} does not fit data.num_classes={num_classes} '
+                    f'(labels must be in [0, {num_classes - 1}])')
+  if train.features['x'].shape[1:] != test.features['x'].shape[1:]:
+    raise DataError(f'{path}: train inputs are {train.features["x"].shape[1:]} but test inputs '
+                    f'are {test.features["x"].shape[1:]}')
+  return Task(os.path.basename(os.path.normpath(path)), train, test,
+              num_classes or labels_max + 1)

@@ -1,0 +1,114 @@
+"""Client-grouped datasets and cohort sampling.
+
+Any source (generated, bring-your-own, FEMNIST, Stack Overflow) is a `ClientDataset`: client
+ids, per-client example counts, and random access to one client's examples as a dict of numpy
+arrays (features `x` and `y` with a leading example axis).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Callable, NamedTuple, Protocol, Sequence
+
+import jax
+import numpy as np
+
+from fathom_sim import rng
+from fathom_sim.types import Batch
+
+
+class ClientDataset(Protocol):
+  """Examples grouped by client, with random access by client index."""
+
+  @property
+  def client_ids(self) -> np.ndarray: ...  # [num_clients] str
+
+  @property
+  def num_examples(self) -> np.ndarray: ...  # [num_clients] int64
+
+  def client(self, index: int) -> Batch: ...  # feature -> [n_i, ...]
+
+
+class Task(NamedTuple):
+  """What a run trains on: train and test clients and the label space."""
+  name: str
+  train: ClientDataset
+  test: ClientDataset
+  num_classes: int
+
+
+@dataclasses.dataclass(frozen=True)
+class ArrayClientDataset:
+  """In-memory clients: client i owns rows offsets[i]:offsets[i+1] of every feature array."""
+  features: dict
+  offsets: np.ndarray
+  client_ids: np.ndarray
+
+  def __post_init__(self):
+    n = len(self.offsets) - 1
+    if len(self.client_ids) != n:
+      raise ValueError(f'{len(self.client_ids)} client ids for {n} clients')
+    for name, array in self.features.items():
+      if len(array) != self.offsets[-1]:
+        raise ValueError(f'feature {name!r} has {len(array)} rows, counts add up to '
+                         f'{self.offsets[-1]}')
+
+  @classmethod
+  def from_clients(cls, client_ids: Sequence[str],
+                   clients: Sequence[Batch]) -> 'ArrayClientDataset':
+    counts = [len(next(iter(c.values()))) for c in clients]
+    names = list(clients[0]) if clients else []
+    features = {k: np.concatenate([c[k] for c in clients]) for k in names}
+    offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+    return cls(features, offsets, np.asarray(client_ids, dtype=str))
+
+  @property
+  def num_examples(self) -> np.ndarray:
+    return np.diff(self.offsets)
+
+  def client(self, index: int) -> Batch:
+    lo, hi = self.offsets[index], self.offsets[index + 1]
+    return {k: v[lo:hi] for k, v in self.features.items()}
+
+
+@dataclasses.dataclass(frozen=True)
+class GeneratedClientDataset:
+  """Clients whose examples are made on demand by `make(index)`, deterministically.
+
+  For generated data far larger than memory (the FEMNIST-shaped throughput task).
+  """
+  client_ids: np.ndarray
+  num_examples: np.ndarray
+  make: Callable[[int], Batch]
+
+  def client(self, index: int) -> Batch:
+    return self.make(index)
+
+
+def concat_clients(dataset: ClientDataset, clients: Sequence[int]) -> Batch:
+  parts = [dataset.client(int(i)) for i in clients]
+  return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+
+
+@functools.partial(jax.jit, static_argnums=(1, 2))
+def _choice(key: jax.Array, population: int, size: int) -> jax.Array:
+  return jax.random.choice(key, population, (size,), replace=False)
+
+
+def sample_clients(seed: int, round_index: int, stream: int, population: np.ndarray,
+                   size: int) -> np.ndarray:
+  """`size` distinct members of `population`, uniformly, keyed by fold_in(seed, round)."""
+  if size > len(population):
+    raise ValueError(f'cannot sample {size} clients out of {len(population)}')
+  key = rng.round_key(rng.base_key(seed), round_index, stream)
+  with jax.default_device(jax.devices('cpu')[0]):
+    picks = np.asarray(_choice(key, len(population), size))
+  return np.asarray(population)[picks]
+
+
+def sample_cohort(dataset: ClientDataset, seed: int, round_index: int,
+                  cohort_size: int) -> np.ndarray:
+  """Round t's cohort: distinct clients with at least one example, uniformly at random."""
+  eligible = np.flatnonzero(np.asarray(dataset.num_examples) > 0)
+  return sample_clients(seed, round_index, rng.COHORT, eligible, cohort_size)

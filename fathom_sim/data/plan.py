@@ -1,0 +1,131 @@
+"""Cohort planning: each client's batches, packed into lanes, with padded shapes that recompile
+rarely.
+
+Client i of the cohort runs K_i = max(1, ceil(E n_i / B_int)) steps of B_int examples each,
+taken from its data shuffled and repeated (a new permutation per pass) and cut into consecutive
+batches, so a batch may wrap across passes. Clients are spread over a fixed number of lanes,
+longest first onto the least loaded lane, and a lane runs its clients back to back: the step
+count is a loop bound on the device, never a compiled shape. What does compile is the rows
+computed per step (B_pad, a few sizes per octave) and the lengths of the index stream and
+example buffers, which only grow (to a power of two with headroom) and so settle within a few
+rounds.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import heapq
+
+import numpy as np
+
+from fathom_sim import fathom, rng
+from fathom_sim.data.federated import ArrayClientDataset, ClientDataset
+from fathom_sim.types import CohortPlan, CohortTable, Lanes
+
+
+def bucket(n: int, per_octave: int) -> int:
+  """The smallest value >= n on a grid with `per_octave` evenly spaced points per doubling.
+
+  With 2 per octave: 1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, ...
+  """
+  if n <= 1:
+    return 1
+  base = 1 << (int(n).bit_length() - 1)  # largest power of two <= n
+  spacing = max(1, base // per_octave)
+  return base + -(-(n - base) // spacing) * spacing
+
+
+def client_batches(shuffler: np.random.Generator, num_examples: int, num_steps: int,
+                   batch_size: int) -> np.ndarray:
+  """[K, B] example indices: permutations of range(n), one per pass, cut into batches."""
+  needed = num_steps * batch_size
+  passes = -(-needed // num_examples)
+  order = np.concatenate([shuffler.permutation(num_examples) for _ in range(passes)])
+  return order[:needed].reshape(num_steps, batch_size)
+
+
+def pack_lanes(num_steps: np.ndarray, num_lanes: int) -> list[list[int]]:
+  """Longest-first onto the least loaded lane: client positions per lane, balanced by steps."""
+  heap = [(0, lane) for lane in range(num_lanes)]
+  lanes: list[list[int]] = [[] for _ in range(num_lanes)]
+  for i in sorted(range(len(num_steps)), key=lambda i: (-int(num_steps[i]), i)):
+    load, lane = heapq.heappop(heap)
+    lanes[lane].append(i)
+    heapq.heappush(heap, (load + int(num_steps[i]), lane))
+  return lanes
+
+
+@dataclasses.dataclass
+class Planner:
+  """Turns a sampled cohort into a `CohortPlan`; remembers the padded lengths it has used.
+
+  resident: the training set lives on the devices (`stream` holds dataset row indices and no
+  examples travel per round); otherwise each lane gets a buffer of its clients' examples.
+  """
+  dataset: ClientDataset
+  cohort_size: int
+  num_lanes: int
+  seed: int
+  resident: bool = False
+  batch_per_octave: int = 2
+  min_batch_pad: int = 1
+  stream_pad: int = 0
+  buffer_pad: int = 0
+
+  def __post_init__(self):
+    if self.resident and not isinstance(self.dataset, ArrayClientDataset):
+      raise ValueError('a device-resident training set must be held in memory')
+
+  def _grow(self, current: int, needed: int) -> int:
+    # Headroom, so that the next cohorts' small variations do not each cost a compile.
+    return current if needed <= current else bucket(-(-3 * needed // 2), 1)
+
+  def plan(self, clients: np.ndarray, round_index: int, epochs: float,
+           batch_size: float) -> CohortPlan:
+    """Round `round_index`'s plan for cohort `clients` under the (E, B) the device will use."""
+    clients = np.asarray(clients, np.int64)
+    c = len(clients)
+    if c != self.cohort_size:
+      raise ValueError(f'cohort of {c} clients, planner built for {self.cohort_size}')
+    num_examples = np.asarray(self.dataset.num_examples)[clients].astype(np.int64)
+    b_int, num_steps = fathom.integer_schedule(epochs, batch_size, num_examples)
+    batch_pad = bucket(max(b_int, self.min_batch_pad), self.batch_per_octave)
+    lanes = pack_lanes(num_steps, self.num_lanes)
+    lane_steps = np.array([num_steps[m].sum() for m in lanes], np.int64)
+    # A step reads batch_pad rows from its start, so the stream needs that much slack.
+    self.stream_pad = self._grow(self.stream_pad,
+                                 int(lane_steps.max()) * b_int + batch_pad - b_int)
+    if not self.resident:
+      self.buffer_pad = self._grow(self.buffer_pad,
+                                   max(int(num_examples[m].sum()) for m in lanes))
+
+    slots = np.full((self.num_lanes, c), c, np.int32)
+    stream = np.zeros((self.num_lanes, self.stream_pad), np.int32)
+    source = None
+    for lane, members in enumerate(lanes):
+      slots[lane, :len(members)] = members
+      pos = offset = 0
+      for i in members:
+        k, n, client = int(num_steps[i]), int(num_examples[i]), int(clients[i])
+        idx = client_batches(rng.client_shuffler(self.seed, round_index, client), n, k, b_int)
+        if self.resident:
+          base = int(self.dataset.offsets[client])
+        else:
+          data = self.dataset.client(client)
+          if source is None:
+            source = {name: np.zeros((self.num_lanes, self.buffer_pad) + a.shape[1:], a.dtype)
+                      for name, a in data.items()}
+          for name, a in data.items():
+            source[name][lane, offset:offset + n] = a
+          base = offset
+          offset += n
+        stream[lane, pos:pos + k * b_int] = base + idx.reshape(-1)
+        pos += k * b_int
+
+    sentinel = lambda a, v, dtype: np.append(a, v).astype(dtype)
+    table = CohortTable(client=sentinel(clients, 0, np.int32),
+                        num_examples=sentinel(num_examples, 0, np.float32),
+                        num_steps=sentinel(num_steps, 0, np.int32))
+    return CohortPlan(lanes=Lanes(slots=slots, stream=stream, source=source), table=table,
+                      batch_size=b_int, batch_pad=batch_pad, clients=clients,
+                      num_examples=num_examples, num_steps=num_steps, lane_steps=lane_steps)

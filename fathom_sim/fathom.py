@@ -1,0 +1,88 @@
+"""FATHOM's hyper state and its update (steps 1, 5 and 6 of a round in spec/fathom.md).
+
+In optax's shape: `hyper_tuner(...)` returns a pure `(init, update)` pair whose state is a
+`HyperState` holding phi = (log E, log eta, log B), the hyper-optimizer state and the moving
+average g of aggregated updates. FedAvg uses the same pair with `frozen=True`: phi stays put
+while g and h_glob are still tracked as diagnostics.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, NamedTuple, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from fathom_sim import tree
+from fathom_sim.types import HyperState, Params
+
+HYPER_OPTIMIZERS = ('sgd', 'adam')
+
+
+def hparams(log_hparams: jax.Array, upper: jax.Array) -> jax.Array:
+  """(E, eta, B) = clip(exp(phi), max=upper): the real-valued hyperparameters of a round."""
+  return jnp.minimum(jnp.exp(log_hparams), upper)
+
+
+def integer_schedule(epochs: float, batch_size: float,
+                     num_examples: np.ndarray) -> tuple[int, np.ndarray]:
+  """B_int = max(1, round(B)) and K_i = max(1, ceil(E * n_i / B_int)) for each client.
+
+  Host-side, from the float32 values the device used; round() is half-to-even.
+  """
+  b_int = max(1, int(np.rint(np.float64(batch_size))))
+  work = np.float64(epochs) * np.asarray(num_examples, np.float64) / b_int
+  return b_int, np.maximum(1, np.ceil(work)).astype(np.int64)
+
+
+class HyperTuner(NamedTuple):
+  init: Callable[[Params, Sequence[float]], HyperState]
+  update: Callable[[HyperState, Params, jax.Array], tuple[HyperState, jax.Array]]
+
+
+def hyper_tuner(*, alpha: float, eta_h: float, scales: Sequence[float],
+                upper: Sequence[float], optimizer: str = 'sgd',
+                clip_log_params: bool = False, frozen: bool = False) -> HyperTuner:
+  """FATHOM's hyper update.
+
+  Args:
+    alpha: decay of the moving average g of aggregated updates.
+    eta_h: learning rate of the hyper-optimizer.
+    scales: (eta_h0, eta_h1, eta_h2), per-hyperparameter multipliers of the hypergradient.
+    upper: upper bounds on (E, eta, B); used here only when `clip_log_params`.
+    optimizer: 'sgd' (the paper's) or 'adam', applied to phi.
+    clip_log_params: also clip phi itself to log(upper) (the reference does not).
+    frozen: keep phi fixed (static FedAvg); h_glob and g are still computed.
+  """
+  if optimizer == 'sgd':
+    opt = optax.sgd(eta_h)
+  elif optimizer == 'adam':
+    opt = optax.adam(eta_h)
+  else:
+    raise ValueError(f'hyper_optimizer must be one of {HYPER_OPTIMIZERS}, got {optimizer!r}')
+  scales = jnp.asarray(scales, jnp.float32)
+  log_upper = jnp.log(jnp.asarray(upper, jnp.float32))
+
+  def init(params: Params, initial: Sequence[float]) -> HyperState:
+    phi = jnp.log(jnp.asarray(initial, jnp.float32))
+    return HyperState(log_hparams=phi, opt_state=opt.init(phi), ema=tree.zeros_like(params))
+
+  def update(state: HyperState, delta: Params,
+             h_local: jax.Array) -> tuple[HyperState, jax.Array]:
+    # h_glob compares this round's update with the average of the *previous* ones.
+    h_glob = tree.cosine(state.ema, delta)
+    ema = tree.axpy(alpha, state.ema, tree.scale(1.0 - alpha, delta))
+    if frozen:
+      return state._replace(ema=ema), h_glob
+    # The descent direction on phi: ascend E with h_glob + h_local, eta with h_glob,
+    # and descend B with h_local.
+    hypergrad = -jnp.stack([h_glob + h_local, h_glob, -h_local]) * scales
+    updates, opt_state = opt.update(hypergrad, state.opt_state, state.log_hparams)
+    phi = optax.apply_updates(state.log_hparams, updates)
+    if clip_log_params:
+      phi = jnp.minimum(phi, log_upper)
+    return HyperState(log_hparams=phi, opt_state=opt_state, ema=ema), h_glob
+
+  return HyperTuner(init, update)

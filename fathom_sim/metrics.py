@@ -1,0 +1,77 @@
+"""The run's outputs: metrics.jsonl rows, summary.json, the progress line, params digests."""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import json
+import math
+import os
+from typing import IO
+
+import jax
+import numpy as np
+
+from fathom_sim.types import Params
+
+METRICS_FILE = 'metrics.jsonl'
+SUMMARY_FILE = 'summary.json'
+
+
+def _plain(value):
+  """JSON-ready Python scalars (NaN and inf become null, as JSON has neither)."""
+  if isinstance(value, dict):
+    return {k: _plain(v) for k, v in value.items()}
+  if isinstance(value, (list, tuple)):
+    return [_plain(v) for v in value]
+  if isinstance(value, (np.generic, np.ndarray)):
+    value = value.item() if np.ndim(value) == 0 else value.tolist()
+    return _plain(value)
+  if isinstance(value, float) and not math.isfinite(value):
+    return None
+  return value
+
+
+class MetricsWriter:
+  """Appends one JSON object per line to <workdir>/metrics.jsonl, flushed per row."""
+
+  def __init__(self, workdir: str):
+    self._file: IO[str] = open(os.path.join(workdir, METRICS_FILE), 'a', encoding='utf-8')
+
+  def write(self, row: dict) -> None:
+    self._file.write(json.dumps(_plain(row)) + '\n')
+    self._file.flush()
+
+  def close(self) -> None:
+    self._file.close()
+
+
+def write_json(path: str, obj: dict) -> None:
+  """Writes atomically: a reader sees the old file or the new one, never half of one."""
+  tmp = path + '.tmp'
+  with open(tmp, 'w', encoding='utf-8') as f:
+    json.dump(_plain(obj), f, indent=2)
+    f.write('\n')
+  os.replace(tmp, path)
+
+
+def params_digest(params: Params) -> tuple[float, str]:
+  """(L2 norm, sha256 of the leaves' bytes in tree order): identifies a final model exactly."""
+  leaves = [np.asarray(x) for x in jax.tree.leaves(jax.device_get(params))]
+  digest = hashlib.sha256()
+  for leaf in leaves:
+    digest.update(np.ascontiguousarray(leaf).tobytes())
+  l2 = math.sqrt(sum(float(np.sum(np.square(leaf, dtype=np.float64))) for leaf in leaves))
+  return l2, digest.hexdigest()
+
+
+def progress_line(row: dict, num_rounds: int, rounds_per_s: float) -> str:
+  t = row['round']
+  eta_s = (num_rounds - t) / rounds_per_s if rounds_per_s > 0 else float('nan')
+  left = str(datetime.timedelta(seconds=round(eta_s))) if math.isfinite(eta_s) else '?'
+  line = (f'round {t}/{num_rounds} | {rounds_per_s:.2f} rounds/s | ETA {left} | '
+          f'loss {row["train_loss"]:.4f} | eta {row["eta"]:.4g} E {row["epochs"]:.3g} '
+          f'B {row["batch_size"]:.3g} | h_glob {row["h_glob"]:+.3f} h_local {row["h_local"]:+.3f}')
+  if 'test_accuracy' in row:
+    line += f' | test acc {row["test_accuracy"]:.4f}'
+  return line

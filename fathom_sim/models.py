@@ -1,0 +1,95 @@
+"""Models by name (flax linen), exposed to the engine as pure functions of a params pytree."""
+
+from __future__ import annotations
+
+from typing import Callable, NamedTuple, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+
+from fathom_sim.types import Batch, Params
+
+MODELS = ('logistic', 'mlp', 'emnist_cnn')
+
+
+class Model(NamedTuple):
+  """A model as pure functions.
+
+  init(rng, batch) -> params; loss(params, batch, mask, rng) -> mean training loss over the
+  masked-in examples (dropout on); eval_sums(params, batch, mask) -> sums of `loss`, `correct`
+  and `count` over the masked-in examples (dropout off).
+  """
+  name: str
+  init: Callable[[jax.Array, Batch], Params]
+  loss: Callable[[Params, Batch, jax.Array, jax.Array], jax.Array]
+  eval_sums: Callable[[Params, Batch, jax.Array], dict]
+
+
+class MLP(nn.Module):
+  hidden: Sequence[int]
+  num_classes: int
+
+  @nn.compact
+  def __call__(self, x, train: bool = False):
+    x = x.reshape((x.shape[0], -1)).astype(jnp.float32)
+    for width in self.hidden:
+      x = nn.relu(nn.Dense(width)(x))
+    return nn.Dense(self.num_classes)(x)
+
+
+class EmnistCNN(nn.Module):
+  """The EMNIST-62 CNN of the paper's FEMNIST task (about 1.2M parameters)."""
+  num_classes: int = 62
+
+  @nn.compact
+  def __call__(self, x, train: bool = False):
+    x = x.astype(jnp.float32)
+    if x.ndim == 3:
+      x = x[..., None]
+    x = nn.relu(nn.Conv(32, (3, 3), padding='VALID')(x))
+    x = nn.relu(nn.Conv(64, (3, 3), padding='VALID')(x))
+    x = nn.max_pool(x, (2, 2), strides=(2, 2))
+    x = nn.Dropout(0.25, deterministic=not train)(x)
+    x = x.reshape((x.shape[0], -1))
+    x = nn.relu(nn.Dense(128)(x))
+    x = nn.Dropout(0.5, deterministic=not train)(x)
+    return nn.Dense(self.num_classes)(x)
+
+
+def classifier(name: str, module: nn.Module) -> Model:
+  """Wraps a logits module with masked softmax cross-entropy and accuracy."""
+
+  def init(rng: jax.Array, batch: Batch) -> Params:
+    return module.init(rng, batch['x'][:1], train=False)['params']
+
+  def per_example(params, batch, train, rng):
+    rngs = {'dropout': rng} if train and rng is not None else {}
+    logits = module.apply({'params': params}, batch['x'], train=train, rngs=rngs)
+    labels = batch['y'].astype(jnp.int32)
+    losses = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+    return losses, jnp.argmax(logits, axis=-1) == labels
+
+  def loss(params, batch, mask, rng):
+    losses, _ = per_example(params, batch, True, rng)
+    mask = mask.astype(jnp.float32)
+    return jnp.sum(losses * mask) / jnp.maximum(jnp.sum(mask), 1.0)
+
+  def eval_sums(params, batch, mask):
+    losses, correct = per_example(params, batch, False, None)
+    mask = mask.astype(jnp.float32)
+    return {'loss': jnp.sum(losses * mask), 'correct': jnp.sum(correct * mask),
+            'count': jnp.sum(mask)}
+
+  return Model(name, init, loss, eval_sums)
+
+
+def get_model(name: str, *, num_classes: int, hidden: Sequence[int] = (64,)) -> Model:
+  if name == 'logistic':
+    return classifier(name, MLP(hidden=(), num_classes=num_classes))
+  if name == 'mlp':
+    return classifier(name, MLP(hidden=tuple(hidden), num_classes=num_classes))
+  if name == 'emnist_cnn':
+    return classifier(name, EmnistCNN(num_classes=num_classes))
+  raise ValueError(f'model.name must be one of {MODELS}, got {name!r}')

@@ -1,0 +1,52 @@
+"""Small pure functions over params pytrees, used by client, server and hyper updates."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from fathom_sim.types import Params
+
+
+def vdot(a: Params, b: Params) -> jax.Array:
+  """<a, b> over all leaves, accumulated in float32."""
+  parts = jax.tree.leaves(jax.tree.map(
+      lambda u, v: jnp.vdot(u.astype(jnp.float32), v.astype(jnp.float32)), a, b))
+  return sum(parts, jnp.float32(0.0))
+
+
+def cosine(a: Params, b: Params) -> jax.Array:
+  """cos(a, b) = <a, b> / (|a| |b|), and 0 when either norm is 0 (the spec's convention)."""
+  ab, aa, bb = vdot(a, b), vdot(a, a), vdot(b, b)
+  denom = jnp.sqrt(aa) * jnp.sqrt(bb)
+  return jnp.where(denom > 0, ab / jnp.where(denom > 0, denom, 1.0), 0.0)
+
+
+def all_finite(a: Params) -> jax.Array:
+  return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(a)]))
+
+
+def select(pred: jax.Array, a: Params, b: Params) -> Params:
+  """a where pred else b, leaf by leaf (pred is a scalar)."""
+  return jax.tree.map(lambda u, v: jnp.where(pred, u, v), a, b)
+
+
+def axpy(alpha, x: Params, y: Params) -> Params:
+  """alpha * x + y."""
+  return jax.tree.map(lambda u, v: alpha * u + v, x, y)
+
+
+def sub(a: Params, b: Params) -> Params:
+  return jax.tree.map(jnp.subtract, a, b)
+
+
+def scale(alpha, a: Params) -> Params:
+  return jax.tree.map(lambda u: alpha * u, a)
+
+
+def zeros_like(a: Params) -> Params:
+  return jax.tree.map(jnp.zeros_like, a)
+
+
+def l2_norm(a: Params) -> jax.Array:
+  return jnp.sqrt(vdot(a, a))

@@ -1,0 +1,98 @@
+"""The pytrees that cross the engine's boundaries: cohort plan, server state, round metrics.
+
+Hyperparameter vectors are always ordered as in the paper: (E, eta, B) = (epochs, client
+learning rate, batch size), and the FATHOM state holds their logs phi = (log E, log eta, log B).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, NamedTuple
+
+import numpy as np
+
+Params = Any  # a pytree of arrays
+Batch = dict  # feature name -> array with leading example axes
+
+EPOCHS, ETA, BATCH = 0, 1, 2  # positions in an (E, eta, B) vector
+
+
+class CohortTable(NamedTuple):
+  """Per-client facts of a cohort, indexed by cohort slot; entry C is an inert sentinel."""
+  client: np.ndarray        # [C+1] int32: dataset index (keys the client's dropout)
+  num_examples: np.ndarray  # [C+1] float32: n_i, the client's aggregation weight
+  num_steps: np.ndarray     # [C+1] int32: K_i (0 for the sentinel)
+
+
+class Lanes(NamedTuple):
+  """The per-lane arrays of a cohort plan; their leading axis is what `clients` shards.
+
+  A lane runs the local steps of its clients back to back: its params start at the server
+  model, and at a client's last step the lane emits that client's weighted update and restarts
+  from the server model. Step s of a lane (counting over its clients) trains on the examples
+  `stream[s*B_int : (s+1)*B_int]`, indices into `source` (the lane's own example buffer, or the
+  whole device-resident dataset).
+  """
+  slots: np.ndarray     # [L, C] int32: cohort slots of the lane's clients in order, then C
+  stream: np.ndarray    # [L, R_pad] int32: example indices, B_int per step
+  source: Batch | None  # feature -> [L, R_buf_pad, ...]: the lane's clients' examples
+
+
+@dataclasses.dataclass(frozen=True)
+class CohortPlan:
+  """One round's work: device-side lanes and table, and host-side facts about the cohort."""
+  lanes: Lanes
+  table: CohortTable
+  batch_size: int              # B_int: real examples in every real step
+  batch_pad: int               # B_pad >= B_int: rows computed per step (a compiled size)
+  clients: np.ndarray          # [C] dataset indices of the cohort, in slot order
+  num_examples: np.ndarray     # [C] n_i
+  num_steps: np.ndarray        # [C] K_i
+  lane_steps: np.ndarray       # [L] real steps in each lane
+
+  @property
+  def shape(self) -> tuple:
+    """Everything that selects a compiled program."""
+    buffer = None if self.lanes.source is None else next(iter(
+        self.lanes.source.values())).shape[:2]
+    return self.lanes.stream.shape, buffer, self.batch_pad
+
+  def computed_steps(self, num_devices: int) -> int:
+    """Steps the devices run: every lane of a device runs as long as its longest lane."""
+    per_device = self.lane_steps.reshape(num_devices, -1)
+    return int(per_device.max(axis=1).sum() * per_device.shape[1])
+
+  def useful_fraction(self, num_devices: int) -> float:
+    """Real example-gradients over computed ones (padding efficiency of this round)."""
+    computed = self.computed_steps(num_devices) * self.batch_pad
+    return float(self.num_steps.sum() * self.batch_size) / max(computed, 1)
+
+
+class HyperState(NamedTuple):
+  """FATHOM's server-side state."""
+  log_hparams: Any      # [3] phi = (log E, log eta, log B), never clipped unless asked
+  opt_state: Any        # the hyper-optimizer's state over phi
+  ema: Params           # g: moving average of past aggregated client updates
+
+
+class ServerState(NamedTuple):
+  """Everything a round reads and writes; the whole of it is what a checkpoint holds."""
+  params: Params
+  opt_state: Any        # server optimizer state
+  hyper: HyperState
+  round: Any            # int32: rounds completed so far
+  rng: Any              # uint32[2]: the run's base key; round t uses fold_in(rng, t)
+
+
+class RoundMetrics(NamedTuple):
+  """What a round reports. Per-client arrays are in cohort (slot) order."""
+  hparams: Any          # [3] (E, eta, B) used in this round, as real numbers
+  next_hparams: Any     # [3] (E, eta, B) for the next round
+  h_glob: Any
+  h_local: Any
+  train_loss: Any       # n_i-weighted mean over clients of their mean local-step loss
+  accepted: Any         # bool: False when no client returned a finite update
+  dropped_clients: Any  # int32: clients left out for a non-finite update
+  client_h: Any         # [C] h_i = min_k c_k over the client's real steps
+  client_loss: Any      # [C]
+  client_finite: Any    # [C] bool

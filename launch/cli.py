@@ -1,0 +1,86 @@
+"""Turning bad command lines and bad input into one clear line and a non-zero exit."""
+
+from __future__ import annotations
+
+import difflib
+import importlib.util
+import os
+import sys
+from typing import Callable
+
+from absl import flags
+
+EXIT_BAD_INPUT = 2
+
+
+def fail(message: str) -> None:
+  print(f'error: {message}', file=sys.stderr)
+  sys.exit(EXIT_BAD_INPUT)
+
+
+def _flag_value(argv: list[str], name: str) -> str | None:
+  for i, arg in enumerate(argv):
+    if arg.startswith(f'--{name}='):
+      return arg.split('=', 1)[1]
+    if arg == f'--{name}' and i + 1 < len(argv):
+      return argv[i + 1]
+  return None
+
+
+def _load_config_file(path: str):
+  spec = importlib.util.spec_from_file_location('_user_config', path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config()
+
+
+def _unknown_override(argv: list[str], config) -> str | None:
+  """The first --config.PATH override whose PATH is not a field of `config`, described."""
+  for arg in argv:
+    if not arg.startswith('--config.'):
+      continue
+    path = arg[len('--config.'):].split('=', 1)[0]
+    node = config
+    for depth, part in enumerate(path.split('.')):
+      keys = list(node.keys()) if hasattr(node, 'keys') else []
+      if part not in keys:
+        prefix = '.'.join(path.split('.')[:depth])
+        close = difflib.get_close_matches(part, keys, n=3)
+        hint = f'; did you mean {", ".join(close)}?' if close else ''
+        where = f'config.{prefix}' if prefix else 'the config'
+        return f'unknown config field config.{path} ({where} has no field {part!r}){hint}'
+      node = node[part]
+  return None
+
+
+def parse_flags_or_exit(argv: list[str]) -> list[str]:
+  """absl flag parsing that reports a bad --config path or field in one line."""
+  config_path = _flag_value(argv, 'config')
+  if config_path is not None:
+    file_part = config_path.split(':', 1)[0]
+    if not os.path.isfile(file_part):
+      fail(f'--config {file_part!r}: no such config file (expected a configs/*.py file)')
+  try:
+    return flags.FLAGS(argv)
+  except (flags.Error, AttributeError, KeyError, TypeError, ValueError) as e:
+    if config_path is not None:
+      try:
+        config = _load_config_file(config_path.split(':', 1)[0])
+      except Exception as load_error:  # the user's file itself is broken
+        fail(f'--config {config_path!r} could not be loaded: {load_error}')
+      unknown = _unknown_override(argv, config)
+      if unknown:
+        fail(unknown)
+    fail(str(e).strip().strip('"'))
+  return []
+
+
+def run_or_exit(job: Callable[[], object]) -> None:
+  """Runs the job; input errors (config, data, workdir) become one line and exit status 2."""
+  from fathom_sim.config import ConfigError
+  from fathom_sim.data import DataError
+  from fathom_sim.train import WorkdirError
+  try:
+    job()
+  except (ConfigError, DataError, WorkdirError) as e:
+    fail(str(e))

@@ -1,0 +1,86 @@
+"""Shared builders for tests: tiny configs and tasks, and running rounds without a workdir."""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import numpy as np
+
+from fathom_sim.config import base_config
+from fathom_sim.data.synthetic import synthetic_alpha_beta
+from fathom_sim.train import Rounds, build, init_state
+
+from tests import reference
+
+
+def tiny_config(**overrides):
+  """A few small clients and a small MLP: rounds take milliseconds."""
+  c = base_config()
+  c.num_rounds = 3
+  c.cohort_size = 5
+  c.seed = 3
+  c.eta = 0.05
+  c.epochs = 1.5
+  c.batch_size = 3.0
+  c.model.hidden = (8,)
+  c.data.num_clients = 12
+  c.data.size_log_mean = 2.0
+  c.data.size_log_sigma = 0.8
+  c.data.min_examples = 3
+  c.data.max_examples = 40
+  for key, value in overrides.items():
+    node = c
+    *path, leaf = key.split('.')
+    for part in path:
+      node = node[part]
+    node[leaf] = value
+  return c
+
+
+@functools.lru_cache(maxsize=None)
+def tiny_task(num_clients: int = 12, seed: int = 0):
+  return synthetic_alpha_beta(num_clients=num_clients, size_log_mean=2.0, size_log_sigma=0.8,
+                              min_examples=3, max_examples=40, seed=seed)
+
+
+def run_rounds(config, task, num_rounds: int, *, planner_overrides: dict | None = None):
+  """Runs rounds 1..num_rounds through the engine; returns (final state, per-round metrics)."""
+  run = build(config, task)
+  state = init_state(run)
+  rounds = Rounds(run)
+  for key, value in (planner_overrides or {}).items():
+    setattr(rounds.planner, key, value)
+  hp = rounds.initial_hparams(state)
+  history = []
+  for t in range(1, num_rounds + 1):
+    state, m, plan = rounds(state, t, hp)
+    hp = np.asarray(m.next_hparams)
+    history.append((m, plan))
+  return jax.device_get(state), history, rounds
+
+
+def reference_rounds(config, task, num_rounds: int):
+  """The same rounds through tests/reference.py, from the same initial state."""
+  run = build(config, task)
+  state = jax.device_get(init_state(run))
+  params, phi = state.params, np.asarray(state.hyper.log_hparams)
+  ema = jax.tree.map(np.zeros_like, params)
+  from fathom_sim.data.federated import sample_cohort
+  out = []
+  for t in range(1, num_rounds + 1):
+    cohort = sample_cohort(task.train, config.seed, t, config.cohort_size)
+    r = reference.reference_round(
+        run.model.loss, params, phi, ema, task.train, cohort, seed=config.seed, round_index=t,
+        upper=run.upper, alpha=config.alpha, eta_h=config.eta_h,
+        scales=(config.eta_h0, config.eta_h1, config.eta_h2),
+        frozen=config.algorithm == 'fedavg', server_lr=config.server_lr)
+    params, phi, ema = r['params'], r['phi'], r['ema']
+    out.append(r)
+  return out
+
+
+def assert_trees_close(a, b, rtol=1e-5, atol=1e-6):
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+    np.testing.assert_allclose(np.asarray(x, np.float64), np.asarray(y, np.float64),
+                               rtol=rtol, atol=atol)

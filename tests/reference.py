@@ -1,0 +1,85 @@
+"""An independent, slow reference of one FedAvg / FATHOM round, straight from spec/fathom.md.
+
+Plain Python loops over clients and local steps; every batch has exactly B_int rows (no padding,
+no lanes, no vmap, scan or shard_map); norms and cosines in float64 numpy. Only the model's
+loss function and the shuffle recipe (a stateless numpy generator per (seed, round, client))
+are shared with the engine.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+def _flat(tree) -> np.ndarray:
+  return np.concatenate([np.asarray(x, np.float64).ravel() for x in jax.tree.leaves(tree)])
+
+
+def _cos(a: np.ndarray, b: np.ndarray) -> float:
+  na, nb = np.linalg.norm(a), np.linalg.norm(b)
+  return 0.0 if na == 0 or nb == 0 else float(a @ b / (na * nb))
+
+
+def _dropout_key(seed: int, round_index: int, client: int, step: int):
+  key = jax.random.PRNGKey(seed)
+  for value in (round_index, 1, client, step):  # 1: the training stream
+    key = jax.random.fold_in(key, value)
+  return key
+
+
+def local_train(loss_fn, params, examples: dict, *, epochs: float, eta: float, b_int: int,
+                seed: int, round_index: int, client: int) -> dict:
+  """One client's local SGD; returns its delta, h_i, K_i and the cosines c_k."""
+  n = len(examples['y'])
+  k_steps = max(1, math.ceil(np.float64(epochs) * n / b_int))
+  shuffler = np.random.default_rng([seed, round_index, client])
+  order = []
+  while len(order) < k_steps * b_int:  # shuffled and repeated, a new permutation per pass
+    order.extend(shuffler.permutation(n).tolist())
+  grad = jax.jit(jax.grad(loss_fn))
+  p = params
+  cosines = []
+  for k in range(k_steps):
+    idx = np.asarray(order[k * b_int:(k + 1) * b_int])
+    batch = {name: a[idx] for name, a in examples.items()}
+    g = grad(p, batch, jnp.ones(b_int, bool), _dropout_key(seed, round_index, client, k))
+    p = jax.tree.map(lambda w, gw: w - eta * gw, p, g)
+    d = _flat(params) - _flat(p)
+    cosines.append(_cos(_flat(g), d))
+  delta = jax.tree.map(lambda a, b: np.asarray(a, np.float64) - np.asarray(b, np.float64),
+                       params, p)
+  return {'delta': delta, 'h': min(cosines), 'k': k_steps, 'cosines': cosines}
+
+
+def reference_round(loss_fn, params, phi: np.ndarray, ema, dataset, clients, *, seed: int,
+                    round_index: int, upper, alpha: float, eta_h: float, scales,
+                    frozen: bool = False, server_lr: float = 1.0) -> dict:
+  """One round: local training, n_i-weighted aggregation, SGD server step, hyper update."""
+  hp = np.minimum(np.exp(np.asarray(phi, np.float32)), np.asarray(upper, np.float32))
+  epochs, eta, batch = (float(v) for v in hp)
+  b_int = max(1, int(np.rint(batch)))
+  results, weights = [], []
+  for c in clients:
+    examples = dataset.client(int(c))
+    results.append(local_train(loss_fn, params, examples, epochs=epochs, eta=eta, b_int=b_int,
+                               seed=seed, round_index=round_index, client=int(c)))
+    weights.append(float(len(examples['y'])))
+  w = np.asarray(weights) / np.sum(weights)
+  delta = jax.tree.map(lambda *ds: sum(wi * d for wi, d in zip(w, ds)),
+                       *[r['delta'] for r in results])
+  h_local = float(np.dot(w, [r['h'] for r in results]))
+  new_params = jax.tree.map(lambda x, d: np.asarray(x, np.float64) - server_lr * d,
+                            params, delta)
+  h_glob = _cos(_flat(ema), _flat(delta))
+  new_ema = jax.tree.map(lambda g, d: alpha * np.asarray(g, np.float64) + (1 - alpha) * d,
+                         ema, delta)
+  step = np.array([h_glob + h_local, h_glob, -h_local]) * np.asarray(scales, np.float64)
+  new_phi = np.asarray(phi, np.float64) + (0.0 if frozen else eta_h) * step
+  return {'params': new_params, 'phi': new_phi, 'ema': new_ema, 'h_glob': h_glob,
+          'h_local': h_local, 'client_h': [r['h'] for r in results],
+          'num_steps': [r['k'] for r in results], 'hparams': hp, 'b_int': b_int,
+          'delta': delta}

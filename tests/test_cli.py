@@ -1,0 +1,112 @@
+"""The command line: the quickstart run and its outputs, and bad input refused in one line."""
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+MAIN = os.path.join(ROOT, 'launch', 'main.py')
+QUICKSTART = os.path.join(ROOT, 'configs', 'quickstart.py')
+
+ROW_FIELDS = {'round', 'train_loss', 'eta', 'epochs', 'batch_size', 'batch_size_int', 'h_glob',
+              'h_local', 'examples', 'local_steps', 'wall_s'}
+SUMMARY_FIELDS = {'rounds', 'devices', 'compiles', 'wall_s', 'total_examples',
+                  'total_local_steps', 'final'}
+
+
+def load_config_file(path):
+  spec = importlib.util.spec_from_file_location('cfg', os.path.join(ROOT, path))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config()
+
+
+def launch(*args, timeout=300):
+  env = dict(os.environ, JAX_PLATFORMS='cpu')
+  env.pop('XLA_FLAGS', None)  # one CPU device, as a user's plain run
+  return subprocess.run([sys.executable, MAIN, *args], cwd=ROOT, env=env, timeout=timeout,
+                        capture_output=True, text=True)
+
+
+def read_rows(workdir):
+  with open(os.path.join(workdir, 'metrics.jsonl')) as f:
+    return [json.loads(line) for line in f]
+
+
+@pytest.mark.parametrize('algorithm', ['fedavg', 'fathom'])
+def test_quickstart_writes_metrics_and_summary(tmp_path, algorithm):
+  workdir = str(tmp_path / 'run')
+  p = launch(f'--config={QUICKSTART}', f'--workdir={workdir}', f'--config.algorithm={algorithm}',
+             '--config.num_rounds=12', '--config.eval_every=5')
+  assert p.returncode == 0, p.stderr[-3000:]
+  assert 'rounds/s' in p.stdout and 'ETA' in p.stdout
+  rows = read_rows(workdir)
+  assert [r['round'] for r in rows] == list(range(1, 13))
+  for r in rows:
+    assert ROW_FIELDS <= set(r)
+  assert {r['round'] for r in rows if 'test_accuracy' in r} == {5, 10, 12}
+  assert all(b['examples'] > a['examples'] and b['local_steps'] > a['local_steps']
+             for a, b in zip(rows, rows[1:]))
+  assert all(r['batch_size_int'] == max(1, round(r['batch_size'])) for r in rows)
+  with open(os.path.join(workdir, 'summary.json')) as f:
+    summary = json.load(f)
+  assert SUMMARY_FIELDS <= set(summary)
+  assert {'test_accuracy', 'test_loss', 'params_l2', 'params_sha256'} <= set(summary['final'])
+  assert summary['rounds'] == 12 and summary['devices'] == 1
+  assert summary['total_examples'] == rows[-1]['examples']
+  assert 'rounds_to_target' in summary  # the quickstart names a target accuracy
+  if algorithm == 'fedavg':
+    assert all(r['eta'] == pytest.approx(0.1) and r['batch_size'] == 20 for r in rows)
+  else:
+    assert len({r['batch_size'] for r in rows}) > 1  # FATHOM moves B
+
+
+@pytest.mark.parametrize('args,needle', [
+    (['--config.foo=1'], 'unknown config field config.foo'),
+    (['--config.model.nme=mlp'], "config.model has no field 'nme'"),
+    (['--config.num_rounds=abc'], 'config.num_rounds'),
+    (['--config.eta=-0.1'], 'config.eta must be > 0'),
+    (['--config.batch_size=0'], 'config.batch_size must be > 0'),
+    (['--config.cohort_size=5000'], 'config.cohort_size must be at most'),
+    (['--config.server_optimizer=sgdd'], 'config.server_optimizer must be one of'),
+    (['--config.data.name=npz', '--config.data.path=/nonexistent/data.npz'],
+     "data.path '/nonexistent/data.npz': no such file"),
+])
+def test_bad_input_is_one_clear_line_and_exit_2(tmp_path, args, needle):
+  workdir = tmp_path / 'run'
+  p = launch(f'--config={QUICKSTART}', f'--workdir={workdir}', *args)
+  assert p.returncode == 2, (p.returncode, p.stderr[-2000:])
+  errors = [line for line in p.stderr.splitlines() if line.startswith('error:')]
+  assert len(errors) == 1 and needle in errors[0], p.stderr[-2000:]
+  assert 'Traceback' not in p.stderr
+  assert not workdir.exists() or not any(workdir.iterdir())
+
+
+def test_missing_config_file_is_named(tmp_path):
+  p = launch('--config=configs/nope.py', f'--workdir={tmp_path}')
+  assert p.returncode == 2 and "'configs/nope.py': no such config file" in p.stderr
+
+
+def test_existing_run_is_not_overwritten(tmp_path):
+  workdir = tmp_path / 'run'
+  workdir.mkdir()
+  (workdir / 'metrics.jsonl').write_text('{"round": 1}\n')
+  p = launch(f'--config={QUICKSTART}', f'--workdir={workdir}', '--config.num_rounds=2')
+  assert p.returncode == 2 and 'already holds a run' in p.stderr
+  assert (workdir / 'metrics.jsonl').read_text() == '{"round": 1}\n'
+  assert sorted(os.listdir(workdir)) == ['metrics.jsonl']
+
+
+def test_unwritable_workdir_is_refused(tmp_path):
+  if os.geteuid() == 0:
+    target = '/proc/fathom_sim_run'  # not creatable, even for root
+  else:
+    locked = tmp_path / 'locked'
+    locked.mkdir(mode=0o500)
+    target = str(locked / 'run')
+  p = launch(f'--config={QUICKSTART}', f'--workdir={target}', '--config.num_rounds=2')
+  assert p.returncode == 2 and '--workdir' in p.stderr

@@ -1,0 +1,80 @@
+"""Bad configs fail before any compute, with one message naming the field."""
+
+import pytest
+
+from fathom_sim.config import ConfigError, base_config, check_config
+from fathom_sim.train import build
+from tests.common import tiny_config, tiny_task
+
+
+def test_base_config_and_quickstart_are_valid():
+  check_config(base_config())
+  from tests.test_cli import load_config_file
+  for name in ('quickstart',):
+    check_config(load_config_file(f'configs/{name}.py'))
+
+
+@pytest.mark.parametrize('field,value,needle', [
+    ('eta', -0.1, 'config.eta must be > 0'),
+    ('eta', 0.0, 'config.eta must be > 0'),
+    ('batch_size', 0.0, 'config.batch_size must be > 0'),
+    ('batch_size', -4.0, 'config.batch_size must be > 0'),
+    ('epochs', 0.0, 'config.epochs must be > 0'),
+    ('num_rounds', 0, 'config.num_rounds must be >= 1'),
+    ('cohort_size', 0, 'config.cohort_size must be >= 1'),
+    ('seed', -1, 'config.seed'),
+    ('alpha', 1.0, 'config.alpha must be in [0, 1)'),
+    ('eta_h', -0.01, 'config.eta_h must be >= 0'),
+    ('upper_eta', 0.0, 'config.upper_eta must be > 0'),
+    ('algorithm', 'fedsgd', "config.algorithm must be one of 'fathom', 'fedavg'"),
+    ('server_optimizer', 'sgdd', 'config.server_optimizer must be one of'),
+    ('hyper_optimizer', 'rmsprop', 'config.hyper_optimizer must be one of'),
+    ('server_lr', -1.0, 'config.server_lr must be > 0'),
+    ('model.name', 'resnet', 'config.model.name must be one of'),
+    ('model.hidden', (64, 0), 'config.model.hidden'),
+    ('data.name', 'cifar', 'config.data.name must be one of'),
+    ('data.test_fraction', 1.0, 'config.data.test_fraction'),
+    ('eval_every', 0, 'config.eval_every must be >= 1'),
+    ('target_accuracy', 1.5, 'config.target_accuracy must be in [0, 1]'),
+    ('data_on_device', 'maybe', 'config.data_on_device must be one of'),
+    ('lanes_per_device', -1, 'config.lanes_per_device'),
+])
+def test_out_of_range_fields_are_named(field, value, needle):
+  c = base_config()
+  node = c
+  *path, leaf = field.split('.')
+  for part in path:
+    node = node[part]
+  node[leaf] = value
+  with pytest.raises(ConfigError, match=None) as err:
+    check_config(c)
+  assert needle in str(err.value)
+  assert '\n' not in str(err.value)
+
+
+def test_wrong_types_set_in_a_config_file_are_named():
+  import ml_collections
+  for field, value, needle in (('num_rounds', 10.5, 'config.num_rounds must be an integer'),
+                               ('eta', 'fast', 'config.eta must be a finite number'),
+                               ('clip_log_params', 'yes', 'config.clip_log_params must be')):
+    fields = base_config().to_dict()
+    fields[field] = value  # a config file that builds its own dict, bypassing the base types
+    with pytest.raises(ConfigError, match=needle):
+      check_config(ml_collections.ConfigDict(fields))
+
+
+def test_cohort_larger_than_population_is_refused_before_compute():
+  with pytest.raises(ConfigError, match=r'config.cohort_size must be at most .*\(12\)'):
+    build(tiny_config(cohort_size=13), tiny_task())
+
+
+def test_npz_data_needs_a_path():
+  c = base_config()
+  c.data.name = 'npz'
+  with pytest.raises(ConfigError, match='config.data.path'):
+    check_config(c)
+
+
+def test_more_devices_than_present_is_refused():
+  with pytest.raises(ConfigError, match='config.num_devices must be at most'):
+    build(tiny_config(num_devices=64), tiny_task())

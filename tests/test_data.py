@@ -1,0 +1,171 @@
+"""Data sources and cohort sampling: generated tasks, bring-your-own npz, sampling."""
+
+import os
+
+import numpy as np
+import pytest
+
+from fathom_sim.data import DataError, load_npz
+from fathom_sim.data.federated import ArrayClientDataset, sample_cohort
+from fathom_sim.data.synthetic import femnist_like, synthetic_alpha_beta
+from fathom_sim.train import train_and_evaluate
+from tests.common import tiny_config
+
+
+def test_synthetic_is_deterministic_and_per_client_stable():
+  a = synthetic_alpha_beta(num_clients=20, seed=4)
+  b = synthetic_alpha_beta(num_clients=20, seed=4)
+  c = synthetic_alpha_beta(num_clients=35, seed=4)
+  for i in range(20):
+    for name in ('x', 'y'):
+      np.testing.assert_array_equal(a.train.client(i)[name], b.train.client(i)[name])
+      np.testing.assert_array_equal(a.train.client(i)[name], c.train.client(i)[name])
+  d = synthetic_alpha_beta(num_clients=20, seed=5)
+  assert not np.array_equal(a.train.client(0)['x'][:1], d.train.client(0)['x'][:1])
+
+
+def test_synthetic_shapes_sizes_and_label_skew():
+  task = synthetic_alpha_beta(num_clients=200, min_examples=10, max_examples=300, seed=0)
+  total = task.train.num_examples + task.test.num_examples
+  assert total.min() >= 10 and total.max() <= 300
+  assert np.all(task.test.num_examples >= 1) and np.all(task.train.num_examples >= 1)
+  assert task.train.features['x'].shape[1:] == (60,) and task.num_classes == 10
+  y = task.train.features['y']
+  assert y.min() >= 0 and y.max() < 10
+  # Power-law sizes: the largest clients are many times the median.
+  assert total.max() > 4 * np.median(total)
+  # Non-IID: a client's most common label covers far more than 1/10 of its examples.
+  shares = [np.bincount(task.train.client(i)['y'], minlength=10).max() /
+            task.train.num_examples[i] for i in range(200)]
+  assert np.mean(shares) > 0.5
+
+
+def test_femnist_like_matches_femnist_shapes_and_skew():
+  task = femnist_like(num_clients=3400)
+  assert len(task.train.client_ids) == 3400 and task.num_classes == 62
+  n = task.train.num_examples
+  assert 180 < n.mean() < 220  # FEMNIST: ~671.6k train examples over 3,400 writers
+  assert n.std() > 0.25 * n.mean()
+  ex = task.train.client(7)
+  assert ex['x'].shape == (n[7], 28, 28) and ex['x'].dtype == np.float32
+  assert ex['x'].min() >= 0.0 and ex['x'].max() <= 1.0
+  assert np.median(ex['x']) > 0.7  # mostly white background, as FEMNIST
+  assert ex['y'].min() >= 0 and ex['y'].max() < 62
+  again = task.train.client(7)
+  np.testing.assert_array_equal(ex['x'], again['x'])
+  test_ex = task.test.client(7)
+  assert len(test_ex['y']) == task.test.num_examples[7]
+
+
+def test_sample_cohort_distinct_deterministic_eligible_and_uniform():
+  counts = np.array([0, 3, 5, 0, 2, 7, 1, 4, 6, 2], np.int64)
+  data = ArrayClientDataset({'y': np.zeros(counts.sum(), np.int32)},
+                            np.concatenate([[0], np.cumsum(counts)]),
+                            np.array([f'c{i}' for i in range(10)]))
+  seen = np.zeros(10)
+  for t in range(1, 801):
+    cohort = sample_cohort(data, 1, t, 3)
+    assert len(set(cohort.tolist())) == 3
+    assert not ({0, 3} & set(cohort.tolist()))
+    seen[cohort] += 1
+  np.testing.assert_array_equal(sample_cohort(data, 1, 5, 3), sample_cohort(data, 1, 5, 3))
+  assert not np.array_equal(sample_cohort(data, 1, 5, 3), sample_cohort(data, 2, 5, 3))
+  eligible = seen[counts > 0]
+  expected = 800 * 3 / 8
+  assert np.all(np.abs(eligible - expected) < 5 * np.sqrt(expected))  # uniform
+  with pytest.raises(ValueError, match='cannot sample 9 clients out of 8'):
+    sample_cohort(data, 1, 1, 9)
+
+
+def _write_clients(path, counts, seed=0, num_classes=4, shape=(5,), **extra):
+  r = np.random.default_rng(seed)
+  n = int(np.sum(counts))
+  arrays = {'x': r.normal(size=(n,) + shape).astype(np.float32),
+            'y': r.integers(0, num_classes, n).astype(np.int64),
+            'num_examples': np.asarray(counts, np.int64)}
+  arrays.update(extra)
+  np.savez(path, **arrays)
+  return arrays
+
+
+def test_npz_single_file_holds_out_test_examples_per_client(tmp_path):
+  arrays = _write_clients(tmp_path / 'mine.npz', [5, 10, 1, 8],
+                          client_ids=np.array(['a', 'b', 'c', 'd']))
+  task = load_npz(str(tmp_path / 'mine.npz'), test_fraction=0.2, seed=0)
+  assert list(task.train.client_ids) == ['a', 'b', 'c', 'd'] and task.num_classes == 4
+  np.testing.assert_array_equal(task.train.num_examples + task.test.num_examples, [5, 10, 1, 8])
+  np.testing.assert_array_equal(task.test.num_examples, [1, 2, 0, 1])
+  offsets = np.concatenate([[0], np.cumsum([5, 10, 1, 8])])
+  for i in range(4):
+    both = np.concatenate([task.train.client(i)['x'], task.test.client(i)['x']])
+    original = arrays['x'][offsets[i]:offsets[i + 1]]
+    assert sorted(map(tuple, both.tolist())) == sorted(map(tuple, original.tolist()))
+
+
+def test_npz_directory_with_train_and_test(tmp_path):
+  _write_clients(tmp_path / 'train.npz', [3, 4], num_classes=3)
+  _write_clients(tmp_path / 'test.npz', [2, 2], seed=1, num_classes=3)
+  task = load_npz(str(tmp_path), num_classes=5)
+  assert task.num_classes == 5
+  np.testing.assert_array_equal(task.test.num_examples, [2, 2])
+  assert list(task.train.client_ids) == ['client_000000', 'client_000001']
+
+
+@pytest.mark.parametrize('problem,needle', [
+    ('missing', "missing array(s) ['num_examples']"),
+    ('counts', 'num_examples adds up to 7'),
+    ('labels', 'does not fit data.num_classes=3'),
+    ('negative', 'labels must be >= 0'),
+    ('float_labels', 'y must be a 1-D integer label array'),
+    ('not_npz', 'not a readable .npz file'),
+    ('no_test', 'must hold train.npz and test.npz'),
+    ('shapes', 'train inputs are (5,) but test inputs are (6,)'),
+])
+def test_npz_problems_name_the_file_and_the_fix(tmp_path, problem, needle):
+  path = tmp_path / 'data.npz'
+  kwargs = {}
+  if problem == 'missing':
+    np.savez(path, x=np.zeros((3, 5)), y=np.zeros(3, np.int64))
+  elif problem == 'counts':
+    _write_clients(path, [3, 4])
+    arrays = dict(np.load(path))
+    arrays['x'] = arrays['x'][:5]
+    arrays['y'] = arrays['y'][:5]
+    np.savez(path, **arrays)
+  elif problem == 'labels':
+    _write_clients(path, [3, 4], num_classes=6)
+    kwargs['num_classes'] = 3
+  elif problem == 'negative':
+    np.savez(path, x=np.zeros((2, 5)), y=np.array([0, -1]), num_examples=np.array([2]))
+  elif problem == 'float_labels':
+    np.savez(path, x=np.zeros((2, 5)), y=np.array([0.0, 1.0]), num_examples=np.array([2]))
+  elif problem == 'not_npz':
+    path.write_bytes(b'this is not a zip archive')
+  elif problem == 'no_test':
+    path = tmp_path / 'dir'
+    path.mkdir()
+    _write_clients(path / 'train.npz', [3])
+  elif problem == 'shapes':
+    path = tmp_path / 'dir'
+    path.mkdir()
+    _write_clients(path / 'train.npz', [3])
+    _write_clients(path / 'test.npz', [3], shape=(6,))
+  with pytest.raises(DataError) as err:
+    load_npz(str(path), **kwargs)
+  assert needle in str(err.value) and str(path) in str(err.value)
+
+
+def test_npz_task_trains_end_to_end(tmp_path):
+  r = np.random.default_rng(0)
+  counts = r.integers(5, 30, size=16)
+  centres = r.normal(size=(3, 12))
+  y = r.integers(0, 3, counts.sum())
+  x = (centres[y] + 0.3 * r.normal(size=(counts.sum(), 12))).astype(np.float32)
+  np.savez(tmp_path / 'easy.npz', x=x, y=y, num_examples=counts)
+  config = tiny_config(algorithm='fedavg', num_rounds=20, cohort_size=4, eta=0.1,
+                       batch_size=8.0, epochs=1.0, eval_every=10)
+  config.data.name = 'npz'
+  config.data.path = str(tmp_path / 'easy.npz')
+  summary = train_and_evaluate(config, str(tmp_path / 'run'))
+  assert summary['final']['test_accuracy'] > 0.9  # separable clusters
+  assert os.path.exists(tmp_path / 'run' / 'metrics.jsonl')

@@ -1,0 +1,129 @@
+"""FATHOM: the hyper update, the hypergradients against the reference, bucket crossings."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from fathom_sim import fathom, tree
+from fathom_sim.data.federated import ArrayClientDataset, Task
+from tests.common import (assert_trees_close, reference_rounds, run_rounds, tiny_config,
+                          tiny_task)
+
+UPPER = (10.0, 0.5, 5096.0)
+
+
+def _params(seed):
+  r = np.random.default_rng(seed)
+  return {'a': jnp.asarray(r.normal(size=(3, 4)), jnp.float32),
+          'b': jnp.asarray(r.normal(size=5), jnp.float32)}
+
+
+def test_hyper_update_is_the_spec_formula():
+  tuner = fathom.hyper_tuner(alpha=0.5, eta_h=0.01, scales=(1.0, 2.0, 10.0), upper=UPPER)
+  state = tuner.init(_params(0), (1.0, 0.1, 20.0))
+  np.testing.assert_allclose(state.log_hparams, np.log([1.0, 0.1, 20.0]), rtol=1e-6)
+  d1, d2 = _params(1), _params(2)
+  state, h_glob = tuner.update(state, d1, jnp.float32(0.3))
+  assert float(h_glob) == 0.0  # g starts at zero: round 1 has no global hypergradient
+  np.testing.assert_allclose(state.log_hparams,
+                             np.log([1.0, 0.1, 20.0]) + 0.01 * np.array([0.3, 0, -10 * 0.3]),
+                             rtol=1e-6)
+  assert_trees_close(state.ema, tree.scale(0.5, d1))
+  phi = np.asarray(state.log_hparams)
+  state, h_glob = tuner.update(state, d2, jnp.float32(-0.2))
+  expected_cos = float(tree.vdot(d1, d2) / (tree.l2_norm(d1) * tree.l2_norm(d2)))
+  np.testing.assert_allclose(h_glob, expected_cos, rtol=1e-6)
+  step = np.array([expected_cos - 0.2, 2 * expected_cos, -10 * -0.2])
+  np.testing.assert_allclose(state.log_hparams, phi + 0.01 * step, rtol=1e-5)
+  assert_trees_close(state.ema, jax.tree.map(lambda a, b: 0.25 * a + 0.5 * b, d1, d2))
+
+
+def test_hparams_clip_values_but_not_phi_unless_asked():
+  phi = jnp.log(jnp.array([20.0, 0.05, 9000.0]))
+  np.testing.assert_allclose(fathom.hparams(phi, jnp.array(UPPER)), [10.0, 0.05, 5096.0],
+                             rtol=1e-6)
+  for clip in (False, True):
+    tuner = fathom.hyper_tuner(alpha=0.5, eta_h=1.0, scales=(1, 1, 1), upper=UPPER,
+                               clip_log_params=clip)
+    state = tuner.init(_params(0), (9.9, 0.49, 5000.0))
+    state, _ = tuner.update(state, _params(1), jnp.float32(-1.0))  # pushes B up by e^1
+    state, _ = tuner.update(state, _params(1), jnp.float32(1.0))   # h_glob = 1: E, eta up
+    over = np.asarray(state.log_hparams) > np.log(UPPER) + 1e-6
+    assert over.any() != clip
+
+
+def test_frozen_tuner_keeps_phi_and_tracks_h_glob():
+  tuner = fathom.hyper_tuner(alpha=0.5, eta_h=0.01, scales=(1, 1, 10), upper=UPPER,
+                             frozen=True)
+  state = tuner.init(_params(0), (1.0, 0.1, 20.0))
+  phi = np.asarray(state.log_hparams)
+  state, _ = tuner.update(state, _params(1), jnp.float32(0.5))
+  state, h_glob = tuner.update(state, _params(1), jnp.float32(0.5))
+  np.testing.assert_array_equal(state.log_hparams, phi)
+  np.testing.assert_allclose(h_glob, 1.0, rtol=1e-6)
+
+
+def test_adam_hyper_optimizer_moves_phi_by_eta_h_in_the_hypergradients_sign():
+  tuner = fathom.hyper_tuner(alpha=0.5, eta_h=0.01, scales=(1, 1, 10), upper=UPPER,
+                             optimizer='adam')
+  state = tuner.init(_params(0), (1.0, 0.1, 20.0))
+  phi = np.asarray(state.log_hparams)
+  state, _ = tuner.update(state, _params(1), jnp.float32(0.4))
+  np.testing.assert_allclose(np.asarray(state.log_hparams) - phi, [0.01, 0.0, -0.01],
+                             atol=1e-4)
+
+
+def test_cosine_is_zero_when_a_norm_is_zero():
+  zero = jax.tree.map(jnp.zeros_like, _params(0))
+  assert float(tree.cosine(zero, _params(1))) == 0.0
+  assert float(tree.cosine(_params(1), zero)) == 0.0
+  np.testing.assert_allclose(tree.cosine(_params(1), tree.scale(-3.0, _params(1))), -1.0,
+                             rtol=1e-6)
+
+
+def _equal_clients_task(num_clients=6, n=8, seed=0):
+  r = np.random.default_rng(seed)
+  clients = []
+  for k in range(num_clients):
+    centre = r.normal(size=60)
+    x = (centre + r.normal(size=(n, 60))).astype(np.float32)
+    clients.append({'x': x, 'y': r.integers(0, 10, n).astype(np.int32)})
+  ids = [f'c{k}' for k in range(num_clients)]
+  data = ArrayClientDataset.from_clients(ids, clients)
+  return Task('equal', data, data, 10)
+
+
+@pytest.mark.parametrize('num_devices', [1, 8])
+def test_deterministic_trajectory_matches_reference_over_10_rounds(num_devices):
+  """Equal client sizes, the whole population every round, B = n (full batches), eta_h2 = 0."""
+  task = _equal_clients_task()
+  config = tiny_config(algorithm='fathom', num_devices=num_devices, cohort_size=6,
+                       batch_size=8.0, epochs=1.0, eta=0.2, eta_h=0.05, eta_h2=0.0)
+  _, history, _ = run_rounds(config, task, 10)
+  ref = reference_rounds(config, task, 10)
+  got = np.array([[*m.hparams, m.h_glob, m.h_local] for m, _ in history])
+  want = np.array([[*r['hparams'], r['h_glob'], r['h_local']] for r in ref])
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+  assert np.ptp(got[:, 0]) > 1e-3 and np.ptp(got[:, 1]) > 1e-3  # E and eta did move
+  np.testing.assert_allclose(got[:, 2], 8.0)  # eta_h2 = 0: B stays
+
+
+def test_crossing_padded_size_buckets_changes_no_result():
+  """B drifts over several rounds; coarser or finer padded batch sizes give the same run."""
+  task = tiny_task()
+  runs = {}
+  for per_octave in (1, 2, 8):
+    config = tiny_config(algorithm='fathom', batch_size=6.0, eta_h=0.5, eta_h2=1.0,
+                         num_devices=2, batch_pad_per_octave=per_octave)
+    runs[per_octave] = run_rounds(config, task, 6)
+  b_ints = [plan.batch_size for _, plan in runs[2][1]]
+  assert len(set(b_ints)) >= 3, b_ints  # B really moved across sizes
+  pads = {k: [plan.batch_pad for _, plan in r[1]] for k, r in runs.items()}
+  assert pads[1] != pads[8]
+  steps = {k: [plan.lanes.stream.shape[1] for _, plan in r[1]] for k, r in runs.items()}
+  assert len(set(steps[2])) >= 1
+  for k in (1, 8):
+    assert_trees_close(runs[k][0].params, runs[2][0].params, rtol=1e-5, atol=1e-7)
+    for (m, _), (m0, _) in zip(runs[k][1], runs[2][1]):
+      np.testing.assert_allclose(m.next_hparams, m0.next_hparams, rtol=1e-6)

@@ -1,0 +1,131 @@
+"""Cohort planning: batches, buckets, lane packing, and padding that changes nothing."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from fathom_sim import fathom, rng
+from fathom_sim.client import lane_train
+from fathom_sim.data.plan import Planner, bucket, client_batches, pack_lanes
+from fathom_sim.models import get_model
+from fathom_sim.types import CohortTable
+from tests.common import assert_trees_close, run_rounds, tiny_config, tiny_task
+
+
+def test_bucket_grid():
+  assert [bucket(n, 2) for n in range(1, 14)] == [1, 2, 3, 4, 6, 6, 8, 8, 12, 12, 12, 12, 16]
+  assert [bucket(n, 1) for n in (1, 3, 5, 9, 17)] == [1, 4, 8, 16, 32]
+  for per_octave in (1, 2, 4, 8):
+    values = [bucket(n, per_octave) for n in range(1, 600)]
+    assert all(v >= n for n, v in zip(range(1, 600), values))
+    assert values == sorted(values)
+    assert all(v <= n * (1 + 1 / per_octave) for n, v in zip(range(1, 600), values))
+    assert len(set(values)) <= per_octave * 10 + 1  # a few values per doubling
+
+
+def test_integer_schedule_follows_the_spec():
+  b_int, k = fathom.integer_schedule(1.5, 2.5, np.array([1, 4, 5, 10]))
+  assert b_int == 2  # round half to even
+  np.testing.assert_array_equal(k, [1, 3, 4, 8])  # max(1, ceil(E n / B_int))
+  assert fathom.integer_schedule(1.0, 3.5, np.array([7]))[0] == 4
+  assert fathom.integer_schedule(1.0, 0.2, np.array([7]))[0] == 1
+  np.testing.assert_array_equal(fathom.integer_schedule(0.01, 20, np.array([3, 50]))[1], [1, 1])
+
+
+def test_client_batches_shuffle_and_repeat():
+  r = np.random.default_rng(0)
+  idx = client_batches(r, 5, 4, 3)  # 12 rows from passes of 5: wraps across passes
+  assert idx.shape == (4, 3)
+  flat = idx.ravel()
+  assert sorted(flat[:5]) == list(range(5)) and sorted(flat[5:10]) == list(range(5))
+  assert len(set(flat[10:])) == 2
+  big = client_batches(np.random.default_rng(1), 3, 2, 7)  # B_int > n repeats examples
+  assert big.shape == (2, 7) and sorted(big.ravel()[:3]) == [0, 1, 2]
+  again = client_batches(np.random.default_rng(0), 5, 4, 3)
+  np.testing.assert_array_equal(idx, again)
+
+
+@pytest.mark.parametrize('seed', range(5))
+def test_pack_lanes_assigns_every_client_once_and_balances(seed):
+  r = np.random.default_rng(seed)
+  steps = r.integers(1, 50, size=int(r.integers(1, 40)))
+  for num_lanes in (1, 3, 8):
+    lanes = pack_lanes(steps, num_lanes)
+    assert len(lanes) == num_lanes
+    assert sorted(i for lane in lanes for i in lane) == list(range(len(steps)))
+    loads = [steps[lane].sum() for lane in lanes]
+    # Longest-first onto the least loaded lane: no lane exceeds another by more than one client.
+    assert max(loads) - min(loads) <= steps.max()
+    assert max(loads) <= steps.sum() / num_lanes + steps.max()
+
+
+@pytest.mark.parametrize('resident', [True, False])
+def test_plan_streams_each_clients_batches_in_order(resident):
+  task = tiny_task()
+  planner = Planner(task.train, 5, 3, seed=7, resident=resident)
+  clients = np.array([0, 4, 2, 9, 11])
+  plan = planner.plan(clients, 3, epochs=1.5, batch_size=3.2)
+  b = plan.batch_size
+  assert b == 3 and plan.batch_pad >= b
+  x_all = task.train.features['x']
+  for lane in range(3):
+    slots = [s for s in plan.lanes.slots[lane] if s < 5]
+    pos = 0
+    for s in slots:
+      c, k = int(clients[s]), int(plan.num_steps[s])
+      n = task.train.num_examples[c]
+      expected = client_batches(rng.client_shuffler(7, 3, c), n, k, b)
+      rows = plan.lanes.stream[lane, pos:pos + k * b]
+      got = x_all[rows] if resident else plan.lanes.source['x'][lane][rows]
+      np.testing.assert_array_equal(got, task.train.client(c)['x'][expected.ravel()])
+      pos += k * b
+    assert pos == plan.lane_steps[lane] * b
+  assert plan.lanes.stream.shape[1] >= plan.lane_steps.max() * b + plan.batch_pad - b
+  np.testing.assert_array_equal(plan.table.num_steps[:-1], plan.num_steps)
+  assert plan.table.num_steps[-1] == 0  # the sentinel slot never steps
+
+
+def test_padding_is_inert_in_the_round():
+  """Bigger padded batches, longer streams and buffers, more (partly empty) lanes, and the
+  on-device vs fed-per-round data paths all give the same round results."""
+  task = tiny_task()
+  base_state, base_hist, _ = run_rounds(tiny_config(algorithm='fathom', num_devices=2), task, 3)
+  variants = [
+      (dict(num_devices=2), dict(min_batch_pad=16)),
+      (dict(num_devices=2), dict(stream_pad=1024, buffer_pad=256)),
+      (dict(num_devices=2, lanes_per_device=4), {}),  # 8 lanes for 5 clients
+      (dict(num_devices=2, data_on_device='no'), {}),
+      (dict(num_devices=2, data_on_device='yes', batch_pad_per_octave=1), {}),
+  ]
+  for overrides, planner in variants:
+    state, hist, _ = run_rounds(tiny_config(algorithm='fathom', **overrides), task, 3,
+                                planner_overrides=planner)
+    assert_trees_close(state.params, base_state.params, rtol=1e-5, atol=1e-7)
+    for (m, _), (m0, _) in zip(hist, base_hist):
+      np.testing.assert_allclose(m.client_h, m0.client_h, rtol=1e-5, atol=1e-6)
+      np.testing.assert_allclose(m.next_hparams, m0.next_hparams, rtol=1e-6)
+
+
+def test_padded_steps_after_a_clients_last_step_change_nothing():
+  """A lane whose only client has K=3 real steps, run for 3 or for 8 loop iterations."""
+  model = get_model('mlp', num_classes=10, hidden=(8,))
+  task = tiny_task()
+  data = task.train.client(1)
+  n = len(data['y'])
+  params = model.init(jax.random.PRNGKey(0), data)
+  table = CohortTable(client=np.array([1, 0], np.int32), num_examples=np.array([n, 0], np.float32),
+                      num_steps=np.array([3, 0], np.int32))
+  table = jax.tree.map(jnp.asarray, table)
+  stream = np.zeros(64, np.int32)
+  stream[:6] = client_batches(np.random.default_rng(0), n, 3, 2).ravel()
+  results = [lane_train(model.loss, params, jnp.float32(0.1), jnp.int32(2), jax.random.PRNGKey(1),
+                        table, jnp.int32(iters), jnp.array([0], jnp.int32), jnp.asarray(stream),
+                        jax.tree.map(jnp.asarray, data),
+                        batch_pad=batch_pad)
+             for iters, batch_pad in ((3, 2), (8, 2), (8, 5))]
+  for r in results[1:]:
+    assert_trees_close(r.weighted_sum, results[0].weighted_sum, rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(r.h, results[0].h, rtol=1e-6)
+    np.testing.assert_allclose(r.loss, results[0].loss, rtol=1e-6)
+  assert int(results[0].finite[0]) == 1
