@@ -31,6 +31,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.eval_clients = 0              # test clients per periodic eval; 0 = all of them
   c.eval_batch_size = 1024
   c.checkpoint_every = 100
+  c.keep_checkpoints = 3          # newest checkpoints kept in <workdir>/checkpoints
   c.target_accuracy = 0.0         # > 0: report rounds/examples to first reach it
   c.log_every = 10                # rounds between progress lines
 
@@ -126,6 +127,7 @@ def check_config(c: ml_collections.ConfigDict) -> None:
   _number(c, 'eval_clients', low=0, integer=True)
   _number(c, 'eval_batch_size', low=1, integer=True)
   _number(c, 'checkpoint_every', low=1, integer=True)
+  _number(c, 'keep_checkpoints', low=1, integer=True)
   _number(c, 'target_accuracy', low=0, high=1)
   _number(c, 'log_every', low=1, integer=True)
   _number(c, 'eta', low=0, low_open=True)

@@ -16,7 +16,7 @@ import numpy as np
 import optax
 
 from fathom_sim import tree
-from fathom_sim.types import HyperState, Params
+from fathom_sim.types import ETA, HyperState, Params
 
 HYPER_OPTIMIZERS = ('sgd', 'adam')
 
@@ -40,6 +40,8 @@ def integer_schedule(epochs: float, batch_size: float,
 class HyperTuner(NamedTuple):
   init: Callable[[Params, Sequence[float]], HyperState]
   update: Callable[[HyperState, Params, jax.Array], tuple[HyperState, jax.Array]]
+  # For a round with no usable update: FATHOM halves eta; a frozen tuner changes nothing.
+  rejected: Callable[[HyperState], HyperState]
 
 
 def hyper_tuner(*, alpha: float, eta_h: float, scales: Sequence[float],
@@ -85,4 +87,9 @@ def hyper_tuner(*, alpha: float, eta_h: float, scales: Sequence[float],
       phi = jnp.minimum(phi, log_upper)
     return HyperState(log_hparams=phi, opt_state=opt_state, ema=ema), h_glob
 
-  return HyperTuner(init, update)
+  def rejected(state: HyperState) -> HyperState:
+    if frozen:
+      return state
+    return state._replace(log_hparams=state.log_hparams.at[ETA].add(-jnp.log(2.0)))
+
+  return HyperTuner(init, update, rejected)

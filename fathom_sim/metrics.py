@@ -46,6 +46,31 @@ class MetricsWriter:
     self._file.close()
 
 
+def keep_rows(workdir: str, last_round: int) -> list[dict]:
+  """Keeps the rows of rounds 1..last_round (the checkpointed ones) and drops the rest.
+
+  A run killed after its last checkpoint wrote rows it will write again when resumed, possibly
+  with a torn last line; this makes metrics.jsonl hold each round exactly once.
+  """
+  path = os.path.join(workdir, METRICS_FILE)
+  rows: list[dict] = []
+  if os.path.exists(path):
+    with open(path, encoding='utf-8') as f:
+      for line in f:
+        try:
+          row = json.loads(line)
+        except ValueError:
+          break  # a torn write: nothing after it was committed either
+        if row.get('round', 0) > last_round:
+          break
+        rows.append(row)
+  tmp = path + '.tmp'
+  with open(tmp, 'w', encoding='utf-8') as f:
+    f.writelines(json.dumps(r) + '\n' for r in rows)
+  os.replace(tmp, path)
+  return rows
+
+
 def write_json(path: str, obj: dict) -> None:
   """Writes atomically: a reader sees the old file or the new one, never half of one."""
   tmp = path + '.tmp'

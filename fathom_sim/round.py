@@ -65,9 +65,12 @@ def make_round(*, loss_fn: LossFn, server_opt: optax.GradientTransformation,
     # 5-6. Global hypergradient and hyper update of phi.
     hyper, h_glob = tuner.update(state.hyper, delta, h_local)
 
-    # A round in which no client returned a finite update changes nothing but its count.
+    # Never keep non-finite params: a round with no finite client update, or whose server
+    # step is not finite, leaves the model as it was (and FATHOM halves eta).
+    accepted = accepted & tree.all_finite(params)
     params, opt_state, hyper = tree.select(
-        accepted, (params, opt_state, hyper), (state.params, state.opt_state, state.hyper))
+        accepted, (params, opt_state, hyper),
+        (state.params, state.opt_state, tuner.rejected(state.hyper)))
     new_state = ServerState(params=params, opt_state=opt_state, hyper=hyper, round=t,
                             rng=state.rng)
     metrics = RoundMetrics(

@@ -6,9 +6,13 @@ computation is the one jitted function of round.py.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import json
 import math
 import os
+import signal
+import threading
 import time
 
 import jax
@@ -18,8 +22,9 @@ import numpy as np
 from absl import logging
 
 from fathom_sim import fathom, metrics, models, rng, server
+from fathom_sim.checkpoint import CHECKPOINTS, Checkpointer
 from fathom_sim.config import ConfigError, check_config
-from fathom_sim.data import Task, load_task
+from fathom_sim.data import DataError, Task, load_task
 from fathom_sim.data.federated import ArrayClientDataset, sample_clients, sample_cohort
 from fathom_sim.data.plan import Planner
 from fathom_sim.evaluation import make_evaluator
@@ -28,6 +33,7 @@ from fathom_sim.round import make_round
 from fathom_sim.types import BATCH, EPOCHS, ETA, CohortPlan, RoundMetrics, ServerState
 
 RESIDENT_BYTES = 1 << 30  # 'auto' keeps a training set on the devices up to this size
+CONFIG_FILE = 'config.json'
 
 
 class WorkdirError(ValueError):
@@ -77,6 +83,7 @@ def build(config: ml_collections.ConfigDict, task: Task | None = None) -> Run:
   n_dev = mesh.devices.size
   model = models.get_model(config.model.name, num_classes=task.num_classes,
                            hidden=config.model.hidden)
+  _check_model_fits(model, config.model.name, task)
   server_opt = server.server_optimizer(
       config.server_optimizer, config.server_lr, momentum=config.server_momentum,
       b1=config.server_b1, b2=config.server_b2, eps=config.server_eps)
@@ -92,6 +99,21 @@ def build(config: ml_collections.ConfigDict, task: Task | None = None) -> Run:
   lanes = config.lanes_per_device or (
       1 if mesh.devices.flat[0].platform == 'cpu' else -(-config.cohort_size // n_dev))
   return Run(config, task, mesh, model, server_opt, tuner, upper, resident, lanes)
+
+
+def _check_model_fits(model: models.Model, name: str, task: Task) -> None:
+  """Traces init and loss on two examples (no compute), so a mismatch fails with one line."""
+  first = int(np.flatnonzero(np.asarray(task.train.num_examples) > 0)[0])
+  sample = {k: v[:2] for k, v in task.train.client(first).items()}
+  key = jax.random.PRNGKey(0)
+  try:
+    jax.eval_shape(lambda: model.loss(model.init(key, sample), sample,
+                                      jnp.ones(len(sample['y']), bool), key))
+  except Exception as e:  # whatever the model's own error, report it against the data
+    shapes = ', '.join(f'{k} {v.shape[1:]} {v.dtype}' for k, v in sample.items())
+    reason = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+    raise DataError(f'{task.name}: examples ({shapes}) do not fit config.model.name={name!r}: '
+                    f'{reason}') from None
 
 
 def init_state(run: Run) -> ServerState:
@@ -146,25 +168,95 @@ class Rounds:
     return self.round_fn._cache_size()
 
 
-def _prepare_workdir(workdir: str) -> None:
+# Fields that may differ between a run and its resumption: they change how a run is executed,
+# logged or evaluated, never the model it trains (device and lane counts only up to float
+# rounding). Every other field is part of the run's identity.
+RESUMABLE_FIELDS = frozenset({
+    'num_rounds', 'log_every', 'checkpoint_every', 'keep_checkpoints', 'eval_every',
+    'eval_clients', 'eval_batch_size', 'target_accuracy', 'num_devices', 'lanes_per_device',
+    'data_on_device', 'batch_pad_per_octave'})
+
+
+class Preempted(Exception):
+  """The run received SIGTERM or SIGINT and stopped after checkpointing its last round."""
+
+  def __init__(self, signum: int, round_index: int):
+    super().__init__(f'stopped by signal {signum} after round {round_index} (checkpointed)')
+    self.signum = signum
+
+
+def _flatten(d: dict, prefix: str = '') -> dict:
+  out = {}
+  for k, v in d.items():
+    if isinstance(v, dict):
+      out.update(_flatten(v, f'{prefix}{k}.'))
+    else:
+      out[f'{prefix}{k}'] = v
+  return out
+
+
+def _config_dict(config: ml_collections.ConfigDict) -> dict:
+  return json.loads(config.to_json_best_effort())
+
+
+def _prepare_workdir(workdir: str, config: ml_collections.ConfigDict) -> None:
+  """Creates the workdir, or checks that the run it holds is this config's run."""
   try:
     os.makedirs(workdir, exist_ok=True)
   except OSError as e:
     raise WorkdirError(f'--workdir {workdir!r} cannot be created: {e.strerror}') from None
   if not os.access(workdir, os.W_OK | os.X_OK):
     raise WorkdirError(f'--workdir {workdir!r} is not writable')
-  existing = os.path.join(workdir, metrics.METRICS_FILE)
-  if os.path.exists(existing) and os.path.getsize(existing) > 0:
-    raise WorkdirError(f'--workdir {workdir!r} already holds a run ({metrics.METRICS_FILE}); '
-                       'choose another workdir or remove that one')
+  saved_path = os.path.join(workdir, CONFIG_FILE)
+  if os.path.exists(saved_path):
+    try:
+      with open(saved_path, encoding='utf-8') as f:
+        saved = _flatten(json.load(f))
+    except (OSError, ValueError) as e:
+      raise WorkdirError(f'{saved_path} is unreadable ({e}); it describes the run this workdir '
+                         'holds, so the run cannot be resumed safely') from None
+    new = _flatten(_config_dict(config))
+    changed = sorted(k for k in set(saved) | set(new)
+                     if k not in RESUMABLE_FIELDS and saved.get(k) != new.get(k))
+    if changed:
+      details = ', '.join(f'{k} ({saved.get(k)!r} -> {new.get(k)!r})' for k in changed)
+      raise WorkdirError(f'--workdir {workdir!r} holds a run with a different config; fields '
+                         f'that change the result differ: {details}. Use another workdir.')
+  elif any(os.path.exists(os.path.join(workdir, f))
+           for f in (metrics.METRICS_FILE, CHECKPOINTS)):
+    raise WorkdirError(f'--workdir {workdir!r} holds run files but no {CONFIG_FILE}; '
+                       'choose another workdir')
+
+
+@contextlib.contextmanager
+def _stop_signals():
+  """Turns SIGTERM / SIGINT (what a TPU preemption sends) into a flag read between rounds."""
+  received: list[int] = []
+  if threading.current_thread() is not threading.main_thread():
+    yield received
+    return
+  previous = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+  for s in previous:
+    signal.signal(s, lambda signum, frame: received.append(signum))
+  try:
+    yield received
+  finally:
+    for s, handler in previous.items():
+      signal.signal(s, handler)
+
+
+def _first_reaching(rows: list[dict], target: float) -> dict | None:
+  return next((r for r in rows if r.get('test_accuracy') is not None
+               and r['test_accuracy'] >= target), None)
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
-  """Runs `config` into `workdir`; returns the summary that it also writes."""
+  """Runs `config` into `workdir`, resuming the run already there; returns the summary.
+
+  Raises Preempted after checkpointing when SIGTERM or SIGINT arrives.
+  """
   run = build(config)
-  _prepare_workdir(workdir)
-  with open(os.path.join(workdir, 'config.json'), 'w', encoding='utf-8') as f:
-    f.write(config.to_json_best_effort(indent=2) + '\n')
+  _prepare_workdir(workdir, config)
   c, task, mesh = config, run.task, run.mesh
   n_dev = mesh.devices.size
   logging.info('task %s: %d train clients (%d examples), %d test clients; %d device(s) '
@@ -174,49 +266,82 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                run.lanes_per_device, 'on device' if run.resident else 'fed per round')
 
   state = init_state(run)
+  checkpointer = Checkpointer(workdir, c.keep_checkpoints)
+  restored = checkpointer.restore_newest(state)
+  if restored is None:
+    done = 0
+    meta = {'total_examples': 0, 'total_steps': 0, 'computed': 0, 'wall_s': 0.0}
+  else:
+    state, meta = restored
+    done = int(meta['round'])
+    logging.info('resuming from the checkpoint of round %d', done)
+  if done > c.num_rounds:
+    checkpointer.close()
+    raise WorkdirError(f'--workdir {workdir!r} holds a run already at round {done}; '
+                       f'config.num_rounds must be at least that, got {c.num_rounds}')
+  rows = metrics.keep_rows(workdir, done)  # rows past the checkpoint are redone identically
+  with open(os.path.join(workdir, CONFIG_FILE), 'w', encoding='utf-8') as f:
+    f.write(config.to_json_best_effort(indent=2) + '\n')
+
   rounds = Rounds(run)
+  hp = rounds.initial_hparams(state) if restored is None else np.asarray(meta['hp'], np.float32)
   evaluate = make_evaluator(run.model, mesh, c.eval_batch_size)
   test_clients = np.flatnonzero(np.asarray(task.test.num_examples) > 0)
   writer = metrics.MetricsWriter(workdir)
-
-  hp = rounds.initial_hparams(state)
-  total_examples = total_steps = computed = 0
-  reached = None
+  total_examples, total_steps = int(meta['total_examples']), int(meta['total_steps'])
+  computed = int(meta['computed'])
   last_eval = None
-  start = time.time()
-  last_log = (start, 0)
-  for t in range(1, c.num_rounds + 1):
-    state, m, plan = rounds(state, t, hp)
-    used, hp = m.hparams, np.asarray(m.next_hparams)
-    steps = int(plan.num_steps.sum())
-    total_steps += steps
-    total_examples += steps * plan.batch_size
-    computed += plan.computed_steps(n_dev) * plan.batch_pad
-    row = {'round': t, 'train_loss': float(m.train_loss), 'eta': float(used[ETA]),
-           'epochs': float(used[EPOCHS]), 'batch_size': float(used[BATCH]),
-           'batch_size_int': plan.batch_size, 'h_glob': float(m.h_glob),
-           'h_local': float(m.h_local), 'examples': total_examples, 'local_steps': total_steps,
-           'dropped_clients': int(m.dropped_clients), 'accepted': bool(m.accepted),
-           'padding_efficiency': plan.useful_fraction(n_dev)}
-    if t % c.eval_every == 0 or t == c.num_rounds:
-      if c.eval_clients and c.eval_clients < len(test_clients):
-        chosen = sample_clients(c.seed, t, rng.EVAL, test_clients, c.eval_clients)
-      else:
-        chosen = test_clients
-      last_eval = (t, len(chosen) == len(test_clients), evaluate(state.params, task.test,
-                                                                 chosen))
-      row['test_accuracy'] = last_eval[2]['accuracy']
-      row['test_loss'] = last_eval[2]['loss']
-      if reached is None and c.target_accuracy and row['test_accuracy'] >= c.target_accuracy:
-        reached = row
-    row['wall_s'] = time.time() - start
-    writer.write(row)
-    if t % c.log_every == 0 or t == c.num_rounds:
-      now = time.time()
-      logging.info(metrics.progress_line(row, c.num_rounds,
-                                         (t - last_log[1]) / max(now - last_log[0], 1e-9)))
-      last_log = (now, t)
+  start = time.time() - float(meta['wall_s'])
+  last_log = (time.time(), done)
+
+  def bookkeeping(t: int) -> dict:
+    return {'round': t, 'hp': [float(v) for v in hp], 'total_examples': total_examples,
+            'total_steps': total_steps, 'computed': computed, 'wall_s': time.time() - start}
+
+  with _stop_signals() as stop:
+    for t in range(done + 1, c.num_rounds + 1):
+      state, m, plan = rounds(state, t, hp)
+      used, hp = m.hparams, np.asarray(m.next_hparams)
+      steps = int(plan.num_steps.sum())
+      total_steps += steps
+      total_examples += steps * plan.batch_size
+      computed += plan.computed_steps(n_dev) * plan.batch_pad
+      row = {'round': t, 'train_loss': float(m.train_loss), 'eta': float(used[ETA]),
+             'epochs': float(used[EPOCHS]), 'batch_size': float(used[BATCH]),
+             'batch_size_int': plan.batch_size, 'h_glob': float(m.h_glob),
+             'h_local': float(m.h_local), 'examples': total_examples,
+             'local_steps': total_steps, 'dropped_clients': int(m.dropped_clients),
+             'accepted': bool(m.accepted), 'padding_efficiency': plan.useful_fraction(n_dev)}
+      if not m.accepted:
+        logging.warning('round %d rejected: no client returned a finite update (%d dropped); '
+                        'the model is unchanged%s', t, int(m.dropped_clients),
+                        '' if c.algorithm == 'fedavg' else ' and eta is halved')
+      if t % c.eval_every == 0 or t == c.num_rounds:
+        if c.eval_clients and c.eval_clients < len(test_clients):
+          chosen = sample_clients(c.seed, t, rng.EVAL, test_clients, c.eval_clients)
+        else:
+          chosen = test_clients
+        result = evaluate(state.params, task.test, chosen)
+        last_eval = (t, len(chosen) == len(test_clients), result)
+        row['test_accuracy'], row['test_loss'] = result['accuracy'], result['loss']
+      row['wall_s'] = time.time() - start
+      writer.write(row)
+      rows.append(row)
+      if stop or t % c.checkpoint_every == 0 or t == c.num_rounds:
+        checkpointer.save(state, bookkeeping(t), wait=bool(stop) or t == c.num_rounds)
+      if t % c.log_every == 0 or t == c.num_rounds:
+        now = time.time()
+        logging.info(metrics.progress_line(row, c.num_rounds,
+                                           (t - last_log[1]) / max(now - last_log[0], 1e-9)))
+        last_log = (now, t)
+      if stop:
+        writer.close()
+        checkpointer.close()
+        logging.warning('signal %d: stopped after round %d, checkpoint saved; run the same '
+                        'command again to resume', stop[0], t)
+        raise Preempted(stop[0], t)
   writer.close()
+  checkpointer.close()
 
   # Final evaluation on the whole test set (reusing the last round's if it was already whole).
   if last_eval is not None and last_eval[0] == c.num_rounds and last_eval[1]:
@@ -227,7 +352,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   summary = {
       'algorithm': c.algorithm, 'task': task.name, 'rounds': c.num_rounds, 'devices': n_dev,
       'platform': mesh.devices.flat[0].platform, 'compiles': rounds.compiles,
-      'wall_s': time.time() - start, 'total_examples': total_examples,
+      'resumed_from': done, 'wall_s': time.time() - start, 'total_examples': total_examples,
       'total_local_steps': total_steps,
       'padding_efficiency': total_examples / max(computed, 1),
       'final': {'test_accuracy': final['accuracy'], 'test_loss': final['loss'],
@@ -236,6 +361,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                         'batch_size': float(hp[BATCH])},
   }
   if c.target_accuracy:
+    reached = _first_reaching(rows, c.target_accuracy)
     summary['target_accuracy'] = c.target_accuracy
     summary['rounds_to_target'] = reached['round'] if reached else None
     summary['examples_to_target'] = reached['examples'] if reached else None

@@ -76,11 +76,14 @@ def parse_flags_or_exit(argv: list[str]) -> list[str]:
 
 
 def run_or_exit(job: Callable[[], object]) -> None:
-  """Runs the job; input errors (config, data, workdir) become one line and exit status 2."""
+  """Runs the job; input errors (config, data, workdir) become one line and exit status 2;
+  a run stopped by SIGTERM/SIGINT (after checkpointing) exits with 128 + the signal number."""
   from fathom_sim.config import ConfigError
   from fathom_sim.data import DataError
-  from fathom_sim.train import WorkdirError
+  from fathom_sim.train import Preempted, WorkdirError
   try:
     job()
   except (ConfigError, DataError, WorkdirError) as e:
     fail(str(e))
+  except Preempted as e:
+    sys.exit(128 + e.signum)  # the shell's convention for "ended by this signal"

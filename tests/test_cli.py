@@ -91,12 +91,12 @@ def test_missing_config_file_is_named(tmp_path):
   assert p.returncode == 2 and "'configs/nope.py': no such config file" in p.stderr
 
 
-def test_existing_run_is_not_overwritten(tmp_path):
+def test_foreign_run_files_are_not_overwritten(tmp_path):
   workdir = tmp_path / 'run'
   workdir.mkdir()
   (workdir / 'metrics.jsonl').write_text('{"round": 1}\n')
   p = launch(f'--config={QUICKSTART}', f'--workdir={workdir}', '--config.num_rounds=2')
-  assert p.returncode == 2 and 'already holds a run' in p.stderr
+  assert p.returncode == 2 and 'holds run files but no config.json' in p.stderr
   assert (workdir / 'metrics.jsonl').read_text() == '{"round": 1}\n'
   assert sorted(os.listdir(workdir)) == ['metrics.jsonl']
 

@@ -169,3 +169,16 @@ def test_npz_task_trains_end_to_end(tmp_path):
   summary = train_and_evaluate(config, str(tmp_path / 'run'))
   assert summary['final']['test_accuracy'] > 0.9  # separable clusters
   assert os.path.exists(tmp_path / 'run' / 'metrics.jsonl')
+
+
+def test_data_that_does_not_fit_the_model_is_refused_in_one_line(tmp_path):
+  from fathom_sim.train import build
+  _write_clients(tmp_path / 'flat.npz', [4, 5], shape=(3,))
+  config = tiny_config(cohort_size=2)
+  config.data.name = 'npz'
+  config.data.path = str(tmp_path / 'flat.npz')
+  config.model.name = 'emnist_cnn'  # 3x3 convolutions cannot take 3-vectors
+  with pytest.raises(DataError, match=r"examples \(x \(3,\) float32, y \(\) int32\) do not fit "
+                                      r"config.model.name='emnist_cnn'") as err:
+    build(config)
+  assert '\n' not in str(err.value)

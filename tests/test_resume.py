@@ -1,0 +1,168 @@
+"""Checkpoints and resume: kill -9 or SIGTERM mid-run, corrupt checkpoints, config changes,
+and divergence that never reaches the params."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from fathom_sim.train import WorkdirError, train_and_evaluate
+from tests.common import tiny_config
+from tests.test_cli import MAIN, QUICKSTART, ROOT, read_rows
+
+# Slow, even rounds (a wide MLP), so that a signal reliably lands between checkpoints.
+RUN = [f'--config={QUICKSTART}', '--config.num_rounds=40', '--config.checkpoint_every=10',
+       '--config.eval_every=10', '--config.cohort_size=20', '--config.model.hidden=(256,256)',
+       '--config.log_every=10']
+
+
+def _start(workdir):
+  env = dict(os.environ, JAX_PLATFORMS='cpu')
+  env.pop('XLA_FLAGS', None)
+  return subprocess.Popen([sys.executable, MAIN, *RUN, f'--workdir={workdir}'], cwd=ROOT,
+                          env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def _finish(workdir):
+  p = _start(workdir)
+  out, _ = p.communicate(timeout=600)
+  assert p.returncode == 0, out[-3000:]
+  return out
+
+
+def _without_timing(rows):
+  return [{k: v for k, v in r.items() if k != 'wall_s'} for r in rows]
+
+
+def _summary(workdir):
+  with open(os.path.join(workdir, 'summary.json')) as f:
+    return json.load(f)
+
+
+@pytest.fixture(scope='module')
+def uninterrupted(tmp_path_factory):
+  workdir = str(tmp_path_factory.mktemp('uninterrupted'))
+  _finish(workdir)
+  return workdir
+
+
+@pytest.mark.parametrize('sig', [signal.SIGKILL, signal.SIGTERM])
+def test_killed_then_resumed_run_equals_uninterrupted(tmp_path, uninterrupted, sig):
+  workdir = str(tmp_path)
+  p = _start(workdir)
+  target = os.path.join(workdir, 'checkpoints', '20')
+  deadline = time.time() + 300
+  while not os.path.isdir(target) and p.poll() is None and time.time() < deadline:
+    time.sleep(0.01)
+  p.send_signal(sig)
+  out, _ = p.communicate(timeout=120)
+  assert p.returncode == (-9 if sig == signal.SIGKILL else 128 + signal.SIGTERM), out[-2000:]
+  rows_at_stop = read_rows(workdir)
+  assert 20 <= len(rows_at_stop) < 40  # stopped mid-way, after a checkpoint
+  if sig == signal.SIGTERM:
+    assert 'checkpoint saved' in out
+    steps = sorted(int(s) for s in os.listdir(os.path.join(workdir, 'checkpoints')))
+    assert steps[-1] == rows_at_stop[-1]['round']  # it checkpointed the round it stopped after
+  out = _finish(workdir)
+  assert 'resuming from the checkpoint of round' in out
+  rows = read_rows(workdir)
+  assert [r['round'] for r in rows] == list(range(1, 41))  # each round exactly once
+  assert _without_timing(rows) == _without_timing(read_rows(uninterrupted))
+  assert _summary(workdir)['final'] == _summary(uninterrupted)['final']
+  assert _summary(workdir)['resumed_from'] >= 20
+
+
+def _tiny(**overrides):
+  settings = dict(num_rounds=30, checkpoint_every=10, eval_every=10, cohort_size=4,
+                  keep_checkpoints=3, num_devices=2)
+  return tiny_config(**{**settings, **overrides})
+
+
+def test_corrupt_newest_checkpoint_falls_back_to_the_previous(tmp_path):
+  straight = train_and_evaluate(_tiny(), str(tmp_path / 'straight'))
+  workdir = str(tmp_path / 'run')
+  train_and_evaluate(_tiny(), workdir)
+  newest = os.path.join(workdir, 'checkpoints', '30')
+  for root, _, files in os.walk(os.path.join(newest, 'state')):
+    for name in files:  # overwrite the array data with garbage
+      path = os.path.join(root, name)
+      with open(path, 'r+b') as f:
+        f.write(b'\x00garbage' * max(1, os.path.getsize(path) // 8))
+  resumed = train_and_evaluate(_tiny(), workdir)
+  assert resumed['resumed_from'] == 20
+  assert os.path.isdir(os.path.join(workdir, 'unreadable_checkpoints', '30'))  # kept, not lost
+  assert resumed['final']['params_sha256'] == straight['final']['params_sha256']
+  assert [r['round'] for r in read_rows(workdir)] == list(range(1, 31))
+
+
+def test_result_changing_config_is_refused_and_more_rounds_continue(tmp_path):
+  workdir = str(tmp_path / 'run')
+  train_and_evaluate(_tiny(num_rounds=10), workdir)
+  before = open(os.path.join(workdir, 'metrics.jsonl')).read()
+  with pytest.raises(WorkdirError, match=r'model.hidden \(\[8\] -> \[9\]\), seed \(3 -> 4\)'):
+    train_and_evaluate(_tiny(num_rounds=10, seed=4, **{'model.hidden': (9,)}), workdir)
+  with pytest.raises(WorkdirError, match='config.num_rounds must be at least'):
+    train_and_evaluate(_tiny(num_rounds=5), workdir)
+  assert open(os.path.join(workdir, 'metrics.jsonl')).read() == before
+  again = train_and_evaluate(_tiny(num_rounds=10), workdir)  # finished: nothing redone
+  assert again['resumed_from'] == 10 and len(read_rows(workdir)) == 10
+  longer = train_and_evaluate(_tiny(num_rounds=20), workdir)
+  straight = train_and_evaluate(_tiny(num_rounds=20), str(tmp_path / 'straight'))
+  assert longer['final']['params_sha256'] == straight['final']['params_sha256']
+  assert _without_timing(read_rows(workdir)) == _without_timing(
+      read_rows(str(tmp_path / 'straight')))
+
+
+def _npz_with_bad_clients(directory, bad):
+  r = np.random.default_rng(0)
+  counts = np.array([6, 9, 7, 8])
+  x = r.normal(size=(counts.sum(), 60)).astype(np.float32)
+  y = r.integers(0, 10, counts.sum())
+  offsets = np.concatenate([[0], np.cumsum(counts)])
+  for i in bad:
+    x[offsets[i]] = np.nan  # one poisoned example: that client's update is not finite
+  os.makedirs(directory)
+  np.savez(os.path.join(directory, 'train.npz'), x=x, y=y, num_examples=counts)
+  np.savez(os.path.join(directory, 'test.npz'), x=r.normal(size=(8, 60)).astype(np.float32),
+           y=r.integers(0, 10, 8), num_examples=np.array([4, 4]))
+
+
+def _npz_config(path, **overrides):
+  c = _tiny(**{'num_rounds': 4, 'batch_size': 4.0, **overrides})
+  c.data.name = 'npz'
+  c.data.path = path
+  c.data.num_classes = 10
+  return c
+
+
+def test_non_finite_client_is_dropped_and_counted(tmp_path):
+  data = str(tmp_path / 'data')
+  _npz_with_bad_clients(data, bad=[2])
+  summary = train_and_evaluate(_npz_config(data), str(tmp_path / 'run'))
+  rows = read_rows(str(tmp_path / 'run'))
+  assert [r['dropped_clients'] for r in rows] == [1, 1, 1, 1]  # all 4 clients every round
+  assert all(r['accepted'] and np.isfinite(r['train_loss']) for r in rows)
+  assert np.isfinite(summary['final']['params_l2'])
+
+
+def test_round_with_no_finite_update_changes_nothing_and_halves_eta(tmp_path):
+  data = str(tmp_path / 'data')
+  _npz_with_bad_clients(data, bad=[0, 1, 2, 3])
+  from fathom_sim.train import Rounds, build, init_state
+  config = _npz_config(data)
+  run = build(config)
+  state0 = jax.device_get(init_state(run))
+  summary = train_and_evaluate(config, str(tmp_path / 'run'))
+  rows = read_rows(str(tmp_path / 'run'))
+  assert not any(r['accepted'] for r in rows)
+  np.testing.assert_allclose([r['eta'] for r in rows], [0.05 / 2 ** k for k in range(4)],
+                             rtol=1e-5)
+  from fathom_sim.metrics import params_digest
+  assert summary['final']['params_sha256'] == params_digest(state0.params)[1]
