@@ -2,8 +2,8 @@
 
 A checkpoint at round t holds the `ServerState` after round t (params, server-optimizer state,
 FATHOM's phi, hyper-optimizer state and moving average g, the round counter and the base key)
-and, as JSON, what the host needs to continue exactly: the hyperparameters of round t+1 and the
-cumulative counters. Saves are asynchronous; orbax writes each one under a temporary name and
+and, as JSON, what the host needs to continue exactly (the hyperparameters of round t+1 and the
+cumulative counters) and the run's config, so that a checkpoint describes itself. Saves are asynchronous; orbax writes each one under a temporary name and
 commits it by renaming, so a run killed mid-save leaves the previous checkpoints intact.
 """
 

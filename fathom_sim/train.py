@@ -296,7 +296,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
   def bookkeeping(t: int) -> dict:
     return {'round': t, 'hp': [float(v) for v in hp], 'total_examples': total_examples,
-            'total_steps': total_steps, 'computed': computed, 'wall_s': time.time() - start}
+            'total_steps': total_steps, 'computed': computed, 'wall_s': time.time() - start,
+            'config': _config_dict(config)}
 
   with _stop_signals() as stop:
     for t in range(done + 1, c.num_rounds + 1):
