@@ -101,10 +101,15 @@ def build(config: ml_collections.ConfigDict, task: Task | None = None) -> Run:
   return Run(config, task, mesh, model, server_opt, tuner, upper, resident, lanes)
 
 
+def _first_examples(task: Task, n: int) -> dict:
+  """Up to n training examples of the first client that has any (for shapes)."""
+  first = int(np.flatnonzero(np.asarray(task.train.num_examples) > 0)[0])
+  return {k: v[:n] for k, v in task.train.client(first).items()}
+
+
 def _check_model_fits(model: models.Model, name: str, task: Task) -> None:
   """Traces init and loss on two examples (no compute), so a mismatch fails with one line."""
-  first = int(np.flatnonzero(np.asarray(task.train.num_examples) > 0)[0])
-  sample = {k: v[:2] for k, v in task.train.client(first).items()}
+  sample = _first_examples(task, 2)
   key = jax.random.PRNGKey(0)
   try:
     jax.eval_shape(lambda: model.loss(model.init(key, sample), sample,
@@ -119,9 +124,8 @@ def _check_model_fits(model: models.Model, name: str, task: Task) -> None:
 def init_state(run: Run) -> ServerState:
   """Round 0: fresh model from the seed, optimizer states, phi = log of the initial values."""
   c = run.config
-  first = int(np.flatnonzero(np.asarray(run.task.train.num_examples) > 0)[0])
-  sample = {k: v[:1] for k, v in run.task.train.client(first).items()}
-  params = run.model.init(jax.random.fold_in(rng.base_key(c.seed), 0x1417), sample)
+  params = run.model.init(jax.random.fold_in(rng.base_key(c.seed), 0x1417),
+                          _first_examples(run.task, 1))
   state = ServerState(params=params, opt_state=run.server_opt.init(params),
                       hyper=run.tuner.init(params, (c.epochs, c.eta, c.batch_size)),
                       round=jnp.int32(0), rng=rng.base_key(c.seed))
