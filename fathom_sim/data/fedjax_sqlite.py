@@ -73,9 +73,6 @@ class FedjaxSqlite:
       raise DataError(f'{path}: no table {TABLE}{COLUMNS} (found tables {tables}); '
                       'expected a FedJAX .sqlite file')
 
-  def num_clients(self) -> int:
-    return self._db.execute(f'SELECT COUNT(*) FROM {TABLE}').fetchone()[0]
-
   def clients(self) -> Iterator[tuple[str, dict]]:
     """(original client id, features) per client, in rowid order."""
     rows = self._db.execute(f'SELECT client_id, data, num_examples FROM {TABLE} ORDER BY rowid')

@@ -48,9 +48,6 @@ class LeafJson:
   def __init__(self, files: list[str]):
     self.files = files
 
-  def num_clients(self) -> int:
-    return sum(len(_load(f)['users']) for f in self.files)
-
   def clients(self) -> Iterator[tuple[str, dict]]:
     for path in self.files:
       data = _load(path)

@@ -52,13 +52,13 @@ def emnist_client(where: str, cid: str, pixels, labels) -> dict:
 
 
 class _Splits:
-  """A source as {split: (number of clients, () -> iterator of (client id, raw client))}.
+  """A source as {split: () -> iterator of (client id, raw client)}.
 
   A raw client is {'x', 'y'} for EMNIST and a list of sentences for Stack Overflow.
   """
 
   def __init__(self):
-    self.splits: dict[str, tuple[int, object]] = {}
+    self.splits: dict[str, object] = {}
     self.cleanup = None
 
 
@@ -88,7 +88,7 @@ def _fedjax(source: str, task: str) -> _Splits:
                             f'Overflow clients have tokens, title, tags, ... (found {sorted(f)})')
           yield cid, list(np.asarray(f['tokens']).reshape(-1))
 
-    out.splits[split] = (reader.num_clients(), clients)
+    out.splits[split] = clients
   return out
 
 
@@ -116,7 +116,7 @@ def _tff(source: str, task: str) -> _Splits:
             raise DataError(f'{source}: client {cid}: Stack Overflow examples need a tokens '
                             f'bytes feature ({err})') from None
 
-    out.splits[SPLIT_NAMES[name]] = (reader.num_clients(name), clients)
+    out.splits[SPLIT_NAMES[name]] = clients
   return out
 
 
@@ -131,7 +131,7 @@ def _leaf(source: str, task: str) -> _Splits:
       for cid, f in reader.clients():
         yield cid, emnist_client(reader.files[0], cid, f['x'], f['y'])
 
-    out.splits[split] = (reader.num_clients(), clients)
+    out.splits[split] = clients
   return out
 
 
@@ -145,7 +145,7 @@ def _stackexchange(source: str, task: str, split_date: str, test_fraction: float
   out.split_date = reader.split_date
   out.train_sentences = lambda: reader.sentences('train')
   for split in ('train', 'test'):
-    out.splits[split] = (reader.num_clients(split), lambda split=split: reader.clients(split))
+    out.splits[split] = lambda split=split: reader.clients(split)
   return out
 
 
@@ -180,14 +180,14 @@ def prepare(source: str, out: str, *, fmt: str, task: str, vocab_path: str = '',
   meta = {'task': task, 'format': fmt, 'source': os.path.abspath(source)}
   if task == 'emnist':
     specs = {'x': ((28, 28), 'float32'), 'y': ((), 'int32')}
-    streams = {s: (n, make()) for s, (n, make) in src.splits.items()}
+    streams = {s: make() for s, make in src.splits.items()}
     meta['num_classes'] = EMNIST_CLASSES
   else:
     if vocab_path:
       vocab = read_word_counts(vocab_path, vocab_size)
     else:
       train = src.train_sentences() if hasattr(src, 'train_sentences') else _sentences(
-          src.splits['train'][1]())
+          src.splits['train']())
       vocab = vocabulary_from(train, vocab_size)
     dtype = ids_dtype(len(vocab.words)).name
     specs = {'x': ((sequence_length,), dtype), 'y': ((sequence_length,), dtype)}
@@ -197,7 +197,7 @@ def prepare(source: str, out: str, *, fmt: str, task: str, vocab_path: str = '',
         x, y = vocab.encode(sentences, sequence_length)
         yield cid, {'x': x, 'y': y}
 
-    streams = {s: (n, encoded(make())) for s, (n, make) in src.splits.items()}
+    streams = {s: encoded(make()) for s, make in src.splits.items()}
     meta.update(num_classes=vocab.num_ids, vocab_size=len(vocab.words),
                 vocab_source=os.path.abspath(vocab_path) if vocab_path else 'train split',
                 sequence_length=sequence_length)

@@ -69,10 +69,6 @@ class StackExchangeXml:
   def _where(self, split: str) -> str:
     return 'date < ?' if split == 'train' else 'date >= ?'
 
-  def num_clients(self, split: str) -> int:
-    return self._db.execute(f"SELECT COUNT(DISTINCT user) FROM posts WHERE {self._where(split)} "
-                            "AND sentences != ''", (self.split_date,)).fetchone()[0]
-
   def sentences(self, split: str) -> Iterator[str]:
     for (text,) in self._db.execute(f'SELECT sentences FROM posts WHERE {self._where(split)}',
                                     (self.split_date,)):

@@ -10,8 +10,13 @@ A prepared dataset is a directory:
                           (client_id, x [n_i, ...], y [n_i, ...]), in client order
 
 One record per client makes "read a client" a single random access by index: reading a cohort
-touches only its clients' records, and nothing else of the dataset is held in memory. TFDS
-would shuffle on write; the builder disables that and keys records by client index.
+touches only its clients' records, and nothing else of the dataset is held in memory.
+
+The records are serialized by TFDS feature connectors and described by TFDS metadata
+(`tfds.folder_dataset.write_metadata`), so `tfds.builder_from_directory(...).as_data_source`
+reads them, without TensorFlow. They are written here in client order rather than by a
+`GeneratorBasedBuilder`: that writer shuffles (or, with shuffling disabled, sorts by key) and,
+past 1 GB per split, spills through `tf.io.gfile`, which needs TensorFlow.
 """
 
 from __future__ import annotations
@@ -19,53 +24,66 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from typing import Iterable, Iterator
+from typing import Iterable
 
 import numpy as np
 import tensorflow_datasets as tfds
+from array_record.python import array_record_module
 
 from fathom_sim.data.byo import DataError
 
 LAYOUT_VERSION = 1
-BUILDER_DIR = os.path.join('tfds', 'federated_clients', '1.0.0')
-_KEY_SPACE = 2**128  # TFDS sorts records by key and spreads them over buckets by key / 2**128
+DATASET = 'federated_clients'
+BUILDER_DIR = os.path.join('tfds', DATASET, '1.0.0')
+SHARD_BYTES = 256 << 20  # new array_record file past this many bytes of records
 
 
-class FederatedClients(tfds.core.GeneratorBasedBuilder):
-  """Clients as records: feature shapes and the split generators are given at construction."""
-
-  VERSION = tfds.core.Version('1.0.0')
-  code_path = None  # skips a package-resource lookup that needs the optional importlib_resources
-
-  def __init__(self, *, feature_specs: dict | None = None, generators: dict | None = None,
-               **kwargs):
-    self._feature_specs = feature_specs or {}
-    self._generators = generators or {}
-    super().__init__(**kwargs)
-
-  def _info(self) -> tfds.core.DatasetInfo:
-    features = {'client_id': tfds.features.Text()}
-    for name, (shape, dtype) in self._feature_specs.items():
-      # Raw bytes: decoding a client is one frombuffer, not a per-value proto list.
-      features[name] = tfds.features.Tensor(shape=(None,) + tuple(shape), dtype=np.dtype(dtype),
-                                            encoding=tfds.features.Encoding.BYTES)
-    return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict(features),
-                                 disable_shuffling=True)
-
-  def _split_generators(self, dl_manager):
-    del dl_manager
-    return dict(self._generators)
-
-  def _generate_examples(self):
-    raise NotImplementedError  # the generators are passed in
+def features_dict(feature_specs: dict[str, tuple[tuple, str]]) -> tfds.features.FeaturesDict:
+  """client_id plus per-client tensors [n_i, *shape] of each feature (raw bytes on disk)."""
+  features = {'client_id': tfds.features.Text()}
+  for name, (shape, dtype) in feature_specs.items():
+    # Raw bytes: decoding a client is one frombuffer, not a per-value proto list.
+    features[name] = tfds.features.Tensor(shape=(None,) + tuple(shape), dtype=np.dtype(dtype),
+                                          encoding=tfds.features.Encoding.BYTES)
+  return tfds.features.FeaturesDict(features)
 
 
-def write(out: str, splits: dict[str, tuple[int, Iterable[tuple[str, dict]]]],
+def _write_split(folder: str, split: str, features, clients: Iterable[tuple[str, dict]]):
+  """Writes one split's shards; returns (SplitInfo, client ids, example counts)."""
+  ids, counts, lengths, shards = [], [], [], []
+  total = shard_bytes = 0
+  writer = None
+  for cid, example in clients:
+    if writer is None:
+      shards.append(os.path.join(folder, f'{split}.shard{len(shards)}.tmp'))
+      writer = array_record_module.ArrayRecordWriter(shards[-1], 'group_size:1')
+      lengths.append(0)
+      shard_bytes = 0
+    record = features.serialize_example({'client_id': cid, **example})
+    writer.write(record)
+    ids.append(cid)
+    counts.append(len(example['y']))
+    lengths[-1] += 1
+    shard_bytes += len(record)
+    total += len(record)
+    if shard_bytes >= SHARD_BYTES:
+      writer.close()
+      writer = None
+  if writer is not None:
+    writer.close()
+  for i, path in enumerate(shards):
+    os.rename(path, os.path.join(folder, f'{DATASET}-{split}.array_record-'
+                                         f'{i:05d}-of-{len(shards):05d}'))
+  info = tfds.core.SplitInfo(name=split, shard_lengths=lengths, num_bytes=total)
+  return info, ids, counts
+
+
+def write(out: str, splits: dict[str, Iterable[tuple[str, dict]]],
           feature_specs: dict[str, tuple[tuple, str]], meta: dict,
           extra_files: dict[str, str] | None = None) -> dict:
   """Builds a prepared dataset at `out` (which must not exist) from per-split client streams.
 
-  splits: name -> (number of clients, iterator of (client id, {feature: [n_i, ...]})).
+  splits: name -> iterator of (client id, {feature: [n_i, ...]}), in the order to keep.
   extra_files: name -> text, written beside meta.json (e.g. the vocabulary).
   Returns meta, completed with the per-split counts. Nothing is left at `out` on failure.
   """
@@ -75,32 +93,20 @@ def write(out: str, splits: dict[str, tuple[int, Iterable[tuple[str, dict]]]],
                     '(nothing was overwritten)')
   partial = out.rstrip('/') + '.partial'
   shutil.rmtree(partial, ignore_errors=True)
-  os.makedirs(partial)
+  folder = os.path.join(partial, BUILDER_DIR)
+  os.makedirs(folder)
   try:
-    index: dict[str, tuple[list, list]] = {}
-
-    def keyed(split: str, expected: int, clients: Iterable[tuple[str, dict]]) -> Iterator:
-      ids, counts = index.setdefault(split, ([], []))
-      stride = _KEY_SPACE // max(expected, 1)
-      for i, (cid, features) in enumerate(clients):
-        if i >= expected:
-          raise DataError(f'{meta.get("source")}: more clients in split {split} than the '
-                          f'{expected} counted')
-        ids.append(cid)
-        counts.append(len(features['y']))
-        yield i * stride, {'client_id': cid, **features}
-
-    generators = {s: keyed(s, n, it) for s, (n, it) in splits.items()}
-    tfds.disable_progress_bar()
-    builder = FederatedClients(data_dir=os.path.join(partial, 'tfds'), file_format='array_record',
-                               feature_specs=feature_specs, generators=generators)
-    builder.download_and_prepare(file_format='array_record')
-    shutil.rmtree(os.path.join(partial, 'tfds', 'downloads'), ignore_errors=True)
+    features = features_dict(feature_specs)
     meta = dict(meta, layout_version=LAYOUT_VERSION, splits={})
-    for split, (ids, counts) in index.items():
+    infos = []
+    for split, clients in splits.items():
+      info, ids, counts = _write_split(folder, split, features, clients)
+      infos.append(info)
       np.savez(os.path.join(partial, f'clients-{split}.npz'), client_ids=np.array(ids, dtype=str),
                num_examples=np.array(counts, np.int64))
       meta['splits'][split] = {'clients': len(ids), 'examples': int(np.sum(counts))}
+    tfds.folder_dataset.write_metadata(data_dir=folder, features=features, split_infos=infos,
+                                       check_data=False)
     for name, text in (extra_files or {}).items():
       with open(os.path.join(partial, name), 'w', encoding='utf-8') as f:
         f.write(text)

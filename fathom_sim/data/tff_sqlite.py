@@ -41,10 +41,6 @@ class TffSqlite:
     return [r[0] for r in self._db.execute(
         'SELECT DISTINCT split_name FROM client_metadata ORDER BY split_name')]
 
-  def num_clients(self, split: str) -> int:
-    return self._db.execute('SELECT COUNT(DISTINCT client_id) FROM client_metadata WHERE '
-                            'split_name = ? AND num_examples > 0', (split,)).fetchone()[0]
-
   def clients(self, split: str) -> Iterator[tuple[str, list[dict]]]:
     """(client id, parsed examples) per client of `split`."""
     expected = dict(self._db.execute(
