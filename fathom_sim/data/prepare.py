@@ -172,6 +172,8 @@ def prepare(source: str, out: str, *, fmt: str, task: str, vocab_path: str = '',
     src = _leaf(source, task)
   else:
     src = _stackexchange(source, task, split_date, test_fraction)
+  order = ('train', 'held_out', 'test')
+  src.splits = {s: src.splits[s] for s in sorted(src.splits, key=order.index)}
   missing = [s for s in ('train', 'test') if s not in src.splits]
   if missing:
     raise DataError(f'{source}: no {" or ".join(missing)} split found (found '
