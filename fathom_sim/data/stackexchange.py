@@ -38,12 +38,14 @@ class StackExchangeXml:
     self.split_date = split_date
 
   def _ingest(self) -> None:
-    rows, seen_root = [], False
+    rows, seen_root, root = [], False, None
     try:
-      for _, element in ET.iterparse(self.path, events=('end',)):
+      for event, element in ET.iterparse(self.path, events=('start', 'end')):
+        if root is None:
+          root = element
         if element.tag == 'posts':
           seen_root = True
-        if element.tag != 'row':
+        if event != 'end' or element.tag != 'row':
           continue
         a = element.attrib
         owner = a.get('OwnerUserId')
@@ -52,7 +54,7 @@ class StackExchangeXml:
           rows.append((owner, int(a.get('Id', 0)), a['CreationDate'], '\n'.join(sentences)))
         else:
           self.skipped += 1
-        element.clear()
+        root.clear()  # drop finished rows: a dump can be far larger than memory
         if len(rows) >= 10000:
           self._db.executemany('INSERT INTO posts VALUES (?, ?, ?, ?)', rows)
           rows = []
