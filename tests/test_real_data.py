@@ -20,7 +20,7 @@ from fathom_sim.data.prepared import load_prepared
 from fathom_sim.evaluation import make_evaluator
 from fathom_sim.mesh import make_mesh
 from fathom_sim.train import train_and_evaluate
-from tests.test_formats import (_ext_array, _tf_example, emnist_clients, write_fedjax,
+from tests.test_formats import (_ext_array, _tf_example, emnist_clients,
                                 write_fedjax_emnist, write_tff)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -107,7 +107,7 @@ def test_evaluator_reports_extra_accuracies(tmp_path):
 
 # ---- bad files ----------------------------------------------------------------------------
 
-def _fedjax_dir(tmp_path, **client_overrides):
+def _fedjax_dir(tmp_path):
   write_fedjax_emnist(tmp_path / 'src', emnist_clients(1, [3, 4]), emnist_clients(2, [2]))
   return str(tmp_path / 'src')
 
