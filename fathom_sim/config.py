@@ -61,11 +61,11 @@ def base_config() -> ml_collections.ConfigDict:
   c.server_eps = 1e-3
 
   c.model = ml_collections.ConfigDict()
-  c.model.name = 'mlp'            # logistic | mlp | emnist_cnn
-  c.model.hidden = (64,)          # mlp hidden widths
+  c.model.name = 'mlp'            # logistic | mlp | emnist_cnn | stackoverflow_lstm | lstm
+  c.model.hidden = (64,)          # mlp hidden widths; lstm: (embedding, LSTM, dense) widths
 
   c.data = ml_collections.ConfigDict()
-  c.data.name = 'synthetic'       # synthetic | femnist_synthetic | npz
+  c.data.name = 'synthetic'       # synthetic | femnist_synthetic | npz | femnist | stackoverflow
   c.data.seed = 0                 # generated data only
   c.data.num_clients = 1000       # generated data only
   c.data.alpha = 1.0              # Synthetic(alpha, beta)
@@ -77,6 +77,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.test_fraction = 0.2      # held out of each client when no test split is given
   c.data.path = ''                # npz: a .npz file or a directory with train.npz, test.npz
   c.data.num_classes = 0          # npz: 0 = infer from the labels
+  c.data.data_dir = ''            # femnist | stackoverflow: made by launch/prepare_data.py
 
   # Execution.
   c.num_devices = 0               # devices of the clients mesh; 0 = all
@@ -153,6 +154,9 @@ def check_config(c: ml_collections.ConfigDict) -> None:
   if not (isinstance(hidden, (tuple, list)) and all(
       isinstance(h, int) and not isinstance(h, bool) and h > 0 for h in hidden)):
     _fail('model.hidden', 'a tuple of positive integers, e.g. (64,)', hidden)
+  if c.model.name == 'lstm' and len(hidden) != 3:
+    _fail('model.hidden', '(embedding, LSTM, dense) widths for model.name lstm, e.g. '
+          '(96, 670, 96)', hidden)
   _choice(c, 'data.name', DATASETS)
   _number(c, 'data.seed', low=0, integer=True)
   _number(c, 'data.num_clients', low=1, integer=True)
@@ -166,6 +170,10 @@ def check_config(c: ml_collections.ConfigDict) -> None:
   _number(c, 'data.num_classes', low=0, integer=True)
   if c.data.name == 'npz' and not c.data.path:
     _fail('data.path', 'a .npz file or a directory (data.name is npz)', c.data.path)
+  if c.data.name in ('femnist', 'stackoverflow') and not (
+      isinstance(c.data.data_dir, str) and c.data.data_dir):
+    _fail('data.data_dir', f'the prepared dataset directory (data.name is {c.data.name}; '
+          'see README: Real datasets)', c.data.data_dir)
   _number(c, 'num_devices', low=0, integer=True)
   _number(c, 'lanes_per_device', low=0, integer=True)
   _choice(c, 'data_on_device', ('auto', 'yes', 'no'))

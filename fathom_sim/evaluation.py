@@ -49,7 +49,11 @@ def _batches(dataset: ClientDataset, clients: Sequence[int],
 
 def make_evaluator(model: Model, mesh: Mesh,
                    batch_size: int) -> Callable[[Params, ClientDataset, Sequence[int]], dict]:
-  """Returns evaluate(params, dataset, clients) -> {'accuracy', 'loss', 'count'}."""
+  """Returns evaluate(params, dataset, clients) -> {'accuracy', 'loss', 'count'}.
+
+  A model's extra sums `correct_NAME` (over `count_NAME` if it has one, else over `count`) add
+  `accuracy_NAME` to the result.
+  """
   n_dev = mesh.devices.size
   batch_size = -(-batch_size // n_dev) * n_dev  # split evenly over devices
   rows, everywhere = by_client(mesh), replicated(mesh)
@@ -65,10 +69,15 @@ def make_evaluator(model: Model, mesh: Mesh,
       s = sums(params, jax.device_put(batch, rows), jax.device_put(np.int32(real), everywhere))
       totals = s if totals is None else jax.tree.map(jnp.add, totals, s)
     if totals is None:
-      return {'accuracy': float('nan'), 'loss': float('nan'), 'count': 0}
+      return {'accuracy': float('nan'), 'loss': float('nan'), 'count': 0}  # no extras known
     t = jax.device_get(totals)
     count = float(t['count'])
-    return {'accuracy': float(t['correct']) / count, 'loss': float(t['loss']) / count,
-            'count': int(count)}
+    out = {'accuracy': float(t['correct']) / count, 'loss': float(t['loss']) / count,
+           'count': int(count)}
+    for key in t:
+      if key.startswith('correct_'):
+        name = key[len('correct_'):]
+        out[f'accuracy_{name}'] = float(t[key]) / float(t.get(f'count_{name}', count))
+    return out
 
   return evaluate

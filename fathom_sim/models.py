@@ -11,7 +11,9 @@ import optax
 
 from fathom_sim.types import Batch, Params
 
-MODELS = ('logistic', 'mlp', 'emnist_cnn')
+MODELS = ('logistic', 'mlp', 'emnist_cnn', 'stackoverflow_lstm', 'lstm')
+STACKOVERFLOW_LSTM = (96, 670, 96)  # embedding, LSTM, dense widths of the paper's model
+PAD, EOS = 0, 2  # token ids of fathom_sim.data.vocab (the last id is out-of-vocabulary)
 
 
 class Model(NamedTuple):
@@ -85,6 +87,56 @@ def classifier(name: str, module: nn.Module) -> Model:
   return Model(name, init, loss, eval_sums)
 
 
+class NextWordLSTM(nn.Module):
+  """Embedding -> LSTM -> dense -> dense over the token ids (Stack Overflow next-word)."""
+  num_ids: int
+  embed: int = 96
+  lstm: int = 670
+  dense: int = 96
+
+  @nn.compact
+  def __call__(self, x, train: bool = False):
+    h = nn.Embed(self.num_ids, self.embed)(x.astype(jnp.int32))
+    h = nn.RNN(nn.OptimizedLSTMCell(self.lstm))(h)
+    h = nn.Dense(self.dense)(h)
+    return nn.Dense(self.num_ids)(h)
+
+
+def sequence_model(name: str, module: nn.Module, num_ids: int) -> Model:
+  """Next-token prediction: x, y [n, length] ids; loss over non-pad targets.
+
+  eval_sums: `correct`/`count` is the accuracy over targets that are neither pad nor eos, and
+  `loss` sums over the same tokens; `correct_no_oov`/`count_no_oov` also leave out targets that
+  are out of vocabulary.
+  """
+  oov = num_ids - 1
+
+  def init(rng: jax.Array, batch: Batch) -> Params:
+    return module.init(rng, batch['x'][:1], train=False)['params']
+
+  def per_token(params, batch):
+    logits = module.apply({'params': params}, batch['x'], train=False)
+    labels = batch['y'].astype(jnp.int32)
+    losses = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+    return losses, jnp.argmax(logits, axis=-1) == labels, labels
+
+  def loss(params, batch, mask, rng):
+    del rng  # no dropout
+    losses, _, labels = per_token(params, batch)
+    weights = (labels != PAD) * mask.astype(jnp.float32)[:, None]
+    return jnp.sum(losses * weights) / jnp.maximum(jnp.sum(weights), 1.0)
+
+  def eval_sums(params, batch, mask):
+    losses, correct, labels = per_token(params, batch)
+    counted = (labels != PAD) & (labels != EOS) & mask.astype(bool)[:, None]
+    in_vocab = counted & (labels != oov)
+    return {'loss': jnp.sum(losses * counted), 'correct': jnp.sum(correct & counted),
+            'count': jnp.sum(counted), 'correct_no_oov': jnp.sum(correct & in_vocab),
+            'count_no_oov': jnp.sum(in_vocab)}
+
+  return Model(name, init, loss, eval_sums)
+
+
 def get_model(name: str, *, num_classes: int, hidden: Sequence[int] = (64,)) -> Model:
   if name == 'logistic':
     return classifier(name, MLP(hidden=(), num_classes=num_classes))
@@ -92,4 +144,8 @@ def get_model(name: str, *, num_classes: int, hidden: Sequence[int] = (64,)) -> 
     return classifier(name, MLP(hidden=tuple(hidden), num_classes=num_classes))
   if name == 'emnist_cnn':
     return classifier(name, EmnistCNN(num_classes=num_classes))
+  if name in ('stackoverflow_lstm', 'lstm'):
+    # num_classes is the number of token ids; 'lstm' takes its widths from `hidden`.
+    embed, lstm, dense = STACKOVERFLOW_LSTM if name == 'stackoverflow_lstm' else hidden
+    return sequence_model(name, NextWordLSTM(num_classes, embed, lstm, dense), num_classes)
   raise ValueError(f'model.name must be one of {MODELS}, got {name!r}')

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from fathom_sim.data.byo import DataError, load_npz
 from fathom_sim.data.federated import ClientDataset, Task
+from fathom_sim.data.prepared import load_prepared
 from fathom_sim.data.synthetic import femnist_like, synthetic_alpha_beta
 
-DATASETS = ('synthetic', 'femnist_synthetic', 'npz')
+DATASETS = ('synthetic', 'femnist_synthetic', 'npz', 'femnist', 'stackoverflow')
 
 
 def load_task(data_config) -> Task:
@@ -22,6 +23,8 @@ def load_task(data_config) -> Task:
   if c.name == 'npz':
     return load_npz(c.path, num_classes=c.num_classes, test_fraction=c.test_fraction,
                     seed=c.seed)
+  if c.name in ('femnist', 'stackoverflow'):
+    return load_prepared(c.name, c.data_dir)
   raise DataError(f'data.name must be one of {DATASETS}, got {c.name!r}')
 
 

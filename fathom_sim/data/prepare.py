@@ -1,0 +1,220 @@
+"""Converting public dataset files into the prepared layout of `tfds_store` (see
+launch/prepare_data.py for the command line).
+
+Formats: FedJAX SQLite, TFF SQLite, LEAF JSON (FEMNIST) and Stack Exchange Posts.xml (Stack
+Overflow-style next-word prediction from any site's dump). Every client is checked on the way:
+bad files stop the conversion with one DataError naming the file, the client and what is
+accepted, and nothing is left at the output path.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import tempfile
+from typing import Iterable, Iterator
+
+import numpy as np
+
+from fathom_sim.data import tfds_store
+from fathom_sim.data.byo import DataError
+from fathom_sim.data.fedjax_sqlite import FedjaxSqlite
+from fathom_sim.data.leaf import LeafJson, split_files
+from fathom_sim.data.stackexchange import StackExchangeXml
+from fathom_sim.data.tff_sqlite import TffSqlite
+from fathom_sim.data.vocab import Vocabulary, ids_dtype, read_word_counts, vocabulary_from
+
+TASKS = ('emnist', 'stackoverflow')
+FORMATS = ('fedjax_sqlite', 'tff_sqlite', 'leaf_json', 'stackexchange_xml')
+EMNIST_CLASSES = 62
+SPLIT_NAMES = {'train': 'train', 'test': 'test', 'held_out': 'held_out', 'heldout': 'held_out'}
+
+
+def emnist_client(where: str, cid: str, pixels, labels) -> dict:
+  """x float32 [n, 28, 28] and y int32 [n] of one writer, or a DataError saying what is wrong."""
+  x = np.asarray(pixels)
+  y = np.asarray(labels)
+  if not np.issubdtype(x.dtype, np.floating) and not np.issubdtype(x.dtype, np.integer):
+    raise DataError(f'{where}: client {cid}: pixels are {x.dtype}; EMNIST pixels are numbers')
+  if x.ndim == 2 and x.shape[1] == 784:
+    x = x.reshape(-1, 28, 28)
+  if x.ndim != 3 or x.shape[1:] != (28, 28):
+    raise DataError(f'{where}: client {cid}: pixels have shape {x.shape}; EMNIST clients need '
+                    '[N, 28, 28] (or 784 values per example)')
+  if y.ndim != 1 or len(y) != len(x):
+    raise DataError(f'{where}: client {cid}: {len(x)} images but labels of shape {y.shape}')
+  if len(y) and (not np.issubdtype(y.dtype, np.integer) or y.min() < 0
+                 or y.max() >= EMNIST_CLASSES):
+    bad = y[(y < 0) | (y >= EMNIST_CLASSES) | (y != np.round(y))][:1]
+    raise DataError(f'{where}: client {cid}: label {bad[0] if len(bad) else y.dtype} out of '
+                    f'range; EMNIST-62 labels are integers 0..{EMNIST_CLASSES - 1}')
+  return {'x': x.astype(np.float32), 'y': y.astype(np.int32)}
+
+
+class _Splits:
+  """A source as {split: () -> iterator of (client id, raw client)}.
+
+  A raw client is {'x', 'y'} for EMNIST and a list of sentences for Stack Overflow.
+  """
+
+  def __init__(self):
+    self.splits: dict[str, object] = {}
+    self.cleanup = None
+
+
+def _fedjax(source: str, task: str) -> _Splits:
+  files = ([source] if os.path.isfile(source) else
+           sorted(glob.glob(os.path.join(source, '*.sqlite'))) if os.path.isdir(source) else
+           source.split(','))
+  out = _Splits()
+  for path in files:
+    stem = os.path.basename(path).rsplit('.', 1)[0]
+    split = next((SPLIT_NAMES[s] for s in SPLIT_NAMES if stem.endswith('_' + s)), None)
+    if split is None:
+      continue
+    reader = FedjaxSqlite(path)
+
+    def clients(reader=reader):
+      for cid, f in reader.clients():
+        if task == 'emnist':
+          missing = {'pixels', 'label'} - set(f)
+          if missing:
+            raise DataError(f'{reader.path}: client {cid} lacks {sorted(missing)}; FedJAX '
+                            f'EMNIST clients have pixels and label (found {sorted(f)})')
+          yield cid, emnist_client(reader.path, cid, f['pixels'], f['label'])
+        else:
+          if 'tokens' not in f:
+            raise DataError(f'{reader.path}: client {cid} lacks tokens; FedJAX Stack '
+                            f'Overflow clients have tokens, title, tags, ... (found {sorted(f)})')
+          yield cid, list(np.asarray(f['tokens']).reshape(-1))
+
+    out.splits[split] = clients
+  return out
+
+
+def _tff(source: str, task: str) -> _Splits:
+  reader = TffSqlite(source)
+  out = _Splits()
+  for name in reader.splits():
+    if name not in SPLIT_NAMES:
+      continue
+
+    def clients(name=name):
+      for cid, examples in reader.clients(name):
+        if task == 'emnist':
+          try:
+            x = np.stack([np.asarray(e['pixels'], np.float32) for e in examples])
+            y = np.concatenate([np.asarray(e['label']).reshape(-1) for e in examples])
+          except (KeyError, ValueError) as err:
+            raise DataError(f'{source}: client {cid}: EMNIST examples need pixels (784 floats) '
+                            f'and label (one int64) ({type(err).__name__}: {err})') from None
+          yield cid, emnist_client(source, cid, x, y)
+        else:
+          try:
+            yield cid, [b' '.join(e['tokens']) for e in examples]
+          except (KeyError, TypeError) as err:
+            raise DataError(f'{source}: client {cid}: Stack Overflow examples need a tokens '
+                            f'bytes feature ({err})') from None
+
+    out.splits[SPLIT_NAMES[name]] = clients
+  return out
+
+
+def _leaf(source: str, task: str) -> _Splits:
+  if task != 'emnist':
+    raise DataError(f'{source}: LEAF JSON is read for --task=emnist (FEMNIST) only')
+  out = _Splits()
+  for split, files in split_files(source).items():
+    reader = LeafJson(files)
+
+    def clients(reader=reader):
+      for cid, f in reader.clients():
+        yield cid, emnist_client(reader.files[0], cid, f['x'], f['y'])
+
+    out.splits[split] = clients
+  return out
+
+
+def _stackexchange(source: str, task: str, split_date: str, test_fraction: float) -> _Splits:
+  if task != 'stackoverflow':
+    raise DataError(f'{source}: a Posts.xml gives a --task=stackoverflow dataset only')
+  scratch = tempfile.TemporaryDirectory(prefix='fathom_posts_')
+  reader = StackExchangeXml(source, scratch.name, split_date, test_fraction)
+  out = _Splits()
+  out.cleanup = scratch
+  out.split_date = reader.split_date
+  out.train_sentences = lambda: reader.sentences('train')
+  for split in ('train', 'test'):
+    out.splits[split] = lambda split=split: reader.clients(split)
+  return out
+
+
+def _sentences(clients: Iterable[tuple[str, list]]) -> Iterator:
+  for _, sentences in clients:
+    yield from sentences
+
+
+def prepare(source: str, out: str, *, fmt: str, task: str, vocab_path: str = '',
+            vocab_size: int = 10000, sequence_length: int = 20, split_date: str = '',
+            test_fraction: float = 0.2) -> dict:
+  """Converts `source` (format `fmt`) into a prepared `task` dataset at `out`; returns its meta."""
+  if fmt not in FORMATS:
+    raise DataError(f'--format must be one of {FORMATS}, got {fmt!r}')
+  if task not in TASKS:
+    raise DataError(f'--task must be one of {TASKS}, got {task!r}')
+  if not os.path.exists(source.split(',')[0]):
+    raise DataError(f'--source {source!r}: no such file or directory')
+  if fmt == 'fedjax_sqlite':
+    src = _fedjax(source, task)
+  elif fmt == 'tff_sqlite':
+    src = _tff(source, task)
+  elif fmt == 'leaf_json':
+    src = _leaf(source, task)
+  else:
+    src = _stackexchange(source, task, split_date, test_fraction)
+  order = ('train', 'held_out', 'test')
+  src.splits = {s: src.splits[s] for s in sorted(src.splits, key=order.index)}
+  missing = [s for s in ('train', 'test') if s not in src.splits]
+  if missing:
+    raise DataError(f'{source}: no {" or ".join(missing)} split found (found '
+                    f'{sorted(src.splits)}); FedJAX files must end in _train.sqlite and '
+                    '_test.sqlite')
+  meta = {'task': task, 'format': fmt, 'source': os.path.abspath(source)}
+  if task == 'emnist':
+    specs = {'x': ((28, 28), 'float32'), 'y': ((), 'int32')}
+    streams = {s: make() for s, make in src.splits.items()}
+    meta['num_classes'] = EMNIST_CLASSES
+  else:
+    if vocab_path:
+      vocab = read_word_counts(vocab_path, vocab_size)
+    else:
+      train = src.train_sentences() if hasattr(src, 'train_sentences') else _sentences(
+          src.splits['train']())
+      vocab = vocabulary_from(train, vocab_size)
+    dtype = ids_dtype(len(vocab.words)).name
+    specs = {'x': ((sequence_length,), dtype), 'y': ((sequence_length,), dtype)}
+
+    def encoded(clients, vocab=vocab):
+      for cid, sentences in clients:
+        x, y = vocab.encode(sentences, sequence_length)
+        yield cid, {'x': x, 'y': y}
+
+    streams = {s: encoded(make()) for s, make in src.splits.items()}
+    meta.update(num_classes=vocab.num_ids, vocab_size=len(vocab.words),
+                vocab_source=os.path.abspath(vocab_path) if vocab_path else 'train split',
+                sequence_length=sequence_length)
+    if hasattr(src, 'split_date'):
+      meta['split_date'] = src.split_date
+  try:
+    extra = {'vocab.txt': '\n'.join(vocab.words) + '\n'} if task == 'stackoverflow' else {}
+    meta = tfds_store.write(out, streams, specs, meta, extra)
+  finally:
+    if src.cleanup is not None:
+      src.cleanup.cleanup()
+  return meta
+
+
+def vocabulary(data_dir: str) -> Vocabulary:
+  """The vocabulary a prepared Stack Overflow dataset was encoded with."""
+  with open(os.path.join(data_dir, 'vocab.txt'), encoding='utf-8') as f:
+    return Vocabulary(f.read().split('\n')[:-1])

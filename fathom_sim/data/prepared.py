@@ -1,0 +1,38 @@
+"""Tasks read from prepared datasets (see tfds_store): FEMNIST and Stack Overflow."""
+
+from __future__ import annotations
+
+import os
+
+from fathom_sim.data.byo import DataError
+from fathom_sim.data.federated import Task
+from fathom_sim.data.tfds_store import PreparedClientDataset, read_meta
+
+# data.name -> (prepared task kind, how to get it)
+HOW_TO_GET = {
+    'femnist': ('emnist',
+                'curl -LO https://storage.googleapis.com/gresearch/fedjax/emnist/'
+                'federated_emnist_train.sqlite (and ..._test.sqlite) into DIR, then '
+                'python launch/prepare_data.py --format=fedjax_sqlite --task=emnist '
+                '--source=DIR --out={path}'),
+    'stackoverflow': ('stackoverflow',
+                      'curl -LO https://storage.googleapis.com/gresearch/fedjax/stackoverflow/'
+                      'stackoverflow_{{train,held_out,test}}.sqlite and stackoverflow.word_count '
+                      'into DIR, then python launch/prepare_data.py --format=fedjax_sqlite '
+                      '--task=stackoverflow --source=DIR --vocab=DIR/stackoverflow.word_count '
+                      '--out={path}'),
+}
+
+
+def load_prepared(name: str, data_dir: str) -> Task:
+  """The `name` task ('femnist' | 'stackoverflow') from the prepared dataset at `data_dir`."""
+  kind, how = HOW_TO_GET[name]
+  if not os.path.isfile(os.path.join(data_dir, 'meta.json')):
+    raise DataError(f'data.data_dir {data_dir!r}: no prepared {name} dataset there (no '
+                    f'meta.json); to make it: {how.format(path=data_dir)} (README: Real datasets)')
+  meta = read_meta(data_dir)
+  if meta.get('task') != kind:
+    raise DataError(f'data.data_dir {data_dir!r} holds a prepared {meta.get("task")} dataset; '
+                    f'data.name={name} needs a {kind} one')
+  return Task(name, PreparedClientDataset(data_dir, 'train'),
+              PreparedClientDataset(data_dir, 'test'), int(meta['num_classes']))

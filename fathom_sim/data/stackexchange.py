@@ -1,0 +1,92 @@
+"""Stack Exchange data dumps (`Posts.xml`): one client per `OwnerUserId`, one example per
+sentence of its questions and answers, as TFF built Stack Overflow.
+
+Posts are streamed (iterparse) into a temporary SQLite table so a dump far larger than memory
+can be grouped by user; posts from `split_date` on form the test split.
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import xml.etree.ElementTree as ET
+from typing import Iterator
+
+from fathom_sim.data.byo import DataError
+from fathom_sim.data.vocab import html_sentences
+
+POST_TYPES = {'1': 'question', '2': 'answer'}
+
+
+class StackExchangeXml:
+  """Posts of a dump grouped by user; `scratch` is a directory for the grouping table."""
+
+  def __init__(self, path: str, scratch: str, split_date: str = '', test_fraction: float = 0.2):
+    self.path = path
+    if not os.path.isfile(path):
+      raise DataError(f'{path}: no such file (expected a Stack Exchange Posts.xml)')
+    self._db = sqlite3.connect(os.path.join(scratch, 'posts.sqlite'))
+    self._db.execute('CREATE TABLE posts (user TEXT, id INTEGER, date TEXT, sentences TEXT)')
+    self.skipped = 0  # posts without an owner (deleted users) or of other types
+    self._ingest()
+    if not split_date:
+      # The date before which (1 - test_fraction) of the posts were written.
+      total = self._db.execute('SELECT COUNT(*) FROM posts').fetchone()[0]
+      row = self._db.execute('SELECT date FROM posts ORDER BY date LIMIT 1 OFFSET ?',
+                             (min(total - 1, int(total * (1 - test_fraction))),)).fetchone()
+      split_date = row[0][:10]
+    self.split_date = split_date
+
+  def _ingest(self) -> None:
+    rows, seen_root, root = [], False, None
+    try:
+      for event, element in ET.iterparse(self.path, events=('start', 'end')):
+        if root is None:
+          root = element
+        if element.tag == 'posts':
+          seen_root = True
+        if event != 'end' or element.tag != 'row':
+          continue
+        a = element.attrib
+        owner = a.get('OwnerUserId')
+        if a.get('PostTypeId') in POST_TYPES and owner and 'CreationDate' in a:
+          sentences = html_sentences(a.get('Body', ''))
+          rows.append((owner, int(a.get('Id', 0)), a['CreationDate'], '\n'.join(sentences)))
+        else:
+          self.skipped += 1
+        root.clear()  # drop finished rows: a dump can be far larger than memory
+        if len(rows) >= 10000:
+          self._db.executemany('INSERT INTO posts VALUES (?, ?, ?, ?)', rows)
+          rows = []
+    except ET.ParseError as e:
+      raise DataError(f'{self.path}: not well-formed XML ({e}); expected a Stack Exchange '
+                      'Posts.xml') from None
+    self._db.executemany('INSERT INTO posts VALUES (?, ?, ?, ?)', rows)
+    count = self._db.execute('SELECT COUNT(*) FROM posts').fetchone()[0]
+    if not seen_root or not count:
+      raise DataError(f'{self.path}: no <posts> of <row PostTypeId="1|2" OwnerUserId=... '
+                      'CreationDate=... Body=...> found; expected a Stack Exchange Posts.xml')
+    self._db.execute('CREATE INDEX by_user ON posts (user, date, id)')
+
+  def _where(self, split: str) -> str:
+    return 'date < ?' if split == 'train' else 'date >= ?'
+
+  def sentences(self, split: str) -> Iterator[str]:
+    for (text,) in self._db.execute(f'SELECT sentences FROM posts WHERE {self._where(split)}',
+                                    (self.split_date,)):
+      yield from (s for s in text.split('\n') if s)
+
+  def clients(self, split: str) -> Iterator[tuple[str, list[str]]]:
+    """(user id, sentences in post order) per user with any sentence in `split`."""
+    rows = self._db.execute(f"SELECT user, sentences FROM posts WHERE {self._where(split)} AND "
+                            "sentences != '' ORDER BY CAST(user AS INTEGER), user, date, id",
+                            (self.split_date,))
+    current, sentences = None, []
+    for user, text in rows:
+      if user != current:
+        if current is not None:
+          yield current, sentences
+        current, sentences = user, []
+      sentences.extend(s for s in text.split('\n') if s)
+    if current is not None:
+      yield current, sentences

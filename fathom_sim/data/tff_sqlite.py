@@ -1,0 +1,69 @@
+"""TensorFlow Federated's SQLite files (emnist_all.sqlite, stackoverflow.sqlite, after lzma -d).
+
+Tables `examples(split_name, client_id, serialized_example_proto)` and
+`client_metadata(client_id, split_name, num_examples)`; every example is a serialized
+tf.train.Example (EMNIST: `pixels` 784 floats and `label` int64; Stack Overflow: `tokens`,
+`title`, `tags`, `type`, `creation_date` bytes and `score` int64).
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+from typing import Iterator
+
+from fathom_sim.data.byo import DataError
+from fathom_sim.data.tf_example import parse_example
+
+REQUIRED = {'examples': ('split_name', 'client_id', 'serialized_example_proto'),
+            'client_metadata': ('client_id', 'split_name', 'num_examples')}
+
+
+class TffSqlite:
+  """Clients of one split of a TFF SQLite file, in client_id order, examples in rowid order."""
+
+  def __init__(self, path: str):
+    self.path = path
+    if not os.path.isfile(path):
+      raise DataError(f'{path}: no such file (expected a TFF .sqlite file, after lzma -d)')
+    try:
+      self._db = sqlite3.connect(f'file:{path}?mode=ro', uri=True)
+      for table, columns in REQUIRED.items():
+        found = {row[1] for row in self._db.execute(f'PRAGMA table_info({table})')}
+        if not set(columns) <= found:
+          raise DataError(f'{path}: table {table} with columns {columns} not found; expected a '
+                          'TFF .sqlite file (decompress the .lzma with lzma -d first)')
+    except sqlite3.DatabaseError as e:
+      raise DataError(f'{path}: not a readable SQLite database ({e}); a TFF file ending in '
+                      '.lzma must be decompressed with lzma -d first') from None
+
+  def splits(self) -> list[str]:
+    return [r[0] for r in self._db.execute(
+        'SELECT DISTINCT split_name FROM client_metadata ORDER BY split_name')]
+
+  def clients(self, split: str) -> Iterator[tuple[str, list[dict]]]:
+    """(client id, parsed examples) per client of `split`."""
+    expected = dict(self._db.execute(
+        'SELECT client_id, num_examples FROM client_metadata WHERE split_name = ?', (split,)))
+    # One sorted pass (SQLite sorts on disk when it must) instead of one scan per client.
+    rows = self._db.execute('SELECT client_id, serialized_example_proto FROM examples '
+                            'WHERE split_name = ? ORDER BY client_id, rowid', (split,))
+    current, examples = None, []
+    for client_id, blob in rows:
+      if client_id != current:
+        if current is not None:
+          yield self._checked(current, examples, expected)
+        current, examples = client_id, []
+      try:
+        examples.append(parse_example(bytes(blob)))
+      except (ValueError, TypeError, UnicodeDecodeError) as e:
+        raise DataError(f'{self.path}: client {client_id} ({split}): corrupt example proto '
+                        f'({e}); expected a serialized tf.train.Example') from None
+    if current is not None:
+      yield self._checked(current, examples, expected)
+
+  def _checked(self, client_id, examples, expected) -> tuple[str, list[dict]]:
+    if expected.get(client_id) != len(examples):
+      raise DataError(f'{self.path}: client {client_id} has {len(examples)} examples but '
+                      f'client_metadata says {expected.get(client_id)}')
+    return str(client_id), examples

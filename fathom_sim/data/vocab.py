@@ -1,0 +1,108 @@
+"""Stack Overflow next-word prediction: tokenisation, vocabulary and fixed-length sequences.
+
+Ids: 0 pad, 1 bos, 2 eos, word i of the vocabulary -> i + 3, then one out-of-vocabulary id
+(vocab_size + 3), so a vocabulary of 10,000 words gives 10,004 ids. A sentence becomes
+x = [bos] + ids and y = ids + [eos], both cut or padded (with pad) to `length` tokens.
+"""
+
+from __future__ import annotations
+
+import collections
+import html
+import re
+from typing import Iterable, Sequence
+
+import numpy as np
+
+PAD, BOS, EOS = 0, 1, 2
+NUM_SPECIAL = 4  # pad, bos, eos, oov
+
+_TOKEN = re.compile(r"[a-z0-9]+(?:'[a-z0-9]+)*|[^\sa-z0-9]")
+_TAG = re.compile(r'<[^>]*>')
+_CODE = re.compile(r'<pre\b.*?</pre>', re.DOTALL | re.IGNORECASE)
+_SENTENCE_END = re.compile(r'(?<=[.!?])\s+|\n+')
+
+
+def tokenize(text: str) -> list[str]:
+  """Lower-case words, with each punctuation mark split off as its own token."""
+  return _TOKEN.findall(text.lower().replace('\u2019', "'"))
+
+
+def html_sentences(body: str) -> list[str]:
+  """The sentences of an HTML post body, each tokenised and joined by single spaces.
+
+  Code blocks are dropped: they are not the natural language the task predicts.
+  """
+  text = html.unescape(_TAG.sub('\n', _CODE.sub('\n', body)))
+  out = []
+  for sentence in _SENTENCE_END.split(text):
+    tokens = tokenize(sentence)
+    if tokens:
+      out.append(' '.join(tokens))
+  return out
+
+
+def ids_dtype(vocab_size: int) -> np.dtype:
+  """The smallest integer type that holds every id (int16 halves a large dataset on disk)."""
+  return np.dtype(np.int16 if vocab_size + NUM_SPECIAL <= np.iinfo(np.int16).max else np.int32)
+
+
+class Vocabulary:
+  """Word -> id for the most frequent words, in the order given."""
+
+  def __init__(self, words: Sequence[str]):
+    self.words = list(words)
+    self._ids = {w: i + 3 for i, w in enumerate(self.words)}
+    self.oov = len(self.words) + 3
+
+  @property
+  def num_ids(self) -> int:
+    return len(self.words) + NUM_SPECIAL
+
+  def encode(self, sentences: Iterable[str | bytes], length: int) -> tuple[np.ndarray, np.ndarray]:
+    """x, y [n, length] for space-separated sentences (see the module docstring)."""
+    sentences = list(sentences)
+    dtype = ids_dtype(len(self.words))
+    x = np.zeros((len(sentences), length), dtype)
+    y = np.zeros((len(sentences), length), dtype)
+    for row, s in enumerate(sentences):
+      if isinstance(s, bytes):
+        s = s.decode('utf-8', errors='replace')
+      ids = [self._ids.get(w, self.oov) for w in s.split()]
+      xs = ([BOS] + ids)[:length]
+      ys = (ids + [EOS])[:length]
+      x[row, :len(xs)] = xs
+      y[row, :len(ys)] = ys
+    return x, y
+
+
+def read_word_counts(path: str, size: int) -> Vocabulary:
+  """The first `size` words of a word-count file (one `word [count]` per line, most frequent
+  first, as FedJAX's and TFF's `stackoverflow.word_count`)."""
+  from fathom_sim.data.byo import DataError
+  words = []
+  try:
+    with open(path, encoding='utf-8') as f:
+      for number, line in enumerate(f, 1):
+        parts = line.split()
+        if not parts:
+          continue
+        if len(parts) > 2 or (len(parts) == 2 and not parts[1].isdigit()):
+          raise DataError(f'{path}: line {number} is {line.strip()[:60]!r}; a word-count file '
+                          'has one "word count" (or just "word") per line')
+        words.append(parts[0])
+        if len(words) == size:
+          break
+  except (OSError, UnicodeDecodeError) as e:
+    raise DataError(f'{path}: cannot read the word-count file ({e})') from None
+  if not words:
+    raise DataError(f'{path}: no words in the word-count file')
+  return Vocabulary(words)
+
+
+def vocabulary_from(sentences: Iterable[str | bytes], size: int) -> Vocabulary:
+  """The `size` most frequent words of the sentences (ties broken by first appearance)."""
+  counts: collections.Counter = collections.Counter()
+  for s in sentences:
+    counts.update((s.decode('utf-8', errors='replace') if isinstance(s, bytes) else s).split())
+  return Vocabulary([w for w, _ in counts.most_common(size)])

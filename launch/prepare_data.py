@@ -1,0 +1,72 @@
+"""Converts public federated dataset files into the prepared layout the simulator reads.
+
+  python launch/prepare_data.py --format=fedjax_sqlite --task=emnist --source=DIR --out=data/femnist
+  python launch/prepare_data.py --format=stackexchange_xml --task=stackoverflow \
+      --source=beer.stackexchange.Posts.xml --out=data/beer
+
+Prints a summary (clients, examples, client-size quantiles per split). Bad files end the
+conversion with one line naming the file and what is accepted, exit status 2, and nothing is
+left at --out.
+"""
+
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from absl import app, flags  # noqa: E402
+
+from launch import cli  # noqa: E402
+
+_SOURCE = flags.DEFINE_string('source', None, 'Input: a file, a directory, or (FedJAX) a '
+                              'comma-separated list of .sqlite files.')
+_OUT = flags.DEFINE_string('out', None, 'Output directory (must not exist, or be empty).')
+_FORMAT = flags.DEFINE_enum('format', None, ['fedjax_sqlite', 'tff_sqlite', 'leaf_json',
+                                             'stackexchange_xml'], 'Format of --source.')
+_TASK = flags.DEFINE_enum('task', None, ['emnist', 'stackoverflow'], 'What the files hold.')
+_VOCAB = flags.DEFINE_string('vocab', '', 'Stack Overflow: word-count file (most frequent first);'
+                             ' empty = the most frequent words of the train split.')
+_VOCAB_SIZE = flags.DEFINE_integer('vocab_size', 10000, 'Stack Overflow: words in the vocabulary.')
+_LENGTH = flags.DEFINE_integer('sequence_length', 20, 'Stack Overflow: tokens per example.')
+_SPLIT_DATE = flags.DEFINE_string('split_date', '', 'Posts.xml: posts from this date (YYYY-MM-DD) '
+                                  'on are the test split; empty = the last test_fraction.')
+_TEST_FRACTION = flags.DEFINE_float('test_fraction', 0.2, 'Posts.xml: share of posts (latest '
+                                    'first) in the test split when --split_date is empty.')
+
+
+def summary_lines(meta: dict, out: str) -> list[str]:
+  import numpy as np
+  lines = [f'prepared {meta["task"]} from {meta["format"]} {meta["source"]} -> {out}']
+  for split in meta['splits']:
+    with np.load(os.path.join(out, f'clients-{split}.npz')) as f:
+      n = f['num_examples']
+    q = np.percentile(n, [0, 10, 50, 90, 100]) if len(n) else [0] * 5
+    lines.append(f'  {split}: {len(n)} clients, {int(n.sum())} examples; examples per client '
+                 f'min {q[0]:.0f}, p10 {q[1]:.0f}, median {q[2]:.0f}, p90 {q[3]:.0f}, '
+                 f'max {q[4]:.0f}')
+  size = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(out) for f in fs)
+  extra = (f'; vocabulary {meta["vocab_size"]} words ({meta["num_classes"]} ids, from '
+           f'{meta["vocab_source"]})' if 'vocab_size' in meta else '')
+  lines.append(f'  {meta["num_classes"]} classes{extra}; {size / 2**20:.1f} MiB on disk')
+  return lines
+
+
+def main(argv):
+  del argv
+  from fathom_sim.data.prepare import prepare
+  if _VOCAB_SIZE.value < 1 or _LENGTH.value < 2 or not 0 < _TEST_FRACTION.value < 1:
+    cli.fail('--vocab_size must be >= 1, --sequence_length >= 2, --test_fraction in (0, 1)')
+
+  def job():
+    meta = prepare(_SOURCE.value, _OUT.value, fmt=_FORMAT.value, task=_TASK.value,
+                   vocab_path=_VOCAB.value, vocab_size=_VOCAB_SIZE.value,
+                   sequence_length=_LENGTH.value, split_date=_SPLIT_DATE.value,
+                   test_fraction=_TEST_FRACTION.value)
+    print('\n'.join(summary_lines(meta, _OUT.value)))
+
+  cli.run_or_exit(job)
+
+
+if __name__ == '__main__':
+  flags.mark_flags_as_required(['source', 'out', 'format', 'task'])
+  app.run(main, flags_parser=cli.parse_flags_or_exit)

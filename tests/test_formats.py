@@ -1,0 +1,265 @@
+"""Public dataset formats: independent writers here, the readers of fathom_sim read them back.
+
+The writers encode msgpack extension types and tf.train.Example protos themselves (the protos
+with TFDS's generated protobuf classes), so the readers are checked against the formats, not
+against themselves.
+"""
+
+import json
+import os
+import sqlite3
+import zlib
+
+import msgpack
+import numpy as np
+import pytest
+from tensorflow_datasets.proto import tf_example_pb2, tf_feature_pb2
+
+from fathom_sim.data import DataError
+from fathom_sim.data.fedjax_sqlite import decode
+from fathom_sim.data.prepare import prepare
+from fathom_sim.data.prepared import load_prepared
+from fathom_sim.data.tf_example import parse_example
+from fathom_sim.data.vocab import html_sentences, tokenize
+
+WORDS = ['the', 'beer', 'hops', 'is', 'good', '?']  # vocabulary order = frequency order
+IDS = {w: i + 3 for i, w in enumerate(WORDS)}
+OOV = len(WORDS) + 3
+
+
+# ---- independent writers ------------------------------------------------------------------
+
+def _ext_array(a: np.ndarray) -> msgpack.ExtType:
+  return msgpack.ExtType(1, msgpack.packb([list(a.shape), a.dtype.name, a.tobytes('C')]))
+
+
+def _ext_scalar(v: np.generic) -> msgpack.ExtType:
+  return msgpack.ExtType(3, msgpack.packb([v.dtype.name, v.tobytes()]))
+
+
+def _ext_bytes(items: list) -> msgpack.ExtType:
+  return msgpack.ExtType(4, msgpack.packb([[len(items)], list(items)]))
+
+
+def write_fedjax(path, clients: dict, *, table='federated_data'):
+  db = sqlite3.connect(path)
+  db.execute(f'CREATE TABLE {table} (client_id BLOB NOT NULL PRIMARY KEY, data BLOB NOT NULL, '
+             'num_examples INTEGER NOT NULL)')
+  for i, (cid, (blob_features, n)) in enumerate(clients.items()):
+    blob = zlib.compress(msgpack.packb(blob_features))
+    db.execute(f'INSERT INTO {table} VALUES (?, ?, ?)', (f'{i:016x}:{cid}'.encode(), blob, n))
+  db.commit()
+  db.close()
+
+
+def emnist_clients(seed, sizes):
+  r = np.random.default_rng(seed)
+  return {f'f{seed}{i:03d}_{n:02d}': (r.random((n, 28, 28), np.float32),
+                                      r.integers(0, 62, n).astype(np.int32))
+          for i, n in enumerate(sizes)}
+
+
+def write_fedjax_emnist(folder, train, test):
+  os.makedirs(folder, exist_ok=True)
+  for split, clients in (('train', train), ('test', test)):
+    write_fedjax(os.path.join(folder, f'federated_emnist_{split}.sqlite'),
+                 {c: ({'pixels': _ext_array(x), 'label': _ext_array(y)}, len(y))
+                  for c, (x, y) in clients.items()})
+
+
+def _tf_example(**features) -> bytes:
+  f = {}
+  for name, value in features.items():
+    if isinstance(value, list) and value and isinstance(value[0], bytes):
+      f[name] = tf_feature_pb2.Feature(bytes_list=tf_feature_pb2.BytesList(value=value))
+    elif np.asarray(value).dtype.kind == 'f':
+      f[name] = tf_feature_pb2.Feature(float_list=tf_feature_pb2.FloatList(value=list(value)))
+    else:
+      f[name] = tf_feature_pb2.Feature(
+          int64_list=tf_feature_pb2.Int64List(value=[int(v) for v in value]))
+  return tf_example_pb2.Example(features=tf_feature_pb2.Features(feature=f)).SerializeToString()
+
+
+def write_tff(path, splits: dict):
+  """splits: name -> {client: [serialized examples]}."""
+  db = sqlite3.connect(path)
+  db.execute('CREATE TABLE examples (split_name TEXT NOT NULL, client_id TEXT NOT NULL, '
+             'serialized_example_proto BLOB NOT NULL)')
+  db.execute('CREATE TABLE client_metadata (client_id TEXT NOT NULL, split_name TEXT NOT NULL, '
+             'num_examples INTEGER NOT NULL)')
+  for split, clients in splits.items():
+    for cid, examples in clients.items():
+      db.execute('INSERT INTO client_metadata VALUES (?, ?, ?)', (cid, split, len(examples)))
+      db.executemany('INSERT INTO examples VALUES (?, ?, ?)',
+                     [(split, cid, e) for e in examples])
+  db.commit()
+  db.close()
+
+
+def expected_sequences(sentence: str, length=20):
+  ids = [IDS.get(w, OOV) for w in sentence.split()]
+  x = ([1] + ids)[:length]
+  y = (ids + [2])[:length]
+  return x + [0] * (length - len(x)), y + [0] * (length - len(y))
+
+
+def write_vocab(path):
+  with open(path, 'w') as f:
+    f.write(''.join(f'{w} {1000 - i}\n' for i, w in enumerate(WORDS)))
+
+
+def assert_emnist_roundtrip(task, train, test):
+  for dataset, clients in ((task.train, train), (task.test, test)):
+    assert list(dataset.client_ids) == list(clients)
+    np.testing.assert_array_equal(dataset.num_examples, [len(y) for _, y in clients.values()])
+    for i, (x, y) in enumerate(clients.values()):
+      got = dataset.client(i)
+      np.testing.assert_array_equal(got['x'], x.reshape(-1, 28, 28))
+      np.testing.assert_array_equal(got['y'], y)
+      assert got['x'].dtype == np.float32 and got['y'].dtype == np.int32
+
+
+# ---- the formats, read back exactly -------------------------------------------------------
+
+def test_msgpack_extension_types_decode():
+  a = np.arange(6, dtype=np.int16).reshape(2, 3)
+  blob = zlib.compress(msgpack.packb({'a': _ext_array(a), 's': _ext_scalar(np.float64(2.5)),
+                                      'b': _ext_bytes([b'x y', b'z'])}))
+  got = decode(blob)
+  np.testing.assert_array_equal(got['a'], a)
+  assert got['a'].dtype == np.int16 and got['s'] == 2.5 and got['s'].dtype == np.float64
+  assert got['b'].dtype == object and list(got['b']) == [b'x y', b'z']
+
+
+def test_fedjax_emnist_reads_back_exactly(tmp_path):
+  train, test = emnist_clients(1, [3, 7, 1, 12]), emnist_clients(2, [2, 5, 4])
+  write_fedjax_emnist(tmp_path / 'src', train, test)
+  meta = prepare(str(tmp_path / 'src'), str(tmp_path / 'out'), fmt='fedjax_sqlite',
+                 task='emnist')
+  assert meta['splits'] == {'train': {'clients': 4, 'examples': 23},
+                            'test': {'clients': 3, 'examples': 11}}
+  assert_emnist_roundtrip(load_prepared('femnist', str(tmp_path / 'out')), train, test)
+
+
+def test_fedjax_stackoverflow_reads_back_exactly(tmp_path):
+  sentences = {'u1': ['the beer is good ?', 'hops'],
+               'u2': ['unknown words the beer ' * 6],  # longer than 20 tokens: cut
+               'u3': ['is']}
+  os.makedirs(tmp_path / 'src')
+  for split in ('train', 'held_out', 'test'):
+    write_fedjax(tmp_path / 'src' / f'stackoverflow_{split}.sqlite', {
+        c: ({'tokens': _ext_bytes([t.encode() for t in s]),
+             'score': _ext_array(np.arange(len(s), dtype=np.int64)),
+             'title': _ext_bytes([b'title'] * len(s))}, len(s))
+        for c, s in sentences.items()})
+  write_vocab(tmp_path / 'wc')
+  meta = prepare(str(tmp_path / 'src'), str(tmp_path / 'out'), fmt='fedjax_sqlite',
+                 task='stackoverflow', vocab_path=str(tmp_path / 'wc'))
+  assert meta['num_classes'] == len(WORDS) + 4 and set(meta['splits']) == {
+      'train', 'held_out', 'test'}
+  task = load_prepared('stackoverflow', str(tmp_path / 'out'))
+  assert task.num_classes == len(WORDS) + 4
+  for i, (cid, ss) in enumerate(sentences.items()):
+    assert task.test.client_ids[i] == cid
+    got = task.test.client(i)
+    want = [expected_sequences(s) for s in ss]
+    np.testing.assert_array_equal(got['x'], [w[0] for w in want])
+    np.testing.assert_array_equal(got['y'], [w[1] for w in want])
+
+
+def test_tf_example_parser_matches_protobuf():
+  blob = _tf_example(pixels=np.linspace(0, 1, 784, dtype=np.float32), label=[61],
+                     neg=[-3, 2**40], tokens=[b'a b', b''])
+  got = parse_example(blob)
+  np.testing.assert_array_equal(got['pixels'], np.linspace(0, 1, 784, dtype=np.float32))
+  assert got['label'].tolist() == [61] and got['neg'].tolist() == [-3, 2**40]
+  assert got['tokens'] == [b'a b', b'']
+  # Unpacked repeated int64 (wire type 0) is valid protobuf too: Int64List 5, 7 in key 'k'.
+  int64_list = bytes([0x08, 0x05, 0x08, 0x07])
+  feature = bytes([0x1a, len(int64_list)]) + int64_list
+  entry = bytes([0x0a, 0x01]) + b'k' + bytes([0x12, len(feature)]) + feature
+  features = bytes([0x0a, len(entry)]) + entry
+  example = bytes([0x0a, len(features)]) + features
+  assert parse_example(example)['k'].tolist() == [5, 7]
+  with pytest.raises(ValueError, match='truncated'):
+    parse_example(blob[:-3])
+
+
+def test_tff_emnist_and_stackoverflow_read_back_exactly(tmp_path):
+  train, test = emnist_clients(3, [4, 9, 2]), emnist_clients(4, [3, 1])
+  write_tff(tmp_path / 'emnist.sqlite', {
+      split: {c: [_tf_example(pixels=x[k].reshape(-1), label=[y[k]]) for k in range(len(y))]
+              for c, (x, y) in clients.items()}
+      for split, clients in (('train', train), ('test', test))})
+  prepare(str(tmp_path / 'emnist.sqlite'), str(tmp_path / 'e'), fmt='tff_sqlite', task='emnist')
+  # TFF lists clients sorted by id; these ids are already in sorted order.
+  assert_emnist_roundtrip(load_prepared('femnist', str(tmp_path / 'e')), train, test)
+
+  so = {'b': ['the hops ?', 'good beer'], 'a': ['zzz the']}
+  write_tff(tmp_path / 'so.sqlite', {split: {c: [_tf_example(tokens=[s.encode()], score=[1])
+                                                 for s in ss] for c, ss in so.items()}
+                                     for split in ('train', 'heldout', 'test')})
+  write_vocab(tmp_path / 'wc')
+  prepare(str(tmp_path / 'so.sqlite'), str(tmp_path / 's'), fmt='tff_sqlite',
+          task='stackoverflow', vocab_path=str(tmp_path / 'wc'))
+  task = load_prepared('stackoverflow', str(tmp_path / 's'))
+  assert list(task.train.client_ids) == ['a', 'b']
+  got = task.train.client(1)
+  np.testing.assert_array_equal(got['x'], [expected_sequences(s)[0] for s in so['b']])
+  np.testing.assert_array_equal(got['y'], [expected_sequences(s)[1] for s in so['b']])
+
+
+def _write_leaf(folder, clients):
+  os.makedirs(folder, exist_ok=True)
+  for split, cs in clients.items():
+    with open(os.path.join(folder, f'{split}.json'), 'w') as f:
+      json.dump({'users': list(cs), 'num_samples': [len(y) for _, y in cs.values()],
+                 'user_data': {c: {'x': x.reshape(len(y), -1).tolist(), 'y': y.tolist()}
+                               for c, (x, y) in cs.items()}}, f)
+
+
+def test_leaf_json_reads_back_exactly(tmp_path):
+  train, test = emnist_clients(5, [2, 6]), emnist_clients(6, [3])
+  _write_leaf(tmp_path / 'leaf', {'train': train, 'test': test})
+  prepare(str(tmp_path / 'leaf'), str(tmp_path / 'out'), fmt='leaf_json', task='emnist')
+  assert_emnist_roundtrip(load_prepared('femnist', str(tmp_path / 'out')), train, test)
+
+
+POSTS = """<?xml version="1.0" encoding="utf-8"?>
+<posts>
+  <row Id="1" PostTypeId="1" CreationDate="2015-01-01T10:00:00.000" Score="3" OwnerUserId="7" Body="&lt;p&gt;The BEER is good? Hops, the beer!&lt;/p&gt;&#xA;&lt;pre&gt;&lt;code&gt;x = 1&lt;/code&gt;&lt;/pre&gt;" Title="t" Tags="&lt;a&gt;" />
+  <row Id="2" PostTypeId="2" ParentId="1" CreationDate="2015-02-01T10:00:00.000" Score="1" OwnerUserId="3" Body="&lt;p&gt;It's good.&lt;/p&gt;" />
+  <row Id="3" PostTypeId="2" ParentId="1" CreationDate="2016-03-01T10:00:00.000" Score="1" Body="&lt;p&gt;No owner.&lt;/p&gt;" />
+  <row Id="4" PostTypeId="5" CreationDate="2015-03-01T10:00:00.000" OwnerUserId="3" Body="&lt;p&gt;Tag wiki.&lt;/p&gt;" />
+  <row Id="5" PostTypeId="2" ParentId="1" CreationDate="2016-03-01T10:00:00.000" Score="1" OwnerUserId="7" Body="&lt;p&gt;Hops is the beer.&lt;/p&gt;" />
+</posts>
+"""
+
+
+def test_tokenisation_lowercases_and_splits_punctuation():
+  assert tokenize("The BEER, isn't it? (yes)") == ['the', 'beer', ',', "isn't", 'it', '?', '(',
+                                                    'yes', ')']
+  assert html_sentences('<p>One two. Three!</p><pre><code>a = b</code></pre>') == [
+      'one two .', 'three !']
+
+
+def test_stackexchange_posts_group_by_owner_and_split_by_date(tmp_path):
+  (tmp_path / 'Posts.xml').write_text(POSTS)
+  write_vocab(tmp_path / 'wc')
+  meta = prepare(str(tmp_path / 'Posts.xml'), str(tmp_path / 'out'), fmt='stackexchange_xml',
+                 task='stackoverflow', vocab_path=str(tmp_path / 'wc'), split_date='2016-01-01')
+  task = load_prepared('stackoverflow', str(tmp_path / 'out'))
+  assert meta['split_date'] == '2016-01-01'
+  assert list(task.train.client_ids) == ['3', '7'] and list(task.test.client_ids) == ['7']
+  want = {'7': ['the beer is good ?', 'hops , the beer !'], '3': ["it's good ."]}
+  for i, cid in enumerate(task.train.client_ids):
+    got = task.train.client(i)
+    np.testing.assert_array_equal(got['x'], [expected_sequences(s)[0] for s in want[cid]])
+    np.testing.assert_array_equal(got['y'], [expected_sequences(s)[1] for s in want[cid]])
+  np.testing.assert_array_equal(task.test.client(0)['y'],
+                                [expected_sequences('hops is the beer .')[1]])
+  # Without a word-count file the vocabulary is the train split's most frequent words.
+  prepare(str(tmp_path / 'Posts.xml'), str(tmp_path / 'own'), fmt='stackexchange_xml',
+          task='stackoverflow', vocab_size=2, split_date='2016-01-01')
+  with open(tmp_path / 'own' / 'vocab.txt') as f:
+    assert f.read().split() == ['the', 'beer']

@@ -1,0 +1,239 @@
+"""Real samples convert and train; bad files are refused with one clear error; the Stack
+Overflow model's masking and metrics; the configs of the paper's tasks."""
+
+import os
+import sqlite3
+import subprocess
+import sys
+import zlib
+
+import jax
+import msgpack
+import numpy as np
+import pytest
+
+from fathom_sim import models
+from fathom_sim.config import ConfigError, check_config
+from fathom_sim.data import DataError, load_task
+from fathom_sim.data.prepare import prepare
+from fathom_sim.data.prepared import load_prepared
+from fathom_sim.evaluation import make_evaluator
+from fathom_sim.mesh import make_mesh
+from fathom_sim.train import train_and_evaluate
+from tests.test_formats import (_ext_array, _tf_example, emnist_clients,
+                                write_fedjax_emnist, write_tff)
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DATA = os.path.join(ROOT, 'tests', 'data')
+
+
+def _load_config(name):
+  import importlib.util
+  spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, 'configs', f'{name}.py'))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config()
+
+
+def test_real_femnist_leaf_sample_converts_and_trains(tmp_path):
+  meta = prepare(os.path.join(DATA, 'femnist_leaf_sample'), str(tmp_path / 'femnist'),
+                 fmt='leaf_json', task='emnist')
+  assert meta['splits'] == {'train': {'clients': 5, 'examples': 78},
+                            'test': {'clients': 5, 'examples': 89}}
+  task = load_prepared('femnist', str(tmp_path / 'femnist'))
+  x = task.train.client(0)['x']
+  assert x.shape == (11, 28, 28) and np.median(x) == 1.0  # white background, as LEAF stores it
+  config = _load_config('femnist')
+  config.data.data_dir = str(tmp_path / 'femnist')
+  config.num_rounds, config.cohort_size, config.eval_every = 3, 2, 3
+  summary = train_and_evaluate(config, str(tmp_path / 'run'))
+  assert summary['final']['test_examples'] == 89
+  assert np.isfinite(summary['final']['test_loss']) and summary['total_local_steps'] > 0
+
+
+def test_real_posts_xml_converts_and_trains(tmp_path):
+  meta = prepare(os.path.join(DATA, 'beer.stackexchange.Posts.xml'), str(tmp_path / 'beer'),
+                 fmt='stackexchange_xml', task='stackoverflow', vocab_size=1000)
+  train, test = meta['splits']['train'], meta['splits']['test']
+  assert 500 < train['clients'] < 782 and train['examples'] > 10000 and test['clients'] > 100
+  assert meta['num_classes'] == 1004
+  config = _load_config('stackoverflow')
+  config.data.data_dir = str(tmp_path / 'beer')
+  config.model.name, config.model.hidden = 'lstm', (16, 32, 16)
+  config.num_rounds, config.cohort_size, config.eval_every, config.eval_clients = 3, 4, 3, 20
+  summary = train_and_evaluate(config, str(tmp_path / 'run'))
+  assert np.isfinite(summary['final']['test_loss'])
+  assert 0 < summary['final']['test_examples']  # tokens counted: not pad, not eos
+
+
+def test_sequence_model_masks_pad_eos_oov_and_padded_examples():
+  num_ids = 9  # 5 words + pad, bos, eos, oov (id 8)
+  model = models.get_model('lstm', num_classes=num_ids, hidden=(4, 6, 5))
+  x = np.array([[1, 3, 8, 4, 0], [1, 5, 6, 7, 3], [1, 4, 0, 0, 0]], np.int32)
+  y = np.array([[3, 8, 4, 2, 0], [5, 6, 7, 3, 4], [4, 2, 0, 0, 0]], np.int32)
+  batch = {'x': x, 'y': y}
+  params = model.init(jax.random.key(0), batch)
+  logits = np.asarray(models.NextWordLSTM(num_ids, 4, 6, 5).apply({'params': params}, x))
+  logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+  nll = -np.take_along_axis(logp, y[..., None], -1)[..., 0]
+  right = logits.argmax(-1) == y
+  mask = np.array([True, True, False])  # the third example is padding
+  tokens = (y != 0) & mask[:, None]
+  np.testing.assert_allclose(model.loss(params, batch, mask, None),
+                             nll[tokens].mean(), rtol=1e-5)
+  sums = jax.device_get(model.eval_sums(params, batch, mask))
+  counted = tokens & (y != 2)
+  in_vocab = counted & (y != 8)
+  assert sums['count'] == counted.sum() == 8 and sums['count_no_oov'] == in_vocab.sum() == 7
+  np.testing.assert_allclose(sums['loss'], nll[counted].sum(), rtol=1e-5)
+  assert sums['correct'] == right[counted].sum()
+  assert sums['correct_no_oov'] == right[in_vocab].sum()
+
+
+def test_evaluator_reports_extra_accuracies(tmp_path):
+  from fathom_sim.data.federated import ArrayClientDataset
+  model = models.get_model('lstm', num_classes=9, hidden=(4, 6, 5))
+  r = np.random.default_rng(0)
+  y = r.integers(0, 9, (7, 5)).astype(np.int32)
+  data = ArrayClientDataset({'x': y.copy(), 'y': y}, np.array([0, 3, 7]), np.array(['a', 'b']))
+  params = model.init(jax.random.key(1), data.client(0))
+  out = make_evaluator(model, make_mesh(1), 4)(params, data, [0, 1])
+  sums = jax.device_get(model.eval_sums(params, data.features, np.ones(7, bool)))
+  assert set(out) == {'accuracy', 'loss', 'count', 'accuracy_no_oov'}
+  np.testing.assert_allclose(out['accuracy'], sums['correct'] / sums['count'])
+  np.testing.assert_allclose(out['accuracy_no_oov'], sums['correct_no_oov'] /
+                             sums['count_no_oov'])
+
+
+# ---- bad files ----------------------------------------------------------------------------
+
+def _fedjax_dir(tmp_path):
+  write_fedjax_emnist(tmp_path / 'src', emnist_clients(1, [3, 4]), emnist_clients(2, [2]))
+  return str(tmp_path / 'src')
+
+
+def _corrupt_fedjax(tmp_path, problem):
+  src = _fedjax_dir(tmp_path)
+  path = os.path.join(src, 'federated_emnist_train.sqlite')
+  db = sqlite3.connect(path)
+  if problem == 'table':
+    db.execute('ALTER TABLE federated_data RENAME TO clients')
+  elif problem == 'truncated':
+    blob = db.execute('SELECT data FROM federated_data WHERE rowid = 2').fetchone()[0]
+    db.execute('UPDATE federated_data SET data = ? WHERE rowid = 2', (blob[:len(blob) // 2],))
+  else:
+    x = np.ones((3, 27, 28), np.float32) if problem == 'shape' else np.ones((3, 28, 28), np.float32)
+    y = np.array([0, 62, 1], np.int32) if problem == 'labels' else np.zeros(3, np.int32)
+    n = 5 if problem == 'count' else 3
+    db.execute('UPDATE federated_data SET data = ?, num_examples = ? WHERE rowid = 1', (
+        zlib.compress(msgpack.packb({'pixels': _ext_array(x), 'label': _ext_array(y)})), n))
+  db.commit()
+  db.close()
+  return src, path
+
+
+@pytest.mark.parametrize('problem,needle', [
+    ('table', 'no table federated_data'),
+    ('truncated', 'corrupt data blob'),
+    ('shape', 'pixels have shape (3, 27, 28); EMNIST clients need [N, 28, 28]'),
+    ('labels', 'label 62 out of range; EMNIST-62 labels are integers 0..61'),
+    ('count', 'num_examples is 5 but its features have'),
+])
+def test_bad_fedjax_files_are_refused_with_one_clear_error(tmp_path, problem, needle):
+  src, path = _corrupt_fedjax(tmp_path, problem)
+  with pytest.raises(DataError) as err:
+    prepare(src, str(tmp_path / 'out'), fmt='fedjax_sqlite', task='emnist')
+  assert needle in str(err.value) and path in str(err.value) and '\n' not in str(err.value)
+  assert not os.path.exists(tmp_path / 'out') and not os.path.exists(tmp_path / 'out.partial')
+
+
+@pytest.mark.parametrize('problem,needle', [
+    ('compressed', 'not a readable SQLite database'),
+    ('truncated', 'corrupt example proto'),
+    ('count', 'has 2 examples but client_metadata says 3'),
+    ('pixels', 'pixels have shape (2, 756); EMNIST clients need [N, 28, 28]'),
+])
+def test_bad_tff_files_are_refused_with_one_clear_error(tmp_path, problem, needle):
+  path = tmp_path / 'emnist.sqlite'
+  good = _tf_example(pixels=np.ones(784, np.float32), label=[3])
+  if problem == 'compressed':
+    path.write_bytes(b'\xfd7zXZ\x00' + bytes(100))  # an .lzma left compressed
+  else:
+    examples = {'truncated': [good, good[:-5]], 'count': [good, good],
+                'pixels': [_tf_example(pixels=np.ones(756, np.float32), label=[3])] * 2}[problem]
+    write_tff(path, {'train': {'w1': examples}, 'test': {'w1': [good]}})
+    if problem == 'count':
+      db = sqlite3.connect(path)
+      db.execute("UPDATE client_metadata SET num_examples = 3 WHERE split_name = 'train'")
+      db.commit()
+      db.close()
+  with pytest.raises(DataError) as err:
+    prepare(str(path), str(tmp_path / 'out'), fmt='tff_sqlite', task='emnist')
+  assert needle in str(err.value) and str(path) in str(err.value)
+  assert not os.path.exists(tmp_path / 'out')
+
+
+@pytest.mark.parametrize('problem,needle', [
+    ('json', 'not a readable LEAF JSON file'),
+    ('no_test', 'expected a LEAF directory with train.json and test.json'),
+    ('labels', 'label -1 out of range'),
+    ('xml', 'not well-formed XML'),
+    ('not_posts', 'expected a Stack Exchange Posts.xml'),
+])
+def test_bad_leaf_and_posts_files_are_refused(tmp_path, problem, needle):
+  src = tmp_path / 'leaf'
+  src.mkdir()
+  fmt, task = 'leaf_json', 'emnist'
+  if problem == 'json':
+    (src / 'train.json').write_text('{"users": ["a"], "user_data": {"a": {"x": [[1.0')
+    (src / 'test.json').write_text('{}')
+  elif problem == 'no_test':
+    (src / 'train.json').write_text('{"users": [], "user_data": {}}')
+  elif problem == 'labels':
+    (src / 'train.json').write_text('{"users": ["a"], "num_samples": [1], "user_data": '
+                                    '{"a": {"x": [[1.0]], "y": [-1]}}}'.replace(
+                                        '[[1.0]]', str([[1.0] * 784])))
+    (src / 'test.json').write_text('{"users": [], "user_data": {}}')
+  else:
+    src = tmp_path / 'Posts.xml'
+    src.write_text('<posts><row Id="1" ' if problem == 'xml' else '<users><row Id="1"/></users>')
+    fmt, task = 'stackexchange_xml', 'stackoverflow'
+  with pytest.raises(DataError) as err:
+    prepare(str(src), str(tmp_path / 'out'), fmt=fmt, task=task)
+  assert needle in str(err.value) and str(src) in str(err.value)
+
+
+def test_prepare_cli_summary_and_bad_input_exit(tmp_path):
+  src = _fedjax_dir(tmp_path)
+  cmd = [sys.executable, os.path.join(ROOT, 'launch', 'prepare_data.py'), '--format=fedjax_sqlite',
+         '--task=emnist', f'--source={src}']
+  ok = subprocess.run(cmd + [f'--out={tmp_path / "out"}'], capture_output=True, text=True)
+  assert ok.returncode == 0, ok.stderr[-2000:]
+  assert 'train: 2 clients, 7 examples; examples per client min 3' in ok.stdout
+  again = subprocess.run(cmd + [f'--out={tmp_path / "out"}'], capture_output=True, text=True)
+  assert again.returncode == 2 and 'already exists and is not empty' in again.stderr
+  _corrupt_fedjax(tmp_path / 'bad', 'labels')
+  bad = subprocess.run(cmd[:-1] + [f'--source={tmp_path / "bad" / "src"}',
+                                   f'--out={tmp_path / "out2"}'], capture_output=True, text=True)
+  assert bad.returncode == 2 and not os.path.exists(tmp_path / 'out2')
+  errors = [l for l in bad.stderr.splitlines() if l.startswith('error:')]
+  assert len(errors) == 1 and 'label 62 out of range' in errors[0]
+
+
+def test_paper_configs_and_missing_dataset_message(tmp_path):
+  femnist, so = _load_config('femnist'), _load_config('stackoverflow')
+  check_config(femnist)
+  check_config(so)
+  assert (femnist.cohort_size, femnist.eta, femnist.batch_size, femnist.upper_eta) == (
+      10, 0.1, 20.0, 0.5)
+  assert (so.cohort_size, so.eta, so.batch_size, so.upper_eta, so.model.name) == (
+      50, 0.32, 16.0, 1.0, 'stackoverflow_lstm')
+  so.data.data_dir = str(tmp_path / 'nowhere')
+  with pytest.raises(DataError) as err:
+    load_task(so.data)
+  message = str(err.value)
+  assert 'nowhere' in message and 'prepare_data.py' in message and 'curl' in message
+  assert '\n' not in message
+  femnist.data.data_dir = ''
+  with pytest.raises(ConfigError, match='config.data.data_dir must be the prepared dataset'):
+    check_config(femnist)
