@@ -249,6 +249,11 @@ def _stop_signals():
       signal.signal(s, handler)
 
 
+def _extra_accuracies(result: dict) -> dict:
+  """A model's further accuracies (e.g. Stack Overflow's without OOV) as test_* fields."""
+  return {f'test_{k}': v for k, v in result.items() if k.startswith('accuracy_')}
+
+
 def _first_reaching(rows: list[dict], target: float) -> dict | None:
   return next((r for r in rows if r.get('test_accuracy') is not None
                and r['test_accuracy'] >= target), None)
@@ -329,6 +334,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         result = evaluate(state.params, task.test, chosen)
         last_eval = (t, len(chosen) == len(test_clients), result)
         row['test_accuracy'], row['test_loss'] = result['accuracy'], result['loss']
+        row.update(_extra_accuracies(result))
       row['wall_s'] = time.time() - start
       writer.write(row)
       rows.append(row)
@@ -361,7 +367,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       'total_local_steps': total_steps,
       'padding_efficiency': total_examples / max(computed, 1),
       'final': {'test_accuracy': final['accuracy'], 'test_loss': final['loss'],
-                'test_examples': final['count'], 'params_l2': l2, 'params_sha256': sha},
+                'test_examples': final['count'], 'params_l2': l2, 'params_sha256': sha,
+                **_extra_accuracies(final)},
       'final_hparams': {'eta': float(hp[ETA]), 'epochs': float(hp[EPOCHS]),
                         'batch_size': float(hp[BATCH])},
   }

@@ -1,6 +1,7 @@
 """Real samples convert and train; bad files are refused with one clear error; the Stack
 Overflow model's masking and metrics; the configs of the paper's tasks."""
 
+import json
 import os
 import sqlite3
 import subprocess
@@ -64,6 +65,10 @@ def test_real_posts_xml_converts_and_trains(tmp_path):
   summary = train_and_evaluate(config, str(tmp_path / 'run'))
   assert np.isfinite(summary['final']['test_loss'])
   assert 0 < summary['final']['test_examples']  # tokens counted: not pad, not eos
+  assert 0 <= summary['final']['test_accuracy_no_oov'] <= 1  # the second SO metric
+  with open(tmp_path / 'run' / 'metrics.jsonl') as f:
+    last = [json.loads(line) for line in f][-1]
+  assert 'test_accuracy_no_oov' in last
 
 
 def test_sequence_model_masks_pad_eos_oov_and_padded_examples():
