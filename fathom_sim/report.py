@@ -197,7 +197,9 @@ def markdown(groups: list[Group], targets: list[float]) -> str:
            '| --- | --- | --- | --- | --- |' + ' --- | --- | --- |' * len(targets)]
   for g in groups:
     spr = seconds_per_round(g)
-    cells = [f'`{g.setting}`', g.algorithm, str(len(g.runs)), _fmt_acc(final_accuracy(g)),
+    unfinished = sum(r.summary is None for r in g.runs)
+    seeds = str(len(g.runs)) + (f' ({unfinished} unfinished)' if unfinished else '')
+    cells = [f'`{g.setting}`', g.algorithm, seeds, _fmt_acc(final_accuracy(g)),
              '—' if spr is None else f'{spr:.3f}']
     for t in targets:
       r = to_target(g, t)
@@ -207,7 +209,8 @@ def markdown(groups: list[Group], targets: list[float]) -> str:
     lines.append('| ' + ' | '.join(cells) + ' |')
   lines.append('')
   lines.append('Means and sample std over the seeds that reached the target; (k/n): only k of '
-               'n seeds reached it; —: none did. s/round: median seconds between rounds.')
+               'n seeds reached it; —: none did. s/round: median seconds between rounds. '
+               'Unfinished runs count with the rounds they have.')
   examples, n_runs = grid_cost(groups)
   fathom = [g for g in groups if g.algorithm == 'fathom']
   if n_runs:
