@@ -1,0 +1,92 @@
+"""The report's PNG plots (matplotlib, Agg backend: no display needed).
+
+Curves are means over a setting's seeds, at the rounds every seed logged; the band is the
+min..max over seeds.
+"""
+
+from __future__ import annotations
+
+import os
+
+import matplotlib
+
+matplotlib.use('Agg')
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from fathom_sim.report import Group, best_fedavg  # noqa: E402
+
+HPARAMS = (('eta', 'η'), ('epochs', 'E'), ('batch_size', 'B'), ('h_glob', 'h_glob'),
+           ('h_local', 'h_local'))
+MAX_CURVES = 12  # beyond this a plot is unreadable; the table still lists every setting
+
+
+def curve(group: Group, field: str, x_field: str = 'round'):
+  """(x, mean, min, max) over seeds of `field` at the rounds where every seed has it."""
+  per_run = [{r['round']: (r[x_field], r[field]) for r in run.rows
+              if r.get(field) is not None} for run in group.runs]
+  rounds = sorted(set.intersection(*(set(d) for d in per_run))) if per_run else []
+  if not rounds:
+    return None
+  x = np.array([[d[t][0] for t in rounds] for d in per_run], float).mean(0)
+  y = np.array([[d[t][1] for t in rounds] for d in per_run], float)
+  return x, y.mean(0), y.min(0), y.max(0)
+
+
+def _draw(ax, groups: list[Group], field: str, x_field: str, log_y: bool = False) -> None:
+  for g in groups[:MAX_CURVES]:
+    c = curve(g, field, x_field)
+    if c is None:
+      continue
+    x, mean, lo, hi = c
+    (line,) = ax.plot(x, mean, lw=1.2, label=f'{g.setting} (n={len(g.runs)})')
+    if len(g.runs) > 1:
+      ax.fill_between(x, lo, hi, color=line.get_color(), alpha=0.15, lw=0)
+  if log_y:
+    ax.set_yscale('log')
+  ax.grid(alpha=0.3)
+
+
+def _save(fig, path: str) -> str:
+  fig.tight_layout()
+  fig.savefig(path, dpi=90)
+  plt.close(fig)
+  return path
+
+
+def accuracy_plot(groups: list[Group], path: str, title: str = 'test accuracy') -> str:
+  """Test accuracy against rounds (left) and against examples processed (right)."""
+  fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4.2))
+  _draw(a, groups, 'test_accuracy', 'round')
+  _draw(b, groups, 'test_accuracy', 'examples')
+  a.set_xlabel('round')
+  b.set_xlabel('examples processed by clients')
+  a.set_ylabel('test accuracy')
+  a.legend(fontsize=7)
+  fig.suptitle(title)
+  return _save(fig, path)
+
+
+def hparams_plot(groups: list[Group], path: str) -> str:
+  """η, E, B, h_glob and h_local against rounds."""
+  fig, axes = plt.subplots(1, len(HPARAMS), figsize=(16, 3.4))
+  for ax, (field, label) in zip(axes, HPARAMS):
+    _draw(ax, groups, field, 'round', log_y=field == 'batch_size')
+    ax.set_title(label)
+    ax.set_xlabel('round')
+  axes[0].legend(fontsize=6)
+  return _save(fig, path)
+
+
+def write_plots(groups: list[Group], out: str, target: float | None) -> list[str]:
+  """accuracy.png, hparams.png (FATHOM settings, or all when none) and, with FATHOM and FedAvg
+  settings both present, fathom_vs_fedavg.png against the best FedAvg setting at `target`."""
+  os.makedirs(out, exist_ok=True)
+  paths = [accuracy_plot(groups, os.path.join(out, 'accuracy.png'))]
+  fathom = [g for g in groups if g.algorithm == 'fathom']
+  paths.append(hparams_plot(fathom or groups, os.path.join(out, 'hparams.png')))
+  best = best_fedavg(groups, target) if target is not None else None
+  if fathom and best is not None:
+    paths.append(accuracy_plot(fathom + [best], os.path.join(out, 'fathom_vs_fedavg.png'),
+                               f'FATHOM against the best static FedAvg at {target:g}'))
+  return paths

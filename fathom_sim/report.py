@@ -1,0 +1,232 @@
+"""Reading runs, grouping them by setting over seeds, and the cost-to-target tables.
+
+A run is a workdir holding metrics.jsonl (config.json and summary.json when present). Runs in
+a sweep live in <sweep>/<setting>/seed=<n>; they are grouped by <setting>. Means are over the
+seeds that reached a target; std is the sample std (n - 1), absent for one value.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import re
+import statistics
+
+from fathom_sim import metrics
+
+_SEED_DIR = re.compile(r'^seed=\d+$')
+
+
+@dataclasses.dataclass
+class RunData:
+  """One run's outputs."""
+  workdir: str
+  setting: str
+  config: dict
+  rows: list[dict]
+  summary: dict | None
+
+  @property
+  def algorithm(self) -> str:
+    return self.config.get('algorithm', '?')
+
+  @property
+  def total_examples(self) -> int:
+    if self.summary and 'total_examples' in self.summary:
+      return int(self.summary['total_examples'])
+    return int(self.rows[-1]['examples']) if self.rows else 0
+
+
+@dataclasses.dataclass
+class Group:
+  """The runs of one setting, one per seed."""
+  setting: str
+  runs: list[RunData]
+
+  @property
+  def algorithm(self) -> str:
+    return self.runs[0].algorithm
+
+
+def _read_json(path: str) -> dict | None:
+  try:
+    with open(path, encoding='utf-8') as f:
+      return json.load(f)
+  except (OSError, ValueError):
+    return None
+
+
+def read_run(workdir: str, setting: str) -> RunData:
+  rows = []
+  with open(os.path.join(workdir, metrics.METRICS_FILE), encoding='utf-8') as f:
+    for line in f:
+      try:
+        rows.append(json.loads(line))
+      except ValueError:
+        break  # a torn last line of a killed run
+  config = _read_json(os.path.join(workdir, 'config.json')) or {}
+  return RunData(workdir, setting, config, rows,
+                 _read_json(os.path.join(workdir, metrics.SUMMARY_FILE)))
+
+
+def find_runs(paths: list[str]) -> list[RunData]:
+  """Every run under the given run or sweep folders, in sorted order.
+
+  A run's setting is its folder path below the given one, less a final seed=<n>; a run given
+  directly is its own setting. With several folders given, settings are prefixed by the
+  folder's name so that two sweeps' settings stay apart.
+  """
+  runs = []
+  for root in paths:
+    root = os.path.normpath(root)
+    prefix = os.path.basename(root) + '/' if len(paths) > 1 else ''
+    for dirpath, dirnames, filenames in os.walk(root):
+      dirnames.sort()
+      if metrics.METRICS_FILE not in filenames:
+        continue
+      dirnames[:] = []  # a run's own subfolders (checkpoints) hold no runs
+      parts = os.path.relpath(dirpath, root).split(os.sep)
+      parts = [] if parts == ['.'] else parts
+      if parts and _SEED_DIR.match(parts[-1]):
+        parts = parts[:-1]
+      if parts:
+        setting = prefix + '/'.join(parts)
+      else:  # a run or a setting's folder given directly
+        base = os.path.basename(root)
+        setting = os.path.basename(os.path.dirname(root)) if _SEED_DIR.match(base) else base
+      runs.append(read_run(dirpath, setting))
+  return runs
+
+
+def group_runs(runs: list[RunData]) -> list[Group]:
+  """Groups by setting, in first-seen order."""
+  groups: dict[str, Group] = {}
+  for run in runs:
+    groups.setdefault(run.setting, Group(run.setting, [])).runs.append(run)
+  return list(groups.values())
+
+
+def first_reaching(rows: list[dict], target: float) -> dict | None:
+  """The first row whose test accuracy is at least `target`; None when none is."""
+  return next((r for r in rows if r.get('test_accuracy') is not None
+               and r['test_accuracy'] >= target), None)
+
+
+def mean_std(values: list[float]) -> tuple[float | None, float | None]:
+  """(mean, sample std); (None, None) for no values, std None for one value."""
+  if not values:
+    return None, None
+  return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else None)
+
+
+def to_target(group: Group, target: float) -> dict:
+  """Rounds, examples and local steps to first reach `target`, mean and std over seeds."""
+  hits = [first_reaching(r.rows, target) for r in group.runs]
+  reached = [h for h in hits if h is not None]
+  out = {'reached': len(reached), 'seeds': len(hits)}
+  for key, field in (('rounds', 'round'), ('examples', 'examples'),
+                     ('local_steps', 'local_steps')):
+    out[key] = mean_std([float(h[field]) for h in reached])
+  return out
+
+
+def final_accuracy(group: Group) -> tuple[float | None, float | None]:
+  """Mean and std over seeds of the final test accuracy (summary, else the last eval row)."""
+  values = []
+  for run in group.runs:
+    if run.summary:
+      values.append(run.summary['final']['test_accuracy'])
+    else:
+      evals = [r['test_accuracy'] for r in run.rows if r.get('test_accuracy') is not None]
+      if evals:
+        values.append(evals[-1])
+  return mean_std(values)
+
+
+def seconds_per_round(group: Group) -> float | None:
+  """Median wall-clock seconds between consecutive rows, over all seeds (compiles excluded
+  by the median, evaluation rounds included)."""
+  gaps = [b['wall_s'] - a['wall_s'] for r in group.runs for a, b in zip(r.rows, r.rows[1:])
+          if b['round'] == a['round'] + 1]
+  return statistics.median(gaps) if gaps else None
+
+
+def best_fedavg(groups: list[Group], target: float) -> Group | None:
+  """The FedAvg setting reaching `target` on the most seeds, then in the fewest mean rounds."""
+  best, best_key = None, None
+  for g in groups:
+    if g.algorithm != 'fedavg':
+      continue
+    t = to_target(g, target)
+    if not t['reached']:
+      continue
+    key = (-t['reached'] / t['seeds'], t['rounds'][0])
+    if best_key is None or key < best_key:
+      best, best_key = g, key
+  return best
+
+
+def grid_cost(groups: list[Group]) -> tuple[int, int]:
+  """(examples, runs) summed over every FedAvg run: what the grid search cost."""
+  runs = [r for g in groups if g.algorithm == 'fedavg' for r in g.runs]
+  return sum(r.total_examples for r in runs), len(runs)
+
+
+def _fmt(ms: tuple[float | None, float | None], big: bool = False) -> str:
+  mean, std = ms
+  if mean is None:
+    return '—'
+  f = (lambda v: f'{v:,.0f}') if big else (lambda v: f'{v:.1f}')
+  return f(mean) if std is None else f'{f(mean)} ± {f(std)}'
+
+
+def _fmt_acc(ms: tuple[float | None, float | None]) -> str:
+  mean, std = ms
+  if mean is None:
+    return '—'
+  return f'{mean:.3f}' if std is None else f'{mean:.3f} ± {std:.3f}'
+
+
+def markdown(groups: list[Group], targets: list[float]) -> str:
+  """The report's tables: cost to each target per setting; FedAvg grid best and total cost."""
+  lines = ['| setting | algorithm | seeds | final test accuracy | s/round |'
+           + ''.join(f' rounds to {t:g} | examples to {t:g} | local steps to {t:g} |'
+                     for t in targets),
+           '| --- | --- | --- | --- | --- |' + ' --- | --- | --- |' * len(targets)]
+  for g in groups:
+    spr = seconds_per_round(g)
+    unfinished = sum(r.summary is None for r in g.runs)
+    seeds = str(len(g.runs)) + (f' ({unfinished} unfinished)' if unfinished else '')
+    cells = [f'`{g.setting}`', g.algorithm, seeds, _fmt_acc(final_accuracy(g)),
+             '—' if spr is None else f'{spr:.3f}']
+    for t in targets:
+      r = to_target(g, t)
+      note = '' if r['reached'] in (0, r['seeds']) else f' ({r["reached"]}/{r["seeds"]})'
+      cells += [_fmt(r['rounds']) + note, _fmt(r['examples'], True),
+                _fmt(r['local_steps'], True)]
+    lines.append('| ' + ' | '.join(cells) + ' |')
+  lines.append('')
+  lines.append('Means and sample std over the seeds that reached the target; (k/n): only k of '
+               'n seeds reached it; —: none did. s/round: median seconds between rounds. '
+               'Unfinished runs count with the rounds they have.')
+  examples, n_runs = grid_cost(groups)
+  fathom = [g for g in groups if g.algorithm == 'fathom']
+  if n_runs:
+    lines += ['', f'FedAvg grid search: {n_runs} runs, {examples:,} examples in all.', '',
+              '| target | best static FedAvg | its rounds | its examples |'
+              + ''.join(f' `{g.setting}` rounds | `{g.setting}` examples |' for g in fathom),
+              '| --- | --- | --- | --- |' + ' --- | --- |' * len(fathom)]
+    for t in targets:
+      best = best_fedavg(groups, t)
+      if best is None:
+        cells = [f'{t:g}', 'none reached it', '—', '—']
+      else:
+        r = to_target(best, t)
+        cells = [f'{t:g}', f'`{best.setting}`', _fmt(r['rounds']), _fmt(r['examples'], True)]
+      for g in fathom:
+        r = to_target(g, t)
+        cells += [_fmt(r['rounds']), _fmt(r['examples'], True)]
+      lines.append('| ' + ' | '.join(cells) + ' |')
+  return '\n'.join(lines) + '\n'

@@ -1,0 +1,195 @@
+"""Sweeps: a grid of config overrides x seeds, one workdir per run, and a sweep index.
+
+A sweep definition is a Python file whose `get_sweep()` returns a dict (or ConfigDict) with
+  config     a config file (path relative to the sweep file) or a ConfigDict,
+  overrides  a list of {field: value} dicts, one per setting (dotted fields for nested ones),
+  seeds      a list of seeds (or an int n for seeds 0..n-1),
+  fixed      optional {field: value} applied to every run (not part of run names).
+Run i of a setting lands in <out>/<setting name>/seed=<seed>; `sweep.json` lists every run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import json
+import math
+import os
+import re
+import time
+from typing import Callable
+
+import ml_collections
+
+from fathom_sim import metrics
+from fathom_sim.config import ConfigError
+
+INDEX_FILE = 'sweep.json'
+_UNSAFE = re.compile(r'[^A-Za-z0-9._=,+-]')
+
+
+@dataclasses.dataclass
+class SweepDef:
+  """A loaded sweep definition."""
+  config: ml_collections.ConfigDict
+  config_source: str
+  overrides: list[dict]
+  seeds: list[int]
+  fixed: dict
+
+
+@dataclasses.dataclass
+class RunSpec:
+  """One run of a sweep: its setting, seed, full config and workdir."""
+  name: str
+  setting: str
+  overrides: dict
+  seed: int
+  config: ml_collections.ConfigDict
+  workdir: str
+
+
+def _load_module(path: str, name: str):
+  spec = importlib.util.spec_from_file_location(name, path)
+  if spec is None:
+    raise ConfigError(f'{path!r} is not a Python file')
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def load_sweep(path: str) -> SweepDef:
+  """Reads a sweep file; its config path is taken relative to the sweep file."""
+  if not os.path.isfile(path):
+    raise ConfigError(f'--sweep {path!r}: no such sweep file (expected a sweeps/*.py file)')
+  d = dict(_load_module(path, '_sweep_def').get_sweep())
+  config = d['config']
+  if isinstance(config, str):
+    source = config if os.path.isabs(config) else os.path.normpath(
+        os.path.join(os.path.dirname(os.path.abspath(path)), config))
+    if not os.path.isfile(source):
+      raise ConfigError(f'sweep {path!r} names config {config!r}, which is not a file')
+    config = _load_module(source, '_sweep_config').get_config()
+  else:
+    source = '<inline>'
+  seeds = d.get('seeds', [0])
+  seeds = list(range(seeds)) if isinstance(seeds, int) else [int(s) for s in seeds]
+  overrides = [dict(o) for o in d.get('overrides', [{}])] or [{}]
+  return SweepDef(config, source, overrides, seeds, dict(d.get('fixed', {})))
+
+
+def _format(value) -> str:
+  if isinstance(value, float):
+    return f'{value:g}'
+  if isinstance(value, (tuple, list)):
+    return '-'.join(_format(v) for v in value)
+  return str(value)
+
+
+def setting_name(overrides: dict) -> str:
+  """'eta=0.05,batch_size=8' in the overrides' own order; 'base' for no overrides."""
+  if not overrides:
+    return 'base'
+  name = ','.join(f'{k}={_format(v)}' for k, v in overrides.items())
+  return _UNSAFE.sub('_', name)[:200]  # one path component, whatever the values hold
+
+
+def apply_overrides(config: ml_collections.ConfigDict, overrides: dict) -> None:
+  """Sets dotted fields in place; an unknown field or a wrong type raises ConfigError."""
+  for key, value in overrides.items():
+    node, parts = config, key.split('.')
+    for part in parts[:-1]:
+      if part not in node:
+        raise ConfigError(f'unknown config field config.{key}')
+      node = node[part]
+    if parts[-1] not in node:
+      raise ConfigError(f'unknown config field config.{key}')
+    try:
+      node[parts[-1]] = value
+    except (TypeError, ValueError) as e:
+      raise ConfigError(f'config.{key}: cannot be set to {value!r} ({e})') from None
+
+
+def plan_runs(sweep: SweepDef, out: str, extra: dict | None = None) -> list[RunSpec]:
+  """Every (setting, seed) run; `extra` (e.g. from the command line) is applied last."""
+  names = [setting_name(o) for o in sweep.overrides]
+  if len(set(names)) != len(names):
+    raise ConfigError('the sweep lists the same setting twice: '
+                      + ', '.join(sorted({n for n in names if names.count(n) > 1})))
+  runs = []
+  for overrides, setting in zip(sweep.overrides, names):
+    for seed in sweep.seeds:
+      config = ml_collections.ConfigDict(sweep.config.to_dict())
+      apply_overrides(config, sweep.fixed)
+      apply_overrides(config, overrides)
+      apply_overrides(config, dict(extra or {}))
+      config.seed = seed
+      name = f'{setting}/seed={seed}'
+      runs.append(RunSpec(name, setting, overrides, seed, config, os.path.join(out, name)))
+  return runs
+
+
+def is_finished(workdir: str, num_rounds: int) -> bool:
+  """True when the workdir holds a summary of at least `num_rounds` rounds."""
+  try:
+    with open(os.path.join(workdir, metrics.SUMMARY_FILE), encoding='utf-8') as f:
+      return int(json.load(f).get('rounds', 0)) >= num_rounds
+  except (OSError, ValueError):
+    return False
+
+
+def _entry(run: RunSpec, out: str, status: str, **extra) -> dict:
+  return {'name': run.name, 'setting': run.setting, 'overrides': run.overrides,
+          'seed': run.seed, 'workdir': os.path.relpath(run.workdir, out), 'status': status,
+          **extra}
+
+
+def run_sweep(sweep: SweepDef, out: str, *, extra: dict | None = None,
+              train: Callable[[ml_collections.ConfigDict, str], dict] | None = None,
+              log: Callable[[str], None] = print) -> list[dict]:
+  """Runs every unfinished run in order, in this process; returns the index entries.
+
+  Finished runs are skipped; an unfinished one resumes through train_and_evaluate's own
+  resume. A run failing on bad input is marked 'failed' and the sweep goes on; a preemption
+  (SIGTERM) stops the sweep after that run checkpointed.
+  """
+  if train is None:
+    from fathom_sim.train import train_and_evaluate as train
+  from fathom_sim.data import DataError
+  from fathom_sim.train import WorkdirError
+  runs = plan_runs(sweep, out, extra)
+  os.makedirs(out, exist_ok=True)
+  entries = [_entry(r, out, 'done' if is_finished(r.workdir, r.config.num_rounds)
+                    else 'pending') for r in runs]
+  index = {'config': sweep.config_source, 'fixed': sweep.fixed, 'extra': dict(extra or {}),
+           'seeds': sweep.seeds, 'runs': entries}
+
+  def save() -> None:
+    metrics.write_json(os.path.join(out, INDEX_FILE), index)
+
+  save()
+  for i, run in enumerate(runs):
+    if entries[i]['status'] == 'done':
+      log(f'[{i + 1}/{len(runs)}] {run.name}: finished already, skipped')
+      continue
+    log(f'[{i + 1}/{len(runs)}] {run.name}: running')
+    entries[i] = _entry(run, out, 'running')
+    save()
+    start = time.time()
+    try:
+      summary = train(run.config, run.workdir)
+    except (ConfigError, DataError, WorkdirError) as e:
+      entries[i] = _entry(run, out, 'failed', error=str(e))
+      log(f'[{i + 1}/{len(runs)}] {run.name}: failed: {e}')
+      save()
+      continue
+    except BaseException:
+      entries[i] = _entry(run, out, 'interrupted')
+      save()
+      raise
+    acc = summary.get('final', {}).get('test_accuracy', math.nan)
+    entries[i] = _entry(run, out, 'done', final_test_accuracy=acc,
+                        sweep_wall_s=time.time() - start)
+    log(f'[{i + 1}/{len(runs)}] {run.name}: done, final test accuracy {acc:.4f}')
+    save()
+  return entries

@@ -1,0 +1,51 @@
+"""Writes a report of runs and sweeps: PNG plots and a Markdown table.
+
+  python launch/report.py runs/eta runs/fedavg_grid --out=reports/eta --targets=0.3,0.4
+
+Writes <out>/report.md (cost to each target per setting, mean ± std over seeds; the FedAvg
+grid's best setting per target and its total cost), accuracy.png, hparams.png and, when both
+algorithms are present, fathom_vs_fedavg.png.
+"""
+
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from absl import app, flags  # noqa: E402
+
+from launch import cli  # noqa: E402
+
+_OUT = flags.DEFINE_string('out', None, 'Folder for report.md and the PNGs.')
+_TARGETS = flags.DEFINE_list('targets', ['0.3', '0.4'], 'Target test accuracies.')
+
+
+def main(argv):
+  from fathom_sim import plots, report
+  paths = argv[1:]
+  if not paths:
+    cli.fail('name at least one run or sweep folder')
+  missing = [p for p in paths if not os.path.isdir(p)]
+  if missing:
+    cli.fail(f'no such folder: {", ".join(missing)}')
+  try:
+    targets = [float(t) for t in _TARGETS.value]
+  except ValueError:
+    cli.fail(f'--targets must be numbers, got {",".join(_TARGETS.value)}')
+  groups = report.group_runs(report.find_runs(paths))
+  if not groups:
+    cli.fail(f'no runs (folders with metrics.jsonl) under {", ".join(paths)}')
+  os.makedirs(_OUT.value, exist_ok=True)
+  table = report.markdown(groups, targets)
+  with open(os.path.join(_OUT.value, 'report.md'), 'w', encoding='utf-8') as f:
+    f.write(table)
+  # Compare against the FedAvg setting that is best at the hardest target some setting reached.
+  reached = [t for t in sorted(targets, reverse=True) if report.best_fedavg(groups, t)]
+  written = plots.write_plots(groups, _OUT.value, reached[0] if reached else None)
+  print(table)
+  print('wrote ' + ', '.join([os.path.join(_OUT.value, 'report.md'), *written]))
+
+
+if __name__ == '__main__':
+  flags.mark_flags_as_required(['out'])
+  app.run(main)

@@ -1,0 +1,82 @@
+"""Runs a sweep: every (setting, seed) of a sweep file, one workdir each, in this process.
+
+  python launch/sweep.py --sweep=sweeps/initial_eta.py --out=runs/eta [--seeds=5]
+      [--config.FIELD=VALUE ...]
+
+--config.FIELD=VALUE overrides apply to every run (e.g. --config.num_rounds=200); raising
+num_rounds later continues finished runs. Run the same command again to skip finished runs and
+resume unfinished ones. Exits 1 when a run failed (see sweep.json), 2 on a bad sweep file.
+"""
+
+import ast
+import logging as pylogging
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from absl import app, flags, logging  # noqa: E402
+
+from launch import cli  # noqa: E402
+
+_SWEEP = flags.DEFINE_string('sweep', None, 'Sweep file (sweeps/*.py) with get_sweep().')
+_OUT = flags.DEFINE_string('out', None, 'Folder for the runs and sweep.json.')
+_SEEDS = flags.DEFINE_integer('seeds', None, 'Use seeds 0..N-1 instead of the sweep\'s own.')
+_DRY_RUN = flags.DEFINE_bool('dry_run', False, 'List the runs and their status; train nothing.')
+
+_EXTRA: dict = {}
+
+
+def _literal(text: str):
+  try:
+    return ast.literal_eval(text)
+  except (ValueError, SyntaxError):
+    return text  # a bare word such as fedavg
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+  """Takes --config.FIELD=VALUE out of argv (they apply to every run), parses the rest."""
+  rest = []
+  for arg in argv:
+    if arg.startswith('--config.') and '=' in arg:
+      key, value = arg[len('--config.'):].split('=', 1)
+      _EXTRA[key] = _literal(value)
+    else:
+      rest.append(arg)
+  return cli.parse_flags_or_exit(rest)
+
+
+def _quiet_libraries(record) -> bool:
+  return record.levelno >= pylogging.WARNING or '/orbax/' not in record.pathname
+
+
+def main(argv):
+  del argv
+  from fathom_sim import sweep as sweep_lib
+  from fathom_sim.config import ConfigError
+  handler = logging.get_absl_handler()
+  handler.python_handler.stream = sys.stdout
+  handler.addFilter(_quiet_libraries)
+  try:
+    sweep = sweep_lib.load_sweep(_SWEEP.value)
+    if _SEEDS.value is not None:
+      sweep.seeds = list(range(_SEEDS.value))
+    if _DRY_RUN.value:
+      for run in sweep_lib.plan_runs(sweep, _OUT.value, _EXTRA):
+        done = sweep_lib.is_finished(run.workdir, run.config.num_rounds)
+        print(f'{run.name}: {"done" if done else "to run"}')
+      return
+    entries = []
+    cli.run_or_exit(lambda: entries.extend(sweep_lib.run_sweep(sweep, _OUT.value,
+                                                               extra=_EXTRA)))
+  except ConfigError as e:
+    cli.fail(str(e))
+  failed = [e['name'] for e in entries if e['status'] == 'failed']
+  if failed:
+    print(f'{len(failed)} run(s) failed: {", ".join(failed)} (see sweep.json)', file=sys.stderr)
+    sys.exit(1)
+
+
+if __name__ == '__main__':
+  flags.mark_flags_as_required(['sweep', 'out'])
+  app.run(main, flags_parser=parse_flags)

@@ -1,0 +1,145 @@
+"""Sweeps (runs, index, restart skipping finished runs) and reports (plots, hand-checked tables)."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+
+from fathom_sim import report, sweep
+from fathom_sim.train import train_and_evaluate
+
+from tests.common import tiny_config
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+SWEEP_FILE = '''
+from tests.common import tiny_config
+
+def get_sweep():
+  return {'config': tiny_config(num_rounds=3, eval_every=1, num_devices=1),
+          'overrides': [{'algorithm': 'fathom'}, {'algorithm': 'fedavg', 'eta': 0.1}],
+          'seeds': [0, 1]}
+'''
+
+
+def _cli(script, *args):
+  env = dict(os.environ, JAX_PLATFORMS='cpu')
+  env.pop('XLA_FLAGS', None)
+  return subprocess.run([sys.executable, os.path.join(ROOT, 'launch', script), *args],
+                        cwd=ROOT, env=env, timeout=300, capture_output=True, text=True)
+
+
+def test_setting_names_are_deterministic_and_path_safe():
+  assert sweep.setting_name({}) == 'base'
+  assert sweep.setting_name({'eta': 0.05, 'batch_size': 8.0}) == 'eta=0.05,batch_size=8'
+  assert (sweep.setting_name({'model.hidden': (64, 32), 'data.path': '/a b'})
+          == 'model.hidden=64-32,data.path=_a_b')
+
+
+def test_sweep_runs_every_setting_and_seed_once_and_reports(tmp_path):
+  sweep_file = tmp_path / 'tiny_sweep.py'
+  sweep_file.write_text(SWEEP_FILE)
+  out = str(tmp_path / 'sweep')
+  calls = []
+
+  def counting_train(config, workdir):
+    calls.append(workdir)
+    return train_and_evaluate(config, workdir)
+
+  definition = sweep.load_sweep(str(sweep_file))
+  entries = sweep.run_sweep(definition, out, train=counting_train, log=lambda _: None)
+  names = ['algorithm=fathom/seed=0', 'algorithm=fathom/seed=1',
+           'algorithm=fedavg,eta=0.1/seed=0', 'algorithm=fedavg,eta=0.1/seed=1']
+  assert [e['name'] for e in entries] == names and len(calls) == 4
+  assert all(e['status'] == 'done' for e in entries)
+  with open(os.path.join(out, 'sweep.json')) as f:
+    index = json.load(f)
+  assert [(r['name'], r['seed'], r['status'], r['workdir']) for r in index['runs']] == [
+      (n, int(n[-1]), 'done', n) for n in names]
+  for n in names:
+    with open(os.path.join(out, n, 'config.json')) as f:
+      config = json.load(f)
+    assert config['seed'] == int(n[-1]) and config['algorithm'] in n
+  summaries = [os.path.join(out, n, 'summary.json') for n in names]
+  mtimes = [os.stat(p).st_mtime_ns for p in summaries]
+
+  # Restarted from the command line: nothing reruns, nothing is rewritten.
+  p = _cli('sweep.py', f'--sweep={sweep_file}', f'--out={out}')
+  assert p.returncode == 0, p.stderr[-3000:]
+  assert p.stdout.count('finished already, skipped') == 4
+  assert [os.stat(p).st_mtime_ns for p in summaries] == mtimes
+
+  # A run without its summary is unfinished: only that one goes through train_and_evaluate
+  # again (which resumes from its final checkpoint).
+  os.remove(summaries[1])
+  calls.clear()
+  sweep.run_sweep(definition, out, train=counting_train, log=lambda _: None)
+  assert calls == [os.path.join(out, names[1])] and os.path.exists(summaries[1])
+
+  p = _cli('report.py', out, f'--out={tmp_path / "report"}', '--targets=0.05,0.99')
+  assert p.returncode == 0, p.stderr[-3000:]
+  files = sorted(os.listdir(tmp_path / 'report'))
+  assert files == ['accuracy.png', 'fathom_vs_fedavg.png', 'hparams.png', 'report.md']
+  for f in files[:3]:
+    assert (tmp_path / 'report' / f).read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
+  table = (tmp_path / 'report' / 'report.md').read_text()
+  assert '`algorithm=fathom`' in table and '`algorithm=fedavg,eta=0.1`' in table
+  assert 'FedAvg grid search: 2 runs' in table
+
+
+def _write_run(workdir, algorithm, acc_by_round, examples_per_round, rounds):
+  os.makedirs(workdir)
+  with open(os.path.join(workdir, 'config.json'), 'w') as f:
+    json.dump({'algorithm': algorithm}, f)
+  with open(os.path.join(workdir, 'metrics.jsonl'), 'w') as f:
+    for t in range(1, rounds + 1):
+      row = {'round': t, 'examples': examples_per_round * t, 'local_steps': 10 * t,
+             'wall_s': 0.5 * t, 'eta': 0.1, 'epochs': 1.0, 'batch_size': 20.0, 'h_glob': 0.0,
+             'h_local': 0.1}
+      if t in acc_by_round:
+        row['test_accuracy'] = acc_by_round[t]
+      f.write(json.dumps(row) + '\n')
+
+
+def test_tables_match_hand_computed_values(tmp_path):
+  root = tmp_path / 'sweep'
+  _write_run(root / 'fathom' / 'seed=0', 'fathom', {2: 0.2, 4: 0.5}, 100, 4)
+  _write_run(root / 'fathom' / 'seed=1', 'fathom', {2: 0.35, 4: 0.45}, 100, 4)
+  _write_run(root / 'fathom' / 'seed=2', 'fathom', {2: 0.1, 4: 0.2}, 100, 4)
+  _write_run(root / 'eta=0.1' / 'seed=0', 'fedavg', {2: 0.3, 4: 0.31}, 50, 4)
+  _write_run(root / 'eta=0.1' / 'seed=1', 'fedavg', {2: 0.4}, 50, 4)
+  _write_run(root / 'eta=0.3' / 'seed=0', 'fedavg', {3: 0.1}, 70, 3)
+  groups = report.group_runs(report.find_runs([str(root)]))
+  by = {g.setting: g for g in groups}
+  assert sorted(by) == ['eta=0.1', 'eta=0.3', 'fathom']
+  assert [len(by[s].runs) for s in sorted(by)] == [2, 1, 3]
+
+  # Seeds 0 and 1 reach 0.3 at rounds 4 and 2 (400 and 200 examples); seed 2 never does.
+  t = report.to_target(by['fathom'], 0.3)
+  assert (t['reached'], t['seeds']) == (2, 3)
+  assert t['rounds'] == pytest.approx((3.0, math.sqrt(2)))
+  assert t['examples'] == pytest.approx((300.0, 100 * math.sqrt(2)))
+  assert t['local_steps'] == pytest.approx((30.0, 10 * math.sqrt(2)))
+  assert report.to_target(by['fathom'], 0.6)['rounds'] == (None, None)
+  assert report.to_target(by['eta=0.1'], 0.3)['rounds'] == (2.0, 0.0)
+  assert report.to_target(by['eta=0.3'], 0.05)['rounds'] == (3.0, None)  # one seed: no std
+  mean, std = report.final_accuracy(by['fathom'])  # last eval rows: 0.5, 0.45, 0.2
+  assert mean == pytest.approx(0.38333333) and std == pytest.approx(0.16072751)
+  assert report.seconds_per_round(by['fathom']) == pytest.approx(0.5)
+  assert report.best_fedavg(groups, 0.3).setting == 'eta=0.1'
+  assert report.best_fedavg(groups, 0.9) is None
+  assert report.grid_cost(groups) == (200 + 200 + 210, 3)
+
+  table = report.markdown(groups, [0.3, 0.6])
+  fathom_row = next(line for line in table.splitlines() if line.startswith('| `fathom`'))
+  assert '3.0 ± 1.4 (2/3) | 300 ± 141 | 30 ± 14 | — | — | —' in fathom_row
+  assert 'FedAvg grid search: 3 runs, 610 examples in all.' in table
+  assert '| 0.3 | `eta=0.1` | 2.0 ± 0.0 | 100 ± 0 | 3.0 ± 1.4 | 300 ± 141 |' in table
+  assert '| 0.6 | none reached it |' in table
+
+  # A run folder given directly is its setting's run.
+  single = report.find_runs([str(root / 'fathom' / 'seed=1')])
+  assert [r.setting for r in single] == ['fathom']
