@@ -4,13 +4,26 @@ from __future__ import annotations
 
 import difflib
 import importlib.util
+import logging as pylogging
 import os
 import sys
 from typing import Callable
 
-from absl import flags
+from absl import flags, logging
 
 EXIT_BAD_INPUT = 2
+
+
+def _quiet_libraries(record) -> bool:
+  """Keeps orbax's per-save INFO chatter out of the progress log (warnings still show)."""
+  return record.levelno >= pylogging.WARNING or '/orbax/' not in record.pathname
+
+
+def setup_logging() -> None:
+  """Progress lines to stdout, without the libraries' chatter."""
+  handler = logging.get_absl_handler()
+  handler.python_handler.stream = sys.stdout
+  handler.addFilter(_quiet_libraries)
 
 
 def fail(message: str) -> None:

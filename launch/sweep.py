@@ -9,13 +9,12 @@ resume unfinished ones. Exits 1 when a run failed (see sweep.json), 2 on a bad s
 """
 
 import ast
-import logging as pylogging
 import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from absl import app, flags, logging  # noqa: E402
+from absl import app, flags  # noqa: E402
 
 from launch import cli  # noqa: E402
 
@@ -46,17 +45,12 @@ def parse_flags(argv: list[str]) -> list[str]:
   return cli.parse_flags_or_exit(rest)
 
 
-def _quiet_libraries(record) -> bool:
-  return record.levelno >= pylogging.WARNING or '/orbax/' not in record.pathname
-
 
 def main(argv):
   del argv
   from fathom_sim import sweep as sweep_lib
   from fathom_sim.config import ConfigError
-  handler = logging.get_absl_handler()
-  handler.python_handler.stream = sys.stdout
-  handler.addFilter(_quiet_libraries)
+  cli.setup_logging()
   try:
     sweep = sweep_lib.load_sweep(_SWEEP.value)
     if _SEEDS.value is not None:

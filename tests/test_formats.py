@@ -15,7 +15,6 @@ import numpy as np
 import pytest
 from tensorflow_datasets.proto import tf_example_pb2, tf_feature_pb2
 
-from fathom_sim.data import DataError
 from fathom_sim.data.fedjax_sqlite import decode
 from fathom_sim.data.prepare import prepare
 from fathom_sim.data.prepared import load_prepared

@@ -3,7 +3,6 @@ and divergence that never reaches the params."""
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -155,7 +154,7 @@ def test_non_finite_client_is_dropped_and_counted(tmp_path):
 def test_round_with_no_finite_update_changes_nothing_and_halves_eta(tmp_path):
   data = str(tmp_path / 'data')
   _npz_with_bad_clients(data, bad=[0, 1, 2, 3])
-  from fathom_sim.train import Rounds, build, init_state
+  from fathom_sim.train import build, init_state
   config = _npz_config(data)
   run = build(config)
   state0 = jax.device_get(init_state(run))

@@ -11,7 +11,6 @@ import pytest
 from fathom_sim import report, sweep
 from fathom_sim.train import train_and_evaluate
 
-from tests.common import tiny_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
