@@ -146,6 +146,7 @@ class Rounds:
                            c.seed, resident=run.resident, batch_per_octave=c.batch_pad_per_octave)
     self._resident = (jax.device_put(run.task.train.features, replicated(mesh))
                       if run.resident else None)
+    self.last_host_s = self.last_device_s = 0.0
 
   def initial_hparams(self, state: ServerState) -> np.ndarray:
     """(E, eta, B) of the next round, read from the state (once, at start or resume)."""
@@ -156,15 +157,21 @@ class Rounds:
                hp: np.ndarray) -> tuple[ServerState, RoundMetrics, CohortPlan]:
     """Round t with hyperparameters hp = (E, eta, B) (as the device will compute them)."""
     c, mesh = self.run.config, self.run.mesh
+    start = time.perf_counter()
     cohort = sample_cohort(self.run.task.train, c.seed, t, c.cohort_size)
     plan = self.planner.plan(cohort, t, hp[EPOCHS], hp[BATCH])
     table = jax.device_put(plan.table, replicated(mesh))
     slots, stream = jax.device_put((plan.lanes.slots, plan.lanes.stream), by_client(mesh))
     source = (self._resident if self.run.resident
               else jax.device_put(plan.lanes.source, by_client(mesh)))
+    dispatched = time.perf_counter()
     state, m = self.round_fn(state, table, slots, stream, source, jnp.int32(plan.batch_size),
                              batch_pad=plan.batch_pad)
-    return state, jax.device_get(m), plan
+    m = jax.device_get(m)
+    # Host: sampling, planning, transfers issued; device: from dispatch until the metrics are
+    # back (includes compiling when the round meets a new padded shape).
+    self.last_host_s, self.last_device_s = dispatched - start, time.perf_counter() - dispatched
+    return state, m, plan
 
   @property
   def compiles(self) -> int:

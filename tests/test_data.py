@@ -182,3 +182,20 @@ def test_data_that_does_not_fit_the_model_is_refused_in_one_line(tmp_path):
                                       r"config.model.name='emnist_cnn'") as err:
     build(config)
   assert '\n' not in str(err.value)
+
+
+def test_stackoverflow_like_sentences_follow_the_so_pipeline():
+  from fathom_sim.data.synthetic import SO_IDS, stackoverflow_like
+  task = stackoverflow_like(num_clients=30, seed=2)
+  assert task.num_classes == SO_IDS == 10_004
+  ex = task.train.client(5)
+  x, y = ex['x'], ex['y']
+  assert x.shape == y.shape == (task.train.num_examples[5], 20)
+  assert np.all(x[:, 0] == 1)  # bos
+  np.testing.assert_array_equal(x[:, 1:][y[:, :-1] != 2], y[:, :-1][y[:, :-1] != 2])  # shifted
+  for row in y:
+    words = row[(row != 0) & (row != 2)]
+    assert 4 <= len(words) <= 19 and words.min() >= 3 and words.max() <= SO_IDS - 2
+    assert (row == 2).sum() == 1  # one eos, right after the words
+    assert row[len(words)] == 2
+  np.testing.assert_array_equal(task.train.client(5)['x'], x)

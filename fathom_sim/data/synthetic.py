@@ -111,3 +111,45 @@ def femnist_like(*, num_clients: int = FEMNIST_CLIENTS, test_fraction: float = 0
   train = GeneratedClientDataset(ids, n_train, part(lambda k: (0, n_train[k])))
   test = GeneratedClientDataset(ids, sizes - n_train, part(lambda k: (n_train[k], sizes[k])))
   return Task('femnist_synthetic', train, test, FEMNIST_CLASSES)
+
+
+# Stack Overflow facts: ~342k users, 135.8M train sentences (heavy-tailed per user), sentences
+# cut to 20 tokens, 10,000 words + pad/bos/eos/oov = 10,004 ids.
+SO_IDS = 10_004
+SO_LENGTH = 20
+_PAD, _BOS, _EOS = 0, 1, 2
+
+
+def stackoverflow_like(*, num_clients: int = 1000, test_fraction: float = 0.1,
+                       seed: int = 0) -> Task:
+  """A Stack-Overflow-shaped next-word task for throughput work: random Zipf-distributed
+  sentences of 4-19 words, x = [bos] + ids, y = ids + [eos], padded to 20; heavy-tailed
+  sentences per user. Examples are made on demand."""
+  sizes = np.array([int(np.clip(_client_rng(seed, k, 3).lognormal(np.log(60.0), 1.0), 2, 2000))
+                    for k in range(num_clients)])
+  n_train = np.array([_split(n, test_fraction) for n in sizes])
+  words = np.arange(1, SO_IDS - 3, dtype=np.float64)
+  word_p = 1.0 / words
+  word_p /= word_p.sum()
+
+  def make(k: int) -> dict:
+    r = _client_rng(seed, k, 4)
+    n = int(sizes[k])
+    lengths = r.integers(4, SO_LENGTH, n)
+    ids = r.choice(SO_IDS - 4, (n, SO_LENGTH), p=word_p) + 3  # word ids 3 .. 10,002
+    ids[np.arange(SO_LENGTH)[None, :] >= lengths[:, None]] = _PAD
+    x = np.concatenate([np.full((n, 1), _BOS), ids[:, :-1]], axis=1)
+    y = ids.copy()
+    y[np.arange(n), np.minimum(lengths, SO_LENGTH - 1)] = _EOS
+    return {'x': x.astype(np.int32), 'y': y.astype(np.int32)}
+
+  def part(lo_hi):
+    def client(k: int) -> dict:
+      lo, hi = lo_hi(k)
+      return {name: a[lo:hi] for name, a in make(k).items()}
+    return client
+
+  ids = np.array([f'so_{k:06d}_synthetic' for k in range(num_clients)])
+  train = GeneratedClientDataset(ids, n_train, part(lambda k: (0, n_train[k])))
+  test = GeneratedClientDataset(ids, sizes - n_train, part(lambda k: (n_train[k], sizes[k])))
+  return Task('stackoverflow_synthetic', train, test, SO_IDS)

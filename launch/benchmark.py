@@ -1,0 +1,166 @@
+"""Throughput of the simulator against centralized training of the same model (run by hand).
+
+  python launch/benchmark.py --tasks=cnn,lstm --cohort_sizes=10,50,100,200 --json=bench.json
+
+For each (task, cohort size): FedAvg rounds with static (eta, E, B) after warm-up rounds, then
+the same model trained centrally on the same device with the same per-step batch over the same
+clients' examples (the ceiling), measured right after, so both sides share the machine's state.
+Reports rounds/s, client examples/s, the ratio to centralized, padding efficiency (real over
+computed example-gradients), round compiles, host and device seconds per round, and peak RSS.
+"""
+
+import json
+import os
+import resource
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from absl import app, flags  # noqa: E402
+
+from launch import cli  # noqa: E402
+
+TASKS = ('mlp', 'cnn', 'lstm')
+_TASKS = flags.DEFINE_list('tasks', ['cnn'], f'Tasks among {TASKS}: mlp = Synthetic(1,1) with '
+                           'the quickstart MLP, cnn = FEMNIST-shaped data with the EMNIST CNN, '
+                           'lstm = Stack-Overflow-shaped tokens with the paper\'s LSTM.')
+_COHORTS = flags.DEFINE_list('cohort_sizes', ['10', '50', '100', '200'], 'Clients per round.')
+_ROUNDS = flags.DEFINE_integer('rounds', 3, 'Measured rounds per cohort size.')
+_WARMUP = flags.DEFINE_integer('warmup', 1, 'Rounds before measuring (compilation).')
+_NUM_CLIENTS = flags.DEFINE_integer('num_clients', 1000, 'Clients of the generated data.')
+_NUM_DEVICES = flags.DEFINE_integer('num_devices', 0, 'Devices of the clients mesh (0 = all).')
+_LANES = flags.DEFINE_integer('lanes_per_device', 0, 'Lanes per device (0 = auto).')
+_JSON = flags.DEFINE_string('json', None, 'Write one JSON object per (task, cohort) here.')
+
+
+def task_config(name: str, cohort_size: int):
+  """FedAvg with the reference static values of the paper's tasks."""
+  from fathom_sim.config import base_config
+  c = base_config()
+  c.algorithm = 'fedavg'
+  c.cohort_size = cohort_size
+  c.num_devices = _NUM_DEVICES.value
+  c.lanes_per_device = _LANES.value
+  c.data.num_clients = _NUM_CLIENTS.value
+  if name == 'mlp':
+    c.data.name, c.model.name = 'synthetic', 'mlp'
+  elif name == 'cnn':
+    c.data.name, c.model.name = 'femnist_synthetic', 'emnist_cnn'
+  elif name == 'lstm':
+    c.eta, c.batch_size = 0.32, 16.0
+    c.model.name = 'stackoverflow_lstm'
+  else:
+    raise ValueError(f'--tasks: unknown task {name!r}; choose from {TASKS}')
+  return c
+
+
+def load(name: str, config):
+  from fathom_sim.data import load_task
+  from fathom_sim.data.synthetic import stackoverflow_like
+  if name == 'lstm':
+    return stackoverflow_like(num_clients=config.data.num_clients, seed=config.data.seed)
+  return load_task(config.data)
+
+
+def centralized_examples_per_s(run, examples: dict, batch_size: int, steps: int) -> float:
+  """One jitted SGD step per batch of `batch_size` of the pooled examples: the ceiling."""
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+  from fathom_sim.train import init_state
+  params = jax.device_get(init_state(run).params)
+  grad = jax.value_and_grad(run.model.loss)
+  mask = jnp.ones(batch_size, bool)
+
+  @jax.jit
+  def step(p, batch, key):
+    loss, g = grad(p, batch, mask, key)
+    return jax.tree.map(lambda w, gw: w - 0.01 * gw, p, g), loss
+
+  n = len(examples['y'])
+  order = np.random.default_rng(0).permutation(np.resize(np.arange(n), steps * batch_size + n))
+  batches = [{k: jnp.asarray(v[order[i * batch_size:(i + 1) * batch_size]])
+              for k, v in examples.items()} for i in range(steps + 1)]
+  key = jax.random.PRNGKey(0)
+  params, loss = step(params, batches[0], key)  # compile
+  loss.block_until_ready()
+  start = time.perf_counter()
+  for i in range(1, steps + 1):
+    params, loss = step(params, batches[i], jax.random.fold_in(key, i))
+  loss.block_until_ready()
+  return steps * batch_size / (time.perf_counter() - start)
+
+
+def measure(name: str, cohort_size: int) -> dict:
+  import jax
+  import numpy as np
+  from fathom_sim.data.federated import concat_clients
+  from fathom_sim.train import Rounds, build, init_state
+  config = task_config(name, cohort_size)
+  run = build(config, load(name, config))
+  n_dev = run.mesh.devices.size
+  rounds = Rounds(run)
+  state = init_state(run)
+  hp = rounds.initial_hparams(state)
+  for t in range(1, _WARMUP.value + 1):
+    state, _, _ = rounds(state, t, hp)
+  examples = computed = 0
+  host = device = 0.0
+  clients = []
+  start = time.perf_counter()
+  for t in range(_WARMUP.value + 1, _WARMUP.value + _ROUNDS.value + 1):
+    state, _, plan = rounds(state, t, hp)
+    examples += int(plan.num_steps.sum()) * plan.batch_size
+    computed += plan.computed_steps(n_dev) * plan.batch_pad
+    host += rounds.last_host_s
+    device += rounds.last_device_s
+    clients.extend(plan.clients.tolist())
+  wall = time.perf_counter() - start
+  fed = examples / wall
+  pooled = concat_clients(run.task.train, sorted(set(clients)))
+  b_int = plan.batch_size
+  central = centralized_examples_per_s(run, pooled, b_int,
+                                       steps=max(20, min(examples // b_int, 400)))
+  r = _ROUNDS.value
+  return {'task': name, 'cohort_size': cohort_size, 'rounds_per_s': r / wall,
+          'examples_per_s': fed, 'centralized_examples_per_s': central,
+          'ratio_to_centralized': fed / central, 'padding_efficiency': examples / computed,
+          'compiles': rounds.compiles, 'host_s_per_round': host / r,
+          'device_s_per_round': device / r, 'batch_size': b_int,
+          'lanes': rounds.planner.num_lanes, 'devices': n_dev,
+          'platform': run.mesh.devices.flat[0].platform,
+          'peak_rss_gib': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+          'jax': jax.__version__, 'date': time.strftime('%Y-%m-%d')}
+
+
+def main(argv):
+  del argv
+  cli.setup_logging()
+  for name in _TASKS.value:
+    if name not in TASKS:
+      cli.fail(f'--tasks: unknown task {name!r}; choose from {", ".join(TASKS)}')
+  try:
+    cohorts = [int(c) for c in _COHORTS.value]
+  except ValueError:
+    cli.fail(f'--cohort_sizes must be integers, got {",".join(_COHORTS.value)}')
+  header = (f'{"task":5} {"cohort":>6} {"rounds/s":>9} {"ex/s":>9} {"central ex/s":>12} '
+            f'{"ratio":>6} {"padding":>7} {"compiles":>8} {"host s":>7} {"device s":>8} '
+            f'{"RSS GiB":>7}')
+  print(header)
+  results = []
+  for name in _TASKS.value:
+    for cohort in cohorts:
+      r = measure(name, cohort)
+      results.append(r)
+      print(f'{name:5} {cohort:>6} {r["rounds_per_s"]:>9.3f} {r["examples_per_s"]:>9.1f} '
+            f'{r["centralized_examples_per_s"]:>12.1f} {r["ratio_to_centralized"]:>6.3f} '
+            f'{r["padding_efficiency"]:>7.3f} {r["compiles"]:>8} {r["host_s_per_round"]:>7.3f} '
+            f'{r["device_s_per_round"]:>8.3f} {r["peak_rss_gib"]:>7.2f}', flush=True)
+      if _JSON.value:
+        with open(_JSON.value, 'w', encoding='utf-8') as f:
+          json.dump(results, f, indent=2)
+
+
+if __name__ == '__main__':
+  app.run(main)

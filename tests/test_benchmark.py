@@ -1,0 +1,38 @@
+"""launch/benchmark.py writes the fields issue 8's comparisons rely on (no timing asserted)."""
+
+import json
+import os
+import subprocess
+import sys
+
+from tests.test_cli import ROOT
+
+FIELDS = {'task', 'cohort_size', 'rounds_per_s', 'examples_per_s', 'centralized_examples_per_s',
+          'ratio_to_centralized', 'padding_efficiency', 'compiles', 'host_s_per_round',
+          'device_s_per_round', 'peak_rss_gib'}
+
+
+def test_benchmark_reports_every_field_per_cohort(tmp_path):
+  out = tmp_path / 'bench.json'
+  env = dict(os.environ, JAX_PLATFORMS='cpu')
+  env.pop('XLA_FLAGS', None)
+  p = subprocess.run([sys.executable, os.path.join(ROOT, 'launch', 'benchmark.py'),
+                      '--tasks=mlp', '--cohort_sizes=3,6', '--rounds=2', '--warmup=1',
+                      '--num_clients=40', f'--json={out}'], cwd=ROOT, env=env,
+                     capture_output=True, text=True, timeout=300)
+  assert p.returncode == 0, p.stderr[-3000:]
+  results = json.loads(out.read_text())
+  assert [r['cohort_size'] for r in results] == [3, 6]
+  for r in results:
+    assert FIELDS <= set(r)
+    assert 0 < r['padding_efficiency'] <= 1 and r['compiles'] >= 1
+    assert r['examples_per_s'] > 0 and r['centralized_examples_per_s'] > 0
+    assert abs(r['ratio_to_centralized'] - r['examples_per_s'] /
+               r['centralized_examples_per_s']) < 1e-9
+  assert 'ratio' in p.stdout  # the printed table
+
+
+def test_benchmark_refuses_unknown_task():
+  p = subprocess.run([sys.executable, os.path.join(ROOT, 'launch', 'benchmark.py'),
+                      '--tasks=resnet'], cwd=ROOT, capture_output=True, text=True, timeout=120)
+  assert p.returncode == 2 and "unknown task 'resnet'" in p.stderr
