@@ -58,6 +58,21 @@ def synthetic_alpha_beta(*, num_clients: int = 1000, alpha: float = 1.0, beta: f
               ArrayClientDataset.from_clients(ids, test), num_classes)
 
 
+def _generated_split(ids: np.ndarray, sizes: np.ndarray, n_train: np.ndarray,
+                     make) -> tuple[GeneratedClientDataset, GeneratedClientDataset]:
+  """Train and test views of generated clients: client k's first n_train[k] examples train."""
+
+  def rows(lo, hi):
+    def client(k: int) -> dict:
+      return {name: a[lo(k):hi(k)] for name, a in make(k).items()}
+    return client
+
+  train = GeneratedClientDataset(ids, n_train, rows(lambda k: 0, lambda k: n_train[k]))
+  test = GeneratedClientDataset(ids, sizes - n_train,
+                                rows(lambda k: n_train[k], lambda k: sizes[k]))
+  return train, test
+
+
 # FEMNIST facts (LEAF / TFF): 3,400 writers, ~671.6k train and ~77.5k test examples, so about
 # 198 train examples a writer with a spread of roughly +-40%; digits are far more frequent than
 # each letter.
@@ -101,16 +116,9 @@ def femnist_like(*, num_clients: int = FEMNIST_CLIENTS, test_fraction: float = 0
     ink += 0.15 * r.standard_normal(ink.shape).astype(np.float32)
     return {'x': (1.0 - np.clip(ink, 0.0, 1.0)).astype(np.float32), 'y': y}
 
-  def part(lo_hi):
-    def client(k: int) -> dict:
-      lo, hi = lo_hi(k)
-      return {name: a[lo:hi] for name, a in make(k).items()}
-    return client
-
   ids = np.array([f'f{k:04d}_synthetic' for k in range(num_clients)])
-  train = GeneratedClientDataset(ids, n_train, part(lambda k: (0, n_train[k])))
-  test = GeneratedClientDataset(ids, sizes - n_train, part(lambda k: (n_train[k], sizes[k])))
-  return Task('femnist_synthetic', train, test, FEMNIST_CLASSES)
+  return Task('femnist_synthetic', *_generated_split(ids, sizes, n_train, make),
+              FEMNIST_CLASSES)
 
 
 # Stack Overflow facts: ~342k users, 135.8M train sentences (heavy-tailed per user), sentences
@@ -143,13 +151,5 @@ def stackoverflow_like(*, num_clients: int = 1000, test_fraction: float = 0.1,
     y[np.arange(n), np.minimum(lengths, SO_LENGTH - 1)] = _EOS
     return {'x': x.astype(np.int32), 'y': y.astype(np.int32)}
 
-  def part(lo_hi):
-    def client(k: int) -> dict:
-      lo, hi = lo_hi(k)
-      return {name: a[lo:hi] for name, a in make(k).items()}
-    return client
-
   ids = np.array([f'so_{k:06d}_synthetic' for k in range(num_clients)])
-  train = GeneratedClientDataset(ids, n_train, part(lambda k: (0, n_train[k])))
-  test = GeneratedClientDataset(ids, sizes - n_train, part(lambda k: (n_train[k], sizes[k])))
-  return Task('stackoverflow_synthetic', train, test, SO_IDS)
+  return Task('stackoverflow_synthetic', *_generated_split(ids, sizes, n_train, make), SO_IDS)
