@@ -6,6 +6,7 @@ Read `round_step` top to bottom next to spec/fathom.md's "One round, exactly".
 
 from __future__ import annotations
 
+import functools
 from typing import Callable
 
 import jax
@@ -25,11 +26,13 @@ RoundFn = Callable[..., tuple[ServerState, RoundMetrics]]
 
 def make_round(*, loss_fn: LossFn, server_opt: optax.GradientTransformation,
                tuner: fathom.HyperTuner, upper: tuple[float, float, float], mesh: Mesh,
-               source_per_lane: bool) -> RoundFn:
+               source_per_lane: bool, vectorized: bool = False) -> RoundFn:
   """Builds the jitted round; `state` is donated.
 
   `batch_size` is B_int as an int32 value, so B moving within a padded size does not
   recompile; `batch_pad` and the arrays' shapes select the compiled program.
+  vectorized: every argument but a shared (device-resident) source has a leading seed axis,
+  and the round runs for all seeds at once (vmap): S runs, one program.
   """
   upper = jnp.asarray(upper, jnp.float32)
 
@@ -81,6 +84,11 @@ def make_round(*, loss_fn: LossFn, server_opt: optax.GradientTransformation,
         client_finite=finite)
     return new_state, metrics
 
+  def seeds_step(state, table, slots, stream, source, batch_size, *, batch_pad):
+    one_seed = functools.partial(round_step, batch_pad=batch_pad)
+    return jax.vmap(one_seed, in_axes=(0, 0, 0, 0, 0 if source_per_lane else None, 0))(
+        state, table, slots, stream, source, batch_size)
+
   everywhere = replicated(mesh)
-  return jax.jit(round_step, donate_argnums=0, static_argnames=('batch_pad',),
+  return jax.jit(seeds_step if vectorized else round_step, donate_argnums=0, static_argnames=('batch_pad',),
                  out_shardings=(everywhere, everywhere))

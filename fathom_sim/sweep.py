@@ -146,17 +146,19 @@ def _entry(run: RunSpec, out: str, status: str, **extra) -> dict:
 
 def run_sweep(sweep: SweepDef, out: str, *, extra: dict | None = None,
               train: Callable[[ml_collections.ConfigDict, str], dict] | None = None,
-              log: Callable[[str], None] = print) -> list[dict]:
+              train_group: Callable[[list, list], list[dict]] | None = None,
+              vmap_seeds: bool = False, log: Callable[[str], None] = print) -> list[dict]:
   """Runs every unfinished run in order, in this process; returns the index entries.
 
   Finished runs are skipped; an unfinished one resumes through train_and_evaluate's own
-  resume. A run failing on bad input is marked 'failed' and the sweep goes on; a preemption
-  (SIGTERM) stops the sweep after that run checkpointed.
+  resume. With `vmap_seeds`, a setting's unfinished seeds run together as one vectorised
+  program (train.train_seeds). A run failing on bad input is marked 'failed' and the sweep
+  goes on; a preemption (SIGTERM) stops the sweep after its runs checkpointed.
   """
-  if train is None:
-    from fathom_sim.train import train_and_evaluate as train
+  from fathom_sim import train as train_lib
   from fathom_sim.data import DataError
-  from fathom_sim.train import WorkdirError
+  train = train or train_lib.train_and_evaluate
+  train_group = train_group or train_lib.train_seeds
   runs = plan_runs(sweep, out, extra)
   os.makedirs(out, exist_ok=True)
   entries = [_entry(r, out, 'done' if is_finished(r.workdir, r.config.num_rounds)
@@ -167,29 +169,48 @@ def run_sweep(sweep: SweepDef, out: str, *, extra: dict | None = None,
   def save() -> None:
     metrics.write_json(os.path.join(out, INDEX_FILE), index)
 
-  save()
+  # Batches of run indices trained together: one per run, or a setting's pending seeds.
+  batches: list[list[int]] = []
   for i, run in enumerate(runs):
     if entries[i]['status'] == 'done':
       log(f'[{i + 1}/{len(runs)}] {run.name}: finished already, skipped')
-      continue
-    log(f'[{i + 1}/{len(runs)}] {run.name}: running')
-    entries[i] = _entry(run, out, 'running')
+    elif vmap_seeds and batches and runs[batches[-1][0]].setting == run.setting:
+      batches[-1].append(i)
+    else:
+      batches.append([i])
+
+  save()
+  for batch in batches:
+    names = ', '.join(runs[i].name for i in batch)
+    where = f'[{batch[0] + 1}/{len(runs)}]' if len(batch) == 1 else (
+        f'[{batch[0] + 1}-{batch[-1] + 1}/{len(runs)}]')
+    log(f'{where} {names}: running' + (f' ({len(batch)} seeds vectorised)'
+                                      if len(batch) > 1 else ''))
+    for i in batch:
+      entries[i] = _entry(runs[i], out, 'running')
     save()
     start = time.time()
     try:
-      summary = train(run.config, run.workdir)
-    except (ConfigError, DataError, WorkdirError) as e:
-      entries[i] = _entry(run, out, 'failed', error=str(e))
-      log(f'[{i + 1}/{len(runs)}] {run.name}: failed: {e}')
+      if len(batch) == 1:
+        summaries = [train(runs[batch[0]].config, runs[batch[0]].workdir)]
+      else:
+        summaries = train_group([runs[i].config for i in batch],
+                                [runs[i].workdir for i in batch])
+    except (ConfigError, DataError, train_lib.WorkdirError) as e:
+      for i in batch:
+        entries[i] = _entry(runs[i], out, 'failed', error=str(e))
+      log(f'{where} {names}: failed: {e}')
       save()
       continue
     except BaseException:
-      entries[i] = _entry(run, out, 'interrupted')
+      for i in batch:
+        entries[i] = _entry(runs[i], out, 'interrupted')
       save()
       raise
-    acc = summary.get('final', {}).get('test_accuracy', math.nan)
-    entries[i] = _entry(run, out, 'done', final_test_accuracy=acc,
-                        sweep_wall_s=time.time() - start)
-    log(f'[{i + 1}/{len(runs)}] {run.name}: done, final test accuracy {acc:.4f}')
+    for i, summary in zip(batch, summaries):
+      acc = summary.get('final', {}).get('test_accuracy', math.nan)
+      entries[i] = _entry(runs[i], out, 'done', final_test_accuracy=acc,
+                          sweep_wall_s=time.time() - start)
+      log(f'[{i + 1}/{len(runs)}] {runs[i].name}: done, final test accuracy {acc:.4f}')
     save()
   return entries

@@ -20,17 +20,18 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from absl import logging
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 from fathom_sim import fathom, metrics, models, rng, server
 from fathom_sim.checkpoint import CHECKPOINTS, Checkpointer
 from fathom_sim.config import ConfigError, check_config
 from fathom_sim.data import DataError, Task, load_task
 from fathom_sim.data.federated import ArrayClientDataset, sample_clients, sample_cohort
-from fathom_sim.data.plan import Planner
+from fathom_sim.data.plan import Planner, SeedPlanners
 from fathom_sim.evaluation import make_evaluator
-from fathom_sim.mesh import by_client, make_mesh, replicated
+from fathom_sim.mesh import CLIENTS, by_client, make_mesh, replicated
 from fathom_sim.round import make_round
-from fathom_sim.types import BATCH, EPOCHS, ETA, CohortPlan, RoundMetrics, ServerState
+from fathom_sim.types import BATCH, EPOCHS, ETA, CohortPlan, Lanes, RoundMetrics, ServerState
 
 RESIDENT_BYTES = 1 << 30  # 'auto' keeps a training set on the devices up to this size
 CONFIG_FILE = 'config.json'
@@ -133,17 +134,29 @@ def init_state(run: Run) -> ServerState:
 
 
 class Rounds:
-  """Runs round t on the devices: samples and plans the cohort, feeds it, steps the state."""
+  """Runs round t on the devices: samples and plans the cohort, feeds it, steps the state.
 
-  def __init__(self, run: Run):
+  With `seeds`, runs those seeds of the same config as one vectorised program: the state,
+  hyperparameters and metrics carry a leading seed axis, and a call returns every seed's plan.
+  """
+
+  def __init__(self, run: Run, seeds: list[int] | None = None):
     c, mesh = run.config, run.mesh
     self.run = run
+    self.seeds = None if seeds is None else [int(s) for s in seeds]
     self.num_devices = mesh.devices.size
     self.round_fn = make_round(loss_fn=run.model.loss, server_opt=run.server_opt,
                                tuner=run.tuner, upper=run.upper, mesh=mesh,
-                               source_per_lane=not run.resident)
-    self.planner = Planner(run.task.train, c.cohort_size, self.num_devices * run.lanes_per_device,
-                           c.seed, resident=run.resident, batch_per_octave=c.batch_pad_per_octave)
+                               source_per_lane=not run.resident,
+                               vectorized=self.seeds is not None)
+    lanes = self.num_devices * run.lanes_per_device
+    options = dict(resident=run.resident, batch_per_octave=c.batch_pad_per_octave)
+    if self.seeds is None:
+      self.planner = Planner(run.task.train, c.cohort_size, lanes, c.seed, **options)
+      self._lanes = by_client(mesh)
+    else:
+      self.planner = SeedPlanners(run.task.train, c.cohort_size, lanes, self.seeds, **options)
+      self._lanes = NamedSharding(mesh, P(None, CLIENTS))
     self._resident = (jax.device_put(run.task.train.features, replicated(mesh))
                       if run.resident else None)
     self.last_host_s = self.last_device_s = 0.0
@@ -153,25 +166,33 @@ class Rounds:
     upper = jnp.asarray(self.run.upper, jnp.float32)
     return np.asarray(jax.device_get(fathom.hparams(state.hyper.log_hparams, upper)))
 
-  def __call__(self, state: ServerState, t: int,
-               hp: np.ndarray) -> tuple[ServerState, RoundMetrics, CohortPlan]:
+  def __call__(self, state: ServerState, t: int, hp: np.ndarray
+               ) -> tuple[ServerState, RoundMetrics, CohortPlan | list[CohortPlan]]:
     """Round t with hyperparameters hp = (E, eta, B) (as the device will compute them)."""
-    c, mesh = self.run.config, self.run.mesh
+    c, mesh, train = self.run.config, self.run.mesh, self.run.task.train
     start = time.perf_counter()
-    cohort = sample_cohort(self.run.task.train, c.seed, t, c.cohort_size)
-    plan = self.planner.plan(cohort, t, hp[EPOCHS], hp[BATCH])
-    table = jax.device_put(plan.table, replicated(mesh))
-    slots, stream = jax.device_put((plan.lanes.slots, plan.lanes.stream), by_client(mesh))
-    source = (self._resident if self.run.resident
-              else jax.device_put(plan.lanes.source, by_client(mesh)))
+    if self.seeds is None:
+      plan = self.planner.plan(sample_cohort(train, c.seed, t, c.cohort_size), t,
+                               hp[EPOCHS], hp[BATCH])
+      lanes, batch_size, batch_pad = plan.lanes, jnp.int32(plan.batch_size), plan.batch_pad
+      table, plans = plan.table, plan
+    else:
+      stacked = self.planner.plan([sample_cohort(train, s, t, c.cohort_size)
+                                   for s in self.seeds], t, hp)
+      lanes = Lanes(stacked.slots, stacked.stream, stacked.source)
+      batch_size, batch_pad = jnp.asarray(stacked.batch_size), stacked.batch_pad
+      table, plans = stacked.table, stacked.plans
+    table = jax.device_put(table, replicated(mesh))
+    slots, stream = jax.device_put((lanes.slots, lanes.stream), self._lanes)
+    source = self._resident if self.run.resident else jax.device_put(lanes.source, self._lanes)
     dispatched = time.perf_counter()
-    state, m = self.round_fn(state, table, slots, stream, source, jnp.int32(plan.batch_size),
-                             batch_pad=plan.batch_pad)
+    state, m = self.round_fn(state, table, slots, stream, source, batch_size,
+                             batch_pad=batch_pad)
     m = jax.device_get(m)
     # Host: sampling, planning, transfers issued; device: from dispatch until the metrics are
     # back (includes compiling when the round meets a new padded shape).
     self.last_host_s, self.last_device_s = dispatched - start, time.perf_counter() - dispatched
-    return state, m, plan
+    return state, m, plans
 
   @property
   def compiles(self) -> int:
@@ -211,7 +232,7 @@ def _config_dict(config: ml_collections.ConfigDict) -> dict:
 
 
 def _prepare_workdir(workdir: str, config: ml_collections.ConfigDict) -> None:
-  """Creates the workdir, or checks that the run it holds is this config's run."""
+  """Creates the workdir, or checks that the run it holds is this config's run; saves config."""
   try:
     os.makedirs(workdir, exist_ok=True)
   except OSError as e:
@@ -237,6 +258,9 @@ def _prepare_workdir(workdir: str, config: ml_collections.ConfigDict) -> None:
            for f in (metrics.METRICS_FILE, CHECKPOINTS)):
     raise WorkdirError(f'--workdir {workdir!r} holds run files but no {CONFIG_FILE}; '
                        'choose another workdir')
+  # Written before any checkpoint or metric, so run files never exist without it.
+  with open(saved_path, 'w', encoding='utf-8') as f:
+    f.write(config.to_json_best_effort(indent=2) + '\n')
 
 
 @contextlib.contextmanager
@@ -271,108 +295,205 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
   Raises Preempted after checkpointing when SIGTERM or SIGINT arrives.
   """
-  run = build(config)
-  _prepare_workdir(workdir, config)
-  c, task, mesh = config, run.task, run.mesh
+  return _train([config], [workdir], vectorized=False)[0]
+
+
+def train_seeds(configs: list[ml_collections.ConfigDict], workdirs: list[str]) -> list[dict]:
+  """Runs configs that differ only in `seed` as one vectorised program (vmap over seeds).
+
+  Each workdir gets exactly what a solo run of its config writes (metrics, checkpoints,
+  summary), with the same numbers up to float rounding: one compilation and one start-up
+  serve all the seeds. Seeds whose checkpoints stand at different rounds are run one by one.
+  """
+  if len(configs) != len(workdirs) or not configs:
+    raise ValueError('train_seeds needs one workdir per config, and at least one config')
+  base = _flatten(_config_dict(configs[0]))
+  for c in configs[1:]:
+    other = _flatten(_config_dict(c))
+    differ = sorted(k for k in set(base) | set(other)
+                    if k != 'seed' and base.get(k) != other.get(k))
+    if differ:
+      raise ConfigError('vectorised seeds need configs that differ only in config.seed; '
+                        f'these differ too: {", ".join(differ)}')
+  if len({c.seed for c in configs}) != len(configs):
+    raise ConfigError('vectorised seeds need distinct config.seed values')
+  if len(configs) == 1:
+    return [train_and_evaluate(configs[0], workdirs[0])]
+  return _train(configs, workdirs, vectorized=True)
+
+
+@dataclasses.dataclass
+class _Book:
+  """One run's host-side record: its files, counters and the rows it has written."""
+  config: ml_collections.ConfigDict
+  workdir: str
+  checkpointer: Checkpointer
+  done: int
+  meta: dict
+  rows: list = dataclasses.field(default_factory=list)
+  writer: metrics.MetricsWriter | None = None
+  last_eval: tuple | None = None
+  start: float = 0.0
+
+  def bookkeeping(self, t: int, hp: np.ndarray) -> dict:
+    return {'round': t, 'hp': [float(v) for v in hp], 'total_examples': self.meta['total_examples'],
+            'total_steps': self.meta['total_steps'], 'computed': self.meta['computed'],
+            'wall_s': time.time() - self.start, 'config': _config_dict(self.config)}
+
+
+def _seed(tree, s: int | None):
+  """Seed s's slice of a stacked pytree (the tree itself when not vectorised)."""
+  return tree if s is None else jax.tree.map(lambda x: x[s], tree)
+
+
+def _train(configs: list[ml_collections.ConfigDict], workdirs: list[str], *,
+           vectorized: bool) -> list[dict]:
+  run = build(configs[0])
+  for config, workdir in zip(configs, workdirs):
+    _prepare_workdir(workdir, config)
+  c, task, mesh = configs[0], run.task, run.mesh
   n_dev = mesh.devices.size
   logging.info('task %s: %d train clients (%d examples), %d test clients; %d device(s) '
-               '(%s), %d lane(s) per device, training set %s', task.name,
+               '(%s), %d lane(s) per device, training set %s%s', task.name,
                len(task.train.num_examples), int(np.sum(task.train.num_examples)),
                len(task.test.num_examples), n_dev, mesh.devices.flat[0].platform,
-               run.lanes_per_device, 'on device' if run.resident else 'fed per round')
+               run.lanes_per_device, 'on device' if run.resident else 'fed per round',
+               f'; {len(configs)} seeds vectorised' if vectorized else '')
 
-  state = init_state(run)
-  checkpointer = Checkpointer(workdir, c.keep_checkpoints)
-  restored = checkpointer.restore_newest(state)
-  if restored is None:
-    done = 0
-    meta = {'total_examples': 0, 'total_steps': 0, 'computed': 0, 'wall_s': 0.0}
+  books, states, hps = [], [], []
+  for config, workdir in zip(configs, workdirs):
+    state = init_state(dataclasses.replace(run, config=config))
+    checkpointer = Checkpointer(workdir, config.keep_checkpoints)
+    restored = checkpointer.restore_newest(state)
+    if restored is None:
+      meta = {'total_examples': 0, 'total_steps': 0, 'computed': 0, 'wall_s': 0.0}
+      done, hp = 0, None
+    else:
+      state, meta = restored
+      done, hp = int(meta['round']), np.asarray(meta['hp'], np.float32)
+      logging.info('%s: resuming from the checkpoint of round %d', workdir, done)
+    books.append(_Book(config, workdir, checkpointer, done, meta))
+    states.append(state)
+    hps.append(hp)
+  for book in books:
+    if book.done > c.num_rounds:
+      for b in books:
+        b.checkpointer.close()
+      raise WorkdirError(f'--workdir {book.workdir!r} holds a run already at round '
+                         f'{book.done}; config.num_rounds must be at least that, '
+                         f'got {c.num_rounds}')
+  if vectorized and len({b.done for b in books}) > 1:
+    for b in books:
+      b.checkpointer.close()
+    logging.warning('the seeds\' checkpoints stand at rounds %s; running them one by one',
+                    [b.done for b in books])
+    return [train_and_evaluate(cf, wd) for cf, wd in zip(configs, workdirs)]
+  done = books[0].done
+
+  rounds = Rounds(run, [cf.seed for cf in configs] if vectorized else None)
+  if vectorized:
+    state = jax.device_put(jax.tree.map(lambda *x: jnp.stack(x), *states), replicated(mesh))
   else:
-    state, meta = restored
-    done = int(meta['round'])
-    logging.info('resuming from the checkpoint of round %d', done)
-  if done > c.num_rounds:
-    checkpointer.close()
-    raise WorkdirError(f'--workdir {workdir!r} holds a run already at round {done}; '
-                       f'config.num_rounds must be at least that, got {c.num_rounds}')
-  rows = metrics.keep_rows(workdir, done)  # rows past the checkpoint are redone identically
-  with open(os.path.join(workdir, CONFIG_FILE), 'w', encoding='utf-8') as f:
-    f.write(config.to_json_best_effort(indent=2) + '\n')
+    state = states[0]
+  fresh = rounds.initial_hparams(state)  # [S, 3] when vectorised
+  if vectorized:
+    hp = np.stack([fresh[i] if h is None else h for i, h in enumerate(hps)])
+  else:
+    hp = fresh if hps[0] is None else hps[0]
+  seeds = list(range(len(books))) if vectorized else [None]
+  for book in books:
+    book.rows = metrics.keep_rows(book.workdir, done)  # rows past the checkpoint are redone
+    book.writer = metrics.MetricsWriter(book.workdir)
+    book.start = time.time() - float(book.meta['wall_s'])
 
-  rounds = Rounds(run)
-  hp = rounds.initial_hparams(state) if restored is None else np.asarray(meta['hp'], np.float32)
   evaluate = make_evaluator(run.model, mesh, c.eval_batch_size)
   test_clients = np.flatnonzero(np.asarray(task.test.num_examples) > 0)
-  writer = metrics.MetricsWriter(workdir)
-  total_examples, total_steps = int(meta['total_examples']), int(meta['total_steps'])
-  computed = int(meta['computed'])
-  last_eval = None
-  start = time.time() - float(meta['wall_s'])
   last_log = (time.time(), done)
-
-  def bookkeeping(t: int) -> dict:
-    return {'round': t, 'hp': [float(v) for v in hp], 'total_examples': total_examples,
-            'total_steps': total_steps, 'computed': computed, 'wall_s': time.time() - start,
-            'config': _config_dict(config)}
 
   with _stop_signals() as stop:
     for t in range(done + 1, c.num_rounds + 1):
-      state, m, plan = rounds(state, t, hp)
-      used, hp = m.hparams, np.asarray(m.next_hparams)
-      steps = int(plan.num_steps.sum())
-      total_steps += steps
-      total_examples += steps * plan.batch_size
-      computed += plan.computed_steps(n_dev) * plan.batch_pad
-      row = {'round': t, 'train_loss': float(m.train_loss), 'eta': float(used[ETA]),
-             'epochs': float(used[EPOCHS]), 'batch_size': float(used[BATCH]),
-             'batch_size_int': plan.batch_size, 'h_glob': float(m.h_glob),
-             'h_local': float(m.h_local), 'examples': total_examples,
-             'local_steps': total_steps, 'dropped_clients': int(m.dropped_clients),
-             'accepted': bool(m.accepted), 'padding_efficiency': plan.useful_fraction(n_dev)}
-      if not m.accepted:
-        logging.warning('round %d rejected: no client returned a finite update (%d dropped); '
-                        'the model is unchanged%s', t, int(m.dropped_clients),
-                        '' if c.algorithm == 'fedavg' else ' and eta is halved')
-      if t % c.eval_every == 0 or t == c.num_rounds:
-        if c.eval_clients and c.eval_clients < len(test_clients):
-          chosen = sample_clients(c.seed, t, rng.EVAL, test_clients, c.eval_clients)
-        else:
-          chosen = test_clients
-        result = evaluate(state.params, task.test, chosen)
-        last_eval = (t, len(chosen) == len(test_clients), result)
-        row['test_accuracy'], row['test_loss'] = result['accuracy'], result['loss']
-        row.update(_extra_accuracies(result))
-      row['wall_s'] = time.time() - start
-      writer.write(row)
-      rows.append(row)
-      if stop or t % c.checkpoint_every == 0 or t == c.num_rounds:
-        checkpointer.save(state, bookkeeping(t), wait=bool(stop) or t == c.num_rounds)
+      state, m, plans = rounds(state, t, hp)
+      used_all, hp = np.asarray(m.hparams), np.asarray(m.next_hparams)
+      for s, book in zip(seeds, books):
+        ms, plan = _seed(m, s), plans if s is None else plans[s]
+        used, meta = _seed(used_all, s), book.meta
+        steps = int(plan.num_steps.sum())
+        meta['total_steps'] += steps
+        meta['total_examples'] += steps * plan.batch_size
+        meta['computed'] += plan.computed_steps(n_dev) * plan.batch_pad
+        row = {'round': t, 'train_loss': float(ms.train_loss), 'eta': float(used[ETA]),
+               'epochs': float(used[EPOCHS]), 'batch_size': float(used[BATCH]),
+               'batch_size_int': plan.batch_size, 'h_glob': float(ms.h_glob),
+               'h_local': float(ms.h_local), 'examples': meta['total_examples'],
+               'local_steps': meta['total_steps'], 'dropped_clients': int(ms.dropped_clients),
+               'accepted': bool(ms.accepted), 'padding_efficiency': plan.useful_fraction(n_dev)}
+        if not ms.accepted:
+          logging.warning('%sround %d rejected: no client returned a finite update (%d '
+                          'dropped); the model is unchanged%s', _tag(book, vectorized), t,
+                          int(ms.dropped_clients),
+                          '' if c.algorithm == 'fedavg' else ' and eta is halved')
+        if t % c.eval_every == 0 or t == c.num_rounds:
+          if c.eval_clients and c.eval_clients < len(test_clients):
+            chosen = sample_clients(book.config.seed, t, rng.EVAL, test_clients, c.eval_clients)
+          else:
+            chosen = test_clients
+          result = evaluate(_seed(state.params, s), task.test, chosen)
+          book.last_eval = (t, len(chosen) == len(test_clients), result)
+          row['test_accuracy'], row['test_loss'] = result['accuracy'], result['loss']
+          row.update(_extra_accuracies(result))
+        row['wall_s'] = time.time() - book.start
+        book.writer.write(row)
+        book.rows.append(row)
+        if stop or t % c.checkpoint_every == 0 or t == c.num_rounds:
+          book.checkpointer.save(_seed(state, s), book.bookkeeping(t, _seed(hp, s)),
+                                 wait=bool(stop) or t == c.num_rounds)
       if t % c.log_every == 0 or t == c.num_rounds:
         now = time.time()
-        logging.info(metrics.progress_line(row, c.num_rounds,
-                                           (t - last_log[1]) / max(now - last_log[0], 1e-9)))
+        speed = (t - last_log[1]) / max(now - last_log[0], 1e-9)
+        for book in books:
+          logging.info(_tag(book, vectorized) + metrics.progress_line(book.rows[-1],
+                                                                      c.num_rounds, speed))
         last_log = (now, t)
       if stop:
-        writer.close()
-        checkpointer.close()
+        for book in books:
+          book.writer.close()
+          book.checkpointer.close()
         logging.warning('signal %d: stopped after round %d, checkpoint saved; run the same '
                         'command again to resume', stop[0], t)
         raise Preempted(stop[0], t)
-  writer.close()
-  checkpointer.close()
+  for book in books:
+    book.writer.close()
+    book.checkpointer.close()
 
-  # Final evaluation on the whole test set (reusing the last round's if it was already whole).
-  if last_eval is not None and last_eval[0] == c.num_rounds and last_eval[1]:
-    final = last_eval[2]
-  else:
-    final = evaluate(state.params, task.test, test_clients)
-  l2, sha = metrics.params_digest(state.params)
+  summaries = []
+  for s, book in zip(seeds, books):
+    params = _seed(state.params, s)
+    # Final evaluation on the whole test set (reusing the last round's if it was already whole).
+    if book.last_eval is not None and book.last_eval[0] == c.num_rounds and book.last_eval[1]:
+      final = book.last_eval[2]
+    else:
+      final = evaluate(params, task.test, test_clients)
+    summaries.append(_summary(book, final, params, _seed(hp, s), rounds.compiles, run,
+                              vectorized=len(books) if vectorized else 0))
+  return summaries
+
+
+def _tag(book: _Book, vectorized: bool) -> str:
+  return f'seed {book.config.seed}: ' if vectorized else ''
+
+
+def _summary(book: _Book, final: dict, params, hp: np.ndarray, compiles: int, run: Run, *,
+             vectorized: int) -> dict:
+  """Writes and returns the run's summary.json."""
+  c, meta = book.config, book.meta
+  l2, sha = metrics.params_digest(params)
   summary = {
-      'algorithm': c.algorithm, 'task': task.name, 'rounds': c.num_rounds, 'devices': n_dev,
-      'platform': mesh.devices.flat[0].platform, 'compiles': rounds.compiles,
-      'resumed_from': done, 'wall_s': time.time() - start, 'total_examples': total_examples,
-      'total_local_steps': total_steps,
-      'padding_efficiency': total_examples / max(computed, 1),
+      'algorithm': c.algorithm, 'task': run.task.name, 'rounds': c.num_rounds,
+      'devices': run.mesh.devices.size, 'platform': run.mesh.devices.flat[0].platform,
+      'compiles': compiles, 'vectorized_seeds': vectorized, 'resumed_from': book.done,
+      'wall_s': time.time() - book.start, 'total_examples': meta['total_examples'],
+      'total_local_steps': meta['total_steps'],
+      'padding_efficiency': meta['total_examples'] / max(meta['computed'], 1),
       'final': {'test_accuracy': final['accuracy'], 'test_loss': final['loss'],
                 'test_examples': final['count'], 'params_l2': l2, 'params_sha256': sha,
                 **_extra_accuracies(final)},
@@ -380,13 +501,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                         'batch_size': float(hp[BATCH])},
   }
   if c.target_accuracy:
-    reached = _first_reaching(rows, c.target_accuracy)
+    reached = _first_reaching(book.rows, c.target_accuracy)
     summary['target_accuracy'] = c.target_accuracy
     summary['rounds_to_target'] = reached['round'] if reached else None
     summary['examples_to_target'] = reached['examples'] if reached else None
     summary['local_steps_to_target'] = reached['local_steps'] if reached else None
-  metrics.write_json(os.path.join(workdir, metrics.SUMMARY_FILE), summary)
-  logging.info('done: %d rounds in %.1fs, %d compiles; final test accuracy %.4f, loss %.4f',
-               c.num_rounds, summary['wall_s'], summary['compiles'], final['accuracy'],
-               final['loss'])
+  metrics.write_json(os.path.join(book.workdir, metrics.SUMMARY_FILE), summary)
+  logging.info('%sdone: %d rounds in %.1fs, %d compiles; final test accuracy %.4f, loss %.4f',
+               _tag(book, bool(vectorized)), c.num_rounds, summary['wall_s'], compiles,
+               final['accuracy'], final['loss'])
   return summary

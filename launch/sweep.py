@@ -1,7 +1,7 @@
 """Runs a sweep: every (setting, seed) of a sweep file, one workdir each, in this process.
 
   python launch/sweep.py --sweep=sweeps/initial_eta.py --out=runs/eta [--seeds=5]
-      [--config.FIELD=VALUE ...]
+      [--vmap_seeds] [--config.FIELD=VALUE ...]
 
 --config.FIELD=VALUE overrides apply to every run (e.g. --config.num_rounds=200); raising
 num_rounds later continues finished runs. Run the same command again to skip finished runs and
@@ -21,6 +21,10 @@ from launch import cli  # noqa: E402
 _SWEEP = flags.DEFINE_string('sweep', None, 'Sweep file (sweeps/*.py) with get_sweep().')
 _OUT = flags.DEFINE_string('out', None, 'Folder for the runs and sweep.json.')
 _SEEDS = flags.DEFINE_integer('seeds', None, 'Use seeds 0..N-1 instead of the sweep\'s own.')
+_VMAP_SEEDS = flags.DEFINE_bool(
+    'vmap_seeds', False, 'Run each setting\'s seeds together as one vectorised program '
+    '(vmap over seeds): one compilation for all of them; for models small enough that S '
+    'copies fit on the devices.')
 _DRY_RUN = flags.DEFINE_bool('dry_run', False, 'List the runs and their status; train nothing.')
 
 _EXTRA: dict = {}
@@ -61,8 +65,8 @@ def main(argv):
         print(f'{run.name}: {"done" if done else "to run"}')
       return
     entries = []
-    cli.run_or_exit(lambda: entries.extend(sweep_lib.run_sweep(sweep, _OUT.value,
-                                                               extra=_EXTRA)))
+    cli.run_or_exit(lambda: entries.extend(sweep_lib.run_sweep(
+        sweep, _OUT.value, extra=_EXTRA, vmap_seeds=_VMAP_SEEDS.value)))
   except ConfigError as e:
     cli.fail(str(e))
   failed = [e['name'] for e in entries if e['status'] == 'failed']

@@ -20,7 +20,7 @@ import numpy as np
 
 from fathom_sim import fathom, rng
 from fathom_sim.data.federated import ArrayClientDataset, ClientDataset
-from fathom_sim.types import CohortPlan, CohortTable, Lanes
+from fathom_sim.types import BATCH, EPOCHS, Batch, CohortPlan, CohortTable, Lanes
 
 
 def bucket(n: int, per_octave: int) -> int:
@@ -129,3 +129,59 @@ class Planner:
     return CohortPlan(lanes=Lanes(slots=slots, stream=stream, source=source), table=table,
                       batch_size=b_int, batch_pad=batch_pad, clients=clients,
                       num_examples=num_examples, num_steps=num_steps, lane_steps=lane_steps)
+
+
+@dataclasses.dataclass
+class StackedPlans:
+  """S seeds' plans of one round, padded to common shapes and stacked on a leading seed axis."""
+  plans: list[CohortPlan]
+  table: CohortTable           # [S, C+1] fields
+  slots: np.ndarray            # [S, L, C]
+  stream: np.ndarray           # [S, L, R_pad]
+  source: Batch | None         # feature -> [S, L, R_buf_pad, ...] (None when resident)
+  batch_size: np.ndarray       # [S] int32 B_int
+  batch_pad: int               # the largest of the seeds' B_pad
+
+
+class SeedPlanners:
+  """One Planner per seed (each with its own shuffles), and the shared padded lengths.
+
+  Seeds of a vectorised run share one program, so they share B_pad (the largest) and the
+  stream and buffer lengths; like a Planner's, those only grow. A seed's plan is exactly the
+  plan it gets alone, up to padding that no real step reads.
+  """
+
+  def __init__(self, dataset: ClientDataset, cohort_size: int, num_lanes: int,
+               seeds: list[int], **kwargs):
+    self.planners = [Planner(dataset, cohort_size, num_lanes, s, **kwargs) for s in seeds]
+    self.stream_pad = self.buffer_pad = 0
+
+  def plan(self, cohorts: list[np.ndarray], round_index: int,
+           hparams: np.ndarray) -> StackedPlans:
+    """Plans seed s's cohort under its (E, B) = hparams[s][EPOCHS], hparams[s][BATCH]."""
+    plans = [p.plan(c, round_index, float(hp[EPOCHS]), float(hp[BATCH]))
+             for p, c, hp in zip(self.planners, cohorts, hparams)]
+    batch_pad = max(p.batch_pad for p in plans)
+    grow = self.planners[0]._grow
+    # Seed s reads batch_pad rows where it alone read p.batch_pad: that much more slack.
+    self.stream_pad = grow(self.stream_pad, max(p.lanes.stream.shape[1] + batch_pad - p.batch_pad
+                                                for p in plans))
+    stream = np.stack([_pad_axis1(p.lanes.stream, self.stream_pad) for p in plans])
+    source = None
+    if plans[0].lanes.source is not None:
+      self.buffer_pad = grow(self.buffer_pad, max(p.shape[1][1] for p in plans))
+      source = {k: np.stack([_pad_axis1(p.lanes.source[k], self.buffer_pad) for p in plans])
+                for k in plans[0].lanes.source}
+    table = CohortTable(*(np.stack(f) for f in zip(*(p.table for p in plans))))
+    return StackedPlans(plans=plans, table=table,
+                        slots=np.stack([p.lanes.slots for p in plans]), stream=stream,
+                        source=source,
+                        batch_size=np.array([p.batch_size for p in plans], np.int32),
+                        batch_pad=batch_pad)
+
+
+def _pad_axis1(a: np.ndarray, length: int) -> np.ndarray:
+  """Zero-pads axis 1 to `length` (index 0 / zero examples: read by no real step)."""
+  widths = [(0, 0)] * a.ndim
+  widths[1] = (0, length - a.shape[1])
+  return np.pad(a, widths)

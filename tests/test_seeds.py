@@ -1,0 +1,119 @@
+"""Vectorised seeds: S seeds in one program give each seed its solo run's result."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+from fathom_sim import sweep
+from fathom_sim.config import ConfigError
+from fathom_sim.train import train_and_evaluate, train_seeds
+from tests.common import tiny_config
+
+SEEDS = (0, 1, 2)
+COMPARED = ('eta', 'epochs', 'batch_size', 'h_glob', 'h_local', 'train_loss', 'test_accuracy',
+            'test_loss')
+EXACT = ('batch_size_int', 'examples', 'local_steps', 'accepted', 'dropped_clients')
+
+
+def _config(seed, **overrides):
+  # A fast-moving B (eta_h2) so the seeds' B_int, and with it their B_pad, part ways.
+  fields = dict(algorithm='fathom', num_rounds=4, eval_every=2, num_devices=2, eta_h2=30.0,
+                batch_size=2.9,
+                checkpoint_every=1)
+  fields.update(overrides)
+  c = tiny_config(**fields)
+  c.seed = seed
+  return c
+
+
+def _rows(workdir):
+  with open(os.path.join(workdir, 'metrics.jsonl')) as f:
+    return [json.loads(line) for line in f]
+
+
+def _summary(workdir):
+  with open(os.path.join(workdir, 'summary.json')) as f:
+    return json.load(f)
+
+
+def _assert_same_run(got_dir, want_dir):
+  got, want = _rows(got_dir), _rows(want_dir)
+  assert [r['round'] for r in got] == [r['round'] for r in want]
+  for g, w in zip(got, want):
+    for k in EXACT:
+      assert g[k] == w[k], (k, g['round'])
+    for k in COMPARED:
+      if k in w:
+        np.testing.assert_allclose(g[k], w[k], rtol=2e-4, atol=1e-5, err_msg=k)
+  gs, ws = _summary(got_dir), _summary(want_dir)
+  np.testing.assert_allclose(gs['final']['params_l2'], ws['final']['params_l2'], rtol=1e-5)
+  np.testing.assert_allclose(gs['final']['test_loss'], ws['final']['test_loss'], rtol=1e-4)
+
+
+@pytest.mark.parametrize('data_on_device', ['yes', 'no'])
+def test_each_vectorised_seed_equals_its_solo_run(tmp_path, data_on_device):
+  configs = [_config(s, data_on_device=data_on_device) for s in SEEDS]
+  vec = [str(tmp_path / f'vec{s}') for s in SEEDS]
+  summaries = train_seeds(configs, vec)
+  assert all(s['vectorized_seeds'] == 3 for s in summaries)
+  for s, c in zip(SEEDS, configs):
+    solo = str(tmp_path / f'solo{s}')
+    train_and_evaluate(c, solo)
+    _assert_same_run(str(tmp_path / f'vec{s}'), solo)
+  # The stacking pads seeds to a common B_pad: make sure this test meets that case.
+  b_int = {s: [r['batch_size_int'] for r in _rows(str(tmp_path / f'vec{s}'))] for s in SEEDS}
+  assert len({tuple(v) for v in b_int.values()}) > 1, b_int
+
+
+def test_vectorised_seeds_resume_together_or_one_by_one(tmp_path):
+  seeds = (0, 1)
+  for s in seeds:
+    train_and_evaluate(_config(s), str(tmp_path / f'solo{s}'))
+  # Stopped after round 2 and continued to 4, as one vectorised group.
+  together = [str(tmp_path / f'together{s}') for s in seeds]
+  train_seeds([_config(s, num_rounds=2) for s in seeds], together)
+  summaries = train_seeds([_config(s) for s in seeds], together)
+  assert [s['resumed_from'] for s in summaries] == [2, 2]
+  # Seed 0 already at round 2, seed 1 not started: they cannot share a program, and run alone.
+  apart = [str(tmp_path / f'apart{s}') for s in seeds]
+  train_and_evaluate(_config(0, num_rounds=2), apart[0])
+  summaries = train_seeds([_config(s) for s in seeds], apart)
+  assert [s['resumed_from'] for s in summaries] == [2, 0]
+  assert [s['vectorized_seeds'] for s in summaries] == [0, 0]
+  for s in seeds:
+    _assert_same_run(together[s], str(tmp_path / f'solo{s}'))
+    _assert_same_run(apart[s], str(tmp_path / f'solo{s}'))
+
+
+def test_vectorised_seeds_refuse_configs_that_differ_beyond_the_seed(tmp_path):
+  with pytest.raises(ConfigError, match='differ only in config.seed; these differ too: eta'):
+    train_seeds([_config(0), _config(1, eta=0.2)], [str(tmp_path / 'a'), str(tmp_path / 'b')])
+  with pytest.raises(ConfigError, match='distinct config.seed'):
+    train_seeds([_config(0), _config(0)], [str(tmp_path / 'a'), str(tmp_path / 'b')])
+  assert not os.path.exists(tmp_path / 'a')
+
+
+def test_sweep_with_vmap_seeds_runs_each_setting_once_for_all_seeds(tmp_path):
+  definition = sweep.SweepDef(
+      config=_config(0, num_rounds=2), config_source='<inline>',
+      overrides=[{'algorithm': 'fathom'}, {'algorithm': 'fedavg', 'eta': 0.1}],
+      seeds=[0, 1], fixed={})
+  out = str(tmp_path / 'sweep')
+  groups = []
+
+  def counting_group(configs, workdirs):
+    groups.append([c.seed for c in configs])
+    return train_seeds(configs, workdirs)
+
+  entries = sweep.run_sweep(definition, out, train_group=counting_group, vmap_seeds=True,
+                            log=lambda _: None)
+  assert groups == [[0, 1], [0, 1]] and len(entries) == 4
+  assert all(e['status'] == 'done' for e in entries)
+  for e in entries:
+    assert _summary(os.path.join(out, e['workdir']))['vectorized_seeds'] == 2
+  groups.clear()
+  sweep.run_sweep(definition, out, train_group=counting_group, vmap_seeds=True,
+                  log=lambda _: None)
+  assert groups == []
