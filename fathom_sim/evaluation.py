@@ -15,7 +15,7 @@ import numpy as np
 from jax.sharding import Mesh
 
 from fathom_sim.data.federated import ClientDataset
-from fathom_sim.mesh import by_client, replicated
+from fathom_sim.mesh import by_client, put, replicated
 from fathom_sim.models import Model
 from fathom_sim.types import Batch, Params
 
@@ -66,7 +66,7 @@ def make_evaluator(model: Model, mesh: Mesh,
   def evaluate(params: Params, dataset: ClientDataset, clients: Sequence[int]) -> dict:
     totals = None
     for batch, real in _batches(dataset, list(clients), batch_size):
-      s = sums(params, jax.device_put(batch, rows), jax.device_put(np.int32(real), everywhere))
+      s = sums(params, put(batch, rows), put(np.int32(real), everywhere))
       totals = s if totals is None else jax.tree.map(jnp.add, totals, s)
     if totals is None:
       return {'accuracy': float('nan'), 'loss': float('nan'), 'count': 0}  # no extras known

@@ -27,3 +27,26 @@ def replicated(mesh: Mesh) -> NamedSharding:
 def by_client(mesh: Mesh) -> NamedSharding:
   """Leading axis split over the `clients` axis (lanes of a cohort plan)."""
   return NamedSharding(mesh, P(CLIENTS))
+
+
+def local_rows(mesh: Mesh, num_rows: int) -> np.ndarray | None:
+  """Which of `num_rows` lanes this process's devices hold under `by_client` (None: all, as on
+  one host)."""
+  if jax.process_count() == 1:
+    return None
+  mask = np.zeros(num_rows, bool)
+  for index in by_client(mesh).addressable_devices_indices_map((num_rows,)).values():
+    mask[index[0]] = True
+  return mask
+
+
+def put(tree, sharding: NamedSharding):
+  """Host arrays onto the devices. On several hosts each process supplies only the shards its
+  own devices hold (no cross-host check that the processes agree, and no transfer of what
+  another host feeds)."""
+  if jax.process_count() == 1:
+    return jax.device_put(tree, sharding)
+  def one(a):
+    a = np.asarray(a)
+    return jax.make_array_from_callback(a.shape, sharding, lambda index: a[index])
+  return jax.tree.map(one, tree)

@@ -22,14 +22,14 @@ import numpy as np
 from absl import logging
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from fathom_sim import fathom, metrics, models, rng, server
+from fathom_sim import distributed, fathom, metrics, models, rng, server
 from fathom_sim.checkpoint import CHECKPOINTS, Checkpointer
 from fathom_sim.config import ConfigError, check_config
 from fathom_sim.data import DataError, Task, load_task
 from fathom_sim.data.federated import ArrayClientDataset, sample_clients, sample_cohort
 from fathom_sim.data.plan import Planner, SeedPlanners
 from fathom_sim.evaluation import make_evaluator
-from fathom_sim.mesh import CLIENTS, by_client, make_mesh, replicated
+from fathom_sim.mesh import CLIENTS, by_client, local_rows, make_mesh, put, replicated
 from fathom_sim.round import make_round
 from fathom_sim.types import BATCH, EPOCHS, ETA, CohortPlan, Lanes, RoundMetrics, ServerState
 
@@ -130,7 +130,7 @@ def init_state(run: Run) -> ServerState:
   state = ServerState(params=params, opt_state=run.server_opt.init(params),
                       hyper=run.tuner.init(params, (c.epochs, c.eta, c.batch_size)),
                       round=jnp.int32(0), rng=rng.base_key(c.seed))
-  return jax.device_put(state, replicated(run.mesh))
+  return put(state, replicated(run.mesh))
 
 
 class Rounds:
@@ -150,14 +150,15 @@ class Rounds:
                                source_per_lane=not run.resident,
                                vectorized=self.seeds is not None)
     lanes = self.num_devices * run.lanes_per_device
-    options = dict(resident=run.resident, batch_per_octave=c.batch_pad_per_octave)
+    options = dict(resident=run.resident, batch_per_octave=c.batch_pad_per_octave,
+                   local_lanes=local_rows(mesh, lanes))
     if self.seeds is None:
       self.planner = Planner(run.task.train, c.cohort_size, lanes, c.seed, **options)
       self._lanes = by_client(mesh)
     else:
       self.planner = SeedPlanners(run.task.train, c.cohort_size, lanes, self.seeds, **options)
       self._lanes = NamedSharding(mesh, P(None, CLIENTS))
-    self._resident = (jax.device_put(run.task.train.features, replicated(mesh))
+    self._resident = (put(run.task.train.features, replicated(mesh))
                       if run.resident else None)
     self.last_host_s = self.last_device_s = 0.0
 
@@ -182,9 +183,9 @@ class Rounds:
       lanes = Lanes(stacked.slots, stacked.stream, stacked.source)
       batch_size, batch_pad = jnp.asarray(stacked.batch_size), stacked.batch_pad
       table, plans = stacked.table, stacked.plans
-    table = jax.device_put(table, replicated(mesh))
-    slots, stream = jax.device_put((lanes.slots, lanes.stream), self._lanes)
-    source = self._resident if self.run.resident else jax.device_put(lanes.source, self._lanes)
+    table = put(table, replicated(mesh))
+    slots, stream = put((lanes.slots, lanes.stream), self._lanes)
+    source = self._resident if self.run.resident else put(lanes.source, self._lanes)
     dispatched = time.perf_counter()
     state, m = self.round_fn(state, table, slots, stream, source, batch_size,
                              batch_pad=batch_pad)
@@ -259,8 +260,9 @@ def _prepare_workdir(workdir: str, config: ml_collections.ConfigDict) -> None:
     raise WorkdirError(f'--workdir {workdir!r} holds run files but no {CONFIG_FILE}; '
                        'choose another workdir')
   # Written before any checkpoint or metric, so run files never exist without it.
-  with open(saved_path, 'w', encoding='utf-8') as f:
-    f.write(config.to_json_best_effort(indent=2) + '\n')
+  if distributed.is_writer():
+    with open(saved_path, 'w', encoding='utf-8') as f:
+      f.write(config.to_json_best_effort(indent=2) + '\n')
 
 
 @contextlib.contextmanager
@@ -392,7 +394,8 @@ def _train(configs: list[ml_collections.ConfigDict], workdirs: list[str], *,
 
   rounds = Rounds(run, [cf.seed for cf in configs] if vectorized else None)
   if vectorized:
-    state = jax.device_put(jax.tree.map(lambda *x: jnp.stack(x), *states), replicated(mesh))
+    state = put(jax.device_get(jax.tree.map(lambda *x: jnp.stack(x), *states)),
+                replicated(mesh))
   else:
     state = states[0]
   fresh = rounds.initial_hparams(state)  # [S, 3] when vectorised
@@ -402,8 +405,9 @@ def _train(configs: list[ml_collections.ConfigDict], workdirs: list[str], *,
     hp = fresh if hps[0] is None else hps[0]
   seeds = list(range(len(books))) if vectorized else [None]
   for book in books:
-    book.rows = metrics.keep_rows(book.workdir, done)  # rows past the checkpoint are redone
-    book.writer = metrics.MetricsWriter(book.workdir)
+    if distributed.is_writer():  # on several hosts, process 0 alone writes the run's files
+      book.rows = metrics.keep_rows(book.workdir, done)  # rows past the checkpoint are redone
+      book.writer = metrics.MetricsWriter(book.workdir)
     book.start = time.time() - float(book.meta['wall_s'])
 
   evaluate = make_evaluator(run.model, mesh, c.eval_batch_size)
@@ -442,7 +446,8 @@ def _train(configs: list[ml_collections.ConfigDict], workdirs: list[str], *,
           row['test_accuracy'], row['test_loss'] = result['accuracy'], result['loss']
           row.update(_extra_accuracies(result))
         row['wall_s'] = time.time() - book.start
-        book.writer.write(row)
+        if book.writer:
+          book.writer.write(row)
         book.rows.append(row)
         if stop or t % c.checkpoint_every == 0 or t == c.num_rounds:
           book.checkpointer.save(_seed(state, s), book.bookkeeping(t, _seed(hp, s)),
@@ -456,13 +461,15 @@ def _train(configs: list[ml_collections.ConfigDict], workdirs: list[str], *,
         last_log = (now, t)
       if stop:
         for book in books:
-          book.writer.close()
+          if book.writer:
+            book.writer.close()
           book.checkpointer.close()
         logging.warning('signal %d: stopped after round %d, checkpoint saved; run the same '
                         'command again to resume', stop[0], t)
         raise Preempted(stop[0], t)
   for book in books:
-    book.writer.close()
+    if book.writer:
+      book.writer.close()
     book.checkpointer.close()
 
   summaries = []
@@ -489,7 +496,7 @@ def _summary(book: _Book, final: dict, params, hp: np.ndarray, compiles: int, ru
   l2, sha = metrics.params_digest(params)
   summary = {
       'algorithm': c.algorithm, 'task': run.task.name, 'rounds': c.num_rounds,
-      'devices': run.mesh.devices.size, 'platform': run.mesh.devices.flat[0].platform,
+      'devices': run.mesh.devices.size, 'processes': jax.process_count(), 'platform': run.mesh.devices.flat[0].platform,
       'compiles': compiles, 'vectorized_seeds': vectorized, 'resumed_from': book.done,
       'wall_s': time.time() - book.start, 'total_examples': meta['total_examples'],
       'total_local_steps': meta['total_steps'],
@@ -506,7 +513,8 @@ def _summary(book: _Book, final: dict, params, hp: np.ndarray, compiles: int, ru
     summary['rounds_to_target'] = reached['round'] if reached else None
     summary['examples_to_target'] = reached['examples'] if reached else None
     summary['local_steps_to_target'] = reached['local_steps'] if reached else None
-  metrics.write_json(os.path.join(book.workdir, metrics.SUMMARY_FILE), summary)
+  if distributed.is_writer():
+    metrics.write_json(os.path.join(book.workdir, metrics.SUMMARY_FILE), summary)
   logging.info('%sdone: %d rounds in %.1fs, %d compiles; final test accuracy %.4f, loss %.4f',
                _tag(book, bool(vectorized)), c.num_rounds, summary['wall_s'], compiles,
                final['accuracy'], final['loss'])

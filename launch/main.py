@@ -19,13 +19,34 @@ from launch import cli  # noqa: E402
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file (configs/*.py).',
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Directory for metrics, summary, checkpoints.')
+_MULTIHOST = flags.DEFINE_bool(
+    'multihost', False, 'Join a multi-host run whose processes JAX finds itself (Cloud TPU '
+    'pod, Slurm, Open MPI); launch the same command on every host.')
+_COORDINATOR = flags.DEFINE_string(
+    'coordinator_address', None, 'host:port of process 0, to join a multi-process run by hand '
+    '(with --num_processes and --process_id; the same value on every process).')
+_NUM_PROCESSES = flags.DEFINE_integer('num_processes', None, 'Processes in the run.')
+_PROCESS_ID = flags.DEFINE_integer('process_id', None, 'This process, 0 .. num_processes-1.')
 
+
+def _join_distributed_run() -> None:
+  from fathom_sim import distributed
+  if _COORDINATOR.value:
+    n, i = _NUM_PROCESSES.value, _PROCESS_ID.value
+    if n is None or n < 1 or i is None or not 0 <= i < n:
+      cli.fail('--coordinator_address needs --num_processes >= 1 and --process_id in '
+               f'[0, num_processes), got --num_processes={n} --process_id={i}')
+    distributed.initialize(_COORDINATOR.value, n, i)
+  else:
+    distributed.initialize()
 
 
 def main(argv):
   del argv
   from fathom_sim.train import train_and_evaluate  # after flags: XLA_FLAGS may be set by then
   cli.setup_logging()
+  if _COORDINATOR.value or _MULTIHOST.value:
+    _join_distributed_run()
   cli.run_or_exit(lambda: train_and_evaluate(_CONFIG.value, _WORKDIR.value))
 
 

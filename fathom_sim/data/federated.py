@@ -102,7 +102,7 @@ def sample_clients(seed: int, round_index: int, stream: int, population: np.ndar
   if size > len(population):
     raise ValueError(f'cannot sample {size} clients out of {len(population)}')
   key = rng.round_key(rng.base_key(seed), round_index, stream)
-  with jax.default_device(jax.devices('cpu')[0]):
+  with jax.default_device(jax.local_devices(backend='cpu')[0]):
     picks = np.asarray(_choice(key, len(population), size))
   return np.asarray(population)[picks]
 

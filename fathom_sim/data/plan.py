@@ -14,6 +14,7 @@ rounds.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import heapq
 
 import numpy as np
@@ -71,10 +72,19 @@ class Planner:
   min_batch_pad: int = 1
   stream_pad: int = 0
   buffer_pad: int = 0
+  # Lanes whose examples this process loads (None: all). On several hosts, a process feeds
+  # only the lanes of its own devices; the others' buffers stay zero and are never sent.
+  local_lanes: np.ndarray | None = None
 
   def __post_init__(self):
     if self.resident and not isinstance(self.dataset, ArrayClientDataset):
       raise ValueError('a device-resident training set must be held in memory')
+
+  @functools.cached_property
+  def _example_spec(self) -> dict:
+    """feature -> (shape of one example, dtype), read from the first client with data."""
+    first = int(np.flatnonzero(np.asarray(self.dataset.num_examples) > 0)[0])
+    return {k: (a.shape[1:], a.dtype) for k, a in self.dataset.client(first).items()}
 
   def _grow(self, current: int, needed: int) -> int:
     # Headroom, so that the next cohorts' small variations do not each cost a compile.
@@ -111,12 +121,12 @@ class Planner:
         if self.resident:
           base = int(self.dataset.offsets[client])
         else:
-          data = self.dataset.client(client)
           if source is None:
-            source = {name: np.zeros((self.num_lanes, self.buffer_pad) + a.shape[1:], a.dtype)
-                      for name, a in data.items()}
-          for name, a in data.items():
-            source[name][lane, offset:offset + n] = a
+            source = {name: np.zeros((self.num_lanes, self.buffer_pad) + shape, dtype)
+                      for name, (shape, dtype) in self._example_spec.items()}
+          if self.local_lanes is None or self.local_lanes[lane]:
+            for name, a in self.dataset.client(client).items():
+              source[name][lane, offset:offset + n] = a
           base = offset
           offset += n
         stream[lane, pos:pos + k * b_int] = base + idx.reshape(-1)

@@ -1,0 +1,89 @@
+"""Multi-host: 2 processes x 4 CPU devices (JAX's distributed runtime on localhost, gloo
+collectives) train the same model as 1 process x 8 devices."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import jax
+import numpy as np
+
+from fathom_sim.checkpoint import Checkpointer
+from fathom_sim.train import build, init_state
+from tests.common import tiny_config
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+OVERRIDES = ['--config.num_rounds=4', '--config.cohort_size=10', '--config.data.num_clients=60',
+             '--config.eval_every=2', '--config.checkpoint_every=2', '--config.num_devices=0',
+             # Per-lane buffers: each process loads only its own lanes' examples.
+             '--config.data_on_device=no']
+
+
+def _free_port() -> int:
+  with socket.socket() as s:
+    s.bind(('localhost', 0))
+    return s.getsockname()[1]
+
+
+def _main(workdir, devices, extra=()):
+  env = dict(os.environ, JAX_PLATFORMS='cpu',
+             XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}')
+  return subprocess.Popen(
+      [sys.executable, os.path.join(ROOT, 'launch', 'main.py'),
+       f'--config={os.path.join(ROOT, "configs", "quickstart.py")}', f'--workdir={workdir}',
+       *OVERRIDES, *extra], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+      stderr=subprocess.STDOUT, text=True)
+
+
+def _final_params(workdir):
+  with open(os.path.join(workdir, 'config.json')) as f:
+    saved = json.load(f)
+  config = tiny_config()
+  config.update_from_flattened_dict({k: v for k, v in _flat(saved).items() if k in
+                                     _flat(config.to_dict())})
+  config.num_devices = 0
+  like = init_state(build(config))
+  state, meta = Checkpointer(workdir, 3).restore_newest(like)
+  return jax.device_get(state.params), meta
+
+
+def _flat(d, prefix=''):
+  out = {}
+  for k, v in d.items():
+    if isinstance(v, dict):
+      out.update(_flat(v, f'{prefix}{k}.'))
+    else:
+      out[f'{prefix}{k}'] = tuple(v) if isinstance(v, list) else v
+  return out
+
+
+def _rows(workdir):
+  with open(os.path.join(workdir, 'metrics.jsonl')) as f:
+    return [json.loads(line) for line in f]
+
+
+def test_two_processes_of_four_devices_train_what_one_process_of_eight_does(tmp_path):
+  port = _free_port()
+  multi = str(tmp_path / 'multi')
+  procs = [_main(multi, 4, [f'--coordinator_address=localhost:{port}', '--num_processes=2',
+                            f'--process_id={i}']) for i in range(2)]
+  single = _main(str(tmp_path / 'single'), 8)
+  for p in procs + [single]:
+    out, _ = p.communicate(timeout=600)
+    assert p.returncode == 0, out[-3000:]
+
+  with open(os.path.join(multi, 'summary.json')) as f:
+    summary = json.load(f)
+  assert summary['processes'] == 2 and summary['devices'] == 8
+  got, got_meta = _final_params(multi)
+  want, want_meta = _final_params(str(tmp_path / 'single'))
+  assert got_meta['round'] == want_meta['round'] == 4
+  for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+    np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-6)
+  for g, w in zip(_rows(multi), _rows(str(tmp_path / 'single'))):
+    assert g['examples'] == w['examples'] and g['batch_size_int'] == w['batch_size_int']
+    np.testing.assert_allclose([g['eta'], g['epochs'], g['batch_size'], g['h_glob']],
+                               [w['eta'], w['epochs'], w['batch_size'], w['h_glob']],
+                               rtol=1e-5, atol=1e-6)
