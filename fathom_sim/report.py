@@ -37,6 +37,12 @@ class RunData:
       return int(self.summary['total_examples'])
     return int(self.rows[-1]['examples']) if self.rows else 0
 
+  @property
+  def total_local_steps(self) -> int:
+    if self.summary and 'total_local_steps' in self.summary:
+      return int(self.summary['total_local_steps'])
+    return int(self.rows[-1]['local_steps']) if self.rows else 0
+
 
 @dataclasses.dataclass
 class Group:
@@ -167,10 +173,11 @@ def best_fedavg(groups: list[Group], target: float) -> Group | None:
   return best
 
 
-def grid_cost(groups: list[Group]) -> tuple[int, int]:
-  """(examples, runs) summed over every FedAvg run: what the grid search cost."""
+def grid_cost(groups: list[Group]) -> tuple[int, int, int]:
+  """(examples, local steps, runs) summed over every FedAvg run: what the grid search cost."""
   runs = [r for g in groups if g.algorithm == 'fedavg' for r in g.runs]
-  return sum(r.total_examples for r in runs), len(runs)
+  return (sum(r.total_examples for r in runs), sum(r.total_local_steps for r in runs),
+          len(runs))
 
 
 def _fmt(ms: tuple[float | None, float | None], big: bool = False) -> str:
@@ -188,6 +195,10 @@ def _fmt_acc(ms: tuple[float | None, float | None]) -> str:
   return f'{mean:.3f}' if std is None else f'{mean:.3f} ± {std:.3f}'
 
 
+def _reached_note(r: dict) -> str:
+  return '' if r['reached'] in (0, r['seeds']) else f' ({r["reached"]}/{r["seeds"]})'
+
+
 def markdown(groups: list[Group], targets: list[float]) -> str:
   """The report's tables: cost to each target per setting; FedAvg grid best and total cost."""
   lines = ['| setting | algorithm | seeds | final test accuracy | s/round |'
@@ -202,30 +213,33 @@ def markdown(groups: list[Group], targets: list[float]) -> str:
              '—' if spr is None else f'{spr:.3f}']
     for t in targets:
       r = to_target(g, t)
-      note = '' if r['reached'] in (0, r['seeds']) else f' ({r["reached"]}/{r["seeds"]})'
-      cells += [_fmt(r['rounds']) + note, _fmt(r['examples'], True),
+      cells += [_fmt(r['rounds']) + _reached_note(r), _fmt(r['examples'], True),
                 _fmt(r['local_steps'], True)]
     lines.append('| ' + ' | '.join(cells) + ' |')
   lines.append('')
   lines.append('Means and sample std over the seeds that reached the target; (k/n): only k of '
                'n seeds reached it; —: none did. s/round: median seconds between rounds. '
                'Unfinished runs count with the rounds they have.')
-  examples, n_runs = grid_cost(groups)
+  examples, steps, n_runs = grid_cost(groups)
   fathom = [g for g in groups if g.algorithm == 'fathom']
   if n_runs:
-    lines += ['', f'FedAvg grid search: {n_runs} runs, {examples:,} examples in all.', '',
-              '| target | best static FedAvg | its rounds | its examples |'
-              + ''.join(f' `{g.setting}` rounds | `{g.setting}` examples |' for g in fathom),
-              '| --- | --- | --- | --- |' + ' --- | --- |' * len(fathom)]
+    lines += ['', f'FedAvg grid search: {n_runs} runs, {examples:,} examples and {steps:,} '
+              'local steps in all.', '',
+              '| target | best static FedAvg | its rounds | its examples | its local steps |'
+              + ''.join(f' `{g.setting}` rounds | `{g.setting}` examples | `{g.setting}` '
+                        'local steps |' for g in fathom),
+              '| --- | --- | --- | --- | --- |' + ' --- | --- | --- |' * len(fathom)]
     for t in targets:
       best = best_fedavg(groups, t)
       if best is None:
-        cells = [f'{t:g}', 'none reached it', '—', '—']
+        cells = [f'{t:g}', 'none reached it', '—', '—', '—']
       else:
         r = to_target(best, t)
-        cells = [f'{t:g}', f'`{best.setting}`', _fmt(r['rounds']), _fmt(r['examples'], True)]
+        cells = [f'{t:g}', f'`{best.setting}`' + _reached_note(r), _fmt(r['rounds']),
+                 _fmt(r['examples'], True), _fmt(r['local_steps'], True)]
       for g in fathom:
         r = to_target(g, t)
-        cells += [_fmt(r['rounds']), _fmt(r['examples'], True)]
+        cells += [_fmt(r['rounds']) + _reached_note(r), _fmt(r['examples'], True),
+                  _fmt(r['local_steps'], True)]
       lines.append('| ' + ' | '.join(cells) + ' |')
   return '\n'.join(lines) + '\n'

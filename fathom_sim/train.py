@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from absl import logging
+from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from fathom_sim import distributed, fathom, metrics, models, rng, server
@@ -282,6 +283,15 @@ def _stop_signals():
       signal.signal(s, handler)
 
 
+def _agreed_stop(signals: list[int]) -> int:
+  """The signal to stop on after this round (0: go on). On several hosts the processes agree
+  (one receiving it stops all), so that all stop after the same round."""
+  mine = signals[0] if signals else 0
+  if jax.process_count() == 1:
+    return mine
+  return int(np.max(multihost_utils.process_allgather(np.int32(mine))))
+
+
 def _extra_accuracies(result: dict) -> dict:
   """A model's further accuracies (e.g. Stack Overflow's without OOV) as test_* fields."""
   return {f'test_{k}': v for k, v in result.items() if k.startswith('accuracy_')}
@@ -414,9 +424,10 @@ def _train(configs: list[ml_collections.ConfigDict], workdirs: list[str], *,
   test_clients = np.flatnonzero(np.asarray(task.test.num_examples) > 0)
   last_log = (time.time(), done)
 
-  with _stop_signals() as stop:
+  with _stop_signals() as signals:
     for t in range(done + 1, c.num_rounds + 1):
       state, m, plans = rounds(state, t, hp)
+      stop = _agreed_stop(signals)
       used_all, hp = np.asarray(m.hparams), np.asarray(m.next_hparams)
       for s, book in zip(seeds, books):
         ms, plan = _seed(m, s), plans if s is None else plans[s]
@@ -465,8 +476,8 @@ def _train(configs: list[ml_collections.ConfigDict], workdirs: list[str], *,
             book.writer.close()
           book.checkpointer.close()
         logging.warning('signal %d: stopped after round %d, checkpoint saved; run the same '
-                        'command again to resume', stop[0], t)
-        raise Preempted(stop[0], t)
+                        'command again to resume', stop, t)
+        raise Preempted(stop, t)
   for book in books:
     if book.writer:
       book.writer.close()

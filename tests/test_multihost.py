@@ -3,9 +3,12 @@ collectives) train the same model as 1 process x 8 devices."""
 
 import json
 import os
+import re
+import signal
 import socket
 import subprocess
 import sys
+import time
 
 import jax
 import numpy as np
@@ -87,3 +90,66 @@ def test_two_processes_of_four_devices_train_what_one_process_of_eight_does(tmp_
     np.testing.assert_allclose([g['eta'], g['epochs'], g['batch_size'], g['h_glob']],
                                [w['eta'], w['epochs'], w['batch_size'], w['h_glob']],
                                rtol=1e-5, atol=1e-6)
+
+
+def test_a_signal_to_one_process_stops_both_after_the_same_round_and_they_resume(tmp_path):
+  workdir = str(tmp_path / 'multi')
+  extra = ['--config.num_rounds=30', '--config.checkpoint_every=10']
+
+  def start():
+    port = _free_port()
+    return [_main(workdir, 4, [f'--coordinator_address=localhost:{port}', '--num_processes=2',
+                               f'--process_id={i}', *extra]) for i in range(2)]
+
+  procs = start()
+  metrics_file = os.path.join(workdir, 'metrics.jsonl')
+  deadline = time.time() + 300
+  while not (os.path.exists(metrics_file) and os.path.getsize(metrics_file) > 0):
+    assert time.time() < deadline and procs[0].poll() is None, procs[0].communicate()[0][-3000:]
+    time.sleep(0.2)
+  procs[1].send_signal(signal.SIGTERM)  # a preemption notice reaching one worker only
+  outs = [p.communicate(timeout=300)[0] for p in procs]
+  assert [p.returncode for p in procs] == [143, 143], outs[0][-3000:]
+  stopped = {int(re.search(r'stopped after round (\d+)', o).group(1)) for o in outs}
+  assert len(stopped) == 1 and stopped.pop() < 30
+
+  procs = start()
+  for p in procs:
+    out, _ = p.communicate(timeout=600)
+    assert p.returncode == 0, out[-3000:]
+  rows = _rows(workdir)
+  assert [r['round'] for r in rows] == list(range(1, 31))
+  straight = str(tmp_path / 'straight')
+  p = _main(straight, 8, extra)
+  out, _ = p.communicate(timeout=600)
+  assert p.returncode == 0, out[-3000:]
+  got, _ = _final_params(workdir)
+  want, _ = _final_params(straight)
+  for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+    np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-6)
+
+
+def _pod(*args, **env):
+  return subprocess.run(['bash', os.path.join(ROOT, 'launch', 'tpu_pod.sh'), *args],
+                        env=dict(os.environ, DRY_RUN='1', **env), capture_output=True,
+                        text=True, timeout=60)
+
+
+def test_tpu_pod_script_starts_the_same_multihost_command_on_every_worker():
+  p = _pod('run', '--config.num_rounds=5', TPU_NAME='pod1', CONFIG='configs/quickstart.py')
+  assert p.returncode == 0, p.stderr
+  (line,) = p.stdout.splitlines()
+  assert line.startswith('gcloud compute tpus tpu-vm ssh pod1 --worker=all --command=')
+  for part in ('launch/main.py', '--multihost', '--config=configs/quickstart.py',
+               '--workdir=/mnt/fathom/runs/pod1', '--config.num_rounds=5', 'nohup'):
+    assert part in line.replace('\\', ''), part
+  p = _pod('install', BUCKET='gs://bkt')
+  assert p.returncode == 0, p.stderr
+  scp, setup = p.stdout.splitlines()
+  assert '--worker=all' in scp and '--worker=all' in setup
+  setup = setup.replace('\\', '')
+  assert "jax[tpu]==0.10.2" in setup and 'gcsfuse --implicit-dirs bkt /mnt/fathom' in setup
+  p = _pod('create', SPOT='1')
+  assert p.returncode == 0 and '--spot' in p.stdout and '--accelerator-type=v4-32' in p.stdout
+  p = _pod('resume')
+  assert p.returncode == 2 and 'usage: launch/tpu_pod.sh' in p.stderr

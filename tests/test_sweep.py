@@ -130,13 +130,14 @@ def test_tables_match_hand_computed_values(tmp_path):
   assert report.seconds_per_round(by['fathom']) == pytest.approx(0.5)
   assert report.best_fedavg(groups, 0.3).setting == 'eta=0.1'
   assert report.best_fedavg(groups, 0.9) is None
-  assert report.grid_cost(groups) == (200 + 200 + 210, 3)
+  assert report.grid_cost(groups) == (200 + 200 + 210, 40 + 40 + 30, 3)
 
   table = report.markdown(groups, [0.3, 0.6])
   fathom_row = next(line for line in table.splitlines() if line.startswith('| `fathom`'))
   assert '3.0 ± 1.4 (2/3) | 300 ± 141 | 30 ± 14 | — | — | —' in fathom_row
-  assert 'FedAvg grid search: 3 runs, 610 examples in all.' in table
-  assert '| 0.3 | `eta=0.1` | 2.0 ± 0.0 | 100 ± 0 | 3.0 ± 1.4 | 300 ± 141 |' in table
+  assert 'FedAvg grid search: 3 runs, 610 examples and 110 local steps in all.' in table
+  assert ('| 0.3 | `eta=0.1` | 2.0 ± 0.0 | 100 ± 0 | 20 ± 0 | 3.0 ± 1.4 (2/3) | 300 ± 141 | '
+          '30 ± 14 |') in table
   assert '| 0.6 | none reached it |' in table
 
   # A run folder given directly is its setting's run.
