@@ -35,47 +35,63 @@ def step_key(round_key: jax.Array, client: jax.Array, step: jax.Array) -> jax.Ar
   return jax.random.fold_in(jax.random.fold_in(round_key, client), step)
 
 
+def lane_init(server_params: Params, cohort_size: int) -> tuple:
+  """A lane's loop state before its first step."""
+  zero = jnp.int32(0)
+  return (zero, zero, zero, server_params, tree.zeros_like(server_params),
+          jnp.full(cohort_size, jnp.inf, jnp.float32), jnp.zeros(cohort_size, jnp.float32),
+          jnp.zeros(cohort_size, jnp.int32))
+
+
+def lane_step(loss_fn: LossFn, carry: tuple, server_params: Params, eta: jax.Array,
+              batch_size: jax.Array, round_key: jax.Array, table: CohortTable,
+              slots: jax.Array, stream: jax.Array, source: Batch, *, batch_pad: int) -> tuple:
+  """One local step of a lane: a pure function of the loop state, so that the loop may run on
+  the device (lane_train) or be driven from the host one step at a time (cohort.py)."""
+  grad_fn = jax.value_and_grad(loss_fn)
+  cohort_size = slots.shape[0]
+  # Every real step uses exactly batch_size examples; rows past it are padding.
+  example_mask = jnp.arange(batch_pad) < batch_size
+  it, j, k, params, weighted_sum, h, loss_sum, finite_any = carry
+  slot = slots[jnp.minimum(j, cohort_size - 1)]
+  slot = jnp.where(j < cohort_size, slot, cohort_size)  # past the lane's last client
+  real = slot < cohort_size
+  rows = jax.lax.dynamic_slice(stream, (it * batch_size,), (batch_pad,))
+  batch = jax.tree.map(lambda a: a[rows], source)
+  loss, grad = grad_fn(params, batch, example_mask, step_key(round_key, table.client[slot], k))
+  stepped = jax.tree.map(lambda p, g: p - eta * g, params, grad)
+  update = tree.sub(server_params, stepped)  # d_k, including step k
+  cos = tree.cosine(grad, update)
+  params = tree.select(real, stepped, params)
+  end = real & (k == table.num_steps[slot] - 1)
+  finite = tree.all_finite(update)
+  emit = end & finite
+  weighted_sum = jax.tree.map(
+      lambda acc, u: acc + jnp.where(emit, table.num_examples[slot] * u, 0.0),
+      weighted_sum, update)
+  h = h.at[slot].min(jnp.where(real, cos, jnp.inf), mode='drop')
+  loss_sum = loss_sum.at[slot].add(jnp.where(real, loss, 0.0), mode='drop')
+  finite_any = finite_any.at[slot].max(emit.astype(jnp.int32), mode='drop')
+  # After a client's last step the lane starts its next client from the server model.
+  params = tree.select(end, server_params, params)
+  j = j + end.astype(j.dtype)
+  k = jnp.where(end, 0, k + 1)
+  return it + 1, j, k, params, weighted_sum, h, loss_sum, finite_any
+
+
+def lane_result(carry: tuple) -> LaneResult:
+  return LaneResult(*carry[4:])
+
+
 def lane_train(loss_fn: LossFn, server_params: Params, eta: jax.Array, batch_size: jax.Array,
                round_key: jax.Array, table: CohortTable, num_iterations: jax.Array,
                slots: jax.Array, stream: jax.Array, source: Batch,
                *, batch_pad: int) -> LaneResult:
   """Runs `num_iterations` steps of one lane (at least its real ones) in a while loop."""
-  grad_fn = jax.value_and_grad(loss_fn)
-  cohort_size = slots.shape[0]
-  # Every real step uses exactly batch_size examples; rows past it are padding.
-  example_mask = jnp.arange(batch_pad) < batch_size
-
   def body(carry):
-    it, j, k, params, weighted_sum, h, loss_sum, finite_any = carry
-    slot = slots[jnp.minimum(j, cohort_size - 1)]
-    slot = jnp.where(j < cohort_size, slot, cohort_size)  # past the lane's last client
-    real = slot < cohort_size
-    rows = jax.lax.dynamic_slice(stream, (it * batch_size,), (batch_pad,))
-    batch = jax.tree.map(lambda a: a[rows], source)
-    loss, grad = grad_fn(params, batch, example_mask,
-                         step_key(round_key, table.client[slot], k))
-    stepped = jax.tree.map(lambda p, g: p - eta * g, params, grad)
-    update = tree.sub(server_params, stepped)  # d_k, including step k
-    cos = tree.cosine(grad, update)
-    params = tree.select(real, stepped, params)
-    end = real & (k == table.num_steps[slot] - 1)
-    finite = tree.all_finite(update)
-    emit = end & finite
-    weighted_sum = jax.tree.map(
-        lambda acc, u: acc + jnp.where(emit, table.num_examples[slot] * u, 0.0),
-        weighted_sum, update)
-    h = h.at[slot].min(jnp.where(real, cos, jnp.inf), mode='drop')
-    loss_sum = loss_sum.at[slot].add(jnp.where(real, loss, 0.0), mode='drop')
-    finite_any = finite_any.at[slot].max(emit.astype(jnp.int32), mode='drop')
-    # After a client's last step the lane starts its next client from the server model.
-    params = tree.select(end, server_params, params)
-    j = j + end.astype(j.dtype)
-    k = jnp.where(end, 0, k + 1)
-    return it + 1, j, k, params, weighted_sum, h, loss_sum, finite_any
+    return lane_step(loss_fn, carry, server_params, eta, batch_size, round_key, table, slots,
+                     stream, source, batch_pad=batch_pad)
 
-  zero = jnp.int32(0)
-  init = (zero, zero, zero, server_params, tree.zeros_like(server_params),
-          jnp.full(cohort_size, jnp.inf, jnp.float32), jnp.zeros(cohort_size, jnp.float32),
-          jnp.zeros(cohort_size, jnp.int32))
-  out = jax.lax.while_loop(lambda c: c[0] < num_iterations, body, init)
-  return LaneResult(*out[4:])
+  out = jax.lax.while_loop(lambda c: c[0] < num_iterations, body,
+                           lane_init(server_params, slots.shape[0]))
+  return lane_result(out)

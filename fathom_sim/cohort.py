@@ -9,12 +9,12 @@ lane, so the result is the same on any number of devices up to float rounding.
 from __future__ import annotations
 
 import functools
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import jax
 from jax.sharding import Mesh, PartitionSpec as P
 
-from fathom_sim.client import LaneResult, LossFn, lane_train
+from fathom_sim.client import LaneResult, LossFn, lane_init, lane_result, lane_step, lane_train
 from fathom_sim.mesh import CLIENTS
 
 CohortTrain = Callable[..., LaneResult]
@@ -52,3 +52,42 @@ def make_cohort_train(loss_fn: LossFn, mesh: Mesh, *, batch_pad: int,
       in_specs=(P(), P(), P(), P(), P(), P(CLIENTS), P(CLIENTS), source_spec),
       out_specs=P(), check_vma=False)
 
+
+
+class CohortSteps(NamedTuple):
+  """The cohort's local training one step at a time, for a loop driven by the host.
+
+  init(server_params, slots) -> carry, every lane at the server model ([L, ...] over devices);
+  step(carry, server_params, eta, batch_size, round_key, table, slots, stream, source) -> carry,
+  one local step of every lane; result(carry) -> LaneResult summed over lanes and devices.
+  Running `step` max-lane-steps times gives what make_cohort_train's loop gives.
+  """
+  init: Callable
+  step: Callable
+  result: Callable
+
+
+def make_cohort_steps(loss_fn: LossFn, mesh: Mesh, *, batch_pad: int,
+                      source_per_lane: bool) -> CohortSteps:
+  source_axis = 0 if source_per_lane else None
+  lanes_step = jax.vmap(
+      functools.partial(lane_step, loss_fn, batch_pad=batch_pad),
+      in_axes=(0, None, None, None, None, None, 0, 0, source_axis))
+  lanes = P(CLIENTS)
+
+  def init(server_params, slots):
+    return jax.vmap(lane_init, in_axes=(None, None), axis_size=slots.shape[0])(
+        server_params, slots.shape[1])
+
+  source_spec = P(CLIENTS) if source_per_lane else P()
+  step = jax.shard_map(
+      lanes_step, mesh=mesh,
+      in_specs=(lanes, P(), P(), P(), P(), P(), lanes, lanes, source_spec), out_specs=lanes,
+      check_vma=False)
+
+  def result(carry) -> LaneResult:
+    r = lane_result(carry)
+    return LaneResult(weighted_sum=jax.tree.map(lambda s: s.sum(axis=0), r.weighted_sum),
+                      h=r.h.min(axis=0), loss=r.loss.sum(axis=0), finite=r.finite.max(axis=0))
+
+  return CohortSteps(init, step, result)

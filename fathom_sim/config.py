@@ -84,6 +84,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.lanes_per_device = 0          # clients trained side by side per device; 0 = auto
   c.data_on_device = 'auto'       # keep the training set on the devices: auto | yes | no
   c.batch_pad_per_octave = 2      # padded batch sizes per doubling (fewer: fewer compiles)
+  c.local_loop = 'auto'           # local steps loop on the device or driven by the host: auto |
+                                  # device | host (auto: host for conv models on CPU, measured)
   return c
 
 
@@ -178,3 +180,4 @@ def check_config(c: ml_collections.ConfigDict) -> None:
   _number(c, 'lanes_per_device', low=0, integer=True)
   _choice(c, 'data_on_device', ('auto', 'yes', 'no'))
   _number(c, 'batch_pad_per_octave', low=1, high=64, integer=True)
+  _choice(c, 'local_loop', ('auto', 'device', 'host'))

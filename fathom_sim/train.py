@@ -54,6 +54,7 @@ class Run:
   upper: tuple[float, float, float]
   resident: bool
   lanes_per_device: int
+  local_loop: str
 
 
 def hyper_setup(config) -> tuple[fathom.HyperTuner, tuple[float, float, float]]:
@@ -100,7 +101,20 @@ def build(config: ml_collections.ConfigDict, task: Task | None = None) -> Run:
       config.data_on_device == 'auto' and size <= RESIDENT_BYTES))
   lanes = config.lanes_per_device or (
       1 if mesh.devices.flat[0].platform == 'cpu' else -(-config.cohort_size // n_dev))
-  return Run(config, task, mesh, model, server_opt, tuner, upper, resident, lanes)
+  return Run(config, task, mesh, model, server_opt, tuner, upper, resident, lanes,
+             _local_loop(config, mesh))
+
+
+# Models whose local-step loop runs far slower inside a device loop than as a program per step
+# on XLA:CPU (docs/benchmarks.md: the EMNIST CNN at ~0.1x of its centralized speed).
+HOST_LOOP_ON_CPU = frozenset({'emnist_cnn'})
+
+
+def _local_loop(config, mesh) -> str:
+  if config.local_loop != 'auto':
+    return config.local_loop
+  cpu = mesh.devices.flat[0].platform == 'cpu'
+  return 'host' if cpu and config.model.name in HOST_LOOP_ON_CPU else 'device'
 
 
 def _first_examples(task: Task, n: int) -> dict:
@@ -149,7 +163,7 @@ class Rounds:
     self.round_fn = make_round(loss_fn=run.model.loss, server_opt=run.server_opt,
                                tuner=run.tuner, upper=run.upper, mesh=mesh,
                                source_per_lane=not run.resident,
-                               vectorized=self.seeds is not None)
+                               vectorized=self.seeds is not None, local_loop=run.local_loop)
     lanes = self.num_devices * run.lanes_per_device
     options = dict(resident=run.resident, batch_per_octave=c.batch_pad_per_octave,
                    local_lanes=local_rows(mesh, lanes))
@@ -177,19 +191,21 @@ class Rounds:
       plan = self.planner.plan(sample_cohort(train, c.seed, t, c.cohort_size), t,
                                hp[EPOCHS], hp[BATCH])
       lanes, batch_size, batch_pad = plan.lanes, jnp.int32(plan.batch_size), plan.batch_pad
-      table, plans = plan.table, plan
+      table, plans, longest = plan.table, plan, int(plan.lane_steps.max())
     else:
       stacked = self.planner.plan([sample_cohort(train, s, t, c.cohort_size)
                                    for s in self.seeds], t, hp)
       lanes = Lanes(stacked.slots, stacked.stream, stacked.source)
       batch_size, batch_pad = jnp.asarray(stacked.batch_size), stacked.batch_pad
       table, plans = stacked.table, stacked.plans
+      longest = max(int(p.lane_steps.max()) for p in plans)
     table = put(table, replicated(mesh))
     slots, stream = put((lanes.slots, lanes.stream), self._lanes)
     source = self._resident if self.run.resident else put(lanes.source, self._lanes)
     dispatched = time.perf_counter()
     state, m = self.round_fn(state, table, slots, stream, source, batch_size,
-                             batch_pad=batch_pad)
+                             batch_pad=batch_pad,
+                             num_iterations=longest if self.run.local_loop == 'host' else None)
     m = jax.device_get(m)
     # Host: sampling, planning, transfers issued; device: from dispatch until the metrics are
     # back (includes compiling when the round meets a new padded shape).
@@ -208,7 +224,7 @@ class Rounds:
 RESUMABLE_FIELDS = frozenset({
     'num_rounds', 'log_every', 'checkpoint_every', 'keep_checkpoints', 'eval_every',
     'eval_clients', 'eval_batch_size', 'target_accuracy', 'num_devices', 'lanes_per_device',
-    'data_on_device', 'batch_pad_per_octave'})
+    'data_on_device', 'batch_pad_per_octave', 'local_loop'})
 
 
 class Preempted(Exception):

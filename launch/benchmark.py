@@ -31,6 +31,9 @@ _WARMUP = flags.DEFINE_integer('warmup', 1, 'Rounds before measuring (compilatio
 _NUM_CLIENTS = flags.DEFINE_integer('num_clients', 1000, 'Clients of the generated data.')
 _NUM_DEVICES = flags.DEFINE_integer('num_devices', 0, 'Devices of the clients mesh (0 = all).')
 _LANES = flags.DEFINE_integer('lanes_per_device', 0, 'Lanes per device (0 = auto).')
+_LOCAL_LOOP = flags.DEFINE_enum('local_loop', 'auto', ['auto', 'device', 'host'],
+                                'Local steps: a loop on the device, or one program per step '
+                                'driven by the host (auto: per platform and model).')
 _JSON = flags.DEFINE_string('json', None, 'Write one JSON object per (task, cohort) here.')
 
 
@@ -42,6 +45,7 @@ def task_config(name: str, cohort_size: int):
   c.cohort_size = cohort_size
   c.num_devices = _NUM_DEVICES.value
   c.lanes_per_device = _LANES.value
+  c.local_loop = _LOCAL_LOOP.value
   c.data.num_clients = _NUM_CLIENTS.value
   if name == 'mlp':
     c.data.name, c.model.name = 'synthetic', 'mlp'
@@ -94,7 +98,6 @@ def centralized_examples_per_s(run, examples: dict, batch_size: int, steps: int)
 
 def measure(name: str, cohort_size: int) -> dict:
   import jax
-  import numpy as np
   from fathom_sim.data.federated import concat_clients
   from fathom_sim.train import Rounds, build, init_state
   config = task_config(name, cohort_size)
@@ -128,7 +131,7 @@ def measure(name: str, cohort_size: int) -> dict:
           'ratio_to_centralized': fed / central, 'padding_efficiency': examples / computed,
           'compiles': rounds.compiles, 'host_s_per_round': host / r,
           'device_s_per_round': device / r, 'batch_size': b_int,
-          'lanes': rounds.planner.num_lanes, 'devices': n_dev,
+          'lanes': rounds.planner.num_lanes, 'devices': n_dev, 'local_loop': run.local_loop,
           'platform': run.mesh.devices.flat[0].platform,
           'peak_rss_gib': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
           'jax': jax.__version__, 'date': time.strftime('%Y-%m-%d')}

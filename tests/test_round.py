@@ -9,10 +9,12 @@ from tests.common import (assert_trees_close, reference_rounds, run_rounds, tiny
 
 
 @pytest.mark.parametrize('num_devices', [1, 8])
-@pytest.mark.parametrize('algorithm', ['fedavg', 'fathom'])
-def test_round_matches_slow_reference(algorithm, num_devices):
-  # Fractional E and B_int = 3 make K_i vary and batches wrap across passes.
-  config = tiny_config(algorithm=algorithm, num_devices=num_devices)
+@pytest.mark.parametrize('algorithm,local_loop', [('fedavg', 'device'), ('fathom', 'device'),
+                                                  ('fedavg', 'host'), ('fathom', 'host')])
+def test_round_matches_slow_reference(algorithm, local_loop, num_devices):
+  # Fractional E and B_int = 3 make K_i vary and batches wrap across passes. The local loop on
+  # the device and the one driven by the host step by step must both match.
+  config = tiny_config(algorithm=algorithm, num_devices=num_devices, local_loop=local_loop)
   task = tiny_task()
   state, history, _ = run_rounds(config, task, 3)
   ref = reference_rounds(config, task, 3)
