@@ -19,5 +19,5 @@ case "$task" in
      exit 2 ;;
 esac
 python launch/sweep.py --sweep="sweeps/claim_$task.py" --out="$out" --vmap_seeds "$@"
-python launch/report.py "$out" --out="$out/report" --targets="$targets"
+python launch/report.py "$out" --out="$out/report" --targets="$targets" --notiming
 echo "report: $out/report/report.md"

@@ -199,18 +199,23 @@ def _reached_note(r: dict) -> str:
   return '' if r['reached'] in (0, r['seeds']) else f' ({r["reached"]}/{r["seeds"]})'
 
 
-def markdown(groups: list[Group], targets: list[float]) -> str:
-  """The report's tables: cost to each target per setting; FedAvg grid best and total cost."""
-  lines = ['| setting | algorithm | seeds | final test accuracy | s/round |'
+def markdown(groups: list[Group], targets: list[float], *, timing: bool = True) -> str:
+  """The report's tables: cost to each target per setting; FedAvg grid best and total cost.
+
+  timing=False leaves out the seconds-per-round column, so that the tables are a function of
+  the runs' results alone (a rerun with the same seeds gives the same bytes).
+  """
+  lines = ['| setting | algorithm | seeds | final test accuracy |' + (' s/round |' * timing)
            + ''.join(f' rounds to {t:g} | examples to {t:g} | local steps to {t:g} |'
                      for t in targets),
-           '| --- | --- | --- | --- | --- |' + ' --- | --- | --- |' * len(targets)]
+           '| --- | --- | --- | --- |' + ' --- |' * timing + ' --- | --- | --- |' * len(targets)]
   for g in groups:
-    spr = seconds_per_round(g)
     unfinished = sum(r.summary is None for r in g.runs)
     seeds = str(len(g.runs)) + (f' ({unfinished} unfinished)' if unfinished else '')
-    cells = [f'`{g.setting}`', g.algorithm, seeds, _fmt_acc(final_accuracy(g)),
-             '—' if spr is None else f'{spr:.3f}']
+    cells = [f'`{g.setting}`', g.algorithm, seeds, _fmt_acc(final_accuracy(g))]
+    if timing:
+      spr = seconds_per_round(g)
+      cells.append('—' if spr is None else f'{spr:.3f}')
     for t in targets:
       r = to_target(g, t)
       cells += [_fmt(r['rounds']) + _reached_note(r), _fmt(r['examples'], True),
@@ -218,8 +223,9 @@ def markdown(groups: list[Group], targets: list[float]) -> str:
     lines.append('| ' + ' | '.join(cells) + ' |')
   lines.append('')
   lines.append('Means and sample std over the seeds that reached the target; (k/n): only k of '
-               'n seeds reached it; —: none did. s/round: median seconds between rounds. '
-               'Unfinished runs count with the rounds they have.')
+               'n seeds reached it; —: none did.'
+               + (' s/round: median seconds between rounds.' if timing else '')
+               + ' Unfinished runs count with the rounds they have.')
   examples, steps, n_runs = grid_cost(groups)
   fathom = [g for g in groups if g.algorithm == 'fathom']
   if n_runs:

@@ -18,6 +18,8 @@ from launch import cli  # noqa: E402
 
 _OUT = flags.DEFINE_string('out', None, 'Folder for report.md and the PNGs.')
 _TARGETS = flags.DEFINE_list('targets', ['0.3', '0.4'], 'Target test accuracies.')
+_TIMING = flags.DEFINE_bool('timing', True, 'Include seconds per round (--notiming: tables '
+                            'that depend on the runs\' results alone, for comparing reruns).')
 
 
 def main(argv):
@@ -36,7 +38,7 @@ def main(argv):
   if not groups:
     cli.fail(f'no runs (folders with metrics.jsonl) under {", ".join(paths)}')
   os.makedirs(_OUT.value, exist_ok=True)
-  table = report.markdown(groups, targets)
+  table = report.markdown(groups, targets, timing=_TIMING.value)
   with open(os.path.join(_OUT.value, 'report.md'), 'w', encoding='utf-8') as f:
     f.write(table)
   # Compare against the FedAvg setting that is best at the hardest target some setting reached.

@@ -139,6 +139,9 @@ def test_tables_match_hand_computed_values(tmp_path):
   assert ('| 0.3 | `eta=0.1` | 2.0 ± 0.0 | 100 ± 0 | 20 ± 0 | 3.0 ± 1.4 (2/3) | 300 ± 141 | '
           '30 ± 14 |') in table
   assert '| 0.6 | none reached it |' in table
+  untimed = report.markdown(groups, [0.3, 0.6], timing=False)
+  assert 's/round' not in untimed and '0.500' not in untimed  # fathom's 0.5 s per round
+  assert untimed.splitlines()[1].count('---') == table.splitlines()[1].count('---') - 1
 
   # A run folder given directly is its setting's run.
   single = report.find_runs([str(root / 'fathom' / 'seed=1')])
