@@ -68,6 +68,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.name = 'synthetic'       # synthetic | femnist_synthetic | npz | femnist | stackoverflow
   c.data.seed = 0                 # generated data only
   c.data.num_clients = 1000       # generated data only
+  c.data.in_memory = False        # femnist_synthetic: make every client once and keep them
   c.data.alpha = 1.0              # Synthetic(alpha, beta)
   c.data.beta = 1.0
   c.data.size_log_mean = 4.0      # client sizes: min_examples + lognormal(mean, sigma)
@@ -145,6 +146,8 @@ def check_config(c: ml_collections.ConfigDict) -> None:
   _choice(c, 'hyper_optimizer', fathom.HYPER_OPTIMIZERS)
   if not isinstance(c.clip_log_params, bool):
     _fail('clip_log_params', 'True or False', c.clip_log_params)
+  if not isinstance(c.data.in_memory, bool):
+    _fail('data.in_memory', 'True or False', c.data.in_memory)
   _choice(c, 'server_optimizer', server.SERVER_OPTIMIZERS)
   _number(c, 'server_lr', low=0, low_open=True)
   _number(c, 'server_momentum', low=0, high=1, high_open=True)

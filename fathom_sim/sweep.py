@@ -116,6 +116,10 @@ def plan_runs(sweep: SweepDef, out: str, extra: dict | None = None) -> list[RunS
   if len(set(names)) != len(names):
     raise ConfigError('the sweep lists the same setting twice: '
                       + ', '.join(sorted({n for n in names if names.count(n) > 1})))
+  swept = sorted({k for o in sweep.overrides for k in o} & set(extra or {}))
+  if swept:
+    raise ConfigError(f'--config.{swept[0]} is a field the sweep varies (its settings would '
+                      'all become the same run); change it in the sweep file instead')
   runs = []
   for overrides, setting in zip(sweep.overrides, names):
     for seed in sweep.seeds:

@@ -17,7 +17,8 @@ def get_sweep():
       'config': '../configs/femnist.py',
       'fixed': {'data.name': 'femnist_synthetic', 'data.num_clients': 3400, 'num_rounds': 300,
                 'eval_every': 10,
-                'eval_clients': 340, 'model.name': 'mlp', 'model.hidden': (128,)},
+                'eval_clients': 340, 'model.name': 'mlp', 'model.hidden': (128,),
+                'data.in_memory': True},
       'overrides': settings(),
       'seeds': 5,
   }

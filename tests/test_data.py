@@ -57,6 +57,24 @@ def test_femnist_like_matches_femnist_shapes_and_skew():
   assert len(test_ex['y']) == task.test.num_examples[7]
 
 
+def test_femnist_like_in_memory_holds_the_generated_clients_exactly():
+  from fathom_sim.config import base_config
+  from fathom_sim.data import load_task
+  c = base_config().data
+  c.name, c.num_clients = 'femnist_synthetic', 12
+  lazy = load_task(c)
+  c.in_memory = True
+  held = load_task(c)
+  assert isinstance(held.train, ArrayClientDataset) and isinstance(held.test, ArrayClientDataset)
+  for lazy_split, held_split in ((lazy.train, held.train), (lazy.test, held.test)):
+    np.testing.assert_array_equal(lazy_split.num_examples, held_split.num_examples)
+    for i in range(12):
+      a, b = lazy_split.client(i), held_split.client(i)
+      assert sorted(a) == sorted(b)
+      for k in a:
+        np.testing.assert_array_equal(a[k], b[k])
+
+
 def test_sample_cohort_distinct_deterministic_eligible_and_uniform():
   counts = np.array([0, 3, 5, 0, 2, 7, 1, 4, 6, 2], np.int64)
   data = ArrayClientDataset({'y': np.zeros(counts.sum(), np.int32)},

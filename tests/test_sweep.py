@@ -38,6 +38,19 @@ def test_setting_names_are_deterministic_and_path_safe():
           == 'model.hidden=64-32,data.path=_a_b')
 
 
+def test_overriding_a_swept_field_from_the_command_line_is_refused(tmp_path):
+  sweep_file = tmp_path / 'tiny_sweep.py'
+  sweep_file.write_text(SWEEP_FILE)
+  out = tmp_path / 'sweep'
+  p = _cli('sweep.py', f'--sweep={sweep_file}', f'--out={out}', '--config.eta=0.2')
+  assert p.returncode == 2 and p.stderr.count('\n') == 1, p.stderr
+  assert '--config.eta is a field the sweep varies' in p.stderr
+  assert not out.exists()
+  # A field the sweep leaves alone may be overridden.
+  runs = sweep.plan_runs(sweep.load_sweep(str(sweep_file)), str(out), {'num_rounds': 1})
+  assert {r.config.num_rounds for r in runs} == {1} and len(runs) == 4
+
+
 def test_sweep_runs_every_setting_and_seed_once_and_reports(tmp_path):
   sweep_file = tmp_path / 'tiny_sweep.py'
   sweep_file.write_text(SWEEP_FILE)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from fathom_sim.data.byo import DataError, load_npz
-from fathom_sim.data.federated import ClientDataset, Task
+from fathom_sim.data.federated import ClientDataset, Task, materialize
 from fathom_sim.data.prepared import load_prepared
 from fathom_sim.data.synthetic import femnist_like, synthetic_alpha_beta
 
@@ -19,7 +19,10 @@ def load_task(data_config) -> Task:
                                 min_examples=c.min_examples, max_examples=c.max_examples,
                                 test_fraction=c.test_fraction, seed=c.seed)
   if c.name == 'femnist_synthetic':
-    return femnist_like(num_clients=c.num_clients, test_fraction=c.test_fraction, seed=c.seed)
+    task = femnist_like(num_clients=c.num_clients, test_fraction=c.test_fraction, seed=c.seed)
+    # In memory, a sweep of small models stops paying for image generation every round.
+    return task._replace(train=materialize(task.train),
+                         test=materialize(task.test)) if c.in_memory else task
   if c.name == 'npz':
     return load_npz(c.path, num_classes=c.num_classes, test_fraction=c.test_fraction,
                     seed=c.seed)

@@ -86,6 +86,15 @@ class GeneratedClientDataset:
     return self.make(index)
 
 
+def materialize(dataset: ClientDataset) -> ArrayClientDataset:
+  """Every client's examples made once and held in memory (the same examples, client by
+  client)."""
+  if isinstance(dataset, ArrayClientDataset):
+    return dataset
+  return ArrayClientDataset.from_clients(
+      dataset.client_ids, [dataset.client(i) for i in range(len(dataset.client_ids))])
+
+
 def concat_clients(dataset: ClientDataset, clients: Sequence[int]) -> Batch:
   parts = [dataset.client(int(i)) for i in clients]
   return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
