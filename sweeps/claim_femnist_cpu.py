@@ -1,5 +1,5 @@
-"""claim_femnist.py sized for a 2-core CPU: the same FEMNIST-shaped data, grid, seeds and
-FATHOM defaults, but an MLP (784-128-62) in place of the EMNIST CNN and 300 rounds.
+"""claim_femnist.py with an MLP (784-128-62) in place of the EMNIST CNN and 300 rounds, the
+generated clients held in memory: the same data, grid, seeds and FATHOM defaults.
 
   bash experiments/claim.sh femnist_cpu
 """
@@ -9,16 +9,12 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from claim_femnist import settings  # noqa: E402
+from claim_femnist import FIXED  # noqa: E402
+from claim_grid import FEMNIST_GRID  # noqa: E402
 
 
 def get_sweep():
-  return {
-      'config': '../configs/femnist.py',
-      'fixed': {'data.name': 'femnist_synthetic', 'data.num_clients': 3400, 'num_rounds': 300,
-                'eval_every': 10,
-                'eval_clients': 340, 'model.name': 'mlp', 'model.hidden': (128,),
-                'data.in_memory': True},
-      'overrides': settings(),
-      'seeds': 5,
-  }
+  fixed = dict(FIXED, num_rounds=300, **{'model.name': 'mlp', 'model.hidden': (128,),
+                                        'data.in_memory': True})
+  return {'config': '../configs/femnist.py', 'fixed': fixed, 'overrides': FEMNIST_GRID,
+          'seeds': 5}

@@ -159,3 +159,20 @@ def test_tables_match_hand_computed_values(tmp_path):
   # A run folder given directly is its setting's run.
   single = report.find_runs([str(root / 'fathom' / 'seed=1')])
   assert [r.setting for r in single] == ['fathom']
+
+
+def test_every_shipped_sweep_loads_and_plans_valid_configs(tmp_path):
+  from fathom_sim.config import check_config
+  files = sorted(f for f in os.listdir(os.path.join(ROOT, 'sweeps'))
+                 if f.endswith('.py') and f != 'claim_grid.py')
+  assert 'claim_quickstart.py' in files and 'claim_stackoverflow_real.py' in files
+  for f in files:
+    definition = sweep.load_sweep(os.path.join(ROOT, 'sweeps', f))
+    runs = sweep.plan_runs(definition, str(tmp_path / f))
+    assert runs, f
+    for run in runs:
+      check_config(run.config)
+  claim = sweep.load_sweep(os.path.join(ROOT, 'sweeps', 'claim_quickstart.py'))
+  fedavg = [o for o in claim.overrides if o['algorithm'] == 'fedavg']
+  assert len(fedavg) == 27 and len(claim.seeds) == 5
+  assert claim.overrides[0] == {'algorithm': 'fathom'}
