@@ -108,13 +108,14 @@ def measure(name: str, cohort_size: int) -> dict:
   hp = rounds.initial_hparams(state)
   for t in range(1, _WARMUP.value + 1):
     state, _, _ = rounds(state, t, hp)
-  examples = computed = 0
+  examples = computed = epoch_examples = 0
   host = device = 0.0
   clients = []
   start = time.perf_counter()
   for t in range(_WARMUP.value + 1, _WARMUP.value + _ROUNDS.value + 1):
     state, _, plan = rounds(state, t, hp)
     examples += int(plan.num_steps.sum()) * plan.batch_size
+    epoch_examples += float(plan.num_examples.sum()) * float(hp[0])  # E passes over the data
     computed += plan.computed_steps(n_dev) * plan.batch_pad
     host += rounds.last_host_s
     device += rounds.last_device_s
@@ -128,6 +129,9 @@ def measure(name: str, cohort_size: int) -> dict:
   r = _ROUNDS.value
   return {'task': name, 'cohort_size': cohort_size, 'rounds_per_s': r / wall,
           'examples_per_s': fed, 'centralized_examples_per_s': central,
+          # E * n_i per client (what FedJAX counts): examples_per_s also counts the examples
+          # a client's last step re-reads to fill its batch.
+          'epoch_examples_per_s': epoch_examples / wall,
           'ratio_to_centralized': fed / central, 'padding_efficiency': examples / computed,
           'compiles': rounds.compiles, 'host_s_per_round': host / r,
           'device_s_per_round': device / r, 'batch_size': b_int,

@@ -1,0 +1,84 @@
+"""fathom_sim against FedJAX 0.0.17's FedAvg, same model, workload and cohort, alternating the
+two sides in one run (the machine's speed drifts between runs). Run by hand, never by CI:
+
+  python3 -m venv .venv-fedjax && .venv-fedjax/bin/pip install -r benchmarks/requirements-fedjax.txt
+  XLA_FLAGS=--xla_force_host_platform_device_count=8 .venv/bin/python \
+      benchmarks/compare_fedjax.py --fedjax_python=.venv-fedjax/bin/python \
+      --cohort_sizes=10,50 --repeats=2 --json=docs/bench_fedjax.json
+
+Workload (both sides): FedAvg, the EMNIST CNN (62 classes), client SGD lr 0.1, B 20, E 1, server
+SGD lr 1.0, 1,000 FEMNIST-shaped clients with the sizes of fathom_sim's femnist_synthetic data
+(lognormal, mean ~198). Both count client examples as E * n_i per client.
+"""
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+
+def _last_json(text: str) -> dict | list:
+  return json.loads([line for line in text.splitlines() if line.startswith(('{', '['))][-1])
+
+
+def main():
+  parser = argparse.ArgumentParser()
+  parser.add_argument('--fedjax_python', required=True)
+  parser.add_argument('--cohort_sizes', default='10,50')
+  parser.add_argument('--repeats', type=int, default=2)
+  parser.add_argument('--rounds', type=int, default=3)
+  parser.add_argument('--fedjax_backend', default='jit', choices=['jit', 'pmap'])
+  parser.add_argument('--json', default=None)
+  args = parser.parse_args()
+
+  from fathom_sim.data.synthetic import femnist_like
+  sizes = [int(n) for n in femnist_like(num_clients=1000).train.num_examples]
+  results = []
+  with tempfile.TemporaryDirectory() as tmp:
+    sizes_file = os.path.join(tmp, 'sizes.json')
+    with open(sizes_file, 'w') as f:
+      json.dump(sizes, f)
+    for repeat in range(args.repeats):
+      for cohort in [int(c) for c in args.cohort_sizes.split(',')]:
+        fedjax_env = dict(os.environ)
+        fedjax_env.pop('XLA_FLAGS', None)  # FedJAX's jit backend trains on one device
+        if args.fedjax_backend == 'pmap':
+          fedjax_env['XLA_FLAGS'] = '--xla_force_host_platform_device_count=2'
+        p = subprocess.run([args.fedjax_python, os.path.join(ROOT, 'benchmarks',
+                                                             'fedjax_fedavg.py'),
+                            f'--sizes={sizes_file}', f'--cohort={cohort}',
+                            f'--rounds={args.rounds}', f'--backend={args.fedjax_backend}'],
+                           env=fedjax_env, capture_output=True, text=True, check=True)
+        fedjax = _last_json(p.stdout)
+        ours_file = os.path.join(tmp, 'ours.json')
+        subprocess.run([sys.executable, os.path.join(ROOT, 'launch', 'benchmark.py'),
+                        '--tasks=cnn', f'--cohort_sizes={cohort}', f'--rounds={args.rounds}',
+                        f'--json={ours_file}'], capture_output=True, text=True, check=True)
+        with open(ours_file) as f:
+          ours = json.load(f)[0]
+        row = {'repeat': repeat, 'cohort_size': cohort,
+               'fedjax_examples_per_s': fedjax['examples_per_s'],
+               'fathom_sim_examples_per_s': ours['epoch_examples_per_s'],
+               'speedup': ours['epoch_examples_per_s'] / fedjax['examples_per_s'],
+               'fathom_sim': ours, 'fedjax': fedjax}
+        results.append(row)
+        print(f'repeat {repeat} cohort {cohort:4d}: FedJAX ({args.fedjax_backend}) '
+              f'{fedjax["examples_per_s"]:8.1f} ex/s | fathom_sim '
+              f'{ours["epoch_examples_per_s"]:8.1f} ex/s ({ours["local_loop"]} loop, '
+              f'{ours["devices"]} devices) | x{row["speedup"]:.2f}', flush=True)
+        if args.json:
+          with open(args.json, 'w') as f:
+            json.dump(results, f, indent=2)
+  for cohort in sorted({r['cohort_size'] for r in results}):
+    s = [r['speedup'] for r in results if r['cohort_size'] == cohort]
+    print(f'cohort {cohort}: speedup median {statistics.median(s):.2f} over {len(s)} repeats')
+
+
+if __name__ == '__main__':
+  main()
