@@ -437,6 +437,7 @@ def _train(configs: list[ml_collections.ConfigDict], workdirs: list[str], *,
     book.start = time.time() - float(book.meta['wall_s'])
 
   evaluate = make_evaluator(run.model, mesh, c.eval_batch_size)
+  host_loop = run.local_loop == 'host'
   test_clients = np.flatnonzero(np.asarray(task.test.num_examples) > 0)
   last_log = (time.time(), done)
 
@@ -451,13 +452,13 @@ def _train(configs: list[ml_collections.ConfigDict], workdirs: list[str], *,
         steps = int(plan.num_steps.sum())
         meta['total_steps'] += steps
         meta['total_examples'] += steps * plan.batch_size
-        meta['computed'] += plan.computed_steps(n_dev) * plan.batch_pad
+        meta['computed'] += plan.computed_steps(n_dev, host_loop) * plan.batch_pad
         row = {'round': t, 'train_loss': float(ms.train_loss), 'eta': float(used[ETA]),
                'epochs': float(used[EPOCHS]), 'batch_size': float(used[BATCH]),
                'batch_size_int': plan.batch_size, 'h_glob': float(ms.h_glob),
                'h_local': float(ms.h_local), 'examples': meta['total_examples'],
                'local_steps': meta['total_steps'], 'dropped_clients': int(ms.dropped_clients),
-               'accepted': bool(ms.accepted), 'padding_efficiency': plan.useful_fraction(n_dev)}
+               'accepted': bool(ms.accepted), 'padding_efficiency': plan.useful_fraction(n_dev, host_loop)}
         if not ms.accepted:
           logging.warning('%sround %d rejected: no client returned a finite update (%d '
                           'dropped); the model is unchanged%s', _tag(book, vectorized), t,

@@ -129,3 +129,15 @@ def test_padded_steps_after_a_clients_last_step_change_nothing():
     np.testing.assert_allclose(r.h, results[0].h, rtol=1e-6)
     np.testing.assert_allclose(r.loss, results[0].loss, rtol=1e-6)
   assert int(results[0].finite[0]) == 1
+
+
+def test_computed_steps_count_what_each_loop_runs():
+  from fathom_sim.types import CohortPlan, Lanes
+  plan = CohortPlan(lanes=Lanes(None, None, None), table=None, batch_size=2, batch_pad=3,
+                    clients=np.arange(3), num_examples=np.array([9, 6, 4]),
+                    num_steps=np.array([5, 3, 2]), lane_steps=np.array([5, 3, 0, 2]))
+  # Device loop on 2 devices: each device runs its own longest lane, on both its lanes.
+  assert plan.computed_steps(2) == (5 + 2) * 2
+  # Host-driven loop: every lane runs as long as the longest lane of all.
+  assert plan.computed_steps(2, host_loop=True) == 5 * 4
+  assert plan.useful_fraction(2, host_loop=True) == pytest.approx(10 * 2 / (20 * 3))
