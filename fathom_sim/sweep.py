@@ -165,8 +165,15 @@ def run_sweep(sweep: SweepDef, out: str, *, extra: dict | None = None,
   train_group = train_group or train_lib.train_seeds
   runs = plan_runs(sweep, out, extra)
   os.makedirs(out, exist_ok=True)
-  entries = [_entry(r, out, 'done' if is_finished(r.workdir, r.config.num_rounds)
-                    else 'pending') for r in runs]
+  entries = []
+  for r in runs:
+    try:  # a run already there under another config is reported, never skipped or redone
+      train_lib.check_same_run(r.workdir, r.config)
+    except train_lib.WorkdirError as e:
+      entries.append(_entry(r, out, 'failed', error=str(e)))
+      continue
+    entries.append(_entry(r, out, 'done' if is_finished(r.workdir, r.config.num_rounds)
+                          else 'pending'))
   index = {'config': sweep.config_source, 'fixed': sweep.fixed, 'extra': dict(extra or {}),
            'seeds': sweep.seeds, 'runs': entries}
 
@@ -178,6 +185,8 @@ def run_sweep(sweep: SweepDef, out: str, *, extra: dict | None = None,
   for i, run in enumerate(runs):
     if entries[i]['status'] == 'done':
       log(f'[{i + 1}/{len(runs)}] {run.name}: finished already, skipped')
+    elif entries[i]['status'] == 'failed':
+      log(f'[{i + 1}/{len(runs)}] {run.name}: failed: {entries[i]["error"]}')
     elif vmap_seeds and batches and runs[batches[-1][0]].setting == run.setting:
       batches[-1].append(i)
     else:

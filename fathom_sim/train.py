@@ -249,6 +249,27 @@ def _config_dict(config: ml_collections.ConfigDict) -> dict:
   return json.loads(config.to_json_best_effort())
 
 
+def check_same_run(workdir: str, config: ml_collections.ConfigDict) -> None:
+  """Raises WorkdirError when `workdir` holds a run of a config that differs from `config` in a
+  field that changes the result (or whose config.json is unreadable); else does nothing."""
+  saved_path = os.path.join(workdir, CONFIG_FILE)
+  if not os.path.exists(saved_path):
+    return
+  try:
+    with open(saved_path, encoding='utf-8') as f:
+      saved = _flatten(json.load(f))
+  except (OSError, ValueError) as e:
+    raise WorkdirError(f'{saved_path} is unreadable ({e}); it describes the run this workdir '
+                       'holds, so the run cannot be resumed safely') from None
+  new = _flatten(_config_dict(config))
+  changed = sorted(k for k in set(saved) | set(new)
+                   if k not in RESUMABLE_FIELDS and saved.get(k) != new.get(k))
+  if changed:
+    details = ', '.join(f'{k} ({saved.get(k)!r} -> {new.get(k)!r})' for k in changed)
+    raise WorkdirError(f'--workdir {workdir!r} holds a run with a different config; fields '
+                       f'that change the result differ: {details}. Use another workdir.')
+
+
 def _prepare_workdir(workdir: str, config: ml_collections.ConfigDict) -> None:
   """Creates the workdir, or checks that the run it holds is this config's run; saves config."""
   try:
@@ -259,19 +280,7 @@ def _prepare_workdir(workdir: str, config: ml_collections.ConfigDict) -> None:
     raise WorkdirError(f'--workdir {workdir!r} is not writable')
   saved_path = os.path.join(workdir, CONFIG_FILE)
   if os.path.exists(saved_path):
-    try:
-      with open(saved_path, encoding='utf-8') as f:
-        saved = _flatten(json.load(f))
-    except (OSError, ValueError) as e:
-      raise WorkdirError(f'{saved_path} is unreadable ({e}); it describes the run this workdir '
-                         'holds, so the run cannot be resumed safely') from None
-    new = _flatten(_config_dict(config))
-    changed = sorted(k for k in set(saved) | set(new)
-                     if k not in RESUMABLE_FIELDS and saved.get(k) != new.get(k))
-    if changed:
-      details = ', '.join(f'{k} ({saved.get(k)!r} -> {new.get(k)!r})' for k in changed)
-      raise WorkdirError(f'--workdir {workdir!r} holds a run with a different config; fields '
-                         f'that change the result differ: {details}. Use another workdir.')
+    check_same_run(workdir, config)
   elif any(os.path.exists(os.path.join(workdir, f))
            for f in (metrics.METRICS_FILE, CHECKPOINTS)):
     raise WorkdirError(f'--workdir {workdir!r} holds run files but no {CONFIG_FILE}; '
