@@ -25,7 +25,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from fathom_sim import distributed, fathom, metrics, models, rng, server
 from fathom_sim.checkpoint import CHECKPOINTS, Checkpointer
-from fathom_sim.config import ConfigError, check_config
+from fathom_sim.config import ConfigError, base_config, check_config
 from fathom_sim.data import DataError, Task, load_task
 from fathom_sim.data.federated import ArrayClientDataset, sample_clients, sample_cohort
 from fathom_sim.data.plan import Planner, SeedPlanners
@@ -262,6 +262,9 @@ def check_same_run(workdir: str, config: ml_collections.ConfigDict) -> None:
     raise WorkdirError(f'{saved_path} is unreadable ({e}); it describes the run this workdir '
                        'holds, so the run cannot be resumed safely') from None
   new = _flatten(_config_dict(config))
+  # A field added to the simulator after the run was saved stands at its default there.
+  defaults = _flatten(_config_dict(base_config()))
+  saved = {**{k: v for k, v in defaults.items() if k not in saved}, **saved}
   changed = sorted(k for k in set(saved) | set(new)
                    if k not in RESUMABLE_FIELDS and saved.get(k) != new.get(k))
   if changed:

@@ -71,7 +71,8 @@ def main(argv):
     cli.fail(str(e))
   failed = [e['name'] for e in entries if e['status'] == 'failed']
   if failed:
-    print(f'{len(failed)} run(s) failed: {", ".join(failed)} (see sweep.json)', file=sys.stderr)
+    names = ', '.join(failed[:5]) + (f' and {len(failed) - 5} more' if len(failed) > 5 else '')
+    print(f'{len(failed)} run(s) failed: {names} (see sweep.json)', file=sys.stderr)
     sys.exit(1)
 
 

@@ -119,6 +119,26 @@ def test_result_changing_config_is_refused_and_more_rounds_continue(tmp_path):
       read_rows(str(tmp_path / 'straight')))
 
 
+def test_a_run_saved_before_a_config_field_existed_still_resumes(tmp_path):
+  workdir = str(tmp_path / 'run')
+  train_and_evaluate(_tiny(num_rounds=2), workdir)
+  path = os.path.join(workdir, 'config.json')
+  with open(path) as f:
+    saved = json.load(f)
+  del saved['data']['in_memory']  # as written by a version without the field
+  with open(path, 'w') as f:
+    json.dump(saved, f)
+  assert train_and_evaluate(_tiny(num_rounds=3), workdir)['resumed_from'] == 2
+  # Not when the config now asks for a value other than the field's default.
+  with open(path) as f:
+    saved = json.load(f)
+  del saved['data']['in_memory']
+  with open(path, 'w') as f:
+    json.dump(saved, f)
+  with pytest.raises(WorkdirError, match=r'data.in_memory \(False -> True\)'):
+    train_and_evaluate(_tiny(num_rounds=4, **{'data.in_memory': True}), workdir)
+
+
 def _npz_with_bad_clients(directory, bad):
   r = np.random.default_rng(0)
   counts = np.array([6, 9, 7, 8])
