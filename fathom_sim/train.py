@@ -32,7 +32,7 @@ from fathom_sim.data.plan import Planner, SeedPlanners
 from fathom_sim.evaluation import make_evaluator
 from fathom_sim.mesh import CLIENTS, by_client, local_rows, make_mesh, put, replicated
 from fathom_sim.round import make_round
-from fathom_sim.types import BATCH, EPOCHS, ETA, CohortPlan, Lanes, RoundMetrics, ServerState
+from fathom_sim.types import BATCH, EPOCHS, ETA, CohortPlan, RoundMetrics, ServerState
 
 RESIDENT_BYTES = 1 << 30  # 'auto' keeps a training set on the devices up to this size
 CONFIG_FILE = 'config.json'
@@ -195,8 +195,8 @@ class Rounds:
     else:
       stacked = self.planner.plan([sample_cohort(train, s, t, c.cohort_size)
                                    for s in self.seeds], t, hp)
-      lanes = Lanes(stacked.slots, stacked.stream, stacked.source)
-      batch_size, batch_pad = jnp.asarray(stacked.batch_size), stacked.batch_pad
+      lanes, batch_size = stacked.lanes, jnp.asarray(stacked.batch_size)
+      batch_pad = stacked.batch_pad
       table, plans = stacked.table, stacked.plans
       longest = max(int(p.lane_steps.max()) for p in plans)
     table = put(table, replicated(mesh))

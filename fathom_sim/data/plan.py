@@ -21,7 +21,7 @@ import numpy as np
 
 from fathom_sim import fathom, rng
 from fathom_sim.data.federated import ArrayClientDataset, ClientDataset
-from fathom_sim.types import BATCH, EPOCHS, Batch, CohortPlan, CohortTable, Lanes
+from fathom_sim.types import BATCH, EPOCHS, CohortPlan, CohortTable, Lanes
 
 
 def bucket(n: int, per_octave: int) -> int:
@@ -34,6 +34,13 @@ def bucket(n: int, per_octave: int) -> int:
   base = 1 << (int(n).bit_length() - 1)  # largest power of two <= n
   spacing = max(1, base // per_octave)
   return base + -(-(n - base) // spacing) * spacing
+
+
+def grow(current: int, needed: int) -> int:
+  """A padded length that only grows: `current` while it suffices, else 1.5x `needed` rounded
+  up to a power of two (headroom, so that the next cohorts' small variations do not each cost a
+  compile)."""
+  return current if needed <= current else bucket(-(-3 * needed // 2), 1)
 
 
 def client_batches(shuffler: np.random.Generator, num_examples: int, num_steps: int,
@@ -86,10 +93,6 @@ class Planner:
     first = int(np.flatnonzero(np.asarray(self.dataset.num_examples) > 0)[0])
     return {k: (a.shape[1:], a.dtype) for k, a in self.dataset.client(first).items()}
 
-  def _grow(self, current: int, needed: int) -> int:
-    # Headroom, so that the next cohorts' small variations do not each cost a compile.
-    return current if needed <= current else bucket(-(-3 * needed // 2), 1)
-
   def plan(self, clients: np.ndarray, round_index: int, epochs: float,
            batch_size: float) -> CohortPlan:
     """Round `round_index`'s plan for cohort `clients` under the (E, B) the device will use."""
@@ -103,10 +106,10 @@ class Planner:
     lanes = pack_lanes(num_steps, self.num_lanes)
     lane_steps = np.array([num_steps[m].sum() for m in lanes], np.int64)
     # A step reads batch_pad rows from its start, so the stream needs that much slack.
-    self.stream_pad = self._grow(self.stream_pad,
+    self.stream_pad = grow(self.stream_pad,
                                  int(lane_steps.max()) * b_int + batch_pad - b_int)
     if not self.resident:
-      self.buffer_pad = self._grow(self.buffer_pad,
+      self.buffer_pad = grow(self.buffer_pad,
                                    max(int(num_examples[m].sum()) for m in lanes))
 
     slots = np.full((self.num_lanes, c), c, np.int32)
@@ -146,9 +149,7 @@ class StackedPlans:
   """S seeds' plans of one round, padded to common shapes and stacked on a leading seed axis."""
   plans: list[CohortPlan]
   table: CohortTable           # [S, C+1] fields
-  slots: np.ndarray            # [S, L, C]
-  stream: np.ndarray           # [S, L, R_pad]
-  source: Batch | None         # feature -> [S, L, R_buf_pad, ...] (None when resident)
+  lanes: Lanes                 # slots [S, L, C], stream [S, L, R_pad], source [S, L, R_buf, ...]
   batch_size: np.ndarray       # [S] int32 B_int
   batch_pad: int               # the largest of the seeds' B_pad
 
@@ -172,7 +173,6 @@ class SeedPlanners:
     plans = [p.plan(c, round_index, float(hp[EPOCHS]), float(hp[BATCH]))
              for p, c, hp in zip(self.planners, cohorts, hparams)]
     batch_pad = max(p.batch_pad for p in plans)
-    grow = self.planners[0]._grow
     # Seed s reads batch_pad rows where it alone read p.batch_pad: that much more slack.
     self.stream_pad = grow(self.stream_pad, max(p.lanes.stream.shape[1] + batch_pad - p.batch_pad
                                                 for p in plans))
@@ -183,9 +183,8 @@ class SeedPlanners:
       source = {k: np.stack([_pad_axis1(p.lanes.source[k], self.buffer_pad) for p in plans])
                 for k in plans[0].lanes.source}
     table = CohortTable(*(np.stack(f) for f in zip(*(p.table for p in plans))))
-    return StackedPlans(plans=plans, table=table,
-                        slots=np.stack([p.lanes.slots for p in plans]), stream=stream,
-                        source=source,
+    slots = np.stack([p.lanes.slots for p in plans])
+    return StackedPlans(plans=plans, table=table, lanes=Lanes(slots, stream, source),
                         batch_size=np.array([p.batch_size for p in plans], np.int32),
                         batch_pad=batch_pad)
 
