@@ -73,6 +73,14 @@ def test_femnist_like_in_memory_holds_the_generated_clients_exactly():
       assert sorted(a) == sorted(b)
       for k in a:
         np.testing.assert_array_equal(a[k], b[k])
+  # A sweep's settings share one read-only copy; another data seed makes its own.
+  assert load_task(c) is held
+  with pytest.raises(ValueError, match='read-only'):
+    held.train.features['x'][0] = 0
+  c.seed += 1
+  other = load_task(c)
+  assert other is not held and not np.array_equal(other.train.features['x'][:50],
+                                                   held.train.features['x'][:50])
 
 
 def test_sample_cohort_distinct_deterministic_eligible_and_uniform():
