@@ -6,7 +6,6 @@ import os
 
 from fathom_sim.data.byo import DataError
 from fathom_sim.data.federated import Task
-from fathom_sim.data.tfds_store import PreparedClientDataset, read_meta
 
 # data.name -> (prepared task kind, how to get it)
 HOW_TO_GET = {
@@ -26,6 +25,8 @@ HOW_TO_GET = {
 
 def load_prepared(name: str, data_dir: str) -> Task:
   """The `name` task ('femnist' | 'stackoverflow') from the prepared dataset at `data_dir`."""
+  # TFDS is imported here, not with the package: runs on generated data need none of it.
+  from fathom_sim.data.tfds_store import PreparedClientDataset, read_meta
   kind, how = HOW_TO_GET[name]
   if not os.path.isfile(os.path.join(data_dir, 'meta.json')):
     raise DataError(f'data.data_dir {data_dir!r}: no prepared {name} dataset there (no '
