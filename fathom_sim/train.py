@@ -27,7 +27,8 @@ from fathom_sim import distributed, fathom, metrics, models, rng, server
 from fathom_sim.checkpoint import CHECKPOINTS, Checkpointer
 from fathom_sim.config import ConfigError, base_config, check_config
 from fathom_sim.data import DataError, Task, load_task
-from fathom_sim.data.federated import ArrayClientDataset, sample_clients, sample_cohort
+from fathom_sim.data.federated import (ArrayClientDataset, Prefetcher, sample_clients,
+                                       sample_cohort)
 from fathom_sim.data.plan import Planner, SeedPlanners
 from fathom_sim.evaluation import make_evaluator
 from fathom_sim.mesh import CLIENTS, by_client, local_rows, make_mesh, put, replicated
@@ -153,9 +154,11 @@ class Rounds:
 
   With `seeds`, runs those seeds of the same config as one vectorised program: the state,
   hyperparameters and metrics carry a leading seed axis, and a call returns every seed's plan.
+  `prefetch=False` reads each round's clients on the critical path (to measure what the
+  prefetch saves); the results are the same.
   """
 
-  def __init__(self, run: Run, seeds: list[int] | None = None):
+  def __init__(self, run: Run, seeds: list[int] | None = None, prefetch: bool = True):
     c, mesh = run.config, run.mesh
     self.run = run
     self.seeds = None if seeds is None else [int(s) for s in seeds]
@@ -167,12 +170,21 @@ class Rounds:
     lanes = self.num_devices * run.lanes_per_device
     options = dict(resident=run.resident, batch_per_octave=c.batch_pad_per_octave,
                    local_lanes=local_rows(mesh, lanes))
+    train = run.task.train
+    # Examples read per round (generated, prepared) are read for round t+1 while round t
+    # computes. Not across hosts: there a process reads only its own lanes' clients, and which
+    # lanes a client lands in depends on round t's B.
+    self._prefetch = None
+    if (prefetch and not run.resident and not isinstance(train, ArrayClientDataset)
+        and options['local_lanes'] is None):
+      train = self._prefetch = Prefetcher(train)
     if self.seeds is None:
-      self.planner = Planner(run.task.train, c.cohort_size, lanes, c.seed, **options)
+      self.planner = Planner(train, c.cohort_size, lanes, c.seed, **options)
       self._lanes = by_client(mesh)
     else:
-      self.planner = SeedPlanners(run.task.train, c.cohort_size, lanes, self.seeds, **options)
+      self.planner = SeedPlanners(train, c.cohort_size, lanes, self.seeds, **options)
       self._lanes = NamedSharding(mesh, P(None, CLIENTS))
+    self._cohorts_memo: tuple[int, list[np.ndarray]] | None = None
     self._resident = (put(run.task.train.features, replicated(mesh))
                       if run.resident else None)
     self.last_host_s = self.last_device_s = 0.0
@@ -185,16 +197,15 @@ class Rounds:
   def __call__(self, state: ServerState, t: int, hp: np.ndarray
                ) -> tuple[ServerState, RoundMetrics, CohortPlan | list[CohortPlan]]:
     """Round t with hyperparameters hp = (E, eta, B) (as the device will compute them)."""
-    c, mesh, train = self.run.config, self.run.mesh, self.run.task.train
+    c, mesh = self.run.config, self.run.mesh
     start = time.perf_counter()
+    cohorts = self._cohorts(t)
     if self.seeds is None:
-      plan = self.planner.plan(sample_cohort(train, c.seed, t, c.cohort_size), t,
-                               hp[EPOCHS], hp[BATCH])
+      plan = self.planner.plan(cohorts[0], t, hp[EPOCHS], hp[BATCH])
       lanes, batch_size, batch_pad = plan.lanes, jnp.int32(plan.batch_size), plan.batch_pad
       table, plans, longest = plan.table, plan, int(plan.lane_steps.max())
     else:
-      stacked = self.planner.plan([sample_cohort(train, s, t, c.cohort_size)
-                                   for s in self.seeds], t, hp)
+      stacked = self.planner.plan(cohorts, t, hp)
       lanes, batch_size = stacked.lanes, jnp.asarray(stacked.batch_size)
       batch_pad = stacked.batch_pad
       table, plans = stacked.table, stacked.plans
@@ -206,11 +217,27 @@ class Rounds:
     state, m = self.round_fn(state, table, slots, stream, source, batch_size,
                              batch_pad=batch_pad,
                              num_iterations=longest if self.run.local_loop == 'host' else None)
+    if self._prefetch is not None and t < c.num_rounds:
+      self._prefetch.fetch(np.concatenate(self._cohorts(t + 1)))
     m = jax.device_get(m)
     # Host: sampling, planning, transfers issued; device: from dispatch until the metrics are
     # back (includes compiling when the round meets a new padded shape).
     self.last_host_s, self.last_device_s = dispatched - start, time.perf_counter() - dispatched
     return state, m, plans
+
+  @property
+  def prefetching(self) -> bool:
+    """Whether round t+1's clients are read while round t computes."""
+    return self._prefetch is not None
+
+  def _cohorts(self, t: int) -> list[np.ndarray]:
+    """Round t's cohort for each seed (sampled once, though the prefetch asks a round early)."""
+    if self._cohorts_memo is None or self._cohorts_memo[0] != t:
+      c = self.run.config
+      seeds = [c.seed] if self.seeds is None else self.seeds
+      self._cohorts_memo = (t, [sample_cohort(self.run.task.train, s, t, c.cohort_size)
+                                for s in seeds])
+    return self._cohorts_memo[1]
 
   @property
   def compiles(self) -> int:

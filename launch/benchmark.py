@@ -37,6 +37,8 @@ _LOCAL_LOOP = flags.DEFINE_enum('local_loop', 'auto', ['auto', 'device', 'host']
 _PER_OCTAVE = flags.DEFINE_integer(
     'batch_pad_per_octave', 4, 'Padded batch sizes per doubling. 4 computes B 20 as 20 rows; '
     'the simulator\'s default of 2 (fewer compiles while FATHOM moves B) computes it as 24.')
+_PREFETCH = flags.DEFINE_bool(
+    'prefetch', True, 'Read round t+1\'s clients while round t computes (data read per round).')
 _JSON = flags.DEFINE_string('json', None, 'Write one JSON object per (task, cohort) here.')
 
 
@@ -107,7 +109,7 @@ def measure(name: str, cohort_size: int) -> dict:
   config = task_config(name, cohort_size)
   run = build(config, load(name, config))
   n_dev = run.mesh.devices.size
-  rounds = Rounds(run)
+  rounds = Rounds(run, prefetch=_PREFETCH.value)
   state = init_state(run)
   hp = rounds.initial_hparams(state)
   for t in range(1, _WARMUP.value + 1):
@@ -140,6 +142,7 @@ def measure(name: str, cohort_size: int) -> dict:
           'compiles': rounds.compiles, 'host_s_per_round': host / r,
           'device_s_per_round': device / r, 'batch_size': b_int,
           'lanes': rounds.planner.num_lanes, 'devices': n_dev, 'local_loop': run.local_loop,
+          'prefetch': rounds.prefetching,
           'platform': run.mesh.devices.flat[0].platform,
           'peak_rss_gib': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
           'jax': jax.__version__, 'date': time.strftime('%Y-%m-%d')}

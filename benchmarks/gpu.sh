@@ -1,0 +1,64 @@
+#!/usr/bin/env bash
+# Issue 8's GPU table, for a session that is lent a GPU machine (run by hand, never by CI).
+#
+#   bash benchmarks/gpu.sh fathom OUT   # 1500 FATHOM rounds, FEMNIST-shaped data, EMNIST CNN,
+#                                       # 10 clients per round, end to end (target: < 2 min)
+#   bash benchmarks/gpu.sh sweep OUT    # benchmark.py cohort sweep 10/50/100/200, CNN and LSTM,
+#                                       # and cohort 10 without the prefetch
+#
+# Each part fits one device call (10 min). The GPU image has jax, flax, optax, orbax and absl but
+# not ml_collections: carry its wheel. Here, before the call:
+#   echo /.whl/ >> .git/info/exclude
+#   python3 -m pip download --no-deps --only-binary=:all: -d .whl ml_collections==1.1.0
+# then run `bash benchmarks/gpu.sh fathom $OUT` with carry=['.whl'].
+# ROUNDS (default 1500) and COHORTS (default 10,50,100,200) shrink the runs for a dry check.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+part="${1:?usage: benchmarks/gpu.sh fathom|sweep OUT}"
+out="${2:?usage: benchmarks/gpu.sh fathom|sweep OUT}"
+py="${PYTHON:-python3}"
+mkdir -p "$out"
+if compgen -G ".whl/*.whl" > /dev/null; then
+  "$py" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+      --target /tmp/site .whl/*.whl
+  export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
+fi
+export PYTHONUNBUFFERED=1
+{
+  date -u
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null \
+      || echo 'no nvidia-smi'
+  "$py" -c 'import jax, flax, optax; print("jax", jax.__version__, "flax", flax.__version__,
+"optax", optax.__version__, jax.devices())'
+} | tee "$out/env.txt"
+
+case "$part" in
+  fathom)
+    # End to end: process start, data generation, compiles, 1500 rounds, 16 evaluations of
+    # 340 test clients, checkpoints.
+    start=$(date +%s.%N)
+    "$py" launch/main.py --config=configs/femnist.py --workdir="$out/fathom" \
+        --config.data.name=femnist_synthetic --config.data.num_clients=3400 \
+        --config.num_rounds="${ROUNDS:-1500}" --config.eval_every=100 \
+        --config.eval_clients=340 --config.checkpoint_every=500 2>&1 | tail -n 20
+    end=$(date +%s.%N)
+    "$py" - "$out" "$start" "$end" <<'EOF' | tee "$out/fathom.txt"
+import json, sys
+out, start, end = sys.argv[1], float(sys.argv[2]), float(sys.argv[3])
+s = json.load(open(f'{out}/fathom/summary.json'))
+print(f"end to end {end - start:.1f} s; rounds {s['rounds']}; training loop {s['wall_s']:.1f} s; "
+      f"compiles {s['compiles']}; padding {s['padding_efficiency']:.3f}; "
+      f"final test accuracy {s['final']['test_accuracy']:.4f}; devices {s['devices']} "
+      f"({s['platform']}); local_loop in config.json: "
+      f"{json.load(open(f'{out}/fathom/config.json'))['local_loop']}")
+EOF
+    ;;
+  sweep)
+    "$py" launch/benchmark.py --tasks=cnn,lstm --cohort_sizes="${COHORTS:-10,50,100,200}" \
+        --rounds=5 --warmup=2 --json="$out/bench_gpu.json" 2>&1 | grep -v '^[IW][0-9]'
+    # What reading round t+1's clients during round t saves: host s per round without it.
+    "$py" launch/benchmark.py --tasks=cnn --cohort_sizes=10 --rounds=5 --warmup=2 \
+        --noprefetch --json="$out/bench_gpu_noprefetch.json" 2>&1 | grep -v '^[IW][0-9]'
+    ;;
+  *) echo "benchmarks/gpu.sh: unknown part '$part' (fathom or sweep)" >&2; exit 2 ;;
+esac

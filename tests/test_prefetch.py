@@ -1,0 +1,103 @@
+"""Reading round t+1's clients while round t computes: same examples, same run, read early."""
+
+from __future__ import annotations
+
+import threading
+
+import jax
+import numpy as np
+import pytest
+
+from fathom_sim.data.federated import GeneratedClientDataset, Prefetcher, sample_cohort
+
+from tests.common import run_rounds, tiny_config, tiny_task
+
+
+class _Recorder:
+  """make(k) of a generated dataset that records which thread read which client."""
+
+  def __init__(self, source, fail_on=None):
+    self.source, self.fail_on = source, fail_on
+    self.reads: list[tuple[int, str]] = []
+    self.lock = threading.Lock()
+
+  def __call__(self, k: int) -> dict:
+    with self.lock:
+      self.reads.append((k, threading.current_thread().name))
+    if k == self.fail_on:
+      raise OSError(f'client {k}: unreadable')
+    return {name: a.copy() for name, a in self.source.client(k).items()}
+
+
+def _generated(task, **kwargs):
+  recorder = _Recorder(task.train, **kwargs)
+  train = GeneratedClientDataset(task.train.client_ids, task.train.num_examples, recorder)
+  return task._replace(train=train), recorder
+
+
+def test_prefetcher_reads_each_fetched_client_once_and_returns_its_examples():
+  task, recorder = _generated(tiny_task())
+  data = Prefetcher(task.train)
+  np.testing.assert_array_equal(data.num_examples, task.train.num_examples)
+  data.fetch([3, 5, 3])
+  for k in (3, 5, 3, 5):  # two seeds' cohorts may name the same client
+    got, want = data.client(k), task.train.make.source.client(k)
+    assert sorted(got) == sorted(want)
+    for name in want:
+      np.testing.assert_array_equal(got[name], want[name])
+  assert sorted(recorder.reads) == [(3, 'prefetch_0'), (5, 'prefetch_0')]
+  data.fetch([5, 7])  # 5 is kept, 3 dropped, 7 read
+  data.client(5), data.client(7), data.client(3)
+  assert [r for r in recorder.reads[2:] if r[1] != 'prefetch_0'] == [(3, 'MainThread')]
+  assert sorted(k for k, _ in recorder.reads[2:]) == [3, 7]
+
+
+def test_prefetcher_raises_the_read_error_where_the_client_is_used():
+  task, _ = _generated(tiny_task(), fail_on=4)
+  data = Prefetcher(task.train)
+  data.fetch([2, 4])
+  data.client(2)
+  with pytest.raises(OSError, match='client 4: unreadable'):
+    data.client(4)
+
+
+@pytest.mark.parametrize('algorithm', ['fedavg', 'fathom'])
+def test_rounds_on_read_per_round_data_equal_in_memory_and_read_a_round_early(algorithm):
+  config = tiny_config(num_rounds=4, algorithm=algorithm, num_devices=2, data_on_device='no')
+  task = tiny_task()
+  generated, recorder = _generated(task)
+  want_state, want, _ = run_rounds(config, task, 4)
+  got_state, got, rounds = run_rounds(config, generated, 4)
+  assert rounds.prefetching
+  for (m_want, _), (m_got, _) in zip(want, got):
+    np.testing.assert_array_equal(m_got.next_hparams, m_want.next_hparams)
+    np.testing.assert_array_equal(m_got.train_loss, m_want.train_loss)
+  jax.tree.map(np.testing.assert_array_equal, got_state.params, want_state.params)
+  # Rounds 2..4's clients were read on the prefetch thread during the round before; the main
+  # thread read only round 1's (and the one client that tells the planner the feature shapes).
+  main = {k for k, name in recorder.reads if name == 'MainThread'}
+  first = set(sample_cohort(task.train, config.seed, 1, config.cohort_size).tolist())
+  assert main - first <= {int(np.flatnonzero(task.train.num_examples)[0])}
+  later = set().union(*(sample_cohort(task.train, config.seed, t, config.cohort_size).tolist()
+                        for t in (2, 3, 4)))
+  assert later <= {k for k, name in recorder.reads if name == 'prefetch_0'}
+
+
+def test_vectorised_seeds_on_generated_data_equal_the_same_data_held_in_memory(tmp_path):
+  from fathom_sim.train import train_seeds
+
+  def configs(in_memory):
+    out = []
+    for seed in (0, 1):
+      c = tiny_config(algorithm='fathom', num_rounds=3, eval_every=3, cohort_size=4,
+                      num_devices=2, data_on_device='no', eta_h2=30.0)
+      c.seed = seed
+      c.data.name, c.data.num_clients, c.data.in_memory = 'femnist_synthetic', 12, in_memory
+      out.append(c)
+    return out
+
+  got = train_seeds(configs(False), [str(tmp_path / f'gen{s}') for s in (0, 1)])
+  want = train_seeds(configs(True), [str(tmp_path / f'mem{s}') for s in (0, 1)])
+  assert [s['final']['params_sha256'] for s in got] == [s['final']['params_sha256']
+                                                        for s in want]
+  assert got[0]['final']['params_sha256'] != got[1]['final']['params_sha256']
