@@ -49,8 +49,7 @@ s = json.load(open(f'{out}/fathom/summary.json'))
 print(f"end to end {end - start:.1f} s; rounds {s['rounds']}; training loop {s['wall_s']:.1f} s; "
       f"compiles {s['compiles']}; padding {s['padding_efficiency']:.3f}; "
       f"final test accuracy {s['final']['test_accuracy']:.4f}; devices {s['devices']} "
-      f"({s['platform']}); local_loop in config.json: "
-      f"{json.load(open(f'{out}/fathom/config.json'))['local_loop']}")
+      f"({s['platform']})")
 EOF
     ;;
   sweep)
