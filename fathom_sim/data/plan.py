@@ -106,11 +106,9 @@ class Planner:
     lanes = pack_lanes(num_steps, self.num_lanes)
     lane_steps = np.array([num_steps[m].sum() for m in lanes], np.int64)
     # A step reads batch_pad rows from its start, so the stream needs that much slack.
-    self.stream_pad = grow(self.stream_pad,
-                                 int(lane_steps.max()) * b_int + batch_pad - b_int)
+    self.stream_pad = grow(self.stream_pad, int(lane_steps.max()) * b_int + batch_pad - b_int)
     if not self.resident:
-      self.buffer_pad = grow(self.buffer_pad,
-                                   max(int(num_examples[m].sum()) for m in lanes))
+      self.buffer_pad = grow(self.buffer_pad, max(int(num_examples[m].sum()) for m in lanes))
 
     slots = np.full((self.num_lanes, c), c, np.int32)
     stream = np.zeros((self.num_lanes, self.stream_pad), np.int32)
