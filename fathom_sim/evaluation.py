@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
-from fathom_sim.data.federated import ClientDataset
+from fathom_sim.data.federated import ClientDataset, read_ahead
 from fathom_sim.mesh import by_client, put, replicated
 from fathom_sim.models import Model
 from fathom_sim.types import Batch, Params
@@ -31,8 +31,7 @@ def _batches(dataset: ClientDataset, clients: Sequence[int],
             for k, v in joined.items()}, real
 
   pending, count = [], 0
-  for c in clients:
-    examples = dataset.client(int(c))
+  for examples in read_ahead(dataset, clients):
     n = len(next(iter(examples.values())))
     start = 0
     while n - start > 0:

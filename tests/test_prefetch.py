@@ -101,3 +101,40 @@ def test_vectorised_seeds_on_generated_data_equal_the_same_data_held_in_memory(t
   assert [s['final']['params_sha256'] for s in got] == [s['final']['params_sha256']
                                                         for s in want]
   assert got[0]['final']['params_sha256'] != got[1]['final']['params_sha256']
+
+
+def test_cohort_sampling_never_touches_the_default_device():
+  """Its key is made on the host CPU: a key on an accelerator would wait behind the round in
+  flight there, and round t+1's clients would be read only after round t ended."""
+  from fathom_sim.data.federated import sample_clients
+  ref = sample_clients(3, 7, 0, np.arange(100), 10)
+  # A default device other than the host CPU device stands in for an accelerator.
+  with jax.default_device(jax.devices()[-1]), jax.transfer_guard_device_to_device('disallow'):
+    got = sample_clients(3, 7, 0, np.arange(100), 10)
+  np.testing.assert_array_equal(got, ref)
+
+
+def test_read_ahead_yields_clients_in_order_with_bounded_reads_in_flight():
+  from fathom_sim.data.federated import read_ahead
+  task, recorder = _generated(tiny_task())
+  order = [5, 0, 3, 3, 9, 1, 7]
+  seen = []
+  for k, examples in zip(order, read_ahead(task.train, order, depth=2)):
+    want = tiny_task().train.client(k)
+    for name in want:
+      np.testing.assert_array_equal(examples[name], want[name])
+    seen.append(k)
+    # Clients up to `depth` past the one in hand may have been read; none further.
+    assert len(recorder.reads) <= len(seen) + 2
+  assert seen == order
+  assert all(name.startswith('read_ahead') for _, name in recorder.reads)
+
+
+def test_read_ahead_raises_the_read_error_at_that_client():
+  from fathom_sim.data.federated import read_ahead
+  task, _ = _generated(tiny_task(), fail_on=3)
+  it = read_ahead(task.train, [1, 2, 3, 4], depth=3)
+  assert len(next(it)['y']) == task.train.num_examples[1]
+  next(it)
+  with pytest.raises(OSError, match='client 3'):
+    next(it)
