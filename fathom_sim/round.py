@@ -67,7 +67,10 @@ def make_round(*, loss_fn: LossFn, server_opt: optax.GradientTransformation,
   def aggregate_and_update(state: ServerState, hp: jax.Array, out: LaneResult,
                            table: CohortTable) -> tuple[ServerState, RoundMetrics]:
     n = table.num_examples[:-1]  # drop the sentinel
-    finite = out.finite > 0
+    # A client counts only if its update and its h_i are finite: |g|^2 can overflow float32
+    # while the update stays finite; c_k is then NaN, which the min over steps skips, leaving
+    # h_i = +inf, and one such h_i would make h_local and phi non-finite.
+    finite = (out.finite > 0) & jnp.isfinite(out.h)
     client_loss = out.loss / jnp.maximum(table.num_steps[:-1], 1)
 
     # 3. Aggregate, weighting by n_i; clients with a non-finite update are left out.
@@ -85,9 +88,10 @@ def make_round(*, loss_fn: LossFn, server_opt: optax.GradientTransformation,
     # 5-6. Global hypergradient and hyper update of phi.
     hyper, h_glob = tuner.update(state.hyper, delta, h_local)
 
-    # Never keep non-finite params: a round with no finite client update, or whose server
-    # step is not finite, leaves the model as it was (and FATHOM halves eta).
-    accepted = accepted & tree.all_finite(params)
+    # Never keep non-finite params or hyperparameters: a round with no finite client update,
+    # or whose server or hyper step is not finite, leaves the model as it was (and FATHOM
+    # halves eta).
+    accepted = accepted & tree.all_finite(params) & jnp.all(jnp.isfinite(hyper.log_hparams))
     params, opt_state, hyper = tree.select(
         accepted, (params, opt_state, hyper),
         (state.params, state.opt_state, tuner.rejected(state.hyper)))

@@ -139,14 +139,14 @@ def test_a_run_saved_before_a_config_field_existed_still_resumes(tmp_path):
     train_and_evaluate(_tiny(num_rounds=4, **{'data.in_memory': True}), workdir)
 
 
-def _npz_with_bad_clients(directory, bad):
+def _npz_with_bad_clients(directory, bad, poison=np.nan):
   r = np.random.default_rng(0)
   counts = np.array([6, 9, 7, 8])
   x = r.normal(size=(counts.sum(), 60)).astype(np.float32)
   y = r.integers(0, 10, counts.sum())
   offsets = np.concatenate([[0], np.cumsum(counts)])
   for i in bad:
-    x[offsets[i]] = np.nan  # one poisoned example: that client's update is not finite
+    x[offsets[i]] = poison  # one poisoned example: by default, that client's update is NaN
   os.makedirs(directory)
   np.savez(os.path.join(directory, 'train.npz'), x=x, y=y, num_examples=counts)
   np.savez(os.path.join(directory, 'test.npz'), x=r.normal(size=(8, 60)).astype(np.float32),
@@ -169,6 +169,22 @@ def test_non_finite_client_is_dropped_and_counted(tmp_path):
   assert [r['dropped_clients'] for r in rows] == [1, 1, 1, 1]  # all 4 clients every round
   assert all(r['accepted'] and np.isfinite(r['train_loss']) for r in rows)
   assert np.isfinite(summary['final']['params_l2'])
+
+
+def test_client_whose_hypergradient_is_not_finite_is_dropped(tmp_path):
+  """An example of 1e20 makes |g|^2 overflow float32 while the update stays finite, so the
+  client's c_k = cos(g_k, d_k) is NaN: it must not reach h_local and phi (the next round's B
+  would be NaN)."""
+  data = str(tmp_path / 'data')
+  _npz_with_bad_clients(data, bad=[2], poison=1e20)
+  summary = train_and_evaluate(_npz_config(data), str(tmp_path / 'run'))
+  rows = read_rows(str(tmp_path / 'run'))
+  # Round 1 meets it (later rounds' batches, B 3, happen not to overflow).
+  assert rows[0]['dropped_clients'] == 1
+  for r in rows:
+    assert r['accepted'] and r['h_local'] is not None
+    assert np.isfinite([r['h_local'], r['eta'], r['batch_size']]).all()
+  assert np.isfinite(list(summary['final_hparams'].values())).all()
 
 
 def test_round_with_no_finite_update_changes_nothing_and_halves_eta(tmp_path):
