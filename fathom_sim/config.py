@@ -63,6 +63,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.model = ml_collections.ConfigDict()
   c.model.name = 'mlp'            # logistic | mlp | emnist_cnn | stackoverflow_lstm | lstm
   c.model.hidden = (64,)          # mlp hidden widths; lstm: (embedding, LSTM, dense) widths
+  c.model.conv = 'auto'           # emnist_cnn's convolutions: auto | xla | matmul (the same
+                                  # function; auto: matmul on GPU, measured)
 
   c.data = ml_collections.ConfigDict()
   c.data.name = 'synthetic'       # synthetic | femnist_synthetic | npz | femnist | stackoverflow
@@ -162,6 +164,7 @@ def check_config(c: ml_collections.ConfigDict) -> None:
   if c.model.name == 'lstm' and len(hidden) != 3:
     _fail('model.hidden', '(embedding, LSTM, dense) widths for model.name lstm, e.g. '
           '(96, 670, 96)', hidden)
+  _choice(c, 'model.conv', ('auto',) + models.CONV_IMPLS)
   _choice(c, 'data.name', DATASETS)
   _number(c, 'data.seed', low=0, integer=True)
   _number(c, 'data.num_clients', low=1, integer=True)

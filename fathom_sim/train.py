@@ -36,6 +36,10 @@ from fathom_sim.round import make_round
 from fathom_sim.types import BATCH, EPOCHS, ETA, CohortPlan, RoundMetrics, ServerState
 
 RESIDENT_BYTES = 1 << 30  # 'auto' keeps a training set on the devices up to this size
+# Lanes per accelerator when config.lanes_per_device is 0. On one H100 the EMNIST CNN's step
+# at B 20 stops gaining from more lanes at ~50 (docs/benchmarks.md), and at cohort 200 the
+# CNN and LSTM rounds ran 1.2x and 2.5x faster with 50 lanes than with 200.
+MAX_ACCELERATOR_LANES = 50
 CONFIG_FILE = 'config.json'
 
 
@@ -56,6 +60,7 @@ class Run:
   resident: bool
   lanes_per_device: int
   local_loop: str
+  conv: str  # emnist_cnn's convolution form, as resolved from config.model.conv
 
 
 def hyper_setup(config) -> tuple[fathom.HyperTuner, tuple[float, float, float]]:
@@ -85,8 +90,12 @@ def build(config: ml_collections.ConfigDict, task: Task | None = None) -> Run:
                       f'present (0 = all), got {config.num_devices}')
   mesh = make_mesh(config.num_devices)
   n_dev = mesh.devices.size
+  platform = mesh.devices.flat[0].platform
+  conv = config.model.conv
+  if conv == 'auto':  # docs/benchmarks.md: vmapped clients' grouped convolutions on GPU
+    conv = 'matmul' if platform == 'gpu' else 'xla'
   model = models.get_model(config.model.name, num_classes=task.num_classes,
-                           hidden=config.model.hidden)
+                           hidden=config.model.hidden, conv=conv)
   _check_model_fits(model, config.model.name, task)
   server_opt = server.server_optimizer(
       config.server_optimizer, config.server_lr, momentum=config.server_momentum,
@@ -100,10 +109,13 @@ def build(config: ml_collections.ConfigDict, task: Task | None = None) -> Run:
   size = sum(a.nbytes for a in task.train.features.values()) if in_memory else math.inf
   resident = in_memory and (config.data_on_device == 'yes' or (
       config.data_on_device == 'auto' and size <= RESIDENT_BYTES))
+  # CPU: one lane per device (a core gains nothing from side-by-side clients). Accelerators:
+  # every client of the device side by side, up to MAX_ACCELERATOR_LANES; past that the device
+  # is already full and more lanes only pad more steps (each lane runs to the longest).
   lanes = config.lanes_per_device or (
-      1 if mesh.devices.flat[0].platform == 'cpu' else -(-config.cohort_size // n_dev))
+      1 if platform == 'cpu' else min(-(-config.cohort_size // n_dev), MAX_ACCELERATOR_LANES))
   return Run(config, task, mesh, model, server_opt, tuner, upper, resident, lanes,
-             _local_loop(config, mesh))
+             _local_loop(config, mesh), conv)
 
 
 # Models whose local-step loop runs far slower inside a device loop than as a program per step
@@ -251,7 +263,7 @@ class Rounds:
 RESUMABLE_FIELDS = frozenset({
     'num_rounds', 'log_every', 'checkpoint_every', 'keep_checkpoints', 'eval_every',
     'eval_clients', 'eval_batch_size', 'target_accuracy', 'num_devices', 'lanes_per_device',
-    'data_on_device', 'batch_pad_per_octave', 'local_loop'})
+    'data_on_device', 'batch_pad_per_octave', 'local_loop', 'model.conv'})
 
 
 class Preempted(Exception):
@@ -564,6 +576,8 @@ def _summary(book: _Book, final: dict, params, hp: np.ndarray, compiles: int, ru
   summary = {
       'algorithm': c.algorithm, 'task': run.task.name, 'rounds': c.num_rounds,
       'devices': run.mesh.devices.size, 'processes': jax.process_count(), 'platform': run.mesh.devices.flat[0].platform,
+      'local_loop': run.local_loop, 'lanes_per_device': run.lanes_per_device,
+      'conv': run.conv if c.model.name == 'emnist_cnn' else None,
       'compiles': compiles, 'vectorized_seeds': vectorized, 'resumed_from': book.done,
       'wall_s': time.time() - book.start, 'total_examples': meta['total_examples'],
       'total_local_steps': meta['total_steps'],

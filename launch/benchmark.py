@@ -34,6 +34,8 @@ _LANES = flags.DEFINE_integer('lanes_per_device', 0, 'Lanes per device (0 = auto
 _LOCAL_LOOP = flags.DEFINE_enum('local_loop', 'auto', ['auto', 'device', 'host'],
                                 'Local steps: a loop on the device, or one program per step '
                                 'driven by the host (auto: per platform and model).')
+_CONV = flags.DEFINE_enum('conv', 'auto', ['auto', 'xla', 'matmul'],
+                          'The CNN\'s convolutions (config.model.conv; auto: matmul on GPU).')
 _PER_OCTAVE = flags.DEFINE_integer(
     'batch_pad_per_octave', 4, 'Padded batch sizes per doubling. 4 computes B 20 as 20 rows; '
     'the simulator\'s default of 2 (fewer compiles while FATHOM moves B) computes it as 24.')
@@ -51,6 +53,7 @@ def task_config(name: str, cohort_size: int):
   c.num_devices = _NUM_DEVICES.value
   c.lanes_per_device = _LANES.value
   c.local_loop = _LOCAL_LOOP.value
+  c.model.conv = _CONV.value
   c.batch_pad_per_octave = _PER_OCTAVE.value
   c.data.num_clients = _NUM_CLIENTS.value
   if name == 'mlp':
@@ -142,7 +145,7 @@ def measure(name: str, cohort_size: int) -> dict:
           'compiles': rounds.compiles, 'host_s_per_round': host / r,
           'device_s_per_round': device / r, 'batch_size': b_int,
           'lanes': rounds.planner.num_lanes, 'devices': n_dev, 'local_loop': run.local_loop,
-          'prefetch': rounds.prefetching,
+          'conv': run.conv, 'prefetch': rounds.prefetching,
           'platform': run.mesh.devices.flat[0].platform,
           'peak_rss_gib': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
           'jax': jax.__version__, 'date': time.strftime('%Y-%m-%d')}

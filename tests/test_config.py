@@ -31,6 +31,7 @@ def test_base_config_and_quickstart_are_valid():
     ('hyper_optimizer', 'rmsprop', 'config.hyper_optimizer must be one of'),
     ('server_lr', -1.0, 'config.server_lr must be > 0'),
     ('model.name', 'resnet', 'config.model.name must be one of'),
+    ('model.conv', 'cudnn', "config.model.conv must be one of 'auto', 'xla', 'matmul'"),
     ('model.hidden', (64, 0), 'config.model.hidden'),
     ('data.name', 'cifar', 'config.data.name must be one of'),
     ('data.test_fraction', 1.0, 'config.data.test_fraction'),

@@ -33,6 +33,32 @@ def test_emnist_cnn_is_the_papers_architecture():
   assert float(e1['loss']) == float(e2['loss'])  # and off in evaluation
 
 
+def test_cnn_matmul_convolutions_equal_xla_ones_per_client_under_vmap():
+  """conv='matmul' has nn.Conv's parameter tree and function, also vmapped over clients'
+  own parameters (how a cohort runs it), gradients included."""
+  xla, mm = (get_model('emnist_cnn', num_classes=62, conv=c) for c in ('xla', 'matmul'))
+  r = np.random.default_rng(0)
+  batch = {'x': jnp.asarray(r.random((3, 5, 28, 28)), jnp.float32),
+           'y': jnp.asarray(r.integers(0, 62, (3, 5)))}
+  one = {k: v[0] for k, v in batch.items()}
+  p_xla, p_mm = (m.init(jax.random.PRNGKey(0), one) for m in (xla, mm))
+  assert jax.tree.structure(p_xla) == jax.tree.structure(p_mm)
+  for a, b in zip(jax.tree.leaves(p_xla), jax.tree.leaves(p_mm)):
+    np.testing.assert_array_equal(a, b)
+  # Three clients, each with its own parameters (perturbed differently).
+  params = jax.tree.map(lambda p: p * jnp.asarray([1.0, 0.7, 1.3]).reshape((3,) + (1,) * p.ndim),
+                        p_xla)
+  mask = jnp.ones(5, bool)
+  key = jax.random.PRNGKey(1)
+  grads = [jax.vmap(jax.value_and_grad(m.loss), in_axes=(0, 0, None, None))(
+      params, batch, mask, key) for m in (xla, mm)]
+  np.testing.assert_allclose(grads[0][0], grads[1][0], rtol=1e-5)
+  for a, b in zip(jax.tree.leaves(grads[0][1]), jax.tree.leaves(grads[1][1])):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+  with pytest.raises(ValueError, match='model.conv must be one of'):
+    get_model('emnist_cnn', num_classes=62, conv='fft')
+
+
 def test_masked_rows_do_not_enter_the_loss():
   model = get_model('mlp', num_classes=3, hidden=(5,))
   x = np.random.default_rng(0).normal(size=(6, 4)).astype(np.float32)
