@@ -35,7 +35,11 @@ from fathom_sim.mesh import CLIENTS, by_client, local_rows, make_mesh, put, repl
 from fathom_sim.round import make_round
 from fathom_sim.types import BATCH, EPOCHS, ETA, CohortPlan, RoundMetrics, ServerState
 
-RESIDENT_BYTES = 1 << 30  # 'auto' keeps a training set on the devices up to this size
+# 'auto' keeps an in-memory training set on the devices (a copy on each) up to RESIDENT_BYTES
+# on CPU, and up to RESIDENT_FRACTION of one accelerator's memory: then no examples travel
+# per round (on one H100 a FEMNIST-shaped round shipped ~30 MB of lane buffers at cohort 10).
+RESIDENT_BYTES = 1 << 30
+RESIDENT_FRACTION = 0.25
 # Lanes per accelerator when config.lanes_per_device is 0. On one H100 the EMNIST CNN's step
 # at B 20 stops gaining from more lanes at ~50 (docs/benchmarks.md), and at cohort 200 the
 # CNN and LSTM rounds ran 1.2x and 2.5x faster with 50 lanes than with 200.
@@ -108,7 +112,7 @@ def build(config: ml_collections.ConfigDict, task: Task | None = None) -> Run:
                       f'{task.name} is read client by client, use auto or no')
   size = sum(a.nbytes for a in task.train.features.values()) if in_memory else math.inf
   resident = in_memory and (config.data_on_device == 'yes' or (
-      config.data_on_device == 'auto' and size <= RESIDENT_BYTES))
+      config.data_on_device == 'auto' and size <= _resident_bytes(mesh)))
   # CPU: one lane per device (a core gains nothing from side-by-side clients). Accelerators:
   # every client of the device side by side, up to MAX_ACCELERATOR_LANES; past that the device
   # is already full and more lanes only pad more steps (each lane runs to the longest).
@@ -121,6 +125,15 @@ def build(config: ml_collections.ConfigDict, task: Task | None = None) -> Run:
 # Models whose local-step loop runs far slower inside a device loop than as a program per step
 # on XLA:CPU (docs/benchmarks.md: the EMNIST CNN at ~0.1x of its centralized speed).
 HOST_LOOP_ON_CPU = frozenset({'emnist_cnn'})
+
+
+def _resident_bytes(mesh) -> int:
+  """The largest training set that data_on_device='auto' keeps on each device."""
+  device = mesh.devices.flat[0]
+  if device.platform == 'cpu':
+    return RESIDENT_BYTES
+  limit = (device.memory_stats() or {}).get('bytes_limit', 0)
+  return max(RESIDENT_BYTES, int(limit * RESIDENT_FRACTION))
 
 
 def _local_loop(config, mesh) -> str:

@@ -41,6 +41,9 @@ _PER_OCTAVE = flags.DEFINE_integer(
     'the simulator\'s default of 2 (fewer compiles while FATHOM moves B) computes it as 24.')
 _PREFETCH = flags.DEFINE_bool(
     'prefetch', True, 'Read round t+1\'s clients while round t computes (data read per round).')
+_IN_MEMORY = flags.DEFINE_bool(
+    'in_memory', False, 'Make every client once and hold the training set in memory (then on '
+    'the devices, config.data_on_device auto) instead of making each round\'s clients.')
 _JSON = flags.DEFINE_string('json', None, 'Write one JSON object per (task, cohort) here.')
 
 
@@ -70,10 +73,15 @@ def task_config(name: str, cohort_size: int):
 
 def load(name: str, config):
   from fathom_sim.data import load_task
+  from fathom_sim.data.federated import materialize
   from fathom_sim.data.synthetic import stackoverflow_like
   if name == 'lstm':
-    return stackoverflow_like(num_clients=config.data.num_clients, seed=config.data.seed)
-  return load_task(config.data)
+    task = stackoverflow_like(num_clients=config.data.num_clients, seed=config.data.seed)
+  else:
+    task = load_task(config.data)
+  if _IN_MEMORY.value:
+    task = task._replace(train=materialize(task.train), test=materialize(task.test))
+  return task
 
 
 def centralized_examples_per_s(run, examples: dict, batch_size: int, steps: int) -> float:
@@ -145,7 +153,7 @@ def measure(name: str, cohort_size: int) -> dict:
           'compiles': rounds.compiles, 'host_s_per_round': host / r,
           'device_s_per_round': device / r, 'batch_size': b_int,
           'lanes': rounds.planner.num_lanes, 'devices': n_dev, 'local_loop': run.local_loop,
-          'conv': run.conv, 'prefetch': rounds.prefetching,
+          'conv': run.conv, 'resident': run.resident, 'prefetch': rounds.prefetching,
           'platform': run.mesh.devices.flat[0].platform,
           'peak_rss_gib': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
           'jax': jax.__version__, 'date': time.strftime('%Y-%m-%d')}
