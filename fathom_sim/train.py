@@ -93,7 +93,6 @@ def build(config: ml_collections.ConfigDict, task: Task | None = None) -> Run:
     raise ConfigError(f'config.num_devices must be at most the {len(jax.devices())} devices '
                       f'present (0 = all), got {config.num_devices}')
   mesh = make_mesh(config.num_devices)
-  n_dev = mesh.devices.size
   platform = mesh.devices.flat[0].platform
   conv = config.model.conv
   if conv == 'auto':  # docs/benchmarks.md: vmapped clients' grouped convolutions on GPU
@@ -113,13 +112,22 @@ def build(config: ml_collections.ConfigDict, task: Task | None = None) -> Run:
   size = sum(a.nbytes for a in task.train.features.values()) if in_memory else math.inf
   resident = in_memory and (config.data_on_device == 'yes' or (
       config.data_on_device == 'auto' and size <= _resident_bytes(mesh)))
-  # CPU: one lane per device (a core gains nothing from side-by-side clients). Accelerators:
-  # every client of the device side by side, up to MAX_ACCELERATOR_LANES; past that the device
-  # is already full and more lanes only pad more steps (each lane runs to the longest).
-  lanes = config.lanes_per_device or (
-      1 if platform == 'cpu' else min(-(-config.cohort_size // n_dev), MAX_ACCELERATOR_LANES))
-  return Run(config, task, mesh, model, server_opt, tuner, upper, resident, lanes,
-             _local_loop(config, mesh), conv)
+  return Run(config, task, mesh, model, server_opt, tuner, upper, resident,
+             _auto_lanes(config, mesh), _local_loop(config, mesh), conv)
+
+
+def _auto_lanes(config, mesh) -> int:
+  """Lanes per device: config.lanes_per_device, or by platform when it is 0.
+
+  CPU: one (a core gains nothing from side-by-side clients). Accelerators: every client of the
+  device side by side, up to MAX_ACCELERATOR_LANES; past that the device is already full and
+  more lanes only pad more steps (each lane runs to its longest).
+  """
+  if config.lanes_per_device:
+    return config.lanes_per_device
+  if mesh.devices.flat[0].platform == 'cpu':
+    return 1
+  return min(-(-config.cohort_size // mesh.devices.size), MAX_ACCELERATOR_LANES)
 
 
 # Models whose local-step loop runs far slower inside a device loop than as a program per step

@@ -1,5 +1,6 @@
 """Bad configs fail before any compute, with one message naming the field."""
 
+import numpy as np
 import pytest
 
 from fathom_sim.config import ConfigError, base_config, check_config
@@ -79,3 +80,35 @@ def test_npz_data_needs_a_path():
 def test_more_devices_than_present_is_refused():
   with pytest.raises(ConfigError, match='config.num_devices must be at most'):
     build(tiny_config(num_devices=64), tiny_task())
+
+
+class _FakeDevice:
+  def __init__(self, platform, stats):
+    self.platform, self._stats = platform, stats
+
+  def memory_stats(self):
+    return self._stats
+
+
+class _FakeMesh:
+  def __init__(self, device):
+    self.devices = np.array([device])
+
+
+def test_auto_lanes_and_resident_limits_per_platform():
+  """CPU: 1 GiB resident and one lane; an accelerator: a quarter of its memory (1 GiB when it
+  reports none) and every client of the cohort side by side, up to MAX_ACCELERATOR_LANES."""
+  from fathom_sim import train
+  cpu = _FakeMesh(_FakeDevice('cpu', None))
+  gpu = _FakeMesh(_FakeDevice('gpu', {'bytes_limit': 80 << 30}))
+  assert train._resident_bytes(cpu) == train.RESIDENT_BYTES
+  assert train._resident_bytes(gpu) == 20 << 30
+  assert train._resident_bytes(_FakeMesh(_FakeDevice('tpu', None))) == train.RESIDENT_BYTES
+  c = base_config()
+  c.cohort_size = 200
+  assert train._auto_lanes(c, cpu) == 1
+  assert train._auto_lanes(c, gpu) == train.MAX_ACCELERATOR_LANES
+  c.cohort_size = 10
+  assert train._auto_lanes(c, gpu) == 10
+  c.lanes_per_device = 3
+  assert train._auto_lanes(c, gpu) == 3
