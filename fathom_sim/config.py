@@ -64,7 +64,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.name = 'mlp'            # logistic | mlp | emnist_cnn | stackoverflow_lstm | lstm
   c.model.hidden = (64,)          # mlp hidden widths; lstm: (embedding, LSTM, dense) widths
   c.model.conv = 'auto'           # emnist_cnn's convolutions: auto | xla | matmul (the same
-                                  # function; auto: matmul on GPU, measured)
+                                  # function; auto: matmul on CPU and GPU, measured)
 
   c.data = ml_collections.ConfigDict()
   c.data.name = 'synthetic'       # synthetic | femnist_synthetic | npz | femnist | stackoverflow
@@ -88,7 +88,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.data_on_device = 'auto'       # keep the training set on the devices: auto | yes | no
   c.batch_pad_per_octave = 2      # padded batch sizes per doubling (fewer: fewer compiles)
   c.local_loop = 'auto'           # local steps loop on the device or driven by the host: auto |
-                                  # device | host (auto: host for conv models on CPU, measured)
+                                  # device | host (auto: host for nn.Conv models on CPU)
   return c
 
 

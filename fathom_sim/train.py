@@ -95,8 +95,10 @@ def build(config: ml_collections.ConfigDict, task: Task | None = None) -> Run:
   mesh = make_mesh(config.num_devices)
   platform = mesh.devices.flat[0].platform
   conv = config.model.conv
-  if conv == 'auto':  # docs/benchmarks.md: vmapped clients' grouped convolutions on GPU
-    conv = 'matmul' if platform == 'gpu' else 'xla'
+  if conv == 'auto':
+    # Measured (docs/benchmarks.md): vmapped clients turn nn.Conv into grouped convolutions,
+    # slow on CPU and GPU alike; other platforms keep nn.Conv until measured.
+    conv = 'matmul' if platform in ('cpu', 'gpu') else 'xla'
   model = models.get_model(config.model.name, num_classes=task.num_classes,
                            hidden=config.model.hidden, conv=conv)
   _check_model_fits(model, config.model.name, task)
@@ -113,7 +115,7 @@ def build(config: ml_collections.ConfigDict, task: Task | None = None) -> Run:
   resident = in_memory and (config.data_on_device == 'yes' or (
       config.data_on_device == 'auto' and size <= _resident_bytes(mesh)))
   return Run(config, task, mesh, model, server_opt, tuner, upper, resident,
-             _auto_lanes(config, mesh), _local_loop(config, mesh), conv)
+             _auto_lanes(config, mesh), _local_loop(config, mesh, conv), conv)
 
 
 def _auto_lanes(config, mesh) -> int:
@@ -131,7 +133,8 @@ def _auto_lanes(config, mesh) -> int:
 
 
 # Models whose local-step loop runs far slower inside a device loop than as a program per step
-# on XLA:CPU (docs/benchmarks.md: the EMNIST CNN at ~0.1x of its centralized speed).
+# on XLA:CPU when their convolutions are nn.Conv (docs/benchmarks.md: the EMNIST CNN at ~0.1x
+# of its centralized speed); with conv='matmul' the device loop is the faster one.
 HOST_LOOP_ON_CPU = frozenset({'emnist_cnn'})
 
 
@@ -144,11 +147,12 @@ def _resident_bytes(mesh) -> int:
   return max(RESIDENT_BYTES, int(limit * RESIDENT_FRACTION))
 
 
-def _local_loop(config, mesh) -> str:
+def _local_loop(config, mesh, conv: str) -> str:
   if config.local_loop != 'auto':
     return config.local_loop
   cpu = mesh.devices.flat[0].platform == 'cpu'
-  return 'host' if cpu and config.model.name in HOST_LOOP_ON_CPU else 'device'
+  slow_in_loop = config.model.name in HOST_LOOP_ON_CPU and conv == 'xla'
+  return 'host' if cpu and slow_in_loop else 'device'
 
 
 def _first_examples(task: Task, n: int) -> dict:
