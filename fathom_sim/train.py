@@ -93,12 +93,7 @@ def build(config: ml_collections.ConfigDict, task: Task | None = None) -> Run:
     raise ConfigError(f'config.num_devices must be at most the {len(jax.devices())} devices '
                       f'present (0 = all), got {config.num_devices}')
   mesh = make_mesh(config.num_devices)
-  platform = mesh.devices.flat[0].platform
-  conv = config.model.conv
-  if conv == 'auto':
-    # Measured (docs/benchmarks.md): vmapped clients turn nn.Conv into grouped convolutions,
-    # slow on CPU and GPU alike; other platforms keep nn.Conv until measured.
-    conv = 'matmul' if platform in ('cpu', 'gpu') else 'xla'
+  conv = _auto_conv(config, mesh)
   model = models.get_model(config.model.name, num_classes=task.num_classes,
                            hidden=config.model.hidden, conv=conv)
   _check_model_fits(model, config.model.name, task)
@@ -116,6 +111,15 @@ def build(config: ml_collections.ConfigDict, task: Task | None = None) -> Run:
       config.data_on_device == 'auto' and size <= _resident_bytes(mesh)))
   return Run(config, task, mesh, model, server_opt, tuner, upper, resident,
              _auto_lanes(config, mesh), _local_loop(config, mesh, conv), conv)
+
+
+def _auto_conv(config, mesh) -> str:
+  """config.model.conv, or by platform when 'auto'. Measured (docs/benchmarks.md): nn.Conv
+  runs slowly in a device loop on CPU and as grouped convolutions under vmap on CPU and GPU;
+  other platforms keep nn.Conv until measured."""
+  if config.model.conv != 'auto':
+    return config.model.conv
+  return 'matmul' if mesh.devices.flat[0].platform in ('cpu', 'gpu') else 'xla'
 
 
 def _auto_lanes(config, mesh) -> int:

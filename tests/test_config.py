@@ -112,3 +112,21 @@ def test_auto_lanes_and_resident_limits_per_platform():
   assert train._auto_lanes(c, gpu) == 10
   c.lanes_per_device = 3
   assert train._auto_lanes(c, gpu) == 3
+
+
+def test_auto_conv_and_local_loop_per_platform():
+  """The CNN: matmul convolutions on CPU and GPU, nn.Conv elsewhere; the host-driven loop
+  only for nn.Conv on CPU; explicit values win."""
+  from fathom_sim import train
+  cpu, gpu, tpu = (_FakeMesh(_FakeDevice(p, None)) for p in ('cpu', 'gpu', 'tpu'))
+  c = base_config()
+  c.model.name = 'emnist_cnn'
+  assert [train._auto_conv(c, m) for m in (cpu, gpu, tpu)] == ['matmul', 'matmul', 'xla']
+  assert train._local_loop(c, cpu, 'xla') == 'host'
+  assert train._local_loop(c, cpu, 'matmul') == 'device'
+  assert train._local_loop(c, gpu, 'xla') == 'device'
+  c.model.conv, c.local_loop = 'xla', 'device'
+  assert train._auto_conv(c, cpu) == 'xla'
+  assert train._local_loop(c, cpu, 'xla') == 'device'
+  c.model.name, c.local_loop = 'mlp', 'auto'
+  assert train._local_loop(c, cpu, 'xla') == 'device'
