@@ -48,9 +48,10 @@ class Conv3x3(nn.Module):
   """A 3x3 'VALID' convolution with nn.Conv's parameters (kernel HWIO, bias), computed as one
   matrix product over the 9 shifted views of the input (im2col).
 
-  Same function as nn.Conv up to float rounding. It exists for vmapped clients: under vmap a
-  per-client kernel turns nn.Conv into a grouped convolution with one group per client, which
-  runs far below the GPU's matrix rate, while this form becomes a batched matrix product.
+  Same function as nn.Conv up to float rounding. It exists for vmapped clients and device
+  loops: under vmap a per-client kernel turns nn.Conv into a grouped convolution with one group
+  per client, slow on GPU and CPU, while this form becomes a batched matrix product; and
+  XLA:CPU runs nn.Conv ~15x slower inside a loop, this form not (docs/benchmarks.md).
   """
   features: int
 
