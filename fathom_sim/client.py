@@ -4,7 +4,7 @@ For each real step k of a client that starts from the server model x = p_0:
   g_k = grad loss(p_{k-1}; batch_k),  p_k = p_{k-1} - eta g_k,  d_k = p_0 - p_k,
   c_k = cos(g_k, d_k),  h_i = min over the client's steps of c_k.
 At the client's last step its update Delta_i = d_K is added, weighted by n_i, to the lane's sum
-(unless it is non-finite) and the lane restarts from x for its next client. Steps past the
+(unless it or h_i is non-finite) and the lane restarts from x for its next client. Steps past the
 lane's last client are padding: they change nothing.
 """
 
@@ -61,15 +61,20 @@ def lane_step(loss_fn: LossFn, carry: tuple, server_params: Params, eta: jax.Arr
   loss, grad = grad_fn(params, batch, example_mask, step_key(round_key, table.client[slot], k))
   stepped = jax.tree.map(lambda p, g: p - eta * g, params, grad)
   update = tree.sub(server_params, stepped)  # d_k, including step k
+  # |g|^2 can overflow float32 while the update stays finite: c_k is then NaN. It becomes -inf,
+  # which every backend's min keeps, so h_i is -inf and the client is left out below.
   cos = tree.cosine(grad, update)
+  cos = jnp.where(jnp.isnan(cos), -jnp.inf, cos)
   params = tree.select(real, stepped, params)
   end = real & (k == table.num_steps[slot] - 1)
-  finite = tree.all_finite(update)
+  h = h.at[slot].min(jnp.where(real, cos, jnp.inf), mode='drop')
+  # A client counts only with a finite update and a finite h_i (one -inf h_i would make
+  # h_local, then phi, non-finite).
+  finite = tree.all_finite(update) & jnp.isfinite(h[jnp.minimum(slot, cohort_size - 1)])
   emit = end & finite
   weighted_sum = jax.tree.map(
       lambda acc, u: acc + jnp.where(emit, table.num_examples[slot] * u, 0.0),
       weighted_sum, update)
-  h = h.at[slot].min(jnp.where(real, cos, jnp.inf), mode='drop')
   loss_sum = loss_sum.at[slot].add(jnp.where(real, loss, 0.0), mode='drop')
   finite_any = finite_any.at[slot].max(emit.astype(jnp.int32), mode='drop')
   # After a client's last step the lane starts its next client from the server model.

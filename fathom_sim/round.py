@@ -67,13 +67,10 @@ def make_round(*, loss_fn: LossFn, server_opt: optax.GradientTransformation,
   def aggregate_and_update(state: ServerState, hp: jax.Array, out: LaneResult,
                            table: CohortTable) -> tuple[ServerState, RoundMetrics]:
     n = table.num_examples[:-1]  # drop the sentinel
-    # A client counts only if its update and its h_i are finite: |g|^2 can overflow float32
-    # while the update stays finite; c_k is then NaN, which the min over steps skips, leaving
-    # h_i = +inf, and one such h_i would make h_local and phi non-finite.
-    finite = (out.finite > 0) & jnp.isfinite(out.h)
+    finite = out.finite > 0  # a finite update and a finite h_i (client.lane_step)
     client_loss = out.loss / jnp.maximum(table.num_steps[:-1], 1)
 
-    # 3. Aggregate, weighting by n_i; clients with a non-finite update are left out.
+    # 3. Aggregate, weighting by n_i; clients with a non-finite update or h_i are left out.
     w = jnp.where(finite, n, 0.0)
     total = w.sum()
     accepted = total > 0

@@ -171,19 +171,25 @@ def test_non_finite_client_is_dropped_and_counted(tmp_path):
   assert np.isfinite(summary['final']['params_l2'])
 
 
-def test_client_whose_hypergradient_is_not_finite_is_dropped(tmp_path):
+def test_client_whose_hypergradient_is_not_finite_is_left_out_like_a_non_finite_update(
+    tmp_path):
   """An example of 1e20 makes |g|^2 overflow float32 while the update stays finite, so the
-  client's c_k = cos(g_k, d_k) is NaN: it must not reach h_local and phi (the next round's B
-  would be NaN)."""
-  data = str(tmp_path / 'data')
-  _npz_with_bad_clients(data, bad=[2], poison=1e20)
-  summary = train_and_evaluate(_npz_config(data), str(tmp_path / 'run'))
-  rows = read_rows(str(tmp_path / 'run'))
-  # Round 1 meets it (later rounds' batches, B 3, happen not to overflow).
-  assert rows[0]['dropped_clients'] == 1
-  for r in rows:
-    assert r['accepted'] and r['h_local'] is not None
-    assert np.isfinite([r['h_local'], r['eta'], r['batch_size']]).all()
+  client's c_k = cos(g_k, d_k) is NaN. The client must be left out entirely, exactly as when
+  its update is NaN: not in h_local and phi (the next round's B would be NaN), and not in the
+  aggregate (its update is ~1e18)."""
+  runs = {}
+  for name, poison in (('overflow', 1e20), ('nan', np.nan)):
+    data = str(tmp_path / f'data_{name}')
+    _npz_with_bad_clients(data, bad=[2], poison=poison)
+    summary = train_and_evaluate(_npz_config(data, num_rounds=1), str(tmp_path / name))
+    runs[name] = (summary, read_rows(str(tmp_path / name))[0])
+  (summary, row), (want_summary, want_row) = runs['overflow'], runs['nan']
+  assert row['dropped_clients'] == want_row['dropped_clients'] == 1
+  assert row['accepted'] and np.isfinite([row['h_local'], row['h_glob']]).all()
+  for key in ('h_local', 'h_glob', 'train_loss'):
+    assert row[key] == want_row[key], key
+  assert summary['final']['params_sha256'] == want_summary['final']['params_sha256']
+  assert summary['final_hparams'] == want_summary['final_hparams']
   assert np.isfinite(list(summary['final_hparams'].values())).all()
 
 
