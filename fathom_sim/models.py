@@ -51,7 +51,9 @@ class Conv3x3(nn.Module):
   Same function as nn.Conv up to float rounding. It exists for vmapped clients and device
   loops: under vmap a per-client kernel turns nn.Conv into a grouped convolution with one group
   per client, slow on GPU and CPU, while this form becomes a batched matrix product; and
-  XLA:CPU runs nn.Conv ~15x slower inside a loop, this form not (docs/benchmarks.md).
+  XLA:CPU runs nn.Conv ~15x slower inside a loop, this form not (docs/benchmarks.md). The
+  price is memory: the 9 views are a copy 9x the input's size, kept for the backward pass
+  (~0.66 MB an example for the second convolution).
   """
   features: int
 

@@ -35,7 +35,8 @@ _LOCAL_LOOP = flags.DEFINE_enum('local_loop', 'auto', ['auto', 'device', 'host']
                                 'Local steps: a loop on the device, or one program per step '
                                 'driven by the host (auto: per platform and model).')
 _CONV = flags.DEFINE_enum('conv', 'auto', ['auto', 'xla', 'matmul'],
-                          'The CNN\'s convolutions (config.model.conv; auto: matmul on GPU).')
+                          'The CNN\'s convolutions (config.model.conv; auto: matmul on CPU '
+                          'and GPU).')
 _PER_OCTAVE = flags.DEFINE_integer(
     'batch_pad_per_octave', 4, 'Padded batch sizes per doubling. 4 computes B 20 as 20 rows; '
     'the simulator\'s default of 2 (fewer compiles while FATHOM moves B) computes it as 24.')
@@ -71,7 +72,13 @@ def task_config(name: str, cohort_size: int):
   return c
 
 
+_LOADED: dict = {}
+
+
 def load(name: str, config):
+  """The task's data; with --in_memory made once per task and kept for every cohort size."""
+  if _IN_MEMORY.value and name in _LOADED:
+    return _LOADED[name]
   from fathom_sim.data import load_task
   from fathom_sim.data.federated import materialize
   from fathom_sim.data.synthetic import stackoverflow_like
@@ -80,7 +87,8 @@ def load(name: str, config):
   else:
     task = load_task(config.data)
   if _IN_MEMORY.value:
-    task = task._replace(train=materialize(task.train), test=materialize(task.test))
+    task = _LOADED[name] = task._replace(train=materialize(task.train),
+                                         test=materialize(task.test))
   return task
 
 

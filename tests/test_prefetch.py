@@ -45,10 +45,11 @@ def test_prefetcher_reads_each_fetched_client_once_and_returns_its_examples():
     assert sorted(got) == sorted(want)
     for name in want:
       np.testing.assert_array_equal(got[name], want[name])
-  assert sorted(recorder.reads) == [(3, 'prefetch_0'), (5, 'prefetch_0')]
+  on_pool = lambda r: r[1].startswith('prefetch_')
+  assert sorted(k for k, _ in recorder.reads) == [3, 5] and all(map(on_pool, recorder.reads))
   data.fetch([5, 7])  # 5 is kept, 3 dropped, 7 read
   data.client(5), data.client(7), data.client(3)
-  assert [r for r in recorder.reads[2:] if r[1] != 'prefetch_0'] == [(3, 'MainThread')]
+  assert [r for r in recorder.reads[2:] if not on_pool(r)] == [(3, 'MainThread')]
   assert sorted(k for k, _ in recorder.reads[2:]) == [3, 7]
 
 
@@ -124,10 +125,16 @@ def test_read_ahead_yields_clients_in_order_with_bounded_reads_in_flight():
     for name in want:
       np.testing.assert_array_equal(examples[name], want[name])
     seen.append(k)
-    # Clients up to `depth` past the one in hand may have been read; none further.
-    assert len(recorder.reads) <= len(seen) + 2
+    # At most `depth` clients read or held, the one in hand included.
+    assert len(recorder.reads) <= len(seen) + 1
   assert seen == order
   assert all(name.startswith('read_ahead') for _, name in recorder.reads)
+
+
+def test_read_ahead_refuses_a_depth_below_one():
+  from fathom_sim.data.federated import read_ahead
+  with pytest.raises(ValueError, match='depth must be at least 1, got 0'):
+    next(read_ahead(tiny_task().train, [0, 1], depth=0))
 
 
 def test_read_ahead_raises_the_read_error_at_that_client():

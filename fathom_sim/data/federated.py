@@ -127,29 +127,34 @@ class Prefetcher:
 
 
 def read_workers() -> int:
-  """Threads that read clients at once. Generating (numpy) and reading records (ArrayRecord)
-  release the GIL, so reads scale with the host's cores: a cohort of 200 generated FEMNIST
-  writers takes ~0.5 s on one thread."""
-  return max(1, min(8, os.cpu_count() or 1))
+  """Threads that read clients at once: the cores this process may use, at most 8. Generating
+  (numpy) and reading records (ArrayRecord) release the GIL, so reads scale with them: a
+  cohort of 200 generated FEMNIST writers takes ~0.5 s on one thread."""
+  cores = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count()
+  return max(1, min(8, cores or 1))
 
 
 def read_ahead(dataset: ClientDataset, clients: Sequence[int],
                depth: int | None = None) -> Iterator[Batch]:
-  """dataset.client(i) for each of `clients`, in order, with up to `depth` reads in flight on
-  worker threads (so at most that many clients beyond the one in use are held)."""
+  """dataset.client(i) for each of `clients`, in order, read on worker threads: at most
+  `depth` clients (default 2 per worker) are being read or held, the one yielded included."""
   clients = [int(i) for i in clients]
+  if depth is not None and depth < 1:
+    raise ValueError(f'read_ahead: depth must be at least 1, got {depth}')
   if isinstance(dataset, ArrayClientDataset):  # slices of arrays in memory: nothing to hide
     yield from map(dataset.client, clients)
     return
   depth = depth or 2 * read_workers()
-  with concurrent.futures.ThreadPoolExecutor(read_workers(),
-                                             thread_name_prefix='read_ahead') as pool:
+  pool = concurrent.futures.ThreadPoolExecutor(read_workers(), thread_name_prefix='read_ahead')
+  try:
     pending = collections.deque(pool.submit(dataset.client, i) for i in clients[:depth])
     for i in clients[depth:]:
       yield pending.popleft().result()
       pending.append(pool.submit(dataset.client, i))
     while pending:
       yield pending.popleft().result()
+  finally:  # a consumer that stops early (or fails) does not wait for reads it will not use
+    pool.shutdown(wait=False, cancel_futures=True)
 
 
 def materialize(dataset: ClientDataset) -> ArrayClientDataset:
