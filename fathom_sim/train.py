@@ -37,7 +37,7 @@ from fathom_sim.types import BATCH, EPOCHS, ETA, CohortPlan, RoundMetrics, Serve
 
 # 'auto' keeps an in-memory training set on the devices (a copy on each) up to RESIDENT_BYTES
 # on CPU, and up to RESIDENT_FRACTION of one accelerator's memory: then no examples travel
-# per round (on one H100 a FEMNIST-shaped round shipped ~30 MB of lane buffers at cohort 10).
+# per round (a FEMNIST-shaped round at cohort 10 sends 31-61 MiB of padded lane buffers).
 RESIDENT_BYTES = 1 << 30
 RESIDENT_FRACTION = 0.25
 # Lanes per accelerator when config.lanes_per_device is 0. On one H100 the EMNIST CNN's step

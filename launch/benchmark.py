@@ -9,6 +9,7 @@ Reports rounds/s, client examples/s, the ratio to centralized, padding efficienc
 computed example-gradients), round compiles, host and device seconds per round, and peak RSS.
 """
 
+import functools
 import json
 import os
 import resource
@@ -60,6 +61,7 @@ def task_config(name: str, cohort_size: int):
   c.model.conv = _CONV.value
   c.batch_pad_per_octave = _PER_OCTAVE.value
   c.data.num_clients = _NUM_CLIENTS.value
+  c.data.in_memory = _IN_MEMORY.value  # femnist_synthetic; the LSTM's data: load()
   if name == 'mlp':
     c.data.name, c.model.name = 'synthetic', 'mlp'
   elif name == 'cnn':
@@ -72,23 +74,22 @@ def task_config(name: str, cohort_size: int):
   return c
 
 
-_LOADED: dict = {}
-
-
 def load(name: str, config):
-  """The task's data; with --in_memory made once per task and kept for every cohort size."""
-  if _IN_MEMORY.value and name in _LOADED:
-    return _LOADED[name]
+  """The task's data. With --in_memory it is made once per process and kept for every cohort
+  size (for the CNN by load_task's own cache of data.in_memory)."""
+  if name == 'lstm':
+    return _stackoverflow_like(config.data.num_clients, config.data.seed, _IN_MEMORY.value)
   from fathom_sim.data import load_task
+  return load_task(config.data)
+
+
+@functools.lru_cache(maxsize=1)
+def _stackoverflow_like(num_clients: int, seed: int, in_memory: bool):
   from fathom_sim.data.federated import materialize
   from fathom_sim.data.synthetic import stackoverflow_like
-  if name == 'lstm':
-    task = stackoverflow_like(num_clients=config.data.num_clients, seed=config.data.seed)
-  else:
-    task = load_task(config.data)
-  if _IN_MEMORY.value:
-    task = _LOADED[name] = task._replace(train=materialize(task.train),
-                                         test=materialize(task.test))
+  task = stackoverflow_like(num_clients=num_clients, seed=seed)
+  if in_memory:
+    task = task._replace(train=materialize(task.train), test=materialize(task.test))
   return task
 
 
