@@ -1,9 +1,10 @@
 """The whole cohort's local training, sharded: lanes over the `clients` mesh axis.
 
-Each device vmaps `lane_train` over its own lanes for as many steps as its longest lane needs
-(a device with no work runs none), then the weighted updates and per-client statistics are
-reduced across lanes and devices with psum / pmin / pmax. Every client lives in exactly one
-lane, so the result is the same on any number of devices up to float rounding.
+Each device vmaps `lane_train` over its own lanes (or calls it, when it holds one) for as many
+steps as its longest lane needs (a device with no work runs none), then the weighted updates
+and per-client statistics are reduced across lanes and devices with psum / pmin / pmax. Every
+client lives in exactly one lane, so the result is the same on any number of devices up to float
+rounding.
 """
 
 from __future__ import annotations
@@ -34,8 +35,16 @@ def make_cohort_train(loss_fn: LossFn, mesh: Mesh, *, batch_pad: int,
 
   def per_device(server_params, eta, batch_size, round_key, table, slots, stream, source):
     lane_steps = table.num_steps[slots].sum(axis=1)  # the sentinel slot has 0 steps
-    r = lanes_train(server_params, eta, batch_size, round_key, table, lane_steps.max(),
-                    slots, stream, source)
+    if slots.shape[0] == 1:
+      # One lane (CPU's layout): no vmap, so lane_step's end-of-client cond stays a branch.
+      one = functools.partial(lane_train, loss_fn, batch_pad=batch_pad)
+      lane_source = jax.tree.map(lambda a: a[0], source) if source_per_lane else source
+      r = one(server_params, eta, batch_size, round_key, table, lane_steps[0], slots[0],
+              stream[0], lane_source)
+      r = jax.tree.map(lambda a: a[None], r)
+    else:
+      r = lanes_train(server_params, eta, batch_size, round_key, table, lane_steps.max(),
+                      slots, stream, source)
     return LaneResult(
         weighted_sum=jax.tree.map(lambda s: jax.lax.psum(s.sum(axis=0), CLIENTS),
                                   r.weighted_sum),
