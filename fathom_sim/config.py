@@ -89,6 +89,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.batch_pad_per_octave = 2      # padded batch sizes per doubling (fewer: fewer compiles)
   c.local_loop = 'auto'           # local steps loop on the device or driven by the host: auto |
                                   # device | host (auto: host for nn.Conv models on CPU)
+  c.compile_ahead = 'auto'        # compile the round for the padded batch sizes next to the
+                                  # current one on a thread: auto | yes | no (auto: FATHOM on
+                                  # accelerators, where B moves and compiles are slow)
   return c
 
 
@@ -187,3 +190,4 @@ def check_config(c: ml_collections.ConfigDict) -> None:
   _choice(c, 'data_on_device', ('auto', 'yes', 'no'))
   _number(c, 'batch_pad_per_octave', low=1, high=64, integer=True)
   _choice(c, 'local_loop', ('auto', 'device', 'host'))
+  _choice(c, 'compile_ahead', ('auto', 'yes', 'no'))

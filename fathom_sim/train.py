@@ -29,7 +29,8 @@ from fathom_sim.config import ConfigError, base_config, check_config
 from fathom_sim.data import DataError, Task, load_task
 from fathom_sim.data.federated import (ArrayClientDataset, Prefetcher, sample_clients,
                                        sample_cohort)
-from fathom_sim.data.plan import Planner, SeedPlanners
+from fathom_sim.compile_ahead import CompileAhead
+from fathom_sim.data.plan import Planner, SeedPlanners, neighbour_buckets
 from fathom_sim.evaluation import make_evaluator
 from fathom_sim.mesh import CLIENTS, by_client, local_rows, make_mesh, put, replicated
 from fathom_sim.round import make_round
@@ -65,6 +66,7 @@ class Run:
   lanes_per_device: int
   local_loop: str
   conv: str  # emnist_cnn's convolution form, as resolved from config.model.conv
+  compile_ahead: bool = False  # neighbouring padded batch sizes compile on a thread
 
 
 def hyper_setup(config) -> tuple[fathom.HyperTuner, tuple[float, float, float]]:
@@ -109,8 +111,10 @@ def build(config: ml_collections.ConfigDict, task: Task | None = None) -> Run:
   size = sum(a.nbytes for a in task.train.features.values()) if in_memory else math.inf
   resident = in_memory and (config.data_on_device == 'yes' or (
       config.data_on_device == 'auto' and size <= _resident_bytes(mesh)))
+  local_loop = _local_loop(config, mesh, conv)
   return Run(config, task, mesh, model, server_opt, tuner, upper, resident,
-             _auto_lanes(config, mesh), _local_loop(config, mesh, conv), conv)
+             _auto_lanes(config, mesh), local_loop, conv,
+             _compile_ahead(config, mesh, local_loop))
 
 
 def _auto_conv(config, mesh) -> str:
@@ -157,6 +161,17 @@ def _local_loop(config, mesh, conv: str) -> str:
   cpu = mesh.devices.flat[0].platform == 'cpu'
   slow_in_loop = config.model.name in HOST_LOOP_ON_CPU and conv == 'xla'
   return 'host' if cpu and slow_in_loop else 'device'
+
+
+def _compile_ahead(config, mesh, local_loop: str) -> bool:
+  """config.compile_ahead resolved. Only the device loop's round is one program to compile
+  ahead. 'auto': FATHOM (FedAvg's B never moves) on accelerators; on CPU a compile on a thread
+  takes a core from training and saves little (a CPU round program compiles in ~1-3 s)."""
+  if config.compile_ahead == 'no' or local_loop != 'device':
+    return False
+  if config.compile_ahead == 'yes':
+    return True
+  return config.algorithm == 'fathom' and mesh.devices.flat[0].platform != 'cpu'
 
 
 def _first_examples(task: Task, n: int) -> dict:
@@ -229,6 +244,8 @@ class Rounds:
     self._resident = (put(run.task.train.features, replicated(mesh))
                       if run.resident else None)
     self.last_host_s = self.last_device_s = 0.0
+    self.compile_ahead = (CompileAhead(self.round_fn, self._neighbour_pads)
+                          if run.compile_ahead else None)
 
   def initial_hparams(self, state: ServerState) -> np.ndarray:
     """(E, eta, B) of the next round, read from the state (once, at start or resume)."""
@@ -255,9 +272,12 @@ class Rounds:
     slots, stream = put((lanes.slots, lanes.stream), self._lanes)
     source = self._resident if self.run.resident else put(lanes.source, self._lanes)
     dispatched = time.perf_counter()
-    state, m = self.round_fn(state, table, slots, stream, source, batch_size,
-                             batch_pad=batch_pad,
+    args = (state, table, slots, stream, source, batch_size)
+    key = self.compile_ahead.before(args, batch_pad) if self.compile_ahead else None
+    state, m = self.round_fn(*args, batch_pad=batch_pad,
                              num_iterations=longest if self.run.local_loop == 'host' else None)
+    if key is not None:
+      self.compile_ahead.after(key)
     if self._prefetch is not None and t < c.num_rounds:
       self._prefetch.fetch(np.concatenate(self._cohorts(t + 1)))
     m = jax.device_get(m)
@@ -265,6 +285,17 @@ class Rounds:
     # back (includes compiling when the round meets a new padded shape).
     self.last_host_s, self.last_device_s = dispatched - start, time.perf_counter() - dispatched
     return state, m, plans
+
+  def _neighbour_pads(self, batch_pad: int) -> list[int]:
+    planner = self.planner if self.seeds is None else self.planner.planners[0]
+    return neighbour_buckets(batch_pad, self.run.config.batch_pad_per_octave,
+                             min_batch_pad=planner.min_batch_pad,
+                             max_batch_size=max(1, round(min(self.run.upper[BATCH], 2**30))))
+
+  def close(self) -> None:
+    """Drops compiles queued ahead (a run's end)."""
+    if self.compile_ahead is not None:
+      self.compile_ahead.close()
 
   @property
   def prefetching(self) -> bool:
@@ -292,7 +323,7 @@ class Rounds:
 RESUMABLE_FIELDS = frozenset({
     'num_rounds', 'log_every', 'checkpoint_every', 'keep_checkpoints', 'eval_every',
     'eval_clients', 'eval_batch_size', 'target_accuracy', 'num_devices', 'lanes_per_device',
-    'data_on_device', 'batch_pad_per_octave', 'local_loop', 'model.conv'})
+    'data_on_device', 'batch_pad_per_octave', 'local_loop', 'model.conv', 'compile_ahead'})
 
 
 class Preempted(Exception):
@@ -572,9 +603,11 @@ def _train(configs: list[ml_collections.ConfigDict], workdirs: list[str], *,
           if book.writer:
             book.writer.close()
           book.checkpointer.close()
+        rounds.close()
         logging.warning('signal %d: stopped after round %d, checkpoint saved; run the same '
                         'command again to resume', stop, t)
         raise Preempted(stop, t)
+  rounds.close()
   for book in books:
     if book.writer:
       book.writer.close()
@@ -588,7 +621,7 @@ def _train(configs: list[ml_collections.ConfigDict], workdirs: list[str], *,
       final = book.last_eval[2]
     else:
       final = evaluate(params, task.test, test_clients)
-    summaries.append(_summary(book, final, params, _seed(hp, s), rounds.compiles, run,
+    summaries.append(_summary(book, final, params, _seed(hp, s), rounds, run,
                               vectorized=len(books) if vectorized else 0))
   return summaries
 
@@ -597,17 +630,21 @@ def _tag(book: _Book, vectorized: bool) -> str:
   return f'seed {book.config.seed}: ' if vectorized else ''
 
 
-def _summary(book: _Book, final: dict, params, hp: np.ndarray, compiles: int, run: Run, *,
+def _summary(book: _Book, final: dict, params, hp: np.ndarray, rounds: Rounds, run: Run, *,
              vectorized: int) -> dict:
   """Writes and returns the run's summary.json."""
   c, meta = book.config, book.meta
+  compiles, ahead = rounds.compiles, rounds.compile_ahead
   l2, sha = metrics.params_digest(params)
   summary = {
       'algorithm': c.algorithm, 'task': run.task.name, 'rounds': c.num_rounds,
       'devices': run.mesh.devices.size, 'processes': jax.process_count(), 'platform': run.mesh.devices.flat[0].platform,
       'local_loop': run.local_loop, 'lanes_per_device': run.lanes_per_device,
       'conv': run.conv if c.model.name == 'emnist_cnn' else None,
-      'compiles': compiles, 'vectorized_seeds': vectorized, 'resumed_from': book.done,
+      'compiles': compiles,
+      'compiled_ahead': None if ahead is None else {'compiled': ahead.compiled,
+                                                    'used': ahead.used},
+      'vectorized_seeds': vectorized, 'resumed_from': book.done,
       'wall_s': time.time() - book.start, 'total_examples': meta['total_examples'],
       'total_local_steps': meta['total_steps'],
       'padding_efficiency': meta['total_examples'] / max(meta['computed'], 1),

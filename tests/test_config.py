@@ -40,6 +40,7 @@ def test_base_config_and_quickstart_are_valid():
     ('target_accuracy', 1.5, 'config.target_accuracy must be in [0, 1]'),
     ('data_on_device', 'maybe', 'config.data_on_device must be one of'),
     ('lanes_per_device', -1, 'config.lanes_per_device'),
+    ('compile_ahead', 'always', "config.compile_ahead must be one of 'auto', 'yes', 'no'"),
 ])
 def test_out_of_range_fields_are_named(field, value, needle):
   c = base_config()
@@ -130,3 +131,20 @@ def test_auto_conv_and_local_loop_per_platform():
   assert train._local_loop(c, cpu, 'xla') == 'device'
   c.model.name, c.local_loop = 'mlp', 'auto'
   assert train._local_loop(c, cpu, 'xla') == 'device'
+
+
+def test_compile_ahead_per_platform_and_algorithm():
+  """auto: FATHOM on accelerators only; never with the host-driven loop; explicit values win."""
+  from fathom_sim import train
+  cpu, gpu = (_FakeMesh(_FakeDevice(p, None)) for p in ('cpu', 'gpu'))
+  c = base_config()
+  c.algorithm = 'fathom'
+  assert [train._compile_ahead(c, m, 'device') for m in (cpu, gpu)] == [False, True]
+  assert not train._compile_ahead(c, gpu, 'host')
+  c.algorithm = 'fedavg'
+  assert not train._compile_ahead(c, gpu, 'device')
+  c.compile_ahead = 'yes'
+  assert train._compile_ahead(c, cpu, 'device')
+  assert not train._compile_ahead(c, cpu, 'host')
+  c.algorithm, c.compile_ahead = 'fathom', 'no'
+  assert not train._compile_ahead(c, gpu, 'device')

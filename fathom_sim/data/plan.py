@@ -36,6 +36,19 @@ def bucket(n: int, per_octave: int) -> int:
   return base + -(-(n - base) // spacing) * spacing
 
 
+def neighbour_buckets(batch_pad: int, per_octave: int, *, min_batch_pad: int,
+                      max_batch_size: int) -> list[int]:
+  """The padded sizes next to `batch_pad` (below, then above) that a plan can use, where B_int
+  is at most `max_batch_size` and the padded size is bucket(max(B_int, min_batch_pad))."""
+  lowest = bucket(max(1, min_batch_pad), per_octave)
+  highest = bucket(max(max_batch_size, min_batch_pad), per_octave)
+  below = batch_pad - 1
+  while below >= lowest and bucket(below, per_octave) != below:
+    below -= 1
+  above = bucket(batch_pad + 1, per_octave)
+  return [pad for pad, ok in ((below, below >= lowest), (above, above <= highest)) if ok]
+
+
 def grow(current: int, needed: int) -> int:
   """A padded length that only grows: `current` while it suffices, else 1.5x `needed` rounded
   up to a power of two (headroom, so that the next cohorts' small variations do not each cost a

@@ -1,0 +1,81 @@
+"""Compiling the round ahead for the neighbouring padded batch sizes (compile_ahead.py)."""
+
+import threading
+
+import jax
+import numpy as np
+import pytest
+from jax import monitoring
+
+from fathom_sim.data.plan import bucket, neighbour_buckets
+from fathom_sim.train import Rounds, build, init_state
+from fathom_sim.types import BATCH
+from tests.common import tiny_config, tiny_task
+
+BACKEND_COMPILE = '/jax/core/compile/backend_compile_duration'
+
+
+@pytest.mark.parametrize('per_octave', [1, 2, 4])
+@pytest.mark.parametrize('min_batch_pad', [1, 5])
+def test_neighbour_buckets_are_the_adjacent_reachable_padded_sizes(per_octave, min_batch_pad):
+  max_b = 100
+  reachable = sorted({bucket(max(b, min_batch_pad), per_octave) for b in range(1, max_b + 1)})
+  for i, pad in enumerate(reachable):
+    expected = reachable[max(i - 1, 0):i] + reachable[i + 1:i + 2]
+    assert neighbour_buckets(pad, per_octave, min_batch_pad=min_batch_pad,
+                             max_batch_size=max_b) == expected, pad
+
+
+class _CompileLog:
+  """Threads on which XLA compiled something, in order."""
+
+  def __init__(self):
+    self.threads: list[str] = []
+
+  def __call__(self, event, duration, **kwargs):
+    if event == BACKEND_COMPILE:
+      self.threads.append(threading.current_thread().name)
+
+  def __enter__(self):
+    monitoring.register_event_duration_secs_listener(self)
+    return self
+
+  def __exit__(self, *exc):
+    monitoring.unregister_event_duration_listener(self)
+
+
+def _crossing_rounds(compile_ahead: str):
+  """Round 1 at B_int 6, then round 2 at B_int 4: the next padded size below (per octave 2:
+  4, 6, 8). Returns the final state, the threads that compiled during round 2, and the
+  Rounds."""
+  config = tiny_config(algorithm='fathom', num_devices=2, compile_ahead=compile_ahead,
+                       batch_size=6.0)
+  run = build(config, tiny_task())
+  rounds = Rounds(run)
+  state = init_state(run)
+  hp = rounds.initial_hparams(state)
+  state, m, plan = rounds(state, 1, hp)
+  assert plan.batch_pad == 6
+  if rounds.compile_ahead is not None:
+    rounds.compile_ahead.wait()
+  hp = np.array(m.next_hparams)
+  hp[BATCH] = 4.0
+  with _CompileLog() as log:
+    state, _, plan = rounds(state, 2, hp)
+  assert plan.batch_pad == 4
+  rounds.close()
+  return jax.device_get(state), log.threads, rounds
+
+
+def test_the_next_padded_size_is_compiled_ahead_and_used_with_the_same_result():
+  ahead_state, ahead_threads, ahead = _crossing_rounds('yes')
+  plain_state, plain_threads, plain = _crossing_rounds('no')
+  # Without compiling ahead the round that crosses compiles its program itself; with it, that
+  # program came from the thread and the round compiles nothing.
+  assert plain.compile_ahead is None and len(plain_threads) >= 1
+  assert ahead_threads == [], ahead_threads
+  assert ahead.compile_ahead.used == 1
+  assert ahead.compile_ahead.compiled >= 2  # 4 and 8 around 6, then around 4
+  assert ahead.compiles == plain.compiles == 2
+  for a, b in zip(jax.tree.leaves(ahead_state), jax.tree.leaves(plain_state), strict=True):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
