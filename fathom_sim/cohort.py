@@ -1,10 +1,10 @@
 """The whole cohort's local training, sharded: lanes over the `clients` mesh axis.
 
-Each device vmaps `lane_train` over its own lanes (or calls it, when it holds one) for as many
-steps as its longest lane needs (a device with no work runs none), then the weighted updates
-and per-client statistics are reduced across lanes and devices with psum / pmin / pmax. Every
-client lives in exactly one lane, so the result is the same on any number of devices up to float
-rounding.
+Each device vmaps `lane_train` over its own lanes (on CPU it calls it when it holds one) for
+as many steps as its longest lane needs (a device with no work runs none), then the weighted
+updates and per-client statistics are reduced across lanes and devices with psum / pmin / pmax.
+Every client lives in exactly one lane, so the result is the same on any number of devices up
+to float rounding.
 """
 
 from __future__ import annotations
@@ -29,14 +29,18 @@ def make_cohort_train(loss_fn: LossFn, mesh: Mesh, *, batch_pad: int,
   (source_per_lane) or the whole dataset, replicated on every device.
   """
   source_axis = 0 if source_per_lane else None
+  # Measured on CPU only (docs/benchmarks.md): there a branch skips three passes over the model
+  # per step. XLA:GPU may read a conditional's predicate back to the host at every step, so
+  # accelerators keep the vmap (the cond runs both sides and selects) until measured.
+  unbatched_cond = mesh.devices.flat[0].platform == 'cpu'
   lanes_train = jax.vmap(
       functools.partial(lane_train, loss_fn, batch_pad=batch_pad),
       in_axes=(None, None, None, None, None, None, 0, 0, source_axis))
 
   def per_device(server_params, eta, batch_size, round_key, table, slots, stream, source):
     lane_steps = table.num_steps[slots].sum(axis=1)  # the sentinel slot has 0 steps
-    if slots.shape[0] == 1:
-      # One lane (CPU's layout): no vmap, so lane_step's end-of-client cond stays a branch.
+    if slots.shape[0] == 1 and unbatched_cond:
+      # No vmap of one lane, so lane_step's end-of-client cond stays a branch.
       one = functools.partial(lane_train, loss_fn, batch_pad=batch_pad)
       lane_source = jax.tree.map(lambda a: a[0], source) if source_per_lane else source
       r = one(server_params, eta, batch_size, round_key, table, lane_steps[0], slots[0],

@@ -47,7 +47,8 @@ class CompileAhead:
     # Every key met: None if the round compiled it itself, else the background job's future.
     self._jobs: dict[Key, concurrent.futures.Future | None] = {}
     self.compiled = 0  # programs compiled on the thread
-    self.used = 0      # rounds whose program came from the thread
+    self.used = 0      # rounds that found their program compiled ahead (jit's cache then
+                       # serves it: the tests check that such a round compiles nothing)
 
   def before(self, args: tuple, batch_pad: int) -> Key:
     key = (batch_pad, specs(args))
@@ -72,8 +73,10 @@ class CompileAhead:
       args = jax.tree.unflatten(treedef, arg_specs)
       self._round_fn.lower(*args, batch_pad=batch_pad, num_iterations=None).compile()
       self.compiled += 1
-    except Exception:  # noqa: BLE001 - the round that needs it compiles it and reports
-      logging.debug('compiling ahead for batch_pad %d failed', batch_pad, exc_info=True)
+    except Exception:
+      # The round that needs this program compiles it itself, and reports a real error.
+      logging.warning('compiling the round ahead for batch_pad %d failed', batch_pad,
+                      exc_info=True)
       raise
 
   def wait(self) -> None:
@@ -83,5 +86,6 @@ class CompileAhead:
         concurrent.futures.wait([job])
 
   def close(self) -> None:
-    """Drops queued compiles; one already running finishes in the background."""
+    """Drops queued compiles. One already running finishes in the background, and the
+    interpreter waits for it at exit (seconds on a GPU)."""
     self._pool.shutdown(wait=False, cancel_futures=True)

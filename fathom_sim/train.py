@@ -552,7 +552,8 @@ def _train(configs: list[ml_collections.ConfigDict], workdirs: list[str], *,
   test_clients = np.flatnonzero(np.asarray(task.test.num_examples) > 0)
   last_log = (time.time(), done)
 
-  with _stop_signals() as signals:
+  # closing: compiles queued ahead are dropped however the loop ends.
+  with _stop_signals() as signals, contextlib.closing(rounds):
     for t in range(done + 1, c.num_rounds + 1):
       state, m, plans = rounds(state, t, hp)
       stop = _agreed_stop(signals)
@@ -603,11 +604,9 @@ def _train(configs: list[ml_collections.ConfigDict], workdirs: list[str], *,
           if book.writer:
             book.writer.close()
           book.checkpointer.close()
-        rounds.close()
         logging.warning('signal %d: stopped after round %d, checkpoint saved; run the same '
                         'command again to resume', stop, t)
         raise Preempted(stop, t)
-  rounds.close()
   for book in books:
     if book.writer:
       book.writer.close()

@@ -161,18 +161,22 @@ def _npz_config(path, **overrides):
   return c
 
 
-def test_non_finite_client_is_dropped_and_counted(tmp_path):
+# One lane per device runs a client's last step as a branch (a cond); several side by side run
+# it as selects under vmap (cohort.py). Both must leave a non-finite client out.
+@pytest.mark.parametrize('lanes', [1, 3])
+def test_non_finite_client_is_dropped_and_counted(tmp_path, lanes):
   data = str(tmp_path / 'data')
   _npz_with_bad_clients(data, bad=[2])
-  summary = train_and_evaluate(_npz_config(data), str(tmp_path / 'run'))
+  summary = train_and_evaluate(_npz_config(data, lanes_per_device=lanes), str(tmp_path / 'run'))
   rows = read_rows(str(tmp_path / 'run'))
   assert [r['dropped_clients'] for r in rows] == [1, 1, 1, 1]  # all 4 clients every round
   assert all(r['accepted'] and np.isfinite(r['train_loss']) for r in rows)
   assert np.isfinite(summary['final']['params_l2'])
 
 
+@pytest.mark.parametrize('lanes', [1, 3])
 def test_client_whose_hypergradient_is_not_finite_is_left_out_like_a_non_finite_update(
-    tmp_path):
+    tmp_path, lanes):
   """An example of 1e20 makes |g|^2 overflow float32 while the update stays finite, so the
   client's c_k = cos(g_k, d_k) is NaN. The client must be left out entirely, exactly as when
   its update is NaN: not in h_local and phi (the next round's B would be NaN), and not in the
@@ -181,7 +185,8 @@ def test_client_whose_hypergradient_is_not_finite_is_left_out_like_a_non_finite_
   for name, poison in (('overflow', 1e20), ('nan', np.nan)):
     data = str(tmp_path / f'data_{name}')
     _npz_with_bad_clients(data, bad=[2], poison=poison)
-    summary = train_and_evaluate(_npz_config(data, num_rounds=1), str(tmp_path / name))
+    summary = train_and_evaluate(_npz_config(data, num_rounds=1, lanes_per_device=lanes),
+                                 str(tmp_path / name))
     runs[name] = (summary, read_rows(str(tmp_path / name))[0])
   (summary, row), (want_summary, want_row) = runs['overflow'], runs['nan']
   assert row['dropped_clients'] == want_row['dropped_clients'] == 1

@@ -42,9 +42,12 @@ def neighbour_buckets(batch_pad: int, per_octave: int, *, min_batch_pad: int,
   is at most `max_batch_size` and the padded size is bucket(max(B_int, min_batch_pad))."""
   lowest = bucket(max(1, min_batch_pad), per_octave)
   highest = bucket(max(max_batch_size, min_batch_pad), per_octave)
-  below = batch_pad - 1
-  while below >= lowest and bucket(below, per_octave) != below:
-    below -= 1
+  below = 0
+  if batch_pad > 1:  # the grid point at or under batch_pad - 1, within its octave
+    b = batch_pad - 1
+    base = 1 << (b.bit_length() - 1)
+    spacing = max(1, base // per_octave)
+    below = base + (b - base) // spacing * spacing
   above = bucket(batch_pad + 1, per_octave)
   return [pad for pad, ok in ((below, below >= lowest), (above, above <= highest)) if ok]
 
