@@ -53,7 +53,9 @@ import json, sys
 out, start, end = sys.argv[1], float(sys.argv[2]), float(sys.argv[3])
 s = json.load(open(f'{out}/fathom/summary.json'))
 print(f"end to end {end - start:.1f} s; rounds {s['rounds']}; training loop {s['wall_s']:.1f} s; "
-      f"compiles {s['compiles']}; padding {s['padding_efficiency']:.3f}; "
+      f"compiles {s['compiles']} (ahead {s.get('compiled_ahead')}); planned ahead "
+      f"{s.get('planned_ahead')}, replanned {s.get('replanned')}; "
+      f"padding {s['padding_efficiency']:.3f}; "
       f"final test accuracy {s['final']['test_accuracy']:.4f}; devices {s['devices']} "
       f"({s['platform']})")
 EOF

@@ -205,13 +205,24 @@ def init_state(run: Run) -> ServerState:
   return put(state, replicated(run.mesh))
 
 
+@dataclasses.dataclass
+class _Fed:
+  """Round t's plan(s), and its arrays on the devices (table, slots, stream, source, B_int)."""
+  t: int
+  plans: CohortPlan | list[CohortPlan]
+  args: tuple
+  batch_pad: int
+  longest: int  # the longest lane's real steps
+
+
 class Rounds:
   """Runs round t on the devices: samples and plans the cohort, feeds it, steps the state.
 
   With `seeds`, runs those seeds of the same config as one vectorised program: the state,
   hyperparameters and metrics carry a leading seed axis, and a call returns every seed's plan.
-  `prefetch=False` reads each round's clients on the critical path (to measure what the
-  prefetch saves); the results are the same.
+  Round t+1's clients are read, and its plan made and sent under round t's (E, B), while the
+  devices compute round t. `prefetch=False` does both on the critical path (to measure what
+  that saves); the results are the same.
   """
 
   def __init__(self, run: Run, seeds: list[int] | None = None, prefetch: bool = True):
@@ -246,6 +257,9 @@ class Rounds:
     self.last_host_s = self.last_device_s = 0.0
     self.compile_ahead = (CompileAhead(self.round_fn, self._neighbour_pads)
                           if run.compile_ahead else None)
+    self._plan_ahead = prefetch
+    self._next: _Fed | None = None
+    self.planned_ahead = self.replanned = 0  # rounds whose plan made ahead was used / not
 
   def initial_hparams(self, state: ServerState) -> np.ndarray:
     """(E, eta, B) of the next round, read from the state (once, at start or resume)."""
@@ -255,8 +269,45 @@ class Rounds:
   def __call__(self, state: ServerState, t: int, hp: np.ndarray
                ) -> tuple[ServerState, RoundMetrics, CohortPlan | list[CohortPlan]]:
     """Round t with hyperparameters hp = (E, eta, B) (as the device will compute them)."""
-    c, mesh = self.run.config, self.run.mesh
+    c = self.run.config
     start = time.perf_counter()
+    fed, self._next = self._next, None
+    if fed is not None and fed.t == t and self._same_schedule(fed.plans, hp):
+      self.planned_ahead += 1
+    else:
+      self.replanned += fed is not None
+      fed = self._feed(t, hp)
+    dispatched = time.perf_counter()
+    args = (state,) + fed.args
+    key = self.compile_ahead.before(args, fed.batch_pad) if self.compile_ahead else None
+    state, m = self.round_fn(*args, batch_pad=fed.batch_pad,
+                             num_iterations=fed.longest if self.run.local_loop == 'host'
+                             else None)
+    if key is not None:
+      self.compile_ahead.after(key)
+    if t < c.num_rounds:
+      if self._prefetch is not None:
+        self._prefetch.fetch(np.concatenate(self._cohorts(t + 1)))
+      if self._plan_ahead:
+        # Round t+1's plan under this round's (E, B), made and sent while the devices compute
+        # round t. B_int and the K_i mostly stay the same from one round to the next; when
+        # they do not, round t+1 plans again (_same_schedule).
+        try:
+          self._next = self._feed(t + 1, hp)
+        except Exception:  # noqa: BLE001
+          # E.g. a client that cannot be read: round t+1 plans again, and raises it there,
+          # after round t has returned its state.
+          self._next = None
+    m = jax.device_get(m)
+    # Host: sampling, planning, transfers issued on the critical path; device: from dispatch
+    # until the metrics are back (includes compiling when the round meets a new padded shape,
+    # and planning round t+1 ahead, which the host does while the devices compute).
+    self.last_host_s, self.last_device_s = dispatched - start, time.perf_counter() - dispatched
+    return state, m, fed.plans
+
+  def _feed(self, t: int, hp: np.ndarray) -> _Fed:
+    """Plans round t under hp and sends its arrays to the devices."""
+    mesh = self.run.mesh
     cohorts = self._cohorts(t)
     if self.seeds is None:
       plan = self.planner.plan(cohorts[0], t, hp[EPOCHS], hp[BATCH])
@@ -271,20 +322,17 @@ class Rounds:
     table = put(table, replicated(mesh))
     slots, stream = put((lanes.slots, lanes.stream), self._lanes)
     source = self._resident if self.run.resident else put(lanes.source, self._lanes)
-    dispatched = time.perf_counter()
-    args = (state, table, slots, stream, source, batch_size)
-    key = self.compile_ahead.before(args, batch_pad) if self.compile_ahead else None
-    state, m = self.round_fn(*args, batch_pad=batch_pad,
-                             num_iterations=longest if self.run.local_loop == 'host' else None)
-    if key is not None:
-      self.compile_ahead.after(key)
-    if self._prefetch is not None and t < c.num_rounds:
-      self._prefetch.fetch(np.concatenate(self._cohorts(t + 1)))
-    m = jax.device_get(m)
-    # Host: sampling, planning, transfers issued; device: from dispatch until the metrics are
-    # back (includes compiling when the round meets a new padded shape).
-    self.last_host_s, self.last_device_s = dispatched - start, time.perf_counter() - dispatched
-    return state, m, plans
+    return _Fed(t, plans, (table, slots, stream, source, batch_size), batch_pad, longest)
+
+  def _same_schedule(self, plans: CohortPlan | list[CohortPlan], hp: np.ndarray) -> bool:
+    """Whether hp gives every seed's plan the B_int and K_i it was made with: a plan depends
+    on (E, B) through those alone (data/plan.py)."""
+    plans, hps = ([plans], [hp]) if self.seeds is None else (plans, hp)
+    for plan, h in zip(plans, hps, strict=True):
+      b_int, num_steps = fathom.integer_schedule(h[EPOCHS], h[BATCH], plan.num_examples)
+      if b_int != plan.batch_size or not np.array_equal(num_steps, plan.num_steps):
+        return False
+    return True
 
   def _neighbour_pads(self, batch_pad: int) -> list[int]:
     planner = self.planner if self.seeds is None else self.planner.planners[0]
@@ -643,6 +691,7 @@ def _summary(book: _Book, final: dict, params, hp: np.ndarray, rounds: Rounds, r
       'compiles': compiles,
       'compiled_ahead': None if ahead is None else {'compiled': ahead.compiled,
                                                     'used': ahead.used},
+      'planned_ahead': rounds.planned_ahead, 'replanned': rounds.replanned,
       'vectorized_seeds': vectorized, 'resumed_from': book.done,
       'wall_s': time.time() - book.start, 'total_examples': meta['total_examples'],
       'total_local_steps': meta['total_steps'],

@@ -42,7 +42,8 @@ _PER_OCTAVE = flags.DEFINE_integer(
     'batch_pad_per_octave', 4, 'Padded batch sizes per doubling. 4 computes B 20 as 20 rows; '
     'the simulator\'s default of 2 (fewer compiles while FATHOM moves B) computes it as 24.')
 _PREFETCH = flags.DEFINE_bool(
-    'prefetch', True, 'Read round t+1\'s clients while round t computes (data read per round).')
+    'prefetch', True, 'Read round t+1\'s clients (data read per round), plan it and send it to '
+    'the devices while round t computes.')
 _IN_MEMORY = flags.DEFINE_bool(
     'in_memory', False, 'Make every client once and hold the training set in memory (then on '
     'the devices, config.data_on_device auto) instead of making each round\'s clients.')
@@ -55,6 +56,7 @@ def task_config(name: str, cohort_size: int):
   c = base_config()
   c.algorithm = 'fedavg'
   c.cohort_size = cohort_size
+  c.num_rounds = _WARMUP.value + _ROUNDS.value  # no round planned ahead past the last
   c.num_devices = _NUM_DEVICES.value
   c.lanes_per_device = _LANES.value
   c.local_loop = _LOCAL_LOOP.value
@@ -175,6 +177,7 @@ def measure(name: str, cohort_size: int) -> dict:
           'device_s_per_round': device / r, 'batch_size': b_int,
           'lanes': rounds.planner.num_lanes, 'devices': n_dev, 'local_loop': run.local_loop,
           'conv': run.conv, 'resident': run.resident, 'prefetch': rounds.prefetching,
+          'planned_ahead': rounds.planned_ahead,
           'platform': run.mesh.devices.flat[0].platform,
           'peak_rss_gib': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
           'jax': jax.__version__, 'date': time.strftime('%Y-%m-%d')}

@@ -104,6 +104,62 @@ def test_vectorised_seeds_on_generated_data_equal_the_same_data_held_in_memory(t
   assert got[0]['final']['params_sha256'] != got[1]['final']['params_sha256']
 
 
+@pytest.mark.parametrize('data_on_device', ['no', 'yes'])
+def test_a_round_planned_ahead_equals_one_planned_on_time_and_replans_when_b_or_k_change(
+    data_on_device):
+  """Round t+1 is planned under round t's (E, B) while round t computes. Rounds 1-2 keep
+  (E, B): the plan made ahead is used. Round 3 changes B_int and round 4 the K_i: both plan
+  again. Every round must equal the same round planned on the critical path."""
+  from fathom_sim.train import Rounds, build, init_state
+  from fathom_sim.types import BATCH, EPOCHS
+  config = tiny_config(num_rounds=4, algorithm='fathom', num_devices=2,
+                       data_on_device=data_on_device)
+  run = build(config, tiny_task())
+  hp0 = Rounds(run, prefetch=False).initial_hparams(init_state(run))
+  hps = [hp0, hp0, hp0.copy(), hp0.copy()]
+  hps[2][BATCH] = hp0[BATCH] + 1.0
+  hps[3][BATCH], hps[3][EPOCHS] = hp0[BATCH] + 1.0, hp0[EPOCHS] * 2.0
+  results = {}
+  for ahead in (True, False):
+    rounds, state, metrics, plans = Rounds(run, prefetch=ahead), init_state(run), [], []
+    for t, hp in enumerate(hps, start=1):
+      state, m, plan = rounds(state, t, hp)
+      metrics.append(m)
+      plans.append(plan)
+    results[ahead] = (jax.device_get(state), metrics, plans, rounds)
+  (state, metrics, plans, rounds), (want_state, want_metrics, want_plans, _) = (
+      results[True], results[False])
+  assert (rounds.planned_ahead, rounds.replanned) == (1, 2)
+  assert [p.batch_size for p in plans] == [p.batch_size for p in want_plans]
+  assert plans[2].batch_size != plans[1].batch_size
+  assert not np.array_equal(plans[3].num_steps, plans[2].num_steps)
+  for p, q in zip(plans, want_plans):
+    np.testing.assert_array_equal(p.num_steps, q.num_steps)
+  for m, want in zip(metrics, want_metrics):
+    np.testing.assert_array_equal(m.client_h, want.client_h)
+    np.testing.assert_array_equal(m.next_hparams, want.next_hparams)
+  jax.tree.map(np.testing.assert_array_equal, state.params, want_state.params)
+
+
+def test_a_client_that_cannot_be_read_fails_its_own_round_not_the_one_before():
+  """Round 2's plan is made during round 1; a read error there must not cost round 1."""
+  from fathom_sim.train import Rounds, build, init_state
+  config = tiny_config(num_rounds=3, algorithm='fathom', num_devices=2, data_on_device='no')
+  task = tiny_task()
+  first = set(sample_cohort(task.train, config.seed, 1, config.cohort_size).tolist())
+  bad = next(k for k in sample_cohort(task.train, config.seed, 2, config.cohort_size).tolist()
+             if k not in first)
+  generated, recorder = _generated(task, fail_on=bad)
+  run = build(config, generated)
+  rounds = Rounds(run)
+  state = init_state(run)
+  hp = rounds.initial_hparams(state)
+  state, m, _ = rounds(state, 1, hp)
+  assert bad in {k for k, _ in recorder.reads}  # round 2's plan, made in round 1, met it
+  with pytest.raises(OSError, match=f'client {bad}: unreadable'):
+    rounds(state, 2, np.asarray(m.next_hparams))
+
+
 def test_cohort_sampling_never_touches_the_default_device():
   """Its key is made on the host CPU: a key on an accelerator would wait behind the round in
   flight there, and round t+1's clients would be read only after round t ended."""
