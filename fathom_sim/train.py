@@ -213,6 +213,7 @@ class _Fed:
   args: tuple
   batch_pad: int
   longest: int  # the longest lane's real steps
+  pads_before: list | None = None  # planned ahead: the planners' padded lengths before it
 
 
 class Rounds:
@@ -259,6 +260,7 @@ class Rounds:
                           if run.compile_ahead else None)
     self._plan_ahead = prefetch
     self._next: _Fed | None = None
+    self._ahead_failed, self._ahead_failures = False, 0
     self.planned_ahead = self.replanned = 0  # rounds whose plan made ahead was used / not
 
   def initial_hparams(self, state: ServerState) -> np.ndarray:
@@ -275,8 +277,14 @@ class Rounds:
     if fed is not None and fed.t == t and self._same_schedule(fed.plans, hp):
       self.planned_ahead += 1
     else:
-      self.replanned += fed is not None
+      if fed is not None:
+        # The padded lengths grow as if that plan had never been made: no shape (and compile)
+        # that planning on time would not have made.
+        for planner, stream_pad, buffer_pad in fed.pads_before:
+          planner.stream_pad, planner.buffer_pad = stream_pad, buffer_pad
+      self.replanned += fed is not None or self._ahead_failed
       fed = self._feed(t, hp)
+    self._ahead_failed = False
     dispatched = time.perf_counter()
     args = (state,) + fed.args
     key = self.compile_ahead.before(args, fed.batch_pad) if self.compile_ahead else None
@@ -292,12 +300,21 @@ class Rounds:
         # Round t+1's plan under this round's (E, B), made and sent while the devices compute
         # round t. B_int and the K_i mostly stay the same from one round to the next; when
         # they do not, round t+1 plans again (_same_schedule).
+        planners = [self.planner] + getattr(self.planner, 'planners', [])
+        pads = [(p, p.stream_pad, p.buffer_pad) for p in planners]
         try:
           self._next = self._feed(t + 1, hp)
+          self._next.pads_before = pads
         except Exception:  # noqa: BLE001
           # E.g. a client that cannot be read: round t+1 plans again, and raises it there,
           # after round t has returned its state.
-          self._next = None
+          for planner, stream_pad, buffer_pad in pads:
+            planner.stream_pad, planner.buffer_pad = stream_pad, buffer_pad
+          if not self._ahead_failures:  # once: a lasting cause would repeat every round
+            logging.warning('planning round %d ahead failed; it plans on time', t + 1,
+                            exc_info=True)
+          self._ahead_failures += 1
+          self._next, self._ahead_failed = None, True
     m = jax.device_get(m)
     # Host: sampling, planning, transfers issued on the critical path; device: from dispatch
     # until the metrics are back (includes compiling when the round meets a new padded shape,
@@ -341,7 +358,8 @@ class Rounds:
                              max_batch_size=max(1, round(min(self.run.upper[BATCH], 2**30))))
 
   def close(self) -> None:
-    """Drops compiles queued ahead (a run's end)."""
+    """Drops a plan made ahead and compiles queued ahead (a run's end)."""
+    self._next = None
     if self.compile_ahead is not None:
       self.compile_ahead.close()
 

@@ -177,7 +177,7 @@ def measure(name: str, cohort_size: int) -> dict:
           'device_s_per_round': device / r, 'batch_size': b_int,
           'lanes': rounds.planner.num_lanes, 'devices': n_dev, 'local_loop': run.local_loop,
           'conv': run.conv, 'resident': run.resident, 'prefetch': rounds.prefetching,
-          'planned_ahead': rounds.planned_ahead,
+          'planned_ahead': rounds.planned_ahead, 'replanned': rounds.replanned,
           'platform': run.mesh.devices.flat[0].platform,
           'peak_rss_gib': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
           'jax': jax.__version__, 'date': time.strftime('%Y-%m-%d')}
