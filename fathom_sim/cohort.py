@@ -33,18 +33,16 @@ def make_cohort_train(loss_fn: LossFn, mesh: Mesh, *, batch_pad: int,
   # per step. XLA:GPU may read a conditional's predicate back to the host at every step, so
   # accelerators keep the vmap (the cond runs both sides and selects) until measured.
   unbatched_cond = mesh.devices.flat[0].platform == 'cpu'
-  lanes_train = jax.vmap(
-      functools.partial(lane_train, loss_fn, batch_pad=batch_pad),
-      in_axes=(None, None, None, None, None, None, 0, 0, source_axis))
+  one_lane = functools.partial(lane_train, loss_fn, batch_pad=batch_pad)
+  lanes_train = jax.vmap(one_lane, in_axes=(None, None, None, None, None, None, 0, 0, source_axis))
 
   def per_device(server_params, eta, batch_size, round_key, table, slots, stream, source):
     lane_steps = table.num_steps[slots].sum(axis=1)  # the sentinel slot has 0 steps
     if slots.shape[0] == 1 and unbatched_cond:
       # No vmap of one lane, so lane_step's end-of-client cond stays a branch.
-      one = functools.partial(lane_train, loss_fn, batch_pad=batch_pad)
       lane_source = jax.tree.map(lambda a: a[0], source) if source_per_lane else source
-      r = one(server_params, eta, batch_size, round_key, table, lane_steps[0], slots[0],
-              stream[0], lane_source)
+      r = one_lane(server_params, eta, batch_size, round_key, table, lane_steps[0], slots[0],
+                   stream[0], lane_source)
       r = jax.tree.map(lambda a: a[None], r)
     else:
       r = lanes_train(server_params, eta, batch_size, round_key, table, lane_steps.max(),

@@ -213,7 +213,7 @@ class _Fed:
   args: tuple
   batch_pad: int
   longest: int  # the longest lane's real steps
-  pads_before: list | None = None  # planned ahead: the planners' padded lengths before it
+  lengths_before: tuple | None = None  # planned ahead: the planner's padded lengths before
 
 
 class Rounds:
@@ -260,7 +260,7 @@ class Rounds:
                           if run.compile_ahead else None)
     self._plan_ahead = prefetch
     self._next: _Fed | None = None
-    self._ahead_failed, self._ahead_failures = False, 0
+    self._ahead_warned = False
     self.planned_ahead = self.replanned = 0  # rounds whose plan made ahead was used / not
 
   def initial_hparams(self, state: ServerState) -> np.ndarray:
@@ -280,11 +280,9 @@ class Rounds:
       if fed is not None:
         # The padded lengths grow as if that plan had never been made: no shape (and compile)
         # that planning on time would not have made.
-        for planner, stream_pad, buffer_pad in fed.pads_before:
-          planner.stream_pad, planner.buffer_pad = stream_pad, buffer_pad
-      self.replanned += fed is not None or self._ahead_failed
+        self.planner.restore_padded_lengths(fed.lengths_before)
+        self.replanned += 1
       fed = self._feed(t, hp)
-    self._ahead_failed = False
     dispatched = time.perf_counter()
     args = (state,) + fed.args
     key = self.compile_ahead.before(args, fed.batch_pad) if self.compile_ahead else None
@@ -300,21 +298,19 @@ class Rounds:
         # Round t+1's plan under this round's (E, B), made and sent while the devices compute
         # round t. B_int and the K_i mostly stay the same from one round to the next; when
         # they do not, round t+1 plans again (_same_schedule).
-        planners = [self.planner] + getattr(self.planner, 'planners', [])
-        pads = [(p, p.stream_pad, p.buffer_pad) for p in planners]
+        lengths = self.planner.padded_lengths()
         try:
           self._next = self._feed(t + 1, hp)
-          self._next.pads_before = pads
+          self._next.lengths_before = lengths
         except Exception:  # noqa: BLE001
           # E.g. a client that cannot be read: round t+1 plans again, and raises it there,
           # after round t has returned its state.
-          for planner, stream_pad, buffer_pad in pads:
-            planner.stream_pad, planner.buffer_pad = stream_pad, buffer_pad
-          if not self._ahead_failures:  # once: a lasting cause would repeat every round
+          self.planner.restore_padded_lengths(lengths)
+          if not self._ahead_warned:  # once: a lasting cause would repeat every round
             logging.warning('planning round %d ahead failed; it plans on time', t + 1,
                             exc_info=True)
-          self._ahead_failures += 1
-          self._next, self._ahead_failed = None, True
+          self._ahead_warned = True
+          self.replanned += 1  # round t+1 will plan on time
     m = jax.device_get(m)
     # Host: sampling, planning, transfers issued on the critical path; device: from dispatch
     # until the metrics are back (includes compiling when the round meets a new padded shape,

@@ -99,6 +99,14 @@ class Planner:
   # only the lanes of its own devices; the others' buffers stay zero and are never sent.
   local_lanes: np.ndarray | None = None
 
+  def padded_lengths(self) -> tuple:
+    """The stream and buffer lengths so far (they only grow), to restore after a plan that is
+    dropped."""
+    return self.stream_pad, self.buffer_pad
+
+  def restore_padded_lengths(self, lengths: tuple) -> None:
+    self.stream_pad, self.buffer_pad = lengths
+
   def __post_init__(self):
     if self.resident and not isinstance(self.dataset, ArrayClientDataset):
       raise ValueError('a device-resident training set must be held in memory')
@@ -180,6 +188,14 @@ class SeedPlanners:
                seeds: list[int], **kwargs):
     self.planners = [Planner(dataset, cohort_size, num_lanes, s, **kwargs) for s in seeds]
     self.stream_pad = self.buffer_pad = 0
+
+  def padded_lengths(self) -> tuple:
+    return self.stream_pad, self.buffer_pad, [p.padded_lengths() for p in self.planners]
+
+  def restore_padded_lengths(self, lengths: tuple) -> None:
+    self.stream_pad, self.buffer_pad, each = lengths
+    for planner, own in zip(self.planners, each, strict=True):
+      planner.restore_padded_lengths(own)
 
   def plan(self, cohorts: list[np.ndarray], round_index: int,
            hparams: np.ndarray) -> StackedPlans:
