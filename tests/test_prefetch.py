@@ -144,6 +144,57 @@ def test_a_round_planned_ahead_equals_one_planned_on_time_and_replans_when_b_or_
   jax.tree.map(np.testing.assert_array_equal, state.params, want_state.params)
 
 
+@pytest.mark.parametrize('data_on_device', ['no', 'yes'])
+def test_vectorised_seeds_replan_together_when_one_seed_changes_b(data_on_device):
+  """Seeds share one program and one plan made ahead: when only seed 1's B_int changes
+  (round 3), both seeds plan again, and every seed's rounds equal the rounds planned on time."""
+  import dataclasses
+  from fathom_sim.mesh import put, replicated
+  from fathom_sim.train import Rounds, build, init_state
+  from fathom_sim.types import BATCH
+  config = tiny_config(num_rounds=4, algorithm='fathom', num_devices=2,
+                       data_on_device=data_on_device)
+  run = build(config, tiny_task())
+  seeds = [3, 4]
+
+  def initial():
+    states = []
+    for s in seeds:
+      c = config.copy_and_resolve_references()
+      c.seed = s
+      states.append(jax.device_get(init_state(dataclasses.replace(run, config=c))))
+    return put(jax.tree.map(lambda *x: np.stack(x), *states), replicated(run.mesh))
+
+  hp0 = Rounds(run, seeds, prefetch=False).initial_hparams(initial())
+  assert hp0.shape == (2, 3)
+  changed = hp0.copy()
+  changed[1, BATCH] = hp0[1, BATCH] + 1.0
+  hps = [hp0, hp0, changed, changed]
+  results = {}
+  for ahead in (True, False):
+    rounds, state, metrics, plans = Rounds(run, seeds, prefetch=ahead), initial(), [], []
+    for t, hp in enumerate(hps, start=1):
+      state, m, plan = rounds(state, t, hp)
+      metrics.append(jax.device_get(m))
+      plans.append(plan)
+    results[ahead] = (jax.device_get(state), metrics, plans, rounds)
+  (state, metrics, plans, rounds), (want_state, want_metrics, want_plans, want_rounds) = (
+      results[True], results[False])
+  assert (rounds.planned_ahead, rounds.replanned) == (2, 1)
+  assert [p.batch_size for p in plans[2]] == [plans[1][0].batch_size,
+                                              plans[1][1].batch_size + 1]
+  for seed_plans, seed_want in zip(plans, want_plans):
+    for p, q in zip(seed_plans, seed_want, strict=True):
+      assert p.batch_size == q.batch_size and p.shape == q.shape
+      np.testing.assert_array_equal(p.num_steps, q.num_steps)
+      np.testing.assert_array_equal(p.lanes.stream, q.lanes.stream)
+  assert rounds.compiles == want_rounds.compiles
+  for m, want in zip(metrics, want_metrics):
+    np.testing.assert_array_equal(m.client_h, want.client_h)
+    np.testing.assert_array_equal(m.next_hparams, want.next_hparams)
+  jax.tree.map(np.testing.assert_array_equal, state.params, want_state.params)
+
+
 def test_a_client_that_cannot_be_read_fails_its_own_round_not_the_one_before():
   """Round 2's plan is made during round 1; a read error there must not cost round 1."""
   from fathom_sim.train import Rounds, build, init_state
