@@ -128,6 +128,13 @@ def centralized_examples_per_s(run, examples: dict, batch_size: int, steps: int,
   return steps * batch_size / (time.perf_counter() - start)
 
 
+def device_peak_gib(mesh) -> float | None:
+  """The largest peak of memory in use on one of the mesh's devices since the process began
+  (None where the platform keeps no such count, as on CPU)."""
+  peaks = [(d.memory_stats() or {}).get('peak_bytes_in_use') for d in mesh.devices.flat]
+  return None if None in peaks else max(peaks) / 2**30
+
+
 def measure(name: str, cohort_size: int) -> dict:
   import jax
   from fathom_sim.data.federated import concat_clients
@@ -180,7 +187,12 @@ def measure(name: str, cohort_size: int) -> dict:
           'planned_ahead': rounds.planned_ahead, 'replanned': rounds.replanned,
           'platform': run.mesh.devices.flat[0].platform,
           'peak_rss_gib': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+          'device_peak_gib': device_peak_gib(run.mesh),
           'jax': jax.__version__, 'date': time.strftime('%Y-%m-%d')}
+
+
+def _gib(value: float | None) -> str:
+  return '-' if value is None else f'{value:.2f}'
 
 
 def main(argv):
@@ -195,7 +207,7 @@ def main(argv):
     cli.fail(f'--cohort_sizes must be integers, got {",".join(_COHORTS.value)}')
   header = (f'{"task":5} {"cohort":>6} {"rounds/s":>9} {"ex/s":>9} {"central ex/s":>12} '
             f'{"ratio":>6} {"padding":>7} {"compiles":>8} {"host s":>7} {"device s":>8} '
-            f'{"RSS GiB":>7}')
+            f'{"RSS GiB":>7} {"dev GiB":>7}')
   print(header)
   results = []
   for name in _TASKS.value:
@@ -205,7 +217,8 @@ def main(argv):
       print(f'{name:5} {cohort:>6} {r["rounds_per_s"]:>9.3f} {r["examples_per_s"]:>9.1f} '
             f'{r["centralized_examples_per_s"]:>12.1f} {r["ratio_to_centralized"]:>6.3f} '
             f'{r["padding_efficiency"]:>7.3f} {r["compiles"]:>8} {r["host_s_per_round"]:>7.3f} '
-            f'{r["device_s_per_round"]:>8.3f} {r["peak_rss_gib"]:>7.2f}', flush=True)
+            f'{r["device_s_per_round"]:>8.3f} {r["peak_rss_gib"]:>7.2f} '
+            f'{_gib(r["device_peak_gib"]):>7}', flush=True)
       if _JSON.value:
         with open(_JSON.value, 'w', encoding='utf-8') as f:
           json.dump(results, f, indent=2)

@@ -9,7 +9,7 @@ from tests.test_cli import ROOT
 
 FIELDS = {'task', 'cohort_size', 'rounds_per_s', 'examples_per_s', 'centralized_examples_per_s',
           'ratio_to_centralized', 'padding_efficiency', 'compiles', 'host_s_per_round',
-          'device_s_per_round', 'peak_rss_gib'}
+          'device_s_per_round', 'peak_rss_gib', 'device_peak_gib'}
 
 
 def test_benchmark_reports_every_field_per_cohort(tmp_path):
@@ -26,10 +26,30 @@ def test_benchmark_reports_every_field_per_cohort(tmp_path):
   for r in results:
     assert FIELDS <= set(r)
     assert 0 < r['padding_efficiency'] <= 1 and r['compiles'] >= 1
+    assert r['device_peak_gib'] is None  # XLA:CPU keeps no memory count; the RSS has it
     assert r['examples_per_s'] > 0 and r['centralized_examples_per_s'] > 0
     assert abs(r['ratio_to_centralized'] - r['examples_per_s'] /
                r['centralized_examples_per_s']) < 1e-9
   assert 'ratio' in p.stdout  # the printed table
+
+
+def test_device_peak_is_the_largest_device_peak_and_none_if_any_device_has_no_count():
+  import types
+  import numpy as np
+  from launch.benchmark import device_peak_gib
+
+  class Device:
+    def __init__(self, stats):
+      self.stats = stats
+
+    def memory_stats(self):
+      return self.stats
+
+  mesh = lambda *stats: types.SimpleNamespace(devices=np.array([Device(s) for s in stats]))
+  assert device_peak_gib(mesh({'peak_bytes_in_use': 2**30}, {'peak_bytes_in_use': 3 * 2**29},
+                              {'peak_bytes_in_use': 2**29})) == 1.5
+  assert device_peak_gib(mesh({'peak_bytes_in_use': 2**30}, None)) is None
+  assert device_peak_gib(mesh({'bytes_in_use': 5})) is None
 
 
 def test_benchmark_refuses_unknown_task():
