@@ -5,8 +5,11 @@
 #                                       # 10 clients per round, end to end (target: < 2 min)
 #   bash benchmarks/gpu.sh sweep OUT    # benchmark.py cohort sweep 10/50/100/200, CNN and LSTM,
 #                                       # and cohort 10 without the prefetch
+#   bash benchmarks/gpu.sh profile OUT  # the CNN's local step at 10 and 50 lanes (cohort 10's and
+#                                       # cohort 200's layouts): the round's step against bare
+#                                       # SGD, and where the device time goes (profiler traces)
 #
-# Both parts fit one device call (10 min). The GPU image has jax 0.11.2 and absl but not
+# Each part fits one device call (10 min). The GPU image has jax 0.11.2 and absl but not
 # ml_collections, and other flax / orbax versions than requirements.txt: carry the pinned wheels.
 # Here, before the call:
 #   echo /.whl/ >> .git/info/exclude
@@ -19,8 +22,8 @@
 # ROUNDS (default 1500) and COHORTS (default 10,50,100,200) shrink the runs for a dry check.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-part="${1:?usage: benchmarks/gpu.sh fathom|sweep OUT}"
-out="${2:?usage: benchmarks/gpu.sh fathom|sweep OUT}"
+part="${1:?usage: benchmarks/gpu.sh fathom|sweep|profile OUT}"
+out="${2:?usage: benchmarks/gpu.sh fathom|sweep|profile OUT}"
 py="${PYTHON:-python3}"
 mkdir -p "$out"
 if compgen -G ".whl/*.whl" > /dev/null; then
@@ -68,5 +71,12 @@ EOF
     "$py" launch/benchmark.py --tasks=cnn --cohort_sizes=10 --rounds=5 --warmup=2 \
         --noprefetch --json="$out/bench_gpu_noprefetch.json" 2>&1 | grep -v '^[IW][0-9]'
     ;;
-  *) echo "benchmarks/gpu.sh: unknown part '$part' (fathom or sweep)" >&2; exit 2 ;;
+  profile)
+    "$py" benchmarks/lane_step.py --lanes=10,50 --steps=40 --clients_per_lane=4 --repeats=5 \
+        --trace_dir="$out/trace" 2>&1 | grep -v '^[IW][0-9]' | tee "$out/lane_step.txt"
+    for form in selects_L10 bare_scan_L10 selects_L50 bare_scan_L50; do
+      "$py" benchmarks/trace_ops.py "$out/trace/$form" --calls=3 --top=30
+    done 2>&1 | tee "$out/trace_ops.txt"
+    ;;
+  *) echo "benchmarks/gpu.sh: unknown part '$part' (fathom, sweep or profile)" >&2; exit 2 ;;
 esac

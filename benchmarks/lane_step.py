@@ -1,18 +1,24 @@
-"""One lane's local steps of the EMNIST CNN on one device, three ways (run by hand):
+"""Local steps of the EMNIST CNN on one device, L lanes side by side, three ways (run by hand):
 
-  python benchmarks/lane_step.py --steps=40 --repeats=12
+  python benchmarks/lane_step.py --steps=40 --repeats=12            # one lane (CPU's layout)
+  python benchmarks/lane_step.py --lanes=10,50 --trace_dir=/tmp/t   # an accelerator's layouts
 
-- `branch`: lane_train called directly, as cohort.py does for one lane per CPU device: the
-  end-of-client work (weighted sum, finiteness check, reset to the server model) is a cond
-  that runs once per client.
-- `selects`: the same lane_train under a vmap of one lane, as on accelerators: the cond runs
-  both sides and selects, a pass over the model at every step (what every step cost before).
-- `bare_scan`: plain SGD steps in a scan, no cosine, h_i or aggregation: a floor.
+- `branch` (one lane only): lane_train called directly, as cohort.py does for one lane per CPU
+  device: the end-of-client work (weighted sum, finiteness check, reset to the server model) is
+  a cond that runs once per client.
+- `selects`: lane_train under a vmap of L lanes, as on accelerators: the cond runs both sides
+  and selects, a pass over every lane's model at every step.
+- `bare_scan`: plain SGD steps of L lanes in a scan (one lane unbatched), no cosine, h_i or
+  aggregation: a floor.
+  What `selects` costs above it is the round's own work per step (gathers, cosines, selects).
 
-Two clients of steps/2 steps each, B 20 (conv='matmul'), random pixels and labels. Prints the
-minimum over interleaved repeats (this machine's speed drifts between runs), and how far the two
-lane forms' weighted sums are apart: ~4e-7 up to 10 steps a client; on this random data float
-rounding differences then grow fast (benchmarks/conv_vmap.py sees the same between conv forms).
+Each lane runs `clients_per_lane` clients of equal length, B 20 (conv='matmul'), on random
+pixels and labels. Prints the minimum over interleaved repeats (a machine's speed drifts between
+runs), and at one lane how far the two lane forms' weighted sums are apart: ~4e-7 up to 10
+steps a client; on this random data float rounding differences then grow fast
+(benchmarks/conv_vmap.py sees the same between conv forms). With --trace_dir, each form at each
+L is run again under jax.profiler for a Perfetto trace; benchmarks/trace_ops.py sums its
+device time by operation.
 """
 
 import os
@@ -23,13 +29,18 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from absl import app, flags  # noqa: E402
 
-_STEPS = flags.DEFINE_integer('steps', 40, 'Local steps per timed call (two clients).')
+_LANES = flags.DEFINE_list('lanes', ['1'], 'Lanes side by side on the device.')
+_STEPS = flags.DEFINE_integer('steps', 40, 'Local steps per lane per timed call.')
+_CLIENTS = flags.DEFINE_integer('clients_per_lane', 2, 'Clients each lane runs in turn.')
 _REPEATS = flags.DEFINE_integer('repeats', 12, 'Interleaved timed calls per form.')
 _BATCH = flags.DEFINE_integer('batch_size', 20, 'Examples per step.')
+_TRACE = flags.DEFINE_string('trace_dir', None, 'Also write a profiler trace of each form here '
+                             '(<dir>/<form>_L<lanes>/plugins/profile/*/perfetto_trace.json.gz).')
 
 
-def main(argv):
-  del argv
+def forms_for(lanes: int, steps: int, clients: int, b: int) -> tuple[dict, tuple, int]:
+  """name -> jitted f(params, source) over `lanes` lanes, the (params, source) to call them
+  with, and the steps per lane (a multiple of `clients`)."""
   import jax
   import jax.numpy as jnp
   import numpy as np
@@ -37,16 +48,18 @@ def main(argv):
   from fathom_sim.models import EmnistCNN, classifier
   from fathom_sim.types import CohortTable
 
-  b, k = _BATCH.value, _STEPS.value - _STEPS.value % 2
+  k = steps - steps % clients
   model = classifier('emnist_cnn', EmnistCNN(conv='matmul'))
   data = np.random.default_rng(0)
-  source = {'x': jnp.asarray(data.random((k * b, 28, 28), np.float32)),
-            'y': jnp.asarray(data.integers(0, 62, k * b), jnp.int32)}
-  params = model.init(jax.random.PRNGKey(0), {'x': source['x'][:1]})
-  table = CohortTable(client=jnp.arange(3, dtype=jnp.int32),
-                      num_examples=jnp.array([k * b / 2] * 2 + [0], jnp.float32),
-                      num_steps=jnp.array([k // 2] * 2 + [0], jnp.int32))
-  slots = jnp.arange(2, dtype=jnp.int32)
+  source = {'x': jnp.asarray(data.random((lanes, k * b, 28, 28), np.float32)),
+            'y': jnp.asarray(data.integers(0, 62, (lanes, k * b)), jnp.int32)}
+  init = model.init(jax.random.PRNGKey(0), {'x': source['x'][0, :1]})
+  params = jax.tree.map(lambda p: jnp.broadcast_to(p, (lanes,) + p.shape), init)
+  # Every lane runs `clients` clients of k / clients steps; slot `clients` is the sentinel.
+  table = CohortTable(client=jnp.arange(clients + 1, dtype=jnp.int32),
+                      num_examples=jnp.array([k * b / clients] * clients + [0], jnp.float32),
+                      num_steps=jnp.array([k // clients] * clients + [0], jnp.int32))
+  slots = jnp.arange(clients, dtype=jnp.int32)
   stream = jnp.arange(k * b + b, dtype=jnp.int32) % (k * b)
   mask = jnp.ones(b, bool)
 
@@ -61,23 +74,48 @@ def main(argv):
       return jax.tree.map(lambda w, gw: w - 0.05 * gw, p, g), None
     return jax.lax.scan(step, p, jnp.arange(k))[0]
 
-  one = lambda f: lambda p, src: jax.tree.map(lambda a: a[0], jax.vmap(f)(
-      jax.tree.map(lambda a: a[None], p), jax.tree.map(lambda a: a[None], src)))
-  forms = {'branch': jax.jit(lane), 'selects': jax.jit(one(lane)), 'bare_scan': jax.jit(bare_scan)}
-  out = {name: jax.block_until_ready(f(params, source)) for name, f in forms.items()}
-  flat = lambda r: np.concatenate([np.ravel(a) for a in jax.tree.leaves(r.weighted_sum)])
-  a, c = flat(out['branch']), flat(out['selects'])
-  gap = float(np.linalg.norm(a - c) / np.linalg.norm(c))
-  best = dict.fromkeys(forms, float('inf'))
-  for _ in range(_REPEATS.value):
-    for name, f in forms.items():
-      start = time.perf_counter()
-      jax.block_until_ready(f(params, source))
-      best[name] = min(best[name], time.perf_counter() - start)
-  print('jax', jax.__version__, jax.devices()[0].device_kind, f'B {b}, {k} steps')
-  for name, seconds in best.items():
-    print(f'{name:>9} {seconds / k * 1e3:7.2f} ms/step {k * b / seconds:7.0f} ex/s')
-  print(f'branch vs selects: relative difference of the weighted sums {gap:.1e}')
+  # One lane runs unbatched, as on a CPU device that holds one lane; a vmap of one lane would
+  # turn the cond into selects, and on CPU also slows the step itself (batched dots).
+  first = lambda f: lambda p, src: f(*jax.tree.map(lambda a: a[0], (p, src)))
+  forms = {}
+  if lanes == 1:
+    forms['branch'] = jax.jit(first(lane))
+  forms['selects'] = jax.jit(jax.vmap(lane))
+  forms['bare_scan'] = jax.jit(first(bare_scan) if lanes == 1 else jax.vmap(bare_scan))
+  return forms, (params, source), k
+
+
+def main(argv):
+  del argv
+  import jax
+  import numpy as np
+
+  b = _BATCH.value
+  print('jax', jax.__version__, jax.devices()[0].device_kind, f'B {b}', flush=True)
+  print(f'{"lanes":>5} {"form":>9} {"ms/step":>8} {"examples/s":>10}')
+  for lanes in map(int, _LANES.value):
+    forms, args, k = forms_for(lanes, _STEPS.value, _CLIENTS.value, b)
+    out = {name: jax.block_until_ready(f(*args)) for name, f in forms.items()}
+    best = dict.fromkeys(forms, float('inf'))
+    for _ in range(_REPEATS.value):
+      for name, f in forms.items():
+        start = time.perf_counter()
+        jax.block_until_ready(f(*args))
+        best[name] = min(best[name], time.perf_counter() - start)
+    for name, seconds in best.items():
+      print(f'{lanes:>5} {name:>9} {seconds / k * 1e3:8.2f} {lanes * k * b / seconds:10.0f}',
+            flush=True)
+    if 'branch' in out:
+      flat = lambda r: np.concatenate([np.ravel(a) for a in jax.tree.leaves(r.weighted_sum)])
+      a, c = flat(out['branch']), flat(out['selects'])
+      print(f'branch vs selects: relative difference of the weighted sums '
+            f'{float(np.linalg.norm(a - c) / np.linalg.norm(c)):.1e}')
+    if _TRACE.value:
+      for name, f in forms.items():
+        with jax.profiler.trace(os.path.join(_TRACE.value, f'{name}_L{lanes}'),
+                                create_perfetto_trace=True):
+          for _ in range(3):
+            jax.block_until_ready(f(*args))
 
 
 if __name__ == '__main__':

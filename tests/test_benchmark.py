@@ -56,3 +56,22 @@ def test_benchmark_refuses_unknown_task():
   p = subprocess.run([sys.executable, os.path.join(ROOT, 'launch', 'benchmark.py'),
                       '--tasks=resnet'], cwd=ROOT, capture_output=True, text=True, timeout=120)
   assert p.returncode == 2 and "unknown task 'resnet'" in p.stderr
+
+
+def test_trace_ops_counts_an_operation_s_own_time_without_what_nests_in_it():
+  import importlib.util
+  spec = importlib.util.spec_from_file_location(
+      'trace_ops', os.path.join(ROOT, 'benchmarks', 'trace_ops.py'))
+  trace_ops = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(trace_ops)
+  meta = [{'ph': 'M', 'name': 'process_name', 'pid': 1, 'args': {'name': '/host:CPU'}},
+          {'ph': 'M', 'name': 'process_name', 'pid': 2, 'args': {'name': '/device:GPU:0'}},
+          {'ph': 'M', 'name': 'thread_name', 'pid': 2, 'tid': 7, 'args': {'name': 'Stream #1'}}]
+  op = lambda name, ts, dur, pid=2: {'ph': 'X', 'name': name, 'pid': pid, 'tid': 7, 'ts': ts,
+                                     'dur': dur}
+  events = meta + [op('while', 0, 100), op('fusion', 10, 30), op('dot', 15, 5),
+                   op('fusion', 50, 20), op('fusion', 120, 10), op('python', 0, 500, pid=1)]
+  timelines = trace_ops.device_threads(events)
+  assert timelines == {(2, 7)}  # the host's timeline is not a device's
+  assert trace_ops.self_times(events, timelines) == {
+      'while': (50.0, 1), 'fusion': (55.0, 3), 'dot': (5.0, 1)}
