@@ -7,7 +7,17 @@
 #                                       # and cohort 10 without the prefetch
 #   bash benchmarks/gpu.sh profile OUT  # the CNN's local step at 10 and 50 lanes (cohort 10's and
 #                                       # cohort 200's layouts): the round's step against bare
-#                                       # SGD, and where the device time goes (profiler traces)
+#                                       # SGD, where the device time goes (profiler traces), and
+#                                       # the step with the loop kept in a CUDA graph
+#   bash benchmarks/gpu.sh loops OUT    # cohorts 10 and 200 (CNN) with the local loop on the
+#                                       # device and driven by the host
+#
+# Why `loops` and the CUDA graph: a round's local loop runs to the longest lane, a bound read
+# from the cohort table on the device. XLA:GPU then cannot know the trip count, so it copies the
+# loop's predicate to the host at every step and launches the next step's kernels only after
+# that; with a known trip count it queues the steps without waiting. Command buffers with WHILE
+# (CUDA conditional nodes) keep such a loop on the GPU; the host-driven loop
+# (config.local_loop='host') queues one program per step without reading anything back.
 #
 # Each part fits one device call (10 min). The GPU image has jax 0.11.2 and absl but not
 # ml_collections, and other flax / orbax versions than requirements.txt: carry the pinned wheels.
@@ -22,8 +32,8 @@
 # ROUNDS (default 1500) and COHORTS (default 10,50,100,200) shrink the runs for a dry check.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-part="${1:?usage: benchmarks/gpu.sh fathom|sweep|profile OUT}"
-out="${2:?usage: benchmarks/gpu.sh fathom|sweep|profile OUT}"
+part="${1:?usage: benchmarks/gpu.sh fathom|sweep|profile|loops OUT}"
+out="${2:?usage: benchmarks/gpu.sh fathom|sweep|profile|loops OUT}"
 py="${PYTHON:-python3}"
 mkdir -p "$out"
 if compgen -G ".whl/*.whl" > /dev/null; then
@@ -77,6 +87,16 @@ EOF
     for form in selects_L10 bare_scan_L10 selects_L50 bare_scan_L50; do
       "$py" benchmarks/trace_ops.py "$out/trace/$form" --calls=3 --top=30
     done 2>&1 | tee "$out/trace_ops.txt"
+    XLA_FLAGS="${XLA_FLAGS:+$XLA_FLAGS }--xla_gpu_enable_command_buffer=+WHILE,+CONDITIONAL" \
+        "$py" benchmarks/lane_step.py --lanes=10,50 --steps=40 --clients_per_lane=4 \
+        --repeats=5 2>&1 | grep -v '^[IW][0-9]' | tee "$out/lane_step_while_in_graph.txt"
     ;;
-  *) echo "benchmarks/gpu.sh: unknown part '$part' (fathom, sweep or profile)" >&2; exit 2 ;;
+  loops)
+    for loop in device host; do
+      "$py" launch/benchmark.py --tasks=cnn --cohort_sizes=10,200 --rounds=5 --warmup=2 \
+          --local_loop="$loop" --in_memory="${IN_MEMORY:-False}" \
+          --json="$out/bench_gpu_loop_$loop.json" 2>&1 | grep -v '^[IW][0-9]'
+    done
+    ;;
+  *) echo "benchmarks/gpu.sh: unknown part '$part' (fathom, sweep, profile or loops)" >&2; exit 2 ;;
 esac

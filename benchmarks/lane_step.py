@@ -39,8 +39,8 @@ _TRACE = flags.DEFINE_string('trace_dir', None, 'Also write a profiler trace of 
 
 
 def forms_for(lanes: int, steps: int, clients: int, b: int) -> tuple[dict, tuple, int]:
-  """name -> jitted f(params, source) over `lanes` lanes, the (params, source) to call them
-  with, and the steps per lane (a multiple of `clients`)."""
+  """name -> jitted f(params, source, num_iterations) over `lanes` lanes, the arguments to
+  call them with, and the steps per lane (a multiple of `clients`)."""
   import jax
   import jax.numpy as jnp
   import numpy as np
@@ -63,11 +63,15 @@ def forms_for(lanes: int, steps: int, clients: int, b: int) -> tuple[dict, tuple
   stream = jnp.arange(k * b + b, dtype=jnp.int32) % (k * b)
   mask = jnp.ones(b, bool)
 
-  def lane(p, src):
+  # The loop bound is an argument, as in a round (the longest lane, read from the cohort
+  # table): XLA:GPU then cannot know the trip count, and reads the loop's predicate back at
+  # every step, as it does in a round. A constant bound would hide that.
+  def lane(p, src, num_iterations):
     return lane_train(model.loss, p, jnp.float32(0.05), jnp.int32(b), jax.random.PRNGKey(2),
-                      table, jnp.int32(k), slots, stream, src, batch_pad=b)
+                      table, num_iterations, slots, stream, src, batch_pad=b)
 
-  def bare_scan(p, src):
+  def bare_scan(p, src, num_iterations):
+    del num_iterations  # a scan of k steps: a known trip count, the floor
     def step(p, i):
       batch = jax.tree.map(lambda a: jax.lax.dynamic_slice_in_dim(a, i * b, b), src)
       g = jax.grad(model.loss)(p, batch, mask, jax.random.PRNGKey(1))
@@ -76,13 +80,14 @@ def forms_for(lanes: int, steps: int, clients: int, b: int) -> tuple[dict, tuple
 
   # One lane runs unbatched, as on a CPU device that holds one lane; a vmap of one lane would
   # turn the cond into selects, and on CPU also slows the step itself (batched dots).
-  first = lambda f: lambda p, src: f(*jax.tree.map(lambda a: a[0], (p, src)))
+  first = lambda f: lambda p, src, n: f(*jax.tree.map(lambda a: a[0], (p, src)), n)
+  lanewise = lambda f: jax.vmap(f, in_axes=(0, 0, None))
   forms = {}
   if lanes == 1:
     forms['branch'] = jax.jit(first(lane))
-  forms['selects'] = jax.jit(jax.vmap(lane))
-  forms['bare_scan'] = jax.jit(first(bare_scan) if lanes == 1 else jax.vmap(bare_scan))
-  return forms, (params, source), k
+  forms['selects'] = jax.jit(lanewise(lane))
+  forms['bare_scan'] = jax.jit(first(bare_scan) if lanes == 1 else lanewise(bare_scan))
+  return forms, (params, source, jnp.asarray(k, jnp.int32)), k
 
 
 def main(argv):
