@@ -23,7 +23,7 @@ from absl import logging
 from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from fathom_sim import distributed, fathom, metrics, models, rng, server
+from fathom_sim import compile_cache, distributed, fathom, metrics, models, rng, server
 from fathom_sim.checkpoint import CHECKPOINTS, Checkpointer
 from fathom_sim.config import ConfigError, base_config, check_config
 from fathom_sim.data import DataError, Task, load_task
@@ -535,6 +535,7 @@ class _Book:
   writer: metrics.MetricsWriter | None = None
   last_eval: tuple | None = None
   start: float = 0.0
+  cache_hits: int = 0  # compile_cache.hits() when the run started
 
   def bookkeeping(self, t: int, hp: np.ndarray) -> dict:
     return {'round': t, 'hp': [float(v) for v in hp], 'total_examples': self.meta['total_examples'],
@@ -549,6 +550,7 @@ def _seed(tree, s: int | None):
 
 def _train(configs: list[ml_collections.ConfigDict], workdirs: list[str], *,
            vectorized: bool) -> list[dict]:
+  cache_hits = compile_cache.hits()
   run = build(configs[0])
   for config, workdir in zip(configs, workdirs):
     _prepare_workdir(workdir, config)
@@ -573,7 +575,7 @@ def _train(configs: list[ml_collections.ConfigDict], workdirs: list[str], *,
       state, meta = restored
       done, hp = int(meta['round']), np.asarray(meta['hp'], np.float32)
       logging.info('%s: resuming from the checkpoint of round %d', workdir, done)
-    books.append(_Book(config, workdir, checkpointer, done, meta))
+    books.append(_Book(config, workdir, checkpointer, done, meta, cache_hits=cache_hits))
     states.append(state)
     hps.append(hp)
   for book in books:
@@ -703,6 +705,9 @@ def _summary(book: _Book, final: dict, params, hp: np.ndarray, rounds: Rounds, r
       'local_loop': run.local_loop, 'lanes_per_device': run.lanes_per_device,
       'conv': run.conv if c.model.name == 'emnist_cnn' else None,
       'compiles': compiles,
+      # Every program (rounds, evaluation, set-up) loaded from the persistent cache; in a
+      # vectorised group, the group's.
+      'compile_cache_hits': compile_cache.hits() - book.cache_hits,
       'compiled_ahead': None if ahead is None else {'compiled': ahead.compiled,
                                                     'used': ahead.used},
       'planned_ahead': rounds.planned_ahead, 'replanned': rounds.replanned,
@@ -724,7 +729,9 @@ def _summary(book: _Book, final: dict, params, hp: np.ndarray, rounds: Rounds, r
     summary['local_steps_to_target'] = reached['local_steps'] if reached else None
   if distributed.is_writer():
     metrics.write_json(os.path.join(book.workdir, metrics.SUMMARY_FILE), summary)
-  logging.info('%sdone: %d rounds in %.1fs, %d compiles; final test accuracy %.4f, loss %.4f',
+  loaded = summary['compile_cache_hits']
+  logging.info('%sdone: %d rounds in %.1fs, %d compiles%s; final test accuracy %.4f, loss %.4f',
                _tag(book, bool(vectorized)), c.num_rounds, summary['wall_s'], compiles,
+               f' ({loaded} programs loaded from the compilation cache)' if loaded else '',
                final['accuracy'], final['loss'])
   return summary

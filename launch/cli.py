@@ -88,6 +88,35 @@ def parse_flags_or_exit(argv: list[str]) -> list[str]:
   return []
 
 
+def compilation_cache_flag() -> flags.FlagHolder:
+  """--compilation_cache, for the commands that train (main.py, sweep.py)."""
+  return flags.DEFINE_string(
+      'compilation_cache', None, 'Folder of JAX\'s persistent compilation cache: programs '
+      'compiled by a run are loaded from it by later runs, resumed runs and sweep members. '
+      'Default: $JAX_COMPILATION_CACHE_DIR, else $XDG_CACHE_HOME/fathom_sim/jax '
+      '(~/.cache/fathom_sim/jax). An empty value compiles every program.')
+
+
+def use_compilation_cache(flag: flags.FlagHolder) -> None:
+  """Turns the cache on at the flag's folder (or the default one), or off for an empty value.
+  A folder given on the command line that cannot be used ends the run; the default one only
+  warns, and the run compiles every program."""
+  from fathom_sim import compile_cache
+  if flag.value == '':
+    compile_cache.disable()
+    return
+  path = flag.value or compile_cache.default_dir()
+  try:
+    compile_cache.enable(path)
+  except OSError as e:
+    if flag.value:
+      fail(f'--compilation_cache {flag.value!r} cannot be used: {e.strerror or e} '
+           '(give a writable folder, or an empty value to compile every program)')
+    logging.warning('the compilation cache %r cannot be used (%s); every program is compiled',
+                    path, e.strerror or e)
+    compile_cache.disable()
+
+
 def run_or_exit(job: Callable[[], object]) -> None:
   """Runs the job; input errors (config, data, workdir) become one line and exit status 2;
   a run stopped by SIGTERM/SIGINT (after checkpointing) exits with 128 + the signal number."""

@@ -27,6 +27,7 @@ _COORDINATOR = flags.DEFINE_string(
     '(with --num_processes and --process_id; the same value on every process).')
 _NUM_PROCESSES = flags.DEFINE_integer('num_processes', None, 'Processes in the run.')
 _PROCESS_ID = flags.DEFINE_integer('process_id', None, 'This process, 0 .. num_processes-1.')
+_COMPILATION_CACHE = cli.compilation_cache_flag()
 
 
 def _join_distributed_run() -> None:
@@ -47,6 +48,7 @@ def main(argv):
   cli.setup_logging()
   if _COORDINATOR.value or _MULTIHOST.value:
     _join_distributed_run()
+  cli.use_compilation_cache(_COMPILATION_CACHE)
   cli.run_or_exit(lambda: train_and_evaluate(_CONFIG.value, _WORKDIR.value))
 
 

@@ -26,6 +26,7 @@ _VMAP_SEEDS = flags.DEFINE_bool(
     '(vmap over seeds): one compilation for all of them; for models small enough that S '
     'copies fit on the devices.')
 _DRY_RUN = flags.DEFINE_bool('dry_run', False, 'List the runs and their status; train nothing.')
+_COMPILATION_CACHE = cli.compilation_cache_flag()
 
 _EXTRA: dict = {}
 
@@ -65,6 +66,7 @@ def main(argv):
         print(f'{run.name}: {"done" if done else "to run"}')
       return
     entries = []
+    cli.use_compilation_cache(_COMPILATION_CACHE)
     cli.run_or_exit(lambda: entries.extend(sweep_lib.run_sweep(
         sweep, _OUT.value, extra=_EXTRA, vmap_seeds=_VMAP_SEEDS.value)))
   except ConfigError as e:

@@ -1,0 +1,78 @@
+"""The persistent compilation cache of the commands (fathom_sim/compile_cache.py)."""
+
+import json
+import os
+
+from fathom_sim import compile_cache
+from tests.test_cli import QUICKSTART, launch
+
+RUN = (f'--config={QUICKSTART}', '--config.num_rounds=4', '--config.eval_every=4')
+
+
+def _summary(workdir) -> dict:
+  with open(os.path.join(workdir, 'summary.json')) as f:
+    return json.load(f)
+
+
+def test_default_folder_follows_jax_s_variable_then_xdg_then_home(monkeypatch, tmp_path):
+  monkeypatch.setenv('JAX_COMPILATION_CACHE_DIR', str(tmp_path / 'named'))
+  monkeypatch.setenv('XDG_CACHE_HOME', str(tmp_path / 'xdg'))
+  assert compile_cache.default_dir() == str(tmp_path / 'named')
+  monkeypatch.delenv('JAX_COMPILATION_CACHE_DIR')
+  assert compile_cache.default_dir() == str(tmp_path / 'xdg' / 'fathom_sim' / 'jax')
+  monkeypatch.delenv('XDG_CACHE_HOME')
+  monkeypatch.setenv('HOME', str(tmp_path / 'home'))
+  assert compile_cache.default_dir() == str(tmp_path / 'home' / '.cache' / 'fathom_sim' / 'jax')
+
+
+def test_a_second_run_loads_its_programs_and_ends_with_the_same_params(tmp_path, monkeypatch):
+  # The tiny run's programs compile in well under JAX's default 1 s threshold for caching.
+  monkeypatch.setenv('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0')
+  cache = tmp_path / 'cache'
+  first, second = (launch(*RUN, f'--workdir={tmp_path / name}', f'--compilation_cache={cache}')
+                   for name in ('first', 'second'))
+  assert first.returncode == 0, first.stderr[-3000:]
+  assert second.returncode == 0, second.stderr[-3000:]
+  a, b = _summary(tmp_path / 'first'), _summary(tmp_path / 'second')
+  assert any(cache.iterdir())
+  # A run meets a few programs twice (the same computation jitted apart): those it loads even
+  # the first time. The second run loads its round programs too.
+  assert b['compile_cache_hits'] >= a['compile_cache_hits'] + b['compiles']
+  assert b['compiles'] >= 1
+  assert 'programs loaded from the compilation cache' in second.stdout
+  assert b['final']['params_sha256'] == a['final']['params_sha256']
+  assert b['compiles'] == a['compiles']
+
+
+def test_an_empty_value_compiles_everything_and_writes_no_cache(tmp_path, monkeypatch):
+  monkeypatch.setenv('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0')
+  # Even where JAX's own variable names a cache.
+  monkeypatch.setenv('JAX_COMPILATION_CACHE_DIR', str(tmp_path / 'named'))
+  for name in ('first', 'second'):
+    p = launch(*RUN, f'--workdir={tmp_path / name}', '--compilation_cache=')
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert _summary(tmp_path / name)['compile_cache_hits'] == 0
+  assert not (tmp_path / 'named').exists()
+
+
+def test_the_default_folder_is_used_when_none_is_given(tmp_path, monkeypatch):
+  monkeypatch.setenv('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0')
+  monkeypatch.setenv('XDG_CACHE_HOME', str(tmp_path / 'xdg'))
+  p = launch(*RUN, f'--workdir={tmp_path / "run"}')
+  assert p.returncode == 0, p.stderr[-3000:]
+  assert any((tmp_path / 'xdg' / 'fathom_sim' / 'jax').iterdir())
+
+
+def test_a_cache_folder_that_cannot_be_made_is_one_clear_error_before_any_run_file(tmp_path):
+  if os.geteuid() == 0:
+    target = '/proc/fathom_sim_cache'  # not creatable, even for root
+  else:
+    locked = tmp_path / 'locked'
+    locked.mkdir(mode=0o500)
+    target = str(locked / 'cache')
+  workdir = tmp_path / 'run'
+  p = launch(*RUN, f'--workdir={workdir}', f'--compilation_cache={target}')
+  assert p.returncode == 2, p.stderr[-2000:]
+  errors = [line for line in p.stderr.splitlines() if line.startswith('error:')]
+  assert len(errors) == 1 and f'--compilation_cache {target!r} cannot be used' in errors[0]
+  assert not workdir.exists()
