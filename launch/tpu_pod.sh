@@ -14,13 +14,17 @@
 # continues the same trajectory; rows after that checkpoint are redone, never duplicated.
 #
 # Settings (environment): TPU_NAME, ZONE, ACCELERATOR_TYPE (e.g. v4-32), RUNTIME_VERSION,
-# PROJECT (optional), CONFIG (a configs/*.py path), WORKDIR, BUCKET, SPOT=1, DRY_RUN=1 (print
-# the gcloud commands instead of running them).
+# PROJECT (optional), CONFIG (a configs/*.py path), WORKDIR, BUCKET, COMPILATION_CACHE, SPOT=1,
+# DRY_RUN=1 (print the gcloud commands instead of running them).
 #
 # WORKDIR must be one folder that every worker sees: orbax writes each array's shards from the
 # worker that holds them. With BUCKET=gs://your-bucket, `install` mounts it with gcsfuse at
 # /mnt/fathom on every worker and the default WORKDIR is /mnt/fathom/runs/$TPU_NAME; an NFS
 # (Filestore) mount works the same way.
+#
+# COMPILATION_CACHE (default: jax_cache beside WORKDIR, so on the same shared mount) is JAX's
+# persistent compilation cache: a resumed or repeated run loads the programs instead of compiling
+# them again; process 0 writes it, every worker reads it. COMPILATION_CACHE= turns it off.
 set -euo pipefail
 
 TPU_NAME="${TPU_NAME:-fathom}"
@@ -31,6 +35,7 @@ CONFIG="${CONFIG:-configs/femnist.py}"
 BUCKET="${BUCKET:-}"
 MOUNT=/mnt/fathom
 WORKDIR="${WORKDIR:-$MOUNT/runs/$TPU_NAME}"
+COMPILATION_CACHE="${COMPILATION_CACHE-$(dirname "$WORKDIR")/jax_cache}"
 REMOTE_DIR='~/fathom_sim'
 JAX_VERSION="$(sed -n 's/^jax==//p' "$(dirname "$0")/../requirements.txt")"
 
@@ -79,7 +84,8 @@ case "$cmd" in
     flags=""
     for f in "$@"; do flags+=" $(printf '%q' "$f")"; done
     on_all_workers "cd $REMOTE_DIR && nohup ~/fathom_venv/bin/python launch/main.py \
---multihost --config=$CONFIG --workdir=$WORKDIR$flags > ~/fathom_run.log 2>&1 &"
+--multihost --config=$CONFIG --workdir=$WORKDIR --compilation_cache=$COMPILATION_CACHE$flags \
+> ~/fathom_run.log 2>&1 &"
     ;;
   logs)
     gcloud_tpu ssh "$TPU_NAME" --worker=0 --command='tail -F ~/fathom_run.log'
