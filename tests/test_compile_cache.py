@@ -76,3 +76,12 @@ def test_a_cache_folder_that_cannot_be_made_is_one_clear_error_before_any_run_fi
   errors = [line for line in p.stderr.splitlines() if line.startswith('error:')]
   assert len(errors) == 1 and f'--compilation_cache {target!r} cannot be used' in errors[0]
   assert not workdir.exists()
+
+
+def test_a_default_folder_that_cannot_be_made_only_warns_and_the_run_compiles(tmp_path,
+                                                                               monkeypatch):
+  monkeypatch.setenv('XDG_CACHE_HOME', '/proc/fathom_sim_no_cache')  # not creatable, even by root
+  p = launch(*RUN, f'--workdir={tmp_path / "run"}')
+  assert p.returncode == 0, p.stderr[-3000:]
+  assert 'the compilation cache' in p.stdout + p.stderr and 'cannot be used' in p.stdout + p.stderr
+  assert _summary(tmp_path / 'run')['compile_cache_hits'] == 0
