@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import os
 
 import jax
 import numpy as np
@@ -12,6 +13,16 @@ from fathom_sim.data.synthetic import synthetic_alpha_beta
 from fathom_sim.train import Rounds, build, init_state
 
 from tests import reference
+
+
+def uncreatable_path(tmp_path, name: str) -> str:
+  """A folder path this process cannot create: under /proc for root (whom permissions do not
+  stop), else under a read-only folder."""
+  if os.geteuid() == 0:
+    return f'/proc/fathom_sim_{name}'
+  locked = tmp_path / 'locked'
+  locked.mkdir(mode=0o500, exist_ok=True)
+  return str(locked / name)
 
 
 def tiny_config(**overrides):

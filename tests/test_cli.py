@@ -8,6 +8,8 @@ import sys
 
 import pytest
 
+from tests.common import uncreatable_path
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MAIN = os.path.join(ROOT, 'launch', 'main.py')
 QUICKSTART = os.path.join(ROOT, 'configs', 'quickstart.py')
@@ -102,11 +104,6 @@ def test_foreign_run_files_are_not_overwritten(tmp_path):
 
 
 def test_unwritable_workdir_is_refused(tmp_path):
-  if os.geteuid() == 0:
-    target = '/proc/fathom_sim_run'  # not creatable, even for root
-  else:
-    locked = tmp_path / 'locked'
-    locked.mkdir(mode=0o500)
-    target = str(locked / 'run')
+  target = uncreatable_path(tmp_path, 'run')
   p = launch(f'--config={QUICKSTART}', f'--workdir={target}', '--config.num_rounds=2')
   assert p.returncode == 2 and '--workdir' in p.stderr

@@ -4,6 +4,7 @@ import json
 import os
 
 from fathom_sim import compile_cache
+from tests.common import uncreatable_path
 from tests.test_cli import QUICKSTART, launch
 
 RUN = (f'--config={QUICKSTART}', '--config.num_rounds=4', '--config.eval_every=4')
@@ -64,12 +65,7 @@ def test_the_default_folder_is_used_when_none_is_given(tmp_path, monkeypatch):
 
 
 def test_a_cache_folder_that_cannot_be_made_is_one_clear_error_before_any_run_file(tmp_path):
-  if os.geteuid() == 0:
-    target = '/proc/fathom_sim_cache'  # not creatable, even for root
-  else:
-    locked = tmp_path / 'locked'
-    locked.mkdir(mode=0o500)
-    target = str(locked / 'cache')
+  target = uncreatable_path(tmp_path, 'cache')
   workdir = tmp_path / 'run'
   p = launch(*RUN, f'--workdir={workdir}', f'--compilation_cache={target}')
   assert p.returncode == 2, p.stderr[-2000:]
@@ -80,7 +76,7 @@ def test_a_cache_folder_that_cannot_be_made_is_one_clear_error_before_any_run_fi
 
 def test_a_default_folder_that_cannot_be_made_only_warns_and_the_run_compiles(tmp_path,
                                                                                monkeypatch):
-  monkeypatch.setenv('XDG_CACHE_HOME', '/proc/fathom_sim_no_cache')  # not creatable, even by root
+  monkeypatch.setenv('XDG_CACHE_HOME', uncreatable_path(tmp_path, 'xdg'))
   p = launch(*RUN, f'--workdir={tmp_path / "run"}')
   assert p.returncode == 0, p.stderr[-3000:]
   assert 'the compilation cache' in p.stdout + p.stderr and 'cannot be used' in p.stdout + p.stderr
