@@ -26,8 +26,10 @@ _CALLS = flags.DEFINE_integer('calls', 1, 'Traced calls the totals are divided b
 
 
 def device_threads(events: list[dict]) -> set[tuple]:
-  """(pid, tid) of the timelines that run XLA's operations: threads of /device:* processes, or
-  where there are none (CPU) the XLA client threads of the host."""
+  """(pid, tid) of the timelines that run XLA's operations, each counted once: a GPU's stream
+  lines ('Stream #...'; its 'XLA Modules' / 'XLA Ops' lines span the same kernels again), else a
+  TPU's 'XLA Ops' line, else any /device:* line; where there is no device (CPU), the XLA client
+  and worker threads of the host."""
   processes, threads = {}, {}
   for e in events:
     if e.get('ph') == 'M' and e.get('name') == 'process_name':
@@ -36,6 +38,10 @@ def device_threads(events: list[dict]) -> set[tuple]:
       threads[(e['pid'], e['tid'])] = e['args']['name']
   timelines = {(e['pid'], e['tid']) for e in events if e.get('ph') == 'X'}
   on_device = {t for t in timelines if processes.get(t[0], '').startswith('/device:')}
+  for kind in ('Stream', 'XLA Ops'):
+    lines = {t for t in on_device if threads.get(t, '').startswith(kind)}
+    if lines:
+      return lines
   return on_device or {t for t in timelines
                        if any(k in threads.get(t, '') for k in ('PjRtCpuClient', 'XLAEigen'))}
 

@@ -8,7 +8,8 @@ instead of 37.5-40.4 s end to end on 2 CPU cores, with the same final params
 at the first compile.
 An entry is keyed by the program and the jax version, backend and devices, so a loaded program
 is the one compilation would have made. An unreadable entry (e.g. a process killed while
-writing it) is skipped with a warning, and the program is compiled.
+writing it) is skipped with a warning at every load, and the program is compiled; deleting the
+folder clears it.
 """
 
 from __future__ import annotations
@@ -37,13 +38,15 @@ def default_dir() -> str:
 
 def enable(path: str) -> None:
   """Keeps compiled programs in `path` and loads them from there. Raises OSError with the
-  reason when a local `path` cannot be created or written."""
+  reason when a local `path` cannot be created or written by the process that writes it
+  (process 0: the others only read, and a folder they cannot see only misses)."""
   global _listening
   if '://' not in path:  # a remote cache (gs://, with etils[epath]) is JAX's to check
     path = os.path.abspath(os.path.expanduser(path))
-    os.makedirs(path, exist_ok=True)
-    if not os.access(path, os.W_OK | os.X_OK):
-      raise PermissionError(f'{path!r} is not writable')
+    if jax.process_index() == 0:
+      os.makedirs(path, exist_ok=True)
+      if not os.access(path, os.W_OK | os.X_OK):
+        raise PermissionError(f'{path!r} is not writable')
   jax.config.update('jax_enable_compilation_cache', True)
   jax.config.update('jax_compilation_cache_dir', path)
   if not _listening:

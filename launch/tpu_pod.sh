@@ -83,9 +83,10 @@ case "$cmd" in
     # The same command on every worker; nohup so that it outlives the ssh session.
     flags=""
     for f in "$@"; do flags+=" $(printf '%q' "$f")"; done
+    q() { printf '%q' "$1"; }
     on_all_workers "cd $REMOTE_DIR && nohup ~/fathom_venv/bin/python launch/main.py \
---multihost --config=$CONFIG --workdir=$WORKDIR --compilation_cache=$COMPILATION_CACHE$flags \
-> ~/fathom_run.log 2>&1 &"
+--multihost --config=$(q "$CONFIG") --workdir=$(q "$WORKDIR") \
+--compilation_cache=$(q "$COMPILATION_CACHE")$flags > ~/fathom_run.log 2>&1 &"
     ;;
   logs)
     gcloud_tpu ssh "$TPU_NAME" --worker=0 --command='tail -F ~/fathom_run.log'

@@ -66,12 +66,14 @@ def test_trace_ops_counts_an_operation_s_own_time_without_what_nests_in_it():
   spec.loader.exec_module(trace_ops)
   meta = [{'ph': 'M', 'name': 'process_name', 'pid': 1, 'args': {'name': '/host:CPU'}},
           {'ph': 'M', 'name': 'process_name', 'pid': 2, 'args': {'name': '/device:GPU:0'}},
-          {'ph': 'M', 'name': 'thread_name', 'pid': 2, 'tid': 7, 'args': {'name': 'Stream #1'}}]
-  op = lambda name, ts, dur, pid=2: {'ph': 'X', 'name': name, 'pid': pid, 'tid': 7, 'ts': ts,
-                                     'dur': dur}
+          {'ph': 'M', 'name': 'thread_name', 'pid': 2, 'tid': 7, 'args': {'name': 'Stream #1'}},
+          {'ph': 'M', 'name': 'thread_name', 'pid': 2, 'tid': 8, 'args': {'name': 'XLA Ops'}}]
+  op = lambda name, ts, dur, pid=2, tid=7: {'ph': 'X', 'name': name, 'pid': pid, 'tid': tid,
+                                            'ts': ts, 'dur': dur}
   events = meta + [op('while', 0, 100), op('fusion', 10, 30), op('dot', 15, 5),
-                   op('fusion', 50, 20), op('fusion', 120, 10), op('python', 0, 500, pid=1)]
+                   op('fusion', 50, 20), op('fusion', 120, 10), op('python', 0, 500, pid=1),
+                   op('fusion', 10, 30, tid=8)]  # the same kernel on the device's op line
   timelines = trace_ops.device_threads(events)
-  assert timelines == {(2, 7)}  # the host's timeline is not a device's
+  assert timelines == {(2, 7)}  # the stream alone: not the host, nor the op line again
   assert trace_ops.self_times(events, timelines) == {
       'while': (50.0, 1), 'fusion': (55.0, 3), 'dot': (5.0, 1)}

@@ -145,7 +145,7 @@ def test_tpu_pod_script_starts_the_same_multihost_command_on_every_worker():
                '--compilation_cache=/mnt/fathom/runs/jax_cache'):
     assert part in line.replace('\\', ''), part
   p = _pod('run', TPU_NAME='pod1', COMPILATION_CACHE='')
-  assert p.returncode == 0 and '--compilation_cache= ' in p.stdout.replace('\\', ''), p.stdout
+  assert p.returncode == 0 and "--compilation_cache='' " in p.stdout.replace('\\', ''), p.stdout
   p = _pod('install', BUCKET='gs://bkt')
   assert p.returncode == 0, p.stderr
   scp, setup = p.stdout.splitlines()
