@@ -91,20 +91,25 @@ EOF
         --noprefetch --json="$out/bench_gpu_noprefetch.json" 2>&1 | grep -v '^[IW][0-9]'
     ;;
   profile)
+    # Each step says how it failed and the next one still runs: device time is scarce.
     "$py" benchmarks/lane_step.py --lanes=10,50 --steps=40 --clients_per_lane=4 --repeats=5 \
-        --trace_dir="$out/trace" 2>&1 | grep -v '^[IW][0-9]' | tee "$out/lane_step.txt"
+        --trace_dir="$out/trace" 2>&1 | grep -v '^[IW][0-9]' | tee "$out/lane_step.txt" \
+        || echo "lane_step.py: exit $?"
     for form in selects_L10 bare_scan_L10 selects_L50 bare_scan_L50; do
-      "$py" benchmarks/trace_ops.py "$out/trace/$form" --calls=3 --top=30
+      "$py" benchmarks/trace_ops.py "$out/trace/$form" --calls=3 --top=30 \
+          || echo "trace_ops.py $form: exit $?"
     done 2>&1 | tee "$out/trace_ops.txt"
     XLA_FLAGS="${XLA_FLAGS:+$XLA_FLAGS }--xla_gpu_enable_command_buffer=+WHILE,+CONDITIONAL" \
         "$py" benchmarks/lane_step.py --lanes=10,50 --steps=40 --clients_per_lane=4 \
-        --repeats=5 2>&1 | grep -v '^[IW][0-9]' | tee "$out/lane_step_while_in_graph.txt"
+        --repeats=5 2>&1 | grep -v '^[IW][0-9]' | tee "$out/lane_step_while_in_graph.txt" \
+        || echo "lane_step.py with the loop in a CUDA graph: exit $?"
     ;;
   loops)
     for loop in device host; do
       "$py" launch/benchmark.py --tasks=cnn --cohort_sizes=10,200 --rounds=5 --warmup=2 \
           --local_loop="$loop" --in_memory="${IN_MEMORY:-False}" \
-          --json="$out/bench_gpu_loop_$loop.json" 2>&1 | grep -v '^[IW][0-9]'
+          --json="$out/bench_gpu_loop_$loop.json" 2>&1 | grep -v '^[IW][0-9]' \
+          || echo "benchmark.py --local_loop=$loop: exit $?"
     done
     ;;
   *) echo "benchmarks/gpu.sh: unknown part '$part' (fathom, sweep, profile or loops)" >&2; exit 2 ;;
