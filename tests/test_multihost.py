@@ -40,6 +40,16 @@ def _main(workdir, devices, extra=()):
       stderr=subprocess.STDOUT, text=True)
 
 
+def _tails(procs) -> str:
+  """Every process's last output lines (those still running are killed first): when one
+  process fails a collective, the cause is often in the other's output."""
+  for p in procs:
+    if p.poll() is None:
+      p.kill()
+  return '\n'.join(f'--- process {i} (exit {p.wait()}):\n{p.communicate()[0][-2500:]}'
+                   for i, p in enumerate(procs))
+
+
 def _final_params(workdir):
   with open(os.path.join(workdir, 'config.json')) as f:
     saved = json.load(f)
@@ -105,7 +115,7 @@ def test_a_signal_to_one_process_stops_both_after_the_same_round_and_they_resume
   metrics_file = os.path.join(workdir, 'metrics.jsonl')
   deadline = time.time() + 300
   while not (os.path.exists(metrics_file) and os.path.getsize(metrics_file) > 0):
-    assert time.time() < deadline and procs[0].poll() is None, procs[0].communicate()[0][-3000:]
+    assert time.time() < deadline and procs[0].poll() is None, _tails(procs)
     time.sleep(0.2)
   procs[1].send_signal(signal.SIGTERM)  # a preemption notice reaching one worker only
   outs = [p.communicate(timeout=300)[0] for p in procs]
