@@ -81,9 +81,9 @@ case "$cmd" in
     ;;
   run)
     # The same command on every worker; nohup so that it outlives the ssh session.
+    q() { printf '%q' "$1"; }  # one shell word, as the remote shell will read it
     flags=""
-    for f in "$@"; do flags+=" $(printf '%q' "$f")"; done
-    q() { printf '%q' "$1"; }
+    for f in "$@"; do flags+=" $(q "$f")"; done
     on_all_workers "cd $REMOTE_DIR && nohup ~/fathom_venv/bin/python launch/main.py \
 --multihost --config=$(q "$CONFIG") --workdir=$(q "$WORKDIR") \
 --compilation_cache=$(q "$COMPILATION_CACHE")$flags > ~/fathom_run.log 2>&1 &"
