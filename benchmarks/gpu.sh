@@ -11,13 +11,18 @@
 #                                       # the step with the loop kept in a CUDA graph
 #   bash benchmarks/gpu.sh loops OUT    # cohorts 10 and 200 (CNN) with the local loop on the
 #                                       # device and driven by the host
+#   bash benchmarks/gpu.sh chunks OUT   # cohorts 10 and 200 (CNN), the device loop checking its
+#                                       # bound every 4 and every 16 steps (config.loop_chunk)
 #
 # Why `loops` and the CUDA graph: a round's local loop runs to the longest lane, a bound read
 # from the cohort table on the device. XLA:GPU then cannot know the trip count, so it copies the
 # loop's predicate to the host at every step and launches the next step's kernels only after
 # that; with a known trip count it queues the steps without waiting. Command buffers with WHILE
 # (CUDA conditional nodes) keep such a loop on the GPU; the host-driven loop
-# (config.local_loop='host') queues one program per step without reading anything back.
+# (config.local_loop='host') queues one program per step without reading anything back; a
+# chunked device loop (config.loop_chunk=N) runs N steps as an inner loop of known trip count
+# between reads, at the cost of up to N - 1 padding steps a round (`profile`'s chunkN forms,
+# `chunks`). LOOP_CHUNK=N runs `fathom` with config.loop_chunk=N.
 #
 # Each part fits one device call (10 min). The GPU image has jax 0.11.2 and absl but not
 # ml_collections, and other flax / orbax versions than requirements.txt: carry the pinned wheels.
@@ -33,8 +38,8 @@
 # RERUN=1 runs `fathom` a second time on the compilation cache the first one filled.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-part="${1:?usage: benchmarks/gpu.sh fathom|sweep|profile|loops OUT}"
-out="${2:?usage: benchmarks/gpu.sh fathom|sweep|profile|loops OUT}"
+part="${1:?usage: benchmarks/gpu.sh fathom|sweep|profile|loops|chunks OUT}"
+out="${2:?usage: benchmarks/gpu.sh fathom|sweep|profile|loops|chunks OUT}"
 py="${PYTHON:-python3}"
 mkdir -p "$out"
 if compgen -G ".whl/*.whl" > /dev/null; then
@@ -64,7 +69,7 @@ case "$part" in
       "$py" launch/main.py --config=configs/femnist.py --workdir="$out/$name" \
           --compilation_cache="$cache" \
           --config.data.name=femnist_synthetic --config.data.num_clients=3400 \
-          --config.data.in_memory="${IN_MEMORY:-False}" \
+          --config.data.in_memory="${IN_MEMORY:-False}" --config.loop_chunk="${LOOP_CHUNK:-0}" \
           --config.num_rounds="${ROUNDS:-1500}" --config.eval_every=100 \
           --config.eval_clients=340 --config.checkpoint_every=500 2>&1 | tail -n 20
       end=$(date +%s.%N)
@@ -76,7 +81,7 @@ print(f"{workdir}: end to end {end - start:.1f} s; rounds {s['rounds']}; trainin
       f"{s['wall_s']:.1f} s; compiles {s['compiles']} (ahead {s.get('compiled_ahead')}; "
       f"loaded from the cache {s.get('compile_cache_hits')}); planned ahead "
       f"{s.get('planned_ahead')}, replanned {s.get('replanned')}; "
-      f"padding {s['padding_efficiency']:.3f}; "
+      f"padding {s['padding_efficiency']:.3f} (loop chunk {s.get('loop_chunk')}); "
       f"final test accuracy {s['final']['test_accuracy']:.4f}; devices {s['devices']} "
       f"({s['platform']})")
 EOF
@@ -95,7 +100,7 @@ EOF
     "$py" benchmarks/lane_step.py --lanes=10,50 --steps=40 --clients_per_lane=4 --repeats=5 \
         --trace_dir="$out/trace" 2>&1 | grep -v '^[IW][0-9]' | tee "$out/lane_step.txt" \
         || echo "lane_step.py: exit $?"
-    for form in selects_L10 bare_scan_L10 selects_L50 bare_scan_L50; do
+    for form in selects_L10 chunk4_L10 bare_scan_L10 selects_L50 chunk4_L50 bare_scan_L50; do
       "$py" benchmarks/trace_ops.py "$out/trace/$form" --calls=3 --top=30 \
           || echo "trace_ops.py $form: exit $?"
     done 2>&1 | tee "$out/trace_ops.txt"
@@ -112,5 +117,14 @@ EOF
           || echo "benchmark.py --local_loop=$loop: exit $?"
     done
     ;;
-  *) echo "benchmarks/gpu.sh: unknown part '$part' (fathom, sweep, profile or loops)" >&2; exit 2 ;;
+  chunks)
+    for chunk in 4 16; do
+      "$py" launch/benchmark.py --tasks=cnn --cohort_sizes=10,200 --rounds=5 --warmup=2 \
+          --local_loop=device --loop_chunk="$chunk" --in_memory="${IN_MEMORY:-False}" \
+          --json="$out/bench_gpu_chunk$chunk.json" 2>&1 | grep -v '^[IW][0-9]' \
+          || echo "benchmark.py --loop_chunk=$chunk: exit $?"
+    done
+    ;;
+  *) echo "benchmarks/gpu.sh: unknown part '$part' (fathom, sweep, profile, loops or chunks)" >&2
+     exit 2 ;;
 esac

@@ -8,6 +8,9 @@
   a cond that runs once per client.
 - `selects`: lane_train under a vmap of L lanes, as on accelerators: the cond runs both sides
   and selects, a pass over every lane's model at every step.
+- `chunkN`: `selects` (`branch` at one lane) with the loop's bound checked every N steps
+  (config.loop_chunk): an inner loop of N steps has a known trip count, so XLA:GPU runs it
+  without reading a predicate back; with N not dividing the steps, its padding steps count.
 - `bare_scan`: plain SGD steps of L lanes in a scan (one lane unbatched), no cosine, h_i or
   aggregation: a floor.
   What `selects` costs above it is the round's own work per step (gathers, cosines, selects).
@@ -34,11 +37,13 @@ _STEPS = flags.DEFINE_integer('steps', 40, 'Local steps per lane per timed call.
 _CLIENTS = flags.DEFINE_integer('clients_per_lane', 2, 'Clients each lane runs in turn.')
 _REPEATS = flags.DEFINE_integer('repeats', 12, 'Interleaved timed calls per form.')
 _BATCH = flags.DEFINE_integer('batch_size', 20, 'Examples per step.')
+_CHUNKS = flags.DEFINE_list('chunks', ['4', '16'], 'Loop chunks to time besides 1 (chunkN forms).')
 _TRACE = flags.DEFINE_string('trace_dir', None, 'Also write a profiler trace of each form here '
                              '(<dir>/<form>_L<lanes>/plugins/profile/*/perfetto_trace.json.gz).')
 
 
-def forms_for(lanes: int, steps: int, clients: int, b: int) -> tuple[dict, tuple, int]:
+def forms_for(lanes: int, steps: int, clients: int, b: int,
+              chunks: tuple[int, ...] = ()) -> tuple[dict, tuple, int]:
   """name -> jitted f(params, source, num_iterations) over `lanes` lanes, the arguments to
   call them with, and the steps per lane (a multiple of `clients`)."""
   import jax
@@ -66,9 +71,9 @@ def forms_for(lanes: int, steps: int, clients: int, b: int) -> tuple[dict, tuple
   # The loop bound is an argument, as in a round (the longest lane, read from the cohort
   # table): XLA:GPU then cannot know the trip count, and reads the loop's predicate back at
   # every step, as it does in a round. A constant bound would hide that.
-  def lane(p, src, num_iterations):
+  def lane(p, src, num_iterations, chunk=1):
     return lane_train(model.loss, p, jnp.float32(0.05), jnp.int32(b), jax.random.PRNGKey(2),
-                      table, num_iterations, slots, stream, src, batch_pad=b)
+                      table, num_iterations, slots, stream, src, batch_pad=b, chunk=chunk)
 
   def bare_scan(p, src, num_iterations):
     del num_iterations  # a scan of k steps: a known trip count, the floor
@@ -86,6 +91,9 @@ def forms_for(lanes: int, steps: int, clients: int, b: int) -> tuple[dict, tuple
   if lanes == 1:
     forms['branch'] = jax.jit(first(lane))
   forms['selects'] = jax.jit(lanewise(lane))
+  for c in chunks:
+    chunked = lambda p, src, n, c=c: lane(p, src, n, chunk=c)
+    forms[f'chunk{c}'] = jax.jit(first(chunked) if lanes == 1 else lanewise(chunked))
   forms['bare_scan'] = jax.jit(first(bare_scan) if lanes == 1 else lanewise(bare_scan))
   return forms, (params, source, jnp.asarray(k, jnp.int32)), k
 
@@ -99,7 +107,8 @@ def main(argv):
   print('jax', jax.__version__, jax.devices()[0].device_kind, f'B {b}', flush=True)
   print(f'{"lanes":>5} {"form":>9} {"ms/step":>8} {"examples/s":>10}')
   for lanes in map(int, _LANES.value):
-    forms, args, k = forms_for(lanes, _STEPS.value, _CLIENTS.value, b)
+    chunks = tuple(c for c in map(int, _CHUNKS.value) if c > 1)
+    forms, args, k = forms_for(lanes, _STEPS.value, _CLIENTS.value, b, chunks)
     out = {name: jax.block_until_ready(f(*args)) for name, f in forms.items()}
     best = dict.fromkeys(forms, float('inf'))
     for _ in range(_REPEATS.value):

@@ -99,11 +99,22 @@ def lane_result(carry: tuple) -> LaneResult:
 def lane_train(loss_fn: LossFn, server_params: Params, eta: jax.Array, batch_size: jax.Array,
                round_key: jax.Array, table: CohortTable, num_iterations: jax.Array,
                slots: jax.Array, stream: jax.Array, source: Batch,
-               *, batch_pad: int) -> LaneResult:
-  """Runs `num_iterations` steps of one lane (at least its real ones) in a while loop."""
-  def body(carry):
+               *, batch_pad: int, chunk: int = 1) -> LaneResult:
+  """Runs one lane's steps in a while loop until `num_iterations` (at least its real ones) have
+  run, checking that bound every `chunk` steps: up to chunk - 1 padding steps run past it.
+
+  Why chunks: a bound read from data gives XLA:GPU a loop of unknown trip count, whose predicate
+  it reads back to the host at every iteration; an inner loop of `chunk` steps has a known trip
+  count and runs without that round trip.
+  """
+  def step(carry):
     return lane_step(loss_fn, carry, server_params, eta, batch_size, round_key, table, slots,
                      stream, source, batch_pad=batch_pad)
+
+  def body(carry):
+    if chunk == 1:
+      return step(carry)
+    return jax.lax.fori_loop(0, chunk, lambda _, c: step(c), carry)
 
   out = jax.lax.while_loop(lambda c: c[0] < num_iterations, body,
                            lane_init(server_params, slots.shape[0]))

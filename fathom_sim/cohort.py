@@ -22,9 +22,10 @@ CohortTrain = Callable[..., LaneResult]
 
 
 def make_cohort_train(loss_fn: LossFn, mesh: Mesh, *, batch_pad: int,
-                      source_per_lane: bool) -> CohortTrain:
+                      source_per_lane: bool, chunk: int = 1) -> CohortTrain:
   """Returns f(server_params, eta, batch_size, round_key, table, slots, stream, source).
 
+  `chunk`: each device checks its loop's bound every `chunk` local steps (client.lane_train).
   `source` holds the examples that `stream` indexes: [L, R_buf, ...] per-lane buffers
   (source_per_lane) or the whole dataset, replicated on every device.
   """
@@ -33,7 +34,7 @@ def make_cohort_train(loss_fn: LossFn, mesh: Mesh, *, batch_pad: int,
   # per step. XLA:GPU may read a conditional's predicate back to the host at every step, so
   # accelerators keep the vmap (the cond runs both sides and selects) until measured.
   unbatched_cond = mesh.devices.flat[0].platform == 'cpu'
-  one_lane = functools.partial(lane_train, loss_fn, batch_pad=batch_pad)
+  one_lane = functools.partial(lane_train, loss_fn, batch_pad=batch_pad, chunk=chunk)
   lanes_train = jax.vmap(one_lane, in_axes=(None, None, None, None, None, None, 0, 0, source_axis))
 
   def per_device(server_params, eta, batch_size, round_key, table, slots, stream, source):

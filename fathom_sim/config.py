@@ -89,6 +89,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.batch_pad_per_octave = 2      # padded batch sizes per doubling (fewer: fewer compiles)
   c.local_loop = 'auto'           # local steps loop on the device or driven by the host: auto |
                                   # device | host (auto: host for nn.Conv models on CPU)
+  c.loop_chunk = 0                # device loop: local steps between checks of its bound (a
+                                  # known-length inner loop; up to chunk - 1 padding steps);
+                                  # 0 = auto: 1, every step, until measured on accelerators
   c.compile_ahead = 'auto'        # compile the round for the padded batch sizes next to the
                                   # current one on a thread: auto | yes | no (auto: FATHOM on
                                   # accelerators, where B moves and compiles are slow)
@@ -190,4 +193,5 @@ def check_config(c: ml_collections.ConfigDict) -> None:
   _choice(c, 'data_on_device', ('auto', 'yes', 'no'))
   _number(c, 'batch_pad_per_octave', low=1, high=64, integer=True)
   _choice(c, 'local_loop', ('auto', 'device', 'host'))
+  _number(c, 'loop_chunk', low=0, high=1024, integer=True)
   _choice(c, 'compile_ahead', ('auto', 'yes', 'no'))

@@ -33,25 +33,27 @@ LOCAL_LOOPS = ('device', 'host')
 def make_round(*, loss_fn: LossFn, server_opt: optax.GradientTransformation,
                tuner: fathom.HyperTuner, upper: tuple[float, float, float], mesh: Mesh,
                source_per_lane: bool, vectorized: bool = False,
-               local_loop: str = 'device') -> RoundFn:
+               local_loop: str = 'device', loop_chunk: int = 1) -> RoundFn:
   """Builds the round; `state` is donated.
 
   `batch_size` is B_int as an int32 value, so B moving within a padded size does not
   recompile; `batch_pad` and the arrays' shapes select the compiled program. `num_iterations`
   (the longest lane's real steps, known to the host) bounds the host-driven loop; the device
-  loop finds its own bound per device.
+  loop finds its own bound per device and checks it every `loop_chunk` steps.
   vectorized: every argument but a shared (device-resident) source has a leading seed axis,
   and the round runs for all seeds at once (vmap): S runs, one program.
   """
   if local_loop not in LOCAL_LOOPS:
     raise ValueError(f'local_loop must be one of {LOCAL_LOOPS}, got {local_loop!r}')
+  if loop_chunk < 1:
+    raise ValueError(f'loop_chunk must be at least 1, got {loop_chunk!r}')
   upper = jnp.asarray(upper, jnp.float32)
 
   def round_step(state: ServerState, table: CohortTable, slots: jax.Array, stream: jax.Array,
                  source: Batch, batch_size: jax.Array, *,
                  batch_pad: int) -> tuple[ServerState, RoundMetrics]:
     cohort_train = make_cohort_train(loss_fn, mesh, batch_pad=batch_pad,
-                                     source_per_lane=source_per_lane)
+                                     source_per_lane=source_per_lane, chunk=loop_chunk)
     # 1. Broadcast: (E, eta, B) = clip(exp(phi)); E and B_int already shaped the plan on the host.
     hp, round_key = broadcast(state)
     # 2. Local training of every client, lanes sharded over the clients axis.

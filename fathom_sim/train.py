@@ -67,6 +67,7 @@ class Run:
   local_loop: str
   conv: str  # emnist_cnn's convolution form, as resolved from config.model.conv
   compile_ahead: bool = False  # neighbouring padded batch sizes compile on a thread
+  loop_chunk: int = 1  # the device loop checks its bound every loop_chunk local steps
 
 
 def hyper_setup(config) -> tuple[fathom.HyperTuner, tuple[float, float, float]]:
@@ -114,7 +115,7 @@ def build(config: ml_collections.ConfigDict, task: Task | None = None) -> Run:
   local_loop = _local_loop(config, mesh, conv)
   return Run(config, task, mesh, model, server_opt, tuner, upper, resident,
              _auto_lanes(config, mesh), local_loop, conv,
-             _compile_ahead(config, mesh, local_loop))
+             _compile_ahead(config, mesh, local_loop), _loop_chunk(config, local_loop))
 
 
 def _auto_conv(config, mesh) -> str:
@@ -161,6 +162,14 @@ def _local_loop(config, mesh, conv: str) -> str:
   cpu = mesh.devices.flat[0].platform == 'cpu'
   slow_in_loop = config.model.name in HOST_LOOP_ON_CPU and conv == 'xla'
   return 'host' if cpu and slow_in_loop else 'device'
+
+
+def _loop_chunk(config, local_loop: str) -> int:
+  """config.loop_chunk resolved: 'auto' (0) checks the device loop's bound at every step, the
+  one form measured so far; the host-driven loop knows its bound and runs no padding steps."""
+  if local_loop == 'host':
+    return 1
+  return config.loop_chunk or 1
 
 
 def _compile_ahead(config, mesh, local_loop: str) -> bool:
@@ -234,7 +243,8 @@ class Rounds:
     self.round_fn = make_round(loss_fn=run.model.loss, server_opt=run.server_opt,
                                tuner=run.tuner, upper=run.upper, mesh=mesh,
                                source_per_lane=not run.resident,
-                               vectorized=self.seeds is not None, local_loop=run.local_loop)
+                               vectorized=self.seeds is not None, local_loop=run.local_loop,
+                               loop_chunk=run.loop_chunk)
     lanes = self.num_devices * run.lanes_per_device
     options = dict(resident=run.resident, batch_per_octave=c.batch_pad_per_octave,
                    local_lanes=local_rows(mesh, lanes))
@@ -385,7 +395,8 @@ class Rounds:
 RESUMABLE_FIELDS = frozenset({
     'num_rounds', 'log_every', 'checkpoint_every', 'keep_checkpoints', 'eval_every',
     'eval_clients', 'eval_batch_size', 'target_accuracy', 'num_devices', 'lanes_per_device',
-    'data_on_device', 'batch_pad_per_octave', 'local_loop', 'model.conv', 'compile_ahead'})
+    'data_on_device', 'batch_pad_per_octave', 'local_loop', 'loop_chunk', 'model.conv',
+    'compile_ahead'})
 
 
 class Preempted(Exception):
@@ -628,13 +639,14 @@ def _train(configs: list[ml_collections.ConfigDict], workdirs: list[str], *,
         steps = int(plan.num_steps.sum())
         meta['total_steps'] += steps
         meta['total_examples'] += steps * plan.batch_size
-        meta['computed'] += plan.computed_steps(n_dev, host_loop) * plan.batch_pad
+        meta['computed'] += (plan.computed_steps(n_dev, host_loop, run.loop_chunk)
+                             * plan.batch_pad)
         row = {'round': t, 'train_loss': float(ms.train_loss), 'eta': float(used[ETA]),
                'epochs': float(used[EPOCHS]), 'batch_size': float(used[BATCH]),
                'batch_size_int': plan.batch_size, 'h_glob': float(ms.h_glob),
                'h_local': float(ms.h_local), 'examples': meta['total_examples'],
                'local_steps': meta['total_steps'], 'dropped_clients': int(ms.dropped_clients),
-               'accepted': bool(ms.accepted), 'padding_efficiency': plan.useful_fraction(n_dev, host_loop)}
+               'accepted': bool(ms.accepted), 'padding_efficiency': plan.useful_fraction(n_dev, host_loop, run.loop_chunk)}
         if not ms.accepted:
           logging.warning('%sround %d rejected: no client returned a finite update (%d '
                           'dropped); the model is unchanged%s', _tag(book, vectorized), t,
@@ -702,7 +714,8 @@ def _summary(book: _Book, final: dict, params, hp: np.ndarray, rounds: Rounds, r
   summary = {
       'algorithm': c.algorithm, 'task': run.task.name, 'rounds': c.num_rounds,
       'devices': run.mesh.devices.size, 'processes': jax.process_count(), 'platform': run.mesh.devices.flat[0].platform,
-      'local_loop': run.local_loop, 'lanes_per_device': run.lanes_per_device,
+      'local_loop': run.local_loop, 'loop_chunk': run.loop_chunk,
+      'lanes_per_device': run.lanes_per_device,
       'conv': run.conv if c.model.name == 'emnist_cnn' else None,
       'compiles': compiles,
       # Every program (rounds, evaluation, set-up) loaded from the persistent cache; in a

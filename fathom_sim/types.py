@@ -57,17 +57,19 @@ class CohortPlan:
         self.lanes.source.values())).shape[:2]
     return self.lanes.stream.shape, buffer, self.batch_pad
 
-  def computed_steps(self, num_devices: int, host_loop: bool = False) -> int:
-    """Steps the devices run: every lane of a device runs as long as its longest lane (with
-    the loop driven by the host, as long as the longest lane of all)."""
+  def computed_steps(self, num_devices: int, host_loop: bool = False, chunk: int = 1) -> int:
+    """Steps the devices run: every lane of a device runs as long as its longest lane, rounded
+    up to a whole number of `chunk`s (with the loop driven by the host, as long as the longest
+    lane of all)."""
     if host_loop:
       return int(self.lane_steps.max() * self.lane_steps.size)
     per_device = self.lane_steps.reshape(num_devices, -1)
-    return int(per_device.max(axis=1).sum() * per_device.shape[1])
+    longest = -(-per_device.max(axis=1) // chunk) * chunk
+    return int(longest.sum() * per_device.shape[1])
 
-  def useful_fraction(self, num_devices: int, host_loop: bool = False) -> float:
+  def useful_fraction(self, num_devices: int, host_loop: bool = False, chunk: int = 1) -> float:
     """Real example-gradients over computed ones (padding efficiency of this round)."""
-    computed = self.computed_steps(num_devices, host_loop) * self.batch_pad
+    computed = self.computed_steps(num_devices, host_loop, chunk) * self.batch_pad
     return float(self.num_steps.sum() * self.batch_size) / max(computed, 1)
 
 

@@ -35,6 +35,9 @@ _LANES = flags.DEFINE_integer('lanes_per_device', 0, 'Lanes per device (0 = auto
 _LOCAL_LOOP = flags.DEFINE_enum('local_loop', 'auto', ['auto', 'device', 'host'],
                                 'Local steps: a loop on the device, or one program per step '
                                 'driven by the host (auto: per platform and model).')
+_LOOP_CHUNK = flags.DEFINE_integer(
+    'loop_chunk', 0, 'Local steps the device loop runs between checks of its bound '
+    '(config.loop_chunk; 0 = auto).')
 _CONV = flags.DEFINE_enum('conv', 'auto', ['auto', 'xla', 'matmul'],
                           'The CNN\'s convolutions (config.model.conv; auto: matmul on CPU '
                           'and GPU).')
@@ -60,6 +63,7 @@ def task_config(name: str, cohort_size: int):
   c.num_devices = _NUM_DEVICES.value
   c.lanes_per_device = _LANES.value
   c.local_loop = _LOCAL_LOOP.value
+  c.loop_chunk = _LOOP_CHUNK.value
   c.model.conv = _CONV.value
   c.batch_pad_per_octave = _PER_OCTAVE.value
   c.data.num_clients = _NUM_CLIENTS.value
@@ -155,7 +159,8 @@ def measure(name: str, cohort_size: int) -> dict:
     state, _, plan = rounds(state, t, hp)
     examples += int(plan.num_steps.sum()) * plan.batch_size
     epoch_examples += float(plan.num_examples.sum()) * float(hp[0])  # E passes over the data
-    computed += plan.computed_steps(n_dev, run.local_loop == 'host') * plan.batch_pad
+    computed += plan.computed_steps(n_dev, run.local_loop == 'host',
+                                    run.loop_chunk) * plan.batch_pad
     host += rounds.last_host_s
     device += rounds.last_device_s
     clients.extend(plan.clients.tolist())
@@ -183,6 +188,7 @@ def measure(name: str, cohort_size: int) -> dict:
           'compiles': rounds.compiles, 'host_s_per_round': host / r,
           'device_s_per_round': device / r, 'batch_size': b_int,
           'lanes': rounds.planner.num_lanes, 'devices': n_dev, 'local_loop': run.local_loop,
+          'loop_chunk': run.loop_chunk,
           'conv': run.conv, 'resident': run.resident, 'prefetch': rounds.prefetching,
           'planned_ahead': rounds.planned_ahead, 'replanned': rounds.replanned,
           'platform': run.mesh.devices.flat[0].platform,

@@ -41,6 +41,7 @@ def test_base_config_and_quickstart_are_valid():
     ('data_on_device', 'maybe', 'config.data_on_device must be one of'),
     ('lanes_per_device', -1, 'config.lanes_per_device'),
     ('compile_ahead', 'always', "config.compile_ahead must be one of 'auto', 'yes', 'no'"),
+    ('loop_chunk', -1, 'config.loop_chunk must be in [0, 1024]'),
 ])
 def test_out_of_range_fields_are_named(field, value, needle):
   c = base_config()
@@ -148,3 +149,13 @@ def test_compile_ahead_per_platform_and_algorithm():
   assert not train._compile_ahead(c, cpu, 'host')
   c.algorithm, c.compile_ahead = 'fathom', 'no'
   assert not train._compile_ahead(c, gpu, 'device')
+
+
+def test_loop_chunk_resolved():
+  """auto checks the device loop's bound at every step; the host-driven loop never pads."""
+  from fathom_sim import train
+  c = base_config()
+  assert train._loop_chunk(c, 'device') == 1
+  c.loop_chunk = 8
+  assert train._loop_chunk(c, 'device') == 8
+  assert train._loop_chunk(c, 'host') == 1

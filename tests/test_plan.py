@@ -1,5 +1,7 @@
 """Cohort planning: batches, buckets, lane packing, and padding that changes nothing."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -107,28 +109,46 @@ def test_padding_is_inert_in_the_round():
       np.testing.assert_allclose(m.next_hparams, m0.next_hparams, rtol=1e-6)
 
 
-def test_padded_steps_after_a_clients_last_step_change_nothing():
-  """A lane whose only client has K=3 real steps, run for 3 or for 8 loop iterations."""
+def _one_client_lane():
+  """A lane whose only client (slot 0) has K=3 real steps of B 2: lane_train(loss, ...) args."""
   model = get_model('mlp', num_classes=10, hidden=(8,))
-  task = tiny_task()
-  data = task.train.client(1)
+  data = tiny_task().train.client(1)
   n = len(data['y'])
   params = model.init(jax.random.PRNGKey(0), data)
   table = CohortTable(client=np.array([1, 0], np.int32), num_examples=np.array([n, 0], np.float32),
                       num_steps=np.array([3, 0], np.int32))
-  table = jax.tree.map(jnp.asarray, table)
   stream = np.zeros(64, np.int32)
   stream[:6] = client_batches(np.random.default_rng(0), n, 3, 2).ravel()
-  results = [lane_train(model.loss, params, jnp.float32(0.1), jnp.int32(2), jax.random.PRNGKey(1),
-                        table, jnp.int32(iters), jnp.array([0], jnp.int32), jnp.asarray(stream),
-                        jax.tree.map(jnp.asarray, data),
-                        batch_pad=batch_pad)
-             for iters, batch_pad in ((3, 2), (8, 2), (8, 5))]
+  return (model.loss, params, jnp.float32(0.1), jnp.int32(2), jax.random.PRNGKey(1),
+          jax.tree.map(jnp.asarray, table)), (jnp.array([0], jnp.int32), jnp.asarray(stream),
+                                              jax.tree.map(jnp.asarray, data))
+
+
+def test_padded_steps_after_a_clients_last_step_change_nothing():
+  """The lane run for 3 or for 8 loop iterations, its bound checked at every step or every 2,
+  3 or 5 (so 4, 5 or 9 iterations)."""
+  head, tail = _one_client_lane()
+  results = [lane_train(*head, jnp.int32(iters), *tail, batch_pad=batch_pad, chunk=chunk)
+             for iters, batch_pad, chunk in ((3, 2, 1), (8, 2, 1), (8, 5, 1), (3, 2, 2),
+                                             (3, 2, 5), (8, 5, 3))]
   for r in results[1:]:
     assert_trees_close(r.weighted_sum, results[0].weighted_sum, rtol=1e-6, atol=1e-7)
     np.testing.assert_allclose(r.h, results[0].h, rtol=1e-6)
     np.testing.assert_allclose(r.loss, results[0].loss, rtol=1e-6)
   assert int(results[0].finite[0]) == 1
+
+
+def test_chunked_loop_runs_its_chunks_with_a_known_trip_count():
+  """What config.loop_chunk is for: the compiler knows the inner loop's trip count (XLA:GPU
+  then runs it without reading a predicate back to the host); the outer bound stays data."""
+  head, tail = _one_client_lane()
+
+  def compiled(chunk: int) -> str:
+    f = jax.jit(lambda n: lane_train(*head, n, *tail, batch_pad=2, chunk=chunk))
+    return f.lower(jnp.int32(3)).compile().as_text()
+
+  assert '"known_trip_count":{"n":"4"}' in compiled(4)
+  assert '"known_trip_count"' not in compiled(1)
 
 
 def test_computed_steps_count_what_each_loop_runs():
@@ -141,3 +161,9 @@ def test_computed_steps_count_what_each_loop_runs():
   # Host-driven loop: every lane runs as long as the longest lane of all.
   assert plan.computed_steps(2, host_loop=True) == 5 * 4
   assert plan.useful_fraction(2, host_loop=True) == pytest.approx(10 * 2 / (20 * 3))
+  # Device loop checking its bound every 4 steps: each device's longest lane rounded up to 4s;
+  # a device with no steps runs none.
+  assert plan.computed_steps(2, chunk=4) == (8 + 4) * 2
+  assert plan.useful_fraction(2, chunk=4) == pytest.approx(10 * 2 / (24 * 3))
+  idle = dataclasses.replace(plan, lane_steps=np.array([5, 3, 0, 0]))
+  assert idle.computed_steps(2, chunk=4) == 8 * 2

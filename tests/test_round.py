@@ -9,16 +9,18 @@ from tests.common import (assert_trees_close, reference_rounds, run_rounds, tiny
 
 
 @pytest.mark.parametrize('num_devices', [1, 8])
-@pytest.mark.parametrize('algorithm,local_loop,lanes', [
-    ('fedavg', 'device', 1), ('fathom', 'device', 1), ('fathom', 'device', 3),
-    ('fedavg', 'host', 1), ('fathom', 'host', 1)])
-def test_round_matches_slow_reference(algorithm, local_loop, lanes, num_devices):
+@pytest.mark.parametrize('algorithm,local_loop,lanes,chunk', [
+    ('fedavg', 'device', 1, 0), ('fathom', 'device', 1, 0), ('fathom', 'device', 3, 0),
+    ('fathom', 'device', 1, 3), ('fathom', 'device', 3, 4),
+    ('fedavg', 'host', 1, 0), ('fathom', 'host', 1, 0)])
+def test_round_matches_slow_reference(algorithm, local_loop, lanes, chunk, num_devices):
   # Fractional E and B_int = 3 make K_i vary and batches wrap across passes. The local loop on
   # the device and the one driven by the host step by step must both match; so must one lane
   # per device (lane_step's end-of-client cond runs as a branch) and several side by side
-  # (vmapped, the cond runs as selects).
+  # (vmapped, the cond runs as selects), and a device loop that checks its bound every few
+  # steps (the padding steps past it change nothing).
   config = tiny_config(algorithm=algorithm, num_devices=num_devices, local_loop=local_loop,
-                       lanes_per_device=lanes)
+                       lanes_per_device=lanes, loop_chunk=chunk)
   task = tiny_task()
   state, history, _ = run_rounds(config, task, 3)
   ref = reference_rounds(config, task, 3)
