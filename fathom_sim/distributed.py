@@ -11,6 +11,7 @@ folder every host sees (a GCS bucket on a Cloud TPU pod).
 from __future__ import annotations
 
 import jax
+from absl import flags, logging
 
 
 def initialize(coordinator_address: str | None = None, num_processes: int | None = None,
@@ -24,6 +25,28 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
   jax.config.update('jax_cpu_collectives_implementation', 'gloo')
   jax.distributed.initialize(coordinator_address=coordinator_address,
                              num_processes=num_processes, process_id=process_id)
+  _orbax_syncs_on_the_coordination_service()
+
+
+# orbax's absl flag (orbax.checkpoint._src.multihost): barriers through jax.distributed's client.
+ORBAX_BARRIER_FLAG = 'experimental_orbax_use_distributed_barrier'
+
+
+def _orbax_syncs_on_the_coordination_service() -> None:
+  """Makes orbax's checkpoint syncs wait at the distributed runtime's barrier (up to orbax's
+  300 s) instead of running a collective over every device.
+
+  On CPU that collective goes through gloo, which fails when the processes reach it more than
+  30 s apart (the first contact's key-value lookup times out): a process that reached the
+  first checkpoint sync that late failed a test run once. On accelerators the barrier also
+  keeps checkpoint syncs off the devices.
+  """
+  import orbax.checkpoint  # noqa: F401  (defines the flag)
+  if ORBAX_BARRIER_FLAG in flags.FLAGS:
+    flags.FLAGS[ORBAX_BARRIER_FLAG].value = True
+  else:
+    logging.warning('orbax has no --%s flag: its checkpoint syncs run as collectives',
+                    ORBAX_BARRIER_FLAG)
 
 
 def is_writer() -> bool:

@@ -139,6 +139,27 @@ def test_a_signal_to_one_process_stops_both_after_the_same_round_and_they_resume
     np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-6)
 
 
+_BARRIER_CHECK = """
+import sys
+from absl import flags
+flags.FLAGS(['check'])
+from fathom_sim import distributed
+distributed.initialize(sys.argv[1], 1, 0)
+from orbax.checkpoint._src.multihost import multihost
+print(multihost.EXPERIMENTAL_ORBAX_USE_DISTRIBUTED_BARRIER.value)
+"""
+
+
+def test_joining_a_run_moves_orbax_syncs_to_the_coordination_service():
+  # orbax's default sync is a collective over every device, through gloo on CPU, which fails
+  # when processes reach it over 30 s apart; its distributed barrier waits up to 300 s.
+  out = subprocess.run([sys.executable, '-c', _BARRIER_CHECK, f'localhost:{_free_port()}'],
+                       cwd=ROOT, env=dict(os.environ, JAX_PLATFORMS='cpu'),
+                       capture_output=True, text=True, timeout=120)
+  assert out.returncode == 0, out.stderr[-2000:]
+  assert out.stdout.split()[-1] == 'True'
+
+
 def _pod(*args, **env):
   return subprocess.run(['bash', os.path.join(ROOT, 'launch', 'tpu_pod.sh'), *args],
                         env=dict(os.environ, DRY_RUN='1', **env), capture_output=True,
