@@ -34,7 +34,8 @@
 # By default each round's clients are made while the previous round computes (how the table in
 # docs/benchmarks.md was measured); IN_MEMORY=True makes the training set once and holds it in
 # memory, so that data_on_device=auto keeps it on the GPU (not yet measured there).
-# ROUNDS (default 1500) and COHORTS (default 10,50,100,200) shrink the runs for a dry check;
+# ROUNDS (default 1500), COHORTS (default 10,50,100,200; 10,200 for loops and chunks) and LANES
+# (default 10,50, profile) shrink the runs for a dry check;
 # RERUN=1 runs `fathom` a second time on the compilation cache the first one filled.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -97,30 +98,32 @@ EOF
     ;;
   profile)
     # Each step says how it failed and the next one still runs: device time is scarce.
-    "$py" benchmarks/lane_step.py --lanes=10,50 --steps=40 --clients_per_lane=4 --repeats=5 \
-        --trace_dir="$out/trace" 2>&1 | grep -v '^[IW][0-9]' | tee "$out/lane_step.txt" \
+    "$py" benchmarks/lane_step.py --lanes="${LANES:-10,50}" --steps=40 --clients_per_lane=4 \
+        --repeats=5 --trace_dir="$out/trace" 2>&1 | grep -v '^[IW][0-9]' | tee "$out/lane_step.txt" \
         || echo "lane_step.py: exit $?"
-    for form in selects_L10 chunk4_L10 bare_scan_L10 selects_L50 chunk4_L50 bare_scan_L50; do
-      "$py" benchmarks/trace_ops.py "$out/trace/$form" --calls=3 --top=30 \
-          || echo "trace_ops.py $form: exit $?"
+    for lanes in $(echo "${LANES:-10,50}" | tr ',' ' '); do
+      for form in selects chunk4 bare_scan; do
+        "$py" benchmarks/trace_ops.py "$out/trace/${form}_L$lanes" --calls=3 --top=30 \
+            || echo "trace_ops.py ${form}_L$lanes: exit $?"
+      done
     done 2>&1 | tee "$out/trace_ops.txt"
     XLA_FLAGS="${XLA_FLAGS:+$XLA_FLAGS }--xla_gpu_enable_command_buffer=+WHILE,+CONDITIONAL" \
-        "$py" benchmarks/lane_step.py --lanes=10,50 --steps=40 --clients_per_lane=4 \
+        "$py" benchmarks/lane_step.py --lanes="${LANES:-10,50}" --steps=40 --clients_per_lane=4 \
         --repeats=5 2>&1 | grep -v '^[IW][0-9]' | tee "$out/lane_step_while_in_graph.txt" \
         || echo "lane_step.py with the loop in a CUDA graph: exit $?"
     ;;
   loops)
     for loop in device host; do
-      "$py" launch/benchmark.py --tasks=cnn --cohort_sizes=10,200 --rounds=5 --warmup=2 \
-          --local_loop="$loop" --in_memory="${IN_MEMORY:-False}" \
+      "$py" launch/benchmark.py --tasks=cnn --cohort_sizes="${COHORTS:-10,200}" --rounds=5 \
+          --warmup=2 --local_loop="$loop" --in_memory="${IN_MEMORY:-False}" \
           --json="$out/bench_gpu_loop_$loop.json" 2>&1 | grep -v '^[IW][0-9]' \
           || echo "benchmark.py --local_loop=$loop: exit $?"
     done
     ;;
   chunks)
     for chunk in 4 16; do
-      "$py" launch/benchmark.py --tasks=cnn --cohort_sizes=10,200 --rounds=5 --warmup=2 \
-          --local_loop=device --loop_chunk="$chunk" --in_memory="${IN_MEMORY:-False}" \
+      "$py" launch/benchmark.py --tasks=cnn --cohort_sizes="${COHORTS:-10,200}" --rounds=5 \
+          --warmup=2 --local_loop=device --loop_chunk="$chunk" --in_memory="${IN_MEMORY:-False}" \
           --json="$out/bench_gpu_chunk$chunk.json" 2>&1 | grep -v '^[IW][0-9]' \
           || echo "benchmark.py --loop_chunk=$chunk: exit $?"
     done
