@@ -77,3 +77,29 @@ def test_trace_ops_counts_an_operation_s_own_time_without_what_nests_in_it():
   assert timelines == {(2, 7)}  # the stream alone: not the host, nor the op line again
   assert trace_ops.self_times(events, timelines) == {
       'while': (50.0, 1), 'fusion': (55.0, 3), 'dot': (5.0, 1)}
+
+
+def test_compile_shapes_replays_the_round_programs_a_run_compiled():
+  """benchmarks/compile_shapes.py, from the (E, B) each round used and the client sizes alone,
+  finds as many round programs as the run compiled, B_pad moving between them."""
+  import importlib.util
+  import numpy as np
+  from tests.common import run_rounds, tiny_config, tiny_task
+  spec = importlib.util.spec_from_file_location(
+      'compile_shapes', os.path.join(ROOT, 'benchmarks', 'compile_shapes.py'))
+  compile_shapes = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(compile_shapes)
+  # A fast hyper step on B makes B_int cross padded sizes within a few rounds.
+  task = tiny_task()
+  for placement in ('yes', 'no'):  # the training set on the devices, or sent per round
+    config = tiny_config(algorithm='fathom', num_devices=1, eta_h2=30.0, batch_size=4.0,
+                         cohort_size=4, data_on_device=placement)
+    _, history, rounds = run_rounds(config, task, 8)
+    rows = {t: {'epochs': float(m.hparams[0]), 'batch_size': float(m.hparams[2]),
+                'batch_size_int': plan.batch_size} for t, (m, plan) in enumerate(history, 1)}
+    compiles = compile_shapes.replay(
+        np.asarray(task.train.num_examples), rows, cohort_size=4,
+        lanes=rounds.planner.num_lanes, seed=config.seed, resident=placement == 'yes',
+        per_octave=config.batch_pad_per_octave)
+    assert len(compiles) == rounds.compiles >= 3
+    assert compiles[0] == (1, 'first round')

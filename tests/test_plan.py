@@ -9,7 +9,8 @@ import pytest
 
 from fathom_sim import fathom, rng
 from fathom_sim.client import lane_train
-from fathom_sim.data.plan import Planner, bucket, client_batches, pack_lanes
+from fathom_sim.data.federated import ArrayClientDataset
+from fathom_sim.data.plan import Planner, bucket, client_batches, grow, pack_lanes
 from fathom_sim.models import get_model
 from fathom_sim.types import CohortTable
 from tests.common import assert_trees_close, run_rounds, tiny_config, tiny_task
@@ -167,3 +168,27 @@ def test_computed_steps_count_what_each_loop_runs():
   assert plan.useful_fraction(2, chunk=4) == pytest.approx(10 * 2 / (24 * 3))
   idle = dataclasses.replace(plan, lane_steps=np.array([5, 3, 0, 0]))
   assert idle.computed_steps(2, chunk=4) == 8 * 2
+
+
+def _sized_dataset(sizes) -> ArrayClientDataset:
+  offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
+  return ArrayClientDataset({'x': np.zeros((int(offsets[-1]), 1), np.float32)}, offsets,
+                            np.arange(len(sizes)).astype(str))
+
+
+@pytest.mark.parametrize('resident', [True, False])
+def test_stream_is_sized_ahead_for_the_largest_client_within_a_bound(resident):
+  """Drawing the dataset's largest client later compiles nothing new (the stream was sized for
+  it), unless it needs more than STREAM_LOOKAHEAD times what the first cohort did."""
+  from fathom_sim.data.plan import STREAM_LOOKAHEAD
+  small = np.arange(4)
+  # E 1, B 5: each small client takes 2 steps of 5; the largest 30 rows, within 4 x 10.
+  planner = Planner(_sized_dataset([10] * 8 + [30]), 4, 4, 0, resident=resident)
+  first = planner.plan(small, 1, 1.0, 5.0).lanes.stream.shape
+  assert planner.plan(np.array([0, 1, 2, 8]), 2, 1.0, 5.0).lanes.stream.shape == first
+  # An outlier of 200 rows: the stream stays at the bound, then grows when it is drawn.
+  planner = Planner(_sized_dataset([10] * 8 + [200]), 4, 4, 0, resident=resident)
+  plan = planner.plan(small, 1, 1.0, 5.0)
+  need = 10 + plan.batch_pad - 5  # 2 steps of 5, and a padded step's slack
+  assert plan.lanes.stream.shape[1] == grow(0, STREAM_LOOKAHEAD * need) < 200
+  assert planner.plan(np.array([0, 1, 2, 8]), 2, 1.0, 5.0).lanes.stream.shape[1] >= 200

@@ -8,7 +8,7 @@ longest first onto the least loaded lane, and a lane runs its clients back to ba
 count is a loop bound on the device, never a compiled shape. What does compile is the rows
 computed per step (B_pad, a few sizes per octave) and the lengths of the index stream and
 example buffers, which only grow (to a power of two with headroom) and so settle within a few
-rounds.
+rounds; the stream is sized from the first round for the dataset's largest client too.
 """
 
 from __future__ import annotations
@@ -50,6 +50,11 @@ def neighbour_buckets(batch_pad: int, per_octave: int, *, min_batch_pad: int,
     below = base + (b - base) // spacing * spacing
   above = bucket(batch_pad + 1, per_octave)
   return [pad for pad, ok in ((below, below >= lowest), (above, above <= highest)) if ok]
+
+
+# The index stream is sized ahead for the dataset's largest client up to this many times what
+# the cohort at hand needs (an outlier client must not make every round's stream huge).
+STREAM_LOOKAHEAD = 4
 
 
 def grow(current: int, needed: int) -> int:
@@ -112,6 +117,10 @@ class Planner:
       raise ValueError('a device-resident training set must be held in memory')
 
   @functools.cached_property
+  def _largest_client(self) -> int:
+    return int(np.max(self.dataset.num_examples))
+
+  @functools.cached_property
   def _example_spec(self) -> dict:
     """feature -> (shape of one example, dtype), read from the first client with data."""
     first = int(np.flatnonzero(np.asarray(self.dataset.num_examples) > 0)[0])
@@ -129,8 +138,14 @@ class Planner:
     batch_pad = bucket(max(b_int, self.min_batch_pad), self.batch_per_octave)
     lanes = pack_lanes(num_steps, self.num_lanes)
     lane_steps = np.array([num_steps[m].sum() for m in lanes], np.int64)
-    # A step reads batch_pad rows from its start, so the stream needs that much slack.
-    self.stream_pad = grow(self.stream_pad, int(lane_steps.max()) * b_int + batch_pad - b_int)
+    # A step reads batch_pad rows from its start, so the stream needs that much slack. The
+    # stream, only indices, is also sized for the dataset's largest client (up to
+    # STREAM_LOOKAHEAD times this cohort's need): a later cohort that draws it compiles nothing.
+    slack = batch_pad - b_int
+    need = int(lane_steps.max()) * b_int + slack
+    _, (largest_steps,) = fathom.integer_schedule(epochs, batch_size, [self._largest_client])
+    largest = int(largest_steps) * b_int + slack
+    self.stream_pad = grow(self.stream_pad, max(need, min(largest, STREAM_LOOKAHEAD * need)))
     if not self.resident:
       self.buffer_pad = grow(self.buffer_pad, max(int(num_examples[m].sum()) for m in lanes))
 

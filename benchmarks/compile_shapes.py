@@ -1,0 +1,90 @@
+"""Which rounds of a recorded run compile a round program, and why, replayed (by hand):
+
+  python benchmarks/compile_shapes.py --config=configs/femnist.py \
+      --metrics=docs/results/gpu_h100/fathom1500_after_6b1cb65_metrics.jsonl.gz \
+      --config.data.name=femnist_synthetic --config.data.num_clients=3400 --lanes=10
+
+A round program is compiled for each new plan shape: padded batch B_pad, index-stream length
+and (data not on the devices) per-lane example-buffer length. Those are functions of the
+cohort's client sizes and the round's (E, B) alone, so the run's metrics.jsonl (the E and B
+each round used) and the data's client sizes replay them exactly, for either data placement
+and any number of lanes, without a device. The planner runs on a stand-in dataset with the
+real client sizes and one byte per example. As a check, each round's replayed B_int must equal
+the run's. Compiles the thread of config.compile_ahead can take over are the B_pad changes
+whose stream and buffer lengths are already in use.
+"""
+
+import gzip
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from absl import app, flags  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+_CONFIG = config_flags.DEFINE_config_file('config', None, 'The run\'s config file.')
+_METRICS = flags.DEFINE_string('metrics', None, 'The run\'s metrics.jsonl (or .jsonl.gz).')
+_LANES = flags.DEFINE_integer('lanes', 10, 'Lanes of the run (devices x lanes per device).')
+
+
+def replay(sizes, rows: dict, *, cohort_size: int, lanes: int, seed: int, resident: bool,
+           per_octave: int) -> list[tuple[int, str]]:
+  """(round, why) for every round whose plan has a shape not seen before."""
+  import numpy as np
+  from fathom_sim.data.federated import ArrayClientDataset, sample_cohort
+  from fathom_sim.data.plan import Planner
+
+  offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
+  data = ArrayClientDataset({'x': np.zeros(int(offsets[-1]), np.uint8)}, offsets,
+                            np.arange(len(sizes)).astype(str))
+  planner = Planner(data, cohort_size, lanes, seed, resident=resident,
+                    batch_per_octave=per_octave)
+  seen, compiles, last = set(), [], None
+  for t in sorted(rows):
+    r = rows[t]
+    plan = planner.plan(sample_cohort(data, seed, t, cohort_size), t, np.float32(r['epochs']),
+                        np.float32(r['batch_size']))
+    if plan.batch_size != r['batch_size_int']:
+      raise SystemExit(f'round {t}: replayed B_int {plan.batch_size}, the run used '
+                       f'{r["batch_size_int"]}: not the run\'s data or config')
+    lengths = (planner.stream_pad, planner.buffer_pad)
+    if plan.shape not in seen:
+      if last is None:
+        why = 'first round'
+      elif lengths == last[1]:
+        why = f'B_pad {last[0]} -> {plan.batch_pad} (compile ahead can take it)'
+      else:
+        grew = [f'{name} {a} -> {b}' for name, a, b in
+                zip(('stream', 'buffer'), last[1], lengths) if a != b]
+        why = ', '.join(grew + ([f'B_pad {last[0]} -> {plan.batch_pad}']
+                                if plan.batch_pad != last[0] else []))
+      compiles.append((t, why))
+      seen.add(plan.shape)
+    last = (plan.batch_pad, lengths)
+  return compiles
+
+
+def main(argv):
+  del argv
+  import numpy as np
+  from fathom_sim.data import load_task
+
+  c = _CONFIG.value
+  sizes = np.asarray(load_task(c.data).train.num_examples)
+  opener = gzip.open if _METRICS.value.endswith('.gz') else open
+  with opener(_METRICS.value, 'rt') as f:
+    rows = {r['round']: r for r in map(json.loads, f)}
+  for resident in (False, True):
+    compiles = replay(sizes, rows, cohort_size=c.cohort_size, lanes=_LANES.value, seed=c.seed,
+                      resident=resident, per_octave=c.batch_pad_per_octave)
+    where = 'on the devices' if resident else 'sent per round'
+    print(f'data {where}: {len(compiles)} round programs over {len(rows)} rounds')
+    for t, why in compiles:
+      print(f'  round {t:5d}: {why}')
+
+
+if __name__ == '__main__':
+  flags.mark_flags_as_required(['config', 'metrics'])
+  app.run(main)
