@@ -10,8 +10,8 @@ cohort's client sizes and the round's (E, B) alone, so the run's metrics.jsonl (
 each round used) and the data's client sizes replay them exactly, for either data placement
 and any number of lanes, without a device. The planner runs on a stand-in dataset with the
 real client sizes and one byte per example. As a check, each round's replayed B_int must equal
-the run's. Compiles the thread of config.compile_ahead can take over are the B_pad changes
-whose stream and buffer lengths are already in use.
+the run's. Compiles the thread of config.compile_ahead can take over are the moves of B_pad to
+a neighbouring padded size (what it compiles) whose stream and buffer lengths are in use.
 """
 
 import gzip
@@ -30,11 +30,11 @@ _LANES = flags.DEFINE_integer('lanes', 10, 'Lanes of the run (devices x lanes pe
 
 
 def replay(sizes, rows: dict, *, cohort_size: int, lanes: int, seed: int, resident: bool,
-           per_octave: int) -> list[tuple[int, str]]:
+           per_octave: int, max_batch_size: int = 2**30) -> list[tuple[int, str]]:
   """(round, why) for every round whose plan has a shape not seen before."""
   import numpy as np
   from fathom_sim.data.federated import ArrayClientDataset, sample_cohort
-  from fathom_sim.data.plan import Planner
+  from fathom_sim.data.plan import Planner, neighbour_buckets
 
   offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
   data = ArrayClientDataset({'x': np.zeros(int(offsets[-1]), np.uint8)}, offsets,
@@ -53,7 +53,9 @@ def replay(sizes, rows: dict, *, cohort_size: int, lanes: int, seed: int, reside
     if plan.shape not in seen:
       if last is None:
         why = 'first round'
-      elif lengths == last[1]:
+      elif lengths == last[1] and plan.batch_pad in neighbour_buckets(
+          last[0], per_octave, min_batch_pad=planner.min_batch_pad,
+          max_batch_size=max_batch_size):
         why = f'B_pad {last[0]} -> {plan.batch_pad} (compile ahead can take it)'
       else:
         grew = [f'{name} {a} -> {b}' for name, a, b in
@@ -78,7 +80,8 @@ def main(argv):
     rows = {r['round']: r for r in map(json.loads, f)}
   for resident in (False, True):
     compiles = replay(sizes, rows, cohort_size=c.cohort_size, lanes=_LANES.value, seed=c.seed,
-                      resident=resident, per_octave=c.batch_pad_per_octave)
+                      resident=resident, per_octave=c.batch_pad_per_octave,
+                      max_batch_size=max(1, round(min(c.upper_batch_size, 2**30))))
     where = 'on the devices' if resident else 'sent per round'
     print(f'data {where}: {len(compiles)} round programs over {len(rows)} rounds')
     for t, why in compiles:
