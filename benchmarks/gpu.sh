@@ -99,8 +99,8 @@ EOF
   profile)
     # Each step says how it failed and the next one still runs: device time is scarce.
     "$py" benchmarks/lane_step.py --lanes="${LANES:-10,50}" --steps=40 --clients_per_lane=4 \
-        --repeats=5 --trace_dir="$out/trace" 2>&1 | grep -v '^[IW][0-9]' | tee "$out/lane_step.txt" \
-        || echo "lane_step.py: exit $?"
+        --repeats=5 --trace_dir="$out/trace" 2>&1 | grep -v '^[IW][0-9]' \
+        | tee "$out/lane_step.txt" || echo "lane_step.py: exit $?"
     for lanes in $(echo "${LANES:-10,50}" | tr ',' ' '); do
       for form in selects chunk4 bare_scan; do
         "$py" benchmarks/trace_ops.py "$out/trace/${form}_L$lanes" --calls=3 --top=30 \

@@ -646,7 +646,8 @@ def _train(configs: list[ml_collections.ConfigDict], workdirs: list[str], *,
                'batch_size_int': plan.batch_size, 'h_glob': float(ms.h_glob),
                'h_local': float(ms.h_local), 'examples': meta['total_examples'],
                'local_steps': meta['total_steps'], 'dropped_clients': int(ms.dropped_clients),
-               'accepted': bool(ms.accepted), 'padding_efficiency': plan.useful_fraction(n_dev, host_loop, run.loop_chunk)}
+               'accepted': bool(ms.accepted),
+               'padding_efficiency': plan.useful_fraction(n_dev, host_loop, run.loop_chunk)}
         if not ms.accepted:
           logging.warning('%sround %d rejected: no client returned a finite update (%d '
                           'dropped); the model is unchanged%s', _tag(book, vectorized), t,
