@@ -211,10 +211,22 @@ def main(argv):
     cohorts = [int(c) for c in _COHORTS.value]
   except ValueError:
     cli.fail(f'--cohort_sizes must be integers, got {",".join(_COHORTS.value)}')
+  from fathom_sim.config import ConfigError, check_config
+  try:  # every row's config, before any row runs
+    for name in _TASKS.value:
+      for cohort in cohorts:
+        check_config(task_config(name, cohort))
+  except ConfigError as e:
+    cli.fail(f'{e} (from benchmark.py\'s flags)')
   header = (f'{"task":5} {"cohort":>6} {"rounds/s":>9} {"ex/s":>9} {"central ex/s":>12} '
             f'{"ratio":>6} {"padding":>7} {"compiles":>8} {"host s":>7} {"device s":>8} '
             f'{"RSS GiB":>7} {"dev GiB":>7}')
   print(header)
+  cli.run_or_exit(lambda: _rows(cohorts))
+
+
+def _rows(cohorts: list[int]) -> None:
+  """Measures and prints each (task, cohort) row, rewriting --json after each."""
   results = []
   for name in _TASKS.value:
     for cohort in cohorts:

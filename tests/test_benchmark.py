@@ -52,6 +52,17 @@ def test_device_peak_is_the_largest_device_peak_and_none_if_any_device_has_no_co
   assert device_peak_gib(mesh({'bytes_in_use': 5})) is None
 
 
+def test_benchmark_refuses_an_out_of_range_flag_before_measuring(tmp_path):
+  out = tmp_path / 'bench.json'
+  p = subprocess.run([sys.executable, os.path.join(ROOT, 'launch', 'benchmark.py'),
+                      '--tasks=mlp', '--loop_chunk=-1', f'--json={out}'], cwd=ROOT,
+                     env=dict(os.environ, JAX_PLATFORMS='cpu'), capture_output=True, text=True,
+                     timeout=120)
+  assert p.returncode == 2, p.stderr[-2000:]
+  assert 'config.loop_chunk must be in [0, 1024], got -1' in p.stderr
+  assert 'Traceback' not in p.stderr and not out.exists()
+
+
 def test_benchmark_refuses_unknown_task():
   p = subprocess.run([sys.executable, os.path.join(ROOT, 'launch', 'benchmark.py'),
                       '--tasks=resnet'], cwd=ROOT, capture_output=True, text=True, timeout=120)
