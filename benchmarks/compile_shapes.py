@@ -14,8 +14,6 @@ the run's. Compiles the thread of config.compile_ahead can take over are the mov
 a neighbouring padded size (what it compiles) whose stream and buffer lengths are in use.
 """
 
-import gzip
-import json
 import os
 import sys
 
@@ -72,12 +70,11 @@ def main(argv):
   del argv
   import numpy as np
   from fathom_sim.data import load_task
+  from fathom_sim.metrics import read_rows
 
   c = _CONFIG.value
   sizes = np.asarray(load_task(c.data).train.num_examples)
-  opener = gzip.open if _METRICS.value.endswith('.gz') else open
-  with opener(_METRICS.value, 'rt') as f:
-    rows = {r['round']: r for r in map(json.loads, f)}
+  rows = {r['round']: r for r in read_rows(_METRICS.value)}
   for resident in (False, True):
     compiles = replay(sizes, rows, cohort_size=c.cohort_size, lanes=_LANES.value, seed=c.seed,
                       resident=resident, per_octave=c.batch_pad_per_octave,

@@ -10,8 +10,6 @@ give the same B_int and K_i. Cohorts depend only on (seed, round), so the run's 
 have been used. As a check, each round's replayed sum of K_i must equal the run's local steps.
 """
 
-import gzip
-import json
 import os
 import sys
 
@@ -27,6 +25,7 @@ _METRICS = flags.DEFINE_string('metrics', None, 'The run\'s metrics.jsonl (or .j
 def main(argv):
   del argv
   import numpy as np
+  from fathom_sim.metrics import read_rows
   from fathom_sim import fathom
   from fathom_sim.data import load_task
   from fathom_sim.data.federated import sample_cohort
@@ -34,9 +33,7 @@ def main(argv):
   c = _CONFIG.value
   task = load_task(c.data)
   sizes = np.asarray(task.train.num_examples)
-  opener = gzip.open if _METRICS.value.endswith('.gz') else open
-  with opener(_METRICS.value, 'rt') as f:
-    rows = {r['round']: r for r in map(json.loads, f)}
+  rows = {r['round']: r for r in read_rows(_METRICS.value)}
   hp = {t: (np.float32(r['epochs']), np.float32(r['batch_size'])) for t, r in rows.items()}
   used = b_changed = k_changed = mismatched = 0
   for t in range(2, max(rows) + 1):

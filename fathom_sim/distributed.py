@@ -10,6 +10,8 @@ folder every host sees (a GCS bucket on a Cloud TPU pod).
 
 from __future__ import annotations
 
+import importlib
+
 import jax
 from absl import flags, logging
 
@@ -41,7 +43,7 @@ def _orbax_syncs_on_the_coordination_service() -> None:
   first checkpoint sync that late failed a test run once. On accelerators the barrier also
   keeps checkpoint syncs off the devices.
   """
-  import orbax.checkpoint  # noqa: F401  (defines the flag)
+  importlib.import_module('orbax.checkpoint')  # defines the flag
   if ORBAX_BARRIER_FLAG in flags.FLAGS:
     flags.FLAGS[ORBAX_BARRIER_FLAG].value = True
   else:

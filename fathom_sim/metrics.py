@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import datetime
+import gzip
 import hashlib
+import itertools
 import json
 import math
 import os
@@ -46,6 +48,19 @@ class MetricsWriter:
     self._file.close()
 
 
+def read_rows(path: str) -> list[dict]:
+  """The rows of a metrics.jsonl (or of a gzipped copy, *.gz), up to a torn last line."""
+  opener = gzip.open if path.endswith('.gz') else open
+  rows: list[dict] = []
+  with opener(path, 'rt', encoding='utf-8') as f:
+    for line in f:
+      try:
+        rows.append(json.loads(line))
+      except ValueError:
+        break  # a torn write of a killed run: nothing after it was committed either
+  return rows
+
+
 def keep_rows(workdir: str, last_round: int) -> list[dict]:
   """Keeps the rows of rounds 1..last_round (the checkpointed ones) and drops the rest.
 
@@ -53,17 +68,8 @@ def keep_rows(workdir: str, last_round: int) -> list[dict]:
   with a torn last line; this makes metrics.jsonl hold each round exactly once.
   """
   path = os.path.join(workdir, METRICS_FILE)
-  rows: list[dict] = []
-  if os.path.exists(path):
-    with open(path, encoding='utf-8') as f:
-      for line in f:
-        try:
-          row = json.loads(line)
-        except ValueError:
-          break  # a torn write: nothing after it was committed either
-        if row.get('round', 0) > last_round:
-          break
-        rows.append(row)
+  rows = list(itertools.takewhile(lambda r: r.get('round', 0) <= last_round,
+                                  read_rows(path) if os.path.exists(path) else []))
   tmp = path + '.tmp'
   with open(tmp, 'w', encoding='utf-8') as f:
     f.writelines(json.dumps(r) + '\n' for r in rows)

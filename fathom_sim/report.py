@@ -64,13 +64,7 @@ def _read_json(path: str) -> dict | None:
 
 
 def read_run(workdir: str, setting: str) -> RunData:
-  rows = []
-  with open(os.path.join(workdir, metrics.METRICS_FILE), encoding='utf-8') as f:
-    for line in f:
-      try:
-        rows.append(json.loads(line))
-      except ValueError:
-        break  # a torn last line of a killed run
+  rows = metrics.read_rows(os.path.join(workdir, metrics.METRICS_FILE))
   config = _read_json(os.path.join(workdir, 'config.json')) or {}
   return RunData(workdir, setting, config, rows,
                  _read_json(os.path.join(workdir, metrics.SUMMARY_FILE)))

@@ -212,3 +212,17 @@ def test_round_with_no_finite_update_changes_nothing_and_halves_eta(tmp_path):
                              rtol=1e-5)
   from fathom_sim.metrics import params_digest
   assert summary['final']['params_sha256'] == params_digest(state0.params)[1]
+
+
+def test_metrics_rows_read_plain_or_gzipped_up_to_a_torn_line_and_kept_to_a_round(tmp_path):
+  import gzip
+  from fathom_sim import metrics
+  text = ''.join(json.dumps({'round': t}) + '\n' for t in (1, 2, 3)) + '{"round": 4, "tr'
+  plain = tmp_path / metrics.METRICS_FILE
+  plain.write_text(text)
+  with gzip.open(str(plain) + '.gz', 'wt') as f:
+    f.write(text)
+  for path in (str(plain), str(plain) + '.gz'):
+    assert [r['round'] for r in metrics.read_rows(path)] == [1, 2, 3]
+  assert [r['round'] for r in metrics.keep_rows(str(tmp_path), 2)] == [1, 2]
+  assert plain.read_text() == '{"round": 1}\n{"round": 2}\n'
