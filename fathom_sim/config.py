@@ -92,8 +92,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.loop_chunk = 0                # device loop: local steps between checks of its bound (a
                                   # known-length inner loop; up to chunk - 1 padding steps);
                                   # 0 = auto: 1, every step, until measured on accelerators
-  c.compile_ahead = 'auto'        # compile the round for the padded batch sizes next to the
-                                  # current one on a thread: auto | yes | no (auto: FATHOM on
+  c.compile_ahead = 'auto'        # compile the round for the padded batch sizes around the
+                                  # current one on threads: auto | yes | no (auto: FATHOM on
                                   # accelerators, where B moves and compiles are slow)
   return c
 

@@ -66,7 +66,7 @@ class Run:
   lanes_per_device: int
   local_loop: str
   conv: str  # emnist_cnn's convolution form, as resolved from config.model.conv
-  compile_ahead: bool = False  # neighbouring padded batch sizes compile on a thread
+  compile_ahead: bool = False  # padded batch sizes around the current one compile on threads
   loop_chunk: int = 1  # the device loop checks its bound every loop_chunk local steps
 
 
@@ -183,6 +183,13 @@ def _compile_ahead(config, mesh, local_loop: str) -> bool:
   return config.algorithm == 'fathom' and mesh.devices.flat[0].platform != 'cpu'
 
 
+def _compile_ahead_workers() -> int:
+  """Compile threads beside the main one: XLA compiles a program on about one core, and each
+  thread should leave the host's input pipeline (reading threads, planning) cores to run on."""
+  cores = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count()
+  return max(1, min(3, (cores or 1) // 4))
+
+
 def _first_examples(task: Task, n: int) -> dict:
   """Up to n training examples of the first client that has any (for shapes)."""
   first = int(np.flatnonzero(np.asarray(task.train.num_examples) > 0)[0])
@@ -266,7 +273,8 @@ class Rounds:
     self._resident = (put(run.task.train.features, replicated(mesh))
                       if run.resident else None)
     self.last_host_s = self.last_device_s = 0.0
-    self.compile_ahead = (CompileAhead(self.round_fn, self._neighbour_pads)
+    self.compile_ahead = (CompileAhead(self.round_fn, self._neighbour_pads, reach=2,
+                                       workers=_compile_ahead_workers())
                           if run.compile_ahead else None)
     self._plan_ahead = prefetch
     self._next: _Fed | None = None
@@ -295,12 +303,11 @@ class Rounds:
       fed = self._feed(t, hp)
     dispatched = time.perf_counter()
     args = (state,) + fed.args
-    key = self.compile_ahead.before(args, fed.batch_pad) if self.compile_ahead else None
+    if self.compile_ahead is not None:
+      self.compile_ahead.before(args, fed.batch_pad)
     state, m = self.round_fn(*args, batch_pad=fed.batch_pad,
                              num_iterations=fed.longest if self.run.local_loop == 'host'
                              else None)
-    if key is not None:
-      self.compile_ahead.after(key)
     if t < c.num_rounds:
       if self._prefetch is not None:
         self._prefetch.fetch(np.concatenate(self._cohorts(t + 1)))

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 from jax import monitoring
 
+from fathom_sim.compile_ahead import CompileAhead
 from fathom_sim.data.plan import bucket, neighbour_buckets
 from fathom_sim.train import Rounds, build, init_state
 from fathom_sim.types import BATCH
@@ -24,6 +25,27 @@ def test_neighbour_buckets_are_the_adjacent_reachable_padded_sizes(per_octave, m
     expected = reachable[max(i - 1, 0):i] + reachable[i + 1:i + 2]
     assert neighbour_buckets(pad, per_octave, min_batch_pad=min_batch_pad,
                              max_batch_size=max_b) == expected, pad
+
+
+def _grid_neighbours(pad):
+  grid = [3, 4, 6, 8, 12, 16]
+  i = grid.index(pad)
+  return grid[max(i - 1, 0):i] + grid[i + 1:i + 2]
+
+
+@pytest.mark.parametrize('reach, expected', [(1, [4, 8]), (2, [4, 8, 3, 12]),
+                                             (3, [4, 8, 3, 12, 16])])
+def test_the_sizes_around_a_pad_come_nearest_first_within_reach(reach, expected):
+  ahead = CompileAhead(None, _grid_neighbours, reach=reach)
+  assert ahead._around(6) == expected
+  ahead.close()
+
+
+def test_reach_and_workers_below_one_are_refused():
+  with pytest.raises(ValueError, match='reach and workers'):
+    CompileAhead(None, _grid_neighbours, reach=0)
+  with pytest.raises(ValueError, match='reach and workers'):
+    CompileAhead(None, _grid_neighbours, workers=0)
 
 
 class _CompileLog:
@@ -76,7 +98,13 @@ def test_the_next_padded_size_is_compiled_ahead_and_used_with_the_same_result():
   assert plain.compile_ahead is None and plain_waited >= 1
   assert ahead_waited == 0
   assert ahead.compile_ahead.used == 1
-  assert ahead.compile_ahead.compiled == 3  # 4 and 8 around 6, then 3 around 4
+  # Two padded sizes each way around 6, queued before round 1 compiled its own program; then
+  # those around 4 that were not queued yet (a size compiled ahead gets its surroundings too).
+  neighbours = ahead._neighbour_pads
+  around_6 = {*neighbours(6), *(p for q in neighbours(6) for p in neighbours(q))} - {6}
+  around_4 = {*neighbours(4), *(p for q in neighbours(4) for p in neighbours(q))} - {4, 6}
+  assert 4 in around_6 and around_4 - around_6
+  assert ahead.compile_ahead.compiled == len(around_6 | around_4)
   assert ahead.compiles == plain.compiles == 2
   for a, b in zip(jax.tree.leaves(ahead_state), jax.tree.leaves(plain_state), strict=True):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
