@@ -31,9 +31,12 @@
 #   python3 -m pip download --no-deps --only-binary=:all: -d .whl ml_collections==1.1.0 \
 #       flax==0.12.8 optax==0.2.8 orbax-checkpoint==0.12.8
 # then run `bash benchmarks/gpu.sh fathom $OUT` with carry=['.whl'].
-# By default each round's clients are made while the previous round computes (how the table in
-# docs/benchmarks.md was measured); IN_MEMORY=True makes the training set once and holds it in
-# memory, so that data_on_device=auto keeps it on the GPU (not yet measured there).
+# By default each round's clients are made while the previous round computes; IN_MEMORY=True
+# makes the training set once and holds it in memory, so that data_on_device=auto keeps it on
+# the GPU (how the 2026-11-25 (later) figures in docs/benchmarks.md were measured).
+# SEED (default 0) and LOCAL_LOOP (default auto) set config.seed and config.local_loop for
+# `fathom`. JAX_DEFAULT_MATMUL_PRECISION=highest runs the float32 matmuls that CPU runs use
+# (JAX's default on an H100 is TF32; docs/benchmarks.md has a seed that diverged under it).
 # ROUNDS (default 1500), COHORTS (default 10,50,100,200; 10,200 for loops and chunks) and LANES
 # (default 10,50, profile) shrink the runs for a dry check;
 # RERUN=1 runs `fathom` a second time on the compilation cache the first one filled.
@@ -71,6 +74,7 @@ case "$part" in
           --compilation_cache="$cache" \
           --config.data.name=femnist_synthetic --config.data.num_clients=3400 \
           --config.data.in_memory="${IN_MEMORY:-False}" --config.loop_chunk="${LOOP_CHUNK:-0}" \
+          --config.seed="${SEED:-0}" --config.local_loop="${LOCAL_LOOP:-auto}" \
           --config.num_rounds="${ROUNDS:-1500}" --config.eval_every=100 \
           --config.eval_clients=340 --config.checkpoint_every=500 2>&1 | tail -n 20
       end=$(date +%s.%N)
