@@ -36,7 +36,8 @@
 # the GPU (how the 2026-11-25 (later) figures in docs/benchmarks.md were measured).
 # SEED (default 0) and LOCAL_LOOP (default auto) set config.seed and config.local_loop for
 # `fathom`. JAX_DEFAULT_MATMUL_PRECISION=highest runs the float32 matmuls that CPU runs use
-# (JAX's default on an H100 is TF32; docs/benchmarks.md has a seed that diverged under it).
+# (config.matmul_precision='auto' keeps it; JAX's default on an H100 is TF32, and
+# docs/benchmarks.md has a seed that diverged under it).
 # ROUNDS (default 1500), COHORTS (default 10,50,100,200; 10,200 for loops and chunks) and LANES
 # (default 10,50, profile) shrink the runs for a dry check;
 # RERUN=1 runs `fathom` a second time on the compilation cache the first one filled.

@@ -14,6 +14,7 @@ from fathom_sim import fathom, models, server
 from fathom_sim.data import DATASETS
 
 ALGORITHMS = ('fathom', 'fedavg')
+MATMUL_PRECISIONS = ('auto', 'default', 'high', 'highest')
 
 
 class ConfigError(ValueError):
@@ -95,6 +96,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.compile_ahead = 'auto'        # compile the round for the padded batch sizes around the
                                   # current one on threads: auto | yes | no (auto: FATHOM on
                                   # accelerators, where B moves and compiles are slow)
+  c.matmul_precision = 'auto'     # float32 matmuls and convolutions: auto (JAX's setting as the
+                                  # process started, e.g. JAX_DEFAULT_MATMUL_PRECISION) |
+                                  # default (TF32 on recent NVIDIA GPUs) | high | highest
+                                  # (full float32, what the CPU computes)
   return c
 
 
@@ -195,3 +200,4 @@ def check_config(c: ml_collections.ConfigDict) -> None:
   _choice(c, 'local_loop', ('auto', 'device', 'host'))
   _number(c, 'loop_chunk', low=0, high=1024, integer=True)
   _choice(c, 'compile_ahead', ('auto', 'yes', 'no'))
+  _choice(c, 'matmul_precision', MATMUL_PRECISIONS)

@@ -95,6 +95,7 @@ def build(config: ml_collections.ConfigDict, task: Task | None = None) -> Run:
   if config.num_devices > len(jax.devices()):
     raise ConfigError(f'config.num_devices must be at most the {len(jax.devices())} devices '
                       f'present (0 = all), got {config.num_devices}')
+  _set_matmul_precision(config.matmul_precision)
   mesh = make_mesh(config.num_devices)
   conv = _auto_conv(config, mesh)
   model = models.get_model(config.model.name, num_classes=task.num_classes,
@@ -116,6 +117,26 @@ def build(config: ml_collections.ConfigDict, task: Task | None = None) -> Run:
   return Run(config, task, mesh, model, server_opt, tuner, upper, resident,
              _auto_lanes(config, mesh), local_loop, conv,
              _compile_ahead(config, mesh, local_loop), _loop_chunk(config, local_loop))
+
+
+# JAX's matmul precision as this process started (JAX_DEFAULT_MATMUL_PRECISION or its flag):
+# what matmul_precision='auto' restores, so that runs in one process (a sweep, tests) do not
+# inherit the setting of the run before.
+_PROCESS_MATMUL_PRECISION = jax.config.jax_default_matmul_precision
+
+
+def _set_matmul_precision(precision: str) -> None:
+  """Sets JAX's float32 matmul and convolution precision for the whole process, the compile
+  threads included (a thread-local context would leave compile_ahead's programs at another
+  precision than the round's). Why a field: at the default, an H100 multiplies in TF32, and a
+  FEMNIST-shaped seed diverged there that did not in float32 (docs/benchmarks.md)."""
+  jax.config.update('jax_default_matmul_precision',
+                    _PROCESS_MATMUL_PRECISION if precision == 'auto' else precision)
+
+
+def matmul_precision() -> str:
+  """The precision runs now compile with: 'default' unless set."""
+  return jax.config.jax_default_matmul_precision or 'default'
 
 
 def _auto_conv(config, mesh) -> str:
@@ -403,7 +424,7 @@ RESUMABLE_FIELDS = frozenset({
     'num_rounds', 'log_every', 'checkpoint_every', 'keep_checkpoints', 'eval_every',
     'eval_clients', 'eval_batch_size', 'target_accuracy', 'num_devices', 'lanes_per_device',
     'data_on_device', 'batch_pad_per_octave', 'local_loop', 'loop_chunk', 'model.conv',
-    'compile_ahead'})
+    'compile_ahead', 'matmul_precision'})
 
 
 class Preempted(Exception):
@@ -723,7 +744,7 @@ def _summary(book: _Book, final: dict, params, hp: np.ndarray, rounds: Rounds, r
       'algorithm': c.algorithm, 'task': run.task.name, 'rounds': c.num_rounds,
       'devices': run.mesh.devices.size, 'processes': jax.process_count(), 'platform': run.mesh.devices.flat[0].platform,
       'local_loop': run.local_loop, 'loop_chunk': run.loop_chunk,
-      'lanes_per_device': run.lanes_per_device,
+      'lanes_per_device': run.lanes_per_device, 'matmul_precision': matmul_precision(),
       'conv': run.conv if c.model.name == 'emnist_cnn' else None,
       'compiles': compiles,
       # Every program (rounds, evaluation, set-up) loaded from the persistent cache; in a

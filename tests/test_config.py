@@ -1,9 +1,11 @@
 """Bad configs fail before any compute, with one message naming the field."""
 
+import jax
 import numpy as np
 import pytest
 
 from fathom_sim.config import ConfigError, base_config, check_config
+from fathom_sim import train
 from fathom_sim.train import build
 from tests.common import tiny_config, tiny_task
 
@@ -42,6 +44,8 @@ def test_base_config_and_quickstart_are_valid():
     ('lanes_per_device', -1, 'config.lanes_per_device'),
     ('compile_ahead', 'always', "config.compile_ahead must be one of 'auto', 'yes', 'no'"),
     ('loop_chunk', -1, 'config.loop_chunk must be in [0, 1024]'),
+    ('matmul_precision', 'fp32',
+     "config.matmul_precision must be one of 'auto', 'default', 'high', 'highest'"),
 ])
 def test_out_of_range_fields_are_named(field, value, needle):
   c = base_config()
@@ -159,3 +163,23 @@ def test_loop_chunk_resolved():
   c.loop_chunk = 8
   assert train._loop_chunk(c, 'device') == 8
   assert train._loop_chunk(c, 'host') == 1
+
+
+def test_matmul_precision_reaches_the_programs_and_auto_restores_the_process_setting():
+  start = jax.config.jax_default_matmul_precision
+  task = tiny_task()
+  try:
+    run = build(tiny_config(matmul_precision='highest'), task)
+    assert train.matmul_precision() == 'highest'
+    state = train.init_state(run)
+    batch = {k: v[:4] for k, v in task.train.client(0).items()}
+    grad = jax.jit(jax.grad(run.model.loss))
+    hlo = grad.lower(state.params, batch, np.ones(4, bool), jax.random.key(0)).as_text()
+    assert 'HIGHEST' in hlo  # the local step's matmuls, backward pass included
+    build(tiny_config(matmul_precision='auto'), task)
+    assert jax.config.jax_default_matmul_precision == start
+    hlo = jax.jit(jax.grad(run.model.loss)).lower(
+        state.params, batch, np.ones(4, bool), jax.random.key(0)).as_text()
+    assert 'HIGHEST' not in hlo or start == 'highest'
+  finally:
+    jax.config.update('jax_default_matmul_precision', start)
