@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import logging
+import threading
 from typing import Callable, Sequence
 
 import jax
@@ -56,6 +57,7 @@ class CompileAhead:
     # Every key met: None if the round compiled it itself, else the background job's future.
     self._jobs: dict[Key, concurrent.futures.Future | None] = {}
     self._surrounded: set[Key] = set()  # keys whose surroundings were queued
+    self._count_lock = threading.Lock()  # `compiled` is counted by several threads
     self.compiled = 0  # programs compiled on the threads
     self.used = 0      # rounds that found their program compiled ahead (jit's cache then
                        # serves it: the tests check that such a round compiles nothing)
@@ -95,7 +97,8 @@ class CompileAhead:
     try:
       args = jax.tree.unflatten(treedef, arg_specs)
       self._round_fn.lower(*args, batch_pad=batch_pad, num_iterations=None).compile()
-      self.compiled += 1
+      with self._count_lock:
+        self.compiled += 1
     except Exception:
       # The round that needs this program compiles it itself, and reports a real error.
       logging.warning('compiling the round ahead for batch_pad %d failed', batch_pad,
