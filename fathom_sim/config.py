@@ -96,8 +96,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.compile_ahead = 'auto'        # compile the round for the padded batch sizes around the
                                   # current one on threads: auto | yes | no (auto: FATHOM on
                                   # accelerators, where B moves and compiles are slow)
-  c.matmul_precision = 'auto'     # float32 matmuls and convolutions: auto (JAX's setting as the
-                                  # process started, e.g. JAX_DEFAULT_MATMUL_PRECISION) |
+  c.matmul_precision = 'auto'     # float32 matmuls and convolutions: auto (JAX's own setting,
+                                  # e.g. JAX_DEFAULT_MATMUL_PRECISION) |
                                   # default (TF32 on recent NVIDIA GPUs) | high | highest
                                   # (full float32, what the CPU computes)
   return c

@@ -119,10 +119,11 @@ def build(config: ml_collections.ConfigDict, task: Task | None = None) -> Run:
              _compile_ahead(config, mesh, local_loop), _loop_chunk(config, local_loop))
 
 
-# JAX's matmul precision as this process started (JAX_DEFAULT_MATMUL_PRECISION or its flag):
-# what matmul_precision='auto' restores, so that runs in one process (a sweep, tests) do not
-# inherit the setting of the run before.
-_PROCESS_MATMUL_PRECISION = jax.config.jax_default_matmul_precision
+# JAX's matmul precision as it was before the first run that set one, if a run did: what
+# matmul_precision='auto' puts back, so that runs in one process (a sweep, tests) do not
+# inherit the setting of the run before, while a setting made outside any run (the
+# JAX_DEFAULT_MATMUL_PRECISION variable, or jax.config in a notebook) stands.
+_PRECISION_BEFORE_RUNS: list = []
 
 
 def _set_matmul_precision(precision: str) -> None:
@@ -130,8 +131,13 @@ def _set_matmul_precision(precision: str) -> None:
   threads included (a thread-local context would leave compile_ahead's programs at another
   precision than the round's). Why a field: at the default, an H100 multiplies in TF32, and a
   FEMNIST-shaped seed diverged there that did not in float32 (docs/benchmarks.md)."""
-  jax.config.update('jax_default_matmul_precision',
-                    _PROCESS_MATMUL_PRECISION if precision == 'auto' else precision)
+  if precision == 'auto':
+    if _PRECISION_BEFORE_RUNS:
+      jax.config.update('jax_default_matmul_precision', _PRECISION_BEFORE_RUNS.pop())
+    return
+  if not _PRECISION_BEFORE_RUNS:
+    _PRECISION_BEFORE_RUNS.append(jax.config.jax_default_matmul_precision)
+  jax.config.update('jax_default_matmul_precision', precision)
 
 
 def matmul_precision() -> str:

@@ -165,7 +165,7 @@ def test_loop_chunk_resolved():
   assert train._loop_chunk(c, 'host') == 1
 
 
-def test_matmul_precision_reaches_the_programs_and_auto_restores_the_process_setting():
+def test_matmul_precision_reaches_the_programs_and_auto_restores_the_setting_before_it():
   start = jax.config.jax_default_matmul_precision
   task = tiny_task()
   try:
@@ -181,5 +181,15 @@ def test_matmul_precision_reaches_the_programs_and_auto_restores_the_process_set
     hlo = jax.jit(jax.grad(run.model.loss)).lower(
         state.params, batch, np.ones(4, bool), jax.random.key(0)).as_text()
     assert 'HIGHEST' not in hlo or start == 'highest'
+  finally:
+    jax.config.update('jax_default_matmul_precision', start)
+
+
+def test_auto_matmul_precision_keeps_a_setting_made_outside_any_run():
+  start = jax.config.jax_default_matmul_precision
+  try:
+    jax.config.update('jax_default_matmul_precision', 'high')  # e.g. in a notebook
+    build(tiny_config(matmul_precision='auto'), tiny_task())
+    assert train.matmul_precision() == 'high'
   finally:
     jax.config.update('jax_default_matmul_precision', start)
