@@ -13,6 +13,10 @@
 #                                       # device and driven by the host
 #   bash benchmarks/gpu.sh chunks OUT   # cohorts 10 and 200 (CNN), the device loop checking its
 #                                       # bound every 4 and every 16 steps (config.loop_chunk)
+#   bash benchmarks/gpu.sh dtypes OUT   # the CNN in float32 and in bfloat16
+#                                       # (config.model.compute_dtype): vmapped SGD at 10/50/200
+#                                       # lanes, the round's step at 10 and 50 lanes, and
+#                                       # cohorts 10 and 200 with the data on the GPU
 #
 # Why `loops` and the CUDA graph: a round's local loop runs to the longest lane, a bound read
 # from the cohort table on the device. XLA:GPU then cannot know the trip count, so it copies the
@@ -35,16 +39,19 @@
 # makes the training set once and holds it in memory, so that data_on_device=auto keeps it on
 # the GPU (how the 2026-11-25 (later) figures in docs/benchmarks.md were measured).
 # SEED (default 0) and LOCAL_LOOP (default auto) set config.seed and config.local_loop for
-# `fathom`. JAX_DEFAULT_MATMUL_PRECISION=highest runs the float32 matmuls that CPU runs use
-# (config.matmul_precision='auto' keeps it; JAX's default on an H100 is TF32, and
-# docs/benchmarks.md has a seed that diverged under it).
+# `fathom`; COMPUTE_DTYPE (default float32) sets config.model.compute_dtype for `fathom`,
+# `sweep`, `loops` and `chunks`. JAX_DEFAULT_MATMUL_PRECISION=highest runs the float32
+# matmuls that CPU runs use (config.matmul_precision='auto' keeps it; JAX's default on an H100
+# is TF32, and docs/benchmarks.md has a seed that diverged under it).
 # ROUNDS (default 1500), COHORTS (default 10,50,100,200; 10,200 for loops and chunks) and LANES
 # (default 10,50, profile) shrink the runs for a dry check;
 # RERUN=1 runs `fathom` a second time on the compilation cache the first one filled.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-part="${1:?usage: benchmarks/gpu.sh fathom|sweep|profile|loops|chunks OUT}"
-out="${2:?usage: benchmarks/gpu.sh fathom|sweep|profile|loops|chunks OUT}"
+usage='usage: benchmarks/gpu.sh fathom|sweep|profile|loops|chunks|dtypes OUT'
+part="${1:?$usage}"
+out="${2:?$usage}"
+dtype="${COMPUTE_DTYPE:-float32}"
 py="${PYTHON:-python3}"
 mkdir -p "$out"
 if compgen -G ".whl/*.whl" > /dev/null; then
@@ -76,6 +83,7 @@ case "$part" in
           --config.data.name=femnist_synthetic --config.data.num_clients=3400 \
           --config.data.in_memory="${IN_MEMORY:-False}" --config.loop_chunk="${LOOP_CHUNK:-0}" \
           --config.seed="${SEED:-0}" --config.local_loop="${LOCAL_LOOP:-auto}" \
+          --config.model.compute_dtype="$dtype" \
           --config.num_rounds="${ROUNDS:-1500}" --config.eval_every=100 \
           --config.eval_clients=340 --config.checkpoint_every=500 2>&1 | tail -n 20
       end=$(date +%s.%N)
@@ -87,6 +95,7 @@ print(f"{workdir}: end to end {end - start:.1f} s; rounds {s['rounds']}; trainin
       f"{s['wall_s']:.1f} s; compiles {s['compiles']} (ahead {s.get('compiled_ahead')}; "
       f"loaded from the cache {s.get('compile_cache_hits')}); planned ahead "
       f"{s.get('planned_ahead')}, replanned {s.get('replanned')}; "
+      f"compute {s.get('compute_dtype')}; "
       f"padding {s['padding_efficiency']:.3f} (loop chunk {s.get('loop_chunk')}); "
       f"final test accuracy {s['final']['test_accuracy']:.4f}; devices {s['devices']} "
       f"({s['platform']})")
@@ -95,11 +104,13 @@ EOF
     ;;
   sweep)
     "$py" launch/benchmark.py --tasks=cnn,lstm --cohort_sizes="${COHORTS:-10,50,100,200}" \
-        --rounds=5 --warmup=2 --in_memory="${IN_MEMORY:-False}" --json="$out/bench_gpu.json" 2>&1 \
+        --rounds=5 --warmup=2 --in_memory="${IN_MEMORY:-False}" --compute_dtype="$dtype" \
+        --json="$out/bench_gpu.json" 2>&1 \
         | grep -v '^[IW][0-9]'
     # What reading round t+1's clients during round t saves: host s per round without it.
     "$py" launch/benchmark.py --tasks=cnn --cohort_sizes=10 --rounds=5 --warmup=2 \
-        --noprefetch --json="$out/bench_gpu_noprefetch.json" 2>&1 | grep -v '^[IW][0-9]'
+        --compute_dtype="$dtype" --noprefetch --json="$out/bench_gpu_noprefetch.json" 2>&1 \
+        | grep -v '^[IW][0-9]'
     ;;
   profile)
     # Each step says how it failed and the next one still runs: device time is scarce.
@@ -121,6 +132,7 @@ EOF
     for loop in device host; do
       "$py" launch/benchmark.py --tasks=cnn --cohort_sizes="${COHORTS:-10,200}" --rounds=5 \
           --warmup=2 --local_loop="$loop" --in_memory="${IN_MEMORY:-False}" \
+          --compute_dtype="$dtype" \
           --json="$out/bench_gpu_loop_$loop.json" 2>&1 | grep -v '^[IW][0-9]' \
           || echo "benchmark.py --local_loop=$loop: exit $?"
     done
@@ -129,10 +141,28 @@ EOF
     for chunk in 4 16; do
       "$py" launch/benchmark.py --tasks=cnn --cohort_sizes="${COHORTS:-10,200}" --rounds=5 \
           --warmup=2 --local_loop=device --loop_chunk="$chunk" --in_memory="${IN_MEMORY:-False}" \
+          --compute_dtype="$dtype" \
           --json="$out/bench_gpu_chunk$chunk.json" 2>&1 | grep -v '^[IW][0-9]' \
           || echo "benchmark.py --loop_chunk=$chunk: exit $?"
     done
     ;;
-  *) echo "benchmarks/gpu.sh: unknown part '$part' (fathom, sweep, profile, loops or chunks)" >&2
+  dtypes)
+    # Why: at 50 lanes the step's convolutions move ~0.66 GB of shifted views a step in float32
+    # (Conv3x3); bfloat16 halves that and runs the products on the tensor cores' faster path.
+    "$py" benchmarks/conv_vmap.py --lanes=10,50,200 --steps=10 --dtypes=float32,bfloat16 2>&1 \
+        | grep -v '^[IW][0-9]' | tee "$out/conv_vmap.txt" || echo "conv_vmap.py: exit $?"
+    for d in float32 bfloat16; do
+      "$py" benchmarks/lane_step.py --lanes=10,50 --steps=40 --clients_per_lane=4 --repeats=5 \
+          --chunks= --compute_dtype="$d" 2>&1 | grep -v '^[IW][0-9]' \
+          | tee "$out/lane_step_$d.txt" || echo "lane_step.py --compute_dtype=$d: exit $?"
+    done
+    for d in float32 bfloat16; do
+      "$py" launch/benchmark.py --tasks=cnn --cohort_sizes="${COHORTS:-10,200}" --rounds=5 \
+          --warmup=2 --in_memory=True --compute_dtype="$d" --json="$out/bench_gpu_$d.json" 2>&1 \
+          | grep -v '^[IW][0-9]' || echo "benchmark.py --compute_dtype=$d: exit $?"
+    done
+    ;;
+  *) echo "benchmarks/gpu.sh: unknown part '$part' (fathom, sweep, profile, loops, chunks or" \
+          "dtypes)" >&2
      exit 2 ;;
 esac

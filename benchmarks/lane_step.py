@@ -38,23 +38,26 @@ _CLIENTS = flags.DEFINE_integer('clients_per_lane', 2, 'Clients each lane runs i
 _REPEATS = flags.DEFINE_integer('repeats', 12, 'Interleaved timed calls per form.')
 _BATCH = flags.DEFINE_integer('batch_size', 20, 'Examples per step.')
 _CHUNKS = flags.DEFINE_list('chunks', ['4', '16'], 'Loop chunks to time besides 1 (chunkN forms).')
+_DTYPE = flags.DEFINE_enum('compute_dtype', 'float32', ['float32', 'bfloat16'],
+                           'The CNN\'s activations and matrix products '
+                           '(config.model.compute_dtype).')
 _TRACE = flags.DEFINE_string('trace_dir', None, 'Also write a profiler trace of each form here '
                              '(<dir>/<form>_L<lanes>/plugins/profile/*/perfetto_trace.json.gz).')
 
 
-def forms_for(lanes: int, steps: int, clients: int, b: int,
-              chunks: tuple[int, ...] = ()) -> tuple[dict, tuple, int]:
+def forms_for(lanes: int, steps: int, clients: int, b: int, chunks: tuple[int, ...] = (),
+              compute_dtype: str = 'float32') -> tuple[dict, tuple, int]:
   """name -> jitted f(params, source, num_iterations) over `lanes` lanes, the arguments to
   call them with, and the steps per lane (a multiple of `clients`)."""
   import jax
   import jax.numpy as jnp
   import numpy as np
   from fathom_sim.client import lane_train
-  from fathom_sim.models import EmnistCNN, classifier
+  from fathom_sim.models import COMPUTE_DTYPES, EmnistCNN, classifier
   from fathom_sim.types import CohortTable
 
   k = steps - steps % clients
-  model = classifier('emnist_cnn', EmnistCNN(conv='matmul'))
+  model = classifier('emnist_cnn', EmnistCNN(conv='matmul', dtype=COMPUTE_DTYPES[compute_dtype]))
   data = np.random.default_rng(0)
   source = {'x': jnp.asarray(data.random((lanes, k * b, 28, 28), np.float32)),
             'y': jnp.asarray(data.integers(0, 62, (lanes, k * b)), jnp.int32)}
@@ -104,11 +107,11 @@ def main(argv):
   import numpy as np
 
   b = _BATCH.value
-  print('jax', jax.__version__, jax.devices()[0].device_kind, f'B {b}', flush=True)
+  print('jax', jax.__version__, jax.devices()[0].device_kind, f'B {b}', _DTYPE.value, flush=True)
   print(f'{"lanes":>5} {"form":>9} {"ms/step":>8} {"examples/s":>10}')
   for lanes in map(int, _LANES.value):
     chunks = tuple(c for c in map(int, _CHUNKS.value) if c > 1)
-    forms, args, k = forms_for(lanes, _STEPS.value, _CLIENTS.value, b, chunks)
+    forms, args, k = forms_for(lanes, _STEPS.value, _CLIENTS.value, b, chunks, _DTYPE.value)
     out = {name: jax.block_until_ready(f(*args)) for name, f in forms.items()}
     best = dict.fromkeys(forms, float('inf'))
     for _ in range(_REPEATS.value):

@@ -66,6 +66,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.hidden = (64,)          # mlp hidden widths; lstm: (embedding, LSTM, dense) widths
   c.model.conv = 'auto'           # emnist_cnn's convolutions: auto | xla | matmul (the same
                                   # function; auto: matmul on CPU and GPU, measured)
+  c.model.compute_dtype = 'float32'  # float32 | bfloat16: activations and matrix products;
+                                  # parameters, updates and FATHOM's statistics stay float32
 
   c.data = ml_collections.ConfigDict()
   c.data.name = 'synthetic'       # synthetic | femnist_synthetic | npz | femnist | stackoverflow
@@ -176,6 +178,7 @@ def check_config(c: ml_collections.ConfigDict) -> None:
     _fail('model.hidden', '(embedding, LSTM, dense) widths for model.name lstm, e.g. '
           '(96, 670, 96)', hidden)
   _choice(c, 'model.conv', ('auto',) + models.CONV_IMPLS)
+  _choice(c, 'model.compute_dtype', tuple(models.COMPUTE_DTYPES))
   _choice(c, 'data.name', DATASETS)
   _number(c, 'data.seed', low=0, integer=True)
   _number(c, 'data.num_clients', low=1, integer=True)

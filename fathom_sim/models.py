@@ -29,16 +29,20 @@ class Model(NamedTuple):
   eval_sums: Callable[[Params, Batch, jax.Array], dict]
 
 
+COMPUTE_DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
+
+
 class MLP(nn.Module):
   hidden: Sequence[int]
   num_classes: int
+  dtype: jnp.dtype = jnp.float32  # of the computation; parameters are float32 regardless
 
   @nn.compact
   def __call__(self, x, train: bool = False):
-    x = x.reshape((x.shape[0], -1)).astype(jnp.float32)
+    x = x.reshape((x.shape[0], -1)).astype(self.dtype)
     for width in self.hidden:
-      x = nn.relu(nn.Dense(width)(x))
-    return nn.Dense(self.num_classes)(x)
+      x = nn.relu(nn.Dense(width, dtype=self.dtype)(x))
+    return nn.Dense(self.num_classes, dtype=self.dtype)(x)
 
 
 CONV_IMPLS = ('xla', 'matmul')
@@ -53,15 +57,17 @@ class Conv3x3(nn.Module):
   per client, slow on GPU and CPU, while this form becomes a batched matrix product; and
   XLA:CPU runs nn.Conv ~15x slower inside a loop, this form not (docs/benchmarks.md). The
   price is memory: the 9 views are a copy 9x the input's size, kept for the backward pass
-  (~0.66 MB an example for the second convolution).
+  (~0.66 MB an example for the second convolution; half that in bfloat16).
   """
   features: int
+  dtype: jnp.dtype = jnp.float32  # of the computation; the parameters stay float32
 
   @nn.compact
   def __call__(self, x):
     cin = x.shape[-1]
     kernel = self.param('kernel', nn.initializers.lecun_normal(), (3, 3, cin, self.features))
     bias = self.param('bias', nn.initializers.zeros_init(), (self.features,))
+    x, kernel, bias = (a.astype(self.dtype) for a in (x, kernel, bias))
     h, w = x.shape[-3] - 2, x.shape[-2] - 2
     # Patch features in (row, column, channel) order: the order of kernel.reshape(9 cin, out).
     patches = jnp.concatenate([x[..., i:i + h, j:j + w, :] for i in range(3) for j in range(3)],
@@ -76,27 +82,29 @@ class EmnistCNN(nn.Module):
   """
   num_classes: int = 62
   conv: str = 'xla'
+  dtype: jnp.dtype = jnp.float32  # of the computation; the parameters stay float32
 
   @nn.compact
   def __call__(self, x, train: bool = False):
-    x = x.astype(jnp.float32)
+    x = x.astype(self.dtype)
     if x.ndim == 3:
       x = x[..., None]
     for i, width in enumerate((32, 64)):
       # Named as nn.Conv names itself, so both forms share one parameter tree.
-      conv = (nn.Conv(width, (3, 3), padding='VALID', name=f'Conv_{i}') if self.conv == 'xla'
-              else Conv3x3(width, name=f'Conv_{i}'))
+      conv = (nn.Conv(width, (3, 3), padding='VALID', dtype=self.dtype, name=f'Conv_{i}')
+              if self.conv == 'xla' else Conv3x3(width, dtype=self.dtype, name=f'Conv_{i}'))
       x = nn.relu(conv(x))
     x = nn.max_pool(x, (2, 2), strides=(2, 2))
     x = nn.Dropout(0.25, deterministic=not train)(x)
     x = x.reshape((x.shape[0], -1))
-    x = nn.relu(nn.Dense(128)(x))
+    x = nn.relu(nn.Dense(128, dtype=self.dtype)(x))
     x = nn.Dropout(0.5, deterministic=not train)(x)
-    return nn.Dense(self.num_classes)(x)
+    return nn.Dense(self.num_classes, dtype=self.dtype)(x)
 
 
 def classifier(name: str, module: nn.Module) -> Model:
-  """Wraps a logits module with masked softmax cross-entropy and accuracy."""
+  """Wraps a logits module with masked softmax cross-entropy and accuracy (in float32 whatever
+  the module computes in: a bfloat16 softmax loses the small probabilities)."""
 
   def init(rng: jax.Array, batch: Batch) -> Params:
     return module.init(rng, batch['x'][:1], train=False)['params']
@@ -104,6 +112,7 @@ def classifier(name: str, module: nn.Module) -> Model:
   def per_example(params, batch, train, rng):
     rngs = {'dropout': rng} if train and rng is not None else {}
     logits = module.apply({'params': params}, batch['x'], train=train, rngs=rngs)
+    logits = logits.astype(jnp.float32)
     labels = batch['y'].astype(jnp.int32)
     losses = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
     return losses, jnp.argmax(logits, axis=-1) == labels
@@ -128,13 +137,14 @@ class NextWordLSTM(nn.Module):
   embed: int = 96
   lstm: int = 670
   dense: int = 96
+  dtype: jnp.dtype = jnp.float32  # of the computation; the parameters stay float32
 
   @nn.compact
   def __call__(self, x, train: bool = False):
-    h = nn.Embed(self.num_ids, self.embed)(x.astype(jnp.int32))
-    h = nn.RNN(nn.OptimizedLSTMCell(self.lstm))(h)
-    h = nn.Dense(self.dense)(h)
-    return nn.Dense(self.num_ids)(h)
+    h = nn.Embed(self.num_ids, self.embed, dtype=self.dtype)(x.astype(jnp.int32))
+    h = nn.RNN(nn.OptimizedLSTMCell(self.lstm, dtype=self.dtype))(h)
+    h = nn.Dense(self.dense, dtype=self.dtype)(h)
+    return nn.Dense(self.num_ids, dtype=self.dtype)(h)
 
 
 def sequence_model(name: str, module: nn.Module, num_ids: int) -> Model:
@@ -150,7 +160,7 @@ def sequence_model(name: str, module: nn.Module, num_ids: int) -> Model:
     return module.init(rng, batch['x'][:1], train=False)['params']
 
   def per_token(params, batch):
-    logits = module.apply({'params': params}, batch['x'], train=False)
+    logits = module.apply({'params': params}, batch['x'], train=False).astype(jnp.float32)
     labels = batch['y'].astype(jnp.int32)
     losses = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
     return losses, jnp.argmax(logits, axis=-1) == labels, labels
@@ -173,18 +183,25 @@ def sequence_model(name: str, module: nn.Module, num_ids: int) -> Model:
 
 
 def get_model(name: str, *, num_classes: int, hidden: Sequence[int] = (64,),
-              conv: str = 'xla') -> Model:
-  """The model `name`; `conv` picks how emnist_cnn computes its convolutions (CONV_IMPLS)."""
+              conv: str = 'xla', compute_dtype: str = 'float32') -> Model:
+  """The model `name`; `conv` picks how emnist_cnn computes its convolutions (CONV_IMPLS);
+  `compute_dtype` the dtype of its activations and matrix products (COMPUTE_DTYPES). The
+  parameters, and so the gradients, updates and FATHOM's statistics, are float32 either way."""
   if conv not in CONV_IMPLS:
     raise ValueError(f'model.conv must be one of {CONV_IMPLS}, got {conv!r}')
+  if compute_dtype not in COMPUTE_DTYPES:
+    raise ValueError(f'model.compute_dtype must be one of {tuple(COMPUTE_DTYPES)}, '
+                     f'got {compute_dtype!r}')
+  dtype = COMPUTE_DTYPES[compute_dtype]
   if name == 'logistic':
-    return classifier(name, MLP(hidden=(), num_classes=num_classes))
+    return classifier(name, MLP(hidden=(), num_classes=num_classes, dtype=dtype))
   if name == 'mlp':
-    return classifier(name, MLP(hidden=tuple(hidden), num_classes=num_classes))
+    return classifier(name, MLP(hidden=tuple(hidden), num_classes=num_classes, dtype=dtype))
   if name == 'emnist_cnn':
-    return classifier(name, EmnistCNN(num_classes=num_classes, conv=conv))
+    return classifier(name, EmnistCNN(num_classes=num_classes, conv=conv, dtype=dtype))
   if name in ('stackoverflow_lstm', 'lstm'):
     # num_classes is the number of token ids; 'lstm' takes its widths from `hidden`.
     embed, lstm, dense = STACKOVERFLOW_LSTM if name == 'stackoverflow_lstm' else hidden
-    return sequence_model(name, NextWordLSTM(num_classes, embed, lstm, dense), num_classes)
+    return sequence_model(name, NextWordLSTM(num_classes, embed, lstm, dense, dtype),
+                          num_classes)
   raise ValueError(f'model.name must be one of {MODELS}, got {name!r}')

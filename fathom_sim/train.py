@@ -99,7 +99,8 @@ def build(config: ml_collections.ConfigDict, task: Task | None = None) -> Run:
   mesh = make_mesh(config.num_devices)
   conv = _auto_conv(config, mesh)
   model = models.get_model(config.model.name, num_classes=task.num_classes,
-                           hidden=config.model.hidden, conv=conv)
+                           hidden=config.model.hidden, conv=conv,
+                           compute_dtype=config.model.compute_dtype)
   _check_model_fits(model, config.model.name, task)
   server_opt = server.server_optimizer(
       config.server_optimizer, config.server_lr, momentum=config.server_momentum,
@@ -752,6 +753,7 @@ def _summary(book: _Book, final: dict, params, hp: np.ndarray, rounds: Rounds, r
       'local_loop': run.local_loop, 'loop_chunk': run.loop_chunk,
       'lanes_per_device': run.lanes_per_device, 'matmul_precision': matmul_precision(),
       'conv': run.conv if c.model.name == 'emnist_cnn' else None,
+      'compute_dtype': c.model.compute_dtype,
       'compiles': compiles,
       # Every program (rounds, evaluation, set-up) loaded from the persistent cache; in a
       # vectorised group, the group's.

@@ -41,6 +41,9 @@ _LOOP_CHUNK = flags.DEFINE_integer(
 _CONV = flags.DEFINE_enum('conv', 'auto', ['auto', 'xla', 'matmul'],
                           'The CNN\'s convolutions (config.model.conv; auto: matmul on CPU '
                           'and GPU).')
+_DTYPE = flags.DEFINE_enum(
+    'compute_dtype', 'float32', ['float32', 'bfloat16'], 'The models\' activations and matrix '
+    'products, in the rounds and in the centralized ceiling alike (config.model.compute_dtype).')
 _PER_OCTAVE = flags.DEFINE_integer(
     'batch_pad_per_octave', 4, 'Padded batch sizes per doubling. 4 computes B 20 as 20 rows; '
     'the simulator\'s default of 2 (fewer compiles while FATHOM moves B) computes it as 24.')
@@ -65,6 +68,7 @@ def task_config(name: str, cohort_size: int):
   c.local_loop = _LOCAL_LOOP.value
   c.loop_chunk = _LOOP_CHUNK.value
   c.model.conv = _CONV.value
+  c.model.compute_dtype = _DTYPE.value
   c.batch_pad_per_octave = _PER_OCTAVE.value
   c.data.num_clients = _NUM_CLIENTS.value
   c.data.in_memory = _IN_MEMORY.value  # femnist_synthetic; the LSTM's data: load()
@@ -176,7 +180,8 @@ def measure(name: str, cohort_size: int) -> dict:
     from fathom_sim.models import CONV_IMPLS, get_model
     for conv in CONV_IMPLS:
       if conv != run.conv:
-        other = get_model('emnist_cnn', num_classes=run.task.num_classes, conv=conv)
+        other = get_model('emnist_cnn', num_classes=run.task.num_classes, conv=conv,
+                          compute_dtype=config.model.compute_dtype)
         central = max(central, centralized_examples_per_s(run, pooled, b_int, steps, other))
   r = _ROUNDS.value
   return {'task': name, 'cohort_size': cohort_size, 'rounds_per_s': r / wall,
@@ -189,7 +194,8 @@ def measure(name: str, cohort_size: int) -> dict:
           'device_s_per_round': device / r, 'batch_size': b_int,
           'lanes': rounds.planner.num_lanes, 'devices': n_dev, 'local_loop': run.local_loop,
           'loop_chunk': run.loop_chunk,
-          'conv': run.conv, 'resident': run.resident, 'prefetch': rounds.prefetching,
+          'conv': run.conv, 'compute_dtype': config.model.compute_dtype,
+          'resident': run.resident, 'prefetch': rounds.prefetching,
           'planned_ahead': rounds.planned_ahead, 'replanned': rounds.replanned,
           'platform': run.mesh.devices.flat[0].platform,
           'peak_rss_gib': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,

@@ -17,7 +17,7 @@ QUICKSTART = os.path.join(ROOT, 'configs', 'quickstart.py')
 ROW_FIELDS = {'round', 'train_loss', 'eta', 'epochs', 'batch_size', 'batch_size_int', 'h_glob',
               'h_local', 'examples', 'local_steps', 'wall_s'}
 SUMMARY_FIELDS = {'rounds', 'devices', 'compiles', 'wall_s', 'total_examples',
-                  'total_local_steps', 'final', 'matmul_precision'}
+                  'total_local_steps', 'final', 'matmul_precision', 'compute_dtype'}
 
 
 def load_config_file(path):

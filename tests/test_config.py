@@ -36,6 +36,8 @@ def test_base_config_and_quickstart_are_valid():
     ('model.name', 'resnet', 'config.model.name must be one of'),
     ('model.conv', 'cudnn', "config.model.conv must be one of 'auto', 'xla', 'matmul'"),
     ('model.hidden', (64, 0), 'config.model.hidden'),
+    ('model.compute_dtype', 'float16',
+     "config.model.compute_dtype must be one of 'float32', 'bfloat16'"),
     ('data.name', 'cifar', 'config.data.name must be one of'),
     ('data.test_fraction', 1.0, 'config.data.test_fraction'),
     ('eval_every', 0, 'config.eval_every must be >= 1'),

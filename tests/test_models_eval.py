@@ -59,6 +59,67 @@ def test_cnn_matmul_convolutions_equal_xla_ones_per_client_under_vmap():
     get_model('emnist_cnn', num_classes=62, conv='fft')
 
 
+_PRODUCTS = ('dot_general', 'conv_general_dilated')
+
+
+def _operand_dtypes(jaxpr, primitives=_PRODUCTS) -> set:
+  """The operand dtypes of every `primitives` operation in a jaxpr, nested ones too."""
+  found = set()
+  for eqn in jaxpr.eqns:
+    if eqn.primitive.name in primitives:
+      found.update(str(v.aval.dtype) for v in eqn.invars)
+    for value in eqn.params.values():
+      for sub in value if isinstance(value, (tuple, list)) else (value,):
+        sub = getattr(sub, 'jaxpr', sub)
+        if hasattr(sub, 'eqns'):
+          found |= _operand_dtypes(sub, primitives)
+  return found
+
+
+@pytest.mark.parametrize('name,kwargs', [
+    ('mlp', {'hidden': (16,)}), ('emnist_cnn', {'conv': 'matmul'}),
+    ('emnist_cnn', {'conv': 'xla'}), ('lstm', {'hidden': (8, 12, 8)})])
+def test_bfloat16_compute_keeps_float32_parameters_and_gradients(name, kwargs):
+  """compute_dtype='bfloat16' multiplies in bfloat16 (every matrix product and convolution,
+  the backward pass included) and takes the softmax in float32, while the parameters, the loss
+  and the gradients stay float32, and the result stays within bfloat16's rounding of the
+  float32 model's."""
+  r = np.random.default_rng(0)
+  if name == 'lstm':
+    num_classes = 20
+    batch = {'x': jnp.asarray(r.integers(1, 20, (6, 7))),
+             'y': jnp.asarray(r.integers(1, 20, (6, 7)))}
+  else:
+    num_classes = 62
+    batch = {'x': jnp.asarray(r.random((6, 28, 28)), jnp.float32),
+             'y': jnp.asarray(r.integers(0, 62, 6))}
+  f32, bf16 = (get_model(name, num_classes=num_classes, compute_dtype=d, **kwargs)
+               for d in ('float32', 'bfloat16'))
+  params = f32.init(jax.random.PRNGKey(0), batch)
+  assert jax.tree.structure(bf16.init(jax.random.PRNGKey(0), batch)) == jax.tree.structure(params)
+  mask = jnp.arange(6) < 5
+  key = jax.random.PRNGKey(1)
+  grad = jax.value_and_grad(bf16.loss)
+  jaxpr = jax.make_jaxpr(grad)(params, batch, mask, key).jaxpr
+  assert _operand_dtypes(jaxpr) == {'bfloat16'}
+  # The softmax (its exp and log) in float32: in bfloat16 it would lose small probabilities.
+  assert _operand_dtypes(jaxpr, ('exp', 'log')) == {'float32'}
+  assert _operand_dtypes(jax.make_jaxpr(jax.grad(f32.loss))(params, batch, mask, key).jaxpr) == {
+      'float32'}
+  (loss, g), (loss32, g32) = (jax.jit(jax.value_and_grad(m.loss))(params, batch, mask, key)
+                              for m in (bf16, f32))
+  assert loss.dtype == jnp.float32
+  assert {str(x.dtype) for x in jax.tree.leaves(g)} == {'float32'}
+  flat, flat32 = (np.concatenate([np.ravel(x) for x in jax.tree.leaves(t)]) for t in (g, g32))
+  rel = np.linalg.norm(flat - flat32) / np.linalg.norm(flat32)
+  assert 0 < rel < 0.05, rel  # bfloat16 keeps 8 significant bits: ~0.4 % per rounding
+  np.testing.assert_allclose(loss, loss32, rtol=1e-2)
+  sums = bf16.eval_sums(params, batch, mask)
+  assert {str(v.dtype) for v in sums.values()} <= {'float32', 'int32'}
+  with pytest.raises(ValueError, match='model.compute_dtype must be one of'):
+    get_model(name, num_classes=num_classes, compute_dtype='float16', **kwargs)
+
+
 def test_masked_rows_do_not_enter_the_loss():
   model = get_model('mlp', num_classes=3, hidden=(5,))
   x = np.random.default_rng(0).normal(size=(6, 4)).astype(np.float32)

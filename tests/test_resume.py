@@ -119,6 +119,22 @@ def test_result_changing_config_is_refused_and_more_rounds_continue(tmp_path):
       read_rows(str(tmp_path / 'straight')))
 
 
+def test_a_bfloat16_run_records_its_compute_dtype_and_is_not_resumed_in_float32(tmp_path):
+  """Computing in bfloat16 changes what a run trains, like its model: not a resumable field."""
+  workdir = str(tmp_path / 'run')
+  summary = train_and_evaluate(_tiny(num_rounds=3, **{'model.compute_dtype': 'bfloat16'}),
+                               workdir)
+  assert summary['compute_dtype'] == 'bfloat16'
+  assert np.isfinite(summary['final']['params_l2'])
+  straight = train_and_evaluate(_tiny(num_rounds=3), str(tmp_path / 'float32'))
+  assert straight['compute_dtype'] == 'float32'
+  assert summary['final']['params_sha256'] != straight['final']['params_sha256']
+  before = open(os.path.join(workdir, 'metrics.jsonl')).read()
+  with pytest.raises(WorkdirError, match=r"model.compute_dtype \('bfloat16' -> 'float32'\)"):
+    train_and_evaluate(_tiny(num_rounds=4), workdir)
+  assert open(os.path.join(workdir, 'metrics.jsonl')).read() == before
+
+
 def test_a_run_saved_before_a_config_field_existed_still_resumes(tmp_path):
   workdir = str(tmp_path / 'run')
   train_and_evaluate(_tiny(num_rounds=2), workdir)
