@@ -1,5 +1,5 @@
-"""Compiling the round ahead of need: the padded batch sizes around the current one, on
-threads, while rounds run.
+"""Compiling ahead of need, on threads, while rounds run: the round for the padded batch sizes
+around the current one, and the evaluation's program before the first evaluation.
 
 FATHOM moves B a little every round, so every few dozen rounds B_int crosses into the next
 padded size (data/plan.py's grid) and the round needs a new program. On an H100 each such
@@ -57,10 +57,13 @@ class CompileAhead:
     # Every key met: None if the round compiled it itself, else the background job's future.
     self._jobs: dict[Key, concurrent.futures.Future | None] = {}
     self._surrounded: set[Key] = set()  # keys whose surroundings were queued
+    self._others: dict[str, concurrent.futures.Future] = {}  # other programs, by name
+    self._other_pool: concurrent.futures.ThreadPoolExecutor | None = None
     self._count_lock = threading.Lock()  # `compiled` is counted by several threads
     self.compiled = 0  # programs compiled on the threads
-    self.used = 0      # rounds that found their program compiled ahead (jit's cache then
-                       # serves it: the tests check that such a round compiles nothing)
+    self.used = 0      # rounds (and other programs' first uses) that found their program
+                       # compiled ahead (jit's cache then serves it: the tests check that
+                       # such a round, or evaluation, compiles nothing)
 
   def before(self, args: tuple, batch_pad: int) -> None:
     treedef, arg_specs = specs(args)
@@ -105,13 +108,43 @@ class CompileAhead:
                       exc_info=True)
       raise
 
+  def also(self, name: str, compile_fn: Callable[[], None]) -> None:
+    """Starts compile_fn(), the compile of another program than the round's (e.g. the
+    evaluation's: 4-15 s on an H100 at the first evaluation, docs/benchmarks.md), once per
+    name, on a thread of its own: behind the round's speculative sizes it would not start
+    before it is needed (on an H100 the 100th round comes ~3 s after the first). Call
+    `ready(name)` before that program's first use."""
+    if name not in self._others:
+      if self._other_pool is None:
+        self._other_pool = concurrent.futures.ThreadPoolExecutor(
+            1, thread_name_prefix='compile-ahead-other')
+      self._others[name] = self._other_pool.submit(self._compile_other, name, compile_fn)
+
+  def _compile_other(self, name: str, compile_fn: Callable[[], None]) -> None:
+    try:
+      compile_fn()
+      with self._count_lock:
+        self.compiled += 1
+    except Exception:
+      logging.warning('compiling the %s program ahead failed', name, exc_info=True)
+      raise
+
+  def ready(self, name: str) -> None:
+    """Before program `name`'s first use: waits while it is being compiled (shorter than
+    compiling it again); drops it if it has not started. Later calls do nothing."""
+    job = self._others.pop(name, None)
+    if job is not None and not job.cancel() and job.exception() is None:
+      self.used += 1
+
   def wait(self) -> None:
     """Blocks until every queued compile has finished (tests, benchmarks)."""
-    for job in list(self._jobs.values()):
+    for job in list(self._jobs.values()) + list(self._others.values()):
       if job is not None:
         concurrent.futures.wait([job])
 
   def close(self) -> None:
     """Drops queued compiles. Those already running finish in the background, and the
     interpreter waits for them at exit (seconds on a GPU)."""
-    self._pool.shutdown(wait=False, cancel_futures=True)
+    for pool in (self._pool, self._other_pool):
+      if pool is not None:
+        pool.shutdown(wait=False, cancel_futures=True)

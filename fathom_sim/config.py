@@ -96,8 +96,9 @@ def base_config() -> ml_collections.ConfigDict:
                                   # known-length inner loop; up to chunk - 1 padding steps);
                                   # 0 = auto: 1, every step, until measured on accelerators
   c.compile_ahead = 'auto'        # compile the round for the padded batch sizes around the
-                                  # current one on threads: auto | yes | no (auto: FATHOM on
-                                  # accelerators, where B moves and compiles are slow)
+                                  # current one, and the evaluation, on threads: auto | yes |
+                                  # no (auto: FATHOM on accelerators, where B moves and
+                                  # compiles are slow)
   c.matmul_precision = 'auto'     # float32 matmuls and convolutions: auto (JAX's own setting,
                                   # e.g. JAX_DEFAULT_MATMUL_PRECISION) |
                                   # default (TF32 on recent NVIDIA GPUs) | high | highest

@@ -7,7 +7,7 @@ every evaluation.
 
 from __future__ import annotations
 
-from typing import Callable, Iterator, Sequence
+from typing import Iterator, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -46,27 +46,47 @@ def _batches(dataset: ClientDataset, clients: Sequence[int],
     yield padded(pending)
 
 
-def make_evaluator(model: Model, mesh: Mesh,
-                   batch_size: int) -> Callable[[Params, ClientDataset, Sequence[int]], dict]:
-  """Returns evaluate(params, dataset, clients) -> {'accuracy', 'loss', 'count'}.
+class Evaluator:
+  """evaluate(params, dataset, clients) -> {'accuracy', 'loss', 'count'}: one program, fixed
+  batches split over the devices.
 
   A model's extra sums `correct_NAME` (over `count_NAME` if it has one, else over `count`) add
   `accuracy_NAME` to the result.
   """
-  n_dev = mesh.devices.size
-  batch_size = -(-batch_size // n_dev) * n_dev  # split evenly over devices
-  rows, everywhere = by_client(mesh), replicated(mesh)
 
-  @jax.jit
-  def sums(params, batch, num_real):
-    mask = jnp.arange(batch_size) < num_real
-    return model.eval_sums(params, batch, mask)
+  def __init__(self, model: Model, mesh: Mesh, batch_size: int):
+    n_dev = mesh.devices.size
+    self.batch_size = -(-batch_size // n_dev) * n_dev  # split evenly over devices
+    self._rows, self._everywhere = by_client(mesh), replicated(mesh)
+    rows = self.batch_size
 
-  def evaluate(params: Params, dataset: ClientDataset, clients: Sequence[int]) -> dict:
+    def sums(params, batch, num_real):
+      return model.eval_sums(params, batch, jnp.arange(rows) < num_real)
+
+    # The running totals go through the one program, so that an evaluation runs that program
+    # alone (a separate add would be one more compile, and one more dispatch a batch).
+    @jax.jit
+    def add_sums(totals, params, batch, num_real):
+      return jax.tree.map(jnp.add, totals, sums(params, batch, num_real))
+
+    self._sums, self._add_sums = sums, add_sums
+    self._zero_totals = None  # numpy zeros shaped as the totals, made at the first batch
+
+  def _args(self, params, batch: Batch, real: int) -> tuple:
+    return params, put(batch, self._rows), put(np.int32(real), self._everywhere)
+
+  def _zeros(self, args: tuple):
+    """Zero totals, placed as the program returns its totals."""
+    if self._zero_totals is None:
+      self._zero_totals = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype),
+                                       jax.eval_shape(self._sums, *args))
+    return put(self._zero_totals, self._everywhere)
+
+  def __call__(self, params: Params, dataset: ClientDataset, clients: Sequence[int]) -> dict:
     totals = None
-    for batch, real in _batches(dataset, list(clients), batch_size):
-      s = sums(params, put(batch, rows), put(np.int32(real), everywhere))
-      totals = s if totals is None else jax.tree.map(jnp.add, totals, s)
+    for batch, real in _batches(dataset, list(clients), self.batch_size):
+      args = self._args(params, batch, real)
+      totals = self._add_sums(self._zeros(args) if totals is None else totals, *args)
     if totals is None:
       return {'accuracy': float('nan'), 'loss': float('nan'), 'count': 0}  # no extras known
     t = jax.device_get(totals)
@@ -79,4 +99,16 @@ def make_evaluator(model: Model, mesh: Mesh,
         out[f'accuracy_{name}'] = float(t[key]) / float(t.get(f'count_{name}', count))
     return out
 
-  return evaluate
+  def compile(self, params: Params, dataset: ClientDataset, client: int) -> None:
+    """Compiles the program that evaluating `params` runs, without running it: `params` may be
+    arrays or jax.ShapeDtypeStructs with their shardings, `client` is one client with examples
+    (only its features' shapes and dtypes count). jit finds the program in its cache then."""
+    batch, real = next(_batches(dataset, [client], self.batch_size))
+    args = self._args(params, batch, real)
+    self._add_sums.lower(self._zeros(args), *args).compile()
+
+
+def make_evaluator(model: Model, mesh: Mesh, batch_size: int) -> Evaluator:
+  """The evaluator of `model` over `mesh`, `batch_size` examples a batch (rounded up to a
+  multiple of the devices)."""
+  return Evaluator(model, mesh, batch_size)

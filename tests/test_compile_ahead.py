@@ -108,3 +108,57 @@ def test_the_next_padded_size_is_compiled_ahead_and_used_with_the_same_result():
   assert ahead.compiles == plain.compiles == 2
   for a, b in zip(jax.tree.leaves(ahead_state), jax.tree.leaves(plain_state), strict=True):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_the_evaluation_compiled_ahead_is_the_program_the_evaluation_runs():
+  """Evaluator.compile from parameter shapes and shardings alone, on another thread: the
+  evaluation then compiles nothing, and gives what an evaluator that compiled itself gives."""
+  from fathom_sim.evaluation import make_evaluator
+  run = build(tiny_config(num_devices=2), tiny_task())
+  params = init_state(run).params
+  shapes = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding),
+                        params)
+  clients = np.flatnonzero(np.asarray(run.task.test.num_examples) > 0)
+  ahead, plain = (make_evaluator(run.model, run.mesh, 7) for _ in range(2))
+  thread = threading.Thread(target=ahead.compile, args=(shapes, run.task.test, clients[-1]))
+  thread.start()
+  thread.join()
+  with _CompileLog() as ahead_log:
+    a = ahead(params, run.task.test, clients)
+  with _CompileLog() as plain_log:
+    b = plain(params, run.task.test, clients)
+  assert ahead_log.main_thread == 0 and plain_log.main_thread >= 1
+  assert a == b and a['count'] == int(np.sum(run.task.test.num_examples))
+
+
+@pytest.mark.parametrize('seeds', [1, 2])
+def test_a_run_compiles_its_evaluation_ahead_and_its_results_do_not_change(tmp_path, seeds):
+  """In a run (and in a run of vectorised seeds), the evaluation's program compiles on its own
+  thread from before round 1: the main thread then compiles one program fewer (FedAvg: no round
+  program is compiled ahead, its B never moves), with the same metrics."""
+  import copy
+  from fathom_sim.train import train_seeds
+  from tests.test_cli import read_rows
+
+  def run(name, compile_ahead):
+    config = tiny_config(algorithm='fedavg', num_devices=2, compile_ahead=compile_ahead,
+                         eval_every=2, num_rounds=3)
+    configs = [copy.deepcopy(config) for _ in range(seeds)]
+    for i, c in enumerate(configs):
+      c.seed += i
+    workdirs = [str(tmp_path / f'{name}{i}') for i in range(seeds)]
+    with _CompileLog() as log:
+      summary = train_seeds(configs, workdirs)[-1]
+    rows = [{k: v for k, v in r.items() if k != 'wall_s'} for r in read_rows(workdirs[-1])]
+    return log.main_thread, summary, rows
+
+  run('warm', 'no')  # programs that module-level jits keep between runs
+  plain_compiles, plain, plain_rows = run('plain', 'no')
+  ahead_compiles, ahead, ahead_rows = run('ahead', 'yes')
+  assert plain['compiled_ahead'] is None
+  # The evaluation's program was used (the first evaluation waits for it if need be); the
+  # sizes around B compile on other threads, maybe not before the run ends.
+  assert ahead['compiled_ahead']['used'] == 1 and ahead['compiled_ahead']['compiled'] >= 1
+  assert ahead_compiles == plain_compiles - 1
+  assert ahead_rows == plain_rows and 'test_accuracy' in ahead_rows[1]
+  assert ahead['final'] == plain['final']
