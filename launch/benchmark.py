@@ -6,14 +6,17 @@ For each (task, cohort size): FedAvg rounds with static (eta, E, B) after warm-u
 the same model trained centrally on the same device with the same per-step batch over the same
 clients' examples (the ceiling), measured right after, so both sides share the machine's state.
 Reports rounds/s, client examples/s, the ratio to centralized, padding efficiency (real over
-computed example-gradients), round compiles, host and device seconds per round, and peak RSS.
+computed example-gradients), round compiles, host and device seconds per round, and the peaks
+of RSS and device memory, each row measured in a process of its own (--isolate_rows).
 """
 
 import functools
 import json
 import os
 import resource
+import subprocess
 import sys
+import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -54,6 +57,10 @@ _IN_MEMORY = flags.DEFINE_bool(
     'in_memory', False, 'Make every client once and hold the training set in memory (then on '
     'the devices, config.data_on_device auto) instead of making each round\'s clients.')
 _JSON = flags.DEFINE_string('json', None, 'Write one JSON object per (task, cohort) here.')
+_ISOLATE = flags.DEFINE_bool(
+    'isolate_rows', True, 'Measure each (task, cohort) row in a process of its own. Peak RSS '
+    'and device memory are peaks over a process\'s life: rows measured in one process would '
+    'each show the largest peak of the rows before them (the data is then made once per row).')
 
 
 def task_config(name: str, cohort_size: int):
@@ -197,7 +204,7 @@ def measure(name: str, cohort_size: int) -> dict:
           'conv': run.conv, 'compute_dtype': config.model.compute_dtype,
           'resident': run.resident, 'prefetch': rounds.prefetching,
           'planned_ahead': rounds.planned_ahead, 'replanned': rounds.replanned,
-          'platform': run.mesh.devices.flat[0].platform,
+          'platform': run.mesh.devices.flat[0].platform, 'pid': os.getpid(),
           'peak_rss_gib': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
           'device_peak_gib': device_peak_gib(run.mesh),
           'jax': jax.__version__, 'date': time.strftime('%Y-%m-%d')}
@@ -236,7 +243,7 @@ def _rows(cohorts: list[int]) -> None:
   results = []
   for name in _TASKS.value:
     for cohort in cohorts:
-      r = measure(name, cohort)
+      r = _measure_in_child(name, cohort) if _ISOLATE.value else measure(name, cohort)
       results.append(r)
       print(f'{name:5} {cohort:>6} {r["rounds_per_s"]:>9.3f} {r["examples_per_s"]:>9.1f} '
             f'{r["centralized_examples_per_s"]:>12.1f} {r["ratio_to_centralized"]:>6.3f} '
@@ -246,6 +253,24 @@ def _rows(cohorts: list[int]) -> None:
       if _JSON.value:
         with open(_JSON.value, 'w', encoding='utf-8') as f:
           json.dump(results, f, indent=2)
+
+
+def _measure_in_child(name: str, cohort: int) -> dict:
+  """measure(name, cohort) in a child process run with this command's flags (its own
+  peaks). A child that fails has said why on stderr; this process exits with its status."""
+  with tempfile.TemporaryDirectory() as tmp:
+    out = os.path.join(tmp, 'row.json')
+    # absl keeps the last value of a repeated flag: these override the command's own.
+    argv = [sys.executable, os.path.abspath(__file__), *sys.argv[1:], f'--tasks={name}',
+            f'--cohort_sizes={cohort}', '--noisolate_rows', f'--json={out}']
+    child = subprocess.run(argv, stdout=subprocess.DEVNULL)  # its table: this one prints it
+    if child.returncode != 0:
+      if child.returncode < 0:
+        print(f'error: the row {name} at cohort {cohort} was ended by signal '
+              f'{-child.returncode}', file=sys.stderr)
+      sys.exit(child.returncode if child.returncode > 0 else 1)
+    with open(out, encoding='utf-8') as f:
+      return json.load(f)[0]
 
 
 if __name__ == '__main__':

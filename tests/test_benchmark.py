@@ -31,6 +31,9 @@ def test_benchmark_reports_every_field_per_cohort(tmp_path):
     assert abs(r['ratio_to_centralized'] - r['examples_per_s'] /
                r['centralized_examples_per_s']) < 1e-9
   assert 'ratio' in p.stdout  # the printed table
+  # Each row in a process of its own, so that its memory peaks are its own.
+  pids = {r['pid'] for r in results}
+  assert len(pids) == 2
 
 
 def test_device_peak_is_the_largest_device_peak_and_none_if_any_device_has_no_count():
@@ -60,6 +63,20 @@ def test_benchmark_refuses_an_out_of_range_flag_before_measuring(tmp_path):
                      timeout=120)
   assert p.returncode == 2, p.stderr[-2000:]
   assert 'config.loop_chunk must be in [0, 1024], got -1' in p.stderr
+  assert 'Traceback' not in p.stderr and not out.exists()
+
+
+def test_a_row_that_fails_in_its_process_ends_the_benchmark_with_its_error(tmp_path):
+  out = tmp_path / 'bench.json'
+  env = dict(os.environ, JAX_PLATFORMS='cpu')
+  env.pop('XLA_FLAGS', None)  # one device: 4 are not there, which build() finds in the row
+  p = subprocess.run([sys.executable, os.path.join(ROOT, 'launch', 'benchmark.py'),
+                      '--tasks=mlp', '--cohort_sizes=3', '--num_devices=4', f'--json={out}'],
+                     cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+  assert p.returncode == 2, p.stderr[-2000:]
+  errors = [line for line in p.stderr.splitlines() if line.startswith('error: ')]
+  assert errors == ['error: config.num_devices must be at most the 1 devices present '
+                    '(0 = all), got 4']
   assert 'Traceback' not in p.stderr and not out.exists()
 
 
