@@ -81,8 +81,8 @@ def _operand_dtypes(jaxpr, primitives=_PRODUCTS) -> set:
     ('emnist_cnn', {'conv': 'xla'}), ('lstm', {'hidden': (8, 12, 8)})])
 def test_bfloat16_compute_keeps_float32_parameters_and_gradients(name, kwargs):
   """compute_dtype='bfloat16' multiplies in bfloat16 (every matrix product and convolution,
-  the backward pass included) and takes the softmax in float32, while the parameters, the loss
-  and the gradients stay float32, and the result stays within bfloat16's rounding of the
+  the backward pass included) but takes the softmax and the sums over examples in float32; the
+  parameters, the loss and the gradients are float32, within bfloat16's rounding of the
   float32 model's."""
   r = np.random.default_rng(0)
   if name == 'lstm':
@@ -104,6 +104,10 @@ def test_bfloat16_compute_keeps_float32_parameters_and_gradients(name, kwargs):
   assert _operand_dtypes(jaxpr) == {'bfloat16'}
   # The softmax (its exp and log) in float32: in bfloat16 it would lose small probabilities.
   assert _operand_dtypes(jaxpr, ('exp', 'log')) == {'float32'}
+  # Sums over examples and positions (biases' gradients, the embedding's scatter-add) in
+  # float32; flax's LSTM cell sums its gates' bias gradient over a step's batch in bfloat16.
+  sums = ('scatter-add',) if name == 'lstm' else ('reduce_sum', 'scatter-add')
+  assert 'bfloat16' not in _operand_dtypes(jaxpr, sums)
   assert _operand_dtypes(jax.make_jaxpr(jax.grad(f32.loss))(params, batch, mask, key).jaxpr) == {
       'float32'}
   (loss, g), (loss32, g32) = (jax.jit(jax.value_and_grad(m.loss))(params, batch, mask, key)
