@@ -214,9 +214,15 @@ def _gib(value: float | None) -> str:
   return '-' if value is None else f'{value:.2f}'
 
 
+# Set for a row's own process (--isolate_rows): it measures and writes --json, and leaves the
+# table to the command that started it.
+_ROW_PROCESS = 'FATHOM_BENCHMARK_ROW'
+
+
 def main(argv):
-  del argv
   cli.setup_logging()
+  if len(argv) > 1:
+    cli.fail(f'unexpected arguments {" ".join(argv[1:])!r}: benchmark.py takes flags only')
   for name in _TASKS.value:
     if name not in TASKS:
       cli.fail(f'--tasks: unknown task {name!r}; choose from {", ".join(TASKS)}')
@@ -234,7 +240,8 @@ def main(argv):
   header = (f'{"task":5} {"cohort":>6} {"rounds/s":>9} {"ex/s":>9} {"central ex/s":>12} '
             f'{"ratio":>6} {"padding":>7} {"compiles":>8} {"host s":>7} {"device s":>8} '
             f'{"RSS GiB":>7} {"dev GiB":>7}')
-  print(header)
+  if not os.environ.get(_ROW_PROCESS):
+    print(header, flush=True)  # before the rows' processes write to the same stdout
   cli.run_or_exit(lambda: _rows(cohorts))
 
 
@@ -245,14 +252,19 @@ def _rows(cohorts: list[int]) -> None:
     for cohort in cohorts:
       r = _measure_in_child(name, cohort) if _ISOLATE.value else measure(name, cohort)
       results.append(r)
-      print(f'{name:5} {cohort:>6} {r["rounds_per_s"]:>9.3f} {r["examples_per_s"]:>9.1f} '
-            f'{r["centralized_examples_per_s"]:>12.1f} {r["ratio_to_centralized"]:>6.3f} '
-            f'{r["padding_efficiency"]:>7.3f} {r["compiles"]:>8} {r["host_s_per_round"]:>7.3f} '
-            f'{r["device_s_per_round"]:>8.3f} {r["peak_rss_gib"]:>7.2f} '
-            f'{_gib(r["device_peak_gib"]):>7}', flush=True)
+      if not os.environ.get(_ROW_PROCESS):
+        _print_row(name, cohort, r)
       if _JSON.value:
         with open(_JSON.value, 'w', encoding='utf-8') as f:
           json.dump(results, f, indent=2)
+
+
+def _print_row(name: str, cohort: int, r: dict) -> None:
+  print(f'{name:5} {cohort:>6} {r["rounds_per_s"]:>9.3f} {r["examples_per_s"]:>9.1f} '
+        f'{r["centralized_examples_per_s"]:>12.1f} {r["ratio_to_centralized"]:>6.3f} '
+        f'{r["padding_efficiency"]:>7.3f} {r["compiles"]:>8} {r["host_s_per_round"]:>7.3f} '
+        f'{r["device_s_per_round"]:>8.3f} {r["peak_rss_gib"]:>7.2f} '
+        f'{_gib(r["device_peak_gib"]):>7}', flush=True)
 
 
 def _measure_in_child(name: str, cohort: int) -> dict:
@@ -263,7 +275,8 @@ def _measure_in_child(name: str, cohort: int) -> dict:
     # absl keeps the last value of a repeated flag: these override the command's own.
     argv = [sys.executable, os.path.abspath(__file__), *sys.argv[1:], f'--tasks={name}',
             f'--cohort_sizes={cohort}', '--noisolate_rows', f'--json={out}']
-    child = subprocess.run(argv, stdout=subprocess.DEVNULL)  # its table: this one prints it
+    # Its log lines (absl's, on stdout) pass through; its table row is printed here.
+    child = subprocess.run(argv, env={**os.environ, _ROW_PROCESS: '1'})
     if child.returncode != 0:
       if child.returncode < 0:
         print(f'error: the row {name} at cohort {cohort} was ended by signal '

@@ -31,9 +31,13 @@ def test_benchmark_reports_every_field_per_cohort(tmp_path):
     assert abs(r['ratio_to_centralized'] - r['examples_per_s'] /
                r['centralized_examples_per_s']) < 1e-9
   assert 'ratio' in p.stdout  # the printed table
-  # Each row in a process of its own, so that its memory peaks are its own.
+  # Each row in a process of its own, so that its memory peaks are its own; the table is
+  # printed once, by this process.
   pids = {r['pid'] for r in results}
   assert len(pids) == 2
+  lines = p.stdout.splitlines()
+  assert [line.split()[:2] for line in lines if line.startswith(('task', 'mlp'))] == [
+      ['task', 'cohort'], ['mlp', '3'], ['mlp', '6']]
 
 
 def test_device_peak_is_the_largest_device_peak_and_none_if_any_device_has_no_count():
@@ -80,10 +84,16 @@ def test_a_row_that_fails_in_its_process_ends_the_benchmark_with_its_error(tmp_p
   assert 'Traceback' not in p.stderr and not out.exists()
 
 
-def test_benchmark_refuses_unknown_task():
+def test_benchmark_refuses_unknown_task_and_positional_arguments():
   p = subprocess.run([sys.executable, os.path.join(ROOT, 'launch', 'benchmark.py'),
                       '--tasks=resnet'], cwd=ROOT, capture_output=True, text=True, timeout=120)
   assert p.returncode == 2 and "unknown task 'resnet'" in p.stderr
+  # After a `--`, flags would be positional arguments, and the rows' processes would not see
+  # the flags that pick their row.
+  p = subprocess.run([sys.executable, os.path.join(ROOT, 'launch', 'benchmark.py'),
+                      '--tasks=mlp', '--', '--cohort_sizes=3'], cwd=ROOT, capture_output=True,
+                     text=True, timeout=120)
+  assert p.returncode == 2 and "unexpected arguments '--cohort_sizes=3'" in p.stderr
 
 
 def test_trace_ops_counts_an_operation_s_own_time_without_what_nests_in_it():
