@@ -111,9 +111,9 @@ class CompileAhead:
   def also(self, name: str, compile_fn: Callable[[], None]) -> None:
     """Starts compile_fn(), the compile of another program than the round's (e.g. the
     evaluation's: 4-15 s on an H100 at the first evaluation, docs/benchmarks.md), on a thread
-    of its own (a name already queued and not yet `ready` is not queued again): behind the round's speculative sizes it would not start
-    before it is needed (on an H100 the 100th round comes ~3 s after the first). Call
-    `ready(name)` before that program's first use."""
+    of its own: behind the round's speculative sizes it would not start before it is needed
+    (on an H100 the 100th round comes ~3 s after the first). A name queued and not yet
+    `ready` is not queued again. Call `ready(name)` before that program's first use."""
     if name not in self._others:
       if self._other_pool is None:
         self._other_pool = concurrent.futures.ThreadPoolExecutor(
