@@ -43,8 +43,9 @@
 # `sweep`, `loops` and `chunks`. JAX_DEFAULT_MATMUL_PRECISION=highest runs the float32
 # matmuls that CPU runs use (config.matmul_precision='auto' keeps it; JAX's default on an H100
 # is TF32, and docs/benchmarks.md has a seed that diverged under it).
-# ROUNDS (default 1500), COHORTS (default 10,50,100,200; 10,200 for loops and chunks) and LANES
-# (default 10,50, profile) shrink the runs for a dry check;
+# ROUNDS (default 1500), COHORTS (default 10,50,100,200; 10,200 for loops, chunks and dtypes),
+# LANES (default 10,50, profile and dtypes) and CONV_LANES (default 10,50,200, dtypes) shrink
+# the runs for a dry check;
 # RERUN=1 runs `fathom` a second time on the compilation cache the first one filled.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -149,11 +150,12 @@ EOF
   dtypes)
     # Why: at 50 lanes the step's convolutions move ~0.66 GB of shifted views a step in float32
     # (Conv3x3); bfloat16 halves that and runs the products on the tensor cores' faster path.
-    "$py" benchmarks/conv_vmap.py --lanes=10,50,200 --steps=10 --dtypes=float32,bfloat16 2>&1 \
+    "$py" benchmarks/conv_vmap.py --lanes="${CONV_LANES:-10,50,200}" --steps=10 \
+        --dtypes=float32,bfloat16 2>&1 \
         | grep -v '^[IW][0-9]' | tee "$out/conv_vmap.txt" || echo "conv_vmap.py: exit $?"
     for d in float32 bfloat16; do
-      "$py" benchmarks/lane_step.py --lanes=10,50 --steps=40 --clients_per_lane=4 --repeats=5 \
-          --chunks= --compute_dtype="$d" 2>&1 | grep -v '^[IW][0-9]' \
+      "$py" benchmarks/lane_step.py --lanes="${LANES:-10,50}" --steps=40 --clients_per_lane=4 \
+          --repeats=5 --chunks= --compute_dtype="$d" 2>&1 | grep -v '^[IW][0-9]' \
           | tee "$out/lane_step_$d.txt" || echo "lane_step.py --compute_dtype=$d: exit $?"
     done
     for d in float32 bfloat16; do
