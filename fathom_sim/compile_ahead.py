@@ -11,6 +11,7 @@ compiled ahead of time for the same argument shapes, shardings and static argume
 from __future__ import annotations
 
 import concurrent.futures
+import functools
 import logging
 import threading
 from typing import Callable, Sequence
@@ -56,7 +57,6 @@ class CompileAhead:
                                                        thread_name_prefix='compile-ahead')
     # Every key met: None if the round compiled it itself, else the background job's future.
     self._jobs: dict[Key, concurrent.futures.Future | None] = {}
-    self._surrounded: set[Key] = set()  # keys whose surroundings were queued
     self._others: dict[str, concurrent.futures.Future] = {}  # other programs, by name
     self._other_pool: concurrent.futures.ThreadPoolExecutor | None = None
     self._count_lock = threading.Lock()  # `compiled` is counted by several threads
@@ -69,18 +69,21 @@ class CompileAhead:
     treedef, arg_specs = specs(args)
     key = (batch_pad, (treedef, arg_specs))
     job = self._jobs.get(key)
+    met = key in self._jobs and job is None  # a round ran this program before
     if job is not None and not job.cancel():
       # Being compiled now: waiting is shorter than compiling it again here. A failed
       # compile is left to the round itself, which raises its own error.
       if job.exception() is None:
         self.used += 1
     self._jobs[key] = None
-    if key not in self._surrounded:
-      self._surrounded.add(key)
+    if not met:
+      args = jax.tree.unflatten(treedef, arg_specs)
       for pad in self._around(batch_pad):
         other = (pad, (treedef, arg_specs))
         if other not in self._jobs:
-          self._jobs[other] = self._pool.submit(self._compile, treedef, arg_specs, pad)
+          self._jobs[other] = self._pool.submit(
+              self._compile, f'round for batch_pad {pad}', functools.partial(
+                  self._round_fn.lower, *args, batch_pad=pad, num_iterations=None))
 
   def _around(self, batch_pad: int) -> list[int]:
     """The padded sizes up to `reach` steps from `batch_pad`: one step away first."""
@@ -96,20 +99,19 @@ class CompileAhead:
       above = up[0] if up else above
     return list(dict.fromkeys(out))
 
-  def _compile(self, treedef, arg_specs, batch_pad: int) -> None:
+  def _compile(self, what: str, lower: Callable[[], object]) -> None:
+    """lower().compile() on a thread, counted; a failure is logged and left to the program's
+    first use, which compiles it itself and reports a real error."""
     try:
-      args = jax.tree.unflatten(treedef, arg_specs)
-      self._round_fn.lower(*args, batch_pad=batch_pad, num_iterations=None).compile()
+      lower().compile()
       with self._count_lock:
         self.compiled += 1
     except Exception:
-      # The round that needs this program compiles it itself, and reports a real error.
-      logging.warning('compiling the round ahead for batch_pad %d failed', batch_pad,
-                      exc_info=True)
+      logging.warning('compiling the %s ahead failed', what, exc_info=True)
       raise
 
-  def also(self, name: str, compile_fn: Callable[[], None]) -> None:
-    """Starts compile_fn(), the compile of another program than the round's (e.g. the
+  def also(self, name: str, lower: Callable[[], object]) -> None:
+    """Starts lower().compile(), the compile of another program than the round's (e.g. the
     evaluation's: 4-15 s on an H100 at the first evaluation, docs/benchmarks.md), on a thread
     of its own: behind the round's speculative sizes it would not start before it is needed
     (on an H100 the 100th round comes ~3 s after the first). A name queued and not yet
@@ -118,16 +120,7 @@ class CompileAhead:
       if self._other_pool is None:
         self._other_pool = concurrent.futures.ThreadPoolExecutor(
             1, thread_name_prefix='compile-ahead-other')
-      self._others[name] = self._other_pool.submit(self._compile_other, name, compile_fn)
-
-  def _compile_other(self, name: str, compile_fn: Callable[[], None]) -> None:
-    try:
-      compile_fn()
-      with self._count_lock:
-        self.compiled += 1
-    except Exception:
-      logging.warning('compiling the %s program ahead failed', name, exc_info=True)
-      raise
+      self._others[name] = self._other_pool.submit(self._compile, f'{name} program', lower)
 
   def ready(self, name: str) -> None:
     """Before program `name`'s first use: waits while it is being compiled (shorter than

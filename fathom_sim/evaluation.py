@@ -99,13 +99,14 @@ class Evaluator:
         out[f'accuracy_{name}'] = float(t[key]) / float(t.get(f'count_{name}', count))
     return out
 
-  def compile(self, params: Params, dataset: ClientDataset, client: int) -> None:
-    """Compiles the program that evaluating `params` runs, without running it: `params` may be
-    arrays or jax.ShapeDtypeStructs with their shardings, `client` is one client with examples
-    (only its features' shapes and dtypes count). jit finds the program in its cache then."""
+  def lower(self, params: Params, dataset: ClientDataset, client: int):
+    """The program that evaluating `params` runs, lowered, to compile ahead (jit finds the
+    compiled program in its cache then): `params` may be arrays or jax.ShapeDtypeStructs with
+    their shardings, `client` is one client with examples (only its features' shapes and
+    dtypes count)."""
     batch, real = next(_batches(dataset, [client], self.batch_size))
     args = self._args(params, batch, real)
-    self._add_sums.lower(self._zeros(args), *args).compile()
+    return self._add_sums.lower(self._zeros(args), *args)
 
 
 def make_evaluator(model: Model, mesh: Mesh, batch_size: int) -> Evaluator:

@@ -671,7 +671,12 @@ def _train(configs: list[ml_collections.ConfigDict], workdirs: list[str], *,
         a.shape[1:] if vectorized else a.shape, a.dtype, sharding=replicated(mesh)),
         state.params)
     rounds.compile_ahead.also('evaluation', functools.partial(
-        evaluate.compile, params, task.test, int(test_clients[0])))
+        evaluate.lower, params, task.test, int(test_clients[0])))
+
+  def evaluate_on_test(params, clients) -> dict:
+    if rounds.compile_ahead is not None:
+      rounds.compile_ahead.ready('evaluation')  # waits for its compile if still running
+    return evaluate(params, task.test, clients)
 
   # closing: compiles queued ahead are dropped however the loop ends.
   with _stop_signals() as signals, contextlib.closing(rounds):
@@ -704,9 +709,7 @@ def _train(configs: list[ml_collections.ConfigDict], workdirs: list[str], *,
             chosen = sample_clients(book.config.seed, t, rng.EVAL, test_clients, c.eval_clients)
           else:
             chosen = test_clients
-          if rounds.compile_ahead is not None:
-            rounds.compile_ahead.ready('evaluation')
-          result = evaluate(_seed(state.params, s), task.test, chosen)
+          result = evaluate_on_test(_seed(state.params, s), chosen)
           book.last_eval = (t, len(chosen) == len(test_clients), result)
           row['test_accuracy'], row['test_loss'] = result['accuracy'], result['loss']
           row.update(_extra_accuracies(result))
@@ -744,9 +747,7 @@ def _train(configs: list[ml_collections.ConfigDict], workdirs: list[str], *,
     if book.last_eval is not None and book.last_eval[0] == c.num_rounds and book.last_eval[1]:
       final = book.last_eval[2]
     else:
-      if rounds.compile_ahead is not None:
-        rounds.compile_ahead.ready('evaluation')
-      final = evaluate(params, task.test, test_clients)
+      final = evaluate_on_test(params, test_clients)
     summaries.append(_summary(book, final, params, _seed(hp, s), rounds, run,
                               vectorized=len(books) if vectorized else 0))
   return summaries

@@ -111,7 +111,7 @@ def test_the_next_padded_size_is_compiled_ahead_and_used_with_the_same_result():
 
 
 def test_the_evaluation_compiled_ahead_is_the_program_the_evaluation_runs():
-  """Evaluator.compile from parameter shapes and shardings alone, on another thread: the
+  """Evaluator.lower(...).compile() from parameter shapes and shardings alone, on another thread: the
   evaluation then compiles nothing, and gives what an evaluator that compiled itself gives."""
   from fathom_sim.evaluation import make_evaluator
   run = build(tiny_config(num_devices=2), tiny_task())
@@ -120,7 +120,8 @@ def test_the_evaluation_compiled_ahead_is_the_program_the_evaluation_runs():
                         params)
   clients = np.flatnonzero(np.asarray(run.task.test.num_examples) > 0)
   ahead, plain = (make_evaluator(run.model, run.mesh, 7) for _ in range(2))
-  thread = threading.Thread(target=ahead.compile, args=(shapes, run.task.test, clients[-1]))
+  thread = threading.Thread(target=lambda: ahead.lower(shapes, run.task.test, clients[-1])
+                            .compile())
   thread.start()
   thread.join()
   with _CompileLog() as ahead_log:
