@@ -1,15 +1,20 @@
 """The EMNIST CNN's local step vmapped over L clients, with each convolution form (run by hand).
 
   python benchmarks/conv_vmap.py --lanes=10,50,200 --batch_size=20 --steps=10 \
-      [--dtypes=float32,bfloat16]
+      [--dtypes=float32,bfloat16] [--convs=all] [--json=FILE]
 
 Each client (lane) holds its own parameters, as in a cohort's local training. Times `steps`
-SGD steps of every lane inside one jitted scan, after a warm-up call, for EmnistCNN(conv='xla')
-(nn.Conv, which vmap turns into a grouped convolution) and conv='matmul' (Conv3x3, a batched
-matrix product), in each compute dtype (config.model.compute_dtype; the parameters stay
-float32), and prints how far each one's final parameters are from the first form's.
+SGD steps of every lane inside one jitted scan, after a warm-up call, for each of `convs`
+(config.model.conv: 'xla' is XLA's convolution, which vmap turns into a grouped convolution;
+'matmul' a batched matrix product over the 9 shifted views; 'F/X/W' takes the forward pass,
+the input's and the kernel's gradients from those two; 'all' is every form), in each compute
+dtype (config.model.compute_dtype; the parameters stay float32). It prints how far each one's
+final parameters are from the first form's, and XLA's own estimate of one step's memory
+traffic and arithmetic (the cost analysis of the compiled one-step program, after fusion on
+that platform): on a GPU the step is bound by memory traffic (docs/benchmarks.md).
 """
 
+import json
 import os
 import sys
 import time
@@ -23,6 +28,10 @@ _BATCH = flags.DEFINE_integer('batch_size', 20, 'Examples per client per step.')
 _STEPS = flags.DEFINE_integer('steps', 10, 'Local steps per timed call.')
 _REPEATS = flags.DEFINE_integer('repeats', 5, 'Timed calls; the median is reported.')
 _DTYPES = flags.DEFINE_list('dtypes', ['float32'], 'Compute dtypes (float32, bfloat16).')
+_CONVS = flags.DEFINE_list('convs', ['xla', 'matmul'],
+                           'Convolution forms (models.CONV_FORMS), or all of them: all.')
+_JSON = flags.DEFINE_string('json', None, 'Also write the rows here (a list of objects), '
+                            'rewritten after each row.')
 
 
 def main(argv):
@@ -30,30 +39,42 @@ def main(argv):
   import jax
   import jax.numpy as jnp
   import numpy as np
-  from fathom_sim.models import COMPUTE_DTYPES, CONV_IMPLS, EmnistCNN, classifier
+  from fathom_sim.models import COMPUTE_DTYPES, CONV_FORMS, EmnistCNN, classifier
+
+  convs = CONV_FORMS if _CONVS.value == ['all'] else _CONVS.value
+  unknown = sorted(set(convs) - set(CONV_FORMS))
+  if unknown:
+    raise app.UsageError(f'--convs: {unknown} not among {CONV_FORMS} (or all)')
 
   print('jax', jax.__version__, jax.devices()[0].device_kind, flush=True)
-  print(f'{"lanes":>5} {"conv":>6} {"dtype":>8} {"ms/step":>8} {"examples/s":>11} '
-        f'{"rel. diff":>9}')
+  print(f'{"lanes":>5} {"conv":>20} {"dtype":>8} {"ms/step":>8} {"examples/s":>11} '
+        f'{"rel. diff":>9} {"XLA MB/step":>11} {"GFLOP/step":>10}')
   b, k = _BATCH.value, _STEPS.value
+  rows = []
   for lanes in map(int, _LANES.value):
     data = np.random.default_rng(0)
     batch = {'x': jnp.asarray(data.random((k, lanes, b, 28, 28), np.float32)),
              'y': jnp.asarray(data.integers(0, 62, (k, lanes, b)), jnp.int32)}
     mask = jnp.ones(b, bool)
     finals = {}
-    for impl, dtype in ((i, d) for d in _DTYPES.value for i in CONV_IMPLS):
+    for impl, dtype in ((i, d) for d in _DTYPES.value for i in convs):
       model = classifier('emnist_cnn', EmnistCNN(conv=impl, dtype=COMPUTE_DTYPES[dtype]))
       init = model.init(jax.random.PRNGKey(0), {'x': batch['x'][0, 0]})
       params = jax.tree.map(lambda p: jnp.broadcast_to(p, (lanes,) + p.shape), init)
       grad = jax.vmap(jax.grad(model.loss), in_axes=(0, 0, None, None))
 
+      def step(p, xs):
+        g = grad(p, xs, mask, jax.random.PRNGKey(1))
+        return jax.tree.map(lambda w, gw: w - 0.05 * gw, p, g)
+
       @jax.jit
       def local_steps(params, batch):
-        def step(p, xs):
-          g = grad(p, xs, mask, jax.random.PRNGKey(1))
-          return jax.tree.map(lambda w, gw: w - 0.05 * gw, p, g), None
-        return jax.lax.scan(step, params, batch)[0]
+        return jax.lax.scan(lambda p, xs: (step(p, xs), None), params, batch)[0]
+
+      # Of one step on its own: a loop's cost analysis may count its body once or k times.
+      cost = jax.jit(step).lower(params, jax.tree.map(lambda a: a[0], batch)).compile()
+      cost = cost.cost_analysis() or {}
+      cost = cost[0] if isinstance(cost, list) else cost
 
       jax.block_until_ready(local_steps(params, batch))
       times = []
@@ -63,14 +84,24 @@ def main(argv):
         times.append(time.perf_counter() - start)
       finals[impl, dtype] = out
       ms = float(np.median(times)) / k * 1e3
-      diff = ''
+      rel = None
       first = next(iter(finals))
       if (impl, dtype) != first:
         ref, new = (np.concatenate([np.ravel(a) for a in jax.tree.leaves(finals[f])])
                     for f in (first, (impl, dtype)))
-        diff = f'{np.linalg.norm(new - ref) / np.linalg.norm(ref):.1e}'
-      print(f'{lanes:>5} {impl:>6} {dtype:>8} {ms:>8.2f} {lanes * b / ms * 1e3:>11.0f} '
-            f'{diff:>9}', flush=True)
+        rel = float(np.linalg.norm(new - ref) / np.linalg.norm(ref))
+      row = {'lanes': lanes, 'conv': impl, 'dtype': dtype, 'ms_per_step': ms,
+             'examples_per_s': lanes * b / ms * 1e3, 'rel_diff': rel,
+             'xla_bytes_per_step': cost.get('bytes accessed'),
+             'xla_flops_per_step': cost.get('flops')}
+      rows.append(row)
+      if _JSON.value:
+        with open(_JSON.value, 'w') as f:
+          json.dump(rows, f, indent=1)
+      diff = '' if rel is None else f'{rel:.1e}'
+      print(f'{lanes:>5} {impl:>20} {dtype:>8} {ms:>8.2f} {row["examples_per_s"]:>11.0f} '
+            f'{diff:>9} {(row["xla_bytes_per_step"] or float("nan")) / 1e6:>11.0f} '
+            f'{(row["xla_flops_per_step"] or float("nan")) / 1e9:>10.1f}', flush=True)
 
 
 if __name__ == '__main__':

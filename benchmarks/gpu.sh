@@ -17,6 +17,10 @@
 #                                       # (config.model.compute_dtype): vmapped SGD at 10/50/200
 #                                       # lanes, the round's step at 10 and 50 lanes, and
 #                                       # cohorts 10 and 200 with the data on the GPU
+#   bash benchmarks/gpu.sh convs OUT    # every convolution form (config.model.conv, mixed
+#                                       # forms included) at 50 lanes in float32 and bfloat16,
+#                                       # with XLA's estimate of each step's memory traffic;
+#                                       # then cohorts 10 and 200 with each dtype's fastest
 #
 # Why `loops` and the CUDA graph: a round's local loop runs to the longest lane, a bound read
 # from the cohort table on the device. XLA:GPU then cannot know the trip count, so it copies the
@@ -44,12 +48,13 @@
 # matmuls that CPU runs use (config.matmul_precision='auto' keeps it; JAX's default on an H100
 # is TF32, and docs/benchmarks.md has a seed that diverged under it).
 # ROUNDS (default 1500), COHORTS (default 10,50,100,200; 10,200 for loops, chunks and dtypes),
-# LANES (default 10,50, profile and dtypes) and CONV_LANES (default 10,50,200, dtypes) shrink
+# LANES (default 10,50, profile and dtypes) and CONV_LANES (default 10,50,200 for dtypes, 50 for
+# convs) shrink
 # the runs for a dry check;
 # RERUN=1 runs `fathom` a second time on the compilation cache the first one filled.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-usage='usage: benchmarks/gpu.sh fathom|sweep|profile|loops|chunks|dtypes OUT'
+usage='usage: benchmarks/gpu.sh fathom|sweep|profile|loops|chunks|dtypes|convs OUT'
 part="${1:?$usage}"
 out="${2:?$usage}"
 dtype="${COMPUTE_DTYPE:-float32}"
@@ -164,7 +169,29 @@ EOF
           | grep -v '^[IW][0-9]' || echo "benchmark.py --compute_dtype=$d: exit $?"
     done
     ;;
-  *) echo "benchmarks/gpu.sh: unknown part '$part' (fathom, sweep, profile, loops, chunks or" \
-          "dtypes)" >&2
+  convs)
+    # Why: under vmap XLA's convolution becomes a grouped one and the matmul form copies 9
+    # shifted views; which of the forward pass, the input's gradient and the kernel's gradient
+    # each form does fast is what decides the mixed forms (models.CONV_FORMS).
+    "$py" benchmarks/conv_vmap.py --lanes="${CONV_LANES:-50}" --steps=10 --convs=all \
+        --dtypes=float32,bfloat16 --json="$out/conv_forms.json" 2>&1 \
+        | grep -v '^[IW][0-9]' | tee "$out/conv_forms.txt" || echo "conv_vmap.py: exit $?"
+    for d in float32 bfloat16; do
+      best=$("$py" - "$out/conv_forms.json" "$d" <<'EOF'
+import json, sys
+rows = [r for r in json.load(open(sys.argv[1])) if r['dtype'] == sys.argv[2]]
+most = max(r['lanes'] for r in rows)
+print(min((r for r in rows if r['lanes'] == most), key=lambda r: r['ms_per_step'])['conv'])
+EOF
+      ) || { echo "no conv_vmap.py rows for $d"; continue; }
+      echo "fastest form in $d: $best"
+      "$py" launch/benchmark.py --tasks=cnn --cohort_sizes="${COHORTS:-10,200}" --rounds=5 \
+          --warmup=2 --in_memory=True --compute_dtype="$d" --conv="$best" \
+          --json="$out/bench_gpu_${d}_$(echo "$best" | tr / _).json" 2>&1 \
+          | grep -v '^[IW][0-9]' || echo "benchmark.py --compute_dtype=$d --conv=$best: exit $?"
+    done
+    ;;
+  *) echo "benchmarks/gpu.sh: unknown part '$part' (fathom, sweep, profile, loops, chunks," \
+          "dtypes or convs)" >&2
      exit 2 ;;
 esac

@@ -15,13 +15,16 @@
   aggregation: a floor.
   What `selects` costs above it is the round's own work per step (gathers, cosines, selects).
 
-Each lane runs `clients_per_lane` clients of equal length, B 20 (conv='matmul'), on random
-pixels and labels. Prints the minimum over interleaved repeats (a machine's speed drifts between
-runs), and at one lane how far the two lane forms' weighted sums are apart: ~4e-7 up to 10
-steps a client; on this random data float rounding differences then grow fast
+Each lane runs `clients_per_lane` clients of equal length, B 20 (--conv, default 'matmul'), on
+random pixels and labels. Prints the minimum over interleaved repeats (a machine's speed drifts
+between runs), and at one lane how far the two lane forms' weighted sums are apart: ~4e-7 up to
+10 steps a client; on this random data float rounding differences then grow fast
 (benchmarks/conv_vmap.py sees the same between conv forms). With --trace_dir, each form at each
 L is run again under jax.profiler for a Perfetto trace; benchmarks/trace_ops.py sums its
-device time by operation.
+device time by operation. Last, XLA's own estimate of the memory traffic and arithmetic of one
+step of `selects` and of `bare_scan` (the cost analysis of each compiled on its own): on a GPU
+the step is bound by memory traffic, and their difference is the round's own passes over the
+lanes' models.
 """
 
 import os
@@ -41,23 +44,25 @@ _CHUNKS = flags.DEFINE_list('chunks', ['4', '16'], 'Loop chunks to time besides 
 _DTYPE = flags.DEFINE_enum('compute_dtype', 'float32', ['float32', 'bfloat16'],
                            'The CNN\'s activations and matrix products '
                            '(config.model.compute_dtype).')
+_CONV = flags.DEFINE_string('conv', 'matmul', 'The CNN\'s convolution form (config.model.conv, '
+                            'models.CONV_FORMS).')
 _TRACE = flags.DEFINE_string('trace_dir', None, 'Also write a profiler trace of each form here '
                              '(<dir>/<form>_L<lanes>/plugins/profile/*/perfetto_trace.json.gz).')
 
 
 def forms_for(lanes: int, steps: int, clients: int, b: int, chunks: tuple[int, ...] = (),
-              compute_dtype: str = 'float32') -> tuple[dict, tuple, int]:
+              compute_dtype: str = 'float32', conv: str = 'matmul') -> tuple[dict, tuple, int]:
   """name -> jitted f(params, source, num_iterations) over `lanes` lanes, the arguments to
   call them with, and the steps per lane (a multiple of `clients`)."""
   import jax
   import jax.numpy as jnp
   import numpy as np
-  from fathom_sim.client import lane_train
+  from fathom_sim.client import lane_init, lane_step, lane_train
   from fathom_sim.models import COMPUTE_DTYPES, EmnistCNN, classifier
   from fathom_sim.types import CohortTable
 
   k = steps - steps % clients
-  model = classifier('emnist_cnn', EmnistCNN(conv='matmul', dtype=COMPUTE_DTYPES[compute_dtype]))
+  model = classifier('emnist_cnn', EmnistCNN(conv=conv, dtype=COMPUTE_DTYPES[compute_dtype]))
   data = np.random.default_rng(0)
   source = {'x': jnp.asarray(data.random((lanes, k * b, 28, 28), np.float32)),
             'y': jnp.asarray(data.integers(0, 62, (lanes, k * b)), jnp.int32)}
@@ -98,7 +103,29 @@ def forms_for(lanes: int, steps: int, clients: int, b: int, chunks: tuple[int, .
     chunked = lambda p, src, n, c=c: lane(p, src, n, chunk=c)
     forms[f'chunk{c}'] = jax.jit(first(chunked) if lanes == 1 else lanewise(chunked))
   forms['bare_scan'] = jax.jit(first(bare_scan) if lanes == 1 else lanewise(bare_scan))
-  return forms, (params, source, jnp.asarray(k, jnp.int32)), k
+
+  # One step of each on its own, for XLA's cost analysis (a loop's may count its body once).
+  def round_step(p, src):
+    return lane_step(model.loss, lane_init(p, clients), p, jnp.float32(0.05), jnp.int32(b),
+                     jax.random.PRNGKey(2), table, slots, stream, src, batch_pad=b)
+
+  def bare_step(p, src):
+    batch = jax.tree.map(lambda a: a[:b], src)
+    g = jax.grad(model.loss)(p, batch, mask, jax.random.PRNGKey(1))
+    return jax.tree.map(lambda w, gw: w - 0.05 * gw, p, g)
+
+  steps = {name: jax.jit(jax.vmap(f)) for name, f in
+           (('selects', round_step), ('bare_scan', bare_step))}
+  return forms, (params, source, jnp.asarray(k, jnp.int32)), k, steps
+
+
+def xla_cost(f, *args) -> tuple[float, float]:
+  """XLA's estimate of the bytes a jitted f moves and the flops it runs on `args` (its cost
+  analysis of the compiled program, after fusion on this platform); NaN where it has none."""
+  cost = f.lower(*args).compile().cost_analysis() or {}
+  cost = cost[0] if isinstance(cost, list) else cost
+  return (float(cost.get('bytes accessed', float('nan'))),
+          float(cost.get('flops', float('nan'))))
 
 
 def main(argv):
@@ -107,11 +134,13 @@ def main(argv):
   import numpy as np
 
   b = _BATCH.value
-  print('jax', jax.__version__, jax.devices()[0].device_kind, f'B {b}', _DTYPE.value, flush=True)
+  print('jax', jax.__version__, jax.devices()[0].device_kind, f'B {b}', _DTYPE.value,
+        f'conv {_CONV.value}', flush=True)
   print(f'{"lanes":>5} {"form":>9} {"ms/step":>8} {"examples/s":>10}')
   for lanes in map(int, _LANES.value):
     chunks = tuple(c for c in map(int, _CHUNKS.value) if c > 1)
-    forms, args, k = forms_for(lanes, _STEPS.value, _CLIENTS.value, b, chunks, _DTYPE.value)
+    forms, args, k, steps = forms_for(lanes, _STEPS.value, _CLIENTS.value, b, chunks,
+                                      _DTYPE.value, _CONV.value)
     out = {name: jax.block_until_ready(f(*args)) for name, f in forms.items()}
     best = dict.fromkeys(forms, float('inf'))
     for _ in range(_REPEATS.value):
@@ -122,6 +151,10 @@ def main(argv):
     for name, seconds in best.items():
       print(f'{lanes:>5} {name:>9} {seconds / k * 1e3:8.2f} {lanes * k * b / seconds:10.0f}',
             flush=True)
+    for name, f in steps.items():
+      moved, flops = xla_cost(f, *args[:2])
+      print(f'{lanes:>5} {name:>9} one step, XLA\'s estimate: {moved / 1e6:.0f} MB, '
+            f'{flops / 1e9:.1f} GFLOP', flush=True)
     if 'branch' in out:
       flat = lambda r: np.concatenate([np.ravel(a) for a in jax.tree.leaves(r.weighted_sum)])
       a, c = flat(out['branch']), flat(out['selects'])

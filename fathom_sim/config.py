@@ -64,7 +64,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.model = ml_collections.ConfigDict()
   c.model.name = 'mlp'            # logistic | mlp | emnist_cnn | stackoverflow_lstm | lstm
   c.model.hidden = (64,)          # mlp hidden widths; lstm: (embedding, LSTM, dense) widths
-  c.model.conv = 'auto'           # emnist_cnn's convolutions: auto | xla | matmul (the same
+  c.model.conv = 'auto'           # emnist_cnn's convolutions: auto | xla | matmul, or a mix
+                                  # 'F/X/W' of the two for the forward pass, the input's and
+                                  # the kernel's gradients (models.CONV_FORMS; the same
                                   # function; auto: matmul on CPU and GPU, measured)
   c.model.compute_dtype = 'float32'  # float32 | bfloat16: activations and matrix products;
                                   # parameters, updates and FATHOM's statistics stay float32
@@ -178,7 +180,7 @@ def check_config(c: ml_collections.ConfigDict) -> None:
   if c.model.name == 'lstm' and len(hidden) != 3:
     _fail('model.hidden', '(embedding, LSTM, dense) widths for model.name lstm, e.g. '
           '(96, 670, 96)', hidden)
-  _choice(c, 'model.conv', ('auto',) + models.CONV_IMPLS)
+  _choice(c, 'model.conv', ('auto',) + models.CONV_FORMS)
   _choice(c, 'model.compute_dtype', tuple(models.COMPUTE_DTYPES))
   _choice(c, 'data.name', DATASETS)
   _number(c, 'data.seed', low=0, integer=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Callable, NamedTuple, Sequence
 
 import flax.linen as nn
@@ -68,54 +69,87 @@ class MLP(nn.Module):
 CONV_IMPLS = ('xla', 'matmul')
 
 
-class XlaConv3x3(nn.Module):
-  """nn.Conv(features, (3, 3), padding='VALID')'s parameters and function (XLA's own
-  convolution), multiplying in `dtype` and adding the bias in float32 (_add_bias)."""
+def _conv_xla(x: jax.Array, kernel: jax.Array) -> jax.Array:
+  """XLA's own 3x3 'VALID' convolution (nn.Conv's), NHWC x HWIO."""
+  return jax.lax.conv_general_dilated(x, kernel, (1, 1), 'VALID',
+                                      dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+
+
+def _conv_matmul(x: jax.Array, kernel: jax.Array) -> jax.Array:
+  """The same convolution as one matrix product over the 9 shifted views of x (im2col)."""
+  cin, cout = kernel.shape[-2:]
+  h, w = x.shape[-3] - 2, x.shape[-2] - 2
+  # Patch features in (row, column, channel) order: the order of kernel.reshape(9 cin, out).
+  patches = jnp.concatenate([x[..., i:i + h, j:j + w, :] for i in range(3) for j in range(3)],
+                            axis=-1)
+  return patches @ kernel.reshape(9 * cin, cout)
+
+
+_CONVS = {'xla': _conv_xla, 'matmul': _conv_matmul}
+# A mixed form 'F/X/W' computes the forward pass with CONV_IMPLS' F, the input's gradient with
+# X and the kernel's gradient with W (each the transpose of that form's linear map). Why: under
+# vmap the two forms cost differently per pass (a grouped convolution against a copy 9x the
+# input), so the fastest step may take each pass from a different form.
+CONV_FORMS = CONV_IMPLS + tuple(f'{f}/{x}/{w}' for f in CONV_IMPLS for x in CONV_IMPLS
+                                for w in CONV_IMPLS)
+
+
+@functools.lru_cache(maxsize=None)
+def _mixed_conv(forward: str, input_grad: str, kernel_grad: str) -> Callable:
+  @jax.custom_vjp
+  def conv(x, kernel):
+    return _CONVS[forward](x, kernel)
+
+  def conv_fwd(x, kernel):
+    return conv(x, kernel), (x, kernel)
+
+  def conv_bwd(residuals, dy):
+    x, kernel = residuals
+    dx, = jax.linear_transpose(lambda x: _CONVS[input_grad](x, kernel), x)(dy)
+    dkernel, = jax.linear_transpose(lambda k: _CONVS[kernel_grad](x, k), kernel)(dy)
+    return dx, dkernel
+
+  conv.defvjp(conv_fwd, conv_bwd)
+  return conv
+
+
+def conv3x3(x: jax.Array, kernel: jax.Array, form: str) -> jax.Array:
+  """A 3x3 'VALID' convolution of x [..., H, W, Cin] with kernel [3, 3, Cin, Cout] computed in
+  `form` (CONV_FORMS); every form is the same function up to float rounding."""
+  if form in _CONVS:
+    return _CONVS[form](x, kernel)
+  return _mixed_conv(*form.split('/'))(x, kernel)
+
+
+class Conv3x3(nn.Module):
+  """nn.Conv(features, (3, 3), padding='VALID')'s parameters (kernel HWIO, bias) and function,
+  computed in `form` (conv3x3), multiplying in `dtype` and adding the bias in float32
+  (_add_bias).
+
+  Why forms: under vmap a per-client kernel turns XLA's convolution ('xla') into a grouped
+  convolution with one group per client, slow on GPU and CPU, while 'matmul' (im2col) becomes
+  a batched matrix product; and XLA:CPU runs 'xla' ~15x slower inside a loop, 'matmul' not
+  (docs/benchmarks.md). The price of 'matmul' is memory: the 9 views are a copy 9x the
+  input's size, kept for the backward pass (~0.66 MB an example for the second convolution;
+  half that in bfloat16).
+  """
   features: int
-  dtype: jnp.dtype = jnp.float32
+  form: str = 'xla'
+  dtype: jnp.dtype = jnp.float32  # of the computation; the parameters stay float32
 
   @nn.compact
   def __call__(self, x):
     kernel = self.param('kernel', nn.initializers.lecun_normal(),
                         (3, 3, x.shape[-1], self.features))
     bias = self.param('bias', nn.initializers.zeros_init(), (self.features,))
-    y = jax.lax.conv_general_dilated(x.astype(self.dtype), kernel.astype(self.dtype), (1, 1),
-                                     'VALID', dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+    y = conv3x3(x.astype(self.dtype), kernel.astype(self.dtype), self.form)
     return _add_bias(y, bias, self.dtype)
-
-
-class Conv3x3(nn.Module):
-  """A 3x3 'VALID' convolution with nn.Conv's parameters (kernel HWIO, bias), computed as one
-  matrix product over the 9 shifted views of the input (im2col).
-
-  Same function as nn.Conv up to float rounding. It exists for vmapped clients and device
-  loops: under vmap a per-client kernel turns nn.Conv into a grouped convolution with one group
-  per client, slow on GPU and CPU, while this form becomes a batched matrix product; and
-  XLA:CPU runs nn.Conv ~15x slower inside a loop, this form not (docs/benchmarks.md). The
-  price is memory: the 9 views are a copy 9x the input's size, kept for the backward pass
-  (~0.66 MB an example for the second convolution; half that in bfloat16).
-  """
-  features: int
-  dtype: jnp.dtype = jnp.float32  # of the computation; the parameters stay float32
-
-  @nn.compact
-  def __call__(self, x):
-    cin = x.shape[-1]
-    kernel = self.param('kernel', nn.initializers.lecun_normal(), (3, 3, cin, self.features))
-    bias = self.param('bias', nn.initializers.zeros_init(), (self.features,))
-    x, kernel = x.astype(self.dtype), kernel.astype(self.dtype)
-    h, w = x.shape[-3] - 2, x.shape[-2] - 2
-    # Patch features in (row, column, channel) order: the order of kernel.reshape(9 cin, out).
-    patches = jnp.concatenate([x[..., i:i + h, j:j + w, :] for i in range(3) for j in range(3)],
-                              axis=-1)
-    return _add_bias(patches @ kernel.reshape(9 * cin, self.features), bias, self.dtype)
 
 
 class EmnistCNN(nn.Module):
   """The EMNIST-62 CNN of the paper's FEMNIST task (about 1.2M parameters).
 
-  conv: 'xla' (XlaConv3x3, XLA's convolution) or 'matmul' (Conv3x3); the same parameters and
-  function.
+  conv: a form of Conv3x3 (CONV_FORMS); every form has the same parameters and function.
   """
   num_classes: int = 62
   conv: str = 'xla'
@@ -128,8 +162,7 @@ class EmnistCNN(nn.Module):
       x = x[..., None]
     for i, width in enumerate((32, 64)):
       # Named as nn.Conv names itself, so both forms share one parameter tree.
-      form = XlaConv3x3 if self.conv == 'xla' else Conv3x3
-      conv = form(width, dtype=self.dtype, name=f'Conv_{i}')
+      conv = Conv3x3(width, self.conv, self.dtype, name=f'Conv_{i}')
       x = nn.relu(conv(x))
     x = nn.max_pool(x, (2, 2), strides=(2, 2))
     x = nn.Dropout(0.25, deterministic=not train)(x)
@@ -223,11 +256,11 @@ def sequence_model(name: str, module: nn.Module, num_ids: int) -> Model:
 
 def get_model(name: str, *, num_classes: int, hidden: Sequence[int] = (64,),
               conv: str = 'xla', compute_dtype: str = 'float32') -> Model:
-  """The model `name`; `conv` picks how emnist_cnn computes its convolutions (CONV_IMPLS);
+  """The model `name`; `conv` picks how emnist_cnn computes its convolutions (CONV_FORMS);
   `compute_dtype` the dtype of its activations and matrix products (COMPUTE_DTYPES). The
   parameters, and so the gradients, updates and FATHOM's statistics, are float32 either way."""
-  if conv not in CONV_IMPLS:
-    raise ValueError(f'model.conv must be one of {CONV_IMPLS}, got {conv!r}')
+  if conv not in CONV_FORMS:
+    raise ValueError(f'model.conv must be one of {CONV_FORMS}, got {conv!r}')
   if compute_dtype not in COMPUTE_DTYPES:
     raise ValueError(f'model.compute_dtype must be one of {tuple(COMPUTE_DTYPES)}, '
                      f'got {compute_dtype!r}')

@@ -171,8 +171,8 @@ def _auto_lanes(config, mesh) -> int:
 
 
 # Models whose local-step loop runs far slower inside a device loop than as a program per step
-# on XLA:CPU when their convolutions are nn.Conv (docs/benchmarks.md: the EMNIST CNN at ~0.1x
-# of its centralized speed); with conv='matmul' the device loop is the faster one.
+# on XLA:CPU when any pass of their convolutions is XLA's (docs/benchmarks.md: the EMNIST CNN
+# at ~0.1x of its centralized speed); with conv='matmul' the device loop is the faster one.
 HOST_LOOP_ON_CPU = frozenset({'emnist_cnn'})
 
 
@@ -189,7 +189,7 @@ def _local_loop(config, mesh, conv: str) -> str:
   if config.local_loop != 'auto':
     return config.local_loop
   cpu = mesh.devices.flat[0].platform == 'cpu'
-  slow_in_loop = config.model.name in HOST_LOOP_ON_CPU and conv == 'xla'
+  slow_in_loop = config.model.name in HOST_LOOP_ON_CPU and 'xla' in conv.split('/')
   return 'host' if cpu and slow_in_loop else 'device'
 
 

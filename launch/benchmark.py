@@ -41,9 +41,8 @@ _LOCAL_LOOP = flags.DEFINE_enum('local_loop', 'auto', ['auto', 'device', 'host']
 _LOOP_CHUNK = flags.DEFINE_integer(
     'loop_chunk', 0, 'Local steps the device loop runs between checks of its bound '
     '(config.loop_chunk; 0 = auto).')
-_CONV = flags.DEFINE_enum('conv', 'auto', ['auto', 'xla', 'matmul'],
-                          'The CNN\'s convolutions (config.model.conv; auto: matmul on CPU '
-                          'and GPU).')
+_CONV = flags.DEFINE_string('conv', 'auto', 'The CNN\'s convolutions (config.model.conv: '
+                            'auto, xla, matmul or a mix F/X/W; auto: matmul on CPU and GPU).')
 _DTYPE = flags.DEFINE_enum(
     'compute_dtype', 'float32', ['float32', 'bfloat16'], 'The models\' activations and matrix '
     'products, in the rounds and in the centralized ceiling alike (config.model.compute_dtype).')

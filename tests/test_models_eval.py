@@ -11,7 +11,7 @@ from fathom_sim import metrics
 from fathom_sim.data.federated import ArrayClientDataset
 from fathom_sim.evaluation import _batches, make_evaluator
 from fathom_sim.mesh import make_mesh
-from fathom_sim.models import get_model
+from fathom_sim.models import CONV_FORMS, conv3x3, get_model
 
 
 def _count(params):
@@ -33,10 +33,13 @@ def test_emnist_cnn_is_the_papers_architecture():
   assert float(e1['loss']) == float(e2['loss'])  # and off in evaluation
 
 
-def test_cnn_matmul_convolutions_equal_xla_ones_per_client_under_vmap():
-  """conv='matmul' has nn.Conv's parameter tree and function, also vmapped over clients'
-  own parameters (how a cohort runs it), gradients included."""
-  xla, mm = (get_model('emnist_cnn', num_classes=62, conv=c) for c in ('xla', 'matmul'))
+@pytest.mark.parametrize('form', ['matmul', 'xla/matmul/xla', 'matmul/xla/matmul',
+                                  'xla/xla/matmul'])
+def test_cnn_convolution_forms_equal_xla_ones_per_client_under_vmap(form):
+  """Every conv form has nn.Conv's parameter tree and function, also vmapped over clients'
+  own parameters (how a cohort runs it), gradients included: the mixed forms' custom
+  gradients among them (each of their passes from the other form in one of these cases)."""
+  xla, mm = (get_model('emnist_cnn', num_classes=62, conv=c) for c in ('xla', form))
   r = np.random.default_rng(0)
   batch = {'x': jnp.asarray(r.random((3, 5, 28, 28)), jnp.float32),
            'y': jnp.asarray(r.integers(0, 62, (3, 5)))}
@@ -76,9 +79,36 @@ def _operand_dtypes(jaxpr, primitives=_PRODUCTS) -> set:
   return found
 
 
+def _count_primitives(jaxpr, name: str) -> int:
+  """How many `name` operations a jaxpr holds, nested ones too."""
+  count = 0
+  for eqn in jaxpr.eqns:
+    count += eqn.primitive.name == name
+    for value in eqn.params.values():
+      for sub in value if isinstance(value, (tuple, list)) else (value,):
+        sub = getattr(sub, 'jaxpr', sub)
+        if hasattr(sub, 'eqns'):
+          count += _count_primitives(sub, name)
+  return count
+
+
+@pytest.mark.parametrize('form', CONV_FORMS)
+def test_conv_forms_take_each_pass_from_the_form_they_name(form):
+  """A mixed form 'F/X/W' computes its forward pass, input gradient and kernel gradient with
+  the forms it names (XLA's convolution or one matrix product each), the plain forms all
+  three with their own: the gradient's program holds exactly those products."""
+  passes = form.split('/') if '/' in form else [form] * 3
+  x, kernel = jnp.ones((2, 6, 6, 3)), jnp.ones((3, 3, 3, 4))
+  jaxpr = jax.make_jaxpr(jax.grad(lambda x, k: jnp.sum(conv3x3(x, k, form) ** 2),
+                                  argnums=(0, 1)))(x, kernel).jaxpr
+  assert _count_primitives(jaxpr, 'conv_general_dilated') == passes.count('xla')
+  assert _count_primitives(jaxpr, 'dot_general') == passes.count('matmul')
+
+
 @pytest.mark.parametrize('name,kwargs', [
     ('mlp', {'hidden': (16,)}), ('emnist_cnn', {'conv': 'matmul'}),
-    ('emnist_cnn', {'conv': 'xla'}), ('lstm', {'hidden': (8, 12, 8)})])
+    ('emnist_cnn', {'conv': 'xla'}), ('emnist_cnn', {'conv': 'matmul/xla/matmul'}),
+    ('lstm', {'hidden': (8, 12, 8)})])
 def test_bfloat16_compute_keeps_float32_parameters_and_gradients(name, kwargs):
   """compute_dtype='bfloat16' multiplies in bfloat16 (every matrix product and convolution,
   the backward pass included) but takes the softmax and the sums over examples in float32; the
