@@ -48,6 +48,8 @@ class CompileAhead:
 
   def __init__(self, round_fn, neighbours: Callable[[int], Sequence[int]], *, reach: int = 1,
                workers: int = 1):
+    """round_fn None: no round is compiled ahead (`before` does nothing), only the programs
+    passed to `also`."""
     if reach < 1 or workers < 1:
       raise ValueError(f'reach and workers must be at least 1, got {reach} and {workers}')
     self._round_fn = round_fn
@@ -66,6 +68,8 @@ class CompileAhead:
                        # such a round, or evaluation, compiles nothing)
 
   def before(self, args: tuple, batch_pad: int) -> None:
+    if self._round_fn is None:
+      return
     treedef, arg_specs = specs(args)
     key = (batch_pad, (treedef, arg_specs))
     job = self._jobs.get(key)

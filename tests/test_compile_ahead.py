@@ -9,6 +9,7 @@ from jax import monitoring
 
 from fathom_sim.compile_ahead import CompileAhead
 from fathom_sim.data.plan import bucket, neighbour_buckets
+from fathom_sim.mesh import make_mesh
 from fathom_sim.train import Rounds, build, init_state
 from fathom_sim.types import BATCH
 from tests.common import tiny_config, tiny_task
@@ -133,11 +134,14 @@ def test_the_evaluation_compiled_ahead_is_the_program_the_evaluation_runs():
 
 
 @pytest.mark.parametrize('seeds', [1, 2])
-def test_a_run_compiles_its_evaluation_ahead_and_its_results_do_not_change(tmp_path, seeds):
+def test_a_run_compiles_its_evaluation_ahead_and_its_results_do_not_change(tmp_path, seeds,
+                                                                           monkeypatch):
   """In a run (and in a run of vectorised seeds), the evaluation's program compiles on its own
   thread from before round 1: the main thread then compiles one program fewer (FedAvg: no round
-  program is compiled ahead, its B never moves), with the same metrics."""
+  program is compiled ahead, its B never moves), with the same metrics. So it does with 'auto'
+  on an accelerator (emulated), where FedAvg compiles no round ahead, only the evaluation."""
   import copy
+  from fathom_sim import train
   from fathom_sim.train import train_seeds
   from tests.test_cli import read_rows
 
@@ -163,3 +167,11 @@ def test_a_run_compiles_its_evaluation_ahead_and_its_results_do_not_change(tmp_p
   assert ahead_compiles == plain_compiles - 1
   assert ahead_rows == plain_rows and 'test_accuracy' in ahead_rows[1]
   assert ahead['final'] == plain['final']
+  on_cpu = train._evaluation_ahead
+  assert not on_cpu(train.base_config(), make_mesh(2))  # auto on CPU: nothing ahead
+  monkeypatch.setattr(train, '_evaluation_ahead', lambda config, mesh: config.compile_ahead
+                      in ('auto', 'yes'))
+  auto_compiles, auto, auto_rows = run('auto', 'auto')
+  assert auto['compiled_ahead'] == {'compiled': 1, 'used': 1}  # the evaluation's, no round's
+  assert auto_compiles == plain_compiles - 1
+  assert auto_rows == plain_rows and auto['final'] == plain['final']

@@ -157,6 +157,21 @@ def test_compile_ahead_per_platform_and_algorithm():
   assert not train._compile_ahead(c, gpu, 'device')
 
 
+def test_evaluation_ahead_per_platform():
+  """The evaluation's program: auto on accelerators whatever the algorithm (FedAvg's too);
+  explicit values win."""
+  from fathom_sim import train
+  cpu, gpu = (_FakeMesh(_FakeDevice(p, None)) for p in ('cpu', 'gpu'))
+  c = base_config()
+  for algorithm in ('fathom', 'fedavg'):
+    c.algorithm = algorithm
+    assert [train._evaluation_ahead(c, m) for m in (cpu, gpu)] == [False, True]
+  c.compile_ahead = 'yes'
+  assert train._evaluation_ahead(c, cpu)
+  c.compile_ahead = 'no'
+  assert not train._evaluation_ahead(c, gpu)
+
+
 def test_loop_chunk_resolved():
   """auto checks the device loop's bound at every step; the host-driven loop never pads."""
   from fathom_sim import train
