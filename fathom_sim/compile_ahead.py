@@ -140,8 +140,14 @@ class CompileAhead:
         concurrent.futures.wait([job])
 
   def close(self) -> None:
-    """Drops queued compiles. Those already running finish in the background, and the
-    interpreter waits for them at exit (seconds on a GPU)."""
+    """Drops queued compiles and waits for those already running (seconds on a GPU; the
+    interpreter would wait for them at exit anyway). Why wait here: so that a run's counts
+    (`compiled`, the persistent cache's hits) are final when its summary is written, and a
+    next run in the same process (a sweep) neither shares the host with them nor is charged
+    their cache hits."""
     for pool in (self._pool, self._other_pool):
       if pool is not None:
         pool.shutdown(wait=False, cancel_futures=True)
+    for pool in (self._pool, self._other_pool):
+      if pool is not None:
+        pool.shutdown(wait=True)

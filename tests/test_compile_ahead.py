@@ -1,6 +1,7 @@
 """Compiling the round ahead for the neighbouring padded batch sizes (compile_ahead.py)."""
 
 import threading
+import time
 
 import jax
 import numpy as np
@@ -40,6 +41,35 @@ def test_the_sizes_around_a_pad_come_nearest_first_within_reach(reach, expected)
   ahead = CompileAhead(None, _grid_neighbours, reach=reach)
   assert ahead._around(6) == expected
   ahead.close()
+
+
+class _SlowLowering:
+  """A lower() thunk whose compile() takes `seconds` and records that it ran."""
+
+  def __init__(self, seconds: float):
+    self.seconds, self.compiled = seconds, threading.Event()
+
+  def __call__(self):
+    return self
+
+  def compile(self):
+    time.sleep(self.seconds)
+    self.compiled.set()
+
+
+def test_close_drops_queued_compiles_and_waits_for_running_ones():
+  """After close() a run's counts are final: the compile that was running has finished (and is
+  counted), the one queued behind it never runs."""
+  ahead = CompileAhead(None, lambda pad: [], workers=1)
+  running, queued = _SlowLowering(0.5), _SlowLowering(0.0)
+  ahead.also('running', running)
+  time.sleep(0.1)  # it has started
+  ahead._other_pool.submit(ahead._compile, 'queued', queued)  # behind it on the one thread
+  ahead.close()
+  assert running.compiled.is_set() and ahead.compiled == 1
+  assert not queued.compiled.is_set()
+  ahead.before((), 4)  # round_fn None: no round is compiled ahead, nothing is queued
+  assert ahead._jobs == {}
 
 
 def test_reach_and_workers_below_one_are_refused():
