@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+import functools
 import importlib.util
 import logging as pylogging
 import os
@@ -88,8 +89,10 @@ def parse_flags_or_exit(argv: list[str]) -> list[str]:
   return []
 
 
+@functools.cache
 def compilation_cache_flag() -> flags.FlagHolder:
-  """--compilation_cache, for the commands that train (main.py, sweep.py)."""
+  """--compilation_cache, for the commands that train (main.py, sweep.py); defined once, so
+  that both modules can be imported into one process (absl refuses a flag defined twice)."""
   return flags.DEFINE_string(
       'compilation_cache', None, 'Folder of JAX\'s persistent compilation cache: programs '
       'compiled by a run are loaded from it by later runs, resumed runs and sweep members. '

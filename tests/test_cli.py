@@ -107,3 +107,13 @@ def test_unwritable_workdir_is_refused(tmp_path):
   target = uncreatable_path(tmp_path, 'run')
   p = launch(f'--config={QUICKSTART}', f'--workdir={target}', '--config.num_rounds=2')
   assert p.returncode == 2 and '--workdir' in p.stderr
+
+
+def test_the_training_commands_can_share_one_process():
+  """launch/main.py and launch/sweep.py both take --compilation_cache: importing both (a
+  notebook, a driver script) defines it once instead of failing on a duplicate flag."""
+  code = ('import launch.main, launch.sweep; '
+          'assert launch.main._COMPILATION_CACHE is launch.sweep._COMPILATION_CACHE')
+  done = subprocess.run([sys.executable, '-c', code], cwd=ROOT, capture_output=True, text=True,
+                        env=dict(os.environ, JAX_PLATFORMS='cpu'), timeout=120)
+  assert done.returncode == 0, done.stderr[-2000:]
