@@ -106,3 +106,23 @@ def progress_line(row: dict, num_rounds: int, rounds_per_s: float) -> str:
   if 'test_accuracy' in row:
     line += f' | test acc {row["test_accuracy"]:.4f}'
   return line
+
+
+# A round's training loss this many times the last accepted round's is worth a warning: on an
+# H100 at TF32 a run went from ~0.05 to 1e11 in one round with every update finite (so the
+# round was accepted) and never recovered (docs/benchmarks.md).
+LOSS_JUMP = 100.0
+
+
+def loss_jump(rows: list[dict], row: dict, factor: float = LOSS_JUMP
+              ) -> tuple[float, float] | None:
+  """(the last accepted round's training loss in `rows`, how many times it `row`'s is) if
+  `row` was accepted and that is at least `factor`; else None."""
+  if not row.get('accepted', True):
+    return None
+  before = next((r['train_loss'] for r in reversed(rows) if r.get('accepted', True)), None)
+  now = row['train_loss']
+  if before is None or now is None or not (math.isfinite(before) and before > 0):
+    return None
+  ratio = now / before if math.isfinite(now) else math.inf
+  return (before, ratio) if ratio >= factor else None

@@ -717,6 +717,12 @@ def _train(configs: list[ml_collections.ConfigDict], workdirs: list[str], *,
                           'dropped); the model is unchanged%s', _tag(book, vectorized), t,
                           int(ms.dropped_clients),
                           '' if c.algorithm == 'fedavg' else ' and eta is halved')
+        jump = metrics.loss_jump(book.rows, row, metrics.LOSS_JUMP)
+        if jump is not None:
+          logging.warning('%sround %d: the training loss rose %.3gx in one round (%.4g -> %.4g) '
+                          'and the round was accepted; the run may be diverging (on a GPU, '
+                          'config.matmul_precision=highest computes as the CPU does)',
+                          _tag(book, vectorized), t, jump[1], jump[0], row['train_loss'])
         if t % c.eval_every == 0 or t == c.num_rounds:
           if c.eval_clients and c.eval_clients < len(test_clients):
             chosen = sample_clients(book.config.seed, t, rng.EVAL, test_clients, c.eval_clients)

@@ -212,3 +212,29 @@ def test_params_digest_and_json_outputs(tmp_path):
   metrics.write_json(str(tmp_path / 's.json'), {'a': np.float32(1.5), 'n': float('nan'),
                                                 'v': np.arange(2)})
   assert json.loads((tmp_path / 's.json').read_text()) == {'a': 1.5, 'n': None, 'v': [0, 1]}
+
+
+def test_loss_jump_compares_with_the_last_accepted_round():
+  rows = [{'train_loss': 0.05, 'accepted': True}, {'train_loss': 0.0, 'accepted': False}]
+  before, ratio = metrics.loss_jump(rows, {'train_loss': 1e11, 'accepted': True})
+  assert before == 0.05 and ratio == pytest.approx(2e12)  # the rejected round's 0 is skipped
+  assert metrics.loss_jump(rows, {'train_loss': 4.0, 'accepted': True}) is None  # 80x
+  assert metrics.loss_jump(rows, {'train_loss': 5.0, 'accepted': True}) == (0.05, 100.0)
+  assert metrics.loss_jump(rows, {'train_loss': 1e11, 'accepted': False}) is None
+  assert metrics.loss_jump([], {'train_loss': 1e11, 'accepted': True}) is None
+  assert metrics.loss_jump(rows, {'train_loss': float('inf'), 'accepted': True})[1] == np.inf
+  # Rows read back from metrics.jsonl write a non-finite loss as null.
+  assert metrics.loss_jump([{'train_loss': None, 'accepted': True}],
+                           {'train_loss': 3.0, 'accepted': True}) is None
+
+
+def test_a_run_warns_of_each_accepted_round_whose_loss_jumped(tmp_path, monkeypatch, caplog):
+  """The warning's wiring in a run: with the factor at 0, every round after the first (all
+  accepted here) is a jump, and each is named once."""
+  from fathom_sim.train import train_and_evaluate
+  from tests.common import tiny_config
+  monkeypatch.setattr(metrics, 'LOSS_JUMP', 0.0)
+  with caplog.at_level('WARNING'):
+    train_and_evaluate(tiny_config(num_rounds=3), str(tmp_path / 'run'))
+  jumps = [r.getMessage() for r in caplog.records if 'may be diverging' in r.getMessage()]
+  assert [m.split(':')[0] for m in jumps] == ['round 2', 'round 3']
