@@ -43,13 +43,15 @@
 # makes the training set once and holds it in memory, so that data_on_device=auto keeps it on
 # the GPU (how the 2026-11-25 (later) figures in docs/benchmarks.md were measured).
 # SEED (default 0) and LOCAL_LOOP (default auto) set config.seed and config.local_loop for
-# `fathom`; COMPUTE_DTYPE (default float32) sets config.model.compute_dtype for `fathom`,
-# `sweep`, `loops` and `chunks`. JAX_DEFAULT_MATMUL_PRECISION=highest runs the float32
-# matmuls that CPU runs use (config.matmul_precision='auto' keeps it; JAX's default on an H100
-# is TF32, and docs/benchmarks.md has a seed that diverged under it).
-# ROUNDS (default 1500), COHORTS (default 10,50,100,200; 10,200 for loops, chunks and dtypes),
-# LANES (default 10,50, profile and dtypes) and CONV_LANES (default 10,50,200 for dtypes, 50 for
-# convs) shrink
+# `fathom`; COMPUTE_DTYPE (default float32) and CONV (default auto) set
+# config.model.compute_dtype and config.model.conv for `fathom`, `sweep`, `profile`, `loops` and
+# `chunks`.
+# JAX_DEFAULT_MATMUL_PRECISION=highest runs the float32 matmuls that CPU runs use
+# (config.matmul_precision='auto' keeps it; JAX's default on an H100 is TF32, and
+# docs/benchmarks.md has a seed that diverged under it).
+# ROUNDS (default 1500), COHORTS (default 10,50,100,200; 10,200 for loops, chunks, dtypes and
+# convs), LANES (default 10,50, profile and dtypes) and CONV_LANES (default 10,50,200 for
+# dtypes, 50 for convs) shrink
 # the runs for a dry check;
 # RERUN=1 runs `fathom` a second time on the compilation cache the first one filled.
 set -euo pipefail
@@ -58,6 +60,7 @@ usage='usage: benchmarks/gpu.sh fathom|sweep|profile|loops|chunks|dtypes|convs O
 part="${1:?$usage}"
 out="${2:?$usage}"
 dtype="${COMPUTE_DTYPE:-float32}"
+conv="${CONV:-auto}"
 py="${PYTHON:-python3}"
 mkdir -p "$out"
 if compgen -G ".whl/*.whl" > /dev/null; then
@@ -89,7 +92,7 @@ case "$part" in
           --config.data.name=femnist_synthetic --config.data.num_clients=3400 \
           --config.data.in_memory="${IN_MEMORY:-False}" --config.loop_chunk="${LOOP_CHUNK:-0}" \
           --config.seed="${SEED:-0}" --config.local_loop="${LOCAL_LOOP:-auto}" \
-          --config.model.compute_dtype="$dtype" \
+          --config.model.compute_dtype="$dtype" --config.model.conv="$conv" \
           --config.num_rounds="${ROUNDS:-1500}" --config.eval_every=100 \
           --config.eval_clients=340 --config.checkpoint_every=500 2>&1 | tail -n 20
       end=$(date +%s.%N)
@@ -111,17 +114,23 @@ EOF
   sweep)
     "$py" launch/benchmark.py --tasks=cnn,lstm --cohort_sizes="${COHORTS:-10,50,100,200}" \
         --rounds=5 --warmup=2 --in_memory="${IN_MEMORY:-False}" --compute_dtype="$dtype" \
+        --conv="$conv" \
         --json="$out/bench_gpu.json" 2>&1 \
         | grep -v '^[IW][0-9]'
     # What reading round t+1's clients during round t saves: host s per round without it.
     "$py" launch/benchmark.py --tasks=cnn --cohort_sizes=10 --rounds=5 --warmup=2 \
-        --compute_dtype="$dtype" --noprefetch --json="$out/bench_gpu_noprefetch.json" 2>&1 \
+        --compute_dtype="$dtype" --conv="$conv" --noprefetch \
+        --json="$out/bench_gpu_noprefetch.json" 2>&1 \
         | grep -v '^[IW][0-9]'
     ;;
   profile)
     # Each step says how it failed and the next one still runs: device time is scarce.
+    # lane_step.py has no 'auto': the matmul form, auto's choice on a GPU.
+    step_conv="$conv"
+    [ "$step_conv" = auto ] && step_conv=matmul
+    step_form=(--compute_dtype="$dtype" --conv="$step_conv")
     "$py" benchmarks/lane_step.py --lanes="${LANES:-10,50}" --steps=40 --clients_per_lane=4 \
-        --repeats=5 --trace_dir="$out/trace" 2>&1 | grep -v '^[IW][0-9]' \
+        --repeats=5 "${step_form[@]}" --trace_dir="$out/trace" 2>&1 | grep -v '^[IW][0-9]' \
         | tee "$out/lane_step.txt" || echo "lane_step.py: exit $?"
     for lanes in $(echo "${LANES:-10,50}" | tr ',' ' '); do
       for form in selects chunk4 bare_scan; do
@@ -131,14 +140,15 @@ EOF
     done 2>&1 | tee "$out/trace_ops.txt"
     XLA_FLAGS="${XLA_FLAGS:+$XLA_FLAGS }--xla_gpu_enable_command_buffer=+WHILE,+CONDITIONAL" \
         "$py" benchmarks/lane_step.py --lanes="${LANES:-10,50}" --steps=40 --clients_per_lane=4 \
-        --repeats=5 2>&1 | grep -v '^[IW][0-9]' | tee "$out/lane_step_while_in_graph.txt" \
+        --repeats=5 "${step_form[@]}" 2>&1 | grep -v '^[IW][0-9]' \
+        | tee "$out/lane_step_while_in_graph.txt" \
         || echo "lane_step.py with the loop in a CUDA graph: exit $?"
     ;;
   loops)
     for loop in device host; do
       "$py" launch/benchmark.py --tasks=cnn --cohort_sizes="${COHORTS:-10,200}" --rounds=5 \
           --warmup=2 --local_loop="$loop" --in_memory="${IN_MEMORY:-False}" \
-          --compute_dtype="$dtype" \
+          --compute_dtype="$dtype" --conv="$conv" \
           --json="$out/bench_gpu_loop_$loop.json" 2>&1 | grep -v '^[IW][0-9]' \
           || echo "benchmark.py --local_loop=$loop: exit $?"
     done
@@ -147,7 +157,7 @@ EOF
     for chunk in 4 16; do
       "$py" launch/benchmark.py --tasks=cnn --cohort_sizes="${COHORTS:-10,200}" --rounds=5 \
           --warmup=2 --local_loop=device --loop_chunk="$chunk" --in_memory="${IN_MEMORY:-False}" \
-          --compute_dtype="$dtype" \
+          --compute_dtype="$dtype" --conv="$conv" \
           --json="$out/bench_gpu_chunk$chunk.json" 2>&1 | grep -v '^[IW][0-9]' \
           || echo "benchmark.py --loop_chunk=$chunk: exit $?"
     done

@@ -51,9 +51,11 @@ _TRACE = flags.DEFINE_string('trace_dir', None, 'Also write a profiler trace of 
 
 
 def forms_for(lanes: int, steps: int, clients: int, b: int, chunks: tuple[int, ...] = (),
-              compute_dtype: str = 'float32', conv: str = 'matmul') -> tuple[dict, tuple, int]:
+              compute_dtype: str = 'float32', conv: str = 'matmul'
+              ) -> tuple[dict, tuple, int, dict]:
   """name -> jitted f(params, source, num_iterations) over `lanes` lanes, the arguments to
-  call them with, and the steps per lane (a multiple of `clients`)."""
+  call them with, the steps per lane (a multiple of `clients`), and name -> jitted one step
+  of `selects` / `bare_scan` on (params, source), for XLA's cost analysis."""
   import jax
   import jax.numpy as jnp
   import numpy as np
@@ -114,9 +116,9 @@ def forms_for(lanes: int, steps: int, clients: int, b: int, chunks: tuple[int, .
     g = jax.grad(model.loss)(p, batch, mask, jax.random.PRNGKey(1))
     return jax.tree.map(lambda w, gw: w - 0.05 * gw, p, g)
 
-  steps = {name: jax.jit(jax.vmap(f)) for name, f in
-           (('selects', round_step), ('bare_scan', bare_step))}
-  return forms, (params, source, jnp.asarray(k, jnp.int32)), k, steps
+  one_step = {name: jax.jit(jax.vmap(f)) for name, f in
+              (('selects', round_step), ('bare_scan', bare_step))}
+  return forms, (params, source, jnp.asarray(k, jnp.int32)), k, one_step
 
 
 def xla_cost(f, *args) -> tuple[float, float]:
@@ -139,8 +141,8 @@ def main(argv):
   print(f'{"lanes":>5} {"form":>9} {"ms/step":>8} {"examples/s":>10}')
   for lanes in map(int, _LANES.value):
     chunks = tuple(c for c in map(int, _CHUNKS.value) if c > 1)
-    forms, args, k, steps = forms_for(lanes, _STEPS.value, _CLIENTS.value, b, chunks,
-                                      _DTYPE.value, _CONV.value)
+    forms, args, k, one_step = forms_for(lanes, _STEPS.value, _CLIENTS.value, b, chunks,
+                                         _DTYPE.value, _CONV.value)
     out = {name: jax.block_until_ready(f(*args)) for name, f in forms.items()}
     best = dict.fromkeys(forms, float('inf'))
     for _ in range(_REPEATS.value):
@@ -151,7 +153,7 @@ def main(argv):
     for name, seconds in best.items():
       print(f'{lanes:>5} {name:>9} {seconds / k * 1e3:8.2f} {lanes * k * b / seconds:10.0f}',
             flush=True)
-    for name, f in steps.items():
+    for name, f in one_step.items():
       moved, flops = xla_cost(f, *args[:2])
       print(f'{lanes:>5} {name:>9} one step, XLA\'s estimate: {moved / 1e6:.0f} MB, '
             f'{flops / 1e9:.1f} GFLOP', flush=True)

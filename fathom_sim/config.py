@@ -99,8 +99,8 @@ def base_config() -> ml_collections.ConfigDict:
                                   # 0 = auto: 1, every step, until measured on accelerators
   c.compile_ahead = 'auto'        # compile the round for the padded batch sizes around the
                                   # current one, and the evaluation, on threads: auto | yes |
-                                  # no (auto: FATHOM on accelerators, where B moves and
-                                  # compiles are slow)
+                                  # no (auto, on accelerators, where compiles are slow: the
+                                  # rounds for FATHOM, whose B moves; the evaluation always)
   c.matmul_precision = 'auto'     # float32 matmuls and convolutions: auto (JAX's own setting,
                                   # e.g. JAX_DEFAULT_MATMUL_PRECISION) |
                                   # default (TF32 on recent NVIDIA GPUs) | high | highest

@@ -96,6 +96,8 @@ CONV_FORMS = CONV_IMPLS + tuple(f'{f}/{x}/{w}' for f in CONV_IMPLS for x in CONV
 
 @functools.lru_cache(maxsize=None)
 def _mixed_conv(forward: str, input_grad: str, kernel_grad: str) -> Callable:
+  """The mixed form's function: a custom_vjp, so reverse mode only (jax.jvp, jacfwd and
+  hessian refuse it; training needs none of them)."""
   @jax.custom_vjp
   def conv(x, kernel):
     return _CONVS[forward](x, kernel)

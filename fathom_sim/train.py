@@ -691,8 +691,9 @@ def _train(configs: list[ml_collections.ConfigDict], workdirs: list[str], *,
       rounds.compile_ahead.ready('evaluation')  # waits for its compile if still running
     return evaluate(params, task.test, clients)
 
-  # closing: compiles queued ahead are dropped however the loop ends.
-  with _stop_signals() as signals, contextlib.closing(rounds):
+  # closing: compiles queued ahead are dropped however the loop ends, and those running waited
+  # for, after the signal handlers are restored: a second Ctrl-C still ends that wait.
+  with contextlib.closing(rounds), _stop_signals() as signals:
     for t in range(done + 1, c.num_rounds + 1):
       state, m, plans = rounds(state, t, hp)
       stop = _agreed_stop(signals)

@@ -181,8 +181,8 @@ def measure(name: str, cohort_size: int) -> dict:
   steps = max(20, min(examples // b_int, 400))
   central = centralized_examples_per_s(run, pooled, b_int, steps)
   if config.model.name == 'emnist_cnn':
-    # The ceiling is the faster of the CNN's two convolution forms trained centrally (on CPU
-    # one jitted step of nn.Conv beats the matmul form), whichever form the rounds use.
+    # The ceiling is the fastest of the rounds' own convolution form and the CNN's two plain
+    # ones, each trained centrally (on CPU one jitted step of nn.Conv beats the matmul form).
     from fathom_sim.models import CONV_IMPLS, get_model
     for conv in CONV_IMPLS:
       if conv != run.conv:

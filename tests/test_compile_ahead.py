@@ -47,12 +47,13 @@ class _SlowLowering:
   """A lower() thunk whose compile() takes `seconds` and records that it ran."""
 
   def __init__(self, seconds: float):
-    self.seconds, self.compiled = seconds, threading.Event()
+    self.seconds, self.started, self.compiled = seconds, threading.Event(), threading.Event()
 
   def __call__(self):
     return self
 
   def compile(self):
+    self.started.set()
     time.sleep(self.seconds)
     self.compiled.set()
 
@@ -63,7 +64,7 @@ def test_close_drops_queued_compiles_and_waits_for_running_ones():
   ahead = CompileAhead(None, lambda pad: [], workers=1)
   running, queued = _SlowLowering(0.5), _SlowLowering(0.0)
   ahead.also('running', running)
-  time.sleep(0.1)  # it has started
+  assert running.started.wait(timeout=60)
   ahead._other_pool.submit(ahead._compile, 'queued', queued)  # behind it on the one thread
   ahead.close()
   assert running.compiled.is_set() and ahead.compiled == 1

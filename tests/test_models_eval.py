@@ -79,30 +79,38 @@ def _operand_dtypes(jaxpr, primitives=_PRODUCTS) -> set:
   return found
 
 
-def _count_primitives(jaxpr, name: str) -> int:
-  """How many `name` operations a jaxpr holds, nested ones too."""
-  count = 0
+def _products(jaxpr) -> list[tuple[str, int]]:
+  """(primitive, output size) of every matrix product and convolution in a jaxpr, nested ones
+  too."""
+  found = []
   for eqn in jaxpr.eqns:
-    count += eqn.primitive.name == name
+    if eqn.primitive.name in _PRODUCTS:
+      found.append((eqn.primitive.name, eqn.outvars[0].aval.size))
     for value in eqn.params.values():
       for sub in value if isinstance(value, (tuple, list)) else (value,):
         sub = getattr(sub, 'jaxpr', sub)
         if hasattr(sub, 'eqns'):
-          count += _count_primitives(sub, name)
-  return count
+          found += _products(sub)
+  return found
 
 
 @pytest.mark.parametrize('form', CONV_FORMS)
 def test_conv_forms_take_each_pass_from_the_form_they_name(form):
   """A mixed form 'F/X/W' computes its forward pass, input gradient and kernel gradient with
   the forms it names (XLA's convolution or one matrix product each), the plain forms all
-  three with their own: the gradient's program holds exactly those products."""
+  three with their own: the gradient's program holds exactly one product per pass, told apart
+  by what it computes (its output's size), made by the primitive of the form named for it."""
   passes = form.split('/') if '/' in form else [form] * 3
   x, kernel = jnp.ones((2, 6, 6, 3)), jnp.ones((3, 3, 3, 4))
+  # Output sizes, all distinct: y 2*4*4*4; x's gradient 2*6*6*3, or 2*4*4*27 for the matmul
+  # form (the shifted views' gradient, summed into x's after the product); the kernel's 3*3*3*4.
+  which = {128: 'forward', 216: 'input', 864: 'input', 108: 'kernel'}
+  primitive = {'xla': 'conv_general_dilated', 'matmul': 'dot_general'}
   jaxpr = jax.make_jaxpr(jax.grad(lambda x, k: jnp.sum(conv3x3(x, k, form) ** 2),
                                   argnums=(0, 1)))(x, kernel).jaxpr
-  assert _count_primitives(jaxpr, 'conv_general_dilated') == passes.count('xla')
-  assert _count_primitives(jaxpr, 'dot_general') == passes.count('matmul')
+  found = sorted((which[size], name) for name, size in _products(jaxpr))
+  assert found == [('forward', primitive[passes[0]]), ('input', primitive[passes[1]]),
+                   ('kernel', primitive[passes[2]])]
 
 
 @pytest.mark.parametrize('name,kwargs', [
