@@ -40,7 +40,8 @@ def integer_schedule(epochs: float, batch_size: float,
 class HyperTuner(NamedTuple):
   init: Callable[[Params, Sequence[float]], HyperState]
   update: Callable[[HyperState, Params, jax.Array], tuple[HyperState, jax.Array]]
-  # For a round with no usable update: FATHOM halves eta; a frozen tuner changes nothing.
+  # For a round with no usable update: FATHOM halves the eta it used; a frozen tuner changes
+  # nothing.
   rejected: Callable[[HyperState], HyperState]
 
 
@@ -88,8 +89,11 @@ def hyper_tuner(*, alpha: float, eta_h: float, scales: Sequence[float],
     return HyperState(log_hparams=phi, opt_state=opt_state, ema=ema), h_glob
 
   def rejected(state: HyperState) -> HyperState:
+    # Half the eta the round used: phi is unclipped, so halving phi's eta above its bound
+    # would leave the clipped eta, and the next round's step, as they were.
     if frozen:
       return state
-    return state._replace(log_hparams=state.log_hparams.at[ETA].add(-jnp.log(2.0)))
+    used = jnp.minimum(state.log_hparams[ETA], log_upper[ETA])
+    return state._replace(log_hparams=state.log_hparams.at[ETA].set(used - jnp.log(2.0)))
 
   return HyperTuner(init, update, rejected)

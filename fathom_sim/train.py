@@ -714,10 +714,13 @@ def _train(configs: list[ml_collections.ConfigDict], workdirs: list[str], *,
                'accepted': bool(ms.accepted),
                'padding_efficiency': plan.useful_fraction(n_dev, host_loop, run.loop_chunk)}
         if not ms.accepted:
-          logging.warning('%sround %d rejected: no client returned a finite update (%d '
-                          'dropped); the model is unchanged%s', _tag(book, vectorized), t,
-                          int(ms.dropped_clients),
-                          '' if c.algorithm == 'fedavg' else ' and eta is halved')
+          dropped = int(ms.dropped_clients)
+          why = ('no client returned a finite update'
+                 if dropped >= int(np.sum(np.asarray(plan.num_examples) > 0))
+                 else 'the server or hyper step was not finite')
+          logging.warning('%sround %d rejected: %s (%d clients dropped); the model is '
+                          'unchanged%s', _tag(book, vectorized), t, why, dropped,
+                          '' if c.algorithm == 'fedavg' else ' and the eta it used is halved')
         jump = metrics.loss_jump(book.rows, row, metrics.LOSS_JUMP)
         if jump is not None:
           logging.warning('%sround %d: the training loss rose %.3gx in one round (%.4g -> %.4g) '

@@ -53,6 +53,22 @@ def test_hparams_clip_values_but_not_phi_unless_asked():
     assert over.any() != clip
 
 
+def test_a_rejected_round_halves_the_eta_it_used_even_with_phi_above_its_bound():
+  """phi is unclipped: with exp(phi_eta) at 4x its bound the round used the bound, and the
+  next one uses half of it (halving phi alone would leave it at 2x, clipped to the same eta).
+  E and B stay; a frozen tuner (FedAvg) changes nothing."""
+  tuner = fathom.hyper_tuner(alpha=0.5, eta_h=0.01, scales=(1, 1, 1), upper=UPPER)
+  upper = jnp.array(UPPER)
+  for eta, want in ((4 * UPPER[1], UPPER[1] / 2), (UPPER[1] / 4, UPPER[1] / 8)):
+    state = tuner.init(_params(0), (2.0, eta, 30.0))
+    after = tuner.rejected(state)
+    np.testing.assert_allclose(fathom.hparams(after.log_hparams, upper),
+                               [2.0, want, 30.0], rtol=1e-6)
+  frozen = fathom.hyper_tuner(alpha=0.5, eta_h=0.01, scales=(1, 1, 1), upper=UPPER, frozen=True)
+  state = frozen.init(_params(0), (2.0, 4 * UPPER[1], 30.0))
+  np.testing.assert_array_equal(frozen.rejected(state).log_hparams, state.log_hparams)
+
+
 def test_frozen_tuner_keeps_phi_and_tracks_h_glob():
   tuner = fathom.hyper_tuner(alpha=0.5, eta_h=0.01, scales=(1, 1, 10), upper=UPPER,
                              frozen=True)

@@ -214,16 +214,19 @@ def test_client_whose_hypergradient_is_not_finite_is_left_out_like_a_non_finite_
   assert np.isfinite(list(summary['final_hparams'].values())).all()
 
 
-def test_round_with_no_finite_update_changes_nothing_and_halves_eta(tmp_path):
+def test_round_with_no_finite_update_changes_nothing_and_halves_eta(tmp_path, caplog):
   data = str(tmp_path / 'data')
   _npz_with_bad_clients(data, bad=[0, 1, 2, 3])
   from fathom_sim.train import build, init_state
   config = _npz_config(data)
   run = build(config)
   state0 = jax.device_get(init_state(run))
-  summary = train_and_evaluate(config, str(tmp_path / 'run'))
+  with caplog.at_level('WARNING'):
+    summary = train_and_evaluate(config, str(tmp_path / 'run'))
   rows = read_rows(str(tmp_path / 'run'))
   assert not any(r['accepted'] for r in rows)
+  said = [r.getMessage() for r in caplog.records if 'rejected' in r.getMessage()]
+  assert len(said) == len(rows) and all('no client returned a finite update' in m for m in said)
   np.testing.assert_allclose([r['eta'] for r in rows], [0.05 / 2 ** k for k in range(4)],
                              rtol=1e-5)
   from fathom_sim.metrics import params_digest
