@@ -2,8 +2,9 @@
 
   python launch/main.py --config=configs/quickstart.py --workdir=runs/qs [--config.FIELD=VALUE]
 
-Bad flags, configs, data or workdirs end the run before any compute with one line naming the
-problem and a non-zero exit.
+Bad flags, configs, data or workdirs end the run with one line naming the problem and a
+non-zero exit: before any compute, but for a prepared dataset's records, checked as rounds read
+them.
 """
 
 import os

@@ -140,6 +140,26 @@ def test_fedjax_emnist_reads_back_exactly(tmp_path):
   assert_emnist_roundtrip(load_prepared('femnist', str(tmp_path / 'out')), train, test)
 
 
+def test_a_record_that_disagrees_with_the_index_is_named(tmp_path):
+  """Rounds are planned from clients-<split>.npz's counts: a record holding another number of
+  examples is a DataError naming the folder, the record and both counts, not a shape error
+  later."""
+  from fathom_sim.data import DataError
+  train, test = emnist_clients(1, [3, 7]), emnist_clients(2, [2])
+  write_fedjax_emnist(tmp_path / 'src', train, test)
+  out = str(tmp_path / 'out')
+  prepare(str(tmp_path / 'src'), out, fmt='fedjax_sqlite', task='emnist')
+  index = os.path.join(out, 'clients-train.npz')
+  with np.load(index) as f:
+    ids, counts = f['client_ids'], f['num_examples']
+  np.savez(index, client_ids=ids, num_examples=counts + [0, 1])
+  task = load_prepared('femnist', out)
+  assert len(task.train.client(0)['x']) == 3
+  with pytest.raises(DataError, match=r'record 1 of split train .* holds 7 inputs and 7 '
+                     r'targets, the index says 8 examples'):
+    task.train.client(1)
+
+
 def test_fedjax_stackoverflow_reads_back_exactly(tmp_path):
   sentences = {'u1': ['the beer is good ?', 'hops'],
                'u2': ['unknown words the beer ' * 6],  # longer than 20 tokens: cut

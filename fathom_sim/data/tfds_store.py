@@ -171,4 +171,10 @@ class PreparedClientDataset:
     for name in ('x', 'y'):
       a = np.asarray(record[name])
       out[name] = a.astype(np.int32) if np.issubdtype(a.dtype, np.integer) else a
+    # Rounds are planned from the index's counts: a record that disagrees would otherwise
+    # fail later as a shape error deep in planning.
+    if not len(out['x']) == len(out['y']) == self._counts[index]:
+      raise DataError(f'{self.data_dir}: record {index} of split {self.split} (client {cid}) '
+                      f'holds {len(out["x"])} inputs and {len(out["y"])} targets, the index '
+                      f'says {int(self._counts[index])} examples; prepare the dataset again')
     return out
