@@ -439,8 +439,10 @@ class Rounds:
 
 
 # Fields that may differ between a run and its resumption: they change how a run is executed,
-# logged or evaluated, never the model it trains (device and lane counts only up to float
-# rounding). Every other field is part of the run's identity.
+# logged or evaluated, never the model it trains, but for float rounding: device and lane
+# counts, the conv form and matmul_precision change how products round (TF32 against float32
+# is enough to send an unstable run another way; resuming at 'highest' is how to steady one).
+# Every other field is part of the run's identity.
 RESUMABLE_FIELDS = frozenset({
     'num_rounds', 'log_every', 'checkpoint_every', 'keep_checkpoints', 'eval_every',
     'eval_clients', 'eval_batch_size', 'target_accuracy', 'num_devices', 'lanes_per_device',
