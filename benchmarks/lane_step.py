@@ -35,6 +35,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from absl import app, flags  # noqa: E402
 
+from benchmarks.xla_cost import xla_cost  # noqa: E402
+
 _LANES = flags.DEFINE_list('lanes', ['1'], 'Lanes side by side on the device.')
 _STEPS = flags.DEFINE_integer('steps', 40, 'Local steps per lane per timed call.')
 _CLIENTS = flags.DEFINE_integer('clients_per_lane', 2, 'Clients each lane runs in turn.')
@@ -85,13 +87,14 @@ def forms_for(lanes: int, steps: int, clients: int, b: int, chunks: tuple[int, .
     return lane_train(model.loss, p, jnp.float32(0.05), jnp.int32(b), jax.random.PRNGKey(2),
                       table, num_iterations, slots, stream, src, batch_pad=b, chunk=chunk)
 
+  def sgd_step(p, src, i):
+    batch = jax.tree.map(lambda a: jax.lax.dynamic_slice_in_dim(a, i * b, b), src)
+    g = jax.grad(model.loss)(p, batch, mask, jax.random.PRNGKey(1))
+    return jax.tree.map(lambda w, gw: w - 0.05 * gw, p, g)
+
   def bare_scan(p, src, num_iterations):
     del num_iterations  # a scan of k steps: a known trip count, the floor
-    def step(p, i):
-      batch = jax.tree.map(lambda a: jax.lax.dynamic_slice_in_dim(a, i * b, b), src)
-      g = jax.grad(model.loss)(p, batch, mask, jax.random.PRNGKey(1))
-      return jax.tree.map(lambda w, gw: w - 0.05 * gw, p, g), None
-    return jax.lax.scan(step, p, jnp.arange(k))[0]
+    return jax.lax.scan(lambda p, i: (sgd_step(p, src, i), None), p, jnp.arange(k))[0]
 
   # One lane runs unbatched, as on a CPU device that holds one lane; a vmap of one lane would
   # turn the cond into selects, and on CPU also slows the step itself (batched dots).
@@ -111,23 +114,9 @@ def forms_for(lanes: int, steps: int, clients: int, b: int, chunks: tuple[int, .
     return lane_step(model.loss, lane_init(p, clients), p, jnp.float32(0.05), jnp.int32(b),
                      jax.random.PRNGKey(2), table, slots, stream, src, batch_pad=b)
 
-  def bare_step(p, src):
-    batch = jax.tree.map(lambda a: a[:b], src)
-    g = jax.grad(model.loss)(p, batch, mask, jax.random.PRNGKey(1))
-    return jax.tree.map(lambda w, gw: w - 0.05 * gw, p, g)
-
   one_step = {name: jax.jit(jax.vmap(f)) for name, f in
-              (('selects', round_step), ('bare_scan', bare_step))}
+              (('selects', round_step), ('bare_scan', lambda p, src: sgd_step(p, src, 0)))}
   return forms, (params, source, jnp.asarray(k, jnp.int32)), k, one_step
-
-
-def xla_cost(f, *args) -> tuple[float, float]:
-  """XLA's estimate of the bytes a jitted f moves and the flops it runs on `args` (its cost
-  analysis of the compiled program, after fusion on this platform); NaN where it has none."""
-  cost = f.lower(*args).compile().cost_analysis() or {}
-  cost = cost[0] if isinstance(cost, list) else cost
-  return (float(cost.get('bytes accessed', float('nan'))),
-          float(cost.get('flops', float('nan'))))
 
 
 def main(argv):
