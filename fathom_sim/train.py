@@ -217,7 +217,7 @@ def _compile_ahead(config, mesh, local_loop: str) -> bool:
 def _evaluation_ahead(config, mesh) -> bool:
   """config.compile_ahead resolved for the evaluation's program: one program whatever the
   algorithm and local loop, so 'auto' compiles it ahead on every accelerator (FedAvg's first
-  evaluation would otherwise wait 2-3 s on an H100), 'yes' everywhere."""
+  evaluation would otherwise wait for its compile, seconds on a GPU), 'yes' everywhere."""
   if config.compile_ahead == 'auto':
     return mesh.devices.flat[0].platform != 'cpu'
   return config.compile_ahead == 'yes'
