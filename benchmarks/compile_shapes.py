@@ -28,8 +28,11 @@ _LANES = flags.DEFINE_integer('lanes', 10, 'Lanes of the run (devices x lanes pe
 
 
 def replay(sizes, rows: dict, *, cohort_size: int, lanes: int, seed: int, resident: bool,
-           per_octave: int, max_batch_size: int = 2**30) -> list[tuple[int, str]]:
-  """(round, why) for every round whose plan has a shape not seen before."""
+           per_octave: int, max_batch_size: int = 2**30,
+           buffer_rows: list | None = None) -> list[tuple[int, str]]:
+  """(round, why) for every round whose plan has a shape not seen before. `buffer_rows`, when
+  given, gets each round's (example rows sent, the cohort's examples): the rows are the
+  buffers times their padded length, 0 when resident."""
   import numpy as np
   from fathom_sim.data.federated import ArrayClientDataset, sample_cohort
   from fathom_sim.data.plan import Planner, neighbour_buckets
@@ -48,6 +51,10 @@ def replay(sizes, rows: dict, *, cohort_size: int, lanes: int, seed: int, reside
       raise SystemExit(f'round {t}: replayed B_int {plan.batch_size}, the run used '
                        f'{r["batch_size_int"]}: not the run\'s data or config')
     lengths = (planner.stream_pad, planner.buffer_pad)
+    if buffer_rows is not None:
+      buffer = plan.shape[1]
+      buffer_rows.append((0 if buffer is None else buffer[0] * buffer[1],
+                          int(plan.num_examples.sum())))
     if plan.shape not in seen:
       if last is None:
         why = 'first round'
@@ -76,11 +83,17 @@ def main(argv):
   sizes = np.asarray(load_task(c.data).train.num_examples)
   rows = {r['round']: r for r in read_rows(_METRICS.value)}
   for resident in (False, True):
+    buffer_rows = []
     compiles = replay(sizes, rows, cohort_size=c.cohort_size, lanes=_LANES.value, seed=c.seed,
                       resident=resident, per_octave=c.batch_pad_per_octave,
-                      max_batch_size=max(1, round(min(c.upper_batch_size, 2**30))))
+                      max_batch_size=max(1, round(min(c.upper_batch_size, 2**30))),
+                      buffer_rows=buffer_rows)
     where = 'on the devices' if resident else 'sent per round'
     print(f'data {where}: {len(compiles)} round programs over {len(rows)} rounds')
+    if not resident:
+      sent, real = np.asarray(buffer_rows).T
+      print(f'  example rows sent per round: mean {sent.mean():.0f}, max {sent.max()}; '
+            f'the cohorts\' examples: mean {real.mean():.0f}')
     for t, why in compiles:
       print(f'  round {t:5d}: {why}')
 
