@@ -22,28 +22,27 @@ CohortTrain = Callable[..., LaneResult]
 
 
 def make_cohort_train(loss_fn: LossFn, mesh: Mesh, *, batch_pad: int,
-                      source_per_lane: bool, chunk: int = 1) -> CohortTrain:
+                      source_per_device: bool, chunk: int = 1) -> CohortTrain:
   """Returns f(server_params, eta, batch_size, round_key, table, slots, stream, source).
 
   `chunk`: each device checks its loop's bound every `chunk` local steps (client.lane_train).
-  `source` holds the examples that `stream` indexes: [L, R_buf, ...] per-lane buffers
-  (source_per_lane) or the whole dataset, replicated on every device.
+  `source` holds the examples that `stream` indexes: [D, R_buf, ...], one buffer per device
+  that its lanes share (source_per_device), or the whole dataset, replicated on every device.
   """
-  source_axis = 0 if source_per_lane else None
   # Measured on CPU only (docs/benchmarks.md): there a branch skips three passes over the model
   # per step. XLA:GPU may read a conditional's predicate back to the host at every step, so
   # accelerators keep the vmap (the cond runs both sides and selects) until measured.
   unbatched_cond = mesh.devices.flat[0].platform == 'cpu'
   one_lane = functools.partial(lane_train, loss_fn, batch_pad=batch_pad, chunk=chunk)
-  lanes_train = jax.vmap(one_lane, in_axes=(None, None, None, None, None, None, 0, 0, source_axis))
+  lanes_train = jax.vmap(one_lane, in_axes=(None, None, None, None, None, None, 0, 0, None))
 
   def per_device(server_params, eta, batch_size, round_key, table, slots, stream, source):
+    source = _device_source(source, source_per_device)
     lane_steps = table.num_steps[slots].sum(axis=1)  # the sentinel slot has 0 steps
     if slots.shape[0] == 1 and unbatched_cond:
       # No vmap of one lane, so lane_step's end-of-client cond stays a branch.
-      lane_source = jax.tree.map(lambda a: a[0], source) if source_per_lane else source
       r = one_lane(server_params, eta, batch_size, round_key, table, lane_steps[0], slots[0],
-                   stream[0], lane_source)
+                   stream[0], source)
       r = jax.tree.map(lambda a: a[None], r)
     else:
       r = lanes_train(server_params, eta, batch_size, round_key, table, lane_steps.max(),
@@ -55,7 +54,7 @@ def make_cohort_train(loss_fn: LossFn, mesh: Mesh, *, batch_pad: int,
         loss=jax.lax.psum(r.loss.sum(axis=0), CLIENTS),
         finite=jax.lax.pmax(r.finite.max(axis=0), CLIENTS))
 
-  source_spec = P(CLIENTS) if source_per_lane else P()
+  source_spec = P(CLIENTS) if source_per_device else P()
   # check_vma=False: lane_train is written per lane, unaware of mesh axes, and its loop state
   # starts replicated and becomes per-device; the outputs are made replicated by the
   # collectives above.
@@ -64,6 +63,11 @@ def make_cohort_train(loss_fn: LossFn, mesh: Mesh, *, batch_pad: int,
       in_specs=(P(), P(), P(), P(), P(), P(CLIENTS), P(CLIENTS), source_spec),
       out_specs=P(), check_vma=False)
 
+
+def _device_source(source, per_device: bool):
+  """The examples this device's lanes index: its own buffer (its shard of [D, R_buf, ...]), or
+  the replicated dataset."""
+  return jax.tree.map(lambda a: a[0], source) if per_device else source
 
 
 class CohortSteps(NamedTuple):
@@ -80,18 +84,21 @@ class CohortSteps(NamedTuple):
 
 
 def make_cohort_steps(loss_fn: LossFn, mesh: Mesh, *, batch_pad: int,
-                      source_per_lane: bool) -> CohortSteps:
-  source_axis = 0 if source_per_lane else None
-  lanes_step = jax.vmap(
+                      source_per_device: bool) -> CohortSteps:
+  one_step = jax.vmap(
       functools.partial(lane_step, loss_fn, batch_pad=batch_pad),
-      in_axes=(0, None, None, None, None, None, 0, 0, source_axis))
+      in_axes=(0, None, None, None, None, None, 0, 0, None))
+
+  def lanes_step(*args):
+    return one_step(*args[:-1], _device_source(args[-1], source_per_device))
+
   lanes = P(CLIENTS)
 
   def init(server_params, slots):
     return jax.vmap(lane_init, in_axes=(None, None), axis_size=slots.shape[0])(
         server_params, slots.shape[1])
 
-  source_spec = P(CLIENTS) if source_per_lane else P()
+  source_spec = P(CLIENTS) if source_per_device else P()
   step = jax.shard_map(
       lanes_step, mesh=mesh,
       in_specs=(lanes, P(), P(), P(), P(), P(), lanes, lanes, source_spec), out_specs=lanes,

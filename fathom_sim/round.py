@@ -32,7 +32,7 @@ LOCAL_LOOPS = ('device', 'host')
 
 def make_round(*, loss_fn: LossFn, server_opt: optax.GradientTransformation,
                tuner: fathom.HyperTuner, upper: tuple[float, float, float], mesh: Mesh,
-               source_per_lane: bool, vectorized: bool = False,
+               source_per_device: bool, vectorized: bool = False,
                local_loop: str = 'device', loop_chunk: int = 1) -> RoundFn:
   """Builds the round; `state` is donated.
 
@@ -53,7 +53,7 @@ def make_round(*, loss_fn: LossFn, server_opt: optax.GradientTransformation,
                  source: Batch, batch_size: jax.Array, *,
                  batch_pad: int) -> tuple[ServerState, RoundMetrics]:
     cohort_train = make_cohort_train(loss_fn, mesh, batch_pad=batch_pad,
-                                     source_per_lane=source_per_lane, chunk=loop_chunk)
+                                     source_per_device=source_per_device, chunk=loop_chunk)
     # 1. Broadcast: (E, eta, B) = clip(exp(phi)); E and B_int already shaped the plan on the host.
     hp, round_key = broadcast(state)
     # 2. Local training of every client, lanes sharded over the clients axis.
@@ -105,7 +105,7 @@ def make_round(*, loss_fn: LossFn, server_opt: optax.GradientTransformation,
     return new_state, metrics
 
   everywhere = replicated(mesh)
-  source_axis = 0 if source_per_lane else None
+  source_axis = 0 if source_per_device else None
 
   def seeds(f, in_axes):
     """f over a leading seed axis of its arguments (those with in_axes 0)."""
@@ -123,7 +123,7 @@ def make_round(*, loss_fn: LossFn, server_opt: optax.GradientTransformation,
                    static_argnames=('batch_pad', 'num_iterations'),
                    out_shardings=(everywhere, everywhere))
 
-  return _HostDrivenRound(broadcast, aggregate_and_update, loss_fn, mesh, source_per_lane,
+  return _HostDrivenRound(broadcast, aggregate_and_update, loss_fn, mesh, source_per_device,
                           seeds, vectorized)
 
 
@@ -131,11 +131,11 @@ class _HostDrivenRound:
   """round_step with its local-training loop on the host: broadcast, then `num_iterations`
   calls of one jitted cohort-wide local step (its carry donated), then aggregate_and_update."""
 
-  def __init__(self, broadcast, aggregate_and_update, loss_fn, mesh, source_per_lane, seeds,
+  def __init__(self, broadcast, aggregate_and_update, loss_fn, mesh, source_per_device, seeds,
                vectorized):
     everywhere = replicated(mesh)
     lanes = NamedSharding(mesh, P(None, CLIENTS) if vectorized else P(CLIENTS))
-    source_axis = 0 if source_per_lane else None
+    source_axis = 0 if source_per_device else None
     self._broadcast = jax.jit(seeds(broadcast, (0,)), out_shardings=everywhere)
     self._finish = jax.jit(
         seeds(lambda state, hp, carry, table, steps: aggregate_and_update(
@@ -143,7 +143,7 @@ class _HostDrivenRound:
         donate_argnums=0, static_argnums=4, out_shardings=(everywhere, everywhere))
     self._steps = functools.lru_cache(maxsize=None)(
         lambda batch_pad: make_cohort_steps(loss_fn, mesh, batch_pad=batch_pad,
-                                            source_per_lane=source_per_lane))
+                                            source_per_device=source_per_device))
     self._init = jax.jit(lambda params, slots, steps: seeds(steps.init, (0, 0))(params, slots),
                          static_argnums=2, out_shardings=lanes)
     self._step = jax.jit(

@@ -39,7 +39,7 @@ from fathom_sim.types import BATCH, EPOCHS, ETA, CohortPlan, RoundMetrics, Serve
 
 # 'auto' keeps an in-memory training set on the devices (a copy on each) up to RESIDENT_BYTES
 # on CPU, and up to RESIDENT_FRACTION of one accelerator's memory: then no examples travel
-# per round (a FEMNIST-shaped round at cohort 10 sends 31-61 MiB of padded lane buffers).
+# per round (a FEMNIST-shaped round at cohort 10 on one GPU sends one padded buffer of ~12 MiB).
 RESIDENT_BYTES = 1 << 30
 RESIDENT_FRACTION = 0.25
 # Lanes per accelerator when config.lanes_per_device is 0. On one H100 the EMNIST CNN's step
@@ -289,12 +289,12 @@ class Rounds:
     self.num_devices = mesh.devices.size
     self.round_fn = make_round(loss_fn=run.model.loss, server_opt=run.server_opt,
                                tuner=run.tuner, upper=run.upper, mesh=mesh,
-                               source_per_lane=not run.resident,
+                               source_per_device=not run.resident,
                                vectorized=self.seeds is not None, local_loop=run.local_loop,
                                loop_chunk=run.loop_chunk)
     lanes = self.num_devices * run.lanes_per_device
     options = dict(resident=run.resident, batch_per_octave=c.batch_pad_per_octave,
-                   local_lanes=local_rows(mesh, lanes))
+                   local_lanes=local_rows(mesh, lanes), lanes_per_buffer=run.lanes_per_device)
     train = run.task.train
     # Examples read per round (generated, prepared) are read for round t+1 while round t
     # computes. Not across hosts: there a process reads only its own lanes' clients, and which

@@ -25,17 +25,18 @@ class CohortTable(NamedTuple):
 
 
 class Lanes(NamedTuple):
-  """The per-lane arrays of a cohort plan; their leading axis is what `clients` shards.
+  """The device-side arrays of a cohort plan; their leading axis (lanes, or devices for
+  `source`) is what `clients` shards.
 
   A lane runs the local steps of its clients back to back: its params start at the server
   model, and at a client's last step the lane emits that client's weighted update and restarts
   from the server model. Step s of a lane (counting over its clients) trains on the examples
-  `stream[s*B_int : (s+1)*B_int]`, indices into `source` (the lane's own example buffer, or the
-  whole device-resident dataset).
+  `stream[s*B_int : (s+1)*B_int]`, indices into `source` (the example buffer its device's lanes
+  share, or the whole device-resident dataset).
   """
   slots: np.ndarray     # [L, C] int32: cohort slots of the lane's clients in order, then C
   stream: np.ndarray    # [L, R_pad] int32: example indices, B_int per step
-  source: Batch | None  # feature -> [L, R_buf_pad, ...]: the lane's clients' examples
+  source: Batch | None  # feature -> [D, R_buf_pad, ...]: each device's lanes' clients' examples
 
 
 @dataclasses.dataclass(frozen=True)

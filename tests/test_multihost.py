@@ -20,7 +20,7 @@ from tests.common import tiny_config
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OVERRIDES = ['--config.num_rounds=4', '--config.cohort_size=10', '--config.data.num_clients=60',
              '--config.eval_every=2', '--config.checkpoint_every=2', '--config.num_devices=0',
-             # Per-lane buffers: each process loads only its own lanes' examples.
+             # Per-device buffers: each process loads only its own lanes' examples.
              '--config.data_on_device=no']
 
 

@@ -63,15 +63,24 @@ def test_pack_lanes_assigns_every_client_once_and_balances(seed):
     assert max(loads) <= steps.sum() / num_lanes + steps.max()
 
 
-@pytest.mark.parametrize('resident', [True, False])
-def test_plan_streams_each_clients_batches_in_order(resident):
+@pytest.mark.parametrize('resident,lanes_per_buffer', [(True, 1), (False, 1), (False, 3)])
+def test_plan_streams_each_clients_batches_in_order(resident, lanes_per_buffer):
   task = tiny_task()
-  planner = Planner(task.train, 5, 3, seed=7, resident=resident)
+  planner = Planner(task.train, 5, 3, seed=7, resident=resident,
+                    lanes_per_buffer=lanes_per_buffer)
   clients = np.array([0, 4, 2, 9, 11])
   plan = planner.plan(clients, 3, epochs=1.5, batch_size=3.2)
   b = plan.batch_size
   assert b == 3 and plan.batch_pad >= b
   x_all = task.train.features['x']
+  if not resident:
+    # One buffer per device (lanes_per_buffer lanes), each client's examples in it once.
+    n_all = np.asarray(task.train.num_examples)
+    assert plan.lanes.source['x'].shape[0] == 3 // lanes_per_buffer
+    per_buffer = [sum(n_all[clients[s]] for lane in range(b0, b0 + lanes_per_buffer)
+                      for s in plan.lanes.slots[lane] if s < 5)
+                  for b0 in range(0, 3, lanes_per_buffer)]
+    assert planner.buffer_pad == grow(0, max(per_buffer))
   for lane in range(3):
     slots = [s for s in plan.lanes.slots[lane] if s < 5]
     pos = 0
@@ -80,13 +89,19 @@ def test_plan_streams_each_clients_batches_in_order(resident):
       n = task.train.num_examples[c]
       expected = client_batches(rng.client_shuffler(7, 3, c), n, k, b)
       rows = plan.lanes.stream[lane, pos:pos + k * b]
-      got = x_all[rows] if resident else plan.lanes.source['x'][lane][rows]
+      got = x_all[rows] if resident else plan.lanes.source['x'][lane // lanes_per_buffer][rows]
       np.testing.assert_array_equal(got, task.train.client(c)['x'][expected.ravel()])
       pos += k * b
     assert pos == plan.lane_steps[lane] * b
   assert plan.lanes.stream.shape[1] >= plan.lane_steps.max() * b + plan.batch_pad - b
   np.testing.assert_array_equal(plan.table.num_steps[:-1], plan.num_steps)
   assert plan.table.num_steps[-1] == 0  # the sentinel slot never steps
+
+
+def test_lanes_per_buffer_must_divide_the_lanes():
+  for bad in (0, 2):
+    with pytest.raises(ValueError, match='lanes_per_buffer must divide the 3 lanes'):
+      Planner(tiny_task().train, 5, 3, seed=0, lanes_per_buffer=bad)
 
 
 def test_padding_is_inert_in_the_round():
@@ -99,6 +114,9 @@ def test_padding_is_inert_in_the_round():
       (dict(num_devices=2), dict(stream_pad=1024, buffer_pad=256)),
       (dict(num_devices=2, lanes_per_device=4), {}),  # 8 lanes for 5 clients
       (dict(num_devices=2, data_on_device='no'), {}),
+      # A device's 3 lanes share one example buffer.
+      (dict(num_devices=2, lanes_per_device=3, data_on_device='no'), {}),
+      (dict(num_devices=2, lanes_per_device=3, data_on_device='no', local_loop='host'), {}),
       (dict(num_devices=2, data_on_device='yes', batch_pad_per_octave=1), {}),
   ]
   for overrides, planner in variants:

@@ -52,12 +52,14 @@ def _assert_same_run(got_dir, want_dir):
   np.testing.assert_allclose(gs['final']['test_loss'], ws['final']['test_loss'], rtol=1e-4)
 
 
-@pytest.mark.parametrize('data_on_device,local_loop,chunk', [
-    ('yes', 'device', 0), ('no', 'host', 0), ('yes', 'device', 3)])
-def test_each_vectorised_seed_equals_its_solo_run(tmp_path, data_on_device, local_loop, chunk):
-  # chunk: the seeds' device loops, vmapped, check their bounds every 3 steps.
-  configs = [_config(s, data_on_device=data_on_device, local_loop=local_loop, loop_chunk=chunk)
-             for s in SEEDS]
+@pytest.mark.parametrize('data_on_device,local_loop,chunk,lanes', [
+    ('yes', 'device', 0, 0), ('no', 'host', 0, 2), ('yes', 'device', 3, 0)])
+def test_each_vectorised_seed_equals_its_solo_run(tmp_path, data_on_device, local_loop, chunk,
+                                                  lanes):
+  # chunk: the seeds' device loops, vmapped, check their bounds every 3 steps. lanes: a
+  # device's 2 lanes share each seed's example buffer.
+  configs = [_config(s, data_on_device=data_on_device, local_loop=local_loop, loop_chunk=chunk,
+                     lanes_per_device=lanes) for s in SEEDS]
   vec = [str(tmp_path / f'vec{s}') for s in SEEDS]
   summaries = train_seeds(configs, vec)
   assert all(s['vectorized_seeds'] == 3 for s in summaries)

@@ -9,6 +9,10 @@ count is a loop bound on the device, never a compiled shape. What does compile i
 computed per step (B_pad, a few sizes per octave) and the lengths of the index stream and
 example buffers, which only grow (to a power of two with headroom) and so settle within a few
 rounds; the stream is sized from the first round for the dataset's largest client too.
+
+Data sent per round go in one example buffer per device, shared by that device's lanes: its
+padding is that of one sum over the device's clients, not of each lane's, and a sum over
+several clients varies less from round to round (fewer bytes sent, fewer buffer growths).
 """
 
 from __future__ import annotations
@@ -89,13 +93,15 @@ class Planner:
   """Turns a sampled cohort into a `CohortPlan`; remembers the padded lengths it has used.
 
   resident: the training set lives on the devices (`stream` holds dataset row indices and no
-  examples travel per round); otherwise each lane gets a buffer of its clients' examples.
+  examples travel per round); otherwise each run of `lanes_per_buffer` consecutive lanes (a
+  device's) shares a buffer of its clients' examples, which its streams index.
   """
   dataset: ClientDataset
   cohort_size: int
   num_lanes: int
   seed: int
   resident: bool = False
+  lanes_per_buffer: int = 1
   batch_per_octave: int = 2
   min_batch_pad: int = 1
   stream_pad: int = 0
@@ -115,6 +121,9 @@ class Planner:
   def __post_init__(self):
     if self.resident and not isinstance(self.dataset, ArrayClientDataset):
       raise ValueError('a device-resident training set must be held in memory')
+    if self.lanes_per_buffer < 1 or self.num_lanes % self.lanes_per_buffer:
+      raise ValueError(f'lanes_per_buffer must divide the {self.num_lanes} lanes, got '
+                       f'{self.lanes_per_buffer}')
 
   @functools.cached_property
   def _largest_client(self) -> int:
@@ -146,15 +155,22 @@ class Planner:
     _, (largest_steps,) = fathom.integer_schedule(epochs, batch_size, [self._largest_client])
     largest = int(largest_steps) * b_int + slack
     self.stream_pad = grow(self.stream_pad, max(need, min(largest, STREAM_LOOKAHEAD * need)))
+    per = self.lanes_per_buffer
     if not self.resident:
-      self.buffer_pad = grow(self.buffer_pad, max(int(num_examples[m].sum()) for m in lanes))
+      self.buffer_pad = grow(self.buffer_pad, max(
+          sum(int(num_examples[m].sum()) for m in lanes[b:b + per])
+          for b in range(0, self.num_lanes, per)))
 
     slots = np.full((self.num_lanes, c), c, np.int32)
     stream = np.zeros((self.num_lanes, self.stream_pad), np.int32)
     source = None
+    offset = 0  # next free row of the lane's buffer
     for lane, members in enumerate(lanes):
       slots[lane, :len(members)] = members
-      pos = offset = 0
+      pos = 0
+      if lane % per == 0:
+        offset = 0
+      buf = lane // per
       for i in members:
         k, n, client = int(num_steps[i]), int(num_examples[i]), int(clients[i])
         idx = client_batches(rng.client_shuffler(self.seed, round_index, client), n, k, b_int)
@@ -162,11 +178,11 @@ class Planner:
           base = int(self.dataset.offsets[client])
         else:
           if source is None:
-            source = {name: np.zeros((self.num_lanes, self.buffer_pad) + shape, dtype)
+            source = {name: np.zeros((self.num_lanes // per, self.buffer_pad) + shape, dtype)
                       for name, (shape, dtype) in self._example_spec.items()}
           if self.local_lanes is None or self.local_lanes[lane]:
             for name, a in self.dataset.client(client).items():
-              source[name][lane, offset:offset + n] = a
+              source[name][buf, offset:offset + n] = a
           base = offset
           offset += n
         stream[lane, pos:pos + k * b_int] = base + idx.reshape(-1)
@@ -186,7 +202,7 @@ class StackedPlans:
   """S seeds' plans of one round, padded to common shapes and stacked on a leading seed axis."""
   plans: list[CohortPlan]
   table: CohortTable           # [S, C+1] fields
-  lanes: Lanes                 # slots [S, L, C], stream [S, L, R_pad], source [S, L, R_buf, ...]
+  lanes: Lanes                 # slots [S, L, C], stream [S, L, R_pad], source [S, D, R_buf, ...]
   batch_size: np.ndarray       # [S] int32 B_int
   batch_pad: int               # the largest of the seeds' B_pad
 
