@@ -5,7 +5,7 @@
       --config.data.name=femnist_synthetic --config.data.num_clients=3400 --lanes=10
 
 A round program is compiled for each new plan shape: padded batch B_pad, index-stream length
-and (data not on the devices) per-lane example-buffer length. Those are functions of the
+and (data not on the devices) per-device example-buffer length. Those are functions of the
 cohort's client sizes and the round's (E, B) alone, so the run's metrics.jsonl (the E and B
 each round used) and the data's client sizes replay them exactly, for either data placement
 and any number of lanes, without a device. The planner runs on a stand-in dataset with the
@@ -25,10 +25,12 @@ from ml_collections import config_flags  # noqa: E402
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'The run\'s config file.')
 _METRICS = flags.DEFINE_string('metrics', None, 'The run\'s metrics.jsonl (or .jsonl.gz).')
 _LANES = flags.DEFINE_integer('lanes', 10, 'Lanes of the run (devices x lanes per device).')
+_DEVICES = flags.DEFINE_integer('devices', 1, 'Devices of the run (its lanes share one example '
+                                'buffer per device).')
 
 
 def replay(sizes, rows: dict, *, cohort_size: int, lanes: int, seed: int, resident: bool,
-           per_octave: int, max_batch_size: int = 2**30,
+           per_octave: int, max_batch_size: int = 2**30, devices: int = 1,
            buffer_rows: list | None = None) -> list[tuple[int, str]]:
   """(round, why) for every round whose plan has a shape not seen before. `buffer_rows`, when
   given, gets each round's (example rows sent, the cohort's examples): the rows are the
@@ -41,7 +43,7 @@ def replay(sizes, rows: dict, *, cohort_size: int, lanes: int, seed: int, reside
   data = ArrayClientDataset({'x': np.zeros(int(offsets[-1]), np.uint8)}, offsets,
                             np.arange(len(sizes)).astype(str))
   planner = Planner(data, cohort_size, lanes, seed, resident=resident,
-                    batch_per_octave=per_octave)
+                    batch_per_octave=per_octave, lanes_per_buffer=lanes // devices)
   seen, compiles, last = set(), [], None
   for t in sorted(rows):
     r = rows[t]
@@ -87,7 +89,7 @@ def main(argv):
     compiles = replay(sizes, rows, cohort_size=c.cohort_size, lanes=_LANES.value, seed=c.seed,
                       resident=resident, per_octave=c.batch_pad_per_octave,
                       max_batch_size=max(1, round(min(c.upper_batch_size, 2**30))),
-                      buffer_rows=buffer_rows)
+                      devices=_DEVICES.value, buffer_rows=buffer_rows)
     where = 'on the devices' if resident else 'sent per round'
     print(f'data {where}: {len(compiles)} round programs over {len(rows)} rounds')
     if not resident:

@@ -4,7 +4,8 @@
 #   bash benchmarks/gpu.sh fathom OUT   # 1500 FATHOM rounds, FEMNIST-shaped data, EMNIST CNN,
 #                                       # 10 clients per round, end to end (target: < 2 min)
 #   bash benchmarks/gpu.sh sweep OUT    # benchmark.py cohort sweep 10/50/100/200, CNN and LSTM,
-#                                       # and cohort 10 without the prefetch
+#                                       # cohort 10 without the prefetch, and the host's cost to
+#                                       # plan and send a round's examples (feed_round.py)
 #   bash benchmarks/gpu.sh profile OUT  # the CNN's local step at 10 and 50 lanes (cohort 10's and
 #                                       # cohort 200's layouts): the round's step against bare
 #                                       # SGD, where the device time goes (profiler traces), and
@@ -122,6 +123,9 @@ EOF
         --compute_dtype="$dtype" --conv="$conv" --noprefetch \
         --json="$out/bench_gpu_noprefetch.json" 2>&1 \
         | grep -v '^[IW][0-9]'
+    # The host's cost to plan and send a round's examples: one buffer per lane or per device.
+    "$py" benchmarks/feed_round.py --rounds=10 2>&1 | grep -v '^[IW][0-9]' \
+        | tee "$out/feed_round.txt"
     ;;
   profile)
     # Each step says how it failed and the next one still runs: device time is scarce.
