@@ -164,7 +164,7 @@ class Planner:
     slots = np.full((self.num_lanes, c), c, np.int32)
     stream = np.zeros((self.num_lanes, self.stream_pad), np.int32)
     source = None
-    offset = 0  # next free row of the lane's buffer
+    offset = 0  # the next free row of the buffer of the lane's device
     for lane, members in enumerate(lanes):
       slots[lane, :len(members)] = members
       pos = 0
