@@ -67,7 +67,14 @@ def make_cohort_train(loss_fn: LossFn, mesh: Mesh, *, batch_pad: int,
 def _device_source(source, per_device: bool):
   """The examples this device's lanes index: its own buffer (its shard of [D, R_buf, ...]), or
   the replicated dataset."""
-  return jax.tree.map(lambda a: a[0], source) if per_device else source
+  if not per_device:
+    return source
+
+  def own(a):
+    if a.shape[0] != 1:  # a plan made with other than one buffer per device (Planner)
+      raise ValueError(f'each device needs exactly one example buffer, got {a.shape[0]}')
+    return a[0]
+  return jax.tree.map(own, source)
 
 
 class CohortSteps(NamedTuple):

@@ -20,8 +20,9 @@ from tests.common import tiny_config
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OVERRIDES = ['--config.num_rounds=4', '--config.cohort_size=10', '--config.data.num_clients=60',
              '--config.eval_every=2', '--config.checkpoint_every=2', '--config.num_devices=0',
-             # Per-device buffers: each process loads only its own lanes' examples.
-             '--config.data_on_device=no']
+             # Examples sent per round, a buffer per device that its 2 lanes share: each
+             # process loads only its own devices' lanes' examples.
+             '--config.data_on_device=no', '--config.lanes_per_device=2']
 
 
 def _free_port() -> int:

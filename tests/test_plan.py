@@ -63,10 +63,11 @@ def test_pack_lanes_assigns_every_client_once_and_balances(seed):
     assert max(loads) <= steps.sum() / num_lanes + steps.max()
 
 
-@pytest.mark.parametrize('resident,lanes_per_buffer', [(True, 1), (False, 1), (False, 3)])
-def test_plan_streams_each_clients_batches_in_order(resident, lanes_per_buffer):
+@pytest.mark.parametrize('resident,lanes,lanes_per_buffer',
+                         [(True, 3, 1), (False, 3, 1), (False, 3, 3), (False, 4, 2)])
+def test_plan_streams_each_clients_batches_in_order(resident, lanes, lanes_per_buffer):
   task = tiny_task()
-  planner = Planner(task.train, 5, 3, seed=7, resident=resident,
+  planner = Planner(task.train, 5, lanes, seed=7, resident=resident,
                     lanes_per_buffer=lanes_per_buffer)
   clients = np.array([0, 4, 2, 9, 11])
   plan = planner.plan(clients, 3, epochs=1.5, batch_size=3.2)
@@ -76,12 +77,12 @@ def test_plan_streams_each_clients_batches_in_order(resident, lanes_per_buffer):
   if not resident:
     # One buffer per device (lanes_per_buffer lanes), each client's examples in it once.
     n_all = np.asarray(task.train.num_examples)
-    assert plan.lanes.source['x'].shape[0] == 3 // lanes_per_buffer
+    assert plan.lanes.source['x'].shape[0] == lanes // lanes_per_buffer
     per_buffer = [sum(n_all[clients[s]] for lane in range(b0, b0 + lanes_per_buffer)
                       for s in plan.lanes.slots[lane] if s < 5)
-                  for b0 in range(0, 3, lanes_per_buffer)]
+                  for b0 in range(0, lanes, lanes_per_buffer)]
     assert planner.buffer_pad == grow(0, max(per_buffer))
-  for lane in range(3):
+  for lane in range(lanes):
     slots = [s for s in plan.lanes.slots[lane] if s < 5]
     pos = 0
     for s in slots:
@@ -102,6 +103,13 @@ def test_lanes_per_buffer_must_divide_the_lanes():
   for bad in (0, 2):
     with pytest.raises(ValueError, match='lanes_per_buffer must divide the 3 lanes'):
       Planner(tiny_task().train, 5, 3, seed=0, lanes_per_buffer=bad)
+
+
+def test_a_device_given_other_than_one_example_buffer_is_refused():
+  from fathom_sim.cohort import _device_source
+  with pytest.raises(ValueError, match='exactly one example buffer, got 2'):
+    _device_source({'x': np.zeros((2, 4))}, True)
+  np.testing.assert_array_equal(_device_source({'x': np.ones((1, 4))}, True)['x'], np.ones(4))
 
 
 def test_padding_is_inert_in_the_round():
