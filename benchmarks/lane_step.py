@@ -35,6 +35,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from absl import app, flags  # noqa: E402
 
+from benchmarks.lane_forms import forms_for  # noqa: E402
 from benchmarks.xla_cost import xla_cost  # noqa: E402
 
 _LANES = flags.DEFINE_list('lanes', ['1'], 'Lanes side by side on the device.')
@@ -50,73 +51,6 @@ _CONV = flags.DEFINE_string('conv', 'matmul', 'The CNN\'s convolution form (conf
                             'models.CONV_FORMS).')
 _TRACE = flags.DEFINE_string('trace_dir', None, 'Also write a profiler trace of each form here '
                              '(<dir>/<form>_L<lanes>/plugins/profile/*/perfetto_trace.json.gz).')
-
-
-def forms_for(lanes: int, steps: int, clients: int, b: int, chunks: tuple[int, ...] = (),
-              compute_dtype: str = 'float32', conv: str = 'matmul'
-              ) -> tuple[dict, tuple, int, dict]:
-  """name -> jitted f(params, source, num_iterations) over `lanes` lanes, the arguments to
-  call them with, the steps per lane (a multiple of `clients`), and name -> jitted one step
-  of `selects` / `bare_scan` on (params, source), for XLA's cost analysis."""
-  import jax
-  import jax.numpy as jnp
-  import numpy as np
-  from fathom_sim.client import lane_init, lane_step, lane_train
-  from fathom_sim.models import COMPUTE_DTYPES, EmnistCNN, classifier
-  from fathom_sim.types import CohortTable
-
-  k = steps - steps % clients
-  model = classifier('emnist_cnn', EmnistCNN(conv=conv, dtype=COMPUTE_DTYPES[compute_dtype]))
-  data = np.random.default_rng(0)
-  source = {'x': jnp.asarray(data.random((lanes, k * b, 28, 28), np.float32)),
-            'y': jnp.asarray(data.integers(0, 62, (lanes, k * b)), jnp.int32)}
-  init = model.init(jax.random.PRNGKey(0), {'x': source['x'][0, :1]})
-  params = jax.tree.map(lambda p: jnp.broadcast_to(p, (lanes,) + p.shape), init)
-  # Every lane runs `clients` clients of k / clients steps; slot `clients` is the sentinel.
-  table = CohortTable(client=jnp.arange(clients + 1, dtype=jnp.int32),
-                      num_examples=jnp.array([k * b / clients] * clients + [0], jnp.float32),
-                      num_steps=jnp.array([k // clients] * clients + [0], jnp.int32))
-  slots = jnp.arange(clients, dtype=jnp.int32)
-  stream = jnp.arange(k * b + b, dtype=jnp.int32) % (k * b)
-  mask = jnp.ones(b, bool)
-
-  # The loop bound is an argument, as in a round (the longest lane, read from the cohort
-  # table): XLA:GPU then cannot know the trip count, and reads the loop's predicate back at
-  # every step, as it does in a round. A constant bound would hide that.
-  def lane(p, src, num_iterations, chunk=1):
-    return lane_train(model.loss, p, jnp.float32(0.05), jnp.int32(b), jax.random.PRNGKey(2),
-                      table, num_iterations, slots, stream, src, batch_pad=b, chunk=chunk)
-
-  def sgd_step(p, src, i):
-    batch = jax.tree.map(lambda a: jax.lax.dynamic_slice_in_dim(a, i * b, b), src)
-    g = jax.grad(model.loss)(p, batch, mask, jax.random.PRNGKey(1))
-    return jax.tree.map(lambda w, gw: w - 0.05 * gw, p, g)
-
-  def bare_scan(p, src, num_iterations):
-    del num_iterations  # a scan of k steps: a known trip count, the floor
-    return jax.lax.scan(lambda p, i: (sgd_step(p, src, i), None), p, jnp.arange(k))[0]
-
-  # One lane runs unbatched, as on a CPU device that holds one lane; a vmap of one lane would
-  # turn the cond into selects, and on CPU also slows the step itself (batched dots).
-  first = lambda f: lambda p, src, n: f(*jax.tree.map(lambda a: a[0], (p, src)), n)
-  lanewise = lambda f: jax.vmap(f, in_axes=(0, 0, None))
-  forms = {}
-  if lanes == 1:
-    forms['branch'] = jax.jit(first(lane))
-  forms['selects'] = jax.jit(lanewise(lane))
-  for c in chunks:
-    chunked = lambda p, src, n, c=c: lane(p, src, n, chunk=c)
-    forms[f'chunk{c}'] = jax.jit(first(chunked) if lanes == 1 else lanewise(chunked))
-  forms['bare_scan'] = jax.jit(first(bare_scan) if lanes == 1 else lanewise(bare_scan))
-
-  # One step of each on its own, for XLA's cost analysis (a loop's may count its body once).
-  def round_step(p, src):
-    return lane_step(model.loss, lane_init(p, clients), p, jnp.float32(0.05), jnp.int32(b),
-                     jax.random.PRNGKey(2), table, slots, stream, src, batch_pad=b)
-
-  one_step = {name: jax.jit(jax.vmap(f)) for name, f in
-              (('selects', round_step), ('bare_scan', lambda p, src: sgd_step(p, src, 0)))}
-  return forms, (params, source, jnp.asarray(k, jnp.int32)), k, one_step
 
 
 def main(argv):
