@@ -1,0 +1,141 @@
+"""benchmarks/hlo_traffic.py: each kernel's bytes and arithmetic, read from compiled HLO text."""
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from benchmarks.hlo_traffic import kernels, loop_bodies, shape_bytes
+
+
+def _compiled(f, *args, **jit_kwargs) -> str:
+  return jax.jit(f, **jit_kwargs).lower(*args).compile().as_text()
+
+
+def test_shape_bytes_adds_up_every_array_of_a_type():
+  assert shape_bytes('f32[50,20]{1,0}') == 4000
+  assert shape_bytes('(bf16[3,4]{1,0}, s32[], pred[8]{0}, u8[0]{0})') == 24 + 4 + 8
+  assert shape_bytes('token[]') == 0
+
+
+def test_an_elementwise_kernel_reads_and_writes_its_arrays_once():
+  x = jnp.ones((1000, 1000))
+  ks = kernels(_compiled(lambda x: x * 2 + 1, x))
+  assert [(k.bytes, k.flops) for k in ks] == [(8_000_000, 0)]
+
+
+def test_a_slice_reads_only_what_it_takes():
+  x = jnp.ones((1000, 1000))
+  ks = kernels(_compiled(lambda x: x[:10] * 2, x))
+  assert sum(k.bytes for k in ks) == 2 * 10 * 1000 * 4
+
+
+def test_an_in_place_update_moves_the_update_not_the_buffer():
+  x, u = jnp.ones((1000, 1000)), jnp.ones((10, 1000))
+  ks = kernels(_compiled(lambda x, u, i: jax.lax.dynamic_update_slice(x, u, (i, 0)), x, u, 5,
+                         donate_argnums=0))
+  assert sum(k.bytes for k in ks) == 2 * u.size * 4 + 4  # u read and written, and the index
+
+
+def test_dot_and_convolution_arithmetic():
+  a, b = jnp.ones((64, 128)), jnp.ones((128, 32))
+  ks = kernels(_compiled(jnp.matmul, a, b))
+  assert sum(k.flops for k in ks) == 2 * 64 * 32 * 128
+  assert sum(k.bytes for k in ks) == (a.size + b.size + 64 * 32) * 4
+  x, w = jnp.ones((2, 10, 10, 3)), jnp.ones((3, 3, 3, 8))
+  conv = lambda x, w: jax.lax.conv_general_dilated(
+      x, w, (1, 1), 'VALID', dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+  ks = kernels(_compiled(conv, x, w))
+  assert sum(k.flops for k in ks) == 2 * (2 * 8 * 8 * 8) * (3 * 3 * 3)
+
+
+def test_a_loop_body_holds_one_iteration_s_kernels():
+  x = jnp.ones((1000, 1000))
+  hlo = _compiled(lambda x, n: jax.lax.fori_loop(0, n, lambda i, c: c * 2 + 1, x), x, 3)
+  body, = loop_bodies(hlo)
+  moved = [k.bytes for k in kernels(hlo, body)]
+  assert 8_000_000 in moved  # the carried array read and written once an iteration
+  assert all(k.kind != 'while' for k in kernels(hlo))  # control flow is not a kernel
+
+
+# XLA:GPU's forms, written as it prints them: a Triton GEMM fusion whose dot sits in a nested
+# computation, a multi-output fusion whose root is a tuple, a scatter updating its buffer in
+# place, and a grouped cuDNN convolution that returns (result, scratch).
+_GPU_HLO = """
+HloModule m, is_scheduled=true
+
+%gemm_inner (p0: f32[8,16], p1: f32[16,4]) -> f32[8,4] {
+  %p0 = f32[8,16]{1,0} parameter(0)
+  %p1 = f32[16,4]{1,0} parameter(1)
+  ROOT %dot.1 = f32[8,4]{1,0} dot(%p0, %p1), lhs_contracting_dims={1}, rhs_contracting_dims={0}
+}
+
+%gemm_fusion_computation (param_0: f32[8,16], param_1: f32[16,4]) -> f32[8,4] {
+  %param_0 = f32[8,16]{1,0} parameter(0)
+  %param_1 = f32[16,4]{1,0} parameter(1)
+  ROOT %nested = f32[8,4]{1,0} fusion(%param_0, %param_1), kind=kCustom, calls=%gemm_inner
+}
+
+%fused_pair (param_0.1: f32[8,4]) -> (f32[8], f32[8,4]) {
+  %param_0.1 = f32[8,4]{1,0} parameter(0)
+  %constant_0 = f32[] constant(0)
+  %reduce.1 = f32[8]{0} reduce(%param_0.1, %constant_0), dimensions={1}, to_apply=%add
+  %neg.1 = f32[8,4]{1,0} negate(%param_0.1)
+  ROOT %tuple.1 = (f32[8], f32[8,4]) tuple(%reduce.1, %neg.1)
+}
+
+%fused_scatter (param_0.2: f32[100,4], param_1.2: s32[8,1], param_2.2: f32[8,4]) -> f32[100,4] {
+  %param_0.2 = f32[100,4]{1,0} parameter(0)
+  %param_1.2 = s32[8,1]{1,0} parameter(1)
+  %param_2.2 = f32[8,4]{1,0} parameter(2)
+  ROOT %scatter.1 = f32[100,4]{1,0} scatter(%param_0.2, %param_1.2, %param_2.2), update_window_dims={1}, inserted_window_dims={0}, scatter_dims_to_operand_dims={0}, index_vector_dim=1, to_apply=%add
+}
+
+%body (carry: (f32[100,4], s32[])) -> (f32[100,4], s32[]) {
+  %carry = (f32[100,4]{1,0}, s32[]) parameter(0)
+  %buffer = f32[100,4]{1,0} get-tuple-element(%carry), index=0
+  %i = s32[] get-tuple-element(%carry), index=1
+  %copy.1 = f32[100,4]{1,0} copy(%buffer)
+  ROOT %out = (f32[100,4]{1,0}, s32[]) tuple(%copy.1, %i)
+}
+
+ENTRY %main (a: f32[8,16], b: f32[16,4], buf: f32[100,4], idx: s32[8,1], x: f32[2,10,10,6], w: f32[8,3,3,3]) -> f32[100,4] {
+  %a = f32[8,16]{1,0} parameter(0)
+  %b = f32[16,4]{1,0} parameter(1)
+  %buf = f32[100,4]{1,0} parameter(2)
+  %idx = s32[8,1]{1,0} parameter(3)
+  %x = f32[2,10,10,6]{3,2,1,0} parameter(4)
+  %w = f32[8,3,3,3]{3,2,1,0} parameter(5)
+  %gemm_fusion = f32[8,4]{1,0} fusion(%a, %b), kind=kCustom, calls=%gemm_fusion_computation, metadata={op_name="jit(f)/dot_general"}
+  %pair = (f32[8]{0}, f32[8,4]{1,0}) fusion(%gemm_fusion), kind=kInput, calls=%fused_pair
+  %neg = f32[8,4]{1,0} get-tuple-element(%pair), index=1
+  %scatter_fusion = f32[100,4]{1,0} fusion(%buf, %idx, %neg), kind=kInput, calls=%fused_scatter
+  %cudnn-conv.1 = (f32[2,8,8,8]{3,2,1,0}, u8[0]{0}) custom-call(%x, %w), window={size=3x3}, dim_labels=b01f_o01i->b01f, feature_group_count=2, custom_call_target="__cudnn$convForward"
+  %zero = s32[] constant(0)
+  %init = (f32[100,4]{1,0}, s32[]) tuple(%scatter_fusion, %zero)
+  %loop = (f32[100,4]{1,0}, s32[]) while(%init), condition=%cond, body=%body
+  ROOT %result = f32[100,4]{1,0} get-tuple-element(%loop), index=0
+}
+"""
+
+
+def test_gpu_forms_of_kernels_are_accounted():
+  ks = {k.name: k for k in kernels(_GPU_HLO)}
+  assert list(ks) == ['gemm_fusion', 'pair', 'scatter_fusion', 'cudnn-conv.1']
+  gemm = ks['gemm_fusion']
+  assert gemm.kind == 'kCustom' and gemm.op_name == 'jit(f)/dot_general'
+  assert gemm.flops == 2 * 8 * 4 * 16  # found in the nested computation
+  assert gemm.bytes == (8 * 16 + 16 * 4 + 8 * 4) * 4
+  assert ks['pair'].bytes == (8 * 4 + 8 + 8 * 4) * 4  # one read, both outputs written
+  # In place: the indices and updates read, the updated rows written; not the 100-row buffer.
+  assert ks['scatter_fusion'].bytes == (8 + 8 * 4 + 8 * 4) * 4
+  # A grouped convolution: each output sums 3x3 windows of 6 / 2 input features.
+  conv = ks['cudnn-conv.1']
+  assert conv.flops == 2 * (2 * 8 * 8 * 8) * (3 * 3 * 3)
+  assert conv.bytes == (2 * 10 * 10 * 6 + 8 * 27 + 2 * 8 * 8 * 8) * 4
+  body, = loop_bodies(_GPU_HLO)
+  assert [(k.kind, k.bytes) for k in kernels(_GPU_HLO, body)] == [('copy', 2 * 400 * 4)]
+
+
+def test_text_without_an_entry_computation_is_refused():
+  with pytest.raises(ValueError, match='no ENTRY'):
+    kernels('HloModule m\n')
