@@ -1,0 +1,191 @@
+"""The CNN's round compiled for an H100 on a machine without one: what each local step moves.
+
+  python benchmarks/gpu_aot.py --cohort_sizes=10,200 [--convs=matmul] [--dtypes=float32]
+      [--top=12] [--hlo_dir=DIR]
+  python benchmarks/gpu_aot.py --program=sgd --lanes=10,50,200   # bare vmapped SGD steps
+
+Needs the CUDA plugin of the pinned jax (`pip install "jax[cuda12]==0.10.2"`, ~6 GB), not a
+GPU: XLA compiles for the device that H100_SXM describes (deviceless, ahead of time). It does
+not autotune there, so its tile sizes are defaults, while its fusions, and so the bytes each
+kernel moves, are those a GPU run gets (up to the GPU image's newer XLA).
+
+`round` (the default) builds the round program itself, as a run on one H100 does
+(round.make_round, FedAvg at the FEMNIST reference values, the FEMNIST-shaped training set on
+the device, 50 lanes at most: train._auto_lanes) for the first cohort that round 1 samples, and
+reads its local-step loop: the loop body is one local step of every lane. `sgd` compiles
+benchmarks/lane_step.py's bare_scan (plain SGD of L lanes, what benchmarks/conv_vmap.py
+times) and reads its loop body the same way.
+
+Per program it prints the kernels of one local step, the bytes they move
+(benchmarks/hlo_traffic.py) and their arithmetic, and two floors of that step on an H100 SXM:
+the bytes at 3.35 TB/s, and 2 us a kernel launch; for a round, also its steps (the longest
+lane) and the whole round's bytes floor. Then the `top` kernels by bytes, with the JAX
+operation each came from. It is an account of the compiled program, not a timing: the device
+calls (benchmarks/gpu.sh) time it, and docs/benchmarks.md sets the two side by side.
+"""
+
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+# The plugin must not look for a GPU (there is none); XLA is told the device's description.
+os.environ.setdefault('JAX_PLATFORMS', 'cpu')
+os.environ.setdefault('JAX_SKIP_CUDA_CONSTRAINTS_CHECK', '1')
+
+from absl import app, flags  # noqa: E402
+
+from benchmarks.hlo_traffic import Kernel, kernels, loop_bodies  # noqa: E402
+
+# An H100 SXM 80GB (the GPU of docs/benchmarks.md's runs) in XLA's GpuTargetConfig text
+# format: the part's public figures.
+H100_SXM = """
+gpu_device_info {
+  threads_per_block_limit: 1024
+  threads_per_warp: 32
+  shared_memory_per_block: 49152
+  shared_memory_per_core: 233472
+  threads_per_core_limit: 2048
+  core_count: 132
+  fpus_per_core: 128
+  block_dim_limit_x: 2147483647
+  block_dim_limit_y: 65535
+  block_dim_limit_z: 65535
+  memory_bandwidth: 3352320000000
+  l2_cache_size: 52428800
+  clock_rate_ghz: 1.98
+  device_memory_size: 84929347584
+  shared_memory_per_block_optin: 232448
+  cuda_compute_capability { major: 9 minor: 0 }
+  registers_per_core_limit: 65536
+  registers_per_block_limit: 65536
+}
+runtime_version { major: 12 minor: 9 }
+platform_name: "CUDA"
+dnn_version_info { major: 9 minor: 8 }
+device_description_str: "NVIDIA H100 80GB HBM3"
+"""
+BANDWIDTH = 3.35e12  # bytes/s, H100 SXM HBM3
+LAUNCH_S = 2e-6      # a kernel launch's floor, about
+
+_PROGRAM = flags.DEFINE_enum('program', 'round', ['round', 'sgd'], 'What to compile (above).')
+_COHORTS = flags.DEFINE_list('cohort_sizes', ['10', '200'], 'round: clients per round.')
+_LANES = flags.DEFINE_list('lanes', ['10', '50', '200'], 'sgd: lanes side by side.')
+_CONVS = flags.DEFINE_list('convs', ['matmul'],
+                           'Convolution forms (models.CONV_FORMS), or all of them: all.')
+_DTYPES = flags.DEFINE_list('dtypes', ['float32'], 'Compute dtypes (float32, bfloat16).')
+_NUM_CLIENTS = flags.DEFINE_integer('num_clients', 1000, 'round: FEMNIST-shaped clients made '
+                                    '(as launch/benchmark.py makes them).')
+_TOP = flags.DEFINE_integer('top', 12, 'Kernels listed per program, by bytes (0: none).')
+_HLO_DIR = flags.DEFINE_string('hlo_dir', None, 'Also write each optimized HLO text here.')
+
+
+def h100_mesh():
+  """A one-device `clients` mesh of a described H100 (no GPU needed)."""
+  import jax
+  from jax.experimental import topologies
+  from fathom_sim.mesh import CLIENTS
+  try:
+    topology = topologies.get_topology_desc('h100', 'cuda', target_config=H100_SXM,
+                                            topology='1x1x1')
+  except Exception as e:  # noqa: BLE001  (no CUDA plugin: say what to install)
+    raise SystemExit(f'cannot compile for an H100 here ({type(e).__name__}: {e}); install the '
+                     'CUDA plugin of the pinned jax: pip install "jax[cuda12]==0.10.2"')
+  return jax.sharding.Mesh(topology.devices, (CLIENTS,))
+
+
+def _abstract(tree, sharding):
+  import jax
+  return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding), tree)
+
+
+def round_hlo(cohort_size: int, conv: str, dtype: str, mesh) -> tuple[str, int, int]:
+  """(optimized HLO of round 1's program on `mesh`, its lanes, its longest lane's steps)."""
+  import jax.numpy as jnp
+  from fathom_sim.config import base_config
+  from fathom_sim.data.federated import sample_cohort
+  from fathom_sim.data.plan import Planner
+  from fathom_sim.mesh import by_client, replicated
+  from fathom_sim.round import make_round
+  from fathom_sim.train import MAX_ACCELERATOR_LANES, build, init_state
+  c = base_config()
+  c.algorithm, c.cohort_size = 'fedavg', cohort_size
+  c.model.name, c.model.conv, c.model.compute_dtype = 'emnist_cnn', conv, dtype
+  c.data.name, c.data.num_clients, c.data.in_memory = 'femnist_synthetic', _NUM_CLIENTS.value, True
+  c.num_devices, c.local_loop, c.data_on_device = 1, 'device', 'yes'
+  c.lanes_per_device = lanes = min(cohort_size, MAX_ACCELERATOR_LANES)  # one H100's default
+  run = build(c)  # on this host's CPU; only the round is compiled for the H100
+  planner = Planner(run.task.train, cohort_size, lanes, c.seed, resident=True,
+                    lanes_per_buffer=lanes, batch_per_octave=c.batch_pad_per_octave)
+  plan = planner.plan(sample_cohort(run.task.train, c.seed, 1, cohort_size), 1, c.epochs,
+                      c.batch_size)
+  round_fn = make_round(loss_fn=run.model.loss, server_opt=run.server_opt, tuner=run.tuner,
+                        upper=run.upper, mesh=mesh, source_per_device=False)
+  everywhere = replicated(mesh)
+  args = (_abstract(init_state(run), everywhere), _abstract(plan.table, everywhere),
+          *_abstract((plan.lanes.slots, plan.lanes.stream), by_client(mesh)),
+          _abstract(run.task.train.features, everywhere),
+          _abstract(jnp.int32(plan.batch_size), everywhere))
+  hlo = round_fn.lower(*args, batch_pad=plan.batch_pad).compile().as_text()
+  return hlo, lanes, int(plan.lane_steps.max())
+
+
+def sgd_hlo(lanes: int, conv: str, dtype: str, mesh) -> str:
+  import jax
+  from benchmarks.lane_forms import forms_for
+  with jax.default_device(jax.devices('cpu')[0]):
+    forms, args, _, _ = forms_for(lanes, 8, 2, 20, (), dtype, conv)
+  return forms['bare_scan'].lower(*_abstract(args, jax.sharding.NamedSharding(
+      mesh, jax.sharding.PartitionSpec()))).compile().as_text()
+
+
+def _line(ks: list[Kernel]) -> str:
+  moved, flops = sum(k.bytes for k in ks), sum(k.flops for k in ks)
+  return (f'{len(ks):>7} {moved / 1e6:>8.0f} {flops / 1e9:>7.1f} '
+          f'{moved / BANDWIDTH * 1e3:>8.3f} {len(ks) * LAUNCH_S * 1e3:>9.3f}')
+
+
+def main(argv):
+  del argv
+  import jax
+  from fathom_sim.models import CONV_FORMS
+  convs = CONV_FORMS if _CONVS.value == ['all'] else _CONVS.value
+  unknown = sorted(set(convs) - set(CONV_FORMS))
+  if unknown:
+    raise app.UsageError(f'--convs: {unknown} not among {CONV_FORMS} (or all)')
+  mesh = h100_mesh()
+  print('jax', jax.__version__, 'compiled for', mesh.devices.flat[0].device_kind,
+        '(deviceless: no autotuning)', flush=True)
+  print('one local step of every lane: kernels, MB moved, GFLOP, MB floor ms (3.35 TB/s), '
+        'launch ms (2 us each)')
+  sizes = _COHORTS.value if _PROGRAM.value == 'round' else _LANES.value
+  for size in map(int, sizes):
+    for dtype in _DTYPES.value:
+      for conv in convs:
+        if _PROGRAM.value == 'round':
+          hlo, lanes, steps = round_hlo(size, conv, dtype, mesh)
+          tag = f'round_C{size}_L{lanes}_{conv.replace("/", "-")}_{dtype}'
+        else:
+          hlo, lanes, steps = sgd_hlo(size, conv, dtype, mesh), size, None
+          tag = f'sgd_L{lanes}_{conv.replace("/", "-")}_{dtype}'
+        if _HLO_DIR.value:
+          os.makedirs(_HLO_DIR.value, exist_ok=True)
+          with open(os.path.join(_HLO_DIR.value, tag + '.hlo'), 'w') as f:
+            f.write(hlo)
+        body, = loop_bodies(hlo)  # the local-step loop; its body is one step of every lane
+        step = kernels(hlo, body)
+        print(f'{tag}: {lanes} lanes, step {_line(step)}', flush=True)
+        if steps is not None:
+          once = kernels(hlo)  # the round's kernels outside the loop
+          moved = sum(k.bytes for k in once) + steps * sum(k.bytes for k in step)
+          print(f'    {steps} steps (the longest lane) and {len(once)} kernels once a round '
+                f'({sum(k.bytes for k in once) / 1e6:.0f} MB): round floor '
+                f'{moved / BANDWIDTH * 1e3:.1f} ms of bytes, '
+                f'{(len(once) + steps * len(step)) * LAUNCH_S * 1e3:.1f} ms of launches')
+        for k in sorted(step, key=lambda k: -k.bytes)[:_TOP.value]:
+          print(f'    {k.bytes / 1e6:8.1f} MB {k.flops / 1e9:6.2f} GFLOP {k.kind:>8} '
+                f'{k.op_name.split("/body/")[-1][-70:]}')
+
+
+if __name__ == '__main__':
+  app.run(main)
