@@ -123,6 +123,24 @@ def conv3x3(x: jax.Array, kernel: jax.Array, form: str) -> jax.Array:
   return _mixed_conv(*form.split('/'))(x, kernel)
 
 
+def max_pool_2x2(x: jax.Array) -> jax.Array:
+  """nn.max_pool(x, (2, 2), strides=(2, 2)) of x [..., H, W, C] ('VALID': an odd last row or
+  column is dropped), as a max over a reshape.
+
+  Why: nn.max_pool's gradient is XLA's select-and-scatter, which XLA:GPU runs as a reduce-window
+  that writes each window's argmax as five int32 arrays, a zero-filled buffer and a scatter
+  into it: 12 % of the bytes a 50-lane local step of the CNN moves on an H100
+  (benchmarks/gpu_aot.py). A max's gradient is a mask of where the input equals it, which
+  fuses into the elementwise work around it. The two differ only where a window holds equal
+  maxima: the mask shares the gradient among them, select-and-scatter gives it to the first,
+  both subgradients of the max (after a ReLU the common tie is at 0, where ReLU's gradient is
+  0 either way).
+  """
+  h, w = x.shape[-3] // 2, x.shape[-2] // 2
+  x = x[..., :2 * h, :2 * w, :]
+  return x.reshape(x.shape[:-3] + (h, 2, w, 2, x.shape[-1])).max(axis=(-4, -2))
+
+
 class Conv3x3(nn.Module):
   """nn.Conv(features, (3, 3), padding='VALID')'s parameters (kernel HWIO, bias) and function,
   computed in `form` (conv3x3), multiplying in `dtype` and adding the bias in float32
@@ -166,7 +184,7 @@ class EmnistCNN(nn.Module):
       # Named as nn.Conv names itself, so both forms share one parameter tree.
       conv = Conv3x3(width, self.conv, self.dtype, name=f'Conv_{i}')
       x = nn.relu(conv(x))
-    x = nn.max_pool(x, (2, 2), strides=(2, 2))
+    x = max_pool_2x2(x)
     x = nn.Dropout(0.25, deterministic=not train)(x)
     x = x.reshape((x.shape[0], -1))
     x = nn.relu(Dense(128, self.dtype)(x))

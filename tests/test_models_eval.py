@@ -11,7 +11,7 @@ from fathom_sim import metrics
 from fathom_sim.data.federated import ArrayClientDataset
 from fathom_sim.evaluation import _batches, make_evaluator
 from fathom_sim.mesh import make_mesh
-from fathom_sim.models import CONV_FORMS, conv3x3, get_model
+from fathom_sim.models import CONV_FORMS, conv3x3, get_model, max_pool_2x2
 
 
 def _count(params):
@@ -31,6 +31,33 @@ def test_emnist_cnn_is_the_papers_architecture():
   e1 = model.eval_sums(params, batch, mask)
   e2 = model.eval_sums(params, batch, mask)
   assert float(e1['loss']) == float(e2['loss'])  # and off in evaluation
+
+
+@pytest.mark.parametrize('shape', [(3, 24, 24, 5), (2, 7, 9, 3), (4, 2, 26, 26, 8)])
+def test_max_pool_is_flax_max_pool_with_its_gradient(shape):
+  """max_pool_2x2 is nn.max_pool(x, (2, 2), strides=(2, 2)) ('VALID': odd edges dropped), with
+  leading axes (a vmap's lanes) of any rank, and so is its gradient after a ReLU (whose zeros
+  tie in a window)."""
+  import flax.linen as nn
+  x = jnp.asarray(np.random.default_rng(0).normal(size=shape), jnp.float32)
+
+  def flax_pool(x):
+    out = nn.max_pool(x.reshape((-1,) + x.shape[-3:]), (2, 2), strides=(2, 2))
+    return out.reshape(x.shape[:-3] + out.shape[-3:])
+
+  np.testing.assert_array_equal(max_pool_2x2(x), flax_pool(x))
+  g = jnp.asarray(np.random.default_rng(1).normal(size=flax_pool(x).shape), jnp.float32)
+  grads = [jax.grad(lambda x: jnp.sum(pool(jax.nn.relu(x)) * g))(x)
+           for pool in (max_pool_2x2, flax_pool)]
+  np.testing.assert_array_equal(grads[0], grads[1])
+
+
+def test_max_pool_shares_a_tied_window_s_gradient():
+  """Where a window's maximum is there twice, both places get half of its gradient (a
+  subgradient of the max, as select-and-scatter's all to the first one is)."""
+  x = jnp.array([[1.0, 3.0], [3.0, 2.0]])[None, :, :, None]
+  grad = jax.grad(lambda x: 4.0 * max_pool_2x2(x).sum())(x)
+  np.testing.assert_array_equal(grad[0, :, :, 0], [[0.0, 2.0], [2.0, 0.0]])
 
 
 # The two mixed forms take every pass once from each form (the pass test below checks the
@@ -77,6 +104,22 @@ def _operand_dtypes(jaxpr, primitives=_PRODUCTS) -> set:
         sub = getattr(sub, 'jaxpr', sub)
         if hasattr(sub, 'eqns'):
           found |= _operand_dtypes(sub, primitives)
+  return found
+
+
+def _bfloat16_sum_terms(jaxpr) -> list[int]:
+  """Terms summed into each output of every reduce_sum over bfloat16 operands in a jaxpr,
+  nested ones too."""
+  found = []
+  for eqn in jaxpr.eqns:
+    if eqn.primitive.name == 'reduce_sum' and str(eqn.invars[0].aval.dtype) == 'bfloat16':
+      shape = eqn.invars[0].aval.shape
+      found.append(int(np.prod([shape[a] for a in eqn.params['axes']])))
+    for value in eqn.params.values():
+      for sub in value if isinstance(value, (tuple, list)) else (value,):
+        sub = getattr(sub, 'jaxpr', sub)
+        if hasattr(sub, 'eqns'):
+          found += _bfloat16_sum_terms(sub)
   return found
 
 
@@ -146,8 +189,11 @@ def test_bfloat16_compute_keeps_float32_parameters_and_gradients(name, kwargs):
   assert _operand_dtypes(jaxpr, ('exp', 'log')) == {'float32'}
   # Sums over examples and positions (biases' gradients, the embedding's scatter-add) in
   # float32; flax's LSTM cell sums its gates' bias gradient over a step's batch in bfloat16.
-  sums = ('scatter-add',) if name == 'lstm' else ('reduce_sum', 'scatter-add')
-  assert 'bfloat16' not in _operand_dtypes(jaxpr, sums)
+  # The CNN's max-pool sums in bfloat16, over its 2x2 windows only (the gradient of a max,
+  # shared among a window's tied maxima).
+  assert 'bfloat16' not in _operand_dtypes(jaxpr, ('scatter-add',))
+  if name != 'lstm':
+    assert max(_bfloat16_sum_terms(jaxpr), default=0) <= 4
   (loss, g), (loss32, g32) = (jax.jit(jax.value_and_grad(m.loss))(params, batch, mask, key)
                               for m in (bf16, f32))
   assert loss.dtype == jnp.float32
