@@ -93,49 +93,36 @@ def test_cnn_convolution_forms_equal_xla_ones_per_client_under_vmap(form):
 _PRODUCTS = ('dot_general', 'conv_general_dilated')
 
 
-def _operand_dtypes(jaxpr, primitives=_PRODUCTS) -> set:
-  """The operand dtypes of every `primitives` operation in a jaxpr, nested ones too."""
-  found = set()
+def _eqns(jaxpr):
+  """Every equation of a jaxpr, those of the jaxprs nested in it too."""
   for eqn in jaxpr.eqns:
-    if eqn.primitive.name in primitives:
-      found.update(str(v.aval.dtype) for v in eqn.invars)
+    yield eqn
     for value in eqn.params.values():
       for sub in value if isinstance(value, (tuple, list)) else (value,):
         sub = getattr(sub, 'jaxpr', sub)
         if hasattr(sub, 'eqns'):
-          found |= _operand_dtypes(sub, primitives)
-  return found
+          yield from _eqns(sub)
+
+
+def _operand_dtypes(jaxpr, primitives=_PRODUCTS) -> set:
+  """The operand dtypes of every `primitives` operation in a jaxpr, nested ones too."""
+  return {str(v.aval.dtype) for eqn in _eqns(jaxpr) if eqn.primitive.name in primitives
+          for v in eqn.invars}
 
 
 def _bfloat16_sum_terms(jaxpr) -> list[int]:
   """Terms summed into each output of every reduce_sum over bfloat16 operands in a jaxpr,
   nested ones too."""
-  found = []
-  for eqn in jaxpr.eqns:
-    if eqn.primitive.name == 'reduce_sum' and str(eqn.invars[0].aval.dtype) == 'bfloat16':
-      shape = eqn.invars[0].aval.shape
-      found.append(int(np.prod([shape[a] for a in eqn.params['axes']])))
-    for value in eqn.params.values():
-      for sub in value if isinstance(value, (tuple, list)) else (value,):
-        sub = getattr(sub, 'jaxpr', sub)
-        if hasattr(sub, 'eqns'):
-          found += _bfloat16_sum_terms(sub)
-  return found
+  return [int(np.prod([eqn.invars[0].aval.shape[a] for a in eqn.params['axes']]))
+          for eqn in _eqns(jaxpr) if eqn.primitive.name == 'reduce_sum'
+          and str(eqn.invars[0].aval.dtype) == 'bfloat16']
 
 
 def _products(jaxpr) -> list[tuple[str, int]]:
   """(primitive, output size) of every matrix product and convolution in a jaxpr, nested ones
   too."""
-  found = []
-  for eqn in jaxpr.eqns:
-    if eqn.primitive.name in _PRODUCTS:
-      found.append((eqn.primitive.name, eqn.outvars[0].aval.size))
-    for value in eqn.params.values():
-      for sub in value if isinstance(value, (tuple, list)) else (value,):
-        sub = getattr(sub, 'jaxpr', sub)
-        if hasattr(sub, 'eqns'):
-          found += _products(sub)
-  return found
+  return [(eqn.primitive.name, eqn.outvars[0].aval.size) for eqn in _eqns(jaxpr)
+          if eqn.primitive.name in _PRODUCTS]
 
 
 @pytest.mark.parametrize('form', CONV_FORMS)
