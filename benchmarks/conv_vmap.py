@@ -41,12 +41,10 @@ def main(argv):
   import jax
   import jax.numpy as jnp
   import numpy as np
-  from fathom_sim.models import COMPUTE_DTYPES, CONV_FORMS, EmnistCNN, classifier
+  from benchmarks.lane_forms import conv_forms
+  from fathom_sim.models import COMPUTE_DTYPES, EmnistCNN, classifier
 
-  convs = CONV_FORMS if _CONVS.value == ['all'] else _CONVS.value
-  unknown = sorted(set(convs) - set(CONV_FORMS))
-  if unknown:
-    raise app.UsageError(f'--convs: {unknown} not among {CONV_FORMS} (or all)')
+  convs = conv_forms(_CONVS.value)
 
   print('jax', jax.__version__, jax.devices()[0].device_kind, flush=True)
   print(f'{"lanes":>5} {"conv":>20} {"dtype":>8} {"ms/step":>8} {"examples/s":>11} '

@@ -148,11 +148,8 @@ def _line(ks: list[Kernel]) -> str:
 def main(argv):
   del argv
   import jax
-  from fathom_sim.models import CONV_FORMS
-  convs = CONV_FORMS if _CONVS.value == ['all'] else _CONVS.value
-  unknown = sorted(set(convs) - set(CONV_FORMS))
-  if unknown:
-    raise app.UsageError(f'--convs: {unknown} not among {CONV_FORMS} (or all)')
+  from benchmarks.lane_forms import conv_forms
+  convs = conv_forms(_CONVS.value)
   mesh = h100_mesh()
   print('jax', jax.__version__, 'compiled for', mesh.devices.flat[0].device_kind,
         '(deviceless: no autotuning)', flush=True)

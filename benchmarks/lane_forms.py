@@ -1,5 +1,17 @@
 """The local-step programs that benchmarks/lane_step.py times and benchmarks/gpu_aot.py
-compiles for an H100: what each form is, lane_step.py's docstring says."""
+compiles for an H100 (what each form is, lane_step.py's docstring says), and the scripts'
+--convs flag."""
+
+
+def conv_forms(values: list[str]) -> tuple[str, ...]:
+  """The convolution forms a --convs flag names (models.CONV_FORMS), every one for `all`."""
+  from absl import app
+  from fathom_sim.models import CONV_FORMS
+  convs = CONV_FORMS if values == ['all'] else tuple(values)
+  unknown = sorted(set(convs) - set(CONV_FORMS))
+  if unknown:
+    raise app.UsageError(f'--convs: {unknown} not among {CONV_FORMS} (or all)')
+  return convs
 
 
 def forms_for(lanes: int, steps: int, clients: int, b: int, chunks: tuple[int, ...] = (),
