@@ -9,9 +9,9 @@ GPU: XLA compiles for the device that H100_SXM describes (deviceless, ahead of t
 not autotune there, so its tile sizes are defaults, while its fusions, and so the bytes each
 kernel moves, are those a GPU run gets (up to the GPU image's newer XLA).
 
-`round` (the default) builds the round program itself, as a run on one H100 does
-(round.make_round, FedAvg at the FEMNIST reference values, the FEMNIST-shaped training set on
-the device, 50 lanes at most: train._auto_lanes) for the first cohort that round 1 samples, and
+`round` (the default) builds the round program itself, as launch/benchmark.py's cohort sweep
+runs it on one H100 (round.make_round; FedAvg, eta 0.1, E 1, B 20 computed as 20 rows; the
+FEMNIST-shaped training set on the device; 50 lanes at most: train._auto_lanes) for the first cohort that round 1 samples, and
 reads its local-step loop: the loop body is one local step of every lane. `sgd` compiles
 benchmarks/lane_step.py's bare_scan (plain SGD of L lanes, what benchmarks/conv_vmap.py
 times) and reads its loop body the same way.
@@ -76,6 +76,9 @@ _CONVS = flags.DEFINE_list('convs', ['matmul'],
 _DTYPES = flags.DEFINE_list('dtypes', ['float32'], 'Compute dtypes (float32, bfloat16).')
 _NUM_CLIENTS = flags.DEFINE_integer('num_clients', 1000, 'round: FEMNIST-shaped clients made '
                                     '(as launch/benchmark.py makes them).')
+_PER_OCTAVE = flags.DEFINE_integer('batch_pad_per_octave', 4, 'round: padded batch sizes per '
+                                   'doubling; 4 (launch/benchmark.py\'s) computes B 20 as 20 rows, '
+                                   'the config\'s default 2 as 24.')
 _TOP = flags.DEFINE_integer('top', 12, 'Kernels listed per program, by bytes (0: none).')
 _HLO_DIR = flags.DEFINE_string('hlo_dir', None, 'Also write each optimized HLO text here.')
 
@@ -113,6 +116,7 @@ def round_hlo(cohort_size: int, conv: str, dtype: str, mesh) -> tuple[str, int, 
   c.model.name, c.model.conv, c.model.compute_dtype = 'emnist_cnn', conv, dtype
   c.data.name, c.data.num_clients, c.data.in_memory = 'femnist_synthetic', _NUM_CLIENTS.value, True
   c.num_devices, c.local_loop, c.data_on_device = 1, 'device', 'yes'
+  c.batch_pad_per_octave = _PER_OCTAVE.value
   c.lanes_per_device = lanes = min(cohort_size, MAX_ACCELERATOR_LANES)  # one H100's default
   run = build(c)  # on this host's CPU; only the round is compiled for the H100
   planner = Planner(run.task.train, cohort_size, lanes, c.seed, resident=True,

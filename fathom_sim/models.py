@@ -129,7 +129,7 @@ def max_pool_2x2(x: jax.Array) -> jax.Array:
 
   Why: nn.max_pool's gradient is XLA's select-and-scatter, which XLA:GPU runs as a reduce-window
   that writes each window's argmax as five int32 arrays, a zero-filled buffer and a scatter
-  into it: 12 % of the bytes a 50-lane local step of the CNN moves on an H100
+  into it: 11 % of the bytes a 50-lane local step of the CNN moves on an H100
   (benchmarks/gpu_aot.py). A max's gradient is a mask of where the input equals it, which
   fuses into the elementwise work around it. The two differ only where a window holds equal
   maxima: the mask shares the gradient among them, select-and-scatter gives it to the first,
