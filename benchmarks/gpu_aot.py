@@ -9,10 +9,10 @@ GPU: XLA compiles for the device that H100_SXM describes (deviceless, ahead of t
 not autotune there, so its tile sizes are defaults, while its fusions, and so the bytes each
 kernel moves, are those a GPU run gets (up to the GPU image's newer XLA).
 
-`round` (the default) builds the round program itself, as launch/benchmark.py's cohort sweep
-runs it on one H100 (round.make_round; FedAvg, eta 0.1, E 1, B 20 computed as 20 rows; the
-FEMNIST-shaped training set on the device; 50 lanes at most: train._auto_lanes) for the first cohort that round 1 samples, and
-reads its local-step loop: the loop body is one local step of every lane. `sgd` compiles
+`round` (the default) builds round 1's program itself, as launch/benchmark.py's cohort sweep
+runs it on one H100 (benchmarks/lane_forms.round_hlo: round.make_round; FedAvg, eta 0.1, E 1,
+B 20 computed as 20 rows; the FEMNIST-shaped training set on the device; 50 lanes at most),
+and reads its local-step loop: the loop body is one local step of every lane. `sgd` compiles
 benchmarks/lane_step.py's bare_scan (plain SGD of L lanes, what benchmarks/conv_vmap.py
 times) and reads its loop body the same way.
 
@@ -97,49 +97,13 @@ def h100_mesh():
   return jax.sharding.Mesh(topology.devices, (CLIENTS,))
 
 
-def _abstract(tree, sharding):
-  import jax
-  return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding), tree)
-
-
-def round_hlo(cohort_size: int, conv: str, dtype: str, mesh) -> tuple[str, int, int]:
-  """(optimized HLO of round 1's program on `mesh`, its lanes, its longest lane's steps)."""
-  import jax.numpy as jnp
-  from fathom_sim.config import base_config
-  from fathom_sim.data.federated import sample_cohort
-  from fathom_sim.data.plan import Planner
-  from fathom_sim.mesh import by_client, replicated
-  from fathom_sim.round import make_round
-  from fathom_sim.train import MAX_ACCELERATOR_LANES, build, init_state
-  c = base_config()
-  c.algorithm, c.cohort_size = 'fedavg', cohort_size
-  c.model.name, c.model.conv, c.model.compute_dtype = 'emnist_cnn', conv, dtype
-  c.data.name, c.data.num_clients, c.data.in_memory = 'femnist_synthetic', _NUM_CLIENTS.value, True
-  c.num_devices, c.local_loop, c.data_on_device = 1, 'device', 'yes'
-  c.batch_pad_per_octave = _PER_OCTAVE.value
-  c.lanes_per_device = lanes = min(cohort_size, MAX_ACCELERATOR_LANES)  # one H100's default
-  run = build(c)  # on this host's CPU; only the round is compiled for the H100
-  planner = Planner(run.task.train, cohort_size, lanes, c.seed, resident=True,
-                    lanes_per_buffer=lanes, batch_per_octave=c.batch_pad_per_octave)
-  plan = planner.plan(sample_cohort(run.task.train, c.seed, 1, cohort_size), 1, c.epochs,
-                      c.batch_size)
-  round_fn = make_round(loss_fn=run.model.loss, server_opt=run.server_opt, tuner=run.tuner,
-                        upper=run.upper, mesh=mesh, source_per_device=False)
-  everywhere = replicated(mesh)
-  args = (_abstract(init_state(run), everywhere), _abstract(plan.table, everywhere),
-          *_abstract((plan.lanes.slots, plan.lanes.stream), by_client(mesh)),
-          _abstract(run.task.train.features, everywhere),
-          _abstract(jnp.int32(plan.batch_size), everywhere))
-  hlo = round_fn.lower(*args, batch_pad=plan.batch_pad).compile().as_text()
-  return hlo, lanes, int(plan.lane_steps.max())
-
-
 def sgd_hlo(lanes: int, conv: str, dtype: str, mesh) -> str:
+  """Optimized HLO of bare_scan on `mesh`'s device: 8 SGD steps of B 20 in each of `lanes`."""
   import jax
-  from benchmarks.lane_forms import forms_for
+  from benchmarks.lane_forms import abstract, forms_for
   with jax.default_device(jax.devices('cpu')[0]):
     forms, args, _, _ = forms_for(lanes, 8, 2, 20, (), dtype, conv)
-  return forms['bare_scan'].lower(*_abstract(args, jax.sharding.NamedSharding(
+  return forms['bare_scan'].lower(*abstract(args, jax.sharding.NamedSharding(
       mesh, jax.sharding.PartitionSpec()))).compile().as_text()
 
 
@@ -152,7 +116,7 @@ def _line(ks: list[Kernel]) -> str:
 def main(argv):
   del argv
   import jax
-  from benchmarks.lane_forms import conv_forms
+  from benchmarks.lane_forms import conv_forms, round_hlo
   convs = conv_forms(_CONVS.value)
   mesh = h100_mesh()
   print('jax', jax.__version__, 'compiled for', mesh.devices.flat[0].device_kind,
@@ -164,7 +128,8 @@ def main(argv):
     for dtype in _DTYPES.value:
       for conv in convs:
         if _PROGRAM.value == 'round':
-          hlo, lanes, steps = round_hlo(size, conv, dtype, mesh)
+          hlo, lanes, steps = round_hlo(size, conv, dtype, mesh, _NUM_CLIENTS.value,
+                                        _PER_OCTAVE.value)
           tag = f'round_C{size}_L{lanes}_{conv.replace("/", "-")}_{dtype}'
         else:
           hlo, lanes, steps = sgd_hlo(size, conv, dtype, mesh), size, None

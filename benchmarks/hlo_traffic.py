@@ -179,11 +179,12 @@ def types_in(instrs: list[Instr]) -> dict[str, str]:
   return {i.name: i.type for i in instrs}
 
 
-def loop_bodies(hlo: str) -> list[str]:
-  """The body computations of the program's while loops, in program order."""
-  computations, _ = parse(hlo)
+def loop_bodies(hlo: str, computation: str | None = None) -> list[str]:
+  """The body computations of the while loops in one computation (default: the entry's), in
+  program order; loops nested in those are their bodies' own."""
+  computations, entry = parse(hlo)
   return [re.search(r'body=%([\w.\-]+)', i.attrs).group(1)
-          for instrs in computations.values() for i in instrs if i.opcode == 'while']
+          for i in computations[computation or entry] if i.opcode == 'while']
 
 
 def kernels(hlo: str, computation: str | None = None) -> list[Kernel]:

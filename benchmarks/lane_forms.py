@@ -1,6 +1,6 @@
-"""The local-step programs that benchmarks/lane_step.py times and benchmarks/gpu_aot.py
-compiles for an H100 (what each form is, lane_step.py's docstring says), and the scripts'
---convs flag."""
+"""The programs that the benchmark scripts time or compile: the local-step forms of
+benchmarks/lane_step.py (what each is, its docstring says) and the CNN's round that
+benchmarks/gpu_aot.py compiles for an H100; and the scripts' --convs flag."""
 
 
 def conv_forms(values: list[str]) -> tuple[str, ...]:
@@ -79,3 +79,46 @@ def forms_for(lanes: int, steps: int, clients: int, b: int, chunks: tuple[int, .
   one_step = {name: jax.jit(jax.vmap(f)) for name, f in
               (('selects', round_step), ('bare_scan', lambda p, src: sgd_step(p, src, 0)))}
   return forms, (params, source, jnp.asarray(k, jnp.int32)), k, one_step
+
+
+def abstract(tree, sharding):
+  """Shapes, dtypes and `sharding` of a pytree's arrays, to lower a program on devices that
+  may not be there."""
+  import jax
+  return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding), tree)
+
+
+def round_hlo(cohort_size: int, conv: str, dtype: str, mesh, num_clients: int,
+              batch_pad_per_octave: int) -> tuple[str, int, int]:
+  """(optimized HLO, lanes, the longest lane's steps) of round 1's program on `mesh`'s one
+  device, built as launch/benchmark.py's cohort sweep runs the CNN there: FedAvg at the FEMNIST
+  reference values, the FEMNIST-shaped training set on the device, every client side by side up
+  to train.MAX_ACCELERATOR_LANES lanes."""
+  import jax.numpy as jnp
+  from fathom_sim.config import base_config
+  from fathom_sim.data.federated import sample_cohort
+  from fathom_sim.data.plan import Planner
+  from fathom_sim.mesh import by_client, replicated
+  from fathom_sim.round import make_round
+  from fathom_sim.train import MAX_ACCELERATOR_LANES, build, init_state
+  c = base_config()
+  c.algorithm, c.cohort_size = 'fedavg', cohort_size
+  c.model.name, c.model.conv, c.model.compute_dtype = 'emnist_cnn', conv, dtype
+  c.data.name, c.data.num_clients, c.data.in_memory = 'femnist_synthetic', num_clients, True
+  c.num_devices, c.local_loop, c.data_on_device = 1, 'device', 'yes'
+  c.batch_pad_per_octave = batch_pad_per_octave
+  c.lanes_per_device = lanes = min(cohort_size, MAX_ACCELERATOR_LANES)  # one H100's default
+  run = build(c)  # on this host's devices; only the round is compiled for the mesh's
+  planner = Planner(run.task.train, cohort_size, lanes, c.seed, resident=True,
+                    lanes_per_buffer=lanes, batch_per_octave=c.batch_pad_per_octave)
+  plan = planner.plan(sample_cohort(run.task.train, c.seed, 1, cohort_size), 1, c.epochs,
+                      c.batch_size)
+  round_fn = make_round(loss_fn=run.model.loss, server_opt=run.server_opt, tuner=run.tuner,
+                        upper=run.upper, mesh=mesh, source_per_device=False)
+  everywhere = replicated(mesh)
+  args = (abstract(init_state(run), everywhere), abstract(plan.table, everywhere),
+          *abstract((plan.lanes.slots, plan.lanes.stream), by_client(mesh)),
+          abstract(run.task.train.features, everywhere),
+          abstract(jnp.int32(plan.batch_size), everywhere))
+  hlo = round_fn.lower(*args, batch_pad=plan.batch_pad).compile().as_text()
+  return hlo, lanes, int(plan.lane_steps.max())

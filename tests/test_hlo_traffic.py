@@ -136,6 +136,21 @@ def test_gpu_forms_of_kernels_are_accounted():
   assert [(k.kind, k.bytes) for k in kernels(_GPU_HLO, body)] == [('copy', 2 * 400 * 4)]
 
 
+def test_gpu_aot_builds_the_round_whose_loop_body_is_one_step_of_every_lane():
+  """benchmarks/gpu_aot.py's round, compiled here for this CPU (an H100 needs the CUDA plugin):
+  10 lanes for cohort 10, a loop over the local steps, and a step that computes the CNN's
+  products for every lane."""
+  from benchmarks.lane_forms import round_hlo
+  from fathom_sim.mesh import make_mesh
+  hlo, lanes, steps = round_hlo(10, 'matmul', 'float32', make_mesh(1), num_clients=30,
+                                batch_pad_per_octave=4)
+  assert lanes == 10 and steps >= 1
+  body, = loop_bodies(hlo)
+  step = kernels(hlo, body)
+  # Forward, input gradient and kernel gradient of the 9216x128 dense layer, 20 rows a lane.
+  assert sum(k.flops for k in step) >= 10 * 3 * 2 * 20 * 9216 * 128
+
+
 def test_text_without_an_entry_computation_is_refused():
   with pytest.raises(ValueError, match='no ENTRY'):
     kernels('HloModule m\n')
