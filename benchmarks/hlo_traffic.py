@@ -2,12 +2,14 @@
 
 Reads the optimized HLO text of a compiled program (`jax.jit(f).lower(...).compile().as_text()`):
 every instruction of the entry computation, or of a loop's body, that runs on the device (a
-fusion, a library call, a copy, ...) is one kernel. Its traffic is what it reads and writes in device memory: its
-operands and its outputs, except where the fused computation reads only part of an operand (a
-slice, a dynamic slice or a gather of it: those count their outputs) or updates its output in
-place (a scatter or dynamic-update-slice at the root: the update counts, not the buffer). Its
-arithmetic is 2 flops (a multiply and an add) per product term of its dots and convolutions;
-elementwise work is not counted (it is small beside a step's memory traffic).
+fusion, a library call, a copy, ...) is one kernel. Its traffic is what it reads and writes in
+device memory: its operands and its outputs, except where the fused computation reads only
+part of an operand (a slice, a dynamic slice or a gather of it: those count their outputs) or
+updates its output in place (a scatter or dynamic-update-slice at the root: the update counts,
+not the buffer). Its arithmetic is 2 flops (a multiply and an add) per product term of its dots
+and convolutions; elementwise work is not counted (it is small beside a step's memory traffic).
+benchmarks/xla_cost.py reads XLA's own whole-program estimate instead, which a deviceless GPU
+compile does not give.
 
 Why this exists: a program compiled for an H100 without one (benchmarks/gpu_aot.py) shows how
 XLA:GPU fuses a step and what each kernel moves, so the next GPU call measures a change that
@@ -114,6 +116,11 @@ def parse(hlo: str) -> tuple[dict[str, list[Instr]], str]:
   return computations, entry
 
 
+def _types(instrs: list[Instr]) -> dict[str, str]:
+  """name -> result type of a computation's instructions."""
+  return {i.name: i.type for i in instrs}
+
+
 def _called(instr: Instr) -> str | None:
   m = re.search(r'calls=%([\w.\-]+)', instr.attrs)
   return m.group(1) if m else None
@@ -146,7 +153,7 @@ def _flops(instrs: list[Instr], computations: dict[str, list[Instr]], types: dic
       total += _conv_flops(instr, types)
     elif instr.opcode == 'fusion' and _called(instr) in computations:
       inner = computations[_called(instr)]
-      total += _flops(inner, computations, {i.name: i.type for i in inner})
+      total += _flops(inner, computations, _types(inner))
   return total
 
 
@@ -160,7 +167,7 @@ def _fusion_bytes(instr: Instr, fused: list[Instr], types: dict[str, str]) -> in
   written, in_place = shape_bytes(instr.type), None
   if root.opcode in _IN_PLACE:
     update = root.operands[2] if root.opcode == 'scatter' else root.operands[1]
-    written, in_place = shape_bytes(types_in(fused)[update]), root.operands[0]
+    written, in_place = shape_bytes(_types(fused)[update]), root.operands[0]
   read, seen = 0, set()
   for p in (i for i in fused if i.opcode == 'parameter'):
     outer = instr.operands[int(p.args)]
@@ -173,10 +180,6 @@ def _fusion_bytes(instr: Instr, fused: list[Instr], types: dict[str, str]) -> in
     seen.add(outer)
     read += shape_bytes(types.get(outer, p.type))
   return read + written
-
-
-def types_in(instrs: list[Instr]) -> dict[str, str]:
-  return {i.name: i.type for i in instrs}
 
 
 def loop_bodies(hlo: str, computation: str | None = None) -> list[str]:
@@ -192,7 +195,7 @@ def kernels(hlo: str, computation: str | None = None) -> list[Kernel]:
   are one iteration's."""
   computations, entry = parse(hlo)
   instrs = computations[computation or entry]
-  types = types_in(instrs)
+  types = _types(instrs)
   out = []
   for instr in instrs:
     if instr.opcode in _FREE:
@@ -202,7 +205,7 @@ def kernels(hlo: str, computation: str | None = None) -> list[Kernel]:
       fused = computations[called]
       moved = _fusion_bytes(instr, fused, types)
       kind = re.search(r'kind=(\w+)', instr.attrs).group(1)
-      flops = _flops(fused, computations, types_in(fused))
+      flops = _flops(fused, computations, _types(fused))
     else:
       moved = shape_bytes(instr.type) + sum(shape_bytes(types[o]) for o in
                                             dict.fromkeys(instr.operands) if o in types)
