@@ -100,8 +100,8 @@ def test_cosine_is_zero_when_a_norm_is_zero():
 
 def test_cosine_is_accurate_at_the_cnn_size():
   # h_i and h_glob are cosines over every parameter: 1.2 M of them for the EMNIST CNN. A
-  # float32 sum in one sequential pass is off by 1e-4 to 1e-3 there (XLA:CPU's variadic
-  # reduce, tried in a fusion experiment: docs/benchmarks.md); the jitted cosine must stay
+  # float32 sum whose error drifts with the length is off by 1e-4 to 1e-3 there (XLA:CPU's
+  # variadic reduce, tried in a fusion experiment: docs/benchmarks.md); the jitted cosine must stay
   # within 1e-5 of float64, here on a gradient-like and an update-like (offset) pair.
   r = np.random.default_rng(0)
   shapes = [(3, 3, 1, 32), (32,), (3, 3, 32, 64), (64,), (9216, 128), (128,), (128, 62), (62,)]
