@@ -100,7 +100,7 @@ def round_hlo(cohort_size: int, conv: str, dtype: str, mesh, num_clients: int,
   from fathom_sim.data.plan import Planner
   from fathom_sim.mesh import by_client, replicated
   from fathom_sim.round import make_round
-  from fathom_sim.train import MAX_ACCELERATOR_LANES, build, init_state
+  from fathom_sim.run import MAX_ACCELERATOR_LANES, build, init_state
   c = base_config()
   c.algorithm, c.cohort_size = 'fedavg', cohort_size
   c.model.name, c.model.conv, c.model.compute_dtype = 'emnist_cnn', conv, dtype

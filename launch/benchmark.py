@@ -118,7 +118,7 @@ def centralized_examples_per_s(run, examples: dict, batch_size: int, steps: int,
   import jax
   import jax.numpy as jnp
   import numpy as np
-  from fathom_sim.train import init_state
+  from fathom_sim.run import init_state
   params = jax.device_get(init_state(run).params)
   grad = jax.value_and_grad((model or run.model).loss)
   mask = jnp.ones(batch_size, bool)
@@ -152,7 +152,8 @@ def device_peak_gib(mesh) -> float | None:
 def measure(name: str, cohort_size: int) -> dict:
   import jax
   from fathom_sim.data.federated import concat_clients
-  from fathom_sim.train import Rounds, build, init_state
+  from fathom_sim.driver import Rounds
+  from fathom_sim.run import build, init_state
   config = task_config(name, cohort_size)
   run = build(config, load(name, config))
   n_dev = run.mesh.devices.size

@@ -10,7 +10,8 @@ import numpy as np
 
 from fathom_sim.config import base_config
 from fathom_sim.data.synthetic import synthetic_alpha_beta
-from fathom_sim.train import Rounds, build, init_state
+from fathom_sim.driver import Rounds
+from fathom_sim.run import build, init_state
 
 from tests import reference
 

@@ -9,9 +9,11 @@ import pytest
 from jax import monitoring
 
 from fathom_sim.compile_ahead import CompileAhead
+from fathom_sim.config import base_config
 from fathom_sim.data.plan import bucket, neighbour_buckets
+from fathom_sim.driver import Rounds
 from fathom_sim.mesh import make_mesh
-from fathom_sim.train import Rounds, build, init_state
+from fathom_sim.run import build, init_state
 from fathom_sim.types import BATCH
 from tests.common import tiny_config, tiny_task
 
@@ -172,7 +174,7 @@ def test_a_run_compiles_its_evaluation_ahead_and_its_results_do_not_change(tmp_p
   program is compiled ahead, its B never moves), with the same metrics. So it does with 'auto'
   on an accelerator (emulated), where FedAvg compiles no round ahead, only the evaluation."""
   import copy
-  from fathom_sim import train
+  from fathom_sim import run as run_lib
   from fathom_sim.train import train_seeds
   from tests.test_cli import read_rows
 
@@ -200,9 +202,9 @@ def test_a_run_compiles_its_evaluation_ahead_and_its_results_do_not_change(tmp_p
   assert ahead['final'] == plain['final']
   if seeds > 1:
     return  # 'auto' below picks per platform, not per seed count: one seed shows it
-  on_cpu = train._evaluation_ahead
-  assert not on_cpu(train.base_config(), make_mesh(2))  # auto on CPU: nothing ahead
-  monkeypatch.setattr(train, '_evaluation_ahead', lambda config, mesh: config.compile_ahead
+  on_cpu = run_lib._evaluation_ahead
+  assert not on_cpu(base_config(), make_mesh(2))  # auto on CPU: nothing ahead
+  monkeypatch.setattr(run_lib, '_evaluation_ahead', lambda config, mesh: config.compile_ahead
                       in ('auto', 'yes'))
   auto_compiles, auto, auto_rows = run('auto', 'auto')
   assert auto['compiled_ahead'] == {'compiled': 1, 'used': 1}  # the evaluation's, no round's

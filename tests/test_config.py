@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 
 from fathom_sim.config import ConfigError, base_config, check_config
-from fathom_sim import train
-from fathom_sim.train import build
+from fathom_sim import run as run_lib
+from fathom_sim.run import build
 from tests.common import tiny_config, tiny_task
 
 
@@ -106,80 +106,75 @@ class _FakeMesh:
 def test_auto_lanes_and_resident_limits_per_platform():
   """CPU: 1 GiB resident and one lane; an accelerator: a quarter of its memory (1 GiB when it
   reports none) and every client of the cohort side by side, up to MAX_ACCELERATOR_LANES."""
-  from fathom_sim import train
   cpu = _FakeMesh(_FakeDevice('cpu', None))
   gpu = _FakeMesh(_FakeDevice('gpu', {'bytes_limit': 80 << 30}))
-  assert train._resident_bytes(cpu) == train.RESIDENT_BYTES
-  assert train._resident_bytes(gpu) == 20 << 30
-  assert train._resident_bytes(_FakeMesh(_FakeDevice('tpu', None))) == train.RESIDENT_BYTES
+  assert run_lib._resident_bytes(cpu) == run_lib.RESIDENT_BYTES
+  assert run_lib._resident_bytes(gpu) == 20 << 30
+  assert run_lib._resident_bytes(_FakeMesh(_FakeDevice('tpu', None))) == run_lib.RESIDENT_BYTES
   c = base_config()
   c.cohort_size = 200
-  assert train._auto_lanes(c, cpu) == 1
-  assert train._auto_lanes(c, gpu) == train.MAX_ACCELERATOR_LANES
+  assert run_lib._auto_lanes(c, cpu) == 1
+  assert run_lib._auto_lanes(c, gpu) == run_lib.MAX_ACCELERATOR_LANES
   c.cohort_size = 10
-  assert train._auto_lanes(c, gpu) == 10
+  assert run_lib._auto_lanes(c, gpu) == 10
   c.lanes_per_device = 3
-  assert train._auto_lanes(c, gpu) == 3
+  assert run_lib._auto_lanes(c, gpu) == 3
 
 
 def test_auto_conv_and_local_loop_per_platform():
   """The CNN: matmul convolutions on CPU and GPU, nn.Conv elsewhere; the host-driven loop
   only for nn.Conv on CPU; explicit values win."""
-  from fathom_sim import train
   cpu, gpu, tpu = (_FakeMesh(_FakeDevice(p, None)) for p in ('cpu', 'gpu', 'tpu'))
   c = base_config()
   c.model.name = 'emnist_cnn'
-  assert [train._auto_conv(c, m) for m in (cpu, gpu, tpu)] == ['matmul', 'matmul', 'xla']
-  assert train._local_loop(c, cpu, 'xla') == 'host'
-  assert train._local_loop(c, cpu, 'matmul') == 'device'
-  assert train._local_loop(c, gpu, 'xla') == 'device'
+  assert [run_lib._auto_conv(c, m) for m in (cpu, gpu, tpu)] == ['matmul', 'matmul', 'xla']
+  assert run_lib._local_loop(c, cpu, 'xla') == 'host'
+  assert run_lib._local_loop(c, cpu, 'matmul') == 'device'
+  assert run_lib._local_loop(c, gpu, 'xla') == 'device'
   c.model.conv, c.local_loop = 'xla', 'device'
-  assert train._auto_conv(c, cpu) == 'xla'
-  assert train._local_loop(c, cpu, 'xla') == 'device'
+  assert run_lib._auto_conv(c, cpu) == 'xla'
+  assert run_lib._local_loop(c, cpu, 'xla') == 'device'
   c.model.name, c.local_loop = 'mlp', 'auto'
-  assert train._local_loop(c, cpu, 'xla') == 'device'
+  assert run_lib._local_loop(c, cpu, 'xla') == 'device'
 
 
 def test_compile_ahead_per_platform_and_algorithm():
   """auto: FATHOM on accelerators only; never with the host-driven loop; explicit values win."""
-  from fathom_sim import train
   cpu, gpu = (_FakeMesh(_FakeDevice(p, None)) for p in ('cpu', 'gpu'))
   c = base_config()
   c.algorithm = 'fathom'
-  assert [train._compile_ahead(c, m, 'device') for m in (cpu, gpu)] == [False, True]
-  assert not train._compile_ahead(c, gpu, 'host')
+  assert [run_lib._compile_ahead(c, m, 'device') for m in (cpu, gpu)] == [False, True]
+  assert not run_lib._compile_ahead(c, gpu, 'host')
   c.algorithm = 'fedavg'
-  assert not train._compile_ahead(c, gpu, 'device')
+  assert not run_lib._compile_ahead(c, gpu, 'device')
   c.compile_ahead = 'yes'
-  assert train._compile_ahead(c, cpu, 'device')
-  assert not train._compile_ahead(c, cpu, 'host')
+  assert run_lib._compile_ahead(c, cpu, 'device')
+  assert not run_lib._compile_ahead(c, cpu, 'host')
   c.algorithm, c.compile_ahead = 'fathom', 'no'
-  assert not train._compile_ahead(c, gpu, 'device')
+  assert not run_lib._compile_ahead(c, gpu, 'device')
 
 
 def test_evaluation_ahead_per_platform():
   """The evaluation's program: auto on accelerators whatever the algorithm (FedAvg's too);
   explicit values win."""
-  from fathom_sim import train
   cpu, gpu = (_FakeMesh(_FakeDevice(p, None)) for p in ('cpu', 'gpu'))
   c = base_config()
   for algorithm in ('fathom', 'fedavg'):
     c.algorithm = algorithm
-    assert [train._evaluation_ahead(c, m) for m in (cpu, gpu)] == [False, True]
+    assert [run_lib._evaluation_ahead(c, m) for m in (cpu, gpu)] == [False, True]
   c.compile_ahead = 'yes'
-  assert train._evaluation_ahead(c, cpu)
+  assert run_lib._evaluation_ahead(c, cpu)
   c.compile_ahead = 'no'
-  assert not train._evaluation_ahead(c, gpu)
+  assert not run_lib._evaluation_ahead(c, gpu)
 
 
 def test_loop_chunk_resolved():
   """auto checks the device loop's bound at every step; the host-driven loop never pads."""
-  from fathom_sim import train
   c = base_config()
-  assert train._loop_chunk(c, 'device') == 1
+  assert run_lib._loop_chunk(c, 'device') == 1
   c.loop_chunk = 8
-  assert train._loop_chunk(c, 'device') == 8
-  assert train._loop_chunk(c, 'host') == 1
+  assert run_lib._loop_chunk(c, 'device') == 8
+  assert run_lib._loop_chunk(c, 'host') == 1
 
 
 def test_matmul_precision_reaches_the_programs_and_auto_restores_the_setting_before_it():
@@ -187,8 +182,8 @@ def test_matmul_precision_reaches_the_programs_and_auto_restores_the_setting_bef
   task = tiny_task()
   try:
     run = build(tiny_config(matmul_precision='highest'), task)
-    assert train.matmul_precision() == 'highest'
-    state = train.init_state(run)
+    assert run_lib.matmul_precision() == 'highest'
+    state = run_lib.init_state(run)
     batch = {k: v[:4] for k, v in task.train.client(0).items()}
     grad = jax.jit(jax.grad(run.model.loss))
     hlo = grad.lower(state.params, batch, np.ones(4, bool), jax.random.key(0)).as_text()
@@ -207,6 +202,6 @@ def test_auto_matmul_precision_keeps_a_setting_made_outside_any_run():
   try:
     jax.config.update('jax_default_matmul_precision', 'high')  # e.g. in a notebook
     build(tiny_config(matmul_precision='auto'), tiny_task())
-    assert train.matmul_precision() == 'high'
+    assert run_lib.matmul_precision() == 'high'
   finally:
     jax.config.update('jax_default_matmul_precision', start)

@@ -198,7 +198,7 @@ def test_npz_task_trains_end_to_end(tmp_path):
 
 
 def test_data_that_does_not_fit_the_model_is_refused_in_one_line(tmp_path):
-  from fathom_sim.train import build
+  from fathom_sim.run import build
   _write_clients(tmp_path / 'flat.npz', [4, 5], shape=(3,))
   config = tiny_config(cohort_size=2)
   config.data.name = 'npz'

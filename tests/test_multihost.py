@@ -14,7 +14,7 @@ import jax
 import numpy as np
 
 from fathom_sim.checkpoint import Checkpointer
-from fathom_sim.train import build, init_state
+from fathom_sim.run import build, init_state
 from tests.common import tiny_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -110,7 +110,8 @@ def test_a_round_planned_ahead_equals_one_planned_on_time_and_replans_when_b_or_
   """Round t+1 is planned under round t's (E, B) while round t computes. Rounds 1-2 keep
   (E, B): the plan made ahead is used. Round 3 changes B_int and round 4 the K_i: both plan
   again. Every round must equal the same round planned on the critical path."""
-  from fathom_sim.train import Rounds, build, init_state
+  from fathom_sim.driver import Rounds
+  from fathom_sim.run import build, init_state
   from fathom_sim.types import BATCH, EPOCHS
   config = tiny_config(num_rounds=4, algorithm='fathom', num_devices=2,
                        data_on_device=data_on_device)
@@ -149,8 +150,9 @@ def test_vectorised_seeds_replan_together_when_one_seed_changes_b(data_on_device
   """Seeds share one program and one plan made ahead: when only seed 1's B_int changes
   (round 3), both seeds plan again, and every seed's rounds equal the rounds planned on time."""
   import dataclasses
+  from fathom_sim.driver import Rounds
   from fathom_sim.mesh import put, replicated
-  from fathom_sim.train import Rounds, build, init_state
+  from fathom_sim.run import build, init_state
   from fathom_sim.types import BATCH
   config = tiny_config(num_rounds=4, algorithm='fathom', num_devices=2,
                        data_on_device=data_on_device)
@@ -197,7 +199,8 @@ def test_vectorised_seeds_replan_together_when_one_seed_changes_b(data_on_device
 
 def test_a_client_that_cannot_be_read_fails_its_own_round_not_the_one_before():
   """Round 2's plan is made during round 1; a read error there must not cost round 1."""
-  from fathom_sim.train import Rounds, build, init_state
+  from fathom_sim.driver import Rounds
+  from fathom_sim.run import build, init_state
   config = tiny_config(num_rounds=3, algorithm='fathom', num_devices=2, data_on_device='no')
   task = tiny_task()
   first = set(sample_cohort(task.train, config.seed, 1, config.cohort_size).tolist())

@@ -217,7 +217,7 @@ def test_client_whose_hypergradient_is_not_finite_is_left_out_like_a_non_finite_
 def test_round_with_no_finite_update_changes_nothing_and_halves_eta(tmp_path, caplog):
   data = str(tmp_path / 'data')
   _npz_with_bad_clients(data, bad=[0, 1, 2, 3])
-  from fathom_sim.train import build, init_state
+  from fathom_sim.run import build, init_state
   config = _npz_config(data)
   run = build(config)
   state0 = jax.device_get(init_state(run))

@@ -1,0 +1,208 @@
+"""Rounds: the host's side of each round. It samples and plans the cohort, sends its arrays to
+the devices, calls round.py's jitted round, and prepares round t+1 while round t computes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import logging
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from fathom_sim import fathom
+from fathom_sim.compile_ahead import CompileAhead
+from fathom_sim.data.federated import ArrayClientDataset, Prefetcher, sample_cohort
+from fathom_sim.data.plan import Planner, SeedPlanners, neighbour_buckets
+from fathom_sim.mesh import CLIENTS, by_client, local_rows, put, replicated
+from fathom_sim.round import make_round
+from fathom_sim.run import Run
+from fathom_sim.types import BATCH, EPOCHS, CohortPlan, RoundMetrics, ServerState
+
+
+def _compile_ahead_workers() -> int:
+  """Compile threads beside the main one: XLA compiles a program on about one core, and each
+  thread should leave the host's input pipeline (reading threads, planning) cores to run on."""
+  cores = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count()
+  return max(1, min(3, (cores or 1) // 4))
+
+
+@dataclasses.dataclass
+class _Fed:
+  """Round t's plan(s), and its arrays on the devices (table, slots, stream, source, B_int)."""
+  t: int
+  plans: CohortPlan | list[CohortPlan]
+  args: tuple
+  batch_pad: int
+  longest: int  # the longest lane's real steps
+  lengths_before: tuple | None = None  # planned ahead: the planner's padded lengths before
+
+
+class Rounds:
+  """Runs round t on the devices: samples and plans the cohort, feeds it, steps the state.
+
+  With `seeds`, runs those seeds of the same config as one vectorised program: the state,
+  hyperparameters and metrics carry a leading seed axis, and a call returns every seed's plan.
+  Round t+1's clients are read, and its plan made and sent under round t's (E, B), while the
+  devices compute round t. `prefetch=False` does both on the critical path (to measure what
+  that saves); the results are the same.
+  """
+
+  def __init__(self, run: Run, seeds: list[int] | None = None, prefetch: bool = True):
+    c, mesh = run.config, run.mesh
+    self.run = run
+    self.seeds = None if seeds is None else [int(s) for s in seeds]
+    self.num_devices = mesh.devices.size
+    self.round_fn = make_round(loss_fn=run.model.loss, server_opt=run.server_opt,
+                               tuner=run.tuner, upper=run.upper, mesh=mesh,
+                               source_per_device=not run.resident,
+                               vectorized=self.seeds is not None, local_loop=run.local_loop,
+                               loop_chunk=run.loop_chunk)
+    lanes = self.num_devices * run.lanes_per_device
+    options = dict(resident=run.resident, batch_per_octave=c.batch_pad_per_octave,
+                   local_lanes=local_rows(mesh, lanes), lanes_per_buffer=run.lanes_per_device)
+    train = run.task.train
+    # Examples read per round (generated, prepared) are read for round t+1 while round t
+    # computes. Not across hosts: there a process reads only its own lanes' clients, and which
+    # lanes a client lands in depends on round t's B.
+    self._prefetch = None
+    if (prefetch and not run.resident and not isinstance(train, ArrayClientDataset)
+        and options['local_lanes'] is None):
+      train = self._prefetch = Prefetcher(train)
+    if self.seeds is None:
+      self.planner = Planner(train, c.cohort_size, lanes, c.seed, **options)
+      self._lanes = by_client(mesh)
+    else:
+      self.planner = SeedPlanners(train, c.cohort_size, lanes, self.seeds, **options)
+      self._lanes = NamedSharding(mesh, P(None, CLIENTS))
+    self._cohorts_memo: tuple[int, list[np.ndarray]] | None = None
+    self._resident = (put(run.task.train.features, replicated(mesh))
+                      if run.resident else None)
+    self.last_host_s = self.last_device_s = 0.0
+    # Also when only the evaluation compiles ahead: the rounds then are not (round_fn None).
+    self.compile_ahead = (CompileAhead(self.round_fn if run.compile_ahead else None,
+                                       self._neighbour_pads, reach=2,
+                                       workers=_compile_ahead_workers())
+                          if run.compile_ahead or run.evaluation_ahead else None)
+    self._plan_ahead = prefetch
+    self._next: _Fed | None = None
+    self._ahead_warned = False
+    self.planned_ahead = self.replanned = 0  # rounds whose plan made ahead was used / not
+
+  def initial_hparams(self, state: ServerState) -> np.ndarray:
+    """(E, eta, B) of the next round, read from the state (once, at start or resume)."""
+    upper = jnp.asarray(self.run.upper, jnp.float32)
+    return np.asarray(jax.device_get(fathom.hparams(state.hyper.log_hparams, upper)))
+
+  def __call__(self, state: ServerState, t: int, hp: np.ndarray
+               ) -> tuple[ServerState, RoundMetrics, CohortPlan | list[CohortPlan]]:
+    """Round t with hyperparameters hp = (E, eta, B) (as the device will compute them)."""
+    c = self.run.config
+    start = time.perf_counter()
+    fed, self._next = self._next, None
+    if fed is not None and fed.t == t and self._same_schedule(fed.plans, hp):
+      self.planned_ahead += 1
+    else:
+      if fed is not None:
+        # The padded lengths grow as if that plan had never been made: no shape (and compile)
+        # that planning on time would not have made.
+        self.planner.restore_padded_lengths(fed.lengths_before)
+        self.replanned += 1
+      fed = self._feed(t, hp)
+    dispatched = time.perf_counter()
+    args = (state,) + fed.args
+    if self.compile_ahead is not None:
+      self.compile_ahead.before(args, fed.batch_pad)
+    state, m = self.round_fn(*args, batch_pad=fed.batch_pad,
+                             num_iterations=fed.longest if self.run.local_loop == 'host'
+                             else None)
+    if t < c.num_rounds:
+      if self._prefetch is not None:
+        self._prefetch.fetch(np.concatenate(self._cohorts(t + 1)))
+      if self._plan_ahead:
+        # Round t+1's plan under this round's (E, B), made and sent while the devices compute
+        # round t. B_int and the K_i mostly stay the same from one round to the next; when
+        # they do not, round t+1 plans again (_same_schedule).
+        lengths = self.planner.padded_lengths()
+        try:
+          self._next = self._feed(t + 1, hp)
+          self._next.lengths_before = lengths
+        except Exception:  # noqa: BLE001
+          # E.g. a client that cannot be read: round t+1 plans again, and raises it there,
+          # after round t has returned its state.
+          self.planner.restore_padded_lengths(lengths)
+          if not self._ahead_warned:  # once: a lasting cause would repeat every round
+            logging.warning('planning round %d ahead failed; it plans on time', t + 1,
+                            exc_info=True)
+          self._ahead_warned = True
+          self.replanned += 1  # round t+1 will plan on time
+    m = jax.device_get(m)
+    # Host: sampling, planning, transfers issued on the critical path; device: from dispatch
+    # until the metrics are back (includes compiling when the round meets a new padded shape,
+    # and planning round t+1 ahead, which the host does while the devices compute).
+    self.last_host_s, self.last_device_s = dispatched - start, time.perf_counter() - dispatched
+    return state, m, fed.plans
+
+  def _feed(self, t: int, hp: np.ndarray) -> _Fed:
+    """Plans round t under hp and sends its arrays to the devices."""
+    mesh = self.run.mesh
+    cohorts = self._cohorts(t)
+    if self.seeds is None:
+      plan = self.planner.plan(cohorts[0], t, hp[EPOCHS], hp[BATCH])
+      lanes, batch_size, batch_pad = plan.lanes, jnp.int32(plan.batch_size), plan.batch_pad
+      table, plans, longest = plan.table, plan, int(plan.lane_steps.max())
+    else:
+      stacked = self.planner.plan(cohorts, t, hp)
+      lanes, batch_size = stacked.lanes, jnp.asarray(stacked.batch_size)
+      batch_pad = stacked.batch_pad
+      table, plans = stacked.table, stacked.plans
+      longest = max(int(p.lane_steps.max()) for p in plans)
+    table = put(table, replicated(mesh))
+    slots, stream = put((lanes.slots, lanes.stream), self._lanes)
+    source = self._resident if self.run.resident else put(lanes.source, self._lanes)
+    return _Fed(t, plans, (table, slots, stream, source, batch_size), batch_pad, longest)
+
+  def _same_schedule(self, plans: CohortPlan | list[CohortPlan], hp: np.ndarray) -> bool:
+    """Whether hp gives every seed's plan the B_int and K_i it was made with: a plan depends
+    on (E, B) through those alone (data/plan.py)."""
+    plans, hps = ([plans], [hp]) if self.seeds is None else (plans, hp)
+    for plan, h in zip(plans, hps, strict=True):
+      b_int, num_steps = fathom.integer_schedule(h[EPOCHS], h[BATCH], plan.num_examples)
+      if b_int != plan.batch_size or not np.array_equal(num_steps, plan.num_steps):
+        return False
+    return True
+
+  def _neighbour_pads(self, batch_pad: int) -> list[int]:
+    planner = self.planner if self.seeds is None else self.planner.planners[0]
+    return neighbour_buckets(batch_pad, self.run.config.batch_pad_per_octave,
+                             min_batch_pad=planner.min_batch_pad,
+                             max_batch_size=max(1, round(min(self.run.upper[BATCH], 2**30))))
+
+  def close(self) -> None:
+    """Drops a plan made ahead and compiles queued ahead (a run's end)."""
+    self._next = None
+    if self.compile_ahead is not None:
+      self.compile_ahead.close()
+
+  @property
+  def prefetching(self) -> bool:
+    """Whether round t+1's clients are read while round t computes."""
+    return self._prefetch is not None
+
+  def _cohorts(self, t: int) -> list[np.ndarray]:
+    """Round t's cohort for each seed (sampled once, though the prefetch asks a round early)."""
+    if self._cohorts_memo is None or self._cohorts_memo[0] != t:
+      c = self.run.config
+      seeds = [c.seed] if self.seeds is None else self.seeds
+      self._cohorts_memo = (t, [sample_cohort(self.run.task.train, s, t, c.cohort_size)
+                                for s in seeds])
+    return self._cohorts_memo[1]
+
+  @property
+  def compiles(self) -> int:
+    """Programs compiled for the round so far (one per padded shape seen)."""
+    return self.round_fn._cache_size()

@@ -1,0 +1,233 @@
+"""A run's parts, built from its config: mesh, model, optimizers, and the choices made per
+platform (convolution form, lanes, local loop, data on the devices, compiling ahead).
+
+build(config) checks the config against the data and the devices; init_state(run) is round 0.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from fathom_sim import fathom, models, rng, server
+from fathom_sim.config import ConfigError, check_config
+from fathom_sim.data import DataError, Task, load_task
+from fathom_sim.data.federated import ArrayClientDataset
+from fathom_sim.mesh import make_mesh, put, replicated
+from fathom_sim.types import ServerState
+
+# 'auto' keeps an in-memory training set on the devices (a copy on each) up to RESIDENT_BYTES
+# on CPU, and up to RESIDENT_FRACTION of one accelerator's memory: then no examples travel
+# per round (a FEMNIST-shaped round at cohort 10 on one GPU sends one padded buffer of ~12 MiB).
+RESIDENT_BYTES = 1 << 30
+RESIDENT_FRACTION = 0.25
+# Lanes per accelerator when config.lanes_per_device is 0. On one H100 the EMNIST CNN's step
+# at B 20 stops gaining from more lanes at ~50 (docs/benchmarks.md), and at cohort 200 the
+# CNN and LSTM rounds ran 1.2x and 2.5x faster with 50 lanes than with 200.
+MAX_ACCELERATOR_LANES = 50
+
+
+@dataclasses.dataclass
+class Run:
+  """Everything built from a config before the first round."""
+  config: ml_collections.ConfigDict
+  task: Task
+  mesh: jax.sharding.Mesh
+  model: models.Model
+  server_opt: object
+  tuner: fathom.HyperTuner
+  upper: tuple[float, float, float]
+  resident: bool
+  lanes_per_device: int
+  local_loop: str
+  conv: str  # emnist_cnn's convolution form, as resolved from config.model.conv
+  compile_ahead: bool = False  # padded batch sizes around the current one compile on threads
+  evaluation_ahead: bool = False  # the evaluation's program compiles on a thread from round 1
+  loop_chunk: int = 1  # the device loop checks its bound every loop_chunk local steps
+
+
+def hyper_setup(config) -> tuple[fathom.HyperTuner, tuple[float, float, float]]:
+  """FATHOM's tuner and bounds; FedAvg freezes phi and applies no bounds to its static values."""
+  if config.algorithm == 'fedavg':
+    upper = (math.inf, math.inf, math.inf)
+  else:
+    upper = (config.upper_epochs, config.upper_eta, config.upper_batch_size)
+  tuner = fathom.hyper_tuner(
+      alpha=config.alpha, eta_h=config.eta_h,
+      scales=(config.eta_h0, config.eta_h1, config.eta_h2), upper=upper,
+      optimizer=config.hyper_optimizer, clip_log_params=config.clip_log_params,
+      frozen=config.algorithm == 'fedavg')
+  return tuner, upper
+
+
+def build(config: ml_collections.ConfigDict, task: Task | None = None) -> Run:
+  """Checks the config against itself, the data and the devices; builds the run's parts."""
+  check_config(config)
+  task = task if task is not None else load_task(config.data)
+  eligible = int(np.sum(np.asarray(task.train.num_examples) > 0))
+  if config.cohort_size > eligible:
+    raise ConfigError(f'config.cohort_size must be at most the number of training clients '
+                      f'with data ({eligible}), got {config.cohort_size}')
+  if config.num_devices > len(jax.devices()):
+    raise ConfigError(f'config.num_devices must be at most the {len(jax.devices())} devices '
+                      f'present (0 = all), got {config.num_devices}')
+  _set_matmul_precision(config.matmul_precision)
+  mesh = make_mesh(config.num_devices)
+  conv = _auto_conv(config, mesh)
+  model = models.get_model(config.model.name, num_classes=task.num_classes,
+                           hidden=config.model.hidden, conv=conv,
+                           compute_dtype=config.model.compute_dtype)
+  _check_model_fits(model, config.model.name, task)
+  server_opt = server.server_optimizer(
+      config.server_optimizer, config.server_lr, momentum=config.server_momentum,
+      b1=config.server_b1, b2=config.server_b2, eps=config.server_eps)
+  tuner, upper = hyper_setup(config)
+
+  in_memory = isinstance(task.train, ArrayClientDataset)
+  if config.data_on_device == 'yes' and not in_memory:
+    raise ConfigError("config.data_on_device='yes' needs an in-memory training set; "
+                      f'{task.name} is read client by client, use auto or no')
+  size = sum(a.nbytes for a in task.train.features.values()) if in_memory else math.inf
+  resident = in_memory and (config.data_on_device == 'yes' or (
+      config.data_on_device == 'auto' and size <= _resident_bytes(mesh)))
+  local_loop = _local_loop(config, mesh, conv)
+  return Run(config, task, mesh, model, server_opt, tuner, upper, resident,
+             _auto_lanes(config, mesh), local_loop, conv,
+             _compile_ahead(config, mesh, local_loop), _evaluation_ahead(config, mesh),
+             _loop_chunk(config, local_loop))
+
+
+# JAX's matmul precision as it was before the first run that set one, if a run did: what
+# matmul_precision='auto' puts back, so that runs in one process (a sweep, tests) do not
+# inherit the setting of the run before, while a setting made outside any run (the
+# JAX_DEFAULT_MATMUL_PRECISION variable, or jax.config in a notebook) stands.
+_PRECISION_BEFORE_RUNS: list = []
+
+
+def _set_matmul_precision(precision: str) -> None:
+  """Sets JAX's float32 matmul and convolution precision for the whole process, the compile
+  threads included (a thread-local context would leave compile_ahead's programs at another
+  precision than the round's). Why a field: at the default, an H100 multiplies in TF32, and a
+  FEMNIST-shaped seed diverged there that did not in float32 (docs/benchmarks.md)."""
+  if precision == 'auto':
+    if _PRECISION_BEFORE_RUNS:
+      jax.config.update('jax_default_matmul_precision', _PRECISION_BEFORE_RUNS.pop())
+    return
+  if not _PRECISION_BEFORE_RUNS:
+    _PRECISION_BEFORE_RUNS.append(jax.config.jax_default_matmul_precision)
+  jax.config.update('jax_default_matmul_precision', precision)
+
+
+def matmul_precision() -> str:
+  """The precision runs now compile with: 'default' unless set."""
+  return jax.config.jax_default_matmul_precision or 'default'
+
+
+def _auto_conv(config, mesh) -> str:
+  """config.model.conv, or by platform when 'auto'. Measured (docs/benchmarks.md): nn.Conv
+  runs slowly in a device loop on CPU and as grouped convolutions under vmap on CPU and GPU;
+  other platforms keep nn.Conv until measured."""
+  if config.model.conv != 'auto':
+    return config.model.conv
+  return 'matmul' if mesh.devices.flat[0].platform in ('cpu', 'gpu') else 'xla'
+
+
+def _auto_lanes(config, mesh) -> int:
+  """Lanes per device: config.lanes_per_device, or by platform when it is 0.
+
+  CPU: one (a core gains nothing from side-by-side clients). Accelerators: every client of the
+  device side by side, up to MAX_ACCELERATOR_LANES; past that the device is already full and
+  more lanes only pad more steps (each lane runs to its longest).
+  """
+  if config.lanes_per_device:
+    return config.lanes_per_device
+  if mesh.devices.flat[0].platform == 'cpu':
+    return 1
+  return min(-(-config.cohort_size // mesh.devices.size), MAX_ACCELERATOR_LANES)
+
+
+# Models whose local-step loop runs far slower inside a device loop than as a program per step
+# on XLA:CPU when any pass of their convolutions is XLA's (docs/benchmarks.md: the EMNIST CNN
+# at ~0.1x of its centralized speed); with conv='matmul' the device loop is the faster one.
+HOST_LOOP_ON_CPU = frozenset({'emnist_cnn'})
+
+
+def _resident_bytes(mesh) -> int:
+  """The largest training set that data_on_device='auto' keeps on each device."""
+  device = mesh.devices.flat[0]
+  if device.platform == 'cpu':
+    return RESIDENT_BYTES
+  limit = (device.memory_stats() or {}).get('bytes_limit', 0)
+  return max(RESIDENT_BYTES, int(limit * RESIDENT_FRACTION))
+
+
+def _local_loop(config, mesh, conv: str) -> str:
+  if config.local_loop != 'auto':
+    return config.local_loop
+  cpu = mesh.devices.flat[0].platform == 'cpu'
+  slow_in_loop = config.model.name in HOST_LOOP_ON_CPU and 'xla' in conv.split('/')
+  return 'host' if cpu and slow_in_loop else 'device'
+
+
+def _loop_chunk(config, local_loop: str) -> int:
+  """config.loop_chunk resolved: 'auto' (0) checks the device loop's bound at every step, the
+  one form measured so far; the host-driven loop knows its bound and runs no padding steps."""
+  if local_loop == 'host':
+    return 1
+  return config.loop_chunk or 1
+
+
+def _compile_ahead(config, mesh, local_loop: str) -> bool:
+  """config.compile_ahead resolved. Only the device loop's round is one program to compile
+  ahead. 'auto': FATHOM (FedAvg's B never moves) on accelerators; on CPU a compile on a thread
+  takes a core from training and saves little (a CPU round program compiles in ~1-3 s)."""
+  if config.compile_ahead == 'no' or local_loop != 'device':
+    return False
+  if config.compile_ahead == 'yes':
+    return True
+  return config.algorithm == 'fathom' and mesh.devices.flat[0].platform != 'cpu'
+
+
+def _evaluation_ahead(config, mesh) -> bool:
+  """config.compile_ahead resolved for the evaluation's program: one program whatever the
+  algorithm and local loop, so 'auto' compiles it ahead on every accelerator (FedAvg's first
+  evaluation would otherwise wait for its compile, seconds on a GPU), 'yes' everywhere."""
+  if config.compile_ahead == 'auto':
+    return mesh.devices.flat[0].platform != 'cpu'
+  return config.compile_ahead == 'yes'
+
+
+def _first_examples(task: Task, n: int) -> dict:
+  """Up to n training examples of the first client that has any (for shapes)."""
+  first = int(np.flatnonzero(np.asarray(task.train.num_examples) > 0)[0])
+  return {k: v[:n] for k, v in task.train.client(first).items()}
+
+
+def _check_model_fits(model: models.Model, name: str, task: Task) -> None:
+  """Traces init and loss on two examples (no compute), so a mismatch fails with one line."""
+  sample = _first_examples(task, 2)
+  key = jax.random.PRNGKey(0)
+  try:
+    jax.eval_shape(lambda: model.loss(model.init(key, sample), sample,
+                                      jnp.ones(len(sample['y']), bool), key))
+  except Exception as e:  # whatever the model's own error, report it against the data
+    shapes = ', '.join(f'{k} {v.shape[1:]} {v.dtype}' for k, v in sample.items())
+    reason = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+    raise DataError(f'{task.name}: examples ({shapes}) do not fit config.model.name={name!r}: '
+                    f'{reason}') from None
+
+
+def init_state(run: Run) -> ServerState:
+  """Round 0: fresh model from the seed, optimizer states, phi = log of the initial values."""
+  c = run.config
+  params = run.model.init(jax.random.fold_in(rng.base_key(c.seed), 0x1417),
+                          _first_examples(run.task, 1))
+  state = ServerState(params=params, opt_state=run.server_opt.init(params),
+                      hyper=run.tuner.init(params, (c.epochs, c.eta, c.batch_size)),
+                      round=jnp.int32(0), rng=rng.base_key(c.seed))
+  return put(state, replicated(run.mesh))
