@@ -3,17 +3,24 @@
 A checkpoint at round t holds the `ServerState` after round t (params, server-optimizer state,
 FATHOM's phi, hyper-optimizer state and moving average g, the round counter and the base key)
 and, as JSON, what the host needs to continue exactly (the hyperparameters of round t+1 and the
-cumulative counters) and the run's config, so that a checkpoint describes itself. Saves are asynchronous; orbax writes each one under a temporary name and
-commits it by renaming, so a run killed mid-save leaves the previous checkpoints intact.
+cumulative counters) and the run's config, so that a checkpoint describes itself. Saves are
+asynchronous; orbax writes each one under a temporary name and commits it by renaming, so a run
+killed mid-save leaves the previous checkpoints intact.
+
+The JSON also holds a sha256 of the state's arrays: orbax reads array bytes without a checksum,
+so a checkpoint whose bytes changed on disk would otherwise resume a run from garbage.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
+import sys
 from typing import Any
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 
@@ -21,6 +28,46 @@ from fathom_sim.types import ServerState
 
 CHECKPOINTS = 'checkpoints'
 UNREADABLE = 'unreadable_checkpoints'  # where unreadable ones are moved, never deleted
+
+
+DIGEST = 'state_sha256'  # meta's key for state_digest of the saved state
+
+
+def _host_copy(x) -> np.ndarray:
+  """A leaf on the host. The server state is replicated: on several hosts, where no process
+  addresses every device, the local copy is the whole array."""
+  if isinstance(x, jax.Array) and not x.is_fully_addressable:
+    x = x.addressable_data(0)
+  return np.asarray(jax.device_get(x))
+
+
+def state_digest(state: ServerState) -> str:
+  """sha256 over the state's leaves in tree order: each one's dtype, shape and bytes."""
+  digest = hashlib.sha256()
+  for leaf in jax.tree.leaves(state):
+    a = np.ascontiguousarray(_host_copy(leaf))
+    digest.update(f'{a.dtype.str}{a.shape}'.encode())
+    digest.update(a.tobytes())
+  return digest.hexdigest()
+
+
+def _quiet_closed_loop_callbacks() -> None:
+  """Silences the one message a failed restore leaves behind. Orbax reads a checkpoint's
+  arrays in an asyncio loop that the failure closes; reads still in flight then finish into it,
+  and each prints an "Event loop is closed" traceback (through sys.unraisablehook) after the
+  checkpoint was already reported unreadable and set aside. Installed once, on the first
+  failed restore; every other unraisable exception still goes to the hook before it."""
+  before = sys.unraisablehook
+  if getattr(before, 'fathom_sim_quiet', False):
+    return
+
+  def hook(unraisable):
+    e = unraisable.exc_value
+    if not (isinstance(e, RuntimeError) and str(e) == 'Event loop is closed'):
+      before(unraisable)
+
+  hook.fathom_sim_quiet = True
+  sys.unraisablehook = hook
 
 
 class Checkpointer:
@@ -43,6 +90,7 @@ class Checkpointer:
   def save(self, state: ServerState, meta: dict[str, Any], *, wait: bool = False) -> None:
     """Saves round `state.round`; returns once the device arrays are copied, unless `wait`."""
     step = int(meta['round'])
+    meta = {**meta, DIGEST: state_digest(state)}
     self._manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
                                                      meta=ocp.args.JsonSave(meta)))
     if wait:
@@ -56,14 +104,20 @@ class Checkpointer:
         restored = self._manager.restore(step, args=ocp.args.Composite(
             state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))
         state, meta = restored.state, restored.meta
-        if int(meta['round']) != step or int(jax.device_get(state.round)) != step:
+        if int(meta['round']) != step or int(_host_copy(state.round)) != step:
           raise ValueError(f'checkpoint {step} holds round {meta["round"]}')
+        # Checkpoints written before the digest existed have none to check.
+        if DIGEST in meta and state_digest(state) != meta[DIGEST]:
+          raise ValueError('its arrays differ from the ones saved (sha256 mismatch)')
         return state, meta
       except Exception as e:  # any failure to read means: not a usable checkpoint
+        _quiet_closed_loop_callbacks()
         moved = self._set_aside(step)
-        logging.warning('checkpoint of round %d is unreadable (%s: %s); moved to %s, '
-                        'falling back to the previous one', step, type(e).__name__,
-                        str(e).splitlines()[0][:200] if str(e) else '', moved)
+        logging.warning('checkpoint of round %d is unreadable (%s: %s); moved to %s, %s',
+                        step, type(e).__name__,
+                        str(e).splitlines()[0][:200] if str(e) else '', moved,
+                        'falling back to the previous one' if self.steps() else
+                        'and no earlier checkpoint is left: the run starts again from round 0')
     return None
 
   def _set_aside(self, step: int) -> str:
@@ -75,8 +129,9 @@ class Checkpointer:
       suffix += 1
       target = os.path.join(target_dir, f'{step}.{suffix}')
     shutil.move(os.path.join(self.directory, str(step)), target)
-    self._manager.close()
-    self._manager = self._open()
+    # Re-reads the steps on disk. Closing and reopening the manager instead left orbax's
+    # background threads printing "Event loop is closed" tracebacks.
+    self._manager.reload()
     return target
 
   def close(self) -> None:
