@@ -24,7 +24,7 @@ from absl import logging
 from jax.experimental import multihost_utils
 
 from fathom_sim import compile_cache, distributed, metrics, rng
-from fathom_sim.checkpoint import CHECKPOINTS, Checkpointer
+from fathom_sim.checkpoint import CHECKPOINTS, UNREADABLE, Checkpointer
 from fathom_sim.config import ConfigError, base_config
 from fathom_sim.data.federated import sample_clients
 from fathom_sim.driver import Rounds
@@ -99,23 +99,30 @@ def check_same_run(workdir: str, config: ml_collections.ConfigDict) -> None:
 
 
 def _prepare_workdir(workdir: str, config: ml_collections.ConfigDict) -> None:
-  """Creates the workdir, or checks that the run it holds is this config's run; saves config."""
+  """Creates the workdir, or checks that the run it holds is this config's run. A new run's
+  config.json is written here, before any checkpoint or metric, so that run files never exist
+  without it; a resumed run's is rewritten by _save_config once every check has passed."""
   try:
     os.makedirs(workdir, exist_ok=True)
   except OSError as e:
     raise WorkdirError(f'--workdir {workdir!r} cannot be created: {e.strerror}') from None
   if not os.access(workdir, os.W_OK | os.X_OK):
     raise WorkdirError(f'--workdir {workdir!r} is not writable')
-  saved_path = os.path.join(workdir, CONFIG_FILE)
-  if os.path.exists(saved_path):
+  if os.path.exists(os.path.join(workdir, CONFIG_FILE)):
     check_same_run(workdir, config)
-  elif any(os.path.exists(os.path.join(workdir, f))
-           for f in (metrics.METRICS_FILE, CHECKPOINTS)):
+    return
+  if any(os.path.exists(os.path.join(workdir, f))
+         for f in (metrics.METRICS_FILE, metrics.SUMMARY_FILE, CHECKPOINTS, UNREADABLE)):
     raise WorkdirError(f'--workdir {workdir!r} holds run files but no {CONFIG_FILE}; '
                        'choose another workdir')
-  # Written before any checkpoint or metric, so run files never exist without it.
+  _save_config(workdir, config)
+
+
+def _save_config(workdir: str, config: ml_collections.ConfigDict) -> None:
+  """Writes config.json: the run's config as this command gave it (resumable fields, such as
+  num_rounds, may differ from the run's first command)."""
   if distributed.is_writer():
-    with open(saved_path, 'w', encoding='utf-8') as f:
+    with open(os.path.join(workdir, CONFIG_FILE), 'w', encoding='utf-8') as f:
       f.write(config.to_json_best_effort(indent=2) + '\n')
 
 
@@ -249,6 +256,8 @@ def _train(configs: list[ml_collections.ConfigDict], workdirs: list[str], *,
       raise WorkdirError(f'--workdir {book.workdir!r} holds a run already at round '
                          f'{book.done}; config.num_rounds must be at least that, '
                          f'got {c.num_rounds}')
+  for book in books:  # every check passed: the resumed runs' configs are this command's
+    _save_config(book.workdir, book.config)
   if vectorized and len({b.done for b in books}) > 1:
     for b in books:
       b.checkpointer.close()

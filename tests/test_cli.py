@@ -93,14 +93,15 @@ def test_missing_config_file_is_named(tmp_path):
   assert p.returncode == 2 and "'configs/nope.py': no such config file" in p.stderr
 
 
-def test_foreign_run_files_are_not_overwritten(tmp_path):
+@pytest.mark.parametrize('name', ['metrics.jsonl', 'summary.json'])
+def test_foreign_run_files_are_not_overwritten(tmp_path, name):
   workdir = tmp_path / 'run'
   workdir.mkdir()
-  (workdir / 'metrics.jsonl').write_text('{"round": 1}\n')
+  (workdir / name).write_text('{"round": 1}\n')
   p = launch(f'--config={QUICKSTART}', f'--workdir={workdir}', '--config.num_rounds=2')
   assert p.returncode == 2 and 'holds run files but no config.json' in p.stderr
-  assert (workdir / 'metrics.jsonl').read_text() == '{"round": 1}\n'
-  assert sorted(os.listdir(workdir)) == ['metrics.jsonl']
+  assert (workdir / name).read_text() == '{"round": 1}\n'
+  assert sorted(os.listdir(workdir)) == [name]
 
 
 def test_unwritable_workdir_is_refused(tmp_path):

@@ -152,12 +152,13 @@ def test_every_checkpoint_unreadable_starts_again_said_in_the_log_and_nothing_el
 def test_result_changing_config_is_refused_and_more_rounds_continue(tmp_path):
   workdir = str(tmp_path / 'run')
   train_and_evaluate(_tiny(num_rounds=10), workdir)
-  before = open(os.path.join(workdir, 'metrics.jsonl')).read()
+  files = ('metrics.jsonl', 'config.json', 'summary.json')
+  before = [open(os.path.join(workdir, f)).read() for f in files]
   with pytest.raises(WorkdirError, match=r'model.hidden \(\[8\] -> \[9\]\), seed \(3 -> 4\)'):
     train_and_evaluate(_tiny(num_rounds=10, seed=4, **{'model.hidden': (9,)}), workdir)
   with pytest.raises(WorkdirError, match='config.num_rounds must be at least'):
-    train_and_evaluate(_tiny(num_rounds=5), workdir)
-  assert open(os.path.join(workdir, 'metrics.jsonl')).read() == before
+    train_and_evaluate(_tiny(num_rounds=5, keep_checkpoints=1), workdir)
+  assert [open(os.path.join(workdir, f)).read() for f in files] == before  # nothing rewritten
   again = train_and_evaluate(_tiny(num_rounds=10), workdir)  # finished: nothing redone
   assert again['resumed_from'] == 10 and len(read_rows(workdir)) == 10
   longer = train_and_evaluate(_tiny(num_rounds=20), workdir)
