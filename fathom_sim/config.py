@@ -6,6 +6,7 @@ is read or anything is compiled, and raises `ConfigError` naming the field and w
 
 from __future__ import annotations
 
+import difflib
 import math
 
 import ml_collections
@@ -139,8 +140,34 @@ def _choice(c, field: str, choices) -> None:
     _fail(field, 'one of ' + ', '.join(map(repr, choices)), value)
 
 
+def _field_paths(c: ml_collections.ConfigDict, prefix: str = '') -> set[str]:
+  paths = set()
+  for key, value in c.items():
+    if isinstance(value, ml_collections.ConfigDict):
+      paths |= _field_paths(value, f'{prefix}{key}.')
+    else:
+      paths.add(f'{prefix}{key}')
+  return paths
+
+
+def _check_fields(c: ml_collections.ConfigDict) -> None:
+  """A config file's fields must be base_config()'s: a misspelt one (c.cohort_sze = 50) would
+  otherwise be ignored and the default used without a word."""
+  expected, given = _field_paths(base_config()), _field_paths(c)
+  for path in sorted(given - expected):
+    close = difflib.get_close_matches(path, sorted(expected), n=1)
+    hint = f'; did you mean config.{close[0]}?' if close else ''
+    raise ConfigError(f'unknown config field config.{path} (the fields are base_config()\'s, '
+                      f'fathom_sim/config.py){hint}')
+  for path in sorted(expected - given):
+    raise ConfigError(f'config.{path} is missing: a config starts from base_config() '
+                      '(fathom_sim/config.py) and overrides its fields')
+
+
 def check_config(c: ml_collections.ConfigDict) -> None:
-  """Raises ConfigError for the first field that is out of range or of the wrong type."""
+  """Raises ConfigError for an unknown or missing field, or the first field that is out of
+  range or of the wrong type."""
+  _check_fields(c)
   _choice(c, 'algorithm', ALGORITHMS)
   _number(c, 'num_rounds', low=1, integer=True)
   _number(c, 'cohort_size', low=1, integer=True)

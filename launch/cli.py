@@ -41,11 +41,26 @@ def _flag_value(argv: list[str], name: str) -> str | None:
   return None
 
 
-def _load_config_file(path: str):
-  spec = importlib.util.spec_from_file_location('_user_config', path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config()
+def _load_config_file(spec: str):
+  """get_config() of the file `spec` names (`file.py` or `file.py:ARG`), as config_flags
+  calls it."""
+  path, _, arg = spec.partition(':')
+  module_spec = importlib.util.spec_from_file_location('_user_config', path)
+  if module_spec is None:
+    raise ValueError('not a Python file (expected a configs/*.py file with get_config())')
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  if not hasattr(module, 'get_config'):
+    raise ValueError('it defines no get_config()')
+  return module.get_config(arg) if arg else module.get_config()
+
+
+def _describe(error: Exception) -> str:
+  """One line for an error raised by a user's file: its type, message and line."""
+  if isinstance(error, SyntaxError):
+    return f'{type(error).__name__}: {error.msg} (line {error.lineno})'
+  message = str(error).strip().splitlines()[0] if str(error).strip() else ''
+  return f'{type(error).__name__}: {message}' if message else type(error).__name__
 
 
 def _unknown_override(argv: list[str], config) -> str | None:
@@ -70,18 +85,21 @@ def _unknown_override(argv: list[str], config) -> str | None:
 def parse_flags_or_exit(argv: list[str]) -> list[str]:
   """absl flag parsing that reports a bad --config path or field in one line."""
   config_path = _flag_value(argv, 'config')
+  config = None
   if config_path is not None:
     file_part = config_path.split(':', 1)[0]
     if not os.path.isfile(file_part):
       fail(f'--config {file_part!r}: no such config file (expected a configs/*.py file)')
+    # Loaded here first: config_flags would let the file's own error (a syntax error, a
+    # failed import, get_config raising) out as a traceback.
+    try:
+      config = _load_config_file(config_path)
+    except Exception as e:  # noqa: BLE001 - whatever the user's file raises, said in one line
+      fail(f'--config {config_path!r} could not be loaded: {_describe(e)}')
   try:
     return flags.FLAGS(argv)
   except (flags.Error, AttributeError, KeyError, TypeError, ValueError) as e:
-    if config_path is not None:
-      try:
-        config = _load_config_file(config_path.split(':', 1)[0])
-      except Exception as load_error:  # the user's file itself is broken
-        fail(f'--config {config_path!r} could not be loaded: {load_error}')
+    if config is not None:
       unknown = _unknown_override(argv, config)
       if unknown:
         fail(unknown)

@@ -205,3 +205,30 @@ def test_auto_matmul_precision_keeps_a_setting_made_outside_any_run():
     assert run_lib.matmul_precision() == 'high'
   finally:
     jax.config.update('jax_default_matmul_precision', start)
+
+
+_BASE = 'from fathom_sim.config import base_config\n\n\ndef get_config():\n  c = base_config()\n'
+
+
+@pytest.mark.parametrize('body,needle', [
+    ('def get_config(:\n', 'could not be loaded: SyntaxError'),
+    ('import no_such_module_xyz\n', "ModuleNotFoundError: No module named 'no_such_module_xyz'"),
+    ('def get_config():\n  raise RuntimeError("boom")\n', 'could not be loaded: RuntimeError: boom'),
+    ('x = 1\n', 'could not be loaded: ValueError: it defines no get_config()'),
+    (_BASE + '  del c["eval_every"]\n  return c\n', 'config.eval_every is missing'),
+    (_BASE + '  c.cohort_sze = 5\n  return c\n',
+     'unknown config field config.cohort_sze (the fields are base_config()\'s, '
+     'fathom_sim/config.py); did you mean config.cohort_size?'),
+])
+def test_a_broken_config_file_is_one_line_naming_it(tmp_path, body, needle):
+  """The file's own error (syntax, import, get_config raising), a field it lost and a field it
+  misspelt: one line and exit 2, before any workdir is made. A misspelt field was ignored."""
+  from tests.test_cli import launch
+  path = tmp_path / 'mine.py'
+  path.write_text(body)
+  workdir = tmp_path / 'run'
+  p = launch(f'--config={path}', f'--workdir={workdir}')
+  assert p.returncode == 2, p.stderr[-2000:]
+  errors = [line for line in p.stderr.splitlines() if line.startswith('error:')]
+  assert len(errors) == 1 and needle in errors[0], p.stderr[-2000:]
+  assert 'Traceback' not in p.stderr and not workdir.exists()
