@@ -143,6 +143,7 @@ def test_npz_directory_with_train_and_test(tmp_path):
     ('labels', 'does not fit data.num_classes=3'),
     ('negative', 'labels must be >= 0'),
     ('float_labels', 'y must be a 1-D integer label array'),
+    ('string_inputs', 'x must hold numbers'),
     ('not_npz', 'not a readable .npz file'),
     ('no_test', 'must hold train.npz and test.npz'),
     ('shapes', 'train inputs are (5,) but test inputs are (6,)'),
@@ -165,6 +166,9 @@ def test_npz_problems_name_the_file_and_the_fix(tmp_path, problem, needle):
     np.savez(path, x=np.zeros((2, 5)), y=np.array([0, -1]), num_examples=np.array([2]))
   elif problem == 'float_labels':
     np.savez(path, x=np.zeros((2, 5)), y=np.array([0.0, 1.0]), num_examples=np.array([2]))
+  elif problem == 'string_inputs':
+    np.savez(path, x=np.array([['a', 'b'], ['c', 'd']]), y=np.array([0, 1]),
+             num_examples=np.array([2]))
   elif problem == 'not_npz':
     path.write_bytes(b'this is not a zip archive')
   elif problem == 'no_test':

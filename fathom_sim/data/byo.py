@@ -35,6 +35,9 @@ def _dataset(path: str, arrays: dict) -> ArrayClientDataset:
     raise DataError(f'{path}: missing array(s) {missing}; a client file needs x [N, ...], '
                     f'y [N] and num_examples [C] (client_ids [C] optional)')
   x, y, counts = arrays['x'], arrays['y'], arrays['num_examples']
+  if not (np.issubdtype(x.dtype, np.number) or x.dtype == np.bool_):
+    raise DataError(f'{path}: x must hold numbers (float inputs, or integer token ids), got '
+                    f'{x.dtype}')
   if counts.ndim != 1 or not np.issubdtype(counts.dtype, np.integer) or (counts < 0).any():
     raise DataError(f'{path}: num_examples must be a 1-D array of non-negative integers')
   if not np.issubdtype(y.dtype, np.integer) or y.ndim != 1:
