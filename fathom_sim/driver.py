@@ -16,6 +16,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from fathom_sim import fathom
 from fathom_sim.compile_ahead import CompileAhead
+from fathom_sim.data import DataError
 from fathom_sim.data.federated import ArrayClientDataset, Prefetcher, sample_cohort
 from fathom_sim.data.plan import Planner, SeedPlanners, neighbour_buckets
 from fathom_sim.mesh import CLIENTS, by_client, local_rows, put, replicated
@@ -131,13 +132,15 @@ class Rounds:
         try:
           self._next = self._feed(t + 1, hp)
           self._next.lengths_before = lengths
-        except Exception:  # noqa: BLE001
+        except Exception as e:  # noqa: BLE001
           # E.g. a client that cannot be read: round t+1 plans again, and raises it there,
           # after round t has returned its state.
           self.planner.restore_padded_lengths(lengths)
           if not self._ahead_warned:  # once: a lasting cause would repeat every round
-            logging.warning('planning round %d ahead failed; it plans on time', t + 1,
-                            exc_info=True)
+            # Bad data is reported in one line when round t+1 meets it; anything else is
+            # unexpected here, and its traceback is what explains it.
+            logging.warning('planning round %d ahead failed (%s: %s); it plans on time',
+                            t + 1, type(e).__name__, e, exc_info=not isinstance(e, DataError))
           self._ahead_warned = True
           self.replanned += 1  # round t+1 will plan on time
     m = jax.device_get(m)

@@ -8,6 +8,7 @@ import jax
 import numpy as np
 import pytest
 
+from fathom_sim.data import DataError
 from fathom_sim.data.federated import GeneratedClientDataset, Prefetcher, sample_cohort
 
 from tests.common import run_rounds, tiny_config, tiny_task
@@ -16,8 +17,8 @@ from tests.common import run_rounds, tiny_config, tiny_task
 class _Recorder:
   """make(k) of a generated dataset that records which thread read which client."""
 
-  def __init__(self, source, fail_on=None):
-    self.source, self.fail_on = source, fail_on
+  def __init__(self, source, fail_on=None, error=OSError):
+    self.source, self.fail_on, self.error = source, fail_on, error
     self.reads: list[tuple[int, str]] = []
     self.lock = threading.Lock()
 
@@ -25,7 +26,7 @@ class _Recorder:
     with self.lock:
       self.reads.append((k, threading.current_thread().name))
     if k == self.fail_on:
-      raise OSError(f'client {k}: unreadable')
+      raise self.error(f'client {k}: unreadable')
     return {name: a.copy() for name, a in self.source.client(k).items()}
 
 
@@ -197,8 +198,11 @@ def test_vectorised_seeds_replan_together_when_one_seed_changes_b(data_on_device
   jax.tree.map(np.testing.assert_array_equal, state.params, want_state.params)
 
 
-def test_a_client_that_cannot_be_read_fails_its_own_round_not_the_one_before():
-  """Round 2's plan is made during round 1; a read error there must not cost round 1."""
+@pytest.mark.parametrize('error', [OSError, DataError])
+def test_a_client_that_cannot_be_read_fails_its_own_round_not_the_one_before(error, caplog):
+  """Round 2's plan is made during round 1; a read error there must not cost round 1. Bad data
+  (DataError) is said in one line when round 2 raises it: planning ahead warns without a
+  traceback; any other error keeps it."""
   from fathom_sim.driver import Rounds
   from fathom_sim.run import build, init_state
   config = tiny_config(num_rounds=3, algorithm='fathom', num_devices=2, data_on_device='no')
@@ -206,7 +210,7 @@ def test_a_client_that_cannot_be_read_fails_its_own_round_not_the_one_before():
   first = set(sample_cohort(task.train, config.seed, 1, config.cohort_size).tolist())
   bad = next(k for k in sample_cohort(task.train, config.seed, 2, config.cohort_size).tolist()
              if k not in first)
-  generated, recorder = _generated(task, fail_on=bad)
+  generated, recorder = _generated(task, fail_on=bad, error=error)
   run = build(config, generated)
   rounds = Rounds(run)
   state = init_state(run)
@@ -214,7 +218,10 @@ def test_a_client_that_cannot_be_read_fails_its_own_round_not_the_one_before():
   state, m, _ = rounds(state, 1, hp)
   # Round 2's plan, made during round 1, met the error and was dropped; round 1 returned.
   assert bad in {k for k, _ in recorder.reads} and rounds._next is None
-  with pytest.raises(OSError, match=f'client {bad}: unreadable'):
+  [warning] = [r for r in caplog.records if 'planning round 2 ahead failed' in r.getMessage()]
+  assert f'client {bad}: unreadable' in warning.getMessage()
+  assert (not warning.exc_info) == (error is DataError)
+  with pytest.raises(error, match=f'client {bad}: unreadable'):
     rounds(state, 2, np.asarray(m.next_hparams))
 
 
