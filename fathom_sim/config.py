@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import difflib
 import math
+import os
+import traceback
 
 import ml_collections
 
@@ -107,6 +109,19 @@ def base_config() -> ml_collections.ConfigDict:
                                   # default (TF32 on recent NVIDIA GPUs) | high | highest
                                   # (full float32, what the CPU computes)
   return c
+
+
+def describe_failure(error: Exception, path: str) -> str:
+  """What a user's Python file (a config or sweep file) raised, as one line, with the line of
+  `path` it came from when known."""
+  if isinstance(error, SyntaxError):
+    same = os.path.abspath(error.filename or '') == os.path.abspath(path)
+    return f'{error.msg} (SyntaxError, {"" if same else error.filename + " "}line {error.lineno})'
+  frames = traceback.extract_tb(error.__traceback__)
+  line = next((f.lineno for f in reversed(frames)
+               if os.path.abspath(f.filename) == os.path.abspath(path)), None)
+  message = ' '.join(str(error).split())  # one line, whatever the exception's text
+  return f'{type(error).__name__}: {message}' + (f' (line {line})' if line else '')
 
 
 def _fail(field: str, accepted: str, value) -> None:

@@ -49,15 +49,25 @@ class MetricsWriter:
 
 
 def read_rows(path: str) -> list[dict]:
-  """The rows of a metrics.jsonl (or of a gzipped copy, *.gz), up to a torn last line."""
+  """The rows of a metrics.jsonl (or of a gzipped copy, *.gz), up to a torn last line.
+
+  A file that is not UTF-8 text raises DataError (a ValueError) naming it.
+  """
   opener = gzip.open if path.endswith('.gz') else open
   rows: list[dict] = []
   with opener(path, 'rt', encoding='utf-8') as f:
-    for line in f:
-      try:
-        rows.append(json.loads(line))
-      except ValueError:
-        break  # a torn write of a killed run: nothing after it was committed either
+    try:
+      for line in f:
+        try:
+          rows.append(json.loads(line))
+        except ValueError:
+          break  # a torn write of a killed run: nothing after it was committed either
+    except UnicodeDecodeError as e:
+      # Rows are written as ASCII JSON, so no torn write makes this: the file is not a
+      # run's metrics, and truncating it here (keep_rows) would lose whatever it holds.
+      from fathom_sim.data import DataError
+      raise DataError(f'{path}: not UTF-8 text ({e.reason}); expected the JSON lines that a '
+                      'run writes to metrics.jsonl') from None
   return rows
 
 

@@ -14,6 +14,7 @@ import dataclasses
 import importlib.util
 import json
 import math
+import numbers
 import os
 import re
 import time
@@ -22,9 +23,10 @@ from typing import Callable
 import ml_collections
 
 from fathom_sim import metrics
-from fathom_sim.config import ConfigError
+from fathom_sim.config import ConfigError, describe_failure
 
 INDEX_FILE = 'sweep.json'
+KEYS = ('config', 'overrides', 'seeds', 'fixed')  # what get_sweep() may return
 _UNSAFE = re.compile(r'[^A-Za-z0-9._=,+-]')
 
 
@@ -49,33 +51,97 @@ class RunSpec:
   workdir: str
 
 
-def _load_module(path: str, name: str):
+def _load_module(path: str, name: str, what: str):
   spec = importlib.util.spec_from_file_location(name, path)
   if spec is None:
-    raise ConfigError(f'{path!r} is not a Python file')
+    raise ConfigError(f'{what} {path!r} is not a Python file')
   module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
+  try:
+    spec.loader.exec_module(module)
+  except Exception as e:  # the user's file, whatever it raises: bad input, said in one line
+    raise ConfigError(f'{what} {path!r} could not be loaded: {describe_failure(e, path)}') from None
   return module
 
 
+def _call(module, path: str, what: str, function: str):
+  """module.function() of a user's file; a missing function or its exception is a ConfigError."""
+  fn = getattr(module, function, None)
+  if not callable(fn):
+    raise ConfigError(f'{what} {path!r} defines no {function}()')
+  try:
+    return fn()
+  except Exception as e:
+    raise ConfigError(f'{what} {path!r}: {function}() raised {describe_failure(e, path)}') from None
+
+
+def _fields(value, where: str, what: str) -> dict:
+  """A {field: value} dict of the sweep (overrides, fixed), checked to have string fields."""
+  if not hasattr(value, 'keys') or not all(isinstance(k, str) for k in value.keys()):
+    raise ConfigError(f'{where}: {what} must be a {{field: value}} dict with field names as '
+                      f'strings (dotted for nested fields), got {value!r:.80}')
+  return dict(value)
+
+
+def _seeds(value, where: str) -> list[int]:
+  """The sweep's seeds: a count n >= 1 (seeds 0..n-1) or a list of distinct integers."""
+  def integer(v) -> bool:
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+  if integer(value) and value >= 1:
+    return list(range(value))
+  if isinstance(value, (list, tuple)) and value and all(integer(s) for s in value):
+    seeds = [int(s) for s in value]
+    twice = sorted({s for s in seeds if seeds.count(s) > 1})
+    if twice:  # two runs would share one workdir
+      raise ConfigError(f'{where}: seeds lists {twice[0]} more than once')
+    return seeds
+  raise ConfigError(f'{where}: seeds must be a count n >= 1 (seeds 0..n-1) or a non-empty list '
+                    f'of integers, got {value!r:.80}')
+
+
 def load_sweep(path: str) -> SweepDef:
-  """Reads a sweep file; its config path is taken relative to the sweep file."""
+  """Reads a sweep file; its config path is taken relative to the sweep file.
+
+  A file that cannot be run, or whose get_sweep() returns another shape than the module
+  docstring's, raises a ConfigError naming the file and what is accepted.
+  """
   if not os.path.isfile(path):
     raise ConfigError(f'--sweep {path!r}: no such sweep file (expected a sweeps/*.py file)')
-  d = dict(_load_module(path, '_sweep_def').get_sweep())
+  where = f'--sweep {path!r}'
+  d = _call(_load_module(path, '_sweep_def', '--sweep'), path, '--sweep', 'get_sweep')
+  if not hasattr(d, 'keys'):
+    raise ConfigError(f'{where}: get_sweep() must return a dict with keys {", ".join(KEYS)}; '
+                      f'got {type(d).__name__}')
+  d = dict(d)
+  unknown = sorted(map(str, set(d) - set(KEYS)))
+  if unknown:  # a misspelt key would otherwise be ignored silently
+    raise ConfigError(f'{where}: get_sweep() returned unknown key(s) {", ".join(unknown)}; '
+                      f'accepted: {", ".join(KEYS)}')
+  if 'config' not in d:
+    raise ConfigError(f'{where}: get_sweep() must return a config (a config file path '
+                      'relative to the sweep file, or a ConfigDict)')
   config = d['config']
   if isinstance(config, str):
     source = config if os.path.isabs(config) else os.path.normpath(
         os.path.join(os.path.dirname(os.path.abspath(path)), config))
     if not os.path.isfile(source):
       raise ConfigError(f'sweep {path!r} names config {config!r}, which is not a file')
-    config = _load_module(source, '_sweep_config').get_config()
-  else:
+    what = f'sweep {path!r}: config'
+    config = _call(_load_module(source, '_sweep_config', what), source, what, 'get_config')
+    if not isinstance(config, ml_collections.ConfigDict):
+      raise ConfigError(f'config {source!r}: get_config() must return a ConfigDict, got '
+                        f'{type(config).__name__}')
+  elif isinstance(config, ml_collections.ConfigDict):
     source = '<inline>'
-  seeds = d.get('seeds', [0])
-  seeds = list(range(seeds)) if isinstance(seeds, int) else [int(s) for s in seeds]
-  overrides = [dict(o) for o in d.get('overrides', [{}])] or [{}]
-  return SweepDef(config, source, overrides, seeds, dict(d.get('fixed', {})))
+  else:
+    raise ConfigError(f'{where}: config must be a config file path or a ConfigDict, got '
+                      f'{type(config).__name__}')
+  seeds = _seeds(d.get('seeds', [0]), where)
+  overrides = d.get('overrides', [{}])
+  if not isinstance(overrides, (list, tuple)):
+    raise ConfigError(f'{where}: overrides must be a list of {{field: value}} dicts, one per '
+                      f'setting, got {type(overrides).__name__}')
+  overrides = [_fields(o, where, f'overrides[{i}]') for i, o in enumerate(overrides)] or [{}]
+  return SweepDef(config, source, overrides, seeds, _fields(d.get('fixed', {}), where, 'fixed'))
 
 
 def _format(value) -> str:
@@ -164,7 +230,14 @@ def run_sweep(sweep: SweepDef, out: str, *, extra: dict | None = None,
   train = train or train_lib.train_and_evaluate
   train_group = train_group or train_lib.train_seeds
   runs = plan_runs(sweep, out, extra)
-  os.makedirs(out, exist_ok=True)
+  if os.path.exists(out) and not os.path.isdir(out):
+    raise train_lib.WorkdirError(f'--out {out!r} is a file, not a folder; give a folder for '
+                                 'the runs and sweep.json')
+  try:
+    os.makedirs(out, exist_ok=True)
+  except OSError as e:
+    raise train_lib.WorkdirError(f'--out {out!r}: the sweep\'s folder cannot be made there '
+                                 f'({e.strerror or e}); give a writable place') from None
   entries = []
   for r in runs:
     try:  # a run already there under another config is reported, never skipped or redone

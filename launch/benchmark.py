@@ -229,7 +229,19 @@ def main(argv):
   try:
     cohorts = [int(c) for c in _COHORTS.value]
   except ValueError:
-    cli.fail(f'--cohort_sizes must be integers, got {",".join(_COHORTS.value)}')
+    cohorts = []
+  if not cohorts or min(cohorts) < 1:
+    cli.fail(f'--cohort_sizes must be integers >= 1, got {",".join(_COHORTS.value)!r}')
+  # Checked here, in the flags' own terms, before any row runs: --rounds=0 would otherwise
+  # fail after the warm-up, and a negative --warmup would silently measure fewer rounds.
+  if _ROUNDS.value < 1:
+    cli.fail(f'--rounds must be >= 1, got {_ROUNDS.value}')
+  if _WARMUP.value < 0:
+    cli.fail(f'--warmup must be >= 0, got {_WARMUP.value}')
+  if _NUM_CLIENTS.value < 1:
+    cli.fail(f'--num_clients must be >= 1, got {_NUM_CLIENTS.value}')
+  if _JSON.value:
+    _check_writable(_JSON.value)
   from fathom_sim.config import ConfigError, check_config
   try:  # every row's config, before any row runs
     for name in _TASKS.value:
@@ -243,6 +255,22 @@ def main(argv):
   if not os.environ.get(_ROW_PROCESS):
     print(header, flush=True)  # before the rows' processes write to the same stdout
   cli.run_or_exit(lambda: _rows(cohorts))
+
+
+def _check_writable(path: str) -> None:
+  """Ends the command unless --json can be written, before the measurement rather than after
+  it; an existing file is opened for appending, so its contents stay until the first row."""
+  if os.path.isdir(path):
+    cli.fail(f'--json {path!r} is a folder; give a file (in an existing, writable folder)')
+  try:
+    if os.path.exists(path):
+      open(path, 'a', encoding='utf-8').close()
+    else:
+      open(path, 'x', encoding='utf-8').close()
+      os.remove(path)
+  except OSError as e:
+    cli.fail(f'--json {path!r} cannot be written ({e.strerror or e}); give a file in an '
+             'existing, writable folder')
 
 
 def _rows(cohorts: list[int]) -> None:

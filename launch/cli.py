@@ -55,14 +55,6 @@ def _load_config_file(spec: str):
   return module.get_config(arg) if arg else module.get_config()
 
 
-def _describe(error: Exception) -> str:
-  """One line for an error raised by a user's file: its type, message and line."""
-  if isinstance(error, SyntaxError):
-    return f'{type(error).__name__}: {error.msg} (line {error.lineno})'
-  message = str(error).strip().splitlines()[0] if str(error).strip() else ''
-  return f'{type(error).__name__}: {message}' if message else type(error).__name__
-
-
 def _unknown_override(argv: list[str], config) -> str | None:
   """The first --config.PATH override whose PATH is not a field of `config`, described."""
   for arg in argv:
@@ -95,7 +87,8 @@ def parse_flags_or_exit(argv: list[str]) -> list[str]:
     try:
       config = _load_config_file(config_path)
     except Exception as e:  # noqa: BLE001 - whatever the user's file raises, said in one line
-      fail(f'--config {config_path!r} could not be loaded: {_describe(e)}')
+      from fathom_sim.config import describe_failure
+      fail(f'--config {config_path!r} could not be loaded: {describe_failure(e, file_part)}')
   try:
     return flags.FLAGS(argv)
   except (flags.Error, AttributeError, KeyError, TypeError, ValueError) as e:

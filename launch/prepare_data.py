@@ -53,11 +53,13 @@ def summary_lines(meta: dict, out: str) -> list[str]:
 
 def main(argv):
   del argv
+  from fathom_sim.data import tfds_store
   from fathom_sim.data.prepare import prepare
   if _VOCAB_SIZE.value < 1 or _LENGTH.value < 2 or not 0 < _TEST_FRACTION.value < 1:
     cli.fail('--vocab_size must be >= 1, --sequence_length >= 2, --test_fraction in (0, 1)')
 
   def job():
+    tfds_store.check_out(_OUT.value)  # now, not after a conversion that may take hours
     meta = prepare(_SOURCE.value, _OUT.value, fmt=_FORMAT.value, task=_TASK.value,
                    vocab_path=_VOCAB.value, vocab_size=_VOCAB_SIZE.value,
                    sequence_length=_LENGTH.value, split_date=_SPLIT_DATE.value,

@@ -34,18 +34,29 @@ def main(argv):
     targets = [float(t) for t in _TARGETS.value]
   except ValueError:
     cli.fail(f'--targets must be numbers, got {",".join(_TARGETS.value)}')
-  groups = report.group_runs(report.find_runs(paths))
+  out = _OUT.value
+  if os.path.exists(out) and not os.path.isdir(out):
+    cli.fail(f'--out {out!r} is a file, not a folder; give a folder for report.md and the PNGs')
+  from fathom_sim.data import DataError
+  try:
+    groups = report.group_runs(report.find_runs(paths))
+  except DataError as e:  # a run's metrics.jsonl that is not a run's
+    cli.fail(str(e))
   if not groups:
     cli.fail(f'no runs (folders with metrics.jsonl) under {", ".join(paths)}')
-  os.makedirs(_OUT.value, exist_ok=True)
   table = report.markdown(groups, targets, timing=_TIMING.value)
-  with open(os.path.join(_OUT.value, 'report.md'), 'w', encoding='utf-8') as f:
-    f.write(table)
   # Compare against the FedAvg setting that is best at the hardest target some setting reached.
   reached = [t for t in sorted(targets, reverse=True) if report.best_fedavg(groups, t)]
-  written = plots.write_plots(groups, _OUT.value, reached[0] if reached else None)
+  try:
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, 'report.md'), 'w', encoding='utf-8') as f:
+      f.write(table)
+    written = plots.write_plots(groups, out, reached[0] if reached else None)
+  except OSError as e:
+    cli.fail(f'--out {out!r}: cannot write the report there ({e.strerror or e}); give a '
+             'folder that can be made or written')
   print(table)
-  print('wrote ' + ', '.join([os.path.join(_OUT.value, 'report.md'), *written]))
+  print('wrote ' + ', '.join([os.path.join(out, 'report.md'), *written]))
 
 
 if __name__ == '__main__':

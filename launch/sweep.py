@@ -56,6 +56,8 @@ def main(argv):
   from fathom_sim import sweep as sweep_lib
   from fathom_sim.config import ConfigError
   cli.setup_logging()
+  if _SEEDS.value is not None and _SEEDS.value < 1:  # 0 or fewer seeds would run nothing
+    cli.fail(f'--seeds must be >= 1 (it runs seeds 0..N-1), got {_SEEDS.value}')
   try:
     sweep = sweep_lib.load_sweep(_SWEEP.value)
     if _SEEDS.value is not None:

@@ -7,6 +7,7 @@ can be grouped by user; posts from `split_date` on form the test split.
 
 from __future__ import annotations
 
+import datetime
 import os
 import sqlite3
 import xml.etree.ElementTree as ET
@@ -18,6 +19,14 @@ from fathom_sim.data.vocab import html_sentences
 POST_TYPES = {'1': 'question', '2': 'answer'}
 
 
+def _is_date(text: str) -> bool:
+  """YYYY-MM-DD of a real day: dates are compared as text with the posts' CreationDate."""
+  try:
+    return datetime.date.fromisoformat(text).isoformat() == text
+  except ValueError:
+    return False
+
+
 class StackExchangeXml:
   """Posts of a dump grouped by user; `scratch` is a directory for the grouping table."""
 
@@ -25,10 +34,14 @@ class StackExchangeXml:
     self.path = path
     if not os.path.isfile(path):
       raise DataError(f'{path}: no such file (expected a Stack Exchange Posts.xml)')
+    if split_date and not _is_date(split_date):  # before reading a dump that may be large
+      raise DataError(f'--split_date {split_date!r} is not a date; expected YYYY-MM-DD (posts '
+                      'from that day on form the test split)')
     self._db = sqlite3.connect(os.path.join(scratch, 'posts.sqlite'))
     self._db.execute('CREATE TABLE posts (user TEXT, id INTEGER, date TEXT, sentences TEXT)')
     self.skipped = 0  # posts without an owner (deleted users) or of other types
     self._ingest()
+    given = bool(split_date)
     if not split_date:
       # The date before which (1 - test_fraction) of the posts were written.
       total = self._db.execute('SELECT COUNT(*) FROM posts').fetchone()[0]
@@ -36,6 +49,7 @@ class StackExchangeXml:
                              (min(total - 1, int(total * (1 - test_fraction))),)).fetchone()
       split_date = row[0][:10]
     self.split_date = split_date
+    self._check_splits(given, test_fraction)
 
   def _ingest(self) -> None:
     rows, seen_root, root = [], False, None
@@ -67,6 +81,24 @@ class StackExchangeXml:
       raise DataError(f'{self.path}: no <posts> of <row PostTypeId="1|2" OwnerUserId=... '
                       'CreationDate=... Body=...> found; expected a Stack Exchange Posts.xml')
     self._db.execute('CREATE INDEX by_user ON posts (user, date, id)')
+
+  def _check_splits(self, given: bool, test_fraction: float) -> None:
+    """A split without examples would fail late, inside TFDS: say which and why now."""
+    count = {split: self._db.execute(
+        # One example per sentence; a post's sentences are joined by newlines.
+        "SELECT COALESCE(SUM(LENGTH(sentences) - LENGTH(REPLACE(sentences, char(10), '')) + 1),"
+        f" 0) FROM posts WHERE {self._where(split)} AND sentences != ''",
+        (self.split_date,)).fetchone()[0] for split in ('train', 'test')}
+    empty = [split for split in ('train', 'test') if not count[split]]
+    if not empty:
+      return
+    first, last = self._db.execute('SELECT MIN(date), MAX(date) FROM posts').fetchone()
+    how = (f'--split_date {self.split_date}' if given else
+           f'--test_fraction {test_fraction} (split date {self.split_date})')
+    raise DataError(f'{self.path}: {how} leaves the {" and ".join(empty)} split empty: '
+                    f'{count["train"]} examples (sentences) fall before it, {count["test"]} on '
+                    f'or after it; give a --split_date between {first[:10]} and {last[:10]}, '
+                    'the dates of the first and last posts')
 
   def _where(self, split: str) -> str:
     return 'date < ?' if split == 'train' else 'date >= ?'

@@ -78,6 +78,18 @@ def _write_split(folder: str, split: str, features, clients: Iterable[tuple[str,
   return info, ids, counts
 
 
+def check_out(out: str) -> None:
+  """Raises DataError unless `out` can take a new prepared dataset: missing, or an empty
+  directory. Called by write(), and by the command line before a long conversion starts."""
+  if os.path.exists(out) and not os.path.isdir(out):
+    raise DataError(f'--out {out!r} is a file, not a directory; choose a new directory '
+                    '(nothing was overwritten)')
+  if os.path.exists(os.path.join(out, 'meta.json')) or (
+      os.path.isdir(out) and os.listdir(out)):
+    raise DataError(f'--out {out!r} already exists and is not empty; choose a new directory '
+                    '(nothing was overwritten)')
+
+
 def write(out: str, splits: dict[str, Iterable[tuple[str, dict]]],
           feature_specs: dict[str, tuple[tuple, str]], meta: dict,
           extra_files: dict[str, str] | None = None) -> dict:
@@ -87,14 +99,15 @@ def write(out: str, splits: dict[str, Iterable[tuple[str, dict]]],
   extra_files: name -> text, written beside meta.json (e.g. the vocabulary).
   Returns meta, completed with the per-split counts. Nothing is left at `out` on failure.
   """
-  if os.path.exists(os.path.join(out, 'meta.json')) or (
-      os.path.isdir(out) and os.listdir(out)):
-    raise DataError(f'--out {out!r} already exists and is not empty; choose a new directory '
-                    '(nothing was overwritten)')
+  check_out(out)
   partial = out.rstrip('/') + '.partial'
   shutil.rmtree(partial, ignore_errors=True)
   folder = os.path.join(partial, BUILDER_DIR)
-  os.makedirs(folder)
+  try:
+    os.makedirs(folder)
+  except OSError as e:
+    raise DataError(f'--out {out!r}: cannot write {partial!r} there ({e.strerror or e}); '
+                    'choose a directory that can be made or written') from None
   try:
     features = features_dict(feature_specs)
     meta = dict(meta, layout_version=LAYOUT_VERSION, splits={})

@@ -1,0 +1,219 @@
+"""Bad input to the sweep, report, benchmark and prepare_data commands: one `error:` line,
+exit status 2, no traceback, and nothing overwritten."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from fathom_sim import metrics, sweep
+from fathom_sim.config import ConfigError
+from fathom_sim.data import DataError
+from tests.common import uncreatable_path
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+QUICKSTART = os.path.join(ROOT, 'configs', 'quickstart.py')
+GOOD_SWEEP = f"def get_sweep():\n  return {{'config': {QUICKSTART!r}, 'seeds': 1}}\n"
+
+
+def _cli(script, *args, timeout=120):
+  env = dict(os.environ, JAX_PLATFORMS='cpu')
+  env.pop('XLA_FLAGS', None)
+  return subprocess.run([sys.executable, os.path.join(ROOT, 'launch', script), *args],
+                        cwd=ROOT, env=env, timeout=timeout, capture_output=True, text=True)
+
+
+def _refused(p, needle):
+  """The command ended with exit status 2 and one error line holding `needle`."""
+  assert p.returncode == 2, (p.returncode, p.stderr[-2000:])
+  errors = [line for line in p.stderr.splitlines() if line.startswith('error:')]
+  assert len(errors) == 1 and needle in errors[0], p.stderr[-2000:]
+  assert 'Traceback' not in p.stderr
+  return errors[0]
+
+
+def _sweep_returning(value: str) -> str:
+  return f'def get_sweep():\n  return {value}\n'
+
+
+# ---- launch/sweep.py ----------------------------------------------------------------------
+
+@pytest.mark.parametrize('text,needle', [
+    ('def get_sweep(:\n', 'could not be loaded: invalid syntax (SyntaxError, line 1)'),
+    ('import fathom_no_such_module\n', "ModuleNotFoundError: No module named "
+                                       "'fathom_no_such_module' (line 1)"),
+    ('def get_sweep():\n  return {}["config"]\n', "get_sweep() raised KeyError: 'config' (line 2)"),
+    ('x = 1\n', 'defines no get_sweep()'),
+    (_sweep_returning('[1]'), 'get_sweep() must return a dict with keys config, overrides, '
+                              'seeds, fixed; got list'),
+    (_sweep_returning("{'overrides': [{'eta': 0.1}]}"), 'get_sweep() must return a config'),
+    (_sweep_returning(f"{{'config': {QUICKSTART!r}, 'seed': 3}}"),
+     'unknown key(s) seed; accepted: config, overrides, seeds, fixed'),
+    (_sweep_returning('{"config": 3}'), 'config must be a config file path or a ConfigDict'),
+    (_sweep_returning(f"{{'config': {QUICKSTART!r}, 'seeds': 'abc'}}"),
+     "seeds must be a count n >= 1 (seeds 0..n-1) or a non-empty list of integers, got 'abc'"),
+    (_sweep_returning(f"{{'config': {QUICKSTART!r}, 'seeds': 0}}"), 'seeds must be a count'),
+    (_sweep_returning(f"{{'config': {QUICKSTART!r}, 'seeds': []}}"), 'seeds must be a count'),
+    (_sweep_returning(f"{{'config': {QUICKSTART!r}, 'seeds': [1, 2, 1]}}"),
+     'seeds lists 1 more than once'),
+    (_sweep_returning(f"{{'config': {QUICKSTART!r}, 'overrides': {{'eta': 0.1}}}}"),
+     'overrides must be a list of {field: value} dicts, one per setting, got dict'),
+    (_sweep_returning(f"{{'config': {QUICKSTART!r}, 'overrides': [{{1: 2}}]}}"),
+     'overrides[0] must be a {field: value} dict'),
+    (_sweep_returning(f"{{'config': {QUICKSTART!r}, 'fixed': [1]}}"),
+     'fixed must be a {field: value} dict'),
+    (_sweep_returning("{'config': 'broken_config.py'}"),
+     "config '{dir}/broken_config.py' could not be loaded: NameError: name 'nope' is not "
+     'defined (line 1)'),
+])
+def test_a_bad_sweep_file_is_one_config_error_naming_it(tmp_path, text, needle):
+  (tmp_path / 'broken_config.py').write_text('nope\n')
+  path = tmp_path / 'bad_sweep.py'
+  path.write_text(text)
+  with pytest.raises(ConfigError) as err:
+    sweep.load_sweep(str(path))
+  message = str(err.value)
+  assert needle.replace('{dir}', str(tmp_path)) in message and str(path) in message, message
+  assert '\n' not in message
+
+
+@pytest.mark.parametrize('text,args,needle', [
+    ('def get_sweep(:\n', [], 'could not be loaded: invalid syntax (SyntaxError, line 1)'),
+    (_sweep_returning("{'overrides': [{'eta': 0.1}]}"), [], 'get_sweep() must return a config'),
+    (_sweep_returning(f"{{'config': {QUICKSTART!r}, 'seeds': 'abc'}}"), [],
+     'seeds must be a count'),
+    (GOOD_SWEEP, ['--seeds=0'], '--seeds must be >= 1 (it runs seeds 0..N-1), got 0'),
+    (GOOD_SWEEP, ['--seeds=-1'], '--seeds must be >= 1 (it runs seeds 0..N-1), got -1'),
+])
+def test_sweep_command_refuses_a_bad_sweep_file_or_seeds(tmp_path, text, args, needle):
+  path = tmp_path / 'bad_sweep.py'
+  path.write_text(text)
+  out = tmp_path / 'out'
+  _refused(_cli('sweep.py', f'--sweep={path}', f'--out={out}', '--dry_run', *args), needle)
+  assert not out.exists()
+
+
+def test_sweep_command_refuses_an_out_that_is_a_file(tmp_path):
+  path = tmp_path / 'sweep.py'
+  path.write_text(GOOD_SWEEP)
+  out = tmp_path / 'out'
+  out.write_text('mine')
+  _refused(_cli('sweep.py', f'--sweep={path}', f'--out={out}', '--config.num_rounds=1'),
+           f"--out '{out}' is a file, not a folder")
+  assert out.read_text() == 'mine'
+
+
+# ---- launch/report.py ---------------------------------------------------------------------
+
+ROW = ('{"round": 1, "examples": 10, "local_steps": 1, "wall_s": 0.5, "eta": 0.1, "epochs": 1.0, '
+       '"batch_size": 20.0, "h_glob": 0.0, "h_local": 0.1, "test_accuracy": 0.5}\n')
+
+
+def test_metrics_that_are_not_utf8_are_one_data_error_and_are_kept(tmp_path):
+  path = tmp_path / metrics.METRICS_FILE
+  data = ROW.encode() + b'\xff\xfe not text\n'
+  path.write_bytes(data)
+  with pytest.raises(DataError, match=f'{path}: not UTF-8 text'):
+    metrics.read_rows(str(path))
+  with pytest.raises(DataError):  # a resume would otherwise cut the file at the bad byte
+    metrics.keep_rows(str(tmp_path), 1)
+  assert path.read_bytes() == data
+
+
+def _run_dir(tmp_path, content: bytes):
+  run = tmp_path / 'run'
+  run.mkdir()
+  (run / metrics.METRICS_FILE).write_bytes(content)
+  return run
+
+
+def test_report_names_a_metrics_file_that_is_not_utf8(tmp_path):
+  run = _run_dir(tmp_path, ROW.encode() + b'\xff\xfe\n')
+  out = tmp_path / 'report'
+  _refused(_cli('report.py', str(run), f'--out={out}'),
+           f'{run / metrics.METRICS_FILE}: not UTF-8 text')
+  assert not out.exists()
+
+
+def test_report_refuses_an_out_it_cannot_write(tmp_path):
+  run = _run_dir(tmp_path, ROW.encode())
+  afile = tmp_path / 'afile'
+  afile.write_text('mine')
+  _refused(_cli('report.py', str(run), f'--out={afile}'), f"--out '{afile}' is a file")
+  assert afile.read_text() == 'mine'
+  target = uncreatable_path(tmp_path, 'report')
+  _refused(_cli('report.py', str(run), f'--out={target}'),
+           f"--out '{target}': cannot write the report there")
+
+
+# ---- launch/benchmark.py ------------------------------------------------------------------
+
+# Small enough that a benchmark not refusing the flag ends within seconds.
+SMALL = ['--tasks=mlp', '--num_clients=20', '--cohort_sizes=2', '--noisolate_rows']
+
+
+@pytest.mark.parametrize('flag,needle', [
+    ('--rounds=0', '--rounds must be >= 1, got 0'),
+    ('--rounds=-2', '--rounds must be >= 1, got -2'),
+    ('--warmup=-1', '--warmup must be >= 0, got -1'),
+    ('--num_clients=-5', '--num_clients must be >= 1, got -5'),
+    ('--cohort_sizes=2,-1', "--cohort_sizes must be integers >= 1, got '2,-1'"),
+    ('--cohort_sizes=0', "--cohort_sizes must be integers >= 1, got '0'"),
+])
+def test_benchmark_refuses_out_of_range_counts_before_any_row(tmp_path, flag, needle):
+  out = tmp_path / 'bench.json'
+  _refused(_cli('benchmark.py', *SMALL, flag, f'--json={out}', timeout=300), needle)
+  assert not out.exists()
+
+
+def test_benchmark_refuses_a_json_it_cannot_write_before_measuring(tmp_path):
+  target = uncreatable_path(tmp_path, 'bench.json')
+  p = _cli('benchmark.py', *SMALL, '--rounds=1', f'--json={target}', timeout=300)
+  _refused(p, f"--json '{target}' cannot be written")
+  assert 'mlp ' not in p.stdout  # no row was measured
+  _refused(_cli('benchmark.py', *SMALL, f'--json={tmp_path}'), f"--json '{tmp_path}' is a folder")
+  # The check leaves an existing file as it was, here when a later check refuses a flag.
+  kept = tmp_path / 'kept.json'
+  kept.write_text('[1]')
+  _refused(_cli('benchmark.py', *SMALL, '--cohort_sizes=50', f'--json={kept}'),
+           'config.cohort_size must be at most')
+  assert kept.read_text() == '[1]'
+
+
+# ---- launch/prepare_data.py ---------------------------------------------------------------
+
+POSTS = """<?xml version="1.0" encoding="utf-8"?>
+<posts>
+  <row Id="1" PostTypeId="1" CreationDate="2015-01-01T10:00:00.000" OwnerUserId="7" Body="&lt;p&gt;The beer is good. Hops!&lt;/p&gt;" />
+  <row Id="2" PostTypeId="2" CreationDate="2015-02-01T10:00:00.000" OwnerUserId="3" Body="&lt;p&gt;It is good.&lt;/p&gt;" />
+  <row Id="3" PostTypeId="2" CreationDate="2016-03-01T10:00:00.000" OwnerUserId="7" Body="&lt;p&gt;Hops is the beer.&lt;/p&gt;" />
+</posts>
+"""
+
+
+@pytest.mark.parametrize('flag,needle', [
+    ('--split_date=notadate', "--split_date 'notadate' is not a date; expected YYYY-MM-DD"),
+    ('--split_date=2015-1-1', "--split_date '2015-1-1' is not a date; expected YYYY-MM-DD"),
+    ('--split_date=2030-01-01', '--split_date 2030-01-01 leaves the test split empty: 4 examples '
+                                '(sentences) fall before it, 0 on or after it; give a '
+                                '--split_date between 2015-01-01 and 2016-03-01'),
+    ('--split_date=2015-01-01', '--split_date 2015-01-01 leaves the train split empty: 0 '
+                                'examples (sentences) fall before it, 4 on or after it'),
+])
+def test_prepare_refuses_a_bad_or_emptying_split_date(tmp_path, flag, needle):
+  (tmp_path / 'Posts.xml').write_text(POSTS)
+  out = tmp_path / 'out'
+  _refused(_cli('prepare_data.py', '--format=stackexchange_xml', '--task=stackoverflow',
+                f'--source={tmp_path / "Posts.xml"}', f'--out={out}', flag), needle)
+  assert not out.exists() and not (tmp_path / 'out.partial').exists()
+
+
+def test_prepare_refuses_an_out_that_is_a_file_and_keeps_it(tmp_path):
+  (tmp_path / 'Posts.xml').write_text(POSTS)
+  out = tmp_path / 'afile'
+  out.write_text('mine')
+  _refused(_cli('prepare_data.py', '--format=stackexchange_xml', '--task=stackoverflow',
+                f'--source={tmp_path / "Posts.xml"}', f'--out={out}', '--split_date=2016-01-01'),
+           f"--out '{out}' is a file, not a directory")
+  assert out.read_text() == 'mine' and not (tmp_path / 'afile.partial').exists()
