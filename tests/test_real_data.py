@@ -242,3 +242,29 @@ def test_paper_configs_and_missing_dataset_message(tmp_path):
   femnist.data.data_dir = ''
   with pytest.raises(ConfigError, match='config.data.data_dir must be the prepared dataset'):
     check_config(femnist)
+
+
+@pytest.mark.parametrize('damage', ['flip', 'truncate', 'remove'])
+def test_a_damaged_record_file_is_a_data_error_naming_the_record(tmp_path, damage):
+  """array_record's own errors (a chunk's hash, a short file, a missing shard) came out as a
+  RuntimeError traceback from the first client read."""
+  out = str(tmp_path / 'femnist')
+  prepare(os.path.join(DATA, 'femnist_leaf_sample'), out, fmt='leaf_json', task='emnist')
+  task = load_prepared('femnist', out)
+  shards = [os.path.join(root, name) for root, _, names in os.walk(out) for name in names
+            if '-train.array_record' in name]
+  assert len(shards) == 1
+  if damage == 'flip':  # a byte inside the records: array_record's chunk hash catches it
+    with open(shards[0], 'r+b') as f:
+      f.seek(500)  # past the file's 64-byte signature chunk, in the first records' chunk
+      byte = f.read(1)[0]
+      f.seek(-1, os.SEEK_CUR)
+      f.write(bytes([byte ^ 0xFF]))
+  elif damage == 'truncate':
+    os.truncate(shards[0], 1000)
+  else:
+    os.remove(shards[0])
+  with pytest.raises(DataError, match=r'record \d of split train cannot be read .* prepare the '
+                     'dataset again'):
+    for i in range(len(task.train.client_ids)):
+      task.train.client(i)

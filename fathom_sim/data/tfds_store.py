@@ -174,7 +174,13 @@ class PreparedClientDataset:
     return self._counts
 
   def client(self, index: int) -> dict:
-    record = self._source[int(index)]
+    try:
+      record = self._source[int(index)]
+    except (RuntimeError, OSError, ValueError) as e:  # array_record's errors for a bad shard
+      reason = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+      raise DataError(f'{self.data_dir}: record {index} of split {self.split} cannot be read '
+                      f'({reason}); the files under {BUILDER_DIR} are damaged or missing, '
+                      'prepare the dataset again') from None
     cid = record['client_id']
     cid = cid.decode('utf-8') if isinstance(cid, bytes) else str(cid)
     if cid != self._ids[index]:
