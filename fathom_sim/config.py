@@ -203,6 +203,13 @@ def check_config(c: ml_collections.ConfigDict) -> None:
     _number(c, field, low=0)
   for field in ('upper_epochs', 'upper_eta', 'upper_batch_size'):
     _number(c, field, low=0, low_open=True)
+  if c.algorithm == 'fathom':  # FedAvg applies no bounds to its static values
+    for field in ('epochs', 'eta', 'batch_size'):
+      if c[field] > c[f'upper_{field}']:
+        raise ConfigError(f'config.{field} ({c[field]:g}) is above config.upper_{field} '
+                          f'({c[f"upper_{field}"]:g}): FATHOM clips it to the bound from round '
+                          f'1, so the run would not start where the config says; lower '
+                          f'{field} or raise upper_{field}')
   _choice(c, 'hyper_optimizer', fathom.HYPER_OPTIMIZERS)
   if not isinstance(c.clip_log_params, bool):
     _fail('clip_log_params', 'True or False', c.clip_log_params)

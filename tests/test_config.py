@@ -29,6 +29,9 @@ def test_base_config_and_quickstart_are_valid():
     ('alpha', 1.0, 'config.alpha must be in [0, 1)'),
     ('eta_h', -0.01, 'config.eta_h must be >= 0'),
     ('upper_eta', 0.0, 'config.upper_eta must be > 0'),
+    ('upper_eta', 0.05, 'config.eta (0.1) is above config.upper_eta (0.05): FATHOM clips it'),
+    ('upper_batch_size', 8.0, 'config.batch_size (20) is above config.upper_batch_size (8)'),
+    ('upper_epochs', 0.5, 'config.epochs (1) is above config.upper_epochs (0.5)'),
     ('algorithm', 'fedsgd', "config.algorithm must be one of 'fathom', 'fedavg'"),
     ('server_optimizer', 'sgdd', 'config.server_optimizer must be one of'),
     ('hyper_optimizer', 'rmsprop', 'config.hyper_optimizer must be one of'),
@@ -233,3 +236,10 @@ def test_a_broken_config_file_is_one_line_naming_it(tmp_path, body, needle):
   errors = [line for line in p.stderr.splitlines() if line.startswith('error:')]
   assert len(errors) == 1 and needle in errors[0], p.stderr[-2000:]
   assert 'Traceback' not in p.stderr and not workdir.exists()
+
+
+def test_fedavg_takes_static_values_above_fathoms_bounds():
+  """The bounds are FATHOM's: FedAvg's static eta, E and B are used as given."""
+  c = base_config()
+  c.algorithm, c.eta, c.upper_eta = 'fedavg', 0.8, 0.5
+  check_config(c)
