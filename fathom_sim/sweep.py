@@ -226,23 +226,24 @@ def run_sweep(sweep: SweepDef, out: str, *, extra: dict | None = None,
   goes on; a preemption (SIGTERM) stops the sweep after its runs checkpointed.
   """
   from fathom_sim import train as train_lib
+  from fathom_sim import workdir as workdir_lib
   from fathom_sim.data import DataError
   train = train or train_lib.train_and_evaluate
   train_group = train_group or train_lib.train_seeds
   runs = plan_runs(sweep, out, extra)
   if os.path.exists(out) and not os.path.isdir(out):
-    raise train_lib.WorkdirError(f'--out {out!r} is a file, not a folder; give a folder for '
+    raise workdir_lib.WorkdirError(f'--out {out!r} is a file, not a folder; give a folder for '
                                  'the runs and sweep.json')
   try:
     os.makedirs(out, exist_ok=True)
   except OSError as e:
-    raise train_lib.WorkdirError(f'--out {out!r}: the sweep\'s folder cannot be made there '
+    raise workdir_lib.WorkdirError(f'--out {out!r}: the sweep\'s folder cannot be made there '
                                  f'({e.strerror or e}); give a writable place') from None
   entries = []
   for r in runs:
     try:  # a run already there under another config is reported, never skipped or redone
-      train_lib.check_same_run(r.workdir, r.config)
-    except train_lib.WorkdirError as e:
+      workdir_lib.check_same_run(r.workdir, r.config)
+    except workdir_lib.WorkdirError as e:
       entries.append(_entry(r, out, 'failed', error=str(e)))
       continue
     entries.append(_entry(r, out, 'done' if is_finished(r.workdir, r.config.num_rounds)
@@ -282,7 +283,7 @@ def run_sweep(sweep: SweepDef, out: str, *, extra: dict | None = None,
       else:
         summaries = train_group([runs[i].config for i in batch],
                                 [runs[i].workdir for i in batch])
-    except (ConfigError, DataError, train_lib.WorkdirError) as e:
+    except (ConfigError, DataError, workdir_lib.WorkdirError) as e:
       for i in batch:
         entries[i] = _entry(runs[i], out, 'failed', error=str(e))
       log(f'{where} {names}: failed: {e}')

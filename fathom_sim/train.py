@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
-import json
 import os
 import signal
 import threading
@@ -24,8 +23,9 @@ from absl import logging
 from jax.experimental import multihost_utils
 
 from fathom_sim import compile_cache, distributed, metrics, rng
-from fathom_sim.checkpoint import CHECKPOINTS, UNREADABLE, Checkpointer
-from fathom_sim.config import ConfigError, base_config
+from fathom_sim import workdir as workdir_lib
+from fathom_sim.checkpoint import Checkpointer
+from fathom_sim.config import ConfigError
 from fathom_sim.data.federated import sample_clients
 from fathom_sim.driver import Rounds
 from fathom_sim.evaluation import make_evaluator
@@ -33,97 +33,12 @@ from fathom_sim.mesh import put, replicated
 from fathom_sim.run import Run, build, init_state, matmul_precision
 from fathom_sim.types import BATCH, EPOCHS, ETA
 
-CONFIG_FILE = 'config.json'
-
-
-class WorkdirError(ValueError):
-  """The workdir cannot be used; nothing in it was changed."""
-
-
-# Fields that may differ between a run and its resumption: they change how a run is executed,
-# logged or evaluated, never the model it trains, but for float rounding: device and lane
-# counts, the conv form and matmul_precision change how products round (TF32 against float32
-# is enough to send an unstable run another way; resuming at 'highest' is how to steady one).
-# Every other field is part of the run's identity.
-RESUMABLE_FIELDS = frozenset({
-    'num_rounds', 'log_every', 'checkpoint_every', 'keep_checkpoints', 'eval_every',
-    'eval_clients', 'eval_batch_size', 'target_accuracy', 'num_devices', 'lanes_per_device',
-    'data_on_device', 'batch_pad_per_octave', 'local_loop', 'loop_chunk', 'model.conv',
-    'compile_ahead', 'matmul_precision'})
-
-
 class Preempted(Exception):
   """The run received SIGTERM or SIGINT and stopped after checkpointing its last round."""
 
   def __init__(self, signum: int, round_index: int):
     super().__init__(f'stopped by signal {signum} after round {round_index} (checkpointed)')
     self.signum = signum
-
-
-def _flatten(d: dict, prefix: str = '') -> dict:
-  out = {}
-  for k, v in d.items():
-    if isinstance(v, dict):
-      out.update(_flatten(v, f'{prefix}{k}.'))
-    else:
-      out[f'{prefix}{k}'] = v
-  return out
-
-
-def _config_dict(config: ml_collections.ConfigDict) -> dict:
-  return json.loads(config.to_json_best_effort())
-
-
-def check_same_run(workdir: str, config: ml_collections.ConfigDict) -> None:
-  """Raises WorkdirError when `workdir` holds a run of a config that differs from `config` in a
-  field that changes the result (or whose config.json is unreadable); else does nothing."""
-  saved_path = os.path.join(workdir, CONFIG_FILE)
-  if not os.path.exists(saved_path):
-    return
-  try:
-    with open(saved_path, encoding='utf-8') as f:
-      saved = _flatten(json.load(f))
-  except (OSError, ValueError) as e:
-    raise WorkdirError(f'{saved_path} is unreadable ({e}); it describes the run this workdir '
-                       'holds, so the run cannot be resumed safely') from None
-  new = _flatten(_config_dict(config))
-  # A field added to the simulator after the run was saved stands at its default there.
-  defaults = _flatten(_config_dict(base_config()))
-  saved = {**{k: v for k, v in defaults.items() if k not in saved}, **saved}
-  changed = sorted(k for k in set(saved) | set(new)
-                   if k not in RESUMABLE_FIELDS and saved.get(k) != new.get(k))
-  if changed:
-    details = ', '.join(f'{k} ({saved.get(k)!r} -> {new.get(k)!r})' for k in changed)
-    raise WorkdirError(f'--workdir {workdir!r} holds a run with a different config; fields '
-                       f'that change the result differ: {details}. Use another workdir.')
-
-
-def _prepare_workdir(workdir: str, config: ml_collections.ConfigDict) -> None:
-  """Creates the workdir, or checks that the run it holds is this config's run. A new run's
-  config.json is written here, before any checkpoint or metric, so that run files never exist
-  without it; a resumed run's is rewritten by _save_config once every check has passed."""
-  try:
-    os.makedirs(workdir, exist_ok=True)
-  except OSError as e:
-    raise WorkdirError(f'--workdir {workdir!r} cannot be created: {e.strerror}') from None
-  if not os.access(workdir, os.W_OK | os.X_OK):
-    raise WorkdirError(f'--workdir {workdir!r} is not writable')
-  if os.path.exists(os.path.join(workdir, CONFIG_FILE)):
-    check_same_run(workdir, config)
-    return
-  if any(os.path.exists(os.path.join(workdir, f))
-         for f in (metrics.METRICS_FILE, metrics.SUMMARY_FILE, CHECKPOINTS, UNREADABLE)):
-    raise WorkdirError(f'--workdir {workdir!r} holds run files but no {CONFIG_FILE}; '
-                       'choose another workdir')
-  _save_config(workdir, config)
-
-
-def _save_config(workdir: str, config: ml_collections.ConfigDict) -> None:
-  """Writes config.json: the run's config as this command gave it (resumable fields, such as
-  num_rounds, may differ from the run's first command)."""
-  if distributed.is_writer():
-    with open(os.path.join(workdir, CONFIG_FILE), 'w', encoding='utf-8') as f:
-      f.write(config.to_json_best_effort(indent=2) + '\n')
 
 
 @contextlib.contextmanager
@@ -179,9 +94,9 @@ def train_seeds(configs: list[ml_collections.ConfigDict], workdirs: list[str]) -
   """
   if len(configs) != len(workdirs) or not configs:
     raise ValueError('train_seeds needs one workdir per config, and at least one config')
-  base = _flatten(_config_dict(configs[0]))
+  base = workdir_lib.flatten(workdir_lib.config_dict(configs[0]))
   for c in configs[1:]:
-    other = _flatten(_config_dict(c))
+    other = workdir_lib.flatten(workdir_lib.config_dict(c))
     differ = sorted(k for k in set(base) | set(other)
                     if k != 'seed' and base.get(k) != other.get(k))
     if differ:
@@ -211,7 +126,7 @@ class _Book:
   def bookkeeping(self, t: int, hp: np.ndarray) -> dict:
     return {'round': t, 'hp': [float(v) for v in hp], 'total_examples': self.meta['total_examples'],
             'total_steps': self.meta['total_steps'], 'computed': self.meta['computed'],
-            'wall_s': time.time() - self.start, 'config': _config_dict(self.config)}
+            'wall_s': time.time() - self.start, 'config': workdir_lib.config_dict(self.config)}
 
 
 def _seed(tree, s: int | None):
@@ -224,7 +139,7 @@ def _train(configs: list[ml_collections.ConfigDict], workdirs: list[str], *,
   cache_hits = compile_cache.hits()
   run = build(configs[0])
   for config, workdir in zip(configs, workdirs):
-    _prepare_workdir(workdir, config)
+    workdir_lib.prepare(workdir, config)
   c, task, mesh = configs[0], run.task, run.mesh
   n_dev = mesh.devices.size
   logging.info('task %s: %d train clients (%d examples), %d test clients; %d device(s) '
@@ -253,11 +168,11 @@ def _train(configs: list[ml_collections.ConfigDict], workdirs: list[str], *,
     if book.done > c.num_rounds:
       for b in books:
         b.checkpointer.close()
-      raise WorkdirError(f'--workdir {book.workdir!r} holds a run already at round '
-                         f'{book.done}; config.num_rounds must be at least that, '
-                         f'got {c.num_rounds}')
+      raise workdir_lib.WorkdirError(
+          f'--workdir {book.workdir!r} holds a run already at round {book.done}; '
+          f'config.num_rounds must be at least that, got {c.num_rounds}')
   for book in books:  # every check passed: the resumed runs' configs are this command's
-    _save_config(book.workdir, book.config)
+    workdir_lib.save_config(book.workdir, book.config)
   if vectorized and len({b.done for b in books}) > 1:
     for b in books:
       b.checkpointer.close()
@@ -401,7 +316,8 @@ def _summary(book: _Book, final: dict, params, hp: np.ndarray, rounds: Rounds, r
   l2, sha = metrics.params_digest(params)
   summary = {
       'algorithm': c.algorithm, 'task': run.task.name, 'rounds': c.num_rounds,
-      'devices': run.mesh.devices.size, 'processes': jax.process_count(), 'platform': run.mesh.devices.flat[0].platform,
+      'devices': run.mesh.devices.size, 'processes': jax.process_count(),
+      'platform': run.mesh.devices.flat[0].platform,
       'local_loop': run.local_loop, 'loop_chunk': run.loop_chunk,
       'lanes_per_device': run.lanes_per_device, 'matmul_precision': matmul_precision(),
       'conv': run.conv if c.model.name == 'emnist_cnn' else None,

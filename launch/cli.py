@@ -136,7 +136,8 @@ def run_or_exit(job: Callable[[], object]) -> None:
   a run stopped by SIGTERM/SIGINT (after checkpointing) exits with 128 + the signal number."""
   from fathom_sim.config import ConfigError
   from fathom_sim.data import DataError
-  from fathom_sim.train import Preempted, WorkdirError
+  from fathom_sim.train import Preempted
+  from fathom_sim.workdir import WorkdirError
   try:
     job()
   except (ConfigError, DataError, WorkdirError) as e:

@@ -12,7 +12,8 @@ import jax
 import numpy as np
 import pytest
 
-from fathom_sim.train import WorkdirError, train_and_evaluate
+from fathom_sim.train import train_and_evaluate
+from fathom_sim.workdir import WorkdirError
 from tests.common import tiny_config
 from tests.test_cli import MAIN, QUICKSTART, ROOT, read_rows
 

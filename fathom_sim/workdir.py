@@ -1,0 +1,100 @@
+"""A run's workdir: its config.json, which fields a resumed run may change, and the checks made
+before a run writes anything there.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import ml_collections
+
+from fathom_sim import distributed, metrics
+from fathom_sim.checkpoint import CHECKPOINTS, UNREADABLE
+from fathom_sim.config import base_config
+
+CONFIG_FILE = 'config.json'
+
+
+class WorkdirError(ValueError):
+  """The workdir cannot be used; nothing in it was changed."""
+
+
+# Fields that may differ between a run and its resumption: they change how a run is executed,
+# logged or evaluated, never the model it trains, but for float rounding: device and lane
+# counts, the conv form and matmul_precision change how products round (TF32 against float32
+# is enough to send an unstable run another way; resuming at 'highest' is how to steady one).
+# Every other field is part of the run's identity.
+RESUMABLE_FIELDS = frozenset({
+    'num_rounds', 'log_every', 'checkpoint_every', 'keep_checkpoints', 'eval_every',
+    'eval_clients', 'eval_batch_size', 'target_accuracy', 'num_devices', 'lanes_per_device',
+    'data_on_device', 'batch_pad_per_octave', 'local_loop', 'loop_chunk', 'model.conv',
+    'compile_ahead', 'matmul_precision'})
+
+
+def flatten(d: dict, prefix: str = '') -> dict:
+  """{'model': {'name': 'mlp'}} -> {'model.name': 'mlp'}: a config's fields by dotted path."""
+  out = {}
+  for k, v in d.items():
+    if isinstance(v, dict):
+      out.update(flatten(v, f'{prefix}{k}.'))
+    else:
+      out[f'{prefix}{k}'] = v
+  return out
+
+
+def config_dict(config: ml_collections.ConfigDict) -> dict:
+  """The config as plain JSON values, as config.json holds it."""
+  return json.loads(config.to_json_best_effort())
+
+
+def check_same_run(workdir: str, config: ml_collections.ConfigDict) -> None:
+  """Raises WorkdirError when `workdir` holds a run of a config that differs from `config` in a
+  field that changes the result (or whose config.json is unreadable); else does nothing."""
+  saved_path = os.path.join(workdir, CONFIG_FILE)
+  if not os.path.exists(saved_path):
+    return
+  try:
+    with open(saved_path, encoding='utf-8') as f:
+      saved = flatten(json.load(f))
+  except (OSError, ValueError) as e:
+    raise WorkdirError(f'{saved_path} is unreadable ({e}); it describes the run this workdir '
+                       'holds, so the run cannot be resumed safely') from None
+  new = flatten(config_dict(config))
+  # A field added to the simulator after the run was saved stands at its default there.
+  defaults = flatten(config_dict(base_config()))
+  saved = {**{k: v for k, v in defaults.items() if k not in saved}, **saved}
+  changed = sorted(k for k in set(saved) | set(new)
+                   if k not in RESUMABLE_FIELDS and saved.get(k) != new.get(k))
+  if changed:
+    details = ', '.join(f'{k} ({saved.get(k)!r} -> {new.get(k)!r})' for k in changed)
+    raise WorkdirError(f'--workdir {workdir!r} holds a run with a different config; fields '
+                       f'that change the result differ: {details}. Use another workdir.')
+
+
+def prepare(workdir: str, config: ml_collections.ConfigDict) -> None:
+  """Creates the workdir, or checks that the run it holds is this config's run. A new run's
+  config.json is written here, before any checkpoint or metric, so that run files never exist
+  without it; a resumed run's is rewritten by save_config once every check has passed."""
+  try:
+    os.makedirs(workdir, exist_ok=True)
+  except OSError as e:
+    raise WorkdirError(f'--workdir {workdir!r} cannot be created: {e.strerror}') from None
+  if not os.access(workdir, os.W_OK | os.X_OK):
+    raise WorkdirError(f'--workdir {workdir!r} is not writable')
+  if os.path.exists(os.path.join(workdir, CONFIG_FILE)):
+    check_same_run(workdir, config)
+    return
+  if any(os.path.exists(os.path.join(workdir, f))
+         for f in (metrics.METRICS_FILE, metrics.SUMMARY_FILE, CHECKPOINTS, UNREADABLE)):
+    raise WorkdirError(f'--workdir {workdir!r} holds run files but no {CONFIG_FILE}; '
+                       'choose another workdir')
+  save_config(workdir, config)
+
+
+def save_config(workdir: str, config: ml_collections.ConfigDict) -> None:
+  """Writes config.json: the run's config as this command gave it (resumable fields, such as
+  num_rounds, may differ from the run's first command)."""
+  if distributed.is_writer():
+    with open(os.path.join(workdir, CONFIG_FILE), 'w', encoding='utf-8') as f:
+      f.write(config.to_json_best_effort(indent=2) + '\n')
