@@ -133,6 +133,9 @@ def test_msgpack_extension_types_decode():
 def test_fedjax_emnist_reads_back_exactly(tmp_path):
   train, test = emnist_clients(1, [3, 7, 1, 12]), emnist_clients(2, [2, 5, 4])
   write_fedjax_emnist(tmp_path / 'src', train, test)
+  # The README downloads both tasks into one folder: the other task's files are not read.
+  write_fedjax(tmp_path / 'src' / 'stackoverflow_train.sqlite',
+               {'u1': ({'tokens': _ext_bytes([b'a b'])}, 1)})
   meta = prepare(str(tmp_path / 'src'), str(tmp_path / 'out'), fmt='fedjax_sqlite',
                  task='emnist')
   assert meta['splits'] == {'train': {'clients': 4, 'examples': 23},
@@ -206,10 +209,13 @@ def test_tf_example_parser_matches_protobuf():
 
 def test_tff_emnist_and_stackoverflow_read_back_exactly(tmp_path):
   train, test = emnist_clients(3, [4, 9, 2]), emnist_clients(4, [3, 1])
+  digits = emnist_clients(5, [6])
+  # emnist_all.sqlite's split names: the 62-class all_* are FEMNIST; digits_only_* are not read.
   write_tff(tmp_path / 'emnist.sqlite', {
       split: {c: [_tf_example(pixels=x[k].reshape(-1), label=[y[k]]) for k in range(len(y))]
               for c, (x, y) in clients.items()}
-      for split, clients in (('train', train), ('test', test))})
+      for split, clients in (('all_train', train), ('all_test', test),
+                             ('digits_only_train', digits), ('digits_only_test', digits))})
   prepare(str(tmp_path / 'emnist.sqlite'), str(tmp_path / 'e'), fmt='tff_sqlite', task='emnist')
   # TFF lists clients sorted by id; these ids are already in sorted order.
   assert_emnist_roundtrip(load_prepared('femnist', str(tmp_path / 'e')), train, test)

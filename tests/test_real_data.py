@@ -3,6 +3,7 @@ Overflow model's masking and metrics; the configs of the paper's tasks."""
 
 import json
 import os
+import shutil
 import sqlite3
 import subprocess
 import sys
@@ -121,7 +122,9 @@ def _corrupt_fedjax(tmp_path, problem):
   src = _fedjax_dir(tmp_path)
   path = os.path.join(src, 'federated_emnist_train.sqlite')
   db = sqlite3.connect(path)
-  if problem == 'table':
+  if problem == 'two_trains':  # a copy beside the original: which one is train?
+    shutil.copy(path, os.path.join(src, 'old_emnist_train.sqlite'))
+  elif problem == 'table':
     db.execute('ALTER TABLE federated_data RENAME TO clients')
   elif problem == 'truncated':
     blob = db.execute('SELECT data FROM federated_data WHERE rowid = 2').fetchone()[0]
@@ -138,6 +141,7 @@ def _corrupt_fedjax(tmp_path, problem):
 
 
 @pytest.mark.parametrize('problem,needle', [
+    ('two_trains', 'old_emnist_train.sqlite hold the train split; give a --source with one'),
     ('table', 'no table federated_data'),
     ('truncated', 'corrupt data blob'),
     ('shape', 'pixels have shape (3, 27, 28); EMNIST clients need [N, 28, 28]'),

@@ -28,6 +28,11 @@ TASKS = ('emnist', 'stackoverflow')
 FORMATS = ('fedjax_sqlite', 'tff_sqlite', 'leaf_json', 'stackexchange_xml')
 EMNIST_CLASSES = 62
 SPLIT_NAMES = {'train': 'train', 'test': 'test', 'held_out': 'held_out', 'heldout': 'held_out'}
+# TFF's emnist_all.sqlite holds all_train / all_test (the 62 classes, FEMNIST) and
+# digits_only_train / digits_only_test (10 classes, another task: not read).
+TFF_SPLIT_NAMES = {'emnist': {'all_train': 'train', 'all_test': 'test', 'train': 'train',
+                              'test': 'test'},
+                   'stackoverflow': SPLIT_NAMES}
 
 
 def emnist_client(where: str, cid: str, pixels, labels) -> dict:
@@ -57,16 +62,31 @@ class _Splits:
   A raw client is {'x', 'y'} for EMNIST and a list of sentences for Stack Overflow.
   """
 
-  def __init__(self):
+  def __init__(self, expected: str):
     self.splits: dict[str, object] = {}
     self.cleanup = None
+    self.expected = expected  # how the format names its splits, for a source that lacks one
+    self._named: dict[str, str] = {}
+
+  def add(self, split: str, clients, name: str) -> None:
+    """Split `split` read from the source's `name` (a file, a table's split name)."""
+    if split in self._named:
+      raise DataError(f'both {self._named[split]} and {name} hold the {split} split; give a '
+                      '--source with one of them')
+    self._named[split] = name
+    self.splits[split] = clients
 
 
 def _fedjax(source: str, task: str) -> _Splits:
   files = ([source] if os.path.isfile(source) else
            sorted(glob.glob(os.path.join(source, '*.sqlite'))) if os.path.isdir(source) else
            source.split(','))
-  out = _Splits()
+  if os.path.isdir(source):
+    # One download folder may hold both tasks' files (federated_emnist_*, stackoverflow_*).
+    own = [f for f in files if task in os.path.basename(f).lower()]
+    files = own or files
+  out = _Splits(f'FedJAX files must end in _train.sqlite and _test.sqlite (and name the task, '
+                f'{task}, when a folder holds both tasks\' files)')
   for path in files:
     stem = os.path.basename(path).rsplit('.', 1)[0]
     split = next((SPLIT_NAMES[s] for s in SPLIT_NAMES if stem.endswith('_' + s)), None)
@@ -88,15 +108,17 @@ def _fedjax(source: str, task: str) -> _Splits:
                             f'Overflow clients have tokens, title, tags, ... (found {sorted(f)})')
           yield cid, list(np.asarray(f['tokens']).reshape(-1))
 
-    out.splits[split] = clients
+    out.add(split, clients, path)
   return out
 
 
 def _tff(source: str, task: str) -> _Splits:
   reader = TffSqlite(source)
-  out = _Splits()
+  names = TFF_SPLIT_NAMES[task]
+  out = _Splits('TFF names its splits all_train and all_test in emnist_all.sqlite, train, '
+                'heldout and test in stackoverflow.sqlite')
   for name in reader.splits():
-    if name not in SPLIT_NAMES:
+    if name not in names:
       continue
 
     def clients(name=name):
@@ -116,14 +138,15 @@ def _tff(source: str, task: str) -> _Splits:
             raise DataError(f'{source}: client {cid}: Stack Overflow examples need a tokens '
                             f'bytes feature ({err})') from None
 
-    out.splits[SPLIT_NAMES[name]] = clients
+    out.add(names[name], clients, f'split {name!r}')
   return out
 
 
 def _leaf(source: str, task: str) -> _Splits:
   if task != 'emnist':
     raise DataError(f'{source}: LEAF JSON is read for --task=emnist (FEMNIST) only')
-  out = _Splits()
+  out = _Splits('LEAF keeps train and test in train/ and test/ folders, or train.json and '
+                'test.json')
   for split, files in split_files(source).items():
     reader = LeafJson(files)
 
@@ -140,7 +163,7 @@ def _stackexchange(source: str, task: str, split_date: str, test_fraction: float
     raise DataError(f'{source}: a Posts.xml gives a --task=stackoverflow dataset only')
   scratch = tempfile.TemporaryDirectory(prefix='fathom_posts_')
   reader = StackExchangeXml(source, scratch.name, split_date, test_fraction)
-  out = _Splits()
+  out = _Splits('a Posts.xml gives both splits')
   out.cleanup = scratch
   out.split_date = reader.split_date
   out.train_sentences = lambda: reader.sentences('train')
@@ -177,8 +200,7 @@ def prepare(source: str, out: str, *, fmt: str, task: str, vocab_path: str = '',
   missing = [s for s in ('train', 'test') if s not in src.splits]
   if missing:
     raise DataError(f'{source}: no {" or ".join(missing)} split found (found '
-                    f'{sorted(src.splits)}); FedJAX files must end in _train.sqlite and '
-                    '_test.sqlite')
+                    f'{sorted(src.splits)}); {src.expected}')
   meta = {'task': task, 'format': fmt, 'source': os.path.abspath(source)}
   if task == 'emnist':
     specs = {'x': ((28, 28), 'float32'), 'y': ((), 'int32')}
