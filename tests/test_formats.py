@@ -266,6 +266,12 @@ def test_tokenisation_lowercases_and_splits_punctuation():
                                                     'yes', ')']
   assert html_sentences('<p>One two. Three!</p><pre><code>a = b</code></pre>') == [
       'one two .', 'three !']
+  # Inline tags sit inside a sentence; block tags end one.
+  assert html_sentences('<p>I like <a href="x">this stout</a> a <em>lot</em>, and '
+                        '<code>it</code> too</p><ul><li>Hops<li>Malt</ul>') == [
+      'i like this stout a lot , and it too', 'hops', 'malt']
+  assert tokenize('Kölsch, Märzen & Weißbier_café') == [
+      'kölsch', ',', 'märzen', '&', 'weißbier', '_', 'café']
 
 
 def test_stackexchange_posts_group_by_owner_and_split_by_date(tmp_path):

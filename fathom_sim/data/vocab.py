@@ -17,7 +17,12 @@ import numpy as np
 PAD, BOS, EOS = 0, 1, 2
 NUM_SPECIAL = 4  # pad, bos, eos, oov
 
-_TOKEN = re.compile(r"[a-z0-9]+(?:'[a-z0-9]+)*|[^\sa-z0-9]")
+# A word is letters and digits of any script (Kölsch is one word, not k ö lsch), with inner
+# apostrophes; every other visible character is a token of its own.
+_TOKEN = re.compile(r"[^\W_]+(?:'[^\W_]+)*|[^\s\w]|_")
+# Tags that end a block of text end a sentence; inline ones (a, em, code, ...) only part words.
+_BLOCK_TAG = re.compile(r'</?(?:p|br|div|li|ul|ol|h[1-6]|blockquote|pre|table|tr|td|th|hr|dl|dt|'
+                        r'dd)\b[^>]*>', re.IGNORECASE)
 _TAG = re.compile(r'<[^>]*>')
 _CODE = re.compile(r'<pre\b.*?</pre>', re.DOTALL | re.IGNORECASE)
 _SENTENCE_END = re.compile(r'(?<=[.!?])\s+|\n+')
@@ -33,7 +38,7 @@ def html_sentences(body: str) -> list[str]:
 
   Code blocks are dropped: they are not the natural language the task predicts.
   """
-  text = html.unescape(_TAG.sub('\n', _CODE.sub('\n', body)))
+  text = html.unescape(_TAG.sub(' ', _BLOCK_TAG.sub('\n', _CODE.sub('\n', body))))
   out = []
   for sentence in _SENTENCE_END.split(text):
     tokens = tokenize(sentence)
