@@ -33,7 +33,8 @@ def _ext_array(a: np.ndarray) -> msgpack.ExtType:
 
 
 def _ext_scalar(v: np.generic) -> msgpack.ExtType:
-  return msgpack.ExtType(3, msgpack.packb([v.dtype.name, v.tobytes()]))
+  # As flax's serialization (which FedJAX uses) packs a numpy scalar: a 0-d array's fields.
+  return msgpack.ExtType(3, msgpack.packb([[], v.dtype.name, v.tobytes()]))
 
 
 def _ext_bytes(items: list) -> msgpack.ExtType:

@@ -4,7 +4,8 @@ One table `federated_data(client_id BLOB PRIMARY KEY, data BLOB, num_examples IN
 in rowid order. `client_id` is 16 hex characters, ':' and the original id; `data` is
 zlib(msgpack({feature: array})) where arrays travel as msgpack extension types: code 1 a numpy
 array [shape, dtype name, C-order bytes], code 2 a complex number [real, imag], code 3 a numpy
-scalar [dtype name, bytes], code 4 an object array of bytes [shape, [bytes, ...]].
+scalar packed as a 0-d array [(), dtype name, bytes], code 4 an object array of bytes
+[shape, [bytes, ...]].
 """
 
 from __future__ import annotations
@@ -31,8 +32,8 @@ def _ext_hook(code: int, payload: bytes):
     real, imag = msgpack.unpackb(payload)
     return complex(real, imag)
   if code == 3:
-    dtype, buffer = msgpack.unpackb(payload)
-    return np.frombuffer(buffer, dtype=np.dtype(dtype))[0]
+    shape, dtype, buffer = msgpack.unpackb(payload)
+    return np.frombuffer(buffer, dtype=np.dtype(dtype)).reshape(shape)[()]
   if code == 4:
     shape, items = msgpack.unpackb(payload)
     array = np.empty(len(items), dtype=object)
