@@ -91,12 +91,12 @@ class Evaluator:
       return {'accuracy': float('nan'), 'loss': float('nan'), 'count': 0}  # no extras known
     t = jax.device_get(totals)
     count = float(t['count'])
-    out = {'accuracy': float(t['correct']) / count, 'loss': float(t['loss']) / count,
+    out = {'accuracy': _ratio(t['correct'], count), 'loss': _ratio(t['loss'], count),
            'count': int(count)}
     for key in t:
       if key.startswith('correct_'):
         name = key[len('correct_'):]
-        out[f'accuracy_{name}'] = float(t[key]) / float(t.get(f'count_{name}', count))
+        out[f'accuracy_{name}'] = _ratio(t[key], t.get(f'count_{name}', count))
     return out
 
   def lower(self, params: Params, dataset: ClientDataset, client: int):
@@ -107,6 +107,12 @@ class Evaluator:
     batch, real = next(_batches(dataset, [client], self.batch_size))
     args = self._args(params, batch, real)
     return self._add_sums.lower(self._zeros(args), *args)
+
+
+def _ratio(total, count) -> float:
+  """total / count, NaN when nothing was counted (e.g. sampled test clients whose every target
+  is eos or out of vocabulary), as for an evaluation of no clients."""
+  return float(total) / float(count) if float(count) else float('nan')
 
 
 def make_evaluator(model: Model, mesh: Mesh, batch_size: int) -> Evaluator:

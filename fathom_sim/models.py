@@ -8,13 +8,14 @@ from typing import Callable, NamedTuple, Sequence
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from fathom_sim.types import Batch, Params
 
 MODELS = ('logistic', 'mlp', 'emnist_cnn', 'stackoverflow_lstm', 'lstm')
 STACKOVERFLOW_LSTM = (96, 670, 96)  # embedding, LSTM, dense widths of the paper's model
-PAD, EOS = 0, 2  # token ids of fathom_sim.data.vocab (the last id is out-of-vocabulary)
+PAD, BOS, EOS = 0, 1, 2  # token ids of fathom_sim.data.vocab (the last id: out of vocabulary)
 
 
 class Model(NamedTuple):
@@ -243,10 +244,15 @@ def sequence_model(name: str, module: nn.Module, num_ids: int) -> Model:
   """Next-token prediction: x, y [n, length] ids; loss over non-pad targets.
 
   eval_sums: `correct`/`count` is the accuracy over targets that are neither pad nor eos, and
-  `loss` sums over the same tokens; `correct_no_oov`/`count_no_oov` also leave out targets that
-  are out of vocabulary.
+  `loss` sums over the same tokens. `correct_in_vocab` (over the same count) is the spec's
+  accuracy without out-of-vocabulary predictions, as FedJAX's accuracy_in_vocab: the prediction
+  is the most likely in-vocabulary word (pad, bos, eos and oov never predicted), so an oov
+  target always counts as a miss. `correct_no_oov`/`count_no_oov` leave out oov targets instead
+  (TFF's accuracy without out-of-vocabulary tokens).
   """
   oov = num_ids - 1
+  # Logits of the ids that accuracy_in_vocab never predicts (FedJAX masks them with -inf).
+  not_words = np.isin(np.arange(num_ids), [PAD, BOS, EOS, oov])
 
   def init(rng: jax.Array, batch: Batch) -> Params:
     return module.init(rng, batch['x'][:1], train=False)['params']
@@ -255,7 +261,7 @@ def sequence_model(name: str, module: nn.Module, num_ids: int) -> Model:
     logits = module.apply({'params': params}, batch['x'], train=False).astype(jnp.float32)
     labels = batch['y'].astype(jnp.int32)
     losses = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
-    return losses, jnp.argmax(logits, axis=-1) == labels, labels
+    return losses, logits, labels
 
   def loss(params, batch, mask, rng):
     del rng  # no dropout
@@ -264,12 +270,14 @@ def sequence_model(name: str, module: nn.Module, num_ids: int) -> Model:
     return jnp.sum(losses * weights) / jnp.maximum(jnp.sum(weights), 1.0)
 
   def eval_sums(params, batch, mask):
-    losses, correct, labels = per_token(params, batch)
+    losses, logits, labels = per_token(params, batch)
+    correct = jnp.argmax(logits, axis=-1) == labels
+    word = jnp.argmax(jnp.where(not_words, -jnp.inf, logits), axis=-1)
     counted = (labels != PAD) & (labels != EOS) & mask.astype(bool)[:, None]
-    in_vocab = counted & (labels != oov)
+    no_oov = counted & (labels != oov)
     return {'loss': jnp.sum(losses * counted), 'correct': jnp.sum(correct & counted),
-            'count': jnp.sum(counted), 'correct_no_oov': jnp.sum(correct & in_vocab),
-            'count_no_oov': jnp.sum(in_vocab)}
+            'count': jnp.sum(counted), 'correct_in_vocab': jnp.sum((word == labels) & counted),
+            'correct_no_oov': jnp.sum(correct & no_oov), 'count_no_oov': jnp.sum(no_oov)}
 
   return Model(name, init, loss, eval_sums)
 

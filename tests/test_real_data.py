@@ -79,6 +79,10 @@ def test_sequence_model_masks_pad_eos_oov_and_padded_examples():
   y = np.array([[3, 8, 4, 2, 0], [5, 6, 7, 3, 4], [4, 2, 0, 0, 0]], np.int32)
   batch = {'x': x, 'y': y}
   params = model.init(jax.random.key(0), batch)
+  # The output bias made to favour oov (8) and bos (1): a plain argmax then mostly says oov, and
+  # the in-vocabulary accuracy, which never predicts pad, bos, eos or oov, differs from it.
+  bias = params['Dense_1']['bias']
+  params['Dense_1']['bias'] = bias.at[8].add(3.0).at[1].add(1.5)
   logits = np.asarray(models.NextWordLSTM(num_ids, 4, 6, 5).apply({'params': params}, x))
   logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
   nll = -np.take_along_axis(logp, y[..., None], -1)[..., 0]
@@ -94,6 +98,12 @@ def test_sequence_model_masks_pad_eos_oov_and_padded_examples():
   np.testing.assert_allclose(sums['loss'], nll[counted].sum(), rtol=1e-5)
   assert sums['correct'] == right[counted].sum()
   assert sums['correct_no_oov'] == right[in_vocab].sum()
+  words = logits.copy()
+  words[..., [0, 1, 2, 8]] = -np.inf  # FedJAX's accuracy_in_vocab: only words are predicted
+  word_right = words.argmax(-1) == y
+  assert sums['correct_in_vocab'] == word_right[counted].sum()
+  assert (logits.argmax(-1)[counted] == 8).any()  # the masking matters on this batch
+  assert not word_right[counted & (y == 8)].any()  # an oov target is always a miss
 
 
 def test_evaluator_reports_extra_accuracies(tmp_path):
@@ -105,8 +115,9 @@ def test_evaluator_reports_extra_accuracies(tmp_path):
   params = model.init(jax.random.key(1), data.client(0))
   out = make_evaluator(model, make_mesh(1), 4)(params, data, [0, 1])
   sums = jax.device_get(model.eval_sums(params, data.features, np.ones(7, bool)))
-  assert set(out) == {'accuracy', 'loss', 'count', 'accuracy_no_oov'}
+  assert set(out) == {'accuracy', 'loss', 'count', 'accuracy_no_oov', 'accuracy_in_vocab'}
   np.testing.assert_allclose(out['accuracy'], sums['correct'] / sums['count'])
+  np.testing.assert_allclose(out['accuracy_in_vocab'], sums['correct_in_vocab'] / sums['count'])
   np.testing.assert_allclose(out['accuracy_no_oov'], sums['correct_no_oov'] /
                              sums['count_no_oov'])
 
@@ -272,3 +283,21 @@ def test_a_damaged_record_file_is_a_data_error_naming_the_record(tmp_path, damag
                      'dataset again'):
     for i in range(len(task.train.client_ids)):
       task.train.client(i)
+
+
+def test_an_evaluation_that_counts_no_token_is_nan_not_an_error():
+  """Sampled test clients whose every target is eos (or, for accuracy_no_oov, out of
+  vocabulary) count nothing: NaN, as an evaluation of no clients, instead of a
+  ZeroDivisionError that would end the run at an evaluation round."""
+  from fathom_sim.data.federated import ArrayClientDataset
+  model = models.get_model('lstm', num_classes=9, hidden=(4, 6, 5))
+  y = np.array([[2, 0, 0], [8, 2, 0]], np.int32)  # eos and pad only; then oov, eos, pad
+  data = ArrayClientDataset({'x': np.ones_like(y), 'y': y}, np.array([0, 1, 2]),
+                            np.array(['a', 'b']))
+  params = model.init(jax.random.key(1), data.client(0))
+  evaluate = make_evaluator(model, make_mesh(1), 4)
+  only_eos = evaluate(params, data, [0])
+  assert only_eos['count'] == 0 and np.isnan(only_eos['accuracy']) and np.isnan(only_eos['loss'])
+  only_oov = evaluate(params, data, [1])
+  assert only_oov['count'] == 1 and np.isnan(only_oov['accuracy_no_oov'])
+  assert only_oov['accuracy_in_vocab'] == 0.0  # an oov target is never predicted
