@@ -64,10 +64,16 @@ def _read_json(path: str) -> dict | None:
 
 
 def read_run(workdir: str, setting: str) -> RunData:
+  """A run's files. Its summary counts only when it is the summary of the run's rounds: one
+  left by a run since extended (num_rounds raised, then stopped) describes fewer rounds."""
   rows = metrics.read_rows(os.path.join(workdir, metrics.METRICS_FILE))
   config = _read_json(os.path.join(workdir, 'config.json')) or {}
-  return RunData(workdir, setting, config, rows,
-                 _read_json(os.path.join(workdir, metrics.SUMMARY_FILE)))
+  summary = _read_json(os.path.join(workdir, metrics.SUMMARY_FILE))
+  if summary is not None:
+    rounds = summary.get('rounds')
+    if rounds != config.get('num_rounds', rounds) or (rows and rows[-1]['round'] != rounds):
+      summary = None
+  return RunData(workdir, setting, config, rows, summary)
 
 
 def find_runs(paths: list[str]) -> list[RunData]:
@@ -75,12 +81,17 @@ def find_runs(paths: list[str]) -> list[RunData]:
 
   A run's setting is its folder path below the given one, less a final seed=<n>; a run given
   directly is its own setting. With several folders given, settings are prefixed by the
-  folder's name so that two sweeps' settings stay apart.
+  folder's name (its path as given when two share a name), and a run or setting folder given
+  directly is named by its path as given, less a final seed=<n>: two sweeps' settings of the
+  same name stay apart, and the seed folders of one setting given one by one group together.
   """
   runs = []
-  for root in paths:
-    root = os.path.normpath(root)
-    prefix = os.path.basename(root) + '/' if len(paths) > 1 else ''
+  roots = [os.path.normpath(p) for p in paths]
+  names = [os.path.basename(r) for r in roots]
+  if len(set(names)) < len(names):
+    names = roots
+  for root, name in zip(roots, names):
+    prefix = name + '/' if len(paths) > 1 else ''
     for dirpath, dirnames, filenames in os.walk(root):
       dirnames.sort()
       if metrics.METRICS_FILE not in filenames:
@@ -93,8 +104,8 @@ def find_runs(paths: list[str]) -> list[RunData]:
       if parts:
         setting = prefix + '/'.join(parts)
       else:  # a run or a setting's folder given directly
-        base = os.path.basename(root)
-        setting = os.path.basename(os.path.dirname(root)) if _SEED_DIR.match(base) else base
+        own = os.path.dirname(root) if _SEED_DIR.match(os.path.basename(root)) else root
+        setting = own if len(paths) > 1 else os.path.basename(own)
       runs.append(read_run(dirpath, setting))
   return runs
 

@@ -165,6 +165,38 @@ def test_tables_match_hand_computed_values(tmp_path):
   # A run folder given directly is its setting's run.
   single = report.find_runs([str(root / 'fathom' / 'seed=1')])
   assert [r.setting for r in single] == ['fathom']
+  # Given one by one, one setting's seed folders group together; two sweeps' settings of the
+  # same name, given directly or as sweeps whose folders share a name, stay apart.
+  other = tmp_path / 'other' / 'sweep'
+  _write_run(other / 'eta=0.1' / 'seed=0', 'fedavg', {2: 0.9}, 50, 4)
+  seeds = report.group_runs(report.find_runs([str(root / 'eta=0.1' / 'seed=0'),
+                                              str(root / 'eta=0.1' / 'seed=1')]))
+  assert [len(g.runs) for g in seeds] == [2]
+  for paths in ([root / 'eta=0.1', other / 'eta=0.1'], [root, other]):
+    apart = report.group_runs(report.find_runs([str(p) for p in paths]))
+    setting = {g.setting: len(g.runs) for g in apart if g.setting.endswith('eta=0.1')}
+    assert sorted(setting.values()) == [1, 2], setting
+
+
+def test_a_summary_left_by_a_run_since_extended_does_not_make_it_finished(tmp_path):
+  """num_rounds raised on a finished run, which then stops at round 5 of 6: its summary.json
+  is the old run's (4 rounds, fewer examples). The report counts the run as unfinished, with
+  the rows it has, not as finished with the old summary's figures."""
+  workdir = tmp_path / 'sweep' / 'fedavg' / 'seed=0'
+  _write_run(workdir, 'fedavg', {2: 0.3, 4: 0.4}, 50, 5)
+  (workdir / 'config.json').write_text(json.dumps({'algorithm': 'fedavg', 'num_rounds': 6}))
+  (workdir / 'summary.json').write_text(json.dumps({
+      'rounds': 4, 'total_examples': 200, 'total_local_steps': 40,
+      'final': {'test_accuracy': 0.4}}))
+  [run] = report.find_runs([str(tmp_path / 'sweep')])
+  assert run.summary is None and run.total_examples == 250
+  assert '1 (1 unfinished)' in report.markdown(report.group_runs([run]), [0.3])
+  (workdir / 'config.json').write_text(json.dumps({'algorithm': 'fedavg', 'num_rounds': 5}))
+  (workdir / 'summary.json').write_text(json.dumps({
+      'rounds': 5, 'total_examples': 250, 'total_local_steps': 50,
+      'final': {'test_accuracy': 0.4}}))
+  [run] = report.find_runs([str(tmp_path / 'sweep')])
+  assert run.summary is not None  # the summary of the rounds it has: finished
 
 
 def test_every_shipped_sweep_loads_and_plans_valid_configs(tmp_path):
