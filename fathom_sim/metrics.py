@@ -9,6 +9,7 @@ import itertools
 import json
 import math
 import os
+import zlib
 from typing import IO
 
 import jax
@@ -68,6 +69,10 @@ def read_rows(path: str) -> list[dict]:
       from fathom_sim.data import DataError
       raise DataError(f'{path}: not UTF-8 text ({e.reason}); expected the JSON lines that a '
                       'run writes to metrics.jsonl') from None
+    except (gzip.BadGzipFile, EOFError, zlib.error) as e:  # a damaged or cut gzipped copy
+      from fathom_sim.data import DataError
+      raise DataError(f'{path}: not a whole gzip file ({type(e).__name__}: {e}); expected a '
+                      'gzipped copy of a metrics.jsonl') from None
   return rows
 
 

@@ -121,6 +121,16 @@ def test_metrics_that_are_not_utf8_are_one_data_error_and_are_kept(tmp_path):
   assert path.read_bytes() == data
 
 
+@pytest.mark.parametrize('damage', ['not_gzip', 'cut'])
+def test_a_damaged_gzipped_metrics_copy_is_one_data_error(tmp_path, damage):
+  import gzip
+  path = tmp_path / (metrics.METRICS_FILE + '.gz')
+  whole = gzip.compress(((ROW + '\n') * 200).encode())
+  path.write_bytes(b'plain text, not gzip\n' if damage == 'not_gzip' else whole[:len(whole) // 2])
+  with pytest.raises(DataError, match=f'{path}: not a whole gzip file'):
+    metrics.read_rows(str(path))
+
+
 def _run_dir(tmp_path, content: bytes):
   run = tmp_path / 'run'
   run.mkdir()
@@ -207,6 +217,15 @@ def test_prepare_refuses_a_bad_or_emptying_split_date(tmp_path, flag, needle):
   _refused(_cli('prepare_data.py', '--format=stackexchange_xml', '--task=stackoverflow',
                 f'--source={tmp_path / "Posts.xml"}', f'--out={out}', flag), needle)
   assert not out.exists() and not (tmp_path / 'out.partial').exists()
+
+
+def test_prepare_refuses_a_split_date_for_a_format_with_its_own_splits(tmp_path):
+  out = tmp_path / 'out'
+  _refused(_cli('prepare_data.py', '--format=leaf_json', '--task=emnist',
+                f'--source={tmp_path}', f'--out={out}', '--split_date=2016-01-01'),
+           '--split_date applies to --format=stackexchange_xml only; leaf_json files hold '
+           'their own train and test splits')
+  assert not out.exists()
 
 
 def test_prepare_refuses_an_out_that_is_a_file_and_keeps_it(tmp_path):

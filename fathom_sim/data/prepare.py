@@ -187,6 +187,9 @@ def prepare(source: str, out: str, *, fmt: str, task: str, vocab_path: str = '',
     raise DataError(f'--task must be one of {TASKS}, got {task!r}')
   if not os.path.exists(source.split(',')[0]):
     raise DataError(f'--source {source!r}: no such file or directory')
+  if split_date and fmt != 'stackexchange_xml':  # the other formats ship their own splits
+    raise DataError(f'--split_date applies to --format=stackexchange_xml only; {fmt} files '
+                    'hold their own train and test splits')
   if fmt == 'fedjax_sqlite':
     src = _fedjax(source, task)
   elif fmt == 'tff_sqlite':
