@@ -93,7 +93,7 @@ def round_hlo(cohort_size: int, conv: str, dtype: str, mesh, num_clients: int,
   """(optimized HLO, lanes, the longest lane's steps) of round 1's program on `mesh`'s one
   device, built as launch/benchmark.py's cohort sweep runs the CNN there: FedAvg at the FEMNIST
   reference values, the FEMNIST-shaped training set on the device, every client side by side up
-  to train.MAX_ACCELERATOR_LANES lanes."""
+  to run.MAX_ACCELERATOR_LANES lanes."""
   import jax.numpy as jnp
   from fathom_sim.config import base_config
   from fathom_sim.data.federated import sample_cohort
