@@ -114,7 +114,7 @@ def round_hlo(cohort_size: int, conv: str, dtype: str, mesh, num_clients: int,
   plan = planner.plan(sample_cohort(run.task.train, c.seed, 1, cohort_size), 1, c.epochs,
                       c.batch_size)
   round_fn = make_round(loss_fn=run.model.loss, server_opt=run.server_opt, tuner=run.tuner,
-                        upper=run.upper, mesh=mesh, source_per_device=False)
+                        mesh=mesh, source_per_device=False)
   everywhere = replicated(mesh)
   args = (abstract(init_state(run), everywhere), abstract(plan.table, everywhere),
           *abstract((plan.lanes.slots, plan.lanes.stream), by_client(mesh)),

@@ -59,7 +59,7 @@ class Rounds:
     self.seeds = None if seeds is None else [int(s) for s in seeds]
     self.num_devices = mesh.devices.size
     self.round_fn = make_round(loss_fn=run.model.loss, server_opt=run.server_opt,
-                               tuner=run.tuner, upper=run.upper, mesh=mesh,
+                               tuner=run.tuner, mesh=mesh,
                                source_per_device=not run.resident,
                                vectorized=self.seeds is not None, local_loop=run.local_loop,
                                loop_chunk=run.loop_chunk)
@@ -96,8 +96,7 @@ class Rounds:
 
   def initial_hparams(self, state: ServerState) -> np.ndarray:
     """(E, eta, B) of the next round, read from the state (once, at start or resume)."""
-    upper = jnp.asarray(self.run.upper, jnp.float32)
-    return np.asarray(jax.device_get(fathom.hparams(state.hyper.log_hparams, upper)))
+    return np.asarray(jax.device_get(self.run.tuner.values(state.hyper)))
 
   def __call__(self, state: ServerState, t: int, hp: np.ndarray
                ) -> tuple[ServerState, RoundMetrics, CohortPlan | list[CohortPlan]]:

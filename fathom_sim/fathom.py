@@ -43,11 +43,14 @@ class HyperTuner(NamedTuple):
   # For a round with no usable update: FATHOM halves the eta it used; a frozen tuner changes
   # nothing.
   rejected: Callable[[HyperState], HyperState]
+  # (E, eta, B) of the round a state starts: clip(exp(phi)), or a frozen tuner's static values.
+  values: Callable[[HyperState], jax.Array]
 
 
 def hyper_tuner(*, alpha: float, eta_h: float, scales: Sequence[float],
                 upper: Sequence[float], optimizer: str = 'sgd',
-                clip_log_params: bool = False, frozen: bool = False) -> HyperTuner:
+                clip_log_params: bool = False, frozen: bool = False,
+                static: Sequence[float] | None = None) -> HyperTuner:
   """FATHOM's hyper update.
 
   Args:
@@ -58,6 +61,9 @@ def hyper_tuner(*, alpha: float, eta_h: float, scales: Sequence[float],
     optimizer: 'sgd' (the paper's) or 'adam', applied to phi.
     clip_log_params: also clip phi itself to log(upper) (the reference does not).
     frozen: keep phi fixed (static FedAvg); h_glob and g are still computed.
+    static: a frozen tuner's (E, eta, B), used as given. exp(log(x)) is not always x in
+      float32: eta 0.1 came back 0.099999994, and E 50 as 50.000004, which made
+      ceil(E n_i / B_int) one local step more than the spec's whenever E n_i / B_int is whole.
   """
   if optimizer == 'sgd':
     opt = optax.sgd(eta_h)
@@ -96,4 +102,12 @@ def hyper_tuner(*, alpha: float, eta_h: float, scales: Sequence[float],
     used = jnp.minimum(state.log_hparams[ETA], log_upper[ETA])
     return state._replace(log_hparams=state.log_hparams.at[ETA].set(used - jnp.log(2.0)))
 
-  return HyperTuner(init, update, rejected)
+  upper_values = jnp.asarray(upper, jnp.float32)
+  fixed = None if not frozen or static is None else jnp.asarray(static, jnp.float32)
+
+  def values(state: HyperState) -> jax.Array:
+    if fixed is not None:
+      return jnp.broadcast_to(fixed, jnp.shape(state.log_hparams))
+    return hparams(state.log_hparams, upper_values)
+
+  return HyperTuner(init, update, rejected, values)

@@ -31,7 +31,7 @@ LOCAL_LOOPS = ('device', 'host')
 
 
 def make_round(*, loss_fn: LossFn, server_opt: optax.GradientTransformation,
-               tuner: fathom.HyperTuner, upper: tuple[float, float, float], mesh: Mesh,
+               tuner: fathom.HyperTuner, mesh: Mesh,
                source_per_device: bool, vectorized: bool = False,
                local_loop: str = 'device', loop_chunk: int = 1) -> RoundFn:
   """Builds the round; `state` is donated.
@@ -47,7 +47,6 @@ def make_round(*, loss_fn: LossFn, server_opt: optax.GradientTransformation,
     raise ValueError(f'local_loop must be one of {LOCAL_LOOPS}, got {local_loop!r}')
   if loop_chunk < 1:
     raise ValueError(f'loop_chunk must be at least 1, got {loop_chunk!r}')
-  upper = jnp.asarray(upper, jnp.float32)
 
   def round_step(state: ServerState, table: CohortTable, slots: jax.Array, stream: jax.Array,
                  source: Batch, batch_size: jax.Array, *,
@@ -63,8 +62,7 @@ def make_round(*, loss_fn: LossFn, server_opt: optax.GradientTransformation,
     return aggregate_and_update(state, hp, out, table)
 
   def broadcast(state: ServerState) -> tuple[jax.Array, jax.Array]:
-    return (fathom.hparams(state.hyper.log_hparams, upper),
-            rng.round_key(state.rng, state.round + 1, rng.TRAIN))
+    return tuner.values(state.hyper), rng.round_key(state.rng, state.round + 1, rng.TRAIN)
 
   def aggregate_and_update(state: ServerState, hp: jax.Array, out: LaneResult,
                            table: CohortTable) -> tuple[ServerState, RoundMetrics]:
@@ -97,7 +95,7 @@ def make_round(*, loss_fn: LossFn, server_opt: optax.GradientTransformation,
     new_state = ServerState(params=params, opt_state=opt_state, hyper=hyper,
                             round=state.round + 1, rng=state.rng)
     metrics = RoundMetrics(
-        hparams=hp, next_hparams=fathom.hparams(hyper.log_hparams, upper),
+        hparams=hp, next_hparams=tuner.values(hyper),
         h_glob=jnp.where(accepted, h_glob, 0.0), h_local=h_local, train_loss=train_loss,
         accepted=accepted, dropped_clients=jnp.sum(~finite & (n > 0)).astype(jnp.int32),
         client_h=jnp.where(finite, out.h, jnp.nan), client_loss=client_loss,

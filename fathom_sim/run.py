@@ -61,7 +61,7 @@ def hyper_setup(config) -> tuple[fathom.HyperTuner, tuple[float, float, float]]:
       alpha=config.alpha, eta_h=config.eta_h,
       scales=(config.eta_h0, config.eta_h1, config.eta_h2), upper=upper,
       optimizer=config.hyper_optimizer, clip_log_params=config.clip_log_params,
-      frozen=config.algorithm == 'fedavg')
+      frozen=config.algorithm == 'fedavg', static=(config.epochs, config.eta, config.batch_size))
   return tuner, upper
 
 

@@ -161,3 +161,21 @@ def test_crossing_padded_size_buckets_changes_no_result():
     assert_trees_close(runs[k][0].params, runs[2][0].params, rtol=1e-5, atol=1e-7)
     for (m, _), (m0, _) in zip(runs[k][1], runs[2][1]):
       np.testing.assert_allclose(m.next_hparams, m0.next_hparams, rtol=1e-6)
+
+
+def test_fedavg_uses_its_static_values_exactly():
+  """exp(log(x)) is not x in float32 for every x (0.1 -> 0.099999994, 50 -> 50.000004): a
+  frozen tuner's values are the static ones as given, so FedAvg logs eta 0.1 and runs
+  K_i = ceil(E n_i / B_int) steps, not one more whenever E n_i / B_int is whole (E 50 and B 10
+  make it whole for every client)."""
+  frozen = fathom.hyper_tuner(alpha=0.5, eta_h=0.01, scales=(1, 1, 1), upper=UPPER,
+                              frozen=True, static=(50.0, 0.1, 10.0))
+  state = frozen.init(_params(0), (50.0, 0.1, 10.0))
+  np.testing.assert_array_equal(frozen.values(state), np.float32([50.0, 0.1, 10.0]))
+  config = tiny_config(algorithm='fedavg', eta=0.1, epochs=50.0, batch_size=10.0,
+                       num_rounds=1, cohort_size=2)
+  _, [(metrics, plan)], _ = run_rounds(config, tiny_task(), 1)
+  real = np.asarray(plan.num_examples) > 0
+  np.testing.assert_array_equal(np.asarray(plan.num_steps)[real],
+                                5 * np.asarray(plan.num_examples)[real])
+  assert np.float32(metrics.hparams[1]) == np.float32(0.1)
