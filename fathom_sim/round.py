@@ -85,10 +85,11 @@ def make_round(*, loss_fn: LossFn, server_opt: optax.GradientTransformation,
     # 5-6. Global hypergradient and hyper update of phi.
     hyper, h_glob = tuner.update(state.hyper, delta, h_local)
 
-    # Never keep non-finite params or hyperparameters: a round with no finite client update,
-    # or whose server or hyper step is not finite, leaves the model as it was (and FATHOM
-    # halves eta).
-    accepted = accepted & tree.all_finite(params) & jnp.all(jnp.isfinite(hyper.log_hparams))
+    # Never keep a non-finite state: a round with no finite client update, or whose server or
+    # hyper step is not finite (params, phi, g, or an optimizer's moments: Adam's second
+    # moment overflows where Delta^2 does while its step stays finite), leaves the model as it
+    # was (and FATHOM halves eta).
+    accepted = accepted & tree.all_finite((params, opt_state, hyper))
     params, opt_state, hyper = tree.select(
         accepted, (params, opt_state, hyper),
         (state.params, state.opt_state, tuner.rejected(state.hyper)))

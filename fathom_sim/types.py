@@ -97,7 +97,8 @@ class RoundMetrics(NamedTuple):
   h_glob: Any
   h_local: Any
   train_loss: Any       # n_i-weighted mean over clients of their mean local-step loss
-  accepted: Any         # bool: False when no client returned a finite update
+  accepted: Any         # bool: False when no client returned a finite update, or the new
+                        # state (params, optimizer moments, phi, g) would not be finite
   dropped_clients: Any  # int32: clients left out for a non-finite update
   client_h: Any         # [C] h_i = min_k c_k over the client's real steps
   client_loss: Any      # [C]

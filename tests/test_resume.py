@@ -283,6 +283,18 @@ def test_round_with_no_finite_update_changes_nothing_and_halves_eta(tmp_path, ca
   assert summary['final']['params_sha256'] == params_digest(state0.params)[1]
 
 
+def test_a_round_whose_server_optimizer_state_overflows_is_rejected():
+  """A finite but huge Delta (|Delta_j| > 1.8e19) overflows server Adam's second moment to inf
+  while its step is 0 and the params stay finite. The round used to be accepted and the inf
+  kept, freezing those coordinates for good; the whole state must stay finite."""
+  from tests.common import run_rounds, tiny_task
+  config = tiny_config(algorithm='fedavg', eta=1e21, epochs=0.01, batch_size=3.0,
+                       server_optimizer='adam', server_lr=0.05, num_rounds=2)
+  state, history, _ = run_rounds(config, tiny_task(), 2)
+  assert not any(bool(m.accepted) for m, _ in history)
+  assert all(np.isfinite(leaf).all() for leaf in jax.tree.leaves(state))
+
+
 def test_metrics_rows_read_plain_or_gzipped_up_to_a_torn_line_and_kept_to_a_round(tmp_path):
   import gzip
   from fathom_sim import metrics
