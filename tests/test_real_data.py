@@ -301,3 +301,23 @@ def test_an_evaluation_that_counts_no_token_is_nan_not_an_error():
   only_oov = evaluate(params, data, [1])
   assert only_oov['count'] == 1 and np.isnan(only_oov['accuracy_no_oov'])
   assert only_oov['accuracy_in_vocab'] == 0.0  # an oov target is never predicted
+
+
+def test_a_scratch_folder_left_by_a_killed_conversion_is_replaced_and_a_users_is_kept(tmp_path):
+  """<out>.partial is where a conversion writes before renaming it to <out>. One left by a
+  killed conversion (it holds the mark) is cleared; a user's folder of that name is refused,
+  never deleted."""
+  source = os.path.join(DATA, 'femnist_leaf_sample')
+  out = tmp_path / 'femnist'
+  mine = tmp_path / 'femnist.partial'
+  mine.mkdir()
+  (mine / 'notes.txt').write_text('mine')
+  with pytest.raises(DataError, match='femnist.partial.* exists and was not made by a '
+                     'conversion; move it away'):
+    prepare(source, str(out), fmt='leaf_json', task='emnist')
+  assert (mine / 'notes.txt').read_text() == 'mine' and not out.exists()
+  (mine / 'notes.txt').unlink()
+  (mine / '.fathom_sim_partial').write_text('')  # as a killed conversion leaves it
+  prepare(source, str(out), fmt='leaf_json', task='emnist')
+  assert not mine.exists() and not (out / '.fathom_sim_partial').exists()
+  assert load_prepared('femnist', str(out)).train.client(0)['x'].shape == (11, 28, 28)

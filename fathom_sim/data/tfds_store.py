@@ -35,6 +35,7 @@ from fathom_sim.data.byo import DataError
 LAYOUT_VERSION = 1
 DATASET = 'federated_clients'
 BUILDER_DIR = os.path.join('tfds', DATASET, '1.0.0')
+PARTIAL_MARK = '.fathom_sim_partial'  # marks <out>.partial as a conversion's own scratch folder
 SHARD_BYTES = 256 << 20  # new array_record file past this many bytes of records
 
 
@@ -101,10 +102,17 @@ def write(out: str, splits: dict[str, Iterable[tuple[str, dict]]],
   """
   check_out(out)
   partial = out.rstrip('/') + '.partial'
-  shutil.rmtree(partial, ignore_errors=True)
+  if os.path.exists(partial):
+    # A conversion killed before it could clean up leaves its scratch folder, marked as ours;
+    # a folder of that name without the mark is someone's, and stays.
+    if not os.path.exists(os.path.join(partial, PARTIAL_MARK)):
+      raise DataError(f'--out {out!r}: {partial!r} exists and was not made by a conversion; '
+                      'move it away (the conversion writes there first)')
+    shutil.rmtree(partial)
   folder = os.path.join(partial, BUILDER_DIR)
   try:
     os.makedirs(folder)
+    open(os.path.join(partial, PARTIAL_MARK), 'w').close()
   except OSError as e:
     raise DataError(f'--out {out!r}: cannot write {partial!r} there ({e.strerror or e}); '
                     'choose a directory that can be made or written') from None
@@ -125,6 +133,7 @@ def write(out: str, splits: dict[str, Iterable[tuple[str, dict]]],
         f.write(text)
     with open(os.path.join(partial, 'meta.json'), 'w', encoding='utf-8') as f:
       json.dump(meta, f, indent=2)
+    os.remove(os.path.join(partial, PARTIAL_MARK))
     if os.path.isdir(out):
       os.rmdir(out)
     os.rename(partial, out)
