@@ -7,6 +7,7 @@ is read or anything is compiled, and raises `ConfigError` naming the field and w
 from __future__ import annotations
 
 import difflib
+import importlib.util
 import math
 import os
 import traceback
@@ -111,7 +112,7 @@ def base_config() -> ml_collections.ConfigDict:
   return c
 
 
-def describe_failure(error: Exception, path: str) -> str:
+def _describe_failure(error: Exception, path: str) -> str:
   """What a user's Python file (a config or sweep file) raised, as one line, with the line of
   `path` it came from when known."""
   if isinstance(error, SyntaxError):
@@ -122,6 +123,29 @@ def describe_failure(error: Exception, path: str) -> str:
                if os.path.abspath(f.filename) == os.path.abspath(path)), None)
   message = ' '.join(str(error).split())  # one line, whatever the exception's text
   return f'{type(error).__name__}: {message}' + (f' (line {line})' if line else '')
+
+
+def call_user_file(path: str, function: str, what: str, *args):
+  """function(*args) of a user's Python file (a config or sweep file), run as a module. A file
+  that is not Python, that fails to run, that lacks `function`, or whose function raises, is
+  a ConfigError naming the file (`what`: how the user gave it, e.g. '--config')."""
+  spec = importlib.util.spec_from_file_location(f'_user_{function}', path)
+  if spec is None:
+    raise ConfigError(f'{what} {path!r} is not a Python file')
+  module = importlib.util.module_from_spec(spec)
+  try:
+    spec.loader.exec_module(module)
+  except Exception as e:  # the user's file, whatever it raises: bad input, said in one line
+    raise ConfigError(f'{what} {path!r} could not be loaded: {_describe_failure(e, path)}'
+                      ) from None
+  fn = getattr(module, function, None)
+  if not callable(fn):
+    raise ConfigError(f'{what} {path!r} defines no {function}()')
+  try:
+    return fn(*args)
+  except Exception as e:  # noqa: BLE001
+    raise ConfigError(f'{what} {path!r}: {function}() raised {_describe_failure(e, path)}'
+                      ) from None
 
 
 def _fail(field: str, accepted: str, value) -> None:

@@ -11,7 +11,6 @@ Run i of a setting lands in <out>/<setting name>/seed=<seed>; `sweep.json` lists
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import json
 import math
 import numbers
@@ -23,7 +22,7 @@ from typing import Callable
 import ml_collections
 
 from fathom_sim import metrics
-from fathom_sim.config import ConfigError, describe_failure
+from fathom_sim.config import ConfigError, call_user_file
 
 INDEX_FILE = 'sweep.json'
 KEYS = ('config', 'overrides', 'seeds', 'fixed')  # what get_sweep() may return
@@ -49,29 +48,6 @@ class RunSpec:
   seed: int
   config: ml_collections.ConfigDict
   workdir: str
-
-
-def _load_module(path: str, name: str, what: str):
-  spec = importlib.util.spec_from_file_location(name, path)
-  if spec is None:
-    raise ConfigError(f'{what} {path!r} is not a Python file')
-  module = importlib.util.module_from_spec(spec)
-  try:
-    spec.loader.exec_module(module)
-  except Exception as e:  # the user's file, whatever it raises: bad input, said in one line
-    raise ConfigError(f'{what} {path!r} could not be loaded: {describe_failure(e, path)}') from None
-  return module
-
-
-def _call(module, path: str, what: str, function: str):
-  """module.function() of a user's file; a missing function or its exception is a ConfigError."""
-  fn = getattr(module, function, None)
-  if not callable(fn):
-    raise ConfigError(f'{what} {path!r} defines no {function}()')
-  try:
-    return fn()
-  except Exception as e:
-    raise ConfigError(f'{what} {path!r}: {function}() raised {describe_failure(e, path)}') from None
 
 
 def _fields(value, where: str, what: str) -> dict:
@@ -107,7 +83,7 @@ def load_sweep(path: str) -> SweepDef:
   if not os.path.isfile(path):
     raise ConfigError(f'--sweep {path!r}: no such sweep file (expected a sweeps/*.py file)')
   where = f'--sweep {path!r}'
-  d = _call(_load_module(path, '_sweep_def', '--sweep'), path, '--sweep', 'get_sweep')
+  d = call_user_file(path, 'get_sweep', '--sweep')
   if not hasattr(d, 'keys'):
     raise ConfigError(f'{where}: get_sweep() must return a dict with keys {", ".join(KEYS)}; '
                       f'got {type(d).__name__}')
@@ -126,7 +102,7 @@ def load_sweep(path: str) -> SweepDef:
     if not os.path.isfile(source):
       raise ConfigError(f'sweep {path!r} names config {config!r}, which is not a file')
     what = f'sweep {path!r}: config'
-    config = _call(_load_module(source, '_sweep_config', what), source, what, 'get_config')
+    config = call_user_file(source, 'get_config', what)
     if not isinstance(config, ml_collections.ConfigDict):
       raise ConfigError(f'config {source!r}: get_config() must return a ConfigDict, got '
                         f'{type(config).__name__}')

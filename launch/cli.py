@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import difflib
 import functools
-import importlib.util
 import logging as pylogging
 import os
 import sys
@@ -41,20 +40,6 @@ def _flag_value(argv: list[str], name: str) -> str | None:
   return None
 
 
-def _load_config_file(spec: str):
-  """get_config() of the file `spec` names (`file.py` or `file.py:ARG`), as config_flags
-  calls it."""
-  path, _, arg = spec.partition(':')
-  module_spec = importlib.util.spec_from_file_location('_user_config', path)
-  if module_spec is None:
-    raise ValueError('not a Python file (expected a configs/*.py file with get_config())')
-  module = importlib.util.module_from_spec(module_spec)
-  module_spec.loader.exec_module(module)
-  if not hasattr(module, 'get_config'):
-    raise ValueError('it defines no get_config()')
-  return module.get_config(arg) if arg else module.get_config()
-
-
 def _unknown_override(argv: list[str], config) -> str | None:
   """The first --config.PATH override whose PATH is not a field of `config`, described."""
   for arg in argv:
@@ -84,11 +69,12 @@ def parse_flags_or_exit(argv: list[str]) -> list[str]:
       fail(f'--config {file_part!r}: no such config file (expected a configs/*.py file)')
     # Loaded here first: config_flags would let the file's own error (a syntax error, a
     # failed import, get_config raising) out as a traceback.
+    from fathom_sim.config import ConfigError, call_user_file
+    arg = config_path.partition(':')[2]  # file.py:ARG, as config_flags passes it
     try:
-      config = _load_config_file(config_path)
-    except Exception as e:  # noqa: BLE001 - whatever the user's file raises, said in one line
-      from fathom_sim.config import describe_failure
-      fail(f'--config {config_path!r} could not be loaded: {describe_failure(e, file_part)}')
+      config = call_user_file(file_part, 'get_config', '--config', *([arg] if arg else []))
+    except ConfigError as e:
+      fail(str(e))
   try:
     return flags.FLAGS(argv)
   except (flags.Error, AttributeError, KeyError, TypeError, ValueError) as e:

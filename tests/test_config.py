@@ -217,8 +217,8 @@ _BASE = 'from fathom_sim.config import base_config\n\n\ndef get_config():\n  c =
     ('def get_config(:\n', '(SyntaxError, line 1)'),
     ('import no_such_module_xyz\n', "ModuleNotFoundError: No module named 'no_such_module_xyz'"),
     ('def get_config():\n  raise RuntimeError("boom")\n',
-     'could not be loaded: RuntimeError: boom (line 2)'),
-    ('x = 1\n', 'could not be loaded: ValueError: it defines no get_config()'),
+     ": get_config() raised RuntimeError: boom (line 2)"),
+    ('x = 1\n', 'defines no get_config()'),
     (_BASE + '  del c["eval_every"]\n  return c\n', 'config.eval_every is missing'),
     (_BASE + '  c.cohort_sze = 5\n  return c\n',
      'unknown config field config.cohort_sze (the fields are base_config()\'s, '
