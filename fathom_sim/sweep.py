@@ -37,6 +37,7 @@ class SweepDef:
   overrides: list[dict]
   seeds: list[int]
   fixed: dict
+  path: str = '<inline>'  # the sweep file, named in errors about its fields
 
 
 @dataclasses.dataclass
@@ -117,7 +118,8 @@ def load_sweep(path: str) -> SweepDef:
     raise ConfigError(f'{where}: overrides must be a list of {{field: value}} dicts, one per '
                       f'setting, got {type(overrides).__name__}')
   overrides = [_fields(o, where, f'overrides[{i}]') for i, o in enumerate(overrides)] or [{}]
-  return SweepDef(config, source, overrides, seeds, _fields(d.get('fixed', {}), where, 'fixed'))
+  return SweepDef(config, source, overrides, seeds, _fields(d.get('fixed', {}), where, 'fixed'),
+                  path)
 
 
 def _format(value) -> str:
@@ -162,13 +164,21 @@ def plan_runs(sweep: SweepDef, out: str, extra: dict | None = None) -> list[RunS
   if swept:
     raise ConfigError(f'--config.{swept[0]} is a field the sweep varies (its settings would '
                       'all become the same run); change it in the sweep file instead')
+  where = f'--sweep {sweep.path!r}'
+
+  def apply(config, fields: dict, source: str) -> None:
+    try:
+      apply_overrides(config, fields)
+    except ConfigError as e:  # say which part of which file holds the field
+      raise ConfigError(f'{source}: {e}') from None
+
   runs = []
-  for overrides, setting in zip(sweep.overrides, names):
+  for i, (overrides, setting) in enumerate(zip(sweep.overrides, names)):
     for seed in sweep.seeds:
       config = ml_collections.ConfigDict(sweep.config.to_dict())
-      apply_overrides(config, sweep.fixed)
-      apply_overrides(config, overrides)
-      apply_overrides(config, dict(extra or {}))
+      apply(config, sweep.fixed, f'{where}: fixed')
+      apply(config, overrides, f'{where}: overrides[{i}]')
+      apply(config, dict(extra or {}), 'command line')
       config.seed = seed
       name = f'{setting}/seed={seed}'
       runs.append(RunSpec(name, setting, overrides, seed, config, os.path.join(out, name)))

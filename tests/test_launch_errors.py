@@ -78,6 +78,19 @@ def test_a_bad_sweep_file_is_one_config_error_naming_it(tmp_path, text, needle):
   assert '\n' not in message
 
 
+@pytest.mark.parametrize('fields,needle', [
+    ("'overrides': [{'eta': 0.1}, {'etaa': 0.2}]", "overrides[1]: unknown config field config.etaa"),
+    ("'fixed': {'model.hiden': (8,)}", 'fixed: unknown config field config.model.hiden'),
+    ("'overrides': [{'num_rounds': 'many'}]", "overrides[0]: config.num_rounds: cannot be set"),
+])
+def test_a_bad_field_in_a_sweep_names_the_file_and_the_entry(tmp_path, fields, needle):
+  path = tmp_path / 'bad_fields.py'
+  path.write_text(_sweep_returning(f"{{'config': {QUICKSTART!r}, 'seeds': 1, {fields}}}"))
+  with pytest.raises(ConfigError) as err:
+    sweep.plan_runs(sweep.load_sweep(str(path)), str(tmp_path / 'out'))
+  assert f'--sweep {str(path)!r}: {needle}' in str(err.value), str(err.value)
+
+
 @pytest.mark.parametrize('text,args,needle', [
     ('def get_sweep(:\n', [], 'could not be loaded: invalid syntax (SyntaxError, line 1)'),
     (_sweep_returning("{'overrides': [{'eta': 0.1}]}"), [], 'get_sweep() must return a config'),
