@@ -76,15 +76,27 @@ def read_rows(path: str) -> list[dict]:
   return rows
 
 
-def keep_rows(workdir: str, last_round: int) -> list[dict]:
+def finished_rounds(workdir: str) -> int | None:
+  """The rounds of the finished run whose summary.json the workdir holds; None without one."""
+  try:
+    with open(os.path.join(workdir, SUMMARY_FILE), encoding='utf-8') as f:
+      return int(json.load(f).get('rounds', 0))
+  except (OSError, ValueError, TypeError, AttributeError):
+    return None
+
+
+def keep_rows(workdir: str, last_round: int, drop_eval_at: int | None = None) -> list[dict]:
   """Keeps the rows of rounds 1..last_round (the checkpointed ones) and drops the rest.
 
   A run killed after its last checkpoint wrote rows it will write again when resumed, possibly
-  with a torn last line; this makes metrics.jsonl hold each round exactly once.
+  with a torn last line; this makes metrics.jsonl hold each round exactly once. The row of
+  round `drop_eval_at` loses its evaluation (its test_* fields).
   """
   path = os.path.join(workdir, METRICS_FILE)
   rows = list(itertools.takewhile(lambda r: r.get('round', 0) <= last_round,
                                   read_rows(path) if os.path.exists(path) else []))
+  rows = [{k: v for k, v in r.items() if not k.startswith('test_')}
+          if r.get('round') == drop_eval_at else r for r in rows]
   tmp = path + '.tmp'
   with open(tmp, 'w', encoding='utf-8') as f:
     f.writelines(json.dumps(r) + '\n' for r in rows)

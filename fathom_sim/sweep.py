@@ -11,7 +11,6 @@ Run i of a setting lands in <out>/<setting name>/seed=<seed>; `sweep.json` lists
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import numbers
 import os
@@ -187,11 +186,7 @@ def plan_runs(sweep: SweepDef, out: str, extra: dict | None = None) -> list[RunS
 
 def is_finished(workdir: str, num_rounds: int) -> bool:
   """True when the workdir holds a summary of at least `num_rounds` rounds."""
-  try:
-    with open(os.path.join(workdir, metrics.SUMMARY_FILE), encoding='utf-8') as f:
-      return int(json.load(f).get('rounds', 0)) >= num_rounds
-  except (OSError, ValueError):
-    return False
+  return (metrics.finished_rounds(workdir) or 0) >= num_rounds
 
 
 def _entry(run: RunSpec, out: str, status: str, **extra) -> dict:

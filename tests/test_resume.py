@@ -169,6 +169,19 @@ def test_result_changing_config_is_refused_and_more_rounds_continue(tmp_path):
       read_rows(str(tmp_path / 'straight')))
 
 
+def test_a_finished_run_taken_further_keeps_no_evaluation_an_uninterrupted_run_lacks(tmp_path):
+  workdir = str(tmp_path / 'run')
+  short = train_and_evaluate(_tiny(num_rounds=7), workdir)  # round 7 is evaluated as the last
+  assert read_rows(workdir)[-1]['test_accuracy'] == short['final']['test_accuracy']
+  longer = train_and_evaluate(_tiny(num_rounds=20), workdir)
+  straight = train_and_evaluate(_tiny(num_rounds=20), str(tmp_path / 'straight'))
+  assert longer['resumed_from'] == 7
+  rows = _without_timing(read_rows(workdir))
+  assert rows == _without_timing(read_rows(str(tmp_path / 'straight')))
+  assert [r['round'] for r in rows if 'test_accuracy' in r] == [10, 20]
+  assert longer['final'] == straight['final']
+
+
 def test_a_bfloat16_run_records_its_compute_dtype_and_is_not_resumed_in_float32(tmp_path):
   """Computing in bfloat16 changes what a run trains, like its model: not a resumable field."""
   workdir = str(tmp_path / 'run')
