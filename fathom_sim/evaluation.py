@@ -51,7 +51,7 @@ class Evaluator:
   batches split over the devices.
 
   A model's extra sums `correct_NAME` (over `count_NAME` if it has one, else over `count`) add
-  `accuracy_NAME` to the result.
+  `accuracy_NAME` to the result; `loss` is over `count_loss` if the model has one.
   """
 
   def __init__(self, model: Model, mesh: Mesh, batch_size: int):
@@ -91,7 +91,8 @@ class Evaluator:
       return {'accuracy': float('nan'), 'loss': float('nan'), 'count': 0}  # no extras known
     t = jax.device_get(totals)
     count = float(t['count'])
-    out = {'accuracy': _ratio(t['correct'], count), 'loss': _ratio(t['loss'], count),
+    out = {'accuracy': _ratio(t['correct'], count),
+           'loss': _ratio(t['loss'], t.get('count_loss', count)),
            'count': int(count)}
     for key in t:
       if key.startswith('correct_'):

@@ -243,8 +243,9 @@ class NextWordLSTM(nn.Module):
 def sequence_model(name: str, module: nn.Module, num_ids: int) -> Model:
   """Next-token prediction: x, y [n, length] ids; loss over non-pad targets.
 
-  eval_sums: `correct`/`count` is the accuracy over targets that are neither pad nor eos, and
-  `loss` sums over the same tokens. `correct_in_vocab` (over the same count) is the spec's
+  eval_sums: `correct`/`count` is the accuracy over targets that are neither pad nor eos;
+  `loss`/`count_loss` averages over the non-pad targets, eos included, as the training loss
+  and FedJAX's token_loss do (so test_loss and train_loss compare). `correct_in_vocab` (over the same count) is the spec's
   accuracy without out-of-vocabulary predictions, as FedJAX's accuracy_in_vocab: the prediction
   is the most likely in-vocabulary word (pad, bos, eos and oov never predicted), so an oov
   target always counts as a miss. `correct_no_oov`/`count_no_oov` leave out oov targets instead
@@ -273,9 +274,11 @@ def sequence_model(name: str, module: nn.Module, num_ids: int) -> Model:
     losses, logits, labels = per_token(params, batch)
     correct = jnp.argmax(logits, axis=-1) == labels
     word = jnp.argmax(jnp.where(not_words, -jnp.inf, logits), axis=-1)
-    counted = (labels != PAD) & (labels != EOS) & mask.astype(bool)[:, None]
+    tokens = (labels != PAD) & mask.astype(bool)[:, None]
+    counted = tokens & (labels != EOS)
     no_oov = counted & (labels != oov)
-    return {'loss': jnp.sum(losses * counted), 'correct': jnp.sum(correct & counted),
+    return {'loss': jnp.sum(losses * tokens), 'count_loss': jnp.sum(tokens),
+            'correct': jnp.sum(correct & counted),
             'count': jnp.sum(counted), 'correct_in_vocab': jnp.sum((word == labels) & counted),
             'correct_no_oov': jnp.sum(correct & no_oov), 'count_no_oov': jnp.sum(no_oov)}
 

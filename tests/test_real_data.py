@@ -95,7 +95,9 @@ def test_sequence_model_masks_pad_eos_oov_and_padded_examples():
   counted = tokens & (y != 2)
   in_vocab = counted & (y != 8)
   assert sums['count'] == counted.sum() == 8 and sums['count_no_oov'] == in_vocab.sum() == 7
-  np.testing.assert_allclose(sums['loss'], nll[counted].sum(), rtol=1e-5)
+  # The test loss is over the training loss's tokens (eos included), as FedJAX's token_loss.
+  assert sums['count_loss'] == tokens.sum() == 9
+  np.testing.assert_allclose(sums['loss'], nll[tokens].sum(), rtol=1e-5)
   assert sums['correct'] == right[counted].sum()
   assert sums['correct_no_oov'] == right[in_vocab].sum()
   words = logits.copy()
@@ -118,6 +120,8 @@ def test_evaluator_reports_extra_accuracies(tmp_path):
   assert set(out) == {'accuracy', 'loss', 'count', 'accuracy_no_oov', 'accuracy_in_vocab'}
   np.testing.assert_allclose(out['accuracy'], sums['correct'] / sums['count'])
   np.testing.assert_allclose(out['accuracy_in_vocab'], sums['correct_in_vocab'] / sums['count'])
+  np.testing.assert_allclose(out['loss'], sums['loss'] / sums['count_loss'], rtol=1e-6)
+  assert sums['count_loss'] > sums['count']  # eos targets: in the loss, not in the accuracy
   np.testing.assert_allclose(out['accuracy_no_oov'], sums['correct_no_oov'] /
                              sums['count_no_oov'])
 
@@ -297,7 +301,8 @@ def test_an_evaluation_that_counts_no_token_is_nan_not_an_error():
   params = model.init(jax.random.key(1), data.client(0))
   evaluate = make_evaluator(model, make_mesh(1), 4)
   only_eos = evaluate(params, data, [0])
-  assert only_eos['count'] == 0 and np.isnan(only_eos['accuracy']) and np.isnan(only_eos['loss'])
+  assert only_eos['count'] == 0 and np.isnan(only_eos['accuracy'])
+  assert np.isfinite(only_eos['loss'])  # eos targets count in the loss
   only_oov = evaluate(params, data, [1])
   assert only_oov['count'] == 1 and np.isnan(only_oov['accuracy_no_oov'])
   assert only_oov['accuracy_in_vocab'] == 0.0  # an oov target is never predicted
