@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 
 import jax
 import jax.numpy as jnp
@@ -87,6 +88,8 @@ def build(config: ml_collections.ConfigDict, task: Task | None = None) -> Run:
       config.server_optimizer, config.server_lr, momentum=config.server_momentum,
       b1=config.server_b1, b2=config.server_b2, eps=config.server_eps)
   tuner, upper = hyper_setup(config)
+  lanes = _auto_lanes(config, mesh)
+  _check_first_round_fits(config, task, mesh, lanes)
 
   in_memory = isinstance(task.train, ArrayClientDataset)
   if config.data_on_device == 'yes' and not in_memory:
@@ -97,7 +100,7 @@ def build(config: ml_collections.ConfigDict, task: Task | None = None) -> Run:
       config.data_on_device == 'auto' and size <= _resident_bytes(mesh)))
   local_loop = _local_loop(config, mesh, conv)
   return Run(config, task, mesh, model, server_opt, tuner, upper, resident,
-             _auto_lanes(config, mesh), local_loop, conv,
+             lanes, local_loop, conv,
              _compile_ahead(config, mesh, local_loop), _evaluation_ahead(config, mesh),
              _loop_chunk(config, local_loop))
 
@@ -220,6 +223,39 @@ def _check_model_fits(model: models.Model, name: str, task: Task) -> None:
     reason = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
     raise DataError(f'{task.name}: examples ({shapes}) do not fit config.model.name={name!r}: '
                     f'{reason}') from None
+
+
+def _memory_bytes(mesh) -> tuple[int, str]:
+  """The memory one device's step can use at most, and what it is: an accelerator's own, or
+  the host's for CPU devices (which all share it)."""
+  device = mesh.devices.flat[0]
+  limit = (device.memory_stats() or {}).get('bytes_limit', 0) if device.platform != 'cpu' else 0
+  if limit:
+    return int(limit), f'one {device.platform} device\'s memory'
+  return os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES'), "the host's memory"
+
+
+def _check_first_round_fits(config, task: Task, mesh, lanes: int) -> None:
+  """Refuses an (E, B) whose first round cannot run, before the workdir is touched: a client's
+  batch indices past int32, or one local step whose input batches alone (a lower bound of
+  what the step needs) exceed the memory. FedAvg runs these values every round; FATHOM starts
+  from them (config.upper_* bound where it may go)."""
+  n_max = int(np.max(task.train.num_examples))
+  b_int, (steps,) = fathom.integer_schedule(config.epochs, config.batch_size, [n_max])
+  fields = f'config.epochs={config.epochs:g}, config.batch_size={config.batch_size:g}'
+  if int(steps) * b_int >= 2**31:
+    raise ConfigError(f'{fields}: the largest client ({n_max} examples) would take {int(steps)} '
+                      f'local steps of {b_int} examples in a round, past the 2^31 example '
+                      'indices a round can address; lower them')
+  example = sum(v.nbytes for v in _first_examples(task, 1).values())
+  on_one = lanes * (mesh.devices.size if mesh.devices.flat[0].platform == 'cpu' else 1)
+  need = b_int * example * on_one
+  limit, what = _memory_bytes(mesh)
+  if need > limit:
+    raise ConfigError(f'{fields}: one local step of {b_int} examples ({example} bytes each) on '
+                      f'{on_one} client(s) side by side needs {need / 2**30:.1f} GiB for its '
+                      f'inputs alone, more than {what} ({limit / 2**30:.1f} GiB); lower '
+                      'config.batch_size')
 
 
 def init_state(run: Run) -> ServerState:

@@ -243,3 +243,31 @@ def test_fedavg_takes_static_values_above_fathoms_bounds():
   c = base_config()
   c.algorithm, c.eta, c.upper_eta = 'fedavg', 0.8, 0.5
   check_config(c)
+
+
+@pytest.mark.parametrize('fields,needle', [
+    (dict(batch_size=1e8), r'config.epochs=1.5, config.batch_size=1e\+08: one local step of '
+                           r'100000000 examples \(\d+ bytes each\) .* more than the host.s '
+                           r'memory \(1.0 GiB\); lower config.batch_size'),
+    (dict(epochs=1e9), r'config.epochs=1e\+09, config.batch_size=\d+: the largest client '
+                       r'\(\d+ examples\) would take \d+ local steps'),
+])
+@pytest.mark.parametrize('algorithm', ['fedavg', 'fathom'])
+def test_a_first_round_that_cannot_run_is_refused_before_the_workdir(tmp_path, monkeypatch,
+                                                                      fields, needle, algorithm):
+  """Instead of a MemoryError traceback from planning, after the workdir was made."""
+  from fathom_sim.train import train_and_evaluate
+  monkeypatch.setattr(run_lib, '_memory_bytes', lambda mesh: (1 << 30, "the host's memory"))
+  upper = dict(upper_batch_size=2e12, upper_epochs=2e9) if algorithm == 'fathom' else {}
+  config = tiny_config(algorithm=algorithm, **upper, **fields)
+  with pytest.raises(ConfigError, match=needle):
+    train_and_evaluate(config, str(tmp_path / 'run'))
+  assert not (tmp_path / 'run').exists()
+
+
+def test_the_first_round_memory_bound_is_the_devices_own_or_the_hosts():
+  gpu = _FakeMesh(_FakeDevice('gpu', {'bytes_limit': 80 << 30}))
+  assert run_lib._memory_bytes(gpu) == (80 << 30, "one gpu device's memory")
+  limit, what = run_lib._memory_bytes(_FakeMesh(_FakeDevice('cpu', {})))
+  assert what == "the host's memory" and limit > 1 << 30
+  build(tiny_config(algorithm='fedavg', batch_size=4096.0), tiny_task())  # big but fits
