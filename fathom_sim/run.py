@@ -248,7 +248,9 @@ def _check_first_round_fits(config, task: Task, mesh, lanes: int) -> None:
                       f'local steps of {b_int} examples in a round, past the 2^31 example '
                       'indices a round can address; lower them')
   example = sum(v.nbytes for v in _first_examples(task, 1).values())
-  on_one = lanes * (mesh.devices.size if mesh.devices.flat[0].platform == 'cpu' else 1)
+  cpu = mesh.devices.flat[0].platform == 'cpu'  # CPU devices of a host share its memory
+  on_one = lanes * (sum(d.process_index == jax.process_index() for d in mesh.devices.flat)
+                    if cpu else 1)
   need = b_int * example * on_one
   limit, what = _memory_bytes(mesh)
   if need > limit:
