@@ -135,21 +135,25 @@ class _HostDrivenRound:
     everywhere = replicated(mesh)
     lanes = NamedSharding(mesh, P(None, CLIENTS) if vectorized else P(CLIENTS))
     source_axis = 0 if source_per_device else None
+    # Named functions: compile logs and profiles name the four programs.
+    def round_finish(state, hp, carry, table, steps):
+      return aggregate_and_update(state, hp, steps.result(carry), table)
+
+    def round_start(params, slots, steps):
+      return seeds(steps.init, (0, 0))(params, slots)
+
+    def local_step(carry, params, eta, b, key, table, slots, stream, source, steps):
+      return seeds(steps.step, (0, 0, 0, 0, 0, 0, 0, 0, source_axis))(
+          carry, params, eta, b, key, table, slots, stream, source)
+
     self._broadcast = jax.jit(seeds(broadcast, (0,)), out_shardings=everywhere)
-    self._finish = jax.jit(
-        seeds(lambda state, hp, carry, table, steps: aggregate_and_update(
-            state, hp, steps.result(carry), table), (0, 0, 0, 0, None)),
-        donate_argnums=0, static_argnums=4, out_shardings=(everywhere, everywhere))
+    self._finish = jax.jit(seeds(round_finish, (0, 0, 0, 0, None)), donate_argnums=0,
+                           static_argnums=4, out_shardings=(everywhere, everywhere))
     self._steps = functools.lru_cache(maxsize=None)(
         lambda batch_pad: make_cohort_steps(loss_fn, mesh, batch_pad=batch_pad,
                                             source_per_device=source_per_device))
-    self._init = jax.jit(lambda params, slots, steps: seeds(steps.init, (0, 0))(params, slots),
-                         static_argnums=2, out_shardings=lanes)
-    self._step = jax.jit(
-        lambda carry, params, eta, b, key, table, slots, stream, source, steps: seeds(
-            steps.step, (0, 0, 0, 0, 0, 0, 0, 0, source_axis))(
-                carry, params, eta, b, key, table, slots, stream, source),
-        donate_argnums=0, static_argnums=9, out_shardings=lanes)
+    self._init = jax.jit(round_start, static_argnums=2, out_shardings=lanes)
+    self._step = jax.jit(local_step, donate_argnums=0, static_argnums=9, out_shardings=lanes)
 
   def __call__(self, state, table, slots, stream, source, batch_size, *, batch_pad,
                num_iterations):
@@ -163,5 +167,6 @@ class _HostDrivenRound:
     return self._finish(state, hp, carry, table, steps)
 
   def _cache_size(self) -> int:
-    """Programs compiled for the local step so far (the shapes that matter)."""
-    return self._step._cache_size()
+    """Programs compiled for the round so far: the broadcast, and the start, local step and
+    finish of each padded batch size."""
+    return sum(f._cache_size() for f in (self._broadcast, self._init, self._step, self._finish))

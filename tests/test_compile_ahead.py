@@ -210,3 +210,40 @@ def test_a_run_compiles_its_evaluation_ahead_and_its_results_do_not_change(tmp_p
   assert auto['compiled_ahead'] == {'compiled': 1, 'used': 1}  # the evaluation's, no round's
   assert auto_compiles == plain_compiles - 1
   assert auto_rows == plain_rows and auto['final'] == plain['final']
+
+
+ROUND_PROGRAMS = {'jit(device_round)', 'jit(broadcast)', 'jit(round_start)', 'jit(local_step)',
+                  'jit(round_finish)'}
+
+
+@pytest.mark.parametrize('local_loop', ['device', 'host'])
+def test_compiles_counts_every_program_the_round_compiled(local_loop):
+  """Rounds.compiles (summary.json's `compiles`) equals XLA's own count of the round's
+  compiles, with the host-driven loop's four programs as with the device loop's one, while B
+  crosses padded sizes."""
+  names = []
+
+  def listen(event, duration, **kwargs):
+    if event == BACKEND_COMPILE:
+      names.append(kwargs.get('fun_name'))
+
+  config = tiny_config(algorithm='fathom', num_devices=1, local_loop=local_loop, eta_h2=30.0,
+                       batch_size=4.0, cohort_size=4)
+  run = build(config, tiny_task())
+  state = init_state(run)
+  rounds = Rounds(run)
+  hp = rounds.initial_hparams(state)
+  monitoring.register_event_duration_secs_listener(listen)
+  try:
+    pads = set()
+    for t in range(1, 7):
+      state, m, plan = rounds(state, t, hp)
+      hp = np.asarray(m.next_hparams)
+      pads.add(plan.batch_pad)
+  finally:
+    monitoring.unregister_event_duration_listener(listen)
+    rounds.close()
+  assert len(pads) >= 3
+  round_compiles = sum(name in ROUND_PROGRAMS for name in names)
+  assert rounds.compiles == round_compiles == (
+      len(pads) if local_loop == 'device' else 1 + 3 * len(pads)), names
