@@ -83,7 +83,7 @@ class Rounds:
     self._cohorts_memo: tuple[int, list[np.ndarray]] | None = None
     self._resident = (put(run.task.train.features, replicated(mesh))
                       if run.resident else None)
-    self.last_host_s = self.last_device_s = 0.0
+    self.last_host_s = self.last_device_s = self.last_ahead_s = 0.0
     # Also when only the evaluation compiles ahead: the rounds then are not (round_fn None).
     self.compile_ahead = (CompileAhead(self.round_fn if run.compile_ahead else None,
                                        self._neighbour_pads, reach=2,
@@ -120,6 +120,7 @@ class Rounds:
     state, m = self.round_fn(*args, batch_pad=fed.batch_pad,
                              num_iterations=fed.longest if self.run.local_loop == 'host'
                              else None)
+    ahead_start = time.perf_counter()
     if t < c.num_rounds:
       if self._prefetch is not None:
         self._prefetch.fetch(np.concatenate(self._cohorts(t + 1)))
@@ -142,11 +143,14 @@ class Rounds:
                             t + 1, type(e).__name__, e, exc_info=not isinstance(e, DataError))
           self._ahead_warned = True
           self.replanned += 1  # round t+1 will plan on time
+    ahead_end = time.perf_counter()
     m = jax.device_get(m)
-    # Host: sampling, planning, transfers issued on the critical path; device: from dispatch
-    # until the metrics are back (includes compiling when the round meets a new padded shape,
-    # and planning round t+1 ahead, which the host does while the devices compute).
+    # Host: sampling, planning, transfers issued on the critical path. Device: from dispatch
+    # until the metrics are back; it includes compiling when the round meets a new padded
+    # shape, and is an upper bound of the devices' time: the host plans round t+1 ahead in
+    # that window (ahead), so a device that finishes first waits for the host.
     self.last_host_s, self.last_device_s = dispatched - start, time.perf_counter() - dispatched
+    self.last_ahead_s = ahead_end - ahead_start
     return state, m, fed.plans
 
   def _feed(self, t: int, hp: np.ndarray) -> _Fed:
@@ -206,5 +210,6 @@ class Rounds:
 
   @property
   def compiles(self) -> int:
-    """Programs compiled for the round so far (one per padded shape seen)."""
+    """Programs compiled for the round so far: one per padded shape seen with the device
+    loop; with the host loop, its broadcast and three programs per padded shape."""
     return self.round_fn._cache_size()

@@ -8,6 +8,12 @@ clients' examples (the ceiling), measured right after, so both sides share the m
 Reports rounds/s, client examples/s, the ratio to centralized, padding efficiency (real over
 computed example-gradients), round compiles, host and device seconds per round, and the peaks
 of RSS and device memory, each row measured in a process of its own (--isolate_rows).
+
+Each measured round is timed alone; one that compiles any program is left out of the rates
+and counted (`timed` k/n in the table). Per round: `host s` is the host's work before the
+round is dispatched (sampling, planning, sending, when not done ahead); `device s` runs from
+dispatch until the round's metrics are back, an upper bound of the devices' time, since the
+host plans and sends the next round in that window (`ahead s`, its part of `device s`).
 """
 
 import functools
@@ -68,7 +74,9 @@ def task_config(name: str, cohort_size: int):
   c = base_config()
   c.algorithm = 'fedavg'
   c.cohort_size = cohort_size
-  c.num_rounds = _WARMUP.value + _ROUNDS.value  # no round planned ahead past the last
+  # One round past the measured ones, so that every measured round plans the next one ahead
+  # (as in a run) and none finds its plan made during the warm-up only.
+  c.num_rounds = _WARMUP.value + _ROUNDS.value + 1
   c.num_devices = _NUM_DEVICES.value
   c.lanes_per_device = _LANES.value
   c.local_loop = _LOCAL_LOOP.value
@@ -132,12 +140,14 @@ def centralized_examples_per_s(run, examples: dict, batch_size: int, steps: int,
   order = np.random.default_rng(0).permutation(np.resize(np.arange(n), steps * batch_size + n))
   batches = [{k: jnp.asarray(v[order[i * batch_size:(i + 1) * batch_size]])
               for k, v in examples.items()} for i in range(steps + 1)]
-  key = jax.random.PRNGKey(0)
-  params, loss = step(params, batches[0], key)  # compile
+  # The keys are made before the clock starts: a fold_in from the host is a dispatch of its
+  # own (~0.1 ms), 5x the MLP's step, where the rounds fold theirs inside their programs.
+  keys = list(jax.random.split(jax.random.PRNGKey(0), steps + 1))
+  params, loss = step(params, batches[0], keys[0])  # compile
   loss.block_until_ready()
   start = time.perf_counter()
   for i in range(1, steps + 1):
-    params, loss = step(params, batches[i], jax.random.fold_in(key, i))
+    params, loss = step(params, batches[i], keys[i])
   loss.block_until_ready()
   return steps * batch_size / (time.perf_counter() - start)
 
@@ -147,6 +157,29 @@ def device_peak_gib(mesh) -> float | None:
   (None where the platform keeps no such count, as on CPU)."""
   peaks = [(d.memory_stats() or {}).get('peak_bytes_in_use') for d in mesh.devices.flat]
   return None if None in peaks else max(peaks) / 2**30
+
+
+BACKEND_COMPILE = '/jax/core/compile/backend_compile_duration'  # jax.monitoring's event
+
+
+class CompileCounter:
+  """Counts XLA compilations (any program, any thread) while in a `with` block."""
+
+  def __init__(self):
+    self.count = 0
+
+  def __call__(self, event: str, duration: float, **kwargs) -> None:
+    if event == BACKEND_COMPILE:
+      self.count += 1
+
+  def __enter__(self):
+    from jax import monitoring
+    monitoring.register_event_duration_secs_listener(self)
+    return self
+
+  def __exit__(self, *exc):
+    from jax import monitoring
+    monitoring.unregister_event_duration_listener(self)
 
 
 def measure(name: str, cohort_size: int) -> dict:
@@ -162,20 +195,37 @@ def measure(name: str, cohort_size: int) -> dict:
   hp = rounds.initial_hparams(state)
   for t in range(1, _WARMUP.value + 1):
     state, _, _ = rounds(state, t, hp)
+  # Each measured round is timed on its own. A round that compiled anything (a client larger
+  # than the warm-up's grew a padded length) is left out of the rates and counted: its time
+  # is mostly the compile, which --warmup is there to exclude.
   examples = computed = epoch_examples = 0
-  host = device = 0.0
+  wall = host = device = ahead = 0.0
   clients = []
-  start = time.perf_counter()
+  timed = recompiled = compiles_timed = 0
   for t in range(_WARMUP.value + 1, _WARMUP.value + _ROUNDS.value + 1):
-    state, _, plan = rounds(state, t, hp)
+    with CompileCounter() as counter:
+      start = time.perf_counter()
+      state, _, plan = rounds(state, t, hp)
+      took = time.perf_counter() - start
+    clients.extend(plan.clients.tolist())
+    if counter.count:
+      recompiled += 1
+      compiles_timed += counter.count
+      continue
+    timed += 1
+    wall += took
     examples += int(plan.num_steps.sum()) * plan.batch_size
     epoch_examples += float(plan.num_examples.sum()) * float(hp[0])  # E passes over the data
     computed += plan.computed_steps(n_dev, run.local_loop == 'host',
                                     run.loop_chunk) * plan.batch_pad
     host += rounds.last_host_s
     device += rounds.last_device_s
-    clients.extend(plan.clients.tolist())
-  wall = time.perf_counter() - start
+    ahead += rounds.last_ahead_s
+  if not timed:
+    from fathom_sim.config import ConfigError
+    raise ConfigError(f'{name} at cohort {cohort_size}: each of the {_ROUNDS.value} measured '
+                       'round(s) compiled a program; raise --warmup (or --rounds)')
+  rounds.close()
   fed = examples / wall
   pooled = concat_clients(run.task.train, sorted(set(clients)))
   b_int = plan.batch_size
@@ -190,15 +240,17 @@ def measure(name: str, cohort_size: int) -> dict:
         other = get_model('emnist_cnn', num_classes=run.task.num_classes, conv=conv,
                           compute_dtype=config.model.compute_dtype)
         central = max(central, centralized_examples_per_s(run, pooled, b_int, steps, other))
-  r = _ROUNDS.value
+  r = timed
   return {'task': name, 'cohort_size': cohort_size, 'rounds_per_s': r / wall,
           'examples_per_s': fed, 'centralized_examples_per_s': central,
           # E * n_i per client (what FedJAX counts): examples_per_s also counts the examples
           # a client's last step re-reads to fill its batch.
           'epoch_examples_per_s': epoch_examples / wall,
           'ratio_to_centralized': fed / central, 'padding_efficiency': examples / computed,
-          'compiles': rounds.compiles, 'host_s_per_round': host / r,
-          'device_s_per_round': device / r, 'batch_size': b_int,
+          'compiles': rounds.compiles, 'rounds_timed': timed, 'rounds_recompiled': recompiled,
+          'compiles_while_measuring': compiles_timed, 'host_s_per_round': host / r,
+          'device_s_per_round': device / r, 'ahead_s_per_round': ahead / r,
+          'batch_size': b_int,
           'lanes': rounds.planner.num_lanes, 'devices': n_dev, 'local_loop': run.local_loop,
           'loop_chunk': run.loop_chunk,
           'conv': run.conv, 'compute_dtype': config.model.compute_dtype,
@@ -251,7 +303,7 @@ def main(argv):
     cli.fail(f'{e} (from benchmark.py\'s flags)')
   header = (f'{"task":5} {"cohort":>6} {"rounds/s":>9} {"ex/s":>9} {"central ex/s":>12} '
             f'{"ratio":>6} {"padding":>7} {"compiles":>8} {"host s":>7} {"device s":>8} '
-            f'{"RSS GiB":>7} {"dev GiB":>7}')
+            f'{"ahead s":>7} {"RSS GiB":>7} {"dev GiB":>7} {"timed":>5}')
   if not os.environ.get(_ROW_PROCESS):
     print(header, flush=True)  # before the rows' processes write to the same stdout
   cli.run_or_exit(lambda: _rows(cohorts))
@@ -291,8 +343,12 @@ def _print_row(name: str, cohort: int, r: dict) -> None:
   print(f'{name:5} {cohort:>6} {r["rounds_per_s"]:>9.3f} {r["examples_per_s"]:>9.1f} '
         f'{r["centralized_examples_per_s"]:>12.1f} {r["ratio_to_centralized"]:>6.3f} '
         f'{r["padding_efficiency"]:>7.3f} {r["compiles"]:>8} {r["host_s_per_round"]:>7.3f} '
-        f'{r["device_s_per_round"]:>8.3f} {r["peak_rss_gib"]:>7.2f} '
-        f'{_gib(r["device_peak_gib"]):>7}', flush=True)
+        f'{r["device_s_per_round"]:>8.3f} {r["ahead_s_per_round"]:>7.3f} '
+        f'{r["peak_rss_gib"]:>7.2f} {_gib(r["device_peak_gib"]):>7} '
+        f'{r["rounds_timed"]:>2}/{r["rounds_timed"] + r["rounds_recompiled"]:<2}', flush=True)
+  if r['rounds_recompiled']:
+    print(f'  ({r["rounds_recompiled"]} measured round(s) compiled a program and were left out '
+          'of the rates; a larger --warmup measures more rounds)', flush=True)
 
 
 def _measure_in_child(name: str, cohort: int) -> dict:

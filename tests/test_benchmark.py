@@ -9,7 +9,8 @@ from tests.test_cli import ROOT
 
 FIELDS = {'task', 'cohort_size', 'rounds_per_s', 'examples_per_s', 'centralized_examples_per_s',
           'ratio_to_centralized', 'padding_efficiency', 'compiles', 'host_s_per_round',
-          'device_s_per_round', 'peak_rss_gib', 'device_peak_gib'}
+          'device_s_per_round', 'ahead_s_per_round', 'peak_rss_gib', 'device_peak_gib',
+          'rounds_timed', 'rounds_recompiled', 'compiles_while_measuring'}
 
 
 def test_benchmark_reports_every_field_per_cohort(tmp_path):
@@ -38,6 +39,32 @@ def test_benchmark_reports_every_field_per_cohort(tmp_path):
   lines = p.stdout.splitlines()
   assert [line.split()[:2] for line in lines if line.startswith(('task', 'mlp'))] == [
       ['task', 'cohort'], ['mlp', '3'], ['mlp', '6']]
+
+
+def _bench(*args, devices=1, timeout=300):
+  env = dict(os.environ, JAX_PLATFORMS='cpu',
+             XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}')
+  return subprocess.run([sys.executable, os.path.join(ROOT, 'launch', 'benchmark.py'), *args],
+                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def test_a_measured_round_that_compiles_is_left_out_of_the_rates_and_counted(tmp_path):
+  """On 2 devices, a client of round 3 larger than the warm-up's grows the padded stream:
+  that round compiles, and timing it would fold the compile into every rate (a ratio of 0.04
+  where the other rounds give 0.2-1)."""
+  out = tmp_path / 'bench.json'
+  p = _bench('--tasks=mlp', '--cohort_sizes=3', '--rounds=6', '--warmup=1',
+             '--num_clients=300', f'--json={out}', devices=2)
+  assert p.returncode == 0, p.stderr[-3000:]
+  (r,) = json.loads(out.read_text())
+  assert r['rounds_recompiled'] == 1 and r['rounds_timed'] == 5, r
+  assert r['compiles_while_measuring'] >= 1 and r['compiles'] == 2
+  assert 'left out of the rates' in p.stdout
+  p = _bench('--tasks=mlp', '--cohort_sizes=3', '--rounds=1', '--warmup=0',
+             '--num_clients=40', f'--json={out}')
+  errors = [line for line in p.stderr.splitlines() if line.startswith('error:')]
+  assert p.returncode == 2 and len(errors) == 1, p.stderr[-2000:]
+  assert 'each of the 1 measured round(s) compiled a program; raise --warmup' in errors[0]
 
 
 def test_device_peak_is_the_largest_device_peak_and_none_if_any_device_has_no_count():
