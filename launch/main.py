@@ -29,6 +29,7 @@ _COORDINATOR = flags.DEFINE_string(
 _NUM_PROCESSES = flags.DEFINE_integer('num_processes', None, 'Processes in the run.')
 _PROCESS_ID = flags.DEFINE_integer('process_id', None, 'This process, 0 .. num_processes-1.')
 _COMPILATION_CACHE = cli.compilation_cache_flag()
+flags.declare_key_flag('compilation_cache')  # defined in cli.py; listed by --help here
 
 
 def _join_distributed_run() -> None:

@@ -27,6 +27,7 @@ _VMAP_SEEDS = flags.DEFINE_bool(
     'copies fit on the devices.')
 _DRY_RUN = flags.DEFINE_bool('dry_run', False, 'List the runs and their status; train nothing.')
 _COMPILATION_CACHE = cli.compilation_cache_flag()
+flags.declare_key_flag('compilation_cache')  # defined in cli.py; listed by --help here
 
 _EXTRA: dict = {}
 

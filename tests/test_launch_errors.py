@@ -249,3 +249,9 @@ def test_prepare_refuses_an_out_that_is_a_file_and_keeps_it(tmp_path):
                 f'--source={tmp_path / "Posts.xml"}', f'--out={out}', '--split_date=2016-01-01'),
            f"--out '{out}' is a file, not a directory")
   assert out.read_text() == 'mine' and not (tmp_path / 'afile.partial').exists()
+
+
+@pytest.mark.parametrize('script', ['main.py', 'sweep.py'])
+def test_help_lists_the_compilation_cache_flag_defined_in_cli(script):
+  p = _cli(script, '--help')
+  assert p.returncode == 0 and '--compilation_cache: Folder of JAX' in p.stdout, p.stdout[-2000:]
