@@ -253,5 +253,5 @@ def test_prepare_refuses_an_out_that_is_a_file_and_keeps_it(tmp_path):
 
 @pytest.mark.parametrize('script', ['main.py', 'sweep.py'])
 def test_help_lists_the_compilation_cache_flag_defined_in_cli(script):
-  p = _cli(script, '--help')
-  assert p.returncode == 0 and '--compilation_cache: Folder of JAX' in p.stdout, p.stdout[-2000:]
+  p = _cli(script, '--help')  # absl's --help exits with status 1
+  assert '--compilation_cache: Folder of JAX' in p.stdout, p.stdout[-2000:]
