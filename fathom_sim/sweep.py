@@ -11,6 +11,7 @@ Run i of a setting lands in <out>/<setting name>/seed=<seed>; `sweep.json` lists
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import numbers
 import os
@@ -247,11 +248,26 @@ def run_sweep(sweep: SweepDef, out: str, *, extra: dict | None = None,
     else:
       batches.append([i])
 
+  # A data error (files missing, or unreadable) of one run is every run's with the same data
+  # and model: those are marked failed with it, not tried again.
+  data_errors: dict[str, str] = {}
+
+  def data_key(run: RunSpec) -> str:
+    return json.dumps([run.config.data.to_dict(), run.config.model.to_dict()], sort_keys=True,
+                      default=str)
+
   save()
   for batch in batches:
     names = ', '.join(runs[i].name for i in batch)
     where = f'[{batch[0] + 1}/{len(runs)}]' if len(batch) == 1 else (
         f'[{batch[0] + 1}-{batch[-1] + 1}/{len(runs)}]')
+    known = data_errors.get(data_key(runs[batch[0]]))
+    if known is not None:
+      for i in batch:
+        entries[i] = _entry(runs[i], out, 'failed', error=known)
+      log(f'{where} {names}: failed, not tried: the same data as a run that failed')
+      save()
+      continue
     log(f'{where} {names}: running' + (f' ({len(batch)} seeds vectorised)'
                                       if len(batch) > 1 else ''))
     for i in batch:
@@ -268,6 +284,9 @@ def run_sweep(sweep: SweepDef, out: str, *, extra: dict | None = None,
       for i in batch:
         entries[i] = _entry(runs[i], out, 'failed', error=str(e))
       log(f'{where} {names}: failed: {e}')
+      # (One naming the run's own workdir, e.g. its unreadable metrics.jsonl, is its alone.)
+      if isinstance(e, DataError) and not any(runs[i].workdir in str(e) for i in batch):
+        data_errors[data_key(runs[batch[0]])] = str(e)
       save()
       continue
     except BaseException:

@@ -214,3 +214,27 @@ def test_every_shipped_sweep_loads_and_plans_valid_configs(tmp_path):
   fedavg = [o for o in claim.overrides if o['algorithm'] == 'fedavg']
   assert len(fedavg) == 27 and len(claim.seeds) == 5
   assert claim.overrides[0] == {'algorithm': 'fathom'}
+
+
+def test_a_sweep_whose_data_is_missing_tries_it_once_and_marks_every_run_failed(tmp_path):
+  """As claim.sh on real data not downloaded: one attempt and one message, not one per run;
+  a setting with other data is still tried."""
+  from fathom_sim.config import base_config
+  config = base_config()
+  config.data.name, config.data.data_dir = 'femnist', str(tmp_path / 'no_such_data')
+  config.model.name = 'emnist_cnn'
+  definition = sweep.SweepDef(config, '<inline>', [{'eta': 0.1}, {'eta': 0.05},
+                                                   {'data.data_dir': str(tmp_path / 'other')}],
+                              [0, 1], {})
+  tried, logs = [], []
+
+  def train(c, workdir):
+    tried.append(workdir)
+    return train_and_evaluate(c, workdir)
+
+  entries = sweep.run_sweep(definition, str(tmp_path / 'out'), train=train, log=logs.append)
+  assert [e['status'] for e in entries] == ['failed'] * 6
+  assert len(tried) == 2  # the first run of each data folder
+  assert len({e['error'] for e in entries[:4]}) == 1 and 'no_such_data' in entries[0]['error']
+  assert 'other' in entries[4]['error']
+  assert sum('not tried: the same data as a run that failed' in line for line in logs) == 4
