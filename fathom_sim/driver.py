@@ -17,12 +17,16 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from fathom_sim import fathom
 from fathom_sim.compile_ahead import CompileAhead
 from fathom_sim.data import DataError
-from fathom_sim.data.federated import ArrayClientDataset, Prefetcher, sample_cohort
+from fathom_sim.data.federated import ArrayClientDataset, Prefetcher, sample_cohorts
 from fathom_sim.data.plan import Planner, SeedPlanners, neighbour_buckets
 from fathom_sim.mesh import CLIENTS, by_client, local_rows, put, replicated
 from fathom_sim.round import make_round
 from fathom_sim.run import Run
 from fathom_sim.types import BATCH, EPOCHS, CohortPlan, RoundMetrics, ServerState
+
+# Cohorts are sampled this many rounds at a time, up to COHORT_BLOCK_ELEMENTS random keys (a
+# block shuffles the whole population once per round: Stack Overflow's 342k clients take 11).
+COHORT_BLOCK, COHORT_BLOCK_ELEMENTS = 64, 1 << 22
 
 
 def _compile_ahead_workers() -> int:
@@ -113,6 +117,8 @@ class Rounds:
         self.planner.restore_padded_lengths(fed.lengths_before)
         self.replanned += 1
       fed = self._feed(t, hp)
+    if t < c.num_rounds:
+      self._cohorts(t + 1)  # now, while the devices are idle (see _cohorts)
     dispatched = time.perf_counter()
     args = (state,) + fed.args
     if self.compile_ahead is not None:
@@ -200,13 +206,22 @@ class Rounds:
     return self._prefetch is not None
 
   def _cohorts(self, t: int) -> list[np.ndarray]:
-    """Round t's cohort for each seed (sampled once, though the prefetch asks a round early)."""
-    if self._cohorts_memo is None or self._cohorts_memo[0] != t:
+    """Round t's cohort for each seed, from a block of rounds sampled at once.
+
+    Sampling is a JAX program on the host's CPU device. On a CPU platform that device also
+    runs the rounds, so a cohort sampled while a round is in flight waits for it: __call__
+    asks for round t+1's before it dispatches round t, which samples a new block only then.
+    """
+    if self._cohorts_memo is None or not (
+        self._cohorts_memo[0] <= t < self._cohorts_memo[0] + len(self._cohorts_memo[1][0])):
       c = self.run.config
       seeds = [c.seed] if self.seeds is None else self.seeds
-      self._cohorts_memo = (t, [sample_cohort(self.run.task.train, s, t, c.cohort_size)
-                                for s in seeds])
-    return self._cohorts_memo[1]
+      population = len(self.run.task.train.num_examples)
+      block = max(1, min(COHORT_BLOCK, COHORT_BLOCK_ELEMENTS // max(population, 1)))
+      self._cohorts_memo = (t, [sample_cohorts(self.run.task.train, s, t, block,
+                                               c.cohort_size) for s in seeds])
+    first, blocks = self._cohorts_memo
+    return [block[t - first] for block in blocks]
 
   @property
   def compiles(self) -> int:

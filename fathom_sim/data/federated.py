@@ -199,3 +199,25 @@ def sample_cohort(dataset: ClientDataset, seed: int, round_index: int,
   """Round t's cohort: distinct clients with at least one example, uniformly at random."""
   eligible = np.flatnonzero(np.asarray(dataset.num_examples) > 0)
   return sample_clients(seed, round_index, rng.COHORT, eligible, cohort_size)
+
+
+@functools.partial(jax.jit, static_argnums=(2, 3, 4))
+def _choice_rounds(base: jax.Array, rounds: jax.Array, stream: int, population: int,
+                   size: int) -> jax.Array:
+  # Each round's bits depend on its key alone, so these are _choice's, round by round.
+  return jax.vmap(lambda r: jax.random.choice(rng.round_key(base, r, stream), population,
+                                              (size,), replace=False))(rounds)
+
+
+def sample_cohorts(dataset: ClientDataset, seed: int, first_round: int, num_rounds: int,
+                   cohort_size: int) -> np.ndarray:
+  """The cohorts of rounds first_round .. first_round + num_rounds - 1 in one program:
+  [num_rounds, cohort_size], row i what sample_cohort gives for round first_round + i."""
+  eligible = np.flatnonzero(np.asarray(dataset.num_examples) > 0)
+  if cohort_size > len(eligible):
+    raise ValueError(f'cannot sample {cohort_size} clients out of {len(eligible)}')
+  with jax.default_device(_host_cpu()):  # as sample_clients: never behind a round in flight
+    rounds = np.arange(first_round, first_round + num_rounds, dtype=np.int32)
+    picks = np.asarray(_choice_rounds(rng.base_key(seed), rounds, rng.COHORT, len(eligible),
+                                      cohort_size))
+  return eligible[picks]
