@@ -24,8 +24,9 @@ from fathom_sim.round import make_round
 from fathom_sim.run import Run
 from fathom_sim.types import BATCH, EPOCHS, CohortPlan, RoundMetrics, ServerState
 
-# Cohorts are sampled this many rounds at a time, up to COHORT_BLOCK_ELEMENTS random keys (a
-# block shuffles the whole population once per round: Stack Overflow's 342k clients take 11).
+# On a CPU platform, cohorts are sampled this many rounds at a time, up to
+# COHORT_BLOCK_ELEMENTS random keys (a block shuffles the whole population once per round:
+# Stack Overflow's 342k clients take 11). See Rounds._cohorts.
 COHORT_BLOCK, COHORT_BLOCK_ELEMENTS = 64, 1 << 22
 
 
@@ -85,6 +86,7 @@ class Rounds:
       self.planner = SeedPlanners(train, c.cohort_size, lanes, self.seeds, **options)
       self._lanes = NamedSharding(mesh, P(None, CLIENTS))
     self._cohorts_memo: tuple[int, list[np.ndarray]] | None = None
+    self._sample_before_dispatch = mesh.devices.flat[0].platform == 'cpu'
     self._resident = (put(run.task.train.features, replicated(mesh))
                       if run.resident else None)
     self.last_host_s = self.last_device_s = self.last_ahead_s = 0.0
@@ -117,7 +119,7 @@ class Rounds:
         self.planner.restore_padded_lengths(fed.lengths_before)
         self.replanned += 1
       fed = self._feed(t, hp)
-    if t < c.num_rounds:
+    if t < c.num_rounds and self._sample_before_dispatch:
       self._cohorts(t + 1)  # now, while the devices are idle (see _cohorts)
     dispatched = time.perf_counter()
     args = (state,) + fed.args
@@ -206,18 +208,21 @@ class Rounds:
     return self._prefetch is not None
 
   def _cohorts(self, t: int) -> list[np.ndarray]:
-    """Round t's cohort for each seed, from a block of rounds sampled at once.
+    """Round t's cohort for each seed.
 
-    Sampling is a JAX program on the host's CPU device. On a CPU platform that device also
-    runs the rounds, so a cohort sampled while a round is in flight waits for it: __call__
-    asks for round t+1's before it dispatches round t, which samples a new block only then.
+    Sampling is a JAX program on the host's CPU device. On an accelerator that device is idle,
+    and round t+1's cohort is sampled while round t computes. On a CPU platform it also runs
+    the rounds, so a cohort sampled while a round is in flight waits for it (and the planning
+    of round t+1 with it): there __call__ asks for round t+1's before it dispatches round t,
+    and cohorts come a block of rounds at a time (one program, the same bits).
     """
     if self._cohorts_memo is None or not (
         self._cohorts_memo[0] <= t < self._cohorts_memo[0] + len(self._cohorts_memo[1][0])):
       c = self.run.config
       seeds = [c.seed] if self.seeds is None else self.seeds
       population = len(self.run.task.train.num_examples)
-      block = max(1, min(COHORT_BLOCK, COHORT_BLOCK_ELEMENTS // max(population, 1)))
+      block = max(1, min(COHORT_BLOCK, COHORT_BLOCK_ELEMENTS // max(population, 1))) if (
+          self._sample_before_dispatch) else 1
       self._cohorts_memo = (t, [sample_cohorts(self.run.task.train, s, t, block,
                                                c.cohort_size) for s in seeds])
     first, blocks = self._cohorts_memo

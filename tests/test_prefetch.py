@@ -285,14 +285,26 @@ def test_cohorts_sampled_in_a_block_are_each_rounds_own(population, size):
       np.testing.assert_array_equal(block[i], sample_cohort(data, seed, 7 + i, size))
 
 
-def test_the_rounds_cohorts_cross_blocks_as_sampled_round_by_round(monkeypatch):
-  """The driver samples cohorts a block of rounds at a time (3 here): across the blocks'
-  edges each round trains sample_cohort's clients."""
+@pytest.mark.parametrize('before_dispatch', [True, False])
+def test_the_rounds_cohorts_cross_blocks_as_sampled_round_by_round(monkeypatch,
+                                                                    before_dispatch):
+  """On CPU the driver samples cohorts a block of rounds at a time (3 here) before it
+  dispatches a round; on an accelerator one round at a time while the previous computes.
+  Either way each round trains sample_cohort's clients, across the blocks' edges too."""
   from fathom_sim import driver
+  from fathom_sim.run import build, init_state
   monkeypatch.setattr(driver, 'COHORT_BLOCK', 3)
   task = tiny_task()
   config = tiny_config(num_devices=1, cohort_size=4)
-  _, history, rounds = run_rounds(config, task, 8)
-  for t, (_, plan) in enumerate(history, 1):
+  run = build(config, task)
+  state = init_state(run)
+  rounds = driver.Rounds(run)
+  rounds._sample_before_dispatch = before_dispatch
+  hp = rounds.initial_hparams(state)
+  for t in range(1, 9):
+    state, m, plan = rounds(state, t, hp)
+    hp = np.asarray(m.next_hparams)
     np.testing.assert_array_equal(np.sort(plan.clients),
                                   np.sort(sample_cohort(task.train, config.seed, t, 4)))
+    assert len(rounds._cohorts_memo[1][0]) == (3 if before_dispatch else 1)
+  rounds.close()
