@@ -275,6 +275,8 @@ def main(argv):
   cli.setup_logging()
   if len(argv) > 1:
     cli.fail(f'unexpected arguments {" ".join(argv[1:])!r}: benchmark.py takes flags only')
+  if not _TASKS.value:
+    cli.fail(f'--tasks must name at least one task among {", ".join(TASKS)}')
   for name in _TASKS.value:
     if name not in TASKS:
       cli.fail(f'--tasks: unknown task {name!r}; choose from {", ".join(TASKS)}')

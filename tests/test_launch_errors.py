@@ -183,6 +183,7 @@ SMALL = ['--tasks=mlp', '--num_clients=20', '--cohort_sizes=2', '--noisolate_row
     ('--num_clients=-5', '--num_clients must be >= 1, got -5'),
     ('--cohort_sizes=2,-1', "--cohort_sizes must be integers >= 1, got '2,-1'"),
     ('--cohort_sizes=0', "--cohort_sizes must be integers >= 1, got '0'"),
+    ('--tasks=', '--tasks must name at least one task among mlp, cnn, lstm'),
 ])
 def test_benchmark_refuses_out_of_range_counts_before_any_row(tmp_path, flag, needle):
   out = tmp_path / 'bench.json'
