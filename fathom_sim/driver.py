@@ -26,7 +26,7 @@ from fathom_sim.types import BATCH, EPOCHS, CohortPlan, RoundMetrics, ServerStat
 
 # On a CPU platform, cohorts are sampled this many rounds at a time, up to
 # COHORT_BLOCK_ELEMENTS random keys (a block shuffles the whole population once per round:
-# Stack Overflow's 342k clients take 11). See Rounds._cohorts.
+# Stack Overflow's 342k clients take 12). See Rounds._cohorts.
 COHORT_BLOCK, COHORT_BLOCK_ELEMENTS = 64, 1 << 22
 
 

@@ -17,7 +17,7 @@ import numpy as np
 
 from fathom_sim import fathom, models, rng, server
 from fathom_sim.config import ConfigError, check_config
-from fathom_sim.data import DataError, Task, load_task
+from fathom_sim.data import DataError, DatasetError, Task, load_task
 from fathom_sim.data.federated import ArrayClientDataset
 from fathom_sim.mesh import make_mesh, put, replicated
 from fathom_sim.types import ServerState
@@ -69,7 +69,10 @@ def hyper_setup(config) -> tuple[fathom.HyperTuner, tuple[float, float, float]]:
 def build(config: ml_collections.ConfigDict, task: Task | None = None) -> Run:
   """Checks the config against itself, the data and the devices; builds the run's parts."""
   check_config(config)
-  task = task if task is not None else load_task(config.data)
+  try:
+    task = task if task is not None else load_task(config.data)
+  except DataError as e:  # the whole dataset: a sweep need not try its other runs on it
+    raise DatasetError(str(e)) from None
   eligible = int(np.sum(np.asarray(task.train.num_examples) > 0))
   if config.cohort_size > eligible:
     raise ConfigError(f'config.cohort_size must be at most the number of training clients '
@@ -221,8 +224,8 @@ def _check_model_fits(model: models.Model, name: str, task: Task) -> None:
   except Exception as e:  # whatever the model's own error, report it against the data
     shapes = ', '.join(f'{k} {v.shape[1:]} {v.dtype}' for k, v in sample.items())
     reason = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
-    raise DataError(f'{task.name}: examples ({shapes}) do not fit config.model.name={name!r}: '
-                    f'{reason}') from None
+    raise DatasetError(f'{task.name}: examples ({shapes}) do not fit '
+                       f'config.model.name={name!r}: {reason}') from None
 
 
 def _memory_bytes(mesh) -> tuple[int, str]:

@@ -209,7 +209,7 @@ def run_sweep(sweep: SweepDef, out: str, *, extra: dict | None = None,
   """
   from fathom_sim import train as train_lib
   from fathom_sim import workdir as workdir_lib
-  from fathom_sim.data import DataError
+  from fathom_sim.data import DataError, DatasetError
   train = train or train_lib.train_and_evaluate
   train_group = train_group or train_lib.train_seeds
   runs = plan_runs(sweep, out, extra)
@@ -248,8 +248,9 @@ def run_sweep(sweep: SweepDef, out: str, *, extra: dict | None = None,
     else:
       batches.append([i])
 
-  # A data error (files missing, or unreadable) of one run is every run's with the same data
-  # and model: those are marked failed with it, not tried again.
+  # A dataset error (files missing or unreadable when opened, examples that do not fit the
+  # model) of one run is every run's with the same data and model: those are marked failed
+  # with it, not tried again. An error in a round (a damaged record) may be one seed's alone.
   data_errors: dict[str, str] = {}
 
   def data_key(run: RunSpec) -> str:
@@ -284,8 +285,7 @@ def run_sweep(sweep: SweepDef, out: str, *, extra: dict | None = None,
       for i in batch:
         entries[i] = _entry(runs[i], out, 'failed', error=str(e))
       log(f'{where} {names}: failed: {e}')
-      # (One naming the run's own workdir, e.g. its unreadable metrics.jsonl, is its alone.)
-      if isinstance(e, DataError) and not any(runs[i].workdir in str(e) for i in batch):
+      if isinstance(e, DatasetError):
         data_errors[data_key(runs[batch[0]])] = str(e)
       save()
       continue

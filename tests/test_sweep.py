@@ -10,6 +10,7 @@ import pytest
 
 from fathom_sim import report, sweep
 from fathom_sim.train import train_and_evaluate
+from tests.common import tiny_config
 
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -238,3 +239,21 @@ def test_a_sweep_whose_data_is_missing_tries_it_once_and_marks_every_run_failed(
   assert len({e['error'] for e in entries[:4]}) == 1 and 'no_such_data' in entries[0]['error']
   assert 'other' in entries[4]['error']
   assert sum('not tried: the same data as a run that failed' in line for line in logs) == 4
+
+
+def test_a_data_error_in_a_round_fails_that_run_alone(tmp_path):
+  """A damaged record is met by the seeds whose cohorts draw it: the other runs on the same
+  data are still tried."""
+  from fathom_sim.data import DataError
+  definition = sweep.SweepDef(tiny_config(num_rounds=2, num_devices=1), '<inline>', [{}],
+                              [0, 1], {})
+  tried = []
+
+  def train(c, workdir):
+    tried.append(c.seed)
+    if c.seed == 0:
+      raise DataError('record 7 of train.array_record-00000 cannot be read')
+    return train_and_evaluate(c, workdir)
+
+  entries = sweep.run_sweep(definition, str(tmp_path / 'out'), train=train, log=lambda _: None)
+  assert tried == [0, 1] and [e['status'] for e in entries] == ['failed', 'done']

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import functools
 
-from fathom_sim.data.byo import DataError, load_npz
+from fathom_sim.data.byo import DataError, DatasetError, load_npz
 from fathom_sim.data.federated import ClientDataset, Task, materialize
 from fathom_sim.data.prepared import load_prepared
 from fathom_sim.data.synthetic import femnist_like, synthetic_alpha_beta
@@ -45,4 +45,4 @@ def _femnist_like_in_memory(num_clients: int, test_fraction: float, seed: int) -
   return task
 
 
-__all__ = ['ClientDataset', 'DataError', 'Task', 'load_task', 'DATASETS']
+__all__ = ['ClientDataset', 'DataError', 'DatasetError', 'Task', 'load_task', 'DATASETS']

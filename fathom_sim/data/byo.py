@@ -21,6 +21,11 @@ class DataError(ValueError):
   """Unusable data; the message names the file and what is accepted."""
 
 
+class DatasetError(DataError):
+  """A dataset unusable as a whole (missing, unreadable when opened, or not fitting the
+  model), found before any round: every run on the same data and model fails alike."""
+
+
 def _read(path: str) -> dict:
   try:
     with np.load(path, allow_pickle=False) as f:
