@@ -240,6 +240,16 @@ class NextWordLSTM(nn.Module):
     return Dense(self.num_ids, self.dtype)(h)
 
 
+def unit_forget_bias(params: Params) -> Params:
+  """The LSTM's forget gate starts with bias 1 (flax starts every bias at 0), as in both
+  public versions of the Stack Overflow model: TFF's Keras LSTM (unit_forget_bias) and
+  FedJAX's Haiku LSTM (which adds 1 to the forget gate's input). The cell then keeps most of
+  its memory early in training."""
+  cell = params['OptimizedLSTMCell_0']
+  forget = {**cell['hf'], 'bias': jnp.ones_like(cell['hf']['bias'])}
+  return {**params, 'OptimizedLSTMCell_0': {**cell, 'hf': forget}}
+
+
 def sequence_model(name: str, module: nn.Module, num_ids: int) -> Model:
   """Next-token prediction: x, y [n, length] ids; loss over non-pad targets.
 
@@ -256,7 +266,7 @@ def sequence_model(name: str, module: nn.Module, num_ids: int) -> Model:
   not_words = np.isin(np.arange(num_ids), [PAD, BOS, EOS, oov])
 
   def init(rng: jax.Array, batch: Batch) -> Params:
-    return module.init(rng, batch['x'][:1], train=False)['params']
+    return unit_forget_bias(module.init(rng, batch['x'][:1], train=False)['params'])
 
   def per_token(params, batch):
     logits = module.apply({'params': params}, batch['x'], train=False).astype(jnp.float32)

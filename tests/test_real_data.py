@@ -326,3 +326,36 @@ def test_a_scratch_folder_left_by_a_killed_conversion_is_replaced_and_a_users_is
   prepare(source, str(out), fmt='leaf_json', task='emnist')
   assert not mine.exists() and not (out / '.fathom_sim_partial').exists()
   assert load_prepared('femnist', str(out)).train.client(0)['x'].shape == (11, 28, 28)
+
+
+def test_the_lstm_is_a_plain_lstm_whose_forget_gate_starts_at_bias_one():
+  """The next-word model against a numpy unroll of the textbook LSTM on the same weights
+  (random biases too, so each gate's parameters are told apart), and its initial forget-gate
+  bias of 1 (TFF's unit_forget_bias, FedJAX's Haiku +1), every other bias 0."""
+  num_ids, (e, hdim, d) = 9, (4, 6, 5)
+  model = models.get_model('lstm', num_classes=num_ids, hidden=(e, hdim, d))
+  x = np.array([[1, 3, 8, 4, 0], [1, 5, 6, 7, 3]], np.int32)
+  params = model.init(jax.random.key(0), {'x': x, 'y': x})
+  cell = params['OptimizedLSTMCell_0']
+  np.testing.assert_array_equal(cell['hf']['bias'], np.ones(hdim))
+  for gate in ('hi', 'hg', 'ho'):
+    np.testing.assert_array_equal(cell[gate]['bias'], np.zeros(hdim))
+  r = np.random.default_rng(0)
+  params = jax.tree.map(lambda a: np.asarray(a) + 0.3 * r.standard_normal(a.shape), params)
+  cell = params['OptimizedLSTMCell_0']
+  sig = lambda z: 1 / (1 + np.exp(-z))
+  gate = lambda g, inp, h: inp @ cell['i' + g]['kernel'] + h @ cell['h' + g]['kernel'] + (
+      cell['h' + g]['bias'])
+  h, c = np.zeros((2, hdim)), np.zeros((2, hdim))
+  outs = []
+  for t in range(x.shape[1]):
+    inp = params['Embed_0']['embedding'][x[:, t]]
+    i, f = sig(gate('i', inp, h)), sig(gate('f', inp, h))
+    g, o = np.tanh(gate('g', inp, h)), sig(gate('o', inp, h))
+    c = f * c + i * g
+    h = o * np.tanh(c)
+    dense = h @ params['Dense_0']['kernel'] + params['Dense_0']['bias']
+    outs.append(dense @ params['Dense_1']['kernel'] + params['Dense_1']['bias'])
+  want = np.stack(outs, axis=1)
+  got = models.NextWordLSTM(num_ids, e, hdim, d).apply({'params': params}, x)
+  np.testing.assert_allclose(np.asarray(got), want, rtol=1e-4, atol=1e-5)
