@@ -3,7 +3,7 @@
 #
 #   bash experiments/claim.sh quickstart [OUT]   # embedded task, ~30 min on a 2-core CPU
 #   bash experiments/claim.sh femnist [OUT]      # FEMNIST-shaped data, EMNIST CNN (accelerator)
-#   bash experiments/claim.sh femnist_cpu [OUT]  # the same data with an MLP, ~76 min on a 2-core
+#   bash experiments/claim.sh femnist_cpu [OUT]  # the same data with an MLP, 43-76 min on a 2-core
 #                                                # CPU with XLA_FLAGS=--xla_force_host_platform_device_count=2
 #   bash experiments/claim.sh femnist_real [OUT]        # real FEMNIST at data/femnist
 #   bash experiments/claim.sh stackoverflow_real [OUT]  # real Stack Overflow at data/stackoverflow
