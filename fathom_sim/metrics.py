@@ -104,13 +104,18 @@ def keep_rows(workdir: str, last_round: int, drop_eval_at: int | None = None) ->
   return rows
 
 
-def write_json(path: str, obj: dict) -> None:
-  """Writes atomically: a reader sees the old file or the new one, never half of one."""
+def write_text(path: str, text: str) -> None:
+  """Writes atomically: a reader (another host's process, a resumed run after a kill) sees the
+  old file or the new one, never half of one."""
   tmp = path + '.tmp'
   with open(tmp, 'w', encoding='utf-8') as f:
-    json.dump(_plain(obj), f, indent=2)
-    f.write('\n')
+    f.write(text)
   os.replace(tmp, path)
+
+
+def write_json(path: str, obj: dict) -> None:
+  """Writes `obj` as indented JSON, atomically (write_text)."""
+  write_text(path, json.dumps(_plain(obj), indent=2) + '\n')
 
 
 def params_digest(params: Params) -> tuple[float, str]:

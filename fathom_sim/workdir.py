@@ -95,6 +95,6 @@ def prepare(workdir: str, config: ml_collections.ConfigDict) -> None:
 def save_config(workdir: str, config: ml_collections.ConfigDict) -> None:
   """Writes config.json: the run's config as this command gave it (resumable fields, such as
   num_rounds, may differ from the run's first command)."""
-  if distributed.is_writer():
-    with open(os.path.join(workdir, CONFIG_FILE), 'w', encoding='utf-8') as f:
-      f.write(config.to_json_best_effort(indent=2) + '\n')
+  if distributed.is_writer():  # atomically: the other hosts' processes read it meanwhile
+    metrics.write_text(os.path.join(workdir, CONFIG_FILE),
+                       config.to_json_best_effort(indent=2) + '\n')

@@ -320,3 +320,22 @@ def test_metrics_rows_read_plain_or_gzipped_up_to_a_torn_line_and_kept_to_a_roun
     assert [r['round'] for r in metrics.read_rows(path)] == [1, 2, 3]
   assert [r['round'] for r in metrics.keep_rows(str(tmp_path), 2)] == [1, 2]
   assert plain.read_text() == '{"round": 1}\n{"round": 2}\n'
+
+
+def test_config_json_is_replaced_whole_or_not_at_all(tmp_path, monkeypatch):
+  """Another host's process reads config.json while process 0 writes it, and a run killed
+  while writing it must stay resumable: it is never seen truncated (a multi-host test once
+  read it empty and refused the run as unreadable)."""
+  import ml_collections
+  from fathom_sim import workdir as workdir_lib
+  config = _tiny(num_rounds=3)
+  workdir_lib.save_config(str(tmp_path), config)
+  before = (tmp_path / 'config.json').read_text()
+
+  def broken(self, **kwargs):
+    raise RuntimeError('killed while writing')
+
+  monkeypatch.setattr(ml_collections.ConfigDict, 'to_json_best_effort', broken)
+  with pytest.raises(RuntimeError):
+    workdir_lib.save_config(str(tmp_path), config)
+  assert (tmp_path / 'config.json').read_text() == before
