@@ -97,10 +97,7 @@ def keep_rows(workdir: str, last_round: int, drop_eval_at: int | None = None) ->
                                   read_rows(path) if os.path.exists(path) else []))
   rows = [{k: v for k, v in r.items() if not k.startswith('test_')}
           if r.get('round') == drop_eval_at else r for r in rows]
-  tmp = path + '.tmp'
-  with open(tmp, 'w', encoding='utf-8') as f:
-    f.writelines(json.dumps(r) + '\n' for r in rows)
-  os.replace(tmp, path)
+  write_text(path, ''.join(json.dumps(r) + '\n' for r in rows))
   return rows
 
 

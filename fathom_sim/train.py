@@ -197,13 +197,13 @@ def _train(configs: list[ml_collections.ConfigDict], workdirs: list[str], *,
     if distributed.is_writer():  # on several hosts, process 0 alone writes the run's files
       # Rows past the checkpoint are redone, and a finished run taken further drops the
       # evaluation made only because it ended there: its rows become an uninterrupted run's.
-      ended = metrics.finished_rounds(book.workdir) == done and done % c.eval_every != 0
-      if ended and done < c.num_rounds:
+      extended = (done < c.num_rounds and done % c.eval_every != 0
+                  and metrics.finished_rounds(book.workdir) == done)
+      if extended:
         logging.info('%s: the run ended at round %d and goes on to %d; the evaluation of round '
                      '%d is dropped from %s (an uninterrupted run does not evaluate there)',
                      book.workdir, done, c.num_rounds, done, metrics.METRICS_FILE)
-      book.rows = metrics.keep_rows(book.workdir, done,
-                                    done if ended and done < c.num_rounds else None)
+      book.rows = metrics.keep_rows(book.workdir, done, done if extended else None)
       book.writer = metrics.MetricsWriter(book.workdir)
     book.start = time.time() - float(book.meta['wall_s'])
 
