@@ -24,6 +24,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 
+from fathom_sim.mesh import out_of_memory
 from fathom_sim.types import ServerState
 
 CHECKPOINTS = 'checkpoints'
@@ -111,6 +112,8 @@ class Checkpointer:
           raise ValueError('its arrays differ from the ones saved (sha256 mismatch)')
         return state, meta
       except Exception as e:  # any failure to read means: not a usable checkpoint
+        if out_of_memory(e):  # ... but a device too full to hold it says nothing of the files
+          raise
         _quiet_closed_loop_callbacks()
         moved = self._set_aside(step)
         logging.warning('checkpoint of round %d is unreadable (%s: %s); moved to %s, %s',

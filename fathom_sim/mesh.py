@@ -50,3 +50,11 @@ def put(tree, sharding: NamedSharding):
     a = np.asarray(a)
     return jax.make_array_from_callback(a.shape, sharding, lambda index: a[index])
   return jax.tree.map(one, tree)
+
+
+def out_of_memory(e: BaseException) -> str | None:
+  """XLA's first line when `e` says a device (or, for CPU devices, the host) ran out of
+  memory, else None."""
+  if isinstance(e, jax.errors.JaxRuntimeError) and 'RESOURCE_EXHAUSTED' in str(e):
+    return str(e).strip().splitlines()[0][:200]
+  return None

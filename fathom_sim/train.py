@@ -29,9 +29,15 @@ from fathom_sim.config import ConfigError
 from fathom_sim.data.federated import sample_clients
 from fathom_sim.driver import Rounds
 from fathom_sim.evaluation import make_evaluator
-from fathom_sim.mesh import put, replicated
+from fathom_sim.mesh import out_of_memory, put, replicated
 from fathom_sim.run import Run, build, init_state, matmul_precision
 from fathom_sim.types import BATCH, EPOCHS, ETA
+
+
+class OutOfMemory(ConfigError):
+  """A device ran out of memory: the config asks more than the devices hold. The workdir keeps
+  its checkpoints and rows as they were; a sweep marks the run failed and goes on."""
+
 
 class Preempted(Exception):
   """The run received SIGTERM or SIGINT and stopped after checkpointing its last round."""
@@ -65,6 +71,52 @@ def _agreed_stop(signals: list[int]) -> int:
   if jax.process_count() == 1:
     return mine
   return int(np.max(multihost_utils.process_allgather(np.int32(mine))))
+
+
+def _out_of_memory_message(run: Run, doing: dict, xla: str) -> str:
+  """What ran out of memory and the fields that size it. `doing` is what the run was doing:
+  'init', 'round' t at hyperparameters hp, or the 'evaluation' after round t."""
+  c, lanes = run.config, run.lanes_per_device
+  on = (f'on {run.mesh.devices.size} {run.mesh.devices.flat[0].platform} device(s) '
+        f'(XLA: {xla})')
+  if doing['what'] == 'init':
+    return (f"the model's first state ran out of memory {on}; a smaller model (config.model) "
+            'needs a new workdir')
+  if doing['what'] == 'evaluation':
+    return (f'the evaluation after round {doing["round"]} ran out of memory {on} in batches '
+            f'of config.eval_batch_size={c.eval_batch_size}; a smaller one resumes this workdir')
+  hp = np.atleast_2d(doing['hp'])  # [seeds, 3] when seeds are vectorised
+  b = float(hp[:, BATCH].max())
+  bound = 'config.upper_batch_size' if c.algorithm == 'fathom' else 'config.batch_size'
+  lanes_hint = (f'a smaller config.lanes_per_device (now {lanes}) resumes this workdir; '
+                if lanes > 1 else '')
+  b_int = max(1, round(b))
+  return (f'round {doing["round"]} ran out of memory {on} with B {b:.6g} ({b_int} '
+          f'example{"s" if b_int > 1 else ""} a local step), config.cohort_size='
+          f'{c.cohort_size} clients, {lanes} side by side per device; {lanes_hint}a smaller '
+          f"{bound} or config.cohort_size, or config.model.compute_dtype='bfloat16', needs a "
+          'new workdir')
+
+
+@contextlib.contextmanager
+def _out_of_memory_as_error(run: Run, books: list, doing: dict, *, close: bool = True):
+  """Turns XLA's out-of-memory error into an OutOfMemory that says what ran out and which
+  fields to lower; the run's files are closed as they stand (pending checkpoints finished),
+  unless they are closed already (`close` False)."""
+  try:
+    yield
+  except jax.errors.JaxRuntimeError as e:
+    xla = out_of_memory(e)
+    if xla is None:
+      raise
+    for book in books if close else ():
+      if book.writer:
+        book.writer.close()
+      book.checkpointer.close()
+    saved = books[0].checkpointer.steps() if books else []
+    kept = (f'{"the workdir keeps" if len(books) == 1 else "each workdir keeps"} the '
+            f'checkpoint of round {max(saved)}' if saved else 'no round was checkpointed yet')
+    raise OutOfMemory(f'{_out_of_memory_message(run, doing, xla)}; {kept}') from None
 
 
 def _extra_accuracies(result: dict) -> dict:
@@ -150,20 +202,22 @@ def _train(configs: list[ml_collections.ConfigDict], workdirs: list[str], *,
                f'; {len(configs)} seeds vectorised' if vectorized else '')
 
   books, states, hps = [], [], []
-  for config, workdir in zip(configs, workdirs):
-    state = init_state(dataclasses.replace(run, config=config))
-    checkpointer = Checkpointer(workdir, config.keep_checkpoints)
-    restored = checkpointer.restore_newest(state)
-    if restored is None:
-      meta = {'total_examples': 0, 'total_steps': 0, 'computed': 0, 'wall_s': 0.0}
-      done, hp = 0, None
-    else:
-      state, meta = restored
-      done, hp = int(meta['round']), np.asarray(meta['hp'], np.float32)
-      logging.info('%s: resuming from the checkpoint of round %d', workdir, done)
-    books.append(_Book(config, workdir, checkpointer, done, meta, cache_hits=cache_hits))
-    states.append(state)
-    hps.append(hp)
+  doing = {'what': 'init'}  # what the run is doing, for an out-of-memory error's message
+  with _out_of_memory_as_error(run, books, doing):
+    for config, workdir in zip(configs, workdirs):
+      state = init_state(dataclasses.replace(run, config=config))
+      checkpointer = Checkpointer(workdir, config.keep_checkpoints)
+      restored = checkpointer.restore_newest(state)
+      if restored is None:
+        meta = {'total_examples': 0, 'total_steps': 0, 'computed': 0, 'wall_s': 0.0}
+        done, hp = 0, None
+      else:
+        state, meta = restored
+        done, hp = int(meta['round']), np.asarray(meta['hp'], np.float32)
+        logging.info('%s: resuming from the checkpoint of round %d', workdir, done)
+      books.append(_Book(config, workdir, checkpointer, done, meta, cache_hits=cache_hits))
+      states.append(state)
+      hps.append(hp)
   for book in books:
     if book.done > c.num_rounds:
       for b in books:
@@ -229,8 +283,10 @@ def _train(configs: list[ml_collections.ConfigDict], workdirs: list[str], *,
 
   # closing: compiles queued ahead are dropped however the loop ends, and those running waited
   # for, after the signal handlers are restored: a second Ctrl-C still ends that wait.
-  with contextlib.closing(rounds), _stop_signals() as signals:
+  with (contextlib.closing(rounds), _stop_signals() as signals,
+        _out_of_memory_as_error(run, books, doing)):
     for t in range(done + 1, c.num_rounds + 1):
+      doing.update(what='round', round=t, hp=hp)
       state, m, plans = rounds(state, t, hp)
       stop = _agreed_stop(signals)
       used_all, hp = np.asarray(m.hparams), np.asarray(m.next_hparams)
@@ -268,6 +324,7 @@ def _train(configs: list[ml_collections.ConfigDict], workdirs: list[str], *,
             chosen = sample_clients(book.config.seed, t, rng.EVAL, test_clients, c.eval_clients)
           else:
             chosen = test_clients
+          doing['what'] = 'evaluation'
           result = evaluate_on_test(_seed(state.params, s), chosen)
           book.last_eval = (t, len(chosen) == len(test_clients), result)
           row['test_accuracy'], row['test_loss'] = result['accuracy'], result['loss']
@@ -306,7 +363,9 @@ def _train(configs: list[ml_collections.ConfigDict], workdirs: list[str], *,
     if book.last_eval is not None and book.last_eval[0] == c.num_rounds and book.last_eval[1]:
       final = book.last_eval[2]
     else:
-      final = evaluate_on_test(params, test_clients)
+      doing.update(what='evaluation', round=c.num_rounds)
+      with _out_of_memory_as_error(run, books, doing, close=False):
+        final = evaluate_on_test(params, test_clients)
     summaries.append(_summary(book, final, params, _seed(hp, s), rounds, run,
                               vectorized=len(books) if vectorized else 0))
   return summaries

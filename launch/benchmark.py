@@ -332,13 +332,29 @@ def _rows(cohorts: list[int]) -> None:
   results = []
   for name in _TASKS.value:
     for cohort in cohorts:
-      r = _measure_in_child(name, cohort) if _ISOLATE.value else measure(name, cohort)
+      r = _measure_in_child(name, cohort) if _ISOLATE.value else _measure_or_fail(name, cohort)
       results.append(r)
       if not os.environ.get(_ROW_PROCESS):
         _print_row(name, cohort, r)
       if _JSON.value:
         with open(_JSON.value, 'w', encoding='utf-8') as f:
           json.dump(results, f, indent=2)
+
+
+def _measure_or_fail(name: str, cohort: int) -> dict:
+  """measure(), with a device running out of memory said in one line (the rows measured
+  before it stay in --json)."""
+  import jax
+  from fathom_sim.config import ConfigError
+  from fathom_sim.mesh import out_of_memory
+  try:
+    return measure(name, cohort)
+  except jax.errors.JaxRuntimeError as e:
+    xla = out_of_memory(e)
+    if xla is None:
+      raise
+    raise ConfigError(f'{name} at cohort {cohort} ran out of memory ({xla}); measure it on a '
+                      'device with more memory, or with fewer --lanes_per_device') from None
 
 
 def _print_row(name: str, cohort: int, r: dict) -> None:

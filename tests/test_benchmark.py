@@ -111,6 +111,26 @@ def test_a_row_that_fails_in_its_process_ends_the_benchmark_with_its_error(tmp_p
   assert 'Traceback' not in p.stderr and not out.exists()
 
 
+def test_a_row_out_of_memory_is_one_error_naming_the_row(monkeypatch):
+  import jax
+  import pytest
+  from fathom_sim.config import ConfigError
+  from launch import benchmark
+
+  def measure(name, cohort):
+    if cohort == 200:
+      raise jax.errors.JaxRuntimeError('RESOURCE_EXHAUSTED: Out of memory allocating 8 bytes.')
+    raise jax.errors.JaxRuntimeError('INTERNAL: something else')
+
+  monkeypatch.setattr(benchmark, 'measure', measure)
+  with pytest.raises(ConfigError, match=r'^cnn at cohort 200 ran out of memory \(RESOURCE_'
+                     r'EXHAUSTED: Out of memory allocating 8 bytes.\); measure it on a device '
+                     'with more memory, or with fewer --lanes_per_device$'):
+    benchmark._measure_or_fail('cnn', 200)
+  with pytest.raises(jax.errors.JaxRuntimeError, match='INTERNAL'):  # not memory: as it was
+    benchmark._measure_or_fail('cnn', 10)
+
+
 def test_benchmark_refuses_unknown_task_and_positional_arguments():
   p = subprocess.run([sys.executable, os.path.join(ROOT, 'launch', 'benchmark.py'),
                       '--tasks=resnet'], cwd=ROOT, capture_output=True, text=True, timeout=120)

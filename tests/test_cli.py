@@ -88,6 +88,30 @@ def test_bad_input_is_one_clear_line_and_exit_2(tmp_path, args, needle):
   assert not workdir.exists() or not any(workdir.iterdir())
 
 
+def test_a_round_out_of_memory_is_one_clear_line_and_exit_2(tmp_path):
+  """A real XLA out-of-memory error: a 2^20-wide hidden layer at B 16,384 asks ~200 GB in
+  round 1. The child's address space is capped (16 GiB) so that no machine tries to give it
+  that, whatever its overcommit policy."""
+  workdir = tmp_path / 'run'
+  env = dict(os.environ, JAX_PLATFORMS='cpu')
+  env.pop('XLA_FLAGS', None)
+  p = subprocess.run(['bash', '-c', 'ulimit -v 16777216 && exec "$@"', 'bash', sys.executable,
+                      MAIN, f'--config={QUICKSTART}', f'--workdir={workdir}',
+                      '--config.algorithm=fedavg', '--config.num_rounds=2',
+                      '--config.model.hidden=(1048576,)', '--config.batch_size=16384',
+                      '--compilation_cache='], cwd=ROOT, env=env, timeout=300,
+                     capture_output=True, text=True)
+  assert p.returncode == 2, (p.returncode, p.stderr[-2000:])
+  errors = [line for line in p.stderr.splitlines() if line.startswith('error:')]
+  assert len(errors) == 1 and 'Traceback' not in p.stderr, p.stderr[-2000:]
+  assert errors[0].startswith('error: round 1 ran out of memory on 1 cpu device(s) (XLA: '
+                              'RESOURCE_EXHAUSTED'), errors[0]
+  assert 'B 16384 (16384 examples a local step)' in errors[0]
+  assert 'a smaller config.batch_size or config.cohort_size' in errors[0]
+  assert errors[0].endswith('no round was checkpointed yet')
+  assert read_rows(workdir) == []
+
+
 def test_missing_config_file_is_named(tmp_path):
   p = launch('--config=configs/nope.py', f'--workdir={tmp_path}')
   assert p.returncode == 2 and "'configs/nope.py': no such config file" in p.stderr

@@ -339,3 +339,91 @@ def test_config_json_is_replaced_whole_or_not_at_all(tmp_path, monkeypatch):
   with pytest.raises(RuntimeError):
     workdir_lib.save_config(str(tmp_path), config)
   assert (tmp_path / 'config.json').read_text() == before
+
+
+def _out_of_memory():
+  return jax.errors.JaxRuntimeError('RESOURCE_EXHAUSTED: Out of memory allocating 123456 bytes.')
+
+
+@pytest.mark.parametrize('lanes', [1, 2])
+def test_a_round_out_of_memory_keeps_the_checkpoint_and_the_run_resumes(tmp_path, monkeypatch,
+                                                                        lanes):
+  """XLA's error in round 15 (as a device too small for the round would raise it) becomes one
+  error naming the round and the fields; round 10's checkpoint stays, and the same command
+  finishes the run as if nothing had happened."""
+  from fathom_sim.driver import Rounds
+  from fathom_sim.train import OutOfMemory
+  straight = train_and_evaluate(_tiny(lanes_per_device=lanes), str(tmp_path / 'straight'))
+  workdir = str(tmp_path / 'run')
+  real_round = Rounds.__call__
+
+  def round_or_out_of_memory(self, state, t, hp):
+    if t == 15:
+      raise _out_of_memory()
+    return real_round(self, state, t, hp)
+
+  with monkeypatch.context() as patch:
+    patch.setattr(Rounds, '__call__', round_or_out_of_memory)
+    with pytest.raises(OutOfMemory) as raised:
+      train_and_evaluate(_tiny(lanes_per_device=lanes), workdir)
+  message, row = str(raised.value), read_rows(str(tmp_path / 'straight'))[14]
+  b, b_int = row['batch_size'], row['batch_size_int']  # round 15's, as FATHOM moved it
+  assert b_int == 1  # (so the message says "example")
+  assert message.startswith('round 15 ran out of memory on 2 cpu device(s) (XLA: '
+                            'RESOURCE_EXHAUSTED: Out of memory allocating 123456 bytes.) with '
+                            f'B {b:.6g} (1 example a local step), config.cohort_size=4 '
+                            f'clients, {lanes} side by side per device; '
+                            + ('a smaller config.lanes_per_device (now 2) resumes this workdir; '
+                               if lanes > 1 else '')
+                            + 'a smaller config.upper_batch_size or config.cohort_size'), message
+  assert message.endswith('the workdir keeps the checkpoint of round 10')
+  assert os.listdir(os.path.join(workdir, 'checkpoints')) == ['10']  # no pending save lost
+  assert [r['round'] for r in read_rows(workdir)] == list(range(1, 15))
+  resumed = train_and_evaluate(_tiny(lanes_per_device=lanes), workdir)
+  assert resumed['resumed_from'] == 10
+  assert resumed['final'] == straight['final']
+  assert _without_timing(read_rows(workdir)) == _without_timing(
+      read_rows(str(tmp_path / 'straight')))
+
+
+def test_an_evaluation_out_of_memory_names_eval_batch_size_and_a_smaller_one_resumes(
+    tmp_path, monkeypatch):
+  from fathom_sim.evaluation import Evaluator
+  from fathom_sim.train import OutOfMemory
+  workdir = str(tmp_path / 'run')
+  real_evaluate, calls = Evaluator.__call__, []
+
+  def evaluate_or_out_of_memory(self, *args, **kwargs):
+    calls.append(1)
+    if len(calls) == 2:  # round 20's
+      raise _out_of_memory()
+    return real_evaluate(self, *args, **kwargs)
+
+  with monkeypatch.context() as patch:
+    patch.setattr(Evaluator, '__call__', evaluate_or_out_of_memory)
+    with pytest.raises(OutOfMemory, match=r'^the evaluation after round 20 ran out of memory .* '
+                       r'in batches of config.eval_batch_size=1024; a smaller one resumes this '
+                       r'workdir; the workdir keeps the checkpoint of round 10$'):
+      train_and_evaluate(_tiny(), workdir)
+  resumed = train_and_evaluate(_tiny(eval_batch_size=64), workdir)
+  assert resumed['resumed_from'] == 10 and resumed['rounds'] == 30
+
+
+def test_a_checkpoint_too_large_for_the_device_is_not_set_aside(tmp_path, monkeypatch):
+  """Restoring can run out of device memory too: that says nothing of the checkpoint's files,
+  which stay where they are (not moved aside as unreadable) for a run with more memory."""
+  import orbax.checkpoint as ocp
+  from fathom_sim.train import OutOfMemory
+  workdir = str(tmp_path / 'run')
+  train_and_evaluate(_tiny(num_rounds=20), workdir)
+
+  def restore(self, *args, **kwargs):
+    raise _out_of_memory()
+
+  with monkeypatch.context() as patch:
+    patch.setattr(ocp.CheckpointManager, 'restore', restore)
+    with pytest.raises(OutOfMemory, match="^the model's first state ran out of memory"):
+      train_and_evaluate(_tiny(num_rounds=30), workdir)
+  assert sorted(os.listdir(os.path.join(workdir, 'checkpoints'))) == ['10', '20']
+  assert not os.path.exists(os.path.join(workdir, 'unreadable_checkpoints'))
+  assert train_and_evaluate(_tiny(num_rounds=30), workdir)['resumed_from'] == 20

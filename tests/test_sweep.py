@@ -241,6 +241,25 @@ def test_a_sweep_whose_data_is_missing_tries_it_once_and_marks_every_run_failed(
   assert sum('not tried: the same data as a run that failed' in line for line in logs) == 4
 
 
+def test_a_run_out_of_memory_fails_alone_and_the_sweep_goes_on(tmp_path, monkeypatch):
+  """A setting too large for the device is that run's failure, not the sweep's end."""
+  import jax
+  from fathom_sim.driver import Rounds
+  definition = sweep.SweepDef(tiny_config(num_rounds=2, num_devices=1), '<inline>',
+                              [{'cohort_size': 6}, {}], [0], {})
+  real_round = Rounds.__call__
+
+  def round_or_out_of_memory(self, state, t, hp):
+    if self.run.config.cohort_size == 6:
+      raise jax.errors.JaxRuntimeError('RESOURCE_EXHAUSTED: Out of memory allocating 9 bytes.')
+    return real_round(self, state, t, hp)
+
+  monkeypatch.setattr(Rounds, '__call__', round_or_out_of_memory)
+  entries = sweep.run_sweep(definition, str(tmp_path / 'out'), log=lambda _: None)
+  assert [e['status'] for e in entries] == ['failed', 'done']
+  assert entries[0]['error'].startswith('round 1 ran out of memory on 1 cpu device(s)')
+
+
 def test_a_data_error_in_a_round_fails_that_run_alone(tmp_path):
   """A damaged record is met by the seeds whose cohorts draw it: the other runs on the same
   data are still tried."""
