@@ -386,6 +386,26 @@ def test_a_round_out_of_memory_keeps_the_checkpoint_and_the_run_resumes(tmp_path
       read_rows(str(tmp_path / 'straight')))
 
 
+def test_vectorised_seeds_out_of_memory_keep_each_checkpoint(tmp_path, monkeypatch):
+  from fathom_sim.driver import Rounds
+  from fathom_sim.train import OutOfMemory, train_seeds
+  real_round = Rounds.__call__
+
+  def round_or_out_of_memory(self, state, t, hp):
+    if t == 12:
+      raise _out_of_memory()
+    return real_round(self, state, t, hp)
+
+  workdirs = [str(tmp_path / f'seed{s}') for s in (3, 4)]
+  monkeypatch.setattr(Rounds, '__call__', round_or_out_of_memory)
+  with pytest.raises(OutOfMemory, match=r'^round 12 ran out of memory .* with B \S+ \(\d+ '
+                     r'examples? a local step\).*; each workdir keeps the checkpoint of round 10$'):
+    train_seeds([_tiny(seed=3), _tiny(seed=4)], workdirs)
+  for workdir in workdirs:
+    assert os.listdir(os.path.join(workdir, 'checkpoints')) == ['10']
+    assert [r['round'] for r in read_rows(workdir)] == list(range(1, 12))
+
+
 def test_an_evaluation_out_of_memory_names_eval_batch_size_and_a_smaller_one_resumes(
     tmp_path, monkeypatch):
   from fathom_sim.evaluation import Evaluator
