@@ -52,27 +52,40 @@ class MetricsWriter:
 def read_rows(path: str) -> list[dict]:
   """The rows of a metrics.jsonl (or of a gzipped copy, *.gz), up to a torn last line.
 
-  A file that is not UTF-8 text raises DataError (a ValueError) naming it.
+  Only the last line may be torn (a killed run's unfinished write); a line that is not a row
+  with rows after it, a file that is not UTF-8 text or a damaged gzip file raise DataError (a
+  ValueError) naming the file, which is left as it is.
   """
+  from fathom_sim.data import DataError
   opener = gzip.open if path.endswith('.gz') else open
-  rows: list[dict] = []
   with opener(path, 'rt', encoding='utf-8') as f:
     try:
-      for line in f:
-        try:
-          rows.append(json.loads(line))
-        except ValueError:
-          break  # a torn write of a killed run: nothing after it was committed either
+      lines = f.read().split('\n')
     except UnicodeDecodeError as e:
       # Rows are written as ASCII JSON, so no torn write makes this: the file is not a
       # run's metrics, and truncating it here (keep_rows) would lose whatever it holds.
-      from fathom_sim.data import DataError
       raise DataError(f'{path}: not UTF-8 text ({e.reason}); expected the JSON lines that a '
                       'run writes to metrics.jsonl') from None
     except (gzip.BadGzipFile, EOFError, zlib.error) as e:  # a damaged or cut gzipped copy
-      from fathom_sim.data import DataError
       raise DataError(f'{path}: not a whole gzip file ({type(e).__name__}: {e}); expected a '
                       'gzipped copy of a metrics.jsonl') from None
+  rows: list[dict] = []
+  for number, line in enumerate(lines, 1):
+    if not line.strip():
+      continue  # the end of the last row's line, or a blank line: no row lost
+    try:
+      row = json.loads(line)
+    except ValueError:
+      row = None
+    if isinstance(row, dict) and isinstance(row.get('round'), int):
+      rows.append(row)
+      continue
+    if row is None and not any(rest.strip() for rest in lines[number:]):
+      break  # a torn write of a killed run: nothing after it was committed either
+    # Not a torn write: truncating here (keep_rows) would lose the rows after it.
+    raise DataError(f'{path}: line {number} is not a row of a run (a JSON object with an '
+                    f'integer "round"): {line[:60]!r}; rows follow it, so it is no torn last '
+                    'write. The file is left as it is: repair or remove that line')
   return rows
 
 

@@ -322,6 +322,29 @@ def test_metrics_rows_read_plain_or_gzipped_up_to_a_torn_line_and_kept_to_a_roun
   assert plain.read_text() == '{"round": 1}\n{"round": 2}\n'
 
 
+@pytest.mark.parametrize('bad', ['xx', '[1, 2]', '{"loss": 1}'])
+def test_a_damaged_row_before_others_is_refused_and_no_row_is_lost(tmp_path, bad):
+  """Only a last line can be a torn write: a resume cutting the file at a damaged line in the
+  middle would delete every round after it for good (the checkpoint and summary are past it)."""
+  from fathom_sim import metrics
+  from fathom_sim.data import DataError
+  workdir = str(tmp_path / 'run')
+  train_and_evaluate(_tiny(num_rounds=10), workdir)
+  path = os.path.join(workdir, metrics.METRICS_FILE)
+  lines = open(path).read().split('\n')
+  lines[4] = bad
+  damaged = '\n'.join(lines)
+  with open(path, 'w') as f:
+    f.write(damaged)
+  with pytest.raises(DataError, match=f'{path}: line 5 is not a row of a run .*rows follow it'):
+    train_and_evaluate(_tiny(num_rounds=20), workdir)
+  assert open(path).read() == damaged
+  if bad == 'xx':  # the same line last is a torn write: the rows before it are kept
+    with open(path, 'w') as f:
+      f.write('\n'.join(lines[:5]))
+    assert [r['round'] for r in metrics.read_rows(path)] == [1, 2, 3, 4]
+
+
 def test_config_json_is_replaced_whole_or_not_at_all(tmp_path, monkeypatch):
   """Another host's process reads config.json while process 0 writes it, and a run killed
   while writing it must stay resumable: it is never seen truncated (a multi-host test once
