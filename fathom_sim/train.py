@@ -99,20 +99,23 @@ def _out_of_memory_message(run: Run, doing: dict, xla: str) -> str:
 
 
 @contextlib.contextmanager
-def _out_of_memory_as_error(run: Run, books: list, doing: dict, *, close: bool = True):
-  """Turns XLA's out-of-memory error into an OutOfMemory that says what ran out and which
-  fields to lower; the run's files are closed as they stand (pending checkpoints finished),
-  unless they are closed already (`close` False)."""
+def _closed_on_error(run: Run, books: list, doing: dict):
+  """Whatever ends the run with an error (bad data met in a round, a device out of memory, a
+  bug), its files are closed as they stand first: metrics flushed, pending checkpoint saves
+  finished (an unfinished one was left as a temporary folder). XLA's out-of-memory error
+  becomes an OutOfMemory that says what ran out and which fields to lower."""
   try:
     yield
-  except jax.errors.JaxRuntimeError as e:
+  except BaseException as e:
+    for book in books:
+      try:
+        book.close()
+      except Exception as close_error:  # noqa: BLE001 - the run's own error is the one to raise
+        logging.warning('%s: closing the run\'s files failed too (%s: %s)', book.workdir,
+                        type(close_error).__name__, close_error)
     xla = out_of_memory(e)
     if xla is None:
       raise
-    for book in books if close else ():
-      if book.writer:
-        book.writer.close()
-      book.checkpointer.close()
     saved = books[0].checkpointer.steps() if books else []
     kept = (f'{"the workdir keeps" if len(books) == 1 else "each workdir keeps"} the '
             f'checkpoint of round {max(saved)}' if saved else 'no round was checkpointed yet')
@@ -174,6 +177,15 @@ class _Book:
   last_eval: tuple | None = None
   start: float = 0.0
   cache_hits: int = 0  # compile_cache.hits() when the run started
+  closed: bool = False
+
+  def close(self) -> None:
+    """Flushes the metrics and finishes pending checkpoint saves (once)."""
+    if not self.closed:
+      self.closed = True
+      if self.writer:
+        self.writer.close()
+      self.checkpointer.close()
 
   def bookkeeping(self, t: int, hp: np.ndarray) -> dict:
     return {'round': t, 'hp': [float(v) for v in hp], 'total_examples': self.meta['total_examples'],
@@ -192,6 +204,17 @@ def _train(configs: list[ml_collections.ConfigDict], workdirs: list[str], *,
   run = build(configs[0])
   for config, workdir in zip(configs, workdirs):
     workdir_lib.prepare(workdir, config)
+  books: list[_Book] = []
+  doing = {'what': 'init'}  # what the run is doing, for an out-of-memory error's message
+  with _closed_on_error(run, books, doing):
+    return _run(run, configs, workdirs, books, doing, cache_hits=cache_hits,
+                vectorized=vectorized)
+
+
+def _run(run: Run, configs: list[ml_collections.ConfigDict], workdirs: list[str],
+         books: list[_Book], doing: dict, *, cache_hits: int, vectorized: bool) -> list[dict]:
+  """_train's body: restores or starts each run (a _Book appended to `books` once its
+  checkpoints are open), then runs the rounds; `doing` is kept up to date."""
   c, task, mesh = configs[0], run.task, run.mesh
   n_dev = mesh.devices.size
   logging.info('task %s: %d train clients (%d examples), %d test clients; %d device(s) '
@@ -201,27 +224,27 @@ def _train(configs: list[ml_collections.ConfigDict], workdirs: list[str], *,
                run.lanes_per_device, 'on device' if run.resident else 'fed per round',
                f'; {len(configs)} seeds vectorised' if vectorized else '')
 
-  books, states, hps = [], [], []
-  doing = {'what': 'init'}  # what the run is doing, for an out-of-memory error's message
-  with _out_of_memory_as_error(run, books, doing):
-    for config, workdir in zip(configs, workdirs):
-      state = init_state(dataclasses.replace(run, config=config))
-      checkpointer = Checkpointer(workdir, config.keep_checkpoints)
+  states, hps = [], []
+  for config, workdir in zip(configs, workdirs):
+    state = init_state(dataclasses.replace(run, config=config))
+    checkpointer = Checkpointer(workdir, config.keep_checkpoints)
+    try:
       restored = checkpointer.restore_newest(state)
-      if restored is None:
-        meta = {'total_examples': 0, 'total_steps': 0, 'computed': 0, 'wall_s': 0.0}
-        done, hp = 0, None
-      else:
-        state, meta = restored
-        done, hp = int(meta['round']), np.asarray(meta['hp'], np.float32)
-        logging.info('%s: resuming from the checkpoint of round %d', workdir, done)
-      books.append(_Book(config, workdir, checkpointer, done, meta, cache_hits=cache_hits))
-      states.append(state)
-      hps.append(hp)
+    except BaseException:
+      checkpointer.close()
+      raise
+    if restored is None:
+      meta = {'total_examples': 0, 'total_steps': 0, 'computed': 0, 'wall_s': 0.0}
+      done, hp = 0, None
+    else:
+      state, meta = restored
+      done, hp = int(meta['round']), np.asarray(meta['hp'], np.float32)
+      logging.info('%s: resuming from the checkpoint of round %d', workdir, done)
+    books.append(_Book(config, workdir, checkpointer, done, meta, cache_hits=cache_hits))
+    states.append(state)
+    hps.append(hp)
   for book in books:
-    if book.done > c.num_rounds:
-      for b in books:
-        b.checkpointer.close()
+    if book.done > c.num_rounds:  # (_train closes the books)
       raise workdir_lib.WorkdirError(
           f'--workdir {book.workdir!r} holds a run already at round {book.done}; '
           f'config.num_rounds must be at least that, got {c.num_rounds}')
@@ -229,24 +252,12 @@ def _train(configs: list[ml_collections.ConfigDict], workdirs: list[str], *,
     workdir_lib.save_config(book.workdir, book.config)
   if vectorized and len({b.done for b in books}) > 1:
     for b in books:
-      b.checkpointer.close()
+      b.close()
     logging.warning('the seeds\' checkpoints stand at rounds %s; running them one by one',
                     [b.done for b in books])
     return [train_and_evaluate(cf, wd) for cf, wd in zip(configs, workdirs)]
   done = books[0].done
 
-  rounds = Rounds(run, [cf.seed for cf in configs] if vectorized else None)
-  if vectorized:
-    state = put(jax.device_get(jax.tree.map(lambda *x: jnp.stack(x), *states)),
-                replicated(mesh))
-  else:
-    state = states[0]
-  fresh = rounds.initial_hparams(state)  # [S, 3] when vectorised
-  if vectorized:
-    hp = np.stack([fresh[i] if h is None else h for i, h in enumerate(hps)])
-  else:
-    hp = fresh if hps[0] is None else hps[0]
-  seeds = list(range(len(books))) if vectorized else [None]
   for book in books:
     if distributed.is_writer():  # on several hosts, process 0 alone writes the run's files
       # Rows past the checkpoint are redone, and a finished run taken further drops the
@@ -260,6 +271,19 @@ def _train(configs: list[ml_collections.ConfigDict], workdirs: list[str], *,
       book.rows = metrics.keep_rows(book.workdir, done, done if extended else None)
       book.writer = metrics.MetricsWriter(book.workdir)
     book.start = time.time() - float(book.meta['wall_s'])
+
+  rounds = Rounds(run, [cf.seed for cf in configs] if vectorized else None)
+  if vectorized:
+    state = put(jax.device_get(jax.tree.map(lambda *x: jnp.stack(x), *states)),
+                replicated(mesh))
+  else:
+    state = states[0]
+  fresh = rounds.initial_hparams(state)  # [S, 3] when vectorised
+  if vectorized:
+    hp = np.stack([fresh[i] if h is None else h for i, h in enumerate(hps)])
+  else:
+    hp = fresh if hps[0] is None else hps[0]
+  seeds = list(range(len(books))) if vectorized else [None]
 
   evaluate = make_evaluator(run.model, mesh, c.eval_batch_size)
   host_loop = run.local_loop == 'host'
@@ -283,8 +307,7 @@ def _train(configs: list[ml_collections.ConfigDict], workdirs: list[str], *,
 
   # closing: compiles queued ahead are dropped however the loop ends, and those running waited
   # for, after the signal handlers are restored: a second Ctrl-C still ends that wait.
-  with (contextlib.closing(rounds), _stop_signals() as signals,
-        _out_of_memory_as_error(run, books, doing)):
+  with contextlib.closing(rounds), _stop_signals() as signals:
     for t in range(done + 1, c.num_rounds + 1):
       doing.update(what='round', round=t, hp=hp)
       state, m, plans = rounds(state, t, hp)
@@ -345,16 +368,12 @@ def _train(configs: list[ml_collections.ConfigDict], workdirs: list[str], *,
         last_log = (now, t)
       if stop:
         for book in books:
-          if book.writer:
-            book.writer.close()
-          book.checkpointer.close()
+          book.close()
         logging.warning('signal %d: stopped after round %d, checkpoint saved; run the same '
                         'command again to resume', stop, t)
         raise Preempted(stop, t)
   for book in books:
-    if book.writer:
-      book.writer.close()
-    book.checkpointer.close()
+    book.close()
 
   summaries = []
   for s, book in zip(seeds, books):
@@ -364,8 +383,7 @@ def _train(configs: list[ml_collections.ConfigDict], workdirs: list[str], *,
       final = book.last_eval[2]
     else:
       doing.update(what='evaluation', round=c.num_rounds)
-      with _out_of_memory_as_error(run, books, doing, close=False):
-        final = evaluate_on_test(params, test_clients)
+      final = evaluate_on_test(params, test_clients)
     summaries.append(_summary(book, final, params, _seed(hp, s), rounds, run,
                               vectorized=len(books) if vectorized else 0))
   return summaries

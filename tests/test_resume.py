@@ -409,6 +409,28 @@ def test_a_round_out_of_memory_keeps_the_checkpoint_and_the_run_resumes(tmp_path
       read_rows(str(tmp_path / 'straight')))
 
 
+def test_a_run_ended_by_bad_data_finishes_its_pending_checkpoint(tmp_path, monkeypatch):
+  """A record found bad in round 5 ends the run (one DataError) right after round 4's save
+  started: that save is finished, not left as a temporary folder, and the run resumes there."""
+  from fathom_sim.data import DataError
+  from fathom_sim.driver import Rounds
+  real_round = Rounds.__call__
+
+  def round_or_bad_record(self, state, t, hp):
+    if t == 5:
+      raise DataError('record 7 of train.array_record-00000 cannot be read')
+    return real_round(self, state, t, hp)
+
+  workdir = str(tmp_path / 'run')
+  with monkeypatch.context() as patch:
+    patch.setattr(Rounds, '__call__', round_or_bad_record)
+    with pytest.raises(DataError, match='record 7'):
+      train_and_evaluate(_tiny(checkpoint_every=1), workdir)
+    assert sorted(os.listdir(os.path.join(workdir, 'checkpoints'))) == ['2', '3', '4']
+  assert [r['round'] for r in read_rows(workdir)] == [1, 2, 3, 4]
+  assert train_and_evaluate(_tiny(checkpoint_every=1), workdir)['resumed_from'] == 4
+
+
 def test_vectorised_seeds_out_of_memory_keep_each_checkpoint(tmp_path, monkeypatch):
   from fathom_sim.driver import Rounds
   from fathom_sim.train import OutOfMemory, train_seeds
