@@ -80,12 +80,14 @@ def read_rows(path: str) -> list[dict]:
     if isinstance(row, dict) and isinstance(row.get('round'), int):
       rows.append(row)
       continue
-    if row is None and not any(rest.strip() for rest in lines[number:]):
+    last = not any(rest.strip() for rest in lines[number:])
+    if row is None and last:
       break  # a torn write of a killed run: nothing after it was committed either
     # Not a torn write: truncating here (keep_rows) would lose the rows after it.
     raise DataError(f'{path}: line {number} is not a row of a run (a JSON object with an '
-                    f'integer "round"): {line[:60]!r}; rows follow it, so it is no torn last '
-                    'write. The file is left as it is: repair or remove that line')
+                    f'integer "round"): {line[:60]!r}'
+                    f'{"" if last else "; rows follow it, so it is no torn last write"}. '
+                    'The file is left as it is: repair or remove that line')
   return rows
 
 

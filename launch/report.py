@@ -33,7 +33,9 @@ def main(argv):
   try:
     targets = [float(t) for t in _TARGETS.value]
   except ValueError:
-    cli.fail(f'--targets must be numbers, got {",".join(_TARGETS.value)}')
+    targets = []
+  if not targets or not all(0 < t <= 1 for t in targets):
+    cli.fail(f'--targets must be test accuracies in (0, 1], got {",".join(_TARGETS.value)!r}')
   out = _OUT.value
   if os.path.exists(out) and not os.path.isdir(out):
     cli.fail(f'--out {out!r} is a file, not a folder; give a folder for report.md and the PNGs')
@@ -61,4 +63,4 @@ def main(argv):
 
 if __name__ == '__main__':
   flags.mark_flags_as_required(['out'])
-  app.run(main)
+  app.run(main, flags_parser=cli.parse_flags_or_exit)

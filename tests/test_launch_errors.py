@@ -159,6 +159,27 @@ def test_report_names_a_metrics_file_that_is_not_utf8(tmp_path):
   assert not out.exists()
 
 
+@pytest.mark.parametrize('args,needle', [
+    ([], 'Flag --out must have a value other than None'),
+    (['--target=0.3'], "Unknown command line flag 'target'. Did you mean: targets ?"),
+    (['--targets=40'], "--targets must be test accuracies in (0, 1], got '40'"),
+    (['--targets=0.3,0'], "--targets must be test accuracies in (0, 1], got '0.3,0'"),
+    (['--targets=abc'], "--targets must be test accuracies in (0, 1], got 'abc'"),
+])
+def test_report_refuses_bad_flags_in_one_line(tmp_path, args, needle):
+  run = _run_dir(tmp_path, ROW.encode())
+  out = tmp_path / 'report'
+  _refused(_cli('report.py', str(run), *([f'--out={out}'] if args else []), *args), needle)
+  assert not out.exists()
+
+
+@pytest.mark.parametrize('damage', ['[1, 2]\n', 'xx\n' + ROW])
+def test_report_names_a_metrics_line_that_is_not_a_row(tmp_path, damage):
+  run = _run_dir(tmp_path, (ROW + damage).encode())
+  _refused(_cli('report.py', str(run), f'--out={tmp_path / "report"}'),
+           f'{run / metrics.METRICS_FILE}: line 2 is not a row of a run')
+
+
 def test_report_refuses_an_out_it_cannot_write(tmp_path):
   run = _run_dir(tmp_path, ROW.encode())
   afile = tmp_path / 'afile'
