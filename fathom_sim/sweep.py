@@ -22,7 +22,7 @@ from typing import Callable
 import ml_collections
 
 from fathom_sim import metrics
-from fathom_sim.config import ConfigError, call_user_file
+from fathom_sim.config import ConfigError, call_user_file, check_config
 
 INDEX_FILE = 'sweep.json'
 KEYS = ('config', 'overrides', 'seeds', 'fixed')  # what get_sweep() may return
@@ -65,14 +65,15 @@ def _seeds(value, where: str) -> list[int]:
     return isinstance(v, numbers.Integral) and not isinstance(v, bool)
   if integer(value) and value >= 1:
     return list(range(value))
-  if isinstance(value, (list, tuple)) and value and all(integer(s) for s in value):
+  if isinstance(value, (list, tuple)) and value and all(integer(s) and 0 <= s < 2**31
+                                                        for s in value):
     seeds = [int(s) for s in value]
     twice = sorted({s for s in seeds if seeds.count(s) > 1})
     if twice:  # two runs would share one workdir
       raise ConfigError(f'{where}: seeds lists {twice[0]} more than once')
     return seeds
   raise ConfigError(f'{where}: seeds must be a count n >= 1 (seeds 0..n-1) or a non-empty list '
-                    f'of integers, got {value!r:.80}')
+                    f'of integers in [0, 2^31), got {value!r:.80}')
 
 
 def load_sweep(path: str) -> SweepDef:
@@ -167,6 +168,9 @@ def plan_runs(sweep: SweepDef, out: str, extra: dict | None = None) -> list[RunS
   where = f'--sweep {sweep.path!r}'
 
   def apply(config, fields: dict, source: str) -> None:
+    if 'seed' in fields:  # it would be overwritten by each run's seed from the seeds list
+      raise ConfigError(f'{source}: config.seed cannot be set here; a sweep runs the seeds of '
+                        'its seeds list (the sweep file\'s seeds, or --seeds)')
     try:
       apply_overrides(config, fields)
     except ConfigError as e:  # say which part of which file holds the field
@@ -181,6 +185,10 @@ def plan_runs(sweep: SweepDef, out: str, extra: dict | None = None) -> list[RunS
       apply(config, dict(extra or {}), 'command line')
       config.seed = seed
       name = f'{setting}/seed={seed}'
+      try:  # every run's values, before any run computes
+        check_config(config)
+      except ConfigError as e:
+        raise ConfigError(f'{where}: run {name}: {e}') from None
       runs.append(RunSpec(name, setting, overrides, seed, config, os.path.join(out, name)))
   return runs
 

@@ -52,7 +52,8 @@ def _sweep_returning(value: str) -> str:
      'unknown key(s) seed; accepted: config, overrides, seeds, fixed'),
     (_sweep_returning('{"config": 3}'), 'config must be a config file path or a ConfigDict'),
     (_sweep_returning(f"{{'config': {QUICKSTART!r}, 'seeds': 'abc'}}"),
-     "seeds must be a count n >= 1 (seeds 0..n-1) or a non-empty list of integers, got 'abc'"),
+     "seeds must be a count n >= 1 (seeds 0..n-1) or a non-empty list of integers in [0, 2^31), "
+     "got 'abc'"),
     (_sweep_returning(f"{{'config': {QUICKSTART!r}, 'seeds': 0}}"), 'seeds must be a count'),
     (_sweep_returning(f"{{'config': {QUICKSTART!r}, 'seeds': []}}"), 'seeds must be a count'),
     (_sweep_returning(f"{{'config': {QUICKSTART!r}, 'seeds': [1, 2, 1]}}"),
@@ -82,6 +83,12 @@ def test_a_bad_sweep_file_is_one_config_error_naming_it(tmp_path, text, needle):
     ("'overrides': [{'eta': 0.1}, {'etaa': 0.2}]", "overrides[1]: unknown config field config.etaa"),
     ("'fixed': {'model.hiden': (8,)}", 'fixed: unknown config field config.model.hiden'),
     ("'overrides': [{'num_rounds': 'many'}]", "overrides[0]: config.num_rounds: cannot be set"),
+    # a value no run accepts: refused before the first run computes, not as that run's failure
+    ("'overrides': [{'eta': 0.1}, {'eta': -1.0}]",
+     'run eta=-1/seed=0: config.eta must be > 0, got -1.0'),
+    ("'overrides': [{'seed': 3}]", 'overrides[0]: config.seed cannot be set here; a sweep runs '
+                                   'the seeds of its seeds list'),
+    ("'fixed': {'seed': 3}", 'fixed: config.seed cannot be set here'),
 ])
 def test_a_bad_field_in_a_sweep_names_the_file_and_the_entry(tmp_path, fields, needle):
   path = tmp_path / 'bad_fields.py'
@@ -96,6 +103,12 @@ def test_a_bad_field_in_a_sweep_names_the_file_and_the_entry(tmp_path, fields, n
     (_sweep_returning("{'overrides': [{'eta': 0.1}]}"), [], 'get_sweep() must return a config'),
     (_sweep_returning(f"{{'config': {QUICKSTART!r}, 'seeds': 'abc'}}"), [],
      'seeds must be a count'),
+    (_sweep_returning(f"{{'config': {QUICKSTART!r}, 'seeds': [-1]}}"), [],
+     'seeds must be a count n >= 1 (seeds 0..n-1) or a non-empty list of integers in [0, 2^31), '
+     'got [-1]'),
+    (_sweep_returning(f"{{'config': {QUICKSTART!r}, 'overrides': [{{'eta': -1.0}}]}}"), [],
+     'run eta=-1/seed=0: config.eta must be > 0'),
+    (GOOD_SWEEP, ['--config.seed=9'], 'command line: config.seed cannot be set here'),
     (GOOD_SWEEP, ['--seeds=0'], '--seeds must be >= 1 (it runs seeds 0..N-1), got 0'),
     (GOOD_SWEEP, ['--seeds=-1'], '--seeds must be >= 1 (it runs seeds 0..N-1), got -1'),
 ])
