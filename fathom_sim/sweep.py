@@ -193,6 +193,11 @@ def plan_runs(sweep: SweepDef, out: str, extra: dict | None = None) -> list[RunS
   return runs
 
 
+def _sweep_file(sweep: SweepDef) -> str:
+  """The sweep file as sweep.json records it (its real path), or '<inline>'."""
+  return os.path.realpath(sweep.path) if os.path.isfile(sweep.path) else sweep.path
+
+
 def is_finished(workdir: str, num_rounds: int) -> bool:
   """True when the workdir holds a summary of at least `num_rounds` rounds."""
   return (metrics.finished_rounds(workdir) or 0) >= num_rounds
@@ -224,6 +229,24 @@ def run_sweep(sweep: SweepDef, out: str, *, extra: dict | None = None,
   if os.path.exists(out) and not os.path.isdir(out):
     raise workdir_lib.WorkdirError(f'--out {out!r} is a file, not a folder; give a folder for '
                                  'the runs and sweep.json')
+  for name in (workdir_lib.CONFIG_FILE, metrics.METRICS_FILE):
+    if os.path.exists(os.path.join(out, name)):
+      raise workdir_lib.WorkdirError(
+          f'--out {out!r} is a run\'s workdir (it holds {name}); a sweep\'s runs would nest '
+          'in it and report.py would show that run alone. Give a folder of its own')
+  sweep_file = _sweep_file(sweep)
+  index_path = os.path.join(out, INDEX_FILE)
+  if os.path.exists(index_path):
+    try:
+      with open(index_path, encoding='utf-8') as f:
+        earlier = json.load(f).get('sweep')
+    except (OSError, ValueError, AttributeError):
+      raise workdir_lib.WorkdirError(f'--out {out!r}: its {INDEX_FILE} cannot be read as a '
+                                     'sweep\'s index; give another folder') from None
+    if earlier is not None and earlier != sweep_file:
+      raise workdir_lib.WorkdirError(
+          f'--out {out!r} holds the runs of another sweep ({earlier}); its {INDEX_FILE} would '
+          f'be replaced and the two sweeps\' runs mixed. Give a folder of its own')
   try:
     os.makedirs(out, exist_ok=True)
   except OSError as e:
@@ -238,8 +261,8 @@ def run_sweep(sweep: SweepDef, out: str, *, extra: dict | None = None,
       continue
     entries.append(_entry(r, out, 'done' if is_finished(r.workdir, r.config.num_rounds)
                           else 'pending'))
-  index = {'config': sweep.config_source, 'fixed': sweep.fixed, 'extra': dict(extra or {}),
-           'seeds': sweep.seeds, 'runs': entries}
+  index = {'sweep': sweep_file, 'config': sweep.config_source, 'fixed': sweep.fixed,
+           'extra': dict(extra or {}), 'seeds': sweep.seeds, 'runs': entries}
 
   def save() -> None:
     metrics.write_json(os.path.join(out, INDEX_FILE), index)

@@ -82,6 +82,13 @@ def prepare(workdir: str, config: ml_collections.ConfigDict) -> None:
     raise WorkdirError(f'--workdir {workdir!r} cannot be created: {e.strerror}') from None
   if not os.access(workdir, os.W_OK | os.X_OK):
     raise WorkdirError(f'--workdir {workdir!r} is not writable')
+  # Folders of the other commands: a run written into one would be hidden from report.py
+  # (which takes a folder with metrics.jsonl as one run) or mixed with a dataset.
+  for marker, what in (('sweep.json', "a sweep's folder (launch/sweep.py's --out)"),
+                       ('meta.json', 'a prepared dataset (launch/prepare_data.py\'s --out)')):
+    if os.path.exists(os.path.join(workdir, marker)):
+      raise WorkdirError(f'--workdir {workdir!r} is {what}; give a folder of its own, e.g. '
+                         f'{os.path.join(workdir, "run")!r}')
   if os.path.exists(os.path.join(workdir, CONFIG_FILE)):
     check_same_run(workdir, config)
     return

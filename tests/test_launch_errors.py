@@ -130,6 +130,47 @@ def test_sweep_command_refuses_an_out_that_is_a_file(tmp_path):
   assert out.read_text() == 'mine'
 
 
+def test_a_sweep_and_a_run_do_not_share_a_folder(tmp_path):
+  """A run inside a sweep's folder, a sweep inside a run's, or a second sweep over a first
+  would hide runs from report.py or replace the first sweep's index: each is refused, and
+  nothing in the folder changes."""
+  from fathom_sim import workdir as workdir_lib
+  from tests.common import tiny_config
+  first, second = tmp_path / 'first.py', tmp_path / 'second.py'
+  for path in (first, second):
+    path.write_text("from tests.common import tiny_config\n"
+                    "def get_sweep():\n"
+                    "  return {'config': tiny_config(num_rounds=1, num_devices=1), 'seeds': 1}\n")
+  out = tmp_path / 'out'
+  entries = sweep.run_sweep(sweep.load_sweep(str(first)), str(out), log=lambda _: None)
+  assert [e['status'] for e in entries] == ['done']
+  index = (out / 'sweep.json').read_text()
+  with pytest.raises(workdir_lib.WorkdirError, match=f"--out '{out}' holds the runs of another "
+                     f"sweep \\({first}\\)"):
+    sweep.run_sweep(sweep.load_sweep(str(second)), str(out), log=lambda _: None)
+  with pytest.raises(workdir_lib.WorkdirError, match=f"--workdir '{out}' is a sweep's folder"):
+    workdir_lib.prepare(str(out), tiny_config())
+  assert (out / 'sweep.json').read_text() == index and sorted(os.listdir(out)) == [
+      'base', 'sweep.json']
+  # the same sweep again: its runs are done, and its index is its own
+  again = sweep.run_sweep(sweep.load_sweep(str(first)), str(out), log=lambda _: None)
+  assert [(e['name'], e['status']) for e in again] == [('base/seed=0', 'done')]
+  run = out / 'base' / 'seed=0'
+  before = sorted(os.listdir(run))
+  with pytest.raises(workdir_lib.WorkdirError, match=f"--out '{run}' is a run's workdir"):
+    sweep.run_sweep(sweep.load_sweep(str(second)), str(run), log=lambda _: None)
+  assert sorted(os.listdir(run)) == before
+
+
+def test_a_run_is_refused_in_a_prepared_dataset(tmp_path):
+  from fathom_sim import workdir as workdir_lib
+  from tests.common import tiny_config
+  (tmp_path / 'meta.json').write_text('{}')
+  with pytest.raises(workdir_lib.WorkdirError, match='is a prepared dataset'):
+    workdir_lib.prepare(str(tmp_path), tiny_config())
+  assert os.listdir(tmp_path) == ['meta.json']
+
+
 # ---- launch/report.py ---------------------------------------------------------------------
 
 ROW = ('{"round": 1, "examples": 10, "local_steps": 1, "wall_s": 0.5, "eta": 0.1, "epochs": 1.0, '
