@@ -144,7 +144,10 @@ def test_npz_directory_with_train_and_test(tmp_path):
     ('negative', 'labels must be >= 0'),
     ('float_labels', 'y must be a 1-D integer label array'),
     ('string_inputs', 'x must hold numbers'),
-    ('not_npz', 'not a readable .npz file'),
+    ('not_npz', "not an .npz file (it starts with b'this i'); an .npz is the zip of arrays "
+                'that np.savez writes'),
+    ('npy', 'a single .npy array, not an .npz'),
+    ('cut_npz', 'not a readable .npz file'),
     ('no_test', 'must hold train.npz and test.npz'),
     ('shapes', 'train inputs are (5,) but test inputs are (6,)'),
 ])
@@ -171,6 +174,12 @@ def test_npz_problems_name_the_file_and_the_fix(tmp_path, problem, needle):
              num_examples=np.array([2]))
   elif problem == 'not_npz':
     path.write_bytes(b'this is not a zip archive')
+  elif problem == 'npy':
+    with open(path, 'wb') as f:
+      np.save(f, np.zeros(3))
+  elif problem == 'cut_npz':
+    _write_clients(path, [3, 4])
+    path.write_bytes(path.read_bytes()[:100])
   elif problem == 'no_test':
     path = tmp_path / 'dir'
     path.mkdir()

@@ -257,7 +257,16 @@ def test_paper_configs_and_missing_dataset_message(tmp_path):
     load_task(so.data)
   message = str(err.value)
   assert 'nowhere' in message and 'prepare_data.py' in message and 'curl' in message
-  assert '\n' not in message
+  assert f'--out={tmp_path / "nowhere"} ' in message and '\n' not in message
+  # a folder holding the downloads: prepare_data.py writes only into a new or empty one
+  downloads = tmp_path / 'downloads'
+  downloads.mkdir()
+  (downloads / 'stackoverflow_train.sqlite').write_bytes(b'')
+  so.data.data_dir = str(downloads)
+  with pytest.raises(DataError) as err:
+    load_task(so.data)
+  assert (f'--out={downloads}_prepared, and give data.data_dir={downloads}_prepared'
+          in str(err.value)), str(err.value)
   femnist.data.data_dir = ''
   with pytest.raises(ConfigError, match='config.data.data_dir must be the prepared dataset'):
     check_config(femnist)

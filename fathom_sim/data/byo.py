@@ -28,6 +28,18 @@ class DatasetError(DataError):
 
 def _read(path: str) -> dict:
   try:
+    with open(path, 'rb') as f:
+      head = f.read(6)
+  except OSError as e:
+    raise DataError(f'{path}: not a readable .npz file ({e.strerror or e})') from None
+  # np.load takes any file that is neither zip nor .npy for a pickle, and says so.
+  if head == b'\x93NUMPY':
+    raise DataError(f'{path}: a single .npy array, not an .npz; save the arrays x, y and '
+                    'num_examples together with np.savez')
+  if not head.startswith(b'PK'):
+    raise DataError(f'{path}: not an .npz file (it starts with {head!r}); an .npz is the zip '
+                    'of arrays that np.savez writes')
+  try:
     with np.load(path, allow_pickle=False) as f:
       return {k: f[k] for k in f.files}
   except (OSError, ValueError, zipfile.BadZipFile, EOFError) as e:

@@ -29,8 +29,13 @@ def load_prepared(name: str, data_dir: str) -> Task:
   from fathom_sim.data.tfds_store import PreparedClientDataset, read_meta
   kind, how = HOW_TO_GET[name]
   if not os.path.isfile(os.path.join(data_dir, 'meta.json')):
+    # prepare_data.py writes into a new or empty folder only: not beside downloads
+    taken = os.path.isdir(data_dir) and bool(os.listdir(data_dir))
+    out = os.path.normpath(data_dir) + '_prepared' if taken else data_dir
+    then = f', and give data.data_dir={out}' if taken else ''
     raise DataError(f'data.data_dir {data_dir!r}: no prepared {name} dataset there (no '
-                    f'meta.json); to make it: {how.format(path=data_dir)} (README: Real datasets)')
+                    f'meta.json); to make it: {how.format(path=out)}{then} (README: Real '
+                    'datasets, for the other formats prepare_data.py reads)')
   meta = read_meta(data_dir)
   if meta.get('task') != kind:
     raise DataError(f'data.data_dir {data_dir!r} holds a prepared {meta.get("task")} dataset; '
