@@ -52,19 +52,26 @@ def state_digest(state: ServerState) -> str:
   return digest.hexdigest()
 
 
+# Orbax's coroutine reading one array of a checkpoint (orbax 0.12).
+_ORBAX_ARRAY_READ = '_read_array_index_and_device_put'
+
+
 def _quiet_closed_loop_callbacks() -> None:
-  """Silences the one message a failed restore leaves behind. Orbax reads a checkpoint's
-  arrays in an asyncio loop that the failure closes; reads still in flight then finish into it,
-  and each prints an "Event loop is closed" traceback (through sys.unraisablehook) after the
-  checkpoint was already reported unreadable and set aside. Installed once, on the first
-  failed restore; every other unraisable exception still goes to the hook before it."""
+  """Silences the messages a failed restore leaves behind. Orbax reads a checkpoint's arrays
+  in an asyncio loop that the first failure closes; reads still in flight then finish into it,
+  and each prints an "Event loop is closed" traceback, or its own read error (TensorStore's
+  spec, ~60 lines each), through sys.unraisablehook, after the checkpoint was already reported
+  unreadable and set aside. Installed once, on the first failed restore; every other
+  unraisable exception still goes to the hook before it."""
   before = sys.unraisablehook
   if getattr(before, 'fathom_sim_quiet', False):
     return
 
   def hook(unraisable):
     e = unraisable.exc_value
-    if not (isinstance(e, RuntimeError) and str(e) == 'Event loop is closed'):
+    closed_loop = isinstance(e, RuntimeError) and str(e) == 'Event loop is closed'
+    array_read = getattr(unraisable.object, '__name__', None) == _ORBAX_ARRAY_READ
+    if not (closed_loop or array_read):
       before(unraisable)
 
   hook.fathom_sim_quiet = True
