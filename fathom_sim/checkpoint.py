@@ -119,9 +119,9 @@ class Checkpointer:
           raise ValueError('its arrays differ from the ones saved (sha256 mismatch)')
         return state, meta
       except Exception as e:  # any failure to read means: not a usable checkpoint
+        _quiet_closed_loop_callbacks()
         if out_of_memory(e):  # ... but a device too full to hold it says nothing of the files
           raise
-        _quiet_closed_loop_callbacks()
         moved = self._set_aside(step)
         logging.warning('checkpoint of round %d is unreadable (%s: %s); moved to %s, %s',
                         step, type(e).__name__,

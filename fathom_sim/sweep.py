@@ -194,8 +194,9 @@ def plan_runs(sweep: SweepDef, out: str, extra: dict | None = None) -> list[RunS
 
 
 def _sweep_file(sweep: SweepDef) -> str:
-  """The sweep file as sweep.json records it (its real path), or '<inline>'."""
-  return os.path.realpath(sweep.path) if os.path.isfile(sweep.path) else sweep.path
+  """The sweep file as sweep.json records it: its name, so that the same sweep run from
+  another clone or a moved checkout is still the same; '<inline>' for one built in Python."""
+  return os.path.basename(sweep.path) if os.path.isfile(sweep.path) else sweep.path
 
 
 def is_finished(workdir: str, num_rounds: int) -> bool:
@@ -246,7 +247,8 @@ def run_sweep(sweep: SweepDef, out: str, *, extra: dict | None = None,
     if earlier is not None and earlier != sweep_file:
       raise workdir_lib.WorkdirError(
           f'--out {out!r} holds the runs of another sweep ({earlier}); its {INDEX_FILE} would '
-          f'be replaced and the two sweeps\' runs mixed. Give a folder of its own')
+          f'be replaced and the two sweeps\' runs mixed. Give a folder of its own (or, if '
+          f'{sweep_file} is {earlier} renamed, set "sweep" in {index_path} to its new name)')
   try:
     os.makedirs(out, exist_ok=True)
   except OSError as e:

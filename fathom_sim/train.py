@@ -24,7 +24,7 @@ from jax.experimental import multihost_utils
 
 from fathom_sim import compile_cache, distributed, metrics, rng
 from fathom_sim import workdir as workdir_lib
-from fathom_sim.checkpoint import Checkpointer
+from fathom_sim.checkpoint import CHECKPOINTS, Checkpointer
 from fathom_sim.config import ConfigError
 from fathom_sim.data.federated import sample_clients
 from fathom_sim.driver import Rounds
@@ -75,16 +75,24 @@ def _agreed_stop(signals: list[int]) -> int:
 
 def _out_of_memory_message(run: Run, doing: dict, xla: str) -> str:
   """What ran out of memory and the fields that size it. `doing` is what the run was doing:
-  'init', 'round' t at hyperparameters hp, or the 'evaluation' after round t."""
+  'init' (a fresh state), 'restore', 'round' t at hyperparameters hp, or the 'evaluation'
+  after round t; 'seeds' > 1 when seeds are vectorised (each holds its own copy)."""
   c, lanes = run.config, run.lanes_per_device
   on = (f'on {run.mesh.devices.size} {run.mesh.devices.flat[0].platform} device(s) '
         f'(XLA: {xla})')
+  seeds = doing.get('seeds', 1)
+  fewer_seeds = (f'; fewer seeds side by side ({seeds} now: launch/sweep.py without '
+                 '--vmap_seeds) resume these workdirs' if seeds > 1 else '')
   if doing['what'] == 'init':
     return (f"the model's first state ran out of memory {on}; a smaller model (config.model) "
-            'needs a new workdir')
+            f'needs a new workdir{fewer_seeds}')
+  if doing['what'] == 'restore':
+    return (f'restoring the checkpoint ran out of memory {on}; a device with more memory '
+            f'resumes it{fewer_seeds}')
   if doing['what'] == 'evaluation':
     return (f'the evaluation after round {doing["round"]} ran out of memory {on} in batches '
-            f'of config.eval_batch_size={c.eval_batch_size}; a smaller one resumes this workdir')
+            f'of config.eval_batch_size={c.eval_batch_size}; a smaller one resumes this workdir'
+            f'{fewer_seeds}')
   hp = np.atleast_2d(doing['hp'])  # [seeds, 3] when seeds are vectorised
   b = float(hp[:, BATCH].max())
   bound = 'config.upper_batch_size' if c.algorithm == 'fathom' else 'config.batch_size'
@@ -95,15 +103,34 @@ def _out_of_memory_message(run: Run, doing: dict, xla: str) -> str:
           f'example{"s" if b_int > 1 else ""} a local step), config.cohort_size='
           f'{c.cohort_size} clients, {lanes} side by side per device; {lanes_hint}a smaller '
           f"{bound} or config.cohort_size, or config.model.compute_dtype='bfloat16', needs a "
-          'new workdir')
+          f'new workdir{fewer_seeds}')
+
+
+def _checkpoints_kept(workdirs: list[str]) -> str:
+  """The newest checkpoint each workdir holds, said for an error message."""
+  newest = []
+  for workdir in workdirs:
+    try:
+      steps = [int(n) for n in os.listdir(os.path.join(workdir, CHECKPOINTS)) if n.isdigit()]
+    except OSError:
+      steps = []
+    newest.append(max(steps, default=None))
+  if len(set(newest)) > 1:
+    return 'the workdirs keep the checkpoints of rounds ' + ', '.join(
+        'none' if n is None else str(n) for n in newest)
+  if newest[0] is None:
+    return 'no round was checkpointed yet'
+  keeps = 'the workdir keeps' if len(workdirs) == 1 else 'each workdir keeps'
+  return f'{keeps} the checkpoint of round {newest[0]}'
 
 
 @contextlib.contextmanager
-def _closed_on_error(run: Run, books: list, doing: dict):
+def _closed_on_error(run: Run, books: list, doing: dict, workdirs: list[str]):
   """Whatever ends the run with an error (bad data met in a round, a device out of memory, a
   bug), its files are closed as they stand first: metrics flushed, pending checkpoint saves
   finished (an unfinished one was left as a temporary folder). XLA's out-of-memory error
-  becomes an OutOfMemory that says what ran out and which fields to lower."""
+  becomes an OutOfMemory that says what ran out, which fields to lower, and the checkpoints
+  `workdirs` keep."""
   try:
     yield
   except BaseException as e:
@@ -116,10 +143,8 @@ def _closed_on_error(run: Run, books: list, doing: dict):
     xla = out_of_memory(e)
     if xla is None:
       raise
-    saved = books[0].checkpointer.steps() if books else []
-    kept = (f'{"the workdir keeps" if len(books) == 1 else "each workdir keeps"} the '
-            f'checkpoint of round {max(saved)}' if saved else 'no round was checkpointed yet')
-    raise OutOfMemory(f'{_out_of_memory_message(run, doing, xla)}; {kept}') from None
+    raise OutOfMemory(f'{_out_of_memory_message(run, doing, xla)}; '
+                      f'{_checkpoints_kept(workdirs)}') from None
 
 
 def _extra_accuracies(result: dict) -> dict:
@@ -183,9 +208,11 @@ class _Book:
     """Flushes the metrics and finishes pending checkpoint saves (once)."""
     if not self.closed:
       self.closed = True
-      if self.writer:
-        self.writer.close()
-      self.checkpointer.close()
+      try:
+        if self.writer:
+          self.writer.close()
+      finally:  # a metrics file that cannot be flushed (a full disk) still lets saves finish
+        self.checkpointer.close()
 
   def bookkeeping(self, t: int, hp: np.ndarray) -> dict:
     return {'round': t, 'hp': [float(v) for v in hp], 'total_examples': self.meta['total_examples'],
@@ -205,8 +232,9 @@ def _train(configs: list[ml_collections.ConfigDict], workdirs: list[str], *,
   for config, workdir in zip(configs, workdirs):
     workdir_lib.prepare(workdir, config)
   books: list[_Book] = []
-  doing = {'what': 'init'}  # what the run is doing, for an out-of-memory error's message
-  with _closed_on_error(run, books, doing):
+  # What the run is doing, for an out-of-memory error's message.
+  doing = {'what': 'init', 'seeds': len(configs) if vectorized else 1}
+  with _closed_on_error(run, books, doing, workdirs):
     return _run(run, configs, workdirs, books, doing, cache_hits=cache_hits,
                 vectorized=vectorized)
 
@@ -226,8 +254,10 @@ def _run(run: Run, configs: list[ml_collections.ConfigDict], workdirs: list[str]
 
   states, hps = [], []
   for config, workdir in zip(configs, workdirs):
+    doing['what'] = 'init'
     state = init_state(dataclasses.replace(run, config=config))
     checkpointer = Checkpointer(workdir, config.keep_checkpoints)
+    doing['what'] = 'restore'
     try:
       restored = checkpointer.restore_newest(state)
     except BaseException:
@@ -243,6 +273,7 @@ def _run(run: Run, configs: list[ml_collections.ConfigDict], workdirs: list[str]
     books.append(_Book(config, workdir, checkpointer, done, meta, cache_hits=cache_hits))
     states.append(state)
     hps.append(hp)
+  doing['what'] = 'init'
   for book in books:
     if book.done > c.num_rounds:  # (_train closes the books)
       raise workdir_lib.WorkdirError(

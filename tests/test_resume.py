@@ -473,11 +473,26 @@ def test_vectorised_seeds_out_of_memory_keep_each_checkpoint(tmp_path, monkeypat
   workdirs = [str(tmp_path / f'seed{s}') for s in (3, 4)]
   monkeypatch.setattr(Rounds, '__call__', round_or_out_of_memory)
   with pytest.raises(OutOfMemory, match=r'^round 12 ran out of memory .* with B \S+ \(\d+ '
-                     r'examples? a local step\).*; each workdir keeps the checkpoint of round 10$'):
+                     r'examples? a local step\).*; fewer seeds side by side \(2 now: launch/'
+                     r'sweep.py without --vmap_seeds\) resume these workdirs; each workdir '
+                     'keeps the checkpoint of round 10$'):
     train_seeds([_tiny(seed=3), _tiny(seed=4)], workdirs)
   for workdir in workdirs:
     assert os.listdir(os.path.join(workdir, 'checkpoints')) == ['10']
     assert [r['round'] for r in read_rows(workdir)] == list(range(1, 12))
+
+
+def test_the_checkpoints_an_out_of_memory_error_names_are_read_from_the_workdirs(tmp_path):
+  from fathom_sim.train import _checkpoints_kept
+  a, b, fresh = tmp_path / 'a', tmp_path / 'b', tmp_path / 'fresh'
+  for path in ('a/checkpoints/10', 'a/checkpoints/20', 'a/checkpoints/30.orbax-checkpoint-tmp',
+               'b/checkpoints/10', 'fresh'):
+    (tmp_path / path).mkdir(parents=True)
+  assert _checkpoints_kept([str(a)]) == 'the workdir keeps the checkpoint of round 20'
+  assert _checkpoints_kept([str(a), str(a)]) == 'each workdir keeps the checkpoint of round 20'
+  assert _checkpoints_kept([str(a), str(b), str(fresh)]) == (
+      'the workdirs keep the checkpoints of rounds 20, 10, none')
+  assert _checkpoints_kept([str(fresh)]) == 'no round was checkpointed yet'
 
 
 def test_an_evaluation_out_of_memory_names_eval_batch_size_and_a_smaller_one_resumes(
@@ -516,7 +531,9 @@ def test_a_checkpoint_too_large_for_the_device_is_not_set_aside(tmp_path, monkey
 
   with monkeypatch.context() as patch:
     patch.setattr(ocp.CheckpointManager, 'restore', restore)
-    with pytest.raises(OutOfMemory, match="^the model's first state ran out of memory"):
+    with pytest.raises(OutOfMemory, match=r'^restoring the checkpoint ran out of memory on 2 '
+                       r'cpu device\(s\) \(XLA: RESOURCE_EXHAUSTED: .*\); a device with more '
+                       'memory resumes it; the workdir keeps the checkpoint of round 20$'):
       train_and_evaluate(_tiny(num_rounds=30), workdir)
   assert sorted(os.listdir(os.path.join(workdir, 'checkpoints'))) == ['10', '20']
   assert not os.path.exists(os.path.join(workdir, 'unreadable_checkpoints'))
