@@ -244,7 +244,7 @@ def run_sweep(sweep: SweepDef, out: str, *, extra: dict | None = None,
     except (OSError, ValueError, AttributeError):
       raise workdir_lib.WorkdirError(f'--out {out!r}: its {INDEX_FILE} cannot be read as a '
                                      'sweep\'s index; give another folder') from None
-    if earlier is not None and earlier != sweep_file:
+    if earlier is not None and os.path.basename(str(earlier)) != sweep_file:
       raise workdir_lib.WorkdirError(
           f'--out {out!r} holds the runs of another sweep ({earlier}); its {INDEX_FILE} would '
           f'be replaced and the two sweeps\' runs mixed. Give a folder of its own (or, if '
