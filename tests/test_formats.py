@@ -137,11 +137,27 @@ def test_fedjax_emnist_reads_back_exactly(tmp_path):
   # The README downloads both tasks into one folder: the other task's files are not read.
   write_fedjax(tmp_path / 'src' / 'stackoverflow_train.sqlite',
                {'u1': ({'tokens': _ext_bytes([b'a b'])}, 1)})
+  # Nor FedJAX's 10-class digits-only EMNIST, another task.
+  digits = tmp_path / 'digits'
+  write_fedjax_emnist(digits, *[{c: (x, y % 10) for c, (x, y) in emnist_clients(s, [4]).items()}
+                                for s in (3, 4)])
+  for split in ('train', 'test'):
+    os.rename(digits / f'federated_emnist_{split}.sqlite',
+              tmp_path / 'src' / f'federated_emnist_digitsonly_{split}.sqlite')
   meta = prepare(str(tmp_path / 'src'), str(tmp_path / 'out'), fmt='fedjax_sqlite',
                  task='emnist')
   assert meta['splits'] == {'train': {'clients': 4, 'examples': 23},
                             'test': {'clients': 3, 'examples': 11}}
   assert_emnist_roundtrip(load_prepared('femnist', str(tmp_path / 'out')), train, test)
+  # Given alone, the digits-only files are refused, not taken as the 62-class task.
+  from fathom_sim.data import DataError
+  for split in ('train', 'test'):
+    os.rename(tmp_path / 'src' / f'federated_emnist_digitsonly_{split}.sqlite',
+              digits / f'federated_emnist_digitsonly_{split}.sqlite')
+  with pytest.raises(DataError, match="digits-only EMNIST \\(10 classes\\) is not the FEMNIST "
+                     'task'):
+    prepare(str(digits), str(tmp_path / 'out_digits'), fmt='fedjax_sqlite', task='emnist')
+  assert not os.path.exists(tmp_path / 'out_digits')
 
 
 def test_a_record_that_disagrees_with_the_index_is_named(tmp_path):

@@ -87,10 +87,14 @@ def _fedjax(source: str, task: str) -> _Splits:
     files = own or files
   out = _Splits(f'FedJAX files must end in _train.sqlite and _test.sqlite (and name the task, '
                 f'{task}, when a folder holds both tasks\' files)')
+  digits_only = []
   for path in files:
     stem = os.path.basename(path).rsplit('.', 1)[0]
     split = next((SPLIT_NAMES[s] for s in SPLIT_NAMES if stem.endswith('_' + s)), None)
     if split is None:
+      continue
+    if 'digitsonly' in stem.lower().replace('_', ''):
+      digits_only.append(path)  # FedJAX's 10-class EMNIST: another task (as TFF's digits_only)
       continue
     reader = FedjaxSqlite(path)
 
@@ -109,6 +113,10 @@ def _fedjax(source: str, task: str) -> _Splits:
           yield cid, list(np.asarray(f['tokens']).reshape(-1))
 
     out.add(split, clients, path)
+  if digits_only and not out.splits:
+    raise DataError(f'{", ".join(digits_only)}: FedJAX\'s digits-only EMNIST (10 classes) is '
+                    'not the FEMNIST task (62 classes); give federated_emnist_train.sqlite and '
+                    'federated_emnist_test.sqlite')
   return out
 
 
