@@ -1,5 +1,7 @@
 """Stack Exchange data dumps (`Posts.xml`): one client per `OwnerUserId`, one example per
-sentence of its questions and answers, as TFF built Stack Overflow.
+sentence of its questions and answers, grouped as TFF grouped Stack Overflow. The text is
+tokenized here (vocab.tokenize), not by TFF's own preprocessing: hyphenated words, URLs and
+non-ASCII text split differently, so a vocabulary from these sentences is this module's own.
 
 Posts are streamed (iterparse) into a temporary SQLite table so a dump far larger than memory
 can be grouped by user; posts from `split_date` on form the test split.
