@@ -146,6 +146,8 @@ def _corrupt_fedjax(tmp_path, problem):
     db.execute('UPDATE federated_data SET data = ? WHERE rowid = 2', (blob[:len(blob) // 2],))
   else:
     x = np.ones((3, 27, 28), np.float32) if problem == 'shape' else np.ones((3, 28, 28), np.float32)
+    if problem == 'bytes':  # 0..255 values, not the public files' [0, 1]
+      x = np.full((3, 28, 28), 255, np.uint8)
     y = np.array([0, 62, 1], np.int32) if problem == 'labels' else np.zeros(3, np.int32)
     n = 5 if problem == 'count' else 3
     db.execute('UPDATE federated_data SET data = ?, num_examples = ? WHERE rowid = 1', (
@@ -161,6 +163,7 @@ def _corrupt_fedjax(tmp_path, problem):
     ('truncated', 'corrupt data blob'),
     ('shape', 'pixels have shape (3, 27, 28); EMNIST clients need [N, 28, 28]'),
     ('labels', 'label 62 out of range; EMNIST-62 labels are integers 0..61'),
+    ('bytes', 'pixel values span [255, 255]; EMNIST pixels are in [0, 1] in the public files'),
     ('count', 'num_examples is 5 but its features have'),
 ])
 def test_bad_fedjax_files_are_refused_with_one_clear_error(tmp_path, problem, needle):

@@ -48,6 +48,12 @@ def emnist_client(where: str, cid: str, pixels, labels) -> dict:
                     '[N, 28, 28] (or 784 values per example)')
   if y.ndim != 1 or len(y) != len(x):
     raise DataError(f'{where}: client {cid}: {len(x)} images but labels of shape {y.shape}')
+  # Every public copy (FedJAX, TFF, LEAF) holds floats in [0, 1]; 0..255 values would train
+  # a model built for those at 255x the input scale, silently.
+  if x.size and not (np.min(x) >= 0 and np.max(x) <= 1):
+    raise DataError(f'{where}: client {cid}: pixel values span [{np.min(x):g}, {np.max(x):g}]; '
+                    'EMNIST pixels are in [0, 1] in the public files (divide 0..255 values '
+                    'by 255)')
   if len(y) and (not np.issubdtype(y.dtype, np.integer) or y.min() < 0
                  or y.max() >= EMNIST_CLASSES):
     bad = y[(y < 0) | (y >= EMNIST_CLASSES) | (y != np.round(y))][:1]
