@@ -26,6 +26,7 @@ from fathom_sim import compile_cache, distributed, metrics, rng
 from fathom_sim import workdir as workdir_lib
 from fathom_sim.checkpoint import CHECKPOINTS, Checkpointer
 from fathom_sim.config import ConfigError
+from fathom_sim.data import DataError
 from fathom_sim.data.federated import sample_clients
 from fathom_sim.driver import Rounds
 from fathom_sim.evaluation import make_evaluator
@@ -145,6 +146,20 @@ def _closed_on_error(run: Run, books: list, doing: dict, workdirs: list[str]):
       raise
     raise OutOfMemory(f'{_out_of_memory_message(run, doing, xla)}; '
                       f'{_checkpoints_kept(workdirs)}') from None
+
+
+def _stop_all_on(error: Exception | None) -> None:
+  """Raises `error`; on several hosts, every process learns that one met an error (process 0
+  alone reads and writes the run's files), and all stop with one line, where the others
+  would wait in the first round's collective until it timed out with a traceback."""
+  failed = error is not None
+  if jax.process_count() > 1:
+    failed = bool(np.max(multihost_utils.process_allgather(np.int32(failed))))
+  if error is not None:
+    raise error
+  if failed:
+    raise DataError('process 0 could not use the run\'s files and stopped (its error says '
+                    'why); this process stops too')
 
 
 def _extra_accuracies(result: dict) -> dict:
@@ -289,19 +304,24 @@ def _run(run: Run, configs: list[ml_collections.ConfigDict], workdirs: list[str]
     return [train_and_evaluate(cf, wd) for cf, wd in zip(configs, workdirs)]
   done = books[0].done
 
-  for book in books:
-    if distributed.is_writer():  # on several hosts, process 0 alone writes the run's files
-      # Rows past the checkpoint are redone, and a finished run taken further drops the
-      # evaluation made only because it ended there: its rows become an uninterrupted run's.
-      extended = (done < c.num_rounds and done % c.eval_every != 0
-                  and metrics.finished_rounds(book.workdir) == done)
-      if extended:
-        logging.info('%s: the run ended at round %d and goes on to %d; the evaluation of round '
-                     '%d is dropped from %s (an uninterrupted run does not evaluate there)',
-                     book.workdir, done, c.num_rounds, done, metrics.METRICS_FILE)
-      book.rows = metrics.keep_rows(book.workdir, done, done if extended else None)
-      book.writer = metrics.MetricsWriter(book.workdir)
-    book.start = time.time() - float(book.meta['wall_s'])
+  error = None
+  try:
+    for book in books:
+      if distributed.is_writer():  # on several hosts, process 0 alone writes the run's files
+        # Rows past the checkpoint are redone, and a finished run taken further drops the
+        # evaluation made only because it ended there: its rows become an uninterrupted run's.
+        extended = (done < c.num_rounds and done % c.eval_every != 0
+                    and metrics.finished_rounds(book.workdir) == done)
+        if extended:
+          logging.info('%s: the run ended at round %d and goes on to %d; the evaluation of '
+                       'round %d is dropped from %s (an uninterrupted run does not evaluate '
+                       'there)', book.workdir, done, c.num_rounds, done, metrics.METRICS_FILE)
+        book.rows = metrics.keep_rows(book.workdir, done, done if extended else None)
+        book.writer = metrics.MetricsWriter(book.workdir)
+      book.start = time.time() - float(book.meta['wall_s'])
+  except DataError as e:  # a metrics.jsonl that is not the run's rows
+    error = e
+  _stop_all_on(error)
 
   rounds = Rounds(run, [cf.seed for cf in configs] if vectorized else None)
   if vectorized:

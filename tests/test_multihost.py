@@ -102,6 +102,24 @@ def test_two_processes_of_four_devices_train_what_one_process_of_eight_does(tmp_
                                [w['eta'], w['epochs'], w['batch_size'], w['h_glob']],
                                rtol=1e-5, atol=1e-6)
 
+  # Process 0 alone reads the rows: a damaged one stops both processes with one line each
+  # (process 1 used to wait in round 5's collective until gloo timed out, with a traceback).
+  path = os.path.join(multi, 'metrics.jsonl')
+  lines = open(path).read().split('\n')
+  damaged = '\n'.join(['xx'] + lines[1:])
+  with open(path, 'w') as f:
+    f.write(damaged)
+  port = _free_port()
+  procs = [_main(multi, 4, [f'--coordinator_address=localhost:{port}', '--num_processes=2',
+                            f'--process_id={i}', '--config.num_rounds=6']) for i in range(2)]
+  outs = [p.communicate(timeout=120)[0] for p in procs]
+  for p, out, needle in zip(procs, outs, ['metrics.jsonl: line 1 is not a row of a run',
+                                          'process 0 could not use the run\'s files']):
+    errors = [line for line in out.splitlines() if line.startswith('error:')]
+    assert p.returncode == 2 and len(errors) == 1 and needle in errors[0], out[-3000:]
+    assert 'Traceback' not in out
+  assert open(path).read() == damaged
+
 
 def test_a_signal_to_one_process_stops_both_after_the_same_round_and_they_resume(tmp_path):
   workdir = str(tmp_path / 'multi')
