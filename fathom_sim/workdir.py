@@ -12,6 +12,7 @@ import ml_collections
 from fathom_sim import distributed, metrics
 from fathom_sim.checkpoint import CHECKPOINTS, UNREADABLE
 from fathom_sim.config import base_config
+from fathom_sim.sweep import INDEX_FILE
 
 CONFIG_FILE = 'config.json'
 
@@ -84,7 +85,7 @@ def prepare(workdir: str, config: ml_collections.ConfigDict) -> None:
     raise WorkdirError(f'--workdir {workdir!r} is not writable')
   # Folders of the other commands: a run written into one would be hidden from report.py
   # (which takes a folder with metrics.jsonl as one run) or mixed with a dataset.
-  for marker, what in (('sweep.json', "a sweep's folder (launch/sweep.py's --out)"),
+  for marker, what in ((INDEX_FILE, "a sweep's folder (launch/sweep.py's --out)"),
                        ('meta.json', 'a prepared dataset (launch/prepare_data.py\'s --out)')):
     if os.path.exists(os.path.join(workdir, marker)):
       raise WorkdirError(f'--workdir {workdir!r} is {what}; give a folder of its own, e.g. '
