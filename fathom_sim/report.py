@@ -14,6 +14,7 @@ import re
 import statistics
 
 from fathom_sim import metrics
+from fathom_sim import workdir as workdir_lib
 
 _SEED_DIR = re.compile(r'^seed=\d+$')
 
@@ -67,7 +68,15 @@ def read_run(workdir: str, setting: str) -> RunData:
   """A run's files. Its summary counts only when it is the summary of the run's rounds: one
   left by a run since extended (num_rounds raised, then stopped) describes fewer rounds."""
   rows = metrics.read_rows(os.path.join(workdir, metrics.METRICS_FILE))
-  config = _read_json(os.path.join(workdir, 'config.json')) or {}
+  config = _read_json(os.path.join(workdir, workdir_lib.CONFIG_FILE))
+  if config is None and not rows:
+    # Every run writes its config.json before any row: this is some other file, and listing
+    # it as a run of algorithm '?' would put an empty setting in every table.
+    from fathom_sim.data import DataError
+    raise DataError(f'{os.path.join(workdir, metrics.METRICS_FILE)}: no rows of a run, and no '
+                    f'readable {workdir_lib.CONFIG_FILE} beside it: not a run\'s workdir. Move '
+                    'it out of the folders given, or name the run folders one by one')
+  config = config or {}
   summary = _read_json(os.path.join(workdir, metrics.SUMMARY_FILE))
   if summary is not None:
     rounds = summary.get('rounds')

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from fathom_sim import metrics, sweep
+from fathom_sim import metrics, report, sweep
 from fathom_sim.config import ConfigError
 from fathom_sim.data import DataError
 from tests.common import uncreatable_path
@@ -232,6 +232,18 @@ def test_report_names_a_metrics_line_that_is_not_a_row(tmp_path, damage):
   run = _run_dir(tmp_path, (ROW + damage).encode())
   _refused(_cli('report.py', str(run), f'--out={tmp_path / "report"}'),
            f'{run / metrics.METRICS_FILE}: line 2 is not a row of a run')
+
+
+def test_report_refuses_a_folder_whose_metrics_hold_no_rows_and_no_config_beside_them(tmp_path):
+  """No run writes a row before its config.json: such a folder is not a run's, where it was
+  listed as a run of algorithm '?'. A run killed before its first row is still a run."""
+  run = _run_dir(tmp_path, b'not json at all\n')
+  _refused(_cli('report.py', str(tmp_path), f'--out={tmp_path / "report"}'),
+           f"{run / metrics.METRICS_FILE}: no rows of a run, and no readable config.json")
+  (run / 'config.json').write_text('{"algorithm": "fathom", "num_rounds": 5}')
+  [listed] = report.find_runs([str(tmp_path)])
+  assert (listed.algorithm, listed.rows) == ('fathom', [])
+  assert '`run`' in report.markdown(report.group_runs([listed]), [0.3])
 
 
 def test_report_refuses_an_out_it_cannot_write(tmp_path):
