@@ -144,6 +144,10 @@ class Checkpointer:
     self._manager.reload()
     return target
 
+  def wait(self) -> None:
+    """Returns once the pending saves are on disk."""
+    self._manager.wait_until_finished()
+
   def close(self) -> None:
     self._manager.wait_until_finished()
     self._manager.close()

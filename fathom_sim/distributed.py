@@ -10,7 +10,12 @@ folder every host sees (a GCS bucket on a Cloud TPU pod).
 
 from __future__ import annotations
 
+import atexit
 import importlib
+import os
+import sys
+import threading
+from typing import Callable
 
 import jax
 from absl import flags, logging
@@ -28,6 +33,7 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
   jax.distributed.initialize(coordinator_address=coordinator_address,
                              num_processes=num_processes, process_id=process_id)
   _orbax_syncs_on_the_coordination_service()
+  _watch_for_stopped_peers()
 
 
 # orbax's absl flag (orbax.checkpoint._src.multihost): barriers through jax.distributed's client.
@@ -54,3 +60,117 @@ def _orbax_syncs_on_the_coordination_service() -> None:
 def is_writer() -> bool:
   """True on the one process that writes the run's files (metrics, summary, config)."""
   return jax.process_index() == 0
+
+
+# ---- stopping together ------------------------------------------------------------------
+# A process that stops with an error leaves "<process>\n<its error>" under STOP_KEY in the
+# distributed runtime's key-value store; every process watches that key from a thread. The
+# others are then waiting in a round's collective for a process that is gone, where no Python
+# code of theirs runs: measured on CPU (gloo), they waited 5 minutes, until the one that failed
+# timed out in JAX's shutdown barrier, and then every process aborted with a stack dump (exit
+# 134), the failed one included.
+
+STOP_KEY = 'fathom_sim/stopped'
+EXIT_STOPPED = 2  # the exit status of a bad input (launch/cli.py): the run's error is one
+_POLL_MS = 500
+_CHORES_S = 60.0  # at most this long for a stopping process's pending saves and its farewell
+
+_watch: dict = {'thread': None, 'quiet': threading.Event(), 'chores': []}
+
+
+def _watch_for_stopped_peers() -> None:
+  if _watch['thread'] is not None or jax.process_count() == 1:
+    return
+  _watch['quiet'].clear()
+  thread = threading.Thread(target=_watch_loop, name='fathom_sim-stop-watch', daemon=True)
+  _watch['thread'] = thread
+  thread.start()
+  # Runs before JAX's own exit hook (registered earlier, at import) shuts the runtime down: the
+  # thread leaves its blocking read before the client it reads through goes away.
+  atexit.register(_stop_watching)
+
+
+def _stop_watching() -> None:
+  _watch['quiet'].set()
+  thread = _watch['thread']
+  if thread is not None and thread is not threading.current_thread():
+    thread.join(timeout=2 * _POLL_MS / 1000)
+
+
+def _watch_loop() -> None:
+  from jax._src import distributed as jax_distributed  # the runtime's client: no public name
+  me = jax.process_index()
+  while not _watch['quiet'].is_set():
+    client = jax_distributed.global_state.client
+    if client is None:
+      return
+    try:
+      value = client.blocking_key_value_get(STOP_KEY, _POLL_MS)
+    except Exception as e:  # noqa: BLE001 - the runtime raises one type for every status
+      if 'DEADLINE_EXCEEDED' in str(e):
+        continue  # no process has stopped
+      return  # the runtime is shutting down
+    process, _, message = value.partition('\n')
+    if _watch['quiet'].is_set() or process == str(me):
+      return
+    _stop_this_process(process, message)
+
+
+def _stop_this_process(process: str, message: str) -> None:
+  """Ends this process, from the watching thread, after its pending checkpoint saves finish
+  and it leaves the runtime (JAX's shutdown barrier, which the stopped process waits at)."""
+  _watch['quiet'].set()
+  print(f'error: process {process} of the run stopped: {message}; this process stops too',
+        file=sys.stderr, flush=True)
+
+  def chores():
+    for chore in list(_watch['chores']):
+      try:
+        chore()
+      except Exception as e:  # noqa: BLE001 - stopping goes on whatever a chore meets
+        logging.warning('while stopping: %s: %s', type(e).__name__, e)
+    try:
+      jax.distributed.shutdown()
+    except Exception as e:  # noqa: BLE001
+      logging.warning('leaving the distributed runtime: %s: %s', type(e).__name__, e)
+
+  done = threading.Thread(target=chores, daemon=True)
+  done.start()
+  done.join(_CHORES_S)
+  logging.flush()
+  sys.stdout.flush()
+  # The main thread may be blocked in a collective that no longer completes: only an exit
+  # that does not wait for it ends the process.
+  os._exit(EXIT_STOPPED)
+
+
+def before_stopping(chore: Callable[[], None]) -> Callable[[], None]:
+  """Registers `chore` (e.g. finishing pending checkpoint saves) to run when another process
+  stops this one; returns the function that unregisters it."""
+  _watch['chores'].append(chore)
+  return lambda: _watch['chores'].remove(chore) if chore in _watch['chores'] else None
+
+
+def stand_down() -> None:
+  """This process is ending by its own error: a peer's stop no longer ends it (it could cut
+  the closing of its files short)."""
+  _watch['quiet'].set()
+
+
+def stop_peers(message: str) -> None:
+  """Tells the run's other processes that this one stops with the error `message` (its first
+  line is passed on): they stop too, saying so in one line. Call it once this process's files
+  are closed (their pending checkpoint saves need the others). Does nothing in a run of one
+  process, or when a peer stopped first."""
+  stand_down()
+  if jax.process_count() == 1:
+    return
+  from jax._src import distributed as jax_distributed
+  client = jax_distributed.global_state.client
+  if client is None:
+    return
+  first = message.strip().splitlines()[0] if message.strip() else 'an error'
+  try:
+    client.key_value_set(STOP_KEY, f'{jax.process_index()}\n{first}')
+  except Exception as e:  # noqa: BLE001 - ALREADY_EXISTS: another process stopped first
+    logging.info('a peer had stopped already (%s)', str(e).splitlines()[0] if str(e) else e)

@@ -135,6 +135,7 @@ def _closed_on_error(run: Run, books: list, doing: dict, workdirs: list[str]):
   try:
     yield
   except BaseException as e:
+    distributed.stand_down()  # a peer stopping now must not end this process mid-close
     for book in books:
       try:
         book.close()
@@ -146,20 +147,6 @@ def _closed_on_error(run: Run, books: list, doing: dict, workdirs: list[str]):
       raise
     raise OutOfMemory(f'{_out_of_memory_message(run, doing, xla)}; '
                       f'{_checkpoints_kept(workdirs)}') from None
-
-
-def _stop_all_on(error: Exception | None) -> None:
-  """Raises `error`; on several hosts, every process learns that one met an error (process 0
-  alone reads and writes the run's files), and all stop with one line, where the others
-  would wait in the first round's collective until it timed out with a traceback."""
-  failed = error is not None
-  if jax.process_count() > 1:
-    failed = bool(np.max(multihost_utils.process_allgather(np.int32(failed))))
-  if error is not None:
-    raise error
-  if failed:
-    raise DataError('process 0 could not use the run\'s files and stopped (its error says '
-                    'why); this process stops too')
 
 
 def _extra_accuracies(result: dict) -> dict:
@@ -242,16 +229,31 @@ def _seed(tree, s: int | None):
 
 def _train(configs: list[ml_collections.ConfigDict], workdirs: list[str], *,
            vectorized: bool) -> list[dict]:
-  cache_hits = compile_cache.hits()
-  run = build(configs[0])
-  for config, workdir in zip(configs, workdirs):
-    workdir_lib.prepare(workdir, config)
   books: list[_Book] = []
-  # What the run is doing, for an out-of-memory error's message.
-  doing = {'what': 'init', 'seeds': len(configs) if vectorized else 1}
-  with _closed_on_error(run, books, doing, workdirs):
-    return _run(run, configs, workdirs, books, doing, cache_hits=cache_hits,
-                vectorized=vectorized)
+  # Stopped by another process (distributed.py): its pending saves finish first.
+  forget = distributed.before_stopping(
+      lambda: [b.checkpointer.wait() for b in books if not b.closed])
+  try:
+    cache_hits = compile_cache.hits()
+    run = build(configs[0])
+    for config, workdir in zip(configs, workdirs):
+      workdir_lib.prepare(workdir, config)
+    # What the run is doing, for an out-of-memory error's message.
+    doing = {'what': 'init', 'seeds': len(configs) if vectorized else 1}
+    with _closed_on_error(run, books, doing, workdirs):
+      return _run(run, configs, workdirs, books, doing, cache_hits=cache_hits,
+                  vectorized=vectorized)
+  except Preempted:
+    raise  # every process stops after the same round (_agreed_stop): none is left waiting
+  except BaseException as e:
+    # On several hosts the others would wait for this process in a collective: they stop
+    # too, naming this error. Its files are closed by now (_closed_on_error).
+    distributed.stop_peers(str(e) if isinstance(e, (ConfigError, DataError,
+                                                    workdir_lib.WorkdirError))
+                           else f'{type(e).__name__}: {e}')
+    raise
+  finally:
+    forget()
 
 
 def _run(run: Run, configs: list[ml_collections.ConfigDict], workdirs: list[str],
@@ -304,24 +306,19 @@ def _run(run: Run, configs: list[ml_collections.ConfigDict], workdirs: list[str]
     return [train_and_evaluate(cf, wd) for cf, wd in zip(configs, workdirs)]
   done = books[0].done
 
-  error = None
-  try:
-    for book in books:
-      if distributed.is_writer():  # on several hosts, process 0 alone writes the run's files
-        # Rows past the checkpoint are redone, and a finished run taken further drops the
-        # evaluation made only because it ended there: its rows become an uninterrupted run's.
-        extended = (done < c.num_rounds and done % c.eval_every != 0
-                    and metrics.finished_rounds(book.workdir) == done)
-        if extended:
-          logging.info('%s: the run ended at round %d and goes on to %d; the evaluation of '
-                       'round %d is dropped from %s (an uninterrupted run does not evaluate '
-                       'there)', book.workdir, done, c.num_rounds, done, metrics.METRICS_FILE)
-        book.rows = metrics.keep_rows(book.workdir, done, done if extended else None)
-        book.writer = metrics.MetricsWriter(book.workdir)
-      book.start = time.time() - float(book.meta['wall_s'])
-  except DataError as e:  # a metrics.jsonl that is not the run's rows
-    error = e
-  _stop_all_on(error)
+  for book in books:
+    if distributed.is_writer():  # on several hosts, process 0 alone writes the run's files
+      # Rows past the checkpoint are redone, and a finished run taken further drops the
+      # evaluation made only because it ended there: its rows become an uninterrupted run's.
+      extended = (done < c.num_rounds and done % c.eval_every != 0
+                  and metrics.finished_rounds(book.workdir) == done)
+      if extended:
+        logging.info('%s: the run ended at round %d and goes on to %d; the evaluation of '
+                     'round %d is dropped from %s (an uninterrupted run does not evaluate '
+                     'there)', book.workdir, done, c.num_rounds, done, metrics.METRICS_FILE)
+      book.rows = metrics.keep_rows(book.workdir, done, done if extended else None)
+      book.writer = metrics.MetricsWriter(book.workdir)
+    book.start = time.time() - float(book.meta['wall_s'])
 
   rounds = Rounds(run, [cf.seed for cf in configs] if vectorized else None)
   if vectorized:

@@ -31,14 +31,29 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
-def _main(workdir, devices, extra=()):
+def _main(workdir, devices, extra=(), script=os.path.join('launch', 'main.py'), env=None):
   env = dict(os.environ, JAX_PLATFORMS='cpu',
-             XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}')
+             XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}', **(env or {}))
   return subprocess.Popen(
-      [sys.executable, os.path.join(ROOT, 'launch', 'main.py'),
+      [sys.executable, os.path.join(ROOT, script),
        f'--config={os.path.join(ROOT, "configs", "quickstart.py")}', f'--workdir={workdir}',
        *OVERRIDES, *extra], cwd=ROOT, env=env, stdout=subprocess.PIPE,
       stderr=subprocess.STDOUT, text=True)
+
+
+def _two_processes(workdir, extra=(), **kwargs):
+  port = _free_port()
+  return [_main(workdir, 4, [f'--coordinator_address=localhost:{port}', '--num_processes=2',
+                             f'--process_id={i}', *extra], **kwargs) for i in range(2)]
+
+
+def _each_stops_in_one_line(procs, needles):
+  """Every process ends with exit status 2 and one error line holding its needle."""
+  outs = [p.communicate(timeout=120)[0] for p in procs]
+  for p, out, needle in zip(procs, outs, needles):
+    errors = [line for line in out.splitlines() if line.startswith('error:')]
+    assert p.returncode == 2 and len(errors) == 1 and needle in errors[0], out[-3000:]
+    assert 'Traceback' not in out and 'Check failure' not in out, out[-3000:]
 
 
 def _tails(procs) -> str:
@@ -109,16 +124,33 @@ def test_two_processes_of_four_devices_train_what_one_process_of_eight_does(tmp_
   damaged = '\n'.join(['xx'] + lines[1:])
   with open(path, 'w') as f:
     f.write(damaged)
-  port = _free_port()
-  procs = [_main(multi, 4, [f'--coordinator_address=localhost:{port}', '--num_processes=2',
-                            f'--process_id={i}', '--config.num_rounds=6']) for i in range(2)]
-  outs = [p.communicate(timeout=120)[0] for p in procs]
-  for p, out, needle in zip(procs, outs, ['metrics.jsonl: line 1 is not a row of a run',
-                                          'process 0 could not use the run\'s files']):
-    errors = [line for line in out.splitlines() if line.startswith('error:')]
-    assert p.returncode == 2 and len(errors) == 1 and needle in errors[0], out[-3000:]
-    assert 'Traceback' not in out
+  _each_stops_in_one_line(
+      _two_processes(multi, ['--config.num_rounds=6']),
+      ['metrics.jsonl: line 1 is not a row of a run',
+       'process 0 of the run stopped: ' + f'{path}: line 1 is not a row of a run'])
   assert open(path).read() == damaged
+
+
+def test_bad_data_met_by_one_process_in_a_round_stops_both_in_one_line_and_they_resume(
+    tmp_path):
+  """Process 1 alone meets bad data in round 3 (its lanes' records). Process 0 waited in round
+  3's collective until process 1's exit timed out in JAX's shutdown barrier (5 minutes), and
+  then both aborted with stack dumps (exit 134): now process 1 says why, process 0 says that
+  process 1 stopped and why, both exit 2, and the checkpoint of round 2 resumes them."""
+  workdir = str(tmp_path / 'multi')
+  error = 'record 7 of split train cannot be read (injected, round 3)'
+  _each_stops_in_one_line(
+      _two_processes(workdir, script=os.path.join('tests', 'fail_in_round.py'),
+                     env={'FAIL_ROUND': '3', 'FAIL_PROCESS': '1'}),
+      [f'process 1 of the run stopped: {error}; this process stops too', error])
+  assert [r['round'] for r in _rows(workdir) if 'train_loss' in r] == [1, 2]
+  procs = _two_processes(workdir)
+  for p in procs:
+    out, _ = p.communicate(timeout=300)
+    assert p.returncode == 0, _tails(procs)
+  with open(os.path.join(workdir, 'summary.json')) as f:
+    summary = json.load(f)
+  assert (summary['rounds'], summary['resumed_from']) == (4, 2)
 
 
 def test_a_signal_to_one_process_stops_both_after_the_same_round_and_they_resume(tmp_path):
