@@ -10,6 +10,7 @@ Run i of a setting lands in <out>/<setting name>/seed=<seed>; `sweep.json` lists
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import json
 import math
@@ -291,7 +292,15 @@ def run_sweep(sweep: SweepDef, out: str, *, extra: dict | None = None,
                       default=str)
 
   save()
-  for batch in batches:
+  pending = collections.deque(batches)
+  while pending:
+    batch = pending.popleft()
+    if len(batch) == 1 and is_finished(runs[batch[0]].workdir, runs[batch[0]].config.num_rounds):
+      # A seed of a vectorised group that failed: the group finished it before failing.
+      entries[batch[0]] = _entry(runs[batch[0]], out, 'done')
+      log(f'[{batch[0] + 1}/{len(runs)}] {runs[batch[0]].name}: finished already')
+      save()
+      continue
     names = ', '.join(runs[i].name for i in batch)
     where = f'[{batch[0] + 1}/{len(runs)}]' if len(batch) == 1 else (
         f'[{batch[0] + 1}-{batch[-1] + 1}/{len(runs)}]')
@@ -315,6 +324,16 @@ def run_sweep(sweep: SweepDef, out: str, *, extra: dict | None = None,
         summaries = train_group([runs[i].config for i in batch],
                                 [runs[i].workdir for i in batch])
     except (ConfigError, DataError, workdir_lib.WorkdirError) as e:
+      if len(batch) > 1 and not isinstance(e, DatasetError):
+        # One seed's bad input (a damaged metrics.jsonl, a workdir of another run), or a
+        # group too big for the devices, is no reason to fail its siblings: each seed runs
+        # alone and fails or finishes by itself.
+        log(f'{where} {names}: failed vectorised ({e}); running these seeds one by one')
+        for i in batch:
+          entries[i] = _entry(runs[i], out, 'pending')
+        pending.extendleft([i] for i in reversed(batch))
+        save()
+        continue
       for i in batch:
         entries[i] = _entry(runs[i], out, 'failed', error=str(e))
       log(f'{where} {names}: failed: {e}')
@@ -323,8 +342,9 @@ def run_sweep(sweep: SweepDef, out: str, *, extra: dict | None = None,
       save()
       continue
     except BaseException:
-      for i in batch:
-        entries[i] = _entry(runs[i], out, 'interrupted')
+      for i in batch:  # a seed the group (or its one-by-one fallback) finished stays done
+        finished = is_finished(runs[i].workdir, runs[i].config.num_rounds)
+        entries[i] = _entry(runs[i], out, 'done' if finished else 'interrupted')
       save()
       raise
     for i, summary in zip(batch, summaries):

@@ -8,6 +8,7 @@ import pytest
 
 from fathom_sim import sweep
 from fathom_sim.config import ConfigError
+from fathom_sim.data import DataError
 from fathom_sim.train import train_and_evaluate, train_seeds
 from tests.common import tiny_config
 
@@ -122,3 +123,50 @@ def test_sweep_with_vmap_seeds_runs_each_setting_once_for_all_seeds(tmp_path):
   sweep.run_sweep(definition, out, train_group=counting_group, vmap_seeds=True,
                   log=lambda _: None)
   assert groups == []
+
+
+def test_one_seeds_bad_input_fails_that_seed_alone_under_vmap_seeds(tmp_path):
+  """A damaged metrics.jsonl in seed 1's workdir failed the whole vectorised group: all three
+  seeds were marked failed with seed 1's error. Now the group's seeds run one by one, and
+  only seed 1 fails; a seed the group had finished before failing is marked done, not run."""
+  from fathom_sim import metrics
+  definition = sweep.SweepDef(config=_config(0, num_rounds=2), config_source='<inline>',
+                              overrides=[{}], seeds=[0, 1, 2], fixed={})
+  out = str(tmp_path / 'sweep')
+  entries = sweep.run_sweep(definition, out, vmap_seeds=True, log=lambda _: None)
+  path = os.path.join(out, entries[1]['workdir'], metrics.METRICS_FILE)
+  damaged = 'garbage\n' + open(path).read()
+  with open(path, 'w') as f:
+    f.write(damaged)
+  groups, solo, logs = [], [], []
+
+  def group(configs, workdirs):
+    groups.append([c.seed for c in configs])
+    return train_seeds(configs, workdirs)
+
+  def train(config, workdir):
+    solo.append(config.seed)
+    return train_and_evaluate(config, workdir)
+
+  entries = sweep.run_sweep(definition, out, extra={'num_rounds': 3}, vmap_seeds=True,
+                            train=train, train_group=group, log=logs.append)
+  assert groups == [[0, 1, 2]] and solo == [0, 1, 2]
+  assert [e['status'] for e in entries] == ['done', 'failed', 'done']
+  assert entries[1]['error'].startswith(f'{path}: line 1 is not a row of a run')
+  assert any('failed vectorised' in line for line in logs)
+  assert open(path).read() == damaged
+  for e in (entries[0], entries[2]):
+    assert _summary(os.path.join(out, e['workdir']))['rounds'] == 3
+
+  # The group finished seed 0 before it failed (as its one-by-one fallback does): seed 0 is
+  # done, seeds 1 and 2 run alone.
+  solo.clear()
+
+  def finishes_seed_0_then_fails(configs, workdirs):
+    train_and_evaluate(configs[0], workdirs[0])
+    raise DataError('seed 1: record 7 cannot be read')
+
+  entries = sweep.run_sweep(definition, out, extra={'num_rounds': 4}, vmap_seeds=True,
+                            train=train, train_group=finishes_seed_0_then_fails,
+                            log=lambda _: None)
+  assert solo == [1, 2] and [e['status'] for e in entries] == ['done', 'failed', 'done']
