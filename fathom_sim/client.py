@@ -35,6 +35,11 @@ def step_key(round_key: jax.Array, client: jax.Array, step: jax.Array) -> jax.Ar
   return jax.random.fold_in(jax.random.fold_in(round_key, client), step)
 
 
+def _keep_rows(a: jax.Array, keep: jax.Array) -> jax.Array:
+  """`a` with the rows where `keep` is False set to zero."""
+  return jnp.where(keep.reshape(keep.shape + (1,) * (a.ndim - 1)), a, jnp.zeros((), a.dtype))
+
+
 def lane_init(server_params: Params, cohort_size: int) -> tuple:
   """A lane's loop state before its first step."""
   zero = jnp.int32(0)
@@ -57,7 +62,10 @@ def lane_step(loss_fn: LossFn, carry: tuple, server_params: Params, eta: jax.Arr
   slot = jnp.where(j < cohort_size, slot, cohort_size)  # past the lane's last client
   real = slot < cohort_size
   rows = jax.lax.dynamic_slice(stream, (it * batch_size,), (batch_pad,))
-  batch = jax.tree.map(lambda a: a[rows], source)
+  # Padding rows hold real examples (the next batch's, another client's, or row 0): zeroed,
+  # since a mask applied to the loss still backpropagates 0 * x, NaN for an x of inf or NaN,
+  # into the params of a client that never uses that example.
+  batch = jax.tree.map(lambda a: _keep_rows(a[rows], example_mask), source)
   loss, grad = grad_fn(params, batch, example_mask, step_key(round_key, table.client[slot], k))
   stepped = jax.tree.map(lambda p, g: p - eta * g, params, grad)
   update = tree.sub(server_params, stepped)  # d_k, including step k
