@@ -36,6 +36,20 @@ def test_integer_schedule_follows_the_spec():
   np.testing.assert_array_equal(fathom.integer_schedule(0.01, 20, np.array([3, 50]))[1], [1, 1])
 
 
+@pytest.mark.parametrize('epochs,batch,n,steps', [
+    (np.float32(0.2), 1.0, 5, 1),    # 0.20000000298 * 5 = 1.0000000149
+    (np.float32(0.1), 3.0, 30, 1),
+    (np.float32(1.1), 11.0, 10, 1),
+    (0.7, 7.0, 10, 1),               # float64: 0.7 * 10 = 7.000000000000001
+    (np.float32(0.2), 1.0, 6, 2),    # 1.2: a fraction of a step is a whole step
+    (np.float32(1.0000024), 1000.0, 1000, 2),  # E above 1 by more than float rounding
+])
+def test_a_whole_number_of_steps_is_not_rounded_up_by_float_rounding(epochs, batch, n, steps):
+  """FedAvg with E 0.2, B 1 ran 2 steps on a client of 5 examples: E is float32, and
+  E n / B_int came out 1.0000000149. The spec's K_i is of the real numbers."""
+  assert fathom.integer_schedule(epochs, batch, np.array([n]))[1][0] == steps
+
+
 def test_client_batches_shuffle_and_repeat():
   r = np.random.default_rng(0)
   idx = client_batches(r, 5, 4, 3)  # 12 rows from passes of 5: wraps across passes

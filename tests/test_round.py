@@ -1,5 +1,8 @@
 """The sharded round against the independent slow reference, on 1 and 8 devices."""
 
+import fractions
+import math
+
 import jax
 import numpy as np
 import pytest
@@ -35,6 +38,20 @@ def test_round_matches_slow_reference(algorithm, local_loop, lanes, chunk, num_d
   assert_trees_close(state.hyper.ema, ref[-1]['ema'])
   np.testing.assert_allclose(state.hyper.log_hparams, ref[-1]['phi'], rtol=1e-5, atol=1e-6)
   assert int(state.round) == 3
+
+
+def test_fedavg_with_an_e_float32_cannot_hold_runs_the_specs_steps():
+  """E 0.2 is 0.20000000298 in float32: a client of 5 examples ran 2 steps of B 1, not
+  ceil(0.2 * 5) = 1 (and so did every client whose n is a multiple of 5)."""
+  config = tiny_config(algorithm='fedavg', epochs=0.2, batch_size=1.0, num_devices=1)
+  _, history, _ = run_rounds(config, tiny_task(), 3)
+  whole = 0
+  for _, plan in history:
+    for n, k in zip(np.asarray(plan.num_examples), np.asarray(plan.num_steps)):
+      if n > 0:
+        assert k == max(1, math.ceil(fractions.Fraction(1, 5) * int(n))), (n, k)
+        whole += int(n) % 5 == 0
+  assert whole > 0  # the case that went wrong was met
 
 
 def test_same_result_on_1_and_8_devices_with_cohort_not_dividing_devices():
