@@ -287,6 +287,10 @@ def test_tokenisation_lowercases_and_splits_punctuation():
   assert html_sentences('<p>I like <a href="x">this stout</a> a <em>lot</em>, and '
                         '<code>it</code> too</p><ul><li>Hops<li>Malt</ul>') == [
       'i like this stout a lot , and it too', 'hops', 'malt']
+  # A line break in the source is a space in HTML: a hard-wrapped quote is one sentence.
+  assert html_sentences('<blockquote><p>beer dates back to the dawn of cereal agriculture\n'
+                        '  in ancient Mesopotamia.</p></blockquote>\n<p>Cheers</p>') == [
+      'beer dates back to the dawn of cereal agriculture in ancient mesopotamia .', 'cheers']
   assert tokenize('Kölsch, Märzen & Weißbier_café') == [
       'kölsch', ',', 'märzen', '&', 'weißbier', '_', 'café']
 

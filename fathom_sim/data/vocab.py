@@ -26,6 +26,7 @@ _BLOCK_TAG = re.compile(r'</?(?:p|br|div|li|ul|ol|h[1-6]|blockquote|pre|table|tr
 _TAG = re.compile(r'<[^>]*>')
 _CODE = re.compile(r'<pre\b.*?</pre>', re.DOTALL | re.IGNORECASE)
 _SENTENCE_END = re.compile(r'(?<=[.!?])\s+|\n+')
+_WHITESPACE = re.compile(r'\s+')
 
 
 def tokenize(text: str) -> list[str]:
@@ -38,7 +39,10 @@ def html_sentences(body: str) -> list[str]:
 
   Code blocks are dropped: they are not the natural language the task predicts.
   """
-  text = html.unescape(_TAG.sub(' ', _BLOCK_TAG.sub('\n', _CODE.sub('\n', body))))
+  # HTML renders a line break in the source as a space: a hard-wrapped paragraph (common in
+  # quotes) is one block, and only block tags (and a code block, which is one) end sentences.
+  text = _WHITESPACE.sub(' ', _CODE.sub('<p>', body))
+  text = html.unescape(_TAG.sub(' ', _BLOCK_TAG.sub('\n', text)))
   out = []
   for sentence in _SENTENCE_END.split(text):
     tokens = tokenize(sentence)
