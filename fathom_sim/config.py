@@ -74,6 +74,10 @@ def base_config() -> ml_collections.ConfigDict:
                                   # function; auto: matmul on CPU and GPU, measured)
   c.model.compute_dtype = 'float32'  # float32 | bfloat16: activations and matrix products;
                                   # parameters, updates and FATHOM's statistics stay float32
+  c.model.expected_length = 0.0   # sequence models' training loss: 0, the mean over the
+                                  # batch's non-pad target tokens; > 0, FedJAX's
+                                  # stackoverflow_word task's (13.3): each sentence's summed
+                                  # token loss / expected_length, mean over sentences
 
   c.data = ml_collections.ConfigDict()
   c.data.name = 'synthetic'       # synthetic | femnist_synthetic | npz | femnist | stackoverflow
@@ -255,6 +259,11 @@ def check_config(c: ml_collections.ConfigDict) -> None:
           '(96, 670, 96)', hidden)
   _choice(c, 'model.conv', ('auto',) + models.CONV_FORMS)
   _choice(c, 'model.compute_dtype', tuple(models.COMPUTE_DTYPES))
+  _number(c, 'model.expected_length', low=0)
+  if c.model.expected_length and c.model.name not in models.SEQUENCE_MODELS:
+    _fail('model.expected_length', f'0 for model.name {c.model.name!r} (it sets the training '
+          f'loss of the sequence models, {", ".join(models.SEQUENCE_MODELS)})',
+          c.model.expected_length)
   _choice(c, 'data.name', DATASETS)
   _number(c, 'data.seed', low=0, integer=True)
   _number(c, 'data.num_clients', low=1, integer=True)

@@ -14,6 +14,7 @@ import optax
 from fathom_sim.types import Batch, Params
 
 MODELS = ('logistic', 'mlp', 'emnist_cnn', 'stackoverflow_lstm', 'lstm')
+SEQUENCE_MODELS = ('stackoverflow_lstm', 'lstm')  # next-token prediction (sequence_model)
 STACKOVERFLOW_LSTM = (96, 670, 96)  # embedding, LSTM, dense widths of the paper's model
 PAD, BOS, EOS = 0, 1, 2  # token ids of fathom_sim.data.vocab (the last id: out of vocabulary)
 
@@ -250,16 +251,24 @@ def unit_forget_bias(params: Params) -> Params:
   return {**params, 'OptimizedLSTMCell_0': {**cell, 'hf': forget}}
 
 
-def sequence_model(name: str, module: nn.Module, num_ids: int) -> Model:
+def sequence_model(name: str, module: nn.Module, num_ids: int,
+                   expected_length: float = 0.0) -> Model:
   """Next-token prediction: x, y [n, length] ids; loss over non-pad targets.
 
+  The training loss is the mean over the batch's non-pad target tokens; with
+  `expected_length` > 0, FedJAX's stackoverflow_word task's instead: each sentence's summed
+  token loss divided by that constant (13.3 there), averaged over the batch's sentences. (The
+  two agree on a batch of sentences of that mean length; otherwise a step's size differs by
+  the batch's tokens / (expected_length B).)
+
   eval_sums: `correct`/`count` is the accuracy over targets that are neither pad nor eos;
-  `loss`/`count_loss` averages over the non-pad targets, eos included, as the training loss
-  and FedJAX's token_loss do (so test_loss and train_loss compare). `correct_in_vocab` (over the same count) is the spec's
-  accuracy without out-of-vocabulary predictions, as FedJAX's accuracy_in_vocab: the prediction
-  is the most likely in-vocabulary word (pad, bos, eos and oov never predicted), so an oov
-  target always counts as a miss. `correct_no_oov`/`count_no_oov` leave out oov targets instead
-  (TFF's accuracy without out-of-vocabulary tokens).
+  `loss`/`count_loss` averages over the non-pad targets, eos included, as FedJAX's token_loss
+  and the default training loss do (so test_loss and train_loss compare). `correct_in_vocab`
+  (over the same count) is the spec's accuracy without out-of-vocabulary predictions, as
+  FedJAX's accuracy_in_vocab: the prediction is the most likely in-vocabulary word (pad, bos,
+  eos and oov never predicted), so an oov target always counts as a miss.
+  `correct_no_oov`/`count_no_oov` leave out oov targets instead (TFF's
+  accuracy_without_out_of_vocab_or_end_of_sentence; its accuracy_no_oov counts eos targets).
   """
   oov = num_ids - 1
   # Logits of the ids that accuracy_in_vocab never predicts (FedJAX masks them with -inf).
@@ -278,6 +287,9 @@ def sequence_model(name: str, module: nn.Module, num_ids: int) -> Model:
     del rng  # no dropout
     losses, _, labels = per_token(params, batch)
     weights = (labels != PAD) * mask.astype(jnp.float32)[:, None]
+    if expected_length > 0:
+      sentences = jnp.maximum(jnp.sum(mask.astype(jnp.float32)), 1.0)
+      return jnp.sum(losses * weights) / (expected_length * sentences)
     return jnp.sum(losses * weights) / jnp.maximum(jnp.sum(weights), 1.0)
 
   def eval_sums(params, batch, mask):
@@ -296,10 +308,12 @@ def sequence_model(name: str, module: nn.Module, num_ids: int) -> Model:
 
 
 def get_model(name: str, *, num_classes: int, hidden: Sequence[int] = (64,),
-              conv: str = 'xla', compute_dtype: str = 'float32') -> Model:
+              conv: str = 'xla', compute_dtype: str = 'float32',
+              expected_length: float = 0.0) -> Model:
   """The model `name`; `conv` picks how emnist_cnn computes its convolutions (CONV_FORMS);
   `compute_dtype` the dtype of its activations and matrix products (COMPUTE_DTYPES). The
-  parameters, and so the gradients, updates and FATHOM's statistics, are float32 either way."""
+  parameters, and so the gradients, updates and FATHOM's statistics, are float32 either way.
+  `expected_length`: the sequence models' training loss (sequence_model)."""
   if conv not in CONV_FORMS:
     raise ValueError(f'model.conv must be one of {CONV_FORMS}, got {conv!r}')
   if compute_dtype not in COMPUTE_DTYPES:
@@ -312,9 +326,9 @@ def get_model(name: str, *, num_classes: int, hidden: Sequence[int] = (64,),
     return classifier(name, MLP(hidden=tuple(hidden), num_classes=num_classes, dtype=dtype))
   if name == 'emnist_cnn':
     return classifier(name, EmnistCNN(num_classes=num_classes, conv=conv, dtype=dtype))
-  if name in ('stackoverflow_lstm', 'lstm'):
+  if name in SEQUENCE_MODELS:
     # num_classes is the number of token ids; 'lstm' takes its widths from `hidden`.
     embed, lstm, dense = STACKOVERFLOW_LSTM if name == 'stackoverflow_lstm' else hidden
     return sequence_model(name, NextWordLSTM(num_classes, embed, lstm, dense, dtype),
-                          num_classes)
+                          num_classes, expected_length)
   raise ValueError(f'model.name must be one of {MODELS}, got {name!r}')

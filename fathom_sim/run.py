@@ -85,7 +85,8 @@ def build(config: ml_collections.ConfigDict, task: Task | None = None) -> Run:
   conv = _auto_conv(config, mesh)
   model = models.get_model(config.model.name, num_classes=task.num_classes,
                            hidden=config.model.hidden, conv=conv,
-                           compute_dtype=config.model.compute_dtype)
+                           compute_dtype=config.model.compute_dtype,
+                           expected_length=config.model.expected_length)
   _check_model_fits(model, config.model.name, task)
   server_opt = server.server_optimizer(
       config.server_optimizer, config.server_lr, momentum=config.server_momentum,

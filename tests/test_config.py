@@ -41,6 +41,9 @@ def test_base_config_and_quickstart_are_valid():
     ('model.hidden', (64, 0), 'config.model.hidden'),
     ('model.compute_dtype', 'float16',
      "config.model.compute_dtype must be one of 'float32', 'bfloat16'"),
+    ('model.expected_length', -13.3, 'config.model.expected_length must be >= 0'),
+    ('model.expected_length', 13.3,  # base_config's model is the mlp
+     "config.model.expected_length must be 0 for model.name 'mlp'"),
     ('data.name', 'cifar', 'config.data.name must be one of'),
     ('data.test_fraction', 1.0, 'config.data.test_fraction'),
     ('eval_every', 0, 'config.eval_every must be >= 1'),

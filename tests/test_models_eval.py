@@ -11,7 +11,7 @@ from fathom_sim import metrics
 from fathom_sim.data.federated import ArrayClientDataset
 from fathom_sim.evaluation import _batches, make_evaluator
 from fathom_sim.mesh import make_mesh
-from fathom_sim.models import CONV_FORMS, conv3x3, get_model, max_pool_2x2
+from fathom_sim.models import CONV_FORMS, NextWordLSTM, conv3x3, get_model, max_pool_2x2
 
 
 def _count(params):
@@ -209,6 +209,31 @@ def test_masked_rows_do_not_enter_the_loss():
   g_masked = jax.grad(model.loss)(params, {'x': garbage, 'y': y}, jnp.arange(6) < 4, None)
   for a, b in zip(jax.tree.leaves(g_full), jax.tree.leaves(g_masked)):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+
+
+def test_sequence_training_loss_per_token_or_per_sentence_over_an_expected_length():
+  """Default: the mean over the batch's non-pad target tokens. expected_length 13.3: FedJAX's
+  stackoverflow_word loss, each sentence's summed token loss / 13.3, mean over sentences.
+  Checked against per-token cross-entropies computed here from the model's logits."""
+  r = np.random.default_rng(0)
+  lengths = np.array([3, 7, 1, 5, 6])  # target tokens per sentence; row 4 is a padding row
+  y = np.zeros((5, 8), np.int32)
+  for i, n in enumerate(lengths):
+    y[i, :n] = r.integers(1, 20, n)
+  x = np.concatenate([np.ones((5, 1), np.int32), y[:, :-1]], axis=1)
+  batch, mask = {'x': x, 'y': y}, jnp.arange(5) < 4
+  per_token = get_model('lstm', num_classes=20, hidden=(4, 6, 5))
+  fedjax = get_model('lstm', num_classes=20, hidden=(4, 6, 5), expected_length=13.3)
+  params = per_token.init(jax.random.PRNGKey(0), batch)
+  module = NextWordLSTM(20, 4, 6, 5)
+  logits = np.asarray(module.apply({'params': params}, x), np.float64)
+  logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+  token_loss = -np.take_along_axis(logp, y[..., None], -1)[..., 0] * (y != 0)
+  sentence_loss = token_loss.sum(1)[:4]
+  np.testing.assert_allclose(per_token.loss(params, batch, mask, None),
+                             sentence_loss.sum() / lengths[:4].sum(), rtol=1e-5)
+  np.testing.assert_allclose(fedjax.loss(params, batch, mask, None),
+                             np.mean(sentence_loss / 13.3), rtol=1e-5)
 
 
 def _dataset(counts, seed=0):
