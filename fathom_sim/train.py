@@ -248,9 +248,9 @@ def _train(configs: list[ml_collections.ConfigDict], workdirs: list[str], *,
   except BaseException as e:
     # On several hosts the others would wait for this process in a collective: they stop
     # too, naming this error. Its files are closed by now (_closed_on_error).
-    distributed.stop_peers(str(e) if isinstance(e, (ConfigError, DataError,
-                                                    workdir_lib.WorkdirError))
-                           else f'{type(e).__name__}: {e}')
+    input_error = isinstance(e, (ConfigError, DataError, workdir_lib.WorkdirError))
+    distributed.stop_peers(str(e) if input_error else
+                           f'{type(e).__name__}: {e}' if str(e) else type(e).__name__)
     raise
   finally:
     forget()
