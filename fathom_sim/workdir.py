@@ -90,6 +90,15 @@ def prepare(workdir: str, config: ml_collections.ConfigDict) -> None:
     if os.path.exists(os.path.join(workdir, marker)):
       raise WorkdirError(f'--workdir {workdir!r} is {what}; give a folder of its own, e.g. '
                          f'{os.path.join(workdir, "run")!r}')
+  # A run's files of the wrong kind: a file named checkpoints made orbax's saves fail in a
+  # background thread and the run hang, after it had restarted from round 0 and cut the rows.
+  for name, folder in ((CHECKPOINTS, True), (UNREADABLE, True), (CONFIG_FILE, False),
+                       (metrics.METRICS_FILE, False), (metrics.SUMMARY_FILE, False)):
+    path = os.path.join(workdir, name)
+    if os.path.exists(path) and os.path.isdir(path) != folder:
+      raise WorkdirError(f'--workdir {workdir!r}: {name} is a {"file" if folder else "folder"}'
+                         f', where a run keeps its {name} {"folder" if folder else "file"}; '
+                         'move it away or give another workdir')
   if os.path.exists(os.path.join(workdir, CONFIG_FILE)):
     check_same_run(workdir, config)
     return

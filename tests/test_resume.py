@@ -541,3 +541,24 @@ def test_a_checkpoint_too_large_for_the_device_is_not_set_aside(tmp_path, monkey
   assert sorted(os.listdir(os.path.join(workdir, 'checkpoints'))) == ['10', '20']
   assert not os.path.exists(os.path.join(workdir, 'unreadable_checkpoints'))
   assert train_and_evaluate(_tiny(num_rounds=30), workdir)['resumed_from'] == 20
+
+
+@pytest.mark.parametrize('name,make', [('checkpoints', 'file'), ('metrics.jsonl', 'folder'),
+                                       ('summary.json', 'folder')])
+def test_a_run_file_of_the_wrong_kind_is_refused_and_the_run_left_as_it_was(tmp_path, name,
+                                                                           make):
+  """A file named checkpoints: the run restarted from round 0 without a word, cut its rows,
+  then hung on orbax's failing background save. A folder named metrics.jsonl or summary.json
+  ended in a traceback."""
+  import shutil
+  workdir = tmp_path / 'run'
+  train_and_evaluate(_tiny(num_rounds=2), str(workdir))
+  path = workdir / name
+  shutil.rmtree(path) if path.is_dir() else path.unlink()
+  path.write_text('x') if make == 'file' else path.mkdir()
+  before = {f: (workdir / f).read_bytes() for f in os.listdir(workdir)
+            if (workdir / f).is_file()}
+  with pytest.raises(WorkdirError, match=f'{name} is a {make}, where a run keeps its {name}'):
+    train_and_evaluate(_tiny(num_rounds=3), str(workdir))
+  assert {f: (workdir / f).read_bytes() for f in os.listdir(workdir)
+          if (workdir / f).is_file()} == before
