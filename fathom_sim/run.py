@@ -262,6 +262,23 @@ def _check_first_round_fits(config, task: Task, mesh, lanes: int) -> None:
                       f'{on_one} client(s) side by side needs {need / 2**30:.1f} GiB for its '
                       f'inputs alone, more than {what} ({limit / 2**30:.1f} GiB); lower '
                       'config.batch_size')
+  # The evaluation's batches are made whole on the host, then split over the devices.
+  eval_need = config.eval_batch_size * example // (1 if cpu else mesh.devices.size)
+  if eval_need > limit:
+    raise ConfigError(f'config.eval_batch_size={config.eval_batch_size}: one evaluation batch '
+                      f'({example} bytes an example) needs {eval_need / 2**30:.1f} GiB for its '
+                      f'inputs alone, more than {what} ({limit / 2**30:.1f} GiB); lower it '
+                      '(1024 by default)')
+  if config.algorithm == 'fathom':
+    # Where FATHOM may take E and B: past this, a round would fail mid-run in planning.
+    b_up, (steps_up,) = fathom.integer_schedule(config.upper_epochs, config.upper_batch_size,
+                                                [n_max])
+    if int(steps_up) * b_up >= 2**31:
+      raise ConfigError(
+          f'config.upper_epochs={config.upper_epochs:g}, config.upper_batch_size='
+          f'{config.upper_batch_size:g}: FATHOM may move E and B up to these bounds, where the '
+          f'largest client ({n_max} examples) would take {int(steps_up)} local steps of {b_up} '
+          'examples in a round, past the 2^31 example indices a round can address; lower them')
 
 
 def init_state(run: Run) -> ServerState:

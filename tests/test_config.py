@@ -254,6 +254,10 @@ def test_fedavg_takes_static_values_above_fathoms_bounds():
                            r'memory \(1.0 GiB\); lower config.batch_size'),
     (dict(epochs=1e9), r'config.epochs=1e\+09, config.batch_size=\d+: the largest client '
                        r'\(\d+ examples\) would take \d+ local steps'),
+    # It overwrote a finished run's config.json, then failed with a numpy MemoryError.
+    (dict(eval_batch_size=10**8), r'config.eval_batch_size=100000000: one evaluation batch '
+                                  r'\(\d+ bytes an example\) needs .* more than the host.s '
+                                  r'memory \(1.0 GiB\); lower it'),
 ])
 @pytest.mark.parametrize('algorithm', ['fedavg', 'fathom'])
 def test_a_first_round_that_cannot_run_is_refused_before_the_workdir(tmp_path, monkeypatch,
@@ -266,6 +270,18 @@ def test_a_first_round_that_cannot_run_is_refused_before_the_workdir(tmp_path, m
   with pytest.raises(ConfigError, match=needle):
     train_and_evaluate(config, str(tmp_path / 'run'))
   assert not (tmp_path / 'run').exists()
+
+
+def test_upper_bounds_fathom_could_not_run_at_are_refused_before_the_workdir(tmp_path):
+  """B's bound 1e30 with a large eta_h2: rounds 1-2 ran, round 3 failed in planning with a
+  traceback ("Maximum allowed dimension exceeded"), after the workdir was written."""
+  from fathom_sim.train import train_and_evaluate
+  config = tiny_config(algorithm='fathom', upper_batch_size=1e30)
+  with pytest.raises(ConfigError, match=r'config.upper_epochs=\d+, config.upper_batch_size='
+                                        r'1e\+30: FATHOM may move E and B up to these bounds'):
+    train_and_evaluate(config, str(tmp_path / 'run'))
+  assert not (tmp_path / 'run').exists()
+  build(tiny_config(algorithm='fedavg', upper_batch_size=1e30), tiny_task())  # FedAvg's: unused
 
 
 def test_the_first_round_memory_bound_is_the_devices_own_or_the_hosts():
