@@ -53,8 +53,13 @@ def put(tree, sharding: NamedSharding):
 
 
 def out_of_memory(e: BaseException) -> str | None:
-  """XLA's first line when `e` says a device (or, for CPU devices, the host) ran out of
-  memory, else None."""
-  if isinstance(e, jax.errors.JaxRuntimeError) and 'RESOURCE_EXHAUSTED' in str(e):
-    return str(e).strip().splitlines()[0][:200]
+  """What ran out, and its first line, when `e` says a device (or, for CPU devices, the host)
+  ran out of memory: 'XLA: RESOURCE_EXHAUSTED: ...' from a program, or from an eager
+  operation (which raises it as a plain ValueError), or 'host: Unable to allocate ...' from
+  numpy; else None."""
+  xla = isinstance(e, jax.errors.JaxRuntimeError) or type(e) is ValueError
+  if xla and 'RESOURCE_EXHAUSTED' in str(e):
+    return 'XLA: ' + str(e).strip().splitlines()[0][:200]
+  if isinstance(e, MemoryError):
+    return 'host: ' + (str(e).strip().splitlines() or ['MemoryError'])[0][:200]
   return None

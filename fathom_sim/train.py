@@ -80,7 +80,7 @@ def _out_of_memory_message(run: Run, doing: dict, xla: str) -> str:
   after round t; 'seeds' > 1 when seeds are vectorised (each holds its own copy)."""
   c, lanes = run.config, run.lanes_per_device
   on = (f'on {run.mesh.devices.size} {run.mesh.devices.flat[0].platform} device(s) '
-        f'(XLA: {xla})')
+        f'({xla})')
   seeds = doing.get('seeds', 1)
   fewer_seeds = (f'; fewer seeds side by side ({seeds} now: launch/sweep.py without '
                  '--vmap_seeds) resume these workdirs' if seeds > 1 else '')

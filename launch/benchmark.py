@@ -349,7 +349,7 @@ def _measure_or_fail(name: str, cohort: int) -> dict:
   from fathom_sim.mesh import out_of_memory
   try:
     return measure(name, cohort)
-  except jax.errors.JaxRuntimeError as e:
+  except (jax.errors.JaxRuntimeError, ValueError, MemoryError) as e:
     xla = out_of_memory(e)
     if xla is None:
       raise

@@ -130,3 +130,7 @@ def run_or_exit(job: Callable[[], object]) -> None:
     fail(str(e))
   except Preempted as e:
     sys.exit(128 + e.signum)  # the shell's convention for "ended by this signal"
+  except MemoryError as e:  # numpy's, before any round (rounds say theirs as OutOfMemory)
+    fail(f'the host ran out of memory making the run ({e}); the config asks for more than this '
+         'machine holds: lower the sizes it sets (data.num_clients, data.max_examples, '
+         'model widths)')

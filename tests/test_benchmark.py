@@ -123,7 +123,7 @@ def test_a_row_out_of_memory_is_one_error_naming_the_row(monkeypatch):
     raise jax.errors.JaxRuntimeError('INTERNAL: something else')
 
   monkeypatch.setattr(benchmark, 'measure', measure)
-  with pytest.raises(ConfigError, match=r'^cnn at cohort 200 ran out of memory \(RESOURCE_'
+  with pytest.raises(ConfigError, match=r'^cnn at cohort 200 ran out of memory \(XLA: RESOURCE_'
                      r'EXHAUSTED: Out of memory allocating 8 bytes.\); measure it on a device '
                      'with more memory, or with fewer --lanes_per_device$'):
     benchmark._measure_or_fail('cnn', 200)

@@ -142,3 +142,19 @@ def test_the_training_commands_can_share_one_process():
   done = subprocess.run([sys.executable, '-c', code], cwd=ROOT, capture_output=True, text=True,
                         env=dict(os.environ, JAX_PLATFORMS='cpu'), timeout=120)
   assert done.returncode == 0, done.stderr[-2000:]
+
+
+def test_the_host_out_of_memory_before_any_round_is_one_line_and_exit_2(capsys):
+  """Generated data of 1e9 clients ended in numpy's MemoryError traceback."""
+  from launch import cli
+
+  def job():
+    raise MemoryError('Unable to allocate 22.3 GiB for an array with shape (99981182, 60)')
+
+  with pytest.raises(SystemExit) as exit_:
+    cli.run_or_exit(job)
+  assert exit_.value.code == 2
+  assert capsys.readouterr().err == (
+      'error: the host ran out of memory making the run (Unable to allocate 22.3 GiB for an '
+      'array with shape (99981182, 60)); the config asks for more than this machine holds: '
+      'lower the sizes it sets (data.num_clients, data.max_examples, model widths)\n')

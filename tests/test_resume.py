@@ -562,3 +562,31 @@ def test_a_run_file_of_the_wrong_kind_is_refused_and_the_run_left_as_it_was(tmp_
     train_and_evaluate(_tiny(num_rounds=3), str(workdir))
   assert {f: (workdir / f).read_bytes() for f in os.listdir(workdir)
           if (workdir / f).is_file()} == before
+
+
+def test_out_of_memory_outside_a_compiled_program_is_recognised():
+  """Eager operations raise XLA's RESOURCE_EXHAUSTED as a plain ValueError (a label of 1e9
+  made fathom.init's zeros_like fail so, with a traceback), and numpy a MemoryError; errors
+  of ours that quote it are not converted again."""
+  from fathom_sim.config import ConfigError
+  from fathom_sim.mesh import out_of_memory
+  assert out_of_memory(ValueError('RESOURCE_EXHAUSTED: Out of memory allocating 8 bytes.\nx')) \
+      == 'XLA: RESOURCE_EXHAUSTED: Out of memory allocating 8 bytes.'
+  assert out_of_memory(MemoryError('Unable to allocate 22.3 GiB')) == \
+      'host: Unable to allocate 22.3 GiB'
+  assert out_of_memory(ConfigError('round 1 ran out of memory (XLA: RESOURCE_EXHAUSTED)')) is None
+  assert out_of_memory(ValueError('no memory talk')) is None
+
+
+def test_the_first_state_out_of_memory_in_an_eager_operation_is_one_error(tmp_path, monkeypatch):
+  from fathom_sim import train
+  from fathom_sim.train import OutOfMemory
+
+  def eager_out_of_memory(run):
+    raise ValueError('RESOURCE_EXHAUSTED: Out of memory while trying to allocate 4000000000 '
+                     'bytes.')
+
+  monkeypatch.setattr(train, 'init_state', eager_out_of_memory)
+  with pytest.raises(OutOfMemory, match=r"^the model's first state ran out of memory on \d+ cpu "
+                                        r'device\(s\) \(XLA: RESOURCE_EXHAUSTED'):
+    train_and_evaluate(_tiny(num_rounds=2), str(tmp_path / 'run'))
