@@ -156,7 +156,9 @@ def final_accuracy(group: Group) -> tuple[float | None, float | None]:
   values = []
   for run in group.runs:
     if run.summary:
-      values.append(run.summary['final']['test_accuracy'])
+      final = (run.summary.get('final') or {}).get('test_accuracy')
+      if final is not None:  # None: a run whose test split has no examples
+        values.append(final)
     else:
       evals = [r['test_accuracy'] for r in run.rows if r.get('test_accuracy') is not None]
       if evals:

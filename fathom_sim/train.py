@@ -336,6 +336,9 @@ def _run(run: Run, configs: list[ml_collections.ConfigDict], workdirs: list[str]
   evaluate = make_evaluator(run.model, mesh, c.eval_batch_size)
   host_loop = run.local_loop == 'host'
   test_clients = np.flatnonzero(np.asarray(task.test.num_examples) > 0)
+  if not len(test_clients):
+    logging.warning('%s: the test split holds no examples: nothing is evaluated, and '
+                    'test_accuracy, rounds_to_target are null', task.name)
   last_log = (time.time(), done)
 
   if rounds.compile_ahead is not None and len(test_clients) and done < c.num_rounds:

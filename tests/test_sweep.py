@@ -200,6 +200,19 @@ def test_a_summary_left_by_a_run_since_extended_does_not_make_it_finished(tmp_pa
   assert run.summary is not None  # the summary of the rounds it has: finished
 
 
+def test_a_finished_run_without_test_examples_is_reported(tmp_path):
+  """data.test_fraction 0: the summary's final test_accuracy is null, and report.py ended in
+  a TypeError traceback on it."""
+  workdir = tmp_path / 'sweep' / 'fathom' / 'seed=0'
+  _write_run(workdir, 'fathom', {}, 50, 2)
+  (workdir / 'summary.json').write_text(json.dumps({
+      'rounds': 2, 'total_examples': 100, 'total_local_steps': 20,
+      'final': {'test_accuracy': None}}))
+  groups = report.group_runs(report.find_runs([str(tmp_path / 'sweep')]))
+  assert report.final_accuracy(groups[0]) == (None, None)
+  assert '| `fathom` |' in report.markdown(groups, [0.3])
+
+
 def test_every_shipped_sweep_loads_and_plans_valid_configs(tmp_path):
   from fathom_sim.config import check_config
   files = sorted(f for f in os.listdir(os.path.join(ROOT, 'sweeps'))
