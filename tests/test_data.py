@@ -150,6 +150,7 @@ def test_npz_directory_with_train_and_test(tmp_path):
     ('cut_npz', 'not a readable .npz file'),
     ('no_test', 'must hold train.npz and test.npz'),
     ('shapes', 'train inputs are (5,) but test inputs are (6,)'),
+    ('empty', 'holds no examples (num_examples is empty or all 0)'),  # was a KeyError 'y'
 ])
 def test_npz_problems_name_the_file_and_the_fix(tmp_path, problem, needle):
   path = tmp_path / 'data.npz'
@@ -184,6 +185,8 @@ def test_npz_problems_name_the_file_and_the_fix(tmp_path, problem, needle):
     path = tmp_path / 'dir'
     path.mkdir()
     _write_clients(path / 'train.npz', [3])
+  elif problem == 'empty':
+    np.savez(path, x=np.zeros((0, 5)), y=np.zeros(0, np.int64), num_examples=np.zeros(0, int))
   elif problem == 'shapes':
     path = tmp_path / 'dir'
     path.mkdir()

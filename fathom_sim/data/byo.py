@@ -99,7 +99,11 @@ def load_npz(path: str, *, num_classes: int = 0, test_fraction: float = 0.2,
                       f'missing {absent}')
     train, test = (_dataset(f, _read(f)) for f in files)
   elif os.path.isfile(path):
-    train, test = _hold_out(_dataset(path, _read(path)), test_fraction, seed)
+    data = _dataset(path, _read(path))
+    if not data.offsets[-1]:
+      raise DataError(f'{path}: holds no examples (num_examples is empty or all 0); a client '
+                      'file needs x [N, ...], y [N] and num_examples [C] with N > 0')
+    train, test = _hold_out(data, test_fraction, seed)
   else:
     raise DataError(f'data.path {path!r}: no such file or directory (expected a .npz file, '
                     f'or a directory with train.npz and test.npz)')
