@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 from tensorflow_datasets.proto import tf_example_pb2, tf_feature_pb2
 
+from fathom_sim.data import DataError
 from fathom_sim.data.fedjax_sqlite import decode
 from fathom_sim.data.prepare import prepare
 from fathom_sim.data.prepared import load_prepared
@@ -293,6 +294,23 @@ def test_tokenisation_lowercases_and_splits_punctuation():
       'beer dates back to the dawn of cereal agriculture in ancient mesopotamia .', 'cheers']
   assert tokenize('Kölsch, Märzen & Weißbier_café') == [
       'kölsch', ',', 'märzen', '&', 'weißbier', '_', 'café']
+
+
+@pytest.mark.parametrize('damage', ['[1]', '{"task": "stackoverflow", "layout_version": 1}',
+                                    '{"num_classes": "many"}'])
+def test_a_damaged_meta_json_is_one_data_error(tmp_path, damage):
+  """A list, no num_classes, or a num_classes of text: tracebacks (AttributeError, KeyError,
+  ValueError) from reading the prepared dataset."""
+  (tmp_path / 'Posts.xml').write_text(POSTS)
+  write_vocab(tmp_path / 'wc')
+  out = tmp_path / 'out'
+  prepare(str(tmp_path / 'Posts.xml'), str(out), fmt='stackexchange_xml', task='stackoverflow',
+          vocab_path=str(tmp_path / 'wc'), split_date='2016-01-01')
+  load_prepared('stackoverflow', str(out))
+  (out / 'meta.json').write_text(damage)
+  with pytest.raises(DataError, match=f'{out / "meta.json"}: not the meta.json prepare_data.py '
+                                      'writes'):
+    load_prepared('stackoverflow', str(out))
 
 
 def test_stackexchange_posts_group_by_owner_and_split_by_date(tmp_path):
