@@ -117,6 +117,14 @@ def use_compilation_cache(flag: flags.FlagHolder) -> None:
     compile_cache.disable()
 
 
+def no_arguments(argv: list[str]) -> None:
+  """Refuses words after the flags: `config.eta=0.5` without its dashes was dropped without a
+  word, and the run went on with the config's own value."""
+  if len(argv) > 1:
+    fail(f'unexpected argument(s) {" ".join(argv[1:])!r}: give settings as flags, e.g. '
+         '--config.eta=0.5')
+
+
 def run_or_exit(job: Callable[[], object]) -> None:
   """Runs the job; input errors (config, data, workdir) become one line and exit status 2;
   a run stopped by SIGTERM/SIGINT (after checkpointing) exits with 128 + the signal number."""

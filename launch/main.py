@@ -39,15 +39,29 @@ def _join_distributed_run() -> None:
     if n is None or n < 1 or i is None or not 0 <= i < n:
       cli.fail('--coordinator_address needs --num_processes >= 1 and --process_id in '
                f'[0, num_processes), got --num_processes={n} --process_id={i}')
-    distributed.initialize(_COORDINATOR.value, n, i)
-  else:
-    distributed.initialize()
+  try:
+    if _COORDINATOR.value:
+      distributed.initialize(_COORDINATOR.value, n, i)
+    else:
+      distributed.initialize()
+  except (ValueError, RuntimeError, IndexError) as e:  # jax's, for an address or cluster
+    first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    how = (f'--coordinator_address={_COORDINATOR.value}' if _COORDINATOR.value else
+           '--multihost (JAX finds the processes on a Cloud TPU pod, Slurm or Open MPI only)')
+    cli.fail(f'{how}: cannot join the distributed run ({type(e).__name__}: {first}); by '
+             'hand, give --coordinator_address=host:port of process 0 (the same on every '
+             'process), --num_processes and --process_id')
 
 
 def main(argv):
-  del argv
+  cli.no_arguments(argv)
   from fathom_sim.train import train_and_evaluate  # after flags: XLA_FLAGS may be set by then
   cli.setup_logging()
+  if (_NUM_PROCESSES.value is not None or _PROCESS_ID.value is not None) and not (
+      _COORDINATOR.value):
+    # Alone they ran one process, and two such would write the same workdir.
+    cli.fail('--num_processes and --process_id join a multi-process run with '
+             '--coordinator_address=host:port (or use --multihost where JAX finds them)')
   if _COORDINATOR.value or _MULTIHOST.value:
     _join_distributed_run()
   cli.use_compilation_cache(_COMPILATION_CACHE)

@@ -53,7 +53,7 @@ def parse_flags(argv: list[str]) -> list[str]:
 
 
 def main(argv):
-  del argv
+  cli.no_arguments(argv)
   from fathom_sim import sweep as sweep_lib
   from fathom_sim.config import ConfigError
   cli.setup_logging()

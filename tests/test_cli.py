@@ -77,6 +77,14 @@ def test_quickstart_writes_metrics_and_summary(tmp_path, algorithm):
     (['--config.server_optimizer=sgdd'], 'config.server_optimizer must be one of'),
     (['--config.data.name=npz', '--config.data.path=/nonexistent/data.npz'],
      "data.path '/nonexistent/data.npz': no such file"),
+    # Each of these ran, or ended in a traceback:
+    (['config.eta=0.5'], "unexpected argument(s) 'config.eta=0.5': give settings as flags"),
+    (['--num_processes=2'], '--num_processes and --process_id join a multi-process run with '
+                            '--coordinator_address'),
+    (['--multihost'], '--multihost (JAX finds the processes on a Cloud TPU pod, Slurm or Open '
+                      'MPI only): cannot join the distributed run (ValueError'),
+    (['--coordinator_address=notahost', '--num_processes=1', '--process_id=0'],
+     '--coordinator_address=notahost: cannot join the distributed run'),
 ])
 def test_bad_input_is_one_clear_line_and_exit_2(tmp_path, args, needle):
   workdir = tmp_path / 'run'

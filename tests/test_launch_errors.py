@@ -111,6 +111,7 @@ def test_a_bad_field_in_a_sweep_names_the_file_and_the_entry(tmp_path, fields, n
     (GOOD_SWEEP, ['--config.seed=9'], 'command line: config.seed cannot be set here'),
     (GOOD_SWEEP, ['--seeds=0'], '--seeds must be >= 1 (it runs seeds 0..N-1), got 0'),
     (GOOD_SWEEP, ['--seeds=-1'], '--seeds must be >= 1 (it runs seeds 0..N-1), got -1'),
+    (GOOD_SWEEP, ['seeds=3'], "unexpected argument(s) 'seeds=3': give settings as flags"),
 ])
 def test_sweep_command_refuses_a_bad_sweep_file_or_seeds(tmp_path, text, args, needle):
   path = tmp_path / 'bad_sweep.py'
