@@ -389,4 +389,4 @@ def _measure_in_child(name: str, cohort: int) -> dict:
 
 
 if __name__ == '__main__':
-  app.run(main)
+  app.run(main, flags_parser=cli.parse_flags_or_exit)  # a bad flag: one line, exit 2

@@ -51,12 +51,21 @@ def summary_lines(meta: dict, out: str) -> list[str]:
   return lines
 
 
+MAX_SEQUENCE_LENGTH = 1024  # the paper's 20 x 50; past it, one sentence's ids alone are KBs
+
+
 def main(argv):
-  del argv
+  cli.no_arguments(argv)
   from fathom_sim.data import tfds_store
   from fathom_sim.data.prepare import prepare
-  if _VOCAB_SIZE.value < 1 or _LENGTH.value < 2 or not 0 < _TEST_FRACTION.value < 1:
-    cli.fail('--vocab_size must be >= 1, --sequence_length >= 2, --test_fraction in (0, 1)')
+  if _VOCAB_SIZE.value < 1:
+    cli.fail(f'--vocab_size must be >= 1, got {_VOCAB_SIZE.value}')
+  if not 2 <= _LENGTH.value <= MAX_SEQUENCE_LENGTH:
+    # 1e8 was taken, and the process was killed for memory, leaving OUT.partial.
+    cli.fail(f'--sequence_length must be in [2, {MAX_SEQUENCE_LENGTH}] (20 in the paper), got '
+             f'{_LENGTH.value}')
+  if not 0 < _TEST_FRACTION.value < 1:
+    cli.fail(f'--test_fraction must be in (0, 1), got {_TEST_FRACTION.value}')
 
   def job():
     tfds_store.check_out(_OUT.value)  # now, not after a conversion that may take hours

@@ -272,6 +272,9 @@ SMALL = ['--tasks=mlp', '--num_clients=20', '--cohort_sizes=2', '--noisolate_row
     ('--cohort_sizes=2,-1', "--cohort_sizes must be integers >= 1, got '2,-1'"),
     ('--cohort_sizes=0', "--cohort_sizes must be integers >= 1, got '0'"),
     ('--tasks=', '--tasks must name at least one task among mlp, cnn, lstm'),
+    # absl's own refusals were "FATAL Flags parsing error" with exit status 1:
+    ('--rounds=abc', "flag --rounds=abc: invalid literal for int() with base 10: 'abc'"),
+    ('--task=mlp', "Unknown command line flag 'task'. Did you mean: tasks ?"),
 ])
 def test_benchmark_refuses_out_of_range_counts_before_any_row(tmp_path, flag, needle):
   out = tmp_path / 'bench.json'
@@ -314,6 +317,23 @@ POSTS = """<?xml version="1.0" encoding="utf-8"?>
                                 'examples (sentences) fall before it, 4 on or after it'),
 ])
 def test_prepare_refuses_a_bad_or_emptying_split_date(tmp_path, flag, needle):
+  (tmp_path / 'Posts.xml').write_text(POSTS)
+  out = tmp_path / 'out'
+  _refused(_cli('prepare_data.py', '--format=stackexchange_xml', '--task=stackoverflow',
+                f'--source={tmp_path / "Posts.xml"}', f'--out={out}', flag), needle)
+  assert not out.exists() and not (tmp_path / 'out.partial').exists()
+
+
+@pytest.mark.parametrize('flag,needle', [
+    ('--sequence_length=100000000', '--sequence_length must be in [2, 1024] (20 in the paper), '
+                                    'got 100000000'),
+    ('--vocab_size=0', '--vocab_size must be >= 1, got 0'),
+    ('--test_fraction=1', '--test_fraction must be in (0, 1), got 1.0'),
+    ('stray', "unexpected argument(s) 'stray'"),
+])
+def test_prepare_refuses_out_of_range_flags_naming_each(tmp_path, flag, needle):
+  """--sequence_length 1e8 was taken: the process was killed for memory, leaving OUT.partial;
+  the others were named together in one message."""
   (tmp_path / 'Posts.xml').write_text(POSTS)
   out = tmp_path / 'out'
   _refused(_cli('prepare_data.py', '--format=stackexchange_xml', '--task=stackoverflow',
