@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import json
 import os
 import signal
 import threading
@@ -296,6 +297,15 @@ def _run(run: Run, configs: list[ml_collections.ConfigDict], workdirs: list[str]
       raise workdir_lib.WorkdirError(
           f'--workdir {book.workdir!r} holds a run already at round {book.done}; '
           f'config.num_rounds must be at least that, got {c.num_rounds}')
+  kept = [_summary_of_finished(book, c.num_rounds) for book in books]
+  if all(summary is not None for summary in kept):
+    # Nothing to run: its files stay as the run left them (a summary rewritten here would lose
+    # the run's own compiles, wall_s and resumed_from).
+    for book in books:
+      book.close()
+      logging.info('%s: the run finished its %d rounds already; its files are kept as they are',
+                   book.workdir, c.num_rounds)
+    return kept
   for book in books:  # every check passed: the resumed runs' configs are this command's
     workdir_lib.save_config(book.workdir, book.config)
   if vectorized and len({b.done for b in books}) > 1:
@@ -438,6 +448,22 @@ def _run(run: Run, configs: list[ml_collections.ConfigDict], workdirs: list[str]
     summaries.append(_summary(book, final, params, _seed(hp, s), rounds, run,
                               vectorized=len(books) if vectorized else 0))
   return summaries
+
+
+def _summary_of_finished(book: _Book, num_rounds: int) -> dict | None:
+  """The summary.json of a run checkpointed at its last round, if it describes that run and
+  the command asks nothing new of it (another target_accuracy, say, is summarised again)."""
+  if book.done != num_rounds:
+    return None
+  try:
+    with open(os.path.join(book.workdir, metrics.SUMMARY_FILE), encoding='utf-8') as f:
+      summary = json.load(f)
+    with open(os.path.join(book.workdir, workdir_lib.CONFIG_FILE), encoding='utf-8') as f:
+      same = json.load(f) == workdir_lib.config_dict(book.config)
+  except (OSError, ValueError):
+    return None
+  finished = isinstance(summary, dict) and summary.get('rounds') == num_rounds
+  return summary if finished and same else None
 
 
 def _tag(book: _Book, vectorized: bool) -> str:

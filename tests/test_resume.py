@@ -189,8 +189,13 @@ def test_result_changing_config_is_refused_and_more_rounds_continue(tmp_path):
   with pytest.raises(WorkdirError, match='config.num_rounds must be at least'):
     train_and_evaluate(_tiny(num_rounds=5, keep_checkpoints=1), workdir)
   assert [open(os.path.join(workdir, f)).read() for f in files] == before  # nothing rewritten
-  again = train_and_evaluate(_tiny(num_rounds=10), workdir)  # finished: nothing redone
-  assert again['resumed_from'] == 10 and len(read_rows(workdir)) == 10
+  # Finished: nothing redone, and nothing rewritten (the summary kept its own compiles,
+  # wall_s and resumed_from, where they were those of a command that only evaluated).
+  again = train_and_evaluate(_tiny(num_rounds=10), workdir)
+  assert [open(os.path.join(workdir, f)).read() for f in files] == before
+  assert again == json.loads(before[2]) and again['resumed_from'] == 0
+  target = train_and_evaluate(_tiny(num_rounds=10, target_accuracy=0.01), workdir)
+  assert target['rounds_to_target'] is not None  # a new question: summarised again
   longer = train_and_evaluate(_tiny(num_rounds=20), workdir)
   straight = train_and_evaluate(_tiny(num_rounds=20), str(tmp_path / 'straight'))
   assert longer['final']['params_sha256'] == straight['final']['params_sha256']
