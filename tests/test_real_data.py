@@ -270,6 +270,11 @@ def test_paper_configs_and_missing_dataset_message(tmp_path):
     load_task(so.data)
   assert (f'--out={downloads}_prepared, and give data.data_dir={downloads}_prepared'
           in str(err.value)), str(err.value)
+  # a file (a download, say): it suggested prepare_data.py --out=<that file>
+  so.data.data_dir = str(downloads / 'stackoverflow_train.sqlite')
+  with pytest.raises(DataError, match=r"stackoverflow_train.sqlite' is a file; give the folder "
+                                      'that launch/prepare_data.py wrote'):
+    load_task(so.data)
   femnist.data.data_dir = ''
   with pytest.raises(ConfigError, match='config.data.data_dir must be the prepared dataset'):
     check_config(femnist)

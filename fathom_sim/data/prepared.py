@@ -28,6 +28,9 @@ def load_prepared(name: str, data_dir: str) -> Task:
   # TFDS is imported here, not with the package: runs on generated data need none of it.
   from fathom_sim.data.tfds_store import PreparedClientDataset, read_meta
   kind, how = HOW_TO_GET[name]
+  if os.path.isfile(data_dir):
+    raise DataError(f'data.data_dir {data_dir!r} is a file; give the folder that '
+                    f'launch/prepare_data.py wrote (README: Real datasets)')
   if not os.path.isfile(os.path.join(data_dir, 'meta.json')):
     # prepare_data.py writes into a new or empty folder only: not beside downloads
     taken = os.path.isdir(data_dir) and bool(os.listdir(data_dir))
