@@ -31,18 +31,24 @@ def integer_schedule(epochs: float, batch_size: float,
   """B_int = max(1, round(B)) and K_i = max(1, ceil(E * n_i / B_int)) for each client.
 
   Host-side, from the float32 values the device used; round() is half-to-even. E n_i / B_int
-  within WHOLE_TOLERANCE (relative) above a whole number counts as that number: E 0.2 is
+  within WHOLE_TOLERANCE (relative; at most MAX_FORGIVEN of a step) above a whole number
+  counts as that number: E 0.2 is
   0.20000000298 in float32 (and E 0.7 times 10 is 7.000000000000001 in float64), which gave
   FedAvg with E 0.2, B 1 two steps on a client of 5 examples, where the spec says one.
   """
   b_int = max(1, int(np.rint(np.float64(batch_size))))
   work = np.float64(epochs) * np.asarray(num_examples, np.float64) / b_int
-  return b_int, np.maximum(1, np.ceil(work * (1 - WHOLE_TOLERANCE))).astype(np.int64)
+  whole = np.floor(work)
+  # Only a fraction above a whole number is forgiven, and never more than MAX_FORGIVEN of a
+  # step: past 2^10 steps the relative allowance would otherwise swallow real fractions.
+  noise = (work > whole) & (work - whole <= np.minimum(work * WHOLE_TOLERANCE, MAX_FORGIVEN))
+  return b_int, np.maximum(1, np.where(noise, whole, np.ceil(work))).astype(np.int64)
 
 
 # Above float32's rounding of E (2^-24 relative) and the few ulps by which exp(phi) differs
 # between backends; far below any change of E that FATHOM's hyper step makes.
 WHOLE_TOLERANCE = 2.0**-20
+MAX_FORGIVEN = 2.0**-10
 
 
 class HyperTuner(NamedTuple):

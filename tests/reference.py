@@ -37,10 +37,12 @@ def local_train(loss_fn, params, examples: dict, *, epochs: float, eta: float, b
   n = len(examples['y'])
   # ceil(E n / B_int) of the real numbers E and n / B_int stand for: float rounding may put
   # the product of a whole one just above it (E 0.2 is 0.20000000298 in float32), and within
-  # 2^-20 (relative) it is that whole number, as fathom.integer_schedule reads the spec.
+  # 2^-20 (relative, at most 2^-10 of a step) it is that whole number, as
+  # fathom.integer_schedule reads the spec.
   work = float(np.float64(epochs) * n / b_int)
   whole = math.floor(work)
-  k_steps = max(1, whole if 0 < work - whole <= work * 2.0**-20 else math.ceil(work))
+  noise = 0 < work - whole <= min(work * 2.0**-20, 2.0**-10)
+  k_steps = max(1, whole if noise else math.ceil(work))
   shuffler = np.random.default_rng([seed, round_index, client])
   order = []
   while len(order) < k_steps * b_int:  # shuffled and repeated, a new permutation per pass

@@ -43,6 +43,10 @@ def test_integer_schedule_follows_the_spec():
     (0.7, 7.0, 10, 1),               # float64: 0.7 * 10 = 7.000000000000001
     (np.float32(0.2), 1.0, 6, 2),    # 1.2: a fraction of a step is a whole step
     (np.float32(1.0000024), 1000.0, 1000, 2),  # E above 1 by more than float rounding
+    # Past 2^20 steps a relative allowance alone took whole steps away:
+    (5.0, 1.0, 300000, 1500000),
+    (1.0, 1.0, 2**21, 2**21),
+    (2.5, 1.0, 1000001, 2500003),    # 2500002.5: a real half step
 ])
 def test_a_whole_number_of_steps_is_not_rounded_up_by_float_rounding(epochs, batch, n, steps):
   """FedAvg with E 0.2, B 1 ran 2 steps on a client of 5 examples: E is float32, and
