@@ -80,6 +80,13 @@ def _out_of_memory_message(run: Run, doing: dict, xla: str) -> str:
   'init' (a fresh state), 'restore', 'round' t at hyperparameters hp, or the 'evaluation'
   after round t; 'seeds' > 1 when seeds are vectorised (each holds its own copy)."""
   c, lanes = run.config, run.lanes_per_device
+  if xla.startswith('host: '):  # numpy's allocation on the host, not a device's
+    what = {'init': "the model's first state", 'restore': 'restoring the checkpoint',
+            'evaluation': f'the evaluation after round {doing.get("round")}'}.get(
+                doing['what'], f'round {doing.get("round")}')
+    return (f"{what} ran out of the host's memory ({xla[6:]}); the config asks for more than "
+            'this machine holds: lower the sizes it sets (config.cohort_size, '
+            'config.batch_size or its upper bound, config.eval_batch_size, the data)')
   on = (f'on {run.mesh.devices.size} {run.mesh.devices.flat[0].platform} device(s) '
         f'({xla})')
   seeds = doing.get('seeds', 1)
@@ -298,7 +305,10 @@ def _run(run: Run, configs: list[ml_collections.ConfigDict], workdirs: list[str]
           f'--workdir {book.workdir!r} holds a run already at round {book.done}; '
           f'config.num_rounds must be at least that, got {c.num_rounds}')
   kept = [_summary_of_finished(book, c.num_rounds) for book in books]
-  if all(summary is not None for summary in kept):
+  finished = all(summary is not None for summary in kept)
+  if jax.process_count() > 1:  # all return, or all go on (to the evaluation's collectives)
+    finished = bool(np.min(multihost_utils.process_allgather(np.int32(finished))))
+  if finished:
     # Nothing to run: its files stay as the run left them (a summary rewritten here would lose
     # the run's own compiles, wall_s and resumed_from).
     for book in books:

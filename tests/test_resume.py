@@ -278,10 +278,11 @@ def _npz_config(path, **overrides):
 # it as selects under vmap (cohort.py). Both must leave a non-finite client out. B 5 is padded
 # to 6 rows, and a padding row holds a real example (the next batch's, or the next client's):
 # an inf there made other clients' gradients NaN (0 * inf) while masked out by a product.
-@pytest.mark.parametrize('lanes,batch', [(1, 4.0), (3, 4.0), (1, 5.0), (3, 5.0)])
-def test_non_finite_client_is_dropped_and_counted(tmp_path, lanes, batch):
+# Client 0's bad example is row 0, where data on the device pads from.
+@pytest.mark.parametrize('lanes,batch,bad', [(1, 4.0, 2), (3, 4.0, 2), (1, 5.0, 0), (3, 5.0, 0)])
+def test_non_finite_client_is_dropped_and_counted(tmp_path, lanes, batch, bad):
   data = str(tmp_path / 'data')
-  _npz_with_bad_clients(data, bad=[0])  # row 0: also where data on device pads from
+  _npz_with_bad_clients(data, bad=[bad])
   summary = train_and_evaluate(_npz_config(data, lanes_per_device=lanes, batch_size=batch),
                                str(tmp_path / 'run'))
   rows = read_rows(str(tmp_path / 'run'))
@@ -595,3 +596,21 @@ def test_the_first_state_out_of_memory_in_an_eager_operation_is_one_error(tmp_pa
   with pytest.raises(OutOfMemory, match=r"^the model's first state ran out of memory on \d+ cpu "
                                         r'device\(s\) \(XLA: RESOURCE_EXHAUSTED'):
     train_and_evaluate(_tiny(num_rounds=2), str(tmp_path / 'run'))
+
+
+def test_a_round_out_of_host_memory_names_the_host_not_a_device(tmp_path, monkeypatch):
+  """numpy's MemoryError in a round (planning a huge batch) was said as a device's."""
+  from fathom_sim.driver import Rounds
+  from fathom_sim.train import OutOfMemory
+  real_round = Rounds.__call__
+
+  def round_or_host_out_of_memory(self, state, t, hp):
+    if t == 2:
+      raise MemoryError('Unable to allocate 22.3 GiB for an array with shape (99981182, 60)')
+    return real_round(self, state, t, hp)
+
+  monkeypatch.setattr(Rounds, '__call__', round_or_host_out_of_memory)
+  with pytest.raises(OutOfMemory, match=r"^round 2 ran out of the host's memory \(Unable to "
+                                        r'allocate 22.3 GiB .*\); the config asks for more than '
+                                        r'this machine holds: .*; no round was checkpointed yet$'):
+    train_and_evaluate(_tiny(num_rounds=3), str(tmp_path / 'run'))
