@@ -71,7 +71,7 @@ def is_writer() -> bool:
 # 134), the failed one included.
 
 STOP_KEY = 'fathom_sim/stopped'
-EXIT_STOPPED = 2  # the exit status of a bad input (launch/cli.py): the run's error is one
+EXIT_STOPPED = 2  # launch/cli.py's exit status for bad input, which most such errors are
 _POLL_MS = 500
 _CHORES_S = 60.0  # at most this long for a stopping process's pending saves and its farewell
 
@@ -109,7 +109,10 @@ def _watch_loop() -> None:
     except Exception as e:  # noqa: BLE001 - the runtime raises one type for every status
       if 'DEADLINE_EXCEEDED' in str(e):
         continue  # no process has stopped
-      return  # the runtime is shutting down
+      if not _watch['quiet'].is_set():  # else: the runtime is shutting down at exit
+        logging.warning('no longer watching for other processes stopping (%s)',
+                        str(e).splitlines()[0] if str(e) else type(e).__name__)
+      return
     process, _, message = value.partition('\n')
     if _watch['quiet'].is_set() or process == str(me):
       return
@@ -163,11 +166,9 @@ def stop_peers(message: str) -> None:
   are closed (their pending checkpoint saves need the others). Does nothing in a run of one
   process, or when a peer stopped first."""
   stand_down()
-  if jax.process_count() == 1:
-    return
   from jax._src import distributed as jax_distributed
   client = jax_distributed.global_state.client
-  if client is None:
+  if client is None:  # one process, not joined to a runtime (and no backend started here)
     return
   first = message.strip().splitlines()[0] if message.strip() else 'an error'
   try:
