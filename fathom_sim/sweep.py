@@ -324,10 +324,12 @@ def run_sweep(sweep: SweepDef, out: str, *, extra: dict | None = None,
         summaries = train_group([runs[i].config for i in batch],
                                 [runs[i].workdir for i in batch])
     except (ConfigError, DataError, workdir_lib.WorkdirError) as e:
-      if len(batch) > 1 and not isinstance(e, DatasetError):
+      seeds_own = isinstance(e, (train_lib.OutOfMemory, workdir_lib.WorkdirError)) or (
+          isinstance(e, DataError) and not isinstance(e, DatasetError))
+      if len(batch) > 1 and seeds_own:
         # One seed's bad input (a damaged metrics.jsonl, a workdir of another run), or a
         # group too big for the devices, is no reason to fail its siblings: each seed runs
-        # alone and fails or finishes by itself.
+        # alone and fails or finishes by itself. (A config error is every seed's alike.)
         log(f'{where} {names}: failed vectorised ({e}); running these seeds one by one')
         for i in batch:
           entries[i] = _entry(runs[i], out, 'pending')
@@ -348,7 +350,8 @@ def run_sweep(sweep: SweepDef, out: str, *, extra: dict | None = None,
       save()
       raise
     for i, summary in zip(batch, summaries):
-      acc = summary.get('final', {}).get('test_accuracy', math.nan)
+      acc = (summary.get('final') or {}).get('test_accuracy')
+      acc = math.nan if acc is None else acc  # None: JSON's NaN, a run without test data
       entries[i] = _entry(runs[i], out, 'done', final_test_accuracy=acc,
                           sweep_wall_s=time.time() - start)
       log(f'[{i + 1}/{len(runs)}] {runs[i].name}: done, final test accuracy {acc:.4f}')
