@@ -20,6 +20,7 @@ from fathom_sim.data.fedjax_sqlite import decode
 from fathom_sim.data.prepare import prepare
 from fathom_sim.data.prepared import load_prepared
 from fathom_sim.data.tf_example import parse_example
+from fathom_sim.data.tfds_store import LAYOUT_VERSION
 from fathom_sim.data.vocab import html_sentences, tokenize
 
 WORDS = ['the', 'beer', 'hops', 'is', 'good', '?']  # vocabulary order = frequency order
@@ -296,8 +297,8 @@ def test_tokenisation_lowercases_and_splits_punctuation():
       'kölsch', ',', 'märzen', '&', 'weißbier', '_', 'café']
 
 
-@pytest.mark.parametrize('damage', ['[1]', '{"task": "stackoverflow", "layout_version": 1}',
-                                    '{"num_classes": "many"}'])
+@pytest.mark.parametrize('damage', ['[1]', '{"task": "stackoverflow", "layout_version": %d}',
+                                    '{"num_classes": "many", "layout_version": %d}'])
 def test_a_damaged_meta_json_is_one_data_error(tmp_path, damage):
   """A list, no num_classes, or a num_classes of text: tracebacks (AttributeError, KeyError,
   ValueError) from reading the prepared dataset."""
@@ -307,7 +308,7 @@ def test_a_damaged_meta_json_is_one_data_error(tmp_path, damage):
   prepare(str(tmp_path / 'Posts.xml'), str(out), fmt='stackexchange_xml', task='stackoverflow',
           vocab_path=str(tmp_path / 'wc'), split_date='2016-01-01')
   load_prepared('stackoverflow', str(out))
-  (out / 'meta.json').write_text(damage)
+  (out / 'meta.json').write_text(damage.replace('%d', str(LAYOUT_VERSION)))
   with pytest.raises(DataError, match=f'{out / "meta.json"}: not the meta.json prepare_data.py '
                                       'writes'):
     load_prepared('stackoverflow', str(out))

@@ -151,15 +151,18 @@ def read_meta(data_dir: str) -> dict:
   except (OSError, json.JSONDecodeError) as e:
     raise DataError(f'{data_dir}: not a prepared dataset ({e}); run launch/prepare_data.py '
                     'to make one') from None
-  num_classes = meta.get('num_classes') if isinstance(meta, dict) else None
+  if not isinstance(meta, dict):
+    raise DataError(f'{path}: not the meta.json prepare_data.py writes (a JSON object); '
+                    'prepare the dataset again')
+  if meta.get('layout_version') != LAYOUT_VERSION:
+    raise DataError(f'{data_dir}: prepared with layout version {meta.get("layout_version")}, '
+                    f'this code reads version {LAYOUT_VERSION}; prepare it again')
+  num_classes = meta.get('num_classes')
   if not (isinstance(num_classes, int) and not isinstance(num_classes, bool)
           and num_classes > 0):
     raise DataError(f'{path}: not the meta.json prepare_data.py writes (a JSON object with a '
                     'positive integer "num_classes", "task" and "layout_version"); prepare the '
                     'dataset again')
-  if meta.get('layout_version') != LAYOUT_VERSION:
-    raise DataError(f'{data_dir}: prepared with layout version {meta.get("layout_version")}, '
-                    f'this code reads version {LAYOUT_VERSION}; prepare it again')
   return meta
 
 
