@@ -107,6 +107,12 @@ class Checkpointer:
   def restore_newest(self, like: ServerState) -> tuple[ServerState, dict] | None:
     """The newest checkpoint that reads back whole; unreadable newer ones are moved aside."""
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, like)
+    # orbax lists step folders only: a file in a step's place would be passed over in silence.
+    strays = sorted(n for n in os.listdir(self.directory)
+                    if n.isdigit() and not os.path.isdir(os.path.join(self.directory, n)))
+    if strays:
+      logging.warning('%s: %s in place of checkpoint folders, skipped', self.directory,
+                      ', '.join(f'{n} is a file' for n in strays))
     for step in reversed(self.steps()):
       try:
         restored = self._manager.restore(step, args=ocp.args.Composite(

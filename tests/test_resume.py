@@ -121,6 +121,18 @@ def test_a_checkpoint_whose_arrays_changed_on_disk_is_set_aside(tmp_path, caplog
   assert resumed['final']['params_sha256'] == first['final']['params_sha256']
 
 
+def test_a_file_in_a_checkpoints_place_is_said_in_the_log(tmp_path, caplog):
+  """orbax lists step folders only: the run resumed from round 2 saying nothing of round 3."""
+  import shutil
+  workdir = tmp_path / 'run'
+  train_and_evaluate(_tiny(num_rounds=3, checkpoint_every=1), str(workdir))
+  shutil.rmtree(workdir / 'checkpoints' / '3')
+  (workdir / 'checkpoints' / '3').write_text('x')
+  resumed = train_and_evaluate(_tiny(num_rounds=4, checkpoint_every=1), str(workdir))
+  assert resumed['resumed_from'] == 2
+  assert '3 is a file in place of checkpoint folders, skipped' in caplog.text
+
+
 @pytest.mark.filterwarnings('error::pytest.PytestUnraisableExceptionWarning')
 def test_every_checkpoint_unreadable_starts_again_said_in_the_log_and_nothing_else(
     tmp_path, caplog, capfd):
