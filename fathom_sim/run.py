@@ -245,12 +245,8 @@ def _check_first_round_fits(config, task: Task, mesh, lanes: int) -> None:
   what the step needs) exceed the memory. FedAvg runs these values every round; FATHOM starts
   from them (config.upper_* bound where it may go)."""
   n_max = int(np.max(task.train.num_examples))
-  b_int, (steps,) = fathom.integer_schedule(config.epochs, config.batch_size, [n_max])
+  b_int = _check_addressable(n_max, config.epochs, config.batch_size, 'epochs', 'batch_size')
   fields = f'config.epochs={config.epochs:g}, config.batch_size={config.batch_size:g}'
-  if int(steps) * b_int >= 2**31:
-    raise ConfigError(f'{fields}: the largest client ({n_max} examples) would take {int(steps)} '
-                      f'local steps of {b_int} examples in a round, past the 2^31 example '
-                      'indices a round can address; lower them')
   example = sum(v.nbytes for v in _first_examples(task, 1).values())
   cpu = mesh.devices.flat[0].platform == 'cpu'  # CPU devices of a host share its memory
   on_one = lanes * (sum(d.process_index == jax.process_index() for d in mesh.devices.flat)
@@ -271,14 +267,21 @@ def _check_first_round_fits(config, task: Task, mesh, lanes: int) -> None:
                       '(1024 by default)')
   if config.algorithm == 'fathom':
     # Where FATHOM may take E and B: past this, a round would fail mid-run in planning.
-    b_up, (steps_up,) = fathom.integer_schedule(config.upper_epochs, config.upper_batch_size,
-                                                [n_max])
-    if int(steps_up) * b_up >= 2**31:
-      raise ConfigError(
-          f'config.upper_epochs={config.upper_epochs:g}, config.upper_batch_size='
-          f'{config.upper_batch_size:g}: FATHOM may move E and B up to these bounds, where the '
-          f'largest client ({n_max} examples) would take {int(steps_up)} local steps of {b_up} '
-          'examples in a round, past the 2^31 example indices a round can address; lower them')
+    _check_addressable(n_max, config.upper_epochs, config.upper_batch_size, 'upper_epochs',
+                       'upper_batch_size', 'FATHOM may move E and B up to these bounds, where ')
+
+
+def _check_addressable(n_max: int, epochs: float, batch_size: float, e_field: str,
+                       b_field: str, why: str = '') -> int:
+  """B_int for (E, B); refuses them when the largest client's round would take 2^31 example
+  indices or more."""
+  b_int, (steps,) = fathom.integer_schedule(epochs, batch_size, [n_max])
+  if int(steps) * b_int >= 2**31:
+    raise ConfigError(f'config.{e_field}={epochs:g}, config.{b_field}={batch_size:g}: {why}the '
+                      f'largest client ({n_max} examples) would take {int(steps)} local steps '
+                      f'of {b_int} examples in a round, past the 2^31 example indices a round '
+                      'can address; lower them')
+  return b_int
 
 
 def init_state(run: Run) -> ServerState:
