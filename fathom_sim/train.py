@@ -328,15 +328,15 @@ def _run(run: Run, configs: list[ml_collections.ConfigDict], workdirs: list[str]
 
   for book in books:
     if distributed.is_writer():  # on several hosts, process 0 alone writes the run's files
-      # Rows past the checkpoint are redone, and a finished run taken further drops the
-      # evaluation made only because it ended there: its rows become an uninterrupted run's.
-      extended = (done < c.num_rounds and done % c.eval_every != 0
-                  and metrics.finished_rounds(book.workdir) == done)
-      if extended:
+      # Rows past the checkpoint are redone, and a run taken further than it ended drops the
+      # evaluation made only because it ended there (whether or not it lived to write its
+      # summary.json): its rows become an uninterrupted run's.
+      off_period = done < c.num_rounds and done % c.eval_every != 0
+      book.rows, dropped = metrics.keep_rows(book.workdir, done, done if off_period else None)
+      if dropped:
         logging.info('%s: the run ended at round %d and goes on to %d; the evaluation of '
                      'round %d is dropped from %s (an uninterrupted run does not evaluate '
                      'there)', book.workdir, done, c.num_rounds, done, metrics.METRICS_FILE)
-      book.rows = metrics.keep_rows(book.workdir, done, done if extended else None)
       book.writer = metrics.MetricsWriter(book.workdir)
     book.start = time.time() - float(book.meta['wall_s'])
 

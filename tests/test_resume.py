@@ -228,6 +228,17 @@ def test_a_finished_run_taken_further_keeps_no_evaluation_an_uninterrupted_run_l
   assert longer['final'] == straight['final']
 
 
+def test_a_run_killed_before_its_summary_then_taken_further_keeps_no_extra_evaluation(tmp_path):
+  workdir = str(tmp_path / 'run')
+  train_and_evaluate(_tiny(num_rounds=7), workdir)
+  os.remove(os.path.join(workdir, 'summary.json'))  # killed after its last checkpoint
+  assert 'test_accuracy' in read_rows(workdir)[-1]
+  train_and_evaluate(_tiny(num_rounds=20), workdir)
+  train_and_evaluate(_tiny(num_rounds=20), str(tmp_path / 'straight'))
+  assert _without_timing(read_rows(workdir)) == _without_timing(
+      read_rows(str(tmp_path / 'straight')))
+
+
 def test_a_bfloat16_run_records_its_compute_dtype_and_is_not_resumed_in_float32(tmp_path):
   """Computing in bfloat16 changes what a run trains, like its model: not a resumable field."""
   workdir = str(tmp_path / 'run')
@@ -368,7 +379,7 @@ def test_metrics_rows_read_plain_or_gzipped_up_to_a_torn_line_and_kept_to_a_roun
     f.write(text)
   for path in (str(plain), str(plain) + '.gz'):
     assert [r['round'] for r in metrics.read_rows(path)] == [1, 2, 3]
-  assert [r['round'] for r in metrics.keep_rows(str(tmp_path), 2)] == [1, 2]
+  assert [r['round'] for r in metrics.keep_rows(str(tmp_path), 2)[0]] == [1, 2]
   assert plain.read_text() == '{"round": 1}\n{"round": 2}\n'
 
 
