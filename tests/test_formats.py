@@ -314,6 +314,20 @@ def test_a_damaged_meta_json_is_one_data_error(tmp_path, damage):
     load_prepared('stackoverflow', str(out))
 
 
+def test_a_posts_xml_prepared_by_an_older_reader_is_refused(tmp_path):
+  (tmp_path / 'Posts.xml').write_text(POSTS)
+  out = tmp_path / 'out'
+  meta = prepare(str(tmp_path / 'Posts.xml'), str(out), fmt='stackexchange_xml',
+                 task='stackoverflow', vocab_size=5, split_date='2016-01-01')
+  load_prepared('stackoverflow', str(out))
+  del meta['text_version']  # as prepared before the reader's text was versioned
+  (out / 'meta.json').write_text(json.dumps(meta))
+  with pytest.raises(DataError, match=f"data.data_dir '{out}': its Posts.xml was split into "
+                                      r'sentences and words by an older reader \(text version '
+                                      'None'):
+    load_prepared('stackoverflow', str(out))
+
+
 def test_stackexchange_posts_group_by_owner_and_split_by_date(tmp_path):
   (tmp_path / 'Posts.xml').write_text(POSTS)
   write_vocab(tmp_path / 'wc')

@@ -20,7 +20,7 @@ from fathom_sim.data import tfds_store
 from fathom_sim.data.byo import DataError
 from fathom_sim.data.fedjax_sqlite import FedjaxSqlite
 from fathom_sim.data.leaf import LeafJson, split_files
-from fathom_sim.data.stackexchange import StackExchangeXml
+from fathom_sim.data.stackexchange import TEXT_VERSION, StackExchangeXml
 from fathom_sim.data.tff_sqlite import TffSqlite
 from fathom_sim.data.vocab import Vocabulary, ids_dtype, read_word_counts, vocabulary_from
 
@@ -219,6 +219,8 @@ def prepare(source: str, out: str, *, fmt: str, task: str, vocab_path: str = '',
     raise DataError(f'{source}: no {" or ".join(missing)} split found (found '
                     f'{sorted(src.splits)}); {src.expected}')
   meta = {'task': task, 'format': fmt, 'source': os.path.abspath(source)}
+  if fmt == 'stackexchange_xml':
+    meta['text_version'] = TEXT_VERSION
   if task == 'emnist':
     specs = {'x': ((28, 28), 'float32'), 'y': ((), 'int32')}
     streams = {s: make() for s, make in src.splits.items()}
