@@ -86,6 +86,23 @@ def parse_flags_or_exit(argv: list[str]) -> list[str]:
   return []
 
 
+def config_overrides(args: list[str]) -> dict:
+  """--config.FIELD=VALUE arguments (sweep.py's, which apply to every run) parsed as main.py's
+  config flag parses them, by the type of base_config()'s field: '64' for model.hidden is
+  (64,), '20' for batch_size is 20.0, and a quoted word keeps its quotes. A bad one ends the
+  command with one line."""
+  from ml_collections import config_flags
+  from fathom_sim.config import base_config
+  config, argv = base_config(), [sys.argv[0], *args]
+  values = flags.FlagValues()
+  try:  # config_flags reads the overrides from the argv it is given when it is defined
+    config_flags.DEFINE_config_dict('config', config, flag_values=values, sys_argv=argv)
+    values(argv)
+  except (flags.Error, AttributeError, KeyError, TypeError, ValueError) as e:
+    fail(_unknown_override(args, config) or str(e).strip().strip('"'))
+  return config_flags.get_override_values(values['config'])
+
+
 @functools.cache
 def compilation_cache_flag() -> flags.FlagHolder:
   """--compilation_cache, for the commands that train (main.py, sweep.py); defined once, so

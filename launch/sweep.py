@@ -8,7 +8,6 @@ num_rounds later continues finished runs. Run the same command again to skip fin
 resume unfinished ones. Exits 1 when a run failed (see sweep.json), 2 on a bad sweep file.
 """
 
-import ast
 import os
 import sys
 
@@ -32,24 +31,13 @@ flags.declare_key_flag('compilation_cache')  # defined in cli.py; listed by --he
 _EXTRA: dict = {}
 
 
-def _literal(text: str):
-  try:
-    return ast.literal_eval(text)
-  except (ValueError, SyntaxError):
-    return text  # a bare word such as fedavg
-
-
 def parse_flags(argv: list[str]) -> list[str]:
-  """Takes --config.FIELD=VALUE out of argv (they apply to every run), parses the rest."""
-  rest = []
-  for arg in argv:
-    if arg.startswith('--config.') and '=' in arg:
-      key, value = arg[len('--config.'):].split('=', 1)
-      _EXTRA[key] = _literal(value)
-    else:
-      rest.append(arg)
+  """Takes --config.FIELD=VALUE out of argv (they apply to every run; parsed as main.py parses
+  them), parses the rest."""
+  overrides = [a for a in argv[1:] if a.startswith(('--config.', '--noconfig.'))]
+  rest = [a for a in argv if a not in overrides]
+  _EXTRA.update(cli.config_overrides(overrides))
   return cli.parse_flags_or_exit(rest)
-
 
 
 def main(argv):

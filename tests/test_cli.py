@@ -166,3 +166,41 @@ def test_the_host_out_of_memory_before_any_round_is_one_line_and_exit_2(capsys):
       'error: the host ran out of memory making the run (Unable to allocate 22.3 GiB for an '
       'array with shape (99981182, 60)); the config asks for more than this machine holds: '
       'lower the sizes it sets (data.num_clients, data.max_examples, model widths)\n')
+
+
+@pytest.mark.parametrize('args,want', [
+    (['--config.model.hidden=64'], {'model.hidden': (64,)}),
+    (['--config.model.hidden=(32)'], {'model.hidden': (32,)}),
+    (['--config.model.hidden=8', '--config.model.hidden=4'], {'model.hidden': (8, 4)}),
+    (['--config.batch_size=20', '--config.data.in_memory'], {'batch_size': 20.0,
+                                                            'data.in_memory': True}),
+    (["--config.algorithm=fedavg"], {'algorithm': 'fedavg'}),
+])
+def test_sweep_overrides_parse_as_the_run_command_parses_them(args, want):
+  """sweep.py read --config.model.hidden=64 as the int 64 (refused) where main.py runs (64,)."""
+  from absl import flags
+  from ml_collections import config_flags
+  from launch import cli
+  assert cli.config_overrides(args) == want
+  values, argv = flags.FlagValues(), ['main.py', f'--config={QUICKSTART}', *args]
+  config_flags.DEFINE_config_file('config', flag_values=values, sys_argv=argv)
+  values(argv)
+  for path, value in want.items():  # main.py's own flag gives the run the same values
+    node = values.config
+    for part in path.split('.'):
+      node = node[part]
+    assert node == value and type(node) is type(value)
+
+
+@pytest.mark.parametrize('arg,needle', [
+    ('--config.model.hiden=3', "unknown config field config.model.hiden (config.model has no "
+                               "field 'hiden'); did you mean hidden?"),
+    ('--config.num_rounds=1.5', 'flag --config.num_rounds=1.5: invalid literal for int()'),
+])
+def test_a_bad_sweep_override_is_one_line_and_exit_2(capsys, arg, needle):
+  from launch import cli
+  with pytest.raises(SystemExit) as exit_:
+    cli.config_overrides([arg])
+  assert exit_.value.code == 2
+  err = capsys.readouterr().err
+  assert err.startswith('error: ') and needle in err and err.count('\n') == 1, err
