@@ -62,10 +62,12 @@ def main(argv):
         sweep, _OUT.value, extra=_EXTRA, vmap_seeds=_VMAP_SEEDS.value)))
   except ConfigError as e:
     cli.fail(str(e))
-  failed = [e['name'] for e in entries if e['status'] == 'failed']
+  failed = [e for e in entries if e['status'] == 'failed']
   if failed:
-    names = ', '.join(failed[:5]) + (f' and {len(failed) - 5} more' if len(failed) > 5 else '')
-    print(f'{len(failed)} run(s) failed: {names} (see sweep.json)', file=sys.stderr)
+    names = ', '.join(e['name'] for e in failed[:5]) + (
+        f' and {len(failed) - 5} more' if len(failed) > 5 else '')
+    print(f'error: {len(failed)} of {len(entries)} run(s) failed: {names}; {failed[0]["name"]}: '
+          f'{failed[0]["error"]} (every run\'s error is in sweep.json)', file=sys.stderr)
     sys.exit(1)
 
 

@@ -87,7 +87,8 @@ def test_sweep_runs_every_setting_and_seed_once_and_reports(tmp_path):
   # Restarted with a field that changes every run's result: each run is reported as failed
   # (its workdir holds another config), none is skipped as done or retrained.
   p = _cli('sweep.py', f'--sweep={sweep_file}', f'--out={out}', '--config.cohort_size=4')
-  assert p.returncode == 1 and '4 run(s) failed' in p.stderr, p.stderr[-3000:]
+  assert p.returncode == 1 and p.stderr.startswith('error: 4 of 4 run(s) failed: '), p.stderr
+  assert 'cohort_size (5 -> 4)' in p.stderr.splitlines()[-1], p.stderr
   assert p.stdout.count('fields that change the result differ: cohort_size (5 -> 4)') == 4
   assert [os.stat(p).st_mtime_ns for p in summaries] == mtimes
 
