@@ -156,8 +156,14 @@ def _fail(field: str, accepted: str, value) -> None:
   raise ConfigError(f'config.{field} must be {accepted}, got {value!r}')
 
 
+# The devices compute with these fields in float32: a value past its normal range there
+# becomes 0 or inf (eta=1e-46 trained nothing and its rounds were rejected as not finite).
+_FLOAT32_TINY, _FLOAT32_MAX = 1.1754943508222875e-38, 3.4028234663852886e+38
+
+
 def _number(c, field: str, *, low: float | None = None, low_open: bool = False,
-            high: float | None = None, high_open: bool = False, integer: bool = False) -> None:
+            high: float | None = None, high_open: bool = False, integer: bool = False,
+            float32: bool = False) -> None:
   value = c
   for part in field.split('.'):
     value = value[part]
@@ -173,6 +179,9 @@ def _number(c, field: str, *, low: float | None = None, low_open: bool = False,
            else f'> {low:g}' if low_open else f'>= {low:g}' if low is not None
            else f'< {high:g}' if high_open else f'<= {high:g}')
     _fail(field, rng, value)
+  if float32 and value != 0 and not _FLOAT32_TINY <= abs(value) <= _FLOAT32_MAX:
+    _fail(field, f'0 or between {_FLOAT32_TINY:.3g} and {_FLOAT32_MAX:.3g} in size (float32\'s '
+          'normal numbers: the devices compute with it in float32)', value)
 
 
 def _choice(c, field: str, choices) -> None:
@@ -222,15 +231,15 @@ def check_config(c: ml_collections.ConfigDict) -> None:
   _number(c, 'keep_checkpoints', low=1, integer=True)
   _number(c, 'target_accuracy', low=0, high=1)
   _number(c, 'log_every', low=1, integer=True)
-  _number(c, 'eta', low=0, low_open=True)
-  _number(c, 'epochs', low=0, low_open=True)
-  _number(c, 'batch_size', low=0, low_open=True)
-  _number(c, 'alpha', low=0, high=1, high_open=True)
-  _number(c, 'eta_h', low=0)
+  _number(c, 'eta', low=0, low_open=True, float32=True)
+  _number(c, 'epochs', low=0, low_open=True, float32=True)
+  _number(c, 'batch_size', low=0, low_open=True, float32=True)
+  _number(c, 'alpha', low=0, high=1, high_open=True, float32=True)
+  _number(c, 'eta_h', low=0, float32=True)
   for field in ('eta_h0', 'eta_h1', 'eta_h2'):
-    _number(c, field, low=0)
+    _number(c, field, low=0, float32=True)
   for field in ('upper_epochs', 'upper_eta', 'upper_batch_size'):
-    _number(c, field, low=0, low_open=True)
+    _number(c, field, low=0, low_open=True, float32=True)
   if c.algorithm == 'fathom':  # FedAvg applies no bounds to its static values
     for field in ('epochs', 'eta', 'batch_size'):
       if c[field] > c[f'upper_{field}']:
@@ -244,11 +253,11 @@ def check_config(c: ml_collections.ConfigDict) -> None:
   if not isinstance(c.data.in_memory, bool):
     _fail('data.in_memory', 'True or False', c.data.in_memory)
   _choice(c, 'server_optimizer', server.SERVER_OPTIMIZERS)
-  _number(c, 'server_lr', low=0, low_open=True)
-  _number(c, 'server_momentum', low=0, high=1, high_open=True)
-  _number(c, 'server_b1', low=0, high=1, high_open=True)
-  _number(c, 'server_b2', low=0, high=1, high_open=True)
-  _number(c, 'server_eps', low=0, low_open=True)
+  _number(c, 'server_lr', low=0, low_open=True, float32=True)
+  _number(c, 'server_momentum', low=0, high=1, high_open=True, float32=True)
+  _number(c, 'server_b1', low=0, high=1, high_open=True, float32=True)
+  _number(c, 'server_b2', low=0, high=1, high_open=True, float32=True)
+  _number(c, 'server_eps', low=0, low_open=True, float32=True)
   _choice(c, 'model.name', models.MODELS)
   hidden = c.model.hidden
   if not (isinstance(hidden, (tuple, list)) and all(
@@ -259,7 +268,7 @@ def check_config(c: ml_collections.ConfigDict) -> None:
           '(96, 670, 96)', hidden)
   _choice(c, 'model.conv', ('auto',) + models.CONV_FORMS)
   _choice(c, 'model.compute_dtype', tuple(models.COMPUTE_DTYPES))
-  _number(c, 'model.expected_length', low=0)
+  _number(c, 'model.expected_length', low=0, float32=True)
   if c.model.expected_length and c.model.name not in models.SEQUENCE_MODELS:
     _fail('model.expected_length', f'0 for model.name {c.model.name!r} (it sets the training '
           f'loss of the sequence models, {", ".join(models.SEQUENCE_MODELS)})',

@@ -20,6 +20,10 @@ def test_base_config_and_quickstart_are_valid():
 @pytest.mark.parametrize('field,value,needle', [
     ('eta', -0.1, 'config.eta must be > 0'),
     ('eta', 0.0, 'config.eta must be > 0'),
+    ('eta', 1e-46, "config.eta must be 0 or between 1.18e-38 and 3.4e+38 in size (float32's"),
+    ('server_eps', 1e-50, 'config.server_eps must be 0 or between 1.18e-38'),
+    ('upper_batch_size', 1e39, 'config.upper_batch_size must be 0 or between 1.18e-38'),
+    ('eta_h', -1e39, 'config.eta_h must be >= 0'),
     ('batch_size', 0.0, 'config.batch_size must be > 0'),
     ('batch_size', -4.0, 'config.batch_size must be > 0'),
     ('epochs', 0.0, 'config.epochs must be > 0'),
@@ -66,6 +70,12 @@ def test_out_of_range_fields_are_named(field, value, needle):
     check_config(c)
   assert needle in str(err.value)
   assert '\n' not in str(err.value)
+
+
+def test_small_float32_values_and_zeros_are_accepted():
+  c = base_config()
+  c.eta, c.eta_h, c.server_eps, c.alpha = 1e-30, 0.0, 1.2e-38, 0.0
+  check_config(c)
 
 
 def test_wrong_types_set_in_a_config_file_are_named():
