@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from absl import logging
 
 from fathom_sim import fathom, models, rng, server
 from fathom_sim.config import ConfigError, check_config
@@ -149,13 +150,21 @@ def _auto_lanes(config, mesh) -> int:
 
   CPU: one (a core gains nothing from side-by-side clients). Accelerators: every client of the
   device side by side, up to MAX_ACCELERATOR_LANES; past that the device is already full and
-  more lanes only pad more steps (each lane runs to its longest).
+  more lanes only pad more steps (each lane runs to its longest). Never more than the cohort
+  fills: a lane without a client computes padding only.
   """
+  fill = -(-config.cohort_size // mesh.devices.size)
+  if config.lanes_per_device > fill:
+    logging.warning('config.lanes_per_device=%d: a cohort of %d clients over %d device(s) fills '
+                    '%d lanes per device; running %d (a lane without a client computes padding '
+                    'only)', config.lanes_per_device, config.cohort_size, mesh.devices.size,
+                    fill, fill)
+    return fill
   if config.lanes_per_device:
     return config.lanes_per_device
   if mesh.devices.flat[0].platform == 'cpu':
     return 1
-  return min(-(-config.cohort_size // mesh.devices.size), MAX_ACCELERATOR_LANES)
+  return min(fill, MAX_ACCELERATOR_LANES)
 
 
 # Models whose local-step loop runs far slower inside a device loop than as a program per step

@@ -119,7 +119,7 @@ class _FakeMesh:
     self.devices = np.array([device])
 
 
-def test_auto_lanes_and_resident_limits_per_platform():
+def test_auto_lanes_and_resident_limits_per_platform(caplog):
   """CPU: 1 GiB resident and one lane; an accelerator: a quarter of its memory (1 GiB when it
   reports none) and every client of the cohort side by side, up to MAX_ACCELERATOR_LANES."""
   cpu = _FakeMesh(_FakeDevice('cpu', None))
@@ -135,6 +135,11 @@ def test_auto_lanes_and_resident_limits_per_platform():
   assert run_lib._auto_lanes(c, gpu) == 10
   c.lanes_per_device = 3
   assert run_lib._auto_lanes(c, gpu) == 3
+  assert not caplog.records
+  c.lanes_per_device = 1000  # lanes without a client would compute padding only
+  assert run_lib._auto_lanes(c, gpu) == run_lib._auto_lanes(c, cpu) == 10
+  assert 'config.lanes_per_device=1000: a cohort of 10 clients over 1 device(s) fills 10 lanes' \
+      in caplog.text
 
 
 def test_auto_conv_and_local_loop_per_platform():
@@ -300,3 +305,4 @@ def test_the_first_round_memory_bound_is_the_devices_own_or_the_hosts():
   limit, what = run_lib._memory_bytes(_FakeMesh(_FakeDevice('cpu', {})))
   assert what == "the host's memory" and limit > 1 << 30
   build(tiny_config(algorithm='fedavg', batch_size=4096.0), tiny_task())  # big but fits
+
