@@ -298,3 +298,45 @@ def check_config(c: ml_collections.ConfigDict) -> None:
   _number(c, 'loop_chunk', low=0, high=1024, integer=True)
   _choice(c, 'compile_ahead', ('auto', 'yes', 'no'))
   _choice(c, 'matmul_precision', MATMUL_PRECISIONS)
+
+
+_FATHOM_FIELDS = ('alpha', 'eta_h', 'eta_h0', 'eta_h1', 'eta_h2', 'upper_epochs', 'upper_eta',
+                  'upper_batch_size', 'hyper_optimizer', 'clip_log_params')
+_SERVER_FIELDS = {'sgd': (), 'momentum': ('server_momentum',),
+                  'adam': ('server_b1', 'server_b2', 'server_eps'),
+                  'yogi': ('server_b1', 'server_b2', 'server_eps'), 'adagrad': ('server_eps',)}
+_DATA_FIELDS = {  # the data.* fields each data.name reads (besides name)
+    'synthetic': ('seed', 'num_clients', 'alpha', 'beta', 'size_log_mean', 'size_log_sigma',
+                  'min_examples', 'max_examples', 'test_fraction'),
+    'femnist_synthetic': ('seed', 'num_clients', 'in_memory', 'test_fraction'),
+    'npz': ('path', 'num_classes', 'test_fraction', 'seed'),
+    'femnist': ('data_dir',), 'stackoverflow': ('data_dir',)}
+_HIDDEN_MODELS = ('mlp', 'lstm')  # the models whose widths model.hidden sets
+
+
+def unread_fields(c: ml_collections.ConfigDict) -> list[str]:
+  """'FIELD=VALUE (why)' for each field set away from base_config()'s value that this config
+  does not read: FATHOM's fields under FedAvg, another server optimizer's, model's or
+  dataset's. Such a setting changes nothing, which its author may not expect."""
+  base = base_config()
+  why = {}
+  if c.algorithm == 'fedavg':
+    why.update((f, 'algorithm is fedavg') for f in _FATHOM_FIELDS)
+  read = _SERVER_FIELDS.get(c.server_optimizer, ())
+  why.update((f, f'server_optimizer is {c.server_optimizer}')
+             for f in ('server_momentum', 'server_b1', 'server_b2', 'server_eps') if f not in read)
+  if c.model.name not in _HIDDEN_MODELS:
+    why['model.hidden'] = f'model.name is {c.model.name}'
+  if c.model.name != 'emnist_cnn':
+    why['model.conv'] = f'model.name is {c.model.name}'
+  read = _DATA_FIELDS.get(c.data.name, ())
+  why.update((f'data.{f}', f'data.name is {c.data.name}') for f in _DATA_FIELDS['synthetic']
+             + ('in_memory', 'path', 'num_classes', 'data_dir') if f not in read)
+
+  def value(config, path):
+    for part in path.split('.'):
+      config = config[part]
+    return config
+
+  return [f'{path}={value(c, path)!r} ({reason})' for path, reason in why.items()
+          if value(c, path) != value(base, path)]

@@ -4,7 +4,7 @@ import jax
 import numpy as np
 import pytest
 
-from fathom_sim.config import ConfigError, base_config, check_config
+from fathom_sim.config import ConfigError, base_config, check_config, unread_fields
 from fathom_sim import run as run_lib
 from fathom_sim.run import build
 from tests.common import tiny_config, tiny_task
@@ -306,3 +306,28 @@ def test_the_first_round_memory_bound_is_the_devices_own_or_the_hosts():
   assert what == "the host's memory" and limit > 1 << 30
   build(tiny_config(algorithm='fedavg', batch_size=4096.0), tiny_task())  # big but fits
 
+
+def test_fields_set_but_not_read_are_listed():
+  """FedAvg ignores FATHOM's fields, SGD the other optimizers', generated data data_dir, ...:
+  such a setting changed nothing, without a word."""
+  c = base_config()
+  assert unread_fields(c) == []
+  c.eta_h, c.upper_eta, c.server_b1, c.server_momentum = 0.5, 0.9, 0.5, 0.5
+  c.model.conv, c.data.data_dir, c.data.num_clients = 'xla', 'x', 50
+  assert unread_fields(c) == ["server_momentum=0.5 (server_optimizer is sgd)",
+                              "server_b1=0.5 (server_optimizer is sgd)",
+                              "model.conv='xla' (model.name is mlp)",
+                              "data.data_dir='x' (data.name is synthetic)"]
+  c.algorithm, c.server_optimizer, c.data.name = 'fedavg', 'adam', 'femnist'
+  c.model.name, c.model.hidden = 'emnist_cnn', (3,)
+  assert unread_fields(c) == ['eta_h=0.5 (algorithm is fedavg)',
+                              'upper_eta=0.9 (algorithm is fedavg)',
+                              "server_momentum=0.5 (server_optimizer is adam)",
+                              'model.hidden=(3,) (model.name is emnist_cnn)',
+                              'data.num_clients=50 (data.name is femnist)']
+
+
+def test_the_run_warns_of_fields_it_does_not_read(caplog):
+  build(tiny_config(algorithm='fedavg', eta_h=0.5), tiny_task())
+  assert 'config fields set but not read by this run: eta_h=0.5 (algorithm is fedavg)' \
+      in caplog.text
