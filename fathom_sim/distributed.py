@@ -20,6 +20,8 @@ from typing import Callable
 import jax
 from absl import flags, logging
 
+from fathom_sim.errors import first_line
+
 
 def initialize(coordinator_address: str | None = None, num_processes: int | None = None,
                process_id: int | None = None) -> None:
@@ -111,7 +113,7 @@ def _watch_loop() -> None:
         continue  # no process has stopped
       if not _watch['quiet'].is_set():  # else: the runtime is shutting down at exit
         logging.warning('no longer watching for other processes stopping (%s)',
-                        str(e).splitlines()[0] if str(e) else type(e).__name__)
+                        first_line(e))
       return
     process, _, message = value.partition('\n')
     if _watch['quiet'].is_set() or process == str(me):

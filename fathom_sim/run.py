@@ -20,6 +20,7 @@ from fathom_sim import fathom, models, rng, server
 from fathom_sim.config import ConfigError, check_config, unread_fields
 from fathom_sim.data import DataError, DatasetError, Task, load_task
 from fathom_sim.data.federated import ArrayClientDataset
+from fathom_sim.errors import first_line
 from fathom_sim.mesh import make_mesh, put, replicated
 from fathom_sim.types import ServerState
 
@@ -236,9 +237,8 @@ def _check_model_fits(model: models.Model, name: str, task: Task) -> None:
                                       jnp.ones(len(sample['y']), bool), key))
   except Exception as e:  # whatever the model's own error, report it against the data
     shapes = ', '.join(f'{k} {v.shape[1:]} {v.dtype}' for k, v in sample.items())
-    reason = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
     raise DatasetError(f'{task.name}: examples ({shapes}) do not fit '
-                       f'config.model.name={name!r}: {reason}') from None
+                       f'config.model.name={name!r}: {first_line(e)}') from None
 
 
 def _memory_bytes(mesh) -> tuple[int, str]:

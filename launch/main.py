@@ -34,6 +34,7 @@ flags.declare_key_flag('compilation_cache')  # defined in cli.py; listed by --he
 
 def _join_distributed_run() -> None:
   from fathom_sim import distributed
+  from fathom_sim.errors import first_line
   if _COORDINATOR.value:
     n, i = _NUM_PROCESSES.value, _PROCESS_ID.value
     if n is None or n < 1 or i is None or not 0 <= i < n:
@@ -45,10 +46,9 @@ def _join_distributed_run() -> None:
     else:
       distributed.initialize()
   except (ValueError, RuntimeError, IndexError) as e:  # jax's, for an address or cluster
-    first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
     how = (f'--coordinator_address={_COORDINATOR.value}' if _COORDINATOR.value else
            '--multihost (JAX finds the processes on a Cloud TPU pod, Slurm or Open MPI only)')
-    cli.fail(f'{how}: cannot join the distributed run ({type(e).__name__}: {first}); by '
+    cli.fail(f'{how}: cannot join the distributed run ({type(e).__name__}: {first_line(e)}); by '
              'hand, give --coordinator_address=host:port of process 0 (the same on every '
              'process), --num_processes and --process_id')
 

@@ -31,6 +31,7 @@ import tensorflow_datasets as tfds
 from array_record.python import array_record_module
 
 from fathom_sim.data.byo import DataError
+from fathom_sim.errors import first_line
 
 LAYOUT_VERSION = 1
 DATASET = 'federated_clients'
@@ -195,9 +196,8 @@ class PreparedClientDataset:
     try:
       record = self._source[int(index)]
     except (RuntimeError, OSError, ValueError) as e:  # array_record's errors for a bad shard
-      reason = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
       raise DataError(f'{self.data_dir}: record {index} of split {self.split} cannot be read '
-                      f'({reason}); the files under {BUILDER_DIR} are damaged or missing, '
+                      f'({first_line(e)}); the files under {BUILDER_DIR} are damaged or missing, '
                       'prepare the dataset again') from None
     cid = record['client_id']
     cid = cid.decode('utf-8') if isinstance(cid, bytes) else str(cid)
