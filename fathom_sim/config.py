@@ -152,6 +152,13 @@ def call_user_file(path: str, function: str, what: str, *args):
                       ) from None
 
 
+def _get(c: ml_collections.ConfigDict, field: str):
+  """The value of a dotted field ('data.seed')."""
+  for part in field.split('.'):
+    c = c[part]
+  return c
+
+
 def _fail(field: str, accepted: str, value) -> None:
   raise ConfigError(f'config.{field} must be {accepted}, got {value!r}')
 
@@ -164,9 +171,7 @@ _FLOAT32_TINY, _FLOAT32_MAX = 1.1754943508222875e-38, 3.4028234663852886e+38
 def _number(c, field: str, *, low: float | None = None, low_open: bool = False,
             high: float | None = None, high_open: bool = False, integer: bool = False,
             float32: bool = False) -> None:
-  value = c
-  for part in field.split('.'):
-    value = value[part]
+  value = _get(c, field)
   kinds = (int,) if integer else (int, float)
   if isinstance(value, bool) or not isinstance(value, kinds) or not math.isfinite(value):
     _fail(field, 'an integer' if integer else 'a finite number', value)
@@ -185,9 +190,7 @@ def _number(c, field: str, *, low: float | None = None, low_open: bool = False,
 
 
 def _choice(c, field: str, choices) -> None:
-  value = c
-  for part in field.split('.'):
-    value = value[part]
+  value = _get(c, field)
   if value not in choices:
     _fail(field, 'one of ' + ', '.join(map(repr, choices)), value)
 
@@ -332,11 +335,5 @@ def unread_fields(c: ml_collections.ConfigDict) -> list[str]:
   read = _DATA_FIELDS.get(c.data.name, ())
   why.update((f'data.{f}', f'data.name is {c.data.name}') for f in _DATA_FIELDS['synthetic']
              + ('in_memory', 'path', 'num_classes', 'data_dir') if f not in read)
-
-  def value(config, path):
-    for part in path.split('.'):
-      config = config[part]
-    return config
-
-  return [f'{path}={value(c, path)!r} ({reason})' for path, reason in why.items()
-          if value(c, path) != value(base, path)]
+  return [f'{path}={_get(c, path)!r} ({reason})' for path, reason in why.items()
+          if _get(c, path) != _get(base, path)]
