@@ -216,9 +216,12 @@ def classifier(name: str, module: nn.Module) -> Model:
 
   def eval_sums(params, batch, mask):
     losses, correct = per_example(params, batch, False, None)
-    mask = mask.astype(jnp.float32)
-    return {'loss': jnp.sum(losses * mask), 'correct': jnp.sum(correct * mask),
-            'count': jnp.sum(mask)}
+    mask = mask.astype(bool)
+    # Counts as integers: the evaluator adds them up over the whole test set, and float32
+    # totals stop counting past 2^24 (16.8M) examples.
+    return {'loss': jnp.sum(jnp.where(mask, losses, 0.0)),
+            'correct': jnp.sum(correct & mask, dtype=jnp.int32),
+            'count': jnp.sum(mask, dtype=jnp.int32)}
 
   return Model(name, init, loss, eval_sums)
 

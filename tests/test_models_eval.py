@@ -269,6 +269,22 @@ def test_evaluator_matches_direct_computation(num_devices):
   np.testing.assert_allclose(got['loss'], float(sums['loss']) / len(y), rtol=1e-5)
 
 
+@pytest.mark.parametrize('name', ['mlp', 'emnist_cnn', 'lstm'])
+def test_evaluation_counts_are_integers(name):
+  """The evaluator adds the counts up over the whole test set: float32 totals stop counting
+  at 2^24 (16.8M examples; float32(2**24) + 1 == 2**24)."""
+  kwargs = {'hidden': (4, 8, 4)} if name == 'lstm' else {}
+  model = get_model(name, num_classes=12, **kwargs)
+  if name == 'lstm':
+    batch = {'x': np.ones((3, 5), np.int32), 'y': np.ones((3, 5), np.int32)}
+  else:
+    batch = {'x': np.zeros((3, 28, 28), np.float32), 'y': np.zeros(3, np.int32)}
+  params = model.init(jax.random.PRNGKey(0), batch)
+  sums = jax.eval_shape(model.eval_sums, params, batch, jnp.ones(3, bool))
+  counts = {k: v.dtype for k, v in sums.items() if k.startswith(('count', 'correct'))}
+  assert counts and all(jnp.issubdtype(d, jnp.integer) for d in counts.values()), counts
+
+
 def test_params_digest_and_json_outputs(tmp_path):
   params = {'w': np.arange(6, dtype=np.float32).reshape(2, 3), 'b': np.ones(2, np.float32)}
   l2, sha = metrics.params_digest(params)
