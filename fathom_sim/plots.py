@@ -1,7 +1,7 @@
 """The report's PNG plots (matplotlib, Agg backend: no display needed).
 
-Curves are means over a setting's seeds, at the rounds every seed logged; the band is the
-min..max over seeds.
+Curves are means over a setting's finished seeds (every seed while none has finished: see
+report.Group.plotted), at the rounds each of them logged; the band is the min..max over them.
 """
 
 from __future__ import annotations
@@ -19,12 +19,14 @@ from fathom_sim.report import Group, best_fedavg  # noqa: E402
 HPARAMS = (('eta', 'η'), ('epochs', 'E'), ('batch_size', 'B'), ('h_glob', 'h_glob'),
            ('h_local', 'h_local'))
 MAX_CURVES = 12  # beyond this a plot is unreadable; the table still lists every setting
+# Ten colours solid, then dashed: no two of MAX_CURVES curves look alike.
+_STYLES = plt.cycler(linestyle=['-', '--']) * plt.cycler(color=plt.get_cmap('tab10').colors)
 
 
 def curve(group: Group, field: str, x_field: str = 'round'):
-  """(x, mean, min, max) over seeds of `field` at the rounds where every seed has it."""
+  """(x, mean, min, max) over the plotted seeds of `field`, at the rounds where each has it."""
   per_run = [{r['round']: (r[x_field], r[field]) for r in run.rows
-              if r.get(field) is not None} for run in group.runs]
+              if r.get(field) is not None} for run in group.plotted]
   rounds = sorted(set.intersection(*(set(d) for d in per_run))) if per_run else []
   if not rounds:
     return None
@@ -34,14 +36,20 @@ def curve(group: Group, field: str, x_field: str = 'round'):
 
 
 def _draw(ax, groups: list[Group], field: str, x_field: str, log_y: bool = False) -> None:
+  ax.set_prop_cycle(_STYLES)
   for g in groups[:MAX_CURVES]:
     c = curve(g, field, x_field)
     if c is None:
       continue
     x, mean, lo, hi = c
-    (line,) = ax.plot(x, mean, lw=1.2, label=f'{g.setting} (n={len(g.runs)})')
-    if len(g.runs) > 1:
+    n = len(g.plotted)
+    seeds = f'n={n}' if n == len(g.runs) else f'n={n}: the finished of {len(g.runs)} seeds'
+    (line,) = ax.plot(x, mean, lw=1.2, label=f'{g.setting} ({seeds})')
+    if n > 1:
       ax.fill_between(x, lo, hi, color=line.get_color(), alpha=0.15, lw=0)
+  if len(groups) > MAX_CURVES:
+    ax.text(0.01, 0.01, f'the first {MAX_CURVES} of {len(groups)} settings (report.md lists '
+            'all)', transform=ax.transAxes, fontsize=7, alpha=0.7)
   if log_y:
     ax.set_yscale('log')
   ax.grid(alpha=0.3)
@@ -87,6 +95,9 @@ def write_plots(groups: list[Group], out: str, target: float | None) -> list[str
   paths.append(hparams_plot(fathom or groups, os.path.join(out, 'hparams.png')))
   best = best_fedavg(groups, target) if target is not None else None
   if fathom and best is not None:
-    paths.append(accuracy_plot(fathom + [best], os.path.join(out, 'fathom_vs_fedavg.png'),
-                               f'FATHOM against the best static FedAvg at {target:g}'))
+    # The baseline is drawn whatever the number of FATHOM settings.
+    shown = fathom[:MAX_CURVES - 1]
+    cut = f' (the first {len(shown)} of {len(fathom)} FATHOM settings)' if shown != fathom else ''
+    paths.append(accuracy_plot(shown + [best], os.path.join(out, 'fathom_vs_fedavg.png'),
+                               f'FATHOM against the best static FedAvg at {target:g}{cut}'))
   return paths

@@ -2,7 +2,9 @@
 
 A run is a workdir holding metrics.jsonl (config.json and summary.json when present). Runs in
 a sweep live in <sweep>/<setting>/seed=<n>; they are grouped by <setting>. Means are over the
-seeds that reached a target; std is the sample std (n - 1), absent for one value.
+seeds that reached a target; std is the sample std (n - 1), absent for one value. A setting's
+seeds are finished when summarised at the most rounds any of their configs names: a seed not
+yet resumed after num_rounds was raised is unfinished, not a shorter finished run.
 """
 
 from __future__ import annotations
@@ -54,6 +56,36 @@ class Group:
   @property
   def algorithm(self) -> str:
     return self.runs[0].algorithm
+
+  @property
+  def num_rounds(self) -> int:
+    """The rounds the setting runs to: the most that any seed's config names (or logged)."""
+    return max(int(r.config.get('num_rounds') or 0) or (r.rows[-1]['round'] if r.rows else 0)
+               for r in self.runs)
+
+  @property
+  def finished(self) -> list[RunData]:
+    """The seeds summarised at the setting's num_rounds."""
+    return [r for r in self.runs
+            if r.summary is not None and r.summary.get('rounds') == self.num_rounds]
+
+  @property
+  def plotted(self) -> list[RunData]:
+    """The seeds a curve averages: the finished ones, or every seed while none is (a curve over
+    the rounds every seed logged would stop where the least advanced seed is)."""
+    return self.finished or self.runs
+
+  def differing_fields(self) -> dict[str, list]:
+    """Fields, other than the seed and those a resumed run may change, in which the seeds'
+    configs differ, with their values: runs grouped by folder that are not one setting."""
+    configs = [workdir_lib.flatten(r.config) for r in self.runs]
+    fields = sorted(set().union(*configs) - workdir_lib.RESUMABLE_FIELDS - {'seed'})
+    out = {}
+    for f in fields:
+      values = [c.get(f) for c in configs]
+      if any(v != values[0] for v in values):
+        out[f] = sorted({json.dumps(v) for v in values})
+    return out
 
 
 def _read_json(path: str) -> dict | None:
@@ -152,17 +184,23 @@ def to_target(group: Group, target: float) -> dict:
 
 
 def final_accuracy(group: Group) -> tuple[float | None, float | None]:
-  """Mean and std over seeds of the final test accuracy (summary, else the last eval row)."""
+  """Mean and std over the finished seeds of the final test accuracy (their summaries': the
+  whole test set at the last round). While no seed has finished, over every seed's last
+  evaluation row instead (see last_evaluated); the two are never mixed."""
+  if not group.finished:
+    return last_evaluated(group)
+  finals = [(r.summary.get('final') or {}).get('test_accuracy') for r in group.finished]
+  return mean_std([v for v in finals if v is not None])  # None: no test examples
+
+
+def last_evaluated(group: Group) -> tuple[float | None, float | None]:
+  """Mean and std over seeds of the test accuracy of each one's last evaluation row (sampled
+  test clients, when eval_clients is set, at whatever round it stands)."""
   values = []
   for run in group.runs:
-    if run.summary:
-      final = (run.summary.get('final') or {}).get('test_accuracy')
-      if final is not None:  # None: a run whose test split has no examples
-        values.append(final)
-    else:
-      evals = [r['test_accuracy'] for r in run.rows if r.get('test_accuracy') is not None]
-      if evals:
-        values.append(evals[-1])
+    evals = [r['test_accuracy'] for r in run.rows if r.get('test_accuracy') is not None]
+    if evals:
+      values.append(evals[-1])
   return mean_std(values)
 
 
@@ -226,9 +264,12 @@ def markdown(groups: list[Group], targets: list[float], *, timing: bool = True) 
                      for t in targets),
            '| --- | --- | --- | --- |' + ' --- |' * timing + ' --- | --- | --- |' * len(targets)]
   for g in groups:
-    unfinished = sum(r.summary is None for r in g.runs)
+    unfinished = len(g.runs) - len(g.finished)
     seeds = str(len(g.runs)) + (f' ({unfinished} unfinished)' if unfinished else '')
-    cells = [f'`{g.setting}`', g.algorithm, seeds, _fmt_acc(final_accuracy(g))]
+    final = _fmt_acc(final_accuracy(g))
+    if unfinished:
+      final += ' (last evals)' if not g.finished else f' ({len(g.finished)} finished)'
+    cells = [f'`{g.setting}`', g.algorithm, seeds, final]
     if timing:
       spr = seconds_per_round(g)
       cells.append('—' if spr is None else f'{spr:.3f}')
@@ -241,7 +282,16 @@ def markdown(groups: list[Group], targets: list[float], *, timing: bool = True) 
   lines.append('Means and sample std over the seeds that reached the target; (k/n): only k of '
                'n seeds reached it; —: none did.'
                + (' s/round: median seconds between rounds.' if timing else '')
-               + ' Unfinished runs count with the rounds they have.')
+               + ' Unfinished runs count with the rounds they have. Final test accuracy: the '
+               'finished seeds\' (whole test set, last round); "last evals": no seed has '
+               'finished, each seed\'s last evaluation instead.')
+  for g in groups:
+    differ = g.differing_fields()
+    if differ:
+      lines.append('')
+      lines.append(f'Warning: the runs of `{g.setting}` differ in '
+                   + '; '.join(f'{f} ({", ".join(v)})' for f, v in differ.items())
+                   + ': they are not seeds of one setting.')
   examples, steps, n_runs = grid_cost(groups)
   fathom = [g for g in groups if g.algorithm == 'fathom']
   if n_runs:

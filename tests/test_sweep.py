@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from fathom_sim import report, sweep
+from fathom_sim import plots, report, sweep
 from fathom_sim.train import train_and_evaluate
 from tests.common import tiny_config
 
@@ -199,6 +199,72 @@ def test_a_summary_left_by_a_run_since_extended_does_not_make_it_finished(tmp_pa
       'final': {'test_accuracy': 0.4}}))
   [run] = report.find_runs([str(tmp_path / 'sweep')])
   assert run.summary is not None  # the summary of the rounds it has: finished
+
+
+def _finish(workdir, rounds, final, **config):
+  (workdir / 'config.json').write_text(json.dumps({'algorithm': 'fathom', 'num_rounds': rounds,
+                                                   **config}))
+  (workdir / 'summary.json').write_text(json.dumps({
+      'rounds': rounds, 'total_examples': 100 * rounds, 'total_local_steps': 10 * rounds,
+      'final': {'test_accuracy': final}}))
+
+
+def test_seeds_behind_their_setting_are_unfinished_in_tables_and_plots(tmp_path):
+  """A sweep rerun with num_rounds 4 -> 6 and stopped part-way: seed 2, not yet resumed, still
+  has its 4-round summary, and seed 3 has just started. The table averaged 4- and 6-round
+  models as 3 finished seeds, mixed whole-test finals with sampled last evaluations, and the
+  plots kept only the rounds every seed had logged (seed 3's one round)."""
+  root = tmp_path / 'sweep' / 'fathom'
+  for seed, acc in ((0, 0.5), (1, 0.6), (2, 0.2)):
+    _write_run(root / f'seed={seed}', 'fathom', {2: acc - 0.1, 4: acc}, 100, 6 if seed < 2 else 4)
+    _finish(root / f'seed={seed}', 6 if seed < 2 else 4, acc)
+  _write_run(root / 'seed=3', 'fathom', {}, 100, 1)
+  (root / 'seed=3' / 'config.json').write_text(json.dumps({'algorithm': 'fathom',
+                                                            'num_rounds': 6}))
+  [group] = report.group_runs(report.find_runs([str(tmp_path / 'sweep')]))
+  assert group.num_rounds == 6 and len(group.finished) == 2
+  assert report.final_accuracy(group) == pytest.approx((0.55, math.sqrt(0.005)))
+  row = next(line for line in report.markdown([group], [0.3]).splitlines()
+             if line.startswith('| `fathom`'))
+  assert '| 4 (2 unfinished) | 0.550 ± 0.071 (2 finished) |' in row
+  x, mean, _, _ = plots.curve(group, 'test_accuracy')
+  assert list(x) == [2, 4] and mean == pytest.approx([0.45, 0.55])
+  assert list(plots.curve(group, 'eta')[0]) == [1, 2, 3, 4, 5, 6]
+  # While no seed has finished: every seed's last evaluation, said as such.
+  for seed in (0, 1):
+    os.remove(root / f'seed={seed}' / 'summary.json')
+  [group] = report.group_runs(report.find_runs([str(tmp_path / 'sweep')]))
+  assert not group.finished and report.final_accuracy(group) == pytest.approx(
+      (0.433333, 0.208167), rel=1e-4)
+  assert '(last evals)' in report.markdown([group], [0.3])
+
+
+def test_the_best_fedavg_is_plotted_against_any_number_of_fathom_settings(tmp_path, monkeypatch):
+  root = tmp_path / 'sweep'
+  for i in range(plots.MAX_CURVES + 2):
+    _write_run(root / f'f{i:02d}' / 'seed=0', 'fathom', {2: 0.1}, 100, 2)
+  _write_run(root / 'zfedavg' / 'seed=0', 'fedavg', {2: 0.5}, 100, 2)
+  groups = report.group_runs(report.find_runs([str(root)]))
+  drawn, real = {}, plots.accuracy_plot
+
+  def recorded(gs, path, *args):
+    drawn[os.path.basename(path)] = [g.setting for g in gs]
+    return real(gs, path, *args)
+
+  monkeypatch.setattr(plots, 'accuracy_plot', recorded)
+  plots.write_plots(groups, str(tmp_path / 'report'), 0.3)
+  assert drawn['fathom_vs_fedavg.png'][-1] == 'zfedavg'
+  assert len(drawn['fathom_vs_fedavg.png']) == plots.MAX_CURVES
+
+
+def test_runs_of_one_setting_whose_configs_differ_are_flagged(tmp_path):
+  root = tmp_path / 'sweep' / 'fathom'
+  for seed, eta in ((0, 0.1), (1, 0.2)):
+    _write_run(root / f'seed={seed}', 'fathom', {2: 0.3}, 100, 2)
+    _finish(root / f'seed={seed}', 2, 0.3, eta=eta, seed=seed, eval_every=seed + 1)
+  table = report.markdown(report.group_runs(report.find_runs([str(tmp_path / 'sweep')])), [0.3])
+  assert ('Warning: the runs of `fathom` differ in eta (0.1, 0.2): they are not seeds of one '
+          'setting.') in table
 
 
 def test_a_finished_run_without_test_examples_is_reported(tmp_path):
