@@ -88,8 +88,11 @@ class Checkpointer:
     self._manager = self._open()
 
   def _open(self) -> ocp.CheckpointManager:
+    # A run killed mid-save leaves orbax's temporary folder of that step; a resumed run that
+    # never saves that step again (it was the last) would keep it for good.
     options = ocp.CheckpointManagerOptions(max_to_keep=self.keep,
-                                           enable_async_checkpointing=True, create=True)
+                                           enable_async_checkpointing=True, create=True,
+                                           cleanup_tmp_directories=True)
     return ocp.CheckpointManager(self.directory, options=options)
 
   def steps(self) -> list[int]:

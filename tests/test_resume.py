@@ -133,6 +133,21 @@ def test_a_file_in_a_checkpoints_place_is_said_in_the_log(tmp_path, caplog):
   assert '3 is a file in place of checkpoint folders, skipped' in caplog.text
 
 
+def test_the_temporary_folder_of_a_save_cut_short_is_removed(tmp_path):
+  """A run killed while saving its last round's checkpoint, then extended, never saved that
+  round again: orbax's temporary folder of it stayed in the finished workdir for good."""
+  import shutil
+  workdir = tmp_path / 'run'
+  train_and_evaluate(_tiny(num_rounds=3, checkpoint_every=1), str(workdir))
+  cut = workdir / 'checkpoints' / '3.orbax-checkpoint-tmp'
+  shutil.copytree(workdir / 'checkpoints' / '3', cut)
+  shutil.rmtree(workdir / 'checkpoints' / '3')
+  (workdir / 'summary.json').unlink()
+  resumed = train_and_evaluate(_tiny(num_rounds=5, checkpoint_every=10), str(workdir))
+  assert resumed['resumed_from'] == 2 and not cut.exists()
+  assert sorted(os.listdir(workdir / 'checkpoints')) == ['1', '2', '5']
+
+
 @pytest.mark.filterwarnings('error::pytest.PytestUnraisableExceptionWarning')
 def test_every_checkpoint_unreadable_starts_again_said_in_the_log_and_nothing_else(
     tmp_path, caplog, capfd):
