@@ -77,7 +77,7 @@ EXIT_STOPPED = 2  # launch/cli.py's exit status for bad input, which most such e
 _POLL_MS = 500
 _CHORES_S = 60.0  # at most this long for a stopping process's pending saves and its farewell
 
-_watch: dict = {'thread': None, 'quiet': threading.Event(), 'chores': []}
+_watch: dict = {'thread': None, 'quiet': threading.Event(), 'chores': [], 'told': False}
 
 
 def _watch_for_stopped_peers() -> None:
@@ -166,12 +166,14 @@ def stop_peers(message: str) -> None:
   """Tells the run's other processes that this one stops with the error `message` (its first
   line is passed on): they stop too, saying so in one line. Call it once this process's files
   are closed (their pending checkpoint saves need the others). Does nothing in a run of one
-  process, or when a peer stopped first."""
+  process, when a peer stopped first, or when this process told them already (its error
+  passes through _train, then launch/cli.fail)."""
   stand_down()
   from jax._src import distributed as jax_distributed
   client = jax_distributed.global_state.client
-  if client is None:  # one process, not joined to a runtime (and no backend started here)
+  if client is None or _watch['told']:  # one process, not joined to a runtime; or told
     return
+  _watch['told'] = True
   first = message.strip().splitlines()[0] if message.strip() else 'an error'
   try:
     client.key_value_set(STOP_KEY, f'{jax.process_index()}\n{first}')

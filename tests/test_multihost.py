@@ -153,6 +153,22 @@ def test_bad_data_met_by_one_process_in_a_round_stops_both_in_one_line_and_they_
   assert (summary['rounds'], summary['resumed_from']) == (4, 2)
 
 
+def test_a_bad_flag_met_by_one_process_after_joining_stops_both_in_one_line(tmp_path):
+  """Process 0's --compilation_cache cannot be used (process 0 makes it; the others only
+  read): it exited with one line after joining the run, and process 1 waited in a collective
+  until JAX's heartbeat gave up (100 s)."""
+  taken = tmp_path / 'a_file'
+  taken.write_text('x')
+  port = _free_port()
+  joined = [f'--coordinator_address=localhost:{port}', '--num_processes=2']
+  error = f"--compilation_cache '{taken / 'cache'}' cannot be used"
+  _each_stops_in_one_line(
+      [_main(str(tmp_path / 'multi'), 4, [*joined, '--process_id=0',
+                                          f'--compilation_cache={taken / "cache"}']),
+       _main(str(tmp_path / 'multi'), 4, [*joined, '--process_id=1'])],
+      [error, f'process 0 of the run stopped: {error}'])
+
+
 def test_a_signal_to_one_process_stops_both_after_the_same_round_and_they_resume(tmp_path):
   workdir = str(tmp_path / 'multi')
   extra = ['--config.num_rounds=30', '--config.checkpoint_every=10']
