@@ -91,21 +91,21 @@ def parse_flags_or_exit(argv: list[str]) -> list[str]:
   return []
 
 
-def config_overrides(args: list[str]) -> dict:
-  """--config.FIELD=VALUE arguments (sweep.py's, which apply to every run) parsed as main.py's
-  config flag parses them, by the type of base_config()'s field: '64' for model.hidden is
-  (64,), '20' for batch_size is 20.0, and a quoted word keeps its quotes. A bad one ends the
-  command with one line."""
+def config_overrides(argv: list[str]) -> tuple[dict, list[str]]:
+  """Takes the --config.FIELD=VALUE (or --config.FIELD VALUE) overrides out of `argv` (a
+  command line, program name first) and parses them as main.py's config flag does, by the
+  type of base_config()'s field: '64' for model.hidden is (64,), '20' for batch_size is 20.0,
+  and a quoted word keeps its quotes. Returns ({field: value}, the rest of argv); a bad
+  override ends the command with one line."""
   from ml_collections import config_flags
   from fathom_sim.config import base_config
-  config, argv = base_config(), [sys.argv[0], *args]
-  values = flags.FlagValues()
+  config, values = base_config(), flags.FlagValues()
   try:  # config_flags reads the overrides from the argv it is given when it is defined
     config_flags.DEFINE_config_dict('config', config, flag_values=values, sys_argv=argv)
-    values(argv)
+    rest = values(argv, known_only=True)
   except (flags.Error, AttributeError, KeyError, TypeError, ValueError) as e:
-    fail(_unknown_override(args, config) or str(e).strip().strip('"'))
-  return config_flags.get_override_values(values['config'])
+    fail(_unknown_override(argv, config) or str(e).strip().strip('"'))
+  return config_flags.get_override_values(values['config']), rest
 
 
 @functools.cache

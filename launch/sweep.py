@@ -32,11 +32,10 @@ _EXTRA: dict = {}
 
 
 def parse_flags(argv: list[str]) -> list[str]:
-  """Takes --config.FIELD=VALUE out of argv (they apply to every run; parsed as main.py parses
-  them), parses the rest."""
-  overrides = [a for a in argv[1:] if a.startswith(('--config.', '--noconfig.'))]
-  rest = [a for a in argv if a not in overrides]
-  _EXTRA.update(cli.config_overrides(overrides))
+  """Takes the --config.FIELD=VALUE overrides out of argv (they apply to every run; parsed as
+  main.py parses them), parses the rest."""
+  overrides, rest = cli.config_overrides(argv)
+  _EXTRA.update(overrides)
   return cli.parse_flags_or_exit(rest)
 
 

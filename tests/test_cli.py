@@ -175,13 +175,17 @@ def test_the_host_out_of_memory_before_any_round_is_one_line_and_exit_2(capsys):
     (['--config.batch_size=20', '--config.data.in_memory'], {'batch_size': 20.0,
                                                             'data.in_memory': True}),
     (["--config.algorithm=fedavg"], {'algorithm': 'fedavg'}),
+    (['--config.num_rounds', '3', '--config.model.hidden', '8'], {'num_rounds': 3,
+                                                                  'model.hidden': (8,)}),
 ])
 def test_sweep_overrides_parse_as_the_run_command_parses_them(args, want):
   """sweep.py read --config.model.hidden=64 as the int 64 (refused) where main.py runs (64,)."""
   from absl import flags
   from ml_collections import config_flags
   from launch import cli
-  assert cli.config_overrides(args) == want
+  rest = ['--sweep', 'x.py', '--dry_run']  # the command's own flags are left to it
+  assert cli.config_overrides(['sweep.py', rest[0], *args, *rest[1:]]) == (
+      want, ['sweep.py', *rest])
   values, argv = flags.FlagValues(), ['main.py', f'--config={QUICKSTART}', *args]
   config_flags.DEFINE_config_file('config', flag_values=values, sys_argv=argv)
   values(argv)
@@ -200,7 +204,7 @@ def test_sweep_overrides_parse_as_the_run_command_parses_them(args, want):
 def test_a_bad_sweep_override_is_one_line_and_exit_2(capsys, arg, needle):
   from launch import cli
   with pytest.raises(SystemExit) as exit_:
-    cli.config_overrides([arg])
+    cli.config_overrides(['sweep.py', arg])
   assert exit_.value.code == 2
   err = capsys.readouterr().err
   assert err.startswith('error: ') and needle in err and err.count('\n') == 1, err
