@@ -331,7 +331,7 @@ def _run(run: Run, configs: list[ml_collections.ConfigDict], workdirs: list[str]
       # Rows past the checkpoint are redone, and a run taken further than it ended drops the
       # evaluation made only because it ended there (whether or not it lived to write its
       # summary.json): its rows become an uninterrupted run's.
-      off_period = done < c.num_rounds and done % c.eval_every != 0
+      off_period = done < c.num_rounds and done % c.eval_every != 0 and _ended_at(book)
       book.rows, dropped = metrics.keep_rows(book.workdir, done, done if off_period else None)
       if dropped:
         logging.info('%s: the run ended at round %d and goes on to %d; the evaluation of '
@@ -474,6 +474,16 @@ def _summary_of_finished(book: _Book, num_rounds: int) -> dict | None:
     return None
   finished = isinstance(summary, dict) and summary.get('rounds') == num_rounds
   return summary if finished and same else None
+
+
+def _ended_at(book: _Book) -> bool:
+  """Whether the run that saved the checkpoint resumed from ended at its round: the config
+  saved with the checkpoint says (a run stopped at a periodic checkpoint then resumed with
+  another eval_every did not end there); summary.json does for checkpoints without one."""
+  saved = (book.meta.get('config') or {}).get('num_rounds')
+  if saved is None:
+    return metrics.finished_rounds(book.workdir) == book.done
+  return saved == book.done
 
 
 def _tag(book: _Book, vectorized: bool) -> str:

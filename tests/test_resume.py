@@ -254,6 +254,19 @@ def test_a_run_killed_before_its_summary_then_taken_further_keeps_no_extra_evalu
       read_rows(str(tmp_path / 'straight')))
 
 
+def test_a_periodic_evaluation_is_kept_by_a_resume_with_another_eval_every(tmp_path):
+  """Stopped after its round-10 checkpoint, resumed with eval_every 4 (a field a resumed run
+  may change): round 10's evaluation was dropped as if the run had ended there."""
+  import shutil
+  workdir = tmp_path / 'run'
+  train_and_evaluate(_tiny(num_rounds=12, eval_every=5, checkpoint_every=10), str(workdir))
+  shutil.rmtree(workdir / 'checkpoints' / '12')  # as if killed after round 10's checkpoint
+  (workdir / 'summary.json').unlink()
+  train_and_evaluate(_tiny(num_rounds=20, eval_every=4, checkpoint_every=10), str(workdir))
+  evaluated = [r['round'] for r in read_rows(str(workdir)) if 'test_accuracy' in r]
+  assert evaluated == [5, 10, 12, 16, 20]
+
+
 def test_a_bfloat16_run_records_its_compute_dtype_and_is_not_resumed_in_float32(tmp_path):
   """Computing in bfloat16 changes what a run trains, like its model: not a resumable field."""
   workdir = str(tmp_path / 'run')
