@@ -11,6 +11,7 @@ import importlib.util
 import math
 import os
 import traceback
+from typing import Iterable
 
 import ml_collections
 
@@ -317,11 +318,11 @@ _DATA_FIELDS = {  # the data.* fields each data.name reads (besides name)
 _HIDDEN_MODELS = ('mlp', 'lstm')  # the models whose widths model.hidden sets
 
 
-def unread_fields(c: ml_collections.ConfigDict) -> list[str]:
-  """'FIELD=VALUE (why)' for each field set away from base_config()'s value that this config
-  does not read: FATHOM's fields under FedAvg, another server optimizer's, model's or
-  dataset's. Such a setting changes nothing, which its author may not expect."""
-  base = base_config()
+def unread_fields(c: ml_collections.ConfigDict, fields: Iterable[str]) -> list[str]:
+  """'FIELD=VALUE (why)' for each of `fields` (those a command line or a sweep set) that this
+  config does not read: FATHOM's fields under FedAvg, another server optimizer's, model's or
+  dataset's. Such a setting changes nothing, which its author may not expect. (A config
+  file's own fields are not judged: stackoverflow.py's FATHOM bounds stay under FedAvg.)"""
   why = {}
   if c.algorithm == 'fedavg':
     why.update((f, 'algorithm is fedavg') for f in _FATHOM_FIELDS)
@@ -335,5 +336,4 @@ def unread_fields(c: ml_collections.ConfigDict) -> list[str]:
   read = _DATA_FIELDS.get(c.data.name, ())
   why.update((f'data.{f}', f'data.name is {c.data.name}') for f in _DATA_FIELDS['synthetic']
              + ('in_memory', 'path', 'num_classes', 'data_dir') if f not in read)
-  return [f'{path}={_get(c, path)!r} ({reason})' for path, reason in why.items()
-          if _get(c, path) != _get(base, path)]
+  return [f'{path}={_get(c, path)!r} ({why[path]})' for path in fields if path in why]

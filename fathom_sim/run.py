@@ -17,7 +17,7 @@ import numpy as np
 from absl import logging
 
 from fathom_sim import fathom, models, rng, server
-from fathom_sim.config import ConfigError, check_config, unread_fields
+from fathom_sim.config import ConfigError, check_config
 from fathom_sim.data import DataError, DatasetError, Task, load_task
 from fathom_sim.data.federated import ArrayClientDataset
 from fathom_sim.errors import first_line
@@ -71,9 +71,6 @@ def hyper_setup(config) -> tuple[fathom.HyperTuner, tuple[float, float, float]]:
 def build(config: ml_collections.ConfigDict, task: Task | None = None) -> Run:
   """Checks the config against itself, the data and the devices; builds the run's parts."""
   check_config(config)
-  unread = unread_fields(config)
-  if unread:
-    logging.warning('config fields set but not read by this run: %s', '; '.join(unread))
   try:
     task = task if task is not None else load_task(config.data)
   except DataError as e:  # the whole dataset: a sweep need not try its other runs on it

@@ -23,7 +23,7 @@ from typing import Callable
 import ml_collections
 
 from fathom_sim import metrics
-from fathom_sim.config import ConfigError, call_user_file, check_config
+from fathom_sim.config import ConfigError, call_user_file, check_config, unread_fields
 
 INDEX_FILE = 'sweep.json'
 KEYS = ('config', 'overrides', 'seeds', 'fixed')  # what get_sweep() may return
@@ -292,6 +292,7 @@ def run_sweep(sweep: SweepDef, out: str, *, extra: dict | None = None,
                       default=str)
 
   save()
+  told: set[str] = set()  # the settings whose unread fields were said
   pending = collections.deque(batches)
   while pending:
     batch = pending.popleft()
@@ -313,6 +314,13 @@ def run_sweep(sweep: SweepDef, out: str, *, extra: dict | None = None,
       continue
     log(f'{where} {names}: running' + (f' ({len(batch)} seeds vectorised)'
                                       if len(batch) > 1 else ''))
+    first = runs[batch[0]]
+    if first.setting not in told:  # once per setting: its seeds set the same fields
+      told.add(first.setting)
+      unread = unread_fields(first.config, [*sweep.fixed, *first.overrides, *(extra or {})])
+      if unread:
+        log(f'{where} {first.setting}: set by the sweep but not read by its runs: '
+            + '; '.join(unread))
     for i in batch:
       entries[i] = _entry(runs[i], out, 'running')
     save()

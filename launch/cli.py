@@ -139,6 +139,19 @@ def use_compilation_cache(flag: flags.FlagHolder) -> None:
     compile_cache.disable()
 
 
+def warn_unread(config, fields) -> None:
+  """Logs the `fields` (set on the command line) that `config` does not read, in one warning
+  (config.unread_fields); a config that fails its checks is left to them."""
+  from fathom_sim.config import ConfigError, check_config, unread_fields
+  try:
+    check_config(config)
+  except ConfigError:
+    return
+  unread = unread_fields(config, fields)
+  if unread:
+    logging.warning('set on the command line but not read by this run: %s', '; '.join(unread))
+
+
 def no_arguments(argv: list[str]) -> None:
   """Refuses words after the flags: `config.eta=0.5` without its dashes was dropped without a
   word, and the run went on with the config's own value."""

@@ -65,6 +65,7 @@ def main(argv):
   if _COORDINATOR.value or _MULTIHOST.value:
     _join_distributed_run()
   cli.use_compilation_cache(_COMPILATION_CACHE)
+  cli.warn_unread(_CONFIG.value, config_flags.get_override_values(flags.FLAGS['config']))
   cli.run_or_exit(lambda: train_and_evaluate(_CONFIG.value, _WORKDIR.value))
 
 

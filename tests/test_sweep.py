@@ -52,6 +52,21 @@ def test_overriding_a_swept_field_from_the_command_line_is_refused(tmp_path):
   assert {r.config.num_rounds for r in runs} == {1} and len(runs) == 4
 
 
+def test_a_field_the_sweep_sets_that_its_runs_do_not_read_is_said_once_per_setting(tmp_path):
+  sweep_file = tmp_path / 'unread_sweep.py'
+  sweep_file.write_text(SWEEP_FILE.replace("'eta': 0.1", "'eta': 0.1, 'eta_h': 0.5"))
+  lines = []
+  sweep.run_sweep(sweep.load_sweep(str(sweep_file)), str(tmp_path / 'sweep'),
+                  extra={'server_b1': 0.5}, train=lambda c, w: {'final': {}},
+                  log=lines.append)
+  unread = [line for line in lines if 'not read' in line]
+  assert unread == [
+      '[1/4] algorithm=fathom: set by the sweep but not read by its runs: server_b1=0.5 '
+      '(server_optimizer is sgd)',
+      '[3/4] algorithm=fedavg,eta=0.1,eta_h=0.5: set by the sweep but not read by its runs: '
+      'eta_h=0.5 (algorithm is fedavg); server_b1=0.5 (server_optimizer is sgd)'], lines
+
+
 def test_sweep_runs_every_setting_and_seed_once_and_reports(tmp_path):
   sweep_file = tmp_path / 'tiny_sweep.py'
   sweep_file.write_text(SWEEP_FILE)
@@ -281,7 +296,7 @@ def test_a_finished_run_without_test_examples_is_reported(tmp_path):
 
 
 def test_every_shipped_sweep_loads_and_plans_valid_configs(tmp_path):
-  from fathom_sim.config import check_config
+  from fathom_sim.config import check_config, unread_fields
   files = sorted(f for f in os.listdir(os.path.join(ROOT, 'sweeps'))
                  if f.endswith('.py') and f != 'claim_grid.py')
   assert 'claim_quickstart.py' in files and 'claim_stackoverflow_real.py' in files
@@ -291,6 +306,8 @@ def test_every_shipped_sweep_loads_and_plans_valid_configs(tmp_path):
     assert runs, f
     for run in runs:
       check_config(run.config)
+      # Every field the sweep sets is one its runs read.
+      assert unread_fields(run.config, [*definition.fixed, *run.overrides]) == [], run.name
   claim = sweep.load_sweep(os.path.join(ROOT, 'sweeps', 'claim_quickstart.py'))
   fedavg = [o for o in claim.overrides if o['algorithm'] == 'fedavg']
   assert len(fedavg) == 27 and len(claim.seeds) == 5
