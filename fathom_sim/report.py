@@ -71,15 +71,21 @@ class Group:
 
   @property
   def plotted(self) -> list[RunData]:
-    """The seeds a curve averages: the finished ones, or every seed while none is (a curve over
-    the rounds every seed logged would stop where the least advanced seed is)."""
-    return self.finished or self.runs
+    """The seeds a curve averages: the finished ones, or every seed with rows while none is (a
+    curve over the rounds every seed logged would stop where the least advanced seed is, and
+    vanish with a seed that has logged none)."""
+    return self.finished or [r for r in self.runs if r.rows]
 
   def differing_fields(self) -> dict[str, list]:
     """Fields, other than the seed and those a resumed run may change, in which the seeds'
     configs differ, with their values: runs grouped by folder that are not one setting."""
-    configs = [workdir_lib.flatten(r.config) for r in self.runs]
-    fields = sorted(set().union(*configs) - workdir_lib.RESUMABLE_FIELDS - {'seed'})
+    # A run without a config.json says nothing of its config, and a field that older code
+    # did not write (every config has the newer ones) is no difference.
+    configs = [workdir_lib.flatten(r.config) for r in self.runs if r.config]
+    if not configs:
+      return {}
+    fields = sorted(set.intersection(*(set(c) for c in configs))
+                    - workdir_lib.RESUMABLE_FIELDS - {'seed'})
     out = {}
     for f in fields:
       values = [c.get(f) for c in configs]

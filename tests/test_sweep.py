@@ -252,6 +252,10 @@ def test_seeds_behind_their_setting_are_unfinished_in_tables_and_plots(tmp_path)
   assert not group.finished and report.final_accuracy(group) == pytest.approx(
       (0.433333, 0.208167), rel=1e-4)
   assert '(last evals)' in report.markdown([group], [0.3])
+  # A seed without rows (started, killed before round 1) leaves the others' curves.
+  (root / 'seed=3' / 'metrics.jsonl').write_text('')
+  [group] = report.group_runs(report.find_runs([str(tmp_path / 'sweep')]))
+  assert list(plots.curve(group, 'test_accuracy')[0]) == [2, 4]
 
 
 def test_the_best_fedavg_is_plotted_against_any_number_of_fathom_settings(tmp_path, monkeypatch):
@@ -280,6 +284,12 @@ def test_runs_of_one_setting_whose_configs_differ_are_flagged(tmp_path):
   table = report.markdown(report.group_runs(report.find_runs([str(tmp_path / 'sweep')])), [0.3])
   assert ('Warning: the runs of `fathom` differ in eta (0.1, 0.2): they are not seeds of one '
           'setting.') in table
+  # A seed written before a field existed, or without its config.json, differs in nothing.
+  _write_run(root / 'seed=2', 'fathom', {2: 0.3}, 100, 2)
+  _finish(root / 'seed=2', 2, 0.3, seed=2)
+  (root / 'seed=1' / 'config.json').unlink()
+  table = report.markdown(report.group_runs(report.find_runs([str(tmp_path / 'sweep')])), [0.3])
+  assert 'Warning' not in table, table
 
 
 def test_a_finished_run_without_test_examples_is_reported(tmp_path):
