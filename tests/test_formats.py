@@ -322,9 +322,10 @@ def test_a_posts_xml_prepared_by_an_older_reader_is_refused(tmp_path):
   load_prepared('stackoverflow', str(out))
   del meta['text_version']  # as prepared before the reader's text was versioned
   (out / 'meta.json').write_text(json.dumps(meta))
-  with pytest.raises(DataError, match=f"data.data_dir '{out}': its Posts.xml was split into "
-                                      r'sentences and words by an older reader \(text version '
-                                      'None'):
+  with pytest.raises(DataError, match=f'{out}: its Posts.xml was split into sentences and '
+                                      r'words by an older reader \(text version None.*prepare '
+                                      f'it again from {tmp_path / "Posts.xml"} into a new or '
+                                      'empty folder'):
     load_prepared('stackoverflow', str(out))
 
 

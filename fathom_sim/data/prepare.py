@@ -20,9 +20,10 @@ from fathom_sim.data import tfds_store
 from fathom_sim.data.byo import DataError
 from fathom_sim.data.fedjax_sqlite import FedjaxSqlite
 from fathom_sim.data.leaf import LeafJson, split_files
-from fathom_sim.data.stackexchange import TEXT_VERSION, StackExchangeXml
+from fathom_sim.data.stackexchange import StackExchangeXml
 from fathom_sim.data.tff_sqlite import TffSqlite
-from fathom_sim.data.vocab import Vocabulary, ids_dtype, read_word_counts, vocabulary_from
+from fathom_sim.data.vocab import (TEXT_VERSION, Vocabulary, ids_dtype, read_word_counts,
+                                   vocabulary_from)
 
 TASKS = ('emnist', 'stackoverflow')
 FORMATS = ('fedjax_sqlite', 'tff_sqlite', 'leaf_json', 'stackexchange_xml')

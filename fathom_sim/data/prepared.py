@@ -6,7 +6,6 @@ import os
 
 from fathom_sim.data.byo import DataError
 from fathom_sim.data.federated import Task
-from fathom_sim.data.stackexchange import TEXT_VERSION
 
 # data.name -> (prepared task kind, how to get it)
 HOW_TO_GET = {
@@ -44,10 +43,5 @@ def load_prepared(name: str, data_dir: str) -> Task:
   if meta.get('task') != kind:
     raise DataError(f'data.data_dir {data_dir!r} holds a prepared {meta.get("task")} dataset; '
                     f'data.name={name} needs a {kind} one')
-  if meta.get('format') == 'stackexchange_xml' and meta.get('text_version') != TEXT_VERSION:
-    raise DataError(f'data.data_dir {data_dir!r}: its Posts.xml was split into sentences and '
-                    f'words by an older reader (text version {meta.get("text_version")}; this '
-                    f'code reads posts as version {TEXT_VERSION}, which gives other examples); '
-                    f'prepare it again with launch/prepare_data.py')
   return Task(name, PreparedClientDataset(data_dir, 'train'),
               PreparedClientDataset(data_dir, 'test'), int(meta['num_classes']))

@@ -19,10 +19,6 @@ from fathom_sim.data.byo import DataError
 from fathom_sim.data.vocab import html_sentences
 
 POST_TYPES = {'1': 'question', '2': 'answer'}
-# Bumped whenever the sentences or words read from a post change (2: inline tags no longer end
-# sentences; 3: a line break inside a paragraph is a space). Prepared datasets record it, and
-# one prepared by an older reader is refused rather than trained on different examples.
-TEXT_VERSION = 3
 
 
 def _is_date(text: str) -> bool:

@@ -31,6 +31,7 @@ import tensorflow_datasets as tfds
 from array_record.python import array_record_module
 
 from fathom_sim.data.byo import DataError
+from fathom_sim.data.vocab import TEXT_VERSION
 from fathom_sim.errors import first_line
 
 LAYOUT_VERSION = 1
@@ -158,6 +159,12 @@ def read_meta(data_dir: str) -> dict:
   if meta.get('layout_version') != LAYOUT_VERSION:
     raise DataError(f'{data_dir}: prepared with layout version {meta.get("layout_version")}, '
                     f'this code reads version {LAYOUT_VERSION}; prepare it again')
+  if meta.get('format') == 'stackexchange_xml' and meta.get('text_version') != TEXT_VERSION:
+    raise DataError(f'{data_dir}: its Posts.xml was split into sentences and words by an older '
+                    f'reader (text version {meta.get("text_version")}; this code reads posts as '
+                    f'version {TEXT_VERSION}, which gives other examples); prepare it again from '
+                    f'{meta.get("source")} into a new or empty folder with launch/prepare_data.py '
+                    '--format=stackexchange_xml')
   num_classes = meta.get('num_classes')
   if not (isinstance(num_classes, int) and not isinstance(num_classes, bool)
           and num_classes > 0):
