@@ -84,6 +84,7 @@ def _watch_for_stopped_peers() -> None:
   if _watch['thread'] is not None or jax.process_count() == 1:
     return
   _watch['quiet'].clear()
+  _watch['told'] = False
   thread = threading.Thread(target=_watch_loop, name='fathom_sim-stop-watch', daemon=True)
   _watch['thread'] = thread
   thread.start()
@@ -178,4 +179,4 @@ def stop_peers(message: str) -> None:
   try:
     client.key_value_set(STOP_KEY, f'{jax.process_index()}\n{first}')
   except Exception as e:  # noqa: BLE001 - ALREADY_EXISTS: another process stopped first
-    logging.info('a peer had stopped already (%s)', str(e).splitlines()[0] if str(e) else e)
+    logging.info('a peer had stopped already (%s)', first_line(e))

@@ -6,6 +6,8 @@ import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
+from fathom_sim.errors import first_line
+
 CLIENTS = 'clients'
 
 
@@ -59,7 +61,7 @@ def out_of_memory(e: BaseException) -> str | None:
   numpy; else None."""
   xla = isinstance(e, jax.errors.JaxRuntimeError) or type(e) is ValueError
   if xla and 'RESOURCE_EXHAUSTED' in str(e):
-    return 'XLA: ' + str(e).strip().splitlines()[0][:200]
+    return 'XLA: ' + first_line(e)
   if isinstance(e, MemoryError):
     return 'host: ' + (str(e).strip().splitlines() or ['MemoryError'])[0][:200]
   return None

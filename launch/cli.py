@@ -28,11 +28,11 @@ def setup_logging() -> None:
 
 def fail(message: str) -> None:
   print(f'error: {message}', file=sys.stderr)
-  joined = sys.modules.get('fathom_sim.distributed')  # imported when a run joins several
-  if joined is not None:
-    # The run's other processes would wait for this one in a collective until JAX's
-    # heartbeat gives up (100 s); told, they stop now, saying why.
-    joined.stop_peers(message)
+  distributed = sys.modules.get('fathom_sim.distributed')  # not imported: no run started
+  if distributed is not None:
+    # In a run of several processes the others would wait for this one in a collective until
+    # JAX's heartbeat gives up (100 s); told, they stop now, saying why. (Alone: nothing.)
+    distributed.stop_peers(message)
   sys.exit(EXIT_BAD_INPUT)
 
 

@@ -140,6 +140,10 @@ def test_auto_lanes_and_resident_limits_per_platform(caplog):
   assert run_lib._auto_lanes(c, gpu) == run_lib._auto_lanes(c, cpu) == 10
   assert 'config.lanes_per_device=1000: a cohort of 10 clients over 1 device(s) fills 10 lanes' \
       in caplog.text
+  two = _FakeMesh(_FakeDevice('cpu', None))
+  two.devices = np.array([two.devices[0]] * 2)
+  c.cohort_size, c.lanes_per_device = 5, 4
+  assert run_lib._auto_lanes(c, two) == 3
 
 
 def test_auto_conv_and_local_loop_per_platform():

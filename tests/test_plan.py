@@ -139,6 +139,7 @@ def test_padding_is_inert_in_the_round():
       (dict(num_devices=2), dict(min_batch_pad=16)),
       (dict(num_devices=2), dict(stream_pad=1024, buffer_pad=256)),
       (dict(num_devices=4, lanes_per_device=2), {}),  # 8 lanes for 5 clients
+      (dict(num_devices=2, lanes_per_device=4), {}),  # capped to the 3 lanes a device fills
       (dict(num_devices=2, data_on_device='no'), {}),
       # A device's 3 lanes share one example buffer.
       (dict(num_devices=2, lanes_per_device=3, data_on_device='no'), {}),
