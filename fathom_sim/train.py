@@ -244,13 +244,14 @@ def _train(configs: list[ml_collections.ConfigDict], workdirs: list[str], *,
   try:
     cache_hits = compile_cache.hits()
     run = build(configs[0])
-    for config, workdir in zip(configs, workdirs):
-      workdir_lib.prepare(workdir, config)
-    # What the run is doing, for an out-of-memory error's message.
-    doing = {'what': 'init', 'seeds': len(configs) if vectorized else 1}
-    with _closed_on_error(run, books, doing, workdirs):
-      return _run(run, configs, workdirs, books, doing, cache_hits=cache_hits,
-                  vectorized=vectorized)
+    with contextlib.ExitStack() as locks:  # each workdir's, for the whole run
+      for config, workdir in zip(configs, workdirs):
+        workdir_lib.prepare(workdir, config, locks)
+      # What the run is doing, for an out-of-memory error's message.
+      doing = {'what': 'init', 'seeds': len(configs) if vectorized else 1}
+      with _closed_on_error(run, books, doing, workdirs):
+        return _run(run, configs, workdirs, books, doing, cache_hits=cache_hits,
+                    vectorized=vectorized)
   except Preempted:
     raise  # every process stops after the same round (_agreed_stop): none is left waiting
   except BaseException as e:

@@ -4,10 +4,16 @@ before a run writes anything there.
 
 from __future__ import annotations
 
+import contextlib
+import datetime
+import fcntl
 import json
 import os
+import socket
+from typing import Iterator
 
 import ml_collections
+from absl import logging
 
 from fathom_sim import distributed, metrics
 from fathom_sim.checkpoint import CHECKPOINTS, UNREADABLE
@@ -15,6 +21,7 @@ from fathom_sim.config import base_config
 from fathom_sim.sweep import INDEX_FILE
 
 CONFIG_FILE = 'config.json'
+LOCK_FILE = '.lock'  # held by the process that writes the run's files, while it runs
 
 
 class WorkdirError(ValueError):
@@ -73,10 +80,56 @@ def check_same_run(workdir: str, config: ml_collections.ConfigDict) -> None:
                        f'that change the result differ: {details}. Use another workdir.')
 
 
-def prepare(workdir: str, config: ml_collections.ConfigDict) -> None:
-  """Creates the workdir, or checks that the run it holds is this config's run. A new run's
-  config.json is written here, before any checkpoint or metric, so that run files never exist
-  without it; a resumed run's is rewritten by save_config once every check has passed."""
+_held: dict[str, int] = {}  # the workdirs this process holds locked: how many times
+
+
+@contextlib.contextmanager
+def _locked(workdir: str) -> Iterator[None]:
+  """Holds <workdir>/.lock (flock) while the body runs: a second command on a live run's
+  workdir (a job relaunched while the first still runs) would write the same files. The
+  system releases it when the process ends, however it ends (no stale lock after kill -9).
+  Held again by the same process (a vectorised group's seeds run one by one), it is shared."""
+  key = os.path.realpath(workdir)
+  if key in _held:
+    _held[key] += 1
+    try:
+      yield
+    finally:
+      _held[key] -= 1
+    return
+  f = open(os.path.join(workdir, LOCK_FILE), 'a+', encoding='utf-8')
+  try:
+    try:
+      fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+      f.seek(0)
+      holder = f.read().strip() or 'another process'
+      raise WorkdirError(f'--workdir {workdir!r} is in use by a running command ({holder}); '
+                         'wait for it to end or stop it, or give another workdir') from None
+    except OSError as e:  # a filesystem without locks: run, unguarded
+      logging.warning('%s: cannot lock %s (%s); a second command on this workdir would not be '
+                      'refused', workdir, LOCK_FILE, e.strerror or e)
+    else:
+      f.truncate(0)
+      f.write(f'process {os.getpid()} on {socket.gethostname()}, since '
+              f'{datetime.datetime.now().isoformat(timespec="seconds")}\n')
+      f.flush()
+    _held[key] = 1
+    try:
+      yield
+    finally:
+      del _held[key]
+  finally:
+    f.close()
+
+
+def prepare(workdir: str, config: ml_collections.ConfigDict,
+            hold: contextlib.ExitStack | None = None) -> None:
+  """Creates the workdir, checks that the run it holds is this config's run, and locks it for
+  the run (with `hold`: on the process that writes its files, until `hold` closes; a refused
+  command leaves even the lock file as it was). A new run's config.json is written here, once
+  locked, before any checkpoint or metric, so that run files never exist without it; a resumed
+  run's is rewritten by save_config once every check has passed."""
   try:
     os.makedirs(workdir, exist_ok=True)
   except OSError as e:
@@ -99,14 +152,17 @@ def prepare(workdir: str, config: ml_collections.ConfigDict) -> None:
       raise WorkdirError(f'--workdir {workdir!r}: {name} is a {"file" if folder else "folder"}'
                          f', where a run keeps its {name} {"folder" if folder else "file"}; '
                          'move it away or give another workdir')
-  if os.path.exists(os.path.join(workdir, CONFIG_FILE)):
+  resumed = os.path.exists(os.path.join(workdir, CONFIG_FILE))
+  if resumed:
     check_same_run(workdir, config)
-    return
-  if any(os.path.exists(os.path.join(workdir, f))
-         for f in (metrics.METRICS_FILE, metrics.SUMMARY_FILE, CHECKPOINTS, UNREADABLE)):
+  elif any(os.path.exists(os.path.join(workdir, f))
+           for f in (metrics.METRICS_FILE, metrics.SUMMARY_FILE, CHECKPOINTS, UNREADABLE)):
     raise WorkdirError(f'--workdir {workdir!r} holds run files but no {CONFIG_FILE}; '
                        'choose another workdir')
-  save_config(workdir, config)
+  if hold is not None and distributed.is_writer():
+    hold.enter_context(_locked(workdir))
+  if not resumed:
+    save_config(workdir, config)
 
 
 def save_config(workdir: str, config: ml_collections.ConfigDict) -> None:

@@ -254,6 +254,27 @@ def test_a_run_killed_before_its_summary_then_taken_further_keeps_no_extra_evalu
       read_rows(str(tmp_path / 'straight')))
 
 
+def test_a_second_command_on_a_live_runs_workdir_is_refused_and_changes_nothing(tmp_path):
+  """A job relaunched while the first still runs wrote the same metrics and checkpoints."""
+  import fcntl
+  workdir = tmp_path / 'run'
+  train_and_evaluate(_tiny(num_rounds=3), str(workdir))
+  files = ('metrics.jsonl', 'config.json', 'summary.json')
+  before = [(workdir / f).read_text() for f in files]
+  with open(workdir / '.lock', 'a+') as live:  # the first command's, still running
+    fcntl.flock(live, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    live.truncate(0)
+    live.write('process 4242 on host-a, since 2026-12-03T10:00:00\n')
+    live.flush()
+    with pytest.raises(WorkdirError, match=r"--workdir '.*' is in use by a running command "
+                                           r'\(process 4242 on host-a, since 2026-12-03'):
+      train_and_evaluate(_tiny(num_rounds=5), str(workdir))
+  assert [(workdir / f).read_text() for f in files] == before
+  assert sorted(os.listdir(workdir / 'checkpoints')) == ['3']
+  # Once it has ended (however: the system drops a dead process's lock), the run resumes.
+  assert train_and_evaluate(_tiny(num_rounds=5), str(workdir))['resumed_from'] == 3
+
+
 def test_a_periodic_evaluation_is_kept_by_a_resume_with_another_eval_every(tmp_path):
   """Stopped after its round-10 checkpoint, resumed with eval_every 4 (a field a resumed run
   may change): round 10's evaluation was dropped as if the run had ended there."""
