@@ -224,7 +224,6 @@ def run_sweep(sweep: SweepDef, out: str, *, extra: dict | None = None,
   """
   from fathom_sim import train as train_lib
   from fathom_sim import workdir as workdir_lib
-  from fathom_sim.data import DataError, DatasetError
   train = train or train_lib.train_and_evaluate
   train_group = train_group or train_lib.train_seeds
   runs = plan_runs(sweep, out, extra)
@@ -255,6 +254,20 @@ def run_sweep(sweep: SweepDef, out: str, *, extra: dict | None = None,
   except OSError as e:
     raise workdir_lib.WorkdirError(f'--out {out!r}: the sweep\'s folder cannot be made there '
                                  f'({e.strerror or e}); give a writable place') from None
+  # A second sweep on this --out while this one runs would rewrite sweep.json and take runs
+  # it has not reached: refused, as a second command on a live run's workdir is.
+  with workdir_lib.locked(out, '--out'):
+    return _run_all(sweep, out, runs, sweep_file, extra=extra, train=train,
+                    train_group=train_group, vmap_seeds=vmap_seeds, log=log)
+
+
+def _run_all(sweep: SweepDef, out: str, runs: list[RunSpec], sweep_file: str, *,
+             extra: dict | None, train: Callable, train_group: Callable, vmap_seeds: bool,
+             log: Callable[[str], None]) -> list[dict]:
+  """run_sweep's body, once its folder is made and locked."""
+  from fathom_sim import train as train_lib
+  from fathom_sim import workdir as workdir_lib
+  from fathom_sim.data import DataError, DatasetError
   entries = []
   for r in runs:
     try:  # a run already there under another config is reported, never skipped or redone

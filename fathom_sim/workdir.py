@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import errno
 import fcntl
 import json
 import os
@@ -80,16 +81,22 @@ def check_same_run(workdir: str, config: ml_collections.ConfigDict) -> None:
                        f'that change the result differ: {details}. Use another workdir.')
 
 
-_held: dict[str, int] = {}  # the workdirs this process holds locked: how many times
+_held: dict[str, int] = {}  # the folders this process holds locked: how many times
+# flock's answers that another process holds the lock (some filesystems say EACCES); any other
+# error means the filesystem has no locks, and the command runs unguarded, with a warning.
+_HELD_ELSEWHERE = (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES)
 
 
 @contextlib.contextmanager
-def _locked(workdir: str) -> Iterator[None]:
-  """Holds <workdir>/.lock (flock) while the body runs: a second command on a live run's
-  workdir (a job relaunched while the first still runs) would write the same files. The
-  system releases it when the process ends, however it ends (no stale lock after kill -9).
-  Held again by the same process (a vectorised group's seeds run one by one), it is shared."""
-  key = os.path.realpath(workdir)
+def locked(folder: str, flag: str = '--workdir') -> Iterator[None]:
+  """Holds <folder>/.lock (flock) while the body runs: a second command on a live run's
+  workdir (a job relaunched while the first still runs), or a second sweep on a live sweep's
+  --out, would write the same files; it is refused with WorkdirError naming the holder. The
+  system releases the lock when the process ends, however it ends (no stale lock after kill
+  -9). Held again by the same process (a vectorised group's seeds run one by one), it is
+  shared. `flag` names the folder in messages. Only as strong as the filesystem's flock: one
+  that keeps locks per host (gcsfuse, NFS with local_lock) guards each host alone."""
+  key = os.path.realpath(folder)
   if key in _held:
     _held[key] += 1
     try:
@@ -97,30 +104,44 @@ def _locked(workdir: str) -> Iterator[None]:
     finally:
       _held[key] -= 1
     return
-  f = open(os.path.join(workdir, LOCK_FILE), 'a+', encoding='utf-8')
+  path = os.path.join(folder, LOCK_FILE)
+  try:  # flock needs only a handle: read-only where the file is another user's
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+  except IsADirectoryError:
+    raise WorkdirError(f'{flag} {folder!r}: {LOCK_FILE} is a folder, where a run keeps its '
+                       'lock file; move it away') from None
+  except OSError:
+    try:
+      fd = os.open(path, os.O_RDONLY)
+    except OSError as e:
+      raise WorkdirError(f'{flag} {folder!r}: its {LOCK_FILE} cannot be opened '
+                         f'({e.strerror or e}); give a folder of your own') from None
   try:
     try:
-      fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-      f.seek(0)
-      holder = f.read().strip() or 'another process'
-      raise WorkdirError(f'--workdir {workdir!r} is in use by a running command ({holder}); '
-                         'wait for it to end or stop it, or give another workdir') from None
-    except OSError as e:  # a filesystem without locks: run, unguarded
-      logging.warning('%s: cannot lock %s (%s); a second command on this workdir would not be '
-                      'refused', workdir, LOCK_FILE, e.strerror or e)
+      fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as e:
+      if e.errno not in _HELD_ELSEWHERE:
+        logging.warning('%s: cannot lock %s (%s); a second command on this folder would not be '
+                        'refused', folder, LOCK_FILE, e.strerror or e)
+      else:
+        holder = os.pread(fd, 300, 0).decode('utf-8', 'replace').strip() or 'another process'
+        raise WorkdirError(f'{flag} {folder!r} is in use by a running command ({holder}); '
+                           'wait for it to end or stop it, or give another folder') from None
     else:
-      f.truncate(0)
-      f.write(f'process {os.getpid()} on {socket.gethostname()}, since '
-              f'{datetime.datetime.now().isoformat(timespec="seconds")}\n')
-      f.flush()
-    _held[key] = 1
+      try:  # who holds it, for the message of a second command; best effort
+        line = (f'process {os.getpid()} on {socket.gethostname()}, since '
+                f'{datetime.datetime.now().isoformat(timespec="seconds")}\n').encode()
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, line, 0)
+      except OSError:
+        pass
     try:
+      _held[key] = 1
       yield
     finally:
-      del _held[key]
+      _held.pop(key, None)
   finally:
-    f.close()
+    os.close(fd)
 
 
 def prepare(workdir: str, config: ml_collections.ConfigDict,
@@ -146,7 +167,8 @@ def prepare(workdir: str, config: ml_collections.ConfigDict,
   # A run's files of the wrong kind: a file named checkpoints made orbax's saves fail in a
   # background thread and the run hang, after it had restarted from round 0 and cut the rows.
   for name, folder in ((CHECKPOINTS, True), (UNREADABLE, True), (CONFIG_FILE, False),
-                       (metrics.METRICS_FILE, False), (metrics.SUMMARY_FILE, False)):
+                       (metrics.METRICS_FILE, False), (metrics.SUMMARY_FILE, False),
+                       (LOCK_FILE, False)):
     path = os.path.join(workdir, name)
     if os.path.exists(path) and os.path.isdir(path) != folder:
       raise WorkdirError(f'--workdir {workdir!r}: {name} is a {"file" if folder else "folder"}'
@@ -160,7 +182,11 @@ def prepare(workdir: str, config: ml_collections.ConfigDict,
     raise WorkdirError(f'--workdir {workdir!r} holds run files but no {CONFIG_FILE}; '
                        'choose another workdir')
   if hold is not None and distributed.is_writer():
-    hold.enter_context(_locked(workdir))
+    hold.enter_context(locked(workdir))
+    # A command that held the lock until just now may have written its config meanwhile.
+    if not resumed and os.path.exists(os.path.join(workdir, CONFIG_FILE)):
+      resumed = True
+      check_same_run(workdir, config)
   if not resumed:
     save_config(workdir, config)
 

@@ -1,6 +1,7 @@
 """Checkpoints and resume: kill -9 or SIGTERM mid-run, corrupt checkpoints, config changes,
 and divergence that never reaches the params."""
 
+import errno
 import json
 import os
 import signal
@@ -259,20 +260,44 @@ def test_a_second_command_on_a_live_runs_workdir_is_refused_and_changes_nothing(
   import fcntl
   workdir = tmp_path / 'run'
   train_and_evaluate(_tiny(num_rounds=3), str(workdir))
-  files = ('metrics.jsonl', 'config.json', 'summary.json')
-  before = [(workdir / f).read_text() for f in files]
-  with open(workdir / '.lock', 'a+') as live:  # the first command's, still running
-    fcntl.flock(live, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    live.truncate(0)
-    live.write('process 4242 on host-a, since 2026-12-03T10:00:00\n')
-    live.flush()
-    with pytest.raises(WorkdirError, match=r"--workdir '.*' is in use by a running command "
-                                           r'\(process 4242 on host-a, since 2026-12-03'):
-      train_and_evaluate(_tiny(num_rounds=5), str(workdir))
-  assert [(workdir / f).read_text() for f in files] == before
+  holder = 'process 4242 on host-a, since 2026-12-03T10:00:00\n'
+  fresh = tmp_path / 'fresh'  # a new run's workdir, its first command still starting
+  fresh.mkdir()
+  for where in (workdir, fresh):
+    with open(where / '.lock', 'a+') as live:  # the first command's, still running
+      fcntl.flock(live, fcntl.LOCK_EX | fcntl.LOCK_NB)
+      live.truncate(0)
+      live.write(holder)
+      live.flush()
+      before = {f: (where / f).read_bytes() for f in os.listdir(where) if f != 'checkpoints'}
+      with pytest.raises(WorkdirError, match=r"--workdir '.*' is in use by a running command "
+                                             r'\(process 4242 on host-a, since 2026-12-03'):
+        train_and_evaluate(_tiny(num_rounds=5), str(where))
+      assert {f: (where / f).read_bytes() for f in os.listdir(where)
+              if f != 'checkpoints'} == before  # the lock's holder line included
+  assert sorted(os.listdir(fresh)) == ['.lock']  # no config.json of the refused command
   assert sorted(os.listdir(workdir / 'checkpoints')) == ['3']
   # Once it has ended (however: the system drops a dead process's lock), the run resumes.
   assert train_and_evaluate(_tiny(num_rounds=5), str(workdir))['resumed_from'] == 3
+
+
+@pytest.mark.parametrize('code,refused', [(errno.EACCES, True), (errno.ENOLCK, False)])
+def test_a_lock_held_elsewhere_is_refused_and_a_filesystem_without_locks_warned(
+    tmp_path, monkeypatch, caplog, code, refused):
+  """Some filesystems answer a held lock with EACCES, not EWOULDBLOCK: the run went on
+  unguarded. One without locks (ENOLCK) runs, said in the log."""
+  import fcntl
+
+  def flock(fd, op):
+    raise OSError(code, os.strerror(code))
+
+  monkeypatch.setattr(fcntl, 'flock', flock)
+  if refused:
+    with pytest.raises(WorkdirError, match='is in use by a running command'):
+      train_and_evaluate(_tiny(num_rounds=1), str(tmp_path / 'run'))
+  else:
+    train_and_evaluate(_tiny(num_rounds=1), str(tmp_path / 'run'))
+    assert 'cannot lock .lock' in caplog.text
 
 
 def test_a_periodic_evaluation_is_kept_by_a_resume_with_another_eval_every(tmp_path):
@@ -622,7 +647,7 @@ def test_a_checkpoint_too_large_for_the_device_is_not_set_aside(tmp_path, monkey
 
 
 @pytest.mark.parametrize('name,make', [('checkpoints', 'file'), ('metrics.jsonl', 'folder'),
-                                       ('summary.json', 'folder')])
+                                       ('summary.json', 'folder'), ('.lock', 'folder')])
 def test_a_run_file_of_the_wrong_kind_is_refused_and_the_run_left_as_it_was(tmp_path, name,
                                                                            make):
   """A file named checkpoints: the run restarted from round 0 without a word, cut its rows,

@@ -10,6 +10,7 @@ import pytest
 
 from fathom_sim import plots, report, sweep
 from fathom_sim.train import train_and_evaluate
+from fathom_sim.workdir import WorkdirError
 from tests.common import tiny_config
 
 
@@ -65,6 +66,22 @@ def test_a_field_the_sweep_sets_that_its_runs_do_not_read_is_said_once_per_setti
       '(server_optimizer is sgd)',
       '[3/4] algorithm=fedavg,eta=0.1,eta_h=0.5: set by the sweep but not read by its runs: '
       'eta_h=0.5 (algorithm is fedavg); server_b1=0.5 (server_optimizer is sgd)'], lines
+
+
+def test_a_second_sweep_on_a_live_sweeps_folder_is_refused_and_changes_nothing(tmp_path):
+  """It rewrote sweep.json and took the runs the first had not reached yet."""
+  import fcntl
+  sweep_file = tmp_path / 'tiny_sweep.py'
+  sweep_file.write_text(SWEEP_FILE)
+  out = tmp_path / 'sweep'
+  out.mkdir()
+  calls = []
+  with open(out / '.lock', 'a+') as live:  # the first sweep's, still running
+    fcntl.flock(live, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    with pytest.raises(WorkdirError, match=f"--out '{out}' is in use by a running command"):
+      sweep.run_sweep(sweep.load_sweep(str(sweep_file)), str(out),
+                      train=lambda c, w: calls.append(w), log=lambda _: None)
+  assert os.listdir(out) == ['.lock'] and not calls
 
 
 def test_sweep_runs_every_setting_and_seed_once_and_reports(tmp_path):
