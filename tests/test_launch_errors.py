@@ -145,14 +145,14 @@ def test_a_sweep_and_a_run_do_not_share_a_folder(tmp_path):
   out = tmp_path / 'out'
   entries = sweep.run_sweep(sweep.load_sweep(str(first)), str(out), log=lambda _: None)
   assert [e['status'] for e in entries] == ['done']
-  index = (out / 'sweep.json').read_text()
+  index, lock = (out / 'sweep.json').read_text(), (out / '.lock').read_text()
   with pytest.raises(workdir_lib.WorkdirError, match="--out '.*' holds the runs of another "
                      r"sweep \(first.py\).* set \"sweep\" in .*sweep.json to its new name"):
     sweep.run_sweep(sweep.load_sweep(str(second)), str(out), log=lambda _: None)
   with pytest.raises(workdir_lib.WorkdirError, match=f"--workdir '{out}' is a sweep's folder"):
     workdir_lib.prepare(str(out), tiny_config())
   assert (out / 'sweep.json').read_text() == index and sorted(os.listdir(out)) == [
-      'base', 'sweep.json']
+      '.lock', 'base', 'sweep.json'] and (out / '.lock').read_text() == lock
   # the same sweep again: its runs are done, and its index is its own
   again = sweep.run_sweep(sweep.load_sweep(str(first)), str(out), log=lambda _: None)
   assert [(e['name'], e['status']) for e in again] == [('base/seed=0', 'done')]
