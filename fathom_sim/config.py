@@ -17,6 +17,7 @@ import ml_collections
 
 from fathom_sim import fathom, models, server
 from fathom_sim.data import DATASETS
+from fathom_sim.errors import MOUNT_HINT, is_url
 
 ALGORITHMS = ('fathom', 'fedavg')
 MATMUL_PRECISIONS = ('auto', 'default', 'high', 'highest')
@@ -290,6 +291,9 @@ def check_config(c: ml_collections.ConfigDict) -> None:
   _number(c, 'data.num_classes', low=0, integer=True)
   if c.data.name == 'npz' and not c.data.path:
     _fail('data.path', 'a .npz file or a directory (data.name is npz)', c.data.path)
+  field = {'npz': 'path', 'femnist': 'data_dir', 'stackoverflow': 'data_dir'}.get(c.data.name)
+  if field and isinstance(c.data.get(field), str) and is_url(c.data[field]):
+    _fail(f'data.{field}', f'a local path; for a URL, {MOUNT_HINT}', c.data[field])
   if c.data.name in ('femnist', 'stackoverflow') and not (
       isinstance(c.data.data_dir, str) and c.data.data_dir):
     _fail('data.data_dir', f'the prepared dataset directory (data.name is {c.data.name}; '

@@ -8,3 +8,15 @@ def first_line(error: BaseException, limit: int = 200) -> str:
   it has no message: a library's multi-line error, named inside one line of ours."""
   text = str(error).strip()
   return text.splitlines()[0][:limit] if text else type(error).__name__
+
+
+def is_url(path: str) -> bool:
+  """True for gs://bucket/run and the like. The simulator reads and writes through the local
+  filesystem (os, open, flock); given such a path, os.makedirs made a local folder named 'gs:'
+  and the first checkpoint failed in orbax with a traceback."""
+  return '://' in path
+
+
+# What to do instead, said wherever a URL is refused.
+MOUNT_HINT = ('mount the bucket as a folder (gcsfuse; launch/tpu_pod.sh install does) and give '
+              'the folder')

@@ -226,6 +226,7 @@ def run_sweep(sweep: SweepDef, out: str, *, extra: dict | None = None,
   from fathom_sim import workdir as workdir_lib
   train = train or train_lib.train_and_evaluate
   train_group = train_group or train_lib.train_seeds
+  workdir_lib.check_local(out, '--out')
   runs = plan_runs(sweep, out, extra)
   if os.path.exists(out) and not os.path.isdir(out):
     raise workdir_lib.WorkdirError(f'--out {out!r} is a file, not a folder; give a folder for '

@@ -19,6 +19,7 @@ from absl import logging
 from fathom_sim import distributed, metrics
 from fathom_sim.checkpoint import CHECKPOINTS, UNREADABLE
 from fathom_sim.config import base_config
+from fathom_sim.errors import MOUNT_HINT, is_url
 from fathom_sim.sweep import INDEX_FILE
 
 CONFIG_FILE = 'config.json'
@@ -79,6 +80,13 @@ def check_same_run(workdir: str, config: ml_collections.ConfigDict) -> None:
     details = ', '.join(f'{k} ({saved.get(k)!r} -> {new.get(k)!r})' for k in changed)
     raise WorkdirError(f'--workdir {workdir!r} holds a run with a different config; fields '
                        f'that change the result differ: {details}. Use another workdir.')
+
+
+def check_local(folder: str, flag: str) -> None:
+  """Raises WorkdirError, before anything is made, for a URL in place of a folder."""
+  if is_url(folder):
+    raise WorkdirError(f'{flag} {folder!r} is a URL, and runs write through the filesystem; '
+                       f'{MOUNT_HINT}')
 
 
 _held: dict[str, int] = {}  # the folders this process holds locked: how many times
@@ -151,6 +159,7 @@ def prepare(workdir: str, config: ml_collections.ConfigDict,
   command leaves even the lock file as it was). A new run's config.json is written here, once
   locked, before any checkpoint or metric, so that run files never exist without it; a resumed
   run's is rewritten by save_config once every check has passed."""
+  check_local(workdir, '--workdir')
   try:
     os.makedirs(workdir, exist_ok=True)
   except OSError as e:

@@ -24,6 +24,7 @@ _TIMING = flags.DEFINE_bool('timing', True, 'Include seconds per round (--notimi
 
 def main(argv):
   from fathom_sim import plots, report
+  from fathom_sim.errors import MOUNT_HINT, is_url
   paths = argv[1:]
   if not paths:
     cli.fail('name at least one run or sweep folder')
@@ -37,6 +38,9 @@ def main(argv):
   if not targets or not all(0 < t <= 1 for t in targets):
     cli.fail(f'--targets must be test accuracies in (0, 1], got {",".join(_TARGETS.value)!r}')
   out = _OUT.value
+  if is_url(out):
+    cli.fail(f'--out {out!r} is a URL, and reports are written through the filesystem; '
+             f'{MOUNT_HINT}')
   if os.path.exists(out) and not os.path.isdir(out):
     cli.fail(f'--out {out!r} is a file, not a folder; give a folder for report.md and the PNGs')
   from fathom_sim.data import DataError

@@ -364,3 +364,41 @@ def test_prepare_refuses_an_out_that_is_a_file_and_keeps_it(tmp_path):
 def test_help_lists_the_compilation_cache_flag_defined_in_cli(script):
   p = _cli(script, '--help')  # absl's --help exits with status 1
   assert '--compilation_cache: Folder of JAX' in p.stdout, p.stdout[-2000:]
+
+
+# ---- a URL where a folder is expected -----------------------------------------------------
+# Runs, sweeps, datasets and reports are written through the filesystem: given gs://bucket/run,
+# a run made a local folder named 'gs:' in the current folder and crashed in orbax's first save.
+
+def test_a_url_workdir_is_refused_before_the_data_load_and_makes_no_folder(tmp_path):
+  env = dict(os.environ, JAX_PLATFORMS='cpu')
+  env.pop('XLA_FLAGS', None)
+  p = subprocess.run([sys.executable, os.path.join(ROOT, 'launch', 'main.py'),
+                      f'--config={QUICKSTART}', '--workdir=gs://bucket/run',
+                      '--config.data.num_clients=100000000'],  # a load that would not end soon
+                     cwd=tmp_path, env=env, timeout=120, capture_output=True, text=True)
+  _refused(p, "--workdir 'gs://bucket/run' is a URL")
+  assert 'gcsfuse' in p.stderr and os.listdir(tmp_path) == []
+
+
+def test_url_folders_are_refused_by_sweep_prepare_report_and_the_config(tmp_path, monkeypatch):
+  from fathom_sim import workdir as workdir_lib
+  from fathom_sim.config import check_config
+  from fathom_sim.data import tfds_store
+  from tests.common import tiny_config
+  monkeypatch.chdir(tmp_path)
+  with pytest.raises(workdir_lib.WorkdirError, match="--workdir 's3://b/run' is a URL"):
+    workdir_lib.prepare('s3://b/run', tiny_config())
+  sweep_file = tmp_path / 'sweep.py'
+  sweep_file.write_text(GOOD_SWEEP)
+  with pytest.raises(workdir_lib.WorkdirError, match="--out 'gs://b/sweep' is a URL"):
+    sweep.run_sweep(sweep.load_sweep(str(sweep_file)), 'gs://b/sweep', log=lambda _: None)
+  with pytest.raises(DataError, match="--out 'gs://b/data' is a URL"):
+    tfds_store.check_out('gs://b/data')
+  for name, field in (('npz', 'path'), ('femnist', 'data_dir'), ('stackoverflow', 'data_dir')):
+    with pytest.raises(ConfigError, match=f"config.data.{field} must be a local path.*gcsfuse"):
+      check_config(tiny_config(**{'data.name': name, f'data.{field}': 'gs://b/d'}))
+  assert os.listdir(tmp_path) == ['sweep.py']
+  run = _run_dir(tmp_path, ROW.encode())
+  p = _cli('report.py', str(run), '--out=gs://b/report')
+  _refused(p, "--out 'gs://b/report' is a URL")

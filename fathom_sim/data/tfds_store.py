@@ -32,7 +32,7 @@ from array_record.python import array_record_module
 
 from fathom_sim.data.byo import DataError
 from fathom_sim.data.vocab import TEXT_VERSION
-from fathom_sim.errors import first_line
+from fathom_sim.errors import MOUNT_HINT, first_line, is_url
 
 LAYOUT_VERSION = 1
 DATASET = 'federated_clients'
@@ -84,6 +84,9 @@ def _write_split(folder: str, split: str, features, clients: Iterable[tuple[str,
 def check_out(out: str) -> None:
   """Raises DataError unless `out` can take a new prepared dataset: missing, or an empty
   directory. Called by write(), and by the command line before a long conversion starts."""
+  if is_url(out):
+    raise DataError(f'--out {out!r} is a URL, and datasets are written through the filesystem; '
+                    f'{MOUNT_HINT}')
   if os.path.exists(out) and not os.path.isdir(out):
     raise DataError(f'--out {out!r} is a file, not a directory; choose a new directory '
                     '(nothing was overwritten)')
