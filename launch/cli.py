@@ -14,9 +14,15 @@ from absl import flags, logging
 EXIT_BAD_INPUT = 2
 
 
+# Libraries whose INFO lines are chatter in a progress log: orbax's, one per save, and JAX's
+# backend probe ("Unable to initialize backend 'tpu'" on every machine without a TPU).
+_CHATTY = ('/orbax/', '/jax/_src/xla_bridge.py')
+
+
 def _quiet_libraries(record) -> bool:
-  """Keeps orbax's per-save INFO chatter out of the progress log (warnings still show)."""
-  return record.levelno >= pylogging.WARNING or '/orbax/' not in record.pathname
+  """Keeps the libraries' INFO chatter out of the progress log (their warnings still show)."""
+  return record.levelno >= pylogging.WARNING or not any(
+      part in record.pathname for part in _CHATTY)
 
 
 def setup_logging() -> None:

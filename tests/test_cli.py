@@ -208,3 +208,23 @@ def test_a_bad_sweep_override_is_one_line_and_exit_2(capsys, arg, needle):
   assert exit_.value.code == 2
   err = capsys.readouterr().err
   assert err.startswith('error: ') and needle in err and err.count('\n') == 1, err
+
+
+def test_the_progress_log_drops_library_chatter_but_not_warnings():
+  """Every run on a machine without a TPU began with JAX's INFO line "Unable to initialize
+  backend 'tpu'", and orbax logs INFO lines at every save; their warnings, and the
+  simulator's own INFO lines, still show."""
+  import logging as pylogging
+  from launch import cli
+
+  def record(path, level):
+    return pylogging.LogRecord('absl', level, path, 1, 'message', None, None)
+
+  jax_probe = '/venv/lib/python3.11/site-packages/jax/_src/xla_bridge.py'
+  orbax_save = '/venv/lib/python3.11/site-packages/orbax/checkpoint/_src/checkpointer.py'
+  ours = os.path.join(ROOT, 'fathom_sim', 'train.py')
+  assert not cli._quiet_libraries(record(jax_probe, pylogging.INFO))
+  assert not cli._quiet_libraries(record(orbax_save, pylogging.INFO))
+  assert cli._quiet_libraries(record(jax_probe, pylogging.WARNING))
+  assert cli._quiet_libraries(record(orbax_save, pylogging.WARNING))
+  assert cli._quiet_libraries(record(ours, pylogging.INFO))
