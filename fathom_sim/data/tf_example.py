@@ -21,7 +21,7 @@ def _varint(buf: bytes, pos: int) -> tuple[int, int]:
     pos += 1
     result |= (b & 0x7F) << shift
     if not b & 0x80:
-      return result, pos
+      return result & 0xFFFFFFFFFFFFFFFF, pos  # a tenth byte's bits past 64 drop, as in protobuf
     shift += 7
     if shift > 63:
       raise ValueError('varint too long')

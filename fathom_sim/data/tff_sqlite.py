@@ -48,12 +48,13 @@ class TffSqlite:
     # One sorted pass (SQLite sorts on disk when it must) instead of one scan per client.
     rows = self._db.execute('SELECT client_id, serialized_example_proto FROM examples '
                             'WHERE split_name = ? ORDER BY client_id, rowid', (split,))
-    current, examples = None, []
+    current, examples, seen = None, [], set()
     for client_id, blob in rows:
       if client_id != current:
         if current is not None:
           yield self._checked(current, examples, expected)
         current, examples = client_id, []
+        seen.add(client_id)
       try:
         examples.append(parse_example(bytes(blob)))
       except (ValueError, TypeError, UnicodeDecodeError) as e:
@@ -61,9 +62,16 @@ class TffSqlite:
                         f'({e}); expected a serialized tf.train.Example') from None
     if current is not None:
       yield self._checked(current, examples, expected)
+    # A client of client_metadata with no examples would otherwise vanish without a word.
+    absent = sorted((c for c, n in expected.items() if c not in seen and n), key=str)
+    if absent:
+      raise DataError(f'{self.path}: client_metadata lists {len(absent)} client(s) of split '
+                      f'{split!r} with no rows in examples (first: client {absent[0]}, '
+                      f'{expected[absent[0]]} examples listed)')
 
   def _checked(self, client_id, examples, expected) -> tuple[str, list[dict]]:
     if expected.get(client_id) != len(examples):
       raise DataError(f'{self.path}: client {client_id} has {len(examples)} examples but '
                       f'client_metadata says {expected.get(client_id)}')
     return str(client_id), examples
+
