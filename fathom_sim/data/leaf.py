@@ -48,11 +48,27 @@ class LeafJson:
   def __init__(self, files: list[str]):
     self.files = files
 
-  def clients(self) -> Iterator[tuple[str, dict]]:
+  def clients(self) -> Iterator[tuple[str, str, dict]]:
+    """(file, user, {'x', 'y'}) per user, in the files' order."""
+    first_file: dict[str, str] = {}  # user -> the file that held it
     for path in self.files:
       data = _load(path)
-      counts = data.get('num_samples', [None] * len(data['users']))
-      for user, count in zip(data['users'], counts):
+      users = data['users']
+      if not (isinstance(users, list) and all(isinstance(u, str) for u in users)
+              and isinstance(data['user_data'], dict)):
+        raise DataError(f'{path}: "users" must be a list of user ids (strings) and "user_data" '
+                        'an object keyed by them')
+      counts = data.get('num_samples', [None] * len(users))
+      if not isinstance(counts, list) or len(counts) != len(users):
+        # zip() would drop the users past the shorter list without a word.
+        given = f'{len(counts)} counts' if isinstance(counts, list) else repr(counts)[:40]
+        raise DataError(f'{path}: "num_samples" must list one count per user: {len(users)} '
+                        f'users, {given}')
+      for user, count in zip(users, counts):
+        if user in first_file:
+          raise DataError(f'{path}: user {user} is also in {first_file[user]}; a writer is one '
+                          'client, held in one file of a split')
+        first_file[user] = path
         entry = data['user_data'].get(user)
         if not isinstance(entry, dict) or 'x' not in entry or 'y' not in entry:
           raise DataError(f'{path}: user {user} has no "x" and "y" in user_data')
@@ -63,5 +79,5 @@ class LeafJson:
           raise DataError(f'{path}: user {user}: x must be lists of numbers ({e})') from None
         if count is not None and count != len(y):
           raise DataError(f'{path}: user {user}: num_samples says {count} but y has {len(y)}')
-        yield user, {'x': x, 'y': y}
+        yield path, user, {'x': x, 'y': y}
       del data
