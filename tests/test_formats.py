@@ -269,6 +269,34 @@ def test_leaf_json_reads_back_exactly(tmp_path):
   assert_emnist_roundtrip(load_prepared('femnist', str(tmp_path / 'out')), train, test)
 
 
+def test_leaf_layout_of_many_files_names_the_file_and_refuses_a_writer_in_two(tmp_path):
+  """LEAF's own layout spreads a split's users over train/*.json. An error in the second
+  file named the first; a user in two files became two clients of one id; a writer with no
+  images was refused as 'pixels have shape (0,)', where the other formats take it."""
+  def write(folder, files):
+    for name, users in files.items():
+      os.makedirs(os.path.dirname(folder / name), exist_ok=True)
+      (folder / name).write_text(json.dumps({
+          'users': list(users), 'num_samples': [len(y) for y in users.values()],
+          'user_data': {u: {'x': [[0.5] * 784] * len(y), 'y': y} for u, y in users.items()}}))
+
+  test = {'test/all_0.json': {'t': [1]}}
+  write(tmp_path / 'bad', {'train/all_0.json': {'a': [1, 2]}, 'train/all_1.json': {'b': [70]},
+                           **test})
+  with pytest.raises(DataError, match=r'train/all_1.json: client b: label 70 out of range'):
+    prepare(str(tmp_path / 'bad'), str(tmp_path / 'out'), fmt='leaf_json', task='emnist')
+  write(tmp_path / 'twice', {'train/all_0.json': {'a': [1]}, 'train/all_1.json': {'a': [2]},
+                             **test})
+  with pytest.raises(DataError, match=r'train/all_1.json: user a is also in .*train/all_0.json'):
+    prepare(str(tmp_path / 'twice'), str(tmp_path / 'out'), fmt='leaf_json', task='emnist')
+  assert not os.path.exists(tmp_path / 'out')
+  write(tmp_path / 'good', {'train/all_0.json': {'a': [1, 2], 'e': []},
+                            'train/all_1.json': {'b': [3]}, **test})
+  prepare(str(tmp_path / 'good'), str(tmp_path / 'out'), fmt='leaf_json', task='emnist')
+  train = load_prepared('femnist', str(tmp_path / 'out')).train
+  assert list(train.client_ids) == ['a', 'e', 'b'] and list(train.num_examples) == [2, 0, 1]
+
+
 POSTS = """<?xml version="1.0" encoding="utf-8"?>
 <posts>
   <row Id="1" PostTypeId="1" CreationDate="2015-01-01T10:00:00.000" Score="3" OwnerUserId="7" Body="&lt;p&gt;The BEER is good? Hops, the beer!&lt;/p&gt;&#xA;&lt;pre&gt;&lt;code&gt;x = 1&lt;/code&gt;&lt;/pre&gt;" Title="t" Tags="&lt;a&gt;" />

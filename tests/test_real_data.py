@@ -174,26 +174,60 @@ def test_bad_fedjax_files_are_refused_with_one_clear_error(tmp_path, problem, ne
   assert not os.path.exists(tmp_path / 'out') and not os.path.exists(tmp_path / 'out.partial')
 
 
+def _varint(n: int) -> bytes:
+  out = b''
+  while n > 0x7F:
+    out, n = out + bytes([n & 0x7F | 0x80]), n >> 7
+  return out + bytes([n])
+
+
+def _example_with_huge_label() -> bytes:
+  """An Example of 784 pixels whose label's int64 varint holds 2**70 - 1 (10 bytes)."""
+  from tensorflow_datasets.proto import tf_feature_pb2 as pb
+  body = pb.Features(feature={'pixels': pb.Feature(
+      float_list=pb.FloatList(value=[1.0] * 784))}).SerializeToString()
+  int64_list = b'\x0a' + _varint(10) + b'\xff' * 9 + b'\x7f'  # packed value
+  feature = b'\x1a' + _varint(len(int64_list)) + int64_list
+  entry = b'\x0a\x05label\x12' + _varint(len(feature)) + feature
+  body += b'\x0a' + _varint(len(entry)) + entry
+  return b'\x0a' + _varint(len(body)) + body
+
+
 @pytest.mark.parametrize('problem,needle', [
     ('compressed', 'not a readable SQLite database'),
     ('truncated', 'corrupt example proto'),
     ('count', 'has 2 examples but client_metadata says 3'),
     ('pixels', 'pixels have shape (2, 756); EMNIST clients need [N, 28, 28]'),
+    # a writer of client_metadata with no examples was dropped without a word
+    ('absent', "client_metadata lists 1 client(s) of split 'train' with no rows in examples "
+               '(first: client w2, 4 examples listed)'),
+    ('label_bytes', "labels are |S1 (e.g. np.bytes_(b'3')); EMNIST-62 labels are integers"),
+    # a varint of 10 bytes: its bits past 64 drop, as in protobuf (it ended in OverflowError)
+    ('overflow', 'label -1 out of range'),
+    ('digits_only', "no train or test split found for --task=emnist (found []; passed over: "
+                    "split 'digits_only_test', split 'digits_only_train')"),
 ])
 def test_bad_tff_files_are_refused_with_one_clear_error(tmp_path, problem, needle):
   path = tmp_path / 'emnist.sqlite'
   good = _tf_example(pixels=np.ones(784, np.float32), label=[3])
+  huge = _example_with_huge_label()
   if problem == 'compressed':
     path.write_bytes(b'\xfd7zXZ\x00' + bytes(100))  # an .lzma left compressed
+  elif problem == 'digits_only':
+    write_tff(path, {'digits_only_train': {'w1': [good]}, 'digits_only_test': {'w1': [good]}})
   else:
-    examples = {'truncated': [good, good[:-5]], 'count': [good, good],
-                'pixels': [_tf_example(pixels=np.ones(756, np.float32), label=[3])] * 2}[problem]
+    examples = {'truncated': [good, good[:-5]], 'count': [good, good], 'absent': [good],
+                'pixels': [_tf_example(pixels=np.ones(756, np.float32), label=[3])] * 2,
+                'label_bytes': [_tf_example(pixels=np.ones(784, np.float32), label=[b'3'])],
+                'overflow': [huge]}[problem]
     write_tff(path, {'train': {'w1': examples}, 'test': {'w1': [good]}})
+    db = sqlite3.connect(path)
     if problem == 'count':
-      db = sqlite3.connect(path)
       db.execute("UPDATE client_metadata SET num_examples = 3 WHERE split_name = 'train'")
-      db.commit()
-      db.close()
+    if problem == 'absent':
+      db.execute("INSERT INTO client_metadata VALUES ('w2', 'train', 4)")
+    db.commit()
+    db.close()
   with pytest.raises(DataError) as err:
     prepare(str(path), str(tmp_path / 'out'), fmt='tff_sqlite', task='emnist')
   assert needle in str(err.value) and str(path) in str(err.value)
@@ -204,8 +238,13 @@ def test_bad_tff_files_are_refused_with_one_clear_error(tmp_path, problem, needl
     ('json', 'not a readable LEAF JSON file'),
     ('no_test', 'expected a LEAF directory with train.json and test.json'),
     ('labels', 'label -1 out of range'),
+    ('str_labels', "labels are <U1 (e.g. np.str_('3')); EMNIST-62 labels are integers"),
+    # zip() of users and a shorter num_samples dropped the last users without a word
+    ('short_counts', '"num_samples" must list one count per user: 2 users, 1 counts'),
+    ('users', '"users" must be a list of user ids (strings)'),
     ('xml', 'not well-formed XML'),
     ('not_posts', 'expected a Stack Exchange Posts.xml'),
+    ('post_id', "a row's Id is 'x1'; Posts.xml Ids are whole numbers"),
 ])
 def test_bad_leaf_and_posts_files_are_refused(tmp_path, problem, needle):
   src = tmp_path / 'leaf'
@@ -221,9 +260,19 @@ def test_bad_leaf_and_posts_files_are_refused(tmp_path, problem, needle):
                                     '{"a": {"x": [[1.0]], "y": [-1]}}}'.replace(
                                         '[[1.0]]', str([[1.0] * 784])))
     (src / 'test.json').write_text('{"users": [], "user_data": {}}')
+  elif problem in ('str_labels', 'short_counts', 'users'):
+    user = {'x': [[0.5] * 784], 'y': ['3' if problem == 'str_labels' else 3]}
+    (src / 'train.json').write_text(json.dumps(
+        {'users': 'a' if problem == 'users' else ['a', 'b'],
+         'num_samples': [1] if problem == 'short_counts' else [1, 1],
+         'user_data': {'a': user, 'b': user}}))
+    (src / 'test.json').write_text('{"users": [], "user_data": {}}')
   else:
     src = tmp_path / 'Posts.xml'
-    src.write_text('<posts><row Id="1" ' if problem == 'xml' else '<users><row Id="1"/></users>')
+    src.write_text({'xml': '<posts><row Id="1" ', 'not_posts': '<users><row Id="1"/></users>',
+                    'post_id': '<posts><row Id="x1" PostTypeId="1" OwnerUserId="5" '
+                               'CreationDate="2015-01-01T00:00:00.000" Body="&lt;p&gt;Hi there'
+                               '&lt;/p&gt;"/></posts>'}[problem])
     fmt, task = 'stackexchange_xml', 'stackoverflow'
   with pytest.raises(DataError) as err:
     prepare(str(src), str(tmp_path / 'out'), fmt=fmt, task=task)
@@ -270,6 +319,17 @@ def test_paper_configs_and_missing_dataset_message(tmp_path):
     load_task(so.data)
   assert (f'--out={downloads}_prepared, and give data.data_dir={downloads}_prepared'
           in str(err.value)), str(err.value)
+  # a copy in another format that prepare_data.py reads: the command for that format
+  leaf = tmp_path / 'leaf'
+  leaf.mkdir()
+  for split in ('train', 'test'):
+    (leaf / f'{split}.json').write_text('{"users": [], "user_data": {}}')
+  femnist.data.data_dir = str(leaf)
+  with pytest.raises(DataError) as err:
+    load_task(femnist.data)
+  assert (f'from the leaf_json files there, python launch/prepare_data.py --format=leaf_json '
+          f'--task=emnist --source={leaf} --out={leaf}_prepared, and give data.data_dir='
+          f'{leaf}_prepared' in str(err.value)), str(err.value)
   # a file (a download, say): it suggested prepare_data.py --out=<that file>
   so.data.data_dir = str(downloads / 'stackoverflow_train.sqlite')
   with pytest.raises(DataError, match=r"stackoverflow_train.sqlite' is a file; give the folder "

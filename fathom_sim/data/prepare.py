@@ -42,7 +42,7 @@ def emnist_client(where: str, cid: str, pixels, labels) -> dict:
   y = np.asarray(labels)
   if not np.issubdtype(x.dtype, np.floating) and not np.issubdtype(x.dtype, np.integer):
     raise DataError(f'{where}: client {cid}: pixels are {x.dtype}; EMNIST pixels are numbers')
-  if x.ndim == 2 and x.shape[1] == 784:
+  if (x.ndim == 2 and x.shape[1] == 784) or x.shape == (0,):  # (0,): a writer with no images
     x = x.reshape(-1, 28, 28)
   if x.ndim != 3 or x.shape[1:] != (28, 28):
     raise DataError(f'{where}: client {cid}: pixels have shape {x.shape}; EMNIST clients need '
@@ -55,6 +55,9 @@ def emnist_client(where: str, cid: str, pixels, labels) -> dict:
     raise DataError(f'{where}: client {cid}: pixel values span [{np.min(x):g}, {np.max(x):g}]; '
                     'EMNIST pixels are in [0, 1] in the public files (divide 0..255 values '
                     'by 255)')
+  if len(y) and not (np.issubdtype(y.dtype, np.integer) or np.issubdtype(y.dtype, np.floating)):
+    raise DataError(f'{where}: client {cid}: labels are {y.dtype} (e.g. {y[0]!r}); EMNIST-62 '
+                    f'labels are integers 0..{EMNIST_CLASSES - 1}')
   if len(y) and (not np.issubdtype(y.dtype, np.integer) or y.min() < 0
                  or y.max() >= EMNIST_CLASSES):
     bad = y[(y < 0) | (y >= EMNIST_CLASSES) | (y != np.round(y))][:1]
@@ -74,6 +77,7 @@ class _Splits:
     self.cleanup = None
     self.expected = expected  # how the format names its splits, for a source that lacks one
     self._named: dict[str, str] = {}
+    self.passed_over: list[str] = []  # what the source holds that is not this task's split
 
   def add(self, split: str, clients, name: str) -> None:
     """Split `split` read from the source's `name` (a file, a table's split name)."""
@@ -99,6 +103,7 @@ def _fedjax(source: str, task: str) -> _Splits:
     stem = os.path.basename(path).rsplit('.', 1)[0]
     split = next((SPLIT_NAMES[s] for s in SPLIT_NAMES if stem.endswith('_' + s)), None)
     if split is None:
+      out.passed_over.append(os.path.basename(path))
       continue
     if 'digitsonly' in stem.lower().replace('_', ''):
       digits_only.append(path)  # FedJAX's 10-class EMNIST: another task (as TFF's digits_only)
@@ -134,6 +139,7 @@ def _tff(source: str, task: str) -> _Splits:
                 'heldout and test in stackoverflow.sqlite')
   for name in reader.splits():
     if name not in names:
+      out.passed_over.append(f'split {name!r}')
       continue
 
     def clients(name=name):
@@ -166,8 +172,8 @@ def _leaf(source: str, task: str) -> _Splits:
     reader = LeafJson(files)
 
     def clients(reader=reader):
-      for cid, f in reader.clients():
-        yield cid, emnist_client(reader.files[0], cid, f['x'], f['y'])
+      for path, cid, f in reader.clients():
+        yield cid, emnist_client(path, cid, f['x'], f['y'])
 
     out.splits[split] = clients
   return out
@@ -217,8 +223,9 @@ def prepare(source: str, out: str, *, fmt: str, task: str, vocab_path: str = '',
   src.splits = {s: src.splits[s] for s in sorted(src.splits, key=order.index)}
   missing = [s for s in ('train', 'test') if s not in src.splits]
   if missing:
-    raise DataError(f'{source}: no {" or ".join(missing)} split found (found '
-                    f'{sorted(src.splits)}); {src.expected}')
+    passed = f'; passed over: {", ".join(src.passed_over)}' if src.passed_over else ''
+    raise DataError(f'{source}: no {" or ".join(missing)} split found for --task={task} (found '
+                    f'{sorted(src.splits)}{passed}); {src.expected}')
   meta = {'task': task, 'format': fmt, 'source': os.path.abspath(source)}
   if fmt == 'stackexchange_xml':
     meta['text_version'] = TEXT_VERSION

@@ -23,6 +23,23 @@ HOW_TO_GET = {
 }
 
 
+def _source_in(folder: str, kind: str) -> tuple[str, str] | None:
+  """(format, --source) of a public copy of task `kind` downloaded into `folder`, if any."""
+  names = set(os.listdir(folder))
+  tff = {'emnist': 'emnist_all.sqlite', 'stackoverflow': 'stackoverflow.sqlite'}[kind]
+  if tff in names:
+    return 'tff_sqlite', os.path.join(folder, tff)
+  fedjax = {'emnist': 'federated_emnist_', 'stackoverflow': 'stackoverflow_'}[kind]
+  if any(n.startswith(fedjax) and n.endswith('.sqlite') for n in names):
+    return 'fedjax_sqlite', folder
+  if kind == 'emnist' and ({'train.json', 'test.json'} <= names or {'train', 'test'} <= names):
+    return 'leaf_json', folder
+  posts = sorted(n for n in names if n.endswith('Posts.xml'))
+  if kind == 'stackoverflow' and posts:
+    return 'stackexchange_xml', os.path.join(folder, posts[0])
+  return None
+
+
 def load_prepared(name: str, data_dir: str) -> Task:
   """The `name` task ('femnist' | 'stackoverflow') from the prepared dataset at `data_dir`."""
   # TFDS is imported here, not with the package: runs on generated data need none of it.
@@ -36,6 +53,10 @@ def load_prepared(name: str, data_dir: str) -> Task:
     taken = os.path.isdir(data_dir) and bool(os.listdir(data_dir))
     out = os.path.normpath(data_dir) + '_prepared' if taken else data_dir
     then = f', and give data.data_dir={out}' if taken else ''
+    found = _source_in(data_dir, kind) if taken else None
+    if found:
+      how = (f'from the {found[0]} files there, python launch/prepare_data.py --format={found[0]} '
+             f'--task={kind} --source={found[1]} --out={{path}}')
     raise DataError(f'data.data_dir {data_dir!r}: no prepared {name} dataset there (no '
                     f'meta.json); to make it: {how.format(path=out)}{then} (README: Real '
                     'datasets, for the other formats prepare_data.py reads)')

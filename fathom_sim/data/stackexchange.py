@@ -67,7 +67,12 @@ class StackExchangeXml:
         owner = a.get('OwnerUserId')
         if a.get('PostTypeId') in POST_TYPES and owner and 'CreationDate' in a:
           sentences = html_sentences(a.get('Body', ''))
-          rows.append((owner, int(a.get('Id', 0)), a['CreationDate'], '\n'.join(sentences)))
+          try:
+            post_id = int(a.get('Id', 0))
+          except ValueError:
+            raise DataError(f'{self.path}: a row\'s Id is {a["Id"]!r}; Posts.xml Ids are whole '
+                            'numbers') from None
+          rows.append((owner, post_id, a['CreationDate'], '\n'.join(sentences)))
         else:
           self.skipped += 1
         root.clear()  # drop finished rows: a dump can be far larger than memory
