@@ -3,11 +3,14 @@
   python launch/benchmark.py --tasks=cnn,lstm --cohort_sizes=10,50,100,200 --json=bench.json
 
 For each (task, cohort size): FedAvg rounds with static (eta, E, B) after warm-up rounds, then
-the same model trained centrally on the same device with the same per-step batch over the same
-clients' examples (the ceiling), measured right after, so both sides share the machine's state.
-Reports rounds/s, client examples/s, the ratio to centralized, padding efficiency (real over
-computed example-gradients), round compiles, host and device seconds per round, and the peaks
-of RSS and device memory, each row measured in a process of its own (--isolate_rows).
+the same model trained centrally with the same per-step batch over the same clients' examples
+(the ceiling), measured right after, so both sides share the machine's state. The ceiling runs
+on one device (the mesh's first), one jitted step per batch, timed in chunks: its rate is their
+median (the JSON keeps the slowest and fastest). Reports rounds/s, client examples/s (Σ K_i·B_int
+over the timed rounds), the ratio to centralized, padding efficiency (real over computed
+example-gradients), the round programs compiled (`compiles`, as summary.json counts them; not
+init, evaluation or the ceiling), host and device seconds per round, and the peaks of RSS and
+device memory over the rounds, each row measured in a process of its own (--isolate_rows).
 
 Each measured round is timed alone; one that compiles any program is left out of the rates
 and counted (`timed` k/n in the table). Per round: `host s` is the host's work before the
@@ -117,12 +120,22 @@ def _stackoverflow_like(num_clients: int, seed: int, in_memory: bool):
   return task
 
 
+# The ceiling is timed in this many chunks, each long enough that the whole takes about
+# CEILING_MIN_S or more; its rate is their median. One pass of 20-400 steps moved by 26 % between runs where the rounds' rate moved by
+# 0.5 %: a pause of the machine fell on a few seconds of steps and went straight into the ratio.
+CEILING_CHUNKS = 7
+CEILING_MIN_S = 2.0
+
+
 def centralized_examples_per_s(run, examples: dict, batch_size: int, steps: int,
-                               model=None) -> float:
-  """One jitted SGD step per batch of `batch_size` of the pooled examples: the ceiling.
+                               model=None) -> dict:
+  """One jitted SGD step per batch of `batch_size` of the pooled examples, on one device: the
+  ceiling. Returns its median rate over chunks of the steps, and the slowest and fastest.
 
   `model`: another implementation of the run's model (same parameters) to time instead.
   """
+  import statistics
+
   import jax
   import jax.numpy as jnp
   import numpy as np
@@ -145,11 +158,20 @@ def centralized_examples_per_s(run, examples: dict, batch_size: int, steps: int,
   keys = list(jax.random.split(jax.random.PRNGKey(0), steps + 1))
   params, loss = step(params, batches[0], keys[0])  # compile
   loss.block_until_ready()
-  start = time.perf_counter()
-  for i in range(1, steps + 1):
-    params, loss = step(params, batches[i], keys[i])
-  loss.block_until_ready()
-  return steps * batch_size / (time.perf_counter() - start)
+  per_chunk, rates, i = max(1, steps // CEILING_CHUNKS), [], 0
+  while len(rates) < CEILING_CHUNKS:
+    start = time.perf_counter()
+    for _ in range(per_chunk):
+      i = i % steps + 1
+      params, loss = step(params, batches[i], keys[i])
+    loss.block_until_ready()
+    took = time.perf_counter() - start
+    if not rates and took < CEILING_MIN_S / CEILING_CHUNKS / 2 and per_chunk < 2**20:
+      per_chunk *= 2  # too short to time against the clock's and the sync's costs: not kept
+      continue
+    rates.append(per_chunk * batch_size / took)
+  return {'median': statistics.median(rates), 'min': min(rates), 'max': max(rates),
+          'chunks': len(rates), 'steps_per_chunk': per_chunk}
 
 
 def device_peak_gib(mesh) -> float | None:
@@ -226,11 +248,15 @@ def measure(name: str, cohort_size: int) -> dict:
     raise ConfigError(f'{name} at cohort {cohort_size}: each of the {_ROUNDS.value} measured '
                        'round(s) compiled a program; raise --warmup (or --rounds)')
   rounds.close()
+  # The peaks of the rounds, before the ceiling adds its own.
+  peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+  device_peak = device_peak_gib(run.mesh)
   fed = examples / wall
   pooled = concat_clients(run.task.train, sorted(set(clients)))
   b_int = plan.batch_size
   steps = max(20, min(examples // b_int, 400))
-  central = centralized_examples_per_s(run, pooled, b_int, steps)
+  ceiling = centralized_examples_per_s(run, pooled, b_int, steps)
+  ceiling_conv = run.conv if config.model.name == 'emnist_cnn' else None
   if config.model.name == 'emnist_cnn':
     # The ceiling is the fastest of the rounds' own convolution form and the CNN's two plain
     # ones, each trained centrally (on CPU one jitted step of nn.Conv beats the matmul form).
@@ -239,10 +265,18 @@ def measure(name: str, cohort_size: int) -> dict:
       if conv != run.conv:
         other = get_model('emnist_cnn', num_classes=run.task.num_classes, conv=conv,
                           compute_dtype=config.model.compute_dtype)
-        central = max(central, centralized_examples_per_s(run, pooled, b_int, steps, other))
+        timing = centralized_examples_per_s(run, pooled, b_int, steps, other)
+        if timing['median'] > ceiling['median']:
+          ceiling, ceiling_conv = timing, conv
+  central = ceiling['median']
   r = timed
   return {'task': name, 'cohort_size': cohort_size, 'rounds_per_s': r / wall,
           'examples_per_s': fed, 'centralized_examples_per_s': central,
+          'centralized_examples_per_s_min': ceiling['min'],
+          'centralized_examples_per_s_max': ceiling['max'],
+          'centralized_chunks': ceiling['chunks'],
+          'centralized_steps_per_chunk': ceiling['steps_per_chunk'],
+          'centralized_devices': 1, 'centralized_conv': ceiling_conv,
           # E * n_i per client (what FedJAX counts): examples_per_s also counts the examples
           # a client's last step re-reads to fill its batch.
           'epoch_examples_per_s': epoch_examples / wall,
@@ -256,10 +290,26 @@ def measure(name: str, cohort_size: int) -> dict:
           'conv': run.conv, 'compute_dtype': config.model.compute_dtype,
           'resident': run.resident, 'prefetch': rounds.prefetching,
           'planned_ahead': rounds.planned_ahead, 'replanned': rounds.replanned,
-          'platform': run.mesh.devices.flat[0].platform, 'pid': os.getpid(),
-          'peak_rss_gib': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
-          'device_peak_gib': device_peak_gib(run.mesh),
-          'jax': jax.__version__, 'date': time.strftime('%Y-%m-%d')}
+          'platform': run.mesh.devices.flat[0].platform,
+          'device_kind': run.mesh.devices.flat[0].device_kind, 'pid': os.getpid(),
+          'peak_rss_gib': peak_rss, 'device_peak_gib': device_peak,
+          'jax': jax.__version__, 'date': time.strftime('%Y-%m-%d'),
+          'commit': _commit(), 'xla_flags': os.environ.get('XLA_FLAGS', '')}
+
+
+def _commit() -> str | None:
+  """The checkout's commit (with '+' when it has uncommitted changes), for a row's record."""
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  try:
+    head = subprocess.run(['git', 'rev-parse', '--short', 'HEAD'], cwd=root, text=True,
+                          capture_output=True, timeout=10)
+    dirty = subprocess.run(['git', 'status', '--porcelain', '--untracked-files=no'], cwd=root,
+                           text=True, capture_output=True, timeout=10)
+  except (OSError, subprocess.SubprocessError):
+    return None
+  if head.returncode:
+    return None
+  return head.stdout.strip() + ('+' if dirty.stdout.strip() else '')
 
 
 def _gib(value: float | None) -> str:
@@ -348,7 +398,11 @@ def _measure_or_fail(name: str, cohort: int) -> dict:
   from fathom_sim.config import ConfigError
   from fathom_sim.mesh import out_of_memory
   try:
-    return measure(name, cohort)
+    with CompileCounter() as everything:
+      row = measure(name, cohort)
+    # Every XLA program of the row, compiled or loaded from the cache: init, rounds,
+    # evaluation, the ceiling's steps.
+    return {**row, 'xla_compiles': everything.count}
   except (jax.errors.JaxRuntimeError, ValueError, MemoryError) as e:
     xla = out_of_memory(e)
     if xla is None:

@@ -188,3 +188,44 @@ def test_compile_shapes_replays_the_round_programs_a_run_compiled():
         per_octave=config.batch_pad_per_octave)
     assert len(compiles) == rounds.compiles >= 3
     assert compiles[0] == (1, 'first round')
+
+
+def test_examples_and_padding_are_the_plans_counts_recomputed_from_the_cohorts(tmp_path):
+  """examples_per_s / rounds_per_s is the mean of Σ K_i·B_int over the timed rounds, and the
+  padding efficiency that over what the lanes computed, recomputed here from the cohorts and
+  the spec's K_i alone. B 20 padded to 24 rows (2 pads per octave) and two lanes on one
+  device, packed longest first, make real and computed differ (the range checks above would
+  pass a benchmark that counted padded rows as examples)."""
+  import math
+  import numpy as np
+  from fathom_sim.config import base_config
+  from fathom_sim.data import load_task
+  from fathom_sim.data.federated import sample_cohort
+  out = tmp_path / 'bench.json'
+  p = _bench('--tasks=mlp', '--cohort_sizes=5', '--rounds=3', '--warmup=1', '--num_clients=40',
+             '--batch_pad_per_octave=2', '--lanes_per_device=2', '--loop_chunk=1',
+             '--local_loop=device', '--noisolate_rows', f'--json={out}')
+  assert p.returncode == 0, p.stderr[-3000:]
+  (r,) = json.loads(out.read_text())
+  assert (r['rounds_timed'], r['rounds_recompiled'], r['lanes'], r['batch_size']) == (
+      3, 0, 2, 20)
+  c = base_config()
+  c.data.num_clients = 40
+  train = load_task(c.data).train
+  real = computed = 0
+  for t in (2, 3, 4):  # the warm-up is round 1
+    sizes = np.asarray(train.num_examples)[sample_cohort(train, c.seed, t, 5)]
+    steps = sorted((max(1, math.ceil(c.epochs * n / 20)) for n in sizes), reverse=True)
+    lanes = [0, 0]
+    for k in steps:
+      lanes[lanes.index(min(lanes))] += k
+    real += sum(steps) * 20
+    computed += 2 * max(lanes) * 24  # both lanes run to the longer one, 24 rows a step
+  assert abs(r['examples_per_s'] / r['rounds_per_s'] - real / 3) < 1e-6 * real
+  assert abs(r['padding_efficiency'] - real / computed) < 1e-12
+  assert r['padding_efficiency'] < 20 / 24  # the lanes' imbalance too, not the rows alone
+  # The ceiling: a median over chunks, between the slowest and fastest, on one device.
+  assert (r['centralized_examples_per_s_min'] <= r['centralized_examples_per_s']
+          <= r['centralized_examples_per_s_max'])
+  assert r['centralized_chunks'] >= 7 and r['centralized_devices'] == 1
+  assert r['xla_compiles'] > r['compiles'] >= 1
