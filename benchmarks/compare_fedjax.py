@@ -23,6 +23,12 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 
+def _check(p: subprocess.CompletedProcess, what: str) -> None:
+  """Ends the comparison with the failed side's own error output."""
+  if p.returncode:
+    sys.exit(f'{what} failed (exit status {p.returncode}):\n{p.stderr[-3000:]}')
+
+
 def _last_json(text: str) -> dict | list:
   return json.loads([line for line in text.splitlines() if line.startswith(('{', '['))][-1])
 
@@ -54,14 +60,19 @@ def main():
                                                              'fedjax_fedavg.py'),
                             f'--sizes={sizes_file}', f'--cohort={cohort}',
                             f'--rounds={args.rounds}', f'--backend={args.fedjax_backend}'],
-                           env=fedjax_env, capture_output=True, text=True, check=True)
+                           env=fedjax_env, capture_output=True, text=True)
+        _check(p, 'fedjax_fedavg.py')
         fedjax = _last_json(p.stdout)
         ours_file = os.path.join(tmp, 'ours.json')
-        subprocess.run([sys.executable, os.path.join(ROOT, 'launch', 'benchmark.py'),
-                        '--tasks=cnn', f'--cohort_sizes={cohort}', f'--rounds={args.rounds}',
-                        f'--json={ours_file}'], capture_output=True, text=True, check=True)
+        p = subprocess.run([sys.executable, os.path.join(ROOT, 'launch', 'benchmark.py'),
+                            '--tasks=cnn', f'--cohort_sizes={cohort}', f'--rounds={args.rounds}',
+                            f'--json={ours_file}'], capture_output=True, text=True)
+        _check(p, 'launch/benchmark.py')
         with open(ours_file) as f:
           ours = json.load(f)[0]
+        if ours['rounds_recompiled']:
+          print(f'  ({ours["rounds_recompiled"]} of our measured rounds compiled and were left '
+                'out of the rate; a larger --rounds measures more)', flush=True)
         row = {'repeat': repeat, 'cohort_size': cohort,
                'fedjax_examples_per_s': fedjax['examples_per_s'],
                'fathom_sim_examples_per_s': ours['epoch_examples_per_s'],
