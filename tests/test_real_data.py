@@ -240,7 +240,7 @@ def test_bad_tff_files_are_refused_with_one_clear_error(tmp_path, problem, needl
     ('labels', 'label -1 out of range'),
     ('str_labels', "labels are <U1 (e.g. np.str_('3')); EMNIST-62 labels are integers"),
     # zip() of users and a shorter num_samples dropped the last users without a word
-    ('short_counts', '"num_samples" must list one count per user: 2 users, 1 counts'),
+    ('short_counts', '"num_samples" must list one count per user: 2 user(s), 1 count(s)'),
     ('users', '"users" must be a list of user ids (strings)'),
     ('xml', 'not well-formed XML'),
     ('not_posts', 'expected a Stack Exchange Posts.xml'),
@@ -314,13 +314,16 @@ def test_paper_configs_and_missing_dataset_message(tmp_path):
   downloads = tmp_path / 'downloads'
   downloads.mkdir()
   (downloads / 'stackoverflow_train.sqlite').write_bytes(b'')
+  (downloads / 'stackoverflow.word_count').write_text('the 5\n')
   so.data.data_dir = str(downloads)
   with pytest.raises(DataError) as err:
     load_task(so.data)
-  assert (f'--out={downloads}_prepared, and give data.data_dir={downloads}_prepared'
+  assert (f'python launch/prepare_data.py --format=fedjax_sqlite --task=stackoverflow '
+          f'--source={downloads} --vocab={downloads / "stackoverflow.word_count"} '
+          f'--out={downloads}_prepared, and give data.data_dir={downloads}_prepared'
           in str(err.value)), str(err.value)
   # a copy in another format that prepare_data.py reads: the command for that format
-  leaf = tmp_path / 'leaf'
+  leaf = tmp_path / 'leaf{x}'  # braces: the folder was once parsed as a format template
   leaf.mkdir()
   for split in ('train', 'test'):
     (leaf / f'{split}.json').write_text('{"users": [], "user_data": {}}')

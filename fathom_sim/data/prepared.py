@@ -23,21 +23,29 @@ HOW_TO_GET = {
 }
 
 
-def _source_in(folder: str, kind: str) -> tuple[str, str] | None:
-  """(format, --source) of a public copy of task `kind` downloaded into `folder`, if any."""
+def _prepare_flags(folder: str, kind: str) -> tuple[str, str] | None:
+  """(format, prepare_data.py's flags but --out) for a public copy of task `kind` downloaded
+  into `folder`, if it holds one."""
   names = set(os.listdir(folder))
   tff = {'emnist': 'emnist_all.sqlite', 'stackoverflow': 'stackoverflow.sqlite'}[kind]
-  if tff in names:
-    return 'tff_sqlite', os.path.join(folder, tff)
   fedjax = {'emnist': 'federated_emnist_', 'stackoverflow': 'stackoverflow_'}[kind]
-  if any(n.startswith(fedjax) and n.endswith('.sqlite') for n in names):
-    return 'fedjax_sqlite', folder
-  if kind == 'emnist' and ({'train.json', 'test.json'} <= names or {'train', 'test'} <= names):
-    return 'leaf_json', folder
   posts = sorted(n for n in names if n.endswith('Posts.xml'))
-  if kind == 'stackoverflow' and posts:
-    return 'stackexchange_xml', os.path.join(folder, posts[0])
-  return None
+  if tff in names:
+    fmt, source = 'tff_sqlite', os.path.join(folder, tff)
+  elif any(n.startswith(fedjax) and n.endswith('.sqlite') for n in names):
+    fmt, source = 'fedjax_sqlite', folder
+  elif kind == 'emnist' and ({'train.json', 'test.json'} <= names or {'train', 'test'} <= names):
+    fmt, source = 'leaf_json', folder
+  elif kind == 'stackoverflow' and posts:
+    fmt, source = 'stackexchange_xml', os.path.join(folder, posts[0])
+  else:
+    return None
+  flags = f'--format={fmt} --task={kind} --source={source}'
+  # The published vocabulary, where it was downloaded too (else one is built from train).
+  if kind == 'stackoverflow' and fmt != 'stackexchange_xml' and (
+      'stackoverflow.word_count' in names):
+    flags += f' --vocab={os.path.join(folder, "stackoverflow.word_count")}'
+  return fmt, flags
 
 
 def load_prepared(name: str, data_dir: str) -> Task:
@@ -53,13 +61,13 @@ def load_prepared(name: str, data_dir: str) -> Task:
     taken = os.path.isdir(data_dir) and bool(os.listdir(data_dir))
     out = os.path.normpath(data_dir) + '_prepared' if taken else data_dir
     then = f', and give data.data_dir={out}' if taken else ''
-    found = _source_in(data_dir, kind) if taken else None
-    if found:
-      how = (f'from the {found[0]} files there, python launch/prepare_data.py --format={found[0]} '
-             f'--task={kind} --source={found[1]} --out={{path}}')
+    found = _prepare_flags(data_dir, kind) if taken else None
+    # (`out` is never parsed as a template: a folder may hold braces.)
+    how = (f'from the {found[0]} files there, python launch/prepare_data.py {found[1]} '
+           f'--out={out}' if found else how.format(path=out))
     raise DataError(f'data.data_dir {data_dir!r}: no prepared {name} dataset there (no '
-                    f'meta.json); to make it: {how.format(path=out)}{then} (README: Real '
-                    'datasets, for the other formats prepare_data.py reads)')
+                    f'meta.json); to make it: {how}{then} (README: Real datasets, for the '
+                    'other formats prepare_data.py reads)')
   meta = read_meta(data_dir)
   if meta.get('task') != kind:
     raise DataError(f'data.data_dir {data_dir!r} holds a prepared {meta.get("task")} dataset; '
