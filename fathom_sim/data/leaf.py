@@ -61,13 +61,15 @@ class LeafJson:
       counts = data.get('num_samples', [None] * len(users))
       if not isinstance(counts, list) or len(counts) != len(users):
         # zip() would drop the users past the shorter list without a word.
-        given = f'{len(counts)} counts' if isinstance(counts, list) else repr(counts)[:40]
+        given = (f'{len(counts)} count(s)' if isinstance(counts, list) else
+                 f'num_samples {repr(counts)[:40]}')
         raise DataError(f'{path}: "num_samples" must list one count per user: {len(users)} '
-                        f'users, {given}')
+                        f'user(s), {given}')
       for user, count in zip(users, counts):
         if user in first_file:
-          raise DataError(f'{path}: user {user} is also in {first_file[user]}; a writer is one '
-                          'client, held in one file of a split')
+          where = 'listed twice' if first_file[user] == path else f'also in {first_file[user]}'
+          raise DataError(f'{path}: user {user} is {where}; a writer is one client, listed '
+                          'once in one file of a split')
         first_file[user] = path
         entry = data['user_data'].get(user)
         if not isinstance(entry, dict) or 'x' not in entry or 'y' not in entry:

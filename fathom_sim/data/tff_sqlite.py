@@ -62,7 +62,9 @@ class TffSqlite:
                         f'({e}); expected a serialized tf.train.Example') from None
     if current is not None:
       yield self._checked(current, examples, expected)
-    # A client of client_metadata with no examples would otherwise vanish without a word.
+    # A client of client_metadata with no examples would otherwise vanish without a word. (Found
+    # once the split is read: a query first would read the whole file once more. One listed
+    # with 0 examples agrees with the file, and is never sampled: it is left out.)
     absent = sorted((c for c, n in expected.items() if c not in seen and n), key=str)
     if absent:
       raise DataError(f'{self.path}: client_metadata lists {len(absent)} client(s) of split '
@@ -74,4 +76,3 @@ class TffSqlite:
       raise DataError(f'{self.path}: client {client_id} has {len(examples)} examples but '
                       f'client_metadata says {expected.get(client_id)}')
     return str(client_id), examples
-
