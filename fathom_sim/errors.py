@@ -1,6 +1,8 @@
-"""Other code's errors, said in one line of ours."""
+"""Shared wording of errors: other code's errors in one line of ours, and paths we refuse."""
 
 from __future__ import annotations
+
+import re
 
 
 def first_line(error: BaseException, limit: int = 200) -> str:
@@ -14,7 +16,7 @@ def is_url(path: str) -> bool:
   """True for gs://bucket/run and the like. The simulator reads and writes through the local
   filesystem (os, open, flock); given such a path, os.makedirs made a local folder named 'gs:'
   and the first checkpoint failed in orbax with a traceback."""
-  return '://' in path
+  return re.match(r'[A-Za-z][A-Za-z0-9+.-]*://', path) is not None
 
 
 # What to do instead, said wherever a URL is refused.

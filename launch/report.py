@@ -30,7 +30,8 @@ def main(argv):
     cli.fail('name at least one run or sweep folder')
   missing = [p for p in paths if not os.path.isdir(p)]
   if missing:
-    cli.fail(f'no such folder: {", ".join(missing)}')
+    hint = f'; for a URL, {MOUNT_HINT}' if any(is_url(p) for p in missing) else ''
+    cli.fail(f'no such folder: {", ".join(missing)}{hint}')
   try:
     targets = [float(t) for t in _TARGETS.value]
   except ValueError:

@@ -39,6 +39,15 @@ def parse_flags(argv: list[str]) -> list[str]:
   return cli.parse_flags_or_exit(rest)
 
 
+def _dry_run(sweep_lib, sweep) -> None:
+  """Prints each run of the sweep and whether it is done."""
+  from fathom_sim.workdir import check_local
+  check_local(_OUT.value, '--out')
+  for run in sweep_lib.plan_runs(sweep, _OUT.value, _EXTRA):
+    done = sweep_lib.is_finished(run.workdir, run.config.num_rounds)
+    print(f'{run.name}: {"done" if done else "to run"}')
+
+
 def main(argv):
   cli.no_arguments(argv)
   from fathom_sim import sweep as sweep_lib
@@ -51,9 +60,7 @@ def main(argv):
     if _SEEDS.value is not None:
       sweep.seeds = list(range(_SEEDS.value))
     if _DRY_RUN.value:
-      for run in sweep_lib.plan_runs(sweep, _OUT.value, _EXTRA):
-        done = sweep_lib.is_finished(run.workdir, run.config.num_rounds)
-        print(f'{run.name}: {"done" if done else "to run"}')
+      cli.run_or_exit(lambda: _dry_run(sweep_lib, sweep))
       return
     entries = []
     cli.use_compilation_cache(_COMPILATION_CACHE)

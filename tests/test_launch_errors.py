@@ -402,3 +402,10 @@ def test_url_folders_are_refused_by_sweep_prepare_report_and_the_config(tmp_path
   run = _run_dir(tmp_path, ROW.encode())
   p = _cli('report.py', str(run), '--out=gs://b/report')
   _refused(p, "--out 'gs://b/report' is a URL")
+  _refused(_cli('report.py', 'gs://b/runs', f'--out={tmp_path / "report"}'),
+           'no such folder: gs://b/runs; for a URL, mount the bucket')
+  _refused(_cli('sweep.py', f'--sweep={sweep_file}', '--out=gs://b/sweep', '--dry_run'),
+           "--out 'gs://b/sweep' is a URL")
+  # a local name that merely holds '://' is a folder like any other
+  from fathom_sim.errors import is_url
+  assert not is_url('runs/a://b') and is_url('gs://b') and is_url('s3+x.y-z://b')
