@@ -23,10 +23,16 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 
-def _check(p: subprocess.CompletedProcess, what: str) -> None:
-  """Ends the comparison with the failed side's own error output."""
+def _run(argv: list[str], what: str, **kwargs) -> subprocess.CompletedProcess:
+  """Runs one side; a failure ends the comparison with that side's own output."""
+  try:
+    p = subprocess.run(argv, capture_output=True, text=True, **kwargs)
+  except OSError as e:
+    sys.exit(f'{what} could not start ({argv[0]}: {e.strerror or e})')
   if p.returncode:
-    sys.exit(f'{what} failed (exit status {p.returncode}):\n{p.stderr[-3000:]}')
+    how = (f'signal {-p.returncode}' if p.returncode < 0 else f'exit status {p.returncode}')
+    sys.exit(f'{what} failed ({how}):\n{(p.stderr or p.stdout)[-3000:]}')
+  return p
 
 
 def _last_json(text: str) -> dict | list:
@@ -56,18 +62,14 @@ def main():
         fedjax_env.pop('XLA_FLAGS', None)  # FedJAX's jit backend trains on one device
         if args.fedjax_backend == 'pmap':
           fedjax_env['XLA_FLAGS'] = '--xla_force_host_platform_device_count=2'
-        p = subprocess.run([args.fedjax_python, os.path.join(ROOT, 'benchmarks',
-                                                             'fedjax_fedavg.py'),
-                            f'--sizes={sizes_file}', f'--cohort={cohort}',
-                            f'--rounds={args.rounds}', f'--backend={args.fedjax_backend}'],
-                           env=fedjax_env, capture_output=True, text=True)
-        _check(p, 'fedjax_fedavg.py')
+        p = _run([args.fedjax_python, os.path.join(ROOT, 'benchmarks', 'fedjax_fedavg.py'),
+                  f'--sizes={sizes_file}', f'--cohort={cohort}', f'--rounds={args.rounds}',
+                  f'--backend={args.fedjax_backend}'], 'fedjax_fedavg.py', env=fedjax_env)
         fedjax = _last_json(p.stdout)
         ours_file = os.path.join(tmp, 'ours.json')
-        p = subprocess.run([sys.executable, os.path.join(ROOT, 'launch', 'benchmark.py'),
-                            '--tasks=cnn', f'--cohort_sizes={cohort}', f'--rounds={args.rounds}',
-                            f'--json={ours_file}'], capture_output=True, text=True)
-        _check(p, 'launch/benchmark.py')
+        _run([sys.executable, os.path.join(ROOT, 'launch', 'benchmark.py'), '--tasks=cnn',
+              f'--cohort_sizes={cohort}', f'--rounds={args.rounds}', f'--json={ours_file}'],
+             'launch/benchmark.py')
         with open(ours_file) as f:
           ours = json.load(f)[0]
         if ours['rounds_recompiled']:

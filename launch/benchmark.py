@@ -10,7 +10,8 @@ median (the JSON keeps the slowest and fastest). Reports rounds/s, client exampl
 over the timed rounds), the ratio to centralized, padding efficiency (real over computed
 example-gradients), the round programs compiled (`compiles`, as summary.json counts them; not
 init, evaluation or the ceiling), host and device seconds per round, and the peaks of RSS and
-device memory over the rounds, each row measured in a process of its own (--isolate_rows).
+device memory up to the end of the rounds, each row measured in a process of its own
+(--isolate_rows).
 
 Each measured round is timed alone; one that compiles any program is left out of the rates
 and counted (`timed` k/n in the table). Per round: `host s` is the host's work before the
@@ -120,9 +121,11 @@ def _stackoverflow_like(num_clients: int, seed: int, in_memory: bool):
   return task
 
 
-# The ceiling is timed in this many chunks, each long enough that the whole takes about
-# CEILING_MIN_S or more; its rate is their median. One pass of 20-400 steps moved by 26 % between runs where the rounds' rate moved by
-# 0.5 %: a pause of the machine fell on a few seconds of steps and went straight into the ratio.
+# The ceiling is timed in CEILING_CHUNKS chunks of equal steps, lengthened until the first
+# takes a CEILING_CHUNKS-th of CEILING_MIN_S, so the whole takes about that or more; its rate
+# is their median. One pass of 20-400 steps moved by 26 % between runs where the rounds' rate
+# moved by 0.5 %: a pause of the machine fell on a few seconds of steps and went straight
+# into the ratio.
 CEILING_CHUNKS = 7
 CEILING_MIN_S = 2.0
 
@@ -166,8 +169,8 @@ def centralized_examples_per_s(run, examples: dict, batch_size: int, steps: int,
       params, loss = step(params, batches[i], keys[i])
     loss.block_until_ready()
     took = time.perf_counter() - start
-    if not rates and took < CEILING_MIN_S / CEILING_CHUNKS / 2 and per_chunk < 2**20:
-      per_chunk *= 2  # too short to time against the clock's and the sync's costs: not kept
+    if not rates and took < CEILING_MIN_S / CEILING_CHUNKS and per_chunk < 2**20:
+      per_chunk *= 2  # too short to time against the clock and the sync: not kept
       continue
     rates.append(per_chunk * batch_size / took)
   return {'median': statistics.median(rates), 'min': min(rates), 'max': max(rates),
@@ -248,7 +251,8 @@ def measure(name: str, cohort_size: int) -> dict:
     raise ConfigError(f'{name} at cohort {cohort_size}: each of the {_ROUNDS.value} measured '
                        'round(s) compiled a program; raise --warmup (or --rounds)')
   rounds.close()
-  # The peaks of the rounds, before the ceiling adds its own.
+  # The process's peaks up to the end of the rounds (data, init and warm-up included), before
+  # the ceiling adds its own; a row's own only in a process of its own (--isolate_rows).
   peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
   device_peak = device_peak_gib(run.mesh)
   fed = examples / wall
@@ -300,16 +304,20 @@ def measure(name: str, cohort_size: int) -> dict:
 def _commit() -> str | None:
   """The checkout's commit (with '+' when it has uncommitted changes), for a row's record."""
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+  def git(*args):
+    return subprocess.run(['git', *args], cwd=root, text=True, capture_output=True, timeout=10)
+
   try:
-    head = subprocess.run(['git', 'rev-parse', '--short', 'HEAD'], cwd=root, text=True,
-                          capture_output=True, timeout=10)
-    dirty = subprocess.run(['git', 'status', '--porcelain', '--untracked-files=no'], cwd=root,
-                           text=True, capture_output=True, timeout=10)
-  except (OSError, subprocess.SubprocessError):
+    top, head = git('rev-parse', '--show-toplevel'), git('rev-parse', '--short', 'HEAD')
+    dirty = git('status', '--porcelain', '--untracked-files=no')
+  except (OSError, subprocess.SubprocessError):  # no git
     return None
-  if head.returncode:
+  # Not a checkout of its own (a copy unpacked inside another repository): no commit of ours.
+  if top.returncode or head.returncode or (
+      os.path.realpath(top.stdout.strip()) != os.path.realpath(root)):
     return None
-  return head.stdout.strip() + ('+' if dirty.stdout.strip() else '')
+  return head.stdout.strip() + ('?' if dirty.returncode else '+' if dirty.stdout.strip() else '')
 
 
 def _gib(value: float | None) -> str:

@@ -227,5 +227,23 @@ def test_examples_and_padding_are_the_plans_counts_recomputed_from_the_cohorts(t
   # The ceiling: a median over chunks, between the slowest and fastest, on one device.
   assert (r['centralized_examples_per_s_min'] <= r['centralized_examples_per_s']
           <= r['centralized_examples_per_s_max'])
-  assert r['centralized_chunks'] >= 7 and r['centralized_devices'] == 1
+  from launch.benchmark import CEILING_CHUNKS
+  assert r['centralized_chunks'] == CEILING_CHUNKS and r['centralized_devices'] == 1
   assert r['xla_compiles'] > r['compiles'] >= 1
+
+
+def test_a_row_records_its_checkouts_commit_and_none_for_a_copy_outside_one(tmp_path,
+                                                                             monkeypatch):
+  """A copy unpacked inside another repository recorded that repository's commit."""
+  import re
+  from launch import benchmark
+  assert re.fullmatch(r'[0-9a-f]{7,}[+?]?', benchmark._commit() or ''), benchmark._commit()
+  outer = tmp_path / 'outer'
+  (outer / 'copy' / 'launch').mkdir(parents=True)
+  git = lambda *a: subprocess.run(['git', *a], cwd=outer, capture_output=True, check=True)
+  git('init', '-q')
+  git('-c', 'user.email=a@b', '-c', 'user.name=a', 'commit', '-q', '--allow-empty', '-m', 'x')
+  monkeypatch.setattr(benchmark, '__file__', str(outer / 'copy' / 'launch' / 'benchmark.py'))
+  assert benchmark._commit() is None
+  monkeypatch.setattr(benchmark, '__file__', str(tmp_path / 'launch' / 'benchmark.py'))
+  assert benchmark._commit() is None  # no repository at all
