@@ -243,10 +243,10 @@ def _train(configs: list[ml_collections.ConfigDict], workdirs: list[str], *,
       lambda: [b.checkpointer.wait() for b in books if not b.closed])
   try:
     cache_hits = compile_cache.hits()
-    for workdir in workdirs:  # now, not after the data load
-      workdir_lib.check_local(workdir, '--workdir')
-    run = build(configs[0])
     with contextlib.ExitStack() as locks:  # each workdir's, for the whole run
+      for config, workdir in zip(configs, workdirs):
+        workdir_lib.check_before_load(workdir, config, locks)
+      run = build(configs[0])
       for config, workdir in zip(configs, workdirs):
         workdir_lib.prepare(workdir, config, locks)
       # What the run is doing, for an out-of-memory error's message.

@@ -18,7 +18,7 @@ from absl import logging
 
 from fathom_sim import distributed, metrics
 from fathom_sim.checkpoint import CHECKPOINTS, UNREADABLE
-from fathom_sim.config import base_config
+from fathom_sim.config import base_config, check_config
 from fathom_sim.errors import MOUNT_HINT, is_url
 from fathom_sim.sweep import INDEX_FILE
 
@@ -150,6 +150,19 @@ def locked(folder: str, flag: str = '--workdir') -> Iterator[None]:
       _held.pop(key, None)
   finally:
     os.close(fd)
+
+
+def check_before_load(workdir: str, config: ml_collections.ConfigDict,
+                      hold: contextlib.ExitStack) -> None:
+  """The checks of prepare() that need no data, made before the data load (minutes for a
+  large dataset): a URL refused; a run's workdir locked (with `hold`, on the process that
+  writes its files) and its config compared. A refusal changes nothing."""
+  check_local(workdir, '--workdir')
+  if os.path.isfile(os.path.join(workdir, CONFIG_FILE)):  # a run's: resumed or relaunched
+    check_config(config)  # a bad value said as such, not as another run's config
+    check_same_run(workdir, config)  # before the lock: a refusal leaves its holder line
+    if distributed.is_writer():
+      hold.enter_context(locked(workdir))
 
 
 def prepare(workdir: str, config: ml_collections.ConfigDict,

@@ -281,6 +281,32 @@ def test_a_second_command_on_a_live_runs_workdir_is_refused_and_changes_nothing(
   assert train_and_evaluate(_tiny(num_rounds=5), str(workdir))['resumed_from'] == 3
 
 
+def test_a_run_s_workdir_is_checked_before_the_data_load(tmp_path, monkeypatch):
+  """A relaunched job, or a resume whose config differs, was refused only after its data
+  had loaded (minutes for a large dataset)."""
+  import fcntl
+  from fathom_sim import train as train_lib
+  from fathom_sim.config import ConfigError
+  workdir = tmp_path / 'run'
+  train_and_evaluate(_tiny(num_rounds=2), str(workdir))
+
+  def build(config):
+    raise AssertionError('the data were loaded before the workdir was checked')
+
+  monkeypatch.setattr(train_lib, 'build', build)
+  before = {f: (workdir / f).read_bytes() for f in os.listdir(workdir) if f != 'checkpoints'}
+  with pytest.raises(WorkdirError, match=r'holds a run with a different config; .*seed \(3 -> 9'):
+    train_and_evaluate(_tiny(num_rounds=4, seed=9), str(workdir))
+  with pytest.raises(ConfigError, match='config.eta must be'):
+    train_and_evaluate(_tiny(num_rounds=4, eta=-1.0), str(workdir))
+  with open(workdir / '.lock', 'a+') as live:  # a first command still running
+    fcntl.flock(live, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    with pytest.raises(WorkdirError, match='is in use by a running command'):
+      train_and_evaluate(_tiny(num_rounds=4), str(workdir))
+  assert {f: (workdir / f).read_bytes() for f in os.listdir(workdir)
+          if f != 'checkpoints'} == before
+
+
 @pytest.mark.parametrize('code,refused', [(errno.EACCES, True), (errno.ENOLCK, False)])
 def test_a_lock_held_elsewhere_is_refused_and_a_filesystem_without_locks_warned(
     tmp_path, monkeypatch, caplog, code, refused):
