@@ -152,6 +152,28 @@ def locked(folder: str, flag: str = '--workdir') -> Iterator[None]:
     os.close(fd)
 
 
+def _check_kinds(workdir: str) -> None:
+  """Raises WorkdirError where `workdir` is another command's folder, or holds one of a run's
+  files as a folder or the reverse."""
+  # Folders of the other commands: a run written into one would be hidden from report.py
+  # (which takes a folder with metrics.jsonl as one run) or mixed with a dataset.
+  for marker, what in ((INDEX_FILE, "a sweep's folder (launch/sweep.py's --out)"),
+                       ('meta.json', 'a prepared dataset (launch/prepare_data.py\'s --out)')):
+    if os.path.exists(os.path.join(workdir, marker)):
+      raise WorkdirError(f'--workdir {workdir!r} is {what}; give a folder of its own, e.g. '
+                         f'{os.path.join(workdir, "run")!r}')
+  # A run's files of the wrong kind: a file named checkpoints made orbax's saves fail in a
+  # background thread and the run hang, after it had restarted from round 0 and cut the rows.
+  for name, folder in ((CHECKPOINTS, True), (UNREADABLE, True), (CONFIG_FILE, False),
+                       (metrics.METRICS_FILE, False), (metrics.SUMMARY_FILE, False),
+                       (LOCK_FILE, False)):
+    path = os.path.join(workdir, name)
+    if os.path.exists(path) and os.path.isdir(path) != folder:
+      raise WorkdirError(f'--workdir {workdir!r}: {name} is a {"file" if folder else "folder"}'
+                         f', where a run keeps its {name} {"folder" if folder else "file"}; '
+                         'move it away or give another workdir')
+
+
 def check_before_load(workdir: str, config: ml_collections.ConfigDict,
                       hold: contextlib.ExitStack) -> None:
   """The checks of prepare() that need no data, made before the data load (minutes for a
@@ -160,7 +182,8 @@ def check_before_load(workdir: str, config: ml_collections.ConfigDict,
   check_local(workdir, '--workdir')
   if os.path.isfile(os.path.join(workdir, CONFIG_FILE)):  # a run's: resumed or relaunched
     check_config(config)  # a bad value said as such, not as another run's config
-    check_same_run(workdir, config)  # before the lock: a refusal leaves its holder line
+    _check_kinds(workdir)  # these before the lock: a refusal leaves its holder line
+    check_same_run(workdir, config)
     if distributed.is_writer():
       hold.enter_context(locked(workdir))
 
@@ -179,23 +202,7 @@ def prepare(workdir: str, config: ml_collections.ConfigDict,
     raise WorkdirError(f'--workdir {workdir!r} cannot be created: {e.strerror}') from None
   if not os.access(workdir, os.W_OK | os.X_OK):
     raise WorkdirError(f'--workdir {workdir!r} is not writable')
-  # Folders of the other commands: a run written into one would be hidden from report.py
-  # (which takes a folder with metrics.jsonl as one run) or mixed with a dataset.
-  for marker, what in ((INDEX_FILE, "a sweep's folder (launch/sweep.py's --out)"),
-                       ('meta.json', 'a prepared dataset (launch/prepare_data.py\'s --out)')):
-    if os.path.exists(os.path.join(workdir, marker)):
-      raise WorkdirError(f'--workdir {workdir!r} is {what}; give a folder of its own, e.g. '
-                         f'{os.path.join(workdir, "run")!r}')
-  # A run's files of the wrong kind: a file named checkpoints made orbax's saves fail in a
-  # background thread and the run hang, after it had restarted from round 0 and cut the rows.
-  for name, folder in ((CHECKPOINTS, True), (UNREADABLE, True), (CONFIG_FILE, False),
-                       (metrics.METRICS_FILE, False), (metrics.SUMMARY_FILE, False),
-                       (LOCK_FILE, False)):
-    path = os.path.join(workdir, name)
-    if os.path.exists(path) and os.path.isdir(path) != folder:
-      raise WorkdirError(f'--workdir {workdir!r}: {name} is a {"file" if folder else "folder"}'
-                         f', where a run keeps its {name} {"folder" if folder else "file"}; '
-                         'move it away or give another workdir')
+  _check_kinds(workdir)
   resumed = os.path.exists(os.path.join(workdir, CONFIG_FILE))
   if resumed:
     check_same_run(workdir, config)
