@@ -63,10 +63,12 @@ case "$cmd" in
       --version="$RUNTIME_VERSION" "${extra[@]}"
     ;;
   install)
-    # The checkout as it is here (tracked and untracked files, no runs or virtualenvs).
+    # The checkout as it is here (tracked and untracked files; no runs, virtualenvs, datasets,
+    # downloads, reports, wheels or caches: datasets go on the bucket, GBs each).
     archive="$(mktemp -t fathom_sim.XXXXXX.tar.gz)"
     tar -czf "$archive" -C "$(dirname "$0")/.." --exclude=./runs --exclude=./.git \
-      --exclude='./.venv*' --exclude=__pycache__ .
+      --exclude='./.venv*' --exclude=__pycache__ --exclude=./data --exclude=./downloads \
+      --exclude=./reports --exclude=./.whl --exclude=./jaxcache --exclude=./.pytest_cache .
     gcloud_tpu scp "$archive" "$TPU_NAME:~/fathom_sim.tar.gz" --worker=all
     rm -f "$archive"
     setup="mkdir -p $REMOTE_DIR && tar -xzf ~/fathom_sim.tar.gz -C $REMOTE_DIR"

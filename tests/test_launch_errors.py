@@ -395,6 +395,10 @@ def test_url_folders_are_refused_by_sweep_prepare_report_and_the_config(tmp_path
     sweep.run_sweep(sweep.load_sweep(str(sweep_file)), 'gs://b/sweep', log=lambda _: None)
   with pytest.raises(DataError, match="--out 'gs://b/data' is a URL"):
     tfds_store.check_out('gs://b/data')
+  from fathom_sim.data.prepare import prepare
+  with pytest.raises(DataError, match="--source 'gs://b/src': no such file or directory; for a "
+                                      'URL, mount the bucket'):
+    prepare('gs://b/src', str(tmp_path / 'prepared'), fmt='leaf_json', task='emnist')
   for name, field in (('npz', 'path'), ('femnist', 'data_dir'), ('stackoverflow', 'data_dir')):
     with pytest.raises(ConfigError, match=f"config.data.{field} must be a local path.*gcsfuse"):
       check_config(tiny_config(**{'data.name': name, f'data.{field}': 'gs://b/d'}))

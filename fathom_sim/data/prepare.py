@@ -24,6 +24,7 @@ from fathom_sim.data.stackexchange import StackExchangeXml
 from fathom_sim.data.tff_sqlite import TffSqlite
 from fathom_sim.data.vocab import (TEXT_VERSION, Vocabulary, ids_dtype, read_word_counts,
                                    vocabulary_from)
+from fathom_sim.errors import MOUNT_HINT, is_url
 
 TASKS = ('emnist', 'stackoverflow')
 FORMATS = ('fedjax_sqlite', 'tff_sqlite', 'leaf_json', 'stackexchange_xml')
@@ -207,7 +208,8 @@ def prepare(source: str, out: str, *, fmt: str, task: str, vocab_path: str = '',
   if task not in TASKS:
     raise DataError(f'--task must be one of {TASKS}, got {task!r}')
   if not os.path.exists(source.split(',')[0]):
-    raise DataError(f'--source {source!r}: no such file or directory')
+    hint = f'; for a URL, {MOUNT_HINT}' if is_url(source) else ''
+    raise DataError(f'--source {source!r}: no such file or directory{hint}')
   if split_date and fmt != 'stackexchange_xml':  # the other formats ship their own splits
     raise DataError(f'--split_date applies to --format=stackexchange_xml only; {fmt} files '
                     'hold their own train and test splits')
