@@ -100,21 +100,22 @@ def finished_rounds(workdir: str) -> int | None:
     return None
 
 
-def keep_rows(workdir: str, last_round: int, drop_eval_at: int | None = None
-              ) -> tuple[list[dict], bool]:
+def keep_rows(workdir: str, last_round: int, drop_eval_at: int | None = None, *,
+              rows: list[dict] | None = None) -> tuple[list[dict], bool]:
   """Keeps the rows of rounds 1..last_round (the checkpointed ones) and drops the rest.
 
   A run killed after its last checkpoint wrote rows it will write again when resumed, possibly
   with a torn last line; this makes metrics.jsonl hold each round exactly once. The row of
-  round `drop_eval_at` loses its evaluation (its test_* fields). Returns the rows kept and
-  whether an evaluation was dropped.
+  round `drop_eval_at` loses its evaluation (its test_* fields). `rows`: these instead of the
+  file's. Returns the rows kept and whether an evaluation was dropped.
   """
   path = os.path.join(workdir, METRICS_FILE)
-  rows = list(itertools.takewhile(lambda r: r.get('round', 0) <= last_round,
-                                  read_rows(path) if os.path.exists(path) else []))
+  if rows is None:
+    rows = read_rows(path) if os.path.exists(path) else []
+  rows = list(itertools.takewhile(lambda r: r.get('round', 0) <= last_round, rows))
   kept = [{k: v for k, v in r.items() if not k.startswith('test_')}
           if r.get('round') == drop_eval_at else r for r in rows]
-  write_text(path, ''.join(json.dumps(r) + '\n' for r in kept))
+  write_text(path, ''.join(json.dumps(_plain(r)) + '\n' for r in kept))
   return kept, kept != rows
 
 

@@ -334,7 +334,10 @@ def _run(run: Run, configs: list[ml_collections.ConfigDict], workdirs: list[str]
       # Rows past the checkpoint are redone, and a run taken further than it ended drops the
       # evaluation made only because it ended there (whether or not it lived to write its
       # summary.json): its rows become an uninterrupted run's.
-      off_period = done < c.num_rounds and done % c.eval_every != 0 and _ended_at(book)
+      # The eval_every of the run that wrote the rows: a row it evaluated on its schedule
+      # stays, whatever this command's eval_every.
+      every = (book.meta.get('config') or {}).get('eval_every') or c.eval_every
+      off_period = done < c.num_rounds and done % every != 0 and _ended_at(book)
       book.rows, dropped = metrics.keep_rows(book.workdir, done, done if off_period else None)
       if dropped:
         logging.info('%s: the run ended at round %d and goes on to %d; the evaluation of '
@@ -379,6 +382,29 @@ def _run(run: Run, configs: list[ml_collections.ConfigDict], workdirs: list[str]
       rounds.compile_ahead.ready('evaluation')  # waits for its compile if still running
     return evaluate(params, task.test, clients)
 
+  def evaluate_into(row: dict, book: _Book, params, t: int) -> None:
+    """Round t's evaluation (on eval_clients sampled test clients, or all) into its row."""
+    if c.eval_clients and c.eval_clients < len(test_clients):
+      chosen = sample_clients(book.config.seed, t, rng.EVAL, test_clients, c.eval_clients)
+    else:
+      chosen = test_clients
+    doing['what'] = 'evaluation'
+    result = evaluate_on_test(params, chosen)
+    book.last_eval = (t, len(chosen) == len(test_clients), result)
+    row['test_accuracy'], row['test_loss'] = result['accuracy'], result['loss']
+    row.update(_extra_accuracies(result))
+
+  # Stopped after round T and run again with num_rounds = T: no round runs, but the last row
+  # gets the evaluation an uninterrupted run of T rounds makes there (rows, rounds_to_target).
+  for s, book in zip(seeds, books):
+    if done == c.num_rounds and book.rows and book.rows[-1].get('round') == done and (
+        'test_accuracy' not in book.rows[-1]):
+      evaluate_into(book.rows[-1], book, _seed(state.params, s), done)
+      if book.writer:
+        book.writer.close()  # the rows are written anew, then appended to as before
+        metrics.keep_rows(book.workdir, done, rows=book.rows)
+        book.writer = metrics.MetricsWriter(book.workdir)
+
   # closing: compiles queued ahead are dropped however the loop ends, and those running waited
   # for, after the signal handlers are restored: a second Ctrl-C still ends that wait.
   with contextlib.closing(rounds), _stop_signals() as signals:
@@ -417,15 +443,7 @@ def _run(run: Run, configs: list[ml_collections.ConfigDict], workdirs: list[str]
                           'config.matmul_precision=highest computes as the CPU does)',
                           _tag(book, vectorized), t, jump[1], jump[0], row['train_loss'])
         if t % c.eval_every == 0 or t == c.num_rounds:
-          if c.eval_clients and c.eval_clients < len(test_clients):
-            chosen = sample_clients(book.config.seed, t, rng.EVAL, test_clients, c.eval_clients)
-          else:
-            chosen = test_clients
-          doing['what'] = 'evaluation'
-          result = evaluate_on_test(_seed(state.params, s), chosen)
-          book.last_eval = (t, len(chosen) == len(test_clients), result)
-          row['test_accuracy'], row['test_loss'] = result['accuracy'], result['loss']
-          row.update(_extra_accuracies(result))
+          evaluate_into(row, book, _seed(state.params, s), t)
         row['wall_s'] = time.time() - book.start
         if book.writer:
           book.writer.write(row)

@@ -339,6 +339,44 @@ def test_a_periodic_evaluation_is_kept_by_a_resume_with_another_eval_every(tmp_p
   assert evaluated == [5, 10, 12, 16, 20]
 
 
+def test_an_evaluation_on_the_old_schedule_is_kept_when_the_run_goes_on_with_another(tmp_path):
+  """Ended at round 6 with eval_every 3, taken to 12 with eval_every 4: round 6's evaluation
+  was on the run's schedule, and was dropped as if the run had only ended there."""
+  workdir = tmp_path / 'run'
+  train_and_evaluate(_tiny(num_rounds=6, eval_every=3, checkpoint_every=3), str(workdir))
+  train_and_evaluate(_tiny(num_rounds=12, eval_every=4, checkpoint_every=3), str(workdir))
+  evaluated = [r['round'] for r in read_rows(str(workdir)) if 'test_accuracy' in r]
+  assert evaluated == [3, 6, 8, 12]
+
+
+def test_a_run_stopped_at_a_checkpoint_and_ended_there_evaluates_that_round(tmp_path,
+                                                                             monkeypatch):
+  """Stopped after round 5's checkpoint on its way to 12, then run with num_rounds=5: no
+  round ran, and round 5's row lacked the evaluation a 5-round run makes there."""
+  from fathom_sim import driver
+  feed = driver.Rounds._feed
+
+  def stop_in_round_6(self, t, hp):
+    if t == 7:  # fed while round 6 runs, after round 5's checkpoint
+      raise KeyboardInterrupt('stopped in round 6')
+    return feed(self, t, hp)
+
+  workdir = tmp_path / 'run'
+  monkeypatch.setattr(driver.Rounds, '_feed', stop_in_round_6)
+  with pytest.raises(KeyboardInterrupt):
+    train_and_evaluate(_tiny(num_rounds=12, checkpoint_every=5, eval_every=10), str(workdir))
+  monkeypatch.setattr(driver.Rounds, '_feed', feed)
+  assert os.listdir(workdir / 'checkpoints') == ['5']
+  assert all('test_accuracy' not in r for r in read_rows(str(workdir)))
+  summary = train_and_evaluate(_tiny(num_rounds=5, checkpoint_every=5, eval_every=10),
+                               str(workdir))
+  straight = train_and_evaluate(_tiny(num_rounds=5, checkpoint_every=5, eval_every=10),
+                                str(tmp_path / 'straight'))
+  assert _without_timing(read_rows(str(workdir))) == _without_timing(
+      read_rows(str(tmp_path / 'straight')))
+  assert summary['final'] == straight['final'] and summary['resumed_from'] == 5
+
+
 def test_a_bfloat16_run_records_its_compute_dtype_and_is_not_resumed_in_float32(tmp_path):
   """Computing in bfloat16 changes what a run trains, like its model: not a resumable field."""
   workdir = str(tmp_path / 'run')
