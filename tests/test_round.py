@@ -40,6 +40,27 @@ def test_round_matches_slow_reference(algorithm, local_loop, lanes, chunk, num_d
   assert int(state.round) == 3
 
 
+@pytest.mark.parametrize('conv', ['matmul', 'xla'])
+def test_the_cnn_with_dropout_matches_the_slow_reference_step_for_step(conv):
+  """The MLP tests above have no dropout and no padding rows. The EMNIST CNN has both: each
+  client's dropout masks come from (seed, round, client, step), not from its lane or the
+  padded batch (B 20 runs as 24 rows). One local step per client (E n_i < B), so that float
+  rounding cannot send a ReLU unit to its other side and the paths apart (a few steps can,
+  in either conv form: README, model.conv)."""
+  from fathom_sim.data import load_task
+  config = tiny_config(algorithm='fedavg', num_devices=2, cohort_size=3, eta=0.1, epochs=0.05,
+                       batch_size=20.0)
+  config.model.name, config.model.conv = 'emnist_cnn', conv
+  config.data.name, config.data.num_clients = 'femnist_synthetic', 8
+  task = load_task(config.data)
+  state, history, _ = run_rounds(config, task, 2)
+  ref = reference_rounds(config, task, 2)
+  for (m, plan), r in zip(history, ref):
+    np.testing.assert_array_equal(plan.num_steps, r['num_steps'])
+    assert set(np.asarray(r['num_steps'])) == {1} and plan.batch_pad == 24
+  assert_trees_close(state.params, ref[-1]['params'])
+
+
 def test_fedavg_with_an_e_float32_cannot_hold_runs_the_specs_steps():
   """E 0.2 is 0.20000000298 in float32: a client of 5 examples ran 2 steps of B 1, not
   ceil(0.2 * 5) = 1 (and so did every client whose n is a multiple of 5)."""
