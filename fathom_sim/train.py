@@ -396,10 +396,12 @@ def _run(run: Run, configs: list[ml_collections.ConfigDict], workdirs: list[str]
 
   # Stopped after round T and run again with num_rounds = T: no round runs, but the last row
   # gets the evaluation an uninterrupted run of T rounds makes there (rows, rounds_to_target).
-  for s, book in zip(seeds, books):
-    if done == c.num_rounds and book.rows and book.rows[-1].get('round') == done and (
-        'test_accuracy' not in book.rows[-1]):
-      evaluate_into(book.rows[-1], book, _seed(state.params, s), done)
+  # Every process evaluates (a collective); the one that holds the rows amends them.
+  for s, book in zip(seeds if done == c.num_rounds else [], books):
+    row = {}
+    evaluate_into(row, book, _seed(state.params, s), done)
+    if book.rows and book.rows[-1].get('round') == done and 'test_accuracy' not in book.rows[-1]:
+      book.rows[-1].update(row)
       if book.writer:
         book.writer.close()  # the rows are written anew, then appended to as before
         metrics.keep_rows(book.workdir, done, rows=book.rows)
