@@ -102,7 +102,8 @@ def locked(folder: str, flag: str = '--workdir') -> Iterator[None]:
   --out, would write the same files; it is refused with WorkdirError naming the holder. The
   system releases the lock when the process ends, however it ends (no stale lock after kill
   -9). Held again by the same process (a vectorised group's seeds run one by one), it is
-  shared. `flag` names the folder in messages. Only as strong as the filesystem's flock: one
+  shared. The holder's line is in the file only while it holds it: a command that ends without
+  running leaves the file as it was. `flag` names the folder in messages. Only as strong as the filesystem's flock: one
   that keeps locks per host (gcsfuse, NFS with local_lock) guards each host alone."""
   key = os.path.realpath(folder)
   if key in _held:
@@ -124,6 +125,7 @@ def locked(folder: str, flag: str = '--workdir') -> Iterator[None]:
     except OSError as e:
       raise WorkdirError(f'{flag} {folder!r}: its {LOCK_FILE} cannot be opened '
                          f'({e.strerror or e}); give a folder of your own') from None
+  previous = None  # the file's bytes before this holder wrote its line
   try:
     try:
       fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -137,6 +139,7 @@ def locked(folder: str, flag: str = '--workdir') -> Iterator[None]:
                            'wait for it to end or stop it, or give another folder') from None
     else:
       try:  # who holds it, for the message of a second command; best effort
+        previous = os.pread(fd, 4096, 0)
         line = (f'process {os.getpid()} on {socket.gethostname()}, since '
                 f'{datetime.datetime.now().isoformat(timespec="seconds")}\n').encode()
         os.ftruncate(fd, 0)
@@ -148,6 +151,14 @@ def locked(folder: str, flag: str = '--workdir') -> Iterator[None]:
       yield
     finally:
       _held.pop(key, None)
+      # The line names a live holder only; its previous bytes come back, so that a command
+      # that ends without running (refused, or its run found finished) leaves the file as it was.
+      if previous is not None:
+        try:
+          os.ftruncate(fd, 0)
+          os.pwrite(fd, previous, 0)
+        except OSError:
+          pass
   finally:
     os.close(fd)
 

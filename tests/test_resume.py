@@ -210,7 +210,7 @@ def test_a_failed_restore_silences_orbax_aborted_reads_and_nothing_else(monkeypa
 def test_result_changing_config_is_refused_and_more_rounds_continue(tmp_path):
   workdir = str(tmp_path / 'run')
   train_and_evaluate(_tiny(num_rounds=10), workdir)
-  files = ('metrics.jsonl', 'config.json', 'summary.json')
+  files = ('metrics.jsonl', 'config.json', 'summary.json', '.lock')  # .lock: the holder line
   before = [open(os.path.join(workdir, f)).read() for f in files]
   with pytest.raises(WorkdirError, match=r'model.hidden \(\[8\] -> \[9\]\), seed \(3 -> 4\)'):
     train_and_evaluate(_tiny(num_rounds=10, seed=4, **{'model.hidden': (9,)}), workdir)
@@ -222,6 +222,7 @@ def test_result_changing_config_is_refused_and_more_rounds_continue(tmp_path):
   again = train_and_evaluate(_tiny(num_rounds=10), workdir)
   assert [open(os.path.join(workdir, f)).read() for f in files] == before
   assert again == json.loads(before[2]) and again['resumed_from'] == 0
+  assert before[3] == ''  # a line names a live holder only
   target = train_and_evaluate(_tiny(num_rounds=10, target_accuracy=0.01), workdir)
   assert target['rounds_to_target'] is not None  # a new question: summarised again
   longer = train_and_evaluate(_tiny(num_rounds=20), workdir)
