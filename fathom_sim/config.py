@@ -327,6 +327,17 @@ def unread_fields(c: ml_collections.ConfigDict, fields: Iterable[str]) -> list[s
   config does not read: FATHOM's fields under FedAvg, another server optimizer's, model's or
   dataset's. Such a setting changes nothing, which its author may not expect. (A config
   file's own fields are not judged: stackoverflow.py's FATHOM bounds stay under FedAvg.)"""
+  why = _unread(c)
+  return [f'{path}={_get(c, path)!r} ({why[path]})' for path in fields if path in why]
+
+
+def unread_paths(c: ml_collections.ConfigDict) -> set[str]:
+  """The dotted paths of the fields this config does not read (see unread_fields)."""
+  return set(_unread(c))
+
+
+def _unread(c: ml_collections.ConfigDict) -> dict[str, str]:
+  """{path: why} for the fields this config does not read."""
   why = {}
   if c.algorithm == 'fedavg':
     why.update((f, 'algorithm is fedavg') for f in _FATHOM_FIELDS)
@@ -340,4 +351,4 @@ def unread_fields(c: ml_collections.ConfigDict, fields: Iterable[str]) -> list[s
   read = _DATA_FIELDS.get(c.data.name, ())
   why.update((f'data.{f}', f'data.name is {c.data.name}') for f in _DATA_FIELDS['synthetic']
              + ('in_memory', 'path', 'num_classes', 'data_dir') if f not in read)
-  return [f'{path}={_get(c, path)!r} ({why[path]})' for path in fields if path in why]
+  return why

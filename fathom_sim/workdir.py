@@ -18,7 +18,7 @@ from absl import logging
 
 from fathom_sim import distributed, metrics
 from fathom_sim.checkpoint import CHECKPOINTS, UNREADABLE
-from fathom_sim.config import base_config, check_config
+from fathom_sim.config import base_config, check_config, unread_paths
 from fathom_sim.errors import MOUNT_HINT, is_url
 from fathom_sim.sweep import INDEX_FILE
 
@@ -34,7 +34,7 @@ class WorkdirError(ValueError):
 # logged or evaluated, never the model it trains, but for float rounding: device and lane
 # counts, the conv form and matmul_precision change how products round (TF32 against float32
 # is enough to send an unstable run another way; resuming at 'highest' is how to steady one).
-# Every other field is part of the run's identity.
+# Every other field that the run reads is part of its identity.
 RESUMABLE_FIELDS = frozenset({
     'num_rounds', 'log_every', 'checkpoint_every', 'keep_checkpoints', 'eval_every',
     'eval_clients', 'eval_batch_size', 'target_accuracy', 'num_devices', 'lanes_per_device',
@@ -74,8 +74,12 @@ def check_same_run(workdir: str, config: ml_collections.ConfigDict) -> None:
   # A field added to the simulator after the run was saved stands at its default there.
   defaults = flatten(config_dict(base_config()))
   saved = {**{k: v for k, v in defaults.items() if k not in saved}, **saved}
+  # A field neither run reads (eta_h under FedAvg) changes nothing. What a config reads follows
+  # from fields of the identity (algorithm, model.name, ...): where those differ, they are
+  # listed themselves.
+  unread = unread_paths(config)
   changed = sorted(k for k in set(saved) | set(new)
-                   if k not in RESUMABLE_FIELDS and saved.get(k) != new.get(k))
+                   if k not in RESUMABLE_FIELDS and k not in unread and saved.get(k) != new.get(k))
   if changed:
     details = ', '.join(f'{k} ({saved.get(k)!r} -> {new.get(k)!r})' for k in changed)
     raise WorkdirError(f'--workdir {workdir!r} holds a run with a different config; fields '

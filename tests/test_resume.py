@@ -545,6 +545,30 @@ def test_a_damaged_row_before_others_is_refused_and_no_row_is_lost(tmp_path, bad
     assert [r['round'] for r in metrics.read_rows(path)] == [1, 2, 3, 4]
 
 
+def test_a_field_the_run_does_not_read_may_change_on_resume(tmp_path):
+  """FATHOM's fields under FedAvg (another dataset's, server optimizer's) change nothing: a
+  resume that changes them goes on to the uninterrupted run's model. Under FATHOM they are
+  the run's identity, and so is the algorithm that decides what is read."""
+  from fathom_sim import workdir as workdir_lib
+  fedavg = dict(algorithm='fedavg', num_rounds=4, checkpoint_every=2)
+  straight = train_and_evaluate(_tiny(**fedavg), str(tmp_path / 'straight'))
+  workdir = str(tmp_path / 'run')
+  train_and_evaluate(_tiny(**{**fedavg, 'num_rounds': 2}), workdir)
+  other = dict(eta_h=0.5, upper_eta=0.01, hyper_optimizer='adam', server_b1=0.5,
+               **{'data.path': 'x.npz'})
+  resumed = train_and_evaluate(_tiny(**fedavg, **other), workdir)
+  assert resumed['final']['params_sha256'] == straight['final']['params_sha256']
+  assert json.load(open(os.path.join(workdir, 'config.json')))['eta_h'] == 0.5
+  fathom = str(tmp_path / 'fathom')
+  os.makedirs(fathom)
+  workdir_lib.save_config(fathom, _tiny(num_rounds=2))
+  with pytest.raises(WorkdirError, match=r"fields that change the result differ: eta_h \(0.01 "
+                     r"-> 0.5\), hyper_optimizer \('sgd' -> 'adam'\), upper_eta"):
+    workdir_lib.check_same_run(fathom, _tiny(num_rounds=2, **other))
+  with pytest.raises(WorkdirError, match=r"differ: algorithm \('fathom' -> 'fedavg'\)\. "):
+    workdir_lib.check_same_run(fathom, _tiny(**fedavg, **other))
+
+
 def test_config_json_is_replaced_whole_or_not_at_all(tmp_path, monkeypatch):
   """Another host's process reads config.json while process 0 writes it, and a run killed
   while writing it must stay resumable: it is never seen truncated (a multi-host test once
