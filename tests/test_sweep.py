@@ -307,6 +307,17 @@ def test_runs_of_one_setting_whose_configs_differ_are_flagged(tmp_path):
   (root / 'seed=1' / 'config.json').unlink()
   table = report.markdown(report.group_runs(report.find_runs([str(tmp_path / 'sweep')])), [0.3])
   assert 'Warning' not in table, table
+  # A field no seed reads (eta_h under FedAvg, a resume may change it) is no difference
+  # either; under FATHOM it is.
+  for algorithm in ('fedavg', 'fathom'):
+    other = tmp_path / algorithm / 'fedavg'
+    for seed in (0, 1):
+      _write_run(other / f'seed={seed}', algorithm, {2: 0.3}, 100, 2)
+      _finish(other / f'seed={seed}', 2, 0.3, seed=seed, eta_h=0.01 * (seed + 1),
+              algorithm=algorithm)
+    table = report.markdown(report.group_runs(report.find_runs([str(tmp_path / algorithm)])),
+                            [0.3])
+    assert ('differ in eta_h (0.01, 0.02)' in table) == (algorithm == 'fathom'), table
 
 
 def test_a_finished_run_without_test_examples_is_reported(tmp_path):
