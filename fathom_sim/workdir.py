@@ -107,8 +107,9 @@ def locked(folder: str, flag: str = '--workdir') -> Iterator[None]:
   system releases the lock when the process ends, however it ends (no stale lock after kill
   -9). Held again by the same process (a vectorised group's seeds run one by one), it is
   shared. The holder's line is in the file only while it holds it: a command that ends without
-  running leaves the file as it was. `flag` names the folder in messages. Only as strong as the filesystem's flock: one
-  that keeps locks per host (gcsfuse, NFS with local_lock) guards each host alone."""
+  running leaves the file as it was. `flag` names the folder in messages. Only as strong as
+  the filesystem's flock: one that keeps locks per host (gcsfuse, NFS with local_lock) guards
+  each host alone."""
   key = os.path.realpath(folder)
   if key in _held:
     _held[key] += 1
