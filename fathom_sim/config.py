@@ -308,7 +308,9 @@ def check_config(c: ml_collections.ConfigDict) -> None:
   _choice(c, 'matmul_precision', MATMUL_PRECISIONS)
 
 
-_FATHOM_FIELDS = ('alpha', 'eta_h', 'eta_h0', 'eta_h1', 'eta_h2', 'upper_epochs', 'upper_eta',
+# FedAvg reads none of these. alpha is not among them: FedAvg's h_glob, logged, is measured
+# against the moving average g that alpha decays.
+_FATHOM_FIELDS = ('eta_h', 'eta_h0', 'eta_h1', 'eta_h2', 'upper_epochs', 'upper_eta',
                   'upper_batch_size', 'hyper_optimizer', 'clip_log_params')
 _SERVER_FIELDS = {'sgd': (), 'momentum': ('server_momentum',),
                   'adam': ('server_b1', 'server_b2', 'server_eps'),

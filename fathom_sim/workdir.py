@@ -66,7 +66,10 @@ def check_same_run(workdir: str, config: ml_collections.ConfigDict) -> None:
     return
   try:
     with open(saved_path, encoding='utf-8') as f:
-      saved = flatten(json.load(f))
+      saved = json.load(f)
+    if not isinstance(saved, dict):
+      raise ValueError(f'a JSON {type(saved).__name__}, where a config is an object')
+    saved = flatten(saved)
   except (OSError, ValueError) as e:
     raise WorkdirError(f'{saved_path} is unreadable ({e}); it describes the run this workdir '
                        'holds, so the run cannot be resumed safely') from None
@@ -74,16 +77,21 @@ def check_same_run(workdir: str, config: ml_collections.ConfigDict) -> None:
   # A field added to the simulator after the run was saved stands at its default there.
   defaults = flatten(config_dict(base_config()))
   saved = {**{k: v for k, v in defaults.items() if k not in saved}, **saved}
-  # A field neither run reads (eta_h under FedAvg) changes nothing. What a config reads follows
-  # from fields of the identity (algorithm, model.name, ...): where those differ, they are
-  # listed themselves.
-  unread = unread_paths(config)
+  unread = resumable_unread(config)
   changed = sorted(k for k in set(saved) | set(new)
                    if k not in RESUMABLE_FIELDS and k not in unread and saved.get(k) != new.get(k))
   if changed:
     details = ', '.join(f'{k} ({saved.get(k)!r} -> {new.get(k)!r})' for k in changed)
     raise WorkdirError(f'--workdir {workdir!r} holds a run with a different config; fields '
                        f'that change the result differ: {details}. Use another workdir.')
+
+
+def resumable_unread(config: ml_collections.ConfigDict) -> set[str]:
+  """The fields a resumed run may change besides RESUMABLE_FIELDS: those it does not read
+  (eta_h under FedAvg), but for hyper_optimizer, whose state the checkpoint holds under FedAvg
+  too. What a config reads follows from fields of its identity (algorithm, model.name, ...):
+  where those differ, they are listed themselves."""
+  return unread_paths(config) - {'hyper_optimizer'}
 
 
 def check_local(folder: str, flag: str) -> None:
@@ -106,8 +114,9 @@ def locked(folder: str, flag: str = '--workdir') -> Iterator[None]:
   --out, would write the same files; it is refused with WorkdirError naming the holder. The
   system releases the lock when the process ends, however it ends (no stale lock after kill
   -9). Held again by the same process (a vectorised group's seeds run one by one), it is
-  shared. The holder's line is in the file only while it holds it: a command that ends without
-  running leaves the file as it was. `flag` names the folder in messages. Only as strong as
+  shared. The holder writes its line into the file and puts the earlier bytes back on release,
+  so a command leaves the file as it found it (a killed holder's line stays, and is harmless:
+  it is read only while a live holder's line has replaced it). `flag` names the folder in messages. Only as strong as
   the filesystem's flock: one that keeps locks per host (gcsfuse, NFS with local_lock) guards
   each host alone."""
   key = os.path.realpath(folder)
@@ -144,7 +153,7 @@ def locked(folder: str, flag: str = '--workdir') -> Iterator[None]:
                            'wait for it to end or stop it, or give another folder') from None
     else:
       try:  # who holds it, for the message of a second command; best effort
-        previous = os.pread(fd, 4096, 0)
+        previous = os.pread(fd, os.fstat(fd).st_size, 0)
         line = (f'process {os.getpid()} on {socket.gethostname()}, since '
                 f'{datetime.datetime.now().isoformat(timespec="seconds")}\n').encode()
         os.ftruncate(fd, 0)
@@ -156,8 +165,8 @@ def locked(folder: str, flag: str = '--workdir') -> Iterator[None]:
       yield
     finally:
       _held.pop(key, None)
-      # The line names a live holder only; its previous bytes come back, so that a command
-      # that ends without running (refused, or its run found finished) leaves the file as it was.
+      # The file's earlier bytes come back, so that a command that ends without running
+      # (refused, or its run found finished) leaves the file as it was.
       if previous is not None:
         try:
           os.ftruncate(fd, 0)

@@ -550,26 +550,43 @@ def test_a_damaged_row_before_others_is_refused_and_no_row_is_lost(tmp_path, bad
 
 def test_a_field_the_run_does_not_read_may_change_on_resume(tmp_path):
   """FATHOM's fields under FedAvg (another dataset's, server optimizer's) change nothing: a
-  resume that changes them goes on to the uninterrupted run's model. Under FATHOM they are
-  the run's identity, and so is the algorithm that decides what is read."""
+  resume that changes them goes on from its checkpoint to the uninterrupted run's model and
+  rows, and a finished run relaunched so is left as it was. Not so alpha, which FedAvg's
+  logged h_glob reads, nor hyper_optimizer, whose state the checkpoint holds. Under FATHOM
+  they are the run's identity, and so is the algorithm that decides what is read."""
   from fathom_sim import workdir as workdir_lib
   fedavg = dict(algorithm='fedavg', num_rounds=4, checkpoint_every=2)
   straight = train_and_evaluate(_tiny(**fedavg), str(tmp_path / 'straight'))
   workdir = str(tmp_path / 'run')
   train_and_evaluate(_tiny(**{**fedavg, 'num_rounds': 2}), workdir)
-  other = dict(eta_h=0.5, upper_eta=0.01, hyper_optimizer='adam', server_b1=0.5,
+  other = dict(eta_h=0.5, upper_eta=0.01, clip_log_params=True, server_b1=0.5,
                **{'data.path': 'x.npz'})
+  for refused, value in (('alpha', 0.9), ('hyper_optimizer', 'adam')):
+    with pytest.raises(WorkdirError, match=f'differ: {refused} '):
+      train_and_evaluate(_tiny(**fedavg, **{refused: value}), workdir)
   resumed = train_and_evaluate(_tiny(**fedavg, **other), workdir)
+  assert resumed['resumed_from'] == 2
+  assert not os.path.exists(os.path.join(workdir, 'unreadable_checkpoints'))
   assert resumed['final']['params_sha256'] == straight['final']['params_sha256']
+  assert _without_timing(read_rows(workdir)) == _without_timing(
+      read_rows(str(tmp_path / 'straight')))
   assert json.load(open(os.path.join(workdir, 'config.json')))['eta_h'] == 0.5
+  files = [open(os.path.join(workdir, f)).read() for f in ('config.json', 'summary.json')]
+  assert train_and_evaluate(_tiny(**fedavg, eta_h=0.7), workdir) == json.loads(files[1])
+  assert [open(os.path.join(workdir, f)).read()
+          for f in ('config.json', 'summary.json')] == files  # finished: nothing new asked
   fathom = str(tmp_path / 'fathom')
   os.makedirs(fathom)
   workdir_lib.save_config(fathom, _tiny(num_rounds=2))
-  with pytest.raises(WorkdirError, match=r"fields that change the result differ: eta_h \(0.01 "
-                     r"-> 0.5\), hyper_optimizer \('sgd' -> 'adam'\), upper_eta"):
+  with pytest.raises(WorkdirError, match=r"fields that change the result differ: "
+                     r"clip_log_params \(False -> True\), eta_h \(0.01 -> 0.5\), upper_eta"):
     workdir_lib.check_same_run(fathom, _tiny(num_rounds=2, **other))
   with pytest.raises(WorkdirError, match=r"differ: algorithm \('fathom' -> 'fedavg'\)\. "):
     workdir_lib.check_same_run(fathom, _tiny(**fedavg, **other))
+  (tmp_path / 'fathom' / 'config.json').write_text('[]')
+  with pytest.raises(WorkdirError, match=r"config.json is unreadable \(a JSON list, where a "
+                     r"config is an object\)"):
+    workdir_lib.check_same_run(fathom, _tiny(num_rounds=2))
 
 
 def test_config_json_is_replaced_whole_or_not_at_all(tmp_path, monkeypatch):
