@@ -116,9 +116,9 @@ def locked(folder: str, flag: str = '--workdir') -> Iterator[None]:
   -9). Held again by the same process (a vectorised group's seeds run one by one), it is
   shared. The holder writes its line into the file and puts the earlier bytes back on release,
   so a command leaves the file as it found it (a killed holder's line stays, and is harmless:
-  it is read only while a live holder's line has replaced it). `flag` names the folder in messages. Only as strong as
-  the filesystem's flock: one that keeps locks per host (gcsfuse, NFS with local_lock) guards
-  each host alone."""
+  it is read only while a live holder's line has replaced it). `flag` names the folder in
+  messages. Only as strong as the filesystem's flock: one that keeps locks per host (gcsfuse,
+  NFS with local_lock) guards each host alone."""
   key = os.path.realpath(folder)
   if key in _held:
     _held[key] += 1
