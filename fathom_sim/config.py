@@ -329,28 +329,30 @@ def unread_fields(c: ml_collections.ConfigDict, fields: Iterable[str]) -> list[s
   config does not read: FATHOM's fields under FedAvg, another server optimizer's, model's or
   dataset's. Such a setting changes nothing, which its author may not expect. (A config
   file's own fields are not judged: stackoverflow.py's FATHOM bounds stay under FedAvg.)"""
-  why = _unread(c)
+  why = _unread(c.algorithm, c.server_optimizer, c.model.name, c.data.name)
   return [f'{path}={_get(c, path)!r} ({why[path]})' for path in fields if path in why]
 
 
-def unread_paths(c: ml_collections.ConfigDict) -> set[str]:
-  """The dotted paths of the fields this config does not read (see unread_fields)."""
-  return set(_unread(c))
+def unread_paths(flat: dict) -> set[str]:
+  """The dotted paths of the fields that a config, flattened ({'model.name': ...}) with all its
+  fields, does not read (see unread_fields)."""
+  return set(_unread(*(str(flat.get(f)) for f in ('algorithm', 'server_optimizer',
+                                                    'model.name', 'data.name'))))
 
 
-def _unread(c: ml_collections.ConfigDict) -> dict[str, str]:
-  """{path: why} for the fields this config does not read."""
+def _unread(algorithm: str, server_optimizer: str, model: str, data: str) -> dict[str, str]:
+  """{path: why} for the fields a config does not read; they follow from these four."""
   why = {}
-  if c.algorithm == 'fedavg':
+  if algorithm == 'fedavg':
     why.update((f, 'algorithm is fedavg') for f in _FATHOM_FIELDS)
-  read = _SERVER_FIELDS.get(c.server_optimizer, ())
-  why.update((f, f'server_optimizer is {c.server_optimizer}')
+  read = _SERVER_FIELDS.get(server_optimizer, ())
+  why.update((f, f'server_optimizer is {server_optimizer}')
              for f in ('server_momentum', 'server_b1', 'server_b2', 'server_eps') if f not in read)
-  if c.model.name not in _HIDDEN_MODELS:
-    why['model.hidden'] = f'model.name is {c.model.name}'
-  if c.model.name != 'emnist_cnn':
-    why['model.conv'] = f'model.name is {c.model.name}'
-  read = _DATA_FIELDS.get(c.data.name, ())
-  why.update((f'data.{f}', f'data.name is {c.data.name}') for f in _DATA_FIELDS['synthetic']
+  if model not in _HIDDEN_MODELS:
+    why['model.hidden'] = f'model.name is {model}'
+  if model != 'emnist_cnn':
+    why['model.conv'] = f'model.name is {model}'
+  read = _DATA_FIELDS.get(data, ())
+  why.update((f'data.{f}', f'data.name is {data}') for f in _DATA_FIELDS['synthetic']
              + ('in_memory', 'path', 'num_classes', 'data_dir') if f not in read)
   return why

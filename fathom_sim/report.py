@@ -15,8 +15,6 @@ import os
 import re
 import statistics
 
-import ml_collections
-
 from fathom_sim import metrics
 from fathom_sim.config import base_config, unread_paths
 from fathom_sim import workdir as workdir_lib
@@ -87,7 +85,10 @@ class Group:
     configs = [workdir_lib.flatten(r.config) for r in self.runs if r.config]
     if not configs:
       return {}
-    unread = set.intersection(*(_unread(c) for c in configs))  # (FATHOM's under FedAvg, ...)
+    defaults = workdir_lib.flatten(workdir_lib.config_dict(base_config()))
+    # Fields no seed reads (FATHOM's under FedAvg, ...); one older code did not write is at
+    # its default.
+    unread = set.intersection(*(unread_paths({**defaults, **c}) for c in configs))
     fields = sorted(set.intersection(*(set(c) for c in configs))
                     - workdir_lib.RESUMABLE_FIELDS - {'seed'} - unread)
     out = {}
@@ -96,20 +97,6 @@ class Group:
       if any(v != values[0] for v in values):
         out[f] = sorted({json.dumps(v) for v in values})
     return out
-
-
-def _unread(flat: dict) -> set[str]:
-  """The fields that a run of this flattened saved config does not read: those follow from its
-  algorithm, server optimizer, model and dataset (a field older code did not write counts as
-  its default)."""
-  selectors = ('algorithm', 'server_optimizer', 'model.name', 'data.name')
-  defaults = workdir_lib.flatten(workdir_lib.config_dict(base_config()))
-  values = {f: flat.get(f, defaults[f]) for f in selectors}
-  if not all(isinstance(v, str) for v in values.values()):
-    return set()
-  return unread_paths(ml_collections.ConfigDict({
-      'algorithm': values['algorithm'], 'server_optimizer': values['server_optimizer'],
-      'model': {'name': values['model.name']}, 'data': {'name': values['data.name']}}))
 
 
 def _read_json(path: str) -> dict | None:

@@ -491,14 +491,11 @@ def _summary_of_finished(book: _Book, num_rounds: int) -> dict | None:
   try:
     with open(os.path.join(book.workdir, metrics.SUMMARY_FILE), encoding='utf-8') as f:
       summary = json.load(f)
-    with open(os.path.join(book.workdir, workdir_lib.CONFIG_FILE), encoding='utf-8') as f:
-      saved = workdir_lib.flatten(json.load(f))
-    # A field the run does not read asks nothing new of it (check_same_run let it differ).
-    unread = workdir_lib.resumable_unread(book.config)
-    ours = workdir_lib.flatten(workdir_lib.config_dict(book.config))
-    same = ({k: v for k, v in saved.items() if k not in unread}
-            == {k: v for k, v in ours.items() if k not in unread})
-  except (OSError, ValueError):
+    # Any field that differs asks something new of it, but one the run does not read.
+    saved = workdir_lib.read_saved(book.workdir)
+    same = saved is not None and not workdir_lib.differing(
+        saved, workdir_lib.flatten(workdir_lib.config_dict(book.config)), ())
+  except (OSError, ValueError):  # (WorkdirError is a ValueError)
     return None
   finished = isinstance(summary, dict) and summary.get('rounds') == num_rounds
   return summary if finished and same else None

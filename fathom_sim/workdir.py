@@ -11,7 +11,7 @@ import fcntl
 import json
 import os
 import socket
-from typing import Iterator
+from typing import Iterable, Iterator
 
 import ml_collections
 from absl import logging
@@ -58,40 +58,44 @@ def config_dict(config: ml_collections.ConfigDict) -> dict:
   return json.loads(config.to_json_best_effort())
 
 
-def check_same_run(workdir: str, config: ml_collections.ConfigDict) -> None:
-  """Raises WorkdirError when `workdir` holds a run of a config that differs from `config` in a
-  field that changes the result (or whose config.json is unreadable); else does nothing."""
-  saved_path = os.path.join(workdir, CONFIG_FILE)
-  if not os.path.exists(saved_path):
-    return
+def read_saved(workdir: str) -> dict | None:
+  """The config a run's config.json holds, flattened, a field added to the simulator after the
+  run was saved at its default there; None without one. Raises WorkdirError if unreadable."""
+  path = os.path.join(workdir, CONFIG_FILE)
+  if not os.path.exists(path):
+    return None
   try:
-    with open(saved_path, encoding='utf-8') as f:
+    with open(path, encoding='utf-8') as f:
       saved = json.load(f)
     if not isinstance(saved, dict):
       raise ValueError(f'a JSON {type(saved).__name__}, where a config is an object')
-    saved = flatten(saved)
   except (OSError, ValueError) as e:
-    raise WorkdirError(f'{saved_path} is unreadable ({e}); it describes the run this workdir '
+    raise WorkdirError(f'{path} is unreadable ({e}); it describes the run this workdir '
                        'holds, so the run cannot be resumed safely') from None
+  return {**flatten(config_dict(base_config())), **flatten(saved)}
+
+
+def differing(saved: dict, new: dict, allowed: Iterable[str]) -> list[str]:
+  """The fields of two flattened configs whose values differ, but for `allowed` and the fields
+  neither run reads (eta_h under FedAvg), save hyper_optimizer, whose state the checkpoint
+  holds under FedAvg too. What a config reads follows from fields of its identity (algorithm,
+  model.name, ...): where those differ, they are listed themselves."""
+  skip = set(allowed) | (unread_paths(new) - {'hyper_optimizer'})
+  return sorted(k for k in set(saved) | set(new) if k not in skip and saved.get(k) != new.get(k))
+
+
+def check_same_run(workdir: str, config: ml_collections.ConfigDict) -> None:
+  """Raises WorkdirError when `workdir` holds a run of a config that differs from `config` in a
+  field that changes the result (or whose config.json is unreadable); else does nothing."""
+  saved = read_saved(workdir)
+  if saved is None:
+    return
   new = flatten(config_dict(config))
-  # A field added to the simulator after the run was saved stands at its default there.
-  defaults = flatten(config_dict(base_config()))
-  saved = {**{k: v for k, v in defaults.items() if k not in saved}, **saved}
-  unread = resumable_unread(config)
-  changed = sorted(k for k in set(saved) | set(new)
-                   if k not in RESUMABLE_FIELDS and k not in unread and saved.get(k) != new.get(k))
+  changed = differing(saved, new, RESUMABLE_FIELDS)
   if changed:
     details = ', '.join(f'{k} ({saved.get(k)!r} -> {new.get(k)!r})' for k in changed)
     raise WorkdirError(f'--workdir {workdir!r} holds a run with a different config; fields '
                        f'that change the result differ: {details}. Use another workdir.')
-
-
-def resumable_unread(config: ml_collections.ConfigDict) -> set[str]:
-  """The fields a resumed run may change besides RESUMABLE_FIELDS: those it does not read
-  (eta_h under FedAvg), but for hyper_optimizer, whose state the checkpoint holds under FedAvg
-  too. What a config reads follows from fields of its identity (algorithm, model.name, ...):
-  where those differ, they are listed themselves."""
-  return unread_paths(config) - {'hyper_optimizer'}
 
 
 def check_local(folder: str, flag: str) -> None:
