@@ -5,12 +5,11 @@ from __future__ import annotations
 import datetime
 import gzip
 import hashlib
-import itertools
 import json
 import math
 import os
 import zlib
-from typing import IO
+from typing import IO, Iterator
 
 import jax
 import numpy as np
@@ -49,8 +48,9 @@ class MetricsWriter:
     self._file.close()
 
 
-def read_rows(path: str) -> list[dict]:
-  """The rows of a metrics.jsonl (or of a gzipped copy, *.gz), up to a torn last line.
+def iter_rows(path: str) -> Iterator[dict]:
+  """The rows of a metrics.jsonl (or of a gzipped copy, *.gz), one at a time, up to a torn
+  last line; read as a stream, since a long run's file may hold millions of rows.
 
   Only the last line may be torn (a killed run's unfinished write); a line that is not a row
   with rows after it, a file that is not UTF-8 text or a damaged gzip file raise DataError (a
@@ -58,9 +58,30 @@ def read_rows(path: str) -> list[dict]:
   """
   from fathom_sim.data import DataError
   opener = gzip.open if path.endswith('.gz') else open
+  bad = None  # (line number, line, parsed) of a line that is no row: torn, if nothing follows
+
+  def not_a_row(number: int, line: str, last: bool) -> DataError:
+    return DataError(f'{path}: line {number} is not a row of a run (a JSON object with an '
+                     f'integer "round"): {line[:60]!r}'
+                     f'{"" if last else "; rows follow it, so it is no torn last write"}. '
+                     'The file is left as it is: repair or remove that line')
+
   with opener(path, 'rt', encoding='utf-8') as f:
     try:
-      lines = f.read().split('\n')
+      for number, line in enumerate(f, 1):
+        line = line.rstrip('\n')
+        if not line.strip():
+          continue  # the end of the last row's line, or a blank line: no row lost
+        if bad is not None:  # not a torn write: truncating (keep_rows) would lose this line
+          raise not_a_row(bad[0], bad[1], last=False)
+        try:
+          row = json.loads(line)
+        except ValueError:
+          row = None
+        if isinstance(row, dict) and isinstance(row.get('round'), int):
+          yield row
+        else:
+          bad = (number, line, row)
     except UnicodeDecodeError as e:
       # Rows are written as ASCII JSON, so no torn write makes this: the file is not a
       # run's metrics, and truncating it here (keep_rows) would lose whatever it holds.
@@ -69,26 +90,33 @@ def read_rows(path: str) -> list[dict]:
     except (gzip.BadGzipFile, EOFError, zlib.error) as e:  # a damaged or cut gzipped copy
       raise DataError(f'{path}: not a whole gzip file ({type(e).__name__}: {e}); expected a '
                       'gzipped copy of a metrics.jsonl') from None
-  rows: list[dict] = []
-  for number, line in enumerate(lines, 1):
-    if not line.strip():
-      continue  # the end of the last row's line, or a blank line: no row lost
-    try:
-      row = json.loads(line)
-    except ValueError:
-      row = None
-    if isinstance(row, dict) and isinstance(row.get('round'), int):
-      rows.append(row)
-      continue
-    last = not any(rest.strip() for rest in lines[number:])
-    if row is None and last:
-      break  # a torn write of a killed run: nothing after it was committed either
-    # Not a torn write: truncating here (keep_rows) would lose the rows after it.
-    raise DataError(f'{path}: line {number} is not a row of a run (a JSON object with an '
-                    f'integer "round"): {line[:60]!r}'
-                    f'{"" if last else "; rows follow it, so it is no torn last write"}. '
-                    'The file is left as it is: repair or remove that line')
-  return rows
+  if bad is not None and bad[2] is not None:  # whole JSON, but not a row: no torn write
+    raise not_a_row(bad[0], bad[1], last=True)
+
+
+def read_rows(path: str) -> list[dict]:
+  """Every row of a metrics.jsonl (or of a gzipped copy), as iter_rows reads them."""
+  return list(iter_rows(path))
+
+
+class RowLog:
+  """What a run reads back of its own rows while it goes on, in constant memory (a run may
+  write millions of rows): the last row, the training loss of the last accepted round
+  (loss_jump) and the first row whose evaluation reached `target` (rounds_to_target)."""
+
+  def __init__(self, target: float = 0.0):
+    self.target = target
+    self.last: dict | None = None
+    self.accepted_loss: float | None = None
+    self.reached: dict | None = None
+
+  def add(self, row: dict) -> None:
+    self.last = row
+    if row.get('accepted', True):
+      self.accepted_loss = row.get('train_loss')
+    accuracy = row.get('test_accuracy')
+    if self.target and self.reached is None and accuracy is not None and accuracy >= self.target:
+      self.reached = row
 
 
 def finished_rounds(workdir: str) -> int | None:
@@ -101,22 +129,39 @@ def finished_rounds(workdir: str) -> int | None:
 
 
 def keep_rows(workdir: str, last_round: int, drop_eval_at: int | None = None, *,
-              rows: list[dict] | None = None) -> tuple[list[dict], bool]:
+              amend: dict | None = None, into: RowLog | None = None) -> bool:
   """Keeps the rows of rounds 1..last_round (the checkpointed ones) and drops the rest.
 
   A run killed after its last checkpoint wrote rows it will write again when resumed, possibly
   with a torn last line; this makes metrics.jsonl hold each round exactly once. The row of
-  round `drop_eval_at` loses its evaluation (its test_* fields). `rows`: these instead of the
-  file's. Returns the rows kept and whether an evaluation was dropped.
+  round `drop_eval_at` loses its evaluation (its test_* fields); `amend`'s fields are added to
+  the row of `last_round`. The kept rows are fed to `into`. The file is rewritten as a stream
+  and replaced at once, so a damaged file or a kill leaves it as it was. Returns whether an
+  evaluation was dropped.
   """
   path = os.path.join(workdir, METRICS_FILE)
-  if rows is None:
-    rows = read_rows(path) if os.path.exists(path) else []
-  rows = list(itertools.takewhile(lambda r: r.get('round', 0) <= last_round, rows))
-  kept = [{k: v for k, v in r.items() if not k.startswith('test_')}
-          if r.get('round') == drop_eval_at else r for r in rows]
-  write_text(path, ''.join(json.dumps(_plain(r)) + '\n' for r in kept))
-  return kept, kept != rows
+  tmp = path + '.tmp'
+  dropped, keeping = False, True
+  try:
+    with open(tmp, 'w', encoding='utf-8') as out:
+      for row in iter_rows(path) if os.path.exists(path) else ():
+        keeping = keeping and row['round'] <= last_round
+        if not keeping:
+          continue  # read on all the same: a damaged line further on is refused
+        if row['round'] == drop_eval_at:
+          without = {k: v for k, v in row.items() if not k.startswith('test_')}
+          dropped, row = dropped or without != row, without
+        if amend is not None and row['round'] == last_round:
+          row = {**row, **amend}
+        out.write(json.dumps(_plain(row)) + '\n')
+        if into is not None:
+          into.add(row)
+  except BaseException:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+    raise
+  os.replace(tmp, path)
+  return dropped
 
 
 def write_text(path: str, text: str) -> None:
@@ -161,13 +206,12 @@ def progress_line(row: dict, num_rounds: int, rounds_per_s: float) -> str:
 LOSS_JUMP = 100.0
 
 
-def loss_jump(rows: list[dict], row: dict, factor: float = LOSS_JUMP
+def loss_jump(before: float | None, row: dict, factor: float = LOSS_JUMP
               ) -> tuple[float, float] | None:
-  """(the last accepted round's training loss in `rows`, how many times it `row`'s is) if
-  `row` was accepted and that is at least `factor`; else None."""
+  """(`before`, how many times it `row`'s training loss is) if `row` was accepted and that is
+  at least `factor`; else None. `before`: the last accepted round's loss (RowLog)."""
   if not row.get('accepted', True):
     return None
-  before = next((r['train_loss'] for r in reversed(rows) if r.get('accepted', True)), None)
   now = row['train_loss']
   if before is None or now is None or not (math.isfinite(before) and before > 0):
     return None

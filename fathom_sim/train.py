@@ -162,11 +162,6 @@ def _extra_accuracies(result: dict) -> dict:
   return {f'test_{k}': v for k, v in result.items() if k.startswith('accuracy_')}
 
 
-def _first_reaching(rows: list[dict], target: float) -> dict | None:
-  return next((r for r in rows if r.get('test_accuracy') is not None
-               and r['test_accuracy'] >= target), None)
-
-
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Runs `config` into `workdir`, resuming the run already there; returns the summary.
 
@@ -201,13 +196,13 @@ def train_seeds(configs: list[ml_collections.ConfigDict], workdirs: list[str]) -
 
 @dataclasses.dataclass
 class _Book:
-  """One run's host-side record: its files, counters and the rows it has written."""
+  """One run's host-side record: its files, counters and what it needs of its rows."""
   config: ml_collections.ConfigDict
   workdir: str
   checkpointer: Checkpointer
   done: int
   meta: dict
-  rows: list = dataclasses.field(default_factory=list)
+  log: metrics.RowLog = dataclasses.field(default_factory=metrics.RowLog)
   writer: metrics.MetricsWriter | None = None
   last_eval: tuple | None = None
   start: float = 0.0
@@ -338,7 +333,9 @@ def _run(run: Run, configs: list[ml_collections.ConfigDict], workdirs: list[str]
       # stays, whatever this command's eval_every.
       every = (book.meta.get('config') or {}).get('eval_every') or c.eval_every
       off_period = done < c.num_rounds and done % every != 0 and _ended_at(book)
-      book.rows, dropped = metrics.keep_rows(book.workdir, done, done if off_period else None)
+      book.log = metrics.RowLog(c.target_accuracy)
+      dropped = metrics.keep_rows(book.workdir, done, done if off_period else None,
+                                  into=book.log)
       if dropped:
         logging.info('%s: the run ended at round %d and goes on to %d; the evaluation of '
                      'round %d is dropped from %s (an uninterrupted run does not evaluate '
@@ -400,12 +397,12 @@ def _run(run: Run, configs: list[ml_collections.ConfigDict], workdirs: list[str]
   for s, book in zip(seeds if done == c.num_rounds else [], books):
     row = {}
     evaluate_into(row, book, _seed(state.params, s), done)
-    if book.rows and book.rows[-1].get('round') == done and 'test_accuracy' not in book.rows[-1]:
-      book.rows[-1].update(row)
-      if book.writer:
-        book.writer.close()  # the rows are written anew, then appended to as before
-        metrics.keep_rows(book.workdir, done, rows=book.rows)
-        book.writer = metrics.MetricsWriter(book.workdir)
+    last = book.log.last
+    if last and last.get('round') == done and 'test_accuracy' not in last and book.writer:
+      book.writer.close()  # the rows are written anew, then appended to as before
+      book.log = metrics.RowLog(c.target_accuracy)
+      metrics.keep_rows(book.workdir, done, amend=row, into=book.log)
+      book.writer = metrics.MetricsWriter(book.workdir)
 
   # closing: compiles queued ahead are dropped however the loop ends, and those running waited
   # for, after the signal handlers are restored: a second Ctrl-C still ends that wait.
@@ -438,7 +435,7 @@ def _run(run: Run, configs: list[ml_collections.ConfigDict], workdirs: list[str]
           logging.warning('%sround %d rejected: %s (%d clients dropped); the model is '
                           'unchanged%s', _tag(book, vectorized), t, why, dropped,
                           '' if c.algorithm == 'fedavg' else ' and the eta it used is halved')
-        jump = metrics.loss_jump(book.rows, row, metrics.LOSS_JUMP)
+        jump = metrics.loss_jump(book.log.accepted_loss, row, metrics.LOSS_JUMP)
         if jump is not None:
           logging.warning('%sround %d: the training loss rose %.3gx in one round (%.4g -> %.4g) '
                           'and the round was accepted; the run may be diverging (on a GPU, '
@@ -449,7 +446,7 @@ def _run(run: Run, configs: list[ml_collections.ConfigDict], workdirs: list[str]
         row['wall_s'] = time.time() - book.start
         if book.writer:
           book.writer.write(row)
-        book.rows.append(row)
+        book.log.add(row)
         if stop or t % c.checkpoint_every == 0 or t == c.num_rounds:
           book.checkpointer.save(_seed(state, s), book.bookkeeping(t, _seed(hp, s)),
                                  wait=bool(stop) or t == c.num_rounds)
@@ -457,7 +454,7 @@ def _run(run: Run, configs: list[ml_collections.ConfigDict], workdirs: list[str]
         now = time.time()
         speed = (t - last_log[1]) / max(now - last_log[0], 1e-9)
         for book in books:
-          logging.info(_tag(book, vectorized) + metrics.progress_line(book.rows[-1],
+          logging.info(_tag(book, vectorized) + metrics.progress_line(book.log.last,
                                                                       c.num_rounds, speed))
         last_log = (now, t)
       if stop:
@@ -547,7 +544,7 @@ def _summary(book: _Book, final: dict, params, hp: np.ndarray, rounds: Rounds, r
                         'batch_size': float(hp[BATCH])},
   }
   if c.target_accuracy:
-    reached = _first_reaching(book.rows, c.target_accuracy)
+    reached = book.log.reached
     summary['target_accuracy'] = c.target_accuracy
     summary['rounds_to_target'] = reached['round'] if reached else None
     summary['examples_to_target'] = reached['examples'] if reached else None

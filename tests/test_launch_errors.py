@@ -186,7 +186,7 @@ def test_metrics_that_are_not_utf8_are_one_data_error_and_are_kept(tmp_path):
     metrics.read_rows(str(path))
   with pytest.raises(DataError):  # a resume would otherwise cut the file at the bad byte
     metrics.keep_rows(str(tmp_path), 1)
-  assert path.read_bytes() == data
+  assert path.read_bytes() == data and os.listdir(tmp_path) == [metrics.METRICS_FILE]
 
 
 @pytest.mark.parametrize('damage', ['not_gzip', 'cut'])

@@ -298,17 +298,39 @@ def test_params_digest_and_json_outputs(tmp_path):
 
 
 def test_loss_jump_compares_with_the_last_accepted_round():
-  rows = [{'train_loss': 0.05, 'accepted': True}, {'train_loss': 0.0, 'accepted': False}]
-  before, ratio = metrics.loss_jump(rows, {'train_loss': 1e11, 'accepted': True})
-  assert before == 0.05 and ratio == pytest.approx(2e12)  # the rejected round's 0 is skipped
-  assert metrics.loss_jump(rows, {'train_loss': 4.0, 'accepted': True}) is None  # 80x
-  assert metrics.loss_jump(rows, {'train_loss': 5.0, 'accepted': True}) == (0.05, 100.0)
-  assert metrics.loss_jump(rows, {'train_loss': 1e11, 'accepted': False}) is None
-  assert metrics.loss_jump([], {'train_loss': 1e11, 'accepted': True}) is None
-  assert metrics.loss_jump(rows, {'train_loss': float('inf'), 'accepted': True})[1] == np.inf
-  # Rows read back from metrics.jsonl write a non-finite loss as null.
-  assert metrics.loss_jump([{'train_loss': None, 'accepted': True}],
-                           {'train_loss': 3.0, 'accepted': True}) is None
+  log = metrics.RowLog()
+  assert log.accepted_loss is None
+  for row in [{'train_loss': 0.05, 'accepted': True}, {'train_loss': 0.0, 'accepted': False}]:
+    log.add(row)
+  before = log.accepted_loss
+  assert before == 0.05  # the rejected round's 0 is skipped
+  assert metrics.loss_jump(before, {'train_loss': 1e11, 'accepted': True}) == (
+      0.05, pytest.approx(2e12))
+  assert metrics.loss_jump(before, {'train_loss': 4.0, 'accepted': True}) is None  # 80x
+  assert metrics.loss_jump(before, {'train_loss': 5.0, 'accepted': True}) == (0.05, 100.0)
+  assert metrics.loss_jump(before, {'train_loss': 1e11, 'accepted': False}) is None
+  assert metrics.loss_jump(None, {'train_loss': 1e11, 'accepted': True}) is None
+  assert metrics.loss_jump(before, {'train_loss': float('inf'), 'accepted': True})[1] == np.inf
+  # Rows read back from metrics.jsonl write a non-finite loss as null; rows written before
+  # `accepted` was logged count as accepted.
+  log.add({'train_loss': None})
+  assert log.accepted_loss is None
+  assert metrics.loss_jump(log.accepted_loss, {'train_loss': 3.0, 'accepted': True}) is None
+
+
+def test_the_row_log_keeps_the_last_row_and_the_first_evaluation_at_the_target():
+  log = metrics.RowLog(target=0.5)
+  rows = [{'round': 1, 'train_loss': 1.0}, {'round': 2, 'train_loss': 0.9, 'test_accuracy': 0.4},
+          {'round': 3, 'train_loss': 0.8, 'test_accuracy': 0.5},
+          {'round': 4, 'train_loss': 0.7, 'test_accuracy': 0.3},
+          {'round': 5, 'train_loss': 0.6, 'test_accuracy': 0.9}]
+  for row in rows:
+    log.add(row)
+  assert log.last is rows[-1] and log.reached is rows[2] and log.accepted_loss == 0.6
+  untargeted = metrics.RowLog()
+  for row in rows:
+    untargeted.add(row)
+  assert untargeted.reached is None  # no target: nothing to reach
 
 
 def test_a_run_warns_of_each_accepted_round_whose_loss_jumped(tmp_path, monkeypatch, caplog):

@@ -521,8 +521,17 @@ def test_metrics_rows_read_plain_or_gzipped_up_to_a_torn_line_and_kept_to_a_roun
     f.write(text)
   for path in (str(plain), str(plain) + '.gz'):
     assert [r['round'] for r in metrics.read_rows(path)] == [1, 2, 3]
-  assert [r['round'] for r in metrics.keep_rows(str(tmp_path), 2)[0]] == [1, 2]
-  assert plain.read_text() == '{"round": 1}\n{"round": 2}\n'
+  log = metrics.RowLog()
+  assert metrics.keep_rows(str(tmp_path), 2, into=log) is False
+  assert plain.read_text() == '{"round": 1}\n{"round": 2}\n' and log.last == {'round': 2}
+  # The evaluation of one round dropped; fields added to the last kept row.
+  plain.write_text(''.join(json.dumps({'round': t, 'test_accuracy': t / 10}) + '\n'
+                           for t in (1, 2, 3)))
+  assert metrics.keep_rows(str(tmp_path), 3, drop_eval_at=2, amend={'x': 1}) is True
+  assert metrics.read_rows(str(plain)) == [{'round': 1, 'test_accuracy': 0.1}, {'round': 2},
+                                           {'round': 3, 'test_accuracy': 0.3, 'x': 1}]
+  assert metrics.keep_rows(str(tmp_path), 3, drop_eval_at=2) is False  # nothing left to drop
+  assert sorted(os.listdir(tmp_path)) == [metrics.METRICS_FILE, metrics.METRICS_FILE + '.gz']
 
 
 @pytest.mark.parametrize('bad', ['xx', '[1, 2]', '{"loss": 1}'])
