@@ -99,8 +99,10 @@ def build(config: ml_collections.ConfigDict, task: Task | None = None) -> Run:
 
   in_memory = isinstance(task.train, ArrayClientDataset)
   if config.data_on_device == 'yes' and not in_memory:
+    hint = (' (or set config.data.in_memory=True, which makes every client once and keeps '
+            'them)' if config.data.name == 'femnist_synthetic' else '')
     raise ConfigError("config.data_on_device='yes' needs an in-memory training set; "
-                      f'{task.name} is read client by client, use auto or no')
+                      f'{task.name} is read client by client, use auto or no{hint}')
   size = sum(a.nbytes for a in task.train.features.values()) if in_memory else math.inf
   resident = in_memory and (config.data_on_device == 'yes' or (
       config.data_on_device == 'auto' and size <= _resident_bytes(mesh)))

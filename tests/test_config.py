@@ -106,6 +106,16 @@ def test_more_devices_than_present_is_refused():
     build(tiny_config(num_devices=64), tiny_task())
 
 
+def test_data_on_device_yes_needs_a_training_set_in_memory():
+  c = tiny_config(data_on_device='yes')
+  c.data.name = 'femnist_synthetic'
+  with pytest.raises(ConfigError, match=r"data_on_device='yes' needs an in-memory training set; "
+                     r'.* use auto or no \(or set config.data.in_memory=True'):
+    build(c)
+  c.data.in_memory = True  # what the message offers works
+  assert build(c).resident
+
+
 class _FakeDevice:
   def __init__(self, platform, stats):
     self.platform, self._stats = platform, stats
