@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import gzip
 import hashlib
@@ -114,9 +115,14 @@ class RowLog:
     self.last = row
     if row.get('accepted', True):
       self.accepted_loss = row.get('train_loss')
-    accuracy = row.get('test_accuracy')
-    if self.target and self.reached is None and accuracy is not None and accuracy >= self.target:
+    if self.target and self.reached is None and reaches(row, self.target):
       self.reached = row
+
+
+def reaches(row: dict, target: float) -> bool:
+  """Whether `row` holds an evaluation at or above `target` (what rounds_to_target counts)."""
+  accuracy = row.get('test_accuracy')
+  return accuracy is not None and accuracy >= target
 
 
 def finished_rounds(workdir: str) -> int | None:
@@ -140,37 +146,43 @@ def keep_rows(workdir: str, last_round: int, drop_eval_at: int | None = None, *,
   evaluation was dropped.
   """
   path = os.path.join(workdir, METRICS_FILE)
-  tmp = path + '.tmp'
   dropped, keeping = False, True
+  with replaced(path) as out:
+    for row in iter_rows(path) if os.path.exists(path) else ():
+      keeping = keeping and row['round'] <= last_round
+      if not keeping:
+        continue  # read on all the same: a damaged line further on is refused
+      if row['round'] == drop_eval_at:
+        without = {k: v for k, v in row.items() if not k.startswith('test_')}
+        dropped, row = dropped or without != row, without
+      if amend is not None and row['round'] == last_round:
+        row = {**row, **amend}
+      out.write(json.dumps(_plain(row)) + '\n')
+      if into is not None:
+        into.add(row)
+  return dropped
+
+
+@contextlib.contextmanager
+def replaced(path: str) -> Iterator[IO[str]]:
+  """A text file that replaces `path` at once when the block ends, and is removed if it
+  raises: a reader (another host's process, a resumed run after a kill) sees the old file or
+  the new one, never half of one."""
+  tmp = path + '.tmp'
   try:
-    with open(tmp, 'w', encoding='utf-8') as out:
-      for row in iter_rows(path) if os.path.exists(path) else ():
-        keeping = keeping and row['round'] <= last_round
-        if not keeping:
-          continue  # read on all the same: a damaged line further on is refused
-        if row['round'] == drop_eval_at:
-          without = {k: v for k, v in row.items() if not k.startswith('test_')}
-          dropped, row = dropped or without != row, without
-        if amend is not None and row['round'] == last_round:
-          row = {**row, **amend}
-        out.write(json.dumps(_plain(row)) + '\n')
-        if into is not None:
-          into.add(row)
+    with open(tmp, 'w', encoding='utf-8') as f:
+      yield f
   except BaseException:
     if os.path.exists(tmp):
       os.remove(tmp)
     raise
   os.replace(tmp, path)
-  return dropped
 
 
 def write_text(path: str, text: str) -> None:
-  """Writes atomically: a reader (another host's process, a resumed run after a kill) sees the
-  old file or the new one, never half of one."""
-  tmp = path + '.tmp'
-  with open(tmp, 'w', encoding='utf-8') as f:
+  """Writes `text` to `path` atomically (replaced)."""
+  with replaced(path) as f:
     f.write(text)
-  os.replace(tmp, path)
 
 
 def write_json(path: str, obj: dict) -> None:

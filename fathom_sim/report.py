@@ -172,8 +172,7 @@ def group_runs(runs: list[RunData]) -> list[Group]:
 
 def first_reaching(rows: list[dict], target: float) -> dict | None:
   """The first row whose test accuracy is at least `target`; None when none is."""
-  return next((r for r in rows if r.get('test_accuracy') is not None
-               and r['test_accuracy'] >= target), None)
+  return next((r for r in rows if metrics.reaches(r, target)), None)
 
 
 def mean_std(values: list[float]) -> tuple[float | None, float | None]:
