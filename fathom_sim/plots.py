@@ -6,6 +6,7 @@ report.Group.plotted), at the rounds each of them logged; the band is the min..m
 
 from __future__ import annotations
 
+import functools
 import os
 
 import matplotlib
@@ -19,19 +20,27 @@ from fathom_sim.report import Group, best_fedavg  # noqa: E402
 HPARAMS = (('eta', 'η'), ('epochs', 'E'), ('batch_size', 'B'), ('h_glob', 'h_glob'),
            ('h_local', 'h_local'))
 MAX_CURVES = 12  # beyond this a plot is unreadable; the table still lists every setting
+# Points a curve draws at most: a week-long run logs millions of rounds, more than a plot's
+# pixels show, and each costs matplotlib time and memory.
+MAX_POINTS = 20_000
 # Ten colours solid, then dashed: no two of MAX_CURVES curves look alike.
 _STYLES = plt.cycler(linestyle=['-', '--']) * plt.cycler(color=plt.get_cmap('tab10').colors)
 
 
 def curve(group: Group, field: str, x_field: str = 'round'):
-  """(x, mean, min, max) over the plotted seeds of `field`, at the rounds where each has it."""
-  per_run = [{r['round']: (r[x_field], r[field]) for r in run.rows
-              if r.get(field) is not None} for run in group.plotted]
-  rounds = sorted(set.intersection(*(set(d) for d in per_run))) if per_run else []
-  if not rounds:
+  """(x, mean, min, max) over the plotted seeds of `field`, at the rounds where each has it;
+  at most MAX_POINTS of those rounds, evenly spread, the first and last among them."""
+  per_run = [run.rows.by_round(field, x_field) for run in group.plotted]
+  if not per_run:
     return None
-  x = np.array([[d[t][0] for t in rounds] for d in per_run], float).mean(0)
-  y = np.array([[d[t][1] for t in rounds] for d in per_run], float)
+  rounds = functools.reduce(np.intersect1d, (r for r, _, _ in per_run))
+  if not len(rounds):
+    return None
+  if len(rounds) > MAX_POINTS:
+    rounds = rounds[np.unique(np.linspace(0, len(rounds) - 1, MAX_POINTS).round().astype(int))]
+  at = [np.searchsorted(r, rounds) for r, _, _ in per_run]
+  x = np.stack([xs[i] for (_, xs, _), i in zip(per_run, at)]).mean(0)
+  y = np.stack([ys[i] for (_, _, ys), i in zip(per_run, at)])
   return x, y.mean(0), y.min(0), y.max(0)
 
 

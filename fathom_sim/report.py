@@ -9,17 +9,85 @@ yet resumed after num_rounds was raised is unfinished, not a shorter finished ru
 
 from __future__ import annotations
 
+import array
 import dataclasses
 import json
 import os
 import re
 import statistics
 
+import numpy as np
+
 from fathom_sim import metrics
 from fathom_sim.config import base_config, unread_paths
 from fathom_sim import workdir as workdir_lib
 
 _SEED_DIR = re.compile(r'^seed=\d+$')
+
+# The fields of a metrics row that the tables and plots read.
+FIELDS = ('round', 'wall_s', 'examples', 'local_steps', 'test_accuracy', 'eta', 'epochs',
+          'batch_size', 'h_glob', 'h_local')
+
+
+def _number(value) -> float:
+  """A logged value as a float; NaN for null, a missing field or anything not a number."""
+  if isinstance(value, (int, float)) and not isinstance(value, bool):
+    return float(value)
+  return np.nan
+
+
+class Rows:
+  """A run's metrics rows as columns: FIELDS as float64 arrays, NaN where a row has no number.
+
+  Why not the rows' dicts: a week-long run logs millions of rows, ~1 KB each as a dict, and a
+  report reads a sweep of such runs; as columns a row takes 80 bytes. float64 holds every
+  logged value exactly (JSON numbers are read as float64, rounds and counts are below 2**53).
+  """
+
+  def __init__(self, columns: dict[str, np.ndarray]):
+    self.columns = columns
+
+  @classmethod
+  def read(cls, path: str) -> 'Rows':
+    """The rows of a metrics.jsonl, streamed (metrics.iter_rows: same torn-line rules)."""
+    cols = {f: array.array('d') for f in FIELDS}
+    for row in metrics.iter_rows(path):
+      for f, col in cols.items():
+        col.append(_number(row.get(f)))
+    return cls({f: np.frombuffer(col, np.float64) for f, col in cols.items()})
+
+  def __len__(self) -> int:
+    return len(self.columns['round'])
+
+  def __getitem__(self, field: str) -> np.ndarray:
+    return self.columns[field]
+
+  def last(self, field: str) -> float | None:
+    """The last row's value of `field`; None without rows or without a number there."""
+    if not len(self):
+      return None
+    v = float(self.columns[field][-1])
+    return None if np.isnan(v) else v
+
+  def row(self, i: int) -> dict:
+    """Row i's FIELDS that hold a number."""
+    return {f: float(c[i]) for f, c in self.columns.items() if not np.isnan(c[i])}
+
+  def evaluated(self) -> np.ndarray:
+    """Indices of the rows holding a test accuracy, in order."""
+    return np.flatnonzero(~np.isnan(self.columns['test_accuracy']))
+
+  def by_round(self, field: str, x_field: str = 'round') -> tuple[np.ndarray, np.ndarray,
+                                                                  np.ndarray]:
+    """(rounds, x, y) of the rows holding both numbers, sorted by round, the last row of a
+    round kept where one repeats (as a dict keyed by round would)."""
+    r, x, y = self.columns['round'], self.columns[x_field], self.columns[field]
+    keep = ~np.isnan(x) & ~np.isnan(y)
+    r, x, y = r[keep], x[keep], y[keep]
+    order = np.argsort(r, kind='stable')
+    r, x, y = r[order], x[order], y[order]
+    last = np.r_[r[1:] != r[:-1], True] if len(r) else np.zeros(0, bool)
+    return r[last], x[last], y[last]
 
 
 @dataclasses.dataclass
@@ -28,7 +96,7 @@ class RunData:
   workdir: str
   setting: str
   config: dict
-  rows: list[dict]
+  rows: Rows
   summary: dict | None
 
   @property
@@ -39,13 +107,13 @@ class RunData:
   def total_examples(self) -> int:
     if self.summary and 'total_examples' in self.summary:
       return int(self.summary['total_examples'])
-    return int(self.rows[-1]['examples']) if self.rows else 0
+    return int(self.rows.last('examples') or 0)
 
   @property
   def total_local_steps(self) -> int:
     if self.summary and 'total_local_steps' in self.summary:
       return int(self.summary['total_local_steps'])
-    return int(self.rows[-1]['local_steps']) if self.rows else 0
+    return int(self.rows.last('local_steps') or 0)
 
 
 @dataclasses.dataclass
@@ -61,7 +129,7 @@ class Group:
   @property
   def num_rounds(self) -> int:
     """The rounds the setting runs to: the most that any seed's config names (or logged)."""
-    return max(int(r.config.get('num_rounds') or 0) or (r.rows[-1]['round'] if r.rows else 0)
+    return max(int(r.config.get('num_rounds') or 0) or int(r.rows.last('round') or 0)
                for r in self.runs)
 
   @property
@@ -75,7 +143,7 @@ class Group:
     """The seeds a curve averages: the finished ones, or every seed with rows while none is (a
     curve over the rounds every seed logged would stop where the least advanced seed is, and
     vanish with a seed that has logged none)."""
-    return self.finished or [r for r in self.runs if r.rows]
+    return self.finished or [r for r in self.runs if len(r.rows)]
 
   def differing_fields(self) -> dict[str, list]:
     """Fields, other than the seed and those a resumed run may change, in which the seeds'
@@ -110,9 +178,9 @@ def _read_json(path: str) -> dict | None:
 def read_run(workdir: str, setting: str) -> RunData:
   """A run's files. Its summary counts only when it is the summary of the run's rounds: one
   left by a run since extended (num_rounds raised, then stopped) describes fewer rounds."""
-  rows = metrics.read_rows(os.path.join(workdir, metrics.METRICS_FILE))
+  rows = Rows.read(os.path.join(workdir, metrics.METRICS_FILE))
   config = _read_json(os.path.join(workdir, workdir_lib.CONFIG_FILE))
-  if config is None and not rows:
+  if config is None and not len(rows):
     # Every run writes its config.json before any row: this is some other file, and listing
     # it as a run of algorithm '?' would put an empty setting in every table.
     from fathom_sim.data import DataError
@@ -123,7 +191,7 @@ def read_run(workdir: str, setting: str) -> RunData:
   summary = _read_json(os.path.join(workdir, metrics.SUMMARY_FILE))
   if summary is not None:
     rounds = summary.get('rounds')
-    if rounds != config.get('num_rounds', rounds) or (rows and rows[-1]['round'] != rounds):
+    if rounds != config.get('num_rounds', rounds) or (len(rows) and rows.last('round') != rounds):
       summary = None
   return RunData(workdir, setting, config, rows, summary)
 
@@ -170,9 +238,10 @@ def group_runs(runs: list[RunData]) -> list[Group]:
   return list(groups.values())
 
 
-def first_reaching(rows: list[dict], target: float) -> dict | None:
-  """The first row whose test accuracy is at least `target`; None when none is."""
-  return next((r for r in rows if metrics.reaches(r, target)), None)
+def first_reaching(rows: Rows, target: float) -> dict | None:
+  """The first row whose test accuracy is at least `target` (its FIELDS); None when none is."""
+  return next((row for row in map(rows.row, rows.evaluated()) if metrics.reaches(row, target)),
+              None)
 
 
 def mean_std(values: list[float]) -> tuple[float | None, float | None]:
@@ -208,18 +277,22 @@ def last_evaluated(group: Group) -> tuple[float | None, float | None]:
   test clients, when eval_clients is set, at whatever round it stands)."""
   values = []
   for run in group.runs:
-    evals = [r['test_accuracy'] for r in run.rows if r.get('test_accuracy') is not None]
-    if evals:
-      values.append(evals[-1])
+    evals = run.rows.evaluated()
+    if len(evals):
+      values.append(float(run.rows['test_accuracy'][evals[-1]]))
   return mean_std(values)
 
 
 def seconds_per_round(group: Group) -> float | None:
   """Median wall-clock seconds between consecutive rows, over all seeds (compiles excluded
   by the median, evaluation rounds included)."""
-  gaps = [b['wall_s'] - a['wall_s'] for r in group.runs for a, b in zip(r.rows, r.rows[1:])
-          if b['round'] == a['round'] + 1]
-  return statistics.median(gaps) if gaps else None
+  gaps = []
+  for run in group.runs:
+    rounds, wall = run.rows['round'], run.rows['wall_s']
+    step = np.diff(wall)[np.diff(rounds) == 1]
+    gaps.append(step[~np.isnan(step)])
+  gaps = np.concatenate(gaps) if gaps else np.zeros(0)
+  return float(np.median(gaps)) if len(gaps) else None
 
 
 def best_fedavg(groups: list[Group], target: float) -> Group | None:

@@ -243,7 +243,7 @@ def test_report_refuses_a_folder_whose_metrics_hold_no_rows_and_no_config_beside
            f"{run / metrics.METRICS_FILE}: no rows of a run, and no readable config.json")
   (run / 'config.json').write_text('{"algorithm": "fathom", "num_rounds": 5}')
   [listed] = report.find_runs([str(tmp_path)])
-  assert (listed.algorithm, listed.rows) == ('fathom', [])
+  assert (listed.algorithm, len(listed.rows)) == ('fathom', 0)
   assert '`run`' in report.markdown(report.group_runs([listed]), [0.3])
 
 

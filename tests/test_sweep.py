@@ -3,9 +3,11 @@
 import json
 import math
 import os
+import random
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from fathom_sim import plots, report, sweep
@@ -210,6 +212,81 @@ def test_tables_match_hand_computed_values(tmp_path):
     apart = report.group_runs(report.find_runs([str(p) for p in paths]))
     setting = {g.setting: len(g.runs) for g in apart if g.setting.endswith('eta=0.1')}
     assert sorted(setting.values()) == [1, 2], setting
+
+
+def _slow_tables(rows_by_seed, field, target):
+  """The report's figures computed over the rows' dicts, one by one (the reference)."""
+  hits = [next((r for r in rows if r.get('test_accuracy') is not None
+                and r['test_accuracy'] >= target), None) for rows in rows_by_seed]
+  gaps = sorted(b['wall_s'] - a['wall_s'] for rows in rows_by_seed
+                for a, b in zip(rows, rows[1:]) if b['round'] == a['round'] + 1
+                and isinstance(a.get('wall_s'), float) and isinstance(b.get('wall_s'), float))
+  per_run = [{r['round']: r[field] for r in rows if isinstance(r.get(field), float)}
+             for rows in rows_by_seed]
+  common = sorted(set.intersection(*(set(d) for d in per_run)))
+  lasts = [[r['test_accuracy'] for r in rows if r.get('test_accuracy') is not None][-1:]
+           for rows in rows_by_seed]
+  return ([None if h is None else (h['round'], h['examples'], h['local_steps']) for h in hits],
+          (gaps[(len(gaps) - 1) // 2] + gaps[len(gaps) // 2]) / 2, common,
+          [[d[t] for t in common] for d in per_run], [v for last in lasts for v in last])
+
+
+def test_the_report_reads_rows_as_columns_with_the_rows_own_figures(tmp_path):
+  """Runs are read as columns (a week-long run's rows as dicts do not fit in memory): the
+  rounds to a target, seconds per round, last evaluations and curves equal a slow reading of
+  the rows' dicts, with gaps in the rounds, rounds logged twice, null and missing fields, and
+  a torn last line."""
+  rng = random.Random(0)
+  root = tmp_path / 'sweep' / 'fathom'
+  rows_by_seed = []
+  for seed in range(3):
+    rows, wall = [], 0.0
+    # Rounds 38-39 logged twice on seed 0 (a resumed run of older code, rows not cut).
+    for t in [*range(1, 40), *([38, 39] if seed == 0 else []), *range(45, 90)]:
+      wall += rng.uniform(0.1, 0.9)
+      row = {'round': t, 'examples': 100 * t + seed, 'local_steps': 7 * t, 'wall_s': wall,
+             'eta': rng.uniform(0.01, 1), 'epochs': 1.0, 'batch_size': 20.0, 'h_glob': 0.0,
+             'h_local': 0.1, 'accepted': True}
+      if t % 5 == seed:
+        row['test_accuracy'] = rng.uniform(0, 0.8)
+      if t % 11 == seed:
+        row['eta'] = None  # a non-finite value as the writer logs it
+      if t % 13 == seed:
+        del row['wall_s']
+      rows.append(row)
+    rows_by_seed.append(rows)
+    os.makedirs(root / f'seed={seed}')
+    (root / f'seed={seed}' / 'config.json').write_text('{"algorithm": "fathom"}')
+    (root / f'seed={seed}' / 'metrics.jsonl').write_text(
+        ''.join(json.dumps(r) + '\n' for r in rows) + '{"round": 90, "exa')
+  [group] = report.group_runs(report.find_runs([str(tmp_path / 'sweep')]))
+  for target in (0.3, 0.6, 0.79):
+    hits, median, common, etas, lasts = _slow_tables(rows_by_seed, 'eta', target)
+    got = [report.first_reaching(run.rows, target) for run in group.runs]
+    assert [None if h is None else (h['round'], h['examples'], h['local_steps'])
+            for h in got] == hits
+  assert report.seconds_per_round(group) == pytest.approx(median, rel=1e-12)
+  assert report.last_evaluated(group) == pytest.approx(report.mean_std(lasts))
+  x, mean, lo, hi = plots.curve(group, 'eta')
+  assert list(x) == common and 0 < len(common) < 84
+  assert mean == pytest.approx([sum(v) / 3 for v in zip(*etas)])
+  assert list(lo) == [min(v) for v in zip(*etas)] and list(hi) == [max(v) for v in zip(*etas)]
+  assert group.runs[0].total_examples == 8900 and group.num_rounds == 89
+
+
+def test_a_long_runs_curve_draws_at_most_max_points_rounds(tmp_path, monkeypatch):
+  _write_run(tmp_path / 'run', 'fathom', {t: t / 1000 for t in range(1, 1001, 10)}, 100, 1000)
+  [group] = report.group_runs(report.find_runs([str(tmp_path / 'run')]))
+  full = plots.curve(group, 'h_local')
+  monkeypatch.setattr(plots, 'MAX_POINTS', 7)
+  x, mean, _, _ = plots.curve(group, 'h_local')
+  assert len(full[0]) == 1000 and list(mean) == [0.1] * 7
+  evals = plots.curve(group, 'test_accuracy')[0]
+  for drawn, step, last in ((x, 1, 1000), (evals, 10, 991)):
+    gaps = np.diff(drawn)
+    # The first and last rounds, and the rest evenly spread among the rounds logged.
+    assert len(drawn) == 7 and (drawn[0], drawn[-1]) == (1, last)
+    assert all(g % step == 0 for g in gaps) and gaps.max() - gaps.min() <= step
 
 
 def test_a_summary_left_by_a_run_since_extended_does_not_make_it_finished(tmp_path):
