@@ -22,6 +22,10 @@
 #                                       # forms included) at 50 lanes in float32 and bfloat16,
 #                                       # with XLA's estimate of each step's memory traffic;
 #                                       # then cohorts 10 and 200 with each dtype's fastest
+#   bash benchmarks/gpu.sh lanes OUT    # the CNN (and the LSTM at cohort 50) with fewer lanes
+#                                       # than clients: cohort:lanes pairs LANE_PAIRS (default
+#                                       # 10:5,10:7,10:10,50:17,50:25,50:50,100:34,100:50;
+#                                       # LSTM_PAIRS 50:17,50:25,50:50), the data on the GPU
 #
 # Why `loops` and the CUDA graph: a round's local loop runs to the longest lane, a bound read
 # from the cohort table on the device. XLA:GPU then cannot know the trip count, so it copies the
@@ -57,7 +61,7 @@
 # RERUN=1 runs `fathom` a second time on the compilation cache the first one filled.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-usage='usage: benchmarks/gpu.sh fathom|sweep|profile|loops|chunks|dtypes|convs OUT'
+usage='usage: benchmarks/gpu.sh fathom|sweep|profile|loops|chunks|dtypes|convs|lanes OUT'
 part="${1:?$usage}"
 out="${2:?$usage}"
 dtype="${COMPUTE_DTYPE:-float32}"
@@ -205,7 +209,26 @@ EOF
           | grep -v '^[IW][0-9]' || echo "benchmark.py --compute_dtype=$d --conv=$best: exit $?"
     done
     ;;
+  lanes)
+    # Why: a step's cost grows about linearly with the lanes past ~10 (H200, CNN: ~0.6 ms +
+    # 0.048 ms a lane), while a round runs to its longest lane. At cohort 50 the 50 lanes of
+    # one client each run to the longest client (padding 0.50); ~20-25 lanes of 2-3 clients
+    # each, packed longest first, run about as many steps at half the cost a step
+    # (docs/benchmarks.md, "Ninth session": a prediction this part measures).
+    for task in cnn lstm; do
+      pairs="${LANE_PAIRS:-10:5,10:7,10:10,50:17,50:25,50:50,100:34,100:50}"
+      [ "$task" = lstm ] && pairs="${LSTM_PAIRS:-50:17,50:25,50:50}"
+      for pair in $(echo "$pairs" | tr ',' ' '); do
+        cohort="${pair%%:*}" lanes="${pair##*:}"
+        "$py" launch/benchmark.py --tasks="$task" --cohort_sizes="$cohort" --rounds=5 \
+            --warmup=2 --in_memory=True --lanes_per_device="$lanes" --compute_dtype="$dtype" \
+            --conv="$conv" --json="$out/lanes_${task}_${cohort}_$lanes.json" 2>&1 \
+            | grep -v '^[IW][0-9]' | tail -n 1 | sed "s/\$/  (lanes $lanes)/" \
+            | tee -a "$out/lanes.txt" || echo "benchmark.py $task $cohort:$lanes: exit $?"
+      done
+    done
+    ;;
   *) echo "benchmarks/gpu.sh: unknown part '$part' (fathom, sweep, profile, loops, chunks," \
-          "dtypes or convs)" >&2
+          "dtypes, convs or lanes)" >&2
      exit 2 ;;
 esac
