@@ -79,7 +79,8 @@ def iter_rows(path: str) -> Iterator[dict]:
           row = json.loads(line)
         except ValueError:
           row = None
-        if isinstance(row, dict) and isinstance(row.get('round'), int):
+        # JSON's true is a Python int too: a row's round is an integer and not a bool.
+        if isinstance(row, dict) and type(row.get('round')) is int:
           yield row
         else:
           bad = (number, line, row)

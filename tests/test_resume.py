@@ -557,6 +557,23 @@ def test_a_damaged_row_before_others_is_refused_and_no_row_is_lost(tmp_path, bad
     assert [r['round'] for r in metrics.read_rows(path)] == [1, 2, 3, 4]
 
 
+@pytest.mark.parametrize('bad', ['{"round": true}', '{"round": 2.0}', '{"round": "2"}',
+                                 '{"round": null}'])
+def test_a_row_whose_round_is_no_integer_is_no_row(tmp_path, bad):
+  """JSON's true reads as a Python int: it passed for round 1, and a report took it as such."""
+  from fathom_sim import metrics
+  from fathom_sim.data import DataError
+  path = str(tmp_path / metrics.METRICS_FILE)
+  with open(path, 'w') as f:
+    f.write('{"round": 1}\n' + bad + '\n{"round": 3}\n')
+  with pytest.raises(DataError, match=f'{path}: line 2 is not a row of a run .*rows follow it'):
+    metrics.read_rows(path)
+  with open(path, 'w') as f:  # whole JSON, last: still no torn write
+    f.write('{"round": 1}\n' + bad + '\n')
+  with pytest.raises(DataError, match=f'{path}: line 2 is not a row of a run'):
+    metrics.read_rows(path)
+
+
 def test_a_field_the_run_does_not_read_may_change_on_resume(tmp_path):
   """FATHOM's fields under FedAvg (another dataset's, server optimizer's) change nothing: a
   resume that changes them goes on from its checkpoint to the uninterrupted run's model and
