@@ -22,10 +22,11 @@
 #                                       # forms included) at 50 lanes in float32 and bfloat16,
 #                                       # with XLA's estimate of each step's memory traffic;
 #                                       # then cohorts 10 and 200 with each dtype's fastest
-#   bash benchmarks/gpu.sh lanes OUT    # the CNN (and the LSTM at cohort 50) with fewer lanes
-#                                       # than clients: cohort:lanes pairs LANE_PAIRS (default
-#                                       # 10:5,10:7,10:10,50:17,50:25,50:50,100:34,100:50;
-#                                       # LSTM_PAIRS 50:17,50:25,50:50), the data on the GPU
+#   bash benchmarks/gpu.sh lanes OUT    # the CNN and the LSTM with lanes_per_device auto's
+#                                       # choice (fewer lanes than clients) against one client
+#                                       # a lane: cohort:lanes pairs LANE_PAIRS (default
+#                                       # 10:7,10:10,50:25,50:50,100:39,100:50,200:45,200:50)
+#                                       # and LSTM_PAIRS (10:4,10:10,50:10,50:50), data on GPU
 #
 # Why `loops` and the CUDA graph: a round's local loop runs to the longest lane, a bound read
 # from the cohort table on the device. XLA:GPU then cannot know the trip count, so it copies the
@@ -211,13 +212,14 @@ EOF
     ;;
   lanes)
     # Why: a step's cost grows about linearly with the lanes past ~10 (H200, CNN: ~0.6 ms +
-    # 0.048 ms a lane), while a round runs to its longest lane. At cohort 50 the 50 lanes of
-    # one client each run to the longest client (padding 0.50); ~20-25 lanes of 2-3 clients
-    # each, packed longest first, run about as many steps at half the cost a step
-    # (docs/benchmarks.md, "Ninth session": a prediction this part measures).
+    # 0.048 ms a lane; LSTM ~1.5 + 0.47), while a round runs to its longest lane. One client a
+    # lane runs every lane to the cohort's longest client (cohort 50: padding 0.50 for the
+    # CNN, 0.24 for the LSTM); auto now packs them onto the fewest lanes that run at most 10 %
+    # more steps (25 and 10 lanes at cohort 50). docs/benchmarks.md, "Ninth session": the
+    # prediction (benchmarks/lane_counts.py) this part measures.
     for task in cnn lstm; do
-      pairs="${LANE_PAIRS:-10:5,10:7,10:10,50:17,50:25,50:50,100:34,100:50}"
-      [ "$task" = lstm ] && pairs="${LSTM_PAIRS:-50:17,50:25,50:50}"
+      pairs="${LANE_PAIRS:-10:7,10:10,50:25,50:50,100:39,100:50,200:45,200:50}"
+      [ "$task" = lstm ] && pairs="${LSTM_PAIRS:-10:4,10:10,50:10,50:50}"
       for pair in $(echo "$pairs" | tr ',' ' '); do
         cohort="${pair%%:*}" lanes="${pair##*:}"
         "$py" launch/benchmark.py --tasks="$task" --cohort_sizes="$cohort" --rounds=5 \

@@ -20,6 +20,7 @@ from fathom_sim import fathom, models, rng, server
 from fathom_sim.config import ConfigError, check_config
 from fathom_sim.data import DataError, DatasetError, Task, load_task
 from fathom_sim.data.federated import ArrayClientDataset
+from fathom_sim.data.plan import fewest_lanes
 from fathom_sim.errors import first_line
 from fathom_sim.mesh import make_mesh, put, replicated
 from fathom_sim.types import ServerState
@@ -33,6 +34,13 @@ RESIDENT_FRACTION = 0.25
 # at B 20 stops gaining from more lanes at ~50 (docs/benchmarks.md), and at cohort 200 the
 # CNN and LSTM rounds ran 1.2x and 2.5x faster with 50 lanes than with 200.
 MAX_ACCELERATOR_LANES = 50
+# ... and fewer, where packing several clients a lane costs at most LANE_STEP_SLACK more local
+# steps a round (estimated over LANE_COHORTS sampled cohorts): a step's cost grows with its
+# lanes (H200: ~0.6 + 0.05 ms a lane for the CNN, ~1.5 + 0.47 for the LSTM), and with one
+# client a lane every lane runs to the cohort's longest client (the LSTM at cohort 50: padding
+# 0.24). docs/benchmarks.md, "Ninth session".
+LANE_STEP_SLACK = 0.1
+LANE_COHORTS = 64
 
 
 @dataclasses.dataclass
@@ -94,7 +102,7 @@ def build(config: ml_collections.ConfigDict, task: Task | None = None) -> Run:
       config.server_optimizer, config.server_lr, momentum=config.server_momentum,
       b1=config.server_b1, b2=config.server_b2, eps=config.server_eps)
   tuner, upper = hyper_setup(config)
-  lanes = _auto_lanes(config, mesh)
+  lanes = _auto_lanes(config, mesh, task.train.num_examples)
   _check_first_round_fits(config, task, mesh, lanes)
 
   in_memory = isinstance(task.train, ArrayClientDataset)
@@ -148,13 +156,12 @@ def _auto_conv(config, mesh) -> str:
   return 'matmul' if mesh.devices.flat[0].platform in ('cpu', 'gpu') else 'xla'
 
 
-def _auto_lanes(config, mesh) -> int:
+def _auto_lanes(config, mesh, num_examples: np.ndarray) -> int:
   """Lanes per device: config.lanes_per_device, or by platform when it is 0.
 
-  CPU: one (a core gains nothing from side-by-side clients). Accelerators: every client of the
-  device side by side, up to MAX_ACCELERATOR_LANES; past that the device is already full and
-  more lanes only pad more steps (each lane runs to its longest). Never more than the cohort
-  fills: a lane without a client computes padding only.
+  CPU: one (a core gains nothing from side-by-side clients). Accelerators:
+  accelerator_lanes. Never more than the cohort fills: a lane without a client computes
+  padding only.
   """
   fill = -(-config.cohort_size // mesh.devices.size)
   if config.lanes_per_device > fill:
@@ -167,7 +174,30 @@ def _auto_lanes(config, mesh) -> int:
     return config.lanes_per_device
   if mesh.devices.flat[0].platform == 'cpu':
     return 1
-  return min(fill, MAX_ACCELERATOR_LANES)
+  lanes = accelerator_lanes(config, mesh.devices.size, num_examples)
+  if lanes < min(fill, MAX_ACCELERATOR_LANES):
+    logging.info('lanes per device: %d, of the %d the cohort fills: its clients packed longest '
+                 'first run at most %d%% more local steps on them (config.lanes_per_device '
+                 'sets it)', lanes, min(fill, MAX_ACCELERATOR_LANES),
+                 round(100 * LANE_STEP_SLACK))
+  return lanes
+
+
+def accelerator_lanes(config, devices: int, num_examples: np.ndarray) -> int:
+  """lanes_per_device auto on accelerators: up to every client of a device side by side, at
+  most MAX_ACCELERATOR_LANES (past that the device is already full and more lanes only pad
+  more steps, each lane running to its longest), and of those the fewest whose rounds run at
+  most LANE_STEP_SLACK more local steps (plan.fewest_lanes), for the training clients' sizes
+  `num_examples` at the config's first E and B."""
+  most = min(-(-config.cohort_size // devices), MAX_ACCELERATOR_LANES)
+  # The estimate's cohorts are its own (a fixed seed): every seed of a setting, run alone or
+  # vectorised, gets the same lanes and so the same programs.
+  num_examples = np.asarray(num_examples)
+  eligible = np.flatnonzero(num_examples > 0)
+  draw = np.random.default_rng(0)
+  cohorts = [fathom.integer_schedule(config.epochs, config.batch_size, num_examples[
+      draw.choice(eligible, config.cohort_size, replace=False)])[1] for _ in range(LANE_COHORTS)]
+  return fewest_lanes(cohorts, devices, most, LANE_STEP_SLACK)
 
 
 # Models whose local-step loop runs far slower inside a device loop than as a program per step

@@ -1,11 +1,15 @@
 """Bad configs fail before any compute, with one message naming the field."""
 
+import logging
+
 import jax
 import numpy as np
 import pytest
 
+from fathom_sim import fathom
 from fathom_sim.config import ConfigError, base_config, check_config, unread_fields
 from fathom_sim import run as run_lib
+from fathom_sim.data.plan import longest_lane
 from fathom_sim.run import build
 from tests.common import tiny_config, tiny_task
 
@@ -131,7 +135,8 @@ class _FakeMesh:
 
 def test_auto_lanes_and_resident_limits_per_platform(caplog):
   """CPU: 1 GiB resident and one lane; an accelerator: a quarter of its memory (1 GiB when it
-  reports none) and every client of the cohort side by side, up to MAX_ACCELERATOR_LANES."""
+  reports none) and every client of the cohort side by side, up to MAX_ACCELERATOR_LANES, for
+  clients of equal size (fewer lanes would run more steps)."""
   cpu = _FakeMesh(_FakeDevice('cpu', None))
   gpu = _FakeMesh(_FakeDevice('gpu', {'bytes_limit': 80 << 30}))
   assert run_lib._resident_bytes(cpu) == run_lib.RESIDENT_BYTES
@@ -139,21 +144,47 @@ def test_auto_lanes_and_resident_limits_per_platform(caplog):
   assert run_lib._resident_bytes(_FakeMesh(_FakeDevice('tpu', None))) == run_lib.RESIDENT_BYTES
   c = base_config()
   c.cohort_size = 200
-  assert run_lib._auto_lanes(c, cpu) == 1
-  assert run_lib._auto_lanes(c, gpu) == run_lib.MAX_ACCELERATOR_LANES
+  n = np.full(1000, 100)
+  assert run_lib._auto_lanes(c, cpu, n) == 1
+  assert run_lib._auto_lanes(c, gpu, n) == run_lib.MAX_ACCELERATOR_LANES
   c.cohort_size = 10
-  assert run_lib._auto_lanes(c, gpu) == 10
+  assert run_lib._auto_lanes(c, gpu, n) == 10
   c.lanes_per_device = 3
-  assert run_lib._auto_lanes(c, gpu) == 3
+  assert run_lib._auto_lanes(c, gpu, n) == 3
   assert not caplog.records
   c.lanes_per_device = 1000  # lanes without a client would compute padding only
-  assert run_lib._auto_lanes(c, gpu) == run_lib._auto_lanes(c, cpu) == 10
+  assert run_lib._auto_lanes(c, gpu, n) == run_lib._auto_lanes(c, cpu, n) == 10
   assert 'config.lanes_per_device=1000: a cohort of 10 clients over 1 device(s) fills 10 lanes' \
       in caplog.text
   two = _FakeMesh(_FakeDevice('cpu', None))
   two.devices = np.array([two.devices[0]] * 2)
   c.cohort_size, c.lanes_per_device = 5, 4
-  assert run_lib._auto_lanes(c, two) == 3
+  assert run_lib._auto_lanes(c, two, n) == 3
+
+
+def test_auto_lanes_on_an_accelerator_pack_heavy_tailed_clients_onto_fewer(caplog):
+  """Stack-Overflow-shaped sizes at cohort 50: one client a lane runs every lane to the
+  longest client (padding ~0.24 on the H200); far fewer lanes run as many steps, at most
+  LANE_STEP_SLACK more. The choice is the same for every seed (one program per setting)."""
+  caplog.set_level(logging.INFO)
+  gpu = _FakeMesh(_FakeDevice('gpu', None))
+  n = np.clip(np.random.default_rng(0).lognormal(np.log(60), 1.0, 1000), 2, 2000).astype(int)
+  n[::7] = 0  # clients without data are never drawn
+  c = base_config()
+  c.cohort_size, c.batch_size = 50, 16.0
+  lanes = run_lib._auto_lanes(c, gpu, n)
+  assert 5 <= lanes <= 20
+  eligible = np.flatnonzero(n > 0)
+  draw = np.random.default_rng(1)
+  cohorts = [fathom.integer_schedule(1.0, 16.0, n[draw.choice(eligible, 50, replace=False)])[1]
+             for _ in range(200)]
+  fewer, every = (np.mean([longest_lane(s, k) for s in cohorts]) for k in (lanes, 50))
+  assert fewer <= 1.15 * every  # on cohorts the estimate did not draw
+  assert f'lanes per device: {lanes}, of the 50 the cohort fills' in caplog.text
+  c.seed = 5
+  assert run_lib._auto_lanes(c, gpu, n) == lanes
+  c.batch_size, c.epochs = 1.0, 2.0  # long clients: relatively the same, the same choice
+  assert abs(run_lib._auto_lanes(c, gpu, n) - lanes) <= 2
 
 
 def test_auto_conv_and_local_loop_per_platform():

@@ -10,7 +10,8 @@ import pytest
 from fathom_sim import fathom, rng
 from fathom_sim.client import lane_train
 from fathom_sim.data.federated import ArrayClientDataset
-from fathom_sim.data.plan import Planner, bucket, client_batches, grow, pack_lanes
+from fathom_sim.data.plan import (Planner, bucket, client_batches, fewest_lanes, grow,
+                                  longest_lane, pack_lanes)
 from fathom_sim.models import get_model
 from fathom_sim.types import CohortTable
 from tests.common import assert_trees_close, run_rounds, tiny_config, tiny_task
@@ -79,6 +80,31 @@ def test_pack_lanes_assigns_every_client_once_and_balances(seed):
     # Longest-first onto the least loaded lane: no lane exceeds another by more than one client.
     assert max(loads) - min(loads) <= steps.max()
     assert max(loads) <= steps.sum() / num_lanes + steps.max()
+
+
+def test_the_lane_estimate_packs_as_the_plan_does():
+  """longest_lane, which auto lanes estimate from, is the longest lane of the round's plan."""
+  task = tiny_task()
+  for lanes, clients in ((2, [0, 4, 2, 9, 11]), (5, [3, 1, 7, 8, 10]), (1, [5, 6, 10, 11, 2])):
+    plan = Planner(task.train, 5, lanes, seed=7).plan(np.array(clients), 3, epochs=1.5,
+                                                       batch_size=3.2)
+    _, steps = fathom.integer_schedule(1.5, 3.2, task.train.num_examples[clients])
+    assert longest_lane(steps, lanes) == plan.lane_steps.max() > 0
+
+
+def test_fewest_lanes_is_the_first_lane_count_within_the_slack():
+  # One long client: 2 lanes run as many steps as 10 (the long one alone, the rest beside).
+  assert fewest_lanes([np.array([10] + [1] * 9)], 1, 10, 0.1) == 2
+  assert fewest_lanes([np.full(10, 3)], 1, 10, 0.1) == 10  # equal clients: one a lane
+  assert fewest_lanes([np.full(10, 3)], 1, 10, 1.0) == 5
+  r = np.random.default_rng(0)
+  for devices, most, slack in ((1, 50, 0.1), (1, 20, 0.0), (4, 13, 0.1), (2, 25, 0.3)):
+    cohorts = [np.ceil(r.lognormal(2.5, 1.0, size=devices * most)).astype(int)
+               for _ in range(6)]
+    # The reference: every lane count from 1, by the same longest-lane average.
+    mean = [np.mean([longest_lane(c, devices * k) for c in cohorts]) for k in range(1, most + 1)]
+    want = next(k for k in range(1, most + 1) if mean[k - 1] <= (1 + slack) * mean[-1])
+    assert fewest_lanes(cohorts, devices, most, slack) == want
 
 
 @pytest.mark.parametrize('resident,lanes,lanes_per_buffer',

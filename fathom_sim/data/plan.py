@@ -88,6 +88,30 @@ def pack_lanes(num_steps: np.ndarray, num_lanes: int) -> list[list[int]]:
   return lanes
 
 
+def longest_lane(num_steps: np.ndarray, num_lanes: int) -> int:
+  """The local steps of a round whose clients take `num_steps`, packed by pack_lanes: its
+  longest lane's, which the whole round runs to."""
+  return max(int(np.sum(np.asarray(num_steps)[lane], initial=0))
+             for lane in pack_lanes(num_steps, num_lanes))
+
+
+def fewest_lanes(cohorts: list[np.ndarray], devices: int, most: int, slack: float) -> int:
+  """The fewest lanes per device, 1 .. `most`, whose rounds run on average at most (1 + slack)
+  times the local steps they run on `most` lanes per device; `cohorts` holds the clients'
+  local steps of sampled cohorts, each packed onto devices * lanes lanes as plan() packs it.
+
+  Why: a step costs more the more lanes it computes (on an accelerator past a few lanes, about
+  in proportion), and a round runs to its longest lane: one client a lane runs every lane to
+  the cohort's longest client, fewer lanes of several clients each about as far.
+  """
+  def mean_steps(lanes: int) -> float:
+    return float(np.mean([longest_lane(c, devices * lanes) for c in cohorts]))
+  bound = (1 + slack) * mean_steps(most)
+  # A lane runs at least its share of the cohort's steps: no fewer lanes can meet the bound.
+  first = max(1, int(np.mean([np.sum(c) for c in cohorts]) / (devices * bound)))
+  return next(k for k in range(first, most + 1) if k == most or mean_steps(k) <= bound)
+
+
 @dataclasses.dataclass
 class Planner:
   """Turns a sampled cohort into a `CohortPlan`; remembers the padded lengths it has used.
