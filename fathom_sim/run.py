@@ -174,13 +174,7 @@ def _auto_lanes(config, mesh, num_examples: np.ndarray) -> int:
     return config.lanes_per_device
   if mesh.devices.flat[0].platform == 'cpu':
     return 1
-  lanes = accelerator_lanes(config, mesh.devices.size, num_examples)
-  if lanes < min(fill, MAX_ACCELERATOR_LANES):
-    logging.info('lanes per device: %d, of the %d the cohort fills: its clients packed longest '
-                 'first run at most %d%% more local steps on them (config.lanes_per_device '
-                 'sets it)', lanes, min(fill, MAX_ACCELERATOR_LANES),
-                 round(100 * LANE_STEP_SLACK))
-  return lanes
+  return accelerator_lanes(config, mesh.devices.size, num_examples)
 
 
 def accelerator_lanes(config, devices: int, num_examples: np.ndarray) -> int:
@@ -197,7 +191,12 @@ def accelerator_lanes(config, devices: int, num_examples: np.ndarray) -> int:
   draw = np.random.default_rng(0)
   cohorts = [fathom.integer_schedule(config.epochs, config.batch_size, num_examples[
       draw.choice(eligible, config.cohort_size, replace=False)])[1] for _ in range(LANE_COHORTS)]
-  return fewest_lanes(cohorts, devices, most, LANE_STEP_SLACK)
+  lanes = fewest_lanes(cohorts, devices, most, LANE_STEP_SLACK)
+  if lanes < most:
+    logging.info('lanes per device: %d, of the %d the cohort fills: its clients packed longest '
+                 'first run at most %d%% more local steps on them (config.lanes_per_device '
+                 'sets it)', lanes, most, round(100 * LANE_STEP_SLACK))
+  return lanes
 
 
 # Models whose local-step loop runs far slower inside a device loop than as a program per step

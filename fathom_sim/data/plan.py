@@ -88,11 +88,16 @@ def pack_lanes(num_steps: np.ndarray, num_lanes: int) -> list[list[int]]:
   return lanes
 
 
+def lane_steps(num_steps: np.ndarray, lanes: list[list[int]]) -> np.ndarray:
+  """[L] int64: the local steps of each lane of pack_lanes' `lanes` (its clients' in turn)."""
+  num_steps = np.asarray(num_steps)
+  return np.array([num_steps[lane].sum() for lane in lanes], np.int64)
+
+
 def longest_lane(num_steps: np.ndarray, num_lanes: int) -> int:
-  """The local steps of a round whose clients take `num_steps`, packed by pack_lanes: its
-  longest lane's, which the whole round runs to."""
-  return max(int(np.sum(np.asarray(num_steps)[lane], initial=0))
-             for lane in pack_lanes(num_steps, num_lanes))
+  """The local steps of a round whose clients take `num_steps`, packed as plan() packs them:
+  its longest lane's, which the whole round runs to."""
+  return int(lane_steps(num_steps, pack_lanes(num_steps, num_lanes)).max())
 
 
 def fewest_lanes(cohorts: list[np.ndarray], devices: int, most: int, slack: float) -> int:
@@ -170,12 +175,12 @@ class Planner:
     b_int, num_steps = fathom.integer_schedule(epochs, batch_size, num_examples)
     batch_pad = bucket(max(b_int, self.min_batch_pad), self.batch_per_octave)
     lanes = pack_lanes(num_steps, self.num_lanes)
-    lane_steps = np.array([num_steps[m].sum() for m in lanes], np.int64)
+    steps_per_lane = lane_steps(num_steps, lanes)
     # A step reads batch_pad rows from its start, so the stream needs that much slack. The
     # stream, only indices, is also sized for the dataset's largest client (up to
     # STREAM_LOOKAHEAD times this cohort's need): a later cohort that draws it compiles nothing.
     slack = batch_pad - b_int
-    need = int(lane_steps.max()) * b_int + slack
+    need = int(steps_per_lane.max()) * b_int + slack
     _, (largest_steps,) = fathom.integer_schedule(epochs, batch_size, [self._largest_client])
     largest = int(largest_steps) * b_int + slack
     self.stream_pad = grow(self.stream_pad, max(need, min(largest, STREAM_LOOKAHEAD * need)))
@@ -218,7 +223,7 @@ class Planner:
                         num_steps=sentinel(num_steps, 0, np.int32))
     return CohortPlan(lanes=Lanes(slots=slots, stream=stream, source=source), table=table,
                       batch_size=b_int, batch_pad=batch_pad, clients=clients,
-                      num_examples=num_examples, num_steps=num_steps, lane_steps=lane_steps)
+                      num_examples=num_examples, num_steps=num_steps, lane_steps=steps_per_lane)
 
 
 @dataclasses.dataclass
