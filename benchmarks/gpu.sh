@@ -26,7 +26,10 @@
 #                                       # choice (fewer lanes than clients) against one client
 #                                       # a lane: cohort:lanes pairs LANE_PAIRS (default
 #                                       # 10:7,10:10,50:25,50:50,100:39,100:50,200:45,200:50)
-#                                       # and LSTM_PAIRS (10:4,10:10,50:10,50:50), data on GPU
+#                                       # and LSTM_PAIRS (default 10:4,10:10,50:10,50:50,
+#                                       # 100:17,100:50,200:27,200:50), data on the GPU;
+#                                       # ~32 s a row on an H200, so 16 rows fill one call
+#                                       # (docs/benchmarks.md, "Tenth session")
 #
 # Why `loops` and the CUDA graph: a round's local loop runs to the longest lane, a bound read
 # from the cohort table on the device. XLA:GPU then cannot know the trip count, so it copies the
@@ -211,15 +214,16 @@ EOF
     done
     ;;
   lanes)
-    # Why: a step's cost grows about linearly with the lanes past ~10 (H200, CNN: ~0.6 ms +
-    # 0.048 ms a lane; LSTM ~1.5 + 0.47), while a round runs to its longest lane. One client a
+    # Why: a step's cost grows linearly with the lanes (H200, 4-67 lanes: CNN ~0.54 ms +
+    # 0.051 ms a lane; LSTM ~1.7 + 0.47), while a round runs to its longest lane. One client a
     # lane runs every lane to the cohort's longest client (cohort 50: padding 0.50 for the
-    # CNN, 0.24 for the LSTM); auto now packs them onto the fewest lanes that run at most 10 %
+    # CNN, 0.24 for the LSTM); auto packs them onto the fewest lanes that run at most 10 %
     # more steps (25 and 10 lanes at cohort 50). docs/benchmarks.md, "Ninth session": the
-    # prediction (benchmarks/lane_counts.py) this part measures.
+    # prediction (benchmarks/lane_counts.py) this part measures; "Tenth session": measured.
     for task in cnn lstm; do
       pairs="${LANE_PAIRS:-10:7,10:10,50:25,50:50,100:39,100:50,200:45,200:50}"
-      [ "$task" = lstm ] && pairs="${LSTM_PAIRS:-10:4,10:10,50:10,50:50}"
+      [ "$task" = lstm ] \
+          && pairs="${LSTM_PAIRS:-10:4,10:10,50:10,50:50,100:17,100:50,200:27,200:50}"
       for pair in $(echo "$pairs" | tr ',' ' '); do
         cohort="${pair%%:*}" lanes="${pair##*:}"
         "$py" launch/benchmark.py --tasks="$task" --cohort_sizes="$cohort" --rounds=5 \

@@ -7,8 +7,8 @@ For each cohort size, samples --samples cohorts of the benchmark's training clie
 FEMNIST-shaped ones, B 20; lstm: the Stack-Overflow-shaped ones, B 16), turns each client's
 examples into local steps (E --epochs), packs them onto each lane count as a round does and
 takes the longest lane, the round's steps (`plan.longest_lane`). A step at k lanes is taken
-to cost step_ms + lane_ms * k, by default the task's round on one H200 fit to its measured
-cohorts 10 and 50 (docs/benchmarks.md, "Ninth session"). Prints the mean steps and the
+to cost step_ms + lane_ms * k, by default a line fit to the task's rounds timed on one H200
+at 4-67 lanes (docs/benchmarks.md, "Tenth session"). Prints the mean steps and the
 predicted ms a round per lane count; `*` marks the count that lanes_per_device auto picks on
 one accelerator (`run.LANE_STEP_SLACK` more steps at most, over its own sampled cohorts).
 """
@@ -30,8 +30,10 @@ _BATCH = flags.DEFINE_integer('batch_size', 0, 'Local batch size (0: the task\'s
 _SAMPLES = flags.DEFINE_integer('samples', 200, 'Cohorts sampled per cohort size.')
 _STEP_MS = flags.DEFINE_float('step_ms', None, 'A step\'s fixed cost (ms; default the task\'s).')
 _LANE_MS = flags.DEFINE_float('lane_ms', None, 'A step\'s cost per lane (ms; default the task\'s).')
-# (B, step ms, ms a lane): the H200 sweep's rounds (b88bd06) at 10 and 50 lanes, per step.
-TASKS = {'cnn': (20, 0.59, 0.048), 'lstm': (16, 1.5, 0.47)}
+# (B, step ms, ms a lane): a least-squares line through the ms a step of every lanes row timed
+# on one H200 (CNN 7-67 lanes, within 6 %; LSTM 4-50, within 1 %), docs/benchmarks.md, "Tenth
+# session" (the "Ninth session"'s predictions used 0.59 + 0.048 k and 1.5 + 0.47 k).
+TASKS = {'cnn': (20, 0.54, 0.051), 'lstm': (16, 1.71, 0.469)}
 
 
 def main(argv):
