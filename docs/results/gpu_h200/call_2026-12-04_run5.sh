@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Device call 5 (2026-12-04, later session, a fresh H200), at HEAD: lanes_per_device auto
+# Device call 5 (2026-12-04, later session, a fresh H200), at bd0bc38: lanes_per_device auto
 # (--lanes_per_device=0, the lanes it picks recorded in each row's JSON) against one client a
 # lane (min(cohort, 50)) for the cohorts call 4 left predicted only: CNN 10, 100, 200 (and 67
 # lanes at 200, lane_counts.py's fastest there), LSTM 10, 100, 200. Data on the GPU, FedAvg,
