@@ -233,6 +233,10 @@ EOF
             | tee -a "$out/lanes.txt" || echo "benchmark.py $task $cohort:$lanes: exit $?"
       done
     done
+    # A device call returns at most 8 files: the rows' JSON travel as one archive (the
+    # "Tenth session" lost 7 of its 13).
+    (cd "$out" && compgen -G 'lanes_*.json' > /dev/null \
+        && tar -czf lanes_json.tgz lanes_*.json && rm -f lanes_*.json)
     ;;
   *) echo "benchmarks/gpu.sh: unknown part '$part' (fathom, sweep, profile, loops, chunks," \
           "dtypes, convs or lanes)" >&2
