@@ -73,7 +73,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.conv = 'auto'           # emnist_cnn's convolutions: auto | xla | matmul, or a mix
                                   # 'F/X/W' of the two for the forward pass, the input's and
                                   # the kernel's gradients (models.CONV_FORMS; the same
-                                  # function; auto: matmul on CPU and GPU, measured)
+                                  # function; auto: matmul on CPU and GPU, measured);
+                                  # pallas: Triton kernels for a GPU (conv_kernels.py)
   c.model.compute_dtype = 'float32'  # float32 | bfloat16: activations and matrix products;
                                   # parameters, updates and FATHOM's statistics stay float32
   c.model.expected_length = 0.0   # sequence models' training loss: 0, the mean over the

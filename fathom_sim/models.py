@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from fathom_sim import conv_kernels
 from fathom_sim.types import Batch, Params
 
 MODELS = ('logistic', 'mlp', 'emnist_cnn', 'stackoverflow_lstm', 'lstm')
@@ -93,7 +94,18 @@ _CONVS = {'xla': _conv_xla, 'matmul': _conv_matmul}
 # vmap the two forms cost differently per pass (a grouped convolution against a copy 9x the
 # input), so the fastest step may take each pass from a different form.
 CONV_FORMS = CONV_IMPLS + tuple(f'{f}/{x}/{w}' for f in CONV_IMPLS for x in CONV_IMPLS
-                                for w in CONV_IMPLS)
+                                for w in CONV_IMPLS) + ('pallas',)
+
+
+def _conv_pallas(x: jax.Array, kernel: jax.Array) -> jax.Array:
+  """conv_kernels.conv3x3 (Pallas kernels reading the input in place) where its channel counts
+  allow, else 'matmul' (the CNN's first convolution, 1 -> 32 channels, whose im2col copy is
+  small). Not a part of mixed forms: its passes are kernels, not a linear map to transpose."""
+  if not conv_kernels.supported(*kernel.shape[-2:]):
+    return _conv_matmul(x, kernel)
+  lead = x.shape[:-3]
+  y = conv_kernels.conv3x3(x.reshape((-1,) + x.shape[-3:]), kernel)
+  return y.reshape(lead + y.shape[1:])
 
 
 @functools.lru_cache(maxsize=None)
@@ -122,6 +134,8 @@ def conv3x3(x: jax.Array, kernel: jax.Array, form: str) -> jax.Array:
   `form` (CONV_FORMS); every form is the same function up to float rounding."""
   if form in _CONVS:
     return _CONVS[form](x, kernel)
+  if form == 'pallas':
+    return _conv_pallas(x, kernel)
   return _mixed_conv(*form.split('/'))(x, kernel)
 
 

@@ -152,9 +152,14 @@ def _auto_conv(config, mesh) -> str:
   """config.model.conv, or by platform when 'auto'. Measured (docs/benchmarks.md): nn.Conv
   runs slowly in a device loop on CPU and as grouped convolutions under vmap on CPU and GPU;
   other platforms keep nn.Conv until measured."""
+  platform = mesh.devices.flat[0].platform
+  if config.model.conv == 'pallas' and platform != 'gpu':
+    logging.warning("config.model.conv='pallas': its kernels are Triton's, for a GPU; on %s "
+                    "they run interpreted (right, for tests; 'matmul' is this platform's fast "
+                    "form)", platform)
   if config.model.conv != 'auto':
     return config.model.conv
-  return 'matmul' if mesh.devices.flat[0].platform in ('cpu', 'gpu') else 'xla'
+  return 'matmul' if platform in ('cpu', 'gpu') else 'xla'
 
 
 def _auto_lanes(config, mesh, num_examples: np.ndarray) -> int:

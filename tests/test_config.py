@@ -202,6 +202,8 @@ def test_auto_conv_and_local_loop_per_platform():
   assert run_lib._local_loop(c, cpu, 'xla') == 'device'
   c.model.name, c.local_loop = 'mlp', 'auto'
   assert run_lib._local_loop(c, cpu, 'xla') == 'device'
+  c.model.name, c.model.conv = 'emnist_cnn', 'pallas'  # for a GPU; on CPU it warns and runs
+  assert [run_lib._auto_conv(c, m) for m in (cpu, gpu)] == ['pallas', 'pallas']
 
 
 def test_compile_ahead_per_platform_and_algorithm():

@@ -62,11 +62,12 @@ def test_max_pool_shares_a_tied_window_s_gradient():
 
 # The two mixed forms take every pass once from each form (the pass test below checks the
 # wiring of all ten).
-@pytest.mark.parametrize('form', ['matmul', 'xla/matmul/xla', 'matmul/xla/matmul'])
+@pytest.mark.parametrize('form', ['matmul', 'xla/matmul/xla', 'matmul/xla/matmul', 'pallas'])
 def test_cnn_convolution_forms_equal_xla_ones_per_client_under_vmap(form):
   """Every conv form has nn.Conv's parameter tree and function, also vmapped over clients'
   own parameters (how a cohort runs it), gradients included: the mixed forms' custom
-  gradients among them (each of their passes from the other form in one of these cases)."""
+  gradients among them (each of their passes from the other form in one of these cases), and
+  the Pallas kernels' (interpreted here)."""
   xla, mm = (get_model('emnist_cnn', num_classes=62, conv=c) for c in ('xla', form))
   r = np.random.default_rng(0)
   batch = {'x': jnp.asarray(r.random((3, 5, 28, 28)), jnp.float32),
@@ -125,7 +126,7 @@ def _products(jaxpr) -> list[tuple[str, int]]:
           if eqn.primitive.name in _PRODUCTS]
 
 
-@pytest.mark.parametrize('form', CONV_FORMS)
+@pytest.mark.parametrize('form', [f for f in CONV_FORMS if f != 'pallas'])
 def test_conv_forms_take_each_pass_from_the_form_they_name(form):
   """A mixed form 'F/X/W' computes its forward pass, input gradient and kernel gradient with
   the forms it names (XLA's convolution or one matrix product each), the plain forms all
@@ -142,6 +143,23 @@ def test_conv_forms_take_each_pass_from_the_form_they_name(form):
   found = sorted((which[size], name) for name, size in _products(jaxpr))
   assert found == [('forward', primitive[passes[0]]), ('input', primitive[passes[1]]),
                    ('kernel', primitive[passes[2]])]
+
+
+def test_the_pallas_form_runs_kernels_where_the_channels_allow_and_im2col_elsewhere():
+  """conv='pallas': the CNN's second convolution (32 -> 64 channels) is the Pallas kernels'
+  forward pass and two gradients (three pallas_calls, no convolution of XLA's); the first
+  (1 -> 32 channels, too few for Triton's dot) is the matmul form's one product a pass."""
+  model = get_model('emnist_cnn', num_classes=62, conv='pallas')
+  batch = {'x': jnp.ones((2, 28, 28)), 'y': jnp.arange(2)}
+  params = model.init(jax.random.PRNGKey(0), batch)
+  jaxpr = jax.make_jaxpr(jax.grad(model.loss))(params, batch, jnp.ones(2, bool),
+                                               jax.random.PRNGKey(1)).jaxpr
+  names = [eqn.primitive.name for eqn in _eqns(jaxpr)]
+  assert names.count('pallas_call') == 3 * 2  # each pass on the GPU's branch and the CPU's
+  assert 'conv_general_dilated' not in names
+  # The first convolution's forward pass: one product over its 9 views (output 2 x 26 x 26
+  # x 32), as in the matmul form.
+  assert [n for n, size in _products(jaxpr) if size == 2 * 26 * 26 * 32] == ['dot_general']
 
 
 @pytest.mark.parametrize('name,kwargs', [

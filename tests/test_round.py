@@ -40,7 +40,7 @@ def test_round_matches_slow_reference(algorithm, local_loop, lanes, chunk, num_d
   assert int(state.round) == 3
 
 
-@pytest.mark.parametrize('conv', ['matmul', 'xla'])
+@pytest.mark.parametrize('conv', ['matmul', 'xla', 'pallas'])
 def test_the_cnn_with_dropout_matches_the_slow_reference_step_for_step(conv):
   """The MLP tests above have no dropout and no padding rows. The EMNIST CNN has both: each
   client's dropout masks come from (seed, round, client, step), not from its lane or the

@@ -1,0 +1,102 @@
+"""The Pallas convolution (fathom_sim/conv_kernels.py) against XLA's, run interpreted here; the
+GPU's lowering checked without a GPU."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from fathom_sim import conv_kernels
+
+
+def _xla_conv(x, kernel):
+  return jax.lax.conv_general_dilated(x, kernel, (1, 1), 'VALID',
+                                      dimension_numbers=('NHWC', 'HWIO', 'NHWC'),
+                                      precision='highest')
+
+
+def _value_and_grads(conv, x, kernel, dy):
+  y, vjp = jax.vjp(conv, x, kernel)
+  return (y,) + vjp(dy)
+
+
+@pytest.fixture
+def highest():
+  with jax.default_matmul_precision('highest'):
+    yield
+
+
+@pytest.mark.parametrize('shape,cout', [((3, 26, 26, 32), 64), ((2, 7, 9, 16), 16),
+                                        ((1, 3, 3, 16), 32)])
+def test_kernels_equal_xla_convolution_and_both_gradients(highest, shape, cout):
+  """The output, the input's and the kernel's gradients equal XLA's convolution's (float32
+  products), at the CNN's shape, at a non-square one whose rows do not fill a tile, and at the
+  smallest (one output position)."""
+  r = np.random.default_rng(0)
+  x = jnp.asarray(r.standard_normal(shape), jnp.float32)
+  kernel = jnp.asarray(r.standard_normal((3, 3, shape[-1], cout)) / 10, jnp.float32)
+  dy = jnp.asarray(r.standard_normal((shape[0], shape[1] - 2, shape[2] - 2, cout)), jnp.float32)
+  got = _value_and_grads(conv_kernels.conv3x3, x, kernel, dy)
+  want = _value_and_grads(_xla_conv, x, kernel, dy)
+  for name, a, b in zip(('y', 'dx', 'dkernel'), got, want):
+    assert a.shape == b.shape and a.dtype == b.dtype, name
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5 * float(jnp.max(jnp.abs(b))),
+                               err_msg=name)
+
+
+def test_vmapped_lanes_each_use_their_own_kernel(highest):
+  """Under vmap (a cohort's lanes) every lane convolves its own input with its own kernel, in
+  both directions: a grid axis of the lanes, not a shared kernel."""
+  r = np.random.default_rng(1)
+  x = jnp.asarray(r.standard_normal((3, 2, 8, 6, 16)), jnp.float32)
+  kernel = jnp.asarray(r.standard_normal((3, 3, 3, 16, 32)) / 10, jnp.float32)
+
+  def loss(conv):
+    return lambda x, k: jnp.sum(jnp.sin(jax.vmap(conv)(x, k)))
+
+  got = jax.value_and_grad(loss(conv_kernels.conv3x3), (0, 1))(x, kernel)
+  want = jax.value_and_grad(loss(_xla_conv), (0, 1))(x, kernel)
+  np.testing.assert_allclose(got[0], want[0], rtol=1e-5)
+  for a, b in zip(got[1], want[1]):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+  # Lane 1 alone gives lane 1's result.
+  np.testing.assert_allclose(jax.vmap(conv_kernels.conv3x3)(x, kernel)[1],
+                             _xla_conv(x[1], kernel[1]), rtol=1e-5, atol=1e-5)
+
+
+def test_bfloat16_inputs_accumulate_in_float32():
+  """bfloat16 x and kernel: the output within bfloat16's rounding of the float32 result (the
+  products summed in float32, not rounded at each of the 288 terms), returned in bfloat16."""
+  r = np.random.default_rng(2)
+  x = jnp.asarray(r.standard_normal((2, 10, 10, 32)), jnp.float32)
+  kernel = jnp.asarray(r.standard_normal((3, 3, 32, 32)) / 17, jnp.float32)
+  y = conv_kernels.conv3x3(x.astype(jnp.bfloat16), kernel.astype(jnp.bfloat16))
+  assert y.dtype == jnp.bfloat16
+  want = _xla_conv(x.astype(jnp.bfloat16).astype(jnp.float32),
+                   kernel.astype(jnp.bfloat16).astype(jnp.float32))
+  # One rounding to bfloat16 at the end: half a bfloat16 ulp (2^-8) of the exact sum. Summed
+  # in bfloat16, the error reaches 5x |y| near zero here.
+  assert np.all(np.abs(np.asarray(y, np.float32) - want) <= 2.0**-8 * np.abs(want) + 1e-3)
+
+
+@pytest.mark.parametrize('x_shape,k_shape', [((2, 6, 6, 1), (3, 3, 1, 32)),
+                                             ((2, 6, 6, 24), (3, 3, 24, 32)),
+                                             ((6, 6, 16), (3, 3, 16, 16)),
+                                             ((2, 6, 6, 16), (5, 5, 16, 16))])
+def test_shapes_the_kernels_cannot_take_are_refused_by_name(x_shape, k_shape):
+  with pytest.raises(ValueError, match=r'conv_kernels.conv3x3: .*powers of 2, >= 16'):
+    conv_kernels.conv3x3(jnp.ones(x_shape), jnp.ones(k_shape))
+
+
+def test_a_gpu_program_runs_the_three_passes_as_triton_kernels_and_a_cpu_one_interprets():
+  """Lowered for a GPU (no GPU needed to lower), the gradient of a vmapped convolution is three
+  Triton kernels and no interpreter loop; lowered for this CPU, no kernel at all."""
+  x = jax.ShapeDtypeStruct((4, 2, 26, 26, 32), jnp.float32)
+  kernel = jax.ShapeDtypeStruct((4, 3, 3, 32, 64), jnp.float32)
+  grad = jax.jit(jax.grad(lambda x, k: jnp.sum(jax.vmap(conv_kernels.conv3x3)(x, k) ** 2),
+                          (0, 1)))
+  gpu = grad.trace(x, kernel).lower(lowering_platforms=('cuda',)).as_text()
+  assert gpu.count('custom_call @__gpu$xla.gpu.triton') == 3
+  assert 'stablehlo.while' not in gpu
+  cpu = grad.trace(x, kernel).lower().as_text()
+  assert 'custom_call' not in cpu and 'stablehlo.while' in cpu
