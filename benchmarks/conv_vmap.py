@@ -7,7 +7,8 @@ Each client (lane) holds its own parameters, as in a cohort's local training. Ti
 SGD steps of every lane inside one jitted scan, after a warm-up call, for each of `convs`
 (config.model.conv: 'xla' is XLA's convolution, which vmap turns into a grouped convolution;
 'matmul' a batched matrix product over the 9 shifted views; 'F/X/W' takes the forward pass,
-the input's and the kernel's gradients from those two; 'all' is every form), in each compute
+the input's and the kernel's gradients from those two; 'pallas' the second convolution as
+Triton kernels, once at each --pallas_rows tile height; 'all' is every form), in each compute
 dtype (config.model.compute_dtype; the parameters stay float32). It prints how far each one's
 final parameters are from the first form's, and XLA's own estimate of one step's memory
 traffic and arithmetic (the cost analysis of the compiled one-step program, after fusion on
@@ -32,6 +33,8 @@ _REPEATS = flags.DEFINE_integer('repeats', 5, 'Timed calls; the median is report
 _DTYPES = flags.DEFINE_list('dtypes', ['float32'], 'Compute dtypes (float32, bfloat16).')
 _CONVS = flags.DEFINE_list('convs', ['xla', 'matmul'],
                            'Convolution forms (models.CONV_FORMS), or all of them: all.')
+_PALLAS_ROWS = flags.DEFINE_list('pallas_rows', ['128'], 'The pallas form once at each of these '
+                                  'tile heights (conv_kernels.ROWS, powers of 2).')
 _JSON = flags.DEFINE_string('json', None, 'Also write the rows here (a list of objects), '
                             'rewritten after each row.')
 
@@ -42,9 +45,12 @@ def main(argv):
   import jax.numpy as jnp
   import numpy as np
   from benchmarks.lane_forms import conv_forms
+  from fathom_sim import conv_kernels
   from fathom_sim.models import COMPUTE_DTYPES, EmnistCNN, classifier
 
-  convs = conv_forms(_CONVS.value)
+  convs = [(c, None) for c in conv_forms(_CONVS.value) if c != 'pallas']
+  if 'pallas' in conv_forms(_CONVS.value):
+    convs += [('pallas', int(r)) for r in _PALLAS_ROWS.value]
 
   print('jax', jax.__version__, jax.devices()[0].device_kind, flush=True)
   print(f'{"lanes":>5} {"conv":>20} {"dtype":>8} {"ms/step":>8} {"examples/s":>11} '
@@ -57,7 +63,9 @@ def main(argv):
              'y': jnp.asarray(data.integers(0, 62, (k, lanes, b)), jnp.int32)}
     mask = jnp.ones(b, bool)
     finals = {}
-    for impl, dtype in ((i, d) for d in _DTYPES.value for i in convs):
+    for (impl, tile), dtype in ((i, d) for d in _DTYPES.value for i in convs):
+      if tile:
+        conv_kernels.ROWS = tile
       model = classifier('emnist_cnn', EmnistCNN(conv=impl, dtype=COMPUTE_DTYPES[dtype]))
       init = model.init(jax.random.PRNGKey(0), {'x': batch['x'][0, 0]})
       params = jax.tree.map(lambda p: jnp.broadcast_to(p, (lanes,) + p.shape), init)
@@ -80,15 +88,16 @@ def main(argv):
         start = time.perf_counter()
         out = jax.block_until_ready(local_steps(params, batch))
         times.append(time.perf_counter() - start)
-      finals[impl, dtype] = out
+      finals[impl, tile, dtype] = out
       ms = float(np.median(times)) / k * 1e3
       rel = None
       first = next(iter(finals))
-      if (impl, dtype) != first:
+      if (impl, tile, dtype) != first:
         ref, new = (np.concatenate([np.ravel(a) for a in jax.tree.leaves(finals[f])])
-                    for f in (first, (impl, dtype)))
+                    for f in (first, (impl, tile, dtype)))
         rel = float(np.linalg.norm(new - ref) / np.linalg.norm(ref))
-      row = {'lanes': lanes, 'conv': impl, 'dtype': dtype, 'ms_per_step': ms,
+      row = {'lanes': lanes, 'conv': impl, 'pallas_rows': tile, 'dtype': dtype,
+             'ms_per_step': ms,
              'examples_per_s': lanes * b / ms * 1e3, 'rel_diff': rel,
              # null where the platform gives no estimate (JSON has no NaN)
              'xla_bytes_per_step': moved if moved == moved else None,
@@ -98,7 +107,8 @@ def main(argv):
         with open(_JSON.value, 'w') as f:
           json.dump(rows, f, indent=1)
       diff = '' if rel is None else f'{rel:.1e}'
-      print(f'{lanes:>5} {impl:>20} {dtype:>8} {ms:>8.2f} {row["examples_per_s"]:>11.0f} '
+      label = f'{impl}@{tile}' if tile else impl
+      print(f'{lanes:>5} {label:>20} {dtype:>8} {ms:>8.2f} {row["examples_per_s"]:>11.0f} '
             f'{diff:>9} {moved / 1e6:>11.0f} {flops / 1e9:>10.1f}', flush=True)
 
 
