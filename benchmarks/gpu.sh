@@ -30,6 +30,9 @@
 #                                       # 100:17,100:50,200:27,200:50), data on the GPU;
 #                                       # ~32 s a row on an H200, so 16 rows fill one call
 #                                       # (docs/benchmarks.md, "Tenth session")
+#   bash benchmarks/gpu.sh kernels OUT  # the Pallas convolution (model.conv='pallas') against
+#                                       # im2col: each pass at two tile settings, then cohorts
+#                                       # 10 and 200 in float32 and bfloat16 (~7 min)
 #
 # Why `loops` and the CUDA graph: a round's local loop runs to the longest lane, a bound read
 # from the cohort table on the device. XLA:GPU then cannot know the trip count, so it copies the
@@ -65,7 +68,7 @@
 # RERUN=1 runs `fathom` a second time on the compilation cache the first one filled.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-usage='usage: benchmarks/gpu.sh fathom|sweep|profile|loops|chunks|dtypes|convs|lanes OUT'
+usage='usage: benchmarks/gpu.sh fathom|sweep|profile|loops|chunks|dtypes|convs|lanes|kernels OUT'
 part="${1:?$usage}"
 out="${2:?$usage}"
 dtype="${COMPUTE_DTYPE:-float32}"
@@ -238,7 +241,31 @@ EOF
     (cd "$out" && compgen -G 'lanes_*.json' > /dev/null \
         && tar -czf lanes_json.tgz lanes_*.json && rm -f lanes_*.json)
     ;;
+  kernels)
+    # Why: the Pallas convolution (model.conv='pallas') cut a round's bytes 30 % but its time
+    # 5-12 % in float32, and its passes ran 1.5x im2col's in bfloat16 (docs/benchmarks.md,
+    # "Eleventh session"), never timed in bfloat16 rounds. Each pass at the two tile settings
+    # that led at 50 and at 10 lanes, then cohorts 10 and 200 with each form in each dtype,
+    # the forms alternating; the rows' JSON leave as one archive (8 files a device call).
+    "$py" benchmarks/conv_passes.py --lanes="${CONV_LANES:-50,10}" \
+        --tiles=64x4x2x2,128x4x4x2 --dtypes=float32,bfloat16 \
+        --json="$out/kernels_passes.json" 2>&1 | grep -v '^[IW][0-9]' \
+        | tee "$out/kernels_passes.txt" || echo "conv_passes.py: exit $?"
+    for d in float32 bfloat16; do
+      for cohort in $(echo "${COHORTS:-10,200}" | tr ',' ' '); do
+        for form in matmul pallas; do
+          "$py" launch/benchmark.py --tasks=cnn --cohort_sizes="$cohort" --rounds=5 \
+              --warmup=2 --in_memory=True --compute_dtype="$d" --conv="$form" \
+              --json="$out/kernels_${d}_${cohort}_$form.json" 2>&1 \
+              | grep -v '^[IW][0-9]' | tail -n 1 | sed "s/\$/  ($d, $form)/" \
+              | tee -a "$out/kernels.txt" || echo "benchmark.py $d $cohort $form: exit $?"
+        done
+      done
+    done
+    (cd "$out" && compgen -G 'kernels_*.json' > /dev/null \
+        && tar -czf kernels_json.tgz kernels_*.json && rm -f kernels_*.json)
+    ;;
   *) echo "benchmarks/gpu.sh: unknown part '$part' (fathom, sweep, profile, loops, chunks," \
-          "dtypes, convs or lanes)" >&2
+          "dtypes, convs, lanes or kernels)" >&2
      exit 2 ;;
 esac

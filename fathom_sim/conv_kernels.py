@@ -41,9 +41,10 @@ def supported(cin: int, cout: int) -> bool:
 
 
 def _on_gpu(call, *args):
-  """call(*args, interpret=False) in a program compiled for a GPU, interpret=True elsewhere.
-  Decided where the program is lowered, not by the default backend: a program can be compiled
-  for a GPU on a machine without one (benchmarks/gpu_aot.py)."""
+  """call(*args, interpret=False) in a program compiled for an NVIDIA GPU, interpret=True
+  elsewhere (a ROCm GPU included: untested there). Decided where the program is lowered, not by
+  the default backend: a program can be compiled for a GPU on a machine without one
+  (benchmarks/gpu_aot.py)."""
   return jax.lax.platform_dependent(
       *args, cuda=functools.partial(call, interpret=False),
       default=functools.partial(call, interpret=True))
