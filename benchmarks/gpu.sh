@@ -158,6 +158,9 @@ EOF
         --repeats=5 "${step_form[@]}" 2>&1 | grep -v '^[IW][0-9]' \
         | tee "$out/lane_step_while_in_graph.txt" \
         || echo "lane_step.py with the loop in a CUDA graph: exit $?"
+    # A device call returns at most 8 files, none in deep folders: the traces leave as one
+    # archive (left behind if it is too large to return; trace_ops.txt has their summary).
+    (cd "$out" && [ -d trace ] && tar -czf trace.tgz trace && rm -rf trace) || true
     ;;
   loops)
     for loop in device host; do
