@@ -6,7 +6,8 @@ Times the forward pass, the input's gradient and the kernel's gradient of a 3x3 
 [B, 26, 26, 32] by [3, 3, 32, 64] in every lane (the EMNIST CNN's second, B 20), each one jitted
 program on its own (the median of `repeats` calls after a warm-up): the 'matmul' form's passes
 (im2col, as models._mixed_conv takes them, each the transpose of the form's linear map) and the
-'pallas' kernels (fathom_sim/conv_kernels.py) at each tile setting ROWSxSPLITSxWARPSxSTAGES.
+'pallas' kernels (fathom_sim/conv_kernels.py) at each tile setting ROWSxSPLITSxWARPSxSTAGES
+(xloop appended: the taps in a loop, TAP_LOOP).
 In each of `dtypes` and, for float32, each of `precisions`.
 Also the bytes each pass must move at the least (its inputs and outputs once) and the rate
 that gives: on a GPU every pass of this layer is bound by memory traffic.
@@ -25,7 +26,8 @@ _LANES = flags.DEFINE_list('lanes', ['50'], 'Lanes side by side.')
 _BATCH = flags.DEFINE_integer('batch_size', 20, 'Examples a lane.')
 _TILES = flags.DEFINE_list('tiles', ['128x4x4x2', '64x4x4x2', '128x4x8x2', '128x4x4x3',
                                      '128x16x4x2', '64x4x2x2'],
-                           'Kernel settings ROWSxSPLITSxWARPSxSTAGES (conv_kernels globals).')
+                           'Kernel settings ROWSxSPLITSxWARPSxSTAGES, and xloop for '
+                           'TAP_LOOP=True (conv_kernels globals).')
 _DTYPES = flags.DEFINE_list('dtypes', ['float32'], 'Dtypes of x, the kernel and dy.')
 _PRECISIONS = flags.DEFINE_list('precisions', ['default'], 'jax_default_matmul_precision for '
                                 'float32 (default: TF32 on a GPU; highest: float32 products).')
@@ -86,7 +88,9 @@ def main(argv):
     forms = [('matmul', None)] + [('pallas', t) for t in _TILES.value]
     for form, tile in forms:
       if tile:
-        ck.ROWS, ck.SPLITS, ck.WARPS, ck.STAGES = map(int, tile.split('x'))
+        fields = tile.split('x')
+        ck.ROWS, ck.SPLITS, ck.WARPS, ck.STAGES = map(int, fields[:4])
+        ck.TAP_LOOP = fields[4:] == ['loop']
       line = {}
       for name, (f, *args) in passes(form).items():
         try:

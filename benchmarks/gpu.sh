@@ -32,7 +32,7 @@
 #                                       # (docs/benchmarks.md, "Tenth session")
 #   bash benchmarks/gpu.sh kernels OUT  # the Pallas convolution (model.conv='pallas') against
 #                                       # im2col: each pass at two tile settings, then cohorts
-#                                       # 10 and 200 in float32 and bfloat16 (~7 min)
+#                                       # 10 and 200 in float32 and bfloat16 (~8 min)
 #
 # Why `loops` and the CUDA graph: a round's local loop runs to the longest lane, a bound read
 # from the cohort table on the device. XLA:GPU then cannot know the trip count, so it copies the
@@ -248,10 +248,11 @@ EOF
     # Why: the Pallas convolution (model.conv='pallas') cut a round's bytes 30 % but its time
     # 5-12 % in float32, and its passes ran 1.5x im2col's in bfloat16 (docs/benchmarks.md,
     # "Eleventh session"), never timed in bfloat16 rounds. Each pass at the two tile settings
-    # that led at 50 and at 10 lanes, then cohorts 10 and 200 with each form in each dtype,
-    # the forms alternating; the rows' JSON leave as one archive (8 files a device call).
+    # that led at 50 and at 10 lanes, and those with the taps in a pipelined loop (untimed),
+    # then cohorts 10 and 200 with each form in each dtype, the forms alternating; the rows'
+    # JSON leave as one archive (8 files a device call).
     "$py" benchmarks/conv_passes.py --lanes="${CONV_LANES:-50,10}" \
-        --tiles=64x4x2x2,128x4x4x2 --dtypes=float32,bfloat16 \
+        --tiles=64x4x2x2,128x4x4x2,64x4x2x3xloop,128x4x4x3xloop --dtypes=float32,bfloat16 \
         --json="$out/kernels_passes.json" 2>&1 | grep -v '^[IW][0-9]' \
         | tee "$out/kernels_passes.txt" || echo "conv_passes.py: exit $?"
     for d in float32 bfloat16; do

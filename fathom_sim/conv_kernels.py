@@ -32,6 +32,10 @@ from jax.experimental.pallas import triton as plt
 ROWS = 64       # output rows a program computes (a power of 2, as Triton's loads require)
 SPLITS = 4      # programs that share one tap of the kernel's gradient, each over 1/SPLITS rows
 WARPS, STAGES = 2, 2  # Triton's num_warps and num_stages
+# The forward pass and the input's gradient sum their 9 taps unrolled (False), or in a loop
+# (True), which Triton can software-pipeline over STAGES (the next tap's rows loading while
+# this tap's product runs). Untimed yet: benchmarks/conv_passes.py's 5th tile field.
+TAP_LOOP = False
 
 
 def supported(cin: int, cout: int) -> bool:
@@ -62,31 +66,44 @@ def _compiler_params():
   return plt.CompilerParams(num_warps=WARPS, num_stages=STAGES)
 
 
-def _taps(width: int) -> tuple[int, ...]:
-  """Row offset of tap (i, j) in the flat form, in the kernel's (row, column) order."""
-  return tuple(i * width + j for i in range(3) for j in range(3))
+def _tap_offset(t, width: int):
+  """Row offset of tap t = (i, j) = (t // 3, t % 3) in the flat form (the kernel's (row,
+  column) order); t a Python or a traced int >= 0. lax.div and lax.rem for a traced one:
+  jnp's floor-rounding // and % lower to Triton with a sign fix-up its lowering refuses in a
+  loop."""
+  if isinstance(t, int):
+    return t // 3 * width + t % 3
+  return jax.lax.div(t, 3) * width + jax.lax.rem(t, 3)
 
 
-def _shifted_sum_kernel(offsets, transpose, x_ref, k_ref, y_ref):
-  """y rows [m, m + ROWS) = sum over taps t of x rows [m + offsets[t], ...) @ k[t] (or k[t]^T)."""
+def _shifted_sum_kernel(base, sign, width, transpose, x_ref, k_ref, y_ref):
+  """y rows [m, m + ROWS) = sum over taps t of x rows [m + offset_t, ...) @ k[t] (or k[t]^T),
+  offset_t = base + sign * _tap_offset(t, width)."""
   m = pl.program_id(0) * ROWS
+
+  def tap(t, acc):
+    rows = x_ref[pl.ds(m + base + sign * _tap_offset(t, width), ROWS), :]
+    return acc + _dot(rows, k_ref[t], 1, 1 if transpose else 0)
+
   acc = jnp.zeros(y_ref.shape, jnp.float32)
-  for t, offset in enumerate(offsets):
-    rows = x_ref[pl.ds(m + offset, ROWS), :]
-    acc += _dot(rows, k_ref[t], 1, 1 if transpose else 0)
+  if TAP_LOOP:
+    acc = jax.lax.fori_loop(0, 9, tap, acc)
+  else:
+    for t in range(9):
+      acc = tap(t, acc)
   y_ref[...] = acc.astype(y_ref.dtype)
 
 
-def _shifted_sum(x, kernel, offsets, transpose, out_rows):
-  """The first `out_rows` rows (a multiple of ROWS) of sum_t x[offsets[t]:][:out_rows] @ k[t]."""
+def _shifted_sum(x, kernel, base, sign, width, transpose, out_rows):
+  """The first `out_rows` rows (a multiple of ROWS) of sum_t x[offset_t:][:out_rows] @ k[t]."""
   cout = kernel.shape[1] if transpose else kernel.shape[2]
-  return _on_gpu(functools.partial(_shifted_sum_call, offsets, transpose, out_rows, cout),
-                 x, kernel)
+  return _on_gpu(functools.partial(_shifted_sum_call, base, sign, width, transpose, out_rows,
+                                   cout), x, kernel)
 
 
-def _shifted_sum_call(offsets, transpose, out_rows, cout, x, kernel, *, interpret):
+def _shifted_sum_call(base, sign, width, transpose, out_rows, cout, x, kernel, *, interpret):
   return pl.pallas_call(
-      functools.partial(_shifted_sum_kernel, offsets, transpose),
+      functools.partial(_shifted_sum_kernel, base, sign, width, transpose),
       out_shape=jax.ShapeDtypeStruct((out_rows, cout), x.dtype),
       grid=(out_rows // ROWS,),
       out_specs=pl.BlockSpec((ROWS, cout), lambda i: (i, 0)),
@@ -99,7 +116,7 @@ def _kernel_grad_kernel(width, halo, steps, x_ref, dy_ref, dk_ref):
   """dk[split, t] = sum over this split's row blocks m of x rows [m + offset_t, ...)^T @ dy rows
   [m + halo, ...) (dy is stored shifted down by the halo: _dy_shifted)."""
   t, split = pl.program_id(0), pl.program_id(1)
-  offset = t // 3 * width + t % 3  # _taps(width)[t]
+  offset = _tap_offset(t, width)
 
   def body(s, acc):
     m = (split * steps + s) * ROWS
@@ -154,7 +171,7 @@ def _dy_shifted(dy, x_shape):
 def _forward(x_flat, kernel, x_shape):
   b, h, w, cin = x_shape
   rows, computed, _ = _layout(x_shape)
-  y = _shifted_sum(x_flat, kernel.reshape(9, cin, -1), _taps(w), False, computed)
+  y = _shifted_sum(x_flat, kernel.reshape(9, cin, -1), 0, 1, w, False, computed)
   return y[:rows].reshape(b, h, w, -1)[:, :h - 2, :w - 2]
 
 
@@ -162,8 +179,7 @@ def _input_grad(dy_shifted, kernel, x_shape):
   """dx row p = sum_t dy row (p - offset_t) @ k[t]^T: a shifted sum like the forward pass."""
   b, h, w, cin = x_shape
   rows, computed, halo = _layout(x_shape)
-  dx = _shifted_sum(dy_shifted, kernel.reshape(9, cin, -1),
-                    tuple(halo - o for o in _taps(w)), True, computed)
+  dx = _shifted_sum(dy_shifted, kernel.reshape(9, cin, -1), halo, -1, w, True, computed)
   return dx[:rows].reshape(x_shape)
 
 

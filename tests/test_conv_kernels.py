@@ -26,12 +26,15 @@ def highest():
     yield
 
 
+@pytest.mark.parametrize('tap_loop', [False, True])
 @pytest.mark.parametrize('shape,cout', [((3, 26, 26, 32), 64), ((2, 7, 9, 16), 16),
                                         ((1, 3, 3, 16), 32)])
-def test_kernels_equal_xla_convolution_and_both_gradients(highest, shape, cout):
+def test_kernels_equal_xla_convolution_and_both_gradients(highest, monkeypatch, shape, cout,
+                                                          tap_loop):
   """The output, the input's and the kernel's gradients equal XLA's convolution's (float32
   products), at the CNN's shape, at a non-square one whose rows do not fill a tile, and at the
-  smallest (one output position)."""
+  smallest (one output position); with the taps unrolled or in a loop (TAP_LOOP)."""
+  monkeypatch.setattr(conv_kernels, 'TAP_LOOP', tap_loop)
   r = np.random.default_rng(0)
   x = jnp.asarray(r.standard_normal(shape), jnp.float32)
   kernel = jnp.asarray(r.standard_normal((3, 3, shape[-1], cout)) / 10, jnp.float32)
@@ -88,9 +91,12 @@ def test_shapes_the_kernels_cannot_take_are_refused_by_name(x_shape, k_shape):
     conv_kernels.conv3x3(jnp.ones(x_shape), jnp.ones(k_shape))
 
 
-def test_a_gpu_program_runs_the_three_passes_as_triton_kernels_and_a_cpu_one_interprets():
+@pytest.mark.parametrize('tap_loop', [False, True])
+def test_a_gpu_program_runs_the_three_passes_as_triton_kernels_and_a_cpu_one_interprets(
+    monkeypatch, tap_loop):
   """Lowered for a GPU (no GPU needed to lower), the gradient of a vmapped convolution is three
   Triton kernels and no interpreter loop; lowered for this CPU, no kernel at all."""
+  monkeypatch.setattr(conv_kernels, 'TAP_LOOP', tap_loop)
   x = jax.ShapeDtypeStruct((4, 2, 26, 26, 32), jnp.float32)
   kernel = jax.ShapeDtypeStruct((4, 3, 3, 32, 64), jnp.float32)
   grad = jax.jit(jax.grad(lambda x, k: jnp.sum(jax.vmap(conv_kernels.conv3x3)(x, k) ** 2),
