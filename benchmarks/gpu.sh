@@ -246,7 +246,7 @@ EOF
     ;;
   kernels)
     # Why: the Pallas convolution (model.conv='pallas') cut a round's bytes 30 % but its time
-    # 5-12 % in float32, and its passes ran 1.5x im2col's in bfloat16 (docs/benchmarks.md,
+    # 4-10 % in float32, and its passes ran 1.5x im2col's in bfloat16 (docs/benchmarks.md,
     # "Eleventh session"), never timed in bfloat16 rounds. Each pass at the two tile settings
     # that led at 50 and at 10 lanes, and those with the taps in a pipelined loop (untimed),
     # then cohorts 10 and 200 with each form in each dtype, the forms alternating; the rows'

@@ -6,8 +6,9 @@ convolution's input are 46 % of the bytes of a 50-lane step (docs/benchmarks.md,
 session). Here every shifted view is a load from the flat input at an offset, so the forward
 pass reads x and writes y, the input's gradient reads dy and writes dx, the kernel's gradient
 reads x and dy: a 50-lane round step moves 30 % fewer bytes. Measured on an H200 (eleventh
-session) the rounds are only 5-12 % faster in float32: every pass of this layer, in either
-form, runs at 20-35 TFLOP/s, bound by its arithmetic at that rate rather than by its bytes. In
+session) the rounds take only 4-10 % less time in float32: every pass of this layer, in either
+form, runs at 20-37 TFLOP/s and 0.2-0.4 TB/s, far from both the tensor cores' and the
+memory's limits: how these small products are issued bounds it, not the bytes. In
 bfloat16 the kernels' passes are 1.5x im2col's. At matmul_precision='highest' they are slower
 than im2col (their float32 products are not on tensor cores).
 
