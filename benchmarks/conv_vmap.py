@@ -33,8 +33,9 @@ _REPEATS = flags.DEFINE_integer('repeats', 5, 'Timed calls; the median is report
 _DTYPES = flags.DEFINE_list('dtypes', ['float32'], 'Compute dtypes (float32, bfloat16).')
 _CONVS = flags.DEFINE_list('convs', ['xla', 'matmul'],
                            'Convolution forms (models.CONV_FORMS), or all of them: all.')
-_PALLAS_ROWS = flags.DEFINE_list('pallas_rows', ['128'], 'The pallas form once at each of these '
-                                  'tile heights (conv_kernels.ROWS, powers of 2).')
+_PALLAS_ROWS = flags.DEFINE_list('pallas_rows', [], 'The pallas form once at each of these '
+                                  'tile heights (conv_kernels.ROWS, powers of 2; default its '
+                                  'own).')
 _JSON = flags.DEFINE_string('json', None, 'Also write the rows here (a list of objects), '
                             'rewritten after each row.')
 
@@ -50,7 +51,7 @@ def main(argv):
 
   convs = [(c, None) for c in conv_forms(_CONVS.value) if c != 'pallas']
   if 'pallas' in conv_forms(_CONVS.value):
-    convs += [('pallas', int(r)) for r in _PALLAS_ROWS.value]
+    convs += [('pallas', int(r)) for r in _PALLAS_ROWS.value or [conv_kernels.ROWS]]
 
   print('jax', jax.__version__, jax.devices()[0].device_kind, flush=True)
   print(f'{"lanes":>5} {"conv":>20} {"dtype":>8} {"ms/step":>8} {"examples/s":>11} '

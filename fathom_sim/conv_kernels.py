@@ -30,6 +30,7 @@ from jax.experimental.pallas import triton as plt
 
 # Tile settings: the fastest over the three passes at 50 lanes of 8 tried, in both of two
 # device calls on an H200 (benchmarks/conv_passes.py; docs/benchmarks.md, eleventh session).
+# Read when a program is traced: a benchmark that sets them builds its programs after.
 ROWS = 64       # output rows a program computes (a power of 2, as Triton's loads require)
 SPLITS = 4      # programs that share one tap of the kernel's gradient, each over 1/SPLITS rows
 WARPS, STAGES = 2, 2  # Triton's num_warps and num_stages
@@ -128,11 +129,6 @@ def _kernel_grad_kernel(width, halo, steps, x_ref, dy_ref, dk_ref):
   dk_ref[...] = acc.astype(dk_ref.dtype)
 
 
-def _kernel_grad(x, dy, width, halo, rows):
-  """sum over rows q < rows of x[q + offset_t]^T dy[q + halo], for each tap t: [9, Cin, Cout]."""
-  return _on_gpu(functools.partial(_kernel_grad_call, width, halo, rows), x, dy).sum(0)
-
-
 def _kernel_grad_call(width, halo, rows, x, dy, *, interpret):
   cin, cout = x.shape[1], dy.shape[1]
   return pl.pallas_call(
@@ -185,9 +181,12 @@ def _input_grad(dy_shifted, kernel, x_shape):
 
 
 def _kernel_grad_of(x_flat, dy_shifted, kernel_shape, x_shape):
-  rows, computed, halo = _layout(x_shape)
-  dk = _kernel_grad(x_flat, dy_shifted, x_shape[2], halo, computed)
-  return dk.reshape(kernel_shape)
+  """dk[t] = sum over rows q of x_flat[q + offset_t]^T dy_shifted[q + halo]: the SPLITS
+  programs' partial sums of each tap, added."""
+  _, computed, halo = _layout(x_shape)
+  partial = _on_gpu(functools.partial(_kernel_grad_call, x_shape[2], halo, computed),
+                    x_flat, dy_shifted)
+  return partial.sum(0).reshape(kernel_shape)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))

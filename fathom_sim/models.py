@@ -88,7 +88,6 @@ def _conv_matmul(x: jax.Array, kernel: jax.Array) -> jax.Array:
   return patches @ kernel.reshape(9 * cin, cout)
 
 
-_CONVS = {'xla': _conv_xla, 'matmul': _conv_matmul}
 # A mixed form 'F/X/W' computes the forward pass with CONV_IMPLS' F, the input's gradient with
 # X and the kernel's gradient with W (each the transpose of that form's linear map). Why: under
 # vmap the two forms cost differently per pass (a grouped convolution against a copy 9x the
@@ -106,6 +105,10 @@ def _conv_pallas(x: jax.Array, kernel: jax.Array) -> jax.Array:
   lead = x.shape[:-3]
   y = conv_kernels.conv3x3(x.reshape((-1,) + x.shape[-3:]), kernel)
   return y.reshape(lead + y.shape[1:])
+
+
+# The whole forms by name; mixed forms take their passes from CONV_IMPLS' among them.
+_CONVS = {'xla': _conv_xla, 'matmul': _conv_matmul, 'pallas': _conv_pallas}
 
 
 @functools.lru_cache(maxsize=None)
@@ -134,8 +137,6 @@ def conv3x3(x: jax.Array, kernel: jax.Array, form: str) -> jax.Array:
   `form` (CONV_FORMS); every form is the same function up to float rounding."""
   if form in _CONVS:
     return _CONVS[form](x, kernel)
-  if form == 'pallas':
-    return _conv_pallas(x, kernel)
   return _mixed_conv(*form.split('/'))(x, kernel)
 
 
