@@ -5,9 +5,9 @@
   python benchmarks/gpu_aot.py --program=sgd --lanes=10,50,200   # bare vmapped SGD steps
 
 Needs the CUDA plugin of the pinned jax (`pip install "jax[cuda12]==0.10.2"`, ~6 GB), not a
-GPU: XLA compiles for the device that H100_SXM describes (deviceless, ahead of time). It does
-not autotune there, so its tile sizes are defaults, while its fusions, and so the bytes each
-kernel moves, are those a GPU run gets (up to the GPU image's newer XLA).
+GPU: XLA compiles for the device that benchmarks/h100.py describes (deviceless, ahead of time).
+It does not autotune there, so its tile sizes are defaults, while its fusions, and so the bytes
+each kernel moves, are those a GPU run gets (up to the GPU image's newer XLA).
 
 `round` (the default) builds round 1's program itself, as launch/benchmark.py's cohort sweep
 runs it on one H100 (benchmarks/lane_forms.round_hlo: round.make_round; FedAvg, eta 0.1, E 1,
@@ -35,36 +35,9 @@ os.environ.setdefault('JAX_SKIP_CUDA_CONSTRAINTS_CHECK', '1')
 
 from absl import app, flags  # noqa: E402
 
+from benchmarks.h100 import h100_mesh  # noqa: E402
 from benchmarks.hlo_traffic import Kernel, kernels, loop_bodies  # noqa: E402
 
-# An H100 SXM 80GB (the GPU of docs/benchmarks.md's runs) in XLA's GpuTargetConfig text
-# format: the part's public figures.
-H100_SXM = """
-gpu_device_info {
-  threads_per_block_limit: 1024
-  threads_per_warp: 32
-  shared_memory_per_block: 49152
-  shared_memory_per_core: 233472
-  threads_per_core_limit: 2048
-  core_count: 132
-  fpus_per_core: 128
-  block_dim_limit_x: 2147483647
-  block_dim_limit_y: 65535
-  block_dim_limit_z: 65535
-  memory_bandwidth: 3352320000000
-  l2_cache_size: 52428800
-  clock_rate_ghz: 1.98
-  device_memory_size: 84929347584
-  shared_memory_per_block_optin: 232448
-  cuda_compute_capability { major: 9 minor: 0 }
-  registers_per_core_limit: 65536
-  registers_per_block_limit: 65536
-}
-runtime_version { major: 12 minor: 9 }
-platform_name: "CUDA"
-dnn_version_info { major: 9 minor: 8 }
-device_description_str: "NVIDIA H100 80GB HBM3"
-"""
 BANDWIDTH = 3.35e12  # bytes/s, H100 SXM HBM3
 LAUNCH_S = 2e-6      # a kernel launch's floor, about
 
@@ -81,20 +54,6 @@ _PER_OCTAVE = flags.DEFINE_integer('batch_pad_per_octave', 4, 'round: padded bat
                                    'the config\'s default 2 as 24.')
 _TOP = flags.DEFINE_integer('top', 12, 'Kernels listed per program, by bytes (0: none).')
 _HLO_DIR = flags.DEFINE_string('hlo_dir', None, 'Also write each optimized HLO text here.')
-
-
-def h100_mesh():
-  """A one-device `clients` mesh of a described H100 (no GPU needed)."""
-  import jax
-  from jax.experimental import topologies
-  from fathom_sim.mesh import CLIENTS
-  try:
-    topology = topologies.get_topology_desc('h100', 'cuda', target_config=H100_SXM,
-                                            topology='1x1x1')
-  except Exception as e:  # noqa: BLE001  (no CUDA plugin: say what to install)
-    raise SystemExit(f'cannot compile for an H100 here ({type(e).__name__}: {e}); install the '
-                     'CUDA plugin of the pinned jax: pip install "jax[cuda12]==0.10.2"')
-  return jax.sharding.Mesh(topology.devices, (CLIENTS,))
 
 
 def sgd_hlo(lanes: int, conv: str, dtype: str, mesh) -> str:
