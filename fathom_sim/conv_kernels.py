@@ -40,6 +40,25 @@ WARPS, STAGES = 2, 2  # Triton's num_warps and num_stages
 TAP_LOOP = False
 
 
+def parse_tile(spec: str) -> tuple[int, int, int, int, bool]:
+  """(ROWS, SPLITS, WARPS, STAGES, TAP_LOOP) of 'ROWSxSPLITSxWARPSxSTAGES', with 'xloop'
+  appended for TAP_LOOP=True (how benchmarks name a setting)."""
+  fields = spec.split('x')
+  if (len(fields) not in (4, 5) or fields[4:] not in ([], ['loop'])
+      or not all(f.isdigit() and int(f) > 0 for f in fields[:4])
+      or int(fields[0]) & (int(fields[0]) - 1)):
+    raise ValueError(f'conv_kernels tile {spec!r}: expected ROWSxSPLITSxWARPSxSTAGES[xloop], '
+                     'positive integers with ROWS a power of 2 (e.g. 64x4x2x2, 128x4x4x3xloop)')
+  rows, splits, warps, stages = map(int, fields[:4])
+  return rows, splits, warps, stages, len(fields) == 5
+
+
+def set_tile(spec: str) -> None:
+  """Sets the tile globals from a parse_tile spec; programs traced after use it."""
+  global ROWS, SPLITS, WARPS, STAGES, TAP_LOOP
+  ROWS, SPLITS, WARPS, STAGES, TAP_LOOP = parse_tile(spec)
+
+
 def supported(cin: int, cout: int) -> bool:
   """Whether these channel counts run as kernels: Triton's dot wants both sides' dimensions
   powers of 2 and at least 16 (the CNN's second convolution: 32 -> 64)."""

@@ -106,3 +106,17 @@ def test_a_gpu_program_runs_the_three_passes_as_triton_kernels_and_a_cpu_one_int
   assert 'stablehlo.while' not in gpu
   cpu = grad.trace(x, kernel).lower().as_text()
   assert 'custom_call' not in cpu and 'stablehlo.while' in cpu
+
+
+def test_set_tile_reads_the_benchmarks_tile_names(monkeypatch):
+  for name in ('ROWS', 'SPLITS', 'WARPS', 'STAGES', 'TAP_LOOP'):
+    monkeypatch.setattr(conv_kernels, name, getattr(conv_kernels, name))  # restored after
+  conv_kernels.set_tile('128x16x4x3xloop')
+  assert (conv_kernels.ROWS, conv_kernels.SPLITS, conv_kernels.WARPS, conv_kernels.STAGES,
+          conv_kernels.TAP_LOOP) == (128, 16, 4, 3, True)
+  conv_kernels.set_tile('64x4x2x2')
+  assert (conv_kernels.ROWS, conv_kernels.TAP_LOOP) == (64, False)
+  for bad in ('64x4x2', '96x4x2x2', '64x4x2x2xunroll', '64x0x2x2', '64x4x2x2xloopx1'):
+    with pytest.raises(ValueError, match='ROWSxSPLITSxWARPSxSTAGES'):
+      conv_kernels.set_tile(bad)
+  assert (conv_kernels.ROWS, conv_kernels.TAP_LOOP) == (64, False)  # unchanged by the refusals
