@@ -1,0 +1,61 @@
+"""What XLA dumps when it compiles a Pallas (Triton) kernel for a GPU (compiler option
+xla_dump_to): the kernel's launch from the thunk sequence, its PTX's instructions, and ptxas -v's
+registers and spills (benchmarks/kernel_ptx.py)."""
+
+import os
+import re
+import subprocess
+import tempfile
+
+from benchmarks.h100 import SMS, occupancy
+
+_LAUNCH = re.compile(r'kCustomKernel .*?\] (_\w+_kernel) grid: \[(\d+), (\d+), (\d+)\] '
+                     r'threads: \[(\d+), \d+, \d+\]\s+shared_memory: (\d+) bytes')
+
+
+def ptxas_figures(report: str) -> dict:
+  """Registers and spill bytes from ptxas -v's report of one kernel."""
+  return {'registers': int(re.search(r'Used (\d+) registers', report)[1]),
+          'spill_stores': int(re.search(r'(\d+) bytes spill stores', report)[1]),
+          'spill_loads': int(re.search(r'(\d+) bytes spill loads', report)[1])}
+
+
+def ptxas(ptx_path: str) -> dict:
+  """ptxas_figures of the one kernel in `ptx_path`, assembled for sm_90a by the CUDA plugin's
+  ptxas."""
+  import nvidia.cuda_nvcc
+  binary = os.path.join(list(nvidia.cuda_nvcc.__path__)[0], 'bin', 'ptxas')
+  with tempfile.TemporaryDirectory() as tmp:
+    return ptxas_figures(subprocess.run(
+        [binary, '-arch=sm_90a', '-v', '-o', os.path.join(tmp, 'k.cubin'), ptx_path],
+        capture_output=True, text=True, check=True).stderr)
+
+
+def triton_launch(thunks: str) -> tuple[str, int, int, int]:
+  """(kernel name, CTAs in its grid, threads a CTA, shared bytes a CTA) of the one Pallas
+  kernel in a dumped thunk sequence."""
+  found = _LAUNCH.findall(thunks)
+  if len(found) != 1:
+    raise ValueError(f'expected one Pallas kernel in the thunk sequence, found {len(found)}')
+  (name, gx, gy, gz, threads, shared), = found
+  return name, int(gx) * int(gy) * int(gz), int(threads), int(shared)
+
+
+def account(dump: str) -> dict:
+  """The Triton kernel of one dumped compilation: launch, ptxas figures, instruction counts."""
+  files = os.listdir(dump)
+  thunks, = [f for f in files if f.endswith('thunk_sequence.txt')]
+  name, grid, threads, shared = triton_launch(open(os.path.join(dump, thunks)).read())
+  ptx, = [os.path.join(dump, f) for f in files if f.endswith('.ptx')
+          and f'.entry {name}(' in open(os.path.join(dump, f)).read()]
+  text = open(ptx).read()
+  row = {'kernel': name, 'grid': grid, 'threads': threads, 'shared': shared, **ptxas(ptx),
+         'mma_sync': len(re.findall(r'\bmma\.sync\.', text)),
+         'wgmma': len(re.findall(r'\bwgmma\.mma_async\.', text)),
+         'cp_async': len(re.findall(r'\bcp\.async\.(?:ca|cg)\.', text)),
+         'barriers': len(re.findall(r'\bbar\.sync\b', text))}
+  ctas, binding = occupancy(row['threads'], row['registers'], row['shared'])
+  row.update(ctas_per_sm=ctas, bound_by=binding,
+             warps_per_sm=ctas * -(-row['threads'] // 32),
+             waves=row['grid'] / (ctas * SMS))
+  return row
