@@ -1,6 +1,6 @@
 """Each pass of the CNN's second convolution on its own, vmapped over L lanes (run by hand).
 
-  python benchmarks/conv_passes.py --lanes=50 [--tiles=128x4x4x2,...] [--json=FILE]
+  python benchmarks/conv_passes.py --lanes=50 [--tiles=128x4x4x2,...] [--trace] [--json=FILE]
 
 Times the forward pass, the input's gradient and the kernel's gradient of a 3x3 convolution of
 [B, 26, 26, 32] by [3, 3, 32, 64] in every lane (the EMNIST CNN's second, B 20), each one jitted
@@ -9,13 +9,23 @@ program on its own (the median of `repeats` calls after a warm-up): the 'matmul'
 'pallas' kernels (fathom_sim/conv_kernels.py) at each tile setting ROWSxSPLITSxWARPSxSTAGES
 (xloop appended: the taps in a loop, TAP_LOOP).
 In each of `dtypes` and, for float32, each of `precisions`.
-Also the bytes each pass must move at the least (its inputs and outputs once) and the rate
-that gives: on a GPU every pass of this layer is bound by memory traffic.
+Also the bytes each pass must move at the least (its inputs and outputs once) and the rates
+that gives, of bytes and of arithmetic (on an H200 every pass of this layer ran far from both
+limits: docs/benchmarks.md, "Eleventh session").
+
+A call's wall time also holds its dispatch and the XLA fusions around the kernels (the
+padding of x and dy, the slice of the output; im2col's copy). With --trace each pass is run
+`repeats` times more under jax.profiler, and the device's own time per call is split by
+kernel (benchmarks/trace_ops.py's self times): what the Pallas kernel itself takes, against
+what surrounds it.
 """
 
+import glob
+import gzip
 import json
 import os
 import sys
+import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -33,6 +43,27 @@ _PRECISIONS = flags.DEFINE_list('precisions', ['default'], 'jax_default_matmul_p
                                 'float32 (default: TF32 on a GPU; highest: float32 products).')
 _REPEATS = flags.DEFINE_integer('repeats', 20, 'Timed calls; the median is reported.')
 _JSON = flags.DEFINE_string('json', None, 'Also write the rows here.')
+_TRACE = flags.DEFINE_bool('trace', False, 'Also trace each pass and split its device time '
+                           'by kernel (above).')
+_KERNELS_LISTED = 4  # a pass's kernels printed with --trace, by device time
+
+
+def device_split(f, args, calls: int) -> dict[str, float]:
+  """ms a call of the device's own time, by kernel (operation), over `calls` traced calls of
+  the already compiled f."""
+  import jax
+  from benchmarks.trace_ops import device_threads, self_times
+  with tempfile.TemporaryDirectory() as tmp:
+    with jax.profiler.trace(tmp, create_perfetto_trace=True):
+      for _ in range(calls):
+        jax.block_until_ready(f(*args))
+    found, = glob.glob(os.path.join(tmp, '**', 'perfetto_trace.json.gz'), recursive=True)
+    with gzip.open(found, 'rt') as fh:
+      trace = json.load(fh)
+  events = trace['traceEvents'] if isinstance(trace, dict) else trace
+  times = self_times(events, device_threads(events))
+  return {name: t / calls / 1e3 for name, (t, _) in
+          sorted(times.items(), key=lambda kv: -kv[1][0])}
 
 
 def main(argv):
@@ -43,7 +74,13 @@ def main(argv):
   from fathom_sim import conv_kernels as ck
   from fathom_sim.models import _conv_matmul
 
+  for tile in _TILES.value:  # every setting checked before anything compiles
+    try:
+      ck.parse_tile(tile)
+    except ValueError as e:
+      raise app.UsageError(f'--tiles: {e}')
   def timed(f, *args):
+    """(median ms a call, and with --trace its device time by kernel)."""
     f = jax.jit(f)
     jax.block_until_ready(f(*args))
     times = []
@@ -51,7 +88,8 @@ def main(argv):
       start = time.perf_counter()
       jax.block_until_ready(f(*args))
       times.append(time.perf_counter() - start)
-    return float(np.median(times)) * 1e3
+    split = device_split(f, args, _REPEATS.value) if _TRACE.value else None
+    return float(np.median(times)) * 1e3, split
 
   print('jax', jax.__version__, jax.devices()[0].device_kind, flush=True)
   rows = []
@@ -88,21 +126,26 @@ def main(argv):
     forms = [('matmul', None)] + [('pallas', t) for t in _TILES.value]
     for form, tile in forms:
       if tile:
-        fields = tile.split('x')
-        ck.ROWS, ck.SPLITS, ck.WARPS, ck.STAGES = map(int, fields[:4])
-        ck.TAP_LOOP = fields[4:] == ['loop']
-      line = {}
+        ck.set_tile(tile)
+      line, splits = {}, {}
       for name, (f, *args) in passes(form).items():
         try:
-          line[name] = timed(f, *args)
+          line[name], split = timed(f, *args)
         except Exception as e:  # noqa: BLE001  (a setting Triton refuses: say so, go on)
           print(f'{form} {tile} {name}: {type(e).__name__}: {str(e)[:200]}', flush=True)
-          line[name] = float('nan')
+          line[name], split = float('nan'), None
+        if split is not None:
+          splits[name] = split
       rows.append({'lanes': lanes, 'dtype': dtype, 'precision': precision, 'form': form,
-                   'tile': tile, 'ms': line, 'least_bytes': least})
+                   'tile': tile, 'ms': line, 'least_bytes': least,
+                   **({'device_ms_by_kernel': splits} if _TRACE.value else {})})
       print(f'{lanes:>4} {dtype:>8} {precision:>7} {form:>7} {tile or "":>12} ' + ' '.join(
           f'{n} {ms:6.3f} ms ({least / ms / 1e9:5.2f} TB/s, {flops / ms / 1e9:5.1f} TFLOP/s)'
           for n, ms in line.items()), flush=True)
+      for name, split in splits.items():
+        print(f'{"":>28} {name}: device {sum(split.values()):.3f} ms = ' + ', '.join(
+            f'{op[:48]} {ms:.3f}' for op, ms in list(split.items())[:_KERNELS_LISTED]),
+            flush=True)
       if _JSON.value:
         with open(_JSON.value, 'w') as f:
           json.dump(rows, f, indent=1)

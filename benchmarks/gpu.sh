@@ -249,10 +249,13 @@ EOF
     # 4-10 % in float32, and its passes ran 1.5x im2col's in bfloat16 (docs/benchmarks.md,
     # "Eleventh session"), never timed in bfloat16 rounds. Each pass at the two tile settings
     # that led at 50 and at 10 lanes, and those with the taps in a pipelined loop (untimed),
-    # then cohorts 10 and 200 with each form in each dtype, the forms alternating; the rows'
-    # JSON leave as one archive (8 files a device call).
-    "$py" benchmarks/conv_passes.py --lanes="${CONV_LANES:-50,10}" \
-        --tiles=64x4x2x2,128x4x4x2,64x4x2x3xloop,128x4x4x3xloop --dtypes=float32,bfloat16 \
+    # with the one of most warps an SM (benchmarks/kernel_ptx.py: 32-48 against 8-12), each
+    # pass's device time split by kernel (--trace: the Pallas kernel against the padding and
+    # slicing around it; "Twelfth session"); then cohorts 10 and 200 with each form in each
+    # dtype, the forms alternating; the rows' JSON leave as one archive (8 files a device call).
+    "$py" benchmarks/conv_passes.py --lanes="${CONV_LANES:-50,10}" --trace \
+        --tiles=64x4x2x2,128x4x4x2,64x4x2x3xloop,128x4x4x3xloop,32x4x8x2xloop \
+        --dtypes=float32,bfloat16 \
         --json="$out/kernels_passes.json" 2>&1 | grep -v '^[IW][0-9]' \
         | tee "$out/kernels_passes.txt" || echo "conv_passes.py: exit $?"
     for d in float32 bfloat16; do
@@ -266,6 +269,17 @@ EOF
         done
       done
     done
+    # Why a kernel takes its time, where Nsight Compute is installed and may read the GPU's
+    # counters (best effort: 3 launches of each Pallas kernel at the default tile, 50 lanes).
+    if command -v ncu > /dev/null; then
+      timeout 150 ncu --kernel-name regex:'_shifted_sum_kernel|_kernel_grad_kernel' \
+          --launch-skip 2 --launch-count 6 --section SpeedOfLight --section Occupancy \
+          --section WarpStateStats --section MemoryWorkloadAnalysis \
+          "$py" benchmarks/conv_passes.py --lanes=50 --tiles=64x4x2x2 --repeats=1 2>&1 \
+          | grep -v '^[IW][0-9]' > "$out/kernels_ncu.txt" || echo "ncu: exit $?"
+    else
+      echo "ncu: not installed" | tee "$out/kernels_ncu.txt"
+    fi
     (cd "$out" && compgen -G 'kernels_*.json' > /dev/null \
         && tar -czf kernels_json.tgz kernels_*.json && rm -f kernels_*.json)
     ;;
