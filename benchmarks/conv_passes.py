@@ -139,11 +139,11 @@ def main(argv):
       rows.append({'lanes': lanes, 'dtype': dtype, 'precision': precision, 'form': form,
                    'tile': tile, 'ms': line, 'least_bytes': least,
                    **({'device_ms_by_kernel': splits} if _TRACE.value else {})})
-      print(f'{lanes:>4} {dtype:>8} {precision:>7} {form:>7} {tile or "":>12} ' + ' '.join(
+      print(f'{lanes:>4} {dtype:>8} {precision:>7} {form:>7} {tile or "":>15} ' + ' '.join(
           f'{n} {ms:6.3f} ms ({least / ms / 1e9:5.2f} TB/s, {flops / ms / 1e9:5.1f} TFLOP/s)'
           for n, ms in line.items()), flush=True)
       for name, split in splits.items():
-        print(f'{"":>28} {name}: device {sum(split.values()):.3f} ms = ' + ', '.join(
+        print(f'{"":>31} {name}: device {sum(split.values()):.3f} ms = ' + ', '.join(
             f'{op[:48]} {ms:.3f}' for op, ms in list(split.items())[:_KERNELS_LISTED]),
             flush=True)
       if _JSON.value:

@@ -31,8 +31,11 @@
 #                                       # ~32 s a row on an H200, so 16 rows fill one call
 #                                       # (docs/benchmarks.md, "Tenth session")
 #   bash benchmarks/gpu.sh kernels OUT  # the Pallas convolution (model.conv='pallas') against
-#                                       # im2col: each pass at two tile settings, then cohorts
-#                                       # 10 and 200 in float32 and bfloat16 (~8 min)
+#                                       # im2col: each pass at six tile settings (TILES) with
+#                                       # its device time by kernel, then cohorts 10 and 200
+#                                       # in float32 and bfloat16 (~8 min)
+#   bash benchmarks/gpu.sh ncu OUT      # Nsight Compute's account of each Pallas kernel at
+#                                       # TILE, where the image has ncu (~2 min)
 #
 # Why `loops` and the CUDA graph: a round's local loop runs to the longest lane, a bound read
 # from the cohort table on the device. XLA:GPU then cannot know the trip count, so it copies the
@@ -248,13 +251,14 @@ EOF
     # Why: the Pallas convolution (model.conv='pallas') cut a round's bytes 30 % but its time
     # 4-10 % in float32, and its passes ran 1.5x im2col's in bfloat16 (docs/benchmarks.md,
     # "Eleventh session"), never timed in bfloat16 rounds. Each pass at the two tile settings
-    # that led at 50 and at 10 lanes, and those with the taps in a pipelined loop (untimed),
-    # with the one of most warps an SM (benchmarks/kernel_ptx.py: 32-48 against 8-12), each
-    # pass's device time split by kernel (--trace: the Pallas kernel against the padding and
-    # slicing around it; "Twelfth session"); then cohorts 10 and 200 with each form in each
-    # dtype, the forms alternating; the rows' JSON leave as one archive (8 files a device call).
-    "$py" benchmarks/conv_passes.py --lanes="${CONV_LANES:-50,10}" --trace \
-        --tiles=64x4x2x2,128x4x4x2,64x4x2x3xloop,128x4x4x3xloop,32x4x8x2xloop \
+    # that led at 50 and at 10 lanes, one with the taps in a pipelined loop, the loop of most
+    # warps an SM (benchmarks/kernel_ptx.py: 48 against 8-12), and two that keep the kernel's
+    # taps in shared memory over 8 row tiles (SPAN; all untimed), each pass's device time split
+    # by kernel (--trace: the Pallas kernel against the padding and slicing around it; "Twelfth
+    # session"); then cohorts 10 and 200 with each form in each dtype, the forms alternating;
+    # the rows' JSON leave as one archive (8 files a device call). ~8 min.
+    "$py" benchmarks/conv_passes.py --lanes="${CONV_LANES:-50}" --trace \
+        --tiles="${TILES:-64x4x2x2,128x4x4x2,64x4x2x3xloop,32x4x8x2xloop,32x4x4x2xspan8,32x4x8x2xspan8}" \
         --dtypes=float32,bfloat16 \
         --json="$out/kernels_passes.json" 2>&1 | grep -v '^[IW][0-9]' \
         | tee "$out/kernels_passes.txt" || echo "conv_passes.py: exit $?"
@@ -269,21 +273,25 @@ EOF
         done
       done
     done
-    # Why a kernel takes its time, where Nsight Compute is installed and may read the GPU's
-    # counters (best effort: 3 launches of each Pallas kernel at the default tile, 50 lanes).
-    if command -v ncu > /dev/null; then
-      timeout 150 ncu --kernel-name regex:'_shifted_sum_kernel|_kernel_grad_kernel' \
-          --launch-skip 2 --launch-count 6 --section SpeedOfLight --section Occupancy \
-          --section WarpStateStats --section MemoryWorkloadAnalysis \
-          "$py" benchmarks/conv_passes.py --lanes=50 --tiles=64x4x2x2 --repeats=1 2>&1 \
-          | grep -v '^[IW][0-9]' > "$out/kernels_ncu.txt" || echo "ncu: exit $?"
-    else
-      echo "ncu: not installed" | tee "$out/kernels_ncu.txt"
-    fi
     (cd "$out" && compgen -G 'kernels_*.json' > /dev/null \
         && tar -czf kernels_json.tgz kernels_*.json && rm -f kernels_*.json)
     ;;
+  ncu)
+    # Why a Pallas kernel takes its time, where Nsight Compute is installed and may read the
+    # GPU's counters (not known of the image: it says so if not): each kernel of the three
+    # passes at TILE (default the module's), 50 lanes, float32, twice. ~2 min.
+    if command -v ncu > /dev/null; then
+      timeout 300 ncu --kernel-name regex:'_shifted_sum_kernel|_kernel_grad_kernel' \
+          --launch-skip 3 --launch-count 6 --section SpeedOfLight --section Occupancy \
+          --section WarpStateStats --section MemoryWorkloadAnalysis --section ComputeWorkloadAnalysis \
+          "$py" benchmarks/conv_passes.py --lanes=50 --tiles="${TILE:-64x4x2x2}" --repeats=1 \
+          2>&1 | grep -v '^[IW][0-9]' > "$out/ncu.txt" || echo "ncu: exit $?"
+      tail -n 60 "$out/ncu.txt"
+    else
+      echo "ncu: not installed" | tee "$out/ncu.txt"
+    fi
+    ;;
   *) echo "benchmarks/gpu.sh: unknown part '$part' (fathom, sweep, profile, loops, chunks," \
-          "dtypes, convs, lanes or kernels)" >&2
+          "dtypes, convs, lanes, kernels or ncu)" >&2
      exit 2 ;;
 esac

@@ -22,6 +22,7 @@ interpret mode (CPU tests) and the GPU compute the same thing.
 from __future__ import annotations
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -38,25 +39,36 @@ WARPS, STAGES = 2, 2  # Triton's num_warps and num_stages
 # (True), which Triton can software-pipeline over STAGES (the next tap's rows loading while
 # this tap's product runs). Untimed yet: benchmarks/conv_passes.py's 5th tile field.
 TAP_LOOP = False
+# Row tiles a program of the forward pass and the input's gradient computes in turn (1: one).
+# Above 1 it loads the kernel's 9 taps once and keeps them (in shared memory, as Triton
+# places them) for all its tiles, pipelining the rows' loads over the tiles, where one tile a
+# program loads the 9 taps again for every ROWS rows (benchmarks/kernel_ptx.py, twelfth
+# session); its taps are unrolled (TAP_LOOP does not apply). Untimed yet: a tile name's
+# 'spanN' field.
+SPAN = 1
 
 
-def parse_tile(spec: str) -> tuple[int, int, int, int, bool]:
-  """(ROWS, SPLITS, WARPS, STAGES, TAP_LOOP) of 'ROWSxSPLITSxWARPSxSTAGES', with 'xloop'
-  appended for TAP_LOOP=True (how benchmarks name a setting)."""
+def parse_tile(spec: str) -> tuple[int, int, int, int, bool, int]:
+  """(ROWS, SPLITS, WARPS, STAGES, TAP_LOOP, SPAN) of 'ROWSxSPLITSxWARPSxSTAGES', with 'xloop'
+  appended for TAP_LOOP=True or 'xspanN' for SPAN=N (how benchmarks name a setting)."""
   fields = spec.split('x')
-  if (len(fields) not in (4, 5) or fields[4:] not in ([], ['loop'])
+  extra = fields[4:]
+  span = (int(extra[0][4:]) if len(extra) == 1 and extra[0][:4] == 'span'
+          and extra[0][4:].isdigit() else 1)
+  if (len(fields) not in (4, 5) or extra not in ([], ['loop'], [f'span{span}']) or span < 1
       or not all(f.isdigit() and int(f) > 0 for f in fields[:4])
       or int(fields[0]) & (int(fields[0]) - 1)):
-    raise ValueError(f'conv_kernels tile {spec!r}: expected ROWSxSPLITSxWARPSxSTAGES[xloop], '
-                     'positive integers with ROWS a power of 2 (e.g. 64x4x2x2, 128x4x4x3xloop)')
+    raise ValueError(f'conv_kernels tile {spec!r}: expected ROWSxSPLITSxWARPSxSTAGES, then '
+                     'optionally xloop or xspanN; positive integers with ROWS a power of 2 '
+                     '(e.g. 64x4x2x2, 128x4x4x3xloop, 32x4x4x2xspan8)')
   rows, splits, warps, stages = map(int, fields[:4])
-  return rows, splits, warps, stages, len(fields) == 5
+  return rows, splits, warps, stages, extra == ['loop'], span
 
 
 def set_tile(spec: str) -> None:
   """Sets the tile globals from a parse_tile spec; programs traced after use it."""
-  global ROWS, SPLITS, WARPS, STAGES, TAP_LOOP
-  ROWS, SPLITS, WARPS, STAGES, TAP_LOOP = parse_tile(spec)
+  global ROWS, SPLITS, WARPS, STAGES, TAP_LOOP, SPAN
+  ROWS, SPLITS, WARPS, STAGES, TAP_LOOP, SPAN = parse_tile(spec)
 
 
 def supported(cin: int, cout: int) -> bool:
@@ -100,6 +112,8 @@ def _tap_offset(t, width: int):
 def _shifted_sum_kernel(base, sign, width, transpose, x_ref, k_ref, y_ref):
   """y rows [m, m + ROWS) = sum over taps t of x rows [m + offset_t, ...) @ k[t] (or k[t]^T),
   offset_t = base + sign * _tap_offset(t, width)."""
+  if SPAN > 1:
+    return _shifted_sum_span(base, sign, width, transpose, x_ref, k_ref, y_ref)
   m = pl.program_id(0) * ROWS
 
   def tap(t, acc):
@@ -115,8 +129,27 @@ def _shifted_sum_kernel(base, sign, width, transpose, x_ref, k_ref, y_ref):
   y_ref[...] = acc.astype(y_ref.dtype)
 
 
+def _shifted_sum_span(base, sign, width, transpose, x_ref, k_ref, y_ref):
+  """_shifted_sum_kernel over this program's SPAN tiles of ROWS rows, in turn, the 9 taps of the
+  kernel loaded once for all of them (y_ref is the program's SPAN x ROWS rows)."""
+  first = pl.program_id(0) * SPAN * ROWS
+  taps = [k_ref[t] for t in range(9)]
+
+  def tile(s, carry):
+    m = first + s * ROWS
+    acc = jnp.zeros((ROWS, y_ref.shape[1]), jnp.float32)
+    for t in range(9):
+      rows = x_ref[pl.ds(m + base + sign * _tap_offset(t, width), ROWS), :]
+      acc = acc + _dot(rows, taps[t], 1, 1 if transpose else 0)
+    y_ref[pl.ds(s * ROWS, ROWS), :] = acc.astype(y_ref.dtype)
+    return carry
+
+  jax.lax.fori_loop(0, SPAN, tile, 0)
+
+
 def _shifted_sum(x, kernel, base, sign, width, transpose, out_rows):
-  """The first `out_rows` rows (a multiple of ROWS) of sum_t x[offset_t:][:out_rows] @ k[t]."""
+  """The first `out_rows` rows (a multiple of ROWS x SPAN) of sum_t x[offset_t:][:out_rows] @
+  k[t]."""
   cout = kernel.shape[1] if transpose else kernel.shape[2]
   return _on_gpu(functools.partial(_shifted_sum_call, base, sign, width, transpose, out_rows,
                                    cout), x, kernel)
@@ -126,8 +159,8 @@ def _shifted_sum_call(base, sign, width, transpose, out_rows, cout, x, kernel, *
   return pl.pallas_call(
       functools.partial(_shifted_sum_kernel, base, sign, width, transpose),
       out_shape=jax.ShapeDtypeStruct((out_rows, cout), x.dtype),
-      grid=(out_rows // ROWS,),
-      out_specs=pl.BlockSpec((ROWS, cout), lambda i: (i, 0)),
+      grid=(out_rows // (ROWS * SPAN),),
+      out_specs=pl.BlockSpec((ROWS * SPAN, cout), lambda i: (i, 0)),
       compiler_params=_compiler_params(),
       interpret=interpret,
   )(x, kernel)
@@ -161,10 +194,12 @@ def _kernel_grad_call(width, halo, rows, x, dy, *, interpret):
 
 
 def _layout(shape):
-  """(rows of the flat input, rows computed: a multiple of ROWS x SPLITS, halo rows)."""
+  """(rows of the flat input, rows computed: a multiple of ROWS x SPLITS and of ROWS x SPAN,
+  halo rows)."""
   b, h, w, _ = shape
   rows = b * h * w
-  computed = -(-rows // (ROWS * SPLITS)) * ROWS * SPLITS
+  unit = ROWS * math.lcm(SPLITS, SPAN)
+  computed = -(-rows // unit) * unit
   return rows, computed, 2 * w + 2
 
 

@@ -26,15 +26,26 @@ def highest():
     yield
 
 
-@pytest.mark.parametrize('tap_loop', [False, True])
+# The kernels' three code paths: taps unrolled (the default), in a loop, and several row tiles
+# a program (SPAN, with a SPAN that SPLITS does not divide).
+_PATHS = {'unrolled': (False, 1), 'tap_loop': (True, 1), 'span': (False, 3)}
+
+
+def _use_path(monkeypatch, path):
+  tap_loop, span = _PATHS[path]
+  monkeypatch.setattr(conv_kernels, 'TAP_LOOP', tap_loop)
+  monkeypatch.setattr(conv_kernels, 'SPAN', span)
+
+
+@pytest.mark.parametrize('path', list(_PATHS))
 @pytest.mark.parametrize('shape,cout', [((3, 26, 26, 32), 64), ((2, 7, 9, 16), 16),
                                         ((1, 3, 3, 16), 32)])
 def test_kernels_equal_xla_convolution_and_both_gradients(highest, monkeypatch, shape, cout,
-                                                          tap_loop):
+                                                          path):
   """The output, the input's and the kernel's gradients equal XLA's convolution's (float32
   products), at the CNN's shape, at a non-square one whose rows do not fill a tile, and at the
-  smallest (one output position); with the taps unrolled or in a loop (TAP_LOOP)."""
-  monkeypatch.setattr(conv_kernels, 'TAP_LOOP', tap_loop)
+  smallest (one output position); along each of the kernels' code paths."""
+  _use_path(monkeypatch, path)
   r = np.random.default_rng(0)
   x = jnp.asarray(r.standard_normal(shape), jnp.float32)
   kernel = jnp.asarray(r.standard_normal((3, 3, shape[-1], cout)) / 10, jnp.float32)
@@ -47,11 +58,14 @@ def test_kernels_equal_xla_convolution_and_both_gradients(highest, monkeypatch, 
                                err_msg=name)
 
 
-def test_vmapped_lanes_each_use_their_own_kernel(highest):
+@pytest.mark.parametrize('path', ['unrolled', 'span'])
+def test_vmapped_lanes_each_use_their_own_kernel(highest, monkeypatch, path):
   """Under vmap (a cohort's lanes) every lane convolves its own input with its own kernel, in
-  both directions: a grid axis of the lanes, not a shared kernel."""
+  both directions: a grid axis of the lanes, not a shared kernel (with several programs a lane
+  where a SPAN's tiles)."""
+  _use_path(monkeypatch, path)
   r = np.random.default_rng(1)
-  x = jnp.asarray(r.standard_normal((3, 2, 8, 6, 16)), jnp.float32)
+  x = jnp.asarray(r.standard_normal((3, 2, 26, 14, 16)), jnp.float32)  # 728 rows a lane
   kernel = jnp.asarray(r.standard_normal((3, 3, 3, 16, 32)) / 10, jnp.float32)
 
   def loss(conv):
@@ -61,7 +75,9 @@ def test_vmapped_lanes_each_use_their_own_kernel(highest):
   want = jax.value_and_grad(loss(_xla_conv), (0, 1))(x, kernel)
   np.testing.assert_allclose(got[0], want[0], rtol=1e-5)
   for a, b in zip(got[1], want[1]):
-    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+    # atol: a gradient near 0 is a difference of O(1) float32 sums (one of 13,824 is 1.1e-5 off
+    # in either path); a wrong tap or lane would be off by O(0.1).
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=5e-5)
   # Lane 1 alone gives lane 1's result.
   np.testing.assert_allclose(jax.vmap(conv_kernels.conv3x3)(x, kernel)[1],
                              _xla_conv(x[1], kernel[1]), rtol=1e-5, atol=1e-5)
@@ -91,12 +107,12 @@ def test_shapes_the_kernels_cannot_take_are_refused_by_name(x_shape, k_shape):
     conv_kernels.conv3x3(jnp.ones(x_shape), jnp.ones(k_shape))
 
 
-@pytest.mark.parametrize('tap_loop', [False, True])
+@pytest.mark.parametrize('path', list(_PATHS))
 def test_a_gpu_program_runs_the_three_passes_as_triton_kernels_and_a_cpu_one_interprets(
-    monkeypatch, tap_loop):
+    monkeypatch, path):
   """Lowered for a GPU (no GPU needed to lower), the gradient of a vmapped convolution is three
   Triton kernels and no interpreter loop; lowered for this CPU, no kernel at all."""
-  monkeypatch.setattr(conv_kernels, 'TAP_LOOP', tap_loop)
+  _use_path(monkeypatch, path)
   x = jax.ShapeDtypeStruct((4, 2, 26, 26, 32), jnp.float32)
   kernel = jax.ShapeDtypeStruct((4, 3, 3, 32, 64), jnp.float32)
   grad = jax.jit(jax.grad(lambda x, k: jnp.sum(jax.vmap(conv_kernels.conv3x3)(x, k) ** 2),
@@ -109,14 +125,21 @@ def test_a_gpu_program_runs_the_three_passes_as_triton_kernels_and_a_cpu_one_int
 
 
 def test_set_tile_reads_the_benchmarks_tile_names(monkeypatch):
-  for name in ('ROWS', 'SPLITS', 'WARPS', 'STAGES', 'TAP_LOOP'):
+  names = ('ROWS', 'SPLITS', 'WARPS', 'STAGES', 'TAP_LOOP', 'SPAN')
+  for name in names:
     monkeypatch.setattr(conv_kernels, name, getattr(conv_kernels, name))  # restored after
+
+  def tile():
+    return tuple(getattr(conv_kernels, name) for name in names)
+
   conv_kernels.set_tile('128x16x4x3xloop')
-  assert (conv_kernels.ROWS, conv_kernels.SPLITS, conv_kernels.WARPS, conv_kernels.STAGES,
-          conv_kernels.TAP_LOOP) == (128, 16, 4, 3, True)
+  assert tile() == (128, 16, 4, 3, True, 1)
+  conv_kernels.set_tile('32x4x8x2xspan8')
+  assert tile() == (32, 4, 8, 2, False, 8)
   conv_kernels.set_tile('64x4x2x2')
-  assert (conv_kernels.ROWS, conv_kernels.TAP_LOOP) == (64, False)
-  for bad in ('64x4x2', '96x4x2x2', '64x4x2x2xunroll', '64x0x2x2', '64x4x2x2xloopx1'):
+  assert tile() == (64, 4, 2, 2, False, 1)
+  for bad in ('64x4x2', '96x4x2x2', '64x4x2x2xunroll', '64x0x2x2', '64x4x2x2xloopx1',
+              '64x4x2x2xspan0', '64x4x2x2xspan', '64x4x2x2xspan2xloop', '64x4x2x2xspanx'):
     with pytest.raises(ValueError, match='ROWSxSPLITSxWARPSxSTAGES'):
       conv_kernels.set_tile(bad)
-  assert (conv_kernels.ROWS, conv_kernels.TAP_LOOP) == (64, False)  # unchanged by the refusals
+  assert tile() == (64, 4, 2, 2, False, 1)  # unchanged by the refusals
