@@ -109,16 +109,16 @@ def _tap_offset(t, width: int):
   return jax.lax.div(t, 3) * width + jax.lax.rem(t, 3)
 
 
-def _shifted_sum_kernel(base, sign, width, transpose, x_ref, k_ref, y_ref):
-  """y rows [m, m + ROWS) = sum over taps t of x rows [m + offset_t, ...) @ k[t] (or k[t]^T),
-  offset_t = base + sign * _tap_offset(t, width)."""
+def _shifted_sum_kernel(base, sign, width, x_ref, k_ref, y_ref):
+  """y rows [m, m + ROWS) = sum over taps t of x rows [m + offset_t, ...) @ k[t], offset_t =
+  base + sign * _tap_offset(t, width)."""
   if SPAN > 1:
-    return _shifted_sum_span(base, sign, width, transpose, x_ref, k_ref, y_ref)
+    return _shifted_sum_span(base, sign, width, x_ref, k_ref, y_ref)
   m = pl.program_id(0) * ROWS
 
   def tap(t, acc):
     rows = x_ref[pl.ds(m + base + sign * _tap_offset(t, width), ROWS), :]
-    return acc + _dot(rows, k_ref[t], 1, 1 if transpose else 0)
+    return acc + _dot(rows, k_ref[t], 1, 0)
 
   acc = jnp.zeros(y_ref.shape, jnp.float32)
   if TAP_LOOP:
@@ -129,7 +129,7 @@ def _shifted_sum_kernel(base, sign, width, transpose, x_ref, k_ref, y_ref):
   y_ref[...] = acc.astype(y_ref.dtype)
 
 
-def _shifted_sum_span(base, sign, width, transpose, x_ref, k_ref, y_ref):
+def _shifted_sum_span(base, sign, width, x_ref, k_ref, y_ref):
   """_shifted_sum_kernel over this program's SPAN tiles of ROWS rows, in turn, the 9 taps of the
   kernel loaded once for all of them (y_ref is the program's SPAN x ROWS rows)."""
   first = pl.program_id(0) * SPAN * ROWS
@@ -140,24 +140,23 @@ def _shifted_sum_span(base, sign, width, transpose, x_ref, k_ref, y_ref):
     acc = jnp.zeros((ROWS, y_ref.shape[1]), jnp.float32)
     for t in range(9):
       rows = x_ref[pl.ds(m + base + sign * _tap_offset(t, width), ROWS), :]
-      acc = acc + _dot(rows, taps[t], 1, 1 if transpose else 0)
+      acc = acc + _dot(rows, taps[t], 1, 0)
     y_ref[pl.ds(s * ROWS, ROWS), :] = acc.astype(y_ref.dtype)
     return carry
 
   jax.lax.fori_loop(0, SPAN, tile, 0)
 
 
-def _shifted_sum(x, kernel, base, sign, width, transpose, out_rows):
+def _shifted_sum(x, kernel, base, sign, width, out_rows):
   """The first `out_rows` rows (a multiple of ROWS x SPAN) of sum_t x[offset_t:][:out_rows] @
-  k[t]."""
-  cout = kernel.shape[1] if transpose else kernel.shape[2]
-  return _on_gpu(functools.partial(_shifted_sum_call, base, sign, width, transpose, out_rows,
-                                   cout), x, kernel)
+  kernel[t], kernel [9, K, N]."""
+  return _on_gpu(functools.partial(_shifted_sum_call, base, sign, width, out_rows,
+                                   kernel.shape[2]), x, kernel)
 
 
-def _shifted_sum_call(base, sign, width, transpose, out_rows, cout, x, kernel, *, interpret):
+def _shifted_sum_call(base, sign, width, out_rows, cout, x, kernel, *, interpret):
   return pl.pallas_call(
-      functools.partial(_shifted_sum_kernel, base, sign, width, transpose),
+      functools.partial(_shifted_sum_kernel, base, sign, width),
       out_shape=jax.ShapeDtypeStruct((out_rows, cout), x.dtype),
       grid=(out_rows // (ROWS * SPAN),),
       out_specs=pl.BlockSpec((ROWS * SPAN, cout), lambda i: (i, 0)),
@@ -222,15 +221,20 @@ def _dy_shifted(dy, x_shape):
 def _forward(x_flat, kernel, x_shape):
   b, h, w, cin = x_shape
   rows, computed, _ = _layout(x_shape)
-  y = _shifted_sum(x_flat, kernel.reshape(9, cin, -1), 0, 1, w, False, computed)
+  y = _shifted_sum(x_flat, kernel.reshape(9, cin, -1), 0, 1, w, computed)
   return y[:rows].reshape(b, h, w, -1)[:, :h - 2, :w - 2]
 
 
 def _input_grad(dy_shifted, kernel, x_shape):
-  """dx row p = sum_t dy row (p - offset_t) @ k[t]^T: a shifted sum like the forward pass."""
+  """dx row p = sum_t dy row (p - offset_t) @ k[t]^T: a shifted sum like the forward pass.
+  The taps are transposed here, once, not in the kernel, where every program transposed every
+  tap through shared memory: 93 barriers against the forward pass's 39 at the default tile
+  (benchmarks/kernel_ptx.py; 39 here too). Untimed: the default tile's input gradient took 39 %
+  longer than its forward pass in the eleventh session's call 10, 1 % in call 11."""
   b, h, w, cin = x_shape
   rows, computed, halo = _layout(x_shape)
-  dx = _shifted_sum(dy_shifted, kernel.reshape(9, cin, -1), halo, -1, w, True, computed)
+  taps = kernel.reshape(9, cin, -1).transpose(0, 2, 1)
+  dx = _shifted_sum(dy_shifted, taps, halo, -1, w, computed)
   return dx[:rows].reshape(x_shape)
 
 
