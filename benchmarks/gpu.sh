@@ -35,7 +35,8 @@
 #                                       # its device time by kernel, then cohorts 10 and 200
 #                                       # in float32 and bfloat16 (~8 min)
 #   bash benchmarks/gpu.sh ncu OUT      # Nsight Compute's account of each Pallas kernel at
-#                                       # TILE, where the image has ncu (~2 min)
+#                                       # TILE, where the image has ncu, and kernel_ptx.py's
+#                                       # by the image's jax (~2 min)
 #
 # Why `loops` and the CUDA graph: a round's local loop runs to the longest lane, a bound read
 # from the cohort table on the device. XLA:GPU then cannot know the trip count, so it copies the
@@ -290,6 +291,10 @@ EOF
     else
       echo "ncu: not installed" | tee "$out/ncu.txt"
     fi
+    # The same tile's static account by the image's own jax and Triton (the one the timings
+    # ran; docs/benchmarks.md's is the pinned jax's), compiled for a described H100.
+    "$py" benchmarks/kernel_ptx.py --tiles="${TILE:-64x4x2x2}" --dtypes=float32,bfloat16 2>&1 \
+        | grep -v '^[IW][0-9]' | tee "$out/kernel_ptx.txt" || echo "kernel_ptx.py: exit $?"
     ;;
   *) echo "benchmarks/gpu.sh: unknown part '$part' (fathom, sweep, profile, loops, chunks," \
           "dtypes, convs, lanes, kernels or ncu)" >&2
