@@ -2,8 +2,10 @@
 xla_dump_to): the kernel's launch from the thunk sequence, its PTX's instructions, and ptxas -v's
 registers and spills (benchmarks/kernel_ptx.py)."""
 
+import glob
 import os
 import re
+import shutil
 import subprocess
 import tempfile
 
@@ -20,11 +22,24 @@ def ptxas_figures(report: str) -> dict:
           'spill_loads': int(re.search(r'(\d+) bytes spill loads', report)[1])}
 
 
+def _ptxas_binary() -> str:
+  """The CUDA plugin's ptxas (pip's nvidia-cuda-nvcc), else one on PATH."""
+  try:
+    import nvidia
+    found = [p for root in nvidia.__path__
+             for p in sorted(glob.glob(os.path.join(root, '**', 'bin', 'ptxas'), recursive=True))]
+  except ImportError:
+    found = []
+  binary = found[0] if found else shutil.which('ptxas')
+  if binary is None:
+    raise SystemExit('no ptxas: install the CUDA plugin of the pinned jax, '
+                     'pip install "jax[cuda12]==0.10.2", or put CUDA\'s ptxas on PATH')
+  return binary
+
+
 def ptxas(ptx_path: str) -> dict:
-  """ptxas_figures of the one kernel in `ptx_path`, assembled for sm_90a by the CUDA plugin's
-  ptxas."""
-  import nvidia.cuda_nvcc
-  binary = os.path.join(list(nvidia.cuda_nvcc.__path__)[0], 'bin', 'ptxas')
+  """ptxas_figures of the one kernel in `ptx_path`, assembled for sm_90a."""
+  binary = _ptxas_binary()
   with tempfile.TemporaryDirectory() as tmp:
     return ptxas_figures(subprocess.run(
         [binary, '-arch=sm_90a', '-v', '-o', os.path.join(tmp, 'k.cubin'), ptx_path],
