@@ -72,7 +72,7 @@
 # RERUN=1 runs `fathom` a second time on the compilation cache the first one filled.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-usage='usage: benchmarks/gpu.sh fathom|sweep|profile|loops|chunks|dtypes|convs|lanes|kernels OUT'
+usage='usage: benchmarks/gpu.sh fathom|sweep|profile|loops|chunks|dtypes|convs|lanes|kernels|ncu OUT'
 part="${1:?$usage}"
 out="${2:?$usage}"
 dtype="${COMPUTE_DTYPE:-float32}"
@@ -251,14 +251,15 @@ EOF
   kernels)
     # Why: the Pallas convolution (model.conv='pallas') cut a round's bytes 30 % but its time
     # 4-10 % in float32, and its passes ran 1.5x im2col's in bfloat16 (docs/benchmarks.md,
-    # "Eleventh session"), never timed in bfloat16 rounds. Each pass at the two tile settings
-    # that led at 50 and at 10 lanes, one with the taps in a pipelined loop, the loop of most
-    # warps an SM (benchmarks/kernel_ptx.py: 48 against 8-12), and two that keep the kernel's
-    # taps in shared memory over 8 row tiles (SPAN; all untimed), each pass's device time split
-    # by kernel (--trace: the Pallas kernel against the padding and slicing around it; "Twelfth
-    # session"); then cohorts 10 and 200 with each form in each dtype, the forms alternating;
-    # the rows' JSON leave as one archive (8 files a device call). ~8 min.
-    "$py" benchmarks/conv_passes.py --lanes="${CONV_LANES:-50}" --trace \
+    # "Eleventh session"), never timed in bfloat16 rounds. Each pass at 50 lanes (CONV_LANES)
+    # at the two tile settings that led at 50 and at 10 lanes, one with the taps in a pipelined
+    # loop, the loop of most warps an SM (benchmarks/kernel_ptx.py: 48 against 8-12), and two
+    # that keep the kernel's taps in shared memory over 8 row tiles (SPAN; all untimed), each
+    # pass's device time split by kernel (--trace: the Pallas kernel against the padding and
+    # slicing around it; "Twelfth session"); then cohorts 10 and 200 with each form in each
+    # dtype, the forms alternating; the rows' JSON leave as one archive (8 files a device
+    # call). ~8 min: the passes are cut at 4 so that the archive is made.
+    timeout 240 "$py" benchmarks/conv_passes.py --lanes="${CONV_LANES:-50}" --trace \
         --tiles="${TILES:-64x4x2x2,128x4x4x2,64x4x2x3xloop,32x4x8x2xloop,32x4x4x2xspan8,32x4x8x2xspan8}" \
         --dtypes=float32,bfloat16 \
         --json="$out/kernels_passes.json" 2>&1 | grep -v '^[IW][0-9]' \
@@ -279,12 +280,15 @@ EOF
     ;;
   ncu)
     # Why a Pallas kernel takes its time, where Nsight Compute is installed and may read the
-    # GPU's counters (not known of the image: it says so if not): each kernel of the three
-    # passes at TILE (default the module's), 50 lanes, float32, twice. ~2 min.
+    # GPU's counters (not known of the image: it says so if not): the Pallas kernels of the
+    # three passes at TILE (default 64x4x2x2, conv_kernels' own), 50 lanes, float32, each
+    # launched twice (a warm-up and one timed call: ncu's launch count is of the kernels its
+    # filter names). JAX's memory pool is not preallocated, for ncu's replays. ~2 min.
     if command -v ncu > /dev/null; then
-      timeout 300 ncu --kernel-name regex:'_shifted_sum_kernel|_kernel_grad_kernel' \
-          --launch-skip 3 --launch-count 6 --section SpeedOfLight --section Occupancy \
-          --section WarpStateStats --section MemoryWorkloadAnalysis --section ComputeWorkloadAnalysis \
+      XLA_PYTHON_CLIENT_PREALLOCATE=false timeout 300 ncu \
+          --kernel-name regex:'_shifted_sum_kernel|_kernel_grad_kernel' --launch-skip 0 \
+          --launch-count 6 --section SpeedOfLight --section Occupancy --section WarpStateStats \
+          --section MemoryWorkloadAnalysis --section ComputeWorkloadAnalysis \
           "$py" benchmarks/conv_passes.py --lanes=50 --tiles="${TILE:-64x4x2x2}" --repeats=1 \
           2>&1 | grep -v '^[IW][0-9]' > "$out/ncu.txt" || echo "ncu: exit $?"
       tail -n 60 "$out/ncu.txt"

@@ -13,7 +13,7 @@ those, the CTAs and warps an SM holds at once (the sm_90 limits: 64 warps, 32 CT
 registers allocated 256 a warp, 228 KB of shared memory less 1 KB a CTA) and the count of
 tensor-core instructions (mma.sync: Ampere's warp-level MMA; wgmma: Hopper's warpgroup MMA),
 asynchronous copies (cp.async, what a pipelined load is) and barriers in the PTX text (a loop's
-body counted once: xloop tiles' counts are a tap's).
+body counted once: xloop tiles' counts are one tap's, xspanN tiles' one row tile's).
 
 It is a static account, not a timing (benchmarks/conv_passes.py times the same settings on a
 GPU): a kernel whose warps are few and whose loads are not pipelined waits on memory latency
@@ -38,11 +38,10 @@ _LANES = flags.DEFINE_integer('lanes', 50, 'Lanes side by side (the grid\'s seco
 _BATCH = flags.DEFINE_integer('batch_size', 20, 'Examples a lane.')
 _TILES = flags.DEFINE_list('tiles', ['64x4x2x2', '128x4x4x2', '64x4x2x2xloop',
                                      '128x4x4x2xloop'],
-                           'ROWSxSPLITSxWARPSxSTAGES[xloop] (conv_kernels globals; as '
-                           'benchmarks/conv_passes.py reads them).')
+                           'ROWSxSPLITSxWARPSxSTAGES, then xloop or xspanN '
+                           '(conv_kernels.parse_tile, as benchmarks/conv_passes.py reads them).')
 _DTYPES = flags.DEFINE_list('dtypes', ['float32'], 'Dtypes of x, the kernel and dy.')
 _JSON = flags.DEFINE_string('json', None, 'Also write the rows here.')
-
 
 
 def main(argv):
@@ -83,7 +82,7 @@ def main(argv):
             print(f'{dtype:>8} {tile:>15} {name:>11}: {type(e).__name__}: {str(e)[:160]}',
                   flush=True)
             continue
-        row.update(dtype=dtype, tile=tile, pass_=name, lanes=lanes)
+        row.update(dtype=dtype, tile=tile, lanes=lanes, **{'pass': name})
         rows.append(row)
         print(f'{dtype:>8} {tile:>15} {name:>11} {row["grid"]:>6} {row["threads"]:>4} '
               f'{row["shared"]:>6} {row["registers"]:>4} {row["spill_stores"]:>5} '

@@ -2,6 +2,7 @@
 xla_dump_to): the kernel's launch from the thunk sequence, its PTX's instructions, and ptxas -v's
 registers and spills (benchmarks/kernel_ptx.py)."""
 
+import functools
 import glob
 import os
 import re
@@ -22,6 +23,7 @@ def ptxas_figures(report: str) -> dict:
           'spill_loads': int(re.search(r'(\d+) bytes spill loads', report)[1])}
 
 
+@functools.cache
 def _ptxas_binary() -> str:
   """The CUDA plugin's ptxas (pip's nvidia-cuda-nvcc), else one on PATH."""
   try:
@@ -58,13 +60,17 @@ def triton_launch(thunks: str) -> tuple[str, int, int, int]:
 
 def account(dump: str) -> dict:
   """The Triton kernel of one dumped compilation: launch, ptxas figures, instruction counts."""
+  def read(f: str) -> str:
+    with open(os.path.join(dump, f)) as fh:
+      return fh.read()
+
   files = os.listdir(dump)
   thunks, = [f for f in files if f.endswith('thunk_sequence.txt')]
-  name, grid, threads, shared = triton_launch(open(os.path.join(dump, thunks)).read())
-  ptx, = [os.path.join(dump, f) for f in files if f.endswith('.ptx')
-          and f'.entry {name}(' in open(os.path.join(dump, f)).read()]
-  text = open(ptx).read()
-  row = {'kernel': name, 'grid': grid, 'threads': threads, 'shared': shared, **ptxas(ptx),
+  name, grid, threads, shared = triton_launch(read(thunks))
+  (ptx, text), = [(f, read(f)) for f in files
+                  if f.endswith('.ptx') and f'.entry {name}(' in read(f)]
+  row = {'kernel': name, 'grid': grid, 'threads': threads, 'shared': shared,
+         **ptxas(os.path.join(dump, ptx)),
          'mma_sync': len(re.findall(r'\bmma\.sync\.', text)),
          'wgmma': len(re.findall(r'\bwgmma\.mma_async\.', text)),
          'cp_async': len(re.findall(r'\bcp\.async\.(?:ca|cg)\.', text)),

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import functools
 import math
+import re
 
 import jax
 import jax.numpy as jnp
@@ -48,21 +49,28 @@ TAP_LOOP = False
 SPAN = 1
 
 
+_TILE = re.compile(r'([1-9]\d*)x([1-9]\d*)x([1-9]\d*)x([1-9]\d*)(?:x(loop|span[1-9]\d*))?',
+                   re.ASCII)
+
+
+def _power_of_2(n: int) -> bool:
+  return n & (n - 1) == 0
+
+
 def parse_tile(spec: str) -> tuple[int, int, int, int, bool, int]:
   """(ROWS, SPLITS, WARPS, STAGES, TAP_LOOP, SPAN) of 'ROWSxSPLITSxWARPSxSTAGES', with 'xloop'
-  appended for TAP_LOOP=True or 'xspanN' for SPAN=N (how benchmarks name a setting)."""
-  fields = spec.split('x')
-  extra = fields[4:]
-  span = (int(extra[0][4:]) if len(extra) == 1 and extra[0][:4] == 'span'
-          and extra[0][4:].isdigit() else 1)
-  if (len(fields) not in (4, 5) or extra not in ([], ['loop'], [f'span{span}']) or span < 1
-      or not all(f.isdigit() and int(f) > 0 for f in fields[:4])
-      or int(fields[0]) & (int(fields[0]) - 1)):
+  appended for TAP_LOOP=True or 'xspanN' for SPAN=N >= 2 (how benchmarks name a setting)."""
+  match = _TILE.fullmatch(spec)
+  extra = match and match[5] or ''
+  if (not match or extra == 'span1' or int(match[1]) < 16
+      or not _power_of_2(int(match[1])) or not _power_of_2(int(match[3]))):
     raise ValueError(f'conv_kernels tile {spec!r}: expected ROWSxSPLITSxWARPSxSTAGES, then '
-                     'optionally xloop or xspanN; positive integers with ROWS a power of 2 '
-                     '(e.g. 64x4x2x2, 128x4x4x3xloop, 32x4x4x2xspan8)')
-  rows, splits, warps, stages = map(int, fields[:4])
-  return rows, splits, warps, stages, extra == ['loop'], span
+                     'optionally xloop or xspanN (N >= 2); positive integers, ROWS a power of '
+                     '2 >= 16 (Triton\'s products) and WARPS a power of 2 (e.g. 64x4x2x2, '
+                     '128x4x4x3xloop, 32x4x4x2xspan8)')
+  rows, splits, warps, stages = (int(match[i]) for i in range(1, 5))
+  return (rows, splits, warps, stages, extra == 'loop',
+          int(extra[4:]) if extra.startswith('span') else 1)
 
 
 def set_tile(spec: str) -> None:
@@ -113,6 +121,8 @@ def _shifted_sum_kernel(base, sign, width, x_ref, k_ref, y_ref):
   """y rows [m, m + ROWS) = sum over taps t of x rows [m + offset_t, ...) @ k[t], offset_t =
   base + sign * _tap_offset(t, width)."""
   if SPAN > 1:
+    if TAP_LOOP:
+      raise ValueError('conv_kernels: SPAN > 1 unrolls the taps; TAP_LOOP must be False')
     return _shifted_sum_span(base, sign, width, x_ref, k_ref, y_ref)
   m = pl.program_id(0) * ROWS
 
@@ -226,13 +236,11 @@ def _forward(x_flat, kernel, x_shape):
 
 
 def _input_grad(dy_shifted, kernel, x_shape):
-  """dx row p = sum_t dy row (p - offset_t) @ k[t]^T: a shifted sum like the forward pass.
-  The taps are transposed here, once, not in the kernel, where every program transposed every
-  tap through shared memory: 93 barriers against the forward pass's 39 at the default tile
-  (benchmarks/kernel_ptx.py; 39 here too). Untimed: the default tile's input gradient took 39 %
-  longer than its forward pass in the eleventh session's call 10, 1 % in call 11."""
+  """dx row p = sum_t dy row (p - offset_t) @ k[t]^T: a shifted sum like the forward pass."""
   b, h, w, cin = x_shape
   rows, computed, halo = _layout(x_shape)
+  # Transposed here, once: inside the kernel every program transposed every tap through shared
+  # memory (93 barriers against the forward pass's 39; docs/benchmarks.md, twelfth session).
   taps = kernel.reshape(9, cin, -1).transpose(0, 2, 1)
   dx = _shifted_sum(dy_shifted, taps, halo, -1, w, computed)
   return dx[:rows].reshape(x_shape)

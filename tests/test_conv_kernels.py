@@ -1,6 +1,9 @@
 """The Pallas convolution (fathom_sim/conv_kernels.py) against XLA's, run interpreted here; the
 GPU's lowering checked without a GPU."""
 
+import pathlib
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -27,8 +30,9 @@ def highest():
 
 
 # The kernels' three code paths: taps unrolled (the default), in a loop, and several row tiles
-# a program (SPAN, with a SPAN that SPLITS does not divide).
-_PATHS = {'unrolled': (False, 1), 'tap_loop': (True, 1), 'span': (False, 3)}
+# a program (SPAN: one that SPLITS' 4 does not divide, and one that divides it).
+_PATHS = {'unrolled': (False, 1), 'tap_loop': (True, 1), 'span': (False, 3),
+          'span2': (False, 2)}
 
 
 def _use_path(monkeypatch, path):
@@ -61,8 +65,8 @@ def test_kernels_equal_xla_convolution_and_both_gradients(highest, monkeypatch, 
 @pytest.mark.parametrize('path', ['unrolled', 'span'])
 def test_vmapped_lanes_each_use_their_own_kernel(highest, monkeypatch, path):
   """Under vmap (a cohort's lanes) every lane convolves its own input with its own kernel, in
-  both directions: a grid axis of the lanes, not a shared kernel (with several programs a lane
-  where a SPAN's tiles)."""
+  both directions: a grid axis of the lanes, not a shared kernel (with SPAN, several programs
+  of several tiles each in a lane)."""
   _use_path(monkeypatch, path)
   r = np.random.default_rng(1)
   x = jnp.asarray(r.standard_normal((3, 2, 26, 14, 16)), jnp.float32)  # 728 rows a lane
@@ -124,22 +128,55 @@ def test_a_gpu_program_runs_the_three_passes_as_triton_kernels_and_a_cpu_one_int
   assert 'custom_call' not in cpu and 'stablehlo.while' in cpu
 
 
-def test_set_tile_reads_the_benchmarks_tile_names(monkeypatch):
-  names = ('ROWS', 'SPLITS', 'WARPS', 'STAGES', 'TAP_LOOP', 'SPAN')
-  for name in names:
-    monkeypatch.setattr(conv_kernels, name, getattr(conv_kernels, name))  # restored after
+_TILE_GLOBALS = ('ROWS', 'SPLITS', 'WARPS', 'STAGES', 'TAP_LOOP', 'SPAN')
+
+
+def _restore_tile_after(monkeypatch):
+  for name in _TILE_GLOBALS:
+    monkeypatch.setattr(conv_kernels, name, getattr(conv_kernels, name))
+
+
+def test_set_tile_reads_the_benchmarks_tile_names_and_refuses_what_triton_cannot_run(
+    monkeypatch):
+  """A benchmark's tile name sets the kernels' globals; a malformed name, or one Triton would
+  refuse (ROWS under 16 or not a power of 2, WARPS not a power of 2), is refused by name and
+  leaves them as they were."""
+  _restore_tile_after(monkeypatch)
 
   def tile():
-    return tuple(getattr(conv_kernels, name) for name in names)
+    return tuple(getattr(conv_kernels, name) for name in _TILE_GLOBALS)
 
   conv_kernels.set_tile('128x16x4x3xloop')
   assert tile() == (128, 16, 4, 3, True, 1)
-  conv_kernels.set_tile('32x4x8x2xspan8')
-  assert tile() == (32, 4, 8, 2, False, 8)
   conv_kernels.set_tile('64x4x2x2')
   assert tile() == (64, 4, 2, 2, False, 1)
-  for bad in ('64x4x2', '96x4x2x2', '64x4x2x2xunroll', '64x0x2x2', '64x4x2x2xloopx1',
-              '64x4x2x2xspan0', '64x4x2x2xspan', '64x4x2x2xspan2xloop', '64x4x2x2xspanx'):
+  conv_kernels.set_tile('32x4x8x2xspan8')
+  assert tile() == (32, 4, 8, 2, False, 8)
+  for bad in ('64x4x2', '96x4x2x2', '8x4x2x2', '64x4x3x2', '064x4x2x2', '\uff16\uff14x4x2x2',
+              '64x4x2x\u00b2', '64x4x2x2xunroll', '64x0x2x2', '64x4x2x2xloopx1',
+              '64x4x2x2xspan0', '64x4x2x2xspan1', '64x4x2x2xspan', '64x4x2x2xspan2xloop',
+              '64x4x2x2xspan\u00b2'):
     with pytest.raises(ValueError, match='ROWSxSPLITSxWARPSxSTAGES'):
       conv_kernels.set_tile(bad)
-  assert tile() == (64, 4, 2, 2, False, 1)  # unchanged by the refusals
+  assert tile() == (32, 4, 8, 2, False, 8)  # unchanged by the refusals
+
+
+def _gpu_sh_tiles() -> list[str]:
+  """The tiles `benchmarks/gpu.sh kernels` times by default (its TILES)."""
+  script = pathlib.Path(__file__).parent.parent / 'benchmarks' / 'gpu.sh'
+  found, = re.findall(r'\$\{TILES:-([^}]+)\}', script.read_text())
+  return found.split(',')
+
+
+@pytest.mark.parametrize('spec', _gpu_sh_tiles())
+def test_the_tiles_benchmarks_gpu_sh_times_lower_to_three_triton_kernels(monkeypatch, spec):
+  """What `benchmarks/gpu.sh kernels` times lowers for a GPU (no GPU needed to lower), so a
+  device call does not find a tile that does not trace."""
+  _restore_tile_after(monkeypatch)
+  conv_kernels.set_tile(spec)
+  x = jax.ShapeDtypeStruct((4, 20, 26, 26, 32), jnp.float32)
+  kernel = jax.ShapeDtypeStruct((4, 3, 3, 32, 64), jnp.float32)
+  grad = jax.jit(jax.grad(lambda x, k: jnp.sum(jax.vmap(conv_kernels.conv3x3)(x, k) ** 2),
+                          (0, 1)))
+  gpu = grad.trace(x, kernel).lower(lowering_platforms=('cuda',)).as_text()
+  assert gpu.count('custom_call @__gpu$xla.gpu.triton') == 3
