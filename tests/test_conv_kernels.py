@@ -111,20 +111,26 @@ def test_shapes_the_kernels_cannot_take_are_refused_by_name(x_shape, k_shape):
     conv_kernels.conv3x3(jnp.ones(x_shape), jnp.ones(k_shape))
 
 
+def _lowered_gradient(batch: int, platform: str | None) -> str:
+  """StableHLO of the gradient of 4 vmapped lanes' convolutions of [batch, 26, 26, 32] by
+  [3, 3, 32, 64], lowered for `platform` (None: this machine's)."""
+  x = jax.ShapeDtypeStruct((4, batch, 26, 26, 32), jnp.float32)
+  kernel = jax.ShapeDtypeStruct((4, 3, 3, 32, 64), jnp.float32)
+  grad = jax.jit(jax.grad(lambda x, k: jnp.sum(jax.vmap(conv_kernels.conv3x3)(x, k) ** 2),
+                          (0, 1)))
+  lowered = grad.trace(x, kernel)
+  return (lowered.lower(lowering_platforms=(platform,)) if platform else lowered.lower()).as_text()
+
+
 @pytest.mark.parametrize('path', list(_PATHS))
 def test_a_gpu_program_runs_the_three_passes_as_triton_kernels_and_a_cpu_one_interprets(
     monkeypatch, path):
   """Lowered for a GPU (no GPU needed to lower), the gradient of a vmapped convolution is three
   Triton kernels and no interpreter loop; lowered for this CPU, no kernel at all."""
   _use_path(monkeypatch, path)
-  x = jax.ShapeDtypeStruct((4, 2, 26, 26, 32), jnp.float32)
-  kernel = jax.ShapeDtypeStruct((4, 3, 3, 32, 64), jnp.float32)
-  grad = jax.jit(jax.grad(lambda x, k: jnp.sum(jax.vmap(conv_kernels.conv3x3)(x, k) ** 2),
-                          (0, 1)))
-  gpu = grad.trace(x, kernel).lower(lowering_platforms=('cuda',)).as_text()
+  gpu, cpu = (_lowered_gradient(2, platform) for platform in ('cuda', None))
   assert gpu.count('custom_call @__gpu$xla.gpu.triton') == 3
   assert 'stablehlo.while' not in gpu
-  cpu = grad.trace(x, kernel).lower().as_text()
   assert 'custom_call' not in cpu and 'stablehlo.while' in cpu
 
 
@@ -174,9 +180,4 @@ def test_the_tiles_benchmarks_gpu_sh_times_lower_to_three_triton_kernels(monkeyp
   device call does not find a tile that does not trace."""
   _restore_tile_after(monkeypatch)
   conv_kernels.set_tile(spec)
-  x = jax.ShapeDtypeStruct((4, 20, 26, 26, 32), jnp.float32)
-  kernel = jax.ShapeDtypeStruct((4, 3, 3, 32, 64), jnp.float32)
-  grad = jax.jit(jax.grad(lambda x, k: jnp.sum(jax.vmap(conv_kernels.conv3x3)(x, k) ** 2),
-                          (0, 1)))
-  gpu = grad.trace(x, kernel).lower(lowering_platforms=('cuda',)).as_text()
-  assert gpu.count('custom_call @__gpu$xla.gpu.triton') == 3
+  assert _lowered_gradient(20, 'cuda').count('custom_call @__gpu$xla.gpu.triton') == 3
