@@ -74,11 +74,10 @@ def main(argv):
   from fathom_sim import conv_kernels as ck
   from fathom_sim.models import _conv_matmul
 
-  for tile in _TILES.value:  # every setting checked before anything compiles
-    try:
-      ck.parse_tile(tile)
-    except ValueError as e:
-      raise app.UsageError(f'--tiles: {e}')
+  try:
+    ck.check_tiles(_TILES.value)
+  except ValueError as e:
+    raise app.UsageError(f'--tiles: {e}')
 
   def timed(f, *args):
     """(median ms a call, and with --trace its device time by kernel, None if not traced)."""

@@ -13,7 +13,8 @@ those, the CTAs and warps an SM holds at once (the sm_90 limits: 64 warps, 32 CT
 registers allocated 256 a warp, 228 KB of shared memory less 1 KB a CTA) and the count of
 tensor-core instructions (mma.sync: Ampere's warp-level MMA; wgmma: Hopper's warpgroup MMA),
 asynchronous copies (cp.async, what a pipelined load is) and barriers in the PTX text (a loop's
-body counted once: xloop tiles' counts are one tap's, xspanN tiles' one row tile's).
+body counted once: xloop tiles' counts are one tap's, xspanN tiles' one row tile's). Last, the
+bytes the whole pass moves (benchmarks/hlo_traffic.py) and the Pallas kernel's share of them.
 
 It is a static account, not a timing (benchmarks/conv_passes.py times the same settings on a
 GPU): a kernel whose warps are few and whose loads are not pipelined waits on memory latency
@@ -32,6 +33,7 @@ os.environ.setdefault('JAX_SKIP_CUDA_CONSTRAINTS_CHECK', '1')
 
 from absl import app, flags  # noqa: E402
 
+from benchmarks.hlo_traffic import kernels  # noqa: E402
 from benchmarks.xla_dump import account  # noqa: E402
 
 _LANES = flags.DEFINE_integer('lanes', 50, 'Lanes side by side (the grid\'s second axis).')
@@ -50,11 +52,10 @@ def main(argv):
   import jax.numpy as jnp
   from benchmarks.h100 import h100_mesh
   from fathom_sim import conv_kernels as ck
-  for tile in _TILES.value:  # every setting checked before anything compiles
-    try:
-      ck.parse_tile(tile)
-    except ValueError as e:
-      raise app.UsageError(f'--tiles: {e}')
+  try:
+    ck.check_tiles(_TILES.value)
+  except ValueError as e:
+    raise app.UsageError(f'--tiles: {e}')
   mesh = h100_mesh()
   on_h100 = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
   lanes, b = _LANES.value, _BATCH.value
@@ -62,7 +63,7 @@ def main(argv):
         f'(deviceless); {lanes} lanes of B {b}', flush=True)
   print(f'{"dtype":>8} {"tile":>15} {"pass":>11} {"grid":>6} {"thr":>4} {"smem":>6} '
         f'{"regs":>4} {"spill":>5} {"CTA/SM":>6} {"warps":>5} {"bound":>9} {"waves":>6} '
-        f'{"mma":>5} {"wgmma":>5} {"cp.async":>8} {"bar":>4}')
+        f'{"mma":>5} {"wgmma":>5} {"cp.async":>8} {"bar":>4} {"MB":>5} {"kernel":>6}')
   rows = []
   for dtype in _DTYPES.value:
     def shape(*s):
@@ -75,20 +76,25 @@ def main(argv):
                          ('kernel_grad', (x, dy))):
         with tempfile.TemporaryDirectory() as dump:
           try:
-            jax.jit(jax.vmap(passes[name])).lower(*args).compile(
+            compiled = jax.jit(jax.vmap(passes[name])).lower(*args).compile(
                 compiler_options={'xla_dump_to': dump})
             row = account(dump)
+            moved = kernels(compiled.as_text())
           except Exception as e:  # noqa: BLE001  (a setting Triton refuses: say so, go on)
             print(f'{dtype:>8} {tile:>15} {name:>11}: {type(e).__name__}: {str(e)[:160]}',
                   flush=True)
             continue
-        row.update(dtype=dtype, tile=tile, lanes=lanes, **{'pass': name})
+        # The pass's bytes, and the Pallas kernel's share (the rest: XLA's padding and slicing).
+        row.update(dtype=dtype, tile=tile, lanes=lanes, **{'pass': name},
+                   pass_mb=sum(m.bytes for m in moved) / 1e6,
+                   kernel_mb=sum(m.bytes for m in moved if m.kind == 'custom-call') / 1e6)
         rows.append(row)
         print(f'{dtype:>8} {tile:>15} {name:>11} {row["grid"]:>6} {row["threads"]:>4} '
               f'{row["shared"]:>6} {row["registers"]:>4} {row["spill_stores"]:>5} '
               f'{row["ctas_per_sm"]:>6} {row["warps_per_sm"]:>5} {row["bound_by"]:>9} '
               f'{row["waves"]:>6.1f} {row["mma_sync"]:>5} {row["wgmma"]:>5} '
-              f'{row["cp_async"]:>8} {row["barriers"]:>4}', flush=True)
+              f'{row["cp_async"]:>8} {row["barriers"]:>4} {row["pass_mb"]:>5.0f} '
+              f'{row["kernel_mb"]:>6.0f}', flush=True)
         if _JSON.value:
           with open(_JSON.value, 'w') as f:
             json.dump(rows, f, indent=1)

@@ -73,6 +73,12 @@ def parse_tile(spec: str) -> tuple[int, int, int, int, bool, int]:
           int(extra[4:]) if extra.startswith('span') else 1)
 
 
+def check_tiles(specs: list[str]) -> None:
+  """parse_tile of every spec, before anything compiles: the first bad one raises."""
+  for spec in specs:
+    parse_tile(spec)
+
+
 def set_tile(spec: str) -> None:
   """Sets the tile globals from a parse_tile spec; programs traced after use it."""
   global ROWS, SPLITS, WARPS, STAGES, TAP_LOOP, SPAN

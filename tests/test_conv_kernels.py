@@ -165,6 +165,9 @@ def test_set_tile_reads_the_benchmarks_tile_names_and_refuses_what_triton_cannot
     with pytest.raises(ValueError, match='ROWSxSPLITSxWARPSxSTAGES'):
       conv_kernels.set_tile(bad)
   assert tile() == (32, 4, 8, 2, False, 8)  # unchanged by the refusals
+  conv_kernels.check_tiles(['64x4x2x2', '32x4x4x2xspan8'])
+  with pytest.raises(ValueError, match="'8x4x2x2'"):
+    conv_kernels.check_tiles(['64x4x2x2', '8x4x2x2'])
 
 
 def _gpu_sh_tiles() -> list[str]:
