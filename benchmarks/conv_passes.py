@@ -1,13 +1,19 @@
 """Each pass of the CNN's second convolution on its own, vmapped over L lanes (run by hand).
 
-  python benchmarks/conv_passes.py --lanes=50 [--tiles=128x4x4x2,...] [--trace] [--json=FILE]
+  python benchmarks/conv_passes.py --lanes=50 [--forms=matmul,gemm,pallas] [--tiles=128x4x4x2,...]
+      [--trace] [--json=FILE]
 
 Times the forward pass, the input's gradient and the kernel's gradient of a 3x3 convolution of
 [B, 26, 26, 32] by [3, 3, 32, 64] in every lane (the EMNIST CNN's second, B 20), each one jitted
 program on its own (the median of `repeats` calls after a warm-up): the 'matmul' form's passes
 (im2col, as models._mixed_conv takes them, each the transpose of the form's linear map) and the
 'pallas' kernels (fathom_sim/conv_kernels.py) at each tile setting ROWSxSPLITSxWARPSxSTAGES
-(xloop appended: the taps in a loop, TAP_LOOP; xspanN: N row tiles a program, SPAN).
+(xloop appended: the taps in a loop, TAP_LOOP; xspanN: N row tiles a program, SPAN), and 'gemm':
+each pass's matrix product alone, on operands already in memory (the patches [B*24*24, 288],
+the kernel [288, 64], dy [B*24*24, 64]), with no im2col copy or col2im sum around it. That is
+what the GPU's matrix units give at this layer's shapes, the ceiling of any im2col form (its
+passes are these products plus a copy); with XLA_FLAGS=--xla_gpu_enable_triton_gemm=false the
+same products run as cuBLAS's instead of Triton's (`gpu.sh gemm` runs both).
 In each of `dtypes` and, for float32, each of `precisions`.
 Also the bytes each pass must move at the least (its inputs and outputs once) and the rates
 that gives, of bytes and of arithmetic (on an H200 every pass of this layer ran far from both
@@ -34,6 +40,7 @@ from absl import app, flags  # noqa: E402
 
 _LANES = flags.DEFINE_list('lanes', ['50'], 'Lanes side by side.')
 _BATCH = flags.DEFINE_integer('batch_size', 20, 'Examples a lane.')
+_FORMS = flags.DEFINE_list('forms', ['matmul', 'gemm', 'pallas'], 'Forms timed (above).')
 _TILES = flags.DEFINE_list('tiles', ['128x4x4x2', '64x4x4x2', '128x4x8x2', '128x4x4x3',
                                      '128x16x4x2', '64x4x2x2'],
                            'Kernel settings ROWSxSPLITSxWARPSxSTAGES, then xloop for '
@@ -46,6 +53,30 @@ _JSON = flags.DEFINE_string('json', None, 'Also write the rows here.')
 _TRACE = flags.DEFINE_bool('trace', False, 'Also trace each pass and split its device time '
                            'by kernel (above).')
 _KERNELS_LISTED = 4  # a pass's kernels printed with --trace, by device time
+
+
+FORMS = ('matmul', 'gemm', 'pallas')
+
+
+def gemm_passes(x, k, dy) -> dict:
+  """Each pass of the convolution of x [L, B, H, W, Cin] by k [L, 3, 3, Cin, Cout] as its one
+  matrix product per lane, on operands made here, outside what is timed: name -> (f, args).
+  forward: patches @ k; input's gradient: dy @ k^T, the patches' gradient (im2col then sums
+  its 9 shifted views back onto x, not done here); kernel's gradient: patches^T @ dy."""
+  import jax
+  import jax.numpy as jnp
+  lanes, batch, h, w, cin = x.shape
+  cout = k.shape[-1]
+  rows = batch * (h - 2) * (w - 2)
+  # Patch features in (row, column, channel) order, as models._conv_matmul makes them.
+  patches = jnp.concatenate([x[:, :, i:i + h - 2, j:j + w - 2, :] for i in range(3)
+                             for j in range(3)], axis=-1).reshape(lanes, rows, 9 * cin)
+  kmat = k.reshape(lanes, 9 * cin, cout)
+  dymat = dy.reshape(lanes, rows, cout)
+  # Every pass's least bytes are the three matrices once (it reads two and writes the third).
+  return {'forward': (jax.vmap(jnp.matmul), patches, kmat),
+          'input_grad': (jax.vmap(lambda d, m: d @ m.T), dymat, kmat),
+          'kernel_grad': (jax.vmap(lambda p, d: p.T @ d), patches, dymat)}
 
 
 def device_split(f, args, calls: int) -> dict[str, float]:
@@ -78,6 +109,9 @@ def main(argv):
     ck.check_tiles(_TILES.value)
   except ValueError as e:
     raise app.UsageError(f'--tiles: {e}')
+  unknown = sorted(set(_FORMS.value) - set(FORMS))
+  if unknown:
+    raise app.UsageError(f'--forms: {unknown} unknown; accepted: {", ".join(FORMS)}')
 
   def timed(f, *args):
     """(median ms a call, and with --trace its device time by kernel, None if not traced)."""
@@ -109,10 +143,12 @@ def main(argv):
     k = jnp.asarray(r.standard_normal((lanes, 3, 3, 32, 64)) / 24, dtype)
     dy = jnp.asarray(r.standard_normal((lanes, _BATCH.value, 24, 24, 64)), dtype)
     flops = 2 * lanes * _BATCH.value * 24 * 24 * 64 * 9 * 32  # each pass's multiply-adds, x2
-    # Every pass moves x and dy once at the least: reads one and writes the other, or reads both.
-    least = x.nbytes + dy.nbytes
+    # Every pass moves x and dy once at the least: reads one and writes the other, or reads
+    # both (a gemm pass: its three matrices, gemm_passes).
 
     def passes(form):
+      if form == 'gemm':
+        return gemm_passes(x, k, dy)
       if form == 'pallas':
         f = ck.passes(x.shape[1:], k.shape[1:])
         return {'forward': (jax.vmap(f['forward']), x, k),
@@ -128,12 +164,18 @@ def main(argv):
               'input_grad': (jax.vmap(input_grad), dy, k),
               'kernel_grad': (jax.vmap(kernel_grad), x, dy)}
 
-    forms = [('matmul', None)] + [('pallas', t) for t in _TILES.value]
+    forms = [(f, None) for f in ('matmul', 'gemm') if f in _FORMS.value] + [
+        ('pallas', t) for t in _TILES.value if 'pallas' in _FORMS.value]
     for form, tile in forms:
       if tile:
         ck.set_tile(tile)
       line, splits = {}, {}
-      for name, (f, *args) in passes(form).items():
+      todo = passes(form)
+      least = x.nbytes + dy.nbytes
+      if form == 'gemm':  # the patches, the kernel and dy as matrices
+        m = _BATCH.value * 24 * 24
+        least = lanes * x.dtype.itemsize * (m * 9 * 32 + 9 * 32 * 64 + m * 64)
+      for name, (f, *args) in todo.items():
         try:
           line[name], split = timed(f, *args)
         except Exception as e:  # noqa: BLE001  (a setting Triton refuses: say so, go on)

@@ -37,6 +37,10 @@
 #   bash benchmarks/gpu.sh ncu OUT      # Nsight Compute's account of each Pallas kernel at
 #                                       # TILE, where the image has ncu, and kernel_ptx.py's
 #                                       # by the image's jax (~2 min)
+#   bash benchmarks/gpu.sh gemm OUT     # each convolution pass's matrix product alone (the
+#                                       # ceiling of im2col) against the im2col pass, with
+#                                       # XLA's Triton GEMMs and with cuBLAS's; then cohorts
+#                                       # 10 and 200 with each (~5 min)
 #
 # Why `loops` and the CUDA graph: a round's local loop runs to the longest lane, a bound read
 # from the cohort table on the device. XLA:GPU then cannot know the trip count, so it copies the
@@ -72,7 +76,7 @@
 # RERUN=1 runs `fathom` a second time on the compilation cache the first one filled.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-usage='usage: benchmarks/gpu.sh fathom|sweep|profile|loops|chunks|dtypes|convs|lanes|kernels|ncu OUT'
+usage='usage: benchmarks/gpu.sh fathom|sweep|profile|loops|chunks|dtypes|convs|lanes|kernels|ncu|gemm OUT'
 part="${1:?$usage}"
 out="${2:?$usage}"
 dtype="${COMPUTE_DTYPE:-float32}"
@@ -277,6 +281,39 @@ EOF
     done
     (cd "$out" && compgen -G 'kernels_*.json' > /dev/null \
         && tar -czf kernels_json.tgz kernels_*.json && rm -f kernels_*.json)
+    ;;
+  gemm)
+    # Why: every pass of the second convolution ran at 20-37 TFLOP/s in either form, a tenth
+    # of the tensor cores' peak (docs/benchmarks.md, "Eleventh session"), and im2col's passes
+    # are a copy and one matrix product each (8.8 GB a 50-lane step either way, gpu_aot.py),
+    # so the product itself may be what is slow at this shape (per lane 11520 x 288 by 288 x
+    # 64, 50 lanes). conv_passes.py's gemm rows time the products alone on operands already in
+    # memory; the same with XLA_FLAGS=--xla_gpu_enable_triton_gemm=false runs them as
+    # cuBLAS's GEMMs instead of XLA's Triton ones (what the autotuner picked is in the traces'
+    # kernel names). Then the round at cohorts 10 and 200 with each, alternating.
+    cublas='--xla_gpu_enable_triton_gemm=false'
+    for gemm in triton cublas; do
+      flags="${XLA_FLAGS:-}"
+      [ "$gemm" = cublas ] && flags="${flags:+$flags }$cublas"
+      XLA_FLAGS="$flags" timeout 150 "$py" benchmarks/conv_passes.py \
+          --lanes="${CONV_LANES:-50}" --forms=matmul,gemm --tiles= --trace \
+          --dtypes=float32,bfloat16 --precisions=default,highest \
+          --json="$out/gemm_passes_$gemm.json" 2>&1 | grep -v '^[IW][0-9]' \
+          | tee "$out/gemm_passes_$gemm.txt" || echo "conv_passes.py $gemm: exit $?"
+    done
+    for cohort in $(echo "${COHORTS:-10,200}" | tr ',' ' '); do
+      for gemm in triton cublas; do
+        flags="${XLA_FLAGS:-}"
+        [ "$gemm" = cublas ] && flags="${flags:+$flags }$cublas"
+        XLA_FLAGS="$flags" "$py" launch/benchmark.py --tasks=cnn --cohort_sizes="$cohort" \
+            --rounds=5 --warmup=2 --in_memory=True --compute_dtype="$dtype" --conv=matmul \
+            --json="$out/gemm_bench_${cohort}_$gemm.json" 2>&1 \
+            | grep -v '^[IW][0-9]' | tail -n 1 | sed "s/\$/  ($gemm)/" \
+            | tee -a "$out/gemm_bench.txt" || echo "benchmark.py $cohort $gemm: exit $?"
+      done
+    done
+    (cd "$out" && compgen -G 'gemm_bench_*.json' > /dev/null \
+        && tar -czf gemm_bench_json.tgz gemm_bench_*.json && rm -f gemm_bench_*.json)
     ;;
   ncu)
     # Why a Pallas kernel takes its time, where Nsight Compute is installed and may read the
