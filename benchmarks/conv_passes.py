@@ -58,27 +58,6 @@ _KERNELS_LISTED = 4  # a pass's kernels printed with --trace, by device time
 FORMS = ('matmul', 'gemm', 'pallas')
 
 
-def gemm_passes(x, k, dy) -> dict:
-  """Each pass of the convolution of x [L, B, H, W, Cin] by k [L, 3, 3, Cin, Cout] as its one
-  matrix product per lane, on operands made here, outside what is timed: name -> (f, args).
-  forward: patches @ k; input's gradient: dy @ k^T, the patches' gradient (im2col then sums
-  its 9 shifted views back onto x, not done here); kernel's gradient: patches^T @ dy."""
-  import jax
-  import jax.numpy as jnp
-  lanes, batch, h, w, cin = x.shape
-  cout = k.shape[-1]
-  rows = batch * (h - 2) * (w - 2)
-  # Patch features in (row, column, channel) order, as models._conv_matmul makes them.
-  patches = jnp.concatenate([x[:, :, i:i + h - 2, j:j + w - 2, :] for i in range(3)
-                             for j in range(3)], axis=-1).reshape(lanes, rows, 9 * cin)
-  kmat = k.reshape(lanes, 9 * cin, cout)
-  dymat = dy.reshape(lanes, rows, cout)
-  # Every pass's least bytes are the three matrices once (it reads two and writes the third).
-  return {'forward': (jax.vmap(jnp.matmul), patches, kmat),
-          'input_grad': (jax.vmap(lambda d, m: d @ m.T), dymat, kmat),
-          'kernel_grad': (jax.vmap(lambda p, d: p.T @ d), patches, dymat)}
-
-
 def device_split(f, args, calls: int) -> dict[str, float]:
   """ms a call of the device's own time, by kernel (operation), over `calls` traced calls of
   the already compiled f."""
@@ -148,6 +127,7 @@ def main(argv):
 
     def passes(form):
       if form == 'gemm':
+        from benchmarks.lane_forms import gemm_passes
         return gemm_passes(x, k, dy)
       if form == 'pallas':
         f = ck.passes(x.shape[1:], k.shape[1:])

@@ -1,6 +1,7 @@
 """The programs that the benchmark scripts time or compile: the local-step forms of
 benchmarks/lane_step.py (what each is, its docstring says) and the CNN's round that
-benchmarks/gpu_aot.py compiles for an H100; and the scripts' --convs flag."""
+benchmarks/gpu_aot.py compiles for an H100; the convolution's passes as bare matrix products
+(benchmarks/conv_passes.py's gemm form); and the scripts' --convs flag."""
 
 
 def conv_forms(values: list[str]) -> tuple[str, ...]:
@@ -122,3 +123,24 @@ def round_hlo(cohort_size: int, conv: str, dtype: str, mesh, num_clients: int,
           abstract(jnp.int32(plan.batch_size), everywhere))
   hlo = round_fn.lower(*args, batch_pad=plan.batch_pad).compile().as_text()
   return hlo, lanes, int(plan.lane_steps.max())
+
+
+def gemm_passes(x, k, dy) -> dict:
+  """Each pass of the convolution of x [L, B, H, W, Cin] by k [L, 3, 3, Cin, Cout] as its one
+  matrix product per lane, on operands made here, outside what is timed: name -> (f, args).
+  forward: patches @ k; input's gradient: dy @ k^T, the patches' gradient (im2col then sums
+  its 9 shifted views back onto x, not done here); kernel's gradient: patches^T @ dy."""
+  import jax
+  import jax.numpy as jnp
+  lanes, batch, h, w, cin = x.shape
+  cout = k.shape[-1]
+  rows = batch * (h - 2) * (w - 2)
+  # Patch features in (row, column, channel) order, as models._conv_matmul makes them.
+  patches = jnp.concatenate([x[:, :, i:i + h - 2, j:j + w - 2, :] for i in range(3)
+                             for j in range(3)], axis=-1).reshape(lanes, rows, 9 * cin)
+  kmat = k.reshape(lanes, 9 * cin, cout)
+  dymat = dy.reshape(lanes, rows, cout)
+  # Every pass's least bytes are the three matrices once (it reads two and writes the third).
+  return {'forward': (jax.vmap(jnp.matmul), patches, kmat),
+          'input_grad': (jax.vmap(lambda d, m: d @ m.T), dymat, kmat),
+          'kernel_grad': (jax.vmap(lambda p, d: p.T @ d), patches, dymat)}

@@ -1,4 +1,5 @@
-"""benchmarks/conv_passes.py's 'gemm' form: each product is the pass it stands for.
+"""benchmarks/conv_passes.py's 'gemm' form (lane_forms.gemm_passes): each product is the pass
+it stands for.
 
 The gemm rows are read as the ceiling of every im2col form, so they must be the same
 arithmetic as the convolution's passes, not merely products of the same sizes.
@@ -8,7 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from benchmarks.conv_passes import gemm_passes
+from benchmarks.lane_forms import gemm_passes
 
 
 def _conv(x, k):
