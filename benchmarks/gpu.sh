@@ -41,6 +41,10 @@
 #                                       # ceiling of im2col) against the im2col pass, with
 #                                       # XLA's Triton GEMMs and with cuBLAS's; then cohorts
 #                                       # 10 and 200 with each (~5 min)
+#   bash benchmarks/gpu.sh update OUT   # cohorts 10 and 200 (CNN) with a lane's passes over
+#                                       # its model as XLA's fusions and as
+#                                       # fathom_sim/lane_update.py's kernels, in each
+#                                       # convolution form, alternating (~4 min)
 #
 # Why `loops` and the CUDA graph: a round's local loop runs to the longest lane, a bound read
 # from the cohort table on the device. XLA:GPU then cannot know the trip count, so it copies the
@@ -76,7 +80,7 @@
 # RERUN=1 runs `fathom` a second time on the compilation cache the first one filled.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-usage='usage: benchmarks/gpu.sh fathom|sweep|profile|loops|chunks|dtypes|convs|lanes|kernels|ncu|gemm OUT'
+usage='usage: benchmarks/gpu.sh fathom|sweep|profile|loops|chunks|dtypes|convs|lanes|kernels|ncu|gemm|update OUT'
 part="${1:?$usage}"
 out="${2:?$usage}"
 dtype="${COMPUTE_DTYPE:-float32}"
@@ -314,6 +318,25 @@ EOF
     done
     (cd "$out" && compgen -G 'gemm_bench_*.json' > /dev/null \
         && tar -czf gemm_bench_json.tgz gemm_bench_*.json && rm -f gemm_bench_*.json)
+    ;;
+  update)
+    # Why: the four passes over every lane's model that XLA makes of a step's elementwise
+    # work (2.4 GB of a 50-lane step's 8.8, or of the Pallas convolution's 6.2) become one
+    # kernel that reads p, g and x once, and one that touches only the lanes whose client ends
+    # at that step (lane_update.py; docs/benchmarks.md, "Thirteenth session"). Untimed.
+    for cohort in $(echo "${COHORTS:-10,200}" | tr ',' ' '); do
+      for form in matmul pallas; do
+        for update in xla pallas; do
+          "$py" launch/benchmark.py --tasks=cnn --cohort_sizes="$cohort" --rounds=5 \
+              --warmup=2 --in_memory=True --compute_dtype="$dtype" --conv="$form" \
+              --lane_update="$update" --json="$out/update_${cohort}_${form}_$update.json" 2>&1 \
+              | grep -v '^[IW][0-9]' | tail -n 1 | sed "s/\$/  (conv $form, lane_update $update)/" \
+              | tee -a "$out/update.txt" || echo "benchmark.py $cohort $form $update: exit $?"
+        done
+      done
+    done
+    (cd "$out" && compgen -G 'update_*.json' > /dev/null \
+        && tar -czf update_json.tgz update_*.json && rm -f update_*.json)
     ;;
   ncu)
     # Why a Pallas kernel takes its time, where Nsight Compute is installed and may read the

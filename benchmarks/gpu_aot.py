@@ -52,6 +52,9 @@ _NUM_CLIENTS = flags.DEFINE_integer('num_clients', 1000, 'round: FEMNIST-shaped 
 _PER_OCTAVE = flags.DEFINE_integer('batch_pad_per_octave', 4, 'round: padded batch sizes per '
                                    'doubling; 4 (launch/benchmark.py\'s) computes B 20 as 20 rows, '
                                    'the config\'s default 2 as 24.')
+_LANE_UPDATE = flags.DEFINE_enum('lane_update', 'xla', ['xla', 'pallas'], 'round: the lane\'s '
+                                  'passes over its model as XLA\'s fusions or as '
+                                  'fathom_sim/lane_update.py\'s kernels (its PALLAS).')
 _TOP = flags.DEFINE_integer('top', 12, 'Kernels listed per program, by bytes (0: none).')
 _HLO_DIR = flags.DEFINE_string('hlo_dir', None, 'Also write each optimized HLO text here.')
 
@@ -76,6 +79,8 @@ def main(argv):
   del argv
   import jax
   from benchmarks.lane_forms import conv_forms, round_hlo
+  from fathom_sim import lane_update
+  lane_update.PALLAS = _LANE_UPDATE.value == 'pallas'
   convs = conv_forms(_CONVS.value)
   mesh = h100_mesh()
   print('jax', jax.__version__, 'compiled for', mesh.devices.flat[0].device_kind,
@@ -90,6 +95,7 @@ def main(argv):
           hlo, lanes, steps = round_hlo(size, conv, dtype, mesh, _NUM_CLIENTS.value,
                                         _PER_OCTAVE.value)
           tag = f'round_C{size}_L{lanes}_{conv.replace("/", "-")}_{dtype}'
+          tag += '_lane_update_pallas' if lane_update.PALLAS else ''
         else:
           hlo, lanes, steps = sgd_hlo(size, conv, dtype, mesh), size, None
           tag = f'sgd_L{lanes}_{conv.replace("/", "-")}_{dtype}'

@@ -15,7 +15,7 @@ from typing import Callable, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from fathom_sim import tree
+from fathom_sim import lane_update, tree
 from fathom_sim.types import Batch, CohortTable, Params
 
 # loss_fn(params, batch, example_mask, rng) -> mean loss over the masked-in examples.
@@ -67,34 +67,20 @@ def lane_step(loss_fn: LossFn, carry: tuple, server_params: Params, eta: jax.Arr
   # into the params of a client that never uses that example.
   batch = jax.tree.map(lambda a: _keep_rows(a[rows], example_mask), source)
   loss, grad = grad_fn(params, batch, example_mask, step_key(round_key, table.client[slot], k))
-  stepped = jax.tree.map(lambda p, g: p - eta * g, params, grad)
-  update = tree.sub(server_params, stepped)  # d_k, including step k
+  # p_k = p - eta g_k (a padding step keeps p), c_k = cos(g_k, d_k) with d_k = x - p_k.
+  params, cos, update = lane_update.step(params, grad, server_params, eta, real)
   # |g|^2 can overflow float32 while the update stays finite: c_k is then NaN. It becomes -inf,
   # which every backend's min keeps, so h_i is -inf and the client is left out below.
-  cos = tree.cosine(grad, update)
   cos = jnp.where(jnp.isnan(cos), -jnp.inf, cos)
-  params = tree.select(real, stepped, params)
   end = real & (k == table.num_steps[slot] - 1)
   h = h.at[slot].min(jnp.where(real, cos, jnp.inf), mode='drop')
   loss_sum = loss_sum.at[slot].add(jnp.where(real, loss, 0.0), mode='drop')
-
-  def finish_client(weighted_sum, params, finite_any):
-    # A client counts only with a finite update and a finite h_i (one -inf h_i would make
-    # h_local, then phi, non-finite). The lane then starts its next client from the server
-    # model.
-    finite = tree.all_finite(update) & jnp.isfinite(h[jnp.minimum(slot, cohort_size - 1)])
-    weighted_sum = jax.tree.map(
-        lambda acc, u: acc + jnp.where(finite, table.num_examples[slot] * u, 0.0),
-        weighted_sum, update)
-    return (weighted_sum, server_params,
-            finite_any.at[slot].max(finite.astype(jnp.int32), mode='drop'))
-
-  # A cond, not selects: unbatched (one lane per CPU device in the device loop, cohort.py) it
-  # runs once per client instead of passing over the whole model at every step (the CPU CNN
-  # step: 30.2 -> 25.4 ms, benchmarks/lane_step.py). Under vmap (several lanes, seeds, the
-  # host-driven loop) both sides run and are selected, as the selects this replaced did.
-  weighted_sum, params, finite_any = jax.lax.cond(
-      end, finish_client, lambda *carry: carry, weighted_sum, params, finite_any)
+  # A client counts only with a finite update and a finite h_i (one -inf h_i would make
+  # h_local, then phi, non-finite). The lane then starts its next client from the server model.
+  weighted_sum, params, added = lane_update.finish(
+      weighted_sum, params, server_params, update, table.num_examples[slot],
+      jnp.isfinite(h[jnp.minimum(slot, cohort_size - 1)]), end)
+  finite_any = finite_any.at[slot].max(added.astype(jnp.int32), mode='drop')
   j = j + end.astype(j.dtype)
   k = jnp.where(end, 0, k + 1)
   return it + 1, j, k, params, weighted_sum, h, loss_sum, finite_any

@@ -65,6 +65,10 @@ _PREFETCH = flags.DEFINE_bool(
 _IN_MEMORY = flags.DEFINE_bool(
     'in_memory', False, 'Make every client once and hold the training set in memory (then on '
     'the devices, config.data_on_device auto) instead of making each round\'s clients.')
+_LANE_UPDATE = flags.DEFINE_enum(
+    'lane_update', 'xla', ['xla', 'pallas'], 'A lane\'s passes over its model at every local '
+    'step (the SGD step, the sums for c_k, a client\'s end) as XLA\'s fusions or, on a GPU, as '
+    'fathom_sim/lane_update.py\'s Pallas kernels (untimed yet: a candidate for benchmarks).')
 _JSON = flags.DEFINE_string('json', None, 'Write one JSON object per (task, cohort) here.')
 _ISOLATE = flags.DEFINE_bool(
     'isolate_rows', True, 'Measure each (task, cohort) row in a process of its own. Peak RSS '
@@ -292,6 +296,7 @@ def measure(name: str, cohort_size: int) -> dict:
           'lanes': rounds.planner.num_lanes, 'devices': n_dev, 'local_loop': run.local_loop,
           'loop_chunk': run.loop_chunk,
           'conv': run.conv, 'compute_dtype': config.model.compute_dtype,
+          'lane_update': _LANE_UPDATE.value,
           'resident': run.resident, 'prefetch': rounds.prefetching,
           'planned_ahead': rounds.planned_ahead, 'replanned': rounds.replanned,
           'platform': run.mesh.devices.flat[0].platform,
@@ -366,6 +371,8 @@ def main(argv):
             f'{"ahead s":>7} {"RSS GiB":>7} {"dev GiB":>7} {"timed":>5}')
   if not os.environ.get(_ROW_PROCESS):
     print(header, flush=True)  # before the rows' processes write to the same stdout
+  from fathom_sim import lane_update
+  lane_update.PALLAS = _LANE_UPDATE.value == 'pallas'
   cli.run_or_exit(lambda: _rows(cohorts))
 
 
