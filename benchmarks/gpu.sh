@@ -101,6 +101,25 @@ export PYTHONUNBUFFERED=1
 "optax", optax.__version__, jax.devices())'
 } | tee "$out/env.txt"
 
+# One timed row of the CNN or LSTM (5 rounds after 2, the training set on the GPU), with the
+# flags given: its printed line, tagged, appended to $out/NAME.txt, its JSON to
+# $out/NAME_KEY.json. A failure is said and the part goes on (device time is scarce).
+row() {
+  local name="$1" key="$2" tag="$3"
+  shift 3
+  "$py" launch/benchmark.py --rounds=5 --warmup=2 --in_memory=True "$@" \
+      --json="$out/${name}_$key.json" 2>&1 \
+      | grep -v '^[IW][0-9]' | tail -n 1 | sed "s/\$/  ($tag)/" \
+      | tee -a "$out/$name.txt" || echo "benchmark.py $name $key: exit $?"
+}
+
+# A device call returns at most 8 files: NAME's rows' JSON leave as one archive, NAME_json.tgz
+# (the "Tenth session" lost 7 of its 13).
+pack() {
+  (cd "$out" && compgen -G "$1_*.json" > /dev/null \
+      && tar -czf "$1_json.tgz" "$1"_*.json && rm -f "$1"_*.json) || true
+}
+
 case "$part" in
   fathom)
     # End to end: process start, data generation, compiles, 1500 rounds, 16 evaluations of
@@ -244,17 +263,12 @@ EOF
           && pairs="${LSTM_PAIRS:-10:4,10:10,50:10,50:50,100:17,100:50,200:27,200:50}"
       for pair in $(echo "$pairs" | tr ',' ' '); do
         cohort="${pair%%:*}" lanes="${pair##*:}"
-        "$py" launch/benchmark.py --tasks="$task" --cohort_sizes="$cohort" --rounds=5 \
-            --warmup=2 --in_memory=True --lanes_per_device="$lanes" --compute_dtype="$dtype" \
-            --conv="$conv" --json="$out/lanes_${task}_${cohort}_$lanes.json" 2>&1 \
-            | grep -v '^[IW][0-9]' | tail -n 1 | sed "s/\$/  (lanes $lanes)/" \
-            | tee -a "$out/lanes.txt" || echo "benchmark.py $task $cohort:$lanes: exit $?"
+        row lanes "${task}_${cohort}_$lanes" "lanes $lanes" --tasks="$task" \
+            --cohort_sizes="$cohort" --lanes_per_device="$lanes" --compute_dtype="$dtype" \
+            --conv="$conv"
       done
     done
-    # A device call returns at most 8 files: the rows' JSON travel as one archive (the
-    # "Tenth session" lost 7 of its 13).
-    (cd "$out" && compgen -G 'lanes_*.json' > /dev/null \
-        && tar -czf lanes_json.tgz lanes_*.json && rm -f lanes_*.json)
+    pack lanes
     ;;
   kernels)
     # Why: the Pallas convolution (model.conv='pallas') cut a round's bytes 30 % but its time
@@ -275,16 +289,12 @@ EOF
     for d in float32 bfloat16; do
       for cohort in $(echo "${COHORTS:-10,200}" | tr ',' ' '); do
         for form in matmul pallas; do
-          "$py" launch/benchmark.py --tasks=cnn --cohort_sizes="$cohort" --rounds=5 \
-              --warmup=2 --in_memory=True --compute_dtype="$d" --conv="$form" \
-              --json="$out/kernels_${d}_${cohort}_$form.json" 2>&1 \
-              | grep -v '^[IW][0-9]' | tail -n 1 | sed "s/\$/  ($d, $form)/" \
-              | tee -a "$out/kernels.txt" || echo "benchmark.py $d $cohort $form: exit $?"
+          row kernels "${d}_${cohort}_$form" "$d, $form" --tasks=cnn --cohort_sizes="$cohort" \
+              --compute_dtype="$d" --conv="$form"
         done
       done
     done
-    (cd "$out" && compgen -G 'kernels_*.json' > /dev/null \
-        && tar -czf kernels_json.tgz kernels_*.json && rm -f kernels_*.json)
+    pack kernels
     ;;
   gemm)
     # Why: every pass of the second convolution ran at 20-37 TFLOP/s in either form, a tenth
@@ -309,15 +319,11 @@ EOF
       for gemm in triton cublas; do
         flags="${XLA_FLAGS:-}"
         [ "$gemm" = cublas ] && flags="${flags:+$flags }$cublas"
-        XLA_FLAGS="$flags" "$py" launch/benchmark.py --tasks=cnn --cohort_sizes="$cohort" \
-            --rounds=5 --warmup=2 --in_memory=True --compute_dtype="$dtype" --conv=matmul \
-            --json="$out/gemm_bench_${cohort}_$gemm.json" 2>&1 \
-            | grep -v '^[IW][0-9]' | tail -n 1 | sed "s/\$/  ($gemm)/" \
-            | tee -a "$out/gemm_bench.txt" || echo "benchmark.py $cohort $gemm: exit $?"
+        XLA_FLAGS="$flags" row gemm_bench "${cohort}_$gemm" "$gemm" --tasks=cnn \
+            --cohort_sizes="$cohort" --compute_dtype="$dtype" --conv=matmul
       done
     done
-    (cd "$out" && compgen -G 'gemm_bench_*.json' > /dev/null \
-        && tar -czf gemm_bench_json.tgz gemm_bench_*.json && rm -f gemm_bench_*.json)
+    pack gemm_bench
     ;;
   update)
     # Why: the four passes over every lane's model that XLA makes of a step's elementwise
@@ -327,16 +333,13 @@ EOF
     for cohort in $(echo "${COHORTS:-10,200}" | tr ',' ' '); do
       for form in matmul pallas; do
         for update in xla pallas; do
-          "$py" launch/benchmark.py --tasks=cnn --cohort_sizes="$cohort" --rounds=5 \
-              --warmup=2 --in_memory=True --compute_dtype="$dtype" --conv="$form" \
-              --lane_update="$update" --json="$out/update_${cohort}_${form}_$update.json" 2>&1 \
-              | grep -v '^[IW][0-9]' | tail -n 1 | sed "s/\$/  (conv $form, lane_update $update)/" \
-              | tee -a "$out/update.txt" || echo "benchmark.py $cohort $form $update: exit $?"
+          row update "${cohort}_${form}_$update" "conv $form, lane_update $update" --tasks=cnn \
+              --cohort_sizes="$cohort" --compute_dtype="$dtype" --conv="$form" \
+              --lane_update="$update"
         done
       done
     done
-    (cd "$out" && compgen -G 'update_*.json' > /dev/null \
-        && tar -czf update_json.tgz update_*.json && rm -f update_*.json)
+    pack update
     ;;
   ncu)
     # Why a Pallas kernel takes its time, where Nsight Compute is installed and may read the
