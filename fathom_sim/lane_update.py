@@ -62,24 +62,28 @@ def _step_kernel(p_ref, g_ref, x_ref, eta_ref, real_ref, out_ref, sums_ref):
       which == 1, jnp.sum(g * g), jnp.where(which == 2, jnp.sum(d * d), bad)))
 
 
+def _blocks(kernel, n: int, out_specs: list, out_shape: list, aliases: dict, interpret: bool):
+  """pallas_call of `kernel` over a flat leaf of n entries, a program a BLOCK: three
+  leaf-sized inputs, then two (1,)-shaped scalars every program reads."""
+  block = pl.BlockSpec((BLOCK,), lambda i: (i,))
+  one = pl.BlockSpec((1,), lambda i: (0,))
+  return pl.pallas_call(
+      kernel, grid=(n // BLOCK,), in_specs=[block, block, block, one, one],
+      out_specs=[block if s is None else s for s in out_specs], out_shape=out_shape,
+      input_output_aliases=aliases,
+      compiler_params=plt.CompilerParams(num_warps=WARPS, num_stages=1), interpret=interpret)
+
+
 def _step_kernels(p, g, x, eta, real, *, interpret: bool = False):
   """_step_jnp_leaf's results from a Pallas kernel: a program a BLOCK of the flat leaf, each
   writing its block of p_k and its 4 partial sums (added here)."""
   n = p.size
-  block = pl.BlockSpec((BLOCK,), lambda i: (i,))
-  one = pl.BlockSpec((1,), lambda i: (0,))
-  out, sums = pl.pallas_call(
-      _step_kernel,
-      grid=(n // BLOCK,),
-      in_specs=[block, block, block, one, one],
-      out_specs=[block, pl.BlockSpec((None, 4), lambda i: (i, 0))],
-      out_shape=[jax.ShapeDtypeStruct((n,), p.dtype),
-                 jax.ShapeDtypeStruct((n // BLOCK, 4), jnp.float32)],
+  out, sums = _blocks(
+      _step_kernel, n, [None, pl.BlockSpec((None, 4), lambda i: (i, 0))],
+      [jax.ShapeDtypeStruct((n,), p.dtype), jax.ShapeDtypeStruct((n // BLOCK, 4), jnp.float32)],
       # p_k over p, block by block (each program reads its block first): in the local loop the
       # lane's params then stay in one buffer, with no copy a step.
-      input_output_aliases={0: 0},
-      compiler_params=plt.CompilerParams(num_warps=WARPS, num_stages=1),
-      interpret=interpret,
+      {0: 0}, interpret,
   )(p.reshape(-1), g.reshape(-1), x.reshape(-1), _scalar(eta, p.dtype),
     _scalar(real, jnp.int32))
   return out.reshape(p.shape), jnp.sum(sums, axis=0)
@@ -152,17 +156,10 @@ def _finish_kernels(acc, p, x, weight, end, *, interpret: bool = False):
   """_finish_jnp_leaf's results from a Pallas kernel whose programs return at once in a lane
   whose client goes on: acc and p are aliased to its outputs, so unwritten blocks keep them."""
   n = p.size
-  block = pl.BlockSpec((BLOCK,), lambda i: (i,))
-  one = pl.BlockSpec((1,), lambda i: (0,))
-  acc_new, p_new = pl.pallas_call(
-      _finish_kernel,
-      grid=(n // BLOCK,),
-      in_specs=[block, block, block, one, one],
-      out_specs=[block, block],
-      out_shape=[jax.ShapeDtypeStruct((n,), acc.dtype), jax.ShapeDtypeStruct((n,), p.dtype)],
-      input_output_aliases={0: 0, 1: 1},
-      compiler_params=plt.CompilerParams(num_warps=WARPS, num_stages=1),
-      interpret=interpret,
+  acc_new, p_new = _blocks(
+      _finish_kernel, n, [None, None],
+      [jax.ShapeDtypeStruct((n,), acc.dtype), jax.ShapeDtypeStruct((n,), p.dtype)],
+      {0: 0, 1: 1}, interpret,
   )(acc.reshape(-1), p.reshape(-1), x.reshape(-1), _scalar(weight, acc.dtype),
     _scalar(end, jnp.int32))
   return acc_new.reshape(acc.shape), p_new.reshape(p.shape)
