@@ -1,6 +1,6 @@
 """Each pass of the CNN's second convolution on its own, vmapped over L lanes (run by hand).
 
-  python benchmarks/conv_passes.py --lanes=50 [--forms=matmul,gemm,pallas] [--tiles=128x4x4x2,...]
+  python benchmarks/conv_passes.py --lanes=50 [--forms=matmul,pallas,gemm] [--tiles=128x4x4x2,...]
       [--trace] [--json=FILE]
 
 Times the forward pass, the input's gradient and the kernel's gradient of a 3x3 convolution of
@@ -40,7 +40,8 @@ from absl import app, flags  # noqa: E402
 
 _LANES = flags.DEFINE_list('lanes', ['50'], 'Lanes side by side.')
 _BATCH = flags.DEFINE_integer('batch_size', 20, 'Examples a lane.')
-_FORMS = flags.DEFINE_list('forms', ['matmul', 'gemm', 'pallas'], 'Forms timed (above).')
+_FORMS = flags.DEFINE_list('forms', ['matmul', 'pallas'], 'Forms timed (above): matmul, gemm, '
+                           'pallas.')
 _TILES = flags.DEFINE_list('tiles', ['128x4x4x2', '64x4x4x2', '128x4x8x2', '128x4x4x3',
                                      '128x16x4x2', '64x4x2x2'],
                            'Kernel settings ROWSxSPLITSxWARPSxSTAGES, then xloop for '

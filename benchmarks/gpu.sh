@@ -40,7 +40,7 @@
 #   bash benchmarks/gpu.sh gemm OUT     # each convolution pass's matrix product alone (the
 #                                       # ceiling of im2col) against the im2col pass, with
 #                                       # XLA's Triton GEMMs and with cuBLAS's; then cohorts
-#                                       # 10 and 200 with each (~5 min)
+#                                       # 10 and 200 with each (~5-7 min)
 #   bash benchmarks/gpu.sh update OUT   # cohorts 10 and 200 (CNN) with a lane's passes over
 #                                       # its model as XLA's fusions and as
 #                                       # fathom_sim/lane_update.py's kernels, in each
@@ -330,9 +330,14 @@ EOF
     # work (2.4 GB of a 50-lane step's 8.8, or of the Pallas convolution's 6.2) become one
     # kernel that reads p, g and x once, and one that touches only the lanes whose client ends
     # at that step (lane_update.py; docs/benchmarks.md, "Thirteenth session"). Untimed.
+    # The kernels first checked against jnp on this GPU (the CPU tests interpret them): if
+    # they differ, only XLA's passes are timed.
+    updates='xla pallas'
+    "$py" benchmarks/check_lane_update.py 2>&1 | grep -v '^[IW][0-9]' \
+        | tee "$out/update_check.txt" || updates=xla
     for cohort in $(echo "${COHORTS:-10,200}" | tr ',' ' '); do
       for form in matmul pallas; do
-        for update in xla pallas; do
+        for update in $updates; do
           row update "${cohort}_${form}_$update" "conv $form, lane_update $update" --tasks=cnn \
               --cohort_sizes="$cohort" --compute_dtype="$dtype" --conv="$form" \
               --lane_update="$update"
@@ -363,7 +368,6 @@ EOF
     "$py" benchmarks/kernel_ptx.py --tiles="${TILE:-64x4x2x2}" --dtypes=float32,bfloat16 2>&1 \
         | grep -v '^[IW][0-9]' | tee "$out/kernel_ptx.txt" || echo "kernel_ptx.py: exit $?"
     ;;
-  *) echo "benchmarks/gpu.sh: unknown part '$part' (fathom, sweep, profile, loops, chunks," \
-          "dtypes, convs, lanes, kernels or ncu)" >&2
+  *) echo "benchmarks/gpu.sh: unknown part '$part'; $usage" >&2
      exit 2 ;;
 esac

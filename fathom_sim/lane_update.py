@@ -84,6 +84,8 @@ def _step_kernels(p, g, x, eta, real, *, interpret: bool = False):
       # p_k over p, block by block (each program reads its block first): in the local loop the
       # lane's params then stay in one buffer, with no copy a step.
       {0: 0}, interpret,
+  # eta in the params' dtype, float32 as the jnp form's p - eta g computes it (the params are
+  # float32 in every compute dtype).
   )(p.reshape(-1), g.reshape(-1), x.reshape(-1), _scalar(eta, p.dtype),
     _scalar(real, jnp.int32))
   return out.reshape(p.shape), jnp.sum(sums, axis=0)

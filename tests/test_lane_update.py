@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from benchmarks.check_lane_update import check
 from fathom_sim import lane_update
 from tests.common import assert_trees_close, reference_rounds, run_rounds, tiny_config, tiny_task
 
@@ -59,6 +60,54 @@ def test_the_finish_kernel_touches_only_the_lanes_whose_client_ends(monkeypatch)
   np.testing.assert_array_equal(new_acc[1:], acc[1:])
   np.testing.assert_array_equal(new_p[:2], jnp.stack([x, x]))
   np.testing.assert_array_equal(new_p[2:], p[2:])
+
+
+@pytest.mark.parametrize('batched', [False, True])
+def test_with_the_kernels_a_client_with_a_non_finite_update_is_left_out(monkeypatch, batched):
+  """An inf in a kernel's leaf of the gradient at a client's last step: not added, the sum
+  untouched, the lane reset to x; a finite client in the same step is added."""
+  _kernels_on(monkeypatch)
+  r = np.random.default_rng(2)
+  params = {'w': jnp.asarray(r.standard_normal((2, 64)), jnp.float32),
+            'b': jnp.asarray(r.standard_normal((2, 4)), jnp.float32)}
+  grad = jax.tree.map(lambda a: a + 1.0, params)
+  grad['w'] = grad['w'].at[0, 3].set(jnp.inf)
+  acc = jax.tree.map(lambda a: a * 0.5, params)
+  server = {'w': jnp.zeros(64, jnp.float32), 'b': jnp.zeros(4, jnp.float32)}
+
+  def one_lane(p, g, a):
+    new, _, update = lane_update.step(p, g, server, jnp.float32(0.1), jnp.bool_(True))
+    return lane_update.finish(a, new, server, update, jnp.float32(5.0), jnp.bool_(True),
+                              jnp.bool_(True))
+
+  if batched:
+    new_acc, new_p, added = jax.vmap(one_lane)(params, grad, acc)
+  else:
+    outs = [one_lane(*(jax.tree.map(lambda a: a[i], t) for t in (params, grad, acc)))
+            for i in range(2)]
+    new_acc, new_p, added = jax.tree.map(lambda *a: jnp.stack(a), *outs)
+  np.testing.assert_array_equal(added, [False, True])
+  for name in ('w', 'b'):
+    np.testing.assert_array_equal(new_acc[name][0], acc[name][0])
+    stepped = params[name][1] - 0.1 * grad[name][1]
+    np.testing.assert_allclose(new_acc[name][1], acc[name][1] + 5.0 * (server[name] - stepped),
+                               rtol=1e-6, atol=1e-6)
+    np.testing.assert_array_equal(new_p[name], jnp.zeros_like(new_p[name]))
+
+
+def test_the_gpu_check_passes_the_kernels_and_fails_a_wrong_one(monkeypatch):
+  """benchmarks/check_lane_update.py, what a GPU call runs before timing the kernels, here
+  with the kernels interpreted: it passes them, and says what differs in one that resets
+  every lane's params whether its client ends or not."""
+  _kernels_on(monkeypatch)
+  assert check(lanes=6, size=64, interpret=True) == []
+
+  def resets_always(acc_ref, p_ref, x_ref, weight_ref, end_ref, acc_out, p_out):
+    p_out[...] = x_ref[...]
+
+  monkeypatch.setattr(lane_update, '_finish_kernel', resets_always)
+  failures = check(lanes=6, size=64, interpret=True)
+  assert any(f.startswith('finish: params') for f in failures)
 
 
 @pytest.mark.parametrize('lanes,local_loop', [(1, 'device'), (3, 'device'), (3, 'host')])
