@@ -85,10 +85,8 @@ def main(argv):
   from fathom_sim import conv_kernels as ck
   from fathom_sim.models import _conv_matmul
 
-  try:
-    ck.check_tiles(_TILES.value)
-  except ValueError as e:
-    raise app.UsageError(f'--tiles: {e}')
+  from benchmarks.lane_forms import tiles
+  tiles(_TILES.value)
   unknown = sorted(set(_FORMS.value) - set(FORMS))
   if unknown:
     raise app.UsageError(f'--forms: {unknown} unknown; accepted: {", ".join(FORMS)}')

@@ -52,10 +52,8 @@ def main(argv):
   import jax.numpy as jnp
   from benchmarks.h100 import h100_mesh
   from fathom_sim import conv_kernels as ck
-  try:
-    ck.check_tiles(_TILES.value)
-  except ValueError as e:
-    raise app.UsageError(f'--tiles: {e}')
+  from benchmarks.lane_forms import tiles
+  tiles(_TILES.value)
   mesh = h100_mesh()
   on_h100 = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
   lanes, b = _LANES.value, _BATCH.value

@@ -15,6 +15,17 @@ def conv_forms(values: list[str]) -> tuple[str, ...]:
   return convs
 
 
+def tiles(values: list[str]) -> list[str]:
+  """A --tiles flag's values, each checked by conv_kernels.parse_tile before anything compiles."""
+  from absl import app
+  from fathom_sim import conv_kernels
+  try:
+    conv_kernels.check_tiles(values)
+  except ValueError as e:
+    raise app.UsageError(f'--tiles: {e}')
+  return values
+
+
 def forms_for(lanes: int, steps: int, clients: int, b: int, chunks: tuple[int, ...] = (),
               compute_dtype: str = 'float32', conv: str = 'matmul'
               ) -> tuple[dict, tuple, int, dict]:

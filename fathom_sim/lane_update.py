@@ -92,14 +92,17 @@ def _step_kernels(p, g, x, eta, real, *, interpret: bool = False):
 
 
 def _sums(g, d) -> jax.Array:
+  """<g, d>, |g|^2, |d|^2 of one leaf, float32."""
   g, d = g.astype(jnp.float32), d.astype(jnp.float32)
-  return jnp.stack([jnp.vdot(g, d), jnp.vdot(g, g), jnp.vdot(d, d),
-                    jnp.sum(~jnp.isfinite(d)).astype(jnp.float32)])
+  return jnp.stack([jnp.vdot(g, d), jnp.vdot(g, g), jnp.vdot(d, d)])
 
 
 def _step_jnp_leaf(p, g, x, eta, real):
+  """What _step_kernels computes: p_k, and _sums with d's non-finite entries counted."""
   stepped = p - eta * g
-  return jnp.where(real, stepped, p), _sums(g, x - stepped)
+  d = x - stepped
+  bad = jnp.sum(~jnp.isfinite(d)).astype(jnp.float32)
+  return jnp.where(real, stepped, p), jnp.concatenate([_sums(g, d), bad[None]])
 
 
 class Update(NamedTuple):
@@ -132,7 +135,8 @@ def step(params: Params, grad: Params, server: Params, eta: jax.Array, real: jax
     else:
       stepped = p - eta * g
       p_k, d = jnp.where(real, stepped, p), x - stepped
-      leaf_sums = jnp.concatenate([_sums(g, d)[:3], jnp.zeros(1, jnp.float32)])
+      # d_k kept for finish, whose cond checks it: no count of non-finite entries here.
+      leaf_sums = jnp.concatenate([_sums(g, d), jnp.zeros(1, jnp.float32)])
     new.append(p_k)
     ds.append(d)
     sums.append(leaf_sums)

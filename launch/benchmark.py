@@ -296,7 +296,9 @@ def measure(name: str, cohort_size: int) -> dict:
           'lanes': rounds.planner.num_lanes, 'devices': n_dev, 'local_loop': run.local_loop,
           'loop_chunk': run.loop_chunk,
           'conv': run.conv, 'compute_dtype': config.model.compute_dtype,
-          'lane_update': _LANE_UPDATE.value,
+          # What ran: the kernels only in a program for a GPU (elsewhere lane_update's jnp).
+          'lane_update': _LANE_UPDATE.value if run.mesh.devices.flat[0].platform == 'gpu'
+                         else 'xla',
           'resident': run.resident, 'prefetch': rounds.prefetching,
           'planned_ahead': rounds.planned_ahead, 'replanned': rounds.replanned,
           'platform': run.mesh.devices.flat[0].platform,
