@@ -194,7 +194,11 @@ def kernels(hlo: str, computation: str | None = None) -> list[Kernel]:
   """The kernels of one computation (default: the entry's), in program order: a loop body's
   are one iteration's."""
   computations, entry = parse(hlo)
-  instrs = computations[computation or entry]
+  return _kernels(computations, computation or entry)
+
+
+def _kernels(computations: dict[str, list[Instr]], name: str) -> list[Kernel]:
+  instrs = computations[name]
   types = _types(instrs)
   out = []
   for instr in instrs:
@@ -213,4 +217,40 @@ def kernels(hlo: str, computation: str | None = None) -> list[Kernel]:
       flops = _flops([instr], computations, types)
     op_name = re.search(r'op_name="([^"]*)"', instr.attrs)
     out.append(Kernel(instr.name, kind, moved, flops, op_name.group(1) if op_name else ''))
+  return out
+
+
+_CONTROL = re.compile(r'\b(?:body|condition|to_apply|true_computation|false_computation)='
+                      r'%([\w.\-]+)')
+
+
+def module_name(hlo: str) -> str:
+  """The HloModule's name (`jit_f`): what a profiler trace's `hlo_module` says of its ops."""
+  m = re.search(r'^HloModule ([\w.\-]+)', hlo, re.MULTILINE)
+  return m.group(1) if m else ''
+
+
+def all_kernels(hlo: str) -> dict[str, Kernel]:
+  """Every kernel of the program by instruction name: the entry's and those of every
+  computation it runs through control flow (loop bodies and conditions, conditional
+  branches, calls), nested ones too. Each is one run's account; a profiler trace says how
+  often it ran."""
+  computations, entry = parse(hlo)
+  out: dict[str, Kernel] = {}
+  todo, seen = [entry], {entry}
+  while todo:
+    name = todo.pop()
+    for k in _kernels(computations, name):
+      out[k.name] = k
+    for instr in computations[name]:
+      if instr.opcode not in ('while', 'conditional', 'call'):
+        continue
+      called = _CONTROL.findall(instr.attrs)
+      branches = re.search(r'branch_computations=\{([^}]*)\}', instr.attrs)
+      if branches:
+        called += re.findall(r'%([\w.\-]+)', branches.group(1))
+      for c in called:
+        if c in computations and c not in seen:
+          seen.add(c)
+          todo.append(c)
   return out

@@ -20,8 +20,9 @@ random pixels and labels. Prints the minimum over interleaved repeats (a machine
 between runs), and at one lane how far the two lane forms' weighted sums are apart: ~4e-7 up to
 10 steps a client; on this random data float rounding differences then grow fast
 (benchmarks/conv_vmap.py sees the same between conv forms). With --trace_dir, each form at each
-L is run again under jax.profiler for a Perfetto trace; benchmarks/trace_ops.py sums its
-device time by operation. Last, XLA's own estimate of the memory traffic and arithmetic of one
+L is run again under jax.profiler for a Perfetto trace, its optimized HLO beside it
+(program.hlo.txt); benchmarks/trace_ops.py sums its device time by operation and by HLO
+instruction, with each kernel's bytes and arithmetic. Last, XLA's own estimate of the memory traffic and arithmetic of one
 step of `selects` and of `bare_scan` (the cost analysis of each compiled on its own): on a GPU
 the step is bound by memory traffic, and their difference is the round's own passes over the
 lanes' models.
@@ -88,8 +89,13 @@ def main(argv):
     if _TRACE.value:
       for name, f in forms.items():
         try:
-          with jax.profiler.trace(os.path.join(_TRACE.value, f'{name}_L{lanes}'),
-                                  create_perfetto_trace=True):
+          where = os.path.join(_TRACE.value, f'{name}_L{lanes}')
+          os.makedirs(where, exist_ok=True)
+          # The program the trace runs (the same executable: jit's cache), for trace_ops.py's
+          # bytes and arithmetic of each kernel beside its time.
+          with open(os.path.join(where, 'program.hlo.txt'), 'w') as hlo:
+            hlo.write(f.lower(*args).compile().as_text())
+          with jax.profiler.trace(where, create_perfetto_trace=True):
             for _ in range(3):
               jax.block_until_ready(f(*args))
         except Exception as e:  # noqa: BLE001  (e.g. no CUPTI): the timings above still stand

@@ -1,5 +1,6 @@
 """launch/benchmark.py writes the fields issue 8's comparisons rely on (no timing asserted)."""
 
+import functools
 import json
 import os
 import subprocess
@@ -144,11 +145,7 @@ def test_benchmark_refuses_unknown_task_and_positional_arguments():
 
 
 def test_trace_ops_counts_an_operation_s_own_time_without_what_nests_in_it():
-  import importlib.util
-  spec = importlib.util.spec_from_file_location(
-      'trace_ops', os.path.join(ROOT, 'benchmarks', 'trace_ops.py'))
-  trace_ops = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(trace_ops)
+  trace_ops = _trace_ops()
   meta = [{'ph': 'M', 'name': 'process_name', 'pid': 1, 'args': {'name': '/host:CPU'}},
           {'ph': 'M', 'name': 'process_name', 'pid': 2, 'args': {'name': '/device:GPU:0'}},
           {'ph': 'M', 'name': 'thread_name', 'pid': 2, 'tid': 7, 'args': {'name': 'Stream #1'}},
@@ -162,6 +159,113 @@ def test_trace_ops_counts_an_operation_s_own_time_without_what_nests_in_it():
   assert timelines == {(2, 7)}  # the stream alone: not the host, nor the op line again
   assert trace_ops.self_times(events, timelines) == {
       'while': (50.0, 1), 'fusion': (55.0, 3), 'dot': (5.0, 1)}
+
+
+@functools.cache  # once a process: the script defines absl flags
+def _trace_ops():
+  import importlib.util
+  spec = importlib.util.spec_from_file_location(
+      'trace_ops', os.path.join(ROOT, 'benchmarks', 'trace_ops.py'))
+  trace_ops = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(trace_ops)
+  return trace_ops
+
+
+def test_trace_ops_times_each_hlo_instruction_a_traced_program_ran(tmp_path):
+  """A CPU trace of 3 calls of a 5-step loop: every kernel of the loop's body ran 15 times,
+  the entry's 3, each with hlo_traffic's account of a run; nothing of the program is left
+  unmatched but the loop's own bookkeeping; the command prints the table from the directory."""
+  import glob
+  import gzip
+  import json
+  import jax
+  import jax.numpy as jnp
+  from benchmarks import hlo_traffic
+  trace_ops = _trace_ops()
+
+  def f(x, w):
+    return jax.lax.scan(lambda c, _: (jnp.tanh(c @ w) * 2 + 1, None), x, None, length=5)[0]
+
+  g = jax.jit(f)
+  x, w = jnp.ones((256, 256)), jnp.full((256, 256), 0.01)
+  g(x, w).block_until_ready()
+  hlo = g.lower(x, w).compile().as_text()
+  (tmp_path / 'program.hlo.txt').write_text(hlo)
+  jax.jit(jnp.sin)(x).block_until_ready()
+  with jax.profiler.trace(str(tmp_path), create_perfetto_trace=True):
+    for _ in range(3):
+      g(x, w).block_until_ready()
+    jax.jit(jnp.sin)(x).block_until_ready()  # another program: not this one's
+  found, = glob.glob(str(tmp_path / '**' / 'perfetto_trace.json.gz'), recursive=True)
+  with gzip.open(found, 'rt') as fh:
+    events = json.load(fh)['traceEvents']
+  rows, other, by_module = trace_ops.by_instruction(
+      events, trace_ops.device_threads(events), hlo)
+  assert by_module
+  body, = hlo_traffic.loop_bodies(hlo)
+  in_body = {k.name for k in hlo_traffic.kernels(hlo, body)}
+  entry = {k.name for k in hlo_traffic.kernels(hlo)}
+  runs = {r.kernel.name: r.runs for r in rows}
+  assert in_body <= set(runs) and all(runs[n] == 15 for n in in_body)
+  assert all(runs[n] == 3 for n in entry & set(runs))
+  accounts = hlo_traffic.all_kernels(hlo)
+  assert all(r.kernel == accounts[r.kernel.name] and r.us > 0 for r in rows)
+  assert not any('sin' in r.kernel.name for r in rows)
+  p = subprocess.run([sys.executable, os.path.join(ROOT, 'benchmarks', 'trace_ops.py'),
+                      str(tmp_path), '--calls=3'], cwd=ROOT, capture_output=True, text=True,
+                     timeout=120)
+  assert p.returncode == 0, p.stderr[-2000:]
+  assert 'by HLO instruction of jit_f' in p.stdout
+  product, = (r.kernel for r in rows if r.kernel.flops)
+  assert product.flops == 2 * 256 ** 3 and product.bytes == 3 * 256 * 256 * 4
+  line, = (line for line in p.stdout.splitlines() if f' {product.name} ' in line)
+  assert line.split()[2:4] == ['5', '0.79']  # runs a call, MB a run
+
+
+def test_trace_ops_counts_a_run_once_however_many_kernels_it_launches():
+  """GPU-style events: a split GEMM launches two kernels a run, both annotated with their
+  instruction; a kernel without annotation is matched by XLA:GPU's name for it; another
+  program's kernels and unknown names are not this program's."""
+  trace_ops = _trace_ops()
+  hlo = """HloModule jit_step, is_scheduled=true
+
+%fused_dot (p0: f32[64,32], p1: f32[32,16]) -> f32[64,16] {
+  %p0 = f32[64,32]{1,0} parameter(0)
+  %p1 = f32[32,16]{1,0} parameter(1)
+  ROOT %dot.1 = f32[64,16]{1,0} dot(%p0, %p1), lhs_contracting_dims={1}, rhs_contracting_dims={0}
+}
+
+%fused_add (p0.1: f32[64,16]) -> f32[64,16] {
+  %p0.1 = f32[64,16]{1,0} parameter(0)
+  ROOT %add.1 = f32[64,16]{1,0} add(%p0.1, %p0.1)
+}
+
+ENTRY %main (a: f32[64,32], b: f32[32,16]) -> f32[64,16] {
+  %a = f32[64,32]{1,0} parameter(0)
+  %b = f32[32,16]{1,0} parameter(1)
+  %gemm_fusion.3 = f32[64,16]{1,0} fusion(%a, %b), kind=kCustom, calls=%fused_dot
+  ROOT %loop_add_fusion.2 = f32[64,16]{1,0} fusion(%gemm_fusion.3), kind=kLoop, calls=%fused_add
+}
+"""
+  meta = [{'ph': 'M', 'name': 'process_name', 'pid': 2, 'args': {'name': '/device:GPU:0'}},
+          {'ph': 'M', 'name': 'thread_name', 'pid': 2, 'tid': 7, 'args': {'name': 'Stream #1'}}]
+  ts = iter(range(0, 10_000, 100))
+
+  def kernel(name, dur, **args):
+    return {'ph': 'X', 'name': name, 'pid': 2, 'tid': 7, 'ts': next(ts), 'dur': dur,
+            'args': args}
+
+  run = lambda: [kernel('sm90_gemm_splitk', 30, hlo_op='gemm_fusion.3', hlo_module='jit_step'),
+                 kernel('splitk_reduce', 10, hlo_op='gemm_fusion.3', hlo_module='jit_step'),
+                 kernel('loop_add_fusion_2', 5)]
+  events = meta + run() + run() + [
+      kernel('loop_add_fusion_2', 50, hlo_op='loop_add_fusion.2', hlo_module='jit_other'),
+      kernel('memcpy', 7, hlo_module='jit_step')]
+  rows, other, by_module = trace_ops.by_instruction(events, trace_ops.device_threads(events), hlo)
+  assert by_module
+  assert [(r.kernel.name, r.us, r.runs) for r in rows] == [
+      ('gemm_fusion.3', 80.0, 2), ('loop_add_fusion.2', 10.0, 2)]
+  assert rows[0].kernel.flops == 2 * 64 * 16 * 32 and other == 7.0
 
 
 def test_compile_shapes_replays_the_round_programs_a_run_compiled():

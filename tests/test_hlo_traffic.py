@@ -4,7 +4,7 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from benchmarks.hlo_traffic import kernels, loop_bodies, shape_bytes
+from benchmarks.hlo_traffic import all_kernels, kernels, loop_bodies, module_name, shape_bytes
 
 
 def _compiled(f, *args, **jit_kwargs) -> str:
@@ -55,6 +55,26 @@ def test_a_loop_body_holds_one_iteration_s_kernels():
   moved = [k.bytes for k in kernels(hlo, body)]
   assert 8_000_000 in moved  # the carried array read and written once an iteration
   assert all(k.kind != 'while' for k in kernels(hlo))  # control flow is not a kernel
+
+
+def test_every_kernel_the_program_runs_through_its_control_flow_is_listed_once():
+  """all_kernels: the entry's, a loop body's and those of a conditional's branches inside it
+  (a trace times them all, by instruction name)."""
+  x, w = jnp.ones((64, 64)), jnp.ones((64, 64))
+
+  def f(x, w, n):
+    step = lambda i, c: jax.lax.cond(i % 2 == 0, lambda c: jnp.sin(c) @ w, lambda c: c @ w.T, c)
+    return jax.lax.fori_loop(0, n, step, x * 3)
+
+  hlo = _compiled(f, x, w, 4)
+  listed = all_kernels(hlo)
+  body, = loop_bodies(hlo)
+  assert {k.name for k in kernels(hlo)} | {k.name for k in kernels(hlo, body)} < set(listed)
+  branch_flops = [k.flops for k in listed.values() if 'cond' in k.op_name or 'branch' in k.op_name]
+  assert 2 * 64 ** 3 in branch_flops  # a branch's product, which neither list above holds
+  assert module_name(hlo) == 'jit_f'
+  for name, k in listed.items():
+    assert k.name == name and k.kind not in ('while', 'conditional')
 
 
 # XLA:GPU's forms, written as it prints them: a Triton GEMM fusion whose dot sits in a nested
