@@ -16,7 +16,8 @@ at: which kernels sit near the device's bandwidth or its arithmetic and which ne
 event is an instruction's by the `hlo_op` XLA annotates it with (a library call or a split
 GEMM launches several kernels a run: a run is counted once), else by its name (XLA:GPU names
 a kernel after its fusion, '.' and '-' as '_'); events of other programs (`hlo_module`) are left
-out.
+out. A Pallas kernel is a custom call whose products the HLO text does not show: its GFLOP
+read 0 (conv_passes.py has the convolution's arithmetic).
 """
 
 from __future__ import annotations
