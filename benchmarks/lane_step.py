@@ -22,7 +22,8 @@ between runs), and at one lane how far the two lane forms' weighted sums are apa
 (benchmarks/conv_vmap.py sees the same between conv forms). With --trace_dir, each form at each
 L is run again under jax.profiler for a Perfetto trace, its optimized HLO beside it
 (program.hlo.txt); benchmarks/trace_ops.py sums its device time by operation and by HLO
-instruction, with each kernel's bytes and arithmetic. Last, XLA's own estimate of the memory traffic and arithmetic of one
+instruction, with each kernel's bytes and arithmetic. Last, XLA's own estimate of the memory
+traffic and arithmetic of one
 step of `selects` and of `bare_scan` (the cost analysis of each compiled on its own): on a GPU
 the step is bound by memory traffic, and their difference is the round's own passes over the
 lanes' models.

@@ -157,7 +157,7 @@ def print_instructions(events: list[dict], timelines: set[tuple], hlo: str, path
 
 def main(argv):
   if len(argv) != 2:
-    sys.exit('usage: trace_ops.py TRACE_DIR [--top=N] [--calls=N]')
+    sys.exit('usage: trace_ops.py TRACE_DIR [--top=N] [--calls=N] [--hlo=FILE]')
   found = sorted(glob.glob(os.path.join(argv[1], '**', 'perfetto_trace.json.gz'),
                            recursive=True), key=os.path.getmtime)
   if not found:
@@ -174,7 +174,10 @@ def main(argv):
   for name, (t, n) in sorted(times.items(), key=lambda kv: -kv[1][0])[:_TOP.value]:
     print(f'{t / calls / 1e3:>9.3f} {t / max(total, 1e-9):>6.1%} {n / calls:>7.0f}  {name}')
   hlo_path = _HLO.value or os.path.join(argv[1], 'program.hlo.txt')
-  if _HLO.value or os.path.exists(hlo_path):
+  if _HLO.value and not os.path.isfile(hlo_path):
+    sys.exit(f'trace_ops.py: --hlo: no file {hlo_path!r} (the traced program\'s optimized HLO '
+             'text, as lane_step.py writes it)')
+  if os.path.isfile(hlo_path):
     with open(hlo_path) as f:
       hlo = f.read()
     print_instructions(events, device_threads(events), hlo, hlo_path, calls, _TOP.value)

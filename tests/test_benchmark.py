@@ -220,6 +220,11 @@ def test_trace_ops_times_each_hlo_instruction_a_traced_program_ran(tmp_path):
   assert product.flops == 2 * 256 ** 3 and product.bytes == 3 * 256 * 256 * 4
   line, = (line for line in p.stdout.splitlines() if f' {product.name} ' in line)
   assert line.split()[2:4] == ['5', '0.79']  # runs a call, MB a run
+  missing = tmp_path / 'nothing.hlo.txt'
+  p = subprocess.run([sys.executable, os.path.join(ROOT, 'benchmarks', 'trace_ops.py'),
+                      str(tmp_path), f'--hlo={missing}'], cwd=ROOT, capture_output=True,
+                     text=True, timeout=120)
+  assert p.returncode == 1 and f"--hlo: no file '{missing}'" in p.stderr
 
 
 def test_trace_ops_counts_a_run_once_however_many_kernels_it_launches():
