@@ -146,12 +146,12 @@ def print_instructions(events: list[dict], timelines: set[tuple], hlo: str, path
   print(f'{"ms/call":>9} {"share":>6} {"runs":>6} {"MB/run":>9} {"GB/s":>7} {"GFLOP/run":>9} '
         f'{"TFLOP/s":>7}  {"kind":<10} instruction  [JAX operation]')
   for r in rows[:top]:
-    s = r.us / 1e6
+    seconds = r.us / 1e6
     k = r.kernel
     op = k.op_name if len(k.op_name) <= 60 else '...' + k.op_name[-60:].split('/', 1)[-1]
     print(f'{r.us / calls / 1e3:>9.3f} {r.us / max(total, 1e-9):>6.1%} {r.runs / calls:>6.0f} '
-          f'{k.bytes / 1e6:>9.2f} {k.bytes * r.runs / max(s, 1e-12) / 1e9:>7.0f} '
-          f'{k.flops / 1e9:>9.3f} {k.flops * r.runs / max(s, 1e-12) / 1e12:>7.1f}  '
+          f'{k.bytes / 1e6:>9.2f} {k.bytes * r.runs / max(seconds, 1e-12) / 1e9:>7.0f} '
+          f'{k.flops / 1e9:>9.3f} {k.flops * r.runs / max(seconds, 1e-12) / 1e12:>7.1f}  '
           f'{k.kind:<10} {k.name}  [{op}]')
 
 
@@ -165,7 +165,8 @@ def main(argv):
   with gzip.open(found[-1], 'rt') as f:
     trace = json.load(f)
   events = trace['traceEvents'] if isinstance(trace, dict) else trace
-  times = self_times(events, device_threads(events))
+  timelines = device_threads(events)
+  times = self_times(events, timelines)
   total = sum(t for t, _ in times.values())
   calls = max(1, _CALLS.value)
   print(f'{found[-1]}\noperations\' time {total / calls / 1e3:.3f} ms per call, '
@@ -180,7 +181,7 @@ def main(argv):
   if os.path.isfile(hlo_path):
     with open(hlo_path) as f:
       hlo = f.read()
-    print_instructions(events, device_threads(events), hlo, hlo_path, calls, _TOP.value)
+    print_instructions(events, timelines, hlo, hlo_path, calls, _TOP.value)
 
 
 if __name__ == '__main__':
