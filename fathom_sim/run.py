@@ -132,8 +132,10 @@ _PRECISION_BEFORE_RUNS: list = []
 def _set_matmul_precision(precision: str) -> None:
   """Sets JAX's float32 matmul and convolution precision for the whole process, the compile
   threads included (a thread-local context would leave compile_ahead's programs at another
-  precision than the round's). Why a field: at the default, an H100 multiplies in TF32, and a
-  FEMNIST-shaped seed diverged there that did not in float32 (docs/benchmarks.md)."""
+  precision than the round's). Why a field: at the default, an H100 multiplies in TF32, which
+  results may need to rule out; float32 products cost ~16 % a round there. (The FEMNIST-shaped
+  runs that diverged on GPUs did so at both precisions, and plain FedAvg does on a CPU:
+  docs/benchmarks.md, "Fifteenth session".)"""
   if precision == 'auto':
     if _PRECISION_BEFORE_RUNS:
       jax.config.update('jax_default_matmul_precision', _PRECISION_BEFORE_RUNS.pop())
