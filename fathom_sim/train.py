@@ -438,8 +438,8 @@ def _run(run: Run, configs: list[ml_collections.ConfigDict], workdirs: list[str]
         jump = metrics.loss_jump(book.log.accepted_loss, row, metrics.LOSS_JUMP)
         if jump is not None:
           logging.warning('%sround %d: the training loss rose %.3gx in one round (%.4g -> %.4g) '
-                          'and the round was accepted; the run may be diverging (SGD can near '
-                          'zero training loss, on any device and precision; '
+                          'and the round was accepted; the run may be diverging (SGD can diverge '
+                          'near zero training loss, on any device and precision; '
                           'a smaller eta, or upper_eta for FATHOM, takes smaller steps)',
                           _tag(book, vectorized), t, jump[1], jump[0], row['train_loss'])
         if t % c.eval_every == 0 or t == c.num_rounds:
