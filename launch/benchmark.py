@@ -278,6 +278,7 @@ def measure(name: str, cohort_size: int) -> dict:
           ceiling, ceiling_conv = timing, conv
   central = ceiling['median']
   r = timed
+  platform = run.mesh.devices.flat[0].platform
   return {'task': name, 'cohort_size': cohort_size, 'rounds_per_s': r / wall,
           'examples_per_s': fed, 'centralized_examples_per_s': central,
           'centralized_examples_per_s_min': ceiling['min'],
@@ -297,11 +298,10 @@ def measure(name: str, cohort_size: int) -> dict:
           'loop_chunk': run.loop_chunk,
           'conv': run.conv, 'compute_dtype': config.model.compute_dtype,
           # What ran: the kernels only in a program for a GPU (elsewhere lane_update's jnp).
-          'lane_update': _LANE_UPDATE.value if run.mesh.devices.flat[0].platform == 'gpu'
-                         else 'xla',
+          'lane_update': _LANE_UPDATE.value if platform == 'gpu' else 'xla',
           'resident': run.resident, 'prefetch': rounds.prefetching,
           'planned_ahead': rounds.planned_ahead, 'replanned': rounds.replanned,
-          'platform': run.mesh.devices.flat[0].platform,
+          'platform': platform,
           'device_kind': run.mesh.devices.flat[0].device_kind, 'pid': os.getpid(),
           'peak_rss_gib': peak_rss, 'device_peak_gib': device_peak,
           'jax': jax.__version__, 'date': time.strftime('%Y-%m-%d'),
