@@ -31,9 +31,11 @@ _DEVICES = flags.DEFINE_integer('devices', 1, 'Devices of the run (its lanes sha
 
 def replay(sizes, rows: dict, *, cohort_size: int, lanes: int, seed: int, resident: bool,
            per_octave: int, max_batch_size: int = 2**30, devices: int = 1,
+           exact_batch: bool = False,
            buffer_rows: list | None = None) -> list[tuple[int, str]]:
-  """(round, why) for every round whose plan has a shape not seen before. `buffer_rows`, when
-  given, gets each round's (example rows sent, the cohort's examples): the rows are the
+  """(round, why) for every round whose plan has a shape not seen before. `exact_batch`: the
+  run's B could not move (run.batch_moves), so its steps computed B_int rows. `buffer_rows`,
+  when given, gets each round's (example rows sent, the cohort's examples): the rows are the
   buffers times their padded length, 0 when resident."""
   import numpy as np
   from fathom_sim.data.federated import ArrayClientDataset, sample_cohort
@@ -43,7 +45,8 @@ def replay(sizes, rows: dict, *, cohort_size: int, lanes: int, seed: int, reside
   data = ArrayClientDataset({'x': np.zeros(int(offsets[-1]), np.uint8)}, offsets,
                             np.arange(len(sizes)).astype(str))
   planner = Planner(data, cohort_size, lanes, seed, resident=resident,
-                    batch_per_octave=per_octave, lanes_per_buffer=lanes // devices)
+                    batch_per_octave=per_octave, exact_batch=exact_batch,
+                    lanes_per_buffer=lanes // devices)
   seen, compiles, last = set(), [], None
   for t in sorted(rows):
     r = rows[t]
@@ -80,6 +83,7 @@ def main(argv):
   import numpy as np
   from fathom_sim.data import load_task
   from fathom_sim.metrics import read_rows
+  from fathom_sim.run import batch_moves
 
   c = _CONFIG.value
   sizes = np.asarray(load_task(c.data).train.num_examples)
@@ -89,7 +93,8 @@ def main(argv):
     compiles = replay(sizes, rows, cohort_size=c.cohort_size, lanes=_LANES.value, seed=c.seed,
                       resident=resident, per_octave=c.batch_pad_per_octave,
                       max_batch_size=max(1, round(min(c.upper_batch_size, 2**30))),
-                      devices=_DEVICES.value, buffer_rows=buffer_rows)
+                      devices=_DEVICES.value, exact_batch=not batch_moves(c),
+                      buffer_rows=buffer_rows)
     where = 'on the devices' if resident else 'sent per round'
     print(f'data {where}: {len(compiles)} round programs over {len(rows)} rounds')
     if not resident:

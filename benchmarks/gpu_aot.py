@@ -49,9 +49,6 @@ _CONVS = flags.DEFINE_list('convs', ['matmul'],
 _DTYPES = flags.DEFINE_list('dtypes', ['float32'], 'Compute dtypes (float32, bfloat16).')
 _NUM_CLIENTS = flags.DEFINE_integer('num_clients', 1000, 'round: FEMNIST-shaped clients made '
                                     '(as launch/benchmark.py makes them).')
-_PER_OCTAVE = flags.DEFINE_integer('batch_pad_per_octave', 4, 'round: padded batch sizes per '
-                                   'doubling; 4 (launch/benchmark.py\'s) computes B 20 as 20 rows, '
-                                   'the config\'s default 2 as 24.')
 _LANE_UPDATE = flags.DEFINE_enum('lane_update', 'xla', ['xla', 'pallas'], 'round: the lane\'s '
                                   'passes over its model as XLA\'s fusions or as '
                                   'fathom_sim/lane_update.py\'s kernels (its PALLAS).')
@@ -92,8 +89,7 @@ def main(argv):
     for dtype in _DTYPES.value:
       for conv in convs:
         if _PROGRAM.value == 'round':
-          hlo, lanes, steps = round_hlo(size, conv, dtype, mesh, _NUM_CLIENTS.value,
-                                        _PER_OCTAVE.value)
+          hlo, lanes, steps = round_hlo(size, conv, dtype, mesh, _NUM_CLIENTS.value)
           tag = f'round_C{size}_L{lanes}_{conv.replace("/", "-")}_{dtype}'
           tag += '_lane_update_pallas' if lane_update.PALLAS else ''
         else:

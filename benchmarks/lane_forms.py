@@ -100,8 +100,8 @@ def abstract(tree, sharding):
   return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding), tree)
 
 
-def round_hlo(cohort_size: int, conv: str, dtype: str, mesh, num_clients: int,
-              batch_pad_per_octave: int) -> tuple[str, int, int]:
+def round_hlo(cohort_size: int, conv: str, dtype: str, mesh,
+              num_clients: int) -> tuple[str, int, int]:
   """(optimized HLO, lanes, the longest lane's steps) of round 1's program on `mesh`'s one
   device, built as launch/benchmark.py's cohort sweep runs the CNN there: FedAvg at the FEMNIST
   reference values, the FEMNIST-shaped training set on the device, every client side by side up
@@ -112,17 +112,16 @@ def round_hlo(cohort_size: int, conv: str, dtype: str, mesh, num_clients: int,
   from fathom_sim.data.plan import Planner
   from fathom_sim.mesh import by_client, replicated
   from fathom_sim.round import make_round
-  from fathom_sim.run import MAX_ACCELERATOR_LANES, build, init_state
+  from fathom_sim.run import MAX_ACCELERATOR_LANES, batch_moves, build, init_state
   c = base_config()
   c.algorithm, c.cohort_size = 'fedavg', cohort_size
   c.model.name, c.model.conv, c.model.compute_dtype = 'emnist_cnn', conv, dtype
   c.data.name, c.data.num_clients, c.data.in_memory = 'femnist_synthetic', num_clients, True
   c.num_devices, c.local_loop, c.data_on_device = 1, 'device', 'yes'
-  c.batch_pad_per_octave = batch_pad_per_octave
   c.lanes_per_device = lanes = min(cohort_size, MAX_ACCELERATOR_LANES)  # one H100's default
   run = build(c)  # on this host's devices; only the round is compiled for the mesh's
   planner = Planner(run.task.train, cohort_size, lanes, c.seed, resident=True,
-                    lanes_per_buffer=lanes, batch_per_octave=c.batch_pad_per_octave)
+                    lanes_per_buffer=lanes, exact_batch=not batch_moves(c))
   plan = planner.plan(sample_cohort(run.task.train, c.seed, 1, cohort_size), 1, c.epochs,
                       c.batch_size)
   round_fn = make_round(loss_fn=run.model.loss, server_opt=run.server_opt, tuner=run.tuner,

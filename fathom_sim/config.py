@@ -102,7 +102,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.num_devices = 0               # devices of the clients mesh; 0 = all
   c.lanes_per_device = 0          # clients trained side by side per device; 0 = auto
   c.data_on_device = 'auto'       # keep the training set on the devices: auto | yes | no
-  c.batch_pad_per_octave = 2      # padded batch sizes per doubling (fewer: fewer compiles)
+  c.batch_pad_per_octave = 2      # padded batch sizes per doubling (fewer: fewer compiles),
+                                  # while B can move; a static B runs as B_int rows
   c.local_loop = 'auto'           # local steps loop on the device or driven by the host: auto |
                                   # device | host (auto: host for nn.Conv models on CPU)
   c.loop_chunk = 0                # device loop: local steps between checks of its bound (a

@@ -21,7 +21,7 @@ from fathom_sim.data.federated import ArrayClientDataset, Prefetcher, sample_coh
 from fathom_sim.data.plan import Planner, SeedPlanners, neighbour_buckets
 from fathom_sim.mesh import CLIENTS, by_client, local_rows, put, replicated
 from fathom_sim.round import make_round
-from fathom_sim.run import Run
+from fathom_sim.run import Run, batch_moves
 from fathom_sim.types import BATCH, EPOCHS, CohortPlan, RoundMetrics, ServerState
 
 # On a CPU platform, cohorts are sampled this many rounds at a time, up to
@@ -70,7 +70,8 @@ class Rounds:
                                loop_chunk=run.loop_chunk)
     lanes = self.num_devices * run.lanes_per_device
     options = dict(resident=run.resident, batch_per_octave=c.batch_pad_per_octave,
-                   local_lanes=local_rows(mesh, lanes), lanes_per_buffer=run.lanes_per_device)
+                   exact_batch=not batch_moves(c), local_lanes=local_rows(mesh, lanes),
+                   lanes_per_buffer=run.lanes_per_device)
     train = run.task.train
     # Examples read per round (generated, prepared) are read for round t+1 while round t
     # computes. Not across hosts: there a process reads only its own lanes' clients, and which
@@ -192,6 +193,8 @@ class Rounds:
 
   def _neighbour_pads(self, batch_pad: int) -> list[int]:
     planner = self.planner if self.seeds is None else self.planner.planners[0]
+    if planner.exact_batch:
+      return []
     return neighbour_buckets(batch_pad, self.run.config.batch_pad_per_octave,
                              min_batch_pad=planner.min_batch_pad,
                              max_batch_size=max(1, round(min(self.run.upper[BATCH], 2**30))))

@@ -77,6 +77,13 @@ def hyper_setup(config) -> tuple[fathom.HyperTuner, tuple[float, float, float]]:
   return tuner, upper
 
 
+def batch_moves(config) -> bool:
+  """Whether B can change during the run: FATHOM's hyper step on log B is eta_h·eta_h2·h_local.
+  Where it cannot (FedAvg; FATHOM with either factor 0), a step computes exactly B_int rows:
+  padding B_int up to a grid of sizes saves compiles only while B moves."""
+  return config.algorithm == 'fathom' and config.eta_h * config.eta_h2 != 0
+
+
 def build(config: ml_collections.ConfigDict, task: Task | None = None) -> Run:
   """Checks the config against itself, the data and the devices; builds the run's parts."""
   check_config(config)

@@ -56,9 +56,6 @@ _CONV = flags.DEFINE_string('conv', 'auto', 'The CNN\'s convolutions (config.mod
 _DTYPE = flags.DEFINE_enum(
     'compute_dtype', 'float32', ['float32', 'bfloat16'], 'The models\' activations and matrix '
     'products, in the rounds and in the centralized ceiling alike (config.model.compute_dtype).')
-_PER_OCTAVE = flags.DEFINE_integer(
-    'batch_pad_per_octave', 4, 'Padded batch sizes per doubling. 4 computes B 20 as 20 rows; '
-    'the simulator\'s default of 2 (fewer compiles while FATHOM moves B) computes it as 24.')
 _PREFETCH = flags.DEFINE_bool(
     'prefetch', True, 'Read round t+1\'s clients (data read per round), plan it and send it to '
     'the devices while round t computes.')
@@ -91,7 +88,6 @@ def task_config(name: str, cohort_size: int):
   c.loop_chunk = _LOOP_CHUNK.value
   c.model.conv = _CONV.value
   c.model.compute_dtype = _DTYPE.value
-  c.batch_pad_per_octave = _PER_OCTAVE.value
   c.data.num_clients = _NUM_CLIENTS.value
   c.data.in_memory = _IN_MEMORY.value  # femnist_synthetic; the LSTM's data: load()
   if name == 'mlp':

@@ -162,8 +162,7 @@ def test_gpu_aot_builds_the_round_whose_loop_body_is_one_step_of_every_lane():
   products for every lane."""
   from benchmarks.lane_forms import round_hlo
   from fathom_sim.mesh import make_mesh
-  hlo, lanes, steps = round_hlo(10, 'matmul', 'float32', make_mesh(1), num_clients=30,
-                                batch_pad_per_octave=4)
+  hlo, lanes, steps = round_hlo(10, 'matmul', 'float32', make_mesh(1), num_clients=30)
   assert lanes == 10 and steps >= 1
   body, = loop_bodies(hlo)
   step = kernels(hlo, body)

@@ -124,6 +124,9 @@ class Planner:
   resident: the training set lives on the devices (`stream` holds dataset row indices and no
   examples travel per round); otherwise each run of `lanes_per_buffer` consecutive lanes (a
   device's) shares a buffer of its clients' examples, which its streams index.
+  exact_batch: a step computes B_int rows, not B_int padded up to the grid of
+  `batch_per_octave` sizes: for a run whose B never moves, where the grid saves no compile
+  and only adds rows (FedAvg's B 20 would run as 24).
   """
   dataset: ClientDataset
   cohort_size: int
@@ -132,6 +135,7 @@ class Planner:
   resident: bool = False
   lanes_per_buffer: int = 1
   batch_per_octave: int = 2
+  exact_batch: bool = False
   min_batch_pad: int = 1
   stream_pad: int = 0
   buffer_pad: int = 0
@@ -173,7 +177,9 @@ class Planner:
       raise ValueError(f'cohort of {c} clients, planner built for {self.cohort_size}')
     num_examples = np.asarray(self.dataset.num_examples)[clients].astype(np.int64)
     b_int, num_steps = fathom.integer_schedule(epochs, batch_size, num_examples)
-    batch_pad = bucket(max(b_int, self.min_batch_pad), self.batch_per_octave)
+    batch_pad = max(b_int, self.min_batch_pad)
+    if not self.exact_batch:
+      batch_pad = bucket(batch_pad, self.batch_per_octave)
     lanes = pack_lanes(num_steps, self.num_lanes)
     steps_per_lane = lane_steps(num_steps, lanes)
     # A step reads batch_pad rows from its start, so the stream needs that much slack. The
