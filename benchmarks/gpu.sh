@@ -54,7 +54,8 @@
 # (config.local_loop='host') queues one program per step without reading anything back; a
 # chunked device loop (config.loop_chunk=N) runs N steps as an inner loop of known trip count
 # between reads, at the cost of up to N - 1 padding steps a round (`profile`'s chunkN forms,
-# `chunks`). LOOP_CHUNK=N runs `fathom` with config.loop_chunk=N.
+# `chunks`). LOOP_CHUNK=N runs `fathom` with config.loop_chunk=N, PER_OCTAVE=N with
+# config.batch_pad_per_octave=N (padded batch sizes a doubling while FATHOM moves B).
 #
 # Each part fits one device call (10 min). The GPU image has jax 0.11.2 and absl but not
 # ml_collections, and other flax / orbax versions than requirements.txt: carry the pinned wheels.
@@ -135,6 +136,7 @@ case "$part" in
           --config.data.name=femnist_synthetic --config.data.num_clients=3400 \
           --config.data.in_memory="${IN_MEMORY:-False}" --config.loop_chunk="${LOOP_CHUNK:-0}" \
           --config.seed="${SEED:-0}" --config.local_loop="${LOCAL_LOOP:-auto}" \
+          --config.batch_pad_per_octave="${PER_OCTAVE:-2}" \
           --config.model.compute_dtype="$dtype" --config.model.conv="$conv" \
           --config.num_rounds="${ROUNDS:-1500}" --config.eval_every=100 \
           --config.eval_clients=340 --config.checkpoint_every=500 2>&1 | tail -n 20
