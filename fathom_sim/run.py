@@ -78,9 +78,10 @@ def hyper_setup(config) -> tuple[fathom.HyperTuner, tuple[float, float, float]]:
 
 
 def batch_moves(config) -> bool:
-  """Whether B can change during the run: FATHOM's hyper step on log B is eta_h·eta_h2·h_local.
-  Where it cannot (FedAvg; FATHOM with either factor 0), a step computes exactly B_int rows:
-  padding B_int up to a grid of sizes saves compiles only while B moves."""
+  """Whether B can change during the run. FATHOM's hyper-gradient on log B is scaled by eta_h2
+  and its step by eta_h, so with either at 0 log B stays put under SGD and Adam alike; FedAvg's
+  B is static. Where B cannot move, a step computes exactly B_int rows and nothing compiles
+  ahead: padding B_int up to a grid of sizes saves compiles only while B moves."""
   return config.algorithm == 'fathom' and config.eta_h * config.eta_h2 != 0
 
 
@@ -247,13 +248,14 @@ def _loop_chunk(config, local_loop: str) -> int:
 
 def _compile_ahead(config, mesh, local_loop: str) -> bool:
   """config.compile_ahead resolved. Only the device loop's round is one program to compile
-  ahead. 'auto': FATHOM (FedAvg's B never moves) on accelerators; on CPU a compile on a thread
-  takes a core from training and saves little (a CPU round program compiles in ~1-3 s)."""
+  ahead. 'auto': on accelerators, where B can move (FATHOM; FedAvg's B never does); on CPU a
+  compile on a thread takes a core from training and saves little (a CPU round program
+  compiles in ~1-3 s)."""
   if config.compile_ahead == 'no' or local_loop != 'device':
     return False
   if config.compile_ahead == 'yes':
     return True
-  return config.algorithm == 'fathom' and mesh.devices.flat[0].platform != 'cpu'
+  return batch_moves(config) and mesh.devices.flat[0].platform != 'cpu'
 
 
 def _evaluation_ahead(config, mesh) -> bool:

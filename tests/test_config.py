@@ -207,12 +207,17 @@ def test_auto_conv_and_local_loop_per_platform():
 
 
 def test_compile_ahead_per_platform_and_algorithm():
-  """auto: FATHOM on accelerators only; never with the host-driven loop; explicit values win."""
+  """auto: FATHOM on accelerators only, where its B can move; never with the host-driven loop;
+  explicit values win."""
   cpu, gpu = (_FakeMesh(_FakeDevice(p, None)) for p in ('cpu', 'gpu'))
   c = base_config()
   c.algorithm = 'fathom'
   assert [run_lib._compile_ahead(c, m, 'device') for m in (cpu, gpu)] == [False, True]
   assert not run_lib._compile_ahead(c, gpu, 'host')
+  for field in ('eta_h', 'eta_h2'):  # B stays put: no other padded size to compile
+    frozen = base_config()
+    frozen.algorithm, frozen[field] = 'fathom', 0.0
+    assert not run_lib._compile_ahead(frozen, gpu, 'device')
   c.algorithm = 'fedavg'
   assert not run_lib._compile_ahead(c, gpu, 'device')
   c.compile_ahead = 'yes'

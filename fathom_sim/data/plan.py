@@ -124,8 +124,8 @@ class Planner:
   resident: the training set lives on the devices (`stream` holds dataset row indices and no
   examples travel per round); otherwise each run of `lanes_per_buffer` consecutive lanes (a
   device's) shares a buffer of its clients' examples, which its streams index.
-  exact_batch: a step computes B_int rows, not B_int padded up to the grid of
-  `batch_per_octave` sizes: for a run whose B never moves, where the grid saves no compile
+  exact_batch: a step computes max(B_int, min_batch_pad) rows, not that padded up to the grid
+  of `batch_per_octave` sizes: for a run whose B never moves, where the grid saves no compile
   and only adds rows (FedAvg's B 20 would run as 24).
   """
   dataset: ClientDataset
