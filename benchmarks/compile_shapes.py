@@ -35,9 +35,9 @@ def replay(sizes, rows: dict, *, cohort_size: int, lanes: int, seed: int, reside
            buffer_rows: list | None = None) -> list[tuple[int, str]]:
   """(round, why) for every round whose plan has a shape not seen before. `exact_batch`: the
   run's B could not move (run.batch_moves), so its steps computed B_int rows (runs since
-  2a7a6ee; before, every run padded B_int up to the grid). `buffer_rows`,
-  when given, gets each round's (example rows sent, the cohort's examples): the rows are the
-  buffers times their padded length, 0 when resident."""
+  2a7a6ee; before, every run padded B_int up to the grid). `buffer_rows`, when given, gets
+  each round's (example rows sent, the cohort's examples): the rows are the buffers times
+  their padded length, 0 when resident."""
   import numpy as np
   from fathom_sim.data.federated import ArrayClientDataset, sample_cohort
   from fathom_sim.data.plan import Planner, neighbour_buckets
