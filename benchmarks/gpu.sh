@@ -55,7 +55,8 @@
 # chunked device loop (config.loop_chunk=N) runs N steps as an inner loop of known trip count
 # between reads, at the cost of up to N - 1 padding steps a round (`profile`'s chunkN forms,
 # `chunks`). LOOP_CHUNK=N runs `fathom` with config.loop_chunk=N, PER_OCTAVE=N with
-# config.batch_pad_per_octave=N (padded batch sizes a doubling while FATHOM moves B).
+# config.batch_pad_per_octave=N (padded batch sizes a doubling while FATHOM moves B),
+# SHARED_GLYPHS=True with config.data.shared_glyphs=True (labels that overlap as FEMNIST's do).
 #
 # Each part fits one device call (10 min). The GPU image has jax 0.11.2 and absl but not
 # ml_collections, and other flax / orbax versions than requirements.txt: carry the pinned wheels.
@@ -137,6 +138,7 @@ case "$part" in
           --config.data.in_memory="${IN_MEMORY:-False}" --config.loop_chunk="${LOOP_CHUNK:-0}" \
           --config.seed="${SEED:-0}" --config.local_loop="${LOCAL_LOOP:-auto}" \
           --config.batch_pad_per_octave="${PER_OCTAVE:-2}" \
+          --config.data.shared_glyphs="${SHARED_GLYPHS:-False}" \
           --config.model.compute_dtype="$dtype" --config.model.conv="$conv" \
           --config.num_rounds="${ROUNDS:-1500}" --config.eval_every=100 \
           --config.eval_clients=340 --config.checkpoint_every=500 2>&1 | tail -n 20
@@ -145,13 +147,15 @@ case "$part" in
 import json, sys
 workdir, start, end = sys.argv[1], float(sys.argv[2]), float(sys.argv[3])
 s = json.load(open(f'{workdir}/summary.json'))
+glyphs = json.load(open(f'{workdir}/config.json'))['data'].get('shared_glyphs', False)
 print(f"{workdir}: end to end {end - start:.1f} s; rounds {s['rounds']}; training loop "
       f"{s['wall_s']:.1f} s; compiles {s['compiles']} (ahead {s.get('compiled_ahead')}; "
       f"loaded from the cache {s.get('compile_cache_hits')}); planned ahead "
       f"{s.get('planned_ahead')}, replanned {s.get('replanned')}; "
       f"compute {s.get('compute_dtype')}; "
       f"padding {s['padding_efficiency']:.3f} (loop chunk {s.get('loop_chunk')}); "
-      f"final test accuracy {s['final']['test_accuracy']:.4f}; devices {s['devices']} "
+      f"final test accuracy {s['final']['test_accuracy']:.4f} (shared glyphs {glyphs}); "
+      f"devices {s['devices']} "
       f"({s['platform']})")
 EOF
     done

@@ -11,6 +11,7 @@ from fathom_sim.config import ConfigError, base_config, check_config, unread_fie
 from fathom_sim import run as run_lib
 from fathom_sim.data.plan import longest_lane
 from fathom_sim.run import build
+from fathom_sim.workdir import RESUMABLE_FIELDS, config_dict, differing, flatten
 from tests.common import tiny_config, tiny_task
 
 
@@ -54,6 +55,7 @@ def test_base_config_and_quickstart_are_valid():
      "config.model.expected_length must be 0 for model.name 'mlp'"),
     ('data.name', 'cifar', 'config.data.name must be one of'),
     ('data.test_fraction', 1.0, 'config.data.test_fraction'),
+    ('data.shared_glyphs', None, 'config.data.shared_glyphs must be True or False'),
     ('eval_every', 0, 'config.eval_every must be >= 1'),
     ('target_accuracy', 1.5, 'config.target_accuracy must be in [0, 1]'),
     ('data_on_device', 'maybe', 'config.data_on_device must be one of'),
@@ -365,19 +367,29 @@ def test_fields_set_but_not_read_are_listed():
   c = base_config()
   c.eta_h, c.upper_eta, c.server_b1, c.server_momentum = 0.5, 0.9, 0.5, 0.5
   c.model.conv, c.data.data_dir, c.data.num_clients = 'xla', 'x', 50
+  c.data.shared_glyphs = True
   fields = ['eta_h', 'upper_eta', 'server_b1', 'server_momentum', 'model.conv',
-            'data.data_dir', 'data.num_clients', 'eta']
+            'data.data_dir', 'data.num_clients', 'data.shared_glyphs', 'eta']
   assert unread_fields(c, fields) == ["server_b1=0.5 (server_optimizer is sgd)",
                                       "server_momentum=0.5 (server_optimizer is sgd)",
                                       "model.conv='xla' (model.name is mlp)",
-                                      "data.data_dir='x' (data.name is synthetic)"]
+                                      "data.data_dir='x' (data.name is synthetic)",
+                                      'data.shared_glyphs=True (data.name is synthetic)']
   c.algorithm, c.server_optimizer, c.data.name = 'fedavg', 'adam', 'femnist'
   c.model.name, c.model.hidden = 'emnist_cnn', (3,)
   assert unread_fields(c, fields + ['model.hidden']) == [
       'eta_h=0.5 (algorithm is fedavg)', 'upper_eta=0.9 (algorithm is fedavg)',
       "server_momentum=0.5 (server_optimizer is adam)",
-      'data.num_clients=50 (data.name is femnist)', 'model.hidden=(3,) (model.name is emnist_cnn)']
+      'data.num_clients=50 (data.name is femnist)',
+      'data.shared_glyphs=True (data.name is femnist)',
+      'model.hidden=(3,) (model.name is emnist_cnn)']
   assert unread_fields(c, ['eta', 'seed']) == []
+  # The generated FEMNIST-shaped data reads it, so a resume cannot change it.
+  c.data.name = 'femnist_synthetic'
+  assert unread_fields(c, ['data.shared_glyphs', 'data.in_memory']) == []
+  saved = flatten(config_dict(c))
+  c.data.shared_glyphs = False
+  assert differing(saved, flatten(config_dict(c)), RESUMABLE_FIELDS) == ['data.shared_glyphs']
 
 
 def test_the_run_command_warns_of_fields_set_on_it_that_the_run_does_not_read(caplog):

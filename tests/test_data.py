@@ -57,6 +57,51 @@ def test_femnist_like_matches_femnist_shapes_and_skew():
   assert len(test_ex['y']) == task.test.num_examples[7]
 
 
+def _class_means(task, clients: int) -> np.ndarray:
+  """Each class's mean training image over the first `clients` writers."""
+  sums, counts = np.zeros((62, 28, 28)), np.zeros(62)
+  for k in range(clients):
+    ex = task.train.client(k)
+    np.add.at(sums, ex['y'], ex['x'])
+    counts += np.bincount(ex['y'], minlength=62)
+  return sums / counts[:, None, None]
+
+
+def test_femnist_like_shared_glyphs_draws_both_cases_of_the_merged_letters_alike():
+  """With shared_glyphs the small form of each letter EMNIST merges by case is drawn as its
+  capital (its label no longer told by its image); every other class, and every label, is
+  as without."""
+  from fathom_sim.data.synthetic import CASE_MERGED_LETTERS
+  own, shared = femnist_like(num_clients=250), femnist_like(num_clients=250, shared_glyphs=True)
+  small = {36 + ord(c) - ord('a') for c in CASE_MERGED_LETTERS}
+  for k in (0, 7, 249):
+    a, b = own.train.client(k), shared.train.client(k)
+    np.testing.assert_array_equal(a['y'], b['y'])
+    kept = ~np.isin(a['y'], list(small))
+    np.testing.assert_array_equal(a['x'][kept], b['x'][kept])
+    assert not np.array_equal(a['x'][~kept], b['x'][~kept])
+
+  def corr(means, i, j):
+    return np.corrcoef(means[i].ravel(), means[j].ravel())[0, 1]
+
+  # The config's field reaches the generator, made on demand and held in memory alike.
+  from fathom_sim.config import base_config
+  from fathom_sim.data import load_task
+  c = base_config().data
+  c.name, c.num_clients, c.test_fraction, c.shared_glyphs = 'femnist_synthetic', 8, 0.1, True
+  for c.in_memory in (False, True):
+    np.testing.assert_array_equal(load_task(c).train.client(7)['x'], shared.train.client(7)['x'])
+
+  own_means, shared_means = _class_means(own, 250), _class_means(shared, 250)
+  for letter in 'abcdefghijklmnopqrstuvwxyz':
+    capital, lower = 10 + ord(letter) - ord('a'), 36 + ord(letter) - ord('a')
+    assert corr(own_means, capital, lower) < 0.7, letter
+    if letter in CASE_MERGED_LETTERS:
+      assert corr(shared_means, capital, lower) > 0.95, letter
+    else:
+      assert corr(shared_means, capital, lower) < 0.7, letter
+
+
 def test_femnist_like_in_memory_holds_the_generated_clients_exactly():
   from fathom_sim.config import base_config
   from fathom_sim.data import load_task
