@@ -81,9 +81,6 @@ def test_femnist_like_shared_glyphs_draws_both_cases_of_the_merged_letters_alike
     np.testing.assert_array_equal(a['x'][kept], b['x'][kept])
     assert not np.array_equal(a['x'][~kept], b['x'][~kept])
 
-  def corr(means, i, j):
-    return np.corrcoef(means[i].ravel(), means[j].ravel())[0, 1]
-
   # The config's field reaches the generator, made on demand and held in memory alike.
   from fathom_sim.config import base_config
   from fathom_sim.data import load_task
@@ -91,6 +88,9 @@ def test_femnist_like_shared_glyphs_draws_both_cases_of_the_merged_letters_alike
   c.name, c.num_clients, c.test_fraction, c.shared_glyphs = 'femnist_synthetic', 8, 0.1, True
   for c.in_memory in (False, True):
     np.testing.assert_array_equal(load_task(c).train.client(7)['x'], shared.train.client(7)['x'])
+
+  def corr(means, i, j):
+    return np.corrcoef(means[i].ravel(), means[j].ravel())[0, 1]
 
   own_means, shared_means = _class_means(own, 250), _class_means(shared, 250)
   for letter in 'abcdefghijklmnopqrstuvwxyz':
