@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from fathom_sim import conv_kernels
+from fathom_sim import conv_kernels, lstm
 from fathom_sim.types import Batch, Params
 
 MODELS = ('logistic', 'mlp', 'emnist_cnn', 'stackoverflow_lstm', 'lstm')
@@ -254,7 +254,12 @@ class NextWordLSTM(nn.Module):
     # Rows looked up in float32, then cast: the table's gradient is a scatter-add of every
     # occurrence of a token, which bfloat16 would round at every term.
     h = nn.Embed(self.num_ids, self.embed)(x.astype(jnp.int32)).astype(self.dtype)
-    h = nn.RNN(nn.OptimizedLSTMCell(self.lstm, dtype=self.dtype))(h)
+    cell = nn.OptimizedLSTMCell(self.lstm, dtype=self.dtype, name='OptimizedLSTMCell_0')
+    if self.is_initializing():
+      h = nn.RNN(cell)(h)  # lays out and draws the cell's parameters as flax always has
+    else:
+      # The same function, with a backward pass that is cheaper than autodiff's (lstm.py).
+      h = lstm.lstm_layer(self.variables['params']['OptimizedLSTMCell_0'], h, self.dtype)
     h = Dense(self.dense, self.dtype)(h)
     return Dense(self.num_ids, self.dtype)(h)
 
