@@ -27,7 +27,8 @@
 #                                       # a lane: cohort:lanes pairs LANE_PAIRS (default
 #                                       # 10:7,10:10,50:25,50:50,100:39,100:50,200:45,200:50)
 #                                       # and LSTM_PAIRS (default 10:4,10:10,50:10,50:50,
-#                                       # 100:17,100:50,200:27,200:50), data on the GPU;
+#                                       # 100:17,100:50,200:27,200:50), data on the GPU
+#                                       # (TASKS=lstm: the LSTM's rows only);
 #                                       # ~32 s a row on an H200, so 16 rows fill one call
 #                                       # (docs/benchmarks.md, "Tenth session")
 #   bash benchmarks/gpu.sh kernels OUT  # the Pallas convolution (model.conv='pallas') against
@@ -263,7 +264,7 @@ EOF
     # CNN, 0.24 for the LSTM); auto packs them onto the fewest lanes that run at most 10 %
     # more steps (25 and 10 lanes at cohort 50). docs/benchmarks.md, "Ninth session": the
     # prediction (benchmarks/lane_counts.py) this part measures; "Tenth session": measured.
-    for task in cnn lstm; do
+    for task in $(echo "${TASKS:-cnn,lstm}" | tr ',' ' '); do
       pairs="${LANE_PAIRS:-10:7,10:10,50:25,50:50,100:39,100:50,200:45,200:50}"
       [ "$task" = lstm ] \
           && pairs="${LSTM_PAIRS:-10:4,10:10,50:10,50:50,100:17,100:50,200:27,200:50}"

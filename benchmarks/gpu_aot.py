@@ -3,6 +3,7 @@
   python benchmarks/gpu_aot.py --cohort_sizes=10,200 [--convs=matmul] [--dtypes=float32]
       [--top=12] [--hlo_dir=DIR]
   python benchmarks/gpu_aot.py --program=sgd --lanes=10,50,200   # bare vmapped SGD steps
+  python benchmarks/gpu_aot.py --program=sgd --task=lstm --lanes=4,27   # the same, the LSTM
 
 Needs the CUDA plugin of the pinned jax (`pip install "jax[cuda12]==0.10.2"`, ~6 GB), not a
 GPU: XLA compiles for the device that benchmarks/h100.py describes (deviceless, ahead of time).
@@ -36,7 +37,7 @@ os.environ.setdefault('JAX_SKIP_CUDA_CONSTRAINTS_CHECK', '1')
 from absl import app, flags  # noqa: E402
 
 from benchmarks.h100 import h100_mesh  # noqa: E402
-from benchmarks.hlo_traffic import Kernel, kernels, loop_bodies  # noqa: E402
+from benchmarks.hlo_traffic import Kernel, kernels, loop_bodies, run_kernels  # noqa: E402
 
 BANDWIDTH = 3.35e12  # bytes/s, H100 SXM HBM3
 LAUNCH_S = 2e-6      # a kernel launch's floor, about
@@ -44,6 +45,8 @@ LAUNCH_S = 2e-6      # a kernel launch's floor, about
 _PROGRAM = flags.DEFINE_enum('program', 'round', ['round', 'sgd'], 'What to compile (above).')
 _COHORTS = flags.DEFINE_list('cohort_sizes', ['10', '200'], 'round: clients per round.')
 _LANES = flags.DEFINE_list('lanes', ['10', '50', '200'], 'sgd: lanes side by side.')
+_TASK = flags.DEFINE_enum('task', 'cnn', ['cnn', 'lstm'], 'sgd: the EMNIST CNN (B 20) or the '
+                          'Stack Overflow LSTM (B 16, 20 tokens; --convs does not apply).')
 _CONVS = flags.DEFINE_list('convs', ['matmul'],
                            'Convolution forms (models.CONV_FORMS), or all of them: all.')
 _DTYPES = flags.DEFINE_list('dtypes', ['float32'], 'Compute dtypes (float32, bfloat16).')
@@ -66,6 +69,34 @@ def sgd_hlo(lanes: int, conv: str, dtype: str, mesh) -> str:
       mesh, jax.sharding.PartitionSpec()))).compile().as_text()
 
 
+def lstm_sgd_hlo(lanes: int, dtype: str, mesh) -> str:
+  """Optimized HLO of 8 plain SGD steps of B 16 sentences in each of `lanes`, the Stack
+  Overflow LSTM (its 10,004 ids), in a scan vmapped over the lanes as bare_scan's are."""
+  import jax
+  import jax.numpy as jnp
+  from benchmarks.lane_forms import abstract
+  from fathom_sim.models import get_model
+  steps, b, length, ids = 8, 16, 20, 10004
+  model = get_model('stackoverflow_lstm', num_classes=ids, compute_dtype=dtype)
+  tokens = jax.ShapeDtypeStruct((lanes, steps * b, length), jnp.int32)
+  with jax.default_device(jax.devices('cpu')[0]):
+    init = jax.eval_shape(model.init, jax.random.key(0),
+                          {'x': jnp.zeros((1, length), jnp.int32)})
+  params = jax.tree.map(lambda p: jax.ShapeDtypeStruct((lanes,) + p.shape, p.dtype), init)
+  mask = jnp.ones(b, bool)
+
+  def lane(p, src):
+    def step(p, i):
+      batch = jax.tree.map(lambda a: jax.lax.dynamic_slice_in_dim(a, i * b, b), src)
+      g = jax.grad(model.loss)(p, batch, mask, None)
+      return jax.tree.map(lambda w, gw: w - 0.3 * gw, p, g), None
+    return jax.lax.scan(step, p, jnp.arange(steps))[0]
+
+  everywhere = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  return jax.jit(jax.vmap(lane)).lower(
+      *abstract((params, {'x': tokens, 'y': tokens}), everywhere)).compile().as_text()
+
+
 def _line(ks: list[Kernel]) -> str:
   moved, flops = sum(k.bytes for k in ks), sum(k.flops for k in ks)
   return (f'{len(ks):>7} {moved / 1e6:>8.0f} {flops / 1e9:>7.1f} '
@@ -85,6 +116,10 @@ def main(argv):
   print('one local step of every lane: kernels, MB moved, GFLOP, MB floor ms (3.35 TB/s), '
         'launch ms (2 us each)')
   sizes = _COHORTS.value if _PROGRAM.value == 'round' else _LANES.value
+  if _TASK.value == 'lstm':
+    if _PROGRAM.value != 'sgd':
+      raise app.UsageError('--task=lstm compiles --program=sgd only')
+    convs = ['-']  # one form: the LSTM has no convolutions
   for size in map(int, sizes):
     for dtype in _DTYPES.value:
       for conv in convs:
@@ -92,6 +127,9 @@ def main(argv):
           hlo, lanes, steps = round_hlo(size, conv, dtype, mesh, _NUM_CLIENTS.value)
           tag = f'round_C{size}_L{lanes}_{conv.replace("/", "-")}_{dtype}'
           tag += '_lane_update_pallas' if lane_update.PALLAS else ''
+        elif _TASK.value == 'lstm':
+          hlo, lanes, steps = lstm_sgd_hlo(size, dtype, mesh), size, None
+          tag = f'sgd_lstm_L{lanes}_{dtype}'
         else:
           hlo, lanes, steps = sgd_hlo(size, conv, dtype, mesh), size, None
           tag = f'sgd_L{lanes}_{conv.replace("/", "-")}_{dtype}'
@@ -100,7 +138,8 @@ def main(argv):
           with open(os.path.join(_HLO_DIR.value, tag + '.hlo'), 'w') as f:
             f.write(hlo)
         body, = loop_bodies(hlo)  # the local-step loop; its body is one step of every lane
-        step = kernels(hlo, body)
+        # The LSTM's step holds loops over its time steps: unrolled, they are part of the step.
+        step = run_kernels(hlo, body) if _TASK.value == 'lstm' else kernels(hlo, body)
         print(f'{tag}: {lanes} lanes, step {_line(step)}', flush=True)
         if steps is not None:
           once = kernels(hlo)  # the round's kernels outside the loop

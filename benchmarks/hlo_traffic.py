@@ -220,6 +220,39 @@ def _kernels(computations: dict[str, list[Instr]], name: str) -> list[Kernel]:
   return out
 
 
+_TRIP_COUNT = re.compile(r'"known_trip_count":\{"n":"(\d+)"\}')
+
+
+def run_kernels(hlo: str, computation: str | None = None) -> list[Kernel]:
+  """The kernels of one run of a computation (default: the entry's) with the loops nested in
+  it unrolled: a loop's body, and its condition, as many times as XLA knows the loop runs (an
+  LSTM's time steps inside a local step). Refuses a loop of unknown trip count and a
+  conditional, whose runs the text cannot tell."""
+  computations, entry = parse(hlo)
+
+  def run(name: str) -> list[Kernel]:
+    out, own = [], _kernels(computations, name)
+    for instr in computations[name]:
+      if instr.opcode == 'conditional':
+        raise ValueError(f'{instr.name}: which branch runs is not in the program text')
+      if instr.opcode == 'call':  # XLA:CPU wraps small loops in calls
+        out += run(re.search(r'to_apply=%([\w.\-]+)', instr.attrs).group(1))
+        continue
+      if instr.opcode != 'while':
+        out += [k for k in own if k.name == instr.name]
+        continue
+      trips = _TRIP_COUNT.search(instr.attrs)
+      if not trips:
+        raise ValueError(f'{instr.name}: a loop whose trip count XLA does not know')
+      n = int(trips.group(1))
+      body = re.search(r'body=%([\w.\-]+)', instr.attrs).group(1)
+      condition = re.search(r'condition=%([\w.\-]+)', instr.attrs).group(1)
+      out += run(body) * n + run(condition) * (n + 1)
+    return out
+
+  return run(computation or entry)
+
+
 _CONTROL = re.compile(r'\b(?:body|condition|to_apply|true_computation|false_computation)='
                       r'%([\w.\-]+)')
 

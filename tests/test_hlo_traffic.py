@@ -173,3 +173,30 @@ def test_gpu_aot_builds_the_round_whose_loop_body_is_one_step_of_every_lane():
 def test_text_without_an_entry_computation_is_refused():
   with pytest.raises(ValueError, match='no ENTRY'):
     kernels('HloModule m\n')
+
+
+def test_one_run_of_a_loop_body_unrolls_the_loops_nested_in_it():
+  """Each of 3 outer iterations runs an inner loop of 5 over an 8 MB array: one outer run
+  moves the inner body's kernels 5 times (and its condition's 6)."""
+  from benchmarks.hlo_traffic import run_kernels
+
+  def f(x):
+    def outer(c, _):
+      inner = jax.lax.scan(lambda a, _: (jnp.sin(a) * 2, None), c, None, length=5)[0]
+      return inner + 1, None
+    return jax.lax.scan(outer, x, None, length=3)[0]
+
+  hlo = _compiled(f, jnp.ones((1000, 2000)))
+  outer_body, = loop_bodies(hlo)
+  inner_body, = loop_bodies(hlo, outer_body)
+  once = sum(k.bytes for k in kernels(hlo, inner_body))
+  assert once >= 16_000_000  # the array read and written
+  unrolled = run_kernels(hlo, outer_body)
+  names = [k.name for k in unrolled]
+  assert all(names.count(k.name) == 5 for k in kernels(hlo, inner_body))
+  assert sum(k.bytes for k in unrolled) >= 5 * once
+  entry = run_kernels(hlo)
+  assert len(entry) > 3 * len(unrolled) - 1  # the outer body three times, around the entry's
+  with pytest.raises(ValueError, match='trip count'):
+    run_kernels(_compiled(lambda x, n: jax.lax.fori_loop(0, n, lambda i, c: c * 2, x),
+                          jnp.ones(4), 3))
