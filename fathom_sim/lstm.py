@@ -8,7 +8,8 @@ H 670, ~8 MB each time, per client lane). Here the backward loop carries only (d
 emits each step's gate gradient dz_t; the kernels', the bias's and the inputs' gradients are
 then one product or sum each over all T·n rows. The forward keeps flax's per-step products:
 on XLA:CPU one hoisted [T·n, F] @ [F, 4H] product made the layer's forward over 256 sentences
-1.3–1.6× slower (docs/benchmarks.md, "Eighteenth session").
+1.3–1.6× slower (docs/benchmarks.md, "Eighteenth session"). A custom_vjp, so reverse mode
+only (jax.jvp, jacfwd and hessian refuse it; training needs none of them).
 """
 
 from __future__ import annotations
