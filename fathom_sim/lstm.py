@@ -53,11 +53,11 @@ def _lstm_time_major(x: jax.Array, w_i: jax.Array, w_h: jax.Array,
 
 def _forward(x, w_i, w_h, bias):
   acts, cs, hs = _recurrence(x, w_i, w_h, bias, keep=True)
-  return hs, (x, w_i, w_h, acts, cs, hs)
+  return hs, (x, w_i, w_h, bias, acts, cs, hs)
 
 
 def _backward(residuals, d_hs):
-  x, w_i, w_h, acts, cs, hs = residuals
+  x, w_i, w_h, bias, acts, cs, hs = residuals
   dtype = x.dtype
   zero = jnp.zeros_like(cs[0])
   c_prev = jnp.concatenate([zero[None], cs[:-1]])
@@ -72,7 +72,7 @@ def _backward(residuals, d_hs):
     dc = dc_next + dh * o * (1 - tanh_c * tanh_c)
     dz = jnp.concatenate([dc * g * i * (1 - i), dc * c_before * f * (1 - f),
                           dc * i * (1 - g * g), dh * tanh_c * o * (1 - o)], axis=-1)
-    dz = dz.astype(dtype)
+    dz = dz.astype(dtype)  # the products' operand dtype, as autodiff of flax's cell feeds them
     return (jnp.matmul(dz, w.T, preferred_element_type=jnp.float32), dc * f), dz
 
   _, dz = jax.lax.scan(step, (zero, zero), (acts, cs, c_prev, d_hs.astype(jnp.float32)),
@@ -83,16 +83,21 @@ def _backward(residuals, d_hs):
   d_w_i = jnp.einsum('tnf,tng->fg', x, dz, **f32)
   d_w_h = jnp.einsum('tnh,tng->hg', h_prev, dz, **f32)
   d_bias = jnp.sum(dz.astype(jnp.float32), axis=(0, 1))
-  return d_x, d_w_i, d_w_h, d_bias
+  # Each cotangent in its primal's dtype (JAX would accept float32 for a bfloat16 parameter and
+  # hand it on silently).
+  return d_x, d_w_i.astype(w_i.dtype), d_w_h.astype(w_h.dtype), d_bias.astype(bias.dtype)
 
 
 _lstm_time_major.defvjp(_forward, _backward)
 
 
-def lstm_layer(cell: Params, x: jax.Array, dtype=jnp.float32) -> jax.Array:
+def lstm_layer(cell: Params, x: jax.Array, dtype: jnp.dtype = jnp.float32) -> jax.Array:
   """h_t for every step of x [n, T, F]: [n, T, H], float32, from flax OptimizedLSTMCell's
   parameters `cell` ({ii, if, ig, io}: kernel [F, H]; {hi, hf, hg, ho}: kernel [H, H], bias
   [H]); products in `dtype`."""
+  if x.ndim != 3:
+    # flax's RNN takes any leading axes; this layer scans axis 1 and would scan the wrong one.
+    raise ValueError(f'lstm_layer takes x as [n, T, F], got shape {x.shape}')
   w_i = jnp.concatenate([cell['i' + g]['kernel'] for g in GATES], axis=-1)
   w_h = jnp.concatenate([cell['h' + g]['kernel'] for g in GATES], axis=-1)
   bias = jnp.concatenate([cell['h' + g]['bias'] for g in GATES], axis=-1)
