@@ -3,7 +3,7 @@
   python benchmarks/gpu_aot.py --cohort_sizes=10,200 [--convs=matmul] [--dtypes=float32]
       [--top=12] [--hlo_dir=DIR]
   python benchmarks/gpu_aot.py --program=sgd --lanes=10,50,200   # bare vmapped SGD steps
-  python benchmarks/gpu_aot.py --program=sgd --task=lstm --lanes=4,27   # the same, the LSTM
+  python benchmarks/gpu_aot.py --program=sgd --task=lstm --lanes=4,27 [--by_op=12]  # the LSTM
 
 Needs the CUDA plugin of the pinned jax (`pip install "jax[cuda12]==0.10.2"`, ~6 GB), not a
 GPU: XLA compiles for the device that benchmarks/h100.py describes (deviceless, ahead of time).
@@ -56,6 +56,8 @@ _LANE_UPDATE = flags.DEFINE_enum('lane_update', 'xla', ['xla', 'pallas'], 'round
                                   'passes over its model as XLA\'s fusions or as '
                                   'fathom_sim/lane_update.py\'s kernels (its PALLAS).')
 _TOP = flags.DEFINE_integer('top', 12, 'Kernels listed per program, by bytes (0: none).')
+_BY_OP = flags.DEFINE_integer('by_op', 0, 'Also the step\'s kernels summed by kind and JAX '
+                              'operation: the N largest groups by bytes (0: none).')
 _HLO_DIR = flags.DEFINE_string('hlo_dir', None, 'Also write each optimized HLO text here.')
 
 
@@ -95,6 +97,11 @@ def lstm_sgd_hlo(lanes: int, dtype: str, mesh) -> str:
   everywhere = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
   return jax.jit(jax.vmap(lane)).lower(
       *abstract((params, {'x': tokens, 'y': tokens}), everywhere)).compile().as_text()
+
+
+def _op(k: Kernel) -> str:
+  """The JAX operation a kernel came from, past the local-step loop's own path."""
+  return k.op_name.split('/body/')[-1][-70:]
 
 
 def _line(ks: list[Kernel]) -> str:
@@ -150,7 +157,13 @@ def main(argv):
                 f'{(len(once) + steps * len(step)) * LAUNCH_S * 1e3:.1f} ms of launches')
         for k in sorted(step, key=lambda k: -k.bytes)[:_TOP.value]:
           print(f'    {k.bytes / 1e6:8.1f} MB {k.flops / 1e9:6.2f} GFLOP {k.kind:>8} '
-                f'{k.op_name.split("/body/")[-1][-70:]}')
+                f'{_op(k)}')
+        groups: dict[tuple[str, str], list[Kernel]] = {}
+        for k in step:
+          groups.setdefault((k.kind, _op(k)), []).append(k)
+        for (kind, op), ks in sorted(groups.items(), key=lambda g: -sum(k.bytes for k in g[1])
+                                     )[:_BY_OP.value]:
+          print(f'    {sum(k.bytes for k in ks) / 1e6:8.1f} MB in {len(ks):>3} x {kind:>8} {op}')
 
 
 if __name__ == '__main__':

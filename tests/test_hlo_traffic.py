@@ -1,5 +1,7 @@
 """benchmarks/hlo_traffic.py: each kernel's bytes and arithmetic, read from compiled HLO text."""
 
+import re
+
 import jax
 import jax.numpy as jnp
 import pytest
@@ -191,12 +193,18 @@ def test_one_run_of_a_loop_body_unrolls_the_loops_nested_in_it():
   inner_body, = loop_bodies(hlo, outer_body)
   once = sum(k.bytes for k in kernels(hlo, inner_body))
   assert once >= 16_000_000  # the array read and written
+  condition_of = dict((body, cond) for cond, body in
+                      re.findall(r'condition=%([\w.\-]+), body=%([\w.\-]+)', hlo))
   unrolled = run_kernels(hlo, outer_body)
   names = [k.name for k in unrolled]
   assert all(names.count(k.name) == 5 for k in kernels(hlo, inner_body))
+  assert all(names.count(k.name) == 6 for k in kernels(hlo, condition_of[inner_body]))
   assert sum(k.bytes for k in unrolled) >= 5 * once
-  entry = run_kernels(hlo)
-  assert len(entry) > 3 * len(unrolled) - 1  # the outer body three times, around the entry's
+  entry = [k.name for k in run_kernels(hlo)]
+  assert all(entry.count(k.name) == 15 for k in kernels(hlo, inner_body))
+  assert all(entry.count(k.name) == 4 for k in kernels(hlo, condition_of[outer_body]))
+  outer_condition = kernels(hlo, condition_of[outer_body])
+  assert len(entry) == 3 * len(unrolled) + 4 * len(outer_condition) + len(kernels(hlo))
   with pytest.raises(ValueError, match='trip count'):
     run_kernels(_compiled(lambda x, n: jax.lax.fori_loop(0, n, lambda i, c: c * 2, x),
                           jnp.ones(4), 3))
