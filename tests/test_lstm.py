@@ -44,8 +44,8 @@ def test_layer_and_its_gradients_match_flax(dtype, forward_tol, tol):
   want = _flax_layer(cell, x, dtype)
   assert got.dtype == jnp.float32 and got.shape == (3, 9, 6)
   np.testing.assert_allclose(got, want.astype(jnp.float32), atol=forward_tol, rtol=forward_tol)
-  got_grads = jax.grad(objective(lstm.lstm_layer), argnums=(0, 1))(cell, x)
-  want_grads = jax.grad(objective(_flax_layer), argnums=(0, 1))(cell, x)
+  got_grads = jax.jit(jax.grad(objective(lstm.lstm_layer), argnums=(0, 1)))(cell, x)
+  want_grads = jax.jit(jax.grad(objective(_flax_layer), argnums=(0, 1)))(cell, x)
   assert jax.tree.structure(got_grads) == jax.tree.structure(want_grads)
   for g, w in zip(jax.tree.leaves(got_grads), jax.tree.leaves(want_grads)):
     assert g.dtype == w.dtype == jnp.float32
@@ -69,8 +69,8 @@ def test_gradient_of_the_first_steps_sees_the_last_outputs():
   carries gradient, through the (dh, dc) that the backward loop carries."""
   cell = _cell_params(4, 5, seed=2)
   x = jnp.asarray(np.random.default_rng(3).standard_normal((2, 6, 4)), jnp.float32)
-  grad = jax.grad(lambda x: jnp.sum(lstm.lstm_layer(cell, x)[:, -1]))(x)
-  want = jax.grad(lambda x: jnp.sum(_flax_layer(cell, x, jnp.float32)[:, -1]))(x)
+  grad = jax.jit(jax.grad(lambda x: jnp.sum(lstm.lstm_layer(cell, x)[:, -1])))(x)
+  want = jax.jit(jax.grad(lambda x: jnp.sum(_flax_layer(cell, x, jnp.float32)[:, -1])))(x)
   assert np.all(np.abs(np.asarray(grad[:, 0])) > 0)
   np.testing.assert_allclose(grad, want, atol=1e-6, rtol=2e-5)
 
@@ -127,8 +127,8 @@ def test_the_model_keeps_flax_parameters_and_their_gradients():
     weights = (batch['y'] != models.PAD) * mask[:, None]
     return jnp.sum(ce * weights) / jnp.sum(weights)
 
-  got = jax.value_and_grad(lambda p: model.loss(p, batch, mask, None))(params)
-  want = jax.value_and_grad(flax_loss)(params)
+  got = jax.jit(jax.value_and_grad(lambda p: model.loss(p, batch, mask, None)))(params)
+  want = jax.jit(jax.value_and_grad(flax_loss))(params)
   np.testing.assert_allclose(got[0], want[0], rtol=1e-6)
   for g, w in zip(jax.tree.leaves(got[1]), jax.tree.leaves(want[1])):
     np.testing.assert_allclose(g, w, atol=2e-6 * float(jnp.max(jnp.abs(w))), rtol=1e-4)
