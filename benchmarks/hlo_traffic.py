@@ -231,7 +231,7 @@ def run_kernels(hlo: str, computation: str | None = None) -> list[Kernel]:
   computations, entry = parse(hlo)
 
   def run(name: str) -> list[Kernel]:
-    out, own = [], _kernels(computations, name)
+    out, own = [], {k.name: k for k in _kernels(computations, name)}
     for instr in computations[name]:
       if instr.opcode == 'conditional':
         raise ValueError(f'{instr.name}: which branch runs is not in the program text')
@@ -239,7 +239,7 @@ def run_kernels(hlo: str, computation: str | None = None) -> list[Kernel]:
         out += run(re.search(r'to_apply=%([\w.\-]+)', instr.attrs).group(1))
         continue
       if instr.opcode != 'while':
-        out += [k for k in own if k.name == instr.name]
+        out += [own[instr.name]] if instr.name in own else []  # views are not kernels
         continue
       trips = _TRIP_COUNT.search(instr.attrs)
       if not trips:

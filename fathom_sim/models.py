@@ -18,6 +18,7 @@ MODELS = ('logistic', 'mlp', 'emnist_cnn', 'stackoverflow_lstm', 'lstm')
 SEQUENCE_MODELS = ('stackoverflow_lstm', 'lstm')  # next-token prediction (sequence_model)
 STACKOVERFLOW_LSTM = (96, 670, 96)  # embedding, LSTM, dense widths of the paper's model
 PAD, BOS, EOS = 0, 1, 2  # token ids of fathom_sim.data.vocab (the last id: out of vocabulary)
+LSTM_CELL = 'OptimizedLSTMCell_0'  # the LSTM's parameters' key: flax's name, kept in checkpoints
 
 
 class Model(NamedTuple):
@@ -254,12 +255,12 @@ class NextWordLSTM(nn.Module):
     # Rows looked up in float32, then cast: the table's gradient is a scatter-add of every
     # occurrence of a token, which bfloat16 would round at every term.
     h = nn.Embed(self.num_ids, self.embed)(x.astype(jnp.int32)).astype(self.dtype)
-    cell = nn.OptimizedLSTMCell(self.lstm, dtype=self.dtype, name='OptimizedLSTMCell_0')
     if self.is_initializing():
-      h = nn.RNN(cell)(h)  # lays out and draws the cell's parameters as flax always has
+      # Lays out and draws the cell's parameters as flax always has.
+      h = nn.RNN(nn.OptimizedLSTMCell(self.lstm, dtype=self.dtype, name=LSTM_CELL))(h)
     else:
       # The same function, with a backward pass that is cheaper than autodiff's (lstm.py).
-      h = lstm.lstm_layer(self.variables['params']['OptimizedLSTMCell_0'], h, self.dtype)
+      h = lstm.lstm_layer(self.variables['params'][LSTM_CELL], h, self.dtype)
     h = Dense(self.dense, self.dtype)(h)
     return Dense(self.num_ids, self.dtype)(h)
 
@@ -269,9 +270,9 @@ def unit_forget_bias(params: Params) -> Params:
   public versions of the Stack Overflow model: TFF's Keras LSTM (unit_forget_bias) and
   FedJAX's Haiku LSTM (which adds 1 to the forget gate's input). The cell then keeps most of
   its memory early in training."""
-  cell = params['OptimizedLSTMCell_0']
+  cell = params[LSTM_CELL]
   forget = {**cell['hf'], 'bias': jnp.ones_like(cell['hf']['bias'])}
-  return {**params, 'OptimizedLSTMCell_0': {**cell, 'hf': forget}}
+  return {**params, LSTM_CELL: {**cell, 'hf': forget}}
 
 
 def sequence_model(name: str, module: nn.Module, num_ids: int,
