@@ -20,10 +20,16 @@ import jax.numpy as jnp
 from fathom_sim.types import Params
 
 GATES = ('i', 'f', 'g', 'o')  # flax's order of the concatenated gates
+# The concatenated gates' width 4H is padded with zero columns to a multiple of this. Why: in
+# the backward loop, dh = dz @ w_h^T contracts over 4H, and at few lanes XLA:GPU splits that
+# contraction (split-K), padding it to a multiple of the split's tiles: unpadded (2680 at H
+# 670), it copies the whole recurrent kernel, padded, at every time step, ~30 % of a local
+# step's bytes at 4 and 10 lanes (docs/benchmarks.md, "Nineteenth session").
+ALIGN = 128
 
 
-def _gates(z: jax.Array) -> tuple[jax.Array, ...]:
-  i, f, g, o = jnp.split(z, 4, axis=-1)
+def _gates(z: jax.Array, hidden: int) -> tuple[jax.Array, ...]:
+  i, f, g, o = jnp.split(z[..., :4 * hidden], 4, axis=-1)  # the padding's columns dropped
   return jax.nn.sigmoid(i), jax.nn.sigmoid(f), jnp.tanh(g), jax.nn.sigmoid(o)
 
 
@@ -36,7 +42,7 @@ def _recurrence(x, w_i, w_h, bias, keep: bool):
 
   def step(carry, x_t):
     c, h = carry
-    i, f, g, o = _gates(h.astype(dtype) @ w_h + b + x_t @ w_i)  # flax's order of the sums
+    i, f, g, o = _gates(h.astype(dtype) @ w_h + b + x_t @ w_i, w_h.shape[0])  # flax's order
     c = f * c + i * g
     h = o * jnp.tanh(c)
     return (c, h), ((jnp.concatenate([i, f, g, o], axis=-1), c, h) if keep else h)
@@ -70,8 +76,9 @@ def _backward(residuals, d_hs):
     dh = d_out + dh_next
     tanh_c = jnp.tanh(c)
     dc = dc_next + dh * o * (1 - tanh_c * tanh_c)
+    padding = jnp.zeros(dc.shape[:-1] + (w.shape[-1] - 4 * w.shape[0],), dc.dtype)
     dz = jnp.concatenate([dc * g * i * (1 - i), dc * c_before * f * (1 - f),
-                          dc * i * (1 - g * g), dh * tanh_c * o * (1 - o)], axis=-1)
+                          dc * i * (1 - g * g), dh * tanh_c * o * (1 - o), padding], axis=-1)
     dz = dz.astype(dtype)  # the products' operand dtype, as autodiff of flax's cell feeds them
     return (jnp.matmul(dz, w.T, preferred_element_type=jnp.float32), dc * f), dz
 
@@ -98,8 +105,13 @@ def lstm_layer(cell: Params, x: jax.Array, dtype: jnp.dtype = jnp.float32) -> ja
   if x.ndim != 3:
     # flax's RNN takes any leading axes; this layer scans axis 1 and would scan the wrong one.
     raise ValueError(f'lstm_layer takes x as [n, T, F], got shape {x.shape}')
-  w_i = jnp.concatenate([cell['i' + g]['kernel'] for g in GATES], axis=-1)
-  w_h = jnp.concatenate([cell['h' + g]['kernel'] for g in GATES], axis=-1)
-  bias = jnp.concatenate([cell['h' + g]['bias'] for g in GATES], axis=-1)
+  hidden = cell['hi']['kernel'].shape[0]
+
+  def gates(name, leaf):  # the four gates' arrays side by side, then zero columns (ALIGN)
+    parts = [cell[name + g][leaf] for g in GATES]
+    zeros = jnp.zeros(parts[0].shape[:-1] + (-4 * hidden % ALIGN,), parts[0].dtype)
+    return jnp.concatenate(parts + [zeros], axis=-1)
+
+  w_i, w_h, bias = gates('i', 'kernel'), gates('h', 'kernel'), gates('h', 'bias')
   hs = _lstm_time_major(jnp.swapaxes(x.astype(dtype), 0, 1), w_i, w_h, bias)
   return jnp.swapaxes(hs, 0, 1)

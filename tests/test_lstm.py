@@ -3,6 +3,7 @@
 
 import flax.linen as nn
 import jax
+import jax.extend
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -26,23 +27,24 @@ def _flax_layer(cell, x, dtype):
 # (forward tolerance, gradient tolerance as a fraction of the largest gradient of its array)
 @pytest.mark.parametrize('dtype,forward_tol,tol', [(jnp.float32, 1e-6, 2e-5),
                                                    (jnp.bfloat16, 1e-6, 2e-2)])
-def test_layer_and_its_gradients_match_flax(dtype, forward_tol, tol):
+@pytest.mark.parametrize('hidden', [6, 32])  # gates 24 wide, padded to 128; 128, not padded
+def test_layer_and_its_gradients_match_flax(dtype, forward_tol, tol, hidden):
   """Outputs, and gradients with respect to every parameter and the input, of a random linear
   function of the outputs (so every time step and unit is weighed differently). The forward
   computes flax's sums in flax's order and dtypes, so it matches in bfloat16 too; the bfloat16
   gradients differ from autodiff's by their roundings (~1 % of the largest), and a 5 % error
   in any one of them fails."""
-  cell = _cell_params(5, 6)
+  cell = _cell_params(5, hidden)
   r = np.random.default_rng(1)
   x = jnp.asarray(r.standard_normal((3, 9, 5)), jnp.float32)
-  weights = jnp.asarray(r.standard_normal((3, 9, 6)), jnp.float32)
+  weights = jnp.asarray(r.standard_normal((3, 9, hidden)), jnp.float32)
 
   def objective(layer):
     return lambda cell, x: jnp.sum(layer(cell, x, dtype).astype(jnp.float32) * weights)
 
   got = lstm.lstm_layer(cell, x, dtype)
   want = _flax_layer(cell, x, dtype)
-  assert got.dtype == jnp.float32 and got.shape == (3, 9, 6)
+  assert got.dtype == jnp.float32 and got.shape == (3, 9, hidden)
   np.testing.assert_allclose(got, want.astype(jnp.float32), atol=forward_tol, rtol=forward_tol)
   got_grads = jax.jit(jax.grad(objective(lstm.lstm_layer), argnums=(0, 1)))(cell, x)
   want_grads = jax.jit(jax.grad(objective(_flax_layer), argnums=(0, 1)))(cell, x)
@@ -62,6 +64,33 @@ def test_cotangents_keep_their_primals_dtypes_and_shapes_are_checked():
   assert {a.dtype for a in jax.tree.leaves(grads)} == {jnp.dtype(jnp.bfloat16)}
   with pytest.raises(ValueError, match=r'\[n, T, F\]'):
     lstm.lstm_layer(cell, jnp.ones((2, 2, 5, 3)))
+
+
+def _products(jaxpr):
+  """The contracted size of every dot_general in a jaxpr and the jaxprs inside it."""
+  out = []
+  for eqn in jaxpr.eqns:
+    if eqn.primitive.name == 'dot_general':
+      (contracting, _), _ = eqn.params['dimension_numbers']
+      out.append(int(np.prod([eqn.invars[0].aval.shape[d] for d in contracting])))
+    for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+      out.extend(_products(sub))
+  return out
+
+
+def test_the_backward_loop_contracts_over_gates_padded_to_align():
+  """The reason for lstm.ALIGN: the backward loop's dh = dz @ w_h^T contracts over the four
+  gates' width padded to a multiple of ALIGN (4 x 670 = 2680 -> 2688 in the model), so XLA:GPU
+  need not pad the recurrent kernel at every time step. The loop's other products contract
+  over H, and the forward's over H and F, unpadded."""
+  hidden, features = 67, 5
+  cell = _cell_params(features, hidden)
+  x = jnp.ones((2, 3, features), jnp.float32)
+  jaxpr = jax.make_jaxpr(jax.grad(lambda c: jnp.sum(lstm.lstm_layer(c, x))))(cell).jaxpr
+  padded = -(-4 * hidden // lstm.ALIGN) * lstm.ALIGN
+  sizes = _products(jaxpr)
+  assert padded in sizes and 4 * hidden not in sizes, sizes
+  assert set(sizes) <= {padded, hidden, features, 2 * 3}, sizes  # 2 * 3: the kernels' gradients
 
 
 def test_gradient_of_the_first_steps_sees_the_last_outputs():
