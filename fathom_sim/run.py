@@ -37,7 +37,7 @@ MAX_ACCELERATOR_LANES = 50
 # ... and fewer, where packing several clients a lane costs at most LANE_STEP_SLACK more local
 # steps a round (estimated over LANE_COHORTS sampled cohorts): a step's cost grows with its
 # lanes (H200, 4-67 lanes: 0.54 + 0.051 ms a lane for the CNN, 1.71 + 0.469 for the LSTM as it
-# was before lstm.py wrote its backward pass out), and
+# was before lstm.py wrote its backward pass out and padded its gates), and
 # with one client a lane every lane runs to the cohort's longest client (the LSTM at cohort 50:
 # padding 0.24). docs/benchmarks.md, "Ninth session"; timed in the "Tenth": 1.03-3.25x the
 # rounds/s of one client a lane at every cohort of both tasks.
