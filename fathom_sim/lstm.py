@@ -24,7 +24,9 @@ GATES = ('i', 'f', 'g', 'o')  # flax's order of the concatenated gates
 # the backward loop, dh = dz @ w_h^T contracts over 4H, and at few lanes XLA:GPU splits that
 # contraction (split-K), padding it to a multiple of the split's tiles: unpadded (2680 at H
 # 670), it copies the whole recurrent kernel, padded, at every time step, ~30 % of a local
-# step's bytes at 4 and 10 lanes (docs/benchmarks.md, "Nineteenth session").
+# step's bytes at 4 and 10 lanes in float32. 128 covers the split XLA picks without autotuning
+# (8 ways, 16-wide tiles); a GPU's autotuned split could need another multiple
+# (docs/benchmarks.md, "Nineteenth session").
 ALIGN = 128
 
 
@@ -35,7 +37,9 @@ def _gates(z: jax.Array, hidden: int) -> tuple[jax.Array, ...]:
 
 def _recurrence(x, w_i, w_h, bias, keep: bool):
   """Runs the cell over x [T, n, F] (in the products' dtype): the outputs h_t [T, n, H] and,
-  if `keep`, the backward pass's residuals. c and h stay float32, as flax's carry does."""
+  if `keep`, the backward pass's residuals (the gates' activations [T, n, 4H], unpadded, c and
+  h). The gates' arrays are padded (w_i [F, G], w_h [H, G], bias [G], G = 4H rounded up to a
+  multiple of ALIGN); H is w_h's rows. c and h stay float32, as flax's carry does."""
   dtype = x.dtype
   w_i, w_h, b = w_i.astype(dtype), w_h.astype(dtype), bias.astype(dtype)
   zero = jnp.zeros(x.shape[1:-1] + (w_h.shape[0],), jnp.float32)

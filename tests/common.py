@@ -96,3 +96,15 @@ def assert_trees_close(a, b, rtol=1e-5, atol=1e-6):
   for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
     np.testing.assert_allclose(np.asarray(x, np.float64), np.asarray(y, np.float64),
                                rtol=rtol, atol=atol)
+
+
+def jaxpr_eqns(jaxpr):
+  """Every equation of a jaxpr, those of the jaxprs nested in it (loops, jits, custom rules)
+  too."""
+  for eqn in jaxpr.eqns:
+    yield eqn
+    for value in eqn.params.values():
+      for sub in value if isinstance(value, (tuple, list)) else (value,):
+        sub = getattr(sub, 'jaxpr', sub)
+        if hasattr(sub, 'eqns'):
+          yield from jaxpr_eqns(sub)

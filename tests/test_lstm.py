@@ -3,12 +3,12 @@
 
 import flax.linen as nn
 import jax
-import jax.extend
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from fathom_sim import lstm, models
+from tests.common import jaxpr_eqns
 
 
 def _cell_params(features, hidden, seed=0):
@@ -66,29 +66,24 @@ def test_cotangents_keep_their_primals_dtypes_and_shapes_are_checked():
     lstm.lstm_layer(cell, jnp.ones((2, 2, 5, 3)))
 
 
-def _products(jaxpr):
-  """The contracted size of every dot_general in a jaxpr and the jaxprs inside it."""
-  out = []
-  for eqn in jaxpr.eqns:
-    if eqn.primitive.name == 'dot_general':
-      (contracting, _), _ = eqn.params['dimension_numbers']
-      out.append(int(np.prod([eqn.invars[0].aval.shape[d] for d in contracting])))
-    for sub in jax.extend.core.jaxprs_in_params(eqn.params):
-      out.extend(_products(sub))
-  return out
+def _contracted_sizes(jaxpr) -> list[int]:
+  """The contracted size of every dot_general in a jaxpr, nested ones too."""
+  return [int(np.prod([eqn.invars[0].aval.shape[d]
+                       for d in eqn.params['dimension_numbers'][0][0]]))
+          for eqn in jaxpr_eqns(jaxpr) if eqn.primitive.name == 'dot_general']
 
 
 def test_the_backward_loop_contracts_over_gates_padded_to_align():
   """The reason for lstm.ALIGN: the backward loop's dh = dz @ w_h^T contracts over the four
   gates' width padded to a multiple of ALIGN (4 x 670 = 2680 -> 2688 in the model), so XLA:GPU
-  need not pad the recurrent kernel at every time step. The loop's other products contract
-  over H, and the forward's over H and F, unpadded."""
+  need not pad the recurrent kernel at every time step; so does the inputs' gradient. The
+  forward loop's products contract over H and F, the kernels' gradients over the T n rows."""
   hidden, features = 67, 5
   cell = _cell_params(features, hidden)
   x = jnp.ones((2, 3, features), jnp.float32)
   jaxpr = jax.make_jaxpr(jax.grad(lambda c: jnp.sum(lstm.lstm_layer(c, x))))(cell).jaxpr
   padded = -(-4 * hidden // lstm.ALIGN) * lstm.ALIGN
-  sizes = _products(jaxpr)
+  sizes = _contracted_sizes(jaxpr)
   assert padded in sizes and 4 * hidden not in sizes, sizes
   assert set(sizes) <= {padded, hidden, features, 2 * 3}, sizes  # 2 * 3: the kernels' gradients
 

@@ -12,6 +12,7 @@ from fathom_sim.data.federated import ArrayClientDataset
 from fathom_sim.evaluation import _batches, make_evaluator
 from fathom_sim.mesh import make_mesh
 from fathom_sim.models import CONV_FORMS, NextWordLSTM, conv3x3, get_model, max_pool_2x2
+from tests.common import jaxpr_eqns
 
 
 def _count(params):
@@ -94,20 +95,9 @@ def test_cnn_convolution_forms_equal_xla_ones_per_client_under_vmap(form):
 _PRODUCTS = ('dot_general', 'conv_general_dilated')
 
 
-def _eqns(jaxpr):
-  """Every equation of a jaxpr, those of the jaxprs nested in it too."""
-  for eqn in jaxpr.eqns:
-    yield eqn
-    for value in eqn.params.values():
-      for sub in value if isinstance(value, (tuple, list)) else (value,):
-        sub = getattr(sub, 'jaxpr', sub)
-        if hasattr(sub, 'eqns'):
-          yield from _eqns(sub)
-
-
 def _operand_dtypes(jaxpr, primitives=_PRODUCTS) -> set:
   """The operand dtypes of every `primitives` operation in a jaxpr, nested ones too."""
-  return {str(v.aval.dtype) for eqn in _eqns(jaxpr) if eqn.primitive.name in primitives
+  return {str(v.aval.dtype) for eqn in jaxpr_eqns(jaxpr) if eqn.primitive.name in primitives
           for v in eqn.invars}
 
 
@@ -115,14 +105,14 @@ def _bfloat16_sum_terms(jaxpr) -> list[int]:
   """Terms summed into each output of every reduce_sum over bfloat16 operands in a jaxpr,
   nested ones too."""
   return [int(np.prod([eqn.invars[0].aval.shape[a] for a in eqn.params['axes']]))
-          for eqn in _eqns(jaxpr) if eqn.primitive.name == 'reduce_sum'
+          for eqn in jaxpr_eqns(jaxpr) if eqn.primitive.name == 'reduce_sum'
           and str(eqn.invars[0].aval.dtype) == 'bfloat16']
 
 
 def _products(jaxpr) -> list[tuple[str, int]]:
   """(primitive, output size) of every matrix product and convolution in a jaxpr, nested ones
   too."""
-  return [(eqn.primitive.name, eqn.outvars[0].aval.size) for eqn in _eqns(jaxpr)
+  return [(eqn.primitive.name, eqn.outvars[0].aval.size) for eqn in jaxpr_eqns(jaxpr)
           if eqn.primitive.name in _PRODUCTS]
 
 
@@ -154,7 +144,7 @@ def test_the_pallas_form_runs_kernels_where_the_channels_allow_and_im2col_elsewh
   params = model.init(jax.random.PRNGKey(0), batch)
   jaxpr = jax.make_jaxpr(jax.grad(model.loss))(params, batch, jnp.ones(2, bool),
                                                jax.random.PRNGKey(1)).jaxpr
-  names = [eqn.primitive.name for eqn in _eqns(jaxpr)]
+  names = [eqn.primitive.name for eqn in jaxpr_eqns(jaxpr)]
   assert names.count('pallas_call') == 3 * 2  # each pass on the GPU's branch and the CPU's
   assert 'conv_general_dilated' not in names
   # The first convolution's forward pass: one product over its 9 views (output 2 x 26 x 26
