@@ -34,8 +34,8 @@ _LANE_MS = flags.DEFINE_float('lane_ms', None, 'A step\'s cost per lane (ms; def
 # on one H200 (CNN 7-67 lanes, within 6 %; LSTM 4-50, within 1 %), docs/benchmarks.md, "Tenth
 # session" (the "Ninth session"'s predictions used 0.59 + 0.048 k and 1.5 + 0.47 k). The LSTM's
 # line was timed before fathom_sim/lstm.py wrote its backward pass out and padded its gates
-# ("Eighteenth" and "Nineteenth session": 2.6x fewer bytes a step at 4-27 lanes by the H100
-# account): refit it from the next GPU call's rows.
+# ("Eighteenth" and "Nineteenth session": 2.6x fewer bytes a step at 4-27 lanes in float32 by
+# the H100 account): refit it from the next GPU call's rows.
 TASKS = {'cnn': (20, 0.54, 0.051), 'lstm': (16, 1.71, 0.469)}
 
 
