@@ -113,7 +113,8 @@ def lstm_layer(cell: Params, x: jax.Array, dtype: jnp.dtype = jnp.float32) -> ja
 
   def gates(name, leaf):  # the four gates' arrays side by side, then zero columns (ALIGN)
     parts = [cell[name + g][leaf] for g in GATES]
-    zeros = jnp.zeros(parts[0].shape[:-1] + (-4 * hidden % ALIGN,), parts[0].dtype)
+    # result_type: parameters given as numpy float64 concatenate to JAX's float32 anyway
+    zeros = jnp.zeros(parts[0].shape[:-1] + (-4 * hidden % ALIGN,), jnp.result_type(*parts))
     return jnp.concatenate(parts + [zeros], axis=-1)
 
   w_i, w_h, bias = gates('i', 'kernel'), gates('h', 'kernel'), gates('h', 'bias')

@@ -19,3 +19,11 @@ _CACHE_HOME = tempfile.mkdtemp(prefix='fathom_sim_test_cache_')
 atexit.register(shutil.rmtree, _CACHE_HOME, ignore_errors=True)
 os.environ['XDG_CACHE_HOME'] = _CACHE_HOME
 os.environ.pop('JAX_COMPILATION_CACHE_DIR', None)
+
+
+def pytest_configure(config):
+  # Without x64, JAX truncates an explicit float64 request to float32 with only a warning; in
+  # the package that is a dtype taken from numpy inputs (e.g. parameters given as float64
+  # arrays), which would change under jax_enable_x64, so a test that meets one fails.
+  config.addinivalue_line('filterwarnings',
+                          'error:Explicitly requested dtype float64:UserWarning')
