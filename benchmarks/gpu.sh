@@ -42,6 +42,13 @@
 #                                       # ceiling of im2col) against the im2col pass, with
 #                                       # XLA's Triton GEMMs and with cuBLAS's; then cohorts
 #                                       # 10 and 200 with each (~5-7 min)
+#   bash benchmarks/gpu.sh brief OUT    # what a session's 15 minutes of device time should ask
+#                                       # first, in ~5 min (each step under its own timeout):
+#                                       # the CNN at cohorts 10 and 200 on auto's lanes (the
+#                                       # 4x target at this commit), the LSTM at 10:4 and 50:10
+#                                       # (its written-out, padded step against the tenth
+#                                       # session's line), and the CNN's round step at 7 and
+#                                       # 45 lanes traced, by kernel (trace_ops.txt)
 #   bash benchmarks/gpu.sh update OUT   # cohorts 10 and 200 (CNN) with a lane's passes over
 #                                       # its model as XLA's fusions and as
 #                                       # fathom_sim/lane_update.py's kernels, in each
@@ -83,7 +90,7 @@
 # RERUN=1 runs `fathom` a second time on the compilation cache the first one filled.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-usage='usage: benchmarks/gpu.sh fathom|sweep|profile|loops|chunks|dtypes|convs|lanes|kernels|ncu|gemm|update OUT'
+usage='usage: benchmarks/gpu.sh fathom|sweep|profile|loops|chunks|dtypes|convs|lanes|kernels|ncu|gemm|update|brief OUT'
 part="${1:?$usage}"
 out="${2:?$usage}"
 dtype="${COMPUTE_DTYPE:-float32}"
@@ -110,7 +117,8 @@ export PYTHONUNBUFFERED=1
 row() {
   local name="$1" key="$2" tag="$3"
   shift 3
-  "$py" launch/benchmark.py --rounds=5 --warmup=2 --in_memory=True "$@" \
+  ${ROW_TIMEOUT:+timeout "$ROW_TIMEOUT"} "$py" launch/benchmark.py --rounds=5 --warmup=2 \
+      --in_memory=True "$@" \
       --json="$out/${name}_$key.json" 2>&1 \
       | grep -v '^[IW][0-9]' | tail -n 1 | sed "s/\$/  ($tag)/" \
       | tee -a "$out/$name.txt" || echo "benchmark.py $name $key: exit $?"
@@ -352,6 +360,45 @@ EOF
       done
     done
     pack update
+    ;;
+  brief)
+    # Why: a session now has 15 minutes of device time, a machine's start included, and the
+    # parts above take 4-10 min each; this one asks the three questions the next call should
+    # answer first, in ~5 min on an H200 (rows ~30 s each, docs/benchmarks.md "Tenth
+    # session"), so that a second try still fits. A step that fails or runs out of its time
+    # says so and the next one runs.
+    # 1. The open target, cohort 200 <= 4x cohort 10 a round (CNN), on auto's lanes.
+    # 2. The LSTM's step since fathom_sim/lstm.py (its backward written out, gates padded to
+    #    ALIGN): cohort 10's round at 4 lanes was predicted at ~20-32 ms (46.8 with autodiff's
+    #    layer); at 10 lanes for the line's slope ("Nineteenth session").
+    # 3. Where the CNN's round step spends its device time at cohort 10's and cohort 200's
+    #    lanes, by kernel with each kernel's bytes ("Fourteenth session"; never run).
+    export ROW_TIMEOUT="${ROW_TIMEOUT:-90}"
+    for cohort in $(echo "${COHORTS:-10,200}" | tr ',' ' '); do
+      row brief "cnn_$cohort" "cnn, auto's lanes" --tasks=cnn --cohort_sizes="$cohort" \
+          --compute_dtype="$dtype" --conv="$conv"
+    done
+    for pair in $(echo "${LSTM_PAIRS:-10:4,50:10}" | tr ',' ' '); do
+      cohort="${pair%%:*}" lanes="${pair##*:}"
+      row brief "lstm_${cohort}_$lanes" "lstm, lanes $lanes" --tasks=lstm \
+          --cohort_sizes="$cohort" --lanes_per_device="$lanes" --compute_dtype="$dtype"
+    done
+    pack brief
+    step_conv="$conv"
+    [ "$step_conv" = auto ] && step_conv=matmul
+    lanes_list="${LANES:-7,45}"
+    timeout "${PROFILE_TIMEOUT:-150}" "$py" benchmarks/lane_step.py --lanes="$lanes_list" \
+        --steps=40 --clients_per_lane=4 --repeats=5 --chunks= --compute_dtype="$dtype" \
+        --conv="$step_conv" --trace_dir="$out/trace" 2>&1 | grep -v '^[IW][0-9]' \
+        | tee "$out/lane_step.txt" || echo "lane_step.py: exit $?"
+    for lanes in $(echo "$lanes_list" | tr ',' ' '); do
+      for form in selects bare_scan; do
+        [ -d "$out/trace/${form}_L$lanes" ] || continue
+        timeout 60 "$py" benchmarks/trace_ops.py "$out/trace/${form}_L$lanes" --calls=3 \
+            --top=30 || echo "trace_ops.py ${form}_L$lanes: exit $?"
+      done
+    done 2>&1 | tee "$out/trace_ops.txt"
+    (cd "$out" && [ -d trace ] && tar -czf trace.tgz trace && rm -rf trace) || true
     ;;
   ncu)
     # Why a Pallas kernel takes its time, where Nsight Compute is installed and may read the

@@ -3,6 +3,7 @@
 import functools
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -356,3 +357,20 @@ def test_a_row_records_its_checkouts_commit_and_none_for_a_copy_outside_one(tmp_
   assert benchmark._commit() is None
   monkeypatch.setattr(benchmark, '__file__', str(tmp_path / 'launch' / 'benchmark.py'))
   assert benchmark._commit() is None  # no repository at all
+
+
+def test_every_part_of_gpu_sh_parses_and_is_in_its_usage_and_header():
+  """benchmarks/gpu.sh runs only where a session is lent a GPU, for a few scarce minutes: a
+  typo there or a part its usage line or header does not name would cost one of them."""
+  script = os.path.join(ROOT, 'benchmarks', 'gpu.sh')
+  syntax = subprocess.run(['bash', '-n', script], capture_output=True, text=True)
+  assert syntax.returncode == 0, syntax.stderr
+  text = open(script).read()
+  body = text[text.index('case "$part" in'):]
+  parts = re.findall(r'^  ([a-z_]+)\)$', body, re.MULTILINE)
+  assert 'brief' in parts and 'fathom' in parts and len(parts) == len(set(parts))
+  usage = re.search(r"^usage='usage: benchmarks/gpu\.sh ([a-z_|]+) OUT'$", text, re.MULTILINE)
+  assert usage and sorted(usage.group(1).split('|')) == sorted(parts)
+  header = text[:text.index('set -euo pipefail')]
+  named = re.findall(r'^#   bash benchmarks/gpu\.sh ([a-z_]+) OUT', header, re.MULTILINE)
+  assert sorted(named) == sorted(parts)
