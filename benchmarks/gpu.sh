@@ -373,7 +373,7 @@ EOF
     #    layer); at 10 lanes for the line's slope ("Nineteenth session").
     # 3. Where the CNN's round step spends its device time at cohort 10's and cohort 200's
     #    lanes, by kernel with each kernel's bytes ("Fourteenth session"; never run).
-    export ROW_TIMEOUT="${ROW_TIMEOUT:-90}"
+    export ROW_TIMEOUT="${ROW_TIMEOUT:-75}"  # with 150 s and 4 x 30 s below: < 10 min at worst
     for cohort in $(echo "${COHORTS:-10,200}" | tr ',' ' '); do
       row brief "cnn_$cohort" "cnn, auto's lanes" --tasks=cnn --cohort_sizes="$cohort" \
           --compute_dtype="$dtype" --conv="$conv"
@@ -394,7 +394,7 @@ EOF
     for lanes in $(echo "$lanes_list" | tr ',' ' '); do
       for form in selects bare_scan; do
         [ -d "$out/trace/${form}_L$lanes" ] || continue
-        timeout 60 "$py" benchmarks/trace_ops.py "$out/trace/${form}_L$lanes" --calls=3 \
+        timeout 30 "$py" benchmarks/trace_ops.py "$out/trace/${form}_L$lanes" --calls=3 \
             --top=30 || echo "trace_ops.py ${form}_L$lanes: exit $?"
       done
     done 2>&1 | tee "$out/trace_ops.txt"
