@@ -131,6 +131,31 @@ pack() {
       && tar -czf "$1_json.tgz" "$1"_*.json && rm -f "$1"_*.json) || true
 }
 
+# The CNN's round step at LANES (comma-separated) by lane_step.py, its forms traced (the loop
+# checked every N steps as well for each N in CHUNKS), each trace in FORMS summed by kernel
+# with its bytes (trace_ops.txt), and the traces left as one archive (a device call returns at
+# most 8 files, none in deep folders; trace.tgz stays behind if too large, trace_ops.txt has
+# their summary). lane_step.py runs under LIMIT seconds, each summary under 30.
+# lane_step.py has no 'auto': the matmul form, auto's choice on a GPU.
+step_conv="$conv"
+[ "$step_conv" = auto ] && step_conv=matmul
+step_form=(--steps=40 --clients_per_lane=4 --repeats=5 --compute_dtype="$dtype"
+           --conv="$step_conv")
+traced_step() {
+  local lanes_list="$1" chunks="$2" forms="$3" limit="$4" lanes form
+  timeout "$limit" "$py" benchmarks/lane_step.py --lanes="$lanes_list" --chunks="$chunks" \
+      "${step_form[@]}" --trace_dir="$out/trace" 2>&1 | grep -v '^[IW][0-9]' \
+      | tee "$out/lane_step.txt" || echo "lane_step.py: exit $?"
+  for lanes in $(echo "$lanes_list" | tr ',' ' '); do
+    for form in $forms; do
+      [ -d "$out/trace/${form}_L$lanes" ] || { echo "no trace of ${form}_L$lanes"; continue; }
+      timeout 30 "$py" benchmarks/trace_ops.py "$out/trace/${form}_L$lanes" --calls=3 --top=30 \
+          || echo "trace_ops.py ${form}_L$lanes: exit $?"
+    done
+  done 2>&1 | tee "$out/trace_ops.txt"
+  (cd "$out" && [ -d trace ] && tar -czf trace.tgz trace && rm -rf trace) || true
+}
+
 case "$part" in
   fathom)
     # End to end: process start, data generation, compiles, 1500 rounds, 16 evaluations of
@@ -186,27 +211,11 @@ EOF
     ;;
   profile)
     # Each step says how it failed and the next one still runs: device time is scarce.
-    # lane_step.py has no 'auto': the matmul form, auto's choice on a GPU.
-    step_conv="$conv"
-    [ "$step_conv" = auto ] && step_conv=matmul
-    step_form=(--compute_dtype="$dtype" --conv="$step_conv")
-    "$py" benchmarks/lane_step.py --lanes="${LANES:-10,50}" --steps=40 --clients_per_lane=4 \
-        --repeats=5 "${step_form[@]}" --trace_dir="$out/trace" 2>&1 | grep -v '^[IW][0-9]' \
-        | tee "$out/lane_step.txt" || echo "lane_step.py: exit $?"
-    for lanes in $(echo "${LANES:-10,50}" | tr ',' ' '); do
-      for form in selects chunk4 bare_scan; do
-        "$py" benchmarks/trace_ops.py "$out/trace/${form}_L$lanes" --calls=3 --top=30 \
-            || echo "trace_ops.py ${form}_L$lanes: exit $?"
-      done
-    done 2>&1 | tee "$out/trace_ops.txt"
+    traced_step "${LANES:-10,50}" 4,16 "selects chunk4 bare_scan" 420
     XLA_FLAGS="${XLA_FLAGS:+$XLA_FLAGS }--xla_gpu_enable_command_buffer=+WHILE,+CONDITIONAL" \
-        "$py" benchmarks/lane_step.py --lanes="${LANES:-10,50}" --steps=40 --clients_per_lane=4 \
-        --repeats=5 "${step_form[@]}" 2>&1 | grep -v '^[IW][0-9]' \
-        | tee "$out/lane_step_while_in_graph.txt" \
+        "$py" benchmarks/lane_step.py --lanes="${LANES:-10,50}" "${step_form[@]}" 2>&1 \
+        | grep -v '^[IW][0-9]' | tee "$out/lane_step_while_in_graph.txt" \
         || echo "lane_step.py with the loop in a CUDA graph: exit $?"
-    # A device call returns at most 8 files, none in deep folders: the traces leave as one
-    # archive (left behind if it is too large to return; trace_ops.txt has their summary).
-    (cd "$out" && [ -d trace ] && tar -czf trace.tgz trace && rm -rf trace) || true
     ;;
   loops)
     for loop in device host; do
@@ -384,21 +393,7 @@ EOF
           --cohort_sizes="$cohort" --lanes_per_device="$lanes" --compute_dtype="$dtype"
     done
     pack brief
-    step_conv="$conv"
-    [ "$step_conv" = auto ] && step_conv=matmul
-    lanes_list="${LANES:-7,45}"
-    timeout "${PROFILE_TIMEOUT:-150}" "$py" benchmarks/lane_step.py --lanes="$lanes_list" \
-        --steps=40 --clients_per_lane=4 --repeats=5 --chunks= --compute_dtype="$dtype" \
-        --conv="$step_conv" --trace_dir="$out/trace" 2>&1 | grep -v '^[IW][0-9]' \
-        | tee "$out/lane_step.txt" || echo "lane_step.py: exit $?"
-    for lanes in $(echo "$lanes_list" | tr ',' ' '); do
-      for form in selects bare_scan; do
-        [ -d "$out/trace/${form}_L$lanes" ] || continue
-        timeout 30 "$py" benchmarks/trace_ops.py "$out/trace/${form}_L$lanes" --calls=3 \
-            --top=30 || echo "trace_ops.py ${form}_L$lanes: exit $?"
-      done
-    done 2>&1 | tee "$out/trace_ops.txt"
-    (cd "$out" && [ -d trace ] && tar -czf trace.tgz trace && rm -rf trace) || true
+    traced_step "${LANES:-7,45}" "" "selects bare_scan" "${PROFILE_TIMEOUT:-150}"
     ;;
   ncu)
     # Why a Pallas kernel takes its time, where Nsight Compute is installed and may read the
