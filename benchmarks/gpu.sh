@@ -43,7 +43,8 @@
 #                                       # XLA's Triton GEMMs and with cuBLAS's; then cohorts
 #                                       # 10 and 200 with each (~5-7 min)
 #   bash benchmarks/gpu.sh brief OUT    # what a session's 15 minutes of device time should ask
-#                                       # first, in ~5 min (each step under its own timeout):
+#                                       # first, in ~5 min by estimate (untimed on a GPU; each
+#                                       # step under its own timeout):
 #                                       # the CNN at cohorts 10 and 200 on auto's lanes (the
 #                                       # 4x target at this commit), the LSTM at 10:4 and 50:10
 #                                       # (its written-out, padded step against the tenth
@@ -373,8 +374,8 @@ EOF
   brief)
     # Why: a session now has 15 minutes of device time, a machine's start included, and the
     # parts above take 4-10 min each; this one asks the three questions the next call should
-    # answer first, in ~5 min on an H200 (rows ~30 s each, docs/benchmarks.md "Tenth
-    # session"), so that a second try still fits. A step that fails or runs out of its time
+    # answer first, in ~5 min on an H200 by estimate (rows ~30 s each, docs/benchmarks.md
+    # "Tenth session"; the trace untimed there), so that a second try still fits. A step that fails or runs out of its time
     # says so and the next one runs.
     # 1. The open target, cohort 200 <= 4x cohort 10 a round (CNN), on auto's lanes.
     # 2. The LSTM's step since fathom_sim/lstm.py (its backward written out, gates padded to
