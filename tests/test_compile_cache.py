@@ -81,3 +81,34 @@ def test_a_default_folder_that_cannot_be_made_only_warns_and_the_run_compiles(tm
   assert p.returncode == 0, p.stderr[-3000:]
   assert 'the compilation cache' in p.stdout + p.stderr and 'cannot be used' in p.stdout + p.stderr
   assert _summary(tmp_path / 'run')['compile_cache_hits'] == 0
+
+
+
+def test_the_test_session_loads_a_program_it_built_before_and_counts_it_as_a_compile():
+  """What makes the suite fast (conftest.py): a program equal to one built before, from a new
+  closure as the tests build them, is loaded from the session's persistent cache; and JAX's
+  compile event, which the compile-counting tests and the benchmark count, fires for the load
+  as for the compile, so those counts do not depend on the cache."""
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+  from jax import monitoring
+  compiles, hits = [], []
+  on_duration = lambda event, duration, **kwargs: compiles.__setitem__(
+      -1, compiles[-1] + (event == '/jax/core/compile/backend_compile_duration'))
+  on_event = lambda event, **kwargs: hits.__setitem__(
+      -1, hits[-1] + (event == '/jax/compilation_cache/cache_hits'))
+  kept = jax.config.jax_persistent_cache_min_compile_time_secs
+  jax.config.update('jax_persistent_cache_min_compile_time_secs', 0)  # this one compiles fast
+  monitoring.register_event_duration_secs_listener(on_duration)
+  monitoring.register_event_listener(on_event)
+  try:
+    for _ in range(2):
+      compiles.append(0)
+      hits.append(0)
+      jax.jit(lambda x: jnp.sin(x) * 1.8125)(np.arange(11.0, dtype=np.float32)).block_until_ready()
+  finally:
+    monitoring.unregister_event_duration_listener(on_duration)
+    monitoring.unregister_event_listener(on_event)
+    jax.config.update('jax_persistent_cache_min_compile_time_secs', kept)
+  assert hits == [0, 1] and compiles == [1, 1]
