@@ -188,7 +188,9 @@ BACKEND_COMPILE = '/jax/core/compile/backend_compile_duration'  # jax.monitoring
 
 
 class CompileCounter:
-  """Counts XLA compilations (any program, any thread) while in a `with` block."""
+  """Counts XLA compilations (any program, any thread) while in a `with` block. A program
+  loaded from JAX's persistent cache (e.g. with $JAX_COMPILATION_CACHE_DIR set) fires the
+  same event and counts too: a round that waits for either is not a steady-state round."""
 
   def __init__(self):
     self.count = 0
