@@ -375,8 +375,8 @@ EOF
     # Why: a session now has 15 minutes of device time, a machine's start included, and the
     # parts above take 4-10 min each; this one asks the three questions the next call should
     # answer first, in ~5 min on an H200 by estimate (rows ~30 s each, docs/benchmarks.md
-    # "Tenth session"; the trace untimed there), so that a second try still fits. A step that fails or runs out of its time
-    # says so and the next one runs.
+    # "Tenth session"; the trace untimed there), so that a second try still fits. A step that
+    # fails or runs out of its time says so and the next one runs.
     # 1. The open target, cohort 200 <= 4x cohort 10 a round (CNN), on auto's lanes.
     # 2. The LSTM's step since fathom_sim/lstm.py (its backward written out, gates padded to
     #    ALIGN): cohort 10's round at 4 lanes was predicted at ~20-32 ms (46.8 with autodiff's
