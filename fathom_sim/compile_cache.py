@@ -20,7 +20,7 @@ import threading
 import jax
 from jax import monitoring
 
-_HIT = '/jax/compilation_cache/cache_hits'
+CACHE_HIT = '/jax/compilation_cache/cache_hits'  # jax.monitoring's event for a program loaded
 _lock = threading.Lock()  # compile_ahead loads programs on a thread too
 _hits = 0
 _listening = False
@@ -66,6 +66,6 @@ def hits() -> int:
 
 def _count(event: str, **kwargs) -> None:
   global _hits
-  if event == _HIT:
+  if event == CACHE_HIT:
     with _lock:
       _hits += 1

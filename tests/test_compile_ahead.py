@@ -19,7 +19,6 @@ from launch.benchmark import BACKEND_COMPILE  # the event the benchmark counts c
 from tests.common import tiny_config, tiny_task
 
 
-
 @pytest.mark.parametrize('per_octave', [1, 2, 4])
 @pytest.mark.parametrize('min_batch_pad', [1, 5])
 def test_neighbour_buckets_are_the_adjacent_reachable_padded_sizes(per_octave, min_batch_pad):
