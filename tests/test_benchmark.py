@@ -50,18 +50,53 @@ def _bench(*args, devices=1, timeout=300):
                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
 
 
+def _real_and_computed(num_clients: int, cohort: int, rounds, lanes_per_device: int,
+                       devices: int = 1) -> list[tuple[int, int]]:
+  """FedAvg's (real, computed) example-gradients of each round, from the cohorts and the
+  spec's K_i alone: B 20 computed as 20 rows (its B never moves: run.batch_moves), clients
+  packed longest first onto the least loaded lane, the lanes in order over the devices, and
+  each device's lanes all run to its longest (the device loop, one step a chunk)."""
+  import math
+  import numpy as np
+  from fathom_sim.config import base_config
+  from fathom_sim.data import load_task
+  from fathom_sim.data.federated import sample_cohort
+  c = base_config()
+  c.data.num_clients = num_clients
+  train = load_task(c.data).train
+  out = []
+  for t in rounds:
+    sizes = np.asarray(train.num_examples)[sample_cohort(train, c.seed, t, cohort)]
+    steps = sorted((max(1, math.ceil(c.epochs * n / 20)) for n in sizes), reverse=True)
+    lanes = [0] * (lanes_per_device * devices)
+    for k in steps:
+      lanes[lanes.index(min(lanes))] += k
+    per_device = [lanes[d * lanes_per_device:(d + 1) * lanes_per_device]
+                  for d in range(devices)]
+    out.append((sum(steps) * 20, sum(len(l) * max(l) for l in per_device) * 20))
+  return out
+
+
 def test_a_measured_round_that_compiles_is_left_out_of_the_rates_and_counted(tmp_path):
   """On 2 devices, a client of round 3 larger than the warm-up's grows the padded stream:
   that round compiles, and timing it would fold the compile into every rate (a ratio of 0.04
-  where the other rounds give 0.2-1)."""
+  where the other rounds give 0.2-1). Its padding is counted: that round holds the largest
+  client yet, and leaving it out raises the efficiency here from 0.697 to 0.704."""
   out = tmp_path / 'bench.json'
   p = _bench('--tasks=mlp', '--cohort_sizes=3', '--rounds=6', '--warmup=1',
-             '--num_clients=300', f'--json={out}', devices=2)
+             '--num_clients=300', '--lanes_per_device=2', '--loop_chunk=1',
+             '--local_loop=device', '--noisolate_rows', f'--json={out}', devices=2)
   assert p.returncode == 0, p.stderr[-3000:]
   (r,) = json.loads(out.read_text())
   assert r['rounds_recompiled'] == 1 and r['rounds_timed'] == 5, r
   assert r['compiles_while_measuring'] >= 1 and r['compiles'] == 2
   assert 'left out of the rates' in p.stdout
+  counts = _real_and_computed(300, 3, range(2, 8), lanes_per_device=2, devices=2)
+  real, computed = map(sum, zip(*counts))
+  assert abs(r['padding_efficiency'] - real / computed) < 1e-12
+  # The six rounds' counts without any one of them give another efficiency: the test can
+  # tell a benchmark that left the compiled round's padding out.
+  assert all(abs((real - a) / (computed - b) - real / computed) > 1e-3 for a, b in counts)
   p = _bench('--tasks=mlp', '--cohort_sizes=3', '--rounds=1', '--warmup=0',
              '--num_clients=40', f'--json={out}')
   errors = [line for line in p.stderr.splitlines() if line.startswith('error:')]
@@ -306,11 +341,6 @@ def test_examples_and_padding_are_the_plans_counts_recomputed_from_the_cohorts(t
   the spec's K_i alone. Two lanes on one device, packed longest first, make real and computed
   differ (the range checks above would pass a benchmark that counted padding steps as
   examples); FedAvg's B 20 is computed as 20 rows (its B never moves: run.batch_moves)."""
-  import math
-  import numpy as np
-  from fathom_sim.config import base_config
-  from fathom_sim.data import load_task
-  from fathom_sim.data.federated import sample_cohort
   out = tmp_path / 'bench.json'
   p = _bench('--tasks=mlp', '--cohort_sizes=5', '--rounds=3', '--warmup=1', '--num_clients=40',
              '--lanes_per_device=2', '--loop_chunk=1',
@@ -319,18 +349,8 @@ def test_examples_and_padding_are_the_plans_counts_recomputed_from_the_cohorts(t
   (r,) = json.loads(out.read_text())
   assert (r['rounds_timed'], r['rounds_recompiled'], r['lanes'], r['batch_size']) == (
       3, 0, 2, 20)
-  c = base_config()
-  c.data.num_clients = 40
-  train = load_task(c.data).train
-  real = computed = 0
-  for t in (2, 3, 4):  # the warm-up is round 1
-    sizes = np.asarray(train.num_examples)[sample_cohort(train, c.seed, t, 5)]
-    steps = sorted((max(1, math.ceil(c.epochs * n / 20)) for n in sizes), reverse=True)
-    lanes = [0, 0]
-    for k in steps:
-      lanes[lanes.index(min(lanes))] += k
-    real += sum(steps) * 20
-    computed += 2 * max(lanes) * 20  # both lanes run to the longer one, 20 rows a step
+  # The warm-up is round 1; both lanes run to the longer one.
+  real, computed = map(sum, zip(*_real_and_computed(40, 5, (2, 3, 4), lanes_per_device=2)))
   assert abs(r['examples_per_s'] / r['rounds_per_s'] - real / 3) < 1e-6 * real
   assert abs(r['padding_efficiency'] - real / computed) < 1e-12
   assert real < computed  # the lanes' imbalance: a case where the two differ
