@@ -111,7 +111,8 @@ class Rounds:
     c = self.run.config
     start = time.perf_counter()
     fed, self._next = self._next, None
-    if fed is not None and fed.t == t and self._same_schedule(fed.plans, hp):
+    if (fed is not None and fed.t == t and self._same_schedule(fed.plans, hp)
+        and self._same_lengths(fed, hp)):
       self.planned_ahead += 1
     else:
       if fed is not None:
@@ -136,7 +137,8 @@ class Rounds:
       if self._plan_ahead:
         # Round t+1's plan under this round's (E, B), made and sent while the devices compute
         # round t. B_int and the K_i mostly stay the same from one round to the next; when
-        # they do not, round t+1 plans again (_same_schedule).
+        # they do not, or the padded lengths would grow otherwise, round t+1 plans again
+        # (_same_schedule, _same_lengths).
         lengths = self.planner.padded_lengths()
         try:
           self._next = self._feed(t + 1, hp)
@@ -190,6 +192,17 @@ class Rounds:
       if b_int != plan.batch_size or not np.array_equal(num_steps, plan.num_steps):
         return False
     return True
+
+  def _same_lengths(self, fed: _Fed, hp: np.ndarray) -> bool:
+    """Whether planning fed's cohort under hp would have grown the padded lengths as planning
+    it ahead did: with the same B_int and K_i, the stream's lookahead for the dataset's
+    largest client can still differ with E, and a shape must not depend on planning ahead."""
+    if self.seeds is None:
+      on_time = self.planner.padded_lengths_on_time(fed.plans, hp[EPOCHS], hp[BATCH],
+                                                    fed.lengths_before)
+    else:
+      on_time = self.planner.padded_lengths_on_time(fed.plans, hp, fed.lengths_before)
+    return on_time == self.planner.padded_lengths()
 
   def _neighbour_pads(self, batch_pad: int) -> list[int]:
     planner = self.planner if self.seeds is None else self.planner.planners[0]

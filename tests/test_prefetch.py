@@ -146,6 +146,63 @@ def test_a_round_planned_ahead_equals_one_planned_on_time_and_replans_when_b_or_
   jax.tree.map(np.testing.assert_array_equal, state.params, want_state.params)
 
 
+@pytest.mark.parametrize('seeds', [None, [3, 4]], ids=['one seed', 'two seeds'])
+def test_a_plan_made_ahead_replans_when_e_would_size_the_stream_otherwise(seeds):
+  """Forty clients of 3 examples and one of 60, B 10: a cohort of small clients keeps K_i 1 and
+  B_int 10 while E moves, but the stream is also sized for the largest client's K under E.
+  Round 6's E (2.68, from 0.95) grows it where round 5's did not: the plan made under round
+  5's E must be made again, or the shapes (and compiles) would depend on planning ahead."""
+  import dataclasses
+  from fathom_sim.data.federated import ArrayClientDataset
+  from fathom_sim.driver import Rounds
+  from fathom_sim.mesh import put, replicated
+  from fathom_sim.run import build, init_state
+  from fathom_sim.types import BATCH, EPOCHS
+  train = tiny_task(num_clients=60).train
+  sizes = np.array([3] * 40 + [60])
+  offsets = np.concatenate([[0], np.cumsum(sizes)])
+  assert offsets[-1] <= train.offsets[-1]
+  features = {k: v[:offsets[-1]] for k, v in train.features.items()}
+  task = tiny_task()._replace(train=ArrayClientDataset(features, offsets,
+                                                       np.arange(len(sizes)).astype(str)))
+  config = tiny_config(num_rounds=6, algorithm='fathom', num_devices=2, data_on_device='no',
+                       batch_size=10.0)
+  run = build(config, task)
+
+  def initial():
+    if seeds is None:
+      return init_state(run)
+    states = []
+    for s in seeds:
+      c = config.copy_and_resolve_references()
+      c.seed = s
+      states.append(jax.device_get(init_state(dataclasses.replace(run, config=c))))
+    return put(jax.tree.map(lambda *x: np.stack(x), *states), replicated(run.mesh))
+
+  hp0 = Rounds(run, seeds, prefetch=False).initial_hparams(initial())
+  hps = []
+  for e in (0.38, 0.53, 0.71, 0.75, 0.95, 2.68):
+    hp = hp0.copy()
+    hp[..., EPOCHS], hp[..., BATCH] = e, 10.0
+    hps.append(hp)
+  results = {}
+  for ahead in (True, False):
+    rounds, state, shapes = Rounds(run, seeds, prefetch=ahead), initial(), []
+    for t, hp in enumerate(hps, start=1):
+      state, _, plan = rounds(state, t, hp)
+      shapes.append(rounds.planner.padded_lengths())
+      for p in [plan] if seeds is None else plan:
+        assert p.batch_size == 10 and set(p.num_steps) == {1}  # only small clients drawn
+    results[ahead] = (jax.device_get(state), shapes, rounds)
+  (state, shapes, rounds), (want_state, want_shapes, want_rounds) = (results[True],
+                                                                     results[False])
+  assert shapes == want_shapes
+  assert shapes[5] != shapes[4]  # round 6 grew the stream
+  assert (rounds.planned_ahead, rounds.replanned) == (4, 1)
+  assert rounds.compiles == want_rounds.compiles == 2
+  jax.tree.map(np.testing.assert_array_equal, state.params, want_state.params)
+
+
 @pytest.mark.parametrize('data_on_device', ['no', 'yes'])
 def test_vectorised_seeds_replan_together_when_one_seed_changes_b(data_on_device):
   """Seeds share one program and one plan made ahead: when only seed 1's B_int changes

@@ -168,6 +168,35 @@ class Planner:
     first = int(np.flatnonzero(np.asarray(self.dataset.num_examples) > 0)[0])
     return {k: (a.shape[1:], a.dtype) for k, a in self.dataset.client(first).items()}
 
+  def _grown(self, lengths: tuple, lanes: list[list[int]], num_examples: np.ndarray,
+             steps_per_lane: np.ndarray, b_int: int, batch_pad: int, epochs: float,
+             batch_size: float) -> tuple:
+    """The stream and buffer lengths after planning a cohort packed as `lanes`, from
+    `lengths`."""
+    stream_pad, buffer_pad = lengths
+    # A step reads batch_pad rows from its start, so the stream needs that much slack. The
+    # stream, only indices, is also sized for the dataset's largest client (up to
+    # STREAM_LOOKAHEAD times this cohort's need): a later cohort that draws it compiles nothing.
+    slack = batch_pad - b_int
+    need = int(steps_per_lane.max()) * b_int + slack
+    _, (largest_steps,) = fathom.integer_schedule(epochs, batch_size, [self._largest_client])
+    largest = int(largest_steps) * b_int + slack
+    stream_pad = grow(stream_pad, max(need, min(largest, STREAM_LOOKAHEAD * need)))
+    per = self.lanes_per_buffer
+    if not self.resident:
+      buffer_pad = grow(buffer_pad, max(
+          sum(int(num_examples[m].sum()) for m in lanes[b:b + per])
+          for b in range(0, self.num_lanes, per)))
+    return stream_pad, buffer_pad
+
+  def padded_lengths_on_time(self, plan: CohortPlan, epochs: float, batch_size: float,
+                             before: tuple) -> tuple:
+    """The padded lengths that planning `plan`'s cohort under (epochs, batch_size) would leave
+    from `before`. For a plan made under another E with the same B_int and K_i, they can still
+    differ: the stream's lookahead follows the largest client's K under E."""
+    return self._grown(before, pack_lanes(plan.num_steps, self.num_lanes), plan.num_examples,
+                       plan.lane_steps, plan.batch_size, plan.batch_pad, epochs, batch_size)
+
   def plan(self, clients: np.ndarray, round_index: int, epochs: float,
            batch_size: float) -> CohortPlan:
     """Round `round_index`'s plan for cohort `clients` under the (E, B) the device will use."""
@@ -182,19 +211,10 @@ class Planner:
       batch_pad = bucket(batch_pad, self.batch_per_octave)
     lanes = pack_lanes(num_steps, self.num_lanes)
     steps_per_lane = lane_steps(num_steps, lanes)
-    # A step reads batch_pad rows from its start, so the stream needs that much slack. The
-    # stream, only indices, is also sized for the dataset's largest client (up to
-    # STREAM_LOOKAHEAD times this cohort's need): a later cohort that draws it compiles nothing.
-    slack = batch_pad - b_int
-    need = int(steps_per_lane.max()) * b_int + slack
-    _, (largest_steps,) = fathom.integer_schedule(epochs, batch_size, [self._largest_client])
-    largest = int(largest_steps) * b_int + slack
-    self.stream_pad = grow(self.stream_pad, max(need, min(largest, STREAM_LOOKAHEAD * need)))
+    self.stream_pad, self.buffer_pad = self._grown(
+        self.padded_lengths(), lanes, num_examples, steps_per_lane, b_int, batch_pad, epochs,
+        batch_size)
     per = self.lanes_per_buffer
-    if not self.resident:
-      self.buffer_pad = grow(self.buffer_pad, max(
-          sum(int(num_examples[m].sum()) for m in lanes[b:b + per])
-          for b in range(0, self.num_lanes, per)))
 
     slots = np.full((self.num_lanes, c), c, np.int32)
     stream = np.zeros((self.num_lanes, self.stream_pad), np.int32)
@@ -263,19 +283,39 @@ class SeedPlanners:
     for planner, own in zip(self.planners, each, strict=True):
       planner.restore_padded_lengths(own)
 
+  @staticmethod
+  def _shared(lengths: tuple, plans: list[CohortPlan], own: list[tuple]) -> tuple:
+    """The shared stream and buffer lengths from `lengths`, after each seed's planner left
+    its own (`own`) planning `plans`."""
+    stream_pad, buffer_pad = lengths
+    batch_pad = max(p.batch_pad for p in plans)
+    # Seed s reads batch_pad rows where it alone read p.batch_pad: that much more slack.
+    stream_pad = grow(stream_pad, max(stream + batch_pad - p.batch_pad
+                                      for (stream, _), p in zip(own, plans, strict=True)))
+    if plans[0].lanes.source is not None:
+      buffer_pad = grow(buffer_pad, max(buffer for _, buffer in own))
+    return stream_pad, buffer_pad
+
+  def padded_lengths_on_time(self, plans: list[CohortPlan], hparams: np.ndarray,
+                             before: tuple) -> tuple:
+    """Planner.padded_lengths_on_time for every seed (seed s under hparams[s]), and the
+    shared lengths after them."""
+    stream_pad, buffer_pad, each = before
+    own = [p.padded_lengths_on_time(plan, float(hp[EPOCHS]), float(hp[BATCH]), b)
+           for p, plan, hp, b in zip(self.planners, plans, hparams, each, strict=True)]
+    return self._shared((stream_pad, buffer_pad), plans, own) + (own,)
+
   def plan(self, cohorts: list[np.ndarray], round_index: int,
            hparams: np.ndarray) -> StackedPlans:
     """Plans seed s's cohort under its (E, B) = hparams[s][EPOCHS], hparams[s][BATCH]."""
     plans = [p.plan(c, round_index, float(hp[EPOCHS]), float(hp[BATCH]))
              for p, c, hp in zip(self.planners, cohorts, hparams)]
-    batch_pad = max(p.batch_pad for p in plans)
-    # Seed s reads batch_pad rows where it alone read p.batch_pad: that much more slack.
-    self.stream_pad = grow(self.stream_pad, max(p.lanes.stream.shape[1] + batch_pad - p.batch_pad
-                                                for p in plans))
+    self.stream_pad, self.buffer_pad = self._shared(
+        (self.stream_pad, self.buffer_pad), plans, [p.padded_lengths() for p in self.planners])
     stream = np.stack([_pad_axis1(p.lanes.stream, self.stream_pad) for p in plans])
+    batch_pad = max(p.batch_pad for p in plans)
     source = None
     if plans[0].lanes.source is not None:
-      self.buffer_pad = grow(self.buffer_pad, max(p.shape[1][1] for p in plans))
       source = {k: np.stack([_pad_axis1(p.lanes.source[k], self.buffer_pad) for p in plans])
                 for k in plans[0].lanes.source}
     table = CohortTable(*(np.stack(f) for f in zip(*(p.table for p in plans))))
