@@ -213,8 +213,10 @@ class Rounds:
                              max_batch_size=max(1, round(min(self.run.upper[BATCH], 2**30))))
 
   def close(self) -> None:
-    """Drops a plan made ahead and compiles queued ahead (a run's end)."""
+    """Drops a plan made ahead, reads and compiles queued ahead (a run's end)."""
     self._next = None
+    if self._prefetch is not None:
+      self._prefetch.close()
     if self.compile_ahead is not None:
       self.compile_ahead.close()
 

@@ -20,11 +20,13 @@ class _Recorder:
   def __init__(self, source, fail_on=None, error=OSError):
     self.source, self.fail_on, self.error = source, fail_on, error
     self.reads: list[tuple[int, str]] = []
+    self.threads: set[threading.Thread] = set()
     self.lock = threading.Lock()
 
   def __call__(self, k: int) -> dict:
     with self.lock:
       self.reads.append((k, threading.current_thread().name))
+      self.threads.add(threading.current_thread())
     if k == self.fail_on:
       raise self.error(f'client {k}: unreadable')
     return {name: a.copy() for name, a in self.source.client(k).items()}
@@ -61,6 +63,66 @@ def test_prefetcher_raises_the_read_error_where_the_client_is_used():
   data.client(2)
   with pytest.raises(OSError, match='client 4: unreadable'):
     data.client(4)
+
+
+class _Held:
+  """A dataset whose reads wait until `go` is set, recording the clients and threads."""
+
+  def __init__(self, source):
+    self.source, self.go = source, threading.Event()
+    self.started: list[tuple[int, threading.Thread]] = []
+    self.lock = threading.Lock()
+    self.client_ids, self.num_examples = source.client_ids, source.num_examples
+
+  def client(self, k: int) -> dict:
+    with self.lock:
+      self.started.append((k, threading.current_thread()))
+    if threading.current_thread() is not threading.main_thread():
+      assert self.go.wait(timeout=60)
+    return self.source.client(k)
+
+
+def test_a_closed_prefetcher_cancels_its_queued_reads_and_its_threads_exit():
+  from fathom_sim.data.federated import read_workers
+  task = tiny_task(num_clients=40)
+  held = _Held(task.train)
+  data = Prefetcher(held)
+  data.fetch(range(40))
+  workers = read_workers()
+  while len(held.started) < min(workers, 40):  # every thread holds a read
+    threading.Event().wait(0.01)
+  data.close()
+  held.go.set()
+  for _, thread in held.started:
+    thread.join(timeout=30)
+    assert not thread.is_alive()
+  assert len(held.started) == workers  # the queued reads never ran
+  got, want = data.client(39), task.train.client(39)  # read now, on this thread
+  assert held.started[-1] == (39, threading.main_thread())
+  assert sorted(got) == sorted(want)
+  for name in want:
+    np.testing.assert_array_equal(got[name], want[name])
+
+
+def test_rounds_close_stops_the_reads_of_the_next_round():
+  """A run that stops (its last round, a preemption) closes its Rounds: the reads of round
+  t+1's cohort started during round t must not outlive it on their threads."""
+  from fathom_sim.driver import Rounds
+  from fathom_sim.run import build, init_state
+  task, recorder = _generated(tiny_task())
+  run = build(tiny_config(num_rounds=5), task)
+  rounds = Rounds(run)
+  assert rounds.prefetching
+  state = init_state(run)
+  hp = rounds.initial_hparams(state)
+  for t in (1, 2):
+    state, _, _ = rounds(state, t, hp)
+  rounds.close()
+  pool = recorder.threads - {threading.main_thread()}
+  assert pool  # rounds 2 and 3's cohorts were read ahead
+  for thread in pool:  # idle threads of a pool still open would wait for work for good
+    thread.join(timeout=30)
+    assert not thread.is_alive()
 
 
 @pytest.mark.parametrize('algorithm', ['fedavg', 'fathom'])

@@ -125,6 +125,13 @@ class Prefetcher:
     future = self._pending.get(int(index))
     return future.result() if future is not None else self.dataset.client(index)
 
+  def close(self) -> None:
+    """Stops reading ahead: queued reads are cancelled and the threads exit once their
+    running read ends (a run that stops must not wait, or hold memory, for a cohort it will
+    not train). `client` then reads on the caller's thread."""
+    self._pending = {}
+    self._pool.shutdown(wait=False, cancel_futures=True)
+
 
 def read_workers() -> int:
   """Threads that read clients at once: the cores this process may use, at most 8. Generating
