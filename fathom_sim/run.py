@@ -26,7 +26,8 @@ from fathom_sim.mesh import make_mesh, put, replicated
 from fathom_sim.types import ServerState
 
 # 'auto' keeps an in-memory training set on the devices (a copy on each) up to RESIDENT_BYTES
-# on CPU, and up to RESIDENT_FRACTION of one accelerator's memory: then no examples travel
+# of host memory on CPU (all the CPU devices' copies together), and up to RESIDENT_FRACTION of
+# one accelerator's memory: then no examples travel
 # per round (a FEMNIST-shaped round at cohort 10 on one GPU sends one padded buffer of ~12 MiB).
 RESIDENT_BYTES = 1 << 30
 RESIDENT_FRACTION = 0.25
@@ -226,7 +227,9 @@ def _resident_bytes(mesh) -> int:
   """The largest training set that data_on_device='auto' keeps on each device."""
   device = mesh.devices.flat[0]
   if device.platform == 'cpu':
-    return RESIDENT_BYTES
+    # Every CPU device's copy lives in the host's memory, which the limit is there to spare.
+    local = sum(d.process_index == jax.process_index() for d in mesh.devices.flat)
+    return RESIDENT_BYTES // max(local, 1)
   limit = (device.memory_stats() or {}).get('bytes_limit', 0)
   return max(RESIDENT_BYTES, int(limit * RESIDENT_FRACTION))
 

@@ -123,25 +123,30 @@ def test_data_on_device_yes_needs_a_training_set_in_memory():
 
 
 class _FakeDevice:
-  def __init__(self, platform, stats):
-    self.platform, self._stats = platform, stats
+  def __init__(self, platform, stats, process_index=0):
+    self.platform, self._stats, self.process_index = platform, stats, process_index
 
   def memory_stats(self):
     return self._stats
 
 
 class _FakeMesh:
-  def __init__(self, device):
-    self.devices = np.array([device])
+  def __init__(self, *devices):
+    self.devices = np.array(devices)
 
 
 def test_auto_lanes_and_resident_limits_per_platform(caplog):
-  """CPU: 1 GiB resident and one lane; an accelerator: a quarter of its memory (1 GiB when it
-  reports none) and every client of the cohort side by side, up to MAX_ACCELERATOR_LANES, for
-  clients of equal size (fewer lanes would run more steps)."""
+  """CPU: 1 GiB resident over all the host's copies and one lane; an accelerator: a quarter
+  of its memory (1 GiB when it reports none) and every client of the cohort side by side, up
+  to MAX_ACCELERATOR_LANES, for clients of equal size (fewer lanes would run more steps)."""
   cpu = _FakeMesh(_FakeDevice('cpu', None))
   gpu = _FakeMesh(_FakeDevice('gpu', {'bytes_limit': 80 << 30}))
   assert run_lib._resident_bytes(cpu) == run_lib.RESIDENT_BYTES
+  # 8 CPU devices of this process hold 8 copies in its memory; another host's hold none.
+  assert run_lib._resident_bytes(_FakeMesh(*[_FakeDevice('cpu', None)] * 8)) == (
+      run_lib.RESIDENT_BYTES // 8)
+  assert run_lib._resident_bytes(_FakeMesh(*[_FakeDevice('cpu', None)] * 4 + [
+      _FakeDevice('cpu', None, process_index=1)] * 4)) == run_lib.RESIDENT_BYTES // 4
   assert run_lib._resident_bytes(gpu) == 20 << 30
   assert run_lib._resident_bytes(_FakeMesh(_FakeDevice('tpu', None))) == run_lib.RESIDENT_BYTES
   c = base_config()
