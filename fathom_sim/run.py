@@ -123,7 +123,14 @@ def build(config: ml_collections.ConfigDict, task: Task | None = None) -> Run:
     raise ConfigError("config.data_on_device='yes' needs an in-memory training set; "
                       f'{task.name} is read client by client, use auto or no{hint}')
   size = sum(a.nbytes for a in task.train.features.values()) if in_memory else math.inf
-  resident = in_memory and (config.data_on_device == 'yes' or (
+  # A step's rows are int32 indices into a resident set (data/plan.py's stream): past 2^31
+  # rows they would wrap and a real step would read other rows, silently.
+  addressable = in_memory and int(task.train.offsets[-1]) < 2**31
+  if config.data_on_device == 'yes' and in_memory and not addressable:
+    raise ConfigError(f"config.data_on_device='yes': {task.name}'s training set has "
+                      f'{int(task.train.offsets[-1])} rows, past the 2^31 a set kept on the '
+                      'devices can address; use auto or no (its clients are then sent per round)')
+  resident = addressable and (config.data_on_device == 'yes' or (
       config.data_on_device == 'auto' and size <= _resident_bytes(mesh)))
   local_loop = _local_loop(config, mesh, conv)
   return Run(config, task, mesh, model, server_opt, tuner, upper, resident,
@@ -223,13 +230,17 @@ def accelerator_lanes(config, devices: int, num_examples: np.ndarray) -> int:
 HOST_LOOP_ON_CPU = frozenset({'emnist_cnn'})
 
 
+def _local_devices(mesh) -> int:
+  """The mesh's devices that this process drives."""
+  return sum(d.process_index == jax.process_index() for d in mesh.devices.flat)
+
+
 def _resident_bytes(mesh) -> int:
   """The largest training set that data_on_device='auto' keeps on each device."""
   device = mesh.devices.flat[0]
   if device.platform == 'cpu':
     # Every CPU device's copy lives in the host's memory, which the limit is there to spare.
-    local = sum(d.process_index == jax.process_index() for d in mesh.devices.flat)
-    return RESIDENT_BYTES // max(local, 1)
+    return RESIDENT_BYTES // max(_local_devices(mesh), 1)
   limit = (device.memory_stats() or {}).get('bytes_limit', 0)
   return max(RESIDENT_BYTES, int(limit * RESIDENT_FRACTION))
 
@@ -310,8 +321,7 @@ def _check_first_round_fits(config, task: Task, mesh, lanes: int) -> None:
   fields = f'config.epochs={config.epochs:g}, config.batch_size={config.batch_size:g}'
   example = sum(v.nbytes for v in _first_examples(task, 1).values())
   cpu = mesh.devices.flat[0].platform == 'cpu'  # CPU devices of a host share its memory
-  on_one = lanes * (sum(d.process_index == jax.process_index() for d in mesh.devices.flat)
-                    if cpu else 1)
+  on_one = lanes * (_local_devices(mesh) if cpu else 1)
   need = b_int * example * on_one
   limit, what = _memory_bytes(mesh)
   if need > limit:

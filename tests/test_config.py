@@ -122,6 +122,31 @@ def test_data_on_device_yes_needs_a_training_set_in_memory():
   assert build(c).resident
 
 
+def test_data_on_device_refuses_a_set_past_int32_row_indices(monkeypatch):
+  """A resident set's rows are int32 indices: at 2^31 rows they would wrap to negative ones,
+  which read rows from the end. 'yes' is refused with the reason, 'auto' sends clients per
+  round even where its bytes would fit. (Views of one row: no memory behind the 2^31 rows.)"""
+  from fathom_sim.data.federated import ArrayClientDataset
+  task = tiny_task()
+  rows = 2**31
+  features = {k: np.broadcast_to(v[:1], (rows,) + v.shape[1:])
+              for k, v in task.train.features.items()}
+  offsets = np.array([0, 40, 80, rows])
+  big = task._replace(train=ArrayClientDataset(features, offsets, np.array(['a', 'b', 'c'])))
+  c = tiny_config(data_on_device='yes', algorithm='fedavg', epochs=0.5, cohort_size=2)
+  with pytest.raises(ConfigError, match=r"config.data_on_device='yes': .* has 2147483648 rows, "
+                     'past the 2\\^31 a set kept on the devices can address; use auto or no'):
+    build(c, big)
+  c.data_on_device = 'auto'
+  monkeypatch.setattr(run_lib, 'RESIDENT_BYTES', 1 << 62)  # its bytes would fit
+  assert not build(c, big).resident
+  offsets[-1] = rows - 1  # the last row index that int32 holds
+  features = {k: v[:rows - 1] for k, v in features.items()}
+  small = task._replace(train=ArrayClientDataset(features, offsets, np.array(['a', 'b', 'c'])))
+  c.data_on_device = 'yes'
+  assert build(c, small).resident
+
+
 class _FakeDevice:
   def __init__(self, platform, stats, process_index=0):
     self.platform, self._stats, self.process_index = platform, stats, process_index
