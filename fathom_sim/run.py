@@ -255,8 +255,14 @@ def _local_loop(config, mesh, conv: str) -> str:
 
 def _loop_chunk(config, local_loop: str) -> int:
   """config.loop_chunk resolved: 'auto' (0) checks the device loop's bound at every step, the
-  one form measured so far; the host-driven loop knows its bound and runs no padding steps."""
+  one form measured so far. The host-driven loop calls one step at a time up to the longest
+  lane, so it has no chunk: a chunk set for it is said to change nothing."""
   if local_loop == 'host':
+    if config.loop_chunk > 1:
+      # 'auto' may pick the host loop by platform, so the config alone cannot tell.
+      logging.warning('config.loop_chunk=%d is not read: the local loop is driven by the '
+                      'host (config.local_loop=%r), one step a call', config.loop_chunk,
+                      config.local_loop)
     return 1
   return config.loop_chunk or 1
 

@@ -273,13 +273,22 @@ def test_evaluation_ahead_per_platform():
   assert not run_lib._evaluation_ahead(c, gpu)
 
 
-def test_loop_chunk_resolved():
-  """auto checks the device loop's bound at every step; the host-driven loop never pads."""
+def test_loop_chunk_resolved(caplog):
+  """auto checks the device loop's bound at every step; the host-driven loop has no chunk,
+  and a chunk set for it is said to change nothing (auto may choose that loop by platform)."""
   c = base_config()
   assert run_lib._loop_chunk(c, 'device') == 1
+  assert run_lib._loop_chunk(c, 'host') == 1
+  c.loop_chunk = 1
+  assert run_lib._loop_chunk(c, 'host') == 1
+  assert not caplog.records
   c.loop_chunk = 8
   assert run_lib._loop_chunk(c, 'device') == 8
+  assert not caplog.records
   assert run_lib._loop_chunk(c, 'host') == 1
+  assert [r.getMessage() for r in caplog.records] == [
+      "config.loop_chunk=8 is not read: the local loop is driven by the host "
+      "(config.local_loop='auto'), one step a call"]
 
 
 def test_matmul_precision_reaches_the_programs_and_auto_restores_the_setting_before_it():
