@@ -208,16 +208,27 @@ def test_a_round_planned_ahead_equals_one_planned_on_time_and_replans_when_b_or_
   jax.tree.map(np.testing.assert_array_equal, state.params, want_state.params)
 
 
+def _seeds_state(run, seeds: list[int]):
+  """Each seed's initial state, stacked on a leading axis and replicated: a vectorised run's."""
+  import dataclasses
+  from fathom_sim.mesh import put, replicated
+  from fathom_sim.run import init_state
+  states = []
+  for s in seeds:
+    c = run.config.copy_and_resolve_references()
+    c.seed = s
+    states.append(jax.device_get(init_state(dataclasses.replace(run, config=c))))
+  return put(jax.tree.map(lambda *x: np.stack(x), *states), replicated(run.mesh))
+
+
 @pytest.mark.parametrize('seeds', [None, [3, 4]], ids=['one seed', 'two seeds'])
 def test_a_plan_made_ahead_replans_when_e_would_size_the_stream_otherwise(seeds):
   """Forty clients of 3 examples and one of 60, B 10: a cohort of small clients keeps K_i 1 and
   B_int 10 while E moves, but the stream is also sized for the largest client's K under E.
   Round 6's E (2.68, from 0.95) grows it where round 5's did not: the plan made under round
   5's E must be made again, or the shapes (and compiles) would depend on planning ahead."""
-  import dataclasses
   from fathom_sim.data.federated import ArrayClientDataset
   from fathom_sim.driver import Rounds
-  from fathom_sim.mesh import put, replicated
   from fathom_sim.run import build, init_state
   from fathom_sim.types import BATCH, EPOCHS
   train = tiny_task(num_clients=60).train
@@ -230,17 +241,7 @@ def test_a_plan_made_ahead_replans_when_e_would_size_the_stream_otherwise(seeds)
   config = tiny_config(num_rounds=6, algorithm='fathom', num_devices=2, data_on_device='no',
                        batch_size=10.0)
   run = build(config, task)
-
-  def initial():
-    if seeds is None:
-      return init_state(run)
-    states = []
-    for s in seeds:
-      c = config.copy_and_resolve_references()
-      c.seed = s
-      states.append(jax.device_get(init_state(dataclasses.replace(run, config=c))))
-    return put(jax.tree.map(lambda *x: np.stack(x), *states), replicated(run.mesh))
-
+  initial = lambda: init_state(run) if seeds is None else _seeds_state(run, seeds)
   hp0 = Rounds(run, seeds, prefetch=False).initial_hparams(initial())
   hps = []
   for e in (0.38, 0.53, 0.71, 0.75, 0.95, 2.68):
@@ -269,24 +270,14 @@ def test_a_plan_made_ahead_replans_when_e_would_size_the_stream_otherwise(seeds)
 def test_vectorised_seeds_replan_together_when_one_seed_changes_b(data_on_device):
   """Seeds share one program and one plan made ahead: when only seed 1's B_int changes
   (round 3), both seeds plan again, and every seed's rounds equal the rounds planned on time."""
-  import dataclasses
   from fathom_sim.driver import Rounds
-  from fathom_sim.mesh import put, replicated
-  from fathom_sim.run import build, init_state
+  from fathom_sim.run import build
   from fathom_sim.types import BATCH
   config = tiny_config(num_rounds=4, algorithm='fathom', num_devices=2,
                        data_on_device=data_on_device)
   run = build(config, tiny_task())
   seeds = [3, 4]
-
-  def initial():
-    states = []
-    for s in seeds:
-      c = config.copy_and_resolve_references()
-      c.seed = s
-      states.append(jax.device_get(init_state(dataclasses.replace(run, config=c))))
-    return put(jax.tree.map(lambda *x: np.stack(x), *states), replicated(run.mesh))
-
+  initial = lambda: _seeds_state(run, seeds)
   hp0 = Rounds(run, seeds, prefetch=False).initial_hparams(initial())
   assert hp0.shape == (2, 3)
   changed = hp0.copy()
