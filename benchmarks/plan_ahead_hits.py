@@ -8,9 +8,9 @@ Rounds plans round t+1 under round t's (E, B) and uses that plan when round t+1'
 give the same B_int and K_i. Cohorts depend only on (seed, round), so the run's metrics.jsonl
 (the E and B each round used) and the data's client sizes say, round by round, whether it would
 have been used. As a check, each round's replayed sum of K_i must equal the run's local steps.
-Not replayed: since 695cc2d a plan is also made again when planning on time would grow a padded
-length otherwise (the stream is sized for the largest client under E). Lengths only grow, to a
-power of two, so that adds at most a few rounds a run, and "used" may be that many too high.
+Not replayed: since 695cc2d a plan is also made again when planning on time would leave other
+padded lengths (the stream is sized for the largest client under E). "Used" may be too high by
+those rounds; the run's summary.json counts every plan made again (`replanned`).
 """
 
 import os

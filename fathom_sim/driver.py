@@ -213,7 +213,8 @@ class Rounds:
                              max_batch_size=max(1, round(min(self.run.upper[BATCH], 2**30))))
 
   def close(self) -> None:
-    """Drops a plan made ahead, reads and compiles queued ahead (a run's end)."""
+    """Drops a plan made ahead, the reads and compiles made or queued ahead (a run's end);
+    not called after."""
     self._next = None
     if self._prefetch is not None:
       self._prefetch.close()

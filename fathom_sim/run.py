@@ -27,8 +27,8 @@ from fathom_sim.types import ServerState
 
 # 'auto' keeps an in-memory training set on the devices (a copy on each) up to RESIDENT_BYTES
 # of host memory on CPU (all the CPU devices' copies together), and up to RESIDENT_FRACTION of
-# one accelerator's memory: then no examples travel
-# per round (a FEMNIST-shaped round at cohort 10 on one GPU sends one padded buffer of ~12 MiB).
+# one accelerator's memory: then no examples travel per round (a FEMNIST-shaped round at
+# cohort 10 on one GPU sends one padded buffer of ~12 MiB).
 RESIDENT_BYTES = 1 << 30
 RESIDENT_FRACTION = 0.25
 # Lanes per accelerator when config.lanes_per_device is 0. On one H100 the EMNIST CNN's step
@@ -123,13 +123,15 @@ def build(config: ml_collections.ConfigDict, task: Task | None = None) -> Run:
     raise ConfigError("config.data_on_device='yes' needs an in-memory training set; "
                       f'{task.name} is read client by client, use auto or no{hint}')
   size = sum(a.nbytes for a in task.train.features.values()) if in_memory else math.inf
-  # A step's rows are int32 indices into a resident set (data/plan.py's stream): past 2^31
-  # rows they would wrap and a real step would read other rows, silently.
+  # A step's rows are int32 indices into a resident set (data/plan.py's stream). A set of 2^31
+  # rows or more is past them: numpy's assignment wraps an index over 2^31 - 1 to a negative
+  # one, which JAX reads from the end, and a real step would read other rows, silently.
   addressable = in_memory and int(task.train.offsets[-1]) < 2**31
   if config.data_on_device == 'yes' and in_memory and not addressable:
     raise ConfigError(f"config.data_on_device='yes': {task.name}'s training set has "
-                      f'{int(task.train.offsets[-1])} rows, past the 2^31 a set kept on the '
-                      'devices can address; use auto or no (its clients are then sent per round)')
+                      f'{int(task.train.offsets[-1])} rows; a set kept on the devices must have '
+                      'fewer than 2^31 (its rows are int32 indices); use auto or no (its clients '
+                      'are then sent per round)')
   resident = addressable and (config.data_on_device == 'yes' or (
       config.data_on_device == 'auto' and size <= _resident_bytes(mesh)))
   local_loop = _local_loop(config, mesh, conv)
@@ -259,10 +261,12 @@ def _loop_chunk(config, local_loop: str) -> int:
   lane, so it has no chunk: a chunk set for it is said to change nothing."""
   if local_loop == 'host':
     if config.loop_chunk > 1:
-      # 'auto' may pick the host loop by platform, so the config alone cannot tell.
+      # 'auto' picks the host loop by platform, model and convolution: the config alone
+      # cannot tell.
+      chosen = ('config.local_loop=host' if config.local_loop == 'host' else
+                "config.local_loop='auto' chose it for this model and platform")
       logging.warning('config.loop_chunk=%d is not read: the local loop is driven by the '
-                      'host (config.local_loop=%r), one step a call', config.loop_chunk,
-                      config.local_loop)
+                      'host (%s), one step a call', config.loop_chunk, chosen)
     return 1
   return config.loop_chunk or 1
 

@@ -123,9 +123,10 @@ def test_data_on_device_yes_needs_a_training_set_in_memory():
 
 
 def test_data_on_device_refuses_a_set_past_int32_row_indices(monkeypatch):
-  """A resident set's rows are int32 indices: at 2^31 rows they would wrap to negative ones,
-  which read rows from the end. 'yes' is refused with the reason, 'auto' sends clients per
-  round even where its bytes would fit. (Views of one row: no memory behind the 2^31 rows.)"""
+  """A resident set's rows are int32 indices: a set of 2^31 rows or more is past them (an
+  index over 2^31 - 1 wraps to a negative one, which reads rows from the end). 'yes' is
+  refused with the reason, 'auto' sends clients per round even where its bytes would fit.
+  (Views of one row: no memory behind the 2^31 rows.)"""
   from fathom_sim.data.federated import ArrayClientDataset
   task = tiny_task()
   rows = 2**31
@@ -134,13 +135,14 @@ def test_data_on_device_refuses_a_set_past_int32_row_indices(monkeypatch):
   offsets = np.array([0, 40, 80, rows])
   big = task._replace(train=ArrayClientDataset(features, offsets, np.array(['a', 'b', 'c'])))
   c = tiny_config(data_on_device='yes', algorithm='fedavg', epochs=0.5, cohort_size=2)
-  with pytest.raises(ConfigError, match=r"config.data_on_device='yes': .* has 2147483648 rows, "
-                     'past the 2\\^31 a set kept on the devices can address; use auto or no'):
+  with pytest.raises(ConfigError, match=r"config.data_on_device='yes': .* has 2147483648 rows; "
+                     r'a set kept on the devices must have fewer than 2\^31 \(its rows are int32 '
+                     r'indices\); use auto or no'):
     build(c, big)
   c.data_on_device = 'auto'
   monkeypatch.setattr(run_lib, 'RESIDENT_BYTES', 1 << 62)  # its bytes would fit
   assert not build(c, big).resident
-  offsets[-1] = rows - 1  # the last row index that int32 holds
+  offsets[-1] = rows - 1  # the largest set kept: 2^31 - 1 rows
   features = {k: v[:rows - 1] for k, v in features.items()}
   small = task._replace(train=ArrayClientDataset(features, offsets, np.array(['a', 'b', 'c'])))
   c.data_on_device = 'yes'
@@ -288,7 +290,7 @@ def test_loop_chunk_resolved(caplog):
   assert run_lib._loop_chunk(c, 'host') == 1
   assert [r.getMessage() for r in caplog.records] == [
       "config.loop_chunk=8 is not read: the local loop is driven by the host "
-      "(config.local_loop='auto'), one step a call"]
+      "(config.local_loop='auto' chose it for this model and platform), one step a call"]
 
 
 def test_matmul_precision_reaches_the_programs_and_auto_restores_the_setting_before_it():

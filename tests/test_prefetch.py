@@ -83,13 +83,18 @@ class _Held:
 
 
 def test_a_closed_prefetcher_cancels_its_queued_reads_and_its_threads_exit():
+  """With every thread holding a read and more queued: close cancels the queued ones, the
+  threads exit once their reads end, and `client` then reads on the caller's thread."""
+  import time
   from fathom_sim.data.federated import read_workers
   task = tiny_task(num_clients=40)
   held = _Held(task.train)
   data = Prefetcher(held)
   data.fetch(range(40))
   workers = read_workers()
+  deadline = time.monotonic() + 60
   while len(held.started) < min(workers, 40):  # every thread holds a read
+    assert time.monotonic() < deadline, held.started
     threading.Event().wait(0.01)
   data.close()
   held.go.set()
@@ -221,8 +226,10 @@ def _seeds_state(run, seeds: list[int]):
   return put(jax.tree.map(lambda *x: np.stack(x), *states), replicated(run.mesh))
 
 
+@pytest.mark.parametrize('data_on_device', ['no', 'yes'])
 @pytest.mark.parametrize('seeds', [None, [3, 4]], ids=['one seed', 'two seeds'])
-def test_a_plan_made_ahead_replans_when_e_would_size_the_stream_otherwise(seeds):
+def test_a_plan_made_ahead_replans_when_e_would_size_the_stream_otherwise(seeds,
+                                                                          data_on_device):
   """Forty clients of 3 examples and one of 60, B 10: a cohort of small clients keeps K_i 1 and
   B_int 10 while E moves, but the stream is also sized for the largest client's K under E.
   Round 6's E (2.68, from 0.95) grows it where round 5's did not: the plan made under round
@@ -238,8 +245,8 @@ def test_a_plan_made_ahead_replans_when_e_would_size_the_stream_otherwise(seeds)
   features = {k: v[:offsets[-1]] for k, v in train.features.items()}
   task = tiny_task()._replace(train=ArrayClientDataset(features, offsets,
                                                        np.arange(len(sizes)).astype(str)))
-  config = tiny_config(num_rounds=6, algorithm='fathom', num_devices=2, data_on_device='no',
-                       batch_size=10.0)
+  config = tiny_config(num_rounds=6, algorithm='fathom', num_devices=2,
+                       data_on_device=data_on_device, batch_size=10.0)
   run = build(config, task)
   initial = lambda: init_state(run) if seeds is None else _seeds_state(run, seeds)
   hp0 = Rounds(run, seeds, prefetch=False).initial_hparams(initial())

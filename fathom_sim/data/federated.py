@@ -126,9 +126,9 @@ class Prefetcher:
     return future.result() if future is not None else self.dataset.client(index)
 
   def close(self) -> None:
-    """Stops reading ahead: queued reads are cancelled and the threads exit once their
-    running read ends (a run that stops must not wait, or hold memory, for a cohort it will
-    not train). `client` then reads on the caller's thread."""
+    """Drops the reads held and ends the threads: a read still queued is cancelled, a running
+    one ends first (a run that stops must not keep threads, or examples, for a cohort it will
+    not train). `client` then reads on the caller's thread; `fetch` raises."""
     self._pending = {}
     self._pool.shutdown(wait=False, cancel_futures=True)
 
