@@ -18,6 +18,8 @@ from typing import Callable, Sequence
 
 import jax
 
+from fathom_sim import compile_cache
+
 # (batch_pad, the round's argument specs): what selects a compiled round program.
 Key = tuple
 
@@ -63,6 +65,7 @@ class CompileAhead:
     self._other_pool: concurrent.futures.ThreadPoolExecutor | None = None
     self._count_lock = threading.Lock()  # `compiled` is counted by several threads
     self.compiled = 0  # programs compiled on the threads
+    self.loaded = 0    # programs the threads loaded from the persistent cache instead
     self.used = 0      # rounds (and other programs' first uses) that found their program
                        # compiled ahead (jit's cache then serves it: the tests check that
                        # such a round, or evaluation, compiles nothing)
@@ -104,12 +107,16 @@ class CompileAhead:
     return list(dict.fromkeys(out))
 
   def _compile(self, what: str, lower: Callable[[], object]) -> None:
-    """lower().compile() on a thread, counted; a failure is logged and left to the program's
-    first use, which compiles it itself and reports a real error."""
+    """lower().compile() on a thread, counted as compiled or loaded; a failure is logged and
+    left to the program's first use, which compiles it itself and reports a real error."""
     try:
+      before = compile_cache.thread_hits()
       lower().compile()
       with self._count_lock:
-        self.compiled += 1
+        if compile_cache.thread_hits() > before:
+          self.loaded += 1
+        else:
+          self.compiled += 1
     except Exception:
       logging.warning('compiling the %s ahead failed', what, exc_info=True)
       raise
@@ -142,7 +149,7 @@ class CompileAhead:
   def close(self) -> None:
     """Drops queued compiles and waits for those already running (seconds on a GPU; the
     interpreter would wait for them at exit anyway). Why wait here: so that a run's counts
-    (`compiled`, the persistent cache's hits) are final when its summary is written, and a
+    (`compiled`, `loaded`, the persistent cache's hits) are final when its summary is written, and a
     next run in the same process (a sweep) neither shares the host with them nor is charged
     their cache hits."""
     for pool in (self._pool, self._other_pool):

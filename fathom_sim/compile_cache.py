@@ -23,7 +23,7 @@ from jax import monitoring
 CACHE_HIT = '/jax/compilation_cache/cache_hits'  # jax.monitoring's event for a program loaded
 _lock = threading.Lock()  # compile_ahead loads programs on a thread too
 _hits = 0
-_listening = False
+_thread = threading.local()  # the hits of each thread (JAX records one on the loading thread)
 
 
 def default_dir() -> str:
@@ -40,7 +40,6 @@ def enable(path: str) -> None:
   """Keeps compiled programs in `path` and loads them from there. Raises OSError with the
   reason when a local `path` cannot be created or written by the process that writes it
   (process 0: the others only read, and a folder they cannot see only misses)."""
-  global _listening
   if '://' not in path:  # a remote cache (gs://, with etils[epath]) is JAX's to check
     path = os.path.abspath(os.path.expanduser(path))
     if jax.process_index() == 0:
@@ -49,9 +48,6 @@ def enable(path: str) -> None:
         raise PermissionError(f'{path!r} is not writable')
   jax.config.update('jax_enable_compilation_cache', True)
   jax.config.update('jax_compilation_cache_dir', path)
-  if not _listening:
-    monitoring.register_event_listener(_count)
-    _listening = True
 
 
 def disable() -> None:
@@ -60,8 +56,14 @@ def disable() -> None:
 
 
 def hits() -> int:
-  """Programs this process has loaded from the cache since `enable`."""
+  """Programs this process has loaded from a persistent cache, however it was turned on
+  (`enable`, or $JAX_COMPILATION_CACHE_DIR, which JAX reads itself)."""
   return _hits
+
+
+def thread_hits() -> int:
+  """Programs the calling thread has loaded from a persistent cache."""
+  return getattr(_thread, 'hits', 0)
 
 
 def _count(event: str, **kwargs) -> None:
@@ -69,3 +71,9 @@ def _count(event: str, **kwargs) -> None:
   if event == CACHE_HIT:
     with _lock:
       _hits += 1
+    _thread.hits = thread_hits() + 1
+
+
+# From import, not from `enable`: a library caller may turn the cache on through JAX's own
+# variable, and its loads belong in the run's summary too.
+monitoring.register_event_listener(_count)

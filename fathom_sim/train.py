@@ -532,6 +532,7 @@ def _summary(book: _Book, final: dict, params, hp: np.ndarray, rounds: Rounds, r
       # vectorised group, the group's.
       'compile_cache_hits': compile_cache.hits() - book.cache_hits,
       'compiled_ahead': None if ahead is None else {'compiled': ahead.compiled,
+                                                    'loaded': ahead.loaded,
                                                     'used': ahead.used},
       'planned_ahead': rounds.planned_ahead, 'replanned': rounds.replanned,
       'vectorized_seeds': vectorized, 'resumed_from': book.done,

@@ -117,3 +117,42 @@ def test_the_test_session_loads_a_program_it_built_before_and_counts_it_as_a_com
     monitoring.unregister_event_listener(record)
     jax.config.update('jax_persistent_cache_min_compile_time_secs', kept)
   assert builds == [[compile_], [hit, compile_]]
+
+
+_AHEAD_AND_LIBRARY = r'''
+import json, sys
+import jax, jax.numpy as jnp
+from fathom_sim import compile_cache
+from fathom_sim.compile_ahead import CompileAhead
+from fathom_sim.train import train_and_evaluate
+from tests.common import tiny_config
+ahead = CompileAhead(None, lambda pad: [])
+x = jnp.ones((7, 5))
+ahead.also('probe', lambda: jax.jit(lambda a: jnp.tanh(a @ a.T).sum()).lower(x))
+ahead.ready('probe')
+ahead.close()
+summary = train_and_evaluate(tiny_config(num_rounds=2), sys.argv[1])
+print(json.dumps({'compiled': ahead.compiled, 'loaded': ahead.loaded,
+                  'hits': summary['compile_cache_hits'], 'compiles': summary['compiles']}))
+'''
+
+
+def test_loads_count_where_jax_s_own_variable_turns_the_cache_on_and_on_compile_threads(
+    tmp_path, monkeypatch):
+  """A library caller (no `enable`) with $JAX_COMPILATION_CACHE_DIR: the run's summary counts
+  the programs it loaded, and a program a compile thread loads is `loaded`, not `compiled`."""
+  import subprocess
+  import sys
+  from tests.test_cli import ROOT
+  env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=str(tmp_path / 'named'),
+             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0', JAX_PLATFORMS='cpu')
+  got = []
+  for name in ('first', 'second'):
+    p = subprocess.run([sys.executable, '-c', _AHEAD_AND_LIBRARY, str(tmp_path / name)],
+                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    got.append(json.loads(p.stdout.strip().splitlines()[-1]))
+  first, second = got
+  assert (first['compiled'], first['loaded']) == (1, 0)
+  assert (second['compiled'], second['loaded']) == (0, 1)
+  assert second['hits'] >= second['compiles'] >= 1  # its round programs, loaded
