@@ -63,7 +63,7 @@ class CompileAhead:
     self._jobs: dict[Key, concurrent.futures.Future | None] = {}
     self._others: dict[str, concurrent.futures.Future] = {}  # other programs, by name
     self._other_pool: concurrent.futures.ThreadPoolExecutor | None = None
-    self._count_lock = threading.Lock()  # `compiled` is counted by several threads
+    self._count_lock = threading.Lock()  # `compiled` and `loaded`: counted by several threads
     self.compiled = 0  # programs compiled on the threads
     self.loaded = 0    # programs the threads loaded from the persistent cache instead
     self.used = 0      # rounds (and other programs' first uses) that found their program
@@ -110,8 +110,9 @@ class CompileAhead:
     """lower().compile() on a thread, counted as compiled or loaded; a failure is logged and
     left to the program's first use, which compiles it itself and reports a real error."""
     try:
+      lowered = lower()  # (whatever it runs, e.g. an eager op, may load programs of its own)
       before = compile_cache.thread_hits()
-      lower().compile()
+      lowered.compile()
       with self._count_lock:
         if compile_cache.thread_hits() > before:
           self.loaded += 1
@@ -149,9 +150,9 @@ class CompileAhead:
   def close(self) -> None:
     """Drops queued compiles and waits for those already running (seconds on a GPU; the
     interpreter would wait for them at exit anyway). Why wait here: so that a run's counts
-    (`compiled`, `loaded`, the persistent cache's hits) are final when its summary is written, and a
-    next run in the same process (a sweep) neither shares the host with them nor is charged
-    their cache hits."""
+    (`compiled`, `loaded`, the persistent cache's hits) are final when its summary is written,
+    and a next run in the same process (a sweep) neither shares the host with them nor is
+    charged their cache hits."""
     for pool in (self._pool, self._other_pool):
       if pool is not None:
         pool.shutdown(wait=False, cancel_futures=True)

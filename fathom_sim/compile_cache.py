@@ -56,8 +56,9 @@ def disable() -> None:
 
 
 def hits() -> int:
-  """Programs this process has loaded from a persistent cache, however it was turned on
-  (`enable`, or $JAX_COMPILATION_CACHE_DIR, which JAX reads itself)."""
+  """Programs this process has loaded from a persistent cache since this module's import,
+  however the cache was turned on (`enable`, or $JAX_COMPILATION_CACHE_DIR, which JAX reads
+  itself)."""
   return _hits
 
 

@@ -213,8 +213,8 @@ class Rounds:
                              max_batch_size=max(1, round(min(self.run.upper[BATCH], 2**30))))
 
   def close(self) -> None:
-    """Drops a plan made ahead, the reads and compiles made or queued ahead (a run's end);
-    not called after."""
+    """A run's end: drops a plan made ahead and the reads made ahead, cancels compiles queued
+    ahead and waits for those running (CompileAhead.close); not called after."""
     self._next = None
     if self._prefetch is not None:
       self._prefetch.close()

@@ -263,7 +263,7 @@ def _loop_chunk(config, local_loop: str) -> int:
     if config.loop_chunk > 1:
       # 'auto' picks the host loop by platform, model and convolution: the config alone
       # cannot tell.
-      chosen = ('config.local_loop=host' if config.local_loop == 'host' else
+      chosen = ("config.local_loop='host'" if config.local_loop == 'host' else
                 "config.local_loop='auto' chose it for this model and platform")
       logging.warning('config.loop_chunk=%d is not read: the local loop is driven by the '
                       'host (%s), one step a call', config.loop_chunk, chosen)

@@ -1,5 +1,6 @@
 """Compiling the round ahead for the neighbouring padded batch sizes (compile_ahead.py)."""
 
+import functools
 import threading
 import time
 
@@ -8,6 +9,7 @@ import numpy as np
 import pytest
 from jax import monitoring
 
+from fathom_sim import compile_cache
 from fathom_sim.compile_ahead import CompileAhead
 from fathom_sim.config import base_config
 from fathom_sim.data.plan import bucket, neighbour_buckets
@@ -57,6 +59,35 @@ class _SlowLowering:
     self.started.set()
     time.sleep(self.seconds)
     self.compiled.set()
+
+
+class _Lowering:
+  """A lower() thunk whose compile() records a persistent-cache hit on its own thread (a
+  load) or on another thread meanwhile (the main thread loading a program of its own)."""
+
+  def __init__(self, hit_on_own_thread: bool):
+    self.own = hit_on_own_thread
+
+  def __call__(self):
+    return self
+
+  def compile(self):
+    hit = functools.partial(monitoring.record_event, compile_cache.CACHE_HIT)
+    if self.own:
+      hit()
+    else:
+      other = threading.Thread(target=hit)
+      other.start()
+      other.join()
+
+
+def test_a_program_is_loaded_ahead_only_when_its_own_thread_loads_it():
+  ahead = CompileAhead(None, lambda pad: [])
+  ahead.also('other thread loads', _Lowering(hit_on_own_thread=False))
+  ahead.also('loaded', _Lowering(hit_on_own_thread=True))
+  ahead.wait()  # both run (ready drops a job that has not started)
+  ahead.close()
+  assert (ahead.compiled, ahead.loaded) == (1, 1)
 
 
 def test_close_drops_queued_compiles_and_waits_for_running_ones():
