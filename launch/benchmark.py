@@ -16,9 +16,9 @@ device memory up to the end of the rounds, each row measured in a process of its
 Each measured round is timed alone; one that compiles any program is left out of the rates
 and counted (`timed` k/n in the table), and its padding is counted with every measured
 round's. Per round: `host s` is the host's work before the round is dispatched (sampling,
-planning, sending, when not done ahead); `device s` runs from
-dispatch until the round's metrics are back, an upper bound of the devices' time, since the
-host plans and sends the next round in that window (`ahead s`, its part of `device s`).
+planning, sending, when not done ahead); `device s` runs from dispatch until the round's
+metrics are back, an upper bound of the devices' time, since the host plans and sends the next
+round in that window (`ahead s`, its part of `device s`).
 """
 
 import functools

@@ -168,34 +168,28 @@ class Planner:
     first = int(np.flatnonzero(np.asarray(self.dataset.num_examples) > 0)[0])
     return {k: (a.shape[1:], a.dtype) for k, a in self.dataset.client(first).items()}
 
-  def _grown(self, lengths: tuple, lanes: list[list[int]], num_examples: np.ndarray,
-             steps_per_lane: np.ndarray, b_int: int, batch_pad: int, epochs: float,
-             batch_size: float) -> tuple:
-    """The stream and buffer lengths after planning a cohort packed as `lanes`, from
-    `lengths`."""
-    stream_pad, buffer_pad = lengths
-    # A step reads batch_pad rows from its start, so the stream needs that much slack. The
-    # stream, only indices, is also sized for the dataset's largest client (up to
-    # STREAM_LOOKAHEAD times this cohort's need): a later cohort that draws it compiles nothing.
+  def _stream_length(self, current: int, longest_lane: int, b_int: int, batch_pad: int,
+                     epochs: float, batch_size: float) -> int:
+    """The stream's padded length after a cohort whose longest lane runs `longest_lane`
+    steps, from `current`. A step reads batch_pad rows from its start, so the stream needs
+    that much slack. It (only indices) is also sized for the dataset's largest client (up to
+    STREAM_LOOKAHEAD times this cohort's need), so that a later cohort that draws it compiles
+    nothing."""
     slack = batch_pad - b_int
-    need = int(steps_per_lane.max()) * b_int + slack
+    need = longest_lane * b_int + slack
     _, (largest_steps,) = fathom.integer_schedule(epochs, batch_size, [self._largest_client])
     largest = int(largest_steps) * b_int + slack
-    stream_pad = grow(stream_pad, max(need, min(largest, STREAM_LOOKAHEAD * need)))
-    per = self.lanes_per_buffer
-    if not self.resident:
-      buffer_pad = grow(buffer_pad, max(
-          sum(int(num_examples[m].sum()) for m in lanes[b:b + per])
-          for b in range(0, self.num_lanes, per)))
-    return stream_pad, buffer_pad
+    return grow(current, max(need, min(largest, STREAM_LOOKAHEAD * need)))
 
   def padded_lengths_on_time(self, plan: CohortPlan, epochs: float, batch_size: float,
                              before: tuple) -> tuple:
     """The padded lengths that planning `plan`'s cohort under (epochs, batch_size) would leave
-    from `before`. For a plan made under another E with the same B_int and K_i, they can still
-    differ: the stream's lookahead follows the largest client's K under E."""
-    return self._grown(before, pack_lanes(plan.num_steps, self.num_lanes), plan.num_examples,
-                       plan.lane_steps, plan.batch_size, plan.batch_pad, epochs, batch_size)
+    from `before`, for a plan made from `before` under another E with the same B_int and K_i:
+    its lanes, and so its buffer, are the same; the stream's lookahead follows the largest
+    client's K under E."""
+    stream = self._stream_length(before[0], int(plan.lane_steps.max()), plan.batch_size,
+                                 plan.batch_pad, epochs, batch_size)
+    return stream, before[1] if plan.shape[1] is None else plan.shape[1][1]
 
   def plan(self, clients: np.ndarray, round_index: int, epochs: float,
            batch_size: float) -> CohortPlan:
@@ -211,10 +205,13 @@ class Planner:
       batch_pad = bucket(batch_pad, self.batch_per_octave)
     lanes = pack_lanes(num_steps, self.num_lanes)
     steps_per_lane = lane_steps(num_steps, lanes)
-    self.stream_pad, self.buffer_pad = self._grown(
-        self.padded_lengths(), lanes, num_examples, steps_per_lane, b_int, batch_pad, epochs,
-        batch_size)
+    self.stream_pad = self._stream_length(self.stream_pad, int(steps_per_lane.max()), b_int,
+                                          batch_pad, epochs, batch_size)
     per = self.lanes_per_buffer
+    if not self.resident:
+      self.buffer_pad = grow(self.buffer_pad, max(
+          sum(int(num_examples[m].sum()) for m in lanes[b:b + per])
+          for b in range(0, self.num_lanes, per)))
 
     slots = np.full((self.num_lanes, c), c, np.int32)
     stream = np.zeros((self.num_lanes, self.stream_pad), np.int32)
