@@ -69,8 +69,9 @@ def lane_step(loss_fn: LossFn, carry: tuple, server_params: Params, eta: jax.Arr
   loss, grad = grad_fn(params, batch, example_mask, step_key(round_key, table.client[slot], k))
   # p_k = p - eta g_k (a padding step keeps p), c_k = cos(g_k, d_k) with d_k = x - p_k.
   params, cos, update = lane_update.step(params, grad, server_params, eta, real)
-  # |g|^2 can overflow float32 while the update stays finite: c_k is then NaN. It becomes -inf,
-  # which every backend's min keeps, so h_i is -inf and the client is left out below.
+  # |g|^2 or <g, d> can overflow float32 while the update stays finite: c_k is then NaN
+  # (tree.cosine_of). It becomes -inf, which every backend's min keeps, so h_i is -inf and the
+  # client is left out below.
   cos = jnp.where(jnp.isnan(cos), -jnp.inf, cos)
   end = real & (k == table.num_steps[slot] - 1)
   h = h.at[slot].min(jnp.where(real, cos, jnp.inf), mode='drop')

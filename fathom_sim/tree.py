@@ -28,9 +28,15 @@ def cosine(a: Params, b: Params) -> jax.Array:
 
 
 def cosine_of(ab: jax.Array, aa: jax.Array, bb: jax.Array) -> jax.Array:
-  """cosine's value from <a, b>, |a|^2 and |b|^2."""
+  """cosine's value from <a, b>, |a|^2 and |b|^2; NaN when any of the three is not finite.
+
+  A sum that overflowed float32 leaves the cosine unknown, not 0: |a|^2 = inf with a finite
+  <a, b> (a gradient of norm ~1e19 against a step 0.1 times as long) would otherwise read as
+  orthogonal. Callers treat the NaN as the client's or the round's failure.
+  """
   denom = jnp.sqrt(aa) * jnp.sqrt(bb)
-  return jnp.where(denom > 0, ab / jnp.where(denom > 0, denom, 1.0), 0.0)
+  cos = jnp.where(denom > 0, ab / jnp.where(denom > 0, denom, 1.0), 0.0)
+  return jnp.where(jnp.isfinite(ab) & jnp.isfinite(aa) & jnp.isfinite(bb), cos, jnp.nan)
 
 
 def all_finite(a: Params) -> jax.Array:

@@ -98,6 +98,18 @@ def test_cosine_is_zero_when_a_norm_is_zero():
                              rtol=1e-6)
 
 
+def test_cosine_of_a_sum_that_overflowed_is_nan_not_zero():
+  # |a|^2 overflows float32 while <a, 0.1 a> and |0.1 a|^2 do not: the true cosine is 1, and 0
+  # would pass for an orthogonal pair. NaN lets the client (client.py) or the round (round.py's
+  # finite check of phi) be left out instead.
+  a = {'w': jnp.full((2,), 2e19, jnp.float32)}
+  assert np.isnan(float(tree.cosine(a, tree.scale(0.1, a))))
+  assert np.isnan(float(tree.cosine_of(jnp.float32(1.0), jnp.float32(1.0), jnp.float32(np.inf))))
+  assert np.isnan(float(tree.cosine_of(jnp.float32(np.nan), jnp.float32(1.0), jnp.float32(1.0))))
+  big = {'w': jnp.full((2,), 1e18, jnp.float32)}  # |big|^2 = 2e36: still finite, still 1
+  np.testing.assert_allclose(float(tree.cosine(big, tree.scale(0.1, big))), 1.0, rtol=1e-6)
+
+
 def test_cosine_is_accurate_at_the_cnn_size():
   # h_i and h_glob are cosines over every parameter: 1.2 M of them for the EMNIST CNN. A
   # float32 sum whose error drifts with the length is off by 1e-4 to 1e-3 there (XLA:CPU's

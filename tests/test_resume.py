@@ -456,15 +456,16 @@ def test_non_finite_client_is_dropped_and_counted(tmp_path, lanes, batch, bad):
   assert np.isfinite(summary['final']['params_l2'])
 
 
-@pytest.mark.parametrize('lanes', [1, 3])
+@pytest.mark.parametrize('lanes,poison', [(1, 1e20), (3, 1e20), (1, 1e19), (3, 1e19)])
 def test_client_whose_hypergradient_is_not_finite_is_left_out_like_a_non_finite_update(
-    tmp_path, lanes):
-  """An example of 1e20 makes |g|^2 overflow float32 while the update stays finite, so the
-  client's c_k = cos(g_k, d_k) is NaN. The client must be left out entirely, exactly as when
-  its update is NaN: not in h_local and phi (the next round's B would be NaN), and not in the
-  aggregate (its update is ~1e18)."""
+    tmp_path, lanes, poison):
+  """An example of 1e19 or 1e20 makes |g|^2 overflow float32 while the update stays finite, so
+  the client's c_k = cos(g_k, d_k) is unknown. The client must be left out entirely, exactly as
+  when its update is NaN: not in h_local and phi (the next round's B would be NaN), and not in
+  the aggregate (its update is ~1e17). At 1e19 <g, d> stayed finite: c_k read as 0, and the
+  round took the client in."""
   runs = {}
-  for name, poison in (('overflow', 1e20), ('nan', np.nan)):
+  for name, poison in (('overflow', poison), ('nan', np.nan)):
     data = str(tmp_path / f'data_{name}')
     _npz_with_bad_clients(data, bad=[2], poison=poison)
     summary = train_and_evaluate(_npz_config(data, num_rounds=1, lanes_per_device=lanes),
