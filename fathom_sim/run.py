@@ -109,6 +109,7 @@ def build(config: ml_collections.ConfigDict, task: Task | None = None) -> Run:
                            compute_dtype=config.model.compute_dtype,
                            expected_length=config.model.expected_length)
   _check_model_fits(model, config.model.name, task)
+  _warn_integer_inputs(config.model.name, task)
   server_opt = server.server_optimizer(
       config.server_optimizer, config.server_lr, momentum=config.server_momentum,
       b1=config.server_b1, b2=config.server_b2, eps=config.server_eps)
@@ -309,6 +310,22 @@ def _check_model_fits(model: models.Model, name: str, task: Task) -> None:
     shapes = ', '.join(f'{k} {v.shape[1:]} {v.dtype}' for k, v in sample.items())
     raise DatasetError(f'{task.name}: examples ({shapes}) do not fit '
                        f'config.model.name={name!r}: {first_line(e)}') from None
+
+
+def _warn_integer_inputs(name: str, task: Task) -> None:
+  """Says so when a model of float inputs is given integers above 1 (images saved as 0..255):
+  they are used as they are, which trains at up to 255x the input scale the public image sets
+  (FEMNIST's [0, 1]) and their learning rates assume. Integers may be meant (counts), so no
+  error; token ids are the sequence models' own input."""
+  x = getattr(task.train, 'features', {}).get('x')
+  if name in models.SEQUENCE_MODELS or x is None or not np.issubdtype(x.dtype, np.integer):
+    return
+  top = int(x.max()) if x.size else 0
+  if top > 1:
+    logging.warning('%s: x holds integers (%s) up to %d, which config.model.name=%r takes as '
+                    'inputs as they are; if they are pixel intensities, scale them to [0, 1] '
+                    'first, as the public image datasets hold them', task.name, x.dtype, top,
+                    name)
 
 
 def _memory_bytes(mesh) -> tuple[int, str]:

@@ -271,6 +271,30 @@ def test_data_that_does_not_fit_the_model_is_refused_in_one_line(tmp_path):
   assert '\n' not in str(err.value)
 
 
+@pytest.mark.parametrize('dtype,top,warned', [(np.uint8, 255, True), (np.int32, 1, False),
+                                               (np.float32, 255, False)])
+def test_integer_pixels_for_a_float_input_model_are_warned_about(tmp_path, caplog, dtype, top,
+                                                                 warned):
+  """uint8 images given to a float-input model train at 255x FEMNIST's input scale: said
+  once, with the fix; 0/1 integers and floats of any range are taken without a word."""
+  from fathom_sim.run import build
+  r = np.random.default_rng(0)
+  counts = np.array([4, 5])
+  x = r.integers(0, top + 1, size=(counts.sum(), 6)).astype(dtype)
+  x[0, 0] = top
+  np.savez(tmp_path / 'ints.npz', x=x, y=r.integers(0, 3, counts.sum()), num_examples=counts)
+  config = tiny_config(cohort_size=2)
+  config.data.name = 'npz'
+  config.data.path = str(tmp_path / 'ints.npz')
+  with caplog.at_level('WARNING'):
+    build(config)
+  said = [m.getMessage() for m in caplog.records if 'holds integers' in m.getMessage()]
+  assert len(said) == int(warned)
+  if warned:
+    assert said[0].startswith('ints.npz: x holds integers (uint8) up to 255')
+    assert 'scale them to [0, 1]' in said[0]
+
+
 def test_stackoverflow_like_sentences_follow_the_so_pipeline():
   from fathom_sim.data.synthetic import SO_IDS, stackoverflow_like
   task = stackoverflow_like(num_clients=30, seed=2)
