@@ -45,7 +45,7 @@ def base_config() -> ml_collections.ConfigDict:
   # Client hyperparameters: the static values of FedAvg, the initial values of FATHOM.
   c.eta = 0.1                     # client learning rate
   c.epochs = 1.0                  # local epochs E: K_i = max(1, ceil(E n_i / B_int))
-  c.batch_size = 20.0             # B; a real number since FATHOM moves it; B_int = round(B)
+  c.batch_size = 20.0             # B, real since FATHOM moves it; B_int = round(B), a half up
 
   # FATHOM.
   c.alpha = 0.5                   # decay of the moving average of aggregated updates

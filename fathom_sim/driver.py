@@ -208,9 +208,9 @@ class Rounds:
     planner = self.planner if self.seeds is None else self.planner.planners[0]
     if planner.exact_batch:
       return []
+    largest = fathom.batch_size_int(min(self.run.upper[BATCH], 2**30))
     return neighbour_buckets(batch_pad, self.run.config.batch_pad_per_octave,
-                             min_batch_pad=planner.min_batch_pad,
-                             max_batch_size=max(1, round(min(self.run.upper[BATCH], 2**30))))
+                             min_batch_pad=planner.min_batch_pad, max_batch_size=largest)
 
   def close(self) -> None:
     """A run's end: drops a plan made ahead and the reads made ahead, cancels compiles queued

@@ -26,17 +26,23 @@ def hparams(log_hparams: jax.Array, upper: jax.Array) -> jax.Array:
   return jnp.minimum(jnp.exp(log_hparams), upper)
 
 
+def batch_size_int(batch_size: float) -> int:
+  """B_int = max(1, round(B)), a half rounded up as the reference does (int(B + 0.5)): B 2.5
+  is 3 examples, where Python's round() would give 2."""
+  return max(1, int(np.floor(np.float64(batch_size) + 0.5)))
+
+
 def integer_schedule(epochs: float, batch_size: float,
                      num_examples: np.ndarray) -> tuple[int, np.ndarray]:
   """B_int = max(1, round(B)) and K_i = max(1, ceil(E * n_i / B_int)) for each client.
 
-  Host-side, from the float32 values the device used; round() is half-to-even. E n_i / B_int
+  Host-side, from the float32 values the device used; see batch_size_int. E n_i / B_int
   within WHOLE_TOLERANCE (relative; at most MAX_FORGIVEN of a step) above a whole number
   counts as that number: E 0.2 is
   0.20000000298 in float32 (and E 0.7 times 10 is 7.000000000000001 in float64), which gave
   FedAvg with E 0.2, B 1 two steps on a client of 5 examples, where the spec says one.
   """
-  b_int = max(1, int(np.rint(np.float64(batch_size))))
+  b_int = batch_size_int(batch_size)
   work = np.float64(epochs) * np.asarray(num_examples, np.float64) / b_int
   whole = np.floor(work)
   # Only a fraction above a whole number is forgiven, and never more than MAX_FORGIVEN of a

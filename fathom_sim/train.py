@@ -23,7 +23,7 @@ import numpy as np
 from absl import logging
 from jax.experimental import multihost_utils
 
-from fathom_sim import compile_cache, distributed, metrics, rng
+from fathom_sim import compile_cache, distributed, fathom, metrics, rng
 from fathom_sim import workdir as workdir_lib
 from fathom_sim.checkpoint import CHECKPOINTS, Checkpointer
 from fathom_sim.config import ConfigError
@@ -107,7 +107,7 @@ def _out_of_memory_message(run: Run, doing: dict, xla: str) -> str:
   bound = 'config.upper_batch_size' if c.algorithm == 'fathom' else 'config.batch_size'
   lanes_hint = (f'a smaller config.lanes_per_device (now {lanes}) resumes this workdir; '
                 if lanes > 1 else '')
-  b_int = max(1, round(b))
+  b_int = fathom.batch_size_int(b)
   return (f'round {doing["round"]} ran out of memory {on} with B {b:.6g} ({b_int} '
           f'example{"s" if b_int > 1 else ""} a local step), config.cohort_size='
           f'{c.cohort_size} clients, {lanes} side by side per device; {lanes_hint}a smaller '

@@ -68,7 +68,7 @@ def reference_round(loss_fn, params, phi: np.ndarray, ema, dataset, clients, *, 
   """One round: local training, n_i-weighted aggregation, SGD server step, hyper update."""
   hp = np.minimum(np.exp(np.asarray(phi, np.float32)), np.asarray(upper, np.float32))
   epochs, eta, batch = (float(v) for v in hp)
-  b_int = max(1, int(np.rint(batch)))
+  b_int = max(1, int(batch + 0.5))  # the reference's rounding: a half goes up
   results, weights = [], []
   for c in clients:
     examples = dataset.client(int(c))

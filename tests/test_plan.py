@@ -30,9 +30,14 @@ def test_bucket_grid():
 
 def test_integer_schedule_follows_the_spec():
   b_int, k = fathom.integer_schedule(1.5, 2.5, np.array([1, 4, 5, 10]))
-  assert b_int == 2  # round half to even
-  np.testing.assert_array_equal(k, [1, 3, 4, 8])  # max(1, ceil(E n / B_int))
+  # A half goes up, as the reference's int(B + 0.5) (Python's round() would give 2 here).
+  assert b_int == 3
+  np.testing.assert_array_equal(k, [1, 2, 3, 5])  # max(1, ceil(E n / B_int))
   assert fathom.integer_schedule(1.0, 3.5, np.array([7]))[0] == 4
+  assert [fathom.batch_size_int(b) for b in (0.2, 0.5, 1.49, 4.5, 20.5, np.float32(20.5))] == [
+      1, 1, 1, 5, 21, 21]
+  # exp(log(B)) in float32, as a round computes B from phi: x.5 survives it, and goes up.
+  assert fathom.batch_size_int(np.exp(np.log(np.float32(4.5)))) == 5
   assert fathom.integer_schedule(1.0, 0.2, np.array([7]))[0] == 1
   np.testing.assert_array_equal(fathom.integer_schedule(0.01, 20, np.array([3, 50]))[1], [1, 1])
 
