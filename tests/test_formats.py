@@ -253,6 +253,35 @@ def test_tff_emnist_and_stackoverflow_read_back_exactly(tmp_path):
   np.testing.assert_array_equal(got['y'], [expected_sequences(s)[1] for s in so['b']])
 
 
+def test_sources_whose_paths_hold_uri_characters_or_commas_are_read(tmp_path):
+  """A '#', '?' or '%' in a folder's name cut the SQLite URI (the path after '#' was dropped,
+  and an empty database created at what was left); a comma in a folder's name made the check
+  of --source look for the path before it."""
+  train, test = emnist_clients(6, [3, 2]), emnist_clients(7, [2])
+  odd = tmp_path / 'a#b?c%41 d'
+  write_fedjax_emnist(odd, train, test)
+  prepare(str(odd), str(tmp_path / 'f'), fmt='fedjax_sqlite', task='emnist')
+  assert_emnist_roundtrip(load_prepared('femnist', str(tmp_path / 'f')), train, test)
+  write_tff(odd / 'emnist.sqlite', {
+      split: {c: [_tf_example(pixels=x[k].reshape(-1), label=[y[k]]) for k in range(len(y))]
+              for c, (x, y) in clients.items()}
+      for split, clients in (('all_train', train), ('all_test', test))})
+  prepare(str(odd / 'emnist.sqlite'), str(tmp_path / 't'), fmt='tff_sqlite', task='emnist')
+  assert_emnist_roundtrip(load_prepared('femnist', str(tmp_path / 't')), train, test)
+  assert sorted(os.listdir(tmp_path)) == sorted(['a#b?c%41 d', 'f', 't'])  # no stray database
+  comma = tmp_path / 'x,y'
+  _write_leaf(comma, {'train': train, 'test': test})
+  prepare(str(comma), str(tmp_path / 'l'), fmt='leaf_json', task='emnist')
+  assert_emnist_roundtrip(load_prepared('femnist', str(tmp_path / 'l')), train, test)
+  # FedJAX's files listed with commas: each one that is absent is named.
+  files = [str(odd / f'federated_emnist_{s}.sqlite') for s in ('train', 'test')]
+  with pytest.raises(DataError, match=r"no such file: .*nowhere_test\.sqlite$"):
+    prepare(f'{files[0]},{tmp_path}/nowhere_test.sqlite', str(tmp_path / 'g'),
+            fmt='fedjax_sqlite', task='emnist')
+  prepare(','.join(files), str(tmp_path / 'g'), fmt='fedjax_sqlite', task='emnist')
+  assert_emnist_roundtrip(load_prepared('femnist', str(tmp_path / 'g')), train, test)
+
+
 def _write_leaf(folder, clients):
   os.makedirs(folder, exist_ok=True)
   for split, cs in clients.items():

@@ -11,6 +11,7 @@ scalar packed as a 0-d array [(), dtype name, bytes], code 4 an object array of 
 from __future__ import annotations
 
 import os
+import pathlib
 import sqlite3
 import zlib
 from typing import Iterator
@@ -57,6 +58,12 @@ def original_id(client_id: bytes | str) -> str:
   return tail if sep and len(head) == 16 else text
 
 
+def read_only_uri(path: str) -> str:
+  """An SQLite URI that opens `path` read-only: percent-escaped, since a '#', '?' or '%' in a
+  folder's name would otherwise cut the path (and open, even create, another file)."""
+  return pathlib.Path(path).resolve().as_uri() + '?mode=ro'
+
+
 class FedjaxSqlite:
   """Clients of one FedJAX SQLite file, streamed in rowid order."""
 
@@ -65,7 +72,7 @@ class FedjaxSqlite:
     if not os.path.isfile(path):
       raise DataError(f'{path}: no such file (expected a FedJAX .sqlite file)')
     try:
-      self._db = sqlite3.connect(f'file:{path}?mode=ro', uri=True)
+      self._db = sqlite3.connect(read_only_uri(path), uri=True)
       columns = [row[1] for row in self._db.execute(f'PRAGMA table_info({TABLE})')]
     except sqlite3.DatabaseError as e:
       raise DataError(f'{path}: not a readable SQLite database ({e})') from None

@@ -207,9 +207,14 @@ def prepare(source: str, out: str, *, fmt: str, task: str, vocab_path: str = '',
     raise DataError(f'--format must be one of {FORMATS}, got {fmt!r}')
   if task not in TASKS:
     raise DataError(f'--task must be one of {TASKS}, got {task!r}')
-  if not os.path.exists(source.split(',')[0]):
+  # FedJAX's files may be listed with commas; a path that exists is taken whole, commas and all.
+  parts = source.split(',') if fmt == 'fedjax_sqlite' and not os.path.exists(source) else [source]
+  absent = [p for p in parts if not os.path.exists(p)]
+  if absent == [source]:
     hint = f'; for a URL, {MOUNT_HINT}' if is_url(source) else ''
     raise DataError(f'--source {source!r}: no such file or directory{hint}')
+  if absent:
+    raise DataError(f'--source {source!r}: no such file: {", ".join(absent)}')
   if split_date and fmt != 'stackexchange_xml':  # the other formats ship their own splits
     raise DataError(f'--split_date applies to --format=stackexchange_xml only; {fmt} files '
                     'hold their own train and test splits')

@@ -13,6 +13,7 @@ import sqlite3
 from typing import Iterator
 
 from fathom_sim.data.byo import DataError
+from fathom_sim.data.fedjax_sqlite import read_only_uri
 from fathom_sim.data.tf_example import parse_example
 
 REQUIRED = {'examples': ('split_name', 'client_id', 'serialized_example_proto'),
@@ -27,7 +28,7 @@ class TffSqlite:
     if not os.path.isfile(path):
       raise DataError(f'{path}: no such file (expected a TFF .sqlite file, after lzma -d)')
     try:
-      self._db = sqlite3.connect(f'file:{path}?mode=ro', uri=True)
+      self._db = sqlite3.connect(read_only_uri(path), uri=True)
       for table, columns in REQUIRED.items():
         found = {row[1] for row in self._db.execute(f'PRAGMA table_info({table})')}
         if not set(columns) <= found:
