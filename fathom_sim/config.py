@@ -87,6 +87,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.seed = 0                 # generated data only
   c.data.num_clients = 1000       # generated data only
   c.data.in_memory = False        # femnist_synthetic: make every client once and keep them
+  c.data.flip_pixels = False      # femnist, femnist_synthetic: x -> 1 - x, ink 1 on 0 as
+                                  # FedJAX's EMNIST loader (the paper's runs) gives it; the
+                                  # files store ink 0 on 1 (configs/femnist.py sets True)
   c.data.shared_glyphs = False    # femnist_synthetic: both cases of the 15 letters EMNIST
                                   # merges (c i j k l m o p s u v w x y z) share one glyph,
                                   # so labels overlap as FEMNIST's do (loss stays off 0)
@@ -260,7 +263,7 @@ def check_config(c: ml_collections.ConfigDict) -> None:
   _choice(c, 'hyper_optimizer', fathom.HYPER_OPTIMIZERS)
   if not isinstance(c.clip_log_params, bool):
     _fail('clip_log_params', 'True or False', c.clip_log_params)
-  for field in ('in_memory', 'shared_glyphs'):
+  for field in ('in_memory', 'shared_glyphs', 'flip_pixels'):
     if not isinstance(c.data[field], bool):
       _fail(f'data.{field}', 'True or False', c.data[field])
   _choice(c, 'server_optimizer', server.SERVER_OPTIMIZERS)
@@ -324,9 +327,10 @@ _SERVER_FIELDS = {'sgd': (), 'momentum': ('server_momentum',),
 _DATA_FIELDS = {  # the data.* fields each data.name reads (besides name)
     'synthetic': ('seed', 'num_clients', 'alpha', 'beta', 'size_log_mean', 'size_log_sigma',
                   'min_examples', 'max_examples', 'test_fraction'),
-    'femnist_synthetic': ('seed', 'num_clients', 'in_memory', 'test_fraction', 'shared_glyphs'),
+    'femnist_synthetic': ('seed', 'num_clients', 'in_memory', 'test_fraction', 'shared_glyphs',
+                          'flip_pixels'),
     'npz': ('path', 'num_classes', 'test_fraction', 'seed'),
-    'femnist': ('data_dir',), 'stackoverflow': ('data_dir',)}
+    'femnist': ('data_dir', 'flip_pixels'), 'stackoverflow': ('data_dir',)}
 _HIDDEN_MODELS = ('mlp', 'lstm')  # the models whose widths model.hidden sets
 
 
@@ -360,6 +364,6 @@ def _unread(algorithm: str, server_optimizer: str, model: str, data: str) -> dic
     why['model.conv'] = f'model.name is {model}'
   read = _DATA_FIELDS.get(data, ())
   why.update((f'data.{f}', f'data.name is {data}') for f in _DATA_FIELDS['synthetic']
-             + ('in_memory', 'shared_glyphs', 'path', 'num_classes', 'data_dir')
+             + ('in_memory', 'shared_glyphs', 'flip_pixels', 'path', 'num_classes', 'data_dir')
              if f not in read)
   return why

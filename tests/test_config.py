@@ -56,6 +56,7 @@ def test_base_config_and_quickstart_are_valid():
     ('data.name', 'cifar', 'config.data.name must be one of'),
     ('data.test_fraction', 1.0, 'config.data.test_fraction'),
     ('data.shared_glyphs', None, 'config.data.shared_glyphs must be True or False'),
+    ('data.flip_pixels', None, 'config.data.flip_pixels must be True or False'),
     ('eval_every', 0, 'config.eval_every must be >= 1'),
     ('target_accuracy', 1.5, 'config.target_accuracy must be in [0, 1]'),
     ('data_on_device', 'maybe', 'config.data_on_device must be one of'),
@@ -425,9 +426,14 @@ def test_fields_set_but_not_read_are_listed():
       'data.shared_glyphs=True (data.name is femnist)',
       'model.hidden=(3,) (model.name is emnist_cnn)']
   assert unread_fields(c, ['eta', 'seed']) == []
+  # The EMNIST data, real and generated, flip their pixels; no other data has any.
+  c.data.flip_pixels = True
+  assert unread_fields(c, ['data.flip_pixels']) == []
+  c.data.name = 'npz'
+  assert unread_fields(c, ['data.flip_pixels']) == ['data.flip_pixels=True (data.name is npz)']
   # The generated FEMNIST-shaped data reads it, so a resume cannot change it.
   c.data.name = 'femnist_synthetic'
-  assert unread_fields(c, ['data.shared_glyphs', 'data.in_memory']) == []
+  assert unread_fields(c, ['data.shared_glyphs', 'data.in_memory', 'data.flip_pixels']) == []
   saved = flatten(config_dict(c))
   c.data.shared_glyphs = False
   assert differing(saved, flatten(config_dict(c)), RESUMABLE_FIELDS) == ['data.shared_glyphs']

@@ -47,6 +47,11 @@ def test_real_femnist_leaf_sample_converts_and_trains(tmp_path):
   assert x.shape == (11, 28, 28) and np.median(x) == 1.0  # white background, as LEAF stores it
   config = _load_config('femnist')
   config.data.data_dir = str(tmp_path / 'femnist')
+  # The paper's config flips the pixels, as FedJAX's loader does: ink 1 on a background of 0.
+  flipped = load_task(config.data)
+  np.testing.assert_array_equal(flipped.train.client(0)['x'], 1.0 - x)
+  np.testing.assert_array_equal(flipped.test.client(4)['x'], 1.0 - task.test.client(4)['x'])
+  assert np.median(flipped.train.client(0)['x']) == 0.0
   config.num_rounds, config.cohort_size, config.eval_every = 3, 2, 3
   summary = train_and_evaluate(config, str(tmp_path / 'run'))
   assert summary['final']['test_examples'] == 89
@@ -304,6 +309,8 @@ def test_paper_configs_and_missing_dataset_message(tmp_path):
       10, 0.1, 20.0, 0.5)
   assert (so.cohort_size, so.eta, so.batch_size, so.upper_eta, so.model.name) == (
       50, 0.32, 16.0, 1.0, 'stackoverflow_lstm')
+  # What FedJAX's EMNIST_CONV and STACKOVERFLOW_WORD tasks, which the reference ran, do.
+  assert femnist.data.flip_pixels is True and so.model.expected_length == 13.3
   so.data.data_dir = str(tmp_path / 'nowhere')
   with pytest.raises(DataError) as err:
     load_task(so.data)

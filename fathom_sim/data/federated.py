@@ -89,6 +89,25 @@ class GeneratedClientDataset:
     return self.make(index)
 
 
+@dataclasses.dataclass(frozen=True)
+class MappedClientDataset:
+  """`dataset`'s clients, each passed through `fn` as it is read (a per-example transform
+  that the loaders of the public copies apply, such as FedJAX's flip of EMNIST's pixels)."""
+  dataset: ClientDataset
+  fn: Callable[[Batch], Batch]
+
+  @property
+  def client_ids(self) -> np.ndarray:
+    return self.dataset.client_ids
+
+  @property
+  def num_examples(self) -> np.ndarray:
+    return self.dataset.num_examples
+
+  def client(self, index: int) -> Batch:
+    return self.fn(self.dataset.client(index))
+
+
 class Prefetcher:
   """A ClientDataset that reads the clients named by `fetch` on background threads.
 
