@@ -196,6 +196,8 @@ def test_npz_directory_with_train_and_test(tmp_path):
     ('no_test', 'must hold train.npz and test.npz'),
     ('shapes', 'train inputs are (5,) but test inputs are (6,)'),
     ('empty', 'holds no examples (num_examples is empty or all 0)'),  # was a KeyError 'y'
+    ('huge_label', 'labels must be below 2^31, found 2147483648'),  # wrapped to -2^31
+    ('same_ids', "client_ids must be distinct; 'a' names 2 clients"),
 ])
 def test_npz_problems_name_the_file_and_the_fix(tmp_path, problem, needle):
   path = tmp_path / 'data.npz'
@@ -232,6 +234,11 @@ def test_npz_problems_name_the_file_and_the_fix(tmp_path, problem, needle):
     _write_clients(path / 'train.npz', [3])
   elif problem == 'empty':
     np.savez(path, x=np.zeros((0, 5)), y=np.zeros(0, np.int64), num_examples=np.zeros(0, int))
+  elif problem == 'huge_label':
+    np.savez(path, x=np.zeros((2, 5)), y=np.array([0, 2**31]), num_examples=np.array([2]))
+  elif problem == 'same_ids':
+    np.savez(path, x=np.zeros((3, 5)), y=np.array([0, 1, 0]), num_examples=np.array([1, 1, 1]),
+             client_ids=np.array(['a', 'b', 'a']))
   elif problem == 'shapes':
     path = tmp_path / 'dir'
     path.mkdir()

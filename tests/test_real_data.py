@@ -316,6 +316,7 @@ def test_paper_configs_and_missing_dataset_message(tmp_path):
     load_task(so.data)
   message = str(err.value)
   assert 'nowhere' in message and 'prepare_data.py' in message and 'curl' in message
+  assert 'fedjax/stackoverflow/stackoverflow.word_count' in message  # every file's address
   assert f'--out={tmp_path / "nowhere"} ' in message and '\n' not in message
   # a folder holding the downloads: prepare_data.py writes only into a new or empty one
   downloads = tmp_path / 'downloads'

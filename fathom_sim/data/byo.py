@@ -64,11 +64,18 @@ def _dataset(path: str, arrays: dict) -> ArrayClientDataset:
                     f'{counts.sum()}; all three must agree')
   if len(y) and y.min() < 0:
     raise DataError(f'{path}: labels must be >= 0, found {y.min()}')
+  if len(y) and y.max() >= 2**31:  # held as int32 from here on: it would wrap, silently
+    raise DataError(f'{path}: labels must be below 2^31, found {y.max()}')
   ids = arrays.get('client_ids')
   if ids is None:
     ids = np.array([f'client_{i:06d}' for i in range(len(counts))])
   elif len(ids) != len(counts):
     raise DataError(f'{path}: {len(ids)} client_ids for {len(counts)} clients')
+  else:
+    names, seen = np.unique(ids.astype(str), return_counts=True)
+    if (seen > 1).any():
+      raise DataError(f'{path}: client_ids must be distinct; {str(names[seen > 1][0])!r} names '
+                      f'{seen[seen > 1][0]} clients')
   x = x.astype(np.float32) if np.issubdtype(x.dtype, np.floating) else x
   offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
   return ArrayClientDataset({'x': x, 'y': y.astype(np.int32)}, offsets, ids.astype(str))

@@ -16,10 +16,11 @@ HOW_TO_GET = {
                 '--source=DIR --out={path}'),
     'stackoverflow': ('stackoverflow',
                       'curl -LO https://storage.googleapis.com/gresearch/fedjax/stackoverflow/'
-                      'stackoverflow_{{train,held_out,test}}.sqlite and stackoverflow.word_count '
-                      'into DIR, then python launch/prepare_data.py --format=fedjax_sqlite '
-                      '--task=stackoverflow --source=DIR --vocab=DIR/stackoverflow.word_count '
-                      '--out={path}'),
+                      'stackoverflow_{{train,held_out,test}}.sqlite and curl -LO '
+                      'https://storage.googleapis.com/gresearch/fedjax/stackoverflow/'
+                      'stackoverflow.word_count into DIR, then python launch/prepare_data.py '
+                      '--format=fedjax_sqlite --task=stackoverflow --source=DIR '
+                      '--vocab=DIR/stackoverflow.word_count --out={path}'),
 }
 
 
