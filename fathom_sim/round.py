@@ -95,9 +95,13 @@ def make_round(*, loss_fn: LossFn, server_opt: optax.GradientTransformation,
         (state.params, state.opt_state, tuner.rejected(state.hyper)))
     new_state = ServerState(params=params, opt_state=opt_state, hyper=hyper,
                             round=state.round + 1, rng=state.rng)
+    # With no client counted there is no h_local or training loss to report (0 would read as
+    # a perfect loss): NaN, written as null.
+    counted = total > 0
     metrics = RoundMetrics(
         hparams=hp, next_hparams=tuner.values(hyper),
-        h_glob=jnp.where(accepted, h_glob, 0.0), h_local=h_local, train_loss=train_loss,
+        h_glob=jnp.where(accepted, h_glob, 0.0), h_local=jnp.where(counted, h_local, jnp.nan),
+        train_loss=jnp.where(counted, train_loss, jnp.nan),
         accepted=accepted, dropped_clients=jnp.sum(~finite & (n > 0)).astype(jnp.int32),
         client_h=jnp.where(finite, out.h, jnp.nan), client_loss=client_loss,
         client_finite=finite)

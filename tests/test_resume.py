@@ -492,6 +492,8 @@ def test_round_with_no_finite_update_changes_nothing_and_halves_eta(tmp_path, ca
     summary = train_and_evaluate(config, str(tmp_path / 'run'))
   rows = read_rows(str(tmp_path / 'run'))
   assert not any(r['accepted'] for r in rows)
+  # No client counted: no loss or h_local measured (they read 0.0, a perfect loss, before).
+  assert all(r['train_loss'] is None and r['h_local'] is None for r in rows)
   said = [r.getMessage() for r in caplog.records if 'rejected' in r.getMessage()]
   assert len(said) == len(rows) and all('no client returned a finite update' in m for m in said)
   np.testing.assert_allclose([r['eta'] for r in rows], [0.05 / 2 ** k for k in range(4)],
