@@ -15,8 +15,13 @@ cd "$(dirname "$0")/.."
 usage="usage: experiments/claim.sh TASK [OUT] [--config.X=V ...]; TASK: quickstart, femnist, \
 femnist_cpu, femnist_real, stackoverflow_real"
 task="${1:?$usage}"
-out="${2:-runs/claim_$task}"
-shift $(( $# >= 2 ? 2 : 1 ))
+shift
+# OUT is optional: an argument that starts with -- is the first override, not OUT.
+out="runs/claim_$task"
+if [[ $# -ge 1 && "$1" != --* ]]; then
+  out="$1"
+  shift
+fi
 case "$task" in
   quickstart) targets=0.3,0.4,0.45 ;;
   femnist|femnist_cpu) targets=0.5,0.7,0.8,0.9,0.95,0.98 ;;  # generated data: an MLP reaches 0.99

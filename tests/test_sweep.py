@@ -488,3 +488,26 @@ def test_a_data_error_in_a_round_fails_that_run_alone(tmp_path):
 
   entries = sweep.run_sweep(definition, str(tmp_path / 'out'), train=train, log=lambda _: None)
   assert tried == [0, 1] and [e['status'] for e in entries] == ['failed', 'done']
+
+
+@pytest.mark.parametrize('args,out,rest', [
+    (['femnist_real', '--config.data.data_dir=/d'], 'runs/claim_femnist_real',
+     ['--config.data.data_dir=/d']),
+    (['femnist_real', '/tmp/o', '--config.data.data_dir=/d'], '/tmp/o',
+     ['--config.data.data_dir=/d']),
+    (['quickstart'], 'runs/claim_quickstart', []),
+])
+def test_claim_script_takes_out_only_where_given(tmp_path, args, out, rest):
+  """OUT is optional: an override given in its place was taken for the output folder, and so
+  reached no run."""
+  calls = tmp_path / 'calls'
+  fake = tmp_path / 'python'
+  fake.write_text(f'#!/bin/sh\nprintf "%s\\n" "$@" >> {calls}\necho END >> {calls}\n')
+  fake.chmod(0o755)
+  subprocess.run(['bash', os.path.join(ROOT, 'experiments', 'claim.sh'), *args], check=True,
+                 capture_output=True, env={**os.environ, 'PYTHON': str(fake)})
+  sweep_call, report_call = [c.split('\n') for c in calls.read_text().split('END\n')[:2]]
+  sweep_call, report_call = [a for a in sweep_call if a], [a for a in report_call if a]
+  assert sweep_call == ['launch/sweep.py', f'--sweep=sweeps/claim_{args[0]}.py', f'--out={out}',
+                        '--vmap_seeds', *rest]
+  assert report_call[:2] == ['launch/report.py', out]
