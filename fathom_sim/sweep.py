@@ -200,6 +200,17 @@ def _sweep_file(sweep: SweepDef) -> str:
   return os.path.basename(sweep.path) if os.path.isfile(sweep.path) else sweep.path
 
 
+def run_status(run: RunSpec) -> tuple[str, str | None]:
+  """('done' | 'pending' | 'failed', why it failed) of a run before the sweep trains: a run
+  already there under another config is reported, never skipped or redone."""
+  from fathom_sim import workdir as workdir_lib
+  try:
+    workdir_lib.check_same_run(run.workdir, run.config)
+  except workdir_lib.WorkdirError as e:
+    return 'failed', str(e)
+  return ('done' if is_finished(run.workdir, run.config.num_rounds) else 'pending'), None
+
+
 def is_finished(workdir: str, num_rounds: int) -> bool:
   """True when the workdir holds a summary of at least `num_rounds` rounds."""
   return (metrics.finished_rounds(workdir) or 0) >= num_rounds
@@ -271,13 +282,8 @@ def _run_all(sweep: SweepDef, out: str, runs: list[RunSpec], sweep_file: str, *,
   from fathom_sim.data import DataError, DatasetError
   entries = []
   for r in runs:
-    try:  # a run already there under another config is reported, never skipped or redone
-      workdir_lib.check_same_run(r.workdir, r.config)
-    except workdir_lib.WorkdirError as e:
-      entries.append(_entry(r, out, 'failed', error=str(e)))
-      continue
-    entries.append(_entry(r, out, 'done' if is_finished(r.workdir, r.config.num_rounds)
-                          else 'pending'))
+    status, error = run_status(r)
+    entries.append(_entry(r, out, status, **({} if error is None else {'error': error})))
   index = {'sweep': sweep_file, 'config': sweep.config_source, 'fixed': sweep.fixed,
            'extra': dict(extra or {}), 'seeds': sweep.seeds, 'runs': entries}
 

@@ -40,12 +40,13 @@ def parse_flags(argv: list[str]) -> list[str]:
 
 
 def _dry_run(sweep_lib, sweep) -> None:
-  """Prints each run of the sweep and whether it is done."""
+  """Prints each run of the sweep and what the sweep would do with it: as the sweep judges it,
+  a workdir holding a run of another config is a failure, whether finished or not."""
   from fathom_sim.workdir import check_local
   check_local(_OUT.value, '--out')
   for run in sweep_lib.plan_runs(sweep, _OUT.value, _EXTRA):
-    done = sweep_lib.is_finished(run.workdir, run.config.num_rounds)
-    print(f'{run.name}: {"done" if done else "to run"}')
+    status, error = sweep_lib.run_status(run)
+    print(f'{run.name}: ' + {'done': 'done', 'pending': 'to run'}.get(status, f'fails: {error}'))
 
 
 def main(argv):

@@ -125,6 +125,13 @@ def test_sweep_runs_every_setting_and_seed_once_and_reports(tmp_path):
   assert 'cohort_size (5 -> 4)' in p.stderr.splitlines()[-1], p.stderr
   assert p.stdout.count('fields that change the result differ: cohort_size (5 -> 4)') == 4
   assert [os.stat(p).st_mtime_ns for p in summaries] == mtimes
+  # --dry_run says what the sweep would do: these fail (it said "done" before), those done.
+  p = _cli('sweep.py', f'--sweep={sweep_file}', f'--out={out}', '--config.cohort_size=4',
+           '--dry_run')
+  assert p.returncode == 0 and p.stdout.count(': fails: ') == 4, p.stdout
+  assert 'cohort_size (5 -> 4)' in p.stdout.splitlines()[0]
+  p = _cli('sweep.py', f'--sweep={sweep_file}', f'--out={out}', '--dry_run')
+  assert p.stdout.splitlines() == [f'{n}: done' for n in names], p.stdout
 
   # A run without its summary is unfinished: only that one goes through train_and_evaluate
   # again (which resumes from its final checkpoint).
