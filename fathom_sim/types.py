@@ -58,19 +58,25 @@ class CohortPlan:
         self.lanes.source.values())).shape[:2]
     return self.lanes.stream.shape, buffer, self.batch_pad
 
-  def computed_steps(self, num_devices: int, host_loop: bool = False, chunk: int = 1) -> int:
+  def computed_steps(self, num_devices: int, host_loop: bool = False, chunk: int = 1,
+                     alongside: tuple[CohortPlan, ...] = ()) -> int:
     """Steps the devices run: every lane of a device runs as long as its longest lane, rounded
     up to a whole number of `chunk`s (with the loop driven by the host, as long as the longest
-    lane of all)."""
+    lane of all). `alongside`: the plans of the other seeds of one vectorised program, whose
+    loops run as long as the longest of any seed's."""
+    every = np.stack([p.lane_steps for p in (self, *alongside)])
     if host_loop:
-      return int(self.lane_steps.max() * self.lane_steps.size)
-    per_device = self.lane_steps.reshape(num_devices, -1)
-    longest = -(-per_device.max(axis=1) // chunk) * chunk
-    return int(longest.sum() * per_device.shape[1])
+      return int(every.max() * self.lane_steps.size)
+    per_device = every.reshape(len(every), num_devices, -1)
+    longest = -(-per_device.max(axis=(0, 2)) // chunk) * chunk
+    return int(longest.sum() * per_device.shape[2])
 
-  def useful_fraction(self, num_devices: int, host_loop: bool = False, chunk: int = 1) -> float:
-    """Real example-gradients over computed ones (padding efficiency of this round)."""
-    computed = self.computed_steps(num_devices, host_loop, chunk) * self.batch_pad
+  def useful_fraction(self, num_devices: int, host_loop: bool = False, chunk: int = 1,
+                      alongside: tuple[CohortPlan, ...] = ()) -> float:
+    """Real example-gradients over computed ones (padding efficiency of this round); with
+    `alongside` (computed_steps), every seed's steps at the largest B_pad of them."""
+    batch_pad = max(p.batch_pad for p in (self, *alongside))
+    computed = self.computed_steps(num_devices, host_loop, chunk, alongside) * batch_pad
     return float(self.num_steps.sum() * self.batch_size) / max(computed, 1)
 
 
