@@ -99,7 +99,8 @@ def write_tff(path, splits: dict):
 
 
 def expected_sequences(sentence: str, length=20):
-  ids = [IDS.get(w, OOV) for w in sentence.split()]
+  # FedJAX's and TFF's tokenizers split on ' ' exactly (tf.strings.split(tokens, sep=' ')).
+  ids = [IDS.get(w, OOV) for w in sentence.split(' ')]
   x = ([1] + ids)[:length]
   y = (ids + [2])[:length]
   return x + [0] * (length - len(x)), y + [0] * (length - len(y))
@@ -185,7 +186,7 @@ def test_a_record_that_disagrees_with_the_index_is_named(tmp_path):
 def test_fedjax_stackoverflow_reads_back_exactly(tmp_path):
   sentences = {'u1': ['the beer is good ?', 'hops'],
                'u2': ['unknown words the beer ' * 6],  # longer than 20 tokens: cut
-               'u3': ['is']}
+               'u3': ['is', 'the  beer\xa0is good']}  # '' and 'beer\xa0is': out of vocab
   os.makedirs(tmp_path / 'src')
   for split in ('train', 'held_out', 'test'):
     write_fedjax(tmp_path / 'src' / f'stackoverflow_{split}.sqlite', {
@@ -206,6 +207,7 @@ def test_fedjax_stackoverflow_reads_back_exactly(tmp_path):
     want = [expected_sequences(s) for s in ss]
     np.testing.assert_array_equal(got['x'], [w[0] for w in want])
     np.testing.assert_array_equal(got['y'], [w[1] for w in want])
+  assert list(task.test.client(2)['x'][1][:6]) == [1, IDS['the'], OOV, OOV, IDS['good'], 0]
 
 
 def test_tf_example_parser_matches_protobuf():

@@ -84,7 +84,9 @@ class Vocabulary:
     for row, s in enumerate(sentences):
       if isinstance(s, bytes):
         s = s.decode('utf-8', errors='replace')
-      ids = [self._ids.get(w, self.oov) for w in s.split()]
+      # Split on ' ' exactly, as FedJAX's and TFF's tokenizers (tf.strings.split, sep=' '): two
+      # spaces give an empty word (out of vocabulary), a tab or no-break space stays in a word.
+      ids = [self._ids.get(w, self.oov) for w in s.split(' ')]
       xs = ([BOS] + ids)[:length]
       ys = (ids + [EOS])[:length]
       x[row, :len(xs)] = xs
@@ -120,5 +122,6 @@ def vocabulary_from(sentences: Iterable[str | bytes], size: int) -> Vocabulary:
   """The `size` most frequent words of the sentences (ties broken by first appearance)."""
   counts: collections.Counter = collections.Counter()
   for s in sentences:
-    counts.update((s.decode('utf-8', errors='replace') if isinstance(s, bytes) else s).split())
+    text = s.decode('utf-8', errors='replace') if isinstance(s, bytes) else s
+    counts.update(w for w in text.split(' ') if w)  # the words encode() looks up
   return Vocabulary([w for w, _ in counts.most_common(size)])
