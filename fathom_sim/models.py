@@ -243,7 +243,8 @@ def classifier(name: str, module: nn.Module) -> Model:
 
 
 class NextWordLSTM(nn.Module):
-  """Embedding -> LSTM -> dense -> dense over the token ids (Stack Overflow next-word)."""
+  """Embedding -> LSTM -> tanh -> dense -> dense over the token ids (Stack Overflow next-word),
+  as FedJAX's model, which the paper's reference ran (TFF's Keras model has no tanh)."""
   num_ids: int
   embed: int = 96
   lstm: int = 670
@@ -261,7 +262,7 @@ class NextWordLSTM(nn.Module):
     else:
       # The same function, with a backward pass that is cheaper than autodiff's (lstm.py).
       h = lstm.lstm_layer(self.variables['params'][LSTM_CELL], h, self.dtype)
-    h = Dense(self.dense, self.dtype)(h)
+    h = Dense(self.dense, self.dtype)(jnp.tanh(h))
     return Dense(self.num_ids, self.dtype)(h)
 
 

@@ -123,7 +123,7 @@ class _FlaxNextWordLSTM(nn.Module):
   def __call__(self, x, train: bool = False):
     h = nn.Embed(self.num_ids, self.embed)(x.astype(jnp.int32))
     h = nn.RNN(nn.OptimizedLSTMCell(self.hidden))(h)
-    h = models.Dense(self.dense)(h)
+    h = models.Dense(self.dense)(jnp.tanh(h))
     return models.Dense(self.num_ids)(h)
 
 
