@@ -84,6 +84,7 @@ def main(argv):
   import numpy as np
   from fathom_sim.data import load_task
   from fathom_sim.metrics import read_rows
+  from fathom_sim.fathom import batch_size_int
   from fathom_sim.run import batch_moves
 
   c = _CONFIG.value
@@ -93,7 +94,7 @@ def main(argv):
     buffer_rows = []
     compiles = replay(sizes, rows, cohort_size=c.cohort_size, lanes=_LANES.value, seed=c.seed,
                       resident=resident, per_octave=c.batch_pad_per_octave,
-                      max_batch_size=max(1, round(min(c.upper_batch_size, 2**30))),
+                      max_batch_size=batch_size_int(min(c.upper_batch_size, 2**30)),
                       devices=_DEVICES.value, exact_batch=not batch_moves(c),
                       buffer_rows=buffer_rows)
     where = 'on the devices' if resident else 'sent per round'

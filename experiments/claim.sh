@@ -16,10 +16,11 @@ usage="usage: experiments/claim.sh TASK [OUT] [--config.X=V ...]; TASK: quicksta
 femnist_cpu, femnist_real, stackoverflow_real"
 task="${1:?$usage}"
 shift
-# OUT is optional: an argument that starts with -- is the first override, not OUT.
+# OUT is optional: an argument that starts with - is the first override, not OUT; an empty
+# OUT is the default.
 out="runs/claim_$task"
-if [[ $# -ge 1 && "$1" != --* ]]; then
-  out="$1"
+if [[ $# -ge 1 && "$1" != -* ]]; then
+  out="${1:-$out}"
   shift
 fi
 case "$task" in

@@ -87,9 +87,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.seed = 0                 # generated data only
   c.data.num_clients = 1000       # generated data only
   c.data.in_memory = False        # femnist_synthetic: make every client once and keep them
-  c.data.flip_pixels = False      # femnist, femnist_synthetic: x -> 1 - x, ink 1 on 0 as
-                                  # FedJAX's EMNIST loader (the paper's runs) gives it; the
-                                  # files store ink 0 on 1 (configs/femnist.py sets True)
+  c.data.flip_pixels = False      # femnist: x -> 1 - x, ink 1 on 0 as FedJAX's EMNIST
+                                  # loader (the paper's runs) gives it; the files store ink 0
+                                  # on 1 (configs/femnist.py sets True)
   c.data.shared_glyphs = False    # femnist_synthetic: both cases of the 15 letters EMNIST
                                   # merges (c i j k l m o p s u v w x y z) share one glyph,
                                   # so labels overlap as FEMNIST's do (loss stays off 0)
@@ -327,8 +327,7 @@ _SERVER_FIELDS = {'sgd': (), 'momentum': ('server_momentum',),
 _DATA_FIELDS = {  # the data.* fields each data.name reads (besides name)
     'synthetic': ('seed', 'num_clients', 'alpha', 'beta', 'size_log_mean', 'size_log_sigma',
                   'min_examples', 'max_examples', 'test_fraction'),
-    'femnist_synthetic': ('seed', 'num_clients', 'in_memory', 'test_fraction', 'shared_glyphs',
-                          'flip_pixels'),
+    'femnist_synthetic': ('seed', 'num_clients', 'in_memory', 'test_fraction', 'shared_glyphs'),
     'npz': ('path', 'num_classes', 'test_fraction', 'seed'),
     'femnist': ('data_dir', 'flip_pixels'), 'stackoverflow': ('data_dir',)}
 _HIDDEN_MODELS = ('mlp', 'lstm')  # the models whose widths model.hidden sets

@@ -73,8 +73,8 @@ def make_round(*, loss_fn: LossFn, server_opt: optax.GradientTransformation,
     # 3. Aggregate, weighting by n_i; clients with a non-finite update or h_i are left out.
     w = jnp.where(finite, n, 0.0)
     total = w.sum()
-    accepted = total > 0
-    safe_total = jnp.where(accepted, total, 1.0)
+    counted = total > 0
+    safe_total = jnp.where(counted, total, 1.0)
     delta = tree.scale(1.0 / safe_total, out.weighted_sum)
     h_local = jnp.where(finite, out.h, 0.0) @ w / safe_total
     train_loss = jnp.where(finite, client_loss, 0.0) @ w / safe_total
@@ -89,7 +89,7 @@ def make_round(*, loss_fn: LossFn, server_opt: optax.GradientTransformation,
     # hyper step is not finite (params, phi, g, or an optimizer's moments: Adam's second
     # moment overflows where Delta^2 does while its step stays finite), leaves the model as it
     # was (and FATHOM halves eta).
-    accepted = accepted & tree.all_finite((params, opt_state, hyper))
+    accepted = counted & tree.all_finite((params, opt_state, hyper))
     params, opt_state, hyper = tree.select(
         accepted, (params, opt_state, hyper),
         (state.params, state.opt_state, tuner.rejected(state.hyper)))
@@ -97,7 +97,6 @@ def make_round(*, loss_fn: LossFn, server_opt: optax.GradientTransformation,
                             round=state.round + 1, rng=state.rng)
     # With no client counted there is no h_local or training loss to report (0 would read as
     # a perfect loss): NaN, written as null.
-    counted = total > 0
     metrics = RoundMetrics(
         hparams=hp, next_hparams=tuner.values(hyper),
         h_glob=jnp.where(accepted, h_glob, 0.0), h_local=jnp.where(counted, h_local, jnp.nan),

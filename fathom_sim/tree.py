@@ -32,7 +32,8 @@ def cosine_of(ab: jax.Array, aa: jax.Array, bb: jax.Array) -> jax.Array:
 
   A sum that overflowed float32 leaves the cosine unknown, not 0: |a|^2 = inf with a finite
   <a, b> (a gradient of norm ~1e19 against a step 0.1 times as long) would otherwise read as
-  orthogonal. Callers treat the NaN as the client's or the round's failure.
+  orthogonal. A NaN c_k leaves its client out (client.py); a NaN h_glob makes FATHOM's phi
+  non-finite, so the round is rejected, and under FedAvg is logged as null.
   """
   denom = jnp.sqrt(aa) * jnp.sqrt(bb)
   cos = jnp.where(denom > 0, ab / jnp.where(denom > 0, denom, 1.0), 0.0)

@@ -278,23 +278,6 @@ def test_data_that_does_not_fit_the_model_is_refused_in_one_line(tmp_path):
   assert '\n' not in str(err.value)
 
 
-@pytest.mark.parametrize('in_memory', [False, True])
-def test_femnist_like_flip_pixels_gives_one_minus_x_in_train_and_test(in_memory):
-  from fathom_sim.data import load_task
-  config = tiny_config(**{'data.name': 'femnist_synthetic', 'data.num_clients': 6,
-                          'data.in_memory': in_memory})
-  plain = load_task(config.data)
-  config.data.flip_pixels = True
-  flipped = load_task(config.data)
-  for split in ('train', 'test'):
-    a, b = getattr(plain, split), getattr(flipped, split)
-    np.testing.assert_array_equal(b.num_examples, a.num_examples)
-    for i in (0, 5):
-      np.testing.assert_array_equal(b.client(i)['x'], 1.0 - a.client(i)['x'])
-      np.testing.assert_array_equal(b.client(i)['y'], a.client(i)['y'])
-      assert b.client(i)['x'].dtype == np.float32
-
-
 @pytest.mark.parametrize('dtype,top,warned', [(np.uint8, 255, True), (np.int32, 1, False),
                                                (np.float32, 255, False)])
 def test_integer_pixels_for_a_float_input_model_are_warned_about(tmp_path, caplog, dtype, top,

@@ -257,10 +257,10 @@ def test_tff_emnist_and_stackoverflow_read_back_exactly(tmp_path):
 
 def test_sources_whose_paths_hold_uri_characters_or_commas_are_read(tmp_path):
   """A '#', '?' or '%' in a folder's name cut the SQLite URI (the path after '#' was dropped,
-  and an empty database created at what was left); a comma in a folder's name made the check
-  of --source look for the path before it."""
+  and an empty database created at what was left); a '[' made the folder's glob match nothing;
+  a comma in a folder's name made the check of --source look for the path before it."""
   train, test = emnist_clients(6, [3, 2]), emnist_clients(7, [2])
-  odd = tmp_path / 'a#b?c%41 d'
+  odd = tmp_path / 'a#b?c%41 d[1]'
   write_fedjax_emnist(odd, train, test)
   prepare(str(odd), str(tmp_path / 'f'), fmt='fedjax_sqlite', task='emnist')
   assert_emnist_roundtrip(load_prepared('femnist', str(tmp_path / 'f')), train, test)
@@ -270,7 +270,7 @@ def test_sources_whose_paths_hold_uri_characters_or_commas_are_read(tmp_path):
       for split, clients in (('all_train', train), ('all_test', test))})
   prepare(str(odd / 'emnist.sqlite'), str(tmp_path / 't'), fmt='tff_sqlite', task='emnist')
   assert_emnist_roundtrip(load_prepared('femnist', str(tmp_path / 't')), train, test)
-  assert sorted(os.listdir(tmp_path)) == sorted(['a#b?c%41 d', 'f', 't'])  # no stray database
+  assert sorted(os.listdir(tmp_path)) == sorted(['a#b?c%41 d[1]', 'f', 't'])  # no stray database
   comma = tmp_path / 'x,y'
   _write_leaf(comma, {'train': train, 'test': test})
   prepare(str(comma), str(tmp_path / 'l'), fmt='leaf_json', task='emnist')

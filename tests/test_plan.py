@@ -294,3 +294,28 @@ def test_stream_is_sized_ahead_for_the_largest_client_within_a_bound(resident):
   need = 10 + plan.batch_pad - 5  # 2 steps of 5, and a padded step's slack
   assert plan.lanes.stream.shape[1] == grow(0, STREAM_LOOKAHEAD * need) < 200
   assert planner.plan(np.array([0, 1, 2, 8]), 2, 1.0, 5.0).lanes.stream.shape[1] >= 200
+
+
+def _lanes_plan(lane_steps, batch_pad, batch_size=3):
+  """A plan with only what computed_steps and useful_fraction read (one client a lane)."""
+  from fathom_sim.types import CohortPlan
+  steps = np.asarray(lane_steps)
+  return CohortPlan(lanes=None, table=None, batch_size=batch_size, batch_pad=batch_pad,
+                    clients=None, num_examples=None, num_steps=steps, lane_steps=steps)
+
+
+def test_computed_steps_of_seeds_in_one_program_by_hand():
+  """2 devices x 2 lanes. Seeds vmapped in one program run each device's loop as long as its
+  longest lane of any seed (chunks rounded up per device; the host loop as long as the longest
+  lane of all), at the largest B_pad of any seed."""
+  a, b = _lanes_plan([3, 1, 2, 2], batch_pad=4), _lanes_plan([1, 1, 5, 0], batch_pad=6)
+  assert a.computed_steps(2) == (3 + 2) * 2
+  assert a.computed_steps(2, alongside=(b,)) == (3 + 5) * 2
+  assert b.computed_steps(2, alongside=(a,)) == (3 + 5) * 2
+  assert a.computed_steps(2, chunk=4, alongside=(b,)) == (4 + 8) * 2
+  assert a.computed_steps(2, host_loop=True) == 3 * 4
+  assert a.computed_steps(2, host_loop=True, alongside=(b,)) == 5 * 4
+  # 8 real steps of 3 examples: against 10 steps of 4 rows alone, 16 steps of 6 rows together.
+  assert a.useful_fraction(2) == 24 / 40
+  assert a.useful_fraction(2, alongside=(b,)) == 24 / 96
+  assert b.useful_fraction(2, alongside=(a,)) == 21 / 96

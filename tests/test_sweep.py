@@ -503,6 +503,7 @@ def test_a_data_error_in_a_round_fails_that_run_alone(tmp_path):
     (['femnist_real', '/tmp/o', '--config.data.data_dir=/d'], '/tmp/o',
      ['--config.data.data_dir=/d']),
     (['quickstart'], 'runs/claim_quickstart', []),
+    (['quickstart', '', '-v'], 'runs/claim_quickstart', ['-v']),
 ])
 def test_claim_script_takes_out_only_where_given(tmp_path, args, out, rest):
   """OUT is optional: an override given in its place was taken for the output folder, and so

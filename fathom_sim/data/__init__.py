@@ -22,10 +22,9 @@ def load_task(data_config) -> Task:
                                 test_fraction=c.test_fraction, seed=c.seed)
   if c.name == 'femnist_synthetic':
     if c.in_memory:
-      return _femnist_like_in_memory(c.num_clients, c.test_fraction, c.seed, c.shared_glyphs,
-                                     c.flip_pixels)
-    return _flipped(femnist_like(num_clients=c.num_clients, test_fraction=c.test_fraction,
-                                 seed=c.seed, shared_glyphs=c.shared_glyphs), c.flip_pixels)
+      return _femnist_like_in_memory(c.num_clients, c.test_fraction, c.seed, c.shared_glyphs)
+    return femnist_like(num_clients=c.num_clients, test_fraction=c.test_fraction, seed=c.seed,
+                        shared_glyphs=c.shared_glyphs)
   if c.name == 'npz':
     return load_npz(c.path, num_classes=c.num_classes, test_fraction=c.test_fraction,
                     seed=c.seed)
@@ -51,12 +50,12 @@ def _flipped(task: Task, flip: bool) -> Task:
 
 @functools.lru_cache(maxsize=1)
 def _femnist_like_in_memory(num_clients: int, test_fraction: float, seed: int,
-                            shared_glyphs: bool, flip: bool) -> Task:
+                            shared_glyphs: bool) -> Task:
   """FEMNIST-shaped clients made once per process and held in memory: a sweep of small models
   stops paying for image generation every round, and its settings share one copy (generating
   3,400 writers takes ~30 s on 2 cores). Read-only, since every run sees the same arrays."""
-  task = _flipped(femnist_like(num_clients=num_clients, test_fraction=test_fraction, seed=seed,
-                               shared_glyphs=shared_glyphs), flip)
+  task = femnist_like(num_clients=num_clients, test_fraction=test_fraction, seed=seed,
+                      shared_glyphs=shared_glyphs)
   task = task._replace(train=materialize(task.train), test=materialize(task.test))
   for split in (task.train, task.test):
     for a in (*split.features.values(), split.offsets):

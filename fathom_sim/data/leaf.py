@@ -22,7 +22,7 @@ def split_files(source: str) -> dict[str, list[str]]:
   found = {}
   for split in ('train', 'test'):
     single = os.path.join(source, f'{split}.json')
-    many = sorted(glob.glob(os.path.join(source, split, '*.json')))
+    many = sorted(glob.glob(os.path.join(glob.escape(source), split, '*.json')))
     found[split] = [single] if os.path.isfile(single) else many
   if not os.path.isdir(source) or not all(found.values()):
     raise DataError(f'{source}: expected a LEAF directory with train.json and test.json, or '

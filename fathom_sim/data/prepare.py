@@ -90,9 +90,10 @@ class _Splits:
 
 
 def _fedjax(source: str, task: str) -> _Splits:
+  # glob.escape: a '[' in the folder's name is a character, not a pattern.
+  in_folder = sorted(glob.glob(os.path.join(glob.escape(source), '*.sqlite')))
   files = ([source] if os.path.isfile(source) else
-           sorted(glob.glob(os.path.join(source, '*.sqlite'))) if os.path.isdir(source) else
-           source.split(','))
+           in_folder if os.path.isdir(source) else source.split(','))
   if os.path.isdir(source):
     # One download folder may hold both tasks' files (federated_emnist_*, stackoverflow_*).
     own = [f for f in files if task in os.path.basename(f).lower()]
