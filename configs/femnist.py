@@ -25,4 +25,6 @@ def get_config():
   c.data.data_dir = 'data/femnist'
   # The reference runs took FedJAX's EMNIST_CONV task, whose loader hands the model 1 - pixels.
   c.data.flip_pixels = True
+  # ... and its model started from FedJAX's (Haiku's) initial values.
+  c.model.init = 'fedjax'
   return c

@@ -26,6 +26,8 @@ def get_config():
   # The reference runs took FedJAX's STACKOVERFLOW_WORD task, whose training loss sums each
   # sentence's token losses over an expected length of 13.3 (models.sequence_model).
   c.model.expected_length = 13.3
+  # ... and its model started from FedJAX's (Haiku's) initial values.
+  c.model.init = 'fedjax'
   c.data.name = 'stackoverflow'
   c.data.data_dir = 'data/stackoverflow'
   return c

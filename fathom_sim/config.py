@@ -77,6 +77,9 @@ def base_config() -> ml_collections.ConfigDict:
                                   # pallas: Triton kernels for a GPU (conv_kernels.py)
   c.model.compute_dtype = 'float32'  # float32 | bfloat16: activations and matrix products;
                                   # parameters, updates and FATHOM's statistics stay float32
+  c.model.init = 'flax'           # initial values: flax's defaults, or 'fedjax': those of
+                                  # FedJAX's Haiku models, which the paper's reference ran
+                                  # (configs/femnist.py, stackoverflow.py; models.fedjax_init)
   c.model.expected_length = 0.0   # sequence models' training loss: 0, the mean over the
                                   # batch's non-pad target tokens; > 0, FedJAX's
                                   # stackoverflow_word task's (13.3): each sentence's summed
@@ -282,6 +285,7 @@ def check_config(c: ml_collections.ConfigDict) -> None:
           '(96, 670, 96)', hidden)
   _choice(c, 'model.conv', ('auto',) + models.CONV_FORMS)
   _choice(c, 'model.compute_dtype', tuple(models.COMPUTE_DTYPES))
+  _choice(c, 'model.init', models.INITS)
   _number(c, 'model.expected_length', low=0, float32=True)
   if c.model.expected_length and c.model.name not in models.SEQUENCE_MODELS:
     _fail('model.expected_length', f'0 for model.name {c.model.name!r} (it sets the training '

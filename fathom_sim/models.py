@@ -332,13 +332,56 @@ def sequence_model(name: str, module: nn.Module, num_ids: int,
   return Model(name, init, loss, eval_sums)
 
 
+INITS = ('flax', 'fedjax')
+
+
+def fedjax_init(params: Params, rng: jax.Array) -> Params:
+  """`params` drawn again as FedJAX's Haiku models draw them (the paper's reference ran those):
+  every kernel (dense, convolution, LSTM) from a normal cut at +-2 std with std 1/sqrt(fan_in)
+  and not rescaled after the cut (Haiku's TruncatedNormal: 0.88/sqrt(fan_in) in effect, where
+  flax's lecun_normal rescales to 1/sqrt(fan_in)); embeddings the same with std 1 (flax: a
+  normal of std 0.1); biases kept (0, and the LSTM's forget gate at 1, which Haiku adds in the
+  cell). Haiku's LSTM has one [F + H, 4H] kernel, so its input and recurrent parts both have
+  fan_in F + H."""
+  leaves, treedef = jax.tree_util.tree_flatten_with_path(params)
+  cell = params.get(LSTM_CELL)
+  lstm_fan_in = (cell['ii']['kernel'].shape[0] + cell['hi']['kernel'].shape[0]
+                 if cell is not None else None)
+  out = []
+  for index, (path, leaf) in enumerate(leaves):
+    names = [getattr(k, 'key', None) for k in path]
+    if names[-1] == 'embedding':
+      std = 1.0
+    elif names[-1] == 'kernel':
+      std = 1.0 / np.sqrt(lstm_fan_in if names[0] == LSTM_CELL else np.prod(leaf.shape[:-1]))
+    else:
+      out.append(leaf)
+      continue
+    key = jax.random.fold_in(rng, index)
+    out.append(std * jax.random.truncated_normal(key, -2.0, 2.0, leaf.shape, leaf.dtype))
+  return jax.tree_util.tree_unflatten(treedef, out)
+
+
 def get_model(name: str, *, num_classes: int, hidden: Sequence[int] = (64,),
               conv: str = 'xla', compute_dtype: str = 'float32',
-              expected_length: float = 0.0) -> Model:
+              expected_length: float = 0.0, init: str = 'flax') -> Model:
   """The model `name`; `conv` picks how emnist_cnn computes its convolutions (CONV_FORMS);
   `compute_dtype` the dtype of its activations and matrix products (COMPUTE_DTYPES). The
   parameters, and so the gradients, updates and FATHOM's statistics, are float32 either way.
-  `expected_length`: the sequence models' training loss (sequence_model)."""
+  `expected_length`: the sequence models' training loss (sequence_model). `init`: flax's
+  initial values, or FedJAX's (fedjax_init)."""
+  if init not in INITS:
+    raise ValueError(f'model.init must be one of {INITS}, got {init!r}')
+  model = _get_model(name, num_classes=num_classes, hidden=hidden, conv=conv,
+                     compute_dtype=compute_dtype, expected_length=expected_length)
+  if init == 'flax':
+    return model
+  flax_init = model.init
+  return model._replace(init=lambda rng, batch: fedjax_init(flax_init(rng, batch), rng))
+
+
+def _get_model(name: str, *, num_classes: int, hidden: Sequence[int], conv: str,
+               compute_dtype: str, expected_length: float) -> Model:
   if conv not in CONV_FORMS:
     raise ValueError(f'model.conv must be one of {CONV_FORMS}, got {conv!r}')
   if compute_dtype not in COMPUTE_DTYPES:

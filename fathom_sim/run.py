@@ -107,7 +107,8 @@ def build(config: ml_collections.ConfigDict, task: Task | None = None) -> Run:
   model = models.get_model(config.model.name, num_classes=task.num_classes,
                            hidden=config.model.hidden, conv=conv,
                            compute_dtype=config.model.compute_dtype,
-                           expected_length=config.model.expected_length)
+                           expected_length=config.model.expected_length,
+                           init=config.model.init)
   _check_model_fits(model, config.model.name, task)
   _warn_integer_inputs(config.model.name, task)
   server_opt = server.server_optimizer(

@@ -53,6 +53,7 @@ def test_base_config_and_quickstart_are_valid():
     ('model.expected_length', -13.3, 'config.model.expected_length must be >= 0'),
     ('model.expected_length', 13.3,  # base_config's model is the mlp
      "config.model.expected_length must be 0 for model.name 'mlp'"),
+    ('model.init', 'haiku', "config.model.init must be one of 'flax', 'fedjax'"),
     ('data.name', 'cifar', 'config.data.name must be one of'),
     ('data.test_fraction', 1.0, 'config.data.test_fraction'),
     ('data.shared_glyphs', None, 'config.data.shared_glyphs must be True or False'),

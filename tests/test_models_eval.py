@@ -351,3 +351,44 @@ def test_a_run_warns_of_each_accepted_round_whose_loss_jumped(tmp_path, monkeypa
     train_and_evaluate(tiny_config(num_rounds=3), str(tmp_path / 'run'))
   jumps = [r.getMessage() for r in caplog.records if 'may be diverging' in r.getMessage()]
   assert [m.split(':')[0] for m in jumps] == ['round 2', 'round 3']
+
+
+def test_fedjax_init_draws_as_haiku_does():
+  """model.init='fedjax': kernels from a normal cut at +-2 std, std 1/sqrt(fan_in), not
+  rescaled after the cut (so 0.880/sqrt(fan_in) in effect, where flax's lecun_normal gives
+  1/sqrt(fan_in)); biases as flax leaves them; the same draws for the same key."""
+  x = np.zeros((2, 28, 28), np.float32)
+  batch = {'x': x, 'y': np.zeros(2, np.int32)}
+  fedjax = get_model('emnist_cnn', num_classes=62, init='fedjax')
+  flax = get_model('emnist_cnn', num_classes=62)
+  key = jax.random.key(3)
+  got, plain = fedjax.init(key, batch), flax.init(key, batch)
+  cut = 0.8796  # the std of a standard normal cut at +-2
+  for layer, fan_in in (('Conv_0', 9), ('Conv_1', 9 * 32), ('Dense_0', 9216), ('Dense_1', 128)):
+    w = np.asarray(got[layer]['kernel'])
+    assert np.abs(w).max() <= 2 / np.sqrt(fan_in) + 1e-7, layer
+    if w.size > 10_000:  # enough draws to tell 0.88 from flax's 1.0
+      np.testing.assert_allclose(w.std() * np.sqrt(fan_in), cut, rtol=0.02, err_msg=layer)
+      np.testing.assert_allclose(np.asarray(plain[layer]['kernel']).std() * np.sqrt(fan_in),
+                                 1.0, rtol=0.02, err_msg=layer)
+    np.testing.assert_array_equal(got[layer]['bias'], plain[layer]['bias'])
+  jax.tree.map(np.testing.assert_array_equal, got, fedjax.init(key, batch))
+
+
+def test_fedjax_init_of_the_lstm_takes_fan_in_f_plus_h_and_keeps_the_forget_bias():
+  num_ids, (e, h, d) = 5000, (32, 64, 16)
+  x = np.zeros((2, 5), np.int32)
+  model = get_model('lstm', num_classes=num_ids, hidden=(e, h, d), init='fedjax')
+  params = model.init(jax.random.key(0), {'x': x, 'y': x})
+  emb = np.asarray(params['Embed_0']['embedding'])
+  np.testing.assert_allclose(emb.std(), 0.8796, rtol=0.02)  # Haiku's Embed: std 1, cut
+  cell = params['OptimizedLSTMCell_0']
+  gates = np.concatenate([np.asarray(cell[k]['kernel']).ravel()
+                          for k in ('ii', 'if', 'ig', 'io', 'hi', 'hf', 'hg', 'ho')])
+  # One [F + H, 4H] kernel in Haiku: the input and recurrent parts share fan_in F + H.
+  np.testing.assert_allclose(gates.std() * np.sqrt(e + h), 0.8796, rtol=0.03)
+  assert np.abs(gates).max() <= 2 / np.sqrt(e + h) + 1e-7
+  np.testing.assert_array_equal(cell['hf']['bias'], np.ones(h))
+  np.testing.assert_array_equal(cell['hi']['bias'], np.zeros(h))
+  with pytest.raises(ValueError, match="model.init must be one of"):
+    get_model('mlp', num_classes=3, init='haiku')

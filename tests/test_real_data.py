@@ -311,6 +311,7 @@ def test_paper_configs_and_missing_dataset_message(tmp_path):
       50, 0.32, 16.0, 1.0, 'stackoverflow_lstm')
   # What FedJAX's EMNIST_CONV and STACKOVERFLOW_WORD tasks, which the reference ran, do.
   assert femnist.data.flip_pixels is True and so.model.expected_length == 13.3
+  assert femnist.model.init == so.model.init == 'fedjax'  # Haiku's initial values
   so.data.data_dir = str(tmp_path / 'nowhere')
   with pytest.raises(DataError) as err:
     load_task(so.data)
