@@ -347,6 +347,8 @@ def fedjax_init(params: Params, rng: jax.Array) -> Params:
   cell = params.get(LSTM_CELL)
   lstm_fan_in = (cell['ii']['kernel'].shape[0] + cell['hi']['kernel'].shape[0]
                  if cell is not None else None)
+  # Split, not fold_in(rng, index): a round's keys are fold_ins of small integers too.
+  keys = jax.random.split(rng, len(leaves))
   out = []
   for index, (path, leaf) in enumerate(leaves):
     names = [getattr(k, 'key', None) for k in path]
@@ -357,8 +359,8 @@ def fedjax_init(params: Params, rng: jax.Array) -> Params:
     else:
       out.append(leaf)
       continue
-    key = jax.random.fold_in(rng, index)
-    out.append(std * jax.random.truncated_normal(key, -2.0, 2.0, leaf.shape, leaf.dtype))
+    draw = jax.random.truncated_normal(keys[index], -2.0, 2.0, leaf.shape, leaf.dtype)
+    out.append((std * draw).astype(leaf.dtype))
   return jax.tree_util.tree_unflatten(treedef, out)
 
 

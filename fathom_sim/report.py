@@ -148,15 +148,16 @@ class Group:
   def differing_fields(self) -> dict[str, list]:
     """Fields, other than the seed and those a resumed run may change, in which the seeds'
     configs differ, with their values: runs grouped by folder that are not one setting."""
-    # A run without a config.json says nothing of its config, and a field that older code
-    # did not write (every config has the newer ones) is no difference.
-    configs = [workdir_lib.flatten(r.config) for r in self.runs if r.config]
+    # A run without a config.json says nothing of its config. A field that older code did not
+    # write is at its default, as a resume reads it (workdir.read_saved): the same as a newer
+    # seed's default, and not the same as another value (model.init 'fedjax' against an older
+    # seed, which started from flax's values).
+    defaults = workdir_lib.flatten(workdir_lib.config_dict(base_config()))
+    configs = [{**defaults, **workdir_lib.flatten(r.config)} for r in self.runs if r.config]
     if not configs:
       return {}
-    defaults = workdir_lib.flatten(workdir_lib.config_dict(base_config()))
-    # Fields no seed reads (FATHOM's under FedAvg, ...); one older code did not write is at
-    # its default.
-    unread = set.intersection(*(unread_paths({**defaults, **c}) for c in configs))
+    # Fields no seed reads (FATHOM's under FedAvg, ...).
+    unread = set.intersection(*(unread_paths(c) for c in configs))
     fields = sorted(set.intersection(*(set(c) for c in configs))
                     - workdir_lib.RESUMABLE_FIELDS - {'seed'} - unread)
     out = {}

@@ -375,6 +375,21 @@ def test_fedjax_init_draws_as_haiku_does():
   jax.tree.map(np.testing.assert_array_equal, got, fedjax.init(key, batch))
 
 
+def test_a_run_with_fedjax_init_starts_from_its_draws():
+  """model.init reaches the run's initial state; leaves of one shape get their own draws."""
+  from fathom_sim.run import build, init_state
+  from tests.common import tiny_config, tiny_task
+  config = tiny_config(**{'model.init': 'fedjax', 'model.hidden': (32, 32, 32)})
+  state = init_state(build(config, tiny_task()))
+  params = state.params
+  w = np.asarray(params['Dense_1']['kernel'])  # 32 x 32: fan_in 32
+  assert np.abs(w).max() <= 2 / np.sqrt(32) + 1e-7
+  assert not np.array_equal(w, np.asarray(params['Dense_2']['kernel']))  # the same shape
+  config.model.init = 'flax'
+  flax = init_state(build(config, tiny_task())).params
+  assert np.abs(np.asarray(flax['Dense_1']['kernel'])).max() > 2 / np.sqrt(32)  # uncut
+
+
 def test_fedjax_init_of_the_lstm_takes_fan_in_f_plus_h_and_keeps_the_forget_bias():
   num_ids, (e, h, d) = 5000, (32, 64, 16)
   x = np.zeros((2, 5), np.int32)

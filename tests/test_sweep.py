@@ -402,6 +402,14 @@ def test_runs_of_one_setting_whose_configs_differ_are_flagged(tmp_path):
     table = report.markdown(report.group_runs(report.find_runs([str(tmp_path / algorithm)])),
                             [0.3])
     assert ('differ in eta_h (0.01, 0.02)' in table) == (algorithm == 'fathom'), table
+  # A field older code did not write is at its default, as a resume reads it: a seed from
+  # before model.init started from flax's values, not the same setting as a 'fedjax' seed.
+  newer = tmp_path / 'init' / 'fathom'
+  for seed, fields in ((0, {}), (1, {'model': {'init': 'fedjax'}})):
+    _write_run(newer / f'seed={seed}', 'fathom', {2: 0.3}, 100, 2)
+    _finish(newer / f'seed={seed}', 2, 0.3, seed=seed, **fields)
+  table = report.markdown(report.group_runs(report.find_runs([str(tmp_path / 'init')])), [0.3])
+  assert 'differ in model.init ("fedjax", "flax")' in table, table
 
 
 def test_a_finished_run_without_test_examples_is_reported(tmp_path):
