@@ -356,7 +356,10 @@ def markdown(groups: list[Group], targets: list[float], *, timing: bool = True) 
     cells = [f'`{g.setting}`', g.algorithm, seeds, final]
     if timing:
       spr = seconds_per_round(g)
-      cells.append('—' if spr is None else f'{spr:.3f}')
+      # Seeds run as one vectorised program log the group's clock: a round of all of them.
+      shared = max([(r.summary or {}).get('vectorized_seeds') or 0 for r in g.runs] or [0])
+      cells.append('—' if spr is None else f'{spr:.3f}'
+                   + (f' ({shared} seeds at once)' if shared > 1 else ''))
     for t in targets:
       r = to_target(g, t)
       cells += [_fmt(r['rounds']) + _reached_note(r), _fmt(r['examples'], True),
@@ -365,7 +368,8 @@ def markdown(groups: list[Group], targets: list[float], *, timing: bool = True) 
   lines.append('')
   lines.append('Means and sample std over the seeds that reached the target; (k/n): only k of '
                'n seeds reached it; —: none did.'
-               + (' s/round: median seconds between rounds.' if timing else '')
+               + (' s/round: median seconds between rounds (of every seed together where '
+                  'they ran as one program).' if timing else '')
                + ' Unfinished runs count with the rounds they have. Final test accuracy: the '
                'finished seeds\' (whole test set, last round); "last evals": no seed has '
                'finished, each seed\'s last evaluation instead.')

@@ -412,6 +412,22 @@ def test_runs_of_one_setting_whose_configs_differ_are_flagged(tmp_path):
   assert 'differ in model.init ("fedjax", "flax")' in table, table
 
 
+def test_seconds_per_round_of_seeds_run_as_one_program_say_so(tmp_path):
+  """--vmap_seeds: each seed's wall_s is the group's clock, so s/round is a round of all the
+  seeds together; the cell says how many, where a solo setting's says nothing."""
+  for name, shared in (('vec', 3), ('solo', 0)):
+    for seed in (0, 1):
+      workdir = tmp_path / 'sweep' / name / f'seed={seed}'
+      _write_run(workdir, 'fathom', {2: 0.3}, 100, 2)
+      _finish(workdir, 2, 0.3, seed=seed)
+      summary = json.loads((workdir / 'summary.json').read_text())
+      (workdir / 'summary.json').write_text(json.dumps({**summary, 'vectorized_seeds': shared}))
+  table = report.markdown(report.group_runs(report.find_runs([str(tmp_path / 'sweep')])), [0.3])
+  [vec] = [line for line in table.splitlines() if line.startswith('| `vec`')]
+  [solo] = [line for line in table.splitlines() if line.startswith('| `solo`')]
+  assert ' (3 seeds at once) |' in vec and 'seeds at once' not in solo, table
+
+
 def test_a_finished_run_without_test_examples_is_reported(tmp_path):
   """data.test_fraction 0: the summary's final test_accuracy is null, and report.py ended in
   a TypeError traceback on it."""
