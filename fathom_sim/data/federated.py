@@ -89,12 +89,9 @@ class GeneratedClientDataset:
     return self.make(index)
 
 
-@dataclasses.dataclass(frozen=True)
-class MappedClientDataset:
-  """`dataset`'s clients, each passed through `fn` as it is read (a per-example transform
-  that the loaders of the public copies apply, such as FedJAX's flip of EMNIST's pixels)."""
+class _Over:
+  """A ClientDataset over `self.dataset`: the same clients, ids and sizes."""
   dataset: ClientDataset
-  fn: Callable[[Batch], Batch]
 
   @property
   def client_ids(self) -> np.ndarray:
@@ -104,11 +101,19 @@ class MappedClientDataset:
   def num_examples(self) -> np.ndarray:
     return self.dataset.num_examples
 
+
+@dataclasses.dataclass(frozen=True)
+class MappedClientDataset(_Over):
+  """`dataset`'s clients, each passed through `fn` as it is read (a per-example transform
+  that the loaders of the public copies apply, such as FedJAX's flip of EMNIST's pixels)."""
+  dataset: ClientDataset
+  fn: Callable[[Batch], Batch]
+
   def client(self, index: int) -> Batch:
     return self.fn(self.dataset.client(index))
 
 
-class Prefetcher:
+class Prefetcher(_Over):
   """A ClientDataset that reads the clients named by `fetch` on background threads.
 
   The cohorts of round t+1 are known while round t computes (they do not depend on the
@@ -122,14 +127,6 @@ class Prefetcher:
     self._pool = concurrent.futures.ThreadPoolExecutor(read_workers(),
                                                        thread_name_prefix='prefetch')
     self._pending: dict[int, concurrent.futures.Future] = {}
-
-  @property
-  def client_ids(self) -> np.ndarray:
-    return self.dataset.client_ids
-
-  @property
-  def num_examples(self) -> np.ndarray:
-    return self.dataset.num_examples
 
   def fetch(self, clients: Sequence[int]) -> None:
     """Starts reading `clients` (once each, however many seeds' cohorts name them) and drops
