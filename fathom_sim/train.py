@@ -417,19 +417,17 @@ def _run(run: Run, configs: list[ml_collections.ConfigDict], workdirs: list[str]
         used, meta = _seed(used_all, s), book.meta
         # Seeds in one program compute the longest lane and the largest B_pad of any of them.
         others = () if s is None else tuple(p for i, p in enumerate(plans) if i != s)
-        steps = int(plan.num_steps.sum())
-        meta['total_steps'] += steps
-        meta['total_examples'] += steps * plan.batch_size
-        meta['computed'] += (plan.computed_steps(n_dev, host_loop, run.loop_chunk, others)
-                             * max(p.batch_pad for p in (plan, *others)))
+        computed = plan.computed_rows(n_dev, host_loop, run.loop_chunk, others)
+        meta['total_steps'] += int(plan.num_steps.sum())
+        meta['total_examples'] += plan.useful_rows()
+        meta['computed'] += computed
         row = {'round': t, 'train_loss': float(ms.train_loss), 'eta': float(used[ETA]),
                'epochs': float(used[EPOCHS]), 'batch_size': float(used[BATCH]),
                'batch_size_int': plan.batch_size, 'h_glob': float(ms.h_glob),
                'h_local': float(ms.h_local), 'examples': meta['total_examples'],
                'local_steps': meta['total_steps'], 'dropped_clients': int(ms.dropped_clients),
                'accepted': bool(ms.accepted),
-               'padding_efficiency': plan.useful_fraction(n_dev, host_loop, run.loop_chunk,
-                                                          others)}
+               'padding_efficiency': plan.useful_rows() / max(computed, 1)}
         if not ms.accepted:
           dropped = int(ms.dropped_clients)
           why = ('no client returned a finite update'

@@ -71,13 +71,22 @@ class CohortPlan:
     longest = -(-per_device.max(axis=(0, 2)) // chunk) * chunk
     return int(longest.sum() * per_device.shape[2])
 
+  def computed_rows(self, num_devices: int, host_loop: bool = False, chunk: int = 1,
+                    alongside: tuple[CohortPlan, ...] = ()) -> int:
+    """Example-gradients the devices compute: computed_steps at B_pad rows a step (with
+    `alongside`, the largest B_pad of the seeds)."""
+    batch_pad = max(p.batch_pad for p in (self, *alongside))
+    return self.computed_steps(num_devices, host_loop, chunk, alongside) * batch_pad
+
+  def useful_rows(self) -> int:
+    """Real example-gradients: K_i B_int summed over the cohort."""
+    return int(self.num_steps.sum()) * self.batch_size
+
   def useful_fraction(self, num_devices: int, host_loop: bool = False, chunk: int = 1,
                       alongside: tuple[CohortPlan, ...] = ()) -> float:
-    """Real example-gradients over computed ones (padding efficiency of this round); with
-    `alongside` (computed_steps), every seed's steps at the largest B_pad of them."""
-    batch_pad = max(p.batch_pad for p in (self, *alongside))
-    computed = self.computed_steps(num_devices, host_loop, chunk, alongside) * batch_pad
-    return float(self.num_steps.sum() * self.batch_size) / max(computed, 1)
+    """Real example-gradients over computed ones (padding efficiency of this round)."""
+    return self.useful_rows() / max(
+        self.computed_rows(num_devices, host_loop, chunk, alongside), 1)
 
 
 class HyperState(NamedTuple):

@@ -238,10 +238,9 @@ def measure(name: str, cohort_size: int) -> dict:
       state, _, plan = rounds(state, t, hp)
       took = time.perf_counter() - start
     clients.extend(plan.clients.tolist())
-    real = int(plan.num_steps.sum()) * plan.batch_size
+    real = plan.useful_rows()
     real_all += real
-    computed_all += plan.computed_steps(n_dev, run.local_loop == 'host',
-                                        run.loop_chunk) * plan.batch_pad
+    computed_all += plan.computed_rows(n_dev, run.local_loop == 'host', run.loop_chunk)
     if counter.count:
       recompiled += 1
       compiles_timed += counter.count
