@@ -23,7 +23,7 @@ import numpy as np
 from absl import logging
 from jax.experimental import multihost_utils
 
-from fathom_sim import compile_cache, distributed, fathom, metrics, rng
+from fathom_sim import compile_cache, distributed, fathom, metrics, provenance, rng
 from fathom_sim import workdir as workdir_lib
 from fathom_sim.checkpoint import CHECKPOINTS, Checkpointer
 from fathom_sim.config import ConfigError
@@ -222,7 +222,8 @@ class _Book:
   def bookkeeping(self, t: int, hp: np.ndarray) -> dict:
     return {'round': t, 'hp': [float(v) for v in hp], 'total_examples': self.meta['total_examples'],
             'total_steps': self.meta['total_steps'], 'computed': self.meta['computed'],
-            'wall_s': time.time() - self.start, 'config': workdir_lib.config_dict(self.config)}
+            'wall_s': time.time() - self.start, 'config': workdir_lib.config_dict(self.config),
+            'simulators': self.meta['simulators']}
 
 
 def _seed(tree, s: int | None):
@@ -289,10 +290,15 @@ def _run(run: Run, configs: list[ml_collections.ConfigDict], workdirs: list[str]
     if restored is None:
       meta = {'total_examples': 0, 'total_steps': 0, 'computed': 0, 'wall_s': 0.0}
       done, hp = 0, None
+      meta['simulators'], _ = provenance.history(None, resumed_at=None)
     else:
       state, meta = restored
       done, hp = int(meta['round']), np.asarray(meta['hp'], np.float32)
       logging.info('%s: resuming from the checkpoint of round %d', workdir, done)
+      meta['simulators'], previous = provenance.history(meta.get('simulators'), resumed_at=done)
+      warning = provenance.resume_warning(previous, done, workdir)
+      if warning:
+        logging.warning('%s', warning)
     books.append(_Book(config, workdir, checkpointer, done, meta, cache_hits=cache_hits))
     states.append(state)
     hps.append(hp)
@@ -537,6 +543,7 @@ def _summary(book: _Book, final: dict, params, hp: np.ndarray, rounds: Rounds, r
                                                     'used': ahead.used},
       'planned_ahead': rounds.planned_ahead, 'replanned': rounds.replanned,
       'vectorized_seeds': vectorized, 'resumed_from': book.done,
+      'simulators': meta['simulators'],
       'wall_s': time.time() - book.start, 'total_examples': meta['total_examples'],
       'total_local_steps': meta['total_steps'],
       'padding_efficiency': meta['total_examples'] / max(meta['computed'], 1),

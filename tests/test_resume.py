@@ -849,3 +849,60 @@ def test_a_round_out_of_host_memory_names_the_host_not_a_device(tmp_path, monkey
                                         r'allocate 22.3 GiB .*\); the config asks for more than '
                                         r'this machine holds: .*; no round was checkpointed yet$'):
     train_and_evaluate(_tiny(num_rounds=3), str(tmp_path / 'run'))
+
+
+def _simulators_of_checkpoint(workdir, step):
+  with open(os.path.join(workdir, 'checkpoints', str(step), 'meta', 'metadata')) as f:
+    return json.load(f).get('simulators')
+
+
+def test_each_run_records_the_simulator_that_ran_it(tmp_path, caplog):
+  from fathom_sim import provenance
+  workdir = str(tmp_path / 'run')
+  first = train_and_evaluate(_tiny(num_rounds=3, checkpoint_every=1), workdir)
+  want = [{'from_round': 0, **provenance.describe()}]
+  assert first['simulators'] == want == _simulators_of_checkpoint(workdir, 3)
+  assert want[0]['results_version'] == provenance.RESULTS_VERSION
+  assert want[0]['jax'] == jax.__version__
+  git = subprocess.run(['git', 'rev-parse', 'HEAD'], cwd=ROOT, capture_output=True, text=True)
+  if git.returncode == 0:  # a checkout: its commit, '+' where tracked files were changed
+    assert want[0]['commit'].rstrip('+') == git.stdout.strip()
+  # The same simulator resuming adds nothing and says nothing.
+  again = train_and_evaluate(_tiny(num_rounds=4, checkpoint_every=1), workdir)
+  assert again['simulators'] == want and 'results version' not in caplog.text
+
+
+def test_a_run_resumed_by_a_simulator_that_computes_differently_says_so(tmp_path, caplog,
+                                                                        monkeypatch):
+  from fathom_sim import provenance
+  straight = train_and_evaluate(_tiny(num_rounds=5, checkpoint_every=1), str(tmp_path / 's'))
+  workdir = str(tmp_path / 'run')
+  train_and_evaluate(_tiny(num_rounds=3, checkpoint_every=1), workdir)
+  before = provenance.describe()
+  monkeypatch.setattr(provenance, 'RESULTS_VERSION', before['results_version'] + 1)
+  monkeypatch.setattr(provenance, '_describe', provenance._describe.__wrapped__)  # uncached
+  resumed = train_and_evaluate(_tiny(num_rounds=5, checkpoint_every=1), workdir)
+  assert f'saved by simulator results version {before["results_version"]}' in caplog.text
+  assert 'goes on from round 3' in caplog.text
+  assert resumed['simulators'] == [
+      {'from_round': 0, **before},
+      {'from_round': 3, **before, 'results_version': before['results_version'] + 1}]
+  assert resumed['simulators'] == _simulators_of_checkpoint(workdir, 5)
+  # Here the code is the same, so the rounds are too: a warning, not a refusal or a restart.
+  assert resumed['final']['params_sha256'] == straight['final']['params_sha256']
+
+
+def test_a_checkpoint_saved_before_versions_were_recorded_reads_as_version_1(tmp_path, caplog):
+  from fathom_sim import provenance
+  workdir = str(tmp_path / 'run')
+  train_and_evaluate(_tiny(num_rounds=3, checkpoint_every=1), workdir)
+  path = os.path.join(workdir, 'checkpoints', '3', 'meta', 'metadata')
+  with open(path) as f:
+    meta = json.load(f)
+  del meta['simulators']  # as the simulator wrote it before this record existed
+  with open(path, 'w') as f:
+    json.dump(meta, f)
+  resumed = train_and_evaluate(_tiny(num_rounds=4, checkpoint_every=1), workdir)
+  assert 'saved by a simulator that recorded no version (read as 1)' in caplog.text
+  assert resumed['simulators'] == [{'from_round': 0, 'results_version': 1},
+                                   {'from_round': 3, **provenance.describe()}]

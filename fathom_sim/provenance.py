@@ -1,0 +1,104 @@
+"""Which simulator made a run: the results version, the source commit and the package versions,
+recorded in every checkpoint and in summary.json, and compared when a run resumes.
+
+A config names what a run computes only together with the code that reads it. Some changes
+alter what the same config computes (a layer added to a model, a rounding rule, how a file's
+text is split); a run resumed across one is half one computation and half another, and nothing
+in its config says so. RESULTS_VERSION counts those changes; a resumed run whose checkpoint
+names another is run on (a week's run is not thrown away for a change that may not matter to
+it) with a warning, and its summary.json says which version each part ran under.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.metadata
+import os
+import platform
+import subprocess
+
+# Bump when the same config computes something else (not for speed, logging or new fields,
+# which old workdirs read at their defaults). History:
+#   2: the LSTM models' tanh before the output layer; FATHOM's integer batch size rounds half
+#      up; FedJAX/TFF-prepared Stack Overflow text splits on ' ' (December 2026).
+#   1: runs whose checkpoints record no version read as this.
+RESULTS_VERSION = 2
+UNRECORDED = 1  # the version of a checkpoint saved before versions were recorded
+
+_PACKAGES = ('jax', 'jaxlib', 'flax', 'optax', 'orbax-checkpoint', 'numpy')
+
+
+@functools.cache
+def _source_commit() -> str | None:
+  """The git commit of the checkout this package runs from, '+' marking uncommitted changes
+  to tracked files; None when it is not a git checkout (an installed copy) or git is absent."""
+  here = os.path.dirname(os.path.abspath(__file__))
+  try:
+    head = subprocess.run(['git', 'rev-parse', 'HEAD'], cwd=here, capture_output=True,
+                          text=True, timeout=10)
+    if head.returncode != 0:
+      return None
+    dirty = subprocess.run(['git', 'status', '--porcelain', '--untracked-files=no', '--', '.'],
+                           cwd=here, capture_output=True, text=True, timeout=10)
+  except (OSError, subprocess.SubprocessError):
+    return None
+  return head.stdout.strip() + ('+' if dirty.returncode == 0 and dirty.stdout.strip() else '')
+
+
+def _version(package: str) -> str | None:
+  try:
+    return importlib.metadata.version(package)
+  except importlib.metadata.PackageNotFoundError:
+    return None
+
+
+@functools.cache
+def _describe() -> tuple:
+  return (('results_version', RESULTS_VERSION), ('commit', _source_commit()),
+          ('python', platform.python_version()),
+          *((p, _version(p)) for p in _PACKAGES))
+
+
+def describe() -> dict:
+  """This simulator: {'results_version', 'commit', 'python', and each package's version}."""
+  return dict(_describe())
+
+
+def results_version(recorded: dict | None) -> int:
+  """The results version a checkpoint's record names (UNRECORDED for one saved without)."""
+  if not isinstance(recorded, dict):
+    return UNRECORDED
+  v = recorded.get('results_version')
+  return v if isinstance(v, int) and not isinstance(v, bool) else UNRECORDED
+
+
+def history(saved: list | None, *, resumed_at: int | None) -> tuple[list[dict], dict | None]:
+  """The simulators a run has run under, oldest first, each {'from_round', **describe()}, and
+  the one this simulator follows where it is new to the run (else None). `saved` is a
+  checkpoint's list (None for one saved before lists were kept); `resumed_at` its round (None
+  for a new run)."""
+  now = describe()
+  if resumed_at is None:
+    return [{'from_round': 0, **now}], None
+  runs = [dict(r) for r in saved or () if isinstance(r, dict)]
+  if not runs:
+    runs = [{'from_round': 0, 'results_version': UNRECORDED}]
+  if {k: v for k, v in runs[-1].items() if k != 'from_round'} == now:
+    return runs, None
+  return [*runs, {'from_round': resumed_at, **now}], runs[-1]
+
+
+def resume_warning(previous: dict | None, resumed_at: int, where: str) -> str | None:
+  """The warning for a run resumed at round `resumed_at` under this simulator after
+  `previous` (history()'s second value); None unless the two compute differently."""
+  saved = results_version(previous)
+  if previous is None or saved == RESULTS_VERSION:
+    return None
+  by = (f'simulator results version {saved}' if 'commit' in previous else
+        f'a simulator that recorded no version (read as {UNRECORDED})')
+  commit = previous.get('commit')
+  return (f'{where}: its checkpoint was saved by {by}{f", commit {commit}" if commit else ""}; '
+          f'this simulator is results version {RESULTS_VERSION}, which computes some configs '
+          'differently (see fathom_sim/provenance.py). The run goes on from round '
+          f'{resumed_at} under this version; summary.json\'s "simulators" says which rounds ran '
+          'under which. Start a new workdir for a run wholly under one version.')
