@@ -263,14 +263,17 @@ def _loop_chunk(config, local_loop: str) -> int:
   lane, so it has no chunk: a chunk set for it is said to change nothing."""
   if local_loop == 'host':
     if config.loop_chunk > 1:
-      # 'auto' picks the host loop by platform, model and convolution: the config alone
-      # cannot tell.
-      chosen = ("config.local_loop='host'" if config.local_loop == 'host' else
-                "config.local_loop='auto' chose it for this model and platform")
       logging.warning('config.loop_chunk=%d is not read: the local loop is driven by the '
-                      'host (%s), one step a call', config.loop_chunk, chosen)
+                      'host (%s), one step a call', config.loop_chunk, _host_chosen(config))
     return 1
   return config.loop_chunk or 1
+
+
+def _host_chosen(config) -> str:
+  # 'auto' picks the host loop by platform, model and convolution: the config alone cannot
+  # tell, so a message about the host loop says who chose it.
+  return ("config.local_loop='host'" if config.local_loop == 'host' else
+          "config.local_loop='auto' chose it for this model and platform")
 
 
 def _compile_ahead(config, mesh, local_loop: str) -> bool:
@@ -278,7 +281,13 @@ def _compile_ahead(config, mesh, local_loop: str) -> bool:
   ahead. 'auto': on accelerators, where B can move (FATHOM; FedAvg's B never does); on CPU a
   compile on a thread takes a core from training and saves little (a CPU round program
   compiles in ~1-3 s)."""
-  if config.compile_ahead == 'no' or local_loop != 'device':
+  if local_loop != 'device':
+    if config.compile_ahead == 'yes':
+      logging.warning("config.compile_ahead='yes' compiles only the evaluation ahead: the "
+                      'local loop is driven by the host (%s), one jitted step a call, with no '
+                      'round program to compile ahead', _host_chosen(config))
+    return False
+  if config.compile_ahead == 'no':
     return False
   if config.compile_ahead == 'yes':
     return True

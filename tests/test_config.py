@@ -242,9 +242,10 @@ def test_auto_conv_and_local_loop_per_platform():
   assert [run_lib._auto_conv(c, m) for m in (cpu, gpu)] == ['pallas', 'pallas']
 
 
-def test_compile_ahead_per_platform_and_algorithm():
-  """auto: FATHOM on accelerators only, where its B can move; never with the host-driven loop;
-  explicit values win."""
+def test_compile_ahead_per_platform_and_algorithm(caplog):
+  """auto: FATHOM on accelerators only, where its B can move; never with the host-driven loop
+  (which has no round program: 'yes' there is said to compile the evaluation alone); explicit
+  values win."""
   cpu, gpu = (_FakeMesh(_FakeDevice(p, None)) for p in ('cpu', 'gpu'))
   c = base_config()
   c.algorithm = 'fathom'
@@ -256,9 +257,15 @@ def test_compile_ahead_per_platform_and_algorithm():
     assert not run_lib._compile_ahead(frozen, gpu, 'device')
   c.algorithm = 'fedavg'
   assert not run_lib._compile_ahead(c, gpu, 'device')
+  assert not caplog.records
   c.compile_ahead = 'yes'
   assert run_lib._compile_ahead(c, cpu, 'device')
+  assert not caplog.records
   assert not run_lib._compile_ahead(c, cpu, 'host')
+  assert [r.getMessage() for r in caplog.records] == [
+      "config.compile_ahead='yes' compiles only the evaluation ahead: the local loop is driven "
+      "by the host (config.local_loop='auto' chose it for this model and platform), one jitted "
+      "step a call, with no round program to compile ahead"]
   c.algorithm, c.compile_ahead = 'fathom', 'no'
   assert not run_lib._compile_ahead(c, gpu, 'device')
 
