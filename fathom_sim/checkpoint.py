@@ -7,13 +7,16 @@ cumulative counters) and the run's config, so that a checkpoint describes itself
 asynchronous; orbax writes each one under a temporary name and commits it by renaming, so a run
 killed mid-save leaves the previous checkpoints intact.
 
-The JSON also holds a sha256 of the state's arrays: orbax reads array bytes without a checksum,
-so a checkpoint whose bytes changed on disk would otherwise resume a run from garbage.
+The JSON also holds a sha256 of the state's arrays, and one of the JSON itself: orbax reads
+bytes without a checksum, so a checkpoint whose bytes changed on disk would otherwise resume a
+run from garbage (arrays), or plan its rounds from other hyperparameters and count from other
+totals (JSON).
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
 import sys
@@ -28,10 +31,15 @@ from fathom_sim.mesh import out_of_memory
 from fathom_sim.types import ServerState
 
 CHECKPOINTS = 'checkpoints'
+_TMP = '.orbax-checkpoint-tmp'  # in the name of orbax's folder for a save not yet committed
 UNREADABLE = 'unreadable_checkpoints'  # where unreadable ones are moved, never deleted
 
 
 DIGEST = 'state_sha256'  # meta's key for state_digest of the saved state
+META_DIGEST = 'meta_sha256'  # meta's key for meta_digest of the rest of the JSON
+# What the host reads of a checkpoint's JSON to go on (train.py); a checkpoint without one of
+# these is unreadable, as one with a torn array is.
+REQUIRED = ('round', 'hp', 'total_examples', 'total_steps', 'computed', 'wall_s')
 
 
 def _host_copy(x) -> np.ndarray:
@@ -50,6 +58,27 @@ def state_digest(state: ServerState) -> str:
     digest.update(f'{a.dtype.str}{a.shape}'.encode())
     digest.update(a.tobytes())
   return digest.hexdigest()
+
+
+def meta_digest(meta: dict[str, Any]) -> str:
+  """sha256 of a checkpoint's JSON but its own digest, keys sorted: the same before a save and
+  after a restore (JSON keeps Python's floats exactly)."""
+  rest = {k: v for k, v in meta.items() if k != META_DIGEST}
+  return hashlib.sha256(json.dumps(rest, sort_keys=True, allow_nan=True).encode()).hexdigest()
+
+
+def _check_meta(meta: Any, step: int) -> None:
+  """Raises ValueError where a restored checkpoint's JSON is not what save() wrote."""
+  if not isinstance(meta, dict):
+    raise ValueError(f'its JSON is a {type(meta).__name__}, not an object')
+  missing = [k for k in REQUIRED if k not in meta]
+  if missing:
+    raise ValueError(f'its JSON lacks {", ".join(missing)}')
+  # Checkpoints written before the JSON's digest existed have none to check.
+  if META_DIGEST in meta and meta_digest(meta) != meta[META_DIGEST]:
+    raise ValueError('its JSON differs from the one saved (sha256 mismatch)')
+  if int(meta['round']) != step:
+    raise ValueError(f'checkpoint {step} holds round {meta["round"]}')
 
 
 # Orbax's coroutine reading one array of a checkpoint (orbax 0.12).
@@ -89,7 +118,13 @@ class Checkpointer:
 
   def _open(self) -> ocp.CheckpointManager:
     # A run killed mid-save leaves orbax's temporary folder of that step; a resumed run that
-    # never saves that step again (it was the last) would keep it for good.
+    # never saves that step again (it was the last) would keep it for good. Orbax removes it
+    # without a word: said here, so that a log tells why a run resumed from an earlier round.
+    if os.path.isdir(self.directory):
+      cut = sorted(n.split('.')[0] for n in os.listdir(self.directory) if _TMP in n)
+      if cut:
+        logging.warning('%s: the unfinished save of round %s (a run stopped mid-save) is '
+                        'removed', self.directory, ', '.join(cut))
     options = ocp.CheckpointManagerOptions(max_to_keep=self.keep,
                                            enable_async_checkpointing=True, create=True,
                                            cleanup_tmp_directories=True)
@@ -101,7 +136,8 @@ class Checkpointer:
   def save(self, state: ServerState, meta: dict[str, Any], *, wait: bool = False) -> None:
     """Saves round `state.round`; returns once the device arrays are copied, unless `wait`."""
     step = int(meta['round'])
-    meta = {**meta, DIGEST: state_digest(state)}
+    meta = json.loads(json.dumps({**meta, DIGEST: state_digest(state)}))  # as restored
+    meta[META_DIGEST] = meta_digest(meta)
     self._manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
                                                      meta=ocp.args.JsonSave(meta)))
     if wait:
@@ -121,8 +157,10 @@ class Checkpointer:
         restored = self._manager.restore(step, args=ocp.args.Composite(
             state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))
         state, meta = restored.state, restored.meta
-        if int(meta['round']) != step or int(_host_copy(state.round)) != step:
-          raise ValueError(f'checkpoint {step} holds round {meta["round"]}')
+        _check_meta(meta, step)
+        if int(_host_copy(state.round)) != step:
+          raise ValueError(f'checkpoint {step} holds the state of round '
+                           f'{int(_host_copy(state.round))}')
         # Checkpoints written before the digest existed have none to check.
         if DIGEST in meta and state_digest(state) != meta[DIGEST]:
           raise ValueError('its arrays differ from the ones saved (sha256 mismatch)')

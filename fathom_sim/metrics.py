@@ -14,6 +14,7 @@ from typing import IO, Iterator
 
 import jax
 import numpy as np
+from absl import logging
 
 from fathom_sim.types import Params
 
@@ -147,12 +148,18 @@ def keep_rows(workdir: str, last_round: int, drop_eval_at: int | None = None, *,
   evaluation was dropped.
   """
   path = os.path.join(workdir, METRICS_FILE)
-  dropped, keeping = False, True
+  dropped, keeping, redone = False, True, 0
+  expected, fault = 1, None  # the round the next kept row should be; the first that was not
   with replaced(path) as out:
     for row in iter_rows(path) if os.path.exists(path) else ():
       keeping = keeping and row['round'] <= last_round
       if not keeping:
+        redone += 1
         continue  # read on all the same: a damaged line further on is refused
+      if row['round'] != expected and fault is None:
+        fault = (f'round {row["round"]} follows round {expected - 1}' if expected > 1 else
+                 f'the first row is round {row["round"]}')
+      expected = row['round'] + 1
       if row['round'] == drop_eval_at:
         without = {k: v for k, v in row.items() if not k.startswith('test_')}
         dropped, row = dropped or without != row, without
@@ -161,6 +168,17 @@ def keep_rows(workdir: str, last_round: int, drop_eval_at: int | None = None, *,
       out.write(json.dumps(_plain(row)) + '\n')
       if into is not None:
         into.add(row)
+  if redone:
+    logging.info('%s: %d row(s) past the checkpoint of round %d dropped; their rounds are run '
+                 'again', path, redone, last_round)
+  if fault is None and expected != last_round + 1:
+    fault = f'the last row is round {expected - 1}' if expected > 1 else 'it holds no row'
+  if fault is not None:
+    # Rows are flushed before their round's checkpoint is saved, so a kill cannot do this; a
+    # filesystem that lost writes (power loss, a network mount) or an edited file can.
+    logging.warning('%s does not hold the rows of rounds 1..%d once each, in order (%s); the '
+                    'run goes on from its checkpoint of round %d, with its rows as they are',
+                    path, last_round, fault, last_round)
   return dropped
 
 

@@ -134,9 +134,10 @@ def test_a_file_in_a_checkpoints_place_is_said_in_the_log(tmp_path, caplog):
   assert '3 is a file in place of checkpoint folders, skipped' in caplog.text
 
 
-def test_the_temporary_folder_of_a_save_cut_short_is_removed(tmp_path):
+def test_the_temporary_folder_of_a_save_cut_short_is_removed(tmp_path, caplog):
   """A run killed while saving its last round's checkpoint, then extended, never saved that
-  round again: orbax's temporary folder of it stayed in the finished workdir for good."""
+  round again: orbax's temporary folder of it stayed in the finished workdir for good. Its
+  removal is said, so the log tells why the run resumed from an earlier round."""
   import shutil
   workdir = tmp_path / 'run'
   train_and_evaluate(_tiny(num_rounds=3, checkpoint_every=1), str(workdir))
@@ -147,6 +148,39 @@ def test_the_temporary_folder_of_a_save_cut_short_is_removed(tmp_path):
   resumed = train_and_evaluate(_tiny(num_rounds=5, checkpoint_every=10), str(workdir))
   assert resumed['resumed_from'] == 2 and not cut.exists()
   assert sorted(os.listdir(workdir / 'checkpoints')) == ['1', '2', '5']
+  assert 'the unfinished save of round 3 (a run stopped mid-save) is removed' in caplog.text
+
+
+def _edit_checkpoint_json(workdir, step, edit):
+  path = os.path.join(workdir, 'checkpoints', str(step), 'meta', 'metadata')
+  with open(path) as f:
+    meta = json.load(f)
+  edit(meta)
+  with open(path, 'w') as f:
+    json.dump(meta, f)
+
+
+@pytest.mark.parametrize('edit, why', [
+    (lambda m: m['hp'].__setitem__(2, m['hp'][2] + 7.0), 'sha256 mismatch'),
+    (lambda m: m.__setitem__('total_examples', m['total_examples'] + 1000), 'sha256 mismatch'),
+    (lambda m: m.pop('hp'), 'its JSON lacks hp'),
+    (lambda m: m.pop('wall_s'), 'its JSON lacks wall_s')])
+def test_a_checkpoint_whose_json_changed_on_disk_is_set_aside(tmp_path, caplog, edit, why):
+  """The JSON holds what the host plans round t+1 from (the hyperparameters: B_int and each
+  client's steps) and the totals it counts on from: a changed value resumed a run that planned
+  another B_int than its device state's B, and counted other examples, without a word; a
+  missing key stopped it with a KeyError. Either falls back as a torn array does."""
+  straight = train_and_evaluate(_tiny(num_rounds=3, checkpoint_every=1), str(tmp_path / 's'))
+  workdir = str(tmp_path / 'run')
+  train_and_evaluate(_tiny(num_rounds=3, checkpoint_every=1), workdir)
+  _edit_checkpoint_json(workdir, 3, edit)
+  (tmp_path / 'run' / 'summary.json').unlink()
+  resumed = train_and_evaluate(_tiny(num_rounds=3, checkpoint_every=1), workdir)
+  assert 'checkpoint of round 3 is unreadable' in caplog.text and why in caplog.text
+  assert resumed['resumed_from'] == 2
+  assert os.path.isdir(os.path.join(workdir, 'unreadable_checkpoints', '3'))
+  for key in ('final', 'total_examples', 'total_local_steps', 'final_hparams'):
+    assert resumed[key] == straight[key], key
 
 
 @pytest.mark.filterwarnings('error::pytest.PytestUnraisableExceptionWarning')
@@ -537,6 +571,33 @@ def test_metrics_rows_read_plain_or_gzipped_up_to_a_torn_line_and_kept_to_a_roun
   assert sorted(os.listdir(tmp_path)) == [metrics.METRICS_FILE, metrics.METRICS_FILE + '.gz']
 
 
+@pytest.mark.parametrize('rounds, said', [
+    ([1, 2, 3, 4, 5], None),
+    ([1, 2, 4, 5], 'round 4 follows round 2'),
+    ([2, 3, 4], 'the first row is round 2'),
+    ([1, 2, 2, 3, 4], 'round 2 follows round 2'),
+    ([1, 2], 'the last row is round 2'),
+    ([], 'it holds no row')])
+def test_rows_missing_before_the_checkpoint_are_said(tmp_path, caplog, rounds, said):
+  """Rows are flushed before their round's checkpoint, so a kill never loses one; a filesystem
+  that lost writes, or an edited file, can leave a checkpoint of round 4 beside rows with a
+  gap. The run used to go on with the gap in silence (its rounds_to_target then counted from
+  rows that are not there)."""
+  from fathom_sim import metrics
+  (tmp_path / metrics.METRICS_FILE).write_text(
+      ''.join(json.dumps({'round': t}) + '\n' for t in rounds + [5, 6]))
+  with caplog.at_level('INFO'):
+    metrics.keep_rows(str(tmp_path), 4)
+  warned = [r.getMessage() for r in caplog.records if r.levelname == 'WARNING']
+  assert warned == ([] if said is None else [
+      f'{tmp_path / metrics.METRICS_FILE} does not hold the rows of rounds 1..4 once each, in '
+      f'order ({said}); the run goes on from its checkpoint of round 4, with its rows as they are'])
+  # Rows past the checkpoint are dropped, and said to be.
+  assert [r['round'] for r in metrics.read_rows(str(tmp_path / metrics.METRICS_FILE))] == [
+      t for t in rounds if t <= 4]
+  assert 'row(s) past the checkpoint of round 4 dropped' in caplog.text
+
+
 @pytest.mark.parametrize('bad', ['xx', '[1, 2]', '{"loss": 1}'])
 def test_a_damaged_row_before_others_is_refused_and_no_row_is_lost(tmp_path, bad):
   """Only a last line can be a torn write: a resume cutting the file at a damaged line in the
@@ -896,12 +957,8 @@ def test_a_checkpoint_saved_before_versions_were_recorded_reads_as_version_1(tmp
   from fathom_sim import provenance
   workdir = str(tmp_path / 'run')
   train_and_evaluate(_tiny(num_rounds=3, checkpoint_every=1), workdir)
-  path = os.path.join(workdir, 'checkpoints', '3', 'meta', 'metadata')
-  with open(path) as f:
-    meta = json.load(f)
-  del meta['simulators']  # as the simulator wrote it before this record existed
-  with open(path, 'w') as f:
-    json.dump(meta, f)
+  # As the simulator wrote it before this record (and the JSON's digest) existed.
+  _edit_checkpoint_json(workdir, 3, lambda m: [m.pop('simulators'), m.pop('meta_sha256')])
   resumed = train_and_evaluate(_tiny(num_rounds=4, checkpoint_every=1), workdir)
   assert 'saved by a simulator that recorded no version (read as 1)' in caplog.text
   assert resumed['simulators'] == [{'from_round': 0, 'results_version': 1},
