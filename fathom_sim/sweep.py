@@ -144,12 +144,14 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides: dict) -> None:
   """Sets dotted fields in place; an unknown field or a wrong type raises ConfigError."""
   for key, value in overrides.items():
     node, parts = config, key.split('.')
-    for part in parts[:-1]:
+    for depth, part in enumerate(parts):
+      if not isinstance(node, ml_collections.ConfigDict):  # a path through a value
+        raise ConfigError(f'unknown config field config.{key} (config.'
+                          f'{".".join(parts[:depth])} is a value, not a group of fields)')
       if part not in node:
         raise ConfigError(f'unknown config field config.{key}')
-      node = node[part]
-    if parts[-1] not in node:
-      raise ConfigError(f'unknown config field config.{key}')
+      if depth < len(parts) - 1:
+        node = node[part]
     try:
       node[parts[-1]] = value
     except (TypeError, ValueError) as e:

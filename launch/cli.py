@@ -43,12 +43,17 @@ def fail(message: str) -> None:
 
 
 def _flag_value(argv: list[str], name: str) -> str | None:
+  """The value absl takes for --name: the last one given (tpu_pod.sh passes its own --config
+  before the user's flags)."""
+  value = None
   for i, arg in enumerate(argv):
+    if arg == '--':
+      break
     if arg.startswith(f'--{name}='):
-      return arg.split('=', 1)[1]
-    if arg == f'--{name}' and i + 1 < len(argv):
-      return argv[i + 1]
-  return None
+      value = arg.split('=', 1)[1]
+    elif arg == f'--{name}' and i + 1 < len(argv):
+      value = argv[i + 1]
+  return value
 
 
 def _unknown_override(argv: list[str], config) -> str | None:

@@ -360,6 +360,20 @@ def test_a_broken_config_file_is_one_line_naming_it(tmp_path, body, needle):
   assert 'Traceback' not in p.stderr and not workdir.exists()
 
 
+def test_the_last_of_two_config_files_is_the_one_checked(tmp_path):
+  """absl loads the last --config given (tpu_pod.sh puts its own before the user's flags);
+  the early check read the first, so a broken second file got through as a traceback."""
+  from tests.test_cli import QUICKSTART, launch
+  path = tmp_path / 'mine.py'
+  path.write_text('def get_config():\n  raise RuntimeError("boom")\n')
+  workdir = tmp_path / 'run'
+  p = launch(f'--config={QUICKSTART}', f'--config={path}', f'--workdir={workdir}')
+  assert p.returncode == 2 and 'Traceback' not in p.stderr, p.stderr[-2000:]
+  errors = [line for line in p.stderr.splitlines() if line.startswith('error:')]
+  assert errors == [f"error: --config {str(path)!r}: get_config() raised RuntimeError: boom "
+                    "(line 2)"] and not workdir.exists()
+
+
 def test_fedavg_takes_static_values_above_fathoms_bounds():
   """The bounds are FATHOM's: FedAvg's static eta, E and B are used as given."""
   c = base_config()

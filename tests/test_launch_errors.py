@@ -82,6 +82,10 @@ def test_a_bad_sweep_file_is_one_config_error_naming_it(tmp_path, text, needle):
 @pytest.mark.parametrize('fields,needle', [
     ("'overrides': [{'eta': 0.1}, {'etaa': 0.2}]", "overrides[1]: unknown config field config.etaa"),
     ("'fixed': {'model.hiden': (8,)}", 'fixed: unknown config field config.model.hiden'),
+    # a path through a value, not a group: a TypeError traceback before
+    ("'overrides': [{'eta.x': 1}]",
+     'overrides[0]: unknown config field config.eta.x (config.eta is a value, not a group'),
+    ("'fixed': {'num_rounds.max': 2}", 'fixed: unknown config field config.num_rounds.max'),
     ("'overrides': [{'num_rounds': 'many'}]", "overrides[0]: config.num_rounds: cannot be set"),
     # a value no run accepts: refused before the first run computes, not as that run's failure
     ("'overrides': [{'eta': 0.1}, {'eta': -1.0}]",
