@@ -224,23 +224,12 @@ def _entry(run: RunSpec, out: str, status: str, **extra) -> dict:
           **extra}
 
 
-def run_sweep(sweep: SweepDef, out: str, *, extra: dict | None = None,
-              train: Callable[[ml_collections.ConfigDict, str], dict] | None = None,
-              train_group: Callable[[list, list], list[dict]] | None = None,
-              vmap_seeds: bool = False, log: Callable[[str], None] = print) -> list[dict]:
-  """Runs every unfinished run in order, in this process; returns the index entries.
-
-  Finished runs are skipped; an unfinished one resumes through train_and_evaluate's own
-  resume. With `vmap_seeds`, a setting's unfinished seeds run together as one vectorised
-  program (train.train_seeds). A run failing on bad input is marked 'failed' and the sweep
-  goes on; a preemption (SIGTERM) stops the sweep after its runs checkpointed.
-  """
-  from fathom_sim import train as train_lib
+def check_out(sweep: SweepDef, out: str) -> str:
+  """Raises WorkdirError where `out` cannot hold this sweep's runs (a URL, a file, a run's
+  workdir, another sweep's folder); returns the sweep file's name, as sweep.json records it.
+  Changes nothing: run_sweep and --dry_run make the same checks."""
   from fathom_sim import workdir as workdir_lib
-  train = train or train_lib.train_and_evaluate
-  train_group = train_group or train_lib.train_seeds
   workdir_lib.check_local(out, '--out')
-  runs = plan_runs(sweep, out, extra)
   if os.path.exists(out) and not os.path.isdir(out):
     raise workdir_lib.WorkdirError(f'--out {out!r} is a file, not a folder; give a folder for '
                                  'the runs and sweep.json')
@@ -263,6 +252,26 @@ def run_sweep(sweep: SweepDef, out: str, *, extra: dict | None = None,
           f'--out {out!r} holds the runs of another sweep ({earlier}); its {INDEX_FILE} would '
           f'be replaced and the two sweeps\' runs mixed. Give a folder of its own (or, if '
           f'{sweep_file} is {earlier} renamed, set "sweep" in {index_path} to its new name)')
+  return sweep_file
+
+
+def run_sweep(sweep: SweepDef, out: str, *, extra: dict | None = None,
+              train: Callable[[ml_collections.ConfigDict, str], dict] | None = None,
+              train_group: Callable[[list, list], list[dict]] | None = None,
+              vmap_seeds: bool = False, log: Callable[[str], None] = print) -> list[dict]:
+  """Runs every unfinished run in order, in this process; returns the index entries.
+
+  Finished runs are skipped; an unfinished one resumes through train_and_evaluate's own
+  resume. With `vmap_seeds`, a setting's unfinished seeds run together as one vectorised
+  program (train.train_seeds). A run failing on bad input is marked 'failed' and the sweep
+  goes on; a preemption (SIGTERM) stops the sweep after its runs checkpointed.
+  """
+  from fathom_sim import train as train_lib
+  from fathom_sim import workdir as workdir_lib
+  train = train or train_lib.train_and_evaluate
+  train_group = train_group or train_lib.train_seeds
+  runs = plan_runs(sweep, out, extra)
+  sweep_file = check_out(sweep, out)
   try:
     os.makedirs(out, exist_ok=True)
   except OSError as e:

@@ -214,9 +214,14 @@ def measure(name: str, cohort_size: int) -> dict:
   import jax
   from fathom_sim.data.federated import concat_clients
   from fathom_sim.driver import Rounds
+  from fathom_sim.config import ConfigError
   from fathom_sim.run import build, init_state
   config = task_config(name, cohort_size)
-  run = build(config, load(name, config))
+  try:
+    run = build(config, load(name, config))
+  except ConfigError as e:  # checks against the data and devices, in the config's words
+    raise ConfigError(f'{e} (from benchmark.py\'s flags: --cohort_sizes, --num_clients, '
+                      '--num_devices, --lanes_per_device)') from None
   n_dev = run.mesh.devices.size
   rounds = Rounds(run, prefetch=_PREFETCH.value)
   state = init_state(run)

@@ -107,9 +107,13 @@ def config_overrides(argv: list[str]) -> tuple[dict, list[str]]:
   command line, program name first) and parses them as main.py's config flag does, by the
   type of base_config()'s field: '64' for model.hidden is (64,), '20' for batch_size is 20.0,
   and a quoted word keeps its quotes. Returns ({field: value}, the rest of argv); a bad
-  override ends the command with one line."""
+  override, or a config file (sweep.py's comes from its sweep file), ends the command with one
+  line."""
   from ml_collections import config_flags
   from fathom_sim.config import base_config
+  if _flag_value(argv, 'config') is not None:  # absl's words: 'Overriding config is not allowed'
+    fail(f'--config={_flag_value(argv, "config")}: a sweep takes its config file from the sweep '
+         "file's 'config' key; the command line sets fields of it, --config.FIELD=VALUE")
   config, values = base_config(), flags.FlagValues()
   try:  # config_flags reads the overrides from the argv it is given when it is defined
     config_flags.DEFINE_config_dict('config', config, flag_values=values, sys_argv=argv)

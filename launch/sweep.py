@@ -42,9 +42,9 @@ def parse_flags(argv: list[str]) -> list[str]:
 def _dry_run(sweep_lib, sweep) -> None:
   """Prints each run of the sweep and what the sweep would do with it: as the sweep judges it,
   a workdir holding a run of another config is a failure, whether finished or not."""
-  from fathom_sim.workdir import check_local
-  check_local(_OUT.value, '--out')
-  for run in sweep_lib.plan_runs(sweep, _OUT.value, _EXTRA):
+  runs = sweep_lib.plan_runs(sweep, _OUT.value, _EXTRA)
+  sweep_lib.check_out(sweep, _OUT.value)  # what the sweep itself would refuse, refused here
+  for run in runs:
     status, error = sweep_lib.run_status(run)
     print(f'{run.name}: ' + {'done': 'done', 'pending': 'to run'}.get(status, f'fails: {error}'))
 

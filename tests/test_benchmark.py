@@ -146,7 +146,8 @@ def test_a_row_that_fails_in_its_process_ends_the_benchmark_with_its_error(tmp_p
   assert p.returncode == 2, p.stderr[-2000:]
   errors = [line for line in p.stderr.splitlines() if line.startswith('error: ')]
   assert errors == ['error: config.num_devices must be at most the 1 devices present '
-                    '(0 = all), got 4']
+                    "(0 = all), got 4 (from benchmark.py's flags: --cohort_sizes, --num_clients, "
+                    '--num_devices, --lanes_per_device)']
   assert 'Traceback' not in p.stderr and not out.exists()
 
 

@@ -116,6 +116,8 @@ def test_a_bad_field_in_a_sweep_names_the_file_and_the_entry(tmp_path, fields, n
     (GOOD_SWEEP, ['--seeds=0'], '--seeds must be >= 1 (it runs seeds 0..N-1), got 0'),
     (GOOD_SWEEP, ['--seeds=-1'], '--seeds must be >= 1 (it runs seeds 0..N-1), got -1'),
     (GOOD_SWEEP, ['seeds=3'], "unexpected argument(s) 'seeds=3': give settings as flags"),
+    (GOOD_SWEEP, [f'--config={QUICKSTART}'], "a sweep takes its config file from the sweep "
+                                             "file's 'config' key"),
 ])
 def test_sweep_command_refuses_a_bad_sweep_file_or_seeds(tmp_path, text, args, needle):
   path = tmp_path / 'bad_sweep.py'
@@ -125,13 +127,15 @@ def test_sweep_command_refuses_a_bad_sweep_file_or_seeds(tmp_path, text, args, n
   assert not out.exists()
 
 
-def test_sweep_command_refuses_an_out_that_is_a_file(tmp_path):
+@pytest.mark.parametrize('dry_run', [[], ['--dry_run']])
+def test_sweep_command_refuses_an_out_that_is_a_file(tmp_path, dry_run):
+  """--dry_run says what the sweep would do: it listed the runs as 'to run' and exited 0."""
   path = tmp_path / 'sweep.py'
   path.write_text(GOOD_SWEEP)
   out = tmp_path / 'out'
   out.write_text('mine')
-  _refused(_cli('sweep.py', f'--sweep={path}', f'--out={out}', '--config.num_rounds=1'),
-           f"--out '{out}' is a file, not a folder")
+  _refused(_cli('sweep.py', f'--sweep={path}', f'--out={out}', '--config.num_rounds=1',
+                *dry_run), f"--out '{out}' is a file, not a folder")
   assert out.read_text() == 'mine'
 
 
