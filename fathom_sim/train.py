@@ -368,6 +368,9 @@ def _run(run: Run, configs: list[ml_collections.ConfigDict], workdirs: list[str]
   if not len(test_clients):
     logging.warning('%s: the test split holds no examples: nothing is evaluated, and '
                     'test_accuracy, rounds_to_target are null', task.name)
+  elif c.eval_clients > len(test_clients):  # 0 = all, and a count past them is all of them too
+    logging.warning('config.eval_clients=%d is more than the %d test clients with examples: '
+                    'each evaluation takes all of them', c.eval_clients, len(test_clients))
   last_log = (time.time(), done)
 
   if rounds.compile_ahead is not None and len(test_clients) and done < c.num_rounds:

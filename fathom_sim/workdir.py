@@ -181,6 +181,12 @@ def locked(folder: str, flag: str = '--workdir') -> Iterator[None]:
     os.close(fd)
 
 
+def _check_folder(workdir: str) -> None:
+  if os.path.exists(workdir) and not os.path.isdir(workdir):
+    raise WorkdirError(f'--workdir {workdir!r} is a file, not a folder; give a folder for the '
+                       "run's files")
+
+
 def _check_kinds(workdir: str) -> None:
   """Raises WorkdirError where `workdir` is another command's folder, or holds one of a run's
   files as a folder or the reverse."""
@@ -209,6 +215,7 @@ def check_before_load(workdir: str, config: ml_collections.ConfigDict,
   large dataset): a URL refused; a run's workdir locked (with `hold`, on the process that
   writes its files) and its config compared. A refusal changes nothing."""
   check_local(workdir, '--workdir')
+  _check_folder(workdir)
   if os.path.isfile(os.path.join(workdir, CONFIG_FILE)):  # a run's: resumed or relaunched
     check_config(config)  # a bad value said as such, not as another run's config
     _check_kinds(workdir)  # these before the lock: a refusal leaves its holder line
@@ -225,6 +232,7 @@ def prepare(workdir: str, config: ml_collections.ConfigDict,
   locked, before any checkpoint or metric, so that run files never exist without it; a resumed
   run's is rewritten by save_config once every check has passed."""
   check_local(workdir, '--workdir')
+  _check_folder(workdir)
   try:
     os.makedirs(workdir, exist_ok=True)
   except OSError as e:

@@ -6,6 +6,7 @@ import difflib
 import functools
 import logging as pylogging
 import os
+import re
 import sys
 from typing import Callable
 
@@ -91,6 +92,9 @@ def parse_flags_or_exit(argv: list[str]) -> list[str]:
       config = call_user_file(file_part, 'get_config', '--config', *([arg] if arg else []))
     except ConfigError as e:
       fail(str(e))
+    if config is None:  # absl's words: 'Flag --config must have a value other than None'
+      fail(f'--config {file_part!r}: get_config() returned None; it must return the config '
+           '(an ml_collections.ConfigDict, e.g. fathom_sim.config.base_config() with changes)')
   try:
     return flags.FLAGS(argv)
   except (flags.Error, AttributeError, KeyError, TypeError, ValueError) as e:
@@ -98,8 +102,23 @@ def parse_flags_or_exit(argv: list[str]) -> list[str]:
       unknown = _unknown_override(argv, config)
       if unknown:
         fail(unknown)
-    fail(str(e).strip().strip('"'))
+    message = str(e).strip().strip('"')
+    fail(_bad_override_value(message) or message)
   return []
+
+
+# absl's and Python's words for an override that does not parse as its field's type.
+_NOT_PARSED = re.compile(r"^flag --config\.([\w.]+)=(.*?): (?:(invalid literal for int\(\))|"
+                         r"(could not convert string to float)|(\('Non-boolean argument))")
+
+
+def _bad_override_value(message: str) -> str | None:
+  """A parse failure of --config.FIELD=VALUE, said as what the field accepts; else None."""
+  m = _NOT_PARSED.match(message)
+  if m is None:
+    return None
+  accepted = 'an integer' if m[3] else 'a number' if m[4] else 'true or false'
+  return f'--config.{m[1]}={m[2]}: config.{m[1]} must be {accepted}, got {m[2]!r}'
 
 
 def config_overrides(argv: list[str]) -> tuple[dict, list[str]]:
@@ -119,7 +138,8 @@ def config_overrides(argv: list[str]) -> tuple[dict, list[str]]:
     config_flags.DEFINE_config_dict('config', config, flag_values=values, sys_argv=argv)
     rest = values(argv, known_only=True)
   except (flags.Error, AttributeError, KeyError, TypeError, ValueError) as e:
-    fail(_unknown_override(argv, config) or str(e).strip().strip('"'))
+    message = str(e).strip().strip('"')
+    fail(_unknown_override(argv, config) or _bad_override_value(message) or message)
   return config_flags.get_override_values(values['config']), rest
 
 

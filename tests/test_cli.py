@@ -71,7 +71,7 @@ def test_quickstart_writes_metrics_and_summary(tmp_path, algorithm):
 @pytest.mark.parametrize('args,needle', [
     (['--config.foo=1'], 'unknown config field config.foo'),
     (['--config.model.nme=mlp'], "config.model has no field 'nme'"),
-    (['--config.num_rounds=abc'], 'config.num_rounds'),
+    (['--config.num_rounds=abc'], "config.num_rounds must be an integer, got 'abc'"),
     (['--config.eta=-0.1'], 'config.eta must be > 0'),
     (['--config.batch_size=0'], 'config.batch_size must be > 0'),
     (['--config.cohort_size=5000'], 'config.cohort_size must be at most'),
@@ -95,6 +95,19 @@ def test_bad_input_is_one_clear_line_and_exit_2(tmp_path, args, needle):
   assert len(errors) == 1 and needle in errors[0], p.stderr[-2000:]
   assert 'Traceback' not in p.stderr
   assert not workdir.exists() or not any(workdir.iterdir())
+
+
+def test_a_workdir_that_is_a_file_is_said_to_be_one(tmp_path):
+  """It was refused as 'cannot be created: File exists', after the data had loaded."""
+  workdir = tmp_path / 'notes.txt'
+  workdir.write_text('mine')
+  p = launch(f'--config={QUICKSTART}', f'--workdir={workdir}')
+  assert p.returncode == 2 and 'Traceback' not in p.stderr, p.stderr[-2000:]
+  errors = [line for line in p.stderr.splitlines() if line.startswith('error:')]
+  assert errors == [f"error: --workdir '{workdir}' is a file, not a folder; give a folder for "
+                    "the run's files"]
+  assert workdir.read_text() == 'mine'
+  assert 'task ' not in p.stderr  # refused before the data load, which logs the task
 
 
 def test_a_round_out_of_memory_is_one_clear_line_and_exit_2(tmp_path):
@@ -200,7 +213,11 @@ def test_sweep_overrides_parse_as_the_run_command_parses_them(args, want):
 @pytest.mark.parametrize('arg,needle', [
     ('--config.model.hiden=3', "unknown config field config.model.hiden (config.model has no "
                                "field 'hiden'); did you mean hidden?"),
-    ('--config.num_rounds=1.5', 'flag --config.num_rounds=1.5: invalid literal for int()'),
+    ('--config.num_rounds=1.5', "--config.num_rounds=1.5: config.num_rounds must be an integer, "
+                                "got '1.5'"),
+    ('--config.eta=fast', "--config.eta=fast: config.eta must be a number, got 'fast'"),
+    ('--config.clip_log_params=yes', '--config.clip_log_params=yes: config.clip_log_params must '
+                                     "be true or false, got 'yes'"),
 ])
 def test_a_bad_sweep_override_is_one_line_and_exit_2(capsys, arg, needle):
   from launch import cli

@@ -353,6 +353,22 @@ def test_a_run_warns_of_each_accepted_round_whose_loss_jumped(tmp_path, monkeypa
   assert [m.split(':')[0] for m in jumps] == ['round 2', 'round 3']
 
 
+def test_eval_clients_past_the_test_clients_evaluates_all_of_them_and_says_so(tmp_path,
+                                                                               caplog):
+  """0 means all; a count past the test clients is all of them too, which a user who took the
+  count for another split's should hear (it ran in silence)."""
+  from fathom_sim.train import train_and_evaluate
+  from tests.common import tiny_config
+  every = train_and_evaluate(tiny_config(eval_clients=0), str(tmp_path / 'all'))
+  assert 'config.eval_clients' not in caplog.text
+  with caplog.at_level('WARNING'):
+    many = train_and_evaluate(tiny_config(eval_clients=10 ** 6), str(tmp_path / 'many'))
+  said = [r.getMessage() for r in caplog.records if 'config.eval_clients' in r.getMessage()]
+  assert len(said) == 1 and said[0].startswith('config.eval_clients=1000000 is more than the ')
+  assert said[0].endswith('test clients with examples: each evaluation takes all of them')
+  assert many['final'] == every['final']
+
+
 def test_fedjax_init_draws_as_haiku_does():
   """model.init='fedjax': kernels from a normal cut at +-2 std, std 1/sqrt(fan_in), not
   rescaled after the cut (so 0.880/sqrt(fan_in) in effect, where flax's lecun_normal gives
