@@ -29,20 +29,25 @@ _PACKAGES = ('jax', 'jaxlib', 'flax', 'optax', 'orbax-checkpoint', 'numpy')
 
 
 @functools.cache
-def _source_commit() -> str | None:
-  """The git commit of the checkout this package runs from, '+' marking uncommitted changes
-  to tracked files; None when it is not a git checkout (an installed copy) or git is absent."""
-  here = os.path.dirname(os.path.abspath(__file__))
+def source_commit() -> str | None:
+  """The git commit of the checkout this package runs from: '+' marks uncommitted changes to
+  tracked files, '?' a status git could not tell. None where it is not a checkout of its own
+  (an installed copy, or a copy unpacked inside another repository, whose commit is not ours)
+  or git is absent."""
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+  def git(*args):
+    return subprocess.run(['git', *args], cwd=root, capture_output=True, text=True, timeout=10)
+
   try:
-    head = subprocess.run(['git', 'rev-parse', 'HEAD'], cwd=here, capture_output=True,
-                          text=True, timeout=10)
-    if head.returncode != 0:
+    top, head = git('rev-parse', '--show-toplevel'), git('rev-parse', 'HEAD')
+    if top.returncode or head.returncode or (
+        os.path.realpath(top.stdout.strip()) != os.path.realpath(root)):
       return None
-    dirty = subprocess.run(['git', 'status', '--porcelain', '--untracked-files=no', '--', '.'],
-                           cwd=here, capture_output=True, text=True, timeout=10)
+    dirty = git('status', '--porcelain', '--untracked-files=no')
   except (OSError, subprocess.SubprocessError):
     return None
-  return head.stdout.strip() + ('+' if dirty.returncode == 0 and dirty.stdout.strip() else '')
+  return head.stdout.strip() + ('?' if dirty.returncode else '+' if dirty.stdout.strip() else '')
 
 
 def _version(package: str) -> str | None:
@@ -54,7 +59,7 @@ def _version(package: str) -> str | None:
 
 @functools.cache
 def _describe() -> tuple:
-  return (('results_version', RESULTS_VERSION), ('commit', _source_commit()),
+  return (('results_version', RESULTS_VERSION), ('commit', source_commit()),
           ('python', platform.python_version()),
           *((p, _version(p)) for p in _PACKAGES))
 

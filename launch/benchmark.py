@@ -214,6 +214,7 @@ def measure(name: str, cohort_size: int) -> dict:
   import jax
   from fathom_sim.data.federated import concat_clients
   from fathom_sim.driver import Rounds
+  from fathom_sim import provenance
   from fathom_sim.config import ConfigError
   from fathom_sim.run import build, init_state
   config = task_config(name, cohort_size)
@@ -312,26 +313,7 @@ def measure(name: str, cohort_size: int) -> dict:
           'device_kind': run.mesh.devices.flat[0].device_kind, 'pid': os.getpid(),
           'peak_rss_gib': peak_rss, 'device_peak_gib': device_peak,
           'jax': jax.__version__, 'date': time.strftime('%Y-%m-%d'),
-          'commit': _commit(), 'xla_flags': os.environ.get('XLA_FLAGS', '')}
-
-
-def _commit() -> str | None:
-  """The checkout's commit (with '+' when it has uncommitted changes), for a row's record."""
-  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-  def git(*args):
-    return subprocess.run(['git', *args], cwd=root, text=True, capture_output=True, timeout=10)
-
-  try:
-    top, head = git('rev-parse', '--show-toplevel'), git('rev-parse', '--short', 'HEAD')
-    dirty = git('status', '--porcelain', '--untracked-files=no')
-  except (OSError, subprocess.SubprocessError):  # no git
-    return None
-  # Not a checkout of its own (a copy unpacked inside another repository): no commit of ours.
-  if top.returncode or head.returncode or (
-      os.path.realpath(top.stdout.strip()) != os.path.realpath(root)):
-    return None
-  return head.stdout.strip() + ('?' if dirty.returncode else '+' if dirty.stdout.strip() else '')
+          'commit': provenance.source_commit(), 'xla_flags': os.environ.get('XLA_FLAGS', '')}
 
 
 def _gib(value: float | None) -> str:

@@ -365,21 +365,23 @@ def test_examples_and_padding_are_the_plans_counts_recomputed_from_the_cohorts(t
   assert r['xla_compiles'] > r['compiles'] >= 1
 
 
-def test_a_row_records_its_checkouts_commit_and_none_for_a_copy_outside_one(tmp_path,
-                                                                             monkeypatch):
-  """A copy unpacked inside another repository recorded that repository's commit."""
+def test_the_commit_recorded_is_the_checkouts_and_none_for_a_copy_outside_one(tmp_path,
+                                                                              monkeypatch):
+  """A copy unpacked inside another repository recorded that repository's commit (benchmark
+  rows and run summaries record the same: provenance.source_commit)."""
   import re
-  from launch import benchmark
-  assert re.fullmatch(r'[0-9a-f]{7,}[+?]?', benchmark._commit() or ''), benchmark._commit()
+  from fathom_sim import provenance
+  commit = provenance.source_commit.__wrapped__  # uncached: __file__ moves below
+  assert re.fullmatch(r'[0-9a-f]{40}[+?]?', commit() or ''), commit()
   outer = tmp_path / 'outer'
-  (outer / 'copy' / 'launch').mkdir(parents=True)
+  (outer / 'copy' / 'fathom_sim').mkdir(parents=True)
   git = lambda *a: subprocess.run(['git', *a], cwd=outer, capture_output=True, check=True)
   git('init', '-q')
   git('-c', 'user.email=a@b', '-c', 'user.name=a', 'commit', '-q', '--allow-empty', '-m', 'x')
-  monkeypatch.setattr(benchmark, '__file__', str(outer / 'copy' / 'launch' / 'benchmark.py'))
-  assert benchmark._commit() is None
-  monkeypatch.setattr(benchmark, '__file__', str(tmp_path / 'launch' / 'benchmark.py'))
-  assert benchmark._commit() is None  # no repository at all
+  monkeypatch.setattr(provenance, '__file__', str(outer / 'copy' / 'fathom_sim' / 'provenance.py'))
+  assert commit() is None
+  monkeypatch.setattr(provenance, '__file__', str(tmp_path / 'fathom_sim' / 'provenance.py'))
+  assert commit() is None  # no repository at all
 
 
 def test_every_part_of_gpu_sh_parses_and_is_in_its_usage_and_header():
