@@ -354,6 +354,12 @@ def test_tokenisation_lowercases_and_splits_punctuation():
       'beer dates back to the dawn of cereal agriculture in ancient mesopotamia .', 'cheers']
   assert tokenize('Kölsch, Märzen & Weißbier_café') == [
       'kölsch', ',', 'märzen', '&', 'weißbier', '_', 'café']
+  # Combining marks are not \w to Python's re: vowel signs and viramas split a word into
+  # letters, and so did a post stored decomposed (NFD), where ö is o and a mark.
+  import unicodedata
+  assert tokenize(unicodedata.normalize('NFD', 'Kölsch café')) == ['kölsch', 'café']
+  assert tokenize('हिन्दी भाषा, ภาษาไทย!') == ['हिन्दी', 'भाषा', ',', 'ภาษาไทย', '!']
+  assert tokenize("o\u0308l isn\u0300't") == ['öl', "is\u01f9't"]  # ǹ composed
 
 
 @pytest.mark.parametrize('damage', ['[1]', '{"task": "stackoverflow", "layout_version": %d}',

@@ -8,8 +8,11 @@ x = [bos] + ids and y = ids + [eos], both cut or padded (with pad) to `length` t
 from __future__ import annotations
 
 import collections
+import functools
 import html
 import re
+import sys
+import unicodedata
 from typing import Iterable, Sequence
 
 import numpy as np
@@ -17,9 +20,24 @@ import numpy as np
 PAD, BOS, EOS = 0, 1, 2
 NUM_SPECIAL = 4  # pad, bos, eos, oov
 
-# A word is letters and digits of any script (Kölsch is one word, not k ö lsch), with inner
-# apostrophes; every other visible character is a token of its own.
-_TOKEN = re.compile(r"[^\W_]+(?:'[^\W_]+)*|[^\s\w]|_")
+
+
+@functools.cache
+def _token() -> re.Pattern:
+  """A word is letters and digits of any script (Kölsch is one word, not k ö lsch), with the
+  combining marks that follow them (Python's \\w has no vowel signs or viramas: हिन्दी was
+  seven tokens) and inner apostrophes; every other visible character is a token of its own."""
+  marks, start = [], None  # the ranges of Unicode's mark categories (Mn, Mc, Me)
+  for c in range(sys.maxunicode + 2):
+    is_mark = c <= sys.maxunicode and unicodedata.category(chr(c))[0] == 'M'
+    if is_mark and start is None:
+      start = c
+    elif not is_mark and start is not None:
+      marks.append(f'{re.escape(chr(start))}-{re.escape(chr(c - 1))}')
+      start = None
+  unit = rf"[^\W_][{''.join(marks)}]*"
+  return re.compile(rf"(?:{unit})+(?:'(?:{unit})+)*|[^\s\w]|_")
+
 # Tags that end a block of text end a sentence; inline ones (a, em, code, ...) only part words.
 _BLOCK_TAG = re.compile(r'</?(?:p|br|div|li|ul|ol|h[1-6]|blockquote|pre|table|tr|td|th|hr|dl|dt|'
                         r'dd)\b[^>]*>', re.IGNORECASE)
@@ -30,15 +48,18 @@ _WHITESPACE = re.compile(r'\s+')
 
 
 # Bumped whenever html_sentences or tokenize change the sentences or words of a post (2: inline
-# tags no longer end sentences; 3: a line break inside a paragraph is a space). A dataset
+# tags no longer end sentences; 3: a line break inside a paragraph is a space; 4: text composed
+# (NFC), and combining marks stay in their word). A dataset
 # prepared from a Posts.xml records it (meta.json), and one made by an older version is
 # refused (tfds_store.read_meta) rather than trained on other examples than a new one's.
-TEXT_VERSION = 3
+TEXT_VERSION = 4
 
 
 def tokenize(text: str) -> list[str]:
-  """Lower-case words, with each punctuation mark split off as its own token."""
-  return _TOKEN.findall(text.lower().replace('\u2019', "'"))
+  """Lower-case words, with each punctuation mark split off as its own token. The text is
+  composed first (NFC): a post stored decomposed spells ö as o and a mark, the same word."""
+  text = unicodedata.normalize('NFC', text).lower().replace('\u2019', "'")
+  return _token().findall(text)
 
 
 def html_sentences(body: str) -> list[str]:
