@@ -132,34 +132,56 @@ CEILING_MIN_S = 2.0
 
 
 def centralized_examples_per_s(run, examples: dict, batch_size: int, steps: int,
-                               model=None) -> dict:
+                               model=None, *, every_device: bool = False) -> dict:
   """One jitted SGD step per batch of `batch_size` of the pooled examples, on one device: the
   ceiling. Returns its median rate over chunks of the steps, and the slowest and fastest.
 
   `model`: another implementation of the run's model (same parameters) to time instead.
+  `every_device`: one such chain on each device of the run's mesh at once, each its own model
+  and batches (what the rounds' lanes do, without padding or aggregation), counted together:
+  the ceiling of the whole mesh at this per-step batch. On CPU the forced host devices share
+  the machine's cores, so one device's chain may already use all of them.
   """
   import statistics
 
   import jax
   import jax.numpy as jnp
   import numpy as np
+  from jax.sharding import PartitionSpec as P
+  from fathom_sim.mesh import CLIENTS, by_client
   from fathom_sim.run import init_state
   params = jax.device_get(init_state(run).params)
   grad = jax.value_and_grad((model or run.model).loss)
   mask = jnp.ones(batch_size, bool)
 
-  @jax.jit
-  def step(p, batch, key):
+  def one_step(p, batch, key):
     loss, g = grad(p, batch, mask, key)
     return jax.tree.map(lambda w, gw: w - 0.01 * gw, p, g), loss
 
   n = len(examples['y'])
-  order = np.random.default_rng(0).permutation(np.resize(np.arange(n), steps * batch_size + n))
-  batches = [{k: jnp.asarray(v[order[i * batch_size:(i + 1) * batch_size]])
-              for k, v in examples.items()} for i in range(steps + 1)]
+  chains = run.mesh.devices.size if every_device else 1
+  order = np.random.default_rng(0).permutation(
+      np.resize(np.arange(n), chains * (steps + 1) * batch_size))
+  rows = [order[i * batch_size:(i + 1) * batch_size] for i in range(chains * (steps + 1))]
   # The keys are made before the clock starts: a fold_in from the host is a dispatch of its
   # own (~0.1 ms), 5x the MLP's step, where the rounds fold theirs inside their programs.
-  keys = list(jax.random.split(jax.random.PRNGKey(0), steps + 1))
+  keys = jax.random.split(jax.random.PRNGKey(0), (steps + 1) * chains)
+  if every_device:
+    def local(p, batch, key):  # this device's chain: its slice of the leading axis
+      p, loss = one_step(*jax.tree.map(lambda a: a[0], (p, batch, key)))
+      return jax.tree.map(lambda a: a[None], (p, loss))
+    step = jax.jit(jax.shard_map(local, mesh=run.mesh, in_specs=P(CLIENTS),
+                                 out_specs=P(CLIENTS)))
+    shard = by_client(run.mesh)
+    params = jax.device_put(jax.tree.map(lambda a: np.stack([a] * chains), params), shard)
+    batches = [jax.device_put({k: np.stack([v[rows[i * chains + c]] for c in range(chains)])
+                               for k, v in examples.items()}, shard) for i in range(steps + 1)]
+    keys = [jax.device_put(keys[i * chains:(i + 1) * chains], shard) for i in range(steps + 1)]
+  else:
+    step = jax.jit(one_step)
+    batches = [{k: jnp.asarray(v[rows[i]]) for k, v in examples.items()}
+               for i in range(steps + 1)]
+    keys = list(keys)
   params, loss = step(params, batches[0], keys[0])  # compile
   loss.block_until_ready()
   per_chunk, rates, i = max(1, steps // CEILING_CHUNKS), [], 0
@@ -173,7 +195,7 @@ def centralized_examples_per_s(run, examples: dict, batch_size: int, steps: int,
     if not rates and took < CEILING_MIN_S / CEILING_CHUNKS and per_chunk < 2**20:
       per_chunk *= 2  # too short to time against the clock and the sync: not kept
       continue
-    rates.append(per_chunk * batch_size / took)
+    rates.append(chains * per_chunk * batch_size / took)
   return {'median': statistics.median(rates), 'min': min(rates), 'max': max(rates),
           'chunks': len(rates), 'steps_per_chunk': per_chunk}
 
@@ -285,6 +307,15 @@ def measure(name: str, cohort_size: int) -> dict:
         if timing['median'] > ceiling['median']:
           ceiling, ceiling_conv = timing, conv
   central = ceiling['median']
+  whole_mesh = None
+  if n_dev > 1:  # the same chain on every device at once: the mesh's own ceiling
+    fastest = None
+    if config.model.name == 'emnist_cnn' and ceiling_conv != run.conv:
+      from fathom_sim.models import get_model
+      fastest = get_model('emnist_cnn', num_classes=run.task.num_classes, conv=ceiling_conv,
+                          compute_dtype=config.model.compute_dtype)
+    whole_mesh = centralized_examples_per_s(run, pooled, b_int, steps, fastest,
+                                            every_device=True)['median']
   r = timed
   platform = run.mesh.devices.flat[0].platform
   return {'task': name, 'cohort_size': cohort_size, 'rounds_per_s': r / wall,
@@ -294,6 +325,9 @@ def measure(name: str, cohort_size: int) -> dict:
           'centralized_chunks': ceiling['chunks'],
           'centralized_steps_per_chunk': ceiling['steps_per_chunk'],
           'centralized_devices': 1, 'centralized_conv': ceiling_conv,
+          # One chain on each of the devices at once (None on one device: the same as above).
+          'centralized_every_device_examples_per_s': whole_mesh,
+          'ratio_to_centralized_every_device': None if whole_mesh is None else fed / whole_mesh,
           # E * n_i per client (what FedJAX counts): examples_per_s also counts the examples
           # a client's last step re-reads to fill its batch.
           'epoch_examples_per_s': epoch_examples / wall,
@@ -424,6 +458,10 @@ def _print_row(name: str, cohort: int, r: dict) -> None:
         f'{r["device_s_per_round"]:>8.3f} {r["ahead_s_per_round"]:>7.3f} '
         f'{r["peak_rss_gib"]:>7.2f} {_gib(r["device_peak_gib"]):>7} '
         f'{r["rounds_timed"]:>2}/{r["rounds_timed"] + r["rounds_recompiled"]:<2}', flush=True)
+  if r['centralized_every_device_examples_per_s'] is not None:
+    print(f'  (ceiling with a chain on each of the {r["devices"]} devices at once: '
+          f'{r["centralized_every_device_examples_per_s"]:.1f} ex/s, ratio '
+          f'{r["ratio_to_centralized_every_device"]:.3f})', flush=True)
   if r['rounds_recompiled']:
     print(f'  ({r["rounds_recompiled"]} measured round(s) compiled a program and were left out '
           'of the rates; a larger --warmup measures more rounds)', flush=True)

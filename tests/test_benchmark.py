@@ -33,6 +33,9 @@ def test_benchmark_reports_every_field_per_cohort(tmp_path):
     assert r['examples_per_s'] > 0 and r['centralized_examples_per_s'] > 0
     assert abs(r['ratio_to_centralized'] - r['examples_per_s'] /
                r['centralized_examples_per_s']) < 1e-9
+    # One device: its ceiling is the mesh's, and no second one is timed.
+    assert r['centralized_every_device_examples_per_s'] is None
+    assert r['ratio_to_centralized_every_device'] is None
   assert 'ratio' in p.stdout  # the printed table
   # Each row in a process of its own, so that its memory peaks are its own; the table is
   # printed once, by this process.
@@ -91,6 +94,11 @@ def test_a_measured_round_that_compiles_is_left_out_of_the_rates_and_counted(tmp
   assert r['rounds_recompiled'] == 1 and r['rounds_timed'] == 5, r
   assert r['compiles_while_measuring'] >= 1 and r['compiles'] == 2
   assert 'left out of the rates' in p.stdout
+  # The mesh's own ceiling, a chain on each device at once, beside the one-device one.
+  assert r['centralized_every_device_examples_per_s'] > 0
+  assert abs(r['ratio_to_centralized_every_device'] - r['examples_per_s'] /
+             r['centralized_every_device_examples_per_s']) < 1e-9
+  assert 'ceiling with a chain on each of the 2 devices at once' in p.stdout
   counts = _real_and_computed(300, 3, range(2, 8), lanes_per_device=2, devices=2)
   real, computed = map(sum, zip(*counts))
   assert abs(r['padding_efficiency'] - real / computed) < 1e-12
