@@ -11,11 +11,53 @@ change the cost). Prints one JSON object. Called by compare_fedjax.py; never by 
 import argparse
 import importlib.metadata
 import json
+import statistics
 import time
 
 import fedjax
 import jax
 import numpy as np
+
+
+# Timed as launch/benchmark.py times fathom_sim's ceiling: CHUNKS chunks of equal steps,
+# lengthened until the first takes a CHUNKS-th of MIN_S; the rate is their median.
+CHUNKS, MIN_S = 7, 2.0
+
+
+def centralized(model, clients: dict, batch_size: int, steps: int = 200) -> dict:
+  """This stack's own ceiling: one jitted SGD step (lr 0.1) of the same model per batch of
+  `batch_size` pooled examples, on one device. Beside fathom_sim's (same model, same batch,
+  its own jax), it tells how much of a speedup is the newer jax rather than the simulator."""
+  grad = fedjax.model_grad(model)
+
+  @jax.jit
+  def step(params, batch, key):
+    return jax.tree_util.tree_map(lambda w, g: w - 0.1 * g, params, grad(params, batch, key))
+
+  pool = list(clients.values())[:64]
+  xs, ys = np.concatenate([c['x'] for c in pool]), np.concatenate([c['y'] for c in pool])
+  order = np.random.default_rng(0).permutation(np.resize(np.arange(len(ys)),
+                                                         (steps + 1) * batch_size))
+  batches = [{'x': jax.device_put(xs[order[i * batch_size:(i + 1) * batch_size]]),
+              'y': jax.device_put(ys[order[i * batch_size:(i + 1) * batch_size]])}
+             for i in range(steps + 1)]
+  keys = list(jax.random.split(jax.random.PRNGKey(0), steps + 1))
+  ready = lambda p: jax.tree_util.tree_map(lambda a: a.block_until_ready(), p)
+  params = ready(step(model.init(jax.random.PRNGKey(0)), batches[0], keys[0]))  # compile
+  per_chunk, rates, i = max(1, steps // CHUNKS), [], 0
+  while len(rates) < CHUNKS:
+    start = time.perf_counter()
+    for _ in range(per_chunk):
+      i = i % steps + 1
+      params = step(params, batches[i], keys[i])
+    ready(params)
+    took = time.perf_counter() - start
+    if not rates and took < MIN_S / CHUNKS and per_chunk < 2**20:
+      per_chunk *= 2
+      continue
+    rates.append(per_chunk * batch_size / took)
+  return {'median': statistics.median(rates), 'min': min(rates), 'max': max(rates),
+          'batch_size': batch_size}
 
 
 def main():
@@ -25,6 +67,8 @@ def main():
   parser.add_argument('--rounds', type=int, default=3)
   parser.add_argument('--warmup', type=int, default=1)
   parser.add_argument('--backend', default='jit', choices=['jit', 'pmap'])
+  parser.add_argument('--centralized', action='store_true',
+                      help='also time the same model trained centrally on this jax')
   args = parser.parse_args()
   if args.backend == 'pmap':
     jax.config.update('jax_pmap_no_rank_reduction', False)  # FedJAX 0.0.17 on jax 0.4.38
@@ -55,6 +99,7 @@ def main():
     jax.tree_util.tree_map(lambda a: a.block_until_ready(), new_state.params)
     return new_state, sum(len(cds) for _, cds, _ in cohort)
 
+  ceiling = centralized(model, clients, 20) if args.centralized else None
   for t in range(args.warmup):
     state, _ = one_round(t)
   examples = 0
@@ -65,7 +110,8 @@ def main():
   wall = time.perf_counter() - start
   print(json.dumps({'side': 'fedjax', 'backend': args.backend, 'cohort_size': args.cohort,
                     'rounds': args.rounds, 'examples': examples, 'wall_s': wall,
-                    'examples_per_s': examples / wall, 'jax': jax.__version__,
+                    'examples_per_s': examples / wall, 'centralized': ceiling,
+                    'jax': jax.__version__,
                     'fedjax': importlib.metadata.version('fedjax')}))
 
 
