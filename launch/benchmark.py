@@ -256,7 +256,7 @@ def measure(name: str, cohort_size: int) -> dict:
   # is mostly the compile, which --warmup is there to exclude. Its padding is not a matter of
   # time, and it is counted: such a round holds the largest client seen yet, so its longest
   # lane tends to be the least balanced, and leaving it out would flatter the efficiency.
-  examples = epoch_examples = real_all = computed_all = 0
+  examples = epoch_examples = real_all = computed_all = lockstep_all = 0
   wall = host = device = ahead = 0.0
   clients = []
   timed = recompiled = compiles_timed = 0
@@ -269,6 +269,10 @@ def measure(name: str, cohort_size: int) -> dict:
     real = plan.useful_rows()
     real_all += real
     computed_all += plan.computed_rows(n_dev, run.local_loop == 'host', run.loop_chunk)
+    # The round's collectives wait for the device with the longest lane: counted as if every
+    # device ran that long (what the host-driven loop does; the device loop's chunk rounding,
+    # 1 by default, aside), the waiting shows where a device runs short of the others.
+    lockstep_all += plan.computed_rows(n_dev, host_loop=True)
     if counter.count:
       recompiled += 1
       compiles_timed += counter.count
@@ -332,6 +336,7 @@ def measure(name: str, cohort_size: int) -> dict:
           # a client's last step re-reads to fill its batch.
           'epoch_examples_per_s': epoch_examples / wall,
           'ratio_to_centralized': fed / central, 'padding_efficiency': real_all / computed_all,
+          'lockstep_padding_efficiency': real_all / lockstep_all,
           'compiles': rounds.compiles, 'rounds_timed': timed, 'rounds_recompiled': recompiled,
           'compiles_while_measuring': compiles_timed, 'host_s_per_round': host / r,
           'device_s_per_round': device / r, 'ahead_s_per_round': ahead / r,

@@ -54,11 +54,12 @@ def _bench(*args, devices=1, timeout=300):
 
 
 def _real_and_computed(num_clients: int, cohort: int, rounds, lanes_per_device: int,
-                       devices: int = 1) -> list[tuple[int, int]]:
+                       devices: int = 1, lockstep: bool = False) -> list[tuple[int, int]]:
   """FedAvg's (real, computed) example-gradients of each round, from the cohorts and the
   spec's K_i alone: B 20 computed as 20 rows (its B never moves: run.batch_moves), clients
   packed longest first onto the least loaded lane, the lanes in order over the devices, and
-  each device's lanes all run to its longest (the device loop, one step a chunk)."""
+  each device's lanes all run to its longest (the device loop, one step a chunk); with
+  `lockstep`, every lane to the longest of all (what the round's collectives wait for)."""
   import math
   import numpy as np
   from fathom_sim.config import base_config
@@ -76,7 +77,9 @@ def _real_and_computed(num_clients: int, cohort: int, rounds, lanes_per_device: 
       lanes[lanes.index(min(lanes))] += k
     per_device = [lanes[d * lanes_per_device:(d + 1) * lanes_per_device]
                   for d in range(devices)]
-    out.append((sum(steps) * 20, sum(len(l) * max(l) for l in per_device) * 20))
+    computed = (len(lanes) * max(lanes) if lockstep else
+                sum(len(l) * max(l) for l in per_device))
+    out.append((sum(steps) * 20, computed * 20))
   return out
 
 
@@ -102,6 +105,11 @@ def test_a_measured_round_that_compiles_is_left_out_of_the_rates_and_counted(tmp
   counts = _real_and_computed(300, 3, range(2, 8), lanes_per_device=2, devices=2)
   real, computed = map(sum, zip(*counts))
   assert abs(r['padding_efficiency'] - real / computed) < 1e-12
+  # Devices held to the longest lane of all: here 2 devices run different lengths.
+  real, lockstep = map(sum, zip(*_real_and_computed(300, 3, range(2, 8), lanes_per_device=2,
+                                                    devices=2, lockstep=True)))
+  assert abs(r['lockstep_padding_efficiency'] - real / lockstep) < 1e-12
+  assert r['lockstep_padding_efficiency'] < r['padding_efficiency']
   # The six rounds' counts without any one of them give another efficiency: the test can
   # tell a benchmark that left the compiled round's padding out (round 3's: 0.704).
   assert round(real / computed, 3) == 0.697
