@@ -40,6 +40,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.checkpoint_every = 100
   c.keep_checkpoints = 3          # newest checkpoints kept in <workdir>/checkpoints
   c.target_accuracy = 0.0         # > 0: report rounds/examples to first reach it
+  c.max_rejected_rounds = 50      # stop a run whose rounds are rejected (no finite update)
+                                  # this many times in a row, within one command (in a
+                                  # vectorised group, every seed's); 0 = never stop
   c.log_every = 10                # rounds between progress lines
 
   # Client hyperparameters: the static values of FedAvg, the initial values of FATHOM.
@@ -246,6 +249,7 @@ def check_config(c: ml_collections.ConfigDict) -> None:
   _number(c, 'checkpoint_every', low=1, integer=True)
   _number(c, 'keep_checkpoints', low=1, integer=True)
   _number(c, 'target_accuracy', low=0, high=1)
+  _number(c, 'max_rejected_rounds', low=0, integer=True)
   _number(c, 'log_every', low=1, integer=True)
   _number(c, 'eta', low=0, low_open=True, float32=True)
   _number(c, 'epochs', low=0, low_open=True, float32=True)

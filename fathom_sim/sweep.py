@@ -362,7 +362,7 @@ def _run_all(sweep: SweepDef, out: str, runs: list[RunSpec], sweep_file: str, *,
       else:
         summaries = train_group([runs[i].config for i in batch],
                                 [runs[i].workdir for i in batch])
-    except (ConfigError, DataError, workdir_lib.WorkdirError) as e:
+    except (ConfigError, DataError, workdir_lib.WorkdirError, train_lib.Diverged) as e:
       seeds_own = isinstance(e, (train_lib.OutOfMemory, workdir_lib.WorkdirError)) or (
           isinstance(e, DataError) and not isinstance(e, DatasetError))
       if len(batch) > 1 and seeds_own:

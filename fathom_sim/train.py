@@ -49,6 +49,11 @@ class Preempted(Exception):
     self.signum = signum
 
 
+class Diverged(Exception):
+  """config.max_rejected_rounds rounds in a row were rejected (for every seed of the program):
+  the run stopped after checkpointing the last."""
+
+
 @contextlib.contextmanager
 def _stop_signals():
   """Turns SIGTERM / SIGINT (what a TPU preemption sends) into a flag read between rounds."""
@@ -415,12 +420,19 @@ def _run(run: Run, configs: list[ml_collections.ConfigDict], workdirs: list[str]
 
   # closing: compiles queued ahead are dropped however the loop ends, and those running waited
   # for, after the signal handlers are restored: a second Ctrl-C still ends that wait.
+  # Rejected rounds in a row, each run's, since this command started: every process sees the
+  # same (the round's outputs are replicated), so all stop at the same round.
+  rejected = [0] * len(books)
   with contextlib.closing(rounds), _stop_signals() as signals:
     for t in range(done + 1, c.num_rounds + 1):
       doing.update(what='round', round=t, hp=hp)
       state, m, plans = rounds(state, t, hp)
       stop = _agreed_stop(signals)
       used_all, hp = np.asarray(m.hparams), np.asarray(m.next_hparams)
+      accepted_all = np.asarray(m.accepted)
+      for i, s in enumerate(seeds):
+        rejected[i] = 0 if bool(_seed(accepted_all, s)) else rejected[i] + 1
+      diverged = bool(c.max_rejected_rounds) and min(rejected) >= c.max_rejected_rounds
       for s, book in zip(seeds, books):
         ms, plan = _seed(m, s), plans if s is None else plans[s]
         used, meta = _seed(used_all, s), book.meta
@@ -458,9 +470,9 @@ def _run(run: Run, configs: list[ml_collections.ConfigDict], workdirs: list[str]
         if book.writer:
           book.writer.write(row)
         book.log.add(row)
-        if stop or t % c.checkpoint_every == 0 or t == c.num_rounds:
+        if stop or diverged or t % c.checkpoint_every == 0 or t == c.num_rounds:
           book.checkpointer.save(_seed(state, s), book.bookkeeping(t, _seed(hp, s)),
-                                 wait=bool(stop) or t == c.num_rounds)
+                                 wait=bool(stop) or diverged or t == c.num_rounds)
       if t % c.log_every == 0 or t == c.num_rounds:
         now = time.time()
         speed = (t - last_log[1]) / max(now - last_log[0], 1e-9)
@@ -474,6 +486,16 @@ def _run(run: Run, configs: list[ml_collections.ConfigDict], workdirs: list[str]
         logging.warning('signal %d: stopped after round %d, checkpoint saved; run the same '
                         'command again to resume', stop, t)
         raise Preempted(stop, t)
+      if diverged:
+        for book in books:
+          book.close()
+        n, whose = c.max_rejected_rounds, "every seed's " if vectorized else ''
+        raise Diverged(
+            f'{whose}rounds {t - n + 1}..{t} were all rejected '
+            f'({n} in a row, config.max_rejected_rounds; 0 never stops): no finite update, so '
+            f'the run has diverged and stopped, its checkpoint of round {t} saved. A smaller '
+            f'{"eta" if c.algorithm == "fedavg" else "eta or upper_eta"}, or another seed, '
+            'may train')
   for book in books:
     book.close()
 

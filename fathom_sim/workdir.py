@@ -37,7 +37,8 @@ class WorkdirError(ValueError):
 # Every other field that the run reads is part of its identity.
 RESUMABLE_FIELDS = frozenset({
     'num_rounds', 'log_every', 'checkpoint_every', 'keep_checkpoints', 'eval_every',
-    'eval_clients', 'eval_batch_size', 'target_accuracy', 'num_devices', 'lanes_per_device',
+    'eval_clients', 'eval_batch_size', 'target_accuracy', 'max_rejected_rounds', 'num_devices',
+    'lanes_per_device',
     'data_on_device', 'batch_pad_per_octave', 'local_loop', 'loop_chunk', 'model.conv',
     'compile_ahead', 'matmul_precision'})
 

@@ -13,6 +13,7 @@ from typing import Callable
 from absl import flags, logging
 
 EXIT_BAD_INPUT = 2
+EXIT_DIVERGED = 3  # the run stopped itself: config.max_rejected_rounds rejected in a row
 
 
 # Libraries whose INFO lines are chatter in a progress log: orbax's, one per save, and JAX's
@@ -197,15 +198,19 @@ def no_arguments(argv: list[str]) -> None:
 
 def run_or_exit(job: Callable[[], object]) -> None:
   """Runs the job; input errors (config, data, workdir) become one line and exit status 2;
-  a run stopped by SIGTERM/SIGINT (after checkpointing) exits with 128 + the signal number."""
+  a run that diverged for good (train.Diverged) one line and exit status 3; a run stopped by
+  SIGTERM/SIGINT (after checkpointing) exits with 128 + the signal number."""
   from fathom_sim.config import ConfigError
   from fathom_sim.data import DataError
-  from fathom_sim.train import Preempted
+  from fathom_sim.train import Diverged, Preempted
   from fathom_sim.workdir import WorkdirError
   try:
     job()
   except (ConfigError, DataError, WorkdirError) as e:
     fail(str(e))
+  except Diverged as e:  # every process stopped at the same round: no peer to tell
+    print(f'error: {e}', file=sys.stderr)
+    sys.exit(EXIT_DIVERGED)
   except Preempted as e:
     sys.exit(128 + e.signum)  # the shell's convention for "ended by this signal"
   except MemoryError as e:  # numpy's, before any round (rounds say theirs as OutOfMemory)

@@ -515,6 +515,45 @@ def test_client_whose_hypergradient_is_not_finite_is_left_out_like_a_non_finite_
   assert np.isfinite(list(summary['final_hparams'].values())).all()
 
 
+@pytest.mark.parametrize('seed, pattern, stops_at', [(3, 'aaRaRRR', 7), (5, 'aRRaaaRaRRaR', None)])
+def test_a_run_stops_after_max_rejected_rounds_in_a_row(tmp_path, seed, pattern, stops_at):
+  """A run whose every round is rejected changed nothing and went on to its last round (days
+  of a pod's time, on a long run). Clients 0 and 1 are poisoned, one client a round: rejected
+  rounds (R) come where they are sampled; three in a row stop the run, with its checkpoint of
+  that round; an accepted round (a) between them starts the count again."""
+  from fathom_sim.train import Diverged
+  data, workdir = str(tmp_path / 'data'), str(tmp_path / 'run')
+  _npz_with_bad_clients(data, bad=[0, 1])
+  config = _npz_config(data, cohort_size=1, num_rounds=12, seed=seed, algorithm='fedavg',
+                       max_rejected_rounds=3)
+  if stops_at is None:
+    assert train_and_evaluate(config, workdir)['rounds'] == 12
+  else:
+    with pytest.raises(Diverged, match=rf'^rounds {stops_at - 2}..{stops_at} were all rejected '
+                       r'\(3 in a row, config.max_rejected_rounds; 0 never stops\): .* its '
+                       rf'checkpoint of round {stops_at} saved. A smaller eta, or another seed'):
+      train_and_evaluate(config, workdir)
+    assert str(stops_at) in os.listdir(os.path.join(workdir, 'checkpoints'))
+    assert not os.path.exists(os.path.join(workdir, 'summary.json'))
+  assert ''.join('a' if r['accepted'] else 'R' for r in read_rows(workdir)) == pattern
+  if stops_at is not None:  # 0 never stops: the same run resumed goes on to its end
+    config.max_rejected_rounds = 0
+    summary = train_and_evaluate(config, workdir)
+    assert summary['rounds'] == 12 and summary['resumed_from'] == stops_at
+
+
+def test_a_diverged_run_is_one_line_and_exit_3(tmp_path):
+  from tests.test_cli import launch
+  data = str(tmp_path / 'data')
+  _npz_with_bad_clients(data, bad=[0, 1, 2, 3])
+  p = launch(f'--config={QUICKSTART}', f'--workdir={tmp_path / "run"}', '--config.data.name=npz',
+             f'--config.data.path={data}', '--config.data.num_classes=10',
+             '--config.cohort_size=4', '--config.num_rounds=9', '--config.max_rejected_rounds=2')
+  assert p.returncode == 3 and 'Traceback' not in p.stderr, p.stderr[-2000:]
+  errors = [line for line in p.stderr.splitlines() if line.startswith('error:')]
+  assert len(errors) == 1 and errors[0].startswith('error: rounds 1..2 were all rejected'), errors
+
+
 def test_round_with_no_finite_update_changes_nothing_and_halves_eta(tmp_path, caplog):
   data = str(tmp_path / 'data')
   _npz_with_bad_clients(data, bad=[0, 1, 2, 3])

@@ -521,6 +521,23 @@ def test_a_data_error_in_a_round_fails_that_run_alone(tmp_path):
   assert tried == [0, 1] and [e['status'] for e in entries] == ['failed', 'done']
 
 
+def test_a_diverged_run_fails_alone_and_the_sweep_goes_on(tmp_path):
+  """A run that stops itself after max_rejected_rounds rejected rounds is a failed run, with
+  its message, not the end of the sweep (it was a traceback out of the sweep)."""
+  from fathom_sim.train import Diverged
+  definition = sweep.SweepDef(tiny_config(num_rounds=2, num_devices=1), '<inline>', [{}],
+                              [0, 1], {})
+
+  def train(c, workdir):
+    if c.seed == 0:
+      raise Diverged('rounds 1..2 were all rejected')
+    return train_and_evaluate(c, workdir)
+
+  entries = sweep.run_sweep(definition, str(tmp_path / 'out'), train=train, log=lambda _: None)
+  assert [e['status'] for e in entries] == ['failed', 'done']
+  assert entries[0]['error'] == 'rounds 1..2 were all rejected'
+
+
 @pytest.mark.parametrize('args,out,rest', [
     (['femnist_real', '--config.data.data_dir=/d'], 'runs/claim_femnist_real',
      ['--config.data.data_dir=/d']),
