@@ -121,7 +121,8 @@ class Checkpointer:
     # never saves that step again (it was the last) would keep it for good. Orbax removes it
     # without a word: said here, so that a log tells why a run resumed from an earlier round.
     if os.path.isdir(self.directory):
-      cut = sorted(n.split('.')[0] for n in os.listdir(self.directory) if _TMP in n)
+      cut = sorted({n.split('.')[0] for n in os.listdir(self.directory) if _TMP in n},
+                   key=lambda n: (len(n), n))  # 9 before 10
       if cut:
         logging.warning('%s: the unfinished save of round %s (a run stopped mid-save) is '
                         'removed', self.directory, ', '.join(cut))

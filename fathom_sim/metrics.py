@@ -137,15 +137,17 @@ def finished_rounds(workdir: str) -> int | None:
 
 
 def keep_rows(workdir: str, last_round: int, drop_eval_at: int | None = None, *,
-              amend: dict | None = None, into: RowLog | None = None) -> bool:
+              amend: dict | None = None, into: RowLog | None = None,
+              check: bool = True) -> bool:
   """Keeps the rows of rounds 1..last_round (the checkpointed ones) and drops the rest.
 
   A run killed after its last checkpoint wrote rows it will write again when resumed, possibly
   with a torn last line; this makes metrics.jsonl hold each round exactly once. The row of
   round `drop_eval_at` loses its evaluation (its test_* fields); `amend`'s fields are added to
   the row of `last_round`. The kept rows are fed to `into`. The file is rewritten as a stream
-  and replaced at once, so a damaged file or a kill leaves it as it was. Returns whether an
-  evaluation was dropped.
+  and replaced at once, so a damaged file or a kill leaves it as it was. Rows dropped past the
+  checkpoint are said in the log, and, with `check`, rounds missing or repeated before it.
+  Returns whether an evaluation was dropped.
   """
   path = os.path.join(workdir, METRICS_FILE)
   dropped, keeping, redone = False, True, 0
@@ -154,7 +156,7 @@ def keep_rows(workdir: str, last_round: int, drop_eval_at: int | None = None, *,
     for row in iter_rows(path) if os.path.exists(path) else ():
       keeping = keeping and row['round'] <= last_round
       if not keeping:
-        redone += 1
+        redone += row['round'] > last_round
         continue  # read on all the same: a damaged line further on is refused
       if row['round'] != expected and fault is None:
         fault = (f'round {row["round"]} follows round {expected - 1}' if expected > 1 else
@@ -171,6 +173,8 @@ def keep_rows(workdir: str, last_round: int, drop_eval_at: int | None = None, *,
   if redone:
     logging.info('%s: %d row(s) past the checkpoint of round %d dropped; their rounds are run '
                  'again', path, redone, last_round)
+  if not check:
+    return dropped
   if fault is None and expected != last_round + 1:
     fault = f'the last row is round {expected - 1}' if expected > 1 else 'it holds no row'
   if fault is not None:

@@ -19,10 +19,12 @@ import subprocess
 
 # Bump when the same config computes something else (not for speed, logging or new fields,
 # which old workdirs read at their defaults). History:
+#   3: Posts.xml text composed (NFC), combining marks kept in their word (a dataset prepared
+#      before is refused by its TEXT_VERSION; one prepared again resumes on other word ids).
 #   2: the LSTM models' tanh before the output layer; FATHOM's integer batch size rounds half
 #      up; FedJAX/TFF-prepared Stack Overflow text splits on ' ' (December 2026).
 #   1: runs whose checkpoints record no version read as this.
-RESULTS_VERSION = 2
+RESULTS_VERSION = 3
 UNRECORDED = 1  # the version of a checkpoint saved before versions were recorded
 
 _PACKAGES = ('jax', 'jaxlib', 'flax', 'optax', 'orbax-checkpoint', 'numpy')
@@ -77,25 +79,28 @@ def results_version(recorded: dict | None) -> int:
   return v if isinstance(v, int) and not isinstance(v, bool) else UNRECORDED
 
 
-def history(saved: list | None, *, resumed_at: int | None) -> tuple[list[dict], dict | None]:
-  """The simulators a run has run under, oldest first, each {'from_round', **describe()}, and
-  the one this simulator follows where it is new to the run (else None). `saved` is a
-  checkpoint's list (None for one saved before lists were kept); `resumed_at` its round (None
-  for a new run)."""
-  now = describe()
-  if resumed_at is None:
-    return [{'from_round': 0, **now}], None
+def started() -> list[dict]:
+  """A new run's list of the simulators it ran under: this one, from round 0."""
+  return [{'from_round': 0, **describe()}]
+
+
+def resumed(saved: list | None, at: int, *, runs_rounds: bool) -> tuple[list[dict], dict | None]:
+  """A resumed run's list: its checkpoint's (`saved`; None for one saved before lists were
+  kept, read as version UNRECORDED from round 0), with this simulator appended from round `at`
+  where it differs from the last and `runs_rounds` (a finished run only evaluated again runs
+  none). Also returns the simulator this one follows where it was appended, else None."""
   runs = [dict(r) for r in saved or () if isinstance(r, dict)]
   if not runs:
     runs = [{'from_round': 0, 'results_version': UNRECORDED}]
-  if {k: v for k, v in runs[-1].items() if k != 'from_round'} == now:
+  now = describe()
+  if not runs_rounds or {k: v for k, v in runs[-1].items() if k != 'from_round'} == now:
     return runs, None
-  return [*runs, {'from_round': resumed_at, **now}], runs[-1]
+  return [*runs, {'from_round': at, **now}], runs[-1]
 
 
 def resume_warning(previous: dict | None, resumed_at: int, where: str) -> str | None:
   """The warning for a run resumed at round `resumed_at` under this simulator after
-  `previous` (history()'s second value); None unless the two compute differently."""
+  `previous` (resumed()'s second value); None unless the two compute differently."""
   saved = results_version(previous)
   if previous is None or saved == RESULTS_VERSION:
     return None

@@ -295,15 +295,11 @@ def _run(run: Run, configs: list[ml_collections.ConfigDict], workdirs: list[str]
     if restored is None:
       meta = {'total_examples': 0, 'total_steps': 0, 'computed': 0, 'wall_s': 0.0}
       done, hp = 0, None
-      meta['simulators'], _ = provenance.history(None, resumed_at=None)
+      meta['simulators'] = provenance.started()
     else:
       state, meta = restored
       done, hp = int(meta['round']), np.asarray(meta['hp'], np.float32)
       logging.info('%s: resuming from the checkpoint of round %d', workdir, done)
-      meta['simulators'], previous = provenance.history(meta.get('simulators'), resumed_at=done)
-      warning = provenance.resume_warning(previous, done, workdir)
-      if warning:
-        logging.warning('%s', warning)
     books.append(_Book(config, workdir, checkpointer, done, meta, cache_hits=cache_hits))
     states.append(state)
     hps.append(hp)
@@ -327,6 +323,12 @@ def _run(run: Run, configs: list[ml_collections.ConfigDict], workdirs: list[str]
     return kept
   for book in books:  # every check passed: the resumed runs' configs are this command's
     workdir_lib.save_config(book.workdir, book.config)
+    if 'round' in book.meta:  # resumed: this simulator joins the list if it runs rounds
+      book.meta['simulators'], previous = provenance.resumed(
+          book.meta.get('simulators'), book.done, runs_rounds=book.done < c.num_rounds)
+      warning = provenance.resume_warning(previous, book.done, book.workdir)
+      if warning:
+        logging.warning('%s', warning)
   if vectorized and len({b.done for b in books}) > 1:
     for b in books:
       b.close()
@@ -415,7 +417,7 @@ def _run(run: Run, configs: list[ml_collections.ConfigDict], workdirs: list[str]
     if last and last.get('round') == done and 'test_accuracy' not in last and book.writer:
       book.writer.close()  # the rows are written anew, then appended to as before
       book.log = metrics.RowLog(c.target_accuracy)
-      metrics.keep_rows(book.workdir, done, amend=row, into=book.log)
+      metrics.keep_rows(book.workdir, done, amend=row, into=book.log, check=False)
       book.writer = metrics.MetricsWriter(book.workdir)
 
   # closing: compiles queued ahead are dropped however the loop ends, and those running waited

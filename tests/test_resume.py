@@ -616,6 +616,7 @@ def test_metrics_rows_read_plain_or_gzipped_up_to_a_torn_line_and_kept_to_a_roun
     ([2, 3, 4], 'the first row is round 2'),
     ([1, 2, 2, 3, 4], 'round 2 follows round 2'),
     ([1, 2], 'the last row is round 2'),
+    ([1, 2, 5, 3, 4], 'the last row is round 2'),  # rounds 3, 4 after 5 are not redone
     ([], 'it holds no row')])
 def test_rows_missing_before_the_checkpoint_are_said(tmp_path, caplog, rounds, said):
   """Rows are flushed before their round's checkpoint, so a kill never loses one; a filesystem
@@ -631,10 +632,18 @@ def test_rows_missing_before_the_checkpoint_are_said(tmp_path, caplog, rounds, s
   assert warned == ([] if said is None else [
       f'{tmp_path / metrics.METRICS_FILE} does not hold the rows of rounds 1..4 once each, in '
       f'order ({said}); the run goes on from its checkpoint of round 4, with its rows as they are'])
-  # Rows past the checkpoint are dropped, and said to be.
-  assert [r['round'] for r in metrics.read_rows(str(tmp_path / metrics.METRICS_FILE))] == [
-      t for t in rounds if t <= 4]
-  assert 'row(s) past the checkpoint of round 4 dropped' in caplog.text
+  # Rows past the checkpoint are dropped, and said to be: the rounds to run again.
+  import itertools
+  assert [r['round'] for r in metrics.read_rows(str(tmp_path / metrics.METRICS_FILE))] == list(
+      itertools.takewhile(lambda t: t <= 4, rounds))
+  redone = sum(t > 4 for t in rounds + [5, 6])
+  assert f'{redone} row(s) past the checkpoint of round 4 dropped' in caplog.text
+  # The amending call of a resumed run made again checks nothing a second time.
+  caplog.clear()
+  (tmp_path / metrics.METRICS_FILE).write_text(
+      ''.join(json.dumps({'round': t}) + '\n' for t in rounds))
+  metrics.keep_rows(str(tmp_path), 4, amend={'x': 1}, check=False)
+  assert not [r for r in caplog.records if r.levelname == 'WARNING']
 
 
 @pytest.mark.parametrize('bad', ['xx', '[1, 2]', '{"loss": 1}'])
@@ -990,6 +999,14 @@ def test_a_run_resumed_by_a_simulator_that_computes_differently_says_so(tmp_path
   assert resumed['simulators'] == _simulators_of_checkpoint(workdir, 5)
   # Here the code is the same, so the rounds are too: a warning, not a refusal or a restart.
   assert resumed['final']['params_sha256'] == straight['final']['params_sha256']
+  # Yet another simulator on the finished run runs no round: it says nothing of going on, and
+  # joins no list, whether the run is left as it is or evaluated and summarised again.
+  caplog.clear()
+  monkeypatch.setattr(provenance, 'RESULTS_VERSION', before['results_version'] + 2)
+  assert train_and_evaluate(_tiny(num_rounds=5, checkpoint_every=1), workdir) == resumed
+  again = train_and_evaluate(_tiny(num_rounds=5, checkpoint_every=1, target_accuracy=0.5),
+                             workdir)
+  assert 'results version' not in caplog.text and again['simulators'] == resumed['simulators']
 
 
 def test_a_checkpoint_saved_before_versions_were_recorded_reads_as_version_1(tmp_path, caplog):
