@@ -26,6 +26,8 @@ import numpy as np
 from absl import app, flags
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+from fathom_sim import provenance  # noqa: E402
 _WORKDIR = flags.DEFINE_string('workdir', '/tmp/fathom_host_memory', 'Scratch run folder '
                                '(emptied first).')
 _ROUNDS = flags.DEFINE_integer('rounds', 60000, 'Rounds of the long run.')
@@ -126,15 +128,7 @@ def main(argv):
   import jax
   print(f'machine: {platform.platform()}, {os.cpu_count()} cores; python '
         f'{platform.python_version()}, jax {jax.__version__}; '
-        f'{time.strftime("%Y-%m-%d")}; commit {_commit()}')
-
-
-def _commit() -> str:
-  try:
-    return subprocess.run(['git', '-C', ROOT, 'rev-parse', '--short', 'HEAD'], capture_output=True,
-                          text=True, check=True).stdout.strip()
-  except (OSError, subprocess.CalledProcessError):
-    return '?'
+        f'{time.strftime("%Y-%m-%d")}; commit {provenance.source_commit()}')
 
 
 if __name__ == '__main__':

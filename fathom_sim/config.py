@@ -221,6 +221,22 @@ def _field_paths(c: ml_collections.ConfigDict, prefix: str = '') -> set[str]:
   return paths
 
 
+def unknown_field(c: ml_collections.ConfigDict, path: str) -> str | None:
+  """Why the dotted `path` is not a field of `c` (an override given on a command line or in a
+  sweep file), with the names it may have meant; None where it is one."""
+  node, parts = c, path.split('.')
+  for depth, part in enumerate(parts):
+    where = f'config.{".".join(parts[:depth])}' if depth else 'the config'
+    if not isinstance(node, ml_collections.ConfigDict):
+      return f'unknown config field config.{path} ({where} is a value, not a group of fields)'
+    if part not in node:
+      close = difflib.get_close_matches(part, list(node.keys()), n=3)
+      hint = f'; did you mean {", ".join(close)}?' if close else ''
+      return f'unknown config field config.{path} ({where} has no field {part!r}){hint}'
+    node = node[part]
+  return None
+
+
 def _check_fields(c: ml_collections.ConfigDict) -> None:
   """A config file's fields must be base_config()'s: a misspelt one (c.cohort_sze = 50) would
   otherwise be ignored and the default used without a word."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 
 
@@ -22,3 +23,11 @@ def is_url(path: str) -> bool:
 # What to do instead, said wherever a URL is refused.
 MOUNT_HINT = ('mount the bucket as a folder (gcsfuse; launch/tpu_pod.sh install does) and give '
               'the folder')
+
+
+def file_for_folder(path: str, flag: str, holds: str) -> str | None:
+  """The refusal of a folder flag (`flag`, e.g. '--out') given an existing file, saying what
+  the folder `holds`; None where `path` is a folder or does not exist yet."""
+  if os.path.exists(path) and not os.path.isdir(path):
+    return f'{flag} {path!r} is a file, not a folder; give a folder for {holds}'
+  return None

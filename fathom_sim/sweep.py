@@ -23,7 +23,9 @@ from typing import Callable
 import ml_collections
 
 from fathom_sim import metrics
-from fathom_sim.config import ConfigError, call_user_file, check_config, unread_fields
+from fathom_sim.errors import file_for_folder
+from fathom_sim.config import (ConfigError, call_user_file, check_config, unknown_field,
+                               unread_fields)
 
 INDEX_FILE = 'sweep.json'
 KEYS = ('config', 'overrides', 'seeds', 'fixed')  # what get_sweep() may return
@@ -143,15 +145,12 @@ def setting_name(overrides: dict) -> str:
 def apply_overrides(config: ml_collections.ConfigDict, overrides: dict) -> None:
   """Sets dotted fields in place; an unknown field or a wrong type raises ConfigError."""
   for key, value in overrides.items():
+    unknown = unknown_field(config, key)
+    if unknown:
+      raise ConfigError(unknown)
     node, parts = config, key.split('.')
-    for depth, part in enumerate(parts):
-      if not isinstance(node, ml_collections.ConfigDict):  # a path through a value
-        raise ConfigError(f'unknown config field config.{key} (config.'
-                          f'{".".join(parts[:depth])} is a value, not a group of fields)')
-      if part not in node:
-        raise ConfigError(f'unknown config field config.{key}')
-      if depth < len(parts) - 1:
-        node = node[part]
+    for part in parts[:-1]:
+      node = node[part]
     try:
       node[parts[-1]] = value
     except (TypeError, ValueError) as e:
@@ -230,9 +229,9 @@ def check_out(sweep: SweepDef, out: str) -> str:
   Changes nothing: run_sweep and --dry_run make the same checks."""
   from fathom_sim import workdir as workdir_lib
   workdir_lib.check_local(out, '--out')
-  if os.path.exists(out) and not os.path.isdir(out):
-    raise workdir_lib.WorkdirError(f'--out {out!r} is a file, not a folder; give a folder for '
-                                 'the runs and sweep.json')
+  refusal = file_for_folder(out, '--out', 'the runs and sweep.json')
+  if refusal:
+    raise workdir_lib.WorkdirError(refusal)
   for name in (workdir_lib.CONFIG_FILE, metrics.METRICS_FILE):
     if os.path.exists(os.path.join(out, name)):
       raise workdir_lib.WorkdirError(

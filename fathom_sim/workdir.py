@@ -19,7 +19,7 @@ from absl import logging
 from fathom_sim import distributed, metrics
 from fathom_sim.checkpoint import CHECKPOINTS, UNREADABLE
 from fathom_sim.config import base_config, check_config, unread_paths
-from fathom_sim.errors import MOUNT_HINT, is_url
+from fathom_sim.errors import MOUNT_HINT, file_for_folder, is_url
 from fathom_sim.sweep import INDEX_FILE
 
 CONFIG_FILE = 'config.json'
@@ -183,9 +183,9 @@ def locked(folder: str, flag: str = '--workdir') -> Iterator[None]:
 
 
 def _check_folder(workdir: str) -> None:
-  if os.path.exists(workdir) and not os.path.isdir(workdir):
-    raise WorkdirError(f'--workdir {workdir!r} is a file, not a folder; give a folder for the '
-                       "run's files")
+  refusal = file_for_folder(workdir, '--workdir', "the run's files")
+  if refusal:
+    raise WorkdirError(refusal)
 
 
 def _check_kinds(workdir: str) -> None:

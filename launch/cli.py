@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import difflib
 import functools
 import logging as pylogging
 import os
@@ -60,20 +59,12 @@ def _flag_value(argv: list[str], name: str) -> str | None:
 
 def _unknown_override(argv: list[str], config) -> str | None:
   """The first --config.PATH override whose PATH is not a field of `config`, described."""
+  from fathom_sim.config import unknown_field
   for arg in argv:
-    if not arg.startswith('--config.'):
-      continue
-    path = arg[len('--config.'):].split('=', 1)[0]
-    node = config
-    for depth, part in enumerate(path.split('.')):
-      keys = list(node.keys()) if hasattr(node, 'keys') else []
-      if part not in keys:
-        prefix = '.'.join(path.split('.')[:depth])
-        close = difflib.get_close_matches(part, keys, n=3)
-        hint = f'; did you mean {", ".join(close)}?' if close else ''
-        where = f'config.{prefix}' if prefix else 'the config'
-        return f'unknown config field config.{path} ({where} has no field {part!r}){hint}'
-      node = node[part]
+    if arg.startswith('--config.'):
+      unknown = unknown_field(config, arg[len('--config.'):].split('=', 1)[0])
+      if unknown:
+        return unknown
   return None
 
 

@@ -24,7 +24,7 @@ _TIMING = flags.DEFINE_bool('timing', True, 'Include seconds per round (--notimi
 
 def main(argv):
   from fathom_sim import plots, report
-  from fathom_sim.errors import MOUNT_HINT, is_url
+  from fathom_sim.errors import MOUNT_HINT, file_for_folder, is_url
   paths = argv[1:]
   if not paths:
     cli.fail('name at least one run or sweep folder')
@@ -42,8 +42,9 @@ def main(argv):
   if is_url(out):
     cli.fail(f'--out {out!r} is a URL, and reports are written through the filesystem; '
              f'{MOUNT_HINT}')
-  if os.path.exists(out) and not os.path.isdir(out):
-    cli.fail(f'--out {out!r} is a file, not a folder; give a folder for report.md and the PNGs')
+  refusal = file_for_folder(out, '--out', 'report.md and the PNGs')
+  if refusal:
+    cli.fail(refusal)
   from fathom_sim.data import DataError
   try:
     groups = report.group_runs(report.find_runs(paths))
