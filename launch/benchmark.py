@@ -131,19 +131,12 @@ CEILING_CHUNKS = 7
 CEILING_MIN_S = 2.0
 
 
-def centralized_examples_per_s(run, examples: dict, batch_size: int, steps: int,
-                               model=None, *, every_device: bool = False) -> dict:
-  """One jitted SGD step per batch of `batch_size` of the pooled examples, on one device: the
-  ceiling. Returns its median rate over chunks of the steps, and the slowest and fastest.
-
-  `model`: another implementation of the run's model (same parameters) to time instead.
-  `every_device`: one such chain on each device of the run's mesh at once, each its own model
-  and batches (what the rounds' lanes do, without padding or aggregation), counted together:
-  the ceiling of the whole mesh at this per-step batch. On CPU the forced host devices share
-  the machine's cores, so one device's chain may already use all of them.
-  """
-  import statistics
-
+def ceiling_program(run, examples: dict, batch_size: int, steps: int, model=None, *,
+                    every_device: bool = False):
+  """The ceiling's jitted SGD step and its inputs, on the devices: (step, params, batches,
+  keys, chains). `steps` + 1 batches of `batch_size` pooled examples; with `every_device`, one
+  chain a device of the run's mesh, each its own model copy, batches and keys (the leading axis
+  of each input, split over the devices), else one chain on one device."""
   import jax
   import jax.numpy as jnp
   import numpy as np
@@ -166,22 +159,38 @@ def centralized_examples_per_s(run, examples: dict, batch_size: int, steps: int,
   # The keys are made before the clock starts: a fold_in from the host is a dispatch of its
   # own (~0.1 ms), 5x the MLP's step, where the rounds fold theirs inside their programs.
   keys = jax.random.split(jax.random.PRNGKey(0), (steps + 1) * chains)
-  if every_device:
-    def local(p, batch, key):  # this device's chain: its slice of the leading axis
-      p, loss = one_step(*jax.tree.map(lambda a: a[0], (p, batch, key)))
-      return jax.tree.map(lambda a: a[None], (p, loss))
-    step = jax.jit(jax.shard_map(local, mesh=run.mesh, in_specs=P(CLIENTS),
-                                 out_specs=P(CLIENTS)))
-    shard = by_client(run.mesh)
-    params = jax.device_put(jax.tree.map(lambda a: np.stack([a] * chains), params), shard)
-    batches = [jax.device_put({k: np.stack([v[rows[i * chains + c]] for c in range(chains)])
-                               for k, v in examples.items()}, shard) for i in range(steps + 1)]
-    keys = [jax.device_put(keys[i * chains:(i + 1) * chains], shard) for i in range(steps + 1)]
-  else:
-    step = jax.jit(one_step)
+  if not every_device:
     batches = [{k: jnp.asarray(v[rows[i]]) for k, v in examples.items()}
                for i in range(steps + 1)]
-    keys = list(keys)
+    return jax.jit(one_step), params, batches, list(keys), 1
+
+  def local(p, batch, key):  # this device's chain: its slice of the leading axis
+    p, loss = one_step(*jax.tree.map(lambda a: a[0], (p, batch, key)))
+    return jax.tree.map(lambda a: a[None], (p, loss))
+
+  step = jax.jit(jax.shard_map(local, mesh=run.mesh, in_specs=P(CLIENTS), out_specs=P(CLIENTS)))
+  shard = by_client(run.mesh)
+  params = jax.device_put(jax.tree.map(lambda a: np.stack([a] * chains), params), shard)
+  batches = [jax.device_put({k: np.stack([v[rows[i * chains + c]] for c in range(chains)])
+                             for k, v in examples.items()}, shard) for i in range(steps + 1)]
+  keys = [jax.device_put(keys[i * chains:(i + 1) * chains], shard) for i in range(steps + 1)]
+  return step, params, batches, keys, chains
+
+
+def centralized_examples_per_s(run, examples: dict, batch_size: int, steps: int,
+                               model=None, *, every_device: bool = False) -> dict:
+  """One jitted SGD step per batch of `batch_size` of the pooled examples, on one device: the
+  ceiling. Returns its median rate over chunks of the steps, and the slowest and fastest.
+
+  `model`: another implementation of the run's model (same parameters) to time instead.
+  `every_device`: one such chain on each device of the run's mesh at once, each its own model
+  and batches (what the rounds' lanes do, without padding or aggregation), counted together:
+  the ceiling of the whole mesh at this per-step batch. On CPU the forced host devices share
+  the machine's cores, so one device's chain may already use all of them.
+  """
+  import statistics
+  step, params, batches, keys, chains = ceiling_program(
+      run, examples, batch_size, steps, model, every_device=every_device)
   params, loss = step(params, batches[0], keys[0])  # compile
   loss.block_until_ready()
   per_chunk, rates, i = max(1, steps // CEILING_CHUNKS), [], 0
@@ -232,6 +241,12 @@ class CompileCounter:
     monitoring.unregister_event_duration_listener(self)
 
 
+# The flags that set a config field build() checks against the data and devices.
+_FLAG_FIELDS = (('--cohort_sizes (with --num_clients clients)', 'cohort_size'),
+                ('--num_clients', 'data.num_clients'),
+                ('--num_devices', 'num_devices'), ('--lanes_per_device', 'lanes_per_device'))
+
+
 def measure(name: str, cohort_size: int) -> dict:
   import jax
   from fathom_sim.data.federated import concat_clients
@@ -243,8 +258,10 @@ def measure(name: str, cohort_size: int) -> dict:
   try:
     run = build(config, load(name, config))
   except ConfigError as e:  # checks against the data and devices, in the config's words
-    raise ConfigError(f'{e} (from benchmark.py\'s flags: --cohort_sizes, --num_clients, '
-                      '--num_devices, --lanes_per_device)') from None
+    flagged = [f for f, field in _FLAG_FIELDS if f'config.{field} ' in str(e)]
+    if not flagged:
+      raise
+    raise ConfigError(f'{e} (set by benchmark.py\'s {", ".join(flagged)})') from None
   n_dev = run.mesh.devices.size
   rounds = Rounds(run, prefetch=_PREFETCH.value)
   state = init_state(run)
