@@ -107,6 +107,11 @@ def _quiet_closed_loop_callbacks() -> None:
   sys.unraisablehook = hook
 
 
+class CheckpointError(RuntimeError):
+  """A checkpoint could not be saved (a full disk, a lost mount): the run stops, and the newest
+  complete checkpoint stays where it was."""
+
+
 class Checkpointer:
   """Saves and restores a run's checkpoints under <workdir>/checkpoints."""
 
@@ -114,6 +119,7 @@ class Checkpointer:
     self.workdir = workdir
     self.directory = os.path.join(os.path.abspath(workdir), CHECKPOINTS)
     self.keep = keep
+    self._pending: int | None = None  # the round of a save still finishing in the background
     self._manager = self._open()
 
   def _open(self) -> ocp.CheckpointManager:
@@ -139,10 +145,26 @@ class Checkpointer:
     step = int(meta['round'])
     meta = json.loads(json.dumps({**meta, DIGEST: state_digest(state)}))  # as restored
     meta[META_DIGEST] = meta_digest(meta)
-    self._manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                                     meta=ocp.args.JsonSave(meta)))
+    # Orbax raises a background save's error at the next call: the previous save is waited for
+    # (orbax's save waits for it anyway) so that its error is said as its own.
+    self._finished_or_raise(self._manager.wait_until_finished)
+    self._finished_or_raise(self._manager.check_for_errors)
+    self._pending = step
+    self._finished_or_raise(lambda: self._manager.save(step, args=ocp.args.Composite(
+        state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta))))
     if wait:
-      self._manager.wait_until_finished()
+      self.wait()
+
+  def _finished_or_raise(self, call) -> None:
+    try:
+      call()
+    except Exception as e:  # noqa: BLE001 - orbax's or the filesystem's, whatever it is
+      step, self._pending = self._pending, None
+      raise CheckpointError(
+          f'{self.directory}: saving the checkpoint of round {step} failed '
+          f'({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ""}); the newest '
+          'complete checkpoint stays, and the same command resumes from it once the '
+          'filesystem is writable') from e
 
   def restore_newest(self, like: ServerState) -> tuple[ServerState, dict] | None:
     """The newest checkpoint that reads back whole; unreadable newer ones are moved aside."""
@@ -193,9 +215,13 @@ class Checkpointer:
     return target
 
   def wait(self) -> None:
-    """Returns once the pending saves are on disk."""
-    self._manager.wait_until_finished()
+    """Returns once the pending saves are on disk; raises CheckpointError if one failed."""
+    self._finished_or_raise(self._manager.wait_until_finished)
+    self._finished_or_raise(self._manager.check_for_errors)
+    self._pending = None
 
   def close(self) -> None:
-    self._manager.wait_until_finished()
-    self._manager.close()
+    try:
+      self.wait()
+    finally:  # orbax's threads and handles are let go, whether or not the last save failed
+      self._manager.close()

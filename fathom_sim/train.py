@@ -56,14 +56,23 @@ class Diverged(Exception):
 
 @contextlib.contextmanager
 def _stop_signals():
-  """Turns SIGTERM / SIGINT (what a TPU preemption sends) into a flag read between rounds."""
+  """Turns SIGTERM / SIGINT (what a TPU preemption sends) into a flag read between rounds; a
+  second SIGINT raises KeyboardInterrupt at once."""
   received: list[int] = []
   if threading.current_thread() is not threading.main_thread():
     yield received
     return
   previous = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+
+  def on_signal(signum, frame):
+    if received and signum == signal.SIGINT:
+      # A second Ctrl-C: out now, mid-round or mid-save; the files are closed as they stand
+      # (_closed_on_error) and the last checkpoint is where the run resumes.
+      raise KeyboardInterrupt
+    received.append(signum)
+
   for s in previous:
-    signal.signal(s, lambda signum, frame: received.append(signum))
+    signal.signal(s, on_signal)
   try:
     yield received
   finally:
@@ -422,6 +431,7 @@ def _run(run: Run, configs: list[ml_collections.ConfigDict], workdirs: list[str]
 
   # closing: compiles queued ahead are dropped however the loop ends, and those running waited
   # for, after the signal handlers are restored: a second Ctrl-C still ends that wait.
+  finished_by = 0  # a signal that came in the last round: raised once the summary is written
   # Rejected rounds in a row, each run's, since this command started: every process sees the
   # same (the round's outputs are replicated), so all stop at the same round.
   rejected = [0] * len(books)
@@ -482,12 +492,16 @@ def _run(run: Run, configs: list[ml_collections.ConfigDict], workdirs: list[str]
           logging.info(_tag(book, vectorized) + metrics.progress_line(book.log.last,
                                                                       c.num_rounds, speed))
         last_log = (now, t)
-      if stop:
+      if stop and t < c.num_rounds:
         for book in books:
           book.close()
         logging.warning('signal %d: stopped after round %d, checkpoint saved; run the same '
                         'command again to resume', stop, t)
         raise Preempted(stop, t)
+      if stop:  # in the last round: the run is done but for its summary, written first
+        finished_by = stop
+        logging.warning('signal %d: it came in the last round, %d, checkpoint saved; the run '
+                        'writes its summary, then stops', stop, t)
       if diverged:
         for book in books:
           book.close()
@@ -512,6 +526,8 @@ def _run(run: Run, configs: list[ml_collections.ConfigDict], workdirs: list[str]
       final = evaluate_on_test(params, test_clients)
     summaries.append(_summary(book, final, params, _seed(hp, s), rounds, run,
                               vectorized=len(books) if vectorized else 0))
+  if finished_by:  # a sweep or a job script stops here, as the signal asked
+    raise Preempted(finished_by, c.num_rounds)
   return summaries
 
 

@@ -193,6 +193,7 @@ def run_or_exit(job: Callable[[], object]) -> None:
   SIGTERM/SIGINT (after checkpointing) exits with 128 + the signal number."""
   from fathom_sim.config import ConfigError
   from fathom_sim.data import DataError
+  from fathom_sim.checkpoint import CheckpointError
   from fathom_sim.train import Diverged, Preempted
   from fathom_sim.workdir import WorkdirError
   try:
@@ -202,6 +203,9 @@ def run_or_exit(job: Callable[[], object]) -> None:
   except Diverged as e:  # every process stopped at the same round: no peer to tell
     print(f'error: {e}', file=sys.stderr)
     sys.exit(EXIT_DIVERGED)
+  except CheckpointError as e:  # not the input's fault: said in one line, exit status 1
+    print(f'error: {e}', file=sys.stderr)
+    sys.exit(1)
   except Preempted as e:
     sys.exit(128 + e.signum)  # the shell's convention for "ended by this signal"
   except MemoryError as e:  # numpy's, before any round (rounds say theirs as OutOfMemory)

@@ -1019,3 +1019,63 @@ def test_a_checkpoint_saved_before_versions_were_recorded_reads_as_version_1(tmp
   assert 'saved by a simulator that recorded no version (read as 1)' in caplog.text
   assert resumed['simulators'] == [{'from_round': 0, 'results_version': 1},
                                    {'from_round': 3, **provenance.describe()}]
+
+
+def test_a_checkpoint_that_cannot_be_saved_stops_the_run_naming_its_round(tmp_path, monkeypatch):
+  """Orbax raised a background save's error (a full disk) at the next save, rounds later, as
+  a bare OSError with no round; the run had trained on with no durable checkpoint."""
+  import orbax.checkpoint as ocp
+  from fathom_sim.checkpoint import CheckpointError
+  finalize = ocp.CheckpointManager._finalize
+
+  def full_disk_at_round_3(self, step, *args, **kwargs):
+    if step == 3:
+      raise OSError(28, 'No space left on device')
+    return finalize(self, step, *args, **kwargs)
+
+  monkeypatch.setattr(ocp.CheckpointManager, '_finalize', full_disk_at_round_3)
+  workdir = str(tmp_path / 'run')
+  with pytest.raises(CheckpointError, match=r'saving the checkpoint of round 3 failed \(OSError: '
+                     r'\[Errno 28\] No space left on device\); the newest complete checkpoint '
+                     'stays'):
+    train_and_evaluate(_tiny(num_rounds=9, checkpoint_every=3), workdir)
+  assert read_rows(workdir)[-1]['round'] <= 6  # it stopped at the next save, at the latest
+  monkeypatch.setattr(ocp.CheckpointManager, '_finalize', finalize)
+  straight = train_and_evaluate(_tiny(num_rounds=9, checkpoint_every=3), str(tmp_path / 's'))
+  resumed = train_and_evaluate(_tiny(num_rounds=9, checkpoint_every=3), workdir)
+  assert resumed['final']['params_sha256'] == straight['final']['params_sha256']
+
+
+def test_a_second_ctrl_c_stops_at_once_and_one_signal_waits_for_the_round():
+  import signal as signal_lib
+  from fathom_sim.train import _stop_signals
+  before = signal_lib.getsignal(signal_lib.SIGINT)
+  with _stop_signals() as received:
+    os.kill(os.getpid(), signal_lib.SIGTERM)
+    time.sleep(0.01)
+    assert received == [signal_lib.SIGTERM]
+    with pytest.raises(KeyboardInterrupt):
+      os.kill(os.getpid(), signal_lib.SIGINT)
+      time.sleep(1)  # the handler runs between bytecodes: here
+  assert signal_lib.getsignal(signal_lib.SIGINT) is before
+
+
+def test_a_signal_in_the_last_round_writes_the_summary_then_stops(tmp_path, monkeypatch):
+  """A finished run stopped by SIGTERM in its last round wrote no summary.json: a sweep saw it
+  interrupted (and the next command only evaluated it again)."""
+  from fathom_sim import train as train_lib
+  agreed = train_lib._agreed_stop
+  calls = []
+
+  def signal_in_round_3(signals):
+    calls.append(1)
+    return 15 if len(calls) == 3 else agreed(signals)
+
+  monkeypatch.setattr(train_lib, '_agreed_stop', signal_in_round_3)
+  workdir = str(tmp_path / 'run')
+  with pytest.raises(train_lib.Preempted, match='stopped by signal 15 after round 3'):
+    train_and_evaluate(_tiny(num_rounds=3), workdir)
+  summary = _summary(workdir)
+  assert summary['rounds'] == 3 and summary['resumed_from'] == 0
+  monkeypatch.setattr(train_lib, '_agreed_stop', agreed)
+  assert train_and_evaluate(_tiny(num_rounds=3), workdir) == summary  # nothing left to do
