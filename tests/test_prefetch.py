@@ -425,3 +425,29 @@ def test_the_rounds_cohorts_cross_blocks_as_sampled_round_by_round(monkeypatch,
                                   np.sort(sample_cohort(task.train, config.seed, t, 4)))
     assert len(rounds._cohorts_memo[1][0]) == (3 if before_dispatch else 1)
   rounds.close()
+
+
+def test_a_read_that_failed_on_a_thread_is_read_again_on_the_callers():
+  """A failed read was kept and raised again at every call for that client, the same exception
+  object each time (its traceback growing), a transient error never tried again; without a
+  prefetcher each call reads anew, and so does the prefetcher now."""
+  task = tiny_task(num_clients=12)
+
+  class FailsOnce:
+    num_examples = task.train.num_examples
+    failed: list = []
+
+    def client(self, index):
+      if index == 3 and not self.failed:
+        self.failed.append(threading.current_thread())
+        raise OSError('transient read error')
+      return task.train.client(index)
+
+  source = FailsOnce()
+  data = Prefetcher(source)
+  data.fetch([3, 4])
+  got = data.client(3)
+  assert source.failed and source.failed[0] is not threading.main_thread()
+  for name, want in task.train.client(3).items():
+    np.testing.assert_array_equal(got[name], want)
+  data.close()

@@ -139,12 +139,20 @@ class Prefetcher(_Over):
 
   def client(self, index: int) -> Batch:
     future = self._pending.get(int(index))
-    return future.result() if future is not None else self.dataset.client(index)
+    if future is not None:
+      try:
+        return future.result()
+      except Exception:  # noqa: BLE001 - read again below, where any error is raised anew
+        # Its read failed: read here, as without a prefetcher (a transient error is tried
+        # again; a lasting one is raised fresh from this thread, not the worker's again).
+        self._pending.pop(int(index), None)
+    return self.dataset.client(index)
 
   def close(self) -> None:
-    """Drops the reads held and ends the threads: a read still queued is cancelled, a running
-    one ends first (a run that stops must not keep threads, or examples, for a cohort it will
-    not train). `client` then reads on the caller's thread; `fetch` raises."""
+    """Drops the reads held and ends the threads: a read still queued is cancelled; one
+    running finishes on its thread, unwaited (a run that stops must not keep threads, or
+    examples, for a cohort it will not train). `client` then reads on the caller's thread;
+    `fetch` raises."""
     self._pending = {}
     self._pool.shutdown(wait=False, cancel_futures=True)
 
