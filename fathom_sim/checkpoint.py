@@ -27,6 +27,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 
+from fathom_sim.errors import first_line
 from fathom_sim.mesh import out_of_memory
 from fathom_sim.types import ServerState
 
@@ -162,7 +163,7 @@ class Checkpointer:
       step, self._pending = self._pending, None
       raise CheckpointError(
           f'{self.directory}: saving the checkpoint of round {step} failed '
-          f'({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ""}); the newest '
+          f'({type(e).__name__}{": " + first_line(e) if str(e).strip() else ""}); the newest '
           'complete checkpoint stays, and the same command resumes from it once the '
           'filesystem is writable') from e
 

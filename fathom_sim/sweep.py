@@ -361,7 +361,23 @@ def _run_all(sweep: SweepDef, out: str, runs: list[RunSpec], sweep_file: str, *,
       else:
         summaries = train_group([runs[i].config for i in batch],
                                 [runs[i].workdir for i in batch])
-    except (ConfigError, DataError, workdir_lib.WorkdirError, train_lib.Diverged) as e:
+    except train_lib.Diverged as e:
+      # The runs that diverged fail; of a group run one by one (its seeds' checkpoints stood
+      # at different rounds), the seeds finished stay done and those not reached run later.
+      again = []
+      for i in batch:
+        if runs[i].workdir in e.workdirs:
+          entries[i] = _entry(runs[i], out, 'failed', error=str(e))
+          log(f'{where} {runs[i].name}: failed: {e}')
+        elif is_finished(runs[i].workdir, runs[i].config.num_rounds):
+          entries[i] = _entry(runs[i], out, 'done')
+        else:
+          entries[i] = _entry(runs[i], out, 'pending')
+          again.append(i)
+      pending.extendleft([i] for i in reversed(again))
+      save()
+      continue
+    except (ConfigError, DataError, workdir_lib.WorkdirError) as e:
       seeds_own = isinstance(e, (train_lib.OutOfMemory, workdir_lib.WorkdirError)) or (
           isinstance(e, DataError) and not isinstance(e, DatasetError))
       if len(batch) > 1 and seeds_own:

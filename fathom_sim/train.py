@@ -51,7 +51,11 @@ class Preempted(Exception):
 
 class Diverged(Exception):
   """config.max_rejected_rounds rounds in a row were rejected (for every seed of the program):
-  the run stopped after checkpointing the last."""
+  the run stopped after checkpointing the last. `workdirs`: the runs that stopped."""
+
+  def __init__(self, workdirs: list[str], message: str):
+    super().__init__(message)
+    self.workdirs = list(workdirs)
 
 
 @contextlib.contextmanager
@@ -264,8 +268,10 @@ def _train(configs: list[ml_collections.ConfigDict], workdirs: list[str], *,
       with _closed_on_error(run, books, doing, workdirs):
         return _run(run, configs, workdirs, books, doing, cache_hits=cache_hits,
                     vectorized=vectorized)
-  except Preempted:
-    raise  # every process stops after the same round (_agreed_stop): none is left waiting
+  except (Preempted, Diverged):
+    # Every process stops after the same round (_agreed_stop; the rounds' replicated
+    # outputs): none is left waiting, and none is to be told to stop.
+    raise
   except BaseException as e:
     # On several hosts the others would wait for this process in a collective: they stop
     # too, naming this error. Its files are closed by now (_closed_on_error).
@@ -338,6 +344,12 @@ def _run(run: Run, configs: list[ml_collections.ConfigDict], workdirs: list[str]
       warning = provenance.resume_warning(previous, book.done, book.workdir)
       if warning:
         logging.warning('%s', warning)
+      elif book.done == c.num_rounds:  # evaluated again, by this simulator, rounds run by another
+        ran = {provenance.results_version(r) for r in book.meta['simulators']}
+        if ran != {provenance.RESULTS_VERSION}:
+          logging.warning('%s: its rounds ran under simulator results version(s) %s; this one, '
+                          'version %d, evaluates it again (see fathom_sim/provenance.py)',
+                          book.workdir, sorted(ran), provenance.RESULTS_VERSION)
   if vectorized and len({b.done for b in books}) > 1:
     for b in books:
       b.close()
@@ -444,7 +456,9 @@ def _run(run: Run, configs: list[ml_collections.ConfigDict], workdirs: list[str]
       accepted_all = np.asarray(m.accepted)
       for i, s in enumerate(seeds):
         rejected[i] = 0 if bool(_seed(accepted_all, s)) else rejected[i] + 1
-      diverged = bool(c.max_rejected_rounds) and min(rejected) >= c.max_rejected_rounds
+      # (A run whose last round completes the count has run every round: it finishes.)
+      diverged = (bool(c.max_rejected_rounds) and min(rejected) >= c.max_rejected_rounds
+                  and t < c.num_rounds)
       for s, book in zip(seeds, books):
         ms, plan = _seed(m, s), plans if s is None else plans[s]
         used, meta = _seed(used_all, s), book.meta
@@ -507,6 +521,7 @@ def _run(run: Run, configs: list[ml_collections.ConfigDict], workdirs: list[str]
           book.close()
         n, whose = c.max_rejected_rounds, "every seed's " if vectorized else ''
         raise Diverged(
+            [b.workdir for b in books],
             f'{whose}rounds {t - n + 1}..{t} were all rejected '
             f'({n} in a row, config.max_rejected_rounds; 0 never stops): no finite update, so '
             f'the run has diverged and stopped, its checkpoint of round {t} saved. A smaller '

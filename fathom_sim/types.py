@@ -78,6 +78,14 @@ class CohortPlan:
     batch_pad = max(p.batch_pad for p in (self, *alongside))
     return self.computed_steps(num_devices, host_loop, chunk, alongside) * batch_pad
 
+  def lockstep_rows(self, num_devices: int, host_loop: bool = False, chunk: int = 1) -> int:
+    """computed_rows with every device held as long as the one that runs longest (the round's
+    collectives wait for it): what the devices' time is worth in example-gradients."""
+    if host_loop:
+      return self.computed_rows(num_devices, True)
+    longest = -(-int(self.lane_steps.max()) // chunk) * chunk
+    return longest * self.lane_steps.size * self.batch_pad
+
   def useful_rows(self) -> int:
     """Real example-gradients: K_i B_int summed over the cohort."""
     return int(self.num_steps.sum()) * self.batch_size

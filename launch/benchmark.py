@@ -242,7 +242,7 @@ class CompileCounter:
 
 
 # The flags that set a config field build() checks against the data and devices.
-_FLAG_FIELDS = (('--cohort_sizes (with --num_clients clients)', 'cohort_size'),
+_FLAG_FIELDS = (('--cohort_sizes, --num_clients', 'cohort_size'),
                 ('--num_clients', 'data.num_clients'),
                 ('--num_devices', 'num_devices'), ('--lanes_per_device', 'lanes_per_device'))
 
@@ -287,9 +287,8 @@ def measure(name: str, cohort_size: int) -> dict:
     real_all += real
     computed_all += plan.computed_rows(n_dev, run.local_loop == 'host', run.loop_chunk)
     # The round's collectives wait for the device with the longest lane: counted as if every
-    # device ran that long (what the host-driven loop does; the device loop's chunk rounding,
-    # 1 by default, aside), the waiting shows where a device runs short of the others.
-    lockstep_all += plan.computed_rows(n_dev, host_loop=True)
+    # device ran that long, the waiting shows where a device runs short of the others.
+    lockstep_all += plan.lockstep_rows(n_dev, run.local_loop == 'host', run.loop_chunk)
     if counter.count:
       recompiled += 1
       compiles_timed += counter.count

@@ -6,6 +6,7 @@ import functools
 import logging as pylogging
 import os
 import re
+import signal
 import sys
 from typing import Callable
 
@@ -206,6 +207,10 @@ def run_or_exit(job: Callable[[], object]) -> None:
   except CheckpointError as e:  # not the input's fault: said in one line, exit status 1
     print(f'error: {e}', file=sys.stderr)
     sys.exit(1)
+  except KeyboardInterrupt:  # a second Ctrl-C (train._stop_signals): the files are closed
+    print('error: stopped by a second Ctrl-C; the same command resumes the run from its last '
+          'checkpoint', file=sys.stderr)
+    sys.exit(128 + signal.SIGINT)
   except Preempted as e:
     sys.exit(128 + e.signum)  # the shell's convention for "ended by this signal"
   except MemoryError as e:  # numpy's, before any round (rounds say theirs as OutOfMemory)

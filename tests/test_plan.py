@@ -270,6 +270,12 @@ def test_computed_steps_count_what_each_loop_runs():
   assert plan.useful_fraction(2, chunk=4) == pytest.approx(10 * 2 / (24 * 3))
   idle = dataclasses.replace(plan, lane_steps=np.array([5, 3, 0, 0]))
   assert idle.computed_steps(2, chunk=4) == 8 * 2
+  # Lockstep: every device held as long as the longest, its bound rounded to the chunk (the
+  # lanes [5, 5] on 2 devices, chunk 4, run 8 steps each: never fewer rows than computed).
+  assert plan.lockstep_rows(2) == 5 * 4 * 3 == plan.lockstep_rows(2, host_loop=True)
+  assert plan.lockstep_rows(2, chunk=4) == 8 * 4 * 3 >= plan.computed_rows(2, chunk=4)
+  even = dataclasses.replace(plan, lane_steps=np.array([5, 0, 5, 0]))
+  assert even.lockstep_rows(2, chunk=4) == even.computed_rows(2, chunk=4) == 8 * 4 * 3
 
 
 def _sized_dataset(sizes) -> ArrayClientDataset:

@@ -515,8 +515,11 @@ def test_client_whose_hypergradient_is_not_finite_is_left_out_like_a_non_finite_
   assert np.isfinite(list(summary['final_hparams'].values())).all()
 
 
-@pytest.mark.parametrize('seed, pattern, stops_at', [(3, 'aaRaRRR', 7), (5, 'aRRaaaRaRRaR', None)])
-def test_a_run_stops_after_max_rejected_rounds_in_a_row(tmp_path, seed, pattern, stops_at):
+@pytest.mark.parametrize('seed, rounds, pattern, stops_at', [
+    (3, 12, 'aaRaRRR', 7), (5, 12, 'aRRaaaRaRRaR', None),
+    (3, 7, 'aaRaRRR', None)])  # the count complete in the last round: every round ran
+def test_a_run_stops_after_max_rejected_rounds_in_a_row(tmp_path, seed, rounds, pattern,
+                                                         stops_at):
   """A run whose every round is rejected changed nothing and went on to its last round (days
   of a pod's time, on a long run). Clients 0 and 1 are poisoned, one client a round: rejected
   rounds (R) come where they are sampled; three in a row stop the run, with its checkpoint of
@@ -524,10 +527,10 @@ def test_a_run_stops_after_max_rejected_rounds_in_a_row(tmp_path, seed, pattern,
   from fathom_sim.train import Diverged
   data, workdir = str(tmp_path / 'data'), str(tmp_path / 'run')
   _npz_with_bad_clients(data, bad=[0, 1])
-  config = _npz_config(data, cohort_size=1, num_rounds=12, seed=seed, algorithm='fedavg',
+  config = _npz_config(data, cohort_size=1, num_rounds=rounds, seed=seed, algorithm='fedavg',
                        max_rejected_rounds=3)
   if stops_at is None:
-    assert train_and_evaluate(config, workdir)['rounds'] == 12
+    assert train_and_evaluate(config, workdir)['rounds'] == rounds
   else:
     with pytest.raises(Diverged, match=rf'^rounds {stops_at - 2}..{stops_at} were all rejected '
                        r'\(3 in a row, config.max_rejected_rounds; 0 never stops\): .* its '
@@ -999,14 +1002,20 @@ def test_a_run_resumed_by_a_simulator_that_computes_differently_says_so(tmp_path
   assert resumed['simulators'] == _simulators_of_checkpoint(workdir, 5)
   # Here the code is the same, so the rounds are too: a warning, not a refusal or a restart.
   assert resumed['final']['params_sha256'] == straight['final']['params_sha256']
-  # Yet another simulator on the finished run runs no round: it says nothing of going on, and
-  # joins no list, whether the run is left as it is or evaluated and summarised again.
+  # Yet another simulator on the finished run runs no round: it joins no list. Left as it is,
+  # the run hears nothing; evaluated and summarised again, it is told that this simulator
+  # evaluates rounds others ran.
   caplog.clear()
-  monkeypatch.setattr(provenance, 'RESULTS_VERSION', before['results_version'] + 2)
+  v = before['results_version']
+  monkeypatch.setattr(provenance, 'RESULTS_VERSION', v + 2)
   assert train_and_evaluate(_tiny(num_rounds=5, checkpoint_every=1), workdir) == resumed
+  assert 'results version' not in caplog.text
   again = train_and_evaluate(_tiny(num_rounds=5, checkpoint_every=1, target_accuracy=0.5),
                              workdir)
-  assert 'results version' not in caplog.text and again['simulators'] == resumed['simulators']
+  assert again['simulators'] == resumed['simulators']
+  assert f'its rounds ran under simulator results version(s) [{v}, {v + 1}]; this one, version '\
+         f'{v + 2}, evaluates it again' in caplog.text
+  assert 'goes on' not in caplog.text
 
 
 def test_a_checkpoint_saved_before_versions_were_recorded_reads_as_version_1(tmp_path, caplog):

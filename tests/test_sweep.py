@@ -530,12 +530,37 @@ def test_a_diverged_run_fails_alone_and_the_sweep_goes_on(tmp_path):
 
   def train(c, workdir):
     if c.seed == 0:
-      raise Diverged('rounds 1..2 were all rejected')
+      raise Diverged([workdir], 'rounds 1..2 were all rejected')
     return train_and_evaluate(c, workdir)
 
   entries = sweep.run_sweep(definition, str(tmp_path / 'out'), train=train, log=lambda _: None)
   assert [e['status'] for e in entries] == ['failed', 'done']
   assert entries[0]['error'] == 'rounds 1..2 were all rejected'
+
+
+def test_a_seed_diverging_in_a_group_run_one_by_one_fails_alone(tmp_path):
+  """A vectorised group whose seeds' checkpoints stand at different rounds runs them one by
+  one; one diverging there failed the whole batch with its message, finished and untried
+  seeds alike."""
+  from fathom_sim.train import Diverged
+  definition = sweep.SweepDef(tiny_config(num_rounds=2, num_devices=1), '<inline>', [{}],
+                              [0, 1, 2], {})
+  out = str(tmp_path / 'out')
+  runs = sweep.plan_runs(definition, out)
+  calls = []
+
+  def group(configs, workdirs):  # seed 0 finishes, seed 1 diverges, seed 2 is not reached
+    calls.append([c.seed for c in configs])
+    train_and_evaluate(configs[0], workdirs[0])
+    raise Diverged([workdirs[1]], 'rounds 1..2 were all rejected')
+
+  entries = sweep.run_sweep(definition, out, train_group=group, vmap_seeds=True,
+                            train=lambda c, w: calls.append([c.seed]) or train_and_evaluate(c, w),
+                            log=lambda _: None)
+  assert calls == [[0, 1, 2], [2]]
+  assert [e['status'] for e in entries] == ['done', 'failed', 'done']
+  assert entries[1]['error'] == 'rounds 1..2 were all rejected'
+  assert runs[1].workdir.endswith(entries[1]['workdir'])
 
 
 @pytest.mark.parametrize('args,out,rest', [
