@@ -84,31 +84,39 @@ def started() -> list[dict]:
   return [{'from_round': 0, **describe()}]
 
 
-def resumed(saved: list | None, at: int, *, runs_rounds: bool) -> tuple[list[dict], dict | None]:
-  """A resumed run's list: its checkpoint's (`saved`; None for one saved before lists were
-  kept, read as version UNRECORDED from round 0), with this simulator appended from round `at`
-  where it differs from the last and `runs_rounds` (a finished run only evaluated again runs
-  none). Also returns the simulator this one follows where it was appended, else None."""
+def resumed(saved: list | None, at: int, where: str, *,
+            runs_rounds: bool) -> tuple[list[dict], str | None]:
+  """A resumed run's list, and the warning to log (None when there is nothing to say).
+
+  The list is the checkpoint's (`saved`; None for one saved before lists were kept, read as
+  version UNRECORDED from round 0), with this simulator appended from round `at` where it
+  differs from the last and `runs_rounds` (a finished run only evaluated again runs none). The
+  warning: this simulator computes differently from the one that saved the checkpoint and goes
+  on from `at`, or, running no round, evaluates rounds another version ran. `where`: the
+  workdir, for the message."""
   runs = [dict(r) for r in saved or () if isinstance(r, dict)]
   if not runs:
     runs = [{'from_round': 0, 'results_version': UNRECORDED}]
-  now = describe()
-  if not runs_rounds or {k: v for k, v in runs[-1].items() if k != 'from_round'} == now:
+  if not runs_rounds:
+    ran = sorted({results_version(r) for r in runs})
+    if ran == [RESULTS_VERSION]:
+      return runs, None
+    return runs, (f'{where}: its rounds ran under simulator results version(s) {ran}; this '
+                  f'one, version {RESULTS_VERSION}, evaluates it again (see '
+                  'fathom_sim/provenance.py)')
+  now, previous = describe(), runs[-1]
+  if {k: v for k, v in previous.items() if k != 'from_round'} == now:
     return runs, None
-  return [*runs, {'from_round': at, **now}], runs[-1]
-
-
-def resume_warning(previous: dict | None, resumed_at: int, where: str) -> str | None:
-  """The warning for a run resumed at round `resumed_at` under this simulator after
-  `previous` (resumed()'s second value); None unless the two compute differently."""
-  saved = results_version(previous)
-  if previous is None or saved == RESULTS_VERSION:
-    return None
-  by = (f'simulator results version {saved}' if 'commit' in previous else
+  runs.append({'from_round': at, **now})
+  saved_version = results_version(previous)
+  if saved_version == RESULTS_VERSION:
+    return runs, None  # another commit or package, the same computation: recorded, not said
+  by = (f'simulator results version {saved_version}' if 'commit' in previous else
         f'a simulator that recorded no version (read as {UNRECORDED})')
   commit = previous.get('commit')
-  return (f'{where}: its checkpoint was saved by {by}{f", commit {commit}" if commit else ""}; '
-          f'this simulator is results version {RESULTS_VERSION}, which computes some configs '
-          'differently (see fathom_sim/provenance.py). The run goes on from round '
-          f'{resumed_at} under this version; summary.json\'s "simulators" says which rounds ran '
-          'under which. Start a new workdir for a run wholly under one version.')
+  return runs, (
+      f'{where}: its checkpoint was saved by {by}{f", commit {commit}" if commit else ""}; '
+      f'this simulator is results version {RESULTS_VERSION}, which computes some configs '
+      f'differently (see fathom_sim/provenance.py). The run goes on from round {at} under this '
+      'version; summary.json\'s "simulators" says which rounds ran under which. Start a new '
+      'workdir for a run wholly under one version.')

@@ -339,17 +339,11 @@ def _run(run: Run, configs: list[ml_collections.ConfigDict], workdirs: list[str]
   for book in books:  # every check passed: the resumed runs' configs are this command's
     workdir_lib.save_config(book.workdir, book.config)
     if 'round' in book.meta:  # resumed: this simulator joins the list if it runs rounds
-      book.meta['simulators'], previous = provenance.resumed(
-          book.meta.get('simulators'), book.done, runs_rounds=book.done < c.num_rounds)
-      warning = provenance.resume_warning(previous, book.done, book.workdir)
+      book.meta['simulators'], warning = provenance.resumed(
+          book.meta.get('simulators'), book.done, book.workdir,
+          runs_rounds=book.done < c.num_rounds)
       if warning:
         logging.warning('%s', warning)
-      elif book.done == c.num_rounds:  # evaluated again, by this simulator, rounds run by another
-        ran = {provenance.results_version(r) for r in book.meta['simulators']}
-        if ran != {provenance.RESULTS_VERSION}:
-          logging.warning('%s: its rounds ran under simulator results version(s) %s; this one, '
-                          'version %d, evaluates it again (see fathom_sim/provenance.py)',
-                          book.workdir, sorted(ran), provenance.RESULTS_VERSION)
   if vectorized and len({b.done for b in books}) > 1:
     for b in books:
       b.close()

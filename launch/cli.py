@@ -34,14 +34,15 @@ def setup_logging() -> None:
   handler.addFilter(_quiet_libraries)
 
 
-def fail(message: str) -> None:
+def fail(message: str, status: int = EXIT_BAD_INPUT, *, tell_peers: bool = True) -> None:
+  """Ends the command with one `error:` line and `status`."""
   print(f'error: {message}', file=sys.stderr)
   distributed = sys.modules.get('fathom_sim.distributed')  # not imported: no run started
-  if distributed is not None:
+  if distributed is not None and tell_peers:
     # In a run of several processes the others would wait for this one in a collective until
     # JAX's heartbeat gives up (100 s); told, they stop now, saying why. (Alone: nothing.)
     distributed.stop_peers(message)
-  sys.exit(EXIT_BAD_INPUT)
+  sys.exit(status)
 
 
 def _flag_value(argv: list[str], name: str) -> str | None:
@@ -202,15 +203,12 @@ def run_or_exit(job: Callable[[], object]) -> None:
   except (ConfigError, DataError, WorkdirError) as e:
     fail(str(e))
   except Diverged as e:  # every process stopped at the same round: no peer to tell
-    print(f'error: {e}', file=sys.stderr)
-    sys.exit(EXIT_DIVERGED)
-  except CheckpointError as e:  # not the input's fault: said in one line, exit status 1
-    print(f'error: {e}', file=sys.stderr)
-    sys.exit(1)
+    fail(str(e), EXIT_DIVERGED, tell_peers=False)
+  except CheckpointError as e:  # not the input's fault: exit status 1
+    fail(str(e), 1)
   except KeyboardInterrupt:  # a second Ctrl-C (train._stop_signals): the files are closed
-    print('error: stopped by a second Ctrl-C; the same command resumes the run from its last '
-          'checkpoint', file=sys.stderr)
-    sys.exit(128 + signal.SIGINT)
+    fail('stopped by a second Ctrl-C; the same command resumes the run from its last '
+         'checkpoint', 128 + signal.SIGINT)
   except Preempted as e:
     sys.exit(128 + e.signum)  # the shell's convention for "ended by this signal"
   except MemoryError as e:  # numpy's, before any round (rounds say theirs as OutOfMemory)
