@@ -186,7 +186,9 @@ def test_a_record_that_disagrees_with_the_index_is_named(tmp_path):
 def test_fedjax_stackoverflow_reads_back_exactly(tmp_path):
   sentences = {'u1': ['the beer is good ?', 'hops'],
                'u2': ['unknown words the beer ' * 6],  # longer than 20 tokens: cut
-               'u3': ['is', 'the  beer\xa0is good']}  # '' and 'beer\xa0is': out of vocab
+               # '' and 'beer\xa0is': out of vocab; an empty sentence is one empty word, as
+               # TF's split with sep=' ' (StringSplitV2 returns [''], like Python's split)
+               'u3': ['is', 'the  beer\xa0is good', '']}
   os.makedirs(tmp_path / 'src')
   for split in ('train', 'held_out', 'test'):
     write_fedjax(tmp_path / 'src' / f'stackoverflow_{split}.sqlite', {
@@ -208,6 +210,8 @@ def test_fedjax_stackoverflow_reads_back_exactly(tmp_path):
     np.testing.assert_array_equal(got['x'], [w[0] for w in want])
     np.testing.assert_array_equal(got['y'], [w[1] for w in want])
   assert list(task.test.client(2)['x'][1][:6]) == [1, IDS['the'], OOV, OOV, IDS['good'], 0]
+  assert list(task.test.client(2)['x'][2][:3]) == [1, OOV, 0]
+  assert list(task.test.client(2)['y'][2][:3]) == [OOV, 2, 0]
 
 
 def test_tf_example_parser_matches_protobuf():

@@ -106,7 +106,8 @@ class Vocabulary:
       if isinstance(s, bytes):
         s = s.decode('utf-8', errors='replace')
       # Split on ' ' exactly, as FedJAX's and TFF's tokenizers (tf.strings.split, sep=' '): two
-      # spaces give an empty word (out of vocabulary), a tab or no-break space stays in a word.
+      # spaces give an empty word (out of vocabulary), a tab or no-break space stays in a word,
+      # and an empty sentence is one empty word (TF's StringSplitV2 returns [''] too).
       ids = [self._ids.get(w, self.oov) for w in s.split(' ')]
       xs = ([BOS] + ids)[:length]
       ys = (ids + [EOS])[:length]
