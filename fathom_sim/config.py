@@ -240,12 +240,14 @@ def unknown_field(c: ml_collections.ConfigDict, path: str) -> str | None:
 def _check_fields(c: ml_collections.ConfigDict) -> None:
   """A config file's fields must be base_config()'s: a misspelt one (c.cohort_sze = 50) would
   otherwise be ignored and the default used without a word."""
-  expected, given = _field_paths(base_config()), _field_paths(c)
+  base = base_config()
+  expected, given = _field_paths(base), _field_paths(c)
   for path in sorted(given - expected):
-    close = difflib.get_close_matches(path, sorted(expected), n=1)
-    hint = f'; did you mean config.{close[0]}?' if close else ''
-    raise ConfigError(f'unknown config field config.{path} (the fields are base_config()\'s, '
-                      f'fathom_sim/config.py){hint}')
+    # Named as a command-line override is (the group that lacks it, its near names); a value
+    # given where base_config() has a group of fields is the one case unknown_field accepts.
+    why = unknown_field(base, path) or (f'config.{path} is a value where base_config() has a '
+                                        f'group of fields ({", ".join(sorted(base[path]))})')
+    raise ConfigError(f'{why} (the fields are base_config()\'s, fathom_sim/config.py)')
   for path in sorted(expected - given):
     raise ConfigError(f'config.{path} is missing: a config starts from base_config() '
                       '(fathom_sim/config.py) and overrides its fields')

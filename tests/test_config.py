@@ -343,8 +343,13 @@ _BASE = 'from fathom_sim.config import base_config\n\n\ndef get_config():\n  c =
     ('x = 1\n', 'defines no get_config()'),
     (_BASE + '  del c["eval_every"]\n  return c\n', 'config.eval_every is missing'),
     (_BASE + '  c.cohort_sze = 5\n  return c\n',
-     'unknown config field config.cohort_sze (the fields are base_config()\'s, '
-     'fathom_sim/config.py); did you mean config.cohort_size?'),
+     "unknown config field config.cohort_sze (the config has no field 'cohort_sze'); did you "
+     "mean cohort_size? (the fields are base_config()'s, fathom_sim/config.py)"),
+    (_BASE + '  c.model.hiden = 5\n  return c\n',
+     "unknown config field config.model.hiden (config.model has no field 'hiden'); did you "
+     "mean hidden?"),
+    (_BASE + '  del c["model"]\n  c.model = 5\n  return c\n',
+     'config.model is a value where base_config() has a group of fields (compute_dtype, '),
 ])
 def test_a_broken_config_file_is_one_line_naming_it(tmp_path, body, needle):
   """The file's own error (syntax, import, get_config raising), a field it lost and a field it
