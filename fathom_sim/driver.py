@@ -214,7 +214,7 @@ class Rounds:
 
   def close(self) -> None:
     """A run's end: drops a plan made ahead and the reads made ahead, cancels compiles queued
-    ahead and waits for those running (CompileAhead.close); not called after."""
+    ahead and waits for those running (CompileAhead.close); a second call does nothing."""
     self._next = None
     if self._prefetch is not None:
       self._prefetch.close()

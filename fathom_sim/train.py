@@ -436,12 +436,14 @@ def _run(run: Run, configs: list[ml_collections.ConfigDict], workdirs: list[str]
       book.writer = metrics.MetricsWriter(book.workdir)
 
   # closing: compiles queued ahead are dropped however the loop ends, and those running waited
-  # for, after the signal handlers are restored: a second Ctrl-C still ends that wait.
+  # for with the stop handlers still in place: a signal in that wait after the last round
+  # stops the run once its summary is written (by default SIGTERM killed it unsummarised),
+  # and a second Ctrl-C still ends the wait at once.
   finished_by = 0  # a signal that came in the last round: raised once the summary is written
   # Rejected rounds in a row, each run's, since this command started: every process sees the
   # same (the round's outputs are replicated), so all stop at the same round.
   rejected = [0] * len(books)
-  with contextlib.closing(rounds), _stop_signals() as signals:
+  with _stop_signals() as signals, contextlib.closing(rounds):
     for t in range(done + 1, c.num_rounds + 1):
       doing.update(what='round', round=t, hp=hp)
       state, m, plans = rounds(state, t, hp)
@@ -521,6 +523,9 @@ def _run(run: Run, configs: list[ml_collections.ConfigDict], workdirs: list[str]
             f'the run has diverged and stopped, its checkpoint of round {t} saved. A smaller '
             f'{"eta" if c.algorithm == "fedavg" else "eta or upper_eta"}, or another seed, '
             'may train')
+    rounds.close()  # (closing's own call after it does nothing)
+    if not finished_by:  # every process asks: all then stop after the summary, or none does
+      finished_by = _agreed_stop(signals)
   for book in books:
     book.close()
 

@@ -1088,3 +1088,26 @@ def test_a_signal_in_the_last_round_writes_the_summary_then_stops(tmp_path, monk
   assert summary['rounds'] == 3 and summary['resumed_from'] == 0
   monkeypatch.setattr(train_lib, '_agreed_stop', agreed)
   assert train_and_evaluate(_tiny(num_rounds=3), workdir) == summary  # nothing left to do
+
+
+def test_a_signal_while_the_run_waits_for_its_compiles_is_taken_after_the_summary(
+    tmp_path, monkeypatch):
+  """The run's end waits for compiles still running ahead (seconds on a GPU). That wait ran
+  after the stop handlers were restored, so a SIGTERM there killed the finished run before its
+  summary.json; now it is taken as a signal in the last round."""
+  from fathom_sim import driver, train as train_lib
+  close = driver.Rounds.close
+
+  def close_and_signal(self):
+    os.kill(os.getpid(), signal.SIGTERM)
+    time.sleep(0.01)  # the handler runs between bytecodes
+    close(self)
+
+  monkeypatch.setattr(driver.Rounds, 'close', close_and_signal)
+  workdir = str(tmp_path / 'run')
+  with pytest.raises(train_lib.Preempted, match='stopped by signal 15 after round 2'):
+    train_and_evaluate(_tiny(num_rounds=2), workdir)
+  summary = _summary(workdir)
+  assert summary['rounds'] == 2
+  monkeypatch.setattr(driver.Rounds, 'close', close)
+  assert train_and_evaluate(_tiny(num_rounds=2), workdir) == summary
