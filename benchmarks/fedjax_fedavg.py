@@ -11,7 +11,8 @@ change the cost). Prints one JSON object. Called by compare_fedjax.py; never by 
 import argparse
 import importlib.metadata
 import json
-import statistics
+import os
+import sys
 import time
 
 import fedjax
@@ -19,9 +20,8 @@ import jax
 import numpy as np
 
 
-# Timed as launch/benchmark.py times fathom_sim's ceiling: CHUNKS chunks of equal steps,
-# lengthened until the first takes a CHUNKS-th of MIN_S; the rate is their median.
-CHUNKS, MIN_S = 7, 2.0
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from launch import timing  # noqa: E402  (imports no jax: timed as fathom_sim's ceiling is)
 
 
 def centralized(model, clients: dict, batch_size: int, steps: int = 200) -> dict:
@@ -43,20 +43,13 @@ def centralized(model, clients: dict, batch_size: int, steps: int = 200) -> dict
              for i in range(steps + 1)]
   keys = list(jax.random.split(jax.random.PRNGKey(0), steps + 1))
   ready = lambda p: jax.tree_util.tree_map(lambda a: a.block_until_ready(), p)
-  params = ready(step(model.init(jax.random.PRNGKey(0)), batches[0], keys[0]))  # compile
-  per_chunk, rates, i = max(1, steps // CHUNKS), [], 0
-  while len(rates) < CHUNKS:
-    start = time.perf_counter()
-    for _ in range(per_chunk):
-      i = i % steps + 1
-      params = step(params, batches[i], keys[i])
-    ready(params)
-    took = time.perf_counter() - start
-    if not rates and took < MIN_S / CHUNKS and per_chunk < 2**20:
-      per_chunk *= 2
-      continue
-    rates.append(per_chunk * batch_size / took)
-  return {'median': statistics.median(rates), 'min': min(rates), 'max': max(rates),
+  held = [ready(step(model.init(jax.random.PRNGKey(0)), batches[0], keys[0]))]  # compile
+
+  def one(i):
+    held[0] = step(held[0], batches[i], keys[i])
+
+  rates = timing.chunk_rates(one, lambda: ready(held[0]), steps, batch_size)
+  return {'median': rates['median'], 'min': rates['min'], 'max': rates['max'],
           'batch_size': batch_size}
 
 

@@ -122,13 +122,6 @@ def _stackoverflow_like(num_clients: int, seed: int, in_memory: bool):
   return task
 
 
-# The ceiling is timed in CEILING_CHUNKS chunks of equal steps, lengthened until the first
-# takes a CEILING_CHUNKS-th of CEILING_MIN_S, so the whole takes about that or more; its rate
-# is their median. One pass of 20-400 steps moved by 26 % between runs where the rounds' rate
-# moved by 0.5 %: a pause of the machine fell on a few seconds of steps and went straight
-# into the ratio.
-CEILING_CHUNKS = 7
-CEILING_MIN_S = 2.0
 
 
 def ceiling_program(run, examples: dict, batch_size: int, steps: int, model=None, *,
@@ -188,25 +181,18 @@ def centralized_examples_per_s(run, examples: dict, batch_size: int, steps: int,
   the ceiling of the whole mesh at this per-step batch. On CPU the forced host devices share
   the machine's cores, so one device's chain may already use all of them.
   """
-  import statistics
+  from launch import timing
   step, params, batches, keys, chains = ceiling_program(
       run, examples, batch_size, steps, model, every_device=every_device)
   params, loss = step(params, batches[0], keys[0])  # compile
   loss.block_until_ready()
-  per_chunk, rates, i = max(1, steps // CEILING_CHUNKS), [], 0
-  while len(rates) < CEILING_CHUNKS:
-    start = time.perf_counter()
-    for _ in range(per_chunk):
-      i = i % steps + 1
-      params, loss = step(params, batches[i], keys[i])
-    loss.block_until_ready()
-    took = time.perf_counter() - start
-    if not rates and took < CEILING_MIN_S / CEILING_CHUNKS and per_chunk < 2**20:
-      per_chunk *= 2  # too short to time against the clock and the sync: not kept
-      continue
-    rates.append(chains * per_chunk * batch_size / took)
-  return {'median': statistics.median(rates), 'min': min(rates), 'max': max(rates),
-          'chunks': len(rates), 'steps_per_chunk': per_chunk}
+  held = [params, loss]
+
+  def one(i):
+    held[:] = step(held[0], batches[i], keys[i])
+
+  return timing.chunk_rates(one, lambda: held[1].block_until_ready(), steps,
+                            chains * batch_size)
 
 
 def device_peak_gib(mesh) -> float | None:

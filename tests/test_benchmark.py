@@ -375,8 +375,8 @@ def test_examples_and_padding_are_the_plans_counts_recomputed_from_the_cohorts(t
   # The ceiling: a median over chunks, between the slowest and fastest, on one device.
   assert (r['centralized_examples_per_s_min'] <= r['centralized_examples_per_s']
           <= r['centralized_examples_per_s_max'])
-  from launch.benchmark import CEILING_CHUNKS
-  assert r['centralized_chunks'] == CEILING_CHUNKS and r['centralized_devices'] == 1
+  from launch.timing import CHUNKS
+  assert r['centralized_chunks'] == CHUNKS and r['centralized_devices'] == 1
   assert r['xla_compiles'] > r['compiles'] >= 1
 
 
