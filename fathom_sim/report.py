@@ -24,6 +24,12 @@ from fathom_sim import workdir as workdir_lib
 
 _SEED_DIR = re.compile(r'^seed=\d+$')
 
+# Fields a resumed run may change that still change what a table compares, so seeds that
+# differ in them are named: rounds to a target are counted in steps of eval_every, a sampled
+# evaluation (eval_clients) is not the whole test set's, and TF32 against float32 can send a
+# run another way.
+MEASURED_ALIKE = frozenset({'eval_every', 'eval_clients', 'matmul_precision'})
+
 # The fields of a metrics row that the tables and plots read.
 FIELDS = ('round', 'wall_s', 'examples', 'local_steps', 'test_accuracy', 'eta', 'epochs',
           'batch_size', 'h_glob', 'h_local')
@@ -159,7 +165,7 @@ class Group:
     # Fields no seed reads (FATHOM's under FedAvg, ...).
     unread = set.intersection(*(unread_paths(c) for c in configs))
     fields = sorted(set.intersection(*(set(c) for c in configs))
-                    - workdir_lib.RESUMABLE_FIELDS - {'seed'} - unread)
+                    - (workdir_lib.RESUMABLE_FIELDS - MEASURED_ALIKE) - {'seed'} - unread)
     out = {}
     for f in fields:
       values = [c.get(f) for c in configs]
@@ -169,22 +175,28 @@ class Group:
 
 
 def _read_json(path: str) -> dict | None:
+  """The JSON object in `path`; None where it is missing, torn or not an object."""
   try:
     with open(path, encoding='utf-8') as f:
-      return json.load(f)
+      value = json.load(f)
   except (OSError, ValueError):
     return None
+  return value if isinstance(value, dict) else None
 
 
 def read_run(workdir: str, setting: str) -> RunData:
   """A run's files. Its summary counts only when it is the summary of the run's rounds: one
   left by a run since extended (num_rounds raised, then stopped) describes fewer rounds."""
-  rows = Rows.read(os.path.join(workdir, metrics.METRICS_FILE))
+  from fathom_sim.data import DataError
+  path = os.path.join(workdir, metrics.METRICS_FILE)
+  try:
+    rows = Rows.read(path)
+  except OSError as e:
+    raise DataError(f'{path}: cannot read it ({e.strerror or e})') from None
   config = _read_json(os.path.join(workdir, workdir_lib.CONFIG_FILE))
   if config is None and not len(rows):
     # Every run writes its config.json before any row: this is some other file, and listing
     # it as a run of algorithm '?' would put an empty setting in every table.
-    from fathom_sim.data import DataError
     raise DataError(f'{os.path.join(workdir, metrics.METRICS_FILE)}: no rows of a run, and no '
                     f'readable {workdir_lib.CONFIG_FILE} beside it: not a run\'s workdir. Move '
                     'it out of the folders given, or name the run folders one by one')
@@ -206,7 +218,7 @@ def find_runs(paths: list[str]) -> list[RunData]:
   directly is named by its path as given, less a final seed=<n>: two sweeps' settings of the
   same name stay apart, and the seed folders of one setting given one by one group together.
   """
-  runs = []
+  runs, seen = [], {}  # a run's real path -> the folder given that reached it
   roots = [os.path.normpath(p) for p in paths]
   names = [os.path.basename(r) for r in roots]
   if len(set(names)) < len(names):
@@ -218,6 +230,12 @@ def find_runs(paths: list[str]) -> list[RunData]:
       if metrics.METRICS_FILE not in filenames:
         continue
       dirnames[:] = []  # a run's own subfolders (checkpoints) hold no runs
+      real = os.path.realpath(dirpath)
+      if real in seen:  # its seeds would count twice in every mean
+        from fathom_sim.data import DataError
+        raise DataError(f'{dirpath} is a run under both {seen[real]!r} and {root!r}: give each '
+                        'run or sweep folder once (a sweep and a folder inside it overlap)')
+      seen[real] = root
       parts = os.path.relpath(dirpath, root).split(os.sep)
       parts = [] if parts == ['.'] else parts
       if parts and _SEED_DIR.match(parts[-1]):
@@ -259,7 +277,7 @@ def to_target(group: Group, target: float) -> dict:
   out = {'reached': len(reached), 'seeds': len(hits)}
   for key, field in (('rounds', 'round'), ('examples', 'examples'),
                      ('local_steps', 'local_steps')):
-    out[key] = mean_std([float(h[field]) for h in reached])
+    out[key] = mean_std([h[field] for h in reached if field in h])  # (a row may lack one)
   return out
 
 
@@ -379,7 +397,7 @@ def markdown(groups: list[Group], targets: list[float], *, timing: bool = True) 
       lines.append('')
       lines.append(f'Warning: the runs of `{g.setting}` differ in '
                    + '; '.join(f'{f} ({", ".join(v)})' for f, v in differ.items())
-                   + ': they are not seeds of one setting.')
+                   + ': they are not seeds of one setting measured alike.')
   examples, steps, n_runs = grid_cost(groups)
   fathom = [g for g in groups if g.algorithm == 'fathom']
   if n_runs:

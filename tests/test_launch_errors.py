@@ -255,6 +255,22 @@ def test_report_refuses_a_folder_whose_metrics_hold_no_rows_and_no_config_beside
   assert '`run`' in report.markdown(report.group_runs([listed]), [0.3])
 
 
+def test_report_refuses_folders_that_overlap_and_reads_odd_json_as_missing(tmp_path):
+  """A sweep given with a folder inside it listed its runs twice: each seed counted twice in
+  every mean and std. A config.json or summary.json that is JSON but not an object was a
+  traceback; it reads as a torn one does (absent)."""
+  run = _run_dir(tmp_path, ROW.encode())
+  out = tmp_path / 'report'
+  _refused(_cli('report.py', str(tmp_path), str(run), f'--out={out}'),
+           f"{run} is a run under both '{tmp_path}' and '{run}': give each run or sweep "
+           'folder once')
+  assert not out.exists()
+  (run / 'config.json').write_text('[1]')
+  (run / 'summary.json').write_text('"x"')
+  [listed] = report.find_runs([str(run)])
+  assert (listed.config, listed.summary, len(listed.rows)) == ({}, None, 1)
+
+
 def test_report_refuses_an_out_it_cannot_write(tmp_path):
   run = _run_dir(tmp_path, ROW.encode())
   afile = tmp_path / 'afile'
