@@ -53,7 +53,9 @@ def _draw(ax, groups: list[Group], field: str, x_field: str, log_y: bool = False
     x, mean, lo, hi = c
     n = len(g.plotted)
     seeds = f'n={n}' if n == len(g.runs) else f'n={n}: the finished of {len(g.runs)} seeds'
-    (line,) = ax.plot(x, mean, lw=1.2, label=f'{g.setting} ({seeds})')
+    # (matplotlib leaves out of the legend a label that starts with '_')
+    label = ('\u200b' if g.setting.startswith('_') else '') + f'{g.setting} ({seeds})'
+    (line,) = ax.plot(x, mean, lw=1.2, label=label)
     if n > 1:
       ax.fill_between(x, lo, hi, color=line.get_color(), alpha=0.15, lw=0)
   if len(groups) > MAX_CURVES:
@@ -65,9 +67,16 @@ def _draw(ax, groups: list[Group], field: str, x_field: str, log_y: bool = False
 
 
 def _save(fig, path: str) -> str:
+  """Saved whole or not at all: a report stopped mid-way leaves the last report's plot."""
   fig.tight_layout()
-  fig.savefig(path, dpi=90)
-  plt.close(fig)
+  tmp = f'{path}.tmp.png'  # (savefig picks the format by the name's end)
+  try:
+    fig.savefig(tmp, dpi=90)
+    os.replace(tmp, path)
+  finally:
+    plt.close(fig)
+    if os.path.exists(tmp):
+      os.remove(tmp)
   return path
 
 
@@ -103,10 +112,13 @@ def write_plots(groups: list[Group], out: str, target: float | None) -> list[str
   fathom = [g for g in groups if g.algorithm == 'fathom']
   paths.append(hparams_plot(fathom or groups, os.path.join(out, 'hparams.png')))
   best = best_fedavg(groups, target) if target is not None else None
+  versus = os.path.join(out, 'fathom_vs_fedavg.png')
+  if not (fathom and best is not None) and os.path.exists(versus):
+    os.remove(versus)  # a last report's, of other runs or targets: not beside this one's
   if fathom and best is not None:
     # The baseline is drawn whatever the number of FATHOM settings.
     shown = fathom[:MAX_CURVES - 1]
     cut = f' (the first {len(shown)} of {len(fathom)} FATHOM settings)' if shown != fathom else ''
-    paths.append(accuracy_plot(shown + [best], os.path.join(out, 'fathom_vs_fedavg.png'),
+    paths.append(accuracy_plot(shown + [best], versus,
                                f'FATHOM against the best static FedAvg at {target:g}{cut}'))
   return paths

@@ -23,7 +23,7 @@ _TIMING = flags.DEFINE_bool('timing', True, 'Include seconds per round (--notimi
 
 
 def main(argv):
-  from fathom_sim import plots, report
+  from fathom_sim import metrics, plots, report
   from fathom_sim.errors import MOUNT_HINT, file_for_folder, is_url
   paths = argv[1:]
   if not paths:
@@ -56,10 +56,9 @@ def main(argv):
   # Compare against the FedAvg setting that is best at the hardest target some setting reached.
   reached = [t for t in sorted(targets, reverse=True) if report.best_fedavg(groups, t)]
   try:
-    os.makedirs(out, exist_ok=True)
-    with open(os.path.join(out, 'report.md'), 'w', encoding='utf-8') as f:
-      f.write(table)
+    # The plots first, report.md last and whole: a report.md is never older than its plots.
     written = plots.write_plots(groups, out, reached[0] if reached else None)
+    metrics.write_text(os.path.join(out, 'report.md'), table)
   except OSError as e:
     cli.fail(f'--out {out!r}: cannot write the report there ({e.strerror or e}); give a '
              'folder that can be made or written')

@@ -381,10 +381,20 @@ def test_runs_of_one_setting_whose_configs_differ_are_flagged(tmp_path):
   root = tmp_path / 'sweep' / 'fathom'
   for seed, eta in ((0, 0.1), (1, 0.2)):
     _write_run(root / f'seed={seed}', 'fathom', {2: 0.3}, 100, 2)
-    _finish(root / f'seed={seed}', 2, 0.3, eta=eta, seed=seed, eval_every=seed + 1)
+    _finish(root / f'seed={seed}', 2, 0.3, eta=eta, seed=seed, log_every=seed + 1)
   table = report.markdown(report.group_runs(report.find_runs([str(tmp_path / 'sweep')])), [0.3])
   assert ('Warning: the runs of `fathom` differ in eta (0.1, 0.2): they are not seeds of one '
-          'setting.') in table
+          'setting measured alike.') in table  # (log_every, which a resume may change, is not)
+  # Fields a resume may change that change what is compared are named: rounds to a target
+  # counted every 1 or every 5 rounds, a sampled evaluation against the whole test set.
+  alike = tmp_path / 'measured' / 'fathom'
+  for seed in (0, 1):
+    _write_run(alike / f'seed={seed}', 'fathom', {2: 0.3}, 100, 2)
+    _finish(alike / f'seed={seed}', 2, 0.3, seed=seed, eval_every=1 + 4 * seed,
+            eval_clients=5 * seed)
+  table = report.markdown(report.group_runs(report.find_runs([str(tmp_path / 'measured')])),
+                          [0.3])
+  assert 'differ in eval_clients (0, 5); eval_every (1, 5): they are' in table, table
   # A seed written before a field existed, or without its config.json, differs in nothing.
   _write_run(root / 'seed=2', 'fathom', {2: 0.3}, 100, 2)
   _finish(root / 'seed=2', 2, 0.3, seed=2)
@@ -585,3 +595,32 @@ def test_claim_script_takes_out_only_where_given(tmp_path, args, out, rest):
   assert sweep_call == ['launch/sweep.py', f'--sweep=sweeps/claim_{args[0]}.py', f'--out={out}',
                         '--vmap_seeds', *rest]
   assert report_call[:2] == ['launch/report.py', out]
+
+
+def test_a_report_rewritten_keeps_no_plot_of_the_last_and_labels_every_setting(tmp_path):
+  """fathom_vs_fedavg.png was left from a last report whose targets some FedAvg setting
+  reached, beside a report.md that had no such comparison; matplotlib left out of the legend
+  a setting whose name starts with '_'; a reached row without local_steps was a KeyError."""
+  import matplotlib.pyplot as plt
+  from fathom_sim import plots
+  root = tmp_path / 'sweep'
+  _write_run(root / '_base' / 'seed=0', 'fathom', {2: 0.5}, 100, 2)
+  _write_run(root / 'eta=0.1' / 'seed=0', 'fedavg', {2: 0.4}, 50, 2)
+  groups = report.group_runs(report.find_runs([str(root)]))
+  out = str(tmp_path / 'report')
+  assert any(p.endswith('fathom_vs_fedavg.png') for p in plots.write_plots(groups, out, 0.3))
+  plots.write_plots(groups, out, None)
+  assert sorted(os.listdir(out)) == ['accuracy.png', 'hparams.png']
+  fig, ax = plt.subplots()
+  plots._draw(ax, groups, 'test_accuracy', 'round')
+  assert [label.lstrip('\u200b') for label in ax.get_legend_handles_labels()[1]] == [
+      '_base (n=1)', 'eta=0.1 (n=1)']
+  plt.close(fig)
+  lines = (root / '_base' / 'seed=0' / 'metrics.jsonl').read_text().splitlines()
+  last = json.loads(lines[-1])
+  del last['local_steps']
+  (root / '_base' / 'seed=0' / 'metrics.jsonl').write_text('\n'.join(lines[:-1] + [
+      json.dumps(last)]) + '\n')
+  [fathom] = [g for g in report.group_runs(report.find_runs([str(root)])) if g.setting == '_base']
+  t = report.to_target(fathom, 0.3)
+  assert (t['reached'], t['rounds'], t['local_steps']) == (1, (2.0, None), (None, None))
