@@ -20,7 +20,11 @@
 # WORKDIR must be one folder that every worker sees: orbax writes each array's shards from the
 # worker that holds them. With BUCKET=gs://your-bucket, `install` mounts it with gcsfuse at
 # /mnt/fathom on every worker and the default WORKDIR is /mnt/fathom/runs/$TPU_NAME; an NFS
-# (Filestore) mount works the same way.
+# (Filestore) mount works the same way. Orbax commits a checkpoint by renaming its temporary
+# folder, and gcsfuse refuses to rename a folder of a flat bucket unless --rename-dir-limit
+# allows it: then it copies the folder's objects one by one, so a save cut in that copy is
+# not whole; it reads back as unreadable, is set aside, and the run resumes from the checkpoint
+# before. A bucket with hierarchical namespace renames a folder at once.
 #
 # COMPILATION_CACHE (default: jax_cache beside WORKDIR, so on the same shared mount) is JAX's
 # persistent compilation cache: a resumed or repeated run loads the programs instead of compiling
@@ -77,7 +81,7 @@ case "$cmd" in
     setup+=" && ~/fathom_venv/bin/pip install -q 'jax[tpu]==$JAX_VERSION'"
     if [[ -n "$BUCKET" ]]; then
       setup+=" && sudo mkdir -p $MOUNT && sudo chown \$USER $MOUNT"
-      setup+=" && (mountpoint -q $MOUNT || gcsfuse --implicit-dirs ${BUCKET#gs://} $MOUNT)"
+      setup+=" && (mountpoint -q $MOUNT || gcsfuse --implicit-dirs --rename-dir-limit=100000 ${BUCKET#gs://} $MOUNT)"
     fi
     on_all_workers "$setup"
     ;;

@@ -249,7 +249,8 @@ def test_tpu_pod_script_starts_the_same_multihost_command_on_every_worker():
   scp, setup = p.stdout.splitlines()
   assert '--worker=all' in scp and '--worker=all' in setup
   setup = setup.replace('\\', '')
-  assert "jax[tpu]==0.10.2" in setup and 'gcsfuse --implicit-dirs bkt /mnt/fathom' in setup
+  assert "jax[tpu]==0.10.2" in setup and ('gcsfuse --implicit-dirs --rename-dir-limit=100000 bkt '
+                                              '/mnt/fathom') in setup
   p = _pod('create', SPOT='1')
   assert p.returncode == 0 and '--spot' in p.stdout and '--accelerator-type=v4-32' in p.stdout
   p = _pod('resume')
