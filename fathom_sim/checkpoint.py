@@ -108,6 +108,14 @@ def _quiet_closed_loop_callbacks() -> None:
   sys.unraisablehook = hook
 
 
+def _every_process(true: bool) -> bool:
+  """Whether `true` holds on every process of the run (a collective on several hosts)."""
+  if jax.process_count() == 1:
+    return true
+  from jax.experimental import multihost_utils
+  return bool(np.min(multihost_utils.process_allgather(np.int32(true))))
+
+
 class CheckpointError(RuntimeError):
   """A checkpoint could not be saved (a full disk, a lost mount): the run stops, and the newest
   complete checkpoint stays where it was."""
@@ -176,7 +184,9 @@ class Checkpointer:
     if strays:
       logging.warning('%s: %s in place of checkpoint folders, skipped', self.directory,
                       ', '.join(f'{n} is a file' for n in strays))
-    for step in reversed(self.steps()):
+    steps = self.steps()
+    for step in reversed(steps):
+      why = None
       try:
         restored = self._manager.restore(step, args=ocp.args.Composite(
             state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))
@@ -188,28 +198,38 @@ class Checkpointer:
         # Checkpoints written before the digest existed have none to check.
         if DIGEST in meta and state_digest(state) != meta[DIGEST]:
           raise ValueError('its arrays differ from the ones saved (sha256 mismatch)')
-        return state, meta
       except Exception as e:  # any failure to read means: not a usable checkpoint
         _quiet_closed_loop_callbacks()
         if out_of_memory(e):  # ... but a device too full to hold it says nothing of the files
           raise
-        moved = self._set_aside(step)
-        logging.warning('checkpoint of round %d is unreadable (%s: %s); moved to %s, %s',
-                        step, type(e).__name__,
-                        str(e).splitlines()[0][:200] if str(e) else '', moved,
-                        'falling back to the previous one' if self.steps() else
-                        'and no earlier checkpoint is left: the run starts again from round 0')
+        why = f'{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ""}'
+      # On several hosts every process must resume the same round, and the folder is moved
+      # only once none reads it: each moving it as it failed, one moved it under another's
+      # read, and the second move failed (a traceback, or orbax's syncs out of step: a hang).
+      if _every_process(why is None):
+        return state, meta
+      moved = self._set_aside(step)
+      logging.warning('checkpoint of round %d is unreadable (%s); moved to %s, %s', step,
+                      why or 'another process could not read it', moved,
+                      'falling back to the previous one' if step != steps[0] else
+                      'and no earlier checkpoint is left: the run starts again from round 0')
     return None
 
   def _set_aside(self, step: int) -> str:
-    target_dir = os.path.join(self.workdir, UNREADABLE)
-    os.makedirs(target_dir, exist_ok=True)
-    target = os.path.join(target_dir, str(step))
-    suffix = 0
-    while os.path.exists(target):
-      suffix += 1
-      target = os.path.join(target_dir, f'{step}.{suffix}')
-    shutil.move(os.path.join(self.directory, str(step)), target)
+    """Moves step's folder into UNREADABLE (process 0 alone; the others wait for it) and
+    re-reads the steps: a step still listed would stop orbax saving that round again on that
+    process alone, and the processes' checkpoint syncs would fall out of step (a hang)."""
+    target = f'{UNREADABLE} (by process 0)'
+    if jax.process_index() == 0:
+      target_dir = os.path.join(self.workdir, UNREADABLE)
+      os.makedirs(target_dir, exist_ok=True)
+      target = os.path.join(target_dir, str(step))
+      suffix = 0
+      while os.path.exists(target):
+        suffix += 1
+        target = os.path.join(target_dir, f'{step}.{suffix}')
+      shutil.move(os.path.join(self.directory, str(step)), target)
+    _every_process(True)
     # Re-reads the steps on disk. Closing and reopening the manager instead left orbax's
     # background threads printing "Event loop is closed" tracebacks.
     self._manager.reload()

@@ -255,3 +255,28 @@ def test_tpu_pod_script_starts_the_same_multihost_command_on_every_worker():
   assert p.returncode == 0 and '--spot' in p.stdout and '--accelerator-type=v4-32' in p.stdout
   p = _pod('resume')
   assert p.returncode == 2 and 'usage: launch/tpu_pod.sh' in p.stderr
+
+
+def test_both_processes_set_aside_an_unreadable_checkpoint_and_resume_from_the_one_before(
+    tmp_path):
+  """Each process restores for itself, and each moved the unreadable newest checkpoint aside:
+  the second's move found the folder gone, and that process stopped with a traceback. Process
+  0 alone moves it now; both fall back to the same round."""
+  workdir = tmp_path / 'multi'
+  procs = _two_processes(str(workdir), ['--config.num_rounds=2', '--config.checkpoint_every=1'])
+  for p in procs:
+    p.communicate(timeout=300)
+    assert p.returncode == 0, _tails(procs)
+  import shutil
+  shutil.rmtree(workdir / 'checkpoints' / '2' / 'state')
+  procs = _two_processes(str(workdir), ['--config.num_rounds=3', '--config.checkpoint_every=1'])
+  outs = []
+  for p in procs:
+    outs.append(p.communicate(timeout=200)[0])
+    assert p.returncode == 0, _tails(procs)
+  assert all('checkpoint of round 2 is unreadable' in out and 'Traceback' not in out
+             for out in outs), '\n'.join(o[-2500:] for o in outs)
+  assert os.listdir(workdir / 'unreadable_checkpoints') == ['2']
+  with open(workdir / 'summary.json') as f:
+    summary = json.load(f)
+  assert (summary['rounds'], summary['resumed_from']) == (3, 1)
