@@ -13,6 +13,7 @@ from __future__ import annotations
 import atexit
 import importlib
 import os
+import signal
 import sys
 import threading
 from typing import Callable
@@ -36,6 +37,28 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
                              num_processes=num_processes, process_id=process_id)
   _orbax_syncs_on_the_coordination_service()
   _watch_for_stopped_peers()
+  _record_sigterm()
+
+
+# SIGTERM (a preemption notice, tpu_pod.sh stop) taken before the rounds' own handler is in
+# place (train._stop_signals) or after it: the rounds read it at their first round's end.
+_early_signals: list[int] = []
+
+
+def _record_sigterm() -> None:
+  """Joining the runtime starts JAX's preemption service, whose C++ handler takes SIGTERM and
+  tells nothing that this program reads: a SIGTERM during the data load, restore or first
+  compile was lost (the run went on until killed), and one after the rounds met the default
+  action restored there, ending one host while the others waited in a collective."""
+  if threading.current_thread() is threading.main_thread():
+    signal.signal(signal.SIGTERM, lambda signum, frame: _early_signals.append(signum))
+
+
+def take_early_signals() -> list[int]:
+  """The stop signals recorded outside the rounds since the last call, oldest first."""
+  taken = list(_early_signals)
+  _early_signals.clear()
+  return taken
 
 
 # orbax's absl flag (orbax.checkpoint._src.multihost): barriers through jax.distributed's client.

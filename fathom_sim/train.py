@@ -62,7 +62,7 @@ class Diverged(Exception):
 def _stop_signals():
   """Turns SIGTERM / SIGINT (what a TPU preemption sends) into a flag read between rounds; a
   second SIGINT raises KeyboardInterrupt at once."""
-  received: list[int] = []
+  received: list[int] = distributed.take_early_signals()  # (on several hosts: before the rounds)
   if threading.current_thread() is not threading.main_thread():
     yield received
     return

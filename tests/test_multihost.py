@@ -227,6 +227,32 @@ def test_joining_a_run_moves_orbax_syncs_to_the_coordination_service():
   assert out.stdout.split()[-1] == 'True'
 
 
+_SIGTERM_CHECK = """
+import os, signal, sys, time
+from absl import flags
+flags.FLAGS(['check'])
+from fathom_sim import distributed, train
+distributed.initialize(sys.argv[1], 1, 0)
+os.kill(os.getpid(), signal.SIGTERM)
+time.sleep(0.5)
+with train._stop_signals() as received:
+  print('rounds see', received)
+os.kill(os.getpid(), signal.SIGTERM)  # after the rounds: recorded, not the default's exit
+time.sleep(0.5)
+print('after', distributed.take_early_signals())
+"""
+
+
+def test_a_sigterm_before_or_after_the_rounds_of_a_joined_run_reaches_them():
+  """JAX's preemption service, started by joining the runtime, took SIGTERM in C++ and told
+  nothing this program reads: a stop during the data load or the first compile was lost."""
+  out = subprocess.run([sys.executable, '-c', _SIGTERM_CHECK, f'localhost:{_free_port()}'],
+                       cwd=ROOT, env=dict(os.environ, JAX_PLATFORMS='cpu'),
+                       capture_output=True, text=True, timeout=120)
+  assert out.returncode == 0, out.stderr[-2000:]
+  assert out.stdout.splitlines()[-2:] == ['rounds see [15]', 'after [15]'], out.stdout
+
+
 def _pod(*args, **env):
   return subprocess.run(['bash', os.path.join(ROOT, 'launch', 'tpu_pod.sh'), *args],
                         env=dict(os.environ, DRY_RUN='1', **env), capture_output=True,
