@@ -88,15 +88,15 @@ def is_writer() -> bool:
 
 
 # ---- stopping together ------------------------------------------------------------------
-# A process that stops with an error leaves "<process>\n<its error>" under STOP_KEY in the
-# distributed runtime's key-value store; every process watches that key from a thread. The
-# others are then waiting in a round's collective for a process that is gone, where no Python
-# code of theirs runs: measured on CPU (gloo), they waited 5 minutes, until the one that failed
-# timed out in JAX's shutdown barrier, and then every process aborted with a stack dump (exit
-# 134), the failed one included.
+# A process that stops with an error leaves "<process>\n<its exit status>\n<its error>" under
+# STOP_KEY in the distributed runtime's key-value store; every process watches that key from a
+# thread. The others are then waiting in a round's collective for a process that is gone,
+# where no Python code of theirs runs: measured on CPU (gloo), they waited 5 minutes, until the
+# one that failed timed out in JAX's shutdown barrier, and then every process aborted with a
+# stack dump (exit 134), the failed one included.
 
 STOP_KEY = 'fathom_sim/stopped'
-EXIT_STOPPED = 2  # launch/cli.py's exit status for bad input, which most such errors are
+EXIT_STOPPED = 2  # launch/cli.py's exit status for bad input (a stopped peer's, if it sent none)
 _POLL_MS = 500
 _CHORES_S = 60.0  # at most this long for a stopping process's pending saves and its farewell
 
@@ -139,15 +139,17 @@ def _watch_loop() -> None:
         logging.warning('no longer watching for other processes stopping (%s)',
                         first_line(e))
       return
-    process, _, message = value.partition('\n')
+    process, _, rest = value.partition('\n')
+    status, _, message = rest.partition('\n')
     if _watch['quiet'].is_set() or process == str(me):
       return
-    _stop_this_process(process, message)
+    _stop_this_process(process, message, int(status) if status.isdigit() else EXIT_STOPPED)
 
 
-def _stop_this_process(process: str, message: str) -> None:
+def _stop_this_process(process: str, message: str, status: int) -> None:
   """Ends this process, from the watching thread, after its pending checkpoint saves finish
-  and it leaves the runtime (JAX's shutdown barrier, which the stopped process waits at)."""
+  and it leaves the runtime (JAX's shutdown barrier, which the stopped process waits at),
+  with the stopped process's exit status: a job scheduler sees one status for one failure."""
   _watch['quiet'].set()
   print(f'error: process {process} of the run stopped: {message}; this process stops too',
         file=sys.stderr, flush=True)
@@ -170,7 +172,7 @@ def _stop_this_process(process: str, message: str) -> None:
   sys.stdout.flush()
   # The main thread may be blocked in a collective that no longer completes: only an exit
   # that does not wait for it ends the process.
-  os._exit(EXIT_STOPPED)
+  os._exit(status)
 
 
 def before_stopping(chore: Callable[[], None]) -> Callable[[], None]:
@@ -186,9 +188,9 @@ def stand_down() -> None:
   _watch['quiet'].set()
 
 
-def stop_peers(message: str) -> None:
+def stop_peers(message: str, status: int = EXIT_STOPPED) -> None:
   """Tells the run's other processes that this one stops with the error `message` (its first
-  line is passed on): they stop too, saying so in one line. Call it once this process's files
+  line is passed on) and exit `status`: they stop too, saying so in one line, with that status. Call it once this process's files
   are closed (their pending checkpoint saves need the others). Does nothing in a run of one
   process, when a peer stopped first, or when this process told them already (its error
   passes through _train, then launch/cli.fail)."""
@@ -200,6 +202,6 @@ def stop_peers(message: str) -> None:
   _watch['told'] = True
   first = message.strip().splitlines()[0] if message.strip() else 'an error'
   try:
-    client.key_value_set(STOP_KEY, f'{jax.process_index()}\n{first}')
+    client.key_value_set(STOP_KEY, f'{jax.process_index()}\n{int(status)}\n{first}')
   except Exception as e:  # noqa: BLE001 - ALREADY_EXISTS: another process stopped first
     logging.info('a peer had stopped already (%s)', first_line(e))

@@ -276,8 +276,11 @@ def _train(configs: list[ml_collections.ConfigDict], workdirs: list[str], *,
     # On several hosts the others would wait for this process in a collective: they stop
     # too, naming this error. Its files are closed by now (_closed_on_error).
     input_error = isinstance(e, (ConfigError, DataError, workdir_lib.WorkdirError))
+    # The status launch/cli.py exits this process with: the others exit with it too.
+    status = (distributed.EXIT_STOPPED if input_error or isinstance(e, MemoryError) else
+              128 + signal.SIGINT if isinstance(e, KeyboardInterrupt) else 1)
     distributed.stop_peers(str(e) if input_error else
-                           f'{type(e).__name__}: {e}' if str(e) else type(e).__name__)
+                           f'{type(e).__name__}: {e}' if str(e) else type(e).__name__, status)
     raise
   finally:
     forget()

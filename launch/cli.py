@@ -41,7 +41,7 @@ def fail(message: str, status: int = EXIT_BAD_INPUT, *, tell_peers: bool = True)
   if distributed is not None and tell_peers:
     # In a run of several processes the others would wait for this one in a collective until
     # JAX's heartbeat gives up (100 s); told, they stop now, saying why. (Alone: nothing.)
-    distributed.stop_peers(message)
+    distributed.stop_peers(message, status)
   sys.exit(status)
 
 

@@ -253,6 +253,29 @@ def test_a_sigterm_before_or_after_the_rounds_of_a_joined_run_reaches_them():
   assert out.stdout.splitlines()[-2:] == ['rounds see [15]', 'after [15]'], out.stdout
 
 
+_PEER_STATUS_CHECK = """
+import sys
+from absl import flags
+flags.FLAGS(['check'])
+from fathom_sim import distributed
+distributed.initialize(sys.argv[1], 1, 0)
+from jax._src import distributed as jax_distributed
+# What process 1's stop_peers leaves when a checkpoint save fails there (launch/cli: exit 1).
+jax_distributed.global_state.client.key_value_set(distributed.STOP_KEY, '1\\n1\\ndisk full')
+distributed._watch_loop()  # as the watching thread: this process stops too
+"""
+
+
+def test_a_stopped_peer_exits_with_the_status_of_the_process_that_failed():
+  """Peers exited 2 whatever stopped the run: a scheduler that retries a failed save (exit 1)
+  but not bad input (exit 2) saw both for one failure."""
+  out = subprocess.run([sys.executable, '-c', _PEER_STATUS_CHECK, f'localhost:{_free_port()}'],
+                       cwd=ROOT, env=dict(os.environ, JAX_PLATFORMS='cpu'),
+                       capture_output=True, text=True, timeout=120)
+  assert out.returncode == 1, out.stderr[-2000:]
+  assert 'error: process 1 of the run stopped: disk full; this process stops too' in out.stderr
+
+
 def _pod(*args, **env):
   return subprocess.run(['bash', os.path.join(ROOT, 'launch', 'tpu_pod.sh'), *args],
                         env=dict(os.environ, DRY_RUN='1', **env), capture_output=True,
