@@ -101,6 +101,16 @@ def build(config: ml_collections.ConfigDict, task: Task | None = None) -> Run:
   if config.num_devices > len(jax.devices()):
     raise ConfigError(f'config.num_devices must be at most the {len(jax.devices())} devices '
                       f'present (0 = all), got {config.num_devices}')
+  if jax.process_count() > 1:
+    # Every process runs the rounds' program; one that holds no device of the mesh cannot
+    # fetch its results (they span devices it cannot address).
+    taken = jax.devices()[:config.num_devices or len(jax.devices())]
+    left = sorted(set(range(jax.process_count())) - {d.process_index for d in taken})
+    if left:
+      raise ConfigError(
+          f'config.num_devices={config.num_devices} takes the first {len(taken)} of the '
+          f'{len(jax.devices())} devices, none of process(es) {", ".join(map(str, left))}; on '
+          'several hosts every process needs devices of the run: use 0 (all devices)')
   _set_matmul_precision(config.matmul_precision)
   mesh = make_mesh(config.num_devices)
   conv = _auto_conv(config, mesh)

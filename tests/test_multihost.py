@@ -206,6 +206,15 @@ def test_a_signal_to_one_process_stops_both_after_the_same_round_and_they_resume
     np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-6)
 
 
+def test_a_mesh_that_leaves_a_process_without_devices_is_refused_in_one_line(tmp_path):
+  """num_devices=4 of 2 processes x 4 took process 0's devices only: process 1 ran a program
+  whose results it cannot fetch."""
+  needle = ('config.num_devices=4 takes the first 4 of the 8 devices, none of process(es) 1; '
+            'on several hosts every process needs devices of the run: use 0 (all devices)')
+  _each_stops_in_one_line(_two_processes(str(tmp_path / 'multi'), ['--config.num_devices=4']),
+                          [needle, needle])
+
+
 _BARRIER_CHECK = """
 import sys
 from absl import flags
