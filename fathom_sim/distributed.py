@@ -82,6 +82,24 @@ def _orbax_syncs_on_the_coordination_service() -> None:
                     ORBAX_BARRIER_FLAG)
 
 
+def differing_processes(values: dict[str, bytes]) -> dict[str, list[int]]:
+  """For each named value that some process holds otherwise than process 0 (compared by
+  sha256), those processes. A collective: every process calls it with the same names."""
+  import hashlib
+  import numpy as np
+  from jax.experimental import multihost_utils
+  if jax.process_count() == 1:
+    return {}
+  mine = np.stack([np.frombuffer(hashlib.sha256(v).digest(), np.uint8) for v in values.values()])
+  every = np.asarray(multihost_utils.process_allgather(mine))  # [process, name, 32]
+  out = {}
+  for i, name in enumerate(values):
+    others = [p for p in range(len(every)) if not np.array_equal(every[p, i], every[0, i])]
+    if others:
+      out[name] = others
+  return out
+
+
 def is_writer() -> bool:
   """True on the one process that writes the run's files (metrics, summary, config)."""
   return jax.process_index() == 0

@@ -299,6 +299,22 @@ def _run(run: Run, configs: list[ml_collections.ConfigDict], workdirs: list[str]
                run.lanes_per_device, 'on device' if run.resident else 'fed per round',
                f'; {len(configs)} seeds vectorised' if vectorized else '')
 
+  if jax.process_count() > 1:
+    # Each host reads its own config file and data: an edit on one worker, or data prepared
+    # otherwise there, would give the processes different programs (a hang) or different
+    # examples under one mesh (silently wrong numbers).
+    differ = distributed.differing_processes({
+        'config': json.dumps([workdir_lib.config_dict(cf) for cf in configs],
+                             sort_keys=True).encode(),
+        'data': b''.join(np.ascontiguousarray(a, np.int64).tobytes() for a in (
+            task.train.num_examples, task.test.num_examples, [task.num_classes]))})
+    if differ:
+      raise ConfigError(
+          'the processes of the run were given different '
+          + ' and '.join(f'{what} (process(es) {", ".join(map(str, who))} against process 0)'
+                         for what, who in differ.items())
+          + ': every host runs the same config on the same data (its sizes compared here)')
+
   states, hps = [], []
   for config, workdir in zip(configs, workdirs):
     doing['what'] = 'init'

@@ -215,6 +215,18 @@ def test_a_mesh_that_leaves_a_process_without_devices_is_refused_in_one_line(tmp
                           [needle, needle])
 
 
+def test_processes_given_different_configs_or_data_are_refused_in_one_line(tmp_path):
+  """Each host reads its own config file and data: one edited on a worker ran silently."""
+  port = _free_port()
+  procs = [_main(str(tmp_path / 'multi'), 4, [
+      f'--coordinator_address=localhost:{port}', '--num_processes=2', f'--process_id={i}',
+      f'--config.data.num_clients={60 + i}', f'--config.eta={0.1 + 0.1 * i}']) for i in range(2)]
+  needle = ('the processes of the run were given different config (process(es) 1 against '
+            'process 0) and data (process(es) 1 against process 0): every host runs the same '
+            'config on the same data')
+  _each_stops_in_one_line(procs, [needle, needle])
+
+
 _BARRIER_CHECK = """
 import sys
 from absl import flags
