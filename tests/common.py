@@ -80,13 +80,16 @@ def reference_rounds(config, task, num_rounds: int):
   ema = jax.tree.map(np.zeros_like, params)
   from fathom_sim.data.federated import sample_cohort
   out = []
+  server_step = reference.ServerStep(
+      config.server_optimizer, config.server_lr, momentum=config.server_momentum,
+      b1=config.server_b1, b2=config.server_b2, eps=config.server_eps)
   for t in range(1, num_rounds + 1):
     cohort = sample_cohort(task.train, config.seed, t, config.cohort_size)
     r = reference.reference_round(
         run.model.loss, params, phi, ema, task.train, cohort, seed=config.seed, round_index=t,
         upper=run.upper, alpha=config.alpha, eta_h=config.eta_h,
         scales=(config.eta_h0, config.eta_h1, config.eta_h2),
-        frozen=config.algorithm == 'fedavg', server_lr=config.server_lr)
+        frozen=config.algorithm == 'fedavg', server_step=server_step)
     params, phi, ema = r['params'], r['phi'], r['ema']
     out.append(r)
   return out

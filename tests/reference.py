@@ -62,10 +62,54 @@ def local_train(loss_fn, params, examples: dict, *, epochs: float, eta: float, b
   return {'delta': delta, 'h': min(cosines), 'k': k_steps, 'cosines': cosines}
 
 
+class ServerStep:
+  """The server optimizers' steps with Delta as the gradient, written from optax's documented
+  update rules (what fathom_sim/server.py names), in float64, carrying their state across
+  rounds: x <- x - lr * u, with u per optimizer."""
+
+  def __init__(self, name: str, lr: float, *, momentum: float, b1: float, b2: float,
+               eps: float):
+    self.name, self.lr, self.mu, self.b1, self.b2, self.eps = name, lr, momentum, b1, b2, eps
+    self.t, self.m, self.v = 0, None, None
+
+  def __call__(self, params, delta):
+    x, g = _flat(params), _flat(delta)
+    self.t += 1
+    if self.m is None:  # optax's initial accumulators
+      start = {'yogi': (1e-6, 1e-6), 'adagrad': (0.0, 0.1)}.get(self.name, (0.0, 0.0))
+      self.m, self.v = np.full_like(x, start[0]), np.full_like(x, start[1])
+    if self.name == 'sgd':
+      u = g
+    elif self.name == 'momentum':  # a trace, not an average: m = g + mu m
+      self.m = g + self.mu * self.m
+      u = self.m
+    elif self.name in ('adam', 'yogi'):
+      self.m = self.b1 * self.m + (1 - self.b1) * g
+      if self.name == 'adam':
+        self.v = self.b2 * self.v + (1 - self.b2) * g * g
+      else:  # Yogi: v moves towards g^2 by (1 - b2) g^2, whichever side it is on
+        self.v = self.v - (1 - self.b2) * np.sign(self.v - g * g) * g * g
+      m_hat, v_hat = self.m / (1 - self.b1 ** self.t), self.v / (1 - self.b2 ** self.t)
+      u = m_hat / (np.sqrt(v_hat) + self.eps)
+    elif self.name == 'adagrad':
+      self.v = self.v + g * g
+      u = g / np.sqrt(self.v + self.eps)
+    else:
+      raise ValueError(self.name)
+    flat = x - self.lr * u
+    out, i = [], 0
+    for leaf in jax.tree.leaves(params):
+      out.append(flat[i:i + np.size(leaf)].reshape(np.shape(leaf)))
+      i += np.size(leaf)
+    return jax.tree.unflatten(jax.tree.structure(params), out)
+
+
 def reference_round(loss_fn, params, phi: np.ndarray, ema, dataset, clients, *, seed: int,
                     round_index: int, upper, alpha: float, eta_h: float, scales,
-                    frozen: bool = False, server_lr: float = 1.0) -> dict:
-  """One round: local training, n_i-weighted aggregation, SGD server step, hyper update."""
+                    frozen: bool = False, server_lr: float = 1.0,
+                    server_step: ServerStep | None = None) -> dict:
+  """One round: local training, n_i-weighted aggregation, server step (SGD at server_lr, or
+  `server_step`), hyper update."""
   hp = np.minimum(np.exp(np.asarray(phi, np.float32)), np.asarray(upper, np.float32))
   epochs, eta, batch = (float(v) for v in hp)
   b_int = max(1, int(batch + 0.5))  # the reference's rounding: a half goes up
@@ -79,8 +123,9 @@ def reference_round(loss_fn, params, phi: np.ndarray, ema, dataset, clients, *, 
   delta = jax.tree.map(lambda *ds: sum(wi * d for wi, d in zip(w, ds)),
                        *[r['delta'] for r in results])
   h_local = float(np.dot(w, [r['h'] for r in results]))
-  new_params = jax.tree.map(lambda x, d: np.asarray(x, np.float64) - server_lr * d,
-                            params, delta)
+  new_params = (server_step(params, delta) if server_step is not None else
+                jax.tree.map(lambda x, d: np.asarray(x, np.float64) - server_lr * d,
+                             params, delta))
   h_glob = _cos(_flat(ema), _flat(delta))
   new_ema = jax.tree.map(lambda g, d: alpha * np.asarray(g, np.float64) + (1 - alpha) * d,
                          ema, delta)

@@ -98,17 +98,12 @@ def test_params_actually_change_and_stay_finite():
 
 @pytest.mark.parametrize('server_optimizer', ['momentum', 'adam', 'yogi', 'adagrad'])
 def test_server_optimizers_take_delta_as_gradient(server_optimizer):
-  # Compare against optax applied by hand to the reference's aggregated Delta.
-  import optax
-  from fathom_sim import server
-  config = tiny_config(algorithm='fedavg', server_optimizer=server_optimizer, server_lr=0.5)
+  """Three rounds against tests/reference.py's numpy server steps (optax's rules written out):
+  one round could not tell a state carried from one dropped (momentum's first step is SGD's,
+  Adam's bias correction cancels b1 and b2), nor b1 from b2."""
+  config = tiny_config(algorithm='fedavg', server_optimizer=server_optimizer, server_lr=0.5,
+                       server_b1=0.8, server_b2=0.95, server_momentum=0.7)
   task = tiny_task()
-  state, _, _ = run_rounds(config, task, 1)
-  ref = reference_rounds(tiny_config(algorithm='fedavg'), task, 1)[0]
-  opt = server.server_optimizer(server_optimizer, 0.5, momentum=config.server_momentum,
-                                b1=config.server_b1, b2=config.server_b2, eps=config.server_eps)
-  from tests.common import build, init_state
-  params0 = jax.device_get(init_state(build(config, task)).params)
-  delta = jax.tree.map(lambda d: np.asarray(d, np.float32), ref['delta'])
-  updates, _ = opt.update(delta, opt.init(params0), params0)
-  assert_trees_close(state.params, optax.apply_updates(params0, updates))
+  state, _, _ = run_rounds(config, task, 3)
+  ref = reference_rounds(config, task, 3)[-1]
+  assert_trees_close(state.params, ref['params'], rtol=1e-4, atol=1e-5)
