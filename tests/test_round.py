@@ -63,6 +63,28 @@ def test_the_cnn_with_dropout_matches_the_slow_reference_step_for_step(conv):
   assert_trees_close(state.params, ref[-1]['params'])
 
 
+def test_each_local_step_draws_its_own_dropout_masks():
+  """The test above runs one step per client, so a key that ignored the step (the same masks
+  at every step) passed it. Here clients run 3-4 steps at a small eta, so the paths stay
+  close (no ReLU unit rounds to its other side), and the round's update must match the
+  reference's to 1 % of its norm (3e-5 measured; one step's masks reused at every step: 72 %)."""
+  from fathom_sim.data import load_task
+  config = tiny_config(algorithm='fedavg', num_devices=2, cohort_size=3, eta=1e-3,
+                       epochs=0.3, batch_size=20.0)
+  config.model.name, config.model.conv = 'emnist_cnn', 'xla'
+  config.data.name, config.data.num_clients = 'femnist_synthetic', 8
+  task = load_task(config.data)
+  from tests.common import build, init_state
+  start = jax.device_get(init_state(build(config, task)).params)
+  state, history, _ = run_rounds(config, task, 1)
+  [r] = reference_rounds(config, task, 1)
+  assert max(r['num_steps']) >= 2 and list(history[0][1].num_steps) == list(r['num_steps'])
+  got = np.concatenate([np.ravel(np.asarray(a, np.float64) - np.asarray(b, np.float64))
+                        for a, b in zip(jax.tree.leaves(start), jax.tree.leaves(state.params))])
+  want = np.concatenate([np.ravel(d) for d in jax.tree.leaves(r['delta'])])
+  assert np.linalg.norm(got - want) < 0.01 * np.linalg.norm(want)
+
+
 def test_fedavg_with_an_e_float32_cannot_hold_runs_the_specs_steps():
   """E 0.2 is 0.20000000298 in float32: a client of 5 examples ran 2 steps of B 1, not
   ceil(0.2 * 5) = 1 (and so did every client whose n is a multiple of 5)."""
