@@ -87,6 +87,21 @@ def test_pack_lanes_assigns_every_client_once_and_balances(seed):
     assert max(loads) <= steps.sum() / num_lanes + steps.max()
 
 
+def test_pack_lanes_places_the_longest_client_first():
+  """The bounds above hold for clients packed in any order; the order is what balances."""
+  assert sorted(map(sorted, pack_lanes(np.array([1, 1, 2]), 2))) == [[0, 1], [2]]  # not {3, 1}
+  r = np.random.default_rng(0)
+  for _ in range(20):  # a plain re-statement: descending steps (ties by position), least
+    steps = r.integers(1, 9, size=int(r.integers(1, 25)))  # loaded lane (ties: lowest)
+    num_lanes = int(r.integers(1, 6))
+    want, loads = [[] for _ in range(num_lanes)], [0] * num_lanes
+    for i in sorted(range(len(steps)), key=lambda i: (-steps[i], i)):
+      lane = loads.index(min(loads))
+      want[lane].append(i)
+      loads[lane] += int(steps[i])
+    assert pack_lanes(steps, num_lanes) == want
+
+
 def test_the_lane_estimate_packs_as_the_plan_does():
   """longest_lane, which auto lanes estimate from, is the longest lane of the round's plan."""
   task = tiny_task()
