@@ -168,8 +168,6 @@ def test_crossing_padded_size_buckets_changes_no_result():
   assert len(set(b_ints)) >= 3, b_ints  # B really moved across sizes
   pads = {k: [plan.batch_pad for _, plan in r[1]] for k, r in runs.items()}
   assert pads[1] != pads[8]
-  steps = {k: [plan.lanes.stream.shape[1] for _, plan in r[1]] for k, r in runs.items()}
-  assert len(set(steps[2])) >= 1
   for k in (1, 8):
     assert_trees_close(runs[k][0].params, runs[2][0].params, rtol=1e-5, atol=1e-7)
     for (m, _), (m0, _) in zip(runs[k][1], runs[2][1]):

@@ -192,7 +192,7 @@ def test_metrics_that_are_not_utf8_are_one_data_error_and_are_kept(tmp_path):
   path.write_bytes(data)
   with pytest.raises(DataError, match=f'{path}: not UTF-8 text'):
     metrics.read_rows(str(path))
-  with pytest.raises(DataError):  # a resume would otherwise cut the file at the bad byte
+  with pytest.raises(DataError, match=f'{path}: not UTF-8 text'):  # a resume would cut it
     metrics.keep_rows(str(tmp_path), 1)
   assert path.read_bytes() == data and os.listdir(tmp_path) == [metrics.METRICS_FILE]
 

@@ -113,8 +113,13 @@ def test_same_result_on_1_and_8_devices_with_cohort_not_dividing_devices():
 
 
 def test_params_actually_change_and_stay_finite():
-  state, history, _ = run_rounds(tiny_config(), tiny_task(), 2)
+  from tests.common import build, init_state
+  config, task = tiny_config(), tiny_task()
+  start = jax.device_get(init_state(build(config, task)).params)
+  state, history, _ = run_rounds(config, task, 2)
   assert all(np.isfinite(x).all() for x in jax.tree.leaves(state.params))
+  assert all(np.abs(x - y).max() > 1e-4 for x, y in zip(jax.tree.leaves(state.params),
+                                                          jax.tree.leaves(start)))
   assert all(m.accepted and m.dropped_clients == 0 for m, _ in history)
   assert float(np.abs(history[1][0].h_glob)) > 0  # round 2 compares with round 1's update
 

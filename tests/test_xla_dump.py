@@ -27,9 +27,9 @@ def test_the_pallas_kernel_is_found_among_the_fusions_with_its_whole_grid():
 
 
 def test_a_dump_without_exactly_one_pallas_kernel_is_refused():
-  with pytest.raises(ValueError):
+  with pytest.raises(ValueError, match='expected one Pallas kernel .*, found 0'):
     triton_launch(THUNKS.replace('_shifted_sum_kernel', 'loop_add_fusion'))
-  with pytest.raises(ValueError):
+  with pytest.raises(ValueError, match='expected one Pallas kernel .*, found 2'):
     triton_launch(THUNKS + THUNKS)
 
 
