@@ -179,12 +179,26 @@ class Checkpointer:
     """The newest checkpoint that reads back whole; unreadable newer ones are moved aside."""
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, like)
     # orbax lists step folders only: a file in a step's place would be passed over in silence.
-    strays = sorted(n for n in os.listdir(self.directory)
+    listed = os.listdir(self.directory) if os.path.isdir(self.directory) else []  # (made by
+    strays = sorted(n for n in listed  # process 0: another's may not exist, on a wrong mount)
                     if n.isdigit() and not os.path.isdir(os.path.join(self.directory, n)))
     if strays:
       logging.warning('%s: %s in place of checkpoint folders, skipped', self.directory,
                       ', '.join(f'{n} is a file' for n in strays))
     steps = self.steps()
+    if jax.process_count() > 1:
+      # One agreement a step below, so every process must list the same steps: a host whose
+      # mount failed (an empty local folder) or lists stale ones would pair its collectives
+      # with others' and have process 0 set a readable checkpoint aside.
+      from fathom_sim import distributed
+      from fathom_sim.workdir import WorkdirError
+      differ = distributed.differing_processes({'steps': json.dumps(steps).encode()})
+      if differ:
+        raise WorkdirError(
+            f'{self.directory}: process(es) {", ".join(map(str, differ["steps"]))} list other '
+            f'checkpoints than process 0 (process {jax.process_index()} lists '
+            f'{steps or "none"}); every host must see the one workdir (a mount that failed on '
+            'one is a plain local folder there)')
     for step in reversed(steps):
       why = None
       try:
@@ -206,7 +220,17 @@ class Checkpointer:
       # On several hosts every process must resume the same round, and the folder is moved
       # only once none reads it: each moving it as it failed, one moved it under another's
       # read, and the second move failed (a traceback, or orbax's syncs out of step: a hang).
-      if _every_process(why is None):
+      try:
+        whole = _every_process(why is None)
+      except Exception as e:  # noqa: BLE001 - the collective's own error, whatever it is
+        # A read that failed on some hosts only skips orbax's closing barrier there, and the
+        # processes reach this agreement apart.
+        from fathom_sim.workdir import WorkdirError
+        raise WorkdirError(
+            f'{self.directory}: the processes could not agree whether the checkpoint of round '
+            f'{step} reads back ({why or "it read here"}; {first_line(e)}): some host sees '
+            'other files there than the others') from e
+      if whole:
         return state, meta
       moved = self._set_aside(step)
       logging.warning('checkpoint of round %d is unreadable (%s); moved to %s, %s', step,

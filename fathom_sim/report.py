@@ -277,7 +277,9 @@ def to_target(group: Group, target: float) -> dict:
   out = {'reached': len(reached), 'seeds': len(hits)}
   for key, field in (('rounds', 'round'), ('examples', 'examples'),
                      ('local_steps', 'local_steps')):
-    out[key] = mean_std([h[field] for h in reached if field in h])  # (a row may lack one)
+    # A row without the field (hand-made, older) leaves the mean unknown, not of fewer seeds.
+    values = [h[field] for h in reached if field in h]
+    out[key] = mean_std(values) if len(values) == len(reached) else (None, None)
   return out
 
 

@@ -62,7 +62,7 @@ class Diverged(Exception):
 def _stop_signals():
   """Turns SIGTERM / SIGINT (what a TPU preemption sends) into a flag read between rounds; a
   second SIGINT raises KeyboardInterrupt at once."""
-  received: list[int] = distributed.take_early_signals()  # (on several hosts: before the rounds)
+  received: list[int] = []
   if threading.current_thread() is not threading.main_thread():
     yield received
     return
@@ -77,6 +77,8 @@ def _stop_signals():
 
   for s in previous:
     signal.signal(s, on_signal)
+  # Taken once this handler is in place, so that none falls between the two.
+  received.extend(distributed.take_early_signals())  # (several hosts: before the rounds)
   try:
     yield received
   finally:
@@ -467,14 +469,15 @@ def _run(run: Run, configs: list[ml_collections.ConfigDict], workdirs: list[str]
       book.writer = metrics.MetricsWriter(book.workdir)
 
   # closing: compiles queued ahead are dropped however the loop ends, and those running waited
-  # for with the stop handlers still in place: a signal in that wait after the last round
-  # stops the run once its summary is written (by default SIGTERM killed it unsummarised),
-  # and a second Ctrl-C still ends the wait at once.
+  # for. After the last round that wait is made with the stop handlers still in place: a
+  # signal in it stops the run once its summary is written (SIGTERM killed it unsummarised),
+  # and a second Ctrl-C still ends it at once. Ended by an error, the handlers are restored
+  # first, so a signal in the wait acts at once, as before.
   finished_by = 0  # a signal that came in the last round: raised once the summary is written
   # Rejected rounds in a row, each run's, since this command started: every process sees the
   # same (the round's outputs are replicated), so all stop at the same round.
   rejected = [0] * len(books)
-  with _stop_signals() as signals, contextlib.closing(rounds):
+  with contextlib.closing(rounds), _stop_signals() as signals:
     for t in range(done + 1, c.num_rounds + 1):
       doing.update(what='round', round=t, hp=hp)
       state, m, plans = rounds(state, t, hp)

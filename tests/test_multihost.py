@@ -350,3 +350,14 @@ def test_both_processes_set_aside_an_unreadable_checkpoint_and_resume_from_the_o
   with open(workdir / 'summary.json') as f:
     summary = json.load(f)
   assert (summary['rounds'], summary['resumed_from']) == (3, 1)
+  # A host whose mount failed sees an empty folder: its collectives paired with the others'
+  # agreement, and process 0 set its readable newest checkpoint aside. Refused, nothing moved.
+  port = _free_port()
+  procs = [_main(str(workdir if i == 0 else tmp_path / 'unmounted'), 4, [
+      f'--coordinator_address=localhost:{port}', '--num_processes=2', f'--process_id={i}',
+      '--config.num_rounds=4', '--config.checkpoint_every=1']) for i in range(2)]
+  # (each says its own listing, or the other's if told first that it stopped)
+  needle = 'process(es) 1 list other checkpoints than process 0 (process '
+  _each_stops_in_one_line(procs, [needle, needle])
+  assert os.listdir(workdir / 'unreadable_checkpoints') == ['2']
+  assert sorted(os.listdir(workdir / 'checkpoints')) == ['1', '2', '3']
