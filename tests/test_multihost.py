@@ -216,9 +216,10 @@ def test_a_mesh_that_leaves_a_process_without_devices_is_refused_in_one_line(tmp
 
 
 def test_processes_given_different_configs_or_data_are_refused_in_one_line(tmp_path):
-  """Each host reads its own config file and data: one edited on a worker ran silently."""
+  """Each host reads its own config file and data: one edited on a worker ran silently. (Each
+  its own folder here: in one, process 1 may meet process 0's config.json first, refused too.)"""
   port = _free_port()
-  procs = [_main(str(tmp_path / 'multi'), 4, [
+  procs = [_main(str(tmp_path / f'multi{i}'), 4, [
       f'--coordinator_address=localhost:{port}', '--num_processes=2', f'--process_id={i}',
       f'--config.data.num_clients={60 + i}', f'--config.eta={0.1 + 0.1 * i}']) for i in range(2)]
   needle = ('the processes of the run were given different config (process(es) 1 against '
