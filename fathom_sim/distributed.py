@@ -16,6 +16,7 @@ import os
 import signal
 import sys
 import threading
+import time
 from typing import Callable
 
 import jax
@@ -119,6 +120,18 @@ _POLL_MS = 500
 _CHORES_S = 60.0  # at most this long for a stopping process's pending saves and its farewell
 
 _watch: dict = {'thread': None, 'quiet': threading.Event(), 'chores': [], 'told': False}
+# Who says why this process stops, once: its own error, or a peer's stop (the watching thread).
+# Every process meeting the same error at once (a config that differs between hosts) printed
+# both lines, its own and the peer's.
+_word: dict = {'by': None}
+_word_lock = threading.Lock()
+
+
+def _claim_word(who: str) -> bool:
+  with _word_lock:
+    if _word['by'] is None:
+      _word['by'] = who
+    return _word['by'] == who
 
 
 def _watch_for_stopped_peers() -> None:
@@ -126,6 +139,7 @@ def _watch_for_stopped_peers() -> None:
     return
   _watch['quiet'].clear()
   _watch['told'] = False
+  _word['by'] = None
   thread = threading.Thread(target=_watch_loop, name='fathom_sim-stop-watch', daemon=True)
   _watch['thread'] = thread
   thread.start()
@@ -167,8 +181,11 @@ def _watch_loop() -> None:
 def _stop_this_process(process: str, message: str, status: int) -> None:
   """Ends this process, from the watching thread, after its pending checkpoint saves finish
   and it leaves the runtime (JAX's shutdown barrier, which the stopped process waits at),
-  with the stopped process's exit status: a job scheduler sees one status for one failure."""
+  with the stopped process's exit status: a job scheduler sees one status for one failure.
+  Not where this process is already stopping with its own error, which it says."""
   _watch['quiet'].set()
+  if not _claim_word('peer'):
+    return
   print(f'error: process {process} of the run stopped: {message}; this process stops too',
         file=sys.stderr, flush=True)
 
@@ -200,19 +217,29 @@ def before_stopping(chore: Callable[[], None]) -> Callable[[], None]:
   return lambda: _watch['chores'].remove(chore) if chore in _watch['chores'] else None
 
 
-def stand_down() -> None:
+def stand_down() -> bool:
   """This process is ending by its own error: a peer's stop no longer ends it (it could cut
-  the closing of its files short)."""
+  the closing of its files short). False where a peer's stop came first: the watching thread
+  has said why this process stops, and ends it."""
   _watch['quiet'].set()
+  return _claim_word('self')
+
+
+def _await_the_watcher() -> None:
+  """Leaves the ending to the watching thread, which has printed why (within _CHORES_S)."""
+  while True:
+    time.sleep(1)
 
 
 def stop_peers(message: str, status: int = EXIT_STOPPED) -> None:
   """Tells the run's other processes that this one stops with the error `message` (its first
-  line is passed on) and exit `status`: they stop too, saying so in one line, with that status. Call it once this process's files
-  are closed (their pending checkpoint saves need the others). Does nothing in a run of one
-  process, when a peer stopped first, or when this process told them already (its error
-  passes through _train, then launch/cli.fail)."""
-  stand_down()
+  line is passed on) and exit `status`: they stop too, saying so in one line, with that
+  status. Call it once this process's files are closed (their pending checkpoint saves need
+  the others), before saying the error. Does nothing in a run of one process, or when this
+  process told them already (its error passes through _train, then launch/cli.fail). Where a
+  peer's stop came first, it does not return: that peer's line is this process's."""
+  if not stand_down():
+    _await_the_watcher()
   from jax._src import distributed as jax_distributed
   client = jax_distributed.global_state.client
   if client is None or _watch['told']:  # one process, not joined to a runtime; or told

@@ -36,12 +36,13 @@ def setup_logging() -> None:
 
 def fail(message: str, status: int = EXIT_BAD_INPUT, *, tell_peers: bool = True) -> None:
   """Ends the command with one `error:` line and `status`."""
-  print(f'error: {message}', file=sys.stderr)
   distributed = sys.modules.get('fathom_sim.distributed')  # not imported: no run started
   if distributed is not None and tell_peers:
     # In a run of several processes the others would wait for this one in a collective until
     # JAX's heartbeat gives up (100 s); told, they stop now, saying why. (Alone: nothing.)
+    # Where a peer stopped first, its line is this process's and this call does not return.
     distributed.stop_peers(message, status)
+  print(f'error: {message}', file=sys.stderr)
   sys.exit(status)
 
 
