@@ -27,6 +27,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 
+from fathom_sim import distributed
 from fathom_sim.errors import first_line
 from fathom_sim.mesh import out_of_memory
 from fathom_sim.types import ServerState
@@ -108,14 +109,6 @@ def _quiet_closed_loop_callbacks() -> None:
   sys.unraisablehook = hook
 
 
-def _every_process(true: bool) -> bool:
-  """Whether `true` holds on every process of the run (a collective on several hosts)."""
-  if jax.process_count() == 1:
-    return true
-  from jax.experimental import multihost_utils
-  return bool(np.min(multihost_utils.process_allgather(np.int32(true))))
-
-
 class CheckpointError(RuntimeError):
   """A checkpoint could not be saved (a full disk, a lost mount): the run stops, and the newest
   complete checkpoint stays where it was."""
@@ -190,7 +183,6 @@ class Checkpointer:
       # One agreement a step below, so every process must list the same steps: a host whose
       # mount failed (an empty local folder) or lists stale ones would pair its collectives
       # with others' and have process 0 set a readable checkpoint aside.
-      from fathom_sim import distributed
       from fathom_sim.workdir import WorkdirError
       differ = distributed.differing_processes({'steps': json.dumps(steps).encode()})
       if differ:
@@ -221,7 +213,7 @@ class Checkpointer:
       # only once none reads it: each moving it as it failed, one moved it under another's
       # read, and the second move failed (a traceback, or orbax's syncs out of step: a hang).
       try:
-        whole = _every_process(why is None)
+        whole = distributed.every_process(why is None)
       except Exception as e:  # noqa: BLE001 - the collective's own error, whatever it is
         # A read that failed on some hosts only skips orbax's closing barrier there, and the
         # processes reach this agreement apart.
@@ -253,7 +245,7 @@ class Checkpointer:
         suffix += 1
         target = os.path.join(target_dir, f'{step}.{suffix}')
       shutil.move(os.path.join(self.directory, str(step)), target)
-    _every_process(True)
+    distributed.every_process(True)  # (a barrier: process 0 has moved it)
     # Re-reads the steps on disk. Closing and reopening the manager instead left orbax's
     # background threads printing "Event loop is closed" tracebacks.
     self._manager.reload()

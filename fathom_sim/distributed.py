@@ -83,6 +83,15 @@ def _orbax_syncs_on_the_coordination_service() -> None:
                     ORBAX_BARRIER_FLAG)
 
 
+def every_process(true: bool) -> bool:
+  """Whether `true` holds on every process of the run (a collective on several hosts)."""
+  if jax.process_count() == 1:
+    return true
+  import numpy as np
+  from jax.experimental import multihost_utils
+  return bool(np.min(multihost_utils.process_allgather(np.int32(true))))
+
+
 def differing_processes(values: dict[str, bytes]) -> dict[str, list[int]]:
   """For each named value that some process holds otherwise than process 0 (compared by
   sha256), those processes. A collective: every process calls it with the same names."""

@@ -340,18 +340,6 @@ def _run(run: Run, configs: list[ml_collections.ConfigDict], workdirs: list[str]
     states.append(state)
     hps.append(hp)
   doing['what'] = 'init'
-  if jax.process_count() > 1:
-    # Each process restores for itself: a stale listing of the shared folder (a cached mount),
-    # or a read that failed on one host only, would have them run different rounds.
-    dones = np.asarray(multihost_utils.process_allgather(
-        np.asarray([book.done for book in books], np.int32)))
-    for i, book in enumerate(books):
-      if len(set(dones[:, i].tolist())) > 1:
-        raise workdir_lib.WorkdirError(
-            f'--workdir {book.workdir!r}: the processes resumed from different checkpoints '
-            f'(rounds {", ".join(map(str, dones[:, i].tolist()))}, by process); their '
-            'checkpoint folders differ as each host sees them. Run the same command again '
-            'once the hosts see one folder')
   for book in books:
     if book.done > c.num_rounds:  # (_train closes the books)
       raise workdir_lib.WorkdirError(
@@ -359,8 +347,8 @@ def _run(run: Run, configs: list[ml_collections.ConfigDict], workdirs: list[str]
           f'config.num_rounds must be at least that, got {c.num_rounds}')
   kept = [_summary_of_finished(book, c.num_rounds) for book in books]
   finished = all(summary is not None for summary in kept)
-  if jax.process_count() > 1:  # all return, or all go on (to the evaluation's collectives)
-    finished = bool(np.min(multihost_utils.process_allgather(np.int32(finished))))
+  # All return, or all go on (to the evaluation's collectives).
+  finished = distributed.every_process(finished)
   if finished:
     # Nothing to run: its files stay as the run left them (a summary rewritten here would lose
     # the run's own compiles, wall_s and resumed_from).
