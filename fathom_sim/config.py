@@ -17,13 +17,13 @@ import ml_collections
 
 from fathom_sim import fathom, models, server
 from fathom_sim.data import DATASETS
-from fathom_sim.errors import MOUNT_HINT, is_url
+from fathom_sim.errors import MOUNT_HINT, InputError, is_url
 
 ALGORITHMS = ('fathom', 'fedavg')
 MATMUL_PRECISIONS = ('auto', 'default', 'high', 'highest')
 
 
-class ConfigError(ValueError):
+class ConfigError(InputError):
   """A config field out of range or of the wrong type."""
 
 

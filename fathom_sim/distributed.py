@@ -22,7 +22,7 @@ from typing import Callable
 import jax
 from absl import flags, logging
 
-from fathom_sim.errors import first_line
+from fathom_sim.errors import EXIT_BAD_INPUT, first_line
 
 
 def initialize(coordinator_address: str | None = None, num_processes: int | None = None,
@@ -124,7 +124,6 @@ def is_writer() -> bool:
 # stack dump (exit 134), the failed one included.
 
 STOP_KEY = 'fathom_sim/stopped'
-EXIT_STOPPED = 2  # launch/cli.py's exit status for bad input (a stopped peer's, if it sent none)
 _POLL_MS = 500
 _CHORES_S = 60.0  # at most this long for a stopping process's pending saves and its farewell
 
@@ -184,7 +183,7 @@ def _watch_loop() -> None:
     status, _, message = rest.partition('\n')
     if _watch['quiet'].is_set() or process == str(me):
       return
-    _stop_this_process(process, message, int(status) if status.isdigit() else EXIT_STOPPED)
+    _stop_this_process(process, message, int(status) if status.isdigit() else EXIT_BAD_INPUT)
 
 
 def _stop_this_process(process: str, message: str, status: int) -> None:
@@ -240,7 +239,7 @@ def _await_the_watcher() -> None:
     time.sleep(1)
 
 
-def stop_peers(message: str, status: int = EXIT_STOPPED) -> None:
+def stop_peers(message: str, status: int = EXIT_BAD_INPUT) -> None:
   """Tells the run's other processes that this one stops with the error `message` (its first
   line is passed on) and exit `status`: they stop too, saying so in one line, with that
   status. Call it once this process's files are closed (their pending checkpoint saves need

@@ -1,9 +1,36 @@
-"""Shared wording of errors: other code's errors in one line of ours, and paths we refuse."""
+"""Shared wording of errors: other code's errors in one line of ours, paths we refuse, and the
+exit status each kind of error ends a command with."""
 
 from __future__ import annotations
 
 import os
 import re
+import signal
+
+EXIT_FAILED = 1  # anything else: a checkpoint that cannot be written, a library's error, a bug
+EXIT_BAD_INPUT = 2  # the config, data or workdir given, or more memory than the host holds
+EXIT_DIVERGED = 3  # the run stopped itself: config.max_rejected_rounds rejected in a row
+
+
+class InputError(ValueError):
+  """The input is at fault (a config, data, a workdir): the command ends with one line naming
+  it and EXIT_BAD_INPUT; a sweep marks the run failed and goes on."""
+
+
+def exit_status(error: BaseException) -> int:
+  """The status a command ends with for `error`, in one place for launch/cli.py and for the
+  peers of a multi-host run (which exit with the failing process's status): an error's own
+  `exit_status` where it has one (a diverged run, a run stopped by a signal), EXIT_BAD_INPUT
+  for bad input and a host out of memory, 128 + SIGINT for a second Ctrl-C (the shell's
+  convention), EXIT_FAILED otherwise."""
+  own = getattr(error, 'exit_status', None)
+  if isinstance(own, int):
+    return own
+  if isinstance(error, (InputError, MemoryError)):
+    return EXIT_BAD_INPUT
+  if isinstance(error, KeyboardInterrupt):
+    return 128 + signal.SIGINT
+  return EXIT_FAILED
 
 
 def first_line(error: BaseException, limit: int = 200) -> str:

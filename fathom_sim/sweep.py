@@ -23,7 +23,7 @@ from typing import Callable
 import ml_collections
 
 from fathom_sim import metrics
-from fathom_sim.errors import file_for_folder
+from fathom_sim.errors import InputError, file_for_folder
 from fathom_sim.config import (ConfigError, call_user_file, check_config, unknown_field,
                                unread_fields)
 
@@ -377,7 +377,7 @@ def _run_all(sweep: SweepDef, out: str, runs: list[RunSpec], sweep_file: str, *,
       pending.extendleft([i] for i in reversed(again))
       save()
       continue
-    except (ConfigError, DataError, workdir_lib.WorkdirError) as e:
+    except InputError as e:  # a config's, the data's or a workdir's
       seeds_own = isinstance(e, (train_lib.OutOfMemory, workdir_lib.WorkdirError)) or (
           isinstance(e, DataError) and not isinstance(e, DatasetError))
       if len(batch) > 1 and seeds_own:

@@ -27,9 +27,9 @@ from fathom_sim import compile_cache, distributed, fathom, metrics, provenance, 
 from fathom_sim import workdir as workdir_lib
 from fathom_sim.checkpoint import CHECKPOINTS, Checkpointer
 from fathom_sim.config import ConfigError
-from fathom_sim.data import DataError
 from fathom_sim.data.federated import sample_clients
 from fathom_sim.driver import Rounds
+from fathom_sim.errors import EXIT_DIVERGED, InputError, exit_status
 from fathom_sim.evaluation import make_evaluator
 from fathom_sim.mesh import out_of_memory, put, replicated
 from fathom_sim.run import Run, build, init_state, matmul_precision
@@ -47,11 +47,14 @@ class Preempted(Exception):
   def __init__(self, signum: int, round_index: int):
     super().__init__(f'stopped by signal {signum} after round {round_index} (checkpointed)')
     self.signum = signum
+    self.exit_status = 128 + signum  # the shell's convention for "ended by this signal"
 
 
 class Diverged(Exception):
   """config.max_rejected_rounds rounds in a row were rejected (for every seed of the program):
   the run stopped after checkpointing the last. `workdirs`: the runs that stopped."""
+
+  exit_status = EXIT_DIVERGED
 
   def __init__(self, workdirs: list[str], message: str):
     super().__init__(message)
@@ -276,13 +279,11 @@ def _train(configs: list[ml_collections.ConfigDict], workdirs: list[str], *,
     raise
   except BaseException as e:
     # On several hosts the others would wait for this process in a collective: they stop
-    # too, naming this error. Its files are closed by now (_closed_on_error).
-    input_error = isinstance(e, (ConfigError, DataError, workdir_lib.WorkdirError))
-    # The status launch/cli.py exits this process with: the others exit with it too.
-    status = (distributed.EXIT_STOPPED if input_error or isinstance(e, MemoryError) else
-              128 + signal.SIGINT if isinstance(e, KeyboardInterrupt) else 1)
-    distributed.stop_peers(str(e) if input_error else
-                           f'{type(e).__name__}: {e}' if str(e) else type(e).__name__, status)
+    # too, naming this error, with the exit status launch/cli.py ends this process with. Its
+    # files are closed by now (_closed_on_error).
+    distributed.stop_peers(str(e) if isinstance(e, InputError) else
+                           f'{type(e).__name__}: {e}' if str(e) else type(e).__name__,
+                           exit_status(e))
     raise
   finally:
     forget()

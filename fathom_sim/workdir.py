@@ -19,14 +19,14 @@ from absl import logging
 from fathom_sim import distributed, metrics
 from fathom_sim.checkpoint import CHECKPOINTS, UNREADABLE
 from fathom_sim.config import base_config, check_config, unread_paths
-from fathom_sim.errors import MOUNT_HINT, file_for_folder, is_url
+from fathom_sim.errors import MOUNT_HINT, InputError, file_for_folder, is_url
 from fathom_sim.sweep import INDEX_FILE
 
 CONFIG_FILE = 'config.json'
 LOCK_FILE = '.lock'  # held by the process that writes the run's files, while it runs
 
 
-class WorkdirError(ValueError):
+class WorkdirError(InputError):
   """The workdir cannot be used; nothing in it was changed."""
 
 

@@ -6,14 +6,12 @@ import functools
 import logging as pylogging
 import os
 import re
-import signal
 import sys
 from typing import Callable
 
 from absl import flags, logging
 
-EXIT_BAD_INPUT = 2
-EXIT_DIVERGED = 3  # the run stopped itself: config.max_rejected_rounds rejected in a row
+from fathom_sim.errors import EXIT_BAD_INPUT, InputError, exit_status
 
 
 # Libraries whose INFO lines are chatter in a progress log: orbax's, one per save, and JAX's
@@ -191,28 +189,24 @@ def no_arguments(argv: list[str]) -> None:
 
 
 def run_or_exit(job: Callable[[], object]) -> None:
-  """Runs the job; input errors (config, data, workdir) become one line and exit status 2;
-  a run that diverged for good (train.Diverged) one line and exit status 3; a run stopped by
-  SIGTERM/SIGINT (after checkpointing) exits with 128 + the signal number."""
-  from fathom_sim.config import ConfigError
-  from fathom_sim.data import DataError
+  """Runs the job; input errors (config, data, workdir), a run that diverged for good
+  (train.Diverged) and a checkpoint that cannot be written become one line; a run stopped by
+  SIGTERM/SIGINT (after checkpointing) ends without one. The exit status is
+  errors.exit_status's."""
   from fathom_sim.checkpoint import CheckpointError
   from fathom_sim.train import Diverged, Preempted
-  from fathom_sim.workdir import WorkdirError
   try:
     job()
-  except (ConfigError, DataError, WorkdirError) as e:
-    fail(str(e))
+  except (InputError, CheckpointError) as e:
+    fail(str(e), exit_status(e))
   except Diverged as e:  # every process stopped at the same round: no peer to tell
-    fail(str(e), EXIT_DIVERGED, tell_peers=False)
-  except CheckpointError as e:  # not the input's fault: exit status 1
-    fail(str(e), 1)
-  except KeyboardInterrupt:  # a second Ctrl-C (train._stop_signals): the files are closed
+    fail(str(e), exit_status(e), tell_peers=False)
+  except KeyboardInterrupt as e:  # a second Ctrl-C (train._stop_signals): the files are closed
     fail('stopped by a second Ctrl-C; the same command resumes the run from its last '
-         'checkpoint', 128 + signal.SIGINT)
+         'checkpoint', exit_status(e))
   except Preempted as e:
-    sys.exit(128 + e.signum)  # the shell's convention for "ended by this signal"
+    sys.exit(exit_status(e))
   except MemoryError as e:  # numpy's, before any round (rounds say theirs as OutOfMemory)
     fail(f'the host ran out of memory making the run ({e}); the config asks for more than this '
          'machine holds: lower the sizes it sets (data.num_clients, data.max_examples, '
-         'model widths)')
+         'model widths)', exit_status(e))

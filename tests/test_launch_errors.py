@@ -37,6 +37,25 @@ def _sweep_returning(value: str) -> str:
   return f'def get_sweep():\n  return {value}\n'
 
 
+# ---- exit statuses ------------------------------------------------------------------------
+
+def test_each_kind_of_error_has_the_exit_status_the_readme_gives():
+  """errors.exit_status, which launch/cli.py ends a command with and a multi-host run's peers
+  exit with: 2 for bad input (an out-of-memory config included), 3 for a diverged run, 128 +
+  the signal for a stopped one, 1 for a failed save and anything else."""
+  from fathom_sim.checkpoint import CheckpointError
+  from fathom_sim.errors import exit_status
+  from fathom_sim.train import Diverged, OutOfMemory, Preempted
+  from fathom_sim.workdir import WorkdirError
+  statuses = {ConfigError('c'): 2, DataError('d'): 2, WorkdirError('w'): 2,
+              OutOfMemory('o'): 2, MemoryError(): 2, Diverged(['r'], 'x'): 3,
+              Preempted(15, 4): 143, Preempted(2, 4): 130, KeyboardInterrupt(): 130,
+              CheckpointError('s'): 1, RuntimeError('r'): 1, ValueError('v'): 1}
+  assert {type(e).__name__ + str(getattr(e, 'signum', '')): exit_status(e)
+          for e in statuses} == {type(e).__name__ + str(getattr(e, 'signum', '')): status
+                                 for e, status in statuses.items()}
+
+
 # ---- launch/sweep.py ----------------------------------------------------------------------
 
 @pytest.mark.parametrize('text,needle', [

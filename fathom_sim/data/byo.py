@@ -15,9 +15,10 @@ import zipfile
 import numpy as np
 
 from fathom_sim.data.federated import ArrayClientDataset, Task
+from fathom_sim.errors import InputError
 
 
-class DataError(ValueError):
+class DataError(InputError):
   """Unusable data; the message names the file and what is accepted."""
 
 
