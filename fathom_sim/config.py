@@ -194,11 +194,11 @@ def _number(c, field: str, *, low: float | None = None, low_open: bool = False,
   below = low is not None and (value <= low if low_open else value < low)
   above = high is not None and (value >= high if high_open else value > high)
   if below or above:
-    lo = '' if low is None else ('(' if low_open else '[') + f'{low:g}'
-    hi = '' if high is None else f'{high:g}' + (')' if high_open else ']')
+    lo = '' if low is None else ('(' if low_open else '[') + _bound(low)
+    hi = '' if high is None else _bound(high) + (')' if high_open else ']')
     rng = (f'in {lo}, {hi}' if low is not None and high is not None
-           else f'> {low:g}' if low_open else f'>= {low:g}' if low is not None
-           else f'< {high:g}' if high_open else f'<= {high:g}')
+           else f'> {_bound(low)}' if low_open else f'>= {_bound(low)}' if low is not None
+           else f'< {_bound(high)}' if high_open else f'<= {_bound(high)}')
     _fail(field, rng, value)
   if float32 and value != 0 and not _FLOAT32_TINY <= abs(value) <= _FLOAT32_MAX:
     _fail(field, f'0 or between {_FLOAT32_TINY:.3g} and {_FLOAT32_MAX:.3g} in size (float32\'s '
@@ -251,6 +251,12 @@ def _check_fields(c: ml_collections.ConfigDict) -> None:
   for path in sorted(expected - given):
     raise ConfigError(f'config.{path} is missing: a config starts from base_config() '
                       '(fathom_sim/config.py) and overrides its fields')
+
+
+def _bound(x: float) -> str:
+  """A range's end as the message shows it: an integer whole (2147483647, which :g rounds to
+  2.14748e+09), a float short."""
+  return str(x) if isinstance(x, int) else f'{x:g}'
 
 
 def check_config(c: ml_collections.ConfigDict) -> None:

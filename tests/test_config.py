@@ -34,7 +34,8 @@ def test_base_config_and_quickstart_are_valid():
     ('epochs', 0.0, 'config.epochs must be > 0'),
     ('num_rounds', 0, 'config.num_rounds must be >= 1'),
     ('cohort_size', 0, 'config.cohort_size must be >= 1'),
-    ('seed', -1, 'config.seed'),
+    ('seed', -1, 'config.seed must be in [0, 2147483647], got -1'),  # the bound exact, not :g's
+    ('seed', 2**31, 'config.seed must be in [0, 2147483647]'),
     ('alpha', 1.0, 'config.alpha must be in [0, 1)'),
     ('eta_h', -0.01, 'config.eta_h must be >= 0'),
     ('upper_eta', 0.0, 'config.upper_eta must be > 0'),
