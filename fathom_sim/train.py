@@ -246,7 +246,8 @@ class _Book:
     return {'round': t, 'hp': [float(v) for v in hp], 'total_examples': self.meta['total_examples'],
             'total_steps': self.meta['total_steps'], 'computed': self.meta['computed'],
             'wall_s': time.time() - self.start, 'config': workdir_lib.config_dict(self.config),
-            'simulators': self.meta['simulators']}
+            'simulators': self.meta['simulators'],
+            'rejected_in_a_row': self.meta.get('rejected_in_a_row', 0)}
 
 
 def _seed(tree, s: int | None):
@@ -463,9 +464,11 @@ def _run(run: Run, configs: list[ml_collections.ConfigDict], workdirs: list[str]
   # and a second Ctrl-C still ends it at once. Ended by an error, the handlers are restored
   # first, so a signal in the wait acts at once, as before.
   finished_by = 0  # a signal that came in the last round: raised once the summary is written
-  # Rejected rounds in a row, each run's, since this command started: every process sees the
-  # same (the round's outputs are replicated), so all stop at the same round.
-  rejected = [0] * len(books)
+  # Rejected rounds in a row, each run's, counted on from its checkpoint (a resumed run stops
+  # where an uninterrupted one does; a checkpoint from before the count was kept has none):
+  # every process sees the same (the round's outputs are replicated), so all stop at the
+  # same round.
+  rejected = [int(book.meta.get('rejected_in_a_row', 0)) for book in books]
   with contextlib.closing(rounds), _stop_signals() as signals:
     for t in range(done + 1, c.num_rounds + 1):
       doing.update(what='round', round=t, hp=hp)
@@ -475,6 +478,7 @@ def _run(run: Run, configs: list[ml_collections.ConfigDict], workdirs: list[str]
       accepted_all = np.asarray(m.accepted)
       for i, s in enumerate(seeds):
         rejected[i] = 0 if bool(_seed(accepted_all, s)) else rejected[i] + 1
+        books[i].meta['rejected_in_a_row'] = rejected[i]
       # (A run whose last round completes the count has run every round: it finishes.)
       diverged = (bool(c.max_rejected_rounds) and min(rejected) >= c.max_rejected_rounds
                   and t < c.num_rounds)

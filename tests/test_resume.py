@@ -545,6 +545,22 @@ def test_a_run_stops_after_max_rejected_rounds_in_a_row(tmp_path, seed, rounds, 
     assert summary['rounds'] == 12 and summary['resumed_from'] == stops_at
 
 
+def test_the_count_of_rejected_rounds_carries_over_a_resume(tmp_path):
+  """Stopped within a streak of rejected rounds and resumed, a run stops where the
+  uninterrupted one does (seed 3: 'aaRaRRR' stops at round 7): the checkpoint keeps the
+  count. (Counted from the resume, it went on past round 7, halving eta again.)"""
+  from fathom_sim.train import Diverged
+  data, workdir = str(tmp_path / 'data'), str(tmp_path / 'run')
+  _npz_with_bad_clients(data, bad=[0, 1])
+  config = _npz_config(data, cohort_size=1, num_rounds=6, seed=3, algorithm='fedavg',
+                       max_rejected_rounds=3)
+  train_and_evaluate(config, workdir)  # rounds 5 and 6 rejected
+  config.num_rounds = 12
+  with pytest.raises(Diverged, match=r'^rounds 5..7 were all rejected'):
+    train_and_evaluate(config, workdir)
+  assert ''.join('a' if r['accepted'] else 'R' for r in read_rows(workdir)) == 'aaRaRRR'
+
+
 def test_a_diverged_run_is_one_line_and_exit_3(tmp_path):
   from tests.test_cli import launch
   data = str(tmp_path / 'data')
