@@ -12,6 +12,7 @@ import numpy as np
 import optax
 
 from fathom_sim import conv_kernels, lstm
+from fathom_sim.rng import INIT_LEAVES
 from fathom_sim.types import Batch, Params
 
 MODELS = ('logistic', 'mlp', 'emnist_cnn', 'stackoverflow_lstm', 'lstm')
@@ -347,8 +348,9 @@ def fedjax_init(params: Params, rng: jax.Array) -> Params:
   cell = params.get(LSTM_CELL)
   lstm_fan_in = (cell['ii']['kernel'].shape[0] + cell['hi']['kernel'].shape[0]
                  if cell is not None else None)
-  # Split, not fold_in(rng, index): a round's keys are fold_ins of small integers too.
-  keys = jax.random.split(rng, len(leaves))
+  # Under a stream of their own: split(key, n)[i] is fold_in(key, i) (threefry, partitionable),
+  # and the init key is a round's too (rng.init_key), whose streams are small integers.
+  keys = jax.random.split(jax.random.fold_in(rng, INIT_LEAVES), len(leaves))
   out = []
   for index, (path, leaf) in enumerate(leaves):
     names = [getattr(k, 'key', None) for k in path]

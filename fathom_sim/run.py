@@ -405,8 +405,7 @@ def _check_addressable(n_max: int, epochs: float, batch_size: float, e_field: st
 def init_state(run: Run) -> ServerState:
   """Round 0: fresh model from the seed, optimizer states, phi = log of the initial values."""
   c = run.config
-  params = run.model.init(jax.random.fold_in(rng.base_key(c.seed), 0x1417),
-                          _first_examples(run.task, 1))
+  params = run.model.init(rng.init_key(c.seed), _first_examples(run.task, 1))
   state = ServerState(params=params, opt_state=run.server_opt.init(params),
                       hyper=run.tuner.init(params, (c.epochs, c.eta, c.batch_size)),
                       round=jnp.int32(0), rng=rng.base_key(c.seed))

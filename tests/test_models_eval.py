@@ -410,6 +410,24 @@ def test_a_run_with_fedjax_init_starts_from_its_draws():
   assert np.abs(np.asarray(flax['Dense_1']['kernel'])).max() > 2 / np.sqrt(32)  # uncut
 
 
+def test_fedjax_init_draws_no_kernel_a_round_draws_from():
+  """The init key is also round 5143's root (rng.init_key), and split(key, n)[i] equals
+  fold_in(key, i): drawn with split(init key) itself, a leaf took a round's stream key (the
+  second leaf, the TRAIN stream's). No kernel equals a draw from any of that round's keys."""
+  from fathom_sim import rng
+  model = get_model('mlp', num_classes=10, hidden=(8,), init='fedjax')
+  batch = {'x': np.zeros((2, 6), np.float32), 'y': np.zeros(2, np.int32)}
+  seed = 7
+  params = model.init(rng.init_key(seed), batch)
+  assert rng.init_key(seed).tolist() == jax.random.fold_in(rng.base_key(seed), 5143).tolist()
+  for layer in ('Dense_0', 'Dense_1'):
+    w = np.asarray(params[layer]['kernel'])
+    for stream in range(8):
+      key = rng.round_key(rng.base_key(seed), 5143, stream)
+      again = np.asarray(jax.random.truncated_normal(key, -2.0, 2.0, w.shape, w.dtype))
+      assert not np.allclose(w / w.std(), again / again.std()), (layer, stream)
+
+
 def test_fedjax_init_of_the_lstm_takes_fan_in_f_plus_h_and_keeps_the_forget_bias():
   num_ids, (e, h, d) = 5000, (32, 64, 16)
   x = np.zeros((2, 5), np.int32)
