@@ -266,6 +266,20 @@ def test_result_changing_config_is_refused_and_more_rounds_continue(tmp_path):
       read_rows(str(tmp_path / 'straight')))
 
 
+@pytest.mark.parametrize('path', [{'local_loop': 'host'}, {'data_on_device': 'no'},
+                                  {'lanes_per_device': 2, 'algorithm': 'fedavg'}])
+def test_a_run_resumed_equals_an_uninterrupted_one_on_each_execution_path(tmp_path, path):
+  """The host-driven local loop, the training set read per round (the prefetcher's buffers),
+  lanes side by side: a run resumed from its checkpoint of round 10 ends where one run of
+  20 rounds does, row for row. (The killed-run tests take the quickstart's own path.)"""
+  workdir, straight = str(tmp_path / 'run'), str(tmp_path / 'straight')
+  train_and_evaluate(_tiny(num_rounds=10, **path), workdir)
+  resumed = train_and_evaluate(_tiny(num_rounds=20, **path), workdir)
+  assert resumed['resumed_from'] == 10
+  assert resumed['final'] == train_and_evaluate(_tiny(num_rounds=20, **path), straight)['final']
+  assert _without_timing(read_rows(workdir)) == _without_timing(read_rows(straight))
+
+
 def test_a_finished_run_taken_further_keeps_no_evaluation_an_uninterrupted_run_lacks(tmp_path):
   workdir = str(tmp_path / 'run')
   short = train_and_evaluate(_tiny(num_rounds=7), workdir)  # round 7 is evaluated as the last
