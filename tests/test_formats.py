@@ -7,6 +7,7 @@ against themselves.
 
 import json
 import os
+import re
 import sqlite3
 import zlib
 
@@ -161,6 +162,20 @@ def test_fedjax_emnist_reads_back_exactly(tmp_path):
                      'task'):
     prepare(str(digits), str(tmp_path / 'out_digits'), fmt='fedjax_sqlite', task='emnist')
   assert not os.path.exists(tmp_path / 'out_digits')
+
+
+@pytest.mark.parametrize('fmt', ['fedjax_sqlite', 'leaf_json'])
+def test_a_split_without_clients_is_one_data_error_and_leaves_nothing(tmp_path, fmt):
+  """An empty test table (FedJAX) or users list (LEAF) reached TFDS's metadata writer, whose
+  ValueError named no file and went out as a traceback."""
+  train = emnist_clients(1, [3, 7])
+  if fmt == 'fedjax_sqlite':
+    write_fedjax_emnist(tmp_path / 'src', train, {})
+  else:
+    _write_leaf(tmp_path / 'src', {'train': train, 'test': {}})
+  with pytest.raises(DataError, match=f"^{re.escape(str(tmp_path / 'src'))}: its test split holds no clients"):
+    prepare(str(tmp_path / 'src'), str(tmp_path / 'out'), fmt=fmt, task='emnist')
+  assert sorted(os.listdir(tmp_path)) == ['src']  # neither --out nor its scratch folder
 
 
 def test_a_record_that_disagrees_with_the_index_is_named(tmp_path):

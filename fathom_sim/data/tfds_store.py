@@ -127,6 +127,10 @@ def write(out: str, splits: dict[str, Iterable[tuple[str, dict]]],
     infos = []
     for split, clients in splits.items():
       info, ids, counts = _write_split(folder, split, features, clients)
+      if not ids:  # TFDS's metadata writer refused it with a traceback naming no file
+        raise DataError(f'{meta.get("source", "the source")}: its {split} split holds no '
+                        'clients; a prepared dataset needs clients in each split it has '
+                        f'(nothing was written to --out {out!r})')
       infos.append(info)
       np.savez(os.path.join(partial, f'clients-{split}.npz'), client_ids=np.array(ids, dtype=str),
                num_examples=np.array(counts, np.int64))
