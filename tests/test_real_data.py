@@ -372,8 +372,8 @@ def test_a_damaged_record_file_is_a_data_error_naming_the_record(tmp_path, damag
     os.truncate(shards[0], 1000)
   else:
     os.remove(shards[0])
-  with pytest.raises(DataError, match=r'record \d of split train cannot be read .* prepare the '
-                     'dataset again'):
+  with pytest.raises(DataError, match=r'record \d of split train \(client f\w+\) cannot be '
+                     r'read .* prepare the dataset again'):
     for i in range(len(task.train.client_ids)):
       task.train.client(i)
 

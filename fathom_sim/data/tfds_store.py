@@ -210,9 +210,11 @@ class PreparedClientDataset:
     try:
       record = self._source[int(index)]
     except (RuntimeError, OSError, ValueError) as e:  # array_record's errors for a bad shard
-      raise DataError(f'{self.data_dir}: record {index} of split {self.split} cannot be read '
-                      f'({first_line(e)}); the files under {BUILDER_DIR} are damaged or missing, '
-                      'prepare the dataset again') from None
+      whose = (f' (client {self._ids[int(index)]})' if 0 <= int(index) < len(self._ids)
+               else '')
+      raise DataError(f'{self.data_dir}: record {index} of split {self.split}{whose} cannot be '
+                      f'read ({first_line(e)}); the files under {BUILDER_DIR} are damaged or '
+                      'missing, prepare the dataset again') from None
     cid = record['client_id']
     cid = cid.decode('utf-8') if isinstance(cid, bytes) else str(cid)
     if cid != self._ids[index]:
