@@ -317,6 +317,18 @@ def test_stream_is_sized_ahead_for_the_largest_client_within_a_bound(resident):
   assert planner.plan(np.array([0, 1, 2, 8]), 2, 1.0, 5.0).lanes.stream.shape[1] >= 200
 
 
+def test_a_lane_past_int32_example_indices_is_refused_before_any_stream_is_made():
+  """Each of three clients of 10^6 examples at E 1000, B 1 fits int32's indices alone (10^9
+  < 2^31, what run.py checks), but one lane holding all three reads 3 * 10^9: the device's
+  int32 step * B_int would wrap and a step read another client's rows."""
+  from fathom_sim.config import ConfigError
+  planner = Planner(_sized_dataset([10**6] * 3), 3, 1, 0, resident=True, exact_batch=True)
+  with pytest.raises(ConfigError, match=r'^config.epochs=1000, config.batch_size=1: a lane of '
+                     r'this cohort reads 3000000000 example indices in the round, past the 2\^31'):
+    planner.plan(np.arange(3), 1, 1000.0, 1.0)
+  assert planner.stream_pad == 0  # refused before the 12 GB stream was sized, or made
+
+
 def _lanes_plan(lane_steps, batch_pad, batch_size=3):
   """A plan with only what computed_steps and useful_fraction read (one client a lane)."""
   from fathom_sim.types import CohortPlan

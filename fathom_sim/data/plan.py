@@ -61,6 +61,19 @@ def neighbour_buckets(batch_pad: int, per_octave: int, *, min_batch_pad: int,
 STREAM_LOOKAHEAD = 4
 
 
+def _check_indices(need: int, epochs: float, batch_size: float) -> None:
+  """Refuses a cohort whose longest lane reads `need` example indices or more than int32 holds:
+  the device computes a step's start as step * B_int in int32, which would wrap, and a step
+  would then read another client's rows without a word. (run.py checks the largest client
+  alone before the run; a lane joins several.)"""
+  if need >= 2**31:
+    from fathom_sim.config import ConfigError  # (config imports the data package)
+    raise ConfigError(f'config.epochs={epochs:g}, config.batch_size={batch_size:g}: a lane of '
+                      f'this cohort reads {need} example indices in the round, past the 2^31 '
+                      'a round can address; lower E or raise B, or spread the cohort over '
+                      'more lanes (config.lanes_per_device, devices)')
+
+
 def grow(current: int, needed: int) -> int:
   """A padded length that only grows: `current` while it suffices, else 1.5x `needed` rounded
   up to a power of two (headroom, so that the next cohorts' small variations do not each cost a
@@ -205,6 +218,7 @@ class Planner:
       batch_pad = bucket(batch_pad, self.batch_per_octave)
     lanes = pack_lanes(num_steps, self.num_lanes)
     steps_per_lane = lane_steps(num_steps, lanes)
+    _check_indices(int(steps_per_lane.max()) * b_int + batch_pad - b_int, epochs, batch_size)
     self.stream_pad = self._stream_length(self.stream_pad, int(steps_per_lane.max()), b_int,
                                           batch_pad, epochs, batch_size)
     per = self.lanes_per_buffer
