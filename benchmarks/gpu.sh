@@ -97,19 +97,41 @@ out="${2:?$usage}"
 dtype="${COMPUTE_DTYPE:-float32}"
 conv="${CONV:-auto}"
 py="${PYTHON:-python3}"
+# A mistyped part ends here, before the install spends device time.
+case "$part" in
+  fathom|sweep|profile|loops|chunks|dtypes|convs|lanes|kernels|ncu|gemm|update|brief) ;;
+  *) echo "benchmarks/gpu.sh: unknown part '$part'; $usage" >&2
+     exit 2 ;;
+esac
 mkdir -p "$out"
+# BUDGET (seconds; 390 for brief, none for the other parts): later timeouts are cut to what is
+# left of it, so that a slow step leaves time to pack the files inside the call's own limit
+# (420 s for brief).
+[ "$part" = brief ] && BUDGET="${BUDGET:-390}"
+deadline=$((SECONDS + ${BUDGET:-1000000}))
+within() {  # the smaller of $1 seconds and what is left of BUDGET (at least 1)
+  local left=$((deadline - SECONDS))
+  if (( left >= $1 )); then echo "$1"; elif (( left > 1 )); then echo "$left"; else echo 1; fi
+}
 if compgen -G ".whl/*.whl" > /dev/null; then
   "$py" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
       --target /tmp/site .whl/*.whl
   export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
+else
+  echo "no .whl/*.whl: the image's own packages are used (ml_collections is not among them)"
 fi
 export PYTHONUNBUFFERED=1
+# Stops at once, saying why in env.txt, where a package is missing or JAX found no GPU (it
+# falls back to the CPU without a word, and every row would then run out its time).
 {
   date -u
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null \
       || echo 'no nvidia-smi'
-  "$py" -c 'import jax, flax, optax; print("jax", jax.__version__, "flax", flax.__version__,
-"optax", optax.__version__, jax.devices())'
+  "$py" -c 'import os, jax, flax, optax, ml_collections, orbax.checkpoint, fathom_sim.run
+print("jax", jax.__version__, "flax", flax.__version__, "optax", optax.__version__,
+      jax.devices())
+if jax.default_backend() != "gpu" and os.environ.get("JAX_PLATFORMS") != "cpu":
+  raise SystemExit(f"error: JAX runs on {jax.default_backend()}, not a GPU")' 2>&1
 } | tee "$out/env.txt"
 
 # One timed row of the CNN or LSTM (5 rounds after 2, the training set on the GPU), with the
@@ -118,11 +140,15 @@ export PYTHONUNBUFFERED=1
 row() {
   local name="$1" key="$2" tag="$3"
   shift 3
-  ${ROW_TIMEOUT:+timeout "$ROW_TIMEOUT"} "$py" launch/benchmark.py --rounds=5 --warmup=2 \
+  local limit="${ROW_TIMEOUT:-}"
+  [ -n "$limit" ] && limit="$(within "$limit")"
+  # The table's row and the lines said under it (a measured round that compiled; an error).
+  ${limit:+timeout "$limit"} "$py" launch/benchmark.py --rounds=5 --warmup=2 \
       --in_memory=True "$@" \
       --json="$out/${name}_$key.json" 2>&1 \
-      | grep -v '^[IW][0-9]' | tail -n 1 | sed "s/\$/  ($tag)/" \
-      | tee -a "$out/$name.txt" || echo "benchmark.py $name $key: exit $?"
+      | grep -E '^(cnn|lstm|mlp) |^  \(|^error' | sed "s/\$/  ($tag)/" \
+      | tee -a "$out/$name.txt" \
+      || echo "benchmark.py $name $key: exit $?" | tee -a "$out/$name.txt"
 }
 
 # A device call returns at most 8 files: NAME's rows' JSON leave as one archive, NAME_json.tgz
@@ -144,17 +170,22 @@ step_form=(--steps=40 --clients_per_lane=4 --repeats=5 --compute_dtype="$dtype"
            --conv="$step_conv")
 traced_step() {
   local lanes_list="$1" chunks="$2" forms="$3" limit="$4" lanes form
-  timeout "$limit" "$py" benchmarks/lane_step.py --lanes="$lanes_list" --chunks="$chunks" \
-      "${step_form[@]}" --trace_dir="$out/trace" 2>&1 | grep -v '^[IW][0-9]' \
-      | tee "$out/lane_step.txt" || echo "lane_step.py: exit $?"
+  timeout "$(within "$limit")" "$py" benchmarks/lane_step.py --lanes="$lanes_list" \
+      --chunks="$chunks" "${step_form[@]}" --trace_dir="$out/trace" 2>&1 \
+      | grep -v '^[IW][0-9]' | tee "$out/lane_step.txt" || echo "lane_step.py: exit $?"
+  # Packed before the summaries, so that a call cut short still brings the traces back: under
+  # 16 MiB (what a call returns) with the raw XPlane files, else without them.
+  (cd "$out" && [ -d trace ] && tar -czf trace.tgz trace \
+      && { [ "$(stat -c %s trace.tgz)" -lt $((15 << 20)) ] \
+           || tar -czf trace.tgz --exclude='*.xplane.pb' trace; }) || true
   for lanes in $(echo "$lanes_list" | tr ',' ' '); do
     for form in $forms; do
       [ -d "$out/trace/${form}_L$lanes" ] || { echo "no trace of ${form}_L$lanes"; continue; }
-      timeout 30 "$py" benchmarks/trace_ops.py "$out/trace/${form}_L$lanes" --calls=3 --top=30 \
-          || echo "trace_ops.py ${form}_L$lanes: exit $?"
+      timeout "$(within 30)" "$py" benchmarks/trace_ops.py "$out/trace/${form}_L$lanes" \
+          --calls=3 --top=30 || echo "trace_ops.py ${form}_L$lanes: exit $?"
     done
   done 2>&1 | tee "$out/trace_ops.txt"
-  (cd "$out" && [ -d trace ] && tar -czf trace.tgz trace && rm -rf trace) || true
+  rm -rf "$out/trace"
 }
 
 case "$part" in
@@ -375,7 +406,7 @@ EOF
     # Why: a session now has 15 minutes of device time, a machine's start included, and the
     # parts above take 4-10 min each; this one asks the three questions the next call should
     # answer first, in ~5 min on an H200 by estimate (rows ~30 s each, docs/benchmarks.md
-    # "Tenth session"; the trace untimed there), so that a second try still fits. A step that
+    # "Tenth session"; the trace untimed there), within BUDGET (390 s). A step that
     # fails or runs out of its time says so and the next one runs.
     # 1. The open target, cohort 200 <= 4x cohort 10 a round (CNN), on auto's lanes.
     # 2. The LSTM's step since fathom_sim/lstm.py (its backward written out, gates padded to
@@ -383,7 +414,7 @@ EOF
     #    layer); at 10 lanes for the line's slope ("Nineteenth session").
     # 3. Where the CNN's round step spends its device time at cohort 10's and cohort 200's
     #    lanes, by kernel with each kernel's bytes ("Fourteenth session"; never run).
-    export ROW_TIMEOUT="${ROW_TIMEOUT:-75}"  # with 150 s and 4 x 30 s below: < 10 min at worst
+    export ROW_TIMEOUT="${ROW_TIMEOUT:-75}"  # each timeout below is also cut to BUDGET's rest
     for cohort in $(echo "${COHORTS:-10,200}" | tr ',' ' '); do
       row brief "cnn_$cohort" "cnn, auto's lanes" --tasks=cnn --cohort_sizes="$cohort" \
           --compute_dtype="$dtype" --conv="$conv"
@@ -418,6 +449,4 @@ EOF
     "$py" benchmarks/kernel_ptx.py --tiles="${TILE:-64x4x2x2}" --dtypes=float32,bfloat16 2>&1 \
         | grep -v '^[IW][0-9]' | tee "$out/kernel_ptx.txt" || echo "kernel_ptx.py: exit $?"
     ;;
-  *) echo "benchmarks/gpu.sh: unknown part '$part'; $usage" >&2
-     exit 2 ;;
 esac
