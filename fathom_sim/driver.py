@@ -16,7 +16,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from fathom_sim import fathom
 from fathom_sim.compile_ahead import CompileAhead
-from fathom_sim.data import DataError
+from fathom_sim.errors import InputError
 from fathom_sim.data.federated import ArrayClientDataset, Prefetcher, sample_cohorts
 from fathom_sim.data.plan import Planner, SeedPlanners, neighbour_buckets
 from fathom_sim.mesh import CLIENTS, by_client, local_rows, put, replicated
@@ -148,10 +148,11 @@ class Rounds:
           # after round t has returned its state.
           self.planner.restore_padded_lengths(lengths)
           if not self._ahead_warned:  # once: a lasting cause would repeat every round
-            # Bad data is reported in one line when round t+1 meets it; anything else is
-            # unexpected here, and its traceback is what explains it.
+            # Bad input (data, or a cohort past the round's indices) is reported in one line
+            # when round t+1 meets it; anything else is unexpected here, and its traceback is
+            # what explains it.
             logging.warning('planning round %d ahead failed (%s: %s); it plans on time',
-                            t + 1, type(e).__name__, e, exc_info=not isinstance(e, DataError))
+                            t + 1, type(e).__name__, e, exc_info=not isinstance(e, InputError))
           self._ahead_warned = True
           self.replanned += 1  # round t+1 will plan on time
     ahead_end = time.perf_counter()
