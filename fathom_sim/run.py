@@ -20,7 +20,7 @@ from fathom_sim import fathom, models, rng, server
 from fathom_sim.config import ConfigError, check_config
 from fathom_sim.data import DataError, DatasetError, Task, load_task
 from fathom_sim.data.federated import ArrayClientDataset
-from fathom_sim.data.plan import fewest_lanes
+from fathom_sim.data.plan import MAX_INDICES, fewest_lanes
 from fathom_sim.errors import first_line
 from fathom_sim.mesh import make_mesh, put, replicated
 from fathom_sim.types import ServerState
@@ -394,7 +394,7 @@ def _check_addressable(n_max: int, epochs: float, batch_size: float, e_field: st
   """B_int for (E, B); refuses them when the largest client's round would take 2^31 example
   indices or more."""
   b_int, (steps,) = fathom.integer_schedule(epochs, batch_size, [n_max])
-  if int(steps) * b_int >= 2**31:
+  if int(steps) * b_int >= MAX_INDICES:
     raise ConfigError(f'config.{e_field}={epochs:g}, config.{b_field}={batch_size:g}: {why}the '
                       f'largest client ({n_max} examples) would take {int(steps)} local steps '
                       f'of {b_int} examples in a round, past the 2^31 example indices a round '

@@ -317,16 +317,23 @@ def test_stream_is_sized_ahead_for_the_largest_client_within_a_bound(resident):
   assert planner.plan(np.array([0, 1, 2, 8]), 2, 1.0, 5.0).lanes.stream.shape[1] >= 200
 
 
-def test_a_lane_past_int32_example_indices_is_refused_before_any_stream_is_made():
-  """Each of three clients of 10^6 examples at E 1000, B 1 fits int32's indices alone (10^9
-  < 2^31, what run.py checks), but one lane holding all three reads 3 * 10^9: the device's
-  int32 step * B_int would wrap and a step read another client's rows."""
+def test_a_lane_past_the_example_indices_a_round_addresses_is_refused(monkeypatch):
+  """Each client fits the limit alone (what run.py checks before the run), but a lane that
+  joins them reads past it: the device's int32 step * B_int would wrap (at 2^31; here the
+  limit is lowered, so that a planner without the check fails, not fills the host's memory)."""
   from fathom_sim.config import ConfigError
-  planner = Planner(_sized_dataset([10**6] * 3), 3, 1, 0, resident=True, exact_batch=True)
-  with pytest.raises(ConfigError, match=r'^config.epochs=1000, config.batch_size=1: a lane of '
-                     r'this cohort reads 3000000000 example indices in the round, past the 2\^31'):
-    planner.plan(np.arange(3), 1, 1000.0, 1.0)
-  assert planner.stream_pad == 0  # refused before the 12 GB stream was sized, or made
+  from fathom_sim.data import plan as plan_lib
+  monkeypatch.setattr(plan_lib, 'MAX_INDICES', 1000)
+  sizes = [400] * 3
+  planner = Planner(_sized_dataset(sizes), 3, 1, 0, resident=True, exact_batch=True)
+  with pytest.raises(ConfigError, match=r'^E=1, B=1: a lane of this cohort reads 1200 example '
+                     r'indices in the round, past the 1000 a round can address'):
+    planner.plan(np.arange(3), 1, 1.0, 1.0)
+  assert planner.stream_pad == 0  # refused before the stream was sized
+  # A lane a client: within the limit, and the stream's padding stays under it.
+  plan = Planner(_sized_dataset(sizes), 3, 3, 0, resident=True, exact_batch=True).plan(
+      np.arange(3), 1, 1.0, 1.0)
+  assert 400 <= plan.lanes.stream.shape[1] < 1000
 
 
 def _lanes_plan(lane_steps, batch_pad, batch_size=3):

@@ -59,19 +59,22 @@ def neighbour_buckets(batch_pad: int, per_octave: int, *, min_batch_pad: int,
 # The index stream is sized ahead for the dataset's largest client up to this many times what
 # the cohort at hand needs (an outlier client must not make every round's stream huge).
 STREAM_LOOKAHEAD = 4
+# Example indices a lane's round may address: the device computes a step's start as
+# step * B_int in int32, which wraps past this, and a step would then read another client's
+# rows without a word. (run.py checks the largest client against it before the run.)
+MAX_INDICES = 2**31
 
 
 def _check_indices(need: int, epochs: float, batch_size: float) -> None:
-  """Refuses a cohort whose longest lane reads `need` example indices or more than int32 holds:
-  the device computes a step's start as step * B_int in int32, which would wrap, and a step
-  would then read another client's rows without a word. (run.py checks the largest client
-  alone before the run; a lane joins several.)"""
-  if need >= 2**31:
+  """Refuses a cohort whose longest lane reads `need` example indices, or more, than a round
+  can address (a lane joins several clients)."""
+  if need >= MAX_INDICES:
     from fathom_sim.config import ConfigError  # (config imports the data package)
-    raise ConfigError(f'config.epochs={epochs:g}, config.batch_size={batch_size:g}: a lane of '
-                      f'this cohort reads {need} example indices in the round, past the 2^31 '
-                      'a round can address; lower E or raise B, or spread the cohort over '
-                      'more lanes (config.lanes_per_device, devices)')
+    raise ConfigError(f'E={epochs:g}, B={batch_size:g}: a lane of this cohort reads {need} '
+                      f'example indices in the round, past the {MAX_INDICES} a round can '
+                      'address; lower E (config.epochs, and for FATHOM config.upper_epochs) '
+                      'or raise B (config.batch_size), or spread the cohort over more lanes '
+                      '(config.lanes_per_device, devices)')
 
 
 def grow(current: int, needed: int) -> int:
@@ -192,7 +195,9 @@ class Planner:
     need = longest_lane * b_int + slack
     _, (largest_steps,) = fathom.integer_schedule(epochs, batch_size, [self._largest_client])
     largest = int(largest_steps) * b_int + slack
-    return grow(current, max(need, min(largest, STREAM_LOOKAHEAD * need)))
+    # (Past MAX_INDICES only by its padding, which no step reads: _check_indices bounds need.)
+    return min(grow(current, max(need, min(largest, STREAM_LOOKAHEAD * need))),
+               max(current, need, MAX_INDICES - 1))
 
   def padded_lengths_on_time(self, plan: CohortPlan, epochs: float, batch_size: float,
                              before: tuple) -> tuple:
