@@ -108,6 +108,10 @@ mkdir -p "$out"
 # left of it, so that a slow step leaves time to pack the files inside the call's own limit
 # (420 s for brief).
 [ "$part" = brief ] && BUDGET="${BUDGET:-390}"
+for limit in ROW_TIMEOUT PROFILE_TIMEOUT BUDGET; do  # `within` compares whole seconds
+  [[ "${!limit:-0}" =~ ^[0-9]+$ ]] \
+      || { echo "benchmarks/gpu.sh: $limit must be whole seconds, got '${!limit}'" >&2; exit 2; }
+done
 deadline=$((SECONDS + ${BUDGET:-1000000}))
 within() {  # the smaller of $1 seconds and what is left of BUDGET (at least 1)
   local left=$((deadline - SECONDS))
@@ -138,17 +142,18 @@ if jax.default_backend() != "gpu" and os.environ.get("JAX_PLATFORMS") != "cpu":
 # flags given: its printed line, tagged, appended to $out/NAME.txt, its JSON to
 # $out/NAME_KEY.json. A failure is said and the part goes on (device time is scarce).
 row() {
-  local name="$1" key="$2" tag="$3"
+  local name="$1" key="$2" tag="$3" limit="${ROW_TIMEOUT:-}" log status=0
   shift 3
-  local limit="${ROW_TIMEOUT:-}"
   [ -n "$limit" ] && limit="$(within "$limit")"
-  # The table's row and the lines said under it (a measured round that compiled; an error).
+  log="$(mktemp)"
   ${limit:+timeout "$limit"} "$py" launch/benchmark.py --rounds=5 --warmup=2 \
-      --in_memory=True "$@" \
-      --json="$out/${name}_$key.json" 2>&1 \
-      | grep -E '^(cnn|lstm|mlp) |^  \(|^error' | sed "s/\$/  ($tag)/" \
-      | tee -a "$out/$name.txt" \
-      || echo "benchmark.py $name $key: exit $?" | tee -a "$out/$name.txt"
+      --in_memory=True "$@" --json="$out/${name}_$key.json" > "$log" 2>&1 || status=$?
+  # The table's row and the lines said under it (a measured round that compiled; an error);
+  # with none, the output's last lines (a traceback's exception) say why.
+  { grep -E '^(cnn|lstm|mlp) |^  \(|^error' "$log" || tail -n 3 "$log"; } \
+      | sed "s/\$/  ($tag)/" | tee -a "$out/$name.txt"
+  [ "$status" = 0 ] || echo "benchmark.py $name $key: exit $status" | tee -a "$out/$name.txt"
+  rm -f "$log"
 }
 
 # A device call returns at most 8 files: NAME's rows' JSON leave as one archive, NAME_json.tgz
@@ -161,8 +166,9 @@ pack() {
 # The CNN's round step at LANES (comma-separated) by lane_step.py, its forms traced (the loop
 # checked every N steps as well for each N in CHUNKS), each trace in FORMS summed by kernel
 # with its bytes (trace_ops.txt), and the traces left as one archive (a device call returns at
-# most 8 files, none in deep folders; trace.tgz stays behind if too large, trace_ops.txt has
-# their summary). lane_step.py runs under LIMIT seconds, each summary under 30.
+# most 8 files, none in deep folders, each under 16 MiB: past 15 MiB trace.tgz leaves out the
+# raw XPlane files, and trace_ops.txt has their summary). lane_step.py runs under LIMIT
+# seconds, each summary under 30, both cut to what is left of BUDGET.
 # lane_step.py has no 'auto': the matmul form, auto's choice on a GPU.
 step_conv="$conv"
 [ "$step_conv" = auto ] && step_conv=matmul
