@@ -170,6 +170,7 @@ class Checkpointer:
 
   def restore_newest(self, like: ServerState) -> tuple[ServerState, dict] | None:
     """The newest checkpoint that reads back whole; unreadable newer ones are moved aside."""
+    from fathom_sim.workdir import WorkdirError  # (workdir imports this module)
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, like)
     # orbax lists step folders only: a file in a step's place would be passed over in silence.
     listed = os.listdir(self.directory) if os.path.isdir(self.directory) else []  # (made by
@@ -183,7 +184,6 @@ class Checkpointer:
       # One agreement a step below, so every process must list the same steps: a host whose
       # mount failed (an empty local folder) or lists stale ones would pair its collectives
       # with others' and have process 0 set a readable checkpoint aside.
-      from fathom_sim.workdir import WorkdirError
       differ = distributed.differing_processes({'steps': json.dumps(steps).encode()})
       if differ:
         raise WorkdirError(
@@ -217,7 +217,6 @@ class Checkpointer:
       except Exception as e:  # noqa: BLE001 - the collective's own error, whatever it is
         # A read that failed on some hosts only skips orbax's closing barrier there, and the
         # processes reach this agreement apart.
-        from fathom_sim.workdir import WorkdirError
         raise WorkdirError(
             f'{self.directory}: the processes could not agree whether the checkpoint of round '
             f'{step} reads back ({why or "it read here"}; {first_line(e)}): some host sees '

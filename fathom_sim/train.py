@@ -247,7 +247,7 @@ class _Book:
             'total_steps': self.meta['total_steps'], 'computed': self.meta['computed'],
             'wall_s': time.time() - self.start, 'config': workdir_lib.config_dict(self.config),
             'simulators': self.meta['simulators'],
-            'rejected_in_a_row': self.meta.get('rejected_in_a_row', 0)}
+            'rejected_in_a_row': self.meta['rejected_in_a_row']}
 
 
 def _seed(tree, s: int | None):
@@ -464,11 +464,12 @@ def _run(run: Run, configs: list[ml_collections.ConfigDict], workdirs: list[str]
   # and a second Ctrl-C still ends it at once. Ended by an error, the handlers are restored
   # first, so a signal in the wait acts at once, as before.
   finished_by = 0  # a signal that came in the last round: raised once the summary is written
-  # Rejected rounds in a row, each run's, counted on from its checkpoint (a resumed run stops
-  # where an uninterrupted one does; a checkpoint from before the count was kept has none):
-  # every process sees the same (the round's outputs are replicated), so all stop at the
-  # same round.
-  rejected = [int(book.meta.get('rejected_in_a_row', 0)) for book in books]
+  # Rejected rounds in a row, each run's, in its meta: counted on from its checkpoint (a
+  # resumed run stops where an uninterrupted one does; a checkpoint from before the count was
+  # kept has none). Every process sees the same (the round's outputs are replicated), so all
+  # stop at the same round.
+  for book in books:
+    book.meta.setdefault('rejected_in_a_row', 0)
   with contextlib.closing(rounds), _stop_signals() as signals:
     for t in range(done + 1, c.num_rounds + 1):
       doing.update(what='round', round=t, hp=hp)
@@ -476,12 +477,12 @@ def _run(run: Run, configs: list[ml_collections.ConfigDict], workdirs: list[str]
       stop = _agreed_stop(signals)
       used_all, hp = np.asarray(m.hparams), np.asarray(m.next_hparams)
       accepted_all = np.asarray(m.accepted)
-      for i, s in enumerate(seeds):
-        rejected[i] = 0 if bool(_seed(accepted_all, s)) else rejected[i] + 1
-        books[i].meta['rejected_in_a_row'] = rejected[i]
+      for s, book in zip(seeds, books):
+        in_a_row = book.meta['rejected_in_a_row']
+        book.meta['rejected_in_a_row'] = 0 if bool(_seed(accepted_all, s)) else in_a_row + 1
       # (A run whose last round completes the count has run every round: it finishes.)
-      diverged = (bool(c.max_rejected_rounds) and min(rejected) >= c.max_rejected_rounds
-                  and t < c.num_rounds)
+      diverged = (bool(c.max_rejected_rounds) and t < c.num_rounds and min(
+          b.meta['rejected_in_a_row'] for b in books) >= c.max_rejected_rounds)
       for s, book in zip(seeds, books):
         ms, plan = _seed(m, s), plans if s is None else plans[s]
         used, meta = _seed(used_all, s), book.meta

@@ -195,9 +195,9 @@ class Planner:
     need = longest_lane * b_int + slack
     _, (largest_steps,) = fathom.integer_schedule(epochs, batch_size, [self._largest_client])
     largest = int(largest_steps) * b_int + slack
-    # (Past MAX_INDICES only by its padding, which no step reads: _check_indices bounds need.)
+    # Never padded to MAX_INDICES: _check_indices keeps need (and so `current`) below it.
     return min(grow(current, max(need, min(largest, STREAM_LOOKAHEAD * need))),
-               max(current, need, MAX_INDICES - 1))
+               MAX_INDICES - 1)
 
   def padded_lengths_on_time(self, plan: CohortPlan, epochs: float, batch_size: float,
                              before: tuple) -> tuple:
