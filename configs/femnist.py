@@ -14,8 +14,9 @@ def get_config():
   c.cohort_size = 10
   c.eval_every = 5
   # Periodic evaluations on sampled test clients, the full test set at the end (spec): all
-  # 3,400 writers' 77.5k examples forward every 5 rounds is ~2.5x those rounds' training
-  # (~10k examples forward and backward). A tenth, as the claim sweeps and gpu.sh sample.
+  # 3,400 writers' 77.5k examples forward every 5 rounds is ~2.5x the work of those rounds'
+  # ~10k examples forward and backward (counting examples, a forward pass a third of a step;
+  # not timed). A tenth, as the claim sweeps and gpu.sh sample.
   c.eval_clients = 340
   c.server_optimizer = 'sgd'
   c.server_lr = 1.0
