@@ -27,7 +27,7 @@ from fathom_sim import compile_cache, distributed, fathom, metrics, provenance, 
 from fathom_sim import workdir as workdir_lib
 from fathom_sim.checkpoint import CHECKPOINTS, Checkpointer
 from fathom_sim.config import ConfigError
-from fathom_sim.data.federated import sample_clients
+from fathom_sim.data.federated import fingerprint, sample_clients
 from fathom_sim.driver import Rounds
 from fathom_sim.errors import EXIT_DIVERGED, InputError, exit_status
 from fathom_sim.evaluation import make_evaluator
@@ -247,7 +247,16 @@ class _Book:
             'total_steps': self.meta['total_steps'], 'computed': self.meta['computed'],
             'wall_s': time.time() - self.start, 'config': workdir_lib.config_dict(self.config),
             'simulators': self.meta['simulators'],
-            'rejected_in_a_row': self.meta['rejected_in_a_row']}
+            'rejected_in_a_row': self.meta['rejected_in_a_row'], 'data': self.meta['data']}
+
+
+def _data_named(config: ml_collections.ConfigDict) -> str:
+  """How the config names its data, for messages: config.data's name and folder or file."""
+  named = [f'data.name={config.data.name}']
+  for field in ('data_dir', 'path'):
+    if config.data.get(field):
+      named.append(f'data.{field}={config.data.get(field)}')
+  return ', '.join(named)
 
 
 def _seed(tree, s: int | None):
@@ -303,6 +312,7 @@ def _run(run: Run, configs: list[ml_collections.ConfigDict], workdirs: list[str]
                run.lanes_per_device, 'on device' if run.resident else 'fed per round',
                f'; {len(configs)} seeds vectorised' if vectorized else '')
 
+  data_id = fingerprint(task)
   if jax.process_count() > 1:
     # Each host reads its own config file and data: an edit on one worker, or data prepared
     # otherwise there, would give the processes different programs (a hang) or different
@@ -310,14 +320,14 @@ def _run(run: Run, configs: list[ml_collections.ConfigDict], workdirs: list[str]
     differ = distributed.differing_processes({
         'config': json.dumps([workdir_lib.config_dict(cf) for cf in configs],
                              sort_keys=True).encode(),
-        'data': b''.join(np.ascontiguousarray(a, np.int64).tobytes() for a in (
-            task.train.num_examples, task.test.num_examples, [task.num_classes]))})
+        'data': data_id.encode()})
     if differ:
       raise ConfigError(
           'the processes of the run were given different '
           + ' and '.join(f'{what} (process(es) {", ".join(map(str, who))} against process 0)'
                          for what, who in differ.items())
-          + ': every host runs the same config on the same data (its sizes compared here)')
+          + ': every host runs the same config on the same data (its clients, their sizes '
+          'and a prepared dataset\'s format and vocabulary compared here)')
 
   states, hps = [], []
   for config, workdir in zip(configs, workdirs):
@@ -337,7 +347,19 @@ def _run(run: Run, configs: list[ml_collections.ConfigDict], workdirs: list[str]
     else:
       state, meta = restored
       done, hp = int(meta['round']), np.asarray(meta['hp'], np.float32)
+      # The config names the data, not what its folder holds now: data prepared again from
+      # other files would silently make the resumed rounds another run's. (A checkpoint from
+      # before the fingerprint was kept is taken as it is.)
+      if meta.setdefault('data', data_id) != data_id:
+        checkpointer.close()
+        raise workdir_lib.WorkdirError(
+            f'--workdir {workdir!r} holds a run trained on other data than this command '
+            f'gives it ({_data_named(config)}): the clients, their example counts, or a '
+            f'prepared dataset\'s format or vocabulary differ (data fingerprint '
+            f'{meta["data"]}, now {data_id}); resume it on the data it was trained on, or '
+            'use another workdir')
       logging.info('%s: resuming from the checkpoint of round %d', workdir, done)
+    meta.setdefault('data', data_id)
     books.append(_Book(config, workdir, checkpointer, done, meta, cache_hits=cache_hits))
     states.append(state)
     hps.append(hp)

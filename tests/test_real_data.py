@@ -1,6 +1,7 @@
 """Real samples convert and train; bad files are refused with one clear error; the Stack
 Overflow model's masking and metrics; the configs of the paper's tasks."""
 
+import glob
 import json
 import os
 import shutil
@@ -17,11 +18,13 @@ import pytest
 from fathom_sim import models
 from fathom_sim.config import ConfigError, check_config
 from fathom_sim.data import DataError, load_task
+from fathom_sim.data.federated import ArrayClientDataset, Task, fingerprint
 from fathom_sim.data.prepare import prepare
 from fathom_sim.data.prepared import load_prepared
 from fathom_sim.evaluation import make_evaluator
 from fathom_sim.mesh import make_mesh
 from fathom_sim.train import train_and_evaluate
+from fathom_sim.workdir import WorkdirError
 from tests.test_formats import (_ext_array, _tf_example, emnist_clients,
                                 write_fedjax_emnist, write_tff)
 
@@ -56,6 +59,61 @@ def test_real_femnist_leaf_sample_converts_and_trains(tmp_path):
   summary = train_and_evaluate(config, str(tmp_path / 'run'))
   assert summary['final']['test_examples'] == 89
   assert np.isfinite(summary['final']['test_loss']) and summary['total_local_steps'] > 0
+
+
+def test_a_run_resumed_on_data_prepared_again_from_other_files_is_refused(tmp_path):
+  """The config names a folder, not what it holds: data prepared there again from other files
+  would make the resumed rounds another run's. The same files prepared again are the same
+  data, and the run goes on."""
+  data, workdir = str(tmp_path / 'femnist'), str(tmp_path / 'run')
+  leaf = os.path.join(DATA, 'femnist_leaf_sample')
+  prepare(leaf, data, fmt='leaf_json', task='emnist')
+  config = _load_config('femnist')
+  config.data.data_dir = data
+  config.num_rounds, config.cohort_size, config.eval_every, config.checkpoint_every = 2, 2, 2, 1
+  train_and_evaluate(config, workdir)
+  shutil.rmtree(data)
+  prepare(leaf, data, fmt='leaf_json', task='emnist')
+  config.num_rounds = 3
+  assert train_and_evaluate(config, workdir)['rounds'] == 3
+
+  shutil.rmtree(data)
+  prepare(_fedjax_dir(tmp_path), data, fmt='fedjax_sqlite', task='emnist')
+  before = {p: open(p, 'rb').read() for p in glob.glob(os.path.join(workdir, '**'),
+                                                       recursive=True) if os.path.isfile(p)}
+  config.num_rounds = 4
+  with pytest.raises(WorkdirError, match='trained on other data') as e:
+    train_and_evaluate(config, workdir)
+  assert f'data.data_dir={data}' in str(e.value) and 'use another workdir' in str(e.value)
+  after = {p: open(p, 'rb').read() for p in glob.glob(os.path.join(workdir, '**'),
+                                                      recursive=True) if os.path.isfile(p)}
+  assert after == before
+
+
+def test_the_data_fingerprint_follows_clients_sizes_classes_and_a_prepared_vocabulary(
+    tmp_path):
+  clients = [{'x': np.zeros((n, 2), np.float32), 'y': np.zeros(n, np.int32)} for n in (3, 5)]
+
+  def task(ids=('a', 'b'), counts=(3, 5), num_classes=4):
+    train = ArrayClientDataset.from_clients(
+        ids, [{k: np.zeros((n, *v.shape[1:]), v.dtype) for k, v in clients[0].items()}
+              for n in counts])
+    return Task('npz', train, ArrayClientDataset.from_clients(['t'], clients[:1]), num_classes)
+
+  base = fingerprint(task())
+  assert fingerprint(task()) == base  # the same data: the same digest
+  for changed in (task(ids=('a', 'c')), task(counts=(3, 6)), task(counts=(5, 3)),
+                  task(num_classes=5)):
+    assert fingerprint(changed) != base
+  # A prepared Stack Overflow dataset's vocabulary decides its tokens: it is part of it.
+  data = str(tmp_path / 'beer')
+  prepare(os.path.join(DATA, 'beer.stackexchange.Posts.xml'), data, fmt='stackexchange_xml',
+          task='stackoverflow', vocab_size=50)
+  prepared = load_prepared('stackoverflow', data)
+  first = fingerprint(prepared)
+  with open(os.path.join(data, 'vocab.txt'), 'a', encoding='utf-8') as f:
+    f.write('another\n')
+  assert fingerprint(load_prepared('stackoverflow', data)) != first
 
 
 def test_real_posts_xml_converts_and_trains(tmp_path):

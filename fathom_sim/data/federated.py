@@ -11,6 +11,8 @@ import collections
 import concurrent.futures
 import dataclasses
 import functools
+import hashlib
+import json
 import os
 from typing import Callable, Iterator, NamedTuple, Protocol, Sequence
 
@@ -101,6 +103,10 @@ class _Over:
   def num_examples(self) -> np.ndarray:
     return self.dataset.num_examples
 
+  @property
+  def identity(self):
+    return getattr(self.dataset, 'identity', None)
+
 
 @dataclasses.dataclass(frozen=True)
 class MappedClientDataset(_Over):
@@ -155,6 +161,19 @@ class Prefetcher(_Over):
     `fetch` raises."""
     self._pending = {}
     self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+def fingerprint(task: Task) -> str:
+  """A digest of the data a run trains and evaluates on: the task's name and classes, each
+  split's client ids and example counts in order, and what a dataset says decides its examples
+  beyond them (a prepared one's format and vocabulary: its `identity`). It does not read the
+  examples: data prepared again from the same files has the same fingerprint."""
+  digest = hashlib.sha256(json.dumps([task.name, int(task.num_classes)]).encode())
+  for split in (task.train, task.test):
+    digest.update(json.dumps([[str(i) for i in split.client_ids],
+                              np.asarray(split.num_examples, np.int64).tolist(),
+                              getattr(split, 'identity', None)], sort_keys=True).encode())
+  return digest.hexdigest()[:16]
 
 
 def read_workers() -> int:

@@ -21,6 +21,7 @@ past 1 GB per split, spills through `tf.io.gfile`, which needs TensorFlow.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -201,6 +202,18 @@ class PreparedClientDataset:
   @property
   def client_ids(self) -> np.ndarray:
     return self._ids
+
+  @property
+  def identity(self) -> dict:
+    """What decides the examples beyond the clients' ids and sizes (federated.fingerprint):
+    meta.json's fields but the paths it was prepared from, and the vocabulary's digest."""
+    meta = read_meta(self.data_dir)
+    identity = {k: v for k, v in meta.items() if k not in ('source', 'vocab_source')}
+    vocab = os.path.join(self.data_dir, 'vocab.txt')
+    if os.path.exists(vocab):
+      with open(vocab, 'rb') as f:
+        identity['vocab_sha256'] = hashlib.sha256(f.read()).hexdigest()
+    return identity
 
   @property
   def num_examples(self) -> np.ndarray:
