@@ -28,7 +28,7 @@ import orbax.checkpoint as ocp
 from absl import logging
 
 from fathom_sim import distributed
-from fathom_sim.errors import first_line
+from fathom_sim.errors import OutputError, first_line
 from fathom_sim.mesh import out_of_memory
 from fathom_sim.types import ServerState
 
@@ -109,7 +109,7 @@ def _quiet_closed_loop_callbacks() -> None:
   sys.unraisablehook = hook
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(OutputError):
   """A checkpoint could not be saved (a full disk, a lost mount): the run stops, and the newest
   complete checkpoint stays where it was."""
 

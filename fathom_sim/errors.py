@@ -17,6 +17,12 @@ class InputError(ValueError):
   it and EXIT_BAD_INPUT; a sweep marks the run failed and goes on."""
 
 
+class OutputError(RuntimeError):
+  """What a command writes could not be written (a full disk, a lost mount): it ends with one
+  line naming the file and EXIT_FAILED (to retry once there is room); what it wrote before,
+  a run's newest checkpoint included, stays."""
+
+
 def exit_status(error: BaseException) -> int:
   """The status a command ends with for `error`, in one place for launch/cli.py and for the
   peers of a multi-host run (which exit with the failing process's status): an error's own

@@ -16,6 +16,7 @@ import jax
 import numpy as np
 from absl import logging
 
+from fathom_sim.errors import OutputError
 from fathom_sim.types import Params
 
 METRICS_FILE = 'metrics.jsonl'
@@ -36,18 +37,38 @@ def _plain(value):
   return value
 
 
+_RESUMES = ('the run stops, its newest checkpoint stays, and the same command resumes from it '
+            'once the file can be written')
+
+
+def cannot_write(path: str, error: OSError,
+                 then: str = 'what it held before stays') -> OutputError:
+  """One line for a file that cannot be written: a full disk or a lost mount is no bug."""
+  return OutputError(f'{path} cannot be written ({error.strerror or error}); {then}')
+
+
 class MetricsWriter:
   """Appends one JSON object per line to <workdir>/metrics.jsonl, flushed per row."""
 
   def __init__(self, workdir: str):
-    self._file: IO[str] = open(os.path.join(workdir, METRICS_FILE), 'a', encoding='utf-8')
+    self.path = os.path.join(workdir, METRICS_FILE)
+    try:
+      self._file: IO[str] = open(self.path, 'a', encoding='utf-8')
+    except OSError as e:
+      raise cannot_write(self.path, e, _RESUMES) from None
 
   def write(self, row: dict) -> None:
-    self._file.write(json.dumps(_plain(row)) + '\n')
-    self._file.flush()
+    try:
+      self._file.write(json.dumps(_plain(row)) + '\n')
+      self._file.flush()
+    except OSError as e:
+      raise cannot_write(self.path, e, _RESUMES) from None
 
   def close(self) -> None:
-    self._file.close()
+    try:
+      self._file.close()
+    except OSError as e:
+      raise cannot_write(self.path, e, _RESUMES) from None
 
 
 def iter_rows(path: str) -> Iterator[dict]:
@@ -195,11 +216,15 @@ def replaced(path: str) -> Iterator[IO[str]]:
   try:
     with open(tmp, 'w', encoding='utf-8') as f:
       yield f
-  except BaseException:
-    if os.path.exists(tmp):
+    os.replace(tmp, path)
+  except BaseException as e:
+    try:
       os.remove(tmp)
+    except OSError:
+      pass
+    if isinstance(e, OSError):  # (reading `path` while rewriting it: the same file named)
+      raise cannot_write(path, e) from None
     raise
-  os.replace(tmp, path)
 
 
 def write_text(path: str, text: str) -> None:

@@ -11,7 +11,7 @@ from typing import Callable
 
 from absl import flags, logging
 
-from fathom_sim.errors import EXIT_BAD_INPUT, InputError, exit_status
+from fathom_sim.errors import EXIT_BAD_INPUT, InputError, OutputError, exit_status
 
 
 # Libraries whose INFO lines are chatter in a progress log: orbax's, one per save, and JAX's
@@ -190,14 +190,14 @@ def no_arguments(argv: list[str]) -> None:
 
 def run_or_exit(job: Callable[[], object]) -> None:
   """Runs the job; input errors (config, data, workdir), a run that diverged for good
-  (train.Diverged) and a checkpoint that cannot be written become one line; a run stopped by
+  (train.Diverged) and output that cannot be written (errors.OutputError: a checkpoint, a
+  metrics row, a prepared dataset) become one line; a run stopped by
   SIGTERM/SIGINT (after checkpointing) ends without one. The exit status is
   errors.exit_status's."""
-  from fathom_sim.checkpoint import CheckpointError
   from fathom_sim.train import Diverged, Preempted
   try:
     job()
-  except (InputError, CheckpointError) as e:
+  except (InputError, OutputError) as e:
     fail(str(e), exit_status(e))
   except Diverged as e:  # every process stopped at the same round: no peer to tell
     fail(str(e), exit_status(e), tell_peers=False)

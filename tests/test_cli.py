@@ -39,6 +39,27 @@ def read_rows(workdir):
     return [json.loads(line) for line in f]
 
 
+def test_a_disk_full_in_a_round_is_one_line_and_the_same_command_resumes(tmp_path):
+  """A metrics row that could not be written (ENOSPC) ended in a traceback hundreds of lines
+  long; it is one line naming the file, exit status 1 (to retry), and the checkpoint stays."""
+  workdir = str(tmp_path / 'run')
+  args = [f'--config={QUICKSTART}', f'--workdir={workdir}', '--config.num_rounds=8',
+          '--config.checkpoint_every=3', '--config.eval_every=4']
+  env = dict(os.environ, JAX_PLATFORMS='cpu', FULL_ROUND='5')
+  env.pop('XLA_FLAGS', None)
+  p = subprocess.run([sys.executable, os.path.join(ROOT, 'tests', 'full_disk.py'), *args],
+                     cwd=ROOT, env=env, timeout=300, capture_output=True, text=True)
+  errors = [line for line in p.stderr.splitlines() if line.startswith('error:')]
+  assert p.returncode == 1 and len(errors) == 1, p.stderr[-3000:]
+  assert (f'{os.path.join(workdir, "metrics.jsonl")} cannot be written (No space left on '
+          'device); the run stops, its newest checkpoint stays') in errors[0]
+  assert 'Traceback' not in p.stderr
+  assert [r['round'] for r in read_rows(workdir)] == [1, 2, 3, 4]
+  p = launch(*args)
+  assert p.returncode == 0, p.stderr[-3000:]
+  assert [r['round'] for r in read_rows(workdir)] == list(range(1, 9))
+
+
 @pytest.mark.parametrize('algorithm', ['fedavg', 'fathom'])
 def test_quickstart_writes_metrics_and_summary(tmp_path, algorithm):
   workdir = str(tmp_path / 'run')
