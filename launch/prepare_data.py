@@ -60,6 +60,7 @@ def main(argv):
   cli.no_arguments(argv)
   from fathom_sim.data import tfds_store
   from fathom_sim.data.prepare import prepare
+  from fathom_sim.errors import exit_status
   if _VOCAB_SIZE.value < 1:
     cli.fail(f'--vocab_size must be >= 1, got {_VOCAB_SIZE.value}')
   if not 2 <= _LENGTH.value <= MAX_SEQUENCE_LENGTH:
@@ -70,10 +71,13 @@ def main(argv):
 
   def job():
     tfds_store.check_out(_OUT.value)  # now, not after a conversion that may take hours
-    meta = prepare(_SOURCE.value, _OUT.value, fmt=_FORMAT.value, task=_TASK.value,
-                   vocab_path=_VOCAB.value, vocab_size=_VOCAB_SIZE.value,
-                   sequence_length=_LENGTH.value, split_date=_SPLIT_DATE.value,
-                   test_fraction=_TEST_FRACTION.value)
+    try:
+      meta = prepare(_SOURCE.value, _OUT.value, fmt=_FORMAT.value, task=_TASK.value,
+                     vocab_path=_VOCAB.value, vocab_size=_VOCAB_SIZE.value,
+                     sequence_length=_LENGTH.value, split_date=_SPLIT_DATE.value,
+                     test_fraction=_TEST_FRACTION.value)
+    except KeyboardInterrupt as e:  # (run_or_exit's words are a training run's)
+      cli.fail(f'interrupted; nothing was left at --out {_OUT.value!r}', exit_status(e))
     print('\n'.join(summary_lines(meta, _OUT.value)))
 
   cli.run_or_exit(job)

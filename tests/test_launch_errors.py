@@ -1,6 +1,7 @@
 """Bad input to the sweep, report, benchmark and prepare_data commands: one `error:` line,
 exit status 2, no traceback, and nothing overwritten."""
 
+import json
 import os
 import subprocess
 import sys
@@ -44,16 +45,33 @@ def test_each_kind_of_error_has_the_exit_status_the_readme_gives():
   exit with: 2 for bad input (an out-of-memory config included), 3 for a diverged run, 128 +
   the signal for a stopped one, 1 for a failed save and anything else."""
   from fathom_sim.checkpoint import CheckpointError
-  from fathom_sim.errors import exit_status
+  from fathom_sim.errors import OutputError, exit_status
   from fathom_sim.train import Diverged, OutOfMemory, Preempted
   from fathom_sim.workdir import WorkdirError
   statuses = {ConfigError('c'): 2, DataError('d'): 2, WorkdirError('w'): 2,
               OutOfMemory('o'): 2, MemoryError(): 2, Diverged(['r'], 'x'): 3,
               Preempted(15, 4): 143, Preempted(2, 4): 130, KeyboardInterrupt(): 130,
-              CheckpointError('s'): 1, RuntimeError('r'): 1, ValueError('v'): 1}
+              CheckpointError('s'): 1, OutputError('w'): 1, RuntimeError('r'): 1,
+              ValueError('v'): 1}
   assert {type(e).__name__ + str(getattr(e, 'signum', '')): exit_status(e)
           for e in statuses} == {type(e).__name__ + str(getattr(e, 'signum', '')): status
                                  for e, status in statuses.items()}
+
+
+def test_a_file_replaced_on_a_full_disk_is_one_output_error_and_the_old_one_stays(tmp_path):
+  """summary.json, a sweep's index, metrics.jsonl cut at resume: written beside and moved in,
+  so a full disk (/dev/full's ENOSPC here) leaves the old file and no scratch copy."""
+  from fathom_sim.errors import OutputError
+  path = str(tmp_path / 'summary.json')
+  metrics.write_json(path, {'rounds': 1})
+  os.symlink('/dev/full', path + '.tmp')  # the scratch copy's writes fail as a full disk's
+  with pytest.raises(OutputError) as e:
+    metrics.write_json(path, {'rounds': 2})
+  assert str(e.value) == (f'{path} cannot be written (No space left on device); what it held '
+                          'before stays')
+  with open(path) as f:
+    assert json.load(f) == {'rounds': 1}
+  assert os.listdir(tmp_path) == ['summary.json']
 
 
 # ---- launch/sweep.py ----------------------------------------------------------------------
@@ -391,6 +409,43 @@ def test_prepare_refuses_a_split_date_for_a_format_with_its_own_splits(tmp_path)
            '--split_date applies to --format=stackexchange_xml only; leaf_json files hold '
            'their own train and test splits')
   assert not out.exists()
+
+
+@pytest.mark.parametrize('flags,needle', [
+    (['--test_fraction=0.5'], '--test_fraction applies to --format=stackexchange_xml only'),
+    (['--vocab_size=5', '--sequence_length=7'], '--vocab_size, --sequence_length apply to '
+                                                '--task=stackoverflow only'),
+    (['--vocab=/nonexistent'], '--vocab applies to --task=stackoverflow only'),
+])
+def test_prepare_refuses_flags_that_do_not_apply_to_the_format_or_task(tmp_path, flags, needle):
+  """A mixed-up command was converted without a word, the flags unread."""
+  out = tmp_path / 'out'
+  _refused(_cli('prepare_data.py', '--format=leaf_json', '--task=emnist',
+                f'--source={tmp_path}', f'--out={out}', *flags), needle)
+  assert not out.exists()
+
+
+def test_prepare_stopped_by_ctrl_c_says_so_in_its_own_words(tmp_path, monkeypatch, capsys):
+  """It said a training run's line: 'stopped by a second Ctrl-C; the same command resumes
+  the run from its last checkpoint'."""
+  import launch.prepare_data as prepare_data
+  from absl import flags as absl_flags
+  from fathom_sim.data import prepare as prepare_lib
+
+  def interrupted(*args, **kwargs):
+    raise KeyboardInterrupt
+
+  monkeypatch.setattr(prepare_lib, 'prepare', interrupted)
+  out = str(tmp_path / 'out')
+  absl_flags.FLAGS(['prepare_data', f'--source={tmp_path}', f'--out={out}',
+                    '--format=leaf_json', '--task=emnist'])
+  try:
+    with pytest.raises(SystemExit) as e:
+      prepare_data.main(['prepare_data'])
+  finally:
+    absl_flags.FLAGS.unparse_flags()
+  assert e.value.code == 130
+  assert capsys.readouterr().err == f'error: interrupted; nothing was left at --out {out!r}\n'
 
 
 def test_prepare_refuses_an_out_that_is_a_file_and_keeps_it(tmp_path):

@@ -19,6 +19,7 @@ from fathom_sim import models
 from fathom_sim.config import ConfigError, check_config
 from fathom_sim.data import DataError, load_task
 from fathom_sim.data.federated import ArrayClientDataset, Task, fingerprint
+from fathom_sim.data import tfds_store
 from fathom_sim.data.prepare import prepare
 from fathom_sim.data.prepared import load_prepared
 from fathom_sim.evaluation import make_evaluator
@@ -204,6 +205,12 @@ def _corrupt_fedjax(tmp_path, problem):
     shutil.copy(path, os.path.join(src, 'old_emnist_train.sqlite'))
   elif problem == 'table':
     db.execute('ALTER TABLE federated_data RENAME TO clients')
+  elif problem == 'damaged_page':  # the header reads well, a page of rows does not
+    db.close()
+    with open(path, 'r+b') as f:
+      f.seek(4096)
+      f.write(b'\xff' * 4096)
+    return src, path
   elif problem == 'truncated':
     blob = db.execute('SELECT data FROM federated_data WHERE rowid = 2').fetchone()[0]
     db.execute('UPDATE federated_data SET data = ? WHERE rowid = 2', (blob[:len(blob) // 2],))
@@ -224,6 +231,8 @@ def _corrupt_fedjax(tmp_path, problem):
     ('two_trains', 'old_emnist_train.sqlite hold the train split; give a --source with one'),
     ('table', 'no table federated_data'),
     ('truncated', 'corrupt data blob'),
+    ('damaged_page', 'federated_emnist_train.sqlite: damaged past its start (database disk '
+     'image is malformed); download the file again'),
     ('shape', 'pixels have shape (3, 27, 28); EMNIST clients need [N, 28, 28]'),
     ('labels', 'label 62 out of range; EMNIST-62 labels are integers 0..61'),
     ('bytes', 'pixel values span [255, 255]; EMNIST pixels are in [0, 1] in the public files'),
@@ -267,6 +276,8 @@ def _example_with_huge_label() -> bytes:
     ('label_bytes', "labels are |S1 (e.g. np.bytes_(b'3')); EMNIST-62 labels are integers"),
     # a varint of 10 bytes: its bits past 64 drop, as in protobuf (it ended in OverflowError)
     ('overflow', 'label -1 out of range'),
+    # its header and tables read well, a page of rows does not (sqlite3's traceback before)
+    ('damaged_page', 'damaged past its start (database disk image is malformed)'),
     ('digits_only', "no train or test split found for --task=emnist (found []; passed over: "
                     "split 'digits_only_test', split 'digits_only_train')"),
 ])
@@ -282,8 +293,12 @@ def test_bad_tff_files_are_refused_with_one_clear_error(tmp_path, problem, needl
     examples = {'truncated': [good, good[:-5]], 'count': [good, good], 'absent': [good],
                 'pixels': [_tf_example(pixels=np.ones(756, np.float32), label=[3])] * 2,
                 'label_bytes': [_tf_example(pixels=np.ones(784, np.float32), label=[b'3'])],
-                'overflow': [huge]}[problem]
+                'overflow': [huge], 'damaged_page': [good] * 3}[problem]
     write_tff(path, {'train': {'w1': examples}, 'test': {'w1': [good]}})
+    if problem == 'damaged_page':
+      with open(path, 'r+b') as f:
+        f.seek(3 * 4096)
+        f.write(b'\xff' * 4096)
     db = sqlite3.connect(path)
     if problem == 'count':
       db.execute("UPDATE client_metadata SET num_examples = 3 WHERE split_name = 'train'")
@@ -410,6 +425,58 @@ def test_paper_configs_and_missing_dataset_message(tmp_path):
     check_config(femnist)
 
 
+@pytest.mark.parametrize('problem', ['small_images', 'label_past_classes'])
+def test_a_dataset_written_otherwise_is_checked_against_the_task(tmp_path, problem):
+  """prepare_data.py checks what it converts; a dataset written by other code was trained on
+  as it was: 14x14 images without a word, a label past the classes with a null loss each
+  round and exit status 0."""
+  r = np.random.default_rng(0)
+  side = 14 if problem == 'small_images' else 28
+  labels = [3, 70] if problem == 'label_past_classes' else [3, 4]
+  clients = [(f'c{i}', {'x': r.random((2, side, side), np.float32),
+                        'y': np.array([label, 0], np.int32)}) for i, label in enumerate(labels)]
+  out = str(tmp_path / 'femnist')
+  tfds_store.write(out, {'train': iter(clients), 'test': iter(clients[:1])},
+                   {'x': ((side, side), 'float32'), 'y': ((), 'int32')},
+                   {'task': 'emnist', 'format': 'other', 'source': 'elsewhere',
+                    'num_classes': 62})
+  if problem == 'small_images':
+    with pytest.raises(DataError) as e:
+      load_prepared('femnist', out)
+    assert str(e.value) == (
+        f"data.data_dir {out!r}: its examples are {{'x': ((14, 14), 'float32'), 'y': ((), "
+        "'int32')}; the femnist task reads x (28, 28) of floats, y () of integers per "
+        'example; prepare it again with launch/prepare_data.py')
+  else:
+    train = load_prepared('femnist', out).train
+    train.client(0)
+    with pytest.raises(DataError) as e:
+      train.client(1)
+    assert str(e.value) == (f'{out}: record 1 of split train (client c1) holds target 70, '
+                            'outside the 62 classes its meta.json gives; prepare the dataset '
+                            'again')
+
+
+@pytest.mark.parametrize('damage', ['truncate', 'remove'])
+def test_a_shard_missing_or_cut_before_the_run_is_refused_when_the_data_is_opened(tmp_path,
+                                                                                    damage):
+  """It was met by the round that first drew one of its clients: round 15 of a test run."""
+  out = str(tmp_path / 'femnist')
+  prepare(os.path.join(DATA, 'femnist_leaf_sample'), out, fmt='leaf_json', task='emnist')
+  shard = os.path.join(out, 'tfds', 'federated_clients', '1.0.0',
+                       'federated_clients-test.array_record-00000-of-00001')
+  if damage == 'truncate':
+    os.truncate(shard, 1000)
+  else:
+    os.remove(shard)
+  with pytest.raises(DataError) as e:
+    load_prepared('femnist', out)
+  assert str(e.value).startswith(f'{out}: federated_clients-test.array_record-00000-of-00001 '
+                                 'of split test is damaged or missing (its records: ')
+  assert str(e.value).endswith('the dataset lists 5); prepare the dataset again with '
+                               'launch/prepare_data.py')
+
+
 @pytest.mark.parametrize('damage', ['flip', 'truncate', 'remove'])
 def test_a_damaged_record_file_is_a_data_error_naming_the_record(tmp_path, damage):
   """array_record's own errors (a chunk's hash, a short file, a missing shard) came out as a
@@ -473,6 +540,66 @@ def test_a_scratch_folder_left_by_a_killed_conversion_is_replaced_and_a_users_is
   prepare(source, str(out), fmt='leaf_json', task='emnist')
   assert not mine.exists() and not (out / '.fathom_sim_partial').exists()
   assert load_prepared('femnist', str(out)).train.client(0)['x'].shape == (11, 28, 28)
+
+
+def test_a_conversion_into_an_out_another_one_is_writing_is_refused_and_leaves_it_be(tmp_path):
+  """A second command into the same --out deleted the first one's scratch folder mid-write;
+  the folder is held (flock) while a conversion lives, and a live holder is refused."""
+  source = os.path.join(DATA, 'femnist_leaf_sample')
+  out = str(tmp_path / 'femnist')
+  with tfds_store.claimed(out) as partial:  # a conversion under way (flock: per open file)
+    (tmp_path / 'femnist.partial' / 'train.shard0.tmp').write_text('half')
+    with pytest.raises(DataError) as e:
+      prepare(source, out, fmt='leaf_json', task='emnist')
+    assert str(e.value) == (f'--out {out!r}: another conversion is writing it now (in '
+                            f'{partial!r}); wait for it to finish, or choose another --out')
+    assert (tmp_path / 'femnist.partial' / 'train.shard0.tmp').read_text() == 'half'
+  prepare(source, out, fmt='leaf_json', task='emnist')  # no longer held: a left folder, cleared
+  assert not os.path.exists(partial)
+  assert load_prepared('femnist', out).train.client(0)['x'].shape == (11, 28, 28)
+
+
+@pytest.mark.parametrize('where', ['link', 'cwd'])
+def test_an_out_that_cannot_be_replaced_is_refused_before_reading(tmp_path, monkeypatch, where):
+  """The dataset is built beside --out and renamed into place: a link to an empty folder (or
+  a mount point) and the current directory were found after the whole conversion, in a
+  traceback. The source here is not even readable: --out is refused first."""
+  (tmp_path / 'empty').mkdir()
+  if where == 'link':
+    os.symlink(tmp_path / 'empty', tmp_path / 'out')
+    out, what = str(tmp_path / 'out'), 'a symbolic link'
+  else:
+    monkeypatch.chdir(tmp_path / 'empty')
+    out, what = '.', 'the current directory'
+  (tmp_path / 'train.json').write_text('{not json')
+  (tmp_path / 'test.json').write_text('{not json')
+  with pytest.raises(DataError) as e:
+    prepare(str(tmp_path), out, fmt='leaf_json', task='emnist')
+  assert str(e.value) == (f'--out {out!r} is {what}, which the conversion cannot replace with '
+                          'the folder it builds beside it; give a new folder inside it, e.g. '
+                          f'--out={os.path.join(out, "prepared")}')
+  assert os.listdir(tmp_path / 'empty') == [] and not (tmp_path / 'out.partial').exists()
+
+
+def test_a_full_disk_while_writing_is_an_output_error_and_leaves_nothing(tmp_path, monkeypatch):
+  from array_record.python import array_record_module
+  from fathom_sim.errors import OutputError
+
+  class FullDisk:
+    def __init__(self, path, options):
+      pass
+
+    def write(self, record):
+      raise RuntimeError('write() failed: No space left on device')
+
+  monkeypatch.setattr(array_record_module, 'ArrayRecordWriter', FullDisk)
+  out = str(tmp_path / 'femnist')
+  with pytest.raises(OutputError) as e:
+    prepare(os.path.join(DATA, 'femnist_leaf_sample'), out, fmt='leaf_json', task='emnist')
+  assert str(e.value).startswith(f'--out {out!r}: ') and str(e.value).endswith(
+      'train.shard0.tmp cannot be written (write() failed: No space left on device); nothing '
+      'is left at --out')
+  assert os.listdir(tmp_path) == []
 
 
 def test_the_lstm_is_a_plain_lstm_whose_forget_gate_starts_at_bias_one():

@@ -64,6 +64,16 @@ def read_only_uri(path: str) -> str:
   return pathlib.Path(path).resolve().as_uri() + '?mode=ro'
 
 
+def read_rows(path: str, db: sqlite3.Connection, query: str, args: tuple = ()) -> Iterator[tuple]:
+  """The rows of `query`, as a stream. A damaged page met on the way (the file's start read
+  well, so the header checks passed) raises DataError naming the file, not sqlite3's
+  traceback, however far into the conversion it comes."""
+  try:
+    yield from db.execute(query, args)
+  except sqlite3.DatabaseError as e:
+    raise DataError(f'{path}: damaged past its start ({e}); download the file again') from None
+
+
 class FedjaxSqlite:
   """Clients of one FedJAX SQLite file, streamed in rowid order."""
 
@@ -83,7 +93,8 @@ class FedjaxSqlite:
 
   def clients(self) -> Iterator[tuple[str, dict]]:
     """(original client id, features) per client, in rowid order."""
-    rows = self._db.execute(f'SELECT client_id, data, num_examples FROM {TABLE} ORDER BY rowid')
+    rows = read_rows(self.path, self._db,
+                     f'SELECT client_id, data, num_examples FROM {TABLE} ORDER BY rowid')
     for client_id, blob, count in rows:
       cid = original_id(client_id)
       try:

@@ -200,10 +200,17 @@ def _sentences(clients: Iterable[tuple[str, list]]) -> Iterator:
     yield from sentences
 
 
+# Stack Overflow's and Posts.xml's settings when not given (launch/prepare_data.py's defaults).
+VOCAB_SIZE, SEQUENCE_LENGTH, TEST_FRACTION = 10000, 20, 0.2
+
+
 def prepare(source: str, out: str, *, fmt: str, task: str, vocab_path: str = '',
-            vocab_size: int = 10000, sequence_length: int = 20, split_date: str = '',
-            test_fraction: float = 0.2) -> dict:
-  """Converts `source` (format `fmt`) into a prepared `task` dataset at `out`; returns its meta."""
+            vocab_size: int = VOCAB_SIZE, sequence_length: int = SEQUENCE_LENGTH,
+            split_date: str = '', test_fraction: float = TEST_FRACTION) -> dict:
+  """Converts `source` (format `fmt`) into a prepared `task` dataset at `out`; returns its meta.
+
+  Settings that do not apply to the format or task, and an `out` the dataset cannot be written
+  to, raise DataError before the input is read."""
   if fmt not in FORMATS:
     raise DataError(f'--format must be one of {FORMATS}, got {fmt!r}')
   if task not in TASKS:
@@ -216,9 +223,34 @@ def prepare(source: str, out: str, *, fmt: str, task: str, vocab_path: str = '',
     raise DataError(f'--source {source!r}: no such file or directory{hint}')
   if absent:
     raise DataError(f'--source {source!r}: no such file: {", ".join(absent)}')
-  if split_date and fmt != 'stackexchange_xml':  # the other formats ship their own splits
-    raise DataError(f'--split_date applies to --format=stackexchange_xml only; {fmt} files '
+  if (split_date or test_fraction != TEST_FRACTION) and fmt != 'stackexchange_xml':
+    # the other formats ship their own splits
+    given = '--split_date' if split_date else '--test_fraction'
+    raise DataError(f'{given} applies to --format=stackexchange_xml only; {fmt} files '
                     'hold their own train and test splits')
+  if task == 'emnist':
+    given = [flag for flag, differs in (('--vocab', bool(vocab_path)),
+                                        ('--vocab_size', vocab_size != VOCAB_SIZE),
+                                        ('--sequence_length', sequence_length != SEQUENCE_LENGTH))
+             if differs]
+    if given:  # a mixed-up command was converted without a word, the flags unread
+      raise DataError(f'{", ".join(given)} appl{"ies" if len(given) == 1 else "y"} to '
+                      '--task=stackoverflow only; EMNIST images have no vocabulary or length')
+  if vocab_path and not os.path.isfile(vocab_path):
+    raise DataError(f'--vocab {vocab_path!r}: no such file (expected a word-count file, most '
+                    'frequent word first)')
+  with tfds_store.claimed(out) as partial:
+    return _convert(source, out, partial, fmt=fmt, task=task, vocab_path=vocab_path,
+                    vocab_size=vocab_size, sequence_length=sequence_length,
+                    split_date=split_date, test_fraction=test_fraction)
+
+
+def _convert(source: str, out: str, partial: str, *, fmt: str, task: str, vocab_path: str,
+             vocab_size: int, sequence_length: int, split_date: str,
+             test_fraction: float) -> dict:
+  """prepare's conversion, once its arguments are checked and `partial` claimed."""
+  # A word-count file is read before the input (a bad one was found after all of it).
+  given_vocab = read_word_counts(vocab_path, vocab_size) if vocab_path else None
   if fmt == 'fedjax_sqlite':
     src = _fedjax(source, task)
   elif fmt == 'tff_sqlite':
@@ -242,8 +274,8 @@ def prepare(source: str, out: str, *, fmt: str, task: str, vocab_path: str = '',
     streams = {s: make() for s, make in src.splits.items()}
     meta['num_classes'] = EMNIST_CLASSES
   else:
-    if vocab_path:
-      vocab = read_word_counts(vocab_path, vocab_size)
+    if given_vocab is not None:
+      vocab = given_vocab
     else:
       train = src.train_sentences() if hasattr(src, 'train_sentences') else _sentences(
           src.splits['train']())
@@ -264,7 +296,7 @@ def prepare(source: str, out: str, *, fmt: str, task: str, vocab_path: str = '',
       meta['split_date'] = src.split_date
   try:
     extra = {'vocab.txt': '\n'.join(vocab.words) + '\n'} if task == 'stackoverflow' else {}
-    meta = tfds_store.write(out, streams, specs, meta, extra)
+    meta = tfds_store.write(out, streams, specs, meta, extra, partial=partial)
   finally:
     if src.cleanup is not None:
       src.cleanup.cleanup()

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 
+import numpy as np
+
 from fathom_sim.data.byo import DataError
 from fathom_sim.data.federated import Task
 
@@ -73,5 +75,18 @@ def load_prepared(name: str, data_dir: str) -> Task:
   if meta.get('task') != kind:
     raise DataError(f'data.data_dir {data_dir!r} holds a prepared {meta.get("task")} dataset; '
                     f'data.name={name} needs a {kind} one')
-  return Task(name, PreparedClientDataset(data_dir, 'train'),
-              PreparedClientDataset(data_dir, 'test'), int(meta['num_classes']))
+  train, test = PreparedClientDataset(data_dir, 'train'), PreparedClientDataset(data_dir, 'test')
+  # What the task's model reads, per example: a dataset written otherwise (14x14 images, say)
+  # trained without a word, or failed in the first round's program.
+  length = meta.get('sequence_length')
+  want = ({'x': ((28, 28), 'f'), 'y': ((), 'iu')} if kind == 'emnist' else
+          {'x': ((length,), 'iu'), 'y': ((length,), 'iu')})
+  found = {k: (shape, dtype.name) for k, (shape, dtype) in train.feature_specs.items()}
+  if set(found) != set(want) or any(
+      found[k][0] != shape or np.dtype(found[k][1]).kind not in kinds
+      for k, (shape, kinds) in want.items()):
+    need = ', '.join(f'{k} {shape} of {"float" if kinds == "f" else "integer"}s'
+                     for k, (shape, kinds) in want.items())
+    raise DataError(f'data.data_dir {data_dir!r}: its examples are {found}; the {name} task '
+                    f'reads {need} per example; prepare it again with launch/prepare_data.py')
+  return Task(name, train, test, int(meta['num_classes']))

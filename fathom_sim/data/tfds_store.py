@@ -21,11 +21,14 @@ past 1 GB per split, spills through `tf.io.gfile`, which needs TensorFlow.
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import fcntl
 import hashlib
 import json
 import os
 import shutil
-from typing import Iterable
+from typing import Callable, Iterable, Iterator
 
 import numpy as np
 import tensorflow_datasets as tfds
@@ -33,7 +36,7 @@ from array_record.python import array_record_module
 
 from fathom_sim.data.byo import DataError
 from fathom_sim.data.vocab import TEXT_VERSION
-from fathom_sim.errors import MOUNT_HINT, first_line, is_url
+from fathom_sim.errors import MOUNT_HINT, OutputError, first_line, is_url
 
 LAYOUT_VERSION = 1
 DATASET = 'federated_clients'
@@ -52,104 +55,187 @@ def features_dict(feature_specs: dict[str, tuple[tuple, str]]) -> tfds.features.
   return tfds.features.FeaturesDict(features)
 
 
-def _write_split(folder: str, split: str, features, clients: Iterable[tuple[str, dict]]):
-  """Writes one split's shards; returns (SplitInfo, client ids, example counts)."""
+def _write_split(folder: str, split: str, features, clients: Iterable[tuple[str, dict]],
+                 writing: Callable) -> tuple:
+  """Writes one split's shards; returns (SplitInfo, client ids, example counts). `writing`
+  wraps each write: a full disk is the output's fault, not the input's."""
   ids, counts, lengths, shards = [], [], [], []
   total = shard_bytes = 0
   writer = None
   for cid, example in clients:
     if writer is None:
       shards.append(os.path.join(folder, f'{split}.shard{len(shards)}.tmp'))
-      writer = array_record_module.ArrayRecordWriter(shards[-1], 'group_size:1')
+      with writing(shards[-1]):
+        writer = array_record_module.ArrayRecordWriter(shards[-1], 'group_size:1')
       lengths.append(0)
       shard_bytes = 0
     record = features.serialize_example({'client_id': cid, **example})
-    writer.write(record)
+    with writing(shards[-1]):
+      writer.write(record)
     ids.append(cid)
     counts.append(len(example['y']))
     lengths[-1] += 1
     shard_bytes += len(record)
     total += len(record)
     if shard_bytes >= SHARD_BYTES:
-      writer.close()
+      with writing(shards[-1]):
+        writer.close()
       writer = None
   if writer is not None:
-    writer.close()
+    with writing(shards[-1]):
+      writer.close()
   for i, path in enumerate(shards):
-    os.rename(path, os.path.join(folder, f'{DATASET}-{split}.array_record-'
-                                         f'{i:05d}-of-{len(shards):05d}'))
+    with writing(path):
+      os.rename(path, os.path.join(folder, f'{DATASET}-{split}.array_record-'
+                                           f'{i:05d}-of-{len(shards):05d}'))
   info = tfds.core.SplitInfo(name=split, shard_lengths=lengths, num_bytes=total)
   return info, ids, counts
 
 
+def _partial(out: str) -> str:
+  """The scratch folder a conversion builds `out` in, beside it (then renamed at once)."""
+  return os.path.abspath(out) + '.partial'
+
+
+def _held_elsewhere(mark: str) -> bool:
+  """Whether a live conversion holds `mark` locked (flock; the system drops it when the
+  process ends, however it ends)."""
+  try:
+    fd = os.open(mark, os.O_RDONLY)
+  except OSError:
+    return False
+  try:
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    return False
+  except OSError as e:
+    return e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES)
+  finally:
+    os.close(fd)
+
+
 def check_out(out: str) -> None:
   """Raises DataError unless `out` can take a new prepared dataset: missing, or an empty
-  directory. Called by write(), and by the command line before a long conversion starts."""
+  directory that can be replaced by the one built beside it, with no other conversion writing
+  it. Called again when the conversion claims `out` (claimed)."""
   if is_url(out):
     raise DataError(f'--out {out!r} is a URL, and datasets are written through the filesystem; '
                     f'{MOUNT_HINT}')
-  if os.path.exists(out) and not os.path.isdir(out):
+  target = os.path.abspath(out)
+  # The dataset is built beside `out` and renamed into place (so a half-written one is never
+  # at `out`): a link, a mount point or the current directory cannot be replaced so. They
+  # were found after the whole conversion, in a traceback.
+  odd = ('a symbolic link' if os.path.islink(target) else
+         'a mount point' if os.path.ismount(target) else
+         'the current directory' if target == os.getcwd() else None)
+  if odd:
+    raise DataError(f'--out {out!r} is {odd}, which the conversion cannot replace with the '
+                    'folder it builds beside it; give a new folder inside it, e.g. '
+                    f'--out={os.path.join(out, "prepared")}')
+  if os.path.exists(target) and not os.path.isdir(target):
     raise DataError(f'--out {out!r} is a file, not a directory; choose a new directory '
                     '(nothing was overwritten)')
-  if os.path.exists(os.path.join(out, 'meta.json')) or (
-      os.path.isdir(out) and os.listdir(out)):
+  if os.path.isdir(target) and os.listdir(target):
     raise DataError(f'--out {out!r} already exists and is not empty; choose a new directory '
                     '(nothing was overwritten)')
-
-
-def write(out: str, splits: dict[str, Iterable[tuple[str, dict]]],
-          feature_specs: dict[str, tuple[tuple, str]], meta: dict,
-          extra_files: dict[str, str] | None = None) -> dict:
-  """Builds a prepared dataset at `out` (which must not exist) from per-split client streams.
-
-  splits: name -> iterator of (client id, {feature: [n_i, ...]}), in the order to keep.
-  extra_files: name -> text, written beside meta.json (e.g. the vocabulary).
-  Returns meta, completed with the per-split counts. Nothing is left at `out` on failure.
-  """
-  check_out(out)
-  partial = out.rstrip('/') + '.partial'
+  partial = _partial(out)
+  mark = os.path.join(partial, PARTIAL_MARK)
   if os.path.exists(partial):
     # A conversion killed before it could clean up leaves its scratch folder, marked as ours;
     # a folder of that name without the mark is someone's, and stays.
-    if not os.path.exists(os.path.join(partial, PARTIAL_MARK)):
+    if not os.path.exists(mark):
       raise DataError(f'--out {out!r}: {partial!r} exists and was not made by a conversion; '
                       'move it away (the conversion writes there first)')
-    shutil.rmtree(partial)
-  folder = os.path.join(partial, BUILDER_DIR)
+    if _held_elsewhere(mark):
+      raise DataError(f'--out {out!r}: another conversion is writing it now (in {partial!r}); '
+                      'wait for it to finish, or choose another --out')
+
+
+@contextlib.contextmanager
+def claimed(out: str) -> Iterator[str]:
+  """Makes <out>.partial, this conversion's scratch folder, marked and locked as its own, and
+  yields it; removes it if the body raises. What check_out refuses, and a place where the
+  folder cannot be made, raise DataError here: before a conversion reads its input, which may
+  take hours. A scratch folder a killed conversion left is replaced."""
+  check_out(out)
+  partial = _partial(out)
+  if os.path.exists(partial):
+    shutil.rmtree(partial)  # check_out: a killed conversion's
   try:
-    os.makedirs(folder)
-    open(os.path.join(partial, PARTIAL_MARK), 'w').close()
+    os.makedirs(os.path.dirname(partial), exist_ok=True)
+    os.mkdir(partial)
+    fd = os.open(os.path.join(partial, PARTIAL_MARK), os.O_CREAT | os.O_WRONLY, 0o644)
+  except FileExistsError:
+    raise DataError(f'--out {out!r}: another conversion started writing it just now (in '
+                    f'{partial!r}); wait for it to finish, or choose another --out') from None
   except OSError as e:
     raise DataError(f'--out {out!r}: cannot write {partial!r} there ({e.strerror or e}); '
                     'choose a directory that can be made or written') from None
   try:
-    features = features_dict(feature_specs)
-    meta = dict(meta, layout_version=LAYOUT_VERSION, splits={})
-    infos = []
-    for split, clients in splits.items():
-      info, ids, counts = _write_split(folder, split, features, clients)
-      if not ids:  # TFDS's metadata writer refused it with a traceback naming no file
-        raise DataError(f'{meta.get("source", "the source")}: its {split} split holds no '
-                        'clients; a prepared dataset needs clients in each split it has '
-                        f'(nothing was written to --out {out!r})')
-      infos.append(info)
-      np.savez(os.path.join(partial, f'clients-{split}.npz'), client_ids=np.array(ids, dtype=str),
-               num_examples=np.array(counts, np.int64))
-      meta['splits'][split] = {'clients': len(ids), 'examples': int(np.sum(counts))}
-    tfds.folder_dataset.write_metadata(data_dir=folder, features=features, split_infos=infos,
-                                       check_data=False)
-    for name, text in (extra_files or {}).items():
-      with open(os.path.join(partial, name), 'w', encoding='utf-8') as f:
-        f.write(text)
-    with open(os.path.join(partial, 'meta.json'), 'w', encoding='utf-8') as f:
-      json.dump(meta, f, indent=2)
-    os.remove(os.path.join(partial, PARTIAL_MARK))
-    if os.path.isdir(out):
-      os.rmdir(out)
-    os.rename(partial, out)
+    try:
+      fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+      pass  # a filesystem without locks: unguarded, as a run's workdir is
+    yield partial
   except BaseException:
     shutil.rmtree(partial, ignore_errors=True)
     raise
+  finally:
+    os.close(fd)
+
+
+def write(out: str, splits: dict[str, Iterable[tuple[str, dict]]],
+          feature_specs: dict[str, tuple[tuple, str]], meta: dict,
+          extra_files: dict[str, str] | None = None, partial: str | None = None) -> dict:
+  """Builds a prepared dataset at `out` (which must not exist) from per-split client streams.
+
+  splits: name -> iterator of (client id, {feature: [n_i, ...]}), in the order to keep.
+  extra_files: name -> text, written beside meta.json (e.g. the vocabulary).
+  partial: the scratch folder claimed(out) yielded (claimed here if not given).
+  Returns meta, completed with the per-split counts. Nothing is left at `out` on failure; a
+  write that fails (a full disk) raises OutputError naming the file.
+  """
+  if partial is None:
+    with claimed(out) as partial:
+      return write(out, splits, feature_specs, meta, extra_files, partial)
+
+  @contextlib.contextmanager
+  def writing(path: str) -> Iterator[None]:
+    try:
+      yield
+    except (OSError, RuntimeError) as e:  # array_record's writer raises RuntimeError
+      raise OutputError(f'--out {out!r}: {path} cannot be written ({first_line(e)}); nothing '
+                        'is left at --out') from None
+
+  folder = os.path.join(partial, BUILDER_DIR)
+  with writing(folder):
+    os.makedirs(folder)
+  features = features_dict(feature_specs)
+  meta = dict(meta, layout_version=LAYOUT_VERSION, splits={})
+  infos = []
+  for split, clients in splits.items():
+    info, ids, counts = _write_split(folder, split, features, clients, writing)
+    if not ids:  # TFDS's metadata writer refused it with a traceback naming no file
+      raise DataError(f'{meta.get("source", "the source")}: its {split} split holds no '
+                      'clients; a prepared dataset needs clients in each split it has '
+                      f'(nothing was written to --out {out!r})')
+    infos.append(info)
+    index = os.path.join(partial, f'clients-{split}.npz')
+    with writing(index):
+      np.savez(index, client_ids=np.array(ids, dtype=str), num_examples=np.array(counts, np.int64))
+    meta['splits'][split] = {'clients': len(ids), 'examples': int(np.sum(counts))}
+  with writing(folder):
+    tfds.folder_dataset.write_metadata(data_dir=folder, features=features, split_infos=infos,
+                                       check_data=False)
+  for name, text in {**(extra_files or {}), 'meta.json': json.dumps(meta, indent=2)}.items():
+    with writing(os.path.join(partial, name)), open(os.path.join(partial, name), 'w',
+                                                    encoding='utf-8') as f:
+      f.write(text)  # meta.json last: its presence means the folder is complete
+  target = os.path.abspath(out)
+  with writing(target):
+    os.remove(os.path.join(partial, PARTIAL_MARK))
+    if os.path.isdir(target):
+      os.rmdir(target)
+    os.rename(partial, target)
   return meta
 
 
@@ -187,14 +273,37 @@ class PreparedClientDataset:
 
   def __init__(self, data_dir: str, split: str):
     self.data_dir, self.split = data_dir, split
+    self._meta = read_meta(data_dir)
+    self._num_classes = self._meta['num_classes']
     try:
       with np.load(os.path.join(data_dir, f'clients-{split}.npz')) as f:
         self._ids, self._counts = f['client_ids'], f['num_examples']
       builder = tfds.builder_from_directory(os.path.join(data_dir, BUILDER_DIR))
       self._source = builder.as_data_source(split)
+      info = builder.info.splits[split]
+      shards = list(zip(info.filenames, info.shard_lengths))
+      # Per example: shape and dtype (the leading axis is the client's examples).
+      self.feature_specs = {name: (tuple(f.shape[1:]), np.dtype(f.np_dtype))
+                            for name, f in builder.info.features.items() if name != 'client_id'}
     except (OSError, ValueError, KeyError) as e:
       raise DataError(f'{data_dir}: split {split!r} of the prepared dataset cannot be read '
                       f'({e}); prepare it again with launch/prepare_data.py') from None
+    # Every shard is opened now (its footer: ms each): a missing or cut one was met only by
+    # the round that first drew one of its clients, hours into a run.
+    for name, expected in shards:
+      path = os.path.join(data_dir, BUILDER_DIR, name)
+      try:
+        reader = array_record_module.ArrayRecordReader(path)
+        try:
+          found = reader.num_records()
+        finally:
+          reader.close()
+      except (RuntimeError, OSError, ValueError) as e:
+        found = f'unreadable: {first_line(e)}'
+      if found != expected:
+        raise DataError(f'{data_dir}: {name} of split {split} is damaged or missing (its '
+                        f'records: {found}; the dataset lists {expected}); prepare the dataset '
+                        'again with launch/prepare_data.py')
     if len(self._source) != len(self._ids):
       raise DataError(f'{data_dir}: split {split} has {len(self._source)} records but '
                       f'clients-{split}.npz lists {len(self._ids)} clients; prepare it again')
@@ -207,8 +316,7 @@ class PreparedClientDataset:
   def identity(self) -> dict:
     """What decides the examples beyond the clients' ids and sizes (federated.fingerprint):
     meta.json's fields but the paths it was prepared from, and the vocabulary's digest."""
-    meta = read_meta(self.data_dir)
-    identity = {k: v for k, v in meta.items() if k not in ('source', 'vocab_source')}
+    identity = {k: v for k, v in self._meta.items() if k not in ('source', 'vocab_source')}
     vocab = os.path.join(self.data_dir, 'vocab.txt')
     if os.path.exists(vocab):
       with open(vocab, 'rb') as f:
@@ -243,4 +351,12 @@ class PreparedClientDataset:
       raise DataError(f'{self.data_dir}: record {index} of split {self.split} (client {cid}) '
                       f'holds {len(out["x"])} inputs and {len(out["y"])} targets, the index '
                       f'says {int(self._counts[index])} examples; prepare the dataset again')
+    # prepare_data.py checks labels; a dataset written otherwise trained on with a label past
+    # the classes gave a null loss every round, and exit status 0.
+    y = out['y']
+    if y.size and (y.min() < 0 or y.max() >= self._num_classes):
+      bad = int(y.min()) if y.min() < 0 else int(y.max())
+      raise DataError(f'{self.data_dir}: record {index} of split {self.split} (client {cid}) '
+                      f'holds target {bad}, outside the {self._num_classes} classes its '
+                      'meta.json gives; prepare the dataset again')
     return out

@@ -13,7 +13,7 @@ import sqlite3
 from typing import Iterator
 
 from fathom_sim.data.byo import DataError
-from fathom_sim.data.fedjax_sqlite import read_only_uri
+from fathom_sim.data.fedjax_sqlite import read_only_uri, read_rows
 from fathom_sim.data.tf_example import parse_example
 
 REQUIRED = {'examples': ('split_name', 'client_id', 'serialized_example_proto'),
@@ -39,16 +39,17 @@ class TffSqlite:
                       '.lzma must be decompressed with lzma -d first') from None
 
   def splits(self) -> list[str]:
-    return [r[0] for r in self._db.execute(
-        'SELECT DISTINCT split_name FROM client_metadata ORDER BY split_name')]
+    return [r[0] for r in read_rows(
+        self.path, self._db, 'SELECT DISTINCT split_name FROM client_metadata ORDER BY split_name')]
 
   def clients(self, split: str) -> Iterator[tuple[str, list[dict]]]:
     """(client id, parsed examples) per client of `split`."""
-    expected = dict(self._db.execute(
+    expected = dict(read_rows(
+        self.path, self._db,
         'SELECT client_id, num_examples FROM client_metadata WHERE split_name = ?', (split,)))
     # One sorted pass (SQLite sorts on disk when it must) instead of one scan per client.
-    rows = self._db.execute('SELECT client_id, serialized_example_proto FROM examples '
-                            'WHERE split_name = ? ORDER BY client_id, rowid', (split,))
+    rows = read_rows(self.path, self._db, 'SELECT client_id, serialized_example_proto FROM '
+                     'examples WHERE split_name = ? ORDER BY client_id, rowid', (split,))
     current, examples, seen = None, [], set()
     for client_id, blob in rows:
       if client_id != current:
