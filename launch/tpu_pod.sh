@@ -86,13 +86,15 @@ case "$cmd" in
     on_all_workers "$setup"
     ;;
   run)
-    # The same command on every worker; nohup so that it outlives the ssh session.
+    # The same command on every worker; nohup so that it outlives the ssh session. Its log
+    # is appended to: a relaunch after a preemption keeps what the last attempt said
+    # (checkpoints set aside, rows missing).
     q() { printf '%q' "$1"; }  # one shell word, as the remote shell will read it
     flags=""
     for f in "$@"; do flags+=" $(q "$f")"; done
     on_all_workers "cd $REMOTE_DIR && nohup ~/fathom_venv/bin/python launch/main.py \
 --multihost --config=$(q "$CONFIG") --workdir=$(q "$WORKDIR") \
---compilation_cache=$(q "$COMPILATION_CACHE")$flags > ~/fathom_run.log 2>&1 &"
+--compilation_cache=$(q "$COMPILATION_CACHE")$flags >> ~/fathom_run.log 2>&1 &"
     ;;
   logs)
     gcloud_tpu ssh "$TPU_NAME" --worker=0 --command='tail -F ~/fathom_run.log'

@@ -345,7 +345,8 @@ def test_tpu_pod_script_starts_the_same_multihost_command_on_every_worker():
   assert line.startswith('gcloud compute tpus tpu-vm ssh pod1 --worker=all --command=')
   for part in ('launch/main.py', '--multihost', '--config=configs/quickstart.py',
                '--workdir=/mnt/fathom/runs/pod1', '--config.num_rounds=5', 'nohup',
-               '--compilation_cache=/mnt/fathom/runs/jax_cache'):
+               '--compilation_cache=/mnt/fathom/runs/jax_cache',
+               '>> ~/fathom_run.log'):  # appended: a relaunch keeps the last attempt's log
     assert part in line.replace('\\', ''), part
   p = _pod('run', TPU_NAME='pod1', COMPILATION_CACHE='')
   assert p.returncode == 0 and "--compilation_cache='' " in p.stdout.replace('\\', ''), p.stdout
