@@ -602,6 +602,32 @@ def test_a_full_disk_while_writing_is_an_output_error_and_leaves_nothing(tmp_pat
   assert os.listdir(tmp_path) == []
 
 
+def test_the_same_files_prepared_twice_give_the_same_bytes(tmp_path):
+  """Records were serialized with their proto map in an order that varies between processes,
+  and the client index stamped with the time: two conversions of one input differed."""
+  outs = [str(tmp_path / f'femnist{i}') for i in range(2)]
+  for out in outs:  # each in its own process: the order varied from one to the next
+    code = ('from fathom_sim.data.prepare import prepare\n'
+            f"prepare({os.path.join(DATA, 'femnist_leaf_sample')!r}, {out!r}, fmt='leaf_json', "
+            "task='emnist')\n")
+    p = subprocess.run([sys.executable, '-c', code], cwd=ROOT, capture_output=True, text=True,
+                       timeout=120, env=dict(os.environ, JAX_PLATFORMS='cpu'))
+    assert p.returncode == 0, p.stderr[-2000:]
+
+  def files(out):
+    found = {}
+    for root, _, names in os.walk(out):
+      for name in names:
+        with open(os.path.join(root, name), 'rb') as f:
+          found[os.path.relpath(os.path.join(root, name), out)] = f.read()
+    return found
+
+  first, second = files(outs[0]), files(outs[1])
+  assert sorted(first) == sorted(second) and len(first) > 4
+  differ = [name for name in first if first[name] != second[name]]
+  assert differ == [], differ
+
+
 def test_the_lstm_is_a_plain_lstm_whose_forget_gate_starts_at_bias_one():
   """The next-word model against a numpy unroll of the textbook LSTM on the same weights
   (random biases too, so each gate's parameters are told apart), and its initial forget-gate

@@ -28,11 +28,13 @@ import hashlib
 import json
 import os
 import shutil
+import zipfile
 from typing import Callable, Iterable, Iterator
 
 import numpy as np
 import tensorflow_datasets as tfds
 from array_record.python import array_record_module
+from tensorflow_datasets.core.example_serializer import ExampleSerializer
 
 from fathom_sim.data.byo import DataError
 from fathom_sim.data.vocab import TEXT_VERSION
@@ -62,6 +64,7 @@ def _write_split(folder: str, split: str, features, clients: Iterable[tuple[str,
   ids, counts, lengths, shards = [], [], [], []
   total = shard_bytes = 0
   writer = None
+  serializer = ExampleSerializer(features.get_serialized_info())
   for cid, example in clients:
     if writer is None:
       shards.append(os.path.join(folder, f'{split}.shard{len(shards)}.tmp'))
@@ -69,7 +72,11 @@ def _write_split(folder: str, split: str, features, clients: Iterable[tuple[str,
         writer = array_record_module.ArrayRecordWriter(shards[-1], 'group_size:1')
       lengths.append(0)
       shard_bytes = 0
-    record = features.serialize_example({'client_id': cid, **example})
+    # Deterministic: a proto's map is otherwise serialized in an order that varies from one
+    # process to the next, and the same input prepared twice gave other bytes.
+    record = serializer.get_tf_example(
+        features.encode_example({'client_id': cid, **example})).SerializeToString(
+            deterministic=True)
     with writing(shards[-1]):
       writer.write(record)
     ids.append(cid)
@@ -90,6 +97,16 @@ def _write_split(folder: str, split: str, features, clients: Iterable[tuple[str,
                                            f'{i:05d}-of-{len(shards):05d}'))
   info = tfds.core.SplitInfo(name=split, shard_lengths=lengths, num_bytes=total)
   return info, ids, counts
+
+
+def _save_npz(path: str, **arrays: np.ndarray) -> None:
+  """np.savez's file (np.load reads it), with a fixed date on its entries: np.savez stamps
+  each with the time it was written."""
+  with zipfile.ZipFile(path, 'w') as z:
+    for name, array in arrays.items():
+      entry = zipfile.ZipInfo(f'{name}.npy', date_time=(1980, 1, 1, 0, 0, 0))
+      with z.open(entry, 'w', force_zip64=True) as f:
+        np.lib.format.write_array(f, np.asanyarray(array), allow_pickle=False)
 
 
 def _partial(out: str) -> str:
@@ -221,7 +238,8 @@ def write(out: str, splits: dict[str, Iterable[tuple[str, dict]]],
     infos.append(info)
     index = os.path.join(partial, f'clients-{split}.npz')
     with writing(index):
-      np.savez(index, client_ids=np.array(ids, dtype=str), num_examples=np.array(counts, np.int64))
+      _save_npz(index, client_ids=np.array(ids, dtype=str),
+                num_examples=np.array(counts, np.int64))
     meta['splits'][split] = {'clients': len(ids), 'examples': int(np.sum(counts))}
   with writing(folder):
     tfds.folder_dataset.write_metadata(data_dir=folder, features=features, split_infos=infos,
