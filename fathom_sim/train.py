@@ -455,9 +455,13 @@ def _run(run: Run, configs: list[ml_collections.ConfigDict], workdirs: list[str]
       rounds.compile_ahead.ready('evaluation')  # waits for its compile if still running
     return evaluate(params, task.test, clients)
 
+  sampled = bool(c.eval_clients) and c.eval_clients < len(test_clients)
+
   def evaluate_into(row: dict, book: _Book, params, t: int) -> None:
-    """Round t's evaluation (on eval_clients sampled test clients, or all) into its row."""
-    if c.eval_clients and c.eval_clients < len(test_clients):
+    """Round t's evaluation into its row: on eval_clients sampled test clients, but the last
+    round's on all of them (the final evaluation: the row, rounds_to_target and the summary
+    say the same)."""
+    if sampled and t != c.num_rounds:
       chosen = sample_clients(book.config.seed, t, rng.EVAL, test_clients, c.eval_clients)
     else:
       chosen = test_clients
@@ -467,18 +471,34 @@ def _run(run: Run, configs: list[ml_collections.ConfigDict], workdirs: list[str]
     row['test_accuracy'], row['test_loss'] = result['accuracy'], result['loss']
     row.update(_extra_accuracies(result))
 
-  # Stopped after round T and run again with num_rounds = T: no round runs, but the last row
-  # gets the evaluation an uninterrupted run of T rounds makes there (rows, rounds_to_target).
-  # Every process evaluates (a collective); the one that holds the rows amends them.
-  for s, book in zip(seeds if done == c.num_rounds else [], books):
-    row = {}
-    evaluate_into(row, book, _seed(state.params, s), done)
+  def amend_last_row(book: _Book, row: dict) -> None:
+    """Round `done`'s row, written again with `row`'s fields (by the process that holds the
+    rows); the rows are then appended to as before."""
     last = book.log.last
-    if last and last.get('round') == done and 'test_accuracy' not in last and book.writer:
-      book.writer.close()  # the rows are written anew, then appended to as before
+    if last and last.get('round') == done and book.writer:
+      book.writer.close()
       book.log = metrics.RowLog(c.target_accuracy)
       metrics.keep_rows(book.workdir, done, amend=row, into=book.log, check=False)
       book.writer = metrics.MetricsWriter(book.workdir)
+
+  # Stopped after round T and run again with num_rounds = T: no round runs, but the last row
+  # gets the evaluation an uninterrupted run of T rounds makes there (rows, rounds_to_target).
+  # Taken further than it ended on an evaluation round, where it evaluated every test client
+  # as a last round does, that row gets the sampled one an uninterrupted run makes there.
+  # Decided from the checkpoint alone: every process evaluates (a collective); the one that
+  # holds the rows amends them.
+  for s, book in zip(seeds, books):
+    every = (book.meta.get('config') or {}).get('eval_every') or c.eval_every
+    if done == c.num_rounds:
+      rewrite = 'test_accuracy' not in (book.log.last or {})
+    elif sampled and done and done % every == 0 and _ended_at(book):
+      rewrite = True
+    else:
+      continue
+    row = {}
+    evaluate_into(row, book, _seed(state.params, s), done)
+    if rewrite:
+      amend_last_row(book, row)
 
   # closing: compiles queued ahead are dropped however the loop ends, and those running waited
   # for. After the last round that wait is made with the stop handlers still in place: a

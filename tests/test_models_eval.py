@@ -445,3 +445,29 @@ def test_fedjax_init_of_the_lstm_takes_fan_in_f_plus_h_and_keeps_the_forget_bias
   np.testing.assert_array_equal(cell['hi']['bias'], np.zeros(h))
   with pytest.raises(ValueError, match="model.init must be one of"):
     get_model('mlp', num_classes=3, init='haiku')
+
+
+def test_the_last_round_evaluates_every_test_client_and_a_longer_run_samples_there(tmp_path):
+  """Periodic evaluations sample eval_clients test clients. The last round's row held a sample
+  too, while the summary's final evaluation took them all: a target the final accuracy passed
+  was reported never reached. Taken further, the round it ended at holds the sample an
+  uninterrupted run takes there."""
+  import json
+  from fathom_sim.train import train_and_evaluate
+  from tests.common import tiny_config
+
+  def rows(name):
+    with open(tmp_path / name / 'metrics.jsonl') as f:
+      return [{k: v for k, v in json.loads(line).items() if k != 'wall_s'} for line in f]
+
+  sampled = dict(eval_every=2, eval_clients=3)
+  full = train_and_evaluate(tiny_config(num_rounds=4, eval_every=2, eval_clients=0),
+                            str(tmp_path / 'full'))
+  part = train_and_evaluate(tiny_config(num_rounds=4, **sampled), str(tmp_path / 'part'))
+  assert part['final'] == full['final']  # evaluation changes no training
+  assert rows('part')[-1]['test_loss'] == part['final']['test_loss'] == rows('full')[-1]['test_loss']
+  assert rows('part')[1]['test_loss'] != rows('full')[1]['test_loss']  # round 2: a sample
+  train_and_evaluate(tiny_config(num_rounds=6, **sampled), str(tmp_path / 'part'))
+  train_and_evaluate(tiny_config(num_rounds=6, **sampled), str(tmp_path / 'straight'))
+  assert rows('part') == rows('straight')
+  assert rows('part')[3]['test_loss'] != rows('full')[3]['test_loss']  # round 4: a sample now
