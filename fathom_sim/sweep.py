@@ -223,10 +223,11 @@ def _entry(run: RunSpec, out: str, status: str, **extra) -> dict:
           **extra}
 
 
-def check_out(sweep: SweepDef, out: str) -> str:
+def check_out(sweep: SweepDef, out: str, extra: dict | None = None) -> str:
   """Raises WorkdirError where `out` cannot hold this sweep's runs (a URL, a file, a run's
-  workdir, another sweep's folder); returns the sweep file's name, as sweep.json records it.
-  Changes nothing: run_sweep and --dry_run make the same checks."""
+  workdir, another sweep's folder, this sweep run with other --config overrides `extra`);
+  returns the sweep file's name, as sweep.json records it. Changes nothing: run_sweep and
+  --dry_run make the same checks."""
   from fathom_sim import workdir as workdir_lib
   workdir_lib.check_local(out, '--out')
   refusal = file_for_folder(out, '--out', 'the runs and sweep.json')
@@ -242,10 +243,27 @@ def check_out(sweep: SweepDef, out: str) -> str:
   if os.path.exists(index_path):
     try:
       with open(index_path, encoding='utf-8') as f:
-        earlier = json.load(f).get('sweep')
+        index = json.load(f)
+      earlier, recorded = index.get('sweep'), index.get('extra')
     except (OSError, ValueError, AttributeError):
       raise workdir_lib.WorkdirError(f'--out {out!r}: its {INDEX_FILE} cannot be read as a '
                                      'sweep\'s index; give another folder') from None
+    # The same command again resumes the sweep. Without its --config overrides, each finished
+    # run was refused by its workdir, marked failed, and sweep.json forgot the overrides.
+    given = json.loads(json.dumps(dict(extra or {}), default=str))  # as sweep.json holds them
+    changed = sorted(k for k in set(recorded or {}) | set(given)
+                     if k not in workdir_lib.RESUMABLE_FIELDS
+                     and (recorded or {}).get(k) != given.get(k))
+    if isinstance(recorded, dict) and changed:
+      def said(overrides: dict) -> str:
+        return ' '.join(f'--config.{k}=' + (','.join(map(str, v)) if isinstance(v, list) else
+                                             str(v))
+                        for k, v in sorted(overrides.items())) or 'none'
+      raise workdir_lib.WorkdirError(
+          f'--out {out!r} holds this sweep run with the overrides {said(recorded)}, and this '
+          f'command gives {said(given)}: {", ".join(changed)} would change its runs\' results '
+          '(their workdirs would refuse them). Give the same overrides (those a resumed run may '
+          'change, such as num_rounds, excepted), or another --out')
     if earlier is not None and os.path.basename(str(earlier)) != sweep_file:
       raise workdir_lib.WorkdirError(
           f'--out {out!r} holds the runs of another sweep ({earlier}); its {INDEX_FILE} would '
@@ -270,7 +288,7 @@ def run_sweep(sweep: SweepDef, out: str, *, extra: dict | None = None,
   train = train or train_lib.train_and_evaluate
   train_group = train_group or train_lib.train_seeds
   runs = plan_runs(sweep, out, extra)
-  sweep_file = check_out(sweep, out)
+  sweep_file = check_out(sweep, out, extra)
   try:
     os.makedirs(out, exist_ok=True)
   except OSError as e:

@@ -43,7 +43,7 @@ def _dry_run(sweep_lib, sweep) -> None:
   """Prints each run of the sweep and what the sweep would do with it: as the sweep judges it,
   a workdir holding a run of another config is a failure, whether finished or not."""
   runs = sweep_lib.plan_runs(sweep, _OUT.value, _EXTRA)
-  sweep_lib.check_out(sweep, _OUT.value)  # what the sweep itself would refuse, refused here
+  sweep_lib.check_out(sweep, _OUT.value, _EXTRA)  # what the sweep would refuse, refused here
   for run in runs:
     status, error = sweep_lib.run_status(run)
     print(f'{run.name}: ' + {'done': 'done', 'pending': 'to run'}.get(status, f'fails: {error}'))

@@ -118,18 +118,33 @@ def test_sweep_runs_every_setting_and_seed_once_and_reports(tmp_path):
   assert p.returncode == 0, p.stderr[-3000:]
   assert p.stdout.count('finished already, skipped') == 4
   assert [os.stat(p).st_mtime_ns for p in summaries] == mtimes
-  # Restarted with a field that changes every run's result: each run is reported as failed
+  # Restarted with an override that changes every run's result: refused before any run, and
+  # nothing written (each finished run was marked failed, and sweep.json lost the overrides
+  # it was run with), --dry_run too. One a resumed run may change is no change of the sweep.
+  index_text = (tmp_path / 'sweep' / 'sweep.json').read_text()
+  for dry in ([], ['--dry_run']):
+    p = _cli('sweep.py', f'--sweep={sweep_file}', f'--out={out}', '--config.cohort_size=4', *dry)
+    assert p.returncode == 2 and p.stderr.count('\n') == 1, p.stderr
+    assert (f"error: --out '{out}' holds this sweep run with the overrides none, and this "
+            "command gives --config.cohort_size=4: cohort_size would change its runs' results"
+            ) in p.stderr, p.stderr
+  assert (tmp_path / 'sweep' / 'sweep.json').read_text() == index_text
+  assert [os.stat(p).st_mtime_ns for p in summaries] == mtimes
+  p = _cli('sweep.py', f'--sweep={sweep_file}', f'--out={out}', '--config.log_every=2')
+  assert p.returncode == 0 and p.stdout.count('finished already, skipped') == 4, p.stderr
+  # The sweep file edited so that every run's result changes: each run is reported as failed
   # (its workdir holds another config), none is skipped as done or retrained.
-  p = _cli('sweep.py', f'--sweep={sweep_file}', f'--out={out}', '--config.cohort_size=4')
+  sweep_file.write_text(SWEEP_FILE.replace('num_devices=1', 'num_devices=1, cohort_size=4'))
+  p = _cli('sweep.py', f'--sweep={sweep_file}', f'--out={out}')
   assert p.returncode == 1 and p.stderr.startswith('error: 4 of 4 run(s) failed: '), p.stderr
   assert 'cohort_size (5 -> 4)' in p.stderr.splitlines()[-1], p.stderr
   assert p.stdout.count('fields that change the result differ: cohort_size (5 -> 4)') == 4
   assert [os.stat(p).st_mtime_ns for p in summaries] == mtimes
   # --dry_run says what the sweep would do: these fail (it said "done" before), those done.
-  p = _cli('sweep.py', f'--sweep={sweep_file}', f'--out={out}', '--config.cohort_size=4',
-           '--dry_run')
+  p = _cli('sweep.py', f'--sweep={sweep_file}', f'--out={out}', '--dry_run')
   assert p.returncode == 0 and p.stdout.count(': fails: ') == 4, p.stdout
   assert 'cohort_size (5 -> 4)' in p.stdout.splitlines()[0]
+  sweep_file.write_text(SWEEP_FILE)
   p = _cli('sweep.py', f'--sweep={sweep_file}', f'--out={out}', '--dry_run')
   assert p.stdout.splitlines() == [f'{n}: done' for n in names], p.stdout
 
