@@ -370,7 +370,7 @@ def unread_fields(c: ml_collections.ConfigDict, fields: Iterable[str]) -> list[s
   config does not read: FATHOM's fields under FedAvg, another server optimizer's, model's or
   dataset's. Such a setting changes nothing, which its author may not expect. (A config
   file's own fields are not judged: stackoverflow.py's FATHOM bounds stay under FedAvg.)"""
-  why = _unread(c.algorithm, c.server_optimizer, c.model.name, c.data.name)
+  why = _unread(c.algorithm, c.server_optimizer, c.model.name, c.data.name, c.data.path)
   return [f'{path}={_get(c, path)!r} ({why[path]})' for path in fields if path in why]
 
 
@@ -378,12 +378,16 @@ def unread_paths(flat: dict) -> set[str]:
   """The dotted paths of the fields that a config, flattened ({'model.name': ...}) with all its
   fields, does not read (see unread_fields)."""
   return set(_unread(*(str(flat.get(f)) for f in ('algorithm', 'server_optimizer',
-                                                    'model.name', 'data.name'))))
+                                                    'model.name', 'data.name', 'data.path'))))
 
 
-def _unread(algorithm: str, server_optimizer: str, model: str, data: str) -> dict[str, str]:
-  """{path: why} for the fields a config does not read; they follow from these four."""
+def _unread(algorithm: str, server_optimizer: str, model: str, data: str,
+            data_path: str) -> dict[str, str]:
+  """{path: why} for the fields a config does not read; they follow from these five."""
   why = {}
+  if data == 'npz' and os.path.isdir(data_path):  # train.npz and test.npz: no split to draw
+    why.update((f'data.{f}', 'data.path is a folder of train.npz and test.npz')
+               for f in ('test_fraction', 'seed'))
   if algorithm == 'fedavg':
     why.update((f, 'algorithm is fedavg') for f in _FATHOM_FIELDS)
   read = _SERVER_FIELDS.get(server_optimizer, ())

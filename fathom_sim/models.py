@@ -17,6 +17,13 @@ from fathom_sim.types import Batch, Params
 
 MODELS = ('logistic', 'mlp', 'emnist_cnn', 'stackoverflow_lstm', 'lstm')
 SEQUENCE_MODELS = ('stackoverflow_lstm', 'lstm')  # next-token prediction (sequence_model)
+# What each model reads per example, for the error when a dataset's examples do not fit it.
+TAKES = {'logistic': 'x of any shape (flattened), y an integer label',
+         'mlp': 'x of any shape (flattened), y an integer label',
+         'emnist_cnn': 'x an image [H, W] or [H, W, 1] ([28, 28] in EMNIST), y an integer '
+                       'label',
+         'stackoverflow_lstm': 'x and y [L] integer token ids',
+         'lstm': 'x and y [L] integer token ids'}
 STACKOVERFLOW_LSTM = (96, 670, 96)  # embedding, LSTM, dense widths of the paper's model
 PAD, BOS, EOS = 0, 1, 2  # token ids of fathom_sim.data.vocab (the last id: out of vocabulary)
 LSTM_CELL = 'OptimizedLSTMCell_0'  # the LSTM's parameters' key: flax's name, kept in checkpoints

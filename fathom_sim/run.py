@@ -329,7 +329,8 @@ def _check_model_fits(model: models.Model, name: str, task: Task) -> None:
   except Exception as e:  # whatever the model's own error, report it against the data
     shapes = ', '.join(f'{k} {v.shape[1:]} {v.dtype}' for k, v in sample.items())
     raise DatasetError(f'{task.name}: examples ({shapes}) do not fit '
-                       f'config.model.name={name!r}: {first_line(e)}') from None
+                       f'config.model.name={name!r}, which takes {models.TAKES[name]} per '
+                       f'example ({first_line(e)})') from None
 
 
 def _warn_integer_inputs(name: str, task: Task) -> None:

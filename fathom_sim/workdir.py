@@ -94,7 +94,12 @@ def check_same_run(workdir: str, config: ml_collections.ConfigDict) -> None:
   new = flatten(config_dict(config))
   changed = differing(saved, new, RESUMABLE_FIELDS)
   if changed:
-    details = ', '.join(f'{k} ({saved.get(k)!r} -> {new.get(k)!r})' for k in changed)
+    # Under FedAvg hyper_optimizer changes no result, but the checkpoint holds its state (a
+    # warning may have said it is not read).
+    held = {'hyper_optimizer': ', whose state the checkpoint holds'} if (
+        new.get('algorithm') == 'fedavg') else {}
+    details = ', '.join(f'{k} ({saved.get(k)!r} -> {new.get(k)!r}{held.get(k, "")})'
+                        for k in changed)
     raise WorkdirError(f'--workdir {workdir!r} holds a run with a different config; fields '
                        f'that change the result differ: {details}. Use another workdir.')
 
@@ -196,8 +201,9 @@ def _check_kinds(workdir: str) -> None:
   for marker, what in ((INDEX_FILE, "a sweep's folder (launch/sweep.py's --out)"),
                        ('meta.json', 'a prepared dataset (launch/prepare_data.py\'s --out)')):
     if os.path.exists(os.path.join(workdir, marker)):
+      # Beside it, not inside: report.py takes every run under a sweep's folder as its own.
       raise WorkdirError(f'--workdir {workdir!r} is {what}; give a folder of its own, e.g. '
-                         f'{os.path.join(workdir, "run")!r}')
+                         f'{os.path.normpath(workdir) + "_run"!r}')
   # A run's files of the wrong kind: a file named checkpoints made orbax's saves fail in a
   # background thread and the run hang, after it had restarted from round 0 and cut the rows.
   for name, folder in ((CHECKPOINTS, True), (UNREADABLE, True), (CONFIG_FILE, False),

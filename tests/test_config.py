@@ -431,7 +431,7 @@ def test_the_first_round_memory_bound_is_the_devices_own_or_the_hosts():
   build(tiny_config(algorithm='fedavg', batch_size=4096.0), tiny_task())  # big but fits
 
 
-def test_fields_set_but_not_read_are_listed():
+def test_fields_set_but_not_read_are_listed(tmp_path):
   """FedAvg ignores FATHOM's fields, SGD the other optimizers', generated data data_dir, ...:
   such a setting changed nothing, without a word. Only the fields given are judged."""
   c = base_config()
@@ -467,6 +467,13 @@ def test_fields_set_but_not_read_are_listed():
   saved = flatten(config_dict(c))
   c.data.shared_glyphs = False
   assert differing(saved, flatten(config_dict(c)), RESUMABLE_FIELDS) == ['data.shared_glyphs']
+  # A .npz file is split by test_fraction and seed; a folder of train.npz and test.npz is not.
+  c.data.name, c.data.path = 'npz', str(tmp_path / 'clients.npz')
+  assert unread_fields(c, ['data.test_fraction', 'data.seed']) == []
+  c.data.path = str(tmp_path)
+  assert unread_fields(c, ['data.test_fraction', 'data.seed']) == [
+      f'data.test_fraction={c.data.test_fraction!r} (data.path is a folder of train.npz and '
+      'test.npz)', 'data.seed=0 (data.path is a folder of train.npz and test.npz)']
 
 
 def test_the_run_command_warns_of_fields_set_on_it_that_the_run_does_not_read(caplog):

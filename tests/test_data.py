@@ -180,6 +180,13 @@ def test_npz_directory_with_train_and_test(tmp_path):
   assert task.num_classes == 5
   np.testing.assert_array_equal(task.test.num_examples, [2, 2])
   assert list(task.train.client_ids) == ['client_000000', 'client_000001']
+  # A label past the classes: the file that holds it is named, not the folder.
+  _write_clients(tmp_path / 'test.npz', [2, 2], seed=1, num_classes=9)
+  top = int(np.load(tmp_path / 'test.npz')['y'].max())
+  with pytest.raises(DataError) as e:
+    load_npz(str(tmp_path), num_classes=3)
+  assert str(e.value) == (f'{tmp_path / "test.npz"}: label {top} does not fit '
+                          'data.num_classes=3 (labels must be in [0, 2])')
 
 
 @pytest.mark.parametrize('problem,needle', [
@@ -276,6 +283,11 @@ def test_data_that_does_not_fit_the_model_is_refused_in_one_line(tmp_path):
                                       r"config.model.name='emnist_cnn'") as err:
     build(config)
   assert '\n' not in str(err.value)
+  from fathom_sim import models
+  assert set(models.TAKES) == set(models.MODELS)
+  # what it takes, not only the model's own words ("tuple index out of range")
+  assert ("which takes x an image [H, W] or [H, W, 1] ([28, 28] in EMNIST), y an integer "
+          'label per example (') in str(err.value)
 
 
 @pytest.mark.parametrize('dtype,top,warned', [(np.uint8, 255, True), (np.int32, 1, False),

@@ -194,8 +194,11 @@ def test_a_sweep_and_a_run_do_not_share_a_folder(tmp_path):
   with pytest.raises(workdir_lib.WorkdirError, match="--out '.*' holds the runs of another "
                      r"sweep \(first.py\).* set \"sweep\" in .*sweep.json to its new name"):
     sweep.run_sweep(sweep.load_sweep(str(second)), str(out), log=lambda _: None)
-  with pytest.raises(workdir_lib.WorkdirError, match=f"--workdir '{out}' is a sweep's folder"):
+  with pytest.raises(workdir_lib.WorkdirError,
+                     match=f"--workdir '{out}' is a sweep's folder") as e:
     workdir_lib.prepare(str(out), tiny_config())
+  # a folder beside it: one inside would be taken by report.py for one of the sweep's runs
+  assert str(e.value).endswith(f"give a folder of its own, e.g. '{out}_run'")
   assert (out / 'sweep.json').read_text() == index and sorted(os.listdir(out)) == [
       '.lock', 'base', 'sweep.json'] and (out / '.lock').read_text() == lock
   # the same sweep again: its runs are done, and its index is its own

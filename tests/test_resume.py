@@ -733,8 +733,11 @@ def test_a_field_the_run_does_not_read_may_change_on_resume(tmp_path):
   other = dict(eta_h=0.5, upper_eta=0.01, clip_log_params=True, server_b1=0.5,
                **{'data.path': 'x.npz'})
   for refused, value in (('alpha', 0.9), ('hyper_optimizer', 'adam')):
-    with pytest.raises(WorkdirError, match=f'differ: {refused} '):
+    with pytest.raises(WorkdirError, match=f'differ: {refused} ') as e:
       train_and_evaluate(_tiny(**fedavg, **{refused: value}), workdir)
+    # why, where a warning may have said FedAvg does not read it
+    assert (refused == 'hyper_optimizer') == (
+        "('sgd' -> 'adam', whose state the checkpoint holds)" in str(e.value))
   resumed = train_and_evaluate(_tiny(**fedavg, **other), workdir)
   assert resumed['resumed_from'] == 2
   assert not os.path.exists(os.path.join(workdir, 'unreadable_checkpoints'))

@@ -115,11 +115,16 @@ def load_npz(path: str, *, num_classes: int = 0, test_fraction: float = 0.2,
   else:
     raise DataError(f'data.path {path!r}: no such file or directory (expected a .npz file, '
                     f'or a directory with train.npz and test.npz)')
-  labels_max = max([int(d.features['y'].max()) for d in (train, test) if len(d.features['y'])]
-                   or [0])
-  if num_classes and labels_max >= num_classes:
-    raise DataError(f'{path}: label {labels_max} does not fit data.num_classes={num_classes} '
-                    f'(labels must be in [0, {num_classes - 1}])')
+  # Each file named on its own: a folder's train.npz or test.npz, or the one file.
+  sources = ((files[0], train), (files[1], test)) if os.path.isdir(path) else (
+      (path, train), (path, test))
+  highest = [(int(d.features['y'].max()), source) for source, d in sources
+             if len(d.features['y'])]
+  labels_max = max([label for label, _ in highest] or [0])
+  for label, source in highest:
+    if num_classes and label >= num_classes:
+      raise DataError(f'{source}: label {label} does not fit data.num_classes={num_classes} '
+                      f'(labels must be in [0, {num_classes - 1}])')
   if train.features['x'].shape[1:] != test.features['x'].shape[1:]:
     raise DataError(f'{path}: train inputs are {train.features["x"].shape[1:]} but test inputs '
                     f'are {test.features["x"].shape[1:]}')
