@@ -81,7 +81,7 @@ def load_prepared(name: str, data_dir: str) -> Task:
   length = meta.get('sequence_length')
   want = ({'x': ((28, 28), 'f'), 'y': ((), 'iu')} if kind == 'emnist' else
           {'x': ((length,), 'iu'), 'y': ((length,), 'iu')})
-  found = {k: (shape, dtype.name) for k, (shape, dtype) in train.feature_specs.items()}
+  found = {k: (shape, dtype.name) for k, (shape, dtype) in sorted(train.feature_specs.items())}
   if set(found) != set(want) or any(
       found[k][0] != shape or np.dtype(found[k][1]).kind not in kinds
       for k, (shape, kinds) in want.items()):
