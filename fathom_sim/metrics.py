@@ -41,10 +41,9 @@ _RESUMES = ('the run stops, its newest checkpoint stays, and the same command re
             'once the file can be written')
 
 
-def cannot_write(path: str, error: OSError,
-                 then: str = 'what it held before stays') -> OutputError:
-  """One line for a file that cannot be written: a full disk or a lost mount is no bug."""
-  return OutputError(f'{path} cannot be written ({error.strerror or error}); {then}')
+def cannot_write(path: str, error: OSError) -> OutputError:
+  """One line for a row that cannot be written: a full disk or a lost mount is no bug."""
+  return OutputError(f'{path} cannot be written ({error.strerror or error}); {_RESUMES}')
 
 
 class MetricsWriter:
@@ -55,20 +54,20 @@ class MetricsWriter:
     try:
       self._file: IO[str] = open(self.path, 'a', encoding='utf-8')
     except OSError as e:
-      raise cannot_write(self.path, e, _RESUMES) from None
+      raise cannot_write(self.path, e) from None
 
   def write(self, row: dict) -> None:
     try:
       self._file.write(json.dumps(_plain(row)) + '\n')
       self._file.flush()
     except OSError as e:
-      raise cannot_write(self.path, e, _RESUMES) from None
+      raise cannot_write(self.path, e) from None
 
   def close(self) -> None:
     try:
       self._file.close()
     except OSError as e:
-      raise cannot_write(self.path, e, _RESUMES) from None
+      raise cannot_write(self.path, e) from None
 
 
 def iter_rows(path: str) -> Iterator[dict]:
@@ -222,8 +221,9 @@ def replaced(path: str) -> Iterator[IO[str]]:
       os.remove(tmp)
     except OSError:
       pass
-    if isinstance(e, OSError):  # (reading `path` while rewriting it: the same file named)
-      raise cannot_write(path, e) from None
+    if isinstance(e, OSError):  # (or reading `path` while rewriting it: the file named)
+      raise OutputError(f'{path} could not be rewritten ({e.strerror or e}); what it held '
+                        'before stays') from None
     raise
 
 

@@ -244,17 +244,28 @@ def check_out(sweep: SweepDef, out: str, extra: dict | None = None) -> str:
     try:
       with open(index_path, encoding='utf-8') as f:
         index = json.load(f)
-      earlier, recorded = index.get('sweep'), index.get('extra')
+      earlier = index.get('sweep')
     except (OSError, ValueError, AttributeError):
       raise workdir_lib.WorkdirError(f'--out {out!r}: its {INDEX_FILE} cannot be read as a '
                                      'sweep\'s index; give another folder') from None
+    if earlier is not None and os.path.basename(str(earlier)) != sweep_file:
+      raise workdir_lib.WorkdirError(
+          f'--out {out!r} holds the runs of another sweep ({earlier}); its {INDEX_FILE} would '
+          f'be replaced and the two sweeps\' runs mixed. Give a folder of its own (or, if '
+          f'{sweep_file} is {earlier} renamed, set "sweep" in {index_path} to its new name)')
     # The same command again resumes the sweep. Without its --config overrides, each finished
     # run was refused by its workdir, marked failed, and sweep.json forgot the overrides.
+    # (Where no run got as far as its workdir's config, nothing holds the old ones.)
+    recorded, runs = index.get('extra'), index.get('runs')
+    started = isinstance(recorded, dict) and isinstance(runs, list) and any(
+        isinstance(e, dict) and os.path.exists(
+            os.path.join(out, str(e.get('workdir', '')), workdir_lib.CONFIG_FILE))
+        for e in runs)
     given = json.loads(json.dumps(dict(extra or {}), default=str))  # as sweep.json holds them
-    changed = sorted(k for k in set(recorded or {}) | set(given)
+    changed = sorted(k for k in set(recorded) | set(given)
                      if k not in workdir_lib.RESUMABLE_FIELDS
-                     and (recorded or {}).get(k) != given.get(k))
-    if isinstance(recorded, dict) and changed:
+                     and recorded.get(k) != given.get(k)) if started else []
+    if changed:
       def said(overrides: dict) -> str:
         return ' '.join(f'--config.{k}=' + (','.join(map(str, v)) if isinstance(v, list) else
                                              str(v))
@@ -264,11 +275,6 @@ def check_out(sweep: SweepDef, out: str, extra: dict | None = None) -> str:
           f'command gives {said(given)}: {", ".join(changed)} would change its runs\' results '
           '(their workdirs would refuse them). Give the same overrides (those a resumed run may '
           'change, such as num_rounds, excepted), or another --out')
-    if earlier is not None and os.path.basename(str(earlier)) != sweep_file:
-      raise workdir_lib.WorkdirError(
-          f'--out {out!r} holds the runs of another sweep ({earlier}); its {INDEX_FILE} would '
-          f'be replaced and the two sweeps\' runs mixed. Give a folder of its own (or, if '
-          f'{sweep_file} is {earlier} renamed, set "sweep" in {index_path} to its new name)')
   return sweep_file
 
 

@@ -77,7 +77,9 @@ def main(argv):
                      sequence_length=_LENGTH.value, split_date=_SPLIT_DATE.value,
                      test_fraction=_TEST_FRACTION.value)
     except KeyboardInterrupt as e:  # (run_or_exit's words are a training run's)
-      cli.fail(f'interrupted; nothing was left at --out {_OUT.value!r}', exit_status(e))
+      done = os.path.exists(os.path.join(_OUT.value, 'meta.json'))  # renamed in already
+      cli.fail(f'interrupted; {"the dataset was written to" if done else "nothing was left at"} '
+               f'--out {_OUT.value!r}', exit_status(e))
     print('\n'.join(summary_lines(meta, _OUT.value)))
 
   cli.run_or_exit(job)

@@ -67,8 +67,8 @@ def test_a_file_replaced_on_a_full_disk_is_one_output_error_and_the_old_one_stay
   os.symlink('/dev/full', path + '.tmp')  # the scratch copy's writes fail as a full disk's
   with pytest.raises(OutputError) as e:
     metrics.write_json(path, {'rounds': 2})
-  assert str(e.value) == (f'{path} cannot be written (No space left on device); what it held '
-                          'before stays')
+  assert str(e.value) == (f'{path} could not be rewritten (No space left on device); what it '
+                          'held before stays')
   with open(path) as f:
     assert json.load(f) == {'rounds': 1}
   assert os.listdir(tmp_path) == ['summary.json']
@@ -433,12 +433,14 @@ def test_prepare_stopped_by_ctrl_c_says_so_in_its_own_words(tmp_path):
   the run from its last checkpoint'. (In a process of its own: absl's flags, parsed, would
   change the logging of the tests after it.)"""
   out = str(tmp_path / 'out')
+  # Ctrl-C while the first split is written: its scratch folder is removed too.
+  leaf = os.path.join(ROOT, 'tests', 'data', 'femnist_leaf_sample')
   code = ('import runpy, sys\n'
-          'from fathom_sim.data import prepare\n'
+          'from fathom_sim.data import tfds_store\n'
           'def interrupted(*args, **kwargs):\n'
           '  raise KeyboardInterrupt\n'
-          'prepare.prepare = interrupted\n'
-          f"sys.argv = ['prepare_data.py', '--source={tmp_path}', '--out={out}', "
+          'tfds_store._write_split = interrupted\n'
+          f"sys.argv = ['prepare_data.py', '--source={leaf}', '--out={out}', "
           "'--format=leaf_json', '--task=emnist']\n"
           "runpy.run_path('launch/prepare_data.py', run_name='__main__')\n")
   env = dict(os.environ, JAX_PLATFORMS='cpu')
@@ -447,7 +449,7 @@ def test_prepare_stopped_by_ctrl_c_says_so_in_its_own_words(tmp_path):
                      capture_output=True, text=True)
   assert p.returncode == 130, p.stderr[-2000:]
   assert p.stderr.splitlines()[-1] == f'error: interrupted; nothing was left at --out {out!r}'
-  assert not os.path.exists(out)
+  assert os.listdir(tmp_path) == []  # no --out, no <out>.partial
 
 
 def test_prepare_refuses_an_out_that_is_a_file_and_keeps_it(tmp_path):

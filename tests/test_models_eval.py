@@ -1,6 +1,8 @@
 """Models as pure functions, evaluation batching, and the run's output helpers."""
 
 import json
+import os
+import shutil
 
 import jax
 import jax.numpy as jnp
@@ -460,14 +462,22 @@ def test_the_last_round_evaluates_every_test_client_and_a_longer_run_samples_the
     with open(tmp_path / name / 'metrics.jsonl') as f:
       return [{k: v for k, v in json.loads(line).items() if k != 'wall_s'} for line in f]
 
-  sampled = dict(eval_every=2, eval_clients=3)
-  full = train_and_evaluate(tiny_config(num_rounds=4, eval_every=2, eval_clients=0),
+  sampled = dict(eval_every=2, eval_clients=3, checkpoint_every=2)
+  full = train_and_evaluate(tiny_config(num_rounds=4, **{**sampled, 'eval_clients': 0}),
                             str(tmp_path / 'full'))
   part = train_and_evaluate(tiny_config(num_rounds=4, **sampled), str(tmp_path / 'part'))
   assert part['final'] == full['final']  # evaluation changes no training
   assert rows('part')[-1]['test_loss'] == part['final']['test_loss'] == rows('full')[-1]['test_loss']
   assert rows('part')[1]['test_loss'] != rows('full')[1]['test_loss']  # round 2: a sample
+  four = rows('part')
   train_and_evaluate(tiny_config(num_rounds=6, **sampled), str(tmp_path / 'part'))
   train_and_evaluate(tiny_config(num_rounds=6, **sampled), str(tmp_path / 'straight'))
   assert rows('part') == rows('straight')
   assert rows('part')[3]['test_loss'] != rows('full')[3]['test_loss']  # round 4: a sample now
+  # A longer run stopped after round 4 (its checkpoint of round 6 never made), then run with
+  # num_rounds=4: round 4's sample becomes the final evaluation a 4-round run makes.
+  shutil.rmtree(tmp_path / 'straight' / 'checkpoints' / '6')
+  os.remove(tmp_path / 'straight' / 'summary.json')
+  cut = train_and_evaluate(tiny_config(num_rounds=4, **sampled), str(tmp_path / 'straight'))
+  assert cut['resumed_from'] == 4
+  assert rows('straight') == four and cut['final'] == part['final']

@@ -78,8 +78,18 @@ def test_a_run_resumed_on_data_prepared_again_from_other_files_is_refused(tmp_pa
   config.num_rounds = 3
   assert train_and_evaluate(config, workdir)['rounds'] == 3
 
+  # Prepared again from other files of the same format: one writer fewer in train.json.
+  other = tmp_path / 'other'
+  other.mkdir()
+  shutil.copy(os.path.join(leaf, 'test.json'), other / 'test.json')
+  with open(os.path.join(leaf, 'train.json')) as f:
+    train = json.load(f)
+  gone = train['users'].pop()
+  train['num_samples'].pop()
+  del train['user_data'][gone]
+  (other / 'train.json').write_text(json.dumps(train))
   shutil.rmtree(data)
-  prepare(_fedjax_dir(tmp_path), data, fmt='fedjax_sqlite', task='emnist')
+  prepare(str(other), data, fmt='leaf_json', task='emnist')
   before = {p: open(p, 'rb').read() for p in glob.glob(os.path.join(workdir, '**'),
                                                        recursive=True) if os.path.isfile(p)}
   config.num_rounds = 4

@@ -86,6 +86,34 @@ def test_a_second_sweep_on_a_live_sweeps_folder_is_refused_and_changes_nothing(t
   assert os.listdir(out) == ['.lock'] and not calls
 
 
+def test_overrides_no_run_got_as_far_as_its_workdir_with_may_be_corrected(tmp_path):
+  """A typo in an override that failed every run before its workdir held a config: the rerun
+  with the corrected value was refused, though no run holds the old one."""
+  from fathom_sim.data import DatasetError
+  sweep_file = tmp_path / 'tiny_sweep.py'
+  sweep_file.write_text(SWEEP_FILE)
+  definition, out = sweep.load_sweep(str(sweep_file)), str(tmp_path / 'sweep')
+
+  def missing(config, workdir):
+    raise DatasetError('data.path: no such file')
+
+  entries = sweep.run_sweep(definition, out, extra={'data.path': 'typo.npz'}, train=missing,
+                            log=lambda _: None)
+  assert {e['status'] for e in entries} == {'failed'}
+  done = []
+  entries = sweep.run_sweep(definition, out, extra={'data.path': 'right.npz'},
+                            train=lambda c, w: done.append(w) or {'final': {}},
+                            log=lambda _: None)
+  assert len(done) == 4
+  # Once a run's workdir holds a config, other overrides are refused before any run.
+  os.makedirs(os.path.join(out, entries[0]['workdir']), exist_ok=True)
+  open(os.path.join(out, entries[0]['workdir'], 'config.json'), 'w').write('{}')
+  with pytest.raises(WorkdirError, match="holds this sweep run with the overrides "
+                     "--config.data.path=right.npz, and this command gives none: data.path"):
+    sweep.run_sweep(definition, out, train=lambda c, w: done.append(w), log=lambda _: None)
+  assert len(done) == 4
+
+
 def test_sweep_runs_every_setting_and_seed_once_and_reports(tmp_path):
   sweep_file = tmp_path / 'tiny_sweep.py'
   sweep_file.write_text(SWEEP_FILE)

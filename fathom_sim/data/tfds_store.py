@@ -168,6 +168,27 @@ def check_out(out: str) -> None:
 
 
 @contextlib.contextmanager
+def _parent_locked(path: str) -> Iterator[None]:
+  """Holds a flock on the folder that holds `path` while the body runs (milliseconds): the
+  conversions that write beside each other check, clear and claim scratch folders one at a
+  time. A filesystem without locks runs it unguarded."""
+  try:
+    fd = os.open(os.path.dirname(path), os.O_RDONLY)
+  except OSError:
+    fd = None
+  try:
+    if fd is not None:
+      try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+      except OSError:
+        pass
+    yield
+  finally:
+    if fd is not None:
+      os.close(fd)
+
+
+@contextlib.contextmanager
 def claimed(out: str) -> Iterator[str]:
   """Makes <out>.partial, this conversion's scratch folder, marked and locked as its own, and
   yields it; removes it if the body raises. What check_out refuses, and a place where the
@@ -175,23 +196,32 @@ def claimed(out: str) -> Iterator[str]:
   take hours. A scratch folder a killed conversion left is replaced."""
   check_out(out)
   partial = _partial(out)
-  if os.path.exists(partial):
-    shutil.rmtree(partial)  # check_out: a killed conversion's
+
+  def cannot(e: OSError) -> DataError:
+    return DataError(f'--out {out!r}: cannot write {partial!r} there ({e.strerror or e}); '
+                     'choose a directory that can be made or written')
+
   try:
     os.makedirs(os.path.dirname(partial), exist_ok=True)
-    os.mkdir(partial)
-    fd = os.open(os.path.join(partial, PARTIAL_MARK), os.O_CREAT | os.O_WRONLY, 0o644)
-  except FileExistsError:
-    raise DataError(f'--out {out!r}: another conversion started writing it just now (in '
-                    f'{partial!r}); wait for it to finish, or choose another --out') from None
   except OSError as e:
-    raise DataError(f'--out {out!r}: cannot write {partial!r} there ({e.strerror or e}); '
-                    'choose a directory that can be made or written') from None
-  try:
+    raise cannot(e) from None
+  # Checked again and claimed under the parent's lock: another conversion's folder could
+  # otherwise be seen unlocked in the moment between its making and its locking, and cleared.
+  with _parent_locked(partial):
+    check_out(out)
+    if os.path.exists(partial):
+      shutil.rmtree(partial)  # check_out: a killed conversion's
+    try:
+      os.mkdir(partial)
+      fd = os.open(os.path.join(partial, PARTIAL_MARK), os.O_CREAT | os.O_WRONLY, 0o644)
+    except OSError as e:
+      shutil.rmtree(partial, ignore_errors=True)  # unmarked, it would refuse every later run
+      raise cannot(e) from None
     try:
       fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:
       pass  # a filesystem without locks: unguarded, as a run's workdir is
+  try:
     yield partial
   except BaseException:
     shutil.rmtree(partial, ignore_errors=True)
