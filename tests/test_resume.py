@@ -207,6 +207,12 @@ def test_every_checkpoint_unreadable_starts_again_said_in_the_log_and_nothing_el
   warnings = [r.getMessage() for r in caplog.records if 'is unreadable' in r.getMessage()]
   assert len(warnings) == 3 and 'starts again from round 0' in warnings[-1]
   assert all('falling back to the previous one' in w for w in warnings[:2])
+  # what the set-aside ones hold, said as they pile up (never deleted)
+  held = [r.getMessage() for r in caplog.records if 'set-aside checkpoint(s)' in r.getMessage()]
+  assert [m.split(' holds ')[1].split(' set-aside')[0] for m in held] == ['1', '2', '3']
+  size = sum(os.path.getsize(os.path.join(d, f)) for d, _, files in
+             os.walk(os.path.join(workdir, 'unreadable_checkpoints')) for f in files)
+  assert f'3 set-aside checkpoint(s), {size / 2**20:.1f} MiB: delete them' in held[-1]
   assert 'Traceback' not in capfd.readouterr().err
   assert resumed['final']['params_sha256'] == straight['final']['params_sha256']
   assert [r['round'] for r in read_rows(workdir)] == list(range(1, 31))
