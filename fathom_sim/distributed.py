@@ -92,6 +92,16 @@ def every_process(true: bool) -> bool:
   return bool(np.min(multihost_utils.process_allgather(np.int32(true))))
 
 
+def process_zeros(answer: bool) -> bool:
+  """Process 0's `answer`, on every process (a collective on several hosts): for what only
+  process 0 can be sure of, such as a file it writes that other hosts' mounts show late."""
+  if jax.process_count() == 1:
+    return answer
+  import numpy as np
+  from jax.experimental import multihost_utils
+  return bool(multihost_utils.process_allgather(np.int32(answer))[0])
+
+
 def differing_processes(values: dict[str, bytes]) -> dict[str, list[int]]:
   """For each named value that some process holds otherwise than process 0 (compared by
   sha256), those processes. A collective: every process calls it with the same names."""

@@ -485,12 +485,13 @@ def _run(run: Run, configs: list[ml_collections.ConfigDict], workdirs: list[str]
   # gets the evaluation an uninterrupted run of T rounds makes there (rows, rounds_to_target).
   # Taken further than it ended on an evaluation round, where it evaluated every test client
   # as a last round does, that row gets the sampled one an uninterrupted run makes there.
-  # Every process evaluates (a collective), so all decide alike (_agreed); the one that holds
-  # the rows amends them.
+  # Every process evaluates (a collective), so all take process 0's word on where the run
+  # ended (an old checkpoint's is read from summary.json, which process 0 writes); the one
+  # that holds the rows amends them.
   for s, book in zip(seeds, books):
     every = (book.meta.get('config') or {}).get('eval_every') or c.eval_every
     if done != c.num_rounds and not (sampled and done and done % every == 0
-                                     and _agreed(_ended_at(book))):
+                                     and distributed.process_zeros(_ended_at(book))):
       continue
     row = {}
     evaluate_into(row, book, _seed(state.params, s), done)
@@ -627,14 +628,6 @@ def _summary_of_finished(book: _Book, num_rounds: int) -> dict | None:
     return None
   finished = isinstance(summary, dict) and summary.get('rounds') == num_rounds
   return summary if finished and same else None
-
-
-def _agreed(answer: bool) -> bool:
-  """Process 0's answer, on every process (an old checkpoint's _ended_at reads summary.json,
-  which process 0 writes and a mount may show other hosts late)."""
-  if jax.process_count() == 1:
-    return answer
-  return bool(multihost_utils.broadcast_one_to_all(np.asarray(answer)))
 
 
 def _ended_at(book: _Book) -> bool:

@@ -117,6 +117,16 @@ def test_two_processes_of_four_devices_train_what_one_process_of_eight_does(tmp_
                                [w['eta'], w['epochs'], w['batch_size'], w['h_glob']],
                                rtol=1e-5, atol=1e-6)
 
+  # Taken further with its evaluations sampled: both processes evaluate the round it ended at
+  # again (a collective, on process 0's word of where it ended), and its row gets the sample.
+  before = _rows(multi)
+  for p in _two_processes(multi, ['--config.num_rounds=6', '--config.eval_clients=3']):
+    out, _ = p.communicate(timeout=600)
+    assert p.returncode == 0, out[-3000:]
+  rows = _rows(multi)
+  assert [r['round'] for r in rows] == list(range(1, 7))
+  assert rows[3]['test_loss'] != before[3]['test_loss'] and rows[:3] == before[:3]
+
   # Process 0 alone reads the rows: a damaged one stops both processes with one line each
   # (process 1 used to wait in round 5's collective until gloo timed out, with a traceback).
   path = os.path.join(multi, 'metrics.jsonl')
@@ -125,7 +135,7 @@ def test_two_processes_of_four_devices_train_what_one_process_of_eight_does(tmp_
   with open(path, 'w') as f:
     f.write(damaged)
   _each_stops_in_one_line(
-      _two_processes(multi, ['--config.num_rounds=6']),
+      _two_processes(multi, ['--config.num_rounds=8']),
       ['metrics.jsonl: line 1 is not a row of a run',
        'process 0 of the run stopped: ' + f'{path}: line 1 is not a row of a run'])
   assert open(path).read() == damaged
