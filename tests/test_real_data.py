@@ -72,6 +72,7 @@ def test_a_run_resumed_on_data_prepared_again_from_other_files_is_refused(tmp_pa
   config = _load_config('femnist')
   config.data.data_dir = data
   config.num_rounds, config.cohort_size, config.eval_every, config.checkpoint_every = 2, 2, 2, 1
+  config.model.name, config.model.hidden = 'mlp', (16,)  # the data is what is tested
   train_and_evaluate(config, workdir)
   shutil.rmtree(data)
   prepare(leaf, data, fmt='leaf_json', task='emnist')
