@@ -246,11 +246,14 @@ class Checkpointer:
       shutil.move(os.path.join(self.directory, str(step)), target)
       # Kept for whoever wants to look, never deleted: one a bad save, a whole checkpoint
       # each, so over a long run of preemptions they may add up.
-      held = sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(target_dir)
-                 for f in files)
-      logging.warning('%s holds %d set-aside checkpoint(s), %.1f MiB: delete them once they '
-                      'are no longer wanted', target_dir, len(os.listdir(target_dir)),
-                      held / 2**20)
+      try:
+        held = sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(target_dir)
+                   for f in files)
+        logging.warning('%s holds %d set-aside checkpoint(s), %.1f MiB: delete them once they '
+                        'are no longer wanted', target_dir, len(os.listdir(target_dir)),
+                        held / 2**20)
+      except OSError:  # (files deleted meanwhile, a dangling link): the count is a courtesy
+        pass
     distributed.every_process(True)  # (a barrier: process 0 has moved it)
     # Re-reads the steps on disk. Closing and reopening the manager instead left orbax's
     # background threads printing "Event loop is closed" tracebacks.

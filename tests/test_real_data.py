@@ -550,6 +550,7 @@ def test_a_scratch_folder_left_by_a_killed_conversion_is_replaced_and_a_users_is
   (mine / '.fathom_sim_partial').write_text('')  # as a killed conversion leaves it
   prepare(source, str(out), fmt='leaf_json', task='emnist')
   assert not mine.exists() and not (out / '.fathom_sim_partial').exists()
+  assert os.listdir(tmp_path) == ['femnist']  # the killed one's folder gone, under any name
   assert load_prepared('femnist', str(out)).train.client(0)['x'].shape == (11, 28, 28)
 
 

@@ -207,20 +207,33 @@ def claimed(out: str) -> Iterator[str]:
     raise cannot(e) from None
   # Checked again and claimed under the parent's lock: another conversion's folder could
   # otherwise be seen unlocked in the moment between its making and its locking, and cleared.
+  stale = None
   with _parent_locked(partial):
     check_out(out)
-    if os.path.exists(partial):
-      shutil.rmtree(partial)  # check_out: a killed conversion's
+    if os.path.exists(partial):  # check_out: a killed conversion's; deleted after the lock
+      stale = f'{partial}.stale-{os.getpid()}'
+      try:
+        os.rename(partial, stale)
+      except OSError as e:
+        raise cannot(e) from None
     try:
       os.mkdir(partial)
+    except FileExistsError:  # another conversion, where the filesystem has no locks
+      raise DataError(f'--out {out!r}: another conversion started writing it just now (in '
+                      f'{partial!r}); wait for it to finish, or choose another --out') from None
+    except OSError as e:
+      raise cannot(e) from None
+    try:
       fd = os.open(os.path.join(partial, PARTIAL_MARK), os.O_CREAT | os.O_WRONLY, 0o644)
     except OSError as e:
-      shutil.rmtree(partial, ignore_errors=True)  # unmarked, it would refuse every later run
+      os.rmdir(partial)  # this process's, empty: unmarked, it would refuse every later run
       raise cannot(e) from None
     try:
       fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:
       pass  # a filesystem without locks: unguarded, as a run's workdir is
+  if stale is not None:
+    shutil.rmtree(stale, ignore_errors=True)
   try:
     yield partial
   except BaseException:
