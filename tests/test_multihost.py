@@ -118,7 +118,7 @@ def test_two_processes_of_four_devices_train_what_one_process_of_eight_does(tmp_
                                rtol=1e-5, atol=1e-6)
 
   # Taken further with its evaluations sampled: both processes evaluate the round it ended at
-  # again (a collective, on process 0's word of where it ended), and its row gets the sample.
+  # again (a collective: neither waits for the other), and its row gets the sample.
   before = _rows(multi)
   for p in _two_processes(multi, ['--config.num_rounds=6', '--config.eval_clients=3']):
     out, _ = p.communicate(timeout=600)
