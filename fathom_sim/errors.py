@@ -3,6 +3,7 @@ exit status each kind of error ends a command with."""
 
 from __future__ import annotations
 
+import errno
 import os
 import re
 import signal
@@ -10,6 +11,11 @@ import signal
 EXIT_FAILED = 1  # anything else: a checkpoint that cannot be written, a library's error, a bug
 EXIT_BAD_INPUT = 2  # the config, data or workdir given, or more memory than the host holds
 EXIT_DIVERGED = 3  # the run stopped itself: config.max_rejected_rounds rejected in a row
+
+
+# flock's answers that another process holds a lock (some filesystems say EACCES); any other
+# error means the filesystem has no locks.
+LOCK_HELD_ELSEWHERE = (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES)
 
 
 class InputError(ValueError):

@@ -350,7 +350,7 @@ def _run(run: Run, configs: list[ml_collections.ConfigDict], workdirs: list[str]
       # The config names the data, not what its folder holds now: data prepared again from
       # other files would silently make the resumed rounds another run's. (A checkpoint from
       # before the fingerprint was kept is taken as it is.)
-      if meta.setdefault('data', data_id) != data_id:
+      if meta.get('data', data_id) != data_id:
         checkpointer.close()
         raise workdir_lib.WorkdirError(
             f'--workdir {workdir!r} holds a run trained on other data than this command '

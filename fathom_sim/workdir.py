@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import contextlib
 import datetime
-import errno
 import fcntl
 import json
 import os
@@ -19,7 +18,8 @@ from absl import logging
 from fathom_sim import distributed, metrics
 from fathom_sim.checkpoint import CHECKPOINTS, UNREADABLE
 from fathom_sim.config import base_config, check_config, unread_paths
-from fathom_sim.errors import MOUNT_HINT, InputError, file_for_folder, is_url
+from fathom_sim.errors import (LOCK_HELD_ELSEWHERE, MOUNT_HINT, InputError, file_for_folder,
+                               is_url)
 from fathom_sim.sweep import INDEX_FILE
 
 CONFIG_FILE = 'config.json'
@@ -112,9 +112,6 @@ def check_local(folder: str, flag: str) -> None:
 
 
 _held: dict[str, int] = {}  # the folders this process holds locked: how many times
-# flock's answers that another process holds the lock (some filesystems say EACCES); any other
-# error means the filesystem has no locks, and the command runs unguarded, with a warning.
-_HELD_ELSEWHERE = (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES)
 
 
 @contextlib.contextmanager
@@ -154,7 +151,7 @@ def locked(folder: str, flag: str = '--workdir') -> Iterator[None]:
     try:
       fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError as e:
-      if e.errno not in _HELD_ELSEWHERE:
+      if e.errno not in LOCK_HELD_ELSEWHERE:  # no locks here: unguarded, with a warning
         logging.warning('%s: cannot lock %s (%s); a second command on this folder would not be '
                         'refused', folder, LOCK_FILE, e.strerror or e)
       else:

@@ -58,7 +58,6 @@ MAX_SEQUENCE_LENGTH = 1024
 
 def main(argv):
   cli.no_arguments(argv)
-  from fathom_sim.data import tfds_store
   from fathom_sim.data.prepare import prepare
   from fathom_sim.errors import exit_status
   if _VOCAB_SIZE.value < 1:
@@ -70,8 +69,7 @@ def main(argv):
     cli.fail(f'--test_fraction must be in (0, 1), got {_TEST_FRACTION.value}')
 
   def job():
-    tfds_store.check_out(_OUT.value)  # now, not after a conversion that may take hours
-    try:
+    try:  # (prepare refuses a bad --out before it reads the input, which may take hours)
       meta = prepare(_SOURCE.value, _OUT.value, fmt=_FORMAT.value, task=_TASK.value,
                      vocab_path=_VOCAB.value, vocab_size=_VOCAB_SIZE.value,
                      sequence_length=_LENGTH.value, split_date=_SPLIT_DATE.value,

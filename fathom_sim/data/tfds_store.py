@@ -22,7 +22,6 @@ past 1 GB per split, spills through `tf.io.gfile`, which needs TensorFlow.
 from __future__ import annotations
 
 import contextlib
-import errno
 import fcntl
 import hashlib
 import json
@@ -38,7 +37,7 @@ from tensorflow_datasets.core.example_serializer import ExampleSerializer
 
 from fathom_sim.data.byo import DataError
 from fathom_sim.data.vocab import TEXT_VERSION
-from fathom_sim.errors import MOUNT_HINT, OutputError, first_line, is_url
+from fathom_sim.errors import LOCK_HELD_ELSEWHERE, MOUNT_HINT, OutputError, first_line, is_url
 
 LAYOUT_VERSION = 1
 DATASET = 'federated_clients'
@@ -125,7 +124,7 @@ def _held_elsewhere(mark: str) -> bool:
     fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     return False
   except OSError as e:
-    return e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES)
+    return e.errno in LOCK_HELD_ELSEWHERE
   finally:
     os.close(fd)
 
