@@ -4,9 +4,10 @@
   python launch/prepare_data.py --format=stackexchange_xml --task=stackoverflow \
       --source=beer.stackexchange.Posts.xml --out=data/beer
 
-Prints a summary (clients, examples, client-size quantiles per split). Bad files end the
-conversion with one line naming the file and what is accepted, exit status 2, and nothing is
-left at --out.
+Prints a summary (clients, examples, client-size quantiles per split). Bad files, flags or
+--out end the conversion with one line naming the file and what is accepted, exit status 2
+(before the input is read where they can be known then), and nothing is left at --out; a
+full disk ends it with one line naming the file, exit status 1.
 """
 
 import os
