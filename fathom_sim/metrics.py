@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import errno
 import gzip
 import hashlib
 import json
@@ -62,6 +63,18 @@ class MetricsWriter:
       self._file.flush()
     except OSError as e:
       raise cannot_write(self.path, e) from None
+
+  def sync(self) -> None:
+    """Puts the rows written so far on the disk (fsync), before the checkpoint they belong
+    to: a machine lost afterwards cannot leave that checkpoint without them. On a gcsfuse
+    mount, which uploads an appended file only when it is closed or synced, this is also when
+    the bucket gets them, the whole file each time."""
+    try:
+      self._file.flush()
+      os.fsync(self._file.fileno())
+    except OSError as e:
+      if e.errno != errno.EINVAL:  # EINVAL: a file that cannot be synced (a pipe), nothing to do
+        raise cannot_write(self.path, e) from None
 
   def close(self) -> None:
     try:
@@ -198,8 +211,9 @@ def keep_rows(workdir: str, last_round: int, drop_eval_at: int | None = None, *,
   if fault is None and expected != last_round + 1:
     fault = f'the last row is round {expected - 1}' if expected > 1 else 'it holds no row'
   if fault is not None:
-    # Rows are flushed before their round's checkpoint is saved, so a kill cannot do this; a
-    # filesystem that lost writes (power loss, a network mount) or an edited file can.
+    # Rows are synced to the disk before their round's checkpoint is saved (MetricsWriter.sync),
+    # so neither a kill nor a lost machine does this; a filesystem that lost synced writes or
+    # an edited file can.
     logging.warning('%s does not hold the rows of rounds 1..%d once each, in order (%s); the '
                     'run goes on from its checkpoint of round %d, with its rows as they are',
                     path, last_round, fault, last_round)

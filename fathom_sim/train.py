@@ -560,6 +560,8 @@ def _run(run: Run, configs: list[ml_collections.ConfigDict], workdirs: list[str]
           book.writer.write(row)
         book.log.add(row)
         if stop or diverged or t % c.checkpoint_every == 0 or t == c.num_rounds:
+          if book.writer:
+            book.writer.sync()
           book.checkpointer.save(_seed(state, s), book.bookkeeping(t, _seed(hp, s)),
                                  wait=bool(stop) or diverged or t == c.num_rounds)
       if t % c.log_every == 0 or t == c.num_rounds:

@@ -685,6 +685,47 @@ def test_rows_missing_before_the_checkpoint_are_said(tmp_path, caplog, rounds, s
   assert not [r for r in caplog.records if r.levelname == 'WARNING']
 
 
+def test_the_rows_of_a_checkpoint_are_synced_to_the_disk_before_it_is_saved(tmp_path,
+                                                                            monkeypatch):
+  """Rows flushed by a write stay in the page cache (on a gcsfuse mount, in its local staging
+  file until the file is closed): a machine lost after a checkpoint was saved could leave it
+  beside rows that never reached the disk or the bucket. Each save now follows an fsync of the
+  rows up to its round; a sync that fails is one OutputError naming the file."""
+  from fathom_sim import metrics
+  from fathom_sim.checkpoint import Checkpointer
+  from fathom_sim.errors import OutputError
+  events, fsync, save = [], os.fsync, Checkpointer.save
+  path = os.path.realpath(tmp_path / metrics.METRICS_FILE)
+
+  def recording_fsync(fd):
+    if os.path.realpath(f'/proc/self/fd/{fd}') == path:
+      events.append(('synced', [r['round'] for r in metrics.read_rows(path)]))
+    return fsync(fd)
+
+  def recording_save(self, state, meta, **kwargs):
+    events.append(('saved', meta['round']))
+    return save(self, state, meta, **kwargs)
+
+  monkeypatch.setattr(os, 'fsync', recording_fsync)
+  monkeypatch.setattr(Checkpointer, 'save', recording_save)
+  train_and_evaluate(_tiny(num_rounds=5, checkpoint_every=2, eval_every=2), str(tmp_path))
+  assert events == [('synced', [1, 2]), ('saved', 2), ('synced', [1, 2, 3, 4]), ('saved', 4),
+                    ('synced', [1, 2, 3, 4, 5]), ('saved', 5)]
+
+  def failing_fsync(code):
+    def fail(fd):
+      raise OSError(code, os.strerror(code))
+    return fail
+
+  writer = metrics.MetricsWriter(str(tmp_path))
+  monkeypatch.setattr(os, 'fsync', failing_fsync(errno.EINVAL))  # a pipe: nothing to sync
+  writer.sync()
+  monkeypatch.setattr(os, 'fsync', failing_fsync(errno.EIO))
+  with pytest.raises(OutputError, match=f'{path} cannot be written \\(Input/output error\\)'):
+    writer.sync()
+  writer.close()
+
+
 @pytest.mark.parametrize('bad', ['xx', '[1, 2]', '{"loss": 1}'])
 def test_a_damaged_row_before_others_is_refused_and_no_row_is_lost(tmp_path, bad):
   """Only a last line can be a torn write: a resume cutting the file at a damaged line in the
