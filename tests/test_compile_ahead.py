@@ -51,13 +51,14 @@ class _SlowLowering:
 
   def __init__(self, seconds: float):
     self.seconds, self.started, self.compiled = seconds, threading.Event(), threading.Event()
+    self.release = threading.Event()  # ends the compile before `seconds`
 
   def __call__(self):
     return self
 
   def compile(self):
     self.started.set()
-    time.sleep(self.seconds)
+    self.release.wait(self.seconds)
     self.compiled.set()
 
 
@@ -94,10 +95,18 @@ def test_close_drops_queued_compiles_and_waits_for_running_ones():
   """After close() a run's counts are final: the compile that was running has finished (and is
   counted), the one queued behind it never runs."""
   ahead = CompileAhead(None, lambda pad: [], workers=1)
-  running, queued = _SlowLowering(0.5), _SlowLowering(0.0)
+  running, queued = _SlowLowering(60.0), _SlowLowering(0.0)
   ahead.also('running', running)
   assert running.started.wait(timeout=60)
-  ahead._other_pool.submit(ahead._compile, 'queued', queued)  # behind it on the one thread
+  job = ahead._other_pool.submit(ahead._compile, 'queued', queued)  # behind it on the one thread
+
+  def release_once_dropped():  # not before: a loaded machine may not reach close() in time
+    deadline = time.time() + 60
+    while not job.cancelled() and time.time() < deadline:
+      time.sleep(0.01)
+    running.release.set()
+
+  threading.Thread(target=release_once_dropped, daemon=True).start()
   ahead.close()
   assert running.compiled.is_set() and ahead.compiled == 1
   assert not queued.compiled.is_set()

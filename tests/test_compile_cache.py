@@ -129,6 +129,7 @@ from tests.common import tiny_config
 ahead = CompileAhead(None, lambda pad: [])
 x = jnp.ones((7, 5))
 ahead.also('probe', lambda: jax.jit(lambda a: jnp.tanh(a @ a.T).sum()).lower(x))
+ahead.wait()  # (ready drops a job its thread has not started yet)
 ahead.ready('probe')
 ahead.close()
 summary = train_and_evaluate(tiny_config(num_rounds=2), sys.argv[1])

@@ -193,11 +193,13 @@ def test_a_signal_to_one_process_stops_both_after_the_same_round_and_they_resume
   deadline = time.time() + 300
   while not (os.path.exists(metrics_file) and os.path.getsize(metrics_file) > 0):
     assert time.time() < deadline and procs[0].poll() is None, _tails(procs)
-    time.sleep(0.2)
+    time.sleep(0.01)
   procs[1].send_signal(signal.SIGTERM)  # a preemption notice reaching one worker only
   outs = [p.communicate(timeout=300)[0] for p in procs]
   assert [p.returncode for p in procs] == [143, 143], outs[0][-3000:]
-  stopped = {int(re.search(r'stopped after round (\d+)', o).group(1)) for o in outs}
+  found = [re.search(r'stopped after round (\d+)', o) for o in outs]
+  assert all(found), '\n'.join(o[-2500:] for o in outs)
+  stopped = {int(m.group(1)) for m in found}
   assert len(stopped) == 1 and stopped.pop() < 30
 
   procs = start()

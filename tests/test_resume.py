@@ -62,6 +62,9 @@ def test_killed_then_resumed_run_equals_uninterrupted(tmp_path, uninterrupted, s
   deadline = time.time() + 300
   while not os.path.isdir(target) and p.poll() is None and time.time() < deadline:
     time.sleep(0.01)
+  if not os.path.isdir(target):  # (signalled anyway, the rows' count would be the failure)
+    p.kill()
+    pytest.fail(f'no checkpoint of round 20 within 300 s:\n{p.communicate()[0][-2000:]}')
   p.send_signal(sig)
   out, _ = p.communicate(timeout=120)
   assert p.returncode == (-9 if sig == signal.SIGKILL else 128 + signal.SIGTERM), out[-2000:]
