@@ -42,6 +42,17 @@ _RESUMES = ('the run stops, its newest checkpoint stays, and the same command re
             'once the file can be written')
 
 
+def _sync(f: IO[str]) -> None:
+  """Puts what was written to `f` on the disk (flush, then fsync); a file that cannot be
+  synced (EINVAL: a pipe, a character device) has nothing to put there."""
+  f.flush()
+  try:
+    os.fsync(f.fileno())
+  except OSError as e:
+    if e.errno != errno.EINVAL:
+      raise
+
+
 def cannot_write(path: str, error: OSError) -> OutputError:
   """One line for a row that cannot be written: a full disk or a lost mount is no bug."""
   return OutputError(f'{path} cannot be written ({error.strerror or error}); {_RESUMES}')
@@ -70,11 +81,9 @@ class MetricsWriter:
     mount, which uploads an appended file only when it is closed or synced, this is also when
     the bucket gets them, the whole file each time."""
     try:
-      self._file.flush()
-      os.fsync(self._file.fileno())
+      _sync(self._file)
     except OSError as e:
-      if e.errno != errno.EINVAL:  # EINVAL: a file that cannot be synced (a pipe), nothing to do
-        raise cannot_write(self.path, e) from None
+      raise cannot_write(self.path, e) from None
 
   def close(self) -> None:
     try:
@@ -223,12 +232,14 @@ def keep_rows(workdir: str, last_round: int, drop_eval_at: int | None = None, *,
 @contextlib.contextmanager
 def replaced(path: str) -> Iterator[IO[str]]:
   """A text file that replaces `path` at once when the block ends, and is removed if it
-  raises: a reader (another host's process, a resumed run after a kill) sees the old file or
-  the new one, never half of one."""
+  raises: a reader (another host's process, a resumed run after a kill or a power loss) sees
+  the old file or the new one, never half of one. (Synced before the rename: otherwise a
+  filesystem may put the rename on the disk before the data, an empty file in `path`'s place.)"""
   tmp = path + '.tmp'
   try:
     with open(tmp, 'w', encoding='utf-8') as f:
       yield f
+      _sync(f)
     os.replace(tmp, path)
   except BaseException as e:
     try:

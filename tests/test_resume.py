@@ -729,6 +729,28 @@ def test_the_rows_of_a_checkpoint_are_synced_to_the_disk_before_it_is_saved(tmp_
   writer.close()
 
 
+def test_a_file_written_whole_is_synced_before_it_replaces_the_old_one(tmp_path, monkeypatch):
+  """summary.json, config.json and a resume's metrics.jsonl replace the old file by a rename;
+  a filesystem may put the rename on the disk before the data (a power loss then leaves an
+  empty file where the old one was), unless the new file was synced first."""
+  from fathom_sim import metrics
+  events, fsync, replace = [], os.fsync, os.replace
+
+  def recording_fsync(fd):
+    events.append(('synced', os.path.basename(os.path.realpath(f'/proc/self/fd/{fd}'))))
+    return fsync(fd)
+
+  def recording_replace(src, dst):
+    events.append(('renamed', os.path.basename(src)))
+    return replace(src, dst)
+
+  monkeypatch.setattr(os, 'fsync', recording_fsync)
+  monkeypatch.setattr(os, 'replace', recording_replace)
+  metrics.write_json(str(tmp_path / 'summary.json'), {'rounds': 3})
+  assert events == [('synced', 'summary.json.tmp'), ('renamed', 'summary.json.tmp')]
+  assert json.loads((tmp_path / 'summary.json').read_text()) == {'rounds': 3}
+
+
 @pytest.mark.parametrize('bad', ['xx', '[1, 2]', '{"loss": 1}'])
 def test_a_damaged_row_before_others_is_refused_and_no_row_is_lost(tmp_path, bad):
   """Only a last line can be a torn write: a resume cutting the file at a damaged line in the
