@@ -53,6 +53,21 @@ def _sync(f: IO[str]) -> None:
       raise
 
 
+def _sync_folder(path: str) -> None:
+  """Puts a folder's entries (a rename in it) on the disk, where the filesystem can: the
+  file it names is whole either way, so a folder that cannot be synced is passed over."""
+  try:
+    fd = os.open(path, os.O_RDONLY)
+  except OSError:
+    return
+  try:
+    os.fsync(fd)
+  except OSError:
+    pass
+  finally:
+    os.close(fd)
+
+
 def cannot_write(path: str, error: OSError) -> OutputError:
   """One line for a row that cannot be written: a full disk or a lost mount is no bug."""
   return OutputError(f'{path} cannot be written ({error.strerror or error}); {_RESUMES}')
@@ -78,8 +93,10 @@ class MetricsWriter:
   def sync(self) -> None:
     """Puts the rows written so far on the disk (fsync), before the checkpoint they belong
     to: a machine lost afterwards cannot leave that checkpoint without them. On a gcsfuse
-    mount, which uploads an appended file only when it is closed or synced, this is also when
-    the bucket gets them, the whole file each time."""
+    mount, which uploads a file appended to only when it is closed or synced, this is also when
+    the bucket gets them (the whole file while it is under 2 MB, then what was appended). The
+    file exists before the first row (keep_rows makes it), so gcsfuse stages it even where its
+    streaming writes, which finalize a new file only on close, are on."""
     try:
       _sync(self._file)
     except OSError as e:
@@ -234,13 +251,15 @@ def replaced(path: str) -> Iterator[IO[str]]:
   """A text file that replaces `path` at once when the block ends, and is removed if it
   raises: a reader (another host's process, a resumed run after a kill or a power loss) sees
   the old file or the new one, never half of one. (Synced before the rename: otherwise a
-  filesystem may put the rename on the disk before the data, an empty file in `path`'s place.)"""
+  filesystem may put the rename on the disk before the data, an empty file in `path`'s place;
+  and its folder after, so that the rename itself is on the disk.)"""
   tmp = path + '.tmp'
   try:
     with open(tmp, 'w', encoding='utf-8') as f:
       yield f
       _sync(f)
     os.replace(tmp, path)
+    _sync_folder(os.path.dirname(os.path.abspath(path)))
   except BaseException as e:
     try:
       os.remove(tmp)
