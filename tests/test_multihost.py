@@ -323,8 +323,9 @@ def rss_kb():
     return next(int(line.split()[1]) for line in f if line.startswith('VmRSS'))
 
 watcher = threading.Thread(target=distributed._watch_loop, daemon=True)
-before = rss_kb()
 watcher.start()
+time.sleep(0.5)  # the thread's own start-up (its stack, a malloc arena) is not a read's
+before = rss_kb()
 time.sleep(4)
 distributed._watch['quiet'].set()
 watcher.join(5)
