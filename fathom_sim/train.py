@@ -365,10 +365,8 @@ def _run(run: Run, configs: list[ml_collections.ConfigDict], workdirs: list[str]
     hps.append(hp)
   doing['what'] = 'init'
   for book in books:
-    if book.done > c.num_rounds:  # (_train closes the books)
-      raise workdir_lib.WorkdirError(
-          f'--workdir {book.workdir!r} holds a run already at round {book.done}; '
-          f'config.num_rounds must be at least that, got {c.num_rounds}')
+    if book.done > c.num_rounds:  # (_train closes the books; found before the load by now)
+      raise workdir_lib.too_few_rounds(book.workdir, book.done, c.num_rounds)
   kept = [_summary_of_finished(book, c.num_rounds) for book in books]
   finished = all(summary is not None for summary in kept)
   # All return, or all go on (to the evaluation's collectives).

@@ -213,11 +213,29 @@ def _check_kinds(workdir: str) -> None:
                          'move it away or give another workdir')
 
 
+def too_few_rounds(workdir: str, done: int, num_rounds: int) -> WorkdirError:
+  """The refusal of a num_rounds below the round a run's checkpoint stands at."""
+  return WorkdirError(f'--workdir {workdir!r} holds a run already at round {done}; '
+                      f'config.num_rounds must be at least that, got {num_rounds}')
+
+
+def _newest_step(workdir: str) -> int | None:
+  """The newest round among the checkpoint folders, by their names (none is read)."""
+  folder = os.path.join(workdir, CHECKPOINTS)
+  try:
+    names = os.listdir(folder)
+  except OSError:
+    return None
+  return max((int(n) for n in names if n.isdigit() and os.path.isdir(os.path.join(folder, n))),
+             default=None)
+
+
 def check_before_load(workdir: str, config: ml_collections.ConfigDict,
                       hold: contextlib.ExitStack) -> None:
   """The checks of prepare() that need no data, made before the data load (minutes for a
   large dataset): a URL refused; a run's workdir locked (with `hold`, on the process that
-  writes its files) and its config compared. A refusal changes nothing."""
+  writes its files), its config compared, and a num_rounds below its newest checkpoint's
+  round refused. A refusal changes nothing."""
   check_local(workdir, '--workdir')
   _check_folder(workdir)
   if os.path.isfile(os.path.join(workdir, CONFIG_FILE)):  # a run's: resumed or relaunched
@@ -226,6 +244,11 @@ def check_before_load(workdir: str, config: ml_collections.ConfigDict,
     check_same_run(workdir, config)
     if distributed.is_writer():
       hold.enter_context(locked(workdir))
+    # By the folders' names: were the newest unreadable, the run would fall back to an older
+    # one, but the run did reach that round, and asking for fewer is refused all the same.
+    newest = _newest_step(workdir)
+    if newest is not None and newest > config.num_rounds:
+      raise too_few_rounds(workdir, newest, config.num_rounds)
 
 
 def prepare(workdir: str, config: ml_collections.ConfigDict,

@@ -252,15 +252,26 @@ def test_a_failed_restore_silences_orbax_aborted_reads_and_nothing_else(monkeypa
   assert callable(getattr(serialization, checkpoint._ORBAX_ARRAY_READ))
 
 
-def test_result_changing_config_is_refused_and_more_rounds_continue(tmp_path):
+def test_result_changing_config_is_refused_and_more_rounds_continue(tmp_path, monkeypatch):
   workdir = str(tmp_path / 'run')
   train_and_evaluate(_tiny(num_rounds=10), workdir)
   files = ('metrics.jsonl', 'config.json', 'summary.json', '.lock')  # .lock: the holder line
   before = [open(os.path.join(workdir, f)).read() for f in files]
   with pytest.raises(WorkdirError, match=r'model.hidden \(\[8\] -> \[9\]\), seed \(3 -> 4\)'):
     train_and_evaluate(_tiny(num_rounds=10, seed=4, **{'model.hidden': (9,)}), workdir)
-  with pytest.raises(WorkdirError, match='config.num_rounds must be at least'):
-    train_and_evaluate(_tiny(num_rounds=5, keep_checkpoints=1), workdir)
+  # Fewer rounds than the run's checkpoint: refused before the data load (minutes for a large
+  # dataset), where it used to be refused once the checkpoint was restored.
+  from fathom_sim import train
+
+  def no_load(config):
+    raise AssertionError('the data was loaded')
+
+  with monkeypatch.context() as m:
+    m.setattr(train, 'build', no_load)
+    with pytest.raises(WorkdirError, match=re.escape(
+        f"--workdir {workdir!r} holds a run already at round 10; config.num_rounds must be at "
+        'least that, got 5')):
+      train_and_evaluate(_tiny(num_rounds=5, keep_checkpoints=1), workdir)
   assert [open(os.path.join(workdir, f)).read() for f in files] == before  # nothing rewritten
   # Finished: nothing redone, and nothing rewritten (the summary kept its own compiles,
   # wall_s and resumed_from, where they were those of a command that only evaluated).
