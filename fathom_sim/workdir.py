@@ -16,7 +16,7 @@ import ml_collections
 from absl import logging
 
 from fathom_sim import distributed, metrics
-from fathom_sim.checkpoint import CHECKPOINTS, UNREADABLE
+from fathom_sim.checkpoint import CHECKPOINTS, UNREADABLE, newest_step
 from fathom_sim.config import base_config, check_config, unread_paths
 from fathom_sim.errors import (LOCK_HELD_ELSEWHERE, MOUNT_HINT, InputError, file_for_folder,
                                is_url)
@@ -219,17 +219,6 @@ def too_few_rounds(workdir: str, done: int, num_rounds: int) -> WorkdirError:
                       f'config.num_rounds must be at least that, got {num_rounds}')
 
 
-def _newest_step(workdir: str) -> int | None:
-  """The newest round among the checkpoint folders, by their names (none is read)."""
-  folder = os.path.join(workdir, CHECKPOINTS)
-  try:
-    names = os.listdir(folder)
-  except OSError:
-    return None
-  return max((int(n) for n in names if n.isdigit() and os.path.isdir(os.path.join(folder, n))),
-             default=None)
-
-
 def check_before_load(workdir: str, config: ml_collections.ConfigDict,
                       hold: contextlib.ExitStack) -> None:
   """The checks of prepare() that need no data, made before the data load (minutes for a
@@ -246,7 +235,7 @@ def check_before_load(workdir: str, config: ml_collections.ConfigDict,
       hold.enter_context(locked(workdir))
     # By the folders' names: were the newest unreadable, the run would fall back to an older
     # one, but the run did reach that round, and asking for fewer is refused all the same.
-    newest = _newest_step(workdir)
+    newest = newest_step(workdir)
     if newest is not None and newest > config.num_rounds:
       raise too_few_rounds(workdir, newest, config.num_rounds)
 
