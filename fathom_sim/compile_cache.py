@@ -9,7 +9,9 @@ at the first compile.
 An entry is keyed by the program and the jax version, backend and devices, so a loaded program
 is the one compilation would have made. An unreadable entry (e.g. a process killed while
 writing it) is skipped with a warning at every load, and the program is compiled; deleting the
-folder clears it.
+folder clears it. The devices enter the key as the topology each process sees: for CPU host
+devices that differs per process, so a multi-process CPU run loads on process 0 only (the others
+miss and compile; docs/benchmarks.md).
 """
 
 from __future__ import annotations
