@@ -90,6 +90,13 @@ def batch_moves(config) -> bool:
 def build(config: ml_collections.ConfigDict, task: Task | None = None) -> Run:
   """Checks the config against itself, the data and the devices; builds the run's parts."""
   check_config(config)
+  if not jax.config.jax_threefry_partitionable:
+    # Off, a batch's random bits (dropout) depend on the batch's padded size, so a client's
+    # masks would change with the buckets, config.min_batch_pad and other seeds' B; and
+    # split(key, n)[i] is no longer fold_in(key, i), which the initial values rely on.
+    raise ConfigError('JAX_THREEFRY_PARTITIONABLE=0 (jax_threefry_partitionable off) is not '
+                      'supported: random bits would then depend on how batches are padded; '
+                      "unset it (on is JAX's default)")
   try:
     task = task if task is not None else load_task(config.data)
   except DataError as e:  # the whole dataset: a sweep need not try its other runs on it

@@ -110,6 +110,18 @@ def test_npz_data_needs_a_path():
     check_config(c)
 
 
+def test_jax_random_bits_that_depend_on_padding_are_refused():
+  """With jax_threefry_partitionable off, the first B_int rows of a dropout draw over B_pad
+  rows are not those of a draw over B_int: a client's masks, and so the run, would change
+  with the buckets. It is refused before anything is built."""
+  jax.config.update('jax_threefry_partitionable', False)
+  try:
+    with pytest.raises(ConfigError, match=r'^JAX_THREEFRY_PARTITIONABLE=0 .* is not supported'):
+      build(tiny_config(), tiny_task())
+  finally:
+    jax.config.update('jax_threefry_partitionable', True)
+
+
 def test_more_devices_than_present_is_refused():
   with pytest.raises(ConfigError, match='config.num_devices must be at most'):
     build(tiny_config(num_devices=64), tiny_task())
