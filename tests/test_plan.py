@@ -317,36 +317,27 @@ def test_stream_is_sized_ahead_for_the_largest_client_within_a_bound(resident):
   assert planner.plan(np.array([0, 1, 2, 8]), 2, 1.0, 5.0).lanes.stream.shape[1] >= 200
 
 
-@pytest.mark.parametrize('resident', [True, False])
-def test_seeds_in_one_program_share_the_longest_seeds_lengths_padded_once(resident):
-  """Vectorised seeds padded their own padded stream and buffer again (1.5x, up to a power of
-  two): twice the rows the longest seed used alone, in device memory and, with the data read
-  per round, in what was sent each round. Now the largest seed's lengths, and only the slack
-  of a larger B_pad on top, to the next power of two."""
+def test_seeds_in_one_program_hold_the_largest_seeds_example_buffer_not_twice_it():
+  """Vectorised seeds grew their own buffers (each already padded, 1.5x up to a power of two)
+  again: the examples held on the devices, and sent each round, were twice the largest
+  seed's. The stream of indices keeps its headroom: at least each seed's own stream and the
+  slack of the largest B_pad on it."""
   cohorts = [np.array([0, 1, 2]), np.array([3, 4, 5])]
-  seeds = SeedPlanners(_sized_dataset([10, 20, 30, 40, 50, 60]), 3, 2, [0, 1],
-                       resident=resident)
   hparams = np.zeros((2, 3), np.float32)
-  hparams[:, EPOCHS], hparams[:, BATCH] = 1.0, 5.0
-  stacked = seeds.plan(cohorts, 1, hparams)  # the same B: the same B_pad
-  own = [p.padded_lengths() for p in seeds.planners]
-  stream, buffer = stacked.lanes.stream.shape[-1], (
-      None if resident else stacked.lanes.source['x'].shape[2])
-  assert stream == max(s for s, _ in own) and own[0][0] < own[1][0]
-  assert buffer == (None if resident else max(b for _, b in own))
-  # Seed 1's B 7 pads to 8 rows a step; seed 0's B 5 to 6 alone, now reads 8: 2 rows more
-  # than its own stream holds past its last step.
-  hparams[1, BATCH] = 7.0
-  seeds = SeedPlanners(_sized_dataset([10, 20, 30, 40, 50, 60]), 3, 2, [0, 1],
-                       resident=resident)
-  stacked = seeds.plan(cohorts, 1, hparams)
-  own = [p.padded_lengths() for p in seeds.planners]
-  pads = [p.batch_pad for p in stacked.plans]
-  need = max(s + stacked.batch_pad - pad for (s, _), pad in zip(own, pads))
-  assert pads == [6, 8] and stacked.batch_pad == 8
-  assert stacked.lanes.stream.shape[-1] == bucket(need, 1) < 2 * need
-  for plan, stream in zip(stacked.plans, stacked.lanes.stream):  # each seed's own rows kept
-    np.testing.assert_array_equal(stream[:, :plan.lanes.stream.shape[1]], plan.lanes.stream)
+  hparams[:, EPOCHS] = 1.0
+  for batch_sizes, pads in (((5.0, 5.0), [6, 6]), ((5.0, 7.0), [6, 8])):
+    hparams[:, BATCH] = batch_sizes
+    seeds = SeedPlanners(_sized_dataset([10, 20, 30, 40, 50, 60]), 3, 2, [0, 1])
+    stacked = seeds.plan(cohorts, 1, hparams)
+    own = [p.padded_lengths() for p in seeds.planners]
+    assert [p.batch_pad for p in stacked.plans] == pads and stacked.batch_pad == max(pads)
+    assert stacked.lanes.source['x'].shape[2] == max(b for _, b in own) > min(b for _, b in own)
+    need = max(s + stacked.batch_pad - pad for (s, _), pad in zip(own, pads))
+    assert stacked.lanes.stream.shape[-1] == grow(0, need)
+    for plan, stream, source in zip(stacked.plans, stacked.lanes.stream, stacked.lanes.source['x']):
+      rows = plan.lanes.source['x'].shape[1]  # each seed's own rows, as it plans them alone
+      np.testing.assert_array_equal(stream[:, :plan.lanes.stream.shape[1]], plan.lanes.stream)
+      np.testing.assert_array_equal(source[:, :rows], plan.lanes.source['x'])
 
 
 def test_a_lane_past_the_example_indices_a_round_addresses_is_refused(monkeypatch):
