@@ -30,7 +30,7 @@ from fathom_sim.config import ConfigError
 from fathom_sim.data.federated import fingerprint, sample_clients
 from fathom_sim.driver import Rounds
 from fathom_sim.errors import EXIT_DIVERGED, InputError, exit_status
-from fathom_sim.evaluation import make_evaluator
+from fathom_sim.evaluation import KEEP_BYTES, make_evaluator
 from fathom_sim.mesh import out_of_memory, put, replicated
 from fathom_sim.run import Run, build, init_state, matmul_precision
 from fathom_sim.types import BATCH, EPOCHS, ETA
@@ -421,9 +421,12 @@ def _run(run: Run, configs: list[ml_collections.ConfigDict], workdirs: list[str]
     hp = fresh if hps[0] is None else hps[0]
   seeds = list(range(len(books))) if vectorized else [None]
 
-  evaluate = make_evaluator(run.model, mesh, c.eval_batch_size)
   host_loop = run.local_loop == 'host'
   test_clients = np.flatnonzero(np.asarray(task.test.num_examples) > 0)
+  sampled = bool(c.eval_clients) and c.eval_clients < len(test_clients)
+  # Every evaluation takes the same clients (but a sampled run's last): small, they stay sent.
+  evaluate = make_evaluator(run.model, mesh, c.eval_batch_size,
+                            keep_bytes=0 if sampled else KEEP_BYTES)
   if not len(test_clients):
     logging.warning('%s: the test split holds no examples: nothing is evaluated, and '
                     'test_accuracy, rounds_to_target are null', task.name)
@@ -446,8 +449,6 @@ def _run(run: Run, configs: list[ml_collections.ConfigDict], workdirs: list[str]
     if rounds.compile_ahead is not None:
       rounds.compile_ahead.ready('evaluation')  # waits for its compile if still running
     return evaluate(params, task.test, clients)
-
-  sampled = bool(c.eval_clients) and c.eval_clients < len(test_clients)
 
   def evaluate_into(row: dict, book: _Book, params, t: int) -> None:
     """Round t's evaluation into its row: on eval_clients sampled test clients, but the last
