@@ -47,9 +47,10 @@ def _batches(dataset: ClientDataset, clients: Sequence[int],
     yield padded(pending)
 
 
-# The quickstart evaluates its 1,000 test clients (4.5 MB) every 5 rounds: batching and sending
-# them again took 16 of an evaluation's 38 ms on 8 CPU devices (docs/benchmarks.md). A larger
-# test set is sent each time: kept, it would take device memory from the rounds.
+# The quickstart evaluates its 1,000 test clients (4.5 MB) every 5 rounds: batched and sent
+# again each time, they took 2.3-2.9 s of its 500 rounds' 16-22 s on 2 CPU cores
+# (docs/benchmarks.md). A larger test set is sent each time: kept, it would take device memory
+# from the rounds.
 KEEP_BYTES = 64 << 20
 
 
