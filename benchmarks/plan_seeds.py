@@ -2,11 +2,12 @@
 
   python benchmarks/plan_seeds.py --seeds=5 --cohort_sizes=10,50 --lanes=10,8 --per_buffer=10,1
 
-Plans FEMNIST-shaped cohorts (configs/femnist.py's generated data, 3,400 writers by default) for S seeds
-side by side, as `launch/sweep.py --vmap_seeds` does with the data read per round: each seed's
-own plan, then the stacked [S, ...] arrays the round takes. The clients of the rounds timed are
-made before timing (generating them is not planning). Prints the stacked example buffer and
-the median time of `SeedPlanners.plan` over the rounds after the first 4 (their lengths grow).
+Plans FEMNIST-shaped cohorts (femnist_synthetic's generated data, 3,400 writers by default)
+for S seeds side by side, as `launch/sweep.py --vmap_seeds` does with the data read per round:
+each seed's own plan, then the stacked [S, ...] arrays the round takes. The clients of the
+rounds timed are made before timing (generating them is not planning). Prints the stacked
+example buffer and the median time of `SeedPlanners.plan` over the rounds after the first 4
+(their lengths grow).
 """
 
 import os
@@ -30,15 +31,11 @@ def main(argv):
   del argv
   import numpy as np
 
-  from configs import femnist
-  from fathom_sim.data import load_task
   from fathom_sim.data.federated import sample_cohort
   from fathom_sim.data.plan import SeedPlanners
+  from fathom_sim.data.synthetic import femnist_like
 
-  config = femnist.get_config()
-  config.data.name = 'femnist_synthetic'
-  config.data.num_clients = _NUM_CLIENTS.value
-  train = load_task(config.data).train
+  train = femnist_like(num_clients=_NUM_CLIENTS.value).train
   made = {}
 
   class Held:
