@@ -82,8 +82,9 @@ class Evaluator:
     self._sums, self._add_sums = sums, add_sums
     self._zero_totals = None  # numpy zeros shaped as the totals, made at the first batch
 
-  def _args(self, params, batch: Batch, real: int) -> tuple:
-    return params, put(batch, self._rows), put(np.int32(real), self._everywhere)
+  def _placed(self, batch: Batch, real: int) -> tuple:
+    """A batch and its count of real rows, on the devices as the program takes them."""
+    return put(batch, self._rows), put(np.int32(real), self._everywhere)
 
   def _zeros(self, args: tuple):
     """Zero totals, placed as the program returns its totals."""
@@ -100,7 +101,7 @@ class Evaluator:
       return
     self._kept, kept, size = None, [], 0
     for batch, real in _batches(dataset, clients, self.batch_size):
-      placed = (put(batch, self._rows), put(np.int32(real), self._everywhere))
+      placed = self._placed(batch, real)
       size += sum(v.nbytes for v in batch.values())
       if kept is not None and size <= self._keep_bytes:
         kept.append(placed)
@@ -134,7 +135,7 @@ class Evaluator:
     their shardings, `client` is one client with examples (only its features' shapes and
     dtypes count)."""
     batch, real = next(_batches(dataset, [client], self.batch_size))
-    args = self._args(params, batch, real)
+    args = (params, *self._placed(batch, real))
     return self._add_sums.lower(self._zeros(args), *args)
 
 
