@@ -100,6 +100,7 @@ class Rounds:
     self._next: _Fed | None = None
     self._ahead_warned = False
     self.planned_ahead = self.replanned = 0  # rounds whose plan made ahead was used / not
+    self.replanned_seeds = 0  # seeds' plans made again on time (vectorised: only those changed)
 
   def initial_hparams(self, state: ServerState) -> np.ndarray:
     """(E, eta, B) of the next round, read from the state (once, at start or resume)."""
@@ -111,16 +112,24 @@ class Rounds:
     c = self.run.config
     start = time.perf_counter()
     fed, self._next = self._next, None
-    if (fed is not None and fed.t == t and self._same_schedule(fed.plans, hp)
-        and self._same_lengths(fed, hp)):
+    kept = self._kept(fed, t, hp)
+    if kept and all(kept):
       self.planned_ahead += 1
     else:
+      reuse = None
       if fed is not None:
-        # The padded lengths grow as if that plan had never been made: no shape (and compile)
-        # that planning on time would not have made.
-        self.planner.restore_padded_lengths(fed.lengths_before)
+        # The padded lengths grow as if the plans made again had never been made: no shape
+        # (and compile) that planning on time would not have made. A seed whose plan made
+        # ahead is still on time keeps it, and the lengths it left (vectorised seeds).
+        if self.seeds is None:
+          self.planner.restore_padded_lengths(fed.lengths_before)
+        else:
+          self.planner.restore_padded_lengths(fed.lengths_before, keep=kept)
+          if kept is not None:
+            reuse = [p if k else None for p, k in zip(fed.plans, kept, strict=True)]
         self.replanned += 1
-      fed = self._feed(t, hp)
+        self.replanned_seeds += len(self.seeds or [0]) - sum(kept or [])
+      fed = self._feed(t, hp, reuse)
     if t < c.num_rounds and self._sample_before_dispatch:
       self._cohorts(t + 1)  # now, while the devices are idle (see _cohorts)
     dispatched = time.perf_counter()
@@ -155,6 +164,7 @@ class Rounds:
                             t + 1, type(e).__name__, e, exc_info=not isinstance(e, InputError))
           self._ahead_warned = True
           self.replanned += 1  # round t+1 will plan on time
+          self.replanned_seeds += len(self.seeds or [0])
     ahead_end = time.perf_counter()
     m = jax.device_get(m)
     # Host: sampling, planning, transfers issued on the critical path. Device: from dispatch
@@ -165,8 +175,10 @@ class Rounds:
     self.last_ahead_s = ahead_end - ahead_start
     return state, m, fed.plans
 
-  def _feed(self, t: int, hp: np.ndarray) -> _Fed:
-    """Plans round t under hp and sends its arrays to the devices."""
+  def _feed(self, t: int, hp: np.ndarray, reuse: list[CohortPlan | None] | None = None
+            ) -> _Fed:
+    """Plans round t under hp and sends its arrays to the devices; vectorised seeds keep
+    their plans in `reuse` (see SeedPlanners.plan)."""
     mesh = self.run.mesh
     cohorts = self._cohorts(t)
     if self.seeds is None:
@@ -174,7 +186,7 @@ class Rounds:
       lanes, batch_size, batch_pad = plan.lanes, jnp.int32(plan.batch_size), plan.batch_pad
       table, plans, longest = plan.table, plan, int(plan.lane_steps.max())
     else:
-      stacked = self.planner.plan(cohorts, t, hp)
+      stacked = self.planner.plan(cohorts, t, hp, reuse)
       lanes, batch_size = stacked.lanes, jnp.asarray(stacked.batch_size)
       batch_pad = stacked.batch_pad
       table, plans = stacked.table, stacked.plans
@@ -184,26 +196,25 @@ class Rounds:
     source = self._resident if self.run.resident else put(lanes.source, self._lanes)
     return _Fed(t, plans, (table, slots, stream, source, batch_size), batch_pad, longest)
 
-  def _same_schedule(self, plans: CohortPlan | list[CohortPlan], hp: np.ndarray) -> bool:
-    """Whether hp gives every seed's plan the B_int and K_i it was made with: a plan depends
-    on (E, B) through those alone (data/plan.py)."""
-    plans, hps = ([plans], [hp]) if self.seeds is None else (plans, hp)
-    for plan, h in zip(plans, hps, strict=True):
+  def _kept(self, fed: _Fed | None, t: int, hp: np.ndarray) -> list[bool] | None:
+    """For each seed, whether its plan made ahead (fed) is the plan round t makes on time
+    under hp: a plan depends on (E, B) only through B_int and the K_i (data/plan.py), and its
+    padded lengths must grow as planning on time grows them (with the same B_int and K_i, the
+    stream's lookahead for the dataset's largest client can still differ with E). None: no
+    plan made ahead for round t."""
+    if fed is None or fed.t != t:
+      return None
+    one = self.seeds is None
+    plans, hps = ([fed.plans], [hp]) if one else (fed.plans, hp)
+    planners = [self.planner] if one else self.planner.planners
+    before = [fed.lengths_before] if one else fed.lengths_before[2]
+    kept = []
+    for planner, plan, h, b in zip(planners, plans, hps, before, strict=True):
       b_int, num_steps = fathom.integer_schedule(h[EPOCHS], h[BATCH], plan.num_examples)
-      if b_int != plan.batch_size or not np.array_equal(num_steps, plan.num_steps):
-        return False
-    return True
-
-  def _same_lengths(self, fed: _Fed, hp: np.ndarray) -> bool:
-    """Whether planning fed's cohort under hp would have grown the padded lengths as planning
-    it ahead did: with the same B_int and K_i, the stream's lookahead for the dataset's
-    largest client can still differ with E, and a shape must not depend on planning ahead."""
-    if self.seeds is None:
-      on_time = self.planner.padded_lengths_on_time(fed.plans, hp[EPOCHS], hp[BATCH],
-                                                    fed.lengths_before)
-    else:
-      on_time = self.planner.padded_lengths_on_time(fed.plans, hp, fed.lengths_before)
-    return on_time == self.planner.padded_lengths()
+      kept.append(b_int == plan.batch_size and np.array_equal(num_steps, plan.num_steps)
+                  and planner.padded_lengths_on_time(plan, h[EPOCHS], h[BATCH], b)
+                  == planner.padded_lengths())
+    return kept
 
   def _neighbour_pads(self, batch_pad: int) -> list[int]:
     planner = self.planner if self.seeds is None else self.planner.planners[0]

@@ -661,6 +661,7 @@ def _summary(book: _Book, final: dict, params, hp: np.ndarray, rounds: Rounds, r
                                                     'loaded': ahead.loaded,
                                                     'used': ahead.used},
       'planned_ahead': rounds.planned_ahead, 'replanned': rounds.replanned,
+      'replanned_seeds': rounds.replanned_seeds,
       'vectorized_seeds': vectorized, 'resumed_from': book.done,
       'simulators': meta['simulators'],
       'wall_s': time.time() - book.start, 'total_examples': meta['total_examples'],

@@ -350,6 +350,7 @@ def measure(name: str, cohort_size: int) -> dict:
           'lane_update': _LANE_UPDATE.value if platform == 'gpu' else 'xla',
           'resident': run.resident, 'prefetch': rounds.prefetching,
           'planned_ahead': rounds.planned_ahead, 'replanned': rounds.replanned,
+          'replanned_seeds': rounds.replanned_seeds,
           'platform': platform,
           'device_kind': run.mesh.devices.flat[0].device_kind, 'pid': os.getpid(),
           'peak_rss_gib': peak_rss, 'device_peak_gib': device_peak,

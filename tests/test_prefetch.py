@@ -199,7 +199,7 @@ def test_a_round_planned_ahead_equals_one_planned_on_time_and_replans_when_b_or_
     results[ahead] = (jax.device_get(state), metrics, plans, rounds)
   (state, metrics, plans, rounds), (want_state, want_metrics, want_plans, _) = (
       results[True], results[False])
-  assert (rounds.planned_ahead, rounds.replanned) == (1, 2)
+  assert (rounds.planned_ahead, rounds.replanned, rounds.replanned_seeds) == (1, 2, 2)
   assert [p.batch_size for p in plans] == [p.batch_size for p in want_plans]
   assert plans[2].batch_size != plans[1].batch_size
   assert not np.array_equal(plans[3].num_steps, plans[2].num_steps)
@@ -270,14 +270,16 @@ def test_a_plan_made_ahead_replans_when_e_would_size_the_stream_otherwise(seeds,
   assert shapes == want_shapes
   assert shapes[5] != shapes[4]  # round 6 grew the stream
   assert (rounds.planned_ahead, rounds.replanned) == (4, 1)
+  assert rounds.replanned_seeds == len(seeds or [0])  # every seed's E grew its stream
   assert rounds.compiles == want_rounds.compiles == 2
   jax.tree.map(np.testing.assert_array_equal, state.params, want_state.params)
 
 
 @pytest.mark.parametrize('data_on_device', ['no', 'yes'])
-def test_vectorised_seeds_replan_together_when_one_seed_changes_b(data_on_device):
-  """Seeds share one program and one plan made ahead: when only seed 1's B_int changes
-  (round 3), both seeds plan again, and every seed's rounds equal the rounds planned on time."""
+def test_vectorised_seeds_plan_again_only_the_seed_whose_b_changed(data_on_device):
+  """Seeds share one program: when only seed 1's B_int changes (round 3), seed 1 plans again
+  and seed 0 keeps its plan made ahead (the stacked arrays are made again, padded to what the
+  new plan needs); every seed's rounds equal the rounds planned on time."""
   from fathom_sim.driver import Rounds
   from fathom_sim.run import build
   from fathom_sim.types import BATCH
@@ -301,7 +303,8 @@ def test_vectorised_seeds_replan_together_when_one_seed_changes_b(data_on_device
     results[ahead] = (jax.device_get(state), metrics, plans, rounds)
   (state, metrics, plans, rounds), (want_state, want_metrics, want_plans, want_rounds) = (
       results[True], results[False])
-  assert (rounds.planned_ahead, rounds.replanned) == (2, 1)
+  assert (rounds.planned_ahead, rounds.replanned, rounds.replanned_seeds) == (2, 1, 1)
+  assert (want_rounds.planned_ahead, want_rounds.replanned_seeds) == (0, 0)
   assert [p.batch_size for p in plans[2]] == [plans[1][0].batch_size,
                                               plans[1][1].batch_size + 1]
   for seed_plans, seed_want in zip(plans, want_plans):

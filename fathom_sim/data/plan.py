@@ -294,10 +294,13 @@ class SeedPlanners:
   def padded_lengths(self) -> tuple:
     return self.stream_pad, self.buffer_pad, [p.padded_lengths() for p in self.planners]
 
-  def restore_padded_lengths(self, lengths: tuple) -> None:
+  def restore_padded_lengths(self, lengths: tuple, keep: list[bool] | None = None) -> None:
+    """Back to `lengths` (padded_lengths()), but for the seeds in `keep`: they keep theirs."""
     self.stream_pad, self.buffer_pad, each = lengths
-    for planner, own in zip(self.planners, each, strict=True):
-      planner.restore_padded_lengths(own)
+    keep = keep or [False] * len(self.planners)
+    for planner, own, k in zip(self.planners, each, keep, strict=True):
+      if not k:
+        planner.restore_padded_lengths(own)
 
   @staticmethod
   def _shared(lengths: tuple, plans: list[CohortPlan], own: list[tuple]) -> tuple:
@@ -316,20 +319,14 @@ class SeedPlanners:
       buffer_pad = max(buffer_pad, *(buffer for _, buffer in own))
     return stream_pad, buffer_pad
 
-  def padded_lengths_on_time(self, plans: list[CohortPlan], hparams: np.ndarray,
-                             before: tuple) -> tuple:
-    """Planner.padded_lengths_on_time for every seed (seed s under hparams[s]), and the
-    shared lengths after them."""
-    stream_pad, buffer_pad, each = before
-    own = [p.padded_lengths_on_time(plan, float(hp[EPOCHS]), float(hp[BATCH]), b)
-           for p, plan, hp, b in zip(self.planners, plans, hparams, each, strict=True)]
-    return self._shared((stream_pad, buffer_pad), plans, own) + (own,)
-
-  def plan(self, cohorts: list[np.ndarray], round_index: int,
-           hparams: np.ndarray) -> StackedPlans:
-    """Plans seed s's cohort under its (E, B) = hparams[s][EPOCHS], hparams[s][BATCH]."""
-    plans = [p.plan(c, round_index, float(hp[EPOCHS]), float(hp[BATCH]))
-             for p, c, hp in zip(self.planners, cohorts, hparams)]
+  def plan(self, cohorts: list[np.ndarray], round_index: int, hparams: np.ndarray,
+           reuse: list[CohortPlan | None] | None = None) -> StackedPlans:
+    """Plans seed s's cohort under its (E, B) = hparams[s][EPOCHS], hparams[s][BATCH], or
+    takes reuse[s]: its plan made ahead that planning now would make again, its planner
+    left with the lengths that plan left (see Rounds._kept)."""
+    reuse = reuse or [None] * len(self.planners)
+    plans = [r if r is not None else p.plan(c, round_index, float(hp[EPOCHS]), float(hp[BATCH]))
+             for p, c, hp, r in zip(self.planners, cohorts, hparams, reuse, strict=True)]
     self.stream_pad, self.buffer_pad = self._shared(
         (self.stream_pad, self.buffer_pad), plans, [p.padded_lengths() for p in self.planners])
     stream = _stacked([p.lanes.stream for p in plans], self.stream_pad)
