@@ -17,10 +17,10 @@ from fathom_sim.data import DataError  # noqa: E402
 _feed = driver.Rounds._feed
 
 
-def _failing_feed(self, t, hp):
+def _failing_feed(self, t, hp, *rest):
   if t == int(os.environ['FAIL_ROUND']) and jax.process_index() == int(os.environ['FAIL_PROCESS']):
     raise DataError(f'record 7 of split train cannot be read (injected, round {t})')
-  return _feed(self, t, hp)
+  return _feed(self, t, hp, *rest)
 
 
 driver.Rounds._feed = _failing_feed

@@ -427,10 +427,10 @@ def test_a_run_stopped_at_a_checkpoint_and_ended_there_evaluates_that_round(tmp_
   from fathom_sim import driver
   feed = driver.Rounds._feed
 
-  def stop_in_round_6(self, t, hp):
+  def stop_in_round_6(self, t, hp, *rest):
     if t == 7:  # fed while round 6 runs, after round 5's checkpoint
       raise KeyboardInterrupt('stopped in round 6')
-    return feed(self, t, hp)
+    return feed(self, t, hp, *rest)
 
   workdir = tmp_path / 'run'
   monkeypatch.setattr(driver.Rounds, '_feed', stop_in_round_6)
