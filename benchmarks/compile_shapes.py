@@ -39,7 +39,8 @@ def replay(sizes, rows: dict, *, cohort_size: int, lanes: int, seed: int, reside
   each round's (example rows sent, the cohort's examples): the rows are the buffers times
   their padded length, 0 when resident."""
   import numpy as np
-  from fathom_sim.data.federated import ArrayClientDataset, sample_cohort
+  from fathom_sim.data.federated import ArrayClientDataset
+  from fathom_sim.data.sampling import sample_cohort
   from fathom_sim.data.plan import Planner, neighbour_buckets
 
   offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)

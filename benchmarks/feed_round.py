@@ -29,7 +29,7 @@ def main(argv):
   import jax
   import numpy as np
   from fathom_sim.data import load_task
-  from fathom_sim.data.federated import sample_cohort
+  from fathom_sim.data.sampling import sample_cohort
   from fathom_sim.data.plan import Planner
   import configs.femnist as femnist
 

@@ -108,7 +108,7 @@ def round_hlo(cohort_size: int, conv: str, dtype: str, mesh,
   to run.MAX_ACCELERATOR_LANES lanes."""
   import jax.numpy as jnp
   from fathom_sim.config import base_config
-  from fathom_sim.data.federated import sample_cohort
+  from fathom_sim.data.sampling import sample_cohort
   from fathom_sim.data.plan import Planner
   from fathom_sim.mesh import by_client, replicated
   from fathom_sim.round import make_round

@@ -31,7 +31,7 @@ def main(argv):
   from fathom_sim.metrics import read_rows
   from fathom_sim import fathom
   from fathom_sim.data import load_task
-  from fathom_sim.data.federated import sample_cohort
+  from fathom_sim.data.sampling import sample_cohort
 
   c = _CONFIG.value
   task = load_task(c.data)

@@ -31,7 +31,7 @@ def main(argv):
   del argv
   import numpy as np
 
-  from fathom_sim.data.federated import sample_cohort
+  from fathom_sim.data.sampling import sample_cohort
   from fathom_sim.data.plan import SeedPlanners
   from fathom_sim.data.synthetic import femnist_like
 

@@ -31,23 +31,9 @@ from fathom_sim import distributed
 from fathom_sim.errors import OutputError, first_line
 from fathom_sim.mesh import out_of_memory
 from fathom_sim.types import ServerState
+from fathom_sim.workdir import CHECKPOINTS, UNREADABLE
 
-CHECKPOINTS = 'checkpoints'
 _TMP = '.orbax-checkpoint-tmp'  # in the name of orbax's folder for a save not yet committed
-UNREADABLE = 'unreadable_checkpoints'  # where unreadable ones are moved, never deleted
-
-
-def newest_step(workdir: str) -> int | None:
-  """The newest round among a workdir's checkpoint folders, by their names alone (nothing is
-  read or opened: for checks and messages before or after orbax has the folder)."""
-  folder = os.path.join(workdir, CHECKPOINTS)
-  try:
-    names = os.listdir(folder)
-  except OSError:
-    return None
-  return max((int(n) for n in names if n.isdigit() and os.path.isdir(os.path.join(folder, n))),
-             default=None)
-
 
 DIGEST = 'state_sha256'  # meta's key for state_digest of the saved state
 META_DIGEST = 'meta_sha256'  # meta's key for meta_digest of the rest of the JSON

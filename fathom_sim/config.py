@@ -15,8 +15,6 @@ from typing import Iterable
 
 import ml_collections
 
-from fathom_sim import fathom, models, server
-from fathom_sim.data import DATASETS
 from fathom_sim.errors import MOUNT_HINT, InputError, is_url
 
 ALGORITHMS = ('fathom', 'fedavg')
@@ -262,6 +260,10 @@ def _bound(x: float) -> str:
 def check_config(c: ml_collections.ConfigDict) -> None:
   """Raises ConfigError for an unknown or missing field, or the first field that is out of
   range or of the wrong type."""
+  # Here, not at the top: every config file imports this module, and a file that cannot be
+  # read, or a misspelt --config flag, is then reported without importing JAX (~2 s a start).
+  from fathom_sim import fathom, models, server
+  from fathom_sim.data import DATASETS
   _check_fields(c)
   _choice(c, 'algorithm', ALGORITHMS)
   _number(c, 'num_rounds', low=1, integer=True)

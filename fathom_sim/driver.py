@@ -17,7 +17,8 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from fathom_sim import fathom
 from fathom_sim.compile_ahead import CompileAhead
 from fathom_sim.errors import InputError
-from fathom_sim.data.federated import ArrayClientDataset, Prefetcher, sample_cohorts
+from fathom_sim.data.federated import ArrayClientDataset, Prefetcher
+from fathom_sim.data.sampling import sample_cohorts
 from fathom_sim.data.plan import Planner, SeedPlanners, neighbour_buckets
 from fathom_sim.mesh import CLIENTS, by_client, local_rows, put, replicated
 from fathom_sim.round import make_round

@@ -13,7 +13,6 @@ import os
 import zlib
 from typing import IO, Iterator
 
-import jax
 import numpy as np
 from absl import logging
 
@@ -284,6 +283,7 @@ def write_json(path: str, obj: dict) -> None:
 
 def params_digest(params: Params) -> tuple[float, str]:
   """(L2 norm, sha256 of the leaves' bytes in tree order): identifies a final model exactly."""
+  import jax  # only here: the report and sweep commands read metrics without starting JAX
   leaves = [np.asarray(x) for x in jax.tree.leaves(jax.device_get(params))]
   digest = hashlib.sha256()
   for leaf in leaves:

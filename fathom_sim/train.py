@@ -25,9 +25,10 @@ from jax.experimental import multihost_utils
 
 from fathom_sim import compile_cache, distributed, fathom, metrics, provenance, rng
 from fathom_sim import workdir as workdir_lib
-from fathom_sim.checkpoint import Checkpointer, newest_step
+from fathom_sim.checkpoint import Checkpointer
 from fathom_sim.config import ConfigError
-from fathom_sim.data.federated import fingerprint, sample_clients
+from fathom_sim.data.federated import fingerprint
+from fathom_sim.data.sampling import sample_clients
 from fathom_sim.driver import Rounds
 from fathom_sim.errors import EXIT_DIVERGED, InputError, exit_status
 from fathom_sim.evaluation import KEEP_BYTES, make_evaluator
@@ -140,7 +141,7 @@ def _out_of_memory_message(run: Run, doing: dict, xla: str) -> str:
 
 def _checkpoints_kept(workdirs: list[str]) -> str:
   """The newest checkpoint each workdir holds, said for an error message."""
-  newest = [newest_step(workdir) for workdir in workdirs]
+  newest = [workdir_lib.newest_step(workdir) for workdir in workdirs]
   if len(set(newest)) > 1:
     return 'the workdirs keep the checkpoints of rounds ' + ', '.join(
         'none' if n is None else str(n) for n in newest)

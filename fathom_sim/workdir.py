@@ -15,12 +15,33 @@ from typing import Iterable, Iterator
 import ml_collections
 from absl import logging
 
-from fathom_sim import distributed, metrics
-from fathom_sim.checkpoint import CHECKPOINTS, UNREADABLE, newest_step
+from fathom_sim import metrics
 from fathom_sim.config import base_config, check_config, unread_paths
 from fathom_sim.errors import (LOCK_HELD_ELSEWHERE, MOUNT_HINT, InputError, file_for_folder,
                                is_url)
 from fathom_sim.sweep import INDEX_FILE
+
+CHECKPOINTS = 'checkpoints'  # checkpoint.py's saves, one folder a round
+UNREADABLE = 'unreadable_checkpoints'  # where unreadable ones are moved, never deleted
+
+
+def newest_step(workdir: str) -> int | None:
+  """The newest round among a workdir's checkpoint folders, by their names alone (nothing is
+  read or opened: for checks and messages before or after orbax has the folder)."""
+  folder = os.path.join(workdir, CHECKPOINTS)
+  try:
+    names = os.listdir(folder)
+  except OSError:
+    return None
+  return max((int(n) for n in names if n.isdigit() and os.path.isdir(os.path.join(folder, n))),
+             default=None)
+
+
+def _is_writer() -> bool:
+  """distributed.is_writer(), imported here: reading a workdir (report.py) starts no JAX."""
+  from fathom_sim import distributed
+  return distributed.is_writer()
+
 
 CONFIG_FILE = 'config.json'
 LOCK_FILE = '.lock'  # held by the process that writes the run's files, while it runs
@@ -231,7 +252,7 @@ def check_before_load(workdir: str, config: ml_collections.ConfigDict,
     check_config(config)  # a bad value said as such, not as another run's config
     _check_kinds(workdir)  # these before the lock: a refusal leaves its holder line
     check_same_run(workdir, config)
-    if distributed.is_writer():
+    if _is_writer():
       hold.enter_context(locked(workdir))
     # By the folders' names: were the newest unreadable, the run would fall back to an older
     # one, but the run did reach that round, and asking for fewer is refused all the same.
@@ -263,7 +284,7 @@ def prepare(workdir: str, config: ml_collections.ConfigDict,
            for f in (metrics.METRICS_FILE, metrics.SUMMARY_FILE, CHECKPOINTS, UNREADABLE)):
     raise WorkdirError(f'--workdir {workdir!r} holds run files but no {CONFIG_FILE}; '
                        'choose another workdir')
-  if hold is not None and distributed.is_writer():
+  if hold is not None and _is_writer():
     hold.enter_context(locked(workdir))
     # A command that held the lock until just now may have written its config meanwhile.
     if not resumed and os.path.exists(os.path.join(workdir, CONFIG_FILE)):
@@ -276,6 +297,6 @@ def prepare(workdir: str, config: ml_collections.ConfigDict,
 def save_config(workdir: str, config: ml_collections.ConfigDict) -> None:
   """Writes config.json: the run's config as this command gave it (resumable fields, such as
   num_rounds, may differ from the run's first command)."""
-  if distributed.is_writer():  # atomically: the other hosts' processes read it meanwhile
+  if _is_writer():  # atomically: the other hosts' processes read it meanwhile
     metrics.write_text(os.path.join(workdir, CONFIG_FILE),
                        config.to_json_best_effort(indent=2) + '\n')

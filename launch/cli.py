@@ -194,19 +194,23 @@ def run_or_exit(job: Callable[[], object]) -> None:
   metrics row, a prepared dataset) become one line; a run stopped by
   SIGTERM/SIGINT (after checkpointing) ends without one. The exit status is
   errors.exit_status's."""
-  from fathom_sim.train import Diverged, Preempted
   try:
     job()
   except (InputError, OutputError) as e:
     fail(str(e), exit_status(e))
-  except Diverged as e:  # every process stopped at the same round: no peer to tell
-    fail(str(e), exit_status(e), tell_peers=False)
   except KeyboardInterrupt as e:  # a second Ctrl-C (train._stop_signals): the files are closed
     fail('stopped by a second Ctrl-C; the same command resumes the run from its last '
          'checkpoint', exit_status(e))
-  except Preempted as e:
-    sys.exit(exit_status(e))
   except MemoryError as e:  # numpy's, before any round (rounds say theirs as OutOfMemory)
     fail(f'the host ran out of memory making the run ({e}); the config asks for more than this '
          'machine holds: lower the sizes it sets (data.num_clients, data.max_examples, '
          'model widths)', exit_status(e))
+  except Exception as e:
+    # train's own, imported once one is raised: train imports JAX, which the commands that
+    # only convert or report data never start (~2 s).
+    from fathom_sim.train import Diverged, Preempted
+    if isinstance(e, Diverged):  # every process stopped at the same round: no peer to tell
+      fail(str(e), exit_status(e), tell_peers=False)
+    if isinstance(e, Preempted):
+      sys.exit(exit_status(e))
+    raise

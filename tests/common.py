@@ -78,7 +78,7 @@ def reference_rounds(config, task, num_rounds: int):
   state = jax.device_get(init_state(run))
   params, phi = state.params, np.asarray(state.hyper.log_hparams)
   ema = jax.tree.map(np.zeros_like, params)
-  from fathom_sim.data.federated import sample_cohort
+  from fathom_sim.data.sampling import sample_cohort
   out = []
   server_step = reference.ServerStep(
       config.server_optimizer, config.server_lr, momentum=config.server_momentum,

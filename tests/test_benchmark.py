@@ -64,7 +64,7 @@ def _real_and_computed(num_clients: int, cohort: int, rounds, lanes_per_device: 
   import numpy as np
   from fathom_sim.config import base_config
   from fathom_sim.data import load_task
-  from fathom_sim.data.federated import sample_cohort
+  from fathom_sim.data.sampling import sample_cohort
   c = base_config()
   c.data.num_clients = num_clients
   train = load_task(c.data).train

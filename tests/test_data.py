@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 from fathom_sim.data import DataError, load_npz
-from fathom_sim.data.federated import ArrayClientDataset, sample_cohort
+from fathom_sim.data.federated import ArrayClientDataset
+from fathom_sim.data.sampling import sample_cohort
 from fathom_sim.data.synthetic import femnist_like, synthetic_alpha_beta
 from fathom_sim.train import train_and_evaluate
 from tests.common import tiny_config

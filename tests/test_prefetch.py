@@ -10,7 +10,8 @@ import pytest
 
 from fathom_sim.config import ConfigError
 from fathom_sim.data import DataError
-from fathom_sim.data.federated import GeneratedClientDataset, Prefetcher, sample_cohort
+from fathom_sim.data.federated import GeneratedClientDataset, Prefetcher
+from fathom_sim.data.sampling import sample_cohort
 
 from tests.common import run_rounds, tiny_config, tiny_task
 
@@ -350,7 +351,7 @@ def test_a_client_that_cannot_be_read_fails_its_own_round_not_the_one_before(err
 def test_cohort_sampling_never_touches_the_default_device():
   """Its key is made on the host CPU: a key on an accelerator would wait behind the round in
   flight there, and round t+1's clients would be read only after round t ended."""
-  from fathom_sim.data.federated import sample_clients
+  from fathom_sim.data.sampling import sample_clients
   ref = sample_clients(3, 7, 0, np.arange(100), 10)
   # A default device other than the host CPU device stands in for an accelerator.
   with jax.default_device(jax.devices()[-1]), jax.transfer_guard_device_to_device('disallow'):
@@ -394,7 +395,8 @@ def test_read_ahead_raises_the_read_error_at_that_client():
 def test_cohorts_sampled_in_a_block_are_each_rounds_own(population, size):
   """One program for a block of rounds gives, row by row, what sampling each round alone
   gives (the vmap changes nothing in the bits)."""
-  from fathom_sim.data.federated import ArrayClientDataset, sample_cohorts
+  from fathom_sim.data.federated import ArrayClientDataset
+  from fathom_sim.data.sampling import sample_cohorts
   sizes = np.arange(population) % 4  # every 4th client has no example: never sampled
   sizes[:size + 2] = 1
   offsets = np.concatenate([[0], np.cumsum(sizes)])
