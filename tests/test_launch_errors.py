@@ -515,3 +515,21 @@ def test_url_folders_are_refused_by_sweep_prepare_report_and_the_config(tmp_path
   # a local name that merely holds '://' is a folder like any other
   from fathom_sim.errors import is_url
   assert not is_url('runs/a://b') and is_url('gs://b') and is_url('s3+x.y-z://b')
+
+
+def test_report_prepare_and_a_config_file_start_no_jax():
+  """The report and prepare_data commands, and reading a config file (a misspelt flag, a file
+  that does not load), need no JAX, whose import is ~2 s of each start: a module-level
+  `import jax` on their path (metrics, workdir, the data package, config) would bring it
+  back without a word."""
+  code = ('import sys; sys.path.insert(0, "."); '
+          'from launch import cli; '
+          'import fathom_sim.report, fathom_sim.plots, fathom_sim.sweep, fathom_sim.workdir; '
+          'import fathom_sim.data.prepare, fathom_sim.data.prepared, fathom_sim.config; '
+          'from configs import quickstart; quickstart.get_config(); '
+          'print(sorted(m for m in sys.modules if m == "jax" or m.startswith(("flax", "optax", '
+          '"orbax"))))')
+  p = subprocess.run([sys.executable, '-c', code], cwd=ROOT, capture_output=True, text=True,
+                     timeout=120)
+  assert p.returncode == 0, p.stderr[-2000:]
+  assert p.stdout.strip() == '[]'
