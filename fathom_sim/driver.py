@@ -147,8 +147,8 @@ class Rounds:
       if self._plan_ahead:
         # Round t+1's plan under this round's (E, B), made and sent while the devices compute
         # round t. B_int and the K_i mostly stay the same from one round to the next; when
-        # they do not, or the padded lengths would grow otherwise, round t+1 plans again
-        # (_same_schedule, _same_lengths).
+        # they do not, or the padded lengths would grow otherwise, round t+1 plans again,
+        # vectorised seeds only those whose plan no longer holds (_kept).
         lengths = self.planner.padded_lengths()
         try:
           self._next = self._feed(t + 1, hp)

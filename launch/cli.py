@@ -206,11 +206,11 @@ def run_or_exit(job: Callable[[], object]) -> None:
          'machine holds: lower the sizes it sets (data.num_clients, data.max_examples, '
          'model widths)', exit_status(e))
   except Exception as e:
-    # train's own, imported once one is raised: train imports JAX, which the commands that
-    # only convert or report data never start (~2 s).
-    from fathom_sim.train import Diverged, Preempted
-    if isinstance(e, Diverged):  # every process stopped at the same round: no peer to tell
-      fail(str(e), exit_status(e), tell_peers=False)
-    if isinstance(e, Preempted):
+    # train's own, by its module if loaded (only a job that loaded it can raise them): train
+    # imports JAX, which the commands that only convert or report data never start (~2 s).
+    train = sys.modules.get('fathom_sim.train')
+    if train is not None and isinstance(e, train.Diverged):
+      fail(str(e), exit_status(e), tell_peers=False)  # every process stopped at that round
+    if train is not None and isinstance(e, train.Preempted):
       sys.exit(exit_status(e))
     raise
