@@ -29,6 +29,27 @@ class OutputError(RuntimeError):
   a run's newest checkpoint included, stays."""
 
 
+# train.py raises these two; here so that a command names them without importing train (JAX).
+class Preempted(Exception):
+  """The run received SIGTERM or SIGINT and stopped after checkpointing its last round."""
+
+  def __init__(self, signum: int, round_index: int):
+    super().__init__(f'stopped by signal {signum} after round {round_index} (checkpointed)')
+    self.signum = signum
+    self.exit_status = 128 + signum  # the shell's convention for "ended by this signal"
+
+
+class Diverged(Exception):
+  """config.max_rejected_rounds rounds in a row were rejected (for every seed of the program):
+  the run stopped after checkpointing the last. `workdirs`: the runs that stopped."""
+
+  exit_status = EXIT_DIVERGED
+
+  def __init__(self, workdirs: list[str], message: str):
+    super().__init__(message)
+    self.workdirs = list(workdirs)
+
+
 def exit_status(error: BaseException) -> int:
   """The status a command ends with for `error`, in one place for launch/cli.py and for the
   peers of a multi-host run (which exit with the failing process's status): an error's own

@@ -30,7 +30,7 @@ from fathom_sim.config import ConfigError
 from fathom_sim.data.federated import fingerprint
 from fathom_sim.data.sampling import sample_clients
 from fathom_sim.driver import Rounds
-from fathom_sim.errors import EXIT_DIVERGED, InputError, exit_status
+from fathom_sim.errors import Diverged, InputError, Preempted, exit_status
 from fathom_sim.evaluation import KEEP_BYTES, make_evaluator
 from fathom_sim.mesh import out_of_memory, put, replicated
 from fathom_sim.run import Run, build, init_state, matmul_precision
@@ -40,26 +40,6 @@ from fathom_sim.types import BATCH, EPOCHS, ETA
 class OutOfMemory(ConfigError):
   """A device ran out of memory: the config asks more than the devices hold. The workdir keeps
   its checkpoints and rows as they were; a sweep marks the run failed and goes on."""
-
-
-class Preempted(Exception):
-  """The run received SIGTERM or SIGINT and stopped after checkpointing its last round."""
-
-  def __init__(self, signum: int, round_index: int):
-    super().__init__(f'stopped by signal {signum} after round {round_index} (checkpointed)')
-    self.signum = signum
-    self.exit_status = 128 + signum  # the shell's convention for "ended by this signal"
-
-
-class Diverged(Exception):
-  """config.max_rejected_rounds rounds in a row were rejected (for every seed of the program):
-  the run stopped after checkpointing the last. `workdirs`: the runs that stopped."""
-
-  exit_status = EXIT_DIVERGED
-
-  def __init__(self, workdirs: list[str], message: str):
-    super().__init__(message)
-    self.workdirs = list(workdirs)
 
 
 @contextlib.contextmanager

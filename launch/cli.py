@@ -11,7 +11,8 @@ from typing import Callable
 
 from absl import flags, logging
 
-from fathom_sim.errors import EXIT_BAD_INPUT, InputError, OutputError, exit_status
+from fathom_sim.errors import (EXIT_BAD_INPUT, Diverged, InputError, OutputError, Preempted,
+                               exit_status)
 
 
 # Libraries whose INFO lines are chatter in a progress log: orbax's, one per save, and JAX's
@@ -190,7 +191,7 @@ def no_arguments(argv: list[str]) -> None:
 
 def run_or_exit(job: Callable[[], object]) -> None:
   """Runs the job; input errors (config, data, workdir), a run that diverged for good
-  (train.Diverged) and output that cannot be written (errors.OutputError: a checkpoint, a
+  (errors.Diverged) and output that cannot be written (errors.OutputError: a checkpoint, a
   metrics row, a prepared dataset) become one line; a run stopped by
   SIGTERM/SIGINT (after checkpointing) ends without one. The exit status is
   errors.exit_status's."""
@@ -198,6 +199,10 @@ def run_or_exit(job: Callable[[], object]) -> None:
     job()
   except (InputError, OutputError) as e:
     fail(str(e), exit_status(e))
+  except Diverged as e:  # every process stopped at the same round: no peer to tell
+    fail(str(e), exit_status(e), tell_peers=False)
+  except Preempted as e:
+    sys.exit(exit_status(e))
   except KeyboardInterrupt as e:  # a second Ctrl-C (train._stop_signals): the files are closed
     fail('stopped by a second Ctrl-C; the same command resumes the run from its last '
          'checkpoint', exit_status(e))
@@ -205,12 +210,3 @@ def run_or_exit(job: Callable[[], object]) -> None:
     fail(f'the host ran out of memory making the run ({e}); the config asks for more than this '
          'machine holds: lower the sizes it sets (data.num_clients, data.max_examples, '
          'model widths)', exit_status(e))
-  except Exception as e:
-    # train's own, by its module if loaded (only a job that loaded it can raise them): train
-    # imports JAX, which the commands that only convert or report data never start (~2 s).
-    train = sys.modules.get('fathom_sim.train')
-    if train is not None and isinstance(e, train.Diverged):
-      fail(str(e), exit_status(e), tell_peers=False)  # every process stopped at that round
-    if train is not None and isinstance(e, train.Preempted):
-      sys.exit(exit_status(e))
-    raise
