@@ -174,6 +174,13 @@ def test_npz_single_file_holds_out_test_examples_per_client(tmp_path):
     assert sorted(map(tuple, both.tolist())) == sorted(map(tuple, original.tolist()))
 
 
+def test_npz_client_ids_saved_as_utf8_bytes_read_as_str(tmp_path):
+  _write_clients(tmp_path / 'mine.npz', [2, 3],
+                 client_ids=np.array(['été'.encode(), b'writer_7']))
+  task = load_npz(str(tmp_path / 'mine.npz'))
+  assert list(task.train.client_ids) == ['été', 'writer_7']
+
+
 def test_npz_directory_with_train_and_test(tmp_path):
   _write_clients(tmp_path / 'train.npz', [3, 4], num_classes=3)
   _write_clients(tmp_path / 'test.npz', [2, 2], seed=1, num_classes=3)
@@ -206,6 +213,11 @@ def test_npz_directory_with_train_and_test(tmp_path):
     ('empty', 'holds no examples (num_examples is empty or all 0)'),  # was a KeyError 'y'
     ('huge_label', 'labels must be below 2^31, found 2147483648'),  # wrapped to -2^31
     ('same_ids', "client_ids must be distinct; 'a' names 2 clients"),
+    ('damaged_deflate', 'not a readable .npz file (Error -3 while decompressing'),  # zlib.error
+    ('scalar_x', 'x must be an array [N, ...] with a row per example'),  # was len() TypeError
+    ('scalar_ids', 'client_ids must be a 1-D array of strings, one per client, got shape ()'),
+    ('latin1_ids', "client_ids are bytes that are not UTF-8 (invalid continuation byte at "
+                   "byte 0 of b'\\xe9t\\xe9'); save them as str"),  # was a UnicodeDecodeError
 ])
 def test_npz_problems_name_the_file_and_the_fix(tmp_path, problem, needle):
   path = tmp_path / 'data.npz'
@@ -247,6 +259,20 @@ def test_npz_problems_name_the_file_and_the_fix(tmp_path, problem, needle):
   elif problem == 'same_ids':
     np.savez(path, x=np.zeros((3, 5)), y=np.array([0, 1, 0]), num_examples=np.array([1, 1, 1]),
              client_ids=np.array(['a', 'b', 'a']))
+  elif problem == 'damaged_deflate':  # past the zip's headers: np.load opens it, reading fails
+    np.savez_compressed(path, x=np.random.default_rng(0).random((2000, 30)),
+                        y=np.zeros(2000, np.int64), num_examples=np.array([1000, 1000]))
+    data = bytearray(path.read_bytes())
+    data[100:164] = b'\xff' * 64
+    path.write_bytes(bytes(data))
+  elif problem == 'scalar_x':
+    np.savez(path, x=np.float32(1), y=np.zeros(1, np.int64), num_examples=np.array([1]))
+  elif problem == 'scalar_ids':
+    np.savez(path, x=np.zeros((1, 5)), y=np.zeros(1, np.int64), num_examples=np.array([1]),
+             client_ids=np.array('a'))
+  elif problem == 'latin1_ids':
+    np.savez(path, x=np.zeros((2, 5)), y=np.zeros(2, np.int64), num_examples=np.array([1, 1]),
+             client_ids=np.array(['été'.encode('latin-1'), b'b']))
   elif problem == 'shapes':
     path = tmp_path / 'dir'
     path.mkdir()

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import zipfile
+import zlib
 
 import numpy as np
 
@@ -43,7 +44,8 @@ def _read(path: str) -> dict:
   try:
     with np.load(path, allow_pickle=False) as f:
       return {k: f[k] for k in f.files}
-  except (OSError, ValueError, zipfile.BadZipFile, EOFError) as e:
+  except (OSError, ValueError, zipfile.BadZipFile, EOFError, zlib.error) as e:  # (zlib: a
+    # np.savez_compressed member whose deflated bytes are damaged)
     raise DataError(f'{path}: not a readable .npz file ({e})') from None
 
 
@@ -56,6 +58,9 @@ def _dataset(path: str, arrays: dict) -> ArrayClientDataset:
   if not (np.issubdtype(x.dtype, np.number) or x.dtype == np.bool_):
     raise DataError(f'{path}: x must hold numbers (float inputs, or integer token ids), got '
                     f'{x.dtype}')
+  if x.ndim == 0:
+    raise DataError(f'{path}: x must be an array [N, ...] with a row per example, got a '
+                    'single number')
   if counts.ndim != 1 or not np.issubdtype(counts.dtype, np.integer) or (counts < 0).any():
     raise DataError(f'{path}: num_examples must be a 1-D array of non-negative integers')
   if not np.issubdtype(y.dtype, np.integer) or y.ndim != 1:
@@ -70,16 +75,32 @@ def _dataset(path: str, arrays: dict) -> ArrayClientDataset:
   ids = arrays.get('client_ids')
   if ids is None:
     ids = np.array([f'client_{i:06d}' for i in range(len(counts))])
-  elif len(ids) != len(counts):
-    raise DataError(f'{path}: {len(ids)} client_ids for {len(counts)} clients')
   else:
-    names, seen = np.unique(ids.astype(str), return_counts=True)
-    if (seen > 1).any():
-      raise DataError(f'{path}: client_ids must be distinct; {str(names[seen > 1][0])!r} names '
-                      f'{seen[seen > 1][0]} clients')
+    ids = _client_ids(path, ids, len(counts))
   x = x.astype(np.float32) if np.issubdtype(x.dtype, np.floating) else x
   offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
-  return ArrayClientDataset({'x': x, 'y': y.astype(np.int32)}, offsets, ids.astype(str))
+  return ArrayClientDataset({'x': x, 'y': y.astype(np.int32)}, offsets, ids)
+
+
+def _client_ids(path: str, ids: np.ndarray, clients: int) -> np.ndarray:
+  """A file's client_ids as distinct strings, one per client (bytes read as UTF-8)."""
+  if ids.ndim != 1:
+    raise DataError(f'{path}: client_ids must be a 1-D array of strings, one per client, got '
+                    f'shape {ids.shape}')
+  if len(ids) != clients:
+    raise DataError(f'{path}: {len(ids)} client_ids for {clients} clients')
+  if ids.dtype.kind == 'S':
+    try:
+      ids = np.char.decode(ids, 'utf-8')
+    except UnicodeDecodeError as e:
+      raise DataError(f'{path}: client_ids are bytes that are not UTF-8 ({e.reason} at byte '
+                      f'{e.start} of {e.object!r}); save them as str') from None
+  ids = ids.astype(str)
+  names, seen = np.unique(ids, return_counts=True)
+  if (seen > 1).any():
+    raise DataError(f'{path}: client_ids must be distinct; {str(names[seen > 1][0])!r} names '
+                    f'{seen[seen > 1][0]} clients')
+  return ids
 
 
 def _hold_out(data: ArrayClientDataset, test_fraction: float,
