@@ -607,13 +607,12 @@ def _summary_of_finished(book: _Book, num_rounds: int) -> dict | None:
 
 
 def _ended_at(book: _Book) -> bool:
-  """Whether the run that saved the checkpoint resumed from ended at its round: the config
-  saved with the checkpoint says (a run stopped at a periodic checkpoint then resumed with
-  another eval_every did not end there); summary.json does for checkpoints without one."""
+  """Whether a run ended at the round of the checkpoint resumed from, and evaluated there as a
+  last round: the one that saved it, as the config saved with it says (a run stopped at a
+  periodic checkpoint then resumed with another eval_every did not end there), or a later
+  command run with num_rounds at that round, which ran none and wrote summary.json."""
   saved = (book.meta.get('config') or {}).get('num_rounds')
-  if saved is None:
-    return metrics.finished_rounds(book.workdir) == book.done
-  return saved == book.done
+  return saved == book.done or metrics.finished_rounds(book.workdir) == book.done
 
 
 def _tag(book: _Book, vectorized: bool) -> str:

@@ -446,6 +446,13 @@ def test_a_run_stopped_at_a_checkpoint_and_ended_there_evaluates_that_round(tmp_
   assert _without_timing(read_rows(str(workdir))) == _without_timing(
       read_rows(str(tmp_path / 'straight')))
   assert summary['final'] == straight['final'] and summary['resumed_from'] == 5
+  # Then taken on to 12: round 5's evaluation, made because the last command ended there, is
+  # dropped. It stayed: the checkpoint's config says 12 rounds, and only that was asked.
+  train_and_evaluate(_tiny(num_rounds=12, checkpoint_every=5, eval_every=10), str(workdir))
+  train_and_evaluate(_tiny(num_rounds=12, checkpoint_every=5, eval_every=10),
+                     str(tmp_path / 'straight12'))
+  assert _without_timing(read_rows(str(workdir))) == _without_timing(
+      read_rows(str(tmp_path / 'straight12')))
 
 
 def test_a_bfloat16_run_records_its_compute_dtype_and_is_not_resumed_in_float32(tmp_path):
