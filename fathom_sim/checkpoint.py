@@ -167,7 +167,8 @@ class Checkpointer:
           'filesystem is writable') from e
 
   def restore_newest(self, like: ServerState) -> tuple[ServerState, dict] | None:
-    """The newest checkpoint that reads back whole; unreadable newer ones are moved aside."""
+    """The newest checkpoint that reads back whole (None without any); unreadable newer ones
+    are then moved aside. Raises WorkdirError, moving nothing, when none reads back."""
     from fathom_sim.workdir import WorkdirError  # (workdir imports this module)
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, like)
     # orbax lists step folders only: a file in a step's place would be passed over in silence.
@@ -189,6 +190,7 @@ class Checkpointer:
             f'checkpoints than process 0 (process {jax.process_index()} lists '
             f'{steps or "none"}); every host must see the one workdir (a mount that failed on '
             'one is a plain local folder there)')
+    unread = []  # (step, why) of the newer checkpoints that did not read back
     for step in reversed(steps):
       why = None
       try:
@@ -220,12 +222,22 @@ class Checkpointer:
             f'{step} reads back ({why or "it read here"}; {first_line(e)}): some host sees '
             'other files there than the others') from e
       if whole:
+        for bad, bad_why in unread:
+          logging.warning('checkpoint of round %d is unreadable (%s); moved to %s, resuming '
+                          'from round %d', bad, bad_why, self._set_aside(bad), step)
         return state, meta
-      moved = self._set_aside(step)
-      logging.warning('checkpoint of round %d is unreadable (%s); moved to %s, %s', step,
-                      why or 'another process could not read it', moved,
-                      'falling back to the previous one' if step != steps[0] else
-                      'and no earlier checkpoint is left: the run starts again from round 0')
+      unread.append((step, why or 'another process could not read it'))
+    if unread:
+      # Not a start from round 0: a failing mount, a process out of file handles, or a
+      # version of the code whose server state differs fails every read alike, and starting
+      # over would redo the whole run (and cut metrics.jsonl to round 0) after a passing fault.
+      raise WorkdirError(
+          f'{self.directory}: no checkpoint reads back ('
+          + '; '.join(f'round {step}: {why}' for step, why in unread)
+          + '); nothing was moved or changed. If the filesystem failed, run the same command '
+          'once it reads again; if the checkpoints were saved by another version of '
+          f'fathom_sim, resume with that one; to start again from round 0, move {CHECKPOINTS}/ '
+          'out of the workdir')
     return None
 
   def _set_aside(self, step: int) -> str:

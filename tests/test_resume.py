@@ -188,39 +188,82 @@ def test_a_checkpoint_whose_json_changed_on_disk_is_set_aside(tmp_path, caplog, 
     assert resumed[key] == straight[key], key
 
 
+def _flip_a_byte(workdir, step):
+  """A byte of the B-tree file that orbax's root index reads: its checksum fails mid-read."""
+  data = os.path.join(workdir, 'checkpoints', str(step), 'state', 'd')
+  for name in os.listdir(data):
+    with open(os.path.join(data, name), 'r+b') as f:
+      f.seek(os.path.getsize(os.path.join(data, name)) // 2)
+      byte = f.read(1)[0]
+      f.seek(-1, os.SEEK_CUR)
+      f.write(bytes([byte ^ 0xFF]))
+
+
 @pytest.mark.filterwarnings('error::pytest.PytestUnraisableExceptionWarning')
-def test_every_checkpoint_unreadable_starts_again_said_in_the_log_and_nothing_else(
+def test_unreadable_checkpoints_are_set_aside_once_an_older_one_reads_and_nothing_else(
     tmp_path, caplog, capfd):
-  """Three unreadable checkpoints: each is set aside and named, the last warning says the run
-  starts again from round 0, and orbax's aborted reads print no tracebacks."""
-  straight = train_and_evaluate(_tiny(), str(tmp_path / 'straight'))
+  """The two newest checkpoints unreadable: each is set aside and named, the run resumes from
+  the third, and orbax's aborted reads print no tracebacks."""
   workdir = str(tmp_path / 'run')
-  train_and_evaluate(_tiny(), workdir)
-  for step in ('10', '20', '30'):
-    # A byte of the B-tree file that orbax's root index reads: its checksum fails mid-read.
-    data = os.path.join(workdir, 'checkpoints', step, 'state', 'd')
-    for name in os.listdir(data):
-      with open(os.path.join(data, name), 'r+b') as f:
-        f.seek(os.path.getsize(os.path.join(data, name)) // 2)
-        byte = f.read(1)[0]
-        f.seek(-1, os.SEEK_CUR)
-        f.write(bytes([byte ^ 0xFF]))
+  straight = train_and_evaluate(_tiny(), workdir)
+  for step in (20, 30):
+    _flip_a_byte(workdir, step)
   capfd.readouterr()
   resumed = train_and_evaluate(_tiny(), workdir)
-  assert resumed['resumed_from'] == 0
-  assert sorted(os.listdir(os.path.join(workdir, 'unreadable_checkpoints'))) == ['10', '20', '30']
+  assert resumed['resumed_from'] == 10
+  assert sorted(os.listdir(os.path.join(workdir, 'unreadable_checkpoints'))) == ['20', '30']
   warnings = [r.getMessage() for r in caplog.records if 'is unreadable' in r.getMessage()]
-  assert len(warnings) == 3 and 'starts again from round 0' in warnings[-1]
-  assert all('falling back to the previous one' in w for w in warnings[:2])
+  assert len(warnings) == 2 and all('resuming from round 10' in w for w in warnings)
   # what the set-aside ones hold, said as they pile up (never deleted)
   held = [r.getMessage() for r in caplog.records if 'set-aside checkpoint(s)' in r.getMessage()]
-  assert [m.split(' holds ')[1].split(' set-aside')[0] for m in held] == ['1', '2', '3']
+  assert [m.split(' holds ')[1].split(' set-aside')[0] for m in held] == ['1', '2']
   size = sum(os.path.getsize(os.path.join(d, f)) for d, _, files in
              os.walk(os.path.join(workdir, 'unreadable_checkpoints')) for f in files)
-  assert f'3 set-aside checkpoint(s), {size / 2**20:.1f} MiB: delete them' in held[-1]
+  assert f'2 set-aside checkpoint(s), {size / 2**20:.1f} MiB: delete them' in held[-1]
   assert 'Traceback' not in capfd.readouterr().err
   assert resumed['final']['params_sha256'] == straight['final']['params_sha256']
   assert [r['round'] for r in read_rows(workdir)] == list(range(1, 31))
+
+
+@pytest.mark.filterwarnings('error::pytest.PytestUnraisableExceptionWarning')
+@pytest.mark.parametrize('fault', ['damaged', 'io_error'])
+def test_no_checkpoint_reading_back_stops_the_run_and_changes_nothing(tmp_path, monkeypatch,
+                                                                      capfd, fault):
+  """Every checkpoint unreadable: the run set them all aside and started again from round 0,
+  cutting metrics.jsonl to nothing, also when the cause was the filesystem's (a mount giving
+  I/O errors) and would have passed. It stops, naming each checkpoint's error, and the
+  workdir stays as it was; moving checkpoints/ away, as the message says, starts again."""
+  import shutil
+  import orbax.checkpoint as ocp
+  workdir = tmp_path / 'run'
+  straight = train_and_evaluate(_tiny(num_rounds=20), str(workdir))
+  (workdir / 'summary.json').unlink()  # as if stopped in its last round
+  if fault == 'damaged':
+    for step in (10, 20):
+      _flip_a_byte(str(workdir), step)
+    why = 'round 20: ValueError: '
+  else:
+    def io_error(*args, **kwargs):
+      raise OSError(5, 'Input/output error')
+    monkeypatch.setattr(ocp.CheckpointManager, 'restore', io_error)
+    why = 'round 20: OSError: [Errno 5] Input/output error; round 10: OSError: [Errno 5]'
+  listing = sorted(os.listdir(workdir))
+  rows = (workdir / 'metrics.jsonl').read_bytes()
+  capfd.readouterr()
+  with pytest.raises(WorkdirError, match='no checkpoint reads back') as e:
+    train_and_evaluate(_tiny(num_rounds=20), str(workdir))
+  assert why in str(e.value) and 'nothing was moved or changed' in str(e.value)
+  assert 'to start again from round 0, move checkpoints/ out of the workdir' in str(e.value)
+  assert sorted(os.listdir(workdir)) == listing and 'unreadable_checkpoints' not in listing
+  assert sorted(os.listdir(workdir / 'checkpoints')) == ['10', '20']
+  assert (workdir / 'metrics.jsonl').read_bytes() == rows
+  assert 'Traceback' not in capfd.readouterr().err
+  monkeypatch.undo()
+  shutil.move(workdir / 'checkpoints', tmp_path / 'aside')
+  again = train_and_evaluate(_tiny(num_rounds=20), str(workdir))
+  assert again['resumed_from'] == 0
+  assert again['final']['params_sha256'] == straight['final']['params_sha256']
+  assert [r['round'] for r in read_rows(str(workdir))] == list(range(1, 21))
 
 
 def test_a_failed_restore_silences_orbax_aborted_reads_and_nothing_else(monkeypatch):
