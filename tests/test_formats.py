@@ -229,6 +229,21 @@ def test_fedjax_stackoverflow_reads_back_exactly(tmp_path):
   assert list(task.test.client(2)['y'][2][:3]) == [OOV, 2, 0]
 
 
+def test_fedjax_stackoverflow_tokens_that_are_not_sentences_are_refused(tmp_path):
+  """Token ids where the sentences belong: an AttributeError's traceback ('numpy.int64' object
+  has no attribute 'split') from the vocabulary's count."""
+  from fathom_sim.data import DataError
+  os.makedirs(tmp_path / 'src')
+  for split in ('train', 'test'):
+    write_fedjax(tmp_path / 'src' / f'stackoverflow_{split}.sqlite', {
+        'u1': ({'tokens': _ext_array(np.array([4, 7, 9], np.int64))}, 3)})
+  with pytest.raises(DataError, match=r'stackoverflow_(train|test).sqlite: client u1: tokens '
+                     r'must hold sentences as bytes or strings, found int64 np.int64\(4\)'):
+    prepare(str(tmp_path / 'src'), str(tmp_path / 'out'), fmt='fedjax_sqlite',
+            task='stackoverflow')
+  assert not os.path.exists(tmp_path / 'out')
+
+
 def test_tf_example_parser_matches_protobuf():
   blob = _tf_example(pixels=np.linspace(0, 1, 784, dtype=np.float32), label=[61],
                      neg=[-3, 2**40], tokens=[b'a b', b''])

@@ -77,7 +77,7 @@ class LeafJson:
         try:
           x = np.asarray(entry['x'], np.float32)
           y = np.asarray(entry['y'])
-        except (ValueError, TypeError) as e:
+        except (ValueError, TypeError, OverflowError) as e:  # (a JSON integer past float64)
           raise DataError(f'{path}: user {user}: x must be lists of numbers ({e})') from None
         if count is not None and count != len(y):
           raise DataError(f'{path}: user {user}: num_samples says {count} but y has {len(y)}')

@@ -124,7 +124,12 @@ def _fedjax(source: str, task: str) -> _Splits:
           if 'tokens' not in f:
             raise DataError(f'{reader.path}: client {cid} lacks tokens; FedJAX Stack '
                             f'Overflow clients have tokens, title, tags, ... (found {sorted(f)})')
-          yield cid, list(np.asarray(f['tokens']).reshape(-1))
+          sentences = list(np.asarray(f['tokens']).reshape(-1))
+          odd = next((s for s in sentences if not isinstance(s, (bytes, str))), None)
+          if odd is not None:  # (words are split out of each sentence next)
+            raise DataError(f'{reader.path}: client {cid}: tokens must hold sentences as '
+                            f'bytes or strings, found {type(odd).__name__} {odd!r}')
+          yield cid, sentences
 
     out.add(split, clients, path)
   if digits_only and not out.splits:
