@@ -414,6 +414,18 @@ def test_prepare_refuses_a_split_date_for_a_format_with_its_own_splits(tmp_path)
   assert not out.exists()
 
 
+def test_prepare_refuses_a_split_date_and_a_test_fraction_together(tmp_path):
+  """--test_fraction was not read beside --split_date, without a word."""
+  (tmp_path / 'Posts.xml').write_text(POSTS)
+  out = tmp_path / 'out'
+  _refused(_cli('prepare_data.py', '--format=stackexchange_xml', '--task=stackoverflow',
+                f'--source={tmp_path / "Posts.xml"}', f'--out={out}', '--split_date=2016-01-01',
+                '--test_fraction=0.5'),
+           '--split_date (2016-01-01) and --test_fraction (0.5) each choose the test split: '
+           'give one of them')
+  assert not out.exists()
+
+
 @pytest.mark.parametrize('flags,needle', [
     (['--test_fraction=0.5'], '--test_fraction applies to --format=stackexchange_xml only'),
     (['--vocab_size=5', '--sequence_length=7'], '--vocab_size, --sequence_length apply to '

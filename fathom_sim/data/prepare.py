@@ -233,6 +233,9 @@ def prepare(source: str, out: str, *, fmt: str, task: str, vocab_path: str = '',
     given = '--split_date' if split_date else '--test_fraction'
     raise DataError(f'{given} applies to --format=stackexchange_xml only; {fmt} files '
                     'hold their own train and test splits')
+  if split_date and test_fraction != TEST_FRACTION:
+    raise DataError(f'--split_date ({split_date}) and --test_fraction ({test_fraction:g}) each '
+                    'choose the test split: give one of them')
   if task == 'emnist':
     given = [flag for flag, differs in (('--vocab', bool(vocab_path)),
                                         ('--vocab_size', vocab_size != VOCAB_SIZE),
