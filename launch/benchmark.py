@@ -434,9 +434,9 @@ def _rows(cohorts: list[int]) -> None:
       results.append(r)
       if not os.environ.get(_ROW_PROCESS):
         _print_row(name, cohort, r)
-      if _JSON.value:
-        with open(_JSON.value, 'w', encoding='utf-8') as f:
-          json.dump(results, f, indent=2)
+      if _JSON.value:  # replaced whole: a kill mid-write keeps the rows measured before
+        from fathom_sim import metrics
+        metrics.write_text(_JSON.value, json.dumps(results, indent=2) + '\n')
 
 
 def _measure_or_fail(name: str, cohort: int) -> dict:
