@@ -573,7 +573,10 @@ def _run(run: Run, configs: list[ml_collections.ConfigDict], workdirs: list[str]
     book.close()
 
   summaries = []
-  for s, book in zip(seeds, books):
+  for s, book, old in zip(seeds, books, kept):
+    if old is not None:  # finished before (a group of which a seed's summary was not written)
+      summaries.append(old)
+      continue
     params = _seed(state.params, s)
     # Final evaluation on the whole test set (reusing the last round's if it was already whole).
     if book.last_eval is not None and book.last_eval[0] == c.num_rounds and book.last_eval[1]:

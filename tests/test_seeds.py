@@ -114,6 +114,16 @@ def test_vectorised_seeds_resume_together_or_one_by_one(tmp_path):
   for s in seeds:
     _assert_same_run(together[s], str(tmp_path / f'solo{s}'))
     _assert_same_run(apart[s], str(tmp_path / f'solo{s}'))
+  # Both at round 4, seed 1 killed before its summary.json was written: seed 0's summary was
+  # written again too, its compiles, wall_s and resumed_from those of a command that ran none.
+  os.remove(os.path.join(together[1], 'summary.json'))
+  with open(os.path.join(together[0], 'summary.json')) as f:
+    before = f.read()
+  summaries = train_seeds([_config(s) for s in seeds], together)
+  with open(os.path.join(together[0], 'summary.json')) as f:
+    assert f.read() == before
+  assert summaries[0] == json.loads(before) and summaries[1] == _summary(together[1])
+  _assert_same_run(together[1], str(tmp_path / 'solo1'))
 
 
 def test_vectorised_seeds_refuse_configs_that_differ_beyond_the_seed(tmp_path):
