@@ -143,7 +143,10 @@ class Rounds:
     ahead_start = time.perf_counter()
     if t < c.num_rounds:
       if self._prefetch is not None:
-        self._prefetch.fetch(np.concatenate(self._cohorts(t + 1)))
+        try:
+          self._prefetch.fetch(np.concatenate(self._cohorts(t + 1)))
+        except Exception:  # noqa: BLE001 - not round t's: round t+1 samples and reads again,
+          pass  # and raises it there, after round t has returned its state (donated above)
       if self._plan_ahead:
         # Round t+1's plan under this round's (E, B), made and sent while the devices compute
         # round t. B_int and the K_i mostly stay the same from one round to the next; when

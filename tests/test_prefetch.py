@@ -348,6 +348,31 @@ def test_a_client_that_cannot_be_read_fails_its_own_round_not_the_one_before(err
     rounds(state, 2, np.asarray(m.next_hparams))
 
 
+def test_reading_ahead_that_fails_does_not_cost_the_round_that_computes(monkeypatch):
+  """Round 2's clients are sampled and their reads started after round 1 is dispatched, its
+  state donated: an error there (the host out of memory, say) left round 1 with its state and
+  metrics lost, blamed for it. Round 2 reads on time instead, and equals a run held in
+  memory."""
+  config = tiny_config(num_rounds=3, algorithm='fathom', num_devices=2, data_on_device='no')
+  task = tiny_task()
+  generated, _ = _generated(task)
+  fetch = Prefetcher.fetch
+
+  def fails_once(self, clients):
+    if not getattr(self, 'failed', False):
+      self.failed = True
+      raise MemoryError('no memory for the reads ahead')
+    return fetch(self, clients)
+
+  monkeypatch.setattr(Prefetcher, 'fetch', fails_once)
+  want_state, want, _ = run_rounds(config, task, 3)
+  got_state, got, rounds = run_rounds(config, generated, 3)
+  assert rounds.prefetching
+  for (m_want, _), (m_got, _) in zip(want, got):
+    np.testing.assert_array_equal(m_got.next_hparams, m_want.next_hparams)
+  jax.tree.map(np.testing.assert_array_equal, got_state.params, want_state.params)
+
+
 def test_cohort_sampling_never_touches_the_default_device():
   """Its key is made on the host CPU: a key on an accelerator would wait behind the round in
   flight there, and round t+1's clients would be read only after round t ended."""
