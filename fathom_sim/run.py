@@ -401,10 +401,14 @@ def _check_addressable(n_max: int, epochs: float, batch_size: float, e_field: st
                        b_field: str, why: str = '') -> int:
   """B_int for (E, B); refuses them when the largest client's round would take 2^31 example
   indices or more."""
-  b_int, (steps,) = fathom.integer_schedule(epochs, batch_size, [n_max])
-  if int(steps) * b_int >= MAX_INDICES:
+  b_int = fathom.batch_size_int(batch_size)
+  steps = np.ceil(np.float64(epochs) * n_max / b_int)
+  # Far past the limit, integer_schedule's int64 steps would wrap around (negative, E 1e20).
+  if steps * b_int < 2 * MAX_INDICES:
+    steps = int(fathom.integer_schedule(epochs, batch_size, [n_max])[1][0])
+  if steps * b_int >= MAX_INDICES:
     raise ConfigError(f'config.{e_field}={epochs:g}, config.{b_field}={batch_size:g}: {why}the '
-                      f'largest client ({n_max} examples) would take {int(steps)} local steps '
+                      f'largest client ({n_max} examples) would take {steps:.0f} local steps '
                       f'of {b_int} examples in a round, past the 2^31 example indices a round '
                       'can address; lower them')
   return b_int

@@ -405,6 +405,10 @@ def test_fedavg_takes_static_values_above_fathoms_bounds():
                            r'memory \(1.0 GiB\); lower config.batch_size'),
     (dict(epochs=1e9), r'config.epochs=1e\+09, config.batch_size=\d+: the largest client '
                        r'\(\d+ examples\) would take \d+ local steps'),
+    # E n / B_int past 2^63 wrapped around int64 to a negative step count, taken: round 1
+    # failed in planning with a traceback, and its workdir refused the corrected command.
+    (dict(epochs=1e20), r'config.epochs=1e\+20, config.batch_size=\d+: the largest client '
+                        r'\(\d+ examples\) would take \d{20,} local steps'),
     # It overwrote a finished run's config.json, then failed with a numpy MemoryError.
     (dict(eval_batch_size=10**8), r'config.eval_batch_size=100000000: one evaluation batch '
                                   r'\(\d+ bytes an example\) needs .* more than the host.s '
@@ -416,7 +420,7 @@ def test_a_first_round_that_cannot_run_is_refused_before_the_workdir(tmp_path, m
   """Instead of a MemoryError traceback from planning, after the workdir was made."""
   from fathom_sim.train import train_and_evaluate
   monkeypatch.setattr(run_lib, '_memory_bytes', lambda mesh: (1 << 30, "the host's memory"))
-  upper = dict(upper_batch_size=2e12, upper_epochs=2e9) if algorithm == 'fathom' else {}
+  upper = dict(upper_batch_size=2e12, upper_epochs=2e20) if algorithm == 'fathom' else {}
   config = tiny_config(algorithm=algorithm, **upper, **fields)
   with pytest.raises(ConfigError, match=needle):
     train_and_evaluate(config, str(tmp_path / 'run'))
