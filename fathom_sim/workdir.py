@@ -9,6 +9,7 @@ import datetime
 import fcntl
 import json
 import os
+import re
 import socket
 from typing import Iterable, Iterator
 
@@ -126,10 +127,18 @@ def check_same_run(workdir: str, config: ml_collections.ConfigDict) -> None:
 
 
 def check_local(folder: str, flag: str) -> None:
-  """Raises WorkdirError, before anything is made, for a URL in place of a folder."""
+  """Raises WorkdirError, before anything is made, for a URL in place of a folder, or a path
+  whose checkpoints would not read back."""
   if is_url(folder):
     raise WorkdirError(f'{flag} {folder!r} is a URL, and runs write through the filesystem; '
                        f'{MOUNT_HINT}')
+  # Orbax finds a save's per-process parts by a glob of the path, where [...] is a character
+  # class: measured (orbax 0.12), the checkpoints of run[1] saved and never read back.
+  bracketed = re.search(r'\[[^/]*\]', os.path.abspath(folder))
+  if bracketed:
+    raise WorkdirError(f'{flag} {folder!r}: {bracketed.group()!r} in the path, which orbax '
+                       'reads as a glob pattern: the checkpoints would save and never read '
+                       'back; name the folder without [ and ]')
 
 
 _held: dict[str, int] = {}  # the folders this process holds locked: how many times

@@ -495,6 +495,25 @@ def test_a_url_workdir_is_refused_before_the_data_load_and_makes_no_folder(tmp_p
   assert 'gcsfuse' in p.stderr and os.listdir(tmp_path) == []
 
 
+def test_a_bracketed_workdir_or_sweep_folder_is_refused_before_anything_is_made(tmp_path):
+  """A run in run[1] saved its checkpoints (orbax's warning: "Skipping merge of OCDBT
+  checkpoints"), exited 0, and its resume found no checkpoint that reads back."""
+  from fathom_sim import workdir as workdir_lib
+  from fathom_sim.train import train_and_evaluate
+  from tests.common import tiny_config
+  with pytest.raises(workdir_lib.WorkdirError, match=r"--workdir '.*/run\[1\]': '\[1\]' in "
+                     'the path, which orbax reads as a glob pattern'):
+    train_and_evaluate(tiny_config(), str(tmp_path / 'run[1]'))
+  sweep_file = tmp_path / 'sweep.py'
+  sweep_file.write_text(GOOD_SWEEP)
+  with pytest.raises(workdir_lib.WorkdirError, match=r"--out '.*/sw\[a\]/x': '\[a\]' in the"):
+    sweep.run_sweep(sweep.load_sweep(str(sweep_file)), str(tmp_path / 'sw[a]' / 'x'),
+                    log=lambda _: None)
+  assert os.listdir(tmp_path) == ['sweep.py']
+  for fine in ('run[1', 'run]1', 'a?b*c{d}'):  # no character class: saved and read back
+    workdir_lib.check_local(str(tmp_path / fine), '--workdir')
+
+
 def test_url_folders_are_refused_by_sweep_prepare_report_and_the_config(tmp_path, monkeypatch):
   from fathom_sim import workdir as workdir_lib
   from fathom_sim.config import check_config
