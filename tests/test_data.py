@@ -25,6 +25,15 @@ def test_synthetic_is_deterministic_and_per_client_stable():
   assert not np.array_equal(a.train.client(0)['x'][:1], d.train.client(0)['x'][:1])
 
 
+def test_synthetic_inputs_past_float32_are_refused_naming_alpha_and_beta():
+  """beta 1e80 generated inf inputs: the run rejected nearly every round and exited 0."""
+  from fathom_sim.config import ConfigError
+  with pytest.raises(ConfigError, match=r"config.data.alpha=1, config.data.beta=1e\+80: client "
+                     r"0's generated inputs or labels overflow"):
+    synthetic_alpha_beta(num_clients=3, beta=1e80)
+  synthetic_alpha_beta(num_clients=3, alpha=1e6, beta=1e6)  # far out, still finite
+
+
 def test_synthetic_shapes_sizes_and_label_skew():
   task = synthetic_alpha_beta(num_clients=200, min_examples=10, max_examples=300, seed=0)
   total = task.train.num_examples + task.test.num_examples
@@ -179,6 +188,23 @@ def test_npz_client_ids_saved_as_utf8_bytes_read_as_str(tmp_path):
                  client_ids=np.array(['été'.encode(), b'writer_7']))
   task = load_npz(str(tmp_path / 'mine.npz'))
   assert list(task.train.client_ids) == ['été', 'writer_7']
+
+
+def test_npz_inputs_that_are_not_finite_are_said_with_their_clients(tmp_path, caplog):
+  """A client of NaN inputs was dropped from every round, and a NaN test example made the
+  test loss NaN, shown only in dropped_clients and a null test_loss."""
+  x = np.zeros((7, 2, 3), np.float32)
+  x[1, 0, 2], x[5, 1, 1] = np.nan, -np.inf  # clients a (rows 0-2) and c (rows 4-6)
+  np.savez(tmp_path / 'mine.npz', x=x, y=np.zeros(7, np.int64), num_examples=np.array([3, 1, 3]),
+           client_ids=np.array(['a', 'b', 'c']))
+  load_npz(str(tmp_path / 'mine.npz'))
+  [warning] = [r.getMessage() for r in caplog.records if 'NaN or inf' in r.getMessage()]
+  assert warning.startswith(f'{tmp_path / "mine.npz"}: 2 example(s) of 2 client(s) (a, c) hold '
+                            'NaN or inf inputs')
+  caplog.clear()
+  _write_clients(tmp_path / 'fine.npz', [3, 4])
+  load_npz(str(tmp_path / 'fine.npz'))
+  assert 'NaN or inf' not in caplog.text
 
 
 def test_npz_directory_with_train_and_test(tmp_path):

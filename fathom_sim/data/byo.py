@@ -14,6 +14,7 @@ import zipfile
 import zlib
 
 import numpy as np
+from absl import logging
 
 from fathom_sim.data.federated import ArrayClientDataset, Task
 from fathom_sim.errors import InputError
@@ -79,7 +80,26 @@ def _dataset(path: str, arrays: dict) -> ArrayClientDataset:
     ids = _client_ids(path, ids, len(counts))
   x = x.astype(np.float32) if np.issubdtype(x.dtype, np.floating) else x
   offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+  _warn_non_finite(path, x, offsets, ids)
   return ArrayClientDataset({'x': x, 'y': y.astype(np.int32)}, offsets, ids)
+
+
+def _warn_non_finite(path: str, x: np.ndarray, offsets: np.ndarray, ids: np.ndarray) -> None:
+  """Says which clients hold NaN or inf inputs. Not refused: a run drops a client whose
+  update is not finite, and counts it (dropped_clients), which such data may be meant to show;
+  but without a word, a run would only show it in those counts and a NaN test loss."""
+  if not np.issubdtype(x.dtype, np.floating) or not len(x):
+    return
+  rows = x.reshape(len(x), -1)
+  bad = np.concatenate([~np.isfinite(rows[i:i + 65536]).all(axis=1)  # (bounded scratch)
+                        for i in range(0, len(rows), 65536)])
+  if bad.any():
+    clients = np.unique(np.searchsorted(offsets, np.flatnonzero(bad), side='right') - 1)
+    named = ', '.join(str(ids[k]) for k in clients[:5]) + (', ...' if len(clients) > 5 else '')
+    logging.warning('%s: %d example(s) of %d client(s) (%s) hold NaN or inf inputs: a training '
+                    "client's update is then not finite, and it is dropped from each round "
+                    '(dropped_clients in metrics.jsonl); a test example makes the test loss '
+                    'NaN', path, int(bad.sum()), len(clients), named)
 
 
 def _client_ids(path: str, ids: np.ndarray, clients: int) -> np.ndarray:

@@ -49,7 +49,14 @@ def synthetic_alpha_beta(*, num_clients: int = 1000, alpha: float = 1.0, beta: f
     bias = r.normal(u, 1.0, num_classes)
     mean = r.normal(b, 1.0, dim)
     x = mean + std * r.standard_normal((n, dim))
-    y = np.argmax(x @ weights + bias, axis=1)
+    logits = x @ weights + bias
+    if not (np.isfinite(logits).all() and np.abs(x).max() <= np.finfo(np.float32).max):
+      # (else inf inputs, taken: nearly every round rejected, exit 0 and a NaN test loss)
+      from fathom_sim.config import ConfigError
+      raise ConfigError(f'config.data.alpha={alpha:g}, config.data.beta={beta:g}: client {k}\'s '
+                        'generated inputs or labels overflow (float32 holds up to 3.4e+38); '
+                        'lower them (the FedProx paper uses 0 to 1)')
+    y = np.argmax(logits, axis=1)
     n_train = _split(n, test_fraction)
     train.append({'x': x[:n_train].astype(np.float32), 'y': y[:n_train].astype(np.int32)})
     test.append({'x': x[n_train:].astype(np.float32), 'y': y[n_train:].astype(np.int32)})
