@@ -71,10 +71,13 @@ def main(argv):
 
   def job():
     try:  # (prepare refuses a bad --out before it reads the input, which may take hours)
+      # A flag given at its default is given all the same: refused where it does not apply.
+      given = {flag.name: flag.value for flag in (_VOCAB_SIZE, _LENGTH, _TEST_FRACTION)
+               if flag.present}
       meta = prepare(_SOURCE.value, _OUT.value, fmt=_FORMAT.value, task=_TASK.value,
-                     vocab_path=_VOCAB.value, vocab_size=_VOCAB_SIZE.value,
-                     sequence_length=_LENGTH.value, split_date=_SPLIT_DATE.value,
-                     test_fraction=_TEST_FRACTION.value)
+                     vocab_path=_VOCAB.value, vocab_size=given.get('vocab_size'),
+                     sequence_length=given.get('sequence_length'), split_date=_SPLIT_DATE.value,
+                     test_fraction=given.get('test_fraction'))
     except KeyboardInterrupt as e:  # (run_or_exit's words are a training run's)
       done = os.path.exists(os.path.join(_OUT.value, 'meta.json'))  # renamed in already
       cli.fail(f'interrupted; {"the dataset was written to" if done else "nothing was left at"} '

@@ -420,16 +420,16 @@ def test_prepare_refuses_a_split_date_and_a_test_fraction_together(tmp_path):
   out = tmp_path / 'out'
   _refused(_cli('prepare_data.py', '--format=stackexchange_xml', '--task=stackoverflow',
                 f'--source={tmp_path / "Posts.xml"}', f'--out={out}', '--split_date=2016-01-01',
-                '--test_fraction=0.5'),
-           '--split_date (2016-01-01) and --test_fraction (0.5) each choose the test split: '
+                '--test_fraction=0.2'),  # (its default, given: as unread)
+           '--split_date (2016-01-01) and --test_fraction (0.2) each choose the test split: '
            'give one of them')
   assert not out.exists()
 
 
 @pytest.mark.parametrize('flags,needle', [
     (['--test_fraction=0.5'], '--test_fraction applies to --format=stackexchange_xml only'),
-    (['--vocab_size=5', '--sequence_length=7'], '--vocab_size, --sequence_length apply to '
-                                                '--task=stackoverflow only'),
+    (['--vocab_size=10000', '--sequence_length=7'],  # (the vocabulary's default, given)
+     '--vocab_size, --sequence_length apply to --task=stackoverflow only'),
     (['--vocab=/nonexistent'], '--vocab applies to --task=stackoverflow only'),
 ])
 def test_prepare_refuses_flags_that_do_not_apply_to_the_format_or_task(tmp_path, flags, needle):

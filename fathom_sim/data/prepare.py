@@ -210,12 +210,13 @@ VOCAB_SIZE, SEQUENCE_LENGTH, TEST_FRACTION = 10000, 20, 0.2
 
 
 def prepare(source: str, out: str, *, fmt: str, task: str, vocab_path: str = '',
-            vocab_size: int = VOCAB_SIZE, sequence_length: int = SEQUENCE_LENGTH,
-            split_date: str = '', test_fraction: float = TEST_FRACTION) -> dict:
+            vocab_size: int | None = None, sequence_length: int | None = None,
+            split_date: str = '', test_fraction: float | None = None) -> dict:
   """Converts `source` (format `fmt`) into a prepared `task` dataset at `out`; returns its meta.
 
-  Settings that do not apply to the format or task, and an `out` the dataset cannot be written
-  to, raise DataError before the input is read."""
+  A setting left None is not given: VOCAB_SIZE, SEQUENCE_LENGTH or TEST_FRACTION where it
+  applies. Settings given that do not apply to the format or task (their defaults included),
+  and an `out` the dataset cannot be written to, raise DataError before the input is read."""
   if fmt not in FORMATS:
     raise DataError(f'--format must be one of {FORMATS}, got {fmt!r}')
   if task not in TASKS:
@@ -228,22 +229,24 @@ def prepare(source: str, out: str, *, fmt: str, task: str, vocab_path: str = '',
     raise DataError(f'--source {source!r}: no such file or directory{hint}')
   if absent:
     raise DataError(f'--source {source!r}: no such file: {", ".join(absent)}')
-  if (split_date or test_fraction != TEST_FRACTION) and fmt != 'stackexchange_xml':
+  if (split_date or test_fraction is not None) and fmt != 'stackexchange_xml':
     # the other formats ship their own splits
     given = '--split_date' if split_date else '--test_fraction'
     raise DataError(f'{given} applies to --format=stackexchange_xml only; {fmt} files '
                     'hold their own train and test splits')
-  if split_date and test_fraction != TEST_FRACTION:
+  if split_date and test_fraction is not None:
     raise DataError(f'--split_date ({split_date}) and --test_fraction ({test_fraction:g}) each '
                     'choose the test split: give one of them')
   if task == 'emnist':
-    given = [flag for flag, differs in (('--vocab', bool(vocab_path)),
-                                        ('--vocab_size', vocab_size != VOCAB_SIZE),
-                                        ('--sequence_length', sequence_length != SEQUENCE_LENGTH))
-             if differs]
+    given = [flag for flag, value in (('--vocab', vocab_path or None), ('--vocab_size', vocab_size),
+                                      ('--sequence_length', sequence_length))
+             if value is not None]
     if given:  # a mixed-up command was converted without a word, the flags unread
       raise DataError(f'{", ".join(given)} appl{"ies" if len(given) == 1 else "y"} to '
                       '--task=stackoverflow only; EMNIST images have no vocabulary or length')
+  vocab_size = VOCAB_SIZE if vocab_size is None else vocab_size
+  sequence_length = SEQUENCE_LENGTH if sequence_length is None else sequence_length
+  test_fraction = TEST_FRACTION if test_fraction is None else test_fraction
   if vocab_path and not os.path.isfile(vocab_path):
     raise DataError(f'--vocab {vocab_path!r}: no such file (expected a word-count file, most '
                     'frequent word first)')
