@@ -97,7 +97,7 @@ def parse_flags_or_exit(argv: list[str]) -> list[str]:
       if unknown:
         fail(unknown)
     message = str(e).strip().strip('"')
-    fail(_bad_override_value(message) or message)
+    fail(_bad_override_value(message, config) or message)
   return []
 
 
@@ -106,8 +106,18 @@ _NOT_PARSED = re.compile(r"^flag --config\.([\w.]+)=(.*?): (?:(invalid literal f
                          r"(could not convert string to float)|(\('Non-boolean argument))")
 
 
-def _bad_override_value(message: str) -> str | None:
+_GROUP = re.compile(r"^flag --config\.([\w.]+)=(.*?): Failed to parse .* as a ConfigDict")
+
+
+def _bad_override_value(message: str, config=None) -> str | None:
   """A parse failure of --config.FIELD=VALUE, said as what the field accepts; else None."""
+  group = _GROUP.match(message)
+  if group is not None:  # (absl's words: "malformed node or string ... <ast.Name object>")
+    fields = ''
+    if config is not None:
+      fields = ' (' + ', '.join(f'{group[1]}.{k}' for k in config[group[1]].keys()) + ')'
+    return (f'--config.{group[1]}={group[2]}: config.{group[1]} is a group of fields{fields}; '
+            f'set one of them, e.g. --config.{group[1]}.name={group[2]}')
   m = _NOT_PARSED.match(message)
   if m is None:
     return None
@@ -133,7 +143,7 @@ def config_overrides(argv: list[str]) -> tuple[dict, list[str]]:
     rest = values(argv, known_only=True)
   except (flags.Error, AttributeError, KeyError, TypeError, ValueError) as e:
     message = str(e).strip().strip('"')
-    fail(_unknown_override(argv, config) or _bad_override_value(message) or message)
+    fail(_unknown_override(argv, config) or _bad_override_value(message, config) or message)
   return config_flags.get_override_values(values['config']), rest
 
 

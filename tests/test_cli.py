@@ -93,6 +93,9 @@ def test_quickstart_writes_metrics_and_summary(tmp_path, algorithm):
     (['--config.foo=1'], 'unknown config field config.foo'),
     (['--config.model.nme=mlp'], "config.model has no field 'nme'"),
     (['--config.num_rounds=abc'], "config.num_rounds must be an integer, got 'abc'"),
+    # absl's words were "Failed to parse 'mlp' as a ConfigDict: ... <ast.Name object at 0x...>"
+    (['--config.model=mlp'], '--config.model=mlp: config.model is a group of fields '
+                             '(model.compute_dtype, model.conv, '),
     (['--config.eta=-0.1'], 'config.eta must be > 0'),
     (['--config.batch_size=0'], 'config.batch_size must be > 0'),
     (['--config.cohort_size=5000'], 'config.cohort_size must be at most'),
@@ -239,6 +242,7 @@ def test_sweep_overrides_parse_as_the_run_command_parses_them(args, want):
     ('--config.eta=fast', "--config.eta=fast: config.eta must be a number, got 'fast'"),
     ('--config.clip_log_params=yes', '--config.clip_log_params=yes: config.clip_log_params must '
                                      "be true or false, got 'yes'"),
+    ('--config.data=npz', '--config.data=npz: config.data is a group of fields (data.alpha, '),
 ])
 def test_a_bad_sweep_override_is_one_line_and_exit_2(capsys, arg, needle):
   from launch import cli
