@@ -160,9 +160,15 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides: dict) -> None:
 def plan_runs(sweep: SweepDef, out: str, extra: dict | None = None) -> list[RunSpec]:
   """Every (setting, seed) run; `extra` (e.g. from the command line) is applied last."""
   names = [setting_name(o) for o in sweep.overrides]
-  if len(set(names)) != len(names):
-    raise ConfigError('the sweep lists the same setting twice: '
-                      + ', '.join(sorted({n for n in names if names.count(n) > 1})))
+  for i, name in enumerate(names):
+    j = names.index(name)
+    if j < i and sweep.overrides[j] == sweep.overrides[i]:
+      raise ConfigError(f'the sweep lists the same setting twice: {name}')
+    if j < i:
+      raise ConfigError(f'the sweep\'s settings {sweep.overrides[j]} and {sweep.overrides[i]} '
+                        f'would share the folder {name!r} (a folder is named by the values: a '
+                        'float to 6 significant digits, a character unsafe in a path as _); '
+                        'make them differ there')
   swept = sorted({k for o in sweep.overrides for k in o} & set(extra or {}))
   if swept:
     raise ConfigError(f'--config.{swept[0]} is a field the sweep varies (its settings would '

@@ -42,6 +42,22 @@ def test_setting_names_are_deterministic_and_path_safe():
           == 'model.hidden=64-32,data.path=_a_b')
 
 
+@pytest.mark.parametrize('second,needle', [
+    ({'eta': 0.1}, 'the sweep lists the same setting twice: eta=0.1'),
+    # It said "the same setting twice" too: the folder names round floats to 6 digits.
+    ({'eta': 0.1000001}, "the sweep's settings {'eta': 0.1} and {'eta': 0.1000001} would share "
+                         "the folder 'eta=0.1' (a folder is named by the values"),
+])
+def test_settings_that_would_share_a_folder_are_refused_saying_why(tmp_path, second, needle):
+  from fathom_sim.config import ConfigError
+  sweep_file = tmp_path / 'twice.py'
+  sweep_file.write_text(SWEEP_FILE.replace("[{'algorithm': 'fathom'}, {'algorithm': 'fedavg', "
+                                           "'eta': 0.1}]", f"[{{'eta': 0.1}}, {second!r}]"))
+  with pytest.raises(ConfigError) as e:
+    sweep.plan_runs(sweep.load_sweep(str(sweep_file)), str(tmp_path / 'out'))
+  assert needle in str(e.value)
+
+
 def test_overriding_a_swept_field_from_the_command_line_is_refused(tmp_path):
   sweep_file = tmp_path / 'tiny_sweep.py'
   sweep_file.write_text(SWEEP_FILE)
