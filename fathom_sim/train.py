@@ -622,6 +622,22 @@ def _tag(book: _Book, vectorized: bool) -> str:
   return f'seed {book.config.seed}: ' if vectorized else ''
 
 
+def _wall_s(book: _Book, num_rounds: int) -> float:
+  """The run's seconds, summed over the commands that ran its rounds: a command that ran none
+  (a finished run summarised again, or one stopped at its last checkpoint) adds none of its
+  own, and the run's are its summary's (else its last checkpoint's)."""
+  if book.done < num_rounds:
+    return time.time() - book.start
+  try:
+    with open(os.path.join(book.workdir, metrics.SUMMARY_FILE), encoding='utf-8') as f:
+      summary = json.load(f)
+    if summary.get('rounds') == num_rounds:  # (as _ended_at: the command that ended there)
+      return float(summary['wall_s'])
+  except (OSError, ValueError, TypeError, KeyError, AttributeError):
+    pass
+  return float(book.meta['wall_s'])
+
+
 def _summary(book: _Book, final: dict, params, hp: np.ndarray, rounds: Rounds, run: Run, *,
              vectorized: int) -> dict:
   """Writes and returns the run's summary.json."""
@@ -647,7 +663,7 @@ def _summary(book: _Book, final: dict, params, hp: np.ndarray, rounds: Rounds, r
       'replanned_seeds': rounds.replanned_seeds,
       'vectorized_seeds': vectorized, 'resumed_from': book.done,
       'simulators': meta['simulators'],
-      'wall_s': time.time() - book.start, 'total_examples': meta['total_examples'],
+      'wall_s': _wall_s(book, c.num_rounds), 'total_examples': meta['total_examples'],
       'total_local_steps': meta['total_steps'],
       'padding_efficiency': meta['total_examples'] / max(meta['computed'], 1),
       'final': {'test_accuracy': final['accuracy'], 'test_loss': final['loss'],

@@ -324,6 +324,8 @@ def test_result_changing_config_is_refused_and_more_rounds_continue(tmp_path, mo
   assert before[3] == ''  # a line names a live holder only
   target = train_and_evaluate(_tiny(num_rounds=10, target_accuracy=0.01), workdir)
   assert target['rounds_to_target'] is not None  # a new question: summarised again
+  # ... with the run's wall_s: this command ran no round (its evaluation's seconds were added)
+  assert target['wall_s'] == json.loads(before[2])['wall_s'] and target['resumed_from'] == 10
   longer = train_and_evaluate(_tiny(num_rounds=20), workdir)
   straight = train_and_evaluate(_tiny(num_rounds=20), str(tmp_path / 'straight'))
   assert longer['final']['params_sha256'] == straight['final']['params_sha256']
