@@ -656,6 +656,20 @@ def test_claim_script_takes_out_only_where_given(tmp_path, args, out, rest):
   assert report_call[:2] == ['launch/report.py', out]
 
 
+def test_a_curve_of_seeds_none_finished_says_so_in_its_label(tmp_path):
+  """Two of three seeds with rows, none finished: the label said 'n=2: the finished of 3
+  seeds'."""
+  import matplotlib.pyplot as plt
+  root = tmp_path / 'sweep'
+  for seed, rounds in ((0, 4), (1, 3), (2, 0)):
+    _write_run(root / 'eta=0.1' / f'seed={seed}', 'fedavg', {2: 0.3}, 50, rounds)
+  [group] = report.group_runs(report.find_runs([str(root)]))
+  fig, ax = plt.subplots()
+  plots._draw(ax, [group], 'test_accuracy', 'round')
+  assert ax.get_legend_handles_labels()[1] == ['eta=0.1 (n=2 of 3 seeds, none finished)']
+  plt.close(fig)
+
+
 def test_a_report_rewritten_keeps_no_plot_of_the_last_and_labels_every_setting(tmp_path):
   """fathom_vs_fedavg.png was left from a last report whose targets some FedAvg setting
   reached, beside a report.md that had no such comparison; matplotlib left out of the legend
