@@ -108,8 +108,8 @@ def _quiet_closed_loop_callbacks() -> None:
 
 
 class CheckpointError(OutputError):
-  """A checkpoint could not be saved (a full disk, a lost mount): the run stops, and the newest
-  complete checkpoint stays where it was."""
+  """A checkpoint could not be saved (a full disk, a lost mount), or none could be read for a
+  filesystem's error: the run stops, and the checkpoints stay where they were."""
 
 
 class Checkpointer:
@@ -191,6 +191,7 @@ class Checkpointer:
             f'{steps or "none"}); every host must see the one workdir (a mount that failed on '
             'one is a plain local folder there)')
     unread = []  # (step, why) of the newer checkpoints that did not read back
+    filesystem = True  # whether every read that failed here failed with an OSError
     for step in reversed(steps):
       why = None
       try:
@@ -209,6 +210,7 @@ class Checkpointer:
         if out_of_memory(e):  # ... but a device too full to hold it says nothing of the files
           raise
         why = f'{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ""}'
+        filesystem = filesystem and isinstance(e, OSError)
       # On several hosts every process must resume the same round, and the folder is moved
       # only once none reads it: each moving it as it failed, one moved it under another's
       # read, and the second move failed (a traceback, or orbax's syncs out of step: a hang).
@@ -231,13 +233,15 @@ class Checkpointer:
       # Not a start from round 0: a failing mount, a process out of file handles, or a
       # version of the code whose server state differs fails every read alike, and starting
       # over would redo the whole run (and cut metrics.jsonl to round 0) after a passing fault.
-      raise WorkdirError(
+      # Every read failing with an OSError (EIO, too many open files) is the filesystem's, to
+      # retry (exit 1; a sweep stops): not the workdir's fault (exit 2; a sweep goes on).
+      error = CheckpointError if filesystem else WorkdirError
+      raise error(
           f'{self.directory}: no checkpoint reads back ('
           + '; '.join(f'round {step}: {why}' for step, why in unread)
-          + '); nothing was moved or changed. If the filesystem failed, run the same command '
-          'once it reads again; if the checkpoints were saved by another version of '
-          f'fathom_sim, resume with that one; to start again from round 0, move {CHECKPOINTS}/ '
-          'out of the workdir')
+          + '); none was moved. If the filesystem failed, run the same command once it reads '
+          'again; if the checkpoints were saved by another version of fathom_sim, resume with '
+          f'that one; to start again from round 0, move {CHECKPOINTS}/ out of the workdir')
     return None
 
   def _set_aside(self, step: int) -> str:

@@ -145,8 +145,12 @@ class Rounds:
       if self._prefetch is not None:
         try:
           self._prefetch.fetch(np.concatenate(self._cohorts(t + 1)))
-        except Exception:  # noqa: BLE001 - not round t's: round t+1 samples and reads again,
-          pass  # and raises it there, after round t has returned its state (donated above)
+        except Exception as e:  # noqa: BLE001 - not round t's: round t+1 samples and reads
+          # again, and raises it there, after round t has returned its state (donated above).
+          if not self._ahead_warned:  # once: a lasting cause would repeat every round
+            logging.warning('reading round %d\'s clients ahead failed (%s: %s); they are read '
+                            'on time', t + 1, type(e).__name__, e)
+          self._ahead_warned = True
       if self._plan_ahead:
         # Round t+1's plan under this round's (E, B), made and sent while the devices compute
         # round t. B_int and the K_i mostly stay the same from one round to the next; when

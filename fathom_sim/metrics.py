@@ -185,12 +185,21 @@ def reaches(row: dict, target: float) -> bool:
   return accuracy is not None and accuracy >= target
 
 
+def read_summary(workdir: str) -> dict | None:
+  """The workdir's summary.json (written when a run finishes); None without a readable one."""
+  try:
+    with open(os.path.join(workdir, SUMMARY_FILE), encoding='utf-8') as f:
+      summary = json.load(f)
+  except (OSError, ValueError):
+    return None
+  return summary if isinstance(summary, dict) else None
+
+
 def finished_rounds(workdir: str) -> int | None:
   """The rounds of the finished run whose summary.json the workdir holds; None without one."""
   try:
-    with open(os.path.join(workdir, SUMMARY_FILE), encoding='utf-8') as f:
-      return int(json.load(f).get('rounds', 0))
-  except (OSError, ValueError, TypeError, AttributeError):
+    return int((read_summary(workdir) or {})['rounds'])
+  except (KeyError, ValueError, TypeError):
     return None
 
 

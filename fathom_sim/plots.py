@@ -52,9 +52,8 @@ def _draw(ax, groups: list[Group], field: str, x_field: str, log_y: bool = False
       continue
     x, mean, lo, hi = c
     n = len(g.plotted)
-    seeds = (f'n={n}' if n == len(g.runs) else
-             f'n={n}: the finished of {len(g.runs)} seeds' if g.finished else
-             f'n={n} of {len(g.runs)} seeds, none finished')
+    seeds = (f'n={n} of {len(g.runs)} seeds, none finished' if not g.finished else
+             f'n={n}' if n == len(g.runs) else f'n={n}: the finished of {len(g.runs)} seeds')
     # (matplotlib leaves out of the legend a label that starts with '_')
     label = ('\u200b' if g.setting.startswith('_') else '') + f'{g.setting} ({seeds})'
     (line,) = ax.plot(x, mean, lw=1.2, label=label)

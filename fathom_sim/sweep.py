@@ -167,8 +167,8 @@ def plan_runs(sweep: SweepDef, out: str, extra: dict | None = None) -> list[RunS
     if j < i:
       raise ConfigError(f'the sweep\'s settings {sweep.overrides[j]} and {sweep.overrides[i]} '
                         f'would share the folder {name!r} (a folder is named by the values: a '
-                        'float to 6 significant digits, a character unsafe in a path as _); '
-                        'make them differ there')
+                        'float to 6 significant digits, a character unsafe in a path as _, '
+                        'the name cut at 200 characters); make them differ there')
   swept = sorted({k for o in sweep.overrides for k in o} & set(extra or {}))
   if swept:
     raise ConfigError(f'--config.{swept[0]} is a field the sweep varies (its settings would '

@@ -354,6 +354,10 @@ def _run(run: Run, configs: list[ml_collections.ConfigDict], workdirs: list[str]
       logging.info('%s: the run finished its %d rounds already; its files are kept as they are',
                    book.workdir, c.num_rounds)
     return kept
+  # A seed of the group that finished keeps its summary (the others are summarised): every
+  # process skips its final evaluation, a collective, or none does (a mount may show process
+  # 0's summary.json late on another host).
+  kept = [k if distributed.every_process(k is not None) else None for k in kept]
   for book in books:  # every check passed: the resumed runs' configs are this command's
     workdir_lib.save_config(book.workdir, book.config)
     if 'round' in book.meta:  # resumed: this simulator joins the list if it runs rounds
@@ -574,7 +578,7 @@ def _run(run: Run, configs: list[ml_collections.ConfigDict], workdirs: list[str]
 
   summaries = []
   for s, book, old in zip(seeds, books, kept):
-    if old is not None:  # finished before (a group of which a seed's summary was not written)
+    if old is not None:  # finished before: a group of which a seed's summary was not written
       summaries.append(old)
       continue
     params = _seed(state.params, s)
@@ -596,17 +600,16 @@ def _summary_of_finished(book: _Book, num_rounds: int) -> dict | None:
   the command asks nothing new of it (another target_accuracy, say, is summarised again)."""
   if book.done != num_rounds:
     return None
-  try:
-    with open(os.path.join(book.workdir, metrics.SUMMARY_FILE), encoding='utf-8') as f:
-      summary = json.load(f)
-    # Any field that differs asks something new of it, but one the run does not read.
-    saved = workdir_lib.read_saved(book.workdir)
-    same = saved is not None and not workdir_lib.differing(
-        saved, workdir_lib.flatten(workdir_lib.config_dict(book.config)), ())
-  except (OSError, ValueError):  # (WorkdirError is a ValueError)
+  summary = metrics.read_summary(book.workdir)
+  if summary is None or summary.get('rounds') != num_rounds:
     return None
-  finished = isinstance(summary, dict) and summary.get('rounds') == num_rounds
-  return summary if finished and same else None
+  try:  # Any field that differs asks something new of it, but one the run does not read.
+    saved = workdir_lib.read_saved(book.workdir)
+  except ValueError:  # (WorkdirError)
+    return None
+  same = saved is not None and not workdir_lib.differing(
+      saved, workdir_lib.flatten(workdir_lib.config_dict(book.config)), ())
+  return summary if same else None
 
 
 def _ended_at(book: _Book) -> bool:
@@ -628,13 +631,9 @@ def _wall_s(book: _Book, num_rounds: int) -> float:
   own, and the run's are its summary's (else its last checkpoint's)."""
   if book.done < num_rounds:
     return time.time() - book.start
-  try:
-    with open(os.path.join(book.workdir, metrics.SUMMARY_FILE), encoding='utf-8') as f:
-      summary = json.load(f)
-    if summary.get('rounds') == num_rounds:  # (as _ended_at: the command that ended there)
-      return float(summary['wall_s'])
-  except (OSError, ValueError, TypeError, KeyError, AttributeError):
-    pass
+  summary = metrics.read_summary(book.workdir) or {}
+  if summary.get('rounds') == num_rounds and isinstance(summary.get('wall_s'), (int, float)):
+    return float(summary['wall_s'])  # (as _ended_at: written by the command that ended there)
   return float(book.meta['wall_s'])
 
 

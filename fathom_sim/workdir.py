@@ -134,11 +134,12 @@ def check_local(folder: str, flag: str) -> None:
                        f'{MOUNT_HINT}')
   # Orbax finds a save's per-process parts by a glob of the path, where [...] is a character
   # class: measured (orbax 0.12), the checkpoints of run[1] saved and never read back.
-  bracketed = re.search(r'\[[^/]*\]', os.path.abspath(folder))
+  path = os.path.abspath(folder)
+  bracketed = re.search(r'\[!?(\][^/\]]*|[^/\]]+)\]', path)  # (glob's: a ] first is in it)
   if bracketed:
-    raise WorkdirError(f'{flag} {folder!r}: {bracketed.group()!r} in the path, which orbax '
-                       'reads as a glob pattern: the checkpoints would save and never read '
-                       'back; name the folder without [ and ]')
+    raise WorkdirError(f'{flag} {folder!r}: {bracketed.group()!r} in its path {path!r}, which '
+                       'orbax reads as a glob pattern: the checkpoints would save and never '
+                       'read back; name the folders without [ and ]')
 
 
 _held: dict[str, int] = {}  # the folders this process holds locked: how many times

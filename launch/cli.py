@@ -116,8 +116,9 @@ def _bad_override_value(message: str, config=None) -> str | None:
     fields = ''
     if config is not None:
       fields = ' (' + ', '.join(f'{group[1]}.{k}' for k in config[group[1]].keys()) + ')'
+    example = f', e.g. --config.{group[1]}.name={group[2]}' if group[2].isidentifier() else ''
     return (f'--config.{group[1]}={group[2]}: config.{group[1]} is a group of fields{fields}; '
-            f'set one of them, e.g. --config.{group[1]}.name={group[2]}')
+            f'set one of them{example}')
   m = _NOT_PARSED.match(message)
   if m is None:
     return None

@@ -17,6 +17,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from absl import app, flags  # noqa: E402
 
+from fathom_sim.data.prepare import SEQUENCE_LENGTH, TEST_FRACTION, VOCAB_SIZE  # noqa: E402
 from launch import cli  # noqa: E402
 
 _SOURCE = flags.DEFINE_string('source', None, 'Input: a file, a directory, or (FedJAX) a '
@@ -27,12 +28,15 @@ _FORMAT = flags.DEFINE_enum('format', None, ['fedjax_sqlite', 'tff_sqlite', 'lea
 _TASK = flags.DEFINE_enum('task', None, ['emnist', 'stackoverflow'], 'What the files hold.')
 _VOCAB = flags.DEFINE_string('vocab', '', 'Stack Overflow: word-count file (most frequent first);'
                              ' empty = the most frequent words of the train split.')
-_VOCAB_SIZE = flags.DEFINE_integer('vocab_size', 10000, 'Stack Overflow: words in the vocabulary.')
-_LENGTH = flags.DEFINE_integer('sequence_length', 20, 'Stack Overflow: tokens per example.')
+_VOCAB_SIZE = flags.DEFINE_integer('vocab_size', VOCAB_SIZE,
+                                   'Stack Overflow: words in the vocabulary.')
+_LENGTH = flags.DEFINE_integer('sequence_length', SEQUENCE_LENGTH,
+                               'Stack Overflow: tokens per example.')
 _SPLIT_DATE = flags.DEFINE_string('split_date', '', 'Posts.xml: posts from this date (YYYY-MM-DD) '
                                   'on are the test split; empty = the last test_fraction.')
-_TEST_FRACTION = flags.DEFINE_float('test_fraction', 0.2, 'Posts.xml: share of posts (latest '
-                                    'first) in the test split when --split_date is empty.')
+_TEST_FRACTION = flags.DEFINE_float('test_fraction', TEST_FRACTION, 'Posts.xml: share of posts '
+                                    '(latest first) in the test split when --split_date is '
+                                    'empty.')
 
 
 def summary_lines(meta: dict, out: str) -> list[str]:

@@ -502,16 +502,18 @@ def test_a_bracketed_workdir_or_sweep_folder_is_refused_before_anything_is_made(
   from fathom_sim.train import train_and_evaluate
   from tests.common import tiny_config
   with pytest.raises(workdir_lib.WorkdirError, match=r"--workdir '.*/run\[1\]': '\[1\]' in "
-                     'the path, which orbax reads as a glob pattern'):
+                     "its path '/.*/run\\[1\\]', which orbax reads as a glob pattern"):
     train_and_evaluate(tiny_config(), str(tmp_path / 'run[1]'))
   sweep_file = tmp_path / 'sweep.py'
   sweep_file.write_text(GOOD_SWEEP)
-  with pytest.raises(workdir_lib.WorkdirError, match=r"--out '.*/sw\[a\]/x': '\[a\]' in the"):
+  with pytest.raises(workdir_lib.WorkdirError, match=r"--out '.*/sw\[a\]/x': '\[a\]' in its"):
     sweep.run_sweep(sweep.load_sweep(str(sweep_file)), str(tmp_path / 'sw[a]' / 'x'),
                     log=lambda _: None)
   assert os.listdir(tmp_path) == ['sweep.py']
-  for fine in ('run[1', 'run]1', 'a?b*c{d}'):  # no character class: saved and read back
+  for fine in ('run[1', 'run]1', 'a?b*c{d}', 'e[]'):  # no character class: saved and read back
     workdir_lib.check_local(str(tmp_path / fine), '--workdir')
+  with pytest.raises(workdir_lib.WorkdirError, match=r"'\[\]y\]' in its path"):
+    workdir_lib.check_local(str(tmp_path / 'x[]y]'), '--workdir')  # the class of ] and y
 
 
 def test_url_folders_are_refused_by_sweep_prepare_report_and_the_config(tmp_path, monkeypatch):

@@ -348,7 +348,7 @@ def test_a_client_that_cannot_be_read_fails_its_own_round_not_the_one_before(err
     rounds(state, 2, np.asarray(m.next_hparams))
 
 
-def test_reading_ahead_that_fails_does_not_cost_the_round_that_computes(monkeypatch):
+def test_reading_ahead_that_fails_does_not_cost_the_round_that_computes(monkeypatch, caplog):
   """Round 2's clients are sampled and their reads started after round 1 is dispatched, its
   state donated: an error there (the host out of memory, say) left round 1 with its state and
   metrics lost, blamed for it. Round 2 reads on time instead, and equals a run held in
@@ -368,6 +368,8 @@ def test_reading_ahead_that_fails_does_not_cost_the_round_that_computes(monkeypa
   want_state, want, _ = run_rounds(config, task, 3)
   got_state, got, rounds = run_rounds(config, generated, 3)
   assert rounds.prefetching
+  assert ("reading round 2's clients ahead failed (MemoryError: no memory for the reads "
+          "ahead); they are read on time") in caplog.text
   for (m_want, _), (m_got, _) in zip(want, got):
     np.testing.assert_array_equal(m_got.next_hparams, m_want.next_hparams)
   jax.tree.map(np.testing.assert_array_equal, got_state.params, want_state.params)

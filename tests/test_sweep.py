@@ -658,7 +658,7 @@ def test_claim_script_takes_out_only_where_given(tmp_path, args, out, rest):
 
 def test_a_curve_of_seeds_none_finished_says_so_in_its_label(tmp_path):
   """Two of three seeds with rows, none finished: the label said 'n=2: the finished of 3
-  seeds'."""
+  seeds' (and 'n=3' for three seeds with rows, as if finished)."""
   import matplotlib.pyplot as plt
   root = tmp_path / 'sweep'
   for seed, rounds in ((0, 4), (1, 3), (2, 0)):
@@ -687,7 +687,7 @@ def test_a_report_rewritten_keeps_no_plot_of_the_last_and_labels_every_setting(t
   fig, ax = plt.subplots()
   plots._draw(ax, groups, 'test_accuracy', 'round')
   assert [label.lstrip('\u200b') for label in ax.get_legend_handles_labels()[1]] == [
-      '_base (n=1)', 'eta=0.1 (n=1)']
+      '_base (n=1 of 1 seeds, none finished)', 'eta=0.1 (n=1 of 1 seeds, none finished)']
   plt.close(fig)
   lines = (root / '_base' / 'seed=0' / 'metrics.jsonl').read_text().splitlines()
   last = json.loads(lines[-1])

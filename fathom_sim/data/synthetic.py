@@ -50,7 +50,7 @@ def synthetic_alpha_beta(*, num_clients: int = 1000, alpha: float = 1.0, beta: f
     mean = r.normal(b, 1.0, dim)
     x = mean + std * r.standard_normal((n, dim))
     logits = x @ weights + bias
-    if not (np.isfinite(logits).all() and np.abs(x).max() <= np.finfo(np.float32).max):
+    if not (np.isfinite(logits).all() and (np.abs(x) <= np.finfo(np.float32).max).all()):
       # (else inf inputs, taken: nearly every round rejected, exit 0 and a NaN test loss)
       from fathom_sim.config import ConfigError
       raise ConfigError(f'config.data.alpha={alpha:g}, config.data.beta={beta:g}: client {k}\'s '
