@@ -92,6 +92,16 @@ def every_process(true: bool) -> bool:
   return bool(np.min(multihost_utils.process_allgather(np.int32(true))))
 
 
+def smallest(value: int) -> int:
+  """The smallest of `value` (0 <= value < 2^31) over the processes (a collective on several
+  hosts): for a decision each process measures for itself and all must take alike."""
+  if jax.process_count() == 1:
+    return value
+  import numpy as np
+  from jax.experimental import multihost_utils
+  return int(np.min(multihost_utils.process_allgather(np.int32(value))))
+
+
 def process_zeros(answer: bool) -> bool:
   """Process 0's `answer`, on every process (a collective on several hosts): for what only
   process 0 can be sure of, such as a file it writes that other hosts' mounts show late."""

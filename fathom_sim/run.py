@@ -16,7 +16,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from fathom_sim import fathom, models, rng, server
+from fathom_sim import distributed, fathom, models, rng, server
 from fathom_sim.config import ConfigError, check_config
 from fathom_sim.data import DataError, DatasetError, Task, load_task
 from fathom_sim.data.federated import ArrayClientDataset
@@ -256,14 +256,24 @@ def _local_devices(mesh) -> int:
   return sum(d.process_index == jax.process_index() for d in mesh.devices.flat)
 
 
+def _device_memory(mesh) -> int:
+  """An accelerator's memory in bytes (0 on CPU, or where the runtime does not say), the same
+  on every process: each asks a device it drives (a pod's or several GPUs' runtime refuses the
+  stats of another process's device, or reports zeros), and all take the smallest, since the
+  choices made from it shape every process's programs."""
+  device = next(d for d in mesh.devices.flat if d.process_index == jax.process_index())
+  limit = 0
+  if device.platform != 'cpu':
+    limit = int((device.memory_stats() or {}).get('bytes_limit', 0))
+  return distributed.smallest(min(limit >> 20, 2**31 - 1)) << 20  # (in MiB: an int32)
+
+
 def _resident_bytes(mesh) -> int:
   """The largest training set that data_on_device='auto' keeps on each device."""
-  device = mesh.devices.flat[0]
-  if device.platform == 'cpu':
+  if mesh.devices.flat[0].platform == 'cpu':
     # Every CPU device's copy lives in the host's memory, which the limit is there to spare.
     return RESIDENT_BYTES // max(_local_devices(mesh), 1)
-  limit = (device.memory_stats() or {}).get('bytes_limit', 0)
-  return max(RESIDENT_BYTES, int(limit * RESIDENT_FRACTION))
+  return max(RESIDENT_BYTES, int(_device_memory(mesh) * RESIDENT_FRACTION))
 
 
 def _local_loop(config, mesh, conv: str) -> str:
@@ -359,10 +369,9 @@ def _warn_integer_inputs(name: str, task: Task) -> None:
 def _memory_bytes(mesh) -> tuple[int, str]:
   """The memory one device's step can use at most, and what it is: an accelerator's own, or
   the host's for CPU devices (which all share it)."""
-  device = mesh.devices.flat[0]
-  limit = (device.memory_stats() or {}).get('bytes_limit', 0) if device.platform != 'cpu' else 0
+  limit = _device_memory(mesh)
   if limit:
-    return int(limit), f'one {device.platform} device\'s memory'
+    return limit, f'one {mesh.devices.flat[0].platform} device\'s memory'
   return os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES'), "the host's memory"
 
 

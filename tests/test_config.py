@@ -447,6 +447,22 @@ def test_the_first_round_memory_bound_is_the_devices_own_or_the_hosts():
   build(tiny_config(algorithm='fedavg', batch_size=4096.0), tiny_task())  # big but fits
 
 
+class _RemoteDevice(_FakeDevice):
+  def memory_stats(self):  # as XLA's GPU client answers for another process's device
+    raise RuntimeError('FAILED_PRECONDITION: GetAllocatorStats() is allowed only for '
+                       'addressable devices')
+
+
+def test_device_memory_is_asked_of_a_device_this_process_drives():
+  """The mesh's first device is process 0's: on any other process of a pod or multi-GPU run,
+  its stats were asked for, and refused, before round 1 (or read as zeros on some TPUs, where
+  the processes then chose differently whether the data stays on the devices)."""
+  mesh = _FakeMesh(_RemoteDevice('gpu', None, process_index=1),
+                   _FakeDevice('gpu', {'bytes_limit': 80 << 30}, process_index=0))
+  assert run_lib._memory_bytes(mesh) == (80 << 30, "one gpu device's memory")
+  assert run_lib._resident_bytes(mesh) == int((80 << 30) * run_lib.RESIDENT_FRACTION)
+
+
 def test_fields_set_but_not_read_are_listed(tmp_path):
   """FedAvg ignores FATHOM's fields, SGD the other optimizers', generated data data_dir, ...:
   such a setting changed nothing, without a word. Only the fields given are judged."""
