@@ -191,7 +191,8 @@ class Checkpointer:
             f'{steps or "none"}); every host must see the one workdir (a mount that failed on '
             'one is a plain local folder there)')
     unread = []  # (step, why) of the newer checkpoints that did not read back
-    filesystem = True  # whether every read that failed here failed with an OSError
+    filesystem = True  # whether every read that failed here failed with an OSError (agreed
+    # below: each process must stop with the same exit status)
     for step in reversed(steps):
       why = None
       try:
@@ -235,7 +236,7 @@ class Checkpointer:
       # over would redo the whole run (and cut metrics.jsonl to round 0) after a passing fault.
       # Every read failing with an OSError (EIO, too many open files) is the filesystem's, to
       # retry (exit 1; a sweep stops): not the workdir's fault (exit 2; a sweep goes on).
-      error = CheckpointError if filesystem else WorkdirError
+      error = CheckpointError if distributed.every_process(filesystem) else WorkdirError
       raise error(
           f'{self.directory}: no checkpoint reads back ('
           + '; '.join(f'round {step}: {why}' for step, why in unread)

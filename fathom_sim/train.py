@@ -590,6 +590,10 @@ def _run(run: Run, configs: list[ml_collections.ConfigDict], workdirs: list[str]
       final = evaluate_on_test(params, test_clients)
     summaries.append(_summary(book, final, params, _seed(hp, s), rounds, run,
                               vectorized=len(books) if vectorized else 0))
+  # The summaries are process 0's to write: the others wait for them (a barrier), so that a
+  # write that fails (a full disk) ends them with its exit status, through the stop watcher,
+  # where they had already exited 0.
+  distributed.every_process(True)
   if finished_by:  # a sweep or a job script stops here, as the signal asked
     raise Preempted(finished_by, c.num_rounds)
   return summaries
