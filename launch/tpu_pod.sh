@@ -100,7 +100,9 @@ case "$cmd" in
     gcloud_tpu ssh "$TPU_NAME" --worker=0 --command='tail -F ~/fathom_run.log'
     ;;
   stop)
-    on_all_workers "pkill -TERM -f 'launch/main.py --multihost' || true"
+    # [l]: the pattern must not match the remote shell running this pkill, whose command line
+    # holds it too (pkill killed that shell, and stop failed though every run got its SIGTERM).
+    on_all_workers "pkill -TERM -f '[l]aunch/main.py --multihost' || true"
     ;;
   delete)
     gcloud_tpu delete "$TPU_NAME" --quiet

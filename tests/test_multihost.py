@@ -376,6 +376,25 @@ def test_tpu_pod_script_starts_the_same_multihost_command_on_every_worker():
   assert p.returncode == 2 and 'usage: launch/tpu_pod.sh' in p.stderr
 
 
+def test_tpu_pod_stop_sends_sigterm_to_the_run_and_not_to_its_own_shell(tmp_path):
+  """The remote command that `stop` runs on each worker, run here against a stand-in for the
+  run: its pattern matched the shell running it, which pkill killed (status 143), so `stop`
+  failed though the run got its SIGTERM."""
+  import shlex
+  p = _pod('stop', TPU_NAME='pod1')
+  assert p.returncode == 0, p.stderr
+  [remote] = [a.split('=', 1)[1] for a in shlex.split(p.stdout) if a.startswith('--command=')]
+  run = subprocess.Popen(['bash', '-c', 'exec -a "python launch/main.py --multihost '
+                          '--config=configs/quickstart.py" sleep 60'])
+  time.sleep(0.5)  # (the exec done)
+  try:
+    stop = subprocess.run(['bash', '-c', remote], capture_output=True, timeout=30)
+    assert stop.returncode == 0, stop
+    assert run.wait(timeout=10) == -signal.SIGTERM
+  finally:
+    run.kill()
+
+
 def test_both_processes_set_aside_an_unreadable_checkpoint_and_resume_from_the_one_before(
     tmp_path):
   """Each process restores for itself, and each moved the unreadable newest checkpoint aside:
