@@ -340,6 +340,28 @@ def test_seeds_in_one_program_hold_the_largest_seeds_example_buffer_not_twice_it
       np.testing.assert_array_equal(source[:, :rows], plan.lanes.source['x'])
 
 
+def test_seeds_in_one_program_copy_only_this_processs_example_buffers():
+  """On several hosts a process fills its own devices' buffers; stacking the seeds copied every
+  buffer, the others' zeros too, so every host held (and copied each round) every host's
+  share. Rows of other processes' buffers are left unwritten: never sent, never touched."""
+  from fathom_sim.data.plan import _stacked
+  arrays = [np.full((4, 3, 2), s + 1.0, np.float32) for s in range(2)]  # [D, R, ...] a seed
+  out = _stacked(arrays, 5, np.array([1, 3]))
+  assert out.shape == (2, 4, 5, 2)
+  np.testing.assert_array_equal(out[:, [1, 3], :3], np.stack([a[[1, 3]] for a in arrays]))
+  assert not out[:, [0, 2]].any() and not out[:, :, 3:].any()
+  cohorts = [np.array([0, 1, 2]), np.array([3, 4, 5])]
+  hparams = np.zeros((2, 3), np.float32)
+  hparams[:, EPOCHS], hparams[:, BATCH] = 1.0, 5.0
+  local = np.array([False, False, True, True])  # 4 lanes, 2 a buffer: this process's 2nd
+  seeds = SeedPlanners(_sized_dataset([10, 20, 30, 40, 50, 60]), 3, 4, [0, 1],
+                       lanes_per_buffer=2, local_lanes=local)
+  stacked = seeds.plan(cohorts, 1, hparams)
+  for plan, source in zip(stacked.plans, stacked.lanes.source['x']):
+    np.testing.assert_array_equal(source[:, :plan.lanes.source['x'].shape[1]],
+                                  plan.lanes.source['x'])
+
+
 def test_a_lane_past_the_example_indices_a_round_addresses_is_refused(monkeypatch):
   """Each client fits the limit alone (what run.py checks before the run), but a lane that
   joins them reads past it: the device's int32 step * B_int would wrap (at 2^31; here the

@@ -333,7 +333,10 @@ class SeedPlanners:
     batch_pad = max(p.batch_pad for p in plans)
     source = None
     if plans[0].lanes.source is not None:
-      source = {k: _stacked([p.lanes.source[k] for p in plans], self.buffer_pad)
+      first = self.planners[0]  # (the seeds' planners share the lanes and which are local)
+      local = None if first.local_lanes is None else np.flatnonzero(
+          first.local_lanes.reshape(-1, first.lanes_per_buffer).any(axis=1))
+      source = {k: _stacked([p.lanes.source[k] for p in plans], self.buffer_pad, local)
                 for k in plans[0].lanes.source}
     table = CohortTable(*(np.stack(f) for f in zip(*(p.table for p in plans))))
     slots = np.stack([p.lanes.slots for p in plans])
@@ -342,12 +345,18 @@ class SeedPlanners:
                         batch_pad=batch_pad)
 
 
-def _stacked(arrays: list[np.ndarray], length: int) -> np.ndarray:
+def _stacked(arrays: list[np.ndarray], length: int,
+             rows: np.ndarray | None = None) -> np.ndarray:
   """The seeds' arrays on a leading axis, axis 1 zero-padded to `length` (index 0 / zero
   examples: read by no real step). Each is copied once into its place: padded and then
-  stacked, the buffers were copied twice (half of planning 5 seeds' FEMNIST-shaped cohorts)."""
+  stacked, the buffers were copied twice (half of planning 5 seeds' FEMNIST-shaped cohorts).
+  With `rows`, only those of axis 0 are copied (a process's own devices' buffers: the others
+  are never sent, and copying their zeros made every host hold every host's examples)."""
   first = arrays[0]
   out = np.zeros((len(arrays), first.shape[0], length) + first.shape[2:], first.dtype)
   for place, a in zip(out, arrays):
-    place[:, :a.shape[1]] = a
+    if rows is None:
+      place[:, :a.shape[1]] = a
+    else:
+      place[rows, :a.shape[1]] = a[rows]
   return out
