@@ -185,14 +185,17 @@ def reaches(row: dict, target: float) -> bool:
   return accuracy is not None and accuracy >= target
 
 
-def read_summary(workdir: str) -> dict | None:
-  """The workdir's summary.json (written when a run finishes); None without a readable one."""
+def read_summary(workdir: str, rounds: int | None = None) -> dict | None:
+  """The workdir's summary.json (written when a run finishes), with `rounds` that of a run
+  that ended at that round; None without a readable one (or one of other rounds)."""
   try:
     with open(os.path.join(workdir, SUMMARY_FILE), encoding='utf-8') as f:
       summary = json.load(f)
   except (OSError, ValueError):
     return None
-  return summary if isinstance(summary, dict) else None
+  if not isinstance(summary, dict) or rounds is not None and summary.get('rounds') != rounds:
+    return None
+  return summary
 
 
 def finished_rounds(workdir: str) -> int | None:

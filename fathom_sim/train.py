@@ -604,8 +604,8 @@ def _summary_of_finished(book: _Book, num_rounds: int) -> dict | None:
   the command asks nothing new of it (another target_accuracy, say, is summarised again)."""
   if book.done != num_rounds:
     return None
-  summary = metrics.read_summary(book.workdir)
-  if summary is None or summary.get('rounds') != num_rounds:
+  summary = metrics.read_summary(book.workdir, num_rounds)
+  if summary is None:
     return None
   try:  # Any field that differs asks something new of it, but one the run does not read.
     saved = workdir_lib.read_saved(book.workdir)
@@ -622,7 +622,7 @@ def _ended_at(book: _Book) -> bool:
   periodic checkpoint then resumed with another eval_every did not end there), or a later
   command run with num_rounds at that round, which ran none and wrote summary.json."""
   saved = (book.meta.get('config') or {}).get('num_rounds')
-  return saved == book.done or metrics.finished_rounds(book.workdir) == book.done
+  return saved == book.done or metrics.read_summary(book.workdir, book.done) is not None
 
 
 def _tag(book: _Book, vectorized: bool) -> str:
@@ -635,9 +635,9 @@ def _wall_s(book: _Book, num_rounds: int) -> float:
   own, and the run's are its summary's (else its last checkpoint's)."""
   if book.done < num_rounds:
     return time.time() - book.start
-  summary = metrics.read_summary(book.workdir) or {}
-  if summary.get('rounds') == num_rounds and isinstance(summary.get('wall_s'), (int, float)):
-    return float(summary['wall_s'])  # (as _ended_at: written by the command that ended there)
+  summary = metrics.read_summary(book.workdir, num_rounds) or {}
+  if isinstance(summary.get('wall_s'), (int, float)):  # (written by the command that ended
+    return float(summary['wall_s'])  # there, as in _ended_at)
   return float(book.meta['wall_s'])
 
 

@@ -290,6 +290,10 @@ class SeedPlanners:
                seeds: list[int], **kwargs):
     self.planners = [Planner(dataset, cohort_size, num_lanes, s, **kwargs) for s in seeds]
     self.stream_pad = self.buffer_pad = 0
+    # The example buffers this process fills (None: all): the seeds' planners share the lanes.
+    first = self.planners[0]
+    self._local_buffers = None if first.local_lanes is None else np.flatnonzero(
+        first.local_lanes.reshape(-1, first.lanes_per_buffer).any(axis=1))
 
   def padded_lengths(self) -> tuple:
     return self.stream_pad, self.buffer_pad, [p.padded_lengths() for p in self.planners]
@@ -333,10 +337,8 @@ class SeedPlanners:
     batch_pad = max(p.batch_pad for p in plans)
     source = None
     if plans[0].lanes.source is not None:
-      first = self.planners[0]  # (the seeds' planners share the lanes and which are local)
-      local = None if first.local_lanes is None else np.flatnonzero(
-          first.local_lanes.reshape(-1, first.lanes_per_buffer).any(axis=1))
-      source = {k: _stacked([p.lanes.source[k] for p in plans], self.buffer_pad, local)
+      source = {k: _stacked([p.lanes.source[k] for p in plans], self.buffer_pad,
+                            self._local_buffers)
                 for k in plans[0].lanes.source}
     table = CohortTable(*(np.stack(f) for f in zip(*(p.table for p in plans))))
     slots = np.stack([p.lanes.slots for p in plans])
