@@ -28,8 +28,17 @@ def hparams(log_hparams: jax.Array, upper: jax.Array) -> jax.Array:
 
 def batch_size_int(batch_size: float) -> int:
   """B_int = max(1, round(B)), a half rounded up as the reference does (int(B + 0.5)): B 2.5
-  is 3 examples, where Python's round() would give 2."""
-  return max(1, int(np.floor(np.float64(batch_size) + 0.5)))
+  is 3 examples, where Python's round() would give 2.
+
+  A B within WHOLE_TOLERANCE (relative; at most MAX_FORGIVEN) below a half counts as the half:
+  a round's B is exp(log B) in float32, which put an initial B 3.5 at 3.4999998 (and 19.5 at
+  19.499998, a third of all halves up to 300), one example short of what the config says.
+  """
+  b = np.float64(batch_size)
+  up = np.floor(b + 0.5)
+  if up + 1 - (b + 0.5) <= min(b * WHOLE_TOLERANCE, MAX_FORGIVEN):
+    up += 1
+  return max(1, int(up))
 
 
 def integer_schedule(epochs: float, batch_size: float,

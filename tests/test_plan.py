@@ -36,8 +36,14 @@ def test_integer_schedule_follows_the_spec():
   assert fathom.integer_schedule(1.0, 3.5, np.array([7]))[0] == 4
   assert [fathom.batch_size_int(b) for b in (0.2, 0.5, 1.49, 4.5, 20.5, np.float32(20.5))] == [
       1, 1, 1, 5, 21, 21]
-  # exp(log(B)) in float32, as a round computes B from phi: x.5 survives it, and goes up.
-  assert fathom.batch_size_int(np.exp(np.log(np.float32(4.5)))) == 5
+  # exp(log(B)) in float32, as a round computes B from phi: x.5 goes up whether it comes back
+  # just above the half (4.5) or just below it (3.5 is 3.4999998, 19.5 is 19.499998).
+  halves = np.arange(0.5, 300, 1.0)
+  back = np.exp(np.log(halves.astype(np.float32)))
+  assert np.sum(back < halves) > 50  # the case is common, not hypothetical
+  assert [fathom.batch_size_int(b) for b in back] == list(range(1, 301))
+  # Below the tolerance's reach a B under the half is under it: 3.49 is 3 examples.
+  assert fathom.batch_size_int(3.49) == 3 and fathom.batch_size_int(3.5 - 1e-5) == 3
   assert fathom.integer_schedule(1.0, 0.2, np.array([7]))[0] == 1
   np.testing.assert_array_equal(fathom.integer_schedule(0.01, 20, np.array([3, 50]))[1], [1, 1])
 
