@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import math
 import os
 
 import jax
@@ -76,7 +77,14 @@ def reference_rounds(config, task, num_rounds: int):
   """The same rounds through tests/reference.py, from the same initial state."""
   run = build(config, task)
   state = jax.device_get(init_state(run))
-  params, phi = state.params, np.asarray(state.hyper.log_hparams)
+  params = state.params
+  # phi and the bounds from the config's fields, not from the engine's state: a mistake in how
+  # the engine orders or reads them must show here.
+  static = (config.epochs, config.eta, config.batch_size)
+  phi = np.log(np.asarray(static, np.float64))
+  np.testing.assert_allclose(state.hyper.log_hparams, phi, rtol=1e-6, atol=1e-7)
+  upper = ((math.inf,) * 3 if config.algorithm == 'fedavg' else
+           (config.upper_epochs, config.upper_eta, config.upper_batch_size))
   ema = jax.tree.map(np.zeros_like, params)
   from fathom_sim.data.sampling import sample_cohort
   out = []
@@ -87,9 +95,9 @@ def reference_rounds(config, task, num_rounds: int):
     cohort = sample_cohort(task.train, config.seed, t, config.cohort_size)
     r = reference.reference_round(
         run.model.loss, params, phi, ema, task.train, cohort, seed=config.seed, round_index=t,
-        upper=run.upper, alpha=config.alpha, eta_h=config.eta_h,
+        upper=upper, alpha=config.alpha, eta_h=config.eta_h,
         scales=(config.eta_h0, config.eta_h1, config.eta_h2),
-        frozen=config.algorithm == 'fedavg', server_step=server_step)
+        frozen=config.algorithm == 'fedavg', static=static, server_step=server_step)
     params, phi, ema = r['params'], r['phi'], r['ema']
     out.append(r)
   return out

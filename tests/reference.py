@@ -33,7 +33,8 @@ def _dropout_key(seed: int, round_index: int, client: int, step: int):
 
 def local_train(loss_fn, params, examples: dict, *, epochs: float, eta: float, b_int: int,
                 seed: int, round_index: int, client: int) -> dict:
-  """One client's local SGD; returns its delta, h_i, K_i and the cosines c_k."""
+  """One client's local SGD; returns its delta, h_i, K_i, the cosines c_k and the mean of its
+  step losses (each at p_{k-1} on batch_k, the loss g_k is the gradient of)."""
   n = len(examples['y'])
   # ceil(E n / B_int) of the real numbers E and n / B_int stand for: float rounding may put
   # the product of a whole one just above it (E 0.2 is 0.20000000298 in float32), and within
@@ -47,19 +48,21 @@ def local_train(loss_fn, params, examples: dict, *, epochs: float, eta: float, b
   order = []
   while len(order) < k_steps * b_int:  # shuffled and repeated, a new permutation per pass
     order.extend(shuffler.permutation(n).tolist())
-  grad = jax.jit(jax.grad(loss_fn))
+  grad = jax.jit(jax.value_and_grad(loss_fn))
   p = params
-  cosines = []
+  cosines, losses = [], []
   for k in range(k_steps):
     idx = np.asarray(order[k * b_int:(k + 1) * b_int])
     batch = {name: a[idx] for name, a in examples.items()}
-    g = grad(p, batch, jnp.ones(b_int, bool), _dropout_key(seed, round_index, client, k))
+    loss, g = grad(p, batch, jnp.ones(b_int, bool), _dropout_key(seed, round_index, client, k))
+    losses.append(float(loss))
     p = jax.tree.map(lambda w, gw: w - eta * gw, p, g)
     d = _flat(params) - _flat(p)
     cosines.append(_cos(_flat(g), d))
   delta = jax.tree.map(lambda a, b: np.asarray(a, np.float64) - np.asarray(b, np.float64),
                        params, p)
-  return {'delta': delta, 'h': min(cosines), 'k': k_steps, 'cosines': cosines}
+  return {'delta': delta, 'h': min(cosines), 'k': k_steps, 'cosines': cosines,
+          'loss': float(np.mean(losses))}
 
 
 class ServerStep:
@@ -106,11 +109,13 @@ class ServerStep:
 
 def reference_round(loss_fn, params, phi: np.ndarray, ema, dataset, clients, *, seed: int,
                     round_index: int, upper, alpha: float, eta_h: float, scales,
-                    frozen: bool = False, server_lr: float = 1.0,
+                    frozen: bool = False, static=None, server_lr: float = 1.0,
                     server_step: ServerStep | None = None) -> dict:
   """One round: local training, n_i-weighted aggregation, server step (SGD at server_lr, or
   `server_step`), hyper update."""
-  hp = np.minimum(np.exp(np.asarray(phi, np.float32)), np.asarray(upper, np.float32))
+  # FedAvg uses its static values as the config gives them; FATHOM clip(exp(phi)).
+  hp = (np.asarray(static, np.float64) if frozen else
+        np.minimum(np.exp(np.asarray(phi, np.float64)), np.asarray(upper, np.float64)))
   epochs, eta, batch = (float(v) for v in hp)
   b_int = max(1, int(batch + 0.5))  # the reference's rounding: a half goes up
   results, weights = [], []
@@ -123,6 +128,7 @@ def reference_round(loss_fn, params, phi: np.ndarray, ema, dataset, clients, *, 
   delta = jax.tree.map(lambda *ds: sum(wi * d for wi, d in zip(w, ds)),
                        *[r['delta'] for r in results])
   h_local = float(np.dot(w, [r['h'] for r in results]))
+  train_loss = float(np.dot(w, [r['loss'] for r in results]))  # weighted by n_i, as Delta
   new_params = (server_step(params, delta) if server_step is not None else
                 jax.tree.map(lambda x, d: np.asarray(x, np.float64) - server_lr * d,
                              params, delta))
@@ -133,5 +139,6 @@ def reference_round(loss_fn, params, phi: np.ndarray, ema, dataset, clients, *, 
   new_phi = np.asarray(phi, np.float64) + (0.0 if frozen else eta_h) * step
   return {'params': new_params, 'phi': new_phi, 'ema': new_ema, 'h_glob': h_glob,
           'h_local': h_local, 'client_h': [r['h'] for r in results],
+          'train_loss': train_loss, 'client_loss': [r['loss'] for r in results],
           'num_steps': [r['k'] for r in results], 'hparams': hp, 'b_int': b_int,
           'delta': delta}

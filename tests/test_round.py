@@ -35,10 +35,30 @@ def test_round_matches_slow_reference(algorithm, local_loop, lanes, chunk, num_d
     np.testing.assert_allclose(m.client_h, r['client_h'], rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(m.h_local, r['h_local'], rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(m.h_glob, r['h_glob'], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(m.client_loss, r['client_loss'], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(m.train_loss, r['train_loss'], rtol=1e-5, atol=1e-6)
   assert_trees_close(state.params, ref[-1]['params'])
   assert_trees_close(state.hyper.ema, ref[-1]['ema'])
   np.testing.assert_allclose(state.hyper.log_hparams, ref[-1]['phi'], rtol=1e-5, atol=1e-6)
   assert int(state.round) == 3
+
+
+def test_bounds_that_bind_match_the_slow_reference():
+  """E and eta pushed past their bounds by large hyper scales: the rounds use the clipped
+  values while phi goes on unclipped (spec/fathom.md), bound by bound in the config's order."""
+  config = tiny_config(eta_h0=30.0, eta_h1=300.0, upper_epochs=1.7, upper_eta=0.06,
+                       upper_batch_size=3.2)
+  task = tiny_task()
+  state, history, _ = run_rounds(config, task, 3)
+  ref = reference_rounds(config, task, 3)
+  for (m, plan), r in zip(history, ref):
+    np.testing.assert_array_equal(plan.num_steps, r['num_steps'])
+    np.testing.assert_allclose(m.hparams, r['hparams'], rtol=1e-6)
+  used = np.asarray([m.hparams for m, _ in history])
+  np.testing.assert_allclose(used[-1, :2], [1.7, 0.06], rtol=1e-6)  # both bind by round 3
+  assert np.exp(state.hyper.log_hparams[0]) > 1.7  # phi itself is not clipped
+  assert_trees_close(state.params, ref[-1]['params'])
+  np.testing.assert_allclose(state.hyper.log_hparams, ref[-1]['phi'], rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize('conv', ['matmul', 'xla', 'pallas'])
@@ -85,6 +105,21 @@ def test_each_local_step_draws_its_own_dropout_masks():
   assert np.linalg.norm(got - want) < 0.01 * np.linalg.norm(want)
 
 
+@pytest.mark.parametrize('algorithm', ['fathom', 'fedavg'])
+def test_a_half_batch_size_goes_up_in_round_one(algorithm):
+  """B 3.5 is 4 examples (a half goes up). FATHOM's round 1 takes B from exp(log 3.5), which
+  is 3.4999998 in float32: it ran 3 examples a step while the reference (B from the config
+  in float64) runs 4."""
+  config = tiny_config(algorithm=algorithm, batch_size=3.5)
+  task = tiny_task()
+  state, history, _ = run_rounds(config, task, 2)
+  ref = reference_rounds(config, task, 2)
+  assert history[0][1].batch_size == ref[0]['b_int'] == 4
+  for (m, plan), r in zip(history, ref):
+    np.testing.assert_array_equal(plan.num_steps, r['num_steps'])
+  assert_trees_close(state.params, ref[-1]['params'])
+
+
 def test_fedavg_with_an_e_float32_cannot_hold_runs_the_specs_steps():
   """E 0.2 is 0.20000000298 in float32: a client of 5 examples ran 2 steps of B 1, not
   ceil(0.2 * 5) = 1 (and so did every client whose n is a multiple of 5)."""
@@ -124,7 +159,7 @@ def test_params_actually_change_and_stay_finite():
   assert float(np.abs(history[1][0].h_glob)) > 0  # round 2 compares with round 1's update
 
 
-@pytest.mark.parametrize('server_optimizer', ['momentum', 'adam', 'yogi', 'adagrad'])
+@pytest.mark.parametrize('server_optimizer', ['sgd', 'momentum', 'adam', 'yogi', 'adagrad'])
 def test_server_optimizers_take_delta_as_gradient(server_optimizer):
   """Three rounds against tests/reference.py's numpy server steps (optax's rules written out):
   one round could not tell a state carried from one dropped (momentum's first step is SGD's,
