@@ -215,7 +215,12 @@ def run_status(run: RunSpec) -> tuple[str, str | None]:
     workdir_lib.check_same_run(run.workdir, run.config)
   except workdir_lib.WorkdirError as e:
     return 'failed', str(e)
-  return ('done' if is_finished(run.workdir, run.config.num_rounds) else 'pending'), None
+  done = metrics.finished_rounds(run.workdir) or 0
+  if done > run.config.num_rounds:
+    # Refused as launch/main.py refuses it: skipped as done, the run's results would be of
+    # more rounds than sweep.json says.
+    return 'failed', str(workdir_lib.too_few_rounds(run.workdir, done, run.config.num_rounds))
+  return ('done' if done == run.config.num_rounds else 'pending'), None
 
 
 def is_finished(workdir: str, num_rounds: int) -> bool:

@@ -176,6 +176,13 @@ def test_sweep_runs_every_setting_and_seed_once_and_reports(tmp_path):
   assert [os.stat(p).st_mtime_ns for p in summaries] == mtimes
   p = _cli('sweep.py', f'--sweep={sweep_file}', f'--out={out}', '--config.log_every=2')
   assert p.returncode == 0 and p.stdout.count('finished already, skipped') == 4, p.stderr
+  # Fewer rounds than the runs hold: refused as launch/main.py refuses it, not skipped as done
+  # (sweep.json would have said 2 rounds of runs that ran 3).
+  entries = sweep.run_sweep(definition, out, extra={'num_rounds': 2}, train=counting_train,
+                            log=lambda _: None)
+  assert len(calls) == 4 and [e['status'] for e in entries] == ['failed'] * 4
+  assert all('holds a run already at round 3; config.num_rounds must be at least that, got 2'
+             in e['error'] for e in entries), entries
   # The sweep file edited so that every run's result changes: each run is reported as failed
   # (its workdir holds another config), none is skipped as done or retrained.
   sweep_file.write_text(SWEEP_FILE.replace('num_devices=1', 'num_devices=1, cohort_size=4'))
