@@ -28,9 +28,15 @@ _STYLES = plt.cycler(linestyle=['-', '--']) * plt.cycler(color=plt.get_cmap('tab
 
 
 def curve(group: Group, field: str, x_field: str = 'round'):
-  """(x, mean, min, max) over the plotted seeds of `field`, at the rounds where each has it;
-  at most MAX_POINTS of those rounds, evenly spread, the first and last among them."""
+  """(x, mean, min, max, n) over the n plotted seeds of `field`, at the rounds where each has
+  it; at most MAX_POINTS of those rounds, evenly spread, the first and last among them.
+
+  While no seed has finished, a seed that has not logged `field` yet (diverged or stopped
+  before its first evaluation) is left out of that curve: the rounds common to it and the
+  others are none, and the setting's curve vanished from the plot."""
   per_run = [run.rows.by_round(field, x_field) for run in group.plotted]
+  if not group.finished:
+    per_run = [r for r in per_run if len(r[0])]
   if not per_run:
     return None
   rounds = functools.reduce(np.intersect1d, (r for r, _, _ in per_run))
@@ -41,7 +47,7 @@ def curve(group: Group, field: str, x_field: str = 'round'):
   at = [np.searchsorted(r, rounds) for r, _, _ in per_run]
   x = np.stack([xs[i] for (_, xs, _), i in zip(per_run, at)]).mean(0)
   y = np.stack([ys[i] for (_, _, ys), i in zip(per_run, at)])
-  return x, y.mean(0), y.min(0), y.max(0)
+  return x, y.mean(0), y.min(0), y.max(0), len(per_run)
 
 
 def _draw(ax, groups: list[Group], field: str, x_field: str, log_y: bool = False) -> None:
@@ -50,8 +56,7 @@ def _draw(ax, groups: list[Group], field: str, x_field: str, log_y: bool = False
     c = curve(g, field, x_field)
     if c is None:
       continue
-    x, mean, lo, hi = c
-    n = len(g.plotted)
+    x, mean, lo, hi, n = c
     seeds = (f'n={n} of {len(g.runs)} seeds, none finished' if not g.finished else
              f'n={n}' if n == len(g.runs) else f'n={n}: the finished of {len(g.runs)} seeds')
     # (matplotlib leaves out of the legend a label that starts with '_')

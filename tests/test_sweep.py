@@ -340,7 +340,8 @@ def test_the_report_reads_rows_as_columns_with_the_rows_own_figures(tmp_path):
             for h in got] == hits
   assert report.seconds_per_round(group) == pytest.approx(median, rel=1e-12)
   assert report.last_evaluated(group) == pytest.approx(report.mean_std(lasts))
-  x, mean, lo, hi = plots.curve(group, 'eta')
+  x, mean, lo, hi, n = plots.curve(group, 'eta')
+  assert n == 3
   assert list(x) == common and 0 < len(common) < 84
   assert mean == pytest.approx([sum(v) / 3 for v in zip(*etas)])
   assert list(lo) == [min(v) for v in zip(*etas)] and list(hi) == [max(v) for v in zip(*etas)]
@@ -352,7 +353,7 @@ def test_a_long_runs_curve_draws_at_most_max_points_rounds(tmp_path, monkeypatch
   [group] = report.group_runs(report.find_runs([str(tmp_path / 'run')]))
   full = plots.curve(group, 'h_local')
   monkeypatch.setattr(plots, 'MAX_POINTS', 7)
-  x, mean, _, _ = plots.curve(group, 'h_local')
+  x, mean, _, _, _ = plots.curve(group, 'h_local')
   assert len(full[0]) == 1000 and list(mean) == [0.1] * 7
   evals = plots.curve(group, 'test_accuracy')[0]
   for drawn, step, last in ((x, 1, 1000), (evals, 10, 991)):
@@ -409,8 +410,8 @@ def test_seeds_behind_their_setting_are_unfinished_in_tables_and_plots(tmp_path)
   row = next(line for line in report.markdown([group], [0.3]).splitlines()
              if line.startswith('| `fathom`'))
   assert '| 4 (2 unfinished) | 0.550 ± 0.071 (2 finished) |' in row
-  x, mean, _, _ = plots.curve(group, 'test_accuracy')
-  assert list(x) == [2, 4] and mean == pytest.approx([0.45, 0.55])
+  x, mean, _, _, n = plots.curve(group, 'test_accuracy')
+  assert n == 2 and list(x) == [2, 4] and mean == pytest.approx([0.45, 0.55])
   assert list(plots.curve(group, 'eta')[0]) == [1, 2, 3, 4, 5, 6]
   # While no seed has finished: every seed's last evaluation, said as such.
   for seed in (0, 1):
@@ -675,6 +676,15 @@ def test_a_curve_of_seeds_none_finished_says_so_in_its_label(tmp_path):
   plots._draw(ax, [group], 'test_accuracy', 'round')
   assert ax.get_legend_handles_labels()[1] == ['eta=0.1 (n=2 of 3 seeds, none finished)']
   plt.close(fig)
+  # A seed with rows but no evaluation yet (diverged before it) leaves the others' curve,
+  # which vanished: no round was evaluated by every seed.
+  _write_run(root / 'eta=0.1' / 'seed=3', 'fedavg', {}, 50, 1)
+  [group] = report.group_runs(report.find_runs([str(root)]))
+  fig, ax = plt.subplots()
+  plots._draw(ax, [group], 'test_accuracy', 'round')
+  assert ax.get_legend_handles_labels()[1] == ['eta=0.1 (n=2 of 4 seeds, none finished)']
+  plt.close(fig)
+  assert plots.curve(group, 'eta')[4] == 3  # seed 2 has no rows
 
 
 def test_a_report_rewritten_keeps_no_plot_of_the_last_and_labels_every_setting(tmp_path):
