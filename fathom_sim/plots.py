@@ -15,7 +15,7 @@ matplotlib.use('Agg')
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from fathom_sim.report import Group, best_fedavg  # noqa: E402
+from fathom_sim.report import Group, best_fedavg, grids  # noqa: E402
 
 HPARAMS = (('eta', 'η'), ('epochs', 'E'), ('batch_size', 'B'), ('h_glob', 'h_glob'),
            ('h_local', 'h_local'))
@@ -111,20 +111,30 @@ def hparams_plot(groups: list[Group], path: str) -> str:
 
 
 def write_plots(groups: list[Group], out: str, target: float | None) -> list[str]:
-  """accuracy.png, hparams.png (FATHOM settings, or all when none) and, with FATHOM and FedAvg
-  settings both present, fathom_vs_fedavg.png against the best FedAvg setting at `target`."""
+  """accuracy.png, hparams.png (FATHOM settings, or all when none) and, where FATHOM settings
+  have a FedAvg grid run alike (report.grids), fathom_vs_fedavg.png: each against its grid's
+  best setting at `target`."""
   os.makedirs(out, exist_ok=True)
   paths = [accuracy_plot(groups, os.path.join(out, 'accuracy.png'))]
   fathom = [g for g in groups if g.algorithm == 'fathom']
   paths.append(hparams_plot(fathom or groups, os.path.join(out, 'hparams.png')))
-  best = best_fedavg(groups, target) if target is not None else None
-  versus = os.path.join(out, 'fathom_vs_fedavg.png')
-  if not (fathom and best is not None) and os.path.exists(versus):
-    os.remove(versus)  # a last report's, of other runs or targets: not beside this one's
-  if fathom and best is not None:
+  # Each FedAvg grid's best setting, after the FATHOM settings run alike (report.grids).
+  shown, compared = [], 0
+  for _, fedavg, alike in (grids(groups)[0] if target is not None else []):
+    best = best_fedavg(fedavg, target)
+    if best is None or not alike:
+      continue
+    compared += len(alike)
     # The baseline is drawn whatever the number of FATHOM settings.
-    shown = fathom[:MAX_CURVES - 1]
-    cut = f' (the first {len(shown)} of {len(fathom)} FATHOM settings)' if shown != fathom else ''
-    paths.append(accuracy_plot(shown + [best], versus,
+    room = MAX_CURVES - len(shown) - 1
+    if room > 0:
+      shown += alike[:room] + [best]
+  versus = os.path.join(out, 'fathom_vs_fedavg.png')
+  if not shown and os.path.exists(versus):
+    os.remove(versus)  # a last report's, of other runs or targets: not beside this one's
+  if shown:
+    drawn = sum(g.algorithm == 'fathom' for g in shown)
+    cut = f' (the first {drawn} of {compared} FATHOM settings)' if drawn < compared else ''
+    paths.append(accuracy_plot(shown, versus,
                                f'FATHOM against the best static FedAvg at {target:g}{cut}'))
   return paths

@@ -124,9 +124,12 @@ class RunData:
 
 @dataclasses.dataclass
 class Group:
-  """The runs of one setting, one per seed."""
+  """The runs of one setting, one per seed; `listed` the seeds its sweep.json names (0 where
+  no sweep.json names the setting) and `failed` those it marks failed."""
   setting: str
   runs: list[RunData]
+  listed: int = 0
+  failed: int = 0
 
   @property
   def algorithm(self) -> str:
@@ -219,14 +222,9 @@ def find_runs(paths: list[str]) -> list[RunData]:
   same name stay apart, and the seed folders of one setting given one by one group together.
   """
   runs, seen = [], {}  # a run's real path -> the folder given that reached it
-  roots = [os.path.normpath(p) for p in paths]
-  names = [os.path.basename(r) for r in roots]
-  if len(set(names)) < len(names):
-    names = roots
-  for root, name in zip(roots, names):
-    prefix = name + '/' if len(paths) > 1 else ''
+  for root, setting_of in _roots(paths):
     for dirpath, dirnames, filenames in os.walk(root):
-      dirnames.sort()
+      dirnames.sort(key=natural_key)
       if metrics.METRICS_FILE not in filenames:
         continue
       dirnames[:] = []  # a run's own subfolders (checkpoints) hold no runs
@@ -236,25 +234,74 @@ def find_runs(paths: list[str]) -> list[RunData]:
         raise DataError(f'{dirpath} is a run under both {seen[real]!r} and {root!r}: give each '
                         'run or sweep folder once (a sweep and a folder inside it overlap)')
       seen[real] = root
+      runs.append(read_run(dirpath, setting_of(dirpath)))
+  return runs
+
+
+def _roots(paths: list[str]):
+  """(root, setting_of) per folder given: setting_of(dirpath) names the setting of a run
+  folder under root (find_runs' rules)."""
+  roots = [os.path.normpath(p) for p in paths]
+  names = [os.path.basename(r) for r in roots]
+  if len(set(names)) < len(names):
+    names = roots
+  for root, name in zip(roots, names):
+    prefix = name + '/' if len(paths) > 1 else ''
+
+    def setting_of(dirpath: str, root=root, prefix=prefix) -> str:
       parts = os.path.relpath(dirpath, root).split(os.sep)
       parts = [] if parts == ['.'] else parts
       if parts and _SEED_DIR.match(parts[-1]):
         parts = parts[:-1]
       if parts:
-        setting = prefix + '/'.join(parts)
-      else:  # a run or a setting's folder given directly
-        own = os.path.dirname(root) if _SEED_DIR.match(os.path.basename(root)) else root
-        setting = own if len(paths) > 1 else os.path.basename(own)
-      runs.append(read_run(dirpath, setting))
-  return runs
+        return prefix + '/'.join(parts)
+      # A run or a setting's folder given directly.
+      own = os.path.dirname(root) if _SEED_DIR.match(os.path.basename(root)) else root
+      return own if len(paths) > 1 else os.path.basename(own)
+
+    yield root, setting_of
 
 
-def group_runs(runs: list[RunData]) -> list[Group]:
-  """Groups by setting, in first-seen order."""
+def natural_key(name: str) -> list:
+  """A sort key that orders the numbers in names by value: cohort_size=20 before =100."""
+  parts = re.split(r'(\d+(?:\.\d+)?)', name)
+  return [float(p) if i % 2 else p for i, p in enumerate(parts)]
+
+
+def find_listed(paths: list[str]) -> dict[str, dict[str, int]]:
+  """{setting: {'seeds': n, 'failed': k}} from the sweep.json of each sweep folder given: the
+  seeds a sweep runs, started or not, and those it marked failed. A setting's seed folders
+  alone cannot tell a seed not started (or whose folder is gone) from one never asked for."""
+  from fathom_sim.sweep import INDEX_FILE
+  listed: dict[str, dict[str, int]] = {}
+  for root, setting_of in _roots(paths):
+    entries = (_read_json(os.path.join(root, INDEX_FILE)) or {}).get('runs')
+    for e in entries if isinstance(entries, list) else []:
+      if not isinstance(e, dict) or not isinstance(e.get('workdir'), str):
+        continue
+      counts = listed.setdefault(setting_of(os.path.join(root, e['workdir'])),
+                                 {'seeds': 0, 'failed': 0})
+      counts['seeds'] += 1
+      counts['failed'] += e.get('status') == 'failed'
+  return listed
+
+
+def group_runs(runs: list[RunData],
+               listed: dict[str, dict[str, int]] | None = None) -> list[Group]:
+  """Groups by setting, in first-seen order, with what `listed` (find_listed) says of each."""
   groups: dict[str, Group] = {}
   for run in runs:
     groups.setdefault(run.setting, Group(run.setting, [])).runs.append(run)
+  for g in groups.values():
+    counts = (listed or {}).get(g.setting, {})
+    g.listed, g.failed = counts.get('seeds', 0), counts.get('failed', 0)
   return list(groups.values())
+
+
+def not_started(groups: list[Group], listed: dict[str, dict[str, int]]) -> dict[str, int]:
+  """{setting: seeds} of the settings a sweep.json lists that have no run folder yet."""
+  have = {g.setting for g in groups}
+  return {s: c['seeds'] for s, c in listed.items() if s not in have}
 
 
 def first_reaching(rows: Rows, target: float) -> dict | None:
@@ -274,7 +321,8 @@ def to_target(group: Group, target: float) -> dict:
   """Rounds, examples and local steps to first reach `target`, mean and std over seeds."""
   hits = [first_reaching(r.rows, target) for r in group.runs]
   reached = [h for h in hits if h is not None]
-  out = {'reached': len(reached), 'seeds': len(hits)}
+  # A seed its sweep lists but not started has not reached it either.
+  out = {'reached': len(reached), 'seeds': max(len(hits), group.listed)}
   for key, field in (('rounds', 'round'), ('examples', 'examples'),
                      ('local_steps', 'local_steps')):
     # A row without the field (hand-made, older) leaves the mean unknown, not of fewer seeds.
@@ -317,7 +365,8 @@ def seconds_per_round(group: Group) -> float | None:
 
 
 def best_fedavg(groups: list[Group], target: float) -> Group | None:
-  """The FedAvg setting reaching `target` on the most seeds, then in the fewest mean rounds."""
+  """The FedAvg setting reaching `target` on the most seeds, then in the fewest mean rounds,
+  then with the fewest mean examples (rounds tie often: evaluations come every eval_every)."""
   best, best_key = None, None
   for g in groups:
     if g.algorithm != 'fedavg':
@@ -325,7 +374,7 @@ def best_fedavg(groups: list[Group], target: float) -> Group | None:
     t = to_target(g, target)
     if not t['reached']:
       continue
-    key = (-t['reached'] / t['seeds'], t['rounds'][0])
+    key = (-t['reached'] / t['seeds'], t['rounds'][0], t['examples'][0] or 0)
     if best_key is None or key < best_key:
       best, best_key = g, key
   return best
@@ -336,6 +385,39 @@ def grid_cost(groups: list[Group]) -> tuple[int, int, int]:
   runs = [r for g in groups if g.algorithm == 'fedavg' for r in g.runs]
   return (sum(r.total_examples for r in runs), sum(r.total_local_steps for r in runs),
           len(runs))
+
+
+# What a static FedAvg grid searches over (and FATHOM starts from): settings differing in these
+# alone are one grid. FATHOM's own fields are left out by unread_paths.
+GRID_FIELDS = frozenset({'algorithm', 'eta', 'epochs', 'batch_size', 'seed'})
+
+
+def _grid_key(group: Group) -> tuple:
+  defaults = workdir_lib.flatten(workdir_lib.config_dict(base_config()))
+  flat = {**defaults, **workdir_lib.flatten(group.runs[0].config)}
+  drop = (GRID_FIELDS | (workdir_lib.RESUMABLE_FIELDS - MEASURED_ALIKE)
+          | unread_paths({**flat, 'algorithm': 'fedavg'}))
+  return tuple(sorted((f, json.dumps(v, sort_keys=True)) for f, v in flat.items()
+                      if f not in drop))
+
+
+def grids(groups: list[Group]) -> tuple[list[tuple[str, list[Group], list[Group]]],
+                                        list[Group]]:
+  """([(label, FedAvg settings, FATHOM settings)], FATHOM settings in no grid): the FedAvg
+  settings that differ in eta, E and B alone are one grid search, compared with the FATHOM
+  settings run alike in every other field (the same cohort size, model, data, ...). label
+  names the fields in which the grids differ ('' for a single grid)."""
+  keys = {g.setting: _grid_key(g) for g in groups if g.algorithm in ('fedavg', 'fathom')}
+  order = list(dict.fromkeys(keys[g.setting] for g in groups if g.algorithm == 'fedavg'))
+  values = [dict(k) for k in order]
+  varying = sorted({f for v in values for f in v if any(w.get(f) != v[f] for w in values)})
+  out = []
+  for key, v in zip(order, values):
+    label = ', '.join(f'{f}={json.loads(v[f]) if f in v else "—"}' for f in varying)
+    out.append((label, [g for g in groups if g.algorithm == 'fedavg' and keys[g.setting] == key],
+                [g for g in groups if g.algorithm == 'fathom' and keys[g.setting] == key]))
+  alone = [g for g in groups if g.algorithm == 'fathom' and keys[g.setting] not in order]
+  return out, alone
 
 
 def _fmt(ms: tuple[float | None, float | None], big: bool = False) -> str:
@@ -357,11 +439,14 @@ def _reached_note(r: dict) -> str:
   return '' if r['reached'] in (0, r['seeds']) else f' ({r["reached"]}/{r["seeds"]})'
 
 
-def markdown(groups: list[Group], targets: list[float], *, timing: bool = True) -> str:
-  """The report's tables: cost to each target per setting; FedAvg grid best and total cost.
+def markdown(groups: list[Group], targets: list[float], *, timing: bool = True,
+             not_started: dict[str, int] | None = None) -> str:
+  """The report's tables: cost to each target per setting; per FedAvg grid, its best setting
+  and total cost against the FATHOM settings run alike.
 
   timing=False leaves out the seconds-per-round column, so that the tables are a function of
-  the runs' results alone (a rerun with the same seeds gives the same bytes).
+  the runs' results alone (a rerun with the same seeds gives the same bytes). not_started:
+  {setting: seeds} of settings a sweep lists that have no run yet (see not_started).
   """
   lines = ['| setting | algorithm | seeds | final test accuracy |' + (' s/round |' * timing)
            + ''.join(f' rounds to {t:g} | examples to {t:g} | local steps to {t:g} |'
@@ -369,9 +454,14 @@ def markdown(groups: list[Group], targets: list[float], *, timing: bool = True) 
            '| --- | --- | --- | --- |' + ' --- |' * timing + ' --- | --- | --- |' * len(targets)]
   for g in groups:
     unfinished = len(g.runs) - len(g.finished)
-    seeds = str(len(g.runs)) + (f' ({unfinished} unfinished)' if unfinished else '')
+    failed = min(g.failed, unfinished)
+    missing = max(g.listed - len(g.runs), 0)
+    notes = [f'{n} {what}' for n, what in ((unfinished - failed, 'unfinished'),
+                                            (failed, 'failed'), (missing, 'not started')) if n]
+    seeds = (str(len(g.runs)) + (f' of {g.listed}' if missing else '')
+             + (f' ({", ".join(notes)})' if notes else ''))
     final = _fmt_acc(final_accuracy(g))
-    if unfinished:
+    if unfinished or missing:
       final += ' (last evals)' if not g.finished else f' ({len(g.finished)} finished)'
     cells = [f'`{g.setting}`', g.algorithm, seeds, final]
     if timing:
@@ -393,6 +483,16 @@ def markdown(groups: list[Group], targets: list[float], *, timing: bool = True) 
                + ' Unfinished runs count with the rounds they have. Final test accuracy: the '
                'finished seeds\' (whole test set, last round); "last evals": no seed has '
                'finished, each seed\'s last evaluation instead.')
+  if not_started:
+    lines += ['', 'Not started (listed in sweep.json, no run folder yet): '
+              + ', '.join(f'`{s}` ({n} seed{"s" * (n > 1)})' for s, n in not_started.items())
+              + '.']
+  rounds = {g.setting: g.num_rounds for g in groups}
+  if len(set(rounds.values())) > 1:
+    lines += ['', 'Warning: the settings run to different numbers of rounds ('
+              + '; '.join(f'{n}: ' + ', '.join(f'`{s}`' for s, r in rounds.items() if r == n)
+                          for n in sorted(set(rounds.values())))
+              + '): a target not reached may only not have been reached yet.']
   for g in groups:
     differ = g.differing_fields()
     if differ:
@@ -400,26 +500,38 @@ def markdown(groups: list[Group], targets: list[float], *, timing: bool = True) 
       lines.append(f'Warning: the runs of `{g.setting}` differ in '
                    + '; '.join(f'{f} ({", ".join(v)})' for f, v in differ.items())
                    + ': they are not seeds of one setting measured alike.')
-  examples, steps, n_runs = grid_cost(groups)
-  fathom = [g for g in groups if g.algorithm == 'fathom']
-  if n_runs:
-    lines += ['', f'FedAvg grid search: {n_runs} runs, {examples:,} examples and {steps:,} '
-              'local steps in all.', '',
-              '| target | best static FedAvg | its rounds | its examples | its local steps |'
-              + ''.join(f' `{g.setting}` rounds | `{g.setting}` examples | `{g.setting}` '
-                        'local steps |' for g in fathom),
-              '| --- | --- | --- | --- | --- |' + ' --- | --- | --- |' * len(fathom)]
-    for t in targets:
-      best = best_fedavg(groups, t)
-      if best is None:
-        cells = [f'{t:g}', 'none reached it', '—', '—', '—']
-      else:
-        r = to_target(best, t)
-        cells = [f'{t:g}', f'`{best.setting}`' + _reached_note(r), _fmt(r['rounds']),
-                 _fmt(r['examples'], True), _fmt(r['local_steps'], True)]
-      for g in fathom:
-        r = to_target(g, t)
-        cells += [_fmt(r['rounds']) + _reached_note(r), _fmt(r['examples'], True),
-                  _fmt(r['local_steps'], True)]
-      lines.append('| ' + ' | '.join(cells) + ' |')
+  found, alone = grids(groups)
+  for label, fedavg, fathom in found:
+    lines += _grid_table(label, fedavg, fathom, targets)
+  if found and alone:
+    lines += ['', 'FATHOM settings run unlike every FedAvg grid (in a field other than eta, '
+              'E and B), so compared with none: ' + ', '.join(f'`{g.setting}`' for g in alone)
+              + '.']
   return '\n'.join(lines) + '\n'
+
+
+def _grid_table(label: str, fedavg: list[Group], fathom: list[Group],
+                targets: list[float]) -> list[str]:
+  examples, steps, n_runs = grid_cost(fedavg)
+  lines = ['', f'FedAvg grid search{f" ({label})" if label else ""}: {n_runs} runs, '
+           f'{examples:,} examples and {steps:,} local steps in all. Its best setting per '
+           'target is chosen on the same test accuracy the table reports (no validation '
+           'split): an optimistic baseline.', '',
+           '| target | best static FedAvg | its rounds | its examples | its local steps |'
+           + ''.join(f' `{g.setting}` rounds | `{g.setting}` examples | `{g.setting}` '
+                     'local steps |' for g in fathom),
+           '| --- | --- | --- | --- | --- |' + ' --- | --- | --- |' * len(fathom)]
+  for t in targets:
+    best = best_fedavg(fedavg, t)
+    if best is None:
+      cells = [f'{t:g}', 'none reached it', '—', '—', '—']
+    else:
+      r = to_target(best, t)
+      cells = [f'{t:g}', f'`{best.setting}`' + _reached_note(r), _fmt(r['rounds']),
+               _fmt(r['examples'], True), _fmt(r['local_steps'], True)]
+    for g in fathom:
+      r = to_target(g, t)
+      cells += [_fmt(r['rounds']) + _reached_note(r), _fmt(r['examples'], True),
+                _fmt(r['local_steps'], True)]
+    lines.append('| ' + ' | '.join(cells) + ' |')
+  return lines

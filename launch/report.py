@@ -47,12 +47,14 @@ def main(argv):
     cli.fail(refusal)
   from fathom_sim.data import DataError
   try:
-    groups = report.group_runs(report.find_runs(paths))
+    listed = report.find_listed(paths)
+    groups = report.group_runs(report.find_runs(paths), listed)
   except DataError as e:  # a run's metrics.jsonl that is not a run's
     cli.fail(str(e))
   if not groups:
     cli.fail(f'no runs (folders with metrics.jsonl) under {", ".join(paths)}')
-  table = report.markdown(groups, targets, timing=_TIMING.value)
+  table = report.markdown(groups, targets, timing=_TIMING.value,
+                          not_started=report.not_started(groups, listed))
   # Compare against the FedAvg setting that is best at the hardest target some setting reached.
   reached = [t for t in sorted(targets, reverse=True) if report.best_fedavg(groups, t)]
   try:

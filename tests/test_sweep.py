@@ -714,3 +714,82 @@ def test_a_report_rewritten_keeps_no_plot_of_the_last_and_labels_every_setting(t
   [fathom] = [g for g in report.group_runs(report.find_runs([str(root)])) if g.setting == '_base']
   t = report.to_target(fathom, 0.3)
   assert (t['reached'], t['rounds'], t['local_steps']) == (1, (2.0, None), (None, None))
+
+
+def test_a_sweeps_seeds_not_started_or_failed_are_said_in_the_tables(tmp_path):
+  """The report counted seeds from the folders alone: a seed not yet started (or whose folder
+  is gone) vanished, a setting with none started had no line, and seeds the sweep marked
+  failed read as still running."""
+  root = tmp_path / 'sweep'
+  for seed in (0, 1):
+    _write_run(root / 'eta=0.1' / f'seed={seed}', 'fedavg', {2: 0.4}, 50, 4)
+    (root / 'eta=0.1' / f'seed={seed}' / 'config.json').write_text(
+        json.dumps({'algorithm': 'fedavg', 'num_rounds': 4}))
+    (root / 'eta=0.1' / f'seed={seed}' / 'summary.json').write_text(json.dumps(
+        {'rounds': 4, 'final': {'test_accuracy': 0.4}}))
+  _write_run(root / 'fathom' / 'seed=0', 'fathom', {}, 100, 1)  # diverged in round 1
+  runs = [{'name': f'{s}/seed={i}', 'setting': s, 'workdir': f'{s}/seed={i}', 'status': st}
+          for s, sts in (('eta=0.1', ['done', 'done', 'pending']), ('fathom', ['failed', 'pending']),
+                         ('eta=1.0', ['pending']))
+          for i, st in enumerate(sts)]
+  (root / 'sweep.json').write_text(json.dumps({'sweep': 's.py', 'runs': runs}))
+  listed = report.find_listed([str(root)])
+  groups = report.group_runs(report.find_runs([str(root)]), listed)
+  table = report.markdown(groups, [0.3], not_started=report.not_started(groups, listed))
+  row = {line.split(' | ')[0]: line for line in table.splitlines() if line.startswith('| `')}
+  assert '| 2 of 3 (1 not started) | 0.400 ± 0.000 (2 finished) |' in row['| `eta=0.1`'], table
+  assert '| 2.0 ± 0.0 (2/3) |' in row['| `eta=0.1`']  # the seed not started has not reached it
+  assert '| 1 of 2 (1 failed, 1 not started) |' in row['| `fathom`'], table
+  assert 'Not started (listed in sweep.json, no run folder yet): `eta=1.0` (1 seed).' in table
+  # Without a sweep.json, the folders are all there is to count.
+  (root / 'sweep.json').unlink()
+  assert report.find_listed([str(root)]) == {}
+  table = report.markdown(report.group_runs(report.find_runs([str(root)])), [0.3])
+  assert '| `eta=0.1` | fedavg | 2 | 0.400 ± 0.000 |' in table and 'Not started' not in table
+
+
+def test_fedavg_grids_are_compared_with_the_fathom_settings_run_alike(tmp_path):
+  """A sweep over cohort sizes made every FedAvg setting one grid search: the best of them
+  (at another cohort size) stood against FATHOM at each size. Settings differing in eta, E
+  and B alone are one grid; rounds ties go to fewer examples; settings in numeric order."""
+  root = tmp_path / 'sweep'
+
+  def run(name, algorithm, acc, examples, cohort, eta=0.1, rounds=4):
+    _write_run(root / name / 'seed=0', algorithm, acc, examples, rounds)
+    (root / name / 'seed=0' / 'config.json').write_text(json.dumps(
+        {'algorithm': algorithm, 'cohort_size': cohort, 'eta': eta, 'num_rounds': rounds}))
+
+  run('cohort_size=100,fedavg,eta=0.1', 'fedavg', {2: 0.5}, 500, 100)
+  run('cohort_size=100,fedavg,eta=0.3', 'fedavg', {2: 0.5}, 400, 100, eta=0.3)  # fewer examples
+  run('cohort_size=20,fedavg,eta=0.1', 'fedavg', {4: 0.5}, 50, 20)
+  run('cohort_size=20,fathom', 'fathom', {2: 0.5}, 60, 20)
+  run('cohort_size=100,fathom', 'fathom', {4: 0.5}, 700, 100)
+  run('cohort_size=100,fathom,server_lr=0.5', 'fathom', {2: 0.5}, 700, 100)
+  (root / 'cohort_size=100,fathom,server_lr=0.5' / 'seed=0' / 'config.json').write_text(
+      json.dumps({'algorithm': 'fathom', 'cohort_size': 100, 'server_lr': 0.5, 'num_rounds': 4}))
+  groups = report.group_runs(report.find_runs([str(root)]))
+  assert [g.setting for g in groups] == [
+      'cohort_size=20,fathom', 'cohort_size=20,fedavg,eta=0.1', 'cohort_size=100,fathom',
+      'cohort_size=100,fathom,server_lr=0.5', 'cohort_size=100,fedavg,eta=0.1',
+      'cohort_size=100,fedavg,eta=0.3']
+  found, alone = report.grids(groups)
+  assert [(label, [g.setting for g in f], [g.setting for g in a]) for label, f, a in found] == [
+      ('cohort_size=20', ['cohort_size=20,fedavg,eta=0.1'], ['cohort_size=20,fathom']),
+      ('cohort_size=100', ['cohort_size=100,fedavg,eta=0.1', 'cohort_size=100,fedavg,eta=0.3'],
+       ['cohort_size=100,fathom'])]
+  assert [g.setting for g in alone] == ['cohort_size=100,fathom,server_lr=0.5']
+  assert report.best_fedavg(found[1][1], 0.3).setting == 'cohort_size=100,fedavg,eta=0.3'
+  table = report.markdown(groups, [0.3])
+  assert 'FedAvg grid search (cohort_size=20): 1 runs' in table
+  assert 'FedAvg grid search (cohort_size=100): 2 runs, 3,600 examples' in table
+  assert ('| 0.3 | `cohort_size=100,fedavg,eta=0.3` | 2.0 | 800 | 20 | 4.0 | 2,800 | 40 |'
+          in table), table
+  assert 'compared with none: `cohort_size=100,fathom,server_lr=0.5`.' in table
+  assert 'different numbers of rounds' not in table
+  out = str(tmp_path / 'report')
+  assert any(p.endswith('fathom_vs_fedavg.png') for p in plots.write_plots(groups, out, 0.3))
+  # A setting run to fewer rounds is said: its target not reached may be one not reached yet.
+  run('cohort_size=20,fedavg,eta=0.3', 'fedavg', {}, 50, 20, eta=0.3, rounds=2)
+  table = report.markdown(report.group_runs(report.find_runs([str(root)])), [0.3])
+  assert ('Warning: the settings run to different numbers of rounds (2: '
+          '`cohort_size=20,fedavg,eta=0.3`; 4: `cohort_size=20,fathom`, ') in table, table
