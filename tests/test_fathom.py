@@ -91,6 +91,31 @@ def test_adam_hyper_optimizer_moves_phi_by_eta_h_in_the_hypergradients_sign():
                              atol=1e-4)
 
 
+def test_adam_hyper_optimizer_carries_its_moments_across_rounds():
+  """Adam's first step is +-lr whatever its state; three rounds whose hypergradients change
+  sign and size tell moments carried from moments dropped, and b1 from b2. The reference is
+  Adam written out in float64 with optax's defaults (b1 0.9, b2 0.999, eps 1e-8)."""
+  tuner = fathom.hyper_tuner(alpha=0.5, eta_h=0.01, scales=(1, 2, 10), upper=UPPER,
+                             optimizer='adam')
+  state = tuner.init(_params(0), (1.0, 0.1, 20.0))
+  phi = np.log([1.0, 0.1, 20.0])
+  m, v = np.zeros(3), np.zeros(3)
+  ema = jax.tree.map(lambda a: np.zeros(a.shape), _params(0))
+  for t, (seed, h_local) in enumerate(((1, 0.4), (1, -0.3), (2, 0.05)), start=1):
+    delta = _params(seed)
+    d, e = (np.concatenate([np.ravel(a) for a in jax.tree.leaves(x)]) for x in (delta, ema))
+    h_glob = 0.0 if not e.any() else float(d @ e / np.linalg.norm(d) / np.linalg.norm(e))
+    ema = jax.tree.map(lambda a, b: 0.5 * a + 0.5 * np.asarray(b, np.float64), ema, delta)
+    g = -np.array([h_glob + h_local, h_glob, -h_local]) * [1, 2, 10]
+    m = 0.9 * m + 0.1 * g
+    v = 0.999 * v + 0.001 * g * g
+    phi = phi - 0.01 * (m / (1 - 0.9**t)) / (np.sqrt(v / (1 - 0.999**t)) + 1e-8)
+    state, got_h = tuner.update(state, delta, jnp.float32(h_local))
+    np.testing.assert_allclose(got_h, h_glob, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(state.log_hparams, phi, rtol=1e-5, atol=1e-6)
+  assert abs(h_glob) > 0.01  # round 3 moves eta: its h_glob is not 0
+
+
 def test_cosine_is_zero_when_a_norm_is_zero():
   zero = jax.tree.map(jnp.zeros_like, _params(0))
   assert float(tree.cosine(zero, _params(1))) == 0.0

@@ -338,11 +338,13 @@ def test_result_changing_config_is_refused_and_more_rounds_continue(tmp_path, mo
 
 
 @pytest.mark.parametrize('path', [{'local_loop': 'host'}, {'data_on_device': 'no'},
-                                  {'lanes_per_device': 2, 'algorithm': 'fedavg'}])
+                                  {'lanes_per_device': 2, 'algorithm': 'fedavg'},
+                                  {'hyper_optimizer': 'adam', 'server_optimizer': 'adam'}])
 def test_a_run_resumed_equals_an_uninterrupted_one_on_each_execution_path(tmp_path, path):
   """The host-driven local loop, the training set read per round (the prefetcher's buffers),
-  lanes side by side: a run resumed from its checkpoint of round 10 ends where one run of
-  20 rounds does, row for row. (The killed-run tests take the quickstart's own path.)"""
+  lanes side by side, optimizers with state (Adam's moments, server's and FATHOM's): a run
+  resumed from its checkpoint of round 10 ends where one run of 20 rounds does, row for row.
+  (The killed-run tests take the quickstart's own path.)"""
   workdir, straight = str(tmp_path / 'run'), str(tmp_path / 'straight')
   train_and_evaluate(_tiny(num_rounds=10, **path), workdir)
   resumed = train_and_evaluate(_tiny(num_rounds=20, **path), workdir)
