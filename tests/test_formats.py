@@ -448,3 +448,74 @@ def test_stackexchange_posts_group_by_owner_and_split_by_date(tmp_path):
           task='stackoverflow', vocab_size=2, split_date='2016-01-01')
   with open(tmp_path / 'own' / 'vocab.txt') as f:
     assert f.read().split() == ['the', 'beer']
+
+
+def _bad_source(tmp_path, case: str) -> tuple[str, dict]:
+  """A source of the public formats with one thing wrong; (src path, prepare's kwargs)."""
+  src = tmp_path / 'src'
+  train, test = emnist_clients(7, [3, 4]), emnist_clients(8, [2])
+  if case == 'fedjax_no_label':
+    os.makedirs(src)
+    for split, clients in (('train', train), ('test', test)):
+      write_fedjax(src / f'federated_emnist_{split}.sqlite',
+                   {c: ({'pixels': _ext_array(x)}, len(y)) for c, (x, y) in clients.items()})
+    return str(src), dict(fmt='fedjax_sqlite', task='emnist')
+  if case == 'fedjax_so_no_tokens':
+    os.makedirs(src)
+    for split in ('train', 'test'):
+      write_fedjax(src / f'stackoverflow_{split}.sqlite',
+                   {'u1': ({'title': _ext_bytes([b'a title'])}, 1)})
+    write_vocab(tmp_path / 'wc')
+    return str(src), dict(fmt='fedjax_sqlite', task='stackoverflow',
+                          vocab_path=str(tmp_path / 'wc'))
+  if case == 'tff_no_pixels':
+    write_tff(tmp_path / 'src', {split: {c: [_tf_example(label=[y[k]]) for k in range(len(y))]
+                                         for c, (x, y) in clients.items()}
+                                 for split, clients in (('all_train', train), ('all_test', test))})
+    return str(src), dict(fmt='tff_sqlite', task='emnist')
+  if case in ('tff_so_no_tokens', 'vocab_empty', 'vocab_unreadable'):
+    write_tff(tmp_path / 'src', {split: {'a': [_tf_example(
+        **({'score': [1]} if case == 'tff_so_no_tokens' else {'tokens': [b'the beer']}))]}
+                                 for split in ('train', 'test')})
+    vocab = tmp_path / 'wc'
+    if case == 'vocab_empty':
+      vocab.write_text('\n\n')
+    elif case == 'vocab_unreadable':
+      vocab.write_bytes(b'the 10\n\xff\xfe 9\n')
+    else:
+      write_vocab(vocab)
+    return str(src), dict(fmt='tff_sqlite', task='stackoverflow', vocab_path=str(vocab))
+  _write_leaf(src, {'train': train, 'test': test})
+  data = json.loads((src / 'train.json').read_text())
+  user = data['users'][1]
+  if case == 'leaf_no_y':
+    del data['user_data'][user]['y']
+  elif case == 'leaf_labels_short':
+    data['user_data'][user]['y'].pop()
+    data['num_samples'][1] -= 1
+  else:  # leaf_count
+    data['num_samples'][1] += 1
+  (src / 'train.json').write_text(json.dumps(data))
+  return str(src), dict(fmt='leaf_json', task='emnist')
+
+
+@pytest.mark.parametrize('case, message', [
+    ('leaf_labels_short', r'train\.json: client \S+: 4 images but labels of shape \(3,\)'),
+    ('fedjax_no_label', r"federated_emnist_(train|test)\.sqlite: client \S+ lacks \['label'\]; "
+                        r'FedJAX EMNIST clients have pixels and label'),
+    ('fedjax_so_no_tokens', r'stackoverflow_(train|test)\.sqlite: client u1 lacks tokens'),
+    ('tff_no_pixels', r'src: client \S+: EMNIST examples need pixels \(784 floats\) and label'),
+    ('tff_so_no_tokens', r'src: client a: Stack Overflow examples need a tokens bytes feature'),
+    ('leaf_no_y', r'train\.json: user \S+ has no "x" and "y" in user_data'),
+    ('leaf_count', r'train\.json: user \S+: num_samples says 5 but y has 4'),
+    ('vocab_empty', r'wc: no words in the word-count file'),
+    ('vocab_unreadable', r'wc: cannot read the word-count file \(.*utf-8'),
+])
+def test_a_malformed_source_is_one_data_error_that_writes_nothing(tmp_path, case, message):
+  """Each check of the readers on what the public files hold, hit by a source broken in that
+  one way: a DataError naming the file (and client) and what is expected; no --out made."""
+  src, kwargs = _bad_source(tmp_path, case)
+  before = sorted(os.listdir(tmp_path))
+  with pytest.raises(DataError, match=message):
+    prepare(src, str(tmp_path / 'out'), **kwargs)
+  assert sorted(os.listdir(tmp_path)) == before  # neither --out nor its scratch folder

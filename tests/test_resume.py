@@ -403,6 +403,42 @@ def test_a_second_command_on_a_live_runs_workdir_is_refused_and_changes_nothing(
   assert train_and_evaluate(_tiny(num_rounds=5), str(workdir))['resumed_from'] == 3
 
 
+@pytest.mark.parametrize('refuse', ['write', 'lock_rw', 'lock'])
+def test_a_workdir_the_user_may_not_write_is_refused_and_changes_nothing(tmp_path, monkeypatch,
+                                                                          refuse):
+  """A resume on a read-only mount (the permissions as the system answers them; root, which
+  runs these tests, is not refused by them): one WorkdirError, nothing changed. A
+  lock file only readable (another user's) still locks: flock needs only a handle."""
+  workdir = str(tmp_path / 'run')
+  train_and_evaluate(_tiny(num_rounds=2), workdir)
+  before = {f: (tmp_path / 'run' / f).read_bytes() for f in os.listdir(workdir)
+            if f != 'checkpoints'}
+  real_access, real_open = os.access, os.open
+  lock = os.path.join(workdir, '.lock')
+
+  def access(path, mode, **kwargs):
+    return False if refuse == 'write' and path == workdir else real_access(path, mode, **kwargs)
+
+  def open_(path, flags, *args, **kwargs):
+    if path == lock and (flags & os.O_RDWR or refuse == 'lock'):
+      raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), path)
+    return real_open(path, flags, *args, **kwargs)
+
+  monkeypatch.setattr(os, 'access', access)
+  monkeypatch.setattr(os, 'open', open_ if refuse != 'write' else real_open)
+  if refuse == 'lock_rw':
+    assert train_and_evaluate(_tiny(num_rounds=3), workdir)['resumed_from'] == 2
+    return
+  with pytest.raises(WorkdirError, match={
+      'write': f"^--workdir '{re.escape(workdir)}' is not writable$",
+      'lock': f"^--workdir '{re.escape(workdir)}': its .lock cannot be opened "
+              r'\(Permission denied\); give a folder of your own$'}[refuse]):
+    train_and_evaluate(_tiny(num_rounds=3), workdir)
+  assert {f: (tmp_path / 'run' / f).read_bytes() for f in os.listdir(workdir)
+          if f != 'checkpoints'} == before
+  assert sorted(os.listdir(tmp_path / 'run' / 'checkpoints')) == ['2']
+
+
 def test_a_run_s_workdir_is_checked_before_the_data_load(tmp_path, monkeypatch):
   """A relaunched job, or a resume whose config differs, was refused only after its data
   had loaded (minutes for a large dataset)."""

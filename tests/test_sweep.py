@@ -793,3 +793,25 @@ def test_fedavg_grids_are_compared_with_the_fathom_settings_run_alike(tmp_path):
   table = report.markdown(report.group_runs(report.find_runs([str(root)])), [0.3])
   assert ('Warning: the settings run to different numbers of rounds (2: '
           '`cohort_size=20,fedavg,eta=0.3`; 4: `cohort_size=20,fathom`, ') in table, table
+
+
+def test_a_damaged_sweep_json_or_an_out_that_cannot_be_made_is_refused_before_any_run(tmp_path):
+  from fathom_sim.workdir import WorkdirError
+  from tests.common import uncreatable_path
+  sweep_file = tmp_path / 'tiny_sweep.py'
+  sweep_file.write_text(SWEEP_FILE)
+  definition = sweep.load_sweep(str(sweep_file))
+  calls = []
+  out = tmp_path / 'sweep'
+  out.mkdir()
+  (out / 'sweep.json').write_text('{"sweep": ')  # cut short
+  with pytest.raises(WorkdirError, match=r"^--out '.*sweep': its sweep.json cannot be read as "
+                                         r"a sweep's index; give another folder$"):
+    sweep.run_sweep(definition, str(out), train=lambda c, w: calls.append(w), log=print)
+  assert calls == [] and os.listdir(out) == ['sweep.json']
+  assert (out / 'sweep.json').read_text() == '{"sweep": '
+  target = uncreatable_path(tmp_path, 'out')
+  with pytest.raises(WorkdirError, match=r"the sweep's folder cannot be made there \(.+\); "
+                                         'give a writable place$'):
+    sweep.run_sweep(definition, target, train=lambda c, w: calls.append(w), log=print)
+  assert calls == [] and not os.path.exists(target)
