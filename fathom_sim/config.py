@@ -266,7 +266,7 @@ def check_config(c: ml_collections.ConfigDict) -> None:
   from fathom_sim.data import DATASETS
   _check_fields(c)
   _choice(c, 'algorithm', ALGORITHMS)
-  _number(c, 'num_rounds', low=1, integer=True)
+  _number(c, 'num_rounds', low=1, high=2**31 - 1, integer=True)  # the state's round is int32
   _number(c, 'cohort_size', low=1, integer=True)
   _number(c, 'seed', low=0, high=2**31 - 1, integer=True)
   _number(c, 'eval_every', low=1, integer=True)
@@ -331,7 +331,7 @@ def check_config(c: ml_collections.ConfigDict) -> None:
   _number(c, 'data.min_examples', low=1, integer=True)
   _number(c, 'data.max_examples', low=c.data.min_examples, integer=True)
   _number(c, 'data.test_fraction', low=0, high=1, high_open=True)
-  _number(c, 'data.num_classes', low=0, integer=True)
+  _number(c, 'data.num_classes', low=0, high=2**31 - 1, integer=True)  # labels are int32
   if c.data.name == 'npz' and not c.data.path:
     _fail('data.path', 'a .npz file or a directory (data.name is npz)', c.data.path)
   field = {'npz': 'path', 'femnist': 'data_dir', 'stackoverflow': 'data_dir'}.get(c.data.name)

@@ -307,7 +307,8 @@ def params_digest(params: Params) -> tuple[float, str]:
 def progress_line(row: dict, num_rounds: int, rounds_per_s: float) -> str:
   t = row['round']
   eta_s = (num_rounds - t) / rounds_per_s if rounds_per_s > 0 else float('nan')
-  left = str(datetime.timedelta(seconds=round(eta_s))) if math.isfinite(eta_s) else '?'
+  # (timedelta holds under 10^9 days: a crawl through 2^31 rounds can be past it)
+  left = str(datetime.timedelta(seconds=round(eta_s))) if 0 <= eta_s < 1e13 else '?'
   line = (f'round {t}/{num_rounds} | {rounds_per_s:.2f} rounds/s | ETA {left} | '
           f'loss {row["train_loss"]:.4f} | eta {row["eta"]:.4g} E {row["epochs"]:.3g} '
           f'B {row["batch_size"]:.3g} | h_glob {row["h_glob"]:+.3f} h_local {row["h_local"]:+.3f}')

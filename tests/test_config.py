@@ -32,7 +32,9 @@ def test_base_config_and_quickstart_are_valid():
     ('batch_size', 0.0, 'config.batch_size must be > 0'),
     ('batch_size', -4.0, 'config.batch_size must be > 0'),
     ('epochs', 0.0, 'config.epochs must be > 0'),
-    ('num_rounds', 0, 'config.num_rounds must be >= 1'),
+    ('num_rounds', 0, 'config.num_rounds must be in [1, 2147483647], got 0'),
+    ('num_rounds', 2**31, 'config.num_rounds must be in [1, 2147483647]'),  # an int32 round
+    ('data.num_classes', 2**31, 'config.data.num_classes must be in [0, 2147483647]'),
     ('cohort_size', 0, 'config.cohort_size must be >= 1'),
     ('seed', -1, 'config.seed must be in [0, 2147483647], got -1'),  # the bound exact, not :g's
     ('seed', 2**31, 'config.seed must be in [0, 2147483647]'),

@@ -736,6 +736,17 @@ def test_a_round_whose_server_optimizer_state_overflows_is_rejected():
   assert all(np.isfinite(leaf).all() for leaf in jax.tree.leaves(state))
 
 
+def test_the_progress_line_says_an_eta_it_cannot_print_as_unknown():
+  """A crawl through 2^31 - 1 rounds put the ETA past timedelta's range: an OverflowError at
+  round 10, after the run had written its files."""
+  from fathom_sim import metrics
+  row = {'round': 10, 'train_loss': 0.5, 'eta': 0.1, 'epochs': 1.0, 'batch_size': 20.0,
+         'h_glob': 0.1, 'h_local': -0.2}
+  assert '| ETA ? |' in metrics.progress_line(row, 2**31 - 1, 1e-6)
+  assert '| ETA ? |' in metrics.progress_line(row, 20, 0.0)
+  assert '| ETA 0:00:05 |' in metrics.progress_line(row, 20, 2.0)
+
+
 def test_metrics_rows_read_plain_or_gzipped_up_to_a_torn_line_and_kept_to_a_round(tmp_path):
   import gzip
   from fathom_sim import metrics
