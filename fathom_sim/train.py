@@ -97,8 +97,9 @@ def _out_of_memory_message(run: Run, doing: dict, xla: str) -> str:
   fewer_seeds = (f'; fewer seeds side by side ({seeds} now: launch/sweep.py without '
                  '--vmap_seeds) resume these workdirs' if seeds > 1 else '')
   if doing['what'] == 'init':
-    return (f"the model's first state ran out of memory {on}; a smaller model (config.model) "
-            f'needs a new workdir{fewer_seeds}')
+    return (f"the model's first state ran out of memory {on}; a smaller model (config.model, "
+            f'or fewer classes: config.data.num_classes) starts afresh in this workdir, which '
+            f'holds no round yet{fewer_seeds}')
   if doing['what'] == 'restore':
     return (f'restoring the checkpoint ran out of memory {on}; a device with more memory '
             f'resumes it{fewer_seeds}')

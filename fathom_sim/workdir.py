@@ -107,9 +107,19 @@ def differing(saved: dict, new: dict, allowed: Iterable[str]) -> list[str]:
   return sorted(k for k in set(saved) | set(new) if k not in skip and saved.get(k) != new.get(k))
 
 
+def _has_results(workdir: str) -> bool:
+  """Whether a run here got as far as a row, a checkpoint or a summary. Its config.json alone
+  is of a command that stopped before (out of memory at the model's init, bad data): nothing
+  computed is lost when another config replaces it, as the corrected command needs."""
+  return any(os.path.exists(os.path.join(workdir, f))
+             for f in (metrics.METRICS_FILE, metrics.SUMMARY_FILE, CHECKPOINTS, UNREADABLE))
+
+
 def check_same_run(workdir: str, config: ml_collections.ConfigDict) -> None:
   """Raises WorkdirError when `workdir` holds a run of a config that differs from `config` in a
   field that changes the result (or whose config.json is unreadable); else does nothing."""
+  if not _has_results(workdir):
+    return
   saved = read_saved(workdir)
   if saved is None:
     return
@@ -287,17 +297,19 @@ def prepare(workdir: str, config: ml_collections.ConfigDict,
   if not os.access(workdir, os.W_OK | os.X_OK):
     raise WorkdirError(f'--workdir {workdir!r} is not writable')
   _check_kinds(workdir)
-  resumed = os.path.exists(os.path.join(workdir, CONFIG_FILE))
+  def started() -> bool:  # a run with results to resume (see _has_results)
+    return os.path.exists(os.path.join(workdir, CONFIG_FILE)) and _has_results(workdir)
+
+  resumed = started()
   if resumed:
     check_same_run(workdir, config)
-  elif any(os.path.exists(os.path.join(workdir, f))
-           for f in (metrics.METRICS_FILE, metrics.SUMMARY_FILE, CHECKPOINTS, UNREADABLE)):
+  elif _has_results(workdir):
     raise WorkdirError(f'--workdir {workdir!r} holds run files but no {CONFIG_FILE}; '
                        'choose another workdir')
   if hold is not None and _is_writer():
     hold.enter_context(locked(workdir))
-    # A command that held the lock until just now may have written its config meanwhile.
-    if not resumed and os.path.exists(os.path.join(workdir, CONFIG_FILE)):
+    # A command that held the lock until just now may have got its run going meanwhile.
+    if not resumed and started():
       resumed = True
       check_same_run(workdir, config)
   if not resumed:

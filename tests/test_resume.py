@@ -1164,10 +1164,23 @@ def test_the_first_state_out_of_memory_in_an_eager_operation_is_one_error(tmp_pa
     raise ValueError('RESOURCE_EXHAUSTED: Out of memory while trying to allocate 4000000000 '
                      'bytes.')
 
+  real_init = train.init_state
   monkeypatch.setattr(train, 'init_state', eager_out_of_memory)
   with pytest.raises(OutOfMemory, match=r"^the model's first state ran out of memory on \d+ cpu "
-                                        r'device\(s\) \(XLA: RESOURCE_EXHAUSTED'):
+                                        r'device\(s\) \(XLA: RESOURCE_EXHAUSTED.*; a smaller '
+                                        r'model .* starts afresh in this workdir'):
     train_and_evaluate(_tiny(num_rounds=2), str(tmp_path / 'run'))
+  # The workdir holds the refused run's config.json and no round: the smaller model's command
+  # runs there (it was refused as "a run with a different config"), and its config is saved.
+  assert sorted(os.listdir(tmp_path / 'run')) == ['.lock', 'config.json']
+  monkeypatch.setattr(train, 'init_state', real_init)
+  smaller = _tiny(num_rounds=2)
+  smaller.model.hidden = (4,)
+  assert train_and_evaluate(smaller, str(tmp_path / 'run'))['rounds'] == 2
+  assert json.loads((tmp_path / 'run' / 'config.json').read_text())['model']['hidden'] == [4]
+  # Once it has a round, another config is refused as before.
+  with pytest.raises(WorkdirError, match='holds a run with a different config'):
+    train_and_evaluate(_tiny(num_rounds=3), str(tmp_path / 'run'))
 
 
 def test_a_round_out_of_host_memory_names_the_host_not_a_device(tmp_path, monkeypatch):
