@@ -86,9 +86,13 @@ def parse_flags_or_exit(argv: list[str]) -> list[str]:
       config = call_user_file(file_part, 'get_config', '--config', *([arg] if arg else []))
     except ConfigError as e:
       fail(str(e))
-    if config is None:  # absl's words: 'Flag --config must have a value other than None'
-      fail(f'--config {file_part!r}: get_config() returned None; it must return the config '
-           '(an ml_collections.ConfigDict, e.g. fathom_sim.config.base_config() with changes)')
+    import ml_collections
+    # (absl's words for None: 'Flag --config must have a value other than None'; for a str,
+    # a traceback from the overrides' walk.)
+    if not isinstance(config, ml_collections.ConfigDict):
+      fail(f'--config {file_part!r}: get_config() returned {type(config).__name__}; it must '
+           'return the config (an ml_collections.ConfigDict, e.g. '
+           'fathom_sim.config.base_config() with changes)')
   try:
     return flags.FLAGS(argv)
   except (flags.Error, AttributeError, KeyError, TypeError, ValueError) as e:

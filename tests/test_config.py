@@ -356,6 +356,9 @@ _BASE = 'from fathom_sim.config import base_config\n\n\ndef get_config():\n  c =
     ('def get_config():\n  raise RuntimeError("boom")\n',
      ": get_config() raised RuntimeError: boom (line 2)"),
     ('x = 1\n', 'defines no get_config()'),
+    ('def get_config():\n  return "x"\n', ": get_config() returned str; it must return the "
+     'config (an ml_collections.ConfigDict'),
+    ('def get_config():\n  return None\n', ': get_config() returned NoneType; it must return'),
     (_BASE + '  del c["eval_every"]\n  return c\n', 'config.eval_every is missing'),
     (_BASE + '  c.cohort_sze = 5\n  return c\n',
      "unknown config field config.cohort_sze (the config has no field 'cohort_sze'); did you "
