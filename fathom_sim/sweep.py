@@ -62,16 +62,25 @@ def _fields(value, where: str, what: str) -> dict:
   return dict(value)
 
 
+# Seeds of one sweep at most: each is a run with a workdir of its own, planned up front (the
+# paper's sensitivity runs take 50). A count of 3e9 was a MemoryError traceback (~100 GB).
+MAX_SEEDS = 100_000
+
+
 def _seeds(value, where: str) -> list[int]:
   """The sweep's seeds: a count n >= 1 (seeds 0..n-1) or a list of distinct integers."""
   def integer(v) -> bool:
     return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+  if (integer(value) and value > MAX_SEEDS) or (
+      isinstance(value, (list, tuple)) and len(value) > MAX_SEEDS):
+    raise ConfigError(f'{where}: seeds asks for {value if integer(value) else len(value)} '
+                      f'seeds; a sweep runs at most {MAX_SEEDS:,} (one workdir each)')
   if integer(value) and value >= 1:
     return list(range(value))
   if isinstance(value, (list, tuple)) and value and all(integer(s) and 0 <= s < 2**31
                                                         for s in value):
     seeds = [int(s) for s in value]
-    twice = sorted({s for s in seeds if seeds.count(s) > 1})
+    twice = sorted(s for s, n in collections.Counter(seeds).items() if n > 1)
     if twice:  # two runs would share one workdir
       raise ConfigError(f'{where}: seeds lists {twice[0]} more than once')
     return seeds

@@ -54,8 +54,10 @@ def main(argv):
   from fathom_sim import sweep as sweep_lib
   from fathom_sim.config import ConfigError
   cli.setup_logging()
-  if _SEEDS.value is not None and _SEEDS.value < 1:  # 0 or fewer seeds would run nothing
-    cli.fail(f'--seeds must be >= 1 (it runs seeds 0..N-1), got {_SEEDS.value}')
+  if _SEEDS.value is not None and not 1 <= _SEEDS.value <= sweep_lib.MAX_SEEDS:
+    # 0 or fewer would run nothing; more, one workdir each, are past what a sweep plans.
+    cli.fail(f'--seeds must be in [1, {sweep_lib.MAX_SEEDS}] (it runs seeds 0..N-1), got '
+             f'{_SEEDS.value}')
   try:
     sweep = sweep_lib.load_sweep(_SWEEP.value)
     if _SEEDS.value is not None:

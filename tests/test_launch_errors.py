@@ -150,8 +150,13 @@ def test_a_bad_field_in_a_sweep_names_the_file_and_the_entry(tmp_path, fields, n
     (_sweep_returning(f"{{'config': {QUICKSTART!r}, 'overrides': [{{'eta': -1.0}}]}}"), [],
      'run eta=-1/seed=0: config.eta must be > 0'),
     (GOOD_SWEEP, ['--config.seed=9'], 'command line: config.seed cannot be set here'),
-    (GOOD_SWEEP, ['--seeds=0'], '--seeds must be >= 1 (it runs seeds 0..N-1), got 0'),
-    (GOOD_SWEEP, ['--seeds=-1'], '--seeds must be >= 1 (it runs seeds 0..N-1), got -1'),
+    (GOOD_SWEEP, ['--seeds=0'], '--seeds must be in [1, 100000] (it runs seeds 0..N-1), got 0'),
+    (GOOD_SWEEP, ['--seeds=-1'], '--seeds must be in [1, 100000] (it runs seeds 0..N-1), got -1'),
+    # (3e9 seeds: a MemoryError traceback, planning ~100 GB of runs)
+    (GOOD_SWEEP, ['--seeds=3000000000'], '--seeds must be in [1, 100000] (it runs seeds '
+                                         '0..N-1), got 3000000000'),
+    (_sweep_returning(f"{{'config': {QUICKSTART!r}, 'seeds': 3000000000}}"), [],
+     'seeds asks for 3000000000 seeds; a sweep runs at most 100,000 (one workdir each)'),
     (GOOD_SWEEP, ['seeds=3'], "unexpected argument(s) 'seeds=3': give settings as flags"),
     (GOOD_SWEEP, [f'--config={QUICKSTART}'], "a sweep takes its config file from the sweep "
                                              "file's 'config' key"),
