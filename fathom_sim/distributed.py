@@ -14,6 +14,7 @@ import atexit
 import importlib
 import os
 import signal
+import socket
 import sys
 import threading
 import time
@@ -39,6 +40,23 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
   _orbax_syncs_on_the_coordination_service()
   _watch_for_stopped_peers()
   _record_sigterm()
+
+
+def check_address(address: str) -> str | None:
+  """What is wrong with a coordinator's host:port ([v6 address]:port too), None if nothing:
+  its form, its port's range, and whether the host resolves (its name, not its reachability:
+  process 0 may start after this one)."""
+  host, colon, port = address.rpartition(':')
+  host = host[1:-1] if host.startswith('[') and host.endswith(']') else host
+  if not colon or not host:
+    return 'not of the form host:port'
+  if not port.isdigit() or not 1 <= int(port) <= 65535:
+    return f'the port must be a number in [1, 65535], got {port!r}'
+  try:
+    socket.getaddrinfo(host, int(port))
+  except (socket.gaierror, UnicodeError) as e:
+    return f'the host {host!r} does not resolve ({e})'
+  return None
 
 
 # SIGTERM (a preemption notice, tpu_pod.sh stop) taken before the rounds' own handler is in

@@ -40,6 +40,10 @@ def _join_distributed_run() -> None:
     if n is None or n < 1 or i is None or not 0 <= i < n:
       cli.fail('--coordinator_address needs --num_processes >= 1 and --process_id in '
                f'[0, num_processes), got --num_processes={n} --process_id={i}')
+    refusal = distributed.check_address(_COORDINATOR.value)
+    if refusal:  # JAX waited 5 minutes on it, then aborted with a C++ stack trace
+      cli.fail(f'--coordinator_address={_COORDINATOR.value}: {refusal}; give host:port of '
+               'process 0 (the same on every process)')
   try:
     if _COORDINATOR.value:
       distributed.initialize(_COORDINATOR.value, n, i)

@@ -109,7 +109,13 @@ def test_quickstart_writes_metrics_and_summary(tmp_path, algorithm):
     (['--multihost'], '--multihost (JAX finds the processes on a Cloud TPU pod, Slurm or Open '
                       'MPI only): cannot join the distributed run (ValueError'),
     (['--coordinator_address=notahost', '--num_processes=1', '--process_id=0'],
-     '--coordinator_address=notahost: cannot join the distributed run'),
+     '--coordinator_address=notahost: not of the form host:port; give host:port of process 0'),
+    # JAX waited 5 minutes on these, then aborted with a C++ stack trace (exit 134):
+    (['--coordinator_address=localhost:99999', '--num_processes=1', '--process_id=0'],
+     "--coordinator_address=localhost:99999: the port must be a number in [1, 65535], got "
+     "'99999'"),
+    (['--coordinator_address=nohost.invalid:1234', '--num_processes=1', '--process_id=0'],
+     "--coordinator_address=nohost.invalid:1234: the host 'nohost.invalid' does not resolve"),
 ])
 def test_bad_input_is_one_clear_line_and_exit_2(tmp_path, args, needle):
   workdir = tmp_path / 'run'
