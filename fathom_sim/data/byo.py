@@ -78,10 +78,28 @@ def _dataset(path: str, arrays: dict) -> ArrayClientDataset:
     ids = np.array([f'client_{i:06d}' for i in range(len(counts))])
   else:
     ids = _client_ids(path, ids, len(counts))
-  x = x.astype(np.float32) if np.issubdtype(x.dtype, np.floating) else x
+  if np.issubdtype(x.dtype, np.floating):
+    _check_float32_range(path, x)
+    x = x.astype(np.float32)
   offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
   _warn_non_finite(path, x, offsets, ids)
   return ArrayClientDataset({'x': x, 'y': y.astype(np.int32)}, offsets, ids)
+
+
+def _check_float32_range(path: str, x: np.ndarray) -> None:
+  """Refuses finite inputs past float32's range, where the simulator computes: the cast made
+  them inf, and the run then said the file held NaN or inf inputs, which it did not."""
+  if x.dtype.itemsize <= 4:
+    return
+  rows = x.reshape(len(x), -1) if len(x) else x
+  top = 0.0
+  for i in range(0, len(rows), 65536):  # (bounded scratch)
+    chunk = np.abs(rows[i:i + 65536])
+    chunk = chunk[np.isfinite(chunk)]
+    top = max(top, float(chunk.max()) if chunk.size else 0.0)
+  if top > np.finfo(np.float32).max:
+    raise DataError(f'{path}: x holds values up to {top:.3g}, past float32\'s range (3.4e+38) '
+                    'in which the simulator computes; scale them down')
 
 
 def _warn_non_finite(path: str, x: np.ndarray, offsets: np.ndarray, ids: np.ndarray) -> None:
