@@ -40,7 +40,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.target_accuracy = 0.0         # > 0: report rounds/examples to first reach it
   c.max_rejected_rounds = 50      # stop a run whose rounds are rejected (no finite update)
                                   # this many times in a row, counted across resumes (in a
-                                  # vectorised group, every seed's); 0 = never stop
+                                  # vectorised group, that seed alone); 0 = never stop
   c.log_every = 10                # rounds between progress lines
 
   # Client hyperparameters: the static values of FedAvg, the initial values of FATHOM.

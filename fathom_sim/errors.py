@@ -40,8 +40,9 @@ class Preempted(Exception):
 
 
 class Diverged(Exception):
-  """config.max_rejected_rounds rounds in a row were rejected (for every seed of the program):
-  the run stopped after checkpointing the last. `workdirs`: the runs that stopped."""
+  """config.max_rejected_rounds rounds in a row were rejected: the run stopped after
+  checkpointing the last. `workdirs`: the runs that stopped (of vectorised seeds, those whose
+  count it reached; the others finished or stopped otherwise)."""
 
   exit_status = EXIT_DIVERGED
 

@@ -207,6 +207,7 @@ class _Book:
   start: float = 0.0
   cache_hits: int = 0  # compile_cache.hits() when the run started
   closed: bool = False
+  diverged_at: int | None = None  # the round after which it stopped (max_rejected_rounds)
 
   def close(self) -> None:
     """Flushes the metrics and finishes pending checkpoint saves (once)."""
@@ -498,10 +499,15 @@ def _run(run: Run, configs: list[ml_collections.ConfigDict], workdirs: list[str]
       for s, book in zip(seeds, books):
         in_a_row = book.meta['rejected_in_a_row']
         book.meta['rejected_in_a_row'] = 0 if bool(_seed(accepted_all, s)) else in_a_row + 1
-      # (A run whose last round completes the count has run every round: it finishes.)
-      diverged = (bool(c.max_rejected_rounds) and t < c.num_rounds and min(
-          b.meta['rejected_in_a_row'] for b in books) >= c.max_rejected_rounds)
+      # A seed whose max_rejected_rounds rounds in a row were rejected stops there, as it
+      # would alone: its rows and checkpoint end at this round, while the program goes on for
+      # the others. (A run whose last round completes the count has run every round.)
+      newly = [b for b in books if b.diverged_at is None and c.max_rejected_rounds
+               and t < c.num_rounds and b.meta['rejected_in_a_row'] >= c.max_rejected_rounds]
+      diverged = bool(newly) and all(b.diverged_at is not None or b in newly for b in books)
       for s, book in zip(seeds, books):
+        if book.diverged_at is not None:
+          continue
         ms, plan = _seed(m, s), plans if s is None else plans[s]
         used, meta = _seed(used_all, s), book.meta
         # Seeds in one program compute the longest lane and the largest B_pad of any of them.
@@ -538,11 +544,18 @@ def _run(run: Run, configs: list[ml_collections.ConfigDict], workdirs: list[str]
         if book.writer:
           book.writer.write(row)
         book.log.add(row)
-        if stop or diverged or t % c.checkpoint_every == 0 or t == c.num_rounds:
+        ends = book in newly
+        if stop or ends or t % c.checkpoint_every == 0 or t == c.num_rounds:
           if book.writer:
             book.writer.sync()
           book.checkpointer.save(_seed(state, s), book.bookkeeping(t, _seed(hp, s)),
-                                 wait=bool(stop) or diverged or t == c.num_rounds)
+                                 wait=bool(stop) or ends or t == c.num_rounds)
+        if ends:
+          book.diverged_at = t
+          book.close()
+          if not diverged:
+            logging.warning('%s%s; the other seeds go on', _tag(book, vectorized),
+                            _diverged_message(c, [(book, t)]))
       if t % c.log_every == 0 or t == c.num_rounds:
         now = time.time()
         speed = (t - last_log[1]) / max(now - last_log[0], 1e-9)
@@ -563,14 +576,8 @@ def _run(run: Run, configs: list[ml_collections.ConfigDict], workdirs: list[str]
       if diverged:
         for book in books:
           book.close()
-        n, whose = c.max_rejected_rounds, "every seed's " if vectorized else ''
-        raise Diverged(
-            [b.workdir for b in books],
-            f'{whose}rounds {t - n + 1}..{t} were all rejected '
-            f'({n} in a row, config.max_rejected_rounds; 0 never stops): no finite update, so '
-            f'the run has diverged and stopped, its checkpoint of round {t} saved. A smaller '
-            f'{"eta" if c.algorithm == "fedavg" else "eta or upper_eta"}, or another seed, '
-            'may train')
+        raise Diverged([b.workdir for b in books],
+                       _diverged_message(c, [(b, b.diverged_at) for b in books]))
     rounds.close()  # (closing's own call after it does nothing)
     if not finished_by:  # every process asks: all then stop after the summary, or none does
       finished_by = _agreed_stop(signals)
@@ -581,6 +588,8 @@ def _run(run: Run, configs: list[ml_collections.ConfigDict], workdirs: list[str]
   for s, book, old in zip(seeds, books, kept):
     if old is not None:  # finished before: a group of which a seed's summary was not written
       summaries.append(old)
+      continue
+    if book.diverged_at is not None:  # stopped, as it would alone: no summary
       continue
     params = _seed(state.params, s)
     # Final evaluation on the whole test set (reusing the last round's if it was already whole).
@@ -597,7 +606,29 @@ def _run(run: Run, configs: list[ml_collections.ConfigDict], workdirs: list[str]
   distributed.every_process(True)
   if finished_by:  # a sweep or a job script stops here, as the signal asked
     raise Preempted(finished_by, c.num_rounds)
+  stopped = [(b, b.diverged_at) for b in books if b.diverged_at is not None]
+  if stopped:  # the others finished, summarised: a sweep marks these failed, those done
+    raise Diverged([b.workdir for b, _ in stopped], _diverged_message(c, stopped))
   return summaries
+
+
+def _diverged_message(c: ml_collections.ConfigDict, stopped: list[tuple[_Book, int]]) -> str:
+  """Why runs stopped: max_rejected_rounds rounds in a row rejected, ending at each's round."""
+  n = c.max_rejected_rounds
+  ends = sorted({t for _, t in stopped})
+  if len(stopped) == 1:
+    what, saved = f'rounds {ends[0] - n + 1}..{ends[0]}', f'its checkpoint of round {ends[0]}'
+  elif len(ends) == 1:
+    what = (f'seeds {", ".join(str(b.config.seed) for b, _ in stopped)}: rounds '
+            f'{ends[0] - n + 1}..{ends[0]}')
+    saved = f'their checkpoints of round {ends[0]}'
+  else:
+    what = '; '.join(f'seed {b.config.seed}: rounds {t - n + 1}..{t}' for b, t in stopped)
+    saved = 'their checkpoints of those last rounds'
+  return (f'{what} were all rejected ({n} in a row, config.max_rejected_rounds; 0 never '
+          f'stops): no finite update, so the run has diverged and stopped, {saved} saved. A '
+          f'smaller {"eta" if c.algorithm == "fedavg" else "eta or upper_eta"}, or another '
+          'seed, may train')
 
 
 def _summary_of_finished(book: _Book, num_rounds: int) -> dict | None:

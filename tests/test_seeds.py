@@ -203,3 +203,34 @@ def test_one_seeds_bad_input_fails_that_seed_alone_under_vmap_seeds(tmp_path):
                             train=train, train_group=finishes_seed_0_then_fails,
                             log=lambda _: None)
   assert solo == [1, 2] and [e['status'] for e in entries] == ['done', 'failed', 'done']
+
+
+def test_a_vectorised_seed_that_diverges_stops_where_it_would_alone(tmp_path):
+  """eta 300: seed 1 alone has its round 6 rejected and stops (max_rejected_rounds 1), while
+  seeds 0 and 2 finish. In a group it went on (the group stopped only when every seed had),
+  and finished with rows, a summary and a final accuracy its solo run never has."""
+  from fathom_sim.errors import Diverged
+
+  def config(seed):
+    return _config(seed, num_rounds=8, checkpoint_every=2, eta=300.0, upper_eta=1000.0,
+                   max_rejected_rounds=1)
+
+  solo = {}
+  for s in SEEDS:
+    try:
+      train_and_evaluate(config(s), str(tmp_path / f'solo{s}'))
+      solo[s] = 'done'
+    except Diverged:
+      solo[s] = 'diverged'
+  assert solo == {0: 'done', 1: 'diverged', 2: 'done'}  # the case this test is about
+  vec = [str(tmp_path / f'vec{s}') for s in SEEDS]
+  with pytest.raises(Diverged, match=r'^rounds 6..6 were all rejected \(1 in a row') as e:
+    train_seeds([config(s) for s in SEEDS], vec)
+  assert e.value.workdirs == [vec[1]]
+  for s in SEEDS:
+    got, want = _rows(vec[s]), _rows(str(tmp_path / f'solo{s}'))
+    assert [r['round'] for r in got] == [r['round'] for r in want]
+    assert [r['accepted'] for r in got] == [r['accepted'] for r in want]
+    assert os.path.exists(os.path.join(vec[s], 'summary.json')) == (solo[s] == 'done')
+    assert sorted(os.listdir(os.path.join(vec[s], 'checkpoints'))) == sorted(
+        os.listdir(tmp_path / f'solo{s}' / 'checkpoints'))
