@@ -44,18 +44,21 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
 
 def check_address(address: str) -> str | None:
   """What is wrong with a coordinator's host:port ([v6 address]:port too), None if nothing:
-  its form, its port's range, and whether the host resolves (its name, not its reachability:
-  process 0 may start after this one)."""
+  its form and its port's range. A host that does not resolve (yet) is warned of, not
+  refused: where process 0's name appears only once it is up (a Kubernetes service), JAX's
+  own wait for it is what joins the run."""
   host, colon, port = address.rpartition(':')
-  host = host[1:-1] if host.startswith('[') and host.endswith(']') else host
-  if not colon or not host:
+  if host.startswith('['):
+    host = host[1:-1] if host.endswith(']') else ''
+  if not colon or not host or address.endswith(']'):
     return 'not of the form host:port'
-  if not port.isdigit() or not 1 <= int(port) <= 65535:
+  if not (port.isascii() and port.isdigit()) or not 1 <= int(port) <= 65535:
     return f'the port must be a number in [1, 65535], got {port!r}'
   try:
     socket.getaddrinfo(host, int(port))
   except (socket.gaierror, UnicodeError) as e:
-    return f'the host {host!r} does not resolve ({e})'
+    logging.warning('--coordinator_address=%s: the host %r does not resolve now (%s); JAX '
+                    'waits for it (jax.distributed.initialize\'s timeout)', address, host, e)
   return None
 
 

@@ -114,8 +114,8 @@ def test_quickstart_writes_metrics_and_summary(tmp_path, algorithm):
     (['--coordinator_address=localhost:99999', '--num_processes=1', '--process_id=0'],
      "--coordinator_address=localhost:99999: the port must be a number in [1, 65535], got "
      "'99999'"),
-    (['--coordinator_address=nohost.invalid:1234', '--num_processes=1', '--process_id=0'],
-     "--coordinator_address=nohost.invalid:1234: the host 'nohost.invalid' does not resolve"),
+    (['--coordinator_address=[::1]', '--num_processes=1', '--process_id=0'],
+     '--coordinator_address=[::1]: not of the form host:port'),
 ])
 def test_bad_input_is_one_clear_line_and_exit_2(tmp_path, args, needle):
   workdir = tmp_path / 'run'
@@ -277,3 +277,19 @@ def test_the_progress_log_drops_library_chatter_but_not_warnings():
   assert cli._quiet_libraries(record(jax_probe, pylogging.WARNING))
   assert cli._quiet_libraries(record(orbax_save, pylogging.WARNING))
   assert cli._quiet_libraries(record(ours, pylogging.INFO))
+
+
+def test_a_coordinator_address_is_checked_for_its_form_and_port_and_warned_if_unresolved(
+    caplog):
+  """Before JAX joins: a bad port or form made it wait 5 minutes, then abort. A host that does
+  not resolve is only warned of (a Kubernetes service's name appears once process 0 is up)."""
+  from fathom_sim.distributed import check_address
+  for good in ('localhost:1234', '[::1]:80', '10.0.0.2:65535'):
+    assert check_address(good) is None, good
+  for bad, said in (('x', 'not of the form host:port'), (':12', 'not of the form host:port'),
+                    ('[::1]', 'not of the form host:port'), ('[::1:80', 'not of the form'),
+                    ('h:0', "got '0'"), ('h:65536', "got '65536'"), ('h:', "got ''"),
+                    ('h:\u0661\u0662', 'the port must be a number in [1, 65535]')):
+    assert said in (check_address(bad) or ''), bad
+  assert check_address('nohost.invalid:1234') is None
+  assert "the host 'nohost.invalid' does not resolve now" in caplog.text
