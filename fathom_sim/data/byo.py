@@ -89,14 +89,14 @@ def _dataset(path: str, arrays: dict) -> ArrayClientDataset:
 def _check_float32_range(path: str, x: np.ndarray) -> None:
   """Refuses finite inputs past float32's range, where the simulator computes: the cast made
   them inf, and the run then said the file held NaN or inf inputs, which it did not."""
-  if x.dtype.itemsize <= 4:
+  if x.dtype.itemsize <= 4 or not x.size:
     return
-  rows = x.reshape(len(x), -1) if len(x) else x
+  flat = x.reshape(-1)
+  step = max(1, (64 << 20) // x.dtype.itemsize)  # 64 MB of scratch at a time
   top = 0.0
-  for i in range(0, len(rows), 65536):  # (bounded scratch)
-    chunk = np.abs(rows[i:i + 65536])
-    chunk = chunk[np.isfinite(chunk)]
-    top = max(top, float(chunk.max()) if chunk.size else 0.0)
+  for i in range(0, flat.size, step):
+    chunk = flat[i:i + step]
+    top = max(top, float(np.max(np.abs(chunk), where=np.isfinite(chunk), initial=0.0)))
   if top > np.finfo(np.float32).max:
     raise DataError(f'{path}: x holds values up to {top:.3g}, past float32\'s range (3.4e+38) '
                     'in which the simulator computes; scale them down')
