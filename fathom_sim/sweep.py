@@ -275,11 +275,10 @@ def check_out(sweep: SweepDef, out: str, extra: dict | None = None) -> str:
           f'{sweep_file} is {earlier} renamed, set "sweep" in {index_path} to its new name)')
     # The same command again resumes the sweep. Without its --config overrides, each finished
     # run was refused by its workdir, marked failed, and sweep.json forgot the overrides.
-    # (Where no run got as far as its workdir's config, nothing holds the old ones.)
+    # (Where no run got as far as a result, nothing holds the old ones: workdir.started.)
     recorded, runs = index.get('extra'), index.get('runs')
     started = isinstance(recorded, dict) and isinstance(runs, list) and any(
-        isinstance(e, dict) and os.path.exists(
-            os.path.join(out, str(e.get('workdir', '')), workdir_lib.CONFIG_FILE))
+        isinstance(e, dict) and workdir_lib.started(os.path.join(out, str(e.get('workdir', ''))))
         for e in runs)
     given = json.loads(json.dumps(dict(extra or {}), default=str))  # as sweep.json holds them
     changed = sorted(k for k in set(recorded) | set(given)

@@ -97,9 +97,10 @@ def _out_of_memory_message(run: Run, doing: dict, xla: str) -> str:
   fewer_seeds = (f'; fewer seeds side by side ({seeds} now: launch/sweep.py without '
                  '--vmap_seeds) resume these workdirs' if seeds > 1 else '')
   if doing['what'] == 'init':
+    where = ('starts afresh in this workdir, which holds no round yet' if doing.get('fresh')
+             else 'needs a new workdir')
     return (f"the model's first state ran out of memory {on}; a smaller model (config.model, "
-            f'or fewer classes: config.data.num_classes) starts afresh in this workdir, which '
-            f'holds no round yet{fewer_seeds}')
+            f'or fewer classes: config.data.num_classes) {where}{fewer_seeds}')
   if doing['what'] == 'restore':
     return (f'restoring the checkpoint ran out of memory {on}; a device with more memory '
             f'resumes it{fewer_seeds}')
@@ -307,6 +308,9 @@ def _run(run: Run, configs: list[ml_collections.ConfigDict], workdirs: list[str]
           'and a prepared dataset\'s format and vocabulary compared here)')
 
   states, hps = [], []
+  # Out of memory at the model's init, the corrected command may start afresh in these
+  # workdirs only if none holds a round yet (workdir.started).
+  doing['fresh'] = not any(workdir_lib.started(w) for w in workdirs)
   for config, workdir in zip(configs, workdirs):
     doing['what'] = 'init'
     state = init_state(dataclasses.replace(run, config=config))

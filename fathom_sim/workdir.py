@@ -109,10 +109,23 @@ def differing(saved: dict, new: dict, allowed: Iterable[str]) -> list[str]:
 
 def _has_results(workdir: str) -> bool:
   """Whether a run here got as far as a row, a checkpoint or a summary. Its config.json alone
-  is of a command that stopped before (out of memory at the model's init, bad data): nothing
+  (with an empty metrics.jsonl or checkpoints/, which a run makes before its first round) is
+  of a command that stopped before (out of memory at the model's init, bad data): nothing
   computed is lost when another config replaces it, as the corrected command needs."""
-  return any(os.path.exists(os.path.join(workdir, f))
-             for f in (metrics.METRICS_FILE, metrics.SUMMARY_FILE, CHECKPOINTS, UNREADABLE))
+  def nonempty(name: str) -> bool:
+    path = os.path.join(workdir, name)
+    try:
+      return bool(os.listdir(path)) if os.path.isdir(path) else os.path.getsize(path) > 0
+    except OSError:
+      return False
+  return (newest_step(workdir) is not None or nonempty(metrics.SUMMARY_FILE)
+          or nonempty(metrics.METRICS_FILE) or nonempty(UNREADABLE))
+
+
+def started(workdir: str) -> bool:
+  """Whether `workdir` holds a run to resume: its config.json and some result (_has_results).
+  A run's config is its identity only from then on."""
+  return os.path.exists(os.path.join(workdir, CONFIG_FILE)) and _has_results(workdir)
 
 
 def check_same_run(workdir: str, config: ml_collections.ConfigDict) -> None:
@@ -297,10 +310,7 @@ def prepare(workdir: str, config: ml_collections.ConfigDict,
   if not os.access(workdir, os.W_OK | os.X_OK):
     raise WorkdirError(f'--workdir {workdir!r} is not writable')
   _check_kinds(workdir)
-  def started() -> bool:  # a run with results to resume (see _has_results)
-    return os.path.exists(os.path.join(workdir, CONFIG_FILE)) and _has_results(workdir)
-
-  resumed = started()
+  resumed = started(workdir)
   if resumed:
     check_same_run(workdir, config)
   elif _has_results(workdir):
@@ -309,7 +319,7 @@ def prepare(workdir: str, config: ml_collections.ConfigDict,
   if hold is not None and _is_writer():
     hold.enter_context(locked(workdir))
     # A command that held the lock until just now may have got its run going meanwhile.
-    if not resumed and started():
+    if not resumed and started(workdir):
       resumed = True
       check_same_run(workdir, config)
   if not resumed:

@@ -1170,17 +1170,25 @@ def test_the_first_state_out_of_memory_in_an_eager_operation_is_one_error(tmp_pa
                                         r'device\(s\) \(XLA: RESOURCE_EXHAUSTED.*; a smaller '
                                         r'model .* starts afresh in this workdir'):
     train_and_evaluate(_tiny(num_rounds=2), str(tmp_path / 'run'))
-  # The workdir holds the refused run's config.json and no round: the smaller model's command
+  # The workdir holds the refused run's config.json and no round (a run killed in its first
+  # compile leaves an empty metrics.jsonl and checkpoints/ too): the smaller model's command
   # runs there (it was refused as "a run with a different config"), and its config is saved.
   assert sorted(os.listdir(tmp_path / 'run')) == ['.lock', 'config.json']
+  (tmp_path / 'run' / 'checkpoints').mkdir()
+  (tmp_path / 'run' / 'metrics.jsonl').write_text('')
   monkeypatch.setattr(train, 'init_state', real_init)
   smaller = _tiny(num_rounds=2)
   smaller.model.hidden = (4,)
   assert train_and_evaluate(smaller, str(tmp_path / 'run'))['rounds'] == 2
   assert json.loads((tmp_path / 'run' / 'config.json').read_text())['model']['hidden'] == [4]
-  # Once it has a round, another config is refused as before.
+  # Once it has a round, another config is refused as before, and the out-of-memory message
+  # does not offer this workdir.
   with pytest.raises(WorkdirError, match='holds a run with a different config'):
     train_and_evaluate(_tiny(num_rounds=3), str(tmp_path / 'run'))
+  monkeypatch.setattr(train, 'init_state', eager_out_of_memory)
+  with pytest.raises(OutOfMemory, match=r'config.data.num_classes\) needs a new workdir; the '
+                                        'workdir keeps the checkpoint of round 2$'):
+    train_and_evaluate(smaller, str(tmp_path / 'run'))
 
 
 def test_a_round_out_of_host_memory_names_the_host_not_a_device(tmp_path, monkeypatch):
