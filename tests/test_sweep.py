@@ -121,9 +121,15 @@ def test_overrides_no_run_got_as_far_as_its_workdir_with_may_be_corrected(tmp_pa
                             train=lambda c, w: done.append(w) or {'final': {}},
                             log=lambda _: None)
   assert len(done) == 4
-  # Once a run's workdir holds a config, other overrides are refused before any run.
-  os.makedirs(os.path.join(out, entries[0]['workdir']), exist_ok=True)
-  open(os.path.join(out, entries[0]['workdir'], 'config.json'), 'w').write('{}')
+  # A workdir holding a config but no result (its run out of memory at init, or killed in
+  # its first compile: an empty metrics.jsonl) holds nothing to keep: corrected again.
+  workdir = os.path.join(out, entries[0]['workdir'])
+  os.makedirs(workdir, exist_ok=True)
+  open(os.path.join(workdir, 'config.json'), 'w').write('{}')
+  open(os.path.join(workdir, 'metrics.jsonl'), 'w').close()
+  sweep.check_out(definition, out, {'data.path': 'other.npz'})
+  # Once a run's workdir holds a result, other overrides are refused before any run.
+  open(os.path.join(workdir, 'metrics.jsonl'), 'w').write('{"round": 1}\n')
   with pytest.raises(WorkdirError, match="holds this sweep run with the overrides "
                      "--config.data.path=right.npz, and this command gives none: data.path"):
     sweep.run_sweep(definition, out, train=lambda c, w: done.append(w), log=lambda _: None)
