@@ -398,6 +398,14 @@ def _run_all(sweep: SweepDef, out: str, runs: list[RunSpec], sweep_file: str, *,
       entries[i] = _entry(runs[i], out, 'running')
     save()
     start = time.time()
+
+    def done(i: int, summary: dict) -> None:
+      acc = (summary.get('final') or {}).get('test_accuracy')
+      acc = math.nan if acc is None else acc  # None: JSON's NaN, a run without test data
+      entries[i] = _entry(runs[i], out, 'done', final_test_accuracy=acc,
+                          sweep_wall_s=time.time() - start)
+      log(f'[{i + 1}/{len(runs)}] {runs[i].name}: done, final test accuracy {acc:.4f}')
+
     try:
       if len(batch) == 1:
         summaries = [train(runs[batch[0]].config, runs[batch[0]].workdir)]
@@ -412,8 +420,8 @@ def _run_all(sweep: SweepDef, out: str, runs: list[RunSpec], sweep_file: str, *,
         if runs[i].workdir in e.workdirs:
           entries[i] = _entry(runs[i], out, 'failed', error=str(e))
           log(f'{where} {runs[i].name}: failed: {e}')
-        elif is_finished(runs[i].workdir, runs[i].config.num_rounds):
-          entries[i] = _entry(runs[i], out, 'done')
+        elif is_finished(runs[i].workdir, runs[i].config.num_rounds):  # its seeds went on
+          done(i, metrics.read_summary(runs[i].workdir) or {})
         else:
           entries[i] = _entry(runs[i], out, 'pending')
           again.append(i)
@@ -447,10 +455,6 @@ def _run_all(sweep: SweepDef, out: str, runs: list[RunSpec], sweep_file: str, *,
       save()
       raise
     for i, summary in zip(batch, summaries):
-      acc = (summary.get('final') or {}).get('test_accuracy')
-      acc = math.nan if acc is None else acc  # None: JSON's NaN, a run without test data
-      entries[i] = _entry(runs[i], out, 'done', final_test_accuracy=acc,
-                          sweep_wall_s=time.time() - start)
-      log(f'[{i + 1}/{len(runs)}] {runs[i].name}: done, final test accuracy {acc:.4f}')
+      done(i, summary)
     save()
   return entries

@@ -375,9 +375,19 @@ def _run(run: Run, configs: list[ml_collections.ConfigDict], workdirs: list[str]
   if vectorized and len({b.done for b in books}) > 1:
     for b in books:
       b.close()
-    logging.warning('the seeds\' checkpoints stand at rounds %s; running them one by one',
-                    [b.done for b in books])
-    return [train_and_evaluate(cf, wd) for cf, wd in zip(configs, workdirs)]
+    # Seeds at one round still share a program (a seed stopped by max_rejected_rounds, or an
+    # unfinished save, put the others' rounds apart from its own).
+    by_round: dict[int, list[int]] = {}
+    for i, b in enumerate(books):
+      by_round.setdefault(b.done, []).append(i)
+    logging.warning('the seeds\' checkpoints stand at rounds %s; running the seeds of each '
+                    'round together, one round\'s after another', [b.done for b in books])
+    out = [None] * len(books)
+    for group in by_round.values():
+      done_ = train_seeds([configs[i] for i in group], [workdirs[i] for i in group])
+      for i, summary in zip(group, done_):
+        out[i] = summary
+    return out
   done = books[0].done
 
   for book in books:
@@ -564,8 +574,9 @@ def _run(run: Run, configs: list[ml_collections.ConfigDict], workdirs: list[str]
         now = time.time()
         speed = (t - last_log[1]) / max(now - last_log[0], 1e-9)
         for book in books:
-          logging.info(_tag(book, vectorized) + metrics.progress_line(book.log.last,
-                                                                      c.num_rounds, speed))
+          if book.diverged_at is None:  # (a stopped seed's last line was said)
+            logging.info(_tag(book, vectorized) + metrics.progress_line(book.log.last,
+                                                                        c.num_rounds, speed))
         last_log = (now, t)
       if stop and t < c.num_rounds:
         for book in books:

@@ -97,20 +97,21 @@ def test_each_vectorised_seed_equals_its_solo_run(tmp_path, data_on_device, loca
 
 
 def test_vectorised_seeds_resume_together_or_one_by_one(tmp_path):
-  seeds = (0, 1)
+  seeds = (0, 1, 2)
   for s in seeds:
     train_and_evaluate(_config(s), str(tmp_path / f'solo{s}'))
   # Stopped after round 2 and continued to 4, as one vectorised group.
   together = [str(tmp_path / f'together{s}') for s in seeds]
   train_seeds([_config(s, num_rounds=2) for s in seeds], together)
   summaries = train_seeds([_config(s) for s in seeds], together)
-  assert [s['resumed_from'] for s in summaries] == [2, 2]
-  # Seed 0 already at round 2, seed 1 not started: they cannot share a program, and run alone.
+  assert [s['resumed_from'] for s in summaries] == [2, 2, 2]
+  # Seed 0 already at round 2, seeds 1 and 2 not started: seed 0 cannot share their program
+  # and runs alone; they run together (they ran one by one too).
   apart = [str(tmp_path / f'apart{s}') for s in seeds]
   train_and_evaluate(_config(0, num_rounds=2), apart[0])
   summaries = train_seeds([_config(s) for s in seeds], apart)
-  assert [s['resumed_from'] for s in summaries] == [2, 0]
-  assert [s['vectorized_seeds'] for s in summaries] == [0, 0]
+  assert [s['resumed_from'] for s in summaries] == [2, 0, 0]
+  assert [s['vectorized_seeds'] for s in summaries] == [0, 2, 2]
   for s in seeds:
     _assert_same_run(together[s], str(tmp_path / f'solo{s}'))
     _assert_same_run(apart[s], str(tmp_path / f'solo{s}'))

@@ -643,6 +643,10 @@ def test_a_seed_diverging_in_a_group_run_one_by_one_fails_alone(tmp_path):
   assert calls == [[0, 1, 2], [2]]
   assert [e['status'] for e in entries] == ['done', 'failed', 'done']
   assert entries[1]['error'] == 'rounds 1..2 were all rejected'
+  # The seed the group finished has its result in sweep.json, as one finished alone.
+  with open(os.path.join(runs[0].workdir, 'summary.json')) as f:
+    acc = json.load(f)['final']['test_accuracy']
+  assert entries[0]['final_test_accuracy'] == acc and 'sweep_wall_s' in entries[0]
   assert runs[1].workdir.endswith(entries[1]['workdir'])
 
 
