@@ -126,11 +126,13 @@ class RunData:
 @dataclasses.dataclass
 class Group:
   """The runs of one setting, one per seed; `listed` the seeds its sweep.json names (0 where
-  no sweep.json names the setting) and `failed` those it marks failed."""
+  no sweep.json names the setting), `failed` those of its runs it marks failed, and
+  `failed_unstarted` those it marks failed that have no run folder (stopped before a row)."""
   setting: str
   runs: list[RunData]
   listed: int = 0
   failed: int = 0
+  failed_unstarted: int = 0
 
   @property
   def algorithm(self) -> str:
@@ -264,14 +266,16 @@ def _roots(paths: list[str]):
 
 
 def natural_key(name: str) -> list:
-  """A sort key that orders the numbers in names by value: cohort_size=20 before =100."""
-  parts = re.split(r'(\d+(?:\.\d+)?)', name)
+  """A sort key that orders the numbers in names by value: cohort_size=20 before =100, and
+  eta=1e-05 (a sweep names values with :g) before eta=0.0001."""
+  parts = re.split(r'(\d+(?:\.\d+)?(?:e[+-]?\d+)?)', name)
   return [float(p) if i % 2 else p for i, p in enumerate(parts)]
 
 
 def find_listed(paths: list[str]) -> dict[str, dict[str, int]]:
-  """{setting: {'seeds': n, 'failed': k}} from the sweep.json of each sweep folder given: the
-  seeds a sweep runs, started or not, and those it marked failed. A setting's seed folders
+  """{setting: {'seeds': n, 'failed': k, 'failed_unstarted': j}} from the sweep.json of each
+  sweep folder given: the seeds a sweep runs, started or not, those of its run folders it
+  marked failed, and those it marked failed that have no run folder. A setting's seed folders
   alone cannot tell a seed not started (or whose folder is gone) from one never asked for."""
   from fathom_sim.sweep import INDEX_FILE
   listed: dict[str, dict[str, int]] = {}
@@ -280,10 +284,13 @@ def find_listed(paths: list[str]) -> dict[str, dict[str, int]]:
     for e in entries if isinstance(entries, list) else []:
       if not isinstance(e, dict) or not isinstance(e.get('workdir'), str):
         continue
-      counts = listed.setdefault(setting_of(os.path.join(root, e['workdir'])),
-                                 {'seeds': 0, 'failed': 0})
+      workdir = os.path.join(root, e['workdir'])
+      counts = listed.setdefault(setting_of(workdir),
+                                 {'seeds': 0, 'failed': 0, 'failed_unstarted': 0})
       counts['seeds'] += 1
-      counts['failed'] += e.get('status') == 'failed'
+      if e.get('status') == 'failed':  # a run is a folder with metrics.jsonl (find_runs)
+        ran = os.path.isfile(os.path.join(workdir, metrics.METRICS_FILE))
+        counts['failed' if ran else 'failed_unstarted'] += 1
   return listed
 
 
@@ -296,13 +303,15 @@ def group_runs(runs: list[RunData],
   for g in groups.values():
     counts = (listed or {}).get(g.setting, {})
     g.listed, g.failed = counts.get('seeds', 0), counts.get('failed', 0)
+    g.failed_unstarted = counts.get('failed_unstarted', 0)
   return list(groups.values())
 
 
-def not_started(groups: list[Group], listed: dict[str, dict[str, int]]) -> dict[str, int]:
-  """{setting: seeds} of the settings a sweep.json lists that have no run folder yet."""
+def not_started(groups: list[Group],
+                listed: dict[str, dict[str, int]]) -> dict[str, dict[str, int]]:
+  """find_listed's counts of the settings a sweep.json lists that have no run folder yet."""
   have = {g.setting for g in groups}
-  return {s: c['seeds'] for s, c in listed.items() if s not in have}
+  return {s: c for s, c in listed.items() if s not in have}
 
 
 def first_reaching(rows: Rows, target: float) -> dict | None:
@@ -441,13 +450,13 @@ def _reached_note(r: dict) -> str:
 
 
 def markdown(groups: list[Group], targets: list[float], *, timing: bool = True,
-             not_started: dict[str, int] | None = None) -> str:
+             not_started: dict[str, dict[str, int]] | None = None) -> str:
   """The report's tables: cost to each target per setting; per FedAvg grid, its best setting
   and total cost against the FATHOM settings run alike.
 
   timing=False leaves out the seconds-per-round column, so that the tables are a function of
   the runs' results alone (a rerun with the same seeds gives the same bytes). not_started:
-  {setting: seeds} of settings a sweep lists that have no run yet (see not_started).
+  the settings a sweep lists that have no run yet (see not_started).
   """
   lines = ['| setting | algorithm | seeds | final test accuracy |' + (' s/round |' * timing)
            + ''.join(f' rounds to {t:g} | examples to {t:g} | local steps to {t:g} |'
@@ -457,8 +466,10 @@ def markdown(groups: list[Group], targets: list[float], *, timing: bool = True,
     unfinished = len(g.runs) - len(g.finished)
     failed = min(g.failed, unfinished)
     missing = max(g.listed - len(g.runs), 0)
-    notes = [f'{n} {what}' for n, what in ((unfinished - failed, 'unfinished'),
-                                            (failed, 'failed'), (missing, 'not started')) if n]
+    failed_unstarted = min(g.failed_unstarted, missing)
+    notes = [f'{n} {what}' for n, what in (
+        (unfinished - failed, 'unfinished'), (failed + failed_unstarted, 'failed'),
+        (missing - failed_unstarted, 'not started')) if n]
     seeds = (str(len(g.runs)) + (f' of {g.listed}' if missing else '')
              + (f' ({", ".join(notes)})' if notes else ''))
     final = _fmt_acc(final_accuracy(g))
@@ -485,9 +496,11 @@ def markdown(groups: list[Group], targets: list[float], *, timing: bool = True,
                'finished seeds\' (whole test set, last round); "last evals": no seed has '
                'finished, each seed\'s last evaluation instead.')
   if not_started:
-    lines += ['', 'Not started (listed in sweep.json, no run folder yet): '
-              + ', '.join(f'`{s}` ({n} seed{"s" * (n > 1)})' for s, n in not_started.items())
-              + '.']
+    def seeds(c: dict) -> str:
+      n, failed = c['seeds'], c.get('failed_unstarted', 0)
+      return f'{n} seed{"s" * (n > 1)}' + (f', {failed} failed' if failed else '')
+    lines += ['', 'No run folder yet (listed in sweep.json): '
+              + ', '.join(f'`{s}` ({seeds(c)})' for s, c in not_started.items()) + '.']
   rounds = {g.setting: g.num_rounds for g in groups}
   if len(set(rounds.values())) > 1:
     lines += ['', 'Warning: the settings run to different numbers of rounds ('

@@ -55,11 +55,9 @@ def main(argv):
     cli.fail(f'no runs (folders with metrics.jsonl) under {", ".join(paths)}')
   table = report.markdown(groups, targets, timing=_TIMING.value,
                           not_started=report.not_started(groups, listed))
-  # Compare against the FedAvg setting that is best at the hardest target some setting reached.
-  reached = [t for t in sorted(targets, reverse=True) if report.best_fedavg(groups, t)]
   try:
     # The plots first, report.md last and whole: a report.md is never older than its plots.
-    written = plots.write_plots(groups, out, reached[0] if reached else None)
+    written = plots.write_plots(groups, out, targets)
     metrics.write_text(os.path.join(out, 'report.md'), table)
   except OSError as e:
     cli.fail(f'--out {out!r}: cannot write the report there ({e.strerror or e}); give a '

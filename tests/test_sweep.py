@@ -445,7 +445,7 @@ def test_the_best_fedavg_is_plotted_against_any_number_of_fathom_settings(tmp_pa
     return real(gs, path, *args)
 
   monkeypatch.setattr(plots, 'accuracy_plot', recorded)
-  plots.write_plots(groups, str(tmp_path / 'report'), 0.3)
+  plots.write_plots(groups, str(tmp_path / 'report'), [0.3])
   assert drawn['fathom_vs_fedavg.png'][-1] == 'zfedavg'
   assert len(drawn['fathom_vs_fedavg.png']) == plots.MAX_CURVES
 
@@ -708,8 +708,8 @@ def test_a_report_rewritten_keeps_no_plot_of_the_last_and_labels_every_setting(t
   _write_run(root / 'eta=0.1' / 'seed=0', 'fedavg', {2: 0.4}, 50, 2)
   groups = report.group_runs(report.find_runs([str(root)]))
   out = str(tmp_path / 'report')
-  assert any(p.endswith('fathom_vs_fedavg.png') for p in plots.write_plots(groups, out, 0.3))
-  plots.write_plots(groups, out, None)
+  assert any(p.endswith('fathom_vs_fedavg.png') for p in plots.write_plots(groups, out, [0.3]))
+  plots.write_plots(groups, out, [])
   assert sorted(os.listdir(out)) == ['accuracy.png', 'hparams.png']
   fig, ax = plt.subplots()
   plots._draw(ax, groups, 'test_accuracy', 'round')
@@ -738,9 +738,12 @@ def test_a_sweeps_seeds_not_started_or_failed_are_said_in_the_tables(tmp_path):
     (root / 'eta=0.1' / f'seed={seed}' / 'summary.json').write_text(json.dumps(
         {'rounds': 4, 'final': {'test_accuracy': 0.4}}))
   _write_run(root / 'fathom' / 'seed=0', 'fathom', {}, 100, 1)  # diverged in round 1
+  _write_run(root / 'fathom' / 'seed=2', 'fathom', {}, 100, 1)  # running
   runs = [{'name': f'{s}/seed={i}', 'setting': s, 'workdir': f'{s}/seed={i}', 'status': st}
-          for s, sts in (('eta=0.1', ['done', 'done', 'pending']), ('fathom', ['failed', 'pending']),
-                         ('eta=1.0', ['pending']))
+          for s, sts in (('eta=0.1', ['done', 'done', 'pending']),
+                         # seed 1: failed before its first row (no run folder)
+                         ('fathom', ['failed', 'failed', 'running', 'pending']),
+                         ('eta=1.0', ['pending', 'failed']))
           for i, st in enumerate(sts)]
   (root / 'sweep.json').write_text(json.dumps({'sweep': 's.py', 'runs': runs}))
   listed = report.find_listed([str(root)])
@@ -749,8 +752,8 @@ def test_a_sweeps_seeds_not_started_or_failed_are_said_in_the_tables(tmp_path):
   row = {line.split(' | ')[0]: line for line in table.splitlines() if line.startswith('| `')}
   assert '| 2 of 3 (1 not started) | 0.400 ± 0.000 (2 finished) |' in row['| `eta=0.1`'], table
   assert '| 2.0 ± 0.0 (2/3) |' in row['| `eta=0.1`']  # the seed not started has not reached it
-  assert '| 1 of 2 (1 failed, 1 not started) |' in row['| `fathom`'], table
-  assert 'Not started (listed in sweep.json, no run folder yet): `eta=1.0` (1 seed).' in table
+  assert '| 2 of 4 (1 unfinished, 2 failed, 1 not started) |' in row['| `fathom`'], table
+  assert 'No run folder yet (listed in sweep.json): `eta=1.0` (2 seeds, 1 failed).' in table
   # Without a sweep.json, the folders are all there is to count.
   (root / 'sweep.json').unlink()
   assert report.find_listed([str(root)]) == {}
@@ -782,6 +785,9 @@ def test_fedavg_grids_are_compared_with_the_fathom_settings_run_alike(tmp_path):
       'cohort_size=20,fathom', 'cohort_size=20,fedavg,eta=0.1', 'cohort_size=100,fathom',
       'cohort_size=100,fathom,server_lr=0.5', 'cohort_size=100,fedavg,eta=0.1',
       'cohort_size=100,fedavg,eta=0.3']
+  assert sorted(['eta=0.1', 'eta=1', 'eta=1e-05', 'eta=0.0001', 'b=100', 'b=20'],
+                key=report.natural_key) == ['b=20', 'b=100', 'eta=1e-05', 'eta=0.0001',
+                                            'eta=0.1', 'eta=1']  # (:g's exponents too)
   found, alone = report.grids(groups)
   assert [(label, [g.setting for g in f], [g.setting for g in a]) for label, f, a in found] == [
       ('cohort_size=20', ['cohort_size=20,fedavg,eta=0.1'], ['cohort_size=20,fathom']),
@@ -797,7 +803,13 @@ def test_fedavg_grids_are_compared_with_the_fathom_settings_run_alike(tmp_path):
   assert 'compared with none: `cohort_size=100,fathom,server_lr=0.5`.' in table
   assert 'different numbers of rounds' not in table
   out = str(tmp_path / 'report')
-  assert any(p.endswith('fathom_vs_fedavg.png') for p in plots.write_plots(groups, out, 0.3))
+  assert any(p.endswith('fathom_vs_fedavg.png') for p in plots.write_plots(groups, out, [0.3]))
+  # A grid with no FATHOM setting beside it reaching a harder target does not take the plot's
+  # target: each grid's is the hardest its own best reached (0.9 gave no plot at all).
+  run('cohort_size=50,fedavg,eta=0.1', 'fedavg', {2: 0.95}, 50, 50)
+  groups = report.group_runs(report.find_runs([str(root)]))
+  assert any(p.endswith('fathom_vs_fedavg.png')
+             for p in plots.write_plots(groups, out, [0.3, 0.9]))
   # A setting run to fewer rounds is said: its target not reached may be one not reached yet.
   run('cohort_size=20,fedavg,eta=0.3', 'fedavg', {}, 50, 20, eta=0.3, rounds=2)
   table = report.markdown(report.group_runs(report.find_runs([str(root)])), [0.3])
