@@ -944,6 +944,7 @@ def test_a_field_the_run_does_not_read_may_change_on_resume(tmp_path):
   fathom = str(tmp_path / 'fathom')
   os.makedirs(fathom)
   workdir_lib.save_config(fathom, _tiny(num_rounds=2))
+  (tmp_path / 'fathom' / 'metrics.jsonl').write_text('{"round": 1}\n')  # a run with a result
   with pytest.raises(WorkdirError, match=r"fields that change the result differ: "
                      r"clip_log_params \(False -> True\), eta_h \(0.01 -> 0.5\), upper_eta"):
     workdir_lib.check_same_run(fathom, _tiny(num_rounds=2, **other))
