@@ -13,7 +13,8 @@
 # run again with the same CONFIG and WORKDIR. The run resumes from its newest checkpoint and
 # continues the same trajectory; rows after that checkpoint are redone, never duplicated.
 #
-# Settings (environment): TPU_NAME, ZONE, ACCELERATOR_TYPE (e.g. v4-32), RUNTIME_VERSION,
+# Settings (environment): TPU_NAME, ZONE, ACCELERATOR_TYPE (e.g. v4-32), RUNTIME_VERSION (the
+# VM image, default tpu-ubuntu2204-base), PYTHON (default python3.11: the pins need >= 3.11),
 # PROJECT (optional), CONFIG (a configs/*.py path), WORKDIR, BUCKET, COMPILATION_CACHE, SPOT=1,
 # DRY_RUN=1 (print the gcloud commands instead of running them).
 #
@@ -35,6 +36,7 @@ TPU_NAME="${TPU_NAME:-fathom}"
 ZONE="${ZONE:-us-central2-b}"
 ACCELERATOR_TYPE="${ACCELERATOR_TYPE:-v4-32}"
 RUNTIME_VERSION="${RUNTIME_VERSION:-tpu-ubuntu2204-base}"
+PYTHON="${PYTHON:-python3.11}"  # the workers' interpreter (installed by apt if missing)
 CONFIG="${CONFIG:-configs/femnist.py}"
 BUCKET="${BUCKET:-}"
 MOUNT=/mnt/fathom
@@ -76,10 +78,17 @@ case "$cmd" in
     gcloud_tpu scp "$archive" "$TPU_NAME:~/fathom_sim.tar.gz" --worker=all
     rm -f "$archive"
     setup="mkdir -p $REMOTE_DIR && tar -xzf ~/fathom_sim.tar.gz -C $REMOTE_DIR"
-    setup+=" && python3 -m venv ~/fathom_venv"
+    # The pins need Python >= 3.11; the default image's python3 (Ubuntu 22.04) is 3.10.
+    setup+=" && (command -v $PYTHON > /dev/null || (sudo apt-get update -qq"
+    setup+=" && sudo apt-get install -y -qq $PYTHON $PYTHON-venv))"
+    setup+=" && $PYTHON -m venv ~/fathom_venv"
     setup+=" && ~/fathom_venv/bin/pip install -q -r $REMOTE_DIR/requirements.txt"
     setup+=" && ~/fathom_venv/bin/pip install -q 'jax[tpu]==$JAX_VERSION'"
     if [[ -n "$BUCKET" ]]; then
+      # Said, not guessed at: gcsfuse's install follows Google's own instructions.
+      setup+=" && (command -v gcsfuse > /dev/null || { echo 'gcsfuse is not installed on this"
+      setup+=" worker: https://cloud.google.com/storage/docs/cloud-storage-fuse/install' >&2;"
+      setup+=" exit 1; })"
       setup+=" && sudo mkdir -p $MOUNT && sudo chown \$USER $MOUNT"
       setup+=" && (mountpoint -q $MOUNT || gcsfuse --implicit-dirs --rename-dir-limit=100000 ${BUCKET#gs://} $MOUNT)"
     fi

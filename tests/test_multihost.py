@@ -370,6 +370,9 @@ def test_tpu_pod_script_starts_the_same_multihost_command_on_every_worker():
   setup = setup.replace('\\', '')
   assert "jax[tpu]==0.10.2" in setup and ('gcsfuse --implicit-dirs --rename-dir-limit=100000 bkt '
                                               '/mnt/fathom') in setup
+  # The image's python3 is 3.10, which the pins refuse: a 3.11 venv, apt's where it is missing.
+  assert 'python3.11 -m venv ~/fathom_venv' in setup and 'apt-get install -y -qq python3.11 ' \
+      'python3.11-venv' in setup and 'gcsfuse is not installed on this worker' in setup
   p = _pod('create', SPOT='1')
   assert p.returncode == 0 and '--spot' in p.stdout and '--accelerator-type=v4-32' in p.stdout
   p = _pod('resume')
