@@ -516,9 +516,10 @@ def _run(run: Run, configs: list[ml_collections.ConfigDict], workdirs: list[str]
       # A seed whose max_rejected_rounds rounds in a row were rejected stops there, as it
       # would alone: its rows and checkpoint end at this round, while the program goes on for
       # the others. (A run whose last round completes the count has run every round.)
-      newly = [b for b in books if b.diverged_at is None and c.max_rejected_rounds
-               and t < c.num_rounds and b.meta['rejected_in_a_row'] >= c.max_rejected_rounds]
-      diverged = bool(newly) and all(b.diverged_at is not None or b in newly for b in books)
+      newly = {id(b) for b in books if b.diverged_at is None and c.max_rejected_rounds
+               and t < c.num_rounds and b.meta['rejected_in_a_row'] >= c.max_rejected_rounds}
+      diverged = bool(newly) and all(b.diverged_at is not None or id(b) in newly
+                                     for b in books)
       for s, book in zip(seeds, books):
         if book.diverged_at is not None:
           continue
@@ -558,7 +559,7 @@ def _run(run: Run, configs: list[ml_collections.ConfigDict], workdirs: list[str]
         if book.writer:
           book.writer.write(row)
         book.log.add(row)
-        ends = book in newly
+        ends = id(book) in newly
         if stop or ends or t % c.checkpoint_every == 0 or t == c.num_rounds:
           if book.writer:
             book.writer.sync()
