@@ -97,7 +97,7 @@ def _check_float32_range(path: str, x: np.ndarray) -> None:
   for i in range(0, flat.size, step):
     chunk = flat[i:i + step]
     top = max(top, float(np.max(np.abs(chunk), where=np.isfinite(chunk), initial=0.0)))
-  if top > np.finfo(np.float32).max:
+  if top > float(np.finfo(np.float32).max):  # (as a float32, top would overflow)
     raise DataError(f'{path}: x holds values up to {top:.3g}, past float32\'s range (3.4e+38) '
                     'in which the simulator computes; scale them down')
 
