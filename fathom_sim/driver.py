@@ -100,8 +100,15 @@ class Rounds:
     self._plan_ahead = prefetch
     self._next: _Fed | None = None
     self._ahead_warned = False
+    self.stopped: frozenset[int] = frozenset()  # seeds (positions) planned idle: stop_seed
     self.planned_ahead = self.replanned = 0  # rounds whose plan made ahead was used / not
     self.replanned_seeds = 0  # seeds' plans made again on time (vectorised: only those changed)
+
+  def stop_seed(self, s: int) -> None:
+    """Vectorised seed s (its position) has stopped (max_rejected_rounds) while the others
+    go on: from the next round its cohort runs no step (Planner.idle_plan), so that it no
+    longer sets the longest lane or B_pad the others compute, nor has its clients read."""
+    self.stopped = self.stopped | {s}
 
   def initial_hparams(self, state: ServerState) -> np.ndarray:
     """(E, eta, B) of the next round, read from the state (once, at start or resume)."""
@@ -144,7 +151,10 @@ class Rounds:
     if t < c.num_rounds:
       if self._prefetch is not None:
         try:
-          self._prefetch.fetch(np.concatenate(self._cohorts(t + 1)))
+          read = [cohort for s, cohort in enumerate(self._cohorts(t + 1))
+                  if s not in self.stopped]
+          if read:
+            self._prefetch.fetch(np.concatenate(read))
         except Exception as e:  # noqa: BLE001 - not round t's: round t+1 samples and reads
           # again, and raises it there, after round t has returned its state (donated above).
           if not self._ahead_warned:  # once: a lasting cause would repeat every round
@@ -194,7 +204,7 @@ class Rounds:
       lanes, batch_size, batch_pad = plan.lanes, jnp.int32(plan.batch_size), plan.batch_pad
       table, plans, longest = plan.table, plan, int(plan.lane_steps.max())
     else:
-      stacked = self.planner.plan(cohorts, t, hp, reuse)
+      stacked = self.planner.plan(cohorts, t, hp, reuse, self.stopped)
       lanes, batch_size = stacked.lanes, jnp.asarray(stacked.batch_size)
       batch_pad = stacked.batch_pad
       table, plans = stacked.table, stacked.plans
@@ -217,7 +227,10 @@ class Rounds:
     planners = [self.planner] if one else self.planner.planners
     before = [fed.lengths_before] if one else fed.lengths_before[2]
     kept = []
-    for planner, plan, h, b in zip(planners, plans, hps, before, strict=True):
+    for s, (planner, plan, h, b) in enumerate(zip(planners, plans, hps, before, strict=True)):
+      if s in self.stopped:  # (not with seeds None: a solo run stops with its seed)
+        kept.append(plan.idle)
+        continue
       b_int, num_steps = fathom.integer_schedule(h[EPOCHS], h[BATCH], plan.num_examples)
       kept.append(b_int == plan.batch_size and np.array_equal(num_steps, plan.num_steps)
                   and planner.padded_lengths_on_time(plan, h[EPOCHS], h[BATCH], b)

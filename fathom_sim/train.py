@@ -525,7 +525,8 @@ def _run(run: Run, configs: list[ml_collections.ConfigDict], workdirs: list[str]
           continue
         ms, plan = _seed(m, s), plans if s is None else plans[s]
         used, meta = _seed(used_all, s), book.meta
-        # Seeds in one program compute the longest lane and the largest B_pad of any of them.
+        # Seeds in one program compute the longest lane and the largest B_pad of any of them
+        # (but a stopped seed's: its plans are idle).
         others = () if s is None else tuple(p for i, p in enumerate(plans) if i != s)
         computed = plan.computed_rows(n_dev, host_loop, run.loop_chunk, others)
         meta['total_steps'] += int(plan.num_steps.sum())
@@ -568,6 +569,8 @@ def _run(run: Run, configs: list[ml_collections.ConfigDict], workdirs: list[str]
         if ends:
           book.diverged_at = t
           book.close()
+          if s is not None:
+            rounds.stop_seed(s)
           if not diverged:
             logging.warning('%s%s; the other seeds go on', _tag(book, vectorized),
                             _diverged_message(c, [(book, t)]))

@@ -52,6 +52,11 @@ class CohortPlan:
   lane_steps: np.ndarray       # [L] real steps in each lane
 
   @property
+  def idle(self) -> bool:
+    """Whether no client steps (Planner.idle_plan: a real cohort's K_i are all >= 1)."""
+    return not self.num_steps.any()
+
+  @property
   def shape(self) -> tuple:
     """Everything that selects a compiled program."""
     buffer = None if self.lanes.source is None else next(iter(

@@ -320,6 +320,50 @@ def test_vectorised_seeds_plan_again_only_the_seed_whose_b_changed(data_on_devic
   jax.tree.map(np.testing.assert_array_equal, state.params, want_state.params)
 
 
+@pytest.mark.parametrize('data_on_device', ['no', 'yes'])
+def test_a_stopped_vectorised_seed_runs_idle_and_costs_the_others_nothing(data_on_device):
+  """Seed 1 (B 24, where seed 0 has B 3) stops before round 3 (as max_rejected_rounds stops
+  it): from then on its plan runs no step, so seed 0 computes its own B_pad and longest lane
+  only; seed 0's rounds are those it runs beside a seed that never stops (up to the float
+  rounding of padding), planned ahead or on time alike (the plan made ahead for round 3 is
+  made again for seed 1 alone)."""
+  from fathom_sim.driver import Rounds
+  from fathom_sim.run import build
+  from fathom_sim.types import BATCH
+  config = tiny_config(num_rounds=4, algorithm='fathom', num_devices=2,
+                       data_on_device=data_on_device)
+  run = build(config, tiny_task())
+  seeds = [3, 4]
+  initial = lambda: _seeds_state(run, seeds)
+  hp = Rounds(run, seeds, prefetch=False).initial_hparams(initial()).copy()
+  hp[1, BATCH] = 24.0
+  results = {}
+  for ahead, stop in ((True, True), (False, True), (True, False)):
+    rounds, state, metrics, plans = Rounds(run, seeds, prefetch=ahead), initial(), [], []
+    for t in range(1, 5):
+      if stop and t == 3:
+        rounds.stop_seed(1)
+      state, m, plan = rounds(state, t, hp)
+      metrics.append(jax.device_get(m))
+      plans.append(plan)
+    results[ahead, stop] = (jax.device_get(state), metrics, plans, rounds)
+  state, metrics, plans, rounds = results[True, True]
+  assert [p[1].idle for p in plans] == [False, False, True, True]
+  assert not any(p[0].idle for p in plans)
+  assert not metrics[2].accepted[1] and metrics[2].accepted[0]
+  for t, (p0, p1) in enumerate(plans):
+    alone = p0.computed_rows(2)
+    assert (p0.computed_rows(2, alongside=(p1,)) == alone) == (t >= 2), t
+  assert (rounds.planned_ahead, rounds.replanned, rounds.replanned_seeds) == (2, 1, 1)
+  on_time, beside = results[False, True], results[True, False]
+  first = lambda tree: jax.tree.map(lambda a: np.asarray(a)[0], tree)
+  jax.tree.map(np.testing.assert_array_equal, first(state.params), first(on_time[0].params))
+  for m, want in zip(metrics, beside[1]):
+    np.testing.assert_allclose(m.client_h[0], want.client_h[0], rtol=1e-5, atol=1e-6)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
+               first(state.params), first(beside[0].params))
+
+
 @pytest.mark.parametrize('error', [OSError, DataError, ConfigError])
 def test_a_client_that_cannot_be_read_fails_its_own_round_not_the_one_before(error, caplog):
   """Round 2's plan is made during round 1; a read error there must not cost round 1. Bad

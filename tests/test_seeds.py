@@ -206,10 +206,12 @@ def test_one_seeds_bad_input_fails_that_seed_alone_under_vmap_seeds(tmp_path):
   assert solo == [1, 2] and [e['status'] for e in entries] == ['done', 'failed', 'done']
 
 
-def test_a_vectorised_seed_that_diverges_stops_where_it_would_alone(tmp_path):
+def test_a_vectorised_seed_that_diverges_stops_where_it_would_alone(tmp_path, monkeypatch):
   """eta 300: seed 1 alone has its round 6 rejected and stops (max_rejected_rounds 1), while
   seeds 0 and 2 finish. In a group it went on (the group stopped only when every seed had),
-  and finished with rows, a summary and a final accuracy its solo run never has."""
+  and finished with rows, a summary and a final accuracy its solo run never has. Stopped, its
+  cohorts run idle, so that it no longer sets the work the others compute."""
+  from fathom_sim.driver import Rounds
   from fathom_sim.errors import Diverged
 
   def config(seed):
@@ -225,6 +227,14 @@ def test_a_vectorised_seed_that_diverges_stops_where_it_would_alone(tmp_path):
       solo[s] = 'diverged'
   assert solo == {0: 'done', 1: 'diverged', 2: 'done'}  # the case this test is about
   vec = [str(tmp_path / f'vec{s}') for s in SEEDS]
+  idle, call = {}, Rounds.__call__
+
+  def spy(self, state, t, hp):
+    out = call(self, state, t, hp)
+    idle[t] = [p.idle for p in out[2]]
+    return out
+
+  monkeypatch.setattr(Rounds, '__call__', spy)
   with pytest.raises(Diverged, match=r'^rounds 6..6 were all rejected \(1 in a row') as e:
     train_seeds([config(s) for s in SEEDS], vec)
   assert e.value.workdirs == [vec[1]]
@@ -235,3 +245,5 @@ def test_a_vectorised_seed_that_diverges_stops_where_it_would_alone(tmp_path):
     assert os.path.exists(os.path.join(vec[s], 'summary.json')) == (solo[s] == 'done')
     assert sorted(os.listdir(os.path.join(vec[s], 'checkpoints'))) == sorted(
         os.listdir(tmp_path / f'solo{s}' / 'checkpoints'))
+  # Stopped, seed 1's cohorts run idle from round 7 (test_prefetch: what that saves).
+  assert idle == {t: [False, t > 6, False] for t in range(1, 9)}

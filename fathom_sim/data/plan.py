@@ -267,6 +267,29 @@ class Planner:
                       batch_size=b_int, batch_pad=batch_pad, clients=clients,
                       num_examples=num_examples, num_steps=num_steps, lane_steps=steps_per_lane)
 
+  def idle_plan(self, clients: np.ndarray) -> CohortPlan:
+    """A plan in which cohort `clients` run no step, for a seed that has stopped while the
+    others of its vectorised program go on: it reads no example, weighs nothing (its round is
+    rejected, unseen) and sets neither the longest lane nor B_pad the others compute."""
+    clients = np.asarray(clients, np.int64)
+    c, none = len(clients), np.zeros(len(clients), np.int64)
+    source = None
+    if not self.resident:
+      source = {name: np.zeros((self.num_lanes // self.lanes_per_buffer, 0) + shape, dtype)
+                for name, (shape, dtype) in self._example_spec.items()}
+    table = CohortTable(client=np.append(clients, 0).astype(np.int32),
+                        num_examples=np.zeros(c + 1, np.float32),
+                        num_steps=np.zeros(c + 1, np.int32))
+    batch_pad = max(1, self.min_batch_pad)
+    return CohortPlan(lanes=Lanes(slots=np.full((self.num_lanes, c), c, np.int32),
+                                  stream=np.zeros((self.num_lanes, 0), np.int32),
+                                  source=source),
+                      table=table, batch_size=1,
+                      batch_pad=batch_pad if self.exact_batch else bucket(
+                          batch_pad, self.batch_per_octave),
+                      clients=clients, num_examples=none, num_steps=none,
+                      lane_steps=np.zeros(self.num_lanes, np.int64))
+
 
 @dataclasses.dataclass
 class StackedPlans:
@@ -324,13 +347,18 @@ class SeedPlanners:
     return stream_pad, buffer_pad
 
   def plan(self, cohorts: list[np.ndarray], round_index: int, hparams: np.ndarray,
-           reuse: list[CohortPlan | None] | None = None) -> StackedPlans:
+           reuse: list[CohortPlan | None] | None = None,
+           idle: frozenset[int] = frozenset()) -> StackedPlans:
     """Plans seed s's cohort under its (E, B) = hparams[s][EPOCHS], hparams[s][BATCH], or
     takes reuse[s]: its plan made ahead that planning now would make again, its planner
-    left with the lengths that plan left (see Rounds._kept)."""
+    left with the lengths that plan left (see Rounds._kept). A seed in `idle` (stopped) gets
+    an idle plan."""
     reuse = reuse or [None] * len(self.planners)
-    plans = [r if r is not None else p.plan(c, round_index, float(hp[EPOCHS]), float(hp[BATCH]))
-             for p, c, hp, r in zip(self.planners, cohorts, hparams, reuse, strict=True)]
+    plans = [r if r is not None
+             else p.idle_plan(c) if s in idle
+             else p.plan(c, round_index, float(hp[EPOCHS]), float(hp[BATCH]))
+             for s, (p, c, hp, r) in enumerate(zip(self.planners, cohorts, hparams, reuse,
+                                                   strict=True))]
     self.stream_pad, self.buffer_pad = self._shared(
         (self.stream_pad, self.buffer_pad), plans, [p.padded_lengths() for p in self.planners])
     stream = _stacked([p.lanes.stream for p in plans], self.stream_pad)
