@@ -19,6 +19,7 @@ from fathom_sim.errors import MOUNT_HINT, InputError, is_url
 
 ALGORITHMS = ('fathom', 'fedavg')
 MATMUL_PRECISIONS = ('auto', 'default', 'high', 'highest')
+MAX_GENERATED_CLIENTS = 10_000_000  # data.num_clients: ~30x Stack Overflow's users
 
 
 class ConfigError(InputError):
@@ -324,6 +325,9 @@ def check_config(c: ml_collections.ConfigDict) -> None:
   _choice(c, 'data.name', DATASETS)
   _number(c, 'data.seed', low=0, integer=True)
   _number(c, 'data.num_clients', low=1, integer=True)
+  if c.data.num_clients > MAX_GENERATED_CLIENTS:  # else a run that sets up for hours, or OOMs
+    _fail('data.num_clients', f'at most {MAX_GENERATED_CLIENTS:,} (generated clients are '
+          'drawn one by one: a million take about a minute to set up)', c.data.num_clients)
   _number(c, 'data.alpha', low=0)
   _number(c, 'data.beta', low=0)
   _number(c, 'data.size_log_sigma', low=0)

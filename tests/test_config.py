@@ -35,6 +35,8 @@ def test_base_config_and_quickstart_are_valid():
     ('num_rounds', 0, 'config.num_rounds must be in [1, 2147483647], got 0'),
     ('num_rounds', 2**31, 'config.num_rounds must be in [1, 2147483647]'),  # an int32 round
     ('data.num_classes', 2**31, 'config.data.num_classes must be in [0, 2147483647]'),
+    ('data.num_clients', 10**7 + 1, 'config.data.num_clients must be at most 10,000,000 '
+     '(generated clients are drawn one by one'),
     ('cohort_size', 0, 'config.cohort_size must be >= 1'),
     ('seed', -1, 'config.seed must be in [0, 2147483647], got -1'),  # the bound exact, not :g's
     ('seed', 2**31, 'config.seed must be in [0, 2147483647]'),
