@@ -2,10 +2,14 @@
 
 import json
 import os
+import subprocess
+import sys
+
+import pytest
 
 from fathom_sim import compile_cache
 from tests.common import uncreatable_path
-from tests.test_cli import QUICKSTART, launch
+from tests.test_cli import QUICKSTART, ROOT, launch
 
 RUN = (f'--config={QUICKSTART}', '--config.num_rounds=4', '--config.eval_every=4')
 
@@ -157,3 +161,36 @@ def test_loads_count_where_jax_s_own_variable_turns_the_cache_on_and_on_compile_
   assert (first['compiled'], first['loaded']) == (1, 0)
   assert (second['compiled'], second['loaded']) == (0, 1)
   assert second['hits'] >= second['compiles'] >= 1  # its round programs, loaded
+
+
+_FILL = r'''
+import os, sys
+import jax, jax.numpy as jnp
+from fathom_sim import compile_cache
+path, cap = sys.argv[1], int(sys.argv[2])
+compile_cache.enable(path, max_bytes=cap)
+jax.config.update('jax_persistent_cache_min_compile_time_secs', 0)
+for k in range(12):  # 12 programs of ~3.6 KB each, and a few of JAX's own
+  jax.jit(lambda x: jnp.cumsum(jnp.sin(x) * (k + 1)))(jnp.ones(100 + k)).block_until_ready()
+kept = [f for f in os.listdir(path) if f.endswith('-cache')]
+print(len(kept), sum(os.path.getsize(os.path.join(path, f)) for f in kept))
+'''
+
+
+@pytest.mark.parametrize('jax_variable', [None, '-1'])
+def test_a_local_cache_is_held_to_its_cap_by_dropping_the_least_recently_used(
+    tmp_path, jax_variable):
+  """Uncapped, the default folder would grow with every shape, config and jax version for
+  ever; JAX's own $JAX_COMPILATION_CACHE_MAX_SIZE (-1: no cap) still wins over ours."""
+  env = dict(os.environ, PYTHONPATH=ROOT)
+  env.pop('JAX_COMPILATION_CACHE_MAX_SIZE', None)
+  if jax_variable is not None:
+    env['JAX_COMPILATION_CACHE_MAX_SIZE'] = jax_variable
+  p = subprocess.run([sys.executable, '-c', _FILL, str(tmp_path), '30000'], env=env,
+                     capture_output=True, text=True, timeout=300)
+  assert p.returncode == 0, p.stderr[-3000:]
+  entries, size = map(int, p.stdout.split())
+  if jax_variable is None:
+    assert size <= 30000 and 1 <= entries < 12
+  else:
+    assert size > 30000 and entries >= 12
