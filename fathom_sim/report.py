@@ -105,6 +105,7 @@ class RunData:
   config: dict
   rows: Rows
   summary: dict | None
+  unreadable: tuple[str, ...] = ()  # its config.json / summary.json, there but not read
 
   @property
   def algorithm(self) -> str:
@@ -180,14 +181,17 @@ class Group:
     return out
 
 
-def _read_json(path: str) -> dict | None:
-  """The JSON object in `path`; None where it is missing, torn or not an object."""
+def _read_json(path: str) -> tuple[dict | None, bool]:
+  """The JSON object in `path` (None where it is missing, torn or not an object), and
+  whether the file is there but could not be read as one."""
   try:
     with open(path, encoding='utf-8') as f:
       value = json.load(f)
+  except FileNotFoundError:
+    return None, False
   except (OSError, ValueError):
-    return None
-  return value if isinstance(value, dict) else None
+    return None, True
+  return (value, False) if isinstance(value, dict) else (None, True)
 
 
 def read_run(workdir: str, setting: str) -> RunData:
@@ -199,7 +203,7 @@ def read_run(workdir: str, setting: str) -> RunData:
     rows = Rows.read(path)
   except OSError as e:
     raise DataError(f'{path}: cannot read it ({e.strerror or e})') from None
-  config = _read_json(os.path.join(workdir, workdir_lib.CONFIG_FILE))
+  config, bad_config = _read_json(os.path.join(workdir, workdir_lib.CONFIG_FILE))
   if config is None and not len(rows):
     # Every run writes its config.json before any row: this is some other file, and listing
     # it as a run of algorithm '?' would put an empty setting in every table.
@@ -207,12 +211,14 @@ def read_run(workdir: str, setting: str) -> RunData:
                     f'readable {workdir_lib.CONFIG_FILE} beside it: not a run\'s workdir. Move '
                     'it out of the folders given, or name the run folders one by one')
   config = config or {}
-  summary = _read_json(os.path.join(workdir, metrics.SUMMARY_FILE))
+  summary, bad_summary = _read_json(os.path.join(workdir, metrics.SUMMARY_FILE))
   if summary is not None:
     rounds = summary.get('rounds')
     if rounds != config.get('num_rounds', rounds) or (len(rows) and rows.last('round') != rounds):
       summary = None
-  return RunData(workdir, setting, config, rows, summary)
+  unreadable = tuple(name for name, bad in ((workdir_lib.CONFIG_FILE, bad_config),
+                                            (metrics.SUMMARY_FILE, bad_summary)) if bad)
+  return RunData(workdir, setting, config, rows, summary, unreadable)
 
 
 def find_runs(paths: list[str]) -> list[RunData]:
@@ -280,7 +286,7 @@ def find_listed(paths: list[str]) -> dict[str, dict[str, int]]:
   from fathom_sim.sweep import INDEX_FILE
   listed: dict[str, dict[str, int]] = {}
   for root, setting_of in _roots(paths):
-    entries = (_read_json(os.path.join(root, INDEX_FILE)) or {}).get('runs')
+    entries = (_read_json(os.path.join(root, INDEX_FILE))[0] or {}).get('runs')
     for e in entries if isinstance(entries, list) else []:
       if not isinstance(e, dict) or not isinstance(e.get('workdir'), str):
         continue
@@ -507,6 +513,11 @@ def markdown(groups: list[Group], targets: list[float], *, timing: bool = True,
               + '; '.join(f'{n}: ' + ', '.join(f'`{s}`' for s, r in rounds.items() if r == n)
                           for n in sorted(set(rounds.values())))
               + '): a target not reached may only not have been reached yet.']
+  damaged = [(r.workdir, f) for g in groups for r in g.runs for f in r.unreadable]
+  if damaged:
+    lines += ['', 'Warning: files there but not readable as a JSON object, taken as missing '
+              '(config.json: the run\'s algorithm and settings unknown; summary.json: the run '
+              'unfinished): ' + ', '.join(f'`{os.path.join(w, f)}`' for w, f in damaged) + '.']
   for g in groups:
     differ = g.differing_fields()
     if differ:

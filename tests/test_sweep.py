@@ -524,6 +524,27 @@ def test_a_finished_run_without_test_examples_is_reported(tmp_path):
   assert '| `fathom` |' in report.markdown(groups, [0.3])
 
 
+def test_a_torn_config_or_summary_is_named_in_the_report_not_silently_taken_as_missing(
+    tmp_path):
+  """A killed copy or a full disk can leave config.json or summary.json torn: the run then
+  counts as of algorithm '?' or unfinished, and the report says which files it could not read
+  (a missing summary.json, an unfinished run's, is not named)."""
+  root = tmp_path / 'sweep'
+  for seed in (0, 1, 2):
+    _write_run(root / 'fathom' / f'seed={seed}', 'fathom', {2: 0.3}, 100, 2)
+  _finish(root / 'fathom' / 'seed=0', 2, 0.3)
+  (root / 'fathom' / 'seed=1' / 'summary.json').write_text('{"rounds": 2, "fin')
+  (root / 'fathom' / 'seed=2' / 'config.json').write_text('[1, 2]')
+  runs = report.find_runs([str(root)])
+  assert [r.unreadable for r in runs] == [(), ('summary.json',), ('config.json',)]
+  assert runs[1].summary is None and runs[2].algorithm == '?'
+  table = report.markdown(report.group_runs(runs), [0.3])
+  [line] = [x for x in table.splitlines() if 'not readable as a JSON object' in x]
+  assert (f'`{root / "fathom" / "seed=1" / "summary.json"}`, '
+          f'`{root / "fathom" / "seed=2" / "config.json"}`.') in line
+  assert 'seed=0' not in line
+
+
 def test_every_shipped_sweep_loads_and_plans_valid_configs(tmp_path):
   from fathom_sim.config import check_config, unread_fields
   files = sorted(f for f in os.listdir(os.path.join(ROOT, 'sweeps'))
