@@ -443,19 +443,21 @@ def test_paper_configs_and_missing_dataset_message(tmp_path):
     check_config(femnist)
 
 
-@pytest.mark.parametrize('problem', ['small_images', 'label_past_classes'])
+@pytest.mark.parametrize('problem', ['small_images', 'label_past_classes', 'label_wraps'])
 def test_a_dataset_written_otherwise_is_checked_against_the_task(tmp_path, problem):
   """prepare_data.py checks what it converts; a dataset written by other code was trained on
   as it was: 14x14 images without a word, a label past the classes with a null loss each
   round and exit status 0."""
   r = np.random.default_rng(0)
   side = 14 if problem == 'small_images' else 28
-  labels = [3, 70] if problem == 'label_past_classes' else [3, 4]
+  # int64 2**32 + 3 was cast to int32 before the check, and read as label 3: in range.
+  labels = {'label_past_classes': [3, 70], 'label_wraps': [3, 2**32 + 3]}.get(problem, [3, 4])
+  label_type = 'int64' if problem == 'label_wraps' else 'int32'
   clients = [(f'c{i}', {'x': r.random((2, side, side), np.float32),
-                        'y': np.array([label, 0], np.int32)}) for i, label in enumerate(labels)]
+                        'y': np.array([label, 0], label_type)}) for i, label in enumerate(labels)]
   out = str(tmp_path / 'femnist')
   tfds_store.write(out, {'train': iter(clients), 'test': iter(clients[:1])},
-                   {'x': ((side, side), 'float32'), 'y': ((), 'int32')},
+                   {'x': ((side, side), 'float32'), 'y': ((), label_type)},
                    {'task': 'emnist', 'format': 'other', 'source': 'elsewhere',
                     'num_classes': 62})
   if problem == 'small_images':
@@ -470,9 +472,9 @@ def test_a_dataset_written_otherwise_is_checked_against_the_task(tmp_path, probl
     train.client(0)
     with pytest.raises(DataError) as e:
       train.client(1)
-    assert str(e.value) == (f'{out}: record 1 of split train (client c1) holds target 70, '
-                            'outside the 62 classes its meta.json gives; prepare the dataset '
-                            'again')
+    assert str(e.value) == (f'{out}: record 1 of split train (client c1) holds target '
+                            f'{labels[1]}, outside the 62 classes its meta.json gives; prepare '
+                            'the dataset again')
 
 
 @pytest.mark.parametrize('damage', ['truncate', 'remove'])

@@ -28,6 +28,7 @@ import json
 import os
 import shutil
 import zipfile
+import zlib
 from typing import Callable, Iterable, Iterator
 
 import numpy as np
@@ -335,9 +336,16 @@ class PreparedClientDataset:
     self.data_dir, self.split = data_dir, split
     self._meta = read_meta(data_dir)
     self._num_classes = self._meta['num_classes']
+    index = os.path.join(data_dir, f'clients-{split}.npz')
     try:
-      with np.load(os.path.join(data_dir, f'clients-{split}.npz')) as f:
+      with np.load(index) as f:
         self._ids, self._counts = f['client_ids'], f['num_examples']
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile, zlib.error) as e:
+      # (A cut or empty file: zipfile's or numpy's own errors, not OSError.)
+      raise DataError(f'{index} cannot be read ({type(e).__name__}: {first_line(e)}); prepare '
+                      'the dataset again with launch/prepare_data.py') from None
+    self._check_index(index)
+    try:
       builder = tfds.builder_from_directory(os.path.join(data_dir, BUILDER_DIR))
       self._source = builder.as_data_source(split)
       info = builder.info.splits[split]
@@ -367,6 +375,22 @@ class PreparedClientDataset:
     if len(self._source) != len(self._ids):
       raise DataError(f'{data_dir}: split {split} has {len(self._source)} records but '
                       f'clients-{split}.npz lists {len(self._ids)} clients; prepare it again')
+
+  def _check_index(self, index: str) -> None:
+    """The clients' counts: one per client id, whole numbers >= 0, summing to the examples
+    meta.json gives. Counts past the ids made sampling draw a client that is not there, hours
+    into a run; fewer left the last clients never drawn."""
+    ids, counts = self._ids, self._counts
+    fine = (ids.ndim == 1 and counts.ndim == 1 and len(ids) == len(counts)
+            and np.issubdtype(counts.dtype, np.integer) and not (counts < 0).any())
+    listed = (self._meta.get('splits') or {}).get(self.split) or {}
+    if fine and isinstance(listed.get('examples'), int):
+      fine = int(counts.sum()) == listed['examples']
+    if not fine:
+      raise DataError(f'{index}: num_examples ({counts.dtype} {counts.shape}, summing to '
+                      f'{counts.sum() if counts.size else 0}) must be one count >= 0 per client '
+                      f'id ({len(ids)}), summing to the {listed.get("examples", "?")} examples '
+                      'meta.json gives; prepare the dataset again')
 
   @property
   def client_ids(self) -> np.ndarray:
@@ -404,6 +428,17 @@ class PreparedClientDataset:
     out = {}
     for name in ('x', 'y'):
       a = np.asarray(record[name])
+      # prepare_data.py checks labels; a dataset written otherwise trained on with a label
+      # past the classes gave a null loss every round, and exit status 0. Checked before the
+      # cast to int32, which wraps one past it (2**32 + 3 read as 3). Integer inputs are token
+      # ids (prepared images are float32), in range as the labels are.
+      if (name == 'y' or np.issubdtype(a.dtype, np.integer)) and a.size and (
+          a.min() < 0 or a.max() >= self._num_classes):
+        bad = int(a.min()) if a.min() < 0 else int(a.max())
+        what = 'target' if name == 'y' else 'input token id'
+        raise DataError(f'{self.data_dir}: record {index} of split {self.split} (client {cid}) '
+                        f'holds {what} {bad}, outside the {self._num_classes} classes its '
+                        'meta.json gives; prepare the dataset again')
       out[name] = a.astype(np.int32) if np.issubdtype(a.dtype, np.integer) else a
     # Rounds are planned from the index's counts: a record that disagrees would otherwise
     # fail later as a shape error deep in planning.
@@ -411,12 +446,4 @@ class PreparedClientDataset:
       raise DataError(f'{self.data_dir}: record {index} of split {self.split} (client {cid}) '
                       f'holds {len(out["x"])} inputs and {len(out["y"])} targets, the index '
                       f'says {int(self._counts[index])} examples; prepare the dataset again')
-    # prepare_data.py checks labels; a dataset written otherwise trained on with a label past
-    # the classes gave a null loss every round, and exit status 0.
-    y = out['y']
-    if y.size and (y.min() < 0 or y.max() >= self._num_classes):
-      bad = int(y.min()) if y.min() < 0 else int(y.max())
-      raise DataError(f'{self.data_dir}: record {index} of split {self.split} (client {cid}) '
-                      f'holds target {bad}, outside the {self._num_classes} classes its '
-                      'meta.json gives; prepare the dataset again')
     return out
