@@ -454,11 +454,24 @@ def test_a_posts_xml_prepared_by_an_older_reader_is_refused(tmp_path):
     load_prepared('stackoverflow', str(out))
 
 
-def test_stackexchange_posts_group_by_owner_and_split_by_date(tmp_path):
+def test_stackexchange_posts_group_by_owner_and_split_by_date(tmp_path, monkeypatch):
+  from fathom_sim.data import prepare as prepare_module
   (tmp_path / 'Posts.xml').write_text(POSTS)
   write_vocab(tmp_path / 'wc')
+  scratch, reader = [], prepare_module.StackExchangeXml
+
+  def spy(source, folder, *args):
+    scratch.append(folder)
+    return reader(source, folder, *args)
+
+  monkeypatch.setattr(prepare_module, 'StackExchangeXml', spy)
   meta = prepare(str(tmp_path / 'Posts.xml'), str(tmp_path / 'out'), fmt='stackexchange_xml',
                  task='stackoverflow', vocab_path=str(tmp_path / 'wc'), split_date='2016-01-01')
+  # The grouping table lives in <out>.partial (in /tmp a killed conversion left it for good,
+  # where the next one clears it), and is dropped with the folder's mark before the rename.
+  assert scratch == [str(tmp_path / 'out.partial' / 'scratch')]
+  assert sorted(os.listdir(tmp_path / 'out')) == ['clients-test.npz', 'clients-train.npz',
+                                                  'meta.json', 'tfds', 'vocab.txt']
   task = load_prepared('stackoverflow', str(tmp_path / 'out'))
   assert meta['split_date'] == '2016-01-01'
   assert list(task.train.client_ids) == ['3', '7'] and list(task.test.client_ids) == ['7']

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import glob
 import os
-import tempfile
 from typing import Iterable, Iterator
 
 import numpy as np
@@ -75,7 +74,6 @@ class _Splits:
 
   def __init__(self, expected: str):
     self.splits: dict[str, object] = {}
-    self.cleanup = None
     self.expected = expected  # how the format names its splits, for a source that lacks one
     self._named: dict[str, str] = {}
     self.passed_over: list[str] = []  # what the source holds that is not this task's split
@@ -186,13 +184,17 @@ def _leaf(source: str, task: str) -> _Splits:
   return out
 
 
-def _stackexchange(source: str, task: str, split_date: str, test_fraction: float) -> _Splits:
+def _stackexchange(source: str, task: str, split_date: str, test_fraction: float,
+                   partial: str) -> _Splits:
   if task != 'stackoverflow':
     raise DataError(f'{source}: a Posts.xml gives a --task=stackoverflow dataset only')
-  scratch = tempfile.TemporaryDirectory(prefix='fathom_posts_')
-  reader = StackExchangeXml(source, scratch.name, split_date, test_fraction)
+  # Its grouping table (about the dump's size) in the conversion's own scratch folder, not in
+  # the system's temporary one: there a killed conversion left it for good (and it could fill
+  # a small /tmp); here the next conversion clears it, and tfds_store.write drops it.
+  scratch = os.path.join(partial, tfds_store.SCRATCH_DIR)
+  os.mkdir(scratch)
+  reader = StackExchangeXml(source, scratch, split_date, test_fraction)
   out = _Splits('a Posts.xml gives both splits')
-  out.cleanup = scratch
   out.split_date = reader.split_date
   out.train_sentences = lambda: reader.sentences('train')
   for split in ('train', 'test'):
@@ -269,7 +271,7 @@ def _convert(source: str, out: str, partial: str, *, fmt: str, task: str, vocab_
   elif fmt == 'leaf_json':
     src = _leaf(source, task)
   else:
-    src = _stackexchange(source, task, split_date, test_fraction)
+    src = _stackexchange(source, task, split_date, test_fraction, partial)
   order = ('train', 'held_out', 'test')
   src.splits = {s: src.splits[s] for s in sorted(src.splits, key=order.index)}
   missing = [s for s in ('train', 'test') if s not in src.splits]
@@ -305,13 +307,8 @@ def _convert(source: str, out: str, partial: str, *, fmt: str, task: str, vocab_
                 sequence_length=sequence_length)
     if hasattr(src, 'split_date'):
       meta['split_date'] = src.split_date
-  try:
-    extra = {'vocab.txt': '\n'.join(vocab.words) + '\n'} if task == 'stackoverflow' else {}
-    meta = tfds_store.write(out, streams, specs, meta, extra, partial=partial)
-  finally:
-    if src.cleanup is not None:
-      src.cleanup.cleanup()
-  return meta
+  extra = {'vocab.txt': '\n'.join(vocab.words) + '\n'} if task == 'stackoverflow' else {}
+  return tfds_store.write(out, streams, specs, meta, extra, partial=partial)
 
 
 def vocabulary(data_dir: str) -> Vocabulary:

@@ -44,6 +44,7 @@ LAYOUT_VERSION = 1
 DATASET = 'federated_clients'
 BUILDER_DIR = os.path.join('tfds', DATASET, '1.0.0')
 PARTIAL_MARK = '.fathom_sim_partial'  # marks <out>.partial as a conversion's own scratch folder
+SCRATCH_DIR = 'scratch'  # a conversion's working files in <out>.partial, dropped before the rename
 SHARD_BYTES = 256 << 20  # new array_record file past this many bytes of records
 
 
@@ -293,10 +294,13 @@ def write(out: str, splits: dict[str, Iterable[tuple[str, dict]]],
       f.write(text)  # meta.json last: its presence means the folder is complete
   target = os.path.abspath(out)
   with writing(target):
-    os.remove(os.path.join(partial, PARTIAL_MARK))
+    shutil.rmtree(os.path.join(partial, SCRATCH_DIR), ignore_errors=True)
     if os.path.isdir(target):
       os.rmdir(target)
     os.rename(partial, target)
+    # The mark goes after the rename: a conversion killed between the two left a complete
+    # folder beside `out`, unmarked, which the next one refused as someone else's.
+    os.remove(os.path.join(target, PARTIAL_MARK))
   return meta
 
 
