@@ -111,6 +111,29 @@ def test_a_closed_prefetcher_cancels_its_queued_reads_and_its_threads_exit():
     np.testing.assert_array_equal(got[name], want[name])
 
 
+def test_a_fetch_cancels_the_queued_reads_of_clients_it_no_longer_names():
+  """Reads the last fetch queued for other clients (after a round that read ahead and then
+  failed) no longer run ahead of this fetch's."""
+  import time
+  from fathom_sim.data.federated import read_workers
+  task = tiny_task(num_clients=40)
+  held = _Held(task.train)
+  data = Prefetcher(held)
+  data.fetch(range(20))
+  workers = read_workers()
+  deadline = time.monotonic() + 60
+  while len(held.started) < min(workers, 20):  # every thread holds a read
+    assert time.monotonic() < deadline, held.started
+    threading.Event().wait(0.01)
+  data.fetch(range(20, 40))
+  held.go.set()
+  for i in range(20, 40):
+    data.client(i)
+  data.close()
+  read = sorted(i for i, _ in held.started)
+  assert read == sorted(list(range(workers)) + list(range(20, 40)))
+
+
 def test_rounds_close_stops_the_reads_of_the_next_round():
   """A run that stops (its last round, a preemption) closes its Rounds: the reads of round
   t+1's cohort started during round t must not outlive it on their threads."""

@@ -138,6 +138,9 @@ class Prefetcher(_Over):
     for i in map(int, clients):
       if i not in pending:
         pending[i] = self._pending.get(i) or self._pool.submit(self.dataset.client, i)
+    for i, future in self._pending.items():
+      if i not in pending:  # still queued (reading ahead failed): not ahead of these reads
+        future.cancel()
     self._pending = pending
 
   def client(self, index: int) -> Batch:
