@@ -364,7 +364,13 @@ def _run(run: Run, configs: list[ml_collections.ConfigDict], workdirs: list[str]
   # process skips its final evaluation, a collective, or none does (a mount may show process
   # 0's summary.json late on another host).
   kept = [k if distributed.every_process(k is not None) else None for k in kept]
-  for book in books:  # every check passed: the resumed runs' configs are this command's
+  for book, old in zip(books, kept):  # every check passed: the resumed runs' configs are
+    # this command's. A finished run summarised again (another target_accuracy, say) drops its
+    # summary first: killed before the new one is written, the next command would take the
+    # old one as this config's (_summary_of_finished compares it with config.json).
+    if old is None and book.done == c.num_rounds and distributed.is_writer():
+      with contextlib.suppress(FileNotFoundError):
+        os.remove(os.path.join(book.workdir, metrics.SUMMARY_FILE))
     workdir_lib.save_config(book.workdir, book.config)
     if 'round' in book.meta:  # resumed: this simulator joins the list if it runs rounds
       book.meta['simulators'], warning = provenance.resumed(

@@ -1265,6 +1265,31 @@ def test_a_run_resumed_by_a_simulator_that_computes_differently_says_so(tmp_path
   assert 'goes on' not in caplog.text
 
 
+def test_a_finished_run_killed_while_summarised_again_is_not_taken_as_summarised(
+    tmp_path, monkeypatch):
+  """Run again with another target_accuracy, a finished run rewrites config.json, evaluates
+  and summarises again. Killed before its summary.json was written, the next command found
+  the old summary beside the new config and returned it: the old target, the old counts."""
+  from fathom_sim import train
+  workdir = str(tmp_path / 'run')
+  first = train_and_evaluate(_tiny(num_rounds=3, target_accuracy=0.9), workdir)
+  assert first['target_accuracy'] == 0.9
+  summarise = train._summary
+
+  def killed(*args, **kwargs):
+    raise KeyboardInterrupt  # as a kill -9 there: no summary.json written
+
+  monkeypatch.setattr(train, '_summary', killed)
+  with pytest.raises(KeyboardInterrupt):
+    train_and_evaluate(_tiny(num_rounds=3, target_accuracy=0.95), workdir)
+  monkeypatch.setattr(train, '_summary', summarise)
+  again = train_and_evaluate(_tiny(num_rounds=3, target_accuracy=0.95), workdir)
+  assert again['target_accuracy'] == 0.95
+  with open(os.path.join(workdir, 'summary.json')) as f:
+    assert json.load(f)['target_accuracy'] == 0.95
+  assert again['final'] == first['final']
+
+
 def test_a_checkpoint_saved_before_versions_were_recorded_reads_as_version_1(tmp_path, caplog):
   from fathom_sim import provenance
   workdir = str(tmp_path / 'run')
