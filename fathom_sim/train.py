@@ -400,11 +400,11 @@ def _run(run: Run, configs: list[ml_collections.ConfigDict], workdirs: list[str]
     if distributed.is_writer():  # on several hosts, process 0 alone writes the run's files
       # Rows past the checkpoint are redone, and a run taken further than it ended drops the
       # evaluation made only because it ended there (whether or not it lived to write its
-      # summary.json): its rows become an uninterrupted run's.
-      # The eval_every of the run that wrote the rows: a row it evaluated on its schedule
-      # stays, whatever this command's eval_every.
+      # summary.json, and whichever command ended it there): its rows become an uninterrupted
+      # run's. The eval_every of the run that wrote the rows: a row it evaluated on its
+      # schedule stays, whatever this command's eval_every; one off it was a last round's.
       every = (book.meta.get('config') or {}).get('eval_every') or c.eval_every
-      off_period = done < c.num_rounds and done % every != 0 and _ended_at(book)
+      off_period = done < c.num_rounds and done % every != 0
       book.log = metrics.RowLog(c.target_accuracy)
       dropped = metrics.keep_rows(book.workdir, done, done if off_period else None,
                                   into=book.log)

@@ -542,6 +542,40 @@ def test_a_run_stopped_at_a_checkpoint_and_ended_there_evaluates_that_round(tmp_
       read_rows(str(tmp_path / 'straight12')))
 
 
+def test_an_end_of_run_evaluation_left_by_a_command_killed_before_its_summary_is_dropped(
+    tmp_path, monkeypatch):
+  """Stopped after round 5's checkpoint on its way to 12; run with num_rounds=5, which
+  evaluates round 5 as a last round and is killed before its summary.json; then taken to 12:
+  round 5's evaluation stayed (the checkpoint's config says 12 rounds and no summary said the
+  run ended at 5), an evaluation no uninterrupted run makes."""
+  from fathom_sim import driver, train
+  feed, summarise = driver.Rounds._feed, train._summary
+
+  def stop_in_round_6(self, t, hp, *rest):
+    if t == 7:  # fed while round 6 runs, after round 5's checkpoint
+      raise KeyboardInterrupt('stopped in round 6')
+    return feed(self, t, hp, *rest)
+
+  def killed(*args, **kwargs):
+    raise KeyboardInterrupt  # as a kill -9 there: no summary.json written
+
+  workdir = tmp_path / 'run'
+  config = lambda rounds: _tiny(num_rounds=rounds, checkpoint_every=5, eval_every=10)
+  monkeypatch.setattr(driver.Rounds, '_feed', stop_in_round_6)
+  with pytest.raises(KeyboardInterrupt):
+    train_and_evaluate(config(12), str(workdir))
+  monkeypatch.setattr(driver.Rounds, '_feed', feed)
+  monkeypatch.setattr(train, '_summary', killed)
+  with pytest.raises(KeyboardInterrupt):
+    train_and_evaluate(config(5), str(workdir))
+  assert 'test_accuracy' in read_rows(str(workdir))[-1]  # round 5's, as a last round
+  monkeypatch.setattr(train, '_summary', summarise)
+  train_and_evaluate(config(12), str(workdir))
+  train_and_evaluate(config(12), str(tmp_path / 'straight'))
+  assert _without_timing(read_rows(str(workdir))) == _without_timing(
+      read_rows(str(tmp_path / 'straight')))
+
+
 def test_a_bfloat16_run_records_its_compute_dtype_and_is_not_resumed_in_float32(tmp_path):
   """Computing in bfloat16 changes what a run trains, like its model: not a resumable field."""
   workdir = str(tmp_path / 'run')
