@@ -160,6 +160,16 @@ class Checkpointer:
       call()
     except Exception as e:  # noqa: BLE001 - orbax's or the filesystem's, whatever it is
       step, self._pending = self._pending, None
+      if step is not None and os.path.isdir(os.path.join(self.directory, str(step))):
+        # Committed (renamed from its temporary folder): what failed is the removal of the
+        # checkpoints past keep_checkpoints, which orbax makes in the same background step.
+        # Raised as the save's, it stopped the run, and again after every interval.
+        logging.warning('%s: the checkpoint of round %d is saved, but removing older ones '
+                        '(keep_checkpoints=%d) failed (%s: %s); they stay on disk, and are '
+                        'removed with the next ones', self.directory, step, self.keep,
+                        type(e).__name__, first_line(e))
+        self._manager.reload()  # orbax's list of the steps, read again from disk
+        return
       raise CheckpointError(
           f'{self.directory}: saving the checkpoint of round {step} failed '
           f'({type(e).__name__}{": " + first_line(e) if str(e).strip() else ""}); the newest '
