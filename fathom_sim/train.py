@@ -369,6 +369,9 @@ def _run(run: Run, configs: list[ml_collections.ConfigDict], workdirs: list[str]
     # summary first: killed before the new one is written, the next command would take the
     # old one as this config's (_summary_of_finished compares it with config.json).
     if old is None and book.done == c.num_rounds and distributed.is_writer():
+      ended = metrics.read_summary(book.workdir, c.num_rounds) or {}
+      if isinstance(ended.get('wall_s'), (int, float)):  # the run's seconds (_wall_s)
+        book.meta['wall_s'] = float(ended['wall_s'])
       with contextlib.suppress(FileNotFoundError):
         os.remove(os.path.join(book.workdir, metrics.SUMMARY_FILE))
     workdir_lib.save_config(book.workdir, book.config)
