@@ -16,6 +16,7 @@ miss and compile; docs/benchmarks.md).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 
@@ -23,7 +24,9 @@ import jax
 from jax import monitoring
 
 CACHE_HIT = '/jax/compilation_cache/cache_hits'  # jax.monitoring's event for a program loaded
-MAX_BYTES = 4 * 2**30  # a local cache's default cap (a CPU round program takes ~0.1 MB)
+MAX_BYTES = 4 * 2**30  # the default folder's cap (a CPU round program takes ~0.1 MB)
+# JAX's names for an entry's program and its last access (jax/_src/lru_cache.py).
+_CACHE_SUFFIX, _ATIME_SUFFIX = '-cache', '-atime'
 _lock = threading.Lock()  # compile_ahead loads programs on a thread too
 _hits = 0
 _thread = threading.local()  # the hits of each thread (JAX records one on the loading thread)
@@ -39,26 +42,40 @@ def default_dir() -> str:
   return os.path.join(base, 'fathom_sim', 'jax')
 
 
-def enable(path: str, max_bytes: int = MAX_BYTES) -> None:
-  """Keeps compiled programs in `path` and loads them from there; a single process's local
-  folder is held to `max_bytes` (unless $JAX_COMPILATION_CACHE_MAX_SIZE says otherwise) by
-  dropping the least recently used programs. Raises OSError with the reason when a local `path` cannot be created
-  or written by the process that writes it (process 0: the others only read, and a folder they
-  cannot see only misses)."""
+def enable(path: str, max_bytes: int | None = None) -> None:
+  """Keeps compiled programs in `path` and loads them from there; with `max_bytes`, a single
+  process's local folder is held to that size (unless $JAX_COMPILATION_CACHE_MAX_SIZE says
+  otherwise) by dropping the least recently used programs. Raises OSError with the reason
+  when a local `path` cannot be created or written by the process that writes it (process 0:
+  the others only read, and a folder they cannot see only misses)."""
   if '://' not in path:  # a remote cache (gs://, with etils[epath]) is JAX's to check
     path = os.path.abspath(os.path.expanduser(path))
     if jax.process_index() == 0:
       os.makedirs(path, exist_ok=True)
       if not os.access(path, os.W_OK | os.X_OK):
         raise PermissionError(f'{path!r} is not writable')
-    # Uncapped, the folder grows with every new shape, config and jax version, for ever. Not
-    # for several processes (a pod's workers share a folder on a bucket's mount, where JAX's
-    # file lock does not hold across machines and every read would write an access time), nor
-    # on a remote folder (there the lock is a plain file that a killed process leaves behind).
-    if 'JAX_COMPILATION_CACHE_MAX_SIZE' not in os.environ and jax.process_count() == 1:
+    # Not for several processes: a pod's workers share a folder on a bucket's mount, where
+    # JAX's file lock does not hold across machines and every read would write an access time.
+    if (max_bytes is not None and 'JAX_COMPILATION_CACHE_MAX_SIZE' not in os.environ
+        and jax.process_count() == 1):
+      _stamp_access_times(path)
       jax.config.update('jax_compilation_cache_max_size', int(max_bytes))
   jax.config.update('jax_enable_compilation_cache', True)
   jax.config.update('jax_compilation_cache_dir', path)
+
+
+def _stamp_access_times(path: str) -> None:
+  """Gives each entry without one the access-time file JAX's size cap reads (its mtime): an
+  entry written uncapped has none, and with one such entry in the folder JAX's eviction
+  failed, and with it every later write (FileNotFoundError warnings, nothing cached)."""
+  for name in os.listdir(path):
+    if name.endswith(_CACHE_SUFFIX):
+      stamp = os.path.join(path, name[:-len(_CACHE_SUFFIX)] + _ATIME_SUFFIX)
+      if not os.path.exists(stamp):
+        with contextlib.suppress(OSError):  # (deleted meanwhile: nothing to stamp)
+          mtime = os.stat(os.path.join(path, name)).st_mtime_ns
+          with open(stamp, 'wb') as f:
+            f.write(mtime.to_bytes(8, 'little'))
 
 
 def disable() -> None:

@@ -172,8 +172,11 @@ def use_compilation_cache(flag: flags.FlagHolder) -> None:
     compile_cache.disable()
     return
   path = flag.value or compile_cache.default_dir()
+  # The default folder, in the user's home, is capped: uncapped it grows with every new
+  # shape, config and jax version, for ever. A folder named is the user's to manage.
+  named = flag.value or os.environ.get('JAX_COMPILATION_CACHE_DIR')
   try:
-    compile_cache.enable(path)
+    compile_cache.enable(path, max_bytes=None if named else compile_cache.MAX_BYTES)
   except OSError as e:
     if flag.value:
       fail(f'--compilation_cache {flag.value!r} cannot be used: {e.strerror or e} '

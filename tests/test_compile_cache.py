@@ -167,30 +167,63 @@ _FILL = r'''
 import os, sys
 import jax, jax.numpy as jnp
 from fathom_sim import compile_cache
-path, cap = sys.argv[1], int(sys.argv[2])
-compile_cache.enable(path, max_bytes=cap)
+path, cap, first = sys.argv[1], sys.argv[2], int(sys.argv[3])
+compile_cache.enable(path, max_bytes=None if cap == 'none' else int(cap))
 jax.config.update('jax_persistent_cache_min_compile_time_secs', 0)
-for k in range(12):  # 12 programs of ~3.6 KB each, and a few of JAX's own
+for k in range(first, first + 12):  # 12 programs of ~3.6 KB each, and a few of JAX's own
   jax.jit(lambda x: jnp.cumsum(jnp.sin(x) * (k + 1)))(jnp.ones(100 + k)).block_until_ready()
 kept = [f for f in os.listdir(path) if f.endswith('-cache')]
 print(len(kept), sum(os.path.getsize(os.path.join(path, f)) for f in kept))
 '''
 
 
-@pytest.mark.parametrize('jax_variable', [None, '-1'])
-def test_a_local_cache_is_held_to_its_cap_by_dropping_the_least_recently_used(
-    tmp_path, jax_variable):
-  """Uncapped, the default folder would grow with every shape, config and jax version for
-  ever; JAX's own $JAX_COMPILATION_CACHE_MAX_SIZE (-1: no cap) still wins over ours."""
+def _fill(path, cap, first=0, jax_variable=None) -> tuple[int, int]:
+  """Compiles 12 new programs into the cache at `path` in a process of its own, capped at
+  `cap` bytes ('none': uncapped); returns the entries and their bytes then."""
   env = dict(os.environ, PYTHONPATH=ROOT)
   env.pop('JAX_COMPILATION_CACHE_MAX_SIZE', None)
   if jax_variable is not None:
     env['JAX_COMPILATION_CACHE_MAX_SIZE'] = jax_variable
-  p = subprocess.run([sys.executable, '-c', _FILL, str(tmp_path), '30000'], env=env,
+  p = subprocess.run([sys.executable, '-c', _FILL, str(path), str(cap), str(first)], env=env,
                      capture_output=True, text=True, timeout=300)
   assert p.returncode == 0, p.stderr[-3000:]
+  assert 'Error writing persistent compilation cache entry' not in p.stderr, p.stderr[-3000:]
   entries, size = map(int, p.stdout.split())
+  return entries, size
+
+
+@pytest.mark.parametrize('jax_variable', [None, '-1'])
+def test_a_capped_cache_is_held_to_its_cap_by_dropping_the_least_recently_used(
+    tmp_path, jax_variable):
+  """JAX's own $JAX_COMPILATION_CACHE_MAX_SIZE (-1: no cap) still wins over ours."""
+  entries, size = _fill(tmp_path, 30000, jax_variable=jax_variable)
   if jax_variable is None:
     assert size <= 30000 and 1 <= entries < 12
   else:
     assert size > 30000 and entries >= 12
+
+
+def test_a_cache_filled_uncapped_goes_on_caching_once_capped(tmp_path):
+  """Entries written uncapped have no access-time file; JAX's eviction failed on the first,
+  and with it every later write: the folder cached nothing more, with a warning per compile."""
+  entries, _ = _fill(tmp_path, 'none')
+  assert entries >= 12
+  again, size = _fill(tmp_path, 30000, first=100)
+  assert size <= 30000 and again >= 1
+  assert any(f.startswith('jit__lambda') for f in os.listdir(tmp_path)
+             if f.endswith('-cache'))
+
+
+def test_only_the_default_folder_is_capped(tmp_path, monkeypatch):
+  """The default folder, in the user's home, would grow for ever; a folder named is the user's
+  (a pod's shared one on a bucket's mount, where JAX's file lock may not hold)."""
+  monkeypatch.setenv('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0')
+  monkeypatch.setenv('XDG_CACHE_HOME', str(tmp_path / 'xdg'))
+  named = tmp_path / 'named'
+  for folder in (None, named):
+    given = () if folder is None else (f'--compilation_cache={folder}',)
+    p = launch(*RUN, f'--workdir={tmp_path / str(folder is None)}', *given)
+    assert p.returncode == 0, p.stderr[-3000:]
+  default = tmp_path / 'xdg' / 'fathom_sim' / 'jax'
+  stamped = lambda d: [f for f in os.listdir(d) if f.endswith('-atime')]  # the cap's records
+  assert stamped(default) and not stamped(named) and os.listdir(named)
