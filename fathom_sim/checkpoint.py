@@ -160,10 +160,10 @@ class Checkpointer:
       call()
     except Exception as e:  # noqa: BLE001 - orbax's or the filesystem's, whatever it is
       step, self._pending = self._pending, None
-      if step is not None and os.path.isdir(os.path.join(self.directory, str(step))):
-        # Committed (renamed from its temporary folder): what failed is the removal of the
-        # checkpoints past keep_checkpoints, which orbax makes in the same background step.
-        # Raised as the save's, it stopped the run, and again after every interval.
+      if step is not None and self._committed(step):
+        # What failed is the removal of the checkpoints past keep_checkpoints, which orbax
+        # makes in the same background step. Raised as the save's, it stopped the run, and
+        # again after every interval.
         logging.warning('%s: the checkpoint of round %d is saved, but removing older ones '
                         '(keep_checkpoints=%d) failed (%s: %s); they stay on disk, and are '
                         'removed with the next ones', self.directory, step, self.keep,
@@ -175,6 +175,17 @@ class Checkpointer:
           f'({type(e).__name__}{": " + first_line(e) if str(e).strip() else ""}); the newest '
           'complete checkpoint stays, and the same command resumes from it once the '
           'filesystem is writable') from e
+
+  def _committed(self, step: int) -> bool:
+    """Whether round `step`'s save has been renamed from its temporary folder whole: on a
+    bucket's mount a rename copies object by object, and one that failed leaves part of the
+    folder beside what is left of the temporary one."""
+    try:
+      names = os.listdir(self.directory)
+    except OSError:
+      return False
+    return str(step) in names and not any(n.startswith(f'{step}.') and _TMP in n
+                                          for n in names)
 
   def restore_newest(self, like: ServerState) -> tuple[ServerState, dict] | None:
     """The newest checkpoint that reads back whole (None without any); unreadable newer ones

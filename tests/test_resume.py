@@ -1385,6 +1385,17 @@ def test_old_checkpoints_that_cannot_be_removed_only_warn_and_the_run_goes_on(
   monkeypatch.setattr(ocp.CheckpointManager, '_finalize', finalize)
   straight = train_and_evaluate(config(), str(tmp_path / 'straight'))
   assert summary['final'] == straight['final']
+  # A rename that failed part-way (a bucket's mount copies object by object) left part of
+  # the folder beside the rest of the temporary one: not committed, so the error stands.
+  from fathom_sim.checkpoint import Checkpointer
+  checkpointer = Checkpointer(str(tmp_path / 'parts'), keep=1)
+  try:
+    os.makedirs(tmp_path / 'parts' / 'checkpoints' / '7')
+    assert checkpointer._committed(7) and not checkpointer._committed(8)
+    os.makedirs(tmp_path / 'parts' / 'checkpoints' / '7.orbax-checkpoint-tmp-1234')
+    assert not checkpointer._committed(7)
+  finally:
+    checkpointer.close()
 
 
 def test_a_second_ctrl_c_stops_at_once_and_one_signal_waits_for_the_round():
