@@ -209,6 +209,7 @@ class _Book:
   cache_hits: int = 0  # compile_cache.hits() when the run started
   closed: bool = False
   diverged_at: int | None = None  # the round after which it stopped (max_rejected_rounds)
+  config_after_summary: bool = False  # a finished run summarised again: see _train
 
   def close(self) -> None:
     """Flushes the metrics and finishes pending checkpoint saves (once)."""
@@ -365,16 +366,12 @@ def _run(run: Run, configs: list[ml_collections.ConfigDict], workdirs: list[str]
   # 0's summary.json late on another host).
   kept = [k if distributed.every_process(k is not None) else None for k in kept]
   for book, old in zip(books, kept):  # every check passed: the resumed runs' configs are
-    # this command's. A finished run summarised again (another target_accuracy, say) drops its
-    # summary first: killed before the new one is written, the next command would take the
-    # old one as this config's (_summary_of_finished compares it with config.json).
-    if old is None and book.done == c.num_rounds and distributed.is_writer():
-      ended = metrics.read_summary(book.workdir, c.num_rounds) or {}
-      if isinstance(ended.get('wall_s'), (int, float)):  # the run's seconds (_wall_s)
-        book.meta['wall_s'] = float(ended['wall_s'])
-      with contextlib.suppress(FileNotFoundError):
-        os.remove(os.path.join(book.workdir, metrics.SUMMARY_FILE))
-    workdir_lib.save_config(book.workdir, book.config)
+    # this command's. A finished run summarised again (another target_accuracy, say) writes
+    # its config.json after its new summary (_summary): killed before, the next command took
+    # the old summary beside the new config as this config's (_summary_of_finished).
+    book.config_after_summary = old is None and book.done == c.num_rounds
+    if not book.config_after_summary:
+      workdir_lib.save_config(book.workdir, book.config)
     if 'round' in book.meta:  # resumed: this simulator joins the list if it runs rounds
       book.meta['simulators'], warning = provenance.resumed(
           book.meta.get('simulators'), book.done, book.workdir,
@@ -743,6 +740,8 @@ def _summary(book: _Book, final: dict, params, hp: np.ndarray, rounds: Rounds, r
     summary['local_steps_to_target'] = reached['local_steps'] if reached else None
   if distributed.is_writer():
     metrics.write_json(os.path.join(book.workdir, metrics.SUMMARY_FILE), summary)
+  if book.config_after_summary:
+    workdir_lib.save_config(book.workdir, c)
   loaded = summary['compile_cache_hits']
   logging.info('%sdone: %d rounds in %.1fs, %d compiles%s; final test accuracy %.4f, loss %.4f',
                _tag(book, bool(vectorized)), c.num_rounds, summary['wall_s'], compiles,

@@ -1322,6 +1322,7 @@ def test_a_finished_run_killed_while_summarised_again_is_not_taken_as_summarised
   with open(os.path.join(workdir, 'summary.json')) as f:
     assert json.load(f)['target_accuracy'] == 0.95
   assert again['final'] == first['final']
+  assert again['wall_s'] == first['wall_s']  # the run's seconds: no command since ran a round
 
 
 def test_a_checkpoint_saved_before_versions_were_recorded_reads_as_version_1(tmp_path, caplog):
