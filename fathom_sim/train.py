@@ -403,8 +403,11 @@ def _run(run: Run, configs: list[ml_collections.ConfigDict], workdirs: list[str]
       # summary.json, and whichever command ended it there): its rows become an uninterrupted
       # run's. The eval_every of the run that wrote the rows: a row it evaluated on its
       # schedule stays, whatever this command's eval_every; one off it was a last round's.
-      every = (book.meta.get('config') or {}).get('eval_every') or c.eval_every
-      off_period = done < c.num_rounds and done % every != 0
+      # (A checkpoint from before its config was kept has no eval_every: this command's
+      # stands in, and only a run known to have ended there drops the evaluation.)
+      saved = (book.meta.get('config') or {}).get('eval_every')
+      every = saved or c.eval_every
+      off_period = done < c.num_rounds and done % every != 0 and (saved or _ended_at(book))
       book.log = metrics.RowLog(c.target_accuracy)
       dropped = metrics.keep_rows(book.workdir, done, done if off_period else None,
                                   into=book.log)
