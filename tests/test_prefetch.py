@@ -344,7 +344,7 @@ def test_vectorised_seeds_plan_again_only_the_seed_whose_b_changed(data_on_devic
 
 
 @pytest.mark.parametrize('data_on_device', ['no', 'yes'])
-def test_a_stopped_vectorised_seed_runs_idle_and_costs_the_others_nothing(data_on_device):
+def test_a_stopped_vectorised_seed_runs_idle_and_sets_no_longer_the_others_work(data_on_device):
   """Seed 1 (B 24, where seed 0 has B 3) stops before round 3 (as max_rejected_rounds stops
   it): from then on its plan runs no step, so seed 0 computes its own B_pad and longest lane
   only; seed 0's rounds are those it runs beside a seed that never stops (up to the float

@@ -337,9 +337,11 @@ class SeedPlanners:
     batch_pad = max(p.batch_pad for p in plans)
     # Seed s reads batch_pad rows where it alone read p.batch_pad: that much more slack. The
     # headroom grow() adds on top keeps the stream (indices only) one shape when the seeds' B
-    # first part: without it FATHOM's 5 seeds compiled once more (10 against 9).
-    stream_pad = grow(stream_pad, max(stream + batch_pad - p.batch_pad
-                                      for (stream, _), p in zip(own, plans, strict=True)))
+    # first part: without it FATHOM's 5 seeds compiled once more (10 against 9). A stopped
+    # seed's idle plan reads nothing.
+    stream_pad = grow(stream_pad, max([stream + batch_pad - p.batch_pad for (stream, _), p
+                                       in zip(own, plans, strict=True) if not p.idle],
+                                      default=0))
     if plans[0].lanes.source is not None:
       # The seeds' own buffers already hold grow()'s headroom: grown again, the examples held
       # (and, read per round, sent each round) doubled.
