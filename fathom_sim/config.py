@@ -325,7 +325,8 @@ def check_config(c: ml_collections.ConfigDict) -> None:
   _choice(c, 'data.name', DATASETS)
   _number(c, 'data.seed', low=0, integer=True)
   _number(c, 'data.num_clients', low=1, integer=True)
-  if c.data.num_clients > MAX_GENERATED_CLIENTS:  # else a run that sets up for hours, or OOMs
+  if (c.data.num_clients > MAX_GENERATED_CLIENTS  # else a run that sets up for hours, or OOMs
+      and 'num_clients' in _DATA_FIELDS.get(c.data.name, ())):
     _fail('data.num_clients', f'at most {MAX_GENERATED_CLIENTS:,} (generated clients are '
           'drawn one by one: a million take about a minute to set up)', c.data.num_clients)
   _number(c, 'data.alpha', low=0)

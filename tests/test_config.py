@@ -85,6 +85,13 @@ def test_out_of_range_fields_are_named(field, value, needle):
   assert '\n' not in str(err.value)
 
 
+def test_the_generated_clients_cap_binds_only_where_data_num_clients_is_read():
+  c = base_config()
+  c.data.num_clients = 10**8
+  c.data.name, c.data.data_dir, c.model.name = 'femnist', 'data/femnist', 'emnist_cnn'
+  check_config(c)  # a prepared dataset's clients are its own: the field is not read
+
+
 def test_small_float32_values_and_zeros_are_accepted():
   c = base_config()
   c.eta, c.eta_h, c.server_eps, c.alpha = 1e-30, 0.0, 1.2e-38, 0.0

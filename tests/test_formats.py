@@ -197,7 +197,8 @@ def test_a_record_that_disagrees_with_the_index_is_named(tmp_path):
     task.train.client(1)
 
 
-@pytest.mark.parametrize('damage', ['more_counts', 'other_total', 'negative', 'cut', 'empty'])
+@pytest.mark.parametrize('damage', ['more_counts', 'other_total', 'negative', 'strings', 'cut',
+                                    'empty'])
 def test_a_clients_index_that_is_damaged_or_disagrees_is_refused_when_the_data_is_opened(
     tmp_path, damage):
   """clients-<split>.npz: a count past the ids made sampling draw a client that is not
@@ -214,11 +215,12 @@ def test_a_clients_index_that_is_damaged_or_disagrees_is_refused_when_the_data_i
     needle = f'{index} cannot be read ('
   else:
     counts = {'more_counts': np.r_[counts, 0], 'other_total': counts + [0, 1],
-              'negative': counts + [10, -10]}[damage]
+              'negative': counts + [10, -10], 'strings': counts.astype(str)}[damage]
     np.savez(index, client_ids=ids, num_examples=counts)
-    needle = (f'{index}: num_examples (int64 ({len(counts)},), summing to {counts.sum()}) must '
-              'be one count >= 0 per client id (2), summing to the 10 examples meta.json '
-              'gives; prepare the dataset again')
+    total = '' if damage == 'strings' else f', summing to {counts.sum()}'
+    needle = (f'{index}: num_examples ({counts.dtype} ({len(counts)},){total}) must be one '
+              'count >= 0 per client id (2), summing to the 10 examples meta.json gives; '
+              'prepare the dataset again')
   with pytest.raises(DataError) as e:
     load_prepared('femnist', out)
   assert str(e.value).startswith(needle), str(e.value)

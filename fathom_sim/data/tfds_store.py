@@ -387,14 +387,17 @@ class PreparedClientDataset:
     ids, counts = self._ids, self._counts
     fine = (ids.ndim == 1 and counts.ndim == 1 and len(ids) == len(counts)
             and np.issubdtype(counts.dtype, np.integer) and not (counts < 0).any())
+    # (A string array's `< 0` raises: the integer check comes first.)
     listed = (self._meta.get('splits') or {}).get(self.split) or {}
     if fine and isinstance(listed.get('examples'), int):
       fine = int(counts.sum()) == listed['examples']
     if not fine:
-      raise DataError(f'{index}: num_examples ({counts.dtype} {counts.shape}, summing to '
-                      f'{counts.sum() if counts.size else 0}) must be one count >= 0 per client '
-                      f'id ({len(ids)}), summing to the {listed.get("examples", "?")} examples '
-                      'meta.json gives; prepare the dataset again')
+      total = (f', summing to {counts.sum()}' if np.issubdtype(counts.dtype, np.number)
+               else '')
+      raise DataError(f'{index}: num_examples ({counts.dtype} {counts.shape}{total}) must be '
+                      f'one count >= 0 per client id ({len(ids)}), summing to the '
+                      f'{listed.get("examples", "?")} examples meta.json gives; prepare the '
+                      'dataset again')
 
   @property
   def client_ids(self) -> np.ndarray:
