@@ -460,11 +460,12 @@ def test_stackexchange_posts_group_by_owner_and_split_by_date(tmp_path, monkeypa
   from fathom_sim.data import prepare as prepare_module
   (tmp_path / 'Posts.xml').write_text(POSTS)
   write_vocab(tmp_path / 'wc')
-  scratch, reader = [], prepare_module.StackExchangeXml
+  scratch, readers, reader = [], [], prepare_module.StackExchangeXml
 
   def spy(source, folder, *args):
     scratch.append(folder)
-    return reader(source, folder, *args)
+    readers.append(reader(source, folder, *args))
+    return readers[-1]
 
   monkeypatch.setattr(prepare_module, 'StackExchangeXml', spy)
   meta = prepare(str(tmp_path / 'Posts.xml'), str(tmp_path / 'out'), fmt='stackexchange_xml',
@@ -472,6 +473,8 @@ def test_stackexchange_posts_group_by_owner_and_split_by_date(tmp_path, monkeypa
   # The grouping table lives in <out>.partial (in /tmp a killed conversion left it for good,
   # where the next one clears it), and is dropped with the folder's mark before the rename.
   assert scratch == [str(tmp_path / 'out.partial' / 'scratch')]
+  with pytest.raises(sqlite3.ProgrammingError):  # closed first (NFS keeps open files deleted)
+    list(readers[0].sentences('train'))
   assert sorted(os.listdir(tmp_path / 'out')) == ['clients-test.npz', 'clients-train.npz',
                                                   'meta.json', 'tfds', 'vocab.txt']
   task = load_prepared('stackoverflow', str(tmp_path / 'out'))

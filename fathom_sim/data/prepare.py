@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import glob
 import os
-from typing import Iterable, Iterator
+from typing import Callable, Iterable, Iterator
 
 import numpy as np
 
@@ -74,6 +74,7 @@ class _Splits:
 
   def __init__(self, expected: str):
     self.splits: dict[str, object] = {}
+    self.close: Callable[[], None] = lambda: None  # once every split is read
     self.expected = expected  # how the format names its splits, for a source that lacks one
     self._named: dict[str, str] = {}
     self.passed_over: list[str] = []  # what the source holds that is not this task's split
@@ -195,6 +196,7 @@ def _stackexchange(source: str, task: str, split_date: str, test_fraction: float
   os.mkdir(scratch)
   reader = StackExchangeXml(source, scratch, split_date, test_fraction)
   out = _Splits('a Posts.xml gives both splits')
+  out.close = reader.close
   out.split_date = reader.split_date
   out.train_sentences = lambda: reader.sentences('train')
   for split in ('train', 'test'):
@@ -308,7 +310,8 @@ def _convert(source: str, out: str, partial: str, *, fmt: str, task: str, vocab_
     if hasattr(src, 'split_date'):
       meta['split_date'] = src.split_date
   extra = {'vocab.txt': '\n'.join(vocab.words) + '\n'} if task == 'stackoverflow' else {}
-  return tfds_store.write(out, streams, specs, meta, extra, partial=partial)
+  return tfds_store.write(out, streams, specs, meta, extra, partial=partial,
+                          before_rename=src.close)
 
 
 def vocabulary(data_dir: str) -> Vocabulary:

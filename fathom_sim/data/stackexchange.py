@@ -53,6 +53,11 @@ class StackExchangeXml:
     self.split_date = split_date
     self._check_splits(given, test_fraction)
 
+  def close(self) -> None:
+    """Lets go of the grouping table's file (an open file deleted on NFS stays behind as a
+    .nfs file, and with it its folder)."""
+    self._db.close()
+
   def _ingest(self) -> None:
     rows, seen_root, root = [], False, None
     try:

@@ -246,18 +246,21 @@ def claimed(out: str) -> Iterator[str]:
 
 def write(out: str, splits: dict[str, Iterable[tuple[str, dict]]],
           feature_specs: dict[str, tuple[tuple, str]], meta: dict,
-          extra_files: dict[str, str] | None = None, partial: str | None = None) -> dict:
+          extra_files: dict[str, str] | None = None, partial: str | None = None,
+          before_rename: Callable[[], None] | None = None) -> dict:
   """Builds a prepared dataset at `out` (which must not exist) from per-split client streams.
 
   splits: name -> iterator of (client id, {feature: [n_i, ...]}), in the order to keep.
   extra_files: name -> text, written beside meta.json (e.g. the vocabulary).
   partial: the scratch folder claimed(out) yielded (claimed here if not given).
+  before_rename: called once every split is written, before SCRATCH_DIR is removed (to close
+  the files the conversion holds there).
   Returns meta, completed with the per-split counts. Nothing is left at `out` on failure; a
   write that fails (a full disk) raises OutputError naming the file.
   """
   if partial is None:
     with claimed(out) as partial:
-      return write(out, splits, feature_specs, meta, extra_files, partial)
+      return write(out, splits, feature_specs, meta, extra_files, partial, before_rename)
 
   @contextlib.contextmanager
   def writing(path: str) -> Iterator[None]:
@@ -292,6 +295,8 @@ def write(out: str, splits: dict[str, Iterable[tuple[str, dict]]],
     with writing(os.path.join(partial, name)), open(os.path.join(partial, name), 'w',
                                                     encoding='utf-8') as f:
       f.write(text)  # meta.json last: its presence means the folder is complete
+  if before_rename is not None:
+    before_rename()
   target = os.path.abspath(out)
   with writing(target):
     shutil.rmtree(os.path.join(partial, SCRATCH_DIR), ignore_errors=True)
