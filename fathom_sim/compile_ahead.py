@@ -84,6 +84,11 @@ class CompileAhead:
         self.used += 1
     self._jobs[key] = None
     if not met:
+      # The padded lengths only grow: programs still queued for earlier argument shapes would
+      # never be used, and would hold the threads ahead of this one's neighbours.
+      for other, queued in list(self._jobs.items()):
+        if queued is not None and other[1] != key[1] and queued.cancel():
+          del self._jobs[other]
       args = jax.tree.unflatten(treedef, arg_specs)
       for pad in self._around(batch_pad):
         other = (pad, (treedef, arg_specs))

@@ -114,6 +114,28 @@ def test_close_drops_queued_compiles_and_waits_for_running_ones():
   assert ahead._jobs == {}
 
 
+def test_compiles_queued_for_arguments_that_have_since_grown_are_dropped():
+  """Padded stream and buffer lengths only grow: programs queued for the old shapes will
+  never be used, and held the compile thread ahead of the new shapes' neighbours."""
+  import jax.numpy as jnp
+  lowered, first = [], _SlowLowering(60.0)
+
+  class Round:
+    def lower(self, x, *, batch_pad, num_iterations):
+      lowered.append((x.shape, batch_pad))
+      return first if len(lowered) == 1 else _SlowLowering(0.0)
+
+  ahead = CompileAhead(Round(), _grid_neighbours, workers=1)
+  short, grown = jnp.zeros(3), jnp.zeros(5)
+  ahead.before((short,), 6)  # queues 4 (compiling, held) and 8 for the short stream
+  assert first.started.wait(timeout=60)
+  ahead.before((grown,), 6)  # the stream grew: 8 for the short one is dropped
+  first.release.set()
+  ahead.wait()
+  ahead.close()
+  assert lowered == [((3,), 4), ((5,), 4), ((5,), 8)]
+
+
 def test_reach_and_workers_below_one_are_refused():
   with pytest.raises(ValueError, match='reach and workers'):
     CompileAhead(None, _grid_neighbours, reach=0)
