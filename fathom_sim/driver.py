@@ -99,7 +99,7 @@ class Rounds:
                           if run.compile_ahead or run.evaluation_ahead else None)
     self._plan_ahead = prefetch
     self._next: _Fed | None = None
-    self._ahead_warned = False
+    self._read_warned = self._plan_warned = False  # reading / planning ahead failed once
     self.stopped: frozenset[int] = frozenset()  # seeds (positions) planned idle: stop_seed
     self.planned_ahead = self.replanned = 0  # rounds whose plan made ahead was used / not
     self.replanned_seeds = 0  # seeds' plans made again on time (vectorised: only those changed)
@@ -157,10 +157,10 @@ class Rounds:
             self._prefetch.fetch(np.concatenate(read))
         except Exception as e:  # noqa: BLE001 - not round t's: round t+1 samples and reads
           # again, and raises it there, after round t has returned its state (donated above).
-          if not self._ahead_warned:  # once: a lasting cause would repeat every round
+          if not self._read_warned:  # once: a lasting cause would repeat every round
             logging.warning('reading round %d\'s clients ahead failed (%s: %s); they are read '
                             'on time', t + 1, type(e).__name__, e)
-          self._ahead_warned = True
+          self._read_warned = True
       if self._plan_ahead:
         # Round t+1's plan under this round's (E, B), made and sent while the devices compute
         # round t. B_int and the K_i mostly stay the same from one round to the next; when
@@ -174,13 +174,13 @@ class Rounds:
           # E.g. a client that cannot be read: round t+1 plans again, and raises it there,
           # after round t has returned its state.
           self.planner.restore_padded_lengths(lengths)
-          if not self._ahead_warned:  # once: a lasting cause would repeat every round
+          if not self._plan_warned:  # once: a lasting cause would repeat every round
             # Bad input (data, or a cohort past the round's indices) is reported in one line
             # when round t+1 meets it; anything else is unexpected here, and its traceback is
             # what explains it.
             logging.warning('planning round %d ahead failed (%s: %s); it plans on time',
                             t + 1, type(e).__name__, e, exc_info=not isinstance(e, InputError))
-          self._ahead_warned = True
+          self._plan_warned = True
           self.replanned += 1  # round t+1 will plan on time
           self.replanned_seeds += len(self.seeds or [0])
     ahead_end = time.perf_counter()
