@@ -49,6 +49,20 @@ class _Fed:
   lengths_before: tuple | None = None  # planned ahead: the planner's padded lengths before
 
 
+def _sent(plans: CohortPlan | list[CohortPlan]) -> CohortPlan | list[CohortPlan]:
+  """Dispatched plans as the caller keeps them: their example buffers, on the devices now,
+  replaced by stand-ins of the same shape and no bytes, so that the host does not hold a
+  cohort's examples past its round (with the next round's planned ahead, it held three
+  rounds' of each seed's)."""
+  def one(plan: CohortPlan) -> CohortPlan:
+    if plan.lanes.source is None:
+      return plan
+    source = {k: np.broadcast_to(np.zeros((), a.dtype), a.shape)
+              for k, a in plan.lanes.source.items()}
+    return dataclasses.replace(plan, lanes=plan.lanes._replace(source=source))
+  return [one(p) for p in plans] if isinstance(plans, list) else one(plans)
+
+
 class Rounds:
   """Runs round t on the devices: samples and plans the cohort, feeds it, steps the state.
 
@@ -191,7 +205,7 @@ class Rounds:
     # that window (ahead), so a device that finishes first waits for the host.
     self.last_host_s, self.last_device_s = dispatched - start, time.perf_counter() - dispatched
     self.last_ahead_s = ahead_end - ahead_start
-    return state, m, fed.plans
+    return state, m, _sent(fed.plans)
 
   def _feed(self, t: int, hp: np.ndarray, reuse: list[CohortPlan | None] | None = None
             ) -> _Fed:

@@ -334,6 +334,9 @@ def test_vectorised_seeds_plan_again_only_the_seed_whose_b_changed(data_on_devic
   for seed_plans, seed_want in zip(plans, want_plans):
     for p, q in zip(seed_plans, seed_want, strict=True):
       assert p.batch_size == q.batch_size and p.shape == q.shape
+      # Sent, a round's examples are no longer held on the host (stand-ins of no bytes).
+      assert (p.lanes.source is None) == (data_on_device == 'yes')
+      assert all(a.strides == (0,) * a.ndim for a in (p.lanes.source or {}).values())
       np.testing.assert_array_equal(p.num_steps, q.num_steps)
       np.testing.assert_array_equal(p.lanes.stream, q.lanes.stream)
   assert rounds.compiles == want_rounds.compiles
