@@ -138,6 +138,21 @@ def test_femnist_like_in_memory_holds_the_generated_clients_exactly():
                                                    held.train.features['x'][:50])
 
 
+def test_in_memory_clients_refuse_misaligned_features_and_indices_past_them():
+  """A client whose x and y differ in length shifted rows into the next client's labels; an
+  index past the clients (or -1) read an empty client."""
+  good = {'x': np.zeros((3, 2)), 'y': np.zeros(3)}
+  data = ArrayClientDataset.from_clients(['a', 'b'], [good, {'x': np.ones((2, 2)),
+                                                               'y': np.ones(2)}])
+  np.testing.assert_array_equal(data.client(1)['y'], [1, 1])
+  with pytest.raises(ValueError, match=r"client b: features \{'x': 2, 'y': 3\} are not"):
+    ArrayClientDataset.from_clients(['a', 'b'], [good, {'x': np.ones((2, 2)),
+                                                         'y': np.ones(3)}])
+  for index in (-1, 2):
+    with pytest.raises(IndexError, match=f'client {index} of 2'):
+      data.client(index)
+
+
 def test_sample_cohort_distinct_deterministic_eligible_and_uniform():
   counts = np.array([0, 3, 5, 0, 2, 7, 1, 4, 6, 2], np.int64)
   data = ArrayClientDataset({'y': np.zeros(counts.sum(), np.int32)},

@@ -61,6 +61,11 @@ class ArrayClientDataset:
                    clients: Sequence[Batch]) -> 'ArrayClientDataset':
     counts = [len(next(iter(c.values()))) for c in clients]
     names = list(clients[0]) if clients else []
+    for cid, c, n in zip(client_ids, clients, counts):
+      if sorted(c) != sorted(names) or any(len(a) != n for a in c.values()):
+        # (else one client's rows would shift into the next one's labels)
+        raise ValueError(f'client {cid}: features {({k: len(a) for k, a in c.items()})} are '
+                         f'not {names} of one length')
     features = {k: np.concatenate([c[k] for c in clients]) for k in names}
     offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
     return cls(features, offsets, np.asarray(client_ids, dtype=str))
@@ -70,6 +75,8 @@ class ArrayClientDataset:
     return np.diff(self.offsets)
 
   def client(self, index: int) -> Batch:
+    if not 0 <= index < len(self.offsets) - 1:  # (-1 read an empty client, not the last)
+      raise IndexError(f'client {index} of {len(self.offsets) - 1}')
     lo, hi = self.offsets[index], self.offsets[index + 1]
     return {k: v[lo:hi] for k, v in self.features.items()}
 
