@@ -209,7 +209,6 @@ class _Book:
   cache_hits: int = 0  # compile_cache.hits() when the run started
   closed: bool = False
   diverged_at: int | None = None  # the round after which it stopped (max_rejected_rounds)
-  config_after_summary: bool = False  # a finished run summarised again: see _train
 
   def close(self) -> None:
     """Flushes the metrics and finishes pending checkpoint saves (once)."""
@@ -365,13 +364,8 @@ def _run(run: Run, configs: list[ml_collections.ConfigDict], workdirs: list[str]
   # process skips its final evaluation, a collective, or none does (a mount may show process
   # 0's summary.json late on another host).
   kept = [k if distributed.every_process(k is not None) else None for k in kept]
-  for book, old in zip(books, kept):  # every check passed: the resumed runs' configs are
-    # this command's. A finished run summarised again (another target_accuracy, say) writes
-    # its config.json after its new summary (_summary): killed before, the next command took
-    # the old summary beside the new config as this config's (_summary_of_finished).
-    book.config_after_summary = old is None and book.done == c.num_rounds
-    if not book.config_after_summary:
-      workdir_lib.save_config(book.workdir, book.config)
+  for book in books:  # every check passed: the resumed runs' configs are this command's
+    workdir_lib.save_config(book.workdir, book.config)
     if 'round' in book.meta:  # resumed: this simulator joins the list if it runs rounds
       book.meta['simulators'], warning = provenance.resumed(
           book.meta.get('simulators'), book.done, book.workdir,
@@ -667,7 +661,14 @@ def _summary_of_finished(book: _Book, num_rounds: int) -> dict | None:
   summary = metrics.read_summary(book.workdir, num_rounds)
   if summary is None:
     return None
-  try:  # Any field that differs asks something new of it, but one the run does not read.
+  if 'config_sha256' in summary:
+    # What the summary itself says it summarises: config.json is rewritten before a finished
+    # run is summarised again, and a command killed between the two left the old summary
+    # beside the new config, which took it as its own.
+    same = summary['config_sha256'] == workdir_lib.config_fingerprint(book.config)
+    return summary if same else None
+  try:  # (A summary from before the fingerprint: config.json says what it summarises.) Any
+    # field that differs asks something new of it, but one the run does not read.
     saved = workdir_lib.read_saved(book.workdir)
   except ValueError:  # (WorkdirError)
     return None
@@ -734,6 +735,7 @@ def _summary(book: _Book, final: dict, params, hp: np.ndarray, rounds: Rounds, r
                 **_extra_accuracies(final)},
       'final_hparams': {'eta': float(hp[ETA]), 'epochs': float(hp[EPOCHS]),
                         'batch_size': float(hp[BATCH])},
+      'config_sha256': workdir_lib.config_fingerprint(c),
   }
   if c.target_accuracy:
     reached = book.log.reached
@@ -743,8 +745,6 @@ def _summary(book: _Book, final: dict, params, hp: np.ndarray, rounds: Rounds, r
     summary['local_steps_to_target'] = reached['local_steps'] if reached else None
   if distributed.is_writer():
     metrics.write_json(os.path.join(book.workdir, metrics.SUMMARY_FILE), summary)
-  if book.config_after_summary:
-    workdir_lib.save_config(book.workdir, c)
   loaded = summary['compile_cache_hits']
   logging.info('%sdone: %d rounds in %.1fs, %d compiles%s; final test accuracy %.4f, loss %.4f',
                _tag(book, bool(vectorized)), c.num_rounds, summary['wall_s'], compiles,

@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 import fcntl
+import hashlib
 import json
 import os
 import re
@@ -105,6 +106,17 @@ def differing(saved: dict, new: dict, allowed: Iterable[str]) -> list[str]:
   model.name, ...): where those differ, they are listed themselves."""
   skip = set(allowed) | (unread_paths(new) - {'hyper_optimizer'})
   return sorted(k for k in set(saved) | set(new) if k not in skip and saved.get(k) != new.get(k))
+
+
+def config_fingerprint(config: ml_collections.ConfigDict) -> str:
+  """sha256 of what a summary.json summarises: the config's fields that differ from
+  base_config's, but those it does not read (as `differing` compares them). A field added to
+  the simulator later, at its default, leaves it as it was."""
+  flat, defaults = flatten(config_dict(config)), flatten(config_dict(base_config()))
+  skip = unread_paths(flat) - {'hyper_optimizer'}
+  fields = {k: v for k, v in flat.items()
+            if k not in skip and (k not in defaults or defaults[k] != v)}
+  return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()
 
 
 def _has_results(workdir: str) -> bool:

@@ -1325,6 +1325,22 @@ def test_a_finished_run_killed_while_summarised_again_is_not_taken_as_summarised
   assert again['wall_s'] == first['wall_s']  # the run's seconds: no command since ran a round
 
 
+def test_a_summary_s_fingerprint_follows_the_fields_its_run_reads():
+  """summary.json's config_sha256 is what _summary_of_finished compares: a field the run reads
+  changes it; one it does not read (eta_h under FedAvg), or a field the simulator adds later at
+  its default (a config saved without it), leaves it."""
+  from fathom_sim.workdir import config_fingerprint
+  base = config_fingerprint(_tiny(num_rounds=3))
+  assert config_fingerprint(_tiny(num_rounds=3, target_accuracy=0.5)) != base
+  assert config_fingerprint(_tiny(num_rounds=4)) != base
+  fedavg = config_fingerprint(_tiny(num_rounds=3, algorithm='fedavg'))
+  assert config_fingerprint(_tiny(num_rounds=3, algorithm='fedavg', eta_h=0.5)) == fedavg
+  older = _tiny(num_rounds=3)
+  with older.unlocked():
+    del older['log_every']  # at its default in _tiny: as a config from before the field
+  assert config_fingerprint(older) == base
+
+
 def test_a_checkpoint_saved_before_versions_were_recorded_reads_as_version_1(tmp_path, caplog):
   from fathom_sim import provenance
   workdir = str(tmp_path / 'run')
