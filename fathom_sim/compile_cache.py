@@ -58,8 +58,10 @@ def enable(path: str, max_bytes: int | None = None) -> None:
     # JAX's file lock does not hold across machines and every read would write an access time.
     if (max_bytes is not None and 'JAX_COMPILATION_CACHE_MAX_SIZE' not in os.environ
         and jax.process_count() == 1):
-      _stamp_access_times(path)
       jax.config.update('jax_compilation_cache_max_size', int(max_bytes))
+    # Whoever capped it (here, or $JAX_COMPILATION_CACHE_MAX_SIZE, which JAX reads itself).
+    if jax.config.jax_compilation_cache_max_size != -1 and jax.process_index() == 0:
+      _stamp_access_times(path)
   jax.config.update('jax_enable_compilation_cache', True)
   jax.config.update('jax_compilation_cache_dir', path)
 

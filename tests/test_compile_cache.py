@@ -203,12 +203,17 @@ def test_a_capped_cache_is_held_to_its_cap_by_dropping_the_least_recently_used(
     assert size > 30000 and entries >= 12
 
 
-def test_a_cache_filled_uncapped_goes_on_caching_once_capped(tmp_path):
+@pytest.mark.parametrize('capped_by', ['us', 'jax_variable'])
+def test_a_cache_filled_uncapped_goes_on_caching_once_capped(tmp_path, capped_by):
   """Entries written uncapped have no access-time file; JAX's eviction failed on the first,
-  and with it every later write: the folder cached nothing more, with a warning per compile."""
-  entries, _ = _fill(tmp_path, 'none')
+  and with it every later write: the folder cached nothing more, with a warning per compile.
+  Also where $JAX_COMPILATION_CACHE_MAX_SIZE caps a folder we do not."""
+  entries, _ = _fill(tmp_path, 'none', jax_variable='-1')
   assert entries >= 12
-  again, size = _fill(tmp_path, 30000, first=100)
+  if capped_by == 'us':
+    again, size = _fill(tmp_path, 30000, first=100)
+  else:
+    again, size = _fill(tmp_path, 'none', first=100, jax_variable='30000')
   assert size <= 30000 and again >= 1
   assert any(f.startswith('jit__lambda') for f in os.listdir(tmp_path)
              if f.endswith('-cache'))
