@@ -34,6 +34,21 @@ from fathom_sim.types import ServerState
 from fathom_sim.workdir import CHECKPOINTS, UNREADABLE
 
 _TMP = '.orbax-checkpoint-tmp'  # in the name of orbax's folder for a save not yet committed
+_REMOVAL = 'delete_steps'  # orbax's function that removes the checkpoints past max_to_keep
+
+
+def _raised_in(error: BaseException, function: str) -> bool:
+  """Whether `error` (or what caused it) was raised inside a function of that name."""
+  seen = set()
+  while error is not None and id(error) not in seen:
+    seen.add(id(error))
+    tb = error.__traceback__
+    while tb is not None:
+      if tb.tb_frame.f_code.co_name == function:
+        return True
+      tb = tb.tb_next
+    error = error.__cause__ or error.__context__
+  return False
 
 DIGEST = 'state_sha256'  # meta's key for state_digest of the saved state
 META_DIGEST = 'meta_sha256'  # meta's key for meta_digest of the rest of the JSON
@@ -160,7 +175,7 @@ class Checkpointer:
       call()
     except Exception as e:  # noqa: BLE001 - orbax's or the filesystem's, whatever it is
       step, self._pending = self._pending, None
-      if step is not None and self._committed(step):
+      if step is not None and _raised_in(e, _REMOVAL) and self._committed(step):
         # What failed is the removal of the checkpoints past keep_checkpoints, which orbax
         # makes in the same background step. Raised as the save's, it stopped the run, and
         # again after every interval.

@@ -1384,22 +1384,24 @@ def test_old_checkpoints_that_cannot_be_removed_only_warn_and_the_run_goes_on(
   """Orbax removes the checkpoints past keep_checkpoints in the background step that
   finishes a save; that failing (an NFS 'Directory not empty') was said as the new save
   failing, and stopped the run, though round 2's checkpoint was whole."""
-  import orbax.checkpoint as ocp
-  finalize = ocp.CheckpointManager._finalize
+  from orbax.checkpoint import checkpoint_manager
+  deleter = checkpoint_manager.deleter.StandardCheckpointDeleter  # (orbax 0.12's)
+  delete, failed = deleter.delete, []
 
-  def removal_fails_at_round_2(self, step, steps_to_remove):
-    finalize(self, step, [] if step == 2 else steps_to_remove)
-    if step == 2 and steps_to_remove:
+  def removal_fails_once(self, step):
+    if not failed:
+      failed.append(step)
       raise OSError(errno.ENOTEMPTY, 'Directory not empty')
+    return delete(self, step)
 
-  monkeypatch.setattr(ocp.CheckpointManager, '_finalize', removal_fails_at_round_2)
+  monkeypatch.setattr(deleter, 'delete', removal_fails_once)
   config = lambda: _tiny(num_rounds=4, checkpoint_every=1, keep_checkpoints=1)
   workdir = tmp_path / 'run'
   summary = train_and_evaluate(config(), str(workdir))
   assert ('the checkpoint of round 2 is saved, but removing older ones (keep_checkpoints=1) '
           'failed (OSError: [Errno 39] Directory not empty)') in caplog.text
-  assert os.listdir(workdir / 'checkpoints') == ['4']  # removed with the next ones
-  monkeypatch.setattr(ocp.CheckpointManager, '_finalize', finalize)
+  assert failed == [1] and os.listdir(workdir / 'checkpoints') == ['4']  # with the next ones
+  monkeypatch.setattr(deleter, 'delete', delete)
   straight = train_and_evaluate(config(), str(tmp_path / 'straight'))
   assert summary['final'] == straight['final']
   # A rename that failed part-way (a bucket's mount copies object by object) left part of
