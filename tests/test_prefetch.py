@@ -84,20 +84,27 @@ class _Held:
     return self.source.client(k)
 
 
-def test_a_closed_prefetcher_cancels_its_queued_reads_and_its_threads_exit():
-  """With every thread holding a read and more queued: close cancels the queued ones, the
-  threads exit once their reads end, and `client` then reads on the caller's thread."""
+def _every_thread_reading(fetched: int):
+  """A Prefetcher over 40 held clients that has fetched the first `fetched`, once every read
+  thread holds one of them: (task, held, prefetcher, threads)."""
   import time
   from fathom_sim.data.federated import read_workers
   task = tiny_task(num_clients=40)
   held = _Held(task.train)
   data = Prefetcher(held)
-  data.fetch(range(40))
+  data.fetch(range(fetched))
   workers = read_workers()
   deadline = time.monotonic() + 60
-  while len(held.started) < min(workers, 40):  # every thread holds a read
+  while len(held.started) < min(workers, fetched):
     assert time.monotonic() < deadline, held.started
     threading.Event().wait(0.01)
+  return task, held, data, workers
+
+
+def test_a_closed_prefetcher_cancels_its_queued_reads_and_its_threads_exit():
+  """With every thread holding a read and more queued: close cancels the queued ones, the
+  threads exit once their reads end, and `client` then reads on the caller's thread."""
+  task, held, data, workers = _every_thread_reading(40)
   data.close()
   held.go.set()
   for _, thread in held.started:
@@ -114,17 +121,7 @@ def test_a_closed_prefetcher_cancels_its_queued_reads_and_its_threads_exit():
 def test_a_fetch_cancels_the_queued_reads_of_clients_it_no_longer_names():
   """Reads the last fetch queued for other clients (after a round that read ahead and then
   failed) no longer run ahead of this fetch's."""
-  import time
-  from fathom_sim.data.federated import read_workers
-  task = tiny_task(num_clients=40)
-  held = _Held(task.train)
-  data = Prefetcher(held)
-  data.fetch(range(20))
-  workers = read_workers()
-  deadline = time.monotonic() + 60
-  while len(held.started) < min(workers, 20):  # every thread holds a read
-    assert time.monotonic() < deadline, held.started
-    threading.Event().wait(0.01)
+  _, held, data, workers = _every_thread_reading(20)
   data.fetch(range(20, 40))
   held.go.set()
   for i in range(20, 40):
