@@ -209,6 +209,11 @@ class Planner:
                                  plan.batch_pad, epochs, batch_size)
     return stream, before[1] if plan.shape[1] is None else plan.shape[1][1]
 
+  def _batch_pad(self, b_int: int) -> int:
+    """The rows a step computes for B_int: at least min_batch_pad, on the grid unless exact."""
+    batch_pad = max(b_int, self.min_batch_pad)
+    return batch_pad if self.exact_batch else bucket(batch_pad, self.batch_per_octave)
+
   def plan(self, clients: np.ndarray, round_index: int, epochs: float,
            batch_size: float) -> CohortPlan:
     """Round `round_index`'s plan for cohort `clients` under the (E, B) the device will use."""
@@ -218,9 +223,7 @@ class Planner:
       raise ValueError(f'cohort of {c} clients, planner built for {self.cohort_size}')
     num_examples = np.asarray(self.dataset.num_examples)[clients].astype(np.int64)
     b_int, num_steps = fathom.integer_schedule(epochs, batch_size, num_examples)
-    batch_pad = max(b_int, self.min_batch_pad)
-    if not self.exact_batch:
-      batch_pad = bucket(batch_pad, self.batch_per_octave)
+    batch_pad = self._batch_pad(b_int)
     lanes = pack_lanes(num_steps, self.num_lanes)
     steps_per_lane = lane_steps(num_steps, lanes)
     _check_indices(int(steps_per_lane.max()) * b_int + batch_pad - b_int, epochs, batch_size)
@@ -280,13 +283,10 @@ class Planner:
     table = CohortTable(client=np.append(clients, 0).astype(np.int32),
                         num_examples=np.zeros(c + 1, np.float32),
                         num_steps=np.zeros(c + 1, np.int32))
-    batch_pad = max(1, self.min_batch_pad)
     return CohortPlan(lanes=Lanes(slots=np.full((self.num_lanes, c), c, np.int32),
                                   stream=np.zeros((self.num_lanes, 0), np.int32),
                                   source=source),
-                      table=table, batch_size=1,
-                      batch_pad=batch_pad if self.exact_batch else bucket(
-                          batch_pad, self.batch_per_octave),
+                      table=table, batch_size=1, batch_pad=self._batch_pad(1),
                       clients=clients, num_examples=none, num_steps=none,
                       lane_steps=np.zeros(self.num_lanes, np.int64))
 
