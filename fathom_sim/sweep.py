@@ -237,6 +237,11 @@ def is_finished(workdir: str, num_rounds: int) -> bool:
   return (metrics.finished_rounds(workdir) or 0) >= num_rounds
 
 
+def _final_accuracy(summary: dict) -> float:
+  acc = (summary.get('final') or {}).get('test_accuracy')
+  return math.nan if acc is None else acc  # None: JSON's NaN, a run without test data
+
+
 def _entry(run: RunSpec, out: str, status: str, **extra) -> dict:
   return {'name': run.name, 'setting': run.setting, 'overrides': run.overrides,
           'seed': run.seed, 'workdir': os.path.relpath(run.workdir, out), 'status': status,
@@ -370,8 +375,11 @@ def _run_all(sweep: SweepDef, out: str, runs: list[RunSpec], sweep_file: str, *,
   while pending:
     batch = pending.popleft()
     if len(batch) == 1 and is_finished(runs[batch[0]].workdir, runs[batch[0]].config.num_rounds):
-      # A seed of a vectorised group that failed: the group finished it before failing.
-      entries[batch[0]] = _entry(runs[batch[0]], out, 'done')
+      # A seed of a vectorised group that failed: the group finished it before failing. Its
+      # entry says what a run finished here says (but the sweep's seconds, not spent here).
+      summary = metrics.read_summary(runs[batch[0]].workdir) or {}
+      entries[batch[0]] = _entry(runs[batch[0]], out, 'done',
+                                 final_test_accuracy=_final_accuracy(summary))
       log(f'[{batch[0] + 1}/{len(runs)}] {runs[batch[0]].name}: finished already')
       save()
       continue
@@ -400,8 +408,7 @@ def _run_all(sweep: SweepDef, out: str, runs: list[RunSpec], sweep_file: str, *,
     start = time.time()
 
     def done(i: int, summary: dict) -> None:
-      acc = (summary.get('final') or {}).get('test_accuracy')
-      acc = math.nan if acc is None else acc  # None: JSON's NaN, a run without test data
+      acc = _final_accuracy(summary)
       entries[i] = _entry(runs[i], out, 'done', final_test_accuracy=acc,
                           sweep_wall_s=time.time() - start)
       log(f'[{i + 1}/{len(runs)}] {runs[i].name}: done, final test accuracy {acc:.4f}')

@@ -204,6 +204,9 @@ def test_one_seeds_bad_input_fails_that_seed_alone_under_vmap_seeds(tmp_path):
                             train=train, train_group=finishes_seed_0_then_fails,
                             log=lambda _: None)
   assert solo == [1, 2] and [e['status'] for e in entries] == ['done', 'failed', 'done']
+  # Seed 0's entry, marked done without running here, says what the others' say.
+  assert entries[0]['final_test_accuracy'] == _summary(
+      os.path.join(out, entries[0]['workdir']))['final']['test_accuracy']
 
 
 def test_a_vectorised_seed_that_diverges_stops_where_it_would_alone(tmp_path, monkeypatch):
