@@ -131,11 +131,11 @@ def write_plots(groups: list[Group], out: str, targets: Sequence[float]) -> list
     if best is None or not alike:
       continue
     compared += len(alike)
-    at.append(target)
     # The baseline is drawn whatever the number of FATHOM settings.
     room = MAX_CURVES - len(shown) - 1
     if room > 0:
       shown += alike[:room] + [best]
+      at.append(target)  # (the title names the targets of the grids drawn only)
   versus = os.path.join(out, 'fathom_vs_fedavg.png')
   if not shown and os.path.exists(versus):
     os.remove(versus)  # a last report's, of other runs or targets: not beside this one's
