@@ -514,6 +514,8 @@ def _run(run: Run, configs: list[ml_collections.ConfigDict], workdirs: list[str]
       used_all, hp = np.asarray(m.hparams), np.asarray(m.next_hparams)
       accepted_all = np.asarray(m.accepted)
       for s, book in zip(seeds, books):
+        if book.diverged_at is not None:  # stopped: its count ended with it
+          continue
         in_a_row = book.meta['rejected_in_a_row']
         book.meta['rejected_in_a_row'] = 0 if bool(_seed(accepted_all, s)) else in_a_row + 1
       # A seed whose max_rejected_rounds rounds in a row were rejected stops there, as it
