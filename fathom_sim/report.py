@@ -20,7 +20,7 @@ import statistics
 import numpy as np
 
 from fathom_sim import metrics
-from fathom_sim.config import base_config, unread_paths
+from fathom_sim.config import unread_paths
 from fathom_sim import workdir as workdir_lib
 
 _SEED_DIR = re.compile(r'^seed=\d+$')
@@ -165,8 +165,7 @@ class Group:
     # write is at its default, as a resume reads it (workdir.read_saved): the same as a newer
     # seed's default, and not the same as another value (model.init 'fedjax' against an older
     # seed, which started from flax's values).
-    defaults = workdir_lib.flatten(workdir_lib.config_dict(base_config()))
-    configs = [{**defaults, **workdir_lib.flatten(r.config)} for r in self.runs if r.config]
+    configs = [workdir_lib.with_defaults(r.config) for r in self.runs if r.config]
     if not configs:
       return {}
     # Fields no seed reads (FATHOM's under FedAvg, ...).
@@ -409,8 +408,7 @@ GRID_FIELDS = frozenset({'algorithm', 'eta', 'epochs', 'batch_size', 'seed'})
 
 
 def _grid_key(group: Group) -> tuple:
-  defaults = workdir_lib.flatten(workdir_lib.config_dict(base_config()))
-  flat = {**defaults, **workdir_lib.flatten(group.runs[0].config)}
+  flat = workdir_lib.with_defaults(group.runs[0].config)
   drop = (GRID_FIELDS | (workdir_lib.RESUMABLE_FIELDS - MEASURED_ALIKE)
           | unread_paths({**flat, 'algorithm': 'fedavg'}))
   return tuple(sorted((f, json.dumps(v, sort_keys=True)) for f, v in flat.items()

@@ -82,6 +82,12 @@ def config_dict(config: ml_collections.ConfigDict) -> dict:
   return json.loads(config.to_json_best_effort())
 
 
+def with_defaults(saved: dict) -> dict:
+  """A config as saved (config.json), flattened, a field added to the simulator after it was
+  saved at its default there."""
+  return {**flatten(config_dict(base_config())), **flatten(saved)}
+
+
 def read_saved(workdir: str) -> dict | None:
   """The config a run's config.json holds, flattened, a field added to the simulator after the
   run was saved at its default there; None without one. Raises WorkdirError if unreadable."""
@@ -96,7 +102,7 @@ def read_saved(workdir: str) -> dict | None:
   except (OSError, ValueError) as e:
     raise WorkdirError(f'{path} is unreadable ({e}); it describes the run this workdir '
                        'holds, so the run cannot be resumed safely') from None
-  return {**flatten(config_dict(base_config())), **flatten(saved)}
+  return with_defaults(saved)
 
 
 def differing(saved: dict, new: dict, allowed: Iterable[str]) -> list[str]:
