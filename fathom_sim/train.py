@@ -27,7 +27,7 @@ from fathom_sim import compile_cache, distributed, fathom, metrics, provenance, 
 from fathom_sim import workdir as workdir_lib
 from fathom_sim.checkpoint import Checkpointer
 from fathom_sim.config import ConfigError
-from fathom_sim.data.federated import fingerprint
+from fathom_sim.data.federated import Task, fingerprint
 from fathom_sim.data.sampling import sample_clients
 from fathom_sim.driver import Rounds
 from fathom_sim.errors import Diverged, InputError, Preempted, exit_status
@@ -170,12 +170,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   return _train([config], [workdir], vectorized=False)[0]
 
 
-def train_seeds(configs: list[ml_collections.ConfigDict], workdirs: list[str]) -> list[dict]:
+def train_seeds(configs: list[ml_collections.ConfigDict], workdirs: list[str],
+                task: Task | None = None) -> list[dict]:
   """Runs configs that differ only in `seed` as one vectorised program (vmap over seeds).
 
   Each workdir gets exactly what a solo run of its config writes (metrics, checkpoints,
   summary), with the same numbers up to float rounding: one compilation and one start-up
-  serve all the seeds. Seeds whose checkpoints stand at different rounds are run one by one.
+  serve all the seeds. Seeds whose checkpoints stand at different rounds run as one group per
+  round. `task`: the configs' data, already loaded (else loaded here).
   """
   if len(configs) != len(workdirs) or not configs:
     raise ValueError('train_seeds needs one workdir per config, and at least one config')
@@ -189,9 +191,7 @@ def train_seeds(configs: list[ml_collections.ConfigDict], workdirs: list[str]) -
                         f'these differ too: {", ".join(differ)}')
   if len({c.seed for c in configs}) != len(configs):
     raise ConfigError('vectorised seeds need distinct config.seed values')
-  if len(configs) == 1:
-    return [train_and_evaluate(configs[0], workdirs[0])]
-  return _train(configs, workdirs, vectorized=True)
+  return _train(configs, workdirs, vectorized=len(configs) > 1, task=task)
 
 
 @dataclasses.dataclass
@@ -243,7 +243,7 @@ def _seed(tree, s: int | None):
 
 
 def _train(configs: list[ml_collections.ConfigDict], workdirs: list[str], *,
-           vectorized: bool) -> list[dict]:
+           vectorized: bool, task: Task | None = None) -> list[dict]:
   books: list[_Book] = []
   # Stopped by another process (distributed.py): its pending saves finish first.
   forget = distributed.before_stopping(
@@ -253,7 +253,7 @@ def _train(configs: list[ml_collections.ConfigDict], workdirs: list[str], *,
     with contextlib.ExitStack() as locks:  # each workdir's, for the whole run
       for config, workdir in zip(configs, workdirs):
         workdir_lib.check_before_load(workdir, config, locks)
-      run = build(configs[0])
+      run = build(configs[0], task)
       for config, workdir in zip(configs, workdirs):
         workdir_lib.prepare(workdir, config, locks)
       # What the run is doing, for an out-of-memory error's message.
@@ -384,7 +384,9 @@ def _run(run: Run, configs: list[ml_collections.ConfigDict], workdirs: list[str]
                     'round together, one round\'s after another', [b.done for b in books])
     out = [None] * len(books)
     for group in by_round.values():
-      done_ = train_seeds([configs[i] for i in group], [workdirs[i] for i in group])
+      # (The data this run loaded: loaded again per group, the host held it twice.)
+      done_ = train_seeds([configs[i] for i in group], [workdirs[i] for i in group],
+                          task=run.task)
       for i, summary in zip(group, done_):
         out[i] = summary
     return out

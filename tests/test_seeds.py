@@ -96,7 +96,8 @@ def test_each_vectorised_seed_equals_its_solo_run(tmp_path, data_on_device, loca
                                summary['total_examples'] / shared[s].sum(), rtol=1e-9)
 
 
-def test_vectorised_seeds_resume_together_or_one_by_one(tmp_path):
+def test_vectorised_seeds_resume_together_or_one_by_one(tmp_path, monkeypatch):
+  from fathom_sim import run as run_lib
   seeds = (0, 1, 2)
   for s in seeds:
     train_and_evaluate(_config(s), str(tmp_path / f'solo{s}'))
@@ -109,7 +110,11 @@ def test_vectorised_seeds_resume_together_or_one_by_one(tmp_path):
   # and runs alone; they run together (they ran one by one too).
   apart = [str(tmp_path / f'apart{s}') for s in seeds]
   train_and_evaluate(_config(0, num_rounds=2), apart[0])
+  loads, load = [], run_lib.load_task
+  monkeypatch.setattr(run_lib, 'load_task', lambda data: loads.append(1) or load(data))
   summaries = train_seeds([_config(s) for s in seeds], apart)
+  monkeypatch.setattr(run_lib, 'load_task', load)
+  assert len(loads) == 1  # the data once, for both groups
   assert [s['resumed_from'] for s in summaries] == [2, 0, 0]
   assert [s['vectorized_seeds'] for s in summaries] == [0, 2, 2]
   for s in seeds:
