@@ -50,6 +50,19 @@ def _raised_in(error: BaseException, function: str) -> bool:
     error = error.__cause__ or error.__context__
   return False
 
+def _filesystem_fault(error: BaseException) -> BaseException | None:
+  """The error in `error`'s chain that the filesystem raised, if any: an OSError, or
+  tensorstore's ValueError for one (it names the errno as '[OS error 5: Input/output error]',
+  wrapped by orbax in a bare Exception), which says nothing of the checkpoint's files."""
+  seen = set()
+  while error is not None and id(error) not in seen:
+    seen.add(id(error))
+    if isinstance(error, OSError) or '[OS error ' in str(error):
+      return error
+    error = error.__cause__ or error.__context__
+  return None
+
+
 DIGEST = 'state_sha256'  # meta's key for state_digest of the saved state
 META_DIGEST = 'meta_sha256'  # meta's key for meta_digest of the rest of the JSON
 # What the host reads of a checkpoint's JSON to go on (train.py); a checkpoint without one of
@@ -185,11 +198,12 @@ class Checkpointer:
                         type(e).__name__, first_line(e))
         self._manager.reload()  # orbax's list of the steps, read again from disk
         return
+      named = _filesystem_fault(e) or e  # (not orbax's wrapper, whose first line is a spec)
       raise CheckpointError(
           f'{self.directory}: saving the checkpoint of round {step} failed '
-          f'({type(e).__name__}{": " + first_line(e) if str(e).strip() else ""}); the newest '
-          'complete checkpoint stays, and the same command resumes from it once the '
-          'filesystem is writable') from e
+          f'({type(named).__name__}{": " + first_line(named) if str(named).strip() else ""}); '
+          'the newest complete checkpoint stays, and the same command resumes from it once '
+          'the filesystem is writable') from e
 
   def _committed(self, step: int) -> bool:
     """Whether round `step`'s save has been renamed from its temporary folder whole: on a
@@ -246,8 +260,10 @@ class Checkpointer:
         _quiet_closed_loop_callbacks()
         if out_of_memory(e):  # ... but a device too full to hold it says nothing of the files
           raise
-        why = f'{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ""}'
-        filesystem = filesystem and isinstance(e, OSError)
+        fault = _filesystem_fault(e)
+        named = fault or e
+        why = f'{type(named).__name__}: {first_line(named) if str(named).strip() else ""}'
+        filesystem = filesystem and fault is not None
       # On several hosts every process must resume the same round, and the folder is moved
       # only once none reads it: each moving it as it failed, one moved it under another's
       # read, and the second move failed (a traceback, or orbax's syncs out of step: a hang).

@@ -226,7 +226,7 @@ def test_unreadable_checkpoints_are_set_aside_once_an_older_one_reads_and_nothin
 
 
 @pytest.mark.filterwarnings('error::pytest.PytestUnraisableExceptionWarning')
-@pytest.mark.parametrize('fault', ['damaged', 'io_error'])
+@pytest.mark.parametrize('fault', ['damaged', 'io_error', 'tensorstore_io_error'])
 def test_no_checkpoint_reading_back_stops_the_run_and_changes_nothing(tmp_path, monkeypatch,
                                                                       capfd, fault):
   """Every checkpoint unreadable: the run set them all aside and started again from round 0,
@@ -247,6 +247,18 @@ def test_no_checkpoint_reading_back_stops_the_run_and_changes_nothing(tmp_path, 
       raise OSError(5, 'Input/output error')
     monkeypatch.setattr(ocp.CheckpointManager, 'restore', io_error)
     why = 'round 20: OSError: [Errno 5] Input/output error; round 10: OSError: [Errno 5]'
+  if fault == 'tensorstore_io_error':
+    # tensorstore reports an errno as a ValueError, which orbax wraps in a bare Exception
+    # whose first line is a spec: the cause is named, and it is the filesystem's.
+    def tensorstore_io_error(*args, **kwargs):
+      try:
+        raise ValueError('UNKNOWN: Error reading "w/0" in OCDBT database at local file "/x/": '
+                         'Error reading local file "/x/d/ab12": [OS error 5: Input/output '
+                         'error]')
+      except ValueError as cause:
+        raise Exception('Exception while reading {\n  "driver": "zarr",') from cause
+    monkeypatch.setattr(ocp.CheckpointManager, 'restore', tensorstore_io_error)
+    why = 'round 20: ValueError: UNKNOWN: Error reading "w/0" in OCDBT'
   listing = sorted(os.listdir(workdir))
   rows = (workdir / 'metrics.jsonl').read_bytes()
   capfd.readouterr()
@@ -1353,9 +1365,13 @@ def test_a_checkpoint_saved_before_versions_were_recorded_reads_as_version_1(tmp
                                    {'from_round': 3, **provenance.describe()}]
 
 
-def test_a_checkpoint_that_cannot_be_saved_stops_the_run_naming_its_round(tmp_path, monkeypatch):
+@pytest.mark.parametrize('raised', ['os', 'tensorstore'])
+def test_a_checkpoint_that_cannot_be_saved_stops_the_run_naming_its_round(tmp_path, monkeypatch,
+                                                                          raised):
   """Orbax raised a background save's error (a full disk) at the next save, rounds later, as
-  a bare OSError with no round; the run had trained on with no durable checkpoint."""
+  a bare OSError with no round; the run had trained on with no durable checkpoint. A
+  tensorstore write's error comes wrapped in an Exception whose first line is a spec: its
+  cause is the one named."""
   import orbax.checkpoint as ocp
   from fathom_sim.checkpoint import CheckpointError
   atomic = ocp.path.atomicity.AtomicRenameTemporaryPath
@@ -1363,14 +1379,21 @@ def test_a_checkpoint_that_cannot_be_saved_stops_the_run_naming_its_round(tmp_pa
 
   async def full_disk_at_round_3(self):  # the commit of round 3 (its rename) never happens
     if self.get().name.startswith('3.'):
-      raise OSError(28, 'No space left on device')
+      if raised == 'os':
+        raise OSError(28, 'No space left on device')
+      try:
+        raise ValueError('RESOURCE_EXHAUSTED: Error writing local file "/x/d/ab": '
+                         '[OS error 28: No space left on device]')
+      except ValueError as cause:
+        raise Exception('Exception while writing {\n  "driver": "zarr",') from cause
     return await finalize(self)
 
   monkeypatch.setattr(atomic, 'finalize', full_disk_at_round_3)
   workdir = str(tmp_path / 'run')
-  with pytest.raises(CheckpointError, match=r'saving the checkpoint of round 3 failed \(OSError: '
-                     r'\[Errno 28\] No space left on device\); the newest complete checkpoint '
-                     'stays'):
+  said = (r'OSError: \[Errno 28\] No space left on device' if raised == 'os' else
+          r'ValueError: RESOURCE_EXHAUSTED: .*\[OS error 28: No space left on device\]')
+  with pytest.raises(CheckpointError, match=r'saving the checkpoint of round 3 failed \('
+                     + said + r'\); the newest complete checkpoint stays'):
     train_and_evaluate(_tiny(num_rounds=9, checkpoint_every=3), workdir)
   assert read_rows(workdir)[-1]['round'] <= 6  # it stopped at the next save, at the latest
   monkeypatch.setattr(atomic, 'finalize', finalize)
