@@ -120,3 +120,31 @@ def resumed(saved: list | None, at: int, where: str, *,
       f'differently (see fathom_sim/provenance.py). The run goes on from round {at} under this '
       'version; summary.json\'s "simulators" says which rounds ran under which. Start a new '
       'workdir for a run wholly under one version.')
+
+
+# How a stretch of rounds was executed, where a change alters how float sums round (clients
+# summed lane by lane, lanes across devices, products by precision and conv form) but not
+# what they compute: a run resumed across one is equal to an uninterrupted one only up to
+# float rounding, not bit for bit, which a researcher comparing params_sha256 must know.
+EXECUTION_FIELDS = ('platform', 'devices', 'processes', 'lanes_per_device',
+                    'batch_pad_per_octave', 'conv', 'matmul_precision', 'local_loop')
+
+
+def executed(saved: list | None, at: int, now: dict, where: str) -> tuple[list[dict], str | None]:
+  """A run's list of how its stretches of rounds were executed ({'from_round', and
+  EXECUTION_FIELDS}), with `now` appended from round `at` where it differs from the last
+  entry, and the warning to log then (None when nothing changed, or the checkpoint recorded
+  nothing: `saved` None, the list then starting at `at`)."""
+  runs = [dict(r) for r in saved or () if isinstance(r, dict)]
+  if runs and {k: v for k, v in runs[-1].items() if k != 'from_round'} == now:
+    return runs, None
+  runs.append({'from_round': at, **now})
+  if len(runs) == 1:
+    return runs, None
+  before = runs[-2]
+  changes = ', '.join(f'{k} {before.get(k)!r} -> {now[k]!r}' for k in now
+                      if before.get(k) != now[k])
+  return runs, (f'{where}: resumed at round {at} with {changes}: the sums round in another '
+                'order, so from here the run equals an uninterrupted one up to float rounding, '
+                'not bit for bit (params_sha256); summary.json\'s "executions" says how each '
+                'stretch of rounds ran')

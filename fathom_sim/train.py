@@ -224,8 +224,17 @@ class _Book:
     return {'round': t, 'hp': [float(v) for v in hp], 'total_examples': self.meta['total_examples'],
             'total_steps': self.meta['total_steps'], 'computed': self.meta['computed'],
             'wall_s': time.time() - self.start, 'config': workdir_lib.config_dict(self.config),
-            'simulators': self.meta['simulators'],
+            'simulators': self.meta['simulators'], 'executions': self.meta['executions'],
             'rejected_in_a_row': self.meta['rejected_in_a_row'], 'data': self.meta['data']}
+
+
+def _execution(run: Run, config: ml_collections.ConfigDict) -> dict:
+  """How this command executes the run's rounds (provenance.EXECUTION_FIELDS)."""
+  return {'platform': run.mesh.devices.flat[0].platform, 'devices': int(run.mesh.devices.size),
+          'processes': jax.process_count(), 'lanes_per_device': run.lanes_per_device,
+          'batch_pad_per_octave': config.batch_pad_per_octave,
+          'conv': run.conv if config.model.name == 'emnist_cnn' else None,
+          'matmul_precision': matmul_precision(), 'local_loop': run.local_loop}
 
 
 def _data_named(config: ml_collections.ConfigDict) -> str:
@@ -325,6 +334,7 @@ def _run(run: Run, configs: list[ml_collections.ConfigDict], workdirs: list[str]
       meta = {'total_examples': 0, 'total_steps': 0, 'computed': 0, 'wall_s': 0.0}
       done, hp = 0, None
       meta['simulators'] = provenance.started()
+      meta['executions'] = [{'from_round': 0, **_execution(run, config)}]
     else:
       state, meta = restored
       done, hp = int(meta['round']), np.asarray(meta['hp'], np.float32)
@@ -372,6 +382,12 @@ def _run(run: Run, configs: list[ml_collections.ConfigDict], workdirs: list[str]
           runs_rounds=book.done < c.num_rounds)
       if warning:
         logging.warning('%s', warning)
+      book.meta.setdefault('executions', None)  # (a checkpoint saved before they were kept)
+      if book.done < c.num_rounds:
+        book.meta['executions'], warning = provenance.executed(
+            book.meta.get('executions'), book.done, _execution(run, book.config), book.workdir)
+        if warning:
+          logging.warning('%s', warning)
   if vectorized and len({b.done for b in books}) > 1:
     for b in books:
       b.close()
@@ -730,7 +746,7 @@ def _summary(book: _Book, final: dict, params, hp: np.ndarray, rounds: Rounds, r
       'planned_ahead': rounds.planned_ahead, 'replanned': rounds.replanned,
       'replanned_seeds': rounds.replanned_seeds,
       'vectorized_seeds': vectorized, 'resumed_from': book.done,
-      'simulators': meta['simulators'],
+      'simulators': meta['simulators'], 'executions': meta['executions'],
       'wall_s': _wall_s(book, c.num_rounds), 'total_examples': meta['total_examples'],
       'total_local_steps': meta['total_steps'],
       'padding_efficiency': meta['total_examples'] / max(meta['computed'], 1),

@@ -14,6 +14,7 @@ import jax
 import numpy as np
 import pytest
 
+from fathom_sim import provenance
 from fathom_sim.train import train_and_evaluate
 from fathom_sim.workdir import WorkdirError
 from tests.common import tiny_config
@@ -1275,6 +1276,31 @@ def test_each_run_records_the_simulator_that_ran_it(tmp_path, caplog):
   # The same simulator resuming adds nothing and says nothing.
   again = train_and_evaluate(_tiny(num_rounds=4, checkpoint_every=1), workdir)
   assert again['simulators'] == want and 'results version' not in caplog.text
+
+
+def test_a_run_resumed_on_other_devices_records_and_says_that_it_rounds_otherwise(
+    tmp_path, caplog):
+  """Clients are summed lane by lane and lanes across devices: resumed with another device
+  count (num_devices 0, all of them, on another machine), the rounds from there equal an
+  uninterrupted run's only up to float rounding. That was nowhere said or recorded, and a
+  researcher comparing params_sha256 would take the run for broken, or for bitwise equal."""
+  workdir = str(tmp_path / 'run')
+  first = train_and_evaluate(_tiny(num_rounds=3, checkpoint_every=1), workdir)
+  on_two = {'platform': 'cpu', 'devices': 2, 'processes': 1, 'lanes_per_device': 1,
+            'batch_pad_per_octave': first['executions'][0]['batch_pad_per_octave'],
+            'conv': None, 'matmul_precision': first['matmul_precision'],
+            'local_loop': first['local_loop']}
+  assert first['executions'] == [{'from_round': 0, **on_two}]
+  assert set(on_two) == set(provenance.EXECUTION_FIELDS)
+  again = train_and_evaluate(_tiny(num_rounds=4, checkpoint_every=1), workdir)  # the same
+  assert again['executions'] == first['executions'] and 'float rounding' not in caplog.text
+  resumed = train_and_evaluate(_tiny(num_rounds=6, checkpoint_every=1, num_devices=1), workdir)
+  assert resumed['executions'] == [{'from_round': 0, **on_two},
+                                   {'from_round': 4, **on_two, 'devices': 1}]
+  assert re.search(r'resumed at round 4 with devices 2 -> 1: .* equals an uninterrupted one up '
+                   r'to float rounding, not bit for bit', caplog.text)
+  with open(os.path.join(workdir, 'checkpoints', '6', 'meta', 'metadata')) as f:
+    assert json.load(f)['executions'] == resumed['executions']
 
 
 def test_a_run_resumed_by_a_simulator_that_computes_differently_says_so(tmp_path, caplog,
