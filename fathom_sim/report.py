@@ -20,7 +20,7 @@ import statistics
 import numpy as np
 
 from fathom_sim import metrics
-from fathom_sim.config import unread_paths
+from fathom_sim.config import base_config, unread_paths
 from fathom_sim import workdir as workdir_lib
 
 _SEED_DIR = re.compile(r'^seed=\d+$')
@@ -180,9 +180,43 @@ class Group:
     return out
 
 
-def _read_json(path: str) -> tuple[dict | None, bool]:
-  """The JSON object in `path` (None where it is missing, torn or not an object), and
-  whether the file is there but could not be read as one."""
+def _kind(value) -> str:
+  """A JSON value's kind, ints and floats alike (a float field may be saved as 1)."""
+  if isinstance(value, bool) or value is None:
+    return type(value).__name__
+  return 'number' if isinstance(value, (int, float)) else type(value).__name__
+
+
+def _config_mistyped(config: dict) -> bool:
+  """Whether a config.json field the simulator defines holds another kind of value than its
+  default (a string where a number is, a list where a section is): read on, the report
+  ended in a traceback."""
+  defaults = workdir_lib.flatten(workdir_lib.config_dict(base_config()))
+  sections = {k.rsplit('.', 1)[0] for k in defaults if '.' in k}
+  for field, value in workdir_lib.flatten(config).items():
+    if field in sections or '.' in field and field.rsplit('.', 1)[0] in defaults:
+      return True  # a value in a section's place, or a section in a value's
+    if defaults.get(field) is not None and _kind(value) != _kind(defaults[field]):
+      return True
+  return False
+
+
+# The summary.json fields the report reads, and the kinds it reads them as.
+_SUMMARY_KINDS = {'rounds': ('number',), 'total_examples': ('number',),
+                  'total_local_steps': ('number',), 'final': ('dict',),
+                  'vectorized_seeds': ('number', 'NoneType')}
+
+
+def _summary_mistyped(summary: dict) -> bool:
+  if any(k in summary and _kind(summary[k]) not in kinds for k, kinds in _SUMMARY_KINDS.items()):
+    return True
+  final = summary.get('final', {})
+  return _kind(final.get('test_accuracy')) not in ('number', 'NoneType')
+
+
+def _read_json(path: str, mistyped=None) -> tuple[dict | None, bool]:
+  """The JSON object in `path` (None where it is missing, torn, not an object or `mistyped`),
+  and whether the file is there but could not be read as one."""
   try:
     with open(path, encoding='utf-8') as f:
       value = json.load(f)
@@ -190,7 +224,9 @@ def _read_json(path: str) -> tuple[dict | None, bool]:
     return None, False
   except (OSError, ValueError):
     return None, True
-  return (value, False) if isinstance(value, dict) else (None, True)
+  if not isinstance(value, dict) or mistyped is not None and mistyped(value):
+    return None, True
+  return value, False
 
 
 def read_run(workdir: str, setting: str) -> RunData:
@@ -202,7 +238,8 @@ def read_run(workdir: str, setting: str) -> RunData:
     rows = Rows.read(path)
   except OSError as e:
     raise DataError(f'{path}: cannot read it ({e.strerror or e})') from None
-  config, bad_config = _read_json(os.path.join(workdir, workdir_lib.CONFIG_FILE))
+  config, bad_config = _read_json(os.path.join(workdir, workdir_lib.CONFIG_FILE),
+                                  _config_mistyped)
   if config is None and not len(rows):
     # Every run writes its config.json before any row: this is some other file, and listing
     # it as a run of algorithm '?' would put an empty setting in every table.
@@ -210,7 +247,8 @@ def read_run(workdir: str, setting: str) -> RunData:
                     f'readable {workdir_lib.CONFIG_FILE} beside it: not a run\'s workdir. Move '
                     'it out of the folders given, or name the run folders one by one')
   config = config or {}
-  summary, bad_summary = _read_json(os.path.join(workdir, metrics.SUMMARY_FILE))
+  summary, bad_summary = _read_json(os.path.join(workdir, metrics.SUMMARY_FILE),
+                                    _summary_mistyped)
   if summary is not None:
     rounds = summary.get('rounds')
     if rounds != config.get('num_rounds', rounds) or (len(rows) and rows.last('round') != rounds):
@@ -513,7 +551,8 @@ def markdown(groups: list[Group], targets: list[float], *, timing: bool = True,
               + '): a target not reached may only not have been reached yet.']
   damaged = [(r.workdir, f) for g in groups for r in g.runs for f in r.unreadable]
   if damaged:
-    lines += ['', 'Warning: files there but not readable as a JSON object, taken as missing '
+    lines += ['', 'Warning: files there but not readable as a JSON object (torn, or a field '
+              'holding another type of value than a run writes there), taken as missing '
               '(config.json: the run\'s algorithm and settings unknown; summary.json: the run '
               'unfinished): ' + ', '.join(f'`{os.path.join(w, f)}`' for w, f in damaged) + '.']
   for g in groups:

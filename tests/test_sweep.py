@@ -545,6 +545,44 @@ def test_a_torn_config_or_summary_is_named_in_the_report_not_silently_taken_as_m
   assert 'seed=0' not in line
 
 
+@pytest.mark.parametrize('file, content', [
+    ('config.json', {'num_rounds': 'abc'}), ('config.json', {'algorithm': ['x']}),
+    ('config.json', {'model': 5}), ('config.json', {'model': {'name': {'x': 1}}}),
+    ('config.json', {'eta': True}),
+    ('summary.json', {'rounds': 2, 'total_examples': None}),
+    ('summary.json', {'rounds': 2, 'final': 'x'}),
+    ('summary.json', {'rounds': 2, 'final': {'test_accuracy': '0.5'}}),
+    ('summary.json', {'rounds': '2'})])
+def test_a_config_or_summary_with_a_field_of_another_type_is_named_not_a_traceback(
+    tmp_path, file, content):
+  """JSON that parses but holds a field of another type than a run writes (an edited file)
+  ended report.py in a ValueError, TypeError or AttributeError traceback, exit 1."""
+  root = tmp_path / 'sweep'
+  for seed in (0, 1):
+    _write_run(root / 'fathom' / f'seed={seed}', 'fathom', {2: 0.3}, 100, 2)
+    _finish(root / 'fathom' / f'seed={seed}', 2, 0.3)
+  path = root / 'fathom' / 'seed=1' / file
+  path.write_text(json.dumps({**json.loads(path.read_text()), **content}))
+  runs = report.find_runs([str(root)])
+  assert [r.unreadable for r in runs] == [(), (file,)]
+  table = report.markdown(report.group_runs(runs), [0.3])
+  [line] = [x for x in table.splitlines() if 'not readable as a JSON object' in x]
+  assert f'`{path}`.' in line
+
+
+def test_a_config_saved_with_ints_for_floats_or_unknown_fields_is_read(tmp_path):
+  """The type check takes a number for a number (eta saved as 1) and passes over fields the
+  simulator does not define (an older or newer version's)."""
+  workdir = tmp_path / 'sweep' / 'fathom' / 'seed=0'
+  _write_run(workdir, 'fathom', {2: 0.3}, 100, 2)
+  _finish(workdir, 2, 0.3)
+  path = workdir / 'config.json'
+  path.write_text(json.dumps({**json.loads(path.read_text()), 'eta': 1, 'retired_field': 'x',
+                              'model': {'name': 'mlp', 'retired': [1]}}))
+  [run] = report.find_runs([str(tmp_path / 'sweep')])
+  assert run.unreadable == () and run.config['eta'] == 1
+
+
 def test_every_shipped_sweep_loads_and_plans_valid_configs(tmp_path):
   from fathom_sim.config import check_config, unread_fields
   files = sorted(f for f in os.listdir(os.path.join(ROOT, 'sweeps'))
