@@ -517,7 +517,8 @@ def _bad_source(tmp_path, case: str) -> tuple[str, dict]:
                                          for c, (x, y) in clients.items()}
                                  for split, clients in (('all_train', train), ('all_test', test))})
     return str(src), dict(fmt='tff_sqlite', task='emnist')
-  if case in ('tff_so_no_tokens', 'vocab_empty', 'vocab_unreadable'):
+  if case in ('tff_so_no_tokens', 'vocab_empty', 'vocab_unreadable', 'vocab_csv',
+              'vocab_repeated'):
     write_tff(tmp_path / 'src', {split: {'a': [_tf_example(
         **({'score': [1]} if case == 'tff_so_no_tokens' else {'tokens': [b'the beer']}))]}
                                  for split in ('train', 'test')})
@@ -526,6 +527,10 @@ def _bad_source(tmp_path, case: str) -> tuple[str, dict]:
       vocab.write_text('\n\n')
     elif case == 'vocab_unreadable':
       vocab.write_bytes(b'the 10\n\xff\xfe 9\n')
+    elif case == 'vocab_csv':
+      vocab.write_text('the,10\nbeer;9\n3,000x\n')
+    elif case == 'vocab_repeated':
+      vocab.write_text('the 10\nbeer 9\nthe 8\n')
     else:
       write_vocab(vocab)
     return str(src), dict(fmt='tff_sqlite', task='stackoverflow', vocab_path=str(vocab))
@@ -543,6 +548,17 @@ def _bad_source(tmp_path, case: str) -> tuple[str, dict]:
   return str(src), dict(fmt='leaf_json', task='emnist')
 
 
+def test_a_word_count_file_may_hold_numbers_written_with_commas(tmp_path):
+  """Tokens such as '3,000' are words too (TFF's text is split on spaces): refused only
+  when most words look like a CSV's 'word,count'."""
+  from fathom_sim.data.vocab import read_word_counts
+  path = tmp_path / 'wc'
+  path.write_text('the\n3,000\nbeer\n')
+  assert read_word_counts(str(path), 10).words == ['the', '3,000', 'beer']
+  path.write_text('the 9\n3,000 8\n1,5 7\n')
+  assert read_word_counts(str(path), 10).words == ['the', '3,000', '1,5']
+
+
 @pytest.mark.parametrize('case, message', [
     ('leaf_labels_short', r'train\.json: client \S+: 4 images but labels of shape \(3,\)'),
     ('fedjax_no_label', r"federated_emnist_(train|test)\.sqlite: client \S+ lacks \['label'\]; "
@@ -554,6 +570,10 @@ def _bad_source(tmp_path, case: str) -> tuple[str, dict]:
     ('leaf_count', r'train\.json: user \S+: num_samples says 5 but y has 4'),
     ('vocab_empty', r'wc: no words in the word-count file'),
     ('vocab_unreadable', r'wc: cannot read the word-count file \(.*utf-8'),
+    ('vocab_csv', r"wc: 2 of its 3 words, such as 'the,10' \(line 1\), are a word and a count "
+                  r'joined by a comma or semicolon; a word-count file separates them by a space'),
+    ('vocab_repeated', r"wc: line 3 repeats the word 'the' of line 1; a word-count file names "
+                       'each word once'),
 ])
 def test_a_malformed_source_is_one_data_error_that_writes_nothing(tmp_path, case, message):
   """Each check of the readers on what the public files hold, hit by a source broken in that

@@ -120,7 +120,7 @@ def read_word_counts(path: str, size: int) -> Vocabulary:
   """The first `size` words of a word-count file (one `word [count]` per line, most frequent
   first, as FedJAX's and TFF's `stackoverflow.word_count`)."""
   from fathom_sim.data.byo import DataError
-  words = []
+  words, seen, joined = [], {}, []  # seen: word -> its line; joined: lines like 'word,count'
   try:
     with open(path, encoding='utf-8') as f:
       for number, line in enumerate(f, 1):
@@ -130,6 +130,12 @@ def read_word_counts(path: str, size: int) -> Vocabulary:
         if len(parts) > 2 or (len(parts) == 2 and not parts[1].isdigit()):
           raise DataError(f'{path}: line {number} is {line.strip()[:60]!r}; a word-count file '
                           'has one "word count" (or just "word") per line')
+        if parts[0] in seen:  # (its second id would never be used, and the file is no count)
+          raise DataError(f'{path}: line {number} repeats the word {parts[0]!r} of line '
+                          f'{seen[parts[0]]}; a word-count file names each word once')
+        seen[parts[0]] = number
+        if len(parts) == 1 and _JOINED_COUNT.fullmatch(parts[0]):
+          joined.append((number, parts[0]))
         words.append(parts[0])
         if len(words) == size:
           break
@@ -137,7 +143,17 @@ def read_word_counts(path: str, size: int) -> Vocabulary:
     raise DataError(f'{path}: cannot read the word-count file ({e})') from None
   if not words:
     raise DataError(f'{path}: no words in the word-count file')
+  # A CSV's 'the,1234' is one token: read as words, every word of the text would be out of
+  # the vocabulary. A real word may look so ('3,000'), but not most of them.
+  if 2 * len(joined) > len(words):
+    number, word = joined[0]
+    raise DataError(f'{path}: {len(joined)} of its {len(words)} words, such as {word!r} (line '
+                    f'{number}), are a word and a count joined by a comma or semicolon; a '
+                    'word-count file separates them by a space ("the 1234")')
   return Vocabulary(words)
+
+
+_JOINED_COUNT = re.compile(r'.+[,;]\d+')
 
 
 def vocabulary_from(sentences: Iterable[str | bytes], size: int) -> Vocabulary:
