@@ -336,6 +336,11 @@ def test_bad_tff_files_are_refused_with_one_clear_error(tmp_path, problem, needl
     ('xml', 'not well-formed XML'),
     ('not_posts', 'expected a Stack Exchange Posts.xml'),
     ('post_id', "a row's Id is 'x1'; Posts.xml Ids are whole numbers"),
+    # compared as text with the split date, a malformed date fell on either side, silently
+    ('post_date', "the row of Id 1 has CreationDate 'garbage'; Posts.xml dates are "
+                  'YYYY-MM-DDThh:mm:ss[.fff]'),
+    ('post_date_zone', "the row of Id 1 has CreationDate '2015-01-01T00:00:00+02:00'"),
+    ('post_day', "the row of Id 1 has CreationDate '2015-02-30T00:00:00.000'"),
 ])
 def test_bad_leaf_and_posts_files_are_refused(tmp_path, problem, needle):
   src = tmp_path / 'leaf'
@@ -368,7 +373,11 @@ def test_bad_leaf_and_posts_files_are_refused(tmp_path, problem, needle):
     src.write_text({'xml': '<posts><row Id="1" ', 'not_posts': '<users><row Id="1"/></users>',
                     'post_id': '<posts><row Id="x1" PostTypeId="1" OwnerUserId="5" '
                                'CreationDate="2015-01-01T00:00:00.000" Body="&lt;p&gt;Hi there'
-                               '&lt;/p&gt;"/></posts>'}[problem])
+                               '&lt;/p&gt;"/></posts>'}.get(problem) or (
+        '<posts><row Id="1" PostTypeId="1" OwnerUserId="5" CreationDate="%s" Body="&lt;p&gt;'
+        'Hi there&lt;/p&gt;"/></posts>' % {'post_date': 'garbage',
+                                           'post_date_zone': '2015-01-01T00:00:00+02:00',
+                                           'post_day': '2015-02-30T00:00:00.000'}[problem]))
     fmt, task = 'stackexchange_xml', 'stackoverflow'
   with pytest.raises(DataError) as err:
     prepare(str(src), str(tmp_path / 'out'), fmt=fmt, task=task)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import re
 import sqlite3
 import xml.etree.ElementTree as ET
 from typing import Iterator
@@ -27,6 +28,22 @@ def _is_date(text: str) -> bool:
     return datetime.date.fromisoformat(text).isoformat() == text
   except ValueError:
     return False
+
+
+_TIMESTAMP = re.compile(r'(\d{4}-\d\d-\d\d)(T\d\d:\d\d(:\d\d(\.\d{1,6})?)?)?')
+
+
+def _is_timestamp(text: str) -> bool:
+  """A CreationDate as the dumps write it (a day, then an optional time, no zone): compared as
+  text with the split date, any other form would fall on the wrong side of it."""
+  match = _TIMESTAMP.fullmatch(text)
+  if not match or not _is_date(match.group(1)):
+    return False
+  try:
+    datetime.datetime.fromisoformat(text)
+  except ValueError:
+    return False
+  return True
 
 
 class StackExchangeXml:
@@ -77,6 +94,10 @@ class StackExchangeXml:
           except ValueError:
             raise DataError(f'{self.path}: a row\'s Id is {a["Id"]!r}; Posts.xml Ids are whole '
                             'numbers') from None
+          if not _is_timestamp(a['CreationDate']):
+            raise DataError(f'{self.path}: the row of Id {post_id} has CreationDate '
+                            f'{a["CreationDate"][:40]!r}; Posts.xml dates are '
+                            'YYYY-MM-DDThh:mm:ss[.fff] (posts are split by them, as text)')
           rows.append((owner, post_id, a['CreationDate'], '\n'.join(sentences)))
         else:
           self.skipped += 1
