@@ -181,7 +181,7 @@ def test_a_bad_flag_met_by_one_process_after_joining_stops_both_in_one_line(tmp_
 
 def test_a_signal_to_one_process_stops_both_after_the_same_round_and_they_resume(tmp_path):
   workdir = str(tmp_path / 'multi')
-  extra = ['--config.num_rounds=30', '--config.checkpoint_every=10']
+  extra = ['--config.num_rounds=12', '--config.checkpoint_every=4']
 
   def start():
     port = _free_port()
@@ -200,14 +200,14 @@ def test_a_signal_to_one_process_stops_both_after_the_same_round_and_they_resume
   found = [re.search(r'stopped after round (\d+)', o) for o in outs]
   assert all(found), '\n'.join(o[-2500:] for o in outs)
   stopped = {int(m.group(1)) for m in found}
-  assert len(stopped) == 1 and stopped.pop() < 30
+  assert len(stopped) == 1 and stopped.pop() < 12
 
   procs = start()
   for p in procs:
     out, _ = p.communicate(timeout=600)
     assert p.returncode == 0, out[-3000:]
   rows = _rows(workdir)
-  assert [r['round'] for r in rows] == list(range(1, 31))
+  assert [r['round'] for r in rows] == list(range(1, 13))
   straight = str(tmp_path / 'straight')
   p = _main(straight, 8, extra)
   out, _ = p.communicate(timeout=600)
