@@ -25,6 +25,7 @@ import functools
 import json
 import os
 import resource
+import signal
 import subprocess
 import sys
 import tempfile
@@ -409,7 +410,12 @@ def main(argv):
     print(header, flush=True)  # before the rows' processes write to the same stdout
   from fathom_sim import lane_update
   lane_update.PALLAS = _LANE_UPDATE.value == 'pallas'
-  cli.run_or_exit(lambda: _rows(cohorts))
+  cli.run_or_exit(lambda: _rows(cohorts), interrupted=lambda: 'stopped by Ctrl-C' + (
+      f'; the {_measured[0]} row(s) measured before it are in {_JSON.value}'
+      if _measured[0] and _JSON.value else ''))
+
+
+_measured = [0]  # rows measured so far (and written to --json)
 
 
 def _check_writable(path: str) -> None:
@@ -440,6 +446,7 @@ def _rows(cohorts: list[int]) -> None:
       if _JSON.value:  # replaced whole: a kill mid-write keeps the rows measured before
         from fathom_sim import metrics
         metrics.write_text(_JSON.value, json.dumps(results, indent=2) + '\n')
+      _measured[0] = len(results)
 
 
 def _measure_or_fail(name: str, cohort: int) -> dict:
@@ -486,8 +493,20 @@ def _measure_in_child(name: str, cohort: int) -> dict:
     # absl keeps the last value of a repeated flag: these override the command's own.
     argv = [sys.executable, os.path.abspath(__file__), *sys.argv[1:], f'--tasks={name}',
             f'--cohort_sizes={cohort}', '--noisolate_rows', f'--json={out}']
-    # Its log lines (absl's, on stdout) pass through; its table row is printed here.
-    child = subprocess.run(argv, env={**os.environ, _ROW_PROCESS: '1'})
+    # Its log lines (absl's, on stdout) pass through; its table row is printed here. It
+    # starts with Ctrl-C ignored (Python then leaves it so): this process alone says it, and
+    # ends the row (the row's own KeyboardInterrupt was a second, traceback-long message).
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+      child = subprocess.Popen(argv, env={**os.environ, _ROW_PROCESS: '1'})
+    finally:
+      signal.signal(signal.SIGINT, previous)
+    try:
+      child.wait()
+    except BaseException:
+      child.kill()
+      child.wait()
+      raise
     if child.returncode != 0:
       if child.returncode < 0:
         print(f'error: the row {name} at cohort {cohort} was ended by signal '

@@ -4,8 +4,10 @@ import functools
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -464,3 +466,30 @@ def test_the_mesh_ceiling_runs_an_independent_chain_on_each_device(model):
   assert len(set(np.asarray(loss).tolist())) == chains  # each chain its own batch
   _, _, _, _, one = ceiling_program(run, pooled, 4, 2)
   assert one == 1
+
+
+def test_ctrl_c_ends_the_benchmark_in_one_line_whatever_process_measures_the_row(tmp_path):
+  """Ctrl-C (SIGINT to the terminal's process group) said 'stopped by a second Ctrl-C; the same
+  command resumes the run from its last checkpoint', a training run's words, and the row's own
+  process printed a KeyboardInterrupt traceback beside it."""
+  env = dict(os.environ, JAX_PLATFORMS='cpu', XLA_FLAGS='--xla_force_host_platform_device_count=1')
+  out = tmp_path / 'bench.json'
+  p = subprocess.Popen([sys.executable, os.path.join(ROOT, 'launch', 'benchmark.py'),
+                        '--tasks=mlp', '--cohort_sizes=3', '--rounds=100000', '--warmup=1',
+                        '--num_clients=30', f'--json={out}'],
+                       cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                       text=True, start_new_session=True)  # a group of its own, as a shell's
+  try:
+    assert p.stdout.readline().startswith('task'), p.stderr.read()  # the header
+    time.sleep(8)  # the row's process is running
+    assert p.poll() is None
+    os.killpg(p.pid, signal.SIGINT)
+    stdout, stderr = p.communicate(timeout=60)
+  finally:
+    if p.poll() is None:
+      os.killpg(p.pid, signal.SIGKILL)
+  assert p.returncode == 130, stderr[-3000:]
+  errors = [line for line in stderr.splitlines() if line.startswith('error:')]
+  assert errors == ['error: stopped by Ctrl-C'], stderr[-3000:]
+  assert 'Traceback' not in stderr + stdout and 'KeyboardInterrupt' not in stderr + stdout
+  assert not out.exists()  # no row was measured
