@@ -221,6 +221,8 @@ def run_status(run: RunSpec) -> tuple[str, str | None]:
   already there under another config is reported, never skipped or redone."""
   from fathom_sim import workdir as workdir_lib
   try:
+    # (what training it would refuse, said before: --dry_run lists such a run as failing)
+    workdir_lib.check_layout(run.workdir)
     workdir_lib.check_same_run(run.workdir, run.config)
   except workdir_lib.WorkdirError as e:
     return 'failed', str(e)
@@ -254,6 +256,9 @@ def check_out(sweep: SweepDef, out: str, extra: dict | None = None) -> str:
   returns the sweep file's name, as sweep.json records it. Changes nothing: run_sweep and
   --dry_run make the same checks."""
   from fathom_sim import workdir as workdir_lib
+  if not out:  # (os.makedirs('') fails, after --dry_run had listed every run to run)
+    raise workdir_lib.WorkdirError("--out '' names no folder; give one for the runs and "
+                                   'sweep.json')
   workdir_lib.check_local(out, '--out')
   refusal = file_for_folder(out, '--out', 'the runs and sweep.json')
   if refusal:

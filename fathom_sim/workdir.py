@@ -291,6 +291,15 @@ def too_few_rounds(workdir: str, done: int, num_rounds: int) -> WorkdirError:
                       f'config.num_rounds must be at least that, got {num_rounds}')
 
 
+def check_layout(workdir: str) -> None:
+  """Raises WorkdirError where `workdir` cannot hold a run for what it is, whatever the
+  config: a URL, a file, another command's folder, a run's file of the wrong kind."""
+  check_local(workdir, '--workdir')
+  _check_folder(workdir)
+  if os.path.isfile(os.path.join(workdir, CONFIG_FILE)):
+    _check_kinds(workdir)
+
+
 def check_before_load(workdir: str, config: ml_collections.ConfigDict,
                       hold: contextlib.ExitStack) -> None:
   """The checks of prepare() that need no data, made before the data load (minutes for a

@@ -181,6 +181,36 @@ def test_sweep_command_refuses_an_out_that_is_a_file(tmp_path, dry_run):
   assert out.read_text() == 'mine'
 
 
+def test_sweep_command_refuses_an_empty_out_dry_or_not(tmp_path):
+  """--out= : --dry_run listed every run 'to run', and the sweep itself then failed."""
+  path = tmp_path / 'sweep.py'
+  path.write_text(GOOD_SWEEP)
+  for dry_run in ([], ['--dry_run']):
+    _refused(_cli('sweep.py', f'--sweep={path}', '--out=', *dry_run),
+             "--out '' names no folder; give one for the runs and sweep.json")
+
+
+def test_a_dry_run_says_a_run_fails_where_its_workdir_cannot_hold_it(tmp_path):
+  """A run's workdir that is a file, or holds a run's file of the wrong kind: --dry_run said
+  'to run', and the sweep then marked the run failed."""
+  from fathom_sim import workdir as workdir_lib
+  path = tmp_path / 'sweep.py'
+  path.write_text(f"def get_sweep():\n  return {{'config': {QUICKSTART!r}, 'seeds': 2}}\n")
+  out = tmp_path / 'out'
+  out.mkdir()
+  (out / 'base').mkdir()
+  (out / 'base' / 'seed=0').write_text('mine')
+  (out / 'base' / 'seed=1').mkdir()
+  (out / 'base' / 'seed=1' / workdir_lib.CONFIG_FILE).write_text('{}')
+  (out / 'base' / 'seed=1' / 'checkpoints').write_text('x')
+  p = _cli('sweep.py', f'--sweep={path}', f'--out={out}', '--dry_run')
+  assert p.returncode == 0, p.stderr[-2000:]
+  lines = p.stdout.strip().splitlines()
+  assert lines[0].startswith('base/seed=0: fails: ') and 'is a file, not a folder' in lines[0]
+  assert lines[1].startswith('base/seed=1: fails: ') and 'checkpoints is a file' in lines[1]
+  assert (out / 'base' / 'seed=0').read_text() == 'mine'
+
+
 def test_a_sweep_and_a_run_do_not_share_a_folder(tmp_path):
   """A run inside a sweep's folder, a sweep inside a run's, or a second sweep over a first
   would hide runs from report.py or replace the first sweep's index: each is refused, and
