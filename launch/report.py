@@ -38,6 +38,8 @@ def main(argv):
     targets = []
   if not targets or not all(0 < t <= 1 for t in targets):
     cli.fail(f'--targets must be test accuracies in (0, 1], got {",".join(_TARGETS.value)!r}')
+  if len(set(targets)) < len(targets):  # (each column and best-setting row twice over)
+    cli.fail(f'--targets names a target twice ({",".join(_TARGETS.value)!r}); give each once')
   out = _OUT.value
   if is_url(out):
     cli.fail(f'--out {out!r} is a URL, and reports are written through the filesystem; '
