@@ -68,7 +68,9 @@ _LANE_UPDATE = flags.DEFINE_enum(
     'lane_update', 'xla', ['xla', 'pallas'], 'A lane\'s passes over its model at every local '
     'step (the SGD step, the sums for c_k, a client\'s end) as XLA\'s fusions or, on a GPU, as '
     'fathom_sim/lane_update.py\'s Pallas kernels (untimed yet: a candidate for benchmarks).')
-_JSON = flags.DEFINE_string('json', None, 'Write one JSON object per (task, cohort) here.')
+_JSON = flags.DEFINE_string(
+    'json', None, 'Write a JSON list here, one object per (task, cohort) row, rewritten after '
+    'each row (an existing file is kept until the first row is measured, then replaced).')
 _ISOLATE = flags.DEFINE_bool(
     'isolate_rows', True, 'Measure each (task, cohort) row in a process of its own. Peak RSS '
     'and device memory are peaks over a process\'s life: rows measured in one process would '
