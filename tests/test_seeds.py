@@ -255,3 +255,32 @@ def test_a_vectorised_seed_that_diverges_stops_where_it_would_alone(tmp_path, mo
         os.listdir(tmp_path / f'solo{s}' / 'checkpoints'))
   # Stopped, seed 1's cohorts run idle from round 7 (test_prefetch: what that saves).
   assert idle == {t: [False, t > 6, False] for t in range(1, 9)}
+
+
+def _final_params(config, workdir):
+  import jax
+  from fathom_sim.checkpoint import Checkpointer
+  from tests.common import build, init_state
+  state, _ = Checkpointer(workdir, 3).restore_newest(init_state(build(config)))
+  return jax.device_get(state.params)
+
+
+def test_a_vectorised_seed_of_the_cnn_draws_its_own_dropout_masks(tmp_path):
+  """The MLP above has no dropout: seeds in one program all drawing seed 0's masks passed
+  every test. The EMNIST CNN has dropout; each seed's whole params must be its solo run's (one
+  local step a client, so float rounding cannot send a ReLU unit to its other side)."""
+  from tests.common import assert_trees_close
+  configs = []
+  for s in (0, 1):
+    c = tiny_config(algorithm='fedavg', num_devices=2, cohort_size=3, eta=0.1, epochs=0.05,
+                    batch_size=20.0, num_rounds=1, eval_every=1)
+    c.model.name, c.model.conv = 'emnist_cnn', 'xla'
+    c.data.name, c.data.num_clients = 'femnist_synthetic', 8
+    c.seed = s
+    configs.append(c)
+  vec = [str(tmp_path / f'vec{s}') for s in (0, 1)]
+  assert [r['vectorized_seeds'] for r in train_seeds(configs, vec)] == [2, 2]
+  for c, v in zip(configs, vec):
+    solo = str(tmp_path / f'solo{c.seed}')
+    train_and_evaluate(c, solo)
+    assert_trees_close(_final_params(c, v), _final_params(c, solo))
