@@ -1526,3 +1526,26 @@ def test_a_signal_while_the_run_waits_for_its_compiles_is_taken_after_the_summar
   assert summary['rounds'] == 2
   monkeypatch.setattr(driver.Rounds, 'close', close)
   assert train_and_evaluate(_tiny(num_rounds=2), workdir) == summary
+
+
+def test_a_resumed_run_of_the_dropout_cnn_equals_an_uninterrupted_one(tmp_path):
+  """The resume tests above train the MLP, which has no dropout, on the device loop: the CNN's
+  dropout masks (from the checkpointed base key and round) on the host-driven loop (its
+  choice on CPU at real sizes) were never resumed."""
+  def cnn(num_rounds):
+    c = tiny_config(algorithm='fathom', num_devices=2, cohort_size=3, eta=0.1, epochs=0.05,
+                    batch_size=20.0, num_rounds=num_rounds, eval_every=2, checkpoint_every=1,
+                    local_loop='host')
+    c.model.name = 'emnist_cnn'
+    c.data.name, c.data.num_clients = 'femnist_synthetic', 8
+    return c
+  straight = train_and_evaluate(cnn(3), str(tmp_path / 'straight'))
+  assert straight['local_loop'] == 'host' and straight['conv'] is not None
+  workdir = str(tmp_path / 'run')
+  train_and_evaluate(cnn(2), workdir)
+  resumed = train_and_evaluate(cnn(3), workdir)
+  assert resumed['resumed_from'] == 2
+  assert resumed['final']['params_sha256'] == straight['final']['params_sha256']
+  untimed = [[{k: v for k, v in r.items() if k != 'wall_s'} for r in read_rows(w)]
+             for w in (workdir, str(tmp_path / 'straight'))]
+  assert untimed[0] == untimed[1]
