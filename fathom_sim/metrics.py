@@ -116,9 +116,16 @@ def iter_rows(path: str) -> Iterator[dict]:
   with rows after it, a file that is not UTF-8 text or a damaged gzip file raise DataError (a
   ValueError) naming the file, which is left as it is.
   """
+  return (row for row, _, _ in _rows_and_lines(path))
+
+
+def _rows_and_lines(path: str) -> Iterator[tuple[dict, int, int]]:
+  """iter_rows's rows, each with the byte offsets of its line's start and of just past its
+  end (of the file as it is read: a gzipped copy's, uncompressed)."""
   from fathom_sim.data import DataError
   opener = gzip.open if path.endswith('.gz') else open
   bad = None  # (line number, line, parsed) of a line that is no row: torn, if nothing follows
+  end = 0
 
   def not_a_row(number: int, line: str, last: bool) -> DataError:
     return DataError(f'{path}: line {number} is not a row of a run (a JSON object with an '
@@ -126,10 +133,13 @@ def iter_rows(path: str) -> Iterator[dict]:
                      f'{"" if last else "; rows follow it, so it is no torn last write"}. '
                      'The file is left as it is: repair or remove that line')
 
-  with opener(path, 'rt', encoding='utf-8') as f:
+  # Read as bytes, so that each row's end is known (keep_rows truncates there); rows are
+  # ASCII JSON with no raw line breaks inside, and a '\r' before a '\n' is JSON's whitespace.
+  with opener(path, 'rb') as f:
     try:
-      for number, line in enumerate(f, 1):
-        line = line.rstrip('\n')
+      for number, raw in enumerate(f, 1):
+        end += len(raw)
+        line = raw.decode('utf-8').rstrip('\n')
         if not line.strip():
           continue  # the end of the last row's line, or a blank line: no row lost
         if bad is not None:  # not a torn write: truncating (keep_rows) would lose this line
@@ -140,7 +150,7 @@ def iter_rows(path: str) -> Iterator[dict]:
           row = None
         # JSON's true is a Python int too: a row's round is an integer and not a bool.
         if isinstance(row, dict) and type(row.get('round')) is int:
-          yield row
+          yield row, end - len(raw), end
         else:
           bad = (number, line, row)
     except UnicodeDecodeError as e:
@@ -214,32 +224,39 @@ def keep_rows(workdir: str, last_round: int, drop_eval_at: int | None = None, *,
   A run killed after its last checkpoint wrote rows it will write again when resumed, possibly
   with a torn last line; this makes metrics.jsonl hold each round exactly once. The row of
   round `drop_eval_at` loses its evaluation (its test_* fields); `amend`'s fields are added to
-  the row of `last_round`. The kept rows are fed to `into`. The file is rewritten as a stream
-  and replaced at once, so a damaged file or a kill leaves it as it was. Rows dropped past the
-  checkpoint are said in the log, and, with `check`, rounds missing or repeated before it.
-  Returns whether an evaluation was dropped.
+  the row of `last_round`. The kept rows are fed to `into`. The file is read whole first (a
+  damaged line anywhere is refused, the file left as it was); then, where no kept row changes,
+  cut after the last kept row (no copy: a long run's file may be gigabytes, on a disk without
+  room for a second), else copied with its changed rows into a file that replaces it at once,
+  so that a kill leaves it as it was. Rows dropped past the checkpoint are said in the log,
+  and, with `check`, rounds missing or repeated before it. Returns whether an evaluation was
+  dropped.
   """
   path = os.path.join(workdir, METRICS_FILE)
   dropped, keeping, redone = False, True, 0
   expected, fault = 1, None  # the round the next kept row should be; the first that was not
-  with replaced(path) as out:
-    for row in iter_rows(path) if os.path.exists(path) else ():
-      keeping = keeping and row['round'] <= last_round
-      if not keeping:
-        redone += row['round'] > last_round
-        continue  # read on all the same: a damaged line further on is refused
-      if row['round'] != expected and fault is None:
-        fault = (f'round {row["round"]} follows round {expected - 1}' if expected > 1 else
-                 f'the first row is round {row["round"]}')
-      expected = row['round'] + 1
-      if row['round'] == drop_eval_at:
-        without = {k: v for k, v in row.items() if not k.startswith('test_')}
-        dropped, row = dropped or without != row, without
-      if amend is not None and row['round'] == last_round:
-        row = {**row, **amend}
-      out.write(json.dumps(_plain(row)) + '\n')
-      if into is not None:
-        into.add(row)
+  kept_end = 0  # the byte offset just past the last kept row's line
+  edits: list[tuple[int, int, dict]] = []  # (start, end, new row) of the kept rows that change
+  for row, start, end in _rows_and_lines(path) if os.path.exists(path) else ():
+    keeping = keeping and row['round'] <= last_round
+    if not keeping:
+      redone += row['round'] > last_round
+      continue  # read on all the same: a damaged line further on is refused
+    if row['round'] != expected and fault is None:
+      fault = (f'round {row["round"]} follows round {expected - 1}' if expected > 1 else
+               f'the first row is round {row["round"]}')
+    expected, kept_end = row['round'] + 1, end
+    kept = row
+    if row['round'] == drop_eval_at:
+      kept = {k: v for k, v in row.items() if not k.startswith('test_')}
+      dropped = dropped or kept != row
+    if amend is not None and row['round'] == last_round:
+      kept = {**kept, **amend}
+    if kept != row:
+      edits.append((start, end, kept))
+    if into is not None:
+      into.add(kept)
+  _cut_or_copy(path, kept_end, edits)
   if redone:
     logging.info('%s: %d row(s) past the checkpoint of round %d dropped; their rounds are run '
                  'again', path, redone, last_round)
@@ -255,6 +272,41 @@ def keep_rows(workdir: str, last_round: int, drop_eval_at: int | None = None, *,
                     'run goes on from its checkpoint of round %d, with its rows as they are',
                     path, last_round, fault, last_round)
   return dropped
+
+
+def _cut_or_copy(path: str, kept_end: int, edits: list[tuple[int, int, dict]]) -> None:
+  """Makes `path` hold its bytes up to `kept_end`, the lines of `edits` (start, end, row) in
+  their rows' place: cut in place where there are none and the last kept line is whole, else
+  copied, bytes and the changed rows, into a file that replaces it."""
+  whole = True  # whether the last kept line ends with its line break
+  try:
+    with open(path, 'rb+') as f:
+      f.seek(max(kept_end - 1, 0))
+      whole = kept_end == 0 or f.read(1) == b'\n'
+      if not edits and whole:
+        if f.seek(0, os.SEEK_END) > kept_end:
+          f.truncate(kept_end)
+          _sync(f)
+        return
+  except FileNotFoundError:
+    pass  # (made below: the writer appends to it, and gcsfuse stages it, before any row)
+  except OSError as e:
+    raise OutputError(f'{path} could not be cut to the checkpoint\'s rows ({e.strerror or e}); '
+                      'what it held before stays') from None
+  with replaced(path) as out, contextlib.ExitStack() as stack:
+    source = stack.enter_context(open(path, 'rb')) if os.path.exists(path) else None
+    at = 0
+    for start, end, row in [*edits, (kept_end, kept_end, None)]:
+      while at < start:  # the bytes between, copied in bounded pieces
+        piece = source.read(min(start - at, 1 << 24))
+        out.buffer.write(piece)
+        at += len(piece)
+      if row is not None:
+        out.buffer.write((json.dumps(_plain(row)) + '\n').encode())
+        source.seek(end)
+        at = end
+    if not whole and not (edits and edits[-1][1] == kept_end):
+      out.buffer.write(b'\n')  # the last kept row's, torn off: the next row would join it
 
 
 @contextlib.contextmanager

@@ -817,6 +817,52 @@ def test_metrics_rows_read_plain_or_gzipped_up_to_a_torn_line_and_kept_to_a_roun
   assert sorted(os.listdir(tmp_path)) == [metrics.METRICS_FILE, metrics.METRICS_FILE + '.gz']
 
 
+def test_rows_past_the_checkpoint_are_cut_in_place_without_a_copy(tmp_path, monkeypatch):
+  """A resume rewrote the whole metrics.jsonl through a copy beside it: minutes and a second
+  file's room for a long run's gigabytes, and on a disk without that room the run could not
+  resume. Where no kept row changes it is now cut after the last kept row, in place; a last
+  kept row without its line break, or a row that changes, still goes through a copy."""
+  from fathom_sim import metrics
+  path = tmp_path / metrics.METRICS_FILE
+  kept = ''.join(json.dumps({'round': t, 'test_accuracy': 0.5}) + '\n' for t in (1, 2, 3))
+  path.write_text(kept + '\n' + json.dumps({'round': 4}) + '\n{"round": 5, "tr')
+  inode = os.stat(path).st_ino
+
+  def no_room(_):
+    raise AssertionError('copied')
+
+  with monkeypatch.context() as m:
+    m.setattr(metrics, 'replaced', no_room)
+    log = metrics.RowLog(0.4)
+    assert metrics.keep_rows(str(tmp_path), 3, into=log) is False
+    assert metrics.keep_rows(str(tmp_path), 3) is False  # nothing past it: left as it is
+  assert path.read_text() == kept and os.stat(path).st_ino == inode
+  assert log.last['round'] == 3 and log.reached['round'] == 1
+  # The last kept row's line break torn off: the next row would join its line.
+  path.write_text(kept[:-1])
+  metrics.keep_rows(str(tmp_path), 3)
+  assert path.read_text() == kept
+  # A row that changes goes through the copy, which a kill leaves as it was.
+  path.write_text(kept + json.dumps({'round': 4}) + '\n')
+  with monkeypatch.context() as m:
+    m.setattr(metrics, 'replaced', no_room)
+    with pytest.raises(AssertionError, match='copied'):
+      metrics.keep_rows(str(tmp_path), 3, drop_eval_at=3)
+  assert path.read_text() == kept + json.dumps({'round': 4}) + '\n'
+  assert metrics.keep_rows(str(tmp_path), 3, drop_eval_at=3) is True
+  assert metrics.read_rows(str(path))[-1] == {'round': 3}
+  # Only the changed rows are written anew; the others' bytes are kept as they were.
+  path.write_text(kept[:-1])
+  assert metrics.keep_rows(str(tmp_path), 3, drop_eval_at=2, amend={'x': 1}) is True
+  lines = kept.splitlines(keepends=True)
+  assert path.read_text() == (lines[0] + json.dumps({'round': 2}) + '\n'
+                              + json.dumps({'round': 3, 'test_accuracy': 0.5, 'x': 1}) + '\n')
+  assert sorted(os.listdir(tmp_path)) == [metrics.METRICS_FILE]
+  (tmp_path / metrics.METRICS_FILE).unlink()  # none yet: made empty, for the writer
+  assert metrics.keep_rows(str(tmp_path), 0, check=False) is False
+  assert path.read_text() == ''
+
+
 @pytest.mark.parametrize('rounds, said', [
     ([1, 2, 3, 4, 5], None),
     ([1, 2, 4, 5], 'round 4 follows round 2'),
@@ -1530,8 +1576,8 @@ def test_a_signal_while_the_run_waits_for_its_compiles_is_taken_after_the_summar
 
 def test_a_resumed_run_of_the_dropout_cnn_equals_an_uninterrupted_one(tmp_path):
   """The resume tests above train the MLP, which has no dropout, on the device loop: the CNN's
-  dropout masks (from the checkpointed base key and round) on the host-driven loop (its
-  choice on CPU at real sizes) were never resumed."""
+  dropout masks (from the checkpointed base key and round) on the host-driven loop (auto's
+  choice for the CNN with nn.Conv on CPU) were never resumed."""
   def cnn(num_rounds):
     c = tiny_config(algorithm='fathom', num_devices=2, cohort_size=3, eta=0.1, epochs=0.05,
                     batch_size=20.0, num_rounds=num_rounds, eval_every=2, checkpoint_every=1,
