@@ -10,6 +10,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import zlib
 from typing import IO, Iterator
 
@@ -119,6 +120,20 @@ def iter_rows(path: str) -> Iterator[dict]:
   return (row for row, _, _ in _rows_and_lines(path))
 
 
+_LONE_CR = re.compile(rb'(?<=\r)(?!\n)')  # a line break of its own ('\r' not before '\n')
+
+
+def _lines(f: IO[bytes]) -> Iterator[bytes]:
+  """The lines of a binary file, each with its line break: '\n', '\r\n' or '\r' alone (as
+  text mode reads them; an edited file may end its rows so), their lengths adding up to the
+  file's."""
+  for raw in f:
+    if b'\r' in raw:
+      yield from (part for part in _LONE_CR.split(raw) if part)
+    else:
+      yield raw
+
+
 def _rows_and_lines(path: str) -> Iterator[tuple[dict, int, int]]:
   """iter_rows's rows, each with the byte offsets of its line's start and of just past its
   end (of the file as it is read: a gzipped copy's, uncompressed)."""
@@ -137,9 +152,9 @@ def _rows_and_lines(path: str) -> Iterator[tuple[dict, int, int]]:
   # ASCII JSON with no raw line breaks inside, and a '\r' before a '\n' is JSON's whitespace.
   with opener(path, 'rb') as f:
     try:
-      for number, raw in enumerate(f, 1):
+      for number, raw in enumerate(_lines(f), 1):
         end += len(raw)
-        line = raw.decode('utf-8').rstrip('\n')
+        line = raw.decode('utf-8').rstrip('\r\n')
         if not line.strip():
           continue  # the end of the last row's line, or a blank line: no row lost
         if bad is not None:  # not a torn write: truncating (keep_rows) would lose this line
@@ -237,7 +252,7 @@ def keep_rows(workdir: str, last_round: int, drop_eval_at: int | None = None, *,
   expected, fault = 1, None  # the round the next kept row should be; the first that was not
   kept_end = 0  # the byte offset just past the last kept row's line
   edits: list[tuple[int, int, dict]] = []  # (start, end, new row) of the kept rows that change
-  for row, start, end in _rows_and_lines(path) if os.path.exists(path) else ():
+  for row, start, end in _rows_read_for_keeping(path):
     keeping = keeping and row['round'] <= last_round
     if not keeping:
       redone += row['round'] > last_round
@@ -274,18 +289,33 @@ def keep_rows(workdir: str, last_round: int, drop_eval_at: int | None = None, *,
   return dropped
 
 
+def _rows_read_for_keeping(path: str) -> Iterator[tuple[dict, int, int]]:
+  """_rows_and_lines of `path` (none where it does not exist yet), a read that fails said as
+  the file's, in one line."""
+  if not os.path.exists(path):
+    return
+  try:
+    yield from _rows_and_lines(path)
+  except OSError as e:
+    raise OutputError(f'{path} could not be read ({e.strerror or e}); what it held before '
+                      'stays') from None
+
+
 def _cut_or_copy(path: str, kept_end: int, edits: list[tuple[int, int, dict]]) -> None:
   """Makes `path` hold its bytes up to `kept_end`, the lines of `edits` (start, end, row) in
-  their rows' place: cut in place where there are none and the last kept line is whole, else
-  copied, bytes and the changed rows, into a file that replaces it."""
-  whole = True  # whether the last kept line ends with its line break
+  their rows' place: cut in place where there are none, else copied, bytes and the changed
+  rows, into a file that replaces it. A last kept line without its line break gets one (the
+  next row would join it)."""
   try:
     with open(path, 'rb+') as f:
       f.seek(max(kept_end - 1, 0))
-      whole = kept_end == 0 or f.read(1) == b'\n'
-      if not edits and whole:
-        if f.seek(0, os.SEEK_END) > kept_end:
-          f.truncate(kept_end)
+      whole = kept_end == 0 or f.read(1) in (b'\n', b'\r')
+      if not edits:
+        if f.seek(0, os.SEEK_END) > kept_end or not whole:
+          f.truncate(kept_end)  # (a kill between the two leaves what the next resume mends)
+          if not whole:
+            f.seek(kept_end)
+            f.write(b'\n')
           _sync(f)
         return
   except FileNotFoundError:
@@ -299,14 +329,18 @@ def _cut_or_copy(path: str, kept_end: int, edits: list[tuple[int, int, dict]]) -
     for start, end, row in [*edits, (kept_end, kept_end, None)]:
       while at < start:  # the bytes between, copied in bounded pieces
         piece = source.read(min(start - at, 1 << 24))
+        if not piece:  # (shorter than when it was read: changed under this process)
+          raise OSError(errno.EIO, 'the file changed while it was copied')
         out.buffer.write(piece)
         at += len(piece)
       if row is not None:
         out.buffer.write((json.dumps(_plain(row)) + '\n').encode())
         source.seek(end)
         at = end
-    if not whole and not (edits and edits[-1][1] == kept_end):
-      out.buffer.write(b'\n')  # the last kept row's, torn off: the next row would join it
+    if kept_end and edits[-1][1] != kept_end:  # the last kept line copied as it was
+      source.seek(kept_end - 1)
+      if source.read(1) not in (b'\n', b'\r'):
+        out.buffer.write(b'\n')
 
 
 @contextlib.contextmanager
