@@ -15,9 +15,11 @@ totals (JSON).
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
+import re
 import shutil
 import sys
 from typing import Any
@@ -51,15 +53,20 @@ def _raised_in(error: BaseException, function: str) -> bool:
   return False
 
 def _filesystem_fault(error: BaseException) -> BaseException | None:
-  """The error in `error`'s chain that the filesystem raised, if any: an OSError, or
-  tensorstore's ValueError for one (it names the errno as '[OS error 5: Input/output error]',
-  wrapped by orbax in a bare Exception), which says nothing of the checkpoint's files."""
+  """The error in `error`'s chain of causes that the filesystem raised, if any: an OSError, or
+  tensorstore's ValueError for one (it names the errno, '[OS error 5: Input/output error]',
+  and orbax raises a bare Exception from it), which says nothing of the checkpoint's files. A
+  file that is not there (ENOENT) is a checkpoint missing a part: damage, not a fault. (Causes
+  only: an error raised while another was handled says what it says.)"""
   seen = set()
   while error is not None and id(error) not in seen:
     seen.add(id(error))
-    if isinstance(error, OSError) or '[OS error ' in str(error):
+    if isinstance(error, OSError) and error.errno != errno.ENOENT:
       return error
-    error = error.__cause__ or error.__context__
+    found = re.search(r'\[OS error (\d+):', str(error))
+    if found and int(found.group(1)) != errno.ENOENT:
+      return error
+    error = error.__cause__
   return None
 
 

@@ -283,6 +283,35 @@ def test_no_checkpoint_reading_back_stops_the_run_and_changes_nothing(tmp_path, 
   assert [r['round'] for r in read_rows(str(workdir))] == list(range(1, 21))
 
 
+def test_only_a_cause_the_filesystem_raised_counts_as_its_fault():
+  """A checkpoint's read failing for the filesystem (EIO, a full table of files) is retried,
+  exit 1; one missing a file (ENOENT, orbax's or tensorstore's) or failing while an OSError
+  was being handled is damage, exit 2."""
+  from fathom_sim.checkpoint import _filesystem_fault
+
+  def chained(error, cause, implicit=False):
+    try:
+      raise cause
+    except BaseException as c:
+      try:
+        if implicit:
+          raise error
+        raise error from c
+      except BaseException as e:
+        return e
+
+  eio = ValueError('UNKNOWN: Error reading local file "/x/d/ab": [OS error 5: Input/output '
+                   'error]')
+  assert _filesystem_fault(chained(Exception('spec'), eio)) is not None
+  assert _filesystem_fault(OSError(errno.EMFILE, 'Too many open files')) is not None
+  assert _filesystem_fault(FileNotFoundError(errno.ENOENT, 'gone')) is None
+  assert _filesystem_fault(chained(Exception('spec'), ValueError(
+      'NOT_FOUND: Error reading local file "/x/d/ab": [OS error 2: No such file or '
+      'directory]'))) is None
+  assert _filesystem_fault(chained(ValueError('its arrays differ'), OSError(errno.EIO, 'x'),
+                                   implicit=True)) is None
+
+
 def test_a_failed_restore_silences_orbax_aborted_reads_and_nothing_else(monkeypatch):
   """The array reads that a failed restore leaves in flight report their errors when they are
   collected, long after the checkpoint was set aside (~60 lines each, seen intermittently)."""
@@ -838,9 +867,29 @@ def test_rows_past_the_checkpoint_are_cut_in_place_without_a_copy(tmp_path, monk
     assert metrics.keep_rows(str(tmp_path), 3) is False  # nothing past it: left as it is
   assert path.read_text() == kept and os.stat(path).st_ino == inode
   assert log.last['round'] == 3 and log.reached['round'] == 1
-  # The last kept row's line break torn off: the next row would join its line.
-  path.write_text(kept[:-1])
-  metrics.keep_rows(str(tmp_path), 3)
+  # The last kept row's line break torn off (the next row would join its line): put back in
+  # place too. Rows ended by '\r' or '\r\n' (an edited file) are rows, each kept as it was.
+  with monkeypatch.context() as m:
+    m.setattr(metrics, 'replaced', no_room)
+    path.write_text(kept[:-1])
+    metrics.keep_rows(str(tmp_path), 3)
+    assert path.read_text() == kept
+    for ending in ('\r', '\r\n'):
+      path.write_bytes((kept + json.dumps({'round': 4}) + '\n').replace('\n', ending).encode())
+      metrics.keep_rows(str(tmp_path), 3)
+      assert path.read_bytes() == kept.replace('\n', ending).encode()
+      assert [r['round'] for r in metrics.read_rows(str(path))] == [1, 2, 3]
+  # A read that fails (EIO on a mount) is one line naming the file, which stays as it was.
+  path.write_text(kept)
+
+  def failing(f):
+    raise OSError(errno.EIO, 'Input/output error')
+
+  with monkeypatch.context() as m:
+    m.setattr(metrics, '_lines', failing)
+    from fathom_sim.errors import OutputError
+    with pytest.raises(OutputError, match=f'{path} could not be read \\(Input/output error\\)'):
+      metrics.keep_rows(str(tmp_path), 2)
   assert path.read_text() == kept
   # A row that changes goes through the copy, which a kill leaves as it was.
   path.write_text(kept + json.dumps({'round': 4}) + '\n')
