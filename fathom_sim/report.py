@@ -20,7 +20,7 @@ import statistics
 import numpy as np
 
 from fathom_sim import metrics
-from fathom_sim.config import base_config, unread_paths
+from fathom_sim.config import unread_paths
 from fathom_sim import workdir as workdir_lib
 
 _SEED_DIR = re.compile(r'^seed=\d+$')
@@ -191,12 +191,15 @@ def _config_mistyped(config: dict) -> bool:
   """Whether a config.json field the simulator defines holds another kind of value than its
   default (a string where a number is, a list where a section is): read on, the report
   ended in a traceback."""
-  defaults = workdir_lib.flatten(workdir_lib.config_dict(base_config()))
+  defaults = workdir_lib.defaults()
   sections = {k.rsplit('.', 1)[0] for k in defaults if '.' in k}
   for field, value in workdir_lib.flatten(config).items():
     if field in sections or '.' in field and field.rsplit('.', 1)[0] in defaults:
       return True  # a value in a section's place, or a section in a value's
-    if defaults.get(field) is not None and _kind(value) != _kind(defaults[field]):
+    default = defaults.get(field)
+    # (a path or folder field unset is saved as null: data.path, data.data_dir)
+    if default is not None and _kind(value) != _kind(default) and not (
+        value is None and isinstance(default, str)):
       return True
   return False
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import functools
 import fcntl
 import hashlib
 import json
@@ -82,10 +83,16 @@ def config_dict(config: ml_collections.ConfigDict) -> dict:
   return json.loads(config.to_json_best_effort())
 
 
+@functools.cache
+def defaults() -> dict:
+  """base_config's fields, flattened, as config.json would hold them (not to be changed)."""
+  return flatten(config_dict(base_config()))
+
+
 def with_defaults(saved: dict) -> dict:
   """A config as saved (config.json), flattened, a field added to the simulator after it was
   saved at its default there."""
-  return {**flatten(config_dict(base_config())), **flatten(saved)}
+  return {**defaults(), **flatten(saved)}
 
 
 def read_saved(workdir: str) -> dict | None:
@@ -118,10 +125,10 @@ def config_fingerprint(config: ml_collections.ConfigDict) -> str:
   """sha256 of what a summary.json summarises: the config's fields that differ from
   base_config's, but those it does not read (as `differing` compares them). A field added to
   the simulator later, at its default, leaves it as it was."""
-  flat, defaults = flatten(config_dict(config)), flatten(config_dict(base_config()))
+  flat, default = flatten(config_dict(config)), defaults()
   skip = unread_paths(flat) - {'hyper_optimizer'}
   fields = {k: v for k, v in flat.items()
-            if k not in skip and (k not in defaults or defaults[k] != v)}
+            if k not in skip and (k not in default or default[k] != v)}
   return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()
 
 

@@ -571,14 +571,15 @@ def test_a_config_or_summary_with_a_field_of_another_type_is_named_not_a_traceba
 
 
 def test_a_config_saved_with_ints_for_floats_or_unknown_fields_is_read(tmp_path):
-  """The type check takes a number for a number (eta saved as 1) and passes over fields the
-  simulator does not define (an older or newer version's)."""
+  """The type check takes a number for a number (eta saved as 1), null for an unset path, and
+  passes over fields the simulator does not define (an older or newer version's)."""
   workdir = tmp_path / 'sweep' / 'fathom' / 'seed=0'
   _write_run(workdir, 'fathom', {2: 0.3}, 100, 2)
   _finish(workdir, 2, 0.3)
   path = workdir / 'config.json'
   path.write_text(json.dumps({**json.loads(path.read_text()), 'eta': 1, 'retired_field': 'x',
-                              'model': {'name': 'mlp', 'retired': [1]}}))
+                              'model': {'name': 'mlp', 'retired': [1]},
+                              'data': {'path': None, 'data_dir': None}}))
   [run] = report.find_runs([str(tmp_path / 'sweep')])
   assert run.unreadable == () and run.config['eta'] == 1
 
