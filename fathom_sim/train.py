@@ -374,20 +374,6 @@ def _run(run: Run, configs: list[ml_collections.ConfigDict], workdirs: list[str]
   # process skips its final evaluation, a collective, or none does (a mount may show process
   # 0's summary.json late on another host).
   kept = [k if distributed.every_process(k is not None) else None for k in kept]
-  for book in books:  # every check passed: the resumed runs' configs are this command's
-    workdir_lib.save_config(book.workdir, book.config)
-    if 'round' in book.meta:  # resumed: this simulator joins the list if it runs rounds
-      book.meta['simulators'], warning = provenance.resumed(
-          book.meta.get('simulators'), book.done, book.workdir,
-          runs_rounds=book.done < c.num_rounds)
-      if warning:
-        logging.warning('%s', warning)
-      book.meta.setdefault('executions', None)  # (a checkpoint saved before they were kept)
-      if book.done < c.num_rounds:
-        book.meta['executions'], warning = provenance.executed(
-            book.meta.get('executions'), book.done, _execution(run, book.config), book.workdir)
-        if warning:
-          logging.warning('%s', warning)
   if vectorized and len({b.done for b in books}) > 1:
     for b in books:
       b.close()
@@ -406,6 +392,20 @@ def _run(run: Run, configs: list[ml_collections.ConfigDict], workdirs: list[str]
       for i, summary in zip(group, done_):
         out[i] = summary
     return out
+  for book in books:  # every check passed: the resumed runs' configs are this command's
+    workdir_lib.save_config(book.workdir, book.config)
+    if 'round' in book.meta:  # resumed: this simulator joins the list if it runs rounds
+      book.meta['simulators'], warning = provenance.resumed(
+          book.meta.get('simulators'), book.done, book.workdir,
+          runs_rounds=book.done < c.num_rounds)
+      if warning:
+        logging.warning('%s', warning)
+      book.meta.setdefault('executions', None)  # (a checkpoint saved before they were kept)
+      if book.done < c.num_rounds:
+        book.meta['executions'], warning = provenance.executed(
+            book.meta.get('executions'), book.done, _execution(run, book.config), book.workdir)
+        if warning:
+          logging.warning('%s', warning)
   done = books[0].done
 
   for book in books:

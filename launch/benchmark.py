@@ -498,16 +498,17 @@ def _measure_in_child(name: str, cohort: int) -> dict:
     # Its log lines (absl's, on stdout) pass through; its table row is printed here. It
     # starts with Ctrl-C ignored (Python then leaves it so): this process alone says it, and
     # ends the row (the row's own KeyboardInterrupt was a second, traceback-long message).
-    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    child, previous = None, signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
-      child = subprocess.Popen(argv, env={**os.environ, _ROW_PROCESS: '1'})
-    finally:
-      signal.signal(signal.SIGINT, previous)
-    try:
+      try:
+        child = subprocess.Popen(argv, env={**os.environ, _ROW_PROCESS: '1'})
+      finally:
+        signal.signal(signal.SIGINT, previous)
       child.wait()
-    except BaseException:
-      child.kill()
-      child.wait()
+    except BaseException:  # (a Ctrl-C from the moment the handler is back)
+      if child is not None:
+        child.kill()
+        child.wait()
       raise
     if child.returncode != 0:
       if child.returncode < 0:
