@@ -39,17 +39,24 @@ _TMP = '.orbax-checkpoint-tmp'  # in the name of orbax's folder for a save not y
 _REMOVAL = 'delete_steps'  # orbax's function that removes the checkpoints past max_to_keep
 
 
-def _raised_in(error: BaseException, function: str) -> bool:
-  """Whether `error` (or what caused it) was raised inside a function of that name."""
+def _chain(error: BaseException | None, *, implicit: bool):
+  """`error`, then what caused it (`implicit`: or what was being handled when it was raised),
+  each once."""
   seen = set()
   while error is not None and id(error) not in seen:
     seen.add(id(error))
-    tb = error.__traceback__
+    yield error
+    error = error.__cause__ or (error.__context__ if implicit else None)
+
+
+def _raised_in(error: BaseException, function: str) -> bool:
+  """Whether `error` (or what caused it) was raised inside a function of that name."""
+  for e in _chain(error, implicit=True):
+    tb = e.__traceback__
     while tb is not None:
       if tb.tb_frame.f_code.co_name == function:
         return True
       tb = tb.tb_next
-    error = error.__cause__ or error.__context__
   return False
 
 def _filesystem_fault(error: BaseException) -> BaseException | None:
@@ -58,15 +65,12 @@ def _filesystem_fault(error: BaseException) -> BaseException | None:
   and orbax raises a bare Exception from it), which says nothing of the checkpoint's files. A
   file that is not there (ENOENT) is a checkpoint missing a part: damage, not a fault. (Causes
   only: an error raised while another was handled says what it says.)"""
-  seen = set()
-  while error is not None and id(error) not in seen:
-    seen.add(id(error))
-    if isinstance(error, OSError) and error.errno != errno.ENOENT:
-      return error
-    found = re.search(r'\[OS error (\d+):', str(error))
+  for e in _chain(error, implicit=False):
+    if isinstance(e, OSError) and e.errno != errno.ENOENT:
+      return e
+    found = re.search(r'\[OS error (\d+):', str(e))
     if found and int(found.group(1)) != errno.ENOENT:
-      return error
-    error = error.__cause__
+      return e
   return None
 
 

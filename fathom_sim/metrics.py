@@ -68,6 +68,12 @@ def _sync_folder(path: str) -> None:
     os.close(fd)
 
 
+def _left_as_it_was(path: str, done: str, error: OSError) -> OutputError:
+  """One line for a run's file that could not be read or replaced, and so stays whole."""
+  return OutputError(f'{path} could not be {done} ({error.strerror or error}); what it held '
+                     'before stays')
+
+
 def cannot_write(path: str, error: OSError) -> OutputError:
   """One line for a row that cannot be written: a full disk or a lost mount is no bug."""
   return OutputError(f'{path} cannot be written ({error.strerror or error}); {_RESUMES}')
@@ -297,8 +303,7 @@ def _rows_read_for_keeping(path: str) -> Iterator[tuple[dict, int, int]]:
   try:
     yield from _rows_and_lines(path)
   except OSError as e:
-    raise OutputError(f'{path} could not be read ({e.strerror or e}); what it held before '
-                      'stays') from None
+    raise _left_as_it_was(path, 'read', e) from None
 
 
 def _cut_or_copy(path: str, kept_end: int, edits: list[tuple[int, int, dict]]) -> None:
@@ -306,6 +311,7 @@ def _cut_or_copy(path: str, kept_end: int, edits: list[tuple[int, int, dict]]) -
   their rows' place: cut in place where there are none, else copied, bytes and the changed
   rows, into a file that replaces it. A last kept line without its line break gets one (the
   next row would join it)."""
+  whole = True  # whether the last kept line ends with its line break
   try:
     with open(path, 'rb+') as f:
       f.seek(max(kept_end - 1, 0))
@@ -321,8 +327,7 @@ def _cut_or_copy(path: str, kept_end: int, edits: list[tuple[int, int, dict]]) -
   except FileNotFoundError:
     pass  # (made below: the writer appends to it, and gcsfuse stages it, before any row)
   except OSError as e:
-    raise OutputError(f'{path} could not be cut to the checkpoint\'s rows ({e.strerror or e}); '
-                      'what it held before stays') from None
+    raise _left_as_it_was(path, "cut to the checkpoint's rows", e) from None
   with replaced(path) as out, contextlib.ExitStack() as stack:
     source = stack.enter_context(open(path, 'rb')) if os.path.exists(path) else None
     at = 0
@@ -337,10 +342,8 @@ def _cut_or_copy(path: str, kept_end: int, edits: list[tuple[int, int, dict]]) -
         out.buffer.write((json.dumps(_plain(row)) + '\n').encode())
         source.seek(end)
         at = end
-    if kept_end and edits[-1][1] != kept_end:  # the last kept line copied as it was
-      source.seek(kept_end - 1)
-      if source.read(1) not in (b'\n', b'\r'):
-        out.buffer.write(b'\n')
+    if not whole and edits[-1][1] != kept_end:  # the last kept line, copied as it was
+      out.buffer.write(b'\n')
 
 
 @contextlib.contextmanager
@@ -363,8 +366,7 @@ def replaced(path: str) -> Iterator[IO[str]]:
     except OSError:
       pass
     if isinstance(e, OSError):  # (or reading `path` while rewriting it: the file named)
-      raise OutputError(f'{path} could not be rewritten ({e.strerror or e}); what it held '
-                        'before stays') from None
+      raise _left_as_it_was(path, 'rewritten', e) from None
     raise
 
 

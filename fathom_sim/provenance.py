@@ -79,6 +79,16 @@ def results_version(recorded: dict | None) -> int:
   return v if isinstance(v, int) and not isinstance(v, bool) else UNRECORDED
 
 
+def _stretches(saved: list | None) -> list[dict]:
+  """A checkpoint's list of stretches ({'from_round', ...}), copied; [] where it kept none."""
+  return [dict(r) for r in saved or () if isinstance(r, dict)]
+
+
+def _same(stretch: dict, now: dict) -> bool:
+  """Whether a stretch ran as `now` describes (its start aside)."""
+  return {k: v for k, v in stretch.items() if k != 'from_round'} == now
+
+
 def started() -> list[dict]:
   """A new run's list of the simulators it ran under: this one, from round 0."""
   return [{'from_round': 0, **describe()}]
@@ -94,9 +104,7 @@ def resumed(saved: list | None, at: int, where: str, *,
   warning: this simulator computes differently from the one that saved the checkpoint and goes
   on from `at`, or, running no round, evaluates rounds another version ran. `where`: the
   workdir, for the message."""
-  runs = [dict(r) for r in saved or () if isinstance(r, dict)]
-  if not runs:
-    runs = [{'from_round': 0, 'results_version': UNRECORDED}]
+  runs = _stretches(saved) or [{'from_round': 0, 'results_version': UNRECORDED}]
   if not runs_rounds:
     ran = sorted({results_version(r) for r in runs})
     if ran == [RESULTS_VERSION]:
@@ -105,7 +113,7 @@ def resumed(saved: list | None, at: int, where: str, *,
                   f'one, version {RESULTS_VERSION}, evaluates it again (see '
                   'fathom_sim/provenance.py)')
   now, previous = describe(), runs[-1]
-  if {k: v for k, v in previous.items() if k != 'from_round'} == now:
+  if _same(previous, now):
     return runs, None
   runs.append({'from_round': at, **now})
   saved_version = results_version(previous)
@@ -135,8 +143,8 @@ def executed(saved: list | None, at: int, now: dict, where: str) -> tuple[list[d
   EXECUTION_FIELDS}), with `now` appended from round `at` where it differs from the last
   entry, and the warning to log then (None when nothing changed, or the checkpoint recorded
   nothing: `saved` None, the list then starting at `at`)."""
-  runs = [dict(r) for r in saved or () if isinstance(r, dict)]
-  if runs and {k: v for k, v in runs[-1].items() if k != 'from_round'} == now:
+  runs = _stretches(saved)
+  if runs and _same(runs[-1], now):
     return runs, None
   runs.append({'from_round': at, **now})
   if len(runs) == 1:

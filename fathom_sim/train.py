@@ -730,11 +730,7 @@ def _summary(book: _Book, final: dict, params, hp: np.ndarray, rounds: Rounds, r
   l2, sha = metrics.params_digest(params)
   summary = {
       'algorithm': c.algorithm, 'task': run.task.name, 'rounds': c.num_rounds,
-      'devices': run.mesh.devices.size, 'processes': jax.process_count(),
-      'platform': run.mesh.devices.flat[0].platform,
-      'local_loop': run.local_loop, 'loop_chunk': run.loop_chunk,
-      'lanes_per_device': run.lanes_per_device, 'matmul_precision': matmul_precision(),
-      'conv': run.conv if c.model.name == 'emnist_cnn' else None,
+      **_execution(run, c), 'loop_chunk': run.loop_chunk,
       'compute_dtype': c.model.compute_dtype,
       'compiles': compiles,
       # Every program (rounds, evaluation, set-up) loaded from the persistent cache; in a
