@@ -30,17 +30,16 @@ def _is_date(text: str) -> bool:
     return False
 
 
-_TIMESTAMP = re.compile(r'(\d{4}-\d\d-\d\d)(T\d\d:\d\d(:\d\d(\.\d{1,6})?)?)?')
+_TIMESTAMP = re.compile(r'\d{4}-\d\d-\d\d(T\d\d:\d\d(:\d\d(\.\d{1,6})?)?)?')
 
 
 def _is_timestamp(text: str) -> bool:
   """A CreationDate as the dumps write it (a day, then an optional time, no zone): compared as
   text with the split date, any other form would fall on the wrong side of it."""
-  match = _TIMESTAMP.fullmatch(text)
-  if not match or not _is_date(match.group(1)):
+  if not _TIMESTAMP.fullmatch(text):
     return False
   try:
-    datetime.datetime.fromisoformat(text)
+    datetime.datetime.fromisoformat(text)  # (a real day and time: not 2015-02-30)
   except ValueError:
     return False
   return True
