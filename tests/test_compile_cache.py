@@ -163,6 +163,30 @@ def test_loads_count_where_jax_s_own_variable_turns_the_cache_on_and_on_compile_
   assert second['hits'] >= second['compiles'] >= 1  # its round programs, loaded
 
 
+_THRESHOLD = '''
+import sys, jax
+from fathom_sim import compile_cache
+compile_cache.enable(sys.argv[1])
+print(jax.config.jax_persistent_cache_min_compile_time_secs)
+'''
+
+
+@pytest.mark.parametrize('variable, kept', [(None, compile_cache.MIN_COMPILE_SECONDS),
+                                            ('3', 3.0)])
+def test_programs_compiled_in_a_fifth_of_a_second_are_kept_unless_jax_s_variable_says(
+    tmp_path, variable, kept):
+  """JAX's default keeps programs that took 1 s: each command compiled its cohort sampler
+  and its initial model's draws again."""
+  env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS='cpu')
+  env.pop('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', None)
+  if variable is not None:
+    env['JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS'] = variable
+  p = subprocess.run([sys.executable, '-c', _THRESHOLD, str(tmp_path)], env=env,
+                     capture_output=True, text=True, timeout=120)
+  assert p.returncode == 0, p.stderr[-3000:]
+  assert float(p.stdout.split()[-1]) == kept
+
+
 _FILL = r'''
 import os, sys
 import jax, jax.numpy as jnp
