@@ -1,5 +1,6 @@
 """launch/benchmark.py writes the fields issue 8's comparisons rely on (no timing asserted)."""
 
+import contextlib
 import functools
 import json
 import os
@@ -466,6 +467,56 @@ def test_the_mesh_ceiling_runs_an_independent_chain_on_each_device(model):
   assert len(set(np.asarray(loss).tolist())) == chains  # each chain its own batch
   _, _, _, _, one = ceiling_program(run, pooled, 4, 2)
   assert one == 1
+
+
+def _children(pid: int) -> list[int]:
+  found = []
+  for entry in os.listdir('/proc'):
+    try:
+      with open(f'/proc/{entry}/stat') as f:
+        fields = f.read().rsplit(')', 1)[1].split()
+    except (OSError, IndexError):
+      continue
+    if int(fields[1]) == pid and fields[0] != 'Z':
+      found.append(int(entry))
+  return found
+
+
+def _running(pid: int) -> bool:
+  try:
+    with open(f'/proc/{pid}/stat') as f:
+      return f.read().rsplit(')', 1)[1].split()[0] != 'Z'
+  except OSError:
+    return False
+
+
+def test_a_row_s_process_stops_when_the_command_that_started_it_is_killed(tmp_path):
+  """SIGKILL to the command (or SIGTERM, which ends Python at once) left its row's process
+  measuring for minutes on the device, with no one to print the row."""
+  env = dict(os.environ, JAX_PLATFORMS='cpu', XLA_FLAGS='--xla_force_host_platform_device_count=1')
+  p = subprocess.Popen([sys.executable, os.path.join(ROOT, 'launch', 'benchmark.py'),
+                        '--tasks=mlp', '--cohort_sizes=3', '--rounds=100000', '--warmup=1',
+                        '--num_clients=30', f'--json={tmp_path / "bench.json"}'],
+                       cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                       text=True, start_new_session=True)
+  try:
+    assert p.stdout.readline().startswith('task'), p.stderr.read()  # the header
+    deadline = time.time() + 60
+    while not _children(p.pid):
+      assert time.time() < deadline and p.poll() is None, p.stderr.read()
+      time.sleep(0.1)
+    (row,) = _children(p.pid)
+    time.sleep(3)  # (into its measurement)
+    p.kill()
+    p.wait()
+    deadline = time.time() + 20
+    while _running(row) and time.time() < deadline:
+      time.sleep(0.1)
+    assert not _running(row)
+  finally:
+    with contextlib.suppress(ProcessLookupError):  # (none left: the row stopped)
+      os.killpg(p.pid, signal.SIGKILL)
+  assert 'error: the benchmark command that started this row is gone' in p.stderr.read()
 
 
 def test_ctrl_c_ends_the_benchmark_in_one_line_whatever_process_measures_the_row(tmp_path):
