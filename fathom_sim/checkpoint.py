@@ -148,16 +148,17 @@ def _quiet_closed_loop_callbacks() -> None:
 
 def _state_handler() -> ocp.PyTreeCheckpointHandler:
   """Orbax's handler of the state's arrays, each written whole by one device. Orbax's default
-  (unless $JAX_PLATFORMS names a GPU), "replica-parallel", splits a replicated array among the devices that hold it, each
-  writing a part, through a slicing program compiled for each device and shape: 24 on the
-  first save of the 8-device quickstart (1.5 s of its 4.5 s), hundreds on a pod slice, for a
-  state of a few MB that one writer saves as fast. Only the chunking of the files differs:
-  checkpoints saved either way read back alike. (No array_metadatas file either: orbax reads
-  it for typed PRNG keys alone, and the state's base key is raw uint32.)"""
-  registry = ocp.type_handlers.create_type_handler_registry(
-      *[(t, ocp.type_handlers.get_type_handler(t)) for t in (int, float, bytes, np.number,
-                                                              np.ndarray, str)],
-      (jax.Array, ocp.type_handlers.ArrayHandler(use_replica_parallel=False)))
+  (unless $JAX_PLATFORMS names a GPU), "replica-parallel", splits a replicated array among the
+  devices that hold it, each writing a part, through a slicing program compiled for each
+  device and shape: 24 on the first save of the 8-device quickstart (1.5 s of its 4.5 s),
+  hundreds on a pod slice, for a state of a few MB that one writer saves as fast. Only the
+  chunking of the files differs: checkpoints saved either way read back alike."""
+  from orbax.checkpoint._src.metadata import array_metadata_store  # (orbax 0.12's own default)
+  array = ocp.type_handlers.ArrayHandler(use_replica_parallel=False,
+                                         array_metadata_store=array_metadata_store.Store())
+  registry = ocp.type_handlers.create_type_handler_registry(*[
+      (t, array if t is jax.Array else ocp.type_handlers.get_type_handler(t))
+      for t in ocp.type_handlers.supported_types()])
   return ocp.PyTreeCheckpointHandler(type_handler_registry=registry)
 
 

@@ -369,29 +369,37 @@ def _gib(value: float | None) -> str:
   return '-' if value is None else f'{value:.2f}'
 
 
-# Set for a row's own process (--isolate_rows), to the pid of the command that started it: it
-# measures and writes --json, and leaves the table to that command.
+# Set for a row's own process (--isolate_rows): it measures and writes --json, and leaves the
+# table to the command that started it.
 _ROW_PROCESS = 'FATHOM_BENCHMARK_ROW'
 
 
-def _stop_when_orphaned(parent: int) -> None:
-  """Ends this row's process once the command that started it is gone. Killed (SIGKILL, or
-  SIGTERM, which ends Python at once), that command left the row measuring for minutes on the
-  device, with no one to print it."""
+def _stop_with_the_command() -> None:
+  """Ends this row's process once the command that started it is gone, however it ended (a
+  SIGKILL; a SIGTERM, which ends Python at once): that command left the row measuring for
+  minutes on the device, with no one to print it. Its stdin is a pipe only that command
+  writes to, closed (end of file) when it ends."""
   def watch():
-    while os.getppid() == parent:
-      time.sleep(0.5)
-    print('error: the benchmark command that started this row is gone; the row stops',
-          file=sys.stderr, flush=True)
-    os._exit(1)
+    try:
+      while sys.stdin.buffer.read(1 << 16):
+        pass
+    except (OSError, ValueError):  # (no stdin to read: nothing to watch)
+      return
+    try:  # (the reader of the inherited stderr may be gone too: the row stops regardless)
+      os.write(2, b'error: the benchmark command that started this row is gone; the row '
+               b'stops\n')
+    except OSError:
+      pass
+    finally:
+      os._exit(1)
 
-  threading.Thread(target=watch, name='row-parent-watch', daemon=True).start()
+  threading.Thread(target=watch, name='row-command-watch', daemon=True).start()
 
 
 def main(argv):
   cli.setup_logging()
   if os.environ.get(_ROW_PROCESS):
-    _stop_when_orphaned(int(os.environ[_ROW_PROCESS]))
+    _stop_with_the_command()
   if len(argv) > 1:
     cli.fail(f'unexpected arguments {" ".join(argv[1:])!r}: benchmark.py takes flags only')
   if not _TASKS.value:
@@ -518,7 +526,8 @@ def _measure_in_child(name: str, cohort: int) -> dict:
     child, previous = None, signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
       try:
-        child = subprocess.Popen(argv, env={**os.environ, _ROW_PROCESS: str(os.getpid())})
+        child = subprocess.Popen(argv, env={**os.environ, _ROW_PROCESS: '1'},
+                                 stdin=subprocess.PIPE)  # (_stop_with_the_command)
       finally:
         signal.signal(signal.SIGINT, previous)
       child.wait()

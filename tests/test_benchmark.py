@@ -490,6 +490,7 @@ def _running(pid: int) -> bool:
     return False
 
 
+@pytest.mark.skipif(not os.path.isdir('/proc'), reason='finds the row by /proc')
 def test_a_row_s_process_stops_when_the_command_that_started_it_is_killed(tmp_path):
   """SIGKILL to the command (or SIGTERM, which ends Python at once) left its row's process
   measuring for minutes on the device, with no one to print the row."""
