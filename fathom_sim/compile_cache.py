@@ -51,9 +51,9 @@ def enable(path: str, max_bytes: int | None = None) -> None:
   unless $JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS says otherwise) and loads them from
   there; with `max_bytes`, a single process's local folder is held to that size (unless
   $JAX_COMPILATION_CACHE_MAX_SIZE says otherwise) by dropping the least recently used
-  programs. Raises OSError with the reason
-  when a local `path` cannot be created or written by the process that writes it (process 0:
-  the others only read, and a folder they cannot see only misses)."""
+  programs. Raises OSError with the reason when a local `path` cannot be created or written
+  by the process that writes it (process 0: the others only read, and a folder they cannot
+  see only misses)."""
   if '://' not in path:  # a remote cache (gs://, with etils[epath]) is JAX's to check
     path = os.path.abspath(os.path.expanduser(path))
     if jax.process_index() == 0:
