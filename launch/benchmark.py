@@ -380,10 +380,10 @@ def _stop_with_the_command() -> None:
   minutes on the device, with no one to print it. Its stdin is a pipe only that command
   writes to, closed (end of file) when it ends."""
   def watch():
-    try:
-      while sys.stdin.buffer.read(1 << 16):
+    try:  # (the file descriptor, not sys.stdin: a daemon thread blocked holding sys.stdin's
+      while os.read(0, 1 << 16):  # lock aborted the interpreter's shutdown, signal 6)
         pass
-    except (OSError, ValueError):  # (no stdin to read: nothing to watch)
+    except OSError:  # (no stdin to read: nothing to watch)
       return
     try:  # (the reader of the inherited stderr may be gone too: the row stops regardless)
       os.write(2, b'error: the benchmark command that started this row is gone; the row '
