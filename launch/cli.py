@@ -212,12 +212,12 @@ RESUMES = ('stopped by a second Ctrl-C; the same command resumes the run from it
 
 
 def run_or_exit(job: Callable[[], object],
-                interrupted: str | Callable[[], str] = RESUMES) -> None:
+                interrupted: str | Callable[[KeyboardInterrupt], str] = RESUMES) -> None:
   """Runs the job; input errors (config, data, workdir), a run that diverged for good
   (errors.Diverged) and output that cannot be written (errors.OutputError: a checkpoint, a
-  metrics row, a prepared dataset) become one line; a run stopped by
-  SIGTERM/SIGINT (after checkpointing) ends without one, and a KeyboardInterrupt (a training
-  run's second Ctrl-C, another command's first) with `interrupted` (or what it returns). The exit status is
+  metrics row, a prepared dataset) become one line; a run stopped by SIGTERM/SIGINT (after
+  checkpointing) ends without one, and a KeyboardInterrupt (a training run's second Ctrl-C,
+  another command's first) with `interrupted` (or what it returns for it). The exit status is
   errors.exit_status's."""
   try:
     job()
@@ -228,7 +228,7 @@ def run_or_exit(job: Callable[[], object],
   except Preempted as e:
     sys.exit(exit_status(e))
   except KeyboardInterrupt as e:  # a second Ctrl-C (train._stop_signals): the files are closed
-    fail(interrupted() if callable(interrupted) else interrupted, exit_status(e))
+    fail(interrupted(e) if callable(interrupted) else interrupted, exit_status(e))
   except MemoryError as e:  # numpy's, before any round (rounds say theirs as OutOfMemory)
     fail(f'the host ran out of memory making the run ({e}); the config asks for more than this '
          'machine holds: lower the sizes it sets (data.num_clients, data.max_examples, '

@@ -520,11 +520,20 @@ def test_a_row_s_process_stops_when_the_command_that_started_it_is_killed(tmp_pa
   assert 'error: the benchmark command that started this row is gone' in p.stderr.read()
 
 
-def test_ctrl_c_ends_the_benchmark_in_one_line_whatever_process_measures_the_row(tmp_path):
+@pytest.mark.parametrize('signum,to_group,words,status', [
+    (signal.SIGINT, True, 'Ctrl-C', 130),  # Ctrl-C: the terminal signals the whole group
+    (signal.SIGTERM, False, 'SIGTERM', 143),  # `kill PID`: the command alone
+])
+def test_ctrl_c_or_sigterm_ends_the_benchmark_in_one_line_and_leaves_no_temporary_folder(
+    tmp_path, signum, to_group, words, status):
   """Ctrl-C (SIGINT to the terminal's process group) said 'stopped by a second Ctrl-C; the same
   command resumes the run from its last checkpoint', a training run's words, and the row's own
-  process printed a KeyboardInterrupt traceback beside it."""
-  env = dict(os.environ, JAX_PLATFORMS='cpu', XLA_FLAGS='--xla_force_host_platform_device_count=1')
+  process printed a KeyboardInterrupt traceback beside it. SIGTERM ended Python at once: no
+  line, and the row's temporary folder left behind."""
+  temp = tmp_path / 'tmp'
+  temp.mkdir()
+  env = dict(os.environ, JAX_PLATFORMS='cpu', XLA_FLAGS='--xla_force_host_platform_device_count=1',
+             TMPDIR=str(temp))
   out = tmp_path / 'bench.json'
   p = subprocess.Popen([sys.executable, os.path.join(ROOT, 'launch', 'benchmark.py'),
                         '--tasks=mlp', '--cohort_sizes=3', '--rounds=100000', '--warmup=1',
@@ -534,14 +543,18 @@ def test_ctrl_c_ends_the_benchmark_in_one_line_whatever_process_measures_the_row
   try:
     assert p.stdout.readline().startswith('task'), p.stderr.read()  # the header
     time.sleep(8)  # the row's process is running
-    assert p.poll() is None
-    os.killpg(p.pid, signal.SIGINT)
+    assert p.poll() is None and os.listdir(temp)  # (its folder)
+    if to_group:
+      os.killpg(p.pid, signum)
+    else:
+      os.kill(p.pid, signum)
     stdout, stderr = p.communicate(timeout=60)
   finally:
     if p.poll() is None:
       os.killpg(p.pid, signal.SIGKILL)
-  assert p.returncode == 130, stderr[-3000:]
+  assert p.returncode == status, stderr[-3000:]
   errors = [line for line in stderr.splitlines() if line.startswith('error:')]
-  assert errors == ['error: stopped by Ctrl-C'], stderr[-3000:]
+  assert errors == [f'error: stopped by {words}'], stderr[-3000:]
   assert 'Traceback' not in stderr + stdout and 'KeyboardInterrupt' not in stderr + stdout
+  assert os.listdir(temp) == []
   assert not out.exists()  # no row was measured
