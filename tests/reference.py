@@ -8,6 +8,7 @@ are shared with the engine.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
@@ -31,6 +32,13 @@ def _dropout_key(seed: int, round_index: int, client: int, step: int):
   return key
 
 
+@functools.lru_cache(maxsize=16)
+def _value_and_grad(loss_fn):
+  """One jitted value-and-gradient per loss function: a new one per client traced and
+  compiled (or loaded) the model's step again for each, most of a CNN test's time."""
+  return jax.jit(jax.value_and_grad(loss_fn))
+
+
 def local_train(loss_fn, params, examples: dict, *, epochs: float, eta: float, b_int: int,
                 seed: int, round_index: int, client: int) -> dict:
   """One client's local SGD; returns its delta, h_i, K_i, the cosines c_k and the mean of its
@@ -48,7 +56,7 @@ def local_train(loss_fn, params, examples: dict, *, epochs: float, eta: float, b
   order = []
   while len(order) < k_steps * b_int:  # shuffled and repeated, a new permutation per pass
     order.extend(shuffler.permutation(n).tolist())
-  grad = jax.jit(jax.value_and_grad(loss_fn))
+  grad = _value_and_grad(loss_fn)
   p = params
   cosines, losses = [], []
   for k in range(k_steps):
