@@ -396,23 +396,12 @@ def _stop_with_the_command() -> None:
   threading.Thread(target=watch, name='row-command-watch', daemon=True).start()
 
 
-class _Terminated(KeyboardInterrupt):
-  """SIGTERM to the command, raised where Ctrl-C's KeyboardInterrupt is: Python's default
-  ended it at once, with no line, its row's temporary folder left behind."""
-
-  exit_status = 128 + signal.SIGTERM  # the shell's convention (errors.exit_status reads it)
-
-
-def _raise_terminated(signum, frame):
-  raise _Terminated
-
-
 def main(argv):
   cli.setup_logging()
   if os.environ.get(_ROW_PROCESS):
     _stop_with_the_command()
   else:  # (a row's own process keeps the default: the command that started it says the line)
-    signal.signal(signal.SIGTERM, _raise_terminated)
+    cli.terminate_as_interrupt()
   if len(argv) > 1:
     cli.fail(f'unexpected arguments {" ".join(argv[1:])!r}: benchmark.py takes flags only')
   if not _TASKS.value:
@@ -451,7 +440,7 @@ def main(argv):
   from fathom_sim import lane_update
   lane_update.PALLAS = _LANE_UPDATE.value == 'pallas'
   cli.run_or_exit(lambda: _rows(cohorts), interrupted=lambda e: (
-      f'stopped by {"SIGTERM" if isinstance(e, _Terminated) else "Ctrl-C"}' + (
+      f'stopped by {"SIGTERM" if isinstance(e, cli.Terminated) else "Ctrl-C"}' + (
           f'; the {_measured[0]} row(s) measured before it are in {_JSON.value}'
           if _measured[0] and _JSON.value else '')))
 

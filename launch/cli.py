@@ -6,6 +6,7 @@ import functools
 import logging as pylogging
 import os
 import re
+import signal
 import sys
 from typing import Callable
 
@@ -205,6 +206,24 @@ def no_arguments(argv: list[str]) -> None:
   if len(argv) > 1:
     fail(f'unexpected argument(s) {" ".join(argv[1:])!r}: give settings as flags, e.g. '
          '--config.eta=0.5')
+
+
+class Terminated(KeyboardInterrupt):
+  """SIGTERM, raised where Ctrl-C's KeyboardInterrupt is (terminate_as_interrupt)."""
+
+  exit_status = 128 + signal.SIGTERM  # the shell's convention (errors.exit_status reads it)
+
+
+def _raise_terminated(signum, frame):
+  raise Terminated
+
+
+def terminate_as_interrupt() -> None:
+  """Makes SIGTERM (`kill`, a scheduler's time limit) stop a command as Ctrl-C does, where
+  Python's default ended it at once, with no line: a conversion's scratch folder (GBs for
+  Stack Overflow) or a benchmark row's temporary folder and process were left behind. Not for
+  training runs, whose SIGTERM is a preemption to checkpoint at (train.py)."""
+  signal.signal(signal.SIGTERM, _raise_terminated)
 
 
 RESUMES = ('stopped by a second Ctrl-C; the same command resumes the run from its last '

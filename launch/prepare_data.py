@@ -62,6 +62,7 @@ MAX_SEQUENCE_LENGTH = 1024
 
 
 def main(argv):
+  cli.terminate_as_interrupt()
   cli.no_arguments(argv)
   from fathom_sim.data.prepare import prepare
   from fathom_sim.errors import exit_status
@@ -82,7 +83,7 @@ def main(argv):
                      vocab_path=_VOCAB.value, vocab_size=given.get('vocab_size'),
                      sequence_length=given.get('sequence_length'), split_date=_SPLIT_DATE.value,
                      test_fraction=given.get('test_fraction'))
-    except KeyboardInterrupt as e:  # (run_or_exit's words are a training run's)
+    except KeyboardInterrupt as e:  # Ctrl-C or SIGTERM (run_or_exit's words are a training run's)
       done = os.path.exists(os.path.join(_OUT.value, 'meta.json'))  # renamed in already
       cli.fail(f'interrupted; {"the dataset was written to" if done else "nothing was left at"} '
                f'--out {_OUT.value!r}', exit_status(e))

@@ -476,17 +476,22 @@ def test_prepare_refuses_flags_that_do_not_apply_to_the_format_or_task(tmp_path,
   assert not out.exists()
 
 
-def test_prepare_stopped_by_ctrl_c_says_so_in_its_own_words(tmp_path):
+@pytest.mark.parametrize('stop, status', [
+    ('raise KeyboardInterrupt', 130),  # Ctrl-C
+    ('os.kill(os.getpid(), signal.SIGTERM); time.sleep(60)', 143),  # `kill`, a time limit
+])
+def test_prepare_stopped_by_ctrl_c_or_sigterm_says_so_in_its_own_words(tmp_path, stop, status):
   """It said a training run's line: 'stopped by a second Ctrl-C; the same command resumes
-  the run from its last checkpoint'. (In a process of its own: absl's flags, parsed, would
+  the run from its last checkpoint'. SIGTERM ended it at once, with no line, and left its
+  scratch folder (<out>.partial). (In a process of its own: absl's flags, parsed, would
   change the logging of the tests after it.)"""
   out = str(tmp_path / 'out')
-  # Ctrl-C while the first split is written: its scratch folder is removed too.
+  # Stopped while the first split is written: its scratch folder is removed too.
   leaf = os.path.join(ROOT, 'tests', 'data', 'femnist_leaf_sample')
-  code = ('import runpy, sys\n'
+  code = ('import os, runpy, signal, sys, time\n'
           'from fathom_sim.data import tfds_store\n'
           'def interrupted(*args, **kwargs):\n'
-          '  raise KeyboardInterrupt\n'
+          f'  {stop}\n'
           'tfds_store._write_split = interrupted\n'
           f"sys.argv = ['prepare_data.py', '--source={leaf}', '--out={out}', "
           "'--format=leaf_json', '--task=emnist']\n"
@@ -495,7 +500,7 @@ def test_prepare_stopped_by_ctrl_c_says_so_in_its_own_words(tmp_path):
   env.pop('XLA_FLAGS', None)
   p = subprocess.run([sys.executable, '-c', code], cwd=ROOT, env=env, timeout=120,
                      capture_output=True, text=True)
-  assert p.returncode == 130, p.stderr[-2000:]
+  assert p.returncode == status, p.stderr[-2000:]
   assert p.stderr.splitlines()[-1] == f'error: interrupted; nothing was left at --out {out!r}'
   assert os.listdir(tmp_path) == []  # no --out, no <out>.partial
 
