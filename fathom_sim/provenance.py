@@ -135,7 +135,20 @@ def resumed(saved: list | None, at: int, where: str, *,
 # what they compute: a run resumed across one is equal to an uninterrupted one only up to
 # float rounding, not bit for bit, which a researcher comparing params_sha256 must know.
 EXECUTION_FIELDS = ('platform', 'devices', 'processes', 'lanes_per_device',
-                    'batch_pad_per_octave', 'conv', 'matmul_precision', 'local_loop')
+                    'batch_pad_per_octave', 'conv', 'matmul_precision', 'local_loop',
+                    'xla_flags')
+
+# XLA flags that say where XLA writes what it did, or how many CPU devices to make (recorded as
+# `devices`), not what a program computes.
+_XLA_FLAGS_COMPUTING_NOTHING = ('--xla_dump', '--xla_force_host_platform_device_count')
+
+
+def xla_flags() -> str:
+  """$XLA_FLAGS, which XLA reads once at start, but for the flags that change nothing a program
+  computes (dumps, CPU host devices): '' without any. The others may (fast math, a GPU's
+  deterministic ops or autotuning): with other flags, sums may round otherwise."""
+  return ' '.join(flag for flag in os.environ.get('XLA_FLAGS', '').split()
+                  if not flag.startswith(_XLA_FLAGS_COMPUTING_NOTHING))
 
 
 def executed(saved: list | None, at: int, now: dict, where: str) -> tuple[list[dict], str | None]:
@@ -144,14 +157,15 @@ def executed(saved: list | None, at: int, now: dict, where: str) -> tuple[list[d
   entry, and the warning to log then (None when nothing changed, or the checkpoint recorded
   nothing: `saved` None, the list then starting at `at`)."""
   runs = _stretches(saved)
-  if runs and _same(runs[-1], now):
+  # A field added after a stretch was recorded (xla_flags) is unknown there, not a change.
+  if runs and _same(runs[-1], {k: v for k, v in now.items() if k in runs[-1]}):
     return runs, None
   runs.append({'from_round': at, **now})
   if len(runs) == 1:
     return runs, None
   before = runs[-2]
-  changes = ', '.join(f'{k} {before.get(k)!r} -> {now[k]!r}' for k in now
-                      if before.get(k) != now[k])
+  changes = ', '.join(f'{k} {before[k]!r} -> {now[k]!r}' for k in now
+                      if k in before and before[k] != now[k])
   return runs, (f'{where}: resumed at round {at} with {changes}: the sums round in another '
                 'order, so from here the run equals an uninterrupted one up to float rounding, '
                 'not bit for bit (params_sha256); summary.json\'s "executions" says how each '

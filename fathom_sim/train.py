@@ -234,7 +234,8 @@ def _execution(run: Run, config: ml_collections.ConfigDict) -> dict:
           'processes': jax.process_count(), 'lanes_per_device': run.lanes_per_device,
           'batch_pad_per_octave': config.batch_pad_per_octave,
           'conv': run.conv if config.model.name == 'emnist_cnn' else None,
-          'matmul_precision': matmul_precision(), 'local_loop': run.local_loop}
+          'matmul_precision': matmul_precision(), 'local_loop': run.local_loop,
+          'xla_flags': provenance.xla_flags()}
 
 
 def _data_named(config: ml_collections.ConfigDict) -> str:

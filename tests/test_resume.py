@@ -1428,7 +1428,7 @@ def test_a_run_resumed_on_other_devices_records_and_says_that_it_rounds_otherwis
   on_two = {'platform': 'cpu', 'devices': 2, 'processes': 1, 'lanes_per_device': 1,
             'batch_pad_per_octave': first['executions'][0]['batch_pad_per_octave'],
             'conv': None, 'matmul_precision': first['matmul_precision'],
-            'local_loop': first['local_loop']}
+            'local_loop': first['local_loop'], 'xla_flags': ''}  # (device count: not a flag)
   assert first['executions'] == [{'from_round': 0, **on_two}]
   assert set(on_two) == set(provenance.EXECUTION_FIELDS)
   again = train_and_evaluate(_tiny(num_rounds=4, checkpoint_every=1), workdir)  # the same
@@ -1440,6 +1440,39 @@ def test_a_run_resumed_on_other_devices_records_and_says_that_it_rounds_otherwis
                    r'to float rounding, not bit for bit', caplog.text)
   with open(os.path.join(workdir, 'checkpoints', '6', 'meta', 'metadata')) as f:
     assert json.load(f)['executions'] == resumed['executions']
+
+
+def test_xla_flags_that_may_change_what_programs_compute_are_recorded_and_said(
+    tmp_path, caplog, monkeypatch):
+  """XLA_FLAGS (fast math, a GPU's deterministic ops or autotuning) may change how sums
+  round, like the fields recorded before; they were nowhere recorded. XLA reads them at start,
+  so here (one process) the rounds run under the first ones: what is tested is the record."""
+  workdir = str(tmp_path / 'run')
+  first = train_and_evaluate(_tiny(num_rounds=2, checkpoint_every=1), workdir)
+  assert first['xla_flags'] == first['executions'][0]['xla_flags'] == ''
+  flags = f'--xla_cpu_enable_fast_math=false --xla_dump_to={tmp_path / "dump"}'
+  monkeypatch.setenv('XLA_FLAGS', f'--xla_force_host_platform_device_count=8 {flags}')
+  resumed = train_and_evaluate(_tiny(num_rounds=3, checkpoint_every=1), workdir)
+  assert resumed['xla_flags'] == '--xla_cpu_enable_fast_math=false'  # (a dump changes nothing)
+  assert [e['xla_flags'] for e in resumed['executions']] == ['', resumed['xla_flags']]
+  assert ("resumed at round 2 with xla_flags '' -> '--xla_cpu_enable_fast_math=false'"
+          in caplog.text)
+
+
+def test_a_stretch_recorded_before_a_field_existed_reads_it_as_unknown_not_as_a_change():
+  """A checkpoint saved before xla_flags was recorded, resumed the same way otherwise, goes
+  on in its stretch without a warning; resumed on other devices, the warning names the
+  devices alone."""
+  from fathom_sim import provenance
+  now = {'platform': 'cpu', 'devices': 2, 'processes': 1, 'lanes_per_device': 1,
+         'batch_pad_per_octave': 2, 'conv': None, 'matmul_precision': 'default',
+         'local_loop': 'device', 'xla_flags': ''}
+  old = {k: v for k, v in now.items() if k != 'xla_flags'}
+  assert provenance.executed([{'from_round': 0, **old}], 5, now, 'w') == (
+      [{'from_round': 0, **old}], None)
+  runs, warning = provenance.executed([{'from_round': 0, **old}], 5, {**now, 'devices': 1}, 'w')
+  assert runs == [{'from_round': 0, **old}, {'from_round': 5, **now, 'devices': 1}]
+  assert 'with devices 2 -> 1:' in warning and 'xla_flags' not in warning
 
 
 def test_a_run_resumed_by_a_simulator_that_computes_differently_says_so(tmp_path, caplog,
