@@ -35,8 +35,8 @@ def _dropout_key(seed: int, round_index: int, client: int, step: int):
 @functools.lru_cache(maxsize=16)
 def _value_and_grad(loss_fn):
   """One jitted value-and-gradient per loss function: a new one per client traced and
-  compiled (or loaded) the model's step again for each (the CNN dropout test's reference took
-  16 s instead of 5 s without the suite's compilation cache)."""
+  compiled (or loaded) the model's step again for each (docs/benchmarks.md, "Thirty-sixth
+  session")."""
   return jax.jit(jax.value_and_grad(loss_fn))
 
 
