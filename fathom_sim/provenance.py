@@ -157,8 +157,9 @@ def executed(saved: list | None, at: int, now: dict, where: str) -> tuple[list[d
   entry, and the warning to log then (None when nothing changed, or the checkpoint recorded
   nothing: `saved` None, the list then starting at `at`)."""
   runs = _stretches(saved)
-  # A field added after a stretch was recorded (xla_flags) is unknown there, not a change.
-  if runs and _same(runs[-1], {k: v for k, v in now.items() if k in runs[-1]}):
+  # A field recorded on one side only (xla_flags, added after a stretch was recorded; or one
+  # a later simulator stops recording) is unknown there, not a change.
+  if runs and all(runs[-1][k] == v for k, v in now.items() if k in runs[-1]):
     return runs, None
   runs.append({'from_round': at, **now})
   if len(runs) == 1:

@@ -1459,10 +1459,10 @@ def test_xla_flags_that_may_change_what_programs_compute_are_recorded_and_said(
           in caplog.text)
 
 
-def test_a_stretch_recorded_before_a_field_existed_reads_it_as_unknown_not_as_a_change():
+def test_a_field_recorded_on_one_side_only_is_unknown_there_not_a_change():
   """A checkpoint saved before xla_flags was recorded, resumed the same way otherwise, goes
   on in its stretch without a warning; resumed on other devices, the warning names the
-  devices alone."""
+  devices alone. The same for a field the checkpoint recorded and this simulator does not."""
   from fathom_sim import provenance
   now = {'platform': 'cpu', 'devices': 2, 'processes': 1, 'lanes_per_device': 1,
          'batch_pad_per_octave': 2, 'conv': None, 'matmul_precision': 'default',
@@ -1473,6 +1473,13 @@ def test_a_stretch_recorded_before_a_field_existed_reads_it_as_unknown_not_as_a_
   runs, warning = provenance.executed([{'from_round': 0, **old}], 5, {**now, 'devices': 1}, 'w')
   assert runs == [{'from_round': 0, **old}, {'from_round': 5, **now, 'devices': 1}]
   assert 'with devices 2 -> 1:' in warning and 'xla_flags' not in warning
+  # The reverse: a field the stretch recorded that this simulator no longer records.
+  gone = {k: v for k, v in now.items() if k != 'local_loop'}
+  assert provenance.executed([{'from_round': 0, **now}], 5, gone, 'w') == (
+      [{'from_round': 0, **now}], None)
+  runs, warning = provenance.executed([{'from_round': 0, **now}], 5, {**gone, 'conv': 'xla'}, 'w')
+  assert runs[-1] == {'from_round': 5, **gone, 'conv': 'xla'}
+  assert 'with conv None -> \'xla\':' in warning and 'local_loop' not in warning
 
 
 def test_a_run_resumed_by_a_simulator_that_computes_differently_says_so(tmp_path, caplog,
