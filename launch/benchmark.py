@@ -398,6 +398,16 @@ def _stop_with_the_command() -> None:
 
 def main(argv):
   cli.setup_logging()
+  # The checks and imports before the rows take seconds: a SIGTERM or Ctrl-C among them is
+  # said in the same line as one during a row, not as a traceback.
+  cli.run_or_exit(lambda: _benchmark(argv), interrupted=lambda e: (
+      f'stopped by {"SIGTERM" if isinstance(e, cli.Terminated) else "Ctrl-C"}' + (
+          f'; the {_measured[0]} row(s) measured before it are in {_JSON.value}'
+          if _measured[0] and _JSON.value else '')))
+
+
+def _benchmark(argv) -> None:
+  """Checks the flags and every row's config, then measures the rows."""
   if os.environ.get(_ROW_PROCESS):
     _stop_with_the_command()
   else:  # (a row's own process keeps the default: the command that started it says the line)
@@ -439,10 +449,7 @@ def main(argv):
     print(header, flush=True)  # before the rows' processes write to the same stdout
   from fathom_sim import lane_update
   lane_update.PALLAS = _LANE_UPDATE.value == 'pallas'
-  cli.run_or_exit(lambda: _rows(cohorts), interrupted=lambda e: (
-      f'stopped by {"SIGTERM" if isinstance(e, cli.Terminated) else "Ctrl-C"}' + (
-          f'; the {_measured[0]} row(s) measured before it are in {_JSON.value}'
-          if _measured[0] and _JSON.value else '')))
+  _rows(cohorts)
 
 
 _measured = [0]  # rows measured so far (and written to --json)

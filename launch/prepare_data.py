@@ -62,9 +62,7 @@ MAX_SEQUENCE_LENGTH = 1024
 
 
 def main(argv):
-  cli.terminate_as_interrupt()
   cli.no_arguments(argv)
-  from fathom_sim.data.prepare import prepare
   from fathom_sim.errors import exit_status
   if _VOCAB_SIZE.value < 1:
     cli.fail(f'--vocab_size must be >= 1, got {_VOCAB_SIZE.value}')
@@ -76,6 +74,9 @@ def main(argv):
 
   def job():
     try:  # (prepare refuses a bad --out before it reads the input, which may take hours)
+      # Inside the try: a SIGTERM during the import (a second) is said as one during the work.
+      cli.terminate_as_interrupt()
+      from fathom_sim.data.prepare import prepare
       # A flag given at its default is given all the same: refused where it does not apply.
       given = {flag.name: flag.value for flag in (_VOCAB_SIZE, _LENGTH, _TEST_FRACTION)
                if flag.present}
@@ -83,11 +84,11 @@ def main(argv):
                      vocab_path=_VOCAB.value, vocab_size=given.get('vocab_size'),
                      sequence_length=given.get('sequence_length'), split_date=_SPLIT_DATE.value,
                      test_fraction=given.get('test_fraction'))
+      print('\n'.join(summary_lines(meta, _OUT.value)))
     except KeyboardInterrupt as e:  # Ctrl-C or SIGTERM (run_or_exit's words are a training run's)
       done = os.path.exists(os.path.join(_OUT.value, 'meta.json'))  # renamed in already
       cli.fail(f'interrupted; {"the dataset was written to" if done else "nothing was left at"} '
                f'--out {_OUT.value!r}', exit_status(e))
-    print('\n'.join(summary_lines(meta, _OUT.value)))
 
   cli.run_or_exit(job)
 

@@ -505,6 +505,40 @@ def test_prepare_stopped_by_ctrl_c_or_sigterm_says_so_in_its_own_words(tmp_path,
   assert os.listdir(tmp_path) == []  # no --out, no <out>.partial
 
 
+@pytest.mark.parametrize('script, flags, said', [
+    ('benchmark.py', ['--tasks=mlp', '--cohort_sizes=3', '--rounds=2', '--num_clients=30'],
+     'error: stopped by SIGTERM'),
+    ('prepare_data.py', ['--format=leaf_json', '--task=emnist'],
+     "error: interrupted; nothing was left at --out '{out}'"),
+])
+def test_a_sigterm_as_soon_as_the_command_takes_it_is_said_in_its_one_line(
+    tmp_path, script, flags, said):
+  """The checks and imports before the work (a second or two) were outside the handler: a
+  SIGTERM there printed a Terminated traceback, and the exit status was not 143. Here the
+  signal arrives the moment the command's handler is in place."""
+  out = str(tmp_path / 'out')
+  leaf = os.path.join(ROOT, 'tests', 'data', 'femnist_leaf_sample')
+  argv = [script, *flags] + ([f'--json={out}'] if script == 'benchmark.py' else
+                             [f'--source={leaf}', f'--out={out}'])
+  code = ('import os, runpy, signal, sys\n'
+          'from launch import cli\n'
+          'take = cli.terminate_as_interrupt\n'
+          'def taken():\n'
+          '  take()\n'
+          '  os.kill(os.getpid(), signal.SIGTERM)\n'
+          'cli.terminate_as_interrupt = taken\n'
+          f'sys.argv = {argv!r}\n'
+          f"runpy.run_path('launch/{script}', run_name='__main__')\n")
+  env = dict(os.environ, JAX_PLATFORMS='cpu')
+  env.pop('XLA_FLAGS', None)
+  p = subprocess.run([sys.executable, '-c', code], cwd=ROOT, env=env, timeout=120,
+                     capture_output=True, text=True)
+  assert p.returncode == 143, p.stderr[-2000:]
+  assert 'Traceback' not in p.stderr and 'Terminated' not in p.stderr, p.stderr[-2000:]
+  assert p.stderr.splitlines()[-1] == said.format(out=out), p.stderr[-2000:]
+  assert os.listdir(tmp_path) == []  # no --json, no --out, no <out>.partial
+
+
 def test_prepare_refuses_an_out_that_is_a_file_and_keeps_it(tmp_path):
   (tmp_path / 'Posts.xml').write_text(POSTS)
   out = tmp_path / 'afile'
