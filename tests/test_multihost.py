@@ -3,6 +3,7 @@ collectives) train the same model as 1 process x 8 devices."""
 
 import json
 import os
+import random
 import re
 import signal
 import socket
@@ -26,9 +27,19 @@ OVERRIDES = ['--config.num_rounds=4', '--config.cohort_size=10', '--config.data.
 
 
 def _free_port() -> int:
-  with socket.socket() as s:
-    s.bind(('localhost', 0))
-    return s.getsockname()[1]
+  """A port free now, below Linux's ephemeral range (32768-60999): the kernel's own pick
+  (bind to port 0) comes from that range, which every outgoing connection (gloo's, gRPC's, of
+  the tests beside this one) draws from too, and one could take it before the coordinator
+  binds it a second later."""
+  draw = random.SystemRandom()
+  while True:
+    port = draw.randrange(20000, 32768)
+    with socket.socket() as s:
+      try:
+        s.bind(('localhost', port))
+      except OSError:  # another program's
+        continue
+      return port
 
 
 def _main(workdir, devices, extra=(), script=os.path.join('launch', 'main.py'), env=None):
