@@ -1,6 +1,6 @@
 """Where the test suite's time goes (run by hand; a pytest plugin): per test file, the seconds
 its tests took, the XLA compiles in the test process and their seconds, and the commands the
-tests started and their wall seconds; then the slowest tests.
+tests started and their wall seconds; then the slowest tests, and those compiling longest.
 
   PYTHONPATH=benchmarks .venv/bin/python -m pytest -q -n 2 -p no:cacheprovider \
       -p suite_profile tests
@@ -110,6 +110,7 @@ def pytest_terminal_summary(terminalreporter):
   write(f'{"test s":>8} {"compile s":>9} {"compiles":>8} {"commands":>8} {"their s":>8}  file')
   for file, c in sorted(files.items(), key=lambda kv: -kv[1][4]):
     write(f'{c[4]:8.1f} {c[1]:9.1f} {c[0]:8.0f} {c[2]:8.0f} {c[3]:8.1f}  {file}')
-  write('slowest tests:')
-  for test, c in sorted(counts.items(), key=lambda kv: -kv[1][4])[:25]:
-    write(f'{c[4]:8.1f} {c[1]:9.1f} {c[0]:8.0f} {c[2]:8.0f} {c[3]:8.1f}  {test}')
+  for title, column in (('slowest tests:', 4), ('most compile seconds:', 1)):
+    write(title)
+    for test, c in sorted(counts.items(), key=lambda kv: -kv[1][column])[:25]:
+      write(f'{c[4]:8.1f} {c[1]:9.1f} {c[0]:8.0f} {c[2]:8.0f} {c[3]:8.1f}  {test}')
