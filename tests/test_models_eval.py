@@ -24,20 +24,22 @@ def _count(params):
 def test_emnist_cnn_is_the_papers_architecture():
   model = get_model('emnist_cnn', num_classes=62)
   batch = {'x': jnp.ones((4, 28, 28)), 'y': jnp.arange(4)}
-  params = model.init(jax.random.PRNGKey(0), batch)
+  # (Jitted: run op by op, the init, losses and sums compiled 129 programs, 17 s.)
+  params = jax.jit(model.init)(jax.random.PRNGKey(0), batch)
   # conv 3x3x32 + conv 3x3x64 + dense 9216x128 + dense 128x62, with biases.
   assert _count(params) == 320 + 18_496 + 1_179_776 + 7_998
   mask = jnp.ones(4, bool)
-  a = model.loss(params, batch, mask, jax.random.PRNGKey(1))
-  b = model.loss(params, batch, mask, jax.random.PRNGKey(2))
+  loss, eval_sums = jax.jit(model.loss), jax.jit(model.eval_sums)
+  a = loss(params, batch, mask, jax.random.PRNGKey(1))
+  b = loss(params, batch, mask, jax.random.PRNGKey(2))
   assert float(a) != float(b)  # dropout is on while training, keyed by the step's key
   # ... and off in evaluation: a sum over examples then does not depend on their order (masks
   # drawn per row would; the same call twice is equal whatever a fixed key does).
   varied = {'x': jax.random.uniform(jax.random.PRNGKey(3), (8, 28, 28)), 'y': jnp.arange(8)}
   flipped = jax.tree.map(lambda a: a[::-1], varied)
   mask = jnp.ones(8, bool)
-  np.testing.assert_allclose(model.eval_sums(params, varied, mask)['loss'],
-                             model.eval_sums(params, flipped, mask)['loss'], rtol=1e-5)
+  np.testing.assert_allclose(eval_sums(params, varied, mask)['loss'],
+                             eval_sums(params, flipped, mask)['loss'], rtol=1e-5)
 
 
 @pytest.mark.parametrize('shape', [(3, 24, 24, 5), (2, 7, 9, 3), (4, 2, 26, 26, 8)])
@@ -213,14 +215,16 @@ def test_masked_rows_do_not_enter_the_loss():
   model = get_model('mlp', num_classes=3, hidden=(5,))
   x = np.random.default_rng(0).normal(size=(6, 4)).astype(np.float32)
   y = np.array([0, 1, 2, 0, 1, 2])
-  params = model.init(jax.random.PRNGKey(0), {'x': x, 'y': y})
-  full = model.loss(params, {'x': x[:4], 'y': y[:4]}, jnp.ones(4, bool), None)
+  params = jax.jit(model.init)(jax.random.PRNGKey(0), {'x': x, 'y': y})
+  # (Jitted: run op by op, this test compiled 137 programs.)
+  loss, grad = jax.jit(model.loss), jax.jit(jax.grad(model.loss))
+  full = loss(params, {'x': x[:4], 'y': y[:4]}, jnp.ones(4, bool), None)
   garbage = x.copy()
   garbage[4:] = 1e6
-  masked = model.loss(params, {'x': garbage, 'y': y}, jnp.arange(6) < 4, None)
+  masked = loss(params, {'x': garbage, 'y': y}, jnp.arange(6) < 4, None)
   np.testing.assert_allclose(masked, full, rtol=1e-6)
-  g_full = jax.grad(model.loss)(params, {'x': x[:4], 'y': y[:4]}, jnp.ones(4, bool), None)
-  g_masked = jax.grad(model.loss)(params, {'x': garbage, 'y': y}, jnp.arange(6) < 4, None)
+  g_full = grad(params, {'x': x[:4], 'y': y[:4]}, jnp.ones(4, bool), None)
+  g_masked = grad(params, {'x': garbage, 'y': y}, jnp.arange(6) < 4, None)
   for a, b in zip(jax.tree.leaves(g_full), jax.tree.leaves(g_masked)):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
 
@@ -238,15 +242,16 @@ def test_sequence_training_loss_per_token_or_per_sentence_over_an_expected_lengt
   batch, mask = {'x': x, 'y': y}, jnp.arange(5) < 4
   per_token = get_model('lstm', num_classes=20, hidden=(4, 6, 5))
   fedjax = get_model('lstm', num_classes=20, hidden=(4, 6, 5), expected_length=13.3)
-  params = per_token.init(jax.random.PRNGKey(0), batch)
+  params = jax.jit(per_token.init)(jax.random.PRNGKey(0), batch)
   module = NextWordLSTM(20, 4, 6, 5)
-  logits = np.asarray(module.apply({'params': params}, x), np.float64)
+  # (Jitted: run op by op, the LSTM's scans compiled 80 programs.)
+  logits = np.asarray(jax.jit(module.apply)({'params': params}, x), np.float64)
   logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
   token_loss = -np.take_along_axis(logp, y[..., None], -1)[..., 0] * (y != 0)
   sentence_loss = token_loss.sum(1)[:4]
-  np.testing.assert_allclose(per_token.loss(params, batch, mask, None),
+  np.testing.assert_allclose(jax.jit(per_token.loss)(params, batch, mask, None),
                              sentence_loss.sum() / lengths[:4].sum(), rtol=1e-5)
-  np.testing.assert_allclose(fedjax.loss(params, batch, mask, None),
+  np.testing.assert_allclose(jax.jit(fedjax.loss)(params, batch, mask, None),
                              np.mean(sentence_loss / 13.3), rtol=1e-5)
 
 
@@ -338,7 +343,7 @@ def test_evaluation_counts_are_integers(name):
     batch = {'x': np.ones((3, 5), np.int32), 'y': np.ones((3, 5), np.int32)}
   else:
     batch = {'x': np.zeros((3, 28, 28), np.float32), 'y': np.zeros(3, np.int32)}
-  params = model.init(jax.random.PRNGKey(0), batch)
+  params = jax.eval_shape(model.init, jax.random.PRNGKey(0), batch)  # (dtypes alone matter)
   sums = jax.eval_shape(model.eval_sums, params, batch, jnp.ones(3, bool))
   counts = {k: v.dtype for k, v in sums.items() if k.startswith(('count', 'correct'))}
   assert counts and all(jnp.issubdtype(d, jnp.integer) for d in counts.values()), counts
