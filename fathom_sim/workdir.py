@@ -313,11 +313,9 @@ def check_before_load(workdir: str, config: ml_collections.ConfigDict,
   large dataset): a URL refused; a run's workdir locked (with `hold`, on the process that
   writes its files), its config compared, and a num_rounds below its newest checkpoint's
   round refused. A refusal changes nothing."""
-  check_local(workdir, '--workdir')
-  _check_folder(workdir)
+  check_layout(workdir)  # before the lock: a refusal leaves its holder line
   if os.path.isfile(os.path.join(workdir, CONFIG_FILE)):  # a run's: resumed or relaunched
     check_config(config)  # a bad value said as such, not as another run's config
-    _check_kinds(workdir)  # these before the lock: a refusal leaves its holder line
     check_same_run(workdir, config)
     if _is_writer():
       hold.enter_context(locked(workdir))
