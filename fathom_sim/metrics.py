@@ -397,9 +397,11 @@ def progress_line(row: dict, num_rounds: int, rounds_per_s: float) -> str:
   eta_s = (num_rounds - t) / rounds_per_s if rounds_per_s > 0 else float('nan')
   # (timedelta holds under 10^9 days: a crawl through 2^31 rounds can be past it)
   left = str(datetime.timedelta(seconds=round(eta_s))) if 0 <= eta_s < 1e13 else '?'
+  # B is FATHOM's real value, which may drift far below 1; the batch used is its integer.
   line = (f'round {t}/{num_rounds} | {rounds_per_s:.2f} rounds/s | ETA {left} | '
           f'loss {row["train_loss"]:.4f} | eta {row["eta"]:.4g} E {row["epochs"]:.3g} '
-          f'B {row["batch_size"]:.3g} | h_glob {row["h_glob"]:+.3f} h_local {row["h_local"]:+.3f}')
+          f'B {row["batch_size"]:.3g} ({row["batch_size_int"]} used) | '
+          f'h_glob {row["h_glob"]:+.3f} h_local {row["h_local"]:+.3f}')
   if 'test_accuracy' in row:
     line += f' | test acc {row["test_accuracy"]:.4f}'
   return line

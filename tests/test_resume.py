@@ -860,11 +860,13 @@ def test_the_progress_line_says_an_eta_it_cannot_print_as_unknown():
   """A crawl through 2^31 - 1 rounds put the ETA past timedelta's range: an OverflowError at
   round 10, after the run had written its files."""
   from fathom_sim import metrics
-  row = {'round': 10, 'train_loss': 0.5, 'eta': 0.1, 'epochs': 1.0, 'batch_size': 20.0,
-         'h_glob': 0.1, 'h_local': -0.2}
+  row = {'round': 10, 'train_loss': 0.5, 'eta': 0.1, 'epochs': 1.0, 'batch_size': 0.0341,
+         'batch_size_int': 1, 'h_glob': 0.1, 'h_local': -0.2}
   assert '| ETA ? |' in metrics.progress_line(row, 2**31 - 1, 1e-6)
   assert '| ETA ? |' in metrics.progress_line(row, 20, 0.0)
   assert '| ETA 0:00:05 |' in metrics.progress_line(row, 20, 2.0)
+  # FATHOM's real B may drift far below 1 (the quickstart's does): the batch used is beside it.
+  assert ' B 0.0341 (1 used) | ' in metrics.progress_line(row, 20, 2.0)
 
 
 def test_metrics_rows_read_plain_or_gzipped_up_to_a_torn_line_and_kept_to_a_round(tmp_path):
