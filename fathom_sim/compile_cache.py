@@ -27,8 +27,13 @@ CACHE_HIT = '/jax/compilation_cache/cache_hits'  # jax.monitoring's event for a 
 MAX_BYTES = 4 * 2**30  # the default folder's cap (a CPU round program takes ~0.1 MB)
 # JAX keeps only programs that took 1 s or more to compile: each command compiled the cohort
 # sampler (0.8 s on 2 CPU cores) and the initial model's draws (1.1 s) again, half of what a
-# small run's 4 rounds and checkpoints take. Loading one takes milliseconds.
-MIN_COMPILE_SECONDS = 0.2
+# small run's 4 rounds and checkpoints take. Loading one from a local disk takes milliseconds,
+# so a local folder keeps every program: the ~25 operations the initial model is drawn with,
+# one by one (bit for bit as the package draws it), took 0.7 s of each command at 0.2 s.
+MIN_COMPILE_SECONDS = 0.0
+# A folder several processes or machines share (a bucket's mount, gs://) pays a round trip per
+# entry, which may cost more than compiling a small program: there, only the bigger ones.
+SHARED_MIN_COMPILE_SECONDS = 0.2
 # JAX's names for an entry's program and its last access (jax/_src/lru_cache.py).
 _CACHE_SUFFIX, _ATIME_SUFFIX = '-cache', '-atime'
 _lock = threading.Lock()  # compile_ahead loads programs on a thread too
@@ -47,7 +52,8 @@ def default_dir() -> str:
 
 
 def enable(path: str, max_bytes: int | None = None) -> None:
-  """Keeps compiled programs in `path` (those that took MIN_COMPILE_SECONDS or more to compile,
+  """Keeps compiled programs in `path` (all of them in a single process's local folder, those
+  that took SHARED_MIN_COMPILE_SECONDS or more to compile in a remote or multi-process one,
   unless $JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS says otherwise) and loads them from
   there; with `max_bytes`, a single process's local folder is held to that size (unless
   $JAX_COMPILATION_CACHE_MAX_SIZE says otherwise) by dropping the least recently used
@@ -69,7 +75,9 @@ def enable(path: str, max_bytes: int | None = None) -> None:
     if jax.config.jax_compilation_cache_max_size != -1 and jax.process_index() == 0:
       _stamp_access_times(path)
   if 'JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS' not in os.environ:  # (JAX's, read by JAX)
-    jax.config.update('jax_persistent_cache_min_compile_time_secs', MIN_COMPILE_SECONDS)
+    shared = '://' in path or jax.process_count() > 1
+    jax.config.update('jax_persistent_cache_min_compile_time_secs',
+                      SHARED_MIN_COMPILE_SECONDS if shared else MIN_COMPILE_SECONDS)
   jax.config.update('jax_enable_compilation_cache', True)
   jax.config.update('jax_compilation_cache_dir', path)
 

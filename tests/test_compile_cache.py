@@ -171,17 +171,20 @@ print(jax.config.jax_persistent_cache_min_compile_time_secs)
 '''
 
 
-@pytest.mark.parametrize('variable, kept', [(None, compile_cache.MIN_COMPILE_SECONDS),
-                                            ('3', 3.0)])
-def test_programs_compiled_in_a_fifth_of_a_second_are_kept_unless_jax_s_variable_says(
-    tmp_path, variable, kept):
+@pytest.mark.parametrize('folder, variable, kept', [
+    ('local', None, 0.0),
+    ('gs://a-bucket/jax', None, 0.2),
+    ('local', '3', 3.0), ('gs://a-bucket/jax', '3', 3.0)])
+def test_a_local_folder_keeps_every_program_a_remote_one_those_of_a_fifth_of_a_second(
+    tmp_path, folder, variable, kept):
   """JAX's default keeps programs that took 1 s: each command compiled its cohort sampler
-  and its initial model's draws again."""
+  and its initial model's draws again. $JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS wins."""
   env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS='cpu')
   env.pop('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', None)
   if variable is not None:
     env['JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS'] = variable
-  p = subprocess.run([sys.executable, '-c', _THRESHOLD, str(tmp_path)], env=env,
+  path = str(tmp_path) if folder == 'local' else folder
+  p = subprocess.run([sys.executable, '-c', _THRESHOLD, path], env=env,
                      capture_output=True, text=True, timeout=120)
   assert p.returncode == 0, p.stderr[-3000:]
   assert float(p.stdout.split()[-1]) == kept
