@@ -220,17 +220,18 @@ def run_status(run: RunSpec) -> tuple[str, str | None]:
   """('done' | 'pending' | 'failed', why it failed) of a run before the sweep trains: a run
   already there under another config is reported, never skipped or redone."""
   from fathom_sim import workdir as workdir_lib
-  try:
-    # (what training it would refuse, said before: --dry_run lists such a run as failing)
-    workdir_lib.check_layout(run.workdir)
-    workdir_lib.check_same_run(run.workdir, run.config)
-  except workdir_lib.WorkdirError as e:
-    return 'failed', str(e)
-  done = metrics.finished_rounds(run.workdir) or 0
-  if done > run.config.num_rounds:
-    # Refused as launch/main.py refuses it: skipped as done, the run's results would be of
-    # more rounds than sweep.json says.
-    return 'failed', str(workdir_lib.too_few_rounds(run.workdir, done, run.config.num_rounds))
+  with workdir_lib.named_as_sweep_runs():
+    try:
+      # (what training it would refuse, said before: --dry_run lists such a run as failing)
+      workdir_lib.check_layout(run.workdir)
+      workdir_lib.check_same_run(run.workdir, run.config)
+    except workdir_lib.WorkdirError as e:
+      return 'failed', str(e)
+    done = metrics.finished_rounds(run.workdir) or 0
+    if done > run.config.num_rounds:
+      # Refused as launch/main.py refuses it: skipped as done, the run's results would be of
+      # more rounds than sweep.json says.
+      return 'failed', str(workdir_lib.too_few_rounds(run.workdir, done, run.config.num_rounds))
   return ('done' if done == run.config.num_rounds else 'pending'), None
 
 
@@ -331,7 +332,7 @@ def run_sweep(sweep: SweepDef, out: str, *, extra: dict | None = None,
                                  f'({e.strerror or e}); give a writable place') from None
   # A second sweep on this --out while this one runs would rewrite sweep.json and take runs
   # it has not reached: refused, as a second command on a live run's workdir is.
-  with workdir_lib.locked(out, '--out'):
+  with workdir_lib.locked(out, '--out'), workdir_lib.named_as_sweep_runs():
     return _run_all(sweep, out, runs, sweep_file, extra=extra, train=train,
                     train_group=train_group, vmap_seeds=vmap_seeds, log=log)
 

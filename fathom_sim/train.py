@@ -345,11 +345,11 @@ def _run(run: Run, configs: list[ml_collections.ConfigDict], workdirs: list[str]
       if meta.get('data', data_id) != data_id:
         checkpointer.close()
         raise workdir_lib.WorkdirError(
-            f'--workdir {workdir!r} holds a run trained on other data than this command '
+            f'{workdir_lib.named(workdir)} holds a run trained on other data than this command '
             f'gives it ({_data_named(config)}): the clients, their example counts, or a '
             f'prepared dataset\'s format or vocabulary differ (data fingerprint '
             f'{meta["data"]}, now {data_id}); resume it on the data it was trained on, or '
-            'use another workdir')
+            f'{workdir_lib.another_folder()}')
       logging.info('%s: resuming from the checkpoint of round %d', workdir, done)
     meta.setdefault('data', data_id)
     books.append(_Book(config, workdir, checkpointer, done, meta, cache_hits=cache_hits))

@@ -5,6 +5,7 @@ before a run writes anything there.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import datetime
 import functools
 import fcntl
@@ -52,6 +53,33 @@ LOCK_FILE = '.lock'  # held by the process that writes the run's files, while it
 
 class WorkdirError(InputError):
   """The workdir cannot be used; nothing in it was changed."""
+
+
+# How a refusal names a run's folder, and the way out: launch/main.py's flag, or a sweep's terms
+# (launch/sweep.py makes its runs' folders under --out: no --workdir to change there).
+_NAMING = contextvars.ContextVar('naming', default=('--workdir', 'use another workdir'))
+
+
+@contextlib.contextmanager
+def named_as_sweep_runs() -> Iterator[None]:
+  """Refusals of run folders made in the body say them as a sweep's runs."""
+  token = _NAMING.set(("the sweep's run folder",
+                       "give the sweep another --out, or move this run's folder away"))
+  try:
+    yield
+  finally:
+    _NAMING.reset(token)
+
+
+def named(workdir: str) -> str:
+  """A run's folder as refusals name it: "--workdir 'runs/a'", or in a sweep its run folder."""
+  return f'{_NAMING.get()[0]} {workdir!r}'
+
+
+def another_folder() -> str:
+  """The way out of a refusal of the folder itself: another workdir, or, in a sweep, another
+  --out."""
+  return _NAMING.get()[1]
 
 
 # Fields that may differ between a run and its resumption: they change how a run is executed,
@@ -170,8 +198,8 @@ def check_same_run(workdir: str, config: ml_collections.ConfigDict) -> None:
         new.get('algorithm') == 'fedavg') else {}
     details = ', '.join(f'{k} ({saved.get(k)!r} -> {new.get(k)!r}{held.get(k, "")})'
                         for k in changed)
-    raise WorkdirError(f'--workdir {workdir!r} holds a run with a different config; fields '
-                       f'that change the result differ: {details}. Use another workdir.')
+    raise WorkdirError(f'{named(workdir)} holds a run with a different config; fields that '
+                       f'change the result differ: {details}; {another_folder()}')
 
 
 def check_local(folder: str, flag: str) -> None:
@@ -194,7 +222,7 @@ _held: dict[str, int] = {}  # the folders this process holds locked: how many ti
 
 
 @contextlib.contextmanager
-def locked(folder: str, flag: str = '--workdir') -> Iterator[None]:
+def locked(folder: str, flag: str | None = None) -> Iterator[None]:
   """Holds <folder>/.lock (flock) while the body runs: a second command on a live run's
   workdir (a job relaunched while the first still runs), or a second sweep on a live sweep's
   --out, would write the same files; it is refused with WorkdirError naming the holder. The
@@ -203,8 +231,9 @@ def locked(folder: str, flag: str = '--workdir') -> Iterator[None]:
   shared. The holder writes its line into the file and puts the earlier bytes back on release,
   so a command leaves the file as it found it (a killed holder's line stays, and is harmless:
   it is read only while a live holder's line has replaced it). `flag` names the folder in
-  messages. Only as strong as the filesystem's flock: one that keeps locks per host (gcsfuse,
-  NFS with local_lock) guards each host alone."""
+  messages (by default, as `named` names a run's). Only as strong as the filesystem's flock:
+  one that keeps locks per host (gcsfuse, NFS with local_lock) guards each host alone."""
+  flag = _NAMING.get()[0] if flag is None else flag
   key = os.path.realpath(folder)
   if key in _held:
     _held[key] += 1
@@ -264,7 +293,7 @@ def locked(folder: str, flag: str = '--workdir') -> Iterator[None]:
 
 
 def _check_folder(workdir: str) -> None:
-  refusal = file_for_folder(workdir, '--workdir', "the run's files")
+  refusal = file_for_folder(workdir, _NAMING.get()[0], "the run's files")
   if refusal:
     raise WorkdirError(refusal)
 
@@ -278,7 +307,7 @@ def _check_kinds(workdir: str) -> None:
                        ('meta.json', 'a prepared dataset (launch/prepare_data.py\'s --out)')):
     if os.path.exists(os.path.join(workdir, marker)):
       # Beside it, not inside: report.py takes every run under a sweep's folder as its own.
-      raise WorkdirError(f'--workdir {workdir!r} is {what}; give a folder of its own, e.g. '
+      raise WorkdirError(f'{named(workdir)} is {what}; give a folder of its own, e.g. '
                          f'{os.path.normpath(workdir) + "_run"!r}')
   # A run's files of the wrong kind: a file named checkpoints made orbax's saves fail in a
   # background thread and the run hang, after it had restarted from round 0 and cut the rows.
@@ -287,21 +316,21 @@ def _check_kinds(workdir: str) -> None:
                        (LOCK_FILE, False)):
     path = os.path.join(workdir, name)
     if os.path.exists(path) and os.path.isdir(path) != folder:
-      raise WorkdirError(f'--workdir {workdir!r}: {name} is a {"file" if folder else "folder"}'
-                         f', where a run keeps its {name} {"folder" if folder else "file"}; '
-                         'move it away or give another workdir')
+      raise WorkdirError(f'{named(workdir)}: {name} is a {"file" if folder else "folder"}, '
+                         f'where a run keeps its {name} {"folder" if folder else "file"}; '
+                         f'move it away, or {another_folder()}')
 
 
 def too_few_rounds(workdir: str, done: int, num_rounds: int) -> WorkdirError:
   """The refusal of a num_rounds below the round a run's checkpoint stands at."""
-  return WorkdirError(f'--workdir {workdir!r} holds a run already at round {done}; '
+  return WorkdirError(f'{named(workdir)} holds a run already at round {done}; '
                       f'config.num_rounds must be at least that, got {num_rounds}')
 
 
 def check_layout(workdir: str) -> None:
   """Raises WorkdirError where `workdir` cannot hold a run for what it is, whatever the
   config: a URL, a file, another command's folder, a run's file of the wrong kind."""
-  check_local(workdir, '--workdir')
+  check_local(workdir, _NAMING.get()[0])
   _check_folder(workdir)
   if os.path.isfile(os.path.join(workdir, CONFIG_FILE)):
     _check_kinds(workdir)
@@ -333,21 +362,21 @@ def prepare(workdir: str, config: ml_collections.ConfigDict,
   command leaves even the lock file as it was). A new run's config.json is written here, once
   locked, before any checkpoint or metric, so that run files never exist without it; a resumed
   run's is rewritten by save_config once every check has passed."""
-  check_local(workdir, '--workdir')
+  check_local(workdir, _NAMING.get()[0])
   _check_folder(workdir)
   try:
     os.makedirs(workdir, exist_ok=True)
   except OSError as e:
-    raise WorkdirError(f'--workdir {workdir!r} cannot be created: {e.strerror}') from None
+    raise WorkdirError(f'{named(workdir)} cannot be created: {e.strerror}') from None
   if not os.access(workdir, os.W_OK | os.X_OK):
-    raise WorkdirError(f'--workdir {workdir!r} is not writable')
+    raise WorkdirError(f'{named(workdir)} is not writable')
   _check_kinds(workdir)
   resumed = started(workdir)
   if resumed:
     check_same_run(workdir, config)
   elif _has_results(workdir):
-    raise WorkdirError(f'--workdir {workdir!r} holds run files but no {CONFIG_FILE}; '
-                       'choose another workdir')
+    raise WorkdirError(f'{named(workdir)} holds run files but no {CONFIG_FILE}; '
+                       f'{another_folder()}')
   if hold is not None and _is_writer():
     hold.enter_context(locked(workdir))
     # A command that held the lock until just now may have got its run going meanwhile.

@@ -539,8 +539,10 @@ def test_a_run_s_workdir_is_checked_before_the_data_load(tmp_path, monkeypatch):
 
   monkeypatch.setattr(train_lib, 'build', build)
   before = {f: (workdir / f).read_bytes() for f in os.listdir(workdir) if f != 'checkpoints'}
-  with pytest.raises(WorkdirError, match=r'holds a run with a different config; .*seed \(3 -> 9'):
+  with pytest.raises(WorkdirError, match=r'holds a run with a different config; .*seed \(3 -> 9'
+                     r'\); use another workdir$') as refused:
     train_and_evaluate(_tiny(num_rounds=4, seed=9), str(workdir))
+  assert str(refused.value).startswith(f'--workdir {str(workdir)!r} holds')
   with pytest.raises(ConfigError, match='config.eta must be'):
     train_and_evaluate(_tiny(num_rounds=4, eta=-1.0), str(workdir))
   with open(workdir / '.lock', 'a+') as live:  # a first command still running
@@ -1136,7 +1138,8 @@ def test_a_field_the_run_does_not_read_may_change_on_resume(tmp_path):
   with pytest.raises(WorkdirError, match=r"fields that change the result differ: "
                      r"clip_log_params \(False -> True\), eta_h \(0.01 -> 0.5\), upper_eta"):
     workdir_lib.check_same_run(fathom, _tiny(num_rounds=2, **other))
-  with pytest.raises(WorkdirError, match=r"differ: algorithm \('fathom' -> 'fedavg'\)\. "):
+  with pytest.raises(WorkdirError, match=r"differ: algorithm \('fathom' -> 'fedavg'\); use "
+                     r"another workdir$"):
     workdir_lib.check_same_run(fathom, _tiny(**fedavg, **other))
   (tmp_path / 'fathom' / 'config.json').write_text('[]')
   with pytest.raises(WorkdirError, match=r"config.json is unreadable \(a JSON list, where a "

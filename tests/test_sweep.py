@@ -189,13 +189,18 @@ def test_sweep_runs_every_setting_and_seed_once_and_reports(tmp_path):
   assert len(calls) == 4 and [e['status'] for e in entries] == ['failed'] * 4
   assert all('holds a run already at round 3; config.num_rounds must be at least that, got 2'
              in e['error'] for e in entries), entries
+  # Said in the sweep's terms: its runs' folders are not given by a --workdir.
+  assert all(e['error'].startswith(f"the sweep's run folder {os.path.join(out, e['workdir'])!r}")
+             for e in entries), entries
   # The sweep file edited so that every run's result changes: each run is reported as failed
   # (its workdir holds another config), none is skipped as done or retrained.
   sweep_file.write_text(SWEEP_FILE.replace('num_devices=1', 'num_devices=1, cohort_size=4'))
   p = _cli('sweep.py', f'--sweep={sweep_file}', f'--out={out}')
   assert p.returncode == 1 and p.stderr.startswith('error: 4 of 4 run(s) failed: '), p.stderr
   assert 'cohort_size (5 -> 4)' in p.stderr.splitlines()[-1], p.stderr
-  assert p.stdout.count('fields that change the result differ: cohort_size (5 -> 4)') == 4
+  assert p.stdout.count('fields that change the result differ: cohort_size (5 -> 4); give the '
+                        "sweep another --out, or move this run's folder away") == 4, p.stdout
+  assert '--workdir' not in p.stdout + p.stderr
   assert [os.stat(p).st_mtime_ns for p in summaries] == mtimes
   # --dry_run says what the sweep would do: these fail (it said "done" before), those done.
   p = _cli('sweep.py', f'--sweep={sweep_file}', f'--out={out}', '--dry_run')
