@@ -136,8 +136,14 @@ class Group:
   failed_unstarted: int = 0
 
   @property
+  def config(self) -> dict:
+    """The setting's config as its first seed with a readable config.json holds it: a seed's
+    torn one does not make the whole setting unknown ({} where none is readable)."""
+    return next((r.config for r in self.runs if r.config), {})
+
+  @property
   def algorithm(self) -> str:
-    return self.runs[0].algorithm
+    return self.config.get('algorithm', '?')
 
   @property
   def num_rounds(self) -> int:
@@ -421,8 +427,9 @@ def seconds_per_round(group: Group) -> float | None:
 
 
 def best_fedavg(groups: list[Group], target: float) -> Group | None:
-  """The FedAvg setting reaching `target` on the most seeds, then in the fewest mean rounds,
-  then with the fewest mean examples (rounds tie often: evaluations come every eval_every)."""
+  """The FedAvg setting reaching `target` on the largest share of its seeds, then in the fewest
+  mean rounds, then with the fewest mean examples (rounds tie often: evaluations come every
+  eval_every)."""
   best, best_key = None, None
   for g in groups:
     if g.algorithm != 'fedavg':
@@ -449,7 +456,7 @@ GRID_FIELDS = frozenset({'algorithm', 'eta', 'epochs', 'batch_size', 'seed'})
 
 
 def _grid_key(group: Group) -> tuple:
-  flat = workdir_lib.with_defaults(group.runs[0].config)
+  flat = workdir_lib.with_defaults(group.config)
   drop = (GRID_FIELDS | (workdir_lib.RESUMABLE_FIELDS - MEASURED_ALIKE)
           | unread_paths({**flat, 'algorithm': 'fedavg'}))
   return tuple(sorted((f, json.dumps(v, sort_keys=True)) for f, v in flat.items()

@@ -550,6 +550,25 @@ def test_a_torn_config_or_summary_is_named_in_the_report_not_silently_taken_as_m
   assert 'seed=0' not in line
 
 
+@pytest.mark.parametrize('torn', [0, 1])
+def test_a_seed_s_torn_config_leaves_its_setting_in_the_fedavg_grid(tmp_path, torn):
+  """The setting's algorithm and grid came from its first seed alone: with seed 0's config.json
+  torn, the best FedAvg setting left the grid, and another was compared with FATHOM."""
+  root = tmp_path / 'sweep'
+  for seed in (0, 1):
+    _write_run(root / 'eta=0.1' / f'seed={seed}', 'fedavg', {2: 0.5}, 50, 2)
+    _write_run(root / 'eta=0.2' / f'seed={seed}', 'fedavg', {2: 0.2, 3: 0.5}, 50, 3)
+    _write_run(root / 'fathom' / f'seed={seed}', 'fathom', {2: 0.5}, 100, 2)
+  (root / 'eta=0.1' / f'seed={torn}' / 'config.json').write_text('{"algorithm": "fed')
+  groups = report.group_runs(report.find_runs([str(root)]))
+  by = {g.setting: g for g in groups}
+  assert by['eta=0.1'].algorithm == 'fedavg'
+  assert report.best_fedavg(groups, 0.5) is by['eta=0.1']
+  [(_, fedavg, fathom)], alone = report.grids(groups)
+  assert [g.setting for g in fedavg] == ['eta=0.1', 'eta=0.2'] and fathom == [by['fathom']]
+  assert alone == [] and report.grid_cost(groups)[2] == 4
+
+
 @pytest.mark.parametrize('file, content', [
     ('config.json', {'num_rounds': 'abc'}), ('config.json', {'algorithm': ['x']}),
     ('config.json', {'model': 5}), ('config.json', {'model': {'name': {'x': 1}}}),
