@@ -457,7 +457,8 @@ GRID_FIELDS = frozenset({'algorithm', 'eta', 'epochs', 'batch_size', 'seed'})
 
 def _grid_key(group: Group) -> tuple:
   flat = workdir_lib.with_defaults(group.config)
-  drop = (GRID_FIELDS | (workdir_lib.RESUMABLE_FIELDS - MEASURED_ALIKE)
+  # alpha too: FedAvg reads it only for the h_glob it logs, its model is the same at any alpha.
+  drop = (GRID_FIELDS | {'alpha'} | (workdir_lib.RESUMABLE_FIELDS - MEASURED_ALIKE)
           | unread_paths({**flat, 'algorithm': 'fedavg'}))
   return tuple(sorted((f, json.dumps(v, sort_keys=True)) for f, v in flat.items()
                       if f not in drop))

@@ -245,6 +245,25 @@ def _final_accuracy(summary: dict) -> float:
   return math.nan if acc is None else acc  # None: JSON's NaN, a run without test data
 
 
+def _earlier_entries(out: str) -> dict[str, dict]:
+  """The entries of the sweep.json a sweep run again replaces, by run name ({} if none)."""
+  try:
+    with open(os.path.join(out, INDEX_FILE), encoding='utf-8') as f:
+      runs = json.load(f).get('runs')
+  except (OSError, ValueError, AttributeError):
+    return {}
+  return {e['name']: e for e in runs or () if isinstance(e, dict) and 'name' in e}
+
+
+def _result(run: RunSpec, earlier: dict | None) -> dict:
+  """A finished run's fields in sweep.json: its final accuracy, from its summary, and the
+  seconds the sweep that trained it spent, where its entry recorded them."""
+  result = {'final_test_accuracy': _final_accuracy(metrics.read_summary(run.workdir) or {})}
+  if earlier and earlier.get('status') == 'done' and 'sweep_wall_s' in earlier:
+    result['sweep_wall_s'] = earlier['sweep_wall_s']
+  return result
+
+
 def _entry(run: RunSpec, out: str, status: str, **extra) -> dict:
   return {'name': run.name, 'setting': run.setting, 'overrides': run.overrides,
           'seed': run.seed, 'workdir': os.path.relpath(run.workdir, out), 'status': status,
@@ -344,10 +363,14 @@ def _run_all(sweep: SweepDef, out: str, runs: list[RunSpec], sweep_file: str, *,
   from fathom_sim import train as train_lib
   from fathom_sim import workdir as workdir_lib
   from fathom_sim.data import DataError, DatasetError
+  earlier = _earlier_entries(out)
   entries = []
   for r in runs:
     status, error = run_status(r)
-    entries.append(_entry(r, out, status, **({} if error is None else {'error': error})))
+    if status == 'done':  # its result kept: a sweep run again rewrites sweep.json
+      entries.append(_entry(r, out, status, **_result(r, earlier.get(r.name))))
+    else:
+      entries.append(_entry(r, out, status, **({} if error is None else {'error': error})))
   index = {'sweep': sweep_file, 'config': sweep.config_source, 'fixed': sweep.fixed,
            'extra': dict(extra or {}), 'seeds': sweep.seeds, 'runs': entries}
 
@@ -383,9 +406,7 @@ def _run_all(sweep: SweepDef, out: str, runs: list[RunSpec], sweep_file: str, *,
     if len(batch) == 1 and is_finished(runs[batch[0]].workdir, runs[batch[0]].config.num_rounds):
       # A seed of a vectorised group that failed: the group finished it before failing. Its
       # entry says what a run finished here says (but the sweep's seconds, not spent here).
-      summary = metrics.read_summary(runs[batch[0]].workdir) or {}
-      entries[batch[0]] = _entry(runs[batch[0]], out, 'done',
-                                 final_test_accuracy=_final_accuracy(summary))
+      entries[batch[0]] = _entry(runs[batch[0]], out, 'done', **_result(runs[batch[0]], None))
       log(f'[{batch[0] + 1}/{len(runs)}] {runs[batch[0]].name}: finished already')
       save()
       continue

@@ -163,11 +163,16 @@ def test_sweep_runs_every_setting_and_seed_once_and_reports(tmp_path):
   summaries = [os.path.join(out, n, 'summary.json') for n in names]
   mtimes = [os.stat(p).st_mtime_ns for p in summaries]
 
-  # Restarted from the command line: nothing reruns, nothing is rewritten.
+  # Restarted from the command line: nothing reruns, nothing is rewritten, and sweep.json
+  # keeps each run's result and the seconds the first sweep spent on it.
   p = _cli('sweep.py', f'--sweep={sweep_file}', f'--out={out}')
   assert p.returncode == 0, p.stderr[-3000:]
   assert p.stdout.count('finished already, skipped') == 4
   assert [os.stat(p).st_mtime_ns for p in summaries] == mtimes
+  with open(os.path.join(out, 'sweep.json')) as f:
+    assert json.load(f)['runs'] == index['runs']
+  assert all(isinstance(r['final_test_accuracy'], float) and r['sweep_wall_s'] > 0
+             for r in index['runs'])
   # Restarted with an override that changes every run's result: refused before any run, and
   # nothing written (each finished run was marked failed, and sweep.json lost the overrides
   # it was run with), --dry_run too. One a resumed run may change is no change of the sweep.
@@ -567,6 +572,26 @@ def test_a_seed_s_torn_config_leaves_its_setting_in_the_fedavg_grid(tmp_path, to
   [(_, fedavg, fathom)], alone = report.grids(groups)
   assert [g.setting for g in fedavg] == ['eta=0.1', 'eta=0.2'] and fathom == [by['fathom']]
   assert alone == [] and report.grid_cost(groups)[2] == 4
+
+
+def test_fathom_at_another_alpha_is_compared_with_the_fedavg_grid(tmp_path):
+  """FedAvg reads alpha only for the h_glob it logs: a FATHOM setting at alpha 0.9 was left
+  out of the comparison ("run unlike every FedAvg grid") with a grid run at the default."""
+  root = tmp_path / 'sweep'
+  _write_run(root / 'eta=0.1' / 'seed=0', 'fedavg', {2: 0.5}, 50, 2)
+  for alpha in (0.5, 0.9):
+    _write_run(root / f'alpha={alpha}' / 'seed=0', 'fathom', {2: 0.5}, 100, 2)
+    path = root / f'alpha={alpha}' / 'seed=0' / 'config.json'
+    path.write_text(json.dumps({'algorithm': 'fathom', 'alpha': alpha}))
+  groups = report.group_runs(report.find_runs([str(root)]))
+  [(_, fedavg, fathom)], alone = report.grids(groups)
+  assert [g.setting for g in fedavg] == ['eta=0.1'] and alone == []
+  assert sorted(g.setting for g in fathom) == ['alpha=0.5', 'alpha=0.9']
+  # Another cohort size is another grid's comparison all the same.
+  (root / 'alpha=0.9' / 'seed=0' / 'config.json').write_text(
+      json.dumps({'algorithm': 'fathom', 'alpha': 0.9, 'cohort_size': 3}))
+  groups = report.group_runs(report.find_runs([str(root)]))
+  assert [g.setting for g in report.grids(groups)[1]] == ['alpha=0.9']
 
 
 @pytest.mark.parametrize('file, content', [
