@@ -2,10 +2,10 @@
 
 A run is a workdir holding metrics.jsonl (config.json and summary.json when present). Runs in
 a sweep live in <sweep>/<setting>/seed=<n>; they are grouped by <setting>, and the sweep's
-sweep.json says which seeds a setting should have (those not started, those failed). Means are over the
-seeds that reached a target; std is the sample std (n - 1), absent for one value. A setting's
-seeds are finished when summarised at the most rounds any of their configs names: a seed not
-yet resumed after num_rounds was raised is unfinished, not a shorter finished run.
+sweep.json says which seeds a setting should have (those not started, those failed). Means are
+over the seeds that reached a target; std is the sample std (n - 1), absent for one value. A
+setting's seeds are finished when summarised at the most rounds any of their configs names: a
+seed not yet resumed after num_rounds was raised is unfinished, not a shorter finished run.
 """
 
 from __future__ import annotations
