@@ -7,6 +7,7 @@ is read or anything is compiled, and raises `ConfigError` naming the field and w
 from __future__ import annotations
 
 import difflib
+import importlib.machinery
 import importlib.util
 import math
 import os
@@ -135,8 +136,11 @@ def _describe_failure(error: Exception, path: str) -> str:
   """What a user's Python file (a config or sweep file) raised, as one line, with the line of
   `path` it came from when known."""
   if isinstance(error, SyntaxError):
-    same = os.path.abspath(error.filename or '') == os.path.abspath(path)
-    return f'{error.msg} (SyntaxError, {"" if same else error.filename + " "}line {error.lineno})'
+    # (No file and no line for a source that does not decode, e.g. one saved as UTF-16.)
+    where = [error.filename] if error.filename and (
+        os.path.abspath(error.filename) != os.path.abspath(path)) else []
+    where += [f'line {error.lineno}'] if error.lineno else []
+    return f'{error.msg} (SyntaxError' + (', ' + ' '.join(where) if where else '') + ')'
   frames = traceback.extract_tb(error.__traceback__)
   line = next((f.lineno for f in reversed(frames)
                if os.path.abspath(f.filename) == os.path.abspath(path)), None)
@@ -148,7 +152,11 @@ def call_user_file(path: str, function: str, what: str, *args):
   """function(*args) of a user's Python file (a config or sweep file), run as a module. A file
   that is not Python, that fails to run, that lacks `function`, or whose function raises, is
   a ConfigError naming the file (`what`: how the user gave it, e.g. '--config')."""
-  spec = importlib.util.spec_from_file_location(f'_user_{function}', path)
+  # As source, whatever its name ends in: config_flags reads a --config file so, and a .pyc
+  # loaded here compiled would pass here and fail there as a traceback.
+  name = f'_user_{function}'
+  spec = importlib.util.spec_from_file_location(
+      name, path, loader=importlib.machinery.SourceFileLoader(name, path))
   if spec is None:
     raise ConfigError(f'{what} {path!r} is not a Python file')
   module = importlib.util.module_from_spec(spec)

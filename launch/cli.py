@@ -60,6 +60,33 @@ def _flag_value(argv: list[str], name: str) -> str | None:
   return value
 
 
+def expand_flagfiles(argv: list[str]) -> list[str]:
+  """argv with each --flagfile=FILE replaced by FILE's flags, as absl reads them; one line and
+  exit 2 where one cannot be read. For a command defining --config with config_flags, which
+  reads the flag files while the flag is defined (at import: a missing file was a traceback),
+  and parse_flags_or_exit, whose checks of --config see only what argv holds."""
+  try:
+    return flags.FLAGS.read_flags_from_files(argv, force_gnu=False)
+  except flags.Error as e:
+    fail(f'--flagfile: {str(e).removeprefix("ERROR:: ")}')
+
+
+def _last_only(argv: list[str], name: str) -> list[str]:
+  """argv without the --name flags before the last one: config_flags defines a flag per field
+  override for each --config it meets, and with two and an override stopped on "The flag
+  'config.num_rounds' is defined twice" (tpu_pod.sh passes its own --config first)."""
+  places = []  # (index, words) of each --name
+  for i, arg in enumerate(argv):
+    if arg == '--':
+      break
+    if arg.startswith(f'--{name}='):
+      places.append((i, 1))
+    elif arg == f'--{name}' and i + 1 < len(argv):
+      places.append((i, 2))
+  drop = {i + k for i, words in places[:-1] for k in range(words)}
+  return [arg for i, arg in enumerate(argv) if i not in drop]
+
+
 def _unknown_override(argv: list[str], config) -> str | None:
   """The first --config.PATH override whose PATH is not a field of `config`, described."""
   from fathom_sim.config import unknown_field
@@ -95,7 +122,7 @@ def parse_flags_or_exit(argv: list[str]) -> list[str]:
            'return the config (an ml_collections.ConfigDict, e.g. '
            'fathom_sim.config.base_config() with changes)')
   try:
-    return flags.FLAGS(argv)
+    return flags.FLAGS(_last_only(argv, 'config'))
   except (flags.Error, AttributeError, KeyError, TypeError, ValueError) as e:
     if config is not None:
       unknown = _unknown_override(argv, config)

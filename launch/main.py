@@ -17,6 +17,7 @@ from ml_collections import config_flags  # noqa: E402
 
 from launch import cli  # noqa: E402
 
+sys.argv = cli.expand_flagfiles(sys.argv)  # before --config is defined: it reads them
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file (configs/*.py).',
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Directory for metrics, summary, checkpoints.')

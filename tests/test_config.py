@@ -406,6 +406,65 @@ def test_the_last_of_two_config_files_is_the_one_checked(tmp_path):
                     "(line 2)"] and not workdir.exists()
 
 
+def _one_error_line(p, workdir) -> str:
+  assert p.returncode == 2 and 'Traceback' not in p.stderr, p.stderr[-2000:]
+  errors = [line for line in p.stderr.splitlines() if line.startswith('error:')]
+  assert len(errors) == 1 and not workdir.exists(), p.stderr[-2000:]
+  return errors[0]
+
+
+def test_two_config_files_and_an_override_are_read_as_the_last_file_with_it(tmp_path):
+  """tpu_pod.sh passes its own --config before the user's flags: with an override too, absl
+  stopped on "The flag 'config.num_rounds' is defined twice" (config_flags defines the
+  overrides' flags once per --config), naming nothing the user gave."""
+  from tests.test_cli import QUICKSTART, launch
+  workdir = tmp_path / 'run'
+  for first in ([f'--config={QUICKSTART}'], ['--config', QUICKSTART]):
+    p = launch(*first, f'--config={QUICKSTART}', '--config.num_rounds=-1', f'--workdir={workdir}')
+    assert _one_error_line(p, workdir) == (
+        'error: config.num_rounds must be in [1, 2147483647], got -1')
+
+
+@pytest.mark.parametrize('form', ['utf-16', 'pyc'])
+def test_a_config_file_that_is_not_python_source_is_one_line(tmp_path, form):
+  """A config saved as UTF-16 (NUL bytes: Python's SyntaxError then names no file and no line)
+  ended in a TypeError traceback; a compiled .pyc loaded here, then failed as config_flags read
+  it as source."""
+  import py_compile
+
+  from tests.test_cli import QUICKSTART, launch
+  path = tmp_path / ('config.py' if form == 'utf-16' else 'config.pyc')
+  if form == 'utf-16':
+    path.write_text(open(QUICKSTART).read(), encoding='utf-16')
+  else:
+    py_compile.compile(QUICKSTART, cfile=str(path), doraise=True)
+  workdir = tmp_path / 'run'
+  p = launch(f'--config={path}', f'--workdir={workdir}')
+  assert _one_error_line(p, workdir) == (
+      f'error: --config {str(path)!r} could not be loaded: source code string cannot contain '
+      'null bytes (SyntaxError)')
+
+
+def test_flag_files_are_read_before_the_config_is_checked(tmp_path):
+  """--flagfile was read by config_flags while main.py defined --config, at import: a missing
+  one was a traceback, and a --config in one skipped the early checks (a broken file's error
+  came out as a traceback)."""
+  from tests.test_cli import launch
+  workdir = tmp_path / 'run'
+  missing = tmp_path / 'missing.flags'
+  p = launch(f'--flagfile={missing}', f'--workdir={workdir}')
+  assert _one_error_line(p, workdir) == (
+      f"error: --flagfile: Unable to open flagfile: [Errno 2] No such file or directory: "
+      f"{str(missing)!r}")
+  broken = tmp_path / 'mine.py'
+  broken.write_text('def get_config():\n  raise RuntimeError("boom")\n')
+  flagfile = tmp_path / 'run.flags'
+  flagfile.write_text(f'--config={broken}\n')
+  p = launch(f'--flagfile={flagfile}', f'--workdir={workdir}')
+  assert _one_error_line(p, workdir) == (
+      f"error: --config {str(broken)!r}: get_config() raised RuntimeError: boom (line 2)")
+
+
 def test_fedavg_takes_static_values_above_fathoms_bounds():
   """The bounds are FATHOM's: FedAvg's static eta, E and B are used as given."""
   c = base_config()
