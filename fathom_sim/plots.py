@@ -111,14 +111,17 @@ def hparams_plot(groups: list[Group], path: str) -> str:
   return _save(fig, path)
 
 
+ACCURACY, HPARAMS, VERSUS = 'accuracy.png', 'hparams.png', 'fathom_vs_fedavg.png'
+
+
 def write_plots(groups: list[Group], out: str, targets: Sequence[float]) -> list[str]:
   """accuracy.png, hparams.png (FATHOM settings, or all when none) and, where FATHOM settings
   have a FedAvg grid run alike (report.grids), fathom_vs_fedavg.png: each against its grid's
   best setting at the hardest of `targets` that setting reached."""
   os.makedirs(out, exist_ok=True)
-  paths = [accuracy_plot(groups, os.path.join(out, 'accuracy.png'))]
+  paths = [accuracy_plot(groups, os.path.join(out, ACCURACY))]
   fathom = [g for g in groups if g.algorithm == 'fathom']
-  paths.append(hparams_plot(fathom or groups, os.path.join(out, 'hparams.png')))
+  paths.append(hparams_plot(fathom or groups, os.path.join(out, HPARAMS)))
   # Each FedAvg grid's best setting at the hardest of `targets` it reached, after the FATHOM
   # settings run alike (report.grids).
   shown, compared, at = [], 0, []
@@ -136,7 +139,7 @@ def write_plots(groups: list[Group], out: str, targets: Sequence[float]) -> list
     if room > 0:
       shown += alike[:room] + [best]
       at.append(target)  # (the title names the targets of the grids drawn only)
-  versus = os.path.join(out, 'fathom_vs_fedavg.png')
+  versus = os.path.join(out, VERSUS)
   if not shown and os.path.exists(versus):
     os.remove(versus)  # a last report's, of other runs or targets: not beside this one's
   if shown:

@@ -24,7 +24,7 @@ _TIMING = flags.DEFINE_bool('timing', True, 'Include seconds per round (--notimi
 
 def main(argv):
   from fathom_sim import metrics, plots, report
-  from fathom_sim.errors import MOUNT_HINT, file_for_folder, is_url
+  from fathom_sim.errors import EXIT_FAILED, MOUNT_HINT, OutputError, file_for_folder, is_url
   paths = argv[1:]
   if not paths:
     cli.fail('name at least one run or sweep folder')
@@ -47,6 +47,13 @@ def main(argv):
   refusal = file_for_folder(out, '--out', 'report.md and the PNGs')
   if refusal:
     cli.fail(refusal)
+  # Before any is written: the plots come first, and were replaced when report.md then failed.
+  folders = [n for n in ('report.md', plots.ACCURACY, plots.HPARAMS, plots.VERSUS)
+             if os.path.isdir(os.path.join(out, n))]
+  if folders:
+    are = 'is a folder' if len(folders) == 1 else 'are folders'
+    cli.fail(f'--out {out!r}: {", ".join(folders)} {are}, where the report writes a file; '
+             'move it away or give another --out')
   from fathom_sim.data import DataError
   try:
     listed = report.find_listed(paths)
@@ -64,6 +71,8 @@ def main(argv):
   except OSError as e:
     cli.fail(f'--out {out!r}: cannot write the report there ({e.strerror or e}); give a '
              'folder that can be made or written')
+  except OutputError as e:  # (metrics.write_text's, e.g. a full disk)
+    cli.fail(str(e), EXIT_FAILED)
   print(table)
   print('wrote ' + ', '.join([os.path.join(out, 'report.md'), *written]))
 

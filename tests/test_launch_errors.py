@@ -358,6 +358,20 @@ def test_report_refuses_an_out_it_cannot_write(tmp_path):
            f"--out '{target}': cannot write the report there")
 
 
+@pytest.mark.parametrize('folder', ['report.md', 'hparams.png'])
+def test_report_refuses_a_folder_in_a_report_file_s_place_before_writing_any(tmp_path, folder):
+  """A folder named report.md was a traceback once the plots had been replaced; one named
+  hparams.png, one line after accuracy.png had been."""
+  run = _run_dir(tmp_path, ROW.encode())
+  out = tmp_path / 'report'
+  (out / folder).mkdir(parents=True)
+  (out / 'accuracy.png').write_bytes(b'an earlier report')
+  _refused(_cli('report.py', str(run), f'--out={out}'),
+           f"--out '{out}': {folder} is a folder, where the report writes a file")
+  assert (out / 'accuracy.png').read_bytes() == b'an earlier report'
+  assert sorted(os.listdir(out)) == sorted(['accuracy.png', folder])
+
+
 # ---- launch/benchmark.py ------------------------------------------------------------------
 
 # Small enough that a benchmark not refusing the flag ends within seconds.
