@@ -255,6 +255,20 @@ def test_a_run_is_refused_in_a_prepared_dataset(tmp_path):
   assert os.listdir(tmp_path) == ['meta.json']
 
 
+def test_a_sweep_is_refused_in_a_prepared_dataset_its_dry_run_too(tmp_path):
+  """launch/main.py refused such a folder, but a sweep wrote sweep.json, its lock and its runs'
+  folders among the dataset's files (and --dry_run listed them as to run)."""
+  (tmp_path / 'data').mkdir()
+  (tmp_path / 'data' / 'meta.json').write_text('{}')
+  sweep_file = tmp_path / 'sweep.py'
+  sweep_file.write_text('from fathom_sim.config import base_config\n'
+                        'def get_sweep():\n  return {"config": base_config()}\n')
+  for dry in ([], ['--dry_run']):
+    _refused(_cli('sweep.py', f'--sweep={sweep_file}', f'--out={tmp_path / "data"}', *dry),
+             f"--out '{tmp_path / 'data'}' is a prepared dataset")
+    assert os.listdir(tmp_path / 'data') == ['meta.json']
+
+
 # ---- launch/report.py ---------------------------------------------------------------------
 
 ROW = ('{"round": 1, "examples": 10, "local_steps": 1, "wall_s": 0.5, "eta": 0.1, "epochs": 1.0, '
