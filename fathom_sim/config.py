@@ -160,9 +160,11 @@ def call_user_file(path: str, function: str, what: str, *args):
   if spec is None:
     raise ConfigError(f'{what} {path!r} is not a Python file')
   module = importlib.util.module_from_spec(spec)
+  # SystemExit too: a file that exits (sys.exit, argparse's parse_args) ended the command
+  # with that status and no word, exit 0 for sys.exit(0).
   try:
     spec.loader.exec_module(module)
-  except Exception as e:  # the user's file, whatever it raises: bad input, said in one line
+  except (Exception, SystemExit) as e:  # the user's file, whatever it raises: said in one line
     raise ConfigError(f'{what} {path!r} could not be loaded: {_describe_failure(e, path)}'
                       ) from None
   fn = getattr(module, function, None)
@@ -170,7 +172,7 @@ def call_user_file(path: str, function: str, what: str, *args):
     raise ConfigError(f'{what} {path!r} defines no {function}()')
   try:
     return fn(*args)
-  except Exception as e:  # noqa: BLE001
+  except (Exception, SystemExit) as e:  # noqa: BLE001
     raise ConfigError(f'{what} {path!r}: {function}() raised {_describe_failure(e, path)}'
                       ) from None
 

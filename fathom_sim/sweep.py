@@ -130,9 +130,16 @@ def load_sweep(path: str) -> SweepDef:
   if not isinstance(overrides, (list, tuple)):
     raise ConfigError(f'{where}: overrides must be a list of {{field: value}} dicts, one per '
                       f'setting, got {type(overrides).__name__}')
-  overrides = [_fields(o, where, f'overrides[{i}]') for i, o in enumerate(overrides)] or [{}]
-  return SweepDef(config, source, overrides, seeds, _fields(d.get('fixed', {}), where, 'fixed'),
-                  path)
+  if not overrides:  # (e.g. a product over an empty list: it ran the config alone, unsaid)
+    raise ConfigError(f'{where}: overrides is empty; give one {{field: value}} dict per setting '
+                      '({} for the config as it is), or leave overrides out for that alone')
+  overrides = [_fields(o, where, f'overrides[{i}]') for i, o in enumerate(overrides)]
+  fixed = _fields(d.get('fixed', {}), where, 'fixed')
+  both = sorted(set(fixed) & {k for o in overrides for k in o})
+  if both:  # the setting's value won, and fixed's was never used
+    raise ConfigError(f'{where}: {", ".join(both)} in both fixed and overrides; a field the '
+                      'sweep varies is set by its settings alone')
+  return SweepDef(config, source, overrides, seeds, fixed, path)
 
 
 def _format(value) -> str:
@@ -160,6 +167,9 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides: dict) -> None:
     node, parts = config, key.split('.')
     for part in parts[:-1]:
       node = node[part]
+    if isinstance(value, bool) and isinstance(node[parts[-1]], numbers.Number) and not (
+        isinstance(node[parts[-1]], bool)):  # (ml_collections took True as 1.0)
+      raise ConfigError(f'config.{key}: cannot be set to {value!r}; it takes a number')
     try:
       node[parts[-1]] = value
     except (TypeError, ValueError) as e:
@@ -207,6 +217,15 @@ def plan_runs(sweep: SweepDef, out: str, extra: dict | None = None) -> list[RunS
       except ConfigError as e:
         raise ConfigError(f'{where}: run {name}: {e}') from None
       runs.append(RunSpec(name, setting, overrides, seed, config, os.path.join(out, name)))
+  # Two settings that come to one config (e.g. one sets a field to its default) would run the
+  # same runs twice, and count twice in a grid search.
+  first = {}
+  for run in runs:
+    key = json.dumps(run.config.to_dict(), sort_keys=True, default=str)
+    if key in first:
+      raise ConfigError(f'{where}: the settings {first[key].setting!r} and {run.setting!r} '
+                        'come to the same config (every field alike); drop one')
+    first[key] = run
   return runs
 
 

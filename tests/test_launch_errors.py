@@ -104,6 +104,14 @@ def test_a_file_replaced_on_a_full_disk_is_one_output_error_and_the_old_one_stay
     (_sweep_returning("{'config': 'broken_config.py'}"),
      "config '{dir}/broken_config.py' could not be loaded: NameError: name 'nope' is not "
      'defined (line 1)'),
+    # an empty grid ran the config alone, unsaid; a file that exits ended the command with its
+    # status (0 for sys.exit(0)) and no word
+    (_sweep_returning(f"{{'config': {QUICKSTART!r}, 'overrides': []}}"),
+     'overrides is empty; give one {field: value} dict per setting'),
+    (_sweep_returning(f"{{'config': {QUICKSTART!r}, 'fixed': {{'eta': 0.3}}, "
+                      "'overrides': [{'eta': 0.2}, {'eta': 0.1, 'epochs': 2.0}]}"),
+     'eta in both fixed and overrides; a field the sweep varies is set by its settings alone'),
+    ('import sys\ndef get_sweep():\n  sys.exit(0)\n', 'get_sweep() raised SystemExit: 0 (line 3)'),
 ])
 def test_a_bad_sweep_file_is_one_config_error_naming_it(tmp_path, text, needle):
   (tmp_path / 'broken_config.py').write_text('nope\n')
@@ -130,6 +138,11 @@ def test_a_bad_sweep_file_is_one_config_error_naming_it(tmp_path, text, needle):
     ("'overrides': [{'seed': 3}]", 'overrides[0]: config.seed cannot be set here; a sweep runs '
                                    'the seeds of its seeds list'),
     ("'fixed': {'seed': 3}", 'fixed: config.seed cannot be set here'),
+    # ml_collections took True as 1.0, in a folder named eta=True
+    ("'overrides': [{'eta': True}]", 'overrides[0]: config.eta: cannot be set to True; it takes '
+                                     'a number'),
+    ("'overrides': [{'eta': 0.1}, {'epochs': 1.0}]",
+     "the settings 'eta=0.1' and 'epochs=1' come to the same config (every field alike)"),
 ])
 def test_a_bad_field_in_a_sweep_names_the_file_and_the_entry(tmp_path, fields, needle):
   path = tmp_path / 'bad_fields.py'
