@@ -346,6 +346,18 @@ def find_listed(paths: list[str]) -> dict[str, dict[str, int]]:
   return listed
 
 
+def unreadable_indexes(paths: list[str]) -> list[str]:
+  """The sweep.json files of the folders given that are there but not readable as a sweep's
+  index (find_listed then counts nothing of them)."""
+  from fathom_sim.sweep import INDEX_FILE
+  unread = []
+  for root, _ in _roots(paths):
+    index, bad = _read_json(os.path.join(root, INDEX_FILE))
+    if bad or (index is not None and not isinstance(index.get('runs'), list)):
+      unread.append(os.path.join(root, INDEX_FILE))
+  return unread
+
+
 def group_runs(runs: list[RunData],
                listed: dict[str, dict[str, int]] | None = None) -> list[Group]:
   """Groups by setting, in first-seen order, with what `listed` (find_listed) says of each."""
@@ -503,13 +515,15 @@ def _reached_note(r: dict) -> str:
 
 
 def markdown(groups: list[Group], targets: list[float], *, timing: bool = True,
-             not_started: dict[str, dict[str, int]] | None = None) -> str:
+             not_started: dict[str, dict[str, int]] | None = None,
+             unread_indexes: list[str] = ()) -> str:
   """The report's tables: cost to each target per setting; per FedAvg grid, its best setting
   and total cost against the FATHOM settings run alike.
 
   timing=False leaves out the seconds-per-round column, so that the tables are a function of
   the runs' results alone (a rerun with the same seeds gives the same bytes). not_started:
-  the settings a sweep lists that have no run yet (see not_started).
+  the settings a sweep lists that have no run yet (see not_started); unread_indexes: the
+  sweep.json files that could not be read (unreadable_indexes).
   """
   lines = ['| setting | algorithm | seeds | final test accuracy |' + (' s/round |' * timing)
            + ''.join(f' rounds to {t:g} | examples to {t:g} | local steps to {t:g} |'
@@ -560,12 +574,14 @@ def markdown(groups: list[Group], targets: list[float], *, timing: bool = True,
               + '; '.join(f'{n}: ' + ', '.join(f'`{s}`' for s, r in rounds.items() if r == n)
                           for n in sorted(set(rounds.values())))
               + '): a target not reached may only not have been reached yet.']
-  damaged = [(r.workdir, f) for g in groups for r in g.runs for f in r.unreadable]
-  if damaged:
+  damaged = [os.path.join(r.workdir, f) for g in groups for r in g.runs for f in r.unreadable]
+  if damaged or unread_indexes:
     lines += ['', 'Warning: files there but not readable as a JSON object (torn, or a field '
               'holding another type of value than a run writes there), taken as missing '
-              '(config.json: the run\'s algorithm and settings unknown; summary.json: the run '
-              'unfinished): ' + ', '.join(f'`{os.path.join(w, f)}`' for w, f in damaged) + '.']
+              '(config.json: the run\'s own settings unknown, its setting\'s taken from its '
+              'other seeds; summary.json: the run unfinished; sweep.json: the seeds not started '
+              'and those failed not counted): '
+              + ', '.join(f'`{path}`' for path in [*damaged, *unread_indexes]) + '.']
   for g in groups:
     differ = g.differing_fields()
     if differ:

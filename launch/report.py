@@ -63,7 +63,8 @@ def main(argv):
   if not groups:
     cli.fail(f'no runs (folders with metrics.jsonl) under {", ".join(paths)}')
   table = report.markdown(groups, targets, timing=_TIMING.value,
-                          not_started=report.not_started(groups, listed))
+                          not_started=report.not_started(groups, listed),
+                          unread_indexes=report.unreadable_indexes(paths))
   try:
     # The plots first, report.md last and whole: a report.md is never older than its plots.
     written = plots.write_plots(groups, out, targets)

@@ -863,8 +863,16 @@ def test_a_sweeps_seeds_not_started_or_failed_are_said_in_the_tables(tmp_path):
   assert '| 2.0 ± 0.0 (2/3) |' in row['| `eta=0.1`']  # the seed not started has not reached it
   assert '| 2 of 4 (1 unfinished, 2 failed, 1 not started) |' in row['| `fathom`'], table
   assert 'No run folder yet (listed in sweep.json): `eta=1.0` (2 seeds, 1 failed).' in table
+  # A torn sweep.json counts nothing, and is named (it was passed over without a word).
+  (root / 'sweep.json').write_text('{"sweep": "s.py", "ru')
+  assert report.find_listed([str(root)]) == {}
+  table = report.markdown(report.group_runs(report.find_runs([str(root)])), [0.3],
+                          unread_indexes=report.unreadable_indexes([str(root)]))
+  [line] = [x for x in table.splitlines() if 'not readable as a JSON object' in x]
+  assert line.endswith(f'`{root / "sweep.json"}`.') and 'Not started' not in table
   # Without a sweep.json, the folders are all there is to count.
   (root / 'sweep.json').unlink()
+  assert report.unreadable_indexes([str(root)]) == []
   assert report.find_listed([str(root)]) == {}
   table = report.markdown(report.group_runs(report.find_runs([str(root)])), [0.3])
   assert '| `eta=0.1` | fedavg | 2 | 0.400 ± 0.000 |' in table and 'Not started' not in table
