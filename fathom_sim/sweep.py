@@ -170,6 +170,11 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides: dict) -> None:
     if isinstance(value, bool) and isinstance(node[parts[-1]], numbers.Number) and not (
         isinstance(node[parts[-1]], bool)):  # (ml_collections took True as 1.0)
       raise ConfigError(f'config.{key}: cannot be set to {value!r}; it takes a number')
+    if isinstance(node[parts[-1]], ml_collections.ConfigDict):
+      # (A dict put in its place dropped the group's other fields, said as one 'missing'.)
+      fields = ', '.join(f'{key}.{k}' for k in node[parts[-1]].keys())
+      raise ConfigError(f'config.{key} is a group of fields ({fields}); set one of them, e.g. '
+                        f"{{'{key}.{next(iter(node[parts[-1]].keys()))}': ...}}")
     try:
       node[parts[-1]] = value
     except (TypeError, ValueError) as e:

@@ -141,6 +141,8 @@ def test_a_bad_sweep_file_is_one_config_error_naming_it(tmp_path, text, needle):
     # ml_collections took True as 1.0, in a folder named eta=True
     ("'overrides': [{'eta': True}]", 'overrides[0]: config.eta: cannot be set to True; it takes '
                                      'a number'),
+    ("'overrides': [{'model': {'name': 'mlp'}}]",
+     "overrides[0]: config.model is a group of fields (model.compute_dtype, model.conv, "),
     ("'overrides': [{'eta': 0.1}, {'epochs': 1.0}]",
      "the settings 'eta=0.1' and 'epochs=1' come to the same config (every field alike)"),
 ])
