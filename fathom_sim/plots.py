@@ -111,7 +111,8 @@ def hparams_plot(groups: list[Group], path: str) -> str:
   return _save(fig, path)
 
 
-ACCURACY, HPARAMS, VERSUS = 'accuracy.png', 'hparams.png', 'fathom_vs_fedavg.png'
+# The files write_plots writes.
+ACCURACY_PNG, HPARAMS_PNG, VERSUS_PNG = 'accuracy.png', 'hparams.png', 'fathom_vs_fedavg.png'
 
 
 def write_plots(groups: list[Group], out: str, targets: Sequence[float]) -> list[str]:
@@ -119,9 +120,9 @@ def write_plots(groups: list[Group], out: str, targets: Sequence[float]) -> list
   have a FedAvg grid run alike (report.grids), fathom_vs_fedavg.png: each against its grid's
   best setting at the hardest of `targets` that setting reached."""
   os.makedirs(out, exist_ok=True)
-  paths = [accuracy_plot(groups, os.path.join(out, ACCURACY))]
+  paths = [accuracy_plot(groups, os.path.join(out, ACCURACY_PNG))]
   fathom = [g for g in groups if g.algorithm == 'fathom']
-  paths.append(hparams_plot(fathom or groups, os.path.join(out, HPARAMS)))
+  paths.append(hparams_plot(fathom or groups, os.path.join(out, HPARAMS_PNG)))
   # Each FedAvg grid's best setting at the hardest of `targets` it reached, after the FATHOM
   # settings run alike (report.grids).
   shown, compared, at = [], 0, []
@@ -139,7 +140,7 @@ def write_plots(groups: list[Group], out: str, targets: Sequence[float]) -> list
     if room > 0:
       shown += alike[:room] + [best]
       at.append(target)  # (the title names the targets of the grids drawn only)
-  versus = os.path.join(out, VERSUS)
+  versus = os.path.join(out, VERSUS_PNG)
   if not shown and os.path.exists(versus):
     os.remove(versus)  # a last report's, of other runs or targets: not beside this one's
   if shown:

@@ -48,7 +48,7 @@ def main(argv):
   if refusal:
     cli.fail(refusal)
   # Before any is written: the plots come first, and were replaced when report.md then failed.
-  folders = [n for n in ('report.md', plots.ACCURACY, plots.HPARAMS, plots.VERSUS)
+  folders = [n for n in ('report.md', plots.ACCURACY_PNG, plots.HPARAMS_PNG, plots.VERSUS_PNG)
              if os.path.isdir(os.path.join(out, n))]
   if folders:
     are = 'is a folder' if len(folders) == 1 else 'are folders'
