@@ -63,10 +63,12 @@ def _filesystem_fault(error: BaseException) -> BaseException | None:
   """The error in `error`'s chain of causes that the filesystem raised, if any: an OSError, or
   tensorstore's ValueError for one (it names the errno, '[OS error 5: Input/output error]',
   and orbax raises a bare Exception from it), which says nothing of the checkpoint's files. A
-  file that is not there (ENOENT) is a checkpoint missing a part: damage, not a fault. (Causes
-  only: an error raised while another was handled says what it says.)"""
+  file that is not there (ENOENT, or a FileNotFoundError with no errno, as orbax raises for a
+  missing meta/metadata) is a checkpoint missing a part: damage, not a fault. (Causes only: an
+  error raised while another was handled says what it says.)"""
   for e in _chain(error, implicit=False):
-    if isinstance(e, OSError) and e.errno != errno.ENOENT:
+    if isinstance(e, OSError) and e.errno != errno.ENOENT and not isinstance(
+        e, FileNotFoundError):
       return e
     found = re.search(r'\[OS error (\d+):', str(e))
     if found and int(found.group(1)) != errno.ENOENT:

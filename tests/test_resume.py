@@ -271,7 +271,7 @@ def test_unreadable_checkpoints_are_set_aside_once_an_older_one_reads_and_nothin
 
 
 @pytest.mark.filterwarnings('error::pytest.PytestUnraisableExceptionWarning')
-@pytest.mark.parametrize('fault', ['damaged', 'io_error', 'tensorstore_io_error'])
+@pytest.mark.parametrize('fault', ['damaged', 'meta_missing', 'io_error', 'tensorstore_io_error'])
 def test_no_checkpoint_reading_back_stops_the_run_and_changes_nothing(tmp_path, monkeypatch,
                                                                       capfd, fault):
   """Every checkpoint unreadable: the run set them all aside and started again from round 0,
@@ -287,6 +287,10 @@ def test_no_checkpoint_reading_back_stops_the_run_and_changes_nothing(tmp_path, 
     for step in (10, 20):
       _flip_a_byte(str(workdir), step)
     why = 'round 20: ValueError: '
+  elif fault == 'meta_missing':  # orbax's FileNotFoundError has no errno: it was exit 1
+    for step in (10, 20):
+      (workdir / 'checkpoints' / str(step) / 'meta' / 'metadata').unlink()
+    why = 'round 20: FileNotFoundError: '
   else:
     def io_error(*args, **kwargs):
       raise OSError(5, 'Input/output error')
@@ -310,7 +314,7 @@ def test_no_checkpoint_reading_back_stops_the_run_and_changes_nothing(tmp_path, 
   # The filesystem's fault is an OutputError (exit 1, to retry), damaged files the workdir's
   # (an InputError: exit 2, and a sweep goes on to its other runs).
   from fathom_sim.errors import InputError, OutputError
-  with pytest.raises(InputError if fault == 'damaged' else OutputError,
+  with pytest.raises(InputError if fault in ('damaged', 'meta_missing') else OutputError,
                      match='no checkpoint reads back') as e:
     train_and_evaluate(_tiny(num_rounds=20), str(workdir))
   assert why in str(e.value) and '); none was moved.' in str(e.value)
