@@ -682,18 +682,24 @@ def _summary_of_finished(book: _Book, num_rounds: int) -> dict | None:
   summary = metrics.read_summary(book.workdir, num_rounds)
   if summary is None:
     return None
+  try:
+    saved = workdir_lib.read_saved(book.workdir)
+  except ValueError:  # (WorkdirError)
+    return None
+  if saved is None or saved.get('num_rounds') != num_rounds:
+    # Taken further since (num_rounds raised, then stopped before its next checkpoint): that
+    # command rewrote config.json, then rows past this round, and dropped or replaced the last
+    # round's evaluation. Not finished as its files stand: run on, they are put back.
+    return None
   if 'config_sha256' in summary:
     # What the summary itself says it summarises: config.json is rewritten before a finished
     # run is summarised again, and a command killed between the two left the old summary
     # beside the new config, which took it as its own.
     same = summary['config_sha256'] == workdir_lib.config_fingerprint(book.config)
     return summary if same else None
-  try:  # (A summary from before the fingerprint: config.json says what it summarises.) Any
-    # field that differs asks something new of it, but one the run does not read.
-    saved = workdir_lib.read_saved(book.workdir)
-  except ValueError:  # (WorkdirError)
-    return None
-  same = saved is not None and not workdir_lib.differing(
+  # (A summary from before the fingerprint: config.json says what it summarises.) Any field
+  # that differs asks something new of it, but one the run does not read.
+  same = not workdir_lib.differing(
       saved, workdir_lib.flatten(workdir_lib.config_dict(book.config)), ())
   return summary if same else None
 

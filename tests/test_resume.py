@@ -668,6 +668,45 @@ def test_an_end_of_run_evaluation_left_by_a_command_killed_before_its_summary_is
       read_rows(str(tmp_path / 'straight')))
 
 
+@pytest.mark.parametrize('rounds, eval_clients', [(5, 0), (4, 0), (5, 4)])
+def test_a_finished_run_taken_further_and_stopped_then_run_to_its_rounds_again_is_put_back(
+    tmp_path, monkeypatch, rounds, eval_clients):
+  """Finished at `rounds`, taken on to 12 and stopped in round 7 (its next checkpoint at 10),
+  then run with num_rounds=`rounds` again: it said "finished already" and kept the rows to 6,
+  config.json's 12, and round `rounds`' evaluation as the longer run left it (dropped off the
+  eval period, sampled on it)."""
+  from fathom_sim import driver
+  feed = driver.Rounds._feed
+
+  def stop_in_round_7(self, t, hp, *rest):
+    if t == 8:  # fed while round 7 runs
+      raise KeyboardInterrupt('stopped in round 7')
+    return feed(self, t, hp, *rest)
+
+  def config(num_rounds):
+    return _tiny(num_rounds=num_rounds, checkpoint_every=10, eval_every=5,
+                 eval_clients=eval_clients)
+
+  workdir = tmp_path / 'run'
+  straight = train_and_evaluate(config(rounds), str(tmp_path / 'straight'))
+  train_and_evaluate(config(rounds), str(workdir))
+  monkeypatch.setattr(driver.Rounds, '_feed', stop_in_round_7)
+  with pytest.raises(KeyboardInterrupt):
+    train_and_evaluate(config(12), str(workdir))
+  monkeypatch.setattr(driver.Rounds, '_feed', feed)
+  assert read_rows(str(workdir))[-1]['round'] == 6  # (round 7 stopped before its row)
+  again = train_and_evaluate(config(rounds), str(workdir))
+  assert _without_timing(read_rows(str(workdir))) == _without_timing(
+      read_rows(str(tmp_path / 'straight')))
+  assert json.load(open(workdir / 'config.json'))['num_rounds'] == rounds
+  assert again['final'] == straight['final']
+  # Finished as its files stand now: left as it is.
+  files = [(workdir / f).read_bytes() for f in ('config.json', 'metrics.jsonl', 'summary.json')]
+  assert train_and_evaluate(config(rounds), str(workdir)) == again
+  assert [(workdir / f).read_bytes() for f in ('config.json', 'metrics.jsonl',
+                                               'summary.json')] == files
+
+
 def test_a_bfloat16_run_records_its_compute_dtype_and_is_not_resumed_in_float32(tmp_path):
   """Computing in bfloat16 changes what a run trains, like its model: not a resumable field."""
   workdir = str(tmp_path / 'run')
