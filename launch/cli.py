@@ -46,18 +46,27 @@ def fail(message: str, status: int = EXIT_BAD_INPUT, *, tell_peers: bool = True)
   sys.exit(status)
 
 
-def _flag_value(argv: list[str], name: str) -> str | None:
-  """The value absl takes for --name: the last one given (tpu_pod.sh passes its own --config
-  before the user's flags)."""
-  value = None
+def _flag_places(argv: list[str], name: str) -> list[tuple[int, int]]:
+  """(index, words) of each --name in argv: 1 for --name=VALUE, 2 for --name VALUE."""
+  places = []
   for i, arg in enumerate(argv):
     if arg == '--':
       break
     if arg.startswith(f'--{name}='):
-      value = arg.split('=', 1)[1]
+      places.append((i, 1))
     elif arg == f'--{name}' and i + 1 < len(argv):
-      value = argv[i + 1]
-  return value
+      places.append((i, 2))
+  return places
+
+
+def _flag_value(argv: list[str], name: str) -> str | None:
+  """The value absl takes for --name: the last one given (tpu_pod.sh passes its own --config
+  before the user's flags)."""
+  places = _flag_places(argv, name)
+  if not places:
+    return None
+  i, words = places[-1]
+  return argv[i].split('=', 1)[1] if words == 1 else argv[i + 1]
 
 
 def expand_flagfiles(argv: list[str]) -> list[str]:
@@ -75,15 +84,7 @@ def _last_only(argv: list[str], name: str) -> list[str]:
   """argv without the --name flags before the last one: config_flags defines a flag per field
   override for each --config it meets, and with two and an override stopped on "The flag
   'config.num_rounds' is defined twice" (tpu_pod.sh passes its own --config first)."""
-  places = []  # (index, words) of each --name
-  for i, arg in enumerate(argv):
-    if arg == '--':
-      break
-    if arg.startswith(f'--{name}='):
-      places.append((i, 1))
-    elif arg == f'--{name}' and i + 1 < len(argv):
-      places.append((i, 2))
-  drop = {i + k for i, words in places[:-1] for k in range(words)}
+  drop = {i + k for i, words in _flag_places(argv, name)[:-1] for k in range(words)}
   return [arg for i, arg in enumerate(argv) if i not in drop]
 
 
