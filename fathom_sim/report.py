@@ -516,7 +516,7 @@ def _reached_note(r: dict) -> str:
 
 def markdown(groups: list[Group], targets: list[float], *, timing: bool = True,
              not_started: dict[str, dict[str, int]] | None = None,
-             unread_indexes: list[str] = ()) -> str:
+             unread_indexes: list[str] | None = None) -> str:
   """The report's tables: cost to each target per setting; per FedAvg grid, its best setting
   and total cost against the FATHOM settings run alike.
 
@@ -575,13 +575,14 @@ def markdown(groups: list[Group], targets: list[float], *, timing: bool = True,
                           for n in sorted(set(rounds.values())))
               + '): a target not reached may only not have been reached yet.']
   damaged = [os.path.join(r.workdir, f) for g in groups for r in g.runs for f in r.unreadable]
-  if damaged or unread_indexes:
+  damaged += unread_indexes or []
+  if damaged:
     lines += ['', 'Warning: files there but not readable as a JSON object (torn, or a field '
               'holding another type of value than a run writes there), taken as missing '
               '(config.json: the run\'s own settings unknown, its setting\'s taken from its '
               'other seeds; summary.json: the run unfinished; sweep.json: the seeds not started '
               'and those failed not counted): '
-              + ', '.join(f'`{path}`' for path in [*damaged, *unread_indexes]) + '.']
+              + ', '.join(f'`{path}`' for path in damaged) + '.']
   for g in groups:
     differ = g.differing_fields()
     if differ:

@@ -71,9 +71,14 @@ def named_as_sweep_runs() -> Iterator[None]:
     _NAMING.reset(token)
 
 
+def _flag() -> str:
+  """What refusals call a run's folder: '--workdir', or in a sweep "the sweep's run folder"."""
+  return _NAMING.get()[0]
+
+
 def named(workdir: str) -> str:
   """A run's folder as refusals name it: "--workdir 'runs/a'", or in a sweep its run folder."""
-  return f'{_NAMING.get()[0]} {workdir!r}'
+  return f'{_flag()} {workdir!r}'
 
 
 def another_folder() -> str:
@@ -233,7 +238,7 @@ def locked(folder: str, flag: str | None = None) -> Iterator[None]:
   it is read only while a live holder's line has replaced it). `flag` names the folder in
   messages (by default, as `named` names a run's). Only as strong as the filesystem's flock:
   one that keeps locks per host (gcsfuse, NFS with local_lock) guards each host alone."""
-  flag = _NAMING.get()[0] if flag is None else flag
+  flag = _flag() if flag is None else flag
   key = os.path.realpath(folder)
   if key in _held:
     _held[key] += 1
@@ -293,7 +298,7 @@ def locked(folder: str, flag: str | None = None) -> Iterator[None]:
 
 
 def _check_folder(workdir: str) -> None:
-  refusal = file_for_folder(workdir, _NAMING.get()[0], "the run's files")
+  refusal = file_for_folder(workdir, _flag(), "the run's files")
   if refusal:
     raise WorkdirError(refusal)
 
@@ -330,7 +335,7 @@ def too_few_rounds(workdir: str, done: int, num_rounds: int) -> WorkdirError:
 def check_layout(workdir: str) -> None:
   """Raises WorkdirError where `workdir` cannot hold a run for what it is, whatever the
   config: a URL, a file, another command's folder, a run's file of the wrong kind."""
-  check_local(workdir, _NAMING.get()[0])
+  check_local(workdir, _flag())
   _check_folder(workdir)
   if os.path.isfile(os.path.join(workdir, CONFIG_FILE)):
     _check_kinds(workdir)
@@ -362,7 +367,7 @@ def prepare(workdir: str, config: ml_collections.ConfigDict,
   command leaves even the lock file as it was). A new run's config.json is written here, once
   locked, before any checkpoint or metric, so that run files never exist without it; a resumed
   run's is rewritten by save_config once every check has passed."""
-  check_local(workdir, _NAMING.get()[0])
+  check_local(workdir, _flag())
   _check_folder(workdir)
   try:
     os.makedirs(workdir, exist_ok=True)
