@@ -105,6 +105,10 @@ def parse_flags_or_exit(argv: list[str]) -> list[str]:
   config = None
   if config_path is not None:
     file_part = config_path.split(':', 1)[0]
+    if not os.path.isfile(file_part) and os.path.isfile(config_path):
+      fail(f"--config {config_path!r}: config_flags takes what follows ':' for get_config's "
+           "argument, so a path holding ':' cannot be given; link or copy the file to a path "
+           'without one')
     if not os.path.isfile(file_part):
       fail(f'--config {file_part!r}: no such config file (expected a configs/*.py file)')
     # Loaded here first: config_flags would let the file's own error (a syntax error, a

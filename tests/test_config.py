@@ -445,6 +445,21 @@ def test_a_config_file_that_is_not_python_source_is_one_line(tmp_path, form):
       'null bytes (SyntaxError)')
 
 
+def test_a_config_path_holding_a_colon_is_said_as_such(tmp_path):
+  """config_flags splits --config at ':' (file.py:ARG): the error named a file that is not there
+  ('no such config file .../a'), not why."""
+  from tests.test_cli import QUICKSTART, launch
+  (tmp_path / 'a:b').mkdir()
+  path = tmp_path / 'a:b' / 'q.py'
+  path.write_text(open(QUICKSTART).read())
+  workdir = tmp_path / 'run'
+  p = launch(f'--config={path}', f'--workdir={workdir}')
+  assert _one_error_line(p, workdir) == (
+      f"error: --config {str(path)!r}: config_flags takes what follows ':' for get_config's "
+      "argument, so a path holding ':' cannot be given; link or copy the file to a path "
+      'without one')
+
+
 def test_flag_files_are_read_before_the_config_is_checked(tmp_path):
   """--flagfile was read by config_flags while main.py defined --config, at import: a missing
   one was a traceback, and a --config in one skipped the early checks (a broken file's error

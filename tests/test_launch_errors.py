@@ -270,6 +270,23 @@ def test_a_run_is_refused_in_a_prepared_dataset(tmp_path):
   assert os.listdir(tmp_path) == ['meta.json']
 
 
+def test_a_folder_starting_with_a_tilde_the_shell_left_is_refused(tmp_path, monkeypatch):
+  """--workdir=~/runs/x: the shell expands ~ only at a word's start, and the run went into a
+  folder named ~ in the current one."""
+  from fathom_sim import workdir as workdir_lib
+  from tests.common import tiny_config
+  monkeypatch.chdir(tmp_path)
+  with pytest.raises(workdir_lib.WorkdirError,
+                     match=r"--workdir '~/runs/x' starts with ~, which the shell leaves as it "
+                           r"is after '=': .* give --workdir ~/runs/x \(a space, not =\) or "
+                           r"\$HOME/runs/x"):
+    workdir_lib.prepare('~/runs/x', tiny_config())
+  definition = sweep.SweepDef(tiny_config(), '<inline>', [{}], [0], {})
+  with pytest.raises(workdir_lib.WorkdirError, match="--out '~/sweep' starts with ~"):
+    sweep.check_out(definition, '~/sweep')
+  assert os.listdir(tmp_path) == []
+
+
 def test_a_sweep_is_refused_in_a_prepared_dataset_its_dry_run_too(tmp_path):
   """launch/main.py refused such a folder, but a sweep wrote sweep.json, its lock and its runs'
   folders among the dataset's files (and --dry_run listed them as to run)."""
