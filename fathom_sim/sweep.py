@@ -312,10 +312,10 @@ def check_out(sweep: SweepDef, out: str, extra: dict | None = None) -> str:
       raise workdir_lib.WorkdirError(
           f'--out {out!r} is a run\'s workdir (it holds {name}); a sweep\'s runs would nest '
           'in it and report.py would show that run alone. Give a folder of its own')
-  if os.path.exists(os.path.join(out, 'meta.json')):  # (as launch/main.py refuses a workdir)
+  if os.path.exists(os.path.join(out, workdir_lib.DATASET_MARKER)):  # (as for a --workdir)
     raise workdir_lib.WorkdirError(
-        f'--out {out!r} is a prepared dataset (launch/prepare_data.py\'s --out; it holds '
-        'meta.json): the runs would be mixed with its files. Give a folder of its own')
+        f'--out {out!r} is {workdir_lib.DATASET}: the runs would be mixed with its files. '
+        'Give a folder of its own')
   sweep_file = _sweep_file(sweep)
   index_path = os.path.join(out, INDEX_FILE)
   if os.path.exists(index_path):

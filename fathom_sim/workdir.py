@@ -48,6 +48,8 @@ def _is_writer() -> bool:
 
 
 CONFIG_FILE = 'config.json'
+# What launch/prepare_data.py's --out holds once made: no run's or sweep's folder.
+DATASET_MARKER, DATASET = 'meta.json', "a prepared dataset (launch/prepare_data.py's --out)"
 LOCK_FILE = '.lock'  # held by the process that writes the run's files, while it runs
 
 
@@ -313,7 +315,7 @@ def _check_kinds(workdir: str) -> None:
   # Folders of the other commands: a run written into one would be hidden from report.py
   # (which takes a folder with metrics.jsonl as one run) or mixed with a dataset.
   for marker, what in ((INDEX_FILE, "a sweep's folder (launch/sweep.py's --out)"),
-                       ('meta.json', 'a prepared dataset (launch/prepare_data.py\'s --out)')):
+                       (DATASET_MARKER, DATASET)):
     if os.path.exists(os.path.join(workdir, marker)):
       # Beside it, not inside: report.py takes every run under a sweep's folder as its own.
       raise WorkdirError(f'{named(workdir)} is {what}; give a folder of its own, e.g. '
