@@ -86,9 +86,32 @@ MOUNT_HINT = ('mount the bucket as a folder (gcsfuse; launch/tpu_pod.sh install 
               'the folder')
 
 
+def tilde_left(path: str, flag: str, *, made: bool) -> str | None:
+  """What to say of a `path` that starts with ~ (the shell expands ~ at a word's start only,
+  so `--out=~/runs` arrives as written); None for any other path. `made`: the command would
+  make the path (a folder named ~ in the current directory): the whole refusal; else the
+  clause a 'no such file' error ends with."""
+  if path != '~' and not path.startswith('~/'):
+    return None
+  instead = f"give {flag} {path} (a space, not =) or $HOME/{path[2:]}"
+  if made:
+    return (f"{flag} {path!r} starts with ~, which the shell leaves as it is after '=': it "
+            f'would be a folder named ~ in {os.getcwd()!r}; {instead}')
+  return f"; the shell leaves a ~ after '=' as it is: {instead}"
+
+
 def file_for_folder(path: str, flag: str, holds: str) -> str | None:
   """The refusal of a folder flag (`flag`, e.g. '--out') given an existing file, saying what
   the folder `holds`; None where `path` is a folder or does not exist yet."""
   if os.path.exists(path) and not os.path.isdir(path):
     return f'{flag} {path!r} is a file, not a folder; give a folder for {holds}'
+  # A file on the way (--out=notes.txt/run): the folder could not be made, and a dry run had
+  # listed the runs it would make there.
+  above = os.path.dirname(os.path.abspath(path))
+  while not os.path.lexists(above):
+    above = os.path.dirname(above)
+  if not os.path.isdir(above):
+    what = 'a file' if os.path.exists(above) else 'a broken link'
+    return (f'{flag} {path!r}: {above!r} on its path is {what}, not a folder; give a folder '
+            f'for {holds}')
   return None

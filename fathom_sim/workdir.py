@@ -22,7 +22,7 @@ from absl import logging
 from fathom_sim import metrics
 from fathom_sim.config import base_config, check_config, unread_paths
 from fathom_sim.errors import (LOCK_HELD_ELSEWHERE, MOUNT_HINT, InputError, file_for_folder,
-                               is_url)
+                               is_url, tilde_left)
 from fathom_sim.sweep import INDEX_FILE
 
 CHECKPOINTS = 'checkpoints'  # checkpoint.py's saves, one folder a round
@@ -215,10 +215,9 @@ def check_local(folder: str, flag: str) -> None:
   if is_url(folder):
     raise WorkdirError(f'{flag} {folder!r} is a URL, and runs write through the filesystem; '
                        f'{MOUNT_HINT}')
-  if folder == '~' or folder.startswith('~/'):  # (the shell expands ~ at a word's start only)
-    raise WorkdirError(f'{flag} {folder!r} starts with ~, which the shell leaves as it is '
-                       f"after '=': it would be a folder named ~ in {os.getcwd()!r}; give "
-                       f'{flag} {folder} (a space, not =) or $HOME/{folder[2:]}')
+  tilde = tilde_left(folder, flag, made=True)
+  if tilde:
+    raise WorkdirError(tilde)
   # Orbax finds a save's per-process parts by a glob of the path, where [...] is a character
   # class: measured (orbax 0.12), the checkpoints of run[1] saved and never read back.
   path = os.path.abspath(folder)

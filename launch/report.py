@@ -24,7 +24,8 @@ _TIMING = flags.DEFINE_bool('timing', True, 'Include seconds per round (--notimi
 
 def main(argv):
   from fathom_sim import metrics, plots, report
-  from fathom_sim.errors import EXIT_FAILED, MOUNT_HINT, OutputError, file_for_folder, is_url
+  from fathom_sim.errors import (EXIT_FAILED, MOUNT_HINT, OutputError, file_for_folder, is_url,
+                                 tilde_left)
   paths = argv[1:]
   if not paths:
     cli.fail('name at least one run or sweep folder')
@@ -44,7 +45,8 @@ def main(argv):
   if is_url(out):
     cli.fail(f'--out {out!r} is a URL, and reports are written through the filesystem; '
              f'{MOUNT_HINT}')
-  refusal = file_for_folder(out, '--out', 'report.md and the PNGs')
+  refusal = (tilde_left(out, '--out', made=True)
+             or file_for_folder(out, '--out', 'report.md and the PNGs'))
   if refusal:
     cli.fail(refusal)
   # Before any is written: the plots come first, and were replaced when report.md then failed.

@@ -185,15 +185,42 @@ def test_sweep_command_refuses_a_bad_sweep_file_or_seeds(tmp_path, text, args, n
 
 
 @pytest.mark.parametrize('dry_run', [[], ['--dry_run']])
-def test_sweep_command_refuses_an_out_that_is_a_file(tmp_path, dry_run):
-  """--dry_run says what the sweep would do: it listed the runs as 'to run' and exited 0."""
+@pytest.mark.parametrize('below', [False, True])
+def test_sweep_command_refuses_an_out_that_is_a_file(tmp_path, dry_run, below):
+  """--dry_run says what the sweep would do: it listed the runs as 'to run' and exited 0 (for
+  a folder below a file too, which the sweep then could not make)."""
   path = tmp_path / 'sweep.py'
   path.write_text(GOOD_SWEEP)
-  out = tmp_path / 'out'
-  out.write_text('mine')
+  mine = tmp_path / 'out'
+  mine.write_text('mine')
+  out = mine / 'sweep' / 'x' if below else mine
+  said = (f"--out '{out}': '{mine}' on its path is a file, not a folder; give a folder for the "
+          'runs and sweep.json' if below else f"--out '{out}' is a file, not a folder")
   _refused(_cli('sweep.py', f'--sweep={path}', f'--out={out}', '--config.num_rounds=1',
-                *dry_run), f"--out '{out}' is a file, not a folder")
-  assert out.read_text() == 'mine'
+                *dry_run), said)
+  assert mine.read_text() == 'mine'
+
+
+def test_every_output_folder_below_a_file_is_refused_before_anything_is_made(tmp_path):
+  """main.py's makedirs failed on its own words; prepare_data claimed its --out's lock first."""
+  from fathom_sim import workdir as workdir_lib
+  from fathom_sim.data import DataError
+  from fathom_sim.data import prepare as prepare_lib
+  from tests.common import tiny_config
+  mine = tmp_path / 'notes.txt'
+  mine.write_text('mine')
+  with pytest.raises(workdir_lib.WorkdirError,
+                     match=f"--workdir '{mine}/run': '{mine}' on its path is a file, not a "
+                           "folder; give a folder for the run's files"):
+    workdir_lib.prepare(str(mine / 'run'), tiny_config())
+  with pytest.raises(DataError, match=f"'{mine}' on its path is a file, not a folder; give a "
+                                      'folder for the prepared dataset'):
+    prepare_lib.prepare(os.path.join(ROOT, 'tests', 'data', 'femnist_leaf_sample'),
+                        str(mine / 'data'), fmt='leaf_json', task='emnist')
+  (tmp_path / 'run').mkdir()
+  _refused(_cli('report.py', str(tmp_path / 'run'), f'--out={mine}/report'),
+           f"'{mine}' on its path is a file, not a folder; give a folder for report.md")
+  assert sorted(os.listdir(tmp_path)) == ['notes.txt', 'run'] and mine.read_text() == 'mine'
 
 
 def test_sweep_command_refuses_an_empty_out_dry_or_not(tmp_path):
@@ -285,6 +312,30 @@ def test_a_folder_starting_with_a_tilde_the_shell_left_is_refused(tmp_path, monk
   with pytest.raises(workdir_lib.WorkdirError, match="--out '~/sweep' starts with ~"):
     sweep.check_out(definition, '~/sweep')
   assert os.listdir(tmp_path) == []
+
+
+def test_a_tilde_the_shell_left_is_said_for_every_path_flag(tmp_path, monkeypatch):
+  """The same ~ in prepare_data's and report's --out made a folder named ~; in an input path
+  it was a bare 'no such file', the ~ unmentioned."""
+  from fathom_sim.data import DataError, load_npz, load_prepared
+  from fathom_sim.data import prepare as prepare_lib
+  monkeypatch.chdir(tmp_path)
+  with pytest.raises(DataError, match="--out '~/data' starts with ~.* give --out ~/data "):
+    prepare_lib.prepare(os.path.join(ROOT, 'tests', 'data', 'femnist_leaf_sample'), '~/data',
+                        fmt='leaf_json', task='emnist')
+  with pytest.raises(DataError, match=r"--source '~/posts.xml': no such file or directory; the "
+                                      r"shell leaves a ~ after '=' as it is: give --source "
+                                      r"~/posts.xml \(a space, not =\) or \$HOME/posts.xml"):
+    prepare_lib.prepare('~/posts.xml', 'data', fmt='stackexchange_xml', task='stackoverflow')
+  with pytest.raises(DataError, match=r"data.path '~/c.npz': no such file .*\$HOME/c.npz"):
+    load_npz('~/c.npz')
+  with pytest.raises(DataError, match=r"data.data_dir '~/so': no such folder; .*\$HOME/so$"):
+    load_prepared('stackoverflow', '~/so')
+  run = tmp_path / 'run'
+  run.mkdir()
+  _refused(_cli('report.py', str(run), '--out=~/report'), "--out '~/report' starts with ~")
+  assert sorted(os.listdir(tmp_path)) == ['run']
+  assert not os.path.exists(os.path.join(ROOT, '~'))  # (report.py ran in the repository)
 
 
 def test_a_sweep_is_refused_in_a_prepared_dataset_its_dry_run_too(tmp_path):

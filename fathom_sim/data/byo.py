@@ -17,7 +17,7 @@ import numpy as np
 from absl import logging
 
 from fathom_sim.data.federated import ArrayClientDataset, Task
-from fathom_sim.errors import InputError
+from fathom_sim.errors import InputError, tilde_left
 
 
 class DataError(InputError):
@@ -173,7 +173,8 @@ def load_npz(path: str, *, num_classes: int = 0, test_fraction: float = 0.2,
     train, test = _hold_out(data, test_fraction, seed)
   else:
     raise DataError(f'data.path {path!r}: no such file or directory (expected a .npz file, '
-                    f'or a directory with train.npz and test.npz)')
+                    f'or a directory with train.npz and test.npz)'
+                    + (tilde_left(path, '--config.data.path', made=False) or ''))
   # Each file named on its own: a folder's train.npz or test.npz, or the one file.
   sources = ((files[0], train), (files[1], test)) if os.path.isdir(path) else (
       (path, train), (path, test))

@@ -23,7 +23,7 @@ from fathom_sim.data.stackexchange import StackExchangeXml
 from fathom_sim.data.tff_sqlite import TffSqlite
 from fathom_sim.data.vocab import (TEXT_VERSION, Vocabulary, ids_dtype, read_word_counts,
                                    vocabulary_from)
-from fathom_sim.errors import MOUNT_HINT, is_url
+from fathom_sim.errors import MOUNT_HINT, is_url, tilde_left
 
 TASKS = ('emnist', 'stackoverflow')
 FORMATS = ('fedjax_sqlite', 'tff_sqlite', 'leaf_json', 'stackexchange_xml')
@@ -229,7 +229,8 @@ def prepare(source: str, out: str, *, fmt: str, task: str, vocab_path: str = '',
   parts = source.split(',') if fmt == 'fedjax_sqlite' and not os.path.exists(source) else [source]
   absent = [p for p in parts if not os.path.exists(p)]
   if absent == [source]:
-    hint = f'; for a URL, {MOUNT_HINT}' if is_url(source) else ''
+    hint = (f'; for a URL, {MOUNT_HINT}' if is_url(source) else
+            tilde_left(source, '--source', made=False) or '')
     raise DataError(f'--source {source!r}: no such file or directory{hint}')
   if absent:
     raise DataError(f'--source {source!r}: no such file: {", ".join(absent)}')
@@ -253,7 +254,7 @@ def prepare(source: str, out: str, *, fmt: str, task: str, vocab_path: str = '',
   test_fraction = TEST_FRACTION if test_fraction is None else test_fraction
   if vocab_path and not os.path.isfile(vocab_path):
     raise DataError(f'--vocab {vocab_path!r}: no such file (expected a word-count file, most '
-                    'frequent word first)')
+                    'frequent word first)' + (tilde_left(vocab_path, '--vocab', made=False) or ''))
   with tfds_store.claimed(out) as partial:
     return _convert(source, out, partial, fmt=fmt, task=task, vocab_path=vocab_path,
                     vocab_size=vocab_size, sequence_length=sequence_length,

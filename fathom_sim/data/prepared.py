@@ -8,6 +8,7 @@ import numpy as np
 
 from fathom_sim.data.byo import DataError
 from fathom_sim.data.federated import Task
+from fathom_sim.errors import tilde_left
 
 # data.name -> (prepared task kind, how to get it)
 HOW_TO_GET = {
@@ -59,6 +60,10 @@ def load_prepared(name: str, data_dir: str) -> Task:
   if os.path.isfile(data_dir):
     raise DataError(f'data.data_dir {data_dir!r} is a file; give the folder that '
                     f'launch/prepare_data.py wrote (README: Real datasets)')
+  tilde = None if os.path.exists(data_dir) else tilde_left(data_dir, '--config.data.data_dir',
+                                                          made=False)
+  if tilde:  # (the way to make it named next would be refused: a --out of ~/...)
+    raise DataError(f'data.data_dir {data_dir!r}: no such folder{tilde}')
   if not os.path.isfile(os.path.join(data_dir, 'meta.json')):
     # prepare_data.py writes into a new or empty folder only: not beside downloads
     taken = os.path.isdir(data_dir) and bool(os.listdir(data_dir))

@@ -38,7 +38,8 @@ from tensorflow_datasets.core.example_serializer import ExampleSerializer
 
 from fathom_sim.data.byo import DataError
 from fathom_sim.data.vocab import TEXT_VERSION
-from fathom_sim.errors import LOCK_HELD_ELSEWHERE, MOUNT_HINT, OutputError, first_line, is_url
+from fathom_sim.errors import (LOCK_HELD_ELSEWHERE, MOUNT_HINT, OutputError, file_for_folder,
+                               first_line, is_url, tilde_left)
 
 LAYOUT_VERSION = 1
 DATASET = 'federated_clients'
@@ -138,6 +139,9 @@ def check_out(out: str) -> None:
   if is_url(out):
     raise DataError(f'--out {out!r} is a URL, and datasets are written through the filesystem; '
                     f'{MOUNT_HINT}')
+  tilde = tilde_left(out, '--out', made=True)
+  if tilde:
+    raise DataError(tilde)
   target = os.path.abspath(out)
   # The dataset is built beside `out` and renamed into place (so a half-written one is never
   # at `out`): a link, a mount point or the current directory cannot be replaced so. They
@@ -152,6 +156,9 @@ def check_out(out: str) -> None:
   if os.path.exists(target) and not os.path.isdir(target):
     raise DataError(f'--out {out!r} is a file, not a directory; choose a new directory '
                     '(nothing was overwritten)')
+  refusal = file_for_folder(out, '--out', 'the prepared dataset')
+  if refusal:  # (a file above it)
+    raise DataError(refusal)
   if os.path.isdir(target) and os.listdir(target):
     raise DataError(f'--out {out!r} already exists and is not empty; choose a new directory '
                     '(nothing was overwritten)')
