@@ -567,7 +567,7 @@ def test_a_word_count_file_may_hold_numbers_written_with_commas(tmp_path):
     ('tff_no_pixels', r'src: client \S+: EMNIST examples need pixels \(784 floats\) and label'),
     ('tff_so_no_tokens', r'src: client a: Stack Overflow examples need a tokens bytes feature'),
     ('leaf_no_y', r'train\.json: user \S+ has no "x" and "y" in user_data'),
-    ('leaf_count', r'train\.json: user \S+: num_samples says 5 but y has 4'),
+    ('leaf_count', r'train\.json: user \S+: num_samples says 5 but "y" has 4 labels'),
     ('vocab_empty', r'wc: no words in the word-count file'),
     ('vocab_unreadable', r'wc: cannot read the word-count file \(.*utf-8'),
     ('vocab_csv', r"wc: 2 of its 3 words, such as 'the,10' \(line 1\), are a word and a count "

@@ -327,12 +327,12 @@ def test_bad_tff_files_are_refused_with_one_clear_error(tmp_path, problem, needl
     ('json', 'not a readable LEAF JSON file'),
     ('no_test', 'expected a LEAF directory with train.json and test.json'),
     ('labels', 'label -1 out of range'),
-    ('str_labels', "labels are <U1 (e.g. np.str_('3')); EMNIST-62 labels are integers"),
+    ('str_labels', 'user a: "y" must be a list of whole-number labels, got ["3"]'),
     # zip() of users and a shorter num_samples dropped the last users without a word
     ('short_counts', '"num_samples" must list one count per user: 2 user(s), 1 count(s)'),
     ('users', '"users" must be a list of user ids (strings)'),
     # a JSON integer past float64: an OverflowError's traceback
-    ('huge_pixel', 'user a: x must be lists of numbers (int too large to convert to float)'),
+    ('huge_pixel', 'user a: "x" must be lists of numbers (int too large to convert to float)'),
     ('xml', 'not well-formed XML'),
     ('not_posts', 'expected a Stack Exchange Posts.xml'),
     ('post_id', "a row's Id is 'x1'; Posts.xml Ids are whole numbers"),
@@ -382,6 +382,134 @@ def test_bad_leaf_and_posts_files_are_refused(tmp_path, problem, needle):
   with pytest.raises(DataError) as err:
     prepare(str(src), str(tmp_path / 'out'), fmt=fmt, task=task)
   assert needle in str(err.value) and str(src) in str(err.value)
+
+
+def _leaf_pair(src, user: dict, num_samples=None, users=('a',)) -> None:
+  """A LEAF train.json with `user` as user a (and as any other of `users`), a test.json of
+  one good user."""
+  src.mkdir()
+  good = {'x': [[0.5] * 784], 'y': [3]}
+  (src / 'train.json').write_text(json.dumps({
+      'users': ['a'], 'num_samples': num_samples or [1],
+      'user_data': {u: user for u in users}}))
+  (src / 'test.json').write_text(json.dumps({'users': ['a'], 'num_samples': [1],
+                                             'user_data': {'a': good}}))
+
+
+@pytest.mark.parametrize('problem,needle', [
+    # len(y) of a number or null: a TypeError's traceback
+    ('leaf_y_number', 'user a: "y" must be a list of whole-number labels, got 3'),
+    ('leaf_y_null', 'user a: "y" must be a list of whole-number labels, got null'),
+    # said 'label float64 out of range' of a label in range
+    ('leaf_y_float', 'user a: "y" must be a list of whole-number labels, got [3.0]'),
+    # parsed as pixels by np.asarray(..., float32), without a word
+    ('leaf_x_strings', 'user a: "x" must be lists of numbers (they are strings)'),
+    # said "num_samples says 1 but y has 1"
+    ('leaf_count_string', 'user a: num_samples gives "1"; it lists whole numbers'),
+    # dropped without a word
+    ('leaf_unlisted', '"user_data" holds 1 user(s) that "users" does not list (first: b)'),
+    # prepared, then refused by the run ("cohort_size must be at most ... (0)")
+    ('leaf_no_examples', 'the 1 client(s) of its train split hold no examples'),
+    # TFF parses tokens as one string: none was an empty sentence, several joined silently
+    ('tff_no_tokens', "client w1: an example's tokens holds 0 values; TFF's Stack Overflow "
+                      'examples hold one string'),
+    ('tff_two_tokens', "client w1: an example's tokens holds 2 values"),
+    ('tff_h5', "not a readable SQLite database (file is not a database); it is an HDF5 file "
+               "(TFF's older .h5 release, which is not read"),
+    ('tff_given_fedjax', 'it is a FedJAX .sqlite file: give --format=fedjax_sqlite'),
+    ('tff_folder', 'a folder, not a file (expected a TFF .sqlite file'),
+    ('fedjax_given_tff', 'it is a TFF .sqlite file: give --format=tff_sqlite'),
+    # an OverflowError's traceback, inserting into SQLite
+    ('posts_huge_id', "a row's Id is '99999999999999999999'; Posts.xml Ids are whole numbers "
+                      '(of at most 64 bits)'),
+    ('posts_bzip2', 'expected a Stack Exchange Posts.xml; it is bzip2-compressed: extract it '
+                    'first (tar -xjf for a .tar.bz2, else bzip2 -d)'),
+])
+def test_more_bad_source_files_are_refused_in_one_line(tmp_path, problem, needle):
+  src, fmt, task = tmp_path / 'src', 'leaf_json', 'emnist'
+  if problem.startswith('leaf_'):
+    user = {'x': [[0.5] * 784], 'y': {'leaf_y_number': 3, 'leaf_y_null': None,
+                                      'leaf_y_float': [3.0]}.get(problem, [3])}
+    if problem == 'leaf_x_strings':
+      user['x'] = [['0.5'] * 784]
+    if problem == 'leaf_no_examples':
+      user = {'x': [], 'y': []}
+    _leaf_pair(src, user, num_samples=['1'] if problem == 'leaf_count_string' else (
+        [0] if problem == 'leaf_no_examples' else None),
+               users=('a', 'b') if problem == 'leaf_unlisted' else ('a',))
+  elif problem.startswith('tff_'):
+    fmt, task = 'tff_sqlite', 'stackoverflow'
+    src = tmp_path / 'so.sqlite'
+    if problem == 'tff_h5':
+      src.write_bytes(b'\x89HDF\r\n\x1a\n' + bytes(200))
+    elif problem == 'tff_given_fedjax':
+      src = tmp_path / _fedjax_dir(tmp_path) / 'federated_emnist_train.sqlite'
+    elif problem == 'tff_folder':
+      src.mkdir()
+    else:
+      tokens = [] if problem == 'tff_no_tokens' else [b'a b', b'c']
+      write_tff(src, {'train': {'w1': [_tf_example(tokens=tokens)]},
+                      'test': {'w1': [_tf_example(tokens=[b'a b'])]}})
+  elif problem == 'fedjax_given_tff':
+    fmt, src = 'fedjax_sqlite', tmp_path / 'emnist_train.sqlite'
+    write_tff(src, {'train': {'w1': [_tf_example(pixels=np.ones(784, np.float32), label=[3])]}})
+  else:
+    fmt, task, src = 'stackexchange_xml', 'stackoverflow', tmp_path / 'Posts.xml'
+    src.write_bytes(b'BZh91AY&SY' + bytes(50) if problem == 'posts_bzip2' else (
+        b'<posts><row Id="99999999999999999999" PostTypeId="1" OwnerUserId="5" '
+        b'CreationDate="2015-01-01T00:00:00.000" Body="&lt;p&gt;Hi there&lt;/p&gt;"/></posts>'))
+  with pytest.raises(DataError) as err:
+    prepare(str(src), str(tmp_path / 'out'), fmt=fmt, task=task)
+  assert needle in str(err.value) and str(src) in str(err.value), str(err.value)
+  assert '\n' not in str(err.value) and not os.path.exists(tmp_path / 'out')
+
+
+def test_a_word_count_file_with_a_byte_order_mark_or_still_compressed(tmp_path, caplog):
+  """A BOM made the most frequent word '\\ufeffthe', and 'the' out of the vocabulary; TFF's
+  stackoverflow.word_count.tar.bz2 given as it is said only 'can't decode byte'."""
+  from fathom_sim.data.vocab import read_word_counts
+  path = tmp_path / 'counts.txt'
+  path.write_bytes('\ufeffthe 10\nbeer 9\nhops 8\n'.encode('utf-8'))
+  with caplog.at_level('WARNING'):
+    vocab = read_word_counts(str(path), 5)
+  assert vocab.words[:3] == ['the', 'beer', 'hops']
+  # a cut download: its fewer words said, not only in the summary's vocabulary size
+  assert 'lists 3 words, fewer than the 5 asked for (--vocab_size)' in caplog.text
+  path.write_bytes(b'BZh91AY&SY\xff\xfe' + bytes(50))
+  with pytest.raises(DataError, match=r'cannot read the word-count file \(.*\); it is '
+                                      r'bzip2-compressed: extract it first \(tar -xjf'):
+    read_word_counts(str(path), 5)
+
+
+@pytest.mark.parametrize('damage,needle', [
+    ('meta_bytes', "not a prepared dataset ('utf-8' codec can't decode byte 0xe9"),
+    ('meta_folder', 'not a prepared dataset ([Errno 21] Is a directory'),
+    ('meta_splits', "meta.json: not the meta.json prepare_data.py writes (its \"splits\" gives "
+                    '{"train": 5}'),
+    ('info_cut', "split 'train' of the prepared dataset cannot be read ("),
+])
+def test_a_prepared_dataset_damaged_by_hand_is_a_data_error(tmp_path, damage, needle):
+  """Each was a traceback (UnicodeDecodeError, AttributeError, protobuf's ParseError), or
+  'no meta.json' with the commands to download the data."""
+  out = tmp_path / 'out'
+  prepare(_fedjax_dir(tmp_path), str(out), fmt='fedjax_sqlite', task='emnist')
+  meta = out / 'meta.json'
+  if damage == 'meta_bytes':
+    meta.write_bytes(meta.read_bytes().replace(b'fedjax_sqlite', b'fedjax_sq\xe9ite'))
+  elif damage == 'meta_folder':
+    meta.unlink()
+    meta.mkdir()
+  elif damage == 'meta_splits':
+    meta.write_text(json.dumps({**json.loads(meta.read_text()), 'splits': {'train': 5}}))
+  else:
+    info = glob.glob(str(out / '**' / 'dataset_info.json'), recursive=True)[0]
+    with open(info, 'r+b') as f:
+      f.truncate(100)
+  before = sorted(glob.glob(str(out / '**'), recursive=True))
+  with pytest.raises(DataError) as err:
+    load_prepared('femnist', str(out))
+  assert needle in str(err.value) and str(out) in str(err.value), str(err.value)
+  assert sorted(glob.glob(str(out / '**'), recursive=True)) == before
 
 
 def test_prepare_cli_summary_and_bad_input_exit(tmp_path):

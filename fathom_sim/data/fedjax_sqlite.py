@@ -19,6 +19,7 @@ from typing import Iterator
 import msgpack
 import numpy as np
 
+from fathom_sim.data import sniff
 from fathom_sim.data.byo import DataError
 
 TABLE = 'federated_data'
@@ -64,6 +65,11 @@ def read_only_uri(path: str) -> str:
   return pathlib.Path(path).resolve().as_uri() + '?mode=ro'
 
 
+def table_names(db: sqlite3.Connection) -> set[str]:
+  """The tables of an open SQLite database."""
+  return {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+
+
 def read_rows(path: str, db: sqlite3.Connection, query: str, args: tuple = ()) -> Iterator[tuple]:
   """The rows of `query`, as a stream. A damaged page met on the way (the file's start read
   well, so the header checks passed) raises DataError naming the file, not sqlite3's
@@ -80,16 +86,20 @@ class FedjaxSqlite:
   def __init__(self, path: str):
     self.path = path
     if not os.path.isfile(path):
-      raise DataError(f'{path}: no such file (expected a FedJAX .sqlite file)')
+      raise sniff.not_a_file(path, 'a FedJAX .sqlite file')
     try:
       self._db = sqlite3.connect(read_only_uri(path), uri=True)
       columns = [row[1] for row in self._db.execute(f'PRAGMA table_info({TABLE})')]
     except sqlite3.DatabaseError as e:
-      raise DataError(f'{path}: not a readable SQLite database ({e})') from None
+      found = sniff.kind(path)
+      raise DataError(f'{path}: not a readable SQLite database ({e})'
+                      + (f'; it is {found}' if found else '')) from None
     if tuple(columns[:3]) != COLUMNS:
-      tables = [r[0] for r in self._db.execute("SELECT name FROM sqlite_master WHERE type='table'")]
-      raise DataError(f'{path}: no table {TABLE}{COLUMNS} (found tables {tables}); '
-                      'expected a FedJAX .sqlite file')
+      tables = table_names(self._db)
+      other = ('; it is a TFF .sqlite file: give --format=tff_sqlite'
+               if tables >= {'examples', 'client_metadata'} else '')
+      raise DataError(f'{path}: no table {TABLE}{COLUMNS} (found tables {sorted(tables)}); '
+                      f'expected a FedJAX .sqlite file{other}')
 
   def clients(self) -> Iterator[tuple[str, dict]]:
     """(original client id, features) per client, in rowid order."""

@@ -42,6 +42,12 @@ def _load(path: str) -> dict:
   return data
 
 
+def _shown(value) -> str:
+  """A JSON value, said in at most 40 characters."""
+  text = json.dumps(value)
+  return text if len(text) <= 40 else text[:37] + '...'
+
+
 class LeafJson:
   """Users of one split, file by file (one file's JSON in memory at a time)."""
 
@@ -58,6 +64,10 @@ class LeafJson:
               and isinstance(data['user_data'], dict)):
         raise DataError(f'{path}: "users" must be a list of user ids (strings) and "user_data" '
                         'an object keyed by them')
+      unlisted = sorted(set(data['user_data']) - set(users))
+      if unlisted:  # (read by "users": these were dropped without a word)
+        raise DataError(f'{path}: "user_data" holds {len(unlisted)} user(s) that "users" does '
+                        f'not list (first: {unlisted[0]}); a LEAF file lists each of its users')
       counts = data.get('num_samples', [None] * len(users))
       if not isinstance(counts, list) or len(counts) != len(users):
         # zip() would drop the users past the shorter list without a word.
@@ -74,12 +84,24 @@ class LeafJson:
         entry = data['user_data'].get(user)
         if not isinstance(entry, dict) or 'x' not in entry or 'y' not in entry:
           raise DataError(f'{path}: user {user} has no "x" and "y" in user_data')
+        labels = entry['y']
+        if not (isinstance(labels, list) and all(
+            isinstance(v, int) and not isinstance(v, bool) and abs(v) < 2**62 for v in labels)):
+          raise DataError(f'{path}: user {user}: "y" must be a list of whole-number labels, '
+                          f'got {_shown(labels)}')
         try:
-          x = np.asarray(entry['x'], np.float32)
-          y = np.asarray(entry['y'])
+          # Unconverted first: np.asarray(..., float32) parsed strings of digits as pixels.
+          x = np.asarray(entry['x'])
+          if x.dtype.kind in 'USb':  # ('O', numbers past float64 among them: converted below)
+            raise TypeError('they are ' + ('true/false' if x.dtype.kind == 'b' else 'strings'))
+          x, y = x.astype(np.float32), np.asarray(labels, np.int64)
         except (ValueError, TypeError, OverflowError) as e:  # (a JSON integer past float64)
-          raise DataError(f'{path}: user {user}: x must be lists of numbers ({e})') from None
+          raise DataError(f'{path}: user {user}: "x" must be lists of numbers ({e})') from None
+        if count is not None and (not isinstance(count, int) or isinstance(count, bool)):
+          raise DataError(f'{path}: user {user}: num_samples gives {_shown(count)}; it lists '
+                          'whole numbers, one count per user')
         if count is not None and count != len(y):
-          raise DataError(f'{path}: user {user}: num_samples says {count} but y has {len(y)}')
+          raise DataError(f'{path}: user {user}: num_samples says {count} but "y" has {len(y)} '
+                          'labels')
         yield path, user, {'x': x, 'y': y}
       del data

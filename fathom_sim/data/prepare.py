@@ -160,10 +160,19 @@ def _tff(source: str, task: str) -> _Splits:
           yield cid, emnist_client(source, cid, x, y)
         else:
           try:
-            yield cid, [b' '.join(e['tokens']) for e in examples]
-          except (KeyError, TypeError) as err:
+            tokens = [e['tokens'] for e in examples]
+          except KeyError as err:
             raise DataError(f'{source}: client {cid}: Stack Overflow examples need a tokens '
                             f'bytes feature ({err})') from None
+          # TFF parses tokens as one string an example (FixedLenFeature((), tf.string)):
+          # none was an empty sentence here, and several were joined without a word.
+          odd = next((t for t in tokens if len(t) != 1 or not isinstance(t[0], bytes)), None)
+          if odd is not None:
+            held = f'{len(odd)} values' if len(odd) != 1 else f'a {type(odd[0]).__name__}'
+            raise DataError(f'{source}: client {cid}: an example\'s tokens holds {held}; '
+                            'TFF\'s Stack Overflow examples hold one string of space-separated '
+                            'words')
+          yield cid, [t[0] for t in tokens]
 
     out.add(names[name], clients, f'split {name!r}')
   return out
@@ -253,7 +262,8 @@ def prepare(source: str, out: str, *, fmt: str, task: str, vocab_path: str = '',
   sequence_length = SEQUENCE_LENGTH if sequence_length is None else sequence_length
   test_fraction = TEST_FRACTION if test_fraction is None else test_fraction
   if vocab_path and not os.path.isfile(vocab_path):
-    raise DataError(f'--vocab {vocab_path!r}: no such file (expected a word-count file, most '
+    what = 'a folder, not a file' if os.path.isdir(vocab_path) else 'no such file'
+    raise DataError(f'--vocab {vocab_path!r}: {what} (expected a word-count file, most '
                     'frequent word first)' + (tilde_left(vocab_path, '--vocab', made=False) or ''))
   with tfds_store.claimed(out) as partial:
     return _convert(source, out, partial, fmt=fmt, task=task, vocab_path=vocab_path,

@@ -64,7 +64,8 @@ def load_prepared(name: str, data_dir: str) -> Task:
                                                           made=False)
   if tilde:  # (the way to make it named next would be refused: a --out of ~/...)
     raise DataError(f'data.data_dir {data_dir!r}: no such folder{tilde}')
-  if not os.path.isfile(os.path.join(data_dir, 'meta.json')):
+  if not os.path.lexists(os.path.join(data_dir, 'meta.json')):  # (one that is there but
+    # unreadable, a folder say, is read_meta's to say)
     # prepare_data.py writes into a new or empty folder only: not beside downloads
     taken = os.path.isdir(data_dir) and bool(os.listdir(data_dir))
     out = os.path.normpath(data_dir) + '_prepared' if taken else data_dir

@@ -16,6 +16,7 @@ import sqlite3
 import xml.etree.ElementTree as ET
 from typing import Iterator
 
+from fathom_sim.data import sniff
 from fathom_sim.data.byo import DataError
 from fathom_sim.data.vocab import html_sentences
 
@@ -51,7 +52,7 @@ class StackExchangeXml:
   def __init__(self, path: str, scratch: str, split_date: str = '', test_fraction: float = 0.2):
     self.path = path
     if not os.path.isfile(path):
-      raise DataError(f'{path}: no such file (expected a Stack Exchange Posts.xml)')
+      raise sniff.not_a_file(path, 'a Stack Exchange Posts.xml')
     if split_date and not _is_date(split_date):  # before reading a dump that may be large
       raise DataError(f'--split_date {split_date!r} is not a date; expected YYYY-MM-DD (posts '
                       'from that day on form the test split)')
@@ -90,9 +91,11 @@ class StackExchangeXml:
           sentences = html_sentences(a.get('Body', ''))
           try:
             post_id = int(a.get('Id', 0))
+            if not -2**63 <= post_id < 2**63:  # (SQLite's INTEGER: it overflowed inserting)
+              raise ValueError
           except ValueError:
-            raise DataError(f'{self.path}: a row\'s Id is {a["Id"]!r}; Posts.xml Ids are whole '
-                            'numbers') from None
+            raise DataError(f'{self.path}: a row\'s Id is {a["Id"][:40]!r}; Posts.xml Ids are '
+                            'whole numbers (of at most 64 bits)') from None
           if not _is_timestamp(a['CreationDate']):
             raise DataError(f'{self.path}: the row of Id {post_id} has CreationDate '
                             f'{a["CreationDate"][:40]!r}; Posts.xml dates are '
@@ -105,8 +108,9 @@ class StackExchangeXml:
           self._db.executemany('INSERT INTO posts VALUES (?, ?, ?, ?)', rows)
           rows = []
     except ET.ParseError as e:
+      found = sniff.kind(self.path)  # (a .7z dump is not known by its bytes: 7z x first)
       raise DataError(f'{self.path}: not well-formed XML ({e}); expected a Stack Exchange '
-                      'Posts.xml') from None
+                      'Posts.xml' + (f'; it is {found}' if found else '')) from None
     self._db.executemany('INSERT INTO posts VALUES (?, ?, ?, ?)', rows)
     count = self._db.execute('SELECT COUNT(*) FROM posts').fetchone()[0]
     if not seen_root or not count:

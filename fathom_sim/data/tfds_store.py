@@ -34,6 +34,7 @@ from typing import Callable, Iterable, Iterator
 import numpy as np
 import tensorflow_datasets as tfds
 from array_record.python import array_record_module
+from google.protobuf import json_format
 from tensorflow_datasets.core.example_serializer import ExampleSerializer
 
 from fathom_sim.data.byo import DataError
@@ -289,6 +290,10 @@ def write(out: str, splits: dict[str, Iterable[tuple[str, dict]]],
       raise DataError(f'{meta.get("source", "the source")}: its {split} split holds no '
                       'clients; a prepared dataset needs clients in each split it has '
                       f'(nothing was written to --out {out!r})')
+    if not sum(counts):  # (prepared, then refused by the run: cohort_size at most 0)
+      raise DataError(f'{meta.get("source", "the source")}: the {len(ids)} client(s) of its '
+                      f'{split} split hold no examples; a prepared dataset needs examples in '
+                      f'each split it has (nothing was written to --out {out!r})')
     infos.append(info)
     index = os.path.join(partial, f'clients-{split}.npz')
     with writing(index):
@@ -321,9 +326,9 @@ def read_meta(data_dir: str) -> dict:
   try:
     with open(path, encoding='utf-8') as f:
       meta = json.load(f)
-  except (OSError, json.JSONDecodeError) as e:
-    raise DataError(f'{data_dir}: not a prepared dataset ({e}); run launch/prepare_data.py '
-                    'to make one') from None
+  except (OSError, ValueError) as e:  # (ValueError: not JSON, or not UTF-8)
+    raise DataError(f'{data_dir}: not a prepared dataset ({first_line(e)}); run '
+                    'launch/prepare_data.py to make one') from None
   if not isinstance(meta, dict):
     raise DataError(f'{path}: not the meta.json prepare_data.py writes (a JSON object); '
                     'prepare the dataset again')
@@ -336,6 +341,11 @@ def read_meta(data_dir: str) -> dict:
                     f'version {TEXT_VERSION}, which gives other examples); prepare it again from '
                     f'{meta.get("source")} into a new or empty folder with launch/prepare_data.py '
                     '--format=stackexchange_xml')
+  splits = meta.get('splits', {})  # (its counts are checked against each split's index)
+  if not (isinstance(splits, dict) and all(isinstance(v, dict) for v in splits.values())):
+    raise DataError(f'{path}: not the meta.json prepare_data.py writes (its "splits" gives '
+                    f'{json.dumps(splits)[:60]}, not each split\'s counts); prepare the dataset '
+                    'again')
   num_classes = meta.get('num_classes')
   if not (isinstance(num_classes, int) and not isinstance(num_classes, bool)
           and num_classes > 0):
@@ -369,9 +379,11 @@ class PreparedClientDataset:
       # Per example: shape and dtype (the leading axis is the client's examples).
       self.feature_specs = {name: (tuple(f.shape[1:]), np.dtype(f.np_dtype))
                             for name, f in builder.info.features.items() if name != 'client_id'}
-    except (OSError, ValueError, KeyError) as e:
+    except (OSError, ValueError, KeyError, json_format.ParseError) as e:  # (a cut JSON file
+      # of TFDS's is protobuf's ParseError)
       raise DataError(f'{data_dir}: split {split!r} of the prepared dataset cannot be read '
-                      f'({e}); prepare it again with launch/prepare_data.py') from None
+                      f'({first_line(e)}); prepare it again with launch/prepare_data.py'
+                      ) from None
     # Every shard is opened now (its footer: ms each): a missing or cut one was met only by
     # the round that first drew one of its clients, hours into a run.
     for name, expected in shards:
@@ -400,7 +412,7 @@ class PreparedClientDataset:
     fine = (ids.ndim == 1 and counts.ndim == 1 and len(ids) == len(counts)
             and np.issubdtype(counts.dtype, np.integer) and not (counts < 0).any())
     # (A string array's `< 0` raises: the integer check comes first.)
-    listed = (self._meta.get('splits') or {}).get(self.split) or {}
+    listed = self._meta.get('splits', {}).get(self.split) or {}  # (read_meta checked its kind)
     if fine and isinstance(listed.get('examples'), int):
       fine = int(counts.sum()) == listed['examples']
     if not fine:

@@ -12,8 +12,10 @@ import os
 import sqlite3
 from typing import Iterator
 
+from fathom_sim.data import sniff
 from fathom_sim.data.byo import DataError
-from fathom_sim.data.fedjax_sqlite import read_only_uri, read_rows
+from fathom_sim.data.fedjax_sqlite import TABLE as FEDJAX_TABLE
+from fathom_sim.data.fedjax_sqlite import read_only_uri, read_rows, table_names
 from fathom_sim.data.tf_example import parse_example
 
 REQUIRED = {'examples': ('split_name', 'client_id', 'serialized_example_proto'),
@@ -26,17 +28,21 @@ class TffSqlite:
   def __init__(self, path: str):
     self.path = path
     if not os.path.isfile(path):
-      raise DataError(f'{path}: no such file (expected a TFF .sqlite file, after lzma -d)')
+      raise sniff.not_a_file(path, 'a TFF .sqlite file, after lzma -d')
     try:
       self._db = sqlite3.connect(read_only_uri(path), uri=True)
       for table, columns in REQUIRED.items():
         found = {row[1] for row in self._db.execute(f'PRAGMA table_info({table})')}
         if not set(columns) <= found:
+          other = ('; it is a FedJAX .sqlite file: give --format=fedjax_sqlite' if
+                   table_names(self._db) >= {FEDJAX_TABLE} else '')
           raise DataError(f'{path}: table {table} with columns {columns} not found; expected a '
-                          'TFF .sqlite file (decompress the .lzma with lzma -d first)')
+                          f'TFF .sqlite file{other}')
     except sqlite3.DatabaseError as e:
-      raise DataError(f'{path}: not a readable SQLite database ({e}); a TFF file ending in '
-                      '.lzma must be decompressed with lzma -d first') from None
+      found = sniff.kind(path)
+      raise DataError(f'{path}: not a readable SQLite database ({e}); ' + (
+          f'it is {found}' if found else 'a TFF file ending in .lzma must be decompressed with '
+          'lzma -d first')) from None
 
   def splits(self) -> list[str]:
     return [r[0] for r in read_rows(

@@ -16,6 +16,7 @@ import unicodedata
 from typing import Iterable, Sequence
 
 import numpy as np
+from absl import logging
 
 PAD, BOS, EOS = 0, 1, 2
 NUM_SPECIAL = 4  # pad, bos, eos, oov
@@ -122,7 +123,8 @@ def read_word_counts(path: str, size: int) -> Vocabulary:
   from fathom_sim.data.byo import DataError
   words, seen, joined = [], {}, []  # seen: word -> its line; joined: lines like 'word,count'
   try:
-    with open(path, encoding='utf-8') as f:
+    # utf-8-sig: a byte-order mark made the most frequent word '\ufeffthe', and 'the' unknown.
+    with open(path, encoding='utf-8-sig') as f:
       for number, line in enumerate(f, 1):
         parts = line.split()
         if not parts:
@@ -140,9 +142,15 @@ def read_word_counts(path: str, size: int) -> Vocabulary:
         if len(words) == size:
           break
   except (OSError, UnicodeDecodeError) as e:
-    raise DataError(f'{path}: cannot read the word-count file ({e})') from None
+    from fathom_sim.data import sniff
+    found = sniff.kind(path)  # (TFF publishes it as stackoverflow.word_count.tar.bz2)
+    raise DataError(f'{path}: cannot read the word-count file ({e})'
+                    + (f'; it is {found}' if found else '')) from None
   if not words:
     raise DataError(f'{path}: no words in the word-count file')
+  if len(words) < size:  # (a cut download gives a small vocabulary, said in one summary line)
+    logging.warning('%s lists %d words, fewer than the %d asked for (--vocab_size): the '
+                    'vocabulary has %d', path, len(words), size, len(words))
   # A CSV's 'the,1234' is one token: read as words, every word of the text would be out of
   # the vocabulary. A real word may look so ('3,000'), but not most of them.
   if 2 * len(joined) > len(words):
