@@ -73,8 +73,9 @@ def run_rounds(config, task, num_rounds: int, *, planner_overrides: dict | None 
   return jax.device_get(state), history, rounds
 
 
-def reference_rounds(config, task, num_rounds: int):
-  """The same rounds through tests/reference.py, from the same initial state."""
+def reference_rounds(config, task, num_rounds: int, leave_out: tuple = ()):
+  """The same rounds through tests/reference.py, from the same initial state; the clients of
+  `leave_out` (ids) left out of each cohort, as the engine leaves out a non-finite one."""
   run = build(config, task)
   state = jax.device_get(init_state(run))
   params = state.params
@@ -92,7 +93,8 @@ def reference_rounds(config, task, num_rounds: int):
       config.server_optimizer, config.server_lr, momentum=config.server_momentum,
       b1=config.server_b1, b2=config.server_b2, eps=config.server_eps)
   for t in range(1, num_rounds + 1):
-    cohort = sample_cohort(task.train, config.seed, t, config.cohort_size)
+    cohort = [c for c in sample_cohort(task.train, config.seed, t, config.cohort_size)
+              if int(c) not in leave_out]
     r = reference.reference_round(
         run.model.loss, params, phi, ema, task.train, cohort, seed=config.seed, round_index=t,
         upper=upper, alpha=config.alpha, eta_h=config.eta_h,

@@ -159,14 +159,67 @@ def test_params_actually_change_and_stay_finite():
   assert float(np.abs(history[1][0].h_glob)) > 0  # round 2 compares with round 1's update
 
 
+def test_the_rows_count_each_clients_steps_and_examples_as_the_reference_takes_them(tmp_path):
+  """metrics.jsonl's cumulative `local_steps` (sum of K_i) and `examples` (sum of K_i B_int),
+  and summary.json's totals, against tests/reference.py's clients. (Checked before only to
+  grow, and to agree between runs of this code: counting clients for steps passed.)"""
+  from fathom_sim.data import load_task
+  from fathom_sim.train import train_and_evaluate
+  from tests.test_cli import read_rows
+  config = tiny_config(algorithm='fathom', num_rounds=3, eta_h=0.5)  # (B_int moves)
+  summary = train_and_evaluate(config, str(tmp_path / 'run'))
+  rows = [r for r in read_rows(str(tmp_path / 'run')) if 'train_loss' in r]
+  refs = reference_rounds(config, load_task(config.data), 3)
+  steps = np.cumsum([sum(r['num_steps']) for r in refs])
+  examples = np.cumsum([sum(r['num_steps']) * r['b_int'] for r in refs])
+  assert len({r['b_int'] for r in refs}) > 1  # (a step counted for B_int examples would pass)
+  assert [r['local_steps'] for r in rows] == steps.tolist()
+  assert [r['examples'] for r in rows] == examples.tolist()
+  assert [r['batch_size_int'] for r in rows] == [r['b_int'] for r in refs]
+  assert (summary['total_local_steps'], summary['total_examples']) == (steps[-1], examples[-1])
+
+
+def test_a_non_finite_client_is_left_out_as_if_it_had_not_been_drawn(tmp_path):
+  """Delta, h_local and the train loss are n_i-weighted means over the finite clients alone:
+  tests/reference.py's rounds of the cohort without the poisoned client. (The tests of a
+  dropped client compared runs of this code with each other: a mean divided by every client's
+  examples, the dropped one's among them, passed.)"""
+  from fathom_sim.data import load_task
+  from tests.test_resume import _npz_with_bad_clients
+  data = str(tmp_path / 'data')
+  _npz_with_bad_clients(data, bad=[2])  # 4 clients; client 2 has a NaN example
+  config = tiny_config(algorithm='fathom', cohort_size=4, batch_size=4.0)
+  config.data.name, config.data.path, config.data.num_classes = 'npz', data, 10
+  task = load_task(config.data)
+  state, history, _ = run_rounds(config, task, 2)
+  refs = reference_rounds(config, task, 2, leave_out=(2,))
+  for (m, _), r in zip(history, refs):
+    assert int(m.dropped_clients) == 1 and bool(m.accepted)
+    np.testing.assert_allclose(m.h_local, r['h_local'], rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(m.train_loss, r['train_loss'], rtol=1e-5)
+    np.testing.assert_allclose(m.h_glob, r['h_glob'], rtol=1e-4, atol=1e-6)
+  assert_trees_close(state.params, refs[-1]['params'], rtol=1e-4, atol=1e-5)
+  np.testing.assert_allclose(state.hyper.log_hparams, refs[-1]['phi'], rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize('server_optimizer', ['sgd', 'momentum', 'adam', 'yogi', 'adagrad'])
-def test_server_optimizers_take_delta_as_gradient(server_optimizer):
+@pytest.mark.parametrize('algorithm', ['fedavg', 'fathom'])
+def test_server_optimizers_take_delta_as_gradient(server_optimizer, algorithm):
   """Three rounds against tests/reference.py's numpy server steps (optax's rules written out):
   one round could not tell a state carried from one dropped (momentum's first step is SGD's,
-  Adam's bias correction cancels b1 and b2), nor b1 from b2."""
-  config = tiny_config(algorithm='fedavg', server_optimizer=server_optimizer, server_lr=0.5,
+  Adam's bias correction cancels b1 and b2), nor b1 from b2. Under FATHOM, h_glob and g follow
+  the clients' aggregate Delta, not the server's step (the same only for SGD at lr 1)."""
+  config = tiny_config(algorithm=algorithm, server_optimizer=server_optimizer, server_lr=0.5,
                        server_b1=0.8, server_b2=0.95, server_momentum=0.7)
   task = tiny_task()
-  state, _, _ = run_rounds(config, task, 3)
-  ref = reference_rounds(config, task, 3)[-1]
-  assert_trees_close(state.params, ref['params'], rtol=1e-4, atol=1e-5)
+  state, history, _ = run_rounds(config, task, 3)
+  refs = reference_rounds(config, task, 3)
+  assert_trees_close(state.params, refs[-1]['params'], rtol=1e-4, atol=1e-5)
+  if algorithm == 'fathom':
+    for (m, _), r in zip(history, refs):
+      np.testing.assert_allclose(m.h_glob, r['h_glob'], rtol=1e-4, atol=1e-6)
+    assert_trees_close(state.hyper.ema, refs[-1]['ema'], rtol=1e-4, atol=1e-6)
+    # log eta moves with h_glob alone. (log E and log B move with h_local too, and Adam's and
+    # Yogi's steps of 0.5 leave a client here where its steps are below float32's rounding of
+    # its params: d_k = 0 and c_k = 0 in float32, rounding noise in the float64 reference.)
+    np.testing.assert_allclose(state.hyper.log_hparams[1], refs[-1]['phi'][1], rtol=1e-5)
