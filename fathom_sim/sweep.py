@@ -251,17 +251,25 @@ def run_status(run: RunSpec) -> tuple[str, str | None]:
       workdir_lib.check_same_run(run.workdir, run.config)
     except workdir_lib.WorkdirError as e:
       return 'failed', str(e)
+    asked = run.config.num_rounds
     done = metrics.finished_rounds(run.workdir) or 0
-    if done > run.config.num_rounds:
+    # A run taken further since its summary (num_rounds raised, then stopped) stands at its
+    # newest checkpoint: its old summary.json of `asked` rounds is not its state.
+    at = max(done, workdir_lib.newest_step(run.workdir) or 0)
+    if at > asked:
       # Refused as launch/main.py refuses it: skipped as done, the run's results would be of
       # more rounds than sweep.json says.
-      return 'failed', str(workdir_lib.too_few_rounds(run.workdir, done, run.config.num_rounds))
-  return ('done' if done == run.config.num_rounds else 'pending'), None
+      return 'failed', str(workdir_lib.too_few_rounds(run.workdir, at, asked))
+    if done == asked and (workdir_lib.read_saved(run.workdir) or {}).get('num_rounds') != asked:
+      # Taken further and stopped before its next checkpoint: run on, train puts its rows
+      # and summary back (train._summary_of_finished).
+      done = 0
+  return ('done' if done == asked else 'pending'), None
 
 
-def is_finished(workdir: str, num_rounds: int) -> bool:
-  """True when the workdir holds a summary of at least `num_rounds` rounds."""
-  return (metrics.finished_rounds(workdir) or 0) >= num_rounds
+def is_finished(run: RunSpec) -> bool:
+  """True when the run's workdir holds it finished, as run_status judges it."""
+  return run_status(run)[0] == 'done'
 
 
 def _final_accuracy(summary: dict) -> float:
@@ -431,7 +439,7 @@ def _run_all(sweep: SweepDef, out: str, runs: list[RunSpec], sweep_file: str, *,
   pending = collections.deque(batches)
   while pending:
     batch = pending.popleft()
-    if len(batch) == 1 and is_finished(runs[batch[0]].workdir, runs[batch[0]].config.num_rounds):
+    if len(batch) == 1 and is_finished(runs[batch[0]]):
       # A seed of a vectorised group that failed: the group finished it before failing. Its
       # entry says what a run finished here says (but the sweep's seconds, not spent here).
       entries[batch[0]] = _entry(runs[batch[0]], out, 'done', **_result(runs[batch[0]], None))
@@ -482,7 +490,7 @@ def _run_all(sweep: SweepDef, out: str, runs: list[RunSpec], sweep_file: str, *,
         if runs[i].workdir in e.workdirs:
           entries[i] = _entry(runs[i], out, 'failed', error=str(e))
           log(f'{where} {runs[i].name}: failed: {e}')
-        elif is_finished(runs[i].workdir, runs[i].config.num_rounds):  # its seeds went on
+        elif is_finished(runs[i]):  # its seeds went on
           done(i, metrics.read_summary(runs[i].workdir) or {})
         else:
           entries[i] = _entry(runs[i], out, 'pending')
@@ -512,7 +520,7 @@ def _run_all(sweep: SweepDef, out: str, runs: list[RunSpec], sweep_file: str, *,
       continue
     except BaseException:
       for i in batch:  # a seed the group (or its one-by-one fallback) finished stays done
-        finished = is_finished(runs[i].workdir, runs[i].config.num_rounds)
+        finished = is_finished(runs[i])
         entries[i] = _entry(runs[i], out, 'done' if finished else 'interrupted')
       save()
       raise

@@ -954,3 +954,33 @@ def test_a_damaged_sweep_json_or_an_out_that_cannot_be_made_is_refused_before_an
                                          'give a writable place$'):
     sweep.run_sweep(definition, target, train=lambda c, w: calls.append(w), log=print)
   assert calls == [] and not os.path.exists(target)
+
+
+@pytest.mark.parametrize('stopped_at,status', [(4, 'failed'), (2, 'pending'), (None, 'done')])
+def test_a_finished_run_taken_further_is_not_skipped_as_done(tmp_path, stopped_at, status):
+  """A run finished at 2 rounds, then run with num_rounds=5 and stopped (at its checkpoint of
+  round 4, or before its next one), keeps its summary.json of 2 rounds: the sweep skipped it
+  as done, its sweep.json entry saying 2 rounds of a run at round 4, where launch/main.py
+  refuses it (4) or puts its files back to round 2 by running it (2)."""
+  from fathom_sim import metrics
+  from fathom_sim import workdir as workdir_lib
+  from tests.common import tiny_config
+  definition = sweep.SweepDef(tiny_config(num_rounds=2), '<inline>', [{}], [0], {})
+  run, = sweep.plan_runs(definition, str(tmp_path / 'out'))
+  os.makedirs(os.path.join(run.workdir, workdir_lib.CHECKPOINTS, '2'))
+  metrics.write_json(os.path.join(run.workdir, metrics.SUMMARY_FILE), {'rounds': 2})
+  further = run.config.copy_and_resolve_references()
+  further.num_rounds = 5 if stopped_at else 2
+  workdir_lib.save_config(run.workdir, further)
+  if stopped_at == 4:
+    os.makedirs(os.path.join(run.workdir, workdir_lib.CHECKPOINTS, '4'))
+  got, error = sweep.run_status(run)
+  assert got == status, (got, error)
+  if status == 'failed':
+    assert 'holds a run already at round 4; config.num_rounds must be at least that, got 2' in (
+        error)
+  trained = []
+  entry, = sweep.run_sweep(definition, str(tmp_path / 'out'), log=lambda _: None,
+                           train=lambda c, w: trained.append(w) or {'rounds': 2, 'final': {}})
+  assert entry['status'] == status.replace('pending', 'done')
+  assert trained == ([run.workdir] if status == 'pending' else [])  # (not "finished already")
