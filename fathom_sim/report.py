@@ -33,7 +33,7 @@ MEASURED_ALIKE = frozenset({'eval_every', 'eval_clients', 'matmul_precision'})
 
 # The fields of a metrics row that the tables and plots read.
 FIELDS = ('round', 'wall_s', 'examples', 'local_steps', 'test_accuracy', 'eta', 'epochs',
-          'batch_size', 'h_glob', 'h_local')
+          'batch_size', 'h_glob', 'h_local', 'vectorized_seeds')
 
 
 def _number(value) -> float:
@@ -426,16 +426,23 @@ def last_evaluated(group: Group) -> tuple[float | None, float | None]:
   return mean_std(values)
 
 
-def seconds_per_round(group: Group) -> float | None:
+def seconds_per_round(group: Group) -> dict[int, float]:
   """Median wall-clock seconds between consecutive rows, over all seeds (compiles excluded
-  by the median, evaluation rounds included)."""
-  gaps = []
+  by the median, evaluation rounds included), by how many seeds the program that wrote a row
+  ran at once (1 alone): a vectorised group's rows keep its clock, a round of all its seeds.
+  A seed run partly in a group and partly alone has both."""
+  gaps: dict[int, list] = {}
   for run in group.runs:
     rounds, wall = run.rows['round'], run.rows['wall_s']
-    step = np.diff(wall)[np.diff(rounds) == 1]
-    gaps.append(step[~np.isnan(step)])
-  gaps = np.concatenate(gaps) if gaps else np.zeros(0)
-  return float(np.median(gaps)) if len(gaps) else None
+    shared = run.rows['vectorized_seeds']
+    if np.isnan(shared).all():  # (rows from before the field: the summary says, where there)
+      shared = np.full(len(shared), (run.summary or {}).get('vectorized_seeds') or 1, float)
+    shared = np.where(np.isnan(shared), 1, shared)[1:]
+    step = np.diff(wall)
+    keep = (np.diff(rounds) == 1) & ~np.isnan(step)
+    for k in np.unique(shared[keep]):
+      gaps.setdefault(max(int(k), 1), []).append(step[keep & (shared == k)])
+  return {k: float(np.median(np.concatenate(v))) for k, v in sorted(gaps.items())}
 
 
 def best_fedavg(groups: list[Group], target: float) -> Group | None:
@@ -544,11 +551,9 @@ def markdown(groups: list[Group], targets: list[float], *, timing: bool = True,
       final += ' (last evals)' if not g.finished else f' ({len(g.finished)} finished)'
     cells = [f'`{g.setting}`', g.algorithm, seeds, final]
     if timing:
-      spr = seconds_per_round(g)
       # Seeds run as one vectorised program log the group's clock: a round of all of them.
-      shared = max([(r.summary or {}).get('vectorized_seeds') or 0 for r in g.runs] or [0])
-      cells.append('—' if spr is None else f'{spr:.3f}'
-                   + (f' ({shared} seeds at once)' if shared > 1 else ''))
+      cells.append('; '.join(f'{s:.3f}' + (f' ({k} seeds at once)' if k > 1 else '')
+                             for k, s in seconds_per_round(g).items()) or '—')
     for t in targets:
       r = to_target(g, t)
       cells += [_fmt(r['rounds']) + _reached_note(r), _fmt(r['examples'], True),
@@ -557,8 +562,9 @@ def markdown(groups: list[Group], targets: list[float], *, timing: bool = True,
   lines.append('')
   lines.append('Means and sample std over the seeds that reached the target; (k/n): only k of '
                'n seeds reached it; —: none did.'
-               + (' s/round: median seconds between rounds (of every seed together where '
-                  'they ran as one program).' if timing else '')
+               + (' s/round: median seconds between rounds; "(k seeds at once)": a round of k '
+                  'seeds run as one program, apart from their rounds run alone.' if timing
+                  else '')
                + ' Unfinished runs count with the rounds they have. Final test accuracy: the '
                'finished seeds\' (whole test set, last round); "last evals": no seed has '
                'finished, each seed\'s last evaluation instead.')

@@ -563,6 +563,8 @@ def _run(run: Run, configs: list[ml_collections.ConfigDict], workdirs: list[str]
                'local_steps': meta['total_steps'], 'dropped_clients': int(ms.dropped_clients),
                'accepted': bool(ms.accepted),
                'padding_efficiency': plan.useful_rows() / max(computed, 1)}
+        if vectorized:  # its wall_s is the group's clock: a report times rounds by it
+          row['vectorized_seeds'] = len(books)
         if not ms.accepted:
           dropped = int(ms.dropped_clients)
           why = ('no client returned a finite update'

@@ -66,6 +66,8 @@ def test_each_vectorised_seed_equals_its_solo_run(tmp_path, data_on_device, loca
   vec = [str(tmp_path / f'vec{s}') for s in SEEDS]
   summaries = train_seeds(configs, vec)
   assert all(s['vectorized_seeds'] == 3 for s in summaries)
+  # each row says its clock is the group's (report.py's s/round), a solo run's says nothing
+  assert all(r['vectorized_seeds'] == 3 for w in vec for r in _rows(w))
   # Some round planned ahead kept a seed's plan while another seed planned again: the solo
   # runs below must equal that path too.
   assert summaries[0]['replanned_seeds'] < 3 * summaries[0]['replanned'], summaries[0]
@@ -73,6 +75,7 @@ def test_each_vectorised_seed_equals_its_solo_run(tmp_path, data_on_device, loca
     solo = str(tmp_path / f'solo{s}')
     train_and_evaluate(c, solo)
     _assert_same_run(str(tmp_path / f'vec{s}'), solo)
+    assert not any('vectorized_seeds' in r for r in _rows(solo))
   # The stacking pads seeds to a common B_pad: make sure this test meets that case.
   b_int = {s: [r['batch_size_int'] for r in _rows(str(tmp_path / f'vec{s}'))] for s in SEEDS}
   assert len({tuple(v) for v in b_int.values()}) > 1, b_int

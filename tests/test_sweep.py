@@ -233,15 +233,20 @@ def test_sweep_runs_every_setting_and_seed_once_and_reports(tmp_path):
   assert 'FedAvg grid search: 2 runs' in table
 
 
-def _write_run(workdir, algorithm, acc_by_round, examples_per_round, rounds):
+def _write_run(workdir, algorithm, acc_by_round, examples_per_round, rounds, *,
+               shared_until=0, shared=1):
+  """Rows of `rounds` rounds, 0.5 s apart; those of rounds 1..`shared_until` 2 s apart and
+  logged by a program of `shared` seeds at once."""
   os.makedirs(workdir)
   with open(os.path.join(workdir, 'config.json'), 'w') as f:
     json.dump({'algorithm': algorithm}, f)
   with open(os.path.join(workdir, 'metrics.jsonl'), 'w') as f:
     for t in range(1, rounds + 1):
       row = {'round': t, 'examples': examples_per_round * t, 'local_steps': 10 * t,
-             'wall_s': 0.5 * t, 'eta': 0.1, 'epochs': 1.0, 'batch_size': 20.0, 'h_glob': 0.0,
-             'h_local': 0.1}
+             'wall_s': 2.0 * min(t, shared_until) + 0.5 * max(t - shared_until, 0), 'eta': 0.1,
+             'epochs': 1.0, 'batch_size': 20.0, 'h_glob': 0.0, 'h_local': 0.1}
+      if t <= shared_until:
+        row['vectorized_seeds'] = shared
       if t in acc_by_round:
         row['test_accuracy'] = acc_by_round[t]
       f.write(json.dumps(row) + '\n')
@@ -271,7 +276,7 @@ def test_tables_match_hand_computed_values(tmp_path):
   assert report.to_target(by['eta=0.3'], 0.05)['rounds'] == (3.0, None)  # one seed: no std
   mean, std = report.final_accuracy(by['fathom'])  # last eval rows: 0.5, 0.45, 0.2
   assert mean == pytest.approx(0.38333333) and std == pytest.approx(0.16072751)
-  assert report.seconds_per_round(by['fathom']) == pytest.approx(0.5)
+  assert report.seconds_per_round(by['fathom']) == {1: pytest.approx(0.5)}
   assert report.best_fedavg(groups, 0.3).setting == 'eta=0.1'
   assert report.best_fedavg(groups, 0.9) is None
   assert report.grid_cost(groups) == (200 + 200 + 210, 40 + 40 + 30, 3)
@@ -354,7 +359,7 @@ def test_the_report_reads_rows_as_columns_with_the_rows_own_figures(tmp_path):
     got = [report.first_reaching(run.rows, target) for run in group.runs]
     assert [None if h is None else (h['round'], h['examples'], h['local_steps'])
             for h in got] == hits
-  assert report.seconds_per_round(group) == pytest.approx(median, rel=1e-12)
+  assert report.seconds_per_round(group) == {1: pytest.approx(median, rel=1e-12)}
   assert report.last_evaluated(group) == pytest.approx(report.mean_std(lasts))
   x, mean, lo, hi, n = plots.curve(group, 'eta')
   assert n == 3
@@ -507,18 +512,31 @@ def test_runs_of_one_setting_whose_configs_differ_are_flagged(tmp_path):
 
 def test_seconds_per_round_of_seeds_run_as_one_program_say_so(tmp_path):
   """--vmap_seeds: each seed's wall_s is the group's clock, so s/round is a round of all the
-  seeds together; the cell says how many, where a solo setting's says nothing."""
-  for name, shared in (('vec', 3), ('solo', 0)):
+  seeds together; the cell says how many, where a solo setting's says nothing. The rows say
+  it: a group stopped before its summary went unlabelled, and seeds finished alone after a
+  group (the last summary says 0) gave the median of both clocks, unlabelled."""
+  # (name, summary's vectorized_seeds or None for no summary, rows' (shared_until, shared))
+  cases = (('vec', 3, (0, 1)), ('solo', 0, (0, 1)), ('stopped', None, (6, 3)),
+           ('then_alone', 0, (3, 3)))
+  for name, summary_says, (until, shared) in cases:
     for seed in (0, 1):
       workdir = tmp_path / 'sweep' / name / f'seed={seed}'
-      _write_run(workdir, 'fathom', {2: 0.3}, 100, 2)
-      _finish(workdir, 2, 0.3, seed=seed)
-      summary = json.loads((workdir / 'summary.json').read_text())
-      (workdir / 'summary.json').write_text(json.dumps({**summary, 'vectorized_seeds': shared}))
-  table = report.markdown(report.group_runs(report.find_runs([str(tmp_path / 'sweep')])), [0.3])
-  [vec] = [line for line in table.splitlines() if line.startswith('| `vec`')]
-  [solo] = [line for line in table.splitlines() if line.startswith('| `solo`')]
-  assert ' (3 seeds at once) |' in vec and 'seeds at once' not in solo, table
+      _write_run(workdir, 'fathom', {2: 0.3}, 100, 6, shared_until=until, shared=shared)
+      if summary_says is not None:
+        _finish(workdir, 6, 0.3, seed=seed)
+        summary = json.loads((workdir / 'summary.json').read_text())
+        (workdir / 'summary.json').write_text(
+            json.dumps({**summary, 'vectorized_seeds': summary_says}))
+  groups = report.group_runs(report.find_runs([str(tmp_path / 'sweep')]))
+  assert {g.setting: report.seconds_per_round(g) for g in groups} == {
+      'vec': {3: 0.5},  # (rows from before the rows said it: the summary's count)
+      'solo': {1: 0.5}, 'stopped': {3: 2.0}, 'then_alone': {1: 0.5, 3: 2.0}}
+  table = report.markdown(groups, [0.3])
+  cells = {line.split(' | ')[0][3:-1]: line.split(' | ')[4] for line in table.splitlines()
+           if line.startswith('| `')}
+  assert cells == {'vec': '0.500 (3 seeds at once)', 'solo': '0.500',
+                   'stopped': '2.000 (3 seeds at once)',
+                   'then_alone': '0.500; 2.000 (3 seeds at once)'}, table
 
 
 def test_a_finished_run_without_test_examples_is_reported(tmp_path):
