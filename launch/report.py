@@ -41,6 +41,9 @@ def main(argv):
     cli.fail(f'--targets must be test accuracies in (0, 1], got {",".join(_TARGETS.value)!r}')
   if len(set(targets)) < len(targets):  # (each column and best-setting row twice over)
     cli.fail(f'--targets names a target twice ({",".join(_TARGETS.value)!r}); give each once')
+  if len({f'{t:g}' for t in targets}) < len(targets):  # (the tables name a target so)
+    cli.fail(f'--targets {",".join(_TARGETS.value)!r}: two targets share their first 6 '
+             'digits, the columns\' names; give targets that differ within them')
   out = _OUT.value
   if is_url(out):
     cli.fail(f'--out {out!r} is a URL, and reports are written through the filesystem; '

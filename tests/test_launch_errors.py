@@ -401,6 +401,9 @@ def test_report_names_a_metrics_file_that_is_not_utf8(tmp_path):
     (['--targets=0.3,0'], "--targets must be test accuracies in (0, 1], got '0.3,0'"),
     (['--targets=abc'], "--targets must be test accuracies in (0, 1], got 'abc'"),
     (['--targets=0.3,0.30'], "--targets names a target twice ('0.3,0.30'); give each once"),
+    # both columns were headed 'rounds to 0.162557'
+    (['--targets=0.1625571,0.16255712'], "--targets '0.1625571,0.16255712': two targets share "
+                                        "their first 6 digits, the columns' names"),
 ])
 def test_report_refuses_bad_flags_in_one_line(tmp_path, args, needle):
   run = _run_dir(tmp_path, ROW.encode())
