@@ -27,9 +27,42 @@ class ConfigError(InputError):
   """A config field out of range or of the wrong type."""
 
 
+_KINDS = ((bool, 'true or false'), (int, 'an integer'), (float, 'a number'),
+          (str, 'a string'), (tuple, 'a tuple'))
+
+
+class _Fields(ml_collections.ConfigDict):
+  """base_config's ConfigDict: a value of another kind than its field's, set in a config file,
+  is refused in the simulator's words. ml_collections casts True to 1.0 for a float field (a
+  config file's `c.eta = True` trained at eta 1.0, config.json saying 1.0), and says a cast it
+  refuses as "Could not override field 'cohort_size' (reference)"."""
+
+  def __setitem__(self, key, value):
+    fields = self._fields
+    current = fields.get(key)
+    current = current.get() if isinstance(current, ml_collections.FieldReference) else current
+    kind = next((said for t, said in _KINDS if isinstance(current, t)), None)
+    name = f'config.{self.__dict__.get("_where", "")}{key}'  # (a copy knows no group)
+    if kind and isinstance(value, bool) and not isinstance(current, bool):
+      raise ConfigError(f'{name} must be {kind}, got {value}')
+    try:
+      super().__setitem__(key, value)
+    except TypeError:
+      if kind is None:
+        raise
+      raise ConfigError(f'{name} must be {kind}, got {value!r} ({type(value).__name__})'
+                        ) from None
+
+
+def _group(where: str) -> _Fields:
+  group = _Fields()
+  object.__setattr__(group, '_where', where)  # (an attribute, not a field)
+  return group
+
+
 def base_config() -> ml_collections.ConfigDict:
   """All fields, with the FATHOM reference defaults of the FEMNIST task (spec/fathom.md)."""
-  c = ml_collections.ConfigDict()
+  c = _Fields()
   c.algorithm = 'fathom'          # 'fathom' (tunes eta, E, B online) or 'fedavg' (static)
   c.num_rounds = 1500
   c.cohort_size = 10              # clients per round
@@ -70,7 +103,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.server_b2 = 0.99
   c.server_eps = 1e-3
 
-  c.model = ml_collections.ConfigDict()
+  c.model = _group('model.')
   c.model.name = 'mlp'            # logistic | mlp | emnist_cnn | stackoverflow_lstm | lstm
   c.model.hidden = (64,)          # mlp hidden widths; lstm: (embedding, LSTM, dense) widths
   c.model.conv = 'auto'           # emnist_cnn's convolutions: auto | xla | matmul, or a mix
@@ -88,7 +121,7 @@ def base_config() -> ml_collections.ConfigDict:
                                   # stackoverflow_word task's (13.3): each sentence's summed
                                   # token loss / expected_length, mean over sentences
 
-  c.data = ml_collections.ConfigDict()
+  c.data = _group('data.')
   c.data.name = 'synthetic'       # synthetic | femnist_synthetic | npz | femnist | stackoverflow
   c.data.seed = 0                 # generated data only
   c.data.num_clients = 1000       # generated data only
@@ -172,6 +205,10 @@ def call_user_file(path: str, function: str, what: str, *args):
     raise ConfigError(f'{what} {path!r} defines no {function}()')
   try:
     return fn(*args)
+  except ConfigError as e:  # (a field given a value of another kind: _Fields)
+    line = _describe_failure(e, path).rpartition(' (line ')[2]
+    raise ConfigError(f'{what} {path!r}' + (f', line {line[:-1]}' if line[:-1].isdigit() else '')
+                      + f': {e}') from None
   except (Exception, SystemExit) as e:  # noqa: BLE001
     raise ConfigError(f'{what} {path!r}: {function}() raised {_describe_failure(e, path)}'
                       ) from None
@@ -210,7 +247,8 @@ def _number(c, field: str, *, low: float | None = None, low_open: bool = False,
            else f'< {_bound(high)}' if high_open else f'<= {_bound(high)}')
     _fail(field, rng, value)
   if float32 and value != 0 and not _FLOAT32_TINY <= abs(value) <= _FLOAT32_MAX:
-    _fail(field, f'0 or between {_FLOAT32_TINY:.3g} and {_FLOAT32_MAX:.3g} in size (float32\'s '
+    zero = '' if low == 0 and low_open else '0 or '  # (a field that refuses 0 says so above)
+    _fail(field, f'{zero}between {_FLOAT32_TINY:.3g} and {_FLOAT32_MAX:.3g} in size (float32\'s '
           'normal numbers: the devices compute with it in float32)', value)
 
 
@@ -345,6 +383,19 @@ def check_config(c: ml_collections.ConfigDict) -> None:
   _number(c, 'data.size_log_mean', low=-20, high=20)
   _number(c, 'data.min_examples', low=1, integer=True)
   _number(c, 'data.max_examples', low=c.data.min_examples, integer=True)
+  if c.data.name == 'synthetic':
+    # Made whole and held from the start: past the host's memory its set-up ran for minutes,
+    # then ended out of memory without a word. Every client holds min_examples at least.
+    from fathom_sim.data.synthetic import SYNTHETIC_DIM
+    example = 4 * SYNTHETIC_DIM + 4
+    least = c.data.num_clients * c.data.min_examples * example
+    host = os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES')
+    if least > host:
+      raise ConfigError(
+          f'config.data.num_clients={c.data.num_clients:,} with config.data.min_examples='
+          f'{c.data.min_examples:,}: the generated set holds {least / 2**30:.1f} GiB at least '
+          f'({example} bytes an example), more than the host\'s memory ({host / 2**30:.1f} '
+          'GiB); lower either')
   _number(c, 'data.test_fraction', low=0, high=1, high_open=True)
   _number(c, 'data.num_classes', low=0, high=2**31 - 1, integer=True)  # labels are int32
   if c.data.name == 'npz' and not c.data.path:

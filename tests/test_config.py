@@ -25,9 +25,11 @@ def test_base_config_and_quickstart_are_valid():
 @pytest.mark.parametrize('field,value,needle', [
     ('eta', -0.1, 'config.eta must be > 0'),
     ('eta', 0.0, 'config.eta must be > 0'),
-    ('eta', 1e-46, "config.eta must be 0 or between 1.18e-38 and 3.4e+38 in size (float32's"),
-    ('server_eps', 1e-50, 'config.server_eps must be 0 or between 1.18e-38'),
-    ('upper_batch_size', 1e39, 'config.upper_batch_size must be 0 or between 1.18e-38'),
+    # (eta must be > 0: '0 or between' said 0 would do)
+    ('eta', 1e-46, "config.eta must be between 1.18e-38 and 3.4e+38 in size (float32's"),
+    ('server_eps', 1e-50, 'config.server_eps must be between 1.18e-38'),
+    ('upper_batch_size', 1e39, 'config.upper_batch_size must be between 1.18e-38'),
+    ('eta_h', 1e-40, 'config.eta_h must be 0 or between 1.18e-38'),  # (eta_h 0 freezes phi)
     ('eta_h', -1e39, 'config.eta_h must be >= 0'),
     ('batch_size', 0.0, 'config.batch_size must be > 0'),
     ('batch_size', -4.0, 'config.batch_size must be > 0'),
@@ -609,3 +611,49 @@ def test_the_run_command_warns_of_fields_set_on_it_that_the_run_does_not_read(ca
   cli.warn_unread(values.config, config_flags.get_override_values(values['config']))
   assert ('set on the command line but not read by this run: eta_h=0.5 (algorithm is fedavg)'
           in caplog.text)
+
+
+@pytest.mark.parametrize('line,said', [
+    # ml_collections cast True to 1.0: the run trained at eta 1.0, config.json saying 1.0
+    ('c.eta = True', 'config.eta must be a number, got True'),
+    ('c.data.alpha = False', 'config.data.alpha must be a number, got False'),
+    ('c.target_accuracy = True', 'config.target_accuracy must be a number, got True'),
+    # ml_collections' words: "Could not override field 'cohort_size' (reference). ..."
+    ('c.cohort_size = 2.5', 'config.cohort_size must be an integer, got 2.5 (float)'),
+    ('c.data.path = 3', 'config.data.path must be a string, got 3 (int)'),
+    ("c.model.hidden = '64'", "config.model.hidden must be a tuple, got '64' (str)"),
+])
+def test_a_config_file_setting_a_field_to_another_kind_is_refused_naming_it(tmp_path, line,
+                                                                            said):
+  from fathom_sim.config import call_user_file
+  path = tmp_path / 'mine.py'
+  path.write_text('from fathom_sim.config import base_config\n\n\ndef get_config():\n'
+                  f'  c = base_config()\n  {line}\n  return c\n')
+  with pytest.raises(ConfigError) as e:
+    call_user_file(str(path), 'get_config', '--config')
+  assert str(e.value) == f"--config '{path}', line 6: {said}"
+
+
+def test_a_config_files_own_values_of_the_fields_kinds_still_pass(tmp_path):
+  """What a config file may set: an int for a float field, a list for a tuple, a bool for a
+  bool, whole groups' fields one by one, and a copy of the config (which knows no group)."""
+  c = base_config()
+  c.eta, c.model.hidden, c.clip_log_params, c.data.name = 1, [8, 4], True, 'npz'
+  assert (c.eta, c.model.hidden, c.clip_log_params) == (1.0, (8, 4), True)
+  copy = c.copy_and_resolve_references()
+  copy.seed = 3
+  with pytest.raises(ConfigError, match=r'^config\.hidden must be a tuple, got 3 \(int\)$'):
+    copy.model.hidden = 3
+
+
+def test_a_generated_set_past_the_hosts_memory_is_refused_before_it_is_made():
+  """1,000 clients of 100,000 examples each: 24 GiB of generated data on a 24 GiB host ran
+  for minutes, then ended out of memory without a word."""
+  c = tiny_config()
+  c.data.num_clients, c.data.min_examples, c.data.max_examples = 10**7, 10**5, 10**5
+  with pytest.raises(ConfigError, match=r'^config\.data\.num_clients=10,000,000 with config\.'
+                     r'data\.min_examples=100,000: the generated set holds 227\d{3}\.\d GiB '
+                     r"at least \(244 bytes an example\), more than the host's memory"):
+    check_config(c)
+  c.data.name = 'femnist_synthetic'  # (made one client at a time: not this check's)
+  check_config(c)

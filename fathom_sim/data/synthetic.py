@@ -23,8 +23,11 @@ def _split(n_total: int, test_fraction: float) -> int:
   return n_total - n_test
 
 
+SYNTHETIC_DIM = 60  # Synthetic(alpha, beta)'s features: an example is 60 float32 and a label
+
+
 def synthetic_alpha_beta(*, num_clients: int = 1000, alpha: float = 1.0, beta: float = 1.0,
-                         dim: int = 60, num_classes: int = 10, size_log_mean: float = 4.0,
+                         dim: int = SYNTHETIC_DIM, num_classes: int = 10, size_log_mean: float = 4.0,
                          size_log_sigma: float = 1.0, min_examples: int = 10,
                          max_examples: int = 2000, test_fraction: float = 0.2,
                          seed: int = 0) -> Task:
