@@ -119,13 +119,18 @@ def parse_flags_or_exit(argv: list[str]) -> list[str]:
       config = call_user_file(file_part, 'get_config', '--config', *([arg] if arg else []))
     except ConfigError as e:
       fail(str(e))
+    except KeyboardInterrupt as e:  # (Ctrl-C while the file ran: a traceback before)
+      fail(f'interrupted while --config {file_part!r} was loading; nothing was started',
+           exit_status(e))
     import ml_collections
     # (absl's words for None: 'Flag --config must have a value other than None'; for a str,
-    # a traceback from the overrides' walk.)
-    if not isinstance(config, ml_collections.ConfigDict):
+    # a traceback from the overrides' walk; for a frozen one, 'FrozenConfigDict is
+    # immutable. Cannot call lock().')
+    if (not isinstance(config, ml_collections.ConfigDict)
+        or isinstance(config, ml_collections.FrozenConfigDict)):
       fail(f'--config {file_part!r}: get_config() returned {type(config).__name__}; it must '
-           'return the config (an ml_collections.ConfigDict, e.g. '
-           'fathom_sim.config.base_config() with changes)')
+           'return the config (an ml_collections.ConfigDict, not frozen: the command line\'s '
+           '--config.FIELD overrides set it; e.g. fathom_sim.config.base_config() with changes)')
   try:
     return flags.FLAGS(_last_only(argv, 'config'))
   except (flags.Error, AttributeError, KeyError, TypeError, ValueError) as e:

@@ -370,6 +370,11 @@ _BASE = 'from fathom_sim.config import base_config\n\n\ndef get_config():\n  c =
     ('def get_config():\n  return "x"\n', ": get_config() returned str; it must return the "
      'config (an ml_collections.ConfigDict'),
     ('def get_config():\n  return None\n', ': get_config() returned NoneType; it must return'),
+    # absl said 'FrozenConfigDict is immutable. Cannot call lock().'
+    (_BASE + '  import ml_collections\n  return ml_collections.FrozenConfigDict(c)\n',
+     ': get_config() returned FrozenConfigDict; it must return the config (an '
+     'ml_collections.ConfigDict, not frozen'),
+    (_BASE + '  c.eta = True\n  return c\n', ', line 6: config.eta must be a number, got True'),
     (_BASE + '  del c["eval_every"]\n  return c\n', 'config.eval_every is missing'),
     (_BASE + '  c.cohort_sze = 5\n  return c\n',
      "unknown config field config.cohort_sze (the config has no field 'cohort_sze'); did you "
@@ -657,3 +662,15 @@ def test_a_generated_set_past_the_hosts_memory_is_refused_before_it_is_made():
     check_config(c)
   c.data.name = 'femnist_synthetic'  # (made one client at a time: not this check's)
   check_config(c)
+
+
+def test_ctrl_c_while_the_config_file_loads_is_one_line(tmp_path):
+  """A KeyboardInterrupt there (the file's own, or Ctrl-C while it ran) was a traceback."""
+  from tests.test_cli import launch
+  path = tmp_path / 'mine.py'
+  path.write_text('def get_config():\n  raise KeyboardInterrupt\n')
+  p = launch(f'--config={path}', f'--workdir={tmp_path / "run"}')
+  assert p.returncode == 130 and 'Traceback' not in p.stderr, p.stderr[-2000:]
+  assert p.stderr.strip().splitlines()[-1] == (
+      f"error: interrupted while --config '{path}' was loading; nothing was started")
+  assert not (tmp_path / 'run').exists()
