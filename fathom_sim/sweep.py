@@ -520,8 +520,10 @@ def _run_all(sweep: SweepDef, out: str, runs: list[RunSpec], sweep_file: str, *,
       continue
     except BaseException:
       for i in batch:  # a seed the group (or its one-by-one fallback) finished stays done
-        finished = is_finished(runs[i])
-        entries[i] = _entry(runs[i], out, 'done' if finished else 'interrupted')
+        if is_finished(runs[i]):  # (with its result: a SIGTERM in its last round lost both)
+          done(i, metrics.read_summary(runs[i].workdir) or {})
+        else:
+          entries[i] = _entry(runs[i], out, 'interrupted')
       save()
       raise
     for i, summary in zip(batch, summaries):

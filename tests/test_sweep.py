@@ -1002,3 +1002,32 @@ def test_a_finished_run_taken_further_is_not_skipped_as_done(tmp_path, stopped_a
                            train=lambda c, w: trained.append(w) or {'rounds': 2, 'final': {}})
   assert entry['status'] == status.replace('pending', 'done')
   assert trained == ([run.workdir] if status == 'pending' else [])  # (not "finished already")
+
+
+def test_a_run_finished_as_the_sweep_is_stopped_keeps_its_result_in_sweep_json(tmp_path):
+  """SIGTERM in a run's last round: it finishes, and the sweep stops. Its entry said 'done'
+  with neither final_test_accuracy nor sweep_wall_s, and a rerun never gave the seconds back."""
+  from fathom_sim import metrics
+  from fathom_sim import workdir as workdir_lib
+  from tests.common import tiny_config
+  definition = sweep.SweepDef(tiny_config(num_rounds=2), '<inline>', [{}], [0, 1], {})
+  out = str(tmp_path / 'out')
+
+  def finish_then_stop(config, workdir):
+    os.makedirs(workdir, exist_ok=True)
+    workdir_lib.save_config(workdir, config)
+    metrics.write_json(os.path.join(workdir, metrics.SUMMARY_FILE),
+                       {'rounds': 2, 'final': {'test_accuracy': 0.25}})
+    raise KeyboardInterrupt
+
+  with pytest.raises(KeyboardInterrupt):
+    sweep.run_sweep(definition, out, train=finish_then_stop, log=lambda _: None)
+  with open(os.path.join(out, 'sweep.json')) as f:
+    first, second = json.load(f)['runs']
+  assert first['status'] == 'done' and first['final_test_accuracy'] == 0.25
+  assert first['sweep_wall_s'] >= 0 and second['status'] == 'pending'
+  # run again: the finished run is skipped with its seconds kept, the other one runs
+  trained = []
+  entries = sweep.run_sweep(definition, out, log=lambda _: None,
+                            train=lambda c, w: trained.append(w) or {'final': {}})
+  assert entries[0]['sweep_wall_s'] == first['sweep_wall_s'] and len(trained) == 1
