@@ -126,7 +126,7 @@ def build(config: ml_collections.ConfigDict, task: Task | None = None) -> Run:
                            compute_dtype=config.model.compute_dtype,
                            expected_length=config.model.expected_length,
                            init=config.model.init)
-  _check_model_fits(model, config.model.name, task)
+  _check_params_fit(_check_model_fits(model, config.model.name, task), mesh)
   _warn_integer_inputs(config.model.name, task)
   server_opt = server.server_optimizer(
       config.server_optimizer, config.server_lr, momentum=config.server_momentum,
@@ -336,13 +336,16 @@ def _first_examples(task: Task, n: int) -> dict:
   return {k: v[:n] for k, v in task.train.client(first).items()}
 
 
-def _check_model_fits(model: models.Model, name: str, task: Task) -> None:
-  """Traces init and loss on two examples (no compute), so a mismatch fails with one line."""
+def _check_model_fits(model: models.Model, name: str, task: Task) -> int:
+  """Traces init and loss on two examples (no compute), so a mismatch fails with one line;
+  returns the bytes of the model's parameters."""
   sample = _first_examples(task, 2)
   key = jax.random.PRNGKey(0)
   try:
+    params = jax.eval_shape(lambda: model.init(key, sample))
     jax.eval_shape(lambda: model.loss(model.init(key, sample), sample,
                                       jnp.ones(len(sample['y']), bool), key))
+    return sum(math.prod(p.shape) * p.dtype.itemsize for p in jax.tree.leaves(params))
   except Exception as e:  # whatever the model's own error, report it against the data
     shapes = ', '.join(f'{k} {v.shape[1:]} {v.dtype}' for k, v in sample.items())
     raise DatasetError(f'{task.name}: examples ({shapes}) do not fit '
@@ -373,6 +376,19 @@ def _memory_bytes(mesh) -> tuple[int, str]:
   if limit:
     return limit, f'one {mesh.devices.flat[0].platform} device\'s memory'
   return os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES'), "the host's memory"
+
+
+def _check_params_fit(param_bytes: int, mesh) -> None:
+  """Refuses, before the workdir is touched, a model whose parameters alone exceed a device's
+  memory (on CPU, the host's, which holds every device's copy): its first state ran out of
+  memory after config.json and the lock were made."""
+  copies = _local_devices(mesh) if mesh.devices.flat[0].platform == 'cpu' else 1
+  limit, what = _memory_bytes(mesh)
+  if param_bytes * copies > limit:
+    raise ConfigError(f'config.model: its parameters alone take {param_bytes / 2**30:.1f} GiB'
+                      + (f' (x{copies} devices\' copies)' if copies > 1 else '')
+                      + f', more than {what} ({limit / 2**30:.1f} GiB); a smaller model '
+                      '(config.model.hidden, config.model.name)')
 
 
 def _check_first_round_fits(config, task: Task, mesh, lanes: int) -> None:

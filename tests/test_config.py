@@ -674,3 +674,14 @@ def test_ctrl_c_while_the_config_file_loads_is_one_line(tmp_path):
   assert p.stderr.strip().splitlines()[-1] == (
       f"error: interrupted while --config '{path}' was loading; nothing was started")
   assert not (tmp_path / 'run').exists()
+
+
+def test_a_model_whose_parameters_exceed_the_memory_is_refused_before_the_workdir(tmp_path):
+  """Its first state ran out of memory after config.json and the workdir's lock were made."""
+  from fathom_sim.train import train_and_evaluate
+  config = tiny_config(**{'model.hidden': (10**11,)})
+  with pytest.raises(ConfigError, match=r'^config\.model: its parameters alone take 2\d{4}\.\d '
+                     r"GiB( \(x\d devices' copies\))?, more than the host's memory "
+                     r'\(\d+\.\d GiB\); a smaller model'):
+    train_and_evaluate(config, str(tmp_path / 'run'))
+  assert not (tmp_path / 'run').exists()
