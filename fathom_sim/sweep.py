@@ -249,21 +249,22 @@ def run_status(run: RunSpec) -> tuple[str, str | None]:
       # (what training it would refuse, said before: --dry_run lists such a run as failing)
       workdir_lib.check_layout(run.workdir)
       workdir_lib.check_same_run(run.workdir, run.config)
-    except workdir_lib.WorkdirError as e:
+      asked = run.config.num_rounds
+      done = metrics.finished_rounds(run.workdir) or 0
+      # A run taken further since its summary (num_rounds raised, then stopped) stands at its
+      # newest checkpoint: its old summary.json of `asked` rounds is not its state.
+      at = max(done, workdir_lib.newest_step(run.workdir) or 0)
+      if at > asked:
+        # Refused as launch/main.py refuses it: skipped as done, the run's results would be
+        # of more rounds than sweep.json says.
+        raise workdir_lib.too_few_rounds(run.workdir, at, asked)
+      saved = workdir_lib.read_saved(run.workdir) or {}
+    except workdir_lib.WorkdirError as e:  # (also said where a sweep is stopped: never raised)
       return 'failed', str(e)
-    asked = run.config.num_rounds
-    done = metrics.finished_rounds(run.workdir) or 0
-    # A run taken further since its summary (num_rounds raised, then stopped) stands at its
-    # newest checkpoint: its old summary.json of `asked` rounds is not its state.
-    at = max(done, workdir_lib.newest_step(run.workdir) or 0)
-    if at > asked:
-      # Refused as launch/main.py refuses it: skipped as done, the run's results would be of
-      # more rounds than sweep.json says.
-      return 'failed', str(workdir_lib.too_few_rounds(run.workdir, at, asked))
-    if done == asked and (workdir_lib.read_saved(run.workdir) or {}).get('num_rounds') != asked:
-      # Taken further and stopped before its next checkpoint: run on, train puts its rows
-      # and summary back (train._summary_of_finished).
-      done = 0
+  if done == asked and saved.get('num_rounds') != asked:
+    # Taken further and stopped before its next checkpoint: run on, train puts its rows and
+    # summary back (train._summary_of_finished).
+    return 'pending', None
   return ('done' if done == asked else 'pending'), None
 
 
