@@ -42,16 +42,23 @@ class _Fields(ml_collections.ConfigDict):
     current = fields.get(key)
     current = current.get() if isinstance(current, ml_collections.FieldReference) else current
     kind = next((said for t, said in _KINDS if isinstance(current, t)), None)
-    name = f'config.{self.__dict__.get("_where", "")}{key}'  # (a copy knows no group)
-    if kind and isinstance(value, bool) and not isinstance(current, bool):
-      raise ConfigError(f'{name} must be {kind}, got {value}')
+    where = f'{self.__dict__.get("_where", "")}{key}'  # (a copy knows no group)
+    if isinstance(current, _Fields) and isinstance(value, ml_collections.ConfigDict) and not (
+        isinstance(value, _Fields)):  # a whole group given as a plain ConfigDict, as before
+      group = _group(f'{where}.')
+      for k, v in value.items():
+        group[k] = v
+      value = group
+    if (kind and self._type_safe and isinstance(value, bool)  # (not under ignore_type())
+        and not isinstance(current, bool)):
+      raise ConfigError(f'config.{where} must be {kind}, got {value}')
     try:
       super().__setitem__(key, value)
     except TypeError:
       if kind is None:
         raise
-      raise ConfigError(f'{name} must be {kind}, got {value!r} ({type(value).__name__})'
-                        ) from None
+      raise ConfigError(f'config.{where} must be {kind}, got {value!r} '
+                        f'({type(value).__name__})') from None
 
 
 def _group(where: str) -> _Fields:

@@ -437,7 +437,8 @@ def seconds_per_round(group: Group) -> dict[int, float]:
     shared = run.rows['vectorized_seeds']
     if np.isnan(shared).all():  # (rows from before the field: the summary says, where there)
       shared = np.full(len(shared), (run.summary or {}).get('vectorized_seeds') or 1, float)
-    shared = np.where(np.isnan(shared), 1, shared)[1:]
+    shared = np.where(np.isfinite(shared) & (shared >= 1), shared, 1)[1:]  # (a hand-edited
+    # inf or 0 counts as alone)
     step = np.diff(wall)
     keep = (np.diff(rounds) == 1) & ~np.isnan(step)
     for k in np.unique(shared[keep]):

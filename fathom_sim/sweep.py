@@ -258,13 +258,14 @@ def run_status(run: RunSpec) -> tuple[str, str | None]:
         # Refused as launch/main.py refuses it: skipped as done, the run's results would be
         # of more rounds than sweep.json says.
         raise workdir_lib.too_few_rounds(run.workdir, at, asked)
-      saved = workdir_lib.read_saved(run.workdir) or {}
+      # Taken further and stopped before its next checkpoint: run on, train puts its rows and
+      # summary back (train._summary_of_finished). (Read only here: a run without results
+      # and a torn config.json is training's to start afresh, check_same_run's rule.)
+      if done == asked and (workdir_lib.read_saved(run.workdir) or {}).get(
+          'num_rounds') != asked:
+        done = 0
     except workdir_lib.WorkdirError as e:  # (also said where a sweep is stopped: never raised)
       return 'failed', str(e)
-  if done == asked and saved.get('num_rounds') != asked:
-    # Taken further and stopped before its next checkpoint: run on, train puts its rows and
-    # summary back (train._summary_of_finished).
-    return 'pending', None
   return ('done' if done == asked else 'pending'), None
 
 

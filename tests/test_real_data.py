@@ -407,7 +407,8 @@ def _leaf_pair(src, user: dict, num_samples=None, users=('a',)) -> None:
     # said "num_samples says 1 but y has 1"
     ('leaf_count_string', 'user a: num_samples gives "1"; it lists whole numbers'),
     # dropped without a word
-    ('leaf_unlisted', '"user_data" holds 1 user(s) that "users" does not list (first: b)'),
+    ('leaf_unlisted', '"user_data" holds 1 user(s) with examples that "users" does not list '
+                      '(first: b)'),
     # prepared, then refused by the run ("cohort_size must be at most ... (0)")
     ('leaf_no_examples', 'the 1 client(s) of its train split hold no examples'),
     # TFF parses tokens as one string: none was an empty sentence, several joined silently
@@ -462,6 +463,20 @@ def test_more_bad_source_files_are_refused_in_one_line(tmp_path, problem, needle
     prepare(str(src), str(tmp_path / 'out'), fmt=fmt, task=task)
   assert needle in str(err.value) and str(src) in str(err.value), str(err.value)
   assert '\n' not in str(err.value) and not os.path.exists(tmp_path / 'out')
+
+
+def test_a_leaf_file_with_the_empty_entries_leafs_split_leaves_is_read(tmp_path):
+  """LEAF's split_data.py makes an empty user_data entry for every user, then drops those with
+  fewer than 2 samples from "users": such an entry is no unlisted data."""
+  src = tmp_path / 'src'
+  src.mkdir()
+  good = {'x': [[0.5] * 784] * 2, 'y': [3, 4]}
+  for split in ('train', 'test'):
+    (src / f'{split}.json').write_text(json.dumps({
+        'users': ['f0000'], 'num_samples': [2],
+        'user_data': {'f0000': good, 'f0001': {'x': [], 'y': []}}}))
+  meta = prepare(str(src), str(tmp_path / 'out'), fmt='leaf_json', task='emnist')
+  assert meta['splits']['train'] == {'clients': 1, 'examples': 2}
 
 
 def test_a_word_count_file_with_a_byte_order_mark_or_still_compressed(tmp_path, caplog):

@@ -534,6 +534,12 @@ def test_seconds_per_round_of_seeds_run_as_one_program_say_so(tmp_path):
   table = report.markdown(groups, [0.3])
   cells = {line.split(' | ')[0][3:-1]: line.split(' | ')[4] for line in table.splitlines()
            if line.startswith('| `')}
+  odd = tmp_path / 'sweep' / 'solo' / 'seed=0' / 'metrics.jsonl'  # (a hand-edited count)
+  odd.write_text(odd.read_text().replace('"round": 2,', '"vectorized_seeds": Infinity, '
+                                         '"round": 2,'))
+  [solo] = [g for g in report.group_runs(report.find_runs([str(tmp_path / 'sweep')]))
+            if g.setting == 'solo']
+  assert report.seconds_per_round(solo) == {1: 0.5}
   assert cells == {'vec': '0.500 (3 seeds at once)', 'solo': '0.500',
                    'stopped': '2.000 (3 seeds at once)',
                    'then_alone': '0.500; 2.000 (3 seeds at once)'}, table
@@ -994,6 +1000,12 @@ def test_a_finished_run_taken_further_is_not_skipped_as_done(tmp_path, stopped_a
     os.makedirs(os.path.join(run.workdir, workdir_lib.CHECKPOINTS, '4'))
   got, error = sweep.run_status(run)
   assert got == status, (got, error)
+  if stopped_at == 2:  # (a run with no results and a torn config.json: training's to start)
+    fresh = sweep.plan_runs(sweep.SweepDef(tiny_config(num_rounds=2), '<inline>', [{}], [1],
+                                           {}), str(tmp_path / 'out'))[0]
+    os.makedirs(fresh.workdir)
+    (open(os.path.join(fresh.workdir, workdir_lib.CONFIG_FILE), 'w')).write('[')
+    assert sweep.run_status(fresh) == ('pending', None)
   if status == 'failed':
     assert 'holds a run already at round 4; config.num_rounds must be at least that, got 2' in (
         error)

@@ -91,7 +91,7 @@ class FedjaxSqlite:
       self._db = sqlite3.connect(read_only_uri(path), uri=True)
       columns = [row[1] for row in self._db.execute(f'PRAGMA table_info({TABLE})')]
     except sqlite3.DatabaseError as e:
-      found = sniff.kind(path)
+      found = sniff.kind(path, but='a SQLite')
       raise DataError(f'{path}: not a readable SQLite database ({e})'
                       + (f'; it is {found}' if found else '')) from None
     if tuple(columns[:3]) != COLUMNS:

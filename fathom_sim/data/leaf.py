@@ -64,10 +64,15 @@ class LeafJson:
               and isinstance(data['user_data'], dict)):
         raise DataError(f'{path}: "users" must be a list of user ids (strings) and "user_data" '
                         'an object keyed by them')
-      unlisted = sorted(set(data['user_data']) - set(users))
-      if unlisted:  # (read by "users": these were dropped without a word)
-        raise DataError(f'{path}: "user_data" holds {len(unlisted)} user(s) that "users" does '
-                        f'not list (first: {unlisted[0]}); a LEAF file lists each of its users')
+      # Read by "users": unlisted users holding examples were dropped without a word. (LEAF's
+      # split_data.py leaves an empty entry for each user it drops: those are not data.)
+      unlisted = sorted(u for u in set(data['user_data']) - set(users)
+                        if not isinstance(data['user_data'][u], dict)
+                        or data['user_data'][u].get('y'))
+      if unlisted:
+        raise DataError(f'{path}: "user_data" holds {len(unlisted)} user(s) with examples that '
+                        f'"users" does not list (first: {unlisted[0]}); a LEAF file lists each '
+                        'of its users')
       counts = data.get('num_samples', [None] * len(users))
       if not isinstance(counts, list) or len(counts) != len(users):
         # zip() would drop the users past the shorter list without a word.

@@ -11,7 +11,7 @@ from fathom_sim.data.byo import DataError
 _MAGIC = (
     (b'\x89HDF\r\n\x1a\n', "an HDF5 file (TFF's older .h5 release, which is not read: give the "
                            '.sqlite files)'),
-    (b'SQLite format 3\x00', 'a SQLite database'),
+    (b'SQLite format 3\x00', 'a SQLite database'),  # (said of a file given as XML)
     (b'BZh', 'bzip2-compressed: extract it first (tar -xjf for a .tar.bz2, else bzip2 -d)'),
     (b'\x1f\x8b', 'gzip-compressed: extract it first (tar -xzf for a .tar.gz, else gunzip)'),
     (b'\xfd7zXZ\x00', 'xz-compressed: decompress it first (xz -d)'),
@@ -20,14 +20,16 @@ _MAGIC = (
 )
 
 
-def kind(path: str) -> str | None:
-  """What `path` is where its first bytes say (None: unknown, or unreadable)."""
+def kind(path: str, *, but: str = '') -> str | None:
+  """What `path` is where its first bytes say (None: unknown, unreadable, or a kind that
+  starts with `but`: a damaged SQLite file is not said to be 'a SQLite database')."""
   try:
     with open(path, 'rb') as f:
       head = f.read(16)
   except OSError:
     return None
-  return next((what for magic, what in _MAGIC if head.startswith(magic)), None)
+  found = next((what for magic, what in _MAGIC if head.startswith(magic)), None)
+  return None if found and but and found.startswith(but) else found
 
 
 def not_a_file(path: str, expected: str) -> DataError:
