@@ -67,6 +67,16 @@ def _group(where: str) -> _Fields:
   return group
 
 
+def typed(config: ml_collections.ConfigDict, where: str = '') -> ml_collections.ConfigDict:
+  """A copy of `config` in base_config's kind of ConfigDict: a value of another kind than a
+  field's, set on it later, is refused in the simulator's words (for a sweep's overrides)."""
+  out = _group(where)
+  for key, value in config.items():
+    out[key] = (typed(value, f'{where}{key}.') if isinstance(value, ml_collections.ConfigDict)
+                else value)
+  return out
+
+
 def base_config() -> ml_collections.ConfigDict:
   """All fields, with the FATHOM reference defaults of the FEMNIST task (spec/fathom.md)."""
   c = _Fields()

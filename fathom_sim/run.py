@@ -342,9 +342,11 @@ def _check_model_fits(model: models.Model, name: str, task: Task) -> int:
   sample = _first_examples(task, 2)
   key = jax.random.PRNGKey(0)
   try:
-    params = jax.eval_shape(lambda: model.init(key, sample))
-    jax.eval_shape(lambda: model.loss(model.init(key, sample), sample,
-                                      jnp.ones(len(sample['y']), bool), key))
+    def init_and_loss():
+      params = model.init(key, sample)
+      return params, model.loss(params, sample, jnp.ones(len(sample['y']), bool), key)
+
+    params, _ = jax.eval_shape(init_and_loss)  # (one trace of init, not two)
     return sum(math.prod(p.shape) * p.dtype.itemsize for p in jax.tree.leaves(params))
   except Exception as e:  # whatever the model's own error, report it against the data
     shapes = ', '.join(f'{k} {v.shape[1:]} {v.dtype}' for k, v in sample.items())

@@ -24,7 +24,7 @@ import ml_collections
 
 from fathom_sim import metrics
 from fathom_sim.errors import InputError, file_for_folder
-from fathom_sim.config import (ConfigError, call_user_file, check_config, unknown_field,
+from fathom_sim.config import (ConfigError, call_user_file, check_config, typed, unknown_field,
                                unread_fields)
 
 INDEX_FILE = 'sweep.json'
@@ -167,16 +167,15 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides: dict) -> None:
     node, parts = config, key.split('.')
     for part in parts[:-1]:
       node = node[part]
-    if isinstance(value, bool) and isinstance(node[parts[-1]], numbers.Number) and not (
-        isinstance(node[parts[-1]], bool)):  # (ml_collections took True as 1.0)
-      raise ConfigError(f'config.{key}: cannot be set to {value!r}; it takes a number')
     if isinstance(node[parts[-1]], ml_collections.ConfigDict):
       # (A dict put in its place dropped the group's other fields, said as one 'missing'.)
       fields = ', '.join(f'{key}.{k}' for k in node[parts[-1]].keys())
       raise ConfigError(f'config.{key} is a group of fields ({fields}); set one of them, e.g. '
                         f"{{'{key}.{next(iter(node[parts[-1]].keys()))}': ...}}")
     try:
-      node[parts[-1]] = value
+      node[parts[-1]] = value  # (a value of another kind: the typed config's ConfigError)
+    except ConfigError:
+      raise
     except (TypeError, ValueError) as e:
       raise ConfigError(f'config.{key}: cannot be set to {value!r} ({e})') from None
 
@@ -211,7 +210,8 @@ def plan_runs(sweep: SweepDef, out: str, extra: dict | None = None) -> list[RunS
   runs = []
   for i, (overrides, setting) in enumerate(zip(sweep.overrides, names)):
     for seed in sweep.seeds:
-      config = ml_collections.ConfigDict(sweep.config.to_dict())
+      config = typed(ml_collections.ConfigDict(sweep.config.to_dict()))  # (True for a number:
+      # refused, where ml_collections took it as 1.0)
       apply(config, sweep.fixed, f'{where}: fixed')
       apply(config, overrides, f'{where}: overrides[{i}]')
       apply(config, dict(extra or {}), 'command line')

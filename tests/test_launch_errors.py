@@ -131,7 +131,8 @@ def test_a_bad_sweep_file_is_one_config_error_naming_it(tmp_path, text, needle):
     ("'overrides': [{'eta.x': 1}]",
      'overrides[0]: unknown config field config.eta.x (config.eta is a value, not a group'),
     ("'fixed': {'num_rounds.max': 2}", 'fixed: unknown config field config.num_rounds.max'),
-    ("'overrides': [{'num_rounds': 'many'}]", "overrides[0]: config.num_rounds: cannot be set"),
+    ("'overrides': [{'num_rounds': 'many'}]",
+     "overrides[0]: config.num_rounds must be an integer, got 'many' (str)"),
     # a value no run accepts: refused before the first run computes, not as that run's failure
     ("'overrides': [{'eta': 0.1}, {'eta': -1.0}]",
      'run eta=-1/seed=0: config.eta must be > 0, got -1.0'),
@@ -139,8 +140,8 @@ def test_a_bad_sweep_file_is_one_config_error_naming_it(tmp_path, text, needle):
                                    'the seeds of its seeds list'),
     ("'fixed': {'seed': 3}", 'fixed: config.seed cannot be set here'),
     # ml_collections took True as 1.0, in a folder named eta=True
-    ("'overrides': [{'eta': True}]", 'overrides[0]: config.eta: cannot be set to True; it takes '
-                                     'a number'),
+    ("'overrides': [{'eta': True}]", 'overrides[0]: config.eta must be a number, got True'),
+    ("'fixed': {'model.hidden': '64'}", "fixed: config.model.hidden must be a tuple, got '64'"),
     ("'overrides': [{'model': {'name': 'mlp'}}]",
      "overrides[0]: config.model is a group of fields (model.compute_dtype, model.conv, "),
     ("'overrides': [{'eta': 0.1}, {'epochs': 1.0}]",
