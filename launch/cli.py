@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import functools
 import logging as pylogging
 import os
@@ -99,6 +100,36 @@ def _unknown_override(argv: list[str], config) -> str | None:
   return None
 
 
+def _bad_tuple_override(argv: list[str], config) -> str | None:
+  """The first override of a tuple field of `config` whose value is a dict or a set, said;
+  else None. config_flags makes a tuple of a dict's keys, or of a set's elements in hash order,
+  and the run went on with that (--config.model.hidden={1:2} trained widths (1,))."""
+  import ml_collections
+  for i, arg in enumerate(argv):
+    if arg == '--':
+      break
+    if not arg.startswith('--config.'):
+      continue
+    path, equals, value = arg[len('--config.'):].partition('=')
+    if not equals:
+      if i + 1 == len(argv):
+        continue
+      value = argv[i + 1]
+    node = config
+    for part in path.split('.'):
+      node = node.get(part) if isinstance(node, ml_collections.ConfigDict) else None
+    if not isinstance(node, tuple):
+      continue
+    try:
+      parsed = ast.literal_eval(value)
+    except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
+      continue  # (config_flags' own words, or the field's check, say what is wrong)
+    if isinstance(parsed, (dict, set, frozenset)):
+      return (f'--config.{path}={value}: config.{path} must be a tuple, e.g. '
+              f'--config.{path}="{node!r}", got a {type(parsed).__name__}')
+  return None
+
+
 def parse_flags_or_exit(argv: list[str]) -> list[str]:
   """absl flag parsing that reports a bad --config path or field in one line."""
   config_path = _flag_value(argv, 'config')
@@ -131,6 +162,9 @@ def parse_flags_or_exit(argv: list[str]) -> list[str]:
       fail(f'--config {file_part!r}: get_config() returned {type(config).__name__}; it must '
            'return the config (an ml_collections.ConfigDict, not frozen: the command line\'s '
            '--config.FIELD overrides set it; e.g. fathom_sim.config.base_config() with changes)')
+    bad = _bad_tuple_override(argv, config)
+    if bad:
+      fail(bad)
   try:
     return flags.FLAGS(_last_only(argv, 'config'))
   except (flags.Error, AttributeError, KeyError, TypeError, ValueError) as e:
@@ -181,6 +215,9 @@ def config_overrides(argv: list[str]) -> tuple[dict, list[str]]:
     fail(f'--config={_flag_value(argv, "config")}: a sweep takes its config file from the sweep '
          "file's 'config' key; the command line sets fields of it, --config.FIELD=VALUE")
   config, values = base_config(), flags.FlagValues()
+  bad = _bad_tuple_override(argv, config)
+  if bad:
+    fail(bad)
   try:  # config_flags reads the overrides from the argv it is given when it is defined
     config_flags.DEFINE_config_dict('config', config, flag_values=values, sys_argv=argv)
     rest = values(argv, known_only=True)

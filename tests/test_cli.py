@@ -249,6 +249,10 @@ def test_sweep_overrides_parse_as_the_run_command_parses_them(args, want):
     ('--config.clip_log_params=yes', '--config.clip_log_params=yes: config.clip_log_params must '
                                      "be true or false, got 'yes'"),
     ('--config.data=npz', '--config.data=npz: config.data is a group of fields (data.alpha, '),
+    ('--config.model.hidden={1:2}', '--config.model.hidden={1:2}: config.model.hidden must be a '
+                                    'tuple, e.g. --config.model.hidden="(64,)", got a dict'),
+    ('--config.model.hidden={64, 8}', 'config.model.hidden must be a tuple, e.g. '
+                                      '--config.model.hidden="(64,)", got a set'),
 ])
 def test_a_bad_sweep_override_is_one_line_and_exit_2(capsys, arg, needle):
   from launch import cli

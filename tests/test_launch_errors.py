@@ -289,6 +289,16 @@ def test_a_sweep_and_a_run_do_not_share_a_folder(tmp_path):
   assert sorted(os.listdir(run)) == before
 
 
+@pytest.mark.parametrize('args', [['--config.model.hidden={1: 2}'],
+                                  ['--config.model.hidden', '{64}']])
+def test_a_dict_or_set_for_a_tuple_field_is_refused_before_the_run(tmp_path, args):
+  """config_flags made a tuple of the dict's keys (or the set's elements, in hash order) and
+  the run trained widths (1,)."""
+  p = _cli('main.py', f'--config={QUICKSTART}', f'--workdir={tmp_path / "run"}', *args)
+  _refused(p, 'config.model.hidden must be a tuple, e.g. --config.model.hidden="(64,)", got a')
+  assert not (tmp_path / 'run').exists()
+
+
 def test_a_run_is_refused_in_a_prepared_dataset(tmp_path):
   from fathom_sim import workdir as workdir_lib
   from tests.common import tiny_config
