@@ -403,10 +403,11 @@ def check_config(c: ml_collections.ConfigDict) -> None:
   if c.data.name == 'synthetic':
     # Made whole and held from the start: past the host's memory its set-up ran for minutes,
     # then ended out of memory without a word. Every client holds min_examples at least.
+    from fathom_sim.data.plan import host_memory
     from fathom_sim.data.synthetic import SYNTHETIC_DIM
     example = 4 * SYNTHETIC_DIM + 4
     least = c.data.num_clients * c.data.min_examples * example
-    host = os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES')
+    host = host_memory()
     if least > host:
       raise ConfigError(
           f'config.data.num_clients={c.data.num_clients:,} with config.data.min_examples='

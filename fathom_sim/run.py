@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
 
 import jax
 import jax.numpy as jnp
@@ -20,7 +19,8 @@ from fathom_sim import distributed, fathom, models, rng, server
 from fathom_sim.config import ConfigError, check_config
 from fathom_sim.data import DataError, DatasetError, Task, load_task
 from fathom_sim.data.federated import ArrayClientDataset
-from fathom_sim.data.plan import MAX_INDICES, fewest_lanes
+from fathom_sim.data.plan import (CUT_BYTES, MAX_INDICES, STREAM_BYTES, fewest_lanes,
+                                   host_memory)
 from fathom_sim.errors import first_line
 from fathom_sim.mesh import make_mesh, put, replicated
 from fathom_sim.types import ServerState
@@ -377,7 +377,7 @@ def _memory_bytes(mesh) -> tuple[int, str]:
   limit = _device_memory(mesh)
   if limit:
     return limit, f'one {mesh.devices.flat[0].platform} device\'s memory'
-  return os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES'), "the host's memory"
+  return host_memory(), "the host's memory"
 
 
 def _check_params_fit(param_bytes: int, mesh) -> None:
@@ -395,8 +395,9 @@ def _check_params_fit(param_bytes: int, mesh) -> None:
 
 def _check_first_round_fits(config, task: Task, mesh, lanes: int) -> None:
   """Refuses an (E, B) whose first round cannot run, before the workdir is touched: a client's
-  batch indices past int32, or one local step whose input batches alone (a lower bound of
-  what the step needs) exceed the memory. FedAvg runs these values every round; FATHOM starts
+  batch indices past int32, one local step whose input batches alone (a lower bound of what
+  the step needs) exceed the memory, or a round's plan of the largest client's batch indices
+  past the host's memory. FedAvg runs these values every round; FATHOM starts
   from them (config.upper_* bound where it may go)."""
   n_max = int(np.max(task.train.num_examples))
   b_int = _check_addressable(n_max, config.epochs, config.batch_size, 'epochs', 'batch_size')
@@ -418,6 +419,16 @@ def _check_first_round_fits(config, task: Task, mesh, lanes: int) -> None:
                       f'({example} bytes an example) needs {eval_need / 2**30:.1f} GiB for its '
                       f'inputs alone, more than {what} ({limit / 2**30:.1f} GiB); lower it '
                       '(1024 by default)')
+  # A round with the largest client plans each lane's row of indices at least that long.
+  indices = int(fathom.integer_schedule(config.epochs, config.batch_size, [n_max])[1][0]) * b_int
+  all_lanes = lanes * mesh.devices.size
+  plan_bytes = indices * (all_lanes * STREAM_BYTES + CUT_BYTES)
+  if plan_bytes > host_memory():
+    raise ConfigError(f'{fields}: a round with the largest client ({n_max} examples) plans '
+                      f'{indices} example indices for each of its {all_lanes} lane(s), '
+                      f'{plan_bytes / 2**30:.1f} GiB, more than the host\'s memory '
+                      f'({host_memory() / 2**30:.1f} GiB); lower config.epochs or raise '
+                      'config.batch_size')
   if config.algorithm == 'fathom':
     # Where FATHOM may take E and B: past this, a round would fail mid-run in planning.
     _check_addressable(n_max, config.upper_epochs, config.upper_batch_size, 'upper_epochs',

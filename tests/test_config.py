@@ -163,6 +163,9 @@ def test_data_on_device_refuses_a_set_past_int32_row_indices(monkeypatch):
   offsets = np.array([0, 40, 80, rows])
   big = task._replace(train=ArrayClientDataset(features, offsets, np.array(['a', 'b', 'c'])))
   c = tiny_config(data_on_device='yes', algorithm='fedavg', epochs=0.5, cohort_size=2)
+  # (A round of the 2^31-row client would plan 2^30 indices a lane: past this host's memory,
+  # refused before the set's rows are counted; here it is not what is looked at.)
+  monkeypatch.setattr(run_lib, 'host_memory', lambda: 1 << 62)
   with pytest.raises(ConfigError, match=r"config.data_on_device='yes': .* has 2147483648 rows; "
                      r'a set kept on the devices must have fewer than 2\^31 \(its rows are int32 '
                      r'indices\); use auto or no'):
@@ -504,6 +507,11 @@ def test_fedavg_takes_static_values_above_fathoms_bounds():
     # failed in planning with a traceback, and its workdir refused the corrected command.
     (dict(epochs=1e20), r'config.epochs=1e\+20, config.batch_size=\d+: the largest client '
                         r'\(\d+ examples\) would take \d{20,} local steps'),
+    # E 1e6 planned 2e9 indices a round: 16 GB of the host's memory and growing, for hours.
+    (dict(epochs=1e8), r'config.epochs=1e\+08, config.batch_size=\d+: a round with the largest '
+                       r'client \(9 examples\) plans 900000000 example indices for each of its '
+                       r'\d+ lane\(s\), \d+.\d GiB, more than the host.s memory \(1.0 GiB\); '
+                       r'lower config.epochs or raise config.batch_size'),
     # It overwrote a finished run's config.json, then failed with a numpy MemoryError.
     (dict(eval_batch_size=10**8), r'config.eval_batch_size=100000000: one evaluation batch '
                                   r'\(\d+ bytes an example\) needs .* more than the host.s '
@@ -515,6 +523,7 @@ def test_a_first_round_that_cannot_run_is_refused_before_the_workdir(tmp_path, m
   """Instead of a MemoryError traceback from planning, after the workdir was made."""
   from fathom_sim.train import train_and_evaluate
   monkeypatch.setattr(run_lib, '_memory_bytes', lambda mesh: (1 << 30, "the host's memory"))
+  monkeypatch.setattr(run_lib, 'host_memory', lambda: 1 << 30)
   upper = dict(upper_batch_size=2e12, upper_epochs=2e20) if algorithm == 'fathom' else {}
   config = tiny_config(algorithm=algorithm, **upper, **fields)
   with pytest.raises(ConfigError, match=needle):

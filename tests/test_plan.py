@@ -387,6 +387,31 @@ def test_a_lane_past_the_example_indices_a_round_addresses_is_refused(monkeypatc
   assert 400 <= plan.lanes.stream.shape[1] < 1000
 
 
+def test_a_plan_past_the_hosts_memory_is_refused_and_its_lookahead_kept_within_it(monkeypatch):
+  """E 1e6 planned a round of 2e9 indices: 16 GB of the host's memory and growing, for hours,
+  before an error or the OOM killer. Here the host's memory is lowered instead."""
+  from fathom_sim.config import ConfigError
+  from fathom_sim.data import plan as plan_lib
+  monkeypatch.setattr(plan_lib, 'host_memory', lambda: 20_000)
+  sizes = [400] * 3
+  planner = Planner(_sized_dataset(sizes), 3, 1, 0, resident=True, exact_batch=True)
+  # One lane of 1200 indices: 4 bytes each in the stream, 16 while a client's are cut.
+  with pytest.raises(ConfigError, match=r"^E=1, B=1: this cohort's plan holds 1200 example "
+                     r"indices for each of its 1 lane\(s\), 0.0 GiB, more than the host's "
+                     r"memory \(0.0 GiB\); lower E \(config.epochs"):
+    planner.plan(np.arange(3), 1, 1.0, 1.0)
+  assert planner.stream_pad == 0
+  # Three lanes of 400 (11,200 bytes) fit; the stream's headroom, 1024 unbounded, stops at
+  # half the memory: 20,000 / 2 / 4 bytes / 3 lanes.
+  plan = Planner(_sized_dataset(sizes), 3, 3, 0, resident=True, exact_batch=True).plan(
+      np.arange(3), 1, 1.0, 1.0)
+  assert plan.lanes.stream.shape[1] == 833
+  monkeypatch.setattr(plan_lib, 'host_memory', lambda: 1 << 40)
+  plan = Planner(_sized_dataset(sizes), 3, 3, 0, resident=True, exact_batch=True).plan(
+      np.arange(3), 1, 1.0, 1.0)
+  assert plan.lanes.stream.shape[1] > 833
+
+
 def _lanes_plan(lane_steps, batch_pad, batch_size=3):
   """A plan with only what computed_steps and useful_fraction read (one client a lane)."""
   from fathom_sim.types import CohortPlan

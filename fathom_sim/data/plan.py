@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import heapq
+import os
 
 import numpy as np
 
@@ -63,18 +64,35 @@ STREAM_LOOKAHEAD = 4
 # step * B_int in int32, which wraps past this, and a step would then read another client's
 # rows without a word. (run.py checks the largest client against it before the run.)
 MAX_INDICES = 2**31
+# Host bytes an example index of a round's longest lane takes while the round is planned:
+# 4 in each lane's int32 row of the stream (every row is as long as the longest lane's), and
+# 16 for the int64 permutations of one client and their concatenation, at most that long.
+STREAM_BYTES, CUT_BYTES = 4, 16
 
 
-def _check_indices(need: int, epochs: float, batch_size: float) -> None:
+def host_memory() -> int:
+  """The host's physical memory, in bytes."""
+  return os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES')
+
+
+def _check_indices(need: int, lanes: int, epochs: float, batch_size: float) -> None:
   """Refuses a cohort whose longest lane reads `need` example indices, or more, than a round
-  can address (a lane joins several clients)."""
+  can address (a lane joins several clients), or whose plan alone would not fit in the host's
+  memory (E 1e6 took 16 GB and more, growing, before its first round)."""
+  from fathom_sim.config import ConfigError  # (config imports the data package)
+  fix = ('lower E (config.epochs, and for FATHOM config.upper_epochs) or raise B '
+         '(config.batch_size)')
   if need >= MAX_INDICES:
-    from fathom_sim.config import ConfigError  # (config imports the data package)
     raise ConfigError(f'E={epochs:g}, B={batch_size:g}: a lane of this cohort reads {need} '
                       f'example indices in the round, past the {MAX_INDICES} a round can '
-                      'address; lower E (config.epochs, and for FATHOM config.upper_epochs) '
-                      'or raise B (config.batch_size), or spread the cohort over more lanes '
+                      f'address; {fix}, or spread the cohort over more lanes '
                       '(config.lanes_per_device, devices)')
+  plan_bytes = need * (lanes * STREAM_BYTES + CUT_BYTES)
+  if plan_bytes > host_memory():
+    raise ConfigError(f'E={epochs:g}, B={batch_size:g}: this cohort\'s plan holds {need} '
+                      f'example indices for each of its {lanes} lane(s), '
+                      f'{plan_bytes / 2**30:.1f} GiB, more than the host\'s memory '
+                      f'({host_memory() / 2**30:.1f} GiB); {fix}')
 
 
 def grow(current: int, needed: int) -> int:
@@ -196,8 +214,10 @@ class Planner:
     _, (largest_steps,) = fathom.integer_schedule(epochs, batch_size, [self._largest_client])
     largest = int(largest_steps) * b_int + slack
     # Never padded to MAX_INDICES: _check_indices keeps need (and so `current`) below it.
+    # Nor, past what the cohort needs, to more than half the host's memory.
+    room = host_memory() // (2 * STREAM_BYTES * self.num_lanes)
     return min(grow(current, max(need, min(largest, STREAM_LOOKAHEAD * need))),
-               MAX_INDICES - 1)
+               max(need, current, room), MAX_INDICES - 1)
 
   def padded_lengths_on_time(self, plan: CohortPlan, epochs: float, batch_size: float,
                              before: tuple) -> tuple:
@@ -226,7 +246,8 @@ class Planner:
     batch_pad = self._batch_pad(b_int)
     lanes = pack_lanes(num_steps, self.num_lanes)
     steps_per_lane = lane_steps(num_steps, lanes)
-    _check_indices(int(steps_per_lane.max()) * b_int + batch_pad - b_int, epochs, batch_size)
+    _check_indices(int(steps_per_lane.max()) * b_int + batch_pad - b_int, self.num_lanes,
+                   epochs, batch_size)
     self.stream_pad = self._stream_length(self.stream_pad, int(steps_per_lane.max()), b_int,
                                           batch_pad, epochs, batch_size)
     per = self.lanes_per_buffer
