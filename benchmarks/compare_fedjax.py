@@ -7,8 +7,10 @@ two sides in one run (the machine's speed drifts between runs). Run by hand, nev
       --cohort_sizes=10,50 --repeats=2 --json=docs/bench_fedjax.json
 
 Workload (both sides): FedAvg, the EMNIST CNN (62 classes), client SGD lr 0.1, B 20, E 1, server
-SGD lr 1.0, 1,000 FEMNIST-shaped clients with the sizes of fathom_sim's femnist_synthetic data
-(lognormal, mean ~198). Both count client examples as E * n_i per client.
+SGD lr 1.0, 1,000 FEMNIST-shaped clients with the train sizes of the femnist_synthetic data
+launch/benchmark.py trains on (its config's test_fraction, 0.2: lognormal, mean ~175; before
+this was read from that config, FedJAX's clients were cut at 0.1, mean ~197). Both count client
+examples as E * n_i per client.
 
 FedJAX needs jax < 0.6, so the two sides run different jax versions. Each side also times the
 same CNN trained centrally at B 20 on its own jax (one jitted step per batch, one device): the
@@ -27,6 +29,19 @@ import tempfile
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+
+
+_NUM_CLIENTS = 1000
+
+
+def benchmark_sizes(num_clients: int) -> list[int]:
+  """The train clients' sizes of launch/benchmark.py's cnn task with `num_clients` clients:
+  its config's femnist_synthetic data, so that both sides train the same workload."""
+  from fathom_sim.config import base_config
+  from fathom_sim.data import load_task
+  data = base_config().data
+  data.name, data.num_clients = 'femnist_synthetic', num_clients
+  return [int(n) for n in load_task(data).train.num_examples]
 
 
 def _run(argv: list[str], what: str, **kwargs) -> subprocess.CompletedProcess:
@@ -55,8 +70,7 @@ def main():
   parser.add_argument('--json', default=None)
   args = parser.parse_args()
 
-  from fathom_sim.data.synthetic import femnist_like
-  sizes = [int(n) for n in femnist_like(num_clients=1000).train.num_examples]
+  sizes = benchmark_sizes(_NUM_CLIENTS)
   results = []
   with tempfile.TemporaryDirectory() as tmp:
     sizes_file = os.path.join(tmp, 'sizes.json')
@@ -79,7 +93,7 @@ def main():
 
         def run_ours():
           _run([sys.executable, os.path.join(ROOT, 'launch', 'benchmark.py'), '--tasks=cnn',
-                f'--cohort_sizes={cohort}', f'--rounds={args.rounds}', f'--json={ours_file}'],
+                f'--num_clients={_NUM_CLIENTS}', f'--cohort_sizes={cohort}', f'--rounds={args.rounds}', f'--json={ours_file}'],
                'launch/benchmark.py')
           with open(ours_file) as f:
             return json.load(f)[0]

@@ -558,3 +558,18 @@ def test_ctrl_c_or_sigterm_ends_the_benchmark_in_one_line_and_leaves_no_temporar
   assert 'Traceback' not in stderr + stdout and 'KeyboardInterrupt' not in stderr + stdout
   assert os.listdir(temp) == []
   assert not out.exists()  # no row was measured
+
+
+def test_fedjax_s_clients_are_the_sizes_the_benchmark_trains_on():
+  """compare_fedjax.py gave FedJAX clients cut at test_fraction 0.1 (mean ~197 examples) while
+  launch/benchmark.py trained its config's, cut at 0.2 (mean ~175): not the same workload."""
+  code = ('import json, sys; from absl import flags; from launch import benchmark; '
+          'from benchmarks import compare_fedjax; flags.FLAGS(["b", "--num_clients=300"]); '
+          'task = benchmark.load("cnn", benchmark.task_config("cnn", 10)); '
+          'print(json.dumps([[int(n) for n in task.train.num_examples], '
+          'compare_fedjax.benchmark_sizes(300)]))')
+  p = subprocess.run([sys.executable, '-c', code], cwd=ROOT, capture_output=True, text=True,
+                     env=dict(os.environ, JAX_PLATFORMS='cpu', PYTHONPATH=ROOT), timeout=120)
+  assert p.returncode == 0, p.stderr[-2000:]
+  trained, given = json.loads(p.stdout.splitlines()[-1])
+  assert given == trained and len(given) == 300
