@@ -264,7 +264,7 @@ def locked(folder: str, flag: str | None = None) -> Iterator[None]:
     except OSError as e:
       raise WorkdirError(f'{flag} {folder!r}: its {LOCK_FILE} cannot be opened '
                          f'({e.strerror or e}); give a folder of your own') from None
-  previous = None  # the file's bytes before this holder wrote its line
+  previous = times = None  # the file's bytes (and times) before this holder wrote its line
   try:
     try:
       fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -278,7 +278,8 @@ def locked(folder: str, flag: str | None = None) -> Iterator[None]:
                            'wait for it to end or stop it, or give another folder') from None
     else:
       try:  # who holds it, for the message of a second command; best effort
-        previous = os.pread(fd, os.fstat(fd).st_size, 0)
+        stat = os.fstat(fd)
+        previous, times = os.pread(fd, stat.st_size, 0), (stat.st_atime_ns, stat.st_mtime_ns)
         line = (f'process {os.getpid()} on {socket.gethostname()}, since '
                 f'{datetime.datetime.now().isoformat(timespec="seconds")}\n').encode()
         os.ftruncate(fd, 0)
@@ -290,12 +291,13 @@ def locked(folder: str, flag: str | None = None) -> Iterator[None]:
       yield
     finally:
       _held.pop(key, None)
-      # The file's earlier bytes come back, so that a command that ends without running
-      # (refused, or its run found finished) leaves the file as it was.
+      # The file's earlier bytes and times come back, so that a command that ends without
+      # running (refused, or its run found finished) leaves the file as it was.
       if previous is not None:
         try:
           os.ftruncate(fd, 0)
           os.pwrite(fd, previous, 0)
+          os.utime(fd, ns=times)
         except OSError:
           pass
   finally:

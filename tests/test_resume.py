@@ -394,6 +394,7 @@ def test_result_changing_config_is_refused_and_more_rounds_continue(tmp_path, mo
   train_and_evaluate(_tiny(num_rounds=10), workdir)
   files = ('metrics.jsonl', 'config.json', 'summary.json', '.lock')  # .lock: the holder line
   before = [open(os.path.join(workdir, f)).read() for f in files]
+  times = [os.stat(os.path.join(workdir, f)).st_mtime_ns for f in files]
   with pytest.raises(WorkdirError, match=r'model.hidden \(\[8\] -> \[9\]\), seed \(3 -> 4\)'):
     train_and_evaluate(_tiny(num_rounds=10, seed=4, **{'model.hidden': (9,)}), workdir)
   # Fewer rounds than the run's checkpoint: refused before the data load (minutes for a large
@@ -414,6 +415,8 @@ def test_result_changing_config_is_refused_and_more_rounds_continue(tmp_path, mo
   # wall_s and resumed_from, where they were those of a command that only evaluated).
   again = train_and_evaluate(_tiny(num_rounds=10), workdir)
   assert [open(os.path.join(workdir, f)).read() for f in files] == before
+  # (a refused command's lock line was taken back, but the .lock's time told it had come)
+  assert [os.stat(os.path.join(workdir, f)).st_mtime_ns for f in files] == times
   assert again == json.loads(before[2]) and again['resumed_from'] == 0
   assert before[3] == ''  # a line names a live holder only
   target = train_and_evaluate(_tiny(num_rounds=10, target_accuracy=0.01), workdir)
