@@ -223,3 +223,137 @@ def test_server_optimizers_take_delta_as_gradient(server_optimizer, algorithm):
     # Yogi's steps of 0.5 leave a client here where its steps are below float32's rounding of
     # its params: d_k = 0 and c_k = 0 in float32, rounding noise in the float64 reference.)
     np.testing.assert_allclose(state.hyper.log_hparams[1], refs[-1]['phi'][1], rtol=1e-5)
+
+
+def _task_of_sizes(sizes, num_classes=10, seed=0):
+  """A task whose clients hold `sizes` examples (features of 60, as tiny_task's)."""
+  from fathom_sim.data.federated import ArrayClientDataset, Task
+  r = np.random.default_rng(seed)
+  clients = [{'x': r.normal(size=(n, 60)).astype(np.float32),
+              'y': r.integers(0, num_classes, n).astype(np.int32)} for n in sizes]
+  data = ArrayClientDataset.from_clients([f'c{k}' for k in range(len(sizes))], clients)
+  return Task('sizes', data, data, num_classes)
+
+
+@pytest.mark.parametrize('batch_size,epochs', [(5.0, 3.0), (9.0, 7.0)])
+def test_a_batch_larger_than_the_client_matches_the_slow_reference(batch_size, epochs):
+  """B_int above n_i: a client of 1, 2 or 3 examples reads its data over several passes within
+  one batch (examples repeat in it), and its K_i = ceil(E n_i / B_int) may still be 2 or more.
+  The test above has every n_i >= B_int = 3. The reference repeats whole permutations; the
+  engine's padded rows (B 5 runs as 6, 9 as 12) must stay out of the mean."""
+  sizes = (1, 2, 3, 1, 2, 3, 7)
+  task = _task_of_sizes(sizes)
+  # eta_h2 2: B moves, but not off its B_int in 3 rounds (a smaller one pads no rows).
+  config = tiny_config(algorithm='fathom', cohort_size=len(sizes), epochs=epochs,
+                       batch_size=batch_size, eta=0.1, alpha=0.8, eta_h2=2.0, num_devices=2,
+                       lanes_per_device=2)
+  state, history, _ = run_rounds(config, task, 3)
+  ref = reference_rounds(config, task, 3)
+  for (m, plan), r in zip(history, ref):
+    n = np.asarray(plan.num_examples)
+    assert plan.batch_size == r['b_int'] == batch_size  # two passes and more of n 2 a batch
+    assert plan.batch_pad > plan.batch_size  # padded rows are there to leave out
+    assert (np.asarray(plan.num_steps)[n <= 3] > 1).any()  # and a small client steps again
+    np.testing.assert_array_equal(plan.num_steps, r['num_steps'])
+    np.testing.assert_allclose(m.client_h, r['client_h'], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(m.h_local, r['h_local'], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(m.h_glob, r['h_glob'], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(m.train_loss, r['train_loss'], rtol=1e-5, atol=1e-6)
+  assert abs(ref[-1]['h_glob']) > 0.01  # rounds 2 and 3 compare with the moving average
+  assert_trees_close(state.params, ref[-1]['params'])
+  assert_trees_close(state.hyper.ema, ref[-1]['ema'])
+  np.testing.assert_allclose(state.hyper.log_hparams, ref[-1]['phi'], rtol=1e-5, atol=1e-6)
+
+
+def test_zero_gradients_leave_the_model_and_phi_where_they_were():
+  """One class: softmax cross-entropy is 0 whatever the params, so every g_k is exactly 0.
+  The spec makes c_k = 0 when a norm is 0, so h_i = h_local = 0, Delta = 0, g stays 0, h_glob
+  = 0, and phi does not move; the clients are finite, not left out (a 0/0 cosine read as NaN
+  would drop them all and reject the round, one read as 1 would move log E and log B)."""
+  sizes = (3, 5, 7, 4)
+  task = _task_of_sizes(sizes, num_classes=1)
+  config = tiny_config(algorithm='fathom', cohort_size=len(sizes), epochs=1.0, batch_size=2.0,
+                       eta=0.3, num_devices=2)
+  from tests.common import build, init_state
+  start = jax.device_get(init_state(build(config, task)))
+  state, history, _ = run_rounds(config, task, 2)
+  ref = reference_rounds(config, task, 2)
+  for (m, plan), r in zip(history, ref):
+    assert bool(m.accepted) and int(m.dropped_clients) == 0
+    assert (np.asarray(plan.num_steps) >= 2).all()  # c_2 and on, not c_1 alone
+    assert r['h_local'] == r['h_glob'] == 0 and r['client_h'] == [0.0] * len(sizes)
+    np.testing.assert_array_equal(m.client_h, 0.0)
+    assert float(m.h_local) == 0.0 and float(m.h_glob) == 0.0
+    np.testing.assert_array_equal(m.next_hparams, m.hparams)
+  for a, b in zip(jax.tree.leaves(state.params), jax.tree.leaves(start.params)):
+    np.testing.assert_array_equal(a, b)  # Delta = 0
+  for a in jax.tree.leaves(state.hyper.ema):
+    np.testing.assert_array_equal(a, 0.0)
+  np.testing.assert_array_equal(state.hyper.log_hparams, start.hyper.log_hparams)
+  np.testing.assert_allclose(state.hyper.log_hparams, ref[-1]['phi'], rtol=1e-6)
+
+
+def test_a_batch_size_below_one_runs_one_example_a_step_in_the_rows(tmp_path):
+  """FATHOM's hyper step may take B below 1 (phi is not clipped from below); a step still
+  uses B_int = max(1, round(B)) = 1 example. metrics.jsonl logs the real B under 1 with
+  batch_size_int 1, and counts examples as K_i * 1, as tests/reference.py's rounds take them."""
+  from fathom_sim.data import load_task
+  from fathom_sim.train import train_and_evaluate
+  from tests.test_cli import read_rows
+  config = tiny_config(algorithm='fathom', num_rounds=3, batch_size=2.6, epochs=1.0,
+                       eta_h=0.5, eta_h2=10.0)
+  train_and_evaluate(config, str(tmp_path / 'run'))
+  rows = [r for r in read_rows(str(tmp_path / 'run')) if 'train_loss' in r]
+  refs = reference_rounds(config, load_task(config.data), 3)
+  assert rows[0]['batch_size_int'] == 3 and rows[-1]['batch_size'] < 1  # B fell below 1
+  steps = np.cumsum([sum(r['num_steps']) for r in refs])
+  assert [r['batch_size_int'] for r in rows] == [r['b_int'] for r in refs]
+  np.testing.assert_allclose([r['batch_size'] for r in rows], [r['hparams'][2] for r in refs],
+                             rtol=1e-5)
+  below = [t for t, row in enumerate(rows) if row['batch_size'] < 1]
+  assert below and all(rows[t]['batch_size_int'] == 1 for t in below)
+  assert [r['local_steps'] for r in rows] == steps.tolist()
+  examples = np.cumsum([sum(r['num_steps']) * r['b_int'] for r in refs])
+  assert [r['examples'] for r in rows] == examples.tolist()
+
+
+def test_each_pass_over_a_clients_data_is_a_new_permutation_and_batches_run_on():
+  """The engine's index stream, read client by client from the round's lanes, against the
+  spec's batching alone (not tests/reference.py's shuffle recipe, which the tests above share
+  with the engine): K_i B_int indices into the client's own examples, cut into passes of n_i
+  from the start; each full pass a permutation of them, the last (partial) one without
+  repeats, and consecutive passes not the same permutation (a new one per pass). A batch that
+  dropped a pass's remainder, or started each pass afresh, misaligns the passes; one
+  permutation tiled repeats them."""
+  task = tiny_task()
+  config = tiny_config(algorithm='fedavg', epochs=3.5, batch_size=4.0, data_on_device='yes',
+                       num_devices=2, lanes_per_device=2)
+  _, history, _ = run_rounds(config, task, 2)
+  offsets = np.asarray(task.train.offsets)
+  straddles = compared = 0
+  for _, plan in history:
+    assert plan.lanes.source is None  # resident: the stream holds dataset rows
+    b, c = plan.batch_size, len(plan.clients)
+    seen = []
+    for lane, slots in enumerate(plan.lanes.slots):
+      pos = 0
+      for s in (s for s in slots if s < c):
+        client, k = int(plan.clients[s]), int(plan.num_steps[s])
+        n = int(task.train.num_examples[client])
+        assert k == max(1, math.ceil(fractions.Fraction(7, 2) * n / b))
+        idx = plan.lanes.stream[lane, pos:pos + k * b].astype(np.int64) - offsets[client]
+        pos += k * b
+        seen.append(s)
+        assert ((idx >= 0) & (idx < n)).all(), (client, idx)
+        passes = [idx[i:i + n] for i in range(0, len(idx), n)]
+        for p in passes[:-1]:
+          np.testing.assert_array_equal(np.sort(p), np.arange(n))
+        assert len(set(passes[-1].tolist())) == len(passes[-1])
+        # Two draws of a permutation of n >= 6 agree by chance once in 720 or fewer.
+        full = [p for p in passes if len(p) == n] if n >= 6 else []
+        for p, q in zip(full, full[1:]):
+          assert not np.array_equal(p, q), (client, n)
+          compared += 1
+        straddles += n % b != 0
+    assert sorted(seen) == list(range(c))  # every client's batches found in one lane
+  assert straddles > 0 and compared >= 10  # batches did cross pass boundaries
