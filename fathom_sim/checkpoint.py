@@ -198,6 +198,21 @@ class Checkpointer:
   def steps(self) -> list[int]:
     return sorted(self._manager.all_steps())
 
+  def saved_values(self, key: str) -> set:
+    """The values of `key` in the checkpoints' meta, of those whose meta reads as JSON: what
+    the checkpoints say of themselves when their states do not read back (read from orbax's
+    file of the item, not through it: this process alone, no collective)."""
+    values = set()
+    for step in self.steps():
+      try:
+        with open(os.path.join(self.directory, str(step), 'meta', 'metadata'), 'rb') as f:
+          meta = json.load(f)
+      except (OSError, ValueError):
+        continue
+      if isinstance(meta, dict) and isinstance(meta.get(key), str):
+        values.add(meta[key])
+    return values
+
   def save(self, state: ServerState, meta: dict[str, Any], *, wait: bool = False) -> None:
     """Saves round `state.round`; returns once the device arrays are copied, unless `wait`."""
     step = int(meta['round'])

@@ -247,6 +247,15 @@ def _data_named(config: ml_collections.ConfigDict) -> str:
   return ', '.join(named)
 
 
+def _other_data(workdir: str, config, saved: str, data_id: str) -> Exception:
+  """The error of a workdir whose checkpoints were trained on other data than `data_id`."""
+  return workdir_lib.WorkdirError(
+      f'{workdir_lib.named(workdir)} holds a run trained on other data than this command gives '
+      f'it ({_data_named(config)}): the clients, their example counts, or a prepared '
+      f'dataset\'s format or vocabulary differ (data fingerprint {saved}, now {data_id}); '
+      f'resume it on the data it was trained on, or {workdir_lib.another_folder()}')
+
+
 def _seed(tree, s: int | None):
   """Seed s's slice of a stacked pytree (the tree itself when not vectorised)."""
   return tree if s is None else jax.tree.map(lambda x: x[s], tree)
@@ -328,6 +337,15 @@ def _run(run: Run, configs: list[ml_collections.ConfigDict], workdirs: list[str]
     doing['what'] = 'restore'
     try:
       restored = checkpointer.restore_newest(state)
+    except workdir_lib.WorkdirError as e:
+      # Data that shapes the model otherwise (more classes, another vocabulary) reads no
+      # checkpoint back: that is the data's change, which the checkpoints' meta names, not
+      # damage to undo by moving them out (which would start the run again on other data).
+      saved = checkpointer.saved_values('data')
+      checkpointer.close()
+      if saved and data_id not in saved:
+        raise _other_data(workdir, config, ', '.join(sorted(saved)), data_id) from e
+      raise
     except BaseException:
       checkpointer.close()
       raise
@@ -344,12 +362,7 @@ def _run(run: Run, configs: list[ml_collections.ConfigDict], workdirs: list[str]
       # before the fingerprint was kept is taken as it is.)
       if meta.get('data', data_id) != data_id:
         checkpointer.close()
-        raise workdir_lib.WorkdirError(
-            f'{workdir_lib.named(workdir)} holds a run trained on other data than this command '
-            f'gives it ({_data_named(config)}): the clients, their example counts, or a '
-            f'prepared dataset\'s format or vocabulary differ (data fingerprint '
-            f'{meta["data"]}, now {data_id}); resume it on the data it was trained on, or '
-            f'{workdir_lib.another_folder()}')
+        raise _other_data(workdir, config, meta['data'], data_id)
       logging.info('%s: resuming from the checkpoint of round %d', workdir, done)
     meta.setdefault('data', data_id)
     books.append(_Book(config, workdir, checkpointer, done, meta, cache_hits=cache_hits))

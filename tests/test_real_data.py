@@ -102,6 +102,37 @@ def test_a_run_resumed_on_data_prepared_again_from_other_files_is_refused(tmp_pa
   assert after == before
 
 
+def test_data_that_reshapes_the_model_is_said_as_other_data_not_unreadable_checkpoints(
+    tmp_path):
+  """An npz file written again with an eleventh class: the model's last layer no longer has
+  the checkpoints' shape, and none read back. The error blamed the checkpoints and advised
+  moving them out, which starts the run again on the other data."""
+  from tests.common import tiny_config
+  path, workdir = str(tmp_path / 'd.npz'), str(tmp_path / 'run')
+
+  def write(num_classes):
+    r = np.random.default_rng(0)
+    counts = np.full(12, 10)
+    np.savez(path, x=r.normal(size=(counts.sum(), 8)).astype(np.float32),
+             y=np.arange(counts.sum()) % num_classes, num_examples=counts)
+
+  write(10)
+  config = tiny_config(num_rounds=2, checkpoint_every=1, cohort_size=3)
+  config.data.name, config.data.path, config.data.num_classes = 'npz', path, 0
+  config.model.name = 'logistic'
+  train_and_evaluate(config, workdir)
+  write(11)
+  before = {p: open(p, 'rb').read() for p in glob.glob(os.path.join(workdir, '**'),
+                                                       recursive=True) if os.path.isfile(p)}
+  config.num_rounds = 3
+  with pytest.raises(WorkdirError, match='trained on other data') as e:
+    train_and_evaluate(config, workdir)
+  assert f'data.path={path}' in str(e.value) and 'reads back' not in str(e.value)
+  after = {p: open(p, 'rb').read() for p in glob.glob(os.path.join(workdir, '**'),
+                                                      recursive=True) if os.path.isfile(p)}
+  assert after == before
+
+
 def test_the_data_fingerprint_follows_clients_sizes_classes_and_a_prepared_vocabulary(
     tmp_path):
   clients = [{'x': np.zeros((n, 2), np.float32), 'y': np.zeros(n, np.int32)} for n in (3, 5)]
