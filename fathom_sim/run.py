@@ -397,8 +397,8 @@ def _check_first_round_fits(config, task: Task, mesh, lanes: int) -> None:
   """Refuses an (E, B) whose first round cannot run, before the workdir is touched: a client's
   batch indices past int32, one local step whose input batches alone (a lower bound of what
   the step needs) exceed the memory, or a round's plan of the largest client's batch indices
-  past the host's memory. FedAvg runs these values every round; FATHOM starts
-  from them (config.upper_* bound where it may go)."""
+  past the host's memory. FedAvg runs these values every round; FATHOM starts from them
+  (config.upper_* bound where it may go)."""
   n_max = int(np.max(task.train.num_examples))
   b_int = _check_addressable(n_max, config.epochs, config.batch_size, 'epochs', 'batch_size')
   fields = f'config.epochs={config.epochs:g}, config.batch_size={config.batch_size:g}'
