@@ -113,6 +113,8 @@ def main():
         # and the speedup over it is what fathom_sim adds.
         ceilings = ours['centralized_examples_per_s'] / fedjax['centralized']['median']
         row = {'repeat': repeat, 'cohort_size': cohort,
+               # the clients both sides trained (FedJAX's from the benchmark's config)
+               'num_clients': len(sizes), 'mean_client_examples': statistics.fmean(sizes),
                'fedjax_examples_per_s': fedjax['examples_per_s'],
                'fathom_sim_examples_per_s': ours['epoch_examples_per_s'],
                'speedup': speedup,
