@@ -34,9 +34,13 @@ def cosine_of(ab: jax.Array, aa: jax.Array, bb: jax.Array) -> jax.Array:
   <a, b> (a gradient of norm ~1e19 against a step 0.1 times as long) would otherwise read as
   orthogonal. A NaN c_k leaves its client out (client.py); a NaN h_glob makes FATHOM's phi
   non-finite, so the round is rejected, and under FedAvg is logged as null.
+
+  Clipped to [-1, 1], where the true cosine lies: float32 sums that lose part of a norm read
+  past it (squares below ~1.2e-38 flush to 0, so a vector with some entries under ~1e-19 gave
+  cos(a, 2a) = 5.7, and c_1 of such a gradient 1.48, making h_i > 1 possible).
   """
   denom = jnp.sqrt(aa) * jnp.sqrt(bb)
-  cos = jnp.where(denom > 0, ab / jnp.where(denom > 0, denom, 1.0), 0.0)
+  cos = jnp.where(denom > 0, jnp.clip(ab / jnp.where(denom > 0, denom, 1.0), -1.0, 1.0), 0.0)
   return jnp.where(jnp.isfinite(ab) & jnp.isfinite(aa) & jnp.isfinite(bb), cos, jnp.nan)
 
 

@@ -136,6 +136,22 @@ def test_cosine_of_a_sum_that_overflowed_is_nan_not_zero():
   np.testing.assert_allclose(float(tree.cosine(big, tree.scale(0.1, big))), 1.0, rtol=1e-6)
 
 
+def test_cosine_stays_in_its_range_where_float32_loses_part_of_a_norm():
+  """Squares below float32's normal range flush to 0, so a vector with some entries under
+  ~1e-19 (a saturated softmax's gradient tail) lost part of its norm: cos(a, 2a) read 5.7 and a
+  first step's c_1 1.48, where the spec has c_1 = 1 and h_i <= 1."""
+  from fathom_sim import lane_update
+  r = np.random.default_rng(0)
+  g = (r.lognormal(size=4096) * 1e-19 * r.choice([-1, 1], 4096)).astype(np.float32)
+  a = {'w': jnp.asarray((r.normal(size=1000) * 1e-17).astype(np.float32))}
+  assert float(jax.jit(tree.cosine)(a, tree.scale(2.0, a))) == 1.0
+  assert float(jax.jit(tree.cosine)(a, tree.scale(-0.1, a))) == -1.0
+  x = {'b': jnp.zeros(4096, jnp.float32)}
+  _, c1, _ = jax.jit(lane_update.step)(x, {'b': jnp.asarray(g)}, x, jnp.float32(0.1), True)
+  assert float(c1) == 1.0
+  assert float(tree.cosine_of(jnp.float32(3.0), jnp.float32(1.0), jnp.float32(1.0))) == 1.0
+
+
 def test_cosine_is_accurate_at_the_cnn_size():
   # h_i and h_glob are cosines over every parameter: 1.2 M of them for the EMNIST CNN. A
   # float32 sum whose error drifts with the length is off by 1e-4 to 1e-3 there (XLA:CPU's
