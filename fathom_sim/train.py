@@ -209,6 +209,9 @@ class _Book:
   cache_hits: int = 0  # compile_cache.hits() when the run started
   closed: bool = False
   diverged_at: int | None = None  # the round after which it stopped (max_rejected_rounds)
+  # Why its last rejected round was: every client's update not finite ('clients'), or the
+  # server or hyper step not finite with finite clients' updates ('step').
+  rejected_by: str | None = None
 
   def close(self) -> None:
     """Flushes the metrics and finishes pending checkpoint saves (once)."""
@@ -580,8 +583,9 @@ def _run(run: Run, configs: list[ml_collections.ConfigDict], workdirs: list[str]
           row['vectorized_seeds'] = len(books)
         if not ms.accepted:
           dropped = int(ms.dropped_clients)
-          why = ('no client returned a finite update'
-                 if dropped >= int(np.sum(np.asarray(plan.num_examples) > 0))
+          book.rejected_by = ('clients' if dropped >= int(np.sum(np.asarray(plan.num_examples)
+                                                                  > 0)) else 'step')
+          why = ('no client returned a finite update' if book.rejected_by == 'clients'
                  else 'the server or hyper step was not finite')
           logging.warning('%sround %d rejected: %s (%d clients dropped); the model is '
                           'unchanged%s', _tag(book, vectorized), t, why, dropped,
@@ -683,10 +687,18 @@ def _diverged_message(c: ml_collections.ConfigDict, stopped: list[tuple[_Book, i
   else:
     what = '; '.join(f'seed {b.config.seed}: rounds {t - n + 1}..{t}' for b, t in stopped)
     saved = 'their checkpoints of those last rounds'
+  if all(b.rejected_by == 'step' for b, _ in stopped):
+    # Finite clients' updates: halving eta (FATHOM does, each rejected round) did not help.
+    why = ('the clients\' updates were finite but the server or hyper step was not (an '
+           'overflow of the server optimizer\'s state, or of phi)')
+    fix = ('A smaller server_lr' if c.algorithm == 'fedavg' else
+           'A smaller eta_h (FATHOM\'s steps on phi) or server_lr')
+  else:
+    why = 'no finite update'
+    fix = f'A smaller {"eta" if c.algorithm == "fedavg" else "eta or upper_eta"}'
   return (f'{what} were all rejected ({n} in a row, config.max_rejected_rounds; 0 never '
-          f'stops): no finite update, so the run has diverged and stopped, {saved} saved. A '
-          f'smaller {"eta" if c.algorithm == "fedavg" else "eta or upper_eta"}, or another '
-          'seed, may train')
+          f'stops): {why}, so the run has diverged and stopped, {saved} saved. {fix}, or '
+          'another seed, may train')
 
 
 def _summary_of_finished(book: _Book, num_rounds: int) -> dict | None:

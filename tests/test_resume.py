@@ -843,6 +843,19 @@ def test_a_run_stops_after_max_rejected_rounds_in_a_row(tmp_path, seed, rounds, 
     assert summary['rounds'] == 12 and summary['resumed_from'] == stops_at
 
 
+def test_a_run_stopped_by_its_hyper_step_is_told_so_not_to_lower_eta(tmp_path):
+  """eta_h 1e38: every client's update is finite, phi's step is not, and every round is
+  rejected. The run's last line said "no finite update" and advised a smaller eta, which
+  FATHOM had already halved each round to no avail."""
+  from fathom_sim.train import Diverged
+  config = _tiny(algorithm='fathom', eta_h=1e38, num_rounds=6, max_rejected_rounds=2)
+  with pytest.raises(Diverged, match=r"^rounds 1..2 were all rejected \(2 in a row, .*\): the "
+                     r"clients' updates were finite but the server or hyper step was not .*"
+                     r"A smaller eta_h \(FATHOM's steps on phi\) or server_lr, or another seed"):
+    train_and_evaluate(config, str(tmp_path / 'run'))
+  assert [r['dropped_clients'] for r in read_rows(str(tmp_path / 'run'))] == [0, 0]
+
+
 def test_the_count_of_rejected_rounds_carries_over_a_resume(tmp_path):
   """Stopped within a streak of rejected rounds and resumed, a run stops where the
   uninterrupted one does (seed 3: 'aaRaRRR' stops at round 7): the checkpoint keeps the
