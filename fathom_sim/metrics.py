@@ -204,8 +204,11 @@ class RowLog:
 
   def add(self, row: dict) -> None:
     self.last = row
-    if row.get('accepted', True):
-      self.accepted_loss = row.get('train_loss')
+    loss = row.get('train_loss')
+    # Only a loss it can be times of: after a round at 0 (every counted client fitted, or
+    # one left) a rise to 2e30 went unwarned, as did any after a non-finite one (null).
+    if row.get('accepted', True) and loss is not None and math.isfinite(loss) and loss > 0:
+      self.accepted_loss = loss
     if self.target and self.reached is None and reaches(row, self.target):
       self.reached = row
 
@@ -416,7 +419,8 @@ LOSS_JUMP = 100.0
 def loss_jump(before: float | None, row: dict, factor: float = LOSS_JUMP
               ) -> tuple[float, float] | None:
   """(`before`, how many times it `row`'s training loss is) if `row` was accepted and that is
-  at least `factor`; else None. `before`: the last accepted round's loss (RowLog)."""
+  at least `factor`; else None. `before`: the last accepted round's positive, finite loss
+  (RowLog)."""
   if not row.get('accepted', True):
     return None
   now = row['train_loss']

@@ -376,9 +376,14 @@ def test_loss_jump_compares_with_the_last_accepted_round():
   assert metrics.loss_jump(None, {'train_loss': 1e11, 'accepted': True}) is None
   assert metrics.loss_jump(before, {'train_loss': float('inf'), 'accepted': True})[1] == np.inf
   # Rows read back from metrics.jsonl write a non-finite loss as null; rows written before
-  # `accepted` was logged count as accepted.
+  # `accepted` was logged count as accepted. Neither a null loss nor a 0 (a round whose
+  # counted clients fitted their batches) is one to be times of: the last positive stays (a
+  # rise to 2e30 after a round at 0 went unwarned).
   log.add({'train_loss': None})
-  assert log.accepted_loss is None
+  log.add({'train_loss': 0.0, 'accepted': True})
+  assert log.accepted_loss == 0.05
+  assert metrics.loss_jump(log.accepted_loss, {'train_loss': 2e30, 'accepted': True}) == (
+      0.05, pytest.approx(4e31))
   assert metrics.loss_jump(log.accepted_loss, {'train_loss': 3.0, 'accepted': True}) is None
 
 
