@@ -260,7 +260,14 @@ def test_npz_directory_with_train_and_test(tmp_path):
     ('labels', 'does not fit data.num_classes=3'),
     ('negative', 'labels must be >= 0'),
     ('float_labels', 'y must be a 1-D integer label array'),
-    ('string_inputs', 'x must hold numbers'),
+    ('string_inputs', 'x must hold real numbers'),
+    # The imaginary part was dropped by the cast to float32, with numpy's ComplexWarning only.
+    ('complex_inputs', 'x must hold real numbers (float inputs, or integer token ids), got '
+                       'complex128'),
+    # Every round rejected, eta halved each time, and the run's last line said to lower eta.
+    ('all_clients_nan', 'every training client holds NaN or inf inputs (5 of 5 examples): none '
+                        'can return a finite update'),
+    ('train_npz_nan', 'train.npz: every training client holds NaN or inf inputs (2 of 3'),
     ('not_npz', "not an .npz file (it starts with b'this i'); an .npz is the zip of arrays "
                 'that np.savez writes'),
     ('npy', 'a single .npy array, not an .npz'),
@@ -297,6 +304,19 @@ def test_npz_problems_name_the_file_and_the_fix(tmp_path, problem, needle):
   elif problem == 'string_inputs':
     np.savez(path, x=np.array([['a', 'b'], ['c', 'd']]), y=np.array([0, 1]),
              num_examples=np.array([2]))
+  elif problem == 'complex_inputs':
+    np.savez(path, x=np.ones((2, 5)) * 1j, y=np.array([0, 1]), num_examples=np.array([2]))
+  elif problem == 'all_clients_nan':
+    np.savez(path, x=np.full((5, 3), np.nan), y=np.zeros(5, np.int64),
+             num_examples=np.array([2, 0, 3]))
+    kwargs['test_fraction'] = 0.0
+  elif problem == 'train_npz_nan':  # one bad example a client: each client's update is NaN
+    path = tmp_path / 'dir'
+    path.mkdir()
+    x = np.zeros((3, 5), np.float32)
+    x[0, 1], x[2, 0] = np.nan, np.inf
+    np.savez(path / 'train.npz', x=x, y=np.zeros(3, np.int64), num_examples=np.array([2, 1]))
+    _write_clients(path / 'test.npz', [3])
   elif problem == 'not_npz':
     path.write_bytes(b'this is not a zip archive')
   elif problem == 'npy':

@@ -875,7 +875,8 @@ def test_the_count_of_rejected_rounds_carries_over_a_resume(tmp_path):
 def test_a_diverged_run_is_one_line_and_exit_3(tmp_path):
   from tests.test_cli import launch
   data = str(tmp_path / 'data')
-  _npz_with_bad_clients(data, bad=[0, 1, 2, 3])
+  # (Finite but overflowing: training data whose every client holds NaN is refused at load.)
+  _npz_with_bad_clients(data, bad=[0, 1, 2, 3], poison=3e38)
   p = launch(f'--config={QUICKSTART}', f'--workdir={tmp_path / "run"}', '--config.data.name=npz',
              f'--config.data.path={data}', '--config.data.num_classes=10',
              '--config.cohort_size=4', '--config.num_rounds=9', '--config.max_rejected_rounds=2')
@@ -886,7 +887,7 @@ def test_a_diverged_run_is_one_line_and_exit_3(tmp_path):
 
 def test_round_with_no_finite_update_changes_nothing_and_halves_eta(tmp_path, caplog):
   data = str(tmp_path / 'data')
-  _npz_with_bad_clients(data, bad=[0, 1, 2, 3])
+  _npz_with_bad_clients(data, bad=[0, 1, 2, 3], poison=3e38)  # every update overflows
   from fathom_sim.run import build, init_state
   config = _npz_config(data)
   run = build(config)

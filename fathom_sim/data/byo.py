@@ -56,9 +56,10 @@ def _dataset(path: str, arrays: dict) -> ArrayClientDataset:
     raise DataError(f'{path}: missing array(s) {missing}; a client file needs x [N, ...], '
                     f'y [N] and num_examples [C] (client_ids [C] optional)')
   x, y, counts = arrays['x'], arrays['y'], arrays['num_examples']
-  if not (np.issubdtype(x.dtype, np.number) or x.dtype == np.bool_):
-    raise DataError(f'{path}: x must hold numbers (float inputs, or integer token ids), got '
-                    f'{x.dtype}')
+  if (not (np.issubdtype(x.dtype, np.number) or x.dtype == np.bool_)
+      or np.issubdtype(x.dtype, np.complexfloating)):  # (the cast to float32 drops i silently)
+    raise DataError(f'{path}: x must hold real numbers (float inputs, or integer token ids), '
+                    f'got {x.dtype}')
   if x.ndim == 0:
     raise DataError(f'{path}: x must be an array [N, ...] with a row per example, got a '
                     'single number')
@@ -120,6 +121,24 @@ def _warn_non_finite(path: str, x: np.ndarray, offsets: np.ndarray, ids: np.ndar
                     'NaN', path, int(bad.sum()), len(clients), named)
 
 
+def _refuse_all_clients_non_finite(path: str, train: ArrayClientDataset) -> None:
+  """Refuses training clients that all hold NaN or inf inputs: each one's update is then not
+  finite, every round is rejected, and the run ended after max_rejected_rounds, its eta halved
+  each time, advised to lower eta, the file unnamed in its last line."""
+  x = train.features['x']
+  if not np.issubdtype(x.dtype, np.floating) or not len(x):
+    return
+  rows = x.reshape(len(x), -1)
+  bad = np.concatenate([~np.isfinite(rows[i:i + 65536]).all(axis=1)
+                        for i in range(0, len(rows), 65536)])
+  counts = np.diff(train.offsets)
+  with_bad = np.add.reduceat(bad, train.offsets[:-1][counts > 0]) > 0
+  if with_bad.all():
+    raise DataError(f'{path}: every training client holds NaN or inf inputs ({int(bad.sum())} '
+                    f'of {len(bad)} examples): none can return a finite update once it reads '
+                    'them, so no round could be accepted; mend or drop those examples')
+
+
 def _client_ids(path: str, ids: np.ndarray, clients: int) -> np.ndarray:
   """A file's client_ids as distinct strings, one per client (bytes read as UTF-8)."""
   if ids.ndim != 1:
@@ -178,6 +197,7 @@ def load_npz(path: str, *, num_classes: int = 0, test_fraction: float = 0.2,
   # Each file named on its own: a folder's train.npz or test.npz, or the one file.
   sources = ((files[0], train), (files[1], test)) if os.path.isdir(path) else (
       (path, train), (path, test))
+  _refuse_all_clients_non_finite(sources[0][0], train)
   highest = [(int(d.features['y'].max()), source) for source, d in sources
              if len(d.features['y'])]
   labels_max = max([label for label, _ in highest] or [0])
