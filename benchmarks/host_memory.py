@@ -35,6 +35,10 @@ _EXTRA = flags.DEFINE_integer('extra', 10, 'Rounds of the resumed run beyond --r
 _ALGORITHM = flags.DEFINE_enum('algorithm', 'fedavg', ['fedavg', 'fathom'], 'The run\'s.')
 _EVERY = flags.DEFINE_float('every', 2.0, 'Seconds between samples.')
 _FILE_ROWS = flags.DEFINE_integer('file_rows', 1_000_000, 'Rows of the file keep_rows cuts.')
+_CHECKPOINT_EVERY = flags.DEFINE_integer(
+    'checkpoint_every', 0, 'The run\'s checkpoint_every (0: a tenth of --rounds, as the '
+    'figures before 2026-12-07 were taken, which saved 10 times and so could not see what a '
+    'save leaves behind).')
 
 _KEEP_ROWS = '''
 import resource, sys
@@ -70,7 +74,8 @@ def run(num_rounds: int, samples: list | None) -> tuple[int, float, int]:
   cmd = [sys.executable, os.path.join(ROOT, 'launch', 'main.py'),
          f'--config={os.path.join(ROOT, "configs", "quickstart.py")}', f'--workdir={workdir}',
          f'--config.algorithm={_ALGORITHM.value}', f'--config.num_rounds={num_rounds}',
-         f'--config.eval_every={every}', f'--config.checkpoint_every={every}',
+         f'--config.eval_every={every}',
+         f'--config.checkpoint_every={_CHECKPOINT_EVERY.value or every}',
          f'--config.log_every={every}']
   start = time.time()
   with open(os.path.join(os.path.dirname(workdir), 'host_memory.log'), 'ab') as log:
@@ -117,7 +122,9 @@ def main(argv):
                               check=True).stdout) for call in ('0', '1')]
   shutil.rmtree(scratch)
   result = {
-      'algorithm': _ALGORITHM.value, 'rounds': _ROUNDS.value, 'seconds': round(seconds, 1),
+      'algorithm': _ALGORITHM.value, 'rounds': _ROUNDS.value,
+      'checkpoint_every': _CHECKPOINT_EVERY.value or max(_ROUNDS.value // 10, 1),
+      'seconds': round(seconds, 1),
       'rss_mib_at_tenth': round(rss[0] / 1024, 1), 'rss_mib_at_end': round(rss[-1] / 1024, 1),
       'peak_rss_mib': round(peak / 1024, 1), 'bytes_per_round': round(slope),
       'metrics_mib': round(size / 2**20, 1), 'resume_peak_rss_mib': round(resume_peak / 1024, 1),
