@@ -106,12 +106,17 @@ def _check_float32_range(path: str, x: np.ndarray) -> None:
 def _warn_non_finite(path: str, x: np.ndarray, offsets: np.ndarray, ids: np.ndarray) -> None:
   """Says which clients hold NaN or inf inputs. Not refused: a run drops a client whose
   update is not finite, and counts it (dropped_clients), which such data may be meant to show;
-  but without a word, a run would only show it in those counts and a NaN test loss."""
+  but without a word, a run would only show it in those counts and a NaN test loss. A file
+  of nothing else is refused: every round was rejected, eta halved each time, and the run's
+  last line advised a smaller eta without naming the file."""
   if not np.issubdtype(x.dtype, np.floating) or not len(x):
     return
   rows = x.reshape(len(x), -1)
   bad = np.concatenate([~np.isfinite(rows[i:i + 65536]).all(axis=1)  # (bounded scratch)
                         for i in range(0, len(rows), 65536)])
+  if bad.all():  # (with some finite, E < 1 may read around the rest: a run can go on)
+    raise DataError(f'{path}: every example holds NaN or inf inputs: no client can return a '
+                    'finite update, so no round could be accepted; mend the file')
   if bad.any():
     clients = np.unique(np.searchsorted(offsets, np.flatnonzero(bad), side='right') - 1)
     named = ', '.join(str(ids[k]) for k in clients[:5]) + (', ...' if len(clients) > 5 else '')
@@ -119,24 +124,6 @@ def _warn_non_finite(path: str, x: np.ndarray, offsets: np.ndarray, ids: np.ndar
                     "client's update is then not finite, and it is dropped from each round "
                     '(dropped_clients in metrics.jsonl); a test example makes the test loss '
                     'NaN', path, int(bad.sum()), len(clients), named)
-
-
-def _refuse_all_clients_non_finite(path: str, train: ArrayClientDataset) -> None:
-  """Refuses training clients that all hold NaN or inf inputs: each one's update is then not
-  finite, every round is rejected, and the run ended after max_rejected_rounds, its eta halved
-  each time, advised to lower eta, the file unnamed in its last line."""
-  x = train.features['x']
-  if not np.issubdtype(x.dtype, np.floating) or not len(x):
-    return
-  rows = x.reshape(len(x), -1)
-  bad = np.concatenate([~np.isfinite(rows[i:i + 65536]).all(axis=1)
-                        for i in range(0, len(rows), 65536)])
-  counts = np.diff(train.offsets)
-  with_bad = np.add.reduceat(bad, train.offsets[:-1][counts > 0]) > 0
-  if with_bad.all():
-    raise DataError(f'{path}: every training client holds NaN or inf inputs ({int(bad.sum())} '
-                    f'of {len(bad)} examples): none can return a finite update once it reads '
-                    'them, so no round could be accepted; mend or drop those examples')
 
 
 def _client_ids(path: str, ids: np.ndarray, clients: int) -> np.ndarray:
@@ -197,7 +184,6 @@ def load_npz(path: str, *, num_classes: int = 0, test_fraction: float = 0.2,
   # Each file named on its own: a folder's train.npz or test.npz, or the one file.
   sources = ((files[0], train), (files[1], test)) if os.path.isdir(path) else (
       (path, train), (path, test))
-  _refuse_all_clients_non_finite(sources[0][0], train)
   highest = [(int(d.features['y'].max()), source) for source, d in sources
              if len(d.features['y'])]
   labels_max = max([label for label, _ in highest] or [0])
