@@ -215,7 +215,8 @@ def config_overrides(argv: list[str]) -> tuple[dict, list[str]]:
     fail(f'--config={_flag_value(argv, "config")}: a sweep takes its config file from the sweep '
          "file's 'config' key; the command line sets fields of it, --config.FIELD=VALUE")
   config, values = base_config(), flags.FlagValues()
-  bad = _bad_tuple_override(argv, config)
+  # (config_flags reads --flagfile's flags itself: looked at expanded, as main.py's are)
+  bad = _bad_tuple_override(expand_flagfiles(argv), config)
   if bad:
     fail(bad)
   try:  # config_flags reads the overrides from the argv it is given when it is defined

@@ -254,13 +254,16 @@ def test_sweep_overrides_parse_as_the_run_command_parses_them(args, want):
     ('--config.model.hidden={64, 8}', 'config.model.hidden must be a tuple, e.g. '
                                       '--config.model.hidden="(64,)", got a set'),
 ])
-def test_a_bad_sweep_override_is_one_line_and_exit_2(capsys, arg, needle):
+def test_a_bad_sweep_override_is_one_line_and_exit_2(capsys, tmp_path, arg, needle):
   from launch import cli
-  with pytest.raises(SystemExit) as exit_:
-    cli.config_overrides(['sweep.py', arg])
-  assert exit_.value.code == 2
-  err = capsys.readouterr().err
-  assert err.startswith('error: ') and needle in err and err.count('\n') == 1, err
+  flagfile = tmp_path / 'flags.txt'
+  flagfile.write_text(arg + '\n')
+  for argv in (['sweep.py', arg], ['sweep.py', f'--flagfile={flagfile}']):  # read as given
+    with pytest.raises(SystemExit) as exit_:
+      cli.config_overrides(argv)
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith('error: ') and needle in err and err.count('\n') == 1, (argv, err)
 
 
 def test_the_progress_log_drops_library_chatter_but_not_warnings():
