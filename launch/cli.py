@@ -214,9 +214,11 @@ def config_overrides(argv: list[str]) -> tuple[dict, list[str]]:
   if _flag_value(argv, 'config') is not None:  # absl's words: 'Overriding config is not allowed'
     fail(f'--config={_flag_value(argv, "config")}: a sweep takes its config file from the sweep '
          "file's 'config' key; the command line sets fields of it, --config.FIELD=VALUE")
+  # Flag files expanded first, as main.py's are: the checks below read argv as given, where
+  # config_flags would read the files itself (a dict for model.hidden passed unseen there).
+  argv = expand_flagfiles(argv)
   config, values = base_config(), flags.FlagValues()
-  # (config_flags reads --flagfile's flags itself: looked at expanded, as main.py's are)
-  bad = _bad_tuple_override(expand_flagfiles(argv), config)
+  bad = _bad_tuple_override(argv, config)
   if bad:
     fail(bad)
   try:  # config_flags reads the overrides from the argv it is given when it is defined
