@@ -406,6 +406,11 @@ def test_a_plan_past_the_hosts_memory_is_refused_and_its_lookahead_kept_within_i
   plan = Planner(_sized_dataset(sizes), 3, 3, 0, resident=True, exact_batch=True).plan(
       np.arange(3), 1, 1.0, 1.0)
   assert plan.lanes.stream.shape[1] == 833
+  # Two vectorised seeds hold four such streams (each seed's and the stacked copy): 25,600.
+  seeds = SeedPlanners(_sized_dataset(sizes), 3, 3, [0, 1], resident=True, exact_batch=True)
+  with pytest.raises(ConfigError, match=r"lane\(s\) \(x4 copies: vectorised seeds' own and "
+                                        r"stacked\), 0.0 GiB, more than the host's memory"):
+    seeds.plan([np.arange(3)] * 2, 1, np.ones((2, 3), np.float32))
   monkeypatch.setattr(plan_lib, 'host_memory', lambda: 1 << 40)
   plan = Planner(_sized_dataset(sizes), 3, 3, 0, resident=True, exact_batch=True).plan(
       np.arange(3), 1, 1.0, 1.0)

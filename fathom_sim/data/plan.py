@@ -75,7 +75,8 @@ def host_memory() -> int:
   return os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES')
 
 
-def _check_indices(need: int, lanes: int, epochs: float, batch_size: float) -> None:
+def _check_indices(need: int, lanes: int, epochs: float, batch_size: float,
+                   streams: int = 1) -> None:
   """Refuses a cohort whose longest lane reads `need` example indices, or more, than a round
   can address (a lane joins several clients), or whose plan alone would not fit in the host's
   memory (E 1e6 took 16 GB and more, growing, before its first round)."""
@@ -87,10 +88,11 @@ def _check_indices(need: int, lanes: int, epochs: float, batch_size: float) -> N
                       f'example indices in the round, past the {MAX_INDICES} a round can '
                       f'address; {fix}, or spread the cohort over more lanes '
                       '(config.lanes_per_device, devices)')
-  plan_bytes = need * (lanes * STREAM_BYTES + CUT_BYTES)
+  plan_bytes = need * (lanes * STREAM_BYTES * streams + CUT_BYTES)
   if plan_bytes > host_memory():
+    held = f' (x{streams} copies: vectorised seeds\' own and stacked)' if streams > 1 else ''
     raise ConfigError(f'E={epochs:g}, B={batch_size:g}: this cohort\'s plan holds {need} '
-                      f'example indices for each of its {lanes} lane(s), '
+                      f'example indices for each of its {lanes} lane(s){held}, '
                       f'{plan_bytes / 2**30:.1f} GiB, more than the host\'s memory '
                       f'({host_memory() / 2**30:.1f} GiB); {fix}')
 
@@ -176,6 +178,9 @@ class Planner:
   # Lanes whose examples this process loads (None: all). On several hosts, a process feeds
   # only the lanes of its own devices; the others' buffers stay zero and are never sent.
   local_lanes: np.ndarray | None = None
+  # Streams of this length the host holds at once: 1 alone; vectorised seeds, each seed's
+  # and the stacked copy of all of them (SeedPlanners), whose size the memory bounds count.
+  streams_held: int = 1
 
   def padded_lengths(self) -> tuple:
     """The stream and buffer lengths so far (they only grow), to restore after a plan that is
@@ -215,7 +220,7 @@ class Planner:
     largest = int(largest_steps) * b_int + slack
     # Never padded to MAX_INDICES: _check_indices keeps need (and so `current`) below it.
     # Nor, past what the cohort needs, to more than half the host's memory.
-    room = host_memory() // (2 * STREAM_BYTES * self.num_lanes)
+    room = host_memory() // (2 * STREAM_BYTES * self.num_lanes * self.streams_held)
     return min(grow(current, max(need, min(largest, STREAM_LOOKAHEAD * need))),
                max(need, current, room), MAX_INDICES - 1)
 
@@ -247,7 +252,7 @@ class Planner:
     lanes = pack_lanes(num_steps, self.num_lanes)
     steps_per_lane = lane_steps(num_steps, lanes)
     _check_indices(int(steps_per_lane.max()) * b_int + batch_pad - b_int, self.num_lanes,
-                   epochs, batch_size)
+                   epochs, batch_size, self.streams_held)
     self.stream_pad = self._stream_length(self.stream_pad, int(steps_per_lane.max()), b_int,
                                           batch_pad, epochs, batch_size)
     per = self.lanes_per_buffer
@@ -332,7 +337,8 @@ class SeedPlanners:
 
   def __init__(self, dataset: ClientDataset, cohort_size: int, num_lanes: int,
                seeds: list[int], **kwargs):
-    self.planners = [Planner(dataset, cohort_size, num_lanes, s, **kwargs) for s in seeds]
+    self.planners = [Planner(dataset, cohort_size, num_lanes, s, streams_held=2 * len(seeds),
+                             **kwargs) for s in seeds]
     self.stream_pad = self.buffer_pad = 0
     # The example buffers this process fills (None: all): the seeds' planners share the lanes.
     first = self.planners[0]
