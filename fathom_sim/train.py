@@ -209,8 +209,9 @@ class _Book:
   cache_hits: int = 0  # compile_cache.hits() when the run started
   closed: bool = False
   diverged_at: int | None = None  # the round after which it stopped (max_rejected_rounds)
-  # Why its last rejected round was: every client's update not finite ('clients'), or the
-  # server or hyper step not finite with finite clients' updates ('step').
+  # Why its rounds rejected in a row (this command's) were: every client's update not finite
+  # ('clients'), the server or hyper step not finite with finite clients' updates ('step'),
+  # or some of each ('both'); None after an accepted round.
   rejected_by: str | None = None
 
   def close(self) -> None:
@@ -553,6 +554,8 @@ def _run(run: Run, configs: list[ml_collections.ConfigDict], workdirs: list[str]
           continue
         in_a_row = book.meta['rejected_in_a_row']
         book.meta['rejected_in_a_row'] = 0 if bool(_seed(accepted_all, s)) else in_a_row + 1
+        if bool(_seed(accepted_all, s)):
+          book.rejected_by = None
       # A seed whose max_rejected_rounds rounds in a row were rejected stops there, as it
       # would alone: its rows and checkpoint end at this round, while the program goes on for
       # the others. (A run whose last round completes the count has run every round.)
@@ -583,9 +586,10 @@ def _run(run: Run, configs: list[ml_collections.ConfigDict], workdirs: list[str]
           row['vectorized_seeds'] = len(books)
         if not ms.accepted:
           dropped = int(ms.dropped_clients)
-          book.rejected_by = ('clients' if dropped >= int(np.sum(np.asarray(plan.num_examples)
-                                                                  > 0)) else 'step')
-          why = ('no client returned a finite update' if book.rejected_by == 'clients'
+          cause = ('clients' if dropped >= int(np.sum(np.asarray(plan.num_examples) > 0))
+                   else 'step')
+          book.rejected_by = cause if book.rejected_by in (None, cause) else 'both'
+          why = ('no client returned a finite update' if cause == 'clients'
                  else 'the server or hyper step was not finite')
           logging.warning('%sround %d rejected: %s (%d clients dropped); the model is '
                           'unchanged%s', _tag(book, vectorized), t, why, dropped,
@@ -691,7 +695,7 @@ def _diverged_message(c: ml_collections.ConfigDict, stopped: list[tuple[_Book, i
     # Finite clients' updates: halving eta (FATHOM does, each rejected round) did not help.
     why = ('the clients\' updates were finite but the server or hyper step was not (an '
            'overflow of the server optimizer\'s state, or of phi)')
-    fix = ('A smaller server_lr' if c.algorithm == 'fedavg' else
+    fix = ('A smaller server_lr or eta' if c.algorithm == 'fedavg' else
            'A smaller eta_h (FATHOM\'s steps on phi) or server_lr')
   else:
     why = 'no finite update'
