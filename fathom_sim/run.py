@@ -19,8 +19,7 @@ from fathom_sim import distributed, fathom, models, rng, server
 from fathom_sim.config import ConfigError, check_config
 from fathom_sim.data import DataError, DatasetError, Task, load_task
 from fathom_sim.data.federated import ArrayClientDataset
-from fathom_sim.data.plan import (CUT_BYTES, MAX_INDICES, STREAM_BYTES, fewest_lanes,
-                                   host_memory)
+from fathom_sim.data.plan import MAX_INDICES, fewest_lanes, host_memory, plan_bytes
 from fathom_sim.errors import first_line
 from fathom_sim.mesh import make_mesh, put, replicated
 from fathom_sim.types import ServerState
@@ -422,11 +421,11 @@ def _check_first_round_fits(config, task: Task, mesh, lanes: int) -> None:
   # A round with the largest client plans each lane's row of indices at least that long.
   indices = int(fathom.integer_schedule(config.epochs, config.batch_size, [n_max])[1][0]) * b_int
   all_lanes = lanes * mesh.devices.size
-  plan_bytes = indices * (all_lanes * STREAM_BYTES + CUT_BYTES)
-  if plan_bytes > host_memory():
+  held = plan_bytes(indices, all_lanes)
+  if held > host_memory():
     raise ConfigError(f'{fields}: a round with the largest client ({n_max} examples) plans '
                       f'{indices} example indices for each of its {all_lanes} lane(s), '
-                      f'{plan_bytes / 2**30:.1f} GiB, more than the host\'s memory '
+                      f'{held / 2**30:.1f} GiB, more than the host\'s memory '
                       f'({host_memory() / 2**30:.1f} GiB); lower config.epochs or raise '
                       'config.batch_size')
   if config.algorithm == 'fathom':

@@ -83,7 +83,7 @@ def _dataset(path: str, arrays: dict) -> ArrayClientDataset:
     _check_float32_range(path, x)
     x = x.astype(np.float32)
   offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
-  _warn_non_finite(path, x, offsets, ids)
+  _check_non_finite(path, x, offsets, ids)
   return ArrayClientDataset({'x': x, 'y': y.astype(np.int32)}, offsets, ids)
 
 
@@ -103,8 +103,8 @@ def _check_float32_range(path: str, x: np.ndarray) -> None:
                     'in which the simulator computes; scale them down')
 
 
-def _warn_non_finite(path: str, x: np.ndarray, offsets: np.ndarray, ids: np.ndarray) -> None:
-  """Says which clients hold NaN or inf inputs. Not refused: a run drops a client whose
+def _check_non_finite(path: str, x: np.ndarray, offsets: np.ndarray, ids: np.ndarray) -> None:
+  """Says which clients hold NaN or inf inputs, in a warning. Not refused: a run drops a client whose
   update is not finite, and counts it (dropped_clients), which such data may be meant to show;
   but without a word, a run would only show it in those counts and a NaN test loss. A file
   of nothing else is refused: every round was rejected, eta halved each time, and the run's

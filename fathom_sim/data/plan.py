@@ -75,6 +75,12 @@ def host_memory() -> int:
   return os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES')
 
 
+def plan_bytes(need: int, lanes: int, streams: int = 1) -> int:
+  """Host bytes of planning a round whose longest lane reads `need` example indices, over
+  `lanes` lanes, `streams` copies of the stream held at once."""
+  return need * (lanes * STREAM_BYTES * streams + CUT_BYTES)
+
+
 def _check_indices(need: int, lanes: int, epochs: float, batch_size: float,
                    streams: int = 1) -> None:
   """Refuses a cohort whose longest lane reads `need` example indices, or more, than a round
@@ -88,12 +94,12 @@ def _check_indices(need: int, lanes: int, epochs: float, batch_size: float,
                       f'example indices in the round, past the {MAX_INDICES} a round can '
                       f'address; {fix}, or spread the cohort over more lanes '
                       '(config.lanes_per_device, devices)')
-  plan_bytes = need * (lanes * STREAM_BYTES * streams + CUT_BYTES)
-  if plan_bytes > host_memory():
-    held = f' (x{streams} copies: vectorised seeds\' own and stacked)' if streams > 1 else ''
+  held = plan_bytes(need, lanes, streams)
+  if held > host_memory():
+    copies = f' (x{streams} copies: vectorised seeds\' own and stacked)' if streams > 1 else ''
     raise ConfigError(f'E={epochs:g}, B={batch_size:g}: this cohort\'s plan holds {need} '
-                      f'example indices for each of its {lanes} lane(s){held}, '
-                      f'{plan_bytes / 2**30:.1f} GiB, more than the host\'s memory '
+                      f'example indices for each of its {lanes} lane(s){copies}, '
+                      f'{held / 2**30:.1f} GiB, more than the host\'s memory '
                       f'({host_memory() / 2**30:.1f} GiB); {fix}')
 
 
