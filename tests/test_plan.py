@@ -417,6 +417,26 @@ def test_a_plan_past_the_hosts_memory_is_refused_and_its_lookahead_kept_within_i
   assert plan.lanes.stream.shape[1] > 833
 
 
+def test_the_seeds_stacked_stream_keeps_its_headroom_within_the_room(monkeypatch):
+  """The stacked stream of vectorised seeds grew 1.5x past each seed's own, to a power of two,
+  with no bound: each seed's stream stopped at the room (half the host's memory over its
+  2 x seeds copies) and the stacked one went on to 1024, past it."""
+  from fathom_sim.data import plan as plan_lib
+  monkeypatch.setattr(plan_lib, 'host_memory', lambda: 60_000)
+  seeds = SeedPlanners(_sized_dataset([400] * 3), 3, 3, [0, 1], resident=True,
+                       exact_batch=True)
+  stacked = seeds.plan([np.arange(3)] * 2, 1, np.ones((2, 3), np.float32))
+  room = 60_000 // (2 * 4 * 3 * 4)  # 4 bytes an index, 3 lanes, 2 seeds x 2 copies: 625
+  assert [p.lanes.stream.shape[1] for p in stacked.plans] == [room] * 2
+  assert stacked.lanes.stream.shape == (2, 3, room)
+  # With room to spare, the headroom is grow()'s, as before.
+  monkeypatch.setattr(plan_lib, 'host_memory', lambda: 1 << 40)
+  seeds = SeedPlanners(_sized_dataset([400] * 3), 3, 3, [0, 1], resident=True,
+                       exact_batch=True)
+  assert seeds.plan([np.arange(3)] * 2, 1, np.ones((2, 3), np.float32)).lanes.stream.shape[2] \
+      == 2048
+
+
 def _lanes_plan(lane_steps, batch_pad, batch_size=3):
   """A plan with only what computed_steps and useful_fraction read (one client a lane)."""
   from fathom_sim.types import CohortPlan

@@ -225,10 +225,13 @@ class Planner:
     _, (largest_steps,) = fathom.integer_schedule(epochs, batch_size, [self._largest_client])
     largest = int(largest_steps) * b_int + slack
     # Never padded to MAX_INDICES: _check_indices keeps need (and so `current`) below it.
-    # Nor, past what the cohort needs, to more than half the host's memory.
-    room = host_memory() // (2 * STREAM_BYTES * self.num_lanes * self.streams_held)
     return min(grow(current, max(need, min(largest, STREAM_LOOKAHEAD * need))),
-               max(need, current, room), MAX_INDICES - 1)
+               max(need, current, self.stream_room()), MAX_INDICES - 1)
+
+  def stream_room(self) -> int:
+    """The longest stream the padding may make past what a cohort needs: the streams_held
+    copies of the lanes' streams in half the host's memory."""
+    return host_memory() // (2 * STREAM_BYTES * self.num_lanes * self.streams_held)
 
   def padded_lengths_on_time(self, plan: CohortPlan, epochs: float, batch_size: float,
                              before: tuple) -> tuple:
@@ -363,18 +366,18 @@ class SeedPlanners:
         planner.restore_padded_lengths(own)
 
   @staticmethod
-  def _shared(lengths: tuple, plans: list[CohortPlan], own: list[tuple]) -> tuple:
+  def _shared(lengths: tuple, plans: list[CohortPlan], own: list[tuple], room: int) -> tuple:
     """The shared stream and buffer lengths from `lengths`, after each seed's planner left
-    its own (`own`) planning `plans`."""
+    its own (`own`) planning `plans`; the stream's headroom stops at `room` (stream_room)."""
     stream_pad, buffer_pad = lengths
     batch_pad = max(p.batch_pad for p in plans)
     # Seed s reads batch_pad rows where it alone read p.batch_pad: that much more slack. The
     # headroom grow() adds on top keeps the stream (indices only) one shape when the seeds' B
-    # first part: without it FATHOM's 5 seeds compiled once more (10 against 9). A stopped
-    # seed's idle plan reads nothing.
-    stream_pad = grow(stream_pad, max([stream + batch_pad - p.batch_pad for (stream, _), p
-                                       in zip(own, plans, strict=True) if not p.idle],
-                                      default=0))
+    # first part: without it FATHOM's 5 seeds compiled once more (10 against 9); like a
+    # seed's own, it stops at the stream room. A stopped seed's idle plan reads nothing.
+    need = max([stream + batch_pad - p.batch_pad for (stream, _), p
+                in zip(own, plans, strict=True) if not p.idle], default=0)
+    stream_pad = min(grow(stream_pad, need), max(need, stream_pad, room))
     if plans[0].lanes.source is not None:
       # The seeds' own buffers already hold grow()'s headroom: grown again, the examples held
       # (and, read per round, sent each round) doubled.
@@ -395,7 +398,8 @@ class SeedPlanners:
              for s, (p, c, hp, r) in enumerate(zip(self.planners, cohorts, hparams, reuse,
                                                    strict=True))]
     self.stream_pad, self.buffer_pad = self._shared(
-        (self.stream_pad, self.buffer_pad), plans, [p.padded_lengths() for p in self.planners])
+        (self.stream_pad, self.buffer_pad), plans, [p.padded_lengths() for p in self.planners],
+        self.planners[0].stream_room())
     stream = _stacked([p.lanes.stream for p in plans], self.stream_pad)
     batch_pad = max(p.batch_pad for p in plans)
     source = None
