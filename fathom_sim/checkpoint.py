@@ -161,6 +161,60 @@ def _skip_raw_byte_counts() -> None:
     tensorstore_utils.get_tensorstore_raw_bytes = lambda direction=None: 0
 
 
+class _KvStoreSpec:
+  """tensorstore.KvStore.Spec, but that to_json() of a local folder's spec
+  {'driver': 'file', 'path': p} is answered in Python. TensorStore 0.1.86's conversion of JSON
+  to Python objects keeps a reference to each key and value it makes (never freed, and
+  untracked by gc: no object count sees them), and orbax 0.12 resolves the spec of a save's
+  folder 16 times a save: ~5 KB a checkpoint, over half of what a save left behind.
+  TensorStore resolves such a spec to itself once it has checked the path (the Spec is still
+  built, and raises as before), so checkpoints are written alike; any other spec goes to
+  TensorStore."""
+
+  def __init__(self, spec):
+    import tensorstore
+    self.json, self.spec = spec, tensorstore.KvStore.Spec(spec)
+
+  def to_json(self, *args, **kwargs):
+    j = self.json
+    if (not args and not kwargs and isinstance(j, dict) and set(j) == {'driver', 'path'}
+        and j['driver'] == 'file' and isinstance(j['path'], str) and self.spec.path == j['path']):
+      return {'driver': 'file', 'path': j['path']}
+    return self.spec.to_json(*args, **kwargs)
+
+
+class _KvStore:
+  """tensorstore.KvStore as orbax's tensorstore_utils uses it: Spec and open."""
+  Spec = _KvStoreSpec
+
+  @staticmethod
+  def open(spec, *args, **kwargs):
+    import tensorstore
+    return tensorstore.KvStore.open(spec.spec if isinstance(spec, _KvStoreSpec) else spec,
+                                    *args, **kwargs)
+
+
+class _FileSpecResolver:
+  """The tensorstore module as orbax's tensorstore_utils sees it: all of it but KvStore's
+  (_KvStore)."""
+  KvStore = _KvStore
+
+  def __getattr__(self, name):
+    import tensorstore
+    return getattr(tensorstore, name)
+
+
+def _resolve_file_specs_in_python() -> None:
+  """Has orbax resolve its local folders' KvStore specs without TensorStore's leaking
+  to_json (_FileSpecResolver). (An orbax without the module is left as it is.)"""
+  try:
+    from orbax.checkpoint._src.serialization import tensorstore_utils
+  except ImportError:
+    return
+  if not isinstance(getattr(tensorstore_utils, 'ts', None), _FileSpecResolver):
+    tensorstore_utils.ts = _FileSpecResolver()
+
+
 def _state_handler() -> ocp.PyTreeCheckpointHandler:
   """Orbax's handler of the state's arrays, each written whole by one device. Orbax's default
   (unless $JAX_PLATFORMS names a GPU), "replica-parallel", splits a replicated array among the
@@ -194,6 +248,7 @@ class Checkpointer:
 
   def _open(self) -> ocp.CheckpointManager:
     _skip_raw_byte_counts()
+    _resolve_file_specs_in_python()
     # A run killed mid-save leaves orbax's temporary folder of that step; a resumed run that
     # never saves that step again (it was the last) would keep it for good. Orbax removes it
     # without a word: said here, so that a log tells why a run resumed from an earlier round.
