@@ -147,13 +147,28 @@ def read_saved(workdir: str) -> dict | None:
   return with_defaults(saved)
 
 
+# Fields that name a file or folder: two spellings of one place (a trailing '/', '..', a path
+# relative to here) are one value. What is read there is checked apart (the data's fingerprint,
+# in the checkpoints).
+PATH_FIELDS = frozenset({'data.path', 'data.data_dir'})
+
+
+def _same_value(field: str, a, b) -> bool:
+  if a == b:
+    return True
+  return (field in PATH_FIELDS and isinstance(a, str) and isinstance(b, str) and a != '' != b
+          and os.path.realpath(a) == os.path.realpath(b))
+
+
 def differing(saved: dict, new: dict, allowed: Iterable[str]) -> list[str]:
   """The fields of two flattened configs whose values differ, but for `allowed` and the fields
   neither run reads (eta_h under FedAvg), save hyper_optimizer, whose state the checkpoint
   holds under FedAvg too. What a config reads follows from fields of its identity (algorithm,
-  model.name, ...): where those differ, they are listed themselves."""
+  model.name, ...): where those differ, they are listed themselves. A path (PATH_FIELDS)
+  differs where it names another place from this process's folder."""
   skip = set(allowed) | (unread_paths(new) - {'hyper_optimizer'})
-  return sorted(k for k in set(saved) | set(new) if k not in skip and saved.get(k) != new.get(k))
+  return sorted(k for k in set(saved) | set(new)
+                if k not in skip and not _same_value(k, saved.get(k), new.get(k)))
 
 
 def config_fingerprint(config: ml_collections.ConfigDict) -> str:

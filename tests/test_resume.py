@@ -5,6 +5,7 @@ import errno
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -814,6 +815,28 @@ def _npz_config(path, **overrides):
   c.data.path = path
   c.data.num_classes = 10
   return c
+
+
+def test_the_same_data_folder_spelled_otherwise_resumes(tmp_path, monkeypatch):
+  """A run started on data.path '/x/data' was refused, as a change of its data, when resumed
+  on '/x/data/' or 'data' from /x (the Stack Overflow config's folder is relative, a pod
+  script's absolute). One place is one value; another folder is still another run's data."""
+  data = str(tmp_path / 'data')
+  _npz_with_bad_clients(data, bad=[])
+  straight = train_and_evaluate(_npz_config(data), str(tmp_path / 'straight'))
+  workdir = str(tmp_path / 'run')
+  train_and_evaluate(_npz_config(data, num_rounds=2), workdir)
+  monkeypatch.chdir(tmp_path)
+  train_and_evaluate(_npz_config(data + '//', num_rounds=3), workdir)
+  resumed = train_and_evaluate(_npz_config('./data/../data'), workdir)
+  assert resumed['resumed_from'] == 3
+  assert resumed['final']['params_sha256'] == straight['final']['params_sha256']
+  assert _without_timing(read_rows(workdir)) == _without_timing(
+      read_rows(str(tmp_path / 'straight')))
+  shutil.copytree(data, str(tmp_path / 'copy'))
+  with pytest.raises(WorkdirError, match=r"fields that change the result differ: data.path "
+                     r"\('./data/../data' -> 'copy'\)"):
+    train_and_evaluate(_npz_config('copy', num_rounds=5), workdir)
 
 
 # One lane per device runs a client's last step as a branch (a cond); several side by side run
