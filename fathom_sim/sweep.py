@@ -317,6 +317,12 @@ def check_out(sweep: SweepDef, out: str, extra: dict | None = None) -> str:
   refusal = file_for_folder(out, '--out', 'the runs and sweep.json')
   if refusal:
     raise workdir_lib.WorkdirError(refusal)
+  above = workdir_lib.run_folder_above(out)
+  if above is not None:
+    raise workdir_lib.WorkdirError(
+        f'--out {out!r} is inside the folder of a run ({above!r} holds its config.json and '
+        'metrics.jsonl): report.py would show that run alone, not the sweep\'s. Give a folder '
+        'outside it')
   for name in (workdir_lib.CONFIG_FILE, metrics.METRICS_FILE):
     if os.path.exists(os.path.join(out, name)):
       raise workdir_lib.WorkdirError(

@@ -325,6 +325,55 @@ def _check_folder(workdir: str) -> None:
     raise WorkdirError(refusal)
 
 
+def _is_run_folder(path: str) -> bool:
+  """Whether `path` holds a run: its config.json and metrics.jsonl (either alone may be another
+  tool's file)."""
+  return all(os.path.isfile(os.path.join(path, n)) for n in (CONFIG_FILE, metrics.METRICS_FILE))
+
+
+def run_folder_above(path: str) -> str | None:
+  """The nearest folder above `path` that holds a run, if any."""
+  path = os.path.abspath(path)
+  parent = os.path.dirname(path)
+  while parent != path:
+    if _is_run_folder(parent):
+      return parent
+    path, parent = parent, os.path.dirname(parent)
+  return None
+
+
+_DEPTH_BELOW = 3  # how deep runs are looked for below a new run's folder (a sweep's are at 2)
+
+
+def _run_folder_below(folder: str) -> str | None:
+  """A folder below `folder` (at most _DEPTH_BELOW down) that holds a run, if any."""
+  top = os.path.normpath(folder).count(os.sep)
+  for dirpath, dirnames, _ in os.walk(folder):
+    if dirpath != folder and _is_run_folder(dirpath):
+      return dirpath
+    if os.path.normpath(dirpath).count(os.sep) - top >= _DEPTH_BELOW:
+      dirnames[:] = []
+  return None
+
+
+def _check_not_nested(workdir: str) -> None:
+  """Refuses a run folder inside another run's, or above one: report.py takes a folder that
+  holds metrics.jsonl as one run (its subfolders as that run's own), and so would show one of
+  the two runs alone, without a word."""
+  above = run_folder_above(workdir)
+  if above is not None:
+    raise WorkdirError(f'{named(workdir)} is inside the folder of another run ({above!r} holds '
+                       'its config.json and metrics.jsonl): report.py would show that run '
+                       f'alone; {another_folder()}')
+  # (A sweep's folder or a dataset is refused as such: _check_kinds.)
+  if os.path.isdir(workdir) and not _is_run_folder(workdir) and not any(
+      os.path.exists(os.path.join(workdir, m)) for m in (INDEX_FILE, DATASET_MARKER)):
+    below = _run_folder_below(workdir)
+    if below is not None:
+      raise WorkdirError(f'{named(workdir)} holds another run below it ({below!r}): report.py '
+                         f'would show this run alone, not that one; {another_folder()}')
+
+
 def _check_kinds(workdir: str) -> None:
   """Raises WorkdirError where `workdir` is another command's folder, or holds one of a run's
   files as a folder or the reverse."""
@@ -359,6 +408,7 @@ def check_layout(workdir: str) -> None:
   config: a URL, a file, another command's folder, a run's file of the wrong kind."""
   check_local(workdir, _flag())
   _check_folder(workdir)
+  _check_not_nested(workdir)
   if os.path.isfile(os.path.join(workdir, CONFIG_FILE)):
     _check_kinds(workdir)
 
@@ -391,6 +441,7 @@ def prepare(workdir: str, config: ml_collections.ConfigDict,
   run's is rewritten by save_config once every check has passed."""
   check_local(workdir, _flag())
   _check_folder(workdir)
+  _check_not_nested(workdir)
   try:
     os.makedirs(workdir, exist_ok=True)
   except OSError as e:

@@ -289,6 +289,47 @@ def test_a_sweep_and_a_run_do_not_share_a_folder(tmp_path):
   assert sorted(os.listdir(run)) == before
 
 
+def test_a_run_inside_or_above_another_run_is_refused(tmp_path):
+  """report.py takes a folder holding metrics.jsonl as one run and does not look below it: a
+  run made in a sweep's setting folder hid that setting's seeds, one made in a run's folder
+  (its checkpoints/, say) was hidden, and a run above another hid the one below. A folder that
+  holds only one of a run's files (another tool's config.json) is no run."""
+  from fathom_sim import workdir as workdir_lib
+  from tests.common import tiny_config
+  out = tmp_path / 'out'
+  definition = sweep.SweepDef(tiny_config(num_rounds=1, num_devices=1), '<inline>',
+                              [{'eta': 0.1}], [0, 1], {})
+  assert [e['status'] for e in sweep.run_sweep(definition, str(out), log=lambda _: None)] == [
+      'done', 'done']
+  setting, run = out / 'eta=0.1', out / 'eta=0.1' / 'seed=0'
+  before = {p: sorted(os.listdir(p)) for p in (out, setting, run)}
+  with pytest.raises(workdir_lib.WorkdirError, match=f"--workdir '{setting}' holds another run "
+                     f"below it \\('{setting}/seed=0'\\): report.py would show this run alone"):
+    workdir_lib.prepare(str(setting), tiny_config())
+  for inside in (run / 'checkpoints', run / 'sub' / 'x'):
+    with pytest.raises(workdir_lib.WorkdirError, match=f"--workdir '{inside}' is inside the "
+                       f"folder of another run \\('{run}' holds its config.json and "
+                       "metrics.jsonl\\): report.py would show that run alone; use another"):
+      workdir_lib.prepare(str(inside), tiny_config())
+  with pytest.raises(workdir_lib.WorkdirError, match=f"--out '{run}/sweeps' is inside the "
+                     "folder of a run"):
+    sweep.check_out(definition, str(run / 'sweeps'))
+  assert {p: sorted(os.listdir(p)) for p in (out, setting, run)} == before
+  # In a sweep, the run folder refused is said as the sweep's, and the sweep goes on.
+  workdir_lib.save_config(str(setting), tiny_config())
+  (setting / 'metrics.jsonl').write_text('')
+  entries = sweep.run_sweep(sweep.SweepDef(tiny_config(num_rounds=2, num_devices=1),
+                                           '<inline>', [{'eta': 0.1}], [0], {}),
+                            str(out), log=lambda _: None)
+  assert entries[0]['status'] == 'failed' and entries[0]['error'].startswith(
+      f"the sweep's run folder '{run}' is inside the folder of another run")
+  # Another tool's config.json above is not a run's folder.
+  mine = tmp_path / 'mine'
+  mine.mkdir()
+  (mine / 'config.json').write_text('{}')
+  workdir_lib.prepare(str(mine / 'run'), tiny_config())
+
+
 @pytest.mark.parametrize('args', [['--config.model.hidden={1: 2}'],
                                   ['--config.model.hidden', '{64}']])
 def test_a_dict_or_set_for_a_tuple_field_is_refused_before_the_run(tmp_path, args):
