@@ -222,14 +222,16 @@ def plan_runs(sweep: SweepDef, out: str, extra: dict | None = None) -> list[RunS
       except ConfigError as e:
         raise ConfigError(f'{where}: run {name}: {e}') from None
       runs.append(RunSpec(name, setting, overrides, seed, config, os.path.join(out, name)))
-  # Two settings that come to one config (e.g. one sets a field to its default) would run the
-  # same runs twice, and count twice in a grid search.
+  # Two settings that come to one config (e.g. one sets a field to its default, or one the run
+  # does not read: eta_h under FedAvg) would run the same runs twice, and count twice in a grid
+  # search.
+  from fathom_sim import workdir as workdir_lib
   first = {}
   for run in runs:
-    key = json.dumps(run.config.to_dict(), sort_keys=True, default=str)
+    key = workdir_lib.config_fingerprint(run.config)
     if key in first:
       raise ConfigError(f'{where}: the settings {first[key].setting!r} and {run.setting!r} '
-                        'come to the same config (every field alike); drop one')
+                        'come to the same run (every field it reads alike); drop one')
     first[key] = run
   return runs
 
@@ -355,9 +357,7 @@ def check_out(sweep: SweepDef, out: str, extra: dict | None = None) -> str:
         isinstance(e, dict) and workdir_lib.started(os.path.join(out, str(e.get('workdir', ''))))
         for e in runs)
     given = json.loads(json.dumps(dict(extra or {}), default=str))  # as sweep.json holds them
-    changed = sorted(k for k in set(recorded) | set(given)
-                     if k not in workdir_lib.RESUMABLE_FIELDS
-                     and recorded.get(k) != given.get(k)) if started else []
+    changed = _changed_fields(sweep, out, recorded, dict(extra or {})) if started else []
     if changed:
       def said(overrides: dict) -> str:
         return ' '.join(f'--config.{k}=' + (','.join(map(str, v)) if isinstance(v, list) else
@@ -369,6 +369,24 @@ def check_out(sweep: SweepDef, out: str, extra: dict | None = None) -> str:
           '(their workdirs would refuse them). Give the same overrides (those a resumed run may '
           'change, such as num_rounds, excepted), or another --out')
   return sweep_file
+
+
+def _changed_fields(sweep: SweepDef, out: str, recorded: dict, given: dict) -> list[str]:
+  """The fields that change some run's result between the sweep's runs under the --config
+  overrides `recorded` (in sweep.json) and `given`: not those a resumed run may change, nor
+  those set to the value the runs had anyway (a default), nor those a run does not read."""
+  from fathom_sim import workdir as workdir_lib
+
+  def fields(runs: list[RunSpec]) -> list[dict]:
+    return [workdir_lib.flatten(workdir_lib.config_dict(r.config)) for r in runs]
+  try:
+    before, after = fields(plan_runs(sweep, out, recorded)), fields(plan_runs(sweep, out, given))
+  except ConfigError:  # (overrides this simulator no longer takes: compared as written)
+    given = json.loads(json.dumps(given, default=str))  # as sweep.json holds them
+    return sorted(k for k in set(recorded) | set(given)
+                  if k not in workdir_lib.RESUMABLE_FIELDS and recorded.get(k) != given.get(k))
+  return sorted({k for b, a in zip(before, after, strict=True)
+                 for k in workdir_lib.differing(b, a, workdir_lib.RESUMABLE_FIELDS)})
 
 
 def run_sweep(sweep: SweepDef, out: str, *, extra: dict | None = None,

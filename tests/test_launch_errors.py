@@ -145,7 +145,10 @@ def test_a_bad_sweep_file_is_one_config_error_naming_it(tmp_path, text, needle):
     ("'overrides': [{'model': {'name': 'mlp'}}]",
      "overrides[0]: config.model is a group of fields (model.compute_dtype, model.conv, "),
     ("'overrides': [{'eta': 0.1}, {'epochs': 1.0}]",
-     "the settings 'eta=0.1' and 'epochs=1' come to the same config (every field alike)"),
+     "the settings 'eta=0.1' and 'epochs=1' come to the same run (every field it reads alike)"),
+    # FedAvg reads no eta_h: both would train one run, twice, and count twice in a report
+    ("'fixed': {'algorithm': 'fedavg'}, 'overrides': [{'eta_h': 0.01}, {'eta_h': 0.03}]",
+     "the settings 'eta_h=0.01' and 'eta_h=0.03' come to the same run"),
 ])
 def test_a_bad_field_in_a_sweep_names_the_file_and_the_entry(tmp_path, fields, needle):
   path = tmp_path / 'bad_fields.py'

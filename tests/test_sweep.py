@@ -113,11 +113,13 @@ def test_overrides_no_run_got_as_far_as_its_workdir_with_may_be_corrected(tmp_pa
   def missing(config, workdir):
     raise DatasetError('data.path: no such file')
 
-  entries = sweep.run_sweep(definition, out, extra={'data.path': 'typo.npz'}, train=missing,
-                            log=lambda _: None)
+  npz = {'data.name': 'npz', 'data.num_classes': 10}
+  entries = sweep.run_sweep(definition, out, extra={**npz, 'data.path': 'typo.npz'},
+                            train=missing, log=lambda _: None)
   assert {e['status'] for e in entries} == {'failed'}
   done = []
-  entries = sweep.run_sweep(definition, out, extra={'data.path': 'right.npz'},
+  right = {**npz, 'data.path': 'right.npz'}
+  entries = sweep.run_sweep(definition, out, extra=right,
                             train=lambda c, w: done.append(w) or {'final': {}},
                             log=lambda _: None)
   assert len(done) == 4
@@ -127,13 +129,23 @@ def test_overrides_no_run_got_as_far_as_its_workdir_with_may_be_corrected(tmp_pa
   os.makedirs(workdir, exist_ok=True)
   open(os.path.join(workdir, 'config.json'), 'w').write('{}')
   open(os.path.join(workdir, 'metrics.jsonl'), 'w').close()
-  sweep.check_out(definition, out, {'data.path': 'other.npz'})
+  sweep.check_out(definition, out, {**npz, 'data.path': 'other.npz'})
   # Once a run's workdir holds a result, other overrides are refused before any run.
   open(os.path.join(workdir, 'metrics.jsonl'), 'w').write('{"round": 1}\n')
   with pytest.raises(WorkdirError, match="holds this sweep run with the overrides "
-                     "--config.data.path=right.npz, and this command gives none: data.path"):
+                     "--config.data.name=npz --config.data.num_classes=10 "
+                     "--config.data.path=right.npz, and this command gives none: data.name "
+                     "would change"):
     sweep.run_sweep(definition, out, train=lambda c, w: done.append(w), log=lambda _: None)
   assert len(done) == 4
+  with pytest.raises(WorkdirError, match="gives --config.data.name=npz "
+                     "--config.data.num_classes=10 --config.data.path=right.npz "
+                     "--config.eta_h=0.5: eta_h would change"):
+    sweep.check_out(definition, out, {**right, 'eta_h': 0.5})
+  # Values the runs had anyway, or those they do not read, are no change: they were refused,
+  # said as changing the runs' results (their workdirs take them).
+  sweep.check_out(definition, out, {**right, 'server_lr': 1.0, 'data.path': './right.npz',
+                                    'data.size_log_mean': 9.0})
 
 
 def test_sweep_runs_every_setting_and_seed_once_and_reports(tmp_path):
