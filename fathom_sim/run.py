@@ -418,16 +418,27 @@ def _check_first_round_fits(config, task: Task, mesh, lanes: int) -> None:
                       f'({example} bytes an example) needs {eval_need / 2**30:.1f} GiB for its '
                       f'inputs alone, more than {what} ({limit / 2**30:.1f} GiB); lower it '
                       '(1024 by default)')
-  # A round with the largest client plans each lane's row of indices at least that long.
-  indices = int(fathom.integer_schedule(config.epochs, config.batch_size, [n_max])[1][0]) * b_int
+  # A round with the largest client plans each lane's row of indices at least that long; so
+  # does the first round, its cohort (no smaller than the smallest clients) spread evenly over
+  # the lanes (all 20 of the quickstart's clients share the one lane of a 2-core CPU).
   all_lanes = lanes * mesh.devices.size
+  steps = fathom.integer_schedule(config.epochs, config.batch_size, task.train.num_examples)[1]
+  largest = int(steps.max()) * b_int
+  cohort = min(config.cohort_size, len(steps))
+  spread = -(-int(np.sort(steps)[:cohort].sum()) // all_lanes) * b_int
+  indices = max(largest, spread)
   held = plan_bytes(indices, all_lanes)
+  why = (f'a round with the largest client ({n_max} examples) plans' if largest >= spread else
+         f'the first round\'s {cohort} clients over {all_lanes} lane(s) plan at least')
+  fix = 'lower config.epochs or raise config.batch_size'
+  if spread >= MAX_INDICES:  # (the largest client alone is _check_addressable's)
+    raise ConfigError(f'{fields}: {why} {indices} example indices in a lane, past the '
+                      f'{MAX_INDICES} a round can address; {fix}, or spread the cohort over '
+                      'more lanes (config.lanes_per_device, devices)')
   if held > host_memory():
-    raise ConfigError(f'{fields}: a round with the largest client ({n_max} examples) plans '
-                      f'{indices} example indices for each of its {all_lanes} lane(s), '
-                      f'{held / 2**30:.1f} GiB, more than the host\'s memory '
-                      f'({host_memory() / 2**30:.1f} GiB); lower config.epochs or raise '
-                      'config.batch_size')
+    raise ConfigError(f'{fields}: {why} {indices} example indices for each of its '
+                      f'{all_lanes} lane(s), {held / 2**30:.1f} GiB, more than the host\'s '
+                      f'memory ({host_memory() / 2**30:.1f} GiB); {fix}')
   if config.algorithm == 'fathom':
     # Where FATHOM may take E and B: past this, a round would fail mid-run in planning.
     _check_addressable(n_max, config.upper_epochs, config.upper_batch_size, 'upper_epochs',

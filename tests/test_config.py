@@ -512,6 +512,12 @@ def test_fedavg_takes_static_values_above_fathoms_bounds():
                        r'client \(9 examples\) plans 900000000 example indices for each of its '
                        r'\d+ lane\(s\), \d+.\d GiB, more than the host.s memory \(1.0 GiB\); '
                        r'lower config.epochs or raise config.batch_size'),
+    # Each client fits, but the first round's cohort shares one lane: refused in round 1, after
+    # the workdir was written (the quickstart at E 1e6 on a 2-core CPU).
+    (dict(epochs=4e6, num_devices=1), r"config.epochs=4e\+06, config.batch_size=3: the first "
+                                      r"round's 5 clients over 1 lane\(s\) plan at least "
+                                      r"116000004 example indices for each of its 1 lane\(s\), "
+                                      r"2.2 GiB, more than the host.s memory \(1.0 GiB\)"),
     # It overwrote a finished run's config.json, then failed with a numpy MemoryError.
     (dict(eval_batch_size=10**8), r'config.eval_batch_size=100000000: one evaluation batch '
                                   r'\(\d+ bytes an example\) needs .* more than the host.s '
