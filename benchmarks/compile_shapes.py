@@ -24,9 +24,32 @@ from ml_collections import config_flags  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'The run\'s config file.')
 _METRICS = flags.DEFINE_string('metrics', None, 'The run\'s metrics.jsonl (or .jsonl.gz).')
-_LANES = flags.DEFINE_integer('lanes', 10, 'Lanes of the run (devices x lanes per device).')
-_DEVICES = flags.DEFINE_integer('devices', 1, 'Devices of the run (its lanes share one example '
-                                'buffer per device).')
+_LANES = flags.DEFINE_integer('lanes', None, 'Lanes of the run (devices x lanes per device); '
+                               'by default, those its summary.json beside --metrics records.')
+_DEVICES = flags.DEFINE_integer('devices', None, 'Devices of the run (its lanes share one '
+                                'example buffer per device); 1 with --lanes, else its '
+                                'summary.json\'s.')
+
+
+def _run_lanes() -> tuple[int, int]:
+  """(lanes, devices) of the run: the flags', else its summary.json's (the lane count decides
+  the stream's length: replayed with another, the rounds that compile differ)."""
+  if _LANES.value is not None:
+    return _LANES.value, _DEVICES.value or 1
+  import json
+  path = os.path.join(os.path.dirname(os.path.abspath(_METRICS.value)), 'summary.json')
+  try:
+    with open(path, encoding='utf-8') as f:
+      summary = json.load(f)
+    devices = int(summary['devices'])
+    lanes = devices * int(summary['lanes_per_device'])
+  except (OSError, ValueError, KeyError, TypeError) as e:
+    raise SystemExit(f'--lanes and --devices not given, and {path} does not say them '
+                     f'({type(e).__name__}: {e}); give both') from None
+  if len(summary.get('executions') or []) > 1:
+    print(f'the run ran under {len(summary["executions"])} executions; replayed with the '
+          f'last\'s {lanes} lanes on {devices} device(s)')
+  return lanes, devices
 
 
 def replay(sizes, rows: dict, *, cohort_size: int, lanes: int, seed: int, resident: bool,
@@ -91,12 +114,13 @@ def main(argv):
   c = _CONFIG.value
   sizes = np.asarray(load_task(c.data).train.num_examples)
   rows = {r['round']: r for r in read_rows(_METRICS.value)}
+  lanes, devices = _run_lanes()
   for resident in (False, True):
     buffer_rows = []
-    compiles = replay(sizes, rows, cohort_size=c.cohort_size, lanes=_LANES.value, seed=c.seed,
+    compiles = replay(sizes, rows, cohort_size=c.cohort_size, lanes=lanes, seed=c.seed,
                       resident=resident, per_octave=c.batch_pad_per_octave,
                       max_batch_size=batch_size_int(min(c.upper_batch_size, 2**30)),
-                      devices=_DEVICES.value, exact_batch=not batch_moves(c),
+                      devices=devices, exact_batch=not batch_moves(c),
                       buffer_rows=buffer_rows)
     where = 'on the devices' if resident else 'sent per round'
     print(f'data {where}: {len(compiles)} round programs over {len(rows)} rounds')
