@@ -3,8 +3,9 @@
   python launch/report.py runs/eta runs/fedavg_grid --out=reports/eta --targets=0.3,0.4
 
 Writes <out>/report.md (cost to each target per setting, mean ± std over seeds; the FedAvg
-grid's best setting per target and its total cost), accuracy.png, hparams.png and, when both
-algorithms are present, fathom_vs_fedavg.png.
+grid's best setting per target and its total cost), accuracy.png, hparams.png and, where a
+FedAvg grid run alike with FATHOM settings reached a target, fathom_vs_fedavg.png (said when
+not).
 """
 
 import os
@@ -81,6 +82,10 @@ def main(argv):
     cli.fail(str(e), EXIT_FAILED)
   print(table)
   print('wrote ' + ', '.join([os.path.join(out, 'report.md'), *written]))
+  if (os.path.join(out, plots.VERSUS_PNG) not in written
+      and {g.algorithm for g in groups} >= {'fathom', 'fedavg'}):
+    print(f'no {plots.VERSUS_PNG}: no FedAvg grid run alike with a FATHOM setting reached one of '
+          f'the targets ({", ".join(f"{t:g}" for t in targets)}); lower --targets to compare them')
 
 
 if __name__ == '__main__':

@@ -243,6 +243,13 @@ def test_sweep_runs_every_setting_and_seed_once_and_reports(tmp_path):
   table = (tmp_path / 'report' / 'report.md').read_text()
   assert '`algorithm=fathom`' in table and '`algorithm=fedavg,eta=0.1`' in table
   assert 'FedAvg grid search: 2 runs' in table
+  # No FedAvg setting reaches 0.99: the comparison is not drawn (the last one removed), said.
+  p = _cli('report.py', out, f'--out={tmp_path / "report"}', '--targets=0.99')
+  assert p.returncode == 0, p.stderr[-3000:]
+  assert 'fathom_vs_fedavg.png' not in os.listdir(tmp_path / 'report')
+  assert p.stdout.splitlines()[-1] == (
+      'no fathom_vs_fedavg.png: no FedAvg grid run alike with a FATHOM setting reached one of '
+      'the targets (0.99); lower --targets to compare them')
 
 
 def _write_run(workdir, algorithm, acc_by_round, examples_per_round, rounds, *,
