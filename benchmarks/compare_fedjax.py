@@ -1,4 +1,4 @@
-"""fathom_sim against FedJAX 0.0.17's FedAvg, same model, workload and cohort, alternating the
+r"""fathom_sim against FedJAX 0.0.17's FedAvg, same model, workload and cohort, alternating the
 two sides in one run (the machine's speed drifts between runs). Run by hand, never by CI:
 
   python3 -m venv .venv-fedjax && .venv-fedjax/bin/pip install -r benchmarks/requirements-fedjax.txt

@@ -1,4 +1,4 @@
-"""Which rounds of a recorded run compile a round program, and why, replayed (by hand):
+r"""Which rounds of a recorded run compile a round program, and why, replayed (by hand):
 
   python benchmarks/compile_shapes.py --config=configs/femnist.py \
       --metrics=docs/results/gpu_h100/fathom1500_after_6b1cb65_metrics.jsonl.gz \

@@ -1,4 +1,4 @@
-"""The EMNIST CNN's local step vmapped over L clients, with each convolution form (run by hand).
+r"""The EMNIST CNN's local step vmapped over L clients, with each convolution form (run by hand).
 
   python benchmarks/conv_vmap.py --lanes=10,50,200 --batch_size=20 --steps=10 \
       [--dtypes=float32,bfloat16] [--convs=all] [--json=FILE]

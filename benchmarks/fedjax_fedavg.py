@@ -1,4 +1,4 @@
-"""FedJAX 0.0.17's FedAvg on the benchmark workload: client examples/s (run in the FedJAX venv).
+r"""FedJAX 0.0.17's FedAvg on the benchmark workload: client examples/s (run in the FedJAX venv).
 
   .venv-fedjax/bin/python benchmarks/fedjax_fedavg.py --sizes=sizes.json --cohort=50 \
       --rounds=3 --backend=jit

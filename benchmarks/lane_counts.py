@@ -1,4 +1,4 @@
-"""Predicted round time by lanes, from the client sizes and a cost a step (no device needed):
+r"""Predicted round time by lanes, from the client sizes and a cost a step (no device needed):
 
   python benchmarks/lane_counts.py [--task=cnn|lstm] [--cohort_lanes=10:5/7/10,50:17/25/50] \
       [--step_ms=... --lane_ms=...]

@@ -1,4 +1,4 @@
-"""How often a plan made ahead would have been used, replayed from a recorded run (by hand):
+r"""How often a plan made ahead would have been used, replayed from a recorded run (by hand):
 
   python benchmarks/plan_ahead_hits.py --config=configs/femnist.py \
       --metrics=docs/results/gpu_h100/fathom1500_after_6b1cb65_metrics.jsonl.gz \

@@ -1,4 +1,4 @@
-"""Where the test suite's time goes (run by hand; a pytest plugin): per test file, the seconds
+r"""Where the test suite's time goes (run by hand; a pytest plugin): per test file, the seconds
 its tests took, the XLA compiles in the test process and their seconds, and the commands the
 tests started and their wall seconds; then the slowest tests, and those compiling longest.
 

@@ -1,4 +1,4 @@
-"""Converts public federated dataset files into the prepared layout the simulator reads.
+r"""Converts public federated dataset files into the prepared layout the simulator reads.
 
   python launch/prepare_data.py --format=fedjax_sqlite --task=emnist --source=DIR --out=data/femnist
   python launch/prepare_data.py --format=stackexchange_xml --task=stackoverflow \
