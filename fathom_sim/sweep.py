@@ -433,11 +433,17 @@ def _run_all(sweep: SweepDef, out: str, runs: list[RunSpec], sweep_file: str, *,
       entries.append(_entry(r, out, status, **_result(r, earlier.get(r.name))))
     else:
       entries.append(_entry(r, out, status, **({} if error is None else {'error': error})))
+  # Runs of this folder that this command does not plan (settings since taken out of the
+  # sweep file, fewer --seeds) stay listed while their folders are there: report.py counts
+  # their seeds all the same, and sweep.json keeps what it knew of them.
+  planned = {r.name for r in runs}
+  kept = [e for name, e in earlier.items() if name not in planned
+          and isinstance(e.get('workdir'), str) and os.path.isdir(os.path.join(out, e['workdir']))]
   index = {'sweep': sweep_file, 'config': sweep.config_source, 'fixed': sweep.fixed,
-           'extra': dict(extra or {}), 'seeds': sweep.seeds, 'runs': entries}
+           'extra': dict(extra or {}), 'seeds': sweep.seeds}
 
   def save() -> None:
-    metrics.write_json(os.path.join(out, INDEX_FILE), index)
+    metrics.write_json(os.path.join(out, INDEX_FILE), {**index, 'runs': entries + kept})
 
   # Batches of run indices trained together: one per run, or a setting's pending seeds.
   batches: list[list[int]] = []

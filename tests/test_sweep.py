@@ -1,9 +1,11 @@
 """Sweeps (runs, index, restart skipping finished runs) and reports (plots, hand-checked tables)."""
 
+import dataclasses
 import json
 import math
 import os
 import random
+import shutil
 import subprocess
 import sys
 
@@ -146,6 +148,36 @@ def test_overrides_no_run_got_as_far_as_its_workdir_with_may_be_corrected(tmp_pa
   # said as changing the runs' results (their workdirs take them).
   sweep.check_out(definition, out, {**right, 'server_lr': 1.0, 'data.path': './right.npz',
                                     'data.size_log_mean': 9.0})
+
+
+def test_runs_no_longer_asked_for_stay_listed_while_their_folders_are_there(tmp_path):
+  """Run again with fewer seeds (or a setting taken out), the sweep rewrote sweep.json with
+  the runs it planned alone: the others' status and results were lost, while report.py still
+  counted their folders."""
+  sweep_file = tmp_path / 'tiny_sweep.py'
+  sweep_file.write_text(SWEEP_FILE)
+  definition, out = sweep.load_sweep(str(sweep_file)), str(tmp_path / 'sweep')
+
+  def train(config, workdir):
+    os.makedirs(workdir, exist_ok=True)
+    return {'final': {'test_accuracy': 0.5 + config.seed / 10}}
+
+  first = sweep.run_sweep(definition, out, train=train, log=lambda _: None)
+  assert [e['status'] for e in first] == ['done'] * 4
+  fewer = dataclasses.replace(definition, seeds=[0])
+  entries = sweep.run_sweep(fewer, out, train=train, log=lambda _: None)
+  assert [e['name'] for e in entries] == ['algorithm=fathom/seed=0',
+                                          'algorithm=fedavg,eta=0.1/seed=0']
+  with open(os.path.join(out, 'sweep.json')) as f:
+    index = json.load(f)
+  assert index['seeds'] == [0]
+  assert index['runs'][2:] == [e for e in first if e['seed'] == 1]  # as they were
+  shutil.rmtree(os.path.join(out, 'algorithm=fathom', 'seed=1'))
+  sweep.run_sweep(fewer, out, train=train, log=lambda _: None)
+  with open(os.path.join(out, 'sweep.json')) as f:
+    assert [e['name'] for e in json.load(f)['runs']] == [
+        'algorithm=fathom/seed=0', 'algorithm=fedavg,eta=0.1/seed=0',
+        'algorithm=fedavg,eta=0.1/seed=1']
 
 
 def test_sweep_runs_every_setting_and_seed_once_and_reports(tmp_path):
