@@ -23,6 +23,8 @@ import threading
 import jax
 from jax import monitoring
 
+from fathom_sim.errors import first_line
+
 CACHE_HIT = '/jax/compilation_cache/cache_hits'  # jax.monitoring's event for a program loaded
 MAX_BYTES = 4 * 2**30  # the default folder's cap (a CPU round program takes ~0.1 MB)
 # JAX keeps only programs that took 1 s or more to compile: each command compiled the cohort
@@ -60,7 +62,10 @@ def enable(path: str, max_bytes: int | None = None) -> None:
   programs. Raises OSError with the reason when a local `path` cannot be created or written
   by the process that writes it (process 0: the others only read, and a folder they cannot
   see only misses)."""
-  if '://' not in path:  # a remote cache (gs://, with etils[epath]) is JAX's to check
+  if '://' in path:
+    if jax.process_index() == 0:
+      _check_remote(path)
+  else:
     path = os.path.abspath(os.path.expanduser(path))
     if jax.process_index() == 0:
       os.makedirs(path, exist_ok=True)
@@ -80,6 +85,17 @@ def enable(path: str, max_bytes: int | None = None) -> None:
                       SHARED_MIN_COMPILE_SECONDS if shared else MIN_COMPILE_SECONDS)
   jax.config.update('jax_enable_compilation_cache', True)
   jax.config.update('jax_compilation_cache_dir', path)
+
+
+def _check_remote(path: str) -> None:
+  """Raises OSError where a remote folder cannot be made through etils' epath, as JAX writes
+  it (gs:// without gcsfs installed, an unknown scheme, no access): JAX only warned, once, and
+  the run cached nothing."""
+  try:
+    from etils import epath
+    epath.Path(path).mkdir(parents=True, exist_ok=True)
+  except Exception as e:  # (etils' and each filesystem's own errors, of any kind)
+    raise OSError(f'{type(e).__name__}: {first_line(e)}') from None
 
 
 def _stamp_access_times(path: str) -> None:

@@ -78,6 +78,26 @@ def test_a_cache_folder_that_cannot_be_made_is_one_clear_error_before_any_run_fi
   assert not workdir.exists()
 
 
+@pytest.mark.parametrize('url,why', [('nosuch://b/jax', "KeyError: 'nosuch://'"),
+                                     ('gs://a-bucket/jax', 'ImportError: Please install gcsfs')])
+def test_a_remote_cache_jax_cannot_write_is_one_clear_error_before_any_run_file(tmp_path, url,
+                                                                                  why):
+  """JAX warned once (gcsfs is not among the requirements) and the run cached nothing."""
+  if url.startswith('gs:'):
+    try:
+      import gcsfs  # noqa: F401
+      pytest.skip('gcsfs is installed: the check would reach the bucket')
+    except ImportError:
+      pass
+  workdir = tmp_path / 'run'
+  p = launch(*RUN, f'--workdir={workdir}', f'--compilation_cache={url}')
+  assert p.returncode == 2, p.stderr[-2000:]
+  errors = [line for line in p.stderr.splitlines() if line.startswith('error:')]
+  assert len(errors) == 1 and errors[0].startswith(
+      f'error: --compilation_cache {url!r} cannot be used: {why}'), errors
+  assert not workdir.exists()
+
+
 def test_a_default_folder_that_cannot_be_made_only_warns_and_the_run_compiles(tmp_path,
                                                                                monkeypatch):
   monkeypatch.setenv('XDG_CACHE_HOME', uncreatable_path(tmp_path, 'xdg'))
@@ -166,6 +186,7 @@ def test_loads_count_where_jax_s_own_variable_turns_the_cache_on_and_on_compile_
 _THRESHOLD = '''
 import sys, jax
 from fathom_sim import compile_cache
+compile_cache._check_remote = lambda path: None  # (no bucket here)
 compile_cache.enable(sys.argv[1])
 print(jax.config.jax_persistent_cache_min_compile_time_secs)
 '''
