@@ -116,9 +116,10 @@ def _out_of_memory_message(run: Run, doing: dict, xla: str) -> str:
   b_int = fathom.batch_size_int(b)
   return (f'round {doing["round"]} ran out of memory {on} with B {b:.6g} ({b_int} '
           f'example{"s" if b_int > 1 else ""} a local step), config.cohort_size='
-          f'{c.cohort_size} clients, {lanes} side by side per device; {lanes_hint}a smaller '
-          f"{bound} or config.cohort_size, or config.model.compute_dtype='bfloat16', needs a "
-          f'new workdir{fewer_seeds}')
+          f'{c.cohort_size} clients, {lanes} side by side per device (each with its copy of '
+          f'the model); {lanes_hint}a smaller {bound} or config.cohort_size, a smaller model '
+          f"(config.model, or fewer classes: config.data.num_classes), or "
+          f"config.model.compute_dtype='bfloat16', needs a new workdir{fewer_seeds}")
 
 
 def _checkpoints_kept(workdirs: list[str]) -> str:

@@ -1325,10 +1325,13 @@ def test_a_round_out_of_memory_keeps_the_checkpoint_and_the_run_resumes(tmp_path
   assert message.startswith('round 15 ran out of memory on 2 cpu device(s) (XLA: '
                             'RESOURCE_EXHAUSTED: Out of memory allocating 123456 bytes.) with '
                             f'B {b:.6g} (1 example a local step), config.cohort_size=4 '
-                            f'clients, {lanes} side by side per device; '
+                            f'clients, {lanes} side by side per device (each with its copy '
+                            'of the model); '
                             + ('a smaller config.lanes_per_device (now 2) resumes this workdir; '
                                if lanes > 1 else '')
-                            + 'a smaller config.upper_batch_size or config.cohort_size'), message
+                            + 'a smaller config.upper_batch_size or config.cohort_size, a '
+                            'smaller model (config.model, or fewer classes: '
+                            'config.data.num_classes), or'), message
   assert message.endswith('the workdir keeps the checkpoint of round 10')
   assert os.listdir(os.path.join(workdir, 'checkpoints')) == ['10']  # no pending save lost
   assert [r['round'] for r in read_rows(workdir)] == list(range(1, 15))
@@ -1374,7 +1377,9 @@ def test_vectorised_seeds_out_of_memory_keep_each_checkpoint(tmp_path, monkeypat
   workdirs = [str(tmp_path / f'seed{s}') for s in (3, 4)]
   monkeypatch.setattr(Rounds, '__call__', round_or_out_of_memory)
   with pytest.raises(OutOfMemory, match=r'^round 12 ran out of memory .* with B \S+ \(\d+ '
-                     r'examples? a local step\).*; fewer seeds side by side \(2 now: launch/'
+                     r'examples? a local step\).* side by side per device \(each with its '
+                     r'copy of the model\);.* a smaller model \(config.model, or fewer classes: '
+                     r'config.data.num_classes\).*; fewer seeds side by side \(2 now: launch/'
                      r'sweep.py without --vmap_seeds\) resume these workdirs; each workdir '
                      'keeps the checkpoint of round 10$'):
     train_seeds([_tiny(seed=3), _tiny(seed=4)], workdirs)
