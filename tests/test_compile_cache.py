@@ -1,5 +1,6 @@
 """The persistent compilation cache of the commands (fathom_sim/compile_cache.py)."""
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -83,12 +84,8 @@ def test_a_cache_folder_that_cannot_be_made_is_one_clear_error_before_any_run_fi
 def test_a_remote_cache_jax_cannot_write_is_one_clear_error_before_any_run_file(tmp_path, url,
                                                                                   why):
   """JAX warned once (gcsfs is not among the requirements) and the run cached nothing."""
-  if url.startswith('gs:'):
-    try:
-      import gcsfs  # noqa: F401
-      pytest.skip('gcsfs is installed: the check would reach the bucket')
-    except ImportError:
-      pass
+  if url.startswith('gs:') and importlib.util.find_spec('gcsfs') is not None:
+    pytest.skip('gcsfs is installed: the check would reach the bucket')
   workdir = tmp_path / 'run'
   p = launch(*RUN, f'--workdir={workdir}', f'--compilation_cache={url}')
   assert p.returncode == 2, p.stderr[-2000:]
