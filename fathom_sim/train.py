@@ -307,10 +307,11 @@ def _run(run: Run, configs: list[ml_collections.ConfigDict], workdirs: list[str]
   checkpoints are open), then runs the rounds; `doing` is kept up to date."""
   c, task, mesh = configs[0], run.task, run.mesh
   n_dev = mesh.devices.size
-  logging.info('task %s: %d train clients (%d examples), %d test clients; %d device(s) '
-               '(%s), %d lane(s) per device, training set %s%s', task.name,
+  logging.info('task %s: %d train clients (%d examples), %d test clients (%d examples); %d '
+               'device(s) (%s), %d lane(s) per device, training set %s%s', task.name,
                len(task.train.num_examples), int(np.sum(task.train.num_examples)),
-               len(task.test.num_examples), n_dev, mesh.devices.flat[0].platform,
+               len(task.test.num_examples), int(np.sum(task.test.num_examples)), n_dev,
+               mesh.devices.flat[0].platform,
                run.lanes_per_device, 'on device' if run.resident else 'fed per round',
                f'; {len(configs)} seeds vectorised' if vectorized else '')
 

@@ -430,6 +430,26 @@ def test_eval_clients_past_the_test_clients_evaluates_all_of_them_and_says_so(tm
   assert many['final'] == every['final']
 
 
+def test_a_test_split_without_examples_is_said_at_the_start(tmp_path, caplog):
+  """data.test_fraction 0 holds every example for training: nothing is evaluated, which the
+  start line said as "12 test clients" alone."""
+  from fathom_sim.train import train_and_evaluate
+  from tests.common import tiny_config
+  with caplog.at_level('INFO'):
+    summary = train_and_evaluate(tiny_config(num_rounds=1, **{'data.test_fraction': 0.0}),
+                                 str(tmp_path / 'run'))
+  assert np.isnan(summary['final']['test_accuracy'])
+  said = [r.getMessage() for r in caplog.records if 'test split holds no examples' in
+          r.getMessage()]
+  assert said == ['synthetic(1,1): the test split holds no examples: nothing is evaluated, and '
+                  'test_accuracy, rounds_to_target are null']
+  assert '12 test clients (0 examples)' in caplog.text
+  caplog.clear()
+  with caplog.at_level('INFO'):
+    train_and_evaluate(tiny_config(num_rounds=1), str(tmp_path / 'other'))
+  assert 'test split holds no examples' not in caplog.text
+
+
 def test_fedjax_init_draws_as_haiku_does():
   """model.init='fedjax': kernels from a normal cut at +-2 std, std 1/sqrt(fan_in), not
   rescaled after the cut (so 0.880/sqrt(fan_in) in effect, where flax's lecun_normal gives
