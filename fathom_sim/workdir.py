@@ -205,7 +205,9 @@ def started(workdir: str) -> bool:
 
 def check_same_run(workdir: str, config: ml_collections.ConfigDict) -> None:
   """Raises WorkdirError when `workdir` holds a run of a config that differs from `config` in a
-  field that changes the result (or whose config.json is unreadable); else does nothing."""
+  field that changes the result (or whose config.json is unreadable). Else a path field of
+  `config` that names the run's place otherwise (PATH_FIELDS) takes the run's spelling, so that
+  its config.json, summary and report keep one value."""
   if not _has_results(workdir):
     return
   saved = read_saved(workdir)
@@ -222,6 +224,11 @@ def check_same_run(workdir: str, config: ml_collections.ConfigDict) -> None:
                         for k in changed)
     raise WorkdirError(f'{named(workdir)} holds a run with a different config; fields that '
                        f'change the result differ: {details}; {another_folder()}')
+  for field in PATH_FIELDS:
+    group, name = field.split('.')
+    if field in saved and new.get(field) != saved[field] and _same_value(
+        field, saved[field], new.get(field)):
+      config[group][name] = saved[field]
 
 
 def check_local(folder: str, flag: str) -> None:

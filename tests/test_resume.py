@@ -833,9 +833,16 @@ def test_the_same_data_folder_spelled_otherwise_resumes(tmp_path, monkeypatch):
   assert resumed['final']['params_sha256'] == straight['final']['params_sha256']
   assert _without_timing(read_rows(workdir)) == _without_timing(
       read_rows(str(tmp_path / 'straight')))
+  # The run keeps its first spelling: its config.json, and the summary's fingerprint, which a
+  # relaunch of the finished run under yet another spelling finds its own (nothing rewritten).
+  assert json.load(open(os.path.join(workdir, 'config.json')))['data']['path'] == data
+  files = {f: open(os.path.join(workdir, f), 'rb').read() for f in ('config.json',
+                                                                     'summary.json')}
+  assert train_and_evaluate(_npz_config('data/'), workdir) == json.loads(files['summary.json'])
+  assert {f: open(os.path.join(workdir, f), 'rb').read() for f in files} == files
   shutil.copytree(data, str(tmp_path / 'copy'))
   with pytest.raises(WorkdirError, match=r"fields that change the result differ: data.path "
-                     r"\('./data/../data' -> 'copy'\)"):
+                     f"\\('{data}' -> 'copy'\\)"):
     train_and_evaluate(_npz_config('copy', num_rounds=5), workdir)
 
 
