@@ -84,8 +84,13 @@ def main(argv):
   print('wrote ' + ', '.join([os.path.join(out, 'report.md'), *written]))
   if (os.path.join(out, plots.VERSUS_PNG) not in written
       and {g.algorithm for g in groups} >= {'fathom', 'fedavg'}):
-    print(f'no {plots.VERSUS_PNG}: no FedAvg grid run alike with a FATHOM setting reached one of '
-          f'the targets ({", ".join(f"{t:g}" for t in targets)}); lower --targets to compare them')
+    if not any(alike for _, _, alike in report.grids(groups)[0]):
+      why = ('no FedAvg grid is run alike with a FATHOM setting (the same fields but eta, E '
+             'and B: cohort size, model, data, ...); report.md says which differ')
+    else:
+      why = ('no FedAvg grid run alike with a FATHOM setting reached one of the targets '
+             f'({", ".join(f"{t:g}" for t in targets)}); lower --targets to compare them')
+    print(f'no {plots.VERSUS_PNG}: {why}')
 
 
 if __name__ == '__main__':

@@ -303,6 +303,22 @@ def _write_run(workdir, algorithm, acc_by_round, examples_per_round, rounds, *,
       f.write(json.dumps(row) + '\n')
 
 
+def test_report_says_the_comparison_is_missing_for_settings_run_unlike(tmp_path):
+  """A FedAvg grid of another cohort size reached the target: the figure is not drawn, and the
+  advice to lower the targets (which cannot help) was given all the same."""
+  root = tmp_path / 'runs'
+  _write_run(root / 'fathom', 'fathom', {2: 0.5}, 100, 2)
+  _write_run(root / 'fedavg', 'fedavg', {2: 0.5}, 100, 2)
+  with open(root / 'fedavg' / 'config.json', 'w') as f:
+    json.dump({'algorithm': 'fedavg', 'cohort_size': 99}, f)
+  p = _cli('report.py', str(root), f'--out={tmp_path / "report"}', '--targets=0.3')
+  assert p.returncode == 0, p.stderr[-3000:]
+  assert 'fathom_vs_fedavg.png' not in os.listdir(tmp_path / 'report')
+  assert p.stdout.splitlines()[-1] == (
+      'no fathom_vs_fedavg.png: no FedAvg grid is run alike with a FATHOM setting (the same '
+      'fields but eta, E and B: cohort size, model, data, ...); report.md says which differ')
+
+
 def test_tables_match_hand_computed_values(tmp_path):
   root = tmp_path / 'sweep'
   _write_run(root / 'fathom' / 'seed=0', 'fathom', {2: 0.2, 4: 0.5}, 100, 4)
