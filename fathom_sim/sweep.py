@@ -21,6 +21,7 @@ import time
 from typing import Callable
 
 import ml_collections
+from absl import logging
 
 from fathom_sim import metrics
 from fathom_sim.errors import InputError, file_for_folder
@@ -321,10 +322,12 @@ def check_out(sweep: SweepDef, out: str, extra: dict | None = None) -> str:
     raise workdir_lib.WorkdirError(refusal)
   above = workdir_lib.run_folder_above(out)
   if above is not None:
-    raise workdir_lib.WorkdirError(
-        f'--out {out!r} is inside the folder of a run ({above!r} holds its config.json and '
-        'metrics.jsonl): report.py would show that run alone, not the sweep\'s. Give a folder '
-        'outside it')
+    why = (f'--out {out!r} is inside the folder of a run ({above!r} holds its config.json and '
+           'metrics.jsonl): report.py would show that run alone, not the sweep\'s')
+    if os.path.exists(os.path.join(out, INDEX_FILE)):  # (a sweep put there before this rule)
+      logging.warning('%s; move the sweep\'s folder out, then give its new path', why)
+    else:
+      raise workdir_lib.WorkdirError(f'{why}. Give a folder outside it')
   for name in (workdir_lib.CONFIG_FILE, metrics.METRICS_FILE):
     if os.path.exists(os.path.join(out, name)):
       raise workdir_lib.WorkdirError(

@@ -364,21 +364,26 @@ def _run_folder_below(folder: str) -> str | None:
 
 
 def _check_not_nested(workdir: str) -> None:
-  """Refuses a run folder inside another run's, or above one: report.py takes a folder that
-  holds metrics.jsonl as one run (its subfolders as that run's own), and so would show one of
-  the two runs alone, without a word."""
+  """Refuses a new run folder inside another run's, or above one: report.py takes a folder
+  that holds metrics.jsonl as one run (its subfolders as that run's own), and so would show one
+  of the two runs alone, without a word. A run started so before this rule is resumed, with a
+  warning: refused, it could only start again elsewhere."""
   above = run_folder_above(workdir)
+  why = None
   if above is not None:
-    raise WorkdirError(f'{named(workdir)} is inside the folder of another run ({above!r} holds '
-                       'its config.json and metrics.jsonl): report.py would show that run '
-                       f'alone; {another_folder()}')
+    why = (f'{named(workdir)} is inside the folder of another run ({above!r} holds its '
+           'config.json and metrics.jsonl): report.py would show that run alone')
   # (A sweep's folder or a dataset is refused as such: _check_kinds.)
-  if os.path.isdir(workdir) and not _is_run_folder(workdir) and not any(
+  elif os.path.isdir(workdir) and not _is_run_folder(workdir) and not any(
       os.path.exists(os.path.join(workdir, m)) for m in (INDEX_FILE, DATASET_MARKER)):
     below = _run_folder_below(workdir)
     if below is not None:
-      raise WorkdirError(f'{named(workdir)} holds another run below it ({below!r}): report.py '
-                         f'would show this run alone, not that one; {another_folder()}')
+      why = (f'{named(workdir)} holds another run below it ({below!r}): report.py would show '
+             'this run alone, not that one')
+  if why is not None and started(workdir):
+    logging.warning('%s; move one of the two runs out, then give its new path', why)
+  elif why is not None:
+    raise WorkdirError(f'{why}; {another_folder()}')
 
 
 def _check_kinds(workdir: str) -> None:

@@ -292,7 +292,7 @@ def test_a_sweep_and_a_run_do_not_share_a_folder(tmp_path):
   assert sorted(os.listdir(run)) == before
 
 
-def test_a_run_inside_or_above_another_run_is_refused(tmp_path):
+def test_a_run_inside_or_above_another_run_is_refused(tmp_path, caplog):
   """report.py takes a folder holding metrics.jsonl as one run and does not look below it: a
   run made in a sweep's setting folder hid that setting's seeds, one made in a run's folder
   (its checkpoints/, say) was hidden, and a run above another hid the one below. A folder that
@@ -318,14 +318,26 @@ def test_a_run_inside_or_above_another_run_is_refused(tmp_path):
                      "folder of a run"):
     sweep.check_out(definition, str(run / 'sweeps'))
   assert {p: sorted(os.listdir(p)) for p in (out, setting, run)} == before
-  # In a sweep, the run folder refused is said as the sweep's, and the sweep goes on.
+  # In a sweep, a new run folder refused is said as the sweep's, and the sweep goes on.
   workdir_lib.save_config(str(setting), tiny_config())
   (setting / 'metrics.jsonl').write_text('')
-  entries = sweep.run_sweep(sweep.SweepDef(tiny_config(num_rounds=2, num_devices=1),
-                                           '<inline>', [{'eta': 0.1}], [0], {}),
+  entries = sweep.run_sweep(sweep.SweepDef(tiny_config(num_rounds=1, num_devices=1),
+                                           '<inline>', [{'eta': 0.1}], [2], {}),
                             str(out), log=lambda _: None)
   assert entries[0]['status'] == 'failed' and entries[0]['error'].startswith(
-      f"the sweep's run folder '{run}' is inside the folder of another run")
+      f"the sweep's run folder '{setting}/seed=2' is inside the folder of another run")
+  # A run made inside another before this rule resumes, with a warning (refused, it could
+  # only start again elsewhere).
+  from fathom_sim.train import train_and_evaluate
+  inside = run / 'legacy'
+  with pytest.MonkeyPatch.context() as m:
+    m.setattr(workdir_lib, '_check_not_nested', lambda workdir: None)
+    train_and_evaluate(tiny_config(num_rounds=1, num_devices=1), str(inside))
+  with caplog.at_level('WARNING'):
+    assert train_and_evaluate(tiny_config(num_rounds=2, num_devices=1),
+                              str(inside))['resumed_from'] == 1
+  assert f"--workdir '{inside}' is inside the folder of another run" in caplog.text
+  assert 'move one of the two runs out, then give its new path' in caplog.text
   # Another tool's config.json above is not a run's folder.
   mine = tmp_path / 'mine'
   mine.mkdir()
