@@ -1,15 +1,16 @@
 """Host memory a checkpoint save leaves behind, with and without checkpoint.py's answer to
 TensorStore's leaking to_json (run by hand, not in CI):
 
-  python benchmarks/save_memory.py --saves=600 --pairs=2
+  python benchmarks/save_memory.py --saves=1500 --pairs=2
 
 Each side runs in a process of its own: it builds the quickstart's state (its MLP, one
 device, as launch/main.py would) and saves it --saves times through checkpoint.Checkpointer
-(keeping 2, each save waited for), sampling its resident memory (VmRSS) 100 times and its
-Python allocations (tracemalloc, which sees the strings TensorStore keeps but gc does not).
-The slopes over the saves past the first quarter are the bytes each save leaves. 'tensorstore'
-is the side whose orbax resolves folder specs through TensorStore's own to_json, as before
-e36a745; the two sides alternate, --pairs times, so that drift hits both alike.
+(keeping 2, each save waited for), sampling its resident memory (VmRSS) 100 times; with
+--trace, its Python allocations too (tracemalloc, which sees the strings TensorStore keeps but
+gc does not; it slows each save several times over, and the RSS then grows faster on both
+sides). The slopes over the saves past the first quarter are the bytes each save leaves.
+'tensorstore' is the side whose orbax resolves folder specs through TensorStore's own to_json,
+as before e36a745; the two sides alternate, --pairs times, so that drift hits both alike.
 """
 
 import json
@@ -21,8 +22,9 @@ import sys
 from absl import app, flags
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-_SAVES = flags.DEFINE_integer('saves', 600, 'Saves per side.')
+_SAVES = flags.DEFINE_integer('saves', 1500, 'Saves per side.')
 _PAIRS = flags.DEFINE_integer('pairs', 2, 'Runs of each side, alternating.')
+_TRACE = flags.DEFINE_bool('trace', False, 'Also fit the Python allocations (tracemalloc).')
 _FOLDER = flags.DEFINE_string('folder', '/tmp/fathom_save_memory', 'Scratch folder (emptied).')
 
 _SIDE = r'''
@@ -31,7 +33,7 @@ import numpy as np
 sys.path.insert(0, sys.argv[1])
 from fathom_sim import checkpoint, run as run_lib
 from fathom_sim.config import call_user_file
-saves, folder, side = int(sys.argv[2]), sys.argv[3], sys.argv[4]
+saves, folder, side, trace = int(sys.argv[2]), sys.argv[3], sys.argv[4], sys.argv[5] == '1'
 if side == 'tensorstore':
   checkpoint._resolve_file_specs_in_python = lambda: None
 shutil.rmtree(folder, ignore_errors=True)
@@ -47,7 +49,8 @@ def rss() -> int:
 
 
 saver = checkpoint.Checkpointer(folder, 2)
-tracemalloc.start()
+if trace:
+  tracemalloc.start()
 every, samples, start = max(saves // 100, 1), [], time.perf_counter()
 for t in range(saves):
   saver.save(state._replace(round=state.round + t), {'round': t, 'wall_s': 0.0}, wait=True)
@@ -59,10 +62,11 @@ saver.close()
 shutil.rmtree(folder, ignore_errors=True)
 x, r, p = map(np.asarray, zip(*samples))
 late = x >= saves // 4
-print(json.dumps({'side': side, 'saves': saves,
-                  'rss_bytes_per_save': round(float(np.polyfit(x[late], r[late], 1)[0])),
-                  'python_bytes_per_save': round(float(np.polyfit(x[late], p[late], 1)[0])),
-                  'rss_mib_end': round(r[-1] / 2**20, 1), 'ms_per_save': round(1e3 * seconds / saves, 1)}))
+slope = lambda y: round(float(np.polyfit(x[late], y[late], 1)[0]))
+print(json.dumps({'side': side, 'saves': saves, 'rss_bytes_per_save': slope(r),
+                  **({'python_bytes_per_save': slope(p)} if trace else {}),
+                  'rss_mib_end': round(r[-1] / 2**20, 1),
+                  'ms_per_save': round(1e3 * seconds / saves, 1)}))
 '''
 
 
@@ -80,7 +84,7 @@ def main(argv):
   for _ in range(_PAIRS.value):
     for side in ('python', 'tensorstore'):
       p = subprocess.run([sys.executable, '-c', _SIDE, ROOT, str(_SAVES.value),
-                          os.path.join(_FOLDER.value, side), side],
+                          os.path.join(_FOLDER.value, side), side, str(int(_TRACE.value))],
                          env=env, capture_output=True, text=True)
       if p.returncode != 0:
         raise SystemExit(f'{side}: exit {p.returncode}\n{p.stderr[-3000:]}')
