@@ -27,8 +27,8 @@ _METRICS = flags.DEFINE_string('metrics', None, 'The run\'s metrics.jsonl (or .j
 _LANES = flags.DEFINE_integer('lanes', None, 'Lanes of the run (devices x lanes per device); '
                                'by default, those its summary.json beside --metrics records.')
 _DEVICES = flags.DEFINE_integer('devices', None, 'Devices of the run (its lanes share one '
-                                'example buffer per device); 1 with --lanes, else its '
-                                'summary.json\'s.')
+                                'example buffer per device); by default 1 with --lanes, else '
+                                'its summary.json\'s.')
 
 
 def _run_lanes() -> tuple[int, int]:
@@ -49,7 +49,7 @@ def _run_lanes() -> tuple[int, int]:
   if len(summary.get('executions') or []) > 1:
     print(f'the run ran under {len(summary["executions"])} executions; replayed with the '
           f'last\'s {lanes} lanes on {devices} device(s)')
-  return lanes, devices
+  return lanes, devices if _DEVICES.value is None else _DEVICES.value
 
 
 def replay(sizes, rows: dict, *, cohort_size: int, lanes: int, seed: int, resident: bool,

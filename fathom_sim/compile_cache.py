@@ -89,8 +89,8 @@ def enable(path: str, max_bytes: int | None = None) -> None:
 
 def _check_remote(path: str) -> None:
   """Raises OSError where a remote folder cannot be made through etils' epath, as JAX writes
-  it (gs:// without gcsfs installed, an unknown scheme, no access): JAX only warned, once, and
-  the run cached nothing."""
+  it (gs:// without gcsfs installed, an unknown scheme): JAX only warned, once, and the run
+  cached nothing. (Whether a bucket's folder may be written is not tried here.)"""
   try:
     from etils import epath
     epath.Path(path).mkdir(parents=True, exist_ok=True)

@@ -437,11 +437,14 @@ def _run_all(sweep: SweepDef, out: str, runs: list[RunSpec], sweep_file: str, *,
     else:
       entries.append(_entry(r, out, status, **({} if error is None else {'error': error})))
   # Runs of this folder that this command does not plan (settings since taken out of the
-  # sweep file, fewer --seeds) stay listed while their folders are there: report.py counts
-  # their seeds all the same, and sweep.json keeps what it knew of them.
+  # sweep file, fewer --seeds) stay listed while they are runs (their metrics.jsonl, as
+  # report.py finds them): report.py counts their seeds all the same, and sweep.json keeps what
+  # it knew of them. One a killed sweep left 'running' is no longer run by any.
   planned = {r.name for r in runs}
-  kept = [e for name, e in earlier.items() if name not in planned
-          and isinstance(e.get('workdir'), str) and os.path.isdir(os.path.join(out, e['workdir']))]
+  kept = [{**e, 'status': 'pending'} if e.get('status') == 'running' else e
+          for name, e in earlier.items() if name not in planned
+          and isinstance(e.get('workdir'), str)
+          and os.path.isfile(os.path.join(out, e['workdir'], metrics.METRICS_FILE))]
   index = {'sweep': sweep_file, 'config': sweep.config_source, 'fixed': sweep.fixed,
            'extra': dict(extra or {}), 'seeds': sweep.seeds}
 

@@ -99,8 +99,8 @@ def _out_of_memory_message(run: Run, doing: dict, xla: str) -> str:
   if doing['what'] == 'init':
     where = ('starts afresh in this workdir, which holds no round yet' if doing.get('fresh')
              else 'needs a new workdir')
-    return (f"the model's first state ran out of memory {on}; a smaller model (config.model, "
-            f'or fewer classes: config.data.num_classes) {where}{fewer_seeds}')
+    return (f"the model's first state ran out of memory {on}; a smaller model "
+            f'({_model_fields(c)}) {where}{fewer_seeds}')
   if doing['what'] == 'restore':
     return (f'restoring the checkpoint ran out of memory {on}; a device with more memory '
             f'resumes it{fewer_seeds}')
@@ -118,8 +118,15 @@ def _out_of_memory_message(run: Run, doing: dict, xla: str) -> str:
           f'example{"s" if b_int > 1 else ""} a local step), config.cohort_size='
           f'{c.cohort_size} clients, {lanes} side by side per device (each with its copy of '
           f'the model); {lanes_hint}a smaller {bound} or config.cohort_size, a smaller model '
-          f"(config.model, or fewer classes: config.data.num_classes), or "
-          f"config.model.compute_dtype='bfloat16', needs a new workdir{fewer_seeds}")
+          f"({_model_fields(c)}), or config.model.compute_dtype='bfloat16', needs a new "
+          f'workdir{fewer_seeds}')
+
+
+def _model_fields(c) -> str:
+  """The fields that size the model, said in an out-of-memory error: its classes are a
+  field of npz data only (the other tasks fix them)."""
+  return ('config.model, or fewer classes: config.data.num_classes' if c.data.name == 'npz'
+          else 'config.model')
 
 
 def _checkpoints_kept(workdirs: list[str]) -> str:

@@ -1337,8 +1337,7 @@ def test_a_round_out_of_memory_keeps_the_checkpoint_and_the_run_resumes(tmp_path
                             + ('a smaller config.lanes_per_device (now 2) resumes this workdir; '
                                if lanes > 1 else '')
                             + 'a smaller config.upper_batch_size or config.cohort_size, a '
-                            'smaller model (config.model, or fewer classes: '
-                            'config.data.num_classes), or'), message
+                            'smaller model (config.model), or'), message
   assert message.endswith('the workdir keeps the checkpoint of round 10')
   assert os.listdir(os.path.join(workdir, 'checkpoints')) == ['10']  # no pending save lost
   assert [r['round'] for r in read_rows(workdir)] == list(range(1, 15))
@@ -1385,8 +1384,8 @@ def test_vectorised_seeds_out_of_memory_keep_each_checkpoint(tmp_path, monkeypat
   monkeypatch.setattr(Rounds, '__call__', round_or_out_of_memory)
   with pytest.raises(OutOfMemory, match=r'^round 12 ran out of memory .* with B \S+ \(\d+ '
                      r'examples? a local step\).* side by side per device \(each with its '
-                     r'copy of the model\);.* a smaller model \(config.model, or fewer classes: '
-                     r'config.data.num_classes\).*; fewer seeds side by side \(2 now: launch/'
+                     r'copy of the model\);.* a smaller model \(config.model\).*; fewer seeds '
+                     r'side by side \(2 now: launch/'
                      r'sweep.py without --vmap_seeds\) resume these workdirs; each workdir '
                      'keeps the checkpoint of round 10$'):
     train_seeds([_tiny(seed=3), _tiny(seed=4)], workdirs)
@@ -1518,9 +1517,13 @@ def test_the_first_state_out_of_memory_in_an_eager_operation_is_one_error(tmp_pa
   with pytest.raises(WorkdirError, match='holds a run with a different config'):
     train_and_evaluate(_tiny(num_rounds=3), str(tmp_path / 'run'))
   monkeypatch.setattr(train, 'init_state', eager_out_of_memory)
-  with pytest.raises(OutOfMemory, match=r'config.data.num_classes\) needs a new workdir; the '
-                                        'workdir keeps the checkpoint of round 2$'):
+  with pytest.raises(OutOfMemory, match=r'a smaller model \(config.model\) needs a new '
+                                        'workdir; the workdir keeps the checkpoint of round 2$'):
     train_and_evaluate(smaller, str(tmp_path / 'run'))
+  # Of npz data, whose classes are a field, that field is named too.
+  from fathom_sim.train import _model_fields
+  smaller.data.name = 'npz'
+  assert _model_fields(smaller) == 'config.model, or fewer classes: config.data.num_classes'
 
 
 def test_a_round_out_of_host_memory_names_the_host_not_a_device(tmp_path, monkeypatch):

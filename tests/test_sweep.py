@@ -160,6 +160,7 @@ def test_runs_no_longer_asked_for_stay_listed_while_their_folders_are_there(tmp_
 
   def train(config, workdir):
     os.makedirs(workdir, exist_ok=True)
+    open(os.path.join(workdir, 'metrics.jsonl'), 'w').close()
     return {'final': {'test_accuracy': 0.5 + config.seed / 10}}
 
   first = sweep.run_sweep(definition, out, train=train, log=lambda _: None)
@@ -172,12 +173,25 @@ def test_runs_no_longer_asked_for_stay_listed_while_their_folders_are_there(tmp_
     index = json.load(f)
   assert index['seeds'] == [0]
   assert index['runs'][2:] == [e for e in first if e['seed'] == 1]  # as they were
+  # A folder gone, or one that holds no run for report.py (no metrics.jsonl), is not listed.
   shutil.rmtree(os.path.join(out, 'algorithm=fathom', 'seed=1'))
+  os.remove(os.path.join(out, 'algorithm=fedavg,eta=0.1', 'seed=1', 'metrics.jsonl'))
   sweep.run_sweep(fewer, out, train=train, log=lambda _: None)
   with open(os.path.join(out, 'sweep.json')) as f:
     assert [e['name'] for e in json.load(f)['runs']] == [
-        'algorithm=fathom/seed=0', 'algorithm=fedavg,eta=0.1/seed=0',
-        'algorithm=fedavg,eta=0.1/seed=1']
+        'algorithm=fathom/seed=0', 'algorithm=fedavg,eta=0.1/seed=0']
+  # One a killed sweep left 'running' is listed as pending: no sweep runs it now.
+  sweep.run_sweep(definition, out, train=train, log=lambda _: None)
+  with open(os.path.join(out, 'sweep.json')) as f:
+    index = json.load(f)
+  assert index['runs'][1]['name'] == 'algorithm=fathom/seed=1'
+  index['runs'][1]['status'] = 'running'
+  with open(os.path.join(out, 'sweep.json'), 'w') as f:
+    json.dump(index, f)
+  sweep.run_sweep(fewer, out, train=train, log=lambda _: None)
+  with open(os.path.join(out, 'sweep.json')) as f:
+    assert [(e['name'], e['status']) for e in json.load(f)['runs']][2:] == [
+        ('algorithm=fathom/seed=1', 'pending'), ('algorithm=fedavg,eta=0.1/seed=1', 'done')]
 
 
 def test_sweep_runs_every_setting_and_seed_once_and_reports(tmp_path):

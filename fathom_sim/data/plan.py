@@ -110,6 +110,13 @@ def grow(current: int, needed: int) -> int:
   return current if needed <= current else bucket(-(-3 * needed // 2), 1)
 
 
+def stream_length(current: int, want: int, need: int, room: int) -> int:
+  """An index stream's padded length from `current`: grown for `want` indices (>= `need`, what
+  the round reads), its headroom stopped at `room` (stream_room) and below MAX_INDICES, never
+  below `need`."""
+  return min(grow(current, want), max(need, current, room), max(need, MAX_INDICES - 1))
+
+
 def client_batches(shuffler: np.random.Generator, num_examples: int, num_steps: int,
                    batch_size: int) -> np.ndarray:
   """[K, B] example indices: permutations of range(n), one per pass, cut into batches."""
@@ -224,9 +231,8 @@ class Planner:
     need = longest_lane * b_int + slack
     _, (largest_steps,) = fathom.integer_schedule(epochs, batch_size, [self._largest_client])
     largest = int(largest_steps) * b_int + slack
-    # Never padded to MAX_INDICES: _check_indices keeps need (and so `current`) below it.
-    return min(grow(current, max(need, min(largest, STREAM_LOOKAHEAD * need))),
-               max(need, current, self.stream_room()), MAX_INDICES - 1)
+    return stream_length(current, max(need, min(largest, STREAM_LOOKAHEAD * need)), need,
+                         self.stream_room())
 
   def stream_room(self) -> int:
     """The longest stream the padding may make past what a cohort needs: the streams_held
@@ -377,7 +383,7 @@ class SeedPlanners:
     # seed's own, it stops at the stream room. A stopped seed's idle plan reads nothing.
     need = max([stream + batch_pad - p.batch_pad for (stream, _), p
                 in zip(own, plans, strict=True) if not p.idle], default=0)
-    stream_pad = min(grow(stream_pad, need), max(need, stream_pad, room))
+    stream_pad = stream_length(stream_pad, need, need, room)
     if plans[0].lanes.source is not None:
       # The seeds' own buffers already hold grow()'s headroom: grown again, the examples held
       # (and, read per round, sent each round) doubled.
