@@ -469,8 +469,9 @@ def _run_all(sweep: SweepDef, out: str, runs: list[RunSpec], sweep_file: str, *,
   data_errors: dict[str, str] = {}
 
   def data_key(run: RunSpec) -> str:
-    return json.dumps([run.config.data.to_dict(), run.config.model.to_dict()], sort_keys=True,
-                      default=str)
+    data = run.config.data.to_dict()  # (one folder, however each run's config.json spells it)
+    data.update({k: os.path.realpath(data[k]) for k in ('path', 'data_dir') if data.get(k)})
+    return json.dumps([data, run.config.model.to_dict()], sort_keys=True, default=str)
 
   save()
   told: set[str] = set()  # the settings whose unread fields were said

@@ -192,8 +192,9 @@ def train_seeds(configs: list[ml_collections.ConfigDict], workdirs: list[str],
   base = workdir_lib.flatten(workdir_lib.config_dict(configs[0]))
   for c in configs[1:]:
     other = workdir_lib.flatten(workdir_lib.config_dict(c))
+    # (One data folder spelled otherwise: each resumed seed keeps its run's spelling.)
     differ = sorted(k for k in set(base) | set(other)
-                    if k != 'seed' and base.get(k) != other.get(k))
+                    if k != 'seed' and not workdir_lib.same_value(k, base.get(k), other.get(k)))
     if differ:
       raise ConfigError('vectorised seeds need configs that differ only in config.seed; '
                         f'these differ too: {", ".join(differ)}')

@@ -153,7 +153,9 @@ def read_saved(workdir: str) -> dict | None:
 PATH_FIELDS = frozenset({'data.path', 'data.data_dir'})
 
 
-def _same_value(field: str, a, b) -> bool:
+def same_value(field: str, a, b) -> bool:
+  """Whether a config's `field` holds the same value as a and b: equal, or two spellings of
+  one place (PATH_FIELDS), as seen from this process's folder."""
   if a == b:
     return True
   return (field in PATH_FIELDS and isinstance(a, str) and isinstance(b, str) and a != '' != b
@@ -168,7 +170,7 @@ def differing(saved: dict, new: dict, allowed: Iterable[str]) -> list[str]:
   differs where it names another place from this process's folder."""
   skip = set(allowed) | (unread_paths(new) - {'hyper_optimizer'})
   return sorted(k for k in set(saved) | set(new)
-                if k not in skip and not _same_value(k, saved.get(k), new.get(k)))
+                if k not in skip and not same_value(k, saved.get(k), new.get(k)))
 
 
 def config_fingerprint(config: ml_collections.ConfigDict) -> str:
@@ -226,7 +228,7 @@ def check_same_run(workdir: str, config: ml_collections.ConfigDict) -> None:
                        f'change the result differ: {details}; {another_folder()}')
   for field in PATH_FIELDS:
     group, name = field.split('.')
-    if field in saved and new.get(field) != saved[field] and _same_value(
+    if field in saved and new.get(field) != saved[field] and same_value(
         field, saved[field], new.get(field)):
       config[group][name] = saved[field]
 
@@ -363,6 +365,9 @@ def _run_folder_below(folder: str) -> str | None:
   return None
 
 
+_warned_nested: set[str] = set()  # the nested runs of before the rule, said once a process
+
+
 def _check_not_nested(workdir: str) -> None:
   """Refuses a new run folder inside another run's, or above one: report.py takes a folder
   that holds metrics.jsonl as one run (its subfolders as that run's own), and so would show one
@@ -381,7 +386,9 @@ def _check_not_nested(workdir: str) -> None:
       why = (f'{named(workdir)} holds another run below it ({below!r}): report.py would show '
              'this run alone, not that one')
   if why is not None and started(workdir):
-    logging.warning('%s; move one of the two runs out, then give its new path', why)
+    if os.path.abspath(workdir) not in _warned_nested:  # (checked two or three times a command)
+      _warned_nested.add(os.path.abspath(workdir))
+      logging.warning('%s; move one of the two runs out, then give its new path', why)
   elif why is not None:
     raise WorkdirError(f'{why}; {another_folder()}')
 

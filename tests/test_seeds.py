@@ -135,12 +135,21 @@ def test_vectorised_seeds_resume_together_or_one_by_one(tmp_path, monkeypatch):
   _assert_same_run(together[1], str(tmp_path / 'solo1'))
 
 
-def test_vectorised_seeds_refuse_configs_that_differ_beyond_the_seed(tmp_path):
+def test_vectorised_seeds_refuse_configs_that_differ_beyond_the_seed(tmp_path, monkeypatch):
   with pytest.raises(ConfigError, match='differ only in config.seed; these differ too: eta'):
     train_seeds([_config(0), _config(1, eta=0.2)], [str(tmp_path / 'a'), str(tmp_path / 'b')])
   with pytest.raises(ConfigError, match='distinct config.seed'):
     train_seeds([_config(0), _config(0)], [str(tmp_path / 'a'), str(tmp_path / 'b')])
+  with pytest.raises(ConfigError, match='these differ too: data.path'):
+    train_seeds([_config(0, **{'data.path': 'x'}), _config(1, **{'data.path': 'y'})],
+                [str(tmp_path / 'a'), str(tmp_path / 'b')])
   assert not os.path.exists(tmp_path / 'a')
+  # One folder spelled two ways (seeds resumed keep their runs' spellings) is one value.
+  monkeypatch.chdir(tmp_path)
+  summaries = train_seeds([_config(0, num_rounds=1, **{'data.path': 'x'}),
+                           _config(1, num_rounds=1, **{'data.path': f'{tmp_path}/x/'})],
+                          [str(tmp_path / 'a'), str(tmp_path / 'b')])
+  assert [s['rounds'] for s in summaries] == [1, 1]
 
 
 def test_sweep_with_vmap_seeds_runs_each_setting_once_for_all_seeds(tmp_path):
