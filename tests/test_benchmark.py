@@ -542,8 +542,14 @@ def test_ctrl_c_or_sigterm_ends_the_benchmark_in_one_line_and_leaves_no_temporar
                        text=True, start_new_session=True)  # a group of its own, as a shell's
   try:
     assert p.stdout.readline().startswith('task'), p.stderr.read()  # the header
-    time.sleep(8)  # the row's process is running
-    assert p.poll() is None and os.listdir(temp)  # (its folder)
+    # The row's process running, its folder made (a fixed 8 s wait was short of that on a
+    # loaded 2-core machine), then into its measurement.
+    deadline = time.time() + 60
+    while not (_children(p.pid) and os.listdir(temp)):
+      assert time.time() < deadline and p.poll() is None, p.stderr.read()
+      time.sleep(0.1)
+    time.sleep(3)
+    assert p.poll() is None
     if to_group:
       os.killpg(p.pid, signum)
     else:
