@@ -469,8 +469,8 @@ def _run_all(sweep: SweepDef, out: str, runs: list[RunSpec], sweep_file: str, *,
   data_errors: dict[str, str] = {}
 
   def data_key(run: RunSpec) -> str:
-    data = run.config.data.to_dict()  # (one folder, however each run's config.json spells it)
-    data.update({k: os.path.realpath(data[k]) for k in ('path', 'data_dir') if data.get(k)})
+    # (One folder, however each run's config.json spells it.)
+    data = {k: workdir_lib.canonical(f'data.{k}', v) for k, v in run.config.data.items()}
     return json.dumps([data, run.config.model.to_dict()], sort_keys=True, default=str)
 
   save()

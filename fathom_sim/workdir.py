@@ -153,13 +153,17 @@ def read_saved(workdir: str) -> dict | None:
 PATH_FIELDS = frozenset({'data.path', 'data.data_dir'})
 
 
+def canonical(field: str, value):
+  """A config field's value as compared: a PATH_FIELDS path as the place it names from this
+  process's folder; any other value (and an empty path) as it is."""
+  return os.path.realpath(value) if field in PATH_FIELDS and isinstance(value, str) and value \
+      else value
+
+
 def same_value(field: str, a, b) -> bool:
   """Whether a config's `field` holds the same value as a and b: equal, or two spellings of
-  one place (PATH_FIELDS), as seen from this process's folder."""
-  if a == b:
-    return True
-  return (field in PATH_FIELDS and isinstance(a, str) and isinstance(b, str) and a != '' != b
-          and os.path.realpath(a) == os.path.realpath(b))
+  one place (PATH_FIELDS)."""
+  return a == b or canonical(field, a) == canonical(field, b)
 
 
 def differing(saved: dict, new: dict, allowed: Iterable[str]) -> list[str]:
