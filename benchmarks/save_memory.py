@@ -7,7 +7,7 @@ Each side runs in a process of its own: it builds the quickstart's state (its ML
 device, as launch/main.py would) and saves it --saves times through checkpoint.Checkpointer
 (keeping 2, each save waited for), sampling its resident memory (VmRSS) 100 times; with
 --trace, its Python allocations too (tracemalloc, which sees the strings TensorStore keeps but
-gc does not; it slows each save several times over, and the RSS then grows faster on both
+gc does not; it slows each save 2-3 times, and the RSS then grows faster on both
 sides). The slopes over the saves past the first quarter are the bytes each save leaves.
 'tensorstore' is the side whose orbax resolves folder specs through TensorStore's own to_json,
 as before e36a745; the two sides alternate, --pairs times, so that drift hits both alike.
