@@ -17,9 +17,10 @@ from fathom_sim.errors import (EXIT_BAD_INPUT, Diverged, InputError, OutputError
                                exit_status)
 
 
-# Libraries whose INFO lines are chatter in a progress log: orbax's, one per save, and JAX's
-# backend probe ("Unable to initialize backend 'tpu'" on every machine without a TPU).
-_CHATTY = ('/orbax/', '/jax/_src/xla_bridge.py')
+# Libraries whose INFO lines are chatter in a progress log: orbax's, one per save, JAX's
+# backend probe ("Unable to initialize backend 'tpu'" on every machine without a TPU), and
+# TFDS's, four at every start on a prepared dataset ("Load dataset info from ...").
+_CHATTY = ('/orbax/', '/jax/_src/xla_bridge.py', '/tensorflow_datasets/')
 
 
 def _quiet_libraries(record) -> bool:

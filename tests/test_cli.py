@@ -268,8 +268,8 @@ def test_a_bad_sweep_override_is_one_line_and_exit_2(capsys, tmp_path, arg, need
 
 def test_the_progress_log_drops_library_chatter_but_not_warnings():
   """Every run on a machine without a TPU began with JAX's INFO line "Unable to initialize
-  backend 'tpu'", and orbax logs INFO lines at every save; their warnings, and the
-  simulator's own INFO lines, still show."""
+  backend 'tpu'", orbax logs INFO lines at every save, and TFDS four at every start on a
+  prepared dataset; their warnings, and the simulator's own INFO lines, still show."""
   import logging as pylogging
   from launch import cli
 
@@ -278,11 +278,11 @@ def test_the_progress_log_drops_library_chatter_but_not_warnings():
 
   jax_probe = '/venv/lib/python3.11/site-packages/jax/_src/xla_bridge.py'
   orbax_save = '/venv/lib/python3.11/site-packages/orbax/checkpoint/_src/checkpointer.py'
+  tfds_open = '/venv/lib/python3.11/site-packages/tensorflow_datasets/core/dataset_info.py'
   ours = os.path.join(ROOT, 'fathom_sim', 'train.py')
-  assert not cli._quiet_libraries(record(jax_probe, pylogging.INFO))
-  assert not cli._quiet_libraries(record(orbax_save, pylogging.INFO))
-  assert cli._quiet_libraries(record(jax_probe, pylogging.WARNING))
-  assert cli._quiet_libraries(record(orbax_save, pylogging.WARNING))
+  for library in (jax_probe, orbax_save, tfds_open):
+    assert not cli._quiet_libraries(record(library, pylogging.INFO))
+    assert cli._quiet_libraries(record(library, pylogging.WARNING))
   assert cli._quiet_libraries(record(ours, pylogging.INFO))
 
 
