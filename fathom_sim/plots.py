@@ -53,10 +53,12 @@ def curve(group: Group, field: str, x_field: str = 'round'):
 
 def _draw(ax, groups: list[Group], field: str, x_field: str, log_y: bool = False) -> None:
   ax.set_prop_cycle(_STYLES)
+  drawn = 0
   for g in groups[:MAX_CURVES]:
     c = curve(g, field, x_field)
     if c is None:
       continue
+    drawn += 1
     x, mean, lo, hi, n = c
     seeds = (f'n={n} of {len(g.runs)} seeds, none finished' if not g.finished else
              f'n={n}' if n == len(g.runs) else f'n={n}: the finished of {len(g.runs)} seeds')
@@ -65,12 +67,21 @@ def _draw(ax, groups: list[Group], field: str, x_field: str, log_y: bool = False
     (line,) = ax.plot(x, mean, lw=1.2, label=label)
     if n > 1:
       ax.fill_between(x, lo, hi, color=line.get_color(), alpha=0.15, lw=0)
+  if not drawn:  # runs stopped before their first row, or FedAvg's h_glob: an empty panel said
+    ax.text(0.5, 0.5, f'no run has logged {field}', transform=ax.transAxes, ha='center',
+            va='center', fontsize=8, alpha=0.7)
   if len(groups) > MAX_CURVES:
     ax.text(0.01, 0.01, f'the first {MAX_CURVES} of {len(groups)} settings (report.md lists '
             'all)', transform=ax.transAxes, fontsize=7, alpha=0.7)
   if log_y:
     ax.set_yscale('log')
   ax.grid(alpha=0.3)
+
+
+def _legend(ax, fontsize: int) -> None:
+  """The legend of the curves drawn; none (and no matplotlib warning) where none is."""
+  if ax.get_legend_handles_labels()[0]:
+    ax.legend(fontsize=fontsize)
 
 
 def _save(fig, path: str) -> str:
@@ -95,7 +106,7 @@ def accuracy_plot(groups: list[Group], path: str, title: str = 'test accuracy') 
   a.set_xlabel('round')
   b.set_xlabel('examples processed by clients')
   a.set_ylabel('test accuracy')
-  a.legend(fontsize=7)
+  _legend(a, fontsize=7)
   fig.suptitle(title)
   return _save(fig, path)
 
@@ -107,7 +118,7 @@ def hparams_plot(groups: list[Group], path: str) -> str:
     _draw(ax, groups, field, 'round', log_y=field == 'batch_size')
     ax.set_title(label)
     ax.set_xlabel('round')
-  axes[0].legend(fontsize=6)
+  _legend(axes[0], fontsize=6)
   return _save(fig, path)
 
 

@@ -911,6 +911,32 @@ def test_a_curve_of_seeds_none_finished_says_so_in_its_label(tmp_path):
   assert plots.curve(group, 'eta')[4] == 3  # seed 2 has no rows
 
 
+def test_a_plot_of_runs_with_nothing_logged_says_so_without_a_legend_warning(tmp_path):
+  """Runs stopped before their first row: matplotlib warned "No artists with labels found to
+  put in legend" on the report's output, and the panels were blank without a word."""
+  import warnings
+  import matplotlib.pyplot as plt
+  root = tmp_path / 'sweep'
+  _write_run(root / 'eta=0.1' / 'seed=0', 'fathom', {}, 50, 0)
+  _write_run(root / 'eta=0.2' / 'seed=0', 'fathom', {}, 50, 0)
+  groups = report.group_runs(report.find_runs([str(root)]))
+  with warnings.catch_warnings():
+    warnings.simplefilter('error')
+    plots.write_plots(groups, str(tmp_path / 'report'), [0.3])
+  fig, ax = plt.subplots()
+  plots._draw(ax, groups, 'test_accuracy', 'round')
+  assert [t.get_text() for t in ax.texts] == ['no run has logged test_accuracy']
+  plt.close(fig)
+  # One setting with rows: its curve and legend, and no such text.
+  _write_run(root / 'eta=0.3' / 'seed=0', 'fathom', {2: 0.4}, 50, 2)
+  groups = report.group_runs(report.find_runs([str(root)]))
+  fig, ax = plt.subplots()
+  plots._draw(ax, groups, 'test_accuracy', 'round')
+  assert not ax.texts and ax.get_legend_handles_labels()[1] == [
+      'eta=0.3 (n=1 of 1 seeds, none finished)']
+  plt.close(fig)
+
+
 def test_a_report_rewritten_keeps_no_plot_of_the_last_and_labels_every_setting(tmp_path):
   """fathom_vs_fedavg.png was left from a last report whose targets some FedAvg setting
   reached, beside a report.md that had no such comparison; matplotlib left out of the legend
