@@ -504,9 +504,6 @@ def _run_all(sweep: SweepDef, out: str, runs: list[RunSpec], sweep_file: str, *,
       if unread:
         log(f'{where} {first.setting}: set by the sweep but not read by its runs: '
             + '; '.join(unread))
-    for i in batch:
-      entries[i] = _entry(runs[i], out, 'running')
-    save()
     start = time.time()
 
     def done(i: int, summary: dict) -> None:
@@ -516,6 +513,10 @@ def _run_all(sweep: SweepDef, out: str, runs: list[RunSpec], sweep_file: str, *,
       log(f'[{i + 1}/{len(runs)}] {runs[i].name}: done, final test accuracy {acc:.4f}')
 
     try:
+      # (Inside: a SIGTERM just after this save leaves the runs 'interrupted', not 'running'.)
+      for i in batch:
+        entries[i] = _entry(runs[i], out, 'running')
+      save()
       if len(batch) == 1:
         summaries = [train(runs[batch[0]].config, runs[batch[0]].workdir)]
       else:

@@ -67,8 +67,15 @@ def main(argv):
       return
     entries = []
     cli.use_compilation_cache(_COMPILATION_CACHE)
+    # A SIGTERM in a run's rounds is a preemption it checkpoints at (train.py); elsewhere
+    # (planning, between runs, loading a run's data) it ended the sweep at once, with no line,
+    # and left the run it was starting 'running' in sweep.json. It now stops as Ctrl-C does.
+    cli.terminate_as_interrupt()
     cli.run_or_exit(lambda: entries.extend(sweep_lib.run_sweep(
-        sweep, _OUT.value, extra=_EXTRA, vmap_seeds=_VMAP_SEEDS.value)))
+        sweep, _OUT.value, extra=_EXTRA, vmap_seeds=_VMAP_SEEDS.value)), interrupted=lambda e: (
+            f'stopped by {"SIGTERM" if isinstance(e, cli.Terminated) else "Ctrl-C"}; the same '
+            'command resumes the sweep: finished runs are skipped, started ones resume from '
+            'their last checkpoint'))
   except ConfigError as e:
     cli.fail(str(e))
   failed = [e for e in entries if e['status'] == 'failed']

@@ -1123,6 +1123,60 @@ def test_a_finished_run_taken_further_is_not_skipped_as_done(tmp_path, stopped_a
   assert trained == ([run.workdir] if status == 'pending' else [])  # (not "finished already")
 
 
+def test_a_sigterm_outside_a_runs_rounds_stops_the_sweep_in_one_line_leaving_none_running(
+    tmp_path):
+  """A SIGTERM while the sweep started a run (its data loading, before its rounds) ended the
+  sweep at once, with no line and status -15, and sweep.json said that run was 'running'."""
+  out = str(tmp_path / 'out')
+  sweep_file = tmp_path / 'two.py'
+  sweep_file.write_text(SWEEP_FILE.replace("'seeds': [0, 1]", "'seeds': [0]"))
+  code = ('import os, runpy, signal, sys, time\n'
+          'from fathom_sim import train\n'
+          'calls = []\n'
+          'def second_stopped(config, workdir):\n'
+          '  calls.append(workdir)\n'
+          '  if len(calls) == 2:\n'
+          '    os.kill(os.getpid(), signal.SIGTERM)\n'
+          '    time.sleep(60)\n'
+          "  return {'rounds': 3, 'final': {'test_accuracy': 0.5}}\n"
+          'train.train_and_evaluate = second_stopped\n'
+          f"sys.argv = ['sweep.py', '--sweep={sweep_file}', '--out={out}', "
+          "'--compilation_cache=']\n"
+          "runpy.run_path('launch/sweep.py', run_name='__main__')\n")
+  env = dict(os.environ, JAX_PLATFORMS='cpu')
+  env.pop('XLA_FLAGS', None)
+  p = subprocess.run([sys.executable, '-c', code], cwd=ROOT, env=env, timeout=120,
+                     capture_output=True, text=True)
+  assert p.returncode == 143, p.stderr[-2000:]
+  assert 'Traceback' not in p.stderr, p.stderr[-2000:]
+  assert p.stderr.splitlines()[-1] == (
+      'error: stopped by SIGTERM; the same command resumes the sweep: finished runs are '
+      'skipped, started ones resume from their last checkpoint')
+  with open(os.path.join(out, 'sweep.json')) as f:
+    assert [r['status'] for r in json.load(f)['runs']] == ['done', 'interrupted']
+
+
+def test_a_stop_just_after_a_run_is_marked_running_marks_it_interrupted(tmp_path, monkeypatch):
+  """The signal could land between sweep.json's save of 'running' and the handler that marks
+  a stopped run: 'running' stayed."""
+  from fathom_sim import metrics
+  from tests.common import tiny_config
+  definition = sweep.SweepDef(tiny_config(num_rounds=2), '<inline>', [{}], [0], {})
+  write_json = metrics.write_json
+
+  def stopped_after_running(path, value):
+    write_json(path, value)
+    if any(r['status'] == 'running' for r in value['runs']):
+      raise KeyboardInterrupt
+
+  monkeypatch.setattr(sweep.metrics, 'write_json', stopped_after_running)
+  with pytest.raises(KeyboardInterrupt):
+    sweep.run_sweep(definition, str(tmp_path / 'out'), log=lambda _: None,
+                    train=lambda c, w: pytest.fail('trained'))
+  with open(tmp_path / 'out' / 'sweep.json') as f:
+    assert [r['status'] for r in json.load(f)['runs']] == ['interrupted']
+
+
 def test_a_run_finished_as_the_sweep_is_stopped_keeps_its_result_in_sweep_json(tmp_path):
   """SIGTERM in a run's last round: it finishes, and the sweep stops. Its entry said 'done'
   with neither final_test_accuracy nor sweep_wall_s, and a rerun never gave the seconds back."""
