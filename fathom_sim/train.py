@@ -264,8 +264,9 @@ def _other_data(workdir: str, config, saved: str, data_id: str) -> Exception:
   """The error of a workdir whose checkpoints were trained on other data than `data_id`."""
   return workdir_lib.WorkdirError(
       f'{workdir_lib.named(workdir)} holds a run trained on other data than this command gives '
-      f'it ({_data_named(config)}): the clients, their example counts, or a prepared '
-      f'dataset\'s format or vocabulary differ (data fingerprint {saved}, now {data_id}); '
+      f'it ({_data_named(config)}): the clients, their example counts, the examples of a file '
+      f'or prepared dataset, or its format or vocabulary differ (data fingerprint {saved}, now '
+      f'{data_id}); '
       f'resume it on the data it was trained on, or {workdir_lib.another_folder()}')
 
 
@@ -324,6 +325,9 @@ def _run(run: Run, configs: list[ml_collections.ConfigDict], workdirs: list[str]
                f'; {len(configs)} seeds vectorised' if vectorized else '')
 
   data_id = fingerprint(task)
+  # What checkpoints kept before the examples' digest was part of the fingerprint: still the
+  # same data (a resume then keeps the full one).
+  known_ids = {data_id, fingerprint(task, examples=False)}
   if jax.process_count() > 1:
     # Each host reads its own config file and data: an edit on one worker, or data prepared
     # otherwise there, would give the processes different programs (a hang) or different
@@ -337,8 +341,8 @@ def _run(run: Run, configs: list[ml_collections.ConfigDict], workdirs: list[str]
           'the processes of the run were given different '
           + ' and '.join(f'{what} (process(es) {", ".join(map(str, who))} against process 0)'
                          for what, who in differ.items())
-          + ': every host runs the same config on the same data (its clients, their sizes '
-          'and a prepared dataset\'s format and vocabulary compared here)')
+          + ': every host runs the same config on the same data (its clients, their sizes, '
+          'a file\'s or prepared dataset\'s examples, format and vocabulary compared here)')
 
   states, hps = [], []
   # Out of memory at the model's init, the corrected command may start afresh in these
@@ -357,7 +361,7 @@ def _run(run: Run, configs: list[ml_collections.ConfigDict], workdirs: list[str]
       # damage to undo by moving them out (which would start the run again on other data).
       saved = checkpointer.saved_values('data')
       checkpointer.close()
-      if saved and data_id not in saved:
+      if saved and not known_ids & set(saved):
         raise _other_data(workdir, config, ', '.join(sorted(saved)), data_id) from e
       raise
     except BaseException:
@@ -374,11 +378,11 @@ def _run(run: Run, configs: list[ml_collections.ConfigDict], workdirs: list[str]
       # The config names the data, not what its folder holds now: data prepared again from
       # other files would silently make the resumed rounds another run's. (A checkpoint from
       # before the fingerprint was kept is taken as it is.)
-      if meta.get('data', data_id) != data_id:
+      if meta.get('data', data_id) not in known_ids:
         checkpointer.close()
         raise _other_data(workdir, config, meta['data'], data_id)
       logging.info('%s: resuming from the checkpoint of round %d', workdir, done)
-    meta.setdefault('data', data_id)
+    meta['data'] = data_id
     books.append(_Book(config, workdir, checkpointer, done, meta, cache_hits=cache_hits))
     states.append(state)
     hps.append(hp)

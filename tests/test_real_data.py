@@ -2,6 +2,7 @@
 Overflow model's masking and metrics; the configs of the paper's tasks."""
 
 import glob
+import hashlib
 import json
 import os
 import shutil
@@ -26,7 +27,7 @@ from fathom_sim.evaluation import make_evaluator
 from fathom_sim.mesh import make_mesh
 from fathom_sim.train import train_and_evaluate
 from fathom_sim.workdir import WorkdirError
-from tests.test_formats import (_ext_array, _tf_example, emnist_clients,
+from tests.test_formats import (_counts, _ext_array, _tf_example, emnist_clients,
                                 write_fedjax_emnist, write_tff)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -44,8 +45,20 @@ def _load_config(name):
 def test_real_femnist_leaf_sample_converts_and_trains(tmp_path):
   meta = prepare(os.path.join(DATA, 'femnist_leaf_sample'), str(tmp_path / 'femnist'),
                  fmt='leaf_json', task='emnist')
-  assert meta['splits'] == {'train': {'clients': 5, 'examples': 78},
-                            'test': {'clients': 5, 'examples': 89}}
+  assert _counts(meta) == {'train': {'clients': 5, 'examples': 78},
+                           'test': {'clients': 5, 'examples': 89}}
+  # The records' digest, against one of the records read back from the shards.
+  from array_record.python import array_record_module
+  for split in ('train', 'test'):
+    digest = hashlib.sha256()
+    shards = sorted(glob.glob(str(tmp_path / 'femnist' / tfds_store.BUILDER_DIR /
+                                  f'*-{split}.array_record-*')))
+    for shard in shards:
+      reader = array_record_module.ArrayRecordReader(shard)
+      for record in reader.read_all():
+        digest.update(len(record).to_bytes(8, 'little') + record)
+      reader.close()
+    assert shards and meta['splits'][split]['records_sha256'] == digest.hexdigest()
   task = load_prepared('femnist', str(tmp_path / 'femnist'))
   x = task.train.client(0)['x']
   assert x.shape == (11, 28, 28) and np.median(x) == 1.0  # white background, as LEAF stores it
@@ -100,6 +113,106 @@ def test_a_run_resumed_on_data_prepared_again_from_other_files_is_refused(tmp_pa
   after = {p: open(p, 'rb').read() for p in glob.glob(os.path.join(workdir, '**'),
                                                       recursive=True) if os.path.isfile(p)}
   assert after == before
+
+
+def _leaf_relabelled(leaf, out):
+  """The LEAF sample with the same writers and sizes, every label moved by 7 (of 62)."""
+  out.mkdir()
+  for split in ('train', 'test'):
+    with open(os.path.join(leaf, f'{split}.json')) as f:
+      data = json.load(f)
+    for user in data['user_data'].values():
+      user['y'] = [(y + 7) % 62 for y in user['y']]
+    (out / f'{split}.json').write_text(json.dumps(data))
+
+
+def test_a_resume_on_other_examples_with_the_same_clients_and_sizes_is_refused(tmp_path):
+  """Data prepared again from files whose writers and sizes were the same but whose labels
+  were not: the run resumed and trained its last rounds on them (the fingerprint held ids and
+  sizes only). Same for an npz file written again with other values."""
+  data, workdir = str(tmp_path / 'femnist'), str(tmp_path / 'run')
+  leaf = os.path.join(DATA, 'femnist_leaf_sample')
+  prepare(leaf, data, fmt='leaf_json', task='emnist')
+  config = _load_config('femnist')
+  config.data.data_dir = data
+  config.num_rounds, config.cohort_size, config.eval_every, config.checkpoint_every = 2, 2, 2, 1
+  config.model.name, config.model.hidden = 'mlp', (16,)
+  train_and_evaluate(config, workdir)
+  _leaf_relabelled(leaf, tmp_path / 'relabelled')
+  shutil.rmtree(data)
+  prepare(str(tmp_path / 'relabelled'), data, fmt='leaf_json', task='emnist')
+  config.num_rounds = 3
+  with pytest.raises(WorkdirError, match='trained on other data'):
+    train_and_evaluate(config, workdir)
+
+  from tests.common import tiny_config
+  path, workdir = str(tmp_path / 'd.npz'), str(tmp_path / 'npz_run')
+  counts = np.full(12, 10)
+
+  def write(seed):
+    r = np.random.default_rng(seed)
+    np.savez(path, x=r.normal(size=(counts.sum(), 8)).astype(np.float32),
+             y=np.arange(counts.sum()) % 10, num_examples=counts)
+
+  write(0)
+  config = tiny_config(num_rounds=2, checkpoint_every=1, cohort_size=3)
+  config.data.name, config.data.path, config.data.num_classes = 'npz', path, 0
+  config.model.name = 'logistic'
+  train_and_evaluate(config, workdir)
+  write(0)  # the same file written again: the same data
+  config.num_rounds = 3
+  assert train_and_evaluate(config, workdir)['rounds'] == 3
+  write(1)
+  config.num_rounds = 4
+  with pytest.raises(WorkdirError, match='trained on other data') as e:
+    train_and_evaluate(config, workdir)
+  assert f'data.path={path}' in str(e.value)
+
+
+def test_a_checkpoint_from_before_the_examples_digest_resumes_and_keeps_the_full_one(
+    tmp_path):
+  """A run whose checkpoints kept the fingerprint of ids and sizes alone (a dataset prepared
+  by an earlier version, without records_sha256) resumes on the same files prepared now, and
+  its checkpoints from then on keep the full fingerprint. Data generated from the config has
+  no examples' digest: its fingerprint is what it was."""
+  from fathom_sim.checkpoint import Checkpointer
+  data, workdir = str(tmp_path / 'femnist'), str(tmp_path / 'run')
+  leaf = os.path.join(DATA, 'femnist_leaf_sample')
+  prepare(leaf, data, fmt='leaf_json', task='emnist')
+  now = fingerprint(load_task(_femnist_data(data)))
+  meta_path = os.path.join(data, 'meta.json')
+  with open(meta_path) as f:
+    meta = json.load(f)
+  for split in meta['splits'].values():
+    del split['records_sha256']
+  with open(meta_path, 'w') as f:
+    json.dump(meta, f)
+  before = fingerprint(load_task(_femnist_data(data)))
+  assert before != now and before == fingerprint(load_task(_femnist_data(data)),
+                                                 examples=False)
+  config = _load_config('femnist')
+  config.data.data_dir = data
+  config.num_rounds, config.cohort_size, config.eval_every, config.checkpoint_every = 2, 2, 2, 1
+  config.model.name, config.model.hidden = 'mlp', (16,)
+  train_and_evaluate(config, workdir)
+  shutil.rmtree(data)
+  prepare(leaf, data, fmt='leaf_json', task='emnist')
+  config.num_rounds = 3
+  assert train_and_evaluate(config, workdir)['rounds'] == 3
+  checkpointer = Checkpointer(workdir, 3)
+  try:
+    assert checkpointer.saved_values('data') == {before, now}  # rounds 2 and 3
+  finally:
+    checkpointer.close()
+  from tests.common import tiny_config
+  generated = load_task(tiny_config().data)
+  assert fingerprint(generated) == fingerprint(generated, examples=False)
+
+
+def _femnist_data(data_dir):
+  data = _load_config('femnist').data
+  data.data_dir = data_dir
+  return data
 
 
 def test_data_that_reshapes_the_model_is_said_as_other_data_not_unreadable_checkpoints(
@@ -507,7 +620,7 @@ def test_a_leaf_file_with_the_empty_entries_leafs_split_leaves_is_read(tmp_path)
         'users': ['f0000'], 'num_samples': [2],
         'user_data': {'f0000': good, 'f0001': {'x': [], 'y': []}}}))
   meta = prepare(str(src), str(tmp_path / 'out'), fmt='leaf_json', task='emnist')
-  assert meta['splits']['train'] == {'clients': 1, 'examples': 2}
+  assert _counts(meta)['train'] == {'clients': 1, 'examples': 2}
 
 
 def test_a_word_count_file_with_a_byte_order_mark_or_still_compressed(tmp_path, caplog):

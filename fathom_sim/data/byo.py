@@ -9,6 +9,9 @@ test examples are then held out from its own, `test_fraction` of them), or a dir
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import json
 import os
 import zipfile
 import zlib
@@ -84,7 +87,20 @@ def _dataset(path: str, arrays: dict) -> ArrayClientDataset:
     x = x.astype(np.float32)
   offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
   _check_non_finite(path, x, offsets, ids)
-  return ArrayClientDataset({'x': x, 'y': y.astype(np.int32)}, offsets, ids)
+  return ArrayClientDataset({'x': x, 'y': y.astype(np.int32)}, offsets, ids,
+                            examples_sha256=_arrays_sha256(arrays))
+
+
+def _arrays_sha256(arrays: dict) -> str:
+  """The digest of the arrays a run reads from a file, as the file holds them (federated.
+  fingerprint): a file written again with other examples is other data, whatever its sizes."""
+  digest = hashlib.sha256()
+  for name in ('x', 'y', 'num_examples', 'client_ids'):
+    if name in arrays:
+      a = np.ascontiguousarray(arrays[name])
+      digest.update(json.dumps([name, a.dtype.str, a.shape]).encode())
+      digest.update(memoryview(a.reshape(-1)).cast('B'))
+  return digest.hexdigest()
 
 
 def _check_float32_range(path: str, x: np.ndarray) -> None:
@@ -176,7 +192,8 @@ def load_npz(path: str, *, num_classes: int = 0, test_fraction: float = 0.2,
     if not data.offsets[-1]:
       raise DataError(f'{path}: holds no examples (num_examples is empty or all 0); a client '
                       'file needs x [N, ...], y [N] and num_examples [C] with N > 0')
-    train, test = _hold_out(data, test_fraction, seed)
+    train, test = (dataclasses.replace(d, examples_sha256=data.examples_sha256)
+                   for d in _hold_out(data, test_fraction, seed))
   else:
     raise DataError(f'data.path {path!r}: no such file or directory (expected a .npz file, '
                     f'or a directory with train.npz and test.npz)'

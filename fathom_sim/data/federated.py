@@ -42,10 +42,12 @@ class Task(NamedTuple):
 
 @dataclasses.dataclass(frozen=True)
 class ArrayClientDataset:
-  """In-memory clients: client i owns rows offsets[i]:offsets[i+1] of every feature array."""
+  """In-memory clients: client i owns rows offsets[i]:offsets[i+1] of every feature array.
+  `examples_sha256`: a digest of the file they were read from (fingerprint), if any."""
   features: dict
   offsets: np.ndarray
   client_ids: np.ndarray
+  examples_sha256: str | None = None
 
   def __post_init__(self):
     n = len(self.offsets) - 1
@@ -111,6 +113,10 @@ class _Over:
   def identity(self):
     return getattr(self.dataset, 'identity', None)
 
+  @property
+  def examples_sha256(self) -> str | None:
+    return getattr(self.dataset, 'examples_sha256', None)
+
 
 @dataclasses.dataclass(frozen=True)
 class MappedClientDataset(_Over):
@@ -170,16 +176,26 @@ class Prefetcher(_Over):
     self._pool.shutdown(wait=False, cancel_futures=True)
 
 
-def fingerprint(task: Task) -> str:
+def fingerprint(task: Task, examples: bool = True) -> str:
   """A digest of the data a run trains and evaluates on: the task's name and classes, each
-  split's client ids and example counts in order, and what a dataset says decides its examples
-  beyond them (a prepared one's format and vocabulary: its `identity`). It does not read the
-  examples: data prepared again from the same files has the same fingerprint."""
+  split's client ids and example counts in order, what a dataset says decides its examples
+  beyond them (a prepared one's format and vocabulary: its `identity`), and, with `examples`,
+  the digest of the examples a dataset read from a file keeps (`examples_sha256`: a prepared
+  split's records, an npz file's arrays). Data prepared again from the same files has the same
+  fingerprint; from other files, another, even with the same clients and sizes.
+
+  Without `examples`: the fingerprint checkpoints kept before the examples' digest was part of
+  it (and still the whole of it for data generated from the config)."""
   digest = hashlib.sha256(json.dumps([task.name, int(task.num_classes)]).encode())
   for split in (task.train, task.test):
     digest.update(json.dumps([[str(i) for i in split.client_ids],
                               np.asarray(split.num_examples, np.int64).tolist(),
                               getattr(split, 'identity', None)], sort_keys=True).encode())
+  if examples:
+    for split in (task.train, task.test):
+      sha = getattr(split, 'examples_sha256', None)
+      if sha is not None:
+        digest.update(f'examples {sha}'.encode())
   return digest.hexdigest()[:16]
 
 

@@ -2,7 +2,8 @@
 
 A prepared dataset is a directory:
 
-  meta.json               task, source, format, num_classes, vocabulary size, splits (written last:
+  meta.json               task, source, format, num_classes, vocabulary size, splits (each
+                          one's clients, examples and the sha256 of its records; written last:
                           its presence means the directory is complete)
   clients-<split>.npz     client_ids [C] and num_examples [C] int64, in record order
   vocab.txt               (Stack Overflow) the vocabulary, one word per line
@@ -62,9 +63,11 @@ def features_dict(feature_specs: dict[str, tuple[tuple, str]]) -> tfds.features.
 
 def _write_split(folder: str, split: str, features, clients: Iterable[tuple[str, dict]],
                  writing: Callable) -> tuple:
-  """Writes one split's shards; returns (SplitInfo, client ids, example counts). `writing`
-  wraps each write: a full disk is the output's fault, not the input's."""
+  """Writes one split's shards; returns (SplitInfo, client ids, example counts, the sha256 of
+  its records in order). `writing` wraps each write: a full disk is the output's fault, not
+  the input's."""
   ids, counts, lengths, shards = [], [], [], []
+  digest = hashlib.sha256()
   total = shard_bytes = 0
   writer = None
   serializer = ExampleSerializer(features.get_serialized_info())
@@ -82,6 +85,8 @@ def _write_split(folder: str, split: str, features, clients: Iterable[tuple[str,
             deterministic=True)
     with writing(shards[-1]):
       writer.write(record)
+    digest.update(len(record).to_bytes(8, 'little'))
+    digest.update(record)
     ids.append(cid)
     counts.append(len(example['y']))
     lengths[-1] += 1
@@ -99,7 +104,7 @@ def _write_split(folder: str, split: str, features, clients: Iterable[tuple[str,
       os.rename(path, os.path.join(folder, f'{DATASET}-{split}.array_record-'
                                            f'{i:05d}-of-{len(shards):05d}'))
   info = tfds.core.SplitInfo(name=split, shard_lengths=lengths, num_bytes=total)
-  return info, ids, counts
+  return info, ids, counts, digest.hexdigest()
 
 
 def _save_npz(path: str, **arrays: np.ndarray) -> None:
@@ -285,7 +290,7 @@ def write(out: str, splits: dict[str, Iterable[tuple[str, dict]]],
   meta = dict(meta, layout_version=LAYOUT_VERSION, splits={})
   infos = []
   for split, clients in splits.items():
-    info, ids, counts = _write_split(folder, split, features, clients, writing)
+    info, ids, counts, records_sha256 = _write_split(folder, split, features, clients, writing)
     if not ids:  # TFDS's metadata writer refused it with a traceback naming no file
       raise DataError(f'{meta.get("source", "the source")}: its {split} split holds no '
                       'clients; a prepared dataset needs clients in each split it has '
@@ -299,7 +304,8 @@ def write(out: str, splits: dict[str, Iterable[tuple[str, dict]]],
     with writing(index):
       _save_npz(index, client_ids=np.array(ids, dtype=str),
                 num_examples=np.array(counts, np.int64))
-    meta['splits'][split] = {'clients': len(ids), 'examples': int(np.sum(counts))}
+    meta['splits'][split] = {'clients': len(ids), 'examples': int(np.sum(counts)),
+                             'records_sha256': records_sha256}
   with writing(folder):
     tfds.folder_dataset.write_metadata(data_dir=folder, features=features, split_infos=infos,
                                        check_data=False)
@@ -430,13 +436,23 @@ class PreparedClientDataset:
   @property
   def identity(self) -> dict:
     """What decides the examples beyond the clients' ids and sizes (federated.fingerprint):
-    meta.json's fields but the paths it was prepared from, and the vocabulary's digest."""
+    meta.json's fields but the paths it was prepared from and the records' digests (which are
+    `examples_sha256`), and the vocabulary's digest."""
     identity = {k: v for k, v in self._meta.items() if k not in ('source', 'vocab_source')}
+    if 'splits' in identity:
+      identity['splits'] = {name: {k: v for k, v in split.items() if k != 'records_sha256'}
+                            for name, split in identity['splits'].items()}
     vocab = os.path.join(self.data_dir, 'vocab.txt')
     if os.path.exists(vocab):
       with open(vocab, 'rb') as f:
         identity['vocab_sha256'] = hashlib.sha256(f.read()).hexdigest()
     return identity
+
+  @property
+  def examples_sha256(self) -> str | None:
+    """The digest of this split's records as prepare_data.py wrote them (None: a dataset
+    prepared before it was kept)."""
+    return (self._meta.get('splits', {}).get(self.split) or {}).get('records_sha256')
 
   @property
   def num_examples(self) -> np.ndarray:
