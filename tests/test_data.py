@@ -1,6 +1,7 @@
 """Data sources and cohort sampling: generated tasks, bring-your-own npz, sampling."""
 
 import os
+import zipfile
 
 import numpy as np
 import pytest
@@ -281,7 +282,19 @@ def test_npz_directory_with_train_and_test(tmp_path):
     ('no_test', 'must hold train.npz and test.npz'),
     ('shapes', 'train inputs are (5,) but test inputs are (6,)'),
     ('empty', 'holds no examples (num_examples is empty or all 0)'),  # was a KeyError 'y'
-    ('huge_label', 'labels must be below 2^31, found 2147483648'),  # wrapped to -2^31
+    ('huge_label', 'labels must be below 2^31 - 1, found 2147483648'),  # wrapped to -2^31
+    # Its classes, the label + 1, wrapped past int32 in the model.
+    ('largest_label', 'labels must be below 2^31 - 1, found 2147483647'),
+    # The counts' int64 sum wrapped round to the one row: it was copied into two clients.
+    ('wrapping_counts', 'x has 1 rows, y 1, num_examples adds up to 18446744073709551617; all '
+                        'three must agree'),
+    ('uint64_counts', 'num_examples adds up to 18446744073709551617'),  # numpy's cast warning
+    # Said as config.cohort_size past 0 clients with data, the file unnamed.
+    ('empty_train_npz', 'train.npz: holds no examples'),
+    ('dev_null', "data.path '/dev/null': neither a file nor a directory"),  # 'no such file'
+    # A header giving a shape past the file's bytes: it was said as a config asking for too
+    # much memory (data.num_clients, model widths), the file unnamed.
+    ('huge_header', 'its arrays do not fit in the host\'s memory (Unable to allocate'),
     ('same_ids', "client_ids must be distinct; 'a' names 2 clients"),
     ('damaged_deflate', 'not a readable .npz file (Error -3 while decompressing'),  # zlib.error
     ('scalar_x', 'x must be an array [N, ...] with a row per example'),  # was len() TypeError
@@ -338,6 +351,31 @@ def test_npz_problems_name_the_file_and_the_fix(tmp_path, problem, needle):
     np.savez(path, x=np.zeros((0, 5)), y=np.zeros(0, np.int64), num_examples=np.zeros(0, int))
   elif problem == 'huge_label':
     np.savez(path, x=np.zeros((2, 5)), y=np.array([0, 2**31]), num_examples=np.array([2]))
+  elif problem == 'largest_label':
+    np.savez(path, x=np.zeros((2, 5)), y=np.array([0, 2**31 - 1]), num_examples=np.array([2]))
+  elif problem == 'wrapping_counts':
+    np.savez(path, x=np.zeros((1, 5)), y=np.zeros(1, np.int64),
+             num_examples=np.array([2**62] * 3 + [2**62 + 1], np.int64))
+  elif problem == 'uint64_counts':
+    np.savez(path, x=np.zeros((1, 5)), y=np.zeros(1, np.int64),
+             num_examples=np.array([2**64 - 1, 2], np.uint64))
+  elif problem == 'empty_train_npz':
+    path = tmp_path / 'dir'
+    path.mkdir()
+    np.savez(path / 'train.npz', x=np.zeros((0, 5)), y=np.zeros(0, np.int64),
+             num_examples=np.zeros(2, int))
+    _write_clients(path / 'test.npz', [3])
+  elif problem == 'dev_null':
+    path = '/dev/null'
+  elif problem == 'huge_header':
+    header = {'descr': '<f4', 'fortran_order': False, 'shape': (10**12, 8)}
+    with zipfile.ZipFile(path, 'w') as z:
+      with z.open('x.npy', 'w') as f:
+        np.lib.format.write_array_header_1_0(f, header)
+        f.write(np.zeros((40, 8), np.float32).tobytes())
+      for name, array in (('y', np.zeros(40, np.int64)), ('num_examples', np.array([40]))):
+        with z.open(f'{name}.npy', 'w') as f:
+          np.lib.format.write_array(f, array)
   elif problem == 'same_ids':
     np.savez(path, x=np.zeros((3, 5)), y=np.array([0, 1, 0]), num_examples=np.array([1, 1, 1]),
              client_ids=np.array(['a', 'b', 'a']))

@@ -51,6 +51,10 @@ def _read(path: str) -> dict:
   except (OSError, ValueError, zipfile.BadZipFile, EOFError, zlib.error) as e:  # (zlib: a
     # np.savez_compressed member whose deflated bytes are damaged)
     raise DataError(f'{path}: not a readable .npz file ({e})') from None
+  except MemoryError as e:  # (also a damaged header claiming a shape past the file's bytes:
+    # it was said as a config asking for too much memory, the file unnamed)
+    raise DataError(f'{path}: its arrays do not fit in the host\'s memory ({e}); the file is '
+                    'read whole: check its shapes, or split it into smaller files') from None
 
 
 def _dataset(path: str, arrays: dict) -> ArrayClientDataset:
@@ -70,13 +74,17 @@ def _dataset(path: str, arrays: dict) -> ArrayClientDataset:
     raise DataError(f'{path}: num_examples must be a 1-D array of non-negative integers')
   if not np.issubdtype(y.dtype, np.integer) or y.ndim != 1:
     raise DataError(f'{path}: y must be a 1-D integer label array, got {y.dtype} {y.shape}')
-  if len(x) != len(y) or counts.sum() != len(y):
+  # (Each count at most N first: int64 counts summing past 2^63 wrapped round to N, and the
+  # file's rows were given to clients it does not hold.)
+  if len(x) != len(y) or (len(counts) and counts.max() > len(y)) or counts.sum() != len(y):
+    total = sum(int(c) for c in counts)  # (exact: said, not computed with)
     raise DataError(f'{path}: x has {len(x)} rows, y {len(y)}, num_examples adds up to '
-                    f'{counts.sum()}; all three must agree')
+                    f'{total}; all three must agree')
   if len(y) and y.min() < 0:
     raise DataError(f'{path}: labels must be >= 0, found {y.min()}')
-  if len(y) and y.max() >= 2**31:  # held as int32 from here on: it would wrap, silently
-    raise DataError(f'{path}: labels must be below 2^31, found {y.max()}')
+  if len(y) and y.max() >= 2**31 - 1:  # held as int32 from here on, and so are the classes
+    # (the largest label + 1): it would wrap, silently
+    raise DataError(f'{path}: labels must be below 2^31 - 1, found {y.max()}')
   ids = arrays.get('client_ids')
   if ids is None:
     ids = np.array([f'client_{i:06d}' for i in range(len(counts))])
@@ -187,6 +195,9 @@ def load_npz(path: str, *, num_classes: int = 0, test_fraction: float = 0.2,
       raise DataError(f'{path}: a data directory must hold train.npz and test.npz; '
                       f'missing {absent}')
     train, test = (_dataset(f, _read(f)) for f in files)
+    if not train.offsets[-1]:  # (it was said as config.cohort_size past 0 clients with data)
+      raise DataError(f'{files[0]}: holds no examples (num_examples is empty or all 0); the '
+                      'training clients need examples')
   elif os.path.isfile(path):
     data = _dataset(path, _read(path))
     if not data.offsets[-1]:
@@ -194,6 +205,9 @@ def load_npz(path: str, *, num_classes: int = 0, test_fraction: float = 0.2,
                       'file needs x [N, ...], y [N] and num_examples [C] with N > 0')
     train, test = (dataclasses.replace(d, examples_sha256=data.examples_sha256)
                    for d in _hold_out(data, test_fraction, seed))
+  elif os.path.exists(path):  # (/dev/null, a pipe: it was said to be missing)
+    raise DataError(f'data.path {path!r}: neither a file nor a directory (expected a .npz '
+                    'file, or a directory with train.npz and test.npz)')
   else:
     raise DataError(f'data.path {path!r}: no such file or directory (expected a .npz file, '
                     f'or a directory with train.npz and test.npz)'
