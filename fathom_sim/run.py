@@ -125,7 +125,8 @@ def build(config: ml_collections.ConfigDict, task: Task | None = None) -> Run:
                            compute_dtype=config.model.compute_dtype,
                            expected_length=config.model.expected_length,
                            init=config.model.init)
-  _check_params_fit(_check_model_fits(model, config.model.name, task), mesh)
+  _check_params_fit(_check_model_fits(model, config.model.name, task), mesh,
+                    _model_sized_by(config, task))
   _warn_integer_inputs(config.model.name, task)
   server_opt = server.server_optimizer(
       config.server_optimizer, config.server_lr, momentum=config.server_momentum,
@@ -379,7 +380,19 @@ def _memory_bytes(mesh) -> tuple[int, str]:
   return host_memory(), "the host's memory"
 
 
-def _check_params_fit(param_bytes: int, mesh) -> None:
+def _model_sized_by(config, task: Task) -> str:
+  """What sizes the model, said where it is too big: npz data sets its classes too, from its
+  largest label where data.num_classes is 0 (one stray label of 10^9 made a 242 GiB model,
+  blamed on config.model alone)."""
+  fields = '(config.model.hidden, config.model.name)'
+  if config.data.name != 'npz':
+    return fields
+  taken = (f'the largest label of {config.data.path} + 1, as data.num_classes is 0'
+           if not config.data.num_classes else 'config.data.num_classes')
+  return f'{fields}, or fewer classes ({task.num_classes:,}: {taken})'
+
+
+def _check_params_fit(param_bytes: int, mesh, sized_by: str) -> None:
   """Refuses, before the workdir is touched, a model whose parameters alone exceed a device's
   memory (on CPU, the host's, which holds every device's copy): its first state ran out of
   memory after config.json and the lock were made."""
@@ -389,7 +402,7 @@ def _check_params_fit(param_bytes: int, mesh) -> None:
     raise ConfigError(f'config.model: its parameters alone take {param_bytes / 2**30:.1f} GiB'
                       + (f' (x{copies} devices\' copies)' if copies > 1 else '')
                       + f', more than {what} ({limit / 2**30:.1f} GiB); a smaller model '
-                      '(config.model.hidden, config.model.name)')
+                      + sized_by)
 
 
 def _check_first_round_fits(config, task: Task, mesh, lanes: int) -> None:

@@ -707,3 +707,20 @@ def test_a_model_whose_parameters_exceed_the_memory_is_refused_before_the_workdi
                      r'\(\d+\.\d GiB\); a smaller model'):
     train_and_evaluate(config, str(tmp_path / 'run'))
   assert not (tmp_path / 'run').exists()
+
+
+def test_npz_classes_that_make_the_model_too_big_are_named_as_the_cause(tmp_path):
+  """One stray label of 2^31 - 2 (data.num_classes 0: taken from the labels) made a model of
+  terabytes, and the error blamed config.model alone."""
+  from fathom_sim.train import train_and_evaluate
+  path = str(tmp_path / 'd.npz')
+  np.savez(path, x=np.zeros((4, 8), np.float32), y=np.array([0, 1, 2, 2**31 - 2]),
+           num_examples=np.array([2, 2]))
+  config = tiny_config(cohort_size=2, **{'model.hidden': (1000,)})
+  config.data.name, config.data.path, config.data.num_classes = 'npz', path, 0
+  with pytest.raises(ConfigError) as e:
+    train_and_evaluate(config, str(tmp_path / 'run'))
+  assert str(e.value).endswith(
+      'a smaller model (config.model.hidden, config.model.name), or fewer classes '
+      f'(2,147,483,647: the largest label of {path} + 1, as data.num_classes is 0)'), str(e.value)
+  assert not (tmp_path / 'run').exists()
