@@ -609,6 +609,44 @@ def test_more_bad_source_files_are_refused_in_one_line(tmp_path, problem, needle
   assert '\n' not in str(err.value) and not os.path.exists(tmp_path / 'out')
 
 
+@pytest.mark.parametrize('odd, needle', [
+    # The index cut the NUL (numpy's str arrays drop trailing ones): the conversion ended
+    # well, and every run then found record and index disagreeing, prepared again or not.
+    ('f0\u0000', "client id 'f0\\x00' of its train split holds a NUL character"),
+    # A 58-line TFDS traceback, exit status 1.
+    ('f0\ud800', "client id 'f0\\ud800' of its train split is not valid Unicode (a lone "
+                 'surrogate)'),
+])
+def test_client_ids_the_prepared_dataset_cannot_keep_are_refused(tmp_path, odd, needle):
+  src = tmp_path / 'leaf'
+  src.mkdir()
+  user = {'x': [[0.5] * 784] * 2, 'y': [1, 2]}
+  for split in ('train', 'test'):
+    (src / f'{split}.json').write_text(json.dumps(
+        {'users': [odd, 'f1'], 'num_samples': [2, 2], 'user_data': {odd: user, 'f1': user}}))
+  with pytest.raises(DataError) as err:
+    prepare(str(src), str(tmp_path / 'out'), fmt='leaf_json', task='emnist')
+  assert str(err.value) == (f'{src}: {needle}; client ids must be distinct text without NUL '
+                            'characters'), str(err.value)
+  assert not os.path.exists(tmp_path / 'out') and not os.path.exists(tmp_path / 'out.partial')
+
+
+def test_fedjax_ids_alike_once_their_prefixes_are_dropped_are_refused(tmp_path):
+  """FedJAX's ids are '<16 hex digits>:<id>', read as <id>: two rows of one writer were
+  prepared as two clients of the same id."""
+  clients = emnist_clients(0, [3, 4])
+  write_fedjax_emnist(tmp_path / 'src', clients, emnist_clients(1, [2]))
+  db = sqlite3.connect(tmp_path / 'src' / 'federated_emnist_train.sqlite')
+  first, second = sorted(clients)
+  db.execute('UPDATE federated_data SET client_id = ? WHERE client_id = ?',
+             (f'{1:016x}:{first}'.encode(), f'{1:016x}:{second}'.encode()))
+  db.commit()
+  db.close()
+  with pytest.raises(DataError, match=f"client id '{first}' of its train split names two "
+                                      'clients'):
+    prepare(str(tmp_path / 'src'), str(tmp_path / 'out'), fmt='fedjax_sqlite', task='emnist')
+
+
 def test_a_leaf_file_with_the_empty_entries_leafs_split_leaves_is_read(tmp_path):
   """LEAF's split_data.py makes an empty user_data entry for every user, then drops those with
   fewer than 2 samples from "users": such an entry is no unlisted data."""

@@ -61,17 +61,36 @@ def features_dict(feature_specs: dict[str, tuple[tuple, str]]) -> tfds.features.
   return tfds.features.FeaturesDict(features)
 
 
+def _check_client_id(source: str, split: str, cid: str, seen: set) -> None:
+  """An id the index and the record both keep as given, once per split: one ending in NUL
+  was cut in the index (numpy's str arrays drop trailing NULs), so every run then found
+  record and index disagreeing; a lone surrogate was a TFDS traceback."""
+  try:
+    cid.encode('utf-8')
+  except UnicodeEncodeError:
+    problem = 'is not valid Unicode (a lone surrogate)'
+  else:
+    problem = ('holds a NUL character' if '\0' in cid else
+               'names two clients' if cid in seen else None)
+  if problem:
+    raise DataError(f'{source}: client id {cid!r} of its {split} split {problem}; client ids '
+                    'must be distinct text without NUL characters')
+  seen.add(cid)
+
+
 def _write_split(folder: str, split: str, features, clients: Iterable[tuple[str, dict]],
-                 writing: Callable) -> tuple:
+                 writing: Callable, source: str) -> tuple:
   """Writes one split's shards; returns (SplitInfo, client ids, example counts, the sha256 of
   its records in order). `writing` wraps each write: a full disk is the output's fault, not
   the input's."""
   ids, counts, lengths, shards = [], [], [], []
+  seen: set[str] = set()
   digest = hashlib.sha256()
   total = shard_bytes = 0
   writer = None
   serializer = ExampleSerializer(features.get_serialized_info())
   for cid, example in clients:
+    _check_client_id(source, split, cid, seen)
     if writer is None:
       shards.append(os.path.join(folder, f'{split}.shard{len(shards)}.tmp'))
       with writing(shards[-1]):
@@ -290,7 +309,8 @@ def write(out: str, splits: dict[str, Iterable[tuple[str, dict]]],
   meta = dict(meta, layout_version=LAYOUT_VERSION, splits={})
   infos = []
   for split, clients in splits.items():
-    info, ids, counts, records_sha256 = _write_split(folder, split, features, clients, writing)
+    info, ids, counts, records_sha256 = _write_split(folder, split, features, clients, writing,
+                                                     meta.get('source', 'the source'))
     if not ids:  # TFDS's metadata writer refused it with a traceback naming no file
       raise DataError(f'{meta.get("source", "the source")}: its {split} split holds no '
                       'clients; a prepared dataset needs clients in each split it has '
