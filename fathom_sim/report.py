@@ -276,19 +276,32 @@ def find_runs(paths: list[str]) -> list[RunData]:
   directly is named by its path as given, less a final seed=<n>: two sweeps' settings of the
   same name stay apart, and the seed folders of one setting given one by one group together.
   """
-  runs, seen = [], {}  # a run's real path -> the folder given that reached it
+  from fathom_sim.data import DataError
+  runs, seen = [], {}  # a run's real path -> (the folder given that reached it, the path)
   for root, setting_of in _roots(paths):
-    for dirpath, dirnames, filenames in os.walk(root):
+    # Links followed: a seed moved to another disk and linked back was left out without a
+    # word (its setting 1 seed of 2, 'not started'), and a folder of links to runs had none.
+    # A link back to a folder the walk is inside is not (it would never end).
+    inside = {root: frozenset({os.path.realpath(root)})}  # the real folders a path is inside
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
       dirnames.sort(key=natural_key)
       if metrics.METRICS_FILE not in filenames:
+        here = inside.pop(dirpath)
+        below = [(d, os.path.realpath(os.path.join(dirpath, d))) for d in dirnames]
+        dirnames[:] = [d for d, real in below if real not in here]
+        inside.update((os.path.join(dirpath, d), here | {real}) for d, real in below
+                      if real not in here)
         continue
       dirnames[:] = []  # a run's own subfolders (checkpoints) hold no runs
       real = os.path.realpath(dirpath)
       if real in seen:  # its seeds would count twice in every mean
-        from fathom_sim.data import DataError
-        raise DataError(f'{dirpath} is a run under both {seen[real]!r} and {root!r}: give each '
+        first_root, first = seen[real]
+        if first_root == root:
+          raise DataError(f'{dirpath} is the run {first} again, through a link: its seeds would '
+                          'count twice; remove one of the two from the folder')
+        raise DataError(f'{dirpath} is a run under both {first_root!r} and {root!r}: give each '
                         'run or sweep folder once (a sweep and a folder inside it overlap)')
-      seen[real] = root
+      seen[real] = (root, dirpath)
       runs.append(read_run(dirpath, setting_of(dirpath)))
   return runs
 

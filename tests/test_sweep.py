@@ -317,6 +317,29 @@ def _write_run(workdir, algorithm, acc_by_round, examples_per_round, rounds, *,
       f.write(json.dumps(row) + '\n')
 
 
+def test_the_report_follows_links_to_runs_and_refuses_one_run_reached_twice(tmp_path):
+  """A seed moved to another disk and linked back was left out without a word (its setting
+  '1 of 2 (1 not started)'), and a folder of links to runs gave 'no runs'. A link back up
+  the tree must not make the walk endless; two links to one run would count it twice."""
+  from fathom_sim.data import DataError
+  root = tmp_path / 'sweep'
+  _write_run(root / 'eta=0.1' / 'seed=0', 'fedavg', {2: 0.3}, 50, 2)
+  _write_run(tmp_path / 'disk' / 's1', 'fedavg', {2: 0.5}, 50, 2)
+  os.symlink(tmp_path / 'disk' / 's1', root / 'eta=0.1' / 'seed=1')
+  os.symlink(root, root / 'eta=0.1' / 'up')  # a cycle
+  [group] = report.group_runs(report.find_runs([str(root)]))
+  assert (group.setting, len(group.runs)) == ('eta=0.1', 2)
+  assert report.final_accuracy(group)[0] == pytest.approx(0.4)
+  links = tmp_path / 'links'
+  links.mkdir()
+  os.symlink(root / 'eta=0.1', links / 'a')
+  assert [len(g.runs) for g in report.group_runs(report.find_runs([str(links)]))] == [2]
+  os.symlink(tmp_path / 'disk' / 's1', links / 'b')
+  with pytest.raises(DataError, match=f"{links / 'b'} is the run {links / 'a' / 'seed=1'} "
+                                      'again, through a link'):
+    report.find_runs([str(links)])
+
+
 def test_report_says_the_comparison_is_missing_for_settings_run_unlike(tmp_path):
   """A FedAvg grid of another cohort size reached the target: the figure is not drawn, and the
   advice to lower the targets (which cannot help) was given all the same."""
