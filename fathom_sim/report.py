@@ -488,6 +488,22 @@ def grid_cost(groups: list[Group]) -> tuple[int, int, int]:
 GRID_FIELDS = frozenset({'algorithm', 'eta', 'epochs', 'batch_size', 'seed'})
 
 
+def same_runs(groups: list[Group]) -> list[list[RunData]]:
+  """Runs of one config and seed found in several folders (every field they read alike, but
+  those a resumed run may change): the same run twice, whose copies count as seeds of their
+  setting (three copies: '3 seeds', std 0) or twice in a grid's cost."""
+  by_key: dict[str, list[RunData]] = {}
+  for g in groups:
+    for r in g.runs:
+      if not r.config:
+        continue
+      flat = workdir_lib.with_defaults(r.config)
+      drop = (workdir_lib.RESUMABLE_FIELDS - MEASURED_ALIKE) | unread_paths(flat)
+      key = json.dumps({f: v for f, v in flat.items() if f not in drop}, sort_keys=True)
+      by_key.setdefault(key, []).append(r)
+  return [runs for runs in by_key.values() if len(runs) > 1]
+
+
 def _grid_key(group: Group) -> tuple:
   flat = workdir_lib.with_defaults(group.config)
   # alpha too: FedAvg reads it only for the h_glob it logs, its model is the same at any alpha.
@@ -603,6 +619,13 @@ def markdown(groups: list[Group], targets: list[float], *, timing: bool = True,
               'other seeds; summary.json: the run unfinished; sweep.json: the seeds not started '
               'and those failed not counted): '
               + ', '.join(f'`{path}`' for path in damaged) + '.']
+  same = same_runs(groups)
+  if same:
+    lines += ['', 'Warning: runs of one config and seed, each counted as a run of its own (a copy, '
+              'or `--config.seed` left out of a seed\'s command): '
+              + '; '.join(', '.join(f'`{r.workdir}`' for r in runs) for runs in same[:5])
+              + (f'; and {len(same) - 5} more such sets' if len(same) > 5 else '')
+              + '. Their means, stds and grid costs count the same run more than once.']
   for g in groups:
     differ = g.differing_fields()
     if differ:

@@ -340,6 +340,34 @@ def test_the_report_follows_links_to_runs_and_refuses_one_run_reached_twice(tmp_
     report.find_runs([str(links)])
 
 
+def test_the_report_warns_of_runs_of_one_config_and_seed_counted_apart(tmp_path):
+  """Three seed folders whose commands left out --config.seed: '3 seeds', std 0, and no word.
+  A copy of a sweep given beside it: each FedAvg run twice in the grid's cost."""
+  root = tmp_path / 'runs'
+
+  def run(path, seed, **fields):
+    _write_run(path, 'fedavg', {2: 0.3}, 50, 2)
+    with open(path / 'config.json', 'w') as f:
+      json.dump({'algorithm': 'fedavg', 'seed': seed, 'num_rounds': 2, **fields}, f)
+
+  for seed in (0, 1):
+    run(root / 'fedavg' / f'seed={seed}', 0)
+  run(root / 'fedavg' / 'seed=2', 2)
+  run(root / 'other' / 'seed=0', 0, eta=0.5)
+  text = report.markdown(report.group_runs(report.find_runs([str(root)])), [0.2])
+  assert ('Warning: runs of one config and seed, each counted as a run of its own (a copy, or '
+          f"`--config.seed` left out of a seed's command): `{root / 'fedavg' / 'seed=0'}`, "
+          f"`{root / 'fedavg' / 'seed=1'}`. Their means") in text, text
+  # Seeds apart, a field apart (eta), or a field a resume may change (num_rounds): no word.
+  run(tmp_path / 'fine' / 'a' / 'seed=0', 0)
+  run(tmp_path / 'fine' / 'a' / 'seed=1', 1)
+  run(tmp_path / 'fine' / 'b' / 'seed=0', 0, eta=0.5)
+  with open(tmp_path / 'fine' / 'a' / 'seed=1' / 'config.json', 'w') as f:
+    json.dump({'algorithm': 'fedavg', 'seed': 1, 'num_rounds': 3}, f)
+  assert 'Warning: runs of one config' not in report.markdown(
+      report.group_runs(report.find_runs([str(tmp_path / 'fine')])), [0.2])
+
+
 def test_report_says_the_comparison_is_missing_for_settings_run_unlike(tmp_path):
   """A FedAvg grid of another cohort size reached the target: the figure is not drawn, and the
   advice to lower the targets (which cannot help) was given all the same."""
