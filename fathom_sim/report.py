@@ -637,10 +637,24 @@ def markdown(groups: list[Group], targets: list[float], *, timing: bool = True,
   for label, fedavg, fathom in found:
     lines += _grid_table(label, fedavg, fathom, targets)
   if found and alone:
+    grid_keys = [dict(_grid_key(fedavg[0])) for _, fedavg, _ in found]
     lines += ['', 'FATHOM settings run unlike every FedAvg grid (in a field other than eta, '
-              'E and B), so compared with none: ' + ', '.join(f'`{g.setting}`' for g in alone)
-              + '.']
+              'E and B), so compared with none: '
+              + ', '.join(f'`{g.setting}` ({_unlike(g, grid_keys)})' for g in alone) + '.']
   return '\n'.join(lines) + '\n'
+
+
+def _unlike(group: Group, grid_keys: list[dict]) -> str:
+  """The fields in which a FATHOM setting differs from the FedAvg grid nearest it (the one
+  it differs from in fewest fields), with both values."""
+  mine = dict(_grid_key(group))
+  diffs = [{f: (mine.get(f), key.get(f)) for f in sorted(set(mine) | set(key))
+            if mine.get(f) != key.get(f)} for key in grid_keys]
+  nearest = min(diffs, key=len)
+  said = lambda v: '—' if v is None else json.loads(v)  # noqa: E731
+  return ('; '.join(f'{f} {said(a)}, the grid\'s {said(b)}' for f, (a, b) in
+                    list(nearest.items())[:4])
+          + (f'; and {len(nearest) - 4} more' if len(nearest) > 4 else ''))
 
 
 def _grid_table(label: str, fedavg: list[Group], fathom: list[Group],

@@ -382,6 +382,10 @@ def test_report_says_the_comparison_is_missing_for_settings_run_unlike(tmp_path)
   assert p.stdout.splitlines()[-1] == (
       'no fathom_vs_fedavg.png: no FedAvg grid is run alike with a FATHOM setting (the same '
       'fields but eta, E and B: cohort size, model, data, ...); report.md says which differ')
+  # ... and it does (it named the settings only).
+  with open(tmp_path / 'report' / 'report.md') as f:
+    assert ('compared with none: `fathom` (cohort_size 10, the grid\'s 99).'
+            in f.read())
 
 
 def test_tables_match_hand_computed_values(tmp_path):
