@@ -128,12 +128,14 @@ class RunData:
 class Group:
   """The runs of one setting, one per seed; `listed` the seeds its sweep.json names (0 where
   no sweep.json names the setting), `failed` those of its runs it marks failed, and
-  `failed_unstarted` those it marks failed that have no run folder (stopped before a row)."""
+  `failed_unstarted` those it marks failed that have no run folder (stopped before a row),
+  `gone` those it marks done that have none (moved or deleted since)."""
   setting: str
   runs: list[RunData]
   listed: int = 0
   failed: int = 0
   failed_unstarted: int = 0
+  gone: int = 0
 
   @property
   def config(self) -> dict:
@@ -338,9 +340,10 @@ def natural_key(name: str) -> list:
 
 
 def find_listed(paths: list[str]) -> dict[str, dict[str, int]]:
-  """{setting: {'seeds': n, 'failed': k, 'failed_unstarted': j}} from the sweep.json of each
-  sweep folder given: the seeds a sweep runs, started or not, those of its run folders it
-  marked failed, and those it marked failed that have no run folder. A setting's seed folders
+  """{setting: {'seeds': n, 'failed': k, 'failed_unstarted': j, 'gone': d}} from the
+  sweep.json of each sweep folder given: the seeds a sweep runs, started or not, those of its
+  run folders it marked failed, those it marked failed that have no run folder, and those it
+  marked done that have none (its folder moved or deleted since). A setting's seed folders
   alone cannot tell a seed not started (or whose folder is gone) from one never asked for."""
   from fathom_sim.sweep import INDEX_FILE
   listed: dict[str, dict[str, int]] = {}
@@ -351,11 +354,14 @@ def find_listed(paths: list[str]) -> dict[str, dict[str, int]]:
         continue
       workdir = os.path.join(root, e['workdir'])
       counts = listed.setdefault(setting_of(workdir),
-                                 {'seeds': 0, 'failed': 0, 'failed_unstarted': 0})
+                                 {'seeds': 0, 'failed': 0, 'failed_unstarted': 0, 'gone': 0})
       counts['seeds'] += 1
-      if e.get('status') == 'failed':  # a run is a folder with metrics.jsonl (find_runs)
-        ran = os.path.isfile(os.path.join(workdir, metrics.METRICS_FILE))
+      # (a run is a folder with metrics.jsonl: find_runs)
+      ran = os.path.isfile(os.path.join(workdir, metrics.METRICS_FILE))
+      if e.get('status') == 'failed':
         counts['failed' if ran else 'failed_unstarted'] += 1
+      elif e.get('status') == 'done' and not ran:  # it was said 'not started'
+        counts['gone'] += 1
   return listed
 
 
@@ -380,7 +386,7 @@ def group_runs(runs: list[RunData],
   for g in groups.values():
     counts = (listed or {}).get(g.setting, {})
     g.listed, g.failed = counts.get('seeds', 0), counts.get('failed', 0)
-    g.failed_unstarted = counts.get('failed_unstarted', 0)
+    g.failed_unstarted, g.gone = counts.get('failed_unstarted', 0), counts.get('gone', 0)
   return list(groups.values())
 
 
@@ -571,9 +577,11 @@ def markdown(groups: list[Group], targets: list[float], *, timing: bool = True,
     failed = min(g.failed, unfinished)
     missing = max(g.listed - len(g.runs), 0)
     failed_unstarted = min(g.failed_unstarted, missing)
+    gone = min(g.gone, missing - failed_unstarted)
     notes = [f'{n} {what}' for n, what in (
         (unfinished - failed, 'unfinished'), (failed + failed_unstarted, 'failed'),
-        (missing - failed_unstarted, 'not started')) if n]
+        (missing - failed_unstarted - gone, 'not started'),
+        (gone, 'done but its folder gone')) if n]
     seeds = (str(len(g.runs)) + (f' of {g.listed}' if missing else '')
              + (f' ({", ".join(notes)})' if notes else ''))
     final = _fmt_acc(final_accuracy(g))
@@ -600,9 +608,10 @@ def markdown(groups: list[Group], targets: list[float], *, timing: bool = True,
                'finished, each seed\'s last evaluation instead.')
   if not_started:
     def seeds(c: dict) -> str:
-      n, failed = c['seeds'], c.get('failed_unstarted', 0)
-      return f'{n} seed{"s" * (n > 1)}' + (f', {failed} failed' if failed else '')
-    lines += ['', 'No run folder yet (listed in sweep.json): '
+      n, failed, gone = c['seeds'], c.get('failed_unstarted', 0), c.get('gone', 0)
+      return (f'{n} seed{"s" * (n > 1)}' + (f', {failed} failed' if failed else '')
+              + (f', {gone} done but its folder gone' if gone else ''))
+    lines += ['', 'No run folder (listed in sweep.json): '
               + ', '.join(f'`{s}` ({seeds(c)})' for s, c in not_started.items()) + '.']
   rounds = {g.setting: g.num_rounds for g in groups}
   if len(set(rounds.values())) > 1:

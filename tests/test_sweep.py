@@ -1035,20 +1035,23 @@ def test_a_sweeps_seeds_not_started_or_failed_are_said_in_the_tables(tmp_path):
   _write_run(root / 'fathom' / 'seed=0', 'fathom', {}, 100, 1)  # diverged in round 1
   _write_run(root / 'fathom' / 'seed=2', 'fathom', {}, 100, 1)  # running
   runs = [{'name': f'{s}/seed={i}', 'setting': s, 'workdir': f'{s}/seed={i}', 'status': st}
-          for s, sts in (('eta=0.1', ['done', 'done', 'pending']),
+          for s, sts in (('eta=0.1', ['done', 'done', 'pending', 'done']),  # seed 3: gone
                          # seed 1: failed before its first row (no run folder)
                          ('fathom', ['failed', 'failed', 'running', 'pending']),
-                         ('eta=1.0', ['pending', 'failed']))
+                         ('eta=1.0', ['pending', 'failed', 'done']))
           for i, st in enumerate(sts)]
   (root / 'sweep.json').write_text(json.dumps({'sweep': 's.py', 'runs': runs}))
   listed = report.find_listed([str(root)])
   groups = report.group_runs(report.find_runs([str(root)]), listed)
   table = report.markdown(groups, [0.3], not_started=report.not_started(groups, listed))
   row = {line.split(' | ')[0]: line for line in table.splitlines() if line.startswith('| `')}
-  assert '| 2 of 3 (1 not started) | 0.400 ± 0.000 (2 finished) |' in row['| `eta=0.1`'], table
-  assert '| 2.0 ± 0.0 (2/3) |' in row['| `eta=0.1`']  # the seed not started has not reached it
+  # A seed done whose folder was since moved or deleted was said 'not started'.
+  assert ('| 2 of 4 (1 not started, 1 done but its folder gone) | 0.400 ± 0.000 (2 finished) |'
+          in row['| `eta=0.1`']), table
+  assert '| 2.0 ± 0.0 (2/4) |' in row['| `eta=0.1`']  # the seed not started has not reached it
   assert '| 2 of 4 (1 unfinished, 2 failed, 1 not started) |' in row['| `fathom`'], table
-  assert 'No run folder yet (listed in sweep.json): `eta=1.0` (2 seeds, 1 failed).' in table
+  assert ('No run folder (listed in sweep.json): `eta=1.0` (3 seeds, 1 failed, 1 done but its '
+          'folder gone).') in table
   # A torn sweep.json counts nothing, and is named (it was passed over without a word).
   (root / 'sweep.json').write_text('{"sweep": "s.py", "ru')
   assert report.find_listed([str(root)]) == {}
