@@ -1106,7 +1106,8 @@ def test_fedavg_grids_are_compared_with_the_fathom_settings_run_alike(tmp_path):
   assert 'FedAvg grid search (cohort_size=100): 2 runs, 3,600 examples' in table
   assert ('| 0.3 | `cohort_size=100,fedavg,eta=0.3` | 2.0 | 800 | 20 | 4.0 | 2,800 | 40 |'
           in table), table
-  assert 'compared with none: `cohort_size=100,fathom,server_lr=0.5`.' in table
+  assert ('compared with none: `cohort_size=100,fathom,server_lr=0.5` (server_lr 0.5, the '
+          "grid's 1.0).") in table
   assert 'different numbers of rounds' not in table
   out = str(tmp_path / 'report')
   assert any(p.endswith('fathom_vs_fedavg.png') for p in plots.write_plots(groups, out, [0.3]))
