@@ -292,19 +292,28 @@ def _earlier_entries(out: str) -> dict[str, dict]:
   return {e['name']: e for e in runs or () if isinstance(e, dict) and 'name' in e}
 
 
-def _result(run: RunSpec, earlier: dict | None) -> dict:
-  """A finished run's fields in sweep.json: its final accuracy, from its summary, and the
-  seconds the sweep that trained it spent, where its entry recorded them."""
-  result = {'final_test_accuracy': _final_accuracy(metrics.read_summary(run.workdir) or {})}
-  if earlier and earlier.get('status') == 'done' and 'sweep_wall_s' in earlier:
-    result['sweep_wall_s'] = earlier['sweep_wall_s']
-  return result
+def _result(run: RunSpec) -> dict:
+  """A finished run's field in sweep.json: its final accuracy, from its summary."""
+  return {'final_test_accuracy': _final_accuracy(metrics.read_summary(run.workdir) or {})}
 
 
-def _entry(run: RunSpec, out: str, status: str, **extra) -> dict:
+def _spent_before(run: RunSpec, earlier: dict | None) -> float | None:
+  """The seconds earlier sweep commands spent on a run, as its last entry recorded them,
+  while its folder holds what they did (a run started afresh owes them nothing); None where
+  none is recorded."""
+  seconds = (earlier or {}).get('sweep_wall_s')
+  if (isinstance(seconds, (int, float)) and not isinstance(seconds, bool)
+      and math.isfinite(seconds) and seconds >= 0 and os.path.isdir(run.workdir)):
+    return float(seconds)
+  return None
+
+
+def _entry(run: RunSpec, out: str, status: str, spent: float | None = None, **extra) -> dict:
+  """A run's entry in sweep.json; `spent`: the seconds sweeps spent on it so far (None: none
+  recorded), kept so that a command that goes on with the run adds to them."""
   return {'name': run.name, 'setting': run.setting, 'overrides': run.overrides,
           'seed': run.seed, 'workdir': os.path.relpath(run.workdir, out), 'status': status,
-          **extra}
+          **extra, **({} if spent is None else {'sweep_wall_s': spent})}
 
 
 def check_out(sweep: SweepDef, out: str, extra: dict | None = None) -> str:
@@ -429,13 +438,18 @@ def _run_all(sweep: SweepDef, out: str, runs: list[RunSpec], sweep_file: str, *,
   from fathom_sim import workdir as workdir_lib
   from fathom_sim.data import DataError, DatasetError
   earlier = _earlier_entries(out)
+  # The seconds sweeps spent on each run: those of earlier commands, and this one's added as
+  # each batch ends (a vectorised group's split among its seeds). A run stopped and resumed,
+  # or extended, had the last command's seconds alone; a group's seeds each had the group's.
+  spent = [_spent_before(r, earlier.get(r.name)) for r in runs]
   entries = []
-  for r in runs:
+  for i, r in enumerate(runs):
     status, error = run_status(r)
     if status == 'done':  # its result kept: a sweep run again rewrites sweep.json
-      entries.append(_entry(r, out, status, **_result(r, earlier.get(r.name))))
+      entries.append(_entry(r, out, status, spent[i], **_result(r)))
     else:
-      entries.append(_entry(r, out, status, **({} if error is None else {'error': error})))
+      entries.append(_entry(r, out, status, spent[i],
+                            **({} if error is None else {'error': error})))
   # Runs of this folder that this command does not plan (settings since taken out of the
   # sweep file, fewer --seeds) stay listed while they are runs (their metrics.jsonl, as
   # report.py finds them): report.py counts their seeds all the same, and sweep.json keeps what
@@ -481,7 +495,8 @@ def _run_all(sweep: SweepDef, out: str, runs: list[RunSpec], sweep_file: str, *,
     if len(batch) == 1 and is_finished(runs[batch[0]]):
       # A seed of a vectorised group that failed: the group finished it before failing. Its
       # entry says what a run finished here says (but the sweep's seconds, not spent here).
-      entries[batch[0]] = _entry(runs[batch[0]], out, 'done', **_result(runs[batch[0]], None))
+      entries[batch[0]] = _entry(runs[batch[0]], out, 'done', spent[batch[0]],
+                                 **_result(runs[batch[0]]))
       log(f'[{batch[0] + 1}/{len(runs)}] {runs[batch[0]].name}: finished already')
       save()
       continue
@@ -491,7 +506,7 @@ def _run_all(sweep: SweepDef, out: str, runs: list[RunSpec], sweep_file: str, *,
     known = data_errors.get(data_key(runs[batch[0]]))
     if known is not None:
       for i in batch:
-        entries[i] = _entry(runs[i], out, 'failed', error=known)
+        entries[i] = _entry(runs[i], out, 'failed', spent[i], error=known)
       log(f'{where} {names}: failed, not tried: the same data as a run that failed')
       save()
       continue
@@ -506,16 +521,20 @@ def _run_all(sweep: SweepDef, out: str, runs: list[RunSpec], sweep_file: str, *,
             + '; '.join(unread))
     start = time.time()
 
+    def charge(batch=batch, start=start) -> None:
+      """Adds this batch's seconds to its runs, once, as it ends."""
+      for i in batch:
+        spent[i] = (spent[i] or 0.0) + (time.time() - start) / len(batch)
+
     def done(i: int, summary: dict) -> None:
       acc = _final_accuracy(summary)
-      entries[i] = _entry(runs[i], out, 'done', final_test_accuracy=acc,
-                          sweep_wall_s=time.time() - start)
+      entries[i] = _entry(runs[i], out, 'done', spent[i], final_test_accuracy=acc)
       log(f'[{i + 1}/{len(runs)}] {runs[i].name}: done, final test accuracy {acc:.4f}')
 
     try:
       # (Inside: a SIGTERM just after this save leaves the runs 'interrupted', not 'running'.)
       for i in batch:
-        entries[i] = _entry(runs[i], out, 'running')
+        entries[i] = _entry(runs[i], out, 'running', spent[i])
       save()
       if len(batch) == 1:
         summaries = [train(runs[batch[0]].config, runs[batch[0]].workdir)]
@@ -523,22 +542,24 @@ def _run_all(sweep: SweepDef, out: str, runs: list[RunSpec], sweep_file: str, *,
         summaries = train_group([runs[i].config for i in batch],
                                 [runs[i].workdir for i in batch])
     except train_lib.Diverged as e:
+      charge()
       # The runs that diverged fail; of a group run one by one (its seeds' checkpoints stood
       # at different rounds), the seeds finished stay done and those not reached run later.
       again = []
       for i in batch:
         if runs[i].workdir in e.workdirs:
-          entries[i] = _entry(runs[i], out, 'failed', error=str(e))
+          entries[i] = _entry(runs[i], out, 'failed', spent[i], error=str(e))
           log(f'{where} {runs[i].name}: failed: {e}')
         elif is_finished(runs[i]):  # its seeds went on
           done(i, metrics.read_summary(runs[i].workdir) or {})
         else:
-          entries[i] = _entry(runs[i], out, 'pending')
+          entries[i] = _entry(runs[i], out, 'pending', spent[i])
           again.append(i)
       pending.extendleft([i] for i in reversed(again))
       save()
       continue
     except InputError as e:  # a config's, the data's or a workdir's
+      charge()
       seeds_own = isinstance(e, (train_lib.OutOfMemory, workdir_lib.WorkdirError)) or (
           isinstance(e, DataError) and not isinstance(e, DatasetError))
       if len(batch) > 1 and seeds_own:
@@ -547,25 +568,27 @@ def _run_all(sweep: SweepDef, out: str, runs: list[RunSpec], sweep_file: str, *,
         # alone and fails or finishes by itself. (A config error is every seed's alike.)
         log(f'{where} {names}: failed vectorised ({e}); running these seeds one by one')
         for i in batch:
-          entries[i] = _entry(runs[i], out, 'pending')
+          entries[i] = _entry(runs[i], out, 'pending', spent[i])
         pending.extendleft([i] for i in reversed(batch))
         save()
         continue
       for i in batch:
-        entries[i] = _entry(runs[i], out, 'failed', error=str(e))
+        entries[i] = _entry(runs[i], out, 'failed', spent[i], error=str(e))
       log(f'{where} {names}: failed: {e}')
       if isinstance(e, DatasetError):
         data_errors[data_key(runs[batch[0]])] = str(e)
       save()
       continue
     except BaseException:
+      charge()
       for i in batch:  # a seed the group (or its one-by-one fallback) finished stays done
         if is_finished(runs[i]):  # (with its result: a SIGTERM in its last round lost both)
           done(i, metrics.read_summary(runs[i].workdir) or {})
         else:
-          entries[i] = _entry(runs[i], out, 'interrupted')
+          entries[i] = _entry(runs[i], out, 'interrupted', spent[i])
       save()
       raise
+    charge()
     for i, summary in zip(batch, summaries):
       done(i, summary)
     save()

@@ -1236,6 +1236,51 @@ def test_a_stop_just_after_a_run_is_marked_running_marks_it_interrupted(tmp_path
     assert [r['status'] for r in json.load(f)['runs']] == ['interrupted']
 
 
+def test_sweep_wall_s_sums_the_commands_that_ran_a_run_and_splits_a_group(tmp_path,
+                                                                          monkeypatch):
+  """A run stopped and resumed, or extended, had the last command's seconds alone; the seeds
+  of a vectorised group each had the whole group's, so that their sum was n times the time."""
+  from fathom_sim import metrics
+  from fathom_sim import workdir as workdir_lib
+  from tests.common import tiny_config
+  clock = [1000.0]
+  monkeypatch.setattr(sweep, 'time', type('Clock', (), {'time': staticmethod(lambda: clock[0])}))
+
+  def trained(config, workdir, seconds, stop=False):
+    clock[0] += seconds
+    os.makedirs(workdir, exist_ok=True)
+    workdir_lib.save_config(workdir, config)
+    if stop:
+      raise KeyboardInterrupt
+    metrics.write_json(os.path.join(workdir, metrics.SUMMARY_FILE),
+                       {'rounds': config.num_rounds, 'final': {'test_accuracy': 0.5}})
+    return {'final': {'test_accuracy': 0.5}}
+
+  definition = sweep.SweepDef(tiny_config(num_rounds=2), '<inline>', [{}], [0], {})
+  out = str(tmp_path / 'out')
+  with pytest.raises(KeyboardInterrupt):
+    sweep.run_sweep(definition, out, train=lambda c, w: trained(c, w, 30.0, stop=True),
+                    log=lambda _: None)
+  [entry] = sweep.run_sweep(definition, out, train=lambda c, w: trained(c, w, 12.0),
+                            log=lambda _: None)
+  assert entry['sweep_wall_s'] == 42.0
+  definition.config.num_rounds = 3  # extended: its seconds go on from there
+  [entry] = sweep.run_sweep(definition, out, train=lambda c, w: trained(c, w, 8.0),
+                            log=lambda _: None)
+  assert (entry['status'], entry['sweep_wall_s']) == ('done', 50.0)
+  # A run started afresh (its folder deleted) owes nothing to the seconds its entry recorded.
+  shutil.rmtree(os.path.join(out, entry['workdir']))
+  [entry] = sweep.run_sweep(definition, out, train=lambda c, w: trained(c, w, 5.0),
+                            log=lambda _: None)
+  assert entry['sweep_wall_s'] == 5.0
+
+  group = sweep.SweepDef(tiny_config(num_rounds=2), '<inline>', [{}], [0, 1, 2], {})
+  entries = sweep.run_sweep(group, str(tmp_path / 'group'), vmap_seeds=True, log=lambda _: None,
+                            train_group=lambda cs, ws: [trained(c, w, 10.0 * (c.seed == 0))
+                                                        for c, w in zip(cs, ws)])
+  assert [e['sweep_wall_s'] for e in entries] == [pytest.approx(10 / 3)] * 3
+
+
 def test_a_run_finished_as_the_sweep_is_stopped_keeps_its_result_in_sweep_json(tmp_path):
   """SIGTERM in a run's last round: it finishes, and the sweep stops. Its entry said 'done'
   with neither final_test_accuracy nor sweep_wall_s, and a rerun never gave the seconds back."""
