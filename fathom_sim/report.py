@@ -51,17 +51,21 @@ class Rows:
   logged value exactly (JSON numbers are read as float64, rounds and counts are below 2**53).
   """
 
-  def __init__(self, columns: dict[str, np.ndarray]):
+  def __init__(self, columns: dict[str, np.ndarray], rejected_at_end: int = 0):
     self.columns = columns
+    self.rejected_at_end = rejected_at_end  # the rounds rejected in a row at the end
 
   @classmethod
   def read(cls, path: str) -> 'Rows':
     """The rows of a metrics.jsonl, streamed (metrics.iter_rows: same torn-line rules)."""
     cols = {f: array.array('d') for f in FIELDS}
+    rejected = 0
     for row in metrics.iter_rows(path):
       for f, col in cols.items():
         col.append(_number(row.get(f)))
-    return cls({f: np.frombuffer(col, np.float64) for f, col in cols.items()})
+      if 'accepted' in row:
+        rejected = 0 if row['accepted'] else rejected + 1
+    return cls({f: np.frombuffer(col, np.float64) for f, col in cols.items()}, rejected)
 
   def __len__(self) -> int:
     return len(self.columns['round'])
@@ -110,6 +114,14 @@ class RunData:
   @property
   def algorithm(self) -> str:
     return self.config.get('algorithm', '?')
+
+  @property
+  def diverged(self) -> bool:
+    """Stopped for good, unfinished: its last config.max_rejected_rounds rounds rejected
+    (no finite update), where the run stops (train.py); run again, it stops again."""
+    limit = workdir_lib.with_defaults(self.config).get('max_rejected_rounds')
+    return (self.summary is None and isinstance(limit, int) and limit > 0
+            and self.rows.rejected_at_end >= limit)
 
   @property
   def total_examples(self) -> int:
@@ -575,11 +587,16 @@ def markdown(groups: list[Group], targets: list[float], *, timing: bool = True,
   for g in groups:
     unfinished = len(g.runs) - len(g.finished)
     failed = min(g.failed, unfinished)
+    # Diverged and stopped, beyond those the sweep marked failed (which a sweep's diverged
+    # runs are): they were said 'unfinished', as if running them again would go on.
+    diverged = min(max(sum(r.diverged for r in g.runs) - failed, 0), unfinished - failed)
     missing = max(g.listed - len(g.runs), 0)
     failed_unstarted = min(g.failed_unstarted, missing)
     gone = min(g.gone, missing - failed_unstarted)
     notes = [f'{n} {what}' for n, what in (
-        (unfinished - failed, 'unfinished'), (failed + failed_unstarted, 'failed'),
+        (unfinished - failed - diverged, 'unfinished'),
+        (diverged, 'diverged: stopped by max_rejected_rounds'),
+        (failed + failed_unstarted, 'failed'),
         (missing - failed_unstarted - gone, 'not started'),
         (gone, 'done but its folder gone')) if n]
     seeds = (str(len(g.runs)) + (f' of {g.listed}' if missing else '')

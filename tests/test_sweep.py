@@ -368,6 +368,28 @@ def test_the_report_warns_of_runs_of_one_config_and_seed_counted_apart(tmp_path)
       report.group_runs(report.find_runs([str(tmp_path / 'fine')])), [0.2])
 
 
+def test_a_run_stopped_by_max_rejected_rounds_is_said_diverged_not_unfinished(tmp_path):
+  """Outside a sweep (which marks it failed), a run stopped for good by max_rejected_rounds
+  was 'unfinished', as if running it again would go on; it stops again."""
+  root = tmp_path / 'runs'
+  for seed, rejected in ((0, 3), (1, 2)):  # seed 1: two rounds rejected, still going
+    path = root / 'fedavg' / f'seed={seed}'
+    _write_run(path, 'fedavg', {2: 0.3}, 50, 6)
+    rows = [json.loads(line) for line in (path / 'metrics.jsonl').read_text().splitlines()]
+    for i, row in enumerate(rows):
+      row['accepted'] = i < len(rows) - rejected
+    rows.append({'round': 6, 'test_accuracy': 0.3})  # a row without 'accepted': no change
+    (path / 'metrics.jsonl').write_text(''.join(json.dumps(r) + '\n' for r in rows))
+    (path / 'config.json').write_text(json.dumps(
+        {'algorithm': 'fedavg', 'seed': seed, 'num_rounds': 10, 'max_rejected_rounds': 3}))
+  runs = report.find_runs([str(root)])
+  assert [r.rows.rejected_at_end for r in runs] == [3, 2]
+  assert [r.diverged for r in runs] == [True, False]
+  table = report.markdown(report.group_runs(runs), [0.2])
+  assert '| `fedavg` | fedavg | 2 (1 unfinished, 1 diverged: stopped by max_rejected_rounds) |' in (
+      table), table
+
+
 def test_report_says_the_comparison_is_missing_for_settings_run_unlike(tmp_path):
   """A FedAvg grid of another cohort size reached the target: the figure is not drawn, and the
   advice to lower the targets (which cannot help) was given all the same."""
