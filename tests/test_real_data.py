@@ -477,6 +477,8 @@ def test_bad_tff_files_are_refused_with_one_clear_error(tmp_path, problem, needl
     ('users', '"users" must be a list of user ids (strings)'),
     # a JSON integer past float64: an OverflowError's traceback
     ('huge_pixel', 'user a: "x" must be lists of numbers (int too large to convert to float)'),
+    # said as values to divide by 255 ('pixel values span [nan, nan]')
+    ('null_pixel', 'client a: a pixel is NaN or infinite (a null in the file'),
     ('xml', 'not well-formed XML'),
     ('not_posts', 'expected a Stack Exchange Posts.xml'),
     ('post_id', "a row's Id is 'x1'; Posts.xml Ids are whole numbers"),
@@ -507,10 +509,11 @@ def test_bad_leaf_and_posts_files_are_refused(tmp_path, problem, needle):
          'num_samples': [1] if problem == 'short_counts' else [1, 1],
          'user_data': {'a': user, 'b': user}}))
     (src / 'test.json').write_text('{"users": [], "user_data": {}}')
-  elif problem == 'huge_pixel':
+  elif problem in ('huge_pixel', 'null_pixel'):
     (src / 'train.json').write_text('{"users": ["a"], "num_samples": [1], "user_data": '
                                     '{"a": {"x": [[%s]], "y": [3]}}}' % ', '.join(
-                                        ['1' + '0' * 400] + ['0.5'] * 783))
+                                        ['1' + '0' * 400 if problem == 'huge_pixel' else 'null']
+                                        + ['0.5'] * 783))
     (src / 'test.json').write_text('{"users": [], "user_data": {}}')
   else:
     src = tmp_path / 'Posts.xml'

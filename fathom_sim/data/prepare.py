@@ -51,6 +51,9 @@ def emnist_client(where: str, cid: str, pixels, labels) -> dict:
     raise DataError(f'{where}: client {cid}: {len(x)} images but labels of shape {y.shape}')
   # Every public copy (FedJAX, TFF, LEAF) holds floats in [0, 1]; 0..255 values would train
   # a model built for those at 255x the input scale, silently.
+  if x.size and not np.isfinite(x).all():  # (it was said as values to divide by 255)
+    raise DataError(f'{where}: client {cid}: a pixel is NaN or infinite (a null in the file, '
+                    'or a damaged value); EMNIST pixels are numbers in [0, 1]')
   if x.size and not (np.min(x) >= 0 and np.max(x) <= 1):
     raise DataError(f'{where}: client {cid}: pixel values span [{np.min(x):g}, {np.max(x):g}]; '
                     'EMNIST pixels are in [0, 1] in the public files (divide 0..255 values '
