@@ -422,6 +422,9 @@ def _example_with_huge_label() -> bytes:
 
 @pytest.mark.parametrize('problem,needle', [
     ('compressed', 'not a readable SQLite database'),
+    # a download cut short: it was said to need lzma -d
+    ('cut_short', 'not a readable SQLite database (database disk image is malformed); it starts '
+                  'as an SQLite file does, so it is damaged or cut short: download it again'),
     ('truncated', 'corrupt example proto'),
     ('count', 'has 2 examples but client_metadata says 3'),
     ('pixels', 'pixels have shape (2, 756); EMNIST clients need [N, 28, 28]'),
@@ -442,6 +445,9 @@ def test_bad_tff_files_are_refused_with_one_clear_error(tmp_path, problem, needl
   huge = _example_with_huge_label()
   if problem == 'compressed':
     path.write_bytes(b'\xfd7zXZ\x00' + bytes(100))  # an .lzma left compressed
+  elif problem == 'cut_short':
+    write_tff(path, {'train': {'w1': [good] * 20}, 'test': {'w1': [good]}})
+    path.write_bytes(path.read_bytes()[:4106])
   elif problem == 'digits_only':
     write_tff(path, {'digits_only_train': {'w1': [good]}, 'digits_only_test': {'w1': [good]}})
   else:

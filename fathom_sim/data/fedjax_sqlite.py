@@ -91,9 +91,7 @@ class FedjaxSqlite:
       self._db = sqlite3.connect(read_only_uri(path), uri=True)
       columns = [row[1] for row in self._db.execute(f'PRAGMA table_info({TABLE})')]
     except sqlite3.DatabaseError as e:
-      found = sniff.kind(path, but='a SQLite')
-      raise DataError(f'{path}: not a readable SQLite database ({e})'
-                      + (f'; it is {found}' if found else '')) from None
+      raise sniff.unreadable_sqlite(path, e) from None
     if tuple(columns[:3]) != COLUMNS:
       tables = table_names(self._db)
       other = ('; it is a TFF .sqlite file: give --format=tff_sqlite'

@@ -20,19 +20,30 @@ _MAGIC = (
 )
 
 
-def kind(path: str, *, but: str = '') -> str | None:
-  """What `path` is where its first bytes say (None: unknown, unreadable, or a kind that
-  starts with `but`: a damaged SQLite file is not said to be 'a SQLite database')."""
+def kind(path: str) -> str | None:
+  """What `path` is where its first bytes say (None: unknown or unreadable)."""
   try:
     with open(path, 'rb') as f:
       head = f.read(16)
   except OSError:
     return None
-  found = next((what for magic, what in _MAGIC if head.startswith(magic)), None)
-  return None if found and but and found.startswith(but) else found
+  return next((what for magic, what in _MAGIC if head.startswith(magic)), None)
 
 
 def not_a_file(path: str, expected: str) -> DataError:
   """The error for a source `path` that is no file: missing, or a folder."""
   what = 'a folder, not a file' if os.path.isdir(path) else 'no such file'
   return DataError(f'{path}: {what} (expected {expected})')
+
+
+def unreadable_sqlite(path: str, error: Exception, otherwise: str = '') -> DataError:
+  """The error for a source SQLite cannot read: what its first bytes say it is; a file that
+  starts as an SQLite file is damaged or cut short (a cut download was said to need lzma -d);
+  `otherwise` where they say nothing known."""
+  found = kind(path)
+  if found and found.startswith('a SQLite'):
+    hint = 'it starts as an SQLite file does, so it is damaged or cut short: download it again'
+  else:
+    hint = f'it is {found}' if found else otherwise
+  return DataError(f'{path}: not a readable SQLite database ({error})'
+                   + (f'; {hint}' if hint else ''))

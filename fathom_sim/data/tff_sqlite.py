@@ -39,10 +39,8 @@ class TffSqlite:
           raise DataError(f'{path}: table {table} with columns {columns} not found; expected a '
                           f'TFF .sqlite file{other}')
     except sqlite3.DatabaseError as e:
-      found = sniff.kind(path, but='a SQLite')
-      raise DataError(f'{path}: not a readable SQLite database ({e}); ' + (
-          f'it is {found}' if found else 'a TFF file ending in .lzma must be decompressed with '
-          'lzma -d first')) from None
+      raise sniff.unreadable_sqlite(path, e, 'a TFF file ending in .lzma must be decompressed '
+                                    'with lzma -d first') from None
 
   def splits(self) -> list[str]:
     return [r[0] for r in read_rows(
