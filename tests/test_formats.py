@@ -500,6 +500,18 @@ def test_stackexchange_posts_group_by_owner_and_split_by_date(tmp_path, monkeypa
     assert f.read().split() == ['the', 'beer']
 
 
+def test_a_word_holding_a_line_break_stays_out_of_the_vocabulary_written_a_word_a_line():
+  """Sentences are split on ' ' alone (as FedJAX's are), so 'wor\\nld' was a word of the
+  train split's vocabulary: vocab.txt then held more lines than words, every word after it a
+  line off its id."""
+  from fathom_sim.data.vocab import vocabulary_from
+  vocab = vocabulary_from(['wor\nld wor\nld b\rc hops', 'wor\nld hops the'], 3)
+  assert vocab.words == ['hops', 'the']
+  x, y = vocab.encode(['wor\nld the'], 4)
+  oov, the = len(vocab.words) + 3, 3 + 1
+  assert (x[0].tolist(), y[0].tolist()) == ([1, oov, the, 0], [oov, the, 2, 0])  # 1 bos, 2 eos
+
+
 def _bad_source(tmp_path, case: str) -> tuple[str, dict]:
   """A source of the public formats with one thing wrong; (src path, prepare's kwargs)."""
   src = tmp_path / 'src'

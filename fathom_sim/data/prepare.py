@@ -21,8 +21,7 @@ from fathom_sim.data.fedjax_sqlite import FedjaxSqlite
 from fathom_sim.data.leaf import LeafJson, split_files
 from fathom_sim.data.stackexchange import StackExchangeXml
 from fathom_sim.data.tff_sqlite import TffSqlite
-from fathom_sim.data.vocab import (TEXT_VERSION, Vocabulary, ids_dtype, read_word_counts,
-                                   vocabulary_from)
+from fathom_sim.data.vocab import TEXT_VERSION, ids_dtype, read_word_counts, vocabulary_from
 from fathom_sim.errors import MOUNT_HINT, is_url, tilde_left
 
 TASKS = ('emnist', 'stackoverflow')
@@ -327,8 +326,3 @@ def _convert(source: str, out: str, partial: str, *, fmt: str, task: str, vocab_
   return tfds_store.write(out, streams, specs, meta, extra, partial=partial,
                           before_rename=src.close)
 
-
-def vocabulary(data_dir: str) -> Vocabulary:
-  """The vocabulary a prepared Stack Overflow dataset was encoded with."""
-  with open(os.path.join(data_dir, 'vocab.txt'), encoding='utf-8') as f:
-    return Vocabulary(f.read().split('\n')[:-1])

@@ -165,9 +165,12 @@ _JOINED_COUNT = re.compile(r'.+[,;]\d+')
 
 
 def vocabulary_from(sentences: Iterable[str | bytes], size: int) -> Vocabulary:
-  """The `size` most frequent words of the sentences (ties broken by first appearance)."""
+  """The `size` most frequent words of the sentences (ties broken by first appearance), but
+  those holding a line break: vocab.txt keeps a word per line (line i: id i + 3), and one such
+  word shifted every word after it; they are out of the vocabulary."""
   counts: collections.Counter = collections.Counter()
   for s in sentences:
     text = s.decode('utf-8', errors='replace') if isinstance(s, bytes) else s
-    counts.update(w for w in text.split(' ') if w)  # the words encode() looks up
+    # (split on ' ' alone: the words encode() looks up)
+    counts.update(w for w in text.split(' ') if w and '\n' not in w and '\r' not in w)
   return Vocabulary([w for w, _ in counts.most_common(size)])
