@@ -59,21 +59,42 @@ def _raised_in(error: BaseException, function: str) -> bool:
       tb = tb.tb_next
   return False
 
+# How tensorstore names the errno of a filesystem error in its message: "[os_error_code='28']"
+# (0.1.86, this project's pin), "[OS error 28: No space left on device]" (older releases).
+_TENSORSTORE_ERRNO = re.compile(r"\[os_error_code='?(\d+)'?\]|\[OS error (\d+):")
+
+
+def _tensorstore_errno(error: BaseException) -> int | None:
+  found = _TENSORSTORE_ERRNO.search(str(error))
+  return None if found is None else int(found.group(1) or found.group(2))
+
+
 def _filesystem_fault(error: BaseException) -> BaseException | None:
   """The error in `error`'s chain of causes that the filesystem raised, if any: an OSError, or
-  tensorstore's ValueError for one (it names the errno, '[OS error 5: Input/output error]',
-  and orbax raises a bare Exception from it), which says nothing of the checkpoint's files. A
-  file that is not there (ENOENT, or a FileNotFoundError with no errno, as orbax raises for a
-  missing meta/metadata) is a checkpoint missing a part: damage, not a fault. (Causes only: an
-  error raised while another was handled says what it says.)"""
+  tensorstore's ValueError for one (it names the errno, and orbax raises a bare Exception from
+  it), which says nothing of the checkpoint's files. A file that is not there (ENOENT, or a
+  FileNotFoundError with no errno, as orbax raises for a missing meta/metadata) is a
+  checkpoint missing a part: damage, not a fault. (Causes only: an error raised while another
+  was handled says what it says.)"""
   for e in _chain(error, implicit=False):
     if isinstance(e, OSError) and e.errno != errno.ENOENT and not isinstance(
         e, FileNotFoundError):
       return e
-    found = re.search(r'\[OS error (\d+):', str(e))
-    if found and int(found.group(1)) != errno.ENOENT:
+    code = _tensorstore_errno(e)
+    if code is not None and code != errno.ENOENT:
       return e
   return None
+
+
+def _said(error: BaseException) -> str:
+  """An error named inside one line: its type and first line, after the errno's own words
+  where tensorstore names one at the end of a long message (a full disk was said as
+  'RESOURCE_EXHAUSTED: Error writing local file "<path>": Failed writing: "<path>...', the
+  200 characters of a line cut before 'No space left on device')."""
+  text = first_line(error) if str(error).strip() else ''
+  said = type(error).__name__ + (f': {text}' if text else '')
+  code = None if isinstance(error, OSError) else _tensorstore_errno(error)
+  return said if code is None else f'{os.strerror(code)}: {said}'
 
 
 DIGEST = 'state_sha256'  # meta's key for state_digest of the saved state
@@ -127,12 +148,14 @@ _ORBAX_ARRAY_READ = '_read_array_index_and_device_put'
 
 
 def _quiet_closed_loop_callbacks() -> None:
-  """Silences the messages a failed restore leaves behind. Orbax reads a checkpoint's arrays
-  in an asyncio loop that the first failure closes; reads still in flight then finish into it,
-  and each prints an "Event loop is closed" traceback, or its own read error (TensorStore's
-  spec, ~60 lines each), through sys.unraisablehook, after the checkpoint was already reported
-  unreadable and set aside. Installed once, on the first failed restore; every other
-  unraisable exception still goes to the hook before it."""
+  """Silences the messages a failed save or restore leaves behind. Orbax reads and writes a
+  checkpoint's arrays in an asyncio loop that the first failure closes; reads and writes still
+  in flight then finish into it, and each prints an "Event loop is closed" traceback (a full
+  disk printed up to 9 above the save's error line), or its own read error (TensorStore's
+  spec, ~60 lines each), through sys.unraisablehook, after the simulator has said the failure.
+  Installed once, with the first checkpointer (the failure's own messages may come before the
+  simulator learns of it); every other unraisable exception still goes to the hook before
+  it."""
   before = sys.unraisablehook
   if getattr(before, 'fathom_sim_quiet', False):
     return
@@ -249,6 +272,7 @@ class Checkpointer:
   def _open(self) -> ocp.CheckpointManager:
     _skip_raw_byte_counts()
     _resolve_file_specs_in_python()
+    _quiet_closed_loop_callbacks()
     # A run killed mid-save leaves orbax's temporary folder of that step; a resumed run that
     # never saves that step again (it was the last) would keep it for good. Orbax removes it
     # without a word: said here, so that a log tells why a run resumed from an earlier round.
@@ -314,8 +338,7 @@ class Checkpointer:
         return
       named = _filesystem_fault(e) or e  # (not orbax's wrapper, whose first line is a spec)
       raise CheckpointError(
-          f'{self.directory}: saving the checkpoint of round {step} failed '
-          f'({type(named).__name__}{": " + first_line(named) if str(named).strip() else ""}); '
+          f'{self.directory}: saving the checkpoint of round {step} failed ({_said(named)}); '
           'the newest complete checkpoint stays, and the same command resumes from it once '
           'the filesystem is writable') from e
 
@@ -372,12 +395,10 @@ class Checkpointer:
         if DIGEST in meta and state_digest(state) != meta[DIGEST]:
           raise ValueError('its arrays differ from the ones saved (sha256 mismatch)')
       except Exception as e:  # any failure to read means: not a usable checkpoint
-        _quiet_closed_loop_callbacks()
         if out_of_memory(e):  # ... but a device too full to hold it says nothing of the files
           raise
         fault = _filesystem_fault(e)
-        named = fault or e
-        why = f'{type(named).__name__}: {first_line(named) if str(named).strip() else ""}'
+        why = _said(fault or e)
         filesystem = filesystem and fault is not None
       # On several hosts every process must resume the same round, and the folder is moved
       # only once none reads it: each moving it as it failed, one moved it under another's

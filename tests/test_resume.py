@@ -353,7 +353,7 @@ def test_no_checkpoint_reading_back_stops_the_run_and_changes_nothing(tmp_path, 
       except ValueError as cause:
         raise Exception('Exception while reading {\n  "driver": "zarr",') from cause
     monkeypatch.setattr(ocp.CheckpointManager, 'restore', tensorstore_io_error)
-    why = 'round 20: ValueError: UNKNOWN: Error reading "w/0" in OCDBT'
+    why = 'round 20: Input/output error: ValueError: UNKNOWN: Error reading "w/0" in OCDBT'
   listing = sorted(os.listdir(workdir))
   rows = (workdir / 'metrics.jsonl').read_bytes()
   capfd.readouterr()
@@ -377,7 +377,7 @@ def test_no_checkpoint_reading_back_stops_the_run_and_changes_nothing(tmp_path, 
   assert [r['round'] for r in read_rows(str(workdir))] == list(range(1, 21))
 
 
-def test_only_a_cause_the_filesystem_raised_counts_as_its_fault():
+def test_only_a_cause_the_filesystem_raised_counts_as_its_fault(tmp_path):
   """A checkpoint's read failing for the filesystem (EIO, a full table of files) is retried,
   exit 1; one missing a file (ENOENT, orbax's or tensorstore's) or failing while an OSError
   was being handled is damage, exit 2."""
@@ -404,6 +404,18 @@ def test_only_a_cause_the_filesystem_raised_counts_as_its_fault():
       'directory]'))) is None
   assert _filesystem_fault(chained(ValueError('its arrays differ'), OSError(errno.EIO, 'x'),
                                    implicit=True)) is None
+  # tensorstore 0.1.86's own form, "[os_error_code='21']", from a real write onto a folder: it
+  # was not recognised, so a full disk or EIO read as damage (exit 2, a sweep going on).
+  import tensorstore as ts
+  from fathom_sim.checkpoint import _said
+  (tmp_path / 'key').mkdir()
+  with pytest.raises(ValueError) as real:
+    ts.KvStore.open({'driver': 'file', 'path': f'{tmp_path}/'}).result().write('key', b'x').result()
+  assert "[os_error_code='21']" in str(real.value)
+  assert _filesystem_fault(chained(Exception('spec'), real.value)) is real.value
+  assert _said(real.value).startswith('Is a directory: ValueError: FAILED_PRECONDITION: ')
+  assert _filesystem_fault(chained(Exception('spec'), ValueError(
+      "NOT_FOUND: Error reading local file \"/x/d/ab\" [os_error_code='2']"))) is None
 
 
 def test_a_failed_restore_silences_orbax_aborted_reads_and_nothing_else(monkeypatch):
@@ -1718,7 +1730,7 @@ def test_a_checkpoint_saved_before_versions_were_recorded_reads_as_version_1(tmp
                                    {'from_round': 3, **provenance.describe()}]
 
 
-@pytest.mark.parametrize('raised', ['os', 'tensorstore'])
+@pytest.mark.parametrize('raised', ['os', 'tensorstore', 'tensorstore_0186'])
 def test_a_checkpoint_that_cannot_be_saved_stops_the_run_naming_its_round(tmp_path, monkeypatch,
                                                                           raised):
   """Orbax raised a background save's error (a full disk) at the next save, rounds later, as
@@ -1735,6 +1747,14 @@ def test_a_checkpoint_that_cannot_be_saved_stops_the_run_naming_its_round(tmp_pa
       if raised == 'os':
         raise OSError(28, 'No space left on device')
       try:
+        if raised == 'tensorstore_0186':  # a real full disk's (a 2 MB tmpfs), whose cause
+          # lay past the 200 characters of the line: the line did not say the disk was full
+          raise ValueError(
+              'RESOURCE_EXHAUSTED: Error writing local file "/tmp/small/run/checkpoints/6.orbax-'
+              'checkpoint-tmp/state.orbax-checkpoint-tmp/manifest.ocdbt": Failed writing: "/tmp/'
+              'small/run/checkpoints/6.orbax-checkpoint-tmp/state.orbax-checkpoint-tmp/manifest.'
+              'ocdbt.__lock": Failed to write 115 bytes to file 9: No space left on device '
+              "[os_error_code='28']")
         raise ValueError('RESOURCE_EXHAUSTED: Error writing local file "/x/d/ab": '
                          '[OS error 28: No space left on device]')
       except ValueError as cause:
@@ -1743,8 +1763,11 @@ def test_a_checkpoint_that_cannot_be_saved_stops_the_run_naming_its_round(tmp_pa
 
   monkeypatch.setattr(atomic, 'finalize', full_disk_at_round_3)
   workdir = str(tmp_path / 'run')
-  said = (r'OSError: \[Errno 28\] No space left on device' if raised == 'os' else
-          r'ValueError: RESOURCE_EXHAUSTED: .*\[OS error 28: No space left on device\]')
+  said = {'os': r'OSError: \[Errno 28\] No space left on device',
+          'tensorstore': r'No space left on device: ValueError: RESOURCE_EXHAUSTED: .*'
+                         r'\[OS error 28: No space left on device\]',
+          'tensorstore_0186': r'No space left on device: ValueError: RESOURCE_EXHAUSTED: Error '
+                              r'writing local file "/tmp/small/[^)]*'}[raised]
   with pytest.raises(CheckpointError, match=r'saving the checkpoint of round 3 failed \('
                      + said + r'\); the newest complete checkpoint stays'):
     train_and_evaluate(_tiny(num_rounds=9, checkpoint_every=3), workdir)
