@@ -24,7 +24,14 @@ _CHATTY = ('/orbax/', '/jax/_src/xla_bridge.py', '/tensorflow_datasets/')
 
 
 def _quiet_libraries(record) -> bool:
-  """Keeps the libraries' INFO chatter out of the progress log (their warnings still show)."""
+  """Keeps the libraries' INFO chatter out of the progress log (their warnings still show),
+  and orbax's ERROR records: the failures of its background saves and reads, each of which the
+  simulator raises and says in its own line, with its cause. A full disk printed 100 to 400
+  lines of orbax's tracebacks (some through asyncio's "Task exception was never retrieved",
+  naming orbax's coroutine or checkpoint folder) above that line."""
+  if record.levelno == pylogging.ERROR and ('/orbax/' in record.pathname or (
+      '/asyncio/' in record.pathname and 'orbax' in record.getMessage())):
+    return False
   return record.levelno >= pylogging.WARNING or not any(
       part in record.pathname for part in _CHATTY)
 

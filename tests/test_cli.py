@@ -284,6 +284,23 @@ def test_the_progress_log_drops_library_chatter_but_not_warnings():
     assert not cli._quiet_libraries(record(library, pylogging.INFO))
     assert cli._quiet_libraries(record(library, pylogging.WARNING))
   assert cli._quiet_libraries(record(ours, pylogging.INFO))
+  # orbax's ERROR records (a failed background save, with its traceback; asyncio's for its
+  # tasks) say what the simulator's own error line says; others' errors still show.
+  orbax_future = '/venv/lib/python3.11/site-packages/orbax/checkpoint/_src/futures/future.py'
+  asyncio_loop = '/usr/lib/python3.11/asyncio/base_events.py'
+  assert not cli._quiet_libraries(record(orbax_future, pylogging.ERROR))
+  task = pylogging.LogRecord('asyncio', pylogging.ERROR, asyncio_loop, 1,
+                             'Task exception was never retrieved\nfuture: <Task coro=<f() '
+                             'defined at /venv/lib/orbax/checkpoint/x.py:1>>', None, None)
+  assert not cli._quiet_libraries(task)
+  future = pylogging.LogRecord('asyncio', pylogging.ERROR, asyncio_loop, 1,
+                               'Future exception was never retrieved\nfuture: <Future finished '
+                               'exception=ValueError(\'RESOURCE_EXHAUSTED: Error writing "/w/'
+                               'checkpoints/12.orbax-checkpoint-tmp/x"\')>', None, None)
+  assert not cli._quiet_libraries(future)
+  assert cli._quiet_libraries(record(asyncio_loop, pylogging.ERROR))
+  assert cli._quiet_libraries(record(ours, pylogging.ERROR))
+  assert cli._quiet_libraries(record(jax_probe, pylogging.ERROR))
 
 
 def test_a_coordinator_address_is_checked_for_its_form_and_port_and_warned_if_unresolved(
