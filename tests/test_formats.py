@@ -37,6 +37,7 @@ def _counts(meta):
   return {name: {k: v for k, v in split.items() if k != 'records_sha256'}
           for name, split in meta['splits'].items()}
 
+
 def _ext_array(a: np.ndarray) -> msgpack.ExtType:
   return msgpack.ExtType(1, msgpack.packb([list(a.shape), a.dtype.name, a.tobytes('C')]))
 

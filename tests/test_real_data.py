@@ -420,6 +420,16 @@ def _example_with_huge_label() -> bytes:
   return b'\x0a' + _varint(len(body)) + body
 
 
+def test_a_locked_sqlite_file_is_not_said_to_be_damaged(tmp_path):
+  """'Download it again' is for a file SQLite finds malformed, not for one it finds locked."""
+  from fathom_sim.data import sniff
+  path = tmp_path / 'a.sqlite'
+  write_tff(path, {'train': {'w1': [_tf_example(pixels=np.ones(784, np.float32), label=[3])]}})
+  assert str(sniff.unreadable_sqlite(str(path), sqlite3.OperationalError('database is locked'),
+                                     'lzma -d')) == (
+      f'{path}: not a readable SQLite database (database is locked)')
+
+
 @pytest.mark.parametrize('problem,needle', [
     ('compressed', 'not a readable SQLite database'),
     # a download cut short: it was said to need lzma -d

@@ -38,11 +38,14 @@ def not_a_file(path: str, expected: str) -> DataError:
 
 def unreadable_sqlite(path: str, error: Exception, otherwise: str = '') -> DataError:
   """The error for a source SQLite cannot read: what its first bytes say it is; a file that
-  starts as an SQLite file is damaged or cut short (a cut download was said to need lzma -d);
-  `otherwise` where they say nothing known."""
+  starts as an SQLite file and that SQLite finds malformed is damaged or cut short (a cut
+  download was said to need lzma -d); `otherwise` where they say nothing known. (A locked
+  file or an I/O error is said as SQLite says it.)"""
   found = kind(path)
   if found and found.startswith('a SQLite'):
-    hint = 'it starts as an SQLite file does, so it is damaged or cut short: download it again'
+    damaged = any(s in str(error) for s in ('malformed', 'not a database'))
+    hint = ('it starts as an SQLite file does, so it is damaged or cut short: download it again'
+            if damaged else '')
   else:
     hint = f'it is {found}' if found else otherwise
   return DataError(f'{path}: not a readable SQLite database ({error})'
