@@ -293,28 +293,38 @@ def find_runs(paths: list[str]) -> list[RunData]:
   from fathom_sim.data import DataError
   runs, seen = [], {}  # a run's real path -> (the folder given that reached it, the path)
   for root, setting_of in _roots(paths):
-    # Links followed: a seed moved to another disk and linked back was left out without a
-    # word (its setting 1 seed of 2, 'not started'), and a folder of links to runs had none.
-    # A link back to a folder the walk is inside is not (it would never end).
-    inside = {root: frozenset({os.path.realpath(root)})}  # the real folders a path is inside
+    # Links to folders outside the root are followed: a seed moved to another disk and linked
+    # back was left out without a word (its setting '1 of 2 (1 not started)'), and a folder of
+    # links to runs had none. Not followed: a link to a folder inside the root (an alias, such
+    # as best -> eta=0.1: that folder is walked as itself) and one back to a folder the walk
+    # is in (it would never end). A folder reached twice through links is refused: its runs
+    # would count twice (and a diamond of links grew the walk exponentially).
+    top = os.path.realpath(root)
+    inside = {root: frozenset({top})}  # the real folders a path is inside
+    walked: dict[str, str] = {}  # real folder -> the path that reached it
     for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
       dirnames.sort(key=natural_key)
+      real = os.path.realpath(dirpath)
+      if real in walked:
+        raise DataError(f'{dirpath} is {walked[real]} again, reached through a link: its runs '
+                        'would count twice; remove one of the two links')
+      walked[real] = dirpath
       if metrics.METRICS_FILE not in filenames:
         here = inside.pop(dirpath)
-        below = [(d, os.path.realpath(os.path.join(dirpath, d))) for d in dirnames]
-        dirnames[:] = [d for d, real in below if real not in here]
-        inside.update((os.path.join(dirpath, d), here | {real}) for d, real in below
-                      if real not in here)
+        below = []
+        for d in dirnames:
+          path = os.path.join(dirpath, d)
+          target = os.path.realpath(path)
+          alias = os.path.islink(path) and (target == top or target.startswith(top + os.sep))
+          if not alias and target not in here:
+            below.append(d)
+            inside[path] = here | {target}
+        dirnames[:] = below
         continue
       dirnames[:] = []  # a run's own subfolders (checkpoints) hold no runs
-      real = os.path.realpath(dirpath)
       if real in seen:  # its seeds would count twice in every mean
-        first_root, first = seen[real]
-        if first_root == root:
-          raise DataError(f'{dirpath} is the run {first} again, through a link: its seeds would '
-                          'count twice; remove one of the two from the folder')
-        raise DataError(f'{dirpath} is a run under both {first_root!r} and {root!r}: give each '
-                        'run or sweep folder once (a sweep and a folder inside it overlap)')
+        raise DataError(f'{dirpath} is a run under both {seen[real][0]!r} and {root!r}: give '
+                        'each run or sweep folder once (a sweep and a folder inside it overlap)')
       seen[real] = (root, dirpath)
       runs.append(read_run(dirpath, setting_of(dirpath)))
   return runs
@@ -507,18 +517,16 @@ GRID_FIELDS = frozenset({'algorithm', 'eta', 'epochs', 'batch_size', 'seed'})
 
 
 def same_runs(groups: list[Group]) -> list[list[RunData]]:
-  """Runs of one config and seed found in several folders (every field they read alike, but
-  those a resumed run may change): the same run twice, whose copies count as seeds of their
-  setting (three copies: '3 seeds', std 0) or twice in a grid's cost."""
+  """Runs of one config, its seed included, found in several folders: what the sweep takes for
+  one run (workdir.config_fingerprint: every field it reads alike), whose copies each count
+  as a run of their own (three copies in a setting: '3 seeds', std 0; in two settings of a
+  FedAvg grid, twice in its cost)."""
   by_key: dict[str, list[RunData]] = {}
   for g in groups:
     for r in g.runs:
-      if not r.config:
-        continue
-      flat = workdir_lib.with_defaults(r.config)
-      drop = (workdir_lib.RESUMABLE_FIELDS - MEASURED_ALIKE) | unread_paths(flat)
-      key = json.dumps({f: v for f, v in flat.items() if f not in drop}, sort_keys=True)
-      by_key.setdefault(key, []).append(r)
+      if r.config:
+        key = workdir_lib.flat_fingerprint(workdir_lib.with_defaults(r.config))
+        by_key.setdefault(key, []).append(r)
   return [runs for runs in by_key.values() if len(runs) > 1]
 
 
@@ -647,11 +655,12 @@ def markdown(groups: list[Group], targets: list[float], *, timing: bool = True,
               + ', '.join(f'`{path}`' for path in damaged) + '.']
   same = same_runs(groups)
   if same:
-    lines += ['', 'Warning: runs of one config and seed, each counted as a run of its own (a copy, '
-              'or `--config.seed` left out of a seed\'s command): '
+    lines += ['', 'Warning: runs of one config and seed, each counted as a run of its own (a '
+              'copy, or `--config.seed` left out of a seed\'s command): '
               + '; '.join(', '.join(f'`{r.workdir}`' for r in runs) for runs in same[:5])
               + (f'; and {len(same) - 5} more such sets' if len(same) > 5 else '')
-              + '. Their means, stds and grid costs count the same run more than once.']
+              + '. Each copy counts in its setting\'s seeds and in a grid\'s cost as a run '
+              'of its own.']
   for g in groups:
     differ = g.differing_fields()
     if differ:

@@ -494,7 +494,7 @@ def _run_all(sweep: SweepDef, out: str, runs: list[RunSpec], sweep_file: str, *,
     batch = pending.popleft()
     if len(batch) == 1 and is_finished(runs[batch[0]]):
       # A seed of a vectorised group that failed: the group finished it before failing. Its
-      # entry says what a run finished here says (but the sweep's seconds, not spent here).
+      # entry says what a run finished here says (its seconds charged with the group's).
       entries[batch[0]] = _entry(runs[batch[0]], out, 'done', spent[batch[0]],
                                  **_result(runs[batch[0]]))
       log(f'[{batch[0] + 1}/{len(runs)}] {runs[batch[0]].name}: finished already')
@@ -521,10 +521,14 @@ def _run_all(sweep: SweepDef, out: str, runs: list[RunSpec], sweep_file: str, *,
             + '; '.join(unread))
     start = time.time()
 
+    charged = []  # (once: the batch ends in its try or in one of its handlers)
+
     def charge(batch=batch, start=start) -> None:
       """Adds this batch's seconds to its runs, once, as it ends."""
-      for i in batch:
-        spent[i] = (spent[i] or 0.0) + (time.time() - start) / len(batch)
+      if not charged:
+        charged.append(True)
+        for i in batch:
+          spent[i] = (spent[i] or 0.0) + (time.time() - start) / len(batch)
 
     def done(i: int, summary: dict) -> None:
       acc = _final_accuracy(summary)
@@ -541,6 +545,11 @@ def _run_all(sweep: SweepDef, out: str, runs: list[RunSpec], sweep_file: str, *,
       else:
         summaries = train_group([runs[i].config for i in batch],
                                 [runs[i].workdir for i in batch])
+      # (Inside too: a SIGTERM before this save left the runs 'running'.)
+      charge()
+      for i, summary in zip(batch, summaries):
+        done(i, summary)
+      save()
     except train_lib.Diverged as e:
       charge()
       # The runs that diverged fail; of a group run one by one (its seeds' checkpoints stood
@@ -588,8 +597,4 @@ def _run_all(sweep: SweepDef, out: str, runs: list[RunSpec], sweep_file: str, *,
           entries[i] = _entry(runs[i], out, 'interrupted', spent[i])
       save()
       raise
-    charge()
-    for i, summary in zip(batch, summaries):
-      done(i, summary)
-    save()
   return entries

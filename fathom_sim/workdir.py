@@ -181,7 +181,12 @@ def config_fingerprint(config: ml_collections.ConfigDict) -> str:
   """sha256 of what a summary.json summarises: the config's fields that differ from
   base_config's, but those it does not read (as `differing` compares them). A field added to
   the simulator later, at its default, leaves it as it was."""
-  flat, default = flatten(config_dict(config)), defaults()
+  return flat_fingerprint(flatten(config_dict(config)))
+
+
+def flat_fingerprint(flat: dict) -> str:
+  """config_fingerprint of a flattened config (a config.json as with_defaults reads it)."""
+  default = defaults()
   skip = unread_paths(flat) - {'hyper_optimizer'}
   fields = {k: v for k, v in flat.items()
             if k not in skip and (k not in default or default[k] != v)}

@@ -320,13 +320,15 @@ def _write_run(workdir, algorithm, acc_by_round, examples_per_round, rounds, *,
 def test_the_report_follows_links_to_runs_and_refuses_one_run_reached_twice(tmp_path):
   """A seed moved to another disk and linked back was left out without a word (its setting
   '1 of 2 (1 not started)'), and a folder of links to runs gave 'no runs'. A link back up
-  the tree must not make the walk endless; two links to one run would count it twice."""
+  the tree must not make the walk endless, an alias inside the sweep (best -> eta=0.1) is
+  not a setting of its own, and two links to one run would count it twice."""
   from fathom_sim.data import DataError
   root = tmp_path / 'sweep'
   _write_run(root / 'eta=0.1' / 'seed=0', 'fedavg', {2: 0.3}, 50, 2)
   _write_run(tmp_path / 'disk' / 's1', 'fedavg', {2: 0.5}, 50, 2)
   os.symlink(tmp_path / 'disk' / 's1', root / 'eta=0.1' / 'seed=1')
   os.symlink(root, root / 'eta=0.1' / 'up')  # a cycle
+  os.symlink(root / 'eta=0.1', root / 'best')  # an alias inside the sweep: not a setting
   [group] = report.group_runs(report.find_runs([str(root)]))
   assert (group.setting, len(group.runs)) == ('eta=0.1', 2)
   assert report.final_accuracy(group)[0] == pytest.approx(0.4)
@@ -335,8 +337,8 @@ def test_the_report_follows_links_to_runs_and_refuses_one_run_reached_twice(tmp_
   os.symlink(root / 'eta=0.1', links / 'a')
   assert [len(g.runs) for g in report.group_runs(report.find_runs([str(links)]))] == [2]
   os.symlink(tmp_path / 'disk' / 's1', links / 'b')
-  with pytest.raises(DataError, match=f"{links / 'b'} is the run {links / 'a' / 'seed=1'} "
-                                      'again, through a link'):
+  with pytest.raises(DataError, match=f"{links / 'b'} is {links / 'a' / 'seed=1'} again, "
+                                      'reached through a link: its runs would count twice'):
     report.find_runs([str(links)])
 
 
@@ -357,13 +359,14 @@ def test_the_report_warns_of_runs_of_one_config_and_seed_counted_apart(tmp_path)
   text = report.markdown(report.group_runs(report.find_runs([str(root)])), [0.2])
   assert ('Warning: runs of one config and seed, each counted as a run of its own (a copy, or '
           f"`--config.seed` left out of a seed's command): `{root / 'fedavg' / 'seed=0'}`, "
-          f"`{root / 'fedavg' / 'seed=1'}`. Their means") in text, text
-  # Seeds apart, a field apart (eta), or a field a resume may change (num_rounds): no word.
+          f"`{root / 'fedavg' / 'seed=1'}`. Each copy counts") in text, text
+  # Seeds apart, or any field the run reads apart, as a sweep tells its runs apart (eta; the
+  # rounds, the lanes of a timing sweep, max_rejected_rounds): no word.
   run(tmp_path / 'fine' / 'a' / 'seed=0', 0)
   run(tmp_path / 'fine' / 'a' / 'seed=1', 1)
-  run(tmp_path / 'fine' / 'b' / 'seed=0', 0, eta=0.5)
-  with open(tmp_path / 'fine' / 'a' / 'seed=1' / 'config.json', 'w') as f:
-    json.dump({'algorithm': 'fedavg', 'seed': 1, 'num_rounds': 3}, f)
+  for setting, field in (('b', {'eta': 0.5}), ('c', {'num_rounds': 3}),
+                         ('d', {'lanes_per_device': 2}), ('e', {'max_rejected_rounds': 5})):
+    run(tmp_path / 'fine' / setting / 'seed=0', 0, **field)
   assert 'Warning: runs of one config' not in report.markdown(
       report.group_runs(report.find_runs([str(tmp_path / 'fine')])), [0.2])
 
@@ -1256,6 +1259,28 @@ def test_a_stop_just_after_a_run_is_marked_running_marks_it_interrupted(tmp_path
                     train=lambda c, w: pytest.fail('trained'))
   with open(tmp_path / 'out' / 'sweep.json') as f:
     assert [r['status'] for r in json.load(f)['runs']] == ['interrupted']
+  monkeypatch.undo()
+  # ... and between a run's end and the save that says it is done: 'running' stayed.
+  from fathom_sim import workdir as workdir_lib
+
+  def finished(config, workdir):
+    os.makedirs(workdir, exist_ok=True)
+    workdir_lib.save_config(workdir, config)
+    metrics.write_json(os.path.join(workdir, metrics.SUMMARY_FILE),
+                       {'rounds': 2, 'final': {'test_accuracy': 0.5}})
+    return {'rounds': 2, 'final': {'test_accuracy': 0.5}}
+
+  stops = [KeyboardInterrupt]
+
+  def stopped_on_done(line):  # (one signal)
+    if ': done' in line and stops:
+      raise stops.pop()
+
+  with pytest.raises(KeyboardInterrupt):
+    sweep.run_sweep(definition, str(tmp_path / 'out2'), log=stopped_on_done, train=finished)
+  with open(tmp_path / 'out2' / 'sweep.json') as f:
+    [entry] = json.load(f)['runs']
+  assert (entry['status'], entry['final_test_accuracy']) == ('done', 0.5)
 
 
 def test_sweep_wall_s_sums_the_commands_that_ran_a_run_and_splits_a_group(tmp_path,
