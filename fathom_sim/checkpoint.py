@@ -383,17 +383,7 @@ class Checkpointer:
     for step in reversed(steps):
       why = None
       try:
-        restored = self._manager.restore(step, args=ocp.args.Composite(
-            state=ocp.args.PyTreeRestore(abstract, ocp.checkpoint_utils.construct_restore_args(
-                abstract)), meta=ocp.args.JsonRestore()))
-        state, meta = restored.state, restored.meta
-        _check_meta(meta, step)
-        if int(_host_copy(state.round)) != step:
-          raise ValueError(f'checkpoint {step} holds the state of round '
-                           f'{int(_host_copy(state.round))}')
-        # Checkpoints written before the digest existed have none to check.
-        if DIGEST in meta and state_digest(state) != meta[DIGEST]:
-          raise ValueError('its arrays differ from the ones saved (sha256 mismatch)')
+        state, meta = self._read(step, abstract)
       except Exception as e:  # any failure to read means: not a usable checkpoint
         if out_of_memory(e):  # ... but a device too full to hold it says nothing of the files
           raise
@@ -432,6 +422,40 @@ class Checkpointer:
           'again; if the checkpoints were saved by another version of fathom_sim, resume with '
           f'that one; to start again from round 0, move {CHECKPOINTS}/ out of the workdir')
     return None
+
+  def _read(self, step: int, abstract) -> tuple[ServerState, dict]:
+    """Round `step`'s state and meta, checked whole; raises if they do not read back."""
+    restored = self._manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.PyTreeRestore(abstract, ocp.checkpoint_utils.construct_restore_args(
+            abstract)), meta=ocp.args.JsonRestore()))
+    state, meta = restored.state, restored.meta
+    _check_meta(meta, step)
+    if int(_host_copy(state.round)) != step:
+      raise ValueError(f'checkpoint {step} holds the state of round '
+                       f'{int(_host_copy(state.round))}')
+    # Checkpoints written before the digest existed have none to check.
+    if DIGEST in meta and state_digest(state) != meta[DIGEST]:
+      raise ValueError('its arrays differ from the ones saved (sha256 mismatch)')
+    return state, meta
+
+  def restore_older(self, like: ServerState, step: int) -> tuple[ServerState, dict] | None:
+    """Round `step`'s checkpoint, where it is kept and reads back on every process (None
+    otherwise). Moves nothing aside: one that does not read back is left to restore_newest."""
+    try:
+      read = self._read(step, jax.tree.map(ocp.utils.to_shape_dtype_struct, like)) if (
+          step in self.steps()) else None
+    except Exception as e:  # noqa: BLE001 - not readable: the caller goes on without it
+      if out_of_memory(e):
+        raise
+      read = None
+    return read if distributed.every_process(read is not None) else None
+
+  def drop_newer_than(self, step: int) -> None:
+    """Removes the checkpoints past round `step`: the run goes on from `step`, and saves those
+    rounds again."""
+    for newer in self.steps():
+      if newer > step:
+        self._manager.delete(newer)
 
   def _set_aside(self, step: int) -> str:
     """Moves step's folder into UNREADABLE (process 0 alone; the others wait for it) and

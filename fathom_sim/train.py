@@ -406,6 +406,25 @@ def _run(run: Run, configs: list[ml_collections.ConfigDict], workdirs: list[str]
   # process skips its final evaluation, a collective, or none does (a mount may show process
   # 0's summary.json late on another host).
   kept = [k if distributed.every_process(k is not None) else None for k in kept]
+  if vectorized and len({b.done for b in books}) > 1 and not any(kept):
+    # A kill between the seeds' saves of one round (or one seed's newest checkpoint set
+    # aside) left their checkpoints at different rounds. Run apart, each group's program
+    # pads to its own seeds, and the results were no longer the uninterrupted run's, bit for
+    # bit. The seeds ahead go back to the round the others hold, where their checkpoint of it
+    # reads back (keep_checkpoints > 1), and all run on together as before.
+    common = min(b.done for b in books)
+    ahead = [i for i, b in enumerate(books) if b.done > common]
+    back = [books[i].checkpointer.restore_older(states[i], common) if common else None
+            for i in ahead]
+    if all(r is not None and r[1].get('data', data_id) in known_ids for r in back):
+      logging.warning('the seeds\' checkpoints stand at rounds %s; seeds %s resume from round '
+                      '%d, as the others do, their newer checkpoints dropped: all run on '
+                      'together, as the uninterrupted run did', [b.done for b in books],
+                      [books[i].config.seed for i in ahead], common)
+      for i, (state, meta) in zip(ahead, back):
+        books[i].checkpointer.drop_newer_than(common)
+        states[i], hps[i] = state, np.asarray(meta['hp'], np.float32)
+        books[i].done, books[i].meta = common, {**meta, 'data': data_id}
   if vectorized and len({b.done for b in books}) > 1:
     for b in books:
       b.close()

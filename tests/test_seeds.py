@@ -1,7 +1,9 @@
 """Vectorised seeds: S seeds in one program give each seed its solo run's result."""
 
+import functools
 import json
 import os
+import shutil
 
 import numpy as np
 import pytest
@@ -133,6 +135,32 @@ def test_vectorised_seeds_resume_together_or_one_by_one(tmp_path, monkeypatch):
     assert f.read() == before
   assert summaries[0] == json.loads(before) and summaries[1] == _summary(together[1])
   _assert_same_run(together[1], str(tmp_path / 'solo1'))
+
+
+def test_vectorised_seeds_whose_checkpoints_stand_apart_resume_together_bit_for_bit(tmp_path):
+  """A kill between the seeds' saves of one round left seed 0 at round 4 and seeds 1 and 2 at
+  round 2: run apart, each group's program padded to its own seeds, and the resumed run's
+  parameters were not the uninterrupted run's. Seed 0 now goes back to round 2 with the
+  others, its checkpoint of round 4 dropped, and all run on together."""
+  seeds = (0, 1, 2)
+  config = functools.partial(_config, num_rounds=6, checkpoint_every=2)
+  straight = [str(tmp_path / f'straight{s}') for s in seeds]
+  train_seeds([config(s) for s in seeds], straight)
+  cut = [str(tmp_path / f'cut{s}') for s in seeds]
+  train_seeds([config(s, num_rounds=4) for s in seeds], cut)
+  for s in seeds:  # as the kill left them: no summary, seeds 1 and 2 without round 4
+    os.remove(os.path.join(cut[s], 'summary.json'))
+    if s:
+      shutil.rmtree(os.path.join(cut[s], 'checkpoints', '4'))
+  summaries = train_seeds([config(s) for s in seeds], cut)
+  assert [s['resumed_from'] for s in summaries] == [2, 2, 2]
+  assert [s['vectorized_seeds'] for s in summaries] == [3, 3, 3]
+  for s in seeds:
+    assert summaries[s]['final'] == _summary(straight[s])['final']
+    timing = ('wall_s',)
+    assert [{k: v for k, v in r.items() if k not in timing} for r in _rows(cut[s])] == [
+        {k: v for k, v in r.items() if k not in timing} for r in _rows(straight[s])]
+  assert sorted(os.listdir(os.path.join(cut[0], 'checkpoints'))) == ['2', '4', '6']
 
 
 def test_vectorised_seeds_refuse_configs_that_differ_beyond_the_seed(tmp_path, monkeypatch):
