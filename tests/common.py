@@ -5,6 +5,8 @@ from __future__ import annotations
 import functools
 import math
 import os
+import subprocess
+import sys
 
 import jax
 import numpy as np
@@ -15,6 +17,18 @@ from fathom_sim.driver import Rounds
 from fathom_sim.run import build, init_state
 
 from tests import reference
+
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run_python(code: str, timeout: float = 120) -> subprocess.CompletedProcess:
+  """`code` run by a Python process of its own in the repository's root, on one CPU device
+  (absl's flags, parsed there, would change the logging of the tests after it)."""
+  env = dict(os.environ, JAX_PLATFORMS='cpu')
+  env.pop('XLA_FLAGS', None)
+  return subprocess.run([sys.executable, '-c', code], cwd=ROOT, env=env, timeout=timeout,
+                        capture_output=True, text=True)
 
 
 def uncreatable_path(tmp_path, name: str) -> str:

@@ -11,7 +11,7 @@ import pytest
 from fathom_sim import metrics, report, sweep
 from fathom_sim.config import ConfigError
 from fathom_sim.data import DataError
-from tests.common import uncreatable_path
+from tests.common import run_python, uncreatable_path
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 QUICKSTART = os.path.join(ROOT, 'configs', 'quickstart.py')
@@ -677,10 +677,7 @@ def test_prepare_stopped_by_ctrl_c_or_sigterm_says_so_in_its_own_words(tmp_path,
           f"sys.argv = ['prepare_data.py', '--source={leaf}', '--out={out}', "
           "'--format=leaf_json', '--task=emnist']\n"
           "runpy.run_path('launch/prepare_data.py', run_name='__main__')\n")
-  env = dict(os.environ, JAX_PLATFORMS='cpu')
-  env.pop('XLA_FLAGS', None)
-  p = subprocess.run([sys.executable, '-c', code], cwd=ROOT, env=env, timeout=120,
-                     capture_output=True, text=True)
+  p = run_python(code)
   assert p.returncode == status, p.stderr[-2000:]
   assert p.stderr.splitlines()[-1] == f'error: interrupted; nothing was left at --out {out!r}'
   assert os.listdir(tmp_path) == []  # no --out, no <out>.partial
@@ -710,10 +707,7 @@ def test_a_sigterm_as_soon_as_the_command_takes_it_is_said_in_its_one_line(
           'cli.terminate_as_interrupt = taken\n'
           f'sys.argv = {argv!r}\n'
           f"runpy.run_path('launch/{script}', run_name='__main__')\n")
-  env = dict(os.environ, JAX_PLATFORMS='cpu')
-  env.pop('XLA_FLAGS', None)
-  p = subprocess.run([sys.executable, '-c', code], cwd=ROOT, env=env, timeout=120,
-                     capture_output=True, text=True)
+  p = run_python(code)
   assert p.returncode == 143, p.stderr[-2000:]
   assert 'Traceback' not in p.stderr and 'Terminated' not in p.stderr, p.stderr[-2000:]
   assert p.stderr.splitlines()[-1] == said.format(out=out), p.stderr[-2000:]

@@ -42,6 +42,26 @@ def _load_config(name):
   return module.get_config()
 
 
+def _small_femnist(data_dir):
+  """The paper's FEMNIST config on the prepared folder `data_dir`, two rounds of a small MLP
+  (the data is what these tests are about)."""
+  config = _load_config('femnist')
+  config.data.data_dir = data_dir
+  config.num_rounds, config.cohort_size, config.eval_every, config.checkpoint_every = 2, 2, 2, 1
+  config.model.name, config.model.hidden = 'mlp', (16,)
+  return config
+
+
+def _resumed_on_the_files_prepared_again(config, workdir, leaf, data):
+  """Trains `config` (2 rounds), prepares `data` again from the same LEAF files, and resumes
+  the run there to round 3: the same data."""
+  train_and_evaluate(config, workdir)
+  shutil.rmtree(data)
+  prepare(leaf, data, fmt='leaf_json', task='emnist')
+  config.num_rounds = 3
+  assert train_and_evaluate(config, workdir)['rounds'] == 3
+
+
 def test_real_femnist_leaf_sample_converts_and_trains(tmp_path):
   meta = prepare(os.path.join(DATA, 'femnist_leaf_sample'), str(tmp_path / 'femnist'),
                  fmt='leaf_json', task='emnist')
@@ -82,15 +102,8 @@ def test_a_run_resumed_on_data_prepared_again_from_other_files_is_refused(tmp_pa
   data, workdir = str(tmp_path / 'femnist'), str(tmp_path / 'run')
   leaf = os.path.join(DATA, 'femnist_leaf_sample')
   prepare(leaf, data, fmt='leaf_json', task='emnist')
-  config = _load_config('femnist')
-  config.data.data_dir = data
-  config.num_rounds, config.cohort_size, config.eval_every, config.checkpoint_every = 2, 2, 2, 1
-  config.model.name, config.model.hidden = 'mlp', (16,)  # the data is what is tested
-  train_and_evaluate(config, workdir)
-  shutil.rmtree(data)
-  prepare(leaf, data, fmt='leaf_json', task='emnist')
-  config.num_rounds = 3
-  assert train_and_evaluate(config, workdir)['rounds'] == 3
+  config = _small_femnist(data)
+  _resumed_on_the_files_prepared_again(config, workdir, leaf, data)
 
   # Prepared again from other files of the same format: one writer fewer in train.json.
   other = tmp_path / 'other'
@@ -133,10 +146,7 @@ def test_a_resume_on_other_examples_with_the_same_clients_and_sizes_is_refused(t
   data, workdir = str(tmp_path / 'femnist'), str(tmp_path / 'run')
   leaf = os.path.join(DATA, 'femnist_leaf_sample')
   prepare(leaf, data, fmt='leaf_json', task='emnist')
-  config = _load_config('femnist')
-  config.data.data_dir = data
-  config.num_rounds, config.cohort_size, config.eval_every, config.checkpoint_every = 2, 2, 2, 1
-  config.model.name, config.model.hidden = 'mlp', (16,)
+  config = _small_femnist(data)
   train_and_evaluate(config, workdir)
   _leaf_relabelled(leaf, tmp_path / 'relabelled')
   shutil.rmtree(data)
@@ -179,7 +189,7 @@ def test_a_checkpoint_from_before_the_examples_digest_resumes_and_keeps_the_full
   data, workdir = str(tmp_path / 'femnist'), str(tmp_path / 'run')
   leaf = os.path.join(DATA, 'femnist_leaf_sample')
   prepare(leaf, data, fmt='leaf_json', task='emnist')
-  now = fingerprint(load_task(_femnist_data(data)))
+  now = fingerprint(load_task(_small_femnist(data).data))
   meta_path = os.path.join(data, 'meta.json')
   with open(meta_path) as f:
     meta = json.load(f)
@@ -187,18 +197,11 @@ def test_a_checkpoint_from_before_the_examples_digest_resumes_and_keeps_the_full
     del split['records_sha256']
   with open(meta_path, 'w') as f:
     json.dump(meta, f)
-  before = fingerprint(load_task(_femnist_data(data)))
-  assert before != now and before == fingerprint(load_task(_femnist_data(data)),
+  before = fingerprint(load_task(_small_femnist(data).data))
+  assert before != now and before == fingerprint(load_task(_small_femnist(data).data),
                                                  examples=False)
-  config = _load_config('femnist')
-  config.data.data_dir = data
-  config.num_rounds, config.cohort_size, config.eval_every, config.checkpoint_every = 2, 2, 2, 1
-  config.model.name, config.model.hidden = 'mlp', (16,)
-  train_and_evaluate(config, workdir)
-  shutil.rmtree(data)
-  prepare(leaf, data, fmt='leaf_json', task='emnist')
-  config.num_rounds = 3
-  assert train_and_evaluate(config, workdir)['rounds'] == 3
+  config = _small_femnist(data)
+  _resumed_on_the_files_prepared_again(config, workdir, leaf, data)
   checkpointer = Checkpointer(workdir, 3)
   try:
     assert checkpointer.saved_values('data') == {before, now}  # rounds 2 and 3
@@ -207,12 +210,6 @@ def test_a_checkpoint_from_before_the_examples_digest_resumes_and_keeps_the_full
   from tests.common import tiny_config
   generated = load_task(tiny_config().data)
   assert fingerprint(generated) == fingerprint(generated, examples=False)
-
-
-def _femnist_data(data_dir):
-  data = _load_config('femnist').data
-  data.data_dir = data_dir
-  return data
 
 
 def test_data_that_reshapes_the_model_is_said_as_other_data_not_unreadable_checkpoints(

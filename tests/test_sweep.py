@@ -15,7 +15,7 @@ import pytest
 from fathom_sim import plots, report, sweep
 from fathom_sim.train import train_and_evaluate
 from fathom_sim.workdir import WorkdirError
-from tests.common import tiny_config
+from tests.common import run_python, tiny_config
 
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -1227,10 +1227,7 @@ def test_a_sigterm_outside_a_runs_rounds_stops_the_sweep_in_one_line_leaving_non
           f"sys.argv = ['sweep.py', '--sweep={sweep_file}', '--out={out}', "
           "'--compilation_cache=']\n"
           "runpy.run_path('launch/sweep.py', run_name='__main__')\n")
-  env = dict(os.environ, JAX_PLATFORMS='cpu')
-  env.pop('XLA_FLAGS', None)
-  p = subprocess.run([sys.executable, '-c', code], cwd=ROOT, env=env, timeout=120,
-                     capture_output=True, text=True)
+  p = run_python(code)
   assert p.returncode == 143, p.stderr[-2000:]
   assert 'Traceback' not in p.stderr, p.stderr[-2000:]
   assert p.stderr.splitlines()[-1] == (
