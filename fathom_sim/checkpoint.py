@@ -452,10 +452,16 @@ class Checkpointer:
 
   def drop_newer_than(self, step: int) -> None:
     """Removes the checkpoints past round `step`: the run goes on from `step`, and saves those
-    rounds again."""
+    rounds again. Raises CheckpointError naming the folder where one cannot be removed."""
     for newer in self.steps():
       if newer > step:
-        self._manager.delete(newer)
+        try:
+          self._manager.delete(newer)
+        except Exception as e:  # noqa: BLE001 - orbax's or the filesystem's, whatever it is
+          raise CheckpointError(
+              f'{self.directory}: the checkpoint of round {newer} could not be removed to go '
+              f'back to round {step} ({_said(_filesystem_fault(e) or e)}); the same command '
+              'tries again once the filesystem is writable') from e
 
   def _set_aside(self, step: int) -> str:
     """Moves step's folder into UNREADABLE (process 0 alone; the others wait for it) and

@@ -241,6 +241,21 @@ class _Book:
             'rejected_in_a_row': self.meta['rejected_in_a_row'], 'data': self.meta['data']}
 
 
+def _may_go_back(books: list[_Book], c: ml_collections.ConfigDict) -> bool:
+  """Whether vectorised seeds whose checkpoints stand apart may all resume from the round the
+  least advanced holds: one process (the agreements and removals of several are not made for
+  it); every seed has rounds there; none is stopped by max_rejected_rounds (the others ran on
+  beside it idle, which it would not be from an older round); none has a summary (a finished
+  seed taken back would keep one of rounds its rows no longer have)."""
+  def stopped(book: _Book) -> bool:
+    limit = (book.meta.get('config') or {}).get('max_rejected_rounds', c.max_rejected_rounds)
+    return bool(limit) and book.meta.get('rejected_in_a_row', 0) >= limit
+  return (jax.process_count() == 1 and min(b.done for b in books) > 0
+          and not any(stopped(b) for b in books)
+          and not any(os.path.exists(os.path.join(b.workdir, metrics.SUMMARY_FILE))
+                      for b in books))
+
+
 def _execution(run: Run, config: ml_collections.ConfigDict) -> dict:
   """How this command executes the run's rounds (provenance.EXECUTION_FIELDS)."""
   return {'platform': run.mesh.devices.flat[0].platform, 'devices': int(run.mesh.devices.size),
@@ -406,7 +421,7 @@ def _run(run: Run, configs: list[ml_collections.ConfigDict], workdirs: list[str]
   # process skips its final evaluation, a collective, or none does (a mount may show process
   # 0's summary.json late on another host).
   kept = [k if distributed.every_process(k is not None) else None for k in kept]
-  if vectorized and len({b.done for b in books}) > 1 and not any(kept):
+  if vectorized and len({b.done for b in books}) > 1 and _may_go_back(books, c):
     # A kill between the seeds' saves of one round (or one seed's newest checkpoint set
     # aside) left their checkpoints at different rounds. Run apart, each group's program
     # pads to its own seeds, and the results were no longer the uninterrupted run's, bit for
@@ -414,8 +429,7 @@ def _run(run: Run, configs: list[ml_collections.ConfigDict], workdirs: list[str]
     # reads back (keep_checkpoints > 1), and all run on together as before.
     common = min(b.done for b in books)
     ahead = [i for i, b in enumerate(books) if b.done > common]
-    back = [books[i].checkpointer.restore_older(states[i], common) if common else None
-            for i in ahead]
+    back = [books[i].checkpointer.restore_older(states[i], common) for i in ahead]
     if all(r is not None and r[1].get('data', data_id) in known_ids for r in back):
       logging.warning('the seeds\' checkpoints stand at rounds %s; seeds %s resume from round '
                       '%d, as the others do, their newer checkpoints dropped: all run on '

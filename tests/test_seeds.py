@@ -161,6 +161,39 @@ def test_vectorised_seeds_whose_checkpoints_stand_apart_resume_together_bit_for_
     assert [{k: v for k, v in r.items() if k not in timing} for r in _rows(cut[s])] == [
         {k: v for k, v in r.items() if k not in timing} for r in _rows(straight[s])]
   assert sorted(os.listdir(os.path.join(cut[0], 'checkpoints'))) == ['2', '4', '6']
+  # Where seed 0 no longer keeps round 2, nothing is dropped: the seeds run apart, as before.
+  apart = [str(tmp_path / f'apart{s}') for s in seeds]
+  train_seeds([config(s, num_rounds=4) for s in seeds], apart)
+  for s in seeds:
+    os.remove(os.path.join(apart[s], 'summary.json'))
+    shutil.rmtree(os.path.join(apart[s], 'checkpoints', '2' if s == 0 else '4'))
+  summaries = train_seeds([config(s) for s in seeds], apart)
+  assert [s['resumed_from'] for s in summaries] == [4, 2, 2]
+  assert sorted(os.listdir(os.path.join(apart[0], 'checkpoints'))) == ['4', '6']
+
+
+def test_seeds_apart_go_back_only_where_none_is_stopped_or_summarised(tmp_path):
+  """A seed stopped by max_rejected_rounds ran idle beside the others in the uninterrupted run,
+  which it would not from an older round; a finished seed taken back would keep a summary of
+  rounds its rows no longer have. Both keep the seeds apart."""
+  import types
+  from fathom_sim import train as train_lib
+  c = _config(0, max_rejected_rounds=3)
+
+  def book(done, rejected=0, limit=None, summary=False):
+    workdir = tmp_path / f'b{len(list(tmp_path.iterdir()))}'
+    workdir.mkdir()
+    if summary:
+      (workdir / 'summary.json').write_text('{}')
+    saved = {} if limit is None else {'max_rejected_rounds': limit}
+    return types.SimpleNamespace(done=done, workdir=str(workdir),
+                                 meta={'rejected_in_a_row': rejected, 'config': saved})
+
+  assert train_lib._may_go_back([book(4), book(2)], c)
+  assert not train_lib._may_go_back([book(4), book(0)], c)  # a seed not started
+  assert not train_lib._may_go_back([book(4), book(2, rejected=3)], c)  # stopped
+  assert train_lib._may_go_back([book(4), book(2, rejected=3, limit=5)], c)  # its own limit
+  assert not train_lib._may_go_back([book(4, summary=True), book(2)], c)
 
 
 def test_vectorised_seeds_refuse_configs_that_differ_beyond_the_seed(tmp_path, monkeypatch):
