@@ -14,7 +14,7 @@ from typing import Callable
 from absl import flags, logging
 
 from fathom_sim.errors import (EXIT_BAD_INPUT, Diverged, InputError, OutputError, Preempted,
-                               exit_status)
+                               exit_status, first_line)
 
 
 # Libraries whose INFO lines are chatter in a progress log: orbax's, one per save, JAX's
@@ -25,13 +25,18 @@ _CHATTY = ('/orbax/', '/jax/_src/xla_bridge.py', '/tensorflow_datasets/')
 
 def _quiet_libraries(record) -> bool:
   """Keeps the libraries' INFO chatter out of the progress log (their warnings still show),
-  and orbax's ERROR records: the failures of its background saves and reads, each of which the
-  simulator raises and says in its own line, with its cause. A full disk printed 100 to 400
-  lines of orbax's tracebacks (some through asyncio's "Task exception was never retrieved",
-  naming orbax's coroutine or checkpoint folder) above that line."""
-  if record.levelno == pylogging.ERROR and ('/orbax/' in record.pathname or (
-      '/asyncio/' in record.pathname and 'orbax' in record.getMessage())):
-    return False
+  and orbax's ERROR records to their first line: the failures of its background saves and
+  reads, each of which the simulator raises and says in its own line, with its cause. A full
+  disk printed 100 to 400 lines of orbax's tracebacks above that line, most of them asyncio's
+  "Task exception was never retrieved" for orbax's coroutines (dropped: the same errors again).
+  One line each stays: a save that fails in the background is raised only at the next one."""
+  if record.levelno == pylogging.ERROR:
+    if '/asyncio/' in record.pathname and 'orbax' in record.getMessage():
+      return False
+    if '/orbax/' in record.pathname:
+      record.msg, record.args = first_line(Exception(record.getMessage())), ()
+      record.exc_info = record.exc_text = None
+      return True
   return record.levelno >= pylogging.WARNING or not any(
       part in record.pathname for part in _CHATTY)
 

@@ -285,10 +285,17 @@ def test_the_progress_log_drops_library_chatter_but_not_warnings():
     assert cli._quiet_libraries(record(library, pylogging.WARNING))
   assert cli._quiet_libraries(record(ours, pylogging.INFO))
   # orbax's ERROR records (a failed background save, with its traceback; asyncio's for its
-  # tasks) say what the simulator's own error line says; others' errors still show.
+  # tasks) say what the simulator's own error line says: orbax's keep their first line alone,
+  # asyncio's are dropped; others' errors show whole.
   orbax_future = '/venv/lib/python3.11/site-packages/orbax/checkpoint/_src/futures/future.py'
   asyncio_loop = '/usr/lib/python3.11/asyncio/base_events.py'
-  assert not cli._quiet_libraries(record(orbax_future, pylogging.ERROR))
+  try:
+    raise ValueError('RESOURCE_EXHAUSTED: Error writing')
+  except ValueError:
+    failed = pylogging.LogRecord('absl', pylogging.ERROR, orbax_future, 1, '%s raised: %s\n%s',
+                                 ('Thread', 'x' * 300, 'spec'), sys.exc_info())
+  assert cli._quiet_libraries(failed)
+  assert failed.getMessage() == 'Thread raised: ' + 'x' * 185 and failed.exc_info is None
   task = pylogging.LogRecord('asyncio', pylogging.ERROR, asyncio_loop, 1,
                              'Task exception was never retrieved\nfuture: <Task coro=<f() '
                              'defined at /venv/lib/orbax/checkpoint/x.py:1>>', None, None)
