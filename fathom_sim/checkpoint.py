@@ -29,7 +29,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 
-from fathom_sim import distributed
+from fathom_sim import distributed, metrics
 from fathom_sim.errors import OutputError, first_line
 from fathom_sim.mesh import out_of_memory
 from fathom_sim.types import ServerState
@@ -116,9 +116,7 @@ def state_digest(state: ServerState) -> str:
   """sha256 over the state's leaves in tree order: each one's dtype, shape and bytes."""
   digest = hashlib.sha256()
   for leaf in jax.tree.leaves(state):
-    a = np.ascontiguousarray(_host_copy(leaf))
-    digest.update(f'{a.dtype.str}{a.shape}'.encode())
-    digest.update(a.tobytes())
+    metrics.update_digest(digest, _host_copy(leaf))
   return digest.hexdigest()
 
 
@@ -439,16 +437,17 @@ class Checkpointer:
     return state, meta
 
   def restore_older(self, like: ServerState, step: int) -> tuple[ServerState, dict] | None:
-    """Round `step`'s checkpoint, where it is kept and reads back on every process (None
-    otherwise). Moves nothing aside: one that does not read back is left to restore_newest."""
+    """Round `step`'s checkpoint, where it is kept and reads back (None otherwise), for one
+    process (train._may_go_back): no agreement among processes is made. Moves nothing aside:
+    one that does not read back is left to restore_newest."""
+    if step not in self.steps():
+      return None
     try:
-      read = self._read(step, jax.tree.map(ocp.utils.to_shape_dtype_struct, like)) if (
-          step in self.steps()) else None
+      return self._read(step, jax.tree.map(ocp.utils.to_shape_dtype_struct, like))
     except Exception as e:  # noqa: BLE001 - not readable: the caller goes on without it
       if out_of_memory(e):
         raise
-      read = None
-    return read if distributed.every_process(read is not None) else None
+      return None
 
   def drop_newer_than(self, step: int) -> None:
     """Removes the checkpoints past round `step`: the run goes on from `step`, and saves those

@@ -384,6 +384,14 @@ def write_json(path: str, obj: dict) -> None:
   write_text(path, json.dumps(_plain(obj), indent=2) + '\n')
 
 
+def update_digest(digest, array) -> None:
+  """Adds an array to a hashlib digest: its dtype and shape, then its bytes in C order (read in
+  place: no copy of a large array)."""
+  a = np.ascontiguousarray(array)
+  digest.update(f'{a.dtype.str}{a.shape}'.encode())
+  digest.update(memoryview(a.reshape(-1)).cast('B'))
+
+
 def params_digest(params: Params) -> tuple[float, str]:
   """(L2 norm, sha256 of the leaves' bytes in tree order): identifies a final model exactly."""
   import jax  # only here: the report and sweep commands read metrics without starting JAX

@@ -523,7 +523,7 @@ def _run_all(sweep: SweepDef, out: str, runs: list[RunSpec], sweep_file: str, *,
 
     charged = []  # (once: the batch ends in its try or in one of its handlers)
 
-    def charge(batch=batch, start=start) -> None:
+    def charge() -> None:
       """Adds this batch's seconds to its runs, once, as it ends."""
       if not charged:
         charged.append(True)

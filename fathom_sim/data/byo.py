@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import json
 import os
 import zipfile
 import zlib
@@ -19,6 +18,7 @@ import zlib
 import numpy as np
 from absl import logging
 
+from fathom_sim import metrics
 from fathom_sim.data.federated import ArrayClientDataset, Task
 from fathom_sim.errors import InputError, tilde_left
 
@@ -105,9 +105,8 @@ def _arrays_sha256(arrays: dict) -> str:
   digest = hashlib.sha256()
   for name in ('x', 'y', 'num_examples', 'client_ids'):
     if name in arrays:
-      a = np.ascontiguousarray(arrays[name])
-      digest.update(json.dumps([name, a.dtype.str, a.shape]).encode())
-      digest.update(memoryview(a.reshape(-1)).cast('B'))
+      digest.update(name.encode())
+      metrics.update_digest(digest, arrays[name])
   return digest.hexdigest()
 
 
