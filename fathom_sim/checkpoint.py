@@ -438,7 +438,7 @@ class Checkpointer:
 
   def restore_older(self, like: ServerState, step: int) -> tuple[ServerState, dict] | None:
     """Round `step`'s checkpoint, where it is kept and reads back (None otherwise), for one
-    process (train._may_go_back): no agreement among processes is made. Moves nothing aside:
+    process (book.may_go_back): no agreement among processes is made. Moves nothing aside:
     one that does not read back is left to restore_newest."""
     if step not in self.steps():
       return None

@@ -15,7 +15,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from fathom_sim import distributed, fathom, models, rng, server
+from fathom_sim import distributed, fathom, models, provenance, rng, server
 from fathom_sim.config import ConfigError, check_config
 from fathom_sim.data import DataError, DatasetError, Task, load_task
 from fathom_sim.data.federated import ArrayClientDataset
@@ -186,6 +186,16 @@ def _set_matmul_precision(precision: str) -> None:
 def matmul_precision() -> str:
   """The precision runs now compile with: 'default' unless set."""
   return jax.config.jax_default_matmul_precision or 'default'
+
+
+def execution(run: Run, config: ml_collections.ConfigDict) -> dict:
+  """How this command executes the run's rounds (provenance.EXECUTION_FIELDS)."""
+  return {'platform': run.mesh.devices.flat[0].platform, 'devices': int(run.mesh.devices.size),
+          'processes': jax.process_count(), 'lanes_per_device': run.lanes_per_device,
+          'batch_pad_per_octave': config.batch_pad_per_octave,
+          'conv': run.conv if config.model.name == 'emnist_cnn' else None,
+          'matmul_precision': matmul_precision(), 'local_loop': run.local_loop,
+          'xla_flags': provenance.xla_flags()}
 
 
 def _auto_conv(config, mesh) -> str:

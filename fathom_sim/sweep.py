@@ -24,7 +24,7 @@ import ml_collections
 from absl import logging
 
 from fathom_sim import metrics
-from fathom_sim.errors import InputError, file_for_folder
+from fathom_sim.errors import Diverged, InputError, file_for_folder
 from fathom_sim.config import (ConfigError, call_user_file, check_config, typed, unknown_field,
                                unread_fields)
 
@@ -262,7 +262,7 @@ def run_status(run: RunSpec) -> tuple[str, str | None]:
         # of more rounds than sweep.json says.
         raise workdir_lib.too_few_rounds(run.workdir, at, asked)
       # Taken further and stopped before its next checkpoint: run on, train puts its rows and
-      # summary back (train._summary_of_finished). (Read only here: a run without results
+      # summary back (summary.of_finished). (Read only here: a run without results
       # and a torn config.json is training's to start afresh, check_same_run's rule.)
       if done == asked and (workdir_lib.read_saved(run.workdir) or {}).get(
           'num_rounds') != asked:
@@ -434,7 +434,7 @@ def _run_all(sweep: SweepDef, out: str, runs: list[RunSpec], sweep_file: str, *,
              extra: dict | None, train: Callable, train_group: Callable, vmap_seeds: bool,
              log: Callable[[str], None]) -> list[dict]:
   """run_sweep's body, once its folder is made and locked."""
-  from fathom_sim import train as train_lib
+  from fathom_sim import failures
   from fathom_sim import workdir as workdir_lib
   from fathom_sim.data import DataError, DatasetError
   earlier = _earlier_entries(out)
@@ -550,7 +550,7 @@ def _run_all(sweep: SweepDef, out: str, runs: list[RunSpec], sweep_file: str, *,
       for i, summary in zip(batch, summaries):
         done(i, summary)
       save()
-    except train_lib.Diverged as e:
+    except Diverged as e:
       charge()
       # The runs that diverged fail; of a group run one by one (its seeds' checkpoints stood
       # at different rounds), the seeds finished stay done and those not reached run later.
@@ -569,7 +569,7 @@ def _run_all(sweep: SweepDef, out: str, runs: list[RunSpec], sweep_file: str, *,
       continue
     except InputError as e:  # a config's, the data's or a workdir's
       charge()
-      seeds_own = isinstance(e, (train_lib.OutOfMemory, workdir_lib.WorkdirError)) or (
+      seeds_own = isinstance(e, (failures.OutOfMemory, workdir_lib.WorkdirError)) or (
           isinstance(e, DataError) and not isinstance(e, DatasetError))
       if len(batch) > 1 and seeds_own:
         # One seed's bad input (a damaged metrics.jsonl, a workdir of another run), or a

@@ -46,7 +46,8 @@ def test_each_kind_of_error_has_the_exit_status_the_readme_gives():
   the signal for a stopped one, 1 for a failed save and anything else."""
   from fathom_sim.checkpoint import CheckpointError
   from fathom_sim.errors import OutputError, exit_status
-  from fathom_sim.train import Diverged, OutOfMemory, Preempted
+  from fathom_sim.errors import Diverged, Preempted
+  from fathom_sim.failures import OutOfMemory
   from fathom_sim.workdir import WorkdirError
   statuses = {ConfigError('c'): 2, DataError('d'): 2, WorkdirError('w'): 2,
               OutOfMemory('o'): 2, MemoryError(): 2, Diverged(['r'], 'x'): 3,

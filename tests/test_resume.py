@@ -701,8 +701,8 @@ def test_an_end_of_run_evaluation_left_by_a_command_killed_before_its_summary_is
   evaluates round 5 as a last round and is killed before its summary.json; then taken to 12:
   round 5's evaluation stayed (the checkpoint's config says 12 rounds and no summary said the
   run ended at 5), an evaluation no uninterrupted run makes."""
-  from fathom_sim import driver, train
-  feed, summarise = driver.Rounds._feed, train._summary
+  from fathom_sim import driver, summary
+  feed, summarise = driver.Rounds._feed, summary.write
 
   def stop_in_round_6(self, t, hp, *rest):
     if t == 7:  # fed while round 6 runs, after round 5's checkpoint
@@ -718,11 +718,11 @@ def test_an_end_of_run_evaluation_left_by_a_command_killed_before_its_summary_is
   with pytest.raises(KeyboardInterrupt):
     train_and_evaluate(config(12), str(workdir))
   monkeypatch.setattr(driver.Rounds, '_feed', feed)
-  monkeypatch.setattr(train, '_summary', killed)
+  monkeypatch.setattr(summary, 'write', killed)
   with pytest.raises(KeyboardInterrupt):
     train_and_evaluate(config(5), str(workdir))
   assert 'test_accuracy' in read_rows(str(workdir))[-1]  # round 5's, as a last round
-  monkeypatch.setattr(train, '_summary', summarise)
+  monkeypatch.setattr(summary, 'write', summarise)
   train_and_evaluate(config(12), str(workdir))
   train_and_evaluate(config(12), str(tmp_path / 'straight'))
   assert _without_timing(read_rows(str(workdir))) == _without_timing(
@@ -1324,7 +1324,7 @@ def test_a_round_out_of_memory_keeps_the_checkpoint_and_the_run_resumes(tmp_path
   error naming the round and the fields; round 10's checkpoint stays, and the same command
   finishes the run as if nothing had happened."""
   from fathom_sim.driver import Rounds
-  from fathom_sim.train import OutOfMemory
+  from fathom_sim.failures import OutOfMemory
   straight = train_and_evaluate(_tiny(lanes_per_device=lanes), str(tmp_path / 'straight'))
   workdir = str(tmp_path / 'run')
   real_round = Rounds.__call__
@@ -1384,7 +1384,8 @@ def test_a_run_ended_by_bad_data_finishes_its_pending_checkpoint(tmp_path, monke
 
 def test_vectorised_seeds_out_of_memory_keep_each_checkpoint(tmp_path, monkeypatch):
   from fathom_sim.driver import Rounds
-  from fathom_sim.train import OutOfMemory, train_seeds
+  from fathom_sim.failures import OutOfMemory
+  from fathom_sim.train import train_seeds
   real_round = Rounds.__call__
 
   def round_or_out_of_memory(self, state, t, hp):
@@ -1407,22 +1408,22 @@ def test_vectorised_seeds_out_of_memory_keep_each_checkpoint(tmp_path, monkeypat
 
 
 def test_the_checkpoints_an_out_of_memory_error_names_are_read_from_the_workdirs(tmp_path):
-  from fathom_sim.train import _checkpoints_kept
+  from fathom_sim.failures import checkpoints_kept
   a, b, fresh = tmp_path / 'a', tmp_path / 'b', tmp_path / 'fresh'
   for path in ('a/checkpoints/10', 'a/checkpoints/20', 'a/checkpoints/30.orbax-checkpoint-tmp',
                'b/checkpoints/10', 'fresh'):
     (tmp_path / path).mkdir(parents=True)
-  assert _checkpoints_kept([str(a)]) == 'the workdir keeps the checkpoint of round 20'
-  assert _checkpoints_kept([str(a), str(a)]) == 'each workdir keeps the checkpoint of round 20'
-  assert _checkpoints_kept([str(a), str(b), str(fresh)]) == (
+  assert checkpoints_kept([str(a)]) == 'the workdir keeps the checkpoint of round 20'
+  assert checkpoints_kept([str(a), str(a)]) == 'each workdir keeps the checkpoint of round 20'
+  assert checkpoints_kept([str(a), str(b), str(fresh)]) == (
       'the workdirs keep the checkpoints of rounds 20, 10, none')
-  assert _checkpoints_kept([str(fresh)]) == 'no round was checkpointed yet'
+  assert checkpoints_kept([str(fresh)]) == 'no round was checkpointed yet'
 
 
 def test_an_evaluation_out_of_memory_names_eval_batch_size_and_a_smaller_one_resumes(
     tmp_path, monkeypatch):
   from fathom_sim.evaluation import Evaluator
-  from fathom_sim.train import OutOfMemory
+  from fathom_sim.failures import OutOfMemory
   workdir = str(tmp_path / 'run')
   real_evaluate, calls = Evaluator.__call__, []
 
@@ -1446,7 +1447,7 @@ def test_a_checkpoint_too_large_for_the_device_is_not_set_aside(tmp_path, monkey
   """Restoring can run out of device memory too: that says nothing of the checkpoint's files,
   which stay where they are (not moved aside as unreadable) for a run with more memory."""
   import orbax.checkpoint as ocp
-  from fathom_sim.train import OutOfMemory
+  from fathom_sim.failures import OutOfMemory
   workdir = str(tmp_path / 'run')
   train_and_evaluate(_tiny(num_rounds=20), workdir)
 
@@ -1501,7 +1502,7 @@ def test_out_of_memory_outside_a_compiled_program_is_recognised():
 
 def test_the_first_state_out_of_memory_in_an_eager_operation_is_one_error(tmp_path, monkeypatch):
   from fathom_sim import train
-  from fathom_sim.train import OutOfMemory
+  from fathom_sim.failures import OutOfMemory
 
   def eager_out_of_memory(run):
     raise ValueError('RESOURCE_EXHAUSTED: Out of memory while trying to allocate 4000000000 '
@@ -1533,7 +1534,7 @@ def test_the_first_state_out_of_memory_in_an_eager_operation_is_one_error(tmp_pa
                                         'workdir; the workdir keeps the checkpoint of round 2$'):
     train_and_evaluate(smaller, str(tmp_path / 'run'))
   # Of npz data, whose classes are a field, that field is named too.
-  from fathom_sim.train import _model_fields
+  from fathom_sim.failures import _model_fields
   smaller.data.name = 'npz'
   assert _model_fields(smaller) == 'config.model, or fewer classes: config.data.num_classes'
 
@@ -1541,7 +1542,7 @@ def test_the_first_state_out_of_memory_in_an_eager_operation_is_one_error(tmp_pa
 def test_a_round_out_of_host_memory_names_the_host_not_a_device(tmp_path, monkeypatch):
   """numpy's MemoryError in a round (planning a huge batch) was said as a device's."""
   from fathom_sim.driver import Rounds
-  from fathom_sim.train import OutOfMemory
+  from fathom_sim.failures import OutOfMemory
   real_round = Rounds.__call__
 
   def round_or_host_out_of_memory(self, state, t, hp):
@@ -1681,19 +1682,19 @@ def test_a_finished_run_killed_while_summarised_again_is_not_taken_as_summarised
   """Run again with another target_accuracy, a finished run rewrites config.json, evaluates
   and summarises again. Killed before its summary.json was written, the next command found
   the old summary beside the new config and returned it: the old target, the old counts."""
-  from fathom_sim import train
+  from fathom_sim import summary
   workdir = str(tmp_path / 'run')
   first = train_and_evaluate(_tiny(num_rounds=3, target_accuracy=0.9), workdir)
   assert first['target_accuracy'] == 0.9
-  summarise = train._summary
+  summarise = summary.write
 
   def killed(*args, **kwargs):
     raise KeyboardInterrupt  # as a kill -9 there: no summary.json written
 
-  monkeypatch.setattr(train, '_summary', killed)
+  monkeypatch.setattr(summary, 'write', killed)
   with pytest.raises(KeyboardInterrupt):
     train_and_evaluate(_tiny(num_rounds=3, target_accuracy=0.95), workdir)
-  monkeypatch.setattr(train, '_summary', summarise)
+  monkeypatch.setattr(summary, 'write', summarise)
   again = train_and_evaluate(_tiny(num_rounds=3, target_accuracy=0.95), workdir)
   assert again['target_accuracy'] == 0.95
   with open(os.path.join(workdir, 'summary.json')) as f:

@@ -177,7 +177,7 @@ def test_seeds_apart_go_back_only_where_none_is_stopped_or_summarised(tmp_path):
   which it would not from an older round; a finished seed taken back would keep a summary of
   rounds its rows no longer have. Both keep the seeds apart."""
   import types
-  from fathom_sim import train as train_lib
+  from fathom_sim import book as book_lib
   c = _config(0, max_rejected_rounds=3)
 
   def book(done, rejected=0, limit=None, summary=False):
@@ -189,11 +189,11 @@ def test_seeds_apart_go_back_only_where_none_is_stopped_or_summarised(tmp_path):
     return types.SimpleNamespace(done=done, workdir=str(workdir),
                                  meta={'rejected_in_a_row': rejected, 'config': saved})
 
-  assert train_lib._may_go_back([book(4), book(2)], c)
-  assert not train_lib._may_go_back([book(4), book(0)], c)  # a seed not started
-  assert not train_lib._may_go_back([book(4), book(2, rejected=3)], c)  # stopped
-  assert train_lib._may_go_back([book(4), book(2, rejected=3, limit=5)], c)  # its own limit
-  assert not train_lib._may_go_back([book(4, summary=True), book(2)], c)
+  assert book_lib.may_go_back([book(4), book(2)], c)
+  assert not book_lib.may_go_back([book(4), book(0)], c)  # a seed not started
+  assert not book_lib.may_go_back([book(4), book(2, rejected=3)], c)  # stopped
+  assert book_lib.may_go_back([book(4), book(2, rejected=3, limit=5)], c)  # its own limit
+  assert not book_lib.may_go_back([book(4, summary=True), book(2)], c)
 
 
 def test_vectorised_seeds_refuse_configs_that_differ_beyond_the_seed(tmp_path, monkeypatch):
