@@ -17,7 +17,7 @@ from fathom_sim import distributed, metrics, provenance
 from fathom_sim import workdir as workdir_lib
 from fathom_sim.checkpoint import Checkpointer
 from fathom_sim.run import Run, execution, init_state
-from fathom_sim.types import ServerState
+from fathom_sim.types import BATCH, EPOCHS, ETA, ServerState
 
 
 @dataclasses.dataclass
@@ -56,6 +56,50 @@ class Book:
             'wall_s': time.time() - self.start, 'config': workdir_lib.config_dict(self.config),
             'simulators': self.meta['simulators'], 'executions': self.meta['executions'],
             'rejected_in_a_row': self.meta['rejected_in_a_row'], 'data': self.meta['data']}
+
+  def count_rejected(self, accepted: bool) -> None:
+    """Counts a round into the rounds rejected in a row (kept in its checkpoints' meta)."""
+    self.meta['rejected_in_a_row'] = 0 if accepted else self.meta['rejected_in_a_row'] + 1
+    if accepted:
+      self.rejected_by = None
+
+  def round_row(self, t: int, ms, used: np.ndarray, plan, computed: int, *,
+                vectorized_seeds: int) -> dict:
+    """Round t's row but its evaluation and wall_s, the round's examples and steps added to the
+    run's counts; a rejected round, and an accepted one whose loss jumped, said in the log.
+    `ms`: the round's metrics, `used`: its hyperparameters, `plan`: its cohort plan,
+    `computed`: the example-gradients computed (padding included)."""
+    c, meta, tag = self.config, self.meta, self.tag(bool(vectorized_seeds))
+    meta['total_steps'] += int(plan.num_steps.sum())
+    meta['total_examples'] += plan.useful_rows()
+    meta['computed'] += computed
+    row = {'round': t, 'train_loss': float(ms.train_loss), 'eta': float(used[ETA]),
+           'epochs': float(used[EPOCHS]), 'batch_size': float(used[BATCH]),
+           'batch_size_int': plan.batch_size, 'h_glob': float(ms.h_glob),
+           'h_local': float(ms.h_local), 'examples': meta['total_examples'],
+           'local_steps': meta['total_steps'], 'dropped_clients': int(ms.dropped_clients),
+           'accepted': bool(ms.accepted),
+           'padding_efficiency': plan.useful_rows() / max(computed, 1)}
+    if vectorized_seeds:  # its wall_s is the group's clock: a report times rounds by it
+      row['vectorized_seeds'] = vectorized_seeds
+    if not ms.accepted:
+      dropped = int(ms.dropped_clients)
+      cause = ('clients' if dropped >= int(np.sum(np.asarray(plan.num_examples) > 0))
+               else 'step')
+      self.rejected_by = cause if self.rejected_by in (None, cause) else 'both'
+      why = ('no client returned a finite update' if cause == 'clients'
+             else 'the server or hyper step was not finite')
+      logging.warning('%sround %d rejected: %s (%d clients dropped); the model is '
+                      'unchanged%s', tag, t, why, dropped,
+                      '' if c.algorithm == 'fedavg' else ' and the eta it used is halved')
+    jump = metrics.loss_jump(self.log.accepted_loss, row, metrics.LOSS_JUMP)
+    if jump is not None:
+      logging.warning('%sround %d: the training loss rose %.3gx in one round (%.4g -> %.4g) '
+                      'and the round was accepted; the run may be diverging (SGD can diverge '
+                      'near zero training loss, on any device and precision; '
+                      'a smaller eta, or upper_eta for FATHOM, takes smaller steps)',
+                      tag, t, jump[1], jump[0], row['train_loss'])
+    return row
 
   def tag(self, vectorized: bool) -> str:
     """How log lines name the run: by its seed when seeds are vectorised."""

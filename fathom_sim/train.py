@@ -35,7 +35,6 @@ from fathom_sim.errors import Diverged, InputError, Preempted, exit_status
 from fathom_sim.evaluation import KEEP_BYTES, make_evaluator
 from fathom_sim.mesh import put, replicated
 from fathom_sim.run import Run, build
-from fathom_sim.types import BATCH, EPOCHS, ETA
 
 
 @contextlib.contextmanager
@@ -344,12 +343,8 @@ def _run(run: Run, configs: list[ml_collections.ConfigDict], workdirs: list[str]
       used_all, hp = np.asarray(m.hparams), np.asarray(m.next_hparams)
       accepted_all = np.asarray(m.accepted)
       for s, book in zip(seeds, books):
-        if book.diverged_at is not None:  # stopped: its count ended with it
-          continue
-        in_a_row = book.meta['rejected_in_a_row']
-        book.meta['rejected_in_a_row'] = 0 if bool(_seed(accepted_all, s)) else in_a_row + 1
-        if bool(_seed(accepted_all, s)):
-          book.rejected_by = None
+        if book.diverged_at is None:  # (a stopped seed's count ended with it)
+          book.count_rejected(bool(_seed(accepted_all, s)))
       # A seed whose max_rejected_rounds rounds in a row were rejected stops there, as it
       # would alone: its rows and checkpoint end at this round, while the program goes on for
       # the others. (A run whose last round completes the count has run every round.)
@@ -361,40 +356,12 @@ def _run(run: Run, configs: list[ml_collections.ConfigDict], workdirs: list[str]
         if book.diverged_at is not None:
           continue
         ms, plan = _seed(m, s), plans if s is None else plans[s]
-        used, meta = _seed(used_all, s), book.meta
         # Seeds in one program compute the longest lane and the largest B_pad of any of them
         # (but a stopped seed's: its plans are idle).
         others = () if s is None else tuple(p for i, p in enumerate(plans) if i != s)
-        computed = plan.computed_rows(n_dev, host_loop, run.loop_chunk, others)
-        meta['total_steps'] += int(plan.num_steps.sum())
-        meta['total_examples'] += plan.useful_rows()
-        meta['computed'] += computed
-        row = {'round': t, 'train_loss': float(ms.train_loss), 'eta': float(used[ETA]),
-               'epochs': float(used[EPOCHS]), 'batch_size': float(used[BATCH]),
-               'batch_size_int': plan.batch_size, 'h_glob': float(ms.h_glob),
-               'h_local': float(ms.h_local), 'examples': meta['total_examples'],
-               'local_steps': meta['total_steps'], 'dropped_clients': int(ms.dropped_clients),
-               'accepted': bool(ms.accepted),
-               'padding_efficiency': plan.useful_rows() / max(computed, 1)}
-        if vectorized:  # its wall_s is the group's clock: a report times rounds by it
-          row['vectorized_seeds'] = len(books)
-        if not ms.accepted:
-          dropped = int(ms.dropped_clients)
-          cause = ('clients' if dropped >= int(np.sum(np.asarray(plan.num_examples) > 0))
-                   else 'step')
-          book.rejected_by = cause if book.rejected_by in (None, cause) else 'both'
-          why = ('no client returned a finite update' if cause == 'clients'
-                 else 'the server or hyper step was not finite')
-          logging.warning('%sround %d rejected: %s (%d clients dropped); the model is '
-                          'unchanged%s', book.tag(vectorized), t, why, dropped,
-                          '' if c.algorithm == 'fedavg' else ' and the eta it used is halved')
-        jump = metrics.loss_jump(book.log.accepted_loss, row, metrics.LOSS_JUMP)
-        if jump is not None:
-          logging.warning('%sround %d: the training loss rose %.3gx in one round (%.4g -> %.4g) '
-                          'and the round was accepted; the run may be diverging (SGD can diverge '
-                          'near zero training loss, on any device and precision; '
-                          'a smaller eta, or upper_eta for FATHOM, takes smaller steps)',
-                          book.tag(vectorized), t, jump[1], jump[0], row['train_loss'])
+        row = book.round_row(t, ms, _seed(used_all, s), plan,
+                             plan.computed_rows(n_dev, host_loop, run.loop_chunk, others),
+                             vectorized_seeds=len(books) if vectorized else 0)
         if t % c.eval_every == 0 or t == c.num_rounds:
           evaluate_into(row, book, _seed(state.params, s), t)
         row['wall_s'] = time.time() - book.start
