@@ -297,6 +297,31 @@ def test_tf_example_parser_matches_protobuf():
     parse_example(blob[:-3])
 
 
+def test_tf_example_parser_refuses_a_varint_where_bytes_belong():
+  """A damaged proto whose map key or value, or Feature list, is a varint: taken as a length,
+  bytes(n) made n zero bytes (a key of 5 NULs, or the host's memory for a large n)."""
+  def varint(n):
+    out = bytearray()
+    while n > 0x7F:
+      out.append(n & 0x7F | 0x80)
+      n >>= 7
+    return bytes(out) + bytes([n])
+
+  def field(number, payload):
+    return varint(number << 3 | 2) + varint(len(payload)) + payload
+
+  def example(entry):
+    return field(1, field(1, entry))
+
+  int64_list = field(3, bytes([0x08, 0x05]))
+  assert parse_example(example(field(1, b'k') + field(2, int64_list)))['k'].tolist() == [5]
+  for entry, what in [(varint(1 << 3) + varint(2**62) + field(2, int64_list), "key"),
+                      (field(1, b'k') + varint(2 << 3) + varint(5), "value"),
+                      (field(1, b'k') + field(2, varint(3 << 3) + varint(2**62)), "list")]:
+    with pytest.raises(ValueError, match=f"{what} has wire type 0, not 2"):
+      parse_example(example(entry))
+
+
 def test_tff_emnist_and_stackoverflow_read_back_exactly(tmp_path):
   train, test = emnist_clients(3, [4, 9, 2]), emnist_clients(4, [3, 1])
   digits = emnist_clients(5, [6])

@@ -53,10 +53,17 @@ def _signed(v: int) -> int:
   return v - (1 << 64) if v >= 1 << 63 else v
 
 
+def _length_delimited(what: str, wire: int) -> None:
+  # A varint where bytes belong would otherwise be taken as a length: bytes(n) makes n zeros.
+  if wire != 2:
+    raise ValueError(f'{what} has wire type {wire}, not 2 (length-delimited)')
+
+
 def _feature(buf: bytes):
   kind = None
-  for number, _, value in _fields(buf):
+  for number, wire, value in _fields(buf):
     if number in (1, 2, 3):
+      _length_delimited('a Feature\'s list', wire)
       kind = (number, value)  # the last oneof member wins, as in protobuf
   if kind is None:
     return np.zeros(0, np.float32)
@@ -93,10 +100,12 @@ def parse_example(blob: bytes) -> dict:
       if n != 1 or w != 2:
         continue
       key, value = None, b''
-      for m, _, v in _fields(entry):
+      for m, w, v in _fields(entry):
         if m == 1:
+          _length_delimited('a feature map entry\'s key', w)
           key = bytes(v).decode('utf-8')
         elif m == 2:
+          _length_delimited('a feature map entry\'s value', w)
           value = v
       if key is None:
         raise ValueError('feature map entry without a key')
