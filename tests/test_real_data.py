@@ -438,6 +438,9 @@ def test_a_locked_sqlite_file_is_not_said_to_be_damaged(tmp_path):
     # a writer of client_metadata with no examples was dropped without a word
     ('absent', "client_metadata lists 1 client(s) of split 'train' with no rows in examples "
                '(first: client w2, 4 examples listed)'),
+    # said as 'client_metadata says None'
+    ('unlisted', "client w1 has 1 example(s) in split 'train' but client_metadata does not list "
+                 'it'),
     ('label_bytes', "labels are |S1 (e.g. np.bytes_(b'3')); EMNIST-62 labels are integers"),
     # a varint of 10 bytes: its bits past 64 drop, as in protobuf (it ended in OverflowError)
     ('overflow', 'label -1 out of range'),
@@ -459,6 +462,7 @@ def test_bad_tff_files_are_refused_with_one_clear_error(tmp_path, problem, needl
     write_tff(path, {'digits_only_train': {'w1': [good]}, 'digits_only_test': {'w1': [good]}})
   else:
     examples = {'truncated': [good, good[:-5]], 'count': [good, good], 'absent': [good],
+                'unlisted': [good],
                 'pixels': [_tf_example(pixels=np.ones(756, np.float32), label=[3])] * 2,
                 'label_bytes': [_tf_example(pixels=np.ones(784, np.float32), label=[b'3'])],
                 'overflow': [huge], 'damaged_page': [good] * 3}[problem]
@@ -472,6 +476,8 @@ def test_bad_tff_files_are_refused_with_one_clear_error(tmp_path, problem, needl
       db.execute("UPDATE client_metadata SET num_examples = 3 WHERE split_name = 'train'")
     if problem == 'absent':
       db.execute("INSERT INTO client_metadata VALUES ('w2', 'train', 4)")
+    if problem == 'unlisted':
+      db.execute("UPDATE client_metadata SET client_id = 'w9' WHERE split_name = 'train'")
     db.commit()
     db.close()
   with pytest.raises(DataError) as err:

@@ -58,7 +58,7 @@ class TffSqlite:
     for client_id, blob in rows:
       if client_id != current:
         if current is not None:
-          yield self._checked(current, examples, expected)
+          yield self._checked(current, examples, expected, split)
         current, examples = client_id, []
         seen.add(client_id)
       try:
@@ -67,7 +67,7 @@ class TffSqlite:
         raise DataError(f'{self.path}: client {client_id} ({split}): corrupt example proto '
                         f'({e}); expected a serialized tf.train.Example') from None
     if current is not None:
-      yield self._checked(current, examples, expected)
+      yield self._checked(current, examples, expected, split)
     # A client of client_metadata with no examples would otherwise vanish without a word. (Found
     # once the split is read: a query first would read the whole file once more. One listed
     # with 0 examples agrees with the file, and is never sampled: it is left out.)
@@ -77,7 +77,10 @@ class TffSqlite:
                       f'{split!r} with no rows in examples (first: client {absent[0]}, '
                       f'{expected[absent[0]]} examples listed)')
 
-  def _checked(self, client_id, examples, expected) -> tuple[str, list[dict]]:
+  def _checked(self, client_id, examples, expected, split) -> tuple[str, list[dict]]:
+    if client_id not in expected:
+      raise DataError(f'{self.path}: client {client_id} has {len(examples)} example(s) in split '
+                      f'{split!r} but client_metadata does not list it')
     if expected.get(client_id) != len(examples):
       raise DataError(f'{self.path}: client {client_id} has {len(examples)} examples but '
                       f'client_metadata says {expected.get(client_id)}')
