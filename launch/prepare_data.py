@@ -61,6 +61,11 @@ def summary_lines(meta: dict, out: str) -> list[str]:
 MAX_SEQUENCE_LENGTH = 1024
 
 
+def _left_at_out() -> str:
+  done = os.path.exists(os.path.join(_OUT.value, 'meta.json'))  # renamed in already
+  return f'{"the dataset was written to" if done else "nothing was left at"} --out {_OUT.value!r}'
+
+
 def main(argv):
   cli.no_arguments(argv)
   from fathom_sim.errors import exit_status
@@ -86,9 +91,11 @@ def main(argv):
                      test_fraction=given.get('test_fraction'))
       print('\n'.join(summary_lines(meta, _OUT.value)))
     except KeyboardInterrupt as e:  # Ctrl-C or SIGTERM (run_or_exit's words are a training run's)
-      done = os.path.exists(os.path.join(_OUT.value, 'meta.json'))  # renamed in already
-      cli.fail(f'interrupted; {"the dataset was written to" if done else "nothing was left at"} '
-               f'--out {_OUT.value!r}', exit_status(e))
+      cli.fail(f'interrupted; {_left_at_out()}', exit_status(e))
+    except MemoryError as e:  # (run_or_exit's words are a training run's config's)
+      cli.fail(f'the host ran out of memory preparing --source {_SOURCE.value!r} ({e}): a client '
+               'larger than this machine holds, or a damaged file that claims one; '
+               f'{_left_at_out()}', exit_status(e))
 
   cli.run_or_exit(job)
 

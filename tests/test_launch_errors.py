@@ -684,6 +684,27 @@ def test_prepare_stopped_by_ctrl_c_or_sigterm_says_so_in_its_own_words(tmp_path,
   assert os.listdir(tmp_path) == []  # no --out, no <out>.partial
 
 
+def test_prepare_out_of_host_memory_says_what_it_was_preparing(tmp_path):
+  """It said a training run's line: 'the host ran out of memory making the run (); the config
+  asks for more than this machine holds: lower ... data.num_clients, ... model widths'."""
+  out = str(tmp_path / 'out')
+  leaf = os.path.join(ROOT, 'tests', 'data', 'femnist_leaf_sample')
+  code = ('import runpy, sys\n'
+          'from fathom_sim.data import tfds_store\n'
+          'def too_big(*args, **kwargs):\n'
+          '  raise MemoryError\n'
+          'tfds_store._write_split = too_big\n'
+          f"sys.argv = ['prepare_data.py', '--source={leaf}', '--out={out}', "
+          "'--format=leaf_json', '--task=emnist']\n"
+          "runpy.run_path('launch/prepare_data.py', run_name='__main__')\n")
+  p = run_python(code)
+  assert p.returncode == 2, p.stderr[-2000:]
+  assert p.stderr.splitlines()[-1] == (
+      f'error: the host ran out of memory preparing --source {leaf!r} (): a client larger than '
+      f'this machine holds, or a damaged file that claims one; nothing was left at --out {out!r}')
+  assert os.listdir(tmp_path) == []
+
+
 @pytest.mark.parametrize('script, flags, said', [
     ('benchmark.py', ['--tasks=mlp', '--cohort_sizes=3', '--rounds=2', '--num_clients=30'],
      'error: stopped by SIGTERM'),
