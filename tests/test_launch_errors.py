@@ -3,6 +3,7 @@ exit status 2, no traceback, and nothing overwritten."""
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -621,6 +622,24 @@ def test_prepare_refuses_out_of_range_flags_naming_each(tmp_path, flag, needle):
   _refused(_cli('prepare_data.py', '--format=stackexchange_xml', '--task=stackoverflow',
                 f'--source={tmp_path / "Posts.xml"}', f'--out={out}', flag), needle)
   assert not out.exists() and not (tmp_path / 'out.partial').exists()
+
+
+@pytest.mark.parametrize('given,needle', [
+    ({'vocab_size': 0}, '--vocab_size must be >= 1, got 0'),
+    ({'sequence_length': 1}, '--sequence_length must be in [2, 1024]'),
+    ({'test_fraction': 0.0}, '--test_fraction must be in (0, 1), got 0.0'),
+])
+def test_prepare_called_from_python_refuses_the_same_ranges(tmp_path, given, needle):
+  """The checks were the command's only: prepare(vocab_size=0) took every word of the
+  word-count file (read_word_counts' 0), a vocabulary of another size than asked."""
+  from fathom_sim.data import DataError
+  from fathom_sim.data.prepare import prepare
+  (tmp_path / 'Posts.xml').write_text(POSTS)
+  (tmp_path / 'counts.txt').write_text('the 5\nbeer 4\n')
+  with pytest.raises(DataError, match=re.escape(needle)):
+    prepare(str(tmp_path / 'Posts.xml'), str(tmp_path / 'out'), fmt='stackexchange_xml',
+            task='stackoverflow', vocab_path=str(tmp_path / 'counts.txt'), **given)
+  assert not (tmp_path / 'out').exists()
 
 
 def test_prepare_refuses_a_split_date_for_a_format_with_its_own_splits(tmp_path):

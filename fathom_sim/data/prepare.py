@@ -222,6 +222,9 @@ def _sentences(clients: Iterable[tuple[str, list]]) -> Iterator:
 
 # Stack Overflow's and Posts.xml's settings when not given (launch/prepare_data.py's defaults).
 VOCAB_SIZE, SEQUENCE_LENGTH, TEST_FRACTION = 10000, 20, 0.2
+# The paper cuts sentences at 20 tokens; 1024 leaves room to study longer ones, while 1e8 was
+# taken and the process killed for memory.
+MAX_SEQUENCE_LENGTH = 1024
 
 
 def prepare(source: str, out: str, *, fmt: str, task: str, vocab_path: str = '',
@@ -234,6 +237,14 @@ def prepare(source: str, out: str, *, fmt: str, task: str, vocab_path: str = '',
   and an `out` the dataset cannot be written to, raise DataError before the input is read."""
   if fmt not in FORMATS:
     raise DataError(f'--format must be one of {FORMATS}, got {fmt!r}')
+  # Here, not in the command only: read_word_counts took a size of 0 as the whole file.
+  if vocab_size is not None and vocab_size < 1:
+    raise DataError(f'--vocab_size must be >= 1, got {vocab_size}')
+  if sequence_length is not None and not 2 <= sequence_length <= MAX_SEQUENCE_LENGTH:
+    raise DataError(f'--sequence_length must be in [2, {MAX_SEQUENCE_LENGTH}] (20 in the paper), '
+                    f'got {sequence_length}')
+  if test_fraction is not None and not 0 < test_fraction < 1:
+    raise DataError(f'--test_fraction must be in (0, 1), got {test_fraction}')
   if task not in TASKS:
     raise DataError(f'--task must be one of {TASKS}, got {task!r}')
   # FedJAX's files may be listed with commas; a path that exists is taken whole, commas and all.
