@@ -30,6 +30,8 @@ _SEED_DIR = re.compile(r'^seed=\d+$')
 # evaluation (eval_clients) is not the whole test set's, and TF32 against float32 can send a
 # run another way.
 MEASURED_ALIKE = frozenset({'eval_every', 'eval_clients', 'matmul_precision'})
+# The other fields a resumed run may change: a setting's seeds may differ in them unnamed.
+NOT_COMPARED = workdir_lib.RESUMABLE_FIELDS - MEASURED_ALIKE
 
 # The fields of a metrics row that the tables and plots read.
 FIELDS = ('round', 'wall_s', 'examples', 'local_steps', 'test_accuracy', 'eta', 'epochs',
@@ -191,7 +193,7 @@ class Group:
     # Fields no seed reads (FATHOM's under FedAvg, ...).
     unread = set.intersection(*(unread_paths(c) for c in configs))
     fields = sorted(set.intersection(*(set(c) for c in configs))
-                    - (workdir_lib.RESUMABLE_FIELDS - MEASURED_ALIKE) - {'seed'} - unread)
+                    - NOT_COMPARED - {'seed'} - unread)
     out = {}
     for f in fields:
       values = [c.get(f) for c in configs]
@@ -533,8 +535,7 @@ def same_runs(groups: list[Group]) -> list[list[RunData]]:
 def _grid_key(group: Group) -> tuple:
   flat = workdir_lib.with_defaults(group.config)
   # alpha too: FedAvg reads it only for the h_glob it logs, its model is the same at any alpha.
-  drop = (GRID_FIELDS | {'alpha'} | (workdir_lib.RESUMABLE_FIELDS - MEASURED_ALIKE)
-          | unread_paths({**flat, 'algorithm': 'fedavg'}))
+  drop = (GRID_FIELDS | {'alpha'} | NOT_COMPARED | unread_paths({**flat, 'algorithm': 'fedavg'}))
   return tuple(sorted((f, json.dumps(v, sort_keys=True)) for f, v in flat.items()
                       if f not in drop))
 
