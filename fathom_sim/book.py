@@ -1,6 +1,6 @@
-"""A run's host-side record (Book), and how a command picks its run up: the checkpoint restored
-and checked against the data, vectorised seeds brought back to one round, the rows kept up to
-the checkpoint."""
+"""A run's host-side record (Book: its files, counters, and each round's row), and how a
+command picks its run up: the checkpoint restored and checked against the data, vectorised
+seeds brought back to one round, the rows kept up to the checkpoint."""
 
 from __future__ import annotations
 
@@ -111,7 +111,8 @@ def open_book(run: Run, config: ml_collections.ConfigDict, workdir: str, data_id
               ) -> tuple[Book, ServerState, np.ndarray | None]:
   """The run in `workdir`: its Book, state and hyperparameters (None: the config's initial
   ones), restored from its newest checkpoint, else round 0's. Refuses checkpoints trained on
-  other data than `data_id` (`known_ids`: the fingerprints that name the same data)."""
+  other data than `data_id` (`known_ids`: the fingerprints that name the same data).
+  Sets doing['what'] ('init', then 'restore') for an out-of-memory error's message."""
   doing['what'] = 'init'
   state = init_state(dataclasses.replace(run, config=config))
   checkpointer = Checkpointer(workdir, config.keep_checkpoints)

@@ -99,7 +99,7 @@ def _said(error: BaseException) -> str:
 
 DIGEST = 'state_sha256'  # meta's key for state_digest of the saved state
 META_DIGEST = 'meta_sha256'  # meta's key for meta_digest of the rest of the JSON
-# What the host reads of a checkpoint's JSON to go on (train.py); a checkpoint without one of
+# What the host reads of a checkpoint's JSON to go on (book.py); a checkpoint without one of
 # these is unreadable, as one with a torn array is.
 REQUIRED = ('round', 'hp', 'total_examples', 'total_steps', 'computed', 'wall_s')
 

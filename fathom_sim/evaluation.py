@@ -139,6 +139,11 @@ class Evaluator:
     return self._add_sums.lower(self._zeros(args), *args)
 
 
+def extra_accuracies(result: dict) -> dict:
+  """A model's further accuracies (e.g. Stack Overflow's without OOV) as test_* fields."""
+  return {f'test_{k}': v for k, v in result.items() if k.startswith('accuracy_')}
+
+
 def _ratio(total, count) -> float:
   """total / count, NaN when nothing was counted (e.g. sampled test clients whose every target
   is eos or out of vocabulary), as for an evaluation of no clients."""

@@ -9,7 +9,7 @@ import time
 import numpy as np
 from absl import logging
 
-from fathom_sim import compile_cache, distributed, metrics
+from fathom_sim import compile_cache, distributed, evaluation, metrics
 from fathom_sim import workdir as workdir_lib
 from fathom_sim.book import Book
 from fathom_sim.driver import Rounds
@@ -17,14 +17,10 @@ from fathom_sim.run import Run, execution
 from fathom_sim.types import BATCH, EPOCHS, ETA
 
 
-def extra_accuracies(result: dict) -> dict:
-  """A model's further accuracies (e.g. Stack Overflow's without OOV) as test_* fields."""
-  return {f'test_{k}': v for k, v in result.items() if k.startswith('accuracy_')}
-
-
 def write(book: Book, final: dict, params, hp: np.ndarray, rounds: Rounds, run: Run, *,
-             vectorized: int) -> dict:
-  """Writes and returns the run's summary.json."""
+          vectorized_seeds: int) -> dict:
+  """Writes and returns the run's summary.json; `vectorized_seeds`: the seeds run side by side
+  with it (0: alone)."""
   c, meta = book.config, book.meta
   compiles, ahead = rounds.compiles, rounds.compile_ahead
   l2, sha = metrics.params_digest(params)
@@ -41,14 +37,14 @@ def write(book: Book, final: dict, params, hp: np.ndarray, rounds: Rounds, run: 
                                                     'used': ahead.used},
       'planned_ahead': rounds.planned_ahead, 'replanned': rounds.replanned,
       'replanned_seeds': rounds.replanned_seeds,
-      'vectorized_seeds': vectorized, 'resumed_from': book.done,
+      'vectorized_seeds': vectorized_seeds, 'resumed_from': book.done,
       'simulators': meta['simulators'], 'executions': meta['executions'],
       'wall_s': _wall_s(book, c.num_rounds), 'total_examples': meta['total_examples'],
       'total_local_steps': meta['total_steps'],
       'padding_efficiency': meta['total_examples'] / max(meta['computed'], 1),
       'final': {'test_accuracy': final['accuracy'], 'test_loss': final['loss'],
                 'test_examples': final['count'], 'params_l2': l2, 'params_sha256': sha,
-                **extra_accuracies(final)},
+                **evaluation.extra_accuracies(final)},
       'final_hparams': {'eta': float(hp[ETA]), 'epochs': float(hp[EPOCHS]),
                         'batch_size': float(hp[BATCH])},
       'config_sha256': workdir_lib.config_fingerprint(c),
@@ -63,7 +59,7 @@ def write(book: Book, final: dict, params, hp: np.ndarray, rounds: Rounds, run: 
     metrics.write_json(os.path.join(book.workdir, metrics.SUMMARY_FILE), summary)
   loaded = summary['compile_cache_hits']
   logging.info('%sdone: %d rounds in %.1fs, %d compiles%s; final test accuracy %.4f, loss %.4f',
-               book.tag(bool(vectorized)), c.num_rounds, summary['wall_s'], compiles,
+               book.tag(bool(vectorized_seeds)), c.num_rounds, summary['wall_s'], compiles,
                f' ({loaded} programs loaded from the compilation cache)' if loaded else '',
                final['accuracy'], final['loss'])
   return summary

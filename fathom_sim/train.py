@@ -23,7 +23,7 @@ from absl import logging
 from jax.experimental import multihost_utils
 
 from fathom_sim import book as book_lib
-from fathom_sim import compile_cache, distributed, failures, metrics, rng
+from fathom_sim import compile_cache, distributed, evaluation, failures, metrics, rng
 from fathom_sim import summary as summary_lib
 from fathom_sim import workdir as workdir_lib
 from fathom_sim.book import Book
@@ -295,7 +295,7 @@ def _run(run: Run, configs: list[ml_collections.ConfigDict], workdirs: list[str]
     result = evaluate_on_test(params, chosen)
     book.last_eval = (t, len(chosen) == len(test_clients), result)
     row['test_accuracy'], row['test_loss'] = result['accuracy'], result['loss']
-    row.update(summary_lib.extra_accuracies(result))
+    row.update(evaluation.extra_accuracies(result))
 
   def amend_last_row(book: Book, row: dict) -> None:
     """Round `done`'s row, written again with `row`'s fields (by the process that holds the
@@ -323,11 +323,6 @@ def _run(run: Run, configs: list[ml_collections.ConfigDict], workdirs: list[str]
     evaluate_into(row, book, _seed(state.params, s), done)
     amend_last_row(book, row)  # (the same values again where the row had them)
 
-  # closing: compiles queued ahead are dropped however the loop ends, and those running waited
-  # for. After the last round that wait is made with the stop handlers still in place: a
-  # signal in it stops the run once its summary is written (SIGTERM killed it unsummarised),
-  # and a second Ctrl-C still ends it at once. Ended by an error, the handlers are restored
-  # first, so a signal in the wait acts at once, as before.
   finished_by = 0  # a signal that came in the last round: raised once the summary is written
   # Rejected rounds in a row, each run's, in its meta: counted on from its checkpoint (a
   # resumed run stops where an uninterrupted one does; a checkpoint from before the count was
@@ -335,6 +330,11 @@ def _run(run: Run, configs: list[ml_collections.ConfigDict], workdirs: list[str]
   # stop at the same round.
   for book in books:
     book.meta.setdefault('rejected_in_a_row', 0)
+  # closing: compiles queued ahead are dropped however the loop ends, and those running waited
+  # for. After the last round that wait is made with the stop handlers still in place: a
+  # signal in it stops the run once its summary is written (SIGTERM killed it unsummarised),
+  # and a second Ctrl-C still ends it at once. Ended by an error, the handlers are restored
+  # first, so a signal in the wait acts at once, as before.
   with contextlib.closing(rounds), _stop_signals() as signals:
     for t in range(done + 1, c.num_rounds + 1):
       doing.update(what='round', round=t, hp=hp)
@@ -387,8 +387,8 @@ def _run(run: Run, configs: list[ml_collections.ConfigDict], workdirs: list[str]
         speed = (t - last_log[1]) / max(now - last_log[0], 1e-9)
         for book in books:
           if book.diverged_at is None:  # (a stopped seed's last line was said)
-            logging.info(book.tag(vectorized) + metrics.progress_line(book.log.last,
-                                                                        c.num_rounds, speed))
+            logging.info(book.tag(vectorized)
+                         + metrics.progress_line(book.log.last, c.num_rounds, speed))
         last_log = (now, t)
       if stop and t < c.num_rounds:
         for book in books:
@@ -426,7 +426,7 @@ def _run(run: Run, configs: list[ml_collections.ConfigDict], workdirs: list[str]
       doing.update(what='evaluation', round=c.num_rounds)
       final = evaluate_on_test(params, test_clients)
     summaries.append(summary_lib.write(book, final, params, _seed(hp, s), rounds, run,
-                                       vectorized=len(books) if vectorized else 0))
+                                       vectorized_seeds=len(books) if vectorized else 0))
   # The summaries are process 0's to write: the others wait for them (a barrier), so that a
   # write that fails (a full disk) ends them with its exit status, through the stop watcher,
   # where they had already exited 0.

@@ -1501,15 +1501,15 @@ def test_out_of_memory_outside_a_compiled_program_is_recognised():
 
 
 def test_the_first_state_out_of_memory_in_an_eager_operation_is_one_error(tmp_path, monkeypatch):
-  from fathom_sim import train
+  from fathom_sim import book
   from fathom_sim.failures import OutOfMemory
 
   def eager_out_of_memory(run):
     raise ValueError('RESOURCE_EXHAUSTED: Out of memory while trying to allocate 4000000000 '
                      'bytes.')
 
-  real_init = train.init_state
-  monkeypatch.setattr(train, 'init_state', eager_out_of_memory)
+  real_init = book.init_state
+  monkeypatch.setattr(book, 'init_state', eager_out_of_memory)
   with pytest.raises(OutOfMemory, match=r"^the model's first state ran out of memory on \d+ cpu "
                                         r'device\(s\) \(XLA: RESOURCE_EXHAUSTED.*; a smaller '
                                         r'model .* starts afresh in this workdir'):
@@ -1520,7 +1520,7 @@ def test_the_first_state_out_of_memory_in_an_eager_operation_is_one_error(tmp_pa
   assert sorted(os.listdir(tmp_path / 'run')) == ['.lock', 'config.json']
   (tmp_path / 'run' / 'checkpoints').mkdir()
   (tmp_path / 'run' / 'metrics.jsonl').write_text('')
-  monkeypatch.setattr(train, 'init_state', real_init)
+  monkeypatch.setattr(book, 'init_state', real_init)
   smaller = _tiny(num_rounds=2)
   smaller.model.hidden = (4,)
   assert train_and_evaluate(smaller, str(tmp_path / 'run'))['rounds'] == 2
@@ -1529,7 +1529,7 @@ def test_the_first_state_out_of_memory_in_an_eager_operation_is_one_error(tmp_pa
   # does not offer this workdir.
   with pytest.raises(WorkdirError, match='holds a run with a different config'):
     train_and_evaluate(_tiny(num_rounds=3), str(tmp_path / 'run'))
-  monkeypatch.setattr(train, 'init_state', eager_out_of_memory)
+  monkeypatch.setattr(book, 'init_state', eager_out_of_memory)
   with pytest.raises(OutOfMemory, match=r'a smaller model \(config.model\) needs a new '
                                         'workdir; the workdir keeps the checkpoint of round 2$'):
     train_and_evaluate(smaller, str(tmp_path / 'run'))
@@ -1704,7 +1704,7 @@ def test_a_finished_run_killed_while_summarised_again_is_not_taken_as_summarised
 
 
 def test_a_summary_s_fingerprint_follows_the_fields_its_run_reads():
-  """summary.json's config_sha256 is what _summary_of_finished compares: a field the run reads
+  """summary.json's config_sha256 is what summary.of_finished compares: a field the run reads
   changes it; one it does not read (eta_h under FedAvg), or a field the simulator adds later at
   its default (a config saved without it), leaves it."""
   from fathom_sim.workdir import config_fingerprint
