@@ -24,7 +24,6 @@ round in that window (`ahead s`, its part of `device s`).
 import functools
 import json
 import os
-import resource
 import signal
 import subprocess
 import sys
@@ -37,6 +36,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from absl import app, flags  # noqa: E402
 
 from launch import cli  # noqa: E402
+from launch.timing import peak_rss_gib  # noqa: E402
 
 TASKS = ('mlp', 'cnn', 'lstm')
 _TASKS = flags.DEFINE_list('tasks', ['cnn'], f'Tasks among {TASKS}: mlp = Synthetic(1,1) with '
@@ -300,7 +300,7 @@ def measure(name: str, cohort_size: int) -> dict:
   rounds.close()
   # The process's peaks up to the end of the rounds (data, init and warm-up included), before
   # the ceiling adds its own; a row's own only in a process of its own (--isolate_rows).
-  peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+  peak_rss = peak_rss_gib()
   device_peak = device_peak_gib(run.mesh)
   fed = examples / wall
   pooled = concat_clients(run.task.train, sorted(set(clients)))

@@ -7,12 +7,27 @@ of 20-400 steps moved by 26 % between runs where the rounds' rate moved by 0.5 %
 the machine fell on a few seconds of steps and went straight into the ratio.
 """
 
+import resource
 import statistics
 import time
 from typing import Callable
 
 CHUNKS = 7
 MIN_S = 2.0
+
+
+def peak_rss_gib() -> float:
+  """This process's peak resident memory, GiB. Linux's VmHWM is the process's own since its
+  exec; ru_maxrss carries the parent's across fork and exec (a row started by a parent of
+  1.5 GiB read 1.5 GiB before it did anything), so it is the fallback only."""
+  try:
+    with open('/proc/self/status') as f:
+      for line in f:
+        if line.startswith('VmHWM:'):
+          return int(line.split()[1]) / 2**20  # kB
+  except OSError:
+    pass
+  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # kB on Linux
 
 
 def chunk_rates(step: Callable[[int], None], sync: Callable[[], None], steps: int,

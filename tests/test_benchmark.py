@@ -579,3 +579,17 @@ def test_fedjax_s_clients_are_the_sizes_the_benchmark_trains_on():
   assert p.returncode == 0, p.stderr[-2000:]
   trained, given = json.loads(p.stdout.splitlines()[-1])
   assert given == trained and len(given) == 300
+
+
+def test_a_row_process_s_peak_memory_is_its_own_not_its_parent_s():
+  """ru_maxrss, which peak_rss_gib read, carries the parent's peak across fork and exec: a row
+  started by a parent of 0.5 GiB read at least 0.5 GiB, whatever it held itself."""
+  code = ('import subprocess, sys\n'
+          'held = bytearray(512 << 20)\n'  # (zeroed pages, each touched: resident)
+          'child = "from launch.timing import peak_rss_gib; print(peak_rss_gib())"\n'
+          'print(subprocess.run([sys.executable, "-c", child], capture_output=True, text=True,\n'
+          '                     check=True).stdout.strip())\n')
+  p = subprocess.run([sys.executable, '-c', code], cwd=ROOT, capture_output=True, text=True,
+                     env={**os.environ, 'PYTHONPATH': ROOT}, timeout=120)
+  assert p.returncode == 0, p.stderr
+  assert 0 < float(p.stdout) < 0.25  # a bare interpreter's tens of MiB
