@@ -15,7 +15,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from fathom_sim import distributed, fathom, models, provenance, rng, server
+from fathom_sim import distributed, evaluation, fathom, models, provenance, rng, server
 from fathom_sim.config import ConfigError, check_config
 from fathom_sim.data import DataError, DatasetError, Task, load_task
 from fathom_sim.data.federated import ArrayClientDataset
@@ -435,12 +435,14 @@ def _check_first_round_fits(config, task: Task, mesh, lanes: int) -> None:
                       f'inputs alone, more than {what} ({limit / 2**30:.1f} GiB); lower '
                       'config.batch_size')
   # The evaluation's batches are made whole on the host, then split over the devices.
-  eval_need = config.eval_batch_size * example // (1 if cpu else mesh.devices.size)
+  test_examples = int(np.sum(task.test.num_examples))
+  rows = evaluation.batch_rows(config.eval_batch_size, test_examples)
+  eval_need = rows * example // (1 if cpu else mesh.devices.size)
   if eval_need > limit:
     raise ConfigError(f'config.eval_batch_size={config.eval_batch_size}: one evaluation batch '
-                      f'({example} bytes an example) needs {eval_need / 2**30:.1f} GiB for its '
-                      f'inputs alone, more than {what} ({limit / 2**30:.1f} GiB); lower it '
-                      '(1024 by default)')
+                      f'of {rows} examples ({example} bytes each, the test set holds '
+                      f'{test_examples}) needs {eval_need / 2**30:.1f} GiB for its inputs alone, '
+                      f'more than {what} ({limit / 2**30:.1f} GiB); lower it (1024 by default)')
   # A round with the largest client plans each lane's row of indices at least that long; so
   # does the first round, its cohort (no smaller than the smallest clients) spread evenly over
   # the lanes (all 20 of the quickstart's clients share the one lane of a 2-core CPU).

@@ -518,10 +518,6 @@ def test_fedavg_takes_static_values_above_fathoms_bounds():
                                       r"round's 5 clients over 1 lane\(s\) plan at least "
                                       r"116000004 example indices for each of its 1 lane\(s\), "
                                       r"2.2 GiB, more than the host.s memory \(1.0 GiB\)"),
-    # It overwrote a finished run's config.json, then failed with a numpy MemoryError.
-    (dict(eval_batch_size=10**8), r'config.eval_batch_size=100000000: one evaluation batch '
-                                  r'\(\d+ bytes an example\) needs .* more than the host.s '
-                                  r'memory \(1.0 GiB\); lower it'),
 ])
 @pytest.mark.parametrize('algorithm', ['fedavg', 'fathom'])
 def test_a_first_round_that_cannot_run_is_refused_before_the_workdir(tmp_path, monkeypatch,
@@ -535,6 +531,25 @@ def test_a_first_round_that_cannot_run_is_refused_before_the_workdir(tmp_path, m
   with pytest.raises(ConfigError, match=needle):
     train_and_evaluate(config, str(tmp_path / 'run'))
   assert not (tmp_path / 'run').exists()
+
+
+def test_an_evaluation_batch_past_the_memory_is_refused_before_the_workdir(tmp_path,
+                                                                          monkeypatch):
+  """It overwrote a finished run's config.json, then failed with a numpy MemoryError. A batch
+  is no larger than the test set (evaluation.batch_rows): here ~2,000 examples of 244 bytes
+  against 100 kB, where the parameters and a local step fit."""
+  from fathom_sim.train import train_and_evaluate
+  monkeypatch.setattr(run_lib, '_memory_bytes', lambda mesh: (100_000, "the host's memory"))
+  config = tiny_config(eval_batch_size=10**8, **{'data.num_clients': 400,
+                                                  'data.test_fraction': 0.5})
+  with pytest.raises(ConfigError, match=r'^config.eval_batch_size=100000000: one evaluation '
+                                        r'batch of \d{4} examples \(244 bytes each, the test set '
+                                        r'holds \d{4}\) needs 0.0 GiB for its inputs alone, more '
+                                        r'than the host.s memory \(0.0 GiB\); lower it'):
+    train_and_evaluate(config, str(tmp_path / 'run'))
+  assert not (tmp_path / 'run').exists()
+  config.eval_batch_size = 64
+  train_and_evaluate(config, str(tmp_path / 'run'))
 
 
 def test_upper_bounds_fathom_could_not_run_at_are_refused_before_the_workdir(tmp_path):

@@ -430,6 +430,32 @@ def test_eval_clients_past_the_test_clients_evaluates_all_of_them_and_says_so(tm
   assert many['final'] == every['final']
 
 
+def test_an_eval_batch_size_past_the_test_set_evaluates_in_one_batch_of_the_test_set(
+    tmp_path, monkeypatch):
+  """Each evaluation batch was padded to config.eval_batch_size rows whatever the test set
+  held: 4,000,000 rows for the quickstart's 18,818 examples took 9x the memory, and a value
+  past the host's memory was refused up front, or ran out of it at the first evaluation."""
+  from fathom_sim import evaluation
+  from fathom_sim.train import train_and_evaluate
+  from tests.common import tiny_config
+  made = []
+  make = evaluation.Evaluator.__init__
+
+  def recorded(self, *args, **kwargs):
+    make(self, *args, **kwargs)
+    made.append(self.batch_size)
+
+  monkeypatch.setattr(evaluation.Evaluator, '__init__', recorded)
+  config = tiny_config(num_rounds=2)
+  small = train_and_evaluate(config, str(tmp_path / 'small'))
+  config.eval_batch_size = 2**31 - 1
+  huge = train_and_evaluate(config, str(tmp_path / 'huge'))
+  n, devices = huge['final']['test_examples'], huge['devices']
+  assert made == [-(-n // devices) * devices] * 2  # its rows, split evenly over the devices
+  assert huge['final']['test_accuracy'] == small['final']['test_accuracy']
+  assert huge['final']['test_loss'] == pytest.approx(small['final']['test_loss'], rel=1e-5)
+
+
 def test_a_test_split_without_examples_is_said_at_the_start(tmp_path, caplog):
   """data.test_fraction 0 holds every example for training: nothing is evaluated, which the
   start line said as "12 test clients" alone."""
