@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import datetime
+import errno
 import functools
 import fcntl
 import hashlib
@@ -291,11 +292,13 @@ def locked(folder: str, flag: str | None = None) -> Iterator[None]:
   except IsADirectoryError:
     raise WorkdirError(f'{flag} {folder!r}: {LOCK_FILE} is a folder, where a run keeps its '
                        'lock file; move it away') from None
-  except OSError:
+  except OSError as made:
     try:
       fd = os.open(path, os.O_RDONLY)
     except OSError as e:
-      raise WorkdirError(f'{flag} {folder!r}: its {LOCK_FILE} cannot be opened '
+      # None to read: why it could not be made is the answer (a read-only mount, say).
+      what, e = ('made', made) if e.errno == errno.ENOENT else ('opened', e)
+      raise WorkdirError(f'{flag} {folder!r}: its {LOCK_FILE} cannot be {what} '
                          f'({e.strerror or e}); give a folder of your own') from None
   previous = times = None  # the file's bytes (and times) before this holder wrote its line
   try:

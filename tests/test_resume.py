@@ -554,14 +554,18 @@ def test_a_second_command_on_a_live_runs_workdir_is_refused_and_changes_nothing(
   assert train_and_evaluate(_tiny(num_rounds=5), str(workdir))['resumed_from'] == 3
 
 
-@pytest.mark.parametrize('refuse', ['write', 'lock_rw', 'lock'])
+@pytest.mark.parametrize('refuse', ['write', 'lock_rw', 'lock', 'read_only'])
 def test_a_workdir_the_user_may_not_write_is_refused_and_changes_nothing(tmp_path, monkeypatch,
                                                                           refuse):
   """A resume on a read-only mount (the permissions as the system answers them; root, which
   runs these tests, is not refused by them): one WorkdirError, nothing changed. A
-  lock file only readable (another user's) still locks: flock needs only a handle."""
+  lock file only readable (another user's) still locks: flock needs only a handle. A run
+  copied without its .lock onto a read-only mount was said to have none to open ('No such
+  file or directory'), not the mount's answer."""
   workdir = str(tmp_path / 'run')
   train_and_evaluate(_tiny(num_rounds=2), workdir)
+  if refuse == 'read_only':
+    os.remove(os.path.join(workdir, '.lock'))
   before = {f: (tmp_path / 'run' / f).read_bytes() for f in os.listdir(workdir)
             if f != 'checkpoints'}
   real_access, real_open = os.access, os.open
@@ -571,6 +575,8 @@ def test_a_workdir_the_user_may_not_write_is_refused_and_changes_nothing(tmp_pat
     return False if refuse == 'write' and path == workdir else real_access(path, mode, **kwargs)
 
   def open_(path, flags, *args, **kwargs):
+    if path == lock and refuse == 'read_only' and flags & os.O_CREAT:
+      raise OSError(errno.EROFS, os.strerror(errno.EROFS), path)
     if path == lock and (flags & os.O_RDWR or refuse == 'lock'):
       raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), path)
     return real_open(path, flags, *args, **kwargs)
@@ -583,7 +589,9 @@ def test_a_workdir_the_user_may_not_write_is_refused_and_changes_nothing(tmp_pat
   with pytest.raises(WorkdirError, match={
       'write': f"^--workdir '{re.escape(workdir)}' is not writable$",
       'lock': f"^--workdir '{re.escape(workdir)}': its .lock cannot be opened "
-              r'\(Permission denied\); give a folder of your own$'}[refuse]):
+              r'\(Permission denied\); give a folder of your own$',
+      'read_only': f"^--workdir '{re.escape(workdir)}': its .lock cannot be made "
+                   r'\(Read-only file system\); give a folder of your own$'}[refuse]):
     train_and_evaluate(_tiny(num_rounds=3), workdir)
   assert {f: (tmp_path / 'run' / f).read_bytes() for f in os.listdir(workdir)
           if f != 'checkpoints'} == before
