@@ -186,6 +186,10 @@ def parse_flags_or_exit(argv: list[str]) -> list[str]:
       if unknown:
         fail(unknown)
     message = str(e).strip().strip('"')
+    override = next((a.split('=', 1)[0] for a in argv[1:] if a.startswith('--config.')), None)
+    if config is None and override and 'config' in flags.FLAGS:
+      fail(f'{override} sets a field of --config, which is not given: add '
+           '--config=configs/NAME.py (e.g. configs/quickstart.py)')
     fail(_bad_override_value(message, config) or message)
   return []
 

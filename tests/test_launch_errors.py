@@ -357,6 +357,14 @@ def test_a_dict_or_set_for_a_tuple_field_is_refused_before_the_run(tmp_path, arg
   assert not (tmp_path / 'run').exists()
 
 
+def test_an_override_without_config_says_config_is_missing(tmp_path):
+  """It said "Unknown command line flag 'config.num_rounds'", as if the field did not exist."""
+  p = _cli('main.py', f'--workdir={tmp_path / "run"}', '--config.num_rounds=2')
+  _refused(p, 'error: --config.num_rounds sets a field of --config, which is not given: add '
+              '--config=configs/NAME.py (e.g. configs/quickstart.py)')
+  assert not (tmp_path / 'run').exists()
+
+
 def test_a_run_is_refused_in_a_prepared_dataset(tmp_path):
   from fathom_sim import workdir as workdir_lib
   from tests.common import tiny_config
