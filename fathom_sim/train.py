@@ -147,6 +147,46 @@ def _train(configs: list[ml_collections.ConfigDict], workdirs: list[str], *,
     forget()
 
 
+def _check_processes_agree(configs: list[ml_collections.ConfigDict], data_id: str) -> None:
+  """Each host reads its own config file and data: an edit on one worker, or data prepared
+  otherwise there, would give the processes different programs (a hang) or different
+  examples under one mesh (silently wrong numbers). Refused, naming the processes."""
+  differ = distributed.differing_processes({
+      'config': json.dumps([workdir_lib.config_dict(cf) for cf in configs],
+                           sort_keys=True).encode(),
+      'data': data_id.encode()})
+  if differ:
+    raise ConfigError(
+        'the processes of the run were given different '
+        + ' and '.join(f'{what} (process(es) {", ".join(map(str, who))} against process 0)'
+                       for what, who in differ.items())
+        + ': every host runs the same config on the same data (its clients, their sizes, '
+        'a file\'s or prepared dataset\'s examples, format and vocabulary compared here)')
+
+
+def _run_apart(run: Run, configs: list[ml_collections.ConfigDict], workdirs: list[str],
+               books: list[Book]) -> list[dict]:
+  """Vectorised seeds whose checkpoints still stand at different rounds: the seeds of each
+  round run as one group, one group after another; their summaries in `configs`' order."""
+  for b in books:
+    b.close()
+  # Seeds at one round still share a program (a seed stopped by max_rejected_rounds, or an
+  # unfinished save, put the others' rounds apart from its own).
+  by_round: dict[int, list[int]] = {}
+  for i, b in enumerate(books):
+    by_round.setdefault(b.done, []).append(i)
+  logging.warning('the seeds\' checkpoints stand at rounds %s; running the seeds of each '
+                  'round together, one round\'s after another', [b.done for b in books])
+  out = [None] * len(books)
+  for group in by_round.values():
+    # (The data this run loaded: loaded again per group, the host held it twice.)
+    done_ = train_seeds([configs[i] for i in group], [workdirs[i] for i in group],
+                        task=run.task)
+    for i, summary in zip(group, done_):
+      out[i] = summary
+  return out
+
+
 def _run(run: Run, configs: list[ml_collections.ConfigDict], workdirs: list[str],
          books: list[Book], doing: dict, *, cache_hits: int, vectorized: bool) -> list[dict]:
   """_train's body: restores or starts each run (a Book appended to `books` once its
@@ -166,20 +206,7 @@ def _run(run: Run, configs: list[ml_collections.ConfigDict], workdirs: list[str]
   # same data (a resume then keeps the full one).
   known_ids = {data_id, fingerprint(task, examples=False)}
   if jax.process_count() > 1:
-    # Each host reads its own config file and data: an edit on one worker, or data prepared
-    # otherwise there, would give the processes different programs (a hang) or different
-    # examples under one mesh (silently wrong numbers).
-    differ = distributed.differing_processes({
-        'config': json.dumps([workdir_lib.config_dict(cf) for cf in configs],
-                             sort_keys=True).encode(),
-        'data': data_id.encode()})
-    if differ:
-      raise ConfigError(
-          'the processes of the run were given different '
-          + ' and '.join(f'{what} (process(es) {", ".join(map(str, who))} against process 0)'
-                         for what, who in differ.items())
-          + ': every host runs the same config on the same data (its clients, their sizes, '
-          'a file\'s or prepared dataset\'s examples, format and vocabulary compared here)')
+    _check_processes_agree(configs, data_id)
 
   states, hps = [], []
   # Out of memory at the model's init, the corrected command may start afresh in these
@@ -219,23 +246,7 @@ def _run(run: Run, configs: list[ml_collections.ConfigDict], workdirs: list[str]
     # reads back (keep_checkpoints > 1), and all run on together as before.
     book_lib.go_back(books, states, hps, data_id, known_ids)
   if vectorized and len({b.done for b in books}) > 1:
-    for b in books:
-      b.close()
-    # Seeds at one round still share a program (a seed stopped by max_rejected_rounds, or an
-    # unfinished save, put the others' rounds apart from its own).
-    by_round: dict[int, list[int]] = {}
-    for i, b in enumerate(books):
-      by_round.setdefault(b.done, []).append(i)
-    logging.warning('the seeds\' checkpoints stand at rounds %s; running the seeds of each '
-                    'round together, one round\'s after another', [b.done for b in books])
-    out = [None] * len(books)
-    for group in by_round.values():
-      # (The data this run loaded: loaded again per group, the host held it twice.)
-      done_ = train_seeds([configs[i] for i in group], [workdirs[i] for i in group],
-                          task=run.task)
-      for i, summary in zip(group, done_):
-        out[i] = summary
-    return out
+    return _run_apart(run, configs, workdirs, books)
   book_lib.adopt(books, run, c.num_rounds)  # every check passed
   done = books[0].done
 
