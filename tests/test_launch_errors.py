@@ -688,12 +688,14 @@ def test_prepare_refuses_flags_that_do_not_apply_to_the_format_or_task(tmp_path,
 @pytest.mark.parametrize('stop, status', [
     ('raise KeyboardInterrupt', 130),  # Ctrl-C
     ('os.kill(os.getpid(), signal.SIGTERM); time.sleep(60)', 143),  # `kill`, a time limit
+    ('raise MemoryError', 2),
 ])
-def test_prepare_stopped_by_ctrl_c_or_sigterm_says_so_in_its_own_words(tmp_path, stop, status):
+def test_prepare_stopped_or_out_of_memory_says_so_in_its_own_words(tmp_path, stop, status):
   """It said a training run's line: 'stopped by a second Ctrl-C; the same command resumes
-  the run from its last checkpoint'. SIGTERM ended it at once, with no line, and left its
-  scratch folder (<out>.partial). (In a process of its own: absl's flags, parsed, would
-  change the logging of the tests after it.)"""
+  the run from its last checkpoint', or for the host's memory 'the host ran out of memory
+  making the run (); ... lower ... data.num_clients, ... model widths'. SIGTERM ended it at
+  once, with no line, and left its scratch folder (<out>.partial). (In a process of its own:
+  absl's flags, parsed, would change the logging of the tests after it.)"""
   out = str(tmp_path / 'out')
   # Stopped while the first split is written: its scratch folder is removed too.
   leaf = os.path.join(ROOT, 'tests', 'data', 'femnist_leaf_sample')
@@ -707,29 +709,11 @@ def test_prepare_stopped_by_ctrl_c_or_sigterm_says_so_in_its_own_words(tmp_path,
           "runpy.run_path('launch/prepare_data.py', run_name='__main__')\n")
   p = run_python(code)
   assert p.returncode == status, p.stderr[-2000:]
-  assert p.stderr.splitlines()[-1] == f'error: interrupted; nothing was left at --out {out!r}'
+  said = ('interrupted' if status != 2 else
+          f'the host ran out of memory preparing --source {leaf!r} (): a client larger than '
+          'this machine holds, or a damaged file that claims one')
+  assert p.stderr.splitlines()[-1] == f'error: {said}; nothing was left at --out {out!r}'
   assert os.listdir(tmp_path) == []  # no --out, no <out>.partial
-
-
-def test_prepare_out_of_host_memory_says_what_it_was_preparing(tmp_path):
-  """It said a training run's line: 'the host ran out of memory making the run (); the config
-  asks for more than this machine holds: lower ... data.num_clients, ... model widths'."""
-  out = str(tmp_path / 'out')
-  leaf = os.path.join(ROOT, 'tests', 'data', 'femnist_leaf_sample')
-  code = ('import runpy, sys\n'
-          'from fathom_sim.data import tfds_store\n'
-          'def too_big(*args, **kwargs):\n'
-          '  raise MemoryError\n'
-          'tfds_store._write_split = too_big\n'
-          f"sys.argv = ['prepare_data.py', '--source={leaf}', '--out={out}', "
-          "'--format=leaf_json', '--task=emnist']\n"
-          "runpy.run_path('launch/prepare_data.py', run_name='__main__')\n")
-  p = run_python(code)
-  assert p.returncode == 2, p.stderr[-2000:]
-  assert p.stderr.splitlines()[-1] == (
-      f'error: the host ran out of memory preparing --source {leaf!r} (): a client larger than '
-      f'this machine holds, or a damaged file that claims one; nothing was left at --out {out!r}')
-  assert os.listdir(tmp_path) == []
 
 
 @pytest.mark.parametrize('script, flags, said', [
