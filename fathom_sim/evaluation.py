@@ -75,6 +75,12 @@ class Evaluator:
     self._kept = None  # (dataset, clients, [(batch, real) on the devices]) of the last call
     self.batch_size = -(-batch_size // n_dev) * n_dev  # split evenly over devices
     self._rows, self._everywhere = by_client(mesh), replicated(mesh)
+    # On several CPU devices each batch's program is waited for before the next is sent: the
+    # quickstart on 8 with eval_batch_size 100 (~190 programs an evaluation, each ending in an
+    # all-reduce) aborted in XLA:CPU's rendezvous ("Expected 8 threads to join ... only 7
+    # arrived") in every run of 4, with programs queued back to back from batches kept on the
+    # devices; waited for, 0 of 5 (docs/benchmarks.md, forty-third session).
+    self._one_at_a_time = mesh.devices.flat[0].platform == 'cpu' and n_dev > 1
     rows = self.batch_size
 
     def sums(params, batch, num_real):
@@ -123,6 +129,8 @@ class Evaluator:
     for batch, real in self._on_devices(dataset, [int(i) for i in clients]):
       args = (params, batch, real)
       totals = self._add_sums(self._zeros(args) if totals is None else totals, *args)
+      if self._one_at_a_time:
+        totals = jax.block_until_ready(totals)
     if totals is None:
       return {'accuracy': float('nan'), 'loss': float('nan'), 'count': 0}  # no extras known
     t = jax.device_get(totals)

@@ -456,6 +456,26 @@ def test_an_eval_batch_size_past_the_test_set_evaluates_in_one_batch_of_the_test
   assert huge['final']['test_loss'] == pytest.approx(small['final']['test_loss'], rel=1e-5)
 
 
+def test_an_evaluation_of_many_batches_on_several_cpu_devices_does_not_abort(tmp_path):
+  """The quickstart on 8 CPU devices with eval_batch_size 100 (~190 programs an evaluation,
+  each ending in an all-reduce, sent back to back from batches kept on the devices) aborted
+  in XLA:CPU's rendezvous at its second or third evaluation: "Expected 8 threads to join the
+  rendezvous, but only 7 of them arrived", exit status 134, in every run of 4. (A process of
+  its own: the abort would take the test worker with it.)"""
+  import subprocess
+  import sys
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  env = dict(os.environ, JAX_PLATFORMS='cpu',
+             XLA_FLAGS='--xla_force_host_platform_device_count=8')
+  p = subprocess.run([sys.executable, 'launch/main.py', '--config=configs/quickstart.py',
+                      f'--workdir={tmp_path / "run"}', '--config.num_rounds=30',
+                      '--config.eval_batch_size=100'],
+                     cwd=root, env=env, timeout=600, capture_output=True, text=True)
+  assert p.returncode == 0, p.stderr[-3000:]
+  rows = [json.loads(line) for line in open(tmp_path / 'run' / 'metrics.jsonl')]
+  assert [r['round'] for r in rows if 'test_accuracy' in r] == [5, 10, 15, 20, 25, 30]
+
+
 def test_a_test_split_without_examples_is_said_at_the_start(tmp_path, caplog):
   """data.test_fraction 0 holds every example for training: nothing is evaluated, which the
   start line said as "12 test clients" alone."""
