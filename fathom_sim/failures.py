@@ -9,7 +9,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from fathom_sim import distributed, fathom
+from fathom_sim import distributed, evaluation, fathom
 from fathom_sim import workdir as workdir_lib
 from fathom_sim.book import Book
 from fathom_sim.config import ConfigError
@@ -49,9 +49,13 @@ def out_of_memory_message(run: Run, doing: dict, xla: str) -> str:
     return (f'restoring the checkpoint ran out of memory {on}; a device with more memory '
             f'resumes it{fewer_seeds}')
   if doing['what'] == 'evaluation':
+    # The batch's rows, not the field's value: a value past the test set evaluates in batches
+    # of the test set, and a smaller value than asked but still past it would run out again.
+    rows = evaluation.batch_rows(c.eval_batch_size, int(np.sum(run.task.test.num_examples)))
+    capped = ', no more than the test set holds' if rows < c.eval_batch_size else ''
     return (f'the evaluation after round {doing["round"]} ran out of memory {on} in batches '
-            f'of config.eval_batch_size={c.eval_batch_size}; a smaller one resumes this workdir'
-            f'{fewer_seeds}')
+            f'of {rows} examples (config.eval_batch_size={c.eval_batch_size}{capped}); a '
+            f'config.eval_batch_size below {rows} resumes this workdir{fewer_seeds}')
   hp = np.atleast_2d(doing['hp'])  # [seeds, 3] when seeds are vectorised
   b = float(hp[:, BATCH].max())
   bound = 'config.upper_batch_size' if c.algorithm == 'fathom' else 'config.batch_size'

@@ -1444,9 +1444,21 @@ def test_an_evaluation_out_of_memory_names_eval_batch_size_and_a_smaller_one_res
   with monkeypatch.context() as patch:
     patch.setattr(Evaluator, '__call__', evaluate_or_out_of_memory)
     with pytest.raises(OutOfMemory, match=r'^the evaluation after round 20 ran out of memory .* '
-                       r'in batches of config.eval_batch_size=1024; a smaller one resumes this '
-                       r'workdir; the workdir keeps the checkpoint of round 10$'):
+                       r'in batches of 15 examples \(config.eval_batch_size=1024, no more '
+                       r'than the test set holds\); a config.eval_batch_size below 15 resumes '
+                       r'this workdir; the workdir keeps the checkpoint of round 10$'):
       train_and_evaluate(_tiny(), workdir)
+    # (The tiny test set's 15 examples are the batch.) Within a test set, the field's value.
+    import types
+    from fathom_sim import failures
+    from fathom_sim.mesh import make_mesh
+    run = types.SimpleNamespace(config=_tiny(eval_batch_size=100), mesh=make_mesh(1),
+                                lanes_per_device=1, task=types.SimpleNamespace(
+                                    test=types.SimpleNamespace(num_examples=[300, 200])))
+    assert failures.out_of_memory_message(run, {'what': 'evaluation', 'round': 5}, 'XLA') == (
+        'the evaluation after round 5 ran out of memory on 1 cpu device(s) (XLA) in batches of '
+        '100 examples (config.eval_batch_size=100); a config.eval_batch_size below 100 resumes '
+        'this workdir')
   resumed = train_and_evaluate(_tiny(eval_batch_size=64), workdir)
   assert resumed['resumed_from'] == 10 and resumed['rounds'] == 30
 
