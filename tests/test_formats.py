@@ -315,10 +315,16 @@ def test_tf_example_parser_refuses_a_varint_where_bytes_belong():
 
   int64_list = field(3, bytes([0x08, 0x05]))
   assert parse_example(example(field(1, b'k') + field(2, int64_list)))['k'].tolist() == [5]
-  for entry, what in [(varint(1 << 3) + varint(2**62) + field(2, int64_list), "key"),
-                      (field(1, b'k') + varint(2 << 3) + varint(5), "value"),
-                      (field(1, b'k') + field(2, varint(3 << 3) + varint(2**62)), "list")]:
-    with pytest.raises(ValueError, match=f"{what} has wire type 0, not 2"):
+  key = field(1, b'k')
+  for entry, said in [
+      (varint(1 << 3) + varint(2**62) + field(2, int64_list), 'key has wire type 0, not 2'),
+      (key + varint(2 << 3) + varint(5), 'value has wire type 0, not 2'),
+      (key + field(2, varint(3 << 3) + varint(2**62)), 'list has wire type 0, not 2'),
+      # a fixed64 in a FloatList was read as two floats; a varint there, a TypeError
+      (key + field(2, field(2, bytes([0x09]) + bytes(8))), 'FloatList value has wire type 1'),
+      (key + field(2, field(2, bytes([0x08, 0x05]))), 'FloatList value has wire type 0'),
+      (key + field(2, field(3, bytes([0x0d]) + bytes(4))), 'Int64List value has wire type 5')]:
+    with pytest.raises(ValueError, match=said):
       parse_example(example(entry))
 
 

@@ -74,12 +74,16 @@ def _feature(buf: bytes):
     parts = []
     for n, w, v in _fields(body):
       if n == 1:
+        if w not in (2, 5):  # packed, or one fixed32 float
+          raise ValueError(f'a FloatList value has wire type {w}, not 2 or 5')
         parts.append(np.frombuffer(v, '<f4'))
     return np.concatenate(parts) if parts else np.zeros(0, np.float32)
   values = []
   for n, w, v in _fields(body):
     if n != 1:
       continue
+    if w not in (0, 2):  # one varint, or packed
+      raise ValueError(f'an Int64List value has wire type {w}, not 0 or 2')
     if w == 2:
       pos = 0
       while pos < len(v):
