@@ -86,7 +86,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.seed = 0                      # cohorts, shuffles, dropout and model init
   c.eval_every = 5                # rounds between evaluations on (sampled) test clients
   c.eval_clients = 0              # test clients per periodic eval; 0 = all of them
-  c.eval_batch_size = 1024
+  c.eval_batch_size = 1024        # rows of an evaluation batch (at most the test set's)
   c.checkpoint_every = 100
   c.keep_checkpoints = 3          # newest checkpoints kept in <workdir>/checkpoints
   c.target_accuracy = 0.0         # > 0: report rounds/examples to first reach it

@@ -57,7 +57,8 @@ KEEP_BYTES = 64 << 20
 def batch_rows(eval_batch_size: int, test_examples: int) -> int:
   """An evaluation batch's rows: config.eval_batch_size, but no more than the test set holds
   (4,000,000 rows for the quickstart's 18,818 examples took 9x the host memory of 1024, all of
-  it padding, and a larger value ran out of it at the first evaluation, after the rounds)."""
+  it padding, and a larger value ran out of it at its first evaluation, rounds after the
+  start)."""
   return max(1, min(eval_batch_size, test_examples))
 
 

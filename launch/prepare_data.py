@@ -81,9 +81,10 @@ def main(argv):
     except KeyboardInterrupt as e:  # Ctrl-C or SIGTERM (run_or_exit's words are a training run's)
       cli.fail(f'interrupted; {_left_at_out()}', exit_status(e))
     except MemoryError as e:  # (run_or_exit's words are a training run's config's)
-      cli.fail(f'the host ran out of memory preparing --source {_SOURCE.value!r} ({e}): a client '
-               'larger than this machine holds, or a damaged file that claims one; '
-               f'{_left_at_out()}', exit_status(e))
+      said = f' ({e})' if str(e) else ''
+      cli.fail(f'the host ran out of memory preparing --source {_SOURCE.value!r}{said}: e.g. a '
+               'client or file larger than this machine holds, or a damaged file that claims '
+               f'one; {_left_at_out()}', exit_status(e))
 
   cli.run_or_exit(job)
 

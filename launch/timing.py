@@ -18,8 +18,9 @@ MIN_S = 2.0
 
 def peak_rss_gib() -> float:
   """This process's peak resident memory, GiB. Linux's VmHWM is the process's own since its
-  exec; ru_maxrss carries the parent's across fork and exec (a row started by a parent of
-  1.5 GiB read 1.5 GiB before it did anything), so it is the fallback only."""
+  exec; ru_maxrss carries the parent's across fork and exec (docs/benchmarks.md, forty-third
+  session: a child of a 1.5 GiB parent read 1.51 GiB, its VmHWM 0.01), so it is the fallback
+  only."""
   try:
     with open('/proc/self/status') as f:
       for line in f:

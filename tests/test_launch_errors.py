@@ -710,8 +710,8 @@ def test_prepare_stopped_or_out_of_memory_says_so_in_its_own_words(tmp_path, sto
   p = run_python(code)
   assert p.returncode == status, p.stderr[-2000:]
   said = ('interrupted' if status != 2 else
-          f'the host ran out of memory preparing --source {leaf!r} (): a client larger than '
-          'this machine holds, or a damaged file that claims one')
+          f'the host ran out of memory preparing --source {leaf!r}: e.g. a client or file '
+          'larger than this machine holds, or a damaged file that claims one')
   assert p.stderr.splitlines()[-1] == f'error: {said}; nothing was left at --out {out!r}'
   assert os.listdir(tmp_path) == []  # no --out, no <out>.partial
 

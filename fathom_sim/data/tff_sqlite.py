@@ -81,7 +81,7 @@ class TffSqlite:
     if client_id not in expected:
       raise DataError(f'{self.path}: client {client_id} has {len(examples)} example(s) in split '
                       f'{split!r} but client_metadata does not list it')
-    if expected.get(client_id) != len(examples):
+    if expected[client_id] != len(examples):
       raise DataError(f'{self.path}: client {client_id} has {len(examples)} examples but '
-                      f'client_metadata says {expected.get(client_id)}')
+                      f'client_metadata says {expected[client_id]}')
     return str(client_id), examples
