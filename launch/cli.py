@@ -345,4 +345,5 @@ def run_or_exit(job: Callable[[], object],
   except MemoryError as e:  # numpy's, before any round (rounds say theirs as OutOfMemory)
     fail(f'the host ran out of memory making the run ({e}); the config asks for more than this '
          'machine holds: lower the sizes it sets (data.num_clients, data.max_examples, '
-         'model widths)', exit_status(e))
+         'model widths), or make femnist_synthetic\'s examples on demand '
+         '(data.in_memory=False)', exit_status(e))

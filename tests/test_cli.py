@@ -209,7 +209,8 @@ def test_the_host_out_of_memory_before_any_round_is_one_line_and_exit_2(capsys):
   assert capsys.readouterr().err == (
       'error: the host ran out of memory making the run (Unable to allocate 22.3 GiB for an '
       'array with shape (99981182, 60)); the config asks for more than this machine holds: '
-      'lower the sizes it sets (data.num_clients, data.max_examples, model widths)\n')
+      'lower the sizes it sets (data.num_clients, data.max_examples, model widths), or make '
+      "femnist_synthetic's examples on demand (data.in_memory=False)\n")
 
 
 @pytest.mark.parametrize('args,want', [
