@@ -54,12 +54,12 @@ def _batches(dataset: ClientDataset, clients: Sequence[int],
 KEEP_BYTES = 64 << 20
 
 
-def batch_rows(eval_batch_size: int, test_examples: int) -> int:
-  """An evaluation batch's rows: config.eval_batch_size, but no more than the test set holds
-  (4,000,000 rows for the quickstart's 18,818 examples took 9x the host memory of 1024, all of
-  it padding, and a larger value ran out of it at its first evaluation, rounds after the
-  start)."""
-  return max(1, min(eval_batch_size, test_examples))
+def batch_rows(eval_batch_size: int, num_examples: Sequence[int]) -> int:
+  """An evaluation batch's rows: config.eval_batch_size, but no more than the test clients'
+  `num_examples` hold together (4,000,000 rows for the quickstart's 18,818 examples took 9x
+  the host memory of 1024, all of it padding, and a larger value ran out of it at its first
+  evaluation, rounds after the start)."""
+  return max(1, min(eval_batch_size, int(np.sum(num_examples))))
 
 
 class Evaluator:

@@ -51,7 +51,7 @@ def out_of_memory_message(run: Run, doing: dict, xla: str) -> str:
   if doing['what'] == 'evaluation':
     # The batch's rows, not the field's value: a value past the test set evaluates in batches
     # of the test set, and a smaller value than asked but still past it would run out again.
-    rows = evaluation.batch_rows(c.eval_batch_size, int(np.sum(run.task.test.num_examples)))
+    rows = evaluation.batch_rows(c.eval_batch_size, run.task.test.num_examples)
     capped = ', no more than the test set holds' if rows < c.eval_batch_size else ''
     return (f'the evaluation after round {doing["round"]} ran out of memory {on} in batches '
             f'of {rows} examples (config.eval_batch_size={c.eval_batch_size}{capped}); a '

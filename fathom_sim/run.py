@@ -436,7 +436,7 @@ def _check_first_round_fits(config, task: Task, mesh, lanes: int) -> None:
                       'config.batch_size')
   # The evaluation's batches are made whole on the host, then split over the devices.
   test_examples = int(np.sum(task.test.num_examples))
-  rows = evaluation.batch_rows(config.eval_batch_size, test_examples)
+  rows = evaluation.batch_rows(config.eval_batch_size, task.test.num_examples)
   eval_need = rows * example // (1 if cpu else mesh.devices.size)
   if eval_need > limit:
     raise ConfigError(f'config.eval_batch_size={config.eval_batch_size}: one evaluation batch '

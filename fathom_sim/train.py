@@ -269,7 +269,7 @@ def _run(run: Run, configs: list[ml_collections.ConfigDict], workdirs: list[str]
   test_clients = np.flatnonzero(np.asarray(task.test.num_examples) > 0)
   sampled = bool(c.eval_clients) and c.eval_clients < len(test_clients)
   # Every evaluation takes the same clients (but a sampled run's last): small, they stay sent.
-  rows = evaluation.batch_rows(c.eval_batch_size, int(np.sum(task.test.num_examples)))
+  rows = evaluation.batch_rows(c.eval_batch_size, task.test.num_examples)
   evaluate = make_evaluator(run.model, mesh, rows,
                             keep_bytes=0 if sampled else KEEP_BYTES)
   if not len(test_clients):
