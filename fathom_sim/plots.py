@@ -1,7 +1,7 @@
 """The report's PNG plots (matplotlib, Agg backend: no display needed).
 
 Curves are means over a setting's finished seeds (every seed while none has finished: see
-report.Group.plotted), at the rounds each of them logged; the band is the min..max over them.
+results.Group.plotted), at the rounds each of them logged; the band is the min..max over them.
 """
 
 from __future__ import annotations
@@ -16,7 +16,8 @@ matplotlib.use('Agg')
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from fathom_sim.report import Group, best_fedavg, grids  # noqa: E402
+from fathom_sim.report import best_fedavg, grids  # noqa: E402
+from fathom_sim.results import Group  # noqa: E402
 
 HPARAMS = (('eta', 'η'), ('epochs', 'E'), ('batch_size', 'B'), ('h_glob', 'h_glob'),
            ('h_local', 'h_local'))

@@ -24,7 +24,7 @@ _TIMING = flags.DEFINE_bool('timing', True, 'Include seconds per round (--notimi
 
 
 def main(argv):
-  from fathom_sim import metrics, plots, report
+  from fathom_sim import metrics, plots, report, results
   from fathom_sim.errors import (EXIT_FAILED, MOUNT_HINT, OutputError, file_for_folder, is_url,
                                  tilde_left)
   paths = argv[1:]
@@ -62,15 +62,15 @@ def main(argv):
              'move it away or give another --out')
   from fathom_sim.data import DataError
   try:
-    listed = report.find_listed(paths)
-    groups = report.group_runs(report.find_runs(paths), listed)
+    listed = results.find_listed(paths)
+    groups = results.group_runs(results.find_runs(paths), listed)
   except DataError as e:  # a run's metrics.jsonl that is not a run's
     cli.fail(str(e))
   if not groups:
     cli.fail(f'no runs (folders with metrics.jsonl) under {", ".join(paths)}')
   table = report.markdown(groups, targets, timing=_TIMING.value,
-                          not_started=report.not_started(groups, listed),
-                          unread_indexes=report.unreadable_indexes(paths))
+                          not_started=results.not_started(groups, listed),
+                          unread_indexes=results.unreadable_indexes(paths))
   try:
     # The plots first, report.md last and whole: a report.md is never older than its plots.
     written = plots.write_plots(groups, out, targets)

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from fathom_sim import metrics, report, sweep
+from fathom_sim import metrics, report, results, sweep
 from fathom_sim.config import ConfigError
 from fathom_sim.data import DataError
 from tests.common import run_python, uncreatable_path
@@ -503,9 +503,9 @@ def test_report_refuses_a_folder_whose_metrics_hold_no_rows_and_no_config_beside
   _refused(_cli('report.py', str(tmp_path), f'--out={tmp_path / "report"}'),
            f"{run / metrics.METRICS_FILE}: no rows of a run, and no readable config.json")
   (run / 'config.json').write_text('{"algorithm": "fathom", "num_rounds": 5}')
-  [listed] = report.find_runs([str(tmp_path)])
+  [listed] = results.find_runs([str(tmp_path)])
   assert (listed.algorithm, len(listed.rows)) == ('fathom', 0)
-  assert '`run`' in report.markdown(report.group_runs([listed]), [0.3])
+  assert '`run`' in report.markdown(results.group_runs([listed]), [0.3])
 
 
 def test_report_refuses_folders_that_overlap_and_reads_odd_json_as_missing(tmp_path):
@@ -520,7 +520,7 @@ def test_report_refuses_folders_that_overlap_and_reads_odd_json_as_missing(tmp_p
   assert not out.exists()
   (run / 'config.json').write_text('[1]')
   (run / 'summary.json').write_text('"x"')
-  [listed] = report.find_runs([str(run)])
+  [listed] = results.find_runs([str(run)])
   assert (listed.config, listed.summary, len(listed.rows)) == ({}, None, 1)
 
 
@@ -840,7 +840,8 @@ def test_report_prepare_and_a_config_file_start_no_jax():
   back without a word."""
   code = ('import sys; sys.path.insert(0, "."); '
           'from launch import cli; '
-          'import fathom_sim.report, fathom_sim.plots, fathom_sim.sweep, fathom_sim.workdir; '
+          'import fathom_sim.report, fathom_sim.results, fathom_sim.plots, fathom_sim.sweep; '
+          'import fathom_sim.workdir; '
           'import fathom_sim.data.prepare, fathom_sim.data.prepared, fathom_sim.config; '
           'from configs import quickstart; quickstart.get_config(); '
           'print(sorted(m for m in sys.modules if m == "jax" or m.startswith(("flax", "optax", '

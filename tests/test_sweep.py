@@ -12,7 +12,7 @@ import sys
 import numpy as np
 import pytest
 
-from fathom_sim import plots, report, sweep
+from fathom_sim import plots, report, results, sweep
 from fathom_sim.train import train_and_evaluate
 from fathom_sim.workdir import WorkdirError
 from tests.common import run_python, tiny_config
@@ -329,17 +329,17 @@ def test_the_report_follows_links_to_runs_and_refuses_one_run_reached_twice(tmp_
   os.symlink(tmp_path / 'disk' / 's1', root / 'eta=0.1' / 'seed=1')
   os.symlink(root, root / 'eta=0.1' / 'up')  # a cycle
   os.symlink(root / 'eta=0.1', root / 'best')  # an alias inside the sweep: not a setting
-  [group] = report.group_runs(report.find_runs([str(root)]))
+  [group] = results.group_runs(results.find_runs([str(root)]))
   assert (group.setting, len(group.runs)) == ('eta=0.1', 2)
   assert report.final_accuracy(group)[0] == pytest.approx(0.4)
   links = tmp_path / 'links'
   links.mkdir()
   os.symlink(root / 'eta=0.1', links / 'a')
-  assert [len(g.runs) for g in report.group_runs(report.find_runs([str(links)]))] == [2]
+  assert [len(g.runs) for g in results.group_runs(results.find_runs([str(links)]))] == [2]
   os.symlink(tmp_path / 'disk' / 's1', links / 'b')
   with pytest.raises(DataError, match=f"{links / 'b'} is {links / 'a' / 'seed=1'} again, "
                                       'reached through a link: its runs would count twice'):
-    report.find_runs([str(links)])
+    results.find_runs([str(links)])
 
 
 def test_the_report_warns_of_runs_of_one_config_and_seed_counted_apart(tmp_path):
@@ -356,7 +356,7 @@ def test_the_report_warns_of_runs_of_one_config_and_seed_counted_apart(tmp_path)
     run(root / 'fedavg' / f'seed={seed}', 0)
   run(root / 'fedavg' / 'seed=2', 2)
   run(root / 'other' / 'seed=0', 0, eta=0.5)
-  text = report.markdown(report.group_runs(report.find_runs([str(root)])), [0.2])
+  text = report.markdown(results.group_runs(results.find_runs([str(root)])), [0.2])
   assert ('Warning: runs of one config and seed, each counted as a run of its own (a copy, or '
           f"`--config.seed` left out of a seed's command): `{root / 'fedavg' / 'seed=0'}`, "
           f"`{root / 'fedavg' / 'seed=1'}`. Each copy counts") in text, text
@@ -368,7 +368,7 @@ def test_the_report_warns_of_runs_of_one_config_and_seed_counted_apart(tmp_path)
                          ('d', {'lanes_per_device': 2}), ('e', {'max_rejected_rounds': 5})):
     run(tmp_path / 'fine' / setting / 'seed=0', 0, **field)
   assert 'Warning: runs of one config' not in report.markdown(
-      report.group_runs(report.find_runs([str(tmp_path / 'fine')])), [0.2])
+      results.group_runs(results.find_runs([str(tmp_path / 'fine')])), [0.2])
 
 
 def test_a_run_stopped_by_max_rejected_rounds_is_said_diverged_not_unfinished(tmp_path):
@@ -385,10 +385,10 @@ def test_a_run_stopped_by_max_rejected_rounds_is_said_diverged_not_unfinished(tm
     (path / 'metrics.jsonl').write_text(''.join(json.dumps(r) + '\n' for r in rows))
     (path / 'config.json').write_text(json.dumps(
         {'algorithm': 'fedavg', 'seed': seed, 'num_rounds': 10, 'max_rejected_rounds': 3}))
-  runs = report.find_runs([str(root)])
+  runs = results.find_runs([str(root)])
   assert [r.rows.rejected_at_end for r in runs] == [3, 2]
   assert [r.diverged for r in runs] == [True, False]
-  table = report.markdown(report.group_runs(runs), [0.2])
+  table = report.markdown(results.group_runs(runs), [0.2])
   assert '| `fedavg` | fedavg | 2 (1 unfinished, 1 diverged: stopped by max_rejected_rounds) |' in (
       table), table
 
@@ -421,7 +421,7 @@ def test_tables_match_hand_computed_values(tmp_path):
   _write_run(root / 'eta=0.1' / 'seed=0', 'fedavg', {2: 0.3, 4: 0.31}, 50, 4)
   _write_run(root / 'eta=0.1' / 'seed=1', 'fedavg', {2: 0.4}, 50, 4)
   _write_run(root / 'eta=0.3' / 'seed=0', 'fedavg', {3: 0.1}, 70, 3)
-  groups = report.group_runs(report.find_runs([str(root)]))
+  groups = results.group_runs(results.find_runs([str(root)]))
   by = {g.setting: g for g in groups}
   assert sorted(by) == ['eta=0.1', 'eta=0.3', 'fathom']
   assert [len(by[s].runs) for s in sorted(by)] == [2, 1, 3]
@@ -454,17 +454,17 @@ def test_tables_match_hand_computed_values(tmp_path):
   assert untimed.splitlines()[1].count('---') == table.splitlines()[1].count('---') - 1
 
   # A run folder given directly is its setting's run.
-  single = report.find_runs([str(root / 'fathom' / 'seed=1')])
+  single = results.find_runs([str(root / 'fathom' / 'seed=1')])
   assert [r.setting for r in single] == ['fathom']
   # Given one by one, one setting's seed folders group together; two sweeps' settings of the
   # same name, given directly or as sweeps whose folders share a name, stay apart.
   other = tmp_path / 'other' / 'sweep'
   _write_run(other / 'eta=0.1' / 'seed=0', 'fedavg', {2: 0.9}, 50, 4)
-  seeds = report.group_runs(report.find_runs([str(root / 'eta=0.1' / 'seed=0'),
+  seeds = results.group_runs(results.find_runs([str(root / 'eta=0.1' / 'seed=0'),
                                               str(root / 'eta=0.1' / 'seed=1')]))
   assert [len(g.runs) for g in seeds] == [2]
   for paths in ([root / 'eta=0.1', other / 'eta=0.1'], [root, other]):
-    apart = report.group_runs(report.find_runs([str(p) for p in paths]))
+    apart = results.group_runs(results.find_runs([str(p) for p in paths]))
     setting = {g.setting: len(g.runs) for g in apart if g.setting.endswith('eta=0.1')}
     assert sorted(setting.values()) == [1, 2], setting
 
@@ -514,7 +514,7 @@ def test_the_report_reads_rows_as_columns_with_the_rows_own_figures(tmp_path):
     (root / f'seed={seed}' / 'config.json').write_text('{"algorithm": "fathom"}')
     (root / f'seed={seed}' / 'metrics.jsonl').write_text(
         ''.join(json.dumps(r) + '\n' for r in rows) + '{"round": 90, "exa')
-  [group] = report.group_runs(report.find_runs([str(tmp_path / 'sweep')]))
+  [group] = results.group_runs(results.find_runs([str(tmp_path / 'sweep')]))
   for target in (0.3, 0.6, 0.79):
     hits, median, common, etas, lasts = _slow_tables(rows_by_seed, 'eta', target)
     got = [report.first_reaching(run.rows, target) for run in group.runs]
@@ -532,7 +532,7 @@ def test_the_report_reads_rows_as_columns_with_the_rows_own_figures(tmp_path):
 
 def test_a_long_runs_curve_draws_at_most_max_points_rounds(tmp_path, monkeypatch):
   _write_run(tmp_path / 'run', 'fathom', {t: t / 1000 for t in range(1, 1001, 10)}, 100, 1000)
-  [group] = report.group_runs(report.find_runs([str(tmp_path / 'run')]))
+  [group] = results.group_runs(results.find_runs([str(tmp_path / 'run')]))
   full = plots.curve(group, 'h_local')
   monkeypatch.setattr(plots, 'MAX_POINTS', 7)
   x, mean, _, _, _ = plots.curve(group, 'h_local')
@@ -555,14 +555,14 @@ def test_a_summary_left_by_a_run_since_extended_does_not_make_it_finished(tmp_pa
   (workdir / 'summary.json').write_text(json.dumps({
       'rounds': 4, 'total_examples': 200, 'total_local_steps': 40,
       'final': {'test_accuracy': 0.4}}))
-  [run] = report.find_runs([str(tmp_path / 'sweep')])
+  [run] = results.find_runs([str(tmp_path / 'sweep')])
   assert run.summary is None and run.total_examples == 250
-  assert '1 (1 unfinished)' in report.markdown(report.group_runs([run]), [0.3])
+  assert '1 (1 unfinished)' in report.markdown(results.group_runs([run]), [0.3])
   (workdir / 'config.json').write_text(json.dumps({'algorithm': 'fedavg', 'num_rounds': 5}))
   (workdir / 'summary.json').write_text(json.dumps({
       'rounds': 5, 'total_examples': 250, 'total_local_steps': 50,
       'final': {'test_accuracy': 0.4}}))
-  [run] = report.find_runs([str(tmp_path / 'sweep')])
+  [run] = results.find_runs([str(tmp_path / 'sweep')])
   assert run.summary is not None  # the summary of the rounds it has: finished
 
 
@@ -586,7 +586,7 @@ def test_seeds_behind_their_setting_are_unfinished_in_tables_and_plots(tmp_path)
   _write_run(root / 'seed=3', 'fathom', {}, 100, 1)
   (root / 'seed=3' / 'config.json').write_text(json.dumps({'algorithm': 'fathom',
                                                             'num_rounds': 6}))
-  [group] = report.group_runs(report.find_runs([str(tmp_path / 'sweep')]))
+  [group] = results.group_runs(results.find_runs([str(tmp_path / 'sweep')]))
   assert group.num_rounds == 6 and len(group.finished) == 2
   assert report.final_accuracy(group) == pytest.approx((0.55, math.sqrt(0.005)))
   row = next(line for line in report.markdown([group], [0.3]).splitlines()
@@ -598,13 +598,13 @@ def test_seeds_behind_their_setting_are_unfinished_in_tables_and_plots(tmp_path)
   # While no seed has finished: every seed's last evaluation, said as such.
   for seed in (0, 1):
     os.remove(root / f'seed={seed}' / 'summary.json')
-  [group] = report.group_runs(report.find_runs([str(tmp_path / 'sweep')]))
+  [group] = results.group_runs(results.find_runs([str(tmp_path / 'sweep')]))
   assert not group.finished and report.final_accuracy(group) == pytest.approx(
       (0.433333, 0.208167), rel=1e-4)
   assert '(last evals)' in report.markdown([group], [0.3])
   # A seed without rows (started, killed before round 1) leaves the others' curves.
   (root / 'seed=3' / 'metrics.jsonl').write_text('')
-  [group] = report.group_runs(report.find_runs([str(tmp_path / 'sweep')]))
+  [group] = results.group_runs(results.find_runs([str(tmp_path / 'sweep')]))
   assert list(plots.curve(group, 'test_accuracy')[0]) == [2, 4]
 
 
@@ -613,7 +613,7 @@ def test_the_best_fedavg_is_plotted_against_any_number_of_fathom_settings(tmp_pa
   for i in range(plots.MAX_CURVES + 2):
     _write_run(root / f'f{i:02d}' / 'seed=0', 'fathom', {2: 0.1}, 100, 2)
   _write_run(root / 'zfedavg' / 'seed=0', 'fedavg', {2: 0.5}, 100, 2)
-  groups = report.group_runs(report.find_runs([str(root)]))
+  groups = results.group_runs(results.find_runs([str(root)]))
   drawn, real = {}, plots.accuracy_plot
 
   def recorded(gs, path, *args):
@@ -631,7 +631,7 @@ def test_runs_of_one_setting_whose_configs_differ_are_flagged(tmp_path):
   for seed, eta in ((0, 0.1), (1, 0.2)):
     _write_run(root / f'seed={seed}', 'fathom', {2: 0.3}, 100, 2)
     _finish(root / f'seed={seed}', 2, 0.3, eta=eta, seed=seed, log_every=seed + 1)
-  table = report.markdown(report.group_runs(report.find_runs([str(tmp_path / 'sweep')])), [0.3])
+  table = report.markdown(results.group_runs(results.find_runs([str(tmp_path / 'sweep')])), [0.3])
   assert ('Warning: the runs of `fathom` differ in eta (0.1, 0.2): they are not seeds of one '
           'setting measured alike.') in table  # (log_every, which a resume may change, is not)
   # Fields a resume may change that change what is compared are named: rounds to a target
@@ -641,14 +641,14 @@ def test_runs_of_one_setting_whose_configs_differ_are_flagged(tmp_path):
     _write_run(alike / f'seed={seed}', 'fathom', {2: 0.3}, 100, 2)
     _finish(alike / f'seed={seed}', 2, 0.3, seed=seed, eval_every=1 + 4 * seed,
             eval_clients=5 * seed)
-  table = report.markdown(report.group_runs(report.find_runs([str(tmp_path / 'measured')])),
+  table = report.markdown(results.group_runs(results.find_runs([str(tmp_path / 'measured')])),
                           [0.3])
   assert 'differ in eval_clients (0, 5); eval_every (1, 5): they are' in table, table
   # A seed written before a field existed, or without its config.json, differs in nothing.
   _write_run(root / 'seed=2', 'fathom', {2: 0.3}, 100, 2)
   _finish(root / 'seed=2', 2, 0.3, seed=2)
   (root / 'seed=1' / 'config.json').unlink()
-  table = report.markdown(report.group_runs(report.find_runs([str(tmp_path / 'sweep')])), [0.3])
+  table = report.markdown(results.group_runs(results.find_runs([str(tmp_path / 'sweep')])), [0.3])
   assert 'Warning' not in table, table
   # A field no seed reads (eta_h under FedAvg, a resume may change it) is no difference
   # either; under FATHOM it is.
@@ -658,7 +658,7 @@ def test_runs_of_one_setting_whose_configs_differ_are_flagged(tmp_path):
       _write_run(other / f'seed={seed}', algorithm, {2: 0.3}, 100, 2)
       _finish(other / f'seed={seed}', 2, 0.3, seed=seed, eta_h=0.01 * (seed + 1),
               algorithm=algorithm)
-    table = report.markdown(report.group_runs(report.find_runs([str(tmp_path / algorithm)])),
+    table = report.markdown(results.group_runs(results.find_runs([str(tmp_path / algorithm)])),
                             [0.3])
     assert ('differ in eta_h (0.01, 0.02)' in table) == (algorithm == 'fathom'), table
   # A field older code did not write is at its default, as a resume reads it: a seed from
@@ -667,7 +667,7 @@ def test_runs_of_one_setting_whose_configs_differ_are_flagged(tmp_path):
   for seed, fields in ((0, {}), (1, {'model': {'init': 'fedjax'}})):
     _write_run(newer / f'seed={seed}', 'fathom', {2: 0.3}, 100, 2)
     _finish(newer / f'seed={seed}', 2, 0.3, seed=seed, **fields)
-  table = report.markdown(report.group_runs(report.find_runs([str(tmp_path / 'init')])), [0.3])
+  table = report.markdown(results.group_runs(results.find_runs([str(tmp_path / 'init')])), [0.3])
   assert 'differ in model.init ("fedjax", "flax")' in table, table
 
 
@@ -688,7 +688,7 @@ def test_seconds_per_round_of_seeds_run_as_one_program_say_so(tmp_path):
         summary = json.loads((workdir / 'summary.json').read_text())
         (workdir / 'summary.json').write_text(
             json.dumps({**summary, 'vectorized_seeds': summary_says}))
-  groups = report.group_runs(report.find_runs([str(tmp_path / 'sweep')]))
+  groups = results.group_runs(results.find_runs([str(tmp_path / 'sweep')]))
   assert {g.setting: report.seconds_per_round(g) for g in groups} == {
       'vec': {3: 0.5},  # (rows from before the rows said it: the summary's count)
       'solo': {1: 0.5}, 'stopped': {3: 2.0}, 'then_alone': {1: 0.5, 3: 2.0}}
@@ -698,7 +698,7 @@ def test_seconds_per_round_of_seeds_run_as_one_program_say_so(tmp_path):
   odd = tmp_path / 'sweep' / 'solo' / 'seed=0' / 'metrics.jsonl'  # (a hand-edited count)
   odd.write_text(odd.read_text().replace('"round": 2,', '"vectorized_seeds": Infinity, '
                                          '"round": 2,'))
-  [solo] = [g for g in report.group_runs(report.find_runs([str(tmp_path / 'sweep')]))
+  [solo] = [g for g in results.group_runs(results.find_runs([str(tmp_path / 'sweep')]))
             if g.setting == 'solo']
   assert report.seconds_per_round(solo) == {1: 0.5}
   assert cells == {'vec': '0.500 (3 seeds at once)', 'solo': '0.500',
@@ -714,7 +714,7 @@ def test_a_finished_run_without_test_examples_is_reported(tmp_path):
   (workdir / 'summary.json').write_text(json.dumps({
       'rounds': 2, 'total_examples': 100, 'total_local_steps': 20,
       'final': {'test_accuracy': None}}))
-  groups = report.group_runs(report.find_runs([str(tmp_path / 'sweep')]))
+  groups = results.group_runs(results.find_runs([str(tmp_path / 'sweep')]))
   assert report.final_accuracy(groups[0]) == (None, None)
   assert '| `fathom` |' in report.markdown(groups, [0.3])
 
@@ -730,10 +730,10 @@ def test_a_torn_config_or_summary_is_named_in_the_report_not_silently_taken_as_m
   _finish(root / 'fathom' / 'seed=0', 2, 0.3)
   (root / 'fathom' / 'seed=1' / 'summary.json').write_text('{"rounds": 2, "fin')
   (root / 'fathom' / 'seed=2' / 'config.json').write_text('[1, 2]')
-  runs = report.find_runs([str(root)])
+  runs = results.find_runs([str(root)])
   assert [r.unreadable for r in runs] == [(), ('summary.json',), ('config.json',)]
   assert runs[1].summary is None and runs[2].algorithm == '?'
-  table = report.markdown(report.group_runs(runs), [0.3])
+  table = report.markdown(results.group_runs(runs), [0.3])
   [line] = [x for x in table.splitlines() if 'not readable as a JSON object' in x]
   assert (f'`{root / "fathom" / "seed=1" / "summary.json"}`, '
           f'`{root / "fathom" / "seed=2" / "config.json"}`.') in line
@@ -750,7 +750,7 @@ def test_a_seed_s_torn_config_leaves_its_setting_in_the_fedavg_grid(tmp_path, to
     _write_run(root / 'eta=0.2' / f'seed={seed}', 'fedavg', {2: 0.2, 3: 0.5}, 50, 3)
     _write_run(root / 'fathom' / f'seed={seed}', 'fathom', {2: 0.5}, 100, 2)
   (root / 'eta=0.1' / f'seed={torn}' / 'config.json').write_text('{"algorithm": "fed')
-  groups = report.group_runs(report.find_runs([str(root)]))
+  groups = results.group_runs(results.find_runs([str(root)]))
   by = {g.setting: g for g in groups}
   assert by['eta=0.1'].algorithm == 'fedavg'
   assert report.best_fedavg(groups, 0.5) is by['eta=0.1']
@@ -768,14 +768,14 @@ def test_fathom_at_another_alpha_is_compared_with_the_fedavg_grid(tmp_path):
     _write_run(root / f'alpha={alpha}' / 'seed=0', 'fathom', {2: 0.5}, 100, 2)
     path = root / f'alpha={alpha}' / 'seed=0' / 'config.json'
     path.write_text(json.dumps({'algorithm': 'fathom', 'alpha': alpha}))
-  groups = report.group_runs(report.find_runs([str(root)]))
+  groups = results.group_runs(results.find_runs([str(root)]))
   [(_, fedavg, fathom)], alone = report.grids(groups)
   assert [g.setting for g in fedavg] == ['eta=0.1'] and alone == []
   assert sorted(g.setting for g in fathom) == ['alpha=0.5', 'alpha=0.9']
   # Another cohort size is another grid's comparison all the same.
   (root / 'alpha=0.9' / 'seed=0' / 'config.json').write_text(
       json.dumps({'algorithm': 'fathom', 'alpha': 0.9, 'cohort_size': 3}))
-  groups = report.group_runs(report.find_runs([str(root)]))
+  groups = results.group_runs(results.find_runs([str(root)]))
   assert [g.setting for g in report.grids(groups)[1]] == ['alpha=0.9']
 
 
@@ -797,9 +797,9 @@ def test_a_config_or_summary_with_a_field_of_another_type_is_named_not_a_traceba
     _finish(root / 'fathom' / f'seed={seed}', 2, 0.3)
   path = root / 'fathom' / 'seed=1' / file
   path.write_text(json.dumps({**json.loads(path.read_text()), **content}))
-  runs = report.find_runs([str(root)])
+  runs = results.find_runs([str(root)])
   assert [r.unreadable for r in runs] == [(), (file,)]
-  table = report.markdown(report.group_runs(runs), [0.3])
+  table = report.markdown(results.group_runs(runs), [0.3])
   [line] = [x for x in table.splitlines() if 'not readable as a JSON object' in x]
   assert f'`{path}`.' in line
 
@@ -814,7 +814,7 @@ def test_a_config_saved_with_ints_for_floats_or_unknown_fields_is_read(tmp_path)
   path.write_text(json.dumps({**json.loads(path.read_text()), 'eta': 1, 'retired_field': 'x',
                               'model': {'name': 'mlp', 'retired': [1]},
                               'data': {'path': None, 'data_dir': None}}))
-  [run] = report.find_runs([str(tmp_path / 'sweep')])
+  [run] = results.find_runs([str(tmp_path / 'sweep')])
   assert run.unreadable == () and run.config['eta'] == 1
 
 
@@ -975,7 +975,7 @@ def test_a_curve_of_seeds_none_finished_says_so_in_its_label(tmp_path):
   root = tmp_path / 'sweep'
   for seed, rounds in ((0, 4), (1, 3), (2, 0)):
     _write_run(root / 'eta=0.1' / f'seed={seed}', 'fedavg', {2: 0.3}, 50, rounds)
-  [group] = report.group_runs(report.find_runs([str(root)]))
+  [group] = results.group_runs(results.find_runs([str(root)]))
   fig, ax = plt.subplots()
   plots._draw(ax, [group], 'test_accuracy', 'round')
   assert ax.get_legend_handles_labels()[1] == ['eta=0.1 (n=2 of 3 seeds, none finished)']
@@ -983,7 +983,7 @@ def test_a_curve_of_seeds_none_finished_says_so_in_its_label(tmp_path):
   # A seed with rows but no evaluation yet (diverged before it) leaves the others' curve,
   # which vanished: no round was evaluated by every seed.
   _write_run(root / 'eta=0.1' / 'seed=3', 'fedavg', {}, 50, 1)
-  [group] = report.group_runs(report.find_runs([str(root)]))
+  [group] = results.group_runs(results.find_runs([str(root)]))
   fig, ax = plt.subplots()
   plots._draw(ax, [group], 'test_accuracy', 'round')
   assert ax.get_legend_handles_labels()[1] == ['eta=0.1 (n=2 of 4 seeds, none finished)']
@@ -999,7 +999,7 @@ def test_a_plot_of_runs_with_nothing_logged_says_so_without_a_legend_warning(tmp
   root = tmp_path / 'sweep'
   _write_run(root / 'eta=0.1' / 'seed=0', 'fathom', {}, 50, 0)
   _write_run(root / 'eta=0.2' / 'seed=0', 'fathom', {}, 50, 0)
-  groups = report.group_runs(report.find_runs([str(root)]))
+  groups = results.group_runs(results.find_runs([str(root)]))
   with warnings.catch_warnings():
     warnings.simplefilter('error')
     plots.write_plots(groups, str(tmp_path / 'report'), [0.3])
@@ -1009,7 +1009,7 @@ def test_a_plot_of_runs_with_nothing_logged_says_so_without_a_legend_warning(tmp
   plt.close(fig)
   # One setting with rows: its curve and legend, and no such text.
   _write_run(root / 'eta=0.3' / 'seed=0', 'fathom', {2: 0.4}, 50, 2)
-  groups = report.group_runs(report.find_runs([str(root)]))
+  groups = results.group_runs(results.find_runs([str(root)]))
   fig, ax = plt.subplots()
   plots._draw(ax, groups, 'test_accuracy', 'round')
   assert not ax.texts and ax.get_legend_handles_labels()[1] == [
@@ -1026,7 +1026,7 @@ def test_a_report_rewritten_keeps_no_plot_of_the_last_and_labels_every_setting(t
   root = tmp_path / 'sweep'
   _write_run(root / '_base' / 'seed=0', 'fathom', {2: 0.5}, 100, 2)
   _write_run(root / 'eta=0.1' / 'seed=0', 'fedavg', {2: 0.4}, 50, 2)
-  groups = report.group_runs(report.find_runs([str(root)]))
+  groups = results.group_runs(results.find_runs([str(root)]))
   out = str(tmp_path / 'report')
   assert any(p.endswith('fathom_vs_fedavg.png') for p in plots.write_plots(groups, out, [0.3]))
   plots.write_plots(groups, out, [])
@@ -1041,7 +1041,7 @@ def test_a_report_rewritten_keeps_no_plot_of_the_last_and_labels_every_setting(t
   del last['local_steps']
   (root / '_base' / 'seed=0' / 'metrics.jsonl').write_text('\n'.join(lines[:-1] + [
       json.dumps(last)]) + '\n')
-  [fathom] = [g for g in report.group_runs(report.find_runs([str(root)])) if g.setting == '_base']
+  [fathom] = [g for g in results.group_runs(results.find_runs([str(root)])) if g.setting == '_base']
   t = report.to_target(fathom, 0.3)
   assert (t['reached'], t['rounds'], t['local_steps']) == (1, (2.0, None), (None, None))
 
@@ -1066,9 +1066,9 @@ def test_a_sweeps_seeds_not_started_or_failed_are_said_in_the_tables(tmp_path):
                          ('eta=1.0', ['pending', 'failed', 'done']))
           for i, st in enumerate(sts)]
   (root / 'sweep.json').write_text(json.dumps({'sweep': 's.py', 'runs': runs}))
-  listed = report.find_listed([str(root)])
-  groups = report.group_runs(report.find_runs([str(root)]), listed)
-  table = report.markdown(groups, [0.3], not_started=report.not_started(groups, listed))
+  listed = results.find_listed([str(root)])
+  groups = results.group_runs(results.find_runs([str(root)]), listed)
+  table = report.markdown(groups, [0.3], not_started=results.not_started(groups, listed))
   row = {line.split(' | ')[0]: line for line in table.splitlines() if line.startswith('| `')}
   # A seed done whose folder was since moved or deleted was said 'not started'.
   assert ('| 2 of 4 (1 not started, 1 done but its folder gone) | 0.400 ± 0.000 (2 finished) |'
@@ -1079,16 +1079,16 @@ def test_a_sweeps_seeds_not_started_or_failed_are_said_in_the_tables(tmp_path):
           'folder gone).') in table
   # A torn sweep.json counts nothing, and is named (it was passed over without a word).
   (root / 'sweep.json').write_text('{"sweep": "s.py", "ru')
-  assert report.find_listed([str(root)]) == {}
-  table = report.markdown(report.group_runs(report.find_runs([str(root)])), [0.3],
-                          unread_indexes=report.unreadable_indexes([str(root)]))
+  assert results.find_listed([str(root)]) == {}
+  table = report.markdown(results.group_runs(results.find_runs([str(root)])), [0.3],
+                          unread_indexes=results.unreadable_indexes([str(root)]))
   [line] = [x for x in table.splitlines() if 'not readable as a JSON object' in x]
   assert line.endswith(f'`{root / "sweep.json"}`.') and 'Not started' not in table
   # Without a sweep.json, the folders are all there is to count.
   (root / 'sweep.json').unlink()
-  assert report.unreadable_indexes([str(root)]) == []
-  assert report.find_listed([str(root)]) == {}
-  table = report.markdown(report.group_runs(report.find_runs([str(root)])), [0.3])
+  assert results.unreadable_indexes([str(root)]) == []
+  assert results.find_listed([str(root)]) == {}
+  table = report.markdown(results.group_runs(results.find_runs([str(root)])), [0.3])
   assert '| `eta=0.1` | fedavg | 2 | 0.400 ± 0.000 |' in table and 'Not started' not in table
 
 
@@ -1111,13 +1111,13 @@ def test_fedavg_grids_are_compared_with_the_fathom_settings_run_alike(tmp_path):
   run('cohort_size=100,fathom,server_lr=0.5', 'fathom', {2: 0.5}, 700, 100)
   (root / 'cohort_size=100,fathom,server_lr=0.5' / 'seed=0' / 'config.json').write_text(
       json.dumps({'algorithm': 'fathom', 'cohort_size': 100, 'server_lr': 0.5, 'num_rounds': 4}))
-  groups = report.group_runs(report.find_runs([str(root)]))
+  groups = results.group_runs(results.find_runs([str(root)]))
   assert [g.setting for g in groups] == [
       'cohort_size=20,fathom', 'cohort_size=20,fedavg,eta=0.1', 'cohort_size=100,fathom',
       'cohort_size=100,fathom,server_lr=0.5', 'cohort_size=100,fedavg,eta=0.1',
       'cohort_size=100,fedavg,eta=0.3']
   assert sorted(['eta=0.1', 'eta=1', 'eta=1e-05', 'eta=0.0001', 'b=100', 'b=20'],
-                key=report.natural_key) == ['b=20', 'b=100', 'eta=1e-05', 'eta=0.0001',
+                key=results.natural_key) == ['b=20', 'b=100', 'eta=1e-05', 'eta=0.0001',
                                             'eta=0.1', 'eta=1']  # (:g's exponents too)
   found, alone = report.grids(groups)
   assert [(label, [g.setting for g in f], [g.setting for g in a]) for label, f, a in found] == [
@@ -1139,12 +1139,12 @@ def test_fedavg_grids_are_compared_with_the_fathom_settings_run_alike(tmp_path):
   # A grid with no FATHOM setting beside it reaching a harder target does not take the plot's
   # target: each grid's is the hardest its own best reached (0.9 gave no plot at all).
   run('cohort_size=50,fedavg,eta=0.1', 'fedavg', {2: 0.95}, 50, 50)
-  groups = report.group_runs(report.find_runs([str(root)]))
+  groups = results.group_runs(results.find_runs([str(root)]))
   assert any(p.endswith('fathom_vs_fedavg.png')
              for p in plots.write_plots(groups, out, [0.3, 0.9]))
   # A setting run to fewer rounds is said: its target not reached may be one not reached yet.
   run('cohort_size=20,fedavg,eta=0.3', 'fedavg', {}, 50, 20, eta=0.3, rounds=2)
-  table = report.markdown(report.group_runs(report.find_runs([str(root)])), [0.3])
+  table = report.markdown(results.group_runs(results.find_runs([str(root)])), [0.3])
   assert ('Warning: the settings run to different numbers of rounds (2: '
           '`cohort_size=20,fedavg,eta=0.3`; 4: `cohort_size=20,fathom`, ') in table, table
 
