@@ -93,7 +93,8 @@ def main():
 
         def run_ours():
           _run([sys.executable, os.path.join(ROOT, 'launch', 'benchmark.py'), '--tasks=cnn',
-                f'--num_clients={_NUM_CLIENTS}', f'--cohort_sizes={cohort}', f'--rounds={args.rounds}', f'--json={ours_file}'],
+                f'--num_clients={_NUM_CLIENTS}', f'--cohort_sizes={cohort}',
+                f'--rounds={args.rounds}', f'--json={ours_file}'],
                'launch/benchmark.py')
           with open(ours_file) as f:
             return json.load(f)[0]
