@@ -43,12 +43,19 @@ class _Fields(ml_collections.ConfigDict):
     current = current.get() if isinstance(current, ml_collections.FieldReference) else current
     kind = next((said for t, said in _KINDS if isinstance(current, t)), None)
     where = f'{self.__dict__.get("_where", "")}{key}'  # (a copy knows no group)
-    if isinstance(current, _Fields) and isinstance(value, ml_collections.ConfigDict) and not (
-        isinstance(value, _Fields)):  # a whole group given as a plain ConfigDict, as before
+    if isinstance(current, _Fields) and isinstance(value, (ml_collections.ConfigDict, dict)) and (
+        not isinstance(value, _Fields)):  # a whole group given as a plain ConfigDict, as before
       group = _group(f'{where}.')
       for k, v in value.items():
         group[k] = v
       value = group
+    if isinstance(current, _Fields) and not isinstance(value, _Fields):
+      # (ml_collections said "Could not override field 'model' (reference). mlp is of
+      # original type <class 'str'> and cannot be casted to type <class '..._Fields'>".)
+      field = 'name' if 'name' in current else next(iter(current.keys()))
+      raise ConfigError(f'config.{where} is a group of fields ('
+                        + ', '.join(f'{where}.{k}' for k in current.keys())
+                        + f'); set one of them, e.g. config.{where}.{field} = {value!r}')
     if (kind and self._type_safe and isinstance(value, bool)  # (not under ignore_type())
         and not isinstance(current, bool)):
       raise ConfigError(f'config.{where} must be {kind}, got {value}')

@@ -387,6 +387,12 @@ _BASE = 'from fathom_sim.config import base_config\n\n\ndef get_config():\n  c =
      "mean hidden?"),
     (_BASE + '  del c["model"]\n  c.model = 5\n  return c\n',
      'config.model is a value where base_config() has a group of fields (compute_dtype, '),
+    # ml_collections said "Could not override field 'model' (reference). mlp is of original
+    # type <class 'str'> and cannot be casted to type <class 'fathom_sim.config._Fields'>".
+    (_BASE + '  c.model = "mlp"\n  return c\n',
+     ", line 6: config.model is a group of fields (model.compute_dtype, model.conv, "
+     "model.expected_length, model.hidden, model.init, model.name); set one of them, e.g. "
+     "config.model.name = 'mlp'"),
 ])
 def test_a_broken_config_file_is_one_line_naming_it(tmp_path, body, needle):
   """The file's own error (syntax, import, get_config raising), a field it lost and a field it
