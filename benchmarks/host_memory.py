@@ -28,6 +28,7 @@ from absl import app, flags
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 from fathom_sim import provenance  # noqa: E402
+from launch.timing import peak_measured  # noqa: E402
 _WORKDIR = flags.DEFINE_string('workdir', '/tmp/fathom_host_memory', 'Scratch run folder '
                                '(emptied first).')
 _ROUNDS = flags.DEFINE_integer('rounds', 60000, 'Rounds of the long run.')
@@ -41,12 +42,11 @@ _CHECKPOINT_EVERY = flags.DEFINE_integer(
     'save leaves behind).')
 
 _KEEP_ROWS = '''
-import resource, sys
+import sys
 sys.path.insert(0, sys.argv[1])
 from fathom_sim import metrics
 if sys.argv[3] == '1':
   metrics.keep_rows(sys.argv[2], int(sys.argv[4]))
-print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
 '''
 
 
@@ -71,20 +71,20 @@ def run(num_rounds: int, samples: list | None) -> tuple[int, float, int]:
   to `samples` while it runs."""
   workdir = _WORKDIR.value
   every = max(num_rounds // 10, 1)
-  cmd = [sys.executable, os.path.join(ROOT, 'launch', 'main.py'),
-         f'--config={os.path.join(ROOT, "configs", "quickstart.py")}', f'--workdir={workdir}',
-         f'--config.algorithm={_ALGORITHM.value}', f'--config.num_rounds={num_rounds}',
-         f'--config.eval_every={every}',
-         f'--config.checkpoint_every={_CHECKPOINT_EVERY.value or every}',
-         f'--config.log_every={every}']
+  cmd, peak = peak_measured([
+      os.path.join(ROOT, 'launch', 'main.py'),
+      f'--config={os.path.join(ROOT, "configs", "quickstart.py")}', f'--workdir={workdir}',
+      f'--config.algorithm={_ALGORITHM.value}', f'--config.num_rounds={num_rounds}',
+      f'--config.eval_every={every}',
+      f'--config.checkpoint_every={_CHECKPOINT_EVERY.value or every}',
+      f'--config.log_every={every}'])
   start = time.time()
   with open(os.path.join(os.path.dirname(workdir), 'host_memory.log'), 'ab') as log:
     process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
     while True:
-      pid, status, usage = os.wait4(process.pid, os.WNOHANG)
-      if pid:
-        process.returncode = os.waitstatus_to_exitcode(status)
-        return process.returncode, time.time() - start, usage.ru_maxrss
+      if process.poll() is not None:
+        gib = peak()  # (its own: the rusage of a child carries this process's peak)
+        return process.returncode, time.time() - start, round((gib or 0) * 2**20)
       rss = _rss_kib(process.pid)
       if samples is not None and rss is not None:
         samples.append((_rows(os.path.join(workdir, 'metrics.jsonl')), rss))
@@ -117,9 +117,12 @@ def main(argv):
     for t in range(1, _FILE_ROWS.value + 1):
       f.write(json.dumps({**last, 'round': t}) + '\n')
   file_mib = os.path.getsize(os.path.join(scratch, 'metrics.jsonl')) / 2**20
-  peaks = [int(subprocess.run([sys.executable, '-c', _KEEP_ROWS, ROOT, scratch, call,
-                               str(_FILE_ROWS.value)], capture_output=True, text=True,
-                              check=True).stdout) for call in ('0', '1')]
+  peaks = []
+  for call in ('0', '1'):
+    cmd, read_peak = peak_measured(['-c', _KEEP_ROWS, ROOT, scratch, call,
+                                    str(_FILE_ROWS.value)])
+    subprocess.run(cmd, capture_output=True, check=True)
+    peaks.append(read_peak() * 2**20)  # KiB
   shutil.rmtree(scratch)
   result = {
       'algorithm': _ALGORITHM.value, 'rounds': _ROUNDS.value,
@@ -130,6 +133,7 @@ def main(argv):
       'metrics_mib': round(size / 2**20, 1), 'resume_peak_rss_mib': round(resume_peak / 1024, 1),
       'resume_seconds': round(resume_s, 1), 'file_rows': _FILE_ROWS.value,
       'file_mib': round(file_mib, 1),
+      'keep_rows_base_peak_mib': round(peaks[0] / 1024, 1),
       'keep_rows_extra_peak_mib': round((peaks[1] - peaks[0]) / 1024, 1)}
   print(json.dumps(result))
   import jax

@@ -5,14 +5,13 @@
 Writes --seeds FATHOM run folders of one setting, each a metrics.jsonl of --rows rows shaped
 as a FATHOM run's (every field a row holds, a test evaluation every --eval_every rounds) and a
 summary.json, then runs the report over them in a process of its own and prints its peak RSS
-(ru_maxrss), its seconds and the bytes of the files read. Rerun it in a checkout of another
-commit (--root) to compare.
+(its own: launch/timing.peak_measured), its seconds and the bytes of the files read. Rerun it
+in a checkout of another commit (--root) to compare.
 """
 
 import json
 import os
 import platform
-import resource
 import shutil
 import subprocess
 import sys
@@ -22,6 +21,8 @@ import numpy as np
 from absl import app, flags
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+from launch.timing import peak_measured  # noqa: E402
 _ROWS = flags.DEFINE_integer('rows', 1_000_000, 'Rows (rounds) of each run.')
 _SEEDS = flags.DEFINE_integer('seeds', 2, 'Runs (seeds) of the setting.')
 _EVAL_EVERY = flags.DEFINE_integer('eval_every', 100, 'Rounds between test evaluations.')
@@ -62,16 +63,18 @@ def main(argv):
   size = sum(write_run(os.path.join(scratch, 'runs', 'fathom', f'seed={s}'), s)
              for s in range(_SEEDS.value))
   start = time.time()
-  done = subprocess.run([sys.executable, os.path.join(_CHECKOUT.value, 'launch', 'report.py'),
-                         os.path.join(scratch, 'runs'), f'--out={os.path.join(scratch, "out")}',
-                         '--targets=0.5'], capture_output=True, text=True)
+  # (Its own peak: the rusage of a child carries this process's, which wrote the runs.)
+  cmd, peak = peak_measured([os.path.join(_CHECKOUT.value, 'launch', 'report.py'),
+                             os.path.join(scratch, 'runs'), f'--out={os.path.join(scratch, "out")}',
+                             '--targets=0.5'])
+  done = subprocess.run(cmd, capture_output=True, text=True)
   seconds = time.time() - start
   if done.returncode:
     sys.exit(f'report.py failed ({done.returncode}):\n{done.stderr[-2000:]}')
-  peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+  peak_mib = peak() * 1024
   print(json.dumps({'rows': _ROWS.value, 'seeds': _SEEDS.value,
                     'metrics_mib': round(size / 2**20, 1), 'report_seconds': round(seconds, 1),
-                    'report_peak_rss_mib': round(peak / 1024, 1)}))
+                    'report_peak_rss_mib': round(peak_mib, 1)}))
   commit = subprocess.run(['git', '-C', _CHECKOUT.value, 'rev-parse', '--short', 'HEAD'],
                           capture_output=True, text=True).stdout.strip() or '?'
   print(f'machine: {platform.platform()}, {os.cpu_count()} cores; python '

@@ -7,7 +7,8 @@
 3. reads every training client once through the lazy dataset (its own process);
 4. trains a few rounds on it (launch/main.py, its own process; an MLP, since the point is the
    data path, not the CNN).
-Prints each phase's peak RSS (ru_maxrss of the child) and time. Run by hand, not in CI.
+Prints each phase's peak RSS (the child's own: launch/timing.peak_measured) and time. Run by
+hand, not in CI.
 """
 
 import os
@@ -23,6 +24,8 @@ import numpy as np
 from absl import app, flags
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+from launch.timing import peak_measured  # noqa: E402
 _WORKDIR = flags.DEFINE_string('workdir', '/tmp/fathom_stream', 'Scratch directory.')
 _GB = flags.DEFINE_float('gigabytes', 2.2, 'Size of the generated training file.')
 _ROUNDS = flags.DEFINE_integer('rounds', 5, 'Training rounds streamed.')
@@ -55,17 +58,19 @@ def generate(path: str, gigabytes: float, seed: int) -> tuple[int, int]:
 
 
 def child(args: list[str]) -> tuple[float, float, str]:
-  """(peak RSS in GiB, seconds, last output lines) of one child process, from its own rusage."""
+  """(peak RSS in GiB, seconds, last output lines) of one child process (its own peak: the
+  rusage of a child carries this process's, which generated the data)."""
   start = time.time()
   log = os.path.join(_WORKDIR.value, 'child.log')
+  cmd, peak = peak_measured(args)
   with open(log, 'w') as f:
-    proc = subprocess.Popen([sys.executable] + args, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT)
-    _, status, usage = os.wait4(proc.pid, 0)
+    status = subprocess.run(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT).returncode
+  gib = peak()
   with open(log) as f:
     out = [l for l in f.read().splitlines() if 'WARNING' not in l]
   if status:
     raise SystemExit(f'{args} failed:\n' + '\n'.join(out[-30:]))
-  return usage.ru_maxrss / 2**20, time.time() - start, '\n'.join(out[-4:])
+  return gib, time.time() - start, '\n'.join(out[-4:])
 
 
 SWEEP = """

@@ -7,8 +7,11 @@ of 20-400 steps moved by 26 % between runs where the rounds' rate moved by 0.5 %
 the machine fell on a few seconds of steps and went straight into the ratio.
 """
 
+import os
 import resource
 import statistics
+import sys
+import tempfile
 import time
 from typing import Callable
 
@@ -29,6 +32,48 @@ def peak_rss_gib() -> float:
   except OSError:
     pass
   return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # kB on Linux
+
+
+# Put by peak_measured in front of a script (or of `-c CODE`): writes the process's VmHWM (kB)
+# into the file named first as the process exits, and runs the rest as python runs it.
+# Self-contained (imports nothing of the project): the script may be another checkout's.
+_PEAK_WRAPPER = '''
+import atexit, os, runpy, sys
+out, args = sys.argv[1], sys.argv[2:]
+def peak():
+  with open('/proc/self/status') as f:
+    kb = next(line.split()[1] for line in f if line.startswith('VmHWM:'))
+  with open(out, 'w') as f:
+    f.write(kb)
+atexit.register(peak)
+if args[0] == '-c':
+  sys.argv = ['-c', *args[2:]]
+  exec(compile(args[1], '<string>', 'exec'), {'__name__': '__main__'})
+else:
+  sys.argv = args
+  sys.path[0] = os.path.dirname(os.path.abspath(args[0]))
+  runpy.run_path(args[0], run_name='__main__')
+'''
+
+
+def peak_measured(args: list[str]) -> tuple[list[str], Callable[[], float | None]]:
+  """The command that runs `python *args` and records its own peak resident memory, and a
+  function that reads that, GiB, once it has exited (None where it was killed by a signal:
+  atexit did not run). A child's rusage (os.wait4, RUSAGE_CHILDREN) carries its parent's peak
+  across fork and exec: a child of a parent that had held more read the parent's figure
+  (peak_rss_gib)."""
+  fd, path = tempfile.mkstemp(prefix='fathom_peak_')
+  os.close(fd)
+
+  def read() -> float | None:
+    try:
+      with open(path) as f:
+        kb = f.read()
+    finally:
+      os.unlink(path)
+    return int(kb) / 2**20 if kb else None
+
+  return [sys.executable, '-c', _PEAK_WRAPPER, path, *args], read
 
 
 def chunk_rates(step: Callable[[int], None], sync: Callable[[], None], steps: int,

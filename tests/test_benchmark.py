@@ -593,3 +593,38 @@ def test_a_row_process_s_peak_memory_is_its_own_not_its_parent_s():
                      env={**os.environ, 'PYTHONPATH': ROOT}, timeout=120)
   assert p.returncode == 0, p.stderr
   assert 0 < float(p.stdout) < 0.25  # a bare interpreter's tens of MiB
+
+
+def test_peak_measured_reads_the_child_s_own_peak_as_python_would_run_it(tmp_path):
+  """The memory benchmarks (host_memory, cohort_rss, report_memory, stream_prepared) read a
+  child's peak from its rusage, which carries the parent's across fork and exec: the keep_rows
+  child of host_memory.py, smaller than its parent, read the parent's figure."""
+  script = tmp_path / 'script.py'
+  script.write_text('import sys\n'
+                    'held = bytearray(int(sys.argv[1]) << 20)\n'
+                    'print(__name__, sys.argv[1:], sys.path[0])\n'
+                    'sys.exit(int(sys.argv[2]))\n')
+  code = ('import json, subprocess, sys\n'
+          'from launch.timing import peak_measured\n'
+          'held = bytearray(512 << 20)\n'
+          'out = []\n'
+          'for args in ([sys.argv[1], "0", "0"], [sys.argv[1], "192", "3"],\n'
+          '             ["-c", "import sys; print(sys.argv)", "x"],\n'
+          '             ["-c", "import os, signal; os.kill(os.getpid(), signal.SIGKILL)"]):\n'
+          '  cmd, peak = peak_measured(args)\n'
+          '  p = subprocess.run(cmd, capture_output=True, text=True)\n'
+          '  out.append([p.returncode, p.stdout.strip(), peak()])\n'
+          'print(json.dumps(out))\n')
+  temp = tmp_path / 'temp'  # (where the peaks are written, each file removed once read)
+  temp.mkdir()
+  p = subprocess.run([sys.executable, '-c', code, str(script)], cwd=ROOT, capture_output=True,
+                     text=True, env={**os.environ, 'PYTHONPATH': ROOT, 'TMPDIR': str(temp)},
+                     timeout=120)
+  assert p.returncode == 0, p.stderr
+  bare, held, inline, killed = json.loads(p.stdout)
+  assert bare[:2] == [0, f"__main__ ['0', '0'] {tmp_path}"]
+  assert 0 < bare[2] < 0.1  # a bare interpreter's tens of MiB, not the parent's 0.5 GiB
+  assert held[0] == 3 and 0.19 < held[2] < 0.3
+  assert inline[:2] == [0, "['-c', 'x']"]
+  assert killed[0] == -9 and killed[2] is None
+  assert not os.listdir(temp)
