@@ -16,7 +16,7 @@ import numpy as np
 from jax.sharding import Mesh
 
 from fathom_sim.data.federated import ClientDataset, read_ahead
-from fathom_sim.mesh import by_client, put, replicated
+from fathom_sim.mesh import by_client, put, queue_bound, replicated
 from fathom_sim.models import Model
 from fathom_sim.types import Batch, Params
 
@@ -76,12 +76,11 @@ class Evaluator:
     self._kept = None  # (dataset, clients, [(batch, real) on the devices]) of the last call
     self.batch_size = -(-batch_size // n_dev) * n_dev  # split evenly over devices
     self._rows, self._everywhere = by_client(mesh), replicated(mesh)
-    # On several CPU devices each batch's program is waited for before the next is sent: the
-    # quickstart on 8 with eval_batch_size 100 (~190 programs an evaluation, each ending in an
-    # all-reduce) aborted in XLA:CPU's rendezvous ("Expected 8 threads to join ... only 7
-    # arrived") in every run of 4, with programs queued back to back from batches kept on the
-    # devices; waited for, 0 of 5 (docs/benchmarks.md, forty-third session).
-    self._one_at_a_time = mesh.devices.flat[0].platform == 'cpu' and n_dev > 1
+    # Each batch's program ends in an all-reduce (the totals are everywhere): on several CPU
+    # devices the host waits every `queue_bound` batches, or XLA:CPU deadlocks and aborts once
+    # more than 32 are queued (the quickstart on 8 with eval_batch_size 100: ~190 programs an
+    # evaluation, sent back to back from batches kept on the devices).
+    self._wait_every = queue_bound(mesh)
     rows = self.batch_size
 
     def sums(params, batch, num_real):
@@ -126,11 +125,12 @@ class Evaluator:
       self._kept = (dataset, clients, kept)
 
   def __call__(self, params: Params, dataset: ClientDataset, clients: Sequence[int]) -> dict:
-    totals = None
+    totals, sent = None, 0
     for batch, real in self._on_devices(dataset, [int(i) for i in clients]):
       args = (params, batch, real)
       totals = self._add_sums(self._zeros(args) if totals is None else totals, *args)
-      if self._one_at_a_time:
+      sent += 1
+      if self._wait_every and sent % self._wait_every == 0:
         totals = jax.block_until_ready(totals)
     if totals is None:
       return {'accuracy': float('nan'), 'loss': float('nan'), 'count': 0}  # no extras known

@@ -31,6 +31,22 @@ def by_client(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P(CLIENTS))
 
 
+def queue_bound(mesh: Mesh) -> int | None:
+  """How many programs ending in a collective (an all-reduce) the host may send to `mesh`
+  back to back before waiting for them; None: any number.
+
+  XLA:CPU keeps at most 32 programs in flight per device, and sends a multi-device program
+  from tasks on the pool that also runs the programs: max(cores, devices) threads, 8 for 8
+  devices on 2 cores. A 33rd program's task holds a thread while it waits for room, and the
+  all-reduce of an earlier program, which needs all 8 at once, never gets its last one: the
+  process aborts after 40 s ("Expected 8 threads to join the rendezvous, but only 7 of them
+  arrived"). Measured with benchmarks/cpu_rendezvous.py, no simulator: 32 programs queued
+  pass, 40 and 48 abort (docs/benchmarks.md, forty-fourth session)."""
+  if mesh.devices.flat[0].platform == 'cpu' and mesh.devices.size > 1:
+    return 16  # (half the 32: room for what else the host has sent)
+  return None
+
+
 def local_rows(mesh: Mesh, num_rows: int) -> np.ndarray | None:
   """Which of `num_rows` lanes this process's devices hold under `by_client` (None: all, as on
   one host)."""

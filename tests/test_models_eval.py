@@ -460,8 +460,9 @@ def test_an_evaluation_of_many_batches_on_several_cpu_devices_does_not_abort(tmp
   """The quickstart on 8 CPU devices with eval_batch_size 100 (~190 programs an evaluation,
   each ending in an all-reduce, sent back to back from batches kept on the devices) aborted
   in XLA:CPU's rendezvous at its second or third evaluation: "Expected 8 threads to join the
-  rendezvous, but only 7 of them arrived", exit status 134, in every run of 4. (A process of
-  its own: the abort would take the test worker with it.)"""
+  rendezvous, but only 7 of them arrived", exit status 134, in every run of 4. More than 32
+  such programs queued deadlock XLA:CPU (mesh.queue_bound). (A process of its own: the abort
+  would take the test worker with it.)"""
   import subprocess
   import sys
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
