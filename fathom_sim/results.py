@@ -6,7 +6,7 @@ a sweep live in <sweep>/<setting>/seed=<n>; they are grouped by <setting>, and t
 sweep.json says which seeds a setting should have (those not started, those failed). A
 setting's seeds are finished when summarised at the most rounds any of their configs names: a
 seed not yet resumed after num_rounds was raised is unfinished, not a shorter finished run.
-Reads no JAX (report.py, plots.py).
+Imports no JAX: the report command starts without it.
 """
 
 from __future__ import annotations
