@@ -369,10 +369,9 @@ def find_listed(paths: list[str]) -> dict[str, dict[str, int]]:
   run folders it marked failed, those it marked failed that have no run folder, and those it
   marked done that have none (its folder moved or deleted since). A setting's seed folders
   alone cannot tell a seed not started (or whose folder is gone) from one never asked for."""
-  from fathom_sim.sweep import INDEX_FILE
   listed: dict[str, dict[str, int]] = {}
   for root, setting_of in _roots(paths):
-    entries = (_read_json(os.path.join(root, INDEX_FILE))[0] or {}).get('runs')
+    entries = (_read_json(os.path.join(root, workdir_lib.SWEEP_INDEX))[0] or {}).get('runs')
     for e in entries if isinstance(entries, list) else []:
       if not isinstance(e, dict) or not isinstance(e.get('workdir'), str):
         continue
@@ -392,12 +391,11 @@ def find_listed(paths: list[str]) -> dict[str, dict[str, int]]:
 def unreadable_indexes(paths: list[str]) -> list[str]:
   """The sweep.json files of the folders given that are there but not readable as a sweep's
   index (find_listed then counts nothing of them)."""
-  from fathom_sim.sweep import INDEX_FILE
   unread = []
   for root, _ in _roots(paths):
-    index, bad = _read_json(os.path.join(root, INDEX_FILE))
+    index, bad = _read_json(os.path.join(root, workdir_lib.SWEEP_INDEX))
     if bad or (index is not None and not isinstance(index.get('runs'), list)):
-      unread.append(os.path.join(root, INDEX_FILE))
+      unread.append(os.path.join(root, workdir_lib.SWEEP_INDEX))
   return unread
 
 

@@ -24,11 +24,12 @@ import ml_collections
 from absl import logging
 
 from fathom_sim import metrics
-from fathom_sim.errors import Diverged, InputError, file_for_folder
+from fathom_sim import workdir as workdir_lib
+from fathom_sim.errors import (Diverged, InputError, OutputError, Preempted, file_for_folder,
+                               first_line)
 from fathom_sim.config import (ConfigError, call_user_file, check_config, typed, unknown_field,
                                unread_fields)
 
-INDEX_FILE = 'sweep.json'
 KEYS = ('config', 'overrides', 'seeds', 'fixed')  # what get_sweep() may return
 _UNSAFE = re.compile(r'[^A-Za-z0-9._=,+-]')
 
@@ -226,7 +227,6 @@ def plan_runs(sweep: SweepDef, out: str, extra: dict | None = None) -> list[RunS
   # Two settings that come to one config (e.g. one sets a field to its default, or one the run
   # does not read: eta_h under FedAvg) would run the same runs twice, and count twice in a grid
   # search.
-  from fathom_sim import workdir as workdir_lib
   first = {}
   for run in runs:
     key = workdir_lib.config_fingerprint(run.config)
@@ -246,7 +246,6 @@ def _sweep_file(sweep: SweepDef) -> str:
 def run_status(run: RunSpec) -> tuple[str, str | None]:
   """('done' | 'pending' | 'failed', why it failed) of a run before the sweep trains: a run
   already there under another config is reported, never skipped or redone."""
-  from fathom_sim import workdir as workdir_lib
   with workdir_lib.named_as_sweep_runs():
     try:
       # (what training it would refuse, said before: --dry_run lists such a run as failing)
@@ -278,18 +277,44 @@ def is_finished(run: RunSpec) -> bool:
 
 
 def _final_accuracy(summary: dict) -> float:
-  acc = (summary.get('final') or {}).get('test_accuracy')
-  return math.nan if acc is None else acc  # None: JSON's NaN, a run without test data
+  """The summary's final test accuracy; NaN for a run without test data (JSON's null) and
+  for a summary.json damaged by hand (`final` not an object, the accuracy not a number: every
+  later sweep command ended in a traceback, or wrote a string into sweep.json)."""
+  final = summary.get('final')
+  acc = final.get('test_accuracy') if isinstance(final, dict) else None
+  return float(acc) if isinstance(acc, numbers.Real) and not isinstance(acc, bool) else math.nan
+
+
+def read_index(out: str) -> dict | None:
+  """The sweep.json of the sweep's folder `out` (None where it has none). One that is not a
+  sweep's index (torn, not an object, runs not a list of named entries) is refused: a sweep
+  run again reads its entries, and such a one ended in a traceback or was taken for none."""
+  path = os.path.join(out, workdir_lib.SWEEP_INDEX)
+  try:
+    with open(path, encoding='utf-8') as f:
+      index = json.load(f)
+  except FileNotFoundError:
+    return None
+  except (OSError, ValueError) as e:
+    index, why = None, 'not JSON' if isinstance(e, ValueError) else e.strerror or str(e)
+  else:
+    runs = index.get('runs') if isinstance(index, dict) else None
+    bad = next((i for i, e in enumerate(runs) if not isinstance(e, dict)
+                or not isinstance(e.get('name'), str)), None) if isinstance(runs, list) else None
+    why = ('not a JSON object' if not isinstance(index, dict)
+           else '"runs" is not a list' if not isinstance(runs, (list, type(None)))
+           else f'runs[{bad}] is not an entry with a "name"' if bad is not None else None)
+  if why is not None:
+    raise workdir_lib.WorkdirError(
+        f'--out {out!r}: its {workdir_lib.SWEEP_INDEX} cannot be read as a sweep\'s index '
+        f'({why}); repair it, or move it aside to start the index afresh (finished runs are '
+        'found in their folders; the seconds it recorded are lost), or give another folder')
+  return index
 
 
 def _earlier_entries(out: str) -> dict[str, dict]:
   """The entries of the sweep.json a sweep run again replaces, by run name ({} if none)."""
-  try:
-    with open(os.path.join(out, INDEX_FILE), encoding='utf-8') as f:
-      runs = json.load(f).get('runs')
-  except (OSError, ValueError, AttributeError):
-    return {}
-  return {e['name']: e for e in runs or () if isinstance(e, dict) and 'name' in e}
+  return {e['name']: e for e in (read_index(out) or {}).get('runs') or ()}
 
 
 def _result(run: RunSpec) -> dict:
@@ -321,7 +346,6 @@ def check_out(sweep: SweepDef, out: str, extra: dict | None = None) -> str:
   workdir, another sweep's folder, this sweep run with other --config overrides `extra`);
   returns the sweep file's name, as sweep.json records it. Changes nothing: run_sweep and
   --dry_run make the same checks."""
-  from fathom_sim import workdir as workdir_lib
   if not out:  # (os.makedirs('') fails, after --dry_run had listed every run to run)
     raise workdir_lib.WorkdirError("--out '' names no folder; give one for the runs and "
                                    'sweep.json')
@@ -333,7 +357,8 @@ def check_out(sweep: SweepDef, out: str, extra: dict | None = None) -> str:
   if above is not None:
     why = (f'--out {out!r} is inside the folder of a run ({above!r} holds its config.json and '
            'metrics.jsonl): report.py would show that run alone, not the sweep\'s')
-    if os.path.exists(os.path.join(out, INDEX_FILE)):  # (a sweep put there before this rule)
+    # (A sweep put there before this rule.)
+    if os.path.exists(os.path.join(out, workdir_lib.SWEEP_INDEX)):
       logging.warning('%s; move the sweep\'s folder out, then give its new path', why)
     else:
       raise workdir_lib.WorkdirError(f'{why}. Give a folder outside it')
@@ -347,27 +372,23 @@ def check_out(sweep: SweepDef, out: str, extra: dict | None = None) -> str:
         f'--out {out!r} is {workdir_lib.DATASET}: the runs would be mixed with its files. '
         'Give a folder of its own')
   sweep_file = _sweep_file(sweep)
-  index_path = os.path.join(out, INDEX_FILE)
-  if os.path.exists(index_path):
-    try:
-      with open(index_path, encoding='utf-8') as f:
-        index = json.load(f)
-      earlier = index.get('sweep')
-    except (OSError, ValueError, AttributeError):
-      raise workdir_lib.WorkdirError(f'--out {out!r}: its {INDEX_FILE} cannot be read as a '
-                                     'sweep\'s index; give another folder') from None
+  index_path = os.path.join(out, workdir_lib.SWEEP_INDEX)
+  index = read_index(out)
+  if index is not None:
+    earlier = index.get('sweep')
     if earlier is not None and os.path.basename(str(earlier)) != sweep_file:
       raise workdir_lib.WorkdirError(
-          f'--out {out!r} holds the runs of another sweep ({earlier}); its {INDEX_FILE} would '
-          f'be replaced and the two sweeps\' runs mixed. Give a folder of its own (or, if '
-          f'{sweep_file} is {earlier} renamed, set "sweep" in {index_path} to its new name)')
+          f'--out {out!r} holds the runs of another sweep ({earlier}); its '
+          f'{workdir_lib.SWEEP_INDEX} would be replaced and the two sweeps\' runs mixed. Give a '
+          f'folder of its own (or, if {sweep_file} is {earlier} renamed, set "sweep" in '
+          f'{index_path} to its new name)')
     # The same command again resumes the sweep. Without its --config overrides, each finished
     # run was refused by its workdir, marked failed, and sweep.json forgot the overrides.
     # (Where no run got as far as a result, nothing holds the old ones: workdir.started.)
-    recorded, runs = index.get('extra'), index.get('runs')
-    started = isinstance(recorded, dict) and isinstance(runs, list) and any(
-        isinstance(e, dict) and workdir_lib.started(os.path.join(out, str(e.get('workdir', ''))))
-        for e in runs)
+    recorded = index.get('extra')
+    started = isinstance(recorded, dict) and any(
+        workdir_lib.started(os.path.join(out, str(e.get('workdir', ''))))
+        for e in index.get('runs') or ())
     given = json.loads(json.dumps(dict(extra or {}), default=str))  # as sweep.json holds them
     changed = _changed_fields(sweep, out, recorded, dict(extra or {})) if started else []
     if changed:
@@ -387,7 +408,6 @@ def _changed_fields(sweep: SweepDef, out: str, recorded: dict, given: dict) -> l
   """The fields that change some run's result between the sweep's runs under the --config
   overrides `recorded` (in sweep.json) and `given`: not those a resumed run may change, nor
   those set to the value the runs had anyway (a default), nor those a run does not read."""
-  from fathom_sim import workdir as workdir_lib
 
   def fields(runs: list[RunSpec]) -> list[dict]:
     return [workdir_lib.flatten(workdir_lib.config_dict(r.config)) for r in runs]
@@ -413,7 +433,6 @@ def run_sweep(sweep: SweepDef, out: str, *, extra: dict | None = None,
   goes on; a preemption (SIGTERM) stops the sweep after its runs checkpointed.
   """
   from fathom_sim import train as train_lib
-  from fathom_sim import workdir as workdir_lib
   train = train or train_lib.train_and_evaluate
   train_group = train_group or train_lib.train_seeds
   runs = plan_runs(sweep, out, extra)
@@ -435,7 +454,6 @@ def _run_all(sweep: SweepDef, out: str, runs: list[RunSpec], sweep_file: str, *,
              log: Callable[[str], None]) -> list[dict]:
   """run_sweep's body, once its folder is made and locked."""
   from fathom_sim import failures
-  from fathom_sim import workdir as workdir_lib
   from fathom_sim.data import DataError, DatasetError
   earlier = _earlier_entries(out)
   # The seconds sweeps spent on each run: those of earlier commands, and this one's added as
@@ -463,7 +481,8 @@ def _run_all(sweep: SweepDef, out: str, runs: list[RunSpec], sweep_file: str, *,
            'extra': dict(extra or {}), 'seeds': sweep.seeds}
 
   def save() -> None:
-    metrics.write_json(os.path.join(out, INDEX_FILE), {**index, 'runs': entries + kept})
+    metrics.write_json(os.path.join(out, workdir_lib.SWEEP_INDEX),
+                       {**index, 'runs': entries + kept})
 
   # Batches of run indices trained together: one per run, or a setting's pending seeds.
   batches: list[list[int]] = []
@@ -536,65 +555,74 @@ def _run_all(sweep: SweepDef, out: str, runs: list[RunSpec], sweep_file: str, *,
       log(f'[{i + 1}/{len(runs)}] {runs[i].name}: done, final test accuracy {acc:.4f}')
 
     try:
-      # (Inside: a SIGTERM just after this save leaves the runs 'interrupted', not 'running'.)
-      for i in batch:
-        entries[i] = _entry(runs[i], out, 'running', spent[i])
-      save()
-      if len(batch) == 1:
-        summaries = [train(runs[batch[0]].config, runs[batch[0]].workdir)]
-      else:
-        summaries = train_group([runs[i].config for i in batch],
-                                [runs[i].workdir for i in batch])
-      # (Inside too: a SIGTERM before this save left the runs 'running'.)
-      charge()
-      for i, summary in zip(batch, summaries):
-        done(i, summary)
-      save()
-    except Diverged as e:
-      charge()
-      # The runs that diverged fail; of a group run one by one (its seeds' checkpoints stood
-      # at different rounds), the seeds finished stay done and those not reached run later.
-      again = []
-      for i in batch:
-        if runs[i].workdir in e.workdirs:
-          entries[i] = _entry(runs[i], out, 'failed', spent[i], error=str(e))
-          log(f'{where} {runs[i].name}: failed: {e}')
-        elif is_finished(runs[i]):  # its seeds went on
-          done(i, metrics.read_summary(runs[i].workdir) or {})
-        else:
-          entries[i] = _entry(runs[i], out, 'pending', spent[i])
-          again.append(i)
-      pending.extendleft([i] for i in reversed(again))
-      save()
-      continue
-    except InputError as e:  # a config's, the data's or a workdir's
-      charge()
-      seeds_own = isinstance(e, (failures.OutOfMemory, workdir_lib.WorkdirError)) or (
-          isinstance(e, DataError) and not isinstance(e, DatasetError))
-      if len(batch) > 1 and seeds_own:
-        # One seed's bad input (a damaged metrics.jsonl, a workdir of another run), or a
-        # group too big for the devices, is no reason to fail its siblings: each seed runs
-        # alone and fails or finishes by itself. (A config error is every seed's alike.)
-        log(f'{where} {names}: failed vectorised ({e}); running these seeds one by one')
+      try:
+        # (Inside: a SIGTERM just after this save leaves the runs 'interrupted', not 'running'.)
         for i in batch:
-          entries[i] = _entry(runs[i], out, 'pending', spent[i])
-        pending.extendleft([i] for i in reversed(batch))
+          entries[i] = _entry(runs[i], out, 'running', spent[i])
+        save()
+        if len(batch) == 1:
+          summaries = [train(runs[batch[0]].config, runs[batch[0]].workdir)]
+        else:
+          summaries = train_group([runs[i].config for i in batch],
+                                  [runs[i].workdir for i in batch])
+        # (Inside too: a SIGTERM before this save left the runs 'running'.)
+        charge()
+        for i, summary in zip(batch, summaries):
+          done(i, summary)
+        save()
+      except Diverged as e:
+        charge()
+        # The runs that diverged fail; of a group run one by one (its seeds' checkpoints stood
+        # at different rounds), the seeds finished stay done and those not reached run later.
+        again = []
+        for i in batch:
+          if runs[i].workdir in e.workdirs:
+            entries[i] = _entry(runs[i], out, 'failed', spent[i], error=str(e))
+            log(f'{where} {runs[i].name}: failed: {e}')
+          elif is_finished(runs[i]):  # its seeds went on
+            done(i, metrics.read_summary(runs[i].workdir) or {})
+          else:
+            entries[i] = _entry(runs[i], out, 'pending', spent[i])
+            again.append(i)
+        pending.extendleft([i] for i in reversed(again))
         save()
         continue
-      for i in batch:
-        entries[i] = _entry(runs[i], out, 'failed', spent[i], error=str(e))
-      log(f'{where} {names}: failed: {e}')
-      if isinstance(e, DatasetError):
-        data_errors[data_key(runs[batch[0]])] = str(e)
-      save()
-      continue
-    except BaseException:
+      except InputError as e:  # a config's, the data's or a workdir's
+        charge()
+        seeds_own = isinstance(e, (failures.OutOfMemory, workdir_lib.WorkdirError)) or (
+            isinstance(e, DataError) and not isinstance(e, DatasetError))
+        if len(batch) > 1 and seeds_own:
+          # One seed's bad input (a damaged metrics.jsonl, a workdir of another run), or a
+          # group too big for the devices, is no reason to fail its siblings: each seed runs
+          # alone and fails or finishes by itself. (A config error is every seed's alike.)
+          log(f'{where} {names}: failed vectorised ({e}); running these seeds one by one')
+          for i in batch:
+            entries[i] = _entry(runs[i], out, 'pending', spent[i])
+          pending.extendleft([i] for i in reversed(batch))
+          save()
+          continue
+        for i in batch:
+          entries[i] = _entry(runs[i], out, 'failed', spent[i], error=str(e))
+        log(f'{where} {names}: failed: {e}')
+        if isinstance(e, DatasetError):
+          data_errors[data_key(runs[batch[0]])] = str(e)
+        save()
+        continue
+    except BaseException as e:  # (a signal in a handler above too: none left 'running')
       charge()
-      for i in batch:  # a seed the group (or its one-by-one fallback) finished stays done
-        if is_finished(runs[i]):  # (with its result: a SIGTERM in its last round lost both)
+      stopped = isinstance(e, (KeyboardInterrupt, Preempted))
+      for i in batch:
+        if entries[i]['status'] != 'running':  # said already, by a handler it cut short
+          continue
+        if is_finished(runs[i]):  # a seed the group (or its one-by-one fallback) finished
+          # stays done, with its result (a SIGTERM in its last round lost both)
           done(i, metrics.read_summary(runs[i].workdir) or {})
-        else:
+        elif stopped:
           entries[i] = _entry(runs[i], out, 'interrupted', spent[i])
+        else:  # (a full disk, a runtime error: the sweep stops, and says why the run did)
+          said = first_line(e)
+          entries[i] = _entry(runs[i], out, 'failed', spent[i], error=said if isinstance(
+              e, OutputError) or said == type(e).__name__ else f'{type(e).__name__}: {said}')
       save()
       raise
   return entries

@@ -24,8 +24,8 @@ from fathom_sim import metrics
 from fathom_sim.config import base_config, check_config, unread_paths
 from fathom_sim.errors import (LOCK_HELD_ELSEWHERE, MOUNT_HINT, InputError, file_for_folder,
                                is_url, tilde_left)
-from fathom_sim.sweep import INDEX_FILE
 
+SWEEP_INDEX = 'sweep.json'  # a sweep's index of its runs (sweep.py): its folder is a sweep's
 CHECKPOINTS = 'checkpoints'  # checkpoint.py's saves, one folder a round
 UNREADABLE = 'unreadable_checkpoints'  # where unreadable ones are moved, never deleted
 
@@ -392,7 +392,7 @@ def _check_not_nested(workdir: str) -> None:
            'config.json and metrics.jsonl): report.py would show that run alone')
   # (A sweep's folder or a dataset is refused as such: _check_kinds.)
   elif os.path.isdir(workdir) and not _is_run_folder(workdir) and not any(
-      os.path.exists(os.path.join(workdir, m)) for m in (INDEX_FILE, DATASET_MARKER)):
+      os.path.exists(os.path.join(workdir, m)) for m in (SWEEP_INDEX, DATASET_MARKER)):
     below = _run_folder_below(workdir)
     if below is not None:
       why = (f'{named(workdir)} holds another run below it ({below!r}): report.py would show '
@@ -410,7 +410,7 @@ def _check_kinds(workdir: str) -> None:
   files as a folder or the reverse."""
   # Folders of the other commands: a run written into one would be hidden from report.py
   # (which takes a folder with metrics.jsonl as one run) or mixed with a dataset.
-  for marker, what in ((INDEX_FILE, "a sweep's folder (launch/sweep.py's --out)"),
+  for marker, what in ((SWEEP_INDEX, "a sweep's folder (launch/sweep.py's --out)"),
                        (DATASET_MARKER, DATASET)):
     if os.path.exists(os.path.join(workdir, marker)):
       # Beside it, not inside: report.py takes every run under a sweep's folder as its own.

@@ -1158,12 +1158,22 @@ def test_a_damaged_sweep_json_or_an_out_that_cannot_be_made_is_refused_before_an
   calls = []
   out = tmp_path / 'sweep'
   out.mkdir()
-  (out / 'sweep.json').write_text('{"sweep": ')  # cut short
-  with pytest.raises(WorkdirError, match=r"^--out '.*sweep': its sweep.json cannot be read as "
-                                         r"a sweep's index; give another folder$"):
-    sweep.run_sweep(definition, str(out), train=lambda c, w: calls.append(w), log=print)
-  assert calls == [] and os.listdir(out) == ['sweep.json']
-  assert (out / 'sweep.json').read_text() == '{"sweep": '
+  # Cut short; then shapes a hand edit leaves, which ended in a traceback ('runs' not a list,
+  # a name not a string) or were taken for no earlier entries (their seconds dropped).
+  for text, why in (('{"sweep": ', 'not JSON'), ('[]', 'not a JSON object'),
+                    ('{"runs": 5}', '"runs" is not a list'),
+                    ('{"runs": {"a": 1}}', '"runs" is not a list'),
+                    ('{"runs": [{"name": "x"}, {"name": ["x"]}]}',
+                     'runs\\[1\\] is not an entry with a "name"'),
+                    ('{"runs": [3]}', 'runs\\[0\\] is not an entry with a "name"')):
+    (out / 'sweep.json').write_text(text)
+    with pytest.raises(WorkdirError, match=(
+        rf"^--out '.*sweep': its sweep.json cannot be read as a sweep's index \({why}\); "
+        r"repair it, or move it aside to start the index afresh \(finished runs are found in "
+        r"their folders; the seconds it recorded are lost\), or give another folder$")):
+      sweep.run_sweep(definition, str(out), train=lambda c, w: calls.append(w), log=print)
+    assert calls == [] and os.listdir(out) == ['sweep.json']
+    assert (out / 'sweep.json').read_text() == text
   target = uncreatable_path(tmp_path, 'out')
   with pytest.raises(WorkdirError, match=r"the sweep's folder cannot be made there \(.+\); "
                                          'give a writable place$'):
@@ -1352,3 +1362,86 @@ def test_a_run_finished_as_the_sweep_is_stopped_keeps_its_result_in_sweep_json(t
   entries = sweep.run_sweep(definition, out, log=lambda _: None,
                             train=lambda c, w: trained.append(w) or {'final': {}})
   assert entries[0]['sweep_wall_s'] == first['sweep_wall_s'] and len(trained) == 1
+
+
+def test_a_finished_run_s_damaged_summary_is_a_missing_accuracy_not_a_traceback(tmp_path):
+  """A summary.json of a finished run edited by hand ("final" a list) ended every later sweep
+  command in a traceback; a string accuracy went into sweep.json as the run's result."""
+  from fathom_sim import metrics
+  from fathom_sim import workdir as workdir_lib
+  from tests.common import tiny_config
+  definition = sweep.SweepDef(tiny_config(num_rounds=2), '<inline>', [{}], [0], {})
+
+  def finished(config, workdir):
+    os.makedirs(workdir, exist_ok=True)
+    workdir_lib.save_config(workdir, config)
+    metrics.write_json(os.path.join(workdir, metrics.SUMMARY_FILE), summary)
+    return summary
+
+  for summary, want in (({'rounds': 2, 'final': [0.5]}, None),
+                        ({'rounds': 2, 'final': {'test_accuracy': 'hi'}}, None),
+                        ({'rounds': 2, 'final': {'test_accuracy': 1}}, 1.0)):
+    out = tmp_path / f'out{len(os.listdir(tmp_path))}'
+    sweep.run_sweep(definition, str(out), log=lambda _: None, train=finished)
+    # Run again: the run is found finished, and its result read back from its summary.
+    entries = sweep.run_sweep(definition, str(out), log=lambda _: None,
+                              train=lambda c, w: pytest.fail('trained'))
+    with open(out / 'sweep.json') as f:
+      [entry] = json.load(f)['runs']  # (NaN is written as JSON's null)
+    assert entry['status'] == 'done' and entries[0]['status'] == 'done'
+    assert entry['final_test_accuracy'] == want, summary
+
+
+def test_a_run_stopped_by_an_error_not_a_signal_is_failed_with_it_and_the_sweep_stops(tmp_path):
+  """A full disk (OutputError) or an error of the simulator's own stopped the sweep with the
+  run marked 'interrupted', as if a signal had stopped it, and no word of why."""
+  from fathom_sim.errors import OutputError
+  from tests.common import tiny_config
+  definition = sweep.SweepDef(tiny_config(num_rounds=2), '<inline>', [{}, {'eta': 0.07}], [0],
+                              {})
+  for error, said in ((OutputError('/x/metrics.jsonl cannot be written (No space left on '
+                                   'device)\nmore'),
+                       '/x/metrics.jsonl cannot be written (No space left on device)'),
+                      (ZeroDivisionError('division by zero'),
+                       'ZeroDivisionError: division by zero'), (ZeroDivisionError(),
+                                                                'ZeroDivisionError')):
+    out = tmp_path / type(error).__name__
+
+    def broken(config, workdir, error=error):
+      raise error
+
+    with pytest.raises(type(error)):
+      sweep.run_sweep(definition, str(out), log=lambda _: None, train=broken)
+    with open(out / 'sweep.json') as f:
+      runs = json.load(f)['runs']
+    assert [(r['status'], r.get('error')) for r in runs] == [('failed', said),
+                                                              ('pending', None)]
+
+
+def test_a_signal_while_a_failed_run_is_said_leaves_no_run_running(tmp_path):
+  """The handlers of a diverged run and of bad input were not under the one that marks the
+  runs a signal stopped: a signal landing in them left 'running' in sweep.json, and the
+  seconds charged unsaved."""
+  from fathom_sim.data import DataError
+  from fathom_sim.errors import Diverged
+  from tests.common import tiny_config
+  definition = sweep.SweepDef(tiny_config(num_rounds=2), '<inline>', [{}], [0, 1], {})
+  for error in (lambda workdirs: Diverged(workdirs, 'diverged'),
+                lambda workdirs: DataError('a bad record')):
+    out = tmp_path / f'out{len(os.listdir(tmp_path))}'
+
+    def failing(configs, workdirs, error=error):
+      raise error(workdirs)
+
+    def stopped_on_failed(line):
+      if 'failed' in line:
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+      sweep.run_sweep(definition, str(out), log=stopped_on_failed, vmap_seeds=True,
+                      train=lambda c, w: pytest.fail('trained alone'), train_group=failing)
+    with open(out / 'sweep.json') as f:
+      runs = json.load(f)['runs']
+    statuses = [r['status'] for r in runs]
+    assert 'running' not in statuses and len(runs) == 2, statuses
+    assert all(isinstance(r.get('sweep_wall_s'), float) for r in runs), runs
