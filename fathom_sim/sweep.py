@@ -453,176 +453,227 @@ def _run_all(sweep: SweepDef, out: str, runs: list[RunSpec], sweep_file: str, *,
              extra: dict | None, train: Callable, train_group: Callable, vmap_seeds: bool,
              log: Callable[[str], None]) -> list[dict]:
   """run_sweep's body, once its folder is made and locked."""
-  from fathom_sim import failures
-  from fathom_sim.data import DataError, DatasetError
-  earlier = _earlier_entries(out)
-  # The seconds sweeps spent on each run: those of earlier commands, and this one's added as
-  # each batch ends (a vectorised group's split among its seeds). A run stopped and resumed,
-  # or extended, had the last command's seconds alone; a group's seeds each had the group's.
-  spent = [_spent_before(r, earlier.get(r.name)) for r in runs]
-  entries = []
-  for i, r in enumerate(runs):
-    status, error = run_status(r)
-    if status == 'done':  # its result kept: a sweep run again rewrites sweep.json
-      entries.append(_entry(r, out, status, spent[i], **_result(r)))
-    else:
-      entries.append(_entry(r, out, status, spent[i],
-                            **({} if error is None else {'error': error})))
-  # Runs of this folder that this command does not plan (settings since taken out of the
-  # sweep file, fewer --seeds) stay listed while they are runs (their metrics.jsonl, as
-  # report.py finds them): report.py counts their seeds all the same, and sweep.json keeps what
-  # it knew of them. One a killed sweep left 'running' is no longer run by any.
-  planned = {r.name for r in runs}
-  kept = [{**e, 'status': 'pending'} if e.get('status') == 'running' else e
-          for name, e in earlier.items() if name not in planned
-          and isinstance(e.get('workdir'), str)
-          and os.path.isfile(os.path.join(out, e['workdir'], metrics.METRICS_FILE))]
-  index = {'sweep': sweep_file, 'config': sweep.config_source, 'fixed': sweep.fixed,
-           'extra': dict(extra or {}), 'seeds': sweep.seeds}
-
-  def save() -> None:
-    metrics.write_json(os.path.join(out, workdir_lib.SWEEP_INDEX),
-                       {**index, 'runs': entries + kept})
-
-  # Batches of run indices trained together: one per run, or a setting's pending seeds.
-  batches: list[list[int]] = []
-  for i, run in enumerate(runs):
-    if entries[i]['status'] == 'done':
-      log(f'[{i + 1}/{len(runs)}] {run.name}: finished already, skipped')
-    elif entries[i]['status'] == 'failed':
-      log(f'[{i + 1}/{len(runs)}] {run.name}: failed: {entries[i]["error"]}')
-    elif vmap_seeds and batches and runs[batches[-1][0]].setting == run.setting:
-      batches[-1].append(i)
-    else:
-      batches.append([i])
-
+  index = _Index(sweep, out, runs, sweep_file, extra)
+  pending = collections.deque(_batches(index, vmap_seeds, log))
+  index.save()
   # A dataset error (files missing or unreadable when opened, examples that do not fit the
   # model) of one run is every run's with the same data and model: those are marked failed
   # with it, not tried again. An error in a round (a damaged record) may be one seed's alone.
   data_errors: dict[str, str] = {}
-
-  def data_key(run: RunSpec) -> str:
-    # (One folder, however each run's config.json spells it.)
-    data = {k: workdir_lib.canonical(f'data.{k}', v) for k, v in run.config.data.items()}
-    return json.dumps([data, run.config.model.to_dict()], sort_keys=True, default=str)
-
-  save()
   told: set[str] = set()  # the settings whose unread fields were said
-  pending = collections.deque(batches)
   while pending:
     batch = pending.popleft()
-    if len(batch) == 1 and is_finished(runs[batch[0]]):
+    first = runs[batch[0]]
+    where = (f'[{batch[0] + 1}/{len(runs)}]' if len(batch) == 1
+             else f'[{batch[0] + 1}-{batch[-1] + 1}/{len(runs)}]')
+    if len(batch) == 1 and is_finished(first):
       # A seed of a vectorised group that failed: the group finished it before failing. Its
       # entry says what a run finished here says (its seconds charged with the group's).
-      entries[batch[0]] = _entry(runs[batch[0]], out, 'done', spent[batch[0]],
-                                 **_result(runs[batch[0]]))
-      log(f'[{batch[0] + 1}/{len(runs)}] {runs[batch[0]].name}: finished already')
-      save()
+      index.set(batch[0], 'done', **_result(first))
+      log(f'{where} {first.name}: finished already')
+      index.save()
       continue
     names = ', '.join(runs[i].name for i in batch)
-    where = f'[{batch[0] + 1}/{len(runs)}]' if len(batch) == 1 else (
-        f'[{batch[0] + 1}-{batch[-1] + 1}/{len(runs)}]')
-    known = data_errors.get(data_key(runs[batch[0]]))
+    known = data_errors.get(_data_key(first))
     if known is not None:
       for i in batch:
-        entries[i] = _entry(runs[i], out, 'failed', spent[i], error=known)
+        index.set(i, 'failed', error=known)
       log(f'{where} {names}: failed, not tried: the same data as a run that failed')
-      save()
+      index.save()
       continue
     log(f'{where} {names}: running' + (f' ({len(batch)} seeds vectorised)'
                                       if len(batch) > 1 else ''))
-    first = runs[batch[0]]
     if first.setting not in told:  # once per setting: its seeds set the same fields
       told.add(first.setting)
       unread = unread_fields(first.config, [*sweep.fixed, *first.overrides, *(extra or {})])
       if unread:
         log(f'{where} {first.setting}: set by the sweep but not read by its runs: '
             + '; '.join(unread))
-    start = time.time()
+    again = _run_batch(batch, index, where, train=train, train_group=train_group,
+                       data_errors=data_errors, log=log)
+    pending.extendleft(reversed(again))
+  return index.entries
 
-    charged = []  # (once: the batch ends in its try or in one of its handlers)
 
-    def charge() -> None:
-      """Adds this batch's seconds to its runs, once, as it ends."""
-      if not charged:
-        charged.append(True)
-        for i in batch:
-          spent[i] = (spent[i] or 0.0) + (time.time() - start) / len(batch)
+class _Index:
+  """sweep.json as this command keeps it: an entry per run it plans (its status, error or
+  result, and the seconds sweeps spent on it) and the entries of the runs it does not plan,
+  kept as they were; saved whole at each change."""
 
-    def done(i: int, summary: dict) -> None:
-      acc = _final_accuracy(summary)
-      entries[i] = _entry(runs[i], out, 'done', spent[i], final_test_accuracy=acc)
-      log(f'[{i + 1}/{len(runs)}] {runs[i].name}: done, final test accuracy {acc:.4f}')
+  def __init__(self, sweep: SweepDef, out: str, runs: list[RunSpec], sweep_file: str,
+               extra: dict | None):
+    self.out, self.runs = out, runs
+    earlier = _earlier_entries(out)
+    # The seconds sweeps spent on each run: those of earlier commands, and this one's added as
+    # each batch ends (a vectorised group's split among its seeds). A run stopped and resumed,
+    # or extended, had the last command's seconds alone; a group's seeds each had the group's.
+    self.spent = [_spent_before(r, earlier.get(r.name)) for r in runs]
+    self.entries = []
+    for i, r in enumerate(runs):
+      status, error = run_status(r)
+      if status == 'done':  # its result kept: a sweep run again rewrites sweep.json
+        self.entries.append(_entry(r, out, status, self.spent[i], **_result(r)))
+      else:
+        self.entries.append(_entry(r, out, status, self.spent[i],
+                                   **({} if error is None else {'error': error})))
+    # Runs of this folder that this command does not plan (settings since taken out of the
+    # sweep file, fewer --seeds) stay listed while they are runs (their metrics.jsonl, as
+    # report.py finds them): report.py counts their seeds all the same, and sweep.json keeps
+    # what it knew of them. One a killed sweep left 'running' is no longer run by any.
+    planned = {r.name for r in runs}
+    self.kept = [{**e, 'status': 'pending'} if e.get('status') == 'running' else e
+                 for name, e in earlier.items() if name not in planned
+                 and isinstance(e.get('workdir'), str)
+                 and os.path.isfile(os.path.join(out, e['workdir'], metrics.METRICS_FILE))]
+    self.header = {'sweep': sweep_file, 'config': sweep.config_source, 'fixed': sweep.fixed,
+                   'extra': dict(extra or {}), 'seeds': sweep.seeds}
 
+  def status(self, i: int) -> str:
+    return self.entries[i]['status']
+
+  def set(self, i: int, status: str, **extra) -> None:
+    """Run i's entry, with the seconds spent on it so far."""
+    self.entries[i] = _entry(self.runs[i], self.out, status, self.spent[i], **extra)
+
+  def charge(self, batch: list[int], seconds: float) -> None:
+    """Adds a batch's seconds to its runs, split evenly among them."""
+    for i in batch:
+      self.spent[i] = (self.spent[i] or 0.0) + seconds / len(batch)
+
+  def save(self) -> None:
+    metrics.write_json(os.path.join(self.out, workdir_lib.SWEEP_INDEX),
+                       {**self.header, 'runs': self.entries + self.kept})
+
+
+def _batches(index: _Index, vmap_seeds: bool, log: Callable[[str], None]) -> list[list[int]]:
+  """The runs to train, by index, in batches trained together: one run each, or with
+  `vmap_seeds` a setting's pending seeds. Says those not trained (done, or failed already)."""
+  runs, batches = index.runs, []
+  for i, run in enumerate(runs):
+    if index.status(i) == 'done':
+      log(f'[{i + 1}/{len(runs)}] {run.name}: finished already, skipped')
+    elif index.status(i) == 'failed':
+      log(f'[{i + 1}/{len(runs)}] {run.name}: failed: {index.entries[i]["error"]}')
+    elif vmap_seeds and batches and runs[batches[-1][0]].setting == run.setting:
+      batches[-1].append(i)
+    else:
+      batches.append([i])
+  return batches
+
+
+def _data_key(run: RunSpec) -> str:
+  """What runs of the same data and model share (one folder, however each run's config.json
+  spells it)."""
+  data = {k: workdir_lib.canonical(f'data.{k}', v) for k, v in run.config.data.items()}
+  return json.dumps([data, run.config.model.to_dict()], sort_keys=True, default=str)
+
+
+def _run_batch(batch: list[int], index: _Index, where: str, *, train: Callable,
+               train_group: Callable, data_errors: dict[str, str],
+               log: Callable[[str], None]) -> list[list[int]]:
+  """Trains a batch (a run, or a setting's seeds as one program) and records how each of its
+  runs ended; returns the batches to run next (the seeds of a group, one by one). A signal,
+  or an error that is no run's own, is raised on once sweep.json says it."""
+  runs, start, charged = index.runs, time.time(), False
+  try:
     try:
+      # (Inside: a SIGTERM just after this save leaves the runs 'interrupted', not 'running'.)
+      for i in batch:
+        index.set(i, 'running')
+      index.save()
       try:
-        # (Inside: a SIGTERM just after this save leaves the runs 'interrupted', not 'running'.)
-        for i in batch:
-          entries[i] = _entry(runs[i], out, 'running', spent[i])
-        save()
         if len(batch) == 1:
           summaries = [train(runs[batch[0]].config, runs[batch[0]].workdir)]
         else:
           summaries = train_group([runs[i].config for i in batch],
                                   [runs[i].workdir for i in batch])
-        # (Inside too: a SIGTERM before this save left the runs 'running'.)
-        charge()
-        for i, summary in zip(batch, summaries):
-          done(i, summary)
-        save()
-      except Diverged as e:
-        charge()
-        # The runs that diverged fail; of a group run one by one (its seeds' checkpoints stood
-        # at different rounds), the seeds finished stay done and those not reached run later.
-        again = []
-        for i in batch:
-          if runs[i].workdir in e.workdirs:
-            entries[i] = _entry(runs[i], out, 'failed', spent[i], error=str(e))
-            log(f'{where} {runs[i].name}: failed: {e}')
-          elif is_finished(runs[i]):  # its seeds went on
-            done(i, metrics.read_summary(runs[i].workdir) or {})
-          else:
-            entries[i] = _entry(runs[i], out, 'pending', spent[i])
-            again.append(i)
-        pending.extendleft([i] for i in reversed(again))
-        save()
-        continue
-      except InputError as e:  # a config's, the data's or a workdir's
-        charge()
-        seeds_own = isinstance(e, (failures.OutOfMemory, workdir_lib.WorkdirError)) or (
-            isinstance(e, DataError) and not isinstance(e, DatasetError))
-        if len(batch) > 1 and seeds_own:
-          # One seed's bad input (a damaged metrics.jsonl, a workdir of another run), or a
-          # group too big for the devices, is no reason to fail its siblings: each seed runs
-          # alone and fails or finishes by itself. (A config error is every seed's alike.)
-          log(f'{where} {names}: failed vectorised ({e}); running these seeds one by one')
-          for i in batch:
-            entries[i] = _entry(runs[i], out, 'pending', spent[i])
-          pending.extendleft([i] for i in reversed(batch))
-          save()
-          continue
-        for i in batch:
-          entries[i] = _entry(runs[i], out, 'failed', spent[i], error=str(e))
-        log(f'{where} {names}: failed: {e}')
-        if isinstance(e, DatasetError):
-          data_errors[data_key(runs[batch[0]])] = str(e)
-        save()
-        continue
-    except BaseException as e:  # (a signal in a handler above too: none left 'running')
-      charge()
-      stopped = isinstance(e, (KeyboardInterrupt, Preempted))
-      for i in batch:
-        if entries[i]['status'] != 'running':  # said already, by a handler it cut short
-          continue
-        if is_finished(runs[i]):  # a seed the group (or its one-by-one fallback) finished
-          # stays done, with its result (a SIGTERM in its last round lost both)
-          done(i, metrics.read_summary(runs[i].workdir) or {})
-        elif stopped:
-          entries[i] = _entry(runs[i], out, 'interrupted', spent[i])
-        else:  # (a full disk, a runtime error: the sweep stops, and says why the run did)
-          said = first_line(e)
-          entries[i] = _entry(runs[i], out, 'failed', spent[i], error=said if isinstance(
-              e, OutputError) or said == type(e).__name__ else f'{type(e).__name__}: {said}')
-      save()
-      raise
-  return entries
+      finally:
+        charged = True
+        index.charge(batch, time.time() - start)
+      for i, summary in zip(batch, summaries):
+        _done(index, i, summary, log)
+      index.save()  # (inside too: a SIGTERM before this save left the runs 'running')
+      return []
+    except Diverged as e:
+      return _after_divergence(batch, index, e, where, log)
+    except InputError as e:  # a config's, the data's or a workdir's
+      return _after_bad_input(batch, index, e, where, data_errors, log)
+  except BaseException as e:  # (a signal in a handler above too: none left 'running')
+    if not charged:
+      index.charge(batch, time.time() - start)
+    _after_stop(batch, index, e, log)
+    raise
+
+
+def _done(index: _Index, i: int, summary: dict, log: Callable[[str], None]) -> None:
+  acc = _final_accuracy(summary)
+  index.set(i, 'done', final_test_accuracy=acc)
+  log(f'[{i + 1}/{len(index.runs)}] {index.runs[i].name}: done, final test accuracy {acc:.4f}')
+
+
+def _after_divergence(batch: list[int], index: _Index, e: Diverged, where: str,
+                      log: Callable[[str], None]) -> list[list[int]]:
+  """The runs that diverged fail; of a group run one by one (its seeds' checkpoints stood at
+  different rounds), the seeds finished stay done and those not reached run again, alone."""
+  again = []
+  for i in batch:
+    run = index.runs[i]
+    if run.workdir in e.workdirs:
+      index.set(i, 'failed', error=str(e))
+      log(f'{where} {run.name}: failed: {e}')
+    elif is_finished(run):  # its seeds went on
+      _done(index, i, metrics.read_summary(run.workdir) or {}, log)
+    else:
+      index.set(i, 'pending')
+      again.append([i])
+  index.save()
+  return again
+
+
+def _after_bad_input(batch: list[int], index: _Index, e: InputError, where: str,
+                     data_errors: dict[str, str], log: Callable[[str], None]) -> list[list[int]]:
+  """The batch's runs fail with the error; but a group's seeds run again one by one where the
+  error may be one seed's alone."""
+  from fathom_sim import failures
+  from fathom_sim.data import DataError, DatasetError
+  names = ', '.join(index.runs[i].name for i in batch)
+  seeds_own = isinstance(e, (failures.OutOfMemory, workdir_lib.WorkdirError)) or (
+      isinstance(e, DataError) and not isinstance(e, DatasetError))
+  if len(batch) > 1 and seeds_own:
+    # One seed's bad input (a damaged metrics.jsonl, a workdir of another run), or a group
+    # too big for the devices, is no reason to fail its siblings: each seed runs alone and
+    # fails or finishes by itself. (A config error is every seed's alike.)
+    log(f'{where} {names}: failed vectorised ({e}); running these seeds one by one')
+    for i in batch:
+      index.set(i, 'pending')
+    index.save()
+    return [[i] for i in batch]
+  for i in batch:
+    index.set(i, 'failed', error=str(e))
+  log(f'{where} {names}: failed: {e}')
+  if isinstance(e, DatasetError):
+    data_errors[_data_key(index.runs[batch[0]])] = str(e)
+  index.save()
+  return []
+
+
+def _after_stop(batch: list[int], index: _Index, e: BaseException,
+                log: Callable[[str], None]) -> None:
+  """The runs of a batch stopped by a signal are 'interrupted', by anything else (a full
+  disk, an error of the simulator's own) 'failed' with it; a seed the group (or its
+  one-by-one fallback) finished stays done, with its result (a SIGTERM in its last round lost
+  both). Those a handler already said are left as it said them."""
+  stopped = isinstance(e, (KeyboardInterrupt, Preempted))
+  for i in batch:
+    run = index.runs[i]
+    if index.status(i) != 'running':
+      continue
+    if is_finished(run):
+      _done(index, i, metrics.read_summary(run.workdir) or {}, log)
+    elif stopped:
+      index.set(i, 'interrupted')
+    else:
+      said = first_line(e)
+      index.set(i, 'failed', error=said if isinstance(e, OutputError)
+                or said == type(e).__name__ else f'{type(e).__name__}: {said}')
+  index.save()
