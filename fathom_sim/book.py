@@ -154,15 +154,23 @@ def may_go_back(books: list[Book], c: ml_collections.ConfigDict) -> bool:
   """Whether vectorised seeds whose checkpoints stand apart may all resume from the round the
   least advanced holds: one process (the agreements and removals of several are not made for
   it); every seed has rounds there; none is stopped by max_rejected_rounds (the others ran on
-  beside it idle, which it would not be from an older round); none has a summary (a finished
-  seed taken back would keep one of rounds its rows no longer have)."""
+  beside it idle, which it would not be from an older round); none has a summary of rounds
+  past that round (a finished seed taken back would keep one of rounds its rows no longer
+  have; one of fewer rounds, left by a run since extended, is every extended sweep's, and
+  kept them apart for good)."""
+  common = min(b.done for b in books)
+
   def stopped(book: Book) -> bool:
     limit = (book.meta.get('config') or {}).get('max_rejected_rounds', c.max_rejected_rounds)
     return bool(limit) and book.meta.get('rejected_in_a_row', 0) >= limit
-  return (jax.process_count() == 1 and min(b.done for b in books) > 0
-          and not any(stopped(b) for b in books)
-          and not any(os.path.exists(os.path.join(b.workdir, metrics.SUMMARY_FILE))
-                      for b in books))
+
+  def summarised_past(book: Book) -> bool:
+    if not os.path.exists(os.path.join(book.workdir, metrics.SUMMARY_FILE)):
+      return False
+    rounds = metrics.finished_rounds(book.workdir)
+    return rounds is None or rounds > common  # (one not read: as if it were past)
+  return (jax.process_count() == 1 and common > 0 and not any(stopped(b) for b in books)
+          and not any(summarised_past(b) for b in books))
 
 
 def go_back(books: list[Book], states: list, hps: list, data_id: str, known_ids: set[str]

@@ -175,16 +175,19 @@ def test_vectorised_seeds_whose_checkpoints_stand_apart_resume_together_bit_for_
 def test_seeds_apart_go_back_only_where_none_is_stopped_or_summarised(tmp_path):
   """A seed stopped by max_rejected_rounds ran idle beside the others in the uninterrupted run,
   which it would not from an older round; a finished seed taken back would keep a summary of
-  rounds its rows no longer have. Both keep the seeds apart."""
+  rounds its rows no longer have. Both keep the seeds apart. A summary of the round gone back
+  to or fewer (a finished sweep's, since extended by raising num_rounds) does not: it kept
+  every extended sweep's seeds apart for good."""
   import types
   from fathom_sim import book as book_lib
   c = _config(0, max_rejected_rounds=3)
 
-  def book(done, rejected=0, limit=None, summary=False):
+  def book(done, rejected=0, limit=None, summary=None):
     workdir = tmp_path / f'b{len(list(tmp_path.iterdir()))}'
     workdir.mkdir()
-    if summary:
-      (workdir / 'summary.json').write_text('{}')
+    if summary is not None:  # (True: one that does not read as a summary)
+      (workdir / 'summary.json').write_text('{}' if summary is True
+                                            else json.dumps({'rounds': summary}))
     saved = {} if limit is None else {'max_rejected_rounds': limit}
     return types.SimpleNamespace(done=done, workdir=str(workdir),
                                  meta={'rejected_in_a_row': rejected, 'config': saved})
@@ -194,6 +197,10 @@ def test_seeds_apart_go_back_only_where_none_is_stopped_or_summarised(tmp_path):
   assert not book_lib.may_go_back([book(4), book(2, rejected=3)], c)  # stopped
   assert book_lib.may_go_back([book(4), book(2, rejected=3, limit=5)], c)  # its own limit
   assert not book_lib.may_go_back([book(4, summary=True), book(2)], c)
+  assert not book_lib.may_go_back([book(4, summary=4), book(2)], c)
+  assert not book_lib.may_go_back([book(4), book(3), book(5, summary=4)], c)
+  assert book_lib.may_go_back([book(4, summary=2), book(2)], c)  # rows 1..2 are kept
+  assert book_lib.may_go_back([book(49, summary=10), book(45, summary=10)], c)  # extended
 
 
 def test_vectorised_seeds_refuse_configs_that_differ_beyond_the_seed(tmp_path, monkeypatch):
