@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
+import os
 import signal
 import threading
 import time
@@ -104,6 +105,16 @@ def train_seeds(configs: list[ml_collections.ConfigDict], workdirs: list[str],
                         f'these differ too: {", ".join(differ)}')
   if len({c.seed for c in configs}) != len(configs):
     raise ConfigError('vectorised seeds need distinct config.seed values')
+  # (Each workdir's lock is this process's, shared: a workdir given twice, or one inside
+  # another before that one had rows, was taken, the seeds' rows interleaved in one file.)
+  real = [os.path.realpath(w) for w in workdirs]
+  for i, a in enumerate(real):
+    for j, b in enumerate(real):
+      if i != j and (a == b or a.startswith(b + os.sep)):
+        raise workdir_lib.WorkdirError(
+            f'vectorised seeds need a workdir each: {workdirs[i]!r} (seed {configs[i].seed}) '
+            + ('is' if a == b else 'is inside') + f' {workdirs[j]!r}, seed '
+            f'{configs[j].seed}\'s')
   return _train(configs, workdirs, vectorized=len(configs) > 1, task=task)
 
 

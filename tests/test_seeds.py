@@ -212,6 +212,16 @@ def test_vectorised_seeds_refuse_configs_that_differ_beyond_the_seed(tmp_path, m
     train_seeds([_config(0, **{'data.path': 'x'}), _config(1, **{'data.path': 'y'})],
                 [str(tmp_path / 'a'), str(tmp_path / 'b')])
   assert not os.path.exists(tmp_path / 'a')
+  # A workdir given twice, or one inside another's: the locks are this process's, so both
+  # were taken, and the two seeds' rows went into one metrics.jsonl, each round twice.
+  from fathom_sim.workdir import WorkdirError
+  for a, b, said in (('a', 'a', 'is'), ('a', 'a/../a/', 'is'), ('a', 'a/inner', 'is inside')):
+    first, second = ((a, b) if said == 'is' else (b, a))
+    with pytest.raises(WorkdirError, match=(
+        rf"^vectorised seeds need a workdir each: '.*{first}' \(seed (0|1)\) {said} "
+        r"'.*', seed [01]'s$")):
+      train_seeds([_config(0), _config(1)], [str(tmp_path / a), str(tmp_path / b)])
+  assert not os.path.exists(tmp_path / 'a')
   # One folder spelled two ways (seeds resumed keep their runs' spellings) is one value.
   monkeypatch.chdir(tmp_path)
   summaries = train_seeds([_config(0, num_rounds=1, **{'data.path': 'x'}),
