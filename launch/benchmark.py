@@ -237,7 +237,15 @@ class CompileCounter:
 # The flags that set a config field build() checks against the data and devices.
 _FLAG_FIELDS = (('--cohort_sizes, --num_clients', 'cohort_size'),
                 ('--num_clients', 'data.num_clients'),
-                ('--num_devices', 'num_devices'), ('--lanes_per_device', 'lanes_per_device'))
+                ('--num_devices', 'num_devices'), ('--lanes_per_device', 'lanes_per_device'),
+                ('--local_loop', 'local_loop'), ('--loop_chunk', 'loop_chunk'),
+                ('--conv', 'model.conv'), ('--compute_dtype', 'model.compute_dtype'))
+
+
+def _named_by_flags(e: Exception) -> str:
+  """A config error in the terms of the flags that set its field."""
+  flagged = [f for f, field in _FLAG_FIELDS if f'config.{field} ' in str(e)]
+  return f'{e} (set by benchmark.py\'s {", ".join(flagged) or "flags"})'
 
 
 def measure(name: str, cohort_size: int) -> dict:
@@ -251,10 +259,9 @@ def measure(name: str, cohort_size: int) -> dict:
   try:
     run = build(config, load(name, config))
   except ConfigError as e:  # checks against the data and devices, in the config's words
-    flagged = [f for f, field in _FLAG_FIELDS if f'config.{field} ' in str(e)]
-    if not flagged:
+    if not any(f'config.{field} ' in str(e) for _, field in _FLAG_FIELDS):
       raise
-    raise ConfigError(f'{e} (set by benchmark.py\'s {", ".join(flagged)})') from None
+    raise ConfigError(_named_by_flags(e)) from None
   n_dev = run.mesh.devices.size
   rounds = Rounds(run, prefetch=_PREFETCH.value)
   state = init_state(run)
@@ -425,6 +432,11 @@ def _benchmark(argv) -> None:
     cohorts = []
   if not cohorts or min(cohorts) < 1:
     cli.fail(f'--cohort_sizes must be integers >= 1, got {",".join(_COHORTS.value)!r}')
+  # (Each was measured again, and --json held two rows of one key.)
+  for flag, values in (('--cohort_sizes', cohorts), ('--tasks', _TASKS.value)):
+    twice = sorted({str(v) for v in values if values.count(v) > 1})
+    if twice:
+      cli.fail(f'{flag} names {", ".join(twice)} twice; give each once')
   # Checked here, in the flags' own terms, before any row runs: --rounds=0 would otherwise
   # fail after the warm-up, and a negative --warmup would silently measure fewer rounds.
   if _ROUNDS.value < 1:
@@ -433,6 +445,9 @@ def _benchmark(argv) -> None:
     cli.fail(f'--warmup must be >= 0, got {_WARMUP.value}')
   if _NUM_CLIENTS.value < 1:
     cli.fail(f'--num_clients must be >= 1, got {_NUM_CLIENTS.value}')
+  if max(cohorts) > _NUM_CLIENTS.value:  # (found by its row, after the rows before it ran)
+    cli.fail(f'--cohort_sizes: a cohort of {max(cohorts)} is more clients than --num_clients '
+             f'({_NUM_CLIENTS.value}) generates; raise --num_clients or lower the cohort')
   if _JSON.value:
     _check_writable(_JSON.value)
   from fathom_sim.config import ConfigError, check_config
@@ -441,7 +456,7 @@ def _benchmark(argv) -> None:
       for cohort in cohorts:
         check_config(task_config(name, cohort))
   except ConfigError as e:
-    cli.fail(f'{e} (from benchmark.py\'s flags)')
+    cli.fail(_named_by_flags(e))
   header = (f'{"task":5} {"cohort":>6} {"rounds/s":>9} {"ex/s":>9} {"central ex/s":>12} '
             f'{"ratio":>6} {"padding":>7} {"compiles":>8} {"host s":>7} {"device s":>8} '
             f'{"ahead s":>7} {"RSS GiB":>7} {"dev GiB":>7} {"timed":>5}')
@@ -460,6 +475,14 @@ def _check_writable(path: str) -> None:
   it; an existing file is opened for appending, so its contents stay until the first row."""
   if os.path.isdir(path):
     cli.fail(f'--json {path!r} is a folder; give a file (in an existing, writable folder)')
+  # The file is replaced whole after each row: a link would become a file, a device node
+  # (/dev/null, as root) a file, and opening a FIFO here waited for a reader for ever.
+  if os.path.islink(path):
+    cli.fail(f'--json {path!r} is a link, which each row\'s write would replace with a file; '
+             f'give its target, {os.path.realpath(path)!r}')
+  if os.path.exists(path) and not os.path.isfile(path):
+    cli.fail(f'--json {path!r} is not a regular file (a FIFO, a device), which each row\'s '
+             'write would replace with a file; give a regular file\'s path')
   try:
     if os.path.exists(path):
       open(path, 'a', encoding='utf-8').close()
@@ -548,8 +571,13 @@ def _measure_in_child(name: str, cohort: int) -> dict:
       raise
     if child.returncode != 0:
       if child.returncode < 0:
-        print(f'error: the row {name} at cohort {cohort} was ended by signal '
-              f'{-child.returncode}', file=sys.stderr)
+        killed = -child.returncode
+        print(f'error: the row {name} at cohort {cohort} was ended by signal {killed}'
+              + (' (SIGKILL: also what the kernel\'s out-of-memory killer sends; see dmesg)'
+                 if killed == signal.SIGKILL else ''), file=sys.stderr)
+      if _measured[0] and _JSON.value:  # (as a signal's line says them)
+        print(f'the {_measured[0]} row(s) measured before it are in {_JSON.value}',
+              file=sys.stderr)
       sys.exit(child.returncode if child.returncode > 0 else 1)
     with open(out, encoding='utf-8') as f:
       return json.load(f)[0]

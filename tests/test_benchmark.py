@@ -628,3 +628,41 @@ def test_peak_measured_reads_the_child_s_own_peak_as_python_would_run_it(tmp_pat
   assert inline[:2] == [0, "['-c', 'x']"]
   assert killed[0] == -9 and killed[2] is None
   assert not os.listdir(temp)
+
+
+def test_a_row_process_killed_by_a_signal_is_said_with_the_rows_kept(tmp_path):
+  """A row's process ended by SIGKILL (the out-of-memory killer's signal) was said as "ended
+  by signal 9", without a word of the rows measured before it, which --json keeps."""
+  out = tmp_path / 'bench.json'
+  env = dict(os.environ, JAX_PLATFORMS='cpu')
+  env.pop('XLA_FLAGS', None)
+  parent = subprocess.Popen([sys.executable, os.path.join(ROOT, 'launch', 'benchmark.py'),
+                             '--tasks=mlp', '--num_clients=20', '--cohort_sizes=2,3',
+                             '--rounds=1', f'--json={out}'], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  try:
+    deadline = time.time() + 240
+    row = None
+    while row is None and time.time() < deadline and parent.poll() is None:
+      for pid in filter(str.isdigit, os.listdir('/proc')):
+        try:
+          with open(f'/proc/{pid}/stat') as f:
+            ppid = int(f.read().rsplit(')', 1)[1].split()[1])
+          with open(f'/proc/{pid}/cmdline', 'rb') as f:
+            cmdline = f.read().split(b'\0')
+        except (OSError, ValueError, IndexError):
+          continue
+        if ppid == parent.pid and b'--cohort_sizes=3' in cmdline:
+          row = int(pid)
+      time.sleep(0.05)
+    assert row is not None, 'no process measured the second row'
+    os.kill(row, signal.SIGKILL)
+    _, err = parent.communicate(timeout=120)
+  finally:
+    if parent.poll() is None:
+      parent.kill()
+  assert parent.returncode == 1, err[-2000:]
+  assert ('error: the row mlp at cohort 3 was ended by signal 9 (SIGKILL: also what the '
+          "kernel's out-of-memory killer sends; see dmesg)") in err.splitlines()
+  assert f'the 1 row(s) measured before it are in {out}' in err.splitlines()
+  assert [r['cohort_size'] for r in json.loads(out.read_text())] == [2]

@@ -563,6 +563,14 @@ SMALL = ['--tasks=mlp', '--num_clients=20', '--cohort_sizes=2', '--noisolate_row
     ('--cohort_sizes=2,-1', "--cohort_sizes must be integers >= 1, got '2,-1'"),
     ('--cohort_sizes=0', "--cohort_sizes must be integers >= 1, got '0'"),
     ('--tasks=', '--tasks must name at least one task among mlp, cnn, lstm'),
+    # Measured twice, two rows of one key in --json:
+    ('--cohort_sizes=2,3,2', '--cohort_sizes names 2 twice; give each once'),
+    ('--tasks=mlp,mlp', '--tasks names mlp twice; give each once'),
+    # Found by its row, after the rows before it were measured:
+    ('--cohort_sizes=2,21', '--cohort_sizes: a cohort of 21 is more clients than --num_clients '
+                            '(20) generates; raise --num_clients or lower the cohort'),
+    # Named as the field it sets, "(from benchmark.py's flags)":
+    ('--conv=bogus', "got 'bogus' (set by benchmark.py's --conv)"),
     # absl's own refusals were "FATAL Flags parsing error" with exit status 1:
     ('--rounds=abc', "flag --rounds=abc: invalid literal for int() with base 10: 'abc'"),
     ('--task=mlp', "Unknown command line flag 'task'. Did you mean: tasks ?"),
@@ -583,8 +591,20 @@ def test_benchmark_refuses_a_json_it_cannot_write_before_measuring(tmp_path):
   kept = tmp_path / 'kept.json'
   kept.write_text('[1]')
   _refused(_cli('benchmark.py', *SMALL, '--cohort_sizes=50', f'--json={kept}'),
-           'config.cohort_size must be at most')
+           '--cohort_sizes: a cohort of 50 is more clients than --num_clients (20)')
   assert kept.read_text() == '[1]'
+  # Each row's write replaces the file: a link became a file, a device node (/dev/null, as
+  # root) a file, and a FIFO was opened for a reader that never came.
+  link = tmp_path / 'link.json'
+  link.symlink_to(kept)
+  _refused(_cli('benchmark.py', *SMALL, f'--json={link}'),
+           f"--json '{link}' is a link, which each row's write would replace with a file; give "
+           f"its target, '{kept}'")
+  assert link.is_symlink() and kept.read_text() == '[1]'
+  fifo = tmp_path / 'fifo'
+  os.mkfifo(fifo)
+  _refused(_cli('benchmark.py', *SMALL, f'--json={fifo}'),
+           f"--json '{fifo}' is not a regular file (a FIFO, a device)")
 
 
 # ---- launch/prepare_data.py ---------------------------------------------------------------
