@@ -237,15 +237,17 @@ EOF
         --rounds=5 --warmup=2 --in_memory="${IN_MEMORY:-False}" --compute_dtype="$dtype" \
         --conv="$conv" \
         --json="$out/bench_gpu.json" 2>&1 \
-        | grep -v '^[IW][0-9]'
+        | grep -v '^[IW][0-9]' || echo "benchmark.py sweep: exit $?"
+    # (Each part says its failure and the next runs: under set -e a failed row ended the
+    # script before the parts after it, in a call whose device time is counted.)
     # What reading round t+1's clients during round t saves: host s per round without it.
     "$py" launch/benchmark.py --tasks=cnn --cohort_sizes=10 --rounds=5 --warmup=2 \
         --compute_dtype="$dtype" --conv="$conv" --noprefetch \
         --json="$out/bench_gpu_noprefetch.json" 2>&1 \
-        | grep -v '^[IW][0-9]'
+        | grep -v '^[IW][0-9]' || echo "benchmark.py --noprefetch: exit $?"
     # The host's cost to plan and send a round's examples: one buffer per lane or per device.
     "$py" benchmarks/feed_round.py --rounds=10 2>&1 | grep -v '^[IW][0-9]' \
-        | tee "$out/feed_round.txt"
+        | tee "$out/feed_round.txt" || echo "feed_round.py: exit $?"
     ;;
   profile)
     # Each step says how it failed and the next one still runs: device time is scarce.
