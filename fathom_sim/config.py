@@ -49,13 +49,15 @@ class _Fields(ml_collections.ConfigDict):
       for k, v in value.items():
         group[k] = v
       value = group
-    if isinstance(current, _Fields) and not isinstance(value, _Fields):
+    if (isinstance(current, _Fields) and not isinstance(value, _Fields) and value is not None
+        and self._type_safe):  # (None and ignore_type() pass, as ml_collections lets them)
       # (ml_collections said "Could not override field 'model' (reference). mlp is of
       # original type <class 'str'> and cannot be casted to type <class '..._Fields'>".)
-      field = 'name' if 'name' in current else next(iter(current.keys()))
+      field = 'name' if 'name' in current else next(iter(current.keys()), None)
       raise ConfigError(f'config.{where} is a group of fields ('
-                        + ', '.join(f'{where}.{k}' for k in current.keys())
-                        + f'); set one of them, e.g. config.{where}.{field} = {value!r}')
+                        + ', '.join(f'{where}.{k}' for k in current.keys()) + ')'
+                        + (f'; set one of them, e.g. config.{where}.{field} = {value!r}'
+                           if field else ''))
     if (kind and self._type_safe and isinstance(value, bool)  # (not under ignore_type())
         and not isinstance(current, bool)):
       raise ConfigError(f'config.{where} must be {kind}, got {value}')

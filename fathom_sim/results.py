@@ -371,9 +371,11 @@ def find_listed(paths: list[str]) -> dict[str, dict[str, int]]:
   alone cannot tell a seed not started (or whose folder is gone) from one never asked for."""
   listed: dict[str, dict[str, int]] = {}
   for root, setting_of in _roots(paths):
-    entries = (_read_json(os.path.join(root, workdir_lib.SWEEP_INDEX))[0] or {}).get('runs')
-    for e in entries if isinstance(entries, list) else []:
-      if not isinstance(e, dict) or not isinstance(e.get('workdir'), str):
+    index = _read_json(os.path.join(root, workdir_lib.SWEEP_INDEX))[0]
+    if index is None or workdir_lib.sweep_index_problem(index):  # (unreadable_indexes)
+      continue
+    for e in index['runs']:
+      if not isinstance(e.get('workdir'), str):
         continue
       workdir = os.path.join(root, e['workdir'])
       counts = listed.setdefault(setting_of(workdir),
@@ -394,7 +396,7 @@ def unreadable_indexes(paths: list[str]) -> list[str]:
   unread = []
   for root, _ in _roots(paths):
     index, bad = _read_json(os.path.join(root, workdir_lib.SWEEP_INDEX))
-    if bad or (index is not None and not isinstance(index.get('runs'), list)):
+    if bad or (index is not None and workdir_lib.sweep_index_problem(index)):
       unread.append(os.path.join(root, workdir_lib.SWEEP_INDEX))
   return unread
 

@@ -287,8 +287,8 @@ def _final_accuracy(summary: dict) -> float:
 
 def read_index(out: str) -> dict | None:
   """The sweep.json of the sweep's folder `out` (None where it has none). One that is not a
-  sweep's index (torn, not an object, runs not a list of named entries) is refused: a sweep
-  run again reads its entries, and such a one ended in a traceback or was taken for none."""
+  sweep's index (torn, or workdir.sweep_index_problem) is refused: a sweep run again reads its
+  entries, and such a one ended in a traceback or was taken for none."""
   path = os.path.join(out, workdir_lib.SWEEP_INDEX)
   try:
     with open(path, encoding='utf-8') as f:
@@ -298,12 +298,7 @@ def read_index(out: str) -> dict | None:
   except (OSError, ValueError) as e:
     index, why = None, 'not JSON' if isinstance(e, ValueError) else e.strerror or str(e)
   else:
-    runs = index.get('runs') if isinstance(index, dict) else None
-    bad = next((i for i, e in enumerate(runs) if not isinstance(e, dict)
-                or not isinstance(e.get('name'), str)), None) if isinstance(runs, list) else None
-    why = ('not a JSON object' if not isinstance(index, dict)
-           else '"runs" is not a list' if not isinstance(runs, (list, type(None)))
-           else f'runs[{bad}] is not an entry with a "name"' if bad is not None else None)
+    why = workdir_lib.sweep_index_problem(index)
   if why is not None:
     raise workdir_lib.WorkdirError(
         f'--out {out!r}: its {workdir_lib.SWEEP_INDEX} cannot be read as a sweep\'s index '
@@ -314,7 +309,7 @@ def read_index(out: str) -> dict | None:
 
 def _earlier_entries(out: str) -> dict[str, dict]:
   """The entries of the sweep.json a sweep run again replaces, by run name ({} if none)."""
-  return {e['name']: e for e in (read_index(out) or {}).get('runs') or ()}
+  return {e['name']: e for e in (read_index(out) or {}).get('runs', ())}
 
 
 def _result(run: RunSpec) -> dict:
@@ -388,7 +383,7 @@ def check_out(sweep: SweepDef, out: str, extra: dict | None = None) -> str:
     recorded = index.get('extra')
     started = isinstance(recorded, dict) and any(
         workdir_lib.started(os.path.join(out, str(e.get('workdir', ''))))
-        for e in index.get('runs') or ())
+        for e in index['runs'])
     given = json.loads(json.dumps(dict(extra or {}), default=str))  # as sweep.json holds them
     changed = _changed_fields(sweep, out, recorded, dict(extra or {})) if started else []
     if changed:

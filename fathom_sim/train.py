@@ -107,14 +107,17 @@ def train_seeds(configs: list[ml_collections.ConfigDict], workdirs: list[str],
     raise ConfigError('vectorised seeds need distinct config.seed values')
   # (Each workdir's lock is this process's, shared: a workdir given twice, or one inside
   # another before that one had rows, was taken, the seeds' rows interleaved in one file.)
-  real = [os.path.realpath(w) for w in workdirs]
-  for i, a in enumerate(real):
-    for j, b in enumerate(real):
-      if i != j and (a == b or a.startswith(b + os.sep)):
-        raise workdir_lib.WorkdirError(
-            f'vectorised seeds need a workdir each: {workdirs[i]!r} (seed {configs[i].seed}) '
-            + ('is' if a == b else 'is inside') + f' {workdirs[j]!r}, seed '
-            f'{configs[j].seed}\'s')
+  # By their folders' names: a folder's own come right after it, so a workdir given twice, or
+  # inside another, is next to that one.
+  order = sorted(range(len(workdirs)),
+                 key=lambda i: os.path.realpath(workdirs[i]).split(os.sep))
+  for j, i in zip(order, order[1:]):
+    outer, inner = (os.path.realpath(workdirs[k]).split(os.sep) for k in (j, i))
+    if inner[:len(outer)] == outer:
+      raise workdir_lib.WorkdirError(
+          f'vectorised seeds need a workdir each: {workdirs[i]!r} (seed {configs[i].seed}) '
+          + ('is' if inner == outer else 'is inside') + f' {workdirs[j]!r}, seed '
+          f'{configs[j].seed}\'s')
   return _train(configs, workdirs, vectorized=len(configs) > 1, task=task)
 
 

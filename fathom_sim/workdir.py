@@ -26,6 +26,22 @@ from fathom_sim.errors import (LOCK_HELD_ELSEWHERE, MOUNT_HINT, InputError, file
                                is_url, tilde_left)
 
 SWEEP_INDEX = 'sweep.json'  # a sweep's index of its runs (sweep.py): its folder is a sweep's
+
+
+def sweep_index_problem(index) -> str | None:
+  """Why a sweep.json's value is not a sweep's index (None where it is): its runs are a list
+  of entries, each an object with a string name. The sweep that runs again and the report read
+  it by this one rule."""
+  if not isinstance(index, dict):
+    return 'not a JSON object'
+  runs = index.get('runs')
+  if not isinstance(runs, list):
+    return '"runs" is not a list'
+  bad = next((i for i, e in enumerate(runs)
+              if not isinstance(e, dict) or not isinstance(e.get('name'), str)), None)
+  return None if bad is None else f'runs[{bad}] is not an entry with a "name"'
+
+
 CHECKPOINTS = 'checkpoints'  # checkpoint.py's saves, one folder a round
 UNREADABLE = 'unreadable_checkpoints'  # where unreadable ones are moved, never deleted
 

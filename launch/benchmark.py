@@ -407,10 +407,16 @@ def main(argv):
   cli.setup_logging()
   # The checks and imports before the rows take seconds: a SIGTERM or Ctrl-C among them is
   # said in the same line as one during a row, not as a traceback.
-  cli.run_or_exit(lambda: _benchmark(argv), interrupted=lambda e: (
-      f'stopped by {"SIGTERM" if isinstance(e, cli.Terminated) else "Ctrl-C"}' + (
-          f'; the {_measured[0]} row(s) measured before it are in {_JSON.value}'
-          if _measured[0] and _JSON.value else '')))
+  cli.run_or_exit(lambda: _benchmark(argv), interrupted=lambda e: '; '.join(
+      [f'stopped by {"SIGTERM" if isinstance(e, cli.Terminated) else "Ctrl-C"}']
+      + _rows_kept()))
+
+
+def _rows_kept() -> list[str]:
+  """What --json holds when the command stops before its last row ([] where nothing)."""
+  if _measured[0] and _JSON.value:
+    return [f'the {_measured[0]} row(s) measured before it are in {_JSON.value}']
+  return []
 
 
 def _benchmark(argv) -> None:
@@ -575,9 +581,8 @@ def _measure_in_child(name: str, cohort: int) -> dict:
         print(f'error: the row {name} at cohort {cohort} was ended by signal {killed}'
               + (' (SIGKILL: also what the kernel\'s out-of-memory killer sends; see dmesg)'
                  if killed == signal.SIGKILL else ''), file=sys.stderr)
-      if _measured[0] and _JSON.value:  # (as a signal's line says them)
-        print(f'the {_measured[0]} row(s) measured before it are in {_JSON.value}',
-              file=sys.stderr)
+      for said in _rows_kept():  # (as a signal's line says them)
+        print(said, file=sys.stderr)
       sys.exit(child.returncode if child.returncode > 0 else 1)
     with open(out, encoding='utf-8') as f:
       return json.load(f)[0]

@@ -7,6 +7,8 @@ of 20-400 steps moved by 26 % between runs where the rounds' rate moved by 0.5 %
 the machine fell on a few seconds of steps and went straight into the ratio.
 """
 
+import atexit
+import contextlib
 import os
 import resource
 import statistics
@@ -56,6 +58,16 @@ else:
 '''
 
 
+_PEAK_FILES: set[str] = set()  # made by peak_measured, not read yet: removed at exit
+
+
+@atexit.register
+def _remove_unread_peaks() -> None:
+  for path in list(_PEAK_FILES):  # (a benchmark that stopped before reading a child's peak)
+    with contextlib.suppress(OSError):
+      os.unlink(path)
+
+
 def peak_measured(args: list[str]) -> tuple[list[str], Callable[[], float | None]]:
   """The command that runs `python *args` and records its own peak resident memory, and a
   function that reads that, GiB, once it has exited (None where it was killed by a signal:
@@ -64,6 +76,7 @@ def peak_measured(args: list[str]) -> tuple[list[str], Callable[[], float | None
   (peak_rss_gib)."""
   fd, path = tempfile.mkstemp(prefix='fathom_peak_')
   os.close(fd)
+  _PEAK_FILES.add(path)
 
   def read() -> float | None:
     try:
@@ -71,6 +84,7 @@ def peak_measured(args: list[str]) -> tuple[list[str], Callable[[], float | None
         kb = f.read()
     finally:
       os.unlink(path)
+      _PEAK_FILES.discard(path)
     return int(kb) / 2**20 if kb else None
 
   return [sys.executable, '-c', _PEAK_WRAPPER, path, *args], read

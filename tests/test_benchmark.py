@@ -614,6 +614,7 @@ def test_peak_measured_reads_the_child_s_own_peak_as_python_would_run_it(tmp_pat
           '  cmd, peak = peak_measured(args)\n'
           '  p = subprocess.run(cmd, capture_output=True, text=True)\n'
           '  out.append([p.returncode, p.stdout.strip(), peak()])\n'
+          'peak_measured(["-c", "pass"])\n'  # (made, never run or read: removed at exit)
           'print(json.dumps(out))\n')
   temp = tmp_path / 'temp'  # (where the peaks are written, each file removed once read)
   temp.mkdir()

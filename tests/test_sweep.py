@@ -1084,6 +1084,12 @@ def test_a_sweeps_seeds_not_started_or_failed_are_said_in_the_tables(tmp_path):
                           unread_indexes=results.unreadable_indexes([str(root)]))
   [line] = [x for x in table.splitlines() if 'not readable as a JSON object' in x]
   assert line.endswith(f'`{root / "sweep.json"}`.') and 'Not started' not in table
+  # By the rule a sweep run again reads it by (workdir.sweep_index_problem): an entry that is
+  # not a named object was passed over without a word, and no 'runs' was said unreadable.
+  for text in ('{"sweep": "s.py", "runs": [3]}', '{"sweep": "s.py"}'):
+    (root / 'sweep.json').write_text(text)
+    assert results.find_listed([str(root)]) == {}
+    assert results.unreadable_indexes([str(root)]) == [str(root / 'sweep.json')]
   # Without a sweep.json, the folders are all there is to count.
   (root / 'sweep.json').unlink()
   assert results.unreadable_indexes([str(root)]) == []
@@ -1165,7 +1171,8 @@ def test_a_damaged_sweep_json_or_an_out_that_cannot_be_made_is_refused_before_an
                     ('{"runs": {"a": 1}}', '"runs" is not a list'),
                     ('{"runs": [{"name": "x"}, {"name": ["x"]}]}',
                      'runs\\[1\\] is not an entry with a "name"'),
-                    ('{"runs": [3]}', 'runs\\[0\\] is not an entry with a "name"')):
+                    ('{"runs": [3]}', 'runs\\[0\\] is not an entry with a "name"'),
+                    ('{"sweep": "tiny_sweep.py"}', '"runs" is not a list')):
     (out / 'sweep.json').write_text(text)
     with pytest.raises(WorkdirError, match=(
         rf"^--out '.*sweep': its sweep.json cannot be read as a sweep's index \({why}\); "
