@@ -745,3 +745,20 @@ def test_npz_classes_that_make_the_model_too_big_are_named_as_the_cause(tmp_path
       'a smaller model (config.model.hidden, config.model.name), or fewer classes '
       f'(2,147,483,647: the largest label of {path} + 1, as data.num_classes is 0)'), str(e.value)
   assert not (tmp_path / 'run').exists()
+
+
+def test_a_group_set_to_a_value_is_refused_in_our_words_but_none_and_ignore_type_pass():
+  """The refusal of `c.model = 'mlp'` (ml_collections' "cannot be casted to type <class
+  '..._Fields'>") refused None and values set under ignore_type() too, which ml_collections
+  lets through (a config file may build a group by hand)."""
+  from fathom_sim.config import ConfigError, base_config
+  c = base_config()
+  with pytest.raises(ConfigError, match=r"^config\.data is a group of fields \(data\.alpha, .*\); "
+                     r"set one of them, e\.g\. config\.data\.name = 5$"):
+    c.data = 5
+  c.model = None
+  assert c.model is None
+  c = base_config()
+  with c.ignore_type():
+    c.model = 'mlp'
+  assert c.model == 'mlp'
