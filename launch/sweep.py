@@ -42,7 +42,8 @@ def parse_flags(argv: list[str]) -> list[str]:
 def _dry_run(sweep_lib, sweep) -> None:
   """Prints each run of the sweep and what the sweep would do with it: as the sweep judges it,
   a workdir holding a run of another config is a failure, whether finished or not."""
-  runs = sweep_lib.plan_runs(sweep, _OUT.value, _EXTRA)
+  from fathom_sim import sweep_def
+  runs = sweep_def.plan_runs(sweep, _OUT.value, _EXTRA)
   sweep_lib.check_out(sweep, _OUT.value, _EXTRA)  # what the sweep would refuse, refused here
   for run in runs:
     status, error = sweep_lib.run_status(run)
@@ -52,14 +53,15 @@ def _dry_run(sweep_lib, sweep) -> None:
 def main(argv):
   cli.no_arguments(argv)
   from fathom_sim import sweep as sweep_lib
+  from fathom_sim import sweep_def
   from fathom_sim.config import ConfigError
   cli.setup_logging()
-  if _SEEDS.value is not None and not 1 <= _SEEDS.value <= sweep_lib.MAX_SEEDS:
+  if _SEEDS.value is not None and not 1 <= _SEEDS.value <= sweep_def.MAX_SEEDS:
     # 0 or fewer would run nothing; more, one workdir each, are past what a sweep plans.
-    cli.fail(f'--seeds must be in [1, {sweep_lib.MAX_SEEDS}] (it runs seeds 0..N-1), got '
+    cli.fail(f'--seeds must be in [1, {sweep_def.MAX_SEEDS}] (it runs seeds 0..N-1), got '
              f'{_SEEDS.value}')
   try:
-    sweep = sweep_lib.load_sweep(_SWEEP.value)
+    sweep = sweep_def.load_sweep(_SWEEP.value)
     if _SEEDS.value is not None:
       sweep.seeds = list(range(_SEEDS.value))
     if _DRY_RUN.value:

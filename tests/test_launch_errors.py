@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from fathom_sim import metrics, report, results, sweep
+from fathom_sim import metrics, report, results, sweep, sweep_def
 from fathom_sim.config import ConfigError
 from fathom_sim.data import DataError
 from tests.common import run_python, uncreatable_path
@@ -120,7 +120,7 @@ def test_a_bad_sweep_file_is_one_config_error_naming_it(tmp_path, text, needle):
   path = tmp_path / 'bad_sweep.py'
   path.write_text(text)
   with pytest.raises(ConfigError) as err:
-    sweep.load_sweep(str(path))
+    sweep_def.load_sweep(str(path))
   message = str(err.value)
   assert needle.replace('{dir}', str(tmp_path)) in message and str(path) in message, message
   assert '\n' not in message
@@ -156,7 +156,7 @@ def test_a_bad_field_in_a_sweep_names_the_file_and_the_entry(tmp_path, fields, n
   path = tmp_path / 'bad_fields.py'
   path.write_text(_sweep_returning(f"{{'config': {QUICKSTART!r}, 'seeds': 1, {fields}}}"))
   with pytest.raises(ConfigError) as err:
-    sweep.plan_runs(sweep.load_sweep(str(path)), str(tmp_path / 'out'))
+    sweep_def.plan_runs(sweep_def.load_sweep(str(path)), str(tmp_path / 'out'))
   assert f'--sweep {str(path)!r}: {needle}' in str(err.value), str(err.value)
 
 
@@ -271,12 +271,12 @@ def test_a_sweep_and_a_run_do_not_share_a_folder(tmp_path):
                     "def get_sweep():\n"
                     "  return {'config': tiny_config(num_rounds=1, num_devices=1), 'seeds': 1}\n")
   out = tmp_path / 'out'
-  entries = sweep.run_sweep(sweep.load_sweep(str(first)), str(out), log=lambda _: None)
+  entries = sweep.run_sweep(sweep_def.load_sweep(str(first)), str(out), log=lambda _: None)
   assert [e['status'] for e in entries] == ['done']
   index, lock = (out / 'sweep.json').read_text(), (out / '.lock').read_text()
   with pytest.raises(workdir_lib.WorkdirError, match="--out '.*' holds the runs of another "
                      r"sweep \(first.py\).* set \"sweep\" in .*sweep.json to its new name"):
-    sweep.run_sweep(sweep.load_sweep(str(second)), str(out), log=lambda _: None)
+    sweep.run_sweep(sweep_def.load_sweep(str(second)), str(out), log=lambda _: None)
   with pytest.raises(workdir_lib.WorkdirError,
                      match=f"--workdir '{out}' is a sweep's folder") as e:
     workdir_lib.prepare(str(out), tiny_config())
@@ -285,12 +285,12 @@ def test_a_sweep_and_a_run_do_not_share_a_folder(tmp_path):
   assert (out / 'sweep.json').read_text() == index and sorted(os.listdir(out)) == [
       '.lock', 'base', 'sweep.json'] and (out / '.lock').read_text() == lock
   # the same sweep again: its runs are done, and its index is its own
-  again = sweep.run_sweep(sweep.load_sweep(str(first)), str(out), log=lambda _: None)
+  again = sweep.run_sweep(sweep_def.load_sweep(str(first)), str(out), log=lambda _: None)
   assert [(e['name'], e['status']) for e in again] == [('base/seed=0', 'done')]
   run = out / 'base' / 'seed=0'
   before = sorted(os.listdir(run))
   with pytest.raises(workdir_lib.WorkdirError, match=f"--out '{run}' is a run's workdir"):
-    sweep.run_sweep(sweep.load_sweep(str(second)), str(run), log=lambda _: None)
+    sweep.run_sweep(sweep_def.load_sweep(str(second)), str(run), log=lambda _: None)
   assert sorted(os.listdir(run)) == before
 
 
@@ -302,7 +302,7 @@ def test_a_run_inside_or_above_another_run_is_refused(tmp_path, caplog):
   from fathom_sim import workdir as workdir_lib
   from tests.common import tiny_config
   out = tmp_path / 'out'
-  definition = sweep.SweepDef(tiny_config(num_rounds=1, num_devices=1), '<inline>',
+  definition = sweep_def.SweepDef(tiny_config(num_rounds=1, num_devices=1), '<inline>',
                               [{'eta': 0.1}], [0, 1], {})
   assert [e['status'] for e in sweep.run_sweep(definition, str(out), log=lambda _: None)] == [
       'done', 'done']
@@ -323,7 +323,7 @@ def test_a_run_inside_or_above_another_run_is_refused(tmp_path, caplog):
   # In a sweep, a new run folder refused is said as the sweep's, and the sweep goes on.
   workdir_lib.save_config(str(setting), tiny_config())
   (setting / 'metrics.jsonl').write_text('')
-  entries = sweep.run_sweep(sweep.SweepDef(tiny_config(num_rounds=1, num_devices=1),
+  entries = sweep.run_sweep(sweep_def.SweepDef(tiny_config(num_rounds=1, num_devices=1),
                                            '<inline>', [{'eta': 0.1}], [2], {}),
                             str(out), log=lambda _: None)
   assert entries[0]['status'] == 'failed' and entries[0]['error'].startswith(
@@ -385,7 +385,7 @@ def test_a_folder_starting_with_a_tilde_the_shell_left_is_refused(tmp_path, monk
                            r"is after '=': .* give --workdir ~/runs/x \(a space, not =\) or "
                            r"\$HOME/runs/x"):
     workdir_lib.prepare('~/runs/x', tiny_config())
-  definition = sweep.SweepDef(tiny_config(), '<inline>', [{}], [0], {})
+  definition = sweep_def.SweepDef(tiny_config(), '<inline>', [{}], [0], {})
   with pytest.raises(workdir_lib.WorkdirError, match="--out '~/sweep' starts with ~"):
     sweep.check_out(definition, '~/sweep')
   assert os.listdir(tmp_path) == []
@@ -810,7 +810,7 @@ def test_a_bracketed_workdir_or_sweep_folder_is_refused_before_anything_is_made(
   sweep_file = tmp_path / 'sweep.py'
   sweep_file.write_text(GOOD_SWEEP)
   with pytest.raises(workdir_lib.WorkdirError, match=r"--out '.*/sw\[a\]/x': '\[a\]' in its"):
-    sweep.run_sweep(sweep.load_sweep(str(sweep_file)), str(tmp_path / 'sw[a]' / 'x'),
+    sweep.run_sweep(sweep_def.load_sweep(str(sweep_file)), str(tmp_path / 'sw[a]' / 'x'),
                     log=lambda _: None)
   assert os.listdir(tmp_path) == ['sweep.py']
   for fine in ('run[1', 'run]1', 'a?b*c{d}', 'e[]'):  # no character class: saved and read back
@@ -830,7 +830,7 @@ def test_url_folders_are_refused_by_sweep_prepare_report_and_the_config(tmp_path
   sweep_file = tmp_path / 'sweep.py'
   sweep_file.write_text(GOOD_SWEEP)
   with pytest.raises(workdir_lib.WorkdirError, match="--out 'gs://b/sweep' is a URL"):
-    sweep.run_sweep(sweep.load_sweep(str(sweep_file)), 'gs://b/sweep', log=lambda _: None)
+    sweep.run_sweep(sweep_def.load_sweep(str(sweep_file)), 'gs://b/sweep', log=lambda _: None)
   with pytest.raises(DataError, match="--out 'gs://b/data' is a URL"):
     tfds_store.check_out('gs://b/data')
   from fathom_sim.data.prepare import prepare

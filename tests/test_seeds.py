@@ -8,7 +8,7 @@ import shutil
 import numpy as np
 import pytest
 
-from fathom_sim import sweep
+from fathom_sim import sweep, sweep_def
 from fathom_sim.config import ConfigError
 from fathom_sim.data import DataError
 from fathom_sim.train import train_and_evaluate, train_seeds
@@ -231,7 +231,7 @@ def test_vectorised_seeds_refuse_configs_that_differ_beyond_the_seed(tmp_path, m
 
 
 def test_sweep_with_vmap_seeds_runs_each_setting_once_for_all_seeds(tmp_path):
-  definition = sweep.SweepDef(
+  definition = sweep_def.SweepDef(
       config=_config(0, num_rounds=2), config_source='<inline>',
       overrides=[{'algorithm': 'fathom'}, {'algorithm': 'fedavg', 'eta': 0.1}],
       seeds=[0, 1], fixed={})
@@ -259,7 +259,7 @@ def test_one_seeds_bad_input_fails_that_seed_alone_under_vmap_seeds(tmp_path):
   seeds were marked failed with seed 1's error. Now the group's seeds run one by one, and
   only seed 1 fails; a seed the group had finished before failing is marked done, not run."""
   from fathom_sim import metrics
-  definition = sweep.SweepDef(config=_config(0, num_rounds=2), config_source='<inline>',
+  definition = sweep_def.SweepDef(config=_config(0, num_rounds=2), config_source='<inline>',
                               overrides=[{}], seeds=[0, 1, 2], fixed={})
   out = str(tmp_path / 'sweep')
   entries = sweep.run_sweep(definition, out, vmap_seeds=True, log=lambda _: None)

@@ -12,7 +12,7 @@ import sys
 import numpy as np
 import pytest
 
-from fathom_sim import plots, report, results, sweep
+from fathom_sim import plots, report, results, sweep, sweep_def
 from fathom_sim.train import train_and_evaluate
 from fathom_sim.workdir import WorkdirError
 from tests.common import run_python, tiny_config
@@ -38,9 +38,9 @@ def _cli(script, *args):
 
 
 def test_setting_names_are_deterministic_and_path_safe():
-  assert sweep.setting_name({}) == 'base'
-  assert sweep.setting_name({'eta': 0.05, 'batch_size': 8.0}) == 'eta=0.05,batch_size=8'
-  assert (sweep.setting_name({'model.hidden': (64, 32), 'data.path': '/a b'})
+  assert sweep_def.setting_name({}) == 'base'
+  assert sweep_def.setting_name({'eta': 0.05, 'batch_size': 8.0}) == 'eta=0.05,batch_size=8'
+  assert (sweep_def.setting_name({'model.hidden': (64, 32), 'data.path': '/a b'})
           == 'model.hidden=64-32,data.path=_a_b')
 
 
@@ -56,7 +56,7 @@ def test_settings_that_would_share_a_folder_are_refused_saying_why(tmp_path, sec
   sweep_file.write_text(SWEEP_FILE.replace("[{'algorithm': 'fathom'}, {'algorithm': 'fedavg', "
                                            "'eta': 0.1}]", f"[{{'eta': 0.1}}, {second!r}]"))
   with pytest.raises(ConfigError) as e:
-    sweep.plan_runs(sweep.load_sweep(str(sweep_file)), str(tmp_path / 'out'))
+    sweep_def.plan_runs(sweep_def.load_sweep(str(sweep_file)), str(tmp_path / 'out'))
   assert needle in str(e.value)
 
 
@@ -69,7 +69,7 @@ def test_overriding_a_swept_field_from_the_command_line_is_refused(tmp_path):
   assert '--config.eta is a field the sweep varies' in p.stderr
   assert not out.exists()
   # A field the sweep leaves alone may be overridden.
-  runs = sweep.plan_runs(sweep.load_sweep(str(sweep_file)), str(out), {'num_rounds': 1})
+  runs = sweep_def.plan_runs(sweep_def.load_sweep(str(sweep_file)), str(out), {'num_rounds': 1})
   assert {r.config.num_rounds for r in runs} == {1} and len(runs) == 4
 
 
@@ -77,7 +77,7 @@ def test_a_field_the_sweep_sets_that_its_runs_do_not_read_is_said_once_per_setti
   sweep_file = tmp_path / 'unread_sweep.py'
   sweep_file.write_text(SWEEP_FILE.replace("'eta': 0.1", "'eta': 0.1, 'eta_h': 0.5"))
   lines = []
-  sweep.run_sweep(sweep.load_sweep(str(sweep_file)), str(tmp_path / 'sweep'),
+  sweep.run_sweep(sweep_def.load_sweep(str(sweep_file)), str(tmp_path / 'sweep'),
                   extra={'server_b1': 0.5}, train=lambda c, w: {'final': {}},
                   log=lines.append)
   unread = [line for line in lines if 'not read' in line]
@@ -99,7 +99,7 @@ def test_a_second_sweep_on_a_live_sweeps_folder_is_refused_and_changes_nothing(t
   with open(out / '.lock', 'a+') as live:  # the first sweep's, still running
     fcntl.flock(live, fcntl.LOCK_EX | fcntl.LOCK_NB)
     with pytest.raises(WorkdirError, match=f"--out '{out}' is in use by a running command"):
-      sweep.run_sweep(sweep.load_sweep(str(sweep_file)), str(out),
+      sweep.run_sweep(sweep_def.load_sweep(str(sweep_file)), str(out),
                       train=lambda c, w: calls.append(w), log=lambda _: None)
   assert os.listdir(out) == ['.lock'] and not calls
 
@@ -110,7 +110,7 @@ def test_overrides_no_run_got_as_far_as_its_workdir_with_may_be_corrected(tmp_pa
   from fathom_sim.data import DatasetError
   sweep_file = tmp_path / 'tiny_sweep.py'
   sweep_file.write_text(SWEEP_FILE)
-  definition, out = sweep.load_sweep(str(sweep_file)), str(tmp_path / 'sweep')
+  definition, out = sweep_def.load_sweep(str(sweep_file)), str(tmp_path / 'sweep')
 
   def missing(config, workdir):
     raise DatasetError('data.path: no such file')
@@ -156,7 +156,7 @@ def test_runs_no_longer_asked_for_stay_listed_while_their_folders_are_there(tmp_
   counted their folders."""
   sweep_file = tmp_path / 'tiny_sweep.py'
   sweep_file.write_text(SWEEP_FILE)
-  definition, out = sweep.load_sweep(str(sweep_file)), str(tmp_path / 'sweep')
+  definition, out = sweep_def.load_sweep(str(sweep_file)), str(tmp_path / 'sweep')
 
   def train(config, workdir):
     os.makedirs(workdir, exist_ok=True)
@@ -204,7 +204,7 @@ def test_sweep_runs_every_setting_and_seed_once_and_reports(tmp_path):
     calls.append(workdir)
     return train_and_evaluate(config, workdir)
 
-  definition = sweep.load_sweep(str(sweep_file))
+  definition = sweep_def.load_sweep(str(sweep_file))
   entries = sweep.run_sweep(definition, out, train=counting_train, log=lambda _: None)
   names = ['algorithm=fathom/seed=0', 'algorithm=fathom/seed=1',
            'algorithm=fedavg,eta=0.1/seed=0', 'algorithm=fedavg,eta=0.1/seed=1']
@@ -824,14 +824,14 @@ def test_every_shipped_sweep_loads_and_plans_valid_configs(tmp_path):
                  if f.endswith('.py') and f != 'claim_grid.py')
   assert 'claim_quickstart.py' in files and 'claim_stackoverflow_real.py' in files
   for f in files:
-    definition = sweep.load_sweep(os.path.join(ROOT, 'sweeps', f))
-    runs = sweep.plan_runs(definition, str(tmp_path / f))
+    definition = sweep_def.load_sweep(os.path.join(ROOT, 'sweeps', f))
+    runs = sweep_def.plan_runs(definition, str(tmp_path / f))
     assert runs, f
     for run in runs:
       check_config(run.config)
       # Every field the sweep sets is one its runs read.
       assert unread_fields(run.config, [*definition.fixed, *run.overrides]) == [], run.name
-  claim = sweep.load_sweep(os.path.join(ROOT, 'sweeps', 'claim_quickstart.py'))
+  claim = sweep_def.load_sweep(os.path.join(ROOT, 'sweeps', 'claim_quickstart.py'))
   fedavg = [o for o in claim.overrides if o['algorithm'] == 'fedavg']
   assert len(fedavg) == 27 and len(claim.seeds) == 5
   assert claim.overrides[0] == {'algorithm': 'fathom'}
@@ -844,7 +844,7 @@ def test_a_sweep_whose_data_is_missing_tries_it_once_and_marks_every_run_failed(
   config = base_config()
   config.data.name, config.data.data_dir = 'femnist', str(tmp_path / 'no_such_data')
   config.model.name = 'emnist_cnn'
-  definition = sweep.SweepDef(config, '<inline>', [{'eta': 0.1}, {'eta': 0.05},
+  definition = sweep_def.SweepDef(config, '<inline>', [{'eta': 0.1}, {'eta': 0.05},
                                                    {'data.data_dir': str(tmp_path / 'other')}],
                               [0, 1], {})
   tried, logs = [], []
@@ -865,7 +865,7 @@ def test_a_run_out_of_memory_fails_alone_and_the_sweep_goes_on(tmp_path, monkeyp
   """A setting too large for the device is that run's failure, not the sweep's end."""
   import jax
   from fathom_sim.driver import Rounds
-  definition = sweep.SweepDef(tiny_config(num_rounds=2, num_devices=1), '<inline>',
+  definition = sweep_def.SweepDef(tiny_config(num_rounds=2, num_devices=1), '<inline>',
                               [{'cohort_size': 6}, {}], [0], {})
   real_round = Rounds.__call__
 
@@ -884,7 +884,7 @@ def test_a_data_error_in_a_round_fails_that_run_alone(tmp_path):
   """A damaged record is met by the seeds whose cohorts draw it: the other runs on the same
   data are still tried."""
   from fathom_sim.data import DataError
-  definition = sweep.SweepDef(tiny_config(num_rounds=2, num_devices=1), '<inline>', [{}],
+  definition = sweep_def.SweepDef(tiny_config(num_rounds=2, num_devices=1), '<inline>', [{}],
                               [0, 1], {})
   tried = []
 
@@ -902,7 +902,7 @@ def test_a_diverged_run_fails_alone_and_the_sweep_goes_on(tmp_path):
   """A run that stops itself after max_rejected_rounds rejected rounds is a failed run, with
   its message, not the end of the sweep (it was a traceback out of the sweep)."""
   from fathom_sim.train import Diverged
-  definition = sweep.SweepDef(tiny_config(num_rounds=2, num_devices=1), '<inline>', [{}],
+  definition = sweep_def.SweepDef(tiny_config(num_rounds=2, num_devices=1), '<inline>', [{}],
                               [0, 1], {})
 
   def train(c, workdir):
@@ -920,10 +920,10 @@ def test_a_seed_diverging_in_a_group_run_one_by_one_fails_alone(tmp_path):
   one; one diverging there failed the whole batch with its message, finished and untried
   seeds alike."""
   from fathom_sim.train import Diverged
-  definition = sweep.SweepDef(tiny_config(num_rounds=2, num_devices=1), '<inline>', [{}],
+  definition = sweep_def.SweepDef(tiny_config(num_rounds=2, num_devices=1), '<inline>', [{}],
                               [0, 1, 2], {})
   out = str(tmp_path / 'out')
-  runs = sweep.plan_runs(definition, out)
+  runs = sweep_def.plan_runs(definition, out)
   calls = []
 
   def group(configs, workdirs):  # seed 0 finishes, seed 1 diverges, seed 2 is not reached
@@ -1160,7 +1160,7 @@ def test_a_damaged_sweep_json_or_an_out_that_cannot_be_made_is_refused_before_an
   from tests.common import uncreatable_path
   sweep_file = tmp_path / 'tiny_sweep.py'
   sweep_file.write_text(SWEEP_FILE)
-  definition = sweep.load_sweep(str(sweep_file))
+  definition = sweep_def.load_sweep(str(sweep_file))
   calls = []
   out = tmp_path / 'sweep'
   out.mkdir()
@@ -1197,8 +1197,8 @@ def test_a_finished_run_taken_further_is_not_skipped_as_done(tmp_path, stopped_a
   from fathom_sim import metrics
   from fathom_sim import workdir as workdir_lib
   from tests.common import tiny_config
-  definition = sweep.SweepDef(tiny_config(num_rounds=2), '<inline>', [{}], [0], {})
-  run, = sweep.plan_runs(definition, str(tmp_path / 'out'))
+  definition = sweep_def.SweepDef(tiny_config(num_rounds=2), '<inline>', [{}], [0], {})
+  run, = sweep_def.plan_runs(definition, str(tmp_path / 'out'))
   os.makedirs(os.path.join(run.workdir, workdir_lib.CHECKPOINTS, '2'))
   metrics.write_json(os.path.join(run.workdir, metrics.SUMMARY_FILE), {'rounds': 2})
   further = run.config.copy_and_resolve_references()
@@ -1209,7 +1209,7 @@ def test_a_finished_run_taken_further_is_not_skipped_as_done(tmp_path, stopped_a
   got, error = sweep.run_status(run)
   assert got == status, (got, error)
   if stopped_at == 2:  # (a run with no results and a torn config.json: training's to start)
-    fresh = sweep.plan_runs(sweep.SweepDef(tiny_config(num_rounds=2), '<inline>', [{}], [1],
+    fresh = sweep_def.plan_runs(sweep_def.SweepDef(tiny_config(num_rounds=2), '<inline>', [{}], [1],
                                            {}), str(tmp_path / 'out'))[0]
     os.makedirs(fresh.workdir)
     (open(os.path.join(fresh.workdir, workdir_lib.CONFIG_FILE), 'w')).write('[')
@@ -1259,7 +1259,7 @@ def test_a_stop_just_after_a_run_is_marked_running_marks_it_interrupted(tmp_path
   a stopped run: 'running' stayed."""
   from fathom_sim import metrics
   from tests.common import tiny_config
-  definition = sweep.SweepDef(tiny_config(num_rounds=2), '<inline>', [{}], [0], {})
+  definition = sweep_def.SweepDef(tiny_config(num_rounds=2), '<inline>', [{}], [0], {})
   write_json = metrics.write_json
 
   def stopped_after_running(path, value):
@@ -1317,7 +1317,7 @@ def test_sweep_wall_s_sums_the_commands_that_ran_a_run_and_splits_a_group(tmp_pa
                        {'rounds': config.num_rounds, 'final': {'test_accuracy': 0.5}})
     return {'final': {'test_accuracy': 0.5}}
 
-  definition = sweep.SweepDef(tiny_config(num_rounds=2), '<inline>', [{}], [0], {})
+  definition = sweep_def.SweepDef(tiny_config(num_rounds=2), '<inline>', [{}], [0], {})
   out = str(tmp_path / 'out')
   with pytest.raises(KeyboardInterrupt):
     sweep.run_sweep(definition, out, train=lambda c, w: trained(c, w, 30.0, stop=True),
@@ -1335,7 +1335,7 @@ def test_sweep_wall_s_sums_the_commands_that_ran_a_run_and_splits_a_group(tmp_pa
                             log=lambda _: None)
   assert entry['sweep_wall_s'] == 5.0
 
-  group = sweep.SweepDef(tiny_config(num_rounds=2), '<inline>', [{}], [0, 1, 2], {})
+  group = sweep_def.SweepDef(tiny_config(num_rounds=2), '<inline>', [{}], [0, 1, 2], {})
   entries = sweep.run_sweep(group, str(tmp_path / 'group'), vmap_seeds=True, log=lambda _: None,
                             train_group=lambda cs, ws: [trained(c, w, 10.0 * (c.seed == 0))
                                                         for c, w in zip(cs, ws)])
@@ -1348,7 +1348,7 @@ def test_a_run_finished_as_the_sweep_is_stopped_keeps_its_result_in_sweep_json(t
   from fathom_sim import metrics
   from fathom_sim import workdir as workdir_lib
   from tests.common import tiny_config
-  definition = sweep.SweepDef(tiny_config(num_rounds=2), '<inline>', [{}], [0, 1], {})
+  definition = sweep_def.SweepDef(tiny_config(num_rounds=2), '<inline>', [{}], [0, 1], {})
   out = str(tmp_path / 'out')
 
   def finish_then_stop(config, workdir):
@@ -1377,7 +1377,7 @@ def test_a_finished_run_s_damaged_summary_is_a_missing_accuracy_not_a_traceback(
   from fathom_sim import metrics
   from fathom_sim import workdir as workdir_lib
   from tests.common import tiny_config
-  definition = sweep.SweepDef(tiny_config(num_rounds=2), '<inline>', [{}], [0], {})
+  definition = sweep_def.SweepDef(tiny_config(num_rounds=2), '<inline>', [{}], [0], {})
 
   def finished(config, workdir):
     os.makedirs(workdir, exist_ok=True)
@@ -1404,7 +1404,7 @@ def test_a_run_stopped_by_an_error_not_a_signal_is_failed_with_it_and_the_sweep_
   run marked 'interrupted', as if a signal had stopped it, and no word of why."""
   from fathom_sim.errors import OutputError
   from tests.common import tiny_config
-  definition = sweep.SweepDef(tiny_config(num_rounds=2), '<inline>', [{}, {'eta': 0.07}], [0],
+  definition = sweep_def.SweepDef(tiny_config(num_rounds=2), '<inline>', [{}, {'eta': 0.07}], [0],
                               {})
   for error, said in ((OutputError('/x/metrics.jsonl cannot be written (No space left on '
                                    'device)\nmore'),
@@ -1432,7 +1432,7 @@ def test_a_signal_while_a_failed_run_is_said_leaves_no_run_running(tmp_path):
   from fathom_sim.data import DataError
   from fathom_sim.errors import Diverged
   from tests.common import tiny_config
-  definition = sweep.SweepDef(tiny_config(num_rounds=2), '<inline>', [{}], [0, 1], {})
+  definition = sweep_def.SweepDef(tiny_config(num_rounds=2), '<inline>', [{}], [0, 1], {})
   for error in (lambda workdirs: Diverged(workdirs, 'diverged'),
                 lambda workdirs: DataError('a bad record')):
     out = tmp_path / f'out{len(os.listdir(tmp_path))}'
