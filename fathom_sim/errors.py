@@ -67,7 +67,17 @@ def exit_status(error: BaseException) -> int:
   return EXIT_FAILED
 
 
-def first_line(error: BaseException, limit: int = 200) -> str:
+def one_line(error: BaseException) -> str:
+  """An error said in one line: ours (InputError, OutputError) as they are worded, another as
+  its type and first line (its type alone without a message), e.g. 'ZeroDivisionError:
+  division by zero'."""
+  if isinstance(error, (InputError, OutputError)):
+    return first_line(error, limit=None)  # (ours may run past 200 characters)
+  return f'{type(error).__name__}: {first_line(error)}' if str(error).strip() else (
+      type(error).__name__)
+
+
+def first_line(error: BaseException, limit: int | None = 200) -> str:
   """The first line of `error`'s message (at most `limit` characters), or its type's name when
   it has no message: a library's multi-line error, named inside one line of ours."""
   text = str(error).strip()

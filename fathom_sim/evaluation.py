@@ -125,11 +125,11 @@ class Evaluator:
       self._kept = (dataset, clients, kept)
 
   def __call__(self, params: Params, dataset: ClientDataset, clients: Sequence[int]) -> dict:
-    totals, sent = None, 0
-    for batch, real in self._on_devices(dataset, [int(i) for i in clients]):
+    totals = None
+    for sent, (batch, real) in enumerate(
+        self._on_devices(dataset, [int(i) for i in clients]), 1):
       args = (params, batch, real)
       totals = self._add_sums(self._zeros(args) if totals is None else totals, *args)
-      sent += 1
       if self._wait_every and sent % self._wait_every == 0:
         totals = jax.block_until_ready(totals)
     if totals is None:

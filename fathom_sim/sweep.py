@@ -18,8 +18,7 @@ from absl import logging
 
 from fathom_sim import metrics
 from fathom_sim import workdir as workdir_lib
-from fathom_sim.errors import (Diverged, InputError, OutputError, Preempted, file_for_folder,
-                               first_line)
+from fathom_sim.errors import Diverged, InputError, Preempted, file_for_folder, one_line
 from fathom_sim.config import ConfigError, unread_fields
 from fathom_sim.sweep_def import RunSpec, SweepDef, plan_runs
 
@@ -455,7 +454,5 @@ def _after_stop(batch: list[int], index: _Index, e: BaseException,
     elif stopped:
       index.set(i, 'interrupted')
     else:
-      said = first_line(e)
-      index.set(i, 'failed', error=said if isinstance(e, OutputError)
-                or said == type(e).__name__ else f'{type(e).__name__}: {said}')
+      index.set(i, 'failed', error=one_line(e))
   index.save()

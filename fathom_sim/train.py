@@ -32,7 +32,7 @@ from fathom_sim.config import ConfigError
 from fathom_sim.data.federated import Task, fingerprint
 from fathom_sim.data.sampling import sample_clients
 from fathom_sim.driver import Rounds
-from fathom_sim.errors import Diverged, InputError, Preempted, exit_status
+from fathom_sim.errors import Diverged, Preempted, exit_status, one_line
 from fathom_sim.evaluation import KEEP_BYTES, make_evaluator
 from fathom_sim.mesh import put, replicated
 from fathom_sim.run import Run, build
@@ -105,14 +105,14 @@ def train_seeds(configs: list[ml_collections.ConfigDict], workdirs: list[str],
                         f'these differ too: {", ".join(differ)}')
   if len({c.seed for c in configs}) != len(configs):
     raise ConfigError('vectorised seeds need distinct config.seed values')
-  # (Each workdir's lock is this process's, shared: a workdir given twice, or one inside
-  # another before that one had rows, was taken, the seeds' rows interleaved in one file.)
-  # By their folders' names: a folder's own come right after it, so a workdir given twice, or
-  # inside another, is next to that one.
-  order = sorted(range(len(workdirs)),
-                 key=lambda i: os.path.realpath(workdirs[i]).split(os.sep))
+  # Each workdir's lock is this process's, shared: a workdir given twice, or one inside
+  # another before that one had rows, was taken, the seeds' rows interleaved in one file.
+  # Sorted by their folders' names, a folder's own come right after it: a workdir given
+  # twice, or inside another, is next to that one.
+  parts = [os.path.realpath(w).split(os.sep) for w in workdirs]
+  order = sorted(range(len(workdirs)), key=parts.__getitem__)
   for j, i in zip(order, order[1:]):
-    outer, inner = (os.path.realpath(workdirs[k]).split(os.sep) for k in (j, i))
+    outer, inner = parts[j], parts[i]
     if inner[:len(outer)] == outer:
       raise workdir_lib.WorkdirError(
           f'vectorised seeds need a workdir each: {workdirs[i]!r} (seed {configs[i].seed}) '
@@ -153,9 +153,7 @@ def _train(configs: list[ml_collections.ConfigDict], workdirs: list[str], *,
     # On several hosts the others would wait for this process in a collective: they stop
     # too, naming this error, with the exit status launch/cli.py ends this process with. Its
     # files are closed by now (failures.closed_on_error).
-    distributed.stop_peers(str(e) if isinstance(e, InputError) else
-                           f'{type(e).__name__}: {e}' if str(e) else type(e).__name__,
-                           exit_status(e))
+    distributed.stop_peers(one_line(e), exit_status(e))
     raise
   finally:
     forget()
