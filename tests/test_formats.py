@@ -532,6 +532,72 @@ def test_stackexchange_posts_group_by_owner_and_split_by_date(tmp_path, monkeypa
     assert f.read().split() == ['the', 'beer']
 
 
+def test_grouping_posts_by_user_keeps_sqlites_temporary_files_in_the_scratch_folder(tmp_path,
+                                                                                  monkeypatch):
+  """The clients' ORDER BY sorted each split's whole text into the system's temporary folder
+  (a Stack Overflow dump's tens of GB, outside the conversion's scratch folder, which the next
+  conversion clears); now the queries walk indexes, whose build sorts only keys, in scratch."""
+  from fathom_sim.data import stackexchange
+  rows = ''.join(f'  <row Id="{i}" PostTypeId="2" CreationDate="2015-{i % 12 + 1:02d}-01" '
+                 f'OwnerUserId="{i * 7919 % 5003}" Body="&lt;p&gt;Post {i}.&lt;/p&gt;" />\n'
+                 for i in range(1, 10001))
+  (tmp_path / 'Posts.xml').write_text(f'<?xml version="1.0" encoding="utf-8"?>\n<posts>\n{rows}'
+                                      '</posts>\n')
+  seen, connect = set(), sqlite3.connect
+
+  def temp_files() -> int:
+    for fd in os.listdir('/proc/self/fd'):
+      try:
+        path = os.readlink(f'/proc/self/fd/{fd}')
+      except OSError:
+        continue
+      if os.path.basename(path).startswith('etilqs_'):  # (SQLite's, opened and unlinked)
+        seen.add(os.path.dirname(path))
+    return 0
+
+  def watched(*args, **kwargs):
+    db = connect(*args, **kwargs)
+    # Small pages and cache: SQLite's sorts spill to files from 250 pages on, not 2 MB.
+    db.execute('PRAGMA page_size = 512')
+    db.execute('PRAGMA cache_size = 1')
+    db.set_progress_handler(temp_files, 1000)  # looks while a statement runs
+    return db
+
+  monkeypatch.setattr(stackexchange.sqlite3, 'connect', watched)
+  scratch = tmp_path / 'scratch'
+  scratch.mkdir()
+  reader = stackexchange.StackExchangeXml(str(tmp_path / 'Posts.xml'), str(scratch))
+  try:
+    users = [[int(user) for user, _ in reader.clients(split)] for split in ('train', 'test')]
+  finally:
+    reader.close()
+  assert seen == {str(scratch)}  # (the index builds spilled: the watch sees temporary files)
+  for split in users:  # in the order of their numeric ids, as before
+    assert len(split) > 1000 and split == sorted(split)
+  with connect(':memory:') as db:  # the setting is the process's: given back
+    assert db.execute('PRAGMA temp_store_directory').fetchall() in ([], [('',)])
+
+@pytest.mark.parametrize('kind, said', [('missing', 'no such file'),
+                                        ('folder', 'a folder, not a file'),
+                                        # said 'no such file' of a pipe there
+                                        ('fifo', 'not a regular file (a FIFO, a socket or a '
+                                                 'device)'),
+                                        ('link', 'a link to nothing')])
+def test_a_vocab_that_is_no_regular_file_is_said_as_what_it_is(tmp_path, kind, said):
+  (tmp_path / 'Posts.xml').write_text(POSTS)
+  vocab = tmp_path / 'wc'
+  if kind == 'folder':
+    vocab.mkdir()
+  elif kind == 'fifo':
+    os.mkfifo(vocab)
+  elif kind == 'link':
+    vocab.symlink_to(tmp_path / 'gone')
+  with pytest.raises(DataError, match=re.escape(f"--vocab '{vocab}': {said} (expected a "
+                                                'word-count file, most frequent word first)')):
+    prepare(str(tmp_path / 'Posts.xml'), str(tmp_path / 'out'), fmt='stackexchange_xml',
+            task='stackoverflow', vocab_path=str(vocab), split_date='2016-01-01')
+  assert not os.path.exists(tmp_path / 'out')
+
 def test_a_word_holding_a_line_break_stays_out_of_the_vocabulary_written_a_word_a_line():
   """Sentences are split on ' ' alone (as FedJAX's are), so 'wor\\nld' was a word of the
   train split's vocabulary: vocab.txt then held more lines than words, every word after it a

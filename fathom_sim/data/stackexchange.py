@@ -9,6 +9,7 @@ can be grouped by user; posts from `split_date` on form the test split.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
 import re
@@ -46,6 +47,28 @@ def _is_timestamp(text: str) -> bool:
   return True
 
 
+# Users in the order of their numeric ids (OwnerUserId is kept as given, as text), each one's
+# posts by date; the `by_user` index is on this very expression, so that no query sorts.
+_CLIENT_ORDER = 'CAST(user AS INTEGER), user, date, id'
+# The date of the posts' n-th post by date (the split date of a test fraction).
+_NTH_DATE = 'SELECT date FROM posts INDEXED BY by_date ORDER BY date LIMIT 1 OFFSET ?'
+
+
+@contextlib.contextmanager
+def _temp_files_in(db: sqlite3.Connection, folder: str) -> Iterator[None]:
+  """SQLite's temporary files (an index build's sorted runs) in `folder` for the block.
+
+  The setting is the process's, hence the block; a build of SQLite without it (deprecated,
+  not removed, in 3.x) ignores the pragma and uses the system's folder."""
+  old = db.execute('PRAGMA temp_store_directory').fetchone()
+  quote = lambda path: "'" + path.replace("'", "''") + "'"  # (a pragma takes no parameters)
+  db.execute(f'PRAGMA temp_store_directory = {quote(folder)}')
+  try:
+    yield
+  finally:
+    db.execute(f'PRAGMA temp_store_directory = {quote(old[0] if old else "")}')
+
+
 class StackExchangeXml:
   """Posts of a dump grouped by user; `scratch` is a directory for the grouping table."""
 
@@ -56,6 +79,7 @@ class StackExchangeXml:
     if split_date and not _is_date(split_date):  # before reading a dump that may be large
       raise DataError(f'--split_date {split_date!r} is not a date; expected YYYY-MM-DD (posts '
                       'from that day on form the test split)')
+    self._scratch = scratch
     self._db = sqlite3.connect(os.path.join(scratch, 'posts.sqlite'))
     self._db.execute('CREATE TABLE posts (user TEXT, id INTEGER, date TEXT, sentences TEXT)')
     self.skipped = 0  # posts without an owner (deleted users) or of other types
@@ -64,8 +88,8 @@ class StackExchangeXml:
     if not split_date:
       # The date before which (1 - test_fraction) of the posts were written.
       total = self._db.execute('SELECT COUNT(*) FROM posts').fetchone()[0]
-      row = self._db.execute('SELECT date FROM posts ORDER BY date LIMIT 1 OFFSET ?',
-                             (min(total - 1, int(total * (1 - test_fraction))),)).fetchone()
+      row = self._db.execute(_NTH_DATE, (min(total - 1, int(total * (1 - test_fraction))),)
+                             ).fetchone()
       split_date = row[0][:10]
     self.split_date = split_date
     self._check_splits(given, test_fraction)
@@ -116,7 +140,12 @@ class StackExchangeXml:
     if not seen_root or not count:
       raise DataError(f'{self.path}: no <posts> of <row PostTypeId="1|2" OwnerUserId=... '
                       'CreationDate=... Body=...> found; expected a Stack Exchange Posts.xml')
-    self._db.execute('CREATE INDEX by_user ON posts (user, date, id)')
+    # The queries walk these indexes, in the scratch folder, where an ORDER BY without one
+    # sorted the split's whole text into the system's temporary folder (a Stack Overflow dump
+    # is tens of GB); building them sorts their keys, there too, unless SQLite is told.
+    with _temp_files_in(self._db, self._scratch):
+      self._db.execute(f'CREATE INDEX by_user ON posts ({_CLIENT_ORDER})')
+      self._db.execute('CREATE INDEX by_date ON posts (date)')
 
   def _check_splits(self, given: bool, test_fraction: float) -> None:
     """A split without examples would fail late, inside TFDS: say which and why now."""
@@ -144,11 +173,14 @@ class StackExchangeXml:
                                     (self.split_date,)):
       yield from (s for s in text.split('\n') if s)
 
+  def clients_query(self, split: str) -> str:
+    """The SQL of clients(split), its one parameter the split date."""
+    return (f"SELECT user, sentences FROM posts INDEXED BY by_user WHERE {self._where(split)} "
+            f"AND sentences != '' ORDER BY {_CLIENT_ORDER}")
+
   def clients(self, split: str) -> Iterator[tuple[str, list[str]]]:
     """(user id, sentences in post order) per user with any sentence in `split`."""
-    rows = self._db.execute(f"SELECT user, sentences FROM posts WHERE {self._where(split)} AND "
-                            "sentences != '' ORDER BY CAST(user AS INTEGER), user, date, id",
-                            (self.split_date,))
+    rows = self._db.execute(self.clients_query(split), (self.split_date,))
     current, sentences = None, []
     for user, text in rows:
       if user != current:
