@@ -591,6 +591,9 @@ def _leaf_pair(src, user: dict, num_samples=None, users=('a',)) -> None:
                       '(of at most 64 bits)'),
     ('posts_bzip2', 'expected a Stack Exchange Posts.xml; it is bzip2-compressed: extract it '
                     'first (tar -xjf for a .tar.bz2, else bzip2 -d)'),
+    # said 'no such file' of a file there
+    ('posts_fifo', 'not a regular file (a FIFO, a socket or a device) (expected a Stack '
+                   'Exchange Posts.xml)'),
 ])
 def test_more_bad_source_files_are_refused_in_one_line(tmp_path, problem, needle):
   src, fmt, task = tmp_path / 'src', 'leaf_json', 'emnist'
@@ -622,9 +625,13 @@ def test_more_bad_source_files_are_refused_in_one_line(tmp_path, problem, needle
     write_tff(src, {'train': {'w1': [_tf_example(pixels=np.ones(784, np.float32), label=[3])]}})
   else:
     fmt, task, src = 'stackexchange_xml', 'stackoverflow', tmp_path / 'Posts.xml'
-    src.write_bytes(b'BZh91AY&SY' + bytes(50) if problem == 'posts_bzip2' else (
-        b'<posts><row Id="99999999999999999999" PostTypeId="1" OwnerUserId="5" '
-        b'CreationDate="2015-01-01T00:00:00.000" Body="&lt;p&gt;Hi there&lt;/p&gt;"/></posts>'))
+    if problem == 'posts_fifo':
+      os.mkfifo(src)
+    else:
+      src.write_bytes(b'BZh91AY&SY' + bytes(50) if problem == 'posts_bzip2' else (
+          b'<posts><row Id="99999999999999999999" PostTypeId="1" OwnerUserId="5" '
+          b'CreationDate="2015-01-01T00:00:00.000" Body="&lt;p&gt;Hi there&lt;/p&gt;"/>'
+          b'</posts>'))
   with pytest.raises(DataError) as err:
     prepare(str(src), str(tmp_path / 'out'), fmt=fmt, task=task)
   assert needle in str(err.value) and str(src) in str(err.value), str(err.value)

@@ -15,7 +15,7 @@ from typing import Callable, Iterable, Iterator
 
 import numpy as np
 
-from fathom_sim.data import tfds_store
+from fathom_sim.data import sniff, tfds_store
 from fathom_sim.data.byo import DataError
 from fathom_sim.data.fedjax_sqlite import FedjaxSqlite
 from fathom_sim.data.leaf import LeafJson, split_files
@@ -275,9 +275,9 @@ def prepare(source: str, out: str, *, fmt: str, task: str, vocab_path: str = '',
   sequence_length = SEQUENCE_LENGTH if sequence_length is None else sequence_length
   test_fraction = TEST_FRACTION if test_fraction is None else test_fraction
   if vocab_path and not os.path.isfile(vocab_path):
-    what = 'a folder, not a file' if os.path.isdir(vocab_path) else 'no such file'
-    raise DataError(f'--vocab {vocab_path!r}: {what} (expected a word-count file, most '
-                    'frequent word first)' + (tilde_left(vocab_path, '--vocab', made=False) or ''))
+    raise DataError(f'--vocab {vocab_path!r}: {sniff.not_file(vocab_path)} (expected a '
+                    'word-count file, most frequent word first)'
+                    + (tilde_left(vocab_path, '--vocab', made=False) or ''))
   with tfds_store.claimed(out) as partial:
     return _convert(source, out, partial, fmt=fmt, task=task, vocab_path=vocab_path,
                     vocab_size=vocab_size, sequence_length=sequence_length,

@@ -30,10 +30,18 @@ def kind(path: str) -> str | None:
   return next((what for magic, what in _MAGIC if head.startswith(magic)), None)
 
 
+def not_file(path: str) -> str:
+  """What `path`, which is no regular file, is instead (a FIFO was said to be missing)."""
+  if os.path.isdir(path):
+    return 'a folder, not a file'
+  if os.path.exists(path):
+    return 'not a regular file (a FIFO, a socket or a device)'
+  return 'a link to nothing' if os.path.islink(path) else 'no such file'
+
+
 def not_a_file(path: str, expected: str) -> DataError:
-  """The error for a source `path` that is no file: missing, or a folder."""
-  what = 'a folder, not a file' if os.path.isdir(path) else 'no such file'
-  return DataError(f'{path}: {what} (expected {expected})')
+  """The error for a source `path` that is no regular file: missing, a folder, a FIFO."""
+  return DataError(f'{path}: {not_file(path)} (expected {expected})')
 
 
 def unreadable_sqlite(path: str, error: Exception, otherwise: str = '') -> DataError:
