@@ -294,6 +294,28 @@ def find_runs(paths: list[str]) -> list[RunData]:
   """
   from fathom_sim.data import DataError
   runs, seen = [], {}  # a run's real path -> (the folder given that reached it, the path)
+  for root, setting_of, dirpath, filenames in _walk(paths):
+    if metrics.METRICS_FILE not in filenames:
+      continue
+    real = os.path.realpath(dirpath)
+    if real in seen:  # its seeds would count twice in every mean
+      raise DataError(f'{dirpath} is a run under both {seen[real][0]!r} and {root!r}: give '
+                      'each run or sweep folder once (a sweep and a folder inside it overlap)')
+    seen[real] = (root, dirpath)
+    runs.append(read_run(dirpath, setting_of(dirpath)))
+  return runs
+
+
+def _walk(paths: list[str]):
+  """(root, setting_of, folder, its file names) for every folder under the folders given, a
+  run's own subfolders (checkpoints) left out; a folder that cannot be listed is an error
+  (its runs were left out of every mean without a word)."""
+  from fathom_sim.data import DataError
+
+  def unlisted(e: OSError):
+    raise DataError(f'{e.filename}: cannot list its runs ({e.strerror or e}); make it '
+                    'readable, or give the folders beside it one by one')
+
   for root, setting_of in _roots(paths):
     # Links to folders outside the root are followed: a seed moved to another disk and linked
     # back was left out without a word (its setting '1 of 2 (1 not started)'), and a folder of
@@ -304,32 +326,27 @@ def find_runs(paths: list[str]) -> list[RunData]:
     top = os.path.realpath(root)
     inside = {root: frozenset({top})}  # the real folders a path is inside
     walked: dict[str, str] = {}  # real folder -> the path that reached it
-    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+    for dirpath, dirnames, filenames in os.walk(root, onerror=unlisted, followlinks=True):
       dirnames.sort(key=natural_key)
       real = os.path.realpath(dirpath)
       if real in walked:
         raise DataError(f'{dirpath} is {walked[real]} again, reached through a link: its runs '
                         'would count twice; remove one of the two links')
       walked[real] = dirpath
-      if metrics.METRICS_FILE not in filenames:
-        here = inside.pop(dirpath)
-        below = []
-        for d in dirnames:
-          path = os.path.join(dirpath, d)
-          target = os.path.realpath(path)
-          alias = os.path.islink(path) and (target == top or target.startswith(top + os.sep))
-          if not alias and target not in here:
-            below.append(d)
-            inside[path] = here | {target}
-        dirnames[:] = below
+      yield root, setting_of, dirpath, filenames
+      if metrics.METRICS_FILE in filenames:
+        dirnames[:] = []  # a run's own subfolders (checkpoints) hold no runs
         continue
-      dirnames[:] = []  # a run's own subfolders (checkpoints) hold no runs
-      if real in seen:  # its seeds would count twice in every mean
-        raise DataError(f'{dirpath} is a run under both {seen[real][0]!r} and {root!r}: give '
-                        'each run or sweep folder once (a sweep and a folder inside it overlap)')
-      seen[real] = (root, dirpath)
-      runs.append(read_run(dirpath, setting_of(dirpath)))
-  return runs
+      here = inside.pop(dirpath)
+      below = []
+      for d in dirnames:
+        path = os.path.join(dirpath, d)
+        target = os.path.realpath(path)
+        alias = os.path.islink(path) and (target == top or target.startswith(top + os.sep))
+        if not alias and target not in here:
+          below.append(d)
+          inside[path] = here | {target}
+      dirnames[:] = below
 
 
 def _roots(paths: list[str]):
@@ -365,24 +382,25 @@ def natural_key(name: str) -> list:
 
 def find_listed(paths: list[str]) -> dict[str, dict[str, int]]:
   """{setting: {'seeds': n, 'failed': k, 'failed_unstarted': j, 'gone': d}} from the
-  sweep.json of each sweep folder given: the seeds a sweep runs, started or not, those of its
-  run folders it marked failed, those it marked failed that have no run folder, and those it
-  marked done that have none (its folder moved or deleted since). A setting's seed folders
-  alone cannot tell a seed not started (or whose folder is gone) from one never asked for."""
+  sweep.json of each sweep under (or around) the folders given: the seeds a sweep runs,
+  started or not, those of its run folders it marked failed, those it marked failed that have
+  no run folder, and those it marked done that have none (its folder moved or deleted since).
+  A setting's seed folders alone cannot tell a seed not started (or whose folder is gone) from
+  one never asked for."""
   listed: dict[str, dict[str, int]] = {}
-  for root, setting_of in _roots(paths):
-    index = _read_json(os.path.join(root, workdir_lib.SWEEP_INDEX))[0]
+  for index_path, runs in _indexes(paths):
+    index = _read_json(index_path)[0]
     if index is None or workdir_lib.sweep_index_problem(index):  # (unreadable_indexes)
       continue
     for e in index['runs']:
-      if not isinstance(e.get('workdir'), str):
+      workdir = runs(e.get('workdir'))
+      if workdir is None:  # not a run of the folders given
         continue
-      workdir = os.path.join(root, e['workdir'])
-      counts = listed.setdefault(setting_of(workdir),
+      counts = listed.setdefault(workdir[0],
                                  {'seeds': 0, 'failed': 0, 'failed_unstarted': 0, 'gone': 0})
       counts['seeds'] += 1
       # (a run is a folder with metrics.jsonl: find_runs)
-      ran = os.path.isfile(os.path.join(workdir, metrics.METRICS_FILE))
+      ran = os.path.isfile(os.path.join(workdir[1], metrics.METRICS_FILE))
       if e.get('status') == 'failed':
         counts['failed' if ran else 'failed_unstarted'] += 1
       elif e.get('status') == 'done' and not ran:  # it was said 'not started'
@@ -391,14 +409,58 @@ def find_listed(paths: list[str]) -> dict[str, dict[str, int]]:
 
 
 def unreadable_indexes(paths: list[str]) -> list[str]:
-  """The sweep.json files of the folders given that are there but not readable as a sweep's
-  index (find_listed then counts nothing of them)."""
+  """The sweep.json files find_listed reads that are there but not readable as a sweep's
+  index (it then counts nothing of them)."""
   unread = []
-  for root, _ in _roots(paths):
-    index, bad = _read_json(os.path.join(root, workdir_lib.SWEEP_INDEX))
+  for index_path, _ in _indexes(paths):
+    index, bad = _read_json(index_path)
     if bad or (index is not None and workdir_lib.sweep_index_problem(index)):
-      unread.append(os.path.join(root, workdir_lib.SWEEP_INDEX))
+      unread.append(index_path)
   return unread
+
+
+def _indexes(paths: list[str]):
+  """(sweep.json path, runs) for the sweeps under the folders given, and the one a folder
+  given lies in (a setting of a sweep given alone); runs(entry's workdir) is (its setting, its
+  path) for a run of the folders given, else None. (Only the folder given's own sweep.json was
+  read: in a folder of sweeps, or given a setting, a sweep's failed and gone seeds vanished.)"""
+  found = []
+  for root, setting_of, dirpath, filenames in _walk(paths):
+    if workdir_lib.SWEEP_INDEX in filenames and metrics.METRICS_FILE not in filenames:
+      found.append((os.path.join(dirpath, workdir_lib.SWEEP_INDEX),
+                    _sweep_runs(dirpath, setting_of)))
+  for root, setting_of in _roots(paths):
+    top = os.path.realpath(root)
+    sweep = _sweep_around(top)
+    if sweep is not None:
+      found.append((os.path.join(sweep, workdir_lib.SWEEP_INDEX),
+                    _sweep_runs(sweep, setting_of, root, top)))
+  return found
+
+
+def _sweep_around(folder: str) -> str | None:
+  """The nearest folder above `folder` (a real path) that holds a sweep.json, if any."""
+  while os.path.dirname(folder) != folder:
+    folder = os.path.dirname(folder)
+    if os.path.isfile(os.path.join(folder, workdir_lib.SWEEP_INDEX)):
+      return folder
+  return None
+
+
+def _sweep_runs(sweep: str, setting_of, root: str | None = None, top: str | None = None):
+  """runs() of _indexes for a sweep's folder: under the folder given (root, at real path top)
+  where the sweep holds it, else every run of the sweep."""
+  def runs(workdir) -> tuple[str, str] | None:
+    if not isinstance(workdir, str):
+      return None
+    path = os.path.join(sweep, workdir)
+    if top is not None:
+      real = os.path.realpath(path)
+      if real != top and not real.startswith(top + os.sep):
+        return None
+      path = os.path.normpath(os.path.join(root, os.path.relpath(real, top)))
+    return setting_of(path), path
+  return runs
 
 
 def group_runs(runs: list[RunData],

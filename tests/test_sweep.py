@@ -5,6 +5,7 @@ import json
 import math
 import os
 import random
+import re
 import shutil
 import subprocess
 import sys
@@ -315,6 +316,30 @@ def _write_run(workdir, algorithm, acc_by_round, examples_per_round, rounds, *,
       if t in acc_by_round:
         row['test_accuracy'] = acc_by_round[t]
       f.write(json.dumps(row) + '\n')
+
+
+def test_a_folder_the_report_cannot_list_is_named_not_left_out(tmp_path, monkeypatch):
+  """An unreadable seed folder was passed over without a word: its setting's mean was over
+  the seeds left, and a sweep.json counted the seed 'done but its folder gone'."""
+  from fathom_sim.data import DataError
+  root = tmp_path / 'sweep'
+  for seed in (0, 1):
+    _write_run(root / 'eta=0.1' / f'seed={seed}', 'fedavg', {2: 0.3}, 50, 2)
+  (root / 'sweep.json').write_text(json.dumps({'sweep': 's.py', 'runs': [
+      {'name': f'eta=0.1/seed={i}', 'setting': 'eta=0.1', 'workdir': f'eta=0.1/seed={i}',
+       'status': 'done'} for i in (0, 1)]}))
+  locked, scandir = str(root / 'eta=0.1' / 'seed=1'), os.scandir
+
+  def unreadable(path='.'):  # (as root, chmod 000 locks nothing out)
+    if os.fspath(path) == locked:
+      raise PermissionError(13, 'Permission denied', locked)
+    return scandir(path)
+
+  monkeypatch.setattr(os, 'scandir', unreadable)
+  for find in (results.find_runs, results.find_listed, results.unreadable_indexes):
+    with pytest.raises(DataError, match=re.escape(f'{locked}: cannot list its runs (Permission '
+                                                  'denied); make it readable')):
+      find([str(root)])
 
 
 def test_the_report_follows_links_to_runs_and_refuses_one_run_reached_twice(tmp_path):
@@ -1077,6 +1102,14 @@ def test_a_sweeps_seeds_not_started_or_failed_are_said_in_the_tables(tmp_path):
   assert '| 2 of 4 (1 unfinished, 2 failed, 1 not started) |' in row['| `fathom`'], table
   assert ('No run folder (listed in sweep.json): `eta=1.0` (3 seeds, 1 failed, 1 done but its '
           'folder gone).') in table
+  # The same counts from a folder holding the sweep, and from a setting's folder given alone:
+  # only the folder given's own sweep.json was read, and the failed and gone seeds vanished.
+  assert results.find_listed([str(tmp_path)]) == {f'sweep/{k}': v for k, v in listed.items()}
+  assert results.find_listed([str(root / 'eta=0.1')]) == {'eta=0.1': listed['eta=0.1']}
+  assert results.find_listed([str(root / 'fathom' / 'seed=0')]) == {
+      'fathom': {'seeds': 1, 'failed': 1, 'failed_unstarted': 0, 'gone': 0}}
+  assert results.find_listed([str(root / 'eta=0.1'), str(root / 'fathom')]) == {
+      str(root / s): listed[s] for s in ('eta=0.1', 'fathom')}
   # A torn sweep.json counts nothing, and is named (it was passed over without a word).
   (root / 'sweep.json').write_text('{"sweep": "s.py", "ru')
   assert results.find_listed([str(root)]) == {}
