@@ -259,10 +259,11 @@ def _run(run: Run, configs: list[ml_collections.ConfigDict], workdirs: list[str]
     book_lib.go_back(books, states, hps, data_id, known_ids)
   if vectorized and len({b.done for b in books}) > 1:
     return _run_apart(run, configs, workdirs, books)
-  book_lib.adopt(books, run, c.num_rounds)  # every check passed
   done = books[0].done
-
+  # The rows first: a damaged metrics.jsonl is refused there, and a command refused leaves
+  # config.json as it was (it said the refused command's num_rounds).
   book_lib.open_rows(books, done, c)
+  book_lib.adopt(books, run, c.num_rounds)  # every check passed
 
   rounds = Rounds(run, [cf.seed for cf in configs] if vectorized else None)
   if vectorized:

@@ -1230,9 +1230,13 @@ def test_a_damaged_row_before_others_is_refused_and_no_row_is_lost(tmp_path, bad
   damaged = '\n'.join(lines)
   with open(path, 'w') as f:
     f.write(damaged)
+  config = open(os.path.join(workdir, 'config.json')).read()
   with pytest.raises(DataError, match=f'{path}: line 5 is not a row of a run .*rows follow it'):
     train_and_evaluate(_tiny(num_rounds=20), workdir)
   assert open(path).read() == damaged
+  # (config.json said 20 rounds: the file mended, the first command found the run
+  # unfinished, and summarised it again, losing its compiles and resumed_from.)
+  assert open(os.path.join(workdir, 'config.json')).read() == config
   if bad == 'xx':  # the same line last is a torn write: the rows before it are kept
     with open(path, 'w') as f:
       f.write('\n'.join(lines[:5]))
