@@ -22,6 +22,8 @@ import os
 import re
 import shutil
 import sys
+import threading
+import warnings
 from typing import Any
 
 import jax
@@ -252,6 +254,36 @@ def _state_handler() -> ocp.PyTreeCheckpointHandler:
   return ocp.PyTreeCheckpointHandler(type_handler_registry=registry)
 
 
+def _save_operation() -> str | None:
+  """The id orbax gave the save it started last (it numbers each at its start); None where
+  this orbax keeps none."""
+  try:
+    from orbax.checkpoint._src.futures import synchronization
+    return synchronization.OperationIdGenerator.get_current_operation_id()
+  except (ImportError, AttributeError):
+    return None
+
+
+def _let_go_of_waiters(operation: str | None) -> None:
+  """Ends orbax's threads of the failed save `operation` that wait for a signal it will never
+  send: where the save could not make its folder (no inodes left, a read-only mount), its
+  writers waited for "directory created" for orbax's coordination timeout, and the process's
+  exit waited on them: 300 s after the error line, then ~15 lines of timeouts. They are
+  cancelled, then woken; another save's threads are left alone. (An orbax without these
+  threads is left as it is.)"""
+  try:
+    from orbax.checkpoint._src.futures import future
+    waiting = [t for t in threading.enumerate() if isinstance(t, future._SignalingThread)
+               and t.is_alive() and getattr(t, '_operation_id', None) == operation]
+    for t in waiting:
+      t.cancel()  # (woken cancelled, it returns before its work)
+      future.set_signals(t._receive_signals, operation_id=operation)
+  except (ImportError, AttributeError):
+    return
+  if waiting:  # their work's coroutines, never run, each said so at exit: 10 more lines
+    warnings.filterwarnings('ignore', r"coroutine '.*' was never awaited", RuntimeWarning)
+
+
 class CheckpointError(OutputError):
   """A checkpoint could not be saved (a full disk, a lost mount), or none could be read for a
   filesystem's error: the run stops, and the checkpoints stay where they were."""
@@ -265,6 +297,7 @@ class Checkpointer:
     self.directory = os.path.join(os.path.abspath(workdir), CHECKPOINTS)
     self.keep = keep
     self._pending: int | None = None  # the round of a save still finishing in the background
+    self._operation: str | None = None  # orbax's id of that save
     self._manager = self._open()
 
   def _open(self) -> ocp.CheckpointManager:
@@ -314,8 +347,15 @@ class Checkpointer:
     self._finished_or_raise(self._manager.wait_until_finished)
     self._finished_or_raise(self._manager.check_for_errors)
     self._pending = step
-    self._finished_or_raise(lambda: self._manager.save(step, args=ocp.args.Composite(
-        state=ocp.args.PyTreeSave(state), meta=ocp.args.JsonSave(meta))))
+
+    def start():
+      try:
+        self._manager.save(step, args=ocp.args.Composite(
+            state=ocp.args.PyTreeSave(state), meta=ocp.args.JsonSave(meta)))
+      finally:  # (a save that raised at once may have started threads too)
+        self._operation = _save_operation()
+
+    self._finished_or_raise(start)
     if wait:
       self.wait()
 
@@ -334,6 +374,8 @@ class Checkpointer:
                         type(e).__name__, first_line(e))
         self._manager.reload()  # orbax's list of the steps, read again from disk
         return
+      if self._operation is not None:
+        _let_go_of_waiters(self._operation)
       named = _filesystem_fault(e) or e  # (not orbax's wrapper, whose first line is a spec)
       raise CheckpointError(
           f'{self.directory}: saving the checkpoint of round {step} failed ({_said(named)}); '

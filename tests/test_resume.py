@@ -1755,6 +1755,41 @@ def test_a_checkpoint_saved_before_versions_were_recorded_reads_as_version_1(tmp
                                    {'from_round': 3, **provenance.describe()}]
 
 
+def test_a_save_that_cannot_make_its_folder_leaves_no_thread_waiting_for_it(tmp_path,
+                                                                           monkeypatch):
+  """Orbax's writers of a save whose folder could not be made (no inodes left, a read-only
+  mount) waited for it for orbax's 300 s timeout, and the process's exit with them: the
+  error line, then 5 minutes and ~15 lines of timeouts."""
+  import threading
+  import orbax.checkpoint as ocp
+  from orbax.checkpoint._src.futures import future
+  from fathom_sim.checkpoint import CheckpointError
+  atomic = ocp.path.atomicity.AtomicRenameTemporaryPath
+  create = atomic.create
+
+  async def no_inodes_at_round_3(self):
+    if self.get_final().name == '3':
+      raise OSError(28, 'No space left on device', str(self.get()))
+    return await create(self)
+
+  monkeypatch.setattr(atomic, 'create', no_inodes_at_round_3)
+  workdir = str(tmp_path / 'run')
+  before = set(threading.enumerate())  # (other tests' saves may be finishing)
+  with pytest.raises(CheckpointError, match=r'saving the checkpoint of round 3 failed \(OSError: '
+                                            r'\[Errno 28\] No space left on device'):
+    train_and_evaluate(_tiny(num_rounds=9, checkpoint_every=3), workdir)
+  waiting = [t for t in set(threading.enumerate()) - before
+             if isinstance(t, future._SignalingThread)]
+  for t in waiting:
+    try:
+      t.join(timeout=20)
+    except TimeoutError:  # (orbax's join raises it)
+      pass
+  assert not [(t.name, t._operation_id) for t in waiting if t.is_alive()]
+  monkeypatch.setattr(atomic, 'create', create)
+  train_and_evaluate(_tiny(num_rounds=9, checkpoint_every=3), workdir)  # resumes from round 0
+  assert [r['round'] for r in read_rows(workdir)] == list(range(1, 10))
+
 @pytest.mark.parametrize('raised', ['os', 'tensorstore', 'tensorstore_0186'])
 def test_a_checkpoint_that_cannot_be_saved_stops_the_run_naming_its_round(tmp_path, monkeypatch,
                                                                           raised):
