@@ -7,9 +7,13 @@ instead of 37.5-40.4 s end to end on 2 CPU cores, with the same final params
 (docs/benchmarks.md). Turn it on before the process compiles anything: JAX sets its cache up
 at the first compile.
 An entry is keyed by the program and the jax version, backend and devices, so a loaded program
-is the one compilation would have made. An unreadable entry (e.g. a process killed while
-writing it) is skipped with a warning at every load, and the program is compiled; deleting the
-folder clears it. The devices enter the key as the topology each process sees: for CPU host
+is the one compilation would have made; and by the folder's own path (JAX names a folder inside
+it among the compile options, even on a CPU), so a folder copied or mounted elsewhere loads
+nothing. An unreadable entry (cut short, e.g. a process killed while writing it, or its
+compressed bytes altered: zlib's checksum) is skipped with a warning at every load, and the
+program is compiled; deleting the folder clears it. JAX checks no sum of its own: an entry
+altered before compression (a faulty writer, an edit by hand) is loaded as it is, and a run
+of it ended with SIGILL. The devices enter the key as the topology each process sees: for CPU host
 devices that differs per process, so a multi-process CPU run loads on process 0 only (the others
 miss and compile; docs/benchmarks.md).
 """
