@@ -673,6 +673,10 @@ def test_a_word_count_file_may_hold_numbers_written_with_commas(tmp_path):
   assert read_word_counts(str(path), 10).words == ['the', '3,000', 'beer']
   path.write_text('the 9\n3,000 8\n1,5 7\n')
   assert read_word_counts(str(path), 10).words == ['the', '3,000', '1,5']
+  # A CSV's header and one row were two words (its header is no 'word,count' of its own).
+  path.write_text('word,count\nthe,5\n')
+  with pytest.raises(DataError, match=r"2 of its 2 words, such as 'word,count' \(line 1\)"):
+    read_word_counts(str(path), 10)
 
 
 @pytest.mark.parametrize('case, message', [

@@ -136,7 +136,8 @@ def read_word_counts(path: str, size: int) -> Vocabulary:
           raise DataError(f'{path}: line {number} repeats the word {parts[0]!r} of line '
                           f'{seen[parts[0]]}; a word-count file names each word once')
         seen[parts[0]] = number
-        if len(parts) == 1 and _JOINED_COUNT.fullmatch(parts[0]):
+        if len(parts) == 1 and (_JOINED_COUNT.fullmatch(parts[0]) or (
+            not words and _JOINED_HEADER.fullmatch(parts[0]))):
           joined.append((number, parts[0]))
         words.append(parts[0])
         if len(words) == size:
@@ -162,6 +163,8 @@ def read_word_counts(path: str, size: int) -> Vocabulary:
 
 
 _JOINED_COUNT = re.compile(r'.+[,;]\d+')
+# A CSV's header ('word,count'), first: a file of it and one row was read as two words.
+_JOINED_HEADER = re.compile(r'[^,;]+[,;][^,;]+')
 
 
 def vocabulary_from(sentences: Iterable[str | bytes], size: int) -> Vocabulary:
