@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import time
+from typing import Callable
 
 import jax
 import ml_collections
@@ -211,9 +212,14 @@ def adopt(books: list[Book], run: Run, num_rounds: int) -> None:
           logging.warning('%s', warning)
 
 
-def open_rows(books: list[Book], done: int, c: ml_collections.ConfigDict) -> None:
-  """Each run's rows kept up to round `done` (its checkpoint's), and its clock set on from the
-  seconds it had run."""
+def open_rows(books: list[Book], done: int, c: ml_collections.ConfigDict) -> Callable[[], None]:
+  """Reads each run's rows to keep up to round `done` (its checkpoint's), every run's before
+  any is changed, and returns what then keeps them: cuts each file there, opens its writer,
+  and sets its clock on from the seconds it had run. (Called before adopt, so that a damaged
+  file is refused with config.json as it was; cut after it, so that rows are never cut under a
+  config.json that still says the rounds they ended at: such a run looked finished, an
+  evaluation dropped from its rows for good.)"""
+  cuts = []
   for book in books:
     if distributed.is_writer():  # on several hosts, process 0 alone writes the run's files
       # Rows past the checkpoint are redone, and a run taken further than it ended drops the
@@ -227,14 +233,20 @@ def open_rows(books: list[Book], done: int, c: ml_collections.ConfigDict) -> Non
       every = saved or c.eval_every
       off_period = done < c.num_rounds and done % every != 0 and (saved or ended_at(book))
       book.log = metrics.RowLog(c.target_accuracy)
-      dropped = metrics.keep_rows(book.workdir, done, done if off_period else None,
-                                  into=book.log)
-      if dropped:
+      cuts.append((book, metrics.rows_kept(book.workdir, done, done if off_period else None,
+                                           into=book.log)))
+
+  def keep() -> None:
+    for book, cut in cuts:
+      if cut():
         logging.info('%s: the run ended at round %d and goes on to %d; the evaluation of '
                      'round %d is dropped from %s (an uninterrupted run does not evaluate '
                      'there)', book.workdir, done, c.num_rounds, done, metrics.METRICS_FILE)
       book.writer = metrics.MetricsWriter(book.workdir)
-    book.start = time.time() - float(book.meta['wall_s'])
+    for book in books:
+      book.start = time.time() - float(book.meta['wall_s'])
+
+  return keep
 
 
 def data_named(config: ml_collections.ConfigDict) -> str:

@@ -12,7 +12,7 @@ import math
 import os
 import re
 import zlib
-from typing import IO, Iterator
+from typing import IO, Callable, Iterator
 
 import numpy as np
 from absl import logging
@@ -243,18 +243,28 @@ def finished_rounds(workdir: str) -> int | None:
 def keep_rows(workdir: str, last_round: int, drop_eval_at: int | None = None, *,
               amend: dict | None = None, into: RowLog | None = None,
               check: bool = True) -> bool:
-  """Keeps the rows of rounds 1..last_round (the checkpointed ones) and drops the rest.
+  """Keeps the rows of rounds 1..last_round (the checkpointed ones) and drops the rest:
+  rows_kept's reading, then at once its cut. Returns whether an evaluation was dropped."""
+  return rows_kept(workdir, last_round, drop_eval_at, amend=amend, into=into, check=check)()
+
+
+def rows_kept(workdir: str, last_round: int, drop_eval_at: int | None = None, *,
+              amend: dict | None = None, into: RowLog | None = None,
+              check: bool = True) -> Callable[[], bool]:
+  """Reads the rows of rounds 1..last_round (the checkpointed ones) and returns the cut that
+  keeps them and drops the rest, which returns whether an evaluation was dropped. Nothing is
+  written before the cut: a command refused for a damaged line, or for anything before the
+  cut, leaves the file as it was.
 
   A run killed after its last checkpoint wrote rows it will write again when resumed, possibly
-  with a torn last line; this makes metrics.jsonl hold each round exactly once. The row of
+  with a torn last line; the cut makes metrics.jsonl hold each round exactly once. The row of
   round `drop_eval_at` loses its evaluation (its test_* fields); `amend`'s fields are added to
   the row of `last_round`. The kept rows are fed to `into`. The file is read whole first (a
-  damaged line anywhere is refused, the file left as it was); then, where no kept row changes,
-  cut after the last kept row (no copy: a long run's file may be gigabytes, on a disk without
-  room for a second), else copied with its changed rows into a file that replaces it at once,
-  so that a kill leaves it as it was. Rows dropped past the checkpoint are said in the log,
-  and, with `check`, rounds missing or repeated before it. Returns whether an evaluation was
-  dropped.
+  damaged line anywhere is refused); then, where no kept row changes, cut after the last kept
+  row (no copy: a long run's file may be gigabytes, on a disk without room for a second), else
+  copied with its changed rows into a file that replaces it at once, so that a kill leaves it
+  as it was. Rows dropped past the checkpoint are said in the log, and, with `check`, rounds
+  missing or repeated before it.
   """
   path = os.path.join(workdir, METRICS_FILE)
   dropped, keeping, redone = False, True, 0
@@ -280,12 +290,26 @@ def keep_rows(workdir: str, last_round: int, drop_eval_at: int | None = None, *,
       edits.append((start, end, kept))
     if into is not None:
       into.add(kept)
-  _cut_or_copy(path, kept_end, edits)
-  if redone:
-    logging.info('%s: %d row(s) past the checkpoint of round %d dropped; their rounds are run '
-                 'again', path, redone, last_round)
-  if not check:
+
+  def cut() -> bool:
+    _cut_or_copy(path, kept_end, edits)
+    if redone:
+      logging.info('%s: %d row(s) past the checkpoint of round %d dropped; their rounds are '
+                   'run again', path, redone, last_round)
     return dropped
+
+  if not check:
+    return cut
+  if fault is None and expected != last_round + 1:
+    fault = f'the last row is round {expected - 1}' if expected > 1 else 'it holds no row'
+  if fault is not None:
+    # Rows are synced to the disk before their round's checkpoint is saved (MetricsWriter.sync),
+    # so neither a kill nor a lost machine does this; a filesystem that lost synced writes or
+    # an edited file can.
+    logging.warning('%s does not hold the rows of rounds 1..%d once each, in order (%s); the '
+                    'run goes on from its checkpoint of round %d, with its rows as they are',
+                    path, last_round, fault, last_round)
+  return cut
   if fault is None and expected != last_round + 1:
     fault = f'the last row is round {expected - 1}' if expected > 1 else 'it holds no row'
   if fault is not None:

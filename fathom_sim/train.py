@@ -260,10 +260,11 @@ def _run(run: Run, configs: list[ml_collections.ConfigDict], workdirs: list[str]
   if vectorized and len({b.done for b in books}) > 1:
     return _run_apart(run, configs, workdirs, books)
   done = books[0].done
-  # The rows first: a damaged metrics.jsonl is refused there, and a command refused leaves
-  # config.json as it was (it said the refused command's num_rounds).
-  book_lib.open_rows(books, done, c)
+  # The rows are read (a damaged metrics.jsonl refused, config.json as it was), then the
+  # configs adopted, then the rows cut (book_lib.open_rows says why in this order).
+  keep_rows = book_lib.open_rows(books, done, c)
   book_lib.adopt(books, run, c.num_rounds)  # every check passed
+  keep_rows()
 
   rounds = Rounds(run, [cf.seed for cf in configs] if vectorized else None)
   if vectorized:

@@ -1243,6 +1243,31 @@ def test_a_damaged_row_before_others_is_refused_and_no_row_is_lost(tmp_path, bad
     assert [r['round'] for r in metrics.read_rows(path)] == [1, 2, 3, 4]
 
 
+def test_a_command_stopped_before_it_takes_the_run_further_leaves_its_rows_uncut(tmp_path,
+                                                                                 monkeypatch):
+  """A run's rows were cut (round 10's last-round evaluation dropped, for a run going on to
+  20) before config.json said 20 rounds: stopped in between, the run looked finished at 10,
+  that evaluation gone from its rows for good."""
+  from fathom_sim import metrics
+  from fathom_sim import workdir as workdir_lib
+
+  class Stopped(Exception):
+    pass
+
+  def stopped(*args):
+    raise Stopped
+
+  workdir = str(tmp_path / 'run')
+  train_and_evaluate(_tiny(num_rounds=10, eval_every=3, checkpoint_every=5), workdir)
+  path = os.path.join(workdir, metrics.METRICS_FILE)
+  rows, config = open(path).read(), open(os.path.join(workdir, 'config.json')).read()
+  assert 'test_accuracy' in json.loads(rows.splitlines()[-1])
+  monkeypatch.setattr(workdir_lib, 'save_config', stopped)
+  with pytest.raises(Stopped):
+    train_and_evaluate(_tiny(num_rounds=20, eval_every=3, checkpoint_every=5), workdir)
+  assert open(path).read() == rows
+  assert open(os.path.join(workdir, 'config.json')).read() == config
+
 @pytest.mark.parametrize('bad', ['{"round": true}', '{"round": 2.0}', '{"round": "2"}',
                                  '{"round": null}'])
 def test_a_row_whose_round_is_no_integer_is_no_row(tmp_path, bad):
