@@ -424,15 +424,16 @@ def _indexes(paths: list[str]):
   given lies in (a setting of a sweep given alone); runs(entry's workdir) is (its setting, its
   path) for a run of the folders given, else None. (Only the folder given's own sweep.json was
   read: in a folder of sweeps, or given a setting, a sweep's failed and gone seeds vanished.)"""
-  found = []
+  found, walked = [], set()
   for root, setting_of, dirpath, filenames in _walk(paths):
     if workdir_lib.SWEEP_INDEX in filenames and metrics.METRICS_FILE not in filenames:
       found.append((os.path.join(dirpath, workdir_lib.SWEEP_INDEX),
                     _sweep_runs(dirpath, setting_of)))
+      walked.add(os.path.realpath(dirpath))
   for root, setting_of in _roots(paths):
     top = os.path.realpath(root)
     sweep = _sweep_around(top)
-    if sweep is not None:
+    if sweep is not None and sweep not in walked:  # (a sweep given too: read once)
       found.append((os.path.join(sweep, workdir_lib.SWEEP_INDEX),
                     _sweep_runs(sweep, setting_of, root, top)))
   return found
@@ -455,10 +456,12 @@ def _sweep_runs(sweep: str, setting_of, root: str | None = None, top: str | None
       return None
     path = os.path.join(sweep, workdir)
     if top is not None:
-      real = os.path.realpath(path)
-      if real != top and not real.startswith(top + os.sep):
+      # Compared as written below the sweep's real path, not resolved: a seed folder linked
+      # to another disk (or a link left dangling) is still one of the folder given.
+      path = os.path.normpath(path)
+      if path != top and not path.startswith(top + os.sep):
         return None
-      path = os.path.normpath(os.path.join(root, os.path.relpath(real, top)))
+      path = os.path.normpath(os.path.join(root, os.path.relpath(path, top)))
     return setting_of(path), path
   return runs
 

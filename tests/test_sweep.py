@@ -1110,6 +1110,17 @@ def test_a_sweeps_seeds_not_started_or_failed_are_said_in_the_tables(tmp_path):
       'fathom': {'seeds': 1, 'failed': 1, 'failed_unstarted': 0, 'gone': 0}}
   assert results.find_listed([str(root / 'eta=0.1'), str(root / 'fathom')]) == {
       str(root / s): listed[s] for s in ('eta=0.1', 'fathom')}
+  # A seed moved to another disk and linked back is still the setting's.
+  shutil.move(root / 'eta=0.1' / 'seed=1', tmp_path / 'disk')
+  os.symlink(tmp_path / 'disk', root / 'eta=0.1' / 'seed=1')
+  assert results.find_listed([str(root / 'eta=0.1')]) == {'eta=0.1': listed['eta=0.1']}
+  # A sweep given with a folder inside it is read once (its settings were listed twice).
+  (root / 'eta=1.0').mkdir()
+  assert results.find_listed([str(root), str(root / 'eta=1.0')]) == {
+      f'sweep/{k}': v for k, v in listed.items()}
+  (root / 'eta=1.0').rmdir()
+  os.unlink(root / 'eta=0.1' / 'seed=1')
+  shutil.move(tmp_path / 'disk', root / 'eta=0.1' / 'seed=1')
   # A torn sweep.json counts nothing, and is named (it was passed over without a word).
   (root / 'sweep.json').write_text('{"sweep": "s.py", "ru')
   assert results.find_listed([str(root)]) == {}
