@@ -269,8 +269,12 @@ def _let_go_of_waiters(operation: str | None) -> None:
   send: where the save could not make its folder (no inodes left, a read-only mount), its
   writers waited for "directory created" for orbax's coordination timeout, and the process's
   exit waited on them: 300 s after the error line, then ~15 lines of timeouts. They are
-  cancelled, then woken; another save's threads are left alone. (An orbax without these
-  threads is left as it is.)"""
+  cancelled, then woken; another save's threads are left alone. In a run of one process only:
+  on several hosts the signals are the distributed runtime's, and would wake the other
+  processes' writers of the save too, uncancelled (they wait as before). (An orbax without
+  these threads is left as it is.)"""
+  if jax.process_count() > 1:
+    return
   try:
     from orbax.checkpoint._src.futures import future
     waiting = [t for t in threading.enumerate() if isinstance(t, future._SignalingThread)
@@ -349,11 +353,14 @@ class Checkpointer:
     self._pending = step
 
     def start():
+      before = _save_operation()
       try:
         self._manager.save(step, args=ocp.args.Composite(
             state=ocp.args.PyTreeSave(state), meta=ocp.args.JsonSave(meta)))
-      finally:  # (a save that raised at once may have started threads too)
-        self._operation = _save_operation()
+      finally:  # (one that raised may have started threads; one raised before it was
+        # numbered, none: the id is then another save's, a vectorised seed's, left alone)
+        after = _save_operation()
+        self._operation = after if after != before else None
 
     self._finished_or_raise(start)
     if wait:
