@@ -310,16 +310,6 @@ def rows_kept(workdir: str, last_round: int, drop_eval_at: int | None = None, *,
                     'run goes on from its checkpoint of round %d, with its rows as they are',
                     path, last_round, fault, last_round)
   return cut
-  if fault is None and expected != last_round + 1:
-    fault = f'the last row is round {expected - 1}' if expected > 1 else 'it holds no row'
-  if fault is not None:
-    # Rows are synced to the disk before their round's checkpoint is saved (MetricsWriter.sync),
-    # so neither a kill nor a lost machine does this; a filesystem that lost synced writes or
-    # an edited file can.
-    logging.warning('%s does not hold the rows of rounds 1..%d once each, in order (%s); the '
-                    'run goes on from its checkpoint of round %d, with its rows as they are',
-                    path, last_round, fault, last_round)
-  return dropped
 
 
 def _rows_read_for_keeping(path: str) -> Iterator[tuple[dict, int, int]]:
