@@ -91,8 +91,9 @@ def of_finished(book: Book, num_rounds: int) -> dict | None:
     return None
   if saved is None or saved.get('num_rounds') != num_rounds:
     # Taken further since (num_rounds raised, then stopped before its next checkpoint): that
-    # command rewrote config.json, then rows past this round, and dropped or replaced the last
-    # round's evaluation. Not finished as its files stand: run on, they are put back.
+    # command rewrote config.json, then may have cut the rows (the last round's evaluation
+    # dropped) and written rows past this round. Not finished as its files stand: run on,
+    # they are put back.
     return None
   if 'config_sha256' in summary:
     # What the summary itself says it summarises: config.json is rewritten before a finished
