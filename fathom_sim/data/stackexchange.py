@@ -79,11 +79,10 @@ class StackExchangeXml:
     if split_date and not _is_date(split_date):  # before reading a dump that may be large
       raise DataError(f'--split_date {split_date!r} is not a date; expected YYYY-MM-DD (posts '
                       'from that day on form the test split)')
-    self._scratch = scratch
     self._db = sqlite3.connect(os.path.join(scratch, 'posts.sqlite'))
     self._db.execute('CREATE TABLE posts (user TEXT, id INTEGER, date TEXT, sentences TEXT)')
     self.skipped = 0  # posts without an owner (deleted users) or of other types
-    self._ingest()
+    self._ingest(scratch)
     given = bool(split_date)
     if not split_date:
       # The date before which (1 - test_fraction) of the posts were written.
@@ -99,7 +98,7 @@ class StackExchangeXml:
     .nfs file, and with it its folder)."""
     self._db.close()
 
-  def _ingest(self) -> None:
+  def _ingest(self, scratch: str) -> None:
     rows, seen_root, root = [], False, None
     try:
       for event, element in ET.iterparse(self.path, events=('start', 'end')):
@@ -143,7 +142,7 @@ class StackExchangeXml:
     # The queries walk these indexes, in the scratch folder, where an ORDER BY without one
     # sorted the split's whole text into the system's temporary folder (a Stack Overflow dump
     # is tens of GB); building them sorts their keys, there too, unless SQLite is told.
-    with _temp_files_in(self._db, self._scratch):
+    with _temp_files_in(self._db, scratch):
       self._db.execute(f'CREATE INDEX by_user ON posts ({_CLIENT_ORDER})')
       self._db.execute('CREATE INDEX by_date ON posts (date)')
 
@@ -173,14 +172,11 @@ class StackExchangeXml:
                                     (self.split_date,)):
       yield from (s for s in text.split('\n') if s)
 
-  def clients_query(self, split: str) -> str:
-    """The SQL of clients(split), its one parameter the split date."""
-    return (f"SELECT user, sentences FROM posts INDEXED BY by_user WHERE {self._where(split)} "
-            f"AND sentences != '' ORDER BY {_CLIENT_ORDER}")
-
   def clients(self, split: str) -> Iterator[tuple[str, list[str]]]:
     """(user id, sentences in post order) per user with any sentence in `split`."""
-    rows = self._db.execute(self.clients_query(split), (self.split_date,))
+    rows = self._db.execute(f'SELECT user, sentences FROM posts INDEXED BY by_user WHERE '
+                            f"{self._where(split)} AND sentences != '' ORDER BY {_CLIENT_ORDER}",
+                            (self.split_date,))
     current, sentences = None, []
     for user, text in rows:
       if user != current:
